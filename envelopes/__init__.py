@@ -1,0 +1,104 @@
+"""The contract of worktree-orchestrator: what goes in, what comes out, and how it is hashed.
+
+Importable alone (it depends on pydantic only), so that anyone can read a plan, build an
+envelope or re-check a report's digests without the engine.
+"""
+
+from ._audit import Finding as Finding
+from ._audit import NotAReport as NotAReport
+from ._audit import audit_report as audit_report
+from ._audit import load_report_json as load_report_json
+from ._canonical import canonical_json as canonical_json
+from ._canonical import digest as digest
+from ._canonical import digest_without as digest_without
+from ._canonical import sha256_hex as sha256_hex
+from ._envelope import ENVELOPE_SCHEMA as ENVELOPE_SCHEMA
+from ._envelope import HandoffEnvelope as HandoffEnvelope
+from ._envelope import build_envelope as build_envelope
+from ._events import AttemptFailed as AttemptFailed
+from ._events import Event as Event
+from ._events import RunFinished as RunFinished
+from ._events import RunStarted as RunStarted
+from ._events import TaskFinished as TaskFinished
+from ._events import TaskRetrying as TaskRetrying
+from ._events import TaskStarted as TaskStarted
+from ._ids import TASK_ID_PATTERN as TASK_ID_PATTERN
+from ._ids import new_run_id as new_run_id
+from ._ids import new_task_id as new_task_id
+from ._ids import task_id_problem as task_id_problem
+from ._plan import AgentSpec as AgentSpec
+from ._plan import KeepWorktrees as KeepWorktrees
+from ._plan import Plan as Plan
+from ._plan import PlanDefaults as PlanDefaults
+from ._plan import PlanProblem as PlanProblem
+from ._plan import TaskSpec as TaskSpec
+from ._plan import plan_problems as plan_problems
+from ._result import REPORT_SCHEMA as REPORT_SCHEMA
+from ._result import AgentInfo as AgentInfo
+from ._result import AgentSummary as AgentSummary
+from ._result import Attempt as Attempt
+from ._result import Environment as Environment
+from ._result import ErrorInfo as ErrorInfo
+from ._result import ErrorKind as ErrorKind
+from ._result import LogFile as LogFile
+from ._result import Metrics as Metrics
+from ._result import Provenance as Provenance
+from ._result import Report as Report
+from ._result import ReportError as ReportError
+from ._result import Summary as Summary
+from ._result import TaskResult as TaskResult
+from ._result import TaskStatus as TaskStatus
+from ._result import Timings as Timings
+from ._result import seal_report as seal_report
+from ._result import seal_result as seal_result
+from ._schema import json_schemas as json_schemas
+
+__all__ = [
+    "ENVELOPE_SCHEMA",
+    "REPORT_SCHEMA",
+    "TASK_ID_PATTERN",
+    "AgentInfo",
+    "AgentSpec",
+    "AgentSummary",
+    "Attempt",
+    "AttemptFailed",
+    "Environment",
+    "ErrorInfo",
+    "ErrorKind",
+    "Event",
+    "Finding",
+    "HandoffEnvelope",
+    "KeepWorktrees",
+    "LogFile",
+    "Metrics",
+    "NotAReport",
+    "Plan",
+    "PlanDefaults",
+    "PlanProblem",
+    "Provenance",
+    "Report",
+    "ReportError",
+    "RunFinished",
+    "RunStarted",
+    "Summary",
+    "TaskFinished",
+    "TaskResult",
+    "TaskRetrying",
+    "TaskStarted",
+    "TaskStatus",
+    "Timings",
+    "audit_report",
+    "build_envelope",
+    "canonical_json",
+    "digest",
+    "digest_without",
+    "json_schemas",
+    "load_report_json",
+    "new_run_id",
+    "new_task_id",
+    "plan_problems",
+    "seal_report",
+    "seal_result",
+    "sha256_hex",
+    "task_id_problem",
+]

@@ -1,0 +1,243 @@
+"""Re-check a report's digests from its JSON alone (and the files it names).
+
+Nothing here trusts the models: digests are recomputed over the raw JSON objects as read, so a
+changed byte in any value is caught. Git checks (do the commits exist?) are the engine's job;
+see ``orchestrator.verify_report``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ._canonical import digest, digest_without
+from ._result import Report
+
+__all__ = ["Finding", "NotAReport", "audit_report", "load_report_json"]
+
+
+class NotAReport(ValueError):
+    """The file cannot be read, is not JSON, or does not have the shape of a report."""
+
+
+class Finding(BaseModel):
+    """One thing that does not hold in a report."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_id: str | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"task {self.task_id}: " if self.task_id else ""
+        return f"{where}{self.field}: {self.message}"
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise NotAReport(f"duplicate key {key!r} in a JSON object")
+        out[key] = value
+    return out
+
+
+def load_report_json(path: Path) -> tuple[dict[str, Any], Report]:
+    """Read a report file: its raw JSON object and the validated model.
+
+    Raises NotAReport with a one-line reason when either fails.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NotAReport(f"cannot read {path}: {exc}") from exc
+    try:
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise NotAReport(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("schema") != Report.model_fields["schema_"].default:
+        raise NotAReport(f"{path} is not a worktree-orchestrator report (no report schema tag)")
+    try:
+        report = Report.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise NotAReport(f"{path} is not a valid report: {where}: {first['msg']}") from exc
+    return raw, report
+
+
+def _file_sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _check(task_id: str | None, field: str, expected: Any, found: Any) -> Iterator[Finding]:
+    if expected != found:
+        yield Finding(
+            task_id=task_id, field=field, message=f"expected {expected!r}, found {found!r}"
+        )
+
+
+def _check_file(
+    task_id: str | None, field: str, entry: Mapping[str, Any] | None, run_dir: Path
+) -> Iterator[Finding]:
+    if entry is None:
+        return
+    path = run_dir / entry["path"]
+    if not path.resolve().is_relative_to(run_dir.resolve()):
+        yield Finding(
+            task_id=task_id, field=field, message=f"path {entry['path']!r} leaves the run directory"
+        )
+        return
+    try:
+        found, size = _file_sha256(path)
+    except OSError as exc:
+        yield Finding(
+            task_id=task_id, field=field, message=f"cannot read {path}: {exc.strerror or exc}"
+        )
+        return
+    yield from _check(task_id, f"{field}.sha256", entry["sha256"], found)
+    yield from _check(task_id, f"{field}.size", entry["size"], size)
+
+
+def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Finding]:
+    tid = raw["task_id"]
+    prov = raw["provenance"]
+    yield from _check(
+        tid,
+        "provenance.result_sha256",
+        digest_without(raw, "provenance", "result_sha256"),
+        prov["result_sha256"],
+    )
+    yield from _check(tid, "provenance.output_sha256", digest(raw["output"]), prov["output_sha256"])
+    yield from _check(tid, "provenance.agent_sha256", digest(prov["agent"]), prov["agent_sha256"])
+    if prov["environment"] is not None or prov["env_sha256"] is not None:
+        yield from _check(
+            tid, "provenance.env_sha256", digest(prov["environment"]), prov["env_sha256"]
+        )
+    attempts = raw["attempt_log"]
+    yield from _check(tid, "attempts", len(attempts), raw["attempts"])
+    if attempts:
+        last = attempts[-1]
+        yield from _check(tid, "status", last["status"], raw["status"])
+        for stream in ("stdout", "stderr"):
+            logged = last[stream]["sha256"] if last[stream] else None
+            yield from _check(tid, f"provenance.{stream}_sha256", logged, prov[f"{stream}_sha256"])
+    if raw["status"] == "succeeded" and raw["error"] is not None:
+        yield Finding(task_id=tid, field="error", message="a succeeded task carries an error")
+    if raw["status"] != "succeeded" and raw["error"] is None:
+        yield Finding(
+            task_id=tid, field="error", message=f"a {raw['status']} task carries no error"
+        )
+    if run_dir is None:
+        return
+    if raw["envelope"] is not None:
+        yield from _check_file(tid, "envelope", raw["envelope"], run_dir)
+        if "sha256" in raw["envelope"]:
+            yield from _check_envelope(tid, raw["envelope"], prov["envelope_sha256"], run_dir)
+    for attempt in attempts:
+        for stream in ("stdout", "stderr"):
+            yield from _check_file(
+                tid, f"attempt_log[{attempt['number']}].{stream}", attempt[stream], run_dir
+            )
+
+
+def _check_envelope(
+    tid: str, entry: Mapping[str, Any], expected: str, run_dir: Path
+) -> Iterator[Finding]:
+    try:
+        envelope = json.loads((run_dir / entry["path"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # already reported by the file check
+    yield from _check(tid, "provenance.envelope_sha256", digest(envelope), expected)
+    if isinstance(envelope, dict):
+        yield from _check(tid, "envelope.task_id", envelope.get("task_id"), tid)
+
+
+def _expected_summary(results: list[Mapping[str, Any]]) -> dict[str, Any]:
+    counts = Counter(r["status"] for r in results)
+    total = len(results)
+    return {
+        "total_tasks": total,
+        "successful": counts["succeeded"],
+        "failed": counts["failed"],
+        "timeout": counts["timed_out"],
+        "cancelled": counts["cancelled"],
+        "success_rate": round(100.0 * counts["succeeded"] / total, 2) if total else 0.0,
+    }
+
+
+def audit_report(raw: Mapping[str, Any], *, run_dir: Path | None = None) -> list[Finding]:
+    """Every digest and count of a report, recomputed; one Finding per mismatch.
+
+    *raw* is the report's JSON object as read (see :func:`load_report_json`). With *run_dir*,
+    the envelope and log files it names are hashed too; a missing file is a finding.
+    """
+    findings: list[Finding] = []
+    findings += _check(
+        None, "report_sha256", digest_without(raw, "report_sha256"), raw["report_sha256"]
+    )
+    results = list(raw["results"])
+    ids = [r["task_id"] for r in results]
+    for task_id, count in Counter(ids).items():
+        if count > 1:
+            findings.append(
+                Finding(task_id=task_id, field="results", message=f"appears {count} times")
+            )
+    for result in results:
+        findings += _audit_result(result, run_dir)
+        base = result["provenance"]["base_commit"]
+        if base is not None and raw["base_commit"] is not None:
+            findings += _check(
+                result["task_id"], "provenance.base_commit", raw["base_commit"], base
+            )
+    summary = raw["summary"]
+    for key, value in _expected_summary(results).items():
+        findings += _check(None, f"summary.{key}", value, summary[key])
+    by_agent: dict[str, dict[str, Any]] = {}
+    for result in results:
+        entry = by_agent.setdefault(
+            result["agent"],
+            {
+                "total": 0,
+                "successful": 0,
+                "failed": 0,
+                "timeout": 0,
+                "cancelled": 0,
+                "task_ids": [],
+            },
+        )
+        entry["total"] += 1
+        key = {
+            "succeeded": "successful",
+            "failed": "failed",
+            "timed_out": "timeout",
+            "cancelled": "cancelled",
+        }[result["status"]]
+        entry[key] += 1
+        entry["task_ids"].append(result["task_id"])
+    findings += _check(None, "results_by_agent", by_agent, raw["results_by_agent"])
+    errors = [
+        {
+            "task_id": r["task_id"],
+            "agent": r["agent"],
+            "kind": r["error"]["kind"],
+            "message": r["error"]["message"],
+        }
+        for r in results
+        if r["status"] != "succeeded" and r["error"] is not None
+    ]
+    findings += _check(None, "errors", errors, raw["errors"])
+    return findings

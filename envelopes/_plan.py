@@ -1,0 +1,158 @@
+"""The plan: which agents exist and which tasks to hand them.
+
+A plan is data (YAML or JSON); these models are its schema. Checks that span several fields
+(duplicate ids, undefined agents) live in :func:`plan_problems`, which reports each problem
+with the path of the field at fault so that a loader can point at the line in the file.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ._ids import task_id_problem
+
+__all__ = [
+    "AgentSpec",
+    "KeepWorktrees",
+    "Plan",
+    "PlanDefaults",
+    "PlanProblem",
+    "TaskSpec",
+    "plan_problems",
+]
+
+KeepWorktrees = Literal["never", "failed", "always"]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class AgentSpec(_Strict):
+    """How to start an agent: a command run in the task's worktree.
+
+    ``command`` is a list of arguments (a string is split like a shell would). Placeholders
+    ``{plan_dir}``, ``{worktree}``, ``{task_id}`` and ``{run_id}`` in arguments are replaced
+    when the task starts.
+    """
+
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return shlex.split(value)
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _non_empty_program(cls, value: list[str]) -> list[str]:
+        if not value[0].strip():
+            raise ValueError("the program (first element) must not be empty")
+        return value
+
+
+class PlanDefaults(_Strict):
+    """Values every task gets unless it sets its own."""
+
+    timeout: PositiveSeconds = 600.0
+    retries: Annotated[int, Field(ge=0, le=100)] = 0
+    requirements: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    worktree: bool = True
+    venv: bool = True
+
+
+class TaskSpec(_Strict):
+    """One task of a plan, before defaults are applied."""
+
+    id: str | None = None
+    agent: str
+    task: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    requirements: list[str] | None = None
+    acceptance_criteria: list[str] = Field(default_factory=list)
+    timeout: PositiveSeconds | None = None
+    retries: Annotated[int, Field(ge=0, le=100)] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    worktree: bool | None = None
+    venv: bool | None = None
+
+
+class Plan(_Strict):
+    """A whole plan file."""
+
+    version: Literal[1] = 1
+    name: str = Field(default="plan", min_length=1)
+    repo: str | None = None
+    base: str = Field(default="HEAD", min_length=1)
+    concurrency: Annotated[int, Field(ge=1, le=1024)] = 4
+    keep_worktrees: KeepWorktrees = "failed"
+    defaults: PlanDefaults = Field(default_factory=PlanDefaults)
+    agents: dict[str, AgentSpec] = Field(default_factory=dict)
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+    def task_ids(self) -> list[str]:
+        """Every task's id, generating ``task-001``-style ids where the plan has none."""
+        return [t.id or f"task-{i + 1:03d}" for i, t in enumerate(self.tasks)]
+
+
+class PlanProblem(BaseModel):
+    """One thing wrong with a plan, at a field path such as ``("tasks", 2, "timeout")``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    loc: tuple[str | int, ...]
+    message: str
+
+    @property
+    def path(self) -> str:
+        """The field path as users write it: ``tasks[2].timeout``."""
+        out = ""
+        for part in self.loc:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+        return out or "<plan>"
+
+
+def plan_problems(
+    plan: Plan, *, callable_agents: frozenset[str] = frozenset()
+) -> list[PlanProblem]:
+    """Problems that span fields: ids, duplicate ids, agents that are not defined.
+
+    *callable_agents* names agents supplied in code rather than in the plan's ``agents``.
+    """
+    problems: list[PlanProblem] = []
+    for name in plan.agents:
+        if why := task_id_problem(name):
+            problems.append(
+                PlanProblem(loc=("agents", name), message=why.replace("id", "agent name", 1))
+            )
+    seen: dict[str, int] = {}
+    for index, (task, task_id) in enumerate(zip(plan.tasks, plan.task_ids(), strict=True)):
+        if task.id is not None and (why := task_id_problem(task.id)):
+            problems.append(PlanProblem(loc=("tasks", index, "id"), message=why))
+        elif task_id in seen:
+            problems.append(
+                PlanProblem(
+                    loc=("tasks", index, "id"),
+                    message=f"duplicate task id {task_id!r} (first at tasks[{seen[task_id]}])",
+                )
+            )
+        else:
+            seen[task_id] = index
+        if task.agent not in plan.agents and task.agent not in callable_agents:
+            defined = ", ".join(sorted({*plan.agents, *callable_agents})) or "none"
+            problems.append(
+                PlanProblem(
+                    loc=("tasks", index, "agent"),
+                    message=f"agent {task.agent!r} is not defined (defined: {defined})",
+                )
+            )
+    return problems

@@ -1,0 +1,248 @@
+"""What comes out: TaskResult with its Provenance, and the Report of a whole run.
+
+Digests are filled in by :func:`seal_result` and :func:`seal_report`, which hash the JSON form
+of the model with the digest field removed; :mod:`envelopes._audit` recomputes them from a
+report file without trusting these models.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._canonical import digest_without
+
+__all__ = [
+    "REPORT_SCHEMA",
+    "AgentInfo",
+    "AgentSummary",
+    "Attempt",
+    "Environment",
+    "ErrorInfo",
+    "ErrorKind",
+    "LogFile",
+    "Metrics",
+    "Provenance",
+    "Report",
+    "ReportError",
+    "Summary",
+    "TaskResult",
+    "TaskStatus",
+    "Timings",
+    "seal_report",
+    "seal_result",
+]
+
+REPORT_SCHEMA = "worktree-orchestrator/report/v1"
+
+TaskStatus = Literal["succeeded", "failed", "timed_out", "cancelled"]
+ErrorKind = Literal[
+    "exit_code",
+    "timeout",
+    "invalid_output",
+    "spawn",
+    "agent_exception",
+    "install",
+    "worktree",
+    "commit",
+    "cancelled",
+    "internal",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorInfo(_Model):
+    """Why a task or attempt did not succeed."""
+
+    kind: ErrorKind
+    message: str
+
+
+class LogFile(_Model):
+    """A file in the run directory, named by its path relative to it, with its digest."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+class Attempt(_Model):
+    """One try at running the agent."""
+
+    number: int
+    status: TaskStatus
+    started_at: datetime
+    finished_at: datetime
+    duration_s: float
+    exit_code: int | None = None
+    error: ErrorInfo | None = None
+    stdout: LogFile | None = None
+    stderr: LogFile | None = None
+
+
+class Timings(_Model):
+    """Wall-clock times of the task's phases, in seconds."""
+
+    started_at: datetime
+    finished_at: datetime
+    duration_s: float
+    worktree_s: float = 0.0
+    venv_s: float = 0.0
+    agent_s: float = 0.0
+    commit_s: float = 0.0
+    cleanup_s: float = 0.0
+
+
+class Metrics(_Model):
+    """Resource use of the agent's processes (the last attempt), where the platform reports it."""
+
+    cpu_user_s: float | None = None
+    cpu_system_s: float | None = None
+    max_rss_kb: int | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+
+
+class Environment(_Model):
+    """The task's Python environment; ``env_sha256`` is the digest of this object."""
+
+    python: str
+    implementation: str
+    packages: list[str] = Field(default_factory=list)
+    installer: str | None = None
+
+
+class AgentInfo(_Model):
+    """What ran: a command, or a callable's qualified name. ``agent_sha256`` hashes this."""
+
+    kind: Literal["command", "callable"]
+    command: list[str] | None = None
+    qualname: str | None = None
+
+
+class Provenance(_Model):
+    """Digests that tie a result to what went in and what came out."""
+
+    envelope_sha256: str
+    base_commit: str | None = None
+    result_commit: str | None = None
+    result_tree: str | None = None
+    environment: Environment | None = None
+    env_sha256: str | None = None
+    agent: AgentInfo
+    agent_sha256: str
+    output_sha256: str
+    stdout_sha256: str | None = None
+    stderr_sha256: str | None = None
+    commands: list[list[str]] = Field(default_factory=list)
+    result_sha256: str = ""
+
+
+class TaskResult(_Model):
+    """The outcome of one task."""
+
+    task_id: str
+    agent: str
+    status: TaskStatus
+    attempts: int
+    exit_code: int | None = None
+    output: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    timings: Timings
+    metrics: Metrics = Field(default_factory=Metrics)
+    branch: str | None = None
+    worktree: str | None = None
+    envelope: LogFile | None = None
+    attempt_log: list[Attempt] = Field(default_factory=list)
+    provenance: Provenance
+
+    @property
+    def succeeded(self) -> bool:
+        """True when the task's status is ``succeeded``."""
+        return self.status == "succeeded"
+
+
+class Summary(_Model):
+    """Counts over the run, under the keys users of the seed orchestrator know."""
+
+    total_tasks: int
+    successful: int
+    failed: int
+    timeout: int
+    cancelled: int
+    success_rate: float
+    total_execution_time: float
+
+
+class AgentSummary(_Model):
+    """Counts per agent."""
+
+    total: int
+    successful: int
+    failed: int
+    timeout: int
+    cancelled: int
+    task_ids: list[str]
+
+
+class ReportError(_Model):
+    """One failed task in the report's ``errors`` list."""
+
+    task_id: str
+    agent: str
+    kind: ErrorKind
+    message: str
+
+
+class Report(_Model):
+    """The results report of one run."""
+
+    schema_: Literal["worktree-orchestrator/report/v1"] = Field(
+        default="worktree-orchestrator/report/v1", alias="schema"
+    )
+    tool: dict[str, str] = Field(default_factory=dict)
+    run_id: str
+    plan_name: str
+    plan_sha256: str
+    repo: str | None
+    base_ref: str | None
+    base_commit: str | None
+    run_dir: str
+    started_at: datetime
+    finished_at: datetime
+    summary: Summary
+    results: list[TaskResult]
+    results_by_agent: dict[str, AgentSummary]
+    errors: list[ReportError]
+    report_sha256: str = ""
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The report as a JSON object, as written to disk."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def result(self, task_id: str) -> TaskResult:
+        """The result of *task_id*; KeyError when the run had no such task."""
+        for result in self.results:
+            if result.task_id == task_id:
+                return result
+        raise KeyError(task_id)
+
+
+def seal_result(result: TaskResult) -> TaskResult:
+    """Return *result* with ``provenance.result_sha256`` computed."""
+    data = result.model_dump(mode="json")
+    sealed = digest_without(data, "provenance", "result_sha256")
+    provenance = result.provenance.model_copy(update={"result_sha256": sealed})
+    return result.model_copy(update={"provenance": provenance})
+
+
+def seal_report(report: Report) -> Report:
+    """Return *report* with ``report_sha256`` computed over everything else."""
+    return report.model_copy(
+        update={"report_sha256": digest_without(report.to_json_dict(), "report_sha256")}
+    )

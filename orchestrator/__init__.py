@@ -1,0 +1,71 @@
+"""worktree-orchestrator: fan work out to many agents at once, each in its own git worktree
+and virtualenv, and collect a results report with verifiable provenance."""
+
+from envelopes import build_envelope as build_envelope
+
+from ._version import __version__ as __version__
+from .agents import CallableAgent as CallableAgent
+from .agents import CommandAgent as CommandAgent
+from .agents import Workspace as Workspace
+from .context import RunContext as RunContext
+from .coordinator import orchestrate_parallel as orchestrate_parallel
+from .errors import GitError as GitError
+from .errors import OrchestratorError as OrchestratorError
+from .errors import PlanError as PlanError
+from .errors import PlanIssue as PlanIssue
+from .errors import ReportUnreadable as ReportUnreadable
+from .errors import RunDirError as RunDirError
+from .errors import VenvError as VenvError
+from .plan import LoadedPlan as LoadedPlan
+from .plan import load_plan as load_plan
+from .repo import NotARepository as NotARepository
+from .repo import Repository as Repository
+from .report import aggregate_results as aggregate_results
+from .report import write_report as write_report
+from .subagent import run_subagent as run_subagent
+from .venv import Venv as Venv
+from .venv import setup_virtualenv as setup_virtualenv
+from .verify import VerifyOutcome as VerifyOutcome
+from .verify import verify_report as verify_report
+from .worktree import MergeOutcome as MergeOutcome
+from .worktree import Worktree as Worktree
+from .worktree import commit_worktree as commit_worktree
+from .worktree import create_worktree as create_worktree
+from .worktree import merge_worktree as merge_worktree
+from .worktree import remove_worktree as remove_worktree
+from .worktree import reset_worktree as reset_worktree
+
+__all__ = [
+    "CallableAgent",
+    "CommandAgent",
+    "GitError",
+    "LoadedPlan",
+    "MergeOutcome",
+    "NotARepository",
+    "OrchestratorError",
+    "PlanError",
+    "PlanIssue",
+    "ReportUnreadable",
+    "Repository",
+    "RunContext",
+    "RunDirError",
+    "Venv",
+    "VenvError",
+    "VerifyOutcome",
+    "Workspace",
+    "Worktree",
+    "__version__",
+    "aggregate_results",
+    "build_envelope",
+    "commit_worktree",
+    "create_worktree",
+    "load_plan",
+    "merge_worktree",
+    "orchestrate_parallel",
+    "remove_worktree",
+    "reset_worktree",
+    "run_subagent",
+    "setup_virtualenv",
+    "verify_report",
+    "write_report",
+]

@@ -1,0 +1,54 @@
+"""File helpers: atomic writes and file digests (blocking; call them through a thread)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from envelopes import LogFile
+
+from .errors import RunDirError
+
+__all__ = ["atomic_write", "file_entry"]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write *data* to *path* so that readers see the old file or the new one, never a part.
+
+    Temp file in the same directory, fsync, rename over, fsync of the directory. Raises
+    RunDirError naming the path when the disk is full or the directory is not writable.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def file_entry(path: Path, run_dir: Path) -> LogFile:
+    """A LogFile entry (path relative to *run_dir*, SHA-256, size) for an existing file."""
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return LogFile(path=path.relative_to(run_dir).as_posix(), sha256=h.hexdigest(), size=size)

@@ -1,0 +1,98 @@
+"""Running git: one small async runner per repository, counting its calls.
+
+The count is part of the contract with the test suite: git subprocesses per task are a
+regression guard (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import anyio
+
+from .errors import GitError
+
+__all__ = ["FALLBACK_IDENTITY", "Git"]
+
+#: Used for the orchestrator's commits when neither git config nor GIT_* variables name anyone.
+FALLBACK_IDENTITY = ("worktree-orchestrator", "worktree-orchestrator@localhost")
+
+_BASE_ENV = {
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_OPTIONAL_LOCKS": "0",
+    "LC_ALL": "C",
+    "LANGUAGE": "C",
+}
+
+
+class Git:
+    """Runs ``git -C <cwd> ...`` for one repository."""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        self.calls = 0
+        self._env = {**os.environ, **_BASE_ENV}
+        self._identity: dict[str, str] | None = None
+
+    async def run(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        check: bool = True,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run git and return its result; raise GitError on failure when *check*."""
+        self.calls += 1
+        command = ["git", "-C", str(cwd or self.repo), *args]
+        result = await anyio.run_process(
+            command,
+            input=stdin,
+            check=False,
+            env={**self._env, **env} if env else self._env,
+        )
+        if check and result.returncode != 0:
+            raise GitError(args, result.returncode, result.stderr.decode(errors="replace"))
+        return result
+
+    async def out(
+        self, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
+    ) -> str:
+        """Run git and return its stdout, stripped."""
+        result = await self.run(*args, cwd=cwd, env=env)
+        return result.stdout.decode(errors="replace").strip()
+
+    async def ok(self, *args: str, cwd: Path | None = None) -> bool:
+        """Run git and tell whether it exited 0."""
+        return (await self.run(*args, cwd=cwd, check=False)).returncode == 0
+
+    async def identity_env(self) -> dict[str, str]:
+        """Author/committer variables for commits, falling back when no identity is set.
+
+        The user's identity (git config or GIT_AUTHOR_* / GIT_COMMITTER_*) always wins; only a
+        missing name or email is filled with :data:`FALLBACK_IDENTITY`, so commits work on a
+        fresh machine.
+        """
+        if self._identity is None:
+            result = await self.run("config", "--get-regexp", r"^user\.(name|email)$", check=False)
+            configured = dict(
+                line.split(" ", 1)
+                for line in result.stdout.decode(errors="replace").splitlines()
+                if " " in line
+            )
+            env: dict[str, str] = {}
+            for role in ("AUTHOR", "COMMITTER"):
+                if not (os.environ.get(f"GIT_{role}_NAME") or configured.get("user.name")):
+                    env[f"GIT_{role}_NAME"] = FALLBACK_IDENTITY[0]
+                if not (os.environ.get(f"GIT_{role}_EMAIL") or configured.get("user.email")):
+                    env[f"GIT_{role}_EMAIL"] = FALLBACK_IDENTITY[1]
+            self._identity = env
+        return self._identity
+
+
+def git_argv(args: Sequence[str]) -> list[str]:
+    """The argv of a git command as recorded in provenance ``commands``."""
+    return ["git", *args]

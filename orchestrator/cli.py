@@ -1,0 +1,244 @@
+"""The ``orchestrator`` command: a thin layer over the library.
+
+Each command is a function ``cmd_<name>(args) -> int`` that tests call without a subprocess.
+Exit codes: 0 all good; 1 some task did not succeed, or verify found something; 2 bad usage,
+bad plan or unreadable report; 130 interrupted (after clean-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _err(message: str) -> None:
+    print(f"orchestrator: {message}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Fan tasks out to agents, each in its own git worktree and virtualenv; verify the results report.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"worktree-orchestrator {__version__}"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run a plan (or the demo with --demo)",
+        description="Run every task of a plan and write a results report.",
+    )
+    run.add_argument("plan", nargs="?", type=Path, help="plan file (YAML or JSON)")
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        help="run the embedded demo plan (makes ./orchestrator-demo if missing)",
+    )
+    run.add_argument("--repo", type=Path, help="repository to run in (overrides the plan's repo)")
+    run.add_argument(
+        "--base", help="commit or ref all tasks start from (overrides the plan's base)"
+    )
+    run.add_argument("--concurrency", type=_positive_int, help="at most this many tasks at once")
+    run.add_argument("--out", type=Path, help="also write the report here")
+    run.add_argument(
+        "--keep-worktrees",
+        choices=["never", "failed", "always"],
+        help="which worktrees to keep after the run",
+    )
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where runs, worktrees and venvs live (default: <git-dir>/orchestrator)",
+    )
+    run.add_argument(
+        "--venv-backend",
+        choices=["auto", "uv", "stdlib"],
+        default="auto",
+        help="how venvs are made",
+    )
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report JSON on stdout instead of the summary table",
+    )
+
+    validate = sub.add_parser("validate", help="check a plan without running it")
+    validate.add_argument("plan", type=Path)
+    validate.add_argument("--repo", type=Path, help="repository to check the plan against")
+
+    verify = sub.add_parser("verify", help="re-check a report: digests, files and commits")
+    verify.add_argument("report", type=Path)
+    verify.add_argument(
+        "--repo", type=Path, help="repository holding the commits (default: the report's)"
+    )
+    verify.add_argument(
+        "--run-dir",
+        type=Path,
+        help="directory of the run's logs and envelopes (default: the report's)",
+    )
+
+    schema = sub.add_parser("schema", help="print the JSON Schemas of plan, envelope and report")
+    schema.add_argument("document", nargs="?", choices=["plan", "envelope", "report"])
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``orchestrator run``."""
+    import anyio
+
+    from .errors import OrchestratorError, PlanError
+
+    if args.demo == (args.plan is not None):
+        _err("run needs a PLAN file, or --demo (not both)")
+        return EXIT_USAGE
+    try:
+        return anyio.run(_run, args)
+    except PlanError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err(
+            "interrupted; running tasks were stopped and cleaned up (partial report in the run directory)"
+        )
+        return EXIT_INTERRUPTED
+    except OrchestratorError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .coordinator import orchestrate_parallel
+    from .plan import load_plan
+    from .progress import Progress, summary_table
+
+    out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
+    repo = args.repo
+    if args.demo:
+        from .demo import DEMO_PLAN, ensure_demo_repo
+
+        plan_path = DEMO_PLAN
+        if repo is None:
+            repo, created = await ensure_demo_repo(Path("orchestrator-demo"))
+            print(f"demo repository: {repo}" + (" (created)" if created else ""), file=sys.stderr)
+    else:
+        plan_path = args.plan
+    loaded = load_plan(plan_path)
+    with Progress() as progress:
+        report = await orchestrate_parallel(
+            loaded,
+            repo=repo,
+            base=args.base,
+            concurrency=args.concurrency,
+            keep_worktrees=args.keep_worktrees,
+            state_dir=args.state_dir,
+            report_path=args.out,
+            venv_backend=args.venv_backend,
+            on_event=progress,
+        )
+    report_path = args.out or Path(report.run_dir) / "report.json"
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_json_dict(), indent=2) + "\n")
+    else:
+        out.print(summary_table(report))
+        out.print(f"report: {report_path}", markup=False, soft_wrap=True)
+        out.print(f"verify: orchestrator verify {report_path}", markup=False, soft_wrap=True)
+    return EXIT_OK if report.summary.successful == report.summary.total_tasks else EXIT_FAILED
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``orchestrator validate``: the plan checks of ``run``, without running anything."""
+    import anyio
+
+    from .errors import PlanError
+    from .plan import check_plan_repository, load_plan
+
+    async def check() -> str:
+        loaded = load_plan(args.plan)
+        repo, commit, _ = await check_plan_repository(loaded, repo_override=args.repo)
+        where = f"{repo.root} at {commit[:12]}" if repo and commit else "no repository"
+        return f"{args.plan}: OK, {len(loaded.plan.tasks)} tasks, {len(loaded.plan.agents)} agents, {where}"
+
+    try:
+        print(anyio.run(check))
+    except PlanError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``orchestrator verify``."""
+    import anyio
+
+    from .errors import ReportUnreadable
+    from .verify import verify_report
+
+    try:
+        outcome = anyio.run(
+            lambda: verify_report(args.report, repo=args.repo, run_dir=args.run_dir)
+        )
+    except ReportUnreadable as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if outcome.ok:
+        n = len(outcome.report.results)
+        print(
+            f"{args.report}: OK ({n} results, {outcome.checked_commits} commits checked, every digest recomputed)"
+        )
+        return EXIT_OK
+    for finding in outcome.findings:
+        print(f"{args.report}: {finding}")
+    print(f"{len(outcome.findings)} finding(s)", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """``orchestrator schema``."""
+    from envelopes import json_schemas
+
+    schemas: dict[str, Any] = json_schemas()
+    print(json.dumps(schemas[args.document] if args.document else schemas, indent=2))
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "verify": cmd_verify, "schema": cmd_schema}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``orchestrator`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

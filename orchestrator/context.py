@@ -1,0 +1,113 @@
+"""RunContext: what every task of one run shares (no global state: one context per run)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from envelopes import KeepWorktrees, TaskResult, new_run_id
+from envelopes._events import Event
+
+from .repo import Repository
+from .venv import VenvBackend, get_backend
+
+__all__ = ["EventHandler", "RunContext"]
+
+EventHandler = Callable[[Event], Awaitable[None] | None]
+
+
+@dataclass
+class RunContext:
+    """The shared state of one run: repository, base commit, run directory, policies.
+
+    ``results`` collects each task's final TaskResult as it is decided, including results of
+    tasks cut short by cancellation, so that a partial report can always be written.
+    """
+
+    run_id: str
+    run_dir: Path
+    repo: Repository | None
+    base_ref: str | None
+    base_commit: str | None
+    base_tree: str | None
+    plan_dir: Path
+    keep_worktrees: KeepWorktrees = "failed"
+    venv_backend: VenvBackend = field(default_factory=get_backend)
+    kill_grace: float = 2.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+    on_event: EventHandler | None = None
+    results: dict[str, TaskResult] = field(default_factory=dict)
+
+    @classmethod
+    async def open(
+        cls,
+        *,
+        repo: Path | str | Repository | None,
+        base: str = "HEAD",
+        base_commit: str | None = None,
+        base_tree: str | None = None,
+        run_id: str | None = None,
+        state_dir: Path | str | None = None,
+        plan_dir: Path | None = None,
+        **options: Any,
+    ) -> RunContext:
+        """Open the repository, resolve *base* once to a commit, and make the run directory.
+
+        Pass *base_commit* and *base_tree* when *base* is already resolved.
+
+        Without a repository (all tasks ``worktree: false``), the run directory is under
+        *state_dir*, or ``./.orchestrator`` when that is not given either.
+        """
+        run_id = run_id or new_run_id()
+        repository: Repository | None
+        if isinstance(repo, Repository) or repo is None:
+            repository = repo
+        else:
+            repository = await Repository.open(repo, state_dir=state_dir)
+        commit, tree = base_commit, base_tree
+        if repository is not None:
+            if commit is None or tree is None:
+                commit, tree = await repository.resolve_commit(base)
+            root = repository.state_dir
+        else:
+            root = Path(state_dir or ".orchestrator").absolute()
+        run_dir = root / "runs" / run_id
+        run_dir.mkdir(parents=True, exist_ok=False)
+        return cls(
+            run_id=run_id,
+            run_dir=run_dir,
+            repo=repository,
+            base_ref=base if repository else None,
+            base_commit=commit,
+            base_tree=tree,
+            plan_dir=plan_dir or Path.cwd(),
+            **options,
+        )
+
+    @property
+    def state_dir(self) -> Path:
+        """Where worktrees and venvs of this run live (beside the run directories)."""
+        return self.run_dir.parent.parent
+
+    def worktree_path(self, task_id: str) -> Path:
+        """Where *task_id*'s worktree goes."""
+        return self.state_dir / "worktrees" / self.run_id / task_id
+
+    def venv_path(self, task_id: str) -> Path:
+        """Where *task_id*'s venv goes (never inside its worktree, so it is never committed)."""
+        return self.state_dir / "venvs" / self.run_id / task_id
+
+    def branch(self, task_id: str) -> str:
+        """The task's branch: ``orchestrator/<run_id>/<task_id>``."""
+        return f"orchestrator/{self.run_id}/{task_id}"
+
+    async def emit(self, event: Event) -> None:
+        """Deliver *event* to the handler, awaiting it when it is a coroutine function."""
+        if self.on_event is not None:
+            outcome = self.on_event(event)
+            if inspect.isawaitable(outcome):
+                await outcome

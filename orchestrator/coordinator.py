@@ -1,0 +1,241 @@
+"""The coordinator: run many subagents at once, exactly ``concurrency`` at a time."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from envelopes import AgentSpec, HandoffEnvelope, Plan, Report, TaskResult, canonical_json, digest
+from envelopes._events import RunFinished, RunStarted
+
+from ._fs import atomic_write
+from .agents import Agent, AgentFunction, as_agent
+from .context import EventHandler, RunContext
+from .errors import OrchestratorError, PlanError, PlanIssue
+from .plan import LoadedPlan, check_plan_repository, envelopes_of, parse_plan
+from .repo import Repository
+from .report import aggregate_results, write_report
+from .subagent import run_subagent
+from .venv import VenvBackend, get_backend
+
+__all__ = ["orchestrate_parallel"]
+
+AgentLike = Agent | AgentSpec | Sequence[str] | AgentFunction
+
+
+async def orchestrate_parallel(
+    plan: Plan | LoadedPlan | Sequence[HandoffEnvelope] | Mapping[str, Any],
+    *,
+    repo: Path | str | Repository | None = None,
+    agents: Mapping[str, AgentLike] | None = None,
+    concurrency: int | None = None,
+    base: str | None = None,
+    keep_worktrees: str | None = None,
+    run_id: str | None = None,
+    state_dir: Path | str | None = None,
+    report_path: Path | str | None = None,
+    venv_backend: str | VenvBackend = "auto",
+    kill_grace: float = 2.0,
+    backoff: tuple[float, float] = (1.0, 30.0),
+    on_event: EventHandler | None = None,
+) -> Report:
+    """Run every task of *plan* as a subagent and return the sealed Report.
+
+    *plan* is a Plan (or a plan as a dict), a LoadedPlan from :func:`load_plan`, or a list of
+    HandoffEnvelopes. *agents* maps agent names to commands (argv lists), AgentSpecs or async
+    callables ``async def agent(envelope, workspace) -> dict``; they override the plan's own
+    ``agents`` of the same name. The report is written to ``<run_dir>/report.json`` and, when
+    *report_path* is given, there too.
+
+    At most *concurrency* tasks run at once (default: the plan's). One task's failure never
+    stops the others. Works under asyncio and trio and keeps no global state, so several runs
+    may share an event loop.
+
+    Cancellation: every running agent's process group is terminated, each running task is
+    recorded as ``cancelled`` (its changes committed, its worktree removed unless the policy
+    is ``always``), a partial report is written to the run directory, and the cancellation
+    propagates.
+    """
+    agents = dict(agents or {})
+    loaded, envelopes = _normalise(plan, agents)
+    the_plan = loaded.plan if loaded else None
+    table: dict[str, Agent] = {}
+    if the_plan is not None:
+        table.update({name: as_agent(spec) for name, spec in the_plan.agents.items()})
+    table.update({name: as_agent(value) for name, value in agents.items()})
+    missing = sorted({e.agent for e in envelopes} - table.keys())
+    if missing:
+        raise PlanError(
+            [
+                PlanIssue(None, None, None, "agents", f"agent {name!r} is not defined")
+                for name in missing
+            ]
+        )
+
+    base_ref = base or (the_plan.base if the_plan else "HEAD")
+    repository: Repository | None
+    if loaded is not None and not isinstance(repo, Repository):
+        if base is not None:
+            loaded = LoadedPlan(
+                loaded.plan.model_copy(update={"base": base}),
+                loaded.file,
+                loaded.plan_dir,
+                loaded.positions,
+            )
+        repository, commit, tree = await check_plan_repository(
+            loaded, repo_override=repo, state_dir=state_dir
+        )
+    else:
+        if isinstance(repo, Repository) or repo is None:
+            repository = repo
+        else:
+            repository = await Repository.open(repo, state_dir=state_dir)
+        commit = tree = None
+        if repository is not None:
+            commit, tree = await repository.resolve_commit(base_ref)
+    backend = get_backend(venv_backend) if isinstance(venv_backend, str) else venv_backend
+    ctx = await RunContext.open(
+        repo=repository,
+        base=base_ref,
+        base_commit=commit,
+        base_tree=tree,
+        run_id=run_id,
+        state_dir=state_dir,
+        plan_dir=loaded.plan_dir if loaded else Path.cwd(),
+        keep_worktrees=keep_worktrees or (the_plan.keep_worktrees if the_plan else "failed"),
+        venv_backend=backend,
+        kill_grace=kill_grace,
+        backoff_initial=backoff[0],
+        backoff_max=backoff[1],
+        on_event=on_event,
+    )
+    limit = concurrency or (the_plan.concurrency if the_plan else 4)
+    if limit < 1:
+        raise OrchestratorError(f"concurrency must be >= 1, got {limit}")
+    plan_json = (
+        the_plan.model_dump(mode="json")
+        if the_plan
+        else {"envelopes": [e.to_json_dict() for e in envelopes]}
+    )
+    plan_sha = digest(plan_json)
+    await anyio.to_thread.run_sync(
+        atomic_write, ctx.run_dir / "plan.json", canonical_json(plan_json)
+    )
+    envelopes = [e.model_copy(update={"run_id": ctx.run_id}) for e in envelopes]
+    started = datetime.now(UTC)
+    await ctx.emit(
+        RunStarted(
+            run_id=ctx.run_id,
+            total_tasks=len(envelopes),
+            base_commit=ctx.base_commit,
+            run_dir=str(ctx.run_dir),
+        )
+    )
+
+    limiter = anyio.CapacityLimiter(limit)
+
+    async def worker(envelope: HandoffEnvelope) -> None:
+        async with limiter:
+            await run_subagent(envelope, table[envelope.agent], ctx)
+
+    report_file = ctx.run_dir / "report.json"
+
+    async def finish(results: list[TaskResult]) -> Report:
+        report = aggregate_results(
+            results,
+            run_id=ctx.run_id,
+            plan_name=the_plan.name if the_plan else "envelopes",
+            plan_sha256=plan_sha,
+            repo=str(ctx.repo.root) if ctx.repo else None,
+            base_ref=ctx.base_ref,
+            base_commit=ctx.base_commit,
+            run_dir=ctx.run_dir,
+            started_at=started,
+            finished_at=datetime.now(UTC),
+        )
+        await write_report(report, report_file)
+        if report_path is not None:
+            await write_report(report, Path(report_path))
+        await _tidy(ctx)
+        return report
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for envelope in envelopes:
+                tg.start_soon(worker, envelope, name=f"task {envelope.task_id}")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await finish([ctx.results[e.task_id] for e in envelopes if e.task_id in ctx.results])
+            if ctx.repo is not None:
+                ctx.repo.lock.close()
+        raise
+    report = await finish([ctx.results[e.task_id] for e in envelopes])
+    if ctx.repo is not None:
+        ctx.repo.lock.close()
+    await ctx.emit(
+        RunFinished(
+            run_id=ctx.run_id,
+            report_path=str(report_path or report_file),
+            successful=report.summary.successful,
+            total_tasks=report.summary.total_tasks,
+        )
+    )
+    return report
+
+
+def _normalise(
+    plan: Plan | LoadedPlan | Sequence[HandoffEnvelope] | Mapping[str, Any],
+    agents: Mapping[str, Any],
+) -> tuple[LoadedPlan | None, list[HandoffEnvelope]]:
+    if isinstance(plan, LoadedPlan):
+        return plan, envelopes_of(plan.plan)
+    if isinstance(plan, Plan):
+        loaded = LoadedPlan(plan=plan, file=None, plan_dir=Path.cwd())
+        _check_plan(loaded, agents)
+        return loaded, envelopes_of(plan)
+    if isinstance(plan, Mapping):
+        import json
+
+        loaded = parse_plan(json.dumps(dict(plan)), callable_agents=list(agents))
+        return loaded, envelopes_of(loaded.plan)
+    envelopes = list(plan)
+    if not envelopes:
+        raise PlanError([PlanIssue(None, None, None, "tasks", "no tasks to run")])
+    seen: set[str] = set()
+    for envelope in envelopes:
+        if not isinstance(envelope, HandoffEnvelope):
+            raise TypeError(f"expected HandoffEnvelope, got {type(envelope).__name__}")
+        if envelope.task_id in seen:
+            raise PlanError(
+                [PlanIssue(None, None, None, "tasks", f"duplicate task id {envelope.task_id!r}")]
+            )
+        seen.add(envelope.task_id)
+    return None, envelopes
+
+
+def _check_plan(loaded: LoadedPlan, agents: Mapping[str, Any]) -> None:
+    from envelopes import plan_problems
+
+    problems = plan_problems(loaded.plan, callable_agents=frozenset(agents))
+    if problems:
+        raise PlanError([loaded.issue(p.loc, p.message) for p in problems])
+
+
+async def _tidy(ctx: RunContext) -> None:
+    """Remove this run's empty worktree and venv directories."""
+
+    def tidy() -> None:
+        for kind in ("worktrees", "venvs"):
+            path = ctx.state_dir / kind / ctx.run_id
+            try:
+                path.rmdir()
+            except OSError:
+                if path.exists() and not any(path.iterdir()):
+                    shutil.rmtree(path, ignore_errors=True)
+
+    await anyio.to_thread.run_sync(tidy)

@@ -1,0 +1,79 @@
+"""Exceptions of the engine.
+
+Only bad input to a whole run and the orchestrator's own failures are exceptions; a task that
+fails is data (a TaskResult with a status and an error), never an exception.
+
+    OrchestratorError
+    ├── PlanError            a plan that cannot run; one line per problem
+    ├── GitError             a git command failed
+    ├── VenvError            a virtualenv could not be created or its requirements installed
+    ├── RunDirError          the run directory cannot be created or written
+    └── ReportUnreadable     a report file that cannot be read or is not a report
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "GitError",
+    "OrchestratorError",
+    "PlanError",
+    "PlanIssue",
+    "ReportUnreadable",
+    "RunDirError",
+    "VenvError",
+]
+
+
+class OrchestratorError(Exception):
+    """Root of the engine's exceptions."""
+
+
+@dataclass(frozen=True)
+class PlanIssue:
+    """One problem of a plan, located in its file when it came from one."""
+
+    file: str | None
+    line: int | None
+    column: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file or "<plan>"
+        if self.line is not None:
+            where += f":{self.line}:{self.column}"
+        return f"{where}: {self.path}: {self.message}"
+
+
+class PlanError(OrchestratorError):
+    """A plan that cannot run. ``issues`` holds every problem found, in file order."""
+
+    def __init__(self, issues: Sequence[PlanIssue]) -> None:
+        self.issues = list(issues)
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+
+class GitError(OrchestratorError):
+    """A git command exited non-zero."""
+
+    def __init__(self, args: Sequence[str], returncode: int, stderr: str) -> None:
+        self.command = list(args)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        last = self.stderr.splitlines()[-1] if self.stderr else f"exit code {returncode}"
+        super().__init__(f"git {' '.join(self.command)}: {last}")
+
+
+class VenvError(OrchestratorError):
+    """A virtualenv could not be created, or its requirements not installed."""
+
+
+class RunDirError(OrchestratorError):
+    """The run directory (or a file in it) cannot be created or written."""
+
+
+class ReportUnreadable(OrchestratorError):
+    """A report file that cannot be read, is not JSON, or is not a report."""

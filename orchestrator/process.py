@@ -1,0 +1,177 @@
+"""Running an agent's command: its own session, logs straight to files, a hard end.
+
+The command's stdout and stderr are files in the run directory, handed to the child as its
+file descriptors: the orchestrator never holds the output in memory, whatever the agent prints.
+
+A command ends one of three ways: it exits; its timeout passes; the caller is cancelled. In
+the last two the whole process group gets SIGTERM, then SIGKILL after ``kill_grace`` seconds.
+After every end, any process that still carries the attempt's tag in its environment (a child
+that called setsid to escape the group, say) is killed too, so no process of a task survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+__all__ = ["TAG_VARIABLE", "ProcessOutcome", "kill_tagged", "run_command"]
+
+#: Environment variable that marks every process of one attempt.
+TAG_VARIABLE = "ORCHESTRATOR_ATTEMPT_TAG"
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    """How a command ended."""
+
+    exit_code: int | None
+    timed_out: bool
+    cancelled: bool
+    signal: int | None
+    duration_s: float
+    cpu_user_s: float | None
+    cpu_system_s: float | None
+    max_rss_kb: int | None
+
+
+async def _wait_exit(pid: int) -> tuple[int, resource.struct_rusage | None]:
+    """Wait for *pid* to exit without a thread: a pidfd where the kernel has them, else polling."""
+    fd: int | None
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        try:
+            await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+    delay = 0.001
+    while True:
+        try:
+            waited, status, usage = os.wait4(pid, os.WNOHANG)  # noqa: ASYNC222 (never blocks)
+        except ChildProcessError:
+            return -1, None
+        if waited:
+            return status, usage
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def kill_tagged(tag: str) -> int:
+    """SIGKILL every process whose environment carries ``TAG_VARIABLE=tag``. Linux only.
+
+    Returns how many were signalled. Processes of other users are skipped.
+    """
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    killed = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0
+    me = os.getpid()
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    stdout: Path,
+    stderr: Path,
+    timeout: float,  # noqa: ASYNC109 (a per-attempt limit, part of the contract)
+    tag: str,
+    kill_grace: float = 2.0,
+) -> ProcessOutcome:
+    """Run *argv* to its end; see the module docstring for how it ends.
+
+    Raises OSError when the command cannot be started. On cancellation the process group is
+    terminated (under a shielded scope) before the cancellation propagates.
+    """
+    full_env = {**env, TAG_VARIABLE: tag}
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        # Popen forks with vfork: about a millisecond in the loop, less than a thread hop.
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            list(argv),
+            cwd=cwd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            close_fds=True,
+        )
+    started = time.monotonic()
+    timed_out = cancelled = False
+    status: int | None = None
+    usage: resource.struct_rusage | None = None
+    try:
+        with anyio.move_on_after(timeout) as scope:
+            status, usage = await _wait_exit(proc.pid)
+        if scope.cancelled_caught:
+            timed_out = True
+    except anyio.get_cancelled_exc_class():
+        cancelled = True
+        raise
+    finally:
+        if status is None:
+            with anyio.CancelScope(shield=True):
+                status, usage = await _terminate(proc.pid, kill_grace)
+        # Popen must not reap the pid again later: it is ours and already waited for.
+        assert status is not None
+        proc.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else -1
+        _signal_group(proc.pid, signal.SIGKILL)
+        await anyio.to_thread.run_sync(kill_tagged, tag)
+    exit_code: int | None = None
+    sig: int | None = None
+    if status is not None and status >= 0:
+        if os.WIFEXITED(status):
+            exit_code = os.WEXITSTATUS(status)
+        elif os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+    return ProcessOutcome(
+        exit_code=exit_code,
+        timed_out=timed_out,
+        cancelled=cancelled,
+        signal=sig,
+        duration_s=time.monotonic() - started,
+        cpu_user_s=usage.ru_utime if usage else None,
+        cpu_system_s=usage.ru_stime if usage else None,
+        max_rss_kb=usage.ru_maxrss if usage else None,
+    )
+
+
+async def _terminate(pid: int, grace: float) -> tuple[int, resource.struct_rusage | None]:
+    """SIGTERM the group, wait up to *grace* seconds, then SIGKILL it; reap the leader."""
+    _signal_group(pid, signal.SIGTERM)
+    with anyio.move_on_after(grace):
+        return await _wait_exit(pid)
+    _signal_group(pid, signal.SIGKILL)
+    return await _wait_exit(pid)

@@ -1,0 +1,105 @@
+"""Building the results report and writing it atomically."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import anyio
+
+from envelopes import (
+    AgentSummary,
+    Report,
+    ReportError,
+    Summary,
+    TaskResult,
+    canonical_json,
+    seal_report,
+)
+
+from ._fs import atomic_write
+from ._version import __version__
+
+__all__ = ["aggregate_results", "write_report"]
+
+_STATUS_KEY = {
+    "succeeded": "successful",
+    "failed": "failed",
+    "timed_out": "timeout",
+    "cancelled": "cancelled",
+}
+
+
+def aggregate_results(
+    results: Sequence[TaskResult],
+    *,
+    run_id: str,
+    plan_name: str,
+    plan_sha256: str,
+    repo: str | None,
+    base_ref: str | None,
+    base_commit: str | None,
+    run_dir: Path,
+    started_at: datetime,
+    finished_at: datetime,
+) -> Report:
+    """The sealed Report of a run: summary, per-agent counts, errors, and every result."""
+    counts = Counter(r.status for r in results)
+    total = len(results)
+    summary = Summary(
+        total_tasks=total,
+        successful=counts["succeeded"],
+        failed=counts["failed"],
+        timeout=counts["timed_out"],
+        cancelled=counts["cancelled"],
+        success_rate=round(100.0 * counts["succeeded"] / total, 2) if total else 0.0,
+        total_execution_time=round((finished_at - started_at).total_seconds(), 6),
+    )
+    by_agent: dict[str, AgentSummary] = {}
+    for result in results:
+        entry = by_agent.setdefault(
+            result.agent,
+            AgentSummary(total=0, successful=0, failed=0, timeout=0, cancelled=0, task_ids=[]),
+        )
+        entry.total += 1
+        key = _STATUS_KEY[result.status]
+        setattr(entry, key, getattr(entry, key) + 1)
+        entry.task_ids.append(result.task_id)
+    errors = [
+        ReportError(task_id=r.task_id, agent=r.agent, kind=r.error.kind, message=r.error.message)
+        for r in results
+        if r.status != "succeeded" and r.error is not None
+    ]
+    report = Report(
+        tool={"name": "worktree-orchestrator", "version": __version__},
+        run_id=run_id,
+        plan_name=plan_name,
+        plan_sha256=plan_sha256,
+        repo=repo,
+        base_ref=base_ref,
+        base_commit=base_commit,
+        run_dir=str(run_dir),
+        started_at=started_at,
+        finished_at=finished_at,
+        summary=summary,
+        results=list(results),
+        results_by_agent=by_agent,
+        errors=errors,
+    )
+    return seal_report(report)
+
+
+def report_bytes(report: Report) -> bytes:
+    """The report file's content: indented JSON (digests are over the canonical form)."""
+    import json
+
+    return (json.dumps(report.to_json_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+async def write_report(report: Report, path: Path) -> Path:
+    """Write *report* to *path* atomically (temp file, fsync, rename, fsync of the directory)."""
+    canonical_json(report.to_json_dict())  # refuses NaN and the like before anything is written
+    await anyio.to_thread.run_sync(atomic_write, path, report_bytes(report))
+    return path

@@ -1,0 +1,77 @@
+"""Retrying attempts: exponential backoff with jitter, behind one small helper.
+
+tenacity does the work; this module fixes the policy (an attempt cap, waits that grow from
+``initial`` to ``max``) and lets tests remove the waits, as stamina's ``set_testing`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    stop_after_attempt,
+    wait_exponential_jitter,
+    wait_none,
+)
+
+__all__ = ["is_testing", "retry_attempts", "set_testing"]
+
+T = TypeVar("T")
+_testing = False
+
+
+def set_testing(testing: bool) -> None:
+    """With *testing* true, retries happen without waiting."""
+    global _testing
+    _testing = testing
+
+
+def is_testing() -> bool:
+    """Whether retry waits are switched off."""
+    return _testing
+
+
+async def retry_attempts(
+    attempt: Callable[[int], Awaitable[T]],
+    *,
+    retries: int,
+    should_retry: Callable[[T], bool],
+    before_retry: Callable[[int, float], Awaitable[None]] | None = None,
+    initial: float = 1.0,
+    maximum: float = 30.0,
+) -> T:
+    """Call ``attempt(n)`` for n = 1, 2, ... until ``should_retry`` is false or attempts run out.
+
+    Returns the last attempt's value. ``before_retry(next_number, wait_seconds)`` runs before
+    each retry. Exceptions from *attempt* are not retried: they propagate.
+    """
+
+    async def notify(state: RetryCallState) -> None:
+        if before_retry is not None:
+            wait = state.next_action.sleep if state.next_action else 0.0
+            await before_retry(state.attempt_number + 1, wait)
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(retries + 1),
+        wait=wait_none()
+        if _testing
+        else wait_exponential_jitter(initial=initial, max=maximum, jitter=initial),
+        retry=retry_if_result(should_retry),
+        before_sleep=notify,
+        retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        sleep=anyio.sleep,
+        reraise=True,
+    )
+    number = 0
+
+    async def call() -> T:
+        nonlocal number
+        number += 1
+        return await attempt(number)
+
+    return await retrying(call)

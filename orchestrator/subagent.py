@@ -1,0 +1,575 @@
+"""One subagent: worktree, venv, agent attempts, commit, clean-up, and its TaskResult.
+
+Every failure of the task itself becomes a status and an ErrorInfo on the result; only the
+orchestrator's own bugs escape as exceptions. This module is the one place where that
+conversion happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from envelopes import (
+    Attempt,
+    Environment,
+    ErrorInfo,
+    HandoffEnvelope,
+    LogFile,
+    Metrics,
+    Provenance,
+    TaskResult,
+    TaskStatus,
+    Timings,
+    canonical_json,
+    digest,
+    seal_result,
+)
+from envelopes._events import AttemptFailed, TaskFinished, TaskRetrying, TaskStarted
+
+from ._fs import atomic_write, file_entry
+from .agents import Agent, CallableAgent, CommandAgent, Workspace
+from .context import RunContext
+from .errors import GitError, VenvError
+from .process import run_command
+from .retry import retry_attempts
+from .venv import Venv, describe_environment, setup_virtualenv
+from .worktree import Worktree, commit_worktree, create_worktree, remove_worktree, reset_worktree
+
+__all__ = ["MAX_OUTPUT_BYTES", "run_subagent"]
+
+#: Largest output JSON an agent may write.
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+
+
+class _TaskFailed(Exception):
+    """Setup of a task failed; carries the error for the result."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass
+class _AttemptOutcome:
+    status: TaskStatus
+    exit_code: int | None = None
+    output: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Subagent:
+    """The state of one task while it runs; :meth:`result` turns it into a TaskResult."""
+
+    def __init__(self, envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> None:
+        self.envelope = envelope
+        self.agent = agent
+        self.ctx = ctx
+        self.task_id = envelope.task_id
+        self.started_at = _now()
+        self.clock = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self.worktree: Worktree | None = None
+        self.venv: Venv | None = None
+        self.environment: Environment | None = None
+        self.attempts: list[Attempt] = []
+        self.last: _AttemptOutcome | None = None
+        self.commands: list[list[str]] = []
+        self.result_commit: str | None = None
+        self.result_tree: str | None = None
+        self.committed = False
+        self.kept_worktree: Path | None = None
+        self.envelope_entry: LogFile | None = None
+        run_dir = ctx.run_dir
+        self.envelope_path = run_dir / "envelopes" / f"{self.task_id}.json"
+        self.logs_dir = run_dir / "logs" / self.task_id
+        self.outputs_dir = run_dir / "outputs" / self.task_id
+
+    async def _timed(self, phase: str, start: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - start
+
+    async def prepare(self) -> None:
+        """Write the envelope, create the worktree and the venv."""
+        data = canonical_json(self.envelope.to_json_dict())
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(atomic_write, self.envelope_path, data)
+        self.envelope_entry = await anyio.to_thread.run_sync(
+            file_entry, self.envelope_path, self.ctx.run_dir
+        )
+        ctx = self.ctx
+        if self.envelope.worktree and ctx.repo is not None and ctx.base_commit is not None:
+            start = time.monotonic()
+            try:
+                self.worktree = await create_worktree(
+                    ctx.repo,
+                    ctx.branch(self.task_id),
+                    ctx.worktree_path(self.task_id),
+                    ctx.base_commit,
+                )
+            except GitError as exc:
+                raise _TaskFailed(ErrorInfo(kind="worktree", message=str(exc))) from exc
+            finally:
+                await self._timed("worktree_s", start)
+        if self.envelope.venv:
+            start = time.monotonic()
+            try:
+                self.venv = await setup_virtualenv(
+                    ctx.venv_path(self.task_id),
+                    self.envelope.requirements,
+                    backend=ctx.venv_backend,
+                )
+                self.commands.extend(self.venv.commands)
+                self.environment = await anyio.to_thread.run_sync(describe_environment, self.venv)
+            except VenvError as exc:
+                raise _TaskFailed(ErrorInfo(kind="install", message=str(exc))) from exc
+            finally:
+                await self._timed("venv_s", start)
+
+    def _env(self, output_path: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        if isinstance(self.agent, CommandAgent):
+            env.update(self.agent.env)
+        env.update(self.envelope.env)
+        if self.venv is not None:
+            env["VIRTUAL_ENV"] = str(self.venv.path)
+            env["PATH"] = str(self.venv.bin_dir) + os.pathsep + env.get("PATH", "")
+            env.pop("PYTHONHOME", None)
+        env.update(
+            ORCHESTRATOR_ENVELOPE=str(self.envelope_path),
+            ORCHESTRATOR_OUTPUT=str(output_path),
+            ORCHESTRATOR_TASK_ID=self.task_id,
+            ORCHESTRATOR_RUN_ID=self.ctx.run_id,
+        )
+        return env
+
+    def _cwd(self) -> Path:
+        if self.worktree is not None:
+            return self.worktree.path
+        if self.ctx.repo is not None:
+            return self.ctx.repo.root
+        return self.ctx.run_dir
+
+    async def attempt(self, number: int) -> _AttemptOutcome:
+        """Run the agent once, from a clean worktree, and judge the outcome."""
+        ctx = self.ctx
+        if number > 1 and self.worktree is not None and ctx.repo is not None:
+            await reset_worktree(ctx.repo, self.worktree)
+        output_path = self.outputs_dir / f"attempt-{number}.json"
+        stdout_path = self.logs_dir / f"attempt-{number}.stdout"
+        stderr_path = self.logs_dir / f"attempt-{number}.stderr"
+        env = self._env(output_path)
+        started_at = _now()
+        start = time.monotonic()
+        outcome: _AttemptOutcome
+        try:
+            if isinstance(self.agent, CommandAgent):
+                outcome = await self._run_command(
+                    number, env, output_path, stdout_path, stderr_path
+                )
+            else:
+                outcome = await self._run_callable(self.agent, env, output_path)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                outcome = _AttemptOutcome(
+                    status="cancelled",
+                    error=ErrorInfo(kind="cancelled", message="the run was cancelled"),
+                )
+                await self._record(number, started_at, start, outcome, stdout_path, stderr_path)
+            raise
+        finally:
+            await self._timed("agent_s", start)
+        await self._record(number, started_at, start, outcome, stdout_path, stderr_path)
+        if outcome.error is not None:
+            await ctx.emit(
+                AttemptFailed(
+                    run_id=ctx.run_id,
+                    task_id=self.task_id,
+                    attempt=number,
+                    status=outcome.status,
+                    error=outcome.error,
+                )
+            )
+        return outcome
+
+    async def _record(
+        self,
+        number: int,
+        started_at: datetime,
+        start: float,
+        outcome: _AttemptOutcome,
+        stdout_path: Path,
+        stderr_path: Path,
+    ) -> None:
+        stdout = stderr = None
+        if isinstance(self.agent, CommandAgent):
+            stdout, stderr = await anyio.to_thread.run_sync(
+                _log_entries, stdout_path, stderr_path, self.ctx.run_dir
+            )
+        if stdout is not None and stderr is not None:
+            outcome.metrics = outcome.metrics.model_copy(
+                update={"stdout_bytes": stdout.size, "stderr_bytes": stderr.size}
+            )
+        self.attempts.append(
+            Attempt(
+                number=number,
+                status=outcome.status,
+                started_at=started_at,
+                finished_at=_now(),
+                duration_s=round(time.monotonic() - start, 6),
+                exit_code=outcome.exit_code,
+                error=outcome.error,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        )
+        self.last = outcome
+
+    async def _run_command(
+        self,
+        number: int,
+        env: dict[str, str],
+        output_path: Path,
+        stdout_path: Path,
+        stderr_path: Path,
+    ) -> _AttemptOutcome:
+        assert isinstance(self.agent, CommandAgent)
+        ctx = self.ctx
+        argv = self.agent.argv(
+            plan_dir=ctx.plan_dir,
+            worktree=self._cwd(),
+            task_id=self.task_id,
+            run_id=ctx.run_id,
+            path_var=env.get("PATH", ""),
+            venv_bin=self.venv.bin_dir if self.venv else None,
+        )
+        self.commands.append(argv)
+        try:
+            proc = await run_command(
+                argv,
+                cwd=self._cwd(),
+                env=env,
+                stdout=stdout_path,
+                stderr=stderr_path,
+                timeout=self.envelope.timeout,
+                tag=f"{ctx.run_id}/{self.task_id}/{number}",
+                kill_grace=ctx.kill_grace,
+            )
+        except OSError as exc:
+            return _AttemptOutcome(
+                status="failed",
+                error=ErrorInfo(
+                    kind="spawn", message=f"cannot start {argv[0]}: {exc.strerror or exc}"
+                ),
+            )
+        metrics = Metrics(
+            cpu_user_s=proc.cpu_user_s, cpu_system_s=proc.cpu_system_s, max_rss_kb=proc.max_rss_kb
+        )
+        if proc.timed_out:
+            return _AttemptOutcome(
+                status="timed_out",
+                exit_code=proc.exit_code,
+                metrics=metrics,
+                error=ErrorInfo(
+                    kind="timeout", message=f"timed out after {self.envelope.timeout:g} s"
+                ),
+            )
+        if proc.signal is not None:
+            name = signal.Signals(proc.signal).name
+            return _AttemptOutcome(
+                status="failed",
+                metrics=metrics,
+                error=ErrorInfo(kind="exit_code", message=f"killed by {name}"),
+            )
+        if proc.exit_code != 0:
+            tail = await anyio.to_thread.run_sync(_last_line, stderr_path)
+            message = f"exited with code {proc.exit_code}" + (f": {tail}" if tail else "")
+            return _AttemptOutcome(
+                status="failed",
+                exit_code=proc.exit_code,
+                metrics=metrics,
+                error=ErrorInfo(kind="exit_code", message=message),
+            )
+        output, error = await anyio.to_thread.run_sync(_read_output, output_path)
+        if error is not None:
+            return _AttemptOutcome(status="failed", exit_code=0, metrics=metrics, error=error)
+        return _AttemptOutcome(status="succeeded", exit_code=0, output=output, metrics=metrics)
+
+    async def _run_callable(
+        self, agent: CallableAgent, env: dict[str, str], output_path: Path
+    ) -> _AttemptOutcome:
+        workspace = Workspace(
+            task_id=self.task_id,
+            run_id=self.ctx.run_id,
+            path=self.worktree.path if self.worktree else None,
+            venv=self.venv.path if self.venv else None,
+            output_path=output_path,
+            envelope_path=self.envelope_path,
+            env=env,
+        )
+        value: Any = None
+        with anyio.move_on_after(self.envelope.timeout) as scope:
+            try:
+                value = await agent.function(self.envelope, workspace)
+            except Exception as exc:
+                message = f"{type(exc).__name__}: {exc}"
+                return _AttemptOutcome(
+                    status="failed", error=ErrorInfo(kind="agent_exception", message=message)
+                )
+        if scope.cancelled_caught:
+            return _AttemptOutcome(
+                status="timed_out",
+                error=ErrorInfo(
+                    kind="timeout", message=f"timed out after {self.envelope.timeout:g} s"
+                ),
+            )
+        if value is not None and not isinstance(value, dict):
+            return _AttemptOutcome(
+                status="failed",
+                error=ErrorInfo(
+                    kind="invalid_output",
+                    message=f"agent returned {type(value).__name__}, not a dict",
+                ),
+            )
+        try:
+            canonical_json(value)
+        except (TypeError, ValueError) as exc:
+            return _AttemptOutcome(
+                status="failed",
+                error=ErrorInfo(
+                    kind="invalid_output", message=f"output is not JSON-serialisable: {exc}"
+                ),
+            )
+        return _AttemptOutcome(status="succeeded", output=value)
+
+    async def commit(self) -> None:
+        """Commit whatever the agent left in the worktree (on success and on failure alike)."""
+        ctx = self.ctx
+        if self.worktree is None or ctx.repo is None or ctx.base_tree is None:
+            return
+        start = time.monotonic()
+        subject = (
+            self.envelope.task.strip().splitlines()[0]
+            if self.envelope.task.strip()
+            else "(no description)"
+        )
+        message = (
+            f"{self.envelope.agent}: {subject} [task {self.task_id}]\n\n"
+            f"Orchestrator-Run: {ctx.run_id}\nEnvelope-SHA256: {self.envelope.sha256()}\n"
+        )
+        try:
+            self.result_commit, self.result_tree, self.committed = await commit_worktree(
+                ctx.repo, self.worktree, message, base_tree=ctx.base_tree
+            )
+        finally:
+            await self._timed("commit_s", start)
+
+    async def cleanup(self, status: TaskStatus) -> None:
+        """Remove the worktree and venv as the keep policy says; branches stay unless empty and cancelled."""
+        start = time.monotonic()
+        ctx = self.ctx
+        policy = ctx.keep_worktrees
+        keep = policy == "always" or (policy == "failed" and status in ("failed", "timed_out"))
+        if self.worktree is not None and ctx.repo is not None:
+            if keep:
+                self.kept_worktree = self.worktree.path
+            else:
+                await remove_worktree(
+                    ctx.repo,
+                    self.worktree,
+                    delete_branch=status == "cancelled" and not self.committed,
+                )
+        if self.venv is not None and (self.worktree is None or not keep):
+            await anyio.to_thread.run_sync(shutil.rmtree, self.venv.path, True)
+        await self._timed("cleanup_s", start)
+
+    def result(self, status: TaskStatus, error: ErrorInfo | None) -> TaskResult:
+        """The sealed TaskResult."""
+        last = self.last
+        output = last.output if last is not None and status == "succeeded" else None
+        last_attempt = self.attempts[-1] if self.attempts else None
+        agent_info = self.agent.info()
+        branch = None
+        if self.worktree is not None and (
+            self.committed or status != "cancelled" or self.kept_worktree
+        ):
+            branch = self.worktree.branch
+        finished = _now()
+        result = TaskResult(
+            task_id=self.task_id,
+            agent=self.envelope.agent,
+            status=status,
+            attempts=len(self.attempts),
+            exit_code=last.exit_code if last else None,
+            output=output,
+            error=error,
+            timings=Timings(
+                started_at=self.started_at,
+                finished_at=finished,
+                duration_s=round(time.monotonic() - self.clock, 6),
+                **{k: round(v, 6) for k, v in self.timings.items()},
+            ),
+            metrics=last.metrics if last else Metrics(),
+            branch=branch,
+            worktree=str(self.kept_worktree) if self.kept_worktree else None,
+            envelope=self.envelope_entry,
+            attempt_log=self.attempts,
+            provenance=Provenance(
+                envelope_sha256=self.envelope.sha256(),
+                base_commit=self.worktree.base_commit if self.worktree else None,
+                result_commit=self.result_commit if branch else None,
+                result_tree=self.result_tree if branch else None,
+                environment=self.environment,
+                env_sha256=digest(self.environment.model_dump(mode="json"))
+                if self.environment
+                else None,
+                agent=agent_info,
+                agent_sha256=digest(agent_info.model_dump(mode="json")),
+                output_sha256=digest(output),
+                stdout_sha256=last_attempt.stdout.sha256
+                if last_attempt and last_attempt.stdout
+                else None,
+                stderr_sha256=last_attempt.stderr.sha256
+                if last_attempt and last_attempt.stderr
+                else None,
+                commands=self.commands,
+            ),
+        )
+        return seal_result(result)
+
+
+def _log_entries(
+    stdout: Path, stderr: Path, run_dir: Path
+) -> tuple[LogFile | None, LogFile | None]:
+    """Entries for an attempt's two log files; empty ones are made if the command never started."""
+    for path in (stdout, stderr):
+        path.touch()
+    return file_entry(stdout, run_dir), file_entry(stderr, run_dir)
+
+
+def _last_line(path: Path, limit: int = 4096) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _read_output(path: Path) -> tuple[dict[str, Any] | None, ErrorInfo | None]:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None, None
+    if size > MAX_OUTPUT_BYTES:
+        return None, ErrorInfo(
+            kind="invalid_output",
+            message=f"output file is {size} bytes, more than {MAX_OUTPUT_BYTES}",
+        )
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, ErrorInfo(kind="invalid_output", message=f"output is not valid JSON: {exc}")
+    if not isinstance(value, dict):
+        return None, ErrorInfo(
+            kind="invalid_output",
+            message=f"output must be a JSON object, found {type(value).__name__}",
+        )
+    try:
+        canonical_json(value)
+    except ValueError as exc:
+        return None, ErrorInfo(
+            kind="invalid_output", message=f"output is not canonical JSON: {exc}"
+        )
+    return value, None
+
+
+async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> TaskResult:
+    """Run one task to its end and return its sealed TaskResult.
+
+    Steps: write the envelope, create the worktree and venv, run the agent (retrying failed
+    attempts up to ``envelope.retries`` times, each from a clean worktree), commit what it
+    changed, clean up per the keep policy. The result is also stored in ``ctx.results``.
+
+    Cancellation: the agent's processes are terminated, whatever it changed is committed (so
+    nothing is lost), the worktree is removed unless the policy is ``always``, a ``cancelled``
+    result is stored in ``ctx.results``, and the cancellation propagates.
+    """
+    task = _Subagent(envelope, agent, ctx)
+    await ctx.emit(TaskStarted(run_id=ctx.run_id, task_id=task.task_id, agent=envelope.agent))
+    status: TaskStatus = "failed"
+    error: ErrorInfo | None = None
+    try:
+        await task.prepare()
+
+        async def before_retry(number: int, wait: float) -> None:
+            await ctx.emit(
+                TaskRetrying(run_id=ctx.run_id, task_id=task.task_id, attempt=number, wait_s=wait)
+            )
+
+        outcome = await retry_attempts(
+            task.attempt,
+            retries=envelope.retries,
+            should_retry=lambda o: o.status != "succeeded",
+            before_retry=before_retry,
+            initial=ctx.backoff_initial,
+            maximum=ctx.backoff_max,
+        )
+        status, error = outcome.status, outcome.error
+        try:
+            await task.commit()
+        except GitError as exc:
+            status, error = "failed", ErrorInfo(kind="commit", message=str(exc))
+    except _TaskFailed as exc:
+        status, error = "failed", exc.error
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+            error = ErrorInfo(kind="cancelled", message="the run was cancelled")
+            with contextlib.suppress(GitError):
+                await task.commit()
+            await task.cleanup("cancelled")
+            result = task.result("cancelled", error)
+            ctx.results[task.task_id] = result
+            await ctx.emit(_finished(ctx, result))
+        raise
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await task.cleanup("failed")
+        raise
+    await task.cleanup(status)
+    result = task.result(status, error)
+    ctx.results[task.task_id] = result
+    await ctx.emit(_finished(ctx, result))
+    return result
+
+
+def _finished(ctx: RunContext, result: TaskResult) -> TaskFinished:
+    return TaskFinished(
+        run_id=ctx.run_id,
+        task_id=result.task_id,
+        agent=result.agent,
+        status=result.status,
+        attempts=result.attempts,
+        duration_s=result.timings.duration_s,
+        result_commit=result.provenance.result_commit,
+        error=result.error,
+    )

@@ -1,0 +1,181 @@
+"""Auditing a report: every digest recomputed, every commit checked in the repository.
+
+Uses only ``envelopes`` and git, so what it trusts is small: the report file, the files of
+its run directory, and the repository's object database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from envelopes import Finding, NotAReport, Report, audit_report, load_report_json
+
+from ._git import Git
+from .errors import ReportUnreadable
+from .repo import NotARepository, Repository
+
+__all__ = ["VerifyOutcome", "verify_report"]
+
+
+@dataclass
+class VerifyOutcome:
+    """What :func:`verify_report` found. ``ok`` when there is no finding."""
+
+    report: Report
+    findings: list[Finding] = field(default_factory=list)
+    checked_commits: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when every check held."""
+        return not self.findings
+
+
+async def verify_report(
+    path: Path | str, *, repo: Path | str | None = None, run_dir: Path | str | None = None
+) -> VerifyOutcome:
+    """Verify the report at *path*.
+
+    Recomputes every digest (see ``envelopes.audit_report``), hashes the envelope and log
+    files in the run directory (*run_dir*, else the report's ``run_dir``, else the report's own
+    directory), and checks in the repository (*repo*, else the report's ``repo``) that each
+    result commit exists, that its tree is ``result_tree``, that the base commit is its
+    ancestor, and that the task branch still points at it.
+
+    Raises ReportUnreadable when the file cannot be read or is not a report.
+    """
+    path = Path(path)
+    try:
+        raw, report = load_report_json(path)
+    except NotAReport as exc:
+        raise ReportUnreadable(str(exc)) from exc
+    outcome = VerifyOutcome(report=report)
+    directory = Path(run_dir) if run_dir else _find_run_dir(report, path)
+    outcome.findings += audit_report(raw, run_dir=directory)
+    needs_git = any(r.provenance.result_commit for r in report.results) or report.base_commit
+    if not needs_git:
+        return outcome
+    where = repo or report.repo
+    try:
+        repository = await Repository.open(where) if where else None
+    except NotARepository as exc:
+        outcome.findings.append(Finding(task_id=None, field="repo", message=str(exc)))
+        return outcome
+    if repository is None:
+        outcome.findings.append(
+            Finding(
+                task_id=None, field="repo", message="the report names no repository; pass --repo"
+            )
+        )
+        return outcome
+    outcome.findings += await _check_git(repository.git, report, outcome)
+    return outcome
+
+
+def _find_run_dir(report: Report, path: Path) -> Path:
+    named = Path(report.run_dir)
+    if named.is_dir():
+        return named
+    return path.resolve().parent
+
+
+async def _check_git(git: Git, report: Report, outcome: VerifyOutcome) -> list[Finding]:
+    findings: list[Finding] = []
+    # One batched lookup for every object the report names.
+    wanted: list[str] = []
+    if report.base_commit:
+        wanted.append(report.base_commit)
+    for r in report.results:
+        p = r.provenance
+        if p.result_commit:
+            wanted += [p.result_commit, f"{p.result_commit}^{{tree}}"]
+    result = await git.run(
+        "cat-file", "--batch-check", stdin=("\n".join(wanted) + "\n").encode(), check=False
+    )
+    answers = dict(zip(wanted, result.stdout.decode(errors="replace").splitlines(), strict=False))
+
+    def kind(obj: str) -> tuple[str | None, str | None]:
+        parts = answers.get(obj, "").split()
+        if len(parts) >= 2 and parts[1] != "missing":
+            return parts[0], parts[1]
+        return None, None
+
+    if report.base_commit and kind(report.base_commit)[1] != "commit":
+        findings.append(
+            Finding(
+                task_id=None,
+                field="base_commit",
+                message=f"commit {report.base_commit} not found in the repository",
+            )
+        )
+    refs_out = await git.out(
+        "for-each-ref",
+        "--format=%(refname:lstrip=2) %(objectname)",
+        f"refs/heads/orchestrator/{report.run_id}/",
+    )
+    branches = dict(line.split(" ", 1) for line in refs_out.splitlines() if " " in line)
+    for r in report.results:
+        p = r.provenance
+        if not p.result_commit:
+            continue
+        outcome.checked_commits += 1
+        _, obj_type = kind(p.result_commit)
+        if obj_type != "commit":
+            findings.append(
+                Finding(
+                    task_id=r.task_id,
+                    field="provenance.result_commit",
+                    message=f"commit {p.result_commit} not found in the repository",
+                )
+            )
+            continue
+        tree, _ = kind(f"{p.result_commit}^{{tree}}")
+        if tree != p.result_tree:
+            findings.append(
+                Finding(
+                    task_id=r.task_id,
+                    field="provenance.result_tree",
+                    message=f"expected {p.result_tree!r}, found {tree!r} (the tree of {p.result_commit})",
+                )
+            )
+        if (
+            p.base_commit
+            and p.base_commit != p.result_commit
+            and not await git.ok("merge-base", "--is-ancestor", p.base_commit, p.result_commit)
+        ):
+            findings.append(
+                Finding(
+                    task_id=r.task_id,
+                    field="provenance.base_commit",
+                    message=f"{p.base_commit} is not an ancestor of {p.result_commit}",
+                )
+            )
+        if r.branch:
+            found = branches.get(r.branch)
+            if found is None:
+                found = (
+                    await git.run(
+                        "rev-parse", "--verify", "--quiet", f"refs/heads/{r.branch}", check=False
+                    )
+                ).stdout.decode().strip() or None
+            if found is None:
+                findings.append(
+                    Finding(
+                        task_id=r.task_id,
+                        field="branch",
+                        message=f"branch {r.branch} does not exist",
+                    )
+                )
+            elif found != p.result_commit and not await git.ok(
+                "merge-base", "--is-ancestor", p.result_commit, found
+            ):
+                # Work added on top of a result is fine; a result no longer on its branch is not.
+                findings.append(
+                    Finding(
+                        task_id=r.task_id,
+                        field="branch",
+                        message=f"branch {r.branch} points at {found}, which does not contain {p.result_commit}",
+                    )
+                )
+    return findings

@@ -1,0 +1,116 @@
+"""Shared fixtures: real git repositories in temporary directories, with no git identity.
+
+Every test runs as on a fresh machine: the global and system git config are hidden and no
+GIT_AUTHOR_*/GIT_COMMITTER_* variable is set, so the orchestrator's identity fallback is what
+makes its commits work. Fixture repositories are committed with an explicit ``-c user.*``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.retry import set_testing
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def fresh_machine_git(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide the user's git config and identity, as on a fresh machine."""
+    home = tmp_path_factory.mktemp("home")
+    empty = home / "gitconfig"
+    empty.write_text("")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for role in ("AUTHOR", "COMMITTER"):
+        for what in ("NAME", "EMAIL"):
+            monkeypatch.delenv(f"GIT_{role}_{what}", raising=False)
+    monkeypatch.delenv("EMAIL", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def no_retry_waits() -> Iterator[None]:
+    """Retries happen at once in tests."""
+    set_testing(True)
+    yield
+    set_testing(False)
+
+
+def git(repo: Path, *args: str) -> str:
+    """Run git in *repo* with a fixture identity; return stdout."""
+    result = subprocess.run(
+        ["git", "-c", "user.name=Fixture", "-c", "user.email=fixture@example.com", "-C", str(repo), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip()
+
+
+MakeRepo = Callable[..., Path]
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path) -> MakeRepo:
+    """Factory: a git repository with *files* small files (plus any *extra* files), one commit."""
+    counter = iter(range(1000))
+
+    def make(files: int = 3, *, name: str | None = None, extra: dict[str, str] | None = None) -> Path:
+        repo = tmp_path / (name or f"repo{next(counter)}")
+        repo.mkdir()
+        for i in range(files):
+            path = repo / "src" / f"file{i:04d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"line {i}\n")
+        for rel, text in (extra or {}).items():
+            path = repo / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        git(repo, "init", "--quiet", "--initial-branch=main")
+        git(repo, "add", "--all")
+        git(repo, "commit", "--quiet", "-m", "initial")
+        return repo
+
+    return make
+
+
+@pytest.fixture
+def write_agent(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Factory: write a Python agent script (dedented) under tmp_path/agents; return its path."""
+
+    def write(name: str, source: str) -> Path:
+        path = tmp_path / "agents" / f"{name}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+        return path
+
+    return write
+
+
+def live_processes_with(marker: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose command line or environment contains *marker*."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            if state == b"Z":
+                continue
+            blobs = []
+            for name in ("cmdline", "environ"):
+                with open(f"/proc/{entry}/{name}", "rb") as f:
+                    blobs.append(f.read())
+        except OSError:
+            continue
+        if any(marker.encode() in blob for blob in blobs):
+            found.append(int(entry))
+    return found
