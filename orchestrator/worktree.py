@@ -16,6 +16,7 @@ import anyio
 from .errors import GitError
 from .repo import Repository
 
+
 __all__ = [
     "MergeOutcome",
     "Worktree",
@@ -43,19 +44,20 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
     entry, no branch. Cancellation while populating the files removes the half-made worktree.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    ref = f"refs/heads/{branch}"
     async with repo.lock.hold():
-        try:
-            await repo.git.run(
-                "worktree",
-                "add",
-                "--no-checkout",
-                "--no-track",
-                "-b",
-                branch,
-                str(path),
-                base_commit,
+        # Create the branch first, create-only (the old value must be "none"): a branch that
+        # already exists is refused here and is never touched by the clean-up below.
+        created = await repo.git.run("update-ref", ref, base_commit, "", check=False)
+        if created.returncode != 0:
+            raise GitError(
+                ["update-ref", ref],
+                created.returncode,
+                f"fatal: a branch named '{branch}' already exists",
             )
-        except GitError:
+        try:
+            await repo.git.run("worktree", "add", "--no-checkout", str(path), branch)
+        except BaseException:
             with anyio.CancelScope(shield=True):
                 await _forget(repo, path, branch, base_commit)
             raise
@@ -69,15 +71,11 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
     return worktree
 
 
-async def _forget(repo: Repository, path: Path, branch: str, expected: str | None) -> None:
-    """Undo a partial ``worktree add``: its directory, its admin entry, its branch."""
+async def _forget(repo: Repository, path: Path, branch: str, expected: str) -> None:
+    """Undo a partial ``worktree add``: its directory, its admin entry, the branch made for it."""
     await anyio.to_thread.run_sync(shutil.rmtree, path, True)
     await repo.git.run("worktree", "prune", check=False)
-    ref = f"refs/heads/{branch}"
-    if expected is None:
-        await repo.git.run("update-ref", "-d", ref, check=False)
-    else:
-        await repo.git.run("update-ref", "-d", ref, expected, check=False)
+    await repo.git.run("update-ref", "-d", f"refs/heads/{branch}", expected, check=False)
 
 
 async def reset_worktree(repo: Repository, worktree: Worktree) -> None:

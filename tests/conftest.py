@@ -22,7 +22,9 @@ PYTHON = sys.executable
 
 
 @pytest.fixture(autouse=True)
-def fresh_machine_git(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def fresh_machine_git(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Hide the user's git config and identity, as on a fresh machine."""
     home = tmp_path_factory.mktemp("home")
     empty = home / "gitconfig"
@@ -46,7 +48,16 @@ def no_retry_waits() -> Iterator[None]:
 def git(repo: Path, *args: str) -> str:
     """Run git in *repo* with a fixture identity; return stdout."""
     result = subprocess.run(
-        ["git", "-c", "user.name=Fixture", "-c", "user.email=fixture@example.com", "-C", str(repo), *args],
+        [
+            "git",
+            "-c",
+            "user.name=Fixture",
+            "-c",
+            "user.email=fixture@example.com",
+            "-C",
+            str(repo),
+            *args,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -62,7 +73,9 @@ def make_repo(tmp_path: Path) -> MakeRepo:
     """Factory: a git repository with *files* small files (plus any *extra* files), one commit."""
     counter = iter(range(1000))
 
-    def make(files: int = 3, *, name: str | None = None, extra: dict[str, str] | None = None) -> Path:
+    def make(
+        files: int = 3, *, name: str | None = None, extra: dict[str, str] | None = None
+    ) -> Path:
         repo = tmp_path / (name or f"repo{next(counter)}")
         repo.mkdir()
         for i in range(files):
