@@ -16,7 +16,6 @@ import anyio
 from .errors import GitError
 from .repo import Repository
 
-
 __all__ = [
     "MergeOutcome",
     "Worktree",
