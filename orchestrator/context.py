@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from envelopes import KeepWorktrees, TaskResult, new_run_id
 from envelopes._events import Event
 
+from .errors import RunDirError
 from .repo import Repository
 from .venv import VenvBackend, get_backend
 
@@ -76,7 +79,10 @@ class RunContext:
         else:
             root = Path(state_dir or ".orchestrator").absolute()
         run_dir = root / "runs" / run_id
-        run_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            await anyio.Path(run_dir).mkdir(parents=True, exist_ok=False)
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from exc
         return cls(
             run_id=run_id,
             run_dir=run_dir,

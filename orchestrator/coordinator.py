@@ -20,7 +20,7 @@ from .errors import OrchestratorError, PlanError, PlanIssue
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, parse_plan
 from .repo import Repository
 from .report import aggregate_results, write_report
-from .subagent import run_subagent
+from .subagent import not_started_result, run_subagent
 from .venv import VenvBackend, get_backend
 
 __all__ = ["orchestrate_parallel"]
@@ -170,7 +170,9 @@ async def orchestrate_parallel(
                 tg.start_soon(worker, envelope, name=f"task {envelope.task_id}")
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await finish([ctx.results[e.task_id] for e in envelopes if e.task_id in ctx.results])
+            await finish(
+                [ctx.results.get(e.task_id) or not_started_result(e, table[e.agent], ctx) for e in envelopes]
+            )
             if ctx.repo is not None:
                 ctx.repo.lock.close()
         raise

@@ -562,6 +562,12 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
     return result
 
 
+def not_started_result(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> TaskResult:
+    """The ``cancelled`` result of a task the run never got to start."""
+    error = ErrorInfo(kind="cancelled", message="the run was cancelled before this task started")
+    return _Subagent(envelope, agent, ctx).result("cancelled", error)
+
+
 def _finished(ctx: RunContext, result: TaskResult) -> TaskFinished:
     return TaskFinished(
         run_id=ctx.run_id,
