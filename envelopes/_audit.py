@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ._canonical import digest, digest_without
 from ._result import Report
 
-__all__ = ["Finding", "NotAReport", "audit_report", "load_report_json"]
+__all__ = ["Finding", "NotAReport", "audit_report", "load_report_json", "report_layout"]
 
 
 class NotAReport(ValueError):
@@ -179,13 +179,30 @@ def _expected_summary(results: list[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def audit_report(raw: Mapping[str, Any], *, run_dir: Path | None = None) -> list[Finding]:
+def report_layout(raw: Mapping[str, Any]) -> bytes:
+    """The bytes of a report file as the orchestrator writes it: 2-space indented JSON, UTF-8."""
+    return (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def audit_report(
+    raw: Mapping[str, Any], *, run_dir: Path | None = None, source: bytes | None = None
+) -> list[Finding]:
     """Every digest and count of a report, recomputed; one Finding per mismatch.
 
     *raw* is the report's JSON object as read (see :func:`load_report_json`). With *run_dir*,
-    the envelope and log files it names are hashed too; a missing file is a finding.
+    the envelope and log files it names are hashed too; a missing file is a finding. With
+    *source* (the file's bytes), a file whose layout differs from what the orchestrator writes
+    is a finding too, so that not even a changed space goes unnoticed.
     """
     findings: list[Finding] = []
+    if source is not None and source != report_layout(raw):
+        findings.append(
+            Finding(
+                task_id=None,
+                field="<file>",
+                message="the file's bytes differ from the layout the orchestrator writes (re-formatted or edited)",
+            )
+        )
     findings += _check(
         None, "report_sha256", digest_without(raw, "report_sha256"), raw["report_sha256"]
     )

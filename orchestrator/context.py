@@ -82,7 +82,9 @@ class RunContext:
         try:
             await anyio.Path(run_dir).mkdir(parents=True, exist_ok=False)
         except OSError as exc:
-            raise RunDirError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from exc
+            raise RunDirError(
+                f"cannot create the run directory {run_dir}: {exc.strerror or exc}"
+            ) from exc
         return cls(
             run_id=run_id,
             run_dir=run_dir,

@@ -171,7 +171,10 @@ async def orchestrate_parallel(
     except BaseException:
         with anyio.CancelScope(shield=True):
             await finish(
-                [ctx.results.get(e.task_id) or not_started_result(e, table[e.agent], ctx) for e in envelopes]
+                [
+                    ctx.results.get(e.task_id) or not_started_result(e, table[e.agent], ctx)
+                    for e in envelopes
+                ]
             )
             if ctx.repo is not None:
                 ctx.repo.lock.close()

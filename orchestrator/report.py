@@ -18,6 +18,7 @@ from envelopes import (
     canonical_json,
     seal_report,
 )
+from envelopes._audit import report_layout
 
 from ._fs import atomic_write
 from ._version import __version__
@@ -93,9 +94,7 @@ def aggregate_results(
 
 def report_bytes(report: Report) -> bytes:
     """The report file's content: indented JSON (digests are over the canonical form)."""
-    import json
-
-    return (json.dumps(report.to_json_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    return report_layout(report.to_json_dict())
 
 
 async def write_report(report: Report, path: Path) -> Path:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio
+
 from envelopes import Finding, NotAReport, Report, audit_report, load_report_json
 
 from ._git import Git
@@ -52,7 +54,9 @@ async def verify_report(
         raise ReportUnreadable(str(exc)) from exc
     outcome = VerifyOutcome(report=report)
     directory = Path(run_dir) if run_dir else _find_run_dir(report, path)
-    outcome.findings += audit_report(raw, run_dir=directory)
+    outcome.findings += audit_report(
+        raw, run_dir=directory, source=await anyio.Path(path).read_bytes()
+    )
     needs_git = any(r.provenance.result_commit for r in report.results) or report.base_commit
     if not needs_git:
         return outcome
