@@ -16,13 +16,13 @@ TASK_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 
 
-def task_id_problem(value: str) -> str | None:
-    """Why *value* cannot be a task id, or None when it can."""
+def task_id_problem(value: str, *, what: str = "id") -> str | None:
+    """Why *value* cannot be a task id (or, with *what*, an agent name), or None when it can."""
     if not _TASK_ID_RE.fullmatch(value):
-        return f"invalid id {value!r}: must match {TASK_ID_PATTERN}"
+        return f"invalid {what} {value!r}: must match {TASK_ID_PATTERN}"
     # The pattern alone lets through names git refuses as a ref component.
     if ".." in value or value.endswith((".", ".lock")):
-        return f"invalid id {value!r}: must not contain '..' or end with '.' or '.lock'"
+        return f"invalid {what} {value!r}: must not contain '..' or end with '.' or '.lock'"
     return None
 
 

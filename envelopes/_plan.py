@@ -8,6 +8,7 @@ with the path of the field at fault so that a loader can point at the line in th
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -122,37 +123,53 @@ class PlanProblem(BaseModel):
 
 
 def plan_problems(
-    plan: Plan, *, callable_agents: frozenset[str] = frozenset()
+    plan: Plan | Mapping[str, Any], *, callable_agents: frozenset[str] = frozenset()
 ) -> list[PlanProblem]:
     """Problems that span fields: ids, duplicate ids, agents that are not defined.
 
-    *callable_agents* names agents supplied in code rather than in the plan's ``agents``.
+    Works on a validated Plan or on raw plan data (where it skips values of the wrong type,
+    which schema validation reports), so that a loader can report these problems together
+    with schema errors. *callable_agents* names agents supplied in code rather than in the
+    plan's ``agents``.
     """
+    data = plan.model_dump() if isinstance(plan, Plan) else plan
+    agents = data.get("agents")
+    agent_names = (
+        {name for name in agents if isinstance(name, str)} if isinstance(agents, Mapping) else set()
+    )
+    tasks = data.get("tasks")
     problems: list[PlanProblem] = []
-    for name in plan.agents:
-        if why := task_id_problem(name):
-            problems.append(
-                PlanProblem(loc=("agents", name), message=why.replace("id", "agent name", 1))
-            )
+    for name in sorted(agent_names):
+        if why := task_id_problem(name, what="agent name"):
+            problems.append(PlanProblem(loc=("agents", name), message=why))
+    if not isinstance(tasks, list):
+        return problems
     seen: dict[str, int] = {}
-    for index, (task, task_id) in enumerate(zip(plan.tasks, plan.task_ids(), strict=True)):
-        if task.id is not None and (why := task_id_problem(task.id)):
+    for index, task in enumerate(tasks):
+        if not isinstance(task, Mapping):
+            continue
+        written = task.get("id")
+        task_id = written if written is not None else f"task-{index + 1:03d}"
+        if not isinstance(task_id, str):
+            pass
+        elif written is not None and (why := task_id_problem(task_id)):
             problems.append(PlanProblem(loc=("tasks", index, "id"), message=why))
         elif task_id in seen:
-            problems.append(
-                PlanProblem(
-                    loc=("tasks", index, "id"),
-                    message=f"duplicate task id {task_id!r} (first at tasks[{seen[task_id]}])",
-                )
+            message = (
+                f"duplicate task id {task_id!r} (first at tasks[{seen[task_id]}])"
+                if written is not None
+                else f"the generated id {task_id!r} is already used by tasks[{seen[task_id]}]; give this task an id"
             )
+            problems.append(PlanProblem(loc=("tasks", index, "id"), message=message))
         else:
             seen[task_id] = index
-        if task.agent not in plan.agents and task.agent not in callable_agents:
-            defined = ", ".join(sorted({*plan.agents, *callable_agents})) or "none"
+        agent = task.get("agent")
+        if isinstance(agent, str) and agent not in agent_names and agent not in callable_agents:
+            defined = ", ".join(sorted({*agent_names, *callable_agents})) or "none"
             problems.append(
                 PlanProblem(
                     loc=("tasks", index, "agent"),
-                    message=f"agent {task.agent!r} is not defined (defined: {defined})",
+                    message=f"agent {agent!r} is not defined (defined: {defined})",
                 )
             )
     return problems

@@ -42,6 +42,8 @@ class PlanIssue:
     message: str
 
     def __str__(self) -> str:
+        if self.file is None and self.line is None:
+            return f"{self.path}: {self.message}"
         where = self.file or "<plan>"
         if self.line is not None:
             where += f":{self.line}:{self.column}"

@@ -49,6 +49,33 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
+_UNREADABLE = object()  # stands for a value YAML could not read; its problem is already noted
+
+
+class _BadValue(Exception):
+    """A scalar YAML cannot turn into a value (``2020-13-45``, ``!!int abc``, an unknown tag)."""
+
+    def __init__(self, node: yaml.Node, reason: str) -> None:
+        super().__init__(reason)
+        self.node = node
+        self.reason = reason
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _construct(loader: _Loader, node: yaml.Node) -> Any:
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        reason = getattr(exc, "problem", None) or str(exc)
+        value = node.value if isinstance(node, yaml.ScalarNode) else node.tag
+        raise _BadValue(
+            node, f"cannot read value {value!r}: {reason} (quote it to keep it a string)"
+        ) from exc
+
+
 def _to_python(
     loader: _Loader,
     node: yaml.Node,
@@ -56,27 +83,34 @@ def _to_python(
     positions: dict[Loc, tuple[int, int]],
     problems: list[tuple[Loc, str]],
 ) -> Any:
-    positions[loc] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    positions[loc] = _mark(node)
     if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolves YAML merge keys (<<: *anchor) as safe_load does
         out: dict[Any, Any] = {}
+        first: dict[Any, tuple[int, int]] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            key = _construct(loader, key_node)
             if not isinstance(key, str):
                 key = str(key)
             child = (*loc, key)
             if key in out:
-                positions[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                problems.append((child, "duplicate key"))
+                line = first[key][0]
+                positions[child] = _mark(key_node)
+                problems.append((child, f"duplicate key {key!r} (first at line {line})"))
                 continue
             out[key] = _to_python(loader, value_node, child, positions, problems)
-            positions[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            positions[child] = first[key] = _mark(key_node)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [
             _to_python(loader, item, (*loc, i), positions, problems)
             for i, item in enumerate(node.value)
         ]
-    return loader.construct_object(node, deep=True)
+    try:
+        return _construct(loader, node)
+    except _BadValue as exc:
+        problems.append((loc, exc.reason))
+        return _UNREADABLE
 
 
 _MESSAGES = {
@@ -100,8 +134,11 @@ def _message(error: Mapping[str, Any]) -> str:
     template = _MESSAGES.get(error["type"])
     if template is None:
         return str(error["msg"]).removeprefix("Value error, ")
+    ctx = {
+        k: (f"{v:g}" if isinstance(v, float) else v) for k, v in (error.get("ctx") or {}).items()
+    }
     try:
-        text = template.format(**(error.get("ctx") or {}))
+        text = template.format(**ctx)
     except (KeyError, IndexError):
         text = error["msg"]
     if error["type"].endswith("_type") or error["type"] == "literal_error":
@@ -111,6 +148,21 @@ def _message(error: Mapping[str, Any]) -> str:
             else f", found {type(error['input']).__name__}"
         )
     return text
+
+
+def _yaml_issue(file: str | None, exc: yaml.YAMLError) -> PlanIssue:
+    mark = getattr(exc, "problem_mark", None)
+    reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    same_place = (
+        mark is not None
+        and context_mark is not None
+        and (mark.line, mark.column) == (context_mark.line, context_mark.column)
+    )
+    if context and context_mark is not None and not same_place:
+        reason += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
+    return PlanIssue(file, line, col, "<plan>", f"malformed YAML: {reason}")
 
 
 def _issue(
@@ -138,26 +190,23 @@ def parse_plan(
     try:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        reason = getattr(exc, "problem", None) or str(exc)
-        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        raise PlanError(
-            [PlanIssue(file, line, col, "<plan>", f"malformed YAML: {reason}")]
-        ) from None
+        raise PlanError([_yaml_issue(file, exc)]) from None
     if node is None:
         raise PlanError([PlanIssue(file, 1, 1, "<plan>", "the plan is empty")])
     try:
         data = _to_python(_Loader(""), node, (), positions, problems)
+    except _BadValue as exc:
+        line, col = _mark(exc.node)
+        raise PlanError([PlanIssue(file, line, col, "<plan>", exc.reason)]) from None
     except yaml.YAMLError as exc:
-        raise PlanError([PlanIssue(file, None, None, "<plan>", f"malformed YAML: {exc}")]) from None
+        raise PlanError([_yaml_issue(file, exc)]) from None
     if not isinstance(data, dict):
+        found = type(data).__name__
         raise PlanError(
-            [
-                PlanIssue(
-                    file, 1, 1, "<plan>", f"the plan must be a mapping, found {type(data).__name__}"
-                )
-            ]
+            [PlanIssue(file, 1, 1, "<plan>", f"the plan must be a mapping, found {found}")]
         )
+    # Top-level keys starting with "x-" are the user's own (anchors for YAML merge keys, notes).
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     issues = [_issue(file, positions, PlanProblem(loc=loc, message=msg)) for loc, msg in problems]
     plan: Plan | None = None
     try:
@@ -167,12 +216,16 @@ def parse_plan(
             loc = tuple(
                 p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))
             )
-            issues.append(_issue(file, positions, PlanProblem(loc=loc, message=_message(error))))
-    if plan is not None:
-        issues += [
-            _issue(file, positions, p)
-            for p in plan_problems(plan, callable_agents=frozenset(callable_agents))
-        ]
+            if error["input"] is not _UNREADABLE:
+                issues.append(
+                    _issue(file, positions, PlanProblem(loc=loc, message=_message(error)))
+                )
+    # Cross-field problems are found on the raw data, so that they are reported together with
+    # schema errors rather than one round later.
+    issues += [
+        _issue(file, positions, p)
+        for p in plan_problems(data, callable_agents=frozenset(callable_agents))
+    ]
     if issues:
         issues.sort(key=lambda i: (i.line or 0, i.column or 0))
         raise PlanError(issues)
@@ -218,17 +271,25 @@ async def check_plan_repository(
         (t.worktree if t.worktree is not None else plan.defaults.worktree) for t in plan.tasks
     )
     if repo_override is not None:
-        where, loc = Path(repo_override), ("repo",)
+        where = Path(repo_override)
     elif plan.repo is not None:
-        where, loc = loaded.plan_dir / Path(plan.repo).expanduser(), ("repo",)
+        where = loaded.plan_dir / Path(plan.repo).expanduser()
     else:
-        where, loc = Path.cwd(), ("repo",)
+        where = Path.cwd()
     try:
         repo = await Repository.open(where, state_dir=state_dir)
     except NotARepository as exc:
-        if not needs_repo and repo_override is None and plan.repo is None:
+        if repo_override is not None:
+            raise PlanError([PlanIssue(None, None, None, "--repo", str(exc))]) from None
+        if plan.repo is not None:
+            raise PlanError([loaded.issue(("repo",), str(exc))]) from None
+        if not needs_repo:
             return None, None, None
-        raise PlanError([loaded.issue(loc, str(exc))]) from None
+        message = (
+            f"the plan has no repo: and the current directory {where} is not in a git "
+            "repository; set repo: in the plan or pass --repo"
+        )
+        raise PlanError([PlanIssue(loaded.file, None, None, "repo", message)]) from None
     try:
         commit, tree = await repo.resolve_commit(plan.base)
     except GitError:

@@ -1,0 +1,472 @@
+"""The ``orchestrator`` command: exit codes, what it prints, and the report it leaves behind.
+
+Most commands run in-process through ``orchestrator.cli.main``; the demo and Ctrl-C run
+``python -m orchestrator`` as a real subprocess, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+from envelopes import REPORT_SCHEMA
+from orchestrator import __version__
+from orchestrator.cli import main
+
+from .conftest import MakeRepo, git, live_processes_with
+
+WriteAgent = Callable[[str, str], Path]
+
+# Writes out/<task id>.txt with the task's text, reports what it wrote as its output, and
+# exits with the code given in its inputs (0 by default).
+WRITER = """
+import json, os, pathlib, sys
+task_id = os.environ["ORCHESTRATOR_TASK_ID"]
+envelope = json.loads(pathlib.Path(os.environ["ORCHESTRATOR_ENVELOPE"]).read_text())
+pathlib.Path("out", task_id + ".txt").write_text(envelope["task"] + "\\n")
+output = {"wrote": "out/" + task_id + ".txt", "venv": os.environ.get("VIRTUAL_ENV")}
+pathlib.Path(os.environ["ORCHESTRATOR_OUTPUT"]).write_text(json.dumps(output))
+sys.exit(envelope["inputs"].get("exit", 0))
+"""
+
+
+class Outcome(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return Outcome(code, out, err)
+
+
+def exits(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:
+    """Run a command that argparse ends with SystemExit."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    assert isinstance(exc.value.code, int)
+    return Outcome(exc.value.code, out, err)
+
+
+def write_plan(path: Path, agent: Path, tasks: list[dict[str, Any]], **top: Any) -> Path:
+    """A plan file next to a repository called "repo" (JSON is YAML: no quoting to get wrong)."""
+    plan = {
+        "name": "cli-test",
+        "repo": "repo",
+        "agents": {"w": {"command": [sys.executable, str(agent)]}},
+        "tasks": tasks,
+        **top,
+    }
+    path.write_text(json.dumps(plan, indent=2))
+    return path
+
+
+def printed_report(out: str) -> Path:
+    [line] = [line for line in out.splitlines() if line.startswith("report: ")]
+    return Path(line.removeprefix("report: "))
+
+
+@pytest.fixture
+def repo(make_repo: MakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A repository called "repo" with an empty out/ directory; the cwd is tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    return make_repo(name="repo", extra={"out/.keep": ""})
+
+
+@pytest.fixture
+def writer(write_agent: WriteAgent) -> Path:
+    return write_agent("writer", WRITER)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exits(capsys, "--version") == Outcome(0, f"worktree-orchestrator {__version__}\n", "")
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["validate"], ["verify"], ["schema"]])
+def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = exits(capsys, *command, "--help")
+    assert (outcome.code, outcome.err) == (0, "")
+    assert outcome.out.startswith(f"usage: orchestrator {' '.join(command)}".rstrip())
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    out = exits(capsys, "--help").out
+    for command in ("run", "validate", "verify", "schema"):
+        assert f"    {command} " in out
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = exits(capsys)
+    assert (outcome.code, outcome.out) == (2, "")
+    assert (
+        outcome.err.splitlines()[-1]
+        == "orchestrator: error: the following arguments are required: COMMAND"
+    )
+
+
+@pytest.mark.parametrize("argv", [["run"], ["run", "plan.yaml", "--demo"]], ids=["neither", "both"])
+def test_run_needs_a_plan_or_the_demo(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    outcome = cli(capsys, *argv)
+    assert outcome == Outcome(2, "", "orchestrator: run needs a PLAN file, or --demo (not both)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_a_plan_then_verify_its_report(
+    repo: Path, writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        writer,
+        [{"id": "first", "agent": "w", "task": "write one"}, {"agent": "w", "task": "write two"}],
+    )
+    outcome = cli(capsys, "run", str(plan))
+    assert outcome.code == 0, outcome.err
+
+    report_path = printed_report(outcome.out)
+    run_dir = report_path.parent
+    assert report_path.name == "report.json"
+    assert (
+        run_dir.parent
+        == Path(git(repo, "rev-parse", "--absolute-git-dir")) / "orchestrator" / "runs"
+    )
+    assert f"verify: orchestrator verify {report_path}" in outcome.out.splitlines()
+    # The summary table: a title with the tally, then one row per task.
+    assert f"run {run_dir.name}: 2/2 succeeded in " in outcome.out
+    rows = [line for line in outcome.out.splitlines() if "succeeded" in line and "│" in line]
+    assert [row.split("│")[1].strip() for row in rows] == ["first", "task-002"]
+    # Progress goes to stderr, so that stdout holds only the result.
+    assert "task first started (w)" in outcome.err
+
+    report = json.loads(report_path.read_text())
+    assert report["schema"] == REPORT_SCHEMA
+    assert report["summary"]["total_tasks"] == report["summary"]["successful"] == 2
+    by_id = {r["task_id"]: r for r in report["results"]}
+    assert by_id["task-002"]["output"]["wrote"] == "out/task-002.txt"
+    assert by_id["task-002"]["output"]["venv"] is not None  # a real venv, by default
+    # Each task's change is a commit on its own branch; no worktree is left (all succeeded).
+    branch = f"orchestrator/{run_dir.name}/task-002"
+    assert by_id["task-002"]["branch"] == branch
+    assert git(repo, "show", f"{branch}:out/task-002.txt") == "write two"
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+
+    verified = cli(capsys, "verify", str(report_path))
+    assert verified.code == 0, verified
+    assert verified.out.startswith(f"{report_path}: OK (2 results, ")
+
+
+def test_a_failing_task_exits_1_and_the_report_is_still_sound(
+    repo: Path, writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        writer,
+        [
+            {"id": "good", "agent": "w", "task": "write"},
+            {"id": "bad", "agent": "w", "task": "write, then fail", "inputs": {"exit": 3}},
+        ],
+        defaults={"venv": False},
+    )
+    outcome = cli(capsys, "run", str(plan))
+    assert outcome.code == 1, outcome.err
+    [bad_row] = [line for line in outcome.out.splitlines() if "│ bad " in line]
+    assert "failed" in bad_row and "exited with code 3" in bad_row
+    report = json.loads(printed_report(outcome.out).read_text())
+    assert {r["task_id"]: r["status"] for r in report["results"]} == {
+        "good": "succeeded",
+        "bad": "failed",
+    }
+    assert report["summary"]["failed"] == 1
+    # keep_worktrees defaults to "failed": the failed task's worktree stays for inspection.
+    worktrees = git(repo, "worktree", "list", "--porcelain")
+    assert worktrees.count("worktree ") == 2
+    assert f"branch refs/heads/orchestrator/{report['run_id']}/bad" in worktrees
+    assert cli(capsys, "verify", str(printed_report(outcome.out))).code == 0
+
+
+def test_json_prints_the_report_on_stdout(
+    repo: Path, writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        writer,
+        [{"id": "one", "agent": "w", "task": "t"}],
+        defaults={"venv": False},
+    )
+    outcome = cli(capsys, "run", str(plan), "--json")
+    assert outcome.code == 0, outcome.err
+    report = json.loads(outcome.out)
+    assert report["schema"] == REPORT_SCHEMA
+    assert [r["task_id"] for r in report["results"]] == ["one"]
+    on_disk = Path(report["run_dir"]) / "report.json"
+    assert json.loads(on_disk.read_text()) == report
+
+
+def test_out_writes_the_report_there(
+    repo: Path, writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        writer,
+        [{"id": "one", "agent": "w", "task": "t"}],
+        defaults={"venv": False},
+    )
+    out = tmp_path / "results.json"
+    outcome = cli(capsys, "run", str(plan), "--out", str(out))
+    assert outcome.code == 0, outcome.err
+    assert printed_report(outcome.out) == out
+    report = json.loads(out.read_text())
+    assert json.loads((Path(report["run_dir"]) / "report.json").read_text()) == report
+    assert cli(capsys, "verify", str(out)).code == 0
+
+
+def test_keep_worktrees_option_overrides_the_plan(
+    repo: Path, writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        writer,
+        [{"id": "one", "agent": "w", "task": "t"}],
+        defaults={"venv": False},
+        keep_worktrees="never",
+    )
+    assert cli(capsys, "run", str(plan), "--keep-worktrees", "always").code == 0
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "must be >= 1, got 0"),
+        ("-2", "must be >= 1, got -2"),
+        ("many", "not an integer: 'many'"),
+    ],
+)
+def test_concurrency_must_be_a_positive_integer(
+    value: str,
+    message: str,
+    repo: Path,
+    writer: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plan = write_plan(tmp_path / "plan.yaml", writer, [{"id": "one", "agent": "w", "task": "t"}])
+    outcome = exits(capsys, "run", str(plan), f"--concurrency={value}")
+    assert (outcome.code, outcome.out) == (2, "")
+    assert (
+        outcome.err.splitlines()[-1]
+        == f"orchestrator run: error: argument --concurrency: {message}"
+    )
+    assert not (repo / ".git" / "orchestrator").exists()
+
+
+def test_schema_prints_every_document(capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = cli(capsys, "schema")
+    assert outcome.code == 0
+    schemas = json.loads(outcome.out)
+    assert set(schemas) == {"plan", "envelope", "report"}
+    assert {name: s["title"] for name, s in schemas.items()} == {
+        "plan": "Plan",
+        "envelope": "HandoffEnvelope",
+        "report": "Report",
+    }
+
+
+def test_schema_prints_one_document(capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = cli(capsys, "schema", "report")
+    assert outcome.code == 0
+    schema = json.loads(outcome.out)
+    assert schema["title"] == "Report"
+    assert {"schema", "run_id", "summary", "results", "report_sha256"} <= set(schema["properties"])
+
+
+def test_schema_of_an_unknown_document(capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = exits(capsys, "schema", "results")
+    assert (outcome.code, outcome.out) == (2, "")
+    assert "invalid choice: 'results'" in outcome.err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "orchestrator: cannot read {path}: [Errno 2] No such file or directory: '{path}'"),
+        (
+            "not json at all\n",
+            "orchestrator: {path} is not JSON: Expecting value: line 1 column 1 (char 0)",
+        ),
+        (
+            '{"results": []}\n',
+            "orchestrator: {path} is not a worktree-orchestrator report (no report schema tag)",
+        ),
+        (
+            "[1, 2]\n",
+            "orchestrator: {path} is not a worktree-orchestrator report (no report schema tag)",
+        ),
+        (
+            json.dumps({"schema": REPORT_SCHEMA, "results": []}),
+            "orchestrator: {path} is not a valid report: run_id: Field required",
+        ),
+    ],
+    ids=["missing", "not-json", "not-a-report", "json-array", "tagged-but-invalid"],
+)
+def test_verify_unreadable_report(
+    content: str | None, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "report.json"
+    if content is not None:
+        path.write_text(content)
+    outcome = cli(capsys, "verify", str(path))
+    assert outcome == Outcome(2, "", expected.format(path=path) + "\n")
+
+
+def test_verify_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outcome = cli(capsys, "verify", str(tmp_path))
+    assert (outcome.code, outcome.out) == (2, "")
+    assert len(outcome.err.splitlines()) == 1
+    assert outcome.err.startswith(f"orchestrator: cannot read {tmp_path}: ")
+
+
+def test_verify_names_what_was_changed(
+    repo: Path, writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        writer,
+        [{"id": "one", "agent": "w", "task": "t"}],
+        defaults={"venv": False},
+    )
+    outcome = cli(capsys, "run", str(plan), "--json")
+    report = json.loads(outcome.out)
+    report["results"][0]["output"]["wrote"] = "out/other.txt"
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(json.dumps(report))
+    verified = cli(capsys, "verify", str(tampered))
+    assert verified.code == 1
+    findings = verified.out.splitlines()
+    assert findings and all(line.startswith(f"{tampered}: ") for line in findings)
+    prefix = f"{tampered}: task one: provenance.output_sha256: expected "
+    assert any(line.startswith(prefix) for line in findings), findings
+    assert verified.err == f"{len(findings)} finding(s)\n"
+
+
+# Real subprocesses: the demo and Ctrl-C.
+
+
+def orchestrator(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.mark.slow
+def test_demo_in_an_empty_directory_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = tmp_path / "empty"
+    where.mkdir()
+    demo_repo = where / "orchestrator-demo"
+
+    first = orchestrator("run", "--demo", cwd=where)
+    assert first.returncode == 0, first.stderr
+    assert f"demo repository: {demo_repo} (created)" in first.stderr.splitlines()
+    assert "4/4 succeeded" in first.stdout
+    report = json.loads(printed_report(first.stdout).read_text())
+    [config] = [r for r in report["results"] if r["task_id"] == "write-config"]
+    assert any(p.startswith("tomli-w==") for p in config["provenance"]["environment"]["packages"])
+    assert cli(capsys, "verify", str(printed_report(first.stdout))).code == 0
+
+    second = orchestrator("run", "--demo", cwd=where)
+    assert second.returncode == 0, second.stderr
+    assert f"demo repository: {demo_repo}" in second.stderr.splitlines()
+    assert printed_report(second.stdout) != printed_report(first.stdout)
+    assert cli(capsys, "verify", str(printed_report(second.stdout))).code == 0
+    assert sorted(p.name for p in where.iterdir()) == ["orchestrator-demo"]
+
+
+def test_ctrl_c_stops_agents_cleans_up_and_exits_130(
+    repo: Path, write_agent: WriteAgent, tmp_path: Path
+) -> None:
+    marker = f"ctrl-c-{uuid.uuid4().hex}"
+    started = tmp_path / "started"
+    started.mkdir()
+    sleeper = write_agent(
+        "sleeper",
+        """
+        import os, pathlib, sys, time
+        pathlib.Path("partial.txt").write_text("partial work")
+        pathlib.Path(sys.argv[1], os.environ["ORCHESTRATOR_TASK_ID"]).touch()
+        time.sleep(30)
+        """,
+    )
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        json.dumps(
+            {
+                "repo": "repo",
+                "agents": {"s": {"command": [sys.executable, str(sleeper), str(started), marker]}},
+                "tasks": [{"id": f"s{i}", "agent": "s", "task": "sleep"} for i in range(2)],
+            }
+        )
+    )
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "run", str(plan)],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(started.iterdir())) < 2:
+            assert process.poll() is None, (tmp_path / "stderr").read_text()
+            assert time.monotonic() < deadline, "the agents never started"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == (
+        "orchestrator: interrupted; running tasks were stopped and cleaned up "
+        "(partial report in the run directory)"
+    )
+    assert live_processes_with(marker) == []
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert not list((repo / ".git").rglob("*.lock"))
+    [run_dir] = (repo / ".git" / "orchestrator" / "runs").iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {r["task_id"]: r["status"] for r in report["results"]} == {
+        "s0": "cancelled",
+        "s1": "cancelled",
+    }
+    assert report["summary"]["cancelled"] == 2
+    for kind in ("worktrees", "venvs"):
+        assert not (repo / ".git" / "orchestrator" / kind / run_dir.name).exists()
+    # Nothing is lost: each cancelled task's partial work is committed on its branch.
+    for result in report["results"]:
+        assert git(repo, "show", f"{result['branch']}:partial.txt") == "partial work"
