@@ -70,7 +70,14 @@ class GitError(OrchestratorError):
 
 
 class VenvError(OrchestratorError):
-    """A virtualenv could not be created, or its requirements not installed."""
+    """A virtualenv could not be created, or its requirements not installed.
+
+    ``commands`` lists the commands that ran, the failing one last.
+    """
+
+    def __init__(self, message: str, *, commands: Sequence[Sequence[str]] = ()) -> None:
+        super().__init__(message)
+        self.commands = [list(c) for c in commands]
 
 
 class RunDirError(OrchestratorError):

@@ -75,9 +75,19 @@ def _signal_group(pgid: int, sig: int) -> None:
 def kill_tagged(tag: str) -> int:
     """SIGKILL every process whose environment carries ``TAG_VARIABLE=tag``. Linux only.
 
+    Sweeps until a pass finds none (a process may fork while a pass runs), at most 5 passes.
     Returns how many were signalled. Processes of other users are skipped.
     """
-    needle = f"{TAG_VARIABLE}={tag}".encode()
+    killed = 0
+    for _ in range(5):
+        found = _kill_tagged_once(f"{TAG_VARIABLE}={tag}".encode())
+        killed += found
+        if not found:
+            break
+    return killed
+
+
+def _kill_tagged_once(needle: bytes) -> int:
     killed = 0
     try:
         entries = os.listdir("/proc")
@@ -141,14 +151,13 @@ async def run_command(
         cancelled = True
         raise
     finally:
-        if status is None:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            if status is None:
                 status, usage = await _terminate(proc.pid, kill_grace)
-        # Popen must not reap the pid again later: it is ours and already waited for.
-        assert status is not None
-        proc.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else -1
-        _signal_group(proc.pid, signal.SIGKILL)
-        await anyio.to_thread.run_sync(kill_tagged, tag)
+            # Popen must not reap the pid again later: it is ours and already waited for.
+            proc.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else -1
+            _signal_group(proc.pid, signal.SIGKILL)
+            await anyio.to_thread.run_sync(kill_tagged, tag)
     exit_code: int | None = None
     sig: int | None = None
     if status is not None and status >= 0:

@@ -133,10 +133,12 @@ class _Subagent:
                     ctx.venv_path(self.task_id),
                     self.envelope.requirements,
                     backend=ctx.venv_backend,
+                    cwd=ctx.plan_dir,
                 )
                 self.commands.extend(self.venv.commands)
                 self.environment = await anyio.to_thread.run_sync(describe_environment, self.venv)
             except VenvError as exc:
+                self.commands.extend(exc.commands)
                 raise _TaskFailed(ErrorInfo(kind="install", message=str(exc))) from exc
             finally:
                 await self._timed("venv_s", start)

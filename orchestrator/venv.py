@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ import anyio
 from envelopes import Environment
 
 from .errors import VenvError
+from .process import run_command
 
 __all__ = [
     "ALL_BACKENDS",
@@ -62,16 +63,57 @@ class VenvBackend(Protocol):
 
     async def create(self, path: Path, *, with_pip: bool) -> list[str]: ...
 
-    async def install(self, venv: Path, requirements: Sequence[str]) -> list[str]: ...
+    async def install(
+        self, venv: Path, requirements: Sequence[str], *, cwd: Path | None = None
+    ) -> list[str]: ...
 
 
-async def _run(command: list[str], what: str) -> None:
-    result = await anyio.run_process(command, check=False, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        text = (result.stderr or result.stdout).decode(errors="replace").strip()
-        lines = [line for line in text.splitlines() if line.strip()]
-        detail = " | ".join(lines[-6:]) or f"exit code {result.returncode}"
-        raise VenvError(f"{what} failed: {detail}")
+#: Longest an installer may run before it is stopped.
+INSTALL_TIMEOUT = 1800.0
+
+
+async def _run(command: list[str], what: str, *, venv: Path, cwd: Path | None = None) -> None:
+    """Run an installer command in its own session, its output in files beside *venv*.
+
+    Cancellation kills the installer's whole process group (pip's own children included)
+    before it propagates, so nothing goes on writing into a venv being removed.
+    """
+    log_dir = venv.parent
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"{what} failed: cannot create {log_dir}: {exc.strerror or exc}"
+        raise VenvError(message, commands=[command]) from exc
+    token = secrets.token_hex(8)
+    out, err = log_dir / f".install-{token}.stdout", log_dir / f".install-{token}.stderr"
+    try:
+        try:
+            outcome = await run_command(
+                command,
+                cwd=cwd or Path.cwd(),
+                env=os.environ,
+                stdout=out,
+                stderr=err,
+                timeout=INSTALL_TIMEOUT,
+                tag=f"install/{token}",
+            )
+        except OSError as exc:
+            raise VenvError(
+                f"{what} failed: cannot start {command[0]}: {exc.strerror or exc}",
+                commands=[command],
+            ) from exc
+        if outcome.timed_out:
+            raise VenvError(f"{what} timed out after {INSTALL_TIMEOUT:g} s", commands=[command])
+        if outcome.exit_code != 0:
+            text = (
+                err.read_text(errors="replace").strip() or out.read_text(errors="replace").strip()
+            )
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            detail = " | ".join(lines[-6:]) or f"exit code {outcome.exit_code}"
+            raise VenvError(f"{what} failed: {detail}", commands=[command])
+    finally:
+        out.unlink(missing_ok=True)
+        err.unlink(missing_ok=True)
 
 
 @cache
@@ -106,20 +148,15 @@ class UvBackend:
         command = [self.uv, "venv", "--quiet", "--python", _base_python(), str(path)]
         if with_pip:
             command.insert(3, "--seed")
-        await _run(command, "uv venv")
+        await _run(command, "uv venv", venv=path)
         return command
 
-    async def install(self, venv: Path, requirements: Sequence[str]) -> list[str]:
-        command = [
-            self.uv,
-            "pip",
-            "install",
-            "--quiet",
-            "--python",
-            str(Venv(venv, self.name).python),
-            *requirements,
-        ]
-        await _run(command, "installing " + " ".join(requirements))
+    async def install(
+        self, venv: Path, requirements: Sequence[str], *, cwd: Path | None = None
+    ) -> list[str]:
+        python = str(Venv(venv, self.name).python)
+        command = [self.uv, "pip", "install", "--quiet", "--python", python, *requirements]
+        await _run(command, "installing " + " ".join(requirements), venv=venv, cwd=cwd)
         return command
 
 
@@ -132,10 +169,12 @@ class StdlibBackend:
         command = [_base_python(), "-m", "venv", str(path)]
         if not with_pip:
             command.insert(3, "--without-pip")
-        await _run(command, "python -m venv")
+        await _run(command, "python -m venv", venv=path)
         return command
 
-    async def install(self, venv: Path, requirements: Sequence[str]) -> list[str]:
+    async def install(
+        self, venv: Path, requirements: Sequence[str], *, cwd: Path | None = None
+    ) -> list[str]:
         python = str(Venv(venv, self.name).python)
         command = [
             python,
@@ -146,7 +185,7 @@ class StdlibBackend:
             "--disable-pip-version-check",
             *requirements,
         ]
-        await _run(command, "installing " + " ".join(requirements))
+        await _run(command, "installing " + " ".join(requirements), venv=venv, cwd=cwd)
         return command
 
 
@@ -169,24 +208,33 @@ def get_backend(name: str = "auto") -> VenvBackend:
 
 
 async def setup_virtualenv(
-    path: Path, requirements: Sequence[str] = (), *, backend: VenvBackend | None = None
+    path: Path,
+    requirements: Sequence[str] = (),
+    *,
+    backend: VenvBackend | None = None,
+    cwd: Path | None = None,
 ) -> Venv:
     """Create a venv at *path* and install *requirements* into it.
 
-    Raises VenvError with the installer's message on failure, after removing the partial venv.
-    Cancellation removes the partial venv too.
+    Requirements are passed to the installer as written, run in *cwd* (the plan's directory,
+    so that relative paths to wheels or projects resolve against the plan file).
+
+    Raises VenvError with the installer's message on failure, after removing the partial
+    venv; ``VenvError.commands`` lists what was run. Cancellation kills the installer's
+    processes and removes the partial venv too.
     """
     backend = backend or get_backend()
     commands: list[list[str]] = []
     try:
-        commands.append(
-            await backend.create(path, with_pip=bool(requirements) and backend.name == "stdlib")
-        )
+        with_pip = bool(requirements) and backend.name == "stdlib"
+        commands.append(await backend.create(path, with_pip=with_pip))
         if requirements:
-            commands.append(await backend.install(path, list(requirements)))
-    except BaseException:
+            commands.append(await backend.install(path, list(requirements), cwd=cwd))
+    except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+        if isinstance(exc, VenvError):
+            exc.commands = commands + exc.commands
         raise
     return Venv(path=path, backend=backend.name, commands=commands)
 

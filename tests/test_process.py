@@ -1,0 +1,371 @@
+"""run_command: real processes, logs straight to files, and no process left behind.
+
+Every test runs under asyncio and under trio. Nothing here asserts on seconds: a timeout only
+decides *which* end a command meets, and the tests check that end and what survives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import orchestrator
+from orchestrator.process import TAG_VARIABLE, ProcessOutcome, run_command
+
+from .conftest import live_processes_with
+
+PYTHON = sys.executable
+
+# A process of the task that ignores SIGTERM, optionally after leaving the process group.
+# It writes its pid and process group to READY (atomically) once it is ignoring SIGTERM.
+CHILD = """
+import os, signal, sys, time
+ready, how = sys.argv[1], sys.argv[2]
+if "setsid" in how:
+    os.setsid()
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with open(ready + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {os.getpgid(0)}")
+os.replace(ready + ".tmp", ready)
+time.sleep(120)
+"""
+
+# The command itself: starts CHILD, waits until it is ready, then exits or sleeps.
+LEADER = """
+import os, signal, subprocess, sys, time
+child, ready, how, marker = sys.argv[1:5]
+if "leader-ignores-term" in how:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+subprocess.Popen([sys.executable, child, ready, how, marker])
+while not os.path.exists(ready):
+    time.sleep(0.01)
+if "leader-exits" in how:
+    sys.exit(0)
+time.sleep(120)
+"""
+
+# Runs one call in a fresh interpreter and reports its peak RSS before and after.
+MEASURE_RSS = """
+import json, os, resource, sys
+from pathlib import Path
+
+import anyio
+
+from orchestrator.process import run_command
+
+WRITER = (
+    "import sys\\n"
+    "chunk = b'x' * (1 << 20)\\n"
+    "for _ in range(50):\\n"
+    "    sys.stdout.buffer.write(chunk)\\n"
+    "    sys.stderr.buffer.write(chunk)\\n"
+)
+
+
+async def main() -> None:
+    backend, out, err, tag = sys.argv[1:5]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    outcome = await run_command(
+        [sys.executable, "-c", WRITER],
+        cwd=Path.cwd(),
+        env=dict(os.environ),
+        stdout=Path(out),
+        stderr=Path(err),
+        timeout=120,
+        tag=tag,
+    )
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"before_kb": before, "after_kb": after, "exit_code": outcome.exit_code}))
+
+
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The async backend a test's run_command call runs under."""
+    return str(request.param)
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A unique string carried by every process a test starts; survivors are killed after it."""
+    marker = f"orch-test-{uuid.uuid4().hex}"
+    yield marker
+    for pid in live_processes_with(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run(
+    backend: str,
+    argv: list[str],
+    tmp_path: Path,
+    *,
+    tag: str,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+    kill_grace: float = 0.2,
+) -> ProcessOutcome:
+    """Run *argv* with run_command under *backend*; logs go to tmp_path/out.log and err.log."""
+
+    async def main() -> ProcessOutcome:
+        return await run_command(
+            argv,
+            cwd=tmp_path,
+            env=dict(os.environ) if env is None else env,
+            stdout=tmp_path / "out.log",
+            stderr=tmp_path / "err.log",
+            timeout=timeout,
+            tag=tag,
+            kill_grace=kill_grace,
+        )
+
+    return anyio.run(main, backend=backend)
+
+
+def survivors(marker: str) -> list[int]:
+    """Live processes carrying *marker*, after giving pending SIGKILLs time to land."""
+    deadline = time.monotonic() + 2
+    found = live_processes_with(marker)
+    while found and time.monotonic() < deadline:
+        time.sleep(0.02)
+        found = live_processes_with(marker)
+    return found
+
+
+def scripts(tmp_path: Path) -> tuple[Path, Path]:
+    """Write LEADER and CHILD to *tmp_path*."""
+    leader, child = tmp_path / "leader.py", tmp_path / "child.py"
+    leader.write_text(LEADER)
+    child.write_text(CHILD)
+    return leader, child
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_code", "sig"),
+    [
+        ("pass", 0, None),
+        ("raise SystemExit(3)", 3, None),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", None, signal.SIGKILL),
+    ],
+    ids=["exit-0", "exit-3", "killed-by-signal"],
+)
+def test_exit_status_is_captured(
+    backend: str,
+    tmp_path: Path,
+    marker: str,
+    code: str,
+    exit_code: int | None,
+    sig: int | None,
+) -> None:
+    outcome = run(backend, [PYTHON, "-c", code], tmp_path, tag=marker)
+    assert outcome.exit_code == exit_code
+    assert outcome.signal == sig
+    assert not outcome.timed_out
+    assert not outcome.cancelled
+
+
+def test_stdout_and_stderr_are_the_given_files(backend: str, tmp_path: Path, marker: str) -> None:
+    code = (
+        "import os, sys\n"
+        "print('to stdout', os.readlink('/proc/self/fd/1'))\n"
+        "print('to stderr', os.readlink('/proc/self/fd/2'), file=sys.stderr)\n"
+    )
+    (tmp_path / "out.log").write_text("stale content from an earlier attempt\n" * 100)
+    outcome = run(backend, [PYTHON, "-c", code], tmp_path, tag=marker)
+    assert outcome.exit_code == 0
+    # The child's descriptors 1 and 2 are the log files themselves, not pipes to the orchestrator.
+    out_log, err_log = tmp_path / "out.log", tmp_path / "err.log"
+    assert out_log.read_text() == f"to stdout {out_log}\n"
+    assert err_log.read_text() == f"to stderr {err_log}\n"
+
+
+def test_50_mb_of_output_goes_to_disk_not_memory(backend: str, tmp_path: Path, marker: str) -> None:
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    package_root = Path(orchestrator.__path__[0]).parent
+    env = {**os.environ, "PYTHONPATH": str(package_root)}
+    # ru_maxrss is a high-water mark for the whole process, so measure in a fresh interpreter.
+    measured = subprocess.run(
+        [PYTHON, "-c", MEASURE_RSS, backend, str(out), str(err), marker],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(measured.stdout)
+    assert report["exit_code"] == 0
+    assert out.stat().st_size == 50 * 1024 * 1024
+    assert err.stat().st_size == 50 * 1024 * 1024
+    grown_kb = report["after_kb"] - report["before_kb"]
+    assert grown_kb < 10 * 1024, f"peak RSS grew by {grown_kb} KiB while 100 MiB were logged"
+
+
+@pytest.mark.parametrize("how", ["child-ignores-term", "leader-ignores-term"])
+def test_timeout_kills_the_whole_group(backend: str, tmp_path: Path, marker: str, how: str) -> None:
+    leader, child = scripts(tmp_path)
+    ready = tmp_path / "ready"
+    outcome = run(
+        backend,
+        [PYTHON, str(leader), str(child), str(ready), how, marker],
+        tmp_path,
+        tag=marker,
+        timeout=1.0,
+    )
+    assert ready.exists(), "the child never started, so the test proved nothing"
+    assert outcome.timed_out
+    assert not outcome.cancelled
+    assert outcome.exit_code is None
+    # A leader that ignores SIGTERM outlives the grace period and meets SIGKILL.
+    expected = signal.SIGKILL if how == "leader-ignores-term" else signal.SIGTERM
+    assert outcome.signal == expected
+    assert outcome.cpu_user_s is not None
+    assert survivors(marker) == []
+
+
+@pytest.mark.parametrize("how", ["setsid,leader-exits", "setsid"])
+def test_a_child_that_leaves_the_group_is_killed_too(
+    backend: str, tmp_path: Path, marker: str, how: str
+) -> None:
+    leader, child = scripts(tmp_path)
+    ready = tmp_path / "ready"
+    outcome = run(
+        backend,
+        [PYTHON, str(leader), str(child), str(ready), how, marker],
+        tmp_path,
+        tag=marker,
+        timeout=1.0,
+    )
+    child_pid, child_pgid = map(int, ready.read_text().split())
+    assert child_pgid == child_pid, "the child did not leave the command's process group"
+    if "leader-exits" in how:
+        assert outcome.exit_code == 0
+        assert not outcome.timed_out
+    else:
+        assert outcome.timed_out
+    assert survivors(marker) == []
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "leader-ignores-term,child-ignores-term",
+        "leader-ignores-term,setsid",
+    ],
+)
+def test_cancelling_the_caller_kills_the_group_and_propagates(
+    backend: str, tmp_path: Path, marker: str, how: str
+) -> None:
+    leader, child = scripts(tmp_path)
+    ready = tmp_path / "ready"
+    seen: list[str] = []
+
+    async def call() -> None:
+        try:
+            await run_command(
+                [PYTHON, str(leader), str(child), str(ready), how, marker],
+                cwd=tmp_path,
+                env=dict(os.environ),
+                stdout=tmp_path / "out.log",
+                stderr=tmp_path / "err.log",
+                timeout=60,
+                tag=marker,
+                kill_grace=0.2,
+            )
+        except anyio.get_cancelled_exc_class():
+            seen.append("cancelled")
+            raise
+        seen.append("returned")
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            # A guard against hanging forever, not a measurement.
+            with anyio.fail_after(30):
+                while not ready.exists():  # noqa: ASYNC110 (polling a file another process writes)
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main, backend=backend)
+    assert seen == ["cancelled"]
+    assert survivors(marker) == []
+
+
+@pytest.mark.parametrize(
+    "program", ["/nonexistent/no-such-program", "no-such-program-on-path-xyz", "not-executable"]
+)
+def test_a_program_that_cannot_start_raises_oserror(
+    backend: str, tmp_path: Path, marker: str, program: str
+) -> None:
+    if program == "not-executable":
+        script = tmp_path / "plain.txt"
+        script.write_text("#!/bin/sh\necho hi\n")
+        program = str(script)
+    with pytest.raises(OSError):
+        run(backend, [program], tmp_path, tag=marker)
+
+
+def test_metrics_are_populated_for_a_normal_exit(backend: str, tmp_path: Path, marker: str) -> None:
+    code = (
+        "import time\n"
+        "data = b'x' * (32 << 20)\n"
+        "start = time.process_time()\n"
+        "while time.process_time() - start < 0.05:\n"
+        "    pass\n"
+    )
+    outcome = run(backend, [PYTHON, "-c", code], tmp_path, tag=marker)
+    assert outcome.exit_code == 0
+    assert outcome.cpu_user_s is not None and outcome.cpu_system_s is not None
+    assert outcome.cpu_user_s + outcome.cpu_system_s > 0
+    assert outcome.max_rss_kb is not None and outcome.max_rss_kb >= 32 * 1024
+
+
+def test_the_child_gets_exactly_the_given_env_plus_the_tag(
+    backend: str, tmp_path: Path, marker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCH_TEST_NOT_PASSED", "1")
+    code = "import json, os\nprint(json.dumps({'env': dict(os.environ), 'cwd': os.getcwd()}))\n"
+    env = {"PATH": os.environ["PATH"], "FOO": "bar"}
+    outcome = run(backend, [PYTHON, "-c", code], tmp_path, tag=marker, env=env)
+    assert outcome.exit_code == 0
+    seen = json.loads((tmp_path / "out.log").read_text())
+    assert seen["env"][TAG_VARIABLE] == marker
+    assert seen["env"]["FOO"] == "bar"
+    assert "ORCH_TEST_NOT_PASSED" not in seen["env"]
+    assert Path(seen["cwd"]) == tmp_path
+
+
+@pytest.fixture
+def stdin_never_closes() -> Iterator[None]:
+    """Make this process's fd 0 a pipe nobody writes to, so an inherited stdin would block."""
+    read_end, write_end = os.pipe()
+    saved = os.dup(0)
+    os.dup2(read_end, 0)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, read_end, write_end):
+            os.close(fd)
+
+
+@pytest.mark.usefixtures("stdin_never_closes")
+def test_stdin_is_closed(backend: str, tmp_path: Path, marker: str) -> None:
+    code = "import sys\nprint(len(sys.stdin.buffer.read()))\n"
+    outcome = run(backend, [PYTHON, "-c", code], tmp_path, tag=marker, timeout=1.0)
+    assert not outcome.timed_out, "reading stdin blocked: the child inherited the caller's stdin"
+    assert outcome.exit_code == 0
+    assert (tmp_path / "out.log").read_text() == "0\n"
