@@ -8,6 +8,7 @@ from ._audit import Finding as Finding
 from ._audit import NotAReport as NotAReport
 from ._audit import audit_report as audit_report
 from ._audit import load_report_json as load_report_json
+from ._audit import report_layout as report_layout
 from ._canonical import canonical_json as canonical_json
 from ._canonical import digest as digest
 from ._canonical import digest_without as digest_without
@@ -84,6 +85,7 @@ __all__ = [
     "TaskFinished",
     "TaskResult",
     "TaskRetrying",
+    "TaskSpec",
     "TaskStarted",
     "TaskStatus",
     "Timings",
@@ -97,6 +99,7 @@ __all__ = [
     "new_run_id",
     "new_task_id",
     "plan_problems",
+    "report_layout",
     "seal_report",
     "seal_result",
     "sha256_hex",

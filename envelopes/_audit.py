@@ -70,7 +70,31 @@ def load_report_json(path: Path) -> tuple[dict[str, Any], Report]:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise NotAReport(f"{path} is not a valid report: {where}: {first['msg']}") from exc
+    # Every field must be present as written by the orchestrator: a missing field that has a
+    # default, or a value pydantic coerced, would otherwise be audited as something it is not.
+    if (missing := _first_difference(raw, report.to_json_dict())) is not None:
+        raise NotAReport(
+            f"{path} is not a complete report: {missing} is missing or not in its written form"
+        )
     return raw, report
+
+
+def _first_difference(found: Any, expected: Any, path: str = "") -> str | None:
+    if isinstance(found, dict) and isinstance(expected, dict):
+        for key in expected.keys() | found.keys():
+            if key not in found or key not in expected:
+                return f"{path}.{key}".lstrip(".")
+            if (inner := _first_difference(found[key], expected[key], f"{path}.{key}")) is not None:
+                return inner
+        return None
+    if isinstance(found, list) and isinstance(expected, list) and len(found) == len(expected):
+        for i, (a, b) in enumerate(zip(found, expected, strict=True)):
+            if (inner := _first_difference(a, b, f"{path}[{i}]")) is not None:
+                return inner
+        return None
+    if found != expected or type(found) is not type(expected):
+        return path.lstrip(".") or "<report>"
+    return None
 
 
 def _file_sha256(path: Path) -> tuple[str, int]:
@@ -257,4 +281,17 @@ def audit_report(
         if r["status"] != "succeeded" and r["error"] is not None
     ]
     findings += _check(None, "errors", errors, raw["errors"])
+    if run_dir is not None:
+        try:
+            plan_sha, _ = _file_sha256(run_dir / "plan.json")
+        except OSError as exc:
+            findings.append(
+                Finding(
+                    task_id=None,
+                    field="plan_sha256",
+                    message=f"cannot read {run_dir / 'plan.json'}: {exc.strerror or exc}",
+                )
+            )
+        else:
+            findings += _check(None, "plan_sha256", plan_sha, raw["plan_sha256"])
     return findings

@@ -75,7 +75,7 @@ def build_envelope(
 ) -> HandoffEnvelope:
     """Build an envelope in code, generating a task id when none is given."""
     return HandoffEnvelope(
-        task_id=task_id or new_task_id(),
+        task_id=task_id if task_id is not None else new_task_id(),
         run_id=run_id,
         agent=agent,
         task=task,

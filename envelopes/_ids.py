@@ -28,7 +28,7 @@ def task_id_problem(value: str, *, what: str = "id") -> str | None:
 
 def new_task_id() -> str:
     """A fresh random task id, for envelopes built in code without one."""
-    return "task-" + secrets.token_hex(4)
+    return "task-" + secrets.token_hex(8)
 
 
 def new_run_id(now: datetime | None = None) -> str:

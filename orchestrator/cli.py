@@ -163,7 +163,11 @@ async def _run(args: argparse.Namespace) -> int:
         )
     report_path = args.out or Path(report.run_dir) / "report.json"
     if args.json:
-        sys.stdout.write(json.dumps(report.to_json_dict(), indent=2) + "\n")
+        from .report import report_bytes
+
+        sys.stdout.flush()
+        sys.stdout.buffer.write(report_bytes(report))
+        sys.stdout.buffer.flush()
     else:
         out.print(summary_table(report))
         out.print(f"report: {report_path}", markup=False, soft_wrap=True)

@@ -16,9 +16,9 @@ from envelopes import (
     Summary,
     TaskResult,
     canonical_json,
+    report_layout,
     seal_report,
 )
-from envelopes._audit import report_layout
 
 from ._fs import atomic_write
 from ._version import __version__
