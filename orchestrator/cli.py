@@ -131,7 +131,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    import signal
+
+    import anyio
     from rich.console import Console
+
+    from envelopes import Report
 
     from .coordinator import orchestrate_parallel
     from .plan import load_plan
@@ -149,18 +154,39 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         plan_path = args.plan
     loaded = load_plan(plan_path)
+    report: Report | None = None
+    stopped_by: list[int] = []
     with Progress() as progress:
-        report = await orchestrate_parallel(
-            loaded,
-            repo=repo,
-            base=args.base,
-            concurrency=args.concurrency,
-            keep_worktrees=args.keep_worktrees,
-            state_dir=args.state_dir,
-            report_path=args.out,
-            venv_backend=args.venv_backend,
-            on_event=progress,
+        async with anyio.create_task_group() as tg:
+            # SIGTERM and SIGHUP stop the run as Ctrl-C does: agents killed, worktrees cleaned
+            # up, partial report written. Without this, agents in their own sessions would
+            # outlive a terminated orchestrator.
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                    async for signum in signals:
+                        stopped_by.append(signum)
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(stop_on_signal)
+            report = await orchestrate_parallel(
+                loaded,
+                repo=repo,
+                base=args.base,
+                concurrency=args.concurrency,
+                keep_worktrees=args.keep_worktrees,
+                state_dir=args.state_dir,
+                report_path=args.out,
+                venv_backend=args.venv_backend,
+                on_event=progress,
+            )
+            tg.cancel_scope.cancel()
+    if report is None:
+        name = signal.Signals(stopped_by[0]).name if stopped_by else "a signal"
+        _err(
+            f"stopped by {name}; running tasks were stopped and cleaned up (partial report in the run directory)"
         )
+        return 128 + (stopped_by[0] if stopped_by else signal.SIGTERM)
     report_path = args.out or Path(report.run_dir) / "report.json"
     if args.json:
         from .report import report_bytes

@@ -404,8 +404,31 @@ def test_demo_in_an_empty_directory_twice(
     assert sorted(p.name for p in where.iterdir()) == ["orchestrator-demo"]
 
 
-def test_ctrl_c_stops_agents_cleans_up_and_exits_130(
-    repo: Path, write_agent: WriteAgent, tmp_path: Path
+@pytest.mark.parametrize(
+    ("signum", "code_expected", "last_line"),
+    [
+        (
+            signal.SIGINT,
+            130,
+            "orchestrator: interrupted; running tasks were stopped and cleaned up "
+            "(partial report in the run directory)",
+        ),
+        (
+            signal.SIGTERM,
+            143,
+            "orchestrator: stopped by SIGTERM; running tasks were stopped and cleaned up "
+            "(partial report in the run directory)",
+        ),
+    ],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_or_sigterm_stops_agents_cleans_up_and_exits(
+    repo: Path,
+    write_agent: WriteAgent,
+    tmp_path: Path,
+    signum: int,
+    code_expected: int,
+    last_line: str,
 ) -> None:
     marker = f"ctrl-c-{uuid.uuid4().hex}"
     started = tmp_path / "started"
@@ -442,7 +465,7 @@ def test_ctrl_c_stops_agents_cleans_up_and_exits_130(
             assert process.poll() is None, (tmp_path / "stderr").read_text()
             assert time.monotonic() < deadline, "the agents never started"
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         code = process.wait(timeout=60)
     finally:
         if process.poll() is None:
@@ -450,11 +473,8 @@ def test_ctrl_c_stops_agents_cleans_up_and_exits_130(
             process.wait()
 
     stderr = (tmp_path / "stderr").read_text()
-    assert code == 130, stderr
-    assert stderr.splitlines()[-1] == (
-        "orchestrator: interrupted; running tasks were stopped and cleaned up "
-        "(partial report in the run directory)"
-    )
+    assert code == code_expected, stderr
+    assert stderr.splitlines()[-1] == last_line
     assert live_processes_with(marker) == []
     assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
     assert not list((repo / ".git").rglob("*.lock"))
