@@ -139,6 +139,7 @@ async def _run(args: argparse.Namespace) -> int:
     from envelopes import Report
 
     from .coordinator import orchestrate_parallel
+    from .errors import OrchestratorError
     from .plan import load_plan
     from .progress import Progress, summary_table
 
@@ -155,6 +156,7 @@ async def _run(args: argparse.Namespace) -> int:
         plan_path = args.plan
     loaded = load_plan(plan_path)
     report: Report | None = None
+    error: OrchestratorError | None = None
     stopped_by: list[int] = []
     with Progress() as progress:
         async with anyio.create_task_group() as tg:
@@ -169,18 +171,23 @@ async def _run(args: argparse.Namespace) -> int:
                         return
 
             tg.start_soon(stop_on_signal)
-            report = await orchestrate_parallel(
-                loaded,
-                repo=repo,
-                base=args.base,
-                concurrency=args.concurrency,
-                keep_worktrees=args.keep_worktrees,
-                state_dir=args.state_dir,
-                report_path=args.out,
-                venv_backend=args.venv_backend,
-                on_event=progress,
-            )
+            try:
+                report = await orchestrate_parallel(
+                    loaded,
+                    repo=repo,
+                    base=args.base,
+                    concurrency=args.concurrency,
+                    keep_worktrees=args.keep_worktrees,
+                    state_dir=args.state_dir,
+                    report_path=args.out,
+                    venv_backend=args.venv_backend,
+                    on_event=progress,
+                )
+            except OrchestratorError as exc:
+                error = exc  # raised below, outside the task group, so it is not wrapped
             tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
     if report is None:
         name = signal.Signals(stopped_by[0]).name if stopped_by else "a signal"
         _err(
