@@ -13,9 +13,11 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
+from orchestrator.cli import main
 from orchestrator.retry import set_testing
 
 PYTHON = sys.executable
@@ -127,3 +129,18 @@ def live_processes_with(marker: str) -> list[int]:
         if any(marker.encode() in blob for blob in blobs):
             found.append(int(entry))
     return found
+
+
+class Outcome(NamedTuple):
+    """What a CLI command returned and printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:
+    """Run ``orchestrator ARGV...`` in-process and capture what it printed."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return Outcome(code, out, err)

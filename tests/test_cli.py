@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 
@@ -22,7 +22,7 @@ from envelopes import REPORT_SCHEMA
 from orchestrator import __version__
 from orchestrator.cli import main
 
-from .conftest import MakeRepo, git, live_processes_with
+from .conftest import MakeRepo, Outcome, cli, git, live_processes_with
 
 WriteAgent = Callable[[str, str], Path]
 
@@ -37,18 +37,6 @@ output = {"wrote": "out/" + task_id + ".txt", "venv": os.environ.get("VIRTUAL_EN
 pathlib.Path(os.environ["ORCHESTRATOR_OUTPUT"]).write_text(json.dumps(output))
 sys.exit(envelope["inputs"].get("exit", 0))
 """
-
-
-class Outcome(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return Outcome(code, out, err)
 
 
 def exits(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
-from orchestrator.cli import main
 from orchestrator.plan import envelopes_of, load_plan
 
-from .conftest import MakeRepo, git
+from .conftest import MakeRepo, Outcome, cli, git
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plans"
 ID_PATTERN = "[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -34,18 +32,6 @@ TASK = """\
     agent: w
     task: do it
 """
-
-
-class Outcome(NamedTuple):
-    code: int
-    out: str
-    err: str
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return Outcome(code, out, err)
 
 
 @pytest.fixture
