@@ -118,10 +118,16 @@ class Environment(_Model):
 
 
 class AgentInfo(_Model):
-    """What ran: a command, or a callable's qualified name. ``agent_sha256`` hashes this."""
+    """What ran: a command, or a callable's qualified name. ``agent_sha256`` hashes this.
+
+    ``command`` is the command as the plan writes it (placeholders unfilled, so the same for
+    every task of the agent); ``program`` is the executable it resolved to, symlinks followed
+    (a task venv's ``python`` is the interpreter behind it).
+    """
 
     kind: Literal["command", "callable"]
     command: list[str] | None = None
+    program: str | None = None
     qualname: str | None = None
 
 

@@ -8,17 +8,54 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
 
 from .errors import GitError
 
-__all__ = ["FALLBACK_IDENTITY", "Git"]
+__all__ = ["FALLBACK_IDENTITY", "REPOSITORY_VARIABLES", "Git", "clean_environment"]
 
 #: Used for the orchestrator's commits when neither git config nor GIT_* variables name anyone.
 FALLBACK_IDENTITY = ("worktree-orchestrator", "worktree-orchestrator@localhost")
+
+#: What ``git rev-parse --local-env-vars`` lists: variables that point git at one particular
+#: repository, index or object store. Inherited from a hook or a wrapper, they would make
+#: every task's git commands (and the agents' own) act on that repository instead of the
+#: task's worktree, so they are removed from every environment the orchestrator hands out.
+REPOSITORY_VARIABLES = frozenset(
+    {
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+        "GIT_CONFIG",
+        "GIT_CONFIG_PARAMETERS",
+        "GIT_CONFIG_COUNT",
+        "GIT_OBJECT_DIRECTORY",
+        "GIT_DIR",
+        "GIT_WORK_TREE",
+        "GIT_IMPLICIT_WORK_TREE",
+        "GIT_GRAFT_FILE",
+        "GIT_INDEX_FILE",
+        "GIT_NO_REPLACE_OBJECTS",
+        "GIT_REPLACE_REF_BASE",
+        "GIT_PREFIX",
+        "GIT_INTERNAL_SUPER_PREFIX",
+        "GIT_SHALLOW_FILE",
+        "GIT_COMMON_DIR",
+    }
+)
+
+
+def clean_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """*env* without the variables that tie git to one repository (REPOSITORY_VARIABLES)."""
+    return {
+        k: v
+        for k, v in env.items()
+        if k not in REPOSITORY_VARIABLES
+        and not k.startswith("GIT_CONFIG_KEY_")
+        and not k.startswith("GIT_CONFIG_VALUE_")
+    }
+
 
 _BASE_ENV = {
     "GIT_TERMINAL_PROMPT": "0",
@@ -34,7 +71,7 @@ class Git:
     def __init__(self, repo: Path) -> None:
         self.repo = repo
         self.calls = 0
-        self._env = {**os.environ, **_BASE_ENV}
+        self._env = {**clean_environment(os.environ), **_BASE_ENV}
         self._identity: dict[str, str] | None = None
 
     async def run(
@@ -91,8 +128,3 @@ class Git:
                     env[f"GIT_{role}_EMAIL"] = FALLBACK_IDENTITY[1]
             self._identity = env
         return self._identity
-
-
-def git_argv(args: Sequence[str]) -> list[str]:
-    """The argv of a git command as recorded in provenance ``commands``."""
-    return ["git", *args]

@@ -78,9 +78,9 @@ class CommandAgent:
             args[0] = shutil.which(program, path=path_var) or program
         return args
 
-    def info(self) -> AgentInfo:
-        """Provenance description: the command as written in the plan."""
-        return AgentInfo(kind="command", command=list(self.command))
+    def info(self, program: str | None = None) -> AgentInfo:
+        """Provenance description: the command as written, and the program it resolved to."""
+        return AgentInfo(kind="command", command=list(self.command), program=program)
 
 
 def _substitute(arg: str, values: Mapping[str, str]) -> str:

@@ -110,6 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from .errors import OrchestratorError, PlanError
+    from .repo import NotARepository
 
     if args.demo == (args.plan is not None):
         _err("run needs a PLAN file, or --demo (not both)")
@@ -119,6 +120,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PlanError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
+        return EXIT_USAGE
+    except NotARepository as exc:
+        _err(str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err(

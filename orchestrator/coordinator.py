@@ -25,6 +25,8 @@ from .venv import VenvBackend, get_backend
 
 __all__ = ["orchestrate_parallel"]
 
+KEEP_POLICIES = ("never", "failed", "always")
+
 AgentLike = Agent | AgentSpec | Sequence[str] | AgentFunction
 
 
@@ -61,6 +63,12 @@ async def orchestrate_parallel(
     is ``always``), a partial report is written to the run directory, and the cancellation
     propagates.
     """
+    if concurrency is not None and concurrency < 1:
+        raise OrchestratorError(f"concurrency must be >= 1, got {concurrency}")
+    if keep_worktrees is not None and keep_worktrees not in KEEP_POLICIES:
+        raise OrchestratorError(
+            f"keep_worktrees must be one of {', '.join(KEEP_POLICIES)}, got {keep_worktrees!r}"
+        )
     agents = dict(agents or {})
     loaded, envelopes = _normalise(plan, agents)
     the_plan = loaded.plan if loaded else None
@@ -115,8 +123,6 @@ async def orchestrate_parallel(
         on_event=on_event,
     )
     limit = concurrency or (the_plan.concurrency if the_plan else 4)
-    if limit < 1:
-        raise OrchestratorError(f"concurrency must be >= 1, got {limit}")
     plan_json = (
         the_plan.model_dump(mode="json")
         if the_plan
@@ -168,7 +174,7 @@ async def orchestrate_parallel(
         async with anyio.create_task_group() as tg:
             for envelope in envelopes:
                 tg.start_soon(worker, envelope, name=f"task {envelope.task_id}")
-    except BaseException:
+    except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await finish(
                 [
@@ -178,6 +184,8 @@ async def orchestrate_parallel(
             )
             if ctx.repo is not None:
                 ctx.repo.lock.close()
+        if isinstance(exc, BaseExceptionGroup):
+            raise _unwrapped(exc) from None
         raise
     report = await finish([ctx.results[e.task_id] for e in envelopes])
     if ctx.repo is not None:
@@ -191,6 +199,13 @@ async def orchestrate_parallel(
         )
     )
     return report
+
+
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The one exception inside a task group's ExceptionGroup, so callers can catch it by type."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _normalise(

@@ -40,7 +40,10 @@ class RepoLock:
 
     @asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
-        """Hold the lock for the body. Cancellation while waiting leaves it free."""
+        """Hold the lock for the body, which is shielded from cancellation.
+
+        Cancellation while waiting leaves the lock free; the body itself always completes.
+        """
         async with self._lock:
             fd = self._open()
             delay = 0.001
@@ -53,7 +56,11 @@ class RepoLock:
                     delay = min(delay * 2, 0.05)
             self.acquisitions += 1
             try:
-                yield
+                # The body is a few milliseconds of git metadata work; killing it halfway
+                # would leave lock files and half-made worktree entries, so it is shielded
+                # and a cancellation takes effect right after it.
+                with anyio.CancelScope(shield=True):
+                    yield
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 

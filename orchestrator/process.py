@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -173,7 +174,10 @@ async def run_command(
         duration_s=time.monotonic() - started,
         cpu_user_s=usage.ru_utime if usage else None,
         cpu_system_s=usage.ru_stime if usage else None,
-        max_rss_kb=usage.ru_maxrss if usage else None,
+        # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+        max_rss_kb=(usage.ru_maxrss // 1024 if sys.platform == "darwin" else usage.ru_maxrss)
+        if usage
+        else None,
     )
 
 

@@ -46,6 +46,7 @@ class Progress:
         self.rows: dict[str, list[str]] = {}
         self.total = 0
         self._live: Live | None = None
+        self.closed = False
 
     def __enter__(self) -> Progress:
         if self.live_mode:
@@ -62,10 +63,17 @@ class Progress:
 
     def __call__(self, event: Event) -> None:
         line = self._record(event)
-        if self._live is not None:
-            self._live.update(self._table())
-        elif line:
-            self.console.print(line, markup=False, soft_wrap=True)
+        if self.closed:
+            return
+        try:
+            if self._live is not None:
+                self._live.update(self._table())
+            elif line:
+                self.console.print(line, markup=False, soft_wrap=True)
+        except OSError:
+            # The reader went away (`| head`, a closed terminal): progress is a courtesy, so
+            # the run goes on without it rather than dying of a broken pipe.
+            self.closed = True
 
     def _record(self, event: Event) -> str | None:
         if isinstance(event, RunStarted):

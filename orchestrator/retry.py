@@ -19,7 +19,7 @@ from tenacity import (
     wait_none,
 )
 
-__all__ = ["is_testing", "retry_attempts", "set_testing"]
+__all__ = ["retry_attempts", "set_testing"]
 
 T = TypeVar("T")
 _testing = False
@@ -29,11 +29,6 @@ def set_testing(testing: bool) -> None:
     """With *testing* true, retries happen without waiting."""
     global _testing
     _testing = testing
-
-
-def is_testing() -> bool:
-    """Whether retry waits are switched off."""
-    return _testing
 
 
 async def retry_attempts(

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,10 +35,12 @@ from envelopes import (
     canonical_json,
     digest,
     seal_result,
+    sha256_hex,
 )
 from envelopes._events import AttemptFailed, TaskFinished, TaskRetrying, TaskStarted
 
 from ._fs import atomic_write, file_entry
+from ._git import clean_environment
 from .agents import Agent, CallableAgent, CommandAgent, Workspace
 from .context import RunContext
 from .errors import GitError, VenvError
@@ -95,6 +98,9 @@ class _Subagent:
         self.committed = False
         self.kept_worktree: Path | None = None
         self.envelope_entry: LogFile | None = None
+        self.program: str | None = None
+        self.envelope_bytes = canonical_json(envelope.to_json_dict())
+        self.envelope_sha256 = sha256_hex(self.envelope_bytes)
         run_dir = ctx.run_dir
         self.envelope_path = run_dir / "envelopes" / f"{self.task_id}.json"
         self.logs_dir = run_dir / "logs" / self.task_id
@@ -105,12 +111,14 @@ class _Subagent:
 
     async def prepare(self) -> None:
         """Write the envelope, create the worktree and the venv."""
-        data = canonical_json(self.envelope.to_json_dict())
+        data = self.envelope_bytes
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         await anyio.to_thread.run_sync(atomic_write, self.envelope_path, data)
-        self.envelope_entry = await anyio.to_thread.run_sync(
-            file_entry, self.envelope_path, self.ctx.run_dir
+        self.envelope_entry = LogFile(
+            path=self.envelope_path.relative_to(self.ctx.run_dir).as_posix(),
+            sha256=self.envelope_sha256,
+            size=len(data),
         )
         ctx = self.ctx
         if self.envelope.worktree and ctx.repo is not None and ctx.base_commit is not None:
@@ -136,7 +144,6 @@ class _Subagent:
                     cwd=ctx.plan_dir,
                 )
                 self.commands.extend(self.venv.commands)
-                self.environment = await anyio.to_thread.run_sync(describe_environment, self.venv)
             except VenvError as exc:
                 self.commands.extend(exc.commands)
                 raise _TaskFailed(ErrorInfo(kind="install", message=str(exc))) from exc
@@ -144,7 +151,7 @@ class _Subagent:
                 await self._timed("venv_s", start)
 
     def _env(self, output_path: Path) -> dict[str, str]:
-        env = dict(os.environ)
+        env = clean_environment(os.environ)
         if isinstance(self.agent, CommandAgent):
             env.update(self.agent.env)
         env.update(self.envelope.env)
@@ -261,6 +268,7 @@ class _Subagent:
             venv_bin=self.venv.bin_dir if self.venv else None,
         )
         self.commands.append(argv)
+        self.program = os.path.realpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]
         try:
             proc = await run_command(
                 argv,
@@ -272,12 +280,11 @@ class _Subagent:
                 tag=f"{ctx.run_id}/{self.task_id}/{number}",
                 kill_grace=ctx.kill_grace,
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or variable
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return _AttemptOutcome(
                 status="failed",
-                error=ErrorInfo(
-                    kind="spawn", message=f"cannot start {argv[0]}: {exc.strerror or exc}"
-                ),
+                error=ErrorInfo(kind="spawn", message=f"cannot start {argv[0]}: {reason}"),
             )
         metrics = Metrics(
             cpu_user_s=proc.cpu_user_s, cpu_system_s=proc.cpu_system_s, max_rss_kb=proc.max_rss_kb
@@ -292,7 +299,10 @@ class _Subagent:
                 ),
             )
         if proc.signal is not None:
-            name = signal.Signals(proc.signal).name
+            try:
+                name = signal.Signals(proc.signal).name
+            except ValueError:  # a real-time signal has no name
+                name = f"signal {proc.signal}"
             return _AttemptOutcome(
                 status="failed",
                 metrics=metrics,
@@ -340,16 +350,22 @@ class _Subagent:
                     kind="timeout", message=f"timed out after {self.envelope.timeout:g} s"
                 ),
             )
-        if value is not None and not isinstance(value, dict):
+        if value is None:
+            # A callable may write its output to workspace.output_path instead of returning it.
+            value, error = await anyio.to_thread.run_sync(_read_output, output_path)
+            if error is not None:
+                return _AttemptOutcome(status="failed", error=error)
+        if value is not None and not isinstance(value, Mapping):
             return _AttemptOutcome(
                 status="failed",
                 error=ErrorInfo(
                     kind="invalid_output",
-                    message=f"agent returned {type(value).__name__}, not a dict",
+                    message=f"agent returned {type(value).__name__}, not a mapping",
                 ),
             )
         try:
-            canonical_json(value)
+            # The output as it will read back from the report: string keys, lists, no NaN.
+            output = None if value is None else json.loads(canonical_json(dict(value)))
         except (TypeError, ValueError) as exc:
             return _AttemptOutcome(
                 status="failed",
@@ -357,7 +373,7 @@ class _Subagent:
                     kind="invalid_output", message=f"output is not JSON-serialisable: {exc}"
                 ),
             )
-        return _AttemptOutcome(status="succeeded", output=value)
+        return _AttemptOutcome(status="succeeded", output=output)
 
     async def commit(self) -> None:
         """Commit whatever the agent left in the worktree (on success and on failure alike)."""
@@ -372,7 +388,7 @@ class _Subagent:
         )
         message = (
             f"{self.envelope.agent}: {subject} [task {self.task_id}]\n\n"
-            f"Orchestrator-Run: {ctx.run_id}\nEnvelope-SHA256: {self.envelope.sha256()}\n"
+            f"Orchestrator-Run: {ctx.run_id}\nEnvelope-SHA256: {self.envelope_sha256}\n"
         )
         try:
             self.result_commit, self.result_tree, self.committed = await commit_worktree(
@@ -385,17 +401,25 @@ class _Subagent:
         """Remove the worktree and venv as the keep policy says; branches stay unless empty and cancelled."""
         start = time.monotonic()
         ctx = self.ctx
+        if self.venv is not None:
+            # Described after the agent ran, so that what it installed itself is on record.
+            with contextlib.suppress(OSError):
+                self.environment = await anyio.to_thread.run_sync(describe_environment, self.venv)
         policy = ctx.keep_worktrees
         keep = policy == "always" or (policy == "failed" and status in ("failed", "timed_out"))
         if self.worktree is not None and ctx.repo is not None:
             if keep:
                 self.kept_worktree = self.worktree.path
             else:
-                await remove_worktree(
-                    ctx.repo,
-                    self.worktree,
-                    delete_branch=status == "cancelled" and not self.committed,
-                )
+                try:
+                    await remove_worktree(
+                        ctx.repo,
+                        self.worktree,
+                        delete_branch=status == "cancelled" and not self.committed,
+                    )
+                except (GitError, OSError):
+                    keep = True  # could not remove it: the report names it as kept
+                    self.kept_worktree = self.worktree.path
         if self.venv is not None and (self.worktree is None or not keep):
             await anyio.to_thread.run_sync(shutil.rmtree, self.venv.path, True)
         await self._timed("cleanup_s", start)
@@ -405,7 +429,11 @@ class _Subagent:
         last = self.last
         output = last.output if last is not None and status == "succeeded" else None
         last_attempt = self.attempts[-1] if self.attempts else None
-        agent_info = self.agent.info()
+        agent_info = (
+            self.agent.info(self.program)
+            if isinstance(self.agent, CommandAgent)
+            else self.agent.info()
+        )
         branch = None
         if self.worktree is not None and (
             self.committed or status != "cancelled" or self.kept_worktree
@@ -432,7 +460,7 @@ class _Subagent:
             envelope=self.envelope_entry,
             attempt_log=self.attempts,
             provenance=Provenance(
-                envelope_sha256=self.envelope.sha256(),
+                envelope_sha256=self.envelope_sha256,
                 base_commit=self.worktree.base_commit if self.worktree else None,
                 result_commit=self.result_commit if branch else None,
                 result_tree=self.result_tree if branch else None,
@@ -520,6 +548,7 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
     await ctx.emit(TaskStarted(run_id=ctx.run_id, task_id=task.task_id, agent=envelope.agent))
     status: TaskStatus = "failed"
     error: ErrorInfo | None = None
+    cancelled = False
     try:
         await task.prepare()
 
@@ -543,24 +572,29 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
             status, error = "failed", ErrorInfo(kind="commit", message=str(exc))
     except _TaskFailed as exc:
         status, error = "failed", exc.error
+    except GitError as exc:
+        # The worktree broke under the agent (its .git removed, say): this task fails, the
+        # run goes on.
+        status, error = "failed", ErrorInfo(kind="worktree", message=str(exc))
     except anyio.get_cancelled_exc_class():
-        with anyio.CancelScope(shield=True), anyio.move_on_after(60):
-            error = ErrorInfo(kind="cancelled", message="the run was cancelled")
-            with contextlib.suppress(GitError):
-                await task.commit()
-            await task.cleanup("cancelled")
-            result = task.result("cancelled", error)
+        cancelled = True
+        status, error = "cancelled", ErrorInfo(kind="cancelled", message="the run was cancelled")
+        raise
+    except Exception as exc:
+        # An unexpected failure of this task (a bug, a full disk) is this task's result; one
+        # task never takes the others down.
+        status, error = "failed", ErrorInfo(kind="internal", message=f"{type(exc).__name__}: {exc}")
+    finally:
+        # Whatever happened above, clean up and record the result, shielded so that a
+        # cancellation arriving now cannot leave a worktree, a venv or a missing result.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(120):
+            if cancelled:
+                with contextlib.suppress(GitError, OSError):
+                    await task.commit()  # nothing is lost: partial work lands on the branch
+            await task.cleanup(status)
+            result = task.result(status, error)
             ctx.results[task.task_id] = result
             await ctx.emit(_finished(ctx, result))
-        raise
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await task.cleanup("failed")
-        raise
-    await task.cleanup(status)
-    result = task.result(status, error)
-    ctx.results[task.task_id] = result
-    await ctx.emit(_finished(ctx, result))
     return result
 
 

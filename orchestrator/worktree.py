@@ -1,8 +1,13 @@
 """Worktrees: create, commit, reset, remove, merge.
 
-Only the metadata steps run under the repository lock (``git worktree add --no-checkout``,
-ref updates, ``git worktree prune``); writing and deleting the files, the slow part, runs in
-parallel outside it. See docs/architecture.md for the measurements behind this split.
+Only the metadata steps run under the repository lock (creating the branch, ``git worktree
+add --no-checkout``, removing a worktree's admin entry); writing and deleting the files, the
+slow part, runs in parallel outside it. See docs/architecture.md for the measurements behind
+this split.
+
+Git commands inside a task's worktree name its admin directory and work tree explicitly
+(``--git-dir``/``--work-tree``) rather than letting git discover them: an agent that deletes
+or rewrites its worktree's ``.git`` file cannot make them act on another repository.
 """
 
 from __future__ import annotations
@@ -29,11 +34,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Worktree:
-    """A checked-out worktree on its own branch."""
+    """A checked-out worktree on its own branch; ``admin_dir`` is its entry under .git/worktrees."""
 
     path: Path
     branch: str
     base_commit: str
+    admin_dir: Path
+
+    def git_args(self) -> tuple[str, ...]:
+        """Options that point git at this worktree and nothing else."""
+        return (f"--git-dir={self.admin_dir}", f"--work-tree={self.path}")
 
 
 async def create_worktree(repo: Repository, branch: str, path: Path, base_commit: str) -> Worktree:
@@ -47,22 +57,20 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
     async with repo.lock.hold():
         # Create the branch first, create-only (the old value must be "none"): a branch that
         # already exists is refused here and is never touched by the clean-up below.
-        created = await repo.git.run("update-ref", ref, base_commit, "", check=False)
-        if created.returncode != 0:
-            raise GitError(
-                ["update-ref", ref],
-                created.returncode,
-                f"fatal: a branch named '{branch}' already exists",
-            )
+        await repo.git.run("update-ref", ref, base_commit, "")
         try:
             await repo.git.run("worktree", "add", "--no-checkout", str(path), branch)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _forget(repo, path, branch, base_commit)
+            admin_dir = _admin_dir_from_file(path)
+            if admin_dir is None:
+                raise GitError(
+                    ["worktree", "add"], 0, f"fatal: {path}/.git names no admin directory"
+                )
+        except GitError:
+            await _forget(repo, path, branch, base_commit)
             raise
-    worktree = Worktree(path=path, branch=branch, base_commit=base_commit)
+    worktree = Worktree(path=path, branch=branch, base_commit=base_commit, admin_dir=admin_dir)
     try:
-        await repo.git.run("reset", "--hard", "--quiet", cwd=path)
+        await repo.git.run(*worktree.git_args(), "reset", "--hard", "--quiet", cwd=path)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await remove_worktree(repo, worktree, delete_branch=True)
@@ -70,19 +78,51 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
     return worktree
 
 
+def _admin_dir_from_file(path: Path) -> Path | None:
+    try:
+        text = (path / ".git").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("gitdir: "):
+        return None
+    return Path(text.removeprefix("gitdir: "))
+
+
+def _admin_dir_by_scan(repo: Repository, path: Path) -> Path | None:
+    """The admin directory whose ``gitdir`` file points at *path* (when .git is gone)."""
+    target = str(path / ".git")
+    for gitdir in (repo.common_dir / "worktrees").glob("*/gitdir"):
+        try:
+            if gitdir.read_text(encoding="utf-8").strip() == target:
+                return gitdir.parent
+        except OSError:
+            continue
+    return None
+
+
+async def _drop_admin_dir(repo: Repository, admin_dir: Path | None) -> None:
+    """Delete one worktree's admin entry (what ``git worktree prune`` does, for that one only)."""
+    worktrees = repo.common_dir / "worktrees"
+    if admin_dir is not None and admin_dir.parent == worktrees:
+        await anyio.to_thread.run_sync(shutil.rmtree, admin_dir, True)
+
+
 async def _forget(repo: Repository, path: Path, branch: str, expected: str) -> None:
-    """Undo a partial ``worktree add``: its directory, its admin entry, the branch made for it."""
+    """Undo a partial ``worktree add`` (lock held): its directory, admin entry and branch."""
+    admin_dir = _admin_dir_from_file(path) or _admin_dir_by_scan(repo, path)
     await anyio.to_thread.run_sync(shutil.rmtree, path, True)
-    await repo.git.run("worktree", "prune", check=False)
+    await _drop_admin_dir(repo, admin_dir)
     await repo.git.run("update-ref", "-d", f"refs/heads/{branch}", expected, check=False)
 
 
 async def reset_worktree(repo: Repository, worktree: Worktree) -> None:
     """Bring the worktree back to its base commit: no change, no untracked or ignored file."""
-    async with repo.lock.hold():
-        await repo.git.run("update-ref", f"refs/heads/{worktree.branch}", worktree.base_commit)
-    await repo.git.run("reset", "--hard", "--quiet", cwd=worktree.path)
-    await repo.git.run("clean", "-ffdxq", cwd=worktree.path)
+    git, args, cwd = repo.git, worktree.git_args(), worktree.path
+    await git.run(
+        *args, "update-ref", f"refs/heads/{worktree.branch}", worktree.base_commit, cwd=cwd
+    )
+    await git.run(*args, "reset", "--hard", "--quiet", cwd=cwd)
+    await git.run(*args, "clean", "-ffdxq", cwd=cwd)
 
 
 async def commit_worktree(
@@ -91,40 +131,35 @@ async def commit_worktree(
     """Commit every change in the worktree as one commit on its branch.
 
     Returns ``(commit, tree, changed)``. With no change there is no commit: the result is the
-    base commit. Plumbing commands are used, so the user's commit hooks do not run.
+    base commit. Commits the agent made itself are kept: the new commit goes on top of the
+    branch's tip. Plumbing commands are used, so the user's commit hooks do not run. The
+    branch moves by compare-and-swap; it is the task's own loose ref, so no lock is needed.
     """
-    git = repo.git
-    await git.run("add", "--all", cwd=worktree.path)
-    tree = await git.out("write-tree", cwd=worktree.path)
+    git, args, cwd = repo.git, worktree.git_args(), worktree.path
+    await git.run(*args, "add", "--all", cwd=cwd)
+    tree = await git.out(*args, "write-tree", cwd=cwd)
     if tree == base_tree:
         return worktree.base_commit, tree, False
     identity = await git.identity_env()
     commit = await git.out(
-        "commit-tree",
-        tree,
-        "-p",
-        worktree.base_commit,
-        "-m",
-        message,
-        cwd=worktree.path,
-        env=identity,
+        *args, "commit-tree", tree, "-p", "HEAD", "-m", message, cwd=cwd, env=identity
     )
-    async with repo.lock.hold():
-        await git.run("update-ref", f"refs/heads/{worktree.branch}", commit, worktree.base_commit)
+    await git.run(*args, "update-ref", f"refs/heads/{worktree.branch}", commit, "HEAD", cwd=cwd)
     return commit, tree, True
 
 
 async def remove_worktree(
     repo: Repository, worktree: Worktree, *, delete_branch: bool = False
 ) -> None:
-    """Remove the worktree's files and its entry; with *delete_branch*, its branch too.
+    """Remove the worktree's files and its admin entry; with *delete_branch*, its branch too.
 
-    The branch is deleted only if it still points at the worktree's base commit, so a branch
-    that holds a result is never lost by accident.
+    Other worktrees' entries are left alone (no repository-wide ``git worktree prune``). The
+    branch is deleted only if it still points at the worktree's base commit, so a branch that
+    holds a result is never lost by accident.
     """
     await anyio.to_thread.run_sync(shutil.rmtree, worktree.path, True)
     async with repo.lock.hold():
-        await repo.git.run("worktree", "prune", check=False)
+        await _drop_admin_dir(repo, worktree.admin_dir)
         if delete_branch:
             await repo.git.run(
                 "update-ref",

@@ -267,7 +267,7 @@ def _set_report_base(raw: dict[str, Any]) -> None:
 
 def _add_error(raw: dict[str, Any]) -> None:
     raw["errors"].append(
-        {"task_id": TARGET, "agent": "reviewer", "kind": "internal", "message": ""}
+        {"task_id": TARGET, "agent": "reviewer", "kind": "exit_code", "message": ""}
     )
 
 
@@ -313,7 +313,7 @@ TAMPERS = [
     Tamper("attempts", _set("attempts", value=2), TARGET, "attempts"),
     Tamper(
         "error on a success",
-        _set("error", value={"kind": "internal", "message": "x"}),
+        _set("error", value={"kind": "exit_code", "message": "x"}),
         TARGET,
         "error",
     ),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+
 from .._git import Git
+from ..errors import GitError
 from ..repo import NotARepository, Repository
 
 __all__ = ["DEMO_PLAN", "ensure_demo_repo"]
@@ -27,7 +30,10 @@ async def ensure_demo_repo(path: Path) -> tuple[Path, bool]:
     """Make the demo repository at *path* unless it is already there.
 
     Returns ``(path, created)``. An existing directory that is not a git repository is left
-    alone and reported as NotARepository.
+    alone and reported as NotARepository. When *path* lands inside another repository's
+    working tree and that repository does not ignore it, it is added to that repository's
+    ``.git/info/exclude`` (local, never committed), so the demo never shows up in someone's
+    ``git status``.
     """
     path = path.absolute()
     if path.exists():
@@ -37,6 +43,7 @@ async def ensure_demo_repo(path: Path) -> tuple[Path, bool]:
             )
         await Repository.open(path)
         return path, False
+    await _exclude_from_enclosing_repo(path)
     path.mkdir(parents=True)
     for name, text in _FILES.items():
         file = path / name
@@ -54,3 +61,20 @@ async def ensure_demo_repo(path: Path) -> tuple[Path, bool]:
         env=await git.identity_env(),
     )
     return path, True
+
+
+async def _exclude_from_enclosing_repo(path: Path) -> None:
+    git = Git(path.parent)
+    try:
+        top = Path(await git.out("rev-parse", "--show-toplevel"))
+    except GitError:
+        return  # not inside a working tree
+    if await git.ok("check-ignore", "--quiet", "--no-index", str(path)):
+        return
+    exclude = Path(
+        await git.out("rev-parse", "--path-format=absolute", "--git-path", "info/exclude")
+    )
+    line = "/" + path.resolve().relative_to(top).as_posix() + "/\n"
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    async with await anyio.open_file(exclude, "a", encoding="utf-8") as f:
+        await f.write(line)
