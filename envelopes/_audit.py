@@ -107,6 +107,10 @@ def _file_sha256(path: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+#: Error kinds that come from an attempt of the agent (others come from set-up or after).
+_ATTEMPT_KINDS = frozenset({"exit_code", "timeout", "invalid_output", "spawn", "agent_exception"})
+
+
 def _check(task_id: str | None, field: str, expected: Any, found: Any) -> Iterator[Finding]:
     if expected != found:
         yield Finding(
@@ -155,7 +159,11 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
     yield from _check(tid, "attempts", len(attempts), raw["attempts"])
     if attempts:
         last = attempts[-1]
-        yield from _check(tid, "status", last["status"], raw["status"])
+        # The task's status is its last attempt's, unless something after the attempts decided
+        # it (a failed commit, a cancellation during clean-up or a retry wait).
+        error = raw["error"]
+        if error is None or error["kind"] in _ATTEMPT_KINDS:
+            yield from _check(tid, "status", last["status"], raw["status"])
         for stream in ("stdout", "stderr"):
             logged = last[stream]["sha256"] if last[stream] else None
             yield from _check(tid, f"provenance.{stream}_sha256", logged, prov[f"{stream}_sha256"])

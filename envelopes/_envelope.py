@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._canonical import digest
 from ._ids import new_task_id, task_id_problem
+from ._plan import finite_json
 
 __all__ = ["ENVELOPE_SCHEMA", "HandoffEnvelope", "build_envelope"]
 
@@ -34,12 +35,17 @@ class HandoffEnvelope(BaseModel):
     inputs: dict[str, Any] = Field(default_factory=dict)
     requirements: list[str] = Field(default_factory=list)
     acceptance_criteria: list[str] = Field(default_factory=list)
-    timeout: float = Field(default=600.0, gt=0)
+    timeout: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     retries: int = Field(default=0, ge=0)
     env: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     worktree: bool = True
     venv: bool = True
+
+    @field_validator("inputs", "metadata")
+    @classmethod
+    def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return finite_json(value)  # type: ignore[no-any-return]
 
     @field_validator("task_id")
     @classmethod

@@ -7,6 +7,7 @@ with the path of the field at fault so that a loader can point at the line in th
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -26,7 +27,20 @@ __all__ = [
 ]
 
 KeepWorktrees = Literal["never", "failed", "always"]
-PositiveSeconds = Annotated[float, Field(gt=0)]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def finite_json(value: Any) -> Any:
+    """*value* unchanged, or ValueError if it holds NaN or an infinity (not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must not contain NaN or infinity (not representable in JSON)")
+    if isinstance(value, dict):
+        for item in value.values():
+            finite_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            finite_json(item)
+    return value
 
 
 class _Strict(BaseModel):
@@ -85,6 +99,11 @@ class TaskSpec(_Strict):
     metadata: dict[str, Any] = Field(default_factory=dict)
     worktree: bool | None = None
     venv: bool | None = None
+
+    @field_validator("inputs", "metadata")
+    @classmethod
+    def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return finite_json(value)  # type: ignore[no-any-return]
 
 
 class Plan(_Strict):

@@ -14,6 +14,10 @@ from .errors import RunDirError
 
 __all__ = ["atomic_write", "file_entry"]
 
+# Read once at import, while nothing else runs: os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write *data* to *path* so that readers see the old file or the new one, never a part.
@@ -26,6 +30,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
+                # mkstemp makes 0600; reports and envelopes are for others to audit.
+                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

@@ -85,6 +85,14 @@ class RunContext:
             raise RunDirError(
                 f"cannot create the run directory {run_dir}: {exc.strerror or exc}"
             ) from exc
+        if repository is not None:
+            try:
+                repository.lock.ensure_open()
+            except OSError as exc:
+                path = repository.lock.path
+                raise RunDirError(
+                    f"cannot create the lock file {path}: {exc.strerror or exc}"
+                ) from exc
         return cls(
             run_id=run_id,
             run_dir=run_dir,

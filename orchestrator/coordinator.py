@@ -17,7 +17,7 @@ from ._fs import atomic_write
 from .agents import Agent, AgentFunction, as_agent
 from .context import EventHandler, RunContext
 from .errors import OrchestratorError, PlanError, PlanIssue
-from .plan import LoadedPlan, check_plan_repository, envelopes_of, parse_plan
+from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
 from .repo import Repository
 from .report import aggregate_results, write_report
 from .subagent import not_started_result, run_subagent
@@ -106,6 +106,13 @@ async def orchestrate_parallel(
         commit = tree = None
         if repository is not None:
             commit, tree = await repository.resolve_commit(base_ref)
+        elif any(e.worktree for e in envelopes):
+            needing = ", ".join(e.task_id for e in envelopes if e.worktree)
+            raise OrchestratorError(
+                f"tasks {needing} need a worktree but no repository was given (pass repo=, or worktree=False)"
+            )
+    # A Repository passed in may serve other runs too: only one opened here is closed here.
+    owns_repo = not isinstance(repo, Repository)
     backend = get_backend(venv_backend) if isinstance(venv_backend, str) else venv_backend
     ctx = await RunContext.open(
         repo=repository,
@@ -164,9 +171,7 @@ async def orchestrate_parallel(
             started_at=started,
             finished_at=datetime.now(UTC),
         )
-        await write_report(report, report_file)
-        if report_path is not None:
-            await write_report(report, Path(report_path))
+        await write_report(report, report_file, *([Path(report_path)] if report_path else []))
         await _tidy(ctx)
         return report
 
@@ -182,13 +187,13 @@ async def orchestrate_parallel(
                     for e in envelopes
                 ]
             )
-            if ctx.repo is not None:
+            if ctx.repo is not None and owns_repo:
                 ctx.repo.lock.close()
         if isinstance(exc, BaseExceptionGroup):
             raise _unwrapped(exc) from None
         raise
     report = await finish([ctx.results[e.task_id] for e in envelopes])
-    if ctx.repo is not None:
+    if ctx.repo is not None and owns_repo:
         ctx.repo.lock.close()
     await ctx.emit(
         RunFinished(
@@ -219,9 +224,7 @@ def _normalise(
         _check_plan(loaded, agents)
         return loaded, envelopes_of(plan)
     if isinstance(plan, Mapping):
-        import json
-
-        loaded = parse_plan(json.dumps(dict(plan)), callable_agents=list(agents))
+        loaded = validate_plan_data(dict(plan), callable_agents=list(agents))
         return loaded, envelopes_of(loaded.plan)
     envelopes = list(plan)
     if not envelopes:

@@ -32,6 +32,10 @@ class RepoLock:
         self._fd: int | None = None
         self.acquisitions = 0
 
+    def ensure_open(self) -> int:
+        """Open (creating if needed) the lock file; OSError when that is impossible."""
+        return self._open()
+
     def _open(self) -> int:
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ that need the repository (is it a git repository? does the base resolve?) are ch
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,27 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from envelopes import HandoffEnvelope, Plan, PlanProblem, build_envelope, digest, plan_problems
+from envelopes import (
+    HandoffEnvelope,
+    Plan,
+    PlanProblem,
+    build_envelope,
+    canonical_json,
+    digest,
+    plan_problems,
+)
 
 from .errors import GitError, PlanError, PlanIssue
 from .repo import NotARepository, Repository
 
-__all__ = ["LoadedPlan", "check_plan_repository", "envelopes_of", "load_plan", "parse_plan"]
+__all__ = [
+    "LoadedPlan",
+    "check_plan_repository",
+    "envelopes_of",
+    "load_plan",
+    "parse_plan",
+    "validate_plan_data",
+]
 
 Loc = tuple[str | int, ...]
 
@@ -67,9 +83,16 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
 
 def _construct(loader: _Loader, node: yaml.Node) -> Any:
     try:
-        return loader.construct_object(node, deep=True)
+        value = loader.construct_object(node, deep=True)
+        if isinstance(value, str) and any("\ud800" <= c <= "\udfff" for c in value):
+            # JSON writes characters beyond the BMP as surrogate pairs ("\\ud83d\\ude00"), which
+            # YAML leaves as two halves: join them (a lone half is an error).
+            value = value.encode("utf-16", "surrogatepass").decode("utf-16")
+        return value
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
         reason = getattr(exc, "problem", None) or str(exc)
+        if isinstance(exc, UnicodeError):
+            reason = "it holds half of a surrogate pair, which is not a character"
         value = node.value if isinstance(node, yaml.ScalarNode) else node.tag
         raise _BadValue(
             node, f"cannot read value {value!r}: {reason} (quote it to keep it a string)"
@@ -184,26 +207,91 @@ def parse_plan(
     plan_dir: Path | None = None,
     callable_agents: Sequence[str] = (),
 ) -> LoadedPlan:
-    """Parse and validate plan text; PlanError lists every problem found."""
+    """Parse and validate plan text (YAML, or JSON); PlanError lists every problem found."""
     positions: dict[Loc, tuple[int, int]] = {}
     problems: list[tuple[Loc, str]] = []
     try:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise PlanError([_yaml_issue(file, exc)]) from None
-    if node is None:
-        raise PlanError([PlanIssue(file, 1, 1, "<plan>", "the plan is empty")])
+        # JSON is YAML, except for a few things YAML refuses (tabs as indentation): such a
+        # file is read as JSON, without line numbers.
+        data = _json_or_none(text, problems)
+        if data is None:
+            raise PlanError([_yaml_issue(file, exc)]) from None
+    except RecursionError:
+        raise PlanError([PlanIssue(file, None, None, "<plan>", "nested too deeply")]) from None
+    else:
+        if node is None:
+            raise PlanError([PlanIssue(file, 1, 1, "<plan>", "the plan is empty")])
+        try:
+            data = _to_python(_Loader(""), node, (), positions, problems)
+        except _BadValue as exc:
+            line, col = _mark(exc.node)
+            raise PlanError([PlanIssue(file, line, col, "<plan>", exc.reason)]) from None
+        except yaml.YAMLError as exc:
+            raise PlanError([_yaml_issue(file, exc)]) from None
+        except RecursionError:
+            raise PlanError([PlanIssue(file, None, None, "<plan>", "nested too deeply")]) from None
+    return _validate(
+        data,
+        file=file,
+        plan_dir=plan_dir,
+        positions=positions,
+        problems=problems,
+        callable_agents=callable_agents,
+    )
+
+
+def validate_plan_data(
+    data: Any, *, plan_dir: Path | None = None, callable_agents: Sequence[str] = ()
+) -> LoadedPlan:
+    """Validate a plan given as Python data (a dict, as from json.load); PlanError if invalid."""
+    return _validate(
+        data,
+        file=None,
+        plan_dir=plan_dir,
+        positions={},
+        problems=[],
+        callable_agents=callable_agents,
+    )
+
+
+def _json_or_none(text: str, problems: list[tuple[Loc, str]]) -> Any:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                problems.append(((key,), f"duplicate key {key!r}"))
+            out[key] = value
+        return out
+
     try:
-        data = _to_python(_Loader(""), node, (), positions, problems)
-    except _BadValue as exc:
-        line, col = _mark(exc.node)
-        raise PlanError([PlanIssue(file, line, col, "<plan>", exc.reason)]) from None
-    except yaml.YAMLError as exc:
-        raise PlanError([_yaml_issue(file, exc)]) from None
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _validate(
+    data: Any,
+    *,
+    file: str | None,
+    plan_dir: Path | None,
+    positions: dict[Loc, tuple[int, int]],
+    problems: list[tuple[Loc, str]],
+    callable_agents: Sequence[str],
+) -> LoadedPlan:
     if not isinstance(data, dict):
         found = type(data).__name__
         raise PlanError(
-            [PlanIssue(file, 1, 1, "<plan>", f"the plan must be a mapping, found {found}")]
+            [
+                PlanIssue(
+                    file,
+                    1 if positions else None,
+                    1 if positions else None,
+                    "<plan>",
+                    f"the plan must be a mapping, found {found}",
+                )
+            ]
         )
     # Top-level keys starting with "x-" are the user's own (anchors for YAML merge keys, notes).
     data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
@@ -230,6 +318,12 @@ def parse_plan(
         issues.sort(key=lambda i: (i.line or 0, i.column or 0))
         raise PlanError(issues)
     assert plan is not None
+    try:
+        canonical_json(plan.model_dump(mode="json"))  # what plan_sha256 will hash
+    except (UnicodeError, ValueError) as exc:
+        raise PlanError(
+            [PlanIssue(file, None, None, "<plan>", f"not representable as JSON: {exc}")]
+        ) from None
     return LoadedPlan(plan=plan, file=file, plan_dir=plan_dir or Path.cwd(), positions=positions)
 
 
@@ -293,8 +387,14 @@ async def check_plan_repository(
     try:
         commit, tree = await repo.resolve_commit(plan.base)
     except GitError:
+        empty = not await repo.git.ok("rev-parse", "--verify", "--quiet", "HEAD")
+        hint = " (the repository has no commits yet)" if empty else ""
         raise PlanError(
-            [loaded.issue(("base",), f"{plan.base!r} does not resolve to a commit in {repo.root}")]
+            [
+                loaded.issue(
+                    ("base",), f"{plan.base!r} does not resolve to a commit in {repo.root}{hint}"
+                )
+            ]
         ) from None
     return repo, commit, tree
 

@@ -50,7 +50,12 @@ class Repository:
         except GitError as exc:
             raise NotARepository(f"not a git repository: {path}") from exc
         common_dir, bare = Path(lines[0]), lines[1] == "true"
-        root = common_dir if bare else Path(await git.out("rev-parse", "--show-toplevel"))
+        try:
+            root = common_dir if bare else Path(await git.out("rev-parse", "--show-toplevel"))
+        except GitError as exc:
+            raise NotARepository(
+                f"{path} is inside a git directory, not a working tree; give the repository's top directory"
+            ) from exc
         state = Path(state_dir).absolute() if state_dir else common_dir / "orchestrator"
         git.repo = root
         return cls(

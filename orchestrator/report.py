@@ -15,7 +15,6 @@ from envelopes import (
     ReportError,
     Summary,
     TaskResult,
-    canonical_json,
     report_layout,
     seal_report,
 )
@@ -97,8 +96,13 @@ def report_bytes(report: Report) -> bytes:
     return report_layout(report.to_json_dict())
 
 
-async def write_report(report: Report, path: Path) -> Path:
-    """Write *report* to *path* atomically (temp file, fsync, rename, fsync of the directory)."""
-    canonical_json(report.to_json_dict())  # refuses NaN and the like before anything is written
-    await anyio.to_thread.run_sync(atomic_write, path, report_bytes(report))
+async def write_report(report: Report, path: Path, *copies: Path) -> Path:
+    """Write *report* to *path* (and each of *copies*) atomically; return *path*.
+
+    Atomic: temp file, fsync, rename, fsync of the directory. The report is serialised once
+    (sealing it already refused NaN and the like).
+    """
+    data = report_bytes(report)
+    for target in (path, *copies):
+        await anyio.to_thread.run_sync(atomic_write, target, data)
     return path

@@ -49,13 +49,15 @@ async def verify_report(
     """
     path = Path(path)
     try:
-        raw, report = load_report_json(path)
+        raw, report = await anyio.to_thread.run_sync(load_report_json, path)
     except NotAReport as exc:
         raise ReportUnreadable(str(exc)) from exc
     outcome = VerifyOutcome(report=report)
     directory = Path(run_dir) if run_dir else _find_run_dir(report, path)
-    outcome.findings += audit_report(
-        raw, run_dir=directory, source=await anyio.Path(path).read_bytes()
+    source = await anyio.Path(path).read_bytes()
+    # Hashing every log file can take a while: off the event loop.
+    outcome.findings += await anyio.to_thread.run_sync(
+        lambda: audit_report(raw, run_dir=directory, source=source)
     )
     needs_git = any(r.provenance.result_commit for r in report.results) or report.base_commit
     if not needs_git:

@@ -240,7 +240,13 @@ async def merge_worktree(
         if checkout is not None:
             # Bring the checkout's index and files along first, so that a failure here leaves
             # both the ref and the checkout where they were.
-            await git.run("read-tree", "-m", "-u", old, commit, cwd=checkout)
+            moved = await git.run("read-tree", "-m", "-u", old, commit, cwd=checkout, check=False)
+            if moved.returncode != 0:
+                why = moved.stderr.decode(errors="replace").strip().splitlines()
+                detail = why[0] if why else "git read-tree failed"
+                return MergeOutcome(
+                    False, None, [], f"cannot update the checkout of {into} in {checkout}: {detail}"
+                )
         try:
             await git.run("update-ref", target_ref, commit, old)
         except GitError:
