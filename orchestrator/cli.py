@@ -2,7 +2,8 @@
 
 Each command is a function ``cmd_<name>(args) -> int`` that tests call without a subprocess.
 Exit codes: 0 all good; 1 some task did not succeed, or verify found something; 2 bad usage,
-bad plan or unreadable report; 130 interrupted (after clean-up).
+bad plan or unreadable report; 130 interrupted by Ctrl-C, 143 by SIGTERM, 129 by SIGHUP (each
+after clean-up).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import anyio
 from envelopes import KeepWorktrees, TaskResult, new_run_id
 from envelopes._events import Event
 
-from .errors import RunDirError
+from .errors import EventHandlerFailed, RunDirError
 from .repo import Repository
 from .venv import VenvBackend, get_backend
 
@@ -124,6 +124,11 @@ class RunContext:
     async def emit(self, event: Event) -> None:
         """Deliver *event* to the handler, awaiting it when it is a coroutine function."""
         if self.on_event is not None:
-            outcome = self.on_event(event)
-            if inspect.isawaitable(outcome):
-                await outcome
+            try:
+                outcome = self.on_event(event)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception as exc:
+                raise EventHandlerFailed(
+                    f"the on_event handler raised {type(exc).__name__}: {exc}"
+                ) from exc

@@ -11,12 +11,12 @@ from typing import Any
 import anyio
 
 from envelopes import AgentSpec, HandoffEnvelope, Plan, Report, TaskResult, canonical_json, digest
-from envelopes._events import RunFinished, RunStarted
+from envelopes._events import Event, RunFinished, RunStarted
 
 from ._fs import atomic_write
 from .agents import Agent, AgentFunction, as_agent
 from .context import EventHandler, RunContext
-from .errors import OrchestratorError, PlanError, PlanIssue
+from .errors import EventHandlerFailed, OrchestratorError, PlanError, PlanIssue
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
 from .repo import Repository
 from .report import aggregate_results, write_report
@@ -141,13 +141,14 @@ async def orchestrate_parallel(
     )
     envelopes = [e.model_copy(update={"run_id": ctx.run_id}) for e in envelopes]
     started = datetime.now(UTC)
-    await ctx.emit(
+    await _emit(
+        ctx,
         RunStarted(
             run_id=ctx.run_id,
             total_tasks=len(envelopes),
             base_commit=ctx.base_commit,
             run_dir=str(ctx.run_dir),
-        )
+        ),
     )
 
     limiter = anyio.CapacityLimiter(limit)
@@ -189,28 +190,50 @@ async def orchestrate_parallel(
             )
             if ctx.repo is not None and owns_repo:
                 ctx.repo.lock.close()
-        if isinstance(exc, BaseExceptionGroup):
-            raise _unwrapped(exc) from None
+        unwrapped = _unwrapped(exc)
+        if unwrapped is not exc:
+            raise unwrapped from None
         raise
     report = await finish([ctx.results[e.task_id] for e in envelopes])
     if ctx.repo is not None and owns_repo:
         ctx.repo.lock.close()
-    await ctx.emit(
+    await _emit(
+        ctx,
         RunFinished(
             run_id=ctx.run_id,
             report_path=str(report_path or report_file),
             successful=report.summary.successful,
             total_tasks=report.summary.total_tasks,
-        )
+        ),
     )
     return report
 
 
+async def _emit(ctx: RunContext, event: Event) -> None:
+    """Emit a run-level event; a failing handler's own exception propagates."""
+    try:
+        await ctx.emit(event)
+    except EventHandlerFailed as exc:
+        raise (exc.__cause__ or exc) from None
+
+
 def _unwrapped(exc: BaseException) -> BaseException:
-    """The one exception inside a task group's ExceptionGroup, so callers can catch it by type."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+    """What a task group raised, as callers want to catch it.
+
+    A lone exception comes out of its group; a failed ``on_event`` handler comes out as the
+    handler's own exception (the first, if several tasks' handlers failed together).
+    """
+    leaves = _leaves(exc)
+    failed = [e for e in leaves if isinstance(e, EventHandlerFailed)]
+    if failed and failed[0].__cause__ is not None:
+        return failed[0].__cause__
+    return leaves[0] if len(leaves) == 1 else exc
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _normalise(

@@ -5,6 +5,7 @@ fails is data (a TaskResult with a status and an error), never an exception.
 
     OrchestratorError
     ├── PlanError            a plan that cannot run; one line per problem
+    ├── EventHandlerFailed   the on_event handler raised (internal; its exception propagates)
     ├── GitError             a git command failed
     ├── VenvError            a virtualenv could not be created or its requirements installed
     ├── RunDirError          the run directory cannot be created or written
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "EventHandlerFailed",
     "GitError",
     "OrchestratorError",
     "PlanError",
@@ -67,6 +69,11 @@ class GitError(OrchestratorError):
         self.stderr = stderr.strip()
         last = self.stderr.splitlines()[-1] if self.stderr else f"exit code {returncode}"
         super().__init__(f"git {' '.join(self.command)}: {last}")
+
+
+class EventHandlerFailed(OrchestratorError):
+    """The ``on_event`` handler raised. The run stops; ``orchestrate_parallel`` re-raises the
+    handler's own exception (this class only carries it out of the task that emitted)."""
 
 
 class VenvError(OrchestratorError):

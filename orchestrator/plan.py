@@ -150,6 +150,7 @@ _MESSAGES = {
     "dict_type": "must be a mapping",
     "list_type": "must be a list",
     "literal_error": "must be one of {expected}",
+    "finite_number": "must be a finite number",
 }
 
 

@@ -36,12 +36,19 @@ _STYLE = {
 }
 
 
+class _Console(Console):
+    """A console that goes quiet when its reader goes away, instead of exiting the process."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+
+
 class Progress:
     """Receives events; draws a live table on a terminal, else writes a line per event."""
 
     def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.console = Console(file=self.stream, highlight=False)
+        self.console = _Console(file=self.stream, highlight=False)
         self.live_mode = self.console.is_terminal if live is None else live
         self.rows: dict[str, list[str]] = {}
         self.total = 0

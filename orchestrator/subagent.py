@@ -43,7 +43,7 @@ from ._fs import atomic_write, file_entry
 from ._git import clean_environment
 from .agents import Agent, CallableAgent, CommandAgent, Workspace
 from .context import RunContext
-from .errors import GitError, VenvError
+from .errors import EventHandlerFailed, GitError, VenvError
 from .process import run_command
 from .retry import retry_attempts
 from .venv import Venv, describe_environment, setup_virtualenv
@@ -99,6 +99,7 @@ class _Subagent:
         self.kept_worktree: Path | None = None
         self.envelope_entry: LogFile | None = None
         self.program: str | None = None
+        self.branch_deleted = False
         self.envelope_bytes = canonical_json(envelope.to_json_dict())
         self.envelope_sha256 = sha256_hex(self.envelope_bytes)
         run_dir = ctx.run_dir
@@ -412,7 +413,7 @@ class _Subagent:
                 self.kept_worktree = self.worktree.path
             else:
                 try:
-                    await remove_worktree(
+                    self.branch_deleted = await remove_worktree(
                         ctx.repo,
                         self.worktree,
                         delete_branch=status == "cancelled" and not self.committed,
@@ -434,11 +435,7 @@ class _Subagent:
             if isinstance(self.agent, CommandAgent)
             else self.agent.info()
         )
-        branch = None
-        if self.worktree is not None and (
-            self.committed or status != "cancelled" or self.kept_worktree
-        ):
-            branch = self.worktree.branch
+        branch = self.worktree.branch if self.worktree and not self.branch_deleted else None
         finished = _now()
         result = TaskResult(
             task_id=self.task_id,
@@ -548,7 +545,7 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
     await ctx.emit(TaskStarted(run_id=ctx.run_id, task_id=task.task_id, agent=envelope.agent))
     status: TaskStatus = "failed"
     error: ErrorInfo | None = None
-    cancelled = False
+    cancelled = leaving = False
     try:
         await task.prepare()
 
@@ -577,8 +574,13 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
         # run goes on.
         status, error = "failed", ErrorInfo(kind="worktree", message=str(exc))
     except anyio.get_cancelled_exc_class():
-        cancelled = True
+        cancelled = leaving = True
         status, error = "cancelled", ErrorInfo(kind="cancelled", message="the run was cancelled")
+        raise
+    except EventHandlerFailed:
+        # The caller's handler is broken: that stops the run (see orchestrate_parallel).
+        leaving = True
+        status, error = "failed", ErrorInfo(kind="internal", message="the on_event handler raised")
         raise
     except Exception as exc:
         # An unexpected failure of this task (a bug, a full disk) is this task's result; one
@@ -587,14 +589,20 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
     finally:
         # Whatever happened above, clean up and record the result, shielded so that a
         # cancellation arriving now cannot leave a worktree, a venv or a missing result.
-        with anyio.CancelScope(shield=True), anyio.move_on_after(120):
-            if cancelled:
-                with contextlib.suppress(GitError, OSError):
-                    await task.commit()  # nothing is lost: partial work lands on the branch
-            await task.cleanup(status)
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(120):
+                if cancelled:
+                    with contextlib.suppress(GitError, OSError):
+                        await task.commit()  # nothing is lost: partial work lands on the branch
+                await task.cleanup(status)
+            # Recorded even if the clean-up above ran out of time.
             result = task.result(status, error)
             ctx.results[task.task_id] = result
-            await ctx.emit(_finished(ctx, result))
+            try:
+                await ctx.emit(_finished(ctx, result))
+            except EventHandlerFailed:
+                if not leaving:  # when already on the way out, the first failure is the one told
+                    raise
     return result
 
 

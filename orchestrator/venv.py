@@ -22,6 +22,7 @@ import anyio
 
 from envelopes import Environment
 
+from ._git import clean_environment
 from .errors import VenvError
 from .process import run_command
 
@@ -91,7 +92,7 @@ async def _run(command: list[str], what: str, *, venv: Path, cwd: Path | None = 
             outcome = await run_command(
                 command,
                 cwd=cwd or Path.cwd(),
-                env=os.environ,
+                env=clean_environment(os.environ),
                 stdout=out,
                 stderr=err,
                 timeout=INSTALL_TIMEOUT,

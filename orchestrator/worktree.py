@@ -150,24 +150,21 @@ async def commit_worktree(
 
 async def remove_worktree(
     repo: Repository, worktree: Worktree, *, delete_branch: bool = False
-) -> None:
+) -> bool:
     """Remove the worktree's files and its admin entry; with *delete_branch*, its branch too.
 
     Other worktrees' entries are left alone (no repository-wide ``git worktree prune``). The
     branch is deleted only if it still points at the worktree's base commit, so a branch that
-    holds a result is never lost by accident.
+    holds a result (or the agent's own commits) is never lost. Returns whether it was deleted.
     """
     await anyio.to_thread.run_sync(shutil.rmtree, worktree.path, True)
     async with repo.lock.hold():
         await _drop_admin_dir(repo, worktree.admin_dir)
-        if delete_branch:
-            await repo.git.run(
-                "update-ref",
-                "-d",
-                f"refs/heads/{worktree.branch}",
-                worktree.base_commit,
-                check=False,
-            )
+        if not delete_branch:
+            return False
+        ref = f"refs/heads/{worktree.branch}"
+        deleted = await repo.git.run("update-ref", "-d", ref, worktree.base_commit, check=False)
+        return deleted.returncode == 0
 
 
 @dataclass(frozen=True)

@@ -423,3 +423,36 @@ def test_keep_worktrees_always_and_never(
     )
     kept = always.results[0].worktree
     assert kept is not None and Path(kept).is_dir()
+
+
+@pytest.mark.parametrize(
+    "event_type", ["task_started", "attempt_failed", "task_finished", "run_started"]
+)
+def test_a_failing_event_handler_stops_the_run_with_its_own_exception(
+    event_type: str, make_repo: MakeRepo, write_agent: Callable[[str, str], Path]
+) -> None:
+    repo = make_repo()
+    agent = write_agent("fail_once", "import sys\nsys.exit(1)\n")
+
+    class HandlerBug(Exception):
+        pass
+
+    def handler(event: Any) -> None:
+        if event.type == event_type:
+            raise HandlerBug(event.type)
+
+    plan = Plan.model_validate(
+        {
+            "agents": {"f": {"command": [sys.executable, str(agent)]}},
+            "tasks": [{"id": f"f{i}", "agent": "f", "task": "t"} for i in range(3)],
+        }
+    )
+    with pytest.raises(HandlerBug):
+        run(
+            lambda: orchestrate_parallel(
+                plan, repo=repo, venv_backend="uv", on_event=handler, keep_worktrees="never"
+            )
+        )
+    # Whatever the handler did, nothing is left behind.
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert not list((repo / ".git").rglob("*.lock"))

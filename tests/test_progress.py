@@ -1,0 +1,51 @@
+"""The progress display: built on events, never the reason a run fails."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from envelopes import ErrorInfo, RunStarted, TaskFinished, TaskStarted
+from orchestrator.progress import Progress
+
+
+def events() -> list:
+    return [
+        RunStarted(run_id="r", total_tasks=1, base_commit="abc", run_dir="/tmp/r"),
+        TaskStarted(run_id="r", task_id="t", agent="a"),
+        TaskFinished(
+            run_id="r",
+            task_id="t",
+            agent="a",
+            status="failed",
+            attempts=1,
+            duration_s=0.5,
+            result_commit=None,
+            error=ErrorInfo(kind="exit_code", message="exited with code 1"),
+        ),
+    ]
+
+
+def test_one_line_per_event_off_a_terminal(tmp_path) -> None:
+    log = tmp_path / "log"
+    with log.open("w") as stream, Progress(stream) as progress:
+        for event in events():
+            progress(event)
+    lines = log.read_text().splitlines()
+    assert lines == [
+        "run r: 1 tasks from abc (run dir /tmp/r)",
+        "task t started (a)",
+        "task t failed in 0.50 s, 1 attempt(s): exited with code 1",
+    ]
+
+
+def test_a_reader_that_goes_away_does_not_end_the_run() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = os.fdopen(write_end, "w", buffering=1)
+    with Progress(stream) as progress:
+        for event in events():
+            progress(event)  # a broken pipe must neither raise nor exit
+    assert progress.console.quiet or progress.closed
+    with contextlib.suppress(BrokenPipeError):
+        stream.close()
