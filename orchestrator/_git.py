@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 
 from .errors import GitError
 
@@ -85,12 +86,17 @@ class Git:
         """Run git and return its result; raise GitError on failure when *check*."""
         self.calls += 1
         command = ["git", "-C", str(cwd or self.repo), *args]
-        result = await anyio.run_process(
-            command,
-            input=stdin,
-            check=False,
-            env={**self._env, **env} if env else self._env,
-        )
+        # A started git command is never killed: killed, it can leave ref and index locks
+        # behind. It runs to its end (milliseconds, for what the engine runs) and a pending
+        # cancellation is delivered right after.
+        with anyio.CancelScope(shield=True):
+            result = await anyio.run_process(
+                command,
+                input=stdin,
+                check=False,
+                env={**self._env, **env} if env else self._env,
+            )
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if check and result.returncode != 0:
             raise GitError(args, result.returncode, result.stderr.decode(errors="replace"))
         return result

@@ -136,21 +136,8 @@ async def orchestrate_parallel(
         else {"envelopes": [e.to_json_dict() for e in envelopes]}
     )
     plan_sha = digest(plan_json)
-    await anyio.to_thread.run_sync(
-        atomic_write, ctx.run_dir / "plan.json", canonical_json(plan_json)
-    )
     envelopes = [e.model_copy(update={"run_id": ctx.run_id}) for e in envelopes]
     started = datetime.now(UTC)
-    await _emit(
-        ctx,
-        RunStarted(
-            run_id=ctx.run_id,
-            total_tasks=len(envelopes),
-            base_commit=ctx.base_commit,
-            run_dir=str(ctx.run_dir),
-        ),
-    )
-
     limiter = anyio.CapacityLimiter(limit)
 
     async def worker(envelope: HandoffEnvelope) -> None:
@@ -176,7 +163,21 @@ async def orchestrate_parallel(
         await _tidy(ctx)
         return report
 
+    # From here on, however the run ends, it ends with a report and the lock closed.
     try:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(
+                atomic_write, ctx.run_dir / "plan.json", canonical_json(plan_json)
+            )
+        await _emit(
+            ctx,
+            RunStarted(
+                run_id=ctx.run_id,
+                total_tasks=len(envelopes),
+                base_commit=ctx.base_commit,
+                run_dir=str(ctx.run_dir),
+            ),
+        )
         async with anyio.create_task_group() as tg:
             for envelope in envelopes:
                 tg.start_soon(worker, envelope, name=f"task {envelope.task_id}")

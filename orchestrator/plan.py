@@ -216,7 +216,10 @@ def parse_plan(
     except yaml.YAMLError as exc:
         # JSON is YAML, except for a few things YAML refuses (tabs as indentation): such a
         # file is read as JSON, without line numbers.
-        data = _json_or_none(text, problems)
+        try:
+            data = _json_or_none(text, problems)
+        except RecursionError:
+            raise PlanError([PlanIssue(file, None, None, "<plan>", "nested too deeply")]) from None
         if data is None:
             raise PlanError([_yaml_issue(file, exc)]) from None
     except RecursionError:
@@ -268,7 +271,7 @@ def _json_or_none(text: str, problems: list[tuple[Loc, str]]) -> Any:
 
     try:
         return json.loads(text, object_pairs_hook=no_duplicates)
-    except (ValueError, RecursionError):
+    except ValueError:
         return None
 
 

@@ -269,8 +269,8 @@ class _Subagent:
             venv_bin=self.venv.bin_dir if self.venv else None,
         )
         self.commands.append(argv)
-        self.program = os.path.realpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]
         try:
+            self.program = os.path.realpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]
             proc = await run_command(
                 argv,
                 cwd=self._cwd(),
