@@ -115,7 +115,17 @@ async def _forget(repo: Repository, path: Path, branch: str, expected: str) -> N
     await repo.git.run("update-ref", "-d", f"refs/heads/{branch}", expected, check=False)
 
 
-def _restore_dot_git(worktree: Worktree) -> None:
+async def _restore_dot_git(worktree: Worktree) -> None:
+    """Put back the worktree's ``.git`` file if needed (see _put_back_dot_git); GitError if not possible."""
+    try:
+        await anyio.to_thread.run_sync(_put_back_dot_git, worktree)
+    except OSError as exc:
+        raise GitError(
+            ["worktree"], 1, f"fatal: cannot restore {worktree.path / '.git'}: {exc}"
+        ) from exc
+
+
+def _put_back_dot_git(worktree: Worktree) -> None:
     """Put back the worktree's ``.git`` file if the agent removed or rewrote it.
 
     Without it, git run by a later attempt would find whatever repository encloses the
@@ -138,12 +148,7 @@ def _restore_dot_git(worktree: Worktree) -> None:
 
 async def reset_worktree(repo: Repository, worktree: Worktree) -> None:
     """Bring the worktree back to its base commit: no change, no untracked or ignored file."""
-    try:
-        await anyio.to_thread.run_sync(_restore_dot_git, worktree)
-    except OSError as exc:
-        raise GitError(
-            ["worktree"], 1, f"fatal: cannot restore {worktree.path / '.git'}: {exc}"
-        ) from exc
+    await _restore_dot_git(worktree)
     git, args, cwd = repo.git, worktree.git_args(), worktree.path
     await git.run(
         *args, "update-ref", f"refs/heads/{worktree.branch}", worktree.base_commit, cwd=cwd
@@ -162,12 +167,7 @@ async def commit_worktree(
     branch's tip. Plumbing commands are used, so the user's commit hooks do not run. The
     branch moves by compare-and-swap; it is the task's own loose ref, so no lock is needed.
     """
-    try:
-        await anyio.to_thread.run_sync(_restore_dot_git, worktree)
-    except OSError as exc:
-        raise GitError(
-            ["worktree"], 1, f"fatal: cannot restore {worktree.path / '.git'}: {exc}"
-        ) from exc
+    await _restore_dot_git(worktree)
     git, args, cwd = repo.git, worktree.git_args(), worktree.path
     await git.run(*args, "add", "--all", cwd=cwd)
     tree = await git.out(*args, "write-tree", cwd=cwd)
