@@ -107,7 +107,7 @@ class _Subagent:
         self.logs_dir = run_dir / "logs" / self.task_id
         self.outputs_dir = run_dir / "outputs" / self.task_id
 
-    async def _timed(self, phase: str, start: float) -> None:
+    def _timed(self, phase: str, start: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - start
 
     async def prepare(self) -> None:
@@ -134,7 +134,7 @@ class _Subagent:
             except GitError as exc:
                 raise _TaskFailed(ErrorInfo(kind="worktree", message=str(exc))) from exc
             finally:
-                await self._timed("worktree_s", start)
+                self._timed("worktree_s", start)
         if self.envelope.venv:
             start = time.monotonic()
             try:
@@ -149,7 +149,7 @@ class _Subagent:
                 self.commands.extend(exc.commands)
                 raise _TaskFailed(ErrorInfo(kind="install", message=str(exc))) from exc
             finally:
-                await self._timed("venv_s", start)
+                self._timed("venv_s", start)
 
     def _env(self, output_path: Path) -> dict[str, str]:
         env = clean_environment(os.environ)
@@ -203,7 +203,7 @@ class _Subagent:
                 await self._record(number, started_at, start, outcome, stdout_path, stderr_path)
             raise
         finally:
-            await self._timed("agent_s", start)
+            self._timed("agent_s", start)
         await self._record(number, started_at, start, outcome, stdout_path, stderr_path)
         if outcome.error is not None:
             await ctx.emit(
@@ -396,7 +396,7 @@ class _Subagent:
                 ctx.repo, self.worktree, message, base_tree=ctx.base_tree
             )
         finally:
-            await self._timed("commit_s", start)
+            self._timed("commit_s", start)
 
     async def cleanup(self, status: TaskStatus) -> None:
         """Remove the worktree and venv as the keep policy says; branches stay unless empty and cancelled."""
@@ -423,7 +423,7 @@ class _Subagent:
                     self.kept_worktree = self.worktree.path
         if self.venv is not None and (self.worktree is None or not keep):
             await anyio.to_thread.run_sync(shutil.rmtree, self.venv.path, True)
-        await self._timed("cleanup_s", start)
+        self._timed("cleanup_s", start)
 
     def result(self, status: TaskStatus, error: ErrorInfo | None) -> TaskResult:
         """The sealed TaskResult."""
