@@ -21,6 +21,7 @@ from ._events import Event as Event
 from ._events import RunFinished as RunFinished
 from ._events import RunStarted as RunStarted
 from ._events import TaskFinished as TaskFinished
+from ._events import TaskQueued as TaskQueued
 from ._events import TaskRetrying as TaskRetrying
 from ._events import TaskStarted as TaskStarted
 from ._ids import TASK_ID_PATTERN as TASK_ID_PATTERN
@@ -83,6 +84,7 @@ __all__ = [
     "RunStarted",
     "Summary",
     "TaskFinished",
+    "TaskQueued",
     "TaskResult",
     "TaskRetrying",
     "TaskSpec",

@@ -39,6 +39,7 @@ class HandoffEnvelope(BaseModel):
     retries: int = Field(default=0, ge=0)
     env: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: int = 0
     worktree: bool = True
     venv: bool = True
 
@@ -76,6 +77,7 @@ def build_envelope(
     retries: int = 0,
     env: dict[str, str] | None = None,
     metadata: dict[str, Any] | None = None,
+    priority: int = 0,
     worktree: bool = True,
     venv: bool = True,
 ) -> HandoffEnvelope:
@@ -92,6 +94,7 @@ def build_envelope(
         retries=retries,
         env=env or {},
         metadata=metadata or {},
+        priority=priority,
         worktree=worktree,
         venv=venv,
     )

@@ -19,6 +19,7 @@ __all__ = [
     "RunFinished",
     "RunStarted",
     "TaskFinished",
+    "TaskQueued",
     "TaskRetrying",
     "TaskStarted",
 ]
@@ -42,6 +43,15 @@ class RunStarted(_Event):
     total_tasks: int
     base_commit: str | None
     run_dir: str
+
+
+class TaskQueued(_Event):
+    """A task is ready and waits for a slot (the run's and its agent's limits)."""
+
+    type: Literal["task_queued"] = "task_queued"
+    task_id: str
+    agent: str
+    priority: int
 
 
 class TaskStarted(_Event):
@@ -94,6 +104,12 @@ class RunFinished(_Event):
 
 
 Event = Annotated[
-    RunStarted | TaskStarted | AttemptFailed | TaskRetrying | TaskFinished | RunFinished,
+    RunStarted
+    | TaskQueued
+    | TaskStarted
+    | AttemptFailed
+    | TaskRetrying
+    | TaskFinished
+    | RunFinished,
     Field(discriminator="type"),
 ]

@@ -57,6 +57,7 @@ class AgentSpec(_Strict):
 
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
+    max_concurrency: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("command", mode="before")
     @classmethod
@@ -97,6 +98,7 @@ class TaskSpec(_Strict):
     retries: Annotated[int, Field(ge=0, le=100)] | None = None
     env: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: int = 0
     worktree: bool | None = None
     venv: bool | None = None
 

@@ -15,6 +15,7 @@ from envelopes._events import Event
 
 from .errors import EventHandlerFailed, RunDirError
 from .repo import Repository
+from .scheduler import TaskBook, TaskState
 from .venv import VenvBackend, get_backend
 
 __all__ = ["EventHandler", "RunContext"]
@@ -44,6 +45,12 @@ class RunContext:
     backoff_max: float = 30.0
     on_event: EventHandler | None = None
     results: dict[str, TaskResult] = field(default_factory=dict)
+    book: TaskBook | None = None
+
+    def move(self, task_id: str, state: TaskState) -> None:
+        """Record a task's new state in the run's TaskBook (when the run keeps one)."""
+        if self.book is not None and task_id in self.book.states:
+            self.book.move(task_id, state)
 
     @classmethod
     async def open(

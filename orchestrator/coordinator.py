@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 
 from envelopes import AgentSpec, HandoffEnvelope, Plan, Report, TaskResult, canonical_json, digest
-from envelopes._events import Event, RunFinished, RunStarted
+from envelopes._events import Event, RunFinished, RunStarted, TaskQueued
 
 from ._fs import atomic_write
 from .agents import Agent, AgentFunction, as_agent
@@ -20,6 +20,7 @@ from .errors import EventHandlerFailed, OrchestratorError, PlanError, PlanIssue
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
 from .repo import Repository
 from .report import aggregate_results, write_report
+from .scheduler import TaskBook, schedule
 from .subagent import not_started_result, run_subagent
 from .venv import VenvBackend, get_backend
 
@@ -45,6 +46,7 @@ async def orchestrate_parallel(
     kill_grace: float = 2.0,
     backoff: tuple[float, float] = (1.0, 30.0),
     on_event: EventHandler | None = None,
+    agent_limits: Mapping[str, int] | None = None,
 ) -> Report:
     """Run every task of *plan* as a subagent and return the sealed Report.
 
@@ -63,6 +65,8 @@ async def orchestrate_parallel(
     is ``always``), a partial report is written to the run directory, and the cancellation
     propagates.
     """
+    if any(n < 1 for n in (agent_limits or {}).values()):
+        raise OrchestratorError(f"agent limits must be >= 1, got {dict(agent_limits or {})}")
     if concurrency is not None and concurrency < 1:
         raise OrchestratorError(f"concurrency must be >= 1, got {concurrency}")
     if keep_worktrees is not None and keep_worktrees not in KEEP_POLICIES:
@@ -138,11 +142,26 @@ async def orchestrate_parallel(
     plan_sha = digest(plan_json)
     envelopes = [e.model_copy(update={"run_id": ctx.run_id}) for e in envelopes]
     started = datetime.now(UTC)
-    limiter = anyio.CapacityLimiter(limit)
+    limits = {
+        name: spec.max_concurrency
+        for name, spec in (the_plan.agents.items() if the_plan else ())
+        if spec.max_concurrency
+    }
+    limits.update(agent_limits or {})
+    book = ctx.book = TaskBook([e.task_id for e in envelopes])
 
-    async def worker(envelope: HandoffEnvelope) -> None:
-        async with limiter:
-            await run_subagent(envelope, table[envelope.agent], ctx)
+    async def run_task(envelope: HandoffEnvelope) -> None:
+        await run_subagent(envelope, table[envelope.agent], ctx)
+
+    async def queued(envelope: HandoffEnvelope) -> None:
+        await ctx.emit(
+            TaskQueued(
+                run_id=ctx.run_id,
+                task_id=envelope.task_id,
+                agent=envelope.agent,
+                priority=envelope.priority,
+            )
+        )
 
     report_file = ctx.run_dir / "report.json"
 
@@ -178,17 +197,17 @@ async def orchestrate_parallel(
                 run_dir=str(ctx.run_dir),
             ),
         )
-        async with anyio.create_task_group() as tg:
-            for envelope in envelopes:
-                tg.start_soon(worker, envelope, name=f"task {envelope.task_id}")
+        await schedule(
+            envelopes, run_task, limit=limit, agent_limits=limits, book=book, on_ready=queued
+        )
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
-            await finish(
-                [
-                    ctx.results.get(e.task_id) or not_started_result(e, table[e.agent], ctx)
-                    for e in envelopes
-                ]
-            )
+            for e in envelopes:
+                if e.task_id not in ctx.results:
+                    ctx.results[e.task_id] = not_started_result(e, table[e.agent], ctx)
+                    if book.states[e.task_id] in ("pending", "ready"):
+                        book.move(e.task_id, "cancelled")
+            await finish([ctx.results[e.task_id] for e in envelopes])
             if ctx.repo is not None and owns_repo:
                 ctx.repo.lock.close()
         unwrapped = _unwrapped(exc)

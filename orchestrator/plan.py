@@ -421,6 +421,7 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 retries=task.retries if task.retries is not None else d.retries,
                 env={**d.env, **task.env},
                 metadata=task.metadata,
+                priority=task.priority,
                 worktree=task.worktree if task.worktree is not None else d.worktree,
                 venv=task.venv if task.venv is not None else d.venv,
             )

@@ -178,8 +178,10 @@ class _Subagent:
     async def attempt(self, number: int) -> _AttemptOutcome:
         """Run the agent once, from a clean worktree, and judge the outcome."""
         ctx = self.ctx
-        if number > 1 and self.worktree is not None and ctx.repo is not None:
-            await reset_worktree(ctx.repo, self.worktree)
+        if number > 1:
+            ctx.move(self.task_id, "running")
+            if self.worktree is not None and ctx.repo is not None:
+                await reset_worktree(ctx.repo, self.worktree)
         output_path = self.outputs_dir / f"attempt-{number}.json"
         stdout_path = self.logs_dir / f"attempt-{number}.stdout"
         stderr_path = self.logs_dir / f"attempt-{number}.stderr"
@@ -550,6 +552,7 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
         await task.prepare()
 
         async def before_retry(number: int, wait: float) -> None:
+            ctx.move(task.task_id, "retrying")
             await ctx.emit(
                 TaskRetrying(run_id=ctx.run_id, task_id=task.task_id, attempt=number, wait_s=wait)
             )
@@ -598,6 +601,7 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
             # Recorded even if the clean-up above ran out of time.
             result = task.result(status, error)
             ctx.results[task.task_id] = result
+            ctx.move(task.task_id, status)
             try:
                 await ctx.emit(_finished(ctx, result))
             except EventHandlerFailed:

@@ -426,7 +426,7 @@ def test_keep_worktrees_always_and_never(
 
 
 @pytest.mark.parametrize(
-    "event_type", ["task_started", "attempt_failed", "task_finished", "run_started"]
+    "event_type", ["task_queued", "task_started", "attempt_failed", "task_finished", "run_started"]
 )
 def test_a_failing_event_handler_stops_the_run_with_its_own_exception(
     event_type: str, make_repo: MakeRepo, write_agent: Callable[[str, str], Path]

@@ -218,6 +218,7 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         retries=2,
         env={"MODE": "fast"},
         metadata={"owner": "me"},
+        priority=3,
         worktree=False,
         venv=False,
     )
@@ -234,6 +235,7 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         "retries": 2,
         "env": {"MODE": "fast"},
         "metadata": {"owner": "me"},
+        "priority": 3,
         "worktree": False,
         "venv": False,
     }
@@ -327,6 +329,7 @@ CHANGED = {
     "retries": 2,
     "env": {"MODE": "slow"},
     "metadata": {"owner": "bob"},
+    "priority": 5,
     "worktree": False,
     "venv": False,
 }

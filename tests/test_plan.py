@@ -74,8 +74,8 @@ PLAN_ERRORS = [
         id="unknown-key-top-level",
     ),
     pytest.param(
-        PREFIX + TASK + "    priority: high\n",
-        ["plan.yaml:8:5: tasks[0].priority: unknown key"],
+        PREFIX + TASK + "    urgency: high\n",
+        ["plan.yaml:8:5: tasks[0].urgency: unknown key"],
         id="unknown-key-in-task",
     ),
     pytest.param(

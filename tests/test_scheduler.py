@@ -1,0 +1,177 @@
+"""The scheduler: priorities, per-agent limits and validated state transitions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from envelopes import (
+    HandoffEnvelope,
+    Plan,
+    Report,
+    TaskFinished,
+    TaskQueued,
+    TaskStarted,
+    build_envelope,
+)
+from orchestrator import OrchestratorError, Workspace, orchestrate_parallel
+from orchestrator.scheduler import IllegalTransition, TaskBook
+
+from .conftest import MakeRepo, cli
+
+
+def test_the_lifecycle_allows_what_it_should_and_nothing_else() -> None:
+    book = TaskBook(["a", "b", "c"])
+    for state in ("ready", "running", "retrying", "running", "succeeded"):
+        book.move("a", state)  # type: ignore[arg-type]
+    book.move("b", "skipped")
+    book.move("c", "ready")
+    book.move("c", "cancelled")
+    for task, state in [("a", "running"), ("b", "ready"), ("c", "running")]:
+        with pytest.raises(IllegalTransition, match=f"task {task}: "):
+            book.move(task, state)  # type: ignore[arg-type]
+    fresh = TaskBook(["d"])
+    for state in ("running", "succeeded", "retrying"):
+        with pytest.raises(IllegalTransition):
+            fresh.move("d", state)  # type: ignore[arg-type]
+
+
+async def _noop(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+    await anyio.sleep(0.01)
+    return {}
+
+
+def _run(
+    envelopes: list[HandoffEnvelope], tmp_path: Path, **options: Any
+) -> tuple[Report, list[Any]]:
+    events: list[Any] = []
+
+    async def main() -> Report:
+        return await orchestrate_parallel(
+            envelopes, state_dir=tmp_path / "state", on_event=events.append, **options
+        )
+
+    return anyio.run(main), events
+
+
+def test_ready_tasks_start_in_priority_order_ties_in_plan_order(tmp_path: Path) -> None:
+    priorities = {"p0": 0, "p5a": 5, "p1": 1, "p5b": 5, "p3": 3, "n2": -2}
+    envelopes = [
+        build_envelope("a", "t", task_id=tid, priority=p, worktree=False, venv=False)
+        for tid, p in priorities.items()
+    ]
+    report, events = _run(envelopes, tmp_path, agents={"a": _noop}, concurrency=1)
+    assert report.summary.successful == 6
+    started = [e.task_id for e in events if isinstance(e, TaskStarted)]
+    assert started == ["p5a", "p5b", "p3", "p1", "p0", "n2"]
+    queued = [(e.task_id, e.priority) for e in events if isinstance(e, TaskQueued)]
+    assert queued == list(priorities.items())  # every task is queued first, in plan order
+
+
+def test_per_agent_limit_holds_while_other_agents_go_on(tmp_path: Path) -> None:
+    envelopes = [
+        build_envelope(agent, "t", task_id=f"{agent}{i}", worktree=False, venv=False)
+        for i in range(6)
+        for agent in ("slow", "fast")
+    ]
+    report, events = _run(
+        envelopes,
+        tmp_path,
+        agents={"slow": _noop, "fast": _noop},
+        concurrency=6,
+        agent_limits={"slow": 2},
+    )
+    assert report.summary.successful == 12
+    running: dict[str, int] = {"slow": 0, "fast": 0}
+    peak = {"slow": 0, "fast": 0, "all": 0}
+    for event in events:
+        if isinstance(event, TaskStarted):
+            running[event.agent] += 1
+        elif isinstance(event, TaskFinished):
+            running[event.agent] -= 1
+        for name in ("slow", "fast"):
+            peak[name] = max(peak[name], running[name])
+        peak["all"] = max(peak["all"], running["slow"] + running["fast"])
+    assert peak["slow"] == 2  # never more than its limit...
+    assert peak["all"] == 6  # ...while the run's own limit is used to the full
+
+
+def test_plan_max_concurrency_is_applied(
+    make_repo: MakeRepo, write_agent: Any, tmp_path: Path
+) -> None:
+    marker_dir = tmp_path / "running"
+    marker_dir.mkdir()
+    agent = write_agent(
+        "count",
+        f"""
+        import os, pathlib, time
+        me = pathlib.Path({str(marker_dir)!r}, os.environ["ORCHESTRATOR_TASK_ID"])
+        me.touch()
+        peak = len(list(me.parent.iterdir()))
+        time.sleep(0.1)
+        me.unlink()
+        pathlib.Path(os.environ["ORCHESTRATOR_OUTPUT"]).write_text('{{"seen": %d}}' % peak)
+        """,
+    )
+    plan = Plan.model_validate(
+        {
+            "concurrency": 8,
+            "agents": {"c": {"command": [sys.executable, str(agent)], "max_concurrency": 1}},
+            "defaults": {"venv": False, "worktree": False},
+            "tasks": [{"id": f"c{i}", "agent": "c", "task": "t"} for i in range(4)],
+        }
+    )
+    report: Report = anyio.run(lambda: orchestrate_parallel(plan, repo=make_repo()))
+    assert [r.output for r in report.results] == [{"seen": 1}] * 4
+
+
+def test_retries_move_through_retrying_and_every_task_ends_final(tmp_path: Path) -> None:
+    tries: dict[str, int] = {}
+
+    async def flaky(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        tries[envelope.task_id] = tries.get(envelope.task_id, 0) + 1
+        if tries[envelope.task_id] < 2:
+            raise RuntimeError("first try fails")
+        return {}
+
+    envelopes = [
+        build_envelope("f", "t", task_id=f"f{i}", retries=1, worktree=False, venv=False)
+        for i in range(3)
+    ]
+    states: list[tuple[str, str]] = []
+
+    async def main() -> Report:
+        async def watch(event: Any) -> None:
+            states.append((event.type, getattr(event, "task_id", "")))
+
+        return await orchestrate_parallel(
+            envelopes, agents={"f": flaky}, state_dir=tmp_path / "s", on_event=watch
+        )
+
+    report: Report = anyio.run(main)
+    assert [r.attempts for r in report.results] == [2, 2, 2]
+    assert [t for t, _ in states].count("task_retrying") == 3
+
+
+def test_bad_limits_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(OrchestratorError, match="agent limits must be >= 1"):
+        _run(
+            [build_envelope("a", "t", worktree=False, venv=False)],
+            tmp_path,
+            agents={"a": _noop},
+            agent_limits={"a": 0},
+        )
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "agents:\n  a: {command: [x], max_concurrency: 0}\ntasks:\n  - {agent: a, task: t, priority: high}\n"
+    )
+    outcome = cli(capsys, "validate", str(plan))
+    assert outcome.code == 2
+    assert outcome.err.splitlines() == [
+        f"{plan}:2:21: agents.a.max_concurrency: must be >= 1",
+        f"{plan}:4:25: tasks[0].priority: must be an integer, found 'high'",
+    ]
