@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 
@@ -46,6 +46,7 @@ class RunContext:
     on_event: EventHandler | None = None
     results: dict[str, TaskResult] = field(default_factory=dict)
     book: TaskBook | None = None
+    events_log: BinaryIO | None = None
 
     def move(self, task_id: str, state: TaskState) -> None:
         """Record a task's new state in the run's TaskBook (when the run keeps one)."""
@@ -128,8 +129,30 @@ class RunContext:
         """The task's branch: ``orchestrator/<run_id>/<task_id>``."""
         return f"orchestrator/{self.run_id}/{task_id}"
 
+    def open_events_log(self) -> None:
+        """Start appending every event to ``events.jsonl`` in the run directory."""
+        try:
+            self.events_log = (self.run_dir / "events.jsonl").open("ab")
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot write {self.run_dir / 'events.jsonl'}: {exc.strerror or exc}"
+            ) from exc
+
+    def close_events_log(self) -> None:
+        """Stop writing ``events.jsonl`` (idempotent)."""
+        if self.events_log is not None:
+            self.events_log.close()
+            self.events_log = None
+
     async def emit(self, event: Event) -> None:
-        """Deliver *event* to the handler, awaiting it when it is a coroutine function."""
+        """Log *event* to ``events.jsonl`` and deliver it to the handler (awaited if async).
+
+        The log line is written (and flushed to the kernel, a few microseconds) before the
+        handler sees the event, so the audit log holds everything the caller was told.
+        """
+        if self.events_log is not None:
+            self.events_log.write(event.model_dump_json().encode() + b"\n")
+            self.events_log.flush()
         if self.on_event is not None:
             try:
                 outcome = self.on_event(event)

@@ -184,6 +184,7 @@ async def orchestrate_parallel(
 
     # From here on, however the run ends, it ends with a report and the lock closed.
     try:
+        ctx.open_events_log()
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(
                 atomic_write, ctx.run_dir / "plan.json", canonical_json(plan_json)
@@ -208,6 +209,7 @@ async def orchestrate_parallel(
                     if book.states[e.task_id] in ("pending", "ready"):
                         book.move(e.task_id, "cancelled")
             await finish([ctx.results[e.task_id] for e in envelopes])
+            ctx.close_events_log()
             if ctx.repo is not None and owns_repo:
                 ctx.repo.lock.close()
         unwrapped = _unwrapped(exc)
@@ -217,15 +219,18 @@ async def orchestrate_parallel(
     report = await finish([ctx.results[e.task_id] for e in envelopes])
     if ctx.repo is not None and owns_repo:
         ctx.repo.lock.close()
-    await _emit(
-        ctx,
-        RunFinished(
-            run_id=ctx.run_id,
-            report_path=str(report_path or report_file),
-            successful=report.summary.successful,
-            total_tasks=report.summary.total_tasks,
-        ),
-    )
+    try:
+        await _emit(
+            ctx,
+            RunFinished(
+                run_id=ctx.run_id,
+                report_path=str(report_path or report_file),
+                successful=report.summary.successful,
+                total_tasks=report.summary.total_tasks,
+            ),
+        )
+    finally:
+        ctx.close_events_log()
     return report
 
 

@@ -456,3 +456,24 @@ def test_a_failing_event_handler_stops_the_run_with_its_own_exception(
     # Whatever the handler did, nothing is left behind.
     assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
     assert not list((repo / ".git").rglob("*.lock"))
+
+
+def test_every_event_is_in_events_jsonl(
+    make_repo: MakeRepo, write_agent: Callable[[str, str], Path]
+) -> None:
+    from pydantic import TypeAdapter
+
+    from envelopes import Event
+
+    repo = make_repo(extra={"out/.keep": ""})
+    agent = write_agent("own_file", WRITE_OWN_FILE)
+    told: list[Any] = []
+    report: Report = run(
+        lambda: orchestrate_parallel(plan_of(agent, 3), repo=repo, on_event=told.append)
+    )
+    lines = (Path(report.run_dir) / "events.jsonl").read_text().splitlines()
+    adapter = TypeAdapter(Event)
+    logged = [adapter.validate_json(line) for line in lines]
+    assert logged == told  # the audit log holds exactly what the caller was told, in order
+    assert [e.type for e in logged][:1] == ["run_started"] and logged[-1].type == "run_finished"
+    assert sum(e.type == "task_finished" for e in logged) == 3
