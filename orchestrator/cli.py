@@ -116,6 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.demo == (args.plan is not None):
         _err("run needs a PLAN file, or --demo (not both)")
         return EXIT_USAGE
+    if args.out is not None and not args.out.absolute().parent.is_dir():
+        # Checked before anything runs: finding out after an hour of agents would be unkind.
+        _err(f"--out: {args.out.absolute().parent} is not a directory")
+        return EXIT_USAGE
     try:
         return anyio.run(_run, args)
     except PlanError as exc:

@@ -478,3 +478,14 @@ def test_ctrl_c_or_sigterm_stops_agents_cleans_up_and_exits(
     # Nothing is lost: each cancelled task's partial work is committed on its branch.
     for result in report["results"]:
         assert git(repo, "show", f"{result['branch']}:partial.txt") == "partial work"
+
+
+def test_out_in_a_missing_directory_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("agents: {a: {command: [x]}}\ntasks: [{agent: a, task: t}]\n")
+    outcome = cli(capsys, "run", str(plan), "--out", str(tmp_path / "missing" / "r.json"))
+    assert outcome == Outcome(
+        2, "", f"orchestrator: --out: {tmp_path / 'missing'} is not a directory\n"
+    )
