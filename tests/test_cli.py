@@ -61,6 +61,16 @@ def write_plan(path: Path, agent: Path, tasks: list[dict[str, Any]], **top: Any)
     return path
 
 
+def one_task_plan(tmp_path: Path, agent: Path) -> Path:
+    """The smallest plan that makes a commit: one task "one", no venv."""
+    return write_plan(
+        tmp_path / "plan.yaml",
+        agent,
+        [{"id": "one", "agent": "w", "task": "t"}],
+        defaults={"venv": False},
+    )
+
+
 def printed_report(out: str) -> Path:
     [line] = [line for line in out.splitlines() if line.startswith("report: ")]
     return Path(line.removeprefix("report: "))
@@ -192,12 +202,7 @@ def test_a_failing_task_exits_1_and_the_report_is_still_sound(
 def test_json_prints_the_report_on_stdout(
     repo: Path, writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plan = write_plan(
-        tmp_path / "plan.yaml",
-        writer,
-        [{"id": "one", "agent": "w", "task": "t"}],
-        defaults={"venv": False},
-    )
+    plan = one_task_plan(tmp_path, writer)
     outcome = cli(capsys, "run", str(plan), "--json")
     assert outcome.code == 0, outcome.err
     report = json.loads(outcome.out)
@@ -210,12 +215,7 @@ def test_json_prints_the_report_on_stdout(
 def test_out_writes_the_report_there(
     repo: Path, writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plan = write_plan(
-        tmp_path / "plan.yaml",
-        writer,
-        [{"id": "one", "agent": "w", "task": "t"}],
-        defaults={"venv": False},
-    )
+    plan = one_task_plan(tmp_path, writer)
     out = tmp_path / "results.json"
     outcome = cli(capsys, "run", str(plan), "--out", str(out))
     assert outcome.code == 0, outcome.err
@@ -334,12 +334,7 @@ def test_verify_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_verify_names_what_was_changed(
     repo: Path, writer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plan = write_plan(
-        tmp_path / "plan.yaml",
-        writer,
-        [{"id": "one", "agent": "w", "task": "t"}],
-        defaults={"venv": False},
-    )
+    plan = one_task_plan(tmp_path, writer)
     outcome = cli(capsys, "run", str(plan), "--json")
     report = json.loads(outcome.out)
     report["results"][0]["output"]["wrote"] = "out/other.txt"
