@@ -15,25 +15,37 @@ from ._canonical import digest_without as digest_without
 from ._canonical import sha256_hex as sha256_hex
 from ._envelope import ENVELOPE_SCHEMA as ENVELOPE_SCHEMA
 from ._envelope import HandoffEnvelope as HandoffEnvelope
+from ._envelope import Upstream as Upstream
 from ._envelope import build_envelope as build_envelope
 from ._events import AttemptFailed as AttemptFailed
 from ._events import Event as Event
+from ._events import GroupDecided as GroupDecided
+from ._events import MergeFinished as MergeFinished
+from ._events import MergePredicted as MergePredicted
 from ._events import RunFinished as RunFinished
 from ._events import RunStarted as RunStarted
 from ._events import TaskFinished as TaskFinished
 from ._events import TaskQueued as TaskQueued
 from ._events import TaskRetrying as TaskRetrying
+from ._events import TaskSkipped as TaskSkipped
 from ._events import TaskStarted as TaskStarted
+from ._ids import MATRIX_VALUE_PATTERN as MATRIX_VALUE_PATTERN
 from ._ids import TASK_ID_PATTERN as TASK_ID_PATTERN
 from ._ids import new_run_id as new_run_id
 from ._ids import new_task_id as new_task_id
+from ._ids import ref_safe as ref_safe
 from ._ids import task_id_problem as task_id_problem
+from ._plan import MATRIX_FIELDS as MATRIX_FIELDS
 from ._plan import AgentSpec as AgentSpec
+from ._plan import ExpandedTask as ExpandedTask
 from ._plan import KeepWorktrees as KeepWorktrees
+from ._plan import MergeSpec as MergeSpec
 from ._plan import Plan as Plan
 from ._plan import PlanDefaults as PlanDefaults
 from ._plan import PlanProblem as PlanProblem
+from ._plan import Select as Select
 from ._plan import TaskSpec as TaskSpec
+from ._plan import expand_tasks as expand_tasks
 from ._plan import plan_problems as plan_problems
 from ._result import REPORT_SCHEMA as REPORT_SCHEMA
 from ._result import AgentInfo as AgentInfo
@@ -42,7 +54,13 @@ from ._result import Attempt as Attempt
 from ._result import Environment as Environment
 from ._result import ErrorInfo as ErrorInfo
 from ._result import ErrorKind as ErrorKind
+from ._result import GroupMember as GroupMember
+from ._result import GroupReport as GroupReport
 from ._result import LogFile as LogFile
+from ._result import MergeConflict as MergeConflict
+from ._result import MergedTask as MergedTask
+from ._result import MergeRecord as MergeRecord
+from ._result import MergeStatus as MergeStatus
 from ._result import Metrics as Metrics
 from ._result import Provenance as Provenance
 from ._result import Report as Report
@@ -57,6 +75,8 @@ from ._schema import json_schemas as json_schemas
 
 __all__ = [
     "ENVELOPE_SCHEMA",
+    "MATRIX_FIELDS",
+    "MATRIX_VALUE_PATTERN",
     "REPORT_SCHEMA",
     "TASK_ID_PATTERN",
     "AgentInfo",
@@ -68,10 +88,21 @@ __all__ = [
     "ErrorInfo",
     "ErrorKind",
     "Event",
+    "ExpandedTask",
     "Finding",
+    "GroupDecided",
+    "GroupMember",
+    "GroupReport",
     "HandoffEnvelope",
     "KeepWorktrees",
     "LogFile",
+    "MergeConflict",
+    "MergeFinished",
+    "MergePredicted",
+    "MergeRecord",
+    "MergeSpec",
+    "MergeStatus",
+    "MergedTask",
     "Metrics",
     "NotAReport",
     "Plan",
@@ -82,25 +113,30 @@ __all__ = [
     "ReportError",
     "RunFinished",
     "RunStarted",
+    "Select",
     "Summary",
     "TaskFinished",
     "TaskQueued",
     "TaskResult",
     "TaskRetrying",
+    "TaskSkipped",
     "TaskSpec",
     "TaskStarted",
     "TaskStatus",
     "Timings",
+    "Upstream",
     "audit_report",
     "build_envelope",
     "canonical_json",
     "digest",
     "digest_without",
+    "expand_tasks",
     "json_schemas",
     "load_report_json",
     "new_run_id",
     "new_task_id",
     "plan_problems",
+    "ref_safe",
     "report_layout",
     "seal_report",
     "seal_result",

@@ -207,8 +207,132 @@ def _expected_summary(results: list[Mapping[str, Any]]) -> dict[str, Any]:
         "failed": counts["failed"],
         "timeout": counts["timed_out"],
         "cancelled": counts["cancelled"],
+        "skipped": counts["skipped"],
         "success_rate": round(100.0 * counts["succeeded"] / total, 2) if total else 0.0,
     }
+
+
+def upstream_tasks(result: Mapping[str, Any], groups: Mapping[str, Any]) -> list[str]:
+    """The tasks whose results *result* started from: its dependencies, a group standing for
+    its selected members, in the order the dependencies are listed."""
+    out: list[str] = []
+    for name in result.get("depends_on", []):
+        out += groups[name]["selected"] if name in groups else [name]
+    return out
+
+
+def _audit_start(
+    result: Mapping[str, Any],
+    raw: Mapping[str, Any],
+    by_id: Mapping[str, Mapping[str, Any]],
+    groups: Mapping[str, Any],
+    run_dir: Path | None,
+) -> Iterator[Finding]:
+    """The commit a task started from: the run's base, or what its dependencies produced."""
+    tid = result["task_id"]
+    base = result["provenance"]["base_commit"]
+    upstream = upstream_tasks(result, groups)
+    unknown = [name for name in upstream if name not in by_id]
+    if unknown:
+        yield Finding(
+            task_id=tid, field="depends_on", message=f"names tasks not in the report: {unknown}"
+        )
+        return
+    commits = [
+        by_id[name]["provenance"]["result_commit"]
+        for name in upstream
+        if by_id[name]["provenance"]["result_commit"] is not None
+    ]
+    if base is not None and raw["base_commit"] is not None and not commits:
+        yield from _check(tid, "provenance.base_commit", raw["base_commit"], base)
+    elif base is not None and len(commits) == 1:
+        yield from _check(tid, "provenance.base_commit", commits[0], base)
+    # With several, the base is a merge of them: verify_report checks its parents in git.
+    if upstream and run_dir is not None and result["envelope"] is not None:
+        try:
+            envelope = json.loads((run_dir / result["envelope"]["path"]).read_text("utf-8"))
+            told = {k: v["result_commit"] for k, v in envelope["upstream"].items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return  # the envelope file check reports an unreadable or altered file
+        expected = {name: by_id[name]["provenance"]["result_commit"] for name in upstream}
+        yield from _check(tid, "envelope.upstream", expected, told)
+
+
+def _audit_groups(
+    groups: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]]
+) -> Iterator[Finding]:
+    for name, group in groups.items():
+        field = f"groups.{name}"
+        for member in group["members"]:
+            found = by_id.get(member["task_id"])
+            if found is None:
+                yield Finding(
+                    task_id=None,
+                    field=field,
+                    message=f"member {member['task_id']} is not in the report",
+                )
+                continue
+            yield from _check(
+                member["task_id"], f"{field}.status", found["status"], member["status"]
+            )
+            if found.get("group") != name:
+                yield Finding(
+                    task_id=member["task_id"],
+                    field="group",
+                    message=f"listed in group {name} but its result says {found.get('group')!r}",
+                )
+        members = {m["task_id"] for m in group["members"]}
+        grouped = {tid for tid, r in by_id.items() if r.get("group") == name}
+        if grouped != members:
+            yield Finding(
+                task_id=None,
+                field=f"{field}.members",
+                message=f"expected {sorted(grouped)}, found {sorted(members)}",
+            )
+        succeeded = [m["task_id"] for m in group["members"] if m["status"] == "succeeded"]
+        selected = group["selected"]
+        if group["select"] == "all":
+            yield from _check(None, f"{field}.selected", succeeded, selected)
+        elif len(selected) > 1 or not set(selected) <= set(succeeded):
+            yield Finding(
+                task_id=None,
+                field=f"{field}.selected",
+                message=f"first_success selects one succeeded member, found {selected}",
+            )
+        elif succeeded and not selected:
+            yield Finding(
+                task_id=None,
+                field=f"{field}.selected",
+                message="a member succeeded but none is selected",
+            )
+
+
+def _audit_merges(
+    merges: list[Mapping[str, Any]], by_id: Mapping[str, Mapping[str, Any]]
+) -> Iterator[Finding]:
+    for number, merge in enumerate(merges):
+        field = f"merge[{number}]"
+        for entry in merge["tasks"]:
+            found = by_id.get(entry["task_id"])
+            if found is None:
+                yield Finding(
+                    task_id=None,
+                    field=field,
+                    message=f"task {entry['task_id']} is not in the report",
+                )
+                continue
+            yield from _check(
+                entry["task_id"],
+                f"{field}.result_commit",
+                found["provenance"]["result_commit"],
+                entry["result_commit"],
+            )
+        if merge["status"] == "merged" and (
+            merge["new_commit"] is None or merge["old_commit"] is None
+        ):
+            yield Finding(
+                task_id=None, field=field, message="a merged record without its old and new commit"
+            )
 
 
 def report_layout(raw: Mapping[str, Any]) -> bytes:
@@ -245,13 +369,13 @@ def audit_report(
             findings.append(
                 Finding(task_id=task_id, field="results", message=f"appears {count} times")
             )
+    by_id = {r["task_id"]: r for r in results}
+    groups = raw.get("groups", {})
     for result in results:
         findings += _audit_result(result, run_dir)
-        base = result["provenance"]["base_commit"]
-        if base is not None and raw["base_commit"] is not None:
-            findings += _check(
-                result["task_id"], "provenance.base_commit", raw["base_commit"], base
-            )
+        findings += _audit_start(result, raw, by_id, groups, run_dir)
+    findings += _audit_groups(groups, by_id)
+    findings += _audit_merges(raw.get("merge", []), by_id)
     summary = raw["summary"]
     for key, value in _expected_summary(results).items():
         findings += _check(None, f"summary.{key}", value, summary[key])
@@ -265,6 +389,7 @@ def audit_report(
                 "failed": 0,
                 "timeout": 0,
                 "cancelled": 0,
+                "skipped": 0,
                 "task_ids": [],
             },
         )
@@ -274,6 +399,7 @@ def audit_report(
             "failed": "failed",
             "timed_out": "timeout",
             "cancelled": "cancelled",
+            "skipped": "skipped",
         }[result["status"]]
         entry[key] += 1
         entry["task_ids"].append(result["task_id"])

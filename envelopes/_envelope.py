@@ -8,11 +8,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._canonical import digest
 from ._ids import new_task_id, task_id_problem
-from ._plan import finite_json
+from ._plan import Select, finite_json
 
-__all__ = ["ENVELOPE_SCHEMA", "HandoffEnvelope", "build_envelope"]
+__all__ = ["ENVELOPE_SCHEMA", "HandoffEnvelope", "Upstream", "build_envelope"]
 
 ENVELOPE_SCHEMA = "worktree-orchestrator/envelope/v1"
+
+
+class Upstream(BaseModel):
+    """What a dependency produced, as its dependent task is told."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output: dict[str, Any] | None = None
+    result_commit: str | None = None
+    branch: str | None = None
 
 
 class HandoffEnvelope(BaseModel):
@@ -42,6 +52,10 @@ class HandoffEnvelope(BaseModel):
     priority: int = 0
     worktree: bool = True
     venv: bool = True
+    depends_on: list[str] = Field(default_factory=list)
+    group: str | None = None
+    select: Select | None = None
+    upstream: dict[str, Upstream] = Field(default_factory=dict)
 
     @field_validator("inputs", "metadata")
     @classmethod
@@ -51,7 +65,7 @@ class HandoffEnvelope(BaseModel):
     @field_validator("task_id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
-        if why := task_id_problem(value):
+        if why := task_id_problem(value, matrix=True):
             raise ValueError(why)
         return value
 
@@ -80,6 +94,9 @@ def build_envelope(
     priority: int = 0,
     worktree: bool = True,
     venv: bool = True,
+    depends_on: list[str] | None = None,
+    group: str | None = None,
+    select: Select | None = None,
 ) -> HandoffEnvelope:
     """Build an envelope in code, generating a task id when none is given."""
     return HandoffEnvelope(
@@ -97,4 +114,7 @@ def build_envelope(
         priority=priority,
         worktree=worktree,
         venv=venv,
+        depends_on=depends_on or [],
+        group=group,
+        select=select,
     )

@@ -1,7 +1,8 @@
 """Lifecycle events of a run, one model per kind, each with a time and the run's id.
 
 The CLI's progress display is built on these, and library users receive them through
-``orchestrate_parallel(..., on_event=...)``.
+``orchestrate_parallel(..., on_event=...)`` or ``run_events(...)``. Every event is also a
+line of the run directory's ``events.jsonl``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._result import ErrorInfo, TaskStatus
+from ._plan import Select
+from ._result import ErrorInfo, MergeConflict, MergeStatus, TaskStatus
 
 __all__ = [
     "AttemptFailed",
     "Event",
+    "GroupDecided",
+    "MergeFinished",
+    "MergePredicted",
     "RunFinished",
     "RunStarted",
     "TaskFinished",
     "TaskQueued",
     "TaskRetrying",
+    "TaskSkipped",
     "TaskStarted",
 ]
 
@@ -94,6 +100,43 @@ class TaskFinished(_Event):
     error: ErrorInfo | None
 
 
+class TaskSkipped(_Event):
+    """A task will never run: a dependency did not succeed, or its dependencies conflict."""
+
+    type: Literal["task_skipped"] = "task_skipped"
+    task_id: str
+    agent: str
+    error: ErrorInfo
+
+
+class GroupDecided(_Event):
+    """A matrix group's selection is known (with ``first_success``, its first success)."""
+
+    type: Literal["group_decided"] = "group_decided"
+    group: str
+    select: Select
+    selected: list[str]
+
+
+class MergePredicted(_Event):
+    """Conflicts predicted between the results to merge, and against the target branch."""
+
+    type: Literal["merge_predicted"] = "merge_predicted"
+    into: str
+    tasks: list[str]
+    conflicts: list[MergeConflict]
+
+
+class MergeFinished(_Event):
+    """A merge into ``into`` moved it to ``new_commit``, or did not (``status``)."""
+
+    type: Literal["merge_finished"] = "merge_finished"
+    into: str
+    status: MergeStatus
+    new_commit: str | None
+    message: str
+
+
 class RunFinished(_Event):
     """Every task has a result and the report is written."""
 
@@ -110,6 +153,10 @@ Event = Annotated[
     | AttemptFailed
     | TaskRetrying
     | TaskFinished
+    | TaskSkipped
+    | GroupDecided
+    | MergePredicted
+    | MergeFinished
     | RunFinished,
     Field(discriminator="type"),
 ]

@@ -7,26 +7,40 @@ with the path of the field at fault so that a loader can point at the line in th
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ._ids import task_id_problem
+from ._ids import MATRIX_VALUE_PATTERN, task_id_problem
 
 __all__ = [
+    "MATRIX_FIELDS",
     "AgentSpec",
+    "ExpandedTask",
     "KeepWorktrees",
+    "MergeSpec",
     "Plan",
     "PlanDefaults",
     "PlanProblem",
+    "Select",
     "TaskSpec",
+    "expand_tasks",
     "plan_problems",
 ]
 
 KeepWorktrees = Literal["never", "failed", "always"]
+Select = Literal["first_success", "all"]
+#: Fields a ``matrix`` may vary: these as they are, and ``inputs.<name>``, ``env.<name>`` and
+#: ``metadata.<name>``.
+MATRIX_FIELDS = ("agent", "task", "requirements", "timeout", "retries", "priority")
+_MATRIX_DICTS = ("inputs", "env", "metadata")
+_MATRIX_VALUE_RE = re.compile(MATRIX_VALUE_PATTERN)
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
@@ -89,7 +103,7 @@ class TaskSpec(_Strict):
     """One task of a plan, before defaults are applied."""
 
     id: str | None = None
-    agent: str
+    agent: str | None = None
     task: str
     inputs: dict[str, Any] = Field(default_factory=dict)
     requirements: list[str] | None = None
@@ -101,11 +115,21 @@ class TaskSpec(_Strict):
     priority: int = 0
     worktree: bool | None = None
     venv: bool | None = None
+    depends_on: list[str] = Field(default_factory=list)
+    matrix: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = None
+    select: Select | None = None
 
-    @field_validator("inputs", "metadata")
+    @field_validator("inputs", "metadata", "matrix")
     @classmethod
-    def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _finite(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return finite_json(value)  # type: ignore[no-any-return]
+
+
+class MergeSpec(_Strict):
+    """Merge the run's results into a branch when every task succeeded (see docs/plan-format.md)."""
+
+    into: str = Field(min_length=1)
+    tasks: list[str] | None = None
 
 
 class Plan(_Strict):
@@ -117,6 +141,8 @@ class Plan(_Strict):
     base: str = Field(default="HEAD", min_length=1)
     concurrency: Annotated[int, Field(ge=1, le=1024)] = 4
     keep_worktrees: KeepWorktrees = "failed"
+    fail_fast: bool = False
+    merge: MergeSpec | None = None
     defaults: PlanDefaults = Field(default_factory=PlanDefaults)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -143,6 +169,153 @@ class PlanProblem(BaseModel):
         return out or "<plan>"
 
 
+@dataclass(frozen=True)
+class ExpandedTask:
+    """One task to run: a task of the plan, or one combination of a matrix task's values.
+
+    ``spec`` has the combination's values applied (and no ``matrix``); ``group`` is the plan
+    task's id for a matrix task, with its ``select`` policy.
+    """
+
+    index: int
+    task_id: str
+    spec: TaskSpec
+    group: str | None = None
+    select: Select | None = None
+
+
+def _value_text(value: Any, position: int) -> str:
+    """How a matrix value appears in a task id: itself if it is short and id-safe, else its
+    1-based position in the list."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        text = str(value)
+        if (
+            _MATRIX_VALUE_RE.fullmatch(text)
+            and ".." not in text
+            and not text.endswith((".", ".lock"))
+        ):
+            return text
+    return str(position + 1)
+
+
+def _apply(data: dict[str, Any], key: str, value: Any) -> None:
+    if key in MATRIX_FIELDS:
+        data[key] = value
+    else:
+        field, name = key.split(".", 1)
+        data[field] = {**(data.get(field) or {}), name: value}
+
+
+def _matrix_key_problem(key: str) -> str | None:
+    if key in MATRIX_FIELDS:
+        return None
+    field, _, name = key.partition(".")
+    if field in _MATRIX_DICTS and name:
+        return None
+    return (
+        f"a matrix cannot vary {key!r}: it varies {', '.join(MATRIX_FIELDS)}, "
+        "inputs.<name>, env.<name> or metadata.<name>"
+    )
+
+
+def _combinations(
+    task_id: str, matrix: Mapping[str, list[Any]]
+) -> Iterator[tuple[str, list[tuple[str, Any]]]]:
+    keys = list(matrix)
+    for combo in itertools.product(*(list(enumerate(matrix[k])) for k in keys)):
+        member = f"{task_id}[{','.join(_value_text(v, i) for i, v in combo)}]"
+        yield member, [(k, v) for k, (_, v) in zip(keys, combo, strict=True)]
+
+
+def expand_tasks(plan: Plan) -> list[ExpandedTask]:
+    """Every task to run, matrix tasks expanded, in plan order.
+
+    A matrix task ``impl`` with ``matrix: {agent: [a, b]}`` becomes ``impl[a]`` and
+    ``impl[b]``; with several keys, one task per combination (``impl[a,1]``, ...), keys in the
+    order written. Assumes a plan without :func:`plan_problems`.
+    """
+    out: list[ExpandedTask] = []
+    for index, (task, task_id) in enumerate(zip(plan.tasks, plan.task_ids(), strict=True)):
+        if not task.matrix:
+            out.append(ExpandedTask(index, task_id, task))
+            continue
+        for member, values in _combinations(task_id, task.matrix):
+            data = task.model_dump(exclude={"matrix", "select"})
+            for key, value in values:
+                _apply(data, key, value)
+            out.append(
+                ExpandedTask(
+                    index,
+                    member,
+                    TaskSpec.model_validate(data),
+                    group=task_id,
+                    select=task.select or "all",
+                )
+            )
+    return out
+
+
+def _cycles(ids: list[str], needs: list[list[int]]) -> list[list[int]]:
+    """Cycles among tasks, each once: ``needs[i]`` lists the tasks task *i* depends on.
+
+    Each cycle starts at its first task in plan order and follows "is needed by".
+    """
+    count = len(ids)
+    needed_by: list[list[int]] = [[] for _ in range(count)]
+    missing = [0] * count
+    for i, deps in enumerate(needs):
+        for d in set(deps):
+            needed_by[d].append(i)
+            missing[i] += 1
+    # Kahn's algorithm: whatever it cannot order is on a cycle or downstream of one.
+    ready = [i for i in range(count) if not missing[i]]
+    while ready:
+        node = ready.pop()
+        for after in needed_by[node]:
+            missing[after] -= 1
+            if not missing[after]:
+                ready.append(after)
+    left = {i for i in range(count) if missing[i]}
+    found: list[list[int]] = []
+    on_cycle: set[int] = set()
+    for start in sorted(left):
+        if start in on_cycle:
+            continue
+        # The shortest way round from *start* back to itself, if there is one.
+        came_from: dict[int, int] = {}
+        frontier = [start]
+        closed = False
+        while frontier and not closed:
+            following = []
+            for node in frontier:
+                for after in sorted(set(needed_by[node])):
+                    if after == start:
+                        came_from[start] = node
+                        closed = True
+                        break
+                    if after in left and after not in came_from:
+                        came_from[after] = node
+                        following.append(after)
+                if closed:
+                    break
+            frontier = following
+        if not closed:
+            continue  # downstream of a cycle, not on one
+        path = [start]
+        node = came_from[start]
+        while node != start:
+            path.append(node)
+            node = came_from[node]
+        cycle = [start, *reversed(path[1:])]
+        if on_cycle.intersection(cycle):
+            continue
+        on_cycle.update(cycle)
+        found.append(cycle)
+    return found
+
+
 def plan_problems(
     plan: Plan | Mapping[str, Any], *, callable_agents: frozenset[str] = frozenset()
 ) -> list[PlanProblem]:
@@ -153,7 +326,7 @@ def plan_problems(
     with schema errors. *callable_agents* names agents supplied in code rather than in the
     plan's ``agents``.
     """
-    data = plan.model_dump() if isinstance(plan, Plan) else plan
+    data = plan.model_dump(exclude_none=True) if isinstance(plan, Plan) else plan
     agents = data.get("agents")
     agent_names = (
         {name for name in agents if isinstance(name, str)} if isinstance(agents, Mapping) else set()
@@ -184,13 +357,132 @@ def plan_problems(
             problems.append(PlanProblem(loc=("tasks", index, "id"), message=message))
         else:
             seen[task_id] = index
+        matrix = task.get("matrix")
+        matrix = matrix if isinstance(matrix, Mapping) else None
         agent = task.get("agent")
-        if isinstance(agent, str) and agent not in agent_names and agent not in callable_agents:
-            defined = ", ".join(sorted({*agent_names, *callable_agents})) or "none"
+        varied_agents = matrix.get("agent") if matrix is not None else None
+        defined = ", ".join(sorted({*agent_names, *callable_agents})) or "none"
+        if isinstance(varied_agents, list):
+            for j, name in enumerate(varied_agents):
+                if isinstance(name, str) and name not in agent_names | callable_agents:
+                    problems.append(
+                        PlanProblem(
+                            loc=("tasks", index, "matrix", "agent", j),
+                            message=f"agent {name!r} is not defined (defined: {defined})",
+                        )
+                    )
+        elif agent is None:
+            problems.append(
+                PlanProblem(
+                    loc=("tasks", index, "agent"),
+                    message="required (name an agent, or vary it with matrix.agent)",
+                )
+            )
+        elif isinstance(agent, str) and agent not in agent_names and agent not in callable_agents:
             problems.append(
                 PlanProblem(
                     loc=("tasks", index, "agent"),
                     message=f"agent {agent!r} is not defined (defined: {defined})",
                 )
             )
+        if task.get("select") is not None and matrix is None:
+            problems.append(
+                PlanProblem(
+                    loc=("tasks", index, "select"),
+                    message="select chooses among a matrix task's results; this task has no matrix",
+                )
+            )
+        if matrix is not None and isinstance(task_id, str):
+            problems += _matrix_problems(index, task_id, task, matrix)
+    problems += _graph_problems(data, tasks)
+    return problems
+
+
+def _matrix_problems(
+    index: int, task_id: str, task: Mapping[str, Any], matrix: Mapping[str, Any]
+) -> list[PlanProblem]:
+    problems: list[PlanProblem] = []
+    base = {k: v for k, v in task.items() if k not in ("matrix", "select")}
+    base.setdefault("agent", "?")
+    try:
+        TaskSpec.model_validate(base)
+    except ValidationError:
+        base = {}  # the task's own fields are wrong: the schema errors say so
+    for key, values in matrix.items():
+        if why := _matrix_key_problem(key):
+            problems.append(PlanProblem(loc=("tasks", index, "matrix", key), message=why))
+            continue
+        if not base or not isinstance(values, list):
+            continue
+        for j, value in enumerate(values):
+            data = dict(base)
+            _apply(data, key, value)
+            try:
+                TaskSpec.model_validate(data)
+            except ValidationError as exc:
+                problems.append(
+                    PlanProblem(
+                        loc=("tasks", index, "matrix", key, j), message=exc.errors()[0]["msg"]
+                    )
+                )
+    if problems or not all(isinstance(v, list) and v for v in matrix.values()):
+        return problems
+    seen: set[str] = set()
+    for member, _ in _combinations(task_id, matrix):
+        if member in seen:
+            problems.append(
+                PlanProblem(
+                    loc=("tasks", index, "matrix"),
+                    message=f"two combinations would both be {member!r}; make the values distinct",
+                )
+            )
+            break
+        seen.add(member)
+    return problems
+
+
+def _graph_problems(data: Mapping[str, Any], tasks: list[Any]) -> list[PlanProblem]:
+    """Unknown or repeated ``depends_on`` entries, dependency cycles, unknown ``merge.tasks``."""
+    problems: list[PlanProblem] = []
+    ids: list[str] = []
+    by_name: dict[str, int] = {}  # plan task ids and matrix members' ids -> plan index
+    for index, task in enumerate(tasks):
+        written = task.get("id") if isinstance(task, Mapping) else None
+        task_id = written if isinstance(written, str) else f"task-{index + 1:03d}"
+        ids.append(task_id)
+        by_name.setdefault(task_id, index)
+        matrix = task.get("matrix") if isinstance(task, Mapping) else None
+        if isinstance(matrix, Mapping) and all(isinstance(v, list) for v in matrix.values()):
+            for member, _ in _combinations(task_id, matrix):
+                by_name.setdefault(member, index)
+    needs: list[list[int]] = [[] for _ in tasks]
+    for index, task in enumerate(tasks):
+        deps = task.get("depends_on") if isinstance(task, Mapping) else None
+        if not isinstance(deps, list):
+            continue
+        listed: set[str] = set()
+        for j, name in enumerate(deps):
+            if not isinstance(name, str):
+                continue
+            loc = ("tasks", index, "depends_on", j)
+            if name not in by_name:
+                problems.append(PlanProblem(loc=loc, message=f"unknown task id {name!r}"))
+            elif name in listed:
+                problems.append(PlanProblem(loc=loc, message=f"{name!r} is listed twice"))
+            else:
+                needs[index].append(by_name[name])
+            listed.add(name)
+    for cycle in _cycles(ids, needs):
+        names = " -> ".join(ids[i] for i in [*cycle, cycle[0]])
+        problems.append(
+            PlanProblem(loc=("tasks", cycle[0], "depends_on"), message=f"cycle {names}")
+        )
+    merge = data.get("merge")
+    chosen = merge.get("tasks") if isinstance(merge, Mapping) else None
+    if isinstance(chosen, list):
+        for j, name in enumerate(chosen):
+            if isinstance(name, str) and name not in by_name:
+                problems.append(
+                    PlanProblem(loc=("merge", "tasks", j), message=f"unknown task id {name!r}")
+                )
     return problems

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._canonical import digest_without
+from ._plan import Select
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -22,7 +23,13 @@ __all__ = [
     "Environment",
     "ErrorInfo",
     "ErrorKind",
+    "GroupMember",
+    "GroupReport",
     "LogFile",
+    "MergeConflict",
+    "MergeRecord",
+    "MergeStatus",
+    "MergedTask",
     "Metrics",
     "Provenance",
     "Report",
@@ -37,8 +44,11 @@ __all__ = [
 
 REPORT_SCHEMA = "worktree-orchestrator/report/v1"
 
-TaskStatus = Literal["succeeded", "failed", "timed_out", "cancelled"]
+TaskStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "skipped"]
 ErrorKind = Literal[
+    "dependency",
+    "dependency_conflict",
+    "not_needed",
     "exit_code",
     "timeout",
     "invalid_output",
@@ -61,6 +71,7 @@ class ErrorInfo(_Model):
 
     kind: ErrorKind
     message: str
+    paths: list[str] = Field(default_factory=list)
 
 
 class LogFile(_Model):
@@ -165,6 +176,8 @@ class TaskResult(_Model):
     worktree: str | None = None
     envelope: LogFile | None = None
     attempt_log: list[Attempt] = Field(default_factory=list)
+    group: str | None = None
+    depends_on: list[str] = Field(default_factory=list)
     provenance: Provenance
 
     @property
@@ -181,6 +194,7 @@ class Summary(_Model):
     failed: int
     timeout: int
     cancelled: int
+    skipped: int = 0
     success_rate: float
     total_execution_time: float
 
@@ -193,6 +207,7 @@ class AgentSummary(_Model):
     failed: int
     timeout: int
     cancelled: int
+    skipped: int = 0
     task_ids: list[str]
 
 
@@ -203,6 +218,57 @@ class ReportError(_Model):
     agent: str
     kind: ErrorKind
     message: str
+
+
+class GroupMember(_Model):
+    """One task of a matrix group and how it ended."""
+
+    task_id: str
+    status: TaskStatus
+
+
+class GroupReport(_Model):
+    """A matrix task's group: its members and which of them were selected."""
+
+    select: Select
+    members: list[GroupMember]
+    selected: list[str]
+
+
+class MergeConflict(_Model):
+    """Two results (or a result and the target branch) that cannot be merged cleanly."""
+
+    left: str
+    right: str
+    paths: list[str]
+
+
+class MergedTask(_Model):
+    """One task's result in a merge, and the merge commit that brought it in.
+
+    ``merge_commit`` is None when the target already contained the result (a dependency
+    merged before its dependent, say).
+    """
+
+    task_id: str
+    result_commit: str
+    merge_commit: str | None
+
+
+MergeStatus = Literal["merged", "conflict", "refused", "skipped"]
+
+
+class MergeRecord(_Model):
+    """One merge of results into a branch: ``old_commit`` moved to ``new_commit`` at ``at``."""
+
+    into: str
+    status: MergeStatus
+    old_commit: str | None = None
+    new_commit: str | None = None
+    tasks: list[MergedTask] = Field(default_factory=list)
+    conflicts: list[MergeConflict] = Field(default_factory=list)
+    message: str = ""
+    at: datetime
 
 
 class Report(_Model):
@@ -225,6 +291,8 @@ class Report(_Model):
     results: list[TaskResult]
     results_by_agent: dict[str, AgentSummary]
     errors: list[ReportError]
+    groups: dict[str, GroupReport] = Field(default_factory=dict)
+    merge: list[MergeRecord] = Field(default_factory=list)
     report_sha256: str = ""
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=_positive_int, help="at most this many tasks at once")
     run.add_argument("--out", type=Path, help="also write the report here")
     run.add_argument(
+        "--fail-fast",
+        action="store_true",
+        default=None,
+        help="at the first failed task, cancel the running ones and start no more",
+    )
+    run.add_argument(
         "--keep-worktrees",
         choices=["never", "failed", "always"],
         help="which worktrees to keep after the run",
@@ -190,6 +196,7 @@ async def _run(args: argparse.Namespace) -> int:
                     state_dir=args.state_dir,
                     report_path=args.out,
                     venv_backend=args.venv_backend,
+                    fail_fast=args.fail_fast,
                     on_event=progress,
                 )
             except OrchestratorError as exc:

@@ -12,9 +12,10 @@ from pathlib import Path
 import anyio
 
 from envelopes import Finding, NotAReport, Report, audit_report, load_report_json
+from envelopes._audit import upstream_tasks
 
 from ._git import Git
-from .errors import ReportUnreadable
+from .errors import GitError, ReportUnreadable
 from .repo import NotARepository, Repository
 
 __all__ = ["VerifyOutcome", "verify_report"]
@@ -184,4 +185,50 @@ async def _check_git(git: Git, report: Report, outcome: VerifyOutcome) -> list[F
                         message=f"branch {r.branch} points at {found}, which does not contain {p.result_commit}",
                     )
                 )
+    findings += await _check_dependency_starts(git, report)
+    return findings
+
+
+async def _check_dependency_starts(git: Git, report: Report) -> list[Finding]:
+    """A task that started from several dependencies' results started from a merge of them.
+
+    Its base commit's parents must be those results (less any that another one contains), in
+    the order its ``depends_on`` lists them. (One dependency: ``audit_report`` compares the
+    commits directly.)
+    """
+    findings: list[Finding] = []
+    by_id = {r.task_id: r for r in report.results}
+    groups = {name: group.model_dump() for name, group in report.groups.items()}
+    for r in report.results:
+        base = r.provenance.base_commit
+        upstream = [
+            commit
+            for name in upstream_tasks(r.model_dump(), groups)
+            if name in by_id and (commit := by_id[name].provenance.result_commit)
+        ]
+        if base is None or len(set(upstream)) < 2:
+            continue
+        heads = (await git.out("merge-base", "--independent", *dict.fromkeys(upstream))).split()
+        expected = [c for c in dict.fromkeys(upstream) if c in heads]
+        if expected == [base]:
+            continue  # one result contained the others: the task started from it
+        listed = await git.run("rev-list", "--parents", "-n", "1", base, check=False)
+        if listed.returncode != 0:
+            findings.append(
+                Finding(
+                    task_id=r.task_id,
+                    field="provenance.base_commit",
+                    message=f"commit {base} not found in the repository",
+                )
+            )
+            continue
+        parents = listed.stdout.decode().split()[1:]
+        if parents != expected:
+            findings.append(
+                Finding(
+                    task_id=r.task_id,
+                    field="provenance.base_commit",
+                    message=f"{base} is not the merge of its dependencies' results {expected} (its parents: {parents})",
+                )
+            )
     return findings

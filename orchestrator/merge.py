@@ -1,0 +1,94 @@
+"""Merging commits without a working tree: ``git merge-tree --write-tree`` and ``commit-tree``.
+
+A merge computed this way touches no checkout and takes no lock (it only adds objects to the
+object database, which git makes safe for concurrent writers), so a dependent task's start
+commit and a merge-back's result are built beside running tasks without disturbing them. The
+outcome is the same tree a ``git merge`` in a scratch worktree would produce (the same
+merge machinery, ``ort``), without writing a single file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ._git import Git
+from .errors import GitError
+
+__all__ = ["Combined", "combine_commits", "independent_commits", "merge_trees"]
+
+
+async def merge_trees(git: Git, ours: str, theirs: str) -> tuple[str, list[str]]:
+    """Merge commit *theirs* into *ours*: the merged tree, and the paths that conflict.
+
+    With conflicts the tree holds conflict markers and must not be committed.
+    """
+    result = await git.run(
+        "merge-tree", "--write-tree", "--name-only", "--no-messages", ours, theirs, check=False
+    )
+    lines = result.stdout.decode(errors="replace").splitlines()
+    if result.returncode not in (0, 1) or not lines:
+        raise GitError(
+            ["merge-tree", "--write-tree", ours, theirs],
+            result.returncode,
+            result.stderr.decode(errors="replace"),
+        )
+    conflicts = sorted({line for line in lines[1:] if line}) if result.returncode == 1 else []
+    return lines[0], conflicts
+
+
+async def independent_commits(git: Git, commits: Sequence[str]) -> list[str]:
+    """*commits* without those that another of them already contains, in the given order."""
+    unique = list(dict.fromkeys(commits))
+    if len(unique) < 2:
+        return unique
+    kept = set((await git.out("merge-base", "--independent", *unique)).split())
+    return [c for c in unique if c in kept]
+
+
+@dataclass(frozen=True)
+class Combined:
+    """The result of :func:`combine_commits`.
+
+    Either ``commit`` and ``tree`` (a clean merge), or ``conflicts`` with the paths, and
+    ``conflicting`` the index (in the commits given) of the one whose merge into the ones
+    before it conflicted.
+    """
+
+    commit: str | None
+    tree: str | None
+    conflicts: list[str] = field(default_factory=list)
+    conflicting: int | None = None
+
+
+async def combine_commits(
+    git: Git, commits: Sequence[str], *, message: str, env: dict[str, str] | None = None
+) -> Combined:
+    """One commit holding all of *commits*: itself for one, else a merge commit of them all.
+
+    Commits that another one already contains are dropped first; the rest are merged in the
+    given order (each into the merge of the ones before it) and the result is committed once,
+    with the remaining commits as its parents in that order. *env* carries the committer
+    identity (see ``Git.identity_env``).
+    """
+    if not commits:
+        raise ValueError("combine_commits needs at least one commit")
+    heads = await independent_commits(git, commits)
+    if len(heads) == 1:
+        tree = await git.out("rev-parse", f"{heads[0]}^{{tree}}")
+        return Combined(heads[0], tree)
+    identity = env if env is not None else await git.identity_env()
+    current, tree = heads[0], ""
+    for position, head in enumerate(heads[1:], start=1):
+        tree, conflicts = await merge_trees(git, current, head)
+        if conflicts:
+            return Combined(None, None, conflicts, commits.index(head))
+        if position < len(heads) - 1:
+            # An intermediate commit, so that the next merge finds the right merge base; it
+            # is not referenced by anything once the final commit exists.
+            current = await git.out(
+                "commit-tree", tree, "-p", current, "-p", head, "-m", message, env=identity
+            )
+    parents = [arg for head in heads for arg in ("-p", head)]
+    commit = await git.out("commit-tree", tree, *parents, "-m", message, env=identity)
+    return Combined(commit, tree)
