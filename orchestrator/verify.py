@@ -208,7 +208,10 @@ async def _check_dependency_starts(git: Git, report: Report) -> list[Finding]:
         ]
         if base is None or len(set(upstream)) < 2:
             continue
-        heads = (await git.out("merge-base", "--independent", *dict.fromkeys(upstream))).split()
+        try:
+            heads = (await git.out("merge-base", "--independent", *dict.fromkeys(upstream))).split()
+        except GitError:
+            continue  # a missing result commit: reported with its task
         expected = [c for c in dict.fromkeys(upstream) if c in heads]
         if expected == [base]:
             continue  # one result contained the others: the task started from it
