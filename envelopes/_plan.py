@@ -57,6 +57,45 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required field missing",
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than_equal": "must be <= {le}",
+    "too_short": "must not be empty",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+    "literal_error": "must be one of {expected}",
+    "finite_number": "must be a finite number",
+}
+
+
+def validation_message(error: Mapping[str, Any]) -> str:
+    """A pydantic error as a plan's reader wants it: ``must be > 0``, ``must be a string, found 3``."""
+    template = _MESSAGES.get(error["type"])
+    if template is None:
+        return str(error["msg"]).removeprefix("Value error, ")
+    ctx = {
+        k: (f"{v:g}" if isinstance(v, float) else v) for k, v in (error.get("ctx") or {}).items()
+    }
+    try:
+        text = template.format(**ctx)
+    except (KeyError, IndexError):
+        text = error["msg"]
+    if error["type"].endswith("_type") or error["type"] == "literal_error":
+        text += (
+            f", found {error['input']!r}"
+            if not isinstance(error["input"], dict | list)
+            else f", found {type(error['input']).__name__}"
+        )
+    return text
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -422,7 +461,8 @@ def _matrix_problems(
             except ValidationError as exc:
                 problems.append(
                     PlanProblem(
-                        loc=("tasks", index, "matrix", key, j), message=exc.errors()[0]["msg"]
+                        loc=("tasks", index, "matrix", key, j),
+                        message=validation_message(exc.errors()[0]),
                     )
                 )
     if problems or not all(isinstance(v, list) and v for v in matrix.values()):

@@ -10,7 +10,7 @@ from typing import Any, BinaryIO
 
 import anyio
 
-from envelopes import KeepWorktrees, TaskResult, new_run_id
+from envelopes import ErrorInfo, KeepWorktrees, TaskResult, new_run_id, ref_safe
 from envelopes._events import Event
 
 from .errors import EventHandlerFailed, RunDirError
@@ -47,6 +47,20 @@ class RunContext:
     results: dict[str, TaskResult] = field(default_factory=dict)
     book: TaskBook | None = None
     events_log: BinaryIO | None = None
+    #: Where a dependent task starts, if not from the run's base: (commit, tree).
+    starts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Why a running task is being cancelled, when it is not the whole run (fail-fast, say).
+    cancel_reasons: dict[str, ErrorInfo] = field(default_factory=dict)
+
+    def start_of(self, task_id: str) -> tuple[str | None, str | None]:
+        """The commit and tree *task_id* starts from."""
+        return self.starts.get(task_id, (self.base_commit, self.base_tree))
+
+    def cancelled_error(self, task_id: str) -> ErrorInfo:
+        """Why *task_id* was cancelled."""
+        return self.cancel_reasons.get(
+            task_id, ErrorInfo(kind="cancelled", message="the run was cancelled")
+        )
 
     def move(self, task_id: str, state: TaskState) -> None:
         """Record a task's new state in the run's TaskBook (when the run keeps one)."""
@@ -119,15 +133,15 @@ class RunContext:
 
     def worktree_path(self, task_id: str) -> Path:
         """Where *task_id*'s worktree goes."""
-        return self.state_dir / "worktrees" / self.run_id / task_id
+        return self.state_dir / "worktrees" / self.run_id / ref_safe(task_id)
 
     def venv_path(self, task_id: str) -> Path:
         """Where *task_id*'s venv goes (never inside its worktree, so it is never committed)."""
-        return self.state_dir / "venvs" / self.run_id / task_id
+        return self.state_dir / "venvs" / self.run_id / ref_safe(task_id)
 
     def branch(self, task_id: str) -> str:
-        """The task's branch: ``orchestrator/<run_id>/<task_id>``."""
-        return f"orchestrator/{self.run_id}/{task_id}"
+        """The task's branch: ``orchestrator/<run_id>/<task_id>`` (see ``envelopes.ref_safe``)."""
+        return f"orchestrator/{self.run_id}/{ref_safe(task_id)}"
 
     def open_events_log(self) -> None:
         """Start appending every event to ``events.jsonl`` in the run directory."""

@@ -6,21 +6,40 @@ import shutil
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
-from envelopes import AgentSpec, HandoffEnvelope, Plan, Report, TaskResult, canonical_json, digest
-from envelopes._events import Event, RunFinished, RunStarted, TaskQueued
+from envelopes import (
+    AgentSpec,
+    ErrorInfo,
+    HandoffEnvelope,
+    Plan,
+    Report,
+    TaskResult,
+    Upstream,
+    canonical_json,
+    digest,
+)
+from envelopes._events import (
+    Event,
+    GroupDecided,
+    RunFinished,
+    RunStarted,
+    TaskFinished,
+    TaskQueued,
+    TaskSkipped,
+)
 
 from ._fs import atomic_write
 from .agents import Agent, AgentFunction, as_agent
 from .context import EventHandler, RunContext
-from .errors import EventHandlerFailed, OrchestratorError, PlanError, PlanIssue
+from .errors import EventHandlerFailed, GitError, OrchestratorError, PlanError, PlanIssue
+from .merge import Combined, combine_commits
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
 from .repo import Repository
 from .report import aggregate_results, write_report
-from .scheduler import TaskBook, schedule
+from .scheduler import GroupState, Scheduler, TaskBook, graph_problems
 from .subagent import not_started_result, run_subagent
 from .venv import VenvBackend, get_backend
 
@@ -47,6 +66,7 @@ async def orchestrate_parallel(
     backoff: tuple[float, float] = (1.0, 30.0),
     on_event: EventHandler | None = None,
     agent_limits: Mapping[str, int] | None = None,
+    fail_fast: bool | None = None,
 ) -> Report:
     """Run every task of *plan* as a subagent and return the sealed Report.
 
@@ -56,9 +76,12 @@ async def orchestrate_parallel(
     ``agents`` of the same name. The report is written to ``<run_dir>/report.json`` and, when
     *report_path* is given, there too.
 
-    At most *concurrency* tasks run at once (default: the plan's). One task's failure never
-    stops the others. Works under asyncio and trio and keeps no global state, so several runs
-    may share an event loop.
+    At most *concurrency* tasks run at once (default: the plan's), and at most
+    *agent_limits[name]* of one agent's. A task with ``depends_on`` starts from its
+    dependencies' results once they all succeeded, and is ``skipped`` if one did not. One
+    task's failure never stops the others, unless *fail_fast* (default: the plan's) says to
+    cancel everything at the first failure. Works under asyncio and trio and keeps no global
+    state, so several runs may share an event loop.
 
     Cancellation: every running agent's process group is terminated, each running task is
     recorded as ``cancelled`` (its changes committed, its worktree removed unless the policy
@@ -149,19 +172,16 @@ async def orchestrate_parallel(
     }
     limits.update(agent_limits or {})
     book = ctx.book = TaskBook([e.task_id for e in envelopes])
-
-    async def run_task(envelope: HandoffEnvelope) -> None:
-        await run_subagent(envelope, table[envelope.agent], ctx)
-
-    async def queued(envelope: HandoffEnvelope) -> None:
-        await ctx.emit(
-            TaskQueued(
-                run_id=ctx.run_id,
-                task_id=envelope.task_id,
-                agent=envelope.agent,
-                priority=envelope.priority,
-            )
-        )
+    hooks = _Hooks(ctx, table)
+    scheduler = Scheduler(
+        envelopes,
+        hooks,
+        limit=limit,
+        agent_limits=limits,
+        book=book,
+        results=ctx.results,
+        fail_fast=fail_fast if fail_fast is not None else bool(the_plan and the_plan.fail_fast),
+    )
 
     report_file = ctx.run_dir / "report.json"
 
@@ -177,6 +197,10 @@ async def orchestrate_parallel(
             run_dir=ctx.run_dir,
             started_at=started,
             finished_at=datetime.now(UTC),
+            groups={
+                name: (group.select, group.selected if group.decided else None)
+                for name, group in scheduler.groups.items()
+            },
         )
         await write_report(report, report_file, *([Path(report_path)] if report_path else []))
         await _tidy(ctx)
@@ -198,9 +222,7 @@ async def orchestrate_parallel(
                 run_dir=str(ctx.run_dir),
             ),
         )
-        await schedule(
-            envelopes, run_task, limit=limit, agent_limits=limits, book=book, on_ready=queued
-        )
+        await scheduler.run()
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             for e in envelopes:
@@ -232,6 +254,108 @@ async def orchestrate_parallel(
     finally:
         ctx.close_events_log()
     return report
+
+
+class _Hooks:
+    """The run's side of the scheduler (see ``SchedulerHooks``)."""
+
+    def __init__(self, ctx: RunContext, agents: Mapping[str, Agent]) -> None:
+        self.ctx = ctx
+        self.agents = agents
+        self._merges: dict[tuple[str, ...], Combined] = {}
+        self._merging = anyio.Lock()
+
+    async def queued(self, envelope: HandoffEnvelope) -> None:
+        await self.ctx.emit(
+            TaskQueued(
+                run_id=self.ctx.run_id,
+                task_id=envelope.task_id,
+                agent=envelope.agent,
+                priority=envelope.priority,
+            )
+        )
+
+    async def run(self, envelope: HandoffEnvelope) -> None:
+        await run_subagent(envelope, self.agents[envelope.agent], self.ctx)
+
+    def cancelling(self, task_id: str, error: ErrorInfo) -> None:
+        self.ctx.cancel_reasons[task_id] = error
+
+    async def never_started(
+        self, envelope: HandoffEnvelope, status: Literal["skipped", "cancelled"], error: ErrorInfo
+    ) -> None:
+        ctx = self.ctx
+        result = not_started_result(envelope, self.agents[envelope.agent], ctx, status, error)
+        ctx.results[envelope.task_id] = result
+        if status == "skipped":
+            event: Event = TaskSkipped(
+                run_id=ctx.run_id, task_id=envelope.task_id, agent=envelope.agent, error=error
+            )
+        else:
+            event = TaskFinished(
+                run_id=ctx.run_id,
+                task_id=envelope.task_id,
+                agent=envelope.agent,
+                status=status,
+                attempts=0,
+                duration_s=0.0,
+                result_commit=None,
+                error=error,
+            )
+        await ctx.emit(event)
+
+    async def group_decided(self, name: str, group: GroupState) -> None:
+        await self.ctx.emit(
+            GroupDecided(
+                run_id=self.ctx.run_id, group=name, select=group.select, selected=group.selected
+            )
+        )
+
+    async def resolve(
+        self, envelope: HandoffEnvelope, upstream: list[str]
+    ) -> HandoffEnvelope | ErrorInfo:
+        """Tell the task what its dependencies produced, and start it from their results."""
+        ctx = self.ctx
+        results = [ctx.results[task_id] for task_id in upstream]
+        told = {
+            r.task_id: Upstream(
+                output=r.output, result_commit=r.provenance.result_commit, branch=r.branch
+            )
+            for r in results
+        }
+        envelope = envelope.model_copy(update={"upstream": told})
+        commits = [r.provenance.result_commit for r in results if r.provenance.result_commit]
+        if not commits or ctx.repo is None or not envelope.worktree:
+            return envelope
+        key = tuple(commits)
+        try:
+            async with self._merging:
+                if key not in self._merges:
+                    names = ", ".join(r.task_id for r in results if r.provenance.result_commit)
+                    self._merges[key] = await combine_commits(
+                        ctx.repo.git,
+                        commits,
+                        message=f"Start of {envelope.task_id}: merge of {names}\n\n"
+                        f"Orchestrator-Run: {ctx.run_id}\n",
+                    )
+                combined = self._merges[key]
+        except GitError as exc:
+            return ErrorInfo(
+                kind="dependency_conflict",
+                message=f"cannot merge the dependencies' results: {exc}",
+            )
+        if combined.commit is None or combined.tree is None:
+            with_commit = [r.task_id for r in results if r.provenance.result_commit]
+            index = combined.conflicting or 0
+            before = ", ".join(with_commit[:index])
+            return ErrorInfo(
+                kind="dependency_conflict",
+                message=f"dependency merge conflict: {with_commit[index]} and {before} both "
+                f"change {', '.join(combined.conflicts)}",
+                paths=combined.conflicts,
+            )
+        ctx.starts[envelope.task_id] = (combined.commit, combined.tree)
+        return envelope
 
 
 async def _emit(ctx: RunContext, event: Event) -> None:
@@ -286,6 +410,9 @@ def _normalise(
                 [PlanIssue(None, None, None, "tasks", f"duplicate task id {envelope.task_id!r}")]
             )
         seen.add(envelope.task_id)
+    problems = graph_problems(envelopes)
+    if problems:
+        raise PlanError([PlanIssue(None, None, None, "depends_on", p) for p in problems])
     return None, envelopes
 
 

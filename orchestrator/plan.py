@@ -24,8 +24,10 @@ from envelopes import (
     build_envelope,
     canonical_json,
     digest,
+    expand_tasks,
     plan_problems,
 )
+from envelopes._plan import validation_message as _message
 
 from .errors import GitError, PlanError, PlanIssue
 from .repo import NotARepository, Repository
@@ -134,44 +136,6 @@ def _to_python(
     except _BadValue as exc:
         problems.append((loc, exc.reason))
         return _UNREADABLE
-
-
-_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "missing": "required field missing",
-    "greater_than": "must be > {gt}",
-    "greater_than_equal": "must be >= {ge}",
-    "less_than_equal": "must be <= {le}",
-    "too_short": "must not be empty",
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-    "string_type": "must be a string",
-    "bool_type": "must be true or false",
-    "dict_type": "must be a mapping",
-    "list_type": "must be a list",
-    "literal_error": "must be one of {expected}",
-    "finite_number": "must be a finite number",
-}
-
-
-def _message(error: Mapping[str, Any]) -> str:
-    template = _MESSAGES.get(error["type"])
-    if template is None:
-        return str(error["msg"]).removeprefix("Value error, ")
-    ctx = {
-        k: (f"{v:g}" if isinstance(v, float) else v) for k, v in (error.get("ctx") or {}).items()
-    }
-    try:
-        text = template.format(**ctx)
-    except (KeyError, IndexError):
-        text = error["msg"]
-    if error["type"].endswith("_type") or error["type"] == "literal_error":
-        text += (
-            f", found {error['input']!r}"
-            if not isinstance(error["input"], dict | list)
-            else f", found {type(error['input']).__name__}"
-        )
-    return text
 
 
 def _yaml_issue(file: str | None, exc: yaml.YAMLError) -> PlanIssue:
@@ -365,7 +329,7 @@ async def check_plan_repository(
     Returns ``(repository, base_commit, base_tree)``.
     """
     plan = loaded.plan
-    needs_repo = any(
+    needs_repo = plan.merge is not None or any(
         (t.worktree if t.worktree is not None else plan.defaults.worktree) for t in plan.tasks
     )
     if repo_override is not None:
@@ -400,19 +364,30 @@ async def check_plan_repository(
                 )
             ]
         ) from None
+    if plan.merge is not None:
+        # Checked now, not after an hour of agents.
+        into = plan.merge.into
+        if into.startswith("-") or not await repo.git.ok(
+            "rev-parse", "--verify", "--quiet", f"refs/heads/{into}^{{commit}}"
+        ):
+            raise PlanError(
+                [loaded.issue(("merge", "into"), f"branch {into!r} does not exist in {repo.root}")]
+            )
     return repo, commit, tree
 
 
 def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelope]:
-    """One HandoffEnvelope per task, with the plan's defaults applied."""
+    """One HandoffEnvelope per task, matrix tasks expanded, with the plan's defaults applied."""
     d = plan.defaults
     out = []
-    for task, task_id in zip(plan.tasks, plan.task_ids(), strict=True):
+    for expanded in expand_tasks(plan):
+        task = expanded.spec
+        assert task.agent is not None  # plan_problems makes sure
         out.append(
             build_envelope(
                 task.agent,
                 task.task,
-                task_id=task_id,
+                task_id=expanded.task_id,
                 run_id=run_id,
                 inputs=task.inputs,
                 requirements=task.requirements if task.requirements is not None else d.requirements,
@@ -424,6 +399,9 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 priority=task.priority,
                 worktree=task.worktree if task.worktree is not None else d.worktree,
                 venv=task.venv if task.venv is not None else d.venv,
+                depends_on=task.depends_on,
+                group=expanded.group,
+                select=expanded.select,
             )
         )
     return out

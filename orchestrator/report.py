@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -11,8 +11,11 @@ import anyio
 
 from envelopes import (
     AgentSummary,
+    GroupMember,
+    GroupReport,
     Report,
     ReportError,
+    Select,
     Summary,
     TaskResult,
     report_layout,
@@ -29,6 +32,7 @@ _STATUS_KEY = {
     "failed": "failed",
     "timed_out": "timeout",
     "cancelled": "cancelled",
+    "skipped": "skipped",
 }
 
 
@@ -44,8 +48,14 @@ def aggregate_results(
     run_dir: Path,
     started_at: datetime,
     finished_at: datetime,
+    groups: Mapping[str, tuple[Select, list[str] | None]] | None = None,
 ) -> Report:
-    """The sealed Report of a run: summary, per-agent counts, errors, and every result."""
+    """The sealed Report of a run: summary, per-agent counts, errors, groups, every result.
+
+    *groups* gives each matrix group's ``select`` policy and, where the run decided it, its
+    selected members; undecided, a group selects its succeeded members (``all``) or its
+    first succeeded member in plan order (``first_success``).
+    """
     counts = Counter(r.status for r in results)
     total = len(results)
     summary = Summary(
@@ -54,6 +64,7 @@ def aggregate_results(
         failed=counts["failed"],
         timeout=counts["timed_out"],
         cancelled=counts["cancelled"],
+        skipped=counts["skipped"],
         success_rate=round(100.0 * counts["succeeded"] / total, 2) if total else 0.0,
         total_execution_time=round((finished_at - started_at).total_seconds(), 6),
     )
@@ -61,7 +72,9 @@ def aggregate_results(
     for result in results:
         entry = by_agent.setdefault(
             result.agent,
-            AgentSummary(total=0, successful=0, failed=0, timeout=0, cancelled=0, task_ids=[]),
+            AgentSummary(
+                total=0, successful=0, failed=0, timeout=0, cancelled=0, skipped=0, task_ids=[]
+            ),
         )
         entry.total += 1
         key = _STATUS_KEY[result.status]
@@ -72,6 +85,19 @@ def aggregate_results(
         for r in results
         if r.status != "succeeded" and r.error is not None
     ]
+    members: dict[str, list[GroupMember]] = {}
+    for result in results:
+        if result.group is not None:
+            members.setdefault(result.group, []).append(
+                GroupMember(task_id=result.task_id, status=result.status)
+            )
+    group_reports: dict[str, GroupReport] = {}
+    for name, group in members.items():
+        select, decided = (groups or {}).get(name, ("all", None))
+        if decided is None:
+            succeeded = [m.task_id for m in group if m.status == "succeeded"]
+            decided = succeeded if select == "all" else succeeded[:1]
+        group_reports[name] = GroupReport(select=select, members=group, selected=list(decided))
     report = Report(
         tool={"name": "worktree-orchestrator", "version": __version__},
         run_id=run_id,
@@ -87,6 +113,7 @@ def aggregate_results(
         results=list(results),
         results_by_agent=by_agent,
         errors=errors,
+        groups=group_reports,
     )
     return seal_report(report)
 

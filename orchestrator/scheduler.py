@@ -1,8 +1,11 @@
 """The scheduler: which task starts next, and every task's state in one place.
 
-Among ready tasks the highest ``priority`` starts first, ties in plan order, within the run's
-concurrency limit and each agent's own ``max_concurrency``. Every state change goes through
-:class:`TaskBook`, which refuses a transition the lifecycle does not allow: such a
+A task is ``pending`` until everything in its ``depends_on`` has succeeded; its start commit
+is then resolved (the coordinator merges its dependencies' results) and it is ``ready``. Among
+ready tasks the highest ``priority`` starts first, ties in plan order, within the run's
+concurrency limit and each agent's own ``max_concurrency``. A task whose dependency did not
+succeed is ``skipped``, and so, in turn, are its own dependents. Every state change goes
+through :class:`TaskBook`, which refuses a transition the lifecycle does not allow: such a
 transition is a bug in the orchestrator, and it raises.
 
     pending -> ready -> running -> succeeded | failed | timed_out | cancelled
@@ -12,18 +15,28 @@ transition is a bug in the orchestrator, and it raises.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import math
-from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Literal
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import anyio
+from anyio.abc import TaskGroup
 
-from envelopes import HandoffEnvelope
+from envelopes import ErrorInfo, HandoffEnvelope, Select, TaskResult
+from envelopes._plan import _cycles
 
-__all__ = ["IllegalTransition", "TaskBook", "TaskState", "schedule"]
+__all__ = [
+    "GroupState",
+    "IllegalTransition",
+    "Scheduler",
+    "SchedulerHooks",
+    "TaskBook",
+    "TaskState",
+    "graph_problems",
+]
 
 TaskState = Literal[
     "pending",
@@ -71,54 +84,303 @@ class TaskBook:
         return sum(1 for s in self.states.values() if s == state)
 
 
-async def schedule(
-    envelopes: Sequence[HandoffEnvelope],
-    run_task: Callable[[HandoffEnvelope], Awaitable[None]],
-    *,
-    limit: int,
-    agent_limits: Mapping[str, int],
-    book: TaskBook,
-    on_ready: Callable[[HandoffEnvelope], Awaitable[None]],
-) -> None:
-    """Run every envelope through *run_task*, highest priority first, within the limits.
+_WORDS = {
+    "failed": "failed",
+    "timed_out": "timed out",
+    "cancelled": "was cancelled",
+    "skipped": "was skipped",
+}
 
-    *run_task* must not raise for a task's own failure (``run_subagent`` turns those into
-    results); whatever it raises stops the whole schedule. Cancellation cancels every running
-    task; tasks not yet started stay ``ready``.
+
+_Message = tuple[str, str, HandoffEnvelope | ErrorInfo | None]
+
+
+@dataclass
+class GroupState:
+    """A matrix group while it runs: its members in plan order and, once decided, the selected."""
+
+    select: Select
+    members: list[str]
+    decided: bool = False
+    selected: list[str] = field(default_factory=list)
+
+
+class SchedulerHooks(Protocol):
+    """What the scheduler asks of the run (the coordinator implements it)."""
+
+    async def queued(self, envelope: HandoffEnvelope) -> None:
+        """*envelope* is ready and waits for a slot."""
+
+    async def resolve(
+        self, envelope: HandoffEnvelope, upstream: list[str]
+    ) -> HandoffEnvelope | ErrorInfo:
+        """Prepare the start of a task whose dependencies (*upstream*, task ids) succeeded.
+
+        Returns the envelope to run, or why the task must be skipped.
+        """
+
+    async def run(self, envelope: HandoffEnvelope) -> None:
+        """Run the task to its result (stored in ``results``), moving it out of ``running``."""
+
+    async def never_started(
+        self, envelope: HandoffEnvelope, status: Literal["skipped", "cancelled"], error: ErrorInfo
+    ) -> None:
+        """Record the result of a task that will not run (the scheduler has moved its state)."""
+
+    def cancelling(self, task_id: str, error: ErrorInfo) -> None:
+        """*task_id* is about to be cancelled while it runs; *error* says why."""
+
+    async def group_decided(self, name: str, group: GroupState) -> None:
+        """The selection of group *name* is known."""
+
+
+def graph_problems(envelopes: Sequence[HandoffEnvelope]) -> list[str]:
+    """What is wrong with the envelopes' ``depends_on``: unknown names and cycles."""
+    index = {e.task_id: i for i, e in enumerate(envelopes)}
+    for i, e in enumerate(envelopes):
+        if e.group is not None:
+            index.setdefault(e.group, i)
+    problems: list[str] = []
+    needs: list[list[int]] = [[] for _ in envelopes]
+    for i, e in enumerate(envelopes):
+        for name in e.depends_on:
+            if name not in index:
+                problems.append(f"task {e.task_id}: depends on unknown task {name!r}")
+            elif e.group is not None and name == e.group:
+                problems.append(f"task {e.task_id}: depends on its own group {name!r}")
+            else:
+                needs[i].append(index[name])
+    ids = [e.task_id for e in envelopes]
+    for cycle in _cycles(ids, needs):
+        problems.append("cycle " + " -> ".join(ids[i] for i in [*cycle, cycle[0]]))
+    return problems
+
+
+class Scheduler:
+    """Runs a run's tasks through their lifecycle; see the module's docstring.
+
+    *results* is where the hooks store each task's result (the scheduler reads statuses from
+    it). With *fail_fast*, the first task that fails or times out cancels the running tasks
+    and every task not yet started.
     """
-    heap = [(-e.priority, index, e) for index, e in enumerate(envelopes)]
-    heapq.heapify(heap)
-    for envelope in envelopes:
-        book.move(envelope.task_id, "ready")
-        await on_ready(envelope)
-    running = 0
-    by_agent: Counter[str] = Counter()
-    send, receive = anyio.create_memory_object_stream[str](math.inf)
 
-    async def worker(envelope: HandoffEnvelope) -> None:
-        try:
-            await run_task(envelope)
-        finally:
-            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-                send.send_nowait(envelope.agent)
+    def __init__(
+        self,
+        envelopes: Sequence[HandoffEnvelope],
+        hooks: SchedulerHooks,
+        *,
+        limit: int,
+        agent_limits: Mapping[str, int],
+        book: TaskBook,
+        results: Mapping[str, TaskResult],
+        fail_fast: bool = False,
+    ) -> None:
+        self.hooks = hooks
+        self.limit = limit
+        self.agent_limits = agent_limits
+        self.book = book
+        self.results = results
+        self.fail_fast = fail_fast
+        self.envelopes = {e.task_id: e for e in envelopes}
+        self.order = {e.task_id: i for i, e in enumerate(envelopes)}
+        self.groups: dict[str, GroupState] = {}
+        for e in envelopes:
+            if e.group is not None:
+                group = self.groups.setdefault(e.group, GroupState(e.select or "all", []))
+                group.members.append(e.task_id)
+        self.waiting = {e.task_id: set(e.depends_on) for e in envelopes}
+        self.dependents: dict[str, list[str]] = {}
+        for e in envelopes:
+            for name in dict.fromkeys(e.depends_on):
+                self.dependents.setdefault(name, []).append(e.task_id)
+        self.heap: list[tuple[int, int, str]] = []
+        self.running = 0
+        self.by_agent: Counter[str] = Counter()
+        self.resolving: set[str] = set()
+        self.abandoned: dict[str, ErrorInfo] = {}  # resolving tasks not to start after all
+        self.scopes: dict[str, anyio.CancelScope] = {}
+        self.outcomes: deque[tuple[str, bool, str]] = deque()
+        self.stopped: ErrorInfo | None = None
+        self._tg: TaskGroup | None = None
 
-    async with send, receive, anyio.create_task_group() as tg:
-        while heap or running:
-            waiting = []
-            while heap and running < limit:
-                item = heapq.heappop(heap)
-                agent = item[2].agent
-                if by_agent[agent] >= agent_limits.get(agent, math.inf):
-                    waiting.append(item)  # its agent is at its limit: the next one may start
+    async def run(self) -> None:
+        """Run every task to a final state.
+
+        A hook's exception stops the whole schedule. Cancellation cancels every running task;
+        tasks not yet started stay as they are (the caller records them).
+        """
+        self._send, receive = anyio.create_memory_object_stream[_Message](math.inf)
+        async with self._send, receive, anyio.create_task_group() as tg:
+            self._tg = tg
+            for task_id, envelope in self.envelopes.items():
+                if not self.waiting[task_id]:
+                    await self._ready(envelope)
+            while True:
+                self._start_what_can()
+                if not self.running and not self.resolving:
+                    break
+                kind, task_id, value = await receive.receive()
+                if kind == "finished":
+                    self.running -= 1
+                    self.by_agent[self.envelopes[task_id].agent] -= 1
+                    await self._final(task_id)
+                else:
+                    await self._resolved(task_id, value)
+                await self._propagate()
+        stuck = [t for t, state in self.book.states.items() if state not in _FINAL]
+        if stuck:
+            raise IllegalTransition(f"tasks never reached a final state: {', '.join(stuck)}")
+
+    # -- starting tasks ---------------------------------------------------------------
+
+    async def _ready(self, envelope: HandoffEnvelope) -> None:
+        self.envelopes[envelope.task_id] = envelope
+        self.book.move(envelope.task_id, "ready")
+        await self.hooks.queued(envelope)
+        heapq.heappush(
+            self.heap, (-envelope.priority, self.order[envelope.task_id], envelope.task_id)
+        )
+
+    def _start_what_can(self) -> None:
+        assert self._tg is not None
+        blocked = []
+        while self.heap and self.running < self.limit:
+            item = heapq.heappop(self.heap)
+            task_id = item[2]
+            if self.book.states[task_id] != "ready":
+                continue  # cancelled while it waited
+            agent = self.envelopes[task_id].agent
+            if self.by_agent[agent] >= self.agent_limits.get(agent, math.inf):
+                blocked.append(item)  # its agent is at its limit: the next one may start
+                continue
+            self.running += 1
+            self.by_agent[agent] += 1
+            self.book.move(task_id, "running")
+            # The scope exists before the task does, so that it can be cancelled at once.
+            self.scopes[task_id] = anyio.CancelScope()
+            self._tg.start_soon(self._worker, self.envelopes[task_id], name=f"task {task_id}")
+        for item in blocked:
+            heapq.heappush(self.heap, item)
+
+    async def _worker(self, envelope: HandoffEnvelope) -> None:
+        with self.scopes[envelope.task_id]:
+            await self.hooks.run(envelope)
+        del self.scopes[envelope.task_id]
+        self._send.send_nowait(("finished", envelope.task_id, None))
+
+    async def _resolver(self, envelope: HandoffEnvelope, upstream: list[str]) -> None:
+        outcome = await self.hooks.resolve(envelope, upstream)
+        self._send.send_nowait(("resolved", envelope.task_id, outcome))
+
+    async def _resolved(self, task_id: str, outcome: HandoffEnvelope | ErrorInfo | None) -> None:
+        self.resolving.discard(task_id)
+        if task_id in self.abandoned:
+            await self._never_started(task_id, "cancelled", self.abandoned.pop(task_id))
+        elif isinstance(outcome, HandoffEnvelope):
+            await self._ready(outcome)
+        else:
+            assert outcome is not None
+            await self._never_started(task_id, "skipped", outcome)
+
+    # -- tasks that end ---------------------------------------------------------------
+
+    async def _never_started(
+        self, task_id: str, status: Literal["skipped", "cancelled"], error: ErrorInfo
+    ) -> None:
+        self.book.move(task_id, status)
+        await self.hooks.never_started(self.envelopes[task_id], status, error)
+        await self._final(task_id)
+
+    async def _final(self, task_id: str) -> None:
+        """*task_id* has its result: tell its group, its dependents, and fail-fast."""
+        status = self.results[task_id].status
+        envelope = self.envelopes[task_id]
+        self.outcomes.append(
+            (task_id, status == "succeeded", f"{task_id} {_WORDS.get(status, status)}")
+        )
+        if envelope.group is not None:
+            await self._member_final(envelope.group, task_id, status)
+        elif self.fail_fast and status in ("failed", "timed_out"):
+            await self._stop(f"{task_id} {_WORDS[status]}")
+
+    async def _member_final(self, name: str, task_id: str, status: str) -> None:
+        group = self.groups[name]
+        if group.decided:
+            return
+        statuses = {m: self.book.states[m] for m in group.members}
+        if group.select == "first_success" and status == "succeeded":
+            group.decided, group.selected = True, [task_id]
+            await self.hooks.group_decided(name, group)
+            self.outcomes.append((name, True, ""))
+            reason = ErrorInfo(
+                kind="not_needed", message=f"not needed: {task_id} succeeded first in group {name}"
+            )
+            for member in group.members:
+                await self._cancel(member, reason)
+            return
+        if not all(state in _FINAL for state in statuses.values()):
+            return
+        succeeded = [m for m, state in statuses.items() if state == "succeeded"]
+        group.decided = True
+        if group.select == "all":
+            group.selected = succeeded
+            ok = len(succeeded) == len(group.members)
+            why = f"{name}: {len(group.members) - len(succeeded)} of {len(group.members)} members did not succeed"
+        else:
+            ok, why = False, f"{name}: no member succeeded"
+        await self.hooks.group_decided(name, group)
+        self.outcomes.append((name, ok, why))
+        if (
+            not ok
+            and self.fail_fast
+            and any(s in ("failed", "timed_out") for s in statuses.values())
+        ):
+            await self._stop(f"group {why}")
+
+    async def _cancel(self, task_id: str, error: ErrorInfo) -> None:
+        """Stop *task_id* if it has not ended: cancel it if it runs, else never start it."""
+        state = self.book.states[task_id]
+        if state in ("running", "retrying"):
+            scope = self.scopes.get(task_id)
+            if scope is not None and not scope.cancel_called:
+                self.hooks.cancelling(task_id, error)
+                scope.cancel()
+        elif task_id in self.resolving:
+            self.abandoned.setdefault(task_id, error)
+        elif state in ("pending", "ready"):
+            await self._never_started(task_id, "cancelled", error)
+
+    async def _stop(self, why: str) -> None:
+        """Fail fast: cancel every task that has not ended."""
+        if self.stopped is not None:
+            return
+        self.stopped = ErrorInfo(
+            kind="cancelled", message=f"cancelled: {why}, and the run stops at the first failure"
+        )
+        for task_id in list(self.envelopes):
+            await self._cancel(task_id, self.stopped)
+
+    async def _propagate(self) -> None:
+        """Let dependents know about the tasks and groups that ended."""
+        assert self._tg is not None
+        while self.outcomes:
+            name, ok, why = self.outcomes.popleft()
+            for task_id in self.dependents.get(name, ()):
+                if self.book.states[task_id] != "pending" or task_id in self.resolving:
                     continue
-                running += 1
-                by_agent[agent] += 1
-                book.move(item[2].task_id, "running")
-                tg.start_soon(worker, item[2], name=f"task {item[2].task_id}")
-            for item in waiting:
-                heapq.heappush(heap, item)
-            if not running:
-                break
-            finished_agent = await receive.receive()
-            running -= 1
-            by_agent[finished_agent] -= 1
+                if not ok:
+                    error = ErrorInfo(kind="dependency", message=f"dependency {why}")
+                    await self._never_started(task_id, "skipped", error)
+                    continue
+                self.waiting[task_id].discard(name)
+                if not self.waiting[task_id]:
+                    upstream = self._upstream(self.envelopes[task_id])
+                    self.resolving.add(task_id)
+                    self._tg.start_soon(self._resolver, self.envelopes[task_id], upstream)
+
+    def _upstream(self, envelope: HandoffEnvelope) -> list[str]:
+        """The tasks whose results *envelope* starts from, in ``depends_on`` order."""
+        out: list[str] = []
+        for name in envelope.depends_on:
+            out += self.groups[name].selected if name in self.groups else [name]
+        return list(dict.fromkeys(out))

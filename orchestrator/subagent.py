@@ -34,6 +34,7 @@ from envelopes import (
     Timings,
     canonical_json,
     digest,
+    ref_safe,
     seal_result,
     sha256_hex,
 )
@@ -102,10 +103,10 @@ class _Subagent:
         self.branch_deleted = False
         self.envelope_bytes = canonical_json(envelope.to_json_dict())
         self.envelope_sha256 = sha256_hex(self.envelope_bytes)
-        run_dir = ctx.run_dir
-        self.envelope_path = run_dir / "envelopes" / f"{self.task_id}.json"
-        self.logs_dir = run_dir / "logs" / self.task_id
-        self.outputs_dir = run_dir / "outputs" / self.task_id
+        run_dir, name = ctx.run_dir, ref_safe(self.task_id)
+        self.envelope_path = run_dir / "envelopes" / f"{name}.json"
+        self.logs_dir = run_dir / "logs" / name
+        self.outputs_dir = run_dir / "outputs" / name
 
     def _timed(self, phase: str, start: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - start
@@ -122,14 +123,15 @@ class _Subagent:
             size=len(data),
         )
         ctx = self.ctx
-        if self.envelope.worktree and ctx.repo is not None and ctx.base_commit is not None:
+        base_commit, _ = ctx.start_of(self.task_id)
+        if self.envelope.worktree and ctx.repo is not None and base_commit is not None:
             start = time.monotonic()
             try:
                 self.worktree = await create_worktree(
                     ctx.repo,
                     ctx.branch(self.task_id),
                     ctx.worktree_path(self.task_id),
-                    ctx.base_commit,
+                    base_commit,
                 )
             except GitError as exc:
                 raise _TaskFailed(ErrorInfo(kind="worktree", message=str(exc))) from exc
@@ -199,8 +201,7 @@ class _Subagent:
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 outcome = _AttemptOutcome(
-                    status="cancelled",
-                    error=ErrorInfo(kind="cancelled", message="the run was cancelled"),
+                    status="cancelled", error=ctx.cancelled_error(self.task_id)
                 )
                 await self._record(number, started_at, start, outcome, stdout_path, stderr_path)
             raise
@@ -381,7 +382,8 @@ class _Subagent:
     async def commit(self) -> None:
         """Commit whatever the agent left in the worktree (on success and on failure alike)."""
         ctx = self.ctx
-        if self.worktree is None or ctx.repo is None or ctx.base_tree is None:
+        _, base_tree = ctx.start_of(self.task_id)
+        if self.worktree is None or ctx.repo is None or base_tree is None:
             return
         start = time.monotonic()
         subject = (
@@ -395,7 +397,7 @@ class _Subagent:
         )
         try:
             self.result_commit, self.result_tree, self.committed = await commit_worktree(
-                ctx.repo, self.worktree, message, base_tree=ctx.base_tree
+                ctx.repo, self.worktree, message, base_tree=base_tree
             )
         finally:
             self._timed("commit_s", start)
@@ -458,6 +460,8 @@ class _Subagent:
             worktree=str(self.kept_worktree) if self.kept_worktree else None,
             envelope=self.envelope_entry,
             attempt_log=self.attempts,
+            group=self.envelope.group,
+            depends_on=self.envelope.depends_on,
             provenance=Provenance(
                 envelope_sha256=self.envelope_sha256,
                 base_commit=self.worktree.base_commit if self.worktree else None,
@@ -578,7 +582,7 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
         status, error = "failed", ErrorInfo(kind="worktree", message=str(exc))
     except anyio.get_cancelled_exc_class():
         cancelled = leaving = True
-        status, error = "cancelled", ErrorInfo(kind="cancelled", message="the run was cancelled")
+        status, error = "cancelled", ctx.cancelled_error(task.task_id)
         raise
     except EventHandlerFailed:
         # The caller's handler is broken: that stops the run (see orchestrate_parallel).
@@ -610,10 +614,18 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
     return result
 
 
-def not_started_result(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> TaskResult:
-    """The ``cancelled`` result of a task the run never got to start."""
-    error = ErrorInfo(kind="cancelled", message="the run was cancelled before this task started")
-    return _Subagent(envelope, agent, ctx).result("cancelled", error)
+def not_started_result(
+    envelope: HandoffEnvelope,
+    agent: Agent,
+    ctx: RunContext,
+    status: TaskStatus = "cancelled",
+    error: ErrorInfo | None = None,
+) -> TaskResult:
+    """The result of a task that never started: ``cancelled`` by default, or ``skipped``."""
+    error = error or ErrorInfo(
+        kind="cancelled", message="the run was cancelled before this task started"
+    )
+    return _Subagent(envelope, agent, ctx).result(status, error)
 
 
 def _finished(ctx: RunContext, result: TaskResult) -> TaskFinished:

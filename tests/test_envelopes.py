@@ -221,6 +221,9 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         priority=3,
         worktree=False,
         venv=False,
+        depends_on=["first"],
+        group="given",
+        select="first_success",
     )
     assert envelope.model_dump(by_alias=True) == {
         "schema": "worktree-orchestrator/envelope/v1",
@@ -238,6 +241,10 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         "priority": 3,
         "worktree": False,
         "venv": False,
+        "depends_on": ["first"],
+        "group": "given",
+        "select": "first_success",
+        "upstream": {},
     }
 
 
@@ -332,6 +339,10 @@ CHANGED = {
     "priority": 5,
     "worktree": False,
     "venv": False,
+    "depends_on": ["first"],
+    "group": "impl",
+    "select": "all",
+    "upstream": {"first": {"output": {"ok": True}, "result_commit": "ab" * 20, "branch": "b"}},
 }
 
 
@@ -343,8 +354,7 @@ def test_every_envelope_field_is_covered_below() -> None:
 @pytest.mark.parametrize("field", sorted(CHANGED))
 def test_envelope_sha256_changes_with_any_field(field: str) -> None:
     envelope = _full_envelope()
-    changed = envelope.model_copy(update={field: CHANGED[field]})
-    changed = HandoffEnvelope.model_validate(changed.to_json_dict())
+    changed = HandoffEnvelope.model_validate({**envelope.to_json_dict(), field: CHANGED[field]})
     assert getattr(changed, field) != getattr(envelope, field)
     assert changed.sha256() != envelope.sha256()
 

@@ -313,7 +313,7 @@ TAMPERS = [
     Tamper("attempts", _set("attempts", value=2), TARGET, "attempts"),
     Tamper(
         "error on a success",
-        _set("error", value={"kind": "exit_code", "message": "x"}),
+        _set("error", value={"kind": "exit_code", "message": "x", "paths": []}),
         TARGET,
         "error",
     ),
