@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from envelopes import (
     AgentSpec,
@@ -43,7 +47,7 @@ from .scheduler import GroupState, Scheduler, TaskBook, graph_problems
 from .subagent import not_started_result, run_subagent
 from .venv import VenvBackend, get_backend
 
-__all__ = ["orchestrate_parallel"]
+__all__ = ["RunEvents", "orchestrate_parallel", "run_events"]
 
 KEEP_POLICIES = ("never", "failed", "always")
 
@@ -356,6 +360,72 @@ class _Hooks:
             )
         ctx.starts[envelope.task_id] = (combined.commit, combined.tree)
         return envelope
+
+
+class RunEvents:
+    """The events of a run, as an async iterator; ``report`` is set once the run has ended."""
+
+    def __init__(self, receive: MemoryObjectReceiveStream[Event]) -> None:
+        self._receive = receive
+        self.report: Report | None = None
+
+    def __aiter__(self) -> RunEvents:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+
+@asynccontextmanager
+async def run_events(
+    plan: Plan | LoadedPlan | Sequence[HandoffEnvelope] | Mapping[str, Any], **options: Any
+) -> AsyncIterator[RunEvents]:
+    """Start :func:`orchestrate_parallel` and iterate over its events as they happen::
+
+        async with run_events(plan, repo=repo) as events:
+            async for event in events:
+                print(event.type)
+        report = events.report
+
+    The run starts on entry and takes the same options. Events are buffered without limit,
+    so a slow reader never slows the run. Leaving the block waits for the run to end
+    (nothing is cut short by a ``break``); an exception in the block cancels the run, which
+    then writes its partial report. The run's own exception (a PlanError, say) is raised
+    when the block is left. An ``on_event`` handler, if given, is called too.
+    """
+    handler: EventHandler | None = options.pop("on_event", None)
+    send, receive = anyio.create_memory_object_stream[Event](math.inf)
+    events = RunEvents(receive)
+    failed: list[Exception] = []
+
+    async def deliver(event: Event) -> None:
+        send.send_nowait(event)
+        if handler is not None:
+            outcome = handler(event)
+            if inspect.isawaitable(outcome):
+                await outcome
+
+    async def go() -> None:
+        with send:
+            try:
+                events.report = await orchestrate_parallel(plan, on_event=deliver, **options)
+            except Exception as exc:
+                failed.append(exc)
+
+    try:
+        async with receive, anyio.create_task_group() as tg:
+            tg.start_soon(go)
+            yield events
+    except BaseExceptionGroup as group:
+        unwrapped = _unwrapped(group)
+        if unwrapped is group:
+            raise
+        raise unwrapped from None
+    if failed:
+        raise failed[0]
 
 
 async def _emit(ctx: RunContext, event: Event) -> None:

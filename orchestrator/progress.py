@@ -15,11 +15,14 @@ from rich.table import Table
 
 from envelopes import (
     AttemptFailed,
+    GroupDecided,
+    MergeFinished,
+    MergePredicted,
     Report,
-    RunFinished,
     RunStarted,
     TaskFinished,
     TaskRetrying,
+    TaskSkipped,
     TaskStarted,
 )
 from envelopes._events import Event
@@ -31,6 +34,7 @@ _STYLE = {
     "failed": "red",
     "timed_out": "yellow",
     "cancelled": "magenta",
+    "skipped": "magenta",
     "running": "cyan",
     "waiting": "dim",
 }
@@ -106,8 +110,22 @@ class Progress:
             ]
             why = f": {event.error.message}" if event.error else ""
             return f"task {event.task_id} {event.status} in {event.duration_s:.2f} s, {event.attempts} attempt(s){' ' + commit if commit else ''}{why}"
-        if isinstance(event, RunFinished):
-            return None
+        if isinstance(event, TaskSkipped):
+            self.rows[event.task_id] = [event.task_id, event.agent, "skipped", "", ""]
+            return f"task {event.task_id} skipped: {event.error.message}"
+        if isinstance(event, GroupDecided):
+            chosen = ", ".join(event.selected) or "none"
+            return f"group {event.group} ({event.select}): selected {chosen}"
+        if isinstance(event, MergePredicted):
+            found = "; ".join(
+                f"{c.left} x {c.right}: {', '.join(c.paths)}" for c in event.conflicts
+            )
+            return f"merge into {event.into}: {len(event.tasks)} result(s), " + (
+                f"conflicts predicted: {found}" if found else "no conflict predicted"
+            )
+        if isinstance(event, MergeFinished):
+            moved = f" -> {event.new_commit[:10]}" if event.new_commit else ""
+            return f"merge into {event.into} {event.status}{moved}: {event.message}"
         return None
 
     def _table(self) -> Table:

@@ -49,3 +49,39 @@ def test_a_reader_that_goes_away_does_not_end_the_run() -> None:
     assert progress.console.quiet or progress.closed
     with contextlib.suppress(BrokenPipeError):
         stream.close()
+
+
+def test_graph_group_and_merge_events_have_their_lines(tmp_path) -> None:
+    from envelopes import GroupDecided, MergeConflict, MergeFinished, MergePredicted, TaskSkipped
+
+    log = tmp_path / "log"
+    with log.open("w") as stream, Progress(stream) as progress:
+        progress(
+            TaskSkipped(
+                run_id="r",
+                task_id="d",
+                agent="a",
+                error=ErrorInfo(kind="dependency", message="dependency b failed"),
+            )
+        )
+        progress(GroupDecided(run_id="r", group="g", select="first_success", selected=["g[x]"]))
+        progress(
+            MergePredicted(
+                run_id="r",
+                into="main",
+                tasks=["b", "c"],
+                conflicts=[MergeConflict(left="b", right="c", paths=["x.txt"])],
+            )
+        )
+        progress(
+            MergeFinished(
+                run_id="r", into="main", status="conflict", new_commit=None, message="b x c"
+            )
+        )
+    assert log.read_text().splitlines() == [
+        "task d skipped: dependency b failed",
+        "group g (first_success): selected g[x]",
+        "merge into main: 2 result(s), conflicts predicted: b x c: x.txt",
+        "merge into main conflict: b x c",
+    ]
+    assert progress.rows["d"][2] == "skipped"
