@@ -327,12 +327,26 @@ def _audit_merges(
                 found["provenance"]["result_commit"],
                 entry["result_commit"],
             )
+            if merge["status"] == "merged" and found["status"] != "succeeded":
+                yield Finding(
+                    task_id=entry["task_id"],
+                    field=field,
+                    message=f"merged, but the task's status is {found['status']}",
+                )
+        for task_id, count in Counter(e["task_id"] for e in merge["tasks"]).items():
+            if count > 1:
+                yield Finding(task_id=task_id, field=field, message=f"listed {count} times")
         if merge["status"] == "merged" and (
             merge["new_commit"] is None or merge["old_commit"] is None
         ):
             yield Finding(
                 task_id=None, field=field, message="a merged record without its old and new commit"
             )
+        elif merge["status"] == "merged":
+            # The merge commits chain from old_commit: the last one is where the target went.
+            made = [e["merge_commit"] for e in merge["tasks"] if e["merge_commit"] is not None]
+            expected = made[-1] if made else merge["old_commit"]
+            yield from _check(None, f"{field}.new_commit", expected, merge["new_commit"])
 
 
 def report_layout(raw: Mapping[str, Any]) -> bytes:

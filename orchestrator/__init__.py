@@ -10,12 +10,15 @@ from .agents import Workspace as Workspace
 from .context import RunContext as RunContext
 from .coordinator import orchestrate_parallel as orchestrate_parallel
 from .errors import GitError as GitError
+from .errors import MergeError as MergeError
 from .errors import OrchestratorError as OrchestratorError
 from .errors import PlanError as PlanError
 from .errors import PlanIssue as PlanIssue
 from .errors import ReportUnreadable as ReportUnreadable
 from .errors import RunDirError as RunDirError
 from .errors import VenvError as VenvError
+from .mergeback import merge_results as merge_results
+from .mergeback import record_merge as record_merge
 from .plan import LoadedPlan as LoadedPlan
 from .plan import load_plan as load_plan
 from .repo import NotARepository as NotARepository
@@ -40,6 +43,7 @@ __all__ = [
     "CommandAgent",
     "GitError",
     "LoadedPlan",
+    "MergeError",
     "MergeOutcome",
     "NotARepository",
     "OrchestratorError",
@@ -60,8 +64,10 @@ __all__ = [
     "commit_worktree",
     "create_worktree",
     "load_plan",
+    "merge_results",
     "merge_worktree",
     "orchestrate_parallel",
+    "record_merge",
     "remove_worktree",
     "reset_worktree",
     "run_subagent",

@@ -1,9 +1,9 @@
 """The ``orchestrator`` command: a thin layer over the library.
 
 Each command is a function ``cmd_<name>(args) -> int`` that tests call without a subprocess.
-Exit codes: 0 all good; 1 some task did not succeed, or verify found something; 2 bad usage,
-bad plan or unreadable report; 130 interrupted by Ctrl-C, 143 by SIGTERM, 129 by SIGHUP (each
-after clean-up).
+Exit codes: 0 all good; 1 some task did not succeed, verify found something, or a merge did not
+happen (conflicts, refused); 2 bad usage, bad plan, unreadable report or bad merge input; 130
+interrupted by Ctrl-C, 143 by SIGTERM, 129 by SIGHUP (each after clean-up).
 """
 
 from __future__ import annotations
@@ -95,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir",
         type=Path,
         help="directory of the run's logs and envelopes (default: the report's)",
+    )
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge a report's results into a branch, all or nothing",
+        description="Predict conflicts, then merge the report's results into BRANCH in one move.",
+    )
+    merge.add_argument("report", type=Path)
+    merge.add_argument("--into", required=True, metavar="BRANCH", help="branch to merge into")
+    merge.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="ID",
+        help="merge only these tasks (a matrix group's name: its selected members)",
+    )
+    merge.add_argument(
+        "--dry-run", action="store_true", help="predict and report; move nothing, record nothing"
+    )
+    merge.add_argument(
+        "--repo", type=Path, help="repository holding the commits (default: the report's)"
     )
 
     schema = sub.add_parser("schema", help="print the JSON Schemas of plan, envelope and report")
@@ -272,6 +292,79 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """``orchestrator merge``: exit 0 merged (or a clean dry run), 1 not merged, 2 bad input."""
+    import anyio
+
+    from .errors import MergeError, OrchestratorError, ReportUnreadable
+
+    try:
+        return anyio.run(_merge, args)
+    except (ReportUnreadable, MergeError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except OrchestratorError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+
+
+async def _merge(args: argparse.Namespace) -> int:
+    import anyio
+    from rich.console import Console
+    from rich.table import Table
+
+    from envelopes import NotAReport, audit_report, load_report_json
+
+    from .errors import MergeError, OrchestratorError, ReportUnreadable
+    from .mergeback import merge_results, record_merge
+
+    try:
+        raw, report = await anyio.to_thread.run_sync(load_report_json, args.report)
+    except NotAReport as exc:
+        raise ReportUnreadable(str(exc)) from exc
+    # The report says which commits to merge: one that does not verify is not trusted.
+    if findings := audit_report(raw):
+        raise MergeError(
+            f"{args.report}: {findings[0]}; a report that does not verify is not merged "
+            f"(see orchestrator verify {args.report})"
+        )
+    record = await merge_results(
+        report, into=args.into, tasks=args.tasks, repo=args.repo, dry_run=args.dry_run
+    )
+    out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
+    if record.conflicts:
+        out.print(f"conflicts merging into {record.into}:", markup=False, soft_wrap=True)
+        conflicts = Table()
+        for column in ("left", "right", "paths"):
+            conflicts.add_column(column, overflow="fold")
+        for conflict in record.conflicts:
+            conflicts.add_row(conflict.left, conflict.right, "\n".join(conflict.paths))
+        out.print(conflicts)
+    else:
+        out.print("no conflicts predicted")
+    if record.status == "merged":
+        merged = Table()
+        for column in ("task", "result", "merge commit"):
+            merged.add_column(column, no_wrap=True)
+        for task in record.tasks:
+            made = task.merge_commit or f"none: already in {record.into}"
+            merged.add_row(task.task_id, task.result_commit, made)
+        out.print(merged)
+    if record.status in ("merged", "skipped"):
+        out.print(record.message, markup=False, soft_wrap=True)
+    else:
+        _err(record.message)
+        return EXIT_FAILED
+    if record.status == "merged":
+        try:
+            await record_merge(args.report, record)
+        except OrchestratorError as exc:
+            _err(f"merged, but the record could not be written into {args.report}: {exc}")
+            return EXIT_FAILED
+        out.print(f"recorded in {args.report}", markup=False, soft_wrap=True)
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     """``orchestrator schema``."""
     from envelopes import json_schemas
@@ -281,7 +374,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "verify": cmd_verify, "schema": cmd_schema}
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "verify": cmd_verify,
+    "merge": cmd_merge,
+    "schema": cmd_schema,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

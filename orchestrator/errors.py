@@ -9,7 +9,8 @@ fails is data (a TaskResult with a status and an error), never an exception.
     ├── GitError             a git command failed
     ├── VenvError            a virtualenv could not be created or its requirements installed
     ├── RunDirError          the run directory cannot be created or written
-    └── ReportUnreadable     a report file that cannot be read or is not a report
+    ├── ReportUnreadable     a report file that cannot be read or is not a report
+    └── MergeError           a merge-back that cannot start: bad target, task or report
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 __all__ = [
     "EventHandlerFailed",
     "GitError",
+    "MergeError",
     "OrchestratorError",
     "PlanError",
     "PlanIssue",
@@ -93,3 +95,11 @@ class RunDirError(OrchestratorError):
 
 class ReportUnreadable(OrchestratorError):
     """A report file that cannot be read, is not JSON, or is not a report."""
+
+
+class MergeError(OrchestratorError):
+    """A merge-back that cannot start (bad input); nothing has moved.
+
+    A target branch that does not exist, an unknown or unsuccessful task, a deleted task branch,
+    a missing result commit, a report with no repository, or an altered report.
+    """

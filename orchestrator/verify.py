@@ -16,6 +16,7 @@ from envelopes._audit import upstream_tasks
 
 from ._git import Git
 from .errors import GitError, ReportUnreadable
+from .merge import merge_trees
 from .repo import NotARepository, Repository
 
 __all__ = ["VerifyOutcome", "verify_report"]
@@ -60,7 +61,11 @@ async def verify_report(
     outcome.findings += await anyio.to_thread.run_sync(
         lambda: audit_report(raw, run_dir=directory, source=source)
     )
-    needs_git = any(r.provenance.result_commit for r in report.results) or report.base_commit
+    needs_git = (
+        any(r.provenance.result_commit for r in report.results)
+        or report.base_commit
+        or any(m.status == "merged" for m in report.merge)
+    )
     if not needs_git:
         return outcome
     where = repo or report.repo
@@ -186,6 +191,7 @@ async def _check_git(git: Git, report: Report, outcome: VerifyOutcome) -> list[F
                     )
                 )
     findings += await _check_dependency_starts(git, report)
+    findings += await _check_merges(git, report, outcome)
     return findings
 
 
@@ -235,3 +241,99 @@ async def _check_dependency_starts(git: Git, report: Report) -> list[Finding]:
                 )
             )
     return findings
+
+
+async def _check_merges(git: Git, report: Report, outcome: VerifyOutcome) -> list[Finding]:
+    """Each ``merged`` record's commits: the chain from ``old_commit`` to ``new_commit``.
+
+    Every merge commit exists, its parents are the commit before it and the task's result, and
+    its tree is the merge of those two (recomputed with ``git merge-tree``); the last one is
+    ``new_commit``; and the target branch still contains ``new_commit``.
+    """
+    findings: list[Finding] = []
+    for number, record in enumerate(report.merge):
+        if record.status != "merged" or record.old_commit is None or record.new_commit is None:
+            continue  # audit_report reports a merged record without its commits
+        field = f"merge[{number}]"
+        previous: str | None = record.old_commit
+        if not await git.ok("cat-file", "-e", f"{previous}^{{commit}}"):
+            findings.append(
+                Finding(
+                    task_id=None,
+                    field=f"{field}.old_commit",
+                    message=f"commit {previous} not found in the repository",
+                )
+            )
+            previous = None
+        for entry in record.tasks:
+            if entry.merge_commit is None or previous is None:
+                continue
+            outcome.checked_commits += 1
+            problem = await _merge_commit_problem(
+                git, entry.merge_commit, [previous, entry.result_commit]
+            )
+            if problem:
+                findings.append(
+                    Finding(task_id=entry.task_id, field=f"{field}.merge_commit", message=problem)
+                )
+                previous = None
+                continue
+            previous = entry.merge_commit
+        if previous is not None and previous != record.new_commit:
+            findings.append(
+                Finding(
+                    task_id=None,
+                    field=f"{field}.new_commit",
+                    message=f"expected {previous} (the end of the chain of merge commits), found {record.new_commit}",
+                )
+            )
+        tip = (
+            (
+                await git.run(
+                    "rev-parse",
+                    "--verify",
+                    "--quiet",
+                    f"refs/heads/{record.into}^{{commit}}",
+                    check=False,
+                )
+            )
+            .stdout.decode()
+            .strip()
+        )
+        if not tip:
+            findings.append(
+                Finding(
+                    task_id=None,
+                    field=f"{field}.into",
+                    message=f"branch {record.into} does not exist",
+                )
+            )
+        elif tip != record.new_commit and not await git.ok(
+            "merge-base", "--is-ancestor", record.new_commit, tip
+        ):
+            findings.append(
+                Finding(
+                    task_id=None,
+                    field=f"{field}.into",
+                    message=f"branch {record.into} points at {tip}, which does not contain {record.new_commit}",
+                )
+            )
+    return findings
+
+
+async def _merge_commit_problem(git: Git, commit: str, parents: list[str]) -> str | None:
+    """What is wrong with *commit* as the merge of *parents*, if anything."""
+    listed = await git.run("rev-list", "--parents", "-n", "1", f"{commit}^{{commit}}", check=False)
+    if listed.returncode != 0:
+        return f"commit {commit} not found in the repository"
+    found = listed.stdout.decode().split()[1:]
+    if found != parents:
+        return f"the parents of {commit} are {found}, expected {parents}"
+    try:
+        tree, conflicts = await merge_trees(git, *parents)
+    except GitError:
+        return f"cannot merge {parents[0]} and {parents[1]} again to check {commit}"
+    actual = await git.out("rev-parse", f"{commit}^{{tree}}")
+    if conflicts or tree != actual:
+        return f"the tree of {commit} ({actual}) is not the merge of its parents ({tree})"
+    return None

@@ -1,0 +1,535 @@
+"""Merge-back: a run's results into one branch, all or nothing, in one compare-and-swap move.
+
+Conflicts are predicted first, for every pair of results and for each against the target,
+with ``git merge-tree --write-tree`` (see merge.py): no checkout is touched and nothing moves.
+The merge is then built the same way, one merge commit per result on top of the target's tip,
+in the object database only. The target ref moves once, at the end, with
+``git update-ref REF NEW OLD``: a concurrent change of the target makes the move fail instead
+of being lost. A checkout of the target moves along, and is never touched when it has
+uncommitted changes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from envelopes import (
+    MergeConflict,
+    MergedTask,
+    MergeFinished,
+    MergePredicted,
+    MergeRecord,
+    MergeStatus,
+    NotAReport,
+    Report,
+    TaskResult,
+    digest_without,
+    load_report_json,
+    seal_report,
+)
+from envelopes._audit import upstream_tasks
+
+from ._fs import atomic_write
+from ._git import Git
+from .errors import GitError, MergeError, ReportUnreadable, RunDirError
+from .locks import RepoLock
+from .merge import merge_trees
+from .repo import NotARepository, Repository
+from .report import report_bytes
+from .worktree import _checkout_of
+
+if TYPE_CHECKING:
+    from envelopes import Event
+
+    from .context import EventHandler
+
+__all__ = ["merge_results", "predict_conflicts", "record_merge"]
+
+#: Concurrent ``git merge-tree`` processes while predicting.
+_PREDICT_LIMIT = 8
+
+
+@dataclass(frozen=True)
+class _Pick:
+    """A result chosen for the merge."""
+
+    task_id: str
+    branch: str | None
+    commit: str
+    changed: bool
+
+
+async def merge_results(
+    report: Report,
+    *,
+    into: str,
+    tasks: Sequence[str] | None = None,
+    repo: Repository | Path | str | None = None,
+    dry_run: bool = False,
+    on_event: EventHandler | None = None,
+) -> MergeRecord:
+    """Merge the results of *report* into branch *into*: every one, or none.
+
+    Selected: every succeeded task with a result commit, but of a ``first_success`` group only
+    its selected member; *tasks* restricts that to the ids given (a group's name stands for
+    its selected members). They are merged in dependency order (ties in report order), each
+    with a merge commit on top of the previous one; a task that changed nothing, or whose
+    result the target already contains, is listed with ``merge_commit`` None.
+
+    The returned record's ``status``: ``merged`` (the target moved from ``old_commit`` to
+    ``new_commit``, once; equal when it already held every result); ``conflict`` (predicted
+    or met while building: ``conflicts`` says which pairs and paths); ``refused`` (the target
+    is checked out with uncommitted changes, that checkout cannot move, or the target changed
+    while merging). With *dry_run* nothing moves: conflicts are predicted and the merge is
+    built (unreferenced objects only); the status is ``skipped`` when it would merge cleanly,
+    else ``conflict`` or ``refused`` as above, and no merge commit is named.
+
+    Raises MergeError on bad input (see its docstring), before anything moves. *on_event*
+    (sync or async) gets ``MergePredicted`` and ``MergeFinished``; its exceptions propagate.
+    Cancellation: git commands run to their end; the ref and checkout move together under the
+    repository lock, shielded, so a cancellation leaves the target either unchanged or merged.
+    """
+    repository = await _open(report, repo)
+    try:
+        return await _merge_results(report, repository, into, tasks, dry_run, on_event)
+    finally:
+        if not isinstance(repo, Repository):
+            repository.lock.close()
+
+
+async def _merge_results(
+    report: Report,
+    repository: Repository,
+    into: str,
+    tasks: Sequence[str] | None,
+    dry_run: bool,
+    on_event: EventHandler | None,
+) -> MergeRecord:
+    git = repository.git
+    into = into.removeprefix("refs/heads/")
+    ref = f"refs/heads/{into}"
+    if into.startswith("-") or not await git.ok("check-ref-format", ref):
+        raise MergeError(f"{into!r} is not a valid branch name")
+    old = await _tip(git, ref)
+    if old is None:
+        raise MergeError(f"branch {into!r} does not exist in {repository.root}")
+    picks = _in_dependency_order(report, _select(report, tasks))
+    await _check_picks(git, picks, repository.root)
+    changed = [p for p in picks if p.changed]
+    conflicts = await predict_conflicts(
+        git, [(p.task_id, p.commit) for p in changed], target=(into, old)
+    )
+    await _emit(
+        on_event,
+        MergePredicted(
+            run_id=report.run_id, into=into, tasks=[p.task_id for p in picks], conflicts=conflicts
+        ),
+    )
+    record = await _merge(repository, report.run_id, picks, into, old, conflicts, dry_run)
+    await _emit(
+        on_event,
+        MergeFinished(
+            run_id=report.run_id,
+            into=into,
+            status=record.status,
+            new_commit=record.new_commit,
+            message=record.message,
+        ),
+    )
+    return record
+
+
+async def predict_conflicts(
+    git: Git, commits: Sequence[tuple[str, str]], *, target: tuple[str, str]
+) -> list[MergeConflict]:
+    """Conflicts between every pair of *commits* (``(name, commit)``), then of each with *target*.
+
+    Computed with ``git merge-tree --write-tree``: nothing is checked out and no ref moves.
+    Against the target, ``right`` is the target's name.
+    """
+    pairs = [(left, right) for i, left in enumerate(commits) for right in commits[i + 1 :]] + [
+        (item, target) for item in commits
+    ]
+    found: list[list[str]] = [[] for _ in pairs]
+    failures: list[GitError] = []
+    limiter = anyio.CapacityLimiter(_PREDICT_LIMIT)
+
+    async def predict(slot: int, ours: str, theirs: str) -> None:
+        async with limiter:
+            try:
+                found[slot] = (await merge_trees(git, ours, theirs))[1]
+            except GitError as exc:
+                # Kept, not raised: out of the task group it would come wrapped in a group.
+                failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for slot, ((_, left), (_, right)) in enumerate(pairs):
+            tg.start_soon(predict, slot, left, right)
+    if failures:
+        raise failures[0]
+    return [
+        MergeConflict(left=left, right=right, paths=paths)
+        for ((left, _), (right, _)), paths in zip(pairs, found, strict=True)
+        if paths
+    ]
+
+
+async def _open(report: Report, repo: Repository | Path | str | None) -> Repository:
+    if isinstance(repo, Repository):
+        return repo
+    where = repo if repo is not None else report.repo
+    if where is None:
+        raise MergeError(
+            f"the report of run {report.run_id} names no repository; pass --repo (repo= in code)"
+        )
+    try:
+        return await Repository.open(where)
+    except NotARepository as exc:
+        raise MergeError(str(exc)) from exc
+
+
+async def _tip(git: Git, ref: str) -> str | None:
+    found = await git.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+    if found.returncode != 0:
+        return None
+    return found.stdout.decode().strip() or None
+
+
+def _select(report: Report, tasks: Sequence[str] | None) -> list[TaskResult]:
+    """The results to merge, in report order; MergeError for a name that cannot be merged."""
+    by_id = {r.task_id: r for r in report.results}
+    if tasks is None:
+        chosen = [
+            r
+            for r in report.results
+            if r.succeeded
+            and r.provenance.result_commit
+            and (r.group not in report.groups or r.task_id in report.groups[r.group].selected)
+        ]
+        if not chosen:
+            raise MergeError(
+                f"nothing to merge: no task of run {report.run_id} succeeded with a result commit"
+            )
+        return chosen
+    if not tasks:
+        raise MergeError("no task named to merge")
+    names: list[str] = []
+    for name in tasks:
+        if name in report.groups:
+            selected = report.groups[name].selected
+            if not selected:
+                raise MergeError(
+                    f"group {name} has no selected member: none of its tasks succeeded"
+                )
+            names += selected
+        elif name in by_id:
+            names.append(name)
+        else:
+            raise MergeError(f"unknown task id {name!r}: run {report.run_id} has no such task")
+    chosen = []
+    for name in dict.fromkeys(names):
+        result = by_id[name]
+        if not result.succeeded:
+            raise MergeError(
+                f"task {name} did not succeed (status {result.status}); only succeeded tasks are merged"
+            )
+        if not result.provenance.result_commit:
+            raise MergeError(f"task {name} has no result commit (it ran without a worktree)")
+        chosen.append(result)
+    return chosen
+
+
+def _in_dependency_order(report: Report, chosen: Sequence[TaskResult]) -> list[_Pick]:
+    """*chosen* with each task after everything its ``depends_on`` resolves to, ties in report
+    order (a cycle, which no run produces, falls back to report order)."""
+    groups = {name: {"selected": g.selected} for name, g in report.groups.items()}
+    known = {r.task_id for r in report.results}
+    needs = {
+        r.task_id: set(upstream_tasks({"depends_on": r.depends_on}, groups)) & known
+        for r in report.results
+    }
+    waiting = [r.task_id for r in report.results]
+    placed: set[str] = set()
+    order: list[str] = []
+    while waiting:
+        ready = next((t for t in waiting if needs[t] <= placed), waiting[0])
+        waiting.remove(ready)
+        placed.add(ready)
+        order.append(ready)
+    rank = {task_id: i for i, task_id in enumerate(order)}
+    picks = []
+    for result in sorted(chosen, key=lambda r: rank[r.task_id]):
+        commit = result.provenance.result_commit
+        assert commit is not None  # _select keeps only results with a commit
+        picks.append(
+            _Pick(result.task_id, result.branch, commit, commit != result.provenance.base_commit)
+        )
+    return picks
+
+
+async def _check_picks(git: Git, picks: Sequence[_Pick], root: Path) -> None:
+    """Each changed result's commit exists and its branch still holds it; else MergeError."""
+    changed = [p for p in picks if p.changed]
+    if not changed:
+        return
+    # One batched lookup for every commit and branch: exact names, where for-each-ref would
+    # take each branch as a pattern (a prefix, or a glob).
+    wanted = [f"{p.commit}^{{commit}}" for p in changed]
+    wanted += [f"refs/heads/{p.branch}" for p in changed if p.branch]
+    found = await git.run(
+        "cat-file", "--batch-check", stdin=("\n".join(wanted) + "\n").encode(), check=False
+    )
+    answers = dict(zip(wanted, found.stdout.decode(errors="replace").splitlines(), strict=False))
+
+    def commit_of(name: str) -> str | None:
+        parts = answers.get(name, "").split()
+        return parts[0] if len(parts) >= 2 and parts[1] == "commit" else None
+
+    for pick in changed:
+        exists = commit_of(f"{pick.commit}^{{commit}}") is not None
+        tip = commit_of(f"refs/heads/{pick.branch}") if pick.branch else None
+        if pick.branch and tip is None:
+            recovery = (
+                f"its result commit {pick.commit} is still in the repository "
+                f"(git branch {pick.branch} {pick.commit} restores it)"
+                if exists
+                else f"its result commit {pick.commit} is not in the repository either"
+            )
+            raise MergeError(f"task {pick.task_id}: branch {pick.branch} was deleted; {recovery}")
+        if not exists:
+            raise MergeError(
+                f"task {pick.task_id}: result commit {pick.commit} is not in the repository {root}"
+            )
+        if (
+            tip is not None
+            and tip != pick.commit
+            and not await git.ok("merge-base", "--is-ancestor", pick.commit, tip)
+        ):
+            raise MergeError(
+                f"task {pick.task_id}: branch {pick.branch} (at {tip}) no longer contains "
+                f"its result commit {pick.commit}"
+            )
+
+
+async def _merge(
+    repository: Repository,
+    run_id: str,
+    picks: Sequence[_Pick],
+    into: str,
+    old: str,
+    conflicts: list[MergeConflict],
+    dry_run: bool,
+) -> MergeRecord:
+    """Build the merge and, unless *dry_run*, move the target: the record of what happened."""
+
+    def done(
+        status: MergeStatus,
+        message: str,
+        *,
+        new: str | None = None,
+        merged: dict[str, str] | None = None,
+        found: list[MergeConflict] = conflicts,
+    ) -> MergeRecord:
+        made = merged or {}
+        return MergeRecord(
+            into=into,
+            status=status,
+            old_commit=old,
+            new_commit=new,
+            tasks=[
+                MergedTask(
+                    task_id=p.task_id, result_commit=p.commit, merge_commit=made.get(p.task_id)
+                )
+                for p in picks
+            ],
+            conflicts=found,
+            message=("dry run: " if dry_run else "") + message,
+            at=datetime.now(UTC),
+        )
+
+    if conflicts:
+        return done("conflict", f"{len(conflicts)} conflict(s) predicted; {into} not changed")
+    built = await _build(repository.git, run_id, picks, into, old)
+    if isinstance(built, MergeConflict):
+        why = f"merging {built.left} conflicts with {built.right.replace('+', ' + ')}"
+        return done("conflict", f"{why}; {into} not changed", found=[built])
+    new, merged = built
+    if new == old:
+        return done("merged", f"{into} already contains every result", new=old)
+    checkout = await _checkout_of(repository, f"refs/heads/{into}")
+    if checkout is not None and (refusal := await _dirty(repository.git, into, checkout)):
+        return done("refused", refusal)
+    if dry_run:
+        return done("skipped", f"would merge {len(merged)} result(s) into {into}; nothing moved")
+    reflog = f"orchestrator merge: {len(merged)} result(s) of run {run_id}"
+    if refusal := await _move(repository, into, old, new, checkout, reflog):
+        return done("refused", refusal)
+    message = f"merged {len(merged)} result(s) into {into}: {old[:12]} -> {new[:12]}"
+    return done("merged", message, new=new, merged=merged)
+
+
+async def _build(
+    git: Git, run_id: str, picks: Sequence[_Pick], into: str, old: str
+) -> tuple[str, dict[str, str]] | MergeConflict:
+    """The merge commits, in the object database only (nothing refers to them yet).
+
+    Returns the last commit and each merged task's merge commit, or the first conflict, with
+    ``right`` the target plus the tasks merged before it (``main+a+b``).
+    """
+    identity = await git.identity_env()
+    new, before = old, [into]
+    merged: dict[str, str] = {}
+    for pick in picks:
+        if not pick.changed or await git.ok("merge-base", "--is-ancestor", pick.commit, new):
+            continue
+        tree, paths = await merge_trees(git, new, pick.commit)
+        if paths:
+            return MergeConflict(left=pick.task_id, right="+".join(before), paths=paths)
+        message = (
+            f"Merge task {pick.task_id} of run {run_id} into {into}\n\n"
+            f"Orchestrator-Run: {run_id}\nOrchestrator-Task: {pick.task_id}\n"
+        )
+        new = await git.out(
+            "commit-tree", tree, "-p", new, "-p", pick.commit, "-m", message, env=identity
+        )
+        merged[pick.task_id] = new
+        before.append(pick.task_id)
+    return new, merged
+
+
+async def _move(
+    repository: Repository, into: str, old: str, new: str, checkout: Path | None, reflog: str
+) -> str | None:
+    """Move the target (and its checkout) from *old* to *new*; why not, if it did not move."""
+    git, ref = repository.git, f"refs/heads/{into}"
+    async with repository.lock.hold():
+        if checkout is not None:
+            # The checkout's index and files first, and only from the commit it is at: a
+            # failure here leaves both the ref and the checkout as they were.
+            if (now := await _tip(git, ref)) != old:
+                return _moved(into, old, now)
+            moved = await git.run("read-tree", "-m", "-u", old, new, cwd=checkout, check=False)
+            if moved.returncode != 0:
+                why = _first_line(moved.stderr) or "git read-tree failed"
+                return (
+                    f"cannot update the checkout of {into} in {checkout}: {why}; {into} not changed"
+                )
+        updated = await git.run("update-ref", "-m", reflog, ref, new, old, check=False)
+        if updated.returncode == 0:
+            return None
+        if checkout is not None:
+            await git.run("read-tree", "-m", "-u", new, old, cwd=checkout, check=False)
+        if (now := await _tip(git, ref)) != old:
+            return _moved(into, old, now)
+        why = _first_line(updated.stderr) or "git update-ref failed"
+        return f"cannot move {into}: {why}; {into} not changed"
+
+
+async def _dirty(git: Git, into: str, checkout: Path) -> str | None:
+    """Why the checkout of the target must not be touched, if it must not."""
+    status = await git.run(
+        "status", "--porcelain", "--untracked-files=no", cwd=checkout, check=False
+    )
+    if status.returncode != 0:
+        why = _first_line(status.stderr) or "git status failed"
+        return f"cannot read the checkout of {into} in {checkout}: {why}; {into} not changed"
+    if status.stdout.strip():
+        return (
+            f"branch {into} is checked out in {checkout} with uncommitted changes; "
+            f"commit or stash them and merge again ({into} not changed)"
+        )
+    return None
+
+
+def _moved(into: str, old: str, now: str | None) -> str:
+    where = f"it is at {now}" if now else "it was deleted"
+    return (
+        f"branch {into} changed during the merge ({where}, was {old}); nothing changed, merge again"
+    )
+
+
+def _first_line(stderr: bytes) -> str:
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+async def _emit(on_event: EventHandler | None, event: Event) -> None:
+    if on_event is not None:
+        outcome = on_event(event)
+        if inspect.isawaitable(outcome):
+            await outcome
+
+
+async def record_merge(path: Path | str, record: MergeRecord) -> Report:
+    """Append *record* to the ``merge`` list of the report file at *path*; return the new report.
+
+    The report is re-sealed and written atomically. When *path* is a copy of a report whose
+    run directory still holds ``report.json`` (the same run, the same results), that file gets
+    the record too. Concurrent calls are serialised with a lock file (``report.mutex`` in the
+    run directory, else beside *path*), so no record is lost. A report whose ``report_sha256``
+    does not match is refused (MergeError) rather than re-sealed; ReportUnreadable for a file
+    that is not a report, RunDirError when it cannot be written. Cancellation: once the lock
+    is held, both files are written to the end.
+    """
+    path = Path(path)
+    first = await _read_sealed(path)
+    run_copy = Path(first.run_dir) / "report.json"
+    lock_dir = run_copy.parent if run_copy.parent.is_dir() else path.absolute().parent
+    lock = RepoLock(lock_dir / "report.mutex")
+    try:
+        lock.ensure_open()
+    except OSError as exc:
+        raise RunDirError(
+            f"cannot create the lock file {lock.path}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        async with lock.hold():
+            # Read again under the lock: another merge may have recorded itself meanwhile.
+            report = _appended(await _read_sealed(path), record)
+            writes = [(path, report)]
+            if run_copy.is_file() and not _same_file(run_copy, path):
+                other = await _read_sealed(run_copy)
+                if _same_run(other, report):
+                    writes.append((run_copy, _appended(other, record)))
+            for target, content in writes:
+                await anyio.to_thread.run_sync(atomic_write, target, report_bytes(content))
+    finally:
+        lock.close()
+    return report
+
+
+async def _read_sealed(path: Path) -> Report:
+    try:
+        raw, report = await anyio.to_thread.run_sync(load_report_json, path)
+    except NotAReport as exc:
+        raise ReportUnreadable(str(exc)) from exc
+    if digest_without(raw, "report_sha256") != raw["report_sha256"]:
+        raise MergeError(
+            f"{path} does not match its report_sha256 (edited?); not re-sealing it, "
+            f"see orchestrator verify {path}"
+        )
+    return report
+
+
+def _appended(report: Report, record: MergeRecord) -> Report:
+    return seal_report(report.model_copy(update={"merge": [*report.merge, record]}))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _same_run(a: Report, b: Report) -> bool:
+    """The same report apart from its merge records (and so its seal)."""
+    blank = {"merge": [], "report_sha256": ""}
+    return a.model_copy(update=blank) == b.model_copy(update=blank)
