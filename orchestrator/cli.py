@@ -239,9 +239,19 @@ async def _run(args: argparse.Namespace) -> int:
         sys.stdout.buffer.flush()
     else:
         out.print(summary_table(report))
+        for record in report.merge:
+            moved = (
+                f" {record.old_commit[:10]} -> {record.new_commit[:10]}"
+                if (record.status == "merged" and record.old_commit and record.new_commit)
+                else ""
+            )
+            line = f"merge into {record.into}: {record.status}{moved}"
+            out.print(line + (f" ({record.message})" if record.message else ""), markup=False)
         out.print(f"report: {report_path}", markup=False, soft_wrap=True)
         out.print(f"verify: orchestrator verify {report_path}", markup=False, soft_wrap=True)
-    return EXIT_OK if report.summary.successful == report.summary.total_tasks else EXIT_FAILED
+    all_done = report.summary.successful == report.summary.total_tasks
+    merged = all(record.status == "merged" for record in report.merge)
+    return EXIT_OK if all_done and merged else EXIT_FAILED
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

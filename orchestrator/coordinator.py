@@ -18,16 +18,20 @@ from envelopes import (
     AgentSpec,
     ErrorInfo,
     HandoffEnvelope,
+    MergeRecord,
+    MergeSpec,
     Plan,
     Report,
     TaskResult,
     Upstream,
     canonical_json,
     digest,
+    seal_report,
 )
 from envelopes._events import (
     Event,
     GroupDecided,
+    MergeFinished,
     RunFinished,
     RunStarted,
     TaskFinished,
@@ -38,8 +42,16 @@ from envelopes._events import (
 from ._fs import atomic_write
 from .agents import Agent, AgentFunction, as_agent
 from .context import EventHandler, RunContext
-from .errors import EventHandlerFailed, GitError, OrchestratorError, PlanError, PlanIssue
+from .errors import (
+    EventHandlerFailed,
+    GitError,
+    MergeError,
+    OrchestratorError,
+    PlanError,
+    PlanIssue,
+)
 from .merge import Combined, combine_commits
+from .mergeback import merge_results
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
 from .repo import Repository
 from .report import aggregate_results, write_report
@@ -243,9 +255,14 @@ async def orchestrate_parallel(
             raise unwrapped from None
         raise
     report = await finish([ctx.results[e.task_id] for e in envelopes])
-    if ctx.repo is not None and owns_repo:
-        ctx.repo.lock.close()
     try:
+        try:
+            if the_plan is not None and the_plan.merge is not None and ctx.repo is not None:
+                copies = [Path(report_path)] if report_path else []
+                report = await _merge_at_end(ctx, report, the_plan.merge, report_file, copies)
+        finally:
+            if ctx.repo is not None and owns_repo:
+                ctx.repo.lock.close()
         await _emit(
             ctx,
             RunFinished(
@@ -258,6 +275,55 @@ async def orchestrate_parallel(
     finally:
         ctx.close_events_log()
     return report
+
+
+async def _merge_at_end(
+    ctx: RunContext, report: Report, spec: MergeSpec, report_file: Path, copies: list[Path]
+) -> Report:
+    """The plan's ``merge``: when every task succeeded, merge the results; record the outcome.
+
+    The report is already on disk without the record, so a failure or cancellation here
+    loses nothing; it is written again with the record.
+    """
+    assert ctx.repo is not None
+    s = report.summary
+    if s.successful != s.total_tasks:
+        record = MergeRecord(
+            into=spec.into,
+            status="skipped",
+            message=f"{s.total_tasks - s.successful} of {s.total_tasks} tasks did not succeed; "
+            "nothing was merged",
+            at=datetime.now(UTC),
+        )
+        await _emit(ctx, _merge_finished(ctx, record))
+    else:
+        try:
+            record = await merge_results(
+                report,
+                into=spec.into,
+                tasks=spec.tasks,
+                repo=ctx.repo,
+                on_event=lambda event: _emit(ctx, event),
+            )
+        except MergeError as exc:
+            record = MergeRecord(
+                into=spec.into, status="refused", message=str(exc), at=datetime.now(UTC)
+            )
+            await _emit(ctx, _merge_finished(ctx, record))
+    report = seal_report(report.model_copy(update={"merge": [*report.merge, record]}))
+    with anyio.CancelScope(shield=True):
+        await write_report(report, report_file, *copies)
+    return report
+
+
+def _merge_finished(ctx: RunContext, record: MergeRecord) -> MergeFinished:
+    return MergeFinished(
+        run_id=ctx.run_id,
+        into=record.into,
+        status=record.status,
+        new_commit=record.new_commit,
+        message=record.message,
+    )
 
 
 class _Hooks:

@@ -373,8 +373,14 @@ def test_demo_in_an_empty_directory_twice(
     first = orchestrator("run", "--demo", cwd=where)
     assert first.returncode == 0, first.stderr
     assert f"demo repository: {demo_repo} (created)" in first.stderr.splitlines()
-    assert "4/4 succeeded" in first.stdout
+    assert "5/5 succeeded" in first.stdout
     report = json.loads(printed_report(first.stdout).read_text())
+    # test-slugify started from add-slugify's result, and tested what it added.
+    by_id = {r["task_id"]: r for r in report["results"]}
+    assert (
+        by_id["test-slugify"]["provenance"]["base_commit"]
+        == by_id["add-slugify"]["provenance"]["result_commit"]
+    )
     [config] = [r for r in report["results"] if r["task_id"] == "write-config"]
     assert any(p.startswith("tomli-w==") for p in config["provenance"]["environment"]["packages"])
     assert cli(capsys, "verify", str(printed_report(first.stdout))).code == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def test_conflicting_dependencies_skip_the_dependent_naming_the_path(make_repo: 
         task("c", write={"shared.txt": "one\nSEA\n"}),
         task("d", depends_on=["b", "c"]),
     ]
-    report, events = run_plan(repo, tasks)
+    report, _ = run_plan(repo, tasks)
     d = report.result("d")
     assert d.status == "skipped"
     assert d.error is not None and d.error.kind == "dependency_conflict"
@@ -246,20 +247,24 @@ def test_fail_fast_from_the_command_line(
     make_repo: MakeRepo, write_agent: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     repo = make_repo()
-    fail = write_agent("fail", "import sys; sys.exit(3)")
+    fail = write_agent("fail", "import time, sys; time.sleep(0.5); sys.exit(3)")
     sleep = write_agent("sleep", "import time; time.sleep(30)")
+    python = json.dumps(sys.executable)
     plan = tmp_path / "plan.yaml"
     plan.write_text(
-        f"agents:\n  fail: {{command: [{json.dumps(str(fail))}]}}\n"
-        f"  sleep: {{command: [{json.dumps(str(sleep))}]}}\n"
-        "defaults: {venv: false}\nconcurrency: 1\n"
+        f"agents:\n  fail: {{command: [{python}, {json.dumps(str(fail))}]}}\n"
+        f"  sleep: {{command: [{python}, {json.dumps(str(sleep))}]}}\n"
+        "defaults: {venv: false}\nconcurrency: 2\n"
         "tasks:\n  - {id: f, agent: fail, task: t}\n  - {id: s, agent: sleep, task: t}\n"
+        "  - {id: n, agent: sleep, task: t}\n"
     )
     outcome = cli(capsys, "run", str(plan), "--repo", str(repo), "--fail-fast", "--json")
     assert outcome.code == 1
     report = json.loads(outcome.out)
-    assert [r["status"] for r in report["results"]] == ["failed", "cancelled"]
-    assert report["summary"]["cancelled"] == 1
+    assert [r["status"] for r in report["results"]] == ["failed", "cancelled", "cancelled"]
+    assert report["results"][0]["error"]["kind"] == "exit_code"
+    assert [r["attempts"] for r in report["results"]] == [1, 1, 0]  # s ran, n never started
+    assert report["summary"]["cancelled"] == 2
 
 
 def test_a_matrix_runs_one_task_per_agent_and_first_success_picks_the_winner(
@@ -508,3 +513,76 @@ def test_merge_into_a_missing_branch_is_refused_before_anything_runs(
         f"{plan}:2:9: merge.into: branch 'nowhere' does not exist in {repo}"
     ]
     assert not (repo / ".git" / "orchestrator" / "runs").exists()
+
+
+def test_the_plans_merge_lands_every_result_on_the_branch(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    before = git(repo, "rev-parse", "main")
+    tasks = [
+        task("a", write={"a.txt": "a\n"}),
+        task("b", depends_on=["a"], write={"b.txt": "b\n"}),
+        task("c", write={"c.txt": "c\n"}),
+    ]
+    report, events = run_plan(repo, tasks, merge={"into": "main"})
+    (record,) = report.merge
+    assert record.status == "merged" and record.old_commit == before
+    assert record.new_commit == git(repo, "rev-parse", "main")
+    assert git(repo, "ls-tree", "--name-only", "main").split() == ["a.txt", "b.txt", "c.txt", "src"]
+    assert [t.task_id for t in record.tasks] == ["a", "b", "c"]
+    # main is checked out in the repository itself, clean: its files moved along.
+    assert (repo / "b.txt").read_text() == "b\n"
+    assert git(repo, "status", "--porcelain") == ""
+    assert [e.type for e in events][-3:] == ["merge_predicted", "merge_finished", "run_finished"]
+    on_disk = json.loads((Path(report.run_dir) / "report.json").read_text())
+    assert on_disk["merge"][0]["new_commit"] == record.new_commit
+    outcome = anyio.run(verify_report, Path(report.run_dir) / "report.json")
+    assert outcome.ok, outcome.findings
+
+
+def test_the_plans_merge_does_nothing_when_a_task_failed(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    before = git(repo, "rev-parse", "main")
+    tasks = [task("a", write={"a.txt": "a\n"}), task("b", fail=True)]
+    report, _ = run_plan(repo, tasks, merge={"into": "main"})
+    (record,) = report.merge
+    assert record.status == "skipped"
+    assert record.message == "1 of 2 tasks did not succeed; nothing was merged"
+    assert git(repo, "rev-parse", "main") == before
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+def test_the_plans_merge_with_conflicting_results_leaves_the_branch_alone(
+    make_repo: MakeRepo,
+) -> None:
+    repo = make_repo(extra={"shared.txt": "one\n"})
+    before = git(repo, "rev-parse", "main")
+    tasks = [task("b", write={"shared.txt": "bee\n"}), task("c", write={"shared.txt": "sea\n"})]
+    report, _ = run_plan(repo, tasks, merge={"into": "main"})
+    (record,) = report.merge
+    assert record.status == "conflict" and record.new_commit is None
+    assert [(c.left, c.right, c.paths) for c in record.conflicts] == [("b", "c", ["shared.txt"])]
+    assert git(repo, "rev-parse", "main") == before
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+def test_run_exits_1_when_the_plans_merge_conflicts(
+    make_repo: MakeRepo, write_agent: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = make_repo(extra={"shared.txt": "one\n"})
+    before = git(repo, "rev-parse", "main")
+    agent = write_agent(
+        "shared",
+        "import os; open('shared.txt', 'w').write(os.environ['ORCHESTRATOR_TASK_ID'] + '\\n')",
+    )
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"agents: {{w: {{command: [{json.dumps(sys.executable)}, {json.dumps(str(agent))}]}}}}\n"
+        "defaults: {venv: false}\nmerge: {into: main}\n"
+        "tasks:\n  - {id: x, agent: w, task: t}\n  - {id: y, agent: w, task: t}\n"
+    )
+    outcome = cli(capsys, "run", str(plan), "--repo", str(repo))
+    assert outcome.code == 1
+    assert "2/2 succeeded" in outcome.out
+    merge_lines = [line for line in outcome.out.splitlines() if line.startswith("merge into")]
+    assert len(merge_lines) == 1 and merge_lines[0].startswith("merge into main: conflict")
+    assert git(repo, "rev-parse", "main") == before
