@@ -8,7 +8,9 @@ from .agents import CallableAgent as CallableAgent
 from .agents import CommandAgent as CommandAgent
 from .agents import Workspace as Workspace
 from .context import RunContext as RunContext
+from .coordinator import RunEvents as RunEvents
 from .coordinator import orchestrate_parallel as orchestrate_parallel
+from .coordinator import run_events as run_events
 from .errors import GitError as GitError
 from .errors import MergeError as MergeError
 from .errors import OrchestratorError as OrchestratorError
@@ -53,6 +55,7 @@ __all__ = [
     "Repository",
     "RunContext",
     "RunDirError",
+    "RunEvents",
     "Venv",
     "VenvError",
     "VerifyOutcome",
@@ -70,6 +73,7 @@ __all__ = [
     "record_merge",
     "remove_worktree",
     "reset_worktree",
+    "run_events",
     "run_subagent",
     "setup_virtualenv",
     "verify_report",

@@ -20,8 +20,7 @@ from envelopes import (
     TaskSkipped,
     build_envelope,
 )
-from orchestrator import PlanError, Workspace
-from orchestrator.coordinator import RunEvents, run_events
+from orchestrator import PlanError, RunEvents, Workspace, run_events
 
 
 async def work(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
