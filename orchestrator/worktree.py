@@ -218,7 +218,8 @@ async def merge_worktree(
     The merge is computed with ``git merge-tree --write-tree``; on conflict nothing changes and
     the conflicting paths are returned. The target ref moves with a compare-and-swap, so a
     concurrent update of *into* makes this fail rather than lose that update. A target branch
-    checked out in a worktree is refused, since moving its ref would leave that checkout stale.
+    checked out in a worktree moves that checkout along when it is clean, and is refused when
+    it has uncommitted changes. For merging a whole run's results, see ``merge_results``.
     """
     git = repo.git
     target_ref = f"refs/heads/{into}"
