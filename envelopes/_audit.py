@@ -218,7 +218,7 @@ def upstream_tasks(result: Mapping[str, Any], groups: Mapping[str, Any]) -> list
     out: list[str] = []
     for name in result.get("depends_on", []):
         out += groups[name]["selected"] if name in groups else [name]
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _audit_start(
@@ -238,11 +238,13 @@ def _audit_start(
             task_id=tid, field="depends_on", message=f"names tasks not in the report: {unknown}"
         )
         return
-    commits = [
-        by_id[name]["provenance"]["result_commit"]
-        for name in upstream
-        if by_id[name]["provenance"]["result_commit"] is not None
-    ]
+    commits = list(
+        dict.fromkeys(
+            by_id[name]["provenance"]["result_commit"]
+            for name in upstream
+            if by_id[name]["provenance"]["result_commit"] is not None
+        )
+    )
     if base is not None and raw["base_commit"] is not None and not commits:
         yield from _check(tid, "provenance.base_commit", raw["base_commit"], base)
     elif base is not None and len(commits) == 1:

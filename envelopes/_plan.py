@@ -155,7 +155,9 @@ class TaskSpec(_Strict):
     worktree: bool | None = None
     venv: bool | None = None
     depends_on: list[str] = Field(default_factory=list)
-    matrix: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = None
+    matrix: (
+        Annotated[dict[str, Annotated[list[Any], Field(min_length=1)]], Field(min_length=1)] | None
+    ) = None
     select: Select | None = None
 
     @field_validator("inputs", "metadata", "matrix")

@@ -282,17 +282,23 @@ async def _merge_at_end(
 ) -> Report:
     """The plan's ``merge``: when every task succeeded, merge the results; record the outcome.
 
-    The report is already on disk without the record, so a failure or cancellation here
-    loses nothing; it is written again with the record.
+    Members of a ``first_success`` group cancelled because another member won count as
+    done. The report is already on disk without the record, so a failure or cancellation
+    here loses nothing; it is written again with the record.
     """
     assert ctx.repo is not None
-    s = report.summary
-    if s.successful != s.total_tasks:
+    # A member of a first_success group that another member beat is not a failure.
+    unfinished = [
+        r
+        for r in report.results
+        if r.status != "succeeded" and not (r.error is not None and r.error.kind == "not_needed")
+    ]
+    if unfinished:
+        total = len(report.results)
         record = MergeRecord(
             into=spec.into,
             status="skipped",
-            message=f"{s.total_tasks - s.successful} of {s.total_tasks} tasks did not succeed; "
-            "nothing was merged",
+            message=f"{len(unfinished)} of {total} tasks did not succeed; nothing was merged",
             at=datetime.now(UTC),
         )
         await _emit(ctx, _merge_finished(ctx, record))

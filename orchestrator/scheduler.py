@@ -57,7 +57,8 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     "pending": frozenset({"ready", "skipped", "cancelled"}),
     "ready": frozenset({"running", "cancelled"}),
     "running": frozenset({"retrying", "succeeded", "failed", "timed_out", "cancelled"}),
-    "retrying": frozenset({"running", "cancelled"}),
+    # retrying -> failed: the on_event handler raised on TaskRetrying, which stops the run.
+    "retrying": frozenset({"running", "cancelled", "failed"}),
     **{state: frozenset() for state in _FINAL},
 }
 
@@ -199,6 +200,7 @@ class Scheduler:
         self.resolving: set[str] = set()
         self.abandoned: dict[str, ErrorInfo] = {}  # resolving tasks not to start after all
         self.scopes: dict[str, anyio.CancelScope] = {}
+        self.cancel_errors: dict[str, ErrorInfo] = {}
         self.outcomes: deque[tuple[str, bool, str]] = deque()
         self.stopped: ErrorInfo | None = None
         self._tg: TaskGroup | None = None
@@ -244,11 +246,19 @@ class Scheduler:
     def _start_what_can(self) -> None:
         assert self._tg is not None
         blocked = []
+        # A task whose dependencies all succeeded is as good as ready while its start is
+        # resolved (milliseconds): nothing of lower priority takes its place meanwhile.
+        hold = min(
+            ((-self.envelopes[t].priority, self.order[t]) for t in self.resolving), default=None
+        )
         while self.heap and self.running < self.limit:
             item = heapq.heappop(self.heap)
             task_id = item[2]
             if self.book.states[task_id] != "ready":
                 continue  # cancelled while it waited
+            if hold is not None and (item[0], item[1]) > hold:
+                blocked.append(item)
+                break
             agent = self.envelopes[task_id].agent
             if self.by_agent[agent] >= self.agent_limits.get(agent, math.inf):
                 blocked.append(item)  # its agent is at its limit: the next one may start
@@ -263,10 +273,19 @@ class Scheduler:
             heapq.heappush(self.heap, item)
 
     async def _worker(self, envelope: HandoffEnvelope) -> None:
-        with self.scopes[envelope.task_id]:
+        task_id = envelope.task_id
+        with self.scopes[task_id]:
             await self.hooks.run(envelope)
-        del self.scopes[envelope.task_id]
-        self._send.send_nowait(("finished", envelope.task_id, None))
+        del self.scopes[task_id]
+        if task_id not in self.results:
+            # Cancelled before the task could record anything (while TaskStarted was
+            # delivered to a slow handler, say): it never started.
+            error = self.cancel_errors.get(task_id) or ErrorInfo(
+                kind="cancelled", message="cancelled before this task started"
+            )
+            self.book.move(task_id, "cancelled")
+            await self.hooks.never_started(envelope, "cancelled", error)
+        self._send.send_nowait(("finished", task_id, None))
 
     async def _resolver(self, envelope: HandoffEnvelope, upstream: list[str]) -> None:
         outcome = await self.hooks.resolve(envelope, upstream)
@@ -343,6 +362,7 @@ class Scheduler:
         if state in ("running", "retrying"):
             scope = self.scopes.get(task_id)
             if scope is not None and not scope.cancel_called:
+                self.cancel_errors[task_id] = error
                 self.hooks.cancelling(task_id, error)
                 scope.cancel()
         elif task_id in self.resolving:

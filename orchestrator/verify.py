@@ -16,7 +16,7 @@ from envelopes._audit import upstream_tasks
 
 from ._git import Git
 from .errors import GitError, ReportUnreadable
-from .merge import merge_trees
+from .merge import combine_commits, independent_commits, merge_trees
 from .repo import NotARepository, Repository
 
 __all__ = ["VerifyOutcome", "verify_report"]
@@ -198,49 +198,69 @@ async def _check_git(git: Git, report: Report, outcome: VerifyOutcome) -> list[F
 async def _check_dependency_starts(git: Git, report: Report) -> list[Finding]:
     """A task that started from several dependencies' results started from a merge of them.
 
-    Its base commit's parents must be those results (less any that another one contains), in
-    the order its ``depends_on`` lists them. (One dependency: ``audit_report`` compares the
-    commits directly.)
+    When one of the results contains the others, the task started from that one. Otherwise
+    its base commit's parents must be those results (less any that another one contains), in
+    the order its ``depends_on`` lists them, and its tree the merge of them, recomputed. (One
+    result: ``audit_report`` compares the commits directly.) Recomputing adds unreferenced
+    objects to the repository, as ``git merge-tree`` does.
     """
     findings: list[Finding] = []
     by_id = {r.task_id: r for r in report.results}
     groups = {name: group.model_dump() for name, group in report.groups.items()}
+
+    def wrong(task_id: str, message: str) -> None:
+        findings.append(Finding(task_id=task_id, field="provenance.base_commit", message=message))
+
     for r in report.results:
         base = r.provenance.base_commit
-        upstream = [
-            commit
-            for name in upstream_tasks(r.model_dump(), groups)
-            if name in by_id and (commit := by_id[name].provenance.result_commit)
-        ]
-        if base is None or len(set(upstream)) < 2:
+        upstream = list(
+            dict.fromkeys(
+                commit
+                for name in upstream_tasks(r.model_dump(), groups)
+                if name in by_id and (commit := by_id[name].provenance.result_commit)
+            )
+        )
+        if base is None or len(upstream) < 2:
             continue
         try:
-            heads = (await git.out("merge-base", "--independent", *dict.fromkeys(upstream))).split()
+            heads = await independent_commits(git, upstream)
         except GitError:
             continue  # a missing result commit: reported with its task
-        expected = [c for c in dict.fromkeys(upstream) if c in heads]
-        if expected == [base]:
-            continue  # one result contained the others: the task started from it
+        if len(heads) == 1:
+            if base != heads[0]:
+                wrong(
+                    r.task_id,
+                    f"expected {heads[0]} (it contains the other dependencies' results), found {base}",
+                )
+            continue
         listed = await git.run("rev-list", "--parents", "-n", "1", base, check=False)
         if listed.returncode != 0:
-            findings.append(
-                Finding(
-                    task_id=r.task_id,
-                    field="provenance.base_commit",
-                    message=f"commit {base} not found in the repository",
-                )
-            )
+            wrong(r.task_id, f"commit {base} not found in the repository")
             continue
         parents = listed.stdout.decode().split()[1:]
-        if parents != expected:
-            findings.append(
-                Finding(
-                    task_id=r.task_id,
-                    field="provenance.base_commit",
-                    message=f"{base} is not the merge of its dependencies' results {expected} (its parents: {parents})",
-                )
+        if parents != heads:
+            wrong(
+                r.task_id,
+                f"{base} is not the merge of its dependencies' results {heads} (its parents: {parents})",
+            )
+            continue
+        merged = await combine_commits(git, heads, message="verify", env=_VERIFY_IDENTITY)
+        tree = await git.out("rev-parse", f"{base}^{{tree}}")
+        if merged.tree != tree:
+            wrong(
+                r.task_id,
+                f"the tree of {base} is {tree}, not the merge of its parents ({merged.tree or 'they conflict'})",
             )
     return findings
+
+
+#: Who the commits made while recomputing a merge say made them (they are never referenced).
+_VERIFY_IDENTITY = {
+    "GIT_AUTHOR_NAME": "orchestrator verify",
+    "GIT_AUTHOR_EMAIL": "verify@localhost",
+    "GIT_COMMITTER_NAME": "orchestrator verify",
+    "GIT_COMMITTER_EMAIL": "verify@localhost",
+}
 
 
 async def _check_merges(git: Git, report: Report, outcome: VerifyOutcome) -> list[Finding]:

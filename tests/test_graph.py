@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,15 +60,21 @@ def run_plan(
     repo: Path, tasks: list[dict[str, Any]], *, backend: str = "asyncio", **options: Any
 ) -> tuple[Report, list[Any]]:
     plan_options = {k: options.pop(k) for k in ("fail_fast", "merge") if k in options}
+    on_event = options.pop("on_event", None)
     plan = Plan.model_validate(
         {"defaults": {"venv": False}, "tasks": tasks, "concurrency": 4, **plan_options}
     )
     events: list[Any] = []
     agents = options.pop("agents", {"edit": edit})
 
+    async def record(event: Any) -> None:
+        events.append(event)
+        if on_event is not None:
+            await on_event(event)
+
     async def main() -> Report:
         return await orchestrate_parallel(
-            plan, repo=repo, agents=agents, on_event=events.append, **options
+            plan, repo=repo, agents=agents, on_event=record, **options
         )
 
     return anyio.run(main, backend=backend), events
@@ -208,9 +215,24 @@ def test_ready_tasks_start_by_priority_once_their_dependency_is_done(make_repo: 
     report, events = run_plan(repo, tasks, concurrency=1)
     assert report.summary.successful == 5
     started = [e.task_id for e in events if isinstance(e, TaskStarted)]
-    assert started == ["root", "free", "high", "mid", "low"]
+    # Once root is done, its dependents outrank free, even while their starts are resolved.
+    assert started == ["root", "high", "mid", "low", "free"]
     queued = [e.task_id for e in events if isinstance(e, TaskQueued)]
     assert queued[:2] == ["root", "free"]  # dependents are queued only once they are ready
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_dependents_ready_together_start_by_priority(make_repo: MakeRepo, backend: str) -> None:
+    repo = make_repo()
+    tasks = [
+        task("root", write={"r.txt": "r\n"}),
+        task("low", depends_on=["root"], priority=1),
+        task("high", depends_on=["root"], priority=9),
+        task("mid", depends_on=["root"], priority=5),
+    ]
+    _, events = run_plan(repo, tasks, concurrency=1, backend=backend)
+    started = [e.task_id for e in events if isinstance(e, TaskStarted)]
+    assert started == ["root", "high", "mid", "low"]
 
 
 def test_fail_fast_cancels_running_tasks_and_starts_no_more(make_repo: MakeRepo) -> None:
@@ -484,6 +506,10 @@ def test_envelopes_given_in_code_are_checked_for_cycles_and_unknown_names(
             ],
         ),
         (
+            "  - {id: a, agent: w, task: t, matrix: {}}\n",
+            ["{plan}:3:32: tasks[0].matrix: must not be empty"],
+        ),
+        (
             "  - {id: a, agent: w, task: t, matrix: {agent: []}}\n",
             ["{plan}:3:41: tasks[0].matrix.agent: must not be empty"],
         ),
@@ -586,3 +612,142 @@ def test_run_exits_1_when_the_plans_merge_conflicts(
     merge_lines = [line for line in outcome.out.splitlines() if line.startswith("merge into")]
     assert len(merge_lines) == 1 and merge_lines[0].startswith("merge into main: conflict")
     assert git(repo, "rev-parse", "main") == before
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_fail_fast_while_a_slow_handler_sees_a_task_start(
+    make_repo: MakeRepo, backend: str
+) -> None:
+    repo = make_repo()
+
+    async def slow_handler(event: Any) -> None:
+        if isinstance(event, TaskStarted) and event.task_id == "x":
+            await anyio.sleep(0.5)  # the fail-fast cancellation arrives meanwhile
+
+    tasks = [task("bad", fail=True), task("x")]
+    report, _ = run_plan(
+        repo, tasks, concurrency=2, fail_fast=True, backend=backend, on_event=slow_handler
+    )
+    x = report.result("x")
+    assert x.status == "cancelled" and x.attempts == 0
+    assert x.error is not None and "bad failed" in x.error.message
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+def test_a_handler_failing_on_task_retrying_stops_the_run_cleanly(tmp_path: Path) -> None:
+    class Broken(Exception):
+        pass
+
+    async def flaky(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        raise RuntimeError("try again")
+
+    def handler(event: Any) -> None:
+        if event.type == "task_retrying":
+            raise Broken("cannot show it")
+
+    envelope = build_envelope("f", "t", task_id="f", retries=2, worktree=False, venv=False)
+    with pytest.raises(Broken):
+        anyio.run(
+            lambda: orchestrate_parallel(
+                [envelope], agents={"f": flaky}, state_dir=tmp_path, on_event=handler
+            )
+        )
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (result,) = json.loads((run_dir / "report.json").read_text())["results"]
+    assert (result["status"], result["error"]["message"]) == (
+        "failed",
+        "the on_event handler raised",
+    )
+
+
+def _forged(report: Report, task_id: str, base: str) -> Path:
+    """The report with *task_id*'s base commit replaced and every digest recomputed."""
+    from envelopes import digest_without, report_layout
+
+    path = Path(report.run_dir) / "report.json"
+    raw = json.loads(path.read_text())
+    for result in raw["results"]:
+        if result["task_id"] == task_id:
+            result["provenance"]["base_commit"] = base
+            result["provenance"]["result_sha256"] = digest_without(
+                result, "provenance", "result_sha256"
+            )
+    raw["report_sha256"] = digest_without(raw, "report_sha256")
+    forged = path.with_name("forged.json")
+    forged.write_bytes(report_layout(raw))
+    return forged
+
+
+def test_verify_catches_a_forged_start_from_several_dependencies(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    tasks = [
+        task("a", write={"a.txt": "a\n"}),
+        task("b", depends_on=["a"], write={"b.txt": "b\n"}),
+        task("c", write={"c.txt": "c\n"}),
+        task("nested", depends_on=["a", "b"], write={"n.txt": "n\n"}),  # b contains a
+        task("same", depends_on=["x1", "x2"]),  # both changed nothing: one commit
+        task("x1"),
+        task("x2"),
+        task("merged", depends_on=["b", "c"], write={"m.txt": "m\n"}),
+    ]
+    report, _ = run_plan(repo, tasks)
+    assert report.summary.successful == 8
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+    a_commit = report.result("a").provenance.result_commit
+    fakes = {
+        "nested": [a_commit, report.base_commit, report.result("nested").provenance.result_commit],
+        "same": [a_commit],  # x1 and x2 changed nothing: same starts from the base itself
+        "merged": [a_commit, report.base_commit, report.result("merged").provenance.result_commit],
+    }
+    for task_id, forgeries in fakes.items():
+        for fake in forgeries:
+            assert fake is not None
+            outcome = anyio.run(verify_report, _forged(report, task_id, fake))
+            fields = [(f.task_id, f.field) for f in outcome.findings]
+            assert (task_id, "provenance.base_commit") in fields, (task_id, fake, fields)
+    # A merge commit with the right parents but another tree is caught too.
+    merged = report.result("merged")
+    b, c = (report.result(t).provenance.result_commit for t in "bc")
+    assert b is not None and c is not None
+    wrong_tree = git(repo, "rev-parse", f"{b}^{{tree}}")
+    fake = subprocess.run(
+        ["git", "-C", str(repo), "commit-tree", wrong_tree, "-p", b, "-p", c, "-m", "fake"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={
+            **os.environ,
+            "GIT_AUTHOR_NAME": "f",
+            "GIT_AUTHOR_EMAIL": "f@f",
+            "GIT_COMMITTER_NAME": "f",
+            "GIT_COMMITTER_EMAIL": "f@f",
+        },
+    ).stdout.strip()
+    assert merged.provenance.base_commit != fake
+    outcome = anyio.run(verify_report, _forged(report, "merged", fake))
+    messages = [str(f) for f in outcome.findings]
+    assert any("not the merge of its parents" in m for m in messages), messages
+
+
+def test_the_plans_merge_takes_the_winner_of_a_first_success_group(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    plan = {
+        "defaults": {"venv": False},
+        "merge": {"into": "main"},
+        "tasks": [
+            {
+                "id": "impl",
+                "agent": "edit",
+                "task": "t",
+                "matrix": {"inputs.sleep": [0, 30]},
+                "inputs": {"write": {"impl.txt": "done\n"}},
+                "select": "first_success",
+            }
+        ],
+    }
+    report: Report = anyio.run(lambda: orchestrate_parallel(plan, repo=repo, agents={"edit": edit}))
+    assert [r.status for r in report.results] == ["succeeded", "cancelled"]
+    (record,) = report.merge
+    assert record.status == "merged", record.message
+    assert [t.task_id for t in record.tasks] == ["impl[0]"]
+    assert git(repo, "show", "main:impl.txt") == "done"
