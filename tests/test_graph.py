@@ -751,3 +751,35 @@ def test_the_plans_merge_takes_the_winner_of_a_first_success_group(make_repo: Ma
     assert record.status == "merged", record.message
     assert [t.task_id for t in record.tasks] == ["impl[0]"]
     assert git(repo, "show", "main:impl.txt") == "done"
+
+
+def test_a_dependents_start_costs_at_most_one_git_call_or_three_for_a_merge(make_repo: MakeRepo) -> None:
+    from orchestrator import Repository
+
+    def plan(graph: bool) -> Plan:
+        def deps(*names: str) -> dict[str, Any]:
+            return {"depends_on": list(names)} if graph else {}
+
+        return Plan.model_validate(
+            {
+                "defaults": {"venv": False},
+                "tasks": [
+                    task("a", write={"a.txt": "a\n"}),
+                    task("b", **deps("a"), write={"b.txt": "b\n"}),
+                    task("c", **deps("a"), write={"c.txt": "c\n"}),
+                    task("d", **deps("b", "c"), write={"d.txt": "d\n"}),
+                ],
+            }
+        )
+
+    async def calls(graph: bool) -> int:
+        repo = await Repository.open(make_repo())
+        before = repo.git.calls
+        report = await orchestrate_parallel(plan(graph), repo=repo, agents={"edit": edit})
+        assert report.summary.successful == 4
+        return repo.git.calls - before
+
+    flat, diamond = anyio.run(calls, False), anyio.run(calls, True)
+    # b and c: the tree of a's result, looked up once for both (1); d: merge-base
+    # --independent, merge-tree and commit-tree (3). Nothing else changes per task.
+    assert diamond - flat == 1 + 3, (flat, diamond)
