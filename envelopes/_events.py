@@ -49,6 +49,7 @@ class RunStarted(_Event):
     total_tasks: int
     base_commit: str | None
     run_dir: str
+    resumed_tasks: int = 0
 
 
 class TaskQueued(_Event):

@@ -178,6 +178,7 @@ class TaskResult(_Model):
     attempt_log: list[Attempt] = Field(default_factory=list)
     group: str | None = None
     depends_on: list[str] = Field(default_factory=list)
+    resumed: bool = False
     provenance: Provenance
 
     @property

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from envelopes import LogFile
 
+from ._faults import crash_point
 from .errors import RunDirError
 
 __all__ = ["atomic_write", "file_entry"]
@@ -35,6 +36,8 @@ def atomic_write(path: Path, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            if path.name == "report.json":
+                crash_point("report")  # written, not yet renamed into place
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

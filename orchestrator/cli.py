@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+
+if TYPE_CHECKING:
+    from envelopes import Report
 
 __all__ = ["build_parser", "main"]
 
@@ -81,6 +84,65 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the report JSON on stdout instead of the summary table",
     )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the latest interrupted run of this plan instead of starting a new one",
+    )
+
+    resume = sub.add_parser(
+        "resume",
+        help="go on with an interrupted or cancelled run",
+        description="Go on with a run whose orchestrator died or was stopped: finished tasks "
+        "are kept, the rest run again from clean worktrees.",
+    )
+    resume.add_argument("run_id", metavar="RUN_ID", help="the run's id (see orchestrator runs)")
+    resume.add_argument(
+        "--repo", type=Path, help="the run's repository (default: the current directory's)"
+    )
+    resume.add_argument(
+        "--state-dir", type=Path, help="where the run lives (default: <git-dir>/orchestrator)"
+    )
+    resume.add_argument("--concurrency", type=_positive_int, help="at most this many tasks at once")
+    resume.add_argument("--out", type=Path, help="also write the report here")
+    resume.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report JSON on stdout instead of the summary table",
+    )
+
+    gc = sub.add_parser(
+        "gc",
+        help="remove what dead runs left behind, and old runs",
+        description="Remove orphaned worktrees, venvs, processes and lock files of runs that "
+        "are not live, and the run directories (and with --branches, the branches) of runs "
+        "older than the limit. A live run is never touched.",
+    )
+    gc.add_argument("--repo", type=Path, help="the repository (default: the current directory's)")
+    gc.add_argument(
+        "--state-dir", type=Path, help="where runs live (default: <git-dir>/orchestrator)"
+    )
+    gc.add_argument(
+        "--older-than",
+        default="7d",
+        metavar="AGE",
+        help="remove runs idle for longer than this (7d, 12h, 30m; 0 for all); default 7d",
+    )
+    gc.add_argument(
+        "--branches",
+        action="store_true",
+        help="also delete the task branches of runs whose report is gone or older than AGE",
+    )
+    gc.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed; remove nothing"
+    )
+
+    runs = sub.add_parser("runs", help="list the runs of a repository")
+    runs.add_argument("--repo", type=Path, help="the repository (default: the current directory's)")
+    runs.add_argument(
+        "--state-dir", type=Path, help="where runs live (default: <git-dir>/orchestrator)"
+    )
+    runs.add_argument("--json", action="store_true", help="one JSON object per run, a line each")
 
     validate = sub.add_parser("validate", help="check a plan without running it")
     validate.add_argument("plan", type=Path)
@@ -134,20 +196,30 @@ def _positive_int(text: str) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``orchestrator run``."""
+    if args.demo == (args.plan is not None):
+        _err("run needs a PLAN file, or --demo (not both)")
+        return EXIT_USAGE
+    return _drive(args, _run)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """``orchestrator resume``: go on with an interrupted or cancelled run."""
+    return _drive(args, _resume)
+
+
+def _drive(args: argparse.Namespace, start: Callable[..., Awaitable[Report]]) -> int:
+    """Run *start* with progress, signals and the closing summary; map errors to exit codes."""
     import anyio
 
     from .errors import OrchestratorError, PlanError
     from .repo import NotARepository
 
-    if args.demo == (args.plan is not None):
-        _err("run needs a PLAN file, or --demo (not both)")
-        return EXIT_USAGE
     if args.out is not None and not args.out.absolute().parent.is_dir():
         # Checked before anything runs: finding out after an hour of agents would be unkind.
         _err(f"--out: {args.out.absolute().parent} is not a directory")
         return EXIT_USAGE
     try:
-        return anyio.run(_run, args)
+        return anyio.run(_watch, args, start)
     except PlanError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -165,20 +237,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
 
 
-async def _run(args: argparse.Namespace) -> int:
-    import signal
-
-    import anyio
-    from rich.console import Console
-
-    from envelopes import Report
-
+async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report:
     from .coordinator import orchestrate_parallel
-    from .errors import OrchestratorError
     from .plan import load_plan
-    from .progress import Progress, summary_table
 
-    out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
     repo = args.repo
     if args.demo:
         from .demo import DEMO_PLAN, ensure_demo_repo
@@ -190,6 +252,61 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         plan_path = args.plan
     loaded = load_plan(plan_path)
+    resume = None
+    if args.resume:
+        from .plan import check_plan_repository
+        from .runs import find_resumable
+
+        repository, _, _ = await check_plan_repository(
+            loaded, repo_override=repo, state_dir=args.state_dir
+        )
+        state = repository.state_dir if repository else Path(args.state_dir or ".orchestrator")
+        if repository is not None:
+            repository.lock.close()
+        plan_file = str(Path(loaded.file).absolute()) if loaded.file else None
+        resume = find_resumable(state.absolute(), loaded.sha256, plan_file)
+        if resume is None:
+            print("no interrupted run of this plan: starting a new one", file=sys.stderr)
+        else:
+            print(f"resuming run {resume}", file=sys.stderr)
+    return await orchestrate_parallel(
+        loaded,
+        repo=repo,
+        base=args.base,
+        concurrency=args.concurrency,
+        keep_worktrees=args.keep_worktrees,
+        state_dir=args.state_dir,
+        report_path=args.out,
+        venv_backend=args.venv_backend,
+        fail_fast=args.fail_fast,
+        on_event=on_event,
+        resume=resume,
+    )
+
+
+async def _resume(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report:
+    from .coordinator import resume_run
+
+    return await resume_run(
+        args.run_id,
+        repo=args.repo,
+        state_dir=args.state_dir,
+        report_path=args.out,
+        concurrency=args.concurrency,
+        on_event=on_event,
+    )
+
+
+async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report]]) -> int:
+    import signal
+
+    import anyio
+    from rich.console import Console
+
+    from .errors import OrchestratorError
+    from .progress import Progress, summary_table
+
+    out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
     report: Report | None = None
     error: OrchestratorError | None = None
     stopped_by: list[int] = []
@@ -207,18 +324,7 @@ async def _run(args: argparse.Namespace) -> int:
 
             tg.start_soon(stop_on_signal)
             try:
-                report = await orchestrate_parallel(
-                    loaded,
-                    repo=repo,
-                    base=args.base,
-                    concurrency=args.concurrency,
-                    keep_worktrees=args.keep_worktrees,
-                    state_dir=args.state_dir,
-                    report_path=args.out,
-                    venv_backend=args.venv_backend,
-                    fail_fast=args.fail_fast,
-                    on_event=progress,
-                )
+                report = await start(args, progress)
             except OrchestratorError as exc:
                 error = exc  # raised below, outside the task group, so it is not wrapped
             tg.cancel_scope.cancel()
@@ -252,6 +358,94 @@ async def _run(args: argparse.Namespace) -> int:
     all_done = report.summary.successful == report.summary.total_tasks
     merged = all(record.status == "merged" for record in report.merge)
     return EXIT_OK if all_done and merged else EXIT_FAILED
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """``orchestrator runs``: every run of the repository, oldest first."""
+    import anyio
+
+    from .repo import NotARepository, Repository
+    from .runs import list_runs
+
+    async def state_dir() -> Path:
+        if args.state_dir is not None and args.repo is None:
+            return Path(args.state_dir).absolute()
+        repo = await Repository.open(args.repo or Path.cwd(), state_dir=args.state_dir)
+        repo.lock.close()
+        return repo.state_dir
+
+    try:
+        where = anyio.run(state_dir)
+    except NotARepository as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    infos = list_runs(where)
+    if args.json:
+        for info in infos:
+            print(json.dumps(info.to_json_dict()))
+        return EXIT_OK
+    if not infos:
+        print(f"no runs in {where / 'runs'}")
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"runs in {where / 'runs'}")
+    for column in ("run", "state", "plan", "tasks", "started", "last activity"):
+        table.add_column(column, no_wrap=True)
+    for info in infos:
+        done = ", ".join(f"{n} {status}" for status, n in sorted(info.counts.items()))
+        total = f"{info.total_tasks}" if info.total_tasks is not None else "?"
+        table.add_row(
+            info.run_id,
+            info.state,
+            info.plan_name or "?",
+            f"{total}: {done}" if done else total,
+            info.started_at.strftime("%Y-%m-%d %H:%M:%S") if info.started_at else "",
+            info.last_activity.strftime("%Y-%m-%d %H:%M:%S") if info.last_activity else "",
+        )
+    Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160).print(
+        table
+    )
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """``orchestrator gc``."""
+    import anyio
+
+    from .errors import OrchestratorError
+    from .gc import collect_garbage, parse_age
+    from .repo import NotARepository, Repository
+
+    try:
+        age = parse_age(args.older_than)
+    except ValueError as exc:
+        _err(f"--older-than: {exc}")
+        return EXIT_USAGE
+
+    async def gc() -> Any:
+        repo = await Repository.open(args.repo or Path.cwd(), state_dir=args.state_dir)
+        try:
+            return await collect_garbage(
+                repo, older_than=age, branches=args.branches, dry_run=args.dry_run
+            )
+        finally:
+            repo.lock.close()
+
+    try:
+        outcome = anyio.run(gc)
+    except NotARepository as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except OrchestratorError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    for line in outcome.kept:
+        print(f"kept: {line}")
+    for line in outcome.done:
+        print(line)
+    return EXIT_OK
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -385,6 +579,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "resume": cmd_resume,
+    "gc": cmd_gc,
+    "runs": cmd_runs,
     "run": cmd_run,
     "validate": cmd_validate,
     "verify": cmd_verify,

@@ -13,7 +13,8 @@ import anyio
 from envelopes import ErrorInfo, KeepWorktrees, TaskResult, new_run_id, ref_safe
 from envelopes._events import Event
 
-from .errors import EventHandlerFailed, RunDirError
+from .errors import EventHandlerFailed, OrchestratorError, RunDirError
+from .journal import JOURNAL, Journal, RunLock
 from .repo import Repository
 from .scheduler import TaskBook, TaskState
 from .venv import VenvBackend, get_backend
@@ -51,6 +52,8 @@ class RunContext:
     starts: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: Why a running task is being cancelled, when it is not the whole run (fail-fast, say).
     cancel_reasons: dict[str, ErrorInfo] = field(default_factory=dict)
+    journal: Journal | None = None
+    run_lock: RunLock | None = None
 
     def start_of(self, task_id: str) -> tuple[str | None, str | None]:
         """The commit and tree *task_id* starts from."""
@@ -63,9 +66,18 @@ class RunContext:
         )
 
     def move(self, task_id: str, state: TaskState) -> None:
-        """Record a task's new state in the run's TaskBook (when the run keeps one)."""
+        """Record a task's new state in the run's TaskBook (when the run keeps one).
+
+        The book queues the change for the journal; ``await ctx.journal.sync()`` makes it
+        durable.
+        """
         if self.book is not None and task_id in self.book.states:
             self.book.move(task_id, state)
+
+    def journal_move(self, task_id: str, state: TaskState) -> None:
+        """Queue a task's state change for the journal (the run's TaskBook calls this)."""
+        if self.journal is not None:
+            self.journal.append({"type": "state", "task": task_id, "state": state})
 
     @classmethod
     async def open(
@@ -78,6 +90,7 @@ class RunContext:
         run_id: str | None = None,
         state_dir: Path | str | None = None,
         plan_dir: Path | None = None,
+        resume: bool = False,
         **options: Any,
     ) -> RunContext:
         """Open the repository, resolve *base* once to a commit, and make the run directory.
@@ -86,6 +99,9 @@ class RunContext:
 
         Without a repository (all tasks ``worktree: false``), the run directory is under
         *state_dir*, or ``./.orchestrator`` when that is not given either.
+
+        With *resume*, the run directory of *run_id* must exist instead. Either way the run's
+        lock is taken (RunInUse when a live process holds it) and its journal opened.
         """
         run_id = run_id or new_run_id()
         repository: Repository | None
@@ -101,16 +117,30 @@ class RunContext:
         else:
             root = Path(state_dir or ".orchestrator").absolute()
         run_dir = root / "runs" / run_id
+        if resume:
+            if not run_dir.is_dir():
+                raise OrchestratorError(f"no run {run_id} in {root / 'runs'}")
+        else:
+            try:
+                await anyio.Path(run_dir).mkdir(parents=True, exist_ok=False)
+            except OSError as exc:
+                raise RunDirError(
+                    f"cannot create the run directory {run_dir}: {exc.strerror or exc}"
+                ) from exc
+        run_lock = RunLock(run_dir)
+        run_lock.acquire()
+        journal = Journal(run_dir / JOURNAL)
         try:
-            await anyio.Path(run_dir).mkdir(parents=True, exist_ok=False)
-        except OSError as exc:
-            raise RunDirError(
-                f"cannot create the run directory {run_dir}: {exc.strerror or exc}"
-            ) from exc
+            journal.open()
+        except BaseException:
+            run_lock.release()
+            raise
         if repository is not None:
             try:
                 repository.lock.ensure_open()
             except OSError as exc:
+                journal.close()
+                run_lock.release()
                 path = repository.lock.path
                 raise RunDirError(
                     f"cannot create the lock file {path}: {exc.strerror or exc}"
@@ -123,8 +153,17 @@ class RunContext:
             base_commit=commit,
             base_tree=tree,
             plan_dir=plan_dir or Path.cwd(),
+            journal=journal,
+            run_lock=run_lock,
             **options,
         )
+
+    def close(self) -> None:
+        """Close the journal and release the run's lock (idempotent)."""
+        if self.journal is not None:
+            self.journal.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     @property
     def state_dir(self) -> Path:

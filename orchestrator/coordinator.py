@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import os
 import shutil
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -50,16 +52,18 @@ from .errors import (
     PlanError,
     PlanIssue,
 )
+from .journal import read_journal
 from .merge import Combined, combine_commits
 from .mergeback import merge_results
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
-from .repo import Repository
+from .recovery import carried_over, clear_task_leftovers, kill_orphans, replay
+from .repo import NotARepository, Repository
 from .report import aggregate_results, write_report
 from .scheduler import GroupState, Scheduler, TaskBook, graph_problems
 from .subagent import not_started_result, run_subagent
 from .venv import VenvBackend, get_backend
 
-__all__ = ["RunEvents", "orchestrate_parallel", "run_events"]
+__all__ = ["RunEvents", "orchestrate_parallel", "resume_run", "run_events"]
 
 KEEP_POLICIES = ("never", "failed", "always")
 
@@ -83,6 +87,7 @@ async def orchestrate_parallel(
     on_event: EventHandler | None = None,
     agent_limits: Mapping[str, int] | None = None,
     fail_fast: bool | None = None,
+    resume: str | None = None,
 ) -> Report:
     """Run every task of *plan* as a subagent and return the sealed Report.
 
@@ -103,6 +108,12 @@ async def orchestrate_parallel(
     recorded as ``cancelled`` (its changes committed, its worktree removed unless the policy
     is ``always``), a partial report is written to the run directory, and the cancellation
     propagates.
+
+    Every state change and result goes to the run's journal first, so a run whose
+    orchestrator died (or was cancelled) can go on: *resume* names such a run, whose plan
+    must be this one. Its finished tasks are kept (marked ``resumed``), except cancelled ones;
+    the rest run again from a clean worktree, after the dead run's agents are killed and
+    its leftovers cleared. See :func:`resume_run` to resume from the run's own plan.
     """
     if any(n < 1 for n in (agent_limits or {}).values()):
         raise OrchestratorError(f"agent limits must be >= 1, got {dict(agent_limits or {})}")
@@ -162,7 +173,8 @@ async def orchestrate_parallel(
         base=base_ref,
         base_commit=commit,
         base_tree=tree,
-        run_id=run_id,
+        run_id=resume or run_id,
+        resume=resume is not None,
         state_dir=state_dir,
         plan_dir=loaded.plan_dir if loaded else Path.cwd(),
         keep_worktrees=keep_worktrees or (the_plan.keep_worktrees if the_plan else "failed"),
@@ -181,13 +193,24 @@ async def orchestrate_parallel(
     plan_sha = digest(plan_json)
     envelopes = [e.model_copy(update={"run_id": ctx.run_id}) for e in envelopes]
     started = datetime.now(UTC)
+    restored: list[str] = []
+    try:
+        if resume is not None:
+            started, restored = await _prepare_resume(ctx, plan_sha, envelopes)
+        else:
+            await _journal_run(ctx, plan_sha, started, the_plan, loaded, limit)
+    except BaseException:
+        ctx.close()
+        if ctx.repo is not None and owns_repo:
+            ctx.repo.lock.close()
+        raise
     limits = {
         name: spec.max_concurrency
         for name, spec in (the_plan.agents.items() if the_plan else ())
         if spec.max_concurrency
     }
     limits.update(agent_limits or {})
-    book = ctx.book = TaskBook([e.task_id for e in envelopes])
+    book = ctx.book = TaskBook([e.task_id for e in envelopes], on_move=ctx.journal_move)
     hooks = _Hooks(ctx, table)
     scheduler = Scheduler(
         envelopes,
@@ -197,6 +220,7 @@ async def orchestrate_parallel(
         book=book,
         results=ctx.results,
         fail_fast=fail_fast if fail_fast is not None else bool(the_plan and the_plan.fail_fast),
+        restored=restored,
     )
 
     report_file = ctx.run_dir / "report.json"
@@ -225,10 +249,11 @@ async def orchestrate_parallel(
     # From here on, however the run ends, it ends with a report and the lock closed.
     try:
         ctx.open_events_log()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(
-                atomic_write, ctx.run_dir / "plan.json", canonical_json(plan_json)
-            )
+        if resume is None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(
+                    atomic_write, ctx.run_dir / "plan.json", canonical_json(plan_json)
+                )
         await _emit(
             ctx,
             RunStarted(
@@ -236,6 +261,7 @@ async def orchestrate_parallel(
                 total_tasks=len(envelopes),
                 base_commit=ctx.base_commit,
                 run_dir=str(ctx.run_dir),
+                resumed_tasks=len(restored),
             ),
         )
         await scheduler.run()
@@ -246,21 +272,34 @@ async def orchestrate_parallel(
                     ctx.results[e.task_id] = not_started_result(e, table[e.agent], ctx)
                     if book.states[e.task_id] in ("pending", "ready"):
                         book.move(e.task_id, "cancelled")
-            await finish([ctx.results[e.task_id] for e in envelopes])
-            ctx.close_events_log()
-            if ctx.repo is not None and owns_repo:
-                ctx.repo.lock.close()
+            try:
+                await finish([ctx.results[e.task_id] for e in envelopes])
+            finally:
+                ctx.close_events_log()
+                ctx.close()
+                if ctx.repo is not None and owns_repo:
+                    ctx.repo.lock.close()
         unwrapped = _unwrapped(exc)
         if unwrapped is not exc:
             raise unwrapped from None
         raise
-    report = await finish([ctx.results[e.task_id] for e in envelopes])
     try:
         try:
+            report = await finish([ctx.results[e.task_id] for e in envelopes])
             if the_plan is not None and the_plan.merge is not None and ctx.repo is not None:
                 copies = [Path(report_path)] if report_path else []
                 report = await _merge_at_end(ctx, report, the_plan.merge, report_file, copies)
+            if ctx.journal is not None:
+                with anyio.CancelScope(shield=True):
+                    await ctx.journal.write(
+                        {
+                            "type": "finished",
+                            "at": datetime.now(UTC).isoformat(),
+                            "report_sha256": report.report_sha256,
+                        }
+                    )
         finally:
+            ctx.close()
             if ctx.repo is not None and owns_repo:
                 ctx.repo.lock.close()
         await _emit(
@@ -275,6 +314,115 @@ async def orchestrate_parallel(
     finally:
         ctx.close_events_log()
     return report
+
+
+async def _journal_run(
+    ctx: RunContext,
+    plan_sha: str,
+    started: datetime,
+    plan: Plan | None,
+    loaded: LoadedPlan | None,
+    limit: int,
+) -> None:
+    """The journal's first record: what a resume needs to go on with the same run."""
+    assert ctx.journal is not None
+    await ctx.journal.write(
+        {
+            "type": "run",
+            "run_id": ctx.run_id,
+            "at": started.isoformat(),
+            "pid": os.getpid(),
+            "plan_sha256": plan_sha,
+            "plan_name": plan.name if plan else "envelopes",
+            "plan_file": str(Path(loaded.file).absolute()) if loaded and loaded.file else None,
+            "plan_dir": str(ctx.plan_dir),
+            "repo": str(ctx.repo.root) if ctx.repo else None,
+            "base_ref": ctx.base_ref,
+            "base_commit": ctx.base_commit,
+            "base_tree": ctx.base_tree,
+            "options": {
+                "concurrency": limit,
+                "keep_worktrees": ctx.keep_worktrees,
+                "venv_backend": ctx.venv_backend.name,
+                "kill_grace": ctx.kill_grace,
+                "backoff": [ctx.backoff_initial, ctx.backoff_max],
+            },
+        }
+    )
+
+
+async def _prepare_resume(
+    ctx: RunContext, plan_sha: str, envelopes: Sequence[HandoffEnvelope]
+) -> tuple[datetime, list[str]]:
+    """Take up an interrupted run: its journal, its dead agents, its leftovers.
+
+    Returns when the run first started and the tasks whose results are kept.
+    """
+    assert ctx.journal is not None
+    contents = await anyio.to_thread.run_sync(read_journal, ctx.journal.path)
+    record = replay(contents, ctx.run_id)
+    if record.finished:
+        raise OrchestratorError(
+            f"run {ctx.run_id} has finished; its report is {ctx.run_dir / 'report.json'}"
+        )
+    if record.settings.get("plan_sha256") != plan_sha:
+        raise OrchestratorError(
+            f"the plan changed since run {ctx.run_id} started (its digest was "
+            f"{str(record.settings.get('plan_sha256'))[:12]}, it is {plan_sha[:12]} now); "
+            "resume it with the plan it started with"
+        )
+    ctx.base_ref = record.settings.get("base_ref")
+    ctx.base_commit = record.settings.get("base_commit")
+    ctx.base_tree = record.settings.get("base_tree")
+    await anyio.to_thread.run_sync(kill_orphans, ctx.run_id)
+    wanted = {e.task_id for e in envelopes}
+    kept: dict[str, TaskResult] = {}
+    for task_id, result in record.results.items():
+        if task_id in wanted and result.status != "cancelled":
+            kept[task_id] = result
+    if ctx.repo is not None:
+        kept = await _still_there(ctx.repo, kept)
+        for e in envelopes:
+            if e.task_id not in kept:
+                await clear_task_leftovers(
+                    ctx.repo,
+                    ctx.state_dir,
+                    ctx.run_id,
+                    e.task_id,
+                    record.worktrees.get(e.task_id),
+                )
+    restored = [e.task_id for e in envelopes if e.task_id in kept]
+    for task_id in restored:
+        ctx.results[task_id] = carried_over(kept[task_id])
+    await ctx.journal.write(
+        {
+            "type": "resumed",
+            "at": datetime.now(UTC).isoformat(),
+            "pid": os.getpid(),
+            "kept": restored,
+        }
+    )
+    return datetime.fromisoformat(record.settings["at"]), restored
+
+
+async def _still_there(repo: Repository, results: dict[str, TaskResult]) -> dict[str, TaskResult]:
+    """*results* less those whose result commit is gone (their tasks run again)."""
+    commits = [r.provenance.result_commit for r in results.values() if r.provenance.result_commit]
+    if not commits:
+        return results
+    answer = await repo.git.run(
+        "cat-file", "--batch-check", stdin=("\n".join(commits) + "\n").encode(), check=False
+    )
+    found = {
+        line.split()[0]
+        for line in answer.stdout.decode(errors="replace").splitlines()
+        if line.endswith(" missing") is False and len(line.split()) >= 2
+    }
+    return {
+        task_id: r
+        for task_id, r in results.items()
+        if r.provenance.result_commit is None or r.provenance.result_commit in found
+    }
 
 
 async def _merge_at_end(
@@ -330,6 +478,73 @@ def _merge_finished(ctx: RunContext, record: MergeRecord) -> MergeFinished:
         new_commit=record.new_commit,
         message=record.message,
     )
+
+
+async def resume_run(
+    run_id: str,
+    *,
+    repo: Path | str | Repository | None = None,
+    state_dir: Path | str | None = None,
+    agents: Mapping[str, AgentLike] | None = None,
+    on_event: EventHandler | None = None,
+    report_path: Path | str | None = None,
+    concurrency: int | None = None,
+) -> Report:
+    """Go on with run *run_id*, interrupted (its orchestrator died) or cancelled.
+
+    The plan is the run's own (``plan.json`` in its run directory), with the settings it
+    started with (*concurrency* may override its limit). Agents given in code (*agents*) are
+    needed for callable agents, which a plan file cannot hold. The repository is *repo*,
+    else the one the run was made in. See ``orchestrate_parallel(..., resume=)``.
+    """
+    repository = repo if isinstance(repo, Repository) else None
+    if repository is None:
+        where = Path.cwd() if repo is None or isinstance(repo, Repository) else repo
+        try:
+            repository = await Repository.open(where, state_dir=state_dir)
+        except NotARepository:
+            if state_dir is None:
+                raise
+            repository = None
+    root = repository.state_dir if repository else Path(state_dir or ".orchestrator").absolute()
+    run_dir = root / "runs" / run_id
+    try:
+        settings = replay(read_journal(run_dir / "journal.jsonl"), run_id).settings
+        plan_data = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OrchestratorError(f"no run {run_id} in {root / 'runs'}") from None
+    except (OSError, ValueError) as exc:
+        raise OrchestratorError(f"cannot read run {run_id}: {exc}") from exc
+    options = settings.get("options", {})
+    plan: Any
+    if isinstance(plan_data, dict) and "envelopes" in plan_data:
+        plan = [HandoffEnvelope.model_validate(e) for e in plan_data["envelopes"]]
+    else:
+        plan = LoadedPlan(
+            Plan.model_validate(plan_data),
+            settings.get("plan_file"),
+            Path(settings.get("plan_dir") or Path.cwd()),
+        )
+    if repository is None and settings.get("repo"):
+        repository = await Repository.open(settings["repo"], state_dir=state_dir)
+    try:
+        return await orchestrate_parallel(
+            plan,
+            repo=repository if repository is not None else None,
+            agents=agents,
+            concurrency=concurrency or options.get("concurrency"),
+            keep_worktrees=options.get("keep_worktrees"),
+            state_dir=state_dir,
+            report_path=report_path,
+            venv_backend=options.get("venv_backend", "auto"),
+            kill_grace=options.get("kill_grace", 2.0),
+            backoff=tuple(options.get("backoff", (1.0, 30.0))),
+            on_event=on_event,
+            resume=run_id,
+        )
+    finally:
+        if repository is not None and not isinstance(repo, Repository):
+            repository.lock.close()
 
 
 class _Hooks:

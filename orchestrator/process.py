@@ -24,7 +24,7 @@ from pathlib import Path
 
 import anyio
 
-__all__ = ["TAG_VARIABLE", "ProcessOutcome", "kill_tagged", "run_command"]
+__all__ = ["TAG_VARIABLE", "ProcessOutcome", "find_tagged", "kill_tagged", "run_command"]
 
 #: Environment variable that marks every process of one attempt.
 TAG_VARIABLE = "ORCHESTRATOR_ATTEMPT_TAG"
@@ -73,22 +73,47 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def kill_tagged(tag: str) -> int:
+def kill_tagged(tag: str, *, prefix: bool = False) -> int:
     """SIGKILL every process whose environment carries ``TAG_VARIABLE=tag``. Linux only.
 
+    With *prefix*, every process whose tag starts with *tag* (``<run_id>/``: a whole run's).
     Sweeps until a pass finds none (a process may fork while a pass runs), at most 5 passes.
     Returns how many were signalled. Processes of other users are skipped.
     """
     killed = 0
     for _ in range(5):
-        found = _kill_tagged_once(f"{TAG_VARIABLE}={tag}".encode())
+        found = _kill_tagged_once(f"{TAG_VARIABLE}={tag}".encode(), prefix)
         killed += found
         if not found:
             break
     return killed
 
 
-def _kill_tagged_once(needle: bytes) -> int:
+def find_tagged(prefix: str) -> list[tuple[int, str]]:
+    """Processes whose ``TAG_VARIABLE`` starts with *prefix*: (pid, tag) pairs. Linux only."""
+    needle = f"{TAG_VARIABLE}={prefix}".encode()
+    found: list[tuple[int, str]] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        for variable in environ.split(b"\0"):
+            if variable.startswith(needle):
+                tag = variable.split(b"=", 1)[1].decode(errors="replace")
+                found.append((int(entry), tag))
+                break
+    return found
+
+
+def _kill_tagged_once(needle: bytes, prefix: bool = False) -> int:
     killed = 0
     try:
         entries = os.listdir("/proc")
@@ -103,7 +128,8 @@ def _kill_tagged_once(needle: bytes) -> int:
                 environ = f.read()
         except OSError:
             continue
-        if needle in environ.split(b"\0"):
+        variables = environ.split(b"\0")
+        if any(v.startswith(needle) for v in variables) if prefix else needle in variables:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry), signal.SIGKILL)
                 killed += 1

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -70,8 +70,14 @@ class IllegalTransition(AssertionError):
 class TaskBook:
     """The state of every task of a run."""
 
-    def __init__(self, task_ids: Sequence[str]) -> None:
+    def __init__(
+        self,
+        task_ids: Sequence[str],
+        on_move: Callable[[str, TaskState], None] | None = None,
+    ) -> None:
         self.states: dict[str, TaskState] = dict.fromkeys(task_ids, "pending")
+        #: Told of every change, after it is made (the run's journal listens here).
+        self.on_move = on_move
 
     def move(self, task_id: str, new: TaskState) -> None:
         """Change *task_id*'s state to *new*; IllegalTransition if the lifecycle forbids it."""
@@ -79,6 +85,16 @@ class TaskBook:
         if new not in TRANSITIONS[old]:
             raise IllegalTransition(f"task {task_id}: {old} -> {new} is not a valid transition")
         self.states[task_id] = new
+        if self.on_move is not None:
+            self.on_move(task_id, new)
+
+    def restore(self, task_id: str, state: TaskState) -> None:
+        """Put a task straight into the final *state* it reached in an earlier, interrupted
+        session of the run (resume); only from ``pending``."""
+        old = self.states[task_id]
+        if old != "pending" or state not in _FINAL:
+            raise IllegalTransition(f"task {task_id}: cannot restore {old} -> {state}")
+        self.states[task_id] = state
 
     def count(self, state: TaskState) -> int:
         """How many tasks are in *state*."""
@@ -162,7 +178,8 @@ class Scheduler:
 
     *results* is where the hooks store each task's result (the scheduler reads statuses from
     it). With *fail_fast*, the first task that fails or times out cancels the running tasks
-    and every task not yet started.
+    and every task not yet started. *restored* names tasks whose result (already in
+    *results*) comes from an earlier session of the run: they are final from the start.
     """
 
     def __init__(
@@ -175,6 +192,7 @@ class Scheduler:
         book: TaskBook,
         results: Mapping[str, TaskResult],
         fail_fast: bool = False,
+        restored: Sequence[str] = (),
     ) -> None:
         self.hooks = hooks
         self.limit = limit
@@ -182,6 +200,7 @@ class Scheduler:
         self.book = book
         self.results = results
         self.fail_fast = fail_fast
+        self.restored = list(restored)
         self.envelopes = {e.task_id: e for e in envelopes}
         self.order = {e.task_id: i for i, e in enumerate(envelopes)}
         self.groups: dict[str, GroupState] = {}
@@ -214,9 +233,14 @@ class Scheduler:
         self._send, receive = anyio.create_memory_object_stream[_Message](math.inf)
         async with self._send, receive, anyio.create_task_group() as tg:
             self._tg = tg
+            for task_id in self.restored:
+                self.book.restore(task_id, self.results[task_id].status)
+            for task_id in self.restored:
+                await self._final(task_id)
             for task_id, envelope in self.envelopes.items():
-                if not self.waiting[task_id]:
+                if self.book.states[task_id] == "pending" and not self.waiting[task_id]:
                     await self._ready(envelope)
+            await self._propagate()
             while True:
                 self._start_what_can()
                 if not self.running and not self.resolving:

@@ -44,7 +44,7 @@ from ._fs import atomic_write, file_entry
 from ._git import clean_environment
 from .agents import Agent, CallableAgent, CommandAgent, Workspace
 from .context import RunContext
-from .errors import EventHandlerFailed, GitError, VenvError
+from .errors import EventHandlerFailed, GitError, RunDirError, VenvError
 from .process import run_command
 from .retry import retry_attempts
 from .venv import Venv, describe_environment, setup_virtualenv
@@ -101,6 +101,7 @@ class _Subagent:
         self.envelope_entry: LogFile | None = None
         self.program: str | None = None
         self.branch_deleted = False
+        self.keep = False
         self.envelope_bytes = canonical_json(envelope.to_json_dict())
         self.envelope_sha256 = sha256_hex(self.envelope_bytes)
         run_dir, name = ctx.run_dir, ref_safe(self.task_id)
@@ -137,6 +138,18 @@ class _Subagent:
                 raise _TaskFailed(ErrorInfo(kind="worktree", message=str(exc))) from exc
             finally:
                 self._timed("worktree_s", start)
+            if ctx.journal is not None:
+                # Where the branch started: a resume after a crash tells the agent's own
+                # commits (kept) from a branch with nothing on it (deleted).
+                await ctx.journal.write(
+                    {
+                        "type": "worktree",
+                        "task": self.task_id,
+                        "branch": self.worktree.branch,
+                        "base_commit": self.worktree.base_commit,
+                        "path": str(self.worktree.path),
+                    }
+                )
         if self.envelope.venv:
             start = time.monotonic()
             try:
@@ -402,29 +415,32 @@ class _Subagent:
         finally:
             self._timed("commit_s", start)
 
-    async def cleanup(self, status: TaskStatus) -> None:
-        """Remove the worktree and venv as the keep policy says; branches stay unless empty and cancelled."""
-        start = time.monotonic()
-        ctx = self.ctx
+    async def describe(self, status: TaskStatus) -> None:
+        """Describe the venv and decide what the clean-up keeps: the result as it will be."""
         if self.venv is not None:
             # Described after the agent ran, so that what it installed itself is on record.
             with contextlib.suppress(OSError):
                 self.environment = await anyio.to_thread.run_sync(describe_environment, self.venv)
-        policy = ctx.keep_worktrees
-        keep = policy == "always" or (policy == "failed" and status in ("failed", "timed_out"))
-        if self.worktree is not None and ctx.repo is not None:
-            if keep:
+        policy = self.ctx.keep_worktrees
+        self.keep = policy == "always" or (policy == "failed" and status in ("failed", "timed_out"))
+        if self.keep and self.worktree is not None:
+            self.kept_worktree = self.worktree.path
+
+    async def cleanup(self, status: TaskStatus) -> None:
+        """Remove the worktree and venv as :meth:`describe` decided; branches stay unless empty and cancelled."""
+        start = time.monotonic()
+        ctx = self.ctx
+        keep = self.keep
+        if self.worktree is not None and ctx.repo is not None and not keep:
+            try:
+                self.branch_deleted = await remove_worktree(
+                    ctx.repo,
+                    self.worktree,
+                    delete_branch=status == "cancelled" and not self.committed,
+                )
+            except (GitError, OSError):
+                keep = True  # could not remove it: the report names it as kept
                 self.kept_worktree = self.worktree.path
-            else:
-                try:
-                    self.branch_deleted = await remove_worktree(
-                        ctx.repo,
-                        self.worktree,
-                        delete_branch=status == "cancelled" and not self.committed,
-                    )
-                except (GitError, OSError):
-                    keep = True  # could not remove it: the report names it as kept
-                    self.kept_worktree = self.worktree.path
         if self.venv is not None and (self.worktree is None or not keep):
             await anyio.to_thread.run_sync(shutil.rmtree, self.venv.path, True)
         self._timed("cleanup_s", start)
@@ -553,6 +569,8 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
     error: ErrorInfo | None = None
     cancelled = leaving = False
     try:
+        if ctx.journal is not None:
+            await ctx.journal.sync()  # "running" is on disk before anything is made for it
         await task.prepare()
 
         async def before_retry(number: int, wait: float) -> None:
@@ -601,17 +619,35 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
                 if cancelled:
                     with contextlib.suppress(GitError, OSError):
                         await task.commit()  # nothing is lost: partial work lands on the branch
+                await task.describe(status)
+                # On disk before the worktree goes: a crash from here on loses nothing.
+                await _journal_result(ctx, task.result(status, error), final=False)
                 await task.cleanup(status)
             # Recorded even if the clean-up above ran out of time.
             result = task.result(status, error)
             ctx.results[task.task_id] = result
             ctx.move(task.task_id, status)
+            await _journal_result(ctx, result, final=True)
             try:
                 await ctx.emit(_finished(ctx, result))
             except EventHandlerFailed:
                 if not leaving:  # when already on the way out, the first failure is the one told
                     raise
     return result
+
+
+async def _journal_result(ctx: RunContext, result: TaskResult, *, final: bool) -> None:
+    """Write *result* to the run's journal and wait until it is on disk.
+
+    A journal that cannot be written (a full disk) does not lose the result: it is still in
+    ``ctx.results`` and in the report.
+    """
+    if ctx.journal is None:
+        return
+    with contextlib.suppress(RunDirError):
+        await ctx.journal.write(
+            {"type": "result", "final": final, "result": result.model_dump(mode="json")}
+        )
 
 
 def not_started_result(

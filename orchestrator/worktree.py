@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anyio
 
+from ._faults import crash_point
 from .errors import GitError
 from .repo import Repository
 
@@ -69,6 +70,7 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
             await _forget(repo, path, branch, base_commit)
             raise
     worktree = Worktree(path=path, branch=branch, base_commit=base_commit, admin_dir=admin_dir)
+    crash_point("worktree")
     try:
         await repo.git.run(*worktree.git_args(), "reset", "--hard", "--quiet", cwd=path)
     except BaseException:
@@ -177,6 +179,7 @@ async def commit_worktree(
     commit = await git.out(
         *args, "commit-tree", tree, "-p", "HEAD", "-m", message, cwd=cwd, env=identity
     )
+    crash_point("commit")
     await git.run(*args, "update-ref", f"refs/heads/{worktree.branch}", commit, "HEAD", cwd=cwd)
     return commit, tree, True
 

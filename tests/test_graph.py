@@ -753,7 +753,9 @@ def test_the_plans_merge_takes_the_winner_of_a_first_success_group(make_repo: Ma
     assert git(repo, "show", "main:impl.txt") == "done"
 
 
-def test_a_dependents_start_costs_at_most_one_git_call_or_three_for_a_merge(make_repo: MakeRepo) -> None:
+def test_a_dependents_start_costs_at_most_one_git_call_or_three_for_a_merge(
+    make_repo: MakeRepo,
+) -> None:
     from orchestrator import Repository
 
     def plan(graph: bool) -> Plan:

@@ -1,0 +1,278 @@
+"""The run journal and the run lock: what makes a run survive its orchestrator's death.
+
+``journal.jsonl`` in the run directory is append-only: one JSON object a line, each a fact
+the orchestrator relies on (the run's settings, a task's state change, a task's result, the
+run's end). A line is written and fsynced before the orchestrator acts on it, with group
+commit: the first writer to reach the disk writes every line queued so far with one fsync, and
+the writers behind it find their lines already durable. A process that dies mid-write leaves a
+torn last line, which :func:`read_journal` ignores.
+
+``lock`` in the run directory is held (``flock``) for as long as an orchestrator works on the
+run and names its owner (pid and start time). The kernel drops the flock when the owner dies,
+so a lock file that nobody holds is stale, whatever it says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ._faults import armed, crash_point
+from .errors import OrchestratorError, RunDirError
+
+__all__ = [
+    "Journal",
+    "JournalContents",
+    "JournalCorrupt",
+    "RunInUse",
+    "RunLock",
+    "process_start_time",
+    "read_journal",
+]
+
+JOURNAL = "journal.jsonl"
+LOCK = "lock"
+
+
+class JournalCorrupt(OrchestratorError):
+    """A journal line other than the last cannot be read: the file was damaged or edited."""
+
+
+class RunInUse(OrchestratorError):
+    """Another live orchestrator holds the run."""
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process *pid* started, in clock ticks since boot (Linux), or None.
+
+    With the pid, it names a process unambiguously: a pid reused later has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    fields = stat[stat.rfind(")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+class RunLock:
+    """The lock of one run directory, held while an orchestrator works on the run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock; RunInUse naming the owner if a live process holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise RunDirError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = self.owner()
+            os.close(fd)
+            who = f"pid {owner['pid']}" if owner else "another process"
+            since = f", running since {owner['started_at']}" if owner else ""
+            raise RunInUse(
+                f"run {self.path.parent.name} is in use by {who}{since}; "
+                "wait for it to end, or stop it first"
+            ) from None
+        me = os.getpid()
+        record = {
+            "pid": me,
+            "process_start": process_start_time(me),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise RunDirError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        self._fd = fd
+
+    def owner(self) -> dict[str, Any] | None:
+        """Who the lock file says holds it (maybe a dead process: see :meth:`is_held`)."""
+        try:
+            value = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) and "pid" in value else None
+
+    def is_held(self) -> bool:
+        """Whether a live process (this one included) holds the lock."""
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def release(self) -> None:
+        """Let go of the lock (the file stays; nobody holding it makes it stale)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class JournalContents:
+    """What a journal says: its records in order, and whether its last line was torn."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    torn: bool = False
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        """The records whose ``type`` is *kind*, in order."""
+        return [r for r in self.records if r.get("type") == kind]
+
+
+def read_journal(path: Path) -> JournalContents:
+    """Read a journal; a torn last line is skipped, any other unreadable line is JournalCorrupt."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return JournalContents()
+    except OSError as exc:
+        raise RunDirError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    contents = JournalContents()
+    lines = data.split(b"\n")
+    # A complete journal ends with a newline, so the last element is empty; anything else
+    # there is a line the writer did not finish.
+    if lines[-1]:
+        contents.torn = True
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            if number == len(lines) - 1 and not lines[-1]:
+                # The last full line is garbage: a write torn inside the line (a crash
+                # between the write of a partial line and a later one cannot happen: lines
+                # are written whole, so this is the tail of a torn write).
+                contents.torn = True
+                break
+            raise JournalCorrupt(f"{path}: line {number} cannot be read ({exc})") from None
+        contents.records.append(record)
+    return contents
+
+
+class Journal:
+    """Appends records to ``journal.jsonl``; :meth:`sync` makes them durable (group commit)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._pending: list[bytes] = []
+        self._queued = 0
+        self._durable = 0
+        self._lock = anyio.Lock()
+        self.fsyncs = 0
+
+    def open(self) -> None:
+        """Open the journal for appending, cutting off a torn last line first."""
+        try:
+            existed = self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            data_end = os.lseek(fd, 0, os.SEEK_END)
+            if data_end:
+                # Drop a torn tail so that the next record starts on a line of its own.
+                tail = os.pread(fd, min(data_end, 1 << 20), max(0, data_end - (1 << 20)))
+                cut = tail.rfind(b"\n") + 1
+                if cut < len(tail):
+                    os.ftruncate(fd, data_end - (len(tail) - cut))
+            if not existed:
+                _fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise RunDirError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
+        self._fd = fd
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Queue *record*; it is on disk once :meth:`sync` (or :meth:`write`) returns."""
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+        self._pending.append(line.encode())
+        self._queued += 1
+
+    async def write(self, record: dict[str, Any]) -> None:
+        """Append *record* and wait until it is on disk."""
+        self.append(record)
+        await self.sync()
+
+    async def sync(self) -> None:
+        """Wait until every record queued so far is on disk.
+
+        Group commit: whoever gets the lock writes everything queued, with one fsync; those
+        who waited behind it find their records already durable. The write is shielded from
+        cancellation, so a record is never half written by a cancelled task.
+        """
+        wanted = self._queued
+        if self._durable >= wanted or self._fd is None:
+            return
+        async with self._lock:
+            if self._durable >= wanted:
+                return
+            lines, self._pending = self._pending, []
+            upto = self._queued
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._write, b"".join(lines))
+            self._durable = upto
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        try:
+            view = memoryview(data)
+            if armed("journal") and len(view) > 1:
+                # Half a line on disk, then death: the torn line a power cut leaves.
+                os.write(self._fd, view[: len(view) // 2])
+                os.fsync(self._fd)
+                crash_point("journal")
+                view = view[len(view) // 2 :]
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+            self.fsyncs += 1
+        except OSError as exc:
+            raise RunDirError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        """Close the file (records queued and not synced are written first)."""
+        if self._fd is None:
+            return
+        if self._pending:
+            with contextlib.suppress(RunDirError):
+                self._write(b"".join(self._pending))
+            self._pending = []
+            self._durable = self._queued
+        os.close(self._fd)
+        self._fd = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,296 @@
+"""Nothing lost: kill the orchestrator at many moments, resume, and check every promise.
+
+Real processes all the way: the orchestrator runs as ``python -m orchestrator`` and is killed
+with SIGKILL (at a seeded random time, or by itself at a named point, see
+``orchestrator/_faults.py``); its agents keep running as orphans until resume or gc kills them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.journal import read_journal
+from orchestrator.process import find_tagged
+
+from .conftest import MakeRepo, git
+
+TASKS = [f"t{i:02d}" for i in range(12)]
+
+AGENT = """
+import json, os, pathlib, sys, time
+task = os.environ["ORCHESTRATOR_TASK_ID"]
+with open(sys.argv[1], "a") as f:  # counts its runs, outside the repository
+    f.write(task + "\\n")
+time.sleep(float(sys.argv[2]))
+pathlib.Path(task + ".txt").write_text(task + "\\n")
+pathlib.Path(os.environ["ORCHESTRATOR_OUTPUT"]).write_text(json.dumps({"task": task}))
+"""
+
+
+def _moments() -> list[tuple[str, Any]]:
+    rng = random.Random(20261122)
+    times = sorted(round(rng.uniform(0.05, 3.2), 2) for _ in range(10))
+    points = ["worktree:3", "worktree:9", "commit:2", "commit:7", "report:1", "journal:4"]
+    points += ["journal:30"]
+    return [("time", t) for t in times] + [("crash", p) for p in points]
+
+
+MOMENTS = _moments()
+
+
+def orchestrator(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def write_plan(tmp_path: Path, repo: Path, *, seconds: float = 0.8) -> tuple[Path, Path]:
+    agent = tmp_path / "agent.py"
+    agent.write_text(AGENT)
+    counts = tmp_path / "counts.txt"
+    plan = tmp_path / "plan.yaml"
+    tasks = "".join(f"  - {{id: {t}, agent: w, task: 'write {t}'}}\n" for t in TASKS)
+    plan.write_text(
+        f"repo: {json.dumps(str(repo))}\nconcurrency: 4\n"
+        f"agents:\n  w: {{command: [{json.dumps(sys.executable)}, {json.dumps(str(agent))}, "
+        f"{json.dumps(str(counts))}, '{seconds}']}}\n"
+        f"tasks:\n{tasks}"
+    )
+    return plan, counts
+
+
+def run_dirs(repo: Path) -> list[Path]:
+    runs = repo / ".git" / "orchestrator" / "runs"
+    return sorted(runs.iterdir()) if runs.is_dir() else []
+
+
+def succeeded_in_journal(repo: Path) -> set[str]:
+    """Tasks whose success the journal holds: what resume must not run again."""
+    last: dict[str, str] = {}
+    for run_dir in run_dirs(repo):
+        for record in read_journal(run_dir / "journal.jsonl").of_type("result"):
+            last[record["result"]["task_id"]] = record["result"]["status"]
+    return {task for task, status in last.items() if status == "succeeded"}
+
+
+def assert_nothing_left(repo: Path) -> None:
+    """After gc: no worktree but the main one, no venv, no agent process, no lock file."""
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    state = repo / ".git" / "orchestrator"
+    for kind in ("worktrees", "venvs"):
+        leftovers = list((state / kind).rglob("*")) if (state / kind).exists() else []
+        assert leftovers == [], leftovers
+    for run_dir in run_dirs(repo):
+        assert not find_tagged(f"{run_dir.name}/")
+        assert not (run_dir / "lock").exists()
+    assert not list((repo / ".git").rglob("*.lock"))
+
+
+@pytest.mark.parametrize(("kind", "when"), MOMENTS, ids=[f"{k}-{w}" for k, w in MOMENTS])
+def test_a_killed_run_resumes_without_losing_or_redoing_work(
+    make_repo: MakeRepo, tmp_path: Path, kind: str, when: Any
+) -> None:
+    repo = make_repo()
+    plan, counts = write_plan(tmp_path, repo)
+    env = dict(os.environ)
+    if kind == "crash":
+        env["ORCHESTRATOR_CRASH_AT"] = when
+    first = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if kind == "time":
+        try:
+            first.wait(timeout=when)
+        except subprocess.TimeoutExpired:
+            first.send_signal(signal.SIGKILL)
+    first.wait(timeout=120)
+    if kind == "crash":
+        assert first.returncode == -signal.SIGKILL, f"never reached {when}"
+    done_before = succeeded_in_journal(repo)
+
+    resumed = orchestrator("run", str(plan), "--resume", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert [r["task_id"] for r in report["results"]] == TASKS  # each exactly once
+    assert {r["status"] for r in report["results"]} == {"succeeded"}
+    assert {r["task_id"] for r in report["results"] if r["resumed"]} == done_before
+    runs = counts.read_text().split()
+    for task in done_before:
+        assert runs.count(task) == 1, (task, runs)
+    report_file = Path(report["run_dir"]) / "report.json"
+    verified = orchestrator("verify", str(report_file), cwd=tmp_path)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert subprocess.run(["git", "-C", str(repo), "fsck"], capture_output=True).returncode == 0
+    for result in report["results"]:  # every result is on its branch, with its file
+        assert git(repo, "show", f"{result['branch']}:{result['task_id']}.txt") == result["task_id"]
+
+    cleaned = orchestrator("gc", "--repo", str(repo), cwd=tmp_path)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert_nothing_left(repo)
+
+
+def test_a_torn_last_journal_line_is_ignored(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo()
+    plan, _ = write_plan(tmp_path, repo)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    (run_dir,) = run_dirs(repo)
+    journal = run_dir / "journal.jsonl"
+    data = journal.read_bytes()
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    cut = data[: last_start + (len(data) - last_start) // 2]
+    journal.write_bytes(cut)  # the last line, cut in half
+    assert read_journal(journal).torn
+    resumed = orchestrator("resume", run_dir.name, "--repo", str(repo), "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert [r["task_id"] for r in report["results"]] == TASKS
+    assert orchestrator("verify", str(run_dir / "report.json"), cwd=tmp_path).returncode == 0
+    # The journal is whole again: the torn line was cut off before new lines were added.
+    assert not read_journal(journal).torn
+
+
+def test_a_journal_damaged_in_the_middle_is_refused(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo()
+    plan, _ = write_plan(tmp_path, repo, seconds=0.2)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:3"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first.wait(timeout=60)
+    (run_dir,) = run_dirs(repo)
+    journal = run_dir / "journal.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[1] = b"{not json\n"
+    journal.write_bytes(b"".join(lines))
+    resumed = orchestrator("resume", run_dir.name, "--repo", str(repo), cwd=tmp_path)
+    assert resumed.returncode == 1
+    assert resumed.stderr.strip() == (
+        f"orchestrator: {journal}: line 2 cannot be read "
+        "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+    )
+
+
+def test_a_second_orchestrator_on_a_live_run_refuses(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo()
+    plan, _ = write_plan(tmp_path, repo, seconds=3)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not run_dirs(repo) or not (run_dirs(repo)[0] / "journal.jsonl").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (run_dir,) = run_dirs(repo)
+        second = orchestrator("resume", run_dir.name, "--repo", str(repo), cwd=tmp_path)
+        assert second.returncode == 1
+        assert second.stderr.startswith(
+            f"orchestrator: run {run_dir.name} is in use by pid {first.pid}, running since "
+        )
+        again = orchestrator("run", str(plan), "--resume", cwd=tmp_path)
+        assert again.returncode == 1
+        assert (
+            again.stderr.strip()
+            == f"orchestrator: run {run_dir.name} of this plan is still running"
+        )
+        listed = orchestrator("runs", "--repo", str(repo), "--json", cwd=tmp_path)
+        assert json.loads(listed.stdout)["state"] == "live"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+
+
+def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo()
+    plan, _ = write_plan(tmp_path, repo, seconds=0.3)
+    crashed = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
+        capture_output=True,
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    (crashed_run,) = run_dirs(repo)
+    deadline = time.monotonic() + 30
+    while find_tagged(f"{crashed_run.name}/"):  # orphaned agents still writing: let them end
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    def snapshot() -> tuple[list[str], str]:
+        files = sorted(str(p.relative_to(repo)) for p in (repo / ".git").rglob("*"))
+        return files, git(repo, "for-each-ref")
+
+    before = snapshot()
+    dry = orchestrator(
+        "gc", "--repo", str(repo), "--older-than", "0", "--branches", "--dry-run", cwd=tmp_path
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove worktree" in dry.stdout and "would delete orchestrator/" in dry.stdout
+    assert snapshot() == before
+
+    (tmp_path / "slow").mkdir()
+    slow_plan, _ = write_plan(tmp_path / "slow", repo, seconds=3)
+    live = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(slow_plan)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(run_dirs(repo)) < 2 or not list(
+            (repo / ".git/orchestrator/worktrees").glob(f"{run_dirs(repo)[-1].name}/*")
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        live_run = run_dirs(repo)[-1]
+        worktrees = sorted((repo / ".git/orchestrator/worktrees" / live_run.name).iterdir())
+        cleaned = orchestrator(
+            "gc", "--repo", str(repo), "--older-than", "0", "--branches", cwd=tmp_path
+        )
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert f"kept: run {live_run.name}: live, left alone" in cleaned.stdout
+        assert live_run.is_dir() and all(w.is_dir() for w in worktrees)
+        assert run_dirs(repo) == [live_run]  # the crashed run, older than 0, is gone
+    finally:
+        live.wait(timeout=120)
+    assert live.returncode == 0
+    report = json.loads((live_run / "report.json").read_text())
+    assert {r["status"] for r in report["results"]} == {"succeeded"}
