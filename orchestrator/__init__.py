@@ -10,6 +10,7 @@ from .agents import Workspace as Workspace
 from .context import RunContext as RunContext
 from .coordinator import RunEvents as RunEvents
 from .coordinator import orchestrate_parallel as orchestrate_parallel
+from .coordinator import resume_run as resume_run
 from .coordinator import run_events as run_events
 from .errors import GitError as GitError
 from .errors import MergeError as MergeError
@@ -73,6 +74,7 @@ __all__ = [
     "record_merge",
     "remove_worktree",
     "reset_worktree",
+    "resume_run",
     "run_events",
     "run_subagent",
     "setup_virtualenv",

@@ -57,7 +57,7 @@ from .merge import Combined, combine_commits
 from .mergeback import merge_results
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
 from .recovery import carried_over, clear_task_leftovers, kill_orphans, replay
-from .repo import NotARepository, Repository
+from .repo import Repository
 from .report import aggregate_results, write_report
 from .scheduler import GroupState, Scheduler, TaskBook, graph_problems
 from .subagent import not_started_result, run_subagent
@@ -498,16 +498,13 @@ async def resume_run(
     else the one the run was made in. See ``orchestrate_parallel(..., resume=)``.
     """
     repository = repo if isinstance(repo, Repository) else None
-    if repository is None:
+    if repository is None and (repo is not None or state_dir is None):
         where = Path.cwd() if repo is None or isinstance(repo, Repository) else repo
-        try:
-            repository = await Repository.open(where, state_dir=state_dir)
-        except NotARepository:
-            if state_dir is None:
-                raise
-            repository = None
+        repository = await Repository.open(where, state_dir=state_dir)
     root = repository.state_dir if repository else Path(state_dir or ".orchestrator").absolute()
     run_dir = root / "runs" / run_id
+    if not run_dir.is_dir():
+        raise OrchestratorError(f"no run {run_id} in {root / 'runs'}")
     try:
         settings = replay(read_journal(run_dir / "journal.jsonl"), run_id).settings
         plan_data = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))

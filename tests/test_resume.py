@@ -294,3 +294,106 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
     assert live.returncode == 0
     report = json.loads((live_run / "report.json").read_text())
     assert {r["status"] for r in report["results"]} == {"succeeded"}
+
+
+def test_an_interrupted_branch_holding_commits_is_kept_aside(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo()
+    agent = tmp_path / "committer.py"
+    marker = tmp_path / "committed"
+    agent.write_text(
+        "import os, pathlib, subprocess, sys, time\n"
+        "if not pathlib.Path(sys.argv[1]).exists():\n"
+        "    pathlib.Path('own.txt').write_text('mine\\n')\n"
+        "    subprocess.run(['git', '-c', 'user.name=a', '-c', 'user.email=a@a', 'add', '-A'], check=True)\n"
+        "    subprocess.run(['git', '-c', 'user.name=a', '-c', 'user.email=a@a', 'commit', '-qm', 'own'], check=True)\n"
+        "    pathlib.Path(sys.argv[1]).touch()\n"
+        "    time.sleep(60)\n"
+    )
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"repo: {json.dumps(str(repo))}\ndefaults: {{venv: false}}\n"
+        f"agents: {{c: {{command: [{json.dumps(sys.executable)}, {json.dumps(str(agent))}, "
+        f"{json.dumps(str(marker))}]}}}}\n"
+        "tasks:\n  - {id: own, agent: c, task: t}\n"
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    (run_dir,) = run_dirs(repo)
+    own_commit = git(repo, "rev-parse", f"orchestrator/{run_dir.name}/own")
+    resumed = orchestrator("resume", run_dir.name, "--repo", str(repo), "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    kept = git(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/orchestrator/")
+    assert kept == f"refs/orchestrator/interrupted/{run_dir.name}/own/1 {own_commit}"
+    # The re-run started from the base again, on the task's own branch name.
+    report = json.loads(resumed.stdout)
+    assert report["results"][0]["provenance"]["base_commit"] == report["base_commit"]
+    # gc keeps it while the run is young; --branches with the run gone deletes it.
+    assert orchestrator("gc", "--repo", str(repo), "--branches", cwd=tmp_path).returncode == 0
+    assert git(repo, "for-each-ref", "refs/orchestrator/") != ""
+    gone = orchestrator("gc", "--repo", str(repo), "--branches", "--older-than", "0", cwd=tmp_path)
+    assert gone.returncode == 0, gone.stderr
+    assert f"deleted refs/orchestrator/interrupted/{run_dir.name}/own/1" in gone.stdout
+    assert git(repo, "for-each-ref", "refs/orchestrator/", "refs/heads/orchestrator/") == ""
+
+
+def test_runs_lists_states_and_bad_input_is_one_line(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo()
+    plan, _ = write_plan(tmp_path, repo, seconds=0.05)
+    assert orchestrator("run", str(plan), cwd=tmp_path).returncode == 0
+    crashed = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:5"},
+        capture_output=True,
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    listed = orchestrator("runs", "--repo", str(repo), "--json", cwd=tmp_path)
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["state"], r["total_tasks"], r["plan_name"]) for r in rows] == [
+        ("finished", 12, "plan"),
+        ("interrupted", 12, "plan"),
+    ]
+    assert rows[0]["counts"] == {"succeeded": 12}
+    table = orchestrator("runs", "--repo", str(repo), cwd=tmp_path)
+    assert "interrupted" in table.stdout and "12: 12 succeeded" in table.stdout
+    for args, code, message in [
+        (
+            ["resume", "20990101-000000-abcdef", "--repo", str(repo)],
+            1,
+            "no run 20990101-000000-abcdef in ",
+        ),
+        (
+            ["resume", rows[0]["run_id"], "--repo", str(repo)],
+            1,
+            f"run {rows[0]['run_id']} has finished",
+        ),
+        (
+            ["gc", "--repo", str(repo), "--older-than", "soon"],
+            2,
+            "--older-than: not an age: 'soon'",
+        ),
+        (["runs", "--repo", str(tmp_path / "nowhere")], 2, "not a git repository"),
+    ]:
+        outcome = orchestrator(*args, cwd=tmp_path)
+        assert outcome.returncode == code, outcome.stderr
+        assert outcome.stderr.startswith(f"orchestrator: {message}"), outcome.stderr
+        assert len(outcome.stderr.splitlines()) == 1
+    # A plan that changed since the interrupted run started: refused, not guessed.
+    plan.write_text(plan.read_text().replace("concurrency: 4", "concurrency: 3"))
+    changed = orchestrator("run", str(plan), "--resume", cwd=tmp_path)
+    assert changed.returncode == 1
+    assert changed.stderr.startswith(
+        f"orchestrator: the plan changed since run {rows[1]['run_id']} started"
+    )
