@@ -48,9 +48,11 @@ from ._plan import TaskSpec as TaskSpec
 from ._plan import expand_tasks as expand_tasks
 from ._plan import plan_problems as plan_problems
 from ._result import REPORT_SCHEMA as REPORT_SCHEMA
+from ._result import SUCCESSFUL as SUCCESSFUL
 from ._result import AgentInfo as AgentInfo
 from ._result import AgentSummary as AgentSummary
 from ._result import Attempt as Attempt
+from ._result import CachedFrom as CachedFrom
 from ._result import Environment as Environment
 from ._result import ErrorInfo as ErrorInfo
 from ._result import ErrorKind as ErrorKind
@@ -78,12 +80,14 @@ __all__ = [
     "MATRIX_FIELDS",
     "MATRIX_VALUE_PATTERN",
     "REPORT_SCHEMA",
+    "SUCCESSFUL",
     "TASK_ID_PATTERN",
     "AgentInfo",
     "AgentSpec",
     "AgentSummary",
     "Attempt",
     "AttemptFailed",
+    "CachedFrom",
     "Environment",
     "ErrorInfo",
     "ErrorKind",

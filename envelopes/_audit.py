@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ._canonical import digest, digest_without
-from ._result import Report
+from ._result import SUCCESSFUL, Report
 
 __all__ = ["Finding", "NotAReport", "audit_report", "load_report_json", "report_layout"]
 
@@ -167,9 +167,9 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
         for stream in ("stdout", "stderr"):
             logged = last[stream]["sha256"] if last[stream] else None
             yield from _check(tid, f"provenance.{stream}_sha256", logged, prov[f"{stream}_sha256"])
-    if raw["status"] == "succeeded" and raw["error"] is not None:
+    if raw["status"] in SUCCESSFUL and raw["error"] is not None:
         yield Finding(task_id=tid, field="error", message="a succeeded task carries an error")
-    if raw["status"] != "succeeded" and raw["error"] is None:
+    if raw["status"] not in SUCCESSFUL and raw["error"] is None:
         yield Finding(
             task_id=tid, field="error", message=f"a {raw['status']} task carries no error"
         )
@@ -203,12 +203,15 @@ def _expected_summary(results: list[Mapping[str, Any]]) -> dict[str, Any]:
     total = len(results)
     return {
         "total_tasks": total,
-        "successful": counts["succeeded"],
+        "successful": counts["succeeded"] + counts["cached"],
         "failed": counts["failed"],
         "timeout": counts["timed_out"],
         "cancelled": counts["cancelled"],
         "skipped": counts["skipped"],
-        "success_rate": round(100.0 * counts["succeeded"] / total, 2) if total else 0.0,
+        "cached": counts["cached"],
+        "success_rate": round(100.0 * (counts["succeeded"] + counts["cached"]) / total, 2)
+        if total
+        else 0.0,
     }
 
 
@@ -291,7 +294,7 @@ def _audit_groups(
                 field=f"{field}.members",
                 message=f"expected {sorted(grouped)}, found {sorted(members)}",
             )
-        succeeded = [m["task_id"] for m in group["members"] if m["status"] == "succeeded"]
+        succeeded = [m["task_id"] for m in group["members"] if m["status"] in SUCCESSFUL]
         selected = group["selected"]
         if group["select"] == "all":
             yield from _check(None, f"{field}.selected", succeeded, selected)
@@ -329,7 +332,7 @@ def _audit_merges(
                 found["provenance"]["result_commit"],
                 entry["result_commit"],
             )
-            if merge["status"] == "merged" and found["status"] != "succeeded":
+            if merge["status"] == "merged" and found["status"] not in SUCCESSFUL:
                 yield Finding(
                     task_id=entry["task_id"],
                     field=field,
@@ -406,18 +409,22 @@ def audit_report(
                 "timeout": 0,
                 "cancelled": 0,
                 "skipped": 0,
+                "cached": 0,
                 "task_ids": [],
             },
         )
         entry["total"] += 1
         key = {
             "succeeded": "successful",
+            "cached": "successful",
             "failed": "failed",
             "timed_out": "timeout",
             "cancelled": "cancelled",
             "skipped": "skipped",
         }[result["status"]]
         entry[key] += 1
+        if result["status"] == "cached":
+            entry["cached"] += 1
         entry["task_ids"].append(result["task_id"])
     findings += _check(None, "results_by_agent", by_agent, raw["results_by_agent"])
     errors = [
@@ -428,7 +435,7 @@ def audit_report(
             "message": r["error"]["message"],
         }
         for r in results
-        if r["status"] != "succeeded" and r["error"] is not None
+        if r["status"] not in SUCCESSFUL and r["error"] is not None
     ]
     findings += _check(None, "errors", errors, raw["errors"])
     if run_dir is not None:

@@ -53,6 +53,7 @@ class HandoffEnvelope(BaseModel):
     worktree: bool = True
     venv: bool = True
     depends_on: list[str] = Field(default_factory=list)
+    cache: bool = False
     group: str | None = None
     select: Select | None = None
     upstream: dict[str, Upstream] = Field(default_factory=dict)
@@ -97,6 +98,7 @@ def build_envelope(
     depends_on: list[str] | None = None,
     group: str | None = None,
     select: Select | None = None,
+    cache: bool = False,
 ) -> HandoffEnvelope:
     """Build an envelope in code, generating a task id when none is given."""
     return HandoffEnvelope(
@@ -115,6 +117,7 @@ def build_envelope(
         worktree=worktree,
         venv=venv,
         depends_on=depends_on or [],
+        cache=cache,
         group=group,
         select=select,
     )

@@ -155,6 +155,7 @@ class TaskSpec(_Strict):
     worktree: bool | None = None
     venv: bool | None = None
     depends_on: list[str] = Field(default_factory=list)
+    cache: bool | None = None
     matrix: (
         Annotated[dict[str, Annotated[list[Any], Field(min_length=1)]], Field(min_length=1)] | None
     ) = None
@@ -183,6 +184,7 @@ class Plan(_Strict):
     concurrency: Annotated[int, Field(ge=1, le=1024)] = 4
     keep_worktrees: KeepWorktrees = "failed"
     fail_fast: bool = False
+    cache: bool = False
     merge: MergeSpec | None = None
     defaults: PlanDefaults = Field(default_factory=PlanDefaults)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)

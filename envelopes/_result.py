@@ -17,9 +17,11 @@ from ._plan import Select
 
 __all__ = [
     "REPORT_SCHEMA",
+    "SUCCESSFUL",
     "AgentInfo",
     "AgentSummary",
     "Attempt",
+    "CachedFrom",
     "Environment",
     "ErrorInfo",
     "ErrorKind",
@@ -44,7 +46,9 @@ __all__ = [
 
 REPORT_SCHEMA = "worktree-orchestrator/report/v1"
 
-TaskStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "skipped"]
+TaskStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "skipped", "cached"]
+#: The statuses that count as success: ``cached`` is an earlier success, reused.
+SUCCESSFUL: frozenset[str] = frozenset({"succeeded", "cached"})
 ErrorKind = Literal[
     "dependency",
     "dependency_conflict",
@@ -142,6 +146,14 @@ class AgentInfo(_Model):
     qualname: str | None = None
 
 
+class CachedFrom(_Model):
+    """Where a ``cached`` result was first produced, and under which cache key."""
+
+    run_id: str
+    task_id: str
+    key: str
+
+
 class Provenance(_Model):
     """Digests that tie a result to what went in and what came out."""
 
@@ -157,6 +169,7 @@ class Provenance(_Model):
     stdout_sha256: str | None = None
     stderr_sha256: str | None = None
     commands: list[list[str]] = Field(default_factory=list)
+    cached_from: CachedFrom | None = None
     result_sha256: str = ""
 
 
@@ -183,8 +196,8 @@ class TaskResult(_Model):
 
     @property
     def succeeded(self) -> bool:
-        """True when the task's status is ``succeeded``."""
-        return self.status == "succeeded"
+        """True when the task succeeded: status ``succeeded``, or ``cached`` (reused)."""
+        return self.status in SUCCESSFUL
 
 
 class Summary(_Model):
@@ -196,6 +209,7 @@ class Summary(_Model):
     timeout: int
     cancelled: int
     skipped: int = 0
+    cached: int = 0
     success_rate: float
     total_execution_time: float
 
@@ -209,6 +223,7 @@ class AgentSummary(_Model):
     timeout: int
     cancelled: int
     skipped: int = 0
+    cached: int = 0
     task_ids: list[str]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .errors import OrchestratorError
 
 if TYPE_CHECKING:
     from envelopes import Report
@@ -136,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument(
         "--dry-run", action="store_true", help="list what would be removed; remove nothing"
     )
+
+    cache = sub.add_parser(
+        "cache",
+        help="list or clear the result cache",
+        description="The result cache of tasks with cache: true (see docs/plan-format.md).",
+    )
+    cache.add_argument("action", choices=["ls", "clear"])
+    cache.add_argument(
+        "--repo", type=Path, help="the repository (default: the current directory's)"
+    )
+    cache.add_argument(
+        "--state-dir", type=Path, help="where the cache lives (default: <git-dir>/orchestrator)"
+    )
+    cache.add_argument("--json", action="store_true", help="ls: one JSON object per entry")
 
     runs = sub.add_parser("runs", help="list the runs of a repository")
     runs.add_argument("--repo", type=Path, help="the repository (default: the current directory's)")
@@ -362,20 +377,11 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """``orchestrator runs``: every run of the repository, oldest first."""
-    import anyio
-
-    from .repo import NotARepository, Repository
+    from .repo import NotARepository
     from .runs import list_runs
 
-    async def state_dir() -> Path:
-        if args.state_dir is not None and args.repo is None:
-            return Path(args.state_dir).absolute()
-        repo = await Repository.open(args.repo or Path.cwd(), state_dir=args.state_dir)
-        repo.lock.close()
-        return repo.state_dir
-
     try:
-        where = anyio.run(state_dir)
+        where = _state_dir(args)
     except NotARepository as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -446,6 +452,58 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for line in outcome.done:
         print(line)
     return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``orchestrator cache ls | clear``."""
+    from .cache import clear_cache, list_cache
+
+    try:
+        where = _state_dir(args)
+    except OrchestratorError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if args.action == "clear":
+        print(f"removed {clear_cache(where)} cache entries from {where / 'cache'}")
+        return EXIT_OK
+    entries = list_cache(where)
+    if args.json:
+        for e in entries:
+            print(
+                json.dumps(
+                    {
+                        "key": e.key,
+                        "task_id": e.task_id,
+                        "run_id": e.run_id,
+                        "created_at": e.created_at,
+                        "result_commit": e.result_commit,
+                        "branch": e.branch,
+                    }
+                )
+            )
+        return EXIT_OK
+    for e in entries:
+        commit = (e.result_commit or "-")[:10]
+        print(f"{e.key[:16]}  {e.created_at[:19]}  {e.task_id}  run {e.run_id}  {commit}")
+    print(f"{len(entries)} entries in {where / 'cache'}")
+    return EXIT_OK
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """The state directory named by --state-dir, else the repository's (--repo or the cwd's)."""
+    import anyio
+
+    from .repo import Repository
+
+    if args.state_dir is not None and args.repo is None:
+        return Path(args.state_dir).absolute()
+
+    async def find() -> Path:
+        repo = await Repository.open(args.repo or Path.cwd(), state_dir=args.state_dir)
+        repo.lock.close()
+        return repo.state_dir
+
+    return anyio.run(find)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -581,6 +639,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 COMMANDS = {
     "resume": cmd_resume,
     "gc": cmd_gc,
+    "cache": cmd_cache,
     "runs": cmd_runs,
     "run": cmd_run,
     "validate": cmd_validate,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from envelopes import (
     AgentSpec,
     ErrorInfo,
     HandoffEnvelope,
+    LogFile,
     MergeRecord,
     MergeSpec,
     Plan,
@@ -28,7 +31,9 @@ from envelopes import (
     Upstream,
     canonical_json,
     digest,
+    ref_safe,
     seal_report,
+    sha256_hex,
 )
 from envelopes._events import (
     Event,
@@ -43,6 +48,9 @@ from envelopes._events import (
 
 from ._fs import atomic_write
 from .agents import Agent, AgentFunction, as_agent
+from .cache import cache_key, cached_result
+from .cache import lookup as cache_lookup
+from .cache import store as cache_store
 from .context import EventHandler, RunContext
 from .errors import (
     EventHandlerFailed,
@@ -51,6 +59,7 @@ from .errors import (
     OrchestratorError,
     PlanError,
     PlanIssue,
+    RunDirError,
 )
 from .journal import read_journal
 from .merge import Combined, combine_commits
@@ -60,7 +69,7 @@ from .recovery import carried_over, clear_task_leftovers, kill_orphans, replay
 from .repo import Repository
 from .report import aggregate_results, write_report
 from .scheduler import GroupState, Scheduler, TaskBook, graph_problems
-from .subagent import not_started_result, run_subagent
+from .subagent import finished_event, journal_result, not_started_result, run_subagent
 from .venv import VenvBackend, get_backend
 
 __all__ = ["RunEvents", "orchestrate_parallel", "resume_run", "run_events"]
@@ -439,7 +448,7 @@ async def _merge_at_end(
     unfinished = [
         r
         for r in report.results
-        if r.status != "succeeded" and not (r.error is not None and r.error.kind == "not_needed")
+        if not r.succeeded and not (r.error is not None and r.error.kind == "not_needed")
     ]
     if unfinished:
         total = len(report.results)
@@ -564,7 +573,49 @@ class _Hooks:
         )
 
     async def run(self, envelope: HandoffEnvelope) -> None:
-        await run_subagent(envelope, self.agents[envelope.agent], self.ctx)
+        ctx, agent = self.ctx, self.agents[envelope.agent]
+        key = None
+        if envelope.cache:
+            key = cache_key(envelope, ctx.start_of(envelope.task_id)[0], agent)
+            if await self._from_cache(envelope, key):
+                return
+        await run_subagent(envelope, agent, ctx)
+        result = ctx.results[envelope.task_id]
+        if key is not None and result.status == "succeeded":
+            with contextlib.suppress(RunDirError):  # a cache that cannot be written is a miss later
+                await cache_store(ctx.state_dir, key, ctx.run_id, result)
+
+    async def _from_cache(self, envelope: HandoffEnvelope, key: str) -> bool:
+        """Serve the task from the cache, if it has a usable result (no agent runs)."""
+        ctx = self.ctx
+        started, clock = datetime.now(UTC), time.monotonic()
+        hit = await cache_lookup(ctx.repo, ctx.state_dir, key)
+        if hit is None:
+            return False
+        earlier, run_id = hit
+        data = canonical_json(envelope.to_json_dict())
+        path = ctx.run_dir / "envelopes" / f"{ref_safe(envelope.task_id)}.json"
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(atomic_write, path, data)
+            entry = LogFile(
+                path=path.relative_to(ctx.run_dir).as_posix(),
+                sha256=sha256_hex(data),
+                size=len(data),
+            )
+            result = cached_result(
+                earlier,
+                envelope=envelope,
+                envelope_file=entry,
+                key=key,
+                run_id=run_id,
+                started=started,
+                clock=clock,
+            )
+            ctx.results[envelope.task_id] = result
+            ctx.move(envelope.task_id, "cached")
+            await journal_result(ctx, result, final=True)
+        await ctx.emit(finished_event(ctx, result))
+        return True
 
     def cancelling(self, task_id: str, error: ErrorInfo) -> None:
         self.ctx.cancel_reasons[task_id] = error
@@ -623,8 +674,7 @@ class _Hooks:
                     self._merges[key] = await combine_commits(
                         ctx.repo.git,
                         commits,
-                        message=f"Start of {envelope.task_id}: merge of {names}\n\n"
-                        f"Orchestrator-Run: {ctx.run_id}\n",
+                        message=f"orchestrator: start from the results of {names}\n",
                     )
                 combined = self._merges[key]
         except GitError as exc:

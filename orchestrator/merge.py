@@ -68,8 +68,9 @@ async def combine_commits(
 
     Commits that another one already contains are dropped first; the rest are merged in the
     given order (each into the merge of the ones before it) and the result is committed once,
-    with the remaining commits as its parents in that order. *env* carries the committer
-    identity (see ``Git.identity_env``).
+    with the remaining commits as its parents in that order, dated like the newest of them:
+    with the same identity and *message*, the same commits always give the same merge commit.
+    *env* carries the committer identity (see ``Git.identity_env``).
     """
     if not commits:
         raise ValueError("combine_commits needs at least one commit")
@@ -89,6 +90,14 @@ async def combine_commits(
             current = await git.out(
                 "commit-tree", tree, "-p", current, "-p", head, "-m", message, env=identity
             )
+    # Dated like its newest parent, so that the same results merged again (in another run,
+    # say) give the same commit: a dependent's start, and so its cache key, is reproducible.
+    newest = max(int(t) for t in (await git.out("show", "-s", "--format=%ct", *heads)).split())
+    dated = {
+        **identity,
+        "GIT_AUTHOR_DATE": f"@{newest} +0000",
+        "GIT_COMMITTER_DATE": f"@{newest} +0000",
+    }
     parents = [arg for head in heads for arg in ("-p", head)]
-    commit = await git.out("commit-tree", tree, *parents, "-m", message, env=identity)
+    commit = await git.out("commit-tree", tree, *parents, "-m", message, env=dated)
     return Combined(commit, tree)

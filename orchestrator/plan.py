@@ -400,6 +400,7 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 worktree=task.worktree if task.worktree is not None else d.worktree,
                 venv=task.venv if task.venv is not None else d.venv,
                 depends_on=task.depends_on,
+                cache=task.cache if task.cache is not None else plan.cache,
                 group=expanded.group,
                 select=expanded.select,
             )

@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 
 from envelopes import (
+    SUCCESSFUL,
     AgentSummary,
     GroupMember,
     GroupReport,
@@ -33,6 +34,7 @@ _STATUS_KEY = {
     "timed_out": "timeout",
     "cancelled": "cancelled",
     "skipped": "skipped",
+    "cached": "successful",
 }
 
 
@@ -60,12 +62,15 @@ def aggregate_results(
     total = len(results)
     summary = Summary(
         total_tasks=total,
-        successful=counts["succeeded"],
+        successful=counts["succeeded"] + counts["cached"],
         failed=counts["failed"],
         timeout=counts["timed_out"],
         cancelled=counts["cancelled"],
         skipped=counts["skipped"],
-        success_rate=round(100.0 * counts["succeeded"] / total, 2) if total else 0.0,
+        cached=counts["cached"],
+        success_rate=round(100.0 * (counts["succeeded"] + counts["cached"]) / total, 2)
+        if total
+        else 0.0,
         total_execution_time=round((finished_at - started_at).total_seconds(), 6),
     )
     by_agent: dict[str, AgentSummary] = {}
@@ -73,17 +78,26 @@ def aggregate_results(
         entry = by_agent.setdefault(
             result.agent,
             AgentSummary(
-                total=0, successful=0, failed=0, timeout=0, cancelled=0, skipped=0, task_ids=[]
+                total=0,
+                successful=0,
+                failed=0,
+                timeout=0,
+                cancelled=0,
+                skipped=0,
+                cached=0,
+                task_ids=[],
             ),
         )
         entry.total += 1
         key = _STATUS_KEY[result.status]
         setattr(entry, key, getattr(entry, key) + 1)
+        if result.status == "cached":
+            entry.cached += 1
         entry.task_ids.append(result.task_id)
     errors = [
         ReportError(task_id=r.task_id, agent=r.agent, kind=r.error.kind, message=r.error.message)
         for r in results
-        if r.status != "succeeded" and r.error is not None
+        if not r.succeeded and r.error is not None
     ]
     members: dict[str, list[GroupMember]] = {}
     for result in results:
@@ -95,7 +109,7 @@ def aggregate_results(
     for name, group in members.items():
         select, decided = (groups or {}).get(name, ("all", None))
         if decided is None:
-            succeeded = [m.task_id for m in group if m.status == "succeeded"]
+            succeeded = [m.task_id for m in group if m.status in SUCCESSFUL]
             decided = succeeded if select == "all" else succeeded[:1]
         group_reports[name] = GroupReport(select=select, members=group, selected=list(decided))
     report = Report(

@@ -25,7 +25,7 @@ from typing import Literal, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from envelopes import ErrorInfo, HandoffEnvelope, Select, TaskResult
+from envelopes import SUCCESSFUL, ErrorInfo, HandoffEnvelope, Select, TaskResult
 from envelopes._plan import _cycles
 
 __all__ = [
@@ -48,15 +48,17 @@ TaskState = Literal[
     "timed_out",
     "cancelled",
     "skipped",
+    "cached",
 ]
 
 _FINAL: frozenset[TaskState] = frozenset(
-    {"succeeded", "failed", "timed_out", "cancelled", "skipped"}
+    {"succeeded", "failed", "timed_out", "cancelled", "skipped", "cached"}
 )
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     "pending": frozenset({"ready", "skipped", "cancelled"}),
     "ready": frozenset({"running", "cancelled"}),
-    "running": frozenset({"retrying", "succeeded", "failed", "timed_out", "cancelled"}),
+    # running -> cached: the result cache had the task's result, so it ran no agent.
+    "running": frozenset({"retrying", "succeeded", "failed", "timed_out", "cancelled", "cached"}),
     # retrying -> failed: the on_event handler raised on TaskRetrying, which stops the run.
     "retrying": frozenset({"running", "cancelled", "failed"}),
     **{state: frozenset() for state in _FINAL},
@@ -339,7 +341,7 @@ class Scheduler:
         status = self.results[task_id].status
         envelope = self.envelopes[task_id]
         self.outcomes.append(
-            (task_id, status == "succeeded", f"{task_id} {_WORDS.get(status, status)}")
+            (task_id, status in SUCCESSFUL, f"{task_id} {_WORDS.get(status, status)}")
         )
         if envelope.group is not None:
             await self._member_final(envelope.group, task_id, status)
@@ -351,7 +353,7 @@ class Scheduler:
         if group.decided:
             return
         statuses = {m: self.book.states[m] for m in group.members}
-        if group.select == "first_success" and status == "succeeded":
+        if group.select == "first_success" and status in SUCCESSFUL:
             group.decided, group.selected = True, [task_id]
             await self.hooks.group_decided(name, group)
             self.outcomes.append((name, True, ""))
@@ -363,7 +365,7 @@ class Scheduler:
             return
         if not all(state in _FINAL for state in statuses.values()):
             return
-        succeeded = [m for m, state in statuses.items() if state == "succeeded"]
+        succeeded = [m for m, state in statuses.items() if state in SUCCESSFUL]
         group.decided = True
         if group.select == "all":
             group.selected = succeeded

@@ -50,7 +50,7 @@ from .retry import retry_attempts
 from .venv import Venv, describe_environment, setup_virtualenv
 from .worktree import Worktree, commit_worktree, create_worktree, remove_worktree, reset_worktree
 
-__all__ = ["MAX_OUTPUT_BYTES", "run_subagent"]
+__all__ = ["MAX_OUTPUT_BYTES", "finished_event", "journal_result", "run_subagent"]
 
 #: Largest output JSON an agent may write.
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
@@ -621,22 +621,22 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
                         await task.commit()  # nothing is lost: partial work lands on the branch
                 await task.describe(status)
                 # On disk before the worktree goes: a crash from here on loses nothing.
-                await _journal_result(ctx, task.result(status, error), final=False)
+                await journal_result(ctx, task.result(status, error), final=False)
                 await task.cleanup(status)
             # Recorded even if the clean-up above ran out of time.
             result = task.result(status, error)
             ctx.results[task.task_id] = result
             ctx.move(task.task_id, status)
-            await _journal_result(ctx, result, final=True)
+            await journal_result(ctx, result, final=True)
             try:
-                await ctx.emit(_finished(ctx, result))
+                await ctx.emit(finished_event(ctx, result))
             except EventHandlerFailed:
                 if not leaving:  # when already on the way out, the first failure is the one told
                     raise
     return result
 
 
-async def _journal_result(ctx: RunContext, result: TaskResult, *, final: bool) -> None:
+async def journal_result(ctx: RunContext, result: TaskResult, *, final: bool) -> None:
     """Write *result* to the run's journal and wait until it is on disk.
 
     A journal that cannot be written (a full disk) does not lose the result: it is still in
@@ -664,7 +664,7 @@ def not_started_result(
     return _Subagent(envelope, agent, ctx).result(status, error)
 
 
-def _finished(ctx: RunContext, result: TaskResult) -> TaskFinished:
+def finished_event(ctx: RunContext, result: TaskResult) -> TaskFinished:
     return TaskFinished(
         run_id=ctx.run_id,
         task_id=result.task_id,

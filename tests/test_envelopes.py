@@ -224,6 +224,7 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         depends_on=["first"],
         group="given",
         select="first_success",
+        cache=True,
     )
     assert envelope.model_dump(by_alias=True) == {
         "schema": "worktree-orchestrator/envelope/v1",
@@ -242,6 +243,7 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         "worktree": False,
         "venv": False,
         "depends_on": ["first"],
+        "cache": True,
         "group": "given",
         "select": "first_success",
         "upstream": {},
@@ -340,6 +342,7 @@ CHANGED = {
     "worktree": False,
     "venv": False,
     "depends_on": ["first"],
+    "cache": True,
     "group": "impl",
     "select": "all",
     "upstream": {"first": {"output": {"ok": True}, "result_commit": "ab" * 20, "branch": "b"}},

@@ -783,5 +783,6 @@ def test_a_dependents_start_costs_at_most_one_git_call_or_three_for_a_merge(
 
     flat, diamond = anyio.run(calls, False), anyio.run(calls, True)
     # b and c: the tree of a's result, looked up once for both (1); d: merge-base
-    # --independent, merge-tree and commit-tree (3). Nothing else changes per task.
-    assert diamond - flat == 1 + 3, (flat, diamond)
+    # --independent, merge-tree, the parents' dates and commit-tree (4). Nothing else
+    # changes per task.
+    assert diamond - flat == 1 + 4, (flat, diamond)

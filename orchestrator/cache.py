@@ -1,0 +1,205 @@
+"""The result cache: the same work on the same code, in the same environment, by the same agent.
+
+Opt-in (``cache: true`` in a plan or a task), because agents are not deterministic: a hit
+means "this was done before", not "this would come out the same". The key is the SHA-256 of
+
+- the envelope's digest without its run id (the task, inputs, requirements, env, what its
+  dependencies produced, ...),
+- the commit the task starts from,
+- the environment's digest (the interpreter the venv is made from; the requirements are in
+  the envelope),
+- the agent's digest (the command as written, or the callable's name, and the agent's env),
+
+like Bazel's action key. Entries are files ``<state_dir>/cache/<key>.json``, each written
+atomically, holding the sealed result that produced them. A hit is served only if that
+result's branch still exists and holds its commit; otherwise it is a miss, not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from envelopes import (
+    CachedFrom,
+    HandoffEnvelope,
+    LogFile,
+    Metrics,
+    TaskResult,
+    Timings,
+    digest,
+    seal_result,
+)
+
+from ._fs import atomic_write
+from .agents import Agent, CommandAgent
+from .repo import Repository
+
+__all__ = ["CacheEntry", "cache_key", "clear_cache", "list_cache", "lookup", "store"]
+
+CACHE = "cache"
+
+
+def _environment_digest() -> str:
+    return digest(
+        {"python": platform.python_version(), "implementation": platform.python_implementation()}
+    )
+
+
+def _agent_digest(agent: Agent) -> str:
+    if isinstance(agent, CommandAgent):
+        return digest({"info": agent.info().model_dump(mode="json"), "env": dict(agent.env)})
+    return digest({"info": agent.info().model_dump(mode="json")})
+
+
+def cache_key(envelope: HandoffEnvelope, base_commit: str | None, agent: Agent) -> str:
+    """The task's cache key (see the module's docstring)."""
+    work = envelope.model_copy(update={"run_id": None}).sha256()
+    return digest(
+        {
+            "envelope": work,
+            "base_commit": base_commit,
+            "environment": _environment_digest(),
+            "agent": _agent_digest(agent),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached result: its key, what produced it, and when."""
+
+    key: str
+    path: Path
+    task_id: str
+    run_id: str
+    created_at: str
+    result_commit: str | None
+    branch: str | None
+
+
+def _entry_path(state_dir: Path, key: str) -> Path:
+    return state_dir / CACHE / f"{key}.json"
+
+
+async def lookup(
+    repo: Repository | None, state_dir: Path, key: str
+) -> tuple[TaskResult, str] | None:
+    """The cached result for *key* and the run that produced it, if there is a usable one."""
+    path = _entry_path(state_dir, key)
+    try:
+        data = json.loads(await anyio.Path(path).read_text(encoding="utf-8"))
+        result = TaskResult.model_validate(data["result"])
+        run_id = str(data["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no entry, or one that cannot be read: a miss
+    commit, branch = result.provenance.result_commit, result.branch
+    if commit is not None:
+        if repo is None or branch is None:
+            return None
+        held = await repo.git.run(
+            "merge-base", "--is-ancestor", commit, f"refs/heads/{branch}", check=False
+        )
+        if held.returncode != 0:
+            return None  # the branch was deleted or moved away: the work is not there
+    return result, run_id
+
+
+async def store(state_dir: Path, key: str, run_id: str, result: TaskResult) -> None:
+    """Remember *result* (a success) under *key*."""
+    data = {
+        "key": key,
+        "run_id": run_id,
+        "task_id": result.task_id,
+        "created_at": datetime.now(UTC).isoformat(),
+        "result": result.model_dump(mode="json"),
+    }
+    payload = (json.dumps(data, indent=1) + "\n").encode()
+    await anyio.to_thread.run_sync(atomic_write, _entry_path(state_dir, key), payload)
+
+
+def cached_result(
+    earlier: TaskResult,
+    *,
+    envelope: HandoffEnvelope,
+    envelope_file: LogFile,
+    key: str,
+    run_id: str,
+    started: datetime,
+    clock: float,
+) -> TaskResult:
+    """This run's ``cached`` result, from *earlier* (produced by run *run_id*)."""
+    provenance = earlier.provenance.model_copy(
+        update={
+            "envelope_sha256": envelope.sha256(),
+            "stdout_sha256": None,
+            "stderr_sha256": None,
+            "commands": [],
+            "cached_from": CachedFrom(run_id=run_id, task_id=earlier.task_id, key=key),
+        }
+    )
+    result = earlier.model_copy(
+        update={
+            "task_id": envelope.task_id,
+            "agent": envelope.agent,
+            "status": "cached",
+            "attempts": 0,
+            "exit_code": None,
+            "error": None,
+            "timings": Timings(
+                started_at=started,
+                finished_at=datetime.now(UTC),
+                duration_s=round(time.monotonic() - clock, 6),
+            ),
+            "metrics": Metrics(),
+            "worktree": None,
+            "envelope": envelope_file,
+            "attempt_log": [],
+            "group": envelope.group,
+            "depends_on": envelope.depends_on,
+            "resumed": False,
+            "provenance": provenance,
+        }
+    )
+    return seal_result(result)
+
+
+def list_cache(state_dir: Path) -> list[CacheEntry]:
+    """Every entry, oldest first (unreadable files are skipped)."""
+    directory = state_dir / CACHE
+    entries: list[CacheEntry] = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            result = data["result"]
+            entries.append(
+                CacheEntry(
+                    key=data["key"],
+                    path=path,
+                    task_id=data["task_id"],
+                    run_id=data["run_id"],
+                    created_at=data["created_at"],
+                    result_commit=result["provenance"]["result_commit"],
+                    branch=result["branch"],
+                )
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(entries, key=lambda e: e.created_at)
+
+
+def clear_cache(state_dir: Path) -> int:
+    """Remove every entry; how many there were."""
+    directory = state_dir / CACHE
+    removed = 0
+    for path in directory.glob("*.json") if directory.is_dir() else []:
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
