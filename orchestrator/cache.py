@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,7 +43,16 @@ from ._fs import atomic_write
 from .agents import Agent, CommandAgent
 from .repo import Repository
 
-__all__ = ["CacheEntry", "cache_key", "clear_cache", "list_cache", "lookup", "store"]
+__all__ = [
+    "CacheEntry",
+    "cache_key",
+    "clear_cache",
+    "list_cache",
+    "lookup",
+    "reusable_results",
+    "store",
+    "usable",
+]
 
 CACHE = "cache"
 
@@ -100,16 +110,20 @@ async def lookup(
         run_id = str(data["run_id"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no entry, or one that cannot be read: a miss
+    return (result, run_id) if await usable(repo, result) else None
+
+
+async def usable(repo: Repository | None, result: TaskResult) -> bool:
+    """Whether *result*'s work is still there: its branch holds its commit (or it has none)."""
     commit, branch = result.provenance.result_commit, result.branch
-    if commit is not None:
-        if repo is None or branch is None:
-            return None
-        held = await repo.git.run(
-            "merge-base", "--is-ancestor", commit, f"refs/heads/{branch}", check=False
-        )
-        if held.returncode != 0:
-            return None  # the branch was deleted or moved away: the work is not there
-    return result, run_id
+    if commit is None:
+        return True
+    if repo is None or branch is None:
+        return False
+    held = await repo.git.run(
+        "merge-base", "--is-ancestor", commit, f"refs/heads/{branch}", check=False
+    )
+    return held.returncode == 0  # else the branch was deleted or moved away
 
 
 async def store(state_dir: Path, key: str, run_id: str, result: TaskResult) -> None:
@@ -203,3 +217,27 @@ def clear_cache(state_dir: Path) -> int:
         path.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def reusable_results(
+    run_dir: Path, results: Mapping[str, TaskResult], agents: Mapping[str, Agent]
+) -> dict[str, tuple[TaskResult, str]]:
+    """The successes of the run in *run_dir*, by the cache key of the work that made them.
+
+    For a new run that reuses what still matches from an interrupted one (``run --resume
+    --force``): a task of the new run whose key is here gets that result, as ``cached``.
+    """
+    out: dict[str, tuple[TaskResult, str]] = {}
+    for result in results.values():
+        if not result.succeeded or result.envelope is None:
+            continue
+        try:
+            data = (run_dir / result.envelope.path).read_bytes()
+            envelope = HandoffEnvelope.model_validate_json(data)
+        except (OSError, ValueError):
+            continue
+        agent = agents.get(envelope.agent)
+        if agent is not None:
+            key = cache_key(envelope, result.provenance.base_commit, agent)
+            out[key] = (result, run_dir.name)
+    return out

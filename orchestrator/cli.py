@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="go on with the latest interrupted run of this plan instead of starting a new one",
     )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume, when the plan changed since that run started: start a new run "
+        "that reuses its results wherever the work is the same",
+    )
 
     resume = sub.add_parser(
         "resume",
@@ -267,10 +273,12 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
     else:
         plan_path = args.plan
     loaded = load_plan(plan_path)
-    resume = None
+    resume = reuse = None
+    if args.force and not args.resume:
+        raise OrchestratorError("--force goes with --resume")
     if args.resume:
         from .plan import check_plan_repository
-        from .runs import find_resumable
+        from .runs import PlanChanged, find_resumable
 
         repository, _, _ = await check_plan_repository(
             loaded, repo_override=repo, state_dir=args.state_dir
@@ -279,11 +287,21 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
         if repository is not None:
             repository.lock.close()
         plan_file = str(Path(loaded.file).absolute()) if loaded.file else None
-        resume = find_resumable(state.absolute(), loaded.sha256, plan_file)
-        if resume is None:
-            print("no interrupted run of this plan: starting a new one", file=sys.stderr)
-        else:
+        try:
+            resume = find_resumable(state.absolute(), loaded.sha256, plan_file)
+        except PlanChanged as exc:
+            if not args.force:
+                raise
+            reuse = exc.run_id
+            print(
+                f"the plan changed since run {reuse} started: starting a new run that reuses "
+                "what still matches",
+                file=sys.stderr,
+            )
+        if resume is not None:
             print(f"resuming run {resume}", file=sys.stderr)
+        elif reuse is None:
+            print("no interrupted run of this plan: starting a new one", file=sys.stderr)
     return await orchestrate_parallel(
         loaded,
         repo=repo,
@@ -296,6 +314,7 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
         fail_fast=args.fail_fast,
         on_event=on_event,
         resume=resume,
+        reuse=reuse,
     )
 
 

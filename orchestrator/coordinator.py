@@ -48,7 +48,7 @@ from envelopes._events import (
 
 from ._fs import atomic_write
 from .agents import Agent, AgentFunction, as_agent
-from .cache import cache_key, cached_result
+from .cache import cache_key, cached_result, reusable_results, usable
 from .cache import lookup as cache_lookup
 from .cache import store as cache_store
 from .context import EventHandler, RunContext
@@ -61,7 +61,7 @@ from .errors import (
     PlanIssue,
     RunDirError,
 )
-from .journal import read_journal
+from .journal import JOURNAL, read_journal
 from .merge import Combined, combine_commits
 from .mergeback import merge_results
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
@@ -97,6 +97,7 @@ async def orchestrate_parallel(
     agent_limits: Mapping[str, int] | None = None,
     fail_fast: bool | None = None,
     resume: str | None = None,
+    reuse: str | None = None,
 ) -> Report:
     """Run every task of *plan* as a subagent and return the sealed Report.
 
@@ -123,6 +124,9 @@ async def orchestrate_parallel(
     must be this one. Its finished tasks are kept (marked ``resumed``), except cancelled ones;
     the rest run again from a clean worktree, after the dead run's agents are killed and
     its leftovers cleared. See :func:`resume_run` to resume from the run's own plan.
+    *reuse* names an earlier run (one whose plan changed, say) whose successes are reused, as
+    ``cached`` results, by tasks of this new run that do exactly the same work (the result
+    cache's key; see orchestrator/cache.py).
     """
     if any(n < 1 for n in (agent_limits or {}).values()):
         raise OrchestratorError(f"agent limits must be >= 1, got {dict(agent_limits or {})}")
@@ -202,12 +206,19 @@ async def orchestrate_parallel(
     plan_sha = digest(plan_json)
     envelopes = [e.model_copy(update={"run_id": ctx.run_id}) for e in envelopes]
     started = datetime.now(UTC)
+    hooks = _Hooks(ctx, table)
     restored: list[str] = []
     try:
         if resume is not None:
             started, restored = await _prepare_resume(ctx, plan_sha, envelopes)
         else:
             await _journal_run(ctx, plan_sha, started, the_plan, loaded, limit)
+        if reuse is not None:
+            old = ctx.state_dir / "runs" / reuse
+            if not old.is_dir():
+                raise OrchestratorError(f"no run {reuse} in {ctx.state_dir / 'runs'} to reuse")
+            earlier = replay(await anyio.to_thread.run_sync(read_journal, old / JOURNAL), reuse)
+            hooks.reusable = reusable_results(old, earlier.results, table)
     except BaseException:
         ctx.close()
         if ctx.repo is not None and owns_repo:
@@ -220,7 +231,6 @@ async def orchestrate_parallel(
     }
     limits.update(agent_limits or {})
     book = ctx.book = TaskBook([e.task_id for e in envelopes], on_move=ctx.journal_move)
-    hooks = _Hooks(ctx, table)
     scheduler = Scheduler(
         envelopes,
         hooks,
@@ -561,6 +571,8 @@ class _Hooks:
         self.agents = agents
         self._merges: dict[tuple[str, ...], Combined] = {}
         self._merging = anyio.Lock()
+        #: Results of an earlier run to reuse, by cache key (``reuse=``).
+        self.reusable: dict[str, tuple[TaskResult, str]] = {}
 
     async def queued(self, envelope: HandoffEnvelope) -> None:
         await self.ctx.emit(
@@ -575,13 +587,13 @@ class _Hooks:
     async def run(self, envelope: HandoffEnvelope) -> None:
         ctx, agent = self.ctx, self.agents[envelope.agent]
         key = None
-        if envelope.cache:
+        if envelope.cache or self.reusable:
             key = cache_key(envelope, ctx.start_of(envelope.task_id)[0], agent)
             if await self._from_cache(envelope, key):
                 return
         await run_subagent(envelope, agent, ctx)
         result = ctx.results[envelope.task_id]
-        if key is not None and result.status == "succeeded":
+        if key is not None and envelope.cache and result.status == "succeeded":
             with contextlib.suppress(RunDirError):  # a cache that cannot be written is a miss later
                 await cache_store(ctx.state_dir, key, ctx.run_id, result)
 
@@ -589,7 +601,11 @@ class _Hooks:
         """Serve the task from the cache, if it has a usable result (no agent runs)."""
         ctx = self.ctx
         started, clock = datetime.now(UTC), time.monotonic()
-        hit = await cache_lookup(ctx.repo, ctx.state_dir, key)
+        hit = self.reusable.get(key)
+        if hit is not None and not await usable(ctx.repo, hit[0]):
+            hit = None
+        if hit is None and envelope.cache:
+            hit = await cache_lookup(ctx.repo, ctx.state_dir, key)
         if hit is None:
             return False
         earlier, run_id = hit

@@ -16,9 +16,21 @@ from .errors import OrchestratorError
 from .journal import JOURNAL, JournalCorrupt, RunLock, read_journal
 from .recovery import replay
 
-__all__ = ["RunInfo", "find_resumable", "list_runs"]
+__all__ = ["PlanChanged", "RunInfo", "find_resumable", "list_runs"]
 
 RunState = Literal["live", "finished", "interrupted", "unknown"]
+
+
+class PlanChanged(OrchestratorError):
+    """An interrupted run of the plan file exists, but the plan changed since it started."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"the plan changed since run {run_id} started (its digest differs); run it as a "
+            "new run, restore the plan it started with to resume, or pass --force to start "
+            "a new run that reuses what still matches"
+        )
+        self.run_id = run_id
 
 
 @dataclass
@@ -127,8 +139,5 @@ def find_resumable(state_dir: Path, plan_sha256: str, plan_file: str | None) -> 
         if plan_file is not None and r.plan_file == plan_file and r.state == "interrupted"
     ]
     if changed:
-        raise OrchestratorError(
-            f"the plan changed since run {changed[-1].run_id} started (its digest differs); "
-            "run it as a new run, or restore the plan it started with to resume"
-        )
+        raise PlanChanged(changed[-1].run_id)
     return None

@@ -397,3 +397,39 @@ def test_runs_lists_states_and_bad_input_is_one_line(make_repo: MakeRepo, tmp_pa
     assert changed.stderr.startswith(
         f"orchestrator: the plan changed since run {rows[1]['run_id']} started"
     )
+
+
+def test_force_starts_a_new_run_that_reuses_what_still_matches(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo()
+    plan, counts = write_plan(tmp_path, repo, seconds=0.05)
+    crashed = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
+        capture_output=True,
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    done_before = succeeded_in_journal(repo)
+    assert done_before
+    (old_run,) = run_dirs(repo)
+    # The plan changes in a way that changes no task's work, and one task's text.
+    text = plan.read_text().replace("concurrency: 4", "concurrency: 3")
+    plan.write_text(text.replace("'write t11'", "'write t11 better'"))
+    refused = orchestrator("run", str(plan), "--resume", cwd=tmp_path)
+    assert refused.returncode == 1 and "--force" in refused.stderr
+    forced = orchestrator("run", str(plan), "--resume", "--force", "--json", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    report = json.loads(forced.stdout)
+    assert report["run_id"] != old_run.name
+    statuses = {r["task_id"]: r["status"] for r in report["results"]}
+    assert {t for t, s in statuses.items() if s == "cached"} == done_before - {"t11"}
+    for result in report["results"]:
+        if result["status"] == "cached":
+            assert result["provenance"]["cached_from"]["run_id"] == old_run.name
+    runs = counts.read_text().split()
+    for task in done_before - {"t11"}:
+        assert runs.count(task) == 1, (task, runs)
+    report_file = Path(report["run_dir"]) / "report.json"
+    assert orchestrator("verify", str(report_file), cwd=tmp_path).returncode == 0
