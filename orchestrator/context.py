@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -194,7 +195,8 @@ class RunContext:
     def close_events_log(self) -> None:
         """Stop writing ``events.jsonl`` (idempotent)."""
         if self.events_log is not None:
-            self.events_log.close()
+            with contextlib.suppress(OSError):  # a full disk: the write that failed said so
+                self.events_log.close()
             self.events_log = None
 
     async def emit(self, event: Event) -> None:
@@ -204,8 +206,12 @@ class RunContext:
         handler sees the event, so the audit log holds everything the caller was told.
         """
         if self.events_log is not None:
-            self.events_log.write(event.model_dump_json().encode() + b"\n")
-            self.events_log.flush()
+            try:
+                self.events_log.write(event.model_dump_json().encode() + b"\n")
+                self.events_log.flush()
+            except OSError as exc:
+                path = self.run_dir / "events.jsonl"
+                raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
         if self.on_event is not None:
             try:
                 outcome = self.on_event(event)

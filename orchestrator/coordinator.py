@@ -293,6 +293,12 @@ async def orchestrate_parallel(
                         book.move(e.task_id, "cancelled")
             try:
                 await finish([ctx.results[e.task_id] for e in envelopes])
+            except RunDirError:
+                # The report cannot be written either (a full disk): the first error is
+                # the one to tell, unless it was a cancellation.
+                if isinstance(exc, Exception):
+                    raise _unwrapped(exc) from None
+                raise
             finally:
                 ctx.close_events_log()
                 ctx.close()
@@ -397,7 +403,10 @@ async def _prepare_resume(
     wanted = {e.task_id for e in envelopes}
     kept: dict[str, TaskResult] = {}
     for task_id, result in record.results.items():
-        if task_id in wanted and result.status != "cancelled":
+        # Cancelled tasks, and tasks failed by the orchestrator itself (a full disk, a bug)
+        # rather than by their agent, run again.
+        internal = result.error is not None and result.error.kind == "internal"
+        if task_id in wanted and result.status != "cancelled" and not internal:
             kept[task_id] = result
     if ctx.repo is not None:
         kept = await _still_there(ctx.repo, kept)
@@ -790,12 +799,16 @@ def _unwrapped(exc: BaseException) -> BaseException:
     """What a task group raised, as callers want to catch it.
 
     A lone exception comes out of its group; a failed ``on_event`` handler comes out as the
-    handler's own exception (the first, if several tasks' handlers failed together).
+    handler's own exception (the first, if several tasks' handlers failed together); several
+    tasks stopped by the orchestrator's own errors (a full disk, met by two tasks at once)
+    come out as the first of them.
     """
     leaves = _leaves(exc)
     failed = [e for e in leaves if isinstance(e, EventHandlerFailed)]
     if failed and failed[0].__cause__ is not None:
         return failed[0].__cause__
+    if len(leaves) > 1 and all(isinstance(e, OrchestratorError) for e in leaves):
+        return leaves[0]
     return leaves[0] if len(leaves) == 1 else exc
 
 

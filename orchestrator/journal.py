@@ -189,6 +189,8 @@ class Journal:
         self._queued = 0
         self._durable = 0
         self._lock = anyio.Lock()
+        self._size = 0
+        self._broken: RunDirError | None = None
         self.fsyncs = 0
 
     def open(self) -> None:
@@ -205,6 +207,7 @@ class Journal:
                     os.ftruncate(fd, data_end - (len(tail) - cut))
             if not existed:
                 _fsync_dir(self.path.parent)
+            self._size = os.lseek(fd, 0, os.SEEK_END)
         except OSError as exc:
             raise RunDirError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
         self._fd = fd
@@ -241,6 +244,8 @@ class Journal:
 
     def _write(self, data: bytes) -> None:
         assert self._fd is not None
+        if self._broken is not None:
+            raise self._broken
         try:
             view = memoryview(data)
             if armed("journal") and len(view) > 1:
@@ -254,8 +259,15 @@ class Journal:
                 view = view[written:]
             os.fsync(self._fd)
             self.fsyncs += 1
+            self._size += len(data)
         except OSError as exc:
-            raise RunDirError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            # Cut off what part of the batch got written, so that the journal still ends
+            # with a whole line, and write nothing more: lines after a hole would make the
+            # journal unreadable in the middle.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            self._broken = RunDirError(f"cannot write {self.path}: {exc.strerror or exc}")
+            raise self._broken from exc
 
     def close(self) -> None:
         """Close the file (records queued and not synced are written first)."""

@@ -602,6 +602,12 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
         cancelled = leaving = True
         status, error = "cancelled", ctx.cancelled_error(task.task_id)
         raise
+    except RunDirError as exc:
+        # The run directory cannot be written (a full disk): nothing more can be recorded
+        # durably, so the run stops, naming the path.
+        leaving = True
+        status, error = "failed", ErrorInfo(kind="internal", message=str(exc))
+        raise
     except EventHandlerFailed:
         # The caller's handler is broken: that stops the run (see orchestrate_parallel).
         leaving = True
