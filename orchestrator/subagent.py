@@ -626,8 +626,9 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
                     with contextlib.suppress(GitError, OSError):
                         await task.commit()  # nothing is lost: partial work lands on the branch
                 await task.describe(status)
-                # On disk before the worktree goes: a crash from here on loses nothing.
-                await journal_result(ctx, task.result(status, error), final=False)
+                if task.worktree is not None or task.venv is not None:
+                    # On disk before the worktree goes: a crash from here on loses nothing.
+                    await journal_result(ctx, task.result(status, error), final=False)
                 await task.cleanup(status)
             # Recorded even if the clean-up above ran out of time.
             result = task.result(status, error)
