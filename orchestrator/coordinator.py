@@ -411,13 +411,17 @@ async def _prepare_resume(
     if ctx.repo is not None:
         kept = await _still_there(ctx.repo, kept)
         for e in envelopes:
-            if e.task_id not in kept:
+            finished = kept.get(e.task_id)
+            if finished is None or finished.worktree is None:
+                # A task to run again, or a finished one whose worktree the crash left
+                # behind (its result, already on disk, says it is not kept).
                 await clear_task_leftovers(
                     ctx.repo,
                     ctx.state_dir,
                     ctx.run_id,
                     e.task_id,
                     record.worktrees.get(e.task_id),
+                    keep_branch=finished is not None,
                 )
     restored = [e.task_id for e in envelopes if e.task_id in kept]
     for task_id in restored:

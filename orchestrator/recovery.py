@@ -80,6 +80,8 @@ async def clear_task_leftovers(
     run_id: str,
     task_id: str,
     worktree: Mapping[str, Any] | None,
+    *,
+    keep_branch: bool = False,
 ) -> list[str]:
     """Remove what an unfinished task of a dead run left: worktree, its entry, venv, branch.
 
@@ -87,7 +89,8 @@ async def clear_task_leftovers(
     journal's record of its worktree) or when no worktree was recorded (the crash came
     before the agent could run); a branch holding commits is moved under
     ``refs/orchestrator/interrupted/`` instead, so nothing is lost. Stale git lock files of
-    the branch go too. Returns what was done, one line each.
+    the branch go too. With *keep_branch* (a finished task whose worktree the crash left
+    behind), the branch is not touched. Returns what was done, one line each.
     """
     done: list[str] = []
     name = ref_safe(task_id)
@@ -107,11 +110,10 @@ async def clear_task_leftovers(
         if lock.exists():
             lock.unlink(missing_ok=True)
             done.append(f"removed stale lock {lock}")
-        tip = (
-            (await repo.git.run("rev-parse", "--verify", "--quiet", ref, check=False))
-            .stdout.decode()
-            .strip()
-        )
+        tip = ""
+        if not keep_branch:
+            found = await repo.git.run("rev-parse", "--verify", "--quiet", ref, check=False)
+            tip = found.stdout.decode().strip()
         if tip:
             base = worktree.get("base_commit") if worktree else None
             if base is None or tip == base:

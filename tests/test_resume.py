@@ -144,6 +144,8 @@ def test_a_killed_run_resumes_without_losing_or_redoing_work(
     assert subprocess.run(["git", "-C", str(repo), "fsck"], capture_output=True).returncode == 0
     for result in report["results"]:  # every result is on its branch, with its file
         assert git(repo, "show", f"{result['branch']}:{result['task_id']}.txt") == result["task_id"]
+    # resume itself cleared the worktrees the crash left (gc is for the rest).
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
 
     cleaned = orchestrator("gc", "--repo", str(repo), cwd=tmp_path)
     assert cleaned.returncode == 0, cleaned.stderr
