@@ -8,7 +8,8 @@ means "this was done before", not "this would come out the same". The key is the
 - the commit the task starts from,
 - the environment's digest (the interpreter the venv is made from; the requirements are in
   the envelope),
-- the agent's digest (the command as written, or the callable's name, and the agent's env),
+- the agent's digest (the command with ``{plan_dir}`` filled in, a fingerprint of each file
+  it names, the agent's env; or the callable's name),
 
 like Bazel's action key. Entries are files ``<state_dir>/cache/<key>.json``, each written
 atomically, holding the sealed result that produced them. A hit is served only if that
@@ -17,8 +18,11 @@ result's branch still exists and holds its commit; otherwise it is a miss, not a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +49,7 @@ from .repo import Repository
 
 __all__ = [
     "CacheEntry",
+    "agent_digest",
     "cache_key",
     "clear_cache",
     "list_cache",
@@ -63,21 +68,49 @@ def _environment_digest() -> str:
     )
 
 
-def _agent_digest(agent: Agent) -> str:
-    if isinstance(agent, CommandAgent):
-        return digest({"info": agent.info().model_dump(mode="json"), "env": dict(agent.env)})
-    return digest({"info": agent.info().model_dump(mode="json")})
+def agent_digest(agent: Agent, plan_dir: Path) -> str:
+    """What the cache key says about an agent: its command with ``{plan_dir}`` filled in, its
+    env, and a fingerprint of the program and of each file the plan ships with it (an
+    argument written ``{plan_dir}/...``), so that an edited agent script is another agent.
+    Other arguments count as written (a path among them may be data that changes every run).
+    A callable is its qualified name (its code is not fingerprinted). Computed when a run
+    starts and journaled, so that a later run compares with the agent as it was then."""
+    if not isinstance(agent, CommandAgent):
+        return digest({"info": agent.info().model_dump(mode="json")})
+    command = [arg.replace("{plan_dir}", str(plan_dir)) for arg in agent.command]
+    try:
+        program = command[0] if os.sep in command[0] else shutil.which(command[0])
+    except ValueError:  # a NUL byte: the task itself fails to start, with that reason
+        program = None
+    files = {"program": _fingerprint(Path(program)) if program else None}
+    for written, arg in zip(agent.command[1:], command[1:], strict=True):
+        if written.startswith("{plan_dir}") and "{" not in arg:
+            files[written] = _fingerprint(Path(arg))
+    return digest({"command": command, "env": dict(agent.env), "files": files})
 
 
-def cache_key(envelope: HandoffEnvelope, base_commit: str | None, agent: Agent) -> str:
-    """The task's cache key (see the module's docstring)."""
+def _fingerprint(path: Path) -> str | None:
+    """A small file's SHA-256, a large one's size and modification time, or None."""
+    try:
+        info = path.stat()
+        if not path.is_file():
+            return None
+        if info.st_size <= 4 * 1024 * 1024:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        return f"{info.st_size}:{info.st_mtime_ns}"
+    except (OSError, ValueError):  # ValueError: a NUL byte (the task fails to spawn, later)
+        return None
+
+
+def cache_key(envelope: HandoffEnvelope, base_commit: str | None, agent: str) -> str:
+    """The task's cache key (see the module's docstring); *agent* is its :func:`agent_digest`."""
     work = envelope.model_copy(update={"run_id": None}).sha256()
     return digest(
         {
             "envelope": work,
             "base_commit": base_commit,
             "environment": _environment_digest(),
-            "agent": _agent_digest(agent),
+            "agent": agent,
         }
     )
 
@@ -220,12 +253,13 @@ def clear_cache(state_dir: Path) -> int:
 
 
 def reusable_results(
-    run_dir: Path, results: Mapping[str, TaskResult], agents: Mapping[str, Agent]
+    run_dir: Path, results: Mapping[str, TaskResult], agents: Mapping[str, str]
 ) -> dict[str, tuple[TaskResult, str]]:
     """The successes of the run in *run_dir*, by the cache key of the work that made them.
 
     For a new run that reuses what still matches from an interrupted one (``run --resume
     --force``): a task of the new run whose key is here gets that result, as ``cached``.
+    *agents* holds the :func:`agent_digest` of that run's own agents, by name.
     """
     out: dict[str, tuple[TaskResult, str]] = {}
     for result in results.values():

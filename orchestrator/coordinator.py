@@ -48,7 +48,7 @@ from envelopes._events import (
 
 from ._fs import atomic_write
 from .agents import Agent, AgentFunction, as_agent
-from .cache import cache_key, cached_result, reusable_results, usable
+from .cache import agent_digest, cache_key, cached_result, reusable_results, usable
 from .cache import lookup as cache_lookup
 from .cache import store as cache_store
 from .context import EventHandler, RunContext
@@ -61,7 +61,7 @@ from .errors import (
     PlanIssue,
     RunDirError,
 )
-from .journal import JOURNAL, read_journal
+from .journal import JOURNAL, Journal, RunLock, read_journal
 from .merge import Combined, combine_commits
 from .mergeback import merge_results
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
@@ -207,18 +207,26 @@ async def orchestrate_parallel(
     envelopes = [e.model_copy(update={"run_id": ctx.run_id}) for e in envelopes]
     started = datetime.now(UTC)
     hooks = _Hooks(ctx, table)
+    # The agents as they are now (their scripts fingerprinted): for the result cache, and
+    # journaled so that a later run reusing this one compares with them as they were.
+    hooks.agent_digests = await anyio.to_thread.run_sync(
+        lambda: {name: agent_digest(agent, ctx.plan_dir) for name, agent in table.items()}
+    )
     restored: list[str] = []
     try:
         if resume is not None:
             started, restored = await _prepare_resume(ctx, plan_sha, envelopes)
         else:
-            await _journal_run(ctx, plan_sha, started, the_plan, loaded, limit)
+            await _journal_run(ctx, plan_sha, started, the_plan, loaded, limit, hooks)
         if reuse is not None:
             old = ctx.state_dir / "runs" / reuse
             if not old.is_dir():
                 raise OrchestratorError(f"no run {reuse} in {ctx.state_dir / 'runs'} to reuse")
             earlier = replay(await anyio.to_thread.run_sync(read_journal, old / JOURNAL), reuse)
-            hooks.reusable = reusable_results(old, earlier.results, table)
+            hooks.reusable = reusable_results(
+                old, earlier.results, earlier.settings.get("agent_digests") or {}
+            )
+            await _supersede(old, ctx.run_id)
     except BaseException:
         ctx.close()
         if ctx.repo is not None and owns_repo:
@@ -348,6 +356,7 @@ async def _journal_run(
     plan: Plan | None,
     loaded: LoadedPlan | None,
     limit: int,
+    hooks: _Hooks,
 ) -> None:
     """The journal's first record: what a resume needs to go on with the same run."""
     assert ctx.journal is not None
@@ -365,6 +374,7 @@ async def _journal_run(
             "base_ref": ctx.base_ref,
             "base_commit": ctx.base_commit,
             "base_tree": ctx.base_tree,
+            "agent_digests": hooks.agent_digests,
             "options": {
                 "concurrency": limit,
                 "keep_worktrees": ctx.keep_worktrees,
@@ -389,6 +399,11 @@ async def _prepare_resume(
     if record.finished:
         raise OrchestratorError(
             f"run {ctx.run_id} has finished; its report is {ctx.run_dir / 'report.json'}"
+        )
+    if record.superseded_by is not None:
+        raise OrchestratorError(
+            f"run {ctx.run_id} was taken over by run {record.superseded_by} "
+            "(run --resume --force); resume that one"
         )
     if record.settings.get("plan_sha256") != plan_sha:
         raise OrchestratorError(
@@ -437,24 +452,27 @@ async def _prepare_resume(
     return datetime.fromisoformat(record.settings["at"]), restored
 
 
+async def _supersede(run_dir: Path, by: str) -> None:
+    """Mark the interrupted run in *run_dir* as taken over by run *by*: no longer resumable."""
+    lock = RunLock(run_dir)
+    lock.acquire()  # RunInUse if it came alive meanwhile
+    try:
+        journal = Journal(run_dir / JOURNAL)
+        journal.open()
+        try:
+            await journal.write(
+                {"type": "superseded", "by": by, "at": datetime.now(UTC).isoformat()}
+            )
+        finally:
+            journal.close()
+    finally:
+        lock.release()
+
+
 async def _still_there(repo: Repository, results: dict[str, TaskResult]) -> dict[str, TaskResult]:
-    """*results* less those whose result commit is gone (their tasks run again)."""
-    commits = [r.provenance.result_commit for r in results.values() if r.provenance.result_commit]
-    if not commits:
-        return results
-    answer = await repo.git.run(
-        "cat-file", "--batch-check", stdin=("\n".join(commits) + "\n").encode(), check=False
-    )
-    found = {
-        line.split()[0]
-        for line in answer.stdout.decode(errors="replace").splitlines()
-        if line.endswith(" missing") is False and len(line.split()) >= 2
-    }
-    return {
-        task_id: r
-        for task_id, r in results.items()
-        if r.provenance.result_commit is None or r.provenance.result_commit in found
-    }
+    """*results* less those whose work is gone: their branch no longer holds their result
+    commit (deleted by ``gc --branches``, say). Those tasks run again."""
+    return {task_id: r for task_id, r in results.items() if await usable(repo, r)}
 
 
 async def _merge_at_end(
@@ -586,6 +604,7 @@ class _Hooks:
         self._merging = anyio.Lock()
         #: Results of an earlier run to reuse, by cache key (``reuse=``).
         self.reusable: dict[str, tuple[TaskResult, str]] = {}
+        self.agent_digests: dict[str, str] = {}
 
     async def queued(self, envelope: HandoffEnvelope) -> None:
         await self.ctx.emit(
@@ -601,7 +620,9 @@ class _Hooks:
         ctx, agent = self.ctx, self.agents[envelope.agent]
         key = None
         if envelope.cache or self.reusable:
-            key = cache_key(envelope, ctx.start_of(envelope.task_id)[0], agent)
+            key = cache_key(
+                envelope, ctx.start_of(envelope.task_id)[0], self.agent_digests[envelope.agent]
+            )
             if await self._from_cache(envelope, key):
                 return
         await run_subagent(envelope, agent, ctx)

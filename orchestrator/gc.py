@@ -21,7 +21,6 @@ import contextlib
 import json
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,7 +30,7 @@ import anyio
 from envelopes import ref_safe
 
 from .errors import OrchestratorError
-from .journal import LOCK, RunLock
+from .journal import JOURNAL, LOCK, RunInUse, RunLock, read_journal
 from .process import find_tagged
 from .recovery import INTERRUPTED_REFS, kill_orphans
 from .repo import Repository
@@ -68,62 +67,113 @@ async def collect_garbage(
     branches: bool = False,
     dry_run: bool = False,
 ) -> GcOutcome:
-    """Remove what runs of *repo* that are not live left behind; see the module docstring."""
+    """Remove what runs of *repo* that are not live left behind; see the module docstring.
+
+    Each run is cleaned while gc holds its lock, so a run that comes alive meanwhile (a
+    resume) is either refused by that lock or skipped by gc, never cleaned under its feet.
+    """
     outcome = GcOutcome(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     state = repo.state_dir
     now = datetime.now(UTC)
-    run_ids: set[str] = set()
     runs_dir = state / "runs"
     infos = (
         [describe_run(p) for p in sorted(runs_dir.iterdir()) if p.is_dir()]
         if runs_dir.is_dir()
         else []
     )
-    live = {info.run_id for info in infos if info.state == "live"}
+    run_ids = {info.run_id for info in infos}
+    old_runs = {
+        info.run_id for info in infos if info.state != "live" and _is_old(info, now, older_than)
+    }
+    # Branches that reports (and journals) of the runs that stay name: never deleted, even
+    # in the namespace of a run that goes (a cached result keeps its first run's branch).
+    protected = {b for info in infos if info.run_id not in old_runs for b in _named_branches(info)}
     for info in infos:
-        run_ids.add(info.run_id)
-        if info.state == "live":
-            outcome.kept.append(f"run {info.run_id}: live, left alone")
-            continue
-        old = info.last_activity is None or now - info.last_activity > older_than
-        kept_paths = set() if old else _kept_worktrees(info)
-        for pid, tag in await anyio.to_thread.run_sync(find_tagged, f"{info.run_id}/"):
-            outcome.done.append(
-                f"{'would kill' if dry_run else 'killed'} agent process {pid} ({tag})"
-            )
-        if not dry_run:
-            await anyio.to_thread.run_sync(kill_orphans, info.run_id)
-        outcome.done += await _clear_dirs(repo, info.run_id, kept_paths, dry_run)
-        for path in _stale_files(info):
-            outcome.done.append(f"{verb} {path}")
-            if not dry_run:
-                path.unlink(missing_ok=True)
-        if old:
-            outcome.done.append(f"{verb} run directory {info.run_dir}")
-            if not dry_run:
-                await anyio.to_thread.run_sync(shutil.rmtree, info.run_dir, True)
-        elif kept_paths:
-            outcome.kept.append(
-                f"run {info.run_id}: {len(kept_paths)} kept worktree(s), younger than the limit"
-            )
-        if branches and (old or not (info.run_dir / "report.json").exists()):
-            outcome.done += await _delete_branches(repo, info.run_id, dry_run)
+        lock = RunLock(info.run_dir)
+        if dry_run:
+            if info.state == "live" or lock.is_held():
+                outcome.kept.append(f"run {info.run_id}: live, left alone")
+                continue
+        else:
+            try:
+                lock.acquire()
+            except RunInUse:
+                outcome.kept.append(f"run {info.run_id}: live, left alone")
+                continue
+        try:
+            outcome.done += await _clean_run(repo, info, info.run_id in old_runs, dry_run)
+            if branches and (
+                info.run_id in old_runs or not (info.run_dir / "report.json").exists()
+            ):
+                outcome.done += await _delete_branches(repo, info.run_id, protected, dry_run)
+            if info.run_id in old_runs:
+                outcome.done.append(f"{verb} run directory {info.run_dir}")
+                if not dry_run:
+                    await anyio.to_thread.run_sync(shutil.rmtree, info.run_dir, True)
+            elif (info.run_dir / LOCK).exists():
+                outcome.done.append(f"{verb} stale lock {info.run_dir / LOCK}")
+                if not dry_run:
+                    lock.remove()  # last, and while held: see RunLock.acquire
+        finally:
+            lock.release()
     # Worktrees, venvs and branches of runs whose run directory is gone altogether.
     for kind in ("worktrees", "venvs"):
         base = state / kind
-        if base.is_dir():
-            for path in sorted(base.iterdir()):
-                if path.name not in run_ids and path.name not in live:
-                    outcome.done += await _clear_dirs(repo, path.name, set(), dry_run)
+        for path in sorted(base.iterdir()) if base.is_dir() else []:
+            # A run makes its run directory before anything else: one that exists now
+            # (a run that started while gc works) is not an orphan.
+            if path.name not in run_ids and not (runs_dir / path.name).exists():
+                outcome.done += await _clear_dirs(repo, path.name, set(), dry_run)
     if branches:
         for run_id in await _branch_runs(repo):
-            if run_id not in run_ids:
-                outcome.done += await _delete_branches(repo, run_id, dry_run)
+            if run_id not in run_ids and not (runs_dir / run_id).exists():
+                outcome.done += await _delete_branches(repo, run_id, protected, dry_run)
     if not dry_run:
         await repo.git.run("worktree", "prune")
     outcome.done.append(f"{'would run' if dry_run else 'ran'} git worktree prune")
     return outcome
+
+
+def _is_old(info: RunInfo, now: datetime, older_than: timedelta) -> bool:
+    last = info.last_activity
+    if last is None:
+        with contextlib.suppress(OSError):
+            last = datetime.fromtimestamp(info.run_dir.stat().st_mtime, UTC)
+    return last is not None and now - last > older_than
+
+
+def _named_branches(info: RunInfo) -> set[str]:
+    """The branches a run's report, or else its journal, names for its results."""
+    named: set[str] = set()
+    try:
+        report = json.loads((info.run_dir / "report.json").read_text())
+        named |= {r["branch"] for r in report["results"] if r.get("branch")}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    with contextlib.suppress(OrchestratorError, ValueError):
+        contents = read_journal(info.run_dir / JOURNAL)
+        for record in contents.of_type("result"):
+            branch = record.get("result", {}).get("branch")
+            if isinstance(branch, str):
+                named.add(branch)
+    return named
+
+
+async def _clean_run(repo: Repository, info: RunInfo, old: bool, dry_run: bool) -> list[str]:
+    """A dead run's orphans: agent processes, worktrees and venvs its report does not keep."""
+    done: list[str] = []
+    kept_paths = set() if old else _kept_worktrees(info)
+    for pid, tag in await anyio.to_thread.run_sync(find_tagged, f"{info.run_id}/"):
+        done.append(f"{'would kill' if dry_run else 'killed'} agent process {pid} ({tag})")
+    if not dry_run:
+        await anyio.to_thread.run_sync(kill_orphans, info.run_id)
+    done += await _clear_dirs(repo, info.run_id, kept_paths, dry_run)
+    for path in info.run_dir.glob(".*.tmp"):
+        done.append(f"{'would remove' if dry_run else 'removed'} {path}")
+        if not dry_run:
+            path.unlink(missing_ok=True)
+    return done
 
 
 def _kept_worktrees(info: RunInfo) -> set[Path]:
@@ -133,13 +183,6 @@ def _kept_worktrees(info: RunInfo) -> set[Path]:
         return {Path(r["worktree"]) for r in report["results"] if r.get("worktree")}
     except (OSError, ValueError, KeyError, TypeError):
         return set()
-
-
-def _stale_files(info: RunInfo) -> Iterator[Path]:
-    lock = info.run_dir / LOCK
-    if lock.exists() and not RunLock(info.run_dir).is_held():
-        yield lock
-    yield from info.run_dir.glob(".*.tmp")
 
 
 async def _clear_dirs(repo: Repository, run_id: str, kept: set[Path], dry_run: bool) -> list[str]:
@@ -194,8 +237,10 @@ async def _branch_runs(repo: Repository) -> set[str]:
     return runs
 
 
-async def _delete_branches(repo: Repository, run_id: str, dry_run: bool) -> list[str]:
-    """Delete the task branches and interrupted refs of *run_id*."""
+async def _delete_branches(
+    repo: Repository, run_id: str, protected: set[str], dry_run: bool
+) -> list[str]:
+    """Delete the task branches and interrupted refs of *run_id*, except *protected* ones."""
     if not run_id or "/" in run_id or run_id != ref_safe(run_id):
         raise OrchestratorError(f"not a run id: {run_id!r}")
     out = await repo.git.out(
@@ -205,7 +250,11 @@ async def _delete_branches(repo: Repository, run_id: str, dry_run: bool) -> list
         f"{INTERRUPTED_REFS}/{run_id}/",
     )
     done: list[str] = []
-    lines = [line.split() for line in out.splitlines() if line.strip()]
+    lines = [
+        line.split()
+        for line in out.splitlines()
+        if line.strip() and line.split()[0].removeprefix("refs/heads/") not in protected
+    ]
     for ref, _ in lines:
         done.append(f"{'would delete' if dry_run else 'deleted'} {ref.removeprefix('refs/heads/')}")
     if lines and not dry_run:

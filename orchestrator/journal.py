@@ -76,21 +76,31 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock; RunInUse naming the owner if a live process holds it."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise RunDirError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = self.owner()
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise RunDirError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self.owner()
+                os.close(fd)
+                who = f"pid {owner['pid']}" if owner else "another process"
+                since = f", running since {owner['started_at']}" if owner else ""
+                raise RunInUse(
+                    f"run {self.path.parent.name} is in use by {who}{since}; "
+                    "wait for it to end, or stop it first"
+                ) from None
+            # gc removes a stale lock file while holding it: a lock taken on the file it
+            # removed is no lock at all. Only the file at the path counts.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            who = f"pid {owner['pid']}" if owner else "another process"
-            since = f", running since {owner['started_at']}" if owner else ""
-            raise RunInUse(
-                f"run {self.path.parent.name} is in use by {who}{since}; "
-                "wait for it to end, or stop it first"
-            ) from None
         me = os.getpid()
         record = {
             "pid": me,
@@ -128,6 +138,13 @@ class RunLock:
         finally:
             os.close(fd)
         return False
+
+    def remove(self) -> None:
+        """Delete the lock file while holding it, then let go (gc, once a run is cleaned)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        self.release()
 
     def release(self) -> None:
         """Let go of the lock (the file stays; nobody holding it makes it stale)."""

@@ -38,6 +38,7 @@ class RunRecord:
     results: dict[str, TaskResult] = field(default_factory=dict)
     worktrees: dict[str, dict[str, Any]] = field(default_factory=dict)
     finished: bool = False
+    superseded_by: str | None = None
     sessions: int = 1
 
 
@@ -59,6 +60,8 @@ def replay(contents: JournalContents, run_id: str) -> RunRecord:
             record.worktrees[entry["task"]] = entry
         elif kind == "finished":
             record.finished = True
+        elif kind == "superseded":
+            record.superseded_by = entry.get("by")
         elif kind == "resumed":
             record.sessions += 1
     return record

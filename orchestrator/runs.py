@@ -18,7 +18,7 @@ from .recovery import replay
 
 __all__ = ["PlanChanged", "RunInfo", "find_resumable", "list_runs"]
 
-RunState = Literal["live", "finished", "interrupted", "unknown"]
+RunState = Literal["live", "finished", "interrupted", "superseded", "unknown"]
 
 
 class PlanChanged(OrchestratorError):
@@ -91,6 +91,8 @@ def describe_run(run_dir: Path) -> RunInfo:
         info.state = "live"
     elif record.finished:
         info.state = "finished"
+    elif record.superseded_by is not None:
+        info.state = "superseded"  # run --resume --force started another run in its place
     else:
         info.state = "interrupted"
     return info

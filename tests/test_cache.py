@@ -129,3 +129,40 @@ def test_cache_ls_and_clear(make_repo: MakeRepo, capsys: pytest.CaptureFixture[s
     assert cli(capsys, "cache", "ls", "--repo", str(repo)).out.endswith(
         "3 entries in " + str(repo / ".git" / "orchestrator" / "cache") + "\n"
     )
+
+
+def test_the_agent_is_its_script_not_the_command_text(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two plans with the same `{plan_dir}/agent.py` command, different scripts: no hit."""
+    import sys
+
+    repo = make_repo()
+
+    def plan_in(name: str, says: str) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        (where / "agent.py").write_text(
+            "import json, os\n"
+            f"open(os.environ['ORCHESTRATOR_OUTPUT'], 'w').write(json.dumps({{'by': {says!r}}}))\n"
+        )
+        plan = where / "plan.yaml"
+        plan.write_text(
+            f"repo: {json.dumps(str(repo))}\ncache: true\ndefaults: {{venv: false}}\n"
+            f"agents: {{w: {{command: [{json.dumps(sys.executable)}, '{{plan_dir}}/agent.py']}}}}\n"
+            "tasks:\n  - {id: t, agent: w, task: t}\n"
+        )
+        return plan
+
+    def output(plan: Path) -> tuple[str, Any]:
+        outcome = cli(capsys, "run", str(plan), "--json")
+        assert outcome.code == 0, outcome.err
+        (result,) = json.loads(outcome.out)["results"]
+        return result["status"], result["output"]
+
+    one, two = plan_in("one", "ONE"), plan_in("two", "TWO")
+    assert output(one) == ("succeeded", {"by": "ONE"})
+    assert output(two) == ("succeeded", {"by": "TWO"})
+    assert output(one) == ("cached", {"by": "ONE"})
+    (one.parent / "agent.py").write_text((one.parent / "agent.py").read_text() + "# edited\n")
+    assert output(one) == ("succeeded", {"by": "ONE"})

@@ -69,7 +69,7 @@ def write_plan(tmp_path: Path, repo: Path, *, seconds: float = 0.8) -> tuple[Pat
     tasks = "".join(f"  - {{id: {t}, agent: w, task: 'write {t}'}}\n" for t in TASKS)
     plan.write_text(
         f"repo: {json.dumps(str(repo))}\nconcurrency: 4\n"
-        f"agents:\n  w: {{command: [{json.dumps(sys.executable)}, {json.dumps(str(agent))}, "
+        f"agents:\n  w: {{command: [{json.dumps(sys.executable)}, '{{plan_dir}}/agent.py', "
         f"{json.dumps(str(counts))}, '{seconds}']}}\n"
         f"tasks:\n{tasks}"
     )
@@ -435,6 +435,36 @@ def test_force_starts_a_new_run_that_reuses_what_still_matches(
         assert runs.count(task) == 1, (task, runs)
     report_file = Path(report["run_dir"]) / "report.json"
     assert orchestrator("verify", str(report_file), cwd=tmp_path).returncode == 0
+    # The old run is superseded: resuming this plan now finds nothing to take up, and the
+    # old run cannot be resumed by id either.
+    listed = [
+        json.loads(line)
+        for line in orchestrator(
+            "runs", "--repo", str(repo), "--json", cwd=tmp_path
+        ).stdout.splitlines()
+    ]
+    assert [r["state"] for r in listed] == ["superseded", "finished"]
+    again = orchestrator("run", str(plan), "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    refused = orchestrator("resume", old_run.name, "--repo", str(repo), cwd=tmp_path)
+    assert refused.returncode == 1 and "was taken over by run" in refused.stderr
+    # The agent's script changed: nothing of the old run matches any more.
+    agent = tmp_path / "agent.py"
+    agent.write_text(agent.read_text() + "\n# changed\n")
+    plan.write_text(plan.read_text().replace("'write t11 better'", "'write t11 best'"))
+    counts.write_text("")
+    crashed = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
+        capture_output=True,
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    plan.write_text(plan.read_text().replace("concurrency: 3", "concurrency: 2"))
+    agent.write_text(agent.read_text() + "# changed again\n")
+    forced = orchestrator("run", str(plan), "--resume", "--force", "--json", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert {r["status"] for r in json.loads(forced.stdout)["results"]} == {"succeeded"}
 
 
 def test_journal_lines_share_fsyncs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -471,3 +501,103 @@ def test_journal_lines_share_fsyncs(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     # Each task waits for the disk twice (running before its agent starts, its result
     # before it is done), and tasks that wait at the same time share the fsync.
     assert fsyncs <= 16, (fsyncs, len(lines))  # measured: 6 for 258 lines
+
+
+def test_the_run_lock_is_the_file_at_its_path(tmp_path: Path) -> None:
+    from orchestrator.journal import RunInUse, RunLock
+
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    first.acquire()
+    assert second.is_held()
+    with pytest.raises(RunInUse, match=f"in use by pid {os.getpid()}"):
+        second.acquire()
+    # A holder that removes the file (gc, when done) frees the run for the next one, and a
+    # lock taken on the removed file would not count.
+    stale_fd = os.open(tmp_path / "lock", os.O_RDONLY)
+    first.remove()
+    assert not (tmp_path / "lock").exists()
+    second.acquire()
+    assert os.fstat(stale_fd).st_ino != os.stat(tmp_path / "lock").st_ino
+    os.close(stale_fd)
+    second.release()
+    assert not RunLock(tmp_path).is_held()
+
+
+def test_gc_keeps_the_branches_a_kept_report_names(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo()
+    plan, _ = write_plan(tmp_path, repo, seconds=0.01)
+    plan.write_text("cache: true\n" + plan.read_text())
+    assert orchestrator("run", str(plan), cwd=tmp_path).returncode == 0
+    second = orchestrator("run", str(plan), "--json", cwd=tmp_path)
+    report = json.loads(second.stdout)
+    assert {r["status"] for r in report["results"]} == {"cached"}
+    first_run, second_run = run_dirs(repo)
+    # The first run is old; the second, whose cached results name its branches, is not.
+    eight_days_ago = time.time() - 8 * 86400
+    for path in [first_run, *first_run.rglob("*")]:
+        os.utime(path, (eight_days_ago, eight_days_ago))
+    cleaned = orchestrator("gc", "--repo", str(repo), "--branches", cwd=tmp_path)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert f"removed run directory {first_run}" in cleaned.stdout
+    assert "deleted orchestrator/" not in cleaned.stdout
+    assert run_dirs(repo) == [second_run]
+    verified = orchestrator("verify", str(second_run / "report.json"), cwd=tmp_path)
+    assert verified.returncode == 0, verified.stdout
+
+
+def test_resume_reruns_tasks_whose_branch_gc_deleted(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo()
+    plan, _ = write_plan(tmp_path, repo, seconds=0.01)
+    crashed = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
+        capture_output=True,
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    done_before = succeeded_in_journal(repo)
+    assert done_before
+    # gc --branches keeps what the interrupted run's journal names...
+    orchestrator("gc", "--repo", str(repo), "--branches", cwd=tmp_path)
+    assert git(repo, "for-each-ref", "refs/heads/orchestrator/") != ""
+    # ...but a user may delete them: those tasks run again rather than point at nothing.
+    for ref in git(repo, "for-each-ref", "--format=%(refname)", "refs/heads/orchestrator/").split():
+        git(repo, "update-ref", "-d", ref)
+    resumed = orchestrator("run", str(plan), "--resume", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert not any(r["resumed"] for r in report["results"])
+    assert (
+        orchestrator(
+            "verify", str(Path(report["run_dir"]) / "report.json"), cwd=tmp_path
+        ).returncode
+        == 0
+    )
+
+
+def test_gc_skips_a_run_that_comes_alive(make_repo: MakeRepo, tmp_path: Path) -> None:
+    """gc takes each run's lock before cleaning it: a run held by anyone is left alone."""
+    from orchestrator.journal import RunLock
+
+    repo = make_repo()
+    plan, _ = write_plan(tmp_path, repo, seconds=0.01)
+    crashed = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
+        capture_output=True,
+    )
+    assert crashed.returncode == -signal.SIGKILL
+    (run_dir,) = run_dirs(repo)
+    holder = RunLock(run_dir)
+    holder.acquire()  # as a resume starting now would
+    try:
+        cleaned = orchestrator(
+            "gc", "--repo", str(repo), "--older-than", "0", "--branches", cwd=tmp_path
+        )
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert f"kept: run {run_dir.name}: live, left alone" in cleaned.stdout
+        assert (run_dir / "journal.jsonl").exists()
+        assert git(repo, "for-each-ref", "refs/heads/orchestrator/") != ""
+    finally:
+        holder.release()
