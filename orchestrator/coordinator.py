@@ -207,13 +207,13 @@ async def orchestrate_parallel(
     envelopes = [e.model_copy(update={"run_id": ctx.run_id}) for e in envelopes]
     started = datetime.now(UTC)
     hooks = _Hooks(ctx, table)
-    # The agents as they are now (their scripts fingerprinted): for the result cache, and
-    # journaled so that a later run reusing this one compares with them as they were.
-    hooks.agent_digests = await anyio.to_thread.run_sync(
-        lambda: {name: agent_digest(agent, ctx.plan_dir) for name, agent in table.items()}
-    )
     restored: list[str] = []
     try:
+        # The agents as they are now (their scripts fingerprinted): for the result cache,
+        # and journaled so that a later run reusing this one compares with them as they were.
+        hooks.agent_digests = await anyio.to_thread.run_sync(
+            lambda: {name: agent_digest(agent, ctx.plan_dir) for name, agent in table.items()}
+        )
         if resume is not None:
             started, restored = await _prepare_resume(ctx, plan_sha, envelopes)
         else:
@@ -229,6 +229,9 @@ async def orchestrate_parallel(
             await _supersede(old, ctx.run_id)
     except BaseException:
         ctx.close()
+        if resume is None:
+            # Refused before any task: a new run leaves no run directory behind.
+            shutil.rmtree(ctx.run_dir, ignore_errors=True)
         if ctx.repo is not None and owns_repo:
             ctx.repo.lock.close()
         raise

@@ -166,3 +166,17 @@ def test_the_agent_is_its_script_not_the_command_text(
     assert output(one) == ("cached", {"by": "ONE"})
     (one.parent / "agent.py").write_text((one.parent / "agent.py").read_text() + "# edited\n")
     assert output(one) == ("succeeded", {"by": "ONE"})
+
+
+def test_reusing_a_run_that_does_not_exist_is_refused_leaving_nothing(tmp_path: Path) -> None:
+    from envelopes import build_envelope
+    from orchestrator import OrchestratorError
+
+    envelope = build_envelope("w", "t", task_id="a", worktree=False, venv=False)
+    with pytest.raises(OrchestratorError, match=r"^no run nope in .* to reuse$"):
+        anyio.run(
+            lambda: orchestrate_parallel(
+                [envelope], agents={"w": write}, state_dir=tmp_path, reuse="nope"
+            )
+        )
+    assert list((tmp_path / "runs").iterdir()) == []
