@@ -76,6 +76,25 @@ def write_plan(tmp_path: Path, repo: Path, *, seconds: float = 0.8) -> tuple[Pat
     return plan, counts
 
 
+def start_run(
+    plan: Path, *, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``orchestrator run PLAN`` in the background, its output dropped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def crash_at(plan: Path, point: str, *, cwd: Path) -> None:
+    """Run PLAN until the orchestrator kills itself at *point* (``commit:6``, say)."""
+    crashed = start_run(plan, cwd=cwd, env={**os.environ, "ORCHESTRATOR_CRASH_AT": point})
+    assert crashed.wait(timeout=120) == -signal.SIGKILL, f"never reached {point}"
+
+
 def run_dirs(repo: Path) -> list[Path]:
     runs = repo / ".git" / "orchestrator" / "runs"
     return sorted(runs.iterdir()) if runs.is_dir() else []
@@ -112,13 +131,7 @@ def test_a_killed_run_resumes_without_losing_or_redoing_work(
     env = dict(os.environ)
     if kind == "crash":
         env["ORCHESTRATOR_CRASH_AT"] = when
-    first = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = start_run(plan, cwd=tmp_path, env=env)
     if kind == "time":
         try:
             first.wait(timeout=when)
@@ -155,12 +168,7 @@ def test_a_killed_run_resumes_without_losing_or_redoing_work(
 def test_a_torn_last_journal_line_is_ignored(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = start_run(plan, cwd=tmp_path)
     time.sleep(1.5)
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -183,14 +191,7 @@ def test_a_torn_last_journal_line_is_ignored(make_repo: MakeRepo, tmp_path: Path
 def test_a_journal_damaged_in_the_middle_is_refused(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.2)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:3"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    first.wait(timeout=60)
+    crash_at(plan, "commit:3", cwd=tmp_path)
     (run_dir,) = run_dirs(repo)
     journal = run_dir / "journal.jsonl"
     lines = journal.read_bytes().splitlines(keepends=True)
@@ -207,12 +208,7 @@ def test_a_journal_damaged_in_the_middle_is_refused(make_repo: MakeRepo, tmp_pat
 def test_a_second_orchestrator_on_a_live_run_refuses(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=3)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = start_run(plan, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
         while not run_dirs(repo) or not (run_dirs(repo)[0] / "journal.jsonl").exists():
@@ -242,13 +238,7 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
 ) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.3)
-    crashed = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
-        capture_output=True,
-    )
-    assert crashed.returncode == -signal.SIGKILL
+    crash_at(plan, "commit:6", cwd=tmp_path)
     (crashed_run,) = run_dirs(repo)
     deadline = time.monotonic() + 30
     while find_tagged(f"{crashed_run.name}/"):  # orphaned agents still writing: let them end
@@ -269,12 +259,7 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
 
     (tmp_path / "slow").mkdir()
     slow_plan, _ = write_plan(tmp_path / "slow", repo, seconds=3)
-    live = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(slow_plan)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    live = start_run(slow_plan, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
         while len(run_dirs(repo)) < 2 or not list(
@@ -320,12 +305,7 @@ def test_an_interrupted_branch_holding_commits_is_kept_aside(
         f"{json.dumps(str(marker))}]}}}}\n"
         "tasks:\n  - {id: own, agent: c, task: t}\n"
     )
-    first = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = start_run(plan, cwd=tmp_path)
     deadline = time.monotonic() + 30
     while not marker.exists():
         assert time.monotonic() < deadline
@@ -354,13 +334,7 @@ def test_runs_lists_states_and_bad_input_is_one_line(make_repo: MakeRepo, tmp_pa
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.05)
     assert orchestrator("run", str(plan), cwd=tmp_path).returncode == 0
-    crashed = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:5"},
-        capture_output=True,
-    )
-    assert crashed.returncode == -signal.SIGKILL
+    crash_at(plan, "commit:5", cwd=tmp_path)
     listed = orchestrator("runs", "--repo", str(repo), "--json", cwd=tmp_path)
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [(r["state"], r["total_tasks"], r["plan_name"]) for r in rows] == [
@@ -406,13 +380,7 @@ def test_force_starts_a_new_run_that_reuses_what_still_matches(
 ) -> None:
     repo = make_repo()
     plan, counts = write_plan(tmp_path, repo, seconds=0.05)
-    crashed = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
-        capture_output=True,
-    )
-    assert crashed.returncode == -signal.SIGKILL
+    crash_at(plan, "commit:6", cwd=tmp_path)
     done_before = succeeded_in_journal(repo)
     assert done_before
     (old_run,) = run_dirs(repo)
@@ -453,13 +421,7 @@ def test_force_starts_a_new_run_that_reuses_what_still_matches(
     agent.write_text(agent.read_text() + "\n# changed\n")
     plan.write_text(plan.read_text().replace("'write t11 better'", "'write t11 best'"))
     counts.write_text("")
-    crashed = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
-        capture_output=True,
-    )
-    assert crashed.returncode == -signal.SIGKILL
+    crash_at(plan, "commit:6", cwd=tmp_path)
     plan.write_text(plan.read_text().replace("concurrency: 3", "concurrency: 2"))
     agent.write_text(agent.read_text() + "# changed again\n")
     forced = orchestrator("run", str(plan), "--resume", "--force", "--json", cwd=tmp_path)
@@ -548,13 +510,7 @@ def test_gc_keeps_the_branches_a_kept_report_names(make_repo: MakeRepo, tmp_path
 def test_resume_reruns_tasks_whose_branch_gc_deleted(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.01)
-    crashed = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
-        capture_output=True,
-    )
-    assert crashed.returncode == -signal.SIGKILL
+    crash_at(plan, "commit:6", cwd=tmp_path)
     done_before = succeeded_in_journal(repo)
     assert done_before
     # gc --branches keeps what the interrupted run's journal names...
@@ -581,13 +537,7 @@ def test_gc_skips_a_run_that_comes_alive(make_repo: MakeRepo, tmp_path: Path) ->
 
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.01)
-    crashed = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
-        cwd=tmp_path,
-        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit:6"},
-        capture_output=True,
-    )
-    assert crashed.returncode == -signal.SIGKILL
+    crash_at(plan, "commit:6", cwd=tmp_path)
     (run_dir,) = run_dirs(repo)
     holder = RunLock(run_dir)
     holder.acquire()  # as a resume starting now would
