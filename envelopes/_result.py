@@ -311,6 +311,15 @@ class Report(_Model):
     merge: list[MergeRecord] = Field(default_factory=list)
     report_sha256: str = ""
 
+    def __repr__(self) -> str:
+        # Short: asyncio formats the main task's result (a Report, for anyio.run of
+        # orchestrate_parallel) when the run ends, and the full repr of 10,000 results takes
+        # seconds.
+        return (
+            f"Report(run_id={self.run_id!r}, plan_name={self.plan_name!r}, "
+            f"results=<{len(self.results)} results>, summary={self.summary!r})"
+        )
+
     def to_json_dict(self) -> dict[str, Any]:
         """The report as a JSON object, as written to disk."""
         return self.model_dump(mode="json", by_alias=True)

@@ -13,7 +13,7 @@ from envelopes import LogFile
 from ._faults import crash_point
 from .errors import RunDirError
 
-__all__ = ["atomic_write", "file_entry"]
+__all__ = ["atomic_write", "file_entry", "write_file"]
 
 # Read once at import, while nothing else runs: os.umask can only be read by setting it.
 _UMASK = os.umask(0o022)
@@ -48,6 +48,20 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except OSError as exc:
+        raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write *data* to *path*, replacing it, without fsync: for files the journal can re-make.
+
+    An envelope is such a file: its digest is in the journal, and a resume writes it again,
+    so it need not survive a crash; what it must not cost is two fsyncs per task. Raises
+    RunDirError naming the path when the disk is full or the directory is not writable.
+    """
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
     except OSError as exc:
         raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
 

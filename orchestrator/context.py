@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ import anyio
 from envelopes import ErrorInfo, KeepWorktrees, TaskResult, new_run_id, ref_safe
 from envelopes._events import Event
 
+from ._git import clean_environment
 from .errors import EventHandlerFailed, OrchestratorError, RunDirError
 from .journal import JOURNAL, Journal, RunLock
 from .repo import Repository
@@ -21,6 +24,10 @@ from .scheduler import TaskBook, TaskState
 from .venv import VenvBackend, get_backend
 
 __all__ = ["EventHandler", "RunContext"]
+
+#: Made once per run, so that a task makes no directory of its own: each attempt's files are
+#: ``<dir>/<task>.attempt-<n>.<ext>`` and each envelope ``envelopes/<task>.json``.
+RUN_SUBDIRS = ("envelopes", "logs", "outputs")
 
 EventHandler = Callable[[Event], Awaitable[None] | None]
 
@@ -55,6 +62,9 @@ class RunContext:
     cancel_reasons: dict[str, ErrorInfo] = field(default_factory=dict)
     journal: Journal | None = None
     run_lock: RunLock | None = None
+    #: The environment agents start from: this process's, read once per run, without the
+    #: variables that would tie git to one repository.
+    base_env: dict[str, str] = field(default_factory=lambda: clean_environment(os.environ))
 
     def start_of(self, task_id: str) -> tuple[str | None, str | None]:
         """The commit and tree *task_id* starts from."""
@@ -128,6 +138,13 @@ class RunContext:
                 raise RunDirError(
                     f"cannot create the run directory {run_dir}: {exc.strerror or exc}"
                 ) from exc
+        try:
+            for name in RUN_SUBDIRS:
+                await anyio.Path(run_dir / name).mkdir(exist_ok=True)
+        except OSError as exc:
+            if not resume:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise RunDirError(f"cannot write {run_dir}: {exc.strerror or exc}") from exc
         run_lock = RunLock(run_dir)
         run_lock.acquire()
         journal = Journal(run_dir / JOURNAL)

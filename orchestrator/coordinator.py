@@ -46,7 +46,7 @@ from envelopes._events import (
     TaskSkipped,
 )
 
-from ._fs import atomic_write
+from ._fs import atomic_write, write_file
 from .agents import Agent, AgentFunction, as_agent
 from .cache import agent_digest, cache_key, cached_result, reusable_results, usable
 from .cache import lookup as cache_lookup
@@ -649,7 +649,7 @@ class _Hooks:
         data = canonical_json(envelope.to_json_dict())
         path = ctx.run_dir / "envelopes" / f"{ref_safe(envelope.task_id)}.json"
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(atomic_write, path, data)
+            await anyio.to_thread.run_sync(write_file, path, data)
             entry = LogFile(
                 path=path.relative_to(ctx.run_dir).as_posix(),
                 sha256=sha256_hex(data),

@@ -46,6 +46,9 @@ async def retry_attempts(
     each retry. Exceptions from *attempt* are not retried: they propagate.
     """
 
+    if retries == 0:
+        return await attempt(1)  # the common case, without tenacity's machinery
+
     async def notify(state: RetryCallState) -> None:
         if before_retry is not None:
             wait = state.next_action.sleep if state.next_action else 0.0

@@ -40,8 +40,7 @@ from envelopes import (
 )
 from envelopes._events import AttemptFailed, TaskFinished, TaskRetrying, TaskStarted
 
-from ._fs import atomic_write, file_entry
-from ._git import clean_environment
+from ._fs import file_entry, write_file
 from .agents import Agent, CallableAgent, CommandAgent, Workspace
 from .context import RunContext
 from .errors import EventHandlerFailed, GitError, RunDirError, VenvError
@@ -106,8 +105,10 @@ class _Subagent:
         self.envelope_sha256 = sha256_hex(self.envelope_bytes)
         run_dir, name = ctx.run_dir, ref_safe(self.task_id)
         self.envelope_path = run_dir / "envelopes" / f"{name}.json"
-        self.logs_dir = run_dir / "logs" / name
-        self.outputs_dir = run_dir / "outputs" / name
+        # Flat: one file per attempt in the run's logs/ and outputs/ (made once per run), so
+        # that a task makes no directory of its own.
+        self.logs_prefix = run_dir / "logs" / name
+        self.outputs_prefix = run_dir / "outputs" / name
 
     def _timed(self, phase: str, start: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - start
@@ -115,9 +116,7 @@ class _Subagent:
     async def prepare(self) -> None:
         """Write the envelope, create the worktree and the venv."""
         data = self.envelope_bytes
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.outputs_dir.mkdir(parents=True, exist_ok=True)
-        await anyio.to_thread.run_sync(atomic_write, self.envelope_path, data)
+        await anyio.to_thread.run_sync(write_file, self.envelope_path, data)
         self.envelope_entry = LogFile(
             path=self.envelope_path.relative_to(self.ctx.run_dir).as_posix(),
             sha256=self.envelope_sha256,
@@ -167,7 +166,7 @@ class _Subagent:
                 self._timed("venv_s", start)
 
     def _env(self, output_path: Path) -> dict[str, str]:
-        env = clean_environment(os.environ)
+        env = dict(self.ctx.base_env)
         if isinstance(self.agent, CommandAgent):
             env.update(self.agent.env)
         env.update(self.envelope.env)
@@ -197,9 +196,12 @@ class _Subagent:
             ctx.move(self.task_id, "running")
             if self.worktree is not None and ctx.repo is not None:
                 await reset_worktree(ctx.repo, self.worktree)
-        output_path = self.outputs_dir / f"attempt-{number}.json"
-        stdout_path = self.logs_dir / f"attempt-{number}.stdout"
-        stderr_path = self.logs_dir / f"attempt-{number}.stderr"
+        output_path = self.outputs_prefix.with_name(
+            f"{self.outputs_prefix.name}.attempt-{number}.json"
+        )
+        logs = self.logs_prefix
+        stdout_path = logs.with_name(f"{logs.name}.attempt-{number}.stdout")
+        stderr_path = logs.with_name(f"{logs.name}.attempt-{number}.stderr")
         env = self._env(output_path)
         started_at = _now()
         start = time.monotonic()
@@ -569,7 +571,7 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
     error: ErrorInfo | None = None
     cancelled = leaving = False
     try:
-        if ctx.journal is not None:
+        if ctx.journal is not None and (envelope.worktree or envelope.venv):
             await ctx.journal.sync()  # "running" is on disk before anything is made for it
         await task.prepare()
 

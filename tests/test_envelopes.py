@@ -438,10 +438,10 @@ def _result(task_id: str, agent: str, *, succeeded: bool = True) -> TaskResult:
         python="3.11.7", implementation="cpython", packages=["six==1.16.0"], installer="uv"
     )
     stdout = LogFile(
-        path=f"logs/{task_id}/attempt-1.stdout", sha256=sha256_hex(STDOUT), size=len(STDOUT)
+        path=f"logs/{task_id}.attempt-1.stdout", sha256=sha256_hex(STDOUT), size=len(STDOUT)
     )
     stderr = LogFile(
-        path=f"logs/{task_id}/attempt-1.stderr", sha256=sha256_hex(STDERR), size=len(STDERR)
+        path=f"logs/{task_id}.attempt-1.stderr", sha256=sha256_hex(STDERR), size=len(STDERR)
     )
     envelope_bytes = canonical_json(envelope.to_json_dict())
     error = None if succeeded else ErrorInfo(kind="exit_code", message="exited with code 3")
@@ -539,10 +539,10 @@ def _write_run_dir(run_dir: Path, report: Report) -> None:
         path = run_dir / "envelopes" / f"{result.task_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(canonical_json(envelope.to_json_dict()))
-        logs = run_dir / "logs" / result.task_id
+        logs = run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        (logs / "attempt-1.stdout").write_bytes(STDOUT)
-        (logs / "attempt-1.stderr").write_bytes(STDERR)
+        (logs / f"{result.task_id}.attempt-1.stdout").write_bytes(STDOUT)
+        (logs / f"{result.task_id}.attempt-1.stderr").write_bytes(STDERR)
 
 
 def test_seal_result_digest_covers_everything_but_itself() -> None:
@@ -615,7 +615,7 @@ def test_audit_after_reseal_still_checks_inner_digests() -> None:
 def test_audit_finds_a_changed_log_file(tmp_path: Path) -> None:
     report = _sealed_report()
     _write_run_dir(tmp_path, report)
-    (tmp_path / "logs" / "t-bad" / "attempt-1.stdout").write_bytes(b"hellO\n")
+    (tmp_path / "logs" / "t-bad.attempt-1.stdout").write_bytes(b"hellO\n")
     findings = audit_report(report.to_json_dict(), run_dir=tmp_path)
     assert [(f.task_id, f.field) for f in findings] == [("t-bad", "attempt_log[1].stdout.sha256")]
     assert "expected" in findings[0].message and "found" in findings[0].message
