@@ -34,9 +34,11 @@ def _reexports(package: ModuleType) -> set[str]:
     """Names the package's ``__init__.py`` re-exports as ``from x import Y as Y``."""
     assert package.__file__ is not None
     tree = ast.parse(Path(package.__file__).read_text(encoding="utf-8"))
+    # orchestrator's names are imported lazily: type checkers see them in `if TYPE_CHECKING:`.
+    nodes = [*tree.body, *(n for s in tree.body if isinstance(s, ast.If) for n in s.body)]
     return {
         alias.name
-        for node in tree.body
+        for node in nodes
         if isinstance(node, ast.ImportFrom)
         for alias in node.names
         if alias.asname == alias.name
@@ -66,6 +68,32 @@ def test_all_is_sorted_as_the_files_have_it(package: ModuleType) -> None:
 )
 def test_all_is_exactly_what_init_reexports(package: ModuleType) -> None:
     assert set(package.__all__) == _reexports(package)
+
+
+def test_lazy_names_are_where_type_checkers_are_told() -> None:
+    tree = ast.parse(Path(orchestrator.__file__ or "").read_text(encoding="utf-8"))
+    told = {
+        alias.name: ("." * node.level) + (node.module or "")
+        for stmt in tree.body
+        if isinstance(stmt, ast.If)
+        for node in stmt.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    assert told == orchestrator._EXPORTS
+
+
+def test_the_cli_starts_without_the_engine() -> None:
+    """``orchestrator --help`` must not pay for pydantic, anyio or rich (issue 5: lazy imports)."""
+    code = (
+        "import sys, orchestrator.cli;"
+        "print(sorted(m for m in ('anyio', 'pydantic', 'rich', 'envelopes', 'yaml', 'httpx')"
+        " if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
 
 
 def _pydantic_requirements() -> set[str]:
