@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", help="commit or ref all tasks start from (overrides the plan's base)"
     )
     run.add_argument("--concurrency", type=_positive_int, help="at most this many tasks at once")
+    run.add_argument(
+        "--pool",
+        type=_count,
+        metavar="N",
+        help="keep up to N worktrees (and venvs per requirement set) for later tasks and runs "
+        "(default: the concurrency; 0: none)",
+    )
     run.add_argument("--out", type=Path, help="also write the report here")
     run.add_argument(
         "--fail-fast",
@@ -205,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -307,6 +324,7 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
         repo=repo,
         base=args.base,
         concurrency=args.concurrency,
+        pool=args.pool,
         keep_worktrees=args.keep_worktrees,
         state_dir=args.state_dir,
         report_path=args.out,

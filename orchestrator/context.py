@@ -19,6 +19,7 @@ from envelopes._events import Event
 from ._git import clean_environment
 from .errors import EventHandlerFailed, OrchestratorError, RunDirError
 from .journal import JOURNAL, Journal, RunLock
+from .pool import VenvPool, WorktreePool
 from .repo import Repository
 from .scheduler import TaskBook, TaskState
 from .venv import VenvBackend, get_backend
@@ -62,6 +63,9 @@ class RunContext:
     cancel_reasons: dict[str, ErrorInfo] = field(default_factory=dict)
     journal: Journal | None = None
     run_lock: RunLock | None = None
+    #: The repository's worktree pool and the state directory's venv pool, when used.
+    pool: WorktreePool | None = None
+    venv_pool: VenvPool | None = None
     #: The environment agents start from: this process's, read once per run, without the
     #: variables that would tie git to one repository.
     base_env: dict[str, str] = field(default_factory=lambda: clean_environment(os.environ))
@@ -177,7 +181,11 @@ class RunContext:
         )
 
     def close(self) -> None:
-        """Close the journal and release the run's lock (idempotent)."""
+        """Close the journal, let go of pool slots, release the run's lock (idempotent)."""
+        if self.pool is not None:
+            self.pool.close()
+        if self.venv_pool is not None:
+            self.venv_pool.close()
         if self.journal is not None:
             self.journal.close()
         if self.run_lock is not None:

@@ -65,6 +65,7 @@ from .journal import JOURNAL, Journal, RunLock, read_journal
 from .merge import Combined, combine_commits
 from .mergeback import merge_results
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
+from .pool import VenvPool, WorktreePool
 from .recovery import carried_over, clear_task_leftovers, kill_orphans, replay
 from .repo import Repository
 from .report import aggregate_results, write_report
@@ -98,6 +99,7 @@ async def orchestrate_parallel(
     fail_fast: bool | None = None,
     resume: str | None = None,
     reuse: str | None = None,
+    pool: int | None = None,
 ) -> Report:
     """Run every task of *plan* as a subagent and return the sealed Report.
 
@@ -127,11 +129,18 @@ async def orchestrate_parallel(
     *reuse* names an earlier run (one whose plan changed, say) whose successes are reused, as
     ``cached`` results, by tasks of this new run that do exactly the same work (the result
     cache's key; see orchestrator/cache.py).
+
+    *pool* bounds the repository's worktree pool (default: the run's concurrency; 0: no
+    pool): tasks borrow an already checked-out worktree, reset to exactly their start
+    commit, instead of checking out a new one, and give it back when done (see
+    orchestrator/pool.py).
     """
     if any(n < 1 for n in (agent_limits or {}).values()):
         raise OrchestratorError(f"agent limits must be >= 1, got {dict(agent_limits or {})}")
     if concurrency is not None and concurrency < 1:
         raise OrchestratorError(f"concurrency must be >= 1, got {concurrency}")
+    if pool is not None and pool < 0:
+        raise OrchestratorError(f"pool must be >= 0, got {pool}")
     if keep_worktrees is not None and keep_worktrees not in KEEP_POLICIES:
         raise OrchestratorError(
             f"keep_worktrees must be one of {', '.join(KEEP_POLICIES)}, got {keep_worktrees!r}"
@@ -198,6 +207,11 @@ async def orchestrate_parallel(
         on_event=on_event,
     )
     limit = concurrency or (the_plan.concurrency if the_plan else 4)
+    pool_size = limit if pool is None else pool
+    if pool_size > 0:
+        if repository is not None:
+            ctx.pool = WorktreePool(repository, pool_size)
+        ctx.venv_pool = VenvPool(ctx.state_dir, backend, pool_size)
     plan_json = (
         the_plan.model_dump(mode="json")
         if the_plan
@@ -380,6 +394,7 @@ async def _journal_run(
             "agent_digests": hooks.agent_digests,
             "options": {
                 "concurrency": limit,
+                "pool": ctx.pool.size if ctx.pool else 0,
                 "keep_worktrees": ctx.keep_worktrees,
                 "venv_backend": ctx.venv_backend.name,
                 "kill_grace": ctx.kill_grace,
@@ -583,6 +598,7 @@ async def resume_run(
             repo=repository if repository is not None else None,
             agents=agents,
             concurrency=concurrency or options.get("concurrency"),
+            pool=options.get("pool"),
             keep_worktrees=options.get("keep_worktrees"),
             state_dir=state_dir,
             report_path=report_path,

@@ -9,6 +9,8 @@ live run. Of the others it removes:
   run's branches;
 - when the run is older than the limit (its last activity): the run directory, and the
   worktrees and venvs its report kept for inspection;
+- the pool's worktrees and venvs (orchestrator/pool.py) that no live run holds and that were
+  last given back longer ago than the limit;
 - with ``branches``: the task branches (and interrupted refs) of runs whose report is gone or
   older than the limit. A branch named by a report that is kept is never deleted.
 
@@ -31,6 +33,7 @@ from envelopes import ref_safe
 
 from .errors import OrchestratorError
 from .journal import JOURNAL, LOCK, RunInUse, RunLock, read_journal
+from .pool import collect_pool
 from .process import find_tagged
 from .recovery import INTERRUPTED_REFS, kill_orphans
 from .repo import Repository
@@ -129,6 +132,8 @@ async def collect_garbage(
         for run_id in await _branch_runs(repo):
             if run_id not in run_ids and not (runs_dir / run_id).exists():
                 outcome.done += await _delete_branches(repo, run_id, protected, dry_run)
+    # The pool's worktrees and venvs that no live run holds, idle for longer than the limit.
+    outcome.done += await collect_pool(repo, idle_for=older_than.total_seconds(), dry_run=dry_run)
     if not dry_run:
         await repo.git.run("worktree", "prune")
     outcome.done.append(f"{'would run' if dry_run else 'ran'} git worktree prune")

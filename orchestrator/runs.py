@@ -118,7 +118,13 @@ def list_runs(state_dir: Path) -> list[RunInfo]:
     runs = state_dir / "runs"
     if not runs.is_dir():
         return []
-    return [describe_run(path) for path in sorted(runs.iterdir()) if path.is_dir()]
+    infos = [describe_run(path) for path in runs.iterdir() if path.is_dir()]
+    # A run id sorts by its start to the second; runs started within one second go by their
+    # journal's start time.
+    infos.sort(
+        key=lambda i: (i.run_id[:15], i.started_at.timestamp() if i.started_at else 0.0, i.run_id)
+    )
+    return infos
 
 
 def find_resumable(state_dir: Path, plan_sha256: str, plan_file: str | None) -> str | None:

@@ -47,7 +47,14 @@ from .errors import EventHandlerFailed, GitError, RunDirError, VenvError
 from .process import run_command
 from .retry import retry_attempts
 from .venv import Venv, describe_environment, setup_virtualenv
-from .worktree import Worktree, commit_worktree, create_worktree, remove_worktree, reset_worktree
+from .worktree import (
+    Worktree,
+    commit_worktree,
+    create_worktree,
+    delete_if_unused,
+    remove_worktree,
+    reset_worktree,
+)
 
 __all__ = ["MAX_OUTPUT_BYTES", "finished_event", "journal_result", "run_subagent"]
 
@@ -126,13 +133,16 @@ class _Subagent:
         base_commit, _ = ctx.start_of(self.task_id)
         if self.envelope.worktree and ctx.repo is not None and base_commit is not None:
             start = time.monotonic()
+            branch = ctx.branch(self.task_id)
             try:
-                self.worktree = await create_worktree(
-                    ctx.repo,
-                    ctx.branch(self.task_id),
-                    ctx.worktree_path(self.task_id),
-                    base_commit,
-                )
+                if ctx.pool is not None:
+                    self.worktree = await ctx.pool.borrow(
+                        branch, base_commit
+                    ) or await ctx.pool.create(branch, base_commit)
+                if self.worktree is None:
+                    self.worktree = await create_worktree(
+                        ctx.repo, branch, ctx.worktree_path(self.task_id), base_commit
+                    )
             except GitError as exc:
                 raise _TaskFailed(ErrorInfo(kind="worktree", message=str(exc))) from exc
             finally:
@@ -152,12 +162,19 @@ class _Subagent:
         if self.envelope.venv:
             start = time.monotonic()
             try:
-                self.venv = await setup_virtualenv(
-                    ctx.venv_path(self.task_id),
-                    self.envelope.requirements,
-                    backend=ctx.venv_backend,
-                    cwd=ctx.plan_dir,
-                )
+                if ctx.venv_pool is not None:
+                    self.venv = await ctx.venv_pool.acquire(
+                        self.envelope.requirements,
+                        cwd=ctx.plan_dir,
+                        fallback=ctx.venv_path(self.task_id),
+                    )
+                else:
+                    self.venv = await setup_virtualenv(
+                        ctx.venv_path(self.task_id),
+                        self.envelope.requirements,
+                        backend=ctx.venv_backend,
+                        cwd=ctx.plan_dir,
+                    )
                 self.commands.extend(self.venv.commands)
             except VenvError as exc:
                 self.commands.extend(exc.commands)
@@ -423,9 +440,13 @@ class _Subagent:
             # Described after the agent ran, so that what it installed itself is on record.
             with contextlib.suppress(OSError):
                 self.environment = await anyio.to_thread.run_sync(describe_environment, self.venv)
-        policy = self.ctx.keep_worktrees
+        ctx = self.ctx
+        policy = ctx.keep_worktrees
         self.keep = policy == "always" or (policy == "failed" and status in ("failed", "timed_out"))
         if self.keep and self.worktree is not None:
+            if ctx.pool is not None and ctx.pool.owns(self.worktree):
+                # Out of the pool, to where a fresh worktree would be: nobody resets it.
+                self.worktree = await ctx.pool.keep(self.worktree, ctx.worktree_path(self.task_id))
             self.kept_worktree = self.worktree.path
 
     async def cleanup(self, status: TaskStatus) -> None:
@@ -435,16 +456,28 @@ class _Subagent:
         keep = self.keep
         if self.worktree is not None and ctx.repo is not None and not keep:
             try:
-                self.branch_deleted = await remove_worktree(
-                    ctx.repo,
-                    self.worktree,
-                    delete_branch=status == "cancelled" and not self.committed,
-                )
+                delete_branch = status == "cancelled" and not self.committed
+                if ctx.pool is not None and ctx.pool.owns(self.worktree):
+                    await ctx.pool.give_back(self.worktree)
+                    if delete_branch:
+                        self.branch_deleted = await delete_if_unused(ctx.repo, self.worktree)
+                else:
+                    self.branch_deleted = await remove_worktree(
+                        ctx.repo, self.worktree, delete_branch=delete_branch
+                    )
             except (GitError, OSError):
                 keep = True  # could not remove it: the report names it as kept
                 self.kept_worktree = self.worktree.path
-        if self.venv is not None and (self.worktree is None or not keep):
-            await anyio.to_thread.run_sync(shutil.rmtree, self.venv.path, True)
+        venv, venv_pool = self.venv, ctx.venv_pool
+        if venv is not None:
+            kept = self.worktree is not None and keep  # the venv stays with its worktree
+            if venv_pool is not None and venv_pool.owns(venv):
+                if kept:
+                    venv_pool.keep(venv)
+                else:
+                    venv_pool.give_back(venv)
+            elif not kept:
+                await anyio.to_thread.run_sync(shutil.rmtree, venv.path, True)
         self._timed("cleanup_s", start)
 
     def result(self, status: TaskStatus, error: ErrorInfo | None) -> TaskResult:

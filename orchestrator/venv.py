@@ -144,6 +144,10 @@ class UvBackend:
         if binary is None:
             raise VenvError("uv is not available")
         self.uv = binary
+        #: Installer runs (``uv pip install``) and syncs (``uv pip sync``) made, for the tests'
+        #: counts.
+        self.installs = 0
+        self.syncs = 0
 
     async def create(self, path: Path, *, with_pip: bool) -> list[str]:
         command = [self.uv, "venv", "--quiet", "--python", _base_python(), str(path)]
@@ -158,6 +162,29 @@ class UvBackend:
         python = str(Venv(venv, self.name).python)
         command = [self.uv, "pip", "install", "--quiet", "--python", python, *requirements]
         await _run(command, "installing " + " ".join(requirements), venv=venv, cwd=cwd)
+        self.installs += 1
+        return command
+
+    async def sync(self, venv: Path, pinned: Sequence[str]) -> list[str]:
+        """Make *venv*'s distributions exactly *pinned* (``name==version``), from uv's cache.
+
+        Offline: the pool syncs only to sets this run installed, whose wheels uv has cached.
+        """
+        python = str(Venv(venv, self.name).python)
+        listing = venv.parent / f".sync-{secrets.token_hex(8)}.txt"
+        command = [self.uv, "pip", "sync", "--quiet", "--offline", "--python", python]
+        command += ["--allow-empty-requirements", str(listing)]
+        what = "syncing " + (" ".join(pinned) or "an empty venv")
+        try:
+            await anyio.to_thread.run_sync(
+                listing.write_text, "".join(f"{p}\n" for p in pinned), "utf-8"
+            )
+            await _run(command, what, venv=venv)
+        except OSError as exc:
+            raise VenvError(f"{what} failed: {exc.strerror or exc}", commands=[command]) from exc
+        finally:
+            listing.unlink(missing_ok=True)
+        self.syncs += 1
         return command
 
 

@@ -198,9 +198,19 @@ async def remove_worktree(
         await _drop_admin_dir(repo, worktree.admin_dir)
         if not delete_branch:
             return False
-        ref = f"refs/heads/{worktree.branch}"
-        deleted = await repo.git.run("update-ref", "-d", ref, worktree.base_commit, check=False)
-        return deleted.returncode == 0
+        return await _delete_unused_branch(repo, worktree)
+
+
+async def delete_if_unused(repo: Repository, worktree: Worktree) -> bool:
+    """Delete the worktree's branch if it still points at its base commit; whether it did."""
+    async with repo.lock.hold():
+        return await _delete_unused_branch(repo, worktree)
+
+
+async def _delete_unused_branch(repo: Repository, worktree: Worktree) -> bool:
+    ref = f"refs/heads/{worktree.branch}"
+    deleted = await repo.git.run("update-ref", "-d", ref, worktree.base_commit, check=False)
+    return deleted.returncode == 0
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,25 @@ def git(repo: Path, *args: str) -> str:
 MakeRepo = Callable[..., Path]
 
 
+def task_worktrees(repo: Path) -> list[str]:
+    """The repository's worktrees other than its main one and the pool's idle slots.
+
+    Pool slots stay between runs by design (orchestrator/pool.py); an idle one must be
+    detached, so that no branch is checked out in it.
+    """
+    entries = git(repo, "worktree", "list", "--porcelain").split("\n\n")
+    pool = f"worktree {repo / '.git' / 'orchestrator' / 'pool'}/"
+    others = []
+    for entry in entries[1:]:
+        if not entry.strip():
+            continue
+        if entry.startswith(pool):
+            assert "\ndetached" in entry, entry
+        else:
+            others.append(entry.splitlines()[0].removeprefix("worktree "))
+    return others
+
+
 @pytest.fixture
 def make_repo(tmp_path: Path) -> MakeRepo:
     """Factory: a git repository with *files* small files (plus any *extra* files), one commit."""

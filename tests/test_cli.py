@@ -22,7 +22,7 @@ from envelopes import REPORT_SCHEMA
 from orchestrator import __version__
 from orchestrator.cli import main
 
-from .conftest import MakeRepo, Outcome, cli, git, live_processes_with
+from .conftest import MakeRepo, Outcome, cli, git, live_processes_with, task_worktrees
 
 WriteAgent = Callable[[str, str], Path]
 
@@ -163,7 +163,7 @@ def test_run_a_plan_then_verify_its_report(
     branch = f"orchestrator/{run_dir.name}/task-002"
     assert by_id["task-002"]["branch"] == branch
     assert git(repo, "show", f"{branch}:out/task-002.txt") == "write two"
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert task_worktrees(repo) == []
 
     verified = cli(capsys, "verify", str(report_path))
     assert verified.code == 0, verified
@@ -194,7 +194,7 @@ def test_a_failing_task_exits_1_and_the_report_is_still_sound(
     assert report["summary"]["failed"] == 1
     # keep_worktrees defaults to "failed": the failed task's worktree stays for inspection.
     worktrees = git(repo, "worktree", "list", "--porcelain")
-    assert worktrees.count("worktree ") == 2
+    assert len(task_worktrees(repo)) == 1
     assert f"branch refs/heads/orchestrator/{report['run_id']}/bad" in worktrees
     assert cli(capsys, "verify", str(printed_report(outcome.out))).code == 0
 
@@ -236,7 +236,7 @@ def test_keep_worktrees_option_overrides_the_plan(
         keep_worktrees="never",
     )
     assert cli(capsys, "run", str(plan), "--keep-worktrees", "always").code == 0
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 2
+    assert len(task_worktrees(repo)) == 1
 
 
 @pytest.mark.parametrize(
@@ -465,7 +465,7 @@ def test_ctrl_c_or_sigterm_stops_agents_cleans_up_and_exits(
     assert code == code_expected, stderr
     assert stderr.splitlines()[-1] == last_line
     assert live_processes_with(marker) == []
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert task_worktrees(repo) == []
     assert not list((repo / ".git").rglob("*.lock"))
     [run_dir] = (repo / ".git" / "orchestrator" / "runs").iterdir()
     report = json.loads((run_dir / "report.json").read_text())

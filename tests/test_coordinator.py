@@ -16,7 +16,7 @@ from envelopes import HandoffEnvelope, Plan, Report, TaskFinished, TaskStarted, 
 from orchestrator import Workspace, orchestrate_parallel, verify_report
 from orchestrator._git import FALLBACK_IDENTITY
 
-from .conftest import MakeRepo, git, live_processes_with
+from .conftest import MakeRepo, git, live_processes_with, task_worktrees
 
 WRITE_OWN_FILE = """
 import json, os, sys
@@ -64,7 +64,7 @@ def test_32_tasks_at_concurrency_32_three_times(
             commits.add(commit)
         assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
     assert len(commits) == 96  # distinct runs, distinct envelopes, distinct commits
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert task_worktrees(repo) == []
     subprocess.run(["git", "-C", str(repo), "fsck", "--strict"], check=True, capture_output=True)
     assert not list((repo / ".git").rglob("*.lock"))
 
@@ -321,7 +321,7 @@ def test_cancelling_mid_run_leaves_nothing_behind(
 
     run(main)
     assert live_processes_with(marker) == []
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert task_worktrees(repo) == []
     assert not list((repo / ".git").rglob("*.lock"))
     subprocess.run(["git", "-C", str(repo), "fsck", "--strict"], check=True, capture_output=True)
     run_dirs = list((repo / ".git" / "orchestrator" / "runs").iterdir())
@@ -417,7 +417,7 @@ def test_keep_worktrees_always_and_never(
         lambda: orchestrate_parallel(plan, repo=repo, keep_worktrees="never", venv_backend="uv")
     )
     assert never.results[0].worktree is None
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert task_worktrees(repo) == []
     always: Report = run(
         lambda: orchestrate_parallel(plan, repo=repo, keep_worktrees="always", venv_backend="uv")
     )
@@ -454,7 +454,7 @@ def test_a_failing_event_handler_stops_the_run_with_its_own_exception(
             )
         )
     # Whatever the handler did, nothing is left behind.
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert task_worktrees(repo) == []
     assert not list((repo / ".git").rglob("*.lock"))
 
 

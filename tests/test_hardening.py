@@ -27,7 +27,7 @@ import pytest
 from envelopes import Plan, Report, RunStarted
 from orchestrator import Repository, orchestrate_parallel, verify_report
 
-from .conftest import MakeRepo, cli, git, live_processes_with
+from .conftest import MakeRepo, cli, git, live_processes_with, task_worktrees
 
 WriteAgent = Callable[[str, str], Path]
 
@@ -87,10 +87,11 @@ def assert_repository_clean(repo: Path) -> None:
     """Objects sound, only the main worktree registered (not locked), no git lock file left."""
     subprocess.run(["git", "-C", str(repo), "fsck", "--strict"], check=True, capture_output=True)
     listing = git(repo, "worktree", "list", "--porcelain")
-    assert listing.count("worktree ") == 1, listing
+    assert task_worktrees(repo) == [], listing  # pool slots stay, detached
     assert "locked" not in listing
-    admin = repo / ".git" / "worktrees"
-    assert not admin.exists() or not [p for p in admin.rglob("*") if p.is_file()]
+    # Every admin entry left belongs to a worktree that exists (a pool slot): none is stale.
+    for gitdir in (repo / ".git" / "worktrees").glob("*/gitdir"):
+        assert Path(gitdir.read_text().strip()).exists(), gitdir
     assert git_locks(repo) == []
 
 
@@ -536,7 +537,7 @@ def test_a_prunable_worktree_of_the_user_survives_a_run(
     away.rename(mine)
     listing = git(repo, "worktree", "list", "--porcelain")
     assert f"worktree {mine}" in listing.splitlines() and prunable_lines(repo) == []
-    assert listing.count("worktree ") == 2
+    assert task_worktrees(repo) == [str(mine)]
     git(mine, "status")  # raises if the worktree was dropped
     assert git(mine, "rev-parse", "--show-toplevel") == str(mine)
 

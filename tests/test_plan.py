@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.plan import envelopes_of, load_plan
 
-from .conftest import MakeRepo, Outcome, cli, git
+from .conftest import MakeRepo, Outcome, cli, git, task_worktrees
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plans"
 ID_PATTERN = "[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -44,7 +44,7 @@ def repo(make_repo: MakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def assert_nothing_ran(repo: Path) -> None:
     assert not (repo / ".git" / "orchestrator").exists()
     assert git(repo, "branch", "--format=%(refname:short)") == "main"
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert task_worktrees(repo) == []
 
 
 PLAN_ERRORS = [

@@ -22,7 +22,7 @@ import pytest
 from orchestrator.journal import read_journal
 from orchestrator.process import find_tagged
 
-from .conftest import MakeRepo, git
+from .conftest import MakeRepo, git, task_worktrees
 
 TASKS = [f"t{i:02d}" for i in range(12)]
 
@@ -39,7 +39,9 @@ pathlib.Path(os.environ["ORCHESTRATOR_OUTPUT"]).write_text(json.dumps({"task": t
 
 def _moments() -> list[tuple[str, Any]]:
     rng = random.Random(20261122)
-    times = sorted(round(rng.uniform(0.05, 3.2), 2) for _ in range(10))
+    # The run takes at least 3 waves of 1 s (12 tasks of write_plan's default, 4 at a time):
+    # every moment falls inside it.
+    times = sorted(round(rng.uniform(0.05, 2.6), 2) for _ in range(10))
     points = ["worktree:3", "worktree:9", "commit:2", "commit:7", "report:1", "journal:4"]
     points += ["journal:30"]
     return [("time", t) for t in times] + [("crash", p) for p in points]
@@ -61,7 +63,7 @@ def orchestrator(
     )
 
 
-def write_plan(tmp_path: Path, repo: Path, *, seconds: float = 0.8) -> tuple[Path, Path]:
+def write_plan(tmp_path: Path, repo: Path, *, seconds: float = 1.0) -> tuple[Path, Path]:
     agent = tmp_path / "agent.py"
     agent.write_text(AGENT)
     counts = tmp_path / "counts.txt"
@@ -77,11 +79,11 @@ def write_plan(tmp_path: Path, repo: Path, *, seconds: float = 0.8) -> tuple[Pat
 
 
 def start_run(
-    plan: Path, *, cwd: Path, env: dict[str, str] | None = None
+    plan: Path, *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """``orchestrator run PLAN`` in the background, its output dropped."""
+    """``orchestrator run PLAN ARGS...`` in the background, its output dropped."""
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        [sys.executable, "-m", "orchestrator", "run", str(plan), *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -111,7 +113,7 @@ def succeeded_in_journal(repo: Path) -> set[str]:
 
 def assert_nothing_left(repo: Path) -> None:
     """After gc: no worktree but the main one, no venv, no agent process, no lock file."""
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert task_worktrees(repo) == []
     state = repo / ".git" / "orchestrator"
     for kind in ("worktrees", "venvs"):
         leftovers = list((state / kind).rglob("*")) if (state / kind).exists() else []
@@ -158,7 +160,7 @@ def test_a_killed_run_resumes_without_losing_or_redoing_work(
     for result in report["results"]:  # every result is on its branch, with its file
         assert git(repo, "show", f"{result['branch']}:{result['task_id']}.txt") == result["task_id"]
     # resume itself cleared the worktrees the crash left (gc is for the rest).
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert task_worktrees(repo) == []
 
     cleaned = orchestrator("gc", "--repo", str(repo), cwd=tmp_path)
     assert cleaned.returncode == 0, cleaned.stderr
@@ -254,12 +256,14 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
         "gc", "--repo", str(repo), "--older-than", "0", "--branches", "--dry-run", cwd=tmp_path
     )
     assert dry.returncode == 0, dry.stderr
-    assert "would remove worktree" in dry.stdout and "would delete orchestrator/" in dry.stdout
+    # The crashed run's worktrees are the pool's (their locks died with it): idle, collected.
+    assert "would remove pool worktree" in dry.stdout
+    assert "would delete orchestrator/" in dry.stdout
     assert snapshot() == before
 
     (tmp_path / "slow").mkdir()
     slow_plan, _ = write_plan(tmp_path / "slow", repo, seconds=3)
-    live = start_run(slow_plan, cwd=tmp_path)
+    live = start_run(slow_plan, "--pool", "0", cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
         while len(run_dirs(repo)) < 2 or not list(

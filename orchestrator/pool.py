@@ -1,0 +1,546 @@
+"""The worktree pool: checked-out worktrees that tasks borrow and give back.
+
+A fresh worktree costs a checkout: writing every file of the repository (about 350 ms for
+2,000 files). A worktree that another task used is brought back to any commit by
+``git reset --hard`` and ``git clean -ffdx``, which rewrite only what differs (a few
+milliseconds). The pool keeps such worktrees between tasks and between runs, in
+``<state>/pool/worktrees/<slot>``, each with a lock file ``<slot>.mutex`` (not ``.lock``: that
+is what git's own lock files are called):
+
+- **borrow**: take a slot whose lock nobody holds (``flock``, so two orchestrators on one
+  repository never share a slot, and a dead one's slots come free), create the task's branch
+  at its start commit (create-only), point the slot's HEAD at it, and make the files exactly
+  that commit's: ``reset --hard``, ``clean -ffdx`` (untracked and ignored files, nested
+  repositories), and the slot's admin directory stripped of everything a fresh ``worktree
+  add`` would not have (a merge or rebase in progress, ``config.worktree``, sparse-checkout
+  settings). A slot that cannot be made pristine is removed and the task gets a fresh
+  worktree instead. The task's result is the same as with a fresh worktree: the same files,
+  the same branch, the same commits.
+- **give back**: detach the slot's HEAD (so the task's branch is checked out nowhere) and let
+  go of the lock. A worktree kept for inspection (``keep_worktrees``) is not given back: it is
+  moved out of the pool to where a fresh one would have been.
+- **bounded**: at most ``size`` slots; a task that finds none free and the pool full gets a
+  fresh worktree outside the pool, removed after it as without a pool.
+- **collected**: ``orchestrator gc`` removes slots idle for longer than its age limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from envelopes import digest
+
+from ._faults import crash_point
+from .errors import GitError, VenvError
+from .repo import Repository
+from .venv import UvBackend, Venv, VenvBackend, _base_python, describe_environment, setup_virtualenv
+from .worktree import (
+    Worktree,
+    _admin_dir_from_file,
+    _drop_admin_dir,
+    _restore_dot_git,
+    create_worktree,
+)
+
+__all__ = [
+    "Slots",
+    "VenvPool",
+    "WorktreePool",
+    "collect_pool",
+    "pool_dir",
+    "venv_pool_dir",
+]
+
+#: What a fresh ``git worktree add`` leaves in a worktree's admin directory (and ``logs``,
+#: the reflog, which is harmless). Anything else there is state a task left behind.
+_FRESH_ADMIN = frozenset({"HEAD", "commondir", "gitdir", "index", "logs", "ORIG_HEAD"})
+
+
+def pool_dir(state_dir: Path) -> Path:
+    """Where the pool's worktree slots live."""
+    return state_dir / "pool" / "worktrees"
+
+
+def venv_pool_dir(state_dir: Path) -> Path:
+    """Where the pool's venv slots live, one directory per requirement set."""
+    return state_dir / "pool" / "venvs"
+
+
+def _try_lock(lock_path: Path) -> int | None:
+    """Take the slot lock without waiting; its fd, or None when another holds it or it is gone."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # gc removes a slot's lock file while holding it: a lock on a removed file is none.
+        if os.fstat(fd).st_ino != os.stat(lock_path).st_ino:
+            raise FileNotFoundError(lock_path)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _lock_of(slot: Path) -> Path:
+    return slot.with_name(slot.name + ".mutex")
+
+
+def _kept_mark(slot: Path) -> Path:
+    return slot.with_name(slot.name + ".kept")
+
+
+class Slots:
+    """Directories in *root*, each lent to one holder at a time (``flock`` on ``<slot>.mutex``).
+
+    At most *size* slots (new ones are refused beyond that; across processes the bound is
+    approximate). A slot marked ``<slot>.kept`` is never lent again.
+    """
+
+    def __init__(self, root: Path, size: int) -> None:
+        self.root = root
+        self.size = size
+        self._held: dict[Path, int] = {}  # slot path -> its lock fd
+        self._pending = 0  # slots this process is making, maybe not on disk yet
+
+    def all(self) -> list[Path]:
+        """Every slot directory on disk, held or not."""
+        try:
+            return sorted(p for p in self.root.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+
+    def take_free(self) -> Path | None:
+        """A slot nobody holds, now held by this process; None when there is none."""
+        for slot in self.all():
+            if slot in self._held or _kept_mark(slot).exists():
+                continue
+            fd = _try_lock(_lock_of(slot))
+            if fd is not None:
+                if slot.is_dir():
+                    self._held[slot] = fd
+                    return slot
+                os.close(fd)
+        return None
+
+    def reserve(self) -> Path | None:
+        """A new slot path with its lock held, when there is room; :meth:`made` once it exists."""
+        if self.size <= 0 or len(self.all()) + self._pending >= self.size:
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        slot = self.root / secrets.token_hex(4)
+        fd = _try_lock(_lock_of(slot))
+        if fd is None:
+            return None
+        self._held[slot] = fd
+        self._pending += 1
+        return slot
+
+    def made(self, slot: Path) -> None:
+        """The reserved *slot* exists on disk now (or never will: it was released)."""
+        self._pending -= 1
+
+    def holds(self, slot: Path) -> bool:
+        return slot in self._held
+
+    def release(self, slot: Path, *, forget: bool = False) -> None:
+        """Let go of *slot*; with *forget*, its lock file goes too (the slot is gone)."""
+        fd = self._held.pop(slot, None)
+        lock = _lock_of(slot)
+        if forget:
+            lock.unlink(missing_ok=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(lock)  # when the slot was last used: gc's measure of idleness
+        if fd is not None:
+            os.close(fd)
+
+    def mark_kept(self, slot: Path) -> None:
+        """Never lend *slot* again (it holds a kept task's files), and let go of it."""
+        with contextlib.suppress(OSError):
+            _kept_mark(slot).touch()
+        self.release(slot)
+
+    def close(self) -> None:
+        """Let go of every slot still held (a run that ends abruptly)."""
+        for slot in list(self._held):
+            self.release(slot)
+
+
+async def _collect_slots(
+    root: Path,
+    idle_for: float,
+    remove: Callable[[Path], Awaitable[None]],
+    *,
+    what: str,
+    dry_run: bool,
+) -> list[str]:
+    """Remove the idle slots of *root* (each while holding its lock) with *remove*."""
+    done: list[str] = []
+    now = time.time()
+    slots = Slots(root, size=0)
+    for slot in slots.all():
+        lock = _lock_of(slot)
+        try:
+            idle = now - lock.stat().st_mtime
+        except FileNotFoundError:
+            idle = float("inf")
+        if idle < idle_for:
+            continue
+        fd = _try_lock(lock)
+        if fd is None:
+            continue  # in use
+        if dry_run:
+            os.close(fd)
+            done.append(f"would remove pool {what} {slot}")
+            continue
+        slots._held[slot] = fd
+        await remove(slot)
+        _kept_mark(slot).unlink(missing_ok=True)
+        slots.release(slot, forget=True)
+        done.append(f"removed pool {what} {slot}")
+    with contextlib.suppress(FileNotFoundError):
+        for lock in root.glob("*.mutex"):
+            if not lock.with_suffix("").is_dir() and not dry_run:
+                fd = _try_lock(lock)
+                if fd is not None:
+                    lock.unlink(missing_ok=True)
+                    os.close(fd)
+    return done
+
+
+class WorktreePool:
+    """The worktree pool of one repository, as one run uses it (see the module docstring)."""
+
+    def __init__(self, repo: Repository, size: int) -> None:
+        self.repo = repo
+        self.size = size
+        self.slots = Slots(pool_dir(repo.state_dir), size)
+        #: How many worktrees were recycled from the pool, and how many made in it.
+        self.recycled = 0
+        self.created = 0
+
+    def owns(self, worktree: Worktree) -> bool:
+        """Whether *worktree* is a slot this pool lent."""
+        return self.slots.holds(worktree.path)
+
+    async def borrow(self, branch: str, base_commit: str) -> Worktree | None:
+        """A pristine worktree on a new branch *branch* at *base_commit*, or None (none free).
+
+        GitError when the branch cannot be created (it exists): the slot is given back.
+        """
+        if self.size <= 0:
+            return None
+        slot = await anyio.to_thread.run_sync(self.slots.take_free)
+        if slot is None:
+            return None
+        admin = _admin_dir_from_file(slot)
+        if admin is None or not (admin / "gitdir").is_file():
+            await self.discard(slot)
+            return None
+        ref = f"refs/heads/{branch}"
+        try:
+            await self.repo.git.run("update-ref", ref, base_commit, "")
+        except GitError:
+            self.slots.release(slot)
+            raise
+        worktree = Worktree(path=slot, branch=branch, base_commit=base_commit, admin_dir=admin)
+        try:
+            await anyio.to_thread.run_sync(_strip_admin_dir, admin, branch)
+            crash_point("worktree")  # the branch made, the files not yet the base's
+            await _restore_dot_git(worktree)
+            git, args = self.repo.git, worktree.git_args()
+            await git.run(*args, "reset", "--hard", "--quiet", cwd=slot)
+            await git.run(*args, "clean", "-ffdxq", cwd=slot)
+        except BaseException as exc:
+            # Not made pristine (a file the agent made undeletable, say): the slot goes, and
+            # so does the branch, so that the task can start in a fresh worktree instead.
+            with anyio.CancelScope(shield=True):
+                await self.repo.git.run("update-ref", "-d", ref, base_commit, check=False)
+                await self.discard(slot)
+            if isinstance(exc, (GitError, OSError)):
+                return None
+            raise
+        self.recycled += 1
+        return worktree
+
+    async def create(self, branch: str, base_commit: str) -> Worktree | None:
+        """A fresh worktree made in a new slot, or None when the pool is full."""
+        slot = self.slots.reserve()
+        if slot is None:
+            return None
+        try:
+            worktree = await create_worktree(self.repo, branch, slot, base_commit)
+        except BaseException:
+            self.slots.release(slot, forget=True)
+            raise
+        finally:
+            self.slots.made(slot)
+        self.created += 1
+        return worktree
+
+    async def give_back(self, worktree: Worktree) -> None:
+        """Detach the slot's HEAD and let go of it; the next borrower resets its files."""
+        slot = worktree.path
+        try:
+            await anyio.to_thread.run_sync(_detach, worktree)
+        except OSError:
+            await self.discard(slot)
+            return
+        self.slots.release(slot)
+
+    async def keep(self, worktree: Worktree, target: Path) -> Worktree:
+        """Move a lent worktree out of the pool to *target* (kept for inspection)."""
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            async with self.repo.lock.hold():
+                await self.repo.git.run("worktree", "move", str(worktree.path), str(target))
+        except (GitError, OSError):
+            # Kept where it is, marked so that no one borrows it; gc removes it when idle.
+            self.slots.mark_kept(worktree.path)
+            return worktree
+        self.slots.release(worktree.path, forget=True)
+        admin = _admin_dir_from_file(target) or worktree.admin_dir
+        return Worktree(
+            path=target, branch=worktree.branch, base_commit=worktree.base_commit, admin_dir=admin
+        )
+
+    async def discard(self, slot: Path) -> None:
+        """Remove a held slot: its files, its admin entry, its lock."""
+        await _remove_worktree_slot(self.repo, slot)
+        self.slots.release(slot, forget=True)
+
+    def close(self) -> None:
+        """Let go of every slot still held."""
+        self.slots.close()
+
+
+async def _remove_worktree_slot(repo: Repository, slot: Path) -> None:
+    admin = _admin_dir_from_file(slot)
+    await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
+    async with repo.lock.hold():
+        await _drop_admin_dir(repo, admin)
+
+
+def _strip_admin_dir(admin: Path, branch: str) -> None:
+    """Leave in *admin* only what a fresh ``worktree add`` makes, with HEAD on *branch*."""
+    for entry in admin.iterdir():
+        if entry.name in _FRESH_ADMIN:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (admin / "HEAD").write_text(f"ref: refs/heads/{branch}\n", encoding="utf-8")
+
+
+def _detach(worktree: Worktree) -> None:
+    """Point the slot's HEAD at its start commit, detached: its branch is checked out nowhere."""
+    (worktree.admin_dir / "HEAD").write_text(f"{worktree.base_commit}\n", encoding="utf-8")
+
+
+async def collect_pool(repo: Repository, *, idle_for: float, dry_run: bool = False) -> list[str]:
+    """Remove the pool's worktrees and venvs that nobody holds, idle for over *idle_for* seconds."""
+
+    async def remove_worktree_slot(slot: Path) -> None:
+        await _remove_worktree_slot(repo, slot)
+
+    async def remove_venv_slot(slot: Path) -> None:
+        await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
+
+    done = await _collect_slots(
+        pool_dir(repo.state_dir), idle_for, remove_worktree_slot, what="worktree", dry_run=dry_run
+    )
+    for key_dir in Slots(venv_pool_dir(repo.state_dir), 0).all():
+        done += await _collect_slots(
+            key_dir, idle_for, remove_venv_slot, what="venv", dry_run=dry_run
+        )
+        with contextlib.suppress(OSError):
+            if not dry_run and not any(key_dir.iterdir()):
+                key_dir.rmdir()
+    return done
+
+
+@dataclass
+class _Resolution:
+    """One requirement set, as this run installed it: the exact distributions it came to."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    packages: frozenset[str] | None = None
+    error: VenvError | None = None
+
+
+def _poolable(requirements: Sequence[str]) -> bool:
+    """Requirements whose installed form is named by their distributions' names and versions.
+
+    A local path, a URL or an option could change content under the same version, so venvs
+    made from them are never pooled.
+    """
+    return not any(
+        r.startswith(("-", ".", "/", "~")) or "/" in r or "@" in r or "\\" in r
+        for r in requirements
+    )
+
+
+def _packages(path: Path, backend: str) -> frozenset[str]:
+    return frozenset(describe_environment(Venv(path, backend)).packages)
+
+
+class VenvPool:
+    """Venvs kept between tasks and runs, one set of slots per requirement set.
+
+    Within a run, the first task needing a requirement set installs it (the one installer
+    run for that set); the exact distributions it came to are then the set's definition.
+    Every other task of that set borrows a slot whose distributions are exactly those (read
+    from disk: no subprocess), or one brought back to them with ``uv pip sync`` (offline: the
+    wheels are in uv's cache), or a new venv synced the same way. A slot that cannot be
+    brought back is removed.
+    """
+
+    def __init__(self, state_dir: Path, backend: VenvBackend, size: int) -> None:
+        self.root = venv_pool_dir(state_dir)
+        self.backend = backend
+        self.size = size
+        self._slots: dict[str, Slots] = {}
+        self._sets: dict[str, _Resolution] = {}
+        #: Venvs lent from the pool as they were, lent after a sync, and newly made.
+        self.recycled = 0
+        self.synced = 0
+        self.created = 0
+
+    def _key(self, requirements: Sequence[str]) -> str:
+        identity = {
+            "python": _base_python(),
+            "backend": self.backend.name,
+            "requirements": sorted(requirements),
+        }
+        return digest(identity)[:16]
+
+    def owns(self, venv: Venv) -> bool:
+        """Whether *venv* is a slot this pool lent."""
+        slots = self._slots.get(venv.path.parent.name)
+        return slots is not None and slots.holds(venv.path)
+
+    async def acquire(self, requirements: Sequence[str], *, cwd: Path, fallback: Path) -> Venv:
+        """A venv with exactly *requirements* installed: from the pool, or made at *fallback*.
+
+        Raises VenvError as :func:`setup_virtualenv` does.
+        """
+        if self.size <= 0 or not _poolable(requirements):
+            return await setup_virtualenv(fallback, requirements, backend=self.backend, cwd=cwd)
+        key = self._key(requirements)
+        slots = self._slots.setdefault(key, Slots(self.root / key, self.size))
+        packages: frozenset[str] = frozenset()
+        if requirements:
+            while True:
+                state = self._sets.get(key)
+                if state is None:
+                    return await self._resolve(key, slots, requirements, cwd, fallback)
+                await state.done.wait()
+                if state.error is not None:
+                    raise VenvError(str(state.error), commands=list(state.error.commands))
+                if state.packages is not None:
+                    packages = state.packages
+                    break
+                # The task that was installing was cancelled: another one installs.
+        return await self._lend(slots, packages, requirements, cwd, fallback)
+
+    async def _resolve(
+        self,
+        key: str,
+        slots: Slots,
+        requirements: Sequence[str],
+        cwd: Path,
+        fallback: Path,
+    ) -> Venv:
+        """Install *requirements* once for this run, in a new slot (or at *fallback*)."""
+        state = self._sets[key] = _Resolution()
+        slot = slots.reserve()
+        try:
+            venv = await setup_virtualenv(
+                slot or fallback, requirements, backend=self.backend, cwd=cwd
+            )
+            state.packages = await anyio.to_thread.run_sync(_packages, venv.path, self.backend.name)
+        except BaseException as exc:
+            if slot is not None:
+                slots.release(slot, forget=True)
+            if isinstance(exc, VenvError):
+                state.error = exc
+            else:
+                del self._sets[key]  # cancelled (or a bug): let a waiting task try
+            raise
+        finally:
+            if slot is not None:
+                slots.made(slot)
+            state.done.set()
+        self.created += slot is not None
+        return venv
+
+    async def _lend(
+        self,
+        slots: Slots,
+        packages: frozenset[str],
+        requirements: Sequence[str],
+        cwd: Path,
+        fallback: Path,
+    ) -> Venv:
+        name = self.backend.name
+        while (slot := await anyio.to_thread.run_sync(slots.take_free)) is not None:
+            try:
+                found = await anyio.to_thread.run_sync(_packages, slot, name)
+                if found == packages:
+                    self.recycled += 1
+                    return Venv(slot, name)
+                if isinstance(self.backend, UvBackend):
+                    command = await self.backend.sync(slot, sorted(packages))
+                    if await anyio.to_thread.run_sync(_packages, slot, name) == packages:
+                        self.synced += 1
+                        return Venv(slot, name, commands=[command])
+            except (VenvError, OSError):
+                pass
+            await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
+            slots.release(slot, forget=True)
+        slot = slots.reserve()
+        path = slot or fallback
+        try:
+            if isinstance(self.backend, UvBackend):
+                venv = await setup_virtualenv(path, (), backend=self.backend)
+                if packages:
+                    command = await self.backend.sync(path, sorted(packages))
+                    venv = Venv(path, name, commands=[*venv.commands, command])
+            else:
+                venv = await setup_virtualenv(path, requirements, backend=self.backend, cwd=cwd)
+        except BaseException:
+            if slot is not None:
+                await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
+                slots.release(slot, forget=True)
+            raise
+        finally:
+            if slot is not None:
+                slots.made(slot)
+        self.created += slot is not None
+        return venv
+
+    def give_back(self, venv: Venv) -> None:
+        """Let go of a lent venv; the next borrower checks (and syncs) its distributions."""
+        self._slots[venv.path.parent.name].release(venv.path)
+
+    def keep(self, venv: Venv) -> None:
+        """Never lend *venv* again: it stays beside the worktree kept for inspection."""
+        self._slots[venv.path.parent.name].mark_kept(venv.path)
+
+    def close(self) -> None:
+        """Let go of every slot still held."""
+        for slots in self._slots.values():
+            slots.close()
