@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import workloads  # noqa: E402  (bench/ is not a package: run as a script)
 
 
 def _child_scheduler(n: int) -> dict[str, Any]:
@@ -140,10 +143,219 @@ def bench_cli(repeats: int) -> dict[str, Any]:
     }
 
 
+def _plan(
+    repo: Path, n: int, concurrency: int, requirements: list[str] | None = None
+) -> dict[str, Any]:
+    """The orchestrator's equivalent of the floor's job: N no-op tasks, each with a worktree
+    and a venv, the agent writing ``result-<task>.txt`` (committed as the floor commits it)."""
+    return {
+        "name": f"bench-{n}",
+        "repo": str(repo),
+        "concurrency": concurrency,
+        "agents": {
+            "noop": {"command": ["sh", "-c", "echo done > result-$ORCHESTRATOR_TASK_ID.txt"]}
+        },
+        "defaults": {"venv": True, "requirements": requirements or []},
+        "tasks": [{"id": f"t{i:03d}", "agent": "noop", "task": "no-op"} for i in range(1, n + 1)],
+    }
+
+
+def _forget_runs(repo: Path, state_dir: Path) -> None:
+    """Remove a state directory (its pool included) and the runs' branches: untimed."""
+    import shutil
+
+    shutil.rmtree(state_dir, ignore_errors=True)
+    subprocess.run(["git", "-C", str(repo), "worktree", "prune"], check=True)
+    refs = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "for-each-ref",
+            "--format=delete %(refname)",
+            "refs/heads/orchestrator/",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    if refs:
+        subprocess.run(
+            ["git", "-C", str(repo), "update-ref", "--stdin"], input=refs, text=True, check=True
+        )
+
+
+def _orchestrator_cli(plan: Path, state_dir: Path) -> float:
+    """``orchestrator run PLAN`` as a user runs it; its wall seconds (all tasks must succeed)."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            str(plan),
+            "--state-dir",
+            str(state_dir),
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"orchestrator run failed: {done.stderr.strip()[-2000:]}")
+    summary = json.loads(done.stdout)["summary"]
+    if summary["successful"] != summary["total_tasks"]:
+        raise RuntimeError(f"orchestrator run: not all tasks succeeded: {summary}")
+    return wall
+
+
+def _orchestrator_library(plan: dict[str, Any], state_dir: Path) -> tuple[float, Any]:
+    """``orchestrate_parallel`` in this process; wall seconds and the report."""
+    import anyio
+
+    from orchestrator import orchestrate_parallel
+
+    start = time.perf_counter()
+    report = anyio.run(lambda: orchestrate_parallel(plan, state_dir=state_dir))
+    wall = time.perf_counter() - start
+    if report.summary.successful != report.summary.total_tasks:
+        raise RuntimeError(f"orchestrate_parallel: not all tasks succeeded: {report.summary}")
+    return wall, report
+
+
+def _stat(values: list[float]) -> dict[str, float]:
+    median, spread = workloads.median_spread(values)
+    return {"median_s": round(median, 3), "spread_s": round(spread, 3), "runs": len(values)}
+
+
+def bench_worktrees(
+    files: list[int], ns: list[int], cs: list[int], repeats: int, naive_ns: list[int], work: Path
+) -> list[dict[str, Any]]:
+    """Shell floor, naive seed and orchestrator (CLI first and second run, library) on the
+    same repositories; medians, spreads and ratios."""
+    rows = []
+    for count in files:
+        repo = workloads.make_repo(work / f"repo-{count}", count)
+        for n in ns:
+            for c in cs:
+                plan_data = _plan(repo, n, c)
+                plan = work / f"plan-{count}-{n}-{c}.json"
+                plan.write_text(json.dumps(plan_data))
+                floor, first, second, library = [], [], [], []
+                for rep in range(repeats):
+                    floor.append(workloads.shell_floor(repo, n, c, work))
+                    state = work / f"state-{count}-{n}-{c}-{rep}"
+                    first.append(_orchestrator_cli(plan, state))
+                    second.append(_orchestrator_cli(plan, state))  # the pool is warm now
+                    _forget_runs(repo, state)
+                    library.append(_orchestrator_library(plan_data, state)[0])
+                    _forget_runs(repo, state)
+                row: dict[str, Any] = {
+                    "files": count,
+                    "n": n,
+                    "c": c,
+                    "floor": _stat(floor),
+                    "orchestrator": _stat(first),
+                    "orchestrator_second_run": _stat(second),
+                    "library": _stat(library),
+                }
+                row["ratio_orchestrator_to_floor"] = round(
+                    row["orchestrator"]["median_s"] / row["floor"]["median_s"], 2
+                )
+                row["ratio_second_run_to_floor"] = round(
+                    row["orchestrator_second_run"]["median_s"] / row["floor"]["median_s"], 2
+                )
+                if n in naive_ns and c == max(cs):
+                    naive = [workloads.naive_seed(repo, n, work) for _ in range(repeats)]
+                    row["naive"] = _stat(naive)
+                    row["ratio_naive_to_orchestrator"] = round(
+                        row["naive"]["median_s"] / row["orchestrator"]["median_s"], 1
+                    )
+                rows.append(row)
+                print(_worktree_line(row), flush=True)
+    return rows
+
+
+def _worktree_line(r: dict[str, Any]) -> str:
+    naive = f"{r['naive']['median_s']:>7}" if "naive" in r else f"{'-':>7}"
+    ratio = f"{r['ratio_naive_to_orchestrator']:>6}" if "naive" in r else f"{'-':>6}"
+    return (
+        f"  {r['files']:>5} {r['n']:>4} {r['c']:>2} {r['floor']['median_s']:>7} "
+        f"{r['orchestrator']['median_s']:>7} {r['orchestrator_second_run']['median_s']:>7} "
+        f"{r['library']['median_s']:>7} {naive} {r['ratio_orchestrator_to_floor']:>6} "
+        f"{r['ratio_second_run_to_floor']:>6} {ratio}"
+    )
+
+
+WORKTREE_HEADER = (
+    f"  {'files':>5} {'N':>4} {'C':>2} {'floor':>7} {'orch':>7} {'orch 2':>7} {'lib':>7} "
+    f"{'naive':>7} {'o/f':>6} {'o2/f':>6} {'n/o':>6}"
+)
+
+
+def bench_requirements(n: int, packages: list[str], work: Path) -> dict[str, Any]:
+    """N tasks needing the same packages (no worktree): per-task venv time against a bare
+    ``uv venv --python PATH``, and installer runs per run."""
+    import anyio
+
+    from orchestrator import orchestrate_parallel
+    from orchestrator.venv import UvBackend
+
+    plan = {
+        "name": "shared-requirements",
+        "concurrency": 8,
+        "agents": {"noop": {"command": ["true"]}},
+        "defaults": {"worktree": False, "venv": True, "requirements": packages},
+        "tasks": [{"id": f"t{i:03d}", "agent": "noop", "task": "no-op"} for i in range(1, n + 1)],
+    }
+    backend = UvBackend()
+    state = work / "state-requirements"
+    report = anyio.run(lambda: orchestrate_parallel(plan, state_dir=state, venv_backend=backend))
+    if report.summary.successful != n:
+        raise RuntimeError(f"shared requirements: not all tasks succeeded: {report.summary}")
+    times = sorted(r.timings.venv_s for r in report.results)
+    # The first task of the set installs it; the others' venvs are what is measured.
+    after_first = times[:-1]
+    bare = []
+    for i in range(n):
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                backend.uv,
+                "venv",
+                "--quiet",
+                "--python",
+                workloads.base_python(),
+                str(work / f"bare-{i}"),
+            ],
+            check=True,
+        )
+        bare.append(time.perf_counter() - start)
+    per_task = statistics.median(after_first)
+    floor = statistics.median(bare)
+    return {
+        "n": n,
+        "packages": packages,
+        "installer_runs": backend.installs,
+        "syncs": backend.syncs,
+        "first_install_s": round(times[-1], 4),
+        "per_task_venv_median_s": round(per_task, 4),
+        "bare_uv_venv_median_s": round(floor, 4),
+        "ratio": round(per_task / floor, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmarks, each against a baseline.")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--only", default="scheduler,cli", help="comma-separated benchmarks")
+    parser.add_argument(
+        "--only",
+        default="worktrees,requirements,scheduler,cli",
+        help="comma-separated benchmarks (default: all)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
     parser.add_argument(
         "--sizes",
@@ -152,12 +364,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, help="cli: runs of each command (default 15; quick 5)"
     )
+    parser.add_argument(
+        "--worktree-repeats", type=int, default=3, help="worktrees: repetitions (default 3)"
+    )
+    parser.add_argument("--files", help="worktrees: repository sizes, comma-separated")
+    parser.add_argument("--tasks", help="worktrees: task counts N, comma-separated")
+    parser.add_argument(
+        "--requirement-tasks", type=int, default=32, help="requirements: tasks (default 32)"
+    )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
-    unknown = only - {"scheduler", "cli"}
+    unknown = only - {"worktrees", "requirements", "scheduler", "cli"}
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     results: dict[str, Any] = {"python": sys.version.split()[0], "quick": args.quick}
+    work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
+    try:
+        if "worktrees" in only:
+            print(
+                "worktree tasks (seconds, medians; o = orchestrator run, o2 = its second run,"
+                " lib = orchestrate_parallel, f = shell floor, n = naive seed):",
+                flush=True,
+            )
+            print(WORKTREE_HEADER, flush=True)
+            if args.quick:
+                files, ns, cs, repeats = [200, 5000], [8, 32], [8], 1
+            else:
+                files, ns, cs, repeats = [200, 5000], [8, 32, 128], [2, 8], args.worktree_repeats
+            if args.files:
+                files = [int(f) for f in args.files.split(",")]
+            if args.tasks:
+                ns = [int(n) for n in args.tasks.split(",")]
+            # The seed makes a venv with pip per task (seconds each): at the smallest N in
+            # --quick, else up to N = 32, where its target is.
+            naive_ns = [min(ns)] if args.quick else [n for n in ns if n <= 32]
+            results["worktrees"] = bench_worktrees(files, ns, cs, repeats, naive_ns, work)
+        if "requirements" in only:
+            r = results["requirements"] = bench_requirements(
+                args.requirement_tasks, ["six", "idna", "packaging"], work
+            )
+            print(
+                f"shared requirements ({r['n']} tasks, {', '.join(r['packages'])}): "
+                f"{r['installer_runs']} installer run(s), {r['syncs']} sync(s); per-task venv "
+                f"{r['per_task_venv_median_s']} s against bare uv venv "
+                f"{r['bare_uv_venv_median_s']} s: {r['ratio']}x (first install "
+                f"{r['first_install_s']} s)",
+                flush=True,
+            )
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     if "scheduler" in only:
         sizes = [1_000, 10_000] if args.quick else [10_000, 100_000]
         if args.sizes:

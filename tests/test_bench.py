@@ -16,16 +16,23 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
         [
             sys.executable,
             str(ROOT / "bench" / "run.py"),
+            "--quick",
             "--sizes",
             "20,40",
             "--repeats",
             "1",
+            "--files",
+            "30",
+            "--tasks",
+            "2,4",
+            "--requirement-tasks",
+            "3",
             "--out",
             str(out),
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert ran.returncode == 0, ran.stderr
     results = json.loads(out.read_text())
@@ -35,6 +42,18 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
         assert row["p95_ready_to_started_ms"] >= 0
     assert results["cli"]["ratio"] > 0
     assert "scheduler (no-op callable tasks, concurrency 64):" in ran.stdout
+    # The worktree comparison: each N against the shell floor, the seed at the smallest N.
+    rows = results["worktrees"]
+    assert [(r["files"], r["n"], r["c"]) for r in rows] == [(30, 2, 8), (30, 4, 8)]
+    for row in rows:
+        for kind in ("floor", "orchestrator", "orchestrator_second_run", "library"):
+            assert row[kind]["median_s"] > 0 and row[kind]["runs"] == 1
+        assert row["ratio_orchestrator_to_floor"] > 0
+    assert rows[0]["ratio_naive_to_orchestrator"] > 0 and "naive" not in rows[1]
+    # Shared requirements: the set is installed once; the other venvs are lent or synced.
+    requirements = results["requirements"]
+    assert requirements["installer_runs"] == 1
+    assert requirements["per_task_venv_median_s"] > 0 and requirements["ratio"] > 0
 
 
 def test_an_unknown_benchmark_is_refused() -> None:
