@@ -46,6 +46,7 @@ from .repo import Repository
 from .venv import UvBackend, Venv, VenvBackend, _base_python, describe_environment, setup_virtualenv
 from .worktree import (
     Worktree,
+    _admin_dir_by_scan,
     _admin_dir_from_file,
     _drop_admin_dir,
     _restore_dot_git,
@@ -112,7 +113,7 @@ class Slots:
         self.root = root
         self.size = size
         self._held: dict[Path, int] = {}  # slot path -> its lock fd
-        self._pending = 0  # slots this process is making, maybe not on disk yet
+        self._making: set[Path] = set()  # slots this process is making, maybe not on disk yet
 
     def all(self) -> list[Path]:
         """Every slot directory on disk, held or not."""
@@ -136,7 +137,7 @@ class Slots:
 
     def reserve(self) -> Path | None:
         """A new slot path with its lock held, when there is room; :meth:`made` once it exists."""
-        if self.size <= 0 or len(self.all()) + self._pending >= self.size:
+        if self.size <= 0 or len(self._making.union(self.all())) >= self.size:
             return None
         self.root.mkdir(parents=True, exist_ok=True)
         slot = self.root / secrets.token_hex(4)
@@ -144,12 +145,12 @@ class Slots:
         if fd is None:
             return None
         self._held[slot] = fd
-        self._pending += 1
+        self._making.add(slot)
         return slot
 
     def made(self, slot: Path) -> None:
         """The reserved *slot* exists on disk now (or never will: it was released)."""
-        self._pending -= 1
+        self._making.discard(slot)
 
     def holds(self, slot: Path) -> bool:
         return slot in self._held
@@ -327,7 +328,8 @@ class WorktreePool:
 
 
 async def _remove_worktree_slot(repo: Repository, slot: Path) -> None:
-    admin = _admin_dir_from_file(slot)
+    # By the .git file, or, when the agent replaced it, by the entry that points here.
+    admin = _admin_dir_from_file(slot) or _admin_dir_by_scan(repo, slot)
     await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
     async with repo.lock.hold():
         await _drop_admin_dir(repo, admin)

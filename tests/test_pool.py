@@ -1,0 +1,685 @@
+"""The worktree pool and the venv pool (orchestrator/pool.py), end to end.
+
+Real repositories, real uv venvs, real agent processes. What the pool does is observed from
+outside: the files and admin directories agents see, git's worktree list, the reports, the
+installer's counters and the repository's count of git subprocesses.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from envelopes import Plan, Report, TaskResult
+from orchestrator import Repository, orchestrate_parallel
+from orchestrator.errors import OrchestratorError
+from orchestrator.venv import UvBackend
+
+from .conftest import MakeRepo, cli, git, task_worktrees
+
+WriteAgent = Callable[[str, str], Path]
+
+#: What a fresh ``git worktree add`` leaves in a worktree's admin directory.
+FRESH_ADMIN = {"HEAD", "commondir", "gitdir", "index", "logs", "ORIG_HEAD"}
+
+# Records what the task found in its worktree (every file and directory, a digest of the
+# files, git's status, its admin directory), then leaves every kind of mess behind: a changed,
+# a deleted and a re-moded tracked file, untracked and ignored files, an empty directory, a
+# nested repository, and a merge, a rebase, sparse-checkout settings and config.worktree in
+# its admin directory.
+SNOOP_AND_MESS = """
+import hashlib, json, os, pathlib, subprocess
+
+root = pathlib.Path.cwd()
+task = os.environ["ORCHESTRATOR_TASK_ID"]
+admin = pathlib.Path((root / ".git").read_text().strip().removeprefix("gitdir: "))
+files, dirs = [], []
+for dirpath, dirnames, filenames in os.walk(root):
+    rel = pathlib.Path(dirpath).relative_to(root)
+    dirs += [(rel / d).as_posix() for d in dirnames]
+    dirnames[:] = [d for d in dirnames if d != ".git"]
+    files += [(rel / f).as_posix() for f in filenames if (rel / f).as_posix() != ".git"]
+files.sort()
+dirs.sort()
+h = hashlib.sha256()
+for name in files:
+    path = root / name
+    h.update(name.encode() + b"\\0" + oct(path.stat().st_mode & 0o111).encode() + b"\\0")
+    h.update(path.read_bytes() + b"\\0")
+status = subprocess.run(
+    ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+    capture_output=True, text=True, check=True,
+).stdout
+head = subprocess.run(
+    ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+).stdout.strip()
+seen = {
+    "cwd": str(root),
+    "files": files,
+    "dirs": dirs,
+    "digest": h.hexdigest(),
+    "status": status,
+    "admin": sorted(os.listdir(admin)),
+    "head_ref": (admin / "HEAD").read_text().strip(),
+    "head": head,
+}
+
+pathlib.Path("src/file0000.txt").write_text("changed by " + task + "\\n")
+pathlib.Path("src/file0001.txt").chmod(0o755)
+pathlib.Path("src/file0002.txt").unlink()
+pathlib.Path("untracked-" + task + ".txt").write_text(task + "\\n")
+pathlib.Path("debug.log").write_text("ignored\\n")
+pathlib.Path("build/deep").mkdir(parents=True, exist_ok=True)
+pathlib.Path("build/deep/out.bin").write_bytes(b"ignored")
+pathlib.Path("emptydir").mkdir(exist_ok=True)
+subprocess.run(["git", "init", "--quiet", "build/nested"], check=True)
+pathlib.Path("build/nested/inner.txt").write_text("inside a nested repository\\n")
+(admin / "MERGE_HEAD").write_text(head + "\\n")
+(admin / "MERGE_MSG").write_text("a merge in progress\\n")
+(admin / "config.worktree").write_text("[core]\\n\\tsparseCheckout = true\\n")
+(admin / "rebase-merge").mkdir(exist_ok=True)
+(admin / "rebase-merge" / "head-name").write_text("refs/heads/elsewhere\\n")
+(admin / "info").mkdir(exist_ok=True)
+(admin / "info" / "sparse-checkout").write_text("/src/\\n")
+pathlib.Path(os.environ["ORCHESTRATOR_OUTPUT"]).write_text(json.dumps(seen))
+"""
+
+# Writes out/<task>.txt and reports where it ran (and, with POOL_DIR, the pool's slots it
+# saw). With LOG_DIR: waits (at most 10 s) until BARRIER tasks have started, then HOLD
+# seconds, and records where it ran and when (wall clock, nanoseconds).
+WRITER = """
+import json, os, pathlib, time
+
+task = os.environ["ORCHESTRATOR_TASK_ID"]
+run = os.environ["ORCHESTRATOR_RUN_ID"]
+start = time.time_ns()
+log_dir = os.environ.get("LOG_DIR")
+if log_dir:
+    pathlib.Path(log_dir, run + "." + task + ".start").touch()
+    count = int(os.environ.get("BARRIER", "0"))
+    deadline = time.monotonic() + 10
+    while (
+        len(list(pathlib.Path(log_dir).glob("*.start"))) < count and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    time.sleep(float(os.environ.get("HOLD", "0")))
+pool = os.environ.get("POOL_DIR")
+slots = sorted(p.name for p in pathlib.Path(pool).iterdir() if p.is_dir()) if pool else []
+pathlib.Path("out", task + ".txt").write_text(task + "\\n")
+end = time.time_ns()
+if log_dir:
+    record = {"cwd": os.getcwd(), "start": start, "end": end, "run": run, "task": task}
+    pathlib.Path(log_dir, run + "." + task + ".json").write_text(json.dumps(record))
+output = {"cwd": os.getcwd(), "venv": os.environ.get("VIRTUAL_ENV"), "slots": slots}
+pathlib.Path(os.environ["ORCHESTRATOR_OUTPUT"]).write_text(json.dumps(output))
+"""
+
+
+def run(fn: Callable[[], Any]) -> Any:
+    return anyio.run(fn, backend="asyncio")
+
+
+def make_plan(
+    agent: Path, tasks: list[dict[str, Any]], *, python: str = sys.executable, **top: Any
+) -> Plan:
+    """Tasks of one agent ``w``; ``python="python"`` runs it with the task venv's interpreter."""
+    spec = {"w": {"command": [python, str(agent)]}}
+    return Plan.model_validate(
+        {"agents": spec, "tasks": [{"agent": "w", "task": "t", **t} for t in tasks], **top}
+    )
+
+
+def orchestrate(plan: Plan, repo: Path | Repository, **options: Any) -> Report:
+    report: Report = run(lambda: orchestrate_parallel(plan, repo=repo, **options))
+    return report
+
+
+def state(repo: Path) -> Path:
+    return repo / ".git" / "orchestrator"
+
+
+def pool_root(repo: Path) -> Path:
+    return state(repo) / "pool" / "worktrees"
+
+
+def dirs_in(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+
+def venv_slots(repo: Path) -> list[Path]:
+    return [slot for key in dirs_in(state(repo) / "pool" / "venvs") for slot in dirs_in(key)]
+
+
+def worktree_entries(repo: Path) -> list[dict[str, str]]:
+    """``git worktree list --porcelain`` as one dict per worktree (``detached`` as a key)."""
+    entries = []
+    for block in git(repo, "worktree", "list", "--porcelain").split("\n\n"):
+        entry: dict[str, str] = {}
+        for line in block.splitlines():
+            key, _, value = line.partition(" ")
+            entry[key] = value
+        if entry:
+            entries.append(entry)
+    return entries
+
+
+def digest_of_commit(repo: Path, commit: str) -> tuple[list[str], str]:
+    """The files of *commit* and their digest, as SNOOP_AND_MESS computes them on disk."""
+    h = hashlib.sha256()
+    files = []
+    for line in git(repo, "ls-tree", "-r", commit).splitlines():
+        meta, name = line.split("\t", 1)
+        mode = meta.split()[0]
+        files.append(name)
+        data = subprocess.run(
+            ["git", "-C", str(repo), "cat-file", "blob", f"{commit}:{name}"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        h.update(name.encode() + b"\0" + oct(0o111 if mode == "100755" else 0).encode() + b"\0")
+        h.update(data + b"\0")
+    return sorted(files), h.hexdigest()
+
+
+def verified(capsys: pytest.CaptureFixture[str], report: Report) -> bool:
+    outcome = cli(capsys, "verify", str(Path(report.run_dir) / "report.json"))
+    assert outcome.code == 0, outcome
+    return True
+
+
+def test_a_recycled_worktree_is_exactly_a_fresh_one(
+    make_repo: MakeRepo, write_agent: WriteAgent
+) -> None:
+    repo = make_repo(files=4, extra={".gitignore": "*.log\nbuild/\n"})
+    base = git(repo, "rev-parse", "HEAD")
+    base_files, base_digest = digest_of_commit(repo, base)
+    agent = write_agent("snoop", SNOOP_AND_MESS)
+    plan = make_plan(agent, [{"id": f"t{i}", "venv": False} for i in range(3)], concurrency=1)
+
+    fresh = orchestrate(plan, repo, pool=0)
+    pooled = [orchestrate(plan, repo, pool=1) for _ in range(2)]
+
+    # The last task's mess is still in the slot: each borrower, not the one giving back,
+    # made it pristine.
+    [slot] = dirs_in(pool_root(repo))
+    admin = Path((slot / ".git").read_text().strip().removeprefix("gitdir: "))
+    assert (slot / "debug.log").is_file() and (slot / "build" / "nested" / ".git").is_dir()
+    assert (admin / "MERGE_HEAD").is_file() and (admin / "config.worktree").is_file()
+    for report in (fresh, *pooled):
+        assert report.summary.successful == 3, report.errors
+        for result in report.results:
+            seen = result.output
+            assert seen is not None
+            assert (seen["files"], seen["digest"]) == (base_files, base_digest), seen
+            assert seen["dirs"] == ["src"], seen
+            assert seen["status"] == "", seen
+            assert set(seen["admin"]) <= FRESH_ADMIN, seen["admin"]
+            assert seen["head"] == base
+            assert seen["head_ref"] == f"ref: refs/heads/{result.branch}"
+    # Every pooled task ran in the one slot, across tasks and across runs.
+    assert {r.output["cwd"] for p in pooled for r in p.results if r.output} == {str(slot)}
+    trees = {r.task_id: r.provenance.result_tree for r in fresh.results}
+    for report in pooled:
+        assert {r.task_id: r.provenance.result_tree for r in report.results} == trees
+        for result in report.results:
+            commit = result.provenance.result_commit
+            assert commit is not None and commit != base
+            assert git(repo, "rev-parse", f"{commit}^{{tree}}") == result.provenance.result_tree
+            assert git(repo, "rev-parse", f"refs/heads/{result.branch}") == commit
+            names = git(repo, "ls-tree", "-r", "--name-only", commit).splitlines()
+            assert f"untracked-{result.task_id}.txt" in names
+            assert "src/file0002.txt" not in names and "debug.log" not in names
+    assert task_worktrees(repo) == []
+
+
+def test_provenance_with_the_pool_equals_provenance_without(
+    make_repo: MakeRepo, write_agent: WriteAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = make_repo(extra={"out/.keep": ""})
+    agent = write_agent("writer", WRITER)
+    plan = make_plan(agent, [{"id": f"t{i}", "venv": False} for i in range(4)], concurrency=2)
+
+    fresh = orchestrate(plan, repo, pool=0)
+    orchestrate(plan, repo, pool=2)  # fills the pool
+    recycled = orchestrate(plan, repo, pool=2)
+
+    slots = {str(p) for p in dirs_in(pool_root(repo))}
+    assert len(slots) == 2
+    assert {r.output["cwd"] for r in recycled.results if r.output} <= slots
+    for before, after in zip(fresh.results, recycled.results, strict=True):
+        assert before.task_id == after.task_id and after.status == "succeeded"
+        assert after.provenance.base_commit == before.provenance.base_commit
+        assert after.provenance.result_tree == before.provenance.result_tree
+        assert after.provenance.result_commit != before.provenance.result_commit  # another run
+    assert verified(capsys, fresh) and verified(capsys, recycled)
+    assert task_worktrees(repo) == []
+
+
+def test_the_pool_is_bounded(make_repo: MakeRepo, write_agent: WriteAgent, tmp_path: Path) -> None:
+    repo = make_repo(extra={"out/.keep": ""})
+    agent = write_agent("writer", WRITER)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # The first three tasks wait for each other, so three run at once with room for two.
+    env = {"LOG_DIR": str(logs), "BARRIER": "3", "POOL_DIR": str(pool_root(repo))}
+    plan = make_plan(
+        agent, [{"id": f"t{i}", "venv": False, "env": env} for i in range(6)], concurrency=3
+    )
+
+    report = orchestrate(plan, repo, pool=2)
+
+    assert report.summary.successful == 6, report.errors
+    assert len(dirs_in(pool_root(repo))) == 2
+    assert max(len(r.output["slots"]) for r in report.results if r.output) <= 2
+    outside = state(repo) / "worktrees" / report.run_id
+    cwds = [Path(r.output["cwd"]) for r in report.results if r.output]
+    assert any(c.parent == outside for c in cwds), cwds  # one of three found the pool full
+    assert all(c.parent in (outside, pool_root(repo)) for c in cwds), cwds
+    assert not outside.exists() or list(outside.iterdir()) == []
+    assert task_worktrees(repo) == []
+    slots = [e for e in worktree_entries(repo) if e["worktree"].startswith(str(pool_root(repo)))]
+    assert len(slots) == 2
+    assert all("detached" in e and "branch" not in e for e in slots), slots
+
+
+def test_a_kept_worktree_leaves_the_pool(make_repo: MakeRepo, write_agent: WriteAgent) -> None:
+    repo = make_repo(extra={"out/.keep": ""})
+    good = write_agent("writer", WRITER)
+    bad = write_agent(
+        "bad", "import pathlib, sys\npathlib.Path('evidence.txt').write_text('x')\nsys.exit(1)\n"
+    )
+    plan = Plan.model_validate(
+        {
+            "agents": {
+                "good": {"command": [sys.executable, str(good)]},
+                "bad": {"command": [sys.executable, str(bad)]},
+            },
+            "tasks": [
+                {"id": "ok", "agent": "good", "task": "t", "venv": False},
+                {"id": "broken", "agent": "bad", "task": "t", "venv": False},
+            ],
+            "concurrency": 1,
+        }
+    )
+
+    kept: list[Path] = []
+    for _ in range(2):
+        report = orchestrate(plan, repo, pool=1, keep_worktrees="failed")
+        by_id = {r.task_id: r for r in report.results}
+        assert by_id["ok"].status == "succeeded" and by_id["broken"].status == "failed"
+        assert by_id["ok"].worktree is None
+        where = by_id["broken"].worktree
+        assert where is not None
+        path = Path(where)
+        assert path == state(repo) / "worktrees" / report.run_id / "broken"
+        assert (path / "evidence.txt").read_text() == "x"
+        assert (path / "src" / "file0000.txt").is_file()
+        [entry] = [e for e in worktree_entries(repo) if e["worktree"] == str(path)]
+        assert entry.get("branch") == f"refs/heads/{by_id['broken'].branch}"
+        assert git(path, "status", "--porcelain") == ""  # its work is committed on its branch
+        kept.append(path)
+        # "ok" gave its slot back, "broken" took it and moved it out: the pool is empty.
+        assert dirs_in(pool_root(repo)) == []
+        assert list(pool_root(repo).glob("*.mutex")) == []
+    assert all((p / "evidence.txt").is_file() for p in kept)
+    assert sorted(str(p) for p in kept) == sorted(task_worktrees(repo))
+
+
+def test_gc_removes_idle_slots_and_leaves_held_ones(
+    make_repo: MakeRepo, write_agent: WriteAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = make_repo(extra={"out/.keep": ""})
+    agent = write_agent("writer", WRITER)
+    backend = UvBackend()
+
+    def plan(logs: Path) -> Plan:
+        # The three tasks wait for each other: three worktree slots, and venv slots.
+        logs.mkdir()
+        env = {"LOG_DIR": str(logs), "BARRIER": "3"}
+        return make_plan(agent, [{"id": f"t{i}", "env": env} for i in range(3)], concurrency=3)
+
+    report = orchestrate(plan(tmp_path / "first"), repo, pool=3, venv_backend=backend)
+    assert report.summary.successful == 3, report.errors
+    slots, venvs = dirs_in(pool_root(repo)), venv_slots(repo)
+    assert len(slots) == 3 and len(venvs) == 3
+    assert len(worktree_entries(repo)) == 4
+    outcome = cli(capsys, "gc", "--repo", str(repo), "--older-than", "0")
+    assert outcome.code == 0, outcome
+    lines = outcome.out.splitlines()
+    assert sorted(x for x in lines if x.startswith("removed pool worktree ")) == [
+        f"removed pool worktree {s}" for s in slots
+    ]
+    assert sorted(x for x in lines if x.startswith("removed pool venv ")) == [
+        f"removed pool venv {v}" for v in venvs
+    ]
+    assert dirs_in(pool_root(repo)) == [] and list(pool_root(repo).glob("*.mutex")) == []
+    assert venv_slots(repo) == []
+    assert list((state(repo) / "pool" / "venvs").rglob("*.mutex")) == []
+    assert [e["worktree"] for e in worktree_entries(repo)] == [str(repo)]
+    assert dirs_in(repo / ".git" / "worktrees") == []
+
+    # Again, with one worktree slot and one venv slot held by a live process (this one).
+    report = orchestrate(plan(tmp_path / "second"), repo, pool=3, venv_backend=backend)
+    assert report.summary.successful == 3, report.errors
+    held, *idle = dirs_in(pool_root(repo))
+    held_venv, *idle_venvs = venv_slots(repo)
+    admin = Path((held / ".git").read_text().strip().removeprefix("gitdir: "))
+    fds = [os.open(p.with_name(p.name + ".mutex"), os.O_RDWR) for p in (held, held_venv)]
+    try:
+        for fd in fds:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        outcome = cli(capsys, "gc", "--repo", str(repo), "--older-than", "0")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert outcome.code == 0, outcome
+    assert f"removed pool worktree {held}" not in outcome.out
+    assert f"removed pool venv {held_venv}" not in outcome.out
+    assert all(f"removed pool worktree {s}" in outcome.out for s in idle)
+    assert all(f"removed pool venv {v}" in outcome.out for v in idle_venvs)
+    assert dirs_in(pool_root(repo)) == [held] and venv_slots(repo) == [held_venv]
+    assert held.with_name(held.name + ".mutex").exists()
+    assert (held / "src" / "file0000.txt").is_file() and admin.is_dir()
+    assert (held_venv / "pyvenv.cfg").is_file()
+    assert [e["worktree"] for e in worktree_entries(repo)] == [str(repo), str(held)]
+
+
+def test_two_runs_share_the_pool_without_sharing_a_slot(
+    make_repo: MakeRepo, write_agent: WriteAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = make_repo(extra={"out/.keep": ""})
+    agent = write_agent("writer", WRITER)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {"LOG_DIR": str(logs), "HOLD": "0.1"}
+    plan = make_plan(
+        agent, [{"id": f"t{i}", "venv": False, "env": env} for i in range(6)], concurrency=2
+    )
+    reports: list[Report] = []
+
+    async def main() -> None:
+        async def one(run_id: str) -> None:
+            reports.append(await orchestrate_parallel(plan, repo=repo, pool=2, run_id=run_id))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "run-a")
+            tg.start_soon(one, "run-b")
+
+    run(main)
+
+    assert sorted(r.run_id for r in reports) == ["run-a", "run-b"]
+    assert all(r.summary.successful == 6 for r in reports), [r.errors for r in reports]
+    records = [json.loads(p.read_text()) for p in logs.glob("*.json")]
+    assert len(records) == 12
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_path.setdefault(record["cwd"], []).append(record)
+    for path, uses in by_path.items():
+        uses.sort(key=lambda r: r["start"])
+        for earlier, later in itertools.pairwise(uses):
+            assert earlier["end"] <= later["start"], (path, earlier, later)
+    pooled = [p for p in by_path if Path(p).parent == pool_root(repo)]
+    assert pooled and {r["run"] for p in pooled for r in by_path[p]} == {"run-a", "run-b"}
+    assert all(verified(capsys, r) for r in reports)
+    assert task_worktrees(repo) == []
+
+
+# Runs with its venv's interpreter: installs INSTALL into it if set, waits (at most 10 s) until
+# WAIT_FOR has started if set, and reports whether idna can be imported.
+VENV_AGENT = """
+import json, os, pathlib, subprocess, sys, time
+
+task = os.environ["ORCHESTRATOR_TASK_ID"]
+log_dir = pathlib.Path(os.environ["LOG_DIR"])
+if os.environ.get("INSTALL"):
+    subprocess.run(
+        [os.environ["UV"], "pip", "install", "--quiet", "--python", sys.executable,
+         os.environ["INSTALL"]],
+        check=True,
+    )
+wait_for = os.environ.get("WAIT_FOR")
+deadline = time.monotonic() + 10
+while wait_for and not (log_dir / wait_for).exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+try:
+    import idna  # noqa: F401
+    has_idna = True
+except ImportError:
+    has_idna = False
+(log_dir / task).touch()
+output = {"venv": os.environ["VIRTUAL_ENV"], "idna": has_idna}
+pathlib.Path(os.environ["ORCHESTRATOR_OUTPUT"]).write_text(json.dumps(output))
+"""
+
+
+def packages(result: TaskResult) -> list[str]:
+    """The distributions the task's venv held when it ended, as its report says."""
+    environment = result.provenance.environment
+    assert environment is not None, result.task_id
+    return environment.packages
+
+
+def test_venv_pool_installs_once_per_set_and_leaks_nothing(
+    make_repo: MakeRepo, write_agent: WriteAgent, tmp_path: Path
+) -> None:
+    repo = make_repo()
+    agent = write_agent("venv_agent", VENV_AGENT)
+    uv = UvBackend().uv
+
+    def venv_plan(name: str, tasks: list[dict[str, Any]]) -> Plan:
+        logs = tmp_path / name
+        logs.mkdir()
+        for task in tasks:
+            task["env"] = {"LOG_DIR": str(logs), "UV": uv, **task.get("env", {})}
+        return make_plan(agent, tasks, python="python", concurrency=2)
+
+    # t0 installs idna into its own venv. t1 runs until t2 has started, and t2 starts only
+    # once t0 is done: so t2 borrows t0's venv (t1 holds the other slot).
+    tasks: list[dict[str, Any]] = [{"id": f"t{i}", "requirements": ["six"]} for i in range(5)]
+    tasks[0]["env"] = {"INSTALL": "idna"}
+    tasks[1]["env"] = {"WAIT_FOR": "t2"}
+    backend = UvBackend()
+    report = orchestrate(venv_plan("first", tasks), repo, pool=2, venv_backend=backend)
+
+    assert report.summary.successful == 5, report.errors
+    assert backend.installs == 1
+    by_id = {r.task_id: r for r in report.results}
+    outputs = {r.task_id: r.output or {} for r in report.results}
+    six = [p for p in packages(by_id["t1"]) if p.startswith("six==")]
+    idna = [p for p in packages(by_id["t0"]) if p.startswith("idna==")]
+    assert len(six) == len(idna) == 1
+    assert packages(by_id["t0"]) == sorted([*idna, *six]) and outputs["t0"]["idna"] is True
+    for task_id in ("t1", "t2", "t3", "t4"):
+        assert packages(by_id[task_id]) == six, task_id
+        assert outputs[task_id]["idna"] is False, task_id
+    venvs = {Path(o["venv"]) for o in outputs.values()}
+    assert len(venvs) == 2 and {v.parent.parent for v in venvs} == {state(repo) / "pool" / "venvs"}
+    assert outputs["t2"]["venv"] == outputs["t0"]["venv"]
+    # ... brought back from six and idna to six alone.
+    assert any(c[1:3] == ["pip", "sync"] for c in by_id["t2"].provenance.commands)
+    assert backend.syncs >= 1
+
+    again = UvBackend()
+    tasks = [{"id": f"t{i}", "requirements": ["six"]} for i in range(5)]
+    report = orchestrate(venv_plan("second", tasks), repo, pool=2, venv_backend=again)
+    assert report.summary.successful == 5, report.errors
+    assert again.installs == 1
+    assert all(packages(r) == six for r in report.results)
+
+    two_sets = UvBackend()
+    tasks = [{"id": f"t{i}", "requirements": ["six"]} for i in range(3)]
+    tasks += [{"id": f"u{i}", "requirements": ["six", "idna"]} for i in range(3)]
+    report = orchestrate(venv_plan("third", tasks), repo, pool=2, venv_backend=two_sets)
+    assert report.summary.successful == 6, report.errors
+    assert two_sets.installs == 2
+    for result in report.results:
+        wanted = six if result.task_id.startswith("t") else sorted([*idna, *six])
+        assert packages(result) == wanted, result.task_id
+
+
+class CountingUv(UvBackend):
+    """uv, counting the venvs it makes, per path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: Counter[Path] = Counter()
+
+    async def create(self, path: Path, *, with_pip: bool) -> list[str]:
+        self.created[path] += 1
+        return await super().create(path, with_pip=with_pip)
+
+
+def test_git_calls_and_venv_creations_per_task(
+    make_repo: MakeRepo, write_agent: WriteAgent
+) -> None:
+    repo = make_repo(extra={"out/.keep": ""})
+    agent = write_agent("writer", WRITER)
+    n = 6
+    plan = make_plan(
+        agent, [{"id": f"t{i}", "requirements": ["six"]} for i in range(n)], concurrency=3
+    )
+    backend = CountingUv()
+
+    async def measure() -> list[tuple[float, Report]]:
+        repo_obj = await Repository.open(repo)
+        runs = []
+        try:
+            for _ in range(2):
+                before = repo_obj.git.calls
+                report = await orchestrate_parallel(
+                    plan, repo=repo_obj, pool=3, venv_backend=backend
+                )
+                assert report.summary.successful == n, report.errors
+                runs.append(((repo_obj.git.calls - before) / n, report))
+        finally:
+            repo_obj.lock.close()
+        return runs
+
+    (first, _), (second, pooled) = run(measure)
+    # The second run's tasks all ran in recycled worktrees, and in pooled venvs but for the
+    # one task that installs the requirement set for this run.
+    outputs = [r.output or {} for r in pooled.results]
+    assert all(Path(o["cwd"]).parent == pool_root(repo) for o in outputs), outputs
+    venv_pool = state(repo) / "pool" / "venvs"
+    assert sum(venv_pool not in Path(o["venv"]).parents for o in outputs) <= 1, outputs
+    assert first <= 8, f"{first:g} git calls per task on the first run (second: {second:g})"
+    assert second <= 8, f"{second:g} git calls per task on the pooled run (first: {first:g})"
+    assert max(backend.created.values()) == 1, backend.created
+    assert sum(backend.created.values()) <= n, backend.created
+    assert backend.installs == 2  # one per run, for the one requirement set
+
+
+def test_a_negative_pool_is_refused(
+    make_repo: MakeRepo, write_agent: WriteAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = make_repo(name="repo")
+    agent = write_agent("writer", WRITER)
+    plan = make_plan(agent, [{"id": "t0"}])
+    with pytest.raises(OrchestratorError) as exc:
+        orchestrate(plan, repo, pool=-1)
+    assert str(exc.value) == "pool must be >= 0, got -1"
+    assert not (state(repo) / "runs").exists()
+
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({**plan.model_dump(mode="json"), "repo": str(repo)}))
+    with pytest.raises(SystemExit) as stop:
+        cli(capsys, "run", str(plan_file), "--pool", "-1")
+    out, err = capsys.readouterr()
+    assert (stop.value.code, out) == (2, "")
+    assert err.splitlines()[-1] == "orchestrator run: error: argument --pool: must be >= 0, got -1"
+    assert "Traceback" not in err
+    assert not (state(repo) / "runs").exists()
+
+
+# Replaces the worktree's .git file with a repository of its own: the commit fails, and the
+# worktree is removed (keep_worktrees="never"), or with a pool, given back.
+HIJACK = """
+import os, subprocess
+os.remove(".git")
+subprocess.run(["git", "init", "--quiet", "."], check=True)
+"""
+
+
+def test_a_discarded_slot_leaves_no_worktree_entry(
+    make_repo: MakeRepo, write_agent: WriteAgent
+) -> None:
+    repo = make_repo(extra={"out/.keep": ""})
+    hijack = make_plan(write_agent("hijack", HIJACK), [{"id": "h", "venv": False}])
+    good = make_plan(write_agent("writer", WRITER), [{"id": "g", "venv": False}])
+
+    # Without a pool, the worktree goes with its entry.
+    report = orchestrate(hijack, repo, pool=0, keep_worktrees="never")
+    error = report.results[0].error
+    assert error is not None and error.kind == "commit"
+    assert [e["worktree"] for e in worktree_entries(repo)] == [str(repo)]
+
+    # With a pool: the hijacked slot is given back, and the next run cannot reset it, so it
+    # discards it and makes another.
+    report = orchestrate(hijack, repo, pool=1, keep_worktrees="never")
+    error = report.results[0].error
+    assert error is not None and error.kind == "commit"
+    [hijacked] = dirs_in(pool_root(repo))
+    report = orchestrate(good, repo, pool=1)
+    assert report.summary.successful == 1, report.errors
+    [slot] = dirs_in(pool_root(repo))
+    assert slot != hijacked and not hijacked.exists()
+    entries = worktree_entries(repo)
+    assert not [e for e in entries if "prunable" in e], entries
+    assert [e["worktree"] for e in entries] == [str(repo), str(slot)]
+    assert sorted(p.name for p in (repo / ".git" / "worktrees").iterdir()) == [slot.name]
+
+
+class SlowToFillUv(UvBackend):
+    """uv whose venv directory exists a while before it is a venv, as a slow installer's does.
+
+    Every venv after the first is held, made directory but not yet venv, until a third one
+    is asked for (at most 5 s): so two tasks ask for venvs at once, always.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: list[Path] = []
+        self._third = anyio.Event()
+
+    async def create(self, path: Path, *, with_pip: bool) -> list[str]:
+        self.created.append(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if len(self.created) >= 3:
+            self._third.set()
+        elif len(self.created) == 2:
+            with anyio.move_on_after(5):
+                await self._third.wait()
+        return await super().create(path, with_pip=with_pip)
+
+
+def test_a_slot_being_made_is_counted_once(
+    make_repo: MakeRepo, write_agent: WriteAgent, tmp_path: Path
+) -> None:
+    repo = make_repo(extra={"out/.keep": ""})
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # The three agents wait for each other: three venvs are held at once.
+    env = {"LOG_DIR": str(logs), "BARRIER": "3"}
+    tasks = [{"id": f"t{i}", "requirements": ["six"], "env": env} for i in range(3)]
+    plan = make_plan(write_agent("writer", WRITER), tasks, concurrency=3)
+    backend = SlowToFillUv()
+
+    report = orchestrate(plan, repo, pool=3, venv_backend=backend)
+
+    assert report.summary.successful == 3, report.errors
+    assert len(backend.created) == 3
+    pool = state(repo) / "pool" / "venvs"
+    assert all(pool in p.parents for p in backend.created), backend.created
+    assert len(venv_slots(repo)) == 3
