@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ __all__ = ["EventHandler", "RunContext"]
 #: Made once per run, so that a task makes no directory of its own: each attempt's files are
 #: ``<dir>/<task>.attempt-<n>.<ext>`` and each envelope ``envelopes/<task>.json``.
 RUN_SUBDIRS = ("envelopes", "logs", "outputs")
+
+#: Longest an event line may stay in the buffer while events keep coming, in seconds.
+EVENTS_FLUSH_INTERVAL = 0.05
 
 EventHandler = Callable[[Event], Awaitable[None] | None]
 
@@ -66,6 +70,7 @@ class RunContext:
     #: The repository's worktree pool and the state directory's venv pool, when used.
     pool: WorktreePool | None = None
     venv_pool: VenvPool | None = None
+    _events_flushed: float = 0.0
     #: The environment agents start from: this process's, read once per run, without the
     #: variables that would tie git to one repository.
     base_env: dict[str, str] = field(default_factory=lambda: clean_environment(os.environ))
@@ -211,15 +216,30 @@ class RunContext:
     def open_events_log(self) -> None:
         """Start appending every event to ``events.jsonl`` in the run directory."""
         try:
-            self.events_log = (self.run_dir / "events.jsonl").open("ab")
+            self.events_log = (self.run_dir / "events.jsonl").open("ab", buffering=1 << 16)
         except OSError as exc:
             raise RunDirError(
                 f"cannot write {self.run_dir / 'events.jsonl'}: {exc.strerror or exc}"
             ) from exc
+        self._events_flushed = time.monotonic()
+        if self.journal is not None:
+            self.journal.before_write = self.flush_events_log
+
+    def flush_events_log(self) -> None:
+        """Hand the buffered event lines to the kernel; RunDirError when they cannot be written."""
+        if self.events_log is not None:
+            try:
+                self.events_log.flush()
+            except OSError as exc:
+                path = self.run_dir / "events.jsonl"
+                raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            self._events_flushed = time.monotonic()
 
     def close_events_log(self) -> None:
-        """Stop writing ``events.jsonl`` (idempotent)."""
+        """Flush and stop writing ``events.jsonl`` (idempotent)."""
         if self.events_log is not None:
+            if self.journal is not None:
+                self.journal.before_write = None
             with contextlib.suppress(OSError):  # a full disk: the write that failed said so
                 self.events_log.close()
             self.events_log = None
@@ -227,16 +247,19 @@ class RunContext:
     async def emit(self, event: Event) -> None:
         """Log *event* to ``events.jsonl`` and deliver it to the handler (awaited if async).
 
-        The log line is written (and flushed to the kernel, a few microseconds) before the
-        handler sees the event, so the audit log holds everything the caller was told.
+        Lines are buffered, and handed to the kernel before every journal write, and on an
+        event that comes 50 ms or more after the last flush: a write system call per event
+        was most of the cost of a task without a worktree (see docs/benchmarks.md). The
+        journal, not this log, is what a resume relies on.
         """
         if self.events_log is not None:
             try:
                 self.events_log.write(event.model_dump_json().encode() + b"\n")
-                self.events_log.flush()
             except OSError as exc:
                 path = self.run_dir / "events.jsonl"
                 raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            if time.monotonic() - self._events_flushed >= EVENTS_FLUSH_INTERVAL:
+                self.flush_events_log()
         if self.on_event is not None:
             try:
                 outcome = self.on_event(event)

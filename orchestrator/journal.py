@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -209,6 +210,8 @@ class Journal:
         self._size = 0
         self._broken: RunDirError | None = None
         self.fsyncs = 0
+        #: Called (in the event loop) before each group write: the run flushes its events.
+        self.before_write: Callable[[], None] | None = None
 
     def open(self) -> None:
         """Open the journal for appending, cutting off a torn last line first."""
@@ -253,6 +256,8 @@ class Journal:
         async with self._lock:
             if self._durable >= wanted:
                 return
+            if self.before_write is not None:
+                self.before_write()
             lines, self._pending = self._pending, []
             upto = self._queued
             with anyio.CancelScope(shield=True):

@@ -123,13 +123,19 @@ class _Subagent:
     async def prepare(self) -> None:
         """Write the envelope, create the worktree and the venv."""
         data = self.envelope_bytes
-        await anyio.to_thread.run_sync(write_file, self.envelope_path, data)
+        ctx = self.ctx
+        if self.envelope.worktree or self.envelope.venv or isinstance(self.agent, CommandAgent):
+            await anyio.to_thread.run_sync(write_file, self.envelope_path, data)
+        else:
+            # A task with nothing else to make writes its envelope (a few hundred bytes) in
+            # the event loop: cheaper than a thread hop, and than a writer thread, which
+            # would wait for the GIL after every system call (see docs/benchmarks.md).
+            write_file(self.envelope_path, data)
         self.envelope_entry = LogFile(
             path=self.envelope_path.relative_to(self.ctx.run_dir).as_posix(),
             sha256=self.envelope_sha256,
             size=len(data),
         )
-        ctx = self.ctx
         base_commit, _ = ctx.start_of(self.task_id)
         if self.envelope.worktree and ctx.repo is not None and base_commit is not None:
             start = time.monotonic()
