@@ -240,7 +240,9 @@ class RunContext:
         if self.events_log is not None:
             if self.journal is not None:
                 self.journal.before_write = None
-            with contextlib.suppress(OSError):  # a full disk: the write that failed said so
+            # A run that ends well flushed already (a failure there is told); one on its way
+            # out with another error keeps that error.
+            with contextlib.suppress(OSError):
                 self.events_log.close()
             self.events_log = None
 

@@ -361,6 +361,7 @@ async def orchestrate_parallel(
                 total_tasks=report.summary.total_tasks,
             ),
         )
+        ctx.flush_events_log()  # a full disk now is told, not lost at close
     finally:
         ctx.close_events_log()
     return report
@@ -394,7 +395,7 @@ async def _journal_run(
             "agent_digests": hooks.agent_digests,
             "options": {
                 "concurrency": limit,
-                "pool": ctx.pool.size if ctx.pool else 0,
+                "pool": ctx.venv_pool.size if ctx.venv_pool else 0,
                 "keep_worktrees": ctx.keep_worktrees,
                 "venv_backend": ctx.venv_backend.name,
                 "kill_grace": ctx.kill_grace,

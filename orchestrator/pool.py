@@ -31,6 +31,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,9 +63,10 @@ __all__ = [
     "venv_pool_dir",
 ]
 
-#: What a fresh ``git worktree add`` leaves in a worktree's admin directory (and ``logs``,
-#: the reflog, which is harmless). Anything else there is state a task left behind.
-_FRESH_ADMIN = frozenset({"HEAD", "commondir", "gitdir", "index", "logs", "ORIG_HEAD"})
+#: What a fresh ``git worktree add --no-checkout`` leaves in a worktree's admin directory
+#: that a borrower keeps: anything else there (the reflog, through which ``@{-1}`` would reach
+#: earlier tasks' commits, a merge in progress, ``config.worktree``) is a task's leftover.
+_FRESH_ADMIN = frozenset({"HEAD", "commondir", "gitdir", "index"})
 
 
 def pool_dir(state_dir: Path) -> Path:
@@ -102,6 +104,35 @@ def _kept_mark(slot: Path) -> Path:
     return slot.with_name(slot.name + ".kept")
 
 
+def _mark_in_use(fd: int, slot: Path) -> None:
+    """Note in the slot's lock file that it is lent; a proper give-back empties it.
+
+    Found non-empty by the next borrower, it means the holder died with the slot: agent
+    processes of its task may still be running in it, and are killed before anyone else
+    works there (a dead orchestrator's flock goes with it, its agents do not).
+    """
+    with contextlib.suppress(OSError):
+        if os.fstat(fd).st_size:
+            _kill_processes_in(slot)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def _kill_processes_in(path: Path) -> None:
+    """SIGKILL every process whose working directory is *path* or below it (Linux /proc)."""
+    prefix = str(path)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd == prefix or cwd.startswith(prefix + "/"):
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 class Slots:
     """Directories in *root*, each lent to one holder at a time (``flock`` on ``<slot>.mutex``).
 
@@ -129,8 +160,10 @@ class Slots:
                 continue
             fd = _try_lock(_lock_of(slot))
             if fd is not None:
-                if slot.is_dir():
+                # Marked kept by another process between the look and the lock: not ours.
+                if slot.is_dir() and not _kept_mark(slot).exists():
                     self._held[slot] = fd
+                    _mark_in_use(fd, slot)
                     return slot
                 os.close(fd)
         return None
@@ -146,6 +179,7 @@ class Slots:
             return None
         self._held[slot] = fd
         self._making.add(slot)
+        _mark_in_use(fd, slot)
         return slot
 
     def made(self, slot: Path) -> None:
@@ -161,8 +195,9 @@ class Slots:
         lock = _lock_of(slot)
         if forget:
             lock.unlink(missing_ok=True)
-        else:
+        elif fd is not None:
             with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # given back properly (see _mark_in_use)
                 os.utime(lock)  # when the slot was last used: gc's measure of idleness
         if fd is not None:
             os.close(fd)
@@ -248,27 +283,41 @@ class WorktreePool:
             return None
         admin = _admin_dir_from_file(slot)
         if admin is None or not (admin / "gitdir").is_file():
-            await self.discard(slot)
+            with anyio.CancelScope(shield=True):
+                await self.discard(slot)
+            return None
+        if admin.parent != self.repo.common_dir / "worktrees" or _gitdir_of(admin) != slot:
+            # Another repository's slot (a state directory shared between repositories),
+            # or a .git file pointing at another slot's entry: left alone.
+            self.slots.release(slot)
             return None
         ref = f"refs/heads/{branch}"
-        try:
-            await self.repo.git.run("update-ref", ref, base_commit, "")
-        except GitError:
-            self.slots.release(slot)
-            raise
+        made = False
         worktree = Worktree(path=slot, branch=branch, base_commit=base_commit, admin_dir=admin)
         try:
+            await self.repo.git.run("update-ref", ref, base_commit, "")
+            made = True
             await anyio.to_thread.run_sync(_strip_admin_dir, admin, branch)
             crash_point("worktree")  # the branch made, the files not yet the base's
             await _restore_dot_git(worktree)
             git, args = self.repo.git, worktree.git_args()
             await git.run(*args, "reset", "--hard", "--quiet", cwd=slot)
             await git.run(*args, "clean", "-ffdxq", cwd=slot)
+            # reset keeps the index's per-entry flags: a skip-worktree (sparse checkout) or
+            # assume-unchanged bit a task set would hide files or changes from the next.
+            flags = await git.out(*args, "ls-files", "-v", cwd=slot)
+            if any(not line.startswith("H ") for line in flags.splitlines()):
+                raise GitError(["ls-files", "-v"], 1, "index entries with flags")
         except BaseException as exc:
-            # Not made pristine (a file the agent made undeletable, say): the slot goes, and
-            # so does the branch, so that the task can start in a fresh worktree instead.
+            # Not made pristine (a file the agent made undeletable, say), or cancelled: the
+            # slot goes, and so does the branch, so that the task can start in a fresh
+            # worktree instead.
             with anyio.CancelScope(shield=True):
-                await self.repo.git.run("update-ref", "-d", ref, base_commit, check=False)
+                if made:
+                    await self.repo.git.run("update-ref", "-d", ref, base_commit, check=False)
+                if isinstance(exc, GitError) and not made:
+                    self.slots.release(slot)  # the branch exists: the caller's error
+                    raise
                 await self.discard(slot)
             if isinstance(exc, (GitError, OSError)):
                 return None
@@ -323,8 +372,24 @@ class WorktreePool:
         self.slots.release(slot, forget=True)
 
     def close(self) -> None:
-        """Let go of every slot still held."""
+        """Let go of every slot still held, detached (a run whose clean-up ran out of time)."""
+        for slot in list(self.slots._held):
+            admin = _admin_dir_from_file(slot)
+            if admin is not None and admin.parent == self.repo.common_dir / "worktrees":
+                with contextlib.suppress(OSError):
+                    (admin / "HEAD").write_text(_head_commit(admin), encoding="utf-8")
         self.slots.close()
+
+
+def _head_commit(admin: Path) -> str:
+    """HEAD detached where it is now (resolved from the loose ref), or unchanged."""
+    head = (admin / "HEAD").read_text(encoding="utf-8")
+    if head.startswith("ref: "):
+        common = Path((admin / "commondir").read_text(encoding="utf-8").strip())
+        common = common if common.is_absolute() else (admin / common).resolve()
+        ref = common / head.removeprefix("ref: ").strip()
+        return ref.read_text(encoding="utf-8") if ref.is_file() else head
+    return head
 
 
 async def _remove_worktree_slot(repo: Repository, slot: Path) -> None:
@@ -333,6 +398,14 @@ async def _remove_worktree_slot(repo: Repository, slot: Path) -> None:
     await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
     async with repo.lock.hold():
         await _drop_admin_dir(repo, admin)
+
+
+def _gitdir_of(admin: Path) -> Path | None:
+    """The worktree an admin entry belongs to (its ``gitdir`` file names ``<worktree>/.git``)."""
+    try:
+        return Path((admin / "gitdir").read_text(encoding="utf-8").strip()).parent
+    except OSError:
+        return None
 
 
 def _strip_admin_dir(admin: Path, branch: str) -> None:

@@ -166,20 +166,26 @@ class UvBackend:
         return command
 
     async def sync(self, venv: Path, pinned: Sequence[str]) -> list[str]:
-        """Make *venv*'s distributions exactly *pinned* (``name==version``), from uv's cache.
+        """Make *venv*'s distributions exactly *pinned* (``name==version``).
 
-        Offline: the pool syncs only to sets this run installed, whose wheels uv has cached.
+        Offline first: the pool syncs only to sets this run installed, whose wheels uv has
+        cached. With no cache (``UV_NO_CACHE``, a pruned cache), online.
         """
         python = str(Venv(venv, self.name).python)
         listing = venv.parent / f".sync-{secrets.token_hex(8)}.txt"
-        command = [self.uv, "pip", "sync", "--quiet", "--offline", "--python", python]
-        command += ["--allow-empty-requirements", str(listing)]
+        base = [self.uv, "pip", "sync", "--quiet", "--python", python]
+        base += ["--allow-empty-requirements", str(listing)]
         what = "syncing " + (" ".join(pinned) or "an empty venv")
+        command = [*base[:3], "--offline", *base[3:]]
         try:
             await anyio.to_thread.run_sync(
                 listing.write_text, "".join(f"{p}\n" for p in pinned), "utf-8"
             )
-            await _run(command, what, venv=venv)
+            try:
+                await _run(command, what, venv=venv)
+            except VenvError:
+                command = base
+                await _run(command, what, venv=venv)
         except OSError as exc:
             raise VenvError(f"{what} failed: {exc.strerror or exc}", commands=[command]) from exc
         finally:
