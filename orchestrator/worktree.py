@@ -60,7 +60,10 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
         # already exists is refused here and is never touched by the clean-up below.
         await repo.git.run("update-ref", ref, base_commit, "")
         try:
-            await repo.git.run("worktree", "add", "--no-checkout", str(path), branch)
+            # --force: the branch was just made, create-only, so the only worktree that can
+            # have it checked out is a pool slot left by a dead run of the same task (its
+            # HEAD still names the branch; the slot's next borrower rewrites it).
+            await repo.git.run("worktree", "add", "--force", "--no-checkout", str(path), branch)
             admin_dir = _admin_dir_from_file(path)
             if admin_dir is None:
                 raise GitError(

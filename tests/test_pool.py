@@ -756,3 +756,29 @@ def test_a_slot_whose_holder_died_is_emptied_of_its_processes(tmp_path: Path) ->
         for proc in (leftover, elsewhere):
             proc.kill()
             proc.wait()
+
+
+def test_a_dead_runs_slot_naming_a_branch_does_not_block_a_new_worktree_on_it(
+    make_repo: MakeRepo, write_agent: WriteAgent, tmp_path: Path
+) -> None:
+    """A crash leaves a slot's HEAD on its task's branch; resume deletes that branch and
+    makes it again for the task's new attempt, whose new worktree git must not refuse."""
+    from orchestrator import create_worktree, remove_worktree
+
+    repo = make_repo(extra={"out/.keep": ""})
+    plan = make_plan(write_agent("writer", WRITER), [{"id": "t", "venv": False}])
+    assert orchestrate(plan, repo, pool=1).summary.successful == 1
+    [slot] = dirs_in(pool_root(repo))
+    admin = Path((slot / ".git").read_text().removeprefix("gitdir: ").strip())
+    branch = "orchestrator/dead-run/t"
+    (admin / "HEAD").write_text(f"ref: refs/heads/{branch}\n")  # as a crash leaves it
+
+    async def fresh() -> None:
+        repository = await Repository.open(repo)
+        base = git(repo, "rev-parse", "HEAD")
+        worktree = await create_worktree(repository, branch, tmp_path / "fresh", base)
+        assert (worktree.path / "out" / ".keep").exists()
+        await remove_worktree(repository, worktree, delete_branch=True)
+        repository.lock.close()
+
+    run(fresh)
