@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,18 +89,6 @@ def test_shell_floor_deletes_its_branches_by_default(tmp_path: Path) -> None:
     assert_clean(repo, work)
 
 
-def test_a_failing_shell_floor_says_why_and_cleans_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    repo = workloads.make_repo(tmp_path / "repo", 5)
-    work = tmp_path / "work"
-    monkeypatch.setattr(workloads, "uv_binary", lambda: failing_command(tmp_path))
-    with pytest.raises(RuntimeError, match="no venv today"):
-        workloads.shell_floor(repo, 2, 2, work)
-    assert branches(repo, "floor") == []
-    assert_clean(repo, work)
-
-
 def test_naive_seed_commits_each_result_and_cleans_up(tmp_path: Path) -> None:
     repo = workloads.make_repo(tmp_path / "repo", 20)
     work = tmp_path / "work"
@@ -111,15 +100,28 @@ def test_naive_seed_commits_each_result_and_cleans_up(tmp_path: Path) -> None:
     assert_clean(repo, work)
 
 
-def test_a_failing_naive_seed_says_why_and_cleans_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("run", "prefix", "broken"),
+    [
+        (lambda repo, work: workloads.shell_floor(repo, 2, 2, work), "floor", "uv_binary"),
+        (lambda repo, work: workloads.naive_seed(repo, 2, work), "seed", "base_python"),
+    ],
+    ids=["shell_floor", "naive_seed"],
+)
+def test_a_failing_workload_says_why_and_cleans_up(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    run: Callable[[Path, Path], float],
+    prefix: str,
+    broken: str,
 ) -> None:
+    """The venv tool it needs fails: the workload raises with its message and leaves nothing."""
     repo = workloads.make_repo(tmp_path / "repo", 5)
     work = tmp_path / "work"
-    monkeypatch.setattr(workloads, "base_python", lambda: failing_command(tmp_path))
+    monkeypatch.setattr(workloads, broken, lambda: failing_command(tmp_path))
     with pytest.raises(RuntimeError, match="no venv today"):
-        workloads.naive_seed(repo, 2, work)
-    assert branches(repo, "seed") == []
+        run(repo, work)
+    assert branches(repo, prefix) == []
     assert_clean(repo, work)
 
 
