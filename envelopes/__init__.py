@@ -7,6 +7,7 @@ envelope or re-check a report's digests without the engine.
 from ._audit import Finding as Finding
 from ._audit import NotAReport as NotAReport
 from ._audit import audit_report as audit_report
+from ._audit import load_report_file as load_report_file
 from ._audit import load_report_json as load_report_json
 from ._audit import report_layout as report_layout
 from ._canonical import canonical_json as canonical_json
@@ -31,6 +32,7 @@ from ._events import TaskSkipped as TaskSkipped
 from ._events import TaskStarted as TaskStarted
 from ._ids import MATRIX_VALUE_PATTERN as MATRIX_VALUE_PATTERN
 from ._ids import TASK_ID_PATTERN as TASK_ID_PATTERN
+from ._ids import is_object_id as is_object_id
 from ._ids import new_run_id as new_run_id
 from ._ids import new_task_id as new_task_id
 from ._ids import ref_safe as ref_safe
@@ -135,7 +137,9 @@ __all__ = [
     "digest",
     "digest_without",
     "expand_tasks",
+    "is_object_id",
     "json_schemas",
+    "load_report_file",
     "load_report_json",
     "new_run_id",
     "new_task_id",

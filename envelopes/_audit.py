@@ -7,7 +7,6 @@ see ``orchestrator.verify_report``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -16,10 +15,28 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ._bounded import MAX_JSON_DEPTH, hash_file, loads_bounded, read_bounded
 from ._canonical import digest, digest_without
 from ._result import SUCCESSFUL, Report
 
-__all__ = ["Finding", "NotAReport", "audit_report", "load_report_json", "report_layout"]
+__all__ = [
+    "MAX_ENVELOPE_BYTES",
+    "MAX_LOG_BYTES",
+    "MAX_REPORT_BYTES",
+    "Finding",
+    "NotAReport",
+    "audit_report",
+    "load_report_file",
+    "load_report_json",
+    "report_layout",
+]
+
+#: Largest report file read (a 100,000-task report is about 250 MB).
+MAX_REPORT_BYTES = 1 << 30
+#: Largest envelope file read back (it holds the outputs of the task's dependencies).
+MAX_ENVELOPE_BYTES = 256 << 20
+#: Most bytes hashed of one log file or plan.json, whatever size the report claims.
+MAX_LOG_BYTES = 16 << 30
 
 
 class NotAReport(ValueError):
@@ -49,19 +66,37 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def load_report_json(path: Path) -> tuple[dict[str, Any], Report]:
+def load_report_json(
+    path: Path, *, max_bytes: int = MAX_REPORT_BYTES
+) -> tuple[dict[str, Any], Report]:
     """Read a report file: its raw JSON object and the validated model.
 
-    Raises NotAReport with a one-line reason when either fails.
+    See :func:`load_report_file`, which also returns the bytes read.
+    """
+    raw, report, _ = load_report_file(path, max_bytes=max_bytes)
+    return raw, report
+
+
+def load_report_file(
+    path: Path, *, max_bytes: int = MAX_REPORT_BYTES
+) -> tuple[dict[str, Any], Report, bytes]:
+    """Read a report file: its raw JSON object, the validated model, and the file's bytes.
+
+    The file must be a regular file of at most *max_bytes* (a FIFO or a device is refused
+    without blocking), nested at most MAX_JSON_DEPTH deep, with no number longer than
+    MAX_NUMBER_CHARS characters. Every field is validated (object ids, digests, ids, paths)
+    before anything acts on it. Raises NotAReport with a one-line reason when any of it fails.
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise NotAReport(f"cannot read {path}: {exc}") from exc
+        source = read_bounded(path, max_bytes)
+    except OSError as exc:
+        raise NotAReport(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise NotAReport(f"{path} is not JSON: {exc}") from exc
+        raw = loads_bounded(source, object_pairs_hook=_no_duplicate_keys)
+    except NotAReport:
+        raise
+    except ValueError as exc:
+        raise NotAReport(f"{path} is not JSON: {_one_line(exc)}") from exc
     if not isinstance(raw, dict) or raw.get("schema") != Report.model_fields["schema_"].default:
         raise NotAReport(f"{path} is not a worktree-orchestrator report (no report schema tag)")
     try:
@@ -76,7 +111,12 @@ def load_report_json(path: Path) -> tuple[dict[str, Any], Report]:
         raise NotAReport(
             f"{path} is not a complete report: {missing} is missing or not in its written form"
         )
-    return raw, report
+    return raw, report, source
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
 
 
 def _first_difference(found: Any, expected: Any, path: str = "") -> str | None:
@@ -97,16 +137,6 @@ def _first_difference(found: Any, expected: Any, path: str = "") -> str | None:
     return None
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 #: Error kinds that come from an attempt of the agent (others come from set-up or after).
 _ATTEMPT_KINDS = frozenset({"exit_code", "timeout", "invalid_output", "spawn", "agent_exception"})
 
@@ -123,17 +153,13 @@ def _check_file(
 ) -> Iterator[Finding]:
     if entry is None:
         return
-    path = run_dir / entry["path"]
-    if not path.resolve().is_relative_to(run_dir.resolve()):
-        yield Finding(
-            task_id=task_id, field=field, message=f"path {entry['path']!r} leaves the run directory"
-        )
-        return
     try:
-        found, size = _file_sha256(path)
+        found, size = hash_file(entry["path"], min(entry["size"], MAX_LOG_BYTES), within=run_dir)
     except OSError as exc:
         yield Finding(
-            task_id=task_id, field=field, message=f"cannot read {path}: {exc.strerror or exc}"
+            task_id=task_id,
+            field=field,
+            message=f"cannot read {entry['path']!r} in {run_dir}: {exc.strerror or exc}",
         )
         return
     yield from _check(task_id, f"{field}.sha256", entry["sha256"], found)
@@ -186,12 +212,22 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
             )
 
 
+def _read_envelope(entry: Mapping[str, Any], run_dir: Path) -> Any:
+    """The envelope file's JSON, or None when it cannot be read safely (the file check says why)."""
+    try:
+        return loads_bounded(
+            read_bounded(entry["path"], MAX_ENVELOPE_BYTES, within=run_dir),
+            max_depth=MAX_JSON_DEPTH,
+        )
+    except (OSError, ValueError):
+        return None
+
+
 def _check_envelope(
     tid: str, entry: Mapping[str, Any], expected: str, run_dir: Path
 ) -> Iterator[Finding]:
-    try:
-        envelope = json.loads((run_dir / entry["path"]).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    envelope = _read_envelope(entry, run_dir)
+    if envelope is None:
         return  # already reported by the file check
     yield from _check(tid, "provenance.envelope_sha256", digest(envelope), expected)
     if isinstance(envelope, dict):
@@ -255,9 +291,9 @@ def _audit_start(
     # With several, the base is a merge of them: verify_report checks its parents in git.
     if upstream and run_dir is not None and result["envelope"] is not None:
         try:
-            envelope = json.loads((run_dir / result["envelope"]["path"]).read_text("utf-8"))
+            envelope = _read_envelope(result["envelope"], run_dir)
             told = {k: v["result_commit"] for k, v in envelope["upstream"].items()}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except (TypeError, KeyError, AttributeError):
             return  # the envelope file check reports an unreadable or altered file
         expected = {name: by_id[name]["provenance"]["result_commit"] for name in upstream}
         yield from _check(tid, "envelope.upstream", expected, told)
@@ -440,7 +476,7 @@ def audit_report(
     findings += _check(None, "errors", errors, raw["errors"])
     if run_dir is not None:
         try:
-            plan_sha, _ = _file_sha256(run_dir / "plan.json")
+            plan_sha, _ = hash_file("plan.json", MAX_LOG_BYTES, within=run_dir)
         except OSError as exc:
             findings.append(
                 Finding(

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ._canonical import digest
-from ._ids import new_task_id, task_id_problem
+from ._ids import BranchName, ObjectId, new_task_id, task_id_problem
 from ._plan import Select, finite_json
 
 __all__ = ["ENVELOPE_SCHEMA", "HandoffEnvelope", "Upstream", "build_envelope"]
@@ -21,8 +21,8 @@ class Upstream(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     output: dict[str, Any] | None = None
-    result_commit: str | None = None
-    branch: str | None = None
+    result_commit: ObjectId | None = None
+    branch: BranchName | None = None
 
 
 class HandoffEnvelope(BaseModel):

@@ -11,14 +11,29 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, StringConstraints
 
 __all__ = [
     "MATRIX_VALUE_PATTERN",
+    "OBJECT_ID_PATTERN",
+    "RUN_ID_PATTERN",
     "TASK_ID_PATTERN",
+    "BranchName",
+    "Digest",
+    "ObjectId",
+    "RunId",
+    "Seal",
+    "TaskId",
+    "is_object_id",
     "new_run_id",
     "new_task_id",
+    "ref_name_problem",
     "ref_safe",
+    "run_id_problem",
     "task_id_problem",
 ]
 
@@ -67,3 +82,69 @@ def new_run_id(now: datetime | None = None) -> str:
     """A run id that sorts by start time: ``20261122-031500-a1b2c3``."""
     now = now or datetime.now(UTC)
     return now.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+#: A git object name: SHA-1 (40 hex digits) or SHA-256 (64), lower case. Nothing else from a
+#: report, a plan or an agent is ever passed to git as a revision: not ``HEAD``, not a branch
+#: name, not ``--output=...``.
+OBJECT_ID_PATTERN = r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$"
+_OBJECT_ID_RE = re.compile(OBJECT_ID_PATTERN)
+#: Run ids are made by :func:`new_run_id`; one given by a caller must be as safe in a path and
+#: in a branch name as a task id.
+RUN_ID_PATTERN = TASK_ID_PATTERN
+
+
+def is_object_id(value: object) -> bool:
+    """True when *value* is a full git object id (40 or 64 lower-case hex digits)."""
+    return isinstance(value, str) and _OBJECT_ID_RE.fullmatch(value) is not None
+
+
+def run_id_problem(value: str) -> str | None:
+    """Why *value* cannot be a run id, or None when it can."""
+    return task_id_problem(value, what="run id")
+
+
+#: Characters git refuses in a ref name, and ones this project never writes in one.
+_REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|/\.|\.lock(?:/|$)")
+
+
+def ref_name_problem(value: str) -> str | None:
+    """Why *value* cannot be a branch name (``main``, ``orchestrator/<run>/<task>``), or None.
+
+    The rules of ``git check-ref-format --branch``, conservatively, in Python: the engine
+    still runs ``git check-ref-format`` before git sees one; this check lets an auditor with
+    ``envelopes`` alone refuse a report whose branch names could be read as options.
+    """
+    if (
+        not value
+        or len(value) > 255
+        or value.startswith(("-", "/", "."))
+        or value.endswith(("/", "."))
+        or value in ("@", "HEAD")
+        or _REF_BAD.search(value)
+    ):
+        return f"invalid branch name {value!r}"
+    return None
+
+
+def _check(problem: Callable[[str], str | None]) -> AfterValidator:
+    def check(value: str) -> str:
+        if why := problem(value):
+            raise ValueError(why)
+        return value
+
+    return AfterValidator(check)
+
+
+#: A git object id (see OBJECT_ID_PATTERN).
+ObjectId = Annotated[str, StringConstraints(pattern=OBJECT_ID_PATTERN)]
+#: A hex SHA-256 digest.
+Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+#: A self-describing digest: empty until the object is sealed.
+Seal = Annotated[str, StringConstraints(pattern=r"^(?:[0-9a-f]{64})?$")]
+#: A task id, plain or a matrix member's ``id[value,...]``.
+TaskId = Annotated[str, _check(lambda v: task_id_problem(v, what="task id", matrix=True))]
+#: A run id.
+RunId = Annotated[str, _check(run_id_problem)]
+#: A branch name, without ``refs/heads/``.
+BranchName = Annotated[str, _check(ref_name_problem)]

@@ -8,11 +8,13 @@ report file without trusting these models.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from ._bounded import relative_path_problem
 from ._canonical import digest_without
+from ._ids import BranchName, Digest, ObjectId, RunId, Seal, TaskId
 from ._plan import Select
 
 __all__ = [
@@ -66,6 +68,16 @@ ErrorKind = Literal[
 ]
 
 
+def _run_dir_path(value: str) -> str:
+    if why := relative_path_problem(value):
+        raise ValueError(why)
+    return value
+
+
+#: A path relative to the run directory that stays inside it (see relative_path_problem).
+RunDirPath = Annotated[str, AfterValidator(_run_dir_path)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -81,9 +93,9 @@ class ErrorInfo(_Model):
 class LogFile(_Model):
     """A file in the run directory, named by its path relative to it, with its digest."""
 
-    path: str
-    sha256: str
-    size: int
+    path: RunDirPath
+    sha256: Digest
+    size: int = Field(ge=0)
 
 
 class Attempt(_Model):
@@ -149,48 +161,48 @@ class AgentInfo(_Model):
 class CachedFrom(_Model):
     """Where a ``cached`` result was first produced, and under which cache key."""
 
-    run_id: str
-    task_id: str
-    key: str
+    run_id: RunId
+    task_id: TaskId
+    key: Digest
 
 
 class Provenance(_Model):
     """Digests that tie a result to what went in and what came out."""
 
-    envelope_sha256: str
-    base_commit: str | None = None
-    result_commit: str | None = None
-    result_tree: str | None = None
+    envelope_sha256: Digest
+    base_commit: ObjectId | None = None
+    result_commit: ObjectId | None = None
+    result_tree: ObjectId | None = None
     environment: Environment | None = None
-    env_sha256: str | None = None
+    env_sha256: Digest | None = None
     agent: AgentInfo
-    agent_sha256: str
-    output_sha256: str
-    stdout_sha256: str | None = None
-    stderr_sha256: str | None = None
+    agent_sha256: Digest
+    output_sha256: Digest
+    stdout_sha256: Digest | None = None
+    stderr_sha256: Digest | None = None
     commands: list[list[str]] = Field(default_factory=list)
     cached_from: CachedFrom | None = None
-    result_sha256: str = ""
+    result_sha256: Seal = ""
 
 
 class TaskResult(_Model):
     """The outcome of one task."""
 
-    task_id: str
+    task_id: TaskId
     agent: str
     status: TaskStatus
-    attempts: int
+    attempts: int = Field(ge=0)
     exit_code: int | None = None
     output: dict[str, Any] | None = None
     error: ErrorInfo | None = None
     timings: Timings
     metrics: Metrics = Field(default_factory=Metrics)
-    branch: str | None = None
+    branch: BranchName | None = None
     worktree: str | None = None
     envelope: LogFile | None = None
     attempt_log: list[Attempt] = Field(default_factory=list)
-    group: str | None = None
-    depends_on: list[str] = Field(default_factory=list)
+    group: TaskId | None = None
+    depends_on: list[TaskId] = Field(default_factory=list)
     resumed: bool = False
     provenance: Provenance
 
@@ -266,9 +278,9 @@ class MergedTask(_Model):
     merged before its dependent, say).
     """
 
-    task_id: str
-    result_commit: str
-    merge_commit: str | None
+    task_id: TaskId
+    result_commit: ObjectId
+    merge_commit: ObjectId | None
 
 
 MergeStatus = Literal["merged", "conflict", "refused", "skipped"]
@@ -277,10 +289,10 @@ MergeStatus = Literal["merged", "conflict", "refused", "skipped"]
 class MergeRecord(_Model):
     """One merge of results into a branch: ``old_commit`` moved to ``new_commit`` at ``at``."""
 
-    into: str
+    into: BranchName
     status: MergeStatus
-    old_commit: str | None = None
-    new_commit: str | None = None
+    old_commit: ObjectId | None = None
+    new_commit: ObjectId | None = None
     tasks: list[MergedTask] = Field(default_factory=list)
     conflicts: list[MergeConflict] = Field(default_factory=list)
     message: str = ""
@@ -294,12 +306,12 @@ class Report(_Model):
         default="worktree-orchestrator/report/v1", alias="schema"
     )
     tool: dict[str, str] = Field(default_factory=dict)
-    run_id: str
+    run_id: RunId
     plan_name: str
-    plan_sha256: str
+    plan_sha256: Digest
     repo: str | None
     base_ref: str | None
-    base_commit: str | None
+    base_commit: ObjectId | None
     run_dir: str
     started_at: datetime
     finished_at: datetime
@@ -309,7 +321,7 @@ class Report(_Model):
     errors: list[ReportError]
     groups: dict[str, GroupReport] = Field(default_factory=dict)
     merge: list[MergeRecord] = Field(default_factory=list)
-    report_sha256: str = ""
+    report_sha256: Seal = ""
 
     def __repr__(self) -> str:
         # Short: asyncio formats the main task's result (a Report, for anyio.run of

@@ -14,9 +14,18 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 
+from envelopes import is_object_id
+
 from .errors import GitError
 
-__all__ = ["FALLBACK_IDENTITY", "REPOSITORY_VARIABLES", "Git", "clean_environment"]
+__all__ = [
+    "FALLBACK_IDENTITY",
+    "HARDENING",
+    "REPOSITORY_VARIABLES",
+    "Git",
+    "check_ids",
+    "clean_environment",
+]
 
 #: Used for the orchestrator's commits when neither git config nor GIT_* variables name anyone.
 FALLBACK_IDENTITY = ("worktree-orchestrator", "worktree-orchestrator@localhost")
@@ -61,9 +70,45 @@ def clean_environment(env: Mapping[str, str]) -> dict[str, str]:
 _BASE_ENV = {
     "GIT_TERMINAL_PROMPT": "0",
     "GIT_OPTIONAL_LOCKS": "0",
+    # A replace ref (refs/replace/<id>) makes git show another object in place of the one
+    # named: an agent could make a result commit look like something else to every check.
+    "GIT_NO_REPLACE_OBJECTS": "1",
     "LC_ALL": "C",
     "LANGUAGE": "C",
 }
+
+#: Options every git command of the orchestrator runs with: whatever the repository's config
+#: says (an agent may have written it), no hook runs, no fsmonitor program, no signing
+#: program, no automatic gc or maintenance. Command-line ``-c`` wins over every config file.
+#: (Filters and merge drivers named by attributes cannot be switched off this way; the
+#: repository guard, orchestrator/guard.py, refuses to run git once the config has changed.)
+HARDENING = (
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "commit.gpgSign=false",
+    "-c",
+    "tag.gpgSign=false",
+    "-c",
+    "gc.auto=0",
+    "-c",
+    "maintenance.auto=false",
+    "-c",
+    "core.sshCommand=false",
+)
+
+
+def check_ids(*values: str | None) -> None:
+    """GitError unless every value is a full object id (see ``envelopes.is_object_id``).
+
+    Called before a revision that came from a report, a journal or an agent reaches git:
+    ``HEAD``, a branch name or ``--output=...`` never does.
+    """
+    for value in values:
+        if not is_object_id(value):
+            raise GitError(["<check>"], 128, f"fatal: not an object id: {value!r}")
 
 
 class Git:
@@ -85,7 +130,7 @@ class Git:
     ) -> subprocess.CompletedProcess[bytes]:
         """Run git and return its result; raise GitError on failure when *check*."""
         self.calls += 1
-        command = ["git", "-C", str(cwd or self.repo), *args]
+        command = ["git", "-C", str(cwd or self.repo), *HARDENING, *args]
         # A started git command is never killed: killed, it can leave ref and index locks
         # behind. It runs to its end (milliseconds, for what the engine runs) and a pending
         # cancellation is delivered right after.

@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-check a report: digests, files and commits")
     verify.add_argument("report", type=Path)
     verify.add_argument(
-        "--repo", type=Path, help="repository holding the commits (default: the report's)"
+        "--repo",
+        type=Path,
+        help="repository to merge in (default: the current directory's; a report made in another one is refused unless --repo names where to merge)",
     )
     verify.add_argument(
         "--run-dir",
@@ -204,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="predict and report; move nothing, record nothing"
     )
     merge.add_argument(
-        "--repo", type=Path, help="repository holding the commits (default: the report's)"
+        "--repo",
+        type=Path,
+        help="repository to merge in (default: the current directory's; a report made in another one is refused unless --repo names where to merge)",
     )
 
     schema = sub.add_parser("schema", help="print the JSON Schemas of plan, envelope and report")
@@ -608,26 +612,44 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 async def _merge(args: argparse.Namespace) -> int:
     import anyio
+
+    from envelopes import NotAReport, load_report_json
+
+    from .errors import ReportUnreadable
+    from .mergeback import open_merge_repository
+
+    try:
+        _, first = await anyio.to_thread.run_sync(load_report_json, args.report)
+    except NotAReport as exc:
+        raise ReportUnreadable(str(exc)) from exc
+    repository = await open_merge_repository(first, args.repo)
+    try:
+        return await _merge_into(args, first, repository)
+    finally:
+        repository.lock.close()
+
+
+async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from envelopes import NotAReport, audit_report, load_report_json
-
-    from .errors import MergeError, OrchestratorError, ReportUnreadable
+    from .errors import MergeError, OrchestratorError
     from .mergeback import merge_results, record_merge
+    from .verify import verify_report
 
-    try:
-        raw, report = await anyio.to_thread.run_sync(load_report_json, args.report)
-    except NotAReport as exc:
-        raise ReportUnreadable(str(exc)) from exc
     # The report says which commits to merge: one that does not verify is not trusted.
-    if findings := audit_report(raw):
+    outcome = await verify_report(args.report, repo=repository, files=False)
+    # A branch deleted or moved since is checked for the tasks merged, with a way to repair it.
+    if findings := [f for f in outcome.findings if f.field != "branch"]:
         raise MergeError(
-            f"{args.report}: {findings[0]}; a report that does not verify is not merged "
-            f"(see orchestrator verify {args.report})"
+            f"{args.report}: {findings[0]}; a report that does not verify is not "
+            f"merged (see orchestrator verify {args.report})"
         )
+    report = outcome.report
+    if report.report_sha256 != first.report_sha256:
+        raise MergeError(f"{args.report} changed while it was read; not merged")
     record = await merge_results(
-        report, into=args.into, tasks=args.tasks, repo=args.repo, dry_run=args.dry_run
+        report, into=args.into, tasks=args.tasks, repo=repository, dry_run=args.dry_run
     )
     out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
     if record.conflicts:
@@ -655,7 +677,7 @@ async def _merge(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if record.status == "merged":
         try:
-            await record_merge(args.report, record)
+            await record_merge(args.report, record, repo=repository)
         except OrchestratorError as exc:
             _err(f"merged, but the record could not be written into {args.report}: {exc}")
             return EXIT_FAILED

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ._git import Git
+from ._git import Git, check_ids
 from .errors import GitError
 
 __all__ = ["Combined", "combine_commits", "independent_commits", "merge_trees"]
@@ -23,8 +23,16 @@ async def merge_trees(git: Git, ours: str, theirs: str) -> tuple[str, list[str]]
 
     With conflicts the tree holds conflict markers and must not be committed.
     """
+    check_ids(ours, theirs)
     result = await git.run(
-        "merge-tree", "--write-tree", "--name-only", "--no-messages", ours, theirs, check=False
+        "merge-tree",
+        "--write-tree",
+        "--name-only",
+        "--no-messages",
+        "--end-of-options",
+        ours,
+        theirs,
+        check=False,
     )
     lines = result.stdout.decode(errors="replace").splitlines()
     if result.returncode not in (0, 1) or not lines:
@@ -40,9 +48,10 @@ async def merge_trees(git: Git, ours: str, theirs: str) -> tuple[str, list[str]]
 async def independent_commits(git: Git, commits: Sequence[str]) -> list[str]:
     """*commits* without those that another of them already contains, in the given order."""
     unique = list(dict.fromkeys(commits))
+    check_ids(*unique)
     if len(unique) < 2:
         return unique
-    kept = set((await git.out("merge-base", "--independent", *unique)).split())
+    kept = set((await git.out("merge-base", "--independent", "--end-of-options", *unique)).split())
     return [c for c in unique if c in kept]
 
 
@@ -76,7 +85,7 @@ async def combine_commits(
         raise ValueError("combine_commits needs at least one commit")
     heads = await independent_commits(git, commits)
     if len(heads) == 1:
-        tree = await git.out("rev-parse", f"{heads[0]}^{{tree}}")
+        tree = await git.out("rev-parse", "--verify", "--end-of-options", f"{heads[0]}^{{tree}}")
         return Combined(heads[0], tree)
     identity = env if env is not None else await git.identity_env()
     current, tree = heads[0], ""
@@ -88,16 +97,30 @@ async def combine_commits(
             # An intermediate commit, so that the next merge finds the right merge base; it
             # is not referenced by anything once the final commit exists.
             current = await git.out(
-                "commit-tree", tree, "-p", current, "-p", head, "-m", message, env=identity
+                "commit-tree",
+                "-p",
+                current,
+                "-p",
+                head,
+                "-m",
+                message,
+                "--end-of-options",
+                tree,
+                env=identity,
             )
     # Dated like its newest parent, so that the same results merged again (in another run,
     # say) give the same commit: a dependent's start, and so its cache key, is reproducible.
-    newest = max(int(t) for t in (await git.out("show", "-s", "--format=%ct", *heads)).split())
+    newest = max(
+        int(t)
+        for t in (await git.out("show", "-s", "--format=%ct", "--end-of-options", *heads)).split()
+    )
     dated = {
         **identity,
         "GIT_AUTHOR_DATE": f"@{newest} +0000",
         "GIT_COMMITTER_DATE": f"@{newest} +0000",
     }
     parents = [arg for head in heads for arg in ("-p", head)]
-    commit = await git.out("commit-tree", tree, *parents, "-m", message, env=dated)
+    commit = await git.out(
+        "commit-tree", *parents, "-m", message, "--end-of-options", tree, env=dated
+    )
     return Combined(commit, tree)

@@ -37,7 +37,7 @@ from envelopes import (
 from envelopes._audit import upstream_tasks
 
 from ._fs import atomic_write
-from ._git import Git
+from ._git import Git, check_ids
 from .errors import GitError, MergeError, ReportUnreadable, RunDirError
 from .locks import RepoLock
 from .merge import merge_trees
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from .context import EventHandler
 
-__all__ = ["merge_results", "predict_conflicts", "record_merge"]
+__all__ = ["merge_results", "open_merge_repository", "predict_conflicts", "record_merge"]
 
 #: Concurrent ``git merge-tree`` processes while predicting.
 _PREDICT_LIMIT = 8
@@ -96,7 +96,7 @@ async def merge_results(
     Cancellation: git commands run to their end; the ref and checkout move together under the
     repository lock, shielded, so a cancellation leaves the target either unchanged or merged.
     """
-    repository = await _open(report, repo)
+    repository = await open_merge_repository(report, repo)
     try:
         return await _merge_results(report, repository, into, tasks, dry_run, on_event)
     finally:
@@ -181,22 +181,43 @@ async def predict_conflicts(
     ]
 
 
-async def _open(report: Report, repo: Repository | Path | str | None) -> Repository:
+async def open_merge_repository(report: Report, repo: Repository | Path | str | None) -> Repository:
+    """The repository to merge in: *repo* when given, else the current directory's.
+
+    A report names its repository, but a report may come from anyone: merge never acts on a
+    repository only because the report says so. Without *repo*, a report made in another
+    repository than the current directory's is refused.
+    """
     if isinstance(repo, Repository):
         return repo
-    where = repo if repo is not None else report.repo
-    if where is None:
-        raise MergeError(
-            f"the report of run {report.run_id} names no repository; pass --repo (repo= in code)"
-        )
+    where = Path(repo) if repo is not None else Path.cwd()
     try:
-        return await Repository.open(where)
+        repository = await Repository.open(where)
     except NotARepository as exc:
-        raise MergeError(str(exc)) from exc
+        raise MergeError(f"{exc}; merge acts on the repository it runs in, or on --repo") from exc
+    if repo is None and report.repo is not None and not _same_place(report.repo, repository):
+        repository.lock.close()
+        raise MergeError(
+            f"the report of run {report.run_id} was made in {report.repo}, not in "
+            f"{repository.root} where merge runs; merge there, or pass --repo "
+            f"{repository.root} to merge into this repository anyway"
+        )
+    return repository
+
+
+def _same_place(named: str, repository: Repository) -> bool:
+    """Whether *named* (a report's ``repo``) is *repository*'s top directory or git directory."""
+    try:
+        where = Path(named).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return where in (repository.root.resolve(), repository.common_dir.resolve())
 
 
 async def _tip(git: Git, ref: str) -> str | None:
-    found = await git.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+    found = await git.run(
+        "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", check=False
+    )
     if found.returncode != 0:
         return None
     return found.stdout.decode().strip() or None
@@ -279,6 +300,10 @@ async def _check_picks(git: Git, picks: Sequence[_Pick], root: Path) -> None:
     changed = [p for p in picks if p.changed]
     if not changed:
         return
+    try:
+        check_ids(*(p.commit for p in changed))
+    except GitError as exc:
+        raise MergeError(f"not merged: {exc.stderr.strip()}") from None
     # One batched lookup for every commit and branch: exact names, where for-each-ref would
     # take each branch as a pattern (a prefix, or a glob).
     wanted = [f"{p.commit}^{{commit}}" for p in changed]
@@ -310,7 +335,9 @@ async def _check_picks(git: Git, picks: Sequence[_Pick], root: Path) -> None:
         if (
             tip is not None
             and tip != pick.commit
-            and not await git.ok("merge-base", "--is-ancestor", pick.commit, tip)
+            and not await git.ok(
+                "merge-base", "--is-ancestor", "--end-of-options", pick.commit, tip
+            )
         ):
             raise MergeError(
                 f"task {pick.task_id}: branch {pick.branch} (at {tip}) no longer contains "
@@ -387,7 +414,9 @@ async def _build(
     new, before = old, [into]
     merged: dict[str, str] = {}
     for pick in picks:
-        if not pick.changed or await git.ok("merge-base", "--is-ancestor", pick.commit, new):
+        if not pick.changed or await git.ok(
+            "merge-base", "--is-ancestor", "--end-of-options", pick.commit, new
+        ):
             continue
         tree, paths = await merge_trees(git, new, pick.commit)
         if paths:
@@ -397,7 +426,16 @@ async def _build(
             f"Orchestrator-Run: {run_id}\nOrchestrator-Task: {pick.task_id}\n"
         )
         new = await git.out(
-            "commit-tree", tree, "-p", new, "-p", pick.commit, "-m", message, env=identity
+            "commit-tree",
+            "-p",
+            new,
+            "-p",
+            pick.commit,
+            "-m",
+            message,
+            "--end-of-options",
+            tree,
+            env=identity,
         )
         merged[pick.task_id] = new
         before.append(pick.task_id)
@@ -415,17 +453,23 @@ async def _move(
             # failure here leaves both the ref and the checkout as they were.
             if (now := await _tip(git, ref)) != old:
                 return _moved(into, old, now)
-            moved = await git.run("read-tree", "-m", "-u", old, new, cwd=checkout, check=False)
+            moved = await git.run(
+                "read-tree", "-m", "-u", "--end-of-options", old, new, cwd=checkout, check=False
+            )
             if moved.returncode != 0:
                 why = _first_line(moved.stderr) or "git read-tree failed"
                 return (
                     f"cannot update the checkout of {into} in {checkout}: {why}; {into} not changed"
                 )
-        updated = await git.run("update-ref", "-m", reflog, ref, new, old, check=False)
+        updated = await git.run(
+            "update-ref", "-m", reflog, "--end-of-options", ref, new, old, check=False
+        )
         if updated.returncode == 0:
             return None
         if checkout is not None:
-            await git.run("read-tree", "-m", "-u", new, old, cwd=checkout, check=False)
+            await git.run(
+                "read-tree", "-m", "-u", "--end-of-options", new, old, cwd=checkout, check=False
+            )
         if (now := await _tip(git, ref)) != old:
             return _moved(into, old, now)
         why = _first_line(updated.stderr) or "git update-ref failed"
@@ -467,21 +511,26 @@ async def _emit(on_event: EventHandler | None, event: Event) -> None:
             await outcome
 
 
-async def record_merge(path: Path | str, record: MergeRecord) -> Report:
+async def record_merge(
+    path: Path | str, record: MergeRecord, *, repo: Repository | None = None
+) -> Report:
     """Append *record* to the ``merge`` list of the report file at *path*; return the new report.
 
-    The report is re-sealed and written atomically. When *path* is a copy of a report whose
-    run directory still holds ``report.json`` (the same run, the same results), that file gets
-    the record too. Concurrent calls are serialised with a lock file (``report.mutex`` in the
-    run directory, else beside *path*), so no record is lost. A report whose ``report_sha256``
-    does not match is refused (MergeError) rather than re-sealed; ReportUnreadable for a file
-    that is not a report, RunDirError when it cannot be written. Cancellation: once the lock
-    is held, both files are written to the end.
+    The report is re-sealed and written atomically. With *repo* (the repository merged in),
+    when *path* is a copy of a report whose run directory in that repository's state
+    directory still holds ``report.json`` (the same run, the same results), that file gets the
+    record too; the ``run_dir`` the report names is never trusted for this. Concurrent calls
+    are serialised with a lock file (``report.mutex`` in the run directory, else beside
+    *path*), so no record is lost. A report whose ``report_sha256`` does not match is refused
+    (MergeError) rather than re-sealed; ReportUnreadable for a file that is not a report,
+    RunDirError when it cannot be written. Cancellation: once the lock is held, both files are
+    written to the end.
     """
     path = Path(path)
     first = await _read_sealed(path)
-    run_copy = Path(first.run_dir) / "report.json"
-    lock_dir = run_copy.parent if run_copy.parent.is_dir() else path.absolute().parent
+    run_dir = repo.state_dir / "runs" / first.run_id if repo is not None else None
+    run_copy = run_dir / "report.json" if run_dir is not None else None
+    lock_dir = run_dir if run_dir is not None and run_dir.is_dir() else path.absolute().parent
     lock = RepoLock(lock_dir / "report.mutex")
     try:
         lock.ensure_open()
@@ -494,7 +543,7 @@ async def record_merge(path: Path | str, record: MergeRecord) -> Report:
             # Read again under the lock: another merge may have recorded itself meanwhile.
             report = _appended(await _read_sealed(path), record)
             writes = [(path, report)]
-            if run_copy.is_file() and not _same_file(run_copy, path):
+            if run_copy is not None and run_copy.is_file() and not _same_file(run_copy, path):
                 other = await _read_sealed(run_copy)
                 if _same_run(other, report):
                     writes.append((run_copy, _appended(other, record)))

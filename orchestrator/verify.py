@@ -11,7 +11,7 @@ from pathlib import Path
 
 import anyio
 
-from envelopes import Finding, NotAReport, Report, audit_report, load_report_json
+from envelopes import Finding, NotAReport, Report, audit_report, load_report_file
 from envelopes._audit import upstream_tasks
 
 from ._git import Git
@@ -37,7 +37,11 @@ class VerifyOutcome:
 
 
 async def verify_report(
-    path: Path | str, *, repo: Path | str | None = None, run_dir: Path | str | None = None
+    path: Path | str,
+    *,
+    repo: Repository | Path | str | None = None,
+    run_dir: Path | str | None = None,
+    files: bool = True,
 ) -> VerifyOutcome:
     """Verify the report at *path*.
 
@@ -47,19 +51,25 @@ async def verify_report(
     result commit exists, that its tree is ``result_tree``, that the base commit is its
     ancestor, and that the task branch still points at it.
 
+    With *files* false, the run directory's files are not hashed (``merge`` checks a report
+    whose logs may not have travelled with it).
+
+    The report is hostile input: every field is validated before git sees any of it (object
+    ids, branch names), files are read only inside the run directory, without following
+    links, only if regular, and up to a cap (see ``envelopes._bounded``).
+
     Raises ReportUnreadable when the file cannot be read or is not a report.
     """
     path = Path(path)
     try:
-        raw, report = await anyio.to_thread.run_sync(load_report_json, path)
+        raw, report, source = await anyio.to_thread.run_sync(load_report_file, path)
     except NotAReport as exc:
         raise ReportUnreadable(str(exc)) from exc
     outcome = VerifyOutcome(report=report)
     directory = Path(run_dir) if run_dir else _find_run_dir(report, path)
-    source = await anyio.Path(path).read_bytes()
     # Hashing every log file can take a while: off the event loop.
     outcome.findings += await anyio.to_thread.run_sync(
-        lambda: audit_report(raw, run_dir=directory, source=source)
+        lambda: audit_report(raw, run_dir=directory if files else None, source=source)
     )
     needs_git = (
         any(r.provenance.result_commit for r in report.results)
@@ -67,6 +77,9 @@ async def verify_report(
         or any(m.status == "merged" for m in report.merge)
     )
     if not needs_git:
+        return outcome
+    if isinstance(repo, Repository):
+        outcome.findings += await _check_git(repo.git, report, outcome)
         return outcome
     where = repo or report.repo
     try:
@@ -154,7 +167,9 @@ async def _check_git(git: Git, report: Report, outcome: VerifyOutcome) -> list[F
         if (
             p.base_commit
             and p.base_commit != p.result_commit
-            and not await git.ok("merge-base", "--is-ancestor", p.base_commit, p.result_commit)
+            and not await git.ok(
+                "merge-base", "--is-ancestor", "--end-of-options", p.base_commit, p.result_commit
+            )
         ):
             findings.append(
                 Finding(
@@ -168,7 +183,12 @@ async def _check_git(git: Git, report: Report, outcome: VerifyOutcome) -> list[F
             if found is None:
                 found = (
                     await git.run(
-                        "rev-parse", "--verify", "--quiet", f"refs/heads/{r.branch}", check=False
+                        "rev-parse",
+                        "--verify",
+                        "--quiet",
+                        "--end-of-options",
+                        f"refs/heads/{r.branch}",
+                        check=False,
                     )
                 ).stdout.decode().strip() or None
             if found is None:
@@ -180,7 +200,7 @@ async def _check_git(git: Git, report: Report, outcome: VerifyOutcome) -> list[F
                     )
                 )
             elif found != p.result_commit and not await git.ok(
-                "merge-base", "--is-ancestor", p.result_commit, found
+                "merge-base", "--is-ancestor", "--end-of-options", p.result_commit, found
             ):
                 # Work added on top of a result is fine; a result no longer on its branch is not.
                 findings.append(
@@ -233,7 +253,9 @@ async def _check_dependency_starts(git: Git, report: Report) -> list[Finding]:
                     f"expected {heads[0]} (it contains the other dependencies' results), found {base}",
                 )
             continue
-        listed = await git.run("rev-list", "--parents", "-n", "1", base, check=False)
+        listed = await git.run(
+            "rev-list", "--parents", "-n", "1", "--end-of-options", base, check=False
+        )
         if listed.returncode != 0:
             wrong(r.task_id, f"commit {base} not found in the repository")
             continue
@@ -245,7 +267,7 @@ async def _check_dependency_starts(git: Git, report: Report) -> list[Finding]:
             )
             continue
         merged = await combine_commits(git, heads, message="verify", env=_VERIFY_IDENTITY)
-        tree = await git.out("rev-parse", f"{base}^{{tree}}")
+        tree = await git.out("rev-parse", "--verify", "--end-of-options", f"{base}^{{tree}}")
         if merged.tree != tree:
             wrong(
                 r.task_id,
@@ -276,7 +298,7 @@ async def _check_merges(git: Git, report: Report, outcome: VerifyOutcome) -> lis
             continue  # audit_report reports a merged record without its commits
         field = f"merge[{number}]"
         previous: str | None = record.old_commit
-        if not await git.ok("cat-file", "-e", f"{previous}^{{commit}}"):
+        if not await git.ok("cat-file", "-e", "--end-of-options", f"{previous}^{{commit}}"):
             findings.append(
                 Finding(
                     task_id=None,
@@ -313,6 +335,7 @@ async def _check_merges(git: Git, report: Report, outcome: VerifyOutcome) -> lis
                     "rev-parse",
                     "--verify",
                     "--quiet",
+                    "--end-of-options",
                     f"refs/heads/{record.into}^{{commit}}",
                     check=False,
                 )
@@ -329,7 +352,7 @@ async def _check_merges(git: Git, report: Report, outcome: VerifyOutcome) -> lis
                 )
             )
         elif tip != record.new_commit and not await git.ok(
-            "merge-base", "--is-ancestor", record.new_commit, tip
+            "merge-base", "--is-ancestor", "--end-of-options", record.new_commit, tip
         ):
             findings.append(
                 Finding(
@@ -343,7 +366,9 @@ async def _check_merges(git: Git, report: Report, outcome: VerifyOutcome) -> lis
 
 async def _merge_commit_problem(git: Git, commit: str, parents: list[str]) -> str | None:
     """What is wrong with *commit* as the merge of *parents*, if anything."""
-    listed = await git.run("rev-list", "--parents", "-n", "1", f"{commit}^{{commit}}", check=False)
+    listed = await git.run(
+        "rev-list", "--parents", "-n", "1", "--end-of-options", f"{commit}^{{commit}}", check=False
+    )
     if listed.returncode != 0:
         return f"commit {commit} not found in the repository"
     found = listed.stdout.decode().split()[1:]
@@ -353,7 +378,7 @@ async def _merge_commit_problem(git: Git, commit: str, parents: list[str]) -> st
         tree, conflicts = await merge_trees(git, *parents)
     except GitError:
         return f"cannot merge {parents[0]} and {parents[1]} again to check {commit}"
-    actual = await git.out("rev-parse", f"{commit}^{{tree}}")
+    actual = await git.out("rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}")
     if conflicts or tree != actual:
         return f"the tree of {commit} ({actual}) is not the merge of its parents ({tree})"
     return None

@@ -294,7 +294,7 @@ def test_schema_of_an_unknown_document(capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        (None, "orchestrator: cannot read {path}: [Errno 2] No such file or directory: '{path}'"),
+        (None, "orchestrator: cannot read {path}: No such file or directory"),
         (
             "not json at all\n",
             "orchestrator: {path} is not JSON: Expecting value: line 1 column 1 (char 0)",

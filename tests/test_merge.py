@@ -6,6 +6,7 @@ their results with ``merge_results`` or ``orchestrator merge``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -39,7 +40,7 @@ from orchestrator import (
     verify_report,
 )
 
-from .conftest import MakeRepo, cli, git
+from .conftest import MakeRepo, Outcome, cli, git
 
 Files = dict[str, str]
 
@@ -79,8 +80,20 @@ def report_file(report: Report) -> Path:
 
 
 def merge(report: Report, **options: Any) -> MergeRecord:
-    record: MergeRecord = anyio.run(lambda: merge_results(report, **options))
+    """merge_results run from inside the report's repository, as a user would."""
+    with contextlib.chdir(report.repo or "."):
+        record: MergeRecord = anyio.run(lambda: merge_results(report, **options))
     return record
+
+
+def merge_cli(capsys: pytest.CaptureFixture[str], path: str, *argv: str) -> Outcome:
+    """``orchestrator merge PATH ARGV...`` run from inside the report's repository."""
+    try:
+        where = json.loads(Path(path).read_text())["repo"]
+    except (OSError, ValueError, KeyError, TypeError):
+        where = "."
+    with contextlib.chdir(where):
+        return cli(capsys, "merge", path, *argv)
 
 
 def fabricated(report: Report, **results: dict[str, Any]) -> Report:
@@ -112,7 +125,7 @@ def test_five_results_merge_into_main_in_one_move(
     old = git(repo, "rev-parse", "main")
     before = reflog(repo, "main")
 
-    done = cli(capsys, "merge", str(report_file(report)), "--into", "main")
+    done = merge_cli(capsys, str(report_file(report)), "--into", "main")
     assert done.code == 0, done.err
     assert "no conflicts predicted" in done.out
 
@@ -183,7 +196,7 @@ def test_conflicting_results_leave_main_unchanged_and_match_a_real_merge(
     path = report_file(report)
     original = path.read_bytes()
 
-    done = cli(capsys, "merge", str(path), "--into", "main")
+    done = merge_cli(capsys, str(path), "--into", "main")
     assert done.code == 1
     assert done.err.strip() == "orchestrator: 1 conflict(s) predicted; main not changed"
     assert "src/file0000.txt" in done.out and "src/file0001.txt" in done.out
@@ -221,10 +234,10 @@ def test_merging_into_a_branch_that_does_not_exist_is_a_clear_error(
 ) -> None:
     repo = make_repo()
     report = run_tasks(repo, distinct(1))
-    done = cli(capsys, "merge", str(report_file(report)), "--into", "nope")
+    done = merge_cli(capsys, str(report_file(report)), "--into", "nope")
     assert done.code == 2
     assert done.err == f"orchestrator: branch 'nope' does not exist in {repo}\n"
-    bad = cli(capsys, "merge", str(report_file(report)), "--into", "a..b")
+    bad = merge_cli(capsys, str(report_file(report)), "--into", "a..b")
     assert (bad.code, bad.err) == (2, "orchestrator: 'a..b' is not a valid branch name\n")
 
 
@@ -236,7 +249,7 @@ def test_merging_a_report_whose_branches_were_deleted_is_a_clear_error(
     old = git(repo, "rev-parse", "main")
     first = report.results[0]
     git(repo, "branch", "--quiet", "-D", str(first.branch))
-    done = cli(capsys, "merge", str(report_file(report)), "--into", "main")
+    done = merge_cli(capsys, str(report_file(report)), "--into", "main")
     commit = first.provenance.result_commit
     assert done.code == 2
     assert done.err == (
@@ -248,12 +261,14 @@ def test_merging_a_report_whose_branches_were_deleted_is_a_clear_error(
         git(repo, "branch", "--quiet", "-D", str(result.branch))
     git(repo, "reflog", "expire", "--expire=now", "--all")
     git(repo, "gc", "--quiet", "--prune=now")
-    gone = cli(capsys, "merge", str(report_file(report)), "--into", "main")
+    gone = merge_cli(capsys, str(report_file(report)), "--into", "main")
     assert gone.code == 2
-    assert gone.err == (
-        f"orchestrator: task t0: branch {first.branch} was deleted; its result commit {commit} "
-        "is not in the repository either\n"
-    )
+    # verify, which merge runs first, names the missing commit.
+    assert gone.err.startswith(f"orchestrator: {report_file(report)}: task t0: ")
+    assert (
+        f"provenance.result_commit: commit {commit} not found in the repository; "
+        "a report that does not verify is not merged"
+    ) in gone.err
     assert git(repo, "rev-parse", "main") == old
 
 
@@ -290,8 +305,8 @@ def test_bad_task_selections_are_clear_errors(make_repo: MakeRepo, tmp_path: Pat
         str(caught.value) == f"task good: result commit {'0' * 40} is not in the repository {repo}"
     )
     nowhere = report.model_copy(update={"repo": None})
-    with pytest.raises(MergeError, match="names no repository"):
-        merge(nowhere, into="main")
+    with contextlib.chdir(tmp_path), pytest.raises(MergeError, match="not a git repository"):
+        anyio.run(lambda: merge_results(nowhere, into="main"))
     with pytest.raises(MergeError, match="not a git repository"):
         merge(report, into="main", repo=tmp_path)
 
@@ -305,7 +320,7 @@ def test_target_checked_out_with_uncommitted_changes_is_refused(
     old, before = git(repo, "rev-parse", "main"), reflog(repo, "main")
     original = report_file(report).read_bytes()
 
-    done = cli(capsys, "merge", str(report_file(report)), "--into", "main")
+    done = merge_cli(capsys, str(report_file(report)), "--into", "main")
     assert done.code == 1
     assert done.err == (
         f"orchestrator: branch main is checked out in {repo} with uncommitted changes; "
@@ -386,7 +401,7 @@ def test_dry_run_changes_nothing(make_repo: MakeRepo, capsys: pytest.CaptureFixt
     old, before = git(repo, "rev-parse", "main"), reflog(repo, "main")
     original = report_file(report).read_bytes()
 
-    done = cli(capsys, "merge", str(report_file(report)), "--into", "main", "--dry-run")
+    done = merge_cli(capsys, str(report_file(report)), "--into", "main", "--dry-run")
     assert done.code == 0, done.err
     assert "no conflicts predicted" in done.out
     assert "dry run: would merge 3 result(s) into main; nothing moved" in done.out
@@ -399,7 +414,7 @@ def test_dry_run_changes_nothing(make_repo: MakeRepo, capsys: pytest.CaptureFixt
     assert report_file(report).read_bytes() == original
 
     clash = conflicting(detached(make_repo()))
-    dry = cli(capsys, "merge", str(report_file(clash)), "--into", "main", "--dry-run")
+    dry = merge_cli(capsys, str(report_file(clash)), "--into", "main", "--dry-run")
     assert dry.code == 1
     assert dry.err == "orchestrator: dry run: 1 conflict(s) predicted; main not changed\n"
 
@@ -496,7 +511,7 @@ def test_verify_checks_the_merge_commits_and_the_target(
     repo = detached(make_repo())
     report = run_tasks(repo, distinct(2))
     path = report_file(report)
-    assert cli(capsys, "merge", str(path), "--into", "main").code == 0
+    assert merge_cli(capsys, str(path), "--into", "main").code == 0
     outcome = anyio.run(verify_report, path)
     assert outcome.ok, [str(f) for f in outcome.findings]
     assert outcome.checked_commits == 4  # 2 results, 2 merge commits
@@ -558,7 +573,7 @@ def test_the_record_goes_into_the_copy_and_the_run_directory(
     repo = detached(make_repo())
     copy = tmp_path / "copy.json"
     report = run_tasks(repo, distinct(2), report_path=copy)
-    done = cli(capsys, "merge", str(copy), "--into", "main")
+    done = merge_cli(capsys, str(copy), "--into", "main")
     assert done.code == 0, done.err
     assert f"recorded in {copy}" in done.out
     assert copy.read_bytes() == report_file(report).read_bytes()
@@ -597,7 +612,7 @@ def test_an_altered_report_is_neither_merged_nor_resealed(
     path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
     old = git(repo, "rev-parse", "main")
 
-    done = cli(capsys, "merge", str(path), "--into", "main")
+    done = merge_cli(capsys, str(path), "--into", "main")
     assert done.code == 2
     assert done.err.startswith(f"orchestrator: {path}: report_sha256: expected ")
     assert done.err.endswith(
@@ -607,7 +622,7 @@ def test_an_altered_report_is_neither_merged_nor_resealed(
     record = MergeRecord(into="main", status="skipped", at=report.finished_at)
     with pytest.raises(MergeError, match="does not match its report_sha256"):
         anyio.run(record_merge, path, record)
-    unreadable = cli(capsys, "merge", str(path.with_name("nofile.json")), "--into", "main")
+    unreadable = merge_cli(capsys, str(path.with_name("nofile.json")), "--into", "main")
     assert unreadable.code == 2 and unreadable.err.startswith("orchestrator: cannot read ")
 
 

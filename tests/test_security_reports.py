@@ -1,0 +1,328 @@
+"""A report from elsewhere is hostile: verify and merge of crafted reports (issue 10, findings 1-3).
+
+Each test is an attack as the adversarial review described it, re-sealed so that only the
+hostile field is wrong, and asserts the safe outcome: no file touched outside the run
+directory, no hang, no traceback, one clear line and exit 2 (or a finding and exit 1), and no
+ref of any repository moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from envelopes import build_envelope, digest_without
+from orchestrator import orchestrate_parallel
+
+from .conftest import MakeRepo, cli, git
+
+
+async def _write(envelope: Any, workspace: Any) -> dict[str, Any]:
+    (workspace.path / f"{envelope.task_id}.txt").write_text(f"{envelope.task_id}\n")
+    return {"ok": True}
+
+
+def run_report(repo: Path, ids: tuple[str, ...] = ("a", "b")) -> Path:
+    """A real run in *repo* (callable agents, no venv); the path of its report.json."""
+    envelopes = [build_envelope("w", f"write {i}", task_id=i, venv=False) for i in ids]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    assert report.summary.successful == len(ids)
+    return Path(report.run_dir) / "report.json"
+
+
+def reseal(raw: dict[str, Any]) -> bytes:
+    """Recompute every digest as a forger would; the bytes as the orchestrator lays them out."""
+    for result in raw["results"]:
+        result["provenance"]["result_sha256"] = digest_without(
+            result, "provenance", "result_sha256"
+        )
+    raw["report_sha256"] = digest_without(raw, "report_sha256")
+    return (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def forge(path: Path, target: Path, edit: Any) -> Path:
+    raw = json.loads(path.read_text())
+    edit(raw)
+    target.write_bytes(reseal(raw))
+    return target
+
+
+def no_traceback(outcome: Any) -> None:
+    assert "Traceback" not in outcome.err + outcome.out
+    assert len(outcome.err.strip().splitlines()) <= 1, outcome.err
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    path = tmp_path / "victim.txt"
+    path.write_text("precious\n")
+    return path
+
+
+def test_verify_never_passes_a_revision_from_a_report_to_git_as_an_option(
+    make_repo: MakeRepo, tmp_path: Path, victim: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 1 (critical): ``--output=VICTIM`` as a base commit truncated VICTIM."""
+    repo = make_repo()
+    path = run_report(repo, ("a", "b", "c"))
+
+    def attack(raw: dict[str, Any]) -> None:
+        raw["repo"] = "."
+        a, b, c = raw["results"]
+        a["provenance"]["result_commit"] = "HEAD"
+        b["provenance"]["result_commit"] = "HEAD~0"
+        c["depends_on"] = ["a", "b"]
+        c["provenance"]["base_commit"] = f"--output={victim}"
+
+    forged = forge(path, tmp_path / "forged.json", attack)
+    with contextlib.chdir(repo):
+        outcome = cli(capsys, "verify", str(forged))
+    assert outcome.code == 2
+    assert "is not a valid report" in outcome.err
+    assert "results.0.provenance.result_commit" in outcome.err
+    no_traceback(outcome)
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("base_commit", "--output={victim}"),
+        ("results.0.provenance.base_commit", "--output={victim}"),
+        ("results.0.provenance.result_tree", "HEAD^{{tree}}"),
+        ("results.0.branch", "--output={victim}"),
+        ("merge.0.merge_commit", "--output={victim}"),
+        ("merge.0.old_commit", "HEAD"),
+        ("merge.0.into", "--output={victim}"),
+        ("run_id", "../../../../tmp/x"),
+        ("results.0.task_id", "--output=x"),
+        ("results.0.envelope.path", "../../../../../../../../../../../../dev/zero"),
+        ("results.0.envelope.path", "/dev/zero"),
+        ("results.0.attempt_log.0.stdout.path", "logs/../../../../etc/passwd"),
+    ],
+)
+def test_every_field_git_or_the_file_system_sees_is_validated_first(
+    where: str,
+    value: str,
+    make_repo: MakeRepo,
+    tmp_path: Path,
+    victim: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Finding 1 and 2: object ids, branch names, ids and paths are checked before any use."""
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    value = value.format(victim=victim)
+
+    def attack(raw: dict[str, Any]) -> None:
+        if where.startswith("merge."):
+            commit = raw["results"][0]["provenance"]["result_commit"]
+            raw["merge"] = [
+                {
+                    "into": "main",
+                    "status": "merged",
+                    "old_commit": raw["base_commit"],
+                    "new_commit": commit,
+                    "tasks": [{"task_id": "a", "result_commit": commit, "merge_commit": commit}],
+                    "conflicts": [],
+                    "message": "",
+                    "at": raw["finished_at"],
+                }
+            ]
+        if where.endswith("stdout.path") and raw["results"][0]["attempt_log"][0]["stdout"] is None:
+            raw["results"][0]["attempt_log"][0]["stdout"] = {
+                "path": "x",
+                "sha256": "0" * 64,
+                "size": 0,
+            }
+        if where.endswith("envelope.path") and raw["results"][0]["envelope"] is None:
+            pytest.skip("no envelope file")
+        *parents, last = where.split(".")
+        node: Any = raw
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[int(last) if isinstance(node, list) else last] = value
+
+    forged = forge(path, tmp_path / "forged.json", attack)
+    with contextlib.chdir(repo):
+        outcome = cli(capsys, "verify", str(forged))
+        merged = cli(capsys, "merge", str(forged), "--into", "main")
+    for result in (outcome, merged):
+        assert result.code == 2, result
+        assert "is not a valid report" in result.err
+        no_traceback(result)
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "x").exists()
+
+
+def test_bounded_reads_of_what_a_report_points_at(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 2: a run_dir of /dev, a FIFO plan.json, a symlinked log: findings, never a hang."""
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    run_dir = path.parent
+
+    # run_dir: /dev, with a log named zero: a device, refused without reading it.
+    def at_dev(raw: dict[str, Any]) -> None:
+        raw["run_dir"] = "/dev"
+        raw["results"][0]["envelope"] = {"path": "zero", "sha256": "0" * 64, "size": 10}
+
+    forged = forge(path, tmp_path / "dev.json", at_dev)
+    outcome = cli(capsys, "verify", str(forged))
+    assert outcome.code == 1
+    assert "zero is not a regular file" in outcome.out
+    no_traceback(outcome)
+
+    # A FIFO plan.json and a log that is a link to /dev/zero, in a copy of the run directory.
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(run_dir), str(copy)], check=True)
+    (copy / "plan.json").unlink()
+    os.mkfifo(copy / "plan.json")
+    envelope = json.loads((copy / "report.json").read_text())["results"][0]["envelope"]["path"]
+    (copy / envelope).unlink()
+    (copy / envelope).symlink_to("/dev/zero")
+    outcome = cli(capsys, "verify", str(copy / "report.json"), "--run-dir", str(copy))
+    assert outcome.code == 1
+    assert "plan.json is not a regular file" in outcome.out
+    assert "is or passes through a symbolic link" in outcome.out
+    no_traceback(outcome)
+
+    # A directory on the way that is a link out of the run directory.
+    os.unlink(copy / envelope)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (copy / "envelopes").rename(tmp_path / "moved")
+    (copy / "envelopes").symlink_to(tmp_path / "moved")
+    outcome = cli(capsys, "verify", str(copy / "report.json"), "--run-dir", str(copy))
+    assert outcome.code == 1
+    assert "is or passes through a symbolic link" in outcome.out
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("deep", b'{"schema": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("digits", b'{"schema": "worktree-orchestrator/report/v1", "x": ' + b"9" * 5000 + b"}"),
+        ("exponent", b'{"schema": "worktree-orchestrator/report/v1", "x": 1e999}'),
+        ("nan", b'{"schema": "worktree-orchestrator/report/v1", "x": NaN}'),
+        ("binary", b"\xff\xfe\x00"),
+    ],
+)
+def test_hostile_json_is_a_clear_error(
+    name: str, content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 2: 100,000-deep JSON and a 5,000-digit number are exit 2, not a traceback."""
+    path = tmp_path / f"{name}.json"
+    path.write_bytes(content)
+    for command in ("verify", "merge"):
+        extra = ["--into", "main"] if command == "merge" else []
+        outcome = cli(capsys, command, str(path), *extra)
+        assert outcome.code == 2, outcome
+        assert outcome.err.startswith(f"orchestrator: {path} is not JSON") or (
+            "cannot read" in outcome.err
+        )
+        no_traceback(outcome)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_a_report_that_is_not_a_regular_file_is_refused_without_blocking(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if kind == "fifo":
+        path = tmp_path / "report.json"
+        os.mkfifo(path)
+    elif kind == "device":
+        path = Path("/dev/zero")
+    else:
+        path = tmp_path
+    outcome = cli(capsys, "verify", str(path))
+    assert outcome.code == 2
+    assert "not a regular file" in outcome.err or "Is a directory" in outcome.err
+    no_traceback(outcome)
+
+
+def test_merge_acts_on_the_repository_it_runs_in_not_the_one_the_report_names(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 3: merge run in X of a report naming Y moved Y's main without saying so."""
+    theirs, mine = make_repo(name="theirs"), make_repo(name="mine")
+    path = run_report(theirs, ("a",))
+    before = {r: git(r, "rev-parse", "main") for r in (theirs, mine)}
+    with contextlib.chdir(mine):
+        outcome = cli(capsys, "merge", str(path), "--into", "main")
+    assert outcome.code == 2
+    assert f"was made in {theirs}, not in {mine} where merge runs" in outcome.err
+    no_traceback(outcome)
+    assert {r: git(r, "rev-parse", "main") for r in (theirs, mine)} == before
+    # Told explicitly, it merges where it is told (here the commits are not there: refused).
+    with contextlib.chdir(mine):
+        outcome = cli(capsys, "merge", str(path), "--into", "main", "--repo", str(mine))
+    assert outcome.code == 2
+    assert "not found in the repository" in outcome.err
+    assert {r: git(r, "rev-parse", "main") for r in (theirs, mine)} == before
+
+
+def test_merge_takes_only_object_ids_and_writes_nothing_where_the_report_points(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 3: ``result_commit: evil`` (a branch name) was merged; report.mutex was made in
+    the report's run_dir."""
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    git(repo, "branch", "evil", "main")
+    elsewhere = tmp_path / "attacker-chosen"
+    elsewhere.mkdir()
+
+    def evil(raw: dict[str, Any]) -> None:
+        raw["results"][0]["provenance"]["result_commit"] = "evil"
+
+    def moved(raw: dict[str, Any]) -> None:
+        raw["run_dir"] = str(elsewhere)
+
+    before = git(repo, "rev-parse", "main")
+    with contextlib.chdir(repo):
+        outcome = cli(
+            capsys, "merge", str(forge(path, tmp_path / "evil.json", evil)), "--into", "main"
+        )
+        assert outcome.code == 2
+        assert "is not a valid report" in outcome.err
+        assert git(repo, "rev-parse", "main") == before
+        copy = forge(path, tmp_path / "copy.json", moved)
+        outcome = cli(capsys, "merge", str(copy), "--into", "main")
+    assert outcome.code == 0, outcome
+    assert list(elsewhere.iterdir()) == []
+    assert json.loads(copy.read_text())["merge"][0]["status"] == "merged"
+
+
+def test_verify_in_a_subprocess_of_a_crafted_report_exits_2_quickly(
+    make_repo: MakeRepo, tmp_path: Path, victim: Path
+) -> None:
+    """The whole attack through the real command line, as a user would run it."""
+    repo = make_repo()
+    path = run_report(repo, ("a", "b", "c"))
+
+    def attack(raw: dict[str, Any]) -> None:
+        raw["repo"] = "."
+        raw["results"][2]["depends_on"] = ["a", "b"]
+        raw["results"][2]["provenance"]["base_commit"] = f"--output={victim}"
+
+    forged = forge(path, tmp_path / "forged.json", attack)
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "verify", str(forged)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert victim.read_text() == "precious\n"
