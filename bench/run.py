@@ -10,6 +10,8 @@ pool are issue 5's remaining parts):
   P95 latency from "ready" (TaskQueued) to "started" (TaskStarted); the baseline is the same
   number of no-op coroutines in one anyio task group.
 - ``cli``: ``python -m orchestrator --help`` against ``python -c pass``.
+- ``sandbox``: N trivial command tasks (a worktree each, no venv) under ``sandbox: bwrap`` and
+  N without, in the same run: the median time per task of each, and their ratio.
 
 Prints a table and writes the numbers as JSON.
 """
@@ -236,6 +238,44 @@ def _orchestrator_library(plan: dict[str, Any], state_dir: Path) -> tuple[float,
     return wall, report
 
 
+def bench_sandbox(n: int, repeats: int, work: Path) -> dict[str, Any]:
+    """N tasks with ``sandbox: bwrap`` and N without, interleaved in one run (concurrency 8),
+    *repeats* runs: medians of each half's task duration and agent time, and their ratios."""
+    import shutil
+
+    if shutil.which("bwrap") is None:
+        return {"skipped": "bwrap is not on PATH"}
+    repo = workloads.make_repo(work / "repo-sandbox", 200)
+    tasks = [
+        {"id": f"{kind}{i:03d}", "agent": "noop", "task": "no-op", "sandbox": sandbox}
+        for i in range(n)
+        for kind, sandbox in (("s", "bwrap"), ("p", "none"))
+    ]
+    plan = {
+        "name": f"bench-sandbox-{n}",
+        "repo": str(repo),
+        "concurrency": 8,
+        "agents": {"noop": {"command": ["sh", "-c", "echo done > result.txt"]}},
+        "defaults": {"venv": False},
+        "tasks": tasks,
+    }
+    times: dict[str, list[float]] = {"bwrap": [], "none": [], "bwrap_agent": [], "none_agent": []}
+    for rep in range(repeats):
+        state = work / f"state-sandbox-{rep}"
+        _, report = _orchestrator_library(plan, state)
+        for result in report.results:
+            kind = "bwrap" if result.task_id.startswith("s") else "none"
+            times[kind].append(result.timings.duration_s)
+            times[f"{kind}_agent"].append(result.timings.agent_s or 0.0)
+        _forget_runs(repo, state)
+    out: dict[str, Any] = {"n": n, "repeats": repeats}
+    for key, values in times.items():
+        out[f"{key}_median_ms"] = round(statistics.median(values) * 1000, 2)
+    out["ratio_task"] = round(out["bwrap_median_ms"] / out["none_median_ms"], 2)
+    out["ratio_agent"] = round(out["bwrap_agent_median_ms"] / out["none_agent_median_ms"], 2)
+    return out
+
+
 def _stat(values: list[float]) -> dict[str, float]:
     median, spread = workloads.median_spread(values)
     return {"median_s": round(median, 3), "spread_s": round(spread, 3), "runs": len(values)}
@@ -428,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument(
         "--only",
-        default="worktrees,requirements,scheduler,cli",
+        default="worktrees,requirements,scheduler,cli,sandbox",
         help="comma-separated benchmarks (default: all)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
@@ -447,9 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--requirement-tasks", type=int, default=32, help="requirements: tasks (default 32)"
     )
+    parser.add_argument(
+        "--sandbox-tasks", type=int, help="sandbox: tasks of each kind (default 32; quick 8)"
+    )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
-    unknown = only - {"worktrees", "requirements", "scheduler", "cli"}
+    unknown = only - {"worktrees", "requirements", "scheduler", "cli", "sandbox"}
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     results: dict[str, Any] = {"python": sys.version.split()[0], "quick": args.quick}
@@ -488,6 +531,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['first_install_s']} s)",
                 flush=True,
             )
+        if "sandbox" in only:
+            n = args.sandbox_tasks or (8 if args.quick else 32)
+            r = results["sandbox"] = bench_sandbox(n, 1 if args.quick else 3, work)
+            if "skipped" in r:
+                print(f"sandbox: skipped ({r['skipped']})", flush=True)
+            else:
+                print(
+                    f"sandbox ({r['n']} tasks of each kind in one run, medians): per task "
+                    f"{r['bwrap_median_ms']} ms with bwrap, {r['none_median_ms']} ms without "
+                    f"({r['ratio_task']}x); agent {r['bwrap_agent_median_ms']} ms against "
+                    f"{r['none_agent_median_ms']} ms ({r['ratio_agent']}x)",
+                    flush=True,
+                )
     finally:
         import shutil
 

@@ -39,12 +39,15 @@ from ._ids import ref_safe as ref_safe
 from ._ids import task_id_problem as task_id_problem
 from ._plan import MATRIX_FIELDS as MATRIX_FIELDS
 from ._plan import AgentSpec as AgentSpec
+from ._plan import EnvSpec as EnvSpec
 from ._plan import ExpandedTask as ExpandedTask
 from ._plan import KeepWorktrees as KeepWorktrees
+from ._plan import Limits as Limits
 from ._plan import MergeSpec as MergeSpec
 from ._plan import Plan as Plan
 from ._plan import PlanDefaults as PlanDefaults
 from ._plan import PlanProblem as PlanProblem
+from ._plan import Sandbox as Sandbox
 from ._plan import Select as Select
 from ._plan import TaskSpec as TaskSpec
 from ._plan import expand_tasks as expand_tasks
@@ -90,6 +93,7 @@ __all__ = [
     "Attempt",
     "AttemptFailed",
     "CachedFrom",
+    "EnvSpec",
     "Environment",
     "ErrorInfo",
     "ErrorKind",
@@ -101,6 +105,7 @@ __all__ = [
     "GroupReport",
     "HandoffEnvelope",
     "KeepWorktrees",
+    "Limits",
     "LogFile",
     "MergeConflict",
     "MergeFinished",
@@ -119,6 +124,7 @@ __all__ = [
     "ReportError",
     "RunFinished",
     "RunStarted",
+    "Sandbox",
     "Select",
     "Summary",
     "TaskFinished",

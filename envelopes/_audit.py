@@ -107,11 +107,21 @@ def load_report_file(
         raise NotAReport(f"{path} is not a valid report: {where}: {first['msg']}") from exc
     # Every field must be present as written by the orchestrator: a missing field that has a
     # default, or a value pydantic coerced, would otherwise be audited as something it is not.
-    if (missing := _first_difference(raw, report.to_json_dict())) is not None:
+    written = report.to_json_dict()
+    for name in _ADDED_LATER:
+        if name not in raw and written[name] == Report.model_fields[name].get_default(
+            call_default_factory=True
+        ):
+            del written[name]  # a report of an earlier version, which did not have it
+    if (missing := _first_difference(raw, written)) is not None:
         raise NotAReport(
             f"{path} is not a complete report: {missing} is missing or not in its written form"
         )
     return raw, report, source
+
+
+#: Report fields added after version 0.1.0: a report without them means their default.
+_ADDED_LATER = ("warnings",)
 
 
 def _one_line(exc: BaseException) -> str:

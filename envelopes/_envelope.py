@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._canonical import digest
 from ._ids import BranchName, ObjectId, new_task_id, task_id_problem
-from ._plan import Select, finite_json
+from ._plan import EnvName, Limits, Sandbox, Select, finite_json
+from ._secrets import masked_env
 
 __all__ = ["ENVELOPE_SCHEMA", "HandoffEnvelope", "Upstream", "build_envelope"]
 
@@ -57,6 +58,28 @@ class HandoffEnvelope(BaseModel):
     group: str | None = None
     select: Select | None = None
     upstream: dict[str, Upstream] = Field(default_factory=dict)
+    #: Isolation (see docs/plan-format.md, "Isolation: sandbox, env, limits"). ``env`` holds
+    #: the variables the plan sets; ``inherit_env`` whether the agent also gets the
+    #: orchestrator's environment (default: yes, unless sandboxed), ``pass_env`` the names
+    #: it gets from it when not.
+    sandbox: Sandbox = "none"
+    network: bool = False
+    inherit_env: bool = True
+    pass_env: list[EnvName] = Field(default_factory=list)
+    #: Names (never values) of variables whose values are secret.
+    secrets: list[EnvName] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    max_commit_mb: int = Field(default=100, gt=0)
+    #: Commit a file holding a secret's value instead of failing the task (``secret_leak``).
+    allow_secrets_in_commit: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_by_sandbox(cls, data: Any) -> Any:
+        # Unless told, a sandboxed agent starts from a minimal environment.
+        if isinstance(data, dict) and "inherit_env" not in data:
+            return {**data, "inherit_env": data.get("sandbox", "none") == "none"}
+        return data
 
     @field_validator("inputs", "metadata")
     @classmethod
@@ -71,8 +94,12 @@ class HandoffEnvelope(BaseModel):
         return value
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The envelope as a JSON object, as written to disk and hashed."""
-        return self.model_dump(mode="json", by_alias=True)
+        """The envelope as a JSON object, as written to disk and hashed: the values of its
+        secret variables (see ``envelopes._secrets``) are ``***``; the agent gets them in its
+        environment, not in its envelope file."""
+        data = self.model_dump(mode="json", by_alias=True)
+        data["env"] = masked_env(data["env"], self.secrets)
+        return data
 
     def sha256(self) -> str:
         """``envelope_sha256``: digest of the canonical JSON of the envelope."""
@@ -99,8 +126,19 @@ def build_envelope(
     group: str | None = None,
     select: Select | None = None,
     cache: bool = False,
+    sandbox: Sandbox = "none",
+    network: bool = False,
+    inherit_env: bool | None = None,
+    pass_env: list[str] | None = None,
+    secrets: list[str] | None = None,
+    limits: Limits | None = None,
+    max_commit_mb: int = 100,
+    allow_secrets_in_commit: bool = False,
 ) -> HandoffEnvelope:
-    """Build an envelope in code, generating a task id when none is given."""
+    """Build an envelope in code, generating a task id when none is given.
+
+    *inherit_env* defaults to true without a sandbox and to false with one.
+    """
     return HandoffEnvelope(
         task_id=task_id if task_id is not None else new_task_id(),
         run_id=run_id,
@@ -120,4 +158,12 @@ def build_envelope(
         cache=cache,
         group=group,
         select=select,
+        sandbox=sandbox,
+        network=network,
+        inherit_env=inherit_env if inherit_env is not None else sandbox == "none",
+        pass_env=pass_env or [],
+        secrets=secrets or [],
+        limits=limits or Limits(),
+        max_commit_mb=max_commit_mb,
+        allow_secrets_in_commit=allow_secrets_in_commit,
     )

@@ -15,21 +15,37 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from ._ids import MATRIX_VALUE_PATTERN, task_id_problem
 
 __all__ = [
     "MATRIX_FIELDS",
     "AgentSpec",
+    "EnvSpec",
     "ExpandedTask",
     "KeepWorktrees",
+    "Limits",
     "MergeSpec",
     "Plan",
     "PlanDefaults",
     "PlanProblem",
+    "Sandbox",
     "Select",
     "TaskSpec",
+    "env_values",
     "expand_tasks",
     "plan_problems",
 ]
@@ -42,6 +58,20 @@ MATRIX_FIELDS = ("agent", "task", "requirements", "timeout", "retries", "priorit
 _MATRIX_DICTS = ("inputs", "env", "metadata")
 _MATRIX_VALUE_RE = re.compile(MATRIX_VALUE_PATTERN)
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(gt=0)]
+#: ``bwrap``: each agent command runs in a bubblewrap sandbox (see docs/plan-format.md).
+Sandbox = Literal["none", "bwrap"]
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _env_name(value: str) -> str:
+    if not re.fullmatch(_ENV_NAME, value):
+        raise ValueError(f"{value!r} is not a variable name (letters, digits and _)")
+    return value
+
+
+#: The name of an environment variable.
+EnvName = Annotated[str, AfterValidator(_env_name), Field(json_schema_extra={"pattern": _ENV_NAME})]
 
 
 def finite_json(value: Any) -> Any:
@@ -100,7 +130,89 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class AgentSpec(_Strict):
+class Limits(_Strict):
+    """Resource limits of an agent's processes, set with setrlimit before the agent starts.
+
+    Each is per process (the kernel's rule), except ``processes``, which counts every process
+    of the user the agent runs as.
+    """
+
+    memory_mb: PositiveInt | None = None
+    cpu_s: PositiveInt | None = None
+    open_files: PositiveInt | None = None
+    file_size_mb: PositiveInt | None = None
+    processes: PositiveInt | None = None
+
+
+class EnvSpec(_Strict):
+    """``env`` in its structured form: ``{inherit: false, pass: [NAMES], set: {NAME: value}}``.
+
+    ``inherit`` unset means: inherit the orchestrator's environment, unless the task is
+    sandboxed. A plain mapping ``{NAME: value}`` is the same as ``{set: {NAME: value}}``.
+    """
+
+    inherit: bool | None = None
+    pass_: list[EnvName] = Field(default_factory=list, alias="pass")
+    set: dict[str, str] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _by_alias(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        # Always written as it is read ("pass", not "pass_"): plan.json is read back on resume.
+        data: dict[str, Any] = handler(self)
+        if "pass_" in data:
+            data["pass"] = data.pop("pass_")
+        return data
+
+
+_ENV_KEYS = frozenset({"inherit", "pass", "set"})
+
+
+def _env_form(value: Any) -> str:
+    """Which form an ``env`` value is written in: a key of the structured form with a value
+    that is not a string says structured (``{set: "x"}`` is a variable named ``set``)."""
+    if isinstance(value, EnvSpec):
+        return "structured"
+    if isinstance(value, Mapping) and any(
+        k in _ENV_KEYS and not isinstance(v, str) for k, v in value.items()
+    ):
+        return "structured"
+    return "mapping"
+
+
+def _any_of(schema: dict[str, Any]) -> None:
+    # An empty mapping is valid in both forms: "oneOf" would refuse it.
+    if "oneOf" in schema:
+        schema["anyOf"] = schema.pop("oneOf")
+
+
+#: Where a pydantic error's location names the form of ``env`` it was checked as.
+ENV_FORMS = ("mapping", "structured")
+Env = Annotated[
+    Annotated[dict[str, str], Tag("mapping")] | Annotated[EnvSpec, Tag("structured")],
+    Discriminator(_env_form),
+    Field(json_schema_extra=_any_of),
+]
+
+
+def env_values(env: dict[str, str] | EnvSpec) -> dict[str, str]:
+    """The variables an ``env`` sets, in either form."""
+    return dict(env.set) if isinstance(env, EnvSpec) else dict(env)
+
+
+class _Isolation(_Strict):
+    """The isolation fields an agent or a task may set; unset (None) means: from the level above."""
+
+    sandbox: Sandbox | None = None
+    network: bool | None = None
+    secrets: list[EnvName] = Field(default_factory=list)
+    limits: Limits | None = None
+    max_commit_mb: PositiveInt | None = None
+    allow_secrets_in_commit: bool | None = None
+
+
+class AgentSpec(_Isolation):
     """How to start an agent: a command run in the task's worktree.
 
     ``command`` is a list of arguments (a string is split like a shell would). Placeholders
@@ -109,7 +221,7 @@ class AgentSpec(_Strict):
     """
 
     command: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
     max_concurrency: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("command", mode="before")
@@ -133,12 +245,18 @@ class PlanDefaults(_Strict):
     timeout: PositiveSeconds = 600.0
     retries: Annotated[int, Field(ge=0, le=100)] = 0
     requirements: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
     worktree: bool = True
     venv: bool = True
+    sandbox: Sandbox = "none"
+    network: bool = False
+    secrets: list[EnvName] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    max_commit_mb: PositiveInt = 100
+    allow_secrets_in_commit: bool = False
 
 
-class TaskSpec(_Strict):
+class TaskSpec(_Isolation):
     """One task of a plan, before defaults are applied."""
 
     id: str | None = None
@@ -149,7 +267,7 @@ class TaskSpec(_Strict):
     acceptance_criteria: list[str] = Field(default_factory=list)
     timeout: PositiveSeconds | None = None
     retries: Annotated[int, Field(ge=0, le=100)] | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    env: Env = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     priority: int = 0
     worktree: bool | None = None
@@ -248,7 +366,12 @@ def _apply(data: dict[str, Any], key: str, value: Any) -> None:
         data[key] = value
     else:
         field, name = key.split(".", 1)
-        data[field] = {**(data.get(field) or {}), name: value}
+        current = data.get(field) or {}
+        if field == "env" and _env_form(current) == "structured":
+            structured = current.model_dump() if isinstance(current, EnvSpec) else dict(current)
+            data[field] = {**structured, "set": {**(structured.get("set") or {}), name: value}}
+        else:
+            data[field] = {**current, name: value}
 
 
 def _matrix_key_problem(key: str) -> str | None:
@@ -441,6 +564,10 @@ def plan_problems(
     return problems
 
 
+#: Most members one matrix task may expand to (the product of its value counts).
+MAX_MATRIX_MEMBERS = 10_000
+
+
 def _matrix_problems(
     index: int, task_id: str, task: Mapping[str, Any], matrix: Mapping[str, Any]
 ) -> list[PlanProblem]:
@@ -471,6 +598,16 @@ def _matrix_problems(
                 )
     if problems or not all(isinstance(v, list) and v for v in matrix.values()):
         return problems
+    combinations = math.prod(len(v) for v in matrix.values())
+    if combinations > MAX_MATRIX_MEMBERS:
+        problems.append(
+            PlanProblem(
+                loc=("tasks", index, "matrix"),
+                message=f"{combinations} combinations, more than {MAX_MATRIX_MEMBERS}; "
+                "split the task or list fewer values",
+            )
+        )
+        return problems
     seen: set[str] = set()
     for member, _ in _combinations(task_id, matrix):
         if member in seen:
@@ -496,7 +633,11 @@ def _graph_problems(data: Mapping[str, Any], tasks: list[Any]) -> list[PlanProbl
         ids.append(task_id)
         by_name.setdefault(task_id, index)
         matrix = task.get("matrix") if isinstance(task, Mapping) else None
-        if isinstance(matrix, Mapping) and all(isinstance(v, list) for v in matrix.values()):
+        if (
+            isinstance(matrix, Mapping)
+            and all(isinstance(v, list) for v in matrix.values())
+            and math.prod(len(v) for v in matrix.values()) <= MAX_MATRIX_MEMBERS
+        ):
             for member, _ in _combinations(task_id, matrix):
                 by_name.setdefault(member, index)
     needs: list[list[int]] = [[] for _ in tasks]

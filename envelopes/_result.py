@@ -56,6 +56,7 @@ ErrorKind = Literal[
     "dependency_conflict",
     "not_needed",
     "exit_code",
+    "limit",
     "timeout",
     "invalid_output",
     "spawn",
@@ -65,6 +66,9 @@ ErrorKind = Literal[
     "commit",
     "cancelled",
     "internal",
+    "tamper",
+    "secret_leak",
+    "too_large",
 ]
 
 
@@ -321,6 +325,9 @@ class Report(_Model):
     errors: list[ReportError]
     groups: dict[str, GroupReport] = Field(default_factory=dict)
     merge: list[MergeRecord] = Field(default_factory=list)
+    #: What the run noticed that is not one task's result: a ref outside the run's own that
+    #: moved while it ran, a task branch no longer holding its result (see docs/security.md).
+    warnings: list[str] = Field(default_factory=list)
     report_sha256: Seal = ""
 
     def __repr__(self) -> str:

@@ -9,11 +9,12 @@ import tempfile
 from pathlib import Path
 
 from envelopes import LogFile
+from envelopes._bounded import open_regular
 
 from ._faults import crash_point
 from .errors import RunDirError
 
-__all__ = ["atomic_write", "file_entry", "write_file"]
+__all__ = ["atomic_write", "file_entry", "last_line", "write_file"]
 
 # Read once at import, while nothing else runs: os.umask can only be read by setting it.
 _UMASK = os.umask(0o022)
@@ -75,3 +76,20 @@ def file_entry(path: Path, run_dir: Path) -> LogFile:
             h.update(chunk)
             size += len(chunk)
     return LogFile(path=path.relative_to(run_dir).as_posix(), sha256=h.hexdigest(), size=size)
+
+
+def last_line(path: Path, limit: int = 4096) -> str:
+    """The last non-blank line of a log (at most 300 characters), read safely; "" if none."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return ""
+    try:
+        size = os.fstat(fd).st_size
+        tail = os.pread(fd, limit, max(0, size - limit)).decode(errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""

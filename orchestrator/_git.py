@@ -17,6 +17,7 @@ import anyio.lowlevel
 from envelopes import is_object_id
 
 from .errors import GitError
+from .guard import RepoGuard
 
 __all__ = [
     "FALLBACK_IDENTITY",
@@ -117,6 +118,9 @@ class Git:
     def __init__(self, repo: Path) -> None:
         self.repo = repo
         self.calls = 0
+        #: While a run is on, its repository guard: checked (and what changed put back)
+        #: before every command, so that git never runs what an agent planted.
+        self.guard: RepoGuard | None = None
         self._env = {**clean_environment(os.environ), **_BASE_ENV}
         self._identity: dict[str, str] | None = None
 
@@ -130,6 +134,8 @@ class Git:
     ) -> subprocess.CompletedProcess[bytes]:
         """Run git and return its result; raise GitError on failure when *check*."""
         self.calls += 1
+        if self.guard is not None:
+            self.guard.check()
         command = ["git", "-C", str(cwd or self.repo), *HARDENING, *args]
         # A started git command is never killed: killed, it can leave ref and index locks
         # behind. It runs to its end (milliseconds, for what the engine runs) and a pending

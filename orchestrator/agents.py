@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from envelopes import AgentInfo, AgentSpec, HandoffEnvelope
+from envelopes._plan import env_values
 
 __all__ = ["Agent", "AgentFunction", "CallableAgent", "CommandAgent", "Workspace", "as_agent"]
 
@@ -112,7 +113,7 @@ def as_agent(value: Agent | AgentSpec | Sequence[str] | AgentFunction) -> Agent:
     if isinstance(value, CommandAgent | CallableAgent):
         return value
     if isinstance(value, AgentSpec):
-        return CommandAgent(command=tuple(value.command), env=dict(value.env))
+        return CommandAgent(command=tuple(value.command), env=env_values(value.env))
     if isinstance(value, str):
         return as_agent(AgentSpec(command=value))  # type: ignore[arg-type]
     if isinstance(value, Sequence):

@@ -42,6 +42,8 @@ from envelopes import (
     digest,
     seal_result,
 )
+from envelopes._audit import MAX_ENVELOPE_BYTES
+from envelopes._bounded import loads_bounded, read_bounded
 
 from ._fs import atomic_write
 from .agents import Agent, CommandAgent
@@ -266,8 +268,8 @@ def reusable_results(
         if not result.succeeded or result.envelope is None:
             continue
         try:
-            data = (run_dir / result.envelope.path).read_bytes()
-            envelope = HandoffEnvelope.model_validate_json(data)
+            data = read_bounded(result.envelope.path, MAX_ENVELOPE_BYTES, within=run_dir)
+            envelope = HandoffEnvelope.model_validate(loads_bounded(data))
         except (OSError, ValueError):
             continue
         agent = agents.get(envelope.agent)

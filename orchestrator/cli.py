@@ -408,6 +408,8 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
             )
             line = f"merge into {record.into}: {record.status}{moved}"
             out.print(line + (f" ({record.message})" if record.message else ""), markup=False)
+        for warning in report.warnings:
+            out.print(f"warning: {warning}", markup=False, soft_wrap=True)
         out.print(f"report: {report_path}", markup=False, soft_wrap=True)
         out.print(f"verify: orchestrator verify {report_path}", markup=False, soft_wrap=True)
     all_done = report.summary.successful == report.summary.total_tasks

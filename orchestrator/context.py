@@ -16,10 +16,13 @@ import anyio
 
 from envelopes import ErrorInfo, KeepWorktrees, TaskResult, new_run_id, ref_safe
 from envelopes._events import Event
+from envelopes._ids import run_id_problem
 
 from ._git import clean_environment
 from .errors import EventHandlerFailed, OrchestratorError, RunDirError
+from .guard import RepoGuard
 from .journal import JOURNAL, Journal, RunLock
+from .lifeline import Lifeline
 from .pool import VenvPool, WorktreePool
 from .repo import Repository
 from .scheduler import TaskBook, TaskState
@@ -71,9 +74,13 @@ class RunContext:
     pool: WorktreePool | None = None
     venv_pool: VenvPool | None = None
     _events_flushed: float = 0.0
+    #: Whether this run set the repository's guard (and so removes it when it ends).
+    guarding: bool = False
     #: The environment agents start from: this process's, read once per run, without the
     #: variables that would tie git to one repository.
     base_env: dict[str, str] = field(default_factory=lambda: clean_environment(os.environ))
+    #: Kills the run's agents if this process dies (a watcher, started with the first agent).
+    lifeline: Lifeline = field(default_factory=Lifeline)
 
     def start_of(self, task_id: str) -> tuple[str | None, str | None]:
         """The commit and tree *task_id* starts from."""
@@ -124,6 +131,8 @@ class RunContext:
         lock is taken (RunInUse when a live process holds it) and its journal opened.
         """
         run_id = run_id or new_run_id()
+        if why := run_id_problem(run_id):
+            raise OrchestratorError(why)
         repository: Repository | None
         if isinstance(repo, Repository) or repo is None:
             repository = repo
@@ -162,7 +171,12 @@ class RunContext:
         except BaseException:
             run_lock.release()
             raise
-        if repository is not None:
+        guarding = repository is not None and repository.git.guard is None
+        if repository is not None and guarding:
+            # One guard per Repository object: a second run sharing it shares the first's.
+            repository.git.guard = await anyio.to_thread.run_sync(
+                RepoGuard.snapshot, repository.common_dir
+            )
             try:
                 repository.lock.ensure_open()
             except OSError as exc:
@@ -182,11 +196,16 @@ class RunContext:
             plan_dir=plan_dir or Path.cwd(),
             journal=journal,
             run_lock=run_lock,
+            guarding=guarding,
             **options,
         )
 
     def close(self) -> None:
         """Close the journal, let go of pool slots, release the run's lock (idempotent)."""
+        self.lifeline.close()
+        if self.repo is not None and self.guarding:
+            self.repo.git.guard = None
+            self.guarding = False
         if self.pool is not None:
             self.pool.close()
         if self.venv_pool is not None:

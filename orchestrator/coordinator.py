@@ -45,6 +45,7 @@ from envelopes._events import (
     TaskQueued,
     TaskSkipped,
 )
+from envelopes._secrets import masked_plan
 
 from ._fs import atomic_write, write_file
 from .agents import Agent, AgentFunction, as_agent
@@ -61,6 +62,7 @@ from .errors import (
     PlanIssue,
     RunDirError,
 )
+from .guard import moved_refs, ref_values
 from .journal import JOURNAL, Journal, RunLock, read_journal
 from .merge import Combined, combine_commits
 from .mergeback import merge_results
@@ -212,8 +214,9 @@ async def orchestrate_parallel(
         if repository is not None:
             ctx.pool = WorktreePool(repository, pool_size)
         ctx.venv_pool = VenvPool(ctx.state_dir, backend, pool_size)
+    # As written to plan.json and hashed: secret values masked (docs/security.md).
     plan_json = (
-        the_plan.model_dump(mode="json")
+        masked_plan(the_plan.model_dump(mode="json"))
         if the_plan
         else {"envelopes": [e.to_json_dict() for e in envelopes]}
     )
@@ -268,8 +271,14 @@ async def orchestrate_parallel(
     )
 
     report_file = ctx.run_dir / "report.json"
+    # Every ref as the run starts, so that one an agent moves is reported (docs/security.md).
+    refs_before: dict[str, str] = {}
 
     async def finish(results: list[TaskResult]) -> Report:
+        warnings: list[str] = []
+        if ctx.repo is not None and refs_before:
+            with anyio.CancelScope(shield=True):
+                warnings = moved_refs(refs_before, await ref_values(ctx.repo.git), results)
         report = aggregate_results(
             results,
             run_id=ctx.run_id,
@@ -285,6 +294,7 @@ async def orchestrate_parallel(
                 name: (group.select, group.selected if group.decided else None)
                 for name, group in scheduler.groups.items()
             },
+            warnings=warnings,
         )
         await write_report(report, report_file, *([Path(report_path)] if report_path else []))
         await _tidy(ctx)
@@ -293,6 +303,8 @@ async def orchestrate_parallel(
     # From here on, however the run ends, it ends with a report and the lock closed.
     try:
         ctx.open_events_log()
+        if ctx.repo is not None:
+            refs_before.update(await ref_values(ctx.repo.git))
         if resume is None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(

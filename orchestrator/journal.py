@@ -26,6 +26,8 @@ from typing import Any
 
 import anyio
 
+from envelopes._bounded import loads_bounded, read_bounded
+
 from ._faults import armed, crash_point
 from .errors import OrchestratorError, RunDirError
 
@@ -166,10 +168,15 @@ class JournalContents:
         return [r for r in self.records if r.get("type") == kind]
 
 
+#: Largest journal read back (100,000 tasks write a few hundred MB).
+MAX_JOURNAL_BYTES = 8 << 30
+
+
 def read_journal(path: Path) -> JournalContents:
     """Read a journal; a torn last line is skipped, any other unreadable line is JournalCorrupt."""
     try:
-        data = path.read_bytes()
+        # A regular file (an agent without a sandbox could have put a FIFO there), whole.
+        data = read_bounded(path, MAX_JOURNAL_BYTES)
     except FileNotFoundError:
         return JournalContents()
     except OSError as exc:
@@ -182,7 +189,7 @@ def read_journal(path: Path) -> JournalContents:
         contents.torn = True
     for number, line in enumerate(lines[:-1], start=1):
         try:
-            record = json.loads(line)
+            record = loads_bounded(line)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
         except (ValueError, UnicodeDecodeError) as exc:

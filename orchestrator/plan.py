@@ -9,6 +9,8 @@ that need the repository (is it a git repository? does the base resolve?) are ch
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,23 +18,35 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from yaml.constructor import ConstructorError
 
 from envelopes import (
     HandoffEnvelope,
+    Limits,
     Plan,
     PlanProblem,
+    TaskSpec,
     build_envelope,
     canonical_json,
     digest,
     expand_tasks,
     plan_problems,
 )
+from envelopes._plan import ENV_FORMS, EnvSpec, env_values
 from envelopes._plan import validation_message as _message
+from envelopes._secrets import masked_plan
 
 from .errors import GitError, PlanError, PlanIssue
 from .repo import NotARepository, Repository
+from .sandbox import sandbox_problem
 
 __all__ = [
+    "ALIAS_ALLOWANCE_CHARS",
+    "ALIAS_ALLOWANCE_NODES",
+    "ALIAS_GROWTH",
+    "MAX_PLAN_BYTES",
+    "MAX_PLAN_DEPTH",
+    "MAX_PLAN_NODES",
     "LoadedPlan",
     "check_plan_repository",
     "envelopes_of",
@@ -42,6 +56,25 @@ __all__ = [
 ]
 
 Loc = tuple[str | int, ...]
+
+# The limits below keep a hostile plan (an alias bomb, /dev/zero, a FIFO, deep nesting) from
+# costing more than the largest plan a user could mean: a 100,000-task plan written out long-hand
+# is 16.6 MB and 1.6 million values, and takes about a minute and 1.3 GB to load.
+MAX_PLAN_BYTES = 32 << 20
+"""The largest plan file read, in bytes (a plan given as text: in characters)."""
+MAX_PLAN_NODES = 2_000_000
+"""The most values (mapping keys included) a plan may hold, aliases and merge keys expanded."""
+MAX_PLAN_DEPTH = 100
+"""How deep collections may nest in a plan, aliases expanded."""
+ALIAS_GROWTH = 10
+"""Aliases and merge keys may add this many times the values and text the file itself holds..."""
+ALIAS_ALLOWANCE_NODES = 100_000
+"""...or this many values, if that is more (a small file that merges templates into its tasks)."""
+ALIAS_ALLOWANCE_CHARS = 1 << 20
+"""...and this many characters of text, if that is more."""
+
+_TOO_DEEP = f"nested too deeply: more than {MAX_PLAN_DEPTH} levels"
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 @dataclass
@@ -56,15 +89,99 @@ class LoadedPlan:
     @property
     def sha256(self) -> str:
         """``plan_sha256``: digest of the validated plan (comments and layout do not count)."""
-        return digest(self.plan.model_dump(mode="json"))
+        return digest(masked_plan(self.plan.model_dump(mode="json")))
 
     def issue(self, loc: Loc, message: str) -> PlanIssue:
         """A PlanIssue at *loc*, placed at the nearest position known in the file."""
         return _issue(self.file, self.positions, PlanProblem(loc=loc, message=message))
 
 
+class _Limit(Exception):
+    """A plan past one of the limits above, found at *mark* (a position in the file)."""
+
+    def __init__(self, mark: yaml.Mark | None, reason: str) -> None:
+        super().__init__(reason)
+        self.mark = mark
+        self.reason = reason
+
+    def issue(self, file: str | None) -> PlanIssue:
+        if self.mark is None:
+            return PlanIssue(file, None, None, "<plan>", self.reason)
+        return PlanIssue(file, self.mark.line + 1, self.mark.column + 1, "<plan>", self.reason)
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    """A SafeLoader that counts the nodes it composes and stops at the limits as it goes."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.nodes = 0  # the file's own nodes: an alias adds none
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        # types-PyYAML leaves peek_event untyped.
+        mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+        self.nodes += 1
+        if self.nodes > MAX_PLAN_NODES:
+            raise _Limit(mark, f"more than {MAX_PLAN_NODES:,} values: too big for a plan")
+        self._depth += 1
+        try:
+            if self._depth > MAX_PLAN_DEPTH:
+                raise _Limit(mark, _TOO_DEEP)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if node is not None:
+            # Nothing reads where a node ends, and one Mark less is a third of a node's memory.
+            node.end_mark = node.start_mark
+        return node
+
+
+class _Budget:
+    """What walking a composed plan may still build, aliases expanded: values and characters.
+
+    A file's own values and text always fit; what aliases add may be ALIAS_GROWTH times that,
+    or ALIAS_ALLOWANCE_NODES values and ALIAS_ALLOWANCE_CHARS characters if that is more, and
+    never more than MAX_PLAN_NODES values and MAX_PLAN_BYTES characters in all.
+    """
+
+    def __init__(self, *, own_nodes: int, own_chars: int) -> None:
+        self.max_nodes = min(
+            MAX_PLAN_NODES, own_nodes + max(ALIAS_ALLOWANCE_NODES, ALIAS_GROWTH * own_nodes)
+        )
+        self.max_chars = min(
+            MAX_PLAN_BYTES, own_chars + max(ALIAS_ALLOWANCE_CHARS, ALIAS_GROWTH * own_chars)
+        )
+        self.nodes, self.chars = self.max_nodes, self.max_chars
+        self.own_nodes, self.own_chars = own_nodes, own_chars
+        # id(mapping node) -> how many of its pairs its merge keys brought in (-1: being counted)
+        self.merged: dict[int, int] = {}
+        # ids of the nodes whose problems are noted: an alias repeats a node, not its problems
+        self.noted: set[int] = set()
+
+    def spend(self, node: yaml.Node) -> None:
+        """Count *node* (one value, and its text if it is a scalar); _Limit past the budget."""
+        self.nodes -= 1
+        if isinstance(node, yaml.ScalarNode):
+            self.chars -= len(node.value)
+            if self.chars < 0:
+                raise _Limit(
+                    node.start_mark,
+                    f"aliases expand the plan past {self.max_chars:,} characters of text "
+                    f"({self.own_chars:,} in the file itself)",
+                )
+        self.reserve(0, node)
+
+    def reserve(self, nodes: int, node: yaml.Node) -> None:
+        """_Limit at *node* unless *nodes* more values fit in what is left."""
+        if nodes > self.nodes:
+            raise _Limit(
+                node.start_mark,
+                f"aliases expand the plan past {self.max_nodes:,} values "
+                f"({self.own_nodes:,} in the file itself)",
+            )
 
 
 _UNREADABLE = object()  # stands for a value YAML could not read; its problem is already noted
@@ -95,10 +212,68 @@ def _construct(loader: _Loader, node: yaml.Node) -> Any:
         reason = getattr(exc, "problem", None) or str(exc)
         if isinstance(exc, UnicodeError):
             reason = "it holds half of a surrogate pair, which is not a character"
+        # Python's advice on its own int limit means nothing to the plan's author.
+        reason = reason.split("; use sys.set_int_max_str_digits()")[0]
         value = node.value if isinstance(node, yaml.ScalarNode) else node.tag
+        shown = repr(value) if len(value) <= 80 else f"{value[:40]!r}... ({len(value):,} chars)"
         raise _BadValue(
-            node, f"cannot read value {value!r}: {reason} (quote it to keep it a string)"
+            node, f"cannot read value {shown}: {reason} (quote it to keep it a string)"
         ) from exc
+
+
+def _flatten(node: yaml.MappingNode, budget: _Budget) -> int:
+    """Resolve the merge keys (``<<: *anchor``) of *node* in place, as PyYAML's flatten_mapping
+    does, and return how many of its pairs they brought in; _Limit past the budget.
+
+    The merged pairs come first (of several mappings listed, the first last), then the node's
+    own: later pairs win. A node is flattened once, however many aliases lead to it: a second
+    call only returns the count.
+    """
+    done = budget.merged.get(id(node))
+    if done == -1:
+        raise ConstructorError(
+            None, None, "a merge key (<<) merges the mapping it is in", node.start_mark
+        )
+    if done is not None:
+        return done
+    budget.merged[id(node)] = -1
+    sources: list[yaml.MappingNode] = []
+    own: list[tuple[yaml.Node, yaml.Node]] = []
+    for key_node, value_node in node.value:
+        if key_node.tag != _MERGE:
+            if key_node.tag == "tag:yaml.org,2002:value":
+                key_node.tag = "tag:yaml.org,2002:str"  # as flatten_mapping does
+            own.append((key_node, value_node))
+            continue
+        if isinstance(value_node, yaml.MappingNode):
+            sources.append(value_node)
+            continue
+        if not isinstance(value_node, yaml.SequenceNode):
+            raise ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                f"expected a mapping or list of mappings for merging, but found {value_node.id}",
+                value_node.start_mark,
+            )
+        listed: list[yaml.MappingNode] = []
+        for source in value_node.value:
+            if not isinstance(source, yaml.MappingNode):
+                raise ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"expected a mapping for merging, but found {source.id}",
+                    source.start_mark,
+                )
+            listed.append(source)
+        sources += reversed(listed)  # later pairs win, and the first listed is to win
+    for source in sources:
+        _flatten(source, budget)
+    count = sum(len(source.value) for source in sources)
+    budget.reserve(count, node)  # each merged pair costs at least its key once walked
+    if sources:
+        node.value = [pair for source in sources for pair in source.value] + own
+    budget.merged[id(node)] = count
+    return count
 
 
 def _to_python(
@@ -107,35 +282,56 @@ def _to_python(
     loc: Loc,
     positions: dict[Loc, tuple[int, int]],
     problems: list[tuple[Loc, str]],
+    budget: _Budget,
 ) -> Any:
+    # An alias is the very node it names, so a node is walked (and counted) once per path to
+    # it: that is what keeps nine levels of nine aliases from building 9**9 values.
+    budget.spend(node)
+    if len(loc) >= MAX_PLAN_DEPTH:  # only aliases reach this deep: the file was checked
+        raise _Limit(node.start_mark, _TOO_DEEP)
     positions[loc] = _mark(node)
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # resolves YAML merge keys (<<: *anchor) as safe_load does
+        merged = _flatten(node, budget)
         out: dict[Any, Any] = {}
         first: dict[Any, tuple[int, int]] = {}
-        for key_node, value_node in node.value:
+        for index, (key_node, value_node) in enumerate(node.value):
+            budget.spend(key_node)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _BadValue(key_node, f"a key must be a string, found a {key_node.id}")
             key = _construct(loader, key_node)
             if not isinstance(key, str):
                 key = str(key)
             child = (*loc, key)
-            if key in out:
+            if key in first:
                 line = first[key][0]
                 positions[child] = _mark(key_node)
-                problems.append((child, f"duplicate key {key!r} (first at line {line})"))
+                if _first_time(key_node, budget):
+                    problems.append((child, f"duplicate key {key!r} (first at line {line})"))
                 continue
-            out[key] = _to_python(loader, value_node, child, positions, problems)
-            positions[child] = first[key] = _mark(key_node)
+            # A merged pair yields to a later one: the node's own, or an earlier-listed merge.
+            out[key] = _to_python(loader, value_node, child, positions, problems, budget)
+            positions[child] = _mark(key_node)
+            if index >= merged:
+                first[key] = positions[child]
         return out
     if isinstance(node, yaml.SequenceNode):
         return [
-            _to_python(loader, item, (*loc, i), positions, problems)
+            _to_python(loader, item, (*loc, i), positions, problems, budget)
             for i, item in enumerate(node.value)
         ]
     try:
         return _construct(loader, node)
     except _BadValue as exc:
-        problems.append((loc, exc.reason))
+        if _first_time(node, budget):
+            problems.append((loc, exc.reason))
         return _UNREADABLE
+
+
+def _first_time(node: yaml.Node, budget: _Budget) -> bool:
+    """Whether *node*'s problem is new (not one an alias led to again); notes it."""
+    seen = id(node) in budget.noted
+    budget.noted.add(id(node))
+    return not seen
 
 
 def _yaml_issue(file: str | None, exc: yaml.YAMLError) -> PlanIssue:
@@ -172,34 +368,45 @@ def parse_plan(
     plan_dir: Path | None = None,
     callable_agents: Sequence[str] = (),
 ) -> LoadedPlan:
-    """Parse and validate plan text (YAML, or JSON); PlanError lists every problem found."""
+    """Parse and validate plan text (YAML, or JSON); PlanError lists every problem found.
+
+    A plan past a limit (MAX_PLAN_BYTES characters; MAX_PLAN_NODES values, MAX_PLAN_DEPTH
+    levels and ALIAS_GROWTH, aliases expanded) is one PlanError line, found as the limit passes.
+    """
+    if len(text) > MAX_PLAN_BYTES:
+        too_large = _too_large(len(text), "characters")
+        raise PlanError([PlanIssue(file, None, None, "<plan>", too_large)])
     positions: dict[Loc, tuple[int, int]] = {}
     problems: list[tuple[Loc, str]] = []
+    loader = _Loader(text)
     try:
-        node = yaml.compose(text, Loader=_Loader)
+        node = loader.get_single_node()
     except yaml.YAMLError as exc:
         # JSON is YAML, except for a few things YAML refuses (tabs as indentation): such a
         # file is read as JSON, without line numbers.
         try:
             data = _json_or_none(text, problems)
-        except RecursionError:
-            raise PlanError([PlanIssue(file, None, None, "<plan>", "nested too deeply")]) from None
+        except _Limit as limit:
+            raise PlanError([limit.issue(file)]) from None
         if data is None:
             raise PlanError([_yaml_issue(file, exc)]) from None
-    except RecursionError:
-        raise PlanError([PlanIssue(file, None, None, "<plan>", "nested too deeply")]) from None
+    except _Limit as exc:
+        raise PlanError([exc.issue(file)]) from None
     else:
         if node is None:
             raise PlanError([PlanIssue(file, 1, 1, "<plan>", "the plan is empty")])
+        budget = _Budget(own_nodes=loader.nodes, own_chars=len(text))
         try:
-            data = _to_python(_Loader(""), node, (), positions, problems)
+            data = _to_python(_Loader(""), node, (), positions, problems, budget)
         except _BadValue as exc:
             line, col = _mark(exc.node)
             raise PlanError([PlanIssue(file, line, col, "<plan>", exc.reason)]) from None
+        except _Limit as exc:
+            raise PlanError([exc.issue(file)]) from None
         except yaml.YAMLError as exc:
             raise PlanError([_yaml_issue(file, exc)]) from None
-        except RecursionError:
-            raise PlanError([PlanIssue(file, None, None, "<plan>", "nested too deeply")]) from None
+    finally:
+        loader.dispose()
     return _validate(
         data,
         file=file,
@@ -225,6 +432,8 @@ def validate_plan_data(
 
 
 def _json_or_none(text: str, problems: list[tuple[Loc, str]]) -> Any:
+    """*text* read as JSON, or None if it is not JSON; _Limit if it nests too deep."""
+
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in pairs:
@@ -234,9 +443,22 @@ def _json_or_none(text: str, problems: list[tuple[Loc, str]]) -> Any:
         return out
 
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
+        data = json.loads(text, object_pairs_hook=no_duplicates)
     except ValueError:
         return None
+    except RecursionError:
+        raise _Limit(None, _TOO_DEEP) from None
+    # The JSON parser stops only at Python's recursion limit: hold JSON to YAML's depth.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_PLAN_DEPTH:
+            raise _Limit(None, _TOO_DEEP)
+        if isinstance(value, dict):
+            stack += [(item, depth + 1) for item in value.values()]
+        elif isinstance(value, list):
+            stack += [(item, depth + 1) for item in value]
+    return data
 
 
 def _validate(
@@ -269,9 +491,7 @@ def _validate(
         plan = Plan.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            loc = tuple(
-                p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))
-            )
+            loc = _user_loc(error["loc"])
             if error["input"] is not _UNREADABLE:
                 issues.append(
                     _issue(file, positions, PlanProblem(loc=loc, message=_message(error)))
@@ -295,24 +515,67 @@ def _validate(
     return LoadedPlan(plan=plan, file=file, plan_dir=plan_dir or Path.cwd(), positions=positions)
 
 
+def _user_loc(loc: Sequence[str | int]) -> Loc:
+    """A pydantic error location as the user wrote the field: without validator names, nor
+    the form ``env`` was checked in."""
+    out: list[str | int] = []
+    for part in loc:
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
+        if out and out[-1] == "env" and part in ENV_FORMS:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
 def load_plan(path: Path | str, *, callable_agents: Sequence[str] = ()) -> LoadedPlan:
-    """Read and validate a plan file; PlanError (one line per problem) when it is not valid."""
+    """Read and validate a plan file; PlanError (one line per problem) when it is not valid.
+
+    The file must be a regular file (or a link to one) of at most MAX_PLAN_BYTES, in UTF-8.
+    """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlanError([PlanIssue(str(path), None, None, "<plan>", "no such file")]) from None
-    except IsADirectoryError:
-        raise PlanError(
-            [PlanIssue(str(path), None, None, "<plan>", "is a directory, not a plan file")]
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError(
-            [PlanIssue(str(path), None, None, "<plan>", f"cannot read: {exc}")]
-        ) from None
     return parse_plan(
-        text, file=str(path), plan_dir=path.resolve().parent, callable_agents=callable_agents
+        _read_plan_file(path),
+        file=str(path),
+        plan_dir=path.resolve().parent,
+        callable_agents=callable_agents,
     )
+
+
+def _read_plan_file(path: Path) -> str:
+    def refused(message: str) -> PlanError:
+        return PlanError([PlanIssue(str(path), None, None, "<plan>", message)])
+
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise refused("no such file") from None
+    except OSError as exc:
+        raise refused(f"cannot read: {exc}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise refused("is a directory, not a plan file")
+        if not stat.S_ISREG(info.st_mode):
+            raise refused("is not a regular file")
+        if info.st_size > MAX_PLAN_BYTES:
+            raise refused(_too_large(info.st_size))
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_PLAN_BYTES + 1)  # a file may grow, or /proc may say 0 bytes
+        if len(data) > MAX_PLAN_BYTES:
+            raise refused(_too_large(None))
+        # As Path.read_text did: newlines become "\n".
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise refused(f"cannot read: {exc}") from None
+    finally:
+        os.close(fd)
+
+
+def _too_large(size: int | None, unit: str = "bytes") -> str:
+    most = f"the {MAX_PLAN_BYTES:,} {unit} a plan may be"
+    return f"is more than {most}" if size is None else f"is {size:,} {unit}, more than {most}"
 
 
 async def check_plan_repository(
@@ -326,9 +589,11 @@ async def check_plan_repository(
     The repository is ``repo_override``, else the plan's ``repo`` (relative to the plan
     file), else the current directory's repository. A plan whose tasks all run without a
     worktree needs no repository: then ``(None, None, None)`` is returned when none is found.
-    Returns ``(repository, base_commit, base_tree)``.
+    Returns ``(repository, base_commit, base_tree)``. A plan that asks for a sandbox this
+    machine cannot make is refused here too.
     """
     plan = loaded.plan
+    await _check_sandbox(loaded)
     needs_repo = plan.merge is not None or any(
         (t.worktree if t.worktree is not None else plan.defaults.worktree) for t in plan.tasks
     )
@@ -376,8 +641,65 @@ async def check_plan_repository(
     return repo, commit, tree
 
 
+def _sandboxed_fields(plan: Plan) -> list[Loc]:
+    """Where the plan asks for ``sandbox: bwrap``."""
+    places: list[Loc] = []
+    if plan.defaults.sandbox == "bwrap":
+        places.append(("defaults", "sandbox"))
+    places += [("agents", n, "sandbox") for n, a in plan.agents.items() if a.sandbox == "bwrap"]
+    places += [("tasks", i, "sandbox") for i, t in enumerate(plan.tasks) if t.sandbox == "bwrap"]
+    return places
+
+
+async def _check_sandbox(loaded: LoadedPlan) -> None:
+    places = _sandboxed_fields(loaded.plan)
+    if not places:
+        return
+    problem = await sandbox_problem()
+    if problem is not None:
+        raise PlanError([loaded.issue(loc, f"sandbox: bwrap: {problem}") for loc in places])
+
+
+def _isolation(plan: Plan, task: TaskSpec) -> dict[str, Any]:
+    """The envelope's isolation fields for *task*: its own value, else its agent's, else the
+    plan's default (``limits`` key by key; ``secrets`` and ``env.pass`` from every level)."""
+    d = plan.defaults
+    agent = plan.agents.get(task.agent or "")
+    levels: list[Any] = [d, agent, task] if agent is not None else [d, task]
+
+    def last(name: str) -> Any:
+        return next(v for v in (getattr(x, name) for x in reversed(levels)) if v is not None)
+
+    limits: dict[str, int] = {}
+    secrets: list[str] = []
+    passed: list[str] = []
+    inherit: bool | None = None
+    for level in levels:
+        if level.limits is not None:
+            limits.update(level.limits.model_dump(exclude_none=True))
+        secrets += [n for n in level.secrets if n not in secrets]
+        if isinstance(level.env, EnvSpec):
+            passed += [n for n in level.env.pass_ if n not in passed]
+            inherit = level.env.inherit if level.env.inherit is not None else inherit
+    sandbox = last("sandbox")
+    return {
+        "sandbox": sandbox,
+        "network": last("network"),
+        "inherit_env": inherit if inherit is not None else sandbox == "none",
+        "pass_env": passed,
+        "secrets": secrets,
+        "limits": Limits(**limits),
+        "max_commit_mb": last("max_commit_mb"),
+        "allow_secrets_in_commit": last("allow_secrets_in_commit"),
+    }
+
+
 def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelope]:
-    """One HandoffEnvelope per task, matrix tasks expanded, with the plan's defaults applied."""
+    """One HandoffEnvelope per task, matrix tasks expanded, with the plan's defaults applied.
+
+    The variables a task's agent sets (``agents.<name>.env``) are not in its envelope: they
+    are the agent's, set when its command starts, under the envelope's own.
+    """
     d = plan.defaults
     out = []
     for expanded in expand_tasks(plan):
@@ -394,7 +716,7 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 acceptance_criteria=task.acceptance_criteria,
                 timeout=task.timeout if task.timeout is not None else d.timeout,
                 retries=task.retries if task.retries is not None else d.retries,
-                env={**d.env, **task.env},
+                env={**env_values(d.env), **env_values(task.env)},
                 metadata=task.metadata,
                 priority=task.priority,
                 worktree=task.worktree if task.worktree is not None else d.worktree,
@@ -403,6 +725,7 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 cache=task.cache if task.cache is not None else plan.cache,
                 group=expanded.group,
                 select=expanded.select,
+                **_isolation(plan, task),
             )
         )
     return out

@@ -295,17 +295,17 @@ class WorktreePool:
         made = False
         worktree = Worktree(path=slot, branch=branch, base_commit=base_commit, admin_dir=admin)
         try:
-            await self.repo.git.run("update-ref", ref, base_commit, "")
+            await self.repo.git.run("update-ref", "--end-of-options", ref, base_commit, "")
             made = True
             await anyio.to_thread.run_sync(_strip_admin_dir, admin, branch)
             crash_point("worktree")  # the branch made, the files not yet the base's
             await _restore_dot_git(worktree)
-            git, args = self.repo.git, worktree.git_args()
-            await git.run(*args, "reset", "--hard", "--quiet", cwd=slot)
-            await git.run(*args, "clean", "-ffdxq", cwd=slot)
+            git, args, env = self.repo.git, worktree.git_args(), worktree.git_env()
+            await git.run(*args, "reset", "--hard", "--quiet", cwd=slot, env=env)
+            await git.run(*args, "clean", "-ffdxq", cwd=slot, env=env)
             # reset keeps the index's per-entry flags: a skip-worktree (sparse checkout) or
             # assume-unchanged bit a task set would hide files or changes from the next.
-            flags = await git.out(*args, "ls-files", "-v", cwd=slot)
+            flags = await git.out(*args, "ls-files", "-v", cwd=slot, env=env)
             if any(not line.startswith("H ") for line in flags.splitlines()):
                 raise GitError(["ls-files", "-v"], 1, "index entries with flags")
         except BaseException as exc:
@@ -614,6 +614,15 @@ class VenvPool:
     def keep(self, venv: Venv) -> None:
         """Never lend *venv* again: it stays beside the worktree kept for inspection."""
         self._slots[venv.path.parent.name].mark_kept(venv.path)
+
+    async def discard(self, venv: Venv) -> None:
+        """Delete a lent venv and its slot: what used it is not trusted with the next borrower.
+
+        A sandboxed agent may write its venv (``bin/python`` included); lent again, that venv
+        would run the agent's code outside the sandbox, at the next ``uv pip sync``.
+        """
+        await anyio.to_thread.run_sync(shutil.rmtree, venv.path, True)
+        self._slots[venv.path.parent.name].release(venv.path, forget=True)
 
     def close(self) -> None:
         """Let go of every slot still held."""

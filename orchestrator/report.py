@@ -51,6 +51,7 @@ def aggregate_results(
     started_at: datetime,
     finished_at: datetime,
     groups: Mapping[str, tuple[Select, list[str] | None]] | None = None,
+    warnings: Sequence[str] = (),
 ) -> Report:
     """The sealed Report of a run: summary, per-agent counts, errors, groups, every result.
 
@@ -128,6 +129,7 @@ def aggregate_results(
         results_by_agent=by_agent,
         errors=errors,
         groups=group_reports,
+        warnings=list(warnings),
     )
     return seal_report(report)
 

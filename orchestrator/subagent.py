@@ -38,22 +38,29 @@ from envelopes import (
     seal_result,
     sha256_hex,
 )
+from envelopes._audit import MAX_LOG_BYTES
+from envelopes._bounded import MAX_VALUE_DEPTH, hash_file, loads_bounded, read_bounded
 from envelopes._events import AttemptFailed, TaskFinished, TaskRetrying, TaskStarted
 
-from ._fs import file_entry, write_file
+from ._fs import last_line, write_file
 from .agents import Agent, CallableAgent, CommandAgent, Workspace
 from .context import RunContext
 from .errors import EventHandlerFailed, GitError, RunDirError, VenvError
 from .process import run_command
 from .retry import retry_attempts
+from .secrets import Masker
 from .venv import Venv, describe_environment, setup_virtualenv
 from .worktree import (
     Worktree,
+    branch_tip,
+    changed_paths,
+    check_branch,
     commit_worktree,
     create_worktree,
     delete_if_unused,
     remove_worktree,
     reset_worktree,
+    restore_admin_files,
 )
 
 __all__ = ["MAX_OUTPUT_BYTES", "finished_event", "journal_result", "run_subagent"]
@@ -108,7 +115,13 @@ class _Subagent:
         self.program: str | None = None
         self.branch_deleted = False
         self.keep = False
-        self.envelope_bytes = canonical_json(envelope.to_json_dict())
+        #: Set when the commit step refused what it found (a branch moved by another
+        #: process, a secret in a file, changes too large): the task fails with it,
+        #: whatever the agent's outcome.
+        self.refused: ErrorInfo | None = None
+        #: The task's secret values (set once its agent's environment is known).
+        self.masker = Masker()
+        self.envelope_bytes = canonical_json(envelope.to_json_dict())  # secrets masked
         self.envelope_sha256 = sha256_hex(self.envelope_bytes)
         run_dir, name = ctx.run_dir, ref_safe(self.task_id)
         self.envelope_path = run_dir / "envelopes" / f"{name}.json"
@@ -189,7 +202,12 @@ class _Subagent:
                 self._timed("venv_s", start)
 
     def _env(self, output_path: Path) -> dict[str, str]:
-        env = dict(self.ctx.base_env)
+        from .isolation import agent_environment
+
+        if self.envelope.sandbox != "none" and not isinstance(self.agent, CommandAgent):
+            message = f"agent {self.envelope.agent!r} runs in this process: it cannot be sandboxed"
+            raise _TaskFailed(ErrorInfo(kind="spawn", message=message))
+        env = agent_environment(self.ctx.base_env, self.envelope)
         if isinstance(self.agent, CommandAgent):
             env.update(self.agent.env)
         env.update(self.envelope.env)
@@ -226,6 +244,7 @@ class _Subagent:
         stdout_path = logs.with_name(f"{logs.name}.attempt-{number}.stdout")
         stderr_path = logs.with_name(f"{logs.name}.attempt-{number}.stderr")
         env = self._env(output_path)
+        self.masker = Masker.for_env(env, self.envelope.secrets)
         started_at = _now()
         start = time.monotonic()
         outcome: _AttemptOutcome
@@ -245,7 +264,23 @@ class _Subagent:
             raise
         finally:
             self._timed("agent_s", start)
+        guard = ctx.repo.git.guard if ctx.repo is not None else None
+        if guard is not None and outcome.status != "cancelled":
+            began = started_at.timestamp()
+            if changes := await anyio.to_thread.run_sync(guard.blame, began, time.time()):
+                names = sorted({str(c.path) for c in changes})
+                outcome.status, outcome.output = "failed", None
+                outcome.error = ErrorInfo(
+                    kind="tamper",
+                    message=f"{', '.join(names)} {changes[0].what} while this task's agent "
+                    "ran (put back; the orchestrator's git never ran with it)",
+                    paths=names,
+                )
         await self._record(number, started_at, start, outcome, stdout_path, stderr_path)
+        if self.masker:
+            # The output file stays in the run directory: masked like the logs.
+            with contextlib.suppress(OSError):
+                await anyio.to_thread.run_sync(self.masker.mask_file, output_path)
         if outcome.error is not None:
             await ctx.emit(
                 AttemptFailed(
@@ -269,9 +304,18 @@ class _Subagent:
     ) -> None:
         stdout = stderr = None
         if isinstance(self.agent, CommandAgent):
-            stdout, stderr = await anyio.to_thread.run_sync(
-                _log_entries, stdout_path, stderr_path, self.ctx.run_dir
+            stdout, stderr, problem = await anyio.to_thread.run_sync(
+                _log_entries, stdout_path, stderr_path, self.ctx.run_dir, self.masker
             )
+            if problem is not None and outcome.status != "cancelled":
+                outcome.status, outcome.output = "failed", None
+                outcome.error = ErrorInfo(kind="tamper", message=f"the agent's {problem}")
+        if self.masker:
+            # Before anything is written of it: the attempt log, events, journal, report.
+            if outcome.error is not None:
+                outcome.error = self._masked(outcome.error)
+            if outcome.output is not None:
+                outcome.output = self.masker.value(outcome.output)
         if stdout is not None and stderr is not None:
             outcome.metrics = outcome.metrics.model_copy(
                 update={"stdout_bytes": stdout.size, "stderr_bytes": stderr.size}
@@ -310,18 +354,36 @@ class _Subagent:
             venv_bin=self.venv.bin_dir if self.venv else None,
         )
         self.commands.append(argv)
+        from .isolation import isolate, isolate_error
+
         try:
             self.program = os.path.realpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]
-            proc = await run_command(
+            async with isolate(
+                ctx,
+                self.envelope,
                 argv,
                 cwd=self._cwd(),
                 env=env,
-                stdout=stdout_path,
-                stderr=stderr_path,
-                timeout=self.envelope.timeout,
-                tag=f"{ctx.run_id}/{self.task_id}/{number}",
-                kill_grace=ctx.kill_grace,
-            )
+                worktree=self.worktree,
+                venv=self.venv,
+                envelope_path=self.envelope_path,
+                output_path=output_path,
+                number=number,
+            ) as spawn:
+                proc = spawn.outcome(
+                    await run_command(
+                        spawn.argv,
+                        cwd=spawn.cwd,
+                        env=spawn.env,
+                        stdout=stdout_path,
+                        stderr=stderr_path,
+                        timeout=self.envelope.timeout,
+                        tag=f"{ctx.run_id}/{self.task_id}/{number}",
+                        kill_grace=ctx.kill_grace,
+                        rlimits=spawn.rlimits,
+                        lifeline=ctx.lifeline,
+                    )
+                )
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or variable
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return _AttemptOutcome(
@@ -340,6 +402,10 @@ class _Subagent:
                     kind="timeout", message=f"timed out after {self.envelope.timeout:g} s"
                 ),
             )
+        if (error := await isolate_error(self.envelope, spawn, proc, stderr_path)) is not None:
+            return _AttemptOutcome(
+                status="failed", exit_code=proc.exit_code, metrics=metrics, error=error
+            )
         if proc.signal is not None:
             try:
                 name = signal.Signals(proc.signal).name
@@ -351,7 +417,7 @@ class _Subagent:
                 error=ErrorInfo(kind="exit_code", message=f"killed by {name}"),
             )
         if proc.exit_code != 0:
-            tail = await anyio.to_thread.run_sync(_last_line, stderr_path)
+            tail = await anyio.to_thread.run_sync(last_line, stderr_path)
             message = f"exited with code {proc.exit_code}" + (f": {tail}" if tail else "")
             return _AttemptOutcome(
                 status="failed",
@@ -359,7 +425,7 @@ class _Subagent:
                 metrics=metrics,
                 error=ErrorInfo(kind="exit_code", message=message),
             )
-        output, error = await anyio.to_thread.run_sync(_read_output, output_path)
+        output, error = await anyio.to_thread.run_sync(_read_output, output_path, ctx.run_dir)
         if error is not None:
             return _AttemptOutcome(status="failed", exit_code=0, metrics=metrics, error=error)
         return _AttemptOutcome(status="succeeded", exit_code=0, output=output, metrics=metrics)
@@ -394,7 +460,9 @@ class _Subagent:
             )
         if value is None:
             # A callable may write its output to workspace.output_path instead of returning it.
-            value, error = await anyio.to_thread.run_sync(_read_output, output_path)
+            value, error = await anyio.to_thread.run_sync(
+                _read_output, output_path, self.ctx.run_dir
+            )
             if error is not None:
                 return _AttemptOutcome(status="failed", error=error)
         if value is not None and not isinstance(value, Mapping):
@@ -429,16 +497,89 @@ class _Subagent:
             if self.envelope.task.strip()
             else "(no description)"
         )
-        message = (
+        message = self.masker.text(
             f"{self.envelope.agent}: {subject} [task {self.task_id}]\n\n"
             f"Orchestrator-Run: {ctx.run_id}\nEnvelope-SHA256: {self.envelope_sha256}\n"
         )
         try:
+            worktree, git = self.worktree, ctx.repo.git
+            if tampered := await restore_admin_files(worktree):
+                self.refused = ErrorInfo(
+                    kind="tamper",
+                    message=f"the agent pointed {', '.join(tampered)} elsewhere (put back)",
+                    paths=tampered,
+                )
+            tip = await branch_tip(ctx.repo, worktree)
+            if problem := await check_branch(ctx.repo, worktree, tip):
+                # Not this task's doing: the branch goes back to the base (by compare-and-
+                # swap from what was found), the worktree is committed on it for the record,
+                # and the task fails.
+                self.refused = ErrorInfo(
+                    kind="tamper", message=problem, paths=[f"refs/heads/{worktree.branch}"]
+                )
+                await git.run(
+                    "update-ref",
+                    "--end-of-options",
+                    f"refs/heads/{worktree.branch}",
+                    worktree.base_commit,
+                    tip,
+                )
+                tip = worktree.base_commit
+            paths = await changed_paths(ctx.repo, worktree)
+            if paths and (
+                why := await anyio.to_thread.run_sync(self._refuse_changes, worktree.path, paths)
+            ):
+                self.refused = self.refused or why
+                if why.kind == "too_large":
+                    return  # nothing of it enters the repository; the worktree keeps it
+                paths = [p for p in paths if p not in why.paths]
             self.result_commit, self.result_tree, self.committed = await commit_worktree(
-                ctx.repo, self.worktree, message, base_tree=base_tree
+                ctx.repo, worktree, message, base_tree=base_tree, parent=tip, paths=paths
             )
         finally:
             self._timed("commit_s", start)
+
+    def _refuse_changes(self, root: Path, paths: list[str]) -> ErrorInfo | None:
+        """Why the changed *paths* must not be committed (too large, holding a secret), if so.
+
+        Blocking (a thread): sizes come from ``lstat`` (links are not followed), and with
+        secrets to look for every changed file is read, up to the size limit.
+        """
+        limit = self.envelope.max_commit_mb * 1024 * 1024
+        sizes: dict[str, int] = {}
+        for path in paths:
+            with contextlib.suppress(OSError):
+                sizes[path] = os.lstat(root / path).st_size
+        if sum(sizes.values()) > limit:
+            largest = sorted(sizes, key=lambda p: -sizes[p])[:3]
+            return ErrorInfo(
+                kind="too_large",
+                message=f"the changes are {sum(sizes.values())} bytes, more than max_commit_mb "
+                f"({self.envelope.max_commit_mb}); largest: {', '.join(largest)}; nothing was "
+                "committed",
+                paths=largest,
+            )
+        if not self.masker or self.envelope.allow_secrets_in_commit:
+            return None
+        leaking = []
+        for path in sizes:
+            try:
+                if os.path.islink(root / path):
+                    data = os.readlink(root / path).encode("utf-8", "surrogateescape")
+                else:
+                    data = read_bounded(path, limit, within=root)
+            except OSError:
+                continue  # not a regular file: git does not commit it either
+            if self.masker.found_in(data):
+                leaking.append(path)
+        if not leaking:
+            return None
+        return ErrorInfo(
+            kind="secret_leak",
+            message=f"the value of a secret variable is in {', '.join(leaking)}: "
+            "not committed (set allow_secrets_in_commit to commit it anyway)",
+            paths=leaking,
+        )
 
     async def describe(self, status: TaskStatus) -> None:
         """Describe the venv and decide what the clean-up keeps: the result as it will be."""
@@ -480,14 +621,24 @@ class _Subagent:
             if venv_pool is not None and venv_pool.owns(venv):
                 if kept:
                     venv_pool.keep(venv)
+                elif self.envelope.sandbox != "none":
+                    await venv_pool.discard(venv)  # written by an untrusted agent
                 else:
                     venv_pool.give_back(venv)
             elif not kept:
                 await anyio.to_thread.run_sync(shutil.rmtree, venv.path, True)
         self._timed("cleanup_s", start)
 
+    def _masked(self, error: ErrorInfo) -> ErrorInfo:
+        return error.model_copy(
+            update={
+                "message": self.masker.text(error.message),
+                "paths": [self.masker.text(p) for p in error.paths],
+            }
+        )
+
     def result(self, status: TaskStatus, error: ErrorInfo | None) -> TaskResult:
-        """The sealed TaskResult."""
+        """The sealed TaskResult: what it says of the task's secrets masked (see secrets.py)."""
         last = self.last
         output = last.output if last is not None and status == "succeeded" else None
         last_attempt = self.attempts[-1] if self.attempts else None
@@ -496,6 +647,12 @@ class _Subagent:
             if isinstance(self.agent, CommandAgent)
             else self.agent.info()
         )
+        if self.masker:
+            error = self._masked(error) if error is not None else None
+            if agent_info.command is not None:
+                agent_info = agent_info.model_copy(
+                    update={"command": [self.masker.text(a) for a in agent_info.command]}
+                )
         branch = self.worktree.branch if self.worktree and not self.branch_deleted else None
         finished = _now()
         result = TaskResult(
@@ -537,48 +694,63 @@ class _Subagent:
                 stderr_sha256=last_attempt.stderr.sha256
                 if last_attempt and last_attempt.stderr
                 else None,
-                commands=self.commands,
+                commands=[[self.masker.text(a) for a in c] for c in self.commands],
             ),
         )
         return seal_result(result)
 
 
 def _log_entries(
-    stdout: Path, stderr: Path, run_dir: Path
-) -> tuple[LogFile | None, LogFile | None]:
-    """Entries for an attempt's two log files; empty ones are made if the command never started."""
+    stdout: Path, stderr: Path, run_dir: Path, masker: Masker
+) -> tuple[LogFile | None, LogFile | None, str | None]:
+    """Entries for an attempt's two log files, and what an agent did to them, if anything.
+
+    Empty files are made if the command never started. The agent had the files' paths (its
+    /proc/self/fd): one it replaced with a link, a FIFO or a device is not followed or read;
+    it is replaced by an empty file, and the problem is returned for the attempt's result.
+    """
+    entries: list[LogFile] = []
+    problem = None
     for path in (stdout, stderr):
-        path.touch()
-    return file_entry(stdout, run_dir), file_entry(stderr, run_dir)
+        relative = path.relative_to(run_dir).as_posix()
+        try:
+            digest_, size = hash_file(relative, MAX_LOG_BYTES, within=run_dir)
+        except FileNotFoundError:
+            path.touch()
+            digest_, size = hash_file(relative, MAX_LOG_BYTES, within=run_dir)
+        except OSError as exc:
+            problem = problem or f"its log {relative} was tampered with: {exc.strerror or exc}"
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            path.touch()
+            digest_, size = hash_file(relative, MAX_LOG_BYTES, within=run_dir)
+        if masker and size and masker.mask_file(path):
+            digest_, size = hash_file(relative, MAX_LOG_BYTES, within=run_dir)
+        entries.append(LogFile(path=relative, sha256=digest_, size=size))
+    return entries[0], entries[1], problem
 
 
-def _last_line(path: Path, limit: int = 4096) -> str:
+def _read_output(path: Path, run_dir: Path) -> tuple[dict[str, Any] | None, ErrorInfo | None]:
+    """The agent's output file: a regular file of at most MAX_OUTPUT_BYTES, JSON of bounded depth.
+
+    The agent chose what is at that path: a link, a FIFO or a device is refused without being
+    followed or read (kind ``invalid_output``), so neither can hang the run or fill memory.
+    """
+    relative = path.relative_to(run_dir).as_posix()
     try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            tail = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def _read_output(path: Path) -> tuple[dict[str, Any] | None, ErrorInfo | None]:
-    try:
-        size = path.stat().st_size
+        data = read_bounded(relative, MAX_OUTPUT_BYTES, within=run_dir)
     except FileNotFoundError:
         return None, None
-    if size > MAX_OUTPUT_BYTES:
+    except OSError as exc:
         return None, ErrorInfo(
             kind="invalid_output",
-            message=f"output file is {size} bytes, more than {MAX_OUTPUT_BYTES}",
+            message=f"output file {relative} cannot be read: {exc.strerror or exc}",
         )
     try:
-        value = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as exc:
-        return None, ErrorInfo(kind="invalid_output", message=f"output is not valid JSON: {exc}")
+        value = loads_bounded(data, max_depth=MAX_VALUE_DEPTH)
+    except ValueError as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return None, ErrorInfo(kind="invalid_output", message=f"output is not valid JSON: {reason}")
     if not isinstance(value, dict):
         return None, ErrorInfo(
             kind="invalid_output",
@@ -633,6 +805,8 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
             await task.commit()
         except GitError as exc:
             status, error = "failed", ErrorInfo(kind="commit", message=str(exc))
+        if task.refused is not None:
+            status, error = "failed", task.refused
     except _TaskFailed as exc:
         status, error = "failed", exc.error
     except GitError as exc:

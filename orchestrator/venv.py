@@ -21,6 +21,7 @@ from typing import ClassVar, Protocol
 import anyio
 
 from envelopes import Environment
+from envelopes._bounded import read_bounded
 
 from ._git import clean_environment
 from .errors import VenvError
@@ -279,8 +280,9 @@ _DIST_INFO = re.compile(r"^(?P<name>.+?)-(?P<version>[^-]+)\.dist-info$")
 def describe_environment(venv: Venv) -> Environment:
     """The venv's interpreter and installed distributions, read from disk (no subprocess)."""
     config: dict[str, str] = {}
-    cfg = venv.path / "pyvenv.cfg"
-    for line in cfg.read_text(encoding="utf-8").splitlines():
+    # The agent could write its venv: pyvenv.cfg is read as a regular file, up to 64 KiB.
+    text = read_bounded(venv.path / "pyvenv.cfg", 64 * 1024).decode("utf-8", errors="replace")
+    for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep:
             config[key.strip()] = value.strip()

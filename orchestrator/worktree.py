@@ -18,6 +18,9 @@ from pathlib import Path
 
 import anyio
 
+from envelopes import is_object_id
+from envelopes._bounded import read_bounded
+
 from ._faults import crash_point
 from .errors import GitError
 from .repo import Repository
@@ -25,11 +28,15 @@ from .repo import Repository
 __all__ = [
     "MergeOutcome",
     "Worktree",
+    "branch_tip",
+    "changed_paths",
+    "check_branch",
     "commit_worktree",
     "create_worktree",
     "merge_worktree",
     "remove_worktree",
     "reset_worktree",
+    "restore_admin_files",
 ]
 
 
@@ -43,8 +50,12 @@ class Worktree:
     admin_dir: Path
 
     def git_args(self) -> tuple[str, ...]:
-        """Options that point git at this worktree and nothing else."""
+        """Options that point git at this worktree and nothing else (with :meth:`git_env`)."""
         return (f"--git-dir={self.admin_dir}", f"--work-tree={self.path}")
+
+    def git_env(self) -> dict[str, str]:
+        """The common git directory, pinned: the admin dir's ``commondir`` file is the agent's."""
+        return {"GIT_COMMON_DIR": str(self.admin_dir.parent.parent)}
 
 
 async def create_worktree(repo: Repository, branch: str, path: Path, base_commit: str) -> Worktree:
@@ -58,7 +69,7 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
     async with repo.lock.hold():
         # Create the branch first, create-only (the old value must be "none"): a branch that
         # already exists is refused here and is never touched by the clean-up below.
-        await repo.git.run("update-ref", ref, base_commit, "")
+        await repo.git.run("update-ref", "--end-of-options", ref, base_commit, "")
         try:
             # --force: the branch was just made, create-only, so the only worktree that can
             # have it checked out is a pool slot left by a dead run of the same task (its
@@ -75,7 +86,9 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
     worktree = Worktree(path=path, branch=branch, base_commit=base_commit, admin_dir=admin_dir)
     crash_point("worktree")
     try:
-        await repo.git.run(*worktree.git_args(), "reset", "--hard", "--quiet", cwd=path)
+        await repo.git.run(
+            *worktree.git_args(), "reset", "--hard", "--quiet", cwd=path, env=worktree.git_env()
+        )
     except BaseException:
         with anyio.CancelScope(shield=True):
             await remove_worktree(repo, worktree, delete_branch=True)
@@ -120,17 +133,21 @@ async def _forget(repo: Repository, path: Path, branch: str, expected: str) -> N
     await repo.git.run("update-ref", "-d", f"refs/heads/{branch}", expected, check=False)
 
 
-async def _restore_dot_git(worktree: Worktree) -> None:
-    """Put back the worktree's ``.git`` file if needed (see _put_back_dot_git); GitError if not possible."""
+async def _restore_dot_git(worktree: Worktree) -> list[str]:
+    """Put back the worktree's ``.git`` file and admin files if needed (see _put_back_dot_git).
+
+    Returns the admin files that had been pointed elsewhere (``commondir``, ``gitdir``):
+    the agent's tampering, put right. GitError if not possible.
+    """
     try:
-        await anyio.to_thread.run_sync(_put_back_dot_git, worktree)
+        return await anyio.to_thread.run_sync(_put_back_dot_git, worktree)
     except OSError as exc:
         raise GitError(
             ["worktree"], 1, f"fatal: cannot restore {worktree.path / '.git'}: {exc}"
         ) from exc
 
 
-def _put_back_dot_git(worktree: Worktree) -> None:
+def _put_back_dot_git(worktree: Worktree) -> list[str]:
     """Put back the worktree's ``.git`` file if the agent removed or rewrote it.
 
     Without it, git run by a later attempt would find whatever repository encloses the
@@ -143,48 +160,189 @@ def _put_back_dot_git(worktree: Worktree) -> None:
             ["worktree"], 1, f"fatal: the agent replaced {dot_git} with a repository of its own"
         )
     try:
-        if dot_git.read_text(encoding="utf-8") == expected:
-            return
-    except (OSError, UnicodeDecodeError):
-        pass
-    dot_git.unlink(missing_ok=True)
-    dot_git.write_text(expected, encoding="utf-8")
+        intact = read_bounded(dot_git, 4096) == expected.encode()
+    except OSError:
+        intact = False  # gone, a link, a FIFO, too long: replaced
+    if not intact:
+        dot_git.unlink(missing_ok=True)
+        dot_git.write_text(expected, encoding="utf-8")
+    # The admin dir's HEAD decides what ``reset --hard`` restores, ``gitdir`` where git
+    # thinks the worktree is, ``commondir`` which repository's objects and refs it uses: an
+    # agent that pointed them elsewhere gets them put back (HEAD may move in the agent's own
+    # right: ``git checkout -b``; the other two never).
+    tampered = []
+    for name, content in (
+        ("HEAD", f"ref: refs/heads/{worktree.branch}\n"),
+        ("gitdir", f"{dot_git}\n"),
+        ("commondir", "../..\n"),
+    ):
+        path = worktree.admin_dir / name
+        try:
+            if read_bounded(path, 4096) == content.encode():
+                continue
+        except OSError:
+            pass
+        if name != "HEAD":
+            tampered.append(str(path))
+        path.unlink(missing_ok=True)
+        path.write_text(content, encoding="utf-8")
+    return tampered
+
+
+restore_admin_files = _restore_dot_git
 
 
 async def reset_worktree(repo: Repository, worktree: Worktree) -> None:
     """Bring the worktree back to its base commit: no change, no untracked or ignored file."""
     await _restore_dot_git(worktree)
-    git, args, cwd = repo.git, worktree.git_args(), worktree.path
+    git, args, cwd, env = repo.git, worktree.git_args(), worktree.path, worktree.git_env()
     await git.run(
-        *args, "update-ref", f"refs/heads/{worktree.branch}", worktree.base_commit, cwd=cwd
+        *args,
+        "update-ref",
+        "--end-of-options",
+        f"refs/heads/{worktree.branch}",
+        worktree.base_commit,
+        cwd=cwd,
+        env=env,
     )
-    await git.run(*args, "reset", "--hard", "--quiet", cwd=cwd)
-    await git.run(*args, "clean", "-ffdxq", cwd=cwd)
+    await git.run(*args, "reset", "--hard", "--quiet", cwd=cwd, env=env)
+    await git.run(*args, "clean", "-ffdxq", cwd=cwd, env=env)
+
+
+async def branch_tip(repo: Repository, worktree: Worktree) -> str:
+    """Where the worktree's branch points now: its loose ref file read, else asked of git."""
+    loose = repo.common_dir / "refs" / "heads" / worktree.branch
+    try:
+        value = read_bounded(loose, 128).decode("ascii", errors="replace").strip()
+    except OSError:
+        value = ""
+    if is_object_id(value):
+        return value
+    return await repo.git.out(
+        "rev-parse", "--verify", "--end-of-options", f"refs/heads/{worktree.branch}^{{commit}}"
+    )
+
+
+async def check_branch(repo: Repository, worktree: Worktree, tip: str) -> str | None:
+    """Why the branch's tip *tip* is not the task's own doing, or None when it is.
+
+    The branch starts at the base commit; the agent may commit on it in its own worktree,
+    which git records in the worktree's own HEAD reflog. A tip that does not descend from the
+    base, or that the worktree's HEAD reflog did not record last (another process ran
+    ``git update-ref`` on it), was moved by someone else.
+    """
+    if tip == worktree.base_commit:
+        return None
+    try:
+        log = read_bounded(worktree.admin_dir / "logs" / "HEAD", 16 << 20)
+        last = log.rstrip(b"\n").rsplit(b"\n", 1)[-1].split(b" ", 2)
+        recorded = last[1].decode("ascii", errors="replace") if len(last) > 1 else ""
+    except OSError:
+        recorded = ""
+    if recorded != tip:
+        return f"branch {worktree.branch} was moved to {tip} by another process"
+    if not await repo.git.ok(
+        "merge-base", "--is-ancestor", "--end-of-options", worktree.base_commit, tip
+    ):
+        return f"branch {worktree.branch} was moved to {tip}, which does not contain its base"
+    return None
+
+
+async def changed_paths(repo: Repository, worktree: Worktree) -> list[str]:
+    """Every path a commit of the worktree would take: changed, deleted, new (not ignored).
+
+    What ``git add --all`` would stage, listed without staging anything, so that what an
+    agent wrote can be checked (its size, secrets in it) before any of it enters the object
+    database.
+    """
+    out = await repo.git.run(
+        *worktree.git_args(),
+        "status",
+        "--porcelain=v1",
+        "-z",
+        "--no-renames",
+        "--untracked-files=all",
+        "--ignore-submodules=all",
+        cwd=worktree.path,
+        env=worktree.git_env(),
+    )
+    entries = out.stdout.split(b"\0")
+    return [e[3:].decode("utf-8", "surrogateescape") for e in entries if len(e) > 3]
 
 
 async def commit_worktree(
-    repo: Repository, worktree: Worktree, message: str, *, base_tree: str
+    repo: Repository,
+    worktree: Worktree,
+    message: str,
+    *,
+    base_tree: str,
+    parent: str | None = None,
+    paths: list[str] | None = None,
 ) -> tuple[str, str, bool]:
-    """Commit every change in the worktree as one commit on its branch.
+    """Commit every change in the worktree as one commit on its branch, on top of *parent*.
 
-    Returns ``(commit, tree, changed)``. With no change there is no commit: the result is the
-    base commit. Commits the agent made itself are kept: the new commit goes on top of the
-    branch's tip. Plumbing commands are used, so the user's commit hooks do not run. The
-    branch moves by compare-and-swap; it is the task's own loose ref, so no lock is needed.
+    Returns ``(commit, tree, changed)``. With no change there is no commit: the result is
+    *parent* (the base commit, or the agent's own last commit). *parent* is the branch's tip
+    as the caller read and checked it (see :func:`check_branch`), by default its tip now: the
+    branch moves by compare-and-swap from that value, so a branch moved meanwhile by anyone
+    else fails the commit instead of being overwritten. *paths* are the paths to commit, by
+    default :func:`changed_paths`. Plumbing commands are used, so no hook runs.
     """
     await _restore_dot_git(worktree)
-    git, args, cwd = repo.git, worktree.git_args(), worktree.path
-    await git.run(*args, "add", "--all", cwd=cwd)
-    tree = await git.out(*args, "write-tree", cwd=cwd)
-    if tree == base_tree:
+    if parent is None:
+        parent = await branch_tip(repo, worktree)
+    if paths is None:
+        paths = await changed_paths(repo, worktree)
+    git, args, cwd, env = repo.git, worktree.git_args(), worktree.path, worktree.git_env()
+    if not paths:
+        if parent == worktree.base_commit:
+            return worktree.base_commit, base_tree, False
+        return parent, await _tree_of(repo, parent), True  # the agent committed it all
+    # Only the changed paths, literally (a file named ":(glob)*" is that file): git does
+    # not walk the whole tree a second time.
+    await git.run(
+        "--literal-pathspecs",
+        *args,
+        "add",
+        "--all",
+        "--pathspec-from-file=-",
+        "--pathspec-file-nul",
+        cwd=cwd,
+        env=env,
+        stdin=b"\0".join(p.encode("utf-8", "surrogateescape") for p in paths) + b"\0",
+    )
+    tree = await git.out(*args, "write-tree", cwd=cwd, env=env)
+    if tree == base_tree and parent == worktree.base_commit:
         return worktree.base_commit, tree, False
     identity = await git.identity_env()
     commit = await git.out(
-        *args, "commit-tree", tree, "-p", "HEAD", "-m", message, cwd=cwd, env=identity
+        *args,
+        "commit-tree",
+        "-p",
+        parent,
+        "-m",
+        message,
+        "--end-of-options",
+        tree,
+        cwd=cwd,
+        env={**env, **identity},
     )
     crash_point("commit")
-    await git.run(*args, "update-ref", f"refs/heads/{worktree.branch}", commit, "HEAD", cwd=cwd)
+    await git.run(
+        *args,
+        "update-ref",
+        "--end-of-options",
+        f"refs/heads/{worktree.branch}",
+        commit,
+        parent,
+        cwd=cwd,
+        env=env,
+    )
     return commit, tree, True
+
+
+async def _tree_of(repo: Repository, commit: str) -> str:
+    return await repo.git.out("rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}")
 
 
 async def remove_worktree(

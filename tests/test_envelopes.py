@@ -247,6 +247,20 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         "group": "given",
         "select": "first_success",
         "upstream": {},
+        "sandbox": "none",
+        "network": False,
+        "inherit_env": True,
+        "pass_env": [],
+        "secrets": [],
+        "limits": {
+            "memory_mb": None,
+            "cpu_s": None,
+            "open_files": None,
+            "file_size_mb": None,
+            "processes": None,
+        },
+        "max_commit_mb": 100,
+        "allow_secrets_in_commit": False,
     }
 
 
@@ -346,6 +360,14 @@ CHANGED = {
     "group": "impl",
     "select": "all",
     "upstream": {"first": {"output": {"ok": True}, "result_commit": "ab" * 20, "branch": "b"}},
+    "sandbox": "bwrap",
+    "network": True,
+    "inherit_env": False,
+    "pass_env": ["HOME"],
+    "secrets": ["API_TOKEN"],
+    "limits": {"memory_mb": 512},
+    "max_commit_mb": 5,
+    "allow_secrets_in_commit": True,
 }
 
 

@@ -326,3 +326,26 @@ def test_verify_in_a_subprocess_of_a_crafted_report_exits_2_quickly(
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert victim.read_text() == "precious\n"
+
+
+def test_a_report_of_an_earlier_version_without_warnings_still_verifies(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+
+    def earlier(raw: dict[str, Any]) -> None:
+        assert raw.pop("warnings") == []
+
+    old = forge(path, tmp_path / "old.json", earlier)
+    outcome = cli(capsys, "verify", str(old), "--run-dir", str(path.parent))
+    assert outcome.code == 0, outcome
+    # A warning removed from a report that had one is caught: the seal covers it.
+    raw = json.loads(path.read_text())
+    raw["warnings"] = ["refs/heads/main moved during the run"]
+    raw["report_sha256"] = digest_without(raw, "report_sha256")
+    tampered = tmp_path / "tampered.json"
+    tampered.write_bytes((json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode())
+    raw.pop("warnings")
+    tampered.write_bytes((json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode())
+    assert cli(capsys, "verify", str(tampered), "--run-dir", str(path.parent)).code == 1

@@ -23,8 +23,8 @@ from orchestrator.worktree import (
 from .conftest import MakeRepo, git
 
 #: Documented in docs/architecture.md: git subprocesses per task with a worktree and a change.
-GIT_CALLS_PER_TASK = 7
-GIT_CALLS_PER_RUN = 5
+GIT_CALLS_PER_TASK = 8
+GIT_CALLS_PER_RUN = 7
 
 
 def worktrees(repo: Path) -> int:

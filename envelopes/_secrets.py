@@ -1,0 +1,73 @@
+"""Which variables hold secrets, and the plan and envelope as written down: secrets masked.
+
+A report, its plan.json and its envelopes are meant to be shared. A variable whose name looks
+secret (``*KEY*``, ``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``, ``*CREDENTIAL*``, ...) or that a
+plan lists under ``secrets:`` never has its value written: it is ``***`` in every file. The
+agent still gets the real value, in its environment.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["MASK", "SECRET_NAME_PATTERN", "is_secret_name", "masked_env", "masked_plan"]
+
+MASK = "***"
+#: Names that look like they hold a secret (matched against the upper-cased name).
+SECRET_NAME_PATTERN = r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIAL|PRIVATE|COOKIE|AUTH_"
+_SECRET_NAME = re.compile(SECRET_NAME_PATTERN)
+
+
+def is_secret_name(name: str, declared: Iterable[str] = ()) -> bool:
+    """Whether variable *name* holds a secret: its name looks so, or the plan says so."""
+    return name in set(declared) or _SECRET_NAME.search(name.upper()) is not None
+
+
+def masked_env(env: Mapping[str, str], declared: Iterable[str] = ()) -> dict[str, str]:
+    """*env* with the value of every secret variable replaced by ``***``."""
+    names = set(declared)
+    return {k: MASK if is_secret_name(k, names) else v for k, v in env.items()}
+
+
+def masked_plan(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """A plan's JSON form (``Plan.model_dump(mode="json")``) with secret env values masked.
+
+    Every ``env`` (of ``defaults``, of each agent, of each task, in the plain or the
+    structured form) is masked with the ``secrets`` declared at its level and above.
+    """
+    out = dict(plan)
+    top = list((plan.get("defaults") or {}).get("secrets") or []) + list(plan.get("secrets") or [])
+
+    def fix(node: Any, declared: list[str]) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        node = dict(node)
+        names = declared + list(node.get("secrets") or [])
+        env = node.get("env")
+        if isinstance(env, Mapping):
+            if isinstance(env.get("set"), Mapping):
+                node["env"] = {**env, "set": masked_env(env["set"], names)}
+            else:
+                node["env"] = masked_env(
+                    {k: v for k, v in env.items() if isinstance(v, str)}, names
+                ) | {k: v for k, v in env.items() if not isinstance(v, str)}
+        return node
+
+    if isinstance(out.get("defaults"), Mapping):
+        out["defaults"] = fix(out["defaults"], top)
+    if isinstance(out.get("agents"), Mapping):
+        out["agents"] = {name: fix(spec, top) for name, spec in out["agents"].items()}
+    if isinstance(out.get("tasks"), list):
+        agents = out.get("agents") or {}
+        out["tasks"] = [
+            fix(
+                task,
+                top + list((agents.get(task.get("agent")) or {}).get("secrets") or [])
+                if isinstance(task, Mapping)
+                else top,
+            )
+            for task in out["tasks"]
+        ]
+    return out

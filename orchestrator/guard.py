@@ -1,0 +1,219 @@
+"""The repository guard: git never runs with a config, attributes or hook that an agent changed.
+
+Without a sandbox an agent can reach the shared git directory through its worktree's ``.git``
+file and plant a ``core.fsmonitor`` program, a clean filter, a merge driver or a hook, which
+the orchestrator's own git would then run, outside any timeout, and which would stay in the
+user's repository. Command-line ``-c`` options switch off hooks and fsmonitor (see
+``_git.HARDENING``); filters and drivers come from the config and cannot be switched off that
+way. So the guard takes a snapshot of the files that decide what git runs when a run starts
+and, before every git command and after every agent attempt, compares their status (a few
+``stat`` calls). A change is put back from the snapshot at once, before git runs, and kept
+as a :class:`Change`, so that the task whose agent was running when the file changed fails
+with kind ``tamper`` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from envelopes import TaskResult
+from envelopes._bounded import read_bounded
+
+if TYPE_CHECKING:
+    from ._git import Git
+
+__all__ = ["GUARDED_FILES", "Change", "RepoGuard", "moved_refs", "ref_values"]
+
+#: Files of the common git directory that decide what git runs or which objects it sees.
+GUARDED_FILES = (
+    "config",
+    "config.worktree",
+    "info/attributes",
+    "info/exclude",
+    "info/grafts",
+    "objects/info/alternates",
+    "shallow",
+)
+#: Largest guarded file kept for putting back (a config file is a few KiB).
+_MAX_KEPT = 4 << 20
+
+_Key = tuple[int, int, int, int, int] | None
+
+
+def _key(path: Path) -> _Key:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (info.st_mode, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class Change:
+    """A guarded file found changed (and put back): when it changed, as its mtime says."""
+
+    path: Path
+    what: str
+    changed_at: float
+
+
+@dataclass
+class _Kept:
+    key: _Key
+    content: bytes | None
+    mode: int = 0o644
+
+
+@dataclass
+class RepoGuard:
+    """A snapshot of one repository's guarded files, checked and restored on demand.
+
+    Thread-safe: :meth:`check` runs in the event loop before each git command and in worker
+    threads after attempts.
+    """
+
+    common_dir: Path
+    kept: dict[Path, _Kept] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def snapshot(cls, common_dir: Path) -> RepoGuard:
+        """Record the guarded files (and every hook) of *common_dir* as they are now."""
+        guard = cls(common_dir)
+        for path in guard._paths():
+            guard.kept[path] = guard._read(path)
+        return guard
+
+    def _paths(self) -> list[Path]:
+        paths = [self.common_dir / name for name in GUARDED_FILES]
+        hooks = self.common_dir / "hooks"
+        with contextlib.suppress(OSError):
+            paths += sorted(hooks / name for name in os.listdir(hooks))
+        return paths
+
+    def _read(self, path: Path) -> _Kept:
+        key = _key(path)
+        if key is None:
+            return _Kept(None, None)
+        try:
+            content = read_bounded(path, _MAX_KEPT)
+        except OSError:
+            content = None  # a link, a FIFO, too big: cannot be put back, only removed
+        return _Kept(key, content, stat.S_IMODE(key[0]))
+
+    def check(self) -> list[Change]:
+        """Compare the guarded files with the snapshot; put back and return what changed."""
+        found: list[Change] = []
+        with self._lock:
+            for path in self._paths() + [p for p in self.kept if p.parent.name == "hooks"]:
+                kept = self.kept.get(path) or _Kept(None, None)
+                key = _key(path)
+                if key == kept.key:
+                    continue
+                if key is not None and kept.key is not None and kept.content is not None:
+                    with contextlib.suppress(OSError):
+                        if read_bounded(path, _MAX_KEPT) == kept.content:
+                            self.kept[path] = _Kept(key, kept.content, kept.mode)
+                            continue  # touched, not changed
+                when = _mtime(path)
+                what = _describe(kept, key)
+                self._put_back(path, kept)
+                self.kept[path] = kept if kept.key is None else self._read(path)
+                change = Change(path=path, what=what, changed_at=when)
+                found.append(change)
+                self.changes.append(change)
+        return found
+
+    def _put_back(self, path: Path, kept: _Kept) -> None:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            path.unlink()
+        if kept.key is not None and kept.content is not None:
+            tmp = path.with_name(f".{path.name}.orchestrator-restore")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, kept.mode)
+            try:
+                os.write(fd, kept.content)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+
+    def blame(self, started: float, finished: float) -> list[Change]:
+        """The changes whose file changed between *started* and *finished* (``time.time()``)."""
+        self.check()
+        with self._lock:
+            return [c for c in self.changes if started - 1.0 <= c.changed_at <= finished + 1.0]
+
+    def digest(self) -> str:
+        """One digest of the snapshot (for tests and for the record)."""
+        h = hashlib.sha256()
+        for path, kept in sorted(self.kept.items()):
+            h.update(str(path).encode() + b"\0" + (kept.content or b"") + b"\0")
+        return h.hexdigest()
+
+
+def _mtime(path: Path) -> float:
+    for where in (path, path.parent):  # a deleted file: when its directory changed
+        with contextlib.suppress(OSError):
+            return os.lstat(where).st_mtime
+    return time.time()
+
+
+def _describe(kept: _Kept, key: _Key) -> str:
+    if kept.key is None:
+        return "added"
+    if key is None:
+        return "deleted"
+    return "changed"
+
+
+async def ref_values(git: Git) -> dict[str, str]:
+    """Every ref of the repository and the object it names (one git command)."""
+    out = await git.out("for-each-ref", "--format=%(refname) %(objectname)")
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+#: Refs that the orchestrator moves itself, or that other runs move: not reported.
+_OWN_REFS = ("refs/heads/orchestrator/", "refs/orchestrator/")
+
+
+def moved_refs(
+    before: Mapping[str, str],
+    after: Mapping[str, str],
+    results: Iterable[TaskResult],
+) -> list[str]:
+    """What moved while a run ran that no task of it moved: one line each, for the report.
+
+    Refs outside the orchestrator's own that changed, appeared or went; and task branches of
+    this run that no longer point at their task's result.
+    """
+    found: list[str] = []
+    for ref in sorted(before.keys() | after.keys()):
+        if ref.startswith(_OWN_REFS) or before.get(ref) == after.get(ref):
+            continue
+        was, now = before.get(ref), after.get(ref)
+        if was is None:
+            found.append(f"{ref} was created during the run (at {now}); no task of it made it")
+        elif now is None:
+            found.append(f"{ref} was deleted during the run (was {was})")
+        else:
+            found.append(f"{ref} moved during the run from {was} to {now}; no task of it moved it")
+    for result in results:
+        commit = result.provenance.result_commit
+        if result.branch is None or commit is None:
+            continue
+        now = after.get(f"refs/heads/{result.branch}")
+        if now != commit:
+            found.append(
+                f"branch {result.branch} of task {result.task_id} points at {now}, "
+                f"not at its result {commit}: moved by another process"
+            )
+    return found
