@@ -633,7 +633,7 @@ async def check_plan_repository(
         # Checked now, not after an hour of agents.
         into = plan.merge.into
         if into.startswith("-") or not await repo.git.ok(
-            "rev-parse", "--verify", "--quiet", f"refs/heads/{into}^{{commit}}"
+            "rev-parse", "--verify", "--quiet", "--end-of-options", f"refs/heads/{into}^{{commit}}"
         ):
             raise PlanError(
                 [loaded.issue(("merge", "into"), f"branch {into!r} does not exist in {repo.root}")]

@@ -115,18 +115,20 @@ async def clear_task_leftovers(
             done.append(f"removed stale lock {lock}")
         tip = ""
         if not keep_branch:
-            found = await repo.git.run("rev-parse", "--verify", "--quiet", ref, check=False)
+            found = await repo.git.run(
+                "rev-parse", "--verify", "--quiet", "--end-of-options", ref, check=False
+            )
             tip = found.stdout.decode().strip()
         if tip:
             base = worktree.get("base_commit") if worktree else None
             if base is None or tip == base:
-                await repo.git.run("update-ref", "-d", ref, tip)
+                await repo.git.run("update-ref", "-d", "--end-of-options", ref, tip)
                 done.append(f"deleted branch {branch} (no work on it)")
             else:
                 kept = await _free_interrupted_ref(repo, run_id, name)
                 try:
-                    await repo.git.run("update-ref", kept, tip, "")
-                    await repo.git.run("update-ref", "-d", ref, tip)
+                    await repo.git.run("update-ref", "--end-of-options", kept, tip, "")
+                    await repo.git.run("update-ref", "-d", "--end-of-options", ref, tip)
                 except GitError as exc:
                     raise OrchestratorError(
                         f"cannot move the interrupted branch {branch} aside: {exc}"

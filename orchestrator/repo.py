@@ -71,6 +71,10 @@ class Repository:
         """The commit id and tree id that *ref* names; GitError when it does not resolve."""
         if ref.startswith("-"):
             raise GitError(["rev-parse", ref], 128, f"fatal: not a revision: {ref!r}")
-        commit = await self.git.out("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
-        tree = await self.git.out("rev-parse", "--verify", "--quiet", f"{commit}^{{tree}}")
+        commit = await self.git.out(
+            "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}"
+        )
+        tree = await self.git.out(
+            "rev-parse", "--verify", "--quiet", "--end-of-options", f"{commit}^{{tree}}"
+        )
         return commit, tree
