@@ -7,14 +7,15 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from envelopes import LogFile
-from envelopes._bounded import open_regular
+from envelopes._bounded import loads_bounded, open_regular, read_bounded
 
 from ._faults import crash_point
 from .errors import RunDirError
 
-__all__ = ["atomic_write", "file_entry", "last_line", "write_file"]
+__all__ = ["atomic_write", "file_entry", "last_line", "read_json", "write_file"]
 
 # Read once at import, while nothing else runs: os.umask can only be read by setting it.
 _UMASK = os.umask(0o022)
@@ -93,3 +94,12 @@ def last_line(path: Path, limit: int = 4096) -> str:
         os.close(fd)
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
+
+
+def read_json(path: Path, limit: int = 1 << 30) -> Any:
+    """The JSON in a file of the state directory, read as something an agent may have touched.
+
+    A regular file (a FIFO or a device raises UnsafeFile, an OSError, without blocking), of
+    at most *limit* bytes, JSON of bounded depth and number sizes (ValueError otherwise).
+    """
+    return loads_bounded(read_bounded(path, limit))

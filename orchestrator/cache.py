@@ -45,7 +45,7 @@ from envelopes import (
 from envelopes._audit import MAX_ENVELOPE_BYTES
 from envelopes._bounded import loads_bounded, read_bounded
 
-from ._fs import atomic_write
+from ._fs import atomic_write, read_json
 from .agents import Agent, CommandAgent
 from .repo import Repository
 
@@ -140,7 +140,7 @@ async def lookup(
     """The cached result for *key* and the run that produced it, if there is a usable one."""
     path = _entry_path(state_dir, key)
     try:
-        data = json.loads(await anyio.Path(path).read_text(encoding="utf-8"))
+        data = await anyio.to_thread.run_sync(read_json, path)
         result = TaskResult.model_validate(data["result"])
         run_id = str(data["run_id"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -226,7 +226,7 @@ def list_cache(state_dir: Path) -> list[CacheEntry]:
     entries: list[CacheEntry] = []
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         try:
-            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            data: dict[str, Any] = read_json(path)
             result = data["result"]
             entries.append(
                 CacheEntry(

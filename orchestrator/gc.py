@@ -20,7 +20,6 @@ Then ``git worktree prune`` drops the entries of worktrees whose directories are
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import anyio
 
 from envelopes import ref_safe
 
+from ._fs import read_json
 from .errors import OrchestratorError
 from .journal import JOURNAL, LOCK, RunInUse, RunLock, read_journal
 from .pool import collect_pool
@@ -152,7 +152,7 @@ def _named_branches(info: RunInfo) -> set[str]:
     """The branches a run's report, or else its journal, names for its results."""
     named: set[str] = set()
     try:
-        report = json.loads((info.run_dir / "report.json").read_text())
+        report = read_json(info.run_dir / "report.json")
         named |= {r["branch"] for r in report["results"] if r.get("branch")}
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -184,7 +184,7 @@ async def _clean_run(repo: Repository, info: RunInfo, old: bool, dry_run: bool) 
 def _kept_worktrees(info: RunInfo) -> set[Path]:
     """The worktrees the run's report names as kept (for the user to look at)."""
     try:
-        report = json.loads((info.run_dir / "report.json").read_text())
+        report = read_json(info.run_dir / "report.json")
         return {Path(r["worktree"]) for r in report["results"] if r.get("worktree")}
     except (OSError, ValueError, KeyError, TypeError):
         return set()

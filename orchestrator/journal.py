@@ -29,6 +29,7 @@ import anyio
 from envelopes._bounded import loads_bounded, read_bounded
 
 from ._faults import armed, crash_point
+from ._fs import read_json
 from .errors import OrchestratorError, RunDirError
 
 __all__ = [
@@ -121,7 +122,7 @@ class RunLock:
     def owner(self) -> dict[str, Any] | None:
         """Who the lock file says holds it (maybe a dead process: see :meth:`is_held`)."""
         try:
-            value = json.loads(self.path.read_text())
+            value = read_json(self.path, 1 << 16)
         except (OSError, ValueError):
             return None
         return value if isinstance(value, dict) and "pid" in value else None

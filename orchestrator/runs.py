@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,6 +11,7 @@ from typing import Any, Literal
 
 from envelopes import Plan
 
+from ._fs import read_json
 from .errors import OrchestratorError
 from .journal import JOURNAL, JournalCorrupt, RunLock, read_journal
 from .recovery import replay
@@ -100,7 +100,7 @@ def describe_run(run_dir: Path) -> RunInfo:
 
 def _total_tasks(run_dir: Path) -> int | None:
     try:
-        data = json.loads((run_dir / "plan.json").read_text())
+        data = read_json(run_dir / "plan.json")
     except (OSError, ValueError):
         return None
     if isinstance(data, dict) and isinstance(data.get("envelopes"), list):

@@ -349,3 +349,20 @@ def test_a_report_of_an_earlier_version_without_warnings_still_verifies(
     raw.pop("warnings")
     tampered.write_bytes((json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode())
     assert cli(capsys, "verify", str(tampered), "--run-dir", str(path.parent)).code == 1
+
+
+def test_runs_and_gc_do_not_block_on_what_an_agent_left_in_the_state_directory(
+    make_repo: MakeRepo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a sandbox an agent can write the run directory: a FIFO there blocks nothing."""
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    for name in ("report.json", "plan.json"):
+        (path.parent / name).unlink()
+        os.mkfifo(path.parent / name)
+    with contextlib.chdir(repo):
+        listed = cli(capsys, "runs")
+        collected = cli(capsys, "gc", "--dry-run")
+    assert listed.code == 0, listed
+    assert collected.code == 0, collected
+    no_traceback(listed)
