@@ -49,7 +49,10 @@ class RunStarted(_Event):
     total_tasks: int
     base_commit: str | None
     run_dir: str
+    #: On a resume: the tasks whose results were kept, and the dead run's agent processes
+    #: that were still running and were killed.
     resumed_tasks: int = 0
+    orphans_killed: int = 0
 
 
 class TaskQueued(_Event):

@@ -6,6 +6,7 @@ regression guard (see docs/architecture.md).
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from collections.abc import Mapping
@@ -131,8 +132,14 @@ class Git:
         check: bool = True,
         env: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a bound on one git command)
     ) -> subprocess.CompletedProcess[bytes]:
-        """Run git and return its result; raise GitError on failure when *check*."""
+        """Run git and return its result; raise GitError on failure when *check*.
+
+        With *timeout*, git is killed after that many seconds and GitError raised, whatever
+        *check* says: for commands that read what an agent left (a FIFO in a worktree blocks
+        ``git status`` forever).
+        """
         self.calls += 1
         if self.guard is not None:
             self.guard.check()
@@ -141,11 +148,16 @@ class Git:
         # behind. It runs to its end (milliseconds, for what the engine runs) and a pending
         # cancellation is delivered right after.
         with anyio.CancelScope(shield=True):
-            result = await anyio.run_process(
-                command,
-                input=stdin,
-                check=False,
-                env={**self._env, **env} if env else self._env,
+            with anyio.move_on_after(timeout if timeout is not None else math.inf) as limit:
+                result = await anyio.run_process(
+                    command,
+                    input=stdin,
+                    check=False,
+                    env={**self._env, **env} if env else self._env,
+                )
+        if limit.cancelled_caught:
+            raise GitError(
+                args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"
             )
         await anyio.lowlevel.checkpoint_if_cancelled()
         if check and result.returncode != 0:

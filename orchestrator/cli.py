@@ -9,8 +9,10 @@ interrupted by Ctrl-C, 143 by SIGTERM, 129 by SIGHUP (each after clean-up).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--tasks",
         nargs="+",
+        action="extend",
         metavar="ID",
         help="merge only these tasks (a matrix group's name: its selected members)",
     )
@@ -322,6 +325,7 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
             print(f"resuming run {resume}", file=sys.stderr)
         elif reuse is None:
             print("no interrupted run of this plan: starting a new one", file=sys.stderr)
+    await _warn_if_dirty(loaded, repo, args.base)
     return await orchestrate_parallel(
         loaded,
         repo=repo,
@@ -337,6 +341,37 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
         resume=resume,
         reuse=reuse,
     )
+
+
+async def _warn_if_dirty(loaded: Any, repo: Path | None, base: str | None) -> None:
+    """One line on stderr when the repository's checkout has changes the tasks will not see."""
+    from .errors import PlanError
+    from .plan import check_plan_repository
+
+    plan = loaded.plan.model_copy(update={"base": base}) if base else loaded.plan
+    try:
+        repository, commit, _ = await check_plan_repository(
+            dataclasses.replace(loaded, plan=plan), repo_override=repo
+        )
+    except PlanError:
+        return  # the run reports it, located
+    if repository is None or commit is None:
+        return
+    try:
+        if repository.bare:
+            return
+        status = await repository.git.run(
+            "status", "--porcelain", "--untracked-files=normal", "--ignore-submodules", check=False
+        )
+    finally:
+        repository.lock.close()
+    if status.returncode == 0 and status.stdout.strip():
+        count = len(status.stdout.splitlines())
+        print(
+            f"warning: {repository.root} has {count} uncommitted or untracked change(s); "
+            f"the tasks start from commit {commit[:12]} and do not see them",
+            file=sys.stderr,
+        )
 
 
 async def _resume(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report:
@@ -359,11 +394,12 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
     from rich.console import Console
 
     from .errors import OrchestratorError
-    from .progress import Progress, summary_table
+    from .progress import Progress, run_succeeded, summary_table
 
     out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
     report: Report | None = None
     error: OrchestratorError | None = None
+    began = time.monotonic()
     stopped_by: list[int] = []
     with Progress() as progress:
         async with anyio.create_task_group() as tg:
@@ -399,7 +435,7 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
         sys.stdout.buffer.write(report_bytes(report))
         sys.stdout.buffer.flush()
     else:
-        out.print(summary_table(report))
+        out.print(summary_table(report, wall_s=time.monotonic() - began))
         for record in report.merge:
             moved = (
                 f" {record.old_commit[:10]} -> {record.new_commit[:10]}"
@@ -412,9 +448,9 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
             out.print(f"warning: {warning}", markup=False, soft_wrap=True)
         out.print(f"report: {report_path}", markup=False, soft_wrap=True)
         out.print(f"verify: orchestrator verify {report_path}", markup=False, soft_wrap=True)
-    all_done = report.summary.successful == report.summary.total_tasks
+    # A first_success group's members that were not needed are not failures.
     merged = all(record.status == "merged" for record in report.merge)
-    return EXIT_OK if all_done and merged else EXIT_FAILED
+    return EXIT_OK if run_succeeded(report) and merged else EXIT_FAILED
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -552,14 +588,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """``orchestrator validate``: the plan checks of ``run``, without running anything."""
     import anyio
 
+    from envelopes import expand_tasks
+
     from .errors import PlanError
-    from .plan import check_plan_repository, load_plan
+    from .plan import check_plan_repository, load_plan, missing_programs
 
     async def check() -> str:
         loaded = load_plan(args.plan)
         repo, commit, _ = await check_plan_repository(loaded, repo_override=args.repo)
         where = f"{repo.root} at {commit[:12]}" if repo and commit else "no repository"
-        return f"{args.plan}: OK, {len(loaded.plan.tasks)} tasks, {len(loaded.plan.agents)} agents, {where}"
+        for warning in missing_programs(loaded):
+            print(f"{args.plan}: warning: {warning}", file=sys.stderr)
+        expanded = expand_tasks(loaded.plan)
+        members = [t.task_id for t in expanded if t.group is not None]
+        listed = f" ({len(members)} matrix members: {', '.join(members)})" if members else ""
+        return (
+            f"{args.plan}: OK, {len(expanded)} tasks{listed}, "
+            f"{len(loaded.plan.agents)} agents, {where}"
+        )
 
     try:
         print(anyio.run(check))
@@ -634,6 +680,7 @@ async def _merge(args: argparse.Namespace) -> int:
 async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from .errors import MergeError, OrchestratorError
     from .mergeback import merge_results, record_merge
@@ -660,7 +707,9 @@ async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> 
         for column in ("left", "right", "paths"):
             conflicts.add_column(column, overflow="fold")
         for conflict in record.conflicts:
-            conflicts.add_row(conflict.left, conflict.right, "\n".join(conflict.paths))
+            conflicts.add_row(
+                Text(conflict.left), Text(conflict.right), Text("\n".join(conflict.paths))
+            )
         out.print(conflicts)
     else:
         out.print("no conflicts predicted")
@@ -670,7 +719,7 @@ async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> 
             merged.add_column(column, no_wrap=True)
         for task in record.tasks:
             made = task.merge_commit or f"none: already in {record.into}"
-            merged.add_row(task.task_id, task.result_commit, made)
+            merged.add_row(Text(task.task_id), task.result_commit, Text(made))
         out.print(merged)
     if record.status in ("merged", "skipped"):
         out.print(record.message, markup=False, soft_wrap=True)
@@ -684,6 +733,8 @@ async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> 
             _err(f"merged, but the record could not be written into {args.report}: {exc}")
             return EXIT_FAILED
         out.print(f"recorded in {args.report}", markup=False, soft_wrap=True)
+    elif args.dry_run:
+        out.print(f"dry run: nothing recorded in {args.report}", markup=False, soft_wrap=True)
     return EXIT_OK
 
 

@@ -76,6 +76,10 @@ class RunContext:
     _events_flushed: float = 0.0
     #: Whether this run set the repository's guard (and so removes it when it ends).
     guarding: bool = False
+    #: Set once the journal says the run finished: closing then removes the lock file.
+    finished: bool = False
+    #: On a resume: how many of the dead run's agent processes were found and killed.
+    orphans_killed: int = 0
     #: The environment agents start from: this process's, read once per run, without the
     #: variables that would tie git to one repository.
     base_env: dict[str, str] = field(default_factory=lambda: clean_environment(os.environ))
@@ -213,7 +217,10 @@ class RunContext:
         if self.journal is not None:
             self.journal.close()
         if self.run_lock is not None:
-            self.run_lock.release()
+            if self.finished:
+                self.run_lock.remove()  # a finished run leaves no lock file behind
+            else:
+                self.run_lock.release()
 
     @property
     def state_dir(self) -> Path:

@@ -279,6 +279,8 @@ async def orchestrate_parallel(
         if ctx.repo is not None and refs_before:
             with anyio.CancelScope(shield=True):
                 warnings = moved_refs(refs_before, await ref_values(ctx.repo.git), results)
+        if ctx.repo is not None and ctx.guarding and ctx.repo.git.guard is not None:
+            warnings += await anyio.to_thread.run_sync(ctx.repo.git.guard.unblamed)
         report = aggregate_results(
             results,
             run_id=ctx.run_id,
@@ -318,6 +320,7 @@ async def orchestrate_parallel(
                 base_commit=ctx.base_commit,
                 run_dir=str(ctx.run_dir),
                 resumed_tasks=len(restored),
+                orphans_killed=ctx.orphans_killed,
             ),
         )
         await scheduler.run()
@@ -360,6 +363,7 @@ async def orchestrate_parallel(
                             "report_sha256": report.report_sha256,
                         }
                     )
+                    ctx.finished = True
         finally:
             ctx.close()
             if ctx.repo is not None and owns_repo:
@@ -445,7 +449,7 @@ async def _prepare_resume(
     ctx.base_ref = record.settings.get("base_ref")
     ctx.base_commit = record.settings.get("base_commit")
     ctx.base_tree = record.settings.get("base_tree")
-    await anyio.to_thread.run_sync(kill_orphans, ctx.run_id)
+    ctx.orphans_killed = await anyio.to_thread.run_sync(kill_orphans, ctx.run_id)
     wanted = {e.task_id for e in envelopes}
     kept: dict[str, TaskResult] = {}
     for task_id, result in record.results.items():

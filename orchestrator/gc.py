@@ -94,6 +94,9 @@ async def collect_garbage(
     protected = {b for info in infos if info.run_id not in old_runs for b in _named_branches(info)}
     for info in infos:
         lock = RunLock(info.run_dir)
+        # A finished run leaves no lock file: one there now is its dead owner's (taking the
+        # lock below makes one, which goes again, unreported).
+        stale = (info.run_dir / LOCK).exists()
         if dry_run:
             if info.state == "live" or lock.is_held():
                 outcome.kept.append(f"run {info.run_id}: live, left alone")
@@ -114,10 +117,12 @@ async def collect_garbage(
                 outcome.done.append(f"{verb} run directory {info.run_dir}")
                 if not dry_run:
                     await anyio.to_thread.run_sync(shutil.rmtree, info.run_dir, True)
-            elif (info.run_dir / LOCK).exists():
+            elif stale:
                 outcome.done.append(f"{verb} stale lock {info.run_dir / LOCK}")
                 if not dry_run:
                     lock.remove()  # last, and while held: see RunLock.acquire
+            elif not dry_run:
+                lock.remove()  # the one taking the lock just made
         finally:
             lock.release()
     # Worktrees, venvs and branches of runs whose run directory is gone altogether.

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -33,7 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = ["GUARDED_FILES", "Change", "RepoGuard", "moved_refs", "ref_values"]
 
-#: Files of the common git directory that decide what git runs or which objects it sees.
+#: Files of the common git directory that decide what git runs or which objects it sees
+#: (the user's global config and attributes files are watched too: see _global_files).
 GUARDED_FILES = (
     "config",
     "config.worktree",
@@ -59,7 +62,7 @@ def _key(path: Path) -> _Key:
 
 @dataclass(frozen=True)
 class Change:
-    """A guarded file found changed (and put back): when it changed, as its mtime says."""
+    """A guarded file found changed (and put back): when it changed, as its ctime says."""
 
     path: Path
     what: str
@@ -84,6 +87,7 @@ class RepoGuard:
     common_dir: Path
     kept: dict[Path, _Kept] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
+    blamed: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -95,7 +99,7 @@ class RepoGuard:
         return guard
 
     def _paths(self) -> list[Path]:
-        paths = [self.common_dir / name for name in GUARDED_FILES]
+        paths = [self.common_dir / name for name in GUARDED_FILES] + list(_global_files())
         hooks = self.common_dir / "hooks"
         with contextlib.suppress(OSError):
             paths += sorted(hooks / name for name in os.listdir(hooks))
@@ -112,7 +116,11 @@ class RepoGuard:
         return _Kept(key, content, stat.S_IMODE(key[0]))
 
     def check(self) -> list[Change]:
-        """Compare the guarded files with the snapshot; put back and return what changed."""
+        """Compare the guarded files with the snapshot; put back and return what changed.
+
+        A file that cannot be put back (its directory made unwritable, say) is still
+        reported; the error is not raised: a guard that crashes the run helps nobody.
+        """
         found: list[Change] = []
         with self._lock:
             for path in self._paths() + [p for p in self.kept if p.parent.name == "hooks"]:
@@ -125,32 +133,59 @@ class RepoGuard:
                         if read_bounded(path, _MAX_KEPT) == kept.content:
                             self.kept[path] = _Kept(key, kept.content, kept.mode)
                             continue  # touched, not changed
-                when = _mtime(path)
+                when = _ctime(path)
                 what = _describe(kept, key)
-                self._put_back(path, kept)
-                self.kept[path] = kept if kept.key is None else self._read(path)
+                try:
+                    # The snapshot stays what it was: the key is that of the file written
+                    # back, so a rewrite racing this one is found at the next check.
+                    self.kept[path] = _Kept(self._put_back(path, kept), kept.content, kept.mode)
+                except OSError as exc:
+                    what = f"{what} (and could not be put back: {exc.strerror or exc})"
                 change = Change(path=path, what=what, changed_at=when)
                 found.append(change)
                 self.changes.append(change)
         return found
 
-    def _put_back(self, path: Path, kept: _Kept) -> None:
-        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-            path.unlink()
-        if kept.key is not None and kept.content is not None:
-            tmp = path.with_name(f".{path.name}.orchestrator-restore")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, kept.mode)
-            try:
-                os.write(fd, kept.content)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+    def _put_back(self, path: Path, kept: _Kept) -> _Key:
+        """Make *path* what the snapshot holds (absent, or its content); the new file's key."""
+        if kept.key is None or kept.content is None:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            return None
+        # A fresh name (O_EXCL, so never through a link an agent planted), then a rename over.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".restore", dir=path.parent)
+        try:
+            os.fchmod(fd, kept.mode)
+            os.write(fd, kept.content)
+            info = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        return (info.st_mode, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
     def blame(self, started: float, finished: float) -> list[Change]:
         """The changes whose file changed between *started* and *finished* (``time.time()``)."""
         self.check()
         with self._lock:
-            return [c for c in self.changes if started - 1.0 <= c.changed_at <= finished + 1.0]
+            found = [c for c in self.changes if started - 1.0 <= c.changed_at <= finished + 1.0]
+            self.blamed.update(id(c) for c in found)
+            return found
+
+    def unblamed(self) -> list[str]:
+        """One line per change no task was blamed for, for the report's ``warnings``."""
+        self.check()
+        with self._lock:
+            return [
+                f"{c.path} {c.what} during the run, when no agent of it was running, and was put back"
+                for c in self.changes
+                if id(c) not in self.blamed
+            ]
 
     def digest(self) -> str:
         """One digest of the snapshot (for tests and for the record)."""
@@ -160,10 +195,23 @@ class RepoGuard:
         return h.hexdigest()
 
 
-def _mtime(path: Path) -> float:
+def _global_files() -> list[Path]:
+    """The user's own git config and attributes files: an agent with the user's HOME can
+    write them as well as the repository's."""
+    home = Path.home()
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "git"
+    files = [home / ".gitconfig", xdg / "config", xdg / "attributes"]
+    if os.environ.get("GIT_CONFIG_GLOBAL"):
+        files.append(Path(os.environ["GIT_CONFIG_GLOBAL"]))
+    return files
+
+
+def _ctime(path: Path) -> float:
+    """When *path* last changed: its status-change time, which, unlike its modification
+    time, no process can set back."""
     for where in (path, path.parent):  # a deleted file: when its directory changed
         with contextlib.suppress(OSError):
-            return os.lstat(where).st_mtime
+            return os.lstat(where).st_ctime
     return time.time()
 
 

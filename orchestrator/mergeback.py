@@ -389,6 +389,8 @@ async def _merge(
         return done("conflict", f"{why}; {into} not changed", found=[built])
     new, merged = built
     if new == old:
+        if dry_run:  # nothing would move: and a dry run is never "merged" (never recorded)
+            return done("skipped", f"nothing to merge: {into} already contains every result")
         return done("merged", f"{into} already contains every result", new=old)
     checkout = await _checkout_of(repository, f"refs/heads/{into}")
     if checkout is not None and (refusal := await _dirty(repository.git, into, checkout)):

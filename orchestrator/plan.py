@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ __all__ = [
     "check_plan_repository",
     "envelopes_of",
     "load_plan",
+    "missing_programs",
     "parse_plan",
     "validate_plan_data",
 ]
@@ -729,3 +732,39 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
             )
         )
     return out
+
+
+def missing_programs(loaded: LoadedPlan) -> list[str]:
+    """One line per agent whose program will not be found when its tasks run.
+
+    A program is found when it is ``python``/``python3``, an existing file (a path, relative
+    to the plan's directory, ``{plan_dir}`` filled in), on PATH, or the name of one of the
+    requirements of a task that uses the agent (its venv will have the console script).
+    Placeholders other than ``{plan_dir}`` make a path unknowable before the run: not checked.
+    """
+    plan = loaded.plan
+    requirements: dict[str, set[str]] = {}
+    for expanded in expand_tasks(plan):
+        task = expanded.spec
+        names = task.requirements if task.requirements is not None else plan.defaults.requirements
+        found = requirements.setdefault(task.agent or "", set())
+        for requirement in names:
+            name = re.split(r"[\s\[<>=!~;@]", requirement.strip(), maxsplit=1)[0]
+            found.add(re.sub(r"[-_.]+", "-", name).lower())
+    problems = []
+    for name, spec in sorted(plan.agents.items()):
+        program = spec.command[0].replace("{plan_dir}", str(loaded.plan_dir))
+        if "{" in program or program in ("python", "python3"):
+            continue
+        if "/" in program:
+            if not (loaded.plan_dir / program).exists():
+                problems.append(f"agent {name}: program {program} does not exist")
+            continue
+        if shutil.which(program) is not None:
+            continue
+        if re.sub(r"[-_.]+", "-", program).lower() in requirements.get(name, set()):
+            continue
+        problems.append(
+            f"agent {name}: program {program!r} is not on PATH, nor among its tasks' requirements"
+        )
+    return problems

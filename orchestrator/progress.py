@@ -7,11 +7,13 @@ and this module only when a run starts, so ``orchestrator --help`` stays fast.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from envelopes import (
     AttemptFailed,
@@ -21,13 +23,14 @@ from envelopes import (
     Report,
     RunStarted,
     TaskFinished,
+    TaskResult,
     TaskRetrying,
     TaskSkipped,
     TaskStarted,
 )
 from envelopes._events import Event
 
-__all__ = ["Progress", "summary_table"]
+__all__ = ["Progress", "not_needed", "outcome_line", "run_succeeded", "summary_table"]
 
 _STYLE = {
     "succeeded": "green",
@@ -89,7 +92,14 @@ class Progress:
     def _record(self, event: Event) -> str | None:
         if isinstance(event, RunStarted):
             self.total = event.total_tasks
-            return f"run {event.run_id}: {event.total_tasks} tasks from {event.base_commit or 'no repository'} (run dir {event.run_dir})"
+            line = f"run {event.run_id}: {event.total_tasks} tasks from {event.base_commit or 'no repository'} (run dir {event.run_dir})"
+            if event.resumed_tasks or event.orphans_killed:
+                again = event.total_tasks - event.resumed_tasks
+                line += (
+                    f"; resumed: {event.resumed_tasks} kept, {again} to run again, "
+                    f"{event.orphans_killed} orphaned agent process(es) killed"
+                )
+            return line
         if isinstance(event, TaskStarted):
             self.rows[event.task_id] = [event.task_id, event.agent, "running", "", ""]
             return f"task {event.task_id} started ({event.agent})"
@@ -134,27 +144,73 @@ class Progress:
         for name in ("task", "agent", "status", "time", "commit"):
             table.add_column(name)
         for row in self.rows.values():
-            table.add_row(row[0], row[1], f"[{_STYLE.get(row[2], '')}]{row[2]}[/]", row[3], row[4])
+            # Text, never markup: ids, agents and messages are user and agent text
+            # ("impl[claude]", "[/tmp/build]").
+            table.add_row(
+                Text(row[0]),
+                Text(row[1]),
+                Text(row[2], style=_STYLE.get(row[2], "")),
+                Text(row[3]),
+                Text(row[4]),
+            )
         return table
 
 
-def summary_table(report: Report) -> Table:
-    """The closing table: one row per task, then the totals."""
+def not_needed(result: TaskResult) -> bool:
+    """A ``first_success`` group's member cancelled because another member succeeded."""
+    return result.error is not None and result.error.kind == "not_needed"
+
+
+def run_succeeded(report: Report) -> bool:
+    """Every task succeeded, or was not needed (its group's winner succeeded)."""
+    return all(r.succeeded or not_needed(r) for r in report.results)
+
+
+def outcome_line(report: Report) -> str:
+    """``3 tasks: 2 succeeded, 1 not needed, 1 failed``: every status that occurred."""
+    counts: dict[str, int] = {}
+    for r in report.results:
+        key = "not needed" if not_needed(r) else r.status.replace("_", " ")
+        counts[key] = counts.get(key, 0) + 1
+    order = ["succeeded", "cached", "not needed", "failed", "timed out", "cancelled", "skipped"]
+    parts = [f"{counts[k]} {k}" for k in order if k in counts]
+    total = len(report.results)
+    return f"{total} task{'s' if total != 1 else ''}: " + (", ".join(parts) or "none")
+
+
+def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
+    """The closing table: one row per task, then the totals.
+
+    *wall_s* is how long this invocation took: a resumed run's report counts from the run's
+    first start, downtime included, and the title then says both. A task that did not
+    succeed names, under its error, where to look: its worktree when it was kept, and its last
+    attempt's stderr log.
+    """
     s = report.summary
-    table = Table(
-        title=f"run {report.run_id}: {s.successful}/{s.total_tasks} succeeded in {s.total_execution_time:.2f} s"
-    )
+    took = f"{s.total_execution_time:.2f} s"
+    if wall_s is not None and any(r.resumed for r in report.results):
+        took = f"{wall_s:.2f} s (resumed; {s.total_execution_time:.2f} s since it first started)"
+    table = Table(title=Text(f"run {report.run_id}: {outcome_line(report)} in {took}"))
     for name in ("task", "agent", "status", "tries", "time", "commit"):
         table.add_column(name, no_wrap=True)
     table.add_column("error", overflow="fold")
+    run_dir = Path(report.run_dir)
     for r in report.results:
+        status = "not needed" if not_needed(r) else r.status
+        lines = [r.error.message] if r.error else []
+        if not r.succeeded and not not_needed(r):
+            if r.worktree:
+                lines.append(f"worktree: {r.worktree}")
+            last = r.attempt_log[-1] if r.attempt_log else None
+            if last is not None and last.stderr is not None and last.stderr.size:
+                lines.append(f"stderr: {run_dir / last.stderr.path}")
         table.add_row(
-            r.task_id,
-            r.agent,
-            f"[{_STYLE.get(r.status, '')}]{r.status}[/]",
+            Text(r.task_id),
+            Text(r.agent),
+            Text(status, style=_STYLE.get(r.status, "") if status != "not needed" else "dim"),
             str(r.attempts),
             f"{r.timings.duration_s:.2f}s",
             (r.provenance.result_commit or "")[:10],
-            r.error.message if r.error else "",
+            Text("\n".join(lines)),
         )
     return table

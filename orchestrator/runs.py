@@ -86,6 +86,11 @@ def describe_run(run_dir: Path) -> RunInfo:
     with contextlib.suppress(KeyError, TypeError, ValueError):
         info.started_at = datetime.fromisoformat(settings["at"])
     info.counts = dict(Counter(r.status for r in record.results.values()))
+    if record.finished:
+        # The report counts every task, those never started (skipped, say) included.
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            report = read_json(run_dir / "report.json")
+            info.counts = dict(Counter(str(r["status"]) for r in report["results"]))
     info.total_tasks = _total_tasks(run_dir)
     if RunLock(run_dir).is_held():
         info.state = "live"

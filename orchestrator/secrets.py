@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,11 @@ class Masker:
             if not found:
                 return False
             os.lseek(fd, 0, os.SEEK_SET)
-            tmp = path.with_name(f".{path.name}.masking")
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            out, name = tempfile.mkstemp(
+                prefix=f".{path.name}.", suffix=".masking", dir=path.parent
+            )
+            os.fchmod(out, 0o644)
+            tmp = Path(name)
             try:
                 pending = b""
                 while True:

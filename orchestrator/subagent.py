@@ -273,7 +273,7 @@ class _Subagent:
                 outcome.error = ErrorInfo(
                     kind="tamper",
                     message=f"{', '.join(names)} {changes[0].what} while this task's agent "
-                    "ran (put back; the orchestrator's git never ran with it)",
+                    "ran, and was put back",
                     paths=names,
                 )
         await self._record(number, started_at, start, outcome, stdout_path, stderr_path)
@@ -525,7 +525,25 @@ class _Subagent:
                     tip,
                 )
                 tip = worktree.base_commit
-            paths = await changed_paths(ctx.repo, worktree)
+            if (
+                self.masker
+                and not self.envelope.allow_secrets_in_commit
+                and (why := await self._secrets_in_git(worktree, tip))
+            ):
+                # The agent's own commits or staged files hold a secret: none of it is
+                # taken (its objects stay unreferenced until git gc prunes them).
+                self.refused = self.refused or why
+                if tip != worktree.base_commit:
+                    await git.run(
+                        "update-ref",
+                        "--end-of-options",
+                        f"refs/heads/{worktree.branch}",
+                        worktree.base_commit,
+                        tip,
+                    )
+                return
+            # Bounded by the task's timeout: what git reads here, the agent left.
+            paths = await changed_paths(ctx.repo, worktree, timeout=self.envelope.timeout)
             if paths and (
                 why := await anyio.to_thread.run_sync(self._refuse_changes, worktree.path, paths)
             ):
@@ -534,10 +552,49 @@ class _Subagent:
                     return  # nothing of it enters the repository; the worktree keeps it
                 paths = [p for p in paths if p not in why.paths]
             self.result_commit, self.result_tree, self.committed = await commit_worktree(
-                ctx.repo, worktree, message, base_tree=base_tree, parent=tip, paths=paths
+                ctx.repo,
+                worktree,
+                message,
+                base_tree=base_tree,
+                parent=tip,
+                paths=paths,
+                timeout=self.envelope.timeout,
             )
         finally:
             self._timed("commit_s", start)
+
+    async def _secrets_in_git(self, worktree: Worktree, tip: str) -> ErrorInfo | None:
+        """A secret_leak error when the agent's own commits (content, paths, messages) or
+        what it staged hold a secret's value, else None."""
+        assert self.ctx.repo is not None
+        git, args, env = self.ctx.repo.git, worktree.git_args(), worktree.git_env()
+        text = ["--no-ext-diff", "--no-textconv", "--text", "--no-color"]
+        outputs = [
+            await git.run(
+                *args,
+                "diff",
+                "--cached",
+                *text,
+                "--end-of-options",
+                tip,
+                cwd=worktree.path,
+                env=env,
+                timeout=self.envelope.timeout,
+            )
+        ]
+        if tip != worktree.base_commit:
+            span = f"{worktree.base_commit}..{tip}"
+            outputs.append(await git.run("log", "--format=%B", "--end-of-options", span, env=env))
+            outputs.append(
+                await git.run("diff", *text, "--end-of-options", worktree.base_commit, tip)
+            )
+        if not any(self.masker.found_in(out.stdout) for out in outputs):
+            return None
+        return ErrorInfo(
+            kind="secret_leak",
+            message="the value of a secret variable is in the agent's own commits or in what "
+            "it staged: nothing was committed (set allow_secrets_in_commit to commit it anyway)",
+        )
 
     def _refuse_changes(self, root: Path, paths: list[str]) -> ErrorInfo | None:
         """Why the changed *paths* must not be committed (too large, holding a secret), if so.
@@ -561,7 +618,7 @@ class _Subagent:
             )
         if not self.masker or self.envelope.allow_secrets_in_commit:
             return None
-        leaking = []
+        leaking = [p for p in paths if p not in sizes and self.masker.found_in(p.encode())]
         for path in sizes:
             try:
                 if os.path.islink(root / path):
@@ -570,7 +627,7 @@ class _Subagent:
                     data = read_bounded(path, limit, within=root)
             except OSError:
                 continue  # not a regular file: git does not commit it either
-            if self.masker.found_in(data):
+            if self.masker.found_in(data) or self.masker.found_in(path.encode()):
                 leaking.append(path)
         if not leaking:
             return None

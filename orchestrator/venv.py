@@ -7,6 +7,7 @@ Backends are a small interface and a table (``ALL_BACKENDS``), chosen by :func:`
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import secrets
@@ -277,6 +278,10 @@ async def setup_virtualenv(
 _DIST_INFO = re.compile(r"^(?P<name>.+?)-(?P<version>[^-]+)\.dist-info$")
 
 
+#: Most entries of a site-packages directory looked at when describing a venv.
+_MAX_SITE_ENTRIES = 100_000
+
+
 def describe_environment(venv: Venv) -> Environment:
     """The venv's interpreter and installed distributions, read from disk (no subprocess)."""
     config: dict[str, str] = {}
@@ -289,7 +294,8 @@ def describe_environment(venv: Venv) -> Environment:
     version = config.get("version_info") or config.get("version") or "unknown"
     packages: list[str] = []
     for site in venv.path.glob("lib/python*/site-packages"):
-        for entry in site.iterdir():
+        # Bounded: an agent can fill its venv with fake *.dist-info entries.
+        for entry in itertools.islice(site.iterdir(), _MAX_SITE_ENTRIES):
             match = _DIST_INFO.match(entry.name)
             if match:
                 name = re.sub(r"[-_.]+", "-", match["name"]).lower()

@@ -94,8 +94,36 @@ async def verify_report(
             )
         )
         return outcome
-    outcome.findings += await _check_git(repository.git, report, outcome)
+    # The user trusts the repository they name, or work in; one a report names, not so.
+    trusted = bool(repo) or Path.cwd().resolve().is_relative_to(repository.root.resolve())
+    programs = [] if trusted else await _configured_programs(repository.git)
+    if programs:
+        # Named by the report, not by the user: recomputing a merge there would run them.
+        outcome.findings.append(
+            Finding(
+                task_id=None,
+                field="repo",
+                message=f"the repository the report names, {repository.root}, configures "
+                f"programs git would run ({', '.join(programs)}); merges are not recomputed "
+                f"there: pass --repo {repository.root} to trust it",
+            )
+        )
+    outcome.findings += await _check_git(repository.git, report, outcome, merges=not programs)
     return outcome
+
+
+#: Config keys that make git run a program while it merges (verify recomputes merges).
+_PROGRAM_KEYS = (
+    r"^(merge\..*\.driver|filter\..*\.(clean|smudge|process)|diff\..*\.(textconv|command))$"
+)
+
+
+async def _configured_programs(git: Git) -> list[str]:
+    """The keys of the repository's own config (includes followed) that name programs."""
+    found = await git.run(
+        "config", "--local", "--includes", "--get-regexp", _PROGRAM_KEYS, check=False
+    )
+    return sorted({line.split(" ", 1)[0] for line in found.stdout.decode().splitlines() if line})
 
 
 def _find_run_dir(report: Report, path: Path) -> Path:
@@ -105,7 +133,9 @@ def _find_run_dir(report: Report, path: Path) -> Path:
     return path.resolve().parent
 
 
-async def _check_git(git: Git, report: Report, outcome: VerifyOutcome) -> list[Finding]:
+async def _check_git(
+    git: Git, report: Report, outcome: VerifyOutcome, *, merges: bool = True
+) -> list[Finding]:
     findings: list[Finding] = []
     # One batched lookup for every object the report names.
     wanted: list[str] = []
@@ -210,8 +240,9 @@ async def _check_git(git: Git, report: Report, outcome: VerifyOutcome) -> list[F
                         message=f"branch {r.branch} points at {found}, which does not contain {p.result_commit}",
                     )
                 )
-    findings += await _check_dependency_starts(git, report)
-    findings += await _check_merges(git, report, outcome)
+    if merges:
+        findings += await _check_dependency_starts(git, report)
+        findings += await _check_merges(git, report, outcome)
     return findings
 
 

@@ -12,7 +12,10 @@ or rewrites its worktree's ``.git`` file cannot make them act on another reposit
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,13 +167,23 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
     except OSError:
         intact = False  # gone, a link, a FIFO, too long: replaced
     if not intact:
-        dot_git.unlink(missing_ok=True)
-        dot_git.write_text(expected, encoding="utf-8")
+        _replace(dot_git, expected)
     # The admin dir's HEAD decides what ``reset --hard`` restores, ``gitdir`` where git
     # thinks the worktree is, ``commondir`` which repository's objects and refs it uses: an
     # agent that pointed them elsewhere gets them put back (HEAD may move in the agent's own
     # right: ``git checkout -b``; the other two never).
     tampered = []
+    config = worktree.admin_dir / "config.worktree"
+    if config.exists() or config.is_symlink():
+        # Never made by the orchestrator: per-worktree config the agent wrote (`git
+        # sparse-checkout` does, and so could a filter), which the orchestrator's git must
+        # not read. Removed; a change to the shared config that enables it is the guard's.
+        config.unlink()
+    index = worktree.admin_dir / "index"
+    if index.is_symlink() or (index.exists() and not index.is_file()):
+        # A FIFO as the index would block every git command: git makes a new one.
+        tampered.append(str(index))
+        index.unlink()
     for name, content in (
         ("HEAD", f"ref: refs/heads/{worktree.branch}\n"),
         ("gitdir", f"{dot_git}\n"),
@@ -184,9 +197,21 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
             pass
         if name != "HEAD":
             tampered.append(str(path))
-        path.unlink(missing_ok=True)
-        path.write_text(content, encoding="utf-8")
+        _replace(path, content)
     return tampered
+
+
+def _replace(path: Path, content: str) -> None:
+    """Write *path* anew through a fresh temporary file: never through a link planted there."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 restore_admin_files = _restore_dot_git
@@ -248,7 +273,12 @@ async def check_branch(repo: Repository, worktree: Worktree, tip: str) -> str | 
     return None
 
 
-async def changed_paths(repo: Repository, worktree: Worktree) -> list[str]:
+async def changed_paths(
+    repo: Repository,
+    worktree: Worktree,
+    *,
+    timeout: float | None = None,  # noqa: ASYNC109 (passed to git)
+) -> list[str]:
     """Every path a commit of the worktree would take: changed, deleted, new (not ignored).
 
     What ``git add --all`` would stage, listed without staging anything, so that what an
@@ -265,9 +295,16 @@ async def changed_paths(repo: Repository, worktree: Worktree) -> list[str]:
         "--ignore-submodules=all",
         cwd=worktree.path,
         env=worktree.git_env(),
+        timeout=timeout,
     )
     entries = out.stdout.split(b"\0")
-    return [e[3:].decode("utf-8", "surrogateescape") for e in entries if len(e) > 3]
+    # A path deleted in the index ("D "; a `git rm`, or the old side of a `git mv`) is staged
+    # already: `git add` of a path in neither the index nor the worktree would fail.
+    return [
+        e[3:].decode("utf-8", "surrogateescape")
+        for e in entries
+        if len(e) > 3 and not e.startswith(b"D ")
+    ]
 
 
 async def commit_worktree(
@@ -278,6 +315,7 @@ async def commit_worktree(
     base_tree: str,
     parent: str | None = None,
     paths: list[str] | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109 (passed to git)
 ) -> tuple[str, str, bool]:
     """Commit every change in the worktree as one commit on its branch, on top of *parent*.
 
@@ -286,13 +324,15 @@ async def commit_worktree(
     as the caller read and checked it (see :func:`check_branch`), by default its tip now: the
     branch moves by compare-and-swap from that value, so a branch moved meanwhile by anyone
     else fails the commit instead of being overwritten. *paths* are the paths to commit, by
-    default :func:`changed_paths`. Plumbing commands are used, so no hook runs.
+    default :func:`changed_paths`. With *timeout*, a git command that reads the worktree and
+    takes longer (a FIFO the agent left) is killed: GitError. Plumbing commands are used, so
+    no hook runs.
     """
     await _restore_dot_git(worktree)
     if parent is None:
         parent = await branch_tip(repo, worktree)
     if paths is None:
-        paths = await changed_paths(repo, worktree)
+        paths = await changed_paths(repo, worktree, timeout=timeout)
     git, args, cwd, env = repo.git, worktree.git_args(), worktree.path, worktree.git_env()
     if not paths:
         if parent == worktree.base_commit:
@@ -310,6 +350,7 @@ async def commit_worktree(
         cwd=cwd,
         env=env,
         stdin=b"\0".join(p.encode("utf-8", "surrogateescape") for p in paths) + b"\0",
+        timeout=timeout,
     )
     tree = await git.out(*args, "write-tree", cwd=cwd, env=env)
     if tree == base_tree and parent == worktree.base_commit:

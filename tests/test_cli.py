@@ -147,7 +147,7 @@ def test_run_a_plan_then_verify_its_report(
     )
     assert f"verify: orchestrator verify {report_path}" in outcome.out.splitlines()
     # The summary table: a title with the tally, then one row per task.
-    assert f"run {run_dir.name}: 2/2 succeeded in " in outcome.out
+    assert f"run {run_dir.name}: 2 tasks: 2 succeeded in " in outcome.out
     rows = [line for line in outcome.out.splitlines() if "succeeded" in line and "│" in line]
     assert [row.split("│")[1].strip() for row in rows] == ["first", "task-002"]
     # Progress goes to stderr, so that stdout holds only the result.
@@ -373,7 +373,7 @@ def test_demo_in_an_empty_directory_twice(
     first = orchestrator("run", "--demo", cwd=where)
     assert first.returncode == 0, first.stderr
     assert f"demo repository: {demo_repo} (created)" in first.stderr.splitlines()
-    assert "5/5 succeeded" in first.stdout
+    assert "5 tasks: 5 succeeded" in first.stdout
     report = json.loads(printed_report(first.stdout).read_text())
     # test-slugify started from add-slugify's result, and tested what it added.
     by_id = {r["task_id"]: r for r in report["results"]}

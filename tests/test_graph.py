@@ -608,7 +608,7 @@ def test_run_exits_1_when_the_plans_merge_conflicts(
     )
     outcome = cli(capsys, "run", str(plan), "--repo", str(repo))
     assert outcome.code == 1
-    assert "2/2 succeeded" in outcome.out
+    assert "2 tasks: 2 succeeded" in outcome.out
     merge_lines = [line for line in outcome.out.splitlines() if line.startswith("merge into")]
     assert len(merge_lines) == 1 and merge_lines[0].startswith("merge into main: conflict")
     assert git(repo, "rev-parse", "main") == before

@@ -266,3 +266,65 @@ def test_a_rewritten_commondir_cannot_send_the_commit_elsewhere(
     assert git(repo, "show", f"{result.provenance.result_commit}:work.txt") == "work"
     assert git(other, "for-each-ref") == refs_before
     assert git(other, "count-objects", "-v") == objects_before
+
+
+def test_an_agent_that_removes_and_moves_files_with_git_still_commits(make_repo: MakeRepo) -> None:
+    """`git rm` and `git mv` leave staged deletions that are in neither index nor worktree."""
+    repo = make_repo()
+    source = (
+        "import subprocess\n"
+        "subprocess.run(['git', 'rm', '-q', 'src/file0000.txt'], check=True)\n"
+        "subprocess.run(['git', 'mv', 'src/file0001.txt', 'moved.txt'], check=True)\n"
+    )
+    report = run_plan(repo, {"g": source}, [{"id": "g", "agent": "g", "task": "t"}])
+    result = report.result("g")
+    assert result.status == "succeeded", result.error
+    files = git(repo, "ls-tree", "-r", "--name-only", str(result.provenance.result_commit)).split()
+    assert "src/file0000.txt" not in files and "src/file0001.txt" not in files
+    assert "moved.txt" in files
+
+
+@pytest.mark.parametrize("where", [".gitignore", "sub/data"])
+def test_a_fifo_left_in_the_worktree_does_not_hang_the_commit(
+    where: str, make_repo: MakeRepo
+) -> None:
+    """git reads .gitignore (and, to hash it, any new file): a FIFO there blocks git forever.
+    The commit step's git is bounded by the task's timeout."""
+    repo = make_repo()
+    source = (
+        "import os, pathlib\n"
+        f"pathlib.Path({where!r}).parent.mkdir(parents=True, exist_ok=True)\n"
+        f"os.mkfifo({where!r})\n"
+    )
+    report = run_plan(
+        repo,
+        {"f": source, "good": "open('good.txt', 'w').write('ok')\n"},
+        [{"id": "f", "agent": "f", "task": "t"}, {"id": "good", "agent": "good", "task": "t"}],
+        defaults={"timeout": 3},
+    )
+    result = report.result("f")
+    if where == ".gitignore":
+        assert result.status == "failed"
+        assert result.error is not None and "did not finish within 3 s" in result.error.message
+    else:  # git skips a FIFO it finds as an untracked file
+        assert result.status == "succeeded", result.error
+    assert report.result("good").status == "succeeded"
+
+
+def test_an_index_replaced_by_a_fifo_is_put_right(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    source = (
+        "import os, pathlib, subprocess\n"
+        "admin = subprocess.run(['git', 'rev-parse', '--path-format=absolute', '--git-dir'],"
+        " capture_output=True, text=True, check=True).stdout.strip()\n"
+        "os.unlink(os.path.join(admin, 'index'))\n"
+        "os.mkfifo(os.path.join(admin, 'index'))\n"
+        "pathlib.Path('work.txt').write_text('work')\n"
+    )
+    report = run_plan(
+        repo, {"i": source}, [{"id": "i", "agent": "i", "task": "t"}], defaults={"timeout": 5}
+    )
+    result = report.result("i")
+    assert result.status == "failed"
+    assert result.error is not None and result.error.kind == "tamper"
+    assert git(repo, "show", f"{result.provenance.result_commit}:work.txt") == "work"

@@ -366,3 +366,29 @@ def test_runs_and_gc_do_not_block_on_what_an_agent_left_in_the_state_directory(
     assert listed.code == 0, listed
     assert collected.code == 0, collected
     no_traceback(listed)
+
+
+def test_verify_runs_no_merge_driver_of_a_repository_the_report_names(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Recomputing a dependency merge in the report's repository would run its drivers."""
+    repo = make_repo()
+    ran = tmp_path / "ran"
+    envelopes = [
+        build_envelope("w", "a", task_id="a", venv=False),
+        build_envelope("w", "b", task_id="b", venv=False),
+        build_envelope("w", "c", task_id="c", venv=False, depends_on=["a", "b"]),
+    ]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    path = Path(report.run_dir) / "report.json"
+    git(repo, "config", "merge.evil.driver", f"touch {ran}; false")
+    (repo / ".git" / "info").mkdir(exist_ok=True)
+    (repo / ".git" / "info" / "attributes").write_text("* merge=evil\n")
+    outcome = cli(capsys, "verify", str(path))
+    assert outcome.code == 1
+    assert "configures programs git would run (merge.evil.driver)" in outcome.out
+    assert not ran.exists()
+    # Named by the user, or the one they work in, the repository is trusted.
+    assert cli(capsys, "verify", str(path), "--repo", str(repo)).code == 0
+    with contextlib.chdir(repo):
+        assert cli(capsys, "verify", str(path)).code == 0

@@ -16,8 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 import yaml
+
+from envelopes import Plan
+from orchestrator import orchestrate_parallel
 
 from .conftest import MakeRepo, cli, git
 
@@ -212,3 +216,48 @@ def test_changes_over_max_commit_mb_are_not_stored(
         line for line in git(repo, "count-objects", "-v").splitlines() if line.startswith("size:")
     ]
     assert loose == [line for line in objects.splitlines() if line.startswith("size:")]
+
+
+SNEAKY = """
+import os, pathlib, subprocess
+secret = os.environ["MY_API_KEY"]
+def git(*args):
+    subprocess.run(["git", "-c", "user.name=a", "-c", "user.email=a@a", *args], check=True)
+if os.environ["ORCHESTRATOR_TASK_ID"] == "commits":
+    pathlib.Path("in-commit.txt").write_text(secret)
+    git("add", "in-commit.txt")
+    git("commit", "-q", "-m", "message holds " + secret)
+elif os.environ["ORCHESTRATOR_TASK_ID"] == "staged":
+    pathlib.Path("README.md").write_text(secret)
+    git("add", "README.md")
+    git("update-index", "--assume-unchanged", "README.md")
+    pathlib.Path("README.md").write_text("clean\\n")
+else:
+    pathlib.Path(f"leak-{secret}.txt").write_text("innocent")
+"""
+
+
+def test_secrets_in_the_agents_own_commits_staged_files_and_names_are_caught(
+    make_repo: MakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(extra={"README.md": "readme\\n"})
+    monkeypatch.setenv("MY_API_KEY", INHERITED)
+    agent = tmp_path / "sneaky.py"
+    agent.write_text(SNEAKY)
+    plan = Plan.model_validate(
+        {
+            "agents": {"s": {"command": [sys.executable, str(agent)]}},
+            "defaults": {"venv": False},
+            "tasks": [{"id": t, "agent": "s", "task": "t"} for t in ("commits", "staged", "names")],
+        }
+    )
+    report = anyio.run(lambda: orchestrate_parallel(plan, repo=repo))
+    for result in report.results:
+        assert result.status == "failed", result.task_id
+        assert result.error is not None and result.error.kind == "secret_leak", result.error
+    log = subprocess.run(
+        ["git", "-C", str(repo), "log", "--all", "-p", "--format=%H %B", "--name-only"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert INHERITED.encode() not in log
