@@ -5,12 +5,17 @@ fails is data (a TaskResult with a status and an error), never an exception.
 
     OrchestratorError
     ├── PlanError            a plan that cannot run; one line per problem
+    ├── PlanChanged          --resume: the plan changed since its interrupted run started
+    ├── NotARepository       a path that is not inside a git repository
     ├── EventHandlerFailed   the on_event handler raised (internal; its exception propagates)
     ├── GitError             a git command failed
     ├── VenvError            a virtualenv could not be created or its requirements installed
     ├── RunDirError          the run directory cannot be created or written
+    ├── RunInUse             another live orchestrator holds the run
+    ├── JournalCorrupt       a journal line other than the last cannot be read
     ├── ReportUnreadable     a report file that cannot be read or is not a report
-    └── MergeError           a merge-back that cannot start: bad target, task or report
+    ├── MergeError           a merge-back that cannot start: bad target, task or report
+    └── IllegalTransition    a task state change the lifecycle forbids: a bug of the engine
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ from dataclasses import dataclass
 __all__ = [
     "EventHandlerFailed",
     "GitError",
+    "IllegalTransition",
+    "JournalCorrupt",
     "MergeError",
+    "NotARepository",
     "OrchestratorError",
+    "PlanChanged",
     "PlanError",
     "PlanIssue",
     "ReportUnreadable",
     "RunDirError",
+    "RunInUse",
     "VenvError",
 ]
 
@@ -102,4 +112,35 @@ class MergeError(OrchestratorError):
 
     A target branch that does not exist, an unknown or unsuccessful task, a deleted task branch,
     a missing result commit, a report with no repository, or an altered report.
+    """
+
+
+class NotARepository(OrchestratorError):
+    """The path is not inside a git repository (or does not exist)."""
+
+
+class PlanChanged(OrchestratorError):
+    """An interrupted run of the plan file exists, but the plan changed since it started."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            f"the plan changed since run {run_id} started (its digest differs); run it as a "
+            "new run, restore the plan it started with to resume, or pass --force to start "
+            "a new run that reuses what still matches"
+        )
+        self.run_id = run_id
+
+
+class JournalCorrupt(OrchestratorError):
+    """A journal line other than the last cannot be read: the file was damaged or edited."""
+
+
+class RunInUse(OrchestratorError):
+    """Another live orchestrator holds the run."""
+
+
+class IllegalTransition(OrchestratorError):
+    """A state change the lifecycle does not allow: a bug in the orchestrator.
+
+    Not an AssertionError: ``python -O`` must not make it vanish.
     """

@@ -30,7 +30,7 @@ from envelopes._bounded import loads_bounded, read_bounded
 
 from ._faults import armed, crash_point
 from ._fs import read_json
-from .errors import OrchestratorError, RunDirError
+from .errors import JournalCorrupt, RunDirError, RunInUse
 
 __all__ = [
     "Journal",
@@ -44,14 +44,6 @@ __all__ = [
 
 JOURNAL = "journal.jsonl"
 LOCK = "lock"
-
-
-class JournalCorrupt(OrchestratorError):
-    """A journal line other than the last cannot be read: the file was damaged or edited."""
-
-
-class RunInUse(OrchestratorError):
-    """Another live orchestrator holds the run."""
 
 
 def process_start_time(pid: int) -> int | None:

@@ -188,7 +188,7 @@ def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
     """
     s = report.summary
     took = f"{s.total_execution_time:.2f} s"
-    if wall_s is not None and any(r.resumed for r in report.results):
+    if wall_s is not None and s.total_execution_time > wall_s + 1.0:  # a resumed run
         took = f"{wall_s:.2f} s (resumed; {s.total_execution_time:.2f} s since it first started)"
     table = Table(title=Text(f"run {report.run_id}: {outcome_line(report)} in {took}"))
     for name in ("task", "agent", "status", "tries", "time", "commit"):

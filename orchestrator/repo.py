@@ -6,14 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._git import Git
-from .errors import GitError, OrchestratorError
+from .errors import GitError, NotARepository
 from .locks import RepoLock
 
 __all__ = ["NotARepository", "Repository"]
-
-
-class NotARepository(OrchestratorError):
-    """The path is not inside a git repository (or does not exist)."""
 
 
 @dataclass

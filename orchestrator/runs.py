@@ -12,25 +12,13 @@ from typing import Any, Literal
 from envelopes import Plan
 
 from ._fs import read_json
-from .errors import OrchestratorError
+from .errors import OrchestratorError, PlanChanged
 from .journal import JOURNAL, JournalCorrupt, RunLock, read_journal
 from .recovery import replay
 
 __all__ = ["PlanChanged", "RunInfo", "find_resumable", "list_runs"]
 
 RunState = Literal["live", "finished", "interrupted", "superseded", "unknown"]
-
-
-class PlanChanged(OrchestratorError):
-    """An interrupted run of the plan file exists, but the plan changed since it started."""
-
-    def __init__(self, run_id: str) -> None:
-        super().__init__(
-            f"the plan changed since run {run_id} started (its digest differs); run it as a "
-            "new run, restore the plan it started with to resume, or pass --force to start "
-            "a new run that reuses what still matches"
-        )
-        self.run_id = run_id
 
 
 @dataclass

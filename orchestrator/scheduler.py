@@ -28,6 +28,8 @@ from anyio.abc import TaskGroup
 from envelopes import SUCCESSFUL, ErrorInfo, HandoffEnvelope, Select, TaskResult
 from envelopes._plan import _cycles
 
+from .errors import IllegalTransition
+
 __all__ = [
     "GroupState",
     "IllegalTransition",
@@ -63,10 +65,6 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     "retrying": frozenset({"running", "cancelled", "failed"}),
     **{state: frozenset() for state in _FINAL},
 }
-
-
-class IllegalTransition(AssertionError):
-    """A state change the lifecycle does not allow: a bug in the orchestrator."""
 
 
 class TaskBook:

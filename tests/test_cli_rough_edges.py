@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,23 @@ def test_repeated_tasks_flags_add_up_and_a_dry_run_records_nothing(
     again = cli(capsys, "merge", report, "--into", "main", "--tasks", "b", "--dry-run")
     assert again.code == 0 and "nothing recorded" in again.out
     assert len(json.loads(Path(report).read_text())["merge"]) == 1
+
+
+def test_a_resume_says_what_it_kept_killed_and_ran_again_and_its_own_time(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Edge 5: a resumed run's summary gave the time since the first start and nothing else."""
+    from .test_resume import crash_at, orchestrator, write_plan
+
+    repo = make_repo()
+    plan, _ = write_plan(tmp_path, repo, seconds=0.2)
+    crash_at(plan, "commit:6", cwd=tmp_path)
+    time.sleep(1.1)  # downtime: the summary tells it from this run's own time
+    resumed = orchestrator("run", str(plan), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    [started] = [line for line in resumed.stderr.splitlines() if line.startswith("run ")]
+    assert "; resumed: " in started and " kept, " in started and " to run again, " in started
+    assert "orphaned agent process(es) killed" in started
+    title = " ".join(resumed.stdout.split("┏")[0].split())  # the table's title, unwrapped
+    assert "12 tasks: 12 succeeded in " in title
+    assert "(resumed; " in title and " since it first started)" in title
