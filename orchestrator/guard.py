@@ -74,6 +74,8 @@ class _Kept:
     key: _Key
     content: bytes | None
     mode: int = 0o644
+    #: A symbolic link's target (a dotfiles manager links ~/.gitconfig): put back as a link.
+    link: str | None = None
 
 
 @dataclass
@@ -88,18 +90,25 @@ class RepoGuard:
     kept: dict[Path, _Kept] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
     blamed: set[int] = field(default_factory=set)
+    #: The user's own git files watched too, as they were when the run started.
+    user_files: list[Path] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def snapshot(cls, common_dir: Path) -> RepoGuard:
         """Record the guarded files (and every hook) of *common_dir* as they are now."""
         guard = cls(common_dir)
+        for path in _global_files():
+            guard.user_files.append(path)
+            if path.is_symlink():  # the file it leads to (now: never where a link points later)
+                with contextlib.suppress(OSError, RuntimeError):
+                    guard.user_files.append(path.resolve())
         for path in guard._paths():
             guard.kept[path] = guard._read(path)
         return guard
 
     def _paths(self) -> list[Path]:
-        paths = [self.common_dir / name for name in GUARDED_FILES] + list(_global_files())
+        paths = [self.common_dir / name for name in GUARDED_FILES] + self.user_files
         hooks = self.common_dir / "hooks"
         with contextlib.suppress(OSError):
             paths += sorted(hooks / name for name in os.listdir(hooks))
@@ -109,6 +118,8 @@ class RepoGuard:
         key = _key(path)
         if key is None:
             return _Kept(None, None)
+        if stat.S_ISLNK(key[0]):
+            return _Kept(key, None, link=os.readlink(path))
         try:
             content = read_bounded(path, _MAX_KEPT)
         except OSError:
@@ -138,7 +149,9 @@ class RepoGuard:
                 try:
                     # The snapshot stays what it was: the key is that of the file written
                     # back, so a rewrite racing this one is found at the next check.
-                    self.kept[path] = _Kept(self._put_back(path, kept), kept.content, kept.mode)
+                    self.kept[path] = _Kept(
+                        self._put_back(path, kept), kept.content, kept.mode, kept.link
+                    )
                 except OSError as exc:
                     what = f"{what} (and could not be put back: {exc.strerror or exc})"
                 change = Change(path=path, what=what, changed_at=when)
@@ -147,7 +160,14 @@ class RepoGuard:
         return found
 
     def _put_back(self, path: Path, kept: _Kept) -> _Key:
-        """Make *path* what the snapshot holds (absent, or its content); the new file's key."""
+        """Make *path* what the snapshot holds (absent, its content, or its link); its key."""
+        if kept.link is not None:
+            link = path.with_name(f".{path.name}.{os.getpid()}.restore-link")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+            os.symlink(kept.link, link)
+            os.replace(link, path)
+            return _key(path)
         if kept.key is None or kept.content is None:
             with contextlib.suppress(FileNotFoundError):
                 if os.path.isdir(path) and not os.path.islink(path):
