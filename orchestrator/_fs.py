@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from envelopes import LogFile
 from envelopes._bounded import loads_bounded, open_regular, read_bounded
 
 from ._faults import crash_point
 from .errors import RunDirError
 
-__all__ = ["atomic_write", "file_entry", "last_line", "read_json", "write_file"]
+__all__ = ["atomic_write", "last_line", "read_json", "write_file"]
 
 # Read once at import, while nothing else runs: os.umask can only be read by setting it.
 _UMASK = os.umask(0o022)
@@ -66,17 +64,6 @@ def write_file(path: Path, data: bytes) -> None:
             f.write(data)
     except OSError as exc:
         raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def file_entry(path: Path, run_dir: Path) -> LogFile:
-    """A LogFile entry (path relative to *run_dir*, SHA-256, size) for an existing file."""
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return LogFile(path=path.relative_to(run_dir).as_posix(), sha256=h.hexdigest(), size=size)
 
 
 def last_line(path: Path, limit: int = 4096) -> str:
