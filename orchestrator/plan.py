@@ -224,6 +224,16 @@ def _construct(loader: _Loader, node: yaml.Node) -> Any:
         ) from exc
 
 
+def _merge_error(node: yaml.Node, found: yaml.Node, expected: str) -> ConstructorError:
+    """What PyYAML says of a merge key (``<<``) whose value cannot be merged."""
+    return ConstructorError(
+        "while constructing a mapping",
+        node.start_mark,
+        f"expected {expected} for merging, but found {getattr(found, 'id', 'a node')}",
+        found.start_mark,
+    )
+
+
 def _flatten(node: yaml.MappingNode, budget: _Budget) -> int:
     """Resolve the merge keys (``<<: *anchor``) of *node* in place, as PyYAML's flatten_mapping
     does, and return how many of its pairs they brought in; _Limit past the budget.
@@ -252,21 +262,11 @@ def _flatten(node: yaml.MappingNode, budget: _Budget) -> int:
             sources.append(value_node)
             continue
         if not isinstance(value_node, yaml.SequenceNode):
-            raise ConstructorError(
-                "while constructing a mapping",
-                node.start_mark,
-                f"expected a mapping or list of mappings for merging, but found {value_node.id}",
-                value_node.start_mark,
-            )
+            raise _merge_error(node, value_node, "a mapping or list of mappings")
         listed: list[yaml.MappingNode] = []
         for source in value_node.value:
             if not isinstance(source, yaml.MappingNode):
-                raise ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"expected a mapping for merging, but found {source.id}",
-                    source.start_mark,
-                )
+                raise _merge_error(node, source, "a mapping")
             listed.append(source)
         sources += reversed(listed)  # later pairs win, and the first listed is to win
     for source in sources:

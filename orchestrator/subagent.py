@@ -43,6 +43,7 @@ from envelopes._bounded import MAX_VALUE_DEPTH, hash_file, loads_bounded, read_b
 from envelopes._events import AttemptFailed, TaskFinished, TaskRetrying, TaskStarted
 
 from ._fs import last_line, write_file
+from ._git import Git
 from .agents import Agent, CallableAgent, CommandAgent, Workspace
 from .context import RunContext
 from .errors import EventHandlerFailed, GitError, RunDirError, VenvError
@@ -517,14 +518,7 @@ class _Subagent:
                 self.refused = ErrorInfo(
                     kind="tamper", message=problem, paths=[f"refs/heads/{worktree.branch}"]
                 )
-                await git.run(
-                    "update-ref",
-                    "--end-of-options",
-                    f"refs/heads/{worktree.branch}",
-                    worktree.base_commit,
-                    tip,
-                )
-                tip = worktree.base_commit
+                tip = await _branch_back_to_base(git, worktree, tip)
             if (
                 self.masker
                 and not self.envelope.allow_secrets_in_commit
@@ -533,14 +527,7 @@ class _Subagent:
                 # The agent's own commits or staged files hold a secret: none of it is
                 # taken (its objects stay unreferenced until git gc prunes them).
                 self.refused = self.refused or why
-                if tip != worktree.base_commit:
-                    await git.run(
-                        "update-ref",
-                        "--end-of-options",
-                        f"refs/heads/{worktree.branch}",
-                        worktree.base_commit,
-                        tip,
-                    )
+                await _branch_back_to_base(git, worktree, tip)
                 return
             # Bounded by the task's timeout: what git reads here, the agent left.
             paths = await changed_paths(ctx.repo, worktree, timeout=self.envelope.timeout)
@@ -755,6 +742,19 @@ class _Subagent:
             ),
         )
         return seal_result(result)
+
+
+async def _branch_back_to_base(git: Git, worktree: Worktree, tip: str) -> str:
+    """Move the task's branch back to its base, by compare-and-swap from *tip*; the base."""
+    if tip != worktree.base_commit:
+        await git.run(
+            "update-ref",
+            "--end-of-options",
+            f"refs/heads/{worktree.branch}",
+            worktree.base_commit,
+            tip,
+        )
+    return worktree.base_commit
 
 
 def _log_entries(

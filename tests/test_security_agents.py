@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from envelopes import Plan, Report
+from envelopes import Plan, Report, TaskResult
 from orchestrator import orchestrate_parallel, verify_report
 
 from .conftest import MakeRepo, git
@@ -41,6 +41,14 @@ def run_plan(
     )
     report: Report = anyio.run(lambda: orchestrate_parallel(plan, repo=repo, **options))
     return report
+
+
+def one_result(repo: Path, source: str, **defaults: Any) -> TaskResult:
+    """The result of one task whose agent runs *source*."""
+    report = run_plan(
+        repo, {"a": source}, [{"id": "t", "agent": "a", "task": "t"}], defaults=defaults
+    )
+    return report.result("t")
 
 
 FIFO_OUTPUT = """
@@ -226,14 +234,13 @@ def test_an_agents_own_commits_are_kept(make_repo: MakeRepo) -> None:
         " '-q', '-m', 'mine'], check=True)\n"
         "pathlib.Path('b.txt').write_text('b')\n"
     )
-    report = run_plan(repo, {"own": own}, [{"id": "own", "agent": "own", "task": "t"}])
-    result = report.result("own")
+    result = one_result(repo, own)
     assert result.status == "succeeded", result.error
     commit = result.provenance.result_commit
     assert git(
         repo, "log", "--format=%s", f"{result.provenance.base_commit}..{commit}"
     ).splitlines() == [
-        "own: t [task own]",
+        "a: t [task t]",
         "mine",
     ]
 
@@ -257,8 +264,7 @@ def test_a_rewritten_commondir_cannot_send_the_commit_elsewhere(
     monkeypatch.setenv("OTHER_GIT_DIR", str(other / ".git"))
     refs_before = git(other, "for-each-ref")
     objects_before = git(other, "count-objects", "-v")
-    report = run_plan(repo, {"c": COMMONDIR}, [{"id": "c", "agent": "c", "task": "t"}])
-    result = report.result("c")
+    result = one_result(repo, COMMONDIR)
     assert result.status == "failed"
     assert result.error is not None and result.error.kind == "tamper"
     assert result.error.paths[0].endswith("/commondir")
@@ -276,8 +282,7 @@ def test_an_agent_that_removes_and_moves_files_with_git_still_commits(make_repo:
         "subprocess.run(['git', 'rm', '-q', 'src/file0000.txt'], check=True)\n"
         "subprocess.run(['git', 'mv', 'src/file0001.txt', 'moved.txt'], check=True)\n"
     )
-    report = run_plan(repo, {"g": source}, [{"id": "g", "agent": "g", "task": "t"}])
-    result = report.result("g")
+    result = one_result(repo, source)
     assert result.status == "succeeded", result.error
     files = git(repo, "ls-tree", "-r", "--name-only", str(result.provenance.result_commit)).split()
     assert "src/file0000.txt" not in files and "src/file0001.txt" not in files
@@ -321,10 +326,7 @@ def test_an_index_replaced_by_a_fifo_is_put_right(make_repo: MakeRepo) -> None:
         "os.mkfifo(os.path.join(admin, 'index'))\n"
         "pathlib.Path('work.txt').write_text('work')\n"
     )
-    report = run_plan(
-        repo, {"i": source}, [{"id": "i", "agent": "i", "task": "t"}], defaults={"timeout": 5}
-    )
-    result = report.result("i")
+    result = one_result(repo, source, timeout=5)
     assert result.status == "failed"
     assert result.error is not None and result.error.kind == "tamper"
     assert git(repo, "show", f"{result.provenance.result_commit}:work.txt") == "work"

@@ -130,29 +130,12 @@ def test_plan_json_and_envelopes_mask_secret_values(
     assert cli(capsys, "validate", str(planted)).code == 0
 
 
-def test_the_agent_still_gets_the_real_values(
-    make_repo: MakeRepo,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    repo = make_repo()
-    agent = tmp_path / "check.py"
-    agent.write_text(
-        f"import os, sys\nsys.exit(0 if os.environ['DEPLOY_KEY'] == {SET_IN_PLAN!r} else 7)\n"
-    )
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        yaml.safe_dump(
-            {
-                "agents": {"a": {"command": [sys.executable, str(agent)]}},
-                "defaults": {"venv": False, "env": {"DEPLOY_KEY": SET_IN_PLAN}},
-                "tasks": [{"id": "t", "agent": "a", "task": "check"}],
-            }
-        )
-    )
-    monkeypatch.chdir(repo)
-    assert cli(capsys, "run", str(plan)).code == 0
+@pytest.fixture
+def repo(make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A repository, the current directory, as a user running `orchestrator run` has."""
+    path = make_repo()
+    monkeypatch.chdir(path)
+    return path
 
 
 def _one_task(repo: Path, tmp_path: Path, source: str, **defaults: object) -> Path:
@@ -171,16 +154,19 @@ def _one_task(repo: Path, tmp_path: Path, source: str, **defaults: object) -> Pa
     return plan
 
 
-def test_a_plan_may_allow_secrets_in_commits(
-    make_repo: MakeRepo,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+def test_the_agent_still_gets_the_real_values(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    repo = make_repo()
+    source = f"import os, sys\nsys.exit(0 if os.environ['DEPLOY_KEY'] == {SET_IN_PLAN!r} else 7)\n"
+    plan = _one_task(repo, tmp_path, source, env={"DEPLOY_KEY": SET_IN_PLAN})
+    assert cli(capsys, "run", str(plan)).code == 0
+
+
+def test_a_plan_may_allow_secrets_in_commits(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = "import os, pathlib\npathlib.Path('token.txt').write_text(os.environ['MY_TOKEN'])\n"
     monkeypatch.setenv("MY_TOKEN", INHERITED)
-    monkeypatch.chdir(repo)
     refused = _one_task(repo, tmp_path, source)
     assert cli(capsys, "run", str(refused)).code == 1
     allowed = _one_task(repo, tmp_path, source, allow_secrets_in_commit=True)
@@ -195,14 +181,9 @@ def test_a_plan_may_allow_secrets_in_commits(
 
 
 def test_changes_over_max_commit_mb_are_not_stored(
-    make_repo: MakeRepo,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    repo = make_repo()
     source = "import pathlib\npathlib.Path('big.bin').write_bytes(b'x' * (2 * 1024 * 1024 + 1))\n"
-    monkeypatch.chdir(repo)
     objects = git(repo, "count-objects", "-v")
     outcome = cli(capsys, "run", str(_one_task(repo, tmp_path, source, max_commit_mb=2)))
     assert outcome.code == 1
