@@ -4,12 +4,20 @@ Importable alone (it depends on pydantic only), so that anyone can read a plan, 
 envelope or re-check a report's digests without the engine.
 """
 
+from ._audit import MAX_ENVELOPE_BYTES as MAX_ENVELOPE_BYTES
+from ._audit import MAX_LOG_BYTES as MAX_LOG_BYTES
 from ._audit import Finding as Finding
 from ._audit import NotAReport as NotAReport
 from ._audit import audit_report as audit_report
 from ._audit import load_report_file as load_report_file
 from ._audit import load_report_json as load_report_json
 from ._audit import report_layout as report_layout
+from ._audit import upstream_tasks as upstream_tasks
+from ._bounded import MAX_VALUE_DEPTH as MAX_VALUE_DEPTH
+from ._bounded import hash_file as hash_file
+from ._bounded import loads_bounded as loads_bounded
+from ._bounded import open_regular as open_regular
+from ._bounded import read_bounded as read_bounded
 from ._canonical import canonical_json as canonical_json
 from ._canonical import digest as digest
 from ._canonical import digest_without as digest_without
@@ -36,9 +44,14 @@ from ._ids import is_object_id as is_object_id
 from ._ids import new_run_id as new_run_id
 from ._ids import new_task_id as new_task_id
 from ._ids import ref_safe as ref_safe
+from ._ids import run_id_problem as run_id_problem
 from ._ids import task_id_problem as task_id_problem
+from ._plan import DEFAULT_TIMEOUT_S as DEFAULT_TIMEOUT_S
+from ._plan import ENV_FORMS as ENV_FORMS
 from ._plan import MATRIX_FIELDS as MATRIX_FIELDS
+from ._plan import MAX_CONCURRENCY as MAX_CONCURRENCY
 from ._plan import AgentSpec as AgentSpec
+from ._plan import Concurrency as Concurrency
 from ._plan import EnvSpec as EnvSpec
 from ._plan import ExpandedTask as ExpandedTask
 from ._plan import KeepWorktrees as KeepWorktrees
@@ -50,8 +63,11 @@ from ._plan import PlanProblem as PlanProblem
 from ._plan import Sandbox as Sandbox
 from ._plan import Select as Select
 from ._plan import TaskSpec as TaskSpec
+from ._plan import dependency_cycles as dependency_cycles
+from ._plan import env_values as env_values
 from ._plan import expand_tasks as expand_tasks
 from ._plan import plan_problems as plan_problems
+from ._plan import validation_message as validation_message
 from ._result import REPORT_SCHEMA as REPORT_SCHEMA
 from ._result import SUCCESSFUL as SUCCESSFUL
 from ._result import AgentInfo as AgentInfo
@@ -79,11 +95,22 @@ from ._result import Timings as Timings
 from ._result import seal_report as seal_report
 from ._result import seal_result as seal_result
 from ._schema import json_schemas as json_schemas
+from ._secrets import MASK as MASK
+from ._secrets import is_secret_name as is_secret_name
+from ._secrets import masked_env as masked_env
+from ._secrets import masked_plan as masked_plan
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
     "ENVELOPE_SCHEMA",
+    "ENV_FORMS",
+    "MASK",
     "MATRIX_FIELDS",
     "MATRIX_VALUE_PATTERN",
+    "MAX_CONCURRENCY",
+    "MAX_ENVELOPE_BYTES",
+    "MAX_LOG_BYTES",
+    "MAX_VALUE_DEPTH",
     "REPORT_SCHEMA",
     "SUCCESSFUL",
     "TASK_ID_PATTERN",
@@ -93,6 +120,7 @@ __all__ = [
     "Attempt",
     "AttemptFailed",
     "CachedFrom",
+    "Concurrency",
     "EnvSpec",
     "Environment",
     "ErrorInfo",
@@ -140,20 +168,32 @@ __all__ = [
     "audit_report",
     "build_envelope",
     "canonical_json",
+    "dependency_cycles",
     "digest",
     "digest_without",
+    "env_values",
     "expand_tasks",
+    "hash_file",
     "is_object_id",
+    "is_secret_name",
     "json_schemas",
     "load_report_file",
     "load_report_json",
+    "loads_bounded",
+    "masked_env",
+    "masked_plan",
     "new_run_id",
     "new_task_id",
+    "open_regular",
     "plan_problems",
+    "read_bounded",
     "ref_safe",
     "report_layout",
+    "run_id_problem",
     "seal_report",
     "seal_result",
     "sha256_hex",
     "task_id_problem",
+    "upstream_tasks",
+    "validation_message",
 ]

@@ -405,6 +405,54 @@ def report_layout(raw: Mapping[str, Any]) -> bytes:
     return (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def _expected_by_agent(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``results_by_agent`` as the results say it should be."""
+    by_agent: dict[str, dict[str, Any]] = {}
+    for result in results:
+        entry = by_agent.setdefault(
+            result["agent"],
+            {
+                "total": 0,
+                "successful": 0,
+                "failed": 0,
+                "timeout": 0,
+                "cancelled": 0,
+                "skipped": 0,
+                "cached": 0,
+                "task_ids": [],
+            },
+        )
+        entry["total"] += 1
+        key = {
+            "succeeded": "successful",
+            "cached": "successful",
+            "failed": "failed",
+            "timed_out": "timeout",
+            "cancelled": "cancelled",
+            "skipped": "skipped",
+        }[result["status"]]
+        entry[key] += 1
+        if result["status"] == "cached":
+            entry["cached"] += 1
+        entry["task_ids"].append(result["task_id"])
+    return by_agent
+
+
+def _audit_plan_file(run_dir: Path, plan_sha256: Any) -> list[Finding]:
+    """``plan.json`` in the run directory hashes to the report's ``plan_sha256``."""
+    try:
+        plan_sha, _ = hash_file("plan.json", MAX_LOG_BYTES, within=run_dir)
+    except OSError as exc:
+        return [
+            Finding(
+                task_id=None,
+                field="plan_sha256",
+                message=f"cannot read {run_dir / 'plan.json'}: {exc.strerror or exc}",
+            )
+        ]
+    return list(_check(None, "plan_sha256", plan_sha, plan_sha256))
+
+
 def audit_report(
     raw: Mapping[str, Any], *, run_dir: Path | None = None, source: bytes | None = None
 ) -> list[Finding]:
@@ -444,34 +492,7 @@ def audit_report(
     summary = raw["summary"]
     for key, value in _expected_summary(results).items():
         findings += _check(None, f"summary.{key}", value, summary[key])
-    by_agent: dict[str, dict[str, Any]] = {}
-    for result in results:
-        entry = by_agent.setdefault(
-            result["agent"],
-            {
-                "total": 0,
-                "successful": 0,
-                "failed": 0,
-                "timeout": 0,
-                "cancelled": 0,
-                "skipped": 0,
-                "cached": 0,
-                "task_ids": [],
-            },
-        )
-        entry["total"] += 1
-        key = {
-            "succeeded": "successful",
-            "cached": "successful",
-            "failed": "failed",
-            "timed_out": "timeout",
-            "cancelled": "cancelled",
-            "skipped": "skipped",
-        }[result["status"]]
-        entry[key] += 1
-        if result["status"] == "cached":
-            entry["cached"] += 1
-        entry["task_ids"].append(result["task_id"])
+    by_agent = _expected_by_agent(results)
     findings += _check(None, "results_by_agent", by_agent, raw["results_by_agent"])
     errors = [
         {
@@ -485,16 +506,5 @@ def audit_report(
     ]
     findings += _check(None, "errors", errors, raw["errors"])
     if run_dir is not None:
-        try:
-            plan_sha, _ = hash_file("plan.json", MAX_LOG_BYTES, within=run_dir)
-        except OSError as exc:
-            findings.append(
-                Finding(
-                    task_id=None,
-                    field="plan_sha256",
-                    message=f"cannot read {run_dir / 'plan.json'}: {exc.strerror or exc}",
-                )
-            )
-        else:
-            findings += _check(None, "plan_sha256", plan_sha, raw["plan_sha256"])
+        findings += _audit_plan_file(run_dir, raw["plan_sha256"])
     return findings

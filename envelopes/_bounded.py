@@ -11,6 +11,7 @@ can exhaust the stack or the CPU.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -144,25 +145,45 @@ def read_bounded(path: Path | str, limit: int, *, within: Path | None = None) ->
     return data
 
 
+class _Capped(io.RawIOBase):
+    """The file open on *fd*, read no further than *limit* bytes, counting what was read.
+
+    It has no ``fileno``: :func:`hashlib.file_digest`, which may read a file's descriptor
+    directly, goes through :meth:`readinto`, and so through the cap.
+    """
+
+    def __init__(self, fd: int, limit: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._left = limit
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with memoryview(buffer) as view:
+            room = view.cast("B")[: self._left]
+            count = os.readv(self._fd, [room]) if len(room) else 0
+        self._left -= count
+        self.size += count
+        return count
+
+
 def hash_file(path: Path | str, limit: int, *, within: Path | None = None) -> tuple[str, int]:
     """SHA-256 and size of a regular file, reading at most *limit* + 1 bytes.
 
-    A file longer than *limit* gives the digest and size of its first *limit* + 1 bytes,
-    which match no entry that claims at most *limit*.
+    The file is opened as :func:`open_regular` does. A file longer than *limit* gives the
+    digest and size of its first *limit* + 1 bytes, which match no entry that claims at most
+    *limit*. The size is what was read, never ``stat``'s word (a file may grow while it is
+    read).
     """
     fd = open_regular(path, within=within)
-    h = hashlib.sha256()
-    size = 0
     try:
-        while size <= limit:
-            chunk = os.read(fd, min(limit + 1 - size, 1 << 20))
-            if not chunk:
-                break
-            h.update(chunk)
-            size += len(chunk)
+        capped = _Capped(fd, limit + 1)
+        return hashlib.file_digest(capped, "sha256").hexdigest(), capped.size
     finally:
         os.close(fd)
-    return h.hexdigest(), size
 
 
 class _TooDeep(ValueError):

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ._canonical import digest
 from ._ids import BranchName, ObjectId, new_task_id, task_id_problem
-from ._plan import EnvName, Limits, Sandbox, Select, finite_json
+from ._plan import DEFAULT_TIMEOUT_S, EnvName, Limits, Sandbox, Select, finite_json
 from ._secrets import masked_env
 
 __all__ = ["ENVELOPE_SCHEMA", "HandoffEnvelope", "Upstream", "build_envelope"]
@@ -46,7 +46,7 @@ class HandoffEnvelope(BaseModel):
     inputs: dict[str, Any] = Field(default_factory=dict)
     requirements: list[str] = Field(default_factory=list)
     acceptance_criteria: list[str] = Field(default_factory=list)
-    timeout: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    timeout: float = Field(default=DEFAULT_TIMEOUT_S, gt=0, allow_inf_nan=False)
     retries: int = Field(default=0, ge=0)
     env: dict[str, str] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -115,7 +115,7 @@ def build_envelope(
     inputs: dict[str, Any] | None = None,
     requirements: list[str] | None = None,
     acceptance_criteria: list[str] | None = None,
-    timeout: float = 600.0,
+    timeout: float = DEFAULT_TIMEOUT_S,
     retries: int = 0,
     env: dict[str, str] | None = None,
     metadata: dict[str, Any] | None = None,

@@ -7,6 +7,7 @@ with the path of the field at fault so that a loader can point at the line in th
 
 from __future__ import annotations
 
+import graphlib
 import itertools
 import math
 import re
@@ -51,6 +52,13 @@ __all__ = [
 ]
 
 KeepWorktrees = Literal["never", "failed", "always"]
+
+#: Longest an agent's attempt may run, in seconds, unless a task or the plan says otherwise.
+DEFAULT_TIMEOUT_S = 600.0
+
+#: Most tasks a run may run at once, however it is asked for (plan, CLI, API).
+MAX_CONCURRENCY = 1024
+Concurrency = Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]
 Select = Literal["first_success", "all"]
 #: Fields a ``matrix`` may vary: these as they are, and ``inputs.<name>``, ``env.<name>`` and
 #: ``metadata.<name>``.
@@ -92,6 +100,7 @@ _MESSAGES = {
     "missing": "required field missing",
     "greater_than": "must be > {gt}",
     "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
     "less_than_equal": "must be <= {le}",
     "too_short": "must not be empty",
     "int_type": "must be an integer",
@@ -103,6 +112,12 @@ _MESSAGES = {
     "literal_error": "must be one of {expected}",
     "finite_number": "must be a finite number",
 }
+
+
+#: Errors whose message names what was found, besides type errors.
+_SHOWS_INPUT = frozenset(
+    {"literal_error", "greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+)
 
 
 def validation_message(error: Mapping[str, Any]) -> str:
@@ -117,7 +132,7 @@ def validation_message(error: Mapping[str, Any]) -> str:
         text = template.format(**ctx)
     except (KeyError, IndexError):
         text = error["msg"]
-    if error["type"].endswith("_type") or error["type"] == "literal_error":
+    if error["type"].endswith("_type") or error["type"] in _SHOWS_INPUT:
         text += (
             f", found {error['input']!r}"
             if not isinstance(error["input"], dict | list)
@@ -242,7 +257,7 @@ class AgentSpec(_Isolation):
 class PlanDefaults(_Strict):
     """Values every task gets unless it sets its own."""
 
-    timeout: PositiveSeconds = 600.0
+    timeout: PositiveSeconds = DEFAULT_TIMEOUT_S
     retries: Annotated[int, Field(ge=0, le=100)] = 0
     requirements: list[str] = Field(default_factory=list)
     env: Env = Field(default_factory=dict)
@@ -299,7 +314,7 @@ class Plan(_Strict):
     name: str = Field(default="plan", min_length=1)
     repo: str | None = None
     base: str = Field(default="HEAD", min_length=1)
-    concurrency: Annotated[int, Field(ge=1, le=1024)] = 4
+    concurrency: Concurrency = 4
     keep_worktrees: KeepWorktrees = "failed"
     fail_fast: bool = False
     cache: bool = False
@@ -423,63 +438,34 @@ def expand_tasks(plan: Plan) -> list[ExpandedTask]:
     return out
 
 
-def _cycles(ids: list[str], needs: list[list[int]]) -> list[list[int]]:
-    """Cycles among tasks, each once: ``needs[i]`` lists the tasks task *i* depends on.
+#: Most dependency cycles told at once (each costs a look at the whole graph).
+MAX_CYCLES = 10
 
-    Each cycle starts at its first task in plan order and follows "is needed by".
+
+def dependency_cycles(ids: list[str], needs: list[list[int]]) -> list[list[int]]:
+    """Cycles among tasks, no two sharing a task: ``needs[i]`` lists the tasks task *i* needs.
+
+    Each cycle starts at its first task in plan order and follows "is needed by"; they come
+    in plan order of those tasks. graphlib finds one cycle at a time: its tasks are taken out
+    and the rest looked at again, for at most MAX_CYCLES cycles.
     """
-    count = len(ids)
-    needed_by: list[list[int]] = [[] for _ in range(count)]
-    missing = [0] * count
-    for i, deps in enumerate(needs):
-        for d in set(deps):
-            needed_by[d].append(i)
-            missing[i] += 1
-    # Kahn's algorithm: whatever it cannot order is on a cycle or downstream of one.
-    ready = [i for i in range(count) if not missing[i]]
-    while ready:
-        node = ready.pop()
-        for after in needed_by[node]:
-            missing[after] -= 1
-            if not missing[after]:
-                ready.append(after)
-    left = {i for i in range(count) if missing[i]}
+    graph = {i: dict.fromkeys(deps) for i, deps in enumerate(needs)}
     found: list[list[int]] = []
-    on_cycle: set[int] = set()
-    for start in sorted(left):
-        if start in on_cycle:
-            continue
-        # The shortest way round from *start* back to itself, if there is one.
-        came_from: dict[int, int] = {}
-        frontier = [start]
-        closed = False
-        while frontier and not closed:
-            following = []
-            for node in frontier:
-                for after in sorted(set(needed_by[node])):
-                    if after == start:
-                        came_from[start] = node
-                        closed = True
-                        break
-                    if after in left and after not in came_from:
-                        came_from[after] = node
-                        following.append(after)
-                if closed:
-                    break
-            frontier = following
-        if not closed:
-            continue  # downstream of a cycle, not on one
-        path = [start]
-        node = came_from[start]
-        while node != start:
-            path.append(node)
-            node = came_from[node]
-        cycle = [start, *reversed(path[1:])]
-        if on_cycle.intersection(cycle):
-            continue
-        on_cycle.update(cycle)
-        found.append(cycle)
-    return found
+    while len(found) < MAX_CYCLES:
+        try:
+            graphlib.TopologicalSorter(graph).prepare()
+        except graphlib.CycleError as exc:
+            # [a, b, ..., a], each needed by the next (graphlib follows successors).
+            cycle: list[int] = exc.args[1][:-1]
+        else:
+            break
+        first = cycle.index(min(cycle))
+        found.append(cycle[first:] + cycle[:first])
+        for node in cycle:
+            # A task that needs a removed one keeps it as a predecessor: graphlib adds it
+            # back with no predecessors of its own, on no cycle.
+            del graph[node]
+    return sorted(found)
 
 
 def plan_problems(
@@ -657,7 +643,7 @@ def _graph_problems(data: Mapping[str, Any], tasks: list[Any]) -> list[PlanProbl
             else:
                 needs[index].append(by_name[name])
             listed.add(name)
-    for cycle in _cycles(ids, needs):
+    for cycle in dependency_cycles(ids, needs):
         names = " -> ".join(ids[i] for i in [*cycle, cycle[0]])
         problems.append(
             PlanProblem(loc=("tasks", cycle[0], "depends_on"), message=f"cycle {names}")

@@ -156,7 +156,8 @@ class AgentInfo(_Model):
     (a task venv's ``python`` is the interpreter behind it).
     """
 
-    kind: Literal["command", "callable"]
+    #: The agent's kind: ``command``, ``callable``, or a kind added to the engine's table.
+    kind: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
     command: list[str] | None = None
     program: str | None = None
     qualname: str | None = None

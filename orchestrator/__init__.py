@@ -1,6 +1,12 @@
 """worktree-orchestrator: fan work out to many agents at once, each in its own git worktree
 and virtualenv, and collect a results report with verifiable provenance.
 
+What an application embedding the orchestrator needs is here: the three ways into a run
+(``orchestrate_parallel``, ``resume_run``, ``run_events``), its settings, the agent protocol
+for kinds of one's own, loading plans, verifying and merging reports, and the exceptions. The
+engine's modules (``orchestrator.worktree``, ``orchestrator.subagent`` and the rest) are
+importable, but they are its inner workings, not a promise.
+
 The names below are imported on first use (PEP 562), so that ``orchestrator --help`` and the
 other quick commands start without the engine, pydantic or anyio. Type checkers see ordinary
 imports.
@@ -16,82 +22,64 @@ from ._version import __version__ as __version__
 if TYPE_CHECKING:
     from envelopes import build_envelope as build_envelope
 
-    from .agents import CallableAgent as CallableAgent
-    from .agents import CommandAgent as CommandAgent
+    from .agents import Agent as Agent
+    from .agents import AttemptOutcome as AttemptOutcome
+    from .agents import AttemptRequest as AttemptRequest
     from .agents import Workspace as Workspace
-    from .context import RunContext as RunContext
-    from .coordinator import RunEvents as RunEvents
     from .coordinator import orchestrate_parallel as orchestrate_parallel
     from .coordinator import resume_run as resume_run
     from .coordinator import run_events as run_events
     from .errors import GitError as GitError
     from .errors import MergeError as MergeError
+    from .errors import NotARepository as NotARepository
     from .errors import OrchestratorError as OrchestratorError
     from .errors import PlanError as PlanError
     from .errors import PlanIssue as PlanIssue
     from .errors import ReportUnreadable as ReportUnreadable
     from .errors import RunDirError as RunDirError
+    from .errors import RunInUse as RunInUse
+    from .errors import SettingsError as SettingsError
     from .errors import VenvError as VenvError
+    from .events import RunEvents as RunEvents
     from .mergeback import merge_results as merge_results
     from .mergeback import record_merge as record_merge
     from .plan import LoadedPlan as LoadedPlan
     from .plan import load_plan as load_plan
-    from .repo import NotARepository as NotARepository
     from .repo import Repository as Repository
-    from .report import aggregate_results as aggregate_results
-    from .report import write_report as write_report
-    from .subagent import run_subagent as run_subagent
-    from .venv import Venv as Venv
-    from .venv import setup_virtualenv as setup_virtualenv
+    from .settings import RunSettings as RunSettings
     from .verify import VerifyOutcome as VerifyOutcome
     from .verify import verify_report as verify_report
-    from .worktree import MergeOutcome as MergeOutcome
-    from .worktree import Worktree as Worktree
-    from .worktree import commit_worktree as commit_worktree
-    from .worktree import create_worktree as create_worktree
-    from .worktree import merge_worktree as merge_worktree
-    from .worktree import remove_worktree as remove_worktree
-    from .worktree import reset_worktree as reset_worktree
 
 #: Where each public name lives.
 _EXPORTS: dict[str, str] = {
     "build_envelope": "envelopes",
-    "CallableAgent": ".agents",
-    "CommandAgent": ".agents",
+    "Agent": ".agents",
+    "AttemptOutcome": ".agents",
+    "AttemptRequest": ".agents",
     "Workspace": ".agents",
-    "RunContext": ".context",
-    "RunEvents": ".coordinator",
     "orchestrate_parallel": ".coordinator",
     "resume_run": ".coordinator",
     "run_events": ".coordinator",
     "GitError": ".errors",
     "MergeError": ".errors",
+    "NotARepository": ".errors",
     "OrchestratorError": ".errors",
     "PlanError": ".errors",
     "PlanIssue": ".errors",
     "ReportUnreadable": ".errors",
     "RunDirError": ".errors",
+    "RunInUse": ".errors",
+    "SettingsError": ".errors",
     "VenvError": ".errors",
+    "RunEvents": ".events",
     "merge_results": ".mergeback",
     "record_merge": ".mergeback",
     "LoadedPlan": ".plan",
     "load_plan": ".plan",
-    "NotARepository": ".repo",
     "Repository": ".repo",
-    "aggregate_results": ".report",
-    "write_report": ".report",
-    "run_subagent": ".subagent",
-    "Venv": ".venv",
-    "setup_virtualenv": ".venv",
+    "RunSettings": ".settings",
     "VerifyOutcome": ".verify",
     "verify_report": ".verify",
-    "MergeOutcome": ".worktree",
-    "Worktree": ".worktree",
-    "commit_worktree": ".worktree",
-    "create_worktree": ".worktree",
-    "merge_worktree": ".worktree",
-    "remove_worktree": ".worktree",
-    "reset_worktree": ".worktree",
 }
 
 
@@ -109,42 +97,33 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "CallableAgent",
-    "CommandAgent",
+    "Agent",
+    "AttemptOutcome",
+    "AttemptRequest",
     "GitError",
     "LoadedPlan",
     "MergeError",
-    "MergeOutcome",
     "NotARepository",
     "OrchestratorError",
     "PlanError",
     "PlanIssue",
     "ReportUnreadable",
     "Repository",
-    "RunContext",
     "RunDirError",
     "RunEvents",
-    "Venv",
+    "RunInUse",
+    "RunSettings",
+    "SettingsError",
     "VenvError",
     "VerifyOutcome",
     "Workspace",
-    "Worktree",
     "__version__",
-    "aggregate_results",
     "build_envelope",
-    "commit_worktree",
-    "create_worktree",
     "load_plan",
     "merge_results",
-    "merge_worktree",
     "orchestrate_parallel",
     "record_merge",
-    "remove_worktree",
-    "reset_worktree",
     "resume_run",
     "run_events",
-    "run_subagent",
-    "setup_virtualenv",
     "verify_report",
-    "write_report",
 ]

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from envelopes._bounded import loads_bounded, open_regular, read_bounded
+from envelopes import loads_bounded, open_regular, read_bounded
 
 from ._faults import crash_point
 from .errors import RunDirError

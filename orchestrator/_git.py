@@ -151,7 +151,9 @@ class Git:
             with anyio.move_on_after(timeout if timeout is not None else math.inf) as limit:
                 result = await anyio.run_process(
                     command,
-                    input=stdin,
+                    # Given input (even none at all) or nothing: never this process's stdin.
+                    input=stdin or None,
+                    stdin=subprocess.DEVNULL if not stdin else None,
                     check=False,
                     env={**self._env, **env} if env else self._env,
                 )

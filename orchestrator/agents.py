@@ -1,129 +1,145 @@
-"""Agents: what runs a task. A command (any program) or an async callable in this process.
+"""Agents: what runs a task. One small interface, :class:`Agent`, and a table of its kinds.
 
-Backends as a small interface plus a table: :class:`CommandAgent` and :class:`CallableAgent`
-both describe themselves for provenance (``AgentInfo``); the subagent runner knows how to run
-each. :func:`as_agent` turns what a user passes (a plan's ``AgentSpec``, an argv list, an async
-function) into one of them.
+A task's lifecycle (orchestrator/subagent.py) asks an agent for the few things that differ
+between kinds: its provenance (:meth:`Agent.info`), whether it runs in this process, whether
+its attempts write log files, the variables it adds, its fingerprint for the result cache,
+and, above all, one attempt (:meth:`Agent.run_attempt`: an
+:class:`~orchestrator.attempt.AttemptRequest` in, an
+:class:`~orchestrator.attempt.AttemptOutcome` out). Nothing else in the engine looks at
+which kind an agent is.
+
+:data:`KINDS` names each kind and how to make one from its options: ``command`` (any program,
+orchestrator/command_agent.py) and ``callable`` (an async function in this process,
+orchestrator/callable_agent.py). :func:`as_agent` turns what a user passes (a plan's
+``AgentSpec``, an argv list or string, an async function, a ``{"kind": ...}`` mapping, or an
+agent already made) into an :class:`Agent`. See docs/agents.md, which also tells how to add
+a kind.
 """
 
 from __future__ import annotations
 
-import inspect
-import os
-import shutil
-import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from envelopes import AgentInfo, AgentSpec, HandoffEnvelope
-from envelopes._plan import env_values
+from envelopes import AgentInfo, AgentSpec
 
-__all__ = ["Agent", "AgentFunction", "CallableAgent", "CommandAgent", "Workspace", "as_agent"]
+from .attempt import AttemptOutcome, AttemptRequest
+from .callable_agent import AgentFunction, CallableAgent, Workspace
+from .command_agent import CommandAgent
+
+__all__ = [
+    "KINDS",
+    "Agent",
+    "AgentFunction",
+    "AgentKind",
+    "AgentLike",
+    "AttemptOutcome",
+    "AttemptRequest",
+    "CallableAgent",
+    "CommandAgent",
+    "Workspace",
+    "as_agent",
+]
 
 
-@dataclass(frozen=True)
-class Workspace:
-    """Where a callable agent works: its worktree, venv and files of the run directory."""
+@runtime_checkable
+class Agent(Protocol):
+    """An agent of some kind, configured: what a task's lifecycle asks of it."""
 
-    task_id: str
-    run_id: str
-    path: Path | None
-    venv: Path | None
-    output_path: Path
-    envelope_path: Path
-    env: Mapping[str, str]
+    @property
+    def in_process(self) -> bool:
+        """Whether it runs in the orchestrator's own process.
 
+        Such an agent cannot be sandboxed (a task asking for it fails, kind ``spawn``), and
+        its task, when it has no worktree or venv to make either, writes its envelope
+        without a thread hop.
+        """
+        ...
 
-AgentFunction = Callable[[HandoffEnvelope, Workspace], Awaitable[Mapping[str, Any] | None]]
+    @property
+    def writes_logs(self) -> bool:
+        """Whether each attempt writes its stdout and stderr to the request's two log files
+        (then hashed, masked and listed in the attempt log and the provenance)."""
+        ...
 
-
-@dataclass(frozen=True)
-class CommandAgent:
-    """A program run with cwd = the task's worktree (or the repository when it has none).
-
-    Arguments may use the placeholders ``{plan_dir}``, ``{worktree}``, ``{task_id}`` and
-    ``{run_id}``. A relative program path containing a slash is taken relative to the plan's
-    directory; ``python``/``python3`` is the task venv's interpreter, or this interpreter
-    when the task has no venv; any other bare name is looked up on the task's PATH.
-    """
-
-    command: tuple[str, ...]
-    env: Mapping[str, str] = field(default_factory=dict)
-
-    def argv(
-        self,
-        *,
-        plan_dir: Path,
-        worktree: Path,
-        task_id: str,
-        run_id: str,
-        path_var: str,
-        venv_bin: Path | None,
-    ) -> list[str]:
-        """The command as it will run for one task."""
-        values = {
-            "plan_dir": str(plan_dir),
-            "worktree": str(worktree),
-            "task_id": task_id,
-            "run_id": run_id,
-        }
-        args = [_substitute(arg, values) for arg in self.command]
-        program = args[0]
-        if program in ("python", "python3") and venv_bin is None:
-            args[0] = sys.executable
-        elif "/" in program and not os.path.isabs(program):
-            args[0] = str((plan_dir / program).absolute())
-        elif "/" not in program:
-            args[0] = shutil.which(program, path=path_var) or program
-        return args
+    @property
+    def env(self) -> Mapping[str, str]:
+        """Its own variables: over the task's starting environment, under the task's ``env``."""
+        ...
 
     def info(self, program: str | None = None) -> AgentInfo:
-        """Provenance description: the command as written, and the program it resolved to."""
-        return AgentInfo(kind="command", command=list(self.command), program=program)
+        """What ran, for the provenance; *program* is what the last attempt reported with
+        ``AttemptRequest.record_command``, if anything."""
+        ...
+
+    def fingerprint(self, plan_dir: Path) -> str:
+        """Its part of the result cache's key: a digest that changes when the agent does.
+
+        Blocking (it may read the files it runs); called once per run, in a thread.
+        """
+        ...
+
+    async def run_attempt(self, request: AttemptRequest) -> AttemptOutcome:
+        """Run one attempt and say how it went.
+
+        A failure of the agent is an outcome (``failed`` or ``timed_out``, with an
+        ``ErrorInfo``), never an exception. Cancellation is anyio's: the attempt is cancelled
+        by its cancel scope, ends what it started (shielded), and lets the cancellation
+        propagate.
+        """
+        ...
 
 
-def _substitute(arg: str, values: Mapping[str, str]) -> str:
-    for key, value in values.items():
-        arg = arg.replace("{" + key + "}", value)
-    return arg
+class AgentKind(Protocol):
+    """An entry of :data:`KINDS`: makes an agent of its kind from its options.
+
+    The options are the agent's entry as written, without ``kind``; a kind checks its own
+    (TypeError or ValueError when they do not fit).
+    """
+
+    def __call__(self, options: Mapping[str, Any], /) -> Agent: ...
 
 
-@dataclass(frozen=True)
-class CallableAgent:
-    """An ``async def agent(envelope, workspace) -> dict`` run in this process."""
+#: Every kind of agent, by the name a ``{"kind": ...}`` mapping gives.
+KINDS: dict[str, AgentKind] = {
+    "command": CommandAgent.from_options,
+    "callable": CallableAgent.from_options,
+}
 
-    function: AgentFunction
-
-    def info(self) -> AgentInfo:
-        """Provenance description: the function's module and qualified name."""
-        fn: Any = self.function
-        qualname = (
-            f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-        )
-        return AgentInfo(kind="callable", qualname=qualname)
+#: What a user may pass as an agent (see :func:`as_agent`).
+AgentLike = Agent | AgentSpec | Sequence[str] | AgentFunction | Mapping[str, Any]
 
 
-Agent = CommandAgent | CallableAgent
+def as_agent(value: AgentLike) -> Agent:
+    """Turn what a user passes into an :class:`Agent`.
 
-
-def as_agent(value: Agent | AgentSpec | Sequence[str] | AgentFunction) -> Agent:
-    """Turn a plan's AgentSpec, an argv list or an async function into an Agent."""
-    if isinstance(value, CommandAgent | CallableAgent):
+    An agent already made is itself; a plan's ``AgentSpec``, an argv list or a command
+    string is a ``command``; an async function is a ``callable``; a mapping is made by the
+    kind its ``kind`` names (``command`` when it names none) from its other keys. TypeError
+    for a value no kind takes (a function that is not async, say), ValueError for an
+    unknown kind or options that kind refuses.
+    """
+    if isinstance(value, Agent):
         return value
     if isinstance(value, AgentSpec):
-        return CommandAgent(command=tuple(value.command), env=env_values(value.env))
+        # A plan's entry is a command's: AgentSpec names no kind.
+        return CommandAgent.from_spec(value)
+    if isinstance(value, Mapping):
+        options = dict(value)
+        return _kind(str(options.pop("kind", "command")))(options)
     if isinstance(value, str):
-        return as_agent(AgentSpec(command=value))  # type: ignore[arg-type]
+        return _kind("command")({"command": value})
     if isinstance(value, Sequence):
-        return CommandAgent(command=tuple(value))
+        return _kind("command")({"command": list(value)})
     if callable(value):
-        if not (
-            inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(type(value).__call__)
-        ):
-            raise TypeError(
-                f"agent {value!r} must be an async function (async def agent(envelope, workspace))"
-            )
-        return CallableAgent(function=value)
+        return _kind("callable")({"function": value})
     raise TypeError(f"cannot use {value!r} as an agent")
+
+
+def _kind(name: str) -> AgentKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        known = ", ".join(sorted(KINDS))
+        raise ValueError(f"unknown agent kind {name!r} (known: {known})") from None

@@ -18,11 +18,8 @@ result's branch still exists and holds its commit; otherwise it is a miss, not a
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +30,7 @@ from typing import Any
 import anyio
 
 from envelopes import (
+    MAX_ENVELOPE_BYTES,
     CachedFrom,
     HandoffEnvelope,
     LogFile,
@@ -40,13 +38,13 @@ from envelopes import (
     TaskResult,
     Timings,
     digest,
+    loads_bounded,
+    read_bounded,
     seal_result,
 )
-from envelopes._audit import MAX_ENVELOPE_BYTES
-from envelopes._bounded import loads_bounded, read_bounded
 
 from ._fs import atomic_write, read_json
-from .agents import Agent, CommandAgent
+from .agents import Agent
 from .repo import Repository
 
 __all__ = [
@@ -71,37 +69,14 @@ def _environment_digest() -> str:
 
 
 def agent_digest(agent: Agent, plan_dir: Path) -> str:
-    """What the cache key says about an agent: its command with ``{plan_dir}`` filled in, its
-    env, and a fingerprint of the program and of each file the plan ships with it (an
-    argument written ``{plan_dir}/...``), so that an edited agent script is another agent.
-    Other arguments count as written (a path among them may be data that changes every run).
-    A callable is its qualified name (its code is not fingerprinted). Computed when a run
-    starts and journaled, so that a later run compares with the agent as it was then."""
-    if not isinstance(agent, CommandAgent):
-        return digest({"info": agent.info().model_dump(mode="json")})
-    command = [arg.replace("{plan_dir}", str(plan_dir)) for arg in agent.command]
-    try:
-        program = command[0] if os.sep in command[0] else shutil.which(command[0])
-    except ValueError:  # a NUL byte: the task itself fails to start, with that reason
-        program = None
-    files = {"program": _fingerprint(Path(program)) if program else None}
-    for written, arg in zip(agent.command[1:], command[1:], strict=True):
-        if written.startswith("{plan_dir}") and "{" not in arg:
-            files[written] = _fingerprint(Path(arg))
-    return digest({"command": command, "env": dict(agent.env), "files": files})
+    """What the cache key says about an agent: its kind's fingerprint (``Agent.fingerprint``).
 
-
-def _fingerprint(path: Path) -> str | None:
-    """A small file's SHA-256, a large one's size and modification time, or None."""
-    try:
-        info = path.stat()
-        if not path.is_file():
-            return None
-        if info.st_size <= 4 * 1024 * 1024:
-            return hashlib.sha256(path.read_bytes()).hexdigest()
-        return f"{info.st_size}:{info.st_mtime_ns}"
-    except (OSError, ValueError):  # ValueError: a NUL byte (the task fails to spawn, later)
-        return None
+    A command is its command with ``{plan_dir}`` filled in, its env, and a fingerprint of the
+    program and of each file the plan ships with it (an argument written ``{plan_dir}/...``),
+    so that an edited agent script is another agent; a callable is its qualified name (its
+    code is not fingerprinted). Blocking. Computed when a run starts and journaled, so that a
+    later run compares with the agent as it was then."""
+    return agent.fingerprint(plan_dir)
 
 
 def cache_key(envelope: HandoffEnvelope, base_commit: str | None, agent: str) -> str:

@@ -58,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--base", help="commit or ref all tasks start from (overrides the plan's base)"
     )
-    run.add_argument("--concurrency", type=_positive_int, help="at most this many tasks at once")
+    run.add_argument(
+        "--concurrency", type=_integer, help="at most this many tasks at once (1 to 1024)"
+    )
     run.add_argument(
         "--pool",
-        type=_count,
+        type=_integer,
         metavar="N",
         help="keep up to N worktrees (and venvs per requirement set) for later tasks and runs "
         "(default: the concurrency; 0: none)",
@@ -75,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--keep-worktrees",
-        choices=["never", "failed", "always"],
-        help="which worktrees to keep after the run",
+        metavar="POLICY",
+        help="which worktrees to keep after the run: never, failed or always (default: the plan's)",
     )
     run.add_argument(
         "--state-dir",
@@ -85,9 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--venv-backend",
-        choices=["auto", "uv", "stdlib"],
-        default="auto",
-        help="how venvs are made",
+        metavar="BACKEND",
+        help="how venvs are made: auto (uv when installed), uv or stdlib (default: auto)",
     )
     run.add_argument(
         "--json",
@@ -119,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--state-dir", type=Path, help="where the run lives (default: <git-dir>/orchestrator)"
     )
-    resume.add_argument("--concurrency", type=_positive_int, help="at most this many tasks at once")
+    resume.add_argument(
+        "--concurrency", type=_integer, help="at most this many tasks at once (1 to 1024)"
+    )
     resume.add_argument("--out", type=Path, help="also write the report here")
     resume.add_argument(
         "--json",
@@ -219,23 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer >= *minimum*, else a one-line usage error."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_count = _int_at_least(0)
-_positive_int = _int_at_least(1)
+def _integer(text: str) -> int:
+    """An argparse ``type``: an integer, else a one-line usage error. Its bounds are the run
+    settings' (orchestrator/settings.py), checked there whatever the value's source."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -255,7 +248,7 @@ def _drive(args: argparse.Namespace, start: Callable[..., Awaitable[Report]]) ->
     """Run *start* with progress, signals and the closing summary; map errors to exit codes."""
     import anyio
 
-    from .errors import OrchestratorError, PlanError
+    from .errors import OrchestratorError, PlanError, SettingsError
     from .repo import NotARepository
 
     if args.out is not None and not args.out.absolute().parent.is_dir():
@@ -270,6 +263,10 @@ def _drive(args: argparse.Namespace, start: Callable[..., Awaitable[Report]]) ->
         return EXIT_USAGE
     except NotARepository as exc:
         _err(str(exc))
+        return EXIT_USAGE
+    except SettingsError as exc:
+        given = getattr(args, exc.name, None) is not None
+        _err(f"--{exc.name.replace('_', '-')}: {exc.reason}" if given else str(exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err(
@@ -302,16 +299,17 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
     if args.resume:
         from .plan import check_plan_repository
         from .runs import PlanChanged, find_resumable
+        from .settings import state_root
 
         repository, _, _ = await check_plan_repository(
             loaded, repo_override=repo, state_dir=args.state_dir
         )
-        state = repository.state_dir if repository else Path(args.state_dir or ".orchestrator")
+        state = state_root(repository.state_dir if repository else None, args.state_dir)
         if repository is not None:
             repository.lock.close()
         plan_file = str(Path(loaded.file).absolute()) if loaded.file else None
         try:
-            resume = find_resumable(state.absolute(), loaded.sha256, plan_file)
+            resume = find_resumable(state, loaded.sha256, plan_file)
         except PlanChanged as exc:
             if not args.force:
                 raise

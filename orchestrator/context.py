@@ -10,22 +10,22 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import anyio
 
-from envelopes import ErrorInfo, KeepWorktrees, TaskResult, new_run_id, ref_safe
-from envelopes._events import Event
-from envelopes._ids import run_id_problem
+from envelopes import ErrorInfo, Event, TaskResult, new_run_id, ref_safe, run_id_problem
 
 from ._git import clean_environment
 from .errors import EventHandlerFailed, OrchestratorError, RunDirError
 from .guard import RepoGuard
-from .journal import JOURNAL, Journal, RunLock
+from .journal import JOURNAL, Journal
 from .lifeline import Lifeline
+from .locks import RunLock
 from .pool import VenvPool, WorktreePool
 from .repo import Repository
 from .scheduler import TaskBook, TaskState
+from .settings import RunSettings
 from .venv import VenvBackend, get_backend
 
 __all__ = ["EventHandler", "RunContext"]
@@ -55,11 +55,10 @@ class RunContext:
     base_commit: str | None
     base_tree: str | None
     plan_dir: Path
-    keep_worktrees: KeepWorktrees = "failed"
+    #: How the run runs (resolved once; see orchestrator/settings.py).
+    settings: RunSettings = field(default_factory=RunSettings)
+    #: The settings' venv backend, made once for the run.
     venv_backend: VenvBackend = field(default_factory=get_backend)
-    kill_grace: float = 2.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 30.0
     on_event: EventHandler | None = None
     results: dict[str, TaskResult] = field(default_factory=dict)
     book: TaskBook | None = None
@@ -114,94 +113,58 @@ class RunContext:
     async def open(
         cls,
         *,
-        repo: Path | str | Repository | None,
-        base: str = "HEAD",
+        repo: Repository | None,
+        settings: RunSettings,
         base_commit: str | None = None,
         base_tree: str | None = None,
         run_id: str | None = None,
-        state_dir: Path | str | None = None,
         plan_dir: Path | None = None,
         resume: bool = False,
-        **options: Any,
+        on_event: EventHandler | None = None,
     ) -> RunContext:
-        """Open the repository, resolve *base* once to a commit, and make the run directory.
+        """Make (or, with *resume*, find) the run directory, take the run's lock, open its journal.
 
-        Pass *base_commit* and *base_tree* when *base* is already resolved.
-
-        Without a repository (all tasks ``worktree: false``), the run directory is under
-        *state_dir*, or ``./.orchestrator`` when that is not given either.
-
+        *base_commit* and *base_tree* are ``settings.base`` resolved (the repository's
+        ``resolve_commit``); they are resolved here when not given. Without a repository (all
+        tasks ``worktree: false``), the run directory is under the settings' state directory.
         With *resume*, the run directory of *run_id* must exist instead. Either way the run's
         lock is taken (RunInUse when a live process holds it) and its journal opened.
         """
         run_id = run_id or new_run_id()
         if why := run_id_problem(run_id):
             raise OrchestratorError(why)
-        repository: Repository | None
-        if isinstance(repo, Repository) or repo is None:
-            repository = repo
-        else:
-            repository = await Repository.open(repo, state_dir=state_dir)
         commit, tree = base_commit, base_tree
-        if repository is not None:
-            if commit is None or tree is None:
-                commit, tree = await repository.resolve_commit(base)
-            root = repository.state_dir
-        else:
-            root = Path(state_dir or ".orchestrator").absolute()
+        if repo is not None and (commit is None or tree is None):
+            commit, tree = await repo.resolve_commit(settings.base)
+        root = settings.state_root(repo.state_dir if repo is not None else None)
         run_dir = root / "runs" / run_id
-        if resume:
-            if not run_dir.is_dir():
-                raise OrchestratorError(f"no run {run_id} in {root / 'runs'}")
-        else:
-            try:
-                await anyio.Path(run_dir).mkdir(parents=True, exist_ok=False)
-            except OSError as exc:
-                raise RunDirError(
-                    f"cannot create the run directory {run_dir}: {exc.strerror or exc}"
-                ) from exc
-        try:
-            for name in RUN_SUBDIRS:
-                await anyio.Path(run_dir / name).mkdir(exist_ok=True)
-        except OSError as exc:
-            if not resume:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise RunDirError(f"cannot write {run_dir}: {exc.strerror or exc}") from exc
+        await _make_run_dir(run_dir, resume=resume)
         run_lock = RunLock(run_dir)
         run_lock.acquire()
         journal = Journal(run_dir / JOURNAL)
         try:
             journal.open()
+            guarding = repo is not None and repo.git.guard is None
+            if repo is not None and guarding:
+                await _guard(repo)
         except BaseException:
+            journal.close()
             run_lock.release()
             raise
-        guarding = repository is not None and repository.git.guard is None
-        if repository is not None and guarding:
-            # One guard per Repository object: a second run sharing it shares the first's.
-            repository.git.guard = await anyio.to_thread.run_sync(
-                RepoGuard.snapshot, repository.common_dir
-            )
-            try:
-                repository.lock.ensure_open()
-            except OSError as exc:
-                journal.close()
-                run_lock.release()
-                path = repository.lock.path
-                raise RunDirError(
-                    f"cannot create the lock file {path}: {exc.strerror or exc}"
-                ) from exc
         return cls(
             run_id=run_id,
             run_dir=run_dir,
-            repo=repository,
-            base_ref=base if repository else None,
+            repo=repo,
+            base_ref=settings.base if repo else None,
             base_commit=commit,
             base_tree=tree,
             plan_dir=plan_dir or Path.cwd(),
+            settings=settings,
+            venv_backend=settings.backend(),
+            on_event=on_event,
             journal=journal,
             run_lock=run_lock,
             guarding=guarding,
-            **options,
         )
 
     def close(self) -> None:
@@ -297,3 +260,36 @@ class RunContext:
                 raise EventHandlerFailed(
                     f"the on_event handler raised {type(exc).__name__}: {exc}"
                 ) from exc
+
+
+async def _make_run_dir(run_dir: Path, *, resume: bool) -> None:
+    """Make the run directory and its subdirectories (with *resume*: find it); RunDirError."""
+    if resume:
+        if not run_dir.is_dir():
+            raise OrchestratorError(f"no run {run_dir.name} in {run_dir.parent}")
+    else:
+        try:
+            await anyio.Path(run_dir).mkdir(parents=True, exist_ok=False)
+        except OSError as exc:
+            raise RunDirError(
+                f"cannot create the run directory {run_dir}: {exc.strerror or exc}"
+            ) from exc
+    try:
+        for name in RUN_SUBDIRS:
+            await anyio.Path(run_dir / name).mkdir(exist_ok=True)
+    except OSError as exc:
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise RunDirError(f"cannot write {run_dir}: {exc.strerror or exc}") from exc
+
+
+async def _guard(repo: Repository) -> None:
+    """Set the repository's guard. One guard per Repository object: a second run sharing it
+    shares the first's (and only the run that set it removes it)."""
+    repo.git.guard = await anyio.to_thread.run_sync(RepoGuard.snapshot, repo.common_dir)
+    try:
+        repo.lock.ensure_open()
+    except OSError as exc:
+        repo.git.guard = None
+        path = repo.lock.path
+        raise RunDirError(f"cannot create the lock file {path}: {exc.strerror or exc}") from exc

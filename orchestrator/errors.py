@@ -5,6 +5,7 @@ fails is data (a TaskResult with a status and an error), never an exception.
 
     OrchestratorError
     ├── PlanError            a plan that cannot run; one line per problem
+    ├── SettingsError        a run setting out of its bounds (names the setting)
     ├── PlanChanged          --resume: the plan changed since its interrupted run started
     ├── NotARepository       a path that is not inside a git repository
     ├── EventHandlerFailed   the on_event handler raised (internal; its exception propagates)
@@ -37,6 +38,7 @@ __all__ = [
     "ReportUnreadable",
     "RunDirError",
     "RunInUse",
+    "SettingsError",
     "VenvError",
 ]
 
@@ -70,6 +72,19 @@ class PlanError(OrchestratorError):
     def __init__(self, issues: Sequence[PlanIssue]) -> None:
         self.issues = list(issues)
         super().__init__("\n".join(str(issue) for issue in self.issues))
+
+
+class SettingsError(OrchestratorError):
+    """A run setting (a CLI option, a keyword argument, a journal's record) out of its bounds.
+
+    ``name`` is the setting's (``concurrency``), ``reason`` what is wrong, worded as a plan's
+    problems are (``must be <= 1024, found 2000``), so that the CLI can name its option.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
 
 
 class GitError(OrchestratorError):

@@ -1,6 +1,6 @@
 """Garbage collection: what dead runs left behind, and old runs nobody needs.
 
-A run is live while an orchestrator holds its lock (see journal.py); ``gc`` never touches a
+A run is live while an orchestrator holds its lock (see locks.py); ``gc`` never touches a
 live run. Of the others it removes:
 
 - always: orphans. Agent processes still running, worktrees and venvs the run's report does
@@ -31,14 +31,15 @@ import anyio
 from envelopes import ref_safe
 
 from ._fs import read_json
-from .errors import OrchestratorError
-from .journal import JOURNAL, LOCK, RunInUse, RunLock, read_journal
+from .errors import OrchestratorError, RunInUse
+from .journal import JOURNAL, read_journal
+from .locks import LOCK, RunLock
 from .pool import collect_pool
 from .process import find_tagged
 from .recovery import INTERRUPTED_REFS, kill_orphans
 from .repo import Repository
 from .runs import RunInfo, describe_run
-from .worktree import _admin_dir_by_scan, _admin_dir_from_file, _drop_admin_dir
+from .worktree import admin_dir_by_scan, admin_dir_from_file, drop_admin_dir
 
 __all__ = ["GcOutcome", "collect_garbage", "parse_age"]
 
@@ -209,9 +210,9 @@ async def _clear_dirs(repo: Repository, run_id: str, kept: set[Path], dry_run: b
         if dry_run:
             continue
         async with repo.lock.hold():
-            admin = _admin_dir_from_file(path) or _admin_dir_by_scan(repo, path)
+            admin = admin_dir_from_file(path) or admin_dir_by_scan(repo, path)
             await anyio.to_thread.run_sync(shutil.rmtree, path, True)
-            await _drop_admin_dir(repo, admin)
+            await drop_admin_dir(repo, admin)
     for path in sorted(venvs.iterdir()) if venvs.is_dir() else []:
         if path.name in kept_names:
             continue

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from envelopes import TaskResult
-from envelopes._bounded import read_bounded
+from envelopes import TaskResult, read_bounded
 
 if TYPE_CHECKING:
     from ._git import Git
@@ -103,9 +102,13 @@ class RepoGuard:
             if path.is_symlink():  # the file it leads to (now: never where a link points later)
                 with contextlib.suppress(OSError, RuntimeError):
                     guard.user_files.append(path.resolve())
-        for path in guard._paths():
-            guard.kept[path] = guard._read(path)
+        guard.record()
         return guard
+
+    def record(self) -> None:
+        """Keep every guarded file as it is now (what a later change is put back to)."""
+        for path in self._paths():
+            self.kept[path] = self._read(path)
 
     def _paths(self) -> list[Path]:
         paths = [self.common_dir / name for name in GUARDED_FILES] + self.user_files

@@ -2,10 +2,11 @@
 
 :func:`agent_environment` is where an agent's variables start: the orchestrator's own
 (``inherit``), or a minimal base plus the names the plan passes. :func:`isolate` turns one
-command of a task into what :func:`~orchestrator.process.run_command` runs: as it is, or
-wrapped in a bubblewrap sandbox laid out for the task (see orchestrator/sandbox.py) with a
-private git state (orchestrator/sandbox_git.py); after it, it takes the agent's commits and
-its output out of the sandbox. :meth:`Spawn.error` tells a limit that ended an attempt.
+command of an attempt (of an :class:`~orchestrator.attempt.AttemptRequest`) into what
+:func:`~orchestrator.process.run_command` runs: as it is, or wrapped in a bubblewrap sandbox
+laid out for the task (see orchestrator/sandbox.py) with a private git state
+(orchestrator/sandbox_git.py); after it, it takes the agent's commits and its output out of
+the sandbox. :meth:`Spawn.error` tells a limit that ended an attempt.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import anyio
 from envelopes import ErrorInfo, HandoffEnvelope, ref_safe
 
 from ._fs import last_line
-from .context import RunContext
+from .attempt import AttemptRequest
 from .errors import GitError
 from .limits import Rlimit, limit_error, rlimits_of
 from .process import ProcessOutcome
+from .repo import Repository
 from .sandbox import SandboxLayout, bwrap_argv, find_bwrap, system_hidden, system_shown
 from .sandbox_git import PrivateGit, adopt_commits, prepare_private_git
 from .venv import Venv
@@ -113,40 +115,31 @@ class _TaskPaths:
 
 
 @asynccontextmanager
-async def isolate(
-    ctx: RunContext,
-    envelope: HandoffEnvelope,
-    argv: Sequence[str],
-    *,
-    cwd: Path,
-    env: Mapping[str, str],
-    worktree: Worktree | None,
-    venv: Venv | None,
-    envelope_path: Path,
-    output_path: Path,
-    number: int,
-) -> AsyncIterator[Spawn]:
-    """The command *argv* of attempt *number* as it is to run under the envelope's isolation.
+async def isolate(request: AttemptRequest, argv: Sequence[str]) -> AsyncIterator[Spawn]:
+    """The command *argv* of one attempt as it is to run under the envelope's isolation.
 
-    Without a sandbox, *argv* as it is (with the limits): nothing is made. With one, a scratch
-    directory of the attempt in the run directory holds its private git state and output
-    file; when the block ends (cancelled or not), the agent's commits and output are taken
-    out of it, under a shielded scope, and it is removed. OSError when it cannot be made,
-    or bwrap is not on PATH.
+    Without a sandbox, *argv* as it is (with the limits), in ``request.cwd`` with
+    ``request.env``: nothing is made. With one, a scratch directory of the attempt in the run
+    directory holds its private git state and output file; when the block ends (cancelled or
+    not), the agent's commits and output are taken out of it, under a shielded scope, and it
+    is removed. OSError when it cannot be made, or bwrap is not on PATH.
     """
+    envelope, worktree, repo = request.envelope, request.worktree, request.repo
     rlimits = rlimits_of(envelope.limits)
     if envelope.sandbox == "none":
-        yield Spawn(list(argv), cwd, dict(env), rlimits)
+        yield Spawn(list(argv), request.cwd, dict(request.env), rlimits)
         return
     bwrap = find_bwrap()
     if bwrap is None:
         raise OSError(errno.ENOENT, "the sandbox needs bwrap (bubblewrap), which is not on PATH")
-    scratch = ctx.run_dir / "sandbox" / f"{ref_safe(envelope.task_id)}.attempt-{number}"
-    paths = _TaskPaths(worktree, venv, envelope_path, output_path)
+    name = f"{ref_safe(envelope.task_id)}.attempt-{request.attempt}"
+    scratch = request.run_dir / "sandbox" / name
+    paths = _TaskPaths(worktree, request.venv, request.envelope_path, request.output_path)
 
     def prepare() -> tuple[PrivateGit | None, SandboxLayout]:
-        private = _prepare(ctx, worktree, scratch)
-        return private, _layout(ctx, envelope, argv, paths, private, scratch)
+        private = _prepare(repo, worktree, scratch)
+        layout = _layout(repo, request.state_dir, envelope, argv, paths, private, scratch)
+        return private, layout
 
     try:
         private, layout = await anyio.to_thread.run_sync(prepare)
@@ -158,7 +151,7 @@ async def isolate(
         bwrap_argv(layout, argv, bwrap=bwrap),
         worktree.path if worktree is not None else scratch,
         {
-            **env,
+            **request.env,
             "HOME": str(home),
             "TMPDIR": "/tmp",
             **(private.env() if private is not None else {}),
@@ -171,12 +164,14 @@ async def isolate(
     finally:
         with anyio.CancelScope(shield=True):
             try:
-                if private is not None and ctx.repo is not None:
+                if private is not None and repo is not None:
                     try:
-                        spawn.problem = await adopt_commits(ctx.repo, private)
+                        spawn.problem = await adopt_commits(repo, private)
                     except (GitError, OSError) as exc:
                         spawn.problem = f"they could not be taken: {exc}"
-                await anyio.to_thread.run_sync(_take_output, scratch / "output.json", output_path)
+                await anyio.to_thread.run_sync(
+                    _take_output, scratch / "output.json", request.output_path
+                )
             finally:
                 await anyio.to_thread.run_sync(shutil.rmtree, scratch, True)
 
@@ -187,12 +182,18 @@ def _home() -> Path:
     return home if home in system_hidden() else Path("/tmp")
 
 
-def _prepare(ctx: RunContext, worktree: Worktree | None, scratch: Path) -> PrivateGit | None:
+def _prepare(
+    repo: Repository | None, worktree: Worktree | None, scratch: Path
+) -> PrivateGit | None:
+    # A killed orchestrator's attempt of the same number left its scratch behind (a resume
+    # runs the attempt again): it is the orchestrator's own directory, gone over without
+    # following links.
+    shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     (scratch / "output.json").touch()
-    if worktree is None or ctx.repo is None:
+    if worktree is None or repo is None:
         return None
-    return prepare_private_git(worktree, ctx.repo.common_dir, scratch)
+    return prepare_private_git(worktree, repo.common_dir, scratch)
 
 
 def _take_output(source: Path, target: Path) -> None:
@@ -205,7 +206,8 @@ def _take_output(source: Path, target: Path) -> None:
 
 
 def _layout(
-    ctx: RunContext,
+    repo: Repository | None,
+    state_dir: Path,
     envelope: HandoffEnvelope,
     argv: Sequence[str],
     paths: _TaskPaths,
@@ -213,9 +215,8 @@ def _layout(
     scratch: Path,
 ) -> SandboxLayout:
     """What the task's command sees (see orchestrator/sandbox.py)."""
-    hide = [*system_hidden(), ctx.state_dir]
+    hide = [*system_hidden(), state_dir]
     shown = system_shown()
-    repo = ctx.repo
     if repo is not None:
         if not repo.bare:
             hide.append(repo.root)

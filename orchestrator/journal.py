@@ -1,4 +1,4 @@
-"""The run journal and the run lock: what makes a run survive its orchestrator's death.
+"""The run journal: what makes a run survive its orchestrator's death.
 
 ``journal.jsonl`` in the run directory is append-only: one JSON object a line, each a fact
 the orchestrator relies on (the run's settings, a task's state change, a task's result, the
@@ -7,146 +7,35 @@ commit: the first writer to reach the disk writes every line queued so far with 
 the writers behind it find their lines already durable. A process that dies mid-write leaves a
 torn last line, which :func:`read_journal` ignores.
 
-``lock`` in the run directory is held (``flock``) for as long as an orchestrator works on the
-run and names its owner (pid and start time). The kernel drops the flock when the owner dies,
-so a lock file that nobody holds is stale, whatever it says.
+The run directory's lock, held while an orchestrator works on the run, is
+:class:`orchestrator.locks.RunLock`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from envelopes._bounded import loads_bounded, read_bounded
+from envelopes import loads_bounded, read_bounded
 
 from ._faults import armed, crash_point
-from ._fs import read_json
-from .errors import JournalCorrupt, RunDirError, RunInUse
+from .errors import JournalCorrupt, RunDirError
 
 __all__ = [
     "Journal",
     "JournalContents",
     "JournalCorrupt",
-    "RunInUse",
-    "RunLock",
-    "process_start_time",
     "read_journal",
 ]
 
 JOURNAL = "journal.jsonl"
-LOCK = "lock"
-
-
-def process_start_time(pid: int) -> int | None:
-    """When process *pid* started, in clock ticks since boot (Linux), or None.
-
-    With the pid, it names a process unambiguously: a pid reused later has another start time.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
-    fields = stat[stat.rfind(")") + 2 :].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-class RunLock:
-    """The lock of one run directory, held while an orchestrator works on the run."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LOCK
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock; RunInUse naming the owner if a live process holds it."""
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                raise RunDirError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = self.owner()
-                os.close(fd)
-                who = f"pid {owner['pid']}" if owner else "another process"
-                since = f", running since {owner['started_at']}" if owner else ""
-                raise RunInUse(
-                    f"run {self.path.parent.name} is in use by {who}{since}; "
-                    "wait for it to end, or stop it first"
-                ) from None
-            # gc removes a stale lock file while holding it: a lock taken on the file it
-            # removed is no lock at all. Only the file at the path counts.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        me = os.getpid()
-        record = {
-            "pid": me,
-            "process_start": process_start_time(me),
-            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        except OSError as exc:
-            os.close(fd)
-            raise RunDirError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        self._fd = fd
-
-    def owner(self) -> dict[str, Any] | None:
-        """Who the lock file says holds it (maybe a dead process: see :meth:`is_held`)."""
-        try:
-            value = read_json(self.path, 1 << 16)
-        except (OSError, ValueError):
-            return None
-        return value if isinstance(value, dict) and "pid" in value else None
-
-    def is_held(self) -> bool:
-        """Whether a live process (this one included) holds the lock."""
-        if self._fd is not None:
-            return True
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
-    def remove(self) -> None:
-        """Delete the lock file while holding it, then let go (gc, once a run is cleaned)."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-        self.release()
-
-    def release(self) -> None:
-        """Let go of the lock (the file stays; nobody holding it makes it stale)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 @dataclass

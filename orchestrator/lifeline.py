@@ -18,16 +18,27 @@ import contextlib
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import psutil
 
 __all__ = ["Lifeline"]
 
-#: The watcher, run as ``python -I -S -c WATCHER <fd> <tag variable> <tag prefix>``: the
-#: standard library only, so that it starts in milliseconds.
+#: The directory psutil was imported from, for the watcher (which runs without site-packages).
+_PSUTIL_HOME = str(Path(psutil.__file__).parent.parent)
+
+#: The watcher, run as ``python -I -S -c WATCHER <fd> <tag variable> <tag prefix> <dir>``:
+#: the standard library and psutil (found in *dir*) only, so that it starts in milliseconds.
 WATCHER = r"""
 import os, signal, sys, time
 for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
     signal.signal(s, signal.SIG_IGN)
-fd, needle = int(sys.argv[1]), ("%s=%s" % (sys.argv[2], sys.argv[3])).encode()
+fd, variable, prefix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path.append(sys.argv[4])
+try:
+    import psutil  # now, not once the orchestrator is gone (its venv may be gone too)
+except ImportError:
+    psutil = None  # the groups are still killed
 groups, pending = set(), b""
 while True:
     try:
@@ -51,23 +62,18 @@ for group in groups:
     except OSError:
         pass
 me, deadline = os.getpid(), time.monotonic() + 10
-while time.monotonic() < deadline and os.path.isdir("/proc"):
-    found = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+while psutil is not None and time.monotonic() < deadline:
+    matched = 0
+    for process in psutil.process_iter():
+        if process.pid == me:
             continue
         try:
-            with open("/proc/%s/environ" % entry, "rb") as f:
-                variables = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(v.startswith(needle) for v in variables):
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-                found += 1
-            except OSError:
-                pass
-    if not found:
+            if process.environ().get(variable, "").startswith(prefix):
+                matched += 1
+                process.kill()
+        except psutil.Error:
+            pass
+    if not matched:
         break
     time.sleep(0.01)
 """
@@ -89,7 +95,17 @@ class Lifeline:
         read, write = os.pipe()  # neither end inherited by what this process starts
         try:
             self._watcher = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", WATCHER, str(read), tag_variable, prefix],
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    WATCHER,
+                    str(read),
+                    tag_variable,
+                    prefix,
+                    _PSUTIL_HOME,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -33,8 +33,8 @@ from envelopes import (
     digest_without,
     load_report_json,
     seal_report,
+    upstream_tasks,
 )
-from envelopes._audit import upstream_tasks
 
 from ._fs import atomic_write
 from ._git import Git, check_ids
@@ -43,7 +43,7 @@ from .locks import RepoLock
 from .merge import merge_trees
 from .repo import NotARepository, Repository
 from .report import report_bytes
-from .worktree import _checkout_of
+from .worktree import checkout_of
 
 if TYPE_CHECKING:
     from envelopes import Event
@@ -392,7 +392,7 @@ async def _merge(
         if dry_run:  # nothing would move: and a dry run is never "merged" (never recorded)
             return done("skipped", f"nothing to merge: {into} already contains every result")
         return done("merged", f"{into} already contains every result", new=old)
-    checkout = await _checkout_of(repository, f"refs/heads/{into}")
+    checkout = await checkout_of(repository, f"refs/heads/{into}")
     if checkout is not None and (refusal := await _dirty(repository.git, into, checkout)):
         return done("refused", refusal)
     if dry_run:

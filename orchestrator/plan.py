@@ -23,6 +23,8 @@ from pydantic import ValidationError
 from yaml.constructor import ConstructorError
 
 from envelopes import (
+    ENV_FORMS,
+    EnvSpec,
     HandoffEnvelope,
     Limits,
     Plan,
@@ -31,12 +33,12 @@ from envelopes import (
     build_envelope,
     canonical_json,
     digest,
+    env_values,
     expand_tasks,
+    masked_plan,
     plan_problems,
 )
-from envelopes._plan import ENV_FORMS, EnvSpec, env_values
-from envelopes._plan import validation_message as _message
-from envelopes._secrets import masked_plan
+from envelopes import validation_message as _message
 
 from .errors import GitError, PlanError, PlanIssue
 from .repo import NotARepository, Repository

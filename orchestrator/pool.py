@@ -27,31 +27,32 @@ is what git's own lock files are called):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import secrets
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import psutil
 
 from envelopes import digest
 
 from ._faults import crash_point
 from .errors import GitError, VenvError
+from .locks import try_lock
+from .process import kill_processes
 from .repo import Repository
-from .venv import UvBackend, Venv, VenvBackend, _base_python, describe_environment, setup_virtualenv
+from .venv import UvBackend, Venv, VenvBackend, base_python, describe_environment, setup_virtualenv
 from .worktree import (
     Worktree,
-    _admin_dir_by_scan,
-    _admin_dir_from_file,
-    _drop_admin_dir,
-    _restore_dot_git,
+    admin_dir_by_scan,
+    admin_dir_from_file,
     create_worktree,
+    drop_admin_dir,
+    restore_dot_git,
 )
 
 __all__ = [
@@ -82,18 +83,9 @@ def venv_pool_dir(state_dir: Path) -> Path:
 def _try_lock(lock_path: Path) -> int | None:
     """Take the slot lock without waiting; its fd, or None when another holds it or it is gone."""
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
+        return try_lock(lock_path)
+    except OSError:  # cannot be opened, or removed with its slot meanwhile (LockFileGone)
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # gc removes a slot's lock file while holding it: a lock on a removed file is none.
-        if os.fstat(fd).st_ino != os.stat(lock_path).st_ino:
-            raise FileNotFoundError(lock_path)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _lock_of(slot: Path) -> Path:
@@ -119,18 +111,14 @@ def _mark_in_use(fd: int, slot: Path) -> None:
 
 
 def _kill_processes_in(path: Path) -> None:
-    """SIGKILL every process whose working directory is *path* or below it (Linux /proc)."""
-    prefix = str(path)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if cwd == prefix or cwd.startswith(prefix + "/"):
-            with contextlib.suppress(OSError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    """SIGKILL every process whose working directory is *path* or below it."""
+    inside = str(path)
+
+    def works_there(process: psutil.Process) -> bool:
+        cwd = process.cwd()
+        return cwd == inside or cwd.startswith(inside + "/")
+
+    kill_processes(works_there)
 
 
 class Slots:
@@ -189,6 +177,14 @@ class Slots:
     def holds(self, slot: Path) -> bool:
         return slot in self._held
 
+    def held(self) -> list[Path]:
+        """The slots this process holds."""
+        return list(self._held)
+
+    def adopt(self, slot: Path, fd: int) -> None:
+        """Hold *slot* through *fd*, a lock on it taken by the caller (gc's collection)."""
+        self._held[slot] = fd
+
     def release(self, slot: Path, *, forget: bool = False) -> None:
         """Let go of *slot*; with *forget*, its lock file goes too (the slot is gone)."""
         fd = self._held.pop(slot, None)
@@ -241,7 +237,7 @@ async def _collect_slots(
             os.close(fd)
             done.append(f"would remove pool {what} {slot}")
             continue
-        slots._held[slot] = fd
+        slots.adopt(slot, fd)
         await remove(slot)
         _kept_mark(slot).unlink(missing_ok=True)
         slots.release(slot, forget=True)
@@ -281,7 +277,7 @@ class WorktreePool:
         slot = await anyio.to_thread.run_sync(self.slots.take_free)
         if slot is None:
             return None
-        admin = _admin_dir_from_file(slot)
+        admin = admin_dir_from_file(slot)
         if admin is None or not (admin / "gitdir").is_file():
             with anyio.CancelScope(shield=True):
                 await self.discard(slot)
@@ -299,7 +295,7 @@ class WorktreePool:
             made = True
             await anyio.to_thread.run_sync(_strip_admin_dir, admin, branch)
             crash_point("worktree")  # the branch made, the files not yet the base's
-            await _restore_dot_git(worktree)
+            await restore_dot_git(worktree)
             git, args, env = self.repo.git, worktree.git_args(), worktree.git_env()
             await git.run(*args, "reset", "--hard", "--quiet", cwd=slot, env=env)
             await git.run(*args, "clean", "-ffdxq", cwd=slot, env=env)
@@ -361,7 +357,7 @@ class WorktreePool:
             self.slots.mark_kept(worktree.path)
             return worktree
         self.slots.release(worktree.path, forget=True)
-        admin = _admin_dir_from_file(target) or worktree.admin_dir
+        admin = admin_dir_from_file(target) or worktree.admin_dir
         return Worktree(
             path=target, branch=worktree.branch, base_commit=worktree.base_commit, admin_dir=admin
         )
@@ -373,8 +369,8 @@ class WorktreePool:
 
     def close(self) -> None:
         """Let go of every slot still held, detached (a run whose clean-up ran out of time)."""
-        for slot in list(self.slots._held):
-            admin = _admin_dir_from_file(slot)
+        for slot in self.slots.held():
+            admin = admin_dir_from_file(slot)
             if admin is not None and admin.parent == self.repo.common_dir / "worktrees":
                 with contextlib.suppress(OSError):
                     (admin / "HEAD").write_text(_head_commit(admin), encoding="utf-8")
@@ -394,10 +390,10 @@ def _head_commit(admin: Path) -> str:
 
 async def _remove_worktree_slot(repo: Repository, slot: Path) -> None:
     # By the .git file, or, when the agent replaced it, by the entry that points here.
-    admin = _admin_dir_from_file(slot) or _admin_dir_by_scan(repo, slot)
+    admin = admin_dir_from_file(slot) or admin_dir_by_scan(repo, slot)
     await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
     async with repo.lock.hold():
-        await _drop_admin_dir(repo, admin)
+        await drop_admin_dir(repo, admin)
 
 
 def _gitdir_of(admin: Path) -> Path | None:
@@ -496,7 +492,7 @@ class VenvPool:
 
     def _key(self, requirements: Sequence[str]) -> str:
         identity = {
-            "python": _base_python(),
+            "python": base_python(),
             "backend": self.backend.name,
             "requirements": sorted(requirements),
         }

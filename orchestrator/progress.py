@@ -17,6 +17,7 @@ from rich.text import Text
 
 from envelopes import (
     AttemptFailed,
+    Event,
     GroupDecided,
     MergeFinished,
     MergePredicted,
@@ -28,7 +29,6 @@ from envelopes import (
     TaskSkipped,
     TaskStarted,
 )
-from envelopes._events import Event
 
 __all__ = ["Progress", "not_needed", "outcome_line", "run_succeeded", "summary_table"]
 

@@ -16,11 +16,11 @@ import anyio
 
 from envelopes import TaskResult, ref_safe, seal_result
 
-from .errors import GitError, OrchestratorError
+from .errors import GitError, JournalCorrupt, OrchestratorError
 from .journal import JournalContents
 from .process import kill_tagged
 from .repo import Repository
-from .worktree import _admin_dir_by_scan, _admin_dir_from_file, _drop_admin_dir
+from .worktree import admin_dir_by_scan, admin_dir_from_file, drop_admin_dir
 
 __all__ = ["RunRecord", "clear_task_leftovers", "kill_orphans", "replay"]
 
@@ -54,10 +54,14 @@ def replay(contents: JournalContents, run_id: str) -> RunRecord:
     for entry in contents.records:
         kind = entry.get("type")
         if kind == "result":
-            result = TaskResult.model_validate(entry["result"])
+            # A record without its result is no result (ValidationError, a ValueError).
+            result = TaskResult.model_validate(entry.get("result"))
             record.results[result.task_id] = result
         elif kind == "worktree":
-            record.worktrees[entry["task"]] = entry
+            task = entry.get("task")
+            if not isinstance(task, str):
+                raise JournalCorrupt(f"run {run_id}'s journal has a worktree record without a task")
+            record.worktrees[task] = entry
         elif kind == "finished":
             record.finished = True
         elif kind == "superseded":
@@ -100,12 +104,12 @@ async def clear_task_leftovers(
     path = state_dir / "worktrees" / run_id / name
     venv = state_dir / "venvs" / run_id / name
     async with repo.lock.hold():
-        admin = _admin_dir_from_file(path) or _admin_dir_by_scan(repo, path)
+        admin = admin_dir_from_file(path) or admin_dir_by_scan(repo, path)
         if path.exists():
             await anyio.to_thread.run_sync(shutil.rmtree, path, True)
             done.append(f"removed worktree {path}")
         if admin is not None and admin.exists():
-            await _drop_admin_dir(repo, admin)
+            await drop_admin_dir(repo, admin)
             done.append(f"removed worktree entry {admin}")
         branch = f"orchestrator/{run_id}/{name}"
         ref = f"refs/heads/{branch}"

@@ -59,21 +59,53 @@ def aggregate_results(
     selected members; undecided, a group selects its succeeded members (``all``) or its
     first succeeded member in plan order (``first_success``).
     """
+    errors = [
+        ReportError(task_id=r.task_id, agent=r.agent, kind=r.error.kind, message=r.error.message)
+        for r in results
+        if not r.succeeded and r.error is not None
+    ]
+    summary = _summary(results, started_at, finished_at)
+    by_agent = _by_agent(results)
+    group_reports = _groups(results, groups or {})
+    report = Report(
+        tool={"name": "worktree-orchestrator", "version": __version__},
+        run_id=run_id,
+        plan_name=plan_name,
+        plan_sha256=plan_sha256,
+        repo=repo,
+        base_ref=base_ref,
+        base_commit=base_commit,
+        run_dir=str(run_dir),
+        started_at=started_at,
+        finished_at=finished_at,
+        summary=summary,
+        results=list(results),
+        results_by_agent=by_agent,
+        errors=errors,
+        groups=group_reports,
+        warnings=list(warnings),
+    )
+    return seal_report(report)
+
+
+def _summary(results: Sequence[TaskResult], started_at: datetime, finished_at: datetime) -> Summary:
     counts = Counter(r.status for r in results)
     total = len(results)
-    summary = Summary(
+    successful = counts["succeeded"] + counts["cached"]
+    return Summary(
         total_tasks=total,
-        successful=counts["succeeded"] + counts["cached"],
+        successful=successful,
         failed=counts["failed"],
         timeout=counts["timed_out"],
         cancelled=counts["cancelled"],
         skipped=counts["skipped"],
         cached=counts["cached"],
-        success_rate=round(100.0 * (counts["succeeded"] + counts["cached"]) / total, 2)
-        if total
-        else 0.0,
+        success_rate=round(100.0 * successful / total, 2) if total else 0.0,
         total_execution_time=round((finished_at - started_at).total_seconds(), 6),
     )
+
+
+def _by_agent(results: Sequence[TaskResult]) -> dict[str, AgentSummary]:
     by_agent: dict[str, AgentSummary] = {}
     for result in results:
         entry = by_agent.setdefault(
@@ -95,43 +127,26 @@ def aggregate_results(
         if result.status == "cached":
             entry.cached += 1
         entry.task_ids.append(result.task_id)
-    errors = [
-        ReportError(task_id=r.task_id, agent=r.agent, kind=r.error.kind, message=r.error.message)
-        for r in results
-        if not r.succeeded and r.error is not None
-    ]
+    return by_agent
+
+
+def _groups(
+    results: Sequence[TaskResult], groups: Mapping[str, tuple[Select, list[str] | None]]
+) -> dict[str, GroupReport]:
     members: dict[str, list[GroupMember]] = {}
     for result in results:
         if result.group is not None:
             members.setdefault(result.group, []).append(
                 GroupMember(task_id=result.task_id, status=result.status)
             )
-    group_reports: dict[str, GroupReport] = {}
+    reports: dict[str, GroupReport] = {}
     for name, group in members.items():
-        select, decided = (groups or {}).get(name, ("all", None))
+        select, decided = groups.get(name, ("all", None))
         if decided is None:
             succeeded = [m.task_id for m in group if m.status in SUCCESSFUL]
             decided = succeeded if select == "all" else succeeded[:1]
-        group_reports[name] = GroupReport(select=select, members=group, selected=list(decided))
-    report = Report(
-        tool={"name": "worktree-orchestrator", "version": __version__},
-        run_id=run_id,
-        plan_name=plan_name,
-        plan_sha256=plan_sha256,
-        repo=repo,
-        base_ref=base_ref,
-        base_commit=base_commit,
-        run_dir=str(run_dir),
-        started_at=started_at,
-        finished_at=finished_at,
-        summary=summary,
-        results=list(results),
-        results_by_agent=by_agent,
-        errors=errors,
-        groups=group_reports,
-        warnings=list(warnings),
-    )
-    return seal_report(report)
+        reports[name] = GroupReport(select=select, members=group, selected=list(decided))
+    return reports
 
 
 def report_bytes(report: Report) -> bytes:

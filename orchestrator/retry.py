@@ -6,6 +6,7 @@ tenacity does the work; this module fixes the policy (an attempt cap, waits that
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -15,7 +16,6 @@ from tenacity import (
     RetryCallState,
     retry_if_result,
     stop_after_attempt,
-    wait_exponential_jitter,
     wait_none,
 )
 
@@ -23,6 +23,18 @@ __all__ = ["retry_attempts", "set_testing"]
 
 T = TypeVar("T")
 _testing = False
+
+
+def _backoff(initial: float, maximum: float) -> Callable[[RetryCallState], float]:
+    """Waits of ``initial * 2**(n - 1)`` plus up to ``initial`` of jitter, capped at *maximum*
+    (what tenacity's ``wait_exponential_jitter`` does, whose ``initial`` is deprecated in
+    tenacity 9 and whose replacement, ``multiplier``, tenacity 8 lacks)."""
+
+    def wait(state: RetryCallState) -> float:
+        exponential: float = initial * 2.0 ** (state.attempt_number - 1)
+        return max(0.0, min(maximum, exponential + random.uniform(0, initial)))
+
+    return wait
 
 
 def set_testing(testing: bool) -> None:
@@ -37,8 +49,8 @@ async def retry_attempts(
     retries: int,
     should_retry: Callable[[T], bool],
     before_retry: Callable[[int, float], Awaitable[None]] | None = None,
-    initial: float = 1.0,
-    maximum: float = 30.0,
+    initial: float,
+    maximum: float,
 ) -> T:
     """Call ``attempt(n)`` for n = 1, 2, ... until ``should_retry`` is false or attempts run out.
 
@@ -56,9 +68,7 @@ async def retry_attempts(
 
     retrying = AsyncRetrying(
         stop=stop_after_attempt(retries + 1),
-        wait=wait_none()
-        if _testing
-        else wait_exponential_jitter(initial=initial, max=maximum, jitter=initial),
+        wait=wait_none() if _testing else _backoff(initial, maximum),
         retry=retry_if_result(should_retry),
         before_sleep=notify,
         retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,

@@ -13,7 +13,8 @@ from envelopes import Plan
 
 from ._fs import read_json
 from .errors import OrchestratorError, PlanChanged
-from .journal import JOURNAL, JournalCorrupt, RunLock, read_journal
+from .journal import JOURNAL, JournalCorrupt, read_journal
+from .locks import RunLock
 from .recovery import replay
 
 __all__ = ["PlanChanged", "RunInfo", "find_resumable", "list_runs"]

@@ -25,8 +25,7 @@ from typing import Literal, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from envelopes import SUCCESSFUL, ErrorInfo, HandoffEnvelope, Select, TaskResult
-from envelopes._plan import _cycles
+from envelopes import SUCCESSFUL, ErrorInfo, HandoffEnvelope, Select, TaskResult, dependency_cycles
 
 from .errors import IllegalTransition
 
@@ -168,7 +167,7 @@ def graph_problems(envelopes: Sequence[HandoffEnvelope]) -> list[str]:
             else:
                 needs[i].append(index[name])
     ids = [e.task_id for e in envelopes]
-    for cycle in _cycles(ids, needs):
+    for cycle in dependency_cycles(ids, needs):
         problems.append("cycle " + " -> ".join(ids[i] for i in [*cycle, cycle[0]]))
     return problems
 

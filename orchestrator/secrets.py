@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from envelopes._bounded import open_regular
-from envelopes._secrets import MASK, is_secret_name
+from envelopes import MASK, is_secret_name, open_regular
 
 __all__ = ["MIN_DECLARED_LENGTH", "MIN_SECRET_LENGTH", "Masker"]
 

@@ -3,17 +3,22 @@
 Every failure of the task itself becomes a status and an ErrorInfo on the result; only the
 orchestrator's own bugs escape as exceptions. This module is the one place where that
 conversion happens.
+
+The lifecycle does not know which kind of agent it runs: it asks the
+:class:`~orchestrator.agents.Agent` for one attempt at a time (an
+:class:`~orchestrator.attempt.AttemptRequest` in, an
+:class:`~orchestrator.attempt.AttemptOutcome` out) and for the few traits that change what
+it does around one (see orchestrator/agents.py). The commit step is orchestrator/harvest.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 import shutil
-import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,13 +28,17 @@ import anyio
 
 from envelopes import (
     Attempt,
+    AttemptFailed,
     Environment,
     ErrorInfo,
     HandoffEnvelope,
     LogFile,
     Metrics,
     Provenance,
+    TaskFinished,
     TaskResult,
+    TaskRetrying,
+    TaskStarted,
     TaskStatus,
     Timings,
     canonical_json,
@@ -38,36 +47,32 @@ from envelopes import (
     seal_result,
     sha256_hex,
 )
-from envelopes._audit import MAX_LOG_BYTES
-from envelopes._bounded import MAX_VALUE_DEPTH, hash_file, loads_bounded, read_bounded
-from envelopes._events import AttemptFailed, TaskFinished, TaskRetrying, TaskStarted
 
-from ._fs import last_line, write_file
-from ._git import Git
-from .agents import Agent, CallableAgent, CommandAgent, Workspace
+from ._fs import write_file
+from .agents import Agent
+from .attempt import MAX_OUTPUT_BYTES, AttemptOutcome, AttemptRequest, log_entries
 from .context import RunContext
 from .errors import EventHandlerFailed, GitError, RunDirError, VenvError
-from .process import run_command
+from .harvest import Harvest, harvest
+from .repo import Repository
 from .retry import retry_attempts
 from .secrets import Masker
 from .venv import Venv, describe_environment, setup_virtualenv
 from .worktree import (
     Worktree,
-    branch_tip,
-    changed_paths,
-    check_branch,
-    commit_worktree,
     create_worktree,
     delete_if_unused,
     remove_worktree,
     reset_worktree,
-    restore_admin_files,
 )
 
-__all__ = ["MAX_OUTPUT_BYTES", "finished_event", "journal_result", "run_subagent"]
-
-#: Largest output JSON an agent may write.
-MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+__all__ = [
+    "MAX_OUTPUT_BYTES",
+    "finished_event",
+    "journal_result",
+    "not_started_result",
+    "run_subagent",
+]
 
 
 class _TaskFailed(Exception):
@@ -78,82 +83,91 @@ class _TaskFailed(Exception):
         self.error = error
 
 
-@dataclass
-class _AttemptOutcome:
-    status: TaskStatus
-    exit_code: int | None = None
-    output: dict[str, Any] | None = None
-    error: ErrorInfo | None = None
-    metrics: Metrics = field(default_factory=Metrics)
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class _Subagent:
-    """The state of one task while it runs; :meth:`result` turns it into a TaskResult."""
+class _Files:
+    """The task's files in the run directory: its envelope, each attempt's output and logs.
 
-    def __init__(self, envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> None:
-        self.envelope = envelope
-        self.agent = agent
-        self.ctx = ctx
-        self.task_id = envelope.task_id
+    Flat: one file per attempt in the run's ``logs/`` and ``outputs/`` (made once per run),
+    so that a task makes no directory of its own.
+    """
+
+    def __init__(self, run_dir: Path, task_id: str) -> None:
+        name = ref_safe(task_id)
+        self.envelope = run_dir / "envelopes" / f"{name}.json"
+        self._logs = run_dir / "logs" / name
+        self._outputs = run_dir / "outputs" / name
+
+    def output(self, number: int) -> Path:
+        return self._outputs.with_name(f"{self._outputs.name}.attempt-{number}.json")
+
+    def log(self, number: int, stream: str) -> Path:
+        return self._logs.with_name(f"{self._logs.name}.attempt-{number}.{stream}")
+
+
+class _Clock:
+    """When the task started, and how long each of its phases took (``<phase>_s``)."""
+
+    def __init__(self) -> None:
         self.started_at = _now()
-        self.clock = time.monotonic()
-        self.timings: dict[str, float] = {}
+        self.start = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def add(self, phase: str, start: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.monotonic() - start
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.add(phase, start)
+
+    def timings(self) -> Timings:
+        return Timings(
+            started_at=self.started_at,
+            finished_at=_now(),
+            duration_s=round(time.monotonic() - self.start, 6),
+            **{k: round(v, 6) for k, v in self.phases.items()},
+        )
+
+
+class _Place:
+    """Where a task works: its worktree and venv, made, described, and removed or kept."""
+
+    def __init__(self, envelope: HandoffEnvelope, ctx: RunContext, clock: _Clock) -> None:
+        self.envelope = envelope
+        self.ctx = ctx
+        self.clock = clock
+        self.task_id = envelope.task_id
         self.worktree: Worktree | None = None
         self.venv: Venv | None = None
+        #: The venv as the agent left it (described after the attempts).
         self.environment: Environment | None = None
-        self.attempts: list[Attempt] = []
-        self.last: _AttemptOutcome | None = None
+        #: The commands that made the venv, for the provenance.
         self.commands: list[list[str]] = []
-        self.result_commit: str | None = None
-        self.result_tree: str | None = None
-        self.committed = False
         self.kept_worktree: Path | None = None
-        self.envelope_entry: LogFile | None = None
-        self.program: str | None = None
         self.branch_deleted = False
-        self.keep = False
-        #: Set when the commit step refused what it found (a branch moved by another
-        #: process, a secret in a file, changes too large): the task fails with it,
-        #: whatever the agent's outcome.
-        self.refused: ErrorInfo | None = None
-        #: The task's secret values (set once its agent's environment is known).
-        self.masker = Masker()
-        self.envelope_bytes = canonical_json(envelope.to_json_dict())  # secrets masked
-        self.envelope_sha256 = sha256_hex(self.envelope_bytes)
-        run_dir, name = ctx.run_dir, ref_safe(self.task_id)
-        self.envelope_path = run_dir / "envelopes" / f"{name}.json"
-        # Flat: one file per attempt in the run's logs/ and outputs/ (made once per run), so
-        # that a task makes no directory of its own.
-        self.logs_prefix = run_dir / "logs" / name
-        self.outputs_prefix = run_dir / "outputs" / name
 
-    def _timed(self, phase: str, start: float) -> None:
-        self.timings[phase] = self.timings.get(phase, 0.0) + time.monotonic() - start
+    async def make(self) -> None:
+        """Create the worktree (from the pool when it has one) and the venv the task asks for.
 
-    async def prepare(self) -> None:
-        """Write the envelope, create the worktree and the venv."""
-        data = self.envelope_bytes
+        _TaskFailed (kinds ``worktree``, ``install``) when either cannot be made.
+        """
         ctx = self.ctx
-        if self.envelope.worktree or self.envelope.venv or isinstance(self.agent, CommandAgent):
-            await anyio.to_thread.run_sync(write_file, self.envelope_path, data)
-        else:
-            # A task with nothing else to make writes its envelope (a few hundred bytes) in
-            # the event loop: cheaper than a thread hop, and than a writer thread, which
-            # would wait for the GIL after every system call (see docs/benchmarks.md).
-            write_file(self.envelope_path, data)
-        self.envelope_entry = LogFile(
-            path=self.envelope_path.relative_to(self.ctx.run_dir).as_posix(),
-            sha256=self.envelope_sha256,
-            size=len(data),
-        )
         base_commit, _ = ctx.start_of(self.task_id)
         if self.envelope.worktree and ctx.repo is not None and base_commit is not None:
-            start = time.monotonic()
-            branch = ctx.branch(self.task_id)
+            await self._make_worktree(ctx.repo, base_commit)
+        if self.envelope.venv:
+            await self._make_venv()
+
+    async def _make_worktree(self, repo: Repository, base_commit: str) -> None:
+        ctx = self.ctx
+        branch = ctx.branch(self.task_id)
+        with self.clock.timed("worktree_s"):
             try:
                 if ctx.pool is not None:
                     self.worktree = await ctx.pool.borrow(
@@ -161,37 +175,35 @@ class _Subagent:
                     ) or await ctx.pool.create(branch, base_commit)
                 if self.worktree is None:
                     self.worktree = await create_worktree(
-                        ctx.repo, branch, ctx.worktree_path(self.task_id), base_commit
+                        repo, branch, ctx.worktree_path(self.task_id), base_commit
                     )
             except GitError as exc:
                 raise _TaskFailed(ErrorInfo(kind="worktree", message=str(exc))) from exc
-            finally:
-                self._timed("worktree_s", start)
-            if ctx.journal is not None:
-                # Where the branch started: a resume after a crash tells the agent's own
-                # commits (kept) from a branch with nothing on it (deleted).
-                await ctx.journal.write(
-                    {
-                        "type": "worktree",
-                        "task": self.task_id,
-                        "branch": self.worktree.branch,
-                        "base_commit": self.worktree.base_commit,
-                        "path": str(self.worktree.path),
-                    }
-                )
-        if self.envelope.venv:
-            start = time.monotonic()
+        if ctx.journal is not None:
+            # Where the branch started: a resume after a crash tells the agent's own
+            # commits (kept) from a branch with nothing on it (deleted).
+            await ctx.journal.write(
+                {
+                    "type": "worktree",
+                    "task": self.task_id,
+                    "branch": self.worktree.branch,
+                    "base_commit": self.worktree.base_commit,
+                    "path": str(self.worktree.path),
+                }
+            )
+
+    async def _make_venv(self) -> None:
+        ctx, requirements = self.ctx, self.envelope.requirements
+        with self.clock.timed("venv_s"):
             try:
                 if ctx.venv_pool is not None:
                     self.venv = await ctx.venv_pool.acquire(
-                        self.envelope.requirements,
-                        cwd=ctx.plan_dir,
-                        fallback=ctx.venv_path(self.task_id),
+                        requirements, cwd=ctx.plan_dir, fallback=ctx.venv_path(self.task_id)
                     )
                 else:
                     self.venv = await setup_virtualenv(
                         ctx.venv_path(self.task_id),
-                        self.envelope.requirements,
+                        requirements,
                         backend=ctx.venv_backend,
                         cwd=ctx.plan_dir,
                     )
@@ -199,89 +211,234 @@ class _Subagent:
             except VenvError as exc:
                 self.commands.extend(exc.commands)
                 raise _TaskFailed(ErrorInfo(kind="install", message=str(exc))) from exc
-            finally:
-                self._timed("venv_s", start)
+
+    @property
+    def cwd(self) -> Path:
+        """Where the agent works: the worktree, else the repository, else the run directory."""
+        if self.worktree is not None:
+            return self.worktree.path
+        return self.ctx.repo.root if self.ctx.repo is not None else self.ctx.run_dir
+
+    async def describe(self, status: TaskStatus) -> bool:
+        """Describe the venv and decide what the clean-up keeps; whether it keeps the worktree."""
+        ctx = self.ctx
+        if self.venv is not None:
+            # Described after the agent ran, so that what it installed itself is on record.
+            with contextlib.suppress(OSError):
+                self.environment = await anyio.to_thread.run_sync(describe_environment, self.venv)
+        policy = ctx.settings.keep_worktrees
+        keep = policy == "always" or (policy == "failed" and status in ("failed", "timed_out"))
+        if keep and self.worktree is not None:
+            if ctx.pool is not None and ctx.pool.owns(self.worktree):
+                # Out of the pool, to where a fresh worktree would be: nobody resets it.
+                self.worktree = await ctx.pool.keep(self.worktree, ctx.worktree_path(self.task_id))
+            self.kept_worktree = self.worktree.path
+        return keep
+
+    async def cleanup(self, status: TaskStatus, *, keep: bool, committed: bool) -> None:
+        """Remove the worktree and venv unless *keep*; the branch stays unless the task was
+        cancelled before anything was *committed*."""
+        with self.clock.timed("cleanup_s"):
+            if not keep:
+                keep = await self._remove_worktree(
+                    delete_branch=status == "cancelled" and not committed
+                )
+            await self._remove_venv(kept=self.worktree is not None and keep)
+
+    async def _remove_worktree(self, *, delete_branch: bool) -> bool:
+        """Remove the worktree; whether it stays (it could not be removed)."""
+        ctx, worktree = self.ctx, self.worktree
+        if worktree is None or ctx.repo is None:
+            return False
+        try:
+            if ctx.pool is not None and ctx.pool.owns(worktree):
+                await ctx.pool.give_back(worktree)
+                if delete_branch:
+                    self.branch_deleted = await delete_if_unused(ctx.repo, worktree)
+            else:
+                self.branch_deleted = await remove_worktree(
+                    ctx.repo, worktree, delete_branch=delete_branch
+                )
+        except (GitError, OSError):
+            self.kept_worktree = worktree.path  # the report names it as kept
+            return True
+        return False
+
+    async def _remove_venv(self, *, kept: bool) -> None:
+        """Give the venv back to its pool, keep it with its worktree, or delete it."""
+        venv, venv_pool = self.venv, self.ctx.venv_pool
+        if venv is None:
+            return
+        if venv_pool is not None and venv_pool.owns(venv):
+            if kept:
+                venv_pool.keep(venv)
+            elif self.envelope.sandbox != "none":
+                await venv_pool.discard(venv)  # written by an untrusted agent
+            else:
+                venv_pool.give_back(venv)
+        elif not kept:
+            await anyio.to_thread.run_sync(shutil.rmtree, venv.path, True)
+
+
+@dataclass
+class _History:
+    """What the task's attempts did, for its result."""
+
+    attempts: list[Attempt] = field(default_factory=list)
+    last: AttemptOutcome | None = None
+    #: The commands the agent ran, for the provenance.
+    commands: list[list[str]] = field(default_factory=list)
+    #: What the agent's last program resolved to, if it ran one.
+    program: str | None = None
+    #: The task's secret values (set once its agent's environment is known).
+    masker: Masker = field(default_factory=Masker)
+
+    def record_command(self, argv: Sequence[str], program: str | None) -> None:
+        self.commands.append(list(argv))
+        if program is not None:
+            self.program = program
+
+
+class _Subagent:
+    """One task while it runs; :meth:`result` turns it into a TaskResult."""
+
+    def __init__(self, envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> None:
+        self.envelope = envelope
+        self.agent = agent
+        self.ctx = ctx
+        self.task_id = envelope.task_id
+        self.clock = _Clock()
+        self.files = _Files(ctx.run_dir, self.task_id)
+        self.envelope_bytes = canonical_json(envelope.to_json_dict())  # secrets masked
+        self.envelope_sha256 = sha256_hex(self.envelope_bytes)
+        self.envelope_entry: LogFile | None = None
+        self.place = _Place(envelope, ctx, self.clock)
+        self.history = _History()
+        self.harvest = Harvest()
+
+    async def run(self) -> tuple[TaskStatus, ErrorInfo | None]:
+        """Prepare, run the attempts (with retries), commit: the status and error they give."""
+        ctx, envelope = self.ctx, self.envelope
+        if ctx.journal is not None and (envelope.worktree or envelope.venv):
+            await ctx.journal.sync()  # "running" is on disk before anything is made for it
+        await self.prepare()
+
+        async def before_retry(number: int, wait: float) -> None:
+            ctx.move(self.task_id, "retrying")
+            await ctx.emit(
+                TaskRetrying(run_id=ctx.run_id, task_id=self.task_id, attempt=number, wait_s=wait)
+            )
+
+        outcome = await retry_attempts(
+            self.attempt,
+            retries=envelope.retries,
+            should_retry=lambda o: o.status != "succeeded",
+            before_retry=before_retry,
+            initial=ctx.settings.backoff[0],
+            maximum=ctx.settings.backoff[1],
+        )
+        status, error = outcome.status, outcome.error
+        self.harvest = await self.commit()
+        if self.harvest.error is not None:
+            status, error = "failed", self.harvest.error
+        if self.harvest.refused is not None:
+            # What the commit step refused fails the task, whatever the agent's outcome.
+            status, error = "failed", self.harvest.refused
+        return status, error
+
+    async def prepare(self) -> None:
+        """Write the envelope, create the worktree and the venv."""
+        await self._write_envelope()
+        await self.place.make()
+
+    async def _write_envelope(self) -> None:
+        data, path = self.envelope_bytes, self.files.envelope
+        if self.envelope.worktree or self.envelope.venv or not self.agent.in_process:
+            await anyio.to_thread.run_sync(write_file, path, data)
+        else:
+            # A task with nothing else to make writes its envelope (a few hundred bytes) in
+            # the event loop: cheaper than a thread hop, and than a writer thread, which
+            # would wait for the GIL after every system call (see docs/benchmarks.md).
+            write_file(path, data)
+        self.envelope_entry = LogFile(
+            path=path.relative_to(self.ctx.run_dir).as_posix(),
+            sha256=self.envelope_sha256,
+            size=len(data),
+        )
 
     def _env(self, output_path: Path) -> dict[str, str]:
         from .isolation import agent_environment
 
-        if self.envelope.sandbox != "none" and not isinstance(self.agent, CommandAgent):
+        if self.envelope.sandbox != "none" and self.agent.in_process:
             message = f"agent {self.envelope.agent!r} runs in this process: it cannot be sandboxed"
             raise _TaskFailed(ErrorInfo(kind="spawn", message=message))
         env = agent_environment(self.ctx.base_env, self.envelope)
-        if isinstance(self.agent, CommandAgent):
-            env.update(self.agent.env)
+        env.update(self.agent.env)
         env.update(self.envelope.env)
-        if self.venv is not None:
-            env["VIRTUAL_ENV"] = str(self.venv.path)
-            env["PATH"] = str(self.venv.bin_dir) + os.pathsep + env.get("PATH", "")
+        venv = self.place.venv
+        if venv is not None:
+            env["VIRTUAL_ENV"] = str(venv.path)
+            env["PATH"] = str(venv.bin_dir) + os.pathsep + env.get("PATH", "")
             env.pop("PYTHONHOME", None)
         env.update(
-            ORCHESTRATOR_ENVELOPE=str(self.envelope_path),
+            ORCHESTRATOR_ENVELOPE=str(self.files.envelope),
             ORCHESTRATOR_OUTPUT=str(output_path),
             ORCHESTRATOR_TASK_ID=self.task_id,
             ORCHESTRATOR_RUN_ID=self.ctx.run_id,
         )
         return env
 
-    def _cwd(self) -> Path:
-        if self.worktree is not None:
-            return self.worktree.path
-        if self.ctx.repo is not None:
-            return self.ctx.repo.root
-        return self.ctx.run_dir
+    def _request(self, number: int) -> AttemptRequest:
+        """What attempt *number* is given; _TaskFailed when the task cannot have one."""
+        ctx, place, files = self.ctx, self.place, self.files
+        output_path = files.output(number)
+        return AttemptRequest(
+            envelope=self.envelope,
+            attempt=number,
+            run_id=ctx.run_id,
+            cwd=place.cwd,
+            worktree=place.worktree,
+            venv=place.venv,
+            env=self._env(output_path),
+            envelope_path=files.envelope,
+            output_path=output_path,
+            stdout_path=files.log(number, "stdout"),
+            stderr_path=files.log(number, "stderr"),
+            run_dir=ctx.run_dir,
+            state_dir=ctx.state_dir,
+            plan_dir=ctx.plan_dir,
+            repo=ctx.repo,
+            kill_grace=ctx.settings.kill_grace,
+            lifeline=ctx.lifeline,
+            record_command=self.history.record_command,
+        )
 
-    async def attempt(self, number: int) -> _AttemptOutcome:
+    async def attempt(self, number: int) -> AttemptOutcome:
         """Run the agent once, from a clean worktree, and judge the outcome."""
         ctx = self.ctx
         if number > 1:
             ctx.move(self.task_id, "running")
-            if self.worktree is not None and ctx.repo is not None:
-                await reset_worktree(ctx.repo, self.worktree)
-        output_path = self.outputs_prefix.with_name(
-            f"{self.outputs_prefix.name}.attempt-{number}.json"
-        )
-        logs = self.logs_prefix
-        stdout_path = logs.with_name(f"{logs.name}.attempt-{number}.stdout")
-        stderr_path = logs.with_name(f"{logs.name}.attempt-{number}.stderr")
-        env = self._env(output_path)
-        self.masker = Masker.for_env(env, self.envelope.secrets)
+            if self.place.worktree is not None and ctx.repo is not None:
+                await reset_worktree(ctx.repo, self.place.worktree)
+        request = self._request(number)
+        masker = self.history.masker = Masker.for_env(request.env, self.envelope.secrets)
         started_at = _now()
         start = time.monotonic()
-        outcome: _AttemptOutcome
         try:
-            if isinstance(self.agent, CommandAgent):
-                outcome = await self._run_command(
-                    number, env, output_path, stdout_path, stderr_path
-                )
-            else:
-                outcome = await self._run_callable(self.agent, env, output_path)
+            outcome = await self.agent.run_attempt(request)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                outcome = _AttemptOutcome(
-                    status="cancelled", error=ctx.cancelled_error(self.task_id)
-                )
-                await self._record(number, started_at, start, outcome, stdout_path, stderr_path)
+                cancelled = AttemptOutcome("cancelled", error=ctx.cancelled_error(self.task_id))
+                await self._record(request, started_at, start, cancelled)
             raise
         finally:
-            self._timed("agent_s", start)
-        guard = ctx.repo.git.guard if ctx.repo is not None else None
-        if guard is not None and outcome.status != "cancelled":
-            began = started_at.timestamp()
-            if changes := await anyio.to_thread.run_sync(guard.blame, began, time.time()):
-                names = sorted({str(c.path) for c in changes})
-                outcome.status, outcome.output = "failed", None
-                outcome.error = ErrorInfo(
-                    kind="tamper",
-                    message=f"{', '.join(names)} {changes[0].what} while this task's agent "
-                    "ran, and was put back",
-                    paths=names,
-                )
-        await self._record(number, started_at, start, outcome, stdout_path, stderr_path)
-        if self.masker:
+            self.clock.add("agent_s", start)
+        outcome = await self._guarded(outcome, started_at)
+        outcome = await self._record(request, started_at, start, outcome)
+        if masker:
             # The output file stays in the run directory: masked like the logs.
             with contextlib.suppress(OSError):
-                await anyio.to_thread.run_sync(self.masker.mask_file, output_path)
+                await anyio.to_thread.run_sync(masker.mask_file, request.output_path)
         if outcome.error is not None:
             await ctx.emit(
                 AttemptFailed(
@@ -294,36 +451,47 @@ class _Subagent:
             )
         return outcome
 
+    async def _guarded(self, outcome: AttemptOutcome, started_at: datetime) -> AttemptOutcome:
+        """*outcome*, failed if the repository's guard put back something changed meanwhile."""
+        guard = self.ctx.repo.git.guard if self.ctx.repo is not None else None
+        if guard is None or outcome.status == "cancelled":
+            return outcome
+        changes = await anyio.to_thread.run_sync(guard.blame, started_at.timestamp(), time.time())
+        if not changes:
+            return outcome
+        names = sorted({str(c.path) for c in changes})
+        message = (
+            f"{', '.join(names)} {changes[0].what} while this task's agent ran, and was put back"
+        )
+        error = ErrorInfo(kind="tamper", message=message, paths=names)
+        return dataclasses.replace(outcome, status="failed", output=None, error=error)
+
     async def _record(
-        self,
-        number: int,
-        started_at: datetime,
-        start: float,
-        outcome: _AttemptOutcome,
-        stdout_path: Path,
-        stderr_path: Path,
-    ) -> None:
+        self, request: AttemptRequest, started_at: datetime, start: float, outcome: AttemptOutcome
+    ) -> AttemptOutcome:
+        """Add the attempt to the log, its logs hashed and its secrets masked; *outcome* as
+        recorded."""
+        masker = self.history.masker
         stdout = stderr = None
-        if isinstance(self.agent, CommandAgent):
+        if self.agent.writes_logs:
             stdout, stderr, problem = await anyio.to_thread.run_sync(
-                _log_entries, stdout_path, stderr_path, self.ctx.run_dir, self.masker
+                log_entries, request.stdout_path, request.stderr_path, request.run_dir, masker
             )
             if problem is not None and outcome.status != "cancelled":
-                outcome.status, outcome.output = "failed", None
-                outcome.error = ErrorInfo(kind="tamper", message=f"the agent's {problem}")
-        if self.masker:
+                error = ErrorInfo(kind="tamper", message=f"the agent's {problem}")
+                outcome = dataclasses.replace(outcome, status="failed", output=None, error=error)
+            sizes = {"stdout_bytes": stdout.size, "stderr_bytes": stderr.size}
+            outcome = dataclasses.replace(outcome, metrics=outcome.metrics.model_copy(update=sizes))
+        if masker:
             # Before anything is written of it: the attempt log, events, journal, report.
-            if outcome.error is not None:
-                outcome.error = self._masked(outcome.error)
-            if outcome.output is not None:
-                outcome.output = self.masker.value(outcome.output)
-        if stdout is not None and stderr is not None:
-            outcome.metrics = outcome.metrics.model_copy(
-                update={"stdout_bytes": stdout.size, "stderr_bytes": stderr.size}
+            outcome = dataclasses.replace(
+                outcome,
+                error=self._masked(outcome.error) if outcome.error is not None else None,
+                output=masker.value(outcome.output) if outcome.output is not None else None,
             )
-        self.attempts.append(
+        self.history.attempts.append(
             Attempt(
-                number=number,
+                number=request.attempt,
                 status=outcome.status,
                 started_at=started_at,
                 finished_at=_now(),
@@ -334,492 +502,92 @@ class _Subagent:
                 stderr=stderr,
             )
         )
-        self.last = outcome
+        self.history.last = outcome
+        return outcome
 
-    async def _run_command(
-        self,
-        number: int,
-        env: dict[str, str],
-        output_path: Path,
-        stdout_path: Path,
-        stderr_path: Path,
-    ) -> _AttemptOutcome:
-        assert isinstance(self.agent, CommandAgent)
-        ctx = self.ctx
-        argv = self.agent.argv(
-            plan_dir=ctx.plan_dir,
-            worktree=self._cwd(),
-            task_id=self.task_id,
-            run_id=ctx.run_id,
-            path_var=env.get("PATH", ""),
-            venv_bin=self.venv.bin_dir if self.venv else None,
-        )
-        self.commands.append(argv)
-        from .isolation import isolate, isolate_error
-
-        try:
-            self.program = os.path.realpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]
-            async with isolate(
-                ctx,
-                self.envelope,
-                argv,
-                cwd=self._cwd(),
-                env=env,
-                worktree=self.worktree,
-                venv=self.venv,
-                envelope_path=self.envelope_path,
-                output_path=output_path,
-                number=number,
-            ) as spawn:
-                proc = spawn.outcome(
-                    await run_command(
-                        spawn.argv,
-                        cwd=spawn.cwd,
-                        env=spawn.env,
-                        stdout=stdout_path,
-                        stderr=stderr_path,
-                        timeout=self.envelope.timeout,
-                        tag=f"{ctx.run_id}/{self.task_id}/{number}",
-                        kill_grace=ctx.kill_grace,
-                        rlimits=spawn.rlimits,
-                        lifeline=ctx.lifeline,
-                    )
-                )
-        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or variable
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            return _AttemptOutcome(
-                status="failed",
-                error=ErrorInfo(kind="spawn", message=f"cannot start {argv[0]}: {reason}"),
-            )
-        metrics = Metrics(
-            cpu_user_s=proc.cpu_user_s, cpu_system_s=proc.cpu_system_s, max_rss_kb=proc.max_rss_kb
-        )
-        if proc.timed_out:
-            return _AttemptOutcome(
-                status="timed_out",
-                exit_code=proc.exit_code,
-                metrics=metrics,
-                error=ErrorInfo(
-                    kind="timeout", message=f"timed out after {self.envelope.timeout:g} s"
-                ),
-            )
-        if (error := await isolate_error(self.envelope, spawn, proc, stderr_path)) is not None:
-            return _AttemptOutcome(
-                status="failed", exit_code=proc.exit_code, metrics=metrics, error=error
-            )
-        if proc.signal is not None:
-            try:
-                name = signal.Signals(proc.signal).name
-            except ValueError:  # a real-time signal has no name
-                name = f"signal {proc.signal}"
-            return _AttemptOutcome(
-                status="failed",
-                metrics=metrics,
-                error=ErrorInfo(kind="exit_code", message=f"killed by {name}"),
-            )
-        if proc.exit_code != 0:
-            tail = await anyio.to_thread.run_sync(last_line, stderr_path)
-            message = f"exited with code {proc.exit_code}" + (f": {tail}" if tail else "")
-            return _AttemptOutcome(
-                status="failed",
-                exit_code=proc.exit_code,
-                metrics=metrics,
-                error=ErrorInfo(kind="exit_code", message=message),
-            )
-        output, error = await anyio.to_thread.run_sync(_read_output, output_path, ctx.run_dir)
-        if error is not None:
-            return _AttemptOutcome(status="failed", exit_code=0, metrics=metrics, error=error)
-        return _AttemptOutcome(status="succeeded", exit_code=0, output=output, metrics=metrics)
-
-    async def _run_callable(
-        self, agent: CallableAgent, env: dict[str, str], output_path: Path
-    ) -> _AttemptOutcome:
-        workspace = Workspace(
-            task_id=self.task_id,
-            run_id=self.ctx.run_id,
-            path=self.worktree.path if self.worktree else None,
-            venv=self.venv.path if self.venv else None,
-            output_path=output_path,
-            envelope_path=self.envelope_path,
-            env=env,
-        )
-        value: Any = None
-        with anyio.move_on_after(self.envelope.timeout) as scope:
-            try:
-                value = await agent.function(self.envelope, workspace)
-            except Exception as exc:
-                message = f"{type(exc).__name__}: {exc}"
-                return _AttemptOutcome(
-                    status="failed", error=ErrorInfo(kind="agent_exception", message=message)
-                )
-        if scope.cancelled_caught:
-            return _AttemptOutcome(
-                status="timed_out",
-                error=ErrorInfo(
-                    kind="timeout", message=f"timed out after {self.envelope.timeout:g} s"
-                ),
-            )
-        if value is None:
-            # A callable may write its output to workspace.output_path instead of returning it.
-            value, error = await anyio.to_thread.run_sync(
-                _read_output, output_path, self.ctx.run_dir
-            )
-            if error is not None:
-                return _AttemptOutcome(status="failed", error=error)
-        if value is not None and not isinstance(value, Mapping):
-            return _AttemptOutcome(
-                status="failed",
-                error=ErrorInfo(
-                    kind="invalid_output",
-                    message=f"agent returned {type(value).__name__}, not a mapping",
-                ),
-            )
-        try:
-            # The output as it will read back from the report: string keys, lists, no NaN.
-            output = None if value is None else json.loads(canonical_json(dict(value)))
-        except (TypeError, ValueError) as exc:
-            return _AttemptOutcome(
-                status="failed",
-                error=ErrorInfo(
-                    kind="invalid_output", message=f"output is not JSON-serialisable: {exc}"
-                ),
-            )
-        return _AttemptOutcome(status="succeeded", output=output)
-
-    async def commit(self) -> None:
-        """Commit whatever the agent left in the worktree (on success and on failure alike)."""
-        ctx = self.ctx
+    async def commit(self) -> Harvest:
+        """Commit whatever the agent left in the worktree (see orchestrator/harvest.py)."""
+        ctx, worktree = self.ctx, self.place.worktree
         _, base_tree = ctx.start_of(self.task_id)
-        if self.worktree is None or ctx.repo is None or base_tree is None:
-            return
-        start = time.monotonic()
-        subject = (
-            self.envelope.task.strip().splitlines()[0]
-            if self.envelope.task.strip()
-            else "(no description)"
-        )
-        message = self.masker.text(
-            f"{self.envelope.agent}: {subject} [task {self.task_id}]\n\n"
-            f"Orchestrator-Run: {ctx.run_id}\nEnvelope-SHA256: {self.envelope_sha256}\n"
-        )
-        try:
-            worktree, git = self.worktree, ctx.repo.git
-            if tampered := await restore_admin_files(worktree):
-                self.refused = ErrorInfo(
-                    kind="tamper",
-                    message=f"the agent pointed {', '.join(tampered)} elsewhere (put back)",
-                    paths=tampered,
-                )
-            tip = await branch_tip(ctx.repo, worktree)
-            if problem := await check_branch(ctx.repo, worktree, tip):
-                # Not this task's doing: the branch goes back to the base (by compare-and-
-                # swap from what was found), the worktree is committed on it for the record,
-                # and the task fails.
-                self.refused = ErrorInfo(
-                    kind="tamper", message=problem, paths=[f"refs/heads/{worktree.branch}"]
-                )
-                tip = await _branch_back_to_base(git, worktree, tip)
-            if (
-                self.masker
-                and not self.envelope.allow_secrets_in_commit
-                and (why := await self._secrets_in_git(worktree, tip))
-            ):
-                # The agent's own commits or staged files hold a secret: none of it is
-                # taken (its objects stay unreferenced until git gc prunes them).
-                self.refused = self.refused or why
-                await _branch_back_to_base(git, worktree, tip)
-                return
-            # Bounded by the task's timeout: what git reads here, the agent left.
-            paths = await changed_paths(ctx.repo, worktree, timeout=self.envelope.timeout)
-            if paths and (
-                why := await anyio.to_thread.run_sync(self._refuse_changes, worktree.path, paths)
-            ):
-                self.refused = self.refused or why
-                if why.kind == "too_large":
-                    return  # nothing of it enters the repository; the worktree keeps it
-                paths = [p for p in paths if p not in why.paths]
-            self.result_commit, self.result_tree, self.committed = await commit_worktree(
+        if worktree is None or ctx.repo is None or base_tree is None:
+            return self.harvest
+        with self.clock.timed("commit_s"):
+            return await harvest(
                 ctx.repo,
                 worktree,
-                message,
+                self.envelope,
+                run_id=ctx.run_id,
+                envelope_sha256=self.envelope_sha256,
                 base_tree=base_tree,
-                parent=tip,
-                paths=paths,
-                timeout=self.envelope.timeout,
+                masker=self.history.masker,
             )
-        finally:
-            self._timed("commit_s", start)
-
-    async def _secrets_in_git(self, worktree: Worktree, tip: str) -> ErrorInfo | None:
-        """A secret_leak error when the agent's own commits (content, paths, messages) or
-        what it staged hold a secret's value, else None."""
-        assert self.ctx.repo is not None
-        git, args, env = self.ctx.repo.git, worktree.git_args(), worktree.git_env()
-        text = ["--no-ext-diff", "--no-textconv", "--text", "--no-color"]
-        outputs = [
-            await git.run(
-                *args,
-                "diff",
-                "--cached",
-                *text,
-                "--end-of-options",
-                tip,
-                cwd=worktree.path,
-                env=env,
-                timeout=self.envelope.timeout,
-            )
-        ]
-        if tip != worktree.base_commit:
-            span = f"{worktree.base_commit}..{tip}"
-            outputs.append(await git.run("log", "--format=%B", "--end-of-options", span, env=env))
-            outputs.append(
-                await git.run("diff", *text, "--end-of-options", worktree.base_commit, tip)
-            )
-        if not any(self.masker.found_in(out.stdout) for out in outputs):
-            return None
-        return ErrorInfo(
-            kind="secret_leak",
-            message="the value of a secret variable is in the agent's own commits or in what "
-            "it staged: nothing was committed (set allow_secrets_in_commit to commit it anyway)",
-        )
-
-    def _refuse_changes(self, root: Path, paths: list[str]) -> ErrorInfo | None:
-        """Why the changed *paths* must not be committed (too large, holding a secret), if so.
-
-        Blocking (a thread): sizes come from ``lstat`` (links are not followed), and with
-        secrets to look for every changed file is read, up to the size limit.
-        """
-        limit = self.envelope.max_commit_mb * 1024 * 1024
-        sizes: dict[str, int] = {}
-        for path in paths:
-            with contextlib.suppress(OSError):
-                sizes[path] = os.lstat(root / path).st_size
-        if sum(sizes.values()) > limit:
-            largest = sorted(sizes, key=lambda p: -sizes[p])[:3]
-            return ErrorInfo(
-                kind="too_large",
-                message=f"the changes are {sum(sizes.values())} bytes, more than max_commit_mb "
-                f"({self.envelope.max_commit_mb}); largest: {', '.join(largest)}; nothing was "
-                "committed",
-                paths=largest,
-            )
-        if not self.masker or self.envelope.allow_secrets_in_commit:
-            return None
-        leaking = [p for p in paths if p not in sizes and self.masker.found_in(p.encode())]
-        for path in sizes:
-            try:
-                if os.path.islink(root / path):
-                    data = os.readlink(root / path).encode("utf-8", "surrogateescape")
-                else:
-                    data = read_bounded(path, limit, within=root)
-            except OSError:
-                continue  # not a regular file: git does not commit it either
-            if self.masker.found_in(data) or self.masker.found_in(path.encode()):
-                leaking.append(path)
-        if not leaking:
-            return None
-        return ErrorInfo(
-            kind="secret_leak",
-            message=f"the value of a secret variable is in {', '.join(leaking)}: "
-            "not committed (set allow_secrets_in_commit to commit it anyway)",
-            paths=leaking,
-        )
-
-    async def describe(self, status: TaskStatus) -> None:
-        """Describe the venv and decide what the clean-up keeps: the result as it will be."""
-        if self.venv is not None:
-            # Described after the agent ran, so that what it installed itself is on record.
-            with contextlib.suppress(OSError):
-                self.environment = await anyio.to_thread.run_sync(describe_environment, self.venv)
-        ctx = self.ctx
-        policy = ctx.keep_worktrees
-        self.keep = policy == "always" or (policy == "failed" and status in ("failed", "timed_out"))
-        if self.keep and self.worktree is not None:
-            if ctx.pool is not None and ctx.pool.owns(self.worktree):
-                # Out of the pool, to where a fresh worktree would be: nobody resets it.
-                self.worktree = await ctx.pool.keep(self.worktree, ctx.worktree_path(self.task_id))
-            self.kept_worktree = self.worktree.path
-
-    async def cleanup(self, status: TaskStatus) -> None:
-        """Remove the worktree and venv as :meth:`describe` decided; branches stay unless empty and cancelled."""
-        start = time.monotonic()
-        ctx = self.ctx
-        keep = self.keep
-        if self.worktree is not None and ctx.repo is not None and not keep:
-            try:
-                delete_branch = status == "cancelled" and not self.committed
-                if ctx.pool is not None and ctx.pool.owns(self.worktree):
-                    await ctx.pool.give_back(self.worktree)
-                    if delete_branch:
-                        self.branch_deleted = await delete_if_unused(ctx.repo, self.worktree)
-                else:
-                    self.branch_deleted = await remove_worktree(
-                        ctx.repo, self.worktree, delete_branch=delete_branch
-                    )
-            except (GitError, OSError):
-                keep = True  # could not remove it: the report names it as kept
-                self.kept_worktree = self.worktree.path
-        venv, venv_pool = self.venv, ctx.venv_pool
-        if venv is not None:
-            kept = self.worktree is not None and keep  # the venv stays with its worktree
-            if venv_pool is not None and venv_pool.owns(venv):
-                if kept:
-                    venv_pool.keep(venv)
-                elif self.envelope.sandbox != "none":
-                    await venv_pool.discard(venv)  # written by an untrusted agent
-                else:
-                    venv_pool.give_back(venv)
-            elif not kept:
-                await anyio.to_thread.run_sync(shutil.rmtree, venv.path, True)
-        self._timed("cleanup_s", start)
 
     def _masked(self, error: ErrorInfo) -> ErrorInfo:
+        masker = self.history.masker
         return error.model_copy(
             update={
-                "message": self.masker.text(error.message),
-                "paths": [self.masker.text(p) for p in error.paths],
+                "message": masker.text(error.message),
+                "paths": [masker.text(p) for p in error.paths],
             }
         )
 
     def result(self, status: TaskStatus, error: ErrorInfo | None) -> TaskResult:
         """The sealed TaskResult: what it says of the task's secrets masked (see secrets.py)."""
-        last = self.last
+        last, place = self.history.last, self.place
         output = last.output if last is not None and status == "succeeded" else None
-        last_attempt = self.attempts[-1] if self.attempts else None
-        agent_info = (
-            self.agent.info(self.program)
-            if isinstance(self.agent, CommandAgent)
-            else self.agent.info()
-        )
-        if self.masker:
-            error = self._masked(error) if error is not None else None
-            if agent_info.command is not None:
-                agent_info = agent_info.model_copy(
-                    update={"command": [self.masker.text(a) for a in agent_info.command]}
-                )
-        branch = self.worktree.branch if self.worktree and not self.branch_deleted else None
-        finished = _now()
+        if self.history.masker and error is not None:
+            error = self._masked(error)
+        branch = place.worktree.branch if place.worktree and not place.branch_deleted else None
         result = TaskResult(
             task_id=self.task_id,
             agent=self.envelope.agent,
             status=status,
-            attempts=len(self.attempts),
+            attempts=len(self.history.attempts),
             exit_code=last.exit_code if last else None,
             output=output,
             error=error,
-            timings=Timings(
-                started_at=self.started_at,
-                finished_at=finished,
-                duration_s=round(time.monotonic() - self.clock, 6),
-                **{k: round(v, 6) for k, v in self.timings.items()},
-            ),
+            timings=self.clock.timings(),
             metrics=last.metrics if last else Metrics(),
             branch=branch,
-            worktree=str(self.kept_worktree) if self.kept_worktree else None,
+            worktree=str(place.kept_worktree) if place.kept_worktree else None,
             envelope=self.envelope_entry,
-            attempt_log=self.attempts,
+            attempt_log=self.history.attempts,
             group=self.envelope.group,
             depends_on=self.envelope.depends_on,
-            provenance=Provenance(
-                envelope_sha256=self.envelope_sha256,
-                base_commit=self.worktree.base_commit if self.worktree else None,
-                result_commit=self.result_commit if branch else None,
-                result_tree=self.result_tree if branch else None,
-                environment=self.environment,
-                env_sha256=digest(self.environment.model_dump(mode="json"))
-                if self.environment
-                else None,
-                agent=agent_info,
-                agent_sha256=digest(agent_info.model_dump(mode="json")),
-                output_sha256=digest(output),
-                stdout_sha256=last_attempt.stdout.sha256
-                if last_attempt and last_attempt.stdout
-                else None,
-                stderr_sha256=last_attempt.stderr.sha256
-                if last_attempt and last_attempt.stderr
-                else None,
-                commands=[[self.masker.text(a) for a in c] for c in self.commands],
-            ),
+            provenance=self._provenance(output, on_branch=branch is not None),
         )
         return seal_result(result)
 
-
-async def _branch_back_to_base(git: Git, worktree: Worktree, tip: str) -> str:
-    """Move the task's branch back to its base, by compare-and-swap from *tip*; the base."""
-    if tip != worktree.base_commit:
-        await git.run(
-            "update-ref",
-            "--end-of-options",
-            f"refs/heads/{worktree.branch}",
-            worktree.base_commit,
-            tip,
+    def _provenance(self, output: dict[str, Any] | None, *, on_branch: bool) -> Provenance:
+        """The result's provenance; *on_branch*: the task's branch is still there, holding
+        what it committed."""
+        history, place = self.history, self.place
+        masker = history.masker
+        agent_info = self.agent.info(history.program)
+        if masker and agent_info.command is not None:
+            agent_info = agent_info.model_copy(
+                update={"command": [masker.text(a) for a in agent_info.command]}
+            )
+        last_attempt = history.attempts[-1] if history.attempts else None
+        environment = place.environment
+        return Provenance(
+            envelope_sha256=self.envelope_sha256,
+            base_commit=place.worktree.base_commit if place.worktree else None,
+            result_commit=self.harvest.result_commit if on_branch else None,
+            result_tree=self.harvest.result_tree if on_branch else None,
+            environment=environment,
+            env_sha256=digest(environment.model_dump(mode="json")) if environment else None,
+            agent=agent_info,
+            agent_sha256=digest(agent_info.model_dump(mode="json")),
+            output_sha256=digest(output),
+            stdout_sha256=last_attempt.stdout.sha256
+            if last_attempt and last_attempt.stdout
+            else None,
+            stderr_sha256=last_attempt.stderr.sha256
+            if last_attempt and last_attempt.stderr
+            else None,
+            commands=[[masker.text(a) for a in c] for c in [*place.commands, *history.commands]],
         )
-    return worktree.base_commit
-
-
-def _log_entries(
-    stdout: Path, stderr: Path, run_dir: Path, masker: Masker
-) -> tuple[LogFile | None, LogFile | None, str | None]:
-    """Entries for an attempt's two log files, and what an agent did to them, if anything.
-
-    Empty files are made if the command never started. The agent had the files' paths (its
-    /proc/self/fd): one it replaced with a link, a FIFO or a device is not followed or read;
-    it is replaced by an empty file, and the problem is returned for the attempt's result.
-    """
-    entries: list[LogFile] = []
-    problem = None
-    for path in (stdout, stderr):
-        relative = path.relative_to(run_dir).as_posix()
-        try:
-            digest_, size = hash_file(relative, MAX_LOG_BYTES, within=run_dir)
-        except FileNotFoundError:
-            path.touch()
-            digest_, size = hash_file(relative, MAX_LOG_BYTES, within=run_dir)
-        except OSError as exc:
-            problem = problem or f"its log {relative} was tampered with: {exc.strerror or exc}"
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            path.touch()
-            digest_, size = hash_file(relative, MAX_LOG_BYTES, within=run_dir)
-        if masker and size and masker.mask_file(path):
-            digest_, size = hash_file(relative, MAX_LOG_BYTES, within=run_dir)
-        entries.append(LogFile(path=relative, sha256=digest_, size=size))
-    return entries[0], entries[1], problem
-
-
-def _read_output(path: Path, run_dir: Path) -> tuple[dict[str, Any] | None, ErrorInfo | None]:
-    """The agent's output file: a regular file of at most MAX_OUTPUT_BYTES, JSON of bounded depth.
-
-    The agent chose what is at that path: a link, a FIFO or a device is refused without being
-    followed or read (kind ``invalid_output``), so neither can hang the run or fill memory.
-    """
-    relative = path.relative_to(run_dir).as_posix()
-    try:
-        data = read_bounded(relative, MAX_OUTPUT_BYTES, within=run_dir)
-    except FileNotFoundError:
-        return None, None
-    except OSError as exc:
-        return None, ErrorInfo(
-            kind="invalid_output",
-            message=f"output file {relative} cannot be read: {exc.strerror or exc}",
-        )
-    try:
-        value = loads_bounded(data, max_depth=MAX_VALUE_DEPTH)
-    except ValueError as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        return None, ErrorInfo(kind="invalid_output", message=f"output is not valid JSON: {reason}")
-    if not isinstance(value, dict):
-        return None, ErrorInfo(
-            kind="invalid_output",
-            message=f"output must be a JSON object, found {type(value).__name__}",
-        )
-    try:
-        canonical_json(value)
-    except ValueError as exc:
-        return None, ErrorInfo(
-            kind="invalid_output", message=f"output is not canonical JSON: {exc}"
-        )
-    return value, None
 
 
 async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> TaskResult:
@@ -839,31 +607,7 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
     error: ErrorInfo | None = None
     cancelled = leaving = False
     try:
-        if ctx.journal is not None and (envelope.worktree or envelope.venv):
-            await ctx.journal.sync()  # "running" is on disk before anything is made for it
-        await task.prepare()
-
-        async def before_retry(number: int, wait: float) -> None:
-            ctx.move(task.task_id, "retrying")
-            await ctx.emit(
-                TaskRetrying(run_id=ctx.run_id, task_id=task.task_id, attempt=number, wait_s=wait)
-            )
-
-        outcome = await retry_attempts(
-            task.attempt,
-            retries=envelope.retries,
-            should_retry=lambda o: o.status != "succeeded",
-            before_retry=before_retry,
-            initial=ctx.backoff_initial,
-            maximum=ctx.backoff_max,
-        )
-        status, error = outcome.status, outcome.error
-        try:
-            await task.commit()
-        except GitError as exc:
-            status, error = "failed", ErrorInfo(kind="commit", message=str(exc))
-        if task.refused is not None:
-            status, error = "failed", task.refused
+        status, error = await task.run()
     except _TaskFailed as exc:
         status, error = "failed", exc.error
     except GitError as exc:
@@ -890,28 +634,49 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
         # task never takes the others down.
         status, error = "failed", ErrorInfo(kind="internal", message=f"{type(exc).__name__}: {exc}")
     finally:
-        # Whatever happened above, clean up and record the result, shielded so that a
-        # cancellation arriving now cannot leave a worktree, a venv or a missing result.
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(120):
-                if cancelled:
-                    with contextlib.suppress(GitError, OSError):
-                        await task.commit()  # nothing is lost: partial work lands on the branch
-                await task.describe(status)
-                if task.worktree is not None or task.venv is not None:
-                    # On disk before the worktree goes: a crash from here on loses nothing.
-                    await journal_result(ctx, task.result(status, error), final=False)
-                await task.cleanup(status)
-            # Recorded even if the clean-up above ran out of time.
-            result = task.result(status, error)
-            ctx.results[task.task_id] = result
-            ctx.move(task.task_id, status)
-            await journal_result(ctx, result, final=True)
-            try:
-                await ctx.emit(finished_event(ctx, result))
-            except EventHandlerFailed:
-                if not leaving:  # when already on the way out, the first failure is the one told
-                    raise
+        result = await _finish(task, status, error, cancelled=cancelled, leaving=leaving)
+    return result
+
+
+async def _finish(
+    task: _Subagent,
+    status: TaskStatus,
+    error: ErrorInfo | None,
+    *,
+    cancelled: bool,
+    leaving: bool,
+) -> TaskResult:
+    """Clean up and record the task's result, whatever happened before.
+
+    Shielded, so that a cancellation arriving now cannot leave a worktree, a venv or a
+    missing result. *leaving*: the task is already on its way out with an exception, which
+    a failing ``on_event`` handler does not replace.
+    """
+    ctx = task.ctx
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(120):
+            if cancelled:
+                # Nothing is lost: partial work lands on the branch. A commit that fails now
+                # leaves what an earlier one made.
+                with contextlib.suppress(GitError, OSError):
+                    harvested = await task.commit()
+                    if harvested.error is None:
+                        task.harvest = harvested
+            keep = await task.place.describe(status)
+            if task.place.worktree is not None or task.place.venv is not None:
+                # On disk before the worktree goes: a crash from here on loses nothing.
+                await journal_result(ctx, task.result(status, error), final=False)
+            await task.place.cleanup(status, keep=keep, committed=task.harvest.committed)
+        # Recorded even if the clean-up above ran out of time.
+        result = task.result(status, error)
+        ctx.results[task.task_id] = result
+        ctx.move(task.task_id, status)
+        await journal_result(ctx, result, final=True)
+        try:
+            await ctx.emit(finished_event(ctx, result))
+        except EventHandlerFailed:
+            if not leaving:  # when already on the way out, the first failure is the one told
+                raise
     return result
 
 
@@ -944,6 +709,7 @@ def not_started_result(
 
 
 def finished_event(ctx: RunContext, result: TaskResult) -> TaskFinished:
+    """The ``TaskFinished`` event of *result*."""
     return TaskFinished(
         run_id=ctx.run_id,
         task_id=result.task_id,

@@ -21,8 +21,7 @@ from typing import ClassVar, Protocol
 
 import anyio
 
-from envelopes import Environment
-from envelopes._bounded import read_bounded
+from envelopes import Environment, read_bounded
 
 from ._git import clean_environment
 from .errors import VenvError
@@ -74,6 +73,9 @@ class VenvBackend(Protocol):
 #: Longest an installer may run before it is stopped.
 INSTALL_TIMEOUT = 1800.0
 
+#: Seconds an installer stopped by a timeout or a cancellation gets between SIGTERM and SIGKILL.
+INSTALL_KILL_GRACE = 2.0
+
 
 async def _run(command: list[str], what: str, *, venv: Path, cwd: Path | None = None) -> None:
     """Run an installer command in its own session, its output in files beside *venv*.
@@ -99,6 +101,7 @@ async def _run(command: list[str], what: str, *, venv: Path, cwd: Path | None = 
                 stderr=err,
                 timeout=INSTALL_TIMEOUT,
                 tag=f"install/{token}",
+                kill_grace=INSTALL_KILL_GRACE,
             )
         except OSError as exc:
             raise VenvError(
@@ -131,7 +134,7 @@ def _uv_binary() -> str | None:
         return shutil.which("uv")
 
 
-def _base_python() -> str:
+def base_python() -> str:
     # An absolute interpreter path spares uv ~100 ms of interpreter discovery per venv.
     return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
@@ -152,7 +155,7 @@ class UvBackend:
         self.syncs = 0
 
     async def create(self, path: Path, *, with_pip: bool) -> list[str]:
-        command = [self.uv, "venv", "--quiet", "--python", _base_python(), str(path)]
+        command = [self.uv, "venv", "--quiet", "--python", base_python(), str(path)]
         if with_pip:
             command.insert(3, "--seed")
         await _run(command, "uv venv", venv=path)
@@ -202,7 +205,7 @@ class StdlibBackend:
     name: ClassVar[str] = "stdlib"
 
     async def create(self, path: Path, *, with_pip: bool) -> list[str]:
-        command = [_base_python(), "-m", "venv", str(path)]
+        command = [base_python(), "-m", "venv", str(path)]
         if not with_pip:
             command.insert(3, "--without-pip")
         await _run(command, "python -m venv", venv=path)

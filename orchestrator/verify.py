@@ -6,13 +6,21 @@ its run directory, and the repository's object database.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 
-from envelopes import Finding, NotAReport, Report, audit_report, load_report_file
-from envelopes._audit import upstream_tasks
+from envelopes import (
+    Finding,
+    NotAReport,
+    Report,
+    TaskResult,
+    audit_report,
+    load_report_file,
+    upstream_tasks,
+)
 
 from ._git import Git
 from .errors import GitError, ReportUnreadable
@@ -137,7 +145,36 @@ async def _check_git(
     git: Git, report: Report, outcome: VerifyOutcome, *, merges: bool = True
 ) -> list[Finding]:
     findings: list[Finding] = []
-    # One batched lookup for every object the report names.
+    kind = await _object_kinds(git, report)
+    if report.base_commit and kind(report.base_commit)[1] != "commit":
+        findings.append(
+            Finding(
+                task_id=None,
+                field="base_commit",
+                message=f"commit {report.base_commit} not found in the repository",
+            )
+        )
+    refs_out = await git.out(
+        "for-each-ref",
+        "--format=%(refname:lstrip=2) %(objectname)",
+        f"refs/heads/orchestrator/{report.run_id}/",
+    )
+    branches = dict(line.split(" ", 1) for line in refs_out.splitlines() if " " in line)
+    for r in report.results:
+        if r.provenance.result_commit:
+            outcome.checked_commits += 1
+            findings += await _check_result_commit(git, r, kind, branches)
+    if merges:
+        findings += await _check_dependency_starts(git, report)
+        findings += await _check_merges(git, report, outcome)
+    return findings
+
+
+ObjectKind = Callable[[str], tuple[str | None, str | None]]
+
+
+async def _object_kinds(git: Git, report: Report) -> ObjectKind:
+    """One batched lookup of every object the report names: ``kind(obj) -> (id, type)``."""
     wanted: list[str] = []
     if report.base_commit:
         wanted.append(report.base_commit)
@@ -156,94 +193,72 @@ async def _check_git(
             return parts[0], parts[1]
         return None, None
 
-    if report.base_commit and kind(report.base_commit)[1] != "commit":
+    return kind
+
+
+async def _check_result_commit(
+    git: Git, r: TaskResult, kind: ObjectKind, branches: Mapping[str, str]
+) -> list[Finding]:
+    """A result commit exists, holds its tree, descends from its base, and is on its branch."""
+    p = r.provenance
+    assert p.result_commit is not None
+    if kind(p.result_commit)[1] != "commit":
+        message = f"commit {p.result_commit} not found in the repository"
+        return [Finding(task_id=r.task_id, field="provenance.result_commit", message=message)]
+    findings: list[Finding] = []
+    tree, _ = kind(f"{p.result_commit}^{{tree}}")
+    if tree != p.result_tree:
         findings.append(
             Finding(
-                task_id=None,
-                field="base_commit",
-                message=f"commit {report.base_commit} not found in the repository",
+                task_id=r.task_id,
+                field="provenance.result_tree",
+                message=f"expected {p.result_tree!r}, found {tree!r} (the tree of {p.result_commit})",
             )
         )
-    refs_out = await git.out(
-        "for-each-ref",
-        "--format=%(refname:lstrip=2) %(objectname)",
-        f"refs/heads/orchestrator/{report.run_id}/",
-    )
-    branches = dict(line.split(" ", 1) for line in refs_out.splitlines() if " " in line)
-    for r in report.results:
-        p = r.provenance
-        if not p.result_commit:
-            continue
-        outcome.checked_commits += 1
-        _, obj_type = kind(p.result_commit)
-        if obj_type != "commit":
-            findings.append(
-                Finding(
-                    task_id=r.task_id,
-                    field="provenance.result_commit",
-                    message=f"commit {p.result_commit} not found in the repository",
-                )
+    if (
+        p.base_commit
+        and p.base_commit != p.result_commit
+        and not await git.ok(
+            "merge-base", "--is-ancestor", "--end-of-options", p.base_commit, p.result_commit
+        )
+    ):
+        findings.append(
+            Finding(
+                task_id=r.task_id,
+                field="provenance.base_commit",
+                message=f"{p.base_commit} is not an ancestor of {p.result_commit}",
             )
-            continue
-        tree, _ = kind(f"{p.result_commit}^{{tree}}")
-        if tree != p.result_tree:
-            findings.append(
-                Finding(
-                    task_id=r.task_id,
-                    field="provenance.result_tree",
-                    message=f"expected {p.result_tree!r}, found {tree!r} (the tree of {p.result_commit})",
-                )
-            )
-        if (
-            p.base_commit
-            and p.base_commit != p.result_commit
-            and not await git.ok(
-                "merge-base", "--is-ancestor", "--end-of-options", p.base_commit, p.result_commit
-            )
-        ):
-            findings.append(
-                Finding(
-                    task_id=r.task_id,
-                    field="provenance.base_commit",
-                    message=f"{p.base_commit} is not an ancestor of {p.result_commit}",
-                )
-            )
-        if r.branch:
-            found = branches.get(r.branch)
-            if found is None:
-                found = (
-                    await git.run(
-                        "rev-parse",
-                        "--verify",
-                        "--quiet",
-                        "--end-of-options",
-                        f"refs/heads/{r.branch}",
-                        check=False,
-                    )
-                ).stdout.decode().strip() or None
-            if found is None:
-                findings.append(
-                    Finding(
-                        task_id=r.task_id,
-                        field="branch",
-                        message=f"branch {r.branch} does not exist",
-                    )
-                )
-            elif found != p.result_commit and not await git.ok(
-                "merge-base", "--is-ancestor", "--end-of-options", p.result_commit, found
-            ):
-                # Work added on top of a result is fine; a result no longer on its branch is not.
-                findings.append(
-                    Finding(
-                        task_id=r.task_id,
-                        field="branch",
-                        message=f"branch {r.branch} points at {found}, which does not contain {p.result_commit}",
-                    )
-                )
-    if merges:
-        findings += await _check_dependency_starts(git, report)
-        findings += await _check_merges(git, report, outcome)
+        )
+    if r.branch:
+        findings += await _check_branch(git, r, branches.get(r.branch))
     return findings
+
+
+async def _check_branch(git: Git, r: TaskResult, found: str | None) -> list[Finding]:
+    """The result's branch exists and still contains its result commit."""
+    assert r.branch is not None and r.provenance.result_commit is not None
+    commit = r.provenance.result_commit
+    if found is None:
+        found = (
+            await git.run(
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                "--end-of-options",
+                f"refs/heads/{r.branch}",
+                check=False,
+            )
+        ).stdout.decode().strip() or None
+    if found is None:
+        message = f"branch {r.branch} does not exist"
+        return [Finding(task_id=r.task_id, field="branch", message=message)]
+    if found != commit and not await git.ok(
+        "merge-base", "--is-ancestor", "--end-of-options", commit, found
+    ):
+        # Work added on top of a result is fine; a result no longer on its branch is not.
+        message = f"branch {r.branch} points at {found}, which does not contain {commit}"
+        return [Finding(task_id=r.task_id, field="branch", message=message)]
+    return []
 
 
 async def _check_dependency_starts(git: Git, report: Report) -> list[Finding]:

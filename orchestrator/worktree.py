@@ -21,8 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from envelopes import is_object_id
-from envelopes._bounded import read_bounded
+from envelopes import is_object_id, read_bounded
 
 from ._faults import crash_point
 from .errors import GitError
@@ -78,7 +77,7 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
             # have it checked out is a pool slot left by a dead run of the same task (its
             # HEAD still names the branch; the slot's next borrower rewrites it).
             await repo.git.run("worktree", "add", "--force", "--no-checkout", str(path), branch)
-            admin_dir = _admin_dir_from_file(path)
+            admin_dir = admin_dir_from_file(path)
             if admin_dir is None:
                 raise GitError(
                     ["worktree", "add"], 0, f"fatal: {path}/.git names no admin directory"
@@ -99,7 +98,7 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
     return worktree
 
 
-def _admin_dir_from_file(path: Path) -> Path | None:
+def admin_dir_from_file(path: Path) -> Path | None:
     try:
         text = (path / ".git").read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
@@ -109,7 +108,7 @@ def _admin_dir_from_file(path: Path) -> Path | None:
     return Path(text.removeprefix("gitdir: "))
 
 
-def _admin_dir_by_scan(repo: Repository, path: Path) -> Path | None:
+def admin_dir_by_scan(repo: Repository, path: Path) -> Path | None:
     """The admin directory whose ``gitdir`` file points at *path* (when .git is gone)."""
     target = str(path / ".git")
     for gitdir in (repo.common_dir / "worktrees").glob("*/gitdir"):
@@ -121,7 +120,7 @@ def _admin_dir_by_scan(repo: Repository, path: Path) -> Path | None:
     return None
 
 
-async def _drop_admin_dir(repo: Repository, admin_dir: Path | None) -> None:
+async def drop_admin_dir(repo: Repository, admin_dir: Path | None) -> None:
     """Delete one worktree's admin entry (what ``git worktree prune`` does, for that one only)."""
     worktrees = repo.common_dir / "worktrees"
     if admin_dir is not None and admin_dir.parent == worktrees:
@@ -130,13 +129,13 @@ async def _drop_admin_dir(repo: Repository, admin_dir: Path | None) -> None:
 
 async def _forget(repo: Repository, path: Path, branch: str, expected: str) -> None:
     """Undo a partial ``worktree add`` (lock held): its directory, admin entry and branch."""
-    admin_dir = _admin_dir_from_file(path) or _admin_dir_by_scan(repo, path)
+    admin_dir = admin_dir_from_file(path) or admin_dir_by_scan(repo, path)
     await anyio.to_thread.run_sync(shutil.rmtree, path, True)
-    await _drop_admin_dir(repo, admin_dir)
+    await drop_admin_dir(repo, admin_dir)
     await repo.git.run("update-ref", "-d", f"refs/heads/{branch}", expected, check=False)
 
 
-async def _restore_dot_git(worktree: Worktree) -> list[str]:
+async def restore_dot_git(worktree: Worktree) -> list[str]:
     """Put back the worktree's ``.git`` file and admin files if needed (see _put_back_dot_git).
 
     Returns the admin files that had been pointed elsewhere (``commondir``, ``gitdir``):
@@ -214,12 +213,12 @@ def _replace(path: Path, content: str) -> None:
         raise
 
 
-restore_admin_files = _restore_dot_git
+restore_admin_files = restore_dot_git
 
 
 async def reset_worktree(repo: Repository, worktree: Worktree) -> None:
     """Bring the worktree back to its base commit: no change, no untracked or ignored file."""
-    await _restore_dot_git(worktree)
+    await restore_dot_git(worktree)
     git, args, cwd, env = repo.git, worktree.git_args(), worktree.path, worktree.git_env()
     await git.run(
         *args,
@@ -328,7 +327,7 @@ async def commit_worktree(
     takes longer (a FIFO the agent left) is killed: GitError. Plumbing commands are used, so
     no hook runs.
     """
-    await _restore_dot_git(worktree)
+    await restore_dot_git(worktree)
     if parent is None:
         parent = await branch_tip(repo, worktree)
     if paths is None:
@@ -397,7 +396,7 @@ async def remove_worktree(
     """
     await anyio.to_thread.run_sync(shutil.rmtree, worktree.path, True)
     async with repo.lock.hold():
-        await _drop_admin_dir(repo, worktree.admin_dir)
+        await drop_admin_dir(repo, worktree.admin_dir)
         if not delete_branch:
             return False
         return await _delete_unused_branch(repo, worktree)
@@ -438,7 +437,7 @@ async def merge_worktree(
     """
     git = repo.git
     target_ref = f"refs/heads/{into}"
-    checkout = await _checkout_of(repo, target_ref)
+    checkout = await checkout_of(repo, target_ref)
     if checkout is not None:
         dirty = await git.out("status", "--porcelain", "--untracked-files=no", cwd=checkout)
         if dirty:
@@ -502,7 +501,7 @@ async def merge_worktree(
     return MergeOutcome(True, commit, [], f"merged {branch} into {into}")
 
 
-async def _checkout_of(repo: Repository, ref: str) -> Path | None:
+async def checkout_of(repo: Repository, ref: str) -> Path | None:
     """The worktree in which *ref* is checked out, if any."""
     path: Path | None = None
     for line in (await repo.git.out("worktree", "list", "--porcelain")).splitlines():

@@ -242,9 +242,10 @@ def test_keep_worktrees_option_overrides_the_plan(
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("0", "must be >= 1, got 0"),
-        ("-2", "must be >= 1, got -2"),
-        ("many", "not an integer: 'many'"),
+        ("0", "orchestrator: --concurrency: must be >= 1, found 0"),
+        ("-2", "orchestrator: --concurrency: must be >= 1, found -2"),
+        ("2000", "orchestrator: --concurrency: must be <= 1024, found 2000"),
+        ("many", "orchestrator run: error: argument --concurrency: not an integer: 'many'"),
     ],
 )
 def test_concurrency_must_be_a_positive_integer(
@@ -256,12 +257,12 @@ def test_concurrency_must_be_a_positive_integer(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     plan = write_plan(tmp_path / "plan.yaml", writer, [{"id": "one", "agent": "w", "task": "t"}])
-    outcome = exits(capsys, "run", str(plan), f"--concurrency={value}")
+    argv = ("run", str(plan), f"--concurrency={value}")
+    # A non-integer is argparse's to refuse; an integer out of bounds the run settings'.
+    outcome = exits(capsys, *argv) if value == "many" else cli(capsys, *argv)
     assert (outcome.code, outcome.out) == (2, "")
-    assert (
-        outcome.err.splitlines()[-1]
-        == f"orchestrator run: error: argument --concurrency: {message}"
-    )
+    assert outcome.err.splitlines()[-1] == message
+    assert not (repo / ".git" / "orchestrator" / "runs").exists()
     assert not (repo / ".git" / "orchestrator").exists()
 
 

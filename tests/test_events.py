@@ -124,3 +124,21 @@ def test_the_runs_own_error_is_raised_when_the_block_is_left(tmp_path: Path) -> 
 
     with pytest.raises(PlanError, match="cycle a -> a"):
         anyio.run(main)
+
+
+def test_unwrapped_takes_a_lone_exception_out_of_its_groups() -> None:
+    from orchestrator.errors import EventHandlerFailed, GitError, RunDirError
+    from orchestrator.events import unwrapped
+
+    lone = ValueError("x")
+    assert unwrapped(BaseExceptionGroup("g", [BaseExceptionGroup("h", [lone])])) is lone
+    # A failed handler comes out as the handler's own exception.
+    cause = KeyError("handler's")
+    failed = EventHandlerFailed("the on_event handler raised")
+    failed.__cause__ = cause
+    assert unwrapped(ExceptionGroup("g", [RunDirError("disk"), failed])) is cause
+    # Several of the orchestrator's own errors: the first; anything else: the group.
+    first, second = RunDirError("a"), GitError(["git", "x"], 1, "b")
+    assert unwrapped(ExceptionGroup("g", [first, second])) is first
+    mixed = ExceptionGroup("g", [RunDirError("a"), ValueError("b")])
+    assert unwrapped(mixed) is mixed

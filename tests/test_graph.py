@@ -496,7 +496,7 @@ def test_envelopes_given_in_code_are_checked_for_cycles_and_unknown_names(
         ),
         (
             "  - {id: a, agent: w, task: t, matrix: {timeout: [5, -1]}}\n",
-            ["{plan}:3:54: tasks[0].matrix.timeout[1]: must be > 0"],
+            ["{plan}:3:54: tasks[0].matrix.timeout[1]: must be > 0, found -1"],
         ),
         (
             "  - {id: a, agent: w, task: t, matrix: {inputs.n: [1, '1']}}\n",

@@ -153,33 +153,33 @@ PLAN_ERRORS = [
     ),
     pytest.param(
         PREFIX + TASK + "    timeout: 0\n",
-        ["plan.yaml:8:5: tasks[0].timeout: must be > 0"],
+        ["plan.yaml:8:5: tasks[0].timeout: must be > 0, found 0"],
         id="timeout-zero",
     ),
     pytest.param(
         PREFIX + TASK + "    timeout: -5\n",
-        ["plan.yaml:8:5: tasks[0].timeout: must be > 0"],
+        ["plan.yaml:8:5: tasks[0].timeout: must be > 0, found -5"],
         id="timeout-negative",
     ),
     pytest.param(
         "defaults: {timeout: 0}\n" + PREFIX + TASK,
-        ["plan.yaml:1:12: defaults.timeout: must be > 0"],
+        ["plan.yaml:1:12: defaults.timeout: must be > 0, found 0"],
         id="default-timeout-zero",
     ),
     pytest.param(
         PREFIX + TASK + "    retries: -1\n",
-        ["plan.yaml:8:5: tasks[0].retries: must be >= 0"],
+        ["plan.yaml:8:5: tasks[0].retries: must be >= 0, found -1"],
         id="retries-negative",
     ),
     pytest.param(
         "defaults:\n  retries: -2\n" + PREFIX + TASK,
-        ["plan.yaml:2:3: defaults.retries: must be >= 0"],
+        ["plan.yaml:2:3: defaults.retries: must be >= 0, found -2"],
         id="default-retries-negative",
     ),
     pytest.param(
         "concurrency: 0\nkeep_worktrees: sometimes\n" + PREFIX + TASK,
         [
-            "plan.yaml:1:1: concurrency: must be >= 1",
+            "plan.yaml:1:1: concurrency: must be >= 1, found 0",
             "plan.yaml:2:1: keep_worktrees: must be one of 'never', 'failed' or 'always', found 'sometimes'",
         ],
         id="concurrency-and-policy",
@@ -267,9 +267,9 @@ def test_several_problems_each_on_its_own_line_in_file_order(
     assert outcome.code == 2
     assert outcome.err.splitlines() == [
         "several_errors.yaml:3:1: colour: unknown key",
-        "several_errors.yaml:5:3: defaults.timeout: must be > 0",
+        "several_errors.yaml:5:3: defaults.timeout: must be > 0, found 0",
         "several_errors.yaml:9:5: agents.writer.cwd: unknown key",
-        "several_errors.yaml:14:5: tasks[0].retries: must be >= 0",
+        "several_errors.yaml:14:5: tasks[0].retries: must be >= 0, found -1",
         "several_errors.yaml:18:5: tasks[1].inputs: must be a mapping, found list",
         "several_errors.yaml:19:5: tasks[1].agent: duplicate key 'agent' (first at line 16)",
     ]
@@ -304,7 +304,7 @@ def test_schema_and_cross_field_problems_reported_together(
         + "  - {id: a, agent: w, task: one, timeout: 0}\n  - {id: b, agent: nobody, task: two}\n"
     )
     assert cli(capsys, "validate", "plan.yaml").err.splitlines() == [
-        "plan.yaml:5:34: tasks[0].timeout: must be > 0",
+        "plan.yaml:5:34: tasks[0].timeout: must be > 0, found 0",
         "plan.yaml:6:13: tasks[1].agent: agent 'nobody' is not defined (defined: w)",
     ]
 
@@ -474,7 +474,7 @@ def test_json_plan_errors_are_located(
     outcome = cli(capsys, command, "plan.json")
     assert outcome.code == 2
     assert outcome.err.splitlines() == [
-        "plan.json:3:51: tasks[0].timeout: must be > 0",
+        "plan.json:3:51: tasks[0].timeout: must be > 0, found 0",
         "plan.json:4:2: repo: duplicate key 'repo' (first at line 1)",
     ]
     assert_nothing_ran(repo)

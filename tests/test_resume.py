@@ -470,7 +470,8 @@ def test_journal_lines_share_fsyncs(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_the_run_lock_is_the_file_at_its_path(tmp_path: Path) -> None:
-    from orchestrator.journal import RunInUse, RunLock
+    from orchestrator.errors import RunInUse
+    from orchestrator.locks import RunLock
 
     first, second = RunLock(tmp_path), RunLock(tmp_path)
     first.acquire()
@@ -537,7 +538,7 @@ def test_resume_reruns_tasks_whose_branch_gc_deleted(make_repo: MakeRepo, tmp_pa
 
 def test_gc_skips_a_run_that_comes_alive(make_repo: MakeRepo, tmp_path: Path) -> None:
     """gc takes each run's lock before cleaning it: a run held by anyone is left alone."""
-    from orchestrator.journal import RunLock
+    from orchestrator.locks import RunLock
 
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.01)
@@ -555,3 +556,34 @@ def test_gc_skips_a_run_that_comes_alive(make_repo: MakeRepo, tmp_path: Path) ->
         assert git(repo, "for-each-ref", "refs/heads/orchestrator/") != ""
     finally:
         holder.release()
+
+
+def test_recorded_run_reads_the_settings_as_one_object_and_older_options(tmp_path: Path) -> None:
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.resume import recorded_run
+
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    plan = {
+        "agents": {"a": {"command": ["true"]}},
+        "tasks": [{"id": "t", "agent": "a", "task": "x"}],
+    }
+    (run_dir / "plan.json").write_text(json.dumps(plan))
+    record = {"type": "run", "run_id": "r1", "at": "2026-01-01T00:00:00+00:00", "plan_dir": "/p"}
+    for key, expected in [("settings", 7), ("options", 5)]:
+        line = {**record, key: {"concurrency": expected, "backoff": [0.0, 1.0]}}
+        (run_dir / "journal.jsonl").write_text(json.dumps(line) + "\n")
+        recorded = recorded_run(run_dir, "r1")
+        assert recorded.settings.concurrency == expected
+        assert recorded.settings.backoff == (0.0, 1.0)
+        assert recorded.settings.model_fields_set == {"concurrency", "backoff"}
+    # A journal whose settings are out of bounds is refused, naming the setting.
+    line = {**record, "settings": {"concurrency": 0}}
+    (run_dir / "journal.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(OrchestratorError, match="concurrency: must be >= 1, found 0"):
+        recorded_run(run_dir, "r1")
+    # A plan.json that is not a file of the run is refused without being followed.
+    (run_dir / "plan.json").unlink()
+    (run_dir / "plan.json").symlink_to("/etc/passwd")
+    with pytest.raises(OrchestratorError, match="cannot read run r1"):
+        recorded_run(run_dir, "r1")

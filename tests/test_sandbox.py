@@ -179,7 +179,7 @@ def test_isolation_problems_are_located() -> None:
         parse_plan(text, file="plan.yaml")
     assert [str(i) for i in caught.value.issues] == [
         "plan.yaml:4:5: agents.a.sandbox: must be one of 'none' or 'bwrap', found 'docker'",
-        "plan.yaml:8:14: tasks[0].limits.memory_mb: must be > 0",
+        "plan.yaml:8:14: tasks[0].limits.memory_mb: must be > 0, found 0",
         "plan.yaml:8:28: tasks[0].limits.swap_mb: unknown key",
         "plan.yaml:9:11: tasks[0].env.A: must be a string, found 3",
         "plan.yaml:12:11: tasks[1].env.inherit: must be true or false, found 'no'",

@@ -158,7 +158,7 @@ def test_retries_move_through_retrying_and_every_task_ends_final(tmp_path: Path)
 
 
 def test_bad_limits_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(OrchestratorError, match="agent limits must be >= 1"):
+    with pytest.raises(OrchestratorError, match=r"agent_limits\.a: must be >= 1, found 0"):
         _run(
             [build_envelope("a", "t", worktree=False, venv=False)],
             tmp_path,
@@ -172,6 +172,6 @@ def test_bad_limits_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[st
     outcome = cli(capsys, "validate", str(plan))
     assert outcome.code == 2
     assert outcome.err.splitlines() == [
-        f"{plan}:2:21: agents.a.max_concurrency: must be >= 1",
+        f"{plan}:2:21: agents.a.max_concurrency: must be >= 1, found 0",
         f"{plan}:4:25: tasks[0].priority: must be an integer, found 'high'",
     ]

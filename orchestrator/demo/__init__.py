@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anyio
@@ -43,8 +44,9 @@ async def ensure_demo_repo(path: Path) -> tuple[Path, bool]:
             )
         await Repository.open(path)
         return path, False
+    path.parent.mkdir(parents=True, exist_ok=True)  # git looks for an enclosing repo from there
     await _exclude_from_enclosing_repo(path)
-    path.mkdir(parents=True)
+    path.mkdir()
     for name, text in _FILES.items():
         file = path / name
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,9 @@ async def _exclude_from_enclosing_repo(path: Path) -> None:
     exclude = Path(
         await git.out("rev-parse", "--path-format=absolute", "--git-path", "info/exclude")
     )
-    line = "/" + path.resolve().relative_to(top).as_posix() + "/\n"
+    # Glob characters and a leading "#" or "!" are escaped: the line names this path only.
+    relative = re.sub(r"([\\*?\[\]!#])", r"\\\1", path.resolve().relative_to(top).as_posix())
+    line = "/" + relative + "/\n"
     exclude.parent.mkdir(parents=True, exist_ok=True)
     async with await anyio.open_file(exclude, "a", encoding="utf-8") as f:
         await f.write(line)

@@ -1,0 +1,147 @@
+"""How a run ends: its report aggregated and written, the plan's ``merge`` done and recorded,
+the journal told the run finished, and the run's empty directories removed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+
+from envelopes import (
+    MergeFinished,
+    MergeRecord,
+    MergeSpec,
+    Report,
+    Select,
+    TaskResult,
+    seal_report,
+)
+
+from .context import RunContext
+from .errors import MergeError
+from .events import emit_run_event
+from .guard import moved_refs, ref_values
+from .mergeback import merge_results
+from .report import aggregate_results, write_report
+
+__all__ = ["ReportPlan", "merge_at_end", "write_final_report"]
+
+
+@dataclass
+class ReportPlan:
+    """What the report says of the run beyond its results, and where it is written."""
+
+    plan_name: str
+    plan_sha256: str
+    started: datetime
+    #: ``report.json`` in the run directory.
+    file: Path
+    #: Where else the report is written (``--out``).
+    copies: list[Path] = field(default_factory=list)
+    #: Each ``first_success`` group: its selection rule and winner (None while undecided).
+    groups: dict[str, tuple[Select, list[str] | None]] = field(default_factory=dict)
+    #: Every ref as the run started, to report the ones an agent moved (docs/security.md).
+    refs_before: dict[str, str] = field(default_factory=dict)
+
+
+async def write_final_report(
+    ctx: RunContext, results: Sequence[TaskResult], plan: ReportPlan
+) -> Report:
+    """Aggregate *results* into the sealed report, write it, and tidy the run's directories."""
+    warnings: list[str] = []
+    if ctx.repo is not None and plan.refs_before:
+        with anyio.CancelScope(shield=True):
+            warnings = moved_refs(plan.refs_before, await ref_values(ctx.repo.git), results)
+    if ctx.repo is not None and ctx.guarding and ctx.repo.git.guard is not None:
+        warnings += await anyio.to_thread.run_sync(ctx.repo.git.guard.unblamed)
+    report = aggregate_results(
+        list(results),
+        run_id=ctx.run_id,
+        plan_name=plan.plan_name,
+        plan_sha256=plan.plan_sha256,
+        repo=str(ctx.repo.root) if ctx.repo else None,
+        base_ref=ctx.base_ref,
+        base_commit=ctx.base_commit,
+        run_dir=ctx.run_dir,
+        started_at=plan.started,
+        finished_at=datetime.now(UTC),
+        groups=plan.groups,
+        warnings=warnings,
+    )
+    await write_report(report, plan.file, *plan.copies)
+    await _tidy(ctx)
+    return report
+
+
+async def merge_at_end(
+    ctx: RunContext, report: Report, spec: MergeSpec, plan: ReportPlan
+) -> Report:
+    """The plan's ``merge``: when every task succeeded, merge the results; record the outcome.
+
+    Members of a ``first_success`` group cancelled because another member won count as
+    done. The report is already on disk without the record, so a failure or cancellation
+    here loses nothing; it is written again with the record.
+    """
+    assert ctx.repo is not None
+    unfinished = [
+        r
+        for r in report.results
+        if not r.succeeded and not (r.error is not None and r.error.kind == "not_needed")
+    ]
+    if unfinished:
+        total = len(report.results)
+        record = MergeRecord(
+            into=spec.into,
+            status="skipped",
+            message=f"{len(unfinished)} of {total} tasks did not succeed; nothing was merged",
+            at=datetime.now(UTC),
+        )
+        await emit_run_event(ctx, _merge_finished(ctx, record))
+    else:
+        try:
+            record = await merge_results(
+                report,
+                into=spec.into,
+                tasks=spec.tasks,
+                repo=ctx.repo,
+                on_event=lambda event: emit_run_event(ctx, event),
+            )
+        except MergeError as exc:
+            record = MergeRecord(
+                into=spec.into, status="refused", message=str(exc), at=datetime.now(UTC)
+            )
+            await emit_run_event(ctx, _merge_finished(ctx, record))
+    report = seal_report(report.model_copy(update={"merge": [*report.merge, record]}))
+    with anyio.CancelScope(shield=True):
+        await write_report(report, plan.file, *plan.copies)
+    return report
+
+
+def _merge_finished(ctx: RunContext, record: MergeRecord) -> MergeFinished:
+    return MergeFinished(
+        run_id=ctx.run_id,
+        into=record.into,
+        status=record.status,
+        new_commit=record.new_commit,
+        message=record.message,
+    )
+
+
+async def _tidy(ctx: RunContext) -> None:
+    """Remove this run's empty worktree and venv directories."""
+
+    def tidy() -> None:
+        for kind in ("worktrees", "venvs"):
+            path = ctx.state_dir / kind / ctx.run_id
+            try:
+                path.rmdir()
+            except OSError:
+                if path.exists() and not any(path.iterdir()):
+                    shutil.rmtree(path, ignore_errors=True)
+
+    await anyio.to_thread.run_sync(tidy)

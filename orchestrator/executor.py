@@ -1,0 +1,76 @@
+"""Where a task runs: behind one interface, so that the coordinator does not care.
+
+The coordinator hands an executor a :class:`PreparedTask` (the envelope with its upstream
+results filled in, its agent, the commit and tree it starts from) and gets back the task's
+finished, sealed TaskResult. Everything around that (the scheduler and its limits, the
+journal, the result cache, the report, merges of dependencies' results) stays with the
+coordinator, whichever executor runs the task.
+
+``local`` runs the task in this process: a worktree and venv on this machine, the agent as a
+local subprocess (or an async function in this event loop). It is the only executor today; a
+remote one (tasks on a cluster of other machines, the repository's state shipped as git
+bundles) is one more entry in :data:`EXECUTORS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from envelopes import HandoffEnvelope, TaskResult
+
+from .agents import Agent
+from .context import RunContext
+from .subagent import run_subagent
+
+__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "PreparedTask", "make_executor"]
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    """A task ready to run: nothing left to decide but its outcome."""
+
+    envelope: HandoffEnvelope
+    agent: Agent
+    #: The commit and tree its worktree starts from (None: the task has no worktree).
+    start_commit: str | None
+    start_tree: str | None
+
+
+class Executor(Protocol):
+    """Runs prepared tasks of one run, any number at once (the scheduler bounds how many)."""
+
+    #: The executor's name, as the ``executor`` setting selects it.
+    name: str
+
+    async def run(self, task: PreparedTask) -> TaskResult:
+        """Run *task* to its end and return its sealed result.
+
+        A task's own failures are its result's status and error, never an exception.
+        Cancellation cancels the task: it is recorded as ``cancelled`` and the cancellation
+        propagates.
+        """
+        ...
+
+
+class LocalExecutor:
+    """Tasks run on this machine, in this process (see orchestrator/subagent.py)."""
+
+    name = "local"
+
+    def __init__(self, ctx: RunContext) -> None:
+        self._ctx = ctx
+
+    async def run(self, task: PreparedTask) -> TaskResult:
+        """Run *task* as a subagent of this process."""
+        return await run_subagent(task.envelope, task.agent, self._ctx)
+
+
+#: Executors by name: each makes one for a run from the run's context.
+EXECUTORS: dict[str, Callable[[RunContext], Executor]] = {"local": LocalExecutor}
+
+
+def make_executor(ctx: RunContext) -> Executor:
+    """The executor the run's settings select."""
+    return EXECUTORS[ctx.settings.executor](ctx)

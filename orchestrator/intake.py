@@ -1,0 +1,184 @@
+"""What a run is given, made into what it runs: the plan normalised to envelopes, the agent
+table, the settings resolved, the repository opened and the base resolved to a commit.
+
+A plan comes as a Plan, a plan as a dict, a LoadedPlan (from a file, with positions for its
+errors) or a list of HandoffEnvelopes; :func:`take_in` checks it and everything with it before
+anything is made on disk, so that a run refused here leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from envelopes import HandoffEnvelope, Plan, digest, masked_plan, plan_problems
+
+from .agents import Agent, AgentLike, as_agent
+from .errors import OrchestratorError, PlanError, PlanIssue
+from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
+from .repo import Repository
+from .scheduler import graph_problems
+from .settings import RunSettings, SettingsOverrides, resolve_settings
+
+__all__ = ["Intake", "PlanLike", "agent_table", "normalise", "take_in"]
+
+#: What may be given as a plan.
+PlanLike = Plan | LoadedPlan | Sequence[HandoffEnvelope] | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Intake:
+    """A run's inputs, checked: everything :func:`orchestrate_parallel` needs to start it."""
+
+    loaded: LoadedPlan | None
+    envelopes: list[HandoffEnvelope]
+    agents: dict[str, Agent]
+    settings: RunSettings
+    repository: Repository | None
+    #: Whether the repository was opened here (and so is closed when the run ends).
+    owns_repository: bool
+    base_commit: str | None
+    base_tree: str | None
+    #: The plan as written to ``plan.json`` and hashed: secret values masked.
+    plan_json: dict[str, Any]
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan, when the run was given one (not a list of envelopes)."""
+        return self.loaded.plan if self.loaded is not None else None
+
+    @property
+    def plan_sha256(self) -> str:
+        """``plan_sha256`` of the report."""
+        return digest(self.plan_json)
+
+    @property
+    def plan_dir(self) -> Path:
+        """Where the plan's relative paths start: its file's directory, else the cwd."""
+        return self.loaded.plan_dir if self.loaded is not None else Path.cwd()
+
+    def close(self) -> None:
+        """Let go of the repository's lock file, if the repository was opened here."""
+        if self.repository is not None and self.owns_repository:
+            self.repository.lock.close()
+
+
+async def take_in(
+    plan: PlanLike,
+    *,
+    repo: Path | str | Repository | None,
+    agents: Mapping[str, AgentLike] | None,
+    overrides: SettingsOverrides,
+    recorded: RunSettings | None = None,
+) -> Intake:
+    """Check *plan*, its agents and the settings; open the repository; resolve the base.
+
+    Raises PlanError (with every problem found), SettingsError, or OrchestratorError.
+    """
+    given = dict(agents or {})
+    loaded, envelopes = normalise(plan, given)
+    settings = resolve_settings(loaded.plan if loaded else None, overrides, recorded=recorded)
+    table = agent_table(loaded.plan if loaded else None, given, envelopes)
+    repository, commit, tree = await _open_repository(loaded, envelopes, repo, settings)
+    plan_json = (
+        masked_plan(loaded.plan.model_dump(mode="json"))
+        if loaded is not None
+        else {"envelopes": [e.to_json_dict() for e in envelopes]}
+    )
+    return Intake(
+        loaded=loaded,
+        envelopes=envelopes,
+        agents=table,
+        settings=settings,
+        repository=repository,
+        owns_repository=not isinstance(repo, Repository),
+        base_commit=commit,
+        base_tree=tree,
+        plan_json=plan_json,
+    )
+
+
+def agent_table(
+    plan: Plan | None, given: Mapping[str, AgentLike], envelopes: Sequence[HandoffEnvelope]
+) -> dict[str, Agent]:
+    """The plan's agents, then those given in code (same name: code wins); PlanError for a
+    task whose agent is defined by neither."""
+    table: dict[str, Agent] = {}
+    if plan is not None:
+        table.update({name: as_agent(spec) for name, spec in plan.agents.items()})
+    table.update({name: as_agent(value) for name, value in given.items()})
+    missing = sorted({e.agent for e in envelopes} - table.keys())
+    if missing:
+        raise PlanError(
+            [
+                PlanIssue(None, None, None, "agents", f"agent {name!r} is not defined")
+                for name in missing
+            ]
+        )
+    return table
+
+
+async def _open_repository(
+    loaded: LoadedPlan | None,
+    envelopes: Sequence[HandoffEnvelope],
+    repo: Path | str | Repository | None,
+    settings: RunSettings,
+) -> tuple[Repository | None, str | None, str | None]:
+    """The run's repository (None when no task needs one) and its base commit and tree."""
+    if loaded is not None and not isinstance(repo, Repository):
+        if settings.base != loaded.plan.base:
+            loaded = replace(loaded, plan=loaded.plan.model_copy(update={"base": settings.base}))
+        return await check_plan_repository(loaded, repo_override=repo, state_dir=settings.state_dir)
+    if isinstance(repo, Repository) or repo is None:
+        repository = repo
+    else:
+        repository = await Repository.open(repo, state_dir=settings.state_dir)
+    if repository is not None:
+        commit, tree = await repository.resolve_commit(settings.base)
+        return repository, commit, tree
+    if any(e.worktree for e in envelopes):
+        needing = ", ".join(e.task_id for e in envelopes if e.worktree)
+        raise OrchestratorError(
+            f"tasks {needing} need a worktree but no repository was given "
+            "(pass repo=, or worktree=False)"
+        )
+    return None, None, None
+
+
+def normalise(
+    plan: PlanLike, agents: Mapping[str, Any]
+) -> tuple[LoadedPlan | None, list[HandoffEnvelope]]:
+    """The plan (None for a list of envelopes) and its envelopes, checked: PlanError if not."""
+    if isinstance(plan, LoadedPlan):
+        return plan, envelopes_of(plan.plan)
+    if isinstance(plan, Plan):
+        loaded = LoadedPlan(plan=plan, file=None, plan_dir=Path.cwd())
+        problems = plan_problems(plan, callable_agents=frozenset(agents))
+        if problems:
+            raise PlanError([loaded.issue(p.loc, p.message) for p in problems])
+        return loaded, envelopes_of(plan)
+    if isinstance(plan, Mapping):
+        loaded = validate_plan_data(dict(plan), callable_agents=list(agents))
+        return loaded, envelopes_of(loaded.plan)
+    return None, _checked_envelopes(plan)
+
+
+def _checked_envelopes(given: Sequence[HandoffEnvelope]) -> list[HandoffEnvelope]:
+    envelopes = list(given)
+    if not envelopes:
+        raise PlanError([PlanIssue(None, None, None, "tasks", "no tasks to run")])
+    seen: set[str] = set()
+    for envelope in envelopes:
+        if not isinstance(envelope, HandoffEnvelope):
+            raise TypeError(f"expected HandoffEnvelope, got {type(envelope).__name__}")
+        if envelope.task_id in seen:
+            raise PlanError(
+                [PlanIssue(None, None, None, "tasks", f"duplicate task id {envelope.task_id!r}")]
+            )
+        seen.add(envelope.task_id)
+    problems = graph_problems(envelopes)
+    if problems:
+        raise PlanError([PlanIssue(None, None, None, "depends_on", p) for p in problems])
+    return envelopes

@@ -1,0 +1,205 @@
+"""Run settings: every knob of a run in one frozen object, resolved once.
+
+Where a value comes from, later sources winning:
+
+1. the built-in defaults (this class's fields, and nowhere else);
+2. the plan's top-level values (``concurrency``, ``keep_worktrees``, ``fail_fast``, ``base``)
+   and each agent's ``max_concurrency`` (into ``agent_limits``); on a resume, the settings the
+   run started with, as its journal recorded them, take the plan's place;
+3. what the caller passes: CLI options, or keyword arguments of ``orchestrate_parallel``
+   (``None`` means "not given").
+
+The result is validated once, with the plan's bounds and wording (``concurrency: must be <=
+1024, found 2000``): a bad value raises :class:`SettingsError` naming the setting, which the
+CLI turns into exit 2 naming its option. The run reads its settings from this object only
+(``ctx.settings``), and journals it as one record (:meth:`RunSettings.journal_form`) that a
+resume reads back as one (:meth:`RunSettings.from_journal`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
+
+from envelopes import Concurrency, KeepWorktrees, Plan, validation_message
+
+from .errors import SettingsError
+from .venv import ALL_BACKENDS, VenvBackend, get_backend
+
+__all__ = [
+    "FALLBACK_STATE_DIR",
+    "RunSettings",
+    "SettingsOverrides",
+    "plan_settings",
+    "resolve_settings",
+    "state_root",
+]
+
+#: Where runs live when there is no repository to keep them in its git directory.
+FALLBACK_STATE_DIR = Path(".orchestrator")
+
+Seconds = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
+
+
+class SettingsOverrides(TypedDict, total=False):
+    """The settings a caller may pass to ``orchestrate_parallel`` as keyword arguments."""
+
+    concurrency: int | None
+    pool: int | None
+    keep_worktrees: KeepWorktrees | None
+    fail_fast: bool | None
+    base: str | None
+    venv_backend: str | VenvBackend | None
+    kill_grace: float | None
+    backoff: tuple[float, float] | None
+    agent_limits: Mapping[str, int] | None
+    state_dir: Path | str | None
+    executor: str | None
+
+
+class RunSettings(BaseModel):
+    """How one run runs. Frozen: a run's settings never change while it runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    #: At most this many tasks at once.
+    concurrency: Concurrency = 4
+    #: Worktrees (and venvs per requirement set) kept for later tasks; None: ``concurrency``.
+    pool: Annotated[int, Field(ge=0, le=1024)] | None = None
+    #: Which tasks' worktrees stay after the run.
+    keep_worktrees: KeepWorktrees = "failed"
+    #: Cancel everything at the first failed task.
+    fail_fast: bool = False
+    #: The commit or ref every task starts from (dependents start from their dependencies').
+    base: Annotated[str, Field(min_length=1)] = "HEAD"
+    #: How venvs are made: ``auto``, ``uv``, ``stdlib``, or a VenvBackend object (in code).
+    venv_backend: Annotated[Any, PlainSerializer(lambda b: b if isinstance(b, str) else b.name)] = (
+        "auto"
+    )
+    #: Seconds between SIGTERM and SIGKILL when an agent is stopped.
+    kill_grace: Seconds = 2.0
+    #: First and longest wait between a task's attempts, in seconds.
+    backoff: tuple[Seconds, Seconds] = (1.0, 30.0)
+    #: At most this many tasks of one agent at once, by agent name.
+    agent_limits: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=dict)
+    #: Where runs, worktrees and venvs live; None: ``<git-dir>/orchestrator``, or
+    #: ``./.orchestrator`` without a repository.
+    state_dir: Path | None = None
+    #: Where tasks run: the names of orchestrator/executor.py's ``EXECUTORS``.
+    executor: Literal["local"] = "local"
+
+    @field_validator("venv_backend", mode="plain")
+    @classmethod
+    def _backend(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value != "auto" and value not in ALL_BACKENDS:
+                names = [repr(n) for n in ("auto", *ALL_BACKENDS)]
+                choices = f"{', '.join(names[:-1])} or {names[-1]}"
+                raise ValueError(f"must be one of {choices}, found {value!r}")
+            return value
+        if not (hasattr(value, "name") and hasattr(value, "create")):
+            raise ValueError(f"must be a backend name or a VenvBackend, found {value!r}")
+        return value
+
+    @field_validator("backoff")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] > value[1]:
+            raise ValueError(f"the first wait must not be longer than the longest, found {value}")
+        return value
+
+    @property
+    def pool_size(self) -> int:
+        """How many worktrees the pool keeps (0: no pool)."""
+        return self.concurrency if self.pool is None else self.pool
+
+    def backend(self) -> VenvBackend:
+        """The venv backend object (``auto`` chooses uv when it is installed)."""
+        if isinstance(self.venv_backend, str):
+            return get_backend(self.venv_backend)
+        return self.venv_backend  # type: ignore[no-any-return]
+
+    def state_root(self, repository_state_dir: Path | None) -> Path:
+        """Where this run's state lives (see :func:`state_root`)."""
+        return state_root(repository_state_dir, self.state_dir)
+
+    def journal_form(self) -> dict[str, Any]:
+        """As the journal records it (``state_dir`` is where the journal is: not recorded)."""
+        return self.model_dump(mode="json", exclude={"state_dir"})
+
+    @classmethod
+    def from_journal(cls, record: Mapping[str, Any]) -> RunSettings:
+        """The settings a journal recorded (older journals recorded fewer: the rest default)."""
+        known = {k: v for k, v in record.items() if k in cls.model_fields}
+        if "backoff" in known and isinstance(known["backoff"], list):
+            known["backoff"] = tuple(known["backoff"])
+        return _validated(known)
+
+
+def state_root(repository_state_dir: Path | None, state_dir: Path | str | None) -> Path:
+    """Where runs live: the repository's state directory (``<git-dir>/orchestrator`` unless
+    *state_dir* moved it), else *state_dir*, else ``./.orchestrator``."""
+    if repository_state_dir is not None:
+        return repository_state_dir
+    return Path(state_dir or FALLBACK_STATE_DIR).absolute()
+
+
+def plan_settings(plan: Plan | None) -> dict[str, Any]:
+    """The settings a plan sets, as values for :class:`RunSettings`."""
+    if plan is None:
+        return {}
+    return {
+        "concurrency": plan.concurrency,
+        "keep_worktrees": plan.keep_worktrees,
+        "fail_fast": plan.fail_fast,
+        "base": plan.base,
+        "agent_limits": {
+            name: spec.max_concurrency
+            for name, spec in plan.agents.items()
+            if spec.max_concurrency is not None
+        },
+    }
+
+
+def resolve_settings(
+    plan: Plan | None,
+    overrides: Mapping[str, Any] | SettingsOverrides,
+    *,
+    recorded: RunSettings | None = None,
+) -> RunSettings:
+    """Defaults, then the plan's values, then the fields *recorded* sets (a resumed run's
+    settings as its journal has them, or a RunSettings given in code), then *overrides* (None
+    values are not given); validated once. SettingsError names the setting."""
+    values = plan_settings(plan)
+    if recorded is not None:
+        for name in recorded.model_fields_set - {"state_dir"}:
+            value = getattr(recorded, name)
+            values[name] = (
+                {**values.get("agent_limits", {}), **value} if name == "agent_limits" else value
+            )
+    given: Mapping[str, Any] = overrides
+    for name, value in given.items():
+        if name not in RunSettings.model_fields:
+            raise TypeError(f"unknown setting {name!r}")
+        if value is None:
+            continue
+        if name == "agent_limits":
+            value = {**values.get("agent_limits", {}), **dict(value)}
+        elif name == "state_dir":
+            value = Path(value)
+        elif name == "backoff":
+            value = tuple(value)
+        values[name] = value
+    return _validated(values)
+
+
+def _validated(values: Mapping[str, Any]) -> RunSettings:
+    try:
+        return RunSettings.model_validate(values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        raise SettingsError(name, validation_message(error)) from None

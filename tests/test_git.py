@@ -1,0 +1,364 @@
+"""orchestrator/_git.py: the git runner. What a repository's config says never runs, revisions
+from elsewhere are checked, a hanging git is killed, git's environment is cleaned, and a failure
+is a GitError that says what failed."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from orchestrator._git import (
+    FALLBACK_IDENTITY,
+    REPOSITORY_VARIABLES,
+    Git,
+    check_ids,
+    clean_environment,
+)
+from orchestrator.errors import GitError, OrchestratorError
+
+from .conftest import MakeRepo, git, live_processes_with
+
+EMPTY_BLOB = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+
+
+def marker_script(path: Path, marker: Path, *, code: int = 0) -> Path:
+    """An executable that records that it ran (in *marker*) and exits with *code*."""
+    path.write_text(f"#!/bin/sh\necho ran >> '{marker}'\nexit {code}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def run_git(repo: Path, *args: str, **options: object) -> subprocess.CompletedProcess[bytes]:
+    result: subprocess.CompletedProcess[bytes] = anyio.run(
+        lambda: Git(repo).run(*args, **options)  # type: ignore[arg-type]
+    )
+    return result
+
+
+# HARDENING: whatever the repository's config says, none of it runs.
+
+
+def test_hooks_in_the_repository_or_named_by_its_config_never_run(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo()
+    marker = tmp_path / "hook-ran"
+    marker_script(repo / ".git" / "hooks" / "pre-commit", marker, code=1)
+    marker_script(repo / ".git" / "hooks" / "commit-msg", marker, code=1)
+    elsewhere = tmp_path / "planted-hooks"
+    elsewhere.mkdir()
+    marker_script(elsewhere / "pre-commit", marker, code=1)
+    git(repo, "config", "core.hooksPath", str(elsewhere))
+    # Plain git runs the planted hook (and stops):
+    ident = ["-c", "user.name=U", "-c", "user.email=u@example.com"]
+    plain = ["git", "-C", str(repo), *ident, "commit", "--allow-empty", "-qm", "plain"]
+    assert subprocess.run(plain, capture_output=True).returncode == 1
+    assert marker.read_text() == "ran\n"
+    marker.unlink()
+    ident = {"GIT_AUTHOR_NAME": "U", "GIT_AUTHOR_EMAIL": "u@example.com"}
+    ident |= {"GIT_COMMITTER_NAME": "U", "GIT_COMMITTER_EMAIL": "u@example.com"}
+    run_git(repo, "commit", "--allow-empty", "-qm", "hardened", env=ident)
+    assert git(repo, "log", "-1", "--format=%s") == "hardened"
+    assert not marker.exists()
+
+
+def test_an_fsmonitor_program_in_the_config_never_runs(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo()
+    marker = tmp_path / "fsmonitor-ran"
+    program = marker_script(tmp_path / "fsmonitor", marker, code=1)
+    git(repo, "config", "core.fsmonitor", str(program))
+    subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True)
+    assert marker.exists()  # plain git runs it
+    marker.unlink()
+    assert run_git(repo, "status", "--porcelain").returncode == 0
+    assert not marker.exists()
+
+
+def test_a_signing_program_in_the_config_never_runs(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo()
+    marker = tmp_path / "gpg-ran"
+    program = marker_script(tmp_path / "gpg", marker, code=1)
+    git(repo, "config", "commit.gpgSign", "true")
+    git(repo, "config", "gpg.program", str(program))
+
+    async def commit() -> None:
+        runner = Git(repo)
+        identity = await runner.identity_env()
+        await runner.run("commit", "--allow-empty", "-qm", "unsigned", env=identity)
+
+    anyio.run(commit)
+    assert not marker.exists()
+    assert git(repo, "log", "-1", "--format=%s %G?") == "unsigned N"
+
+
+def test_an_ssh_command_in_the_config_never_runs(
+    make_repo: MakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo()
+    for name in ("GIT_SSH", "GIT_SSH_COMMAND"):  # the user's own would win over any config
+        monkeypatch.delenv(name, raising=False)
+    marker = tmp_path / "ssh-ran"
+    program = marker_script(tmp_path / "ssh", marker, code=1)
+    git(repo, "config", "core.sshCommand", str(program))
+    remote = "ssh://example.invalid/repo.git"
+    subprocess.run(["git", "-C", str(repo), "fetch", "-q", remote], capture_output=True)
+    assert marker.exists()  # plain git runs it
+    marker.unlink()
+    with pytest.raises(GitError):
+        run_git(repo, "fetch", "--quiet", remote)
+    assert not marker.exists()
+
+
+# Revisions from elsewhere.
+
+
+@pytest.mark.parametrize("value", ["a" * 40, "0123456789abcdef" * 4])
+def test_check_ids_accepts_full_sha1_and_sha256_ids(value: str) -> None:
+    check_ids(value, value)
+    check_ids()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "HEAD",
+        "main",
+        "--output=/tmp/x",
+        "A" * 40,  # upper case
+        "a" * 39,
+        "a" * 41,
+        "a" * 40 + "\n",
+        "",
+        None,
+    ],
+)
+def test_check_ids_refuses_anything_but_a_full_object_id(value: str | None) -> None:
+    with pytest.raises(GitError) as caught:
+        check_ids("b" * 40, value)
+    error = caught.value
+    assert error.returncode == 128
+    assert error.stderr == f"fatal: not an object id: {value!r}"
+    assert str(error) == f"git <check>: fatal: not an object id: {value!r}"
+
+
+def test_end_of_options_keeps_an_option_shaped_revision_from_being_an_option(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Why every revision the engine passes comes after ``--end-of-options``."""
+    repo = make_repo()
+    planted = tmp_path / "written-by-git"
+    hostile = f"--output={planted}"
+    # Taken as an option, the "revision" makes git write a file of the attacker's choosing.
+    run_git(repo, "log", "-1", hostile)
+    assert planted.exists()
+    planted.unlink()
+    # After it, git refuses the same text instead of acting on it.
+    with pytest.raises(GitError, match="must come before non-option arguments"):
+        run_git(repo, "log", "-1", "--end-of-options", hostile)
+    assert not planted.exists()
+
+
+# run(timeout=), check, out, ok, calls.
+
+
+def test_a_hanging_git_is_killed_at_its_timeout_whatever_check_says(
+    make_repo: MakeRepo,
+) -> None:
+    repo = make_repo()
+    fifo = repo / "blocking-fifo"
+    os.mkfifo(fifo)  # git blocks opening it for reading: no writer ever comes
+    runner = Git(repo)
+
+    async def main() -> None:
+        with pytest.raises(GitError) as caught:
+            await runner.run("hash-object", str(fifo), timeout=0.3, check=False)
+        assert caught.value.returncode == -9
+        assert caught.value.command == ["hash-object", str(fifo)]
+        assert str(caught.value) == (
+            f"git hash-object {fifo}: fatal: git did not finish within 0.3 s and was killed"
+        )
+
+    anyio.run(main)
+    assert runner.calls == 1
+    assert live_processes_with(str(fifo)) == []
+
+
+def test_failures_are_git_errors_naming_the_command_and_gits_last_line(
+    make_repo: MakeRepo,
+) -> None:
+    repo = make_repo()
+    runner = Git(repo)
+
+    async def main() -> None:
+        with pytest.raises(GitError) as caught:
+            await runner.run("rev-parse", "--verify", "no-such-branch")
+        error = caught.value
+        assert isinstance(error, OrchestratorError)
+        assert error.command == ["rev-parse", "--verify", "no-such-branch"]
+        assert error.returncode == 128
+        # LC_ALL=C: git's message is the English one, whatever the user's locale.
+        assert (
+            str(error) == "git rev-parse --verify no-such-branch: fatal: Needed a single revision"
+        )
+        unchecked = await runner.run("rev-parse", "--verify", "no-such-branch", check=False)
+        assert unchecked.returncode == 128
+        assert await runner.ok("rev-parse", "--verify", "HEAD")
+        assert not await runner.ok("rev-parse", "--verify", "no-such-branch")
+        assert await runner.out("rev-parse", "--abbrev-ref", "HEAD") == "main"
+
+    anyio.run(main)
+    assert runner.calls == 5
+
+
+def test_a_git_error_with_nothing_on_stderr_names_the_exit_code() -> None:
+    error = GitError(["status"], 3, "  \n")
+    assert (error.stderr, str(error)) == ("", "git status: exit code 3")
+    many = GitError(["merge"], 1, "warning: one\nerror: two\nfatal: the last one\n")
+    assert str(many) == "git merge: fatal: the last one"
+
+
+def test_a_started_git_command_runs_to_its_end_and_the_cancel_comes_after(
+    make_repo: MakeRepo,
+) -> None:
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    after: list[str] = []
+
+    async def main() -> None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await Git(repo).run("update-ref", "refs/heads/made-while-cancelled", head)
+            after.append("not reached")
+        assert scope.cancelled_caught
+
+    anyio.run(main)
+    assert after == []
+    assert git(repo, "rev-parse", "refs/heads/made-while-cancelled") == head
+    assert not (repo / ".git" / "refs" / "heads" / "made-while-cancelled.lock").exists()
+
+
+@pytest.fixture
+def stdin_with_data() -> Iterator[bytes]:
+    """The test process's own stdin (fd 0) replaced by a pipe holding some bytes."""
+    data = b"the orchestrator's own stdin\n"
+    read, write = os.pipe()
+    os.write(write, data)
+    os.close(write)
+    saved = os.dup(0)
+    os.dup2(read, 0)
+    os.close(read)
+    try:
+        yield data
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+
+
+def test_empty_stdin_is_empty_not_the_orchestrators_own(
+    make_repo: MakeRepo, stdin_with_data: bytes
+) -> None:
+    repo = make_repo()
+    result = run_git(repo, "hash-object", "--stdin", stdin=b"")
+    assert result.stdout.decode().strip() == EMPTY_BLOB
+
+
+# The environment git runs in.
+
+
+def test_clean_environment_drops_what_ties_git_to_one_repository() -> None:
+    env = {name: "/somewhere" for name in REPOSITORY_VARIABLES}
+    env |= {"GIT_CONFIG_KEY_0": "core.hooksPath", "GIT_CONFIG_VALUE_0": "/evil"}
+    kept = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/u",
+        "GIT_AUTHOR_NAME": "Ann",
+        "GIT_SSH_COMMAND": "ssh -i key",
+        "GIT_TRACE": "0",
+        "GIT_CONFIG_GLOBAL": "/home/u/.gitconfig",
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
+    original = {**env, **kept}
+    assert clean_environment(original) == kept
+    assert len(original) == len(env) + len(kept)  # the input is not changed
+
+
+def test_repository_variables_cover_what_git_itself_lists() -> None:
+    listed = subprocess.run(
+        ["git", "rev-parse", "--local-env-vars"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert set(listed) <= REPOSITORY_VARIABLES
+
+
+def test_inherited_git_dir_index_and_config_do_not_reach_the_runner(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    theirs = make_repo(name="theirs")
+    ours = make_repo(name="ours", extra={"only-ours.txt": "x\n"})
+    # As inside a hook of *theirs*, or a wrapper that pinned it.
+    monkeypatch.setenv("GIT_DIR", str(theirs / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(theirs))
+    monkeypatch.setenv("GIT_INDEX_FILE", str(tmp_path / "foreign-index"))
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", "user.name")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", "Injected")
+    runner = Git(ours)
+
+    async def main() -> tuple[str, str, bool]:
+        top = await runner.out("rev-parse", "--show-toplevel")
+        files = await runner.out("ls-files")
+        injected = await runner.ok("config", "user.name")
+        return top, files, injected
+
+    top, files, injected = anyio.run(main)
+    assert top == str(ours)
+    assert "only-ours.txt" in files.splitlines()
+    assert not injected
+    assert not (tmp_path / "foreign-index").exists()
+
+
+def test_a_replace_ref_does_not_change_what_the_runner_sees(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    real = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    fake = git(repo, "commit-tree", tree, "-m", "what an agent wants shown")
+    git(repo, "replace", real, fake)
+    assert git(repo, "log", "-1", "--format=%s", real) == "what an agent wants shown"
+    shown = anyio.run(lambda: Git(repo).out("log", "-1", "--format=%s", real))
+    assert shown == "initial"
+
+
+# The identity for the orchestrator's commits.
+
+
+def test_identity_falls_back_on_a_fresh_machine_and_is_asked_once(make_repo: MakeRepo) -> None:
+    runner = Git(make_repo())
+
+    async def twice() -> list[dict[str, str]]:
+        return [await runner.identity_env(), await runner.identity_env()]
+
+    first, second = anyio.run(twice)
+    name, email = FALLBACK_IDENTITY
+    assert second is first
+    assert first == {
+        "GIT_AUTHOR_NAME": name,
+        "GIT_AUTHOR_EMAIL": email,
+        "GIT_COMMITTER_NAME": name,
+        "GIT_COMMITTER_EMAIL": email,
+    }
+    assert runner.calls == 1
+
+
+def test_the_users_identity_wins_and_only_what_is_missing_is_filled(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo()
+    git(repo, "config", "user.name", "Configured Name")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "committer@example.com")
+    env = anyio.run(Git(repo).identity_env)
+    assert env == {"GIT_AUTHOR_EMAIL": FALLBACK_IDENTITY[1]}

@@ -1,0 +1,172 @@
+"""orchestrator/recovery.py: what a dead orchestrator left running is found by its tag and killed.
+
+Real processes: "agents" carrying a run's tag in their environment (one of them escaped its
+group with setsid), and bystanders that must survive: another run's agents, a run whose id
+merely starts like this one's, a process with no tag.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+from orchestrator.journal import Journal, read_journal
+from orchestrator.process import TAG_VARIABLE, find_tagged, kill_tagged
+from orchestrator.recovery import kill_orphans, replay
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+Spawn = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Factory: a sleeping process, with *tag* as its TAG_VARIABLE when given; killed after."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(tag: str | None = None, *, new_session: bool = False) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if k != TAG_VARIABLE}
+        if tag is not None:
+            env[TAG_VARIABLE] = tag
+        proc = subprocess.Popen(SLEEPER, env=env, start_new_session=new_session)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def ended(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether *proc* ended, waiting for it as long as it takes (a SIGKILL is not instant)."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def wait_for_tags(prefix: str, count: int) -> None:
+    """Until *count* processes carry a tag starting with *prefix* (a fresh exec takes a moment)."""
+    deadline = time.monotonic() + 30
+    while len(find_tagged(prefix)) < count:
+        assert time.monotonic() < deadline, find_tagged(prefix)
+        time.sleep(0.01)
+
+
+def test_kill_orphans_kills_the_runs_agents_and_nothing_else(spawn: Spawn) -> None:
+    run = "20260101-000000-aaaa"
+    agents = [spawn(f"{run}/t1/1"), spawn(f"{run}/t2/3", new_session=True)]
+    bystanders = [
+        spawn("20260101-000000-bbbb/t1/1"),  # another run's agent
+        spawn(f"{run}x/t1/1"),  # a run whose id starts like this one's
+        spawn(run),  # the run id without the slash: not a tag of this run
+        spawn(),  # no tag at all
+    ]
+    wait_for_tags(f"{run}/", 2)
+    assert sorted(find_tagged(f"{run}/")) == sorted(
+        [(agents[0].pid, f"{run}/t1/1"), (agents[1].pid, f"{run}/t2/3")]
+    )
+    assert kill_orphans(run) == 2
+    assert all(ended(agent) for agent in agents)
+    assert all(agent.returncode == -signal.SIGKILL for agent in agents)
+    assert all(b.poll() is None for b in bystanders)
+    assert find_tagged(f"{run}/") == []
+    assert kill_orphans(run) == 0  # nothing left: nothing to do
+
+
+def test_an_exact_tag_kills_one_attempt_only(spawn: Spawn) -> None:
+    mine, later = spawn("r/t/1"), spawn("r/t/10")
+    wait_for_tags("r/t/", 2)
+    assert kill_tagged("r/t/1") == 1
+    assert ended(mine)
+    assert later.poll() is None
+    assert kill_tagged("r/t/", prefix=True) == 1
+    assert ended(later)
+
+
+def test_processes_that_vanish_or_cannot_be_read_are_passed_over(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that ends mid-scan, or whose environment may not be read, is skipped."""
+    run = "20260101-000000-cccc"
+    vanishing, unreadable, agent = (spawn(f"{run}/t{i}/1") for i in range(3))
+    wait_for_tags(f"{run}/", 3)
+    real_environ = psutil.Process.environ
+
+    def environ(self: psutil.Process) -> dict[str, str]:
+        if self.pid == vanishing.pid:
+            raise psutil.NoSuchProcess(self.pid)
+        if self.pid == unreadable.pid:
+            raise psutil.AccessDenied(self.pid)
+        return real_environ(self)
+
+    monkeypatch.setattr(psutil.Process, "environ", environ)
+    assert find_tagged(f"{run}/") == [(agent.pid, f"{run}/t2/1")]
+    assert kill_orphans(run) == 1
+    assert ended(agent)
+    assert vanishing.poll() is None and unreadable.poll() is None
+
+
+def test_a_zombie_carrying_the_tag_is_not_counted(spawn: Spawn) -> None:
+    """An agent that died but was not reaped yet has no environment left to read."""
+    zombie = spawn("r/zombie/1")
+    wait_for_tags("r/zombie/", 1)
+    zombie.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert find_tagged("r/zombie/") == []
+    assert kill_tagged("r/zombie/", prefix=True) == 0
+
+
+def test_a_refused_kill_is_tried_again_in_the_next_pass(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psutil refuses to signal a pid that no longer names the process it first saw there (a
+    reused pid): the next pass looks at the pid afresh."""
+    agent = spawn("r/reused/1")
+    wait_for_tags("r/reused/", 1)
+    real_kill = psutil.Process.kill
+    refused: list[int] = []
+
+    def kill(self: psutil.Process) -> None:
+        if not refused:
+            refused.append(self.pid)
+            raise psutil.NoSuchProcess(self.pid, msg="its PID has been reused")
+        real_kill(self)
+
+    monkeypatch.setattr(psutil.Process, "kill", kill)
+    assert kill_tagged("r/reused/", prefix=True) == 1
+    assert refused == [agent.pid]
+    assert ended(agent)
+
+
+def test_replay_reads_what_the_journal_says(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.open()
+
+    async def write() -> None:
+        await journal.write({"type": "run", "at": "2026-01-01T00:00:00+00:00", "plan_name": "p"})
+        await journal.write({"type": "worktree", "task": "a", "base_commit": "0" * 40})
+        await journal.write({"type": "resumed", "pid": 1})
+        await journal.write({"type": "finished"})
+
+    anyio.run(write)
+    journal.close()
+    record = replay(read_journal(tmp_path / "journal.jsonl"), "r")
+    assert record.settings["plan_name"] == "p"
+    assert record.worktrees["a"]["base_commit"] == "0" * 40
+    assert record.sessions == 2
+    assert record.finished

@@ -1,0 +1,252 @@
+"""orchestrator/subagent.py: one task's lifecycle, whatever kind of agent it runs.
+
+The agent here is a kind made for these tests (:class:`Scripted`): each attempt runs a
+coroutine the test gives, with the AttemptRequest the lifecycle made. Nothing in the
+lifecycle knows about it, which is the point.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from envelopes import (
+    AgentInfo,
+    ErrorInfo,
+    Event,
+    Report,
+    RunStarted,
+    TaskRetrying,
+    build_envelope,
+    digest,
+)
+from orchestrator import orchestrate_parallel, verify_report
+from orchestrator.agents import AttemptOutcome, AttemptRequest
+
+from .conftest import MakeRepo, git, task_worktrees
+
+Step = Callable[[AttemptRequest], Awaitable[AttemptOutcome]]
+
+
+@dataclass
+class Scripted:
+    """A kind for these tests: an attempt is ``step(request)``; every request is kept."""
+
+    step: Step
+    in_process: bool = True
+    writes_logs: bool = False
+    env: Mapping[str, str] = field(default_factory=dict)
+    requests: list[AttemptRequest] = field(default_factory=list)
+
+    def info(self, program: str | None = None) -> AgentInfo:
+        return AgentInfo(kind="command", command=["scripted"], program=program)
+
+    def fingerprint(self, plan_dir: Path) -> str:
+        return digest({"scripted": True})
+
+    async def run_attempt(self, request: AttemptRequest) -> AttemptOutcome:
+        self.requests.append(request)
+        return await self.step(request)
+
+
+SUCCEEDED = AttemptOutcome(status="succeeded", output={"ok": True})
+
+
+def failed(message: str) -> AttemptOutcome:
+    return AttemptOutcome(status="failed", error=ErrorInfo(kind="exit_code", message=message))
+
+
+def run(agent: Scripted, repo: Path | None, *, on_event: Any = None, **fields: Any) -> Report:
+    """One task ``t1`` of agent ``s`` (no venv), run by orchestrate_parallel."""
+    options = {key: fields.pop(key) for key in ("keep_worktrees", "state_dir") if key in fields}
+    envelope = build_envelope("s", "Change things\n\nin detail", task_id="t1", venv=False, **fields)
+    return anyio.run(
+        lambda: orchestrate_parallel(
+            [envelope], repo=repo, agents={"s": agent}, on_event=on_event, **options
+        )
+    )
+
+
+def test_a_failed_attempt_is_retried_from_a_clean_worktree(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    seen: list[list[str]] = []
+
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        seen.append(sorted(p.name for p in request.cwd.iterdir() if p.name != ".git"))
+        (request.cwd / f"attempt-{request.attempt}.txt").write_text("x\n")
+        return SUCCEEDED if request.attempt == 3 else failed(f"attempt {request.attempt}")
+
+    events: list[Event] = []
+    agent = Scripted(step)
+    report = run(agent, repo, retries=3, on_event=events.append)
+    (result,) = report.results
+    assert (result.status, result.attempts, result.output) == ("succeeded", 3, {"ok": True})
+    assert [a.status for a in result.attempt_log] == ["failed", "failed", "succeeded"]
+    assert [a.error.message if a.error else None for a in result.attempt_log] == [
+        "attempt 1",
+        "attempt 2",
+        None,
+    ]
+    assert [r.attempt for r in agent.requests] == [1, 2, 3]
+    # Each attempt has its own output file, and starts from the base's files only.
+    assert len({r.output_path for r in agent.requests}) == 3
+    assert seen == [["src"], ["src"], ["src"]]
+    assert [e.attempt for e in events if isinstance(e, TaskRetrying)] == [2, 3]
+    commit = result.provenance.result_commit
+    assert commit is not None
+    changed = git(repo, "diff-tree", "--no-commit-id", "--name-only", "-r", f"{commit}^", commit)
+    assert changed.splitlines() == ["attempt-3.txt"]
+
+
+def test_retries_run_out_with_the_last_failure(make_repo: MakeRepo) -> None:
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        return failed(f"attempt {request.attempt}")
+
+    report = run(Scripted(step), None, retries=1, worktree=False, state_dir=make_repo().parent)
+    (result,) = report.results
+    assert (result.status, result.attempts) == ("failed", 2)
+    assert result.error == ErrorInfo(kind="exit_code", message="attempt 2")
+
+
+def test_what_the_agent_changed_is_committed_on_its_branch(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        (request.cwd / "src" / "file0000.txt").write_text("changed\n")
+        (request.cwd / "new.txt").write_text("new\n")
+        return SUCCEEDED
+
+    report = run(Scripted(step), repo)
+    (result,) = report.results
+    commit, branch = result.provenance.result_commit, result.branch
+    assert commit is not None and branch == f"orchestrator/{report.run_id}/t1"
+    assert git(repo, "rev-parse", f"refs/heads/{branch}") == commit
+    assert git(repo, "show", f"{commit}:src/file0000.txt") == "changed"
+    assert git(repo, "show", f"{commit}:new.txt") == "new"
+    message = git(repo, "log", "-1", "--format=%B", commit)
+    assert message.splitlines()[0] == "s: Change things [task t1]"
+    assert f"Orchestrator-Run: {report.run_id}" in message
+    assert f"Envelope-SHA256: {result.provenance.envelope_sha256}" in message
+    assert result.worktree is None and task_worktrees(repo) == []
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+def test_a_task_that_changes_nothing_leaves_its_branch_at_the_base(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        return SUCCEEDED
+
+    (result,) = run(Scripted(step), repo).results
+    assert result.provenance.result_commit == git(repo, "rev-parse", "HEAD")
+
+
+@pytest.mark.parametrize(
+    ("policy", "succeeds", "kept"),
+    [
+        ("failed", False, True),
+        ("failed", True, False),
+        ("never", False, False),
+        ("always", True, True),
+    ],
+)
+def test_the_keep_policy_decides_what_stays(
+    make_repo: MakeRepo, policy: str, succeeds: bool, kept: bool
+) -> None:
+    repo = make_repo()
+
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        (request.cwd / "work.txt").write_text("done\n")
+        return SUCCEEDED if succeeds else failed("no")
+
+    (result,) = run(Scripted(step), repo, keep_worktrees=policy).results
+    assert result.status == ("succeeded" if succeeds else "failed")
+    if kept:
+        assert result.worktree is not None
+        assert (Path(result.worktree) / "work.txt").read_text() == "done\n"
+        assert task_worktrees(repo) == [result.worktree]
+    else:
+        assert result.worktree is None and task_worktrees(repo) == []
+    # The work is on the branch either way.
+    assert git(repo, "show", f"{result.provenance.result_commit}:work.txt") == "done"
+
+
+def test_a_cancelled_task_is_recorded_with_its_work_committed(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    started = anyio.Event()
+
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        (request.cwd / "partial.txt").write_text("half\n")
+        started.set()
+        await anyio.sleep(60)
+        return SUCCEEDED
+
+    run_dirs: list[str] = []
+
+    def remember(event: Event) -> None:
+        if isinstance(event, RunStarted):
+            run_dirs.append(event.run_dir)
+
+    envelope = build_envelope("s", "Change things", task_id="t1", venv=False)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+
+            async def orchestrate() -> None:
+                await orchestrate_parallel(
+                    [envelope], repo=repo, agents={"s": Scripted(step)}, on_event=remember
+                )
+
+            group.start_soon(orchestrate)
+            await started.wait()
+            group.cancel_scope.cancel()
+
+    anyio.run(main)
+    report = json.loads((Path(run_dirs[0]) / "report.json").read_text())
+    (result,) = report["results"]
+    assert (result["status"], result["attempts"]) == ("cancelled", 1)
+    assert result["error"] == {"kind": "cancelled", "message": "the run was cancelled", "paths": []}
+    assert [a["status"] for a in result["attempt_log"]] == ["cancelled"]
+    commit = result["provenance"]["result_commit"]
+    assert git(repo, "show", f"{commit}:partial.txt") == "half"  # nothing is lost
+    assert result["worktree"] is None and task_worktrees(repo) == []
+
+
+def test_what_a_kind_reports_reaches_the_provenance(make_repo: MakeRepo) -> None:
+    """Log files, commands and the program: the lifecycle records what the kind says."""
+
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        request.record_command(["scripted", "--fast"], "/opt/scripted")
+        request.stdout_path.write_text("out\n")
+        request.stderr_path.write_text("")
+        return SUCCEEDED
+
+    agent = Scripted(step, in_process=False, writes_logs=True, env={"SCRIPTED_MODE": "fast"})
+    (result,) = run(Scripted(step), None, worktree=False, state_dir=make_repo().parent).results
+    assert result.attempt_log[0].stdout is None  # an agent without log files has none
+    (result,) = run(agent, None, worktree=False, state_dir=make_repo().parent).results
+    attempt = result.attempt_log[0]
+    assert attempt.stdout is not None and attempt.stdout.size == 4
+    assert result.metrics.stdout_bytes == 4
+    assert result.provenance.stdout_sha256 == attempt.stdout.sha256
+    assert result.provenance.commands == [["scripted", "--fast"]]
+    assert result.provenance.agent == AgentInfo(
+        kind="command", command=["scripted"], program="/opt/scripted"
+    )
+    assert agent.requests[0].env["SCRIPTED_MODE"] == "fast"
+    assert agent.requests[0].env["ORCHESTRATOR_TASK_ID"] == "t1"
+
+
+def test_a_kind_that_raises_fails_its_task_not_the_run(make_repo: MakeRepo) -> None:
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        raise RuntimeError("a bug in the kind")
+
+    (result,) = run(Scripted(step), None, worktree=False, state_dir=make_repo().parent).results
+    assert result.status == "failed"
+    assert result.error == ErrorInfo(kind="internal", message="RuntimeError: a bug in the kind")
