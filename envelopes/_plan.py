@@ -237,7 +237,7 @@ class AgentSpec(_Isolation):
 
     command: list[str] = Field(min_length=1)
     env: Env = Field(default_factory=dict)
-    max_concurrency: Annotated[int, Field(ge=1)] | None = None
+    max_concurrency: Concurrency | None = None
 
     @field_validator("command", mode="before")
     @classmethod

@@ -401,11 +401,14 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
     stopped_by: list[int] = []
     with Progress() as progress:
         async with anyio.create_task_group() as tg:
-            # SIGTERM and SIGHUP stop the run as Ctrl-C does: agents killed, worktrees cleaned
-            # up, partial report written. Without this, agents in their own sessions would
-            # outlive a terminated orchestrator.
+            # Ctrl-C, SIGTERM and SIGHUP stop the run: agents killed, worktrees cleaned up,
+            # partial report written. Without this, agents in their own sessions would outlive
+            # a terminated orchestrator. Ctrl-C is received here too rather than left to
+            # KeyboardInterrupt, which asyncio turns into a cancellation of the main task that
+            # a shielded step (a git command, a journal write) could absorb.
             async def stop_on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                with anyio.open_signal_receiver(*stops) as signals:
                     async for signum in signals:
                         stopped_by.append(signum)
                         tg.cancel_scope.cancel()
@@ -419,6 +422,8 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
             tg.cancel_scope.cancel()
     if error is not None:
         raise error
+    if report is None and stopped_by == [signal.SIGINT]:
+        raise KeyboardInterrupt  # told as an interruption, exit 130 (see _drive)
     if report is None:
         name = signal.Signals(stopped_by[0]).name if stopped_by else "a signal"
         _err(

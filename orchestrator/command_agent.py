@@ -32,7 +32,23 @@ from .process import ProcessOutcome, run_command
 if TYPE_CHECKING:
     from .isolation import Spawn
 
-__all__ = ["CommandAgent"]
+__all__ = ["CommandAgent", "refuse_task_settings"]
+
+
+def refuse_task_settings(spec: AgentSpec, who: str) -> None:
+    """ValueError when *spec* sets more than ``command`` and ``env``, outside a plan.
+
+    In a plan's ``agents``, the other keys (``sandbox``, ``network``, ``secrets``,
+    ``limits``, ``max_commit_mb``, ``allow_secrets_in_commit``, ``max_concurrency``) are
+    applied to the agent's tasks when the plan becomes envelopes; an agent given in code has
+    no tasks of its own to apply them to.
+    """
+    extra = sorted(spec.model_fields_set - {"command", "env"})
+    if extra:
+        raise ValueError(
+            f"{who} sets {', '.join(extra)}, which only a plan's agents entry applies to its "
+            "tasks: set them on the envelopes (or in the plan) instead"
+        )
 
 
 @dataclass(frozen=True)
@@ -62,9 +78,13 @@ class CommandAgent:
     def from_options(cls, options: Mapping[str, Any]) -> CommandAgent:
         """The agent of ``{"command": ..., "env": ...}``, checked as a plan's entry is.
 
-        ValueError (pydantic's ValidationError) when the options are not a valid entry.
+        ValueError (pydantic's ValidationError) when the options are not a valid entry, and
+        for the keys of a plan's entry that apply to its tasks (``sandbox``, ``secrets``,
+        ``limits``...): given in code they would be silently not applied, so they are refused.
         """
-        return cls.from_spec(AgentSpec.model_validate(dict(options)))
+        spec = AgentSpec.model_validate(dict(options))
+        refuse_task_settings(spec, "the agent")
+        return cls.from_spec(spec)
 
     def argv(
         self,

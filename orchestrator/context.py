@@ -133,6 +133,7 @@ class RunContext:
         run_id = run_id or new_run_id()
         if why := run_id_problem(run_id):
             raise OrchestratorError(why)
+        backend = settings.backend()  # VenvError (uv missing, say) before anything is made
         commit, tree = base_commit, base_tree
         if repo is not None and (commit is None or tree is None):
             commit, tree = await repo.resolve_commit(settings.base)
@@ -160,7 +161,7 @@ class RunContext:
             base_tree=tree,
             plan_dir=plan_dir or Path.cwd(),
             settings=settings,
-            venv_backend=settings.backend(),
+            venv_backend=backend,
             on_event=on_event,
             journal=journal,
             run_lock=run_lock,

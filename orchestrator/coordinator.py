@@ -42,7 +42,7 @@ from .pool import VenvPool, WorktreePool
 from .repo import Repository
 from .resume import journal_run, open_run_repository, prepare_resume, recorded_run, take_over
 from .scheduler import Scheduler, TaskBook
-from .settings import RunSettings, SettingsOverrides, state_root
+from .settings import RunSettings, SettingsOverrides, resolve_settings, state_root
 from .subagent import not_started_result
 
 __all__ = ["RunEvents", "orchestrate_parallel", "resume_run", "run_events"]
@@ -154,10 +154,6 @@ class _Run:
             plan_dir=intake.plan_dir,
             on_event=on_event,
         )
-        if settings.pool_size > 0:
-            if ctx.repo is not None:
-                ctx.pool = WorktreePool(ctx.repo, settings.pool_size)
-            ctx.venv_pool = VenvPool(ctx.state_dir, ctx.venv_backend, settings.pool_size)
         run = cls(intake, ctx, RunHooks(ctx, intake.agents, make_executor(ctx)))
         try:
             await run.open_journal(resume, reuse)
@@ -167,6 +163,11 @@ class _Run:
                 # Refused before any task: a new run leaves no run directory behind.
                 shutil.rmtree(ctx.run_dir, ignore_errors=True)
             raise
+        settings = ctx.settings  # a resume's: over the ones its run started with
+        if settings.pool_size > 0:
+            if ctx.repo is not None:
+                ctx.pool = WorktreePool(ctx.repo, settings.pool_size)
+            ctx.venv_pool = VenvPool(ctx.state_dir, ctx.venv_backend, settings.pool_size)
         run.scheduler = Scheduler(
             run.envelopes,
             run.hooks,
@@ -189,9 +190,15 @@ class _Run:
         )
         if resume:
             self.resumed = True
-            self.started, self.restored = await prepare_resume(
-                ctx, intake.plan_sha256, self.envelopes
-            )
+            resumed = await prepare_resume(ctx, intake.plan_sha256, self.envelopes)
+            self.started, self.restored = resumed.started, resumed.kept
+            if intake.given is None:
+                # The settings the run started with take the plan's place; the caller's
+                # keywords (--concurrency, say) still win.
+                ctx.settings = resolve_settings(
+                    intake.plan, intake.overrides, recorded=resumed.settings
+                )
+                ctx.venv_backend = ctx.settings.backend()
         else:
             await journal_run(
                 ctx,
@@ -349,7 +356,6 @@ async def resume_run(
             recorded.plan,
             repo=repository,
             agents=agents,
-            settings=recorded.settings,
             on_event=on_event,
             report_path=report_path,
             resume=run_id,

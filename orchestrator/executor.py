@@ -33,7 +33,8 @@ class PreparedTask:
 
     envelope: HandoffEnvelope
     agent: Agent
-    #: The commit and tree its worktree starts from (None: the task has no worktree).
+    #: The commit and tree its worktree starts from: the run's base, or the merge of its
+    #: dependencies' results (None: the run has no repository).
     start_commit: str | None
     start_tree: str | None
 
@@ -47,9 +48,17 @@ class Executor(Protocol):
     async def run(self, task: PreparedTask) -> TaskResult:
         """Run *task* to its end and return its sealed result.
 
-        A task's own failures are its result's status and error, never an exception.
-        Cancellation cancels the task: it is recorded as ``cancelled`` and the cancellation
-        propagates.
+        The contract, whatever runs the task and wherever:
+
+        - ``TaskStarted`` is emitted (``ctx.emit``) when the task starts;
+        - the task starts from ``task.start_commit``: its result commit descends from it and
+          its provenance names it as ``base_commit``;
+        - the result is recorded with :func:`orchestrator.subagent.record_result` (results,
+          task state, journal, ``TaskFinished``) before ``run`` returns, and before a
+          cancellation propagates;
+        - a task's own failures are its result's status and error, never an exception;
+        - cancellation cancels the task: it is recorded as ``cancelled`` (its work committed
+          to its branch, nothing lost) and the cancellation propagates.
         """
         ...
 

@@ -42,7 +42,7 @@ from .errors import GitError, RunDirError
 from .executor import Executor, PreparedTask
 from .merge import Combined, combine_commits
 from .scheduler import GroupState
-from .subagent import finished_event, journal_result, not_started_result
+from .subagent import not_started_result, record_result
 
 __all__ = ["RunHooks"]
 
@@ -115,10 +115,7 @@ class RunHooks:
                 started=started,
                 clock=clock,
             )
-            ctx.results[envelope.task_id] = result
-            ctx.move(envelope.task_id, "cached")
-            await journal_result(ctx, result, final=True)
-        await ctx.emit(finished_event(ctx, result))
+        await record_result(ctx, result)
         return True
 
     def cancelling(self, task_id: str, error: ErrorInfo) -> None:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from envelopes import HandoffEnvelope, Plan, digest, masked_plan, plan_problems
+from envelopes import AgentSpec, HandoffEnvelope, Plan, digest, masked_plan, plan_problems
 
 from .agents import Agent, AgentLike, as_agent
+from .command_agent import refuse_task_settings
 from .errors import OrchestratorError, PlanError, PlanIssue
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
 from .repo import Repository
@@ -43,6 +44,10 @@ class Intake:
     base_tree: str | None
     #: The plan as written to ``plan.json`` and hashed: secret values masked.
     plan_json: dict[str, Any]
+    #: What the caller passed: settings given as keywords, and a RunSettings object, if any
+    #: (a resume resolves the settings again over the ones its run started with).
+    overrides: SettingsOverrides
+    given: RunSettings | None
 
     @property
     def plan(self) -> Plan | None:
@@ -97,6 +102,8 @@ async def take_in(
         base_commit=commit,
         base_tree=tree,
         plan_json=plan_json,
+        overrides=overrides,
+        given=recorded,
     )
 
 
@@ -108,7 +115,10 @@ def agent_table(
     table: dict[str, Agent] = {}
     if plan is not None:
         table.update({name: as_agent(spec) for name, spec in plan.agents.items()})
-    table.update({name: as_agent(value) for name, value in given.items()})
+    for name, value in given.items():
+        if isinstance(value, AgentSpec):
+            refuse_task_settings(value, f"agent {name!r}, given in code,")
+        table[name] = as_agent(value)
     missing = sorted({e.agent for e in envelopes} - table.keys())
     if missing:
         raise PlanError(

@@ -9,7 +9,7 @@ likely cause, from the signal that ended it or the last line of its stderr.
 
 from __future__ import annotations
 
-import os
+import functools
 import resource
 import signal
 
@@ -36,6 +36,26 @@ _MARKERS = (
 )
 
 
+@functools.cache
+def _may_raise_hard_limits() -> bool:
+    """Whether this process may raise a hard limit: CAP_SYS_RESOURCE in its effective set.
+
+    Being root is not enough: containers drop the capability, root or not.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+#: The capability's bit in ``CapEff`` (linux/capability.h).
+_CAP_SYS_RESOURCE = 24
+
+
 def rlimits_of(limits: Limits) -> list[Rlimit]:
     """The triples for *limits* (empty when none is set), never above this process's hard limits
     unless it may raise them: a limit higher than what this process has is what it has."""
@@ -54,7 +74,7 @@ def rlimits_of(limits: Limits) -> list[Rlimit]:
         if which == resource.RLIMIT_CPU:
             hard = soft + CPU_GRACE_S
         current = resource.getrlimit(which)[1]
-        if current != resource.RLIM_INFINITY and os.geteuid() != 0:
+        if current != resource.RLIM_INFINITY and not _may_raise_hard_limits():
             soft, hard = min(soft, current), min(hard, current)
         out.append((which, soft, hard))
     if out:

@@ -60,6 +60,7 @@ __all__ = [
     "VenvPool",
     "WorktreePool",
     "collect_pool",
+    "detach_dead_slots",
     "pool_dir",
     "venv_pool_dir",
 ]
@@ -419,6 +420,35 @@ def _strip_admin_dir(admin: Path, branch: str) -> None:
 def _detach(worktree: Worktree) -> None:
     """Point the slot's HEAD at its start commit, detached: its branch is checked out nowhere."""
     (worktree.admin_dir / "HEAD").write_text(f"{worktree.base_commit}\n", encoding="utf-8")
+
+
+def detach_dead_slots(state_dir: Path, run_id: str) -> list[Path]:
+    """Detach the HEAD of every slot nobody holds that still names a branch of run *run_id*.
+
+    A run killed while a task held a slot leaves the slot's HEAD on the task's branch, and
+    the crash may have come before the journal recorded where the task worked. A resume
+    calls this (after the dead run's agents are killed) so that the branch is checked out
+    nowhere before it is cleared, and no slot names it afterwards. Blocking.
+    """
+    prefix = f"ref: refs/heads/orchestrator/{run_id}/"
+    detached: list[Path] = []
+    for slot in Slots(pool_dir(state_dir), 0).all():
+        admin = admin_dir_from_file(slot)
+        try:
+            if admin is None or not (admin / "HEAD").read_text("utf-8").startswith(prefix):
+                continue
+        except OSError:
+            continue
+        fd = _try_lock(_lock_of(slot))
+        if fd is None:
+            continue  # held by a live process: not the dead run's
+        try:
+            with contextlib.suppress(OSError):
+                (admin / "HEAD").write_text(_head_commit(admin), encoding="utf-8")
+                detached.append(slot)
+        finally:
+            os.close(fd)  # the mark stays: the next borrower still kills what works there
+    return detached
 
 
 async def collect_pool(repo: Repository, *, idle_for: float, dry_run: bool = False) -> list[str]:

@@ -126,21 +126,15 @@ def _tag_of(process: psutil.Process) -> str | None:
     return process.environ().get(TAG_VARIABLE)
 
 
-def kill_tagged(tag: str, *, prefix: bool = False, since: float | None = None) -> int:
+def kill_tagged(tag: str, *, prefix: bool = False) -> int:
     """SIGKILL every process whose environment carries ``TAG_VARIABLE=tag``.
 
     With *prefix*, every process whose tag starts with *tag* (``<run_id>/``: a whole run's).
-    With *since* (a process's ``create_time``, as psutil gives it), processes created before
-    it are passed over without their environment being read: an attempt's processes all
-    descend from its first, so the sweep after an attempt reads the environment of only the
-    processes made since (most of its cost otherwise, see docs/benchmarks.md). Sweeps until a
-    pass finds none, at most 5 passes (:func:`kill_processes`). Returns how many were
-    signalled. Processes of other users are skipped.
+    Sweeps until a pass finds none, at most 5 passes (:func:`kill_processes`). Returns how
+    many were signalled. Processes of other users are skipped.
     """
 
     def tagged(process: psutil.Process) -> bool:
-        if since is not None and process.create_time() < since:
-            return False
         found = _tag_of(process)
         return found is not None and (found.startswith(tag) if prefix else found == tag)
 
@@ -204,6 +198,36 @@ def _with_limits(
     return [prlimit, *options, "--", program, *argv[1:]], None
 
 
+def _spawn(
+    argv: Sequence[str],
+    cwd: Path,
+    env: Mapping[str, str],
+    stdout: Path,
+    stderr: Path,
+    rlimits: Sequence[tuple[int, int, int]],
+) -> subprocess.Popen[bytes]:
+    """Start *argv* in its own session, its streams into the two log files; OSError if not."""
+    argv, preexec = _with_limits(argv, cwd, env, rlimits) if rlimits else (list(argv), None)
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        # Popen forks with vfork: about a millisecond in the loop, less than a thread hop.
+        try:
+            return subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=preexec,
+            )
+        except subprocess.SubprocessError as exc:
+            # Only the preexec_fn (setrlimit, without prlimit) raises this: a limit the
+            # kernel refused. The command did not start, as with any OSError.
+            raise OSError(errno.EPERM, f"cannot set its resource limits ({exc})") from exc
+
+
 async def run_command(
     argv: Sequence[str],
     *,
@@ -224,25 +248,8 @@ async def run_command(
     terminated (under a shielded scope) before the cancellation propagates.
     """
     full_env = {**env, TAG_VARIABLE: tag}
-    argv, preexec = _with_limits(argv, cwd, full_env, rlimits) if rlimits else (list(argv), None)
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        # Popen forks with vfork: about a millisecond in the loop, less than a thread hop.
-        proc = subprocess.Popen(  # noqa: ASYNC220
-            list(argv),
-            cwd=cwd,
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-            close_fds=True,
-            preexec_fn=preexec,
-        )
+    proc = _spawn(argv, cwd, full_env, stdout, stderr, rlimits)
     started = time.monotonic()
-    # The attempt's processes are created no earlier than this one (the same clock as theirs).
-    first: float | None = None
-    with contextlib.suppress(psutil.Error):
-        first = psutil.Process(proc.pid).create_time()
     timed_out = cancelled = False
     status: int | None = None
     usage: resource.struct_rusage | None = None
@@ -264,7 +271,7 @@ async def run_command(
             # Popen must not reap the pid again later: it is ours and already waited for.
             proc.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else -1
             _signal_group(proc.pid, signal.SIGKILL)
-            await anyio.to_thread.run_sync(lambda: kill_tagged(tag, since=first))
+            await anyio.to_thread.run_sync(kill_tagged, tag)
             if lifeline is not None:
                 lifeline.unwatch(proc.pid)
     exit_code: int | None = None

@@ -27,13 +27,16 @@ from .errors import OrchestratorError
 from .journal import JOURNAL, Journal, read_journal
 from .locks import RunLock
 from .plan import MAX_PLAN_BYTES, LoadedPlan
+from .pool import detach_dead_slots
 from .recovery import carried_over, clear_task_leftovers, kill_orphans, replay
 from .repo import Repository
 from .settings import RunSettings
 
 __all__ = [
     "RecordedRun",
+    "Resumed",
     "journal_run",
+    "journaled_settings",
     "open_run_repository",
     "prepare_resume",
     "recorded_run",
@@ -87,8 +90,7 @@ def recorded_run(run_dir: Path, run_id: str) -> RecordedRun:
     try:
         record = replay(read_journal(run_dir / JOURNAL), run_id).settings
         plan_data = read_json(run_dir / "plan.json", MAX_PLAN_BYTES)
-        # Journals written before the settings had one home recorded them as "options".
-        settings = RunSettings.from_journal(record.get("settings") or record.get("options") or {})
+        settings = journaled_settings(record)
         plan: LoadedPlan | list[HandoffEnvelope]
         if isinstance(plan_data, dict) and "envelopes" in plan_data:
             plan = [HandoffEnvelope.model_validate(e) for e in plan_data["envelopes"]]
@@ -105,20 +107,36 @@ def recorded_run(run_dir: Path, run_id: str) -> RecordedRun:
     return RecordedRun(plan=plan, settings=settings, repo=record.get("repo"))
 
 
+@dataclass(frozen=True)
+class Resumed:
+    """What a resume took up: when the run first started, the tasks whose results are kept,
+    and the settings the run started with (as its journal recorded them)."""
+
+    started: datetime
+    kept: list[str]
+    settings: RunSettings
+
+
+def journaled_settings(record: Mapping[str, Any]) -> RunSettings:
+    """The settings a journal's ``run`` record holds (journals written before the settings had
+    one home recorded them as ``options``)."""
+    return RunSettings.from_journal(record.get("settings") or record.get("options") or {})
+
+
 async def prepare_resume(
     ctx: RunContext, plan_sha256: str, envelopes: Sequence[HandoffEnvelope]
-) -> tuple[datetime, list[str]]:
-    """Take up an interrupted run: its journal, its dead agents, its leftovers.
-
-    Returns when the run first started and the tasks whose results are kept.
-    """
+) -> Resumed:
+    """Take up an interrupted run: its journal, its dead agents, its leftovers."""
     assert ctx.journal is not None
     record = replay(await anyio.to_thread.run_sync(read_journal, ctx.journal.path), ctx.run_id)
     _check_resumable(ctx, record.settings, plan_sha256, record.finished, record.superseded_by)
+    settings = journaled_settings(record.settings)
     ctx.base_ref = record.settings.get("base_ref")
     ctx.base_commit = record.settings.get("base_commit")
     ctx.base_tree = record.settings.get("base_tree")
     ctx.orphans_killed = await anyio.to_thread.run_sync(kill_orphans, ctx.run_id)
+    if ctx.repo is not None:
+        await anyio.to_thread.run_sync(detach_dead_slots, ctx.state_dir, ctx.run_id)
     wanted = {e.task_id for e in envelopes}
     kept: dict[str, TaskResult] = {}
     for task_id, result in record.results.items():
@@ -154,7 +172,7 @@ async def prepare_resume(
             "kept": restored,
         }
     )
-    return datetime.fromisoformat(record.settings["at"]), restored
+    return Resumed(datetime.fromisoformat(record.settings["at"]), restored, settings)
 
 
 def _check_resumable(

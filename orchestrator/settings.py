@@ -2,7 +2,9 @@
 
 Where a value comes from, later sources winning:
 
-1. the built-in defaults (this class's fields, and nowhere else);
+1. the built-in defaults (this class's fields; those a plan has too, ``concurrency``,
+   ``keep_worktrees``, ``fail_fast`` and ``base``, taken from the plan's model, so that
+   each has one default);
 2. the plan's top-level values (``concurrency``, ``keep_worktrees``, ``fail_fast``, ``base``)
    and each agent's ``max_concurrency`` (into ``agent_limits``); on a resume, the settings the
    run started with, as its journal recorded them, take the plan's place;
@@ -41,6 +43,12 @@ __all__ = [
 #: Where runs live when there is no repository to keep them in its git directory.
 FALLBACK_STATE_DIR = Path(".orchestrator")
 
+#: The defaults of the settings a plan has too, as the plan's model gives them.
+_PLAN_DEFAULTS: dict[str, Any] = {
+    name: Plan.model_fields[name].default
+    for name in ("concurrency", "keep_worktrees", "fail_fast", "base")
+}
+
 Seconds = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
 
 
@@ -65,16 +73,18 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
+    # The settings a plan has too take their defaults from the plan's model: one default each.
+
     #: At most this many tasks at once.
-    concurrency: Concurrency = 4
+    concurrency: Concurrency = _PLAN_DEFAULTS["concurrency"]
     #: Worktrees (and venvs per requirement set) kept for later tasks; None: ``concurrency``.
     pool: Annotated[int, Field(ge=0, le=1024)] | None = None
     #: Which tasks' worktrees stay after the run.
-    keep_worktrees: KeepWorktrees = "failed"
+    keep_worktrees: KeepWorktrees = _PLAN_DEFAULTS["keep_worktrees"]
     #: Cancel everything at the first failed task.
-    fail_fast: bool = False
+    fail_fast: bool = _PLAN_DEFAULTS["fail_fast"]
     #: The commit or ref every task starts from (dependents start from their dependencies').
-    base: Annotated[str, Field(min_length=1)] = "HEAD"
+    base: Annotated[str, Field(min_length=1)] = _PLAN_DEFAULTS["base"]
     #: How venvs are made: ``auto``, ``uv``, ``stdlib``, or a VenvBackend object (in code).
     venv_backend: Annotated[Any, PlainSerializer(lambda b: b if isinstance(b, str) else b.name)] = (
         "auto"
@@ -151,11 +161,13 @@ def plan_settings(plan: Plan | None) -> dict[str, Any]:
     """The settings a plan sets, as values for :class:`RunSettings`."""
     if plan is None:
         return {}
-    return {
-        "concurrency": plan.concurrency,
-        "keep_worktrees": plan.keep_worktrees,
-        "fail_fast": plan.fail_fast,
-        "base": plan.base,
+    # Only what the plan sets: a default is RunSettings' (which takes the plan's own).
+    values: dict[str, Any] = {
+        name: getattr(plan, name)
+        for name in ("concurrency", "keep_worktrees", "fail_fast", "base")
+        if name in plan.model_fields_set
+    }
+    return values | {
         "agent_limits": {
             name: spec.max_concurrency
             for name, spec in plan.agents.items()
@@ -175,7 +187,7 @@ def resolve_settings(
     values are not given); validated once. SettingsError names the setting."""
     values = plan_settings(plan)
     if recorded is not None:
-        for name in recorded.model_fields_set - {"state_dir"}:
+        for name in recorded.model_fields_set:
             value = getattr(recorded, name)
             values[name] = (
                 {**values.get("agent_limits", {}), **value} if name == "agent_limits" else value

@@ -669,15 +669,28 @@ async def _finish(
             await task.place.cleanup(status, keep=keep, committed=task.harvest.committed)
         # Recorded even if the clean-up above ran out of time.
         result = task.result(status, error)
-        ctx.results[task.task_id] = result
-        ctx.move(task.task_id, status)
+        await record_result(ctx, result, leaving=leaving)
+    return result
+
+
+async def record_result(ctx: RunContext, result: TaskResult, *, leaving: bool = False) -> None:
+    """Make *result* the task's, in the run: ``ctx.results``, its state in the TaskBook, the
+    journal (on disk before this returns), and the ``TaskFinished`` event.
+
+    Every executor does this for each task it runs (see orchestrator/executor.py), shielded
+    from cancellation, whether the task ended or was cancelled. *leaving*: the caller is on
+    its way out with an exception already, which a failing ``on_event`` handler does not
+    replace.
+    """
+    with anyio.CancelScope(shield=True):
+        ctx.results[result.task_id] = result
+        ctx.move(result.task_id, result.status)
         await journal_result(ctx, result, final=True)
         try:
             await ctx.emit(finished_event(ctx, result))
         except EventHandlerFailed:
             if not leaving:  # when already on the way out, the first failure is the one told
                 raise
-    return result
 
 
 async def journal_result(ctx: RunContext, result: TaskResult, *, final: bool) -> None:

@@ -288,3 +288,23 @@ def test_the_engine_does_not_import_a_kind(module: str) -> None:
     imports = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     assert not {alias.name for node in imports for alias in node.names} & KIND_CLASSES
     assert not {node.module for node in imports} & {"command_agent", "callable_agent"}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"command": ["true"], "sandbox": "bwrap"},
+        {"command": ["true"], "secrets": ["TOKEN"]},
+        {"command": ["true"], "limits": {"memory_mb": 64}},
+    ],
+)
+def test_task_settings_on_an_agent_given_in_code_are_refused_not_dropped(value: Any) -> None:
+    """A sandbox or secrets asked for on an agent given in code would silently not apply."""
+    from envelopes import AgentSpec
+    from orchestrator.intake import agent_table
+
+    with pytest.raises(ValueError, match="which only a plan's agents entry applies"):
+        as_agent(value)
+    envelopes = [build_envelope("x", "t", task_id="t")]
+    with pytest.raises(ValueError, match="agent 'x', given in code, sets"):
+        agent_table(None, {"x": AgentSpec.model_validate(value)}, envelopes)

@@ -221,15 +221,6 @@ def _may_raise_hard_limits() -> bool:
 MAY_RAISE = _may_raise_hard_limits()
 
 
-@pytest.mark.xfail(
-    os.geteuid() == 0 and not MAY_RAISE,
-    strict=True,
-    raises=(AssertionError, subprocess.SubprocessError),
-    reason="rlimits_of takes euid 0 for leave to raise hard limits, but root without "
-    "CAP_SYS_RESOURCE (a container) may not: a limit above the hard one is passed as it is, "
-    "and the command fails (prlimit: 'Operation not permitted', exit 1; without prlimit, "
-    "SubprocessError) instead of getting the hard limit",
-)
 def test_a_limit_above_our_hard_limit_is_what_this_process_may_give(
     setter: str, tmp_path: Path
 ) -> None:
@@ -268,13 +259,6 @@ def test_a_limit_too_large_to_set_fails_the_command_through_prlimit(tmp_path: Pa
     assert limit_error(HUGE, outcome, err.strip()) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=subprocess.SubprocessError,
-    reason="without prlimit a limit setrlimit refuses raises SubprocessError ('Exception "
-    "occurred in preexec_fn'), not the OSError run_command promises for a command that "
-    "cannot start; the task ends as an 'internal' error, an orchestrator bug, for a plan value",
-)
 def test_a_limit_too_large_to_set_without_prlimit_is_an_oserror(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

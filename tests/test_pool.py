@@ -782,3 +782,37 @@ def test_a_dead_runs_slot_naming_a_branch_does_not_block_a_new_worktree_on_it(
         repository.lock.close()
 
     run(fresh)
+
+
+def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
+    make_repo: MakeRepo, write_agent: WriteAgent
+) -> None:
+    """A crash can come after a slot was checked out on a task's branch and before the
+    journal said where the task worked: the resume still finds the slot, by its HEAD."""
+    from orchestrator.locks import try_lock
+    from orchestrator.pool import detach_dead_slots, pool_dir
+
+    repo = make_repo(extra={"out/.keep": ""})
+    plan = make_plan(
+        write_agent("writer", WRITER), [{"id": "a", "venv": False}, {"id": "b", "venv": False}]
+    )
+    assert orchestrate(plan, repo, pool=2, concurrency=2).summary.successful == 2
+    slots = sorted(p for p in pool_dir(state(repo)).iterdir() if p.is_dir())
+    assert len(slots) == 2
+    head = git(repo, "rev-parse", "HEAD")
+    dead = "20260101-000000-deadbe"
+    admins = []
+    for slot, name in zip(slots, ("t1", "t2"), strict=True):
+        git(repo, "branch", f"orchestrator/{dead}/{name}", head)
+        admin = Path((slot / ".git").read_text().removeprefix("gitdir:").strip())
+        (admin / "HEAD").write_text(f"ref: refs/heads/orchestrator/{dead}/{name}\n")
+        admins.append(admin)
+    held = try_lock(slots[1].with_name(slots[1].name + ".mutex"))  # a live holder's slot
+    assert held is not None
+    try:
+        assert detach_dead_slots(state(repo), "20260101-000000-other1") == []
+        assert detach_dead_slots(state(repo), dead) == [slots[0]]
+    finally:
+        os.close(held)
+    assert (admins[0] / "HEAD").read_text().strip() == head  # detached at the branch's tip
+    assert (admins[1] / "HEAD").read_text().startswith("ref: ")  # left to its holder

@@ -370,31 +370,3 @@ def test_stdin_is_closed(backend: str, tmp_path: Path, marker: str) -> None:
     assert not outcome.timed_out, "reading stdin blocked: the child inherited the caller's stdin"
     assert outcome.exit_code == 0
     assert (tmp_path / "out.log").read_text() == "0\n"
-
-
-def test_a_sweep_since_a_process_began_spares_older_processes_with_the_tag() -> None:
-    """The sweep after an attempt reads only processes made since its first one began."""
-    import psutil
-
-    from orchestrator.process import kill_tagged
-
-    tag = f"sweep-{uuid.uuid4().hex}"
-    env = {**os.environ, TAG_VARIABLE: tag}
-    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
-    older = subprocess.Popen(sleep, env=env)
-    try:
-        time.sleep(0.05)
-        newer = subprocess.Popen(sleep, env=env, start_new_session=True)
-        try:
-            since = psutil.Process(newer.pid).create_time()
-            assert kill_tagged(tag, since=since) == 1
-            assert newer.wait(timeout=10) == -signal.SIGKILL
-            assert older.poll() is None  # made before: not even looked at
-            assert kill_tagged(tag) == 1  # without since: every process with the tag
-            assert older.wait(timeout=10) == -signal.SIGKILL
-        finally:
-            newer.kill()
-            newer.wait()
-    finally:
-        older.kill()
-        older.wait()

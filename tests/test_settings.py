@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +268,106 @@ def test_the_fallback_state_directory_is_named_once() -> None:
         if '".orchestrator"' in path.read_text(encoding="utf-8")
     ]
     assert named == ["settings.py"]
+
+
+def test_a_resume_goes_on_with_the_settings_its_run_started_with(tmp_path: Path) -> None:
+    """Whichever way a run is resumed, its journaled settings replace the plan's; the caller's
+    keywords still win."""
+    from envelopes import Event, TaskFinished
+    from orchestrator import resume_run
+
+    running = peak = 0
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.02)
+        running -= 1
+        return {}
+
+    p = Plan.model_validate(
+        {
+            "concurrency": 4,
+            "defaults": {"worktree": False, "venv": False},
+            "tasks": [{"id": f"t{i}", "agent": "a", "task": "x"} for i in range(8)],
+        }
+    )
+    state = tmp_path / "state"
+
+    async def interrupted() -> str:
+        run_id = ""
+        with anyio.CancelScope() as scope:
+
+            def stop(event: Event) -> None:
+                nonlocal run_id
+                run_id = event.run_id
+                if isinstance(event, TaskFinished):
+                    scope.cancel()
+
+            await orchestrate_parallel(
+                p, agents={"a": agent}, state_dir=state, concurrency=1, on_event=stop
+            )
+        return run_id
+
+    for resume in ("keywords", "resume_run", "override"):
+        run_id = anyio.run(interrupted)
+        running = peak = 0
+        if resume == "keywords":
+            report = anyio.run(
+                partial(
+                    orchestrate_parallel, p, agents={"a": agent}, state_dir=state, resume=run_id
+                )
+            )
+            assert peak == 1  # the run's concurrency, not the plan's 4
+        elif resume == "resume_run":
+            report = anyio.run(partial(resume_run, run_id, agents={"a": agent}, state_dir=state))
+            assert peak == 1
+        else:
+            report = anyio.run(
+                partial(resume_run, run_id, agents={"a": agent}, state_dir=state, concurrency=3)
+            )
+            assert peak == 3
+        assert report.run_id == run_id and report.summary.successful == 8
+
+
+def test_a_state_dir_in_a_settings_object_is_where_the_run_goes(tmp_path: Path) -> None:
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        return {}
+
+    envelopes = [build_envelope("a", "x", task_id="t", worktree=False, venv=False)]
+    settings = RunSettings(state_dir=tmp_path / "chosen")
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, agents={"a": agent}, settings=settings)
+    )
+    assert Path(report.run_dir).parent.parent == tmp_path / "chosen"
+
+
+def test_a_venv_backend_that_cannot_be_had_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import VenvError
+    from orchestrator import venv as venv_module
+
+    monkeypatch.setattr(venv_module, "_uv_binary", lambda: None)
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        return {}
+
+    envelopes = [build_envelope("a", "x", task_id="t", worktree=False, venv=False)]
+    with pytest.raises(VenvError):
+        anyio.run(
+            lambda: orchestrate_parallel(
+                envelopes, agents={"a": agent}, state_dir=tmp_path / "s", venv_backend="uv"
+            )
+        )
+    assert not (tmp_path / "s" / "runs").exists() or not any((tmp_path / "s" / "runs").iterdir())
+
+
+def test_an_agents_max_concurrency_has_the_concurrency_bound(tmp_path: Path) -> None:
+    data = {
+        "agents": {"a": {"command": ["true"], "max_concurrency": 5000}},
+        "tasks": [{"agent": "a", "task": "x"}],
+    }
+    with pytest.raises(PlanError, match=r"agents\.a\.max_concurrency: must be <= 1024, found 5000"):
+        validate_plan_data(data)
