@@ -68,6 +68,7 @@ from ._plan import env_values as env_values
 from ._plan import expand_tasks as expand_tasks
 from ._plan import plan_problems as plan_problems
 from ._plan import validation_message as validation_message
+from ._result import NOT_RETRIED as NOT_RETRIED
 from ._result import REPORT_SCHEMA as REPORT_SCHEMA
 from ._result import SUCCESSFUL as SUCCESSFUL
 from ._result import AgentInfo as AgentInfo
@@ -92,8 +93,12 @@ from ._result import Summary as Summary
 from ._result import TaskResult as TaskResult
 from ._result import TaskStatus as TaskStatus
 from ._result import Timings as Timings
+from ._result import Usage as Usage
+from ._result import UsageTotals as UsageTotals
 from ._result import seal_report as seal_report
 from ._result import seal_result as seal_result
+from ._result import usage_by_model as usage_by_model
+from ._result import usage_totals as usage_totals
 from ._schema import json_schemas as json_schemas
 from ._secrets import MASK as MASK
 from ._secrets import is_secret_name as is_secret_name
@@ -111,6 +116,7 @@ __all__ = [
     "MAX_ENVELOPE_BYTES",
     "MAX_LOG_BYTES",
     "MAX_VALUE_DEPTH",
+    "NOT_RETRIED",
     "REPORT_SCHEMA",
     "SUCCESSFUL",
     "TASK_ID_PATTERN",
@@ -165,6 +171,8 @@ __all__ = [
     "TaskStatus",
     "Timings",
     "Upstream",
+    "Usage",
+    "UsageTotals",
     "audit_report",
     "build_envelope",
     "canonical_json",
@@ -195,5 +203,7 @@ __all__ = [
     "sha256_hex",
     "task_id_problem",
     "upstream_tasks",
+    "usage_by_model",
+    "usage_totals",
     "validation_message",
 ]

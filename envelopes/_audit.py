@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ._bounded import MAX_JSON_DEPTH, hash_file, loads_bounded, read_bounded
 from ._canonical import digest, digest_without
-from ._result import SUCCESSFUL, Report
+from ._result import SUCCESSFUL, Report, usage_by_model, usage_totals
 
 __all__ = [
     "MAX_ENVELOPE_BYTES",
@@ -148,7 +148,20 @@ def _first_difference(found: Any, expected: Any, path: str = "") -> str | None:
 
 
 #: Error kinds that come from an attempt of the agent (others come from set-up or after).
-_ATTEMPT_KINDS = frozenset({"exit_code", "timeout", "invalid_output", "spawn", "agent_exception"})
+_ATTEMPT_KINDS = frozenset(
+    {
+        "exit_code",
+        "timeout",
+        "invalid_output",
+        "spawn",
+        "agent_exception",
+        "auth",
+        "rate_limited",
+        "turn_limit",
+        "agent_error",
+        "stalled",
+    }
+)
 
 
 def _check(task_id: str | None, field: str, expected: Any, found: Any) -> Iterator[Finding]:
@@ -220,6 +233,25 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
             yield from _check_file(
                 tid, f"attempt_log[{attempt['number']}].{stream}", attempt[stream], run_dir
             )
+    if prov.get("prompt_sha256") is not None and attempts and attempts[-1]["stdout"]:
+        yield from _check_prompt(
+            tid, attempts[-1]["stdout"]["path"], prov["prompt_sha256"], run_dir
+        )
+
+
+def _check_prompt(tid: str, stdout_path: str, expected: str, run_dir: Path) -> Iterator[Finding]:
+    """The last attempt's prompt file (beside its stdout log) hashes to ``prompt_sha256``."""
+    path = stdout_path.removesuffix(".stdout") + ".prompt"
+    try:
+        found, _ = hash_file(path, MAX_LOG_BYTES, within=run_dir)
+    except OSError as exc:
+        yield Finding(
+            task_id=tid,
+            field="provenance.prompt_sha256",
+            message=f"cannot read {path}: {exc.strerror or exc}",
+        )
+        return
+    yield from _check(tid, "provenance.prompt_sha256", found, expected)
 
 
 def _read_envelope(entry: Mapping[str, Any], run_dir: Path) -> Any:
@@ -492,7 +524,16 @@ def audit_report(
     summary = raw["summary"]
     for key, value in _expected_summary(results).items():
         findings += _check(None, f"summary.{key}", value, summary[key])
+    # Usage totals (reports made before they existed have none, and no usage either).
+    usages = [r.get("usage") for r in results]
+    findings += _check(None, "summary.usage", usage_totals(usages), summary.get("usage"))
+    findings += _check(
+        None, "usage_by_model", usage_by_model(results), raw.get("usage_by_model", {})
+    )
     by_agent = _expected_by_agent(results)
+    for name, entry in by_agent.items():
+        if "usage" in raw["results_by_agent"].get(name, {}):
+            entry["usage"] = usage_totals(r.get("usage") for r in results if r["agent"] == name)
     findings += _check(None, "results_by_agent", by_agent, raw["results_by_agent"])
     errors = [
         {

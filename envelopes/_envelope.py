@@ -15,6 +15,9 @@ __all__ = ["ENVELOPE_SCHEMA", "HandoffEnvelope", "Upstream", "build_envelope"]
 
 ENVELOPE_SCHEMA = "worktree-orchestrator/envelope/v1"
 
+#: Fields added after the first envelopes were hashed, left out of the JSON while unset.
+_ADDED = ("prompt", "stall_timeout")
+
 
 class Upstream(BaseModel):
     """What a dependency produced, as its dependent task is told."""
@@ -72,6 +75,10 @@ class HandoffEnvelope(BaseModel):
     max_commit_mb: int = Field(default=100, gt=0)
     #: Commit a file holding a secret's value instead of failing the task (``secret_leak``).
     allow_secrets_in_commit: bool = False
+    #: The prompt template a coding agent's preset renders (None: the preset's default).
+    prompt: str | None = None
+    #: Seconds without a byte of the agent's output after which it is killed (``stalled``).
+    stall_timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -99,6 +106,9 @@ class HandoffEnvelope(BaseModel):
         environment, not in its envelope file."""
         data = self.model_dump(mode="json", by_alias=True)
         data["env"] = masked_env(data["env"], self.secrets)
+        for name in _ADDED:  # unset, newer fields: envelopes from before them hash the same
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
     def sha256(self) -> str:
@@ -134,6 +144,8 @@ def build_envelope(
     limits: Limits | None = None,
     max_commit_mb: int = 100,
     allow_secrets_in_commit: bool = False,
+    prompt: str | None = None,
+    stall_timeout: float | None = None,
 ) -> HandoffEnvelope:
     """Build an envelope in code, generating a task id when none is given.
 
@@ -166,4 +178,6 @@ def build_envelope(
         limits=limits or Limits(),
         max_commit_mb=max_commit_mb,
         allow_secrets_in_commit=allow_secrets_in_commit,
+        prompt=prompt,
+        stall_timeout=stall_timeout,
     )

@@ -14,7 +14,7 @@ import re
 import shlex
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -28,6 +28,7 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from ._ids import MATRIX_VALUE_PATTERN, task_id_problem
@@ -145,6 +146,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class _Additions(_Strict):
+    """A model whose newer fields are left out of its JSON while unset (None or empty), so
+    that plans, envelopes and their digests from before those fields existed stay the same."""
+
+    _ADDED: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _without_unset_additions(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in self._ADDED:
+            if name in data and data[name] in (None, [], {}):
+                del data[name]
+        return data
+
+
+#: A Jinja2 template (docs/agents.md, "Prompts"); checked when a plan is loaded.
+PromptTemplate = Annotated[str, Field(min_length=1, max_length=1_000_000)]
+
+
 class Limits(_Strict):
     """Resource limits of an agent's processes, set with setrlimit before the agent starts.
 
@@ -227,17 +249,34 @@ class _Isolation(_Strict):
     allow_secrets_in_commit: bool | None = None
 
 
-class AgentSpec(_Isolation):
-    """How to start an agent: a command run in the task's worktree.
+class AgentSpec(_Isolation, _Additions):
+    """How to start an agent: a command run in the task's worktree, or a coding agent's preset.
 
     ``command`` is a list of arguments (a string is split like a shell would). Placeholders
     ``{plan_dir}``, ``{worktree}``, ``{task_id}`` and ``{run_id}`` in arguments are replaced
-    when the task starts.
+    when the task starts. ``preset`` names a coding agent the orchestrator knows how to run
+    headless (``claude-code``, ``codex``, ``gemini``, ``aider``): ``program`` (default: the
+    preset's, looked up on the task's PATH), ``model`` and ``args`` (appended) go with it.
+    Exactly one of ``command`` and ``preset``.
     """
 
-    command: list[str] = Field(min_length=1)
+    _ADDED = frozenset({"preset", "program", "model", "args"})
+
+    command: list[str] | None = Field(default=None, min_length=1)
+    preset: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")] | None = None
+    program: Annotated[str, Field(min_length=1)] | None = None
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    args: list[str] = Field(default_factory=list)
     env: Env = Field(default_factory=dict)
     max_concurrency: Concurrency | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_start(self) -> AgentSpec:
+        if (self.command is None) == (self.preset is None):
+            raise ValueError("an agent needs exactly one of command and preset")
+        if self.command is not None and (self.program or self.model or self.args):
+            raise ValueError("program, model and args go with a preset, not a command")
+        return self
 
     @field_validator("command", mode="before")
     @classmethod
@@ -248,14 +287,21 @@ class AgentSpec(_Isolation):
 
     @field_validator("command")
     @classmethod
-    def _non_empty_program(cls, value: list[str]) -> list[str]:
-        if not value[0].strip():
+    def _non_empty_program(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value[0].strip():
             raise ValueError("the program (first element) must not be empty")
         return value
 
 
-class PlanDefaults(_Strict):
+class PlanDefaults(_Additions):
     """Values every task gets unless it sets its own."""
+
+    _ADDED = frozenset({"prompt", "stall_timeout"})
+    #: The prompt template of a preset's tasks (None: the preset's own default).
+    prompt: PromptTemplate | None = None
+    #: Seconds without a byte of an agent's output after which it is killed (kind
+    #: ``stalled``); None: never.
+    stall_timeout: PositiveSeconds | None = None
 
     timeout: PositiveSeconds = DEFAULT_TIMEOUT_S
     retries: Annotated[int, Field(ge=0, le=100)] = 0
@@ -271,8 +317,12 @@ class PlanDefaults(_Strict):
     allow_secrets_in_commit: bool = False
 
 
-class TaskSpec(_Isolation):
+class TaskSpec(_Isolation, _Additions):
     """One task of a plan, before defaults are applied."""
+
+    _ADDED = frozenset({"prompt", "stall_timeout"})
+    prompt: PromptTemplate | None = None
+    stall_timeout: PositiveSeconds | None = None
 
     id: str | None = None
     agent: str | None = None

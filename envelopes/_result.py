@@ -7,10 +7,11 @@ report file without trusting these models.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt
 
 from ._bounded import relative_path_problem
 from ._canonical import digest_without
@@ -18,6 +19,7 @@ from ._ids import BranchName, Digest, ObjectId, RunId, Seal, TaskId
 from ._plan import Select
 
 __all__ = [
+    "NOT_RETRIED",
     "REPORT_SCHEMA",
     "SUCCESSFUL",
     "AgentInfo",
@@ -42,8 +44,12 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "Timings",
+    "Usage",
+    "UsageTotals",
     "seal_report",
     "seal_result",
+    "usage_by_model",
+    "usage_totals",
 ]
 
 REPORT_SCHEMA = "worktree-orchestrator/report/v1"
@@ -69,7 +75,16 @@ ErrorKind = Literal[
     "tamper",
     "secret_leak",
     "too_large",
+    # A coding agent's own failures, as its preset reads them (docs/agents.md):
+    "auth",  # not logged in, no or a bad API key: never retried
+    "rate_limited",  # the provider's rate limit or quota: retried with backoff
+    "turn_limit",  # the agent ran out of turns
+    "agent_error",  # the agent said it failed, for any other reason
+    "stalled",  # no output for stall_timeout seconds: killed
 ]
+
+#: Error kinds a retry cannot help with.
+NOT_RETRIED: frozenset[str] = frozenset({"auth"})
 
 
 def _run_dir_path(value: str) -> str:
@@ -171,6 +186,67 @@ class CachedFrom(_Model):
     key: Digest
 
 
+class Usage(_Model):
+    """What an agent spent on a task's last attempt, where it says so (null: not known).
+
+    ``cost_source`` is ``reported`` when the agent reported the cost itself, ``estimated``
+    when it was computed from per-model rates a plan gives; never a built-in price.
+    """
+
+    input_tokens: NonNegativeInt | None = None
+    output_tokens: NonNegativeInt | None = None
+    cache_read_tokens: NonNegativeInt | None = None
+    cache_write_tokens: NonNegativeInt | None = None
+    total_tokens: NonNegativeInt | None = None
+    cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    cost_source: Literal["reported", "estimated"] | None = None
+    turns: NonNegativeInt | None = None
+    model: Annotated[str, Field(max_length=200)] | None = None
+    session_id: Annotated[str, Field(max_length=200)] | None = None
+
+
+class UsageTotals(_Model):
+    """What the tasks whose usage is known spent, added up (see :func:`usage_totals`)."""
+
+    tasks: NonNegativeInt
+    input_tokens: NonNegativeInt = 0
+    output_tokens: NonNegativeInt = 0
+    cache_read_tokens: NonNegativeInt = 0
+    cache_write_tokens: NonNegativeInt = 0
+    total_tokens: NonNegativeInt = 0
+    #: The sum of the costs known (reported or estimated).
+    cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    #: How many of those tasks did not say what they cost (Codex and Gemini never do).
+    cost_unknown: NonNegativeInt = 0
+
+
+_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+
+
+def usage_totals(usages: Iterable[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """The totals of *usages* (``Usage`` objects as JSON; None: not known), None when no
+    usage is known. The engine writes them and ``audit_report`` recomputes them with this."""
+    known = [u for u in usages if u]
+    if not known:
+        return None
+    totals: dict[str, Any] = {"tasks": len(known)}
+    for key in (*_TOKENS, "total_tokens"):
+        totals[key] = sum(u.get(key) or 0 for u in known)
+    totals["cost_usd"] = round(sum(u.get("cost_usd") or 0.0 for u in known), 6)
+    totals["cost_unknown"] = sum(1 for u in known if u.get("cost_usd") is None)
+    return totals
+
+
+def usage_by_model(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Usage totals per model (``unknown`` when the agent did not say), of results as JSON."""
+    by_model: dict[str, list[Mapping[str, Any]]] = {}
+    for result in results:
+        usage = result.get("usage")
+        if usage:
+            by_model.setdefault(usage.get("model") or "unknown", []).append(usage)
+    return {model: usage_totals(usages) or {} for model, usages in sorted(by_model.items())}
+
+
 class Provenance(_Model):
     """Digests that tie a result to what went in and what came out."""
 
@@ -186,6 +262,8 @@ class Provenance(_Model):
     stdout_sha256: Digest | None = None
     stderr_sha256: Digest | None = None
     commands: list[list[str]] = Field(default_factory=list)
+    #: The digest of the last attempt's rendered prompt (its file: ``logs/<task>.attempt-<n>.prompt``).
+    prompt_sha256: Digest | None = None
     cached_from: CachedFrom | None = None
     result_sha256: Seal = ""
 
@@ -202,6 +280,7 @@ class TaskResult(_Model):
     error: ErrorInfo | None = None
     timings: Timings
     metrics: Metrics = Field(default_factory=Metrics)
+    usage: Usage | None = None
     branch: BranchName | None = None
     worktree: str | None = None
     envelope: LogFile | None = None
@@ -229,6 +308,8 @@ class Summary(_Model):
     cached: int = 0
     success_rate: float
     total_execution_time: float
+    #: What the run's agents spent, where known (None: no task's usage is known).
+    usage: UsageTotals | None = None
 
 
 class AgentSummary(_Model):
@@ -242,6 +323,7 @@ class AgentSummary(_Model):
     skipped: int = 0
     cached: int = 0
     task_ids: list[str]
+    usage: UsageTotals | None = None
 
 
 class ReportError(_Model):
@@ -326,6 +408,8 @@ class Report(_Model):
     errors: list[ReportError]
     groups: dict[str, GroupReport] = Field(default_factory=dict)
     merge: list[MergeRecord] = Field(default_factory=list)
+    #: Usage totals per model (``unknown``: the agent did not say which).
+    usage_by_model: dict[str, UsageTotals] = Field(default_factory=dict)
     #: What the run noticed that is not one task's result: a ref outside the run's own that
     #: moved while it ran, a task branch no longer holding its result (see docs/security.md).
     warnings: list[str] = Field(default_factory=list)

@@ -27,6 +27,7 @@ from envelopes import AgentInfo, AgentSpec
 from .attempt import AttemptOutcome, AttemptRequest
 from .callable_agent import AgentFunction, CallableAgent, Workspace
 from .command_agent import CommandAgent
+from .preset_agent import PresetAgent
 
 __all__ = [
     "KINDS",
@@ -105,6 +106,7 @@ class AgentKind(Protocol):
 KINDS: dict[str, AgentKind] = {
     "command": CommandAgent.from_options,
     "callable": CallableAgent.from_options,
+    "preset": PresetAgent.from_options,
 }
 
 #: What a user may pass as an agent (see :func:`as_agent`).
@@ -123,11 +125,14 @@ def as_agent(value: AgentLike) -> Agent:
     if isinstance(value, Agent):
         return value
     if isinstance(value, AgentSpec):
-        # A plan's entry is a command's: AgentSpec names no kind.
+        # A plan's entry: a coding agent's preset, or a command.
+        if value.preset is not None:
+            return PresetAgent.from_spec(value)
         return CommandAgent.from_spec(value)
     if isinstance(value, Mapping):
         options = dict(value)
-        return _kind(str(options.pop("kind", "command")))(options)
+        default = "preset" if "preset" in options else "command"
+        return _kind(str(options.pop("kind", default)))(options)
     if isinstance(value, str):
         return _kind("command")({"command": value})
     if isinstance(value, Sequence):

@@ -28,6 +28,7 @@ from envelopes import (
     LogFile,
     Metrics,
     TaskStatus,
+    Usage,
     canonical_json,
     hash_file,
     loads_bounded,
@@ -47,6 +48,7 @@ __all__ = [
     "AttemptRequest",
     "log_entries",
     "read_output",
+    "stalled",
     "timed_out",
 ]
 
@@ -90,6 +92,8 @@ class AttemptRequest:
     kill_grace: float
     lifeline: Lifeline | None
     record_command: Callable[[Sequence[str], str | None], None] = field(default=_not_recorded)
+    #: Why the previous attempt failed (its error's kind and message); None on the first.
+    feedback: str | None = None
 
     @property
     def task_id(self) -> str:
@@ -120,6 +124,10 @@ class AttemptOutcome:
     output: dict[str, Any] | None = None
     error: ErrorInfo | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    #: What the agent spent, where it says so (a preset's parser, or ``usage`` in an output).
+    usage: Usage | None = None
+    #: The digest of the prompt the attempt was given, for an agent that is given one.
+    prompt_sha256: str | None = None
 
 
 def timed_out(
@@ -131,6 +139,20 @@ def timed_out(
         exit_code=exit_code,
         metrics=metrics or Metrics(),
         error=ErrorInfo(kind="timeout", message=f"timed out after {timeout:g} s"),
+    )
+
+
+def stalled(
+    stall_timeout: float, *, exit_code: int | None = None, metrics: Metrics | None = None
+) -> AttemptOutcome:
+    """The outcome of an attempt whose agent wrote nothing for *stall_timeout* seconds."""
+    return AttemptOutcome(
+        status="failed",
+        exit_code=exit_code,
+        metrics=metrics or Metrics(),
+        error=ErrorInfo(
+            kind="stalled", message=f"no output for {stall_timeout:g} s: the agent was stopped"
+        ),
     )
 
 

@@ -26,7 +26,7 @@ import anyio
 from envelopes import AgentInfo, AgentSpec, ErrorInfo, Metrics, digest, env_values
 
 from ._fs import last_line
-from .attempt import AttemptOutcome, AttemptRequest, read_output, timed_out
+from .attempt import AttemptOutcome, AttemptRequest, read_output, stalled, timed_out
 from .process import ProcessOutcome, run_command
 
 if TYPE_CHECKING:
@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["CommandAgent", "refuse_task_settings"]
 
 
-def refuse_task_settings(spec: AgentSpec, who: str) -> None:
+def refuse_task_settings(
+    spec: AgentSpec, who: str, *, allowed: frozenset[str] | set[str] = frozenset()
+) -> None:
     """ValueError when *spec* sets more than ``command`` and ``env``, outside a plan.
 
     In a plan's ``agents``, the other keys (``sandbox``, ``network``, ``secrets``,
@@ -43,7 +45,7 @@ def refuse_task_settings(spec: AgentSpec, who: str) -> None:
     applied to the agent's tasks when the plan becomes envelopes; an agent given in code has
     no tasks of its own to apply them to.
     """
-    extra = sorted(spec.model_fields_set - {"command", "env"})
+    extra = sorted(spec.model_fields_set - {"command", "env"} - set(allowed))
     if extra:
         raise ValueError(
             f"{who} sets {', '.join(extra)}, which only a plan's agents entry applies to its "
@@ -72,6 +74,8 @@ class CommandAgent:
     @classmethod
     def from_spec(cls, spec: AgentSpec) -> CommandAgent:
         """The agent a plan's ``agents`` entry describes."""
+        if spec.command is None:
+            raise ValueError("a command agent needs a command")
         return cls(command=tuple(spec.command), env=env_values(spec.env))
 
     @classmethod
@@ -165,6 +169,7 @@ class CommandAgent:
                         kill_grace=request.kill_grace,
                         rlimits=spawn.rlimits,
                         lifeline=request.lifeline,
+                        stall_timeout=request.envelope.stall_timeout,
                     )
                 )
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or variable
@@ -185,6 +190,8 @@ async def _judge(request: AttemptRequest, spawn: Spawn, proc: ProcessOutcome) ->
     )
     if proc.timed_out:
         return timed_out(request.timeout, exit_code=proc.exit_code, metrics=metrics)
+    if proc.stalled and request.envelope.stall_timeout is not None:
+        return stalled(request.envelope.stall_timeout, exit_code=proc.exit_code, metrics=metrics)
     stderr = request.stderr_path
     if (error := await isolate_error(request.envelope, spawn, proc, stderr)) is not None:
         return AttemptOutcome("failed", exit_code=proc.exit_code, metrics=metrics, error=error)

@@ -24,6 +24,7 @@ from yaml.constructor import ConstructorError
 
 from envelopes import (
     ENV_FORMS,
+    AgentSpec,
     EnvSpec,
     HandoffEnvelope,
     Limits,
@@ -507,6 +508,8 @@ def _validate(
         _issue(file, positions, p)
         for p in plan_problems(data, callable_agents=frozenset(callable_agents))
     ]
+    if plan is not None:
+        issues += [_issue(file, positions, p) for p in engine_problems(plan)]
     if issues:
         issues.sort(key=lambda i: (i.line or 0, i.column or 0))
         raise PlanError(issues)
@@ -518,6 +521,25 @@ def _validate(
             [PlanIssue(file, None, None, "<plan>", f"not representable as JSON: {exc}")]
         ) from None
     return LoadedPlan(plan=plan, file=file, plan_dir=plan_dir or Path.cwd(), positions=positions)
+
+
+def engine_problems(plan: Plan) -> list[PlanProblem]:
+    """What the contract cannot check alone: prompt templates (Jinja2) and preset names."""
+    from .presets import PRESETS
+    from .prompts import template_problem
+
+    problems = []
+    templates: list[tuple[Loc, str | None]] = [(("defaults", "prompt"), plan.defaults.prompt)]
+    templates += [(("tasks", i, "prompt"), t.prompt) for i, t in enumerate(plan.tasks)]
+    for loc, template in templates:
+        if template is not None and (why := template_problem(template)):
+            problems.append(PlanProblem(loc=loc, message=why))
+    for name, spec in plan.agents.items():
+        if spec.preset is not None and spec.preset not in PRESETS:
+            known = ", ".join(sorted(PRESETS))
+            message = f"unknown preset {spec.preset!r} (known: {known})"
+            problems.append(PlanProblem(loc=("agents", name, "preset"), message=message))
+    return problems
 
 
 def _user_loc(loc: Sequence[str | int]) -> Loc:
@@ -730,10 +752,22 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 cache=task.cache if task.cache is not None else plan.cache,
                 group=expanded.group,
                 select=expanded.select,
+                prompt=task.prompt if task.prompt is not None else d.prompt,
+                stall_timeout=(
+                    task.stall_timeout if task.stall_timeout is not None else d.stall_timeout
+                ),
                 **_isolation(plan, task),
             )
         )
     return out
+
+
+def preset_program(spec: AgentSpec) -> str:
+    """The program a preset agent runs unless its ``program`` says otherwise."""
+    from .presets import PRESETS
+
+    preset = PRESETS.get(spec.preset or "")
+    return preset.program if preset is not None else spec.preset or ""
 
 
 def missing_programs(loaded: LoadedPlan) -> list[str]:
@@ -755,7 +789,8 @@ def missing_programs(loaded: LoadedPlan) -> list[str]:
             found.add(re.sub(r"[-_.]+", "-", name).lower())
     problems = []
     for name, spec in sorted(plan.agents.items()):
-        program = spec.command[0].replace("{plan_dir}", str(loaded.plan_dir))
+        first = spec.command[0] if spec.command else spec.program or preset_program(spec)
+        program = first.replace("{plan_dir}", str(loaded.plan_dir))
         if "{" in program or program in ("python", "python3"):
             continue
         if "/" in program:

@@ -61,6 +61,42 @@ class ProcessOutcome:
     cpu_user_s: float | None
     cpu_system_s: float | None
     max_rss_kb: int | None
+    #: Killed for writing nothing to either log for ``stall_timeout`` seconds.
+    stalled: bool = False
+
+
+async def _wait_or_stall(
+    pid: int, logs: Sequence[Path], stall_timeout: float | None
+) -> tuple[int, resource.struct_rusage | None] | None:
+    """Wait for *pid* to exit; None if it wrote nothing to *logs* for *stall_timeout* s."""
+    if stall_timeout is None:
+        return await _wait_exit(pid)
+    ended: tuple[int, resource.struct_rusage | None] | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def wait() -> None:
+            nonlocal ended
+            ended = await _wait_exit(pid)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(wait)
+        size, changed = -1, time.monotonic()
+        while True:
+            await anyio.sleep(min(1.0, stall_timeout / 4))
+            now, grown = time.monotonic(), sum(_size(path) for path in logs)
+            if grown != size:
+                size, changed = grown, now
+            elif now - changed >= stall_timeout:
+                tg.cancel_scope.cancel()
+                break
+    return ended
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 async def _wait_exit(pid: int) -> tuple[int, resource.struct_rusage | None]:
@@ -205,17 +241,22 @@ def _spawn(
     stdout: Path,
     stderr: Path,
     rlimits: Sequence[tuple[int, int, int]],
+    stdin: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start *argv* in its own session, its streams into the two log files; OSError if not."""
     argv, preexec = _with_limits(argv, cwd, env, rlimits) if rlimits else (list(argv), None)
-    with stdout.open("wb") as out, stderr.open("wb") as err:
+    with (
+        stdout.open("wb") as out,
+        stderr.open("wb") as err,
+        stdin.open("rb") if stdin is not None else open(os.devnull, "rb") as source,
+    ):
         # Popen forks with vfork: about a millisecond in the loop, less than a thread hop.
         try:
             return subprocess.Popen(
                 list(argv),
                 cwd=cwd,
                 env=env,
-                stdin=subprocess.DEVNULL,
+                stdin=source,
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
@@ -240,17 +281,22 @@ async def run_command(
     kill_grace: float,
     rlimits: Sequence[tuple[int, int, int]] = (),
     lifeline: Lifeline | None = None,
+    stdin: Path | None = None,
+    stall_timeout: float | None = None,
 ) -> ProcessOutcome:
     """Run *argv* to its end; see the module docstring for how it ends.
 
-    *rlimits* are ``(resource, soft, hard)`` triples set in the child before exec. Raises
-    OSError when the command cannot be started. On cancellation the process group is
-    terminated (under a shielded scope) before the cancellation propagates.
+    *rlimits* are ``(resource, soft, hard)`` triples set in the child before exec. *stdin*
+    is a file the command reads as its standard input (else nothing). With *stall_timeout*,
+    a command that writes nothing to either log for that many seconds is ended as a timed-out
+    one is (``stalled``). Raises OSError when the command cannot be started. On cancellation
+    the process group is terminated (under a shielded scope) before the cancellation
+    propagates.
     """
     full_env = {**env, TAG_VARIABLE: tag}
-    proc = _spawn(argv, cwd, full_env, stdout, stderr, rlimits)
+    proc = _spawn(argv, cwd, full_env, stdout, stderr, rlimits, stdin)
     started = time.monotonic()
-    timed_out = cancelled = False
+    timed_out = cancelled = stalled = False
     status: int | None = None
     usage: resource.struct_rusage | None = None
     try:
@@ -258,7 +304,11 @@ async def run_command(
             prefix = tag.split("/", 1)[0] + "/"
             lifeline.watch(proc.pid, tag_variable=TAG_VARIABLE, prefix=prefix)
         with anyio.move_on_after(timeout) as scope:
-            status, usage = await _wait_exit(proc.pid)
+            ended = await _wait_or_stall(proc.pid, (stdout, stderr), stall_timeout)
+            if ended is None:
+                stalled = True
+            else:
+                status, usage = ended
         if scope.cancelled_caught:
             timed_out = True
     except anyio.get_cancelled_exc_class():
@@ -293,6 +343,7 @@ async def run_command(
         max_rss_kb=(usage.ru_maxrss // 1024 if sys.platform == "darwin" else usage.ru_maxrss)
         if usage
         else None,
+        stalled=stalled,
     )
 
 

@@ -19,8 +19,11 @@ from envelopes import (
     Select,
     Summary,
     TaskResult,
+    UsageTotals,
     report_layout,
     seal_report,
+    usage_by_model,
+    usage_totals,
 )
 
 from ._fs import atomic_write
@@ -83,6 +86,12 @@ def aggregate_results(
         results_by_agent=by_agent,
         errors=errors,
         groups=group_reports,
+        usage_by_model={
+            model: UsageTotals.model_validate(totals)
+            for model, totals in usage_by_model(
+                {"usage": r.usage.model_dump(mode="json") if r.usage else None} for r in results
+            ).items()
+        },
         warnings=list(warnings),
     )
     return seal_report(report)
@@ -102,6 +111,7 @@ def _summary(results: Sequence[TaskResult], started_at: datetime, finished_at: d
         cached=counts["cached"],
         success_rate=round(100.0 * successful / total, 2) if total else 0.0,
         total_execution_time=round((finished_at - started_at).total_seconds(), 6),
+        usage=_totals(results),
     )
 
 
@@ -127,7 +137,14 @@ def _by_agent(results: Sequence[TaskResult]) -> dict[str, AgentSummary]:
         if result.status == "cached":
             entry.cached += 1
         entry.task_ids.append(result.task_id)
+    for name, entry in by_agent.items():
+        entry.usage = _totals([r for r in results if r.agent == name])
     return by_agent
+
+
+def _totals(results: Sequence[TaskResult]) -> UsageTotals | None:
+    totals = usage_totals(r.usage.model_dump(mode="json") if r.usage else None for r in results)
+    return UsageTotals.model_validate(totals) if totals is not None else None
 
 
 def _groups(

@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 
 from envelopes import (
+    NOT_RETRIED,
     Attempt,
     AttemptFailed,
     Environment,
@@ -41,6 +42,7 @@ from envelopes import (
     TaskStarted,
     TaskStatus,
     Timings,
+    Usage,
     canonical_json,
     digest,
     ref_safe,
@@ -332,7 +334,7 @@ class _Subagent:
         outcome = await retry_attempts(
             self.attempt,
             retries=envelope.retries,
-            should_retry=lambda o: o.status != "succeeded",
+            should_retry=_worth_retrying,
             before_retry=before_retry,
             initial=ctx.settings.backoff[0],
             maximum=ctx.settings.backoff[1],
@@ -411,6 +413,7 @@ class _Subagent:
             kill_grace=ctx.settings.kill_grace,
             lifeline=ctx.lifeline,
             record_command=self.history.record_command,
+            feedback=_feedback(self.history.last),
         )
 
     async def attempt(self, number: int) -> AttemptOutcome:
@@ -548,6 +551,7 @@ class _Subagent:
             error=error,
             timings=self.clock.timings(),
             metrics=last.metrics if last else Metrics(),
+            usage=_usage(last),
             branch=branch,
             worktree=str(place.kept_worktree) if place.kept_worktree else None,
             envelope=self.envelope_entry,
@@ -587,7 +591,37 @@ class _Subagent:
             if last_attempt and last_attempt.stderr
             else None,
             commands=[[masker.text(a) for a in c] for c in [*place.commands, *history.commands]],
+            prompt_sha256=history.last.prompt_sha256 if history.last else None,
         )
+
+
+def _worth_retrying(outcome: AttemptOutcome) -> bool:
+    """A failed attempt is tried again (retries permitting), unless its kind of failure says
+    another try cannot help (``auth``: the agent is not logged in)."""
+    if outcome.status == "succeeded":
+        return False
+    return outcome.error is None or outcome.error.kind not in NOT_RETRIED
+
+
+def _feedback(last: AttemptOutcome | None) -> str | None:
+    """Why the previous attempt failed, as the next attempt's prompt is told."""
+    if last is None or last.error is None:
+        return None
+    return f"{last.error.kind}: {last.error.message}"
+
+
+def _usage(last: AttemptOutcome | None) -> Usage | None:
+    """What the last attempt spent: its agent's own account (a preset's), else ``usage`` in
+    its output when that is a valid Usage (any agent may report it so); else unknown."""
+    if last is None:
+        return None
+    if last.usage is not None:
+        return last.usage
+    reported = (last.output or {}).get("usage")
+    if isinstance(reported, dict):
+        with contextlib.suppress(ValueError):
+            return Usage.model_validate(reported)
+    return None
 
 
 async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> TaskResult:

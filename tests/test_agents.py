@@ -145,7 +145,9 @@ def test_a_value_no_kind_takes_is_refused() -> None:
 
 
 def test_an_unknown_kind_is_refused_naming_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown agent kind 'http' \(known: callable, command\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown agent kind 'http' \(known: callable, command, preset\)"
+    ):
         as_agent({"kind": "http", "url": "http://localhost"})
 
 

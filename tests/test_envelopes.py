@@ -261,6 +261,8 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         },
         "max_commit_mb": 100,
         "allow_secrets_in_commit": False,
+        "prompt": None,
+        "stall_timeout": None,
     }
 
 
@@ -368,6 +370,8 @@ CHANGED = {
     "limits": {"memory_mb": 512},
     "max_commit_mb": 5,
     "allow_secrets_in_commit": True,
+    "prompt": "Do {{ task }}",
+    "stall_timeout": 30,
 }
 
 
@@ -642,3 +646,16 @@ def test_audit_finds_a_changed_log_file(tmp_path: Path) -> None:
     assert [(f.task_id, f.field) for f in findings] == [("t-bad", "attempt_log[1].stdout.sha256")]
     assert "expected" in findings[0].message and "found" in findings[0].message
     assert str(findings[0]).startswith("task t-bad: attempt_log[1].stdout.sha256: ")
+
+
+def test_unset_newer_fields_leave_old_digests_alone() -> None:
+    """An envelope or plan that sets none of the fields added later hashes as it did."""
+    envelope = _full_envelope()
+    data = envelope.to_json_dict()
+    assert "prompt" not in data and "stall_timeout" not in data
+    with_prompt = envelope.model_copy(update={"prompt": "Do {{ task }}"})
+    assert with_prompt.to_json_dict()["prompt"] == "Do {{ task }}"
+    plan = Plan.model_validate(_plan_example())
+    dumped = plan.model_dump(mode="json")
+    assert "prompt" not in dumped["defaults"] and "stall_timeout" not in dumped["defaults"]
+    assert not {"preset", "program", "model", "args"} & set(dumped["agents"]["writer"])

@@ -370,3 +370,55 @@ def test_stdin_is_closed(backend: str, tmp_path: Path, marker: str) -> None:
     assert not outcome.timed_out, "reading stdin blocked: the child inherited the caller's stdin"
     assert outcome.exit_code == 0
     assert (tmp_path / "out.log").read_text() == "0\n"
+
+
+def test_an_agent_that_goes_quiet_is_stopped_as_stalled(tmp_path: Path) -> None:
+    """It prints once, then sleeps: after stall_timeout seconds without output it is killed,
+    and nothing of it is left running."""
+    from envelopes import build_envelope
+    from orchestrator import orchestrate_parallel
+
+    marker = f"stall-{uuid.uuid4().hex}"
+    script = tmp_path / "quiet.py"
+    script.write_text("import sys, time\nprint('working', flush=True)\ntime.sleep(120)\n")
+    envelope = build_envelope(
+        "quiet", "x", task_id="q", worktree=False, venv=False, timeout=120, stall_timeout=0.5
+    )
+    report = anyio.run(
+        lambda: orchestrate_parallel(
+            [envelope],
+            agents={"quiet": [sys.executable, str(script), marker]},
+            state_dir=tmp_path / "state",
+        )
+    )
+    [result] = report.results
+    assert result.status == "failed" and result.error is not None
+    assert result.error.kind == "stalled"
+    assert result.error.message == "no output for 0.5 s: the agent was stopped"
+    assert live_processes_with(marker) == []
+    stdout = Path(report.run_dir) / "logs" / "q.attempt-1.stdout"
+    assert stdout.read_text() == "working\n"
+
+
+def test_output_keeps_a_chatty_agent_alive_past_its_stall_timeout(tmp_path: Path) -> None:
+    from envelopes import build_envelope
+    from orchestrator import orchestrate_parallel
+
+    script = tmp_path / "chatty.py"
+    script.write_text(
+        "import json, os, sys, time\n"
+        "for i in range(8):\n"
+        "    print(i, flush=True); time.sleep(0.2)\n"
+        "json.dump({'done': True}, open(os.environ['ORCHESTRATOR_OUTPUT'], 'w'))\n"
+    )
+    envelope = build_envelope(
+        "chatty", "x", task_id="c", worktree=False, venv=False, stall_timeout=0.8
+    )
+    report = anyio.run(
+        lambda: orchestrate_parallel(
+            [envelope],
+            agents={"chatty": [sys.executable, str(script)]},
+            state_dir=tmp_path / "state",
+        )
+    )
+    assert report.results[0].status == "succeeded", report.errors

@@ -254,3 +254,50 @@ def test_write_report_names_a_copy_it_cannot_write(tmp_path: Path) -> None:
         anyio.run(write_report, report, tmp_path / "report.json", bad)
     # The main path, written first, is whole.
     assert written(tmp_path / "report.json") == report.to_json_dict()
+
+
+def test_usage_is_added_up_per_run_agent_and_model_and_verifies(tmp_path: Path) -> None:
+    """Agents report usage in their output; the report adds it up, and the audit agrees."""
+    import anyio
+
+    from envelopes import HandoffEnvelope, audit_report, build_envelope, load_report_file
+    from orchestrator import Workspace, orchestrate_parallel
+
+    spent = {
+        "a": {"input_tokens": 100, "output_tokens": 10, "cost_usd": 0.25, "model": "m1"},
+        "b": {"input_tokens": 50, "cache_read_tokens": 5, "model": "m2"},
+        "c": {"input_tokens": "many"},  # not a Usage: ignored
+    }
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, object]:
+        return {"usage": spent.get(envelope.task_id)}
+
+    envelopes = [
+        build_envelope("w" if t != "b" else "v", t, task_id=t, worktree=False, venv=False)
+        for t in ("a", "b", "c", "d")
+    ]
+    report = anyio.run(
+        lambda: orchestrate_parallel(
+            envelopes, agents={"w": agent, "v": agent}, state_dir=tmp_path / "s"
+        )
+    )
+    by_id = {r.task_id: r for r in report.results}
+    assert by_id["a"].usage is not None and by_id["a"].usage.cost_usd == 0.25
+    assert by_id["c"].usage is None and by_id["d"].usage is None
+    total = report.summary.usage
+    assert total is not None
+    assert (total.tasks, total.input_tokens, total.cost_usd, total.cost_unknown) == (
+        2,
+        150,
+        0.25,
+        1,
+    )
+    assert report.results_by_agent["w"].usage is not None
+    assert report.results_by_agent["w"].usage.input_tokens == 100
+    assert sorted(report.usage_by_model) == ["m1", "m2"]
+    raw, _, source = load_report_file(Path(report.run_dir) / "report.json")
+    assert audit_report(raw, run_dir=Path(report.run_dir), source=source) == []
+    # A forged total is caught.
+    raw["summary"]["usage"]["cost_usd"] = 0.0
+    fields = {f.field for f in audit_report(raw, run_dir=Path(report.run_dir))}
+    assert "summary.usage" in fields

@@ -1,0 +1,233 @@
+"""The ``preset`` kind: a real coding agent (Claude Code, Codex, Gemini CLI, Aider) run headless.
+
+A plan's ``agents: {claude: {preset: claude-code, model: ..., args: [...]}}`` becomes a
+:class:`PresetAgent`. Each attempt renders the task's prompt (orchestrator/prompts.py) into
+``logs/<task>.attempt-<n>.prompt`` (its digest goes into the provenance), starts the preset's
+program on the task's PATH (or ``program:``) with the flags its preset module gives
+(orchestrator/presets/), under the task's isolation as a command is, and reads the agent's
+machine-readable output into the task's output, its usage and, when it failed, an error of a
+kind a user can act on (``auth``, ``rate_limited``, ``turn_limit``, ``agent_error``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from envelopes import (
+    AgentInfo,
+    AgentSpec,
+    ErrorInfo,
+    Metrics,
+    TaskStatus,
+    digest,
+    env_values,
+    open_regular,
+    sha256_hex,
+)
+
+from ._fs import last_line, write_file
+from .attempt import AttemptOutcome, AttemptRequest, stalled, timed_out
+from .presets import PRESETS, Preset
+from .process import run_command
+from .prompts import PromptError, render_prompt
+
+__all__ = ["MAX_AGENT_STDOUT_BYTES", "PresetAgent"]
+
+#: Most of an agent's stdout its preset's parser reads (the log keeps what the limits allow).
+MAX_AGENT_STDOUT_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class PresetAgent:
+    """A coding agent its preset knows how to run headless and read."""
+
+    preset: str
+    program: str | None = None
+    model: str | None = None
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    #: A program, which can be sandboxed.
+    in_process = False
+    #: Its stdout (the agent's machine-readable output) and stderr go to the log files.
+    writes_logs = True
+
+    @classmethod
+    def from_spec(cls, spec: AgentSpec) -> PresetAgent:
+        """The agent a plan's ``agents`` entry with a ``preset`` describes."""
+        if spec.preset is None:
+            raise ValueError("a preset agent needs a preset")
+        if spec.preset not in PRESETS:
+            known = ", ".join(sorted(PRESETS))
+            raise ValueError(f"unknown preset {spec.preset!r} (known: {known})")
+        return cls(
+            preset=spec.preset,
+            program=spec.program,
+            model=spec.model,
+            args=tuple(spec.args),
+            env=env_values(spec.env),
+        )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> PresetAgent:
+        """The agent of ``{"preset": ..., "model": ..., "args": [...], "program": ...}``."""
+        from .command_agent import refuse_task_settings
+
+        spec = AgentSpec.model_validate(dict(options))
+        refuse_task_settings(spec, "the agent", allowed={"preset", "program", "model", "args"})
+        return cls.from_spec(spec)
+
+    @property
+    def _preset(self) -> Preset:
+        return PRESETS[self.preset]
+
+    def _configured(self) -> list[str]:
+        """The agent as configured: what ``info`` and the fingerprint describe."""
+        words = [f"preset={self.preset}", f"program={self.program or self._preset.program}"]
+        if self.model is not None:
+            words.append(f"model={self.model}")
+        return [*words, *self.args]
+
+    def info(self, program: str | None = None) -> AgentInfo:
+        """Provenance: the preset, model and extra arguments, and the program it ran."""
+        return AgentInfo(kind="preset", command=self._configured(), program=program)
+
+    def fingerprint(self, plan_dir: Path) -> str:
+        """What decides what the agent does: preset (and the version its parser follows),
+        program (its file, when found), model, arguments and env. Blocking."""
+        program = self.program or self._preset.program
+        found = program if os.sep in program else shutil.which(program)
+        stat: list[int] | None = None
+        if found is not None:
+            try:
+                info = os.stat(found)
+                stat = [info.st_size, info.st_mtime_ns]
+            except OSError:
+                stat = None
+        return digest(
+            {
+                "preset": self.preset,
+                "checked_with": self._preset.checked_with,
+                "configured": self._configured(),
+                "program": [found, stat],
+                "env": dict(self.env),
+            }
+        )
+
+    async def run_attempt(self, request: AttemptRequest) -> AttemptOutcome:
+        """Render the prompt, run the agent headless, and read what it reported."""
+        from .isolation import isolate
+
+        try:
+            prompt = render_prompt(
+                request.envelope, attempt=request.attempt, feedback=request.feedback
+            )
+        except PromptError as exc:
+            return AttemptOutcome("failed", error=ErrorInfo(kind="spawn", message=str(exc)))
+        data = prompt.encode("utf-8", "surrogatepass")
+        prompt_file = request.stdout_path.with_suffix(".prompt")
+        await anyio.to_thread.run_sync(write_file, prompt_file, data)
+        prompt_sha256 = sha256_hex(data)
+        program = self.program or self._preset.program
+        if os.sep not in program:
+            program = shutil.which(program, path=request.env.get("PATH", "")) or program
+        invocation = self._preset.invocation(
+            program=program,
+            prompt=prompt,
+            prompt_file=prompt_file,
+            model=self.model,
+            args=self.args,
+        )
+        argv = invocation.argv
+        request.record_command(argv, os.path.realpath(argv[0]) if os.sep in argv[0] else argv[0])
+        try:
+            async with isolate(request, argv) as spawn:
+                proc = spawn.outcome(
+                    await run_command(
+                        spawn.argv,
+                        cwd=spawn.cwd,
+                        env=spawn.env,
+                        stdout=request.stdout_path,
+                        stderr=request.stderr_path,
+                        timeout=request.timeout,
+                        tag=request.attempt_tag,
+                        kill_grace=request.kill_grace,
+                        rlimits=spawn.rlimits,
+                        lifeline=request.lifeline,
+                        stdin=prompt_file if invocation.prompt_on_stdin else None,
+                        stall_timeout=request.envelope.stall_timeout,
+                    )
+                )
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            error = ErrorInfo(kind="spawn", message=f"cannot start {argv[0]}: {reason}")
+            return AttemptOutcome("failed", error=error, prompt_sha256=prompt_sha256)
+        metrics = Metrics(
+            cpu_user_s=proc.cpu_user_s, cpu_system_s=proc.cpu_system_s, max_rss_kb=proc.max_rss_kb
+        )
+        if proc.timed_out:
+            outcome = timed_out(request.timeout, exit_code=proc.exit_code, metrics=metrics)
+        elif proc.stalled and request.envelope.stall_timeout is not None:
+            stall = request.envelope.stall_timeout
+            outcome = stalled(stall, exit_code=proc.exit_code, metrics=metrics)
+        else:
+            outcome = await self._read(request, proc.exit_code, metrics)
+        return AttemptOutcome(
+            status=outcome.status,
+            exit_code=outcome.exit_code,
+            output=outcome.output,
+            error=outcome.error,
+            metrics=outcome.metrics,
+            usage=outcome.usage,
+            prompt_sha256=prompt_sha256,
+        )
+
+    async def _read(
+        self, request: AttemptRequest, exit_code: int | None, metrics: Metrics
+    ) -> AttemptOutcome:
+        """The agent's report, as its preset reads its stdout (and the last line of stderr)."""
+
+        def read() -> tuple[bytes, str]:
+            relative = request.stdout_path.relative_to(request.run_dir).as_posix()
+            try:
+                stdout = _tail(relative, MAX_AGENT_STDOUT_BYTES, request.run_dir)
+            except OSError:
+                stdout = b""  # replaced by a link or a FIFO: nothing of it is read
+            return stdout, last_line(request.stderr_path)
+
+        stdout, stderr_tail = await anyio.to_thread.run_sync(read)
+        parsed = self._preset.parse(stdout=stdout, stderr_tail=stderr_tail, exit_code=exit_code)
+        status: TaskStatus = "succeeded" if parsed.error is None else "failed"
+        return AttemptOutcome(
+            status,
+            exit_code=exit_code,
+            output=parsed.output if parsed.error is None else None,
+            error=parsed.error,
+            metrics=metrics,
+            usage=parsed.usage,
+        )
+
+
+def _tail(relative: str, limit: int, within: Path) -> bytes:
+    """The last *limit* bytes of a regular file of *within* (the agent's report comes last)."""
+    fd = open_regular(relative, within=within)
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, size - limit)
+        chunks, offset = [], start
+        while offset < start + limit:
+            chunk = os.pread(fd, min(1 << 20, start + limit - offset), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -1,0 +1,144 @@
+"""The ``preset`` kind end to end: a plan naming a coding agent's preset, a fake of that CLI on
+PATH printing the agent's documented output, and what the run makes of it: the prompt given,
+the files committed, usage and cost, error kinds, retries, provenance that verifies."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from envelopes import Plan, load_report_file
+from orchestrator import PlanError, orchestrate_parallel, verify_report
+from orchestrator.plan import missing_programs, validate_plan_data
+
+from .conftest import MakeRepo, git
+
+FIXTURES = Path(__file__).parent / "fixtures" / "presets"
+
+#: A fake ``claude``: records its argv and stdin (the prompt), edits a file, prints a fixture.
+FAKE = """#!{python}
+import json, os, pathlib, sys
+record = pathlib.Path(os.environ["FAKE_RECORD"])
+prompt = sys.stdin.read()
+with record.open("a") as f:
+    f.write(json.dumps({{"argv": sys.argv, "prompt": prompt}}) + "\\n")
+pathlib.Path("made-by-agent.txt").write_text("hello from the agent\\n")
+sys.stdout.write(pathlib.Path(os.environ["FAKE_FIXTURE"]).read_text())
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def fake_claude(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    program = bin_dir / "claude"
+    program.write_text(FAKE.format(python=sys.executable))
+    program.chmod(program.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    record = tmp_path / "record.jsonl"
+    monkeypatch.setenv("FAKE_RECORD", str(record))
+    return record
+
+
+def plan(**defaults: Any) -> Plan:
+    return Plan.model_validate(
+        {
+            "agents": {"claude": {"preset": "claude-code", "model": "sonnet", "args": ["--x"]}},
+            "defaults": {"venv": False, **defaults},
+            "tasks": [
+                {
+                    "id": "greet",
+                    "agent": "claude",
+                    "task": "Write a greeting",
+                    "inputs": {"name": "Ada"},
+                }
+            ],
+        }
+    )
+
+
+def run(repo: Path, p: Plan) -> Any:
+    return anyio.run(lambda: orchestrate_parallel(p, repo=repo))
+
+
+def test_a_preset_agent_is_told_its_prompt_and_its_report_is_read(
+    make_repo: MakeRepo, fake_claude: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_FIXTURE", str(FIXTURES / "claude-code" / "success.jsonl"))
+    repo = make_repo()
+    report = run(repo, plan())
+    [result] = report.results
+    assert result.status == "succeeded", result.error
+    [call] = [json.loads(line) for line in fake_claude.read_text().splitlines()]
+    assert call["prompt"].startswith("Write a greeting\n") and '- name: "Ada"' in call["prompt"]
+    assert "--x" in call["argv"] and "sonnet" in call["argv"]
+    # The agent's file is committed on the task's branch.
+    assert git(repo, "show", f"{result.branch}:made-by-agent.txt") == "hello from the agent"
+    # Usage and provenance: the prompt file in the run directory hashes to prompt_sha256.
+    assert result.usage is not None and result.usage.cost_source == "reported"
+    assert result.usage.cost_usd is not None and result.usage.cost_usd > 0
+    assert result.provenance.agent.kind == "preset"
+    run_dir = Path(report.run_dir)
+    prompt = run_dir / "logs" / "greet.attempt-1.prompt"
+    assert prompt.read_text() == call["prompt"]
+    assert report.summary.usage is not None and report.summary.usage.tasks == 1
+    assert anyio.run(verify_report, run_dir / "report.json").ok
+    # A changed prompt file is caught.
+    prompt.write_text("something else")
+    outcome = anyio.run(verify_report, run_dir / "report.json")
+    assert "provenance.prompt_sha256" in {f.field for f in outcome.findings}
+
+
+def test_an_auth_failure_is_not_retried(
+    make_repo: MakeRepo, fake_claude: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_FIXTURE", str(FIXTURES / "claude-code" / "invalid-api-key.jsonl"))
+    monkeypatch.setenv("FAKE_EXIT", "1")
+    repo = make_repo()
+    report = run(repo, plan(retries=2))
+    [result] = report.results
+    assert result.status == "failed" and result.error is not None
+    assert result.error.kind == "auth"
+    assert result.attempts == 1  # another try cannot log it in
+    _, raw, _ = load_report_file(Path(report.run_dir) / "report.json")
+    assert raw.results[0].error == result.error
+
+
+def test_a_rate_limited_agent_is_retried_with_the_failure_as_feedback(
+    make_repo: MakeRepo, fake_claude: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_FIXTURE", str(FIXTURES / "claude-code" / "rate-limited.jsonl"))
+    monkeypatch.setenv("FAKE_EXIT", "1")
+    repo = make_repo()
+    report = run(repo, plan(retries=1))
+    [result] = report.results
+    assert result.error is not None and result.error.kind == "rate_limited"
+    assert result.attempts == 2
+    calls = [json.loads(line) for line in fake_claude.read_text().splitlines()]
+    assert "previous attempt failed" not in calls[0]["prompt"]
+    assert "The previous attempt failed: rate_limited" in calls[1]["prompt"]
+
+
+def test_plans_name_known_presets_and_their_programs_are_looked_for(tmp_path: Path) -> None:
+    data = {
+        "agents": {"x": {"preset": "cursor"}},
+        "tasks": [{"agent": "x", "task": "t"}],
+    }
+    with pytest.raises(PlanError, match=r"agents\.x\.preset: unknown preset 'cursor'"):
+        validate_plan_data(data)
+    with pytest.raises(PlanError, match="exactly one of command and preset"):
+        validate_plan_data({**data, "agents": {"x": {"preset": "codex", "command": ["c"]}}})
+    with pytest.raises(PlanError, match="go with a preset"):
+        validate_plan_data({**data, "agents": {"x": {"command": ["c"], "model": "m"}}})
+    loaded = validate_plan_data(
+        {**data, "agents": {"x": {"preset": "codex", "program": str(tmp_path / "no-codex")}}}
+    )
+    assert missing_programs(loaded) == [f"agent x: program {tmp_path / 'no-codex'} does not exist"]
