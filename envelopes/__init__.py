@@ -51,6 +51,7 @@ from ._plan import ENV_FORMS as ENV_FORMS
 from ._plan import MATRIX_FIELDS as MATRIX_FIELDS
 from ._plan import MAX_CONCURRENCY as MAX_CONCURRENCY
 from ._plan import AgentSpec as AgentSpec
+from ._plan import Budget as Budget
 from ._plan import Concurrency as Concurrency
 from ._plan import EnvSpec as EnvSpec
 from ._plan import ExpandedTask as ExpandedTask
@@ -125,6 +126,7 @@ __all__ = [
     "AgentSummary",
     "Attempt",
     "AttemptFailed",
+    "Budget",
     "CachedFrom",
     "Concurrency",
     "EnvSpec",

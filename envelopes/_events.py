@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._plan import Select
-from ._result import ErrorInfo, MergeConflict, MergeStatus, TaskStatus
+from ._result import ErrorInfo, MergeConflict, MergeStatus, TaskStatus, Usage
 
 __all__ = [
     "AttemptFailed",
@@ -102,6 +102,8 @@ class TaskFinished(_Event):
     duration_s: float
     result_commit: str | None
     error: ErrorInfo | None
+    #: What the task's agent spent, where it said so.
+    usage: Usage | None = None
 
 
 class TaskSkipped(_Event):

@@ -350,6 +350,22 @@ class TaskSpec(_Isolation, _Additions):
         return finite_json(value)  # type: ignore[no-any-return]
 
 
+class Budget(_Strict):
+    """The most a run may spend (``budget:``): once its agents' reported and estimated spend
+    reaches a limit, no further task starts (each is ``skipped``, kind ``budget``); with
+    ``on_exceed: cancel``, the running ones are cancelled too."""
+
+    max_cost_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    max_tokens: PositiveInt | None = None
+    on_exceed: Literal["stop", "cancel"] = "stop"
+
+    @model_validator(mode="after")
+    def _a_limit(self) -> Budget:
+        if self.max_cost_usd is None and self.max_tokens is None:
+            raise ValueError("a budget needs max_cost_usd, max_tokens or both")
+        return self
+
+
 class MergeSpec(_Strict):
     """Merge the run's results into a branch when every task succeeded (see docs/plan-format.md)."""
 
@@ -357,8 +373,10 @@ class MergeSpec(_Strict):
     tasks: list[str] | None = None
 
 
-class Plan(_Strict):
+class Plan(_Additions):
     """A whole plan file."""
+
+    _ADDED = frozenset({"budget"})
 
     version: Literal[1] = 1
     name: str = Field(default="plan", min_length=1)
@@ -369,6 +387,7 @@ class Plan(_Strict):
     fail_fast: bool = False
     cache: bool = False
     merge: MergeSpec | None = None
+    budget: Budget | None = None
     defaults: PlanDefaults = Field(default_factory=PlanDefaults)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
     tasks: list[TaskSpec] = Field(min_length=1)

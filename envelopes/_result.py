@@ -81,6 +81,7 @@ ErrorKind = Literal[
     "turn_limit",  # the agent ran out of turns
     "agent_error",  # the agent said it failed, for any other reason
     "stalled",  # no output for stall_timeout seconds: killed
+    "budget",  # the run's budget was spent: not started, or cancelled (on_exceed: cancel)
 ]
 
 #: Error kinds a retry cannot help with.

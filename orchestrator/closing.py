@@ -47,16 +47,18 @@ class ReportPlan:
     groups: dict[str, tuple[Select, list[str] | None]] = field(default_factory=dict)
     #: Every ref as the run started, to report the ones an agent moved (docs/security.md).
     refs_before: dict[str, str] = field(default_factory=dict)
+    #: What the run itself has to say (its budget spent, say).
+    warnings: list[str] = field(default_factory=list)
 
 
 async def write_final_report(
     ctx: RunContext, results: Sequence[TaskResult], plan: ReportPlan
 ) -> Report:
     """Aggregate *results* into the sealed report, write it, and tidy the run's directories."""
-    warnings: list[str] = []
+    warnings = list(plan.warnings)
     if ctx.repo is not None and plan.refs_before:
         with anyio.CancelScope(shield=True):
-            warnings = moved_refs(plan.refs_before, await ref_values(ctx.repo.git), results)
+            warnings += moved_refs(plan.refs_before, await ref_values(ctx.repo.git), results)
     if ctx.repo is not None and ctx.guarding and ctx.repo.git.guard is not None:
         warnings += await anyio.to_thread.run_sync(ctx.repo.git.guard.unblamed)
     report = aggregate_results(

@@ -73,7 +73,8 @@ async def orchestrate_parallel(
     Settings (see :class:`RunSettings`) come from the plan, then from *settings* (the fields
     it sets), then from keyword arguments: ``concurrency``, ``pool``, ``keep_worktrees``,
     ``fail_fast``, ``base``, ``venv_backend``, ``kill_grace``, ``backoff``, ``agent_limits``,
-    ``state_dir``, ``executor``. A value out of bounds raises SettingsError naming it.
+    ``state_dir``, ``executor``, ``budget``. A value out of bounds raises SettingsError
+    naming it.
 
     At most ``concurrency`` tasks run at once, and at most ``agent_limits[name]`` of one
     agent's. A task with ``depends_on`` starts from its dependencies' results once they all
@@ -177,6 +178,7 @@ class _Run:
             results=ctx.results,
             fail_fast=settings.fail_fast,
             restored=run.restored,
+            budget=settings.budget,
         )
         return run
 
@@ -258,6 +260,17 @@ class _Run:
     def _results(self) -> list[TaskResult]:
         return [self.ctx.results[e.task_id] for e in self.envelopes]
 
+    def _budget_warning(self) -> list[str]:
+        scheduler = self.scheduler
+        if scheduler is None or scheduler.budget_spent is None:
+            return []
+        at = scheduler.budget_spent_at.isoformat() if scheduler.budget_spent_at else "?"
+        skipped = sum(
+            1 for r in self.ctx.results.values() if r.error is not None and r.error.kind == "budget"
+        )
+        why = scheduler.budget_spent.message.removeprefix("not started: ")
+        return [f"{why} at {at}: {skipped} task(s) not run or cancelled (kind budget)"]
+
     def _groups(self) -> dict[str, tuple[Select, list[str] | None]]:
         assert self.scheduler is not None
         return {
@@ -277,6 +290,7 @@ class _Run:
                     if self.book.states[e.task_id] in ("pending", "ready"):
                         self.book.move(e.task_id, "cancelled")
             self.report_plan.groups = self._groups()
+            self.report_plan.warnings = self._budget_warning()
             try:
                 await write_final_report(ctx, self._results(), self.report_plan)
             except RunDirError:
@@ -296,6 +310,7 @@ class _Run:
         ctx, plan = self.ctx, self.intake.plan
         try:
             self.report_plan.groups = self._groups()
+            self.report_plan.warnings = self._budget_warning()
             report = await write_final_report(ctx, self._results(), self.report_plan)
             if plan is not None and plan.merge is not None and ctx.repo is not None:
                 report = await merge_at_end(ctx, report, plan.merge, self.report_plan)

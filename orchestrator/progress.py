@@ -119,7 +119,14 @@ class Progress:
                 commit,
             ]
             why = f": {event.error.message}" if event.error else ""
-            return f"task {event.task_id} {event.status} in {event.duration_s:.2f} s, {event.attempts} attempt(s){' ' + commit if commit else ''}{why}"
+            usage = event.usage
+            cost = ""
+            if usage is not None:
+                tokens = usage.total_tokens or (usage.input_tokens or 0) + (
+                    usage.output_tokens or 0
+                )
+                cost = f", {spent(tokens, usage.cost_usd)}" if tokens or usage.cost_usd else ""
+            return f"task {event.task_id} {event.status} in {event.duration_s:.2f} s, {event.attempts} attempt(s){cost}{' ' + commit if commit else ''}{why}"
         if isinstance(event, TaskSkipped):
             self.rows[event.task_id] = [event.task_id, event.agent, "skipped", "", ""]
             return f"task {event.task_id} skipped: {event.error.message}"
@@ -190,8 +197,19 @@ def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
     took = f"{s.total_execution_time:.2f} s"
     if wall_s is not None and s.total_execution_time > wall_s + 1.0:  # a resumed run
         took = f"{wall_s:.2f} s (resumed; {s.total_execution_time:.2f} s since it first started)"
-    table = Table(title=Text(f"run {report.run_id}: {outcome_line(report)} in {took}"))
-    for name in ("task", "agent", "status", "tries", "time", "commit"):
+    title = f"run {report.run_id}: {outcome_line(report)} in {took}"
+    total = s.usage
+    if total is not None:
+        tokens = total.total_tokens or total.input_tokens + total.output_tokens
+        # A cost is told when at least one task said what it cost.
+        title += (
+            f"; spent {spent(tokens, total.cost_usd if total.cost_unknown < total.tasks else None)}"
+        )
+    table = Table(title=Text(title))
+    spending = total is not None
+    columns: tuple[str, ...] = ("task", "agent", "status", "tries", "time")
+    columns += ("spent", "commit") if spending else ("commit",)
+    for name in columns:
         table.add_column(name, no_wrap=True)
     table.add_column("error", overflow="fold")
     run_dir = Path(report.run_dir)
@@ -210,7 +228,26 @@ def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
             Text(status, style=_STYLE.get(r.status, "") if status != "not needed" else "dim"),
             str(r.attempts),
             f"{r.timings.duration_s:.2f}s",
+            *((_spent_of(r),) if spending else ()),
             (r.provenance.result_commit or "")[:10],
             Text("\n".join(lines)),
         )
     return table
+
+
+def spent(tokens: int | None, cost_usd: float | None) -> str:
+    """What a task or a run spent, as the tables show it: ``12.3k tokens, $0.42``."""
+    parts = []
+    if tokens:
+        parts.append(f"{tokens / 1000:.1f}k tokens" if tokens >= 1000 else f"{tokens} tokens")
+    if cost_usd is not None:
+        parts.append(f"${cost_usd:.2f}")
+    return ", ".join(parts)
+
+
+def _spent_of(result: TaskResult) -> str:
+    usage = result.usage
+    if usage is None:
+        return ""
+    tokens = usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)
+    return spent(tokens, usage.cost_usd)

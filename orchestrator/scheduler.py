@@ -18,14 +18,23 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
 
-from envelopes import SUCCESSFUL, ErrorInfo, HandoffEnvelope, Select, TaskResult, dependency_cycles
+from envelopes import (
+    SUCCESSFUL,
+    Budget,
+    ErrorInfo,
+    HandoffEnvelope,
+    Select,
+    TaskResult,
+    dependency_cycles,
+)
 
 from .errors import IllegalTransition
 
@@ -57,7 +66,8 @@ _FINAL: frozenset[TaskState] = frozenset(
 )
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     "pending": frozenset({"ready", "skipped", "cancelled"}),
-    "ready": frozenset({"running", "cancelled"}),
+    # ready -> skipped: the run's budget was spent before the task got a slot.
+    "ready": frozenset({"running", "cancelled", "skipped"}),
     # running -> cached: the result cache had the task's result, so it ran no agent.
     "running": frozenset({"retrying", "succeeded", "failed", "timed_out", "cancelled", "cached"}),
     # retrying -> failed: the on_event handler raised on TaskRetrying, which stops the run.
@@ -150,6 +160,27 @@ class SchedulerHooks(Protocol):
         """The selection of group *name* is known."""
 
 
+def over_budget(budget: Budget, results: Iterable[TaskResult]) -> str | None:
+    """Which limit of *budget* the spend in *results* has reached, in words, or None.
+
+    Spend is what the results' usage says: costs reported or estimated, tokens in all (or
+    input and output where an agent gave no total). What a task that is still running has
+    spent is not known until it ends.
+    """
+    cost = tokens = 0.0
+    for result in results:
+        usage = result.usage
+        if usage is None:
+            continue
+        cost += usage.cost_usd or 0.0
+        tokens += usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)
+    if budget.max_cost_usd is not None and cost >= budget.max_cost_usd:
+        return f"the run's budget max_cost_usd {budget.max_cost_usd:g} is spent ({cost:.4g} USD)"
+    if budget.max_tokens is not None and tokens >= budget.max_tokens:
+        return f"the run's budget max_tokens {budget.max_tokens} is spent ({tokens:.0f} tokens)"
+    return None
+
+
 def graph_problems(envelopes: Sequence[HandoffEnvelope]) -> list[str]:
     """What is wrong with the envelopes' ``depends_on``: unknown names and cycles."""
     index = {e.task_id: i for i, e in enumerate(envelopes)}
@@ -192,8 +223,13 @@ class Scheduler:
         results: Mapping[str, TaskResult],
         fail_fast: bool = False,
         restored: Sequence[str] = (),
+        budget: Budget | None = None,
     ) -> None:
         self.hooks = hooks
+        self.budget = budget
+        #: Why no further task starts, once the budget is spent (and when it was).
+        self.budget_spent: ErrorInfo | None = None
+        self.budget_spent_at: datetime | None = None
         self.limit = limit
         self.agent_limits = agent_limits
         self.book = book
@@ -260,6 +296,9 @@ class Scheduler:
 
     async def _ready(self, envelope: HandoffEnvelope) -> None:
         self.envelopes[envelope.task_id] = envelope
+        if self.budget_spent is not None:
+            await self._never_started(envelope.task_id, "skipped", self.budget_spent)
+            return
         self.book.move(envelope.task_id, "ready")
         await self.hooks.queued(envelope)
         heapq.heappush(
@@ -344,6 +383,12 @@ class Scheduler:
             await self._member_final(envelope.group, task_id, status)
         elif self.fail_fast and status in ("failed", "timed_out"):
             await self._stop(f"{task_id} {_WORDS[status]}")
+        if (
+            self.budget is not None
+            and self.budget_spent is None
+            and (why := over_budget(self.budget, self.results.values())) is not None
+        ):
+            await self._out_of_budget(why)
 
     async def _member_final(self, name: str, task_id: str, status: str) -> None:
         group = self.groups[name]
@@ -402,6 +447,23 @@ class Scheduler:
         )
         for task_id in list(self.envelopes):
             await self._cancel(task_id, self.stopped)
+
+    async def _out_of_budget(self, why: str) -> None:
+        """The budget is spent: no task starts any more; with ``on_exceed: cancel``, the
+        running ones are cancelled too."""
+        assert self.budget is not None
+        self.budget_spent_at = datetime.now(UTC)
+        self.budget_spent = ErrorInfo(kind="budget", message=f"not started: {why}")
+        cancel = self.budget.on_exceed == "cancel"
+        cancelled = ErrorInfo(kind="budget", message=f"cancelled: {why}")
+        for task_id, state in list(self.book.states.items()):
+            if state in ("running", "retrying"):
+                if cancel:
+                    await self._cancel(task_id, cancelled)
+            elif task_id in self.resolving:
+                self.abandoned.setdefault(task_id, self.budget_spent)
+            elif state in ("pending", "ready"):
+                await self._never_started(task_id, "skipped", self.budget_spent)
 
     async def _propagate(self) -> None:
         """Let dependents know about the tasks and groups that ended."""

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
 
-from envelopes import Concurrency, KeepWorktrees, Plan, validation_message
+from envelopes import Budget, Concurrency, KeepWorktrees, Plan, validation_message
 
 from .errors import SettingsError
 from .venv import ALL_BACKENDS, VenvBackend, get_backend
@@ -66,6 +66,7 @@ class SettingsOverrides(TypedDict, total=False):
     agent_limits: Mapping[str, int] | None
     state_dir: Path | str | None
     executor: str | None
+    budget: Budget | Mapping[str, Any] | None
 
 
 class RunSettings(BaseModel):
@@ -100,6 +101,8 @@ class RunSettings(BaseModel):
     state_dir: Path | None = None
     #: Where tasks run: the names of orchestrator/executor.py's ``EXECUTORS``.
     executor: Literal["local"] = "local"
+    #: The most the run's agents may spend (see ``envelopes.Budget``); None: no limit.
+    budget: Budget | None = None
 
     @field_validator("venv_backend", mode="plain")
     @classmethod
@@ -164,7 +167,7 @@ def plan_settings(plan: Plan | None) -> dict[str, Any]:
     # Only what the plan sets: a default is RunSettings' (which takes the plan's own).
     values: dict[str, Any] = {
         name: getattr(plan, name)
-        for name in ("concurrency", "keep_worktrees", "fail_fast", "base")
+        for name in ("concurrency", "keep_worktrees", "fail_fast", "base", "budget")
         if name in plan.model_fields_set
     }
     return values | {

@@ -766,4 +766,5 @@ def finished_event(ctx: RunContext, result: TaskResult) -> TaskFinished:
         duration_s=result.timings.duration_s,
         result_commit=result.provenance.result_commit,
         error=result.error,
+        usage=result.usage,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 from envelopes import ErrorInfo, RunStarted, TaskFinished, TaskStarted
 from orchestrator.progress import Progress
@@ -85,3 +86,50 @@ def test_graph_group_and_merge_events_have_their_lines(tmp_path) -> None:
         "merge into main conflict: b x c",
     ]
     assert progress.rows["d"][2] == "skipped"
+
+
+def test_the_summary_shows_what_each_task_and_the_run_spent(tmp_path: Path) -> None:
+    import anyio
+    from rich.console import Console
+
+    from envelopes import HandoffEnvelope, build_envelope
+    from orchestrator import Workspace, orchestrate_parallel
+    from orchestrator.progress import summary_table
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, object]:
+        usage = {"a": {"input_tokens": 1500, "output_tokens": 500, "cost_usd": 0.42}}
+        return {"usage": usage.get(envelope.task_id)}
+
+    envelopes = [build_envelope("w", t, task_id=t, worktree=False, venv=False) for t in "ab"]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, agents={"w": agent}, state_dir=tmp_path / "s")
+    )
+    console = Console(width=200, record=True)
+    console.print(summary_table(report))
+    text = console.export_text()
+    title = " ".join(text.split("┏")[0].split())
+    assert title.endswith("; spent 2.0k tokens, $0.42")
+    [row] = [line for line in text.splitlines() if "│ a " in line]
+    assert "2.0k tokens, $0.42" in row
+
+
+def test_a_finished_line_says_what_the_task_spent(tmp_path) -> None:
+    from envelopes import Usage
+
+    log = tmp_path / "log"
+    finished = TaskFinished(
+        run_id="r",
+        task_id="t",
+        agent="claude",
+        status="succeeded",
+        attempts=1,
+        duration_s=2.0,
+        result_commit="ab" * 20,
+        error=None,
+        usage=Usage(input_tokens=12_000, output_tokens=345, cost_usd=0.1234),
+    )
+    with log.open("w") as stream, Progress(stream) as progress:
+        progress(finished)
+    assert log.read_text().splitlines() == [
+        "task t succeeded in 2.00 s, 1 attempt(s), 12.3k tokens, $0.12 ababababab",
+    ]

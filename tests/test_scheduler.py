@@ -18,7 +18,13 @@ from envelopes import (
     TaskStarted,
     build_envelope,
 )
-from orchestrator import OrchestratorError, Workspace, orchestrate_parallel
+from orchestrator import (
+    OrchestratorError,
+    PlanError,
+    Workspace,
+    orchestrate_parallel,
+    verify_report,
+)
 from orchestrator.scheduler import IllegalTransition, TaskBook
 
 from .conftest import MakeRepo, cli
@@ -175,3 +181,73 @@ def test_bad_limits_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[st
         f"{plan}:2:21: agents.a.max_concurrency: must be >= 1, found 0",
         f"{plan}:4:25: tasks[0].priority: must be an integer, found 'high'",
     ]
+
+
+def _spending_plan(n: int, **budget: object) -> Any:
+    from envelopes import Plan
+
+    return Plan.model_validate(
+        {
+            "concurrency": 2,
+            "budget": budget,
+            "defaults": {"worktree": False, "venv": False},
+            "tasks": [{"id": f"t{i:02d}", "agent": "a", "task": "x"} for i in range(n)],
+        }
+    )
+
+
+def test_a_spent_budget_starts_no_further_task(tmp_path: Path) -> None:
+    """20 tasks of cost 1.0, max_cost_usd 5, concurrency 2: at most 5 + 2 ran."""
+
+    ran: list[str] = []
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        ran.append(envelope.task_id)
+        await anyio.sleep(0.01)
+        return {"usage": {"cost_usd": 1.0, "input_tokens": 10}}
+
+    report = anyio.run(
+        lambda: orchestrate_parallel(
+            _spending_plan(20, max_cost_usd=5), agents={"a": agent}, state_dir=tmp_path / "s"
+        )
+    )
+    assert 5 <= len(ran) <= 5 + 2
+    skipped = [r for r in report.results if r.status == "skipped"]
+    assert len(skipped) == 20 - len(ran)
+    assert all(r.error is not None and r.error.kind == "budget" for r in skipped)
+    assert skipped[0].error is not None
+    assert "max_cost_usd 5 is spent" in skipped[0].error.message
+    assert report.summary.usage is not None and report.summary.usage.cost_usd == len(ran)
+    assert any("max_cost_usd 5 is spent" in w for w in report.warnings)
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+def test_on_exceed_cancel_cancels_the_running_tasks_too(tmp_path: Path) -> None:
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        if envelope.task_id == "t00":
+            return {"usage": {"total_tokens": 1000}}
+        await anyio.sleep(30)  # still running when t00's spend is known
+        return {}
+
+    report = anyio.run(
+        lambda: orchestrate_parallel(
+            _spending_plan(4, max_tokens=500, on_exceed="cancel"),
+            agents={"a": agent},
+            state_dir=tmp_path / "s",
+        )
+    )
+    statuses = {r.task_id: (r.status, r.error.kind if r.error else None) for r in report.results}
+    assert statuses["t00"] == ("succeeded", None)
+    assert statuses["t01"] == ("cancelled", "budget")  # was running
+    assert statuses["t02"] == ("skipped", "budget") and statuses["t03"] == ("skipped", "budget")
+
+
+def test_a_budget_needs_a_limit() -> None:
+    from orchestrator.plan import validate_plan_data
+
+    with pytest.raises(PlanError, match="a budget needs max_cost_usd, max_tokens or both"):
+        validate_plan_data(
+            {"budget": {"on_exceed": "stop"}, "tasks": [{"agent": "a", "task": "x"}]},
+            callable_agents=["a"],
+        )
