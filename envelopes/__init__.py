@@ -55,12 +55,14 @@ from ._plan import Budget as Budget
 from ._plan import Concurrency as Concurrency
 from ._plan import EnvSpec as EnvSpec
 from ._plan import ExpandedTask as ExpandedTask
+from ._plan import HttpSpec as HttpSpec
 from ._plan import KeepWorktrees as KeepWorktrees
 from ._plan import Limits as Limits
 from ._plan import MergeSpec as MergeSpec
 from ._plan import Plan as Plan
 from ._plan import PlanDefaults as PlanDefaults
 from ._plan import PlanProblem as PlanProblem
+from ._plan import Rates as Rates
 from ._plan import Sandbox as Sandbox
 from ._plan import Select as Select
 from ._plan import TaskSpec as TaskSpec
@@ -140,6 +142,7 @@ __all__ = [
     "GroupMember",
     "GroupReport",
     "HandoffEnvelope",
+    "HttpSpec",
     "KeepWorktrees",
     "Limits",
     "LogFile",
@@ -156,6 +159,7 @@ __all__ = [
     "PlanDefaults",
     "PlanProblem",
     "Provenance",
+    "Rates",
     "Report",
     "ReportError",
     "RunFinished",

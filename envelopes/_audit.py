@@ -160,6 +160,7 @@ _ATTEMPT_KINDS = frozenset(
         "turn_limit",
         "agent_error",
         "stalled",
+        "patch",
     }
 )
 

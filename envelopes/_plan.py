@@ -249,6 +249,19 @@ class _Isolation(_Strict):
     allow_secrets_in_commit: bool | None = None
 
 
+class HttpSpec(_Strict):
+    """An agent behind an HTTP endpoint (``agents.<name>.http``): the envelope is POSTed to
+    ``url`` as JSON; see docs/agents.md, "HTTP agents". Header values may name variables of
+    the agent's environment (which inherits the orchestrator's unless the task says otherwise)
+    as ``${NAME}``: filled in when the request is sent, never written to a log, an event or
+    the report."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2000)]
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: Seconds between polls of a ``202 Accepted`` task's ``Location``.
+    poll_interval: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 2.0
+
+
 class AgentSpec(_Isolation, _Additions):
     """How to start an agent: a command run in the task's worktree, or a coding agent's preset.
 
@@ -257,12 +270,14 @@ class AgentSpec(_Isolation, _Additions):
     when the task starts. ``preset`` names a coding agent the orchestrator knows how to run
     headless (``claude-code``, ``codex``, ``gemini``, ``aider``): ``program`` (default: the
     preset's, looked up on the task's PATH), ``model`` and ``args`` (appended) go with it.
-    Exactly one of ``command`` and ``preset``.
+    ``http`` is an agent behind an HTTP endpoint (:class:`HttpSpec`). Exactly one of
+    ``command``, ``preset`` and ``http``.
     """
 
-    _ADDED = frozenset({"preset", "program", "model", "args"})
+    _ADDED = frozenset({"preset", "program", "model", "args", "http"})
 
     command: list[str] | None = Field(default=None, min_length=1)
+    http: HttpSpec | None = None
     preset: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")] | None = None
     program: Annotated[str, Field(min_length=1)] | None = None
     model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
@@ -272,10 +287,10 @@ class AgentSpec(_Isolation, _Additions):
 
     @model_validator(mode="after")
     def _one_way_to_start(self) -> AgentSpec:
-        if (self.command is None) == (self.preset is None):
-            raise ValueError("an agent needs exactly one of command and preset")
-        if self.command is not None and (self.program or self.model or self.args):
-            raise ValueError("program, model and args go with a preset, not a command")
+        if sum(way is not None for way in (self.command, self.preset, self.http)) != 1:
+            raise ValueError("an agent needs exactly one of command, preset and http")
+        if self.preset is None and (self.program or self.model or self.args):
+            raise ValueError("program, model and args go with a preset")
         return self
 
     @field_validator("command", mode="before")
@@ -366,6 +381,15 @@ class Budget(_Strict):
         return self
 
 
+class Rates(_Strict):
+    """What a model costs, in US dollars per million tokens (``pricing.<model>``)."""
+
+    input: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    output: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    cache_read: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    cache_write: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
 class MergeSpec(_Strict):
     """Merge the run's results into a branch when every task succeeded (see docs/plan-format.md)."""
 
@@ -376,7 +400,7 @@ class MergeSpec(_Strict):
 class Plan(_Additions):
     """A whole plan file."""
 
-    _ADDED = frozenset({"budget"})
+    _ADDED = frozenset({"budget", "pricing"})
 
     version: Literal[1] = 1
     name: str = Field(default="plan", min_length=1)
@@ -388,6 +412,8 @@ class Plan(_Additions):
     cache: bool = False
     merge: MergeSpec | None = None
     budget: Budget | None = None
+    #: Rates by model, to estimate what an agent that does not report its cost spent.
+    pricing: dict[str, Rates] = Field(default_factory=dict)
     defaults: PlanDefaults = Field(default_factory=PlanDefaults)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
     tasks: list[TaskSpec] = Field(min_length=1)

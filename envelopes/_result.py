@@ -82,6 +82,7 @@ ErrorKind = Literal[
     "agent_error",  # the agent said it failed, for any other reason
     "stalled",  # no output for stall_timeout seconds: killed
     "budget",  # the run's budget was spent: not started, or cancelled (on_exceed: cancel)
+    "patch",  # an HTTP agent's patch does not apply to the worktree
 ]
 
 #: Error kinds a retry cannot help with.

@@ -27,6 +27,7 @@ from envelopes import AgentInfo, AgentSpec
 from .attempt import AttemptOutcome, AttemptRequest
 from .callable_agent import AgentFunction, CallableAgent, Workspace
 from .command_agent import CommandAgent
+from .http_agent import HttpAgent
 from .preset_agent import PresetAgent
 
 __all__ = [
@@ -107,6 +108,7 @@ KINDS: dict[str, AgentKind] = {
     "command": CommandAgent.from_options,
     "callable": CallableAgent.from_options,
     "preset": PresetAgent.from_options,
+    "http": HttpAgent.from_options,
 }
 
 #: What a user may pass as an agent (see :func:`as_agent`).
@@ -125,13 +127,15 @@ def as_agent(value: AgentLike) -> Agent:
     if isinstance(value, Agent):
         return value
     if isinstance(value, AgentSpec):
-        # A plan's entry: a coding agent's preset, or a command.
+        # A plan's entry: a coding agent's preset, an HTTP endpoint, or a command.
         if value.preset is not None:
             return PresetAgent.from_spec(value)
+        if value.http is not None:
+            return HttpAgent.from_spec(value)
         return CommandAgent.from_spec(value)
     if isinstance(value, Mapping):
         options = dict(value)
-        default = "preset" if "preset" in options else "command"
+        default = "preset" if "preset" in options else "http" if "http" in options else "command"
         return _kind(str(options.pop("kind", default)))(options)
     if isinstance(value, str):
         return _kind("command")({"command": value})

@@ -32,7 +32,7 @@ from .process import ProcessOutcome, run_command
 if TYPE_CHECKING:
     from .isolation import Spawn
 
-__all__ = ["CommandAgent", "refuse_task_settings"]
+__all__ = ["CommandAgent", "refuse_task_settings", "run_program"]
 
 
 def refuse_task_settings(
@@ -144,8 +144,6 @@ class CommandAgent:
         process group is terminated (under a shielded scope), then the cancellation
         propagates.
         """
-        from .isolation import isolate
-
         argv = self.argv(
             plan_dir=request.plan_dir,
             worktree=request.cwd,
@@ -155,30 +153,46 @@ class CommandAgent:
             venv_bin=request.venv.bin_dir if request.venv else None,
         )
         request.record_command(argv, _program(argv[0]))
-        try:
-            async with isolate(request, argv) as spawn:
-                proc = spawn.outcome(
-                    await run_command(
-                        spawn.argv,
-                        cwd=spawn.cwd,
-                        env=spawn.env,
-                        stdout=request.stdout_path,
-                        stderr=request.stderr_path,
-                        timeout=request.timeout,
-                        tag=request.attempt_tag,
-                        kill_grace=request.kill_grace,
-                        rlimits=spawn.rlimits,
-                        lifeline=request.lifeline,
-                        stall_timeout=request.envelope.stall_timeout,
-                    )
-                )
-        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or variable
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            return AttemptOutcome(
-                status="failed",
-                error=ErrorInfo(kind="spawn", message=f"cannot start {argv[0]}: {reason}"),
-            )
+        ran = await run_program(request, argv)
+        if isinstance(ran, AttemptOutcome):
+            return ran
+        spawn, proc = ran
         return await _judge(request, spawn, proc)
+
+
+async def run_program(
+    request: AttemptRequest, argv: list[str], *, stdin: Path | None = None
+) -> tuple[Spawn, ProcessOutcome] | AttemptOutcome:
+    """Run *argv* for one attempt under the task's isolation (sandbox, limits), its output
+    into the attempt's logs, stopped at the timeout or a stall: how the isolation and the
+    process ended, or the ``spawn`` failure when it could not start. Every kind that runs a
+    program runs it so. Cancellation: the process group is terminated (shielded), then the
+    cancellation propagates."""
+    from .isolation import isolate
+
+    try:
+        async with isolate(request, argv) as spawn:
+            proc = spawn.outcome(
+                await run_command(
+                    spawn.argv,
+                    cwd=spawn.cwd,
+                    env=spawn.env,
+                    stdout=request.stdout_path,
+                    stderr=request.stderr_path,
+                    timeout=request.timeout,
+                    tag=request.attempt_tag,
+                    kill_grace=request.kill_grace,
+                    rlimits=spawn.rlimits,
+                    lifeline=request.lifeline,
+                    stdin=stdin,
+                    stall_timeout=request.envelope.stall_timeout,
+                )
+            )
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or variable
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        error = ErrorInfo(kind="spawn", message=f"cannot start {argv[0]}: {reason}")
+        return AttemptOutcome(status="failed", error=error)
+    return spawn, proc
 
 
 async def _judge(request: AttemptRequest, spawn: Spawn, proc: ProcessOutcome) -> AttemptOutcome:

@@ -73,7 +73,7 @@ async def orchestrate_parallel(
     Settings (see :class:`RunSettings`) come from the plan, then from *settings* (the fields
     it sets), then from keyword arguments: ``concurrency``, ``pool``, ``keep_worktrees``,
     ``fail_fast``, ``base``, ``venv_backend``, ``kill_grace``, ``backoff``, ``agent_limits``,
-    ``state_dir``, ``executor``, ``budget``. A value out of bounds raises SettingsError
+    ``state_dir``, ``executor``, ``budget``, ``pricing``. A value out of bounds raises SettingsError
     naming it.
 
     At most ``concurrency`` tasks run at once, and at most ``agent_limits[name]`` of one

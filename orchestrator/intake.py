@@ -117,8 +117,8 @@ def agent_table(
         table.update({name: as_agent(spec) for name, spec in plan.agents.items()})
     for name, value in given.items():
         if isinstance(value, AgentSpec):
-            preset = {"preset", "program", "model", "args"}
-            refuse_task_settings(value, f"agent {name!r}, given in code,", allowed=preset)
+            ways = {"preset", "program", "model", "args", "http"}
+            refuse_task_settings(value, f"agent {name!r}, given in code,", allowed=ways)
         table[name] = as_agent(value)
     missing = sorted({e.agent for e in envelopes} - table.keys())
     if missing:

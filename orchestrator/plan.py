@@ -789,6 +789,8 @@ def missing_programs(loaded: LoadedPlan) -> list[str]:
             found.add(re.sub(r"[-_.]+", "-", name).lower())
     problems = []
     for name, spec in sorted(plan.agents.items()):
+        if spec.http is not None:
+            continue  # an endpoint, not a program
         first = spec.command[0] if spec.command else spec.program or preset_program(spec)
         program = first.replace("{plan_dir}", str(loaded.plan_dir))
         if "{" in program or program in ("python", "python3"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,8 @@ from envelopes import (
 
 from ._fs import last_line, write_file
 from .attempt import AttemptOutcome, AttemptRequest, stalled, timed_out
+from .command_agent import run_program
 from .presets import PRESETS, Preset
-from .process import run_command
 from .prompts import PromptError, render_prompt
 
 __all__ = ["MAX_AGENT_STDOUT_BYTES", "PresetAgent"]
@@ -123,8 +123,6 @@ class PresetAgent:
 
     async def run_attempt(self, request: AttemptRequest) -> AttemptOutcome:
         """Render the prompt, run the agent headless, and read what it reported."""
-        from .isolation import isolate
-
         try:
             prompt = render_prompt(
                 request.envelope, attempt=request.attempt, feedback=request.feedback
@@ -147,28 +145,11 @@ class PresetAgent:
         )
         argv = invocation.argv
         request.record_command(argv, os.path.realpath(argv[0]) if os.sep in argv[0] else argv[0])
-        try:
-            async with isolate(request, argv) as spawn:
-                proc = spawn.outcome(
-                    await run_command(
-                        spawn.argv,
-                        cwd=spawn.cwd,
-                        env=spawn.env,
-                        stdout=request.stdout_path,
-                        stderr=request.stderr_path,
-                        timeout=request.timeout,
-                        tag=request.attempt_tag,
-                        kill_grace=request.kill_grace,
-                        rlimits=spawn.rlimits,
-                        lifeline=request.lifeline,
-                        stdin=prompt_file if invocation.prompt_on_stdin else None,
-                        stall_timeout=request.envelope.stall_timeout,
-                    )
-                )
-        except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            error = ErrorInfo(kind="spawn", message=f"cannot start {argv[0]}: {reason}")
-            return AttemptOutcome("failed", error=error, prompt_sha256=prompt_sha256)
+        prompt_on_stdin = prompt_file if invocation.prompt_on_stdin else None
+        ran = await run_program(request, argv, stdin=prompt_on_stdin)
+        if isinstance(ran, AttemptOutcome):
+            return replace(ran, prompt_sha256=prompt_sha256)
+        _, proc = ran
         metrics = Metrics(
             cpu_user_s=proc.cpu_user_s, cpu_system_s=proc.cpu_system_s, max_rss_kb=proc.max_rss_kb
         )

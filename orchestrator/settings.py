@@ -26,7 +26,15 @@ from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
 
-from envelopes import Budget, Concurrency, KeepWorktrees, Plan, validation_message
+from envelopes import (
+    Budget,
+    Concurrency,
+    KeepWorktrees,
+    Plan,
+    Rates,
+    Usage,
+    validation_message,
+)
 
 from .errors import SettingsError
 from .venv import ALL_BACKENDS, VenvBackend, get_backend
@@ -35,6 +43,7 @@ __all__ = [
     "FALLBACK_STATE_DIR",
     "RunSettings",
     "SettingsOverrides",
+    "estimated",
     "plan_settings",
     "resolve_settings",
     "state_root",
@@ -67,6 +76,7 @@ class SettingsOverrides(TypedDict, total=False):
     state_dir: Path | str | None
     executor: str | None
     budget: Budget | Mapping[str, Any] | None
+    pricing: Mapping[str, Rates | Mapping[str, float]] | None
 
 
 class RunSettings(BaseModel):
@@ -103,6 +113,8 @@ class RunSettings(BaseModel):
     executor: Literal["local"] = "local"
     #: The most the run's agents may spend (see ``envelopes.Budget``); None: no limit.
     budget: Budget | None = None
+    #: Rates by model, for agents that do not report what they cost (``envelopes.Rates``).
+    pricing: dict[str, Rates] = Field(default_factory=dict)
 
     @field_validator("venv_backend", mode="plain")
     @classmethod
@@ -167,7 +179,7 @@ def plan_settings(plan: Plan | None) -> dict[str, Any]:
     # Only what the plan sets: a default is RunSettings' (which takes the plan's own).
     values: dict[str, Any] = {
         name: getattr(plan, name)
-        for name in ("concurrency", "keep_worktrees", "fail_fast", "base", "budget")
+        for name in ("concurrency", "keep_worktrees", "fail_fast", "base", "budget", "pricing")
         if name in plan.model_fields_set
     }
     return values | {
@@ -218,3 +230,27 @@ def _validated(values: Mapping[str, Any]) -> RunSettings:
         error = exc.errors()[0]
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         raise SettingsError(name, validation_message(error)) from None
+
+
+def estimated(usage: Usage | None, pricing: Mapping[str, Rates]) -> Usage | None:
+    """*usage* with its cost estimated from *pricing* when the agent did not report one and
+    the plan has rates for its model (``cost_source: estimated``); else *usage* as it is."""
+    if usage is None or usage.cost_usd is not None or usage.model not in pricing:
+        return usage
+    rates = pricing[usage.model or ""]
+    parts = [
+        (usage.input_tokens, rates.input),
+        (usage.output_tokens, rates.output),
+        (
+            usage.cache_read_tokens,
+            rates.cache_read if rates.cache_read is not None else rates.input,
+        ),
+        (
+            usage.cache_write_tokens,
+            rates.cache_write if rates.cache_write is not None else rates.input,
+        ),
+    ]
+    if all(tokens is None for tokens, _ in parts):
+        return usage
+    cost = sum((tokens or 0) * rate for tokens, rate in parts) / 1_000_000
+    return usage.model_copy(update={"cost_usd": round(cost, 6), "cost_source": "estimated"})

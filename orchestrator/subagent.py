@@ -59,6 +59,7 @@ from .harvest import Harvest, harvest
 from .repo import Repository
 from .retry import retry_attempts
 from .secrets import Masker
+from .settings import estimated
 from .venv import Venv, describe_environment, setup_virtualenv
 from .worktree import (
     Worktree,
@@ -551,7 +552,7 @@ class _Subagent:
             error=error,
             timings=self.clock.timings(),
             metrics=last.metrics if last else Metrics(),
-            usage=_usage(last),
+            usage=estimated(_usage(last), self.ctx.settings.pricing),
             branch=branch,
             worktree=str(place.kept_worktree) if place.kept_worktree else None,
             envelope=self.envelope_entry,

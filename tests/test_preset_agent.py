@@ -134,7 +134,7 @@ def test_plans_name_known_presets_and_their_programs_are_looked_for(tmp_path: Pa
     }
     with pytest.raises(PlanError, match=r"agents\.x\.preset: unknown preset 'cursor'"):
         validate_plan_data(data)
-    with pytest.raises(PlanError, match="exactly one of command and preset"):
+    with pytest.raises(PlanError, match="exactly one of command, preset and http"):
         validate_plan_data({**data, "agents": {"x": {"preset": "codex", "command": ["c"]}}})
     with pytest.raises(PlanError, match="go with a preset"):
         validate_plan_data({**data, "agents": {"x": {"command": ["c"], "model": "m"}}})

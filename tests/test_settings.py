@@ -31,6 +31,30 @@ def plan(**top: Any) -> Plan:
     )
 
 
+class Counting:
+    """A callable agent that counts how many of its tasks run at once (``peak``)."""
+
+    def __init__(self) -> None:
+        self.running = self.peak = 0
+
+    async def __call__(self, envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        await anyio.sleep(0.02)
+        self.running -= 1
+        return {}
+
+
+def tasks_plan(n: int, concurrency: int) -> Plan:
+    return Plan.model_validate(
+        {
+            "concurrency": concurrency,
+            "defaults": {"worktree": False, "venv": False},
+            "tasks": [{"id": f"t{i}", "agent": "a", "task": "x"} for i in range(n)],
+        }
+    )
+
+
 def test_defaults_live_in_the_settings_class_only() -> None:
     settings = resolve_settings(None, {})
     assert settings == RunSettings()
@@ -164,31 +188,16 @@ def test_a_bad_api_value_is_refused_before_anything_is_made(tmp_path: Path) -> N
 
 def test_the_concurrency_in_force_is_the_resolved_one(tmp_path: Path) -> None:
     """The plan says 3, the caller 1: at most one task ever runs at once."""
-    running = peak = 0
-
-    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await anyio.sleep(0.01)
-        running -= 1
-        return {}
-
-    p = Plan.model_validate(
-        {
-            "concurrency": 3,
-            "defaults": {"worktree": False, "venv": False},
-            "tasks": [{"id": f"t{i}", "agent": "a", "task": "x"} for i in range(6)],
-        }
-    )
+    agent = Counting()
+    p = tasks_plan(6, concurrency=3)
     state = tmp_path / "state"
     report = anyio.run(
         lambda: orchestrate_parallel(p, agents={"a": agent}, state_dir=state, concurrency=1)
     )
-    assert report.summary.successful == 6 and peak == 1
-    running = peak = 0
+    assert report.summary.successful == 6 and agent.peak == 1
+    agent = Counting()
     report = anyio.run(lambda: orchestrate_parallel(p, agents={"a": agent}, state_dir=state))
-    assert report.summary.successful == 6 and peak == 3
+    assert report.summary.successful == 6 and agent.peak == 3
     journal = (state / "runs" / report.run_id / "journal.jsonl").read_text().splitlines()
     record = json.loads(journal[0])
     assert record["type"] == "run" and record["settings"]["concurrency"] == 3
@@ -276,23 +285,8 @@ def test_a_resume_goes_on_with_the_settings_its_run_started_with(tmp_path: Path)
     from envelopes import Event, TaskFinished
     from orchestrator import resume_run
 
-    running = peak = 0
-
-    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await anyio.sleep(0.02)
-        running -= 1
-        return {}
-
-    p = Plan.model_validate(
-        {
-            "concurrency": 4,
-            "defaults": {"worktree": False, "venv": False},
-            "tasks": [{"id": f"t{i}", "agent": "a", "task": "x"} for i in range(8)],
-        }
-    )
+    agent = Counting()
+    p = tasks_plan(8, concurrency=4)
     state = tmp_path / "state"
 
     async def interrupted() -> str:
@@ -312,22 +306,22 @@ def test_a_resume_goes_on_with_the_settings_its_run_started_with(tmp_path: Path)
 
     for resume in ("keywords", "resume_run", "override"):
         run_id = anyio.run(interrupted)
-        running = peak = 0
+        agent.running = agent.peak = 0
         if resume == "keywords":
             report = anyio.run(
                 partial(
                     orchestrate_parallel, p, agents={"a": agent}, state_dir=state, resume=run_id
                 )
             )
-            assert peak == 1  # the run's concurrency, not the plan's 4
+            assert agent.peak == 1  # the run's concurrency, not the plan's 4
         elif resume == "resume_run":
             report = anyio.run(partial(resume_run, run_id, agents={"a": agent}, state_dir=state))
-            assert peak == 1
+            assert agent.peak == 1
         else:
             report = anyio.run(
                 partial(resume_run, run_id, agents={"a": agent}, state_dir=state, concurrency=3)
             )
-            assert peak == 3
+            assert agent.peak == 3
         assert report.run_id == run_id and report.summary.successful == 8
 
 
@@ -371,3 +365,40 @@ def test_an_agents_max_concurrency_has_the_concurrency_bound(tmp_path: Path) -> 
     }
     with pytest.raises(PlanError, match=r"agents\.a\.max_concurrency: must be <= 1024, found 5000"):
         validate_plan_data(data)
+
+
+def test_a_plans_pricing_estimates_what_an_agent_did_not_report(tmp_path: Path) -> None:
+    from envelopes import Rates, Usage
+    from orchestrator.settings import estimated
+
+    rates = {"m": Rates(input=3.0, output=15.0, cache_read=0.3)}
+    usage = Usage(input_tokens=1_000_000, output_tokens=100_000, cache_read_tokens=10, model="m")
+    cost = estimated(usage, rates)
+    assert cost is not None and cost.cost_source == "estimated"
+    assert cost.cost_usd == round(3.0 + 1.5 + 10 * 0.3 / 1_000_000, 6)
+    reported = usage.model_copy(update={"cost_usd": 9.0, "cost_source": "reported"})
+    assert estimated(reported, rates) is reported  # a reported cost is never replaced
+    assert estimated(usage.model_copy(update={"model": "other"}), rates) == usage.model_copy(
+        update={"model": "other"}
+    )
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        return {"usage": {"input_tokens": 2_000_000, "model": "m"}}
+
+    p = Plan.model_validate(
+        {
+            "pricing": {"m": {"input": 3.0, "output": 15.0}},
+            "budget": {"max_cost_usd": 6},
+            "concurrency": 1,
+            "defaults": {"worktree": False, "venv": False},
+            "tasks": [{"id": f"t{i}", "agent": "a", "task": "x"} for i in range(3)],
+        }
+    )
+    report = anyio.run(
+        lambda: orchestrate_parallel(p, agents={"a": agent}, state_dir=tmp_path / "s")
+    )
+    first = report.results[0]
+    assert first.usage is not None and first.usage.cost_usd == 6.0
+    assert first.usage.cost_source == "estimated"
+    # The estimate counts against the budget: 6.0 spent after the first task.
+    assert [r.status for r in report.results] == ["succeeded", "skipped", "skipped"]

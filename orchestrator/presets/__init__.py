@@ -15,17 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from . import aider, claude_code, codex, gemini
 from ._protocol import Invocation as Invocation
 from ._protocol import Parsed as Parsed
 from ._protocol import Preset as Preset
-from .aider import Aider
-from .claude_code import ClaudeCode
-from .codex import Codex
-from .gemini import Gemini
 
 __all__ = ["PRESETS", "Invocation", "Parsed", "Preset"]
 
 #: The presets, by the name a plan gives (``preset: claude-code``).
 PRESETS: Mapping[str, Preset] = {
-    preset.name: preset for preset in (ClaudeCode(), Codex(), Gemini(), Aider())
+    module.PRESET.name: module.PRESET for module in (claude_code, codex, gemini, aider)
 }

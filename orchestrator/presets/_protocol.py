@@ -3,7 +3,7 @@ said (:class:`Parsed`), behind one small interface (:class:`Preset`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,3 +73,36 @@ class Preset(Protocol):
     def parse(self, *, stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parsed:
         """What the agent's *stdout* (and the last line of its stderr, and its exit code) say."""
         ...
+
+
+@dataclass(frozen=True)
+class ModulePreset:
+    """A preset made of one module's two pure functions: every built-in preset is one.
+
+    *build* is the module's ``invocation`` (keyword arguments as :meth:`Preset.invocation`
+    takes them), *read* its guarded parser ``(stdout, stderr_tail, exit_code) -> Parsed``.
+    """
+
+    name: str
+    program: str
+    checked_with: str
+    build: Callable[..., Invocation]
+    read: Callable[[bytes, str, int | None], Parsed]
+
+    def invocation(
+        self,
+        *,
+        program: str,
+        prompt: str,
+        prompt_file: Path,
+        model: str | None,
+        args: Sequence[str],
+    ) -> Invocation:
+        """The module's command line (see its docstring)."""
+        return self.build(
+            program=program, prompt=prompt, prompt_file=prompt_file, model=model, args=args
+        )
+
+    def parse(self, *, stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parsed:
+        """The module's reading of the agent's output; never raises."""
+        return self.read(stdout, stderr_tail, exit_code)

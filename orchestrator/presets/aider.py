@@ -58,7 +58,7 @@ from typing import Any
 
 from envelopes import ErrorInfo
 
-from ._protocol import Invocation, Parsed
+from ._protocol import Invocation, ModulePreset, Parsed
 from ._reading import (
     MAX_TEXT_CHARS,
     cost,
@@ -71,7 +71,7 @@ from ._reading import (
     stdout_text,
 )
 
-__all__ = ["CHECKED_WITH", "QUIET", "Aider", "invocation", "parse", "read_output", "tokens"]
+__all__ = ["CHECKED_WITH", "PRESET", "QUIET", "invocation", "parse", "read_output", "tokens"]
 
 #: What ``checked_with`` says: the CLI version and the source the preset follows.
 CHECKED_WITH = "aider 0.86.2 (--help, real output, base_coder.py); aider.chat/docs/scripting"
@@ -263,27 +263,7 @@ def read_output(stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parse
 parse = guarded("aider", read_output)
 
 
-class Aider:
-    """The ``aider`` preset."""
-
-    name = "aider"
-    program = "aider"
-    checked_with = CHECKED_WITH
-
-    def invocation(
-        self,
-        *,
-        program: str,
-        prompt: str,
-        prompt_file: Path,
-        model: str | None,
-        args: Sequence[str],
-    ) -> Invocation:
-        """See :func:`invocation`."""
-        return invocation(
-            program=program, prompt=prompt, prompt_file=prompt_file, model=model, args=args
-        )
-
-    def parse(self, *, stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parsed:
-        """See the module's docstring; never raises."""
-        return parse(stdout, stderr_tail, exit_code)
+#: The ``aider`` preset.
+PRESET = ModulePreset(
+    name="aider", program="aider", checked_with=CHECKED_WITH, build=invocation, read=parse
+)

@@ -46,7 +46,7 @@ from typing import Any
 
 from envelopes import ErrorInfo
 
-from ._protocol import Invocation, Parsed
+from ._protocol import Invocation, ModulePreset, Parsed
 from ._reading import (
     as_object,
     classify,
@@ -61,7 +61,7 @@ from ._reading import (
     text,
 )
 
-__all__ = ["CHECKED_WITH", "ClaudeCode", "invocation", "parse", "read_output"]
+__all__ = ["CHECKED_WITH", "PRESET", "invocation", "parse", "read_output"]
 
 #: What ``checked_with`` says: the CLI version and the docs the preset follows.
 CHECKED_WITH = "claude 2.1.197 (--help, real output); code.claude.com/docs/en/headless 2026-12"
@@ -227,27 +227,7 @@ def read_output(stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parse
 parse = guarded("claude", read_output)
 
 
-class ClaudeCode:
-    """The ``claude-code`` preset."""
-
-    name = "claude-code"
-    program = "claude"
-    checked_with = CHECKED_WITH
-
-    def invocation(
-        self,
-        *,
-        program: str,
-        prompt: str,
-        prompt_file: Path,
-        model: str | None,
-        args: Sequence[str],
-    ) -> Invocation:
-        """See :func:`invocation`."""
-        return invocation(
-            program=program, prompt=prompt, prompt_file=prompt_file, model=model, args=args
-        )
-
-    def parse(self, *, stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parsed:
-        """See the module's docstring; never raises."""
-        return parse(stdout, stderr_tail, exit_code)
+#: The ``claude-code`` preset.
+PRESET = ModulePreset(
+    name="claude-code", program="claude", checked_with=CHECKED_WITH, build=invocation, read=parse
+)

@@ -46,7 +46,7 @@ from typing import Any
 
 from envelopes import ErrorInfo
 
-from ._protocol import Invocation, Parsed
+from ._protocol import Invocation, ModulePreset, Parsed
 from ._reading import (
     classify,
     count,
@@ -60,7 +60,7 @@ from ._reading import (
     uncached,
 )
 
-__all__ = ["CHECKED_WITH", "Codex", "invocation", "parse", "read_output"]
+__all__ = ["CHECKED_WITH", "PRESET", "invocation", "parse", "read_output"]
 
 #: What ``checked_with`` says: the CLI version and the source the preset follows.
 CHECKED_WITH = "codex-cli 0.171.0 (--help, real output); openai/codex exec_events.rs @08a1f30"
@@ -203,27 +203,7 @@ def read_output(stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parse
 parse = guarded("codex", read_output)
 
 
-class Codex:
-    """The ``codex`` preset."""
-
-    name = "codex"
-    program = "codex"
-    checked_with = CHECKED_WITH
-
-    def invocation(
-        self,
-        *,
-        program: str,
-        prompt: str,
-        prompt_file: Path,
-        model: str | None,
-        args: Sequence[str],
-    ) -> Invocation:
-        """See :func:`invocation`."""
-        return invocation(
-            program=program, prompt=prompt, prompt_file=prompt_file, model=model, args=args
-        )
-
-    def parse(self, *, stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parsed:
-        """See the module's docstring; never raises."""
-        return parse(stdout, stderr_tail, exit_code)
+#: The ``codex`` preset.
+PRESET = ModulePreset(
+    name="codex", program="codex", checked_with=CHECKED_WITH, build=invocation, read=parse
+)

@@ -46,7 +46,7 @@ from typing import Any
 
 from envelopes import ErrorInfo
 
-from ._protocol import Invocation, Parsed
+from ._protocol import Invocation, ModulePreset, Parsed
 from ._reading import (
     MAX_TEXT_CHARS,
     as_object,
@@ -63,7 +63,7 @@ from ._reading import (
     uncached,
 )
 
-__all__ = ["CHECKED_WITH", "EXIT_CODES", "Gemini", "invocation", "parse", "read_output"]
+__all__ = ["CHECKED_WITH", "EXIT_CODES", "PRESET", "invocation", "parse", "read_output"]
 
 #: What ``checked_with`` says: the CLI version and the docs the preset follows.
 CHECKED_WITH = "gemini-cli 0.61.0 (--help, real output, bundle); docs/cli/headless.md @0e5aa96"
@@ -250,27 +250,7 @@ def read_output(stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parse
 parse = guarded("gemini", read_output)
 
 
-class Gemini:
-    """The ``gemini`` preset."""
-
-    name = "gemini"
-    program = "gemini"
-    checked_with = CHECKED_WITH
-
-    def invocation(
-        self,
-        *,
-        program: str,
-        prompt: str,
-        prompt_file: Path,
-        model: str | None,
-        args: Sequence[str],
-    ) -> Invocation:
-        """See :func:`invocation`."""
-        return invocation(
-            program=program, prompt=prompt, prompt_file=prompt_file, model=model, args=args
-        )
-
-    def parse(self, *, stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parsed:
-        """See the module's docstring; never raises."""
-        return parse(stdout, stderr_tail, exit_code)
+#: The ``gemini`` preset.
+PRESET = ModulePreset(
+    name="gemini", program="gemini", checked_with=CHECKED_WITH, build=invocation, read=parse
+)
