@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 from ._bounded import relative_path_problem
 from ._canonical import digest_without
@@ -101,6 +110,22 @@ RunDirPath = Annotated[str, AfterValidator(_run_dir_path)]
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    #: Fields added after reports were first written: left out of the JSON while unset (None
+    #: or empty), so that a report written before them reads back in its written form, and
+    #: results without them hash as they did.
+    _ADDED: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _without_unset_additions(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> Any:
+        data = handler(self)
+        if self._ADDED and isinstance(data, dict):
+            for name in self._ADDED:
+                if name in data and data[name] in (None, {}, []):
+                    del data[name]
+        return data
 
 
 class ErrorInfo(_Model):
@@ -252,6 +277,8 @@ def usage_by_model(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, 
 class Provenance(_Model):
     """Digests that tie a result to what went in and what came out."""
 
+    _ADDED = frozenset({"prompt_sha256"})
+
     envelope_sha256: Digest
     base_commit: ObjectId | None = None
     result_commit: ObjectId | None = None
@@ -272,6 +299,8 @@ class Provenance(_Model):
 
 class TaskResult(_Model):
     """The outcome of one task."""
+
+    _ADDED = frozenset({"usage"})
 
     task_id: TaskId
     agent: str
@@ -301,6 +330,8 @@ class TaskResult(_Model):
 class Summary(_Model):
     """Counts over the run, under the keys users of the seed orchestrator know."""
 
+    _ADDED = frozenset({"usage"})
+
     total_tasks: int
     successful: int
     failed: int
@@ -316,6 +347,8 @@ class Summary(_Model):
 
 class AgentSummary(_Model):
     """Counts per agent."""
+
+    _ADDED = frozenset({"usage"})
 
     total: int
     successful: int
@@ -390,6 +423,8 @@ class MergeRecord(_Model):
 
 class Report(_Model):
     """The results report of one run."""
+
+    _ADDED = frozenset({"usage_by_model"})
 
     schema_: Literal["worktree-orchestrator/report/v1"] = Field(
         default="worktree-orchestrator/report/v1", alias="schema"

@@ -177,6 +177,7 @@ def cached_result(
             "attempts": 0,
             "exit_code": None,
             "error": None,
+            "usage": None,  # spent by the run that produced it, not by this one
             "timings": Timings(
                 started_at=started,
                 finished_at=datetime.now(UTC),

@@ -32,7 +32,7 @@ from .process import ProcessOutcome, run_command
 if TYPE_CHECKING:
     from .isolation import Spawn
 
-__all__ = ["CommandAgent", "refuse_task_settings", "run_program"]
+__all__ = ["CommandAgent", "ended_abnormally", "metrics_of", "refuse_task_settings", "run_program"]
 
 
 def refuse_task_settings(
@@ -195,13 +195,15 @@ async def run_program(
     return spawn, proc
 
 
-async def _judge(request: AttemptRequest, spawn: Spawn, proc: ProcessOutcome) -> AttemptOutcome:
-    """How the program's run ended: its timeout, a limit, a signal, its exit code, its output."""
+async def ended_abnormally(
+    request: AttemptRequest, spawn: Spawn, proc: ProcessOutcome
+) -> AttemptOutcome | None:
+    """The outcome of a program whose run ended other than by its own exit: its timeout, a
+    stall, a limit or what the sandbox refused (``isolate_error``), a signal. None when it
+    exited by itself (its exit code and output are then the kind's to judge)."""
     from .isolation import isolate_error
 
-    metrics = Metrics(
-        cpu_user_s=proc.cpu_user_s, cpu_system_s=proc.cpu_system_s, max_rss_kb=proc.max_rss_kb
-    )
+    metrics = metrics_of(proc)
     if proc.timed_out:
         return timed_out(request.timeout, exit_code=proc.exit_code, metrics=metrics)
     if proc.stalled and request.envelope.stall_timeout is not None:
@@ -216,11 +218,26 @@ async def _judge(request: AttemptRequest, spawn: Spawn, proc: ProcessOutcome) ->
             name = f"signal {proc.signal}"
         error = ErrorInfo(kind="exit_code", message=f"killed by {name}")
         return AttemptOutcome("failed", metrics=metrics, error=error)
+    return None
+
+
+def metrics_of(proc: ProcessOutcome) -> Metrics:
+    """What the program used, as the result's ``metrics`` say it."""
+    return Metrics(
+        cpu_user_s=proc.cpu_user_s, cpu_system_s=proc.cpu_system_s, max_rss_kb=proc.max_rss_kb
+    )
+
+
+async def _judge(request: AttemptRequest, spawn: Spawn, proc: ProcessOutcome) -> AttemptOutcome:
+    """How the program's run ended: its timeout, a limit, a signal, its exit code, its output."""
+    if (ended := await ended_abnormally(request, spawn, proc)) is not None:
+        return ended
+    metrics, stderr = metrics_of(proc), request.stderr_path
     if proc.exit_code != 0:
         tail = await anyio.to_thread.run_sync(last_line, stderr)
         message = f"exited with code {proc.exit_code}" + (f": {tail}" if tail else "")
-        error = ErrorInfo(kind="exit_code", message=message)
-        return AttemptOutcome("failed", exit_code=proc.exit_code, metrics=metrics, error=error)
+        failure = ErrorInfo(kind="exit_code", message=message)
+        return AttemptOutcome("failed", exit_code=proc.exit_code, metrics=metrics, error=failure)
     output, error = await anyio.to_thread.run_sync(
         read_output, request.output_path, request.run_dir
     )

@@ -245,11 +245,16 @@ class HttpAgent:
         while status == 202:
             if location is not None:
                 url = _resolve(url, location)
+            if _origin(url) != _origin(origin):
+                # A Location elsewhere would have the orchestrator fetch, from where it runs,
+                # what an endpoint chose (a cloud's metadata address, say) into the output.
+                raise _Failed(
+                    "agent_error",
+                    f"POST {origin}: HTTP 202 to poll another origin ({_origin(url)[1]}): refused",
+                )
             await anyio.sleep(self.poll_interval)
-            # The plan's headers (its secrets) go only to the origin of the plan's URL.
-            dropped = None if _origin(url) == _origin(origin) else list(self.headers)
             method = "GET"
-            status, location, data = await _send(client, method, url, drop=dropped)
+            status, location, data = await _send(client, method, url)
         if status != 200:
             raise _status_error(method, url, status, data)
         return _output(data)
@@ -270,13 +275,10 @@ async def _send(
     url: httpx.URL,
     *,
     content: bytes | None = None,
-    drop: list[str] | None = None,
 ) -> tuple[int, str | None, bytes]:
     """One request: its answer's status, ``Location`` and body (a ``200`` body up to
     MAX_OUTPUT_BYTES, else ``invalid_output``; another's first MAX_ERROR_BODY_BYTES)."""
     request = client.build_request(method, url, content=content)
-    for name in drop or ():
-        request.headers.pop(name, None)
     try:
         response = await client.send(request, stream=True)
         try:
@@ -301,6 +303,12 @@ async def _read(
     too_large = _Failed(
         "invalid_output", f"{method} {url}: the answer is larger than {limit >> 20} MiB"
     )
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # Decoded, a few compressed bytes could be gigabytes before any limit is seen.
+        raise _Failed(
+            "invalid_output", f"{method} {url}: the answer is {encoding}-encoded; send it plain"
+        )
     declared = response.headers.get("content-length", "")
     if not cut and declared.isdigit() and int(declared) > limit:
         raise too_large

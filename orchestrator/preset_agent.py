@@ -33,8 +33,8 @@ from envelopes import (
 )
 
 from ._fs import last_line, write_file
-from .attempt import AttemptOutcome, AttemptRequest, stalled, timed_out
-from .command_agent import run_program
+from .attempt import AttemptOutcome, AttemptRequest
+from .command_agent import ended_abnormally, metrics_of, run_program
 from .presets import PRESETS, Preset
 from .prompts import PromptError, render_prompt
 
@@ -124,8 +124,10 @@ class PresetAgent:
     async def run_attempt(self, request: AttemptRequest) -> AttemptOutcome:
         """Render the prompt, run the agent headless, and read what it reported."""
         try:
-            prompt = render_prompt(
-                request.envelope, attempt=request.attempt, feedback=request.feedback
+            prompt = await anyio.to_thread.run_sync(
+                lambda: render_prompt(
+                    request.envelope, attempt=request.attempt, feedback=request.feedback
+                )
             )
         except PromptError as exc:
             return AttemptOutcome("failed", error=ErrorInfo(kind="spawn", message=str(exc)))
@@ -133,8 +135,13 @@ class PresetAgent:
         prompt_file = request.stdout_path.with_suffix(".prompt")
         await anyio.to_thread.run_sync(write_file, prompt_file, data)
         prompt_sha256 = sha256_hex(data)
+        # As a command's program is: {plan_dir} filled in, a relative path from the plan's
+        # directory, a bare name looked up on the task's PATH.
         program = self.program or self._preset.program
-        if os.sep not in program:
+        program = program.replace("{plan_dir}", str(request.plan_dir))
+        if os.sep in program and not os.path.isabs(program):
+            program = str((request.plan_dir / program).absolute())
+        elif os.sep not in program:
             program = shutil.which(program, path=request.env.get("PATH", "")) or program
         invocation = self._preset.invocation(
             program=program,
@@ -149,17 +156,10 @@ class PresetAgent:
         ran = await run_program(request, argv, stdin=prompt_on_stdin)
         if isinstance(ran, AttemptOutcome):
             return replace(ran, prompt_sha256=prompt_sha256)
-        _, proc = ran
-        metrics = Metrics(
-            cpu_user_s=proc.cpu_user_s, cpu_system_s=proc.cpu_system_s, max_rss_kb=proc.max_rss_kb
-        )
-        if proc.timed_out:
-            outcome = timed_out(request.timeout, exit_code=proc.exit_code, metrics=metrics)
-        elif proc.stalled and request.envelope.stall_timeout is not None:
-            stall = request.envelope.stall_timeout
-            outcome = stalled(stall, exit_code=proc.exit_code, metrics=metrics)
-        else:
-            outcome = await self._read(request, proc.exit_code, metrics)
+        spawn, proc = ran
+        outcome = await ended_abnormally(request, spawn, proc)
+        if outcome is None:
+            outcome = await self._read(request, proc.exit_code, metrics_of(proc))
         return AttemptOutcome(
             status=outcome.status,
             exit_code=outcome.exit_code,
@@ -184,7 +184,13 @@ class PresetAgent:
             return stdout, last_line(request.stderr_path)
 
         stdout, stderr_tail = await anyio.to_thread.run_sync(read)
-        parsed = self._preset.parse(stdout=stdout, stderr_tail=stderr_tail, exit_code=exit_code)
+        # In a thread: up to 64 MiB of an agent's output is parsed, the event loop goes on.
+        parsed = await anyio.to_thread.run_sync(
+            lambda: self._preset.parse(stdout=stdout, stderr_tail=stderr_tail, exit_code=exit_code)
+        )
+        usage = parsed.usage
+        if usage is not None and usage.model is None and self.model is not None:
+            usage = usage.model_copy(update={"model": self.model})  # for the plan's pricing
         status: TaskStatus = "succeeded" if parsed.error is None else "failed"
         return AttemptOutcome(
             status,
@@ -192,7 +198,7 @@ class PresetAgent:
             output=parsed.output if parsed.error is None else None,
             error=parsed.error,
             metrics=metrics,
-            usage=parsed.usage,
+            usage=usage,
         )
 
 

@@ -456,7 +456,9 @@ class Scheduler:
         self.budget_spent = ErrorInfo(kind="budget", message=f"not started: {why}")
         cancel = self.budget.on_exceed == "cancel"
         cancelled = ErrorInfo(kind="budget", message=f"cancelled: {why}")
-        for task_id, state in list(self.book.states.items()):
+        for task_id in list(self.book.states):
+            # Read afresh: ending one task can end others (a group decided, fail-fast).
+            state = self.book.states[task_id]
             if state in ("running", "retrying"):
                 if cancel:
                     await self._cancel(task_id, cancelled)

@@ -621,7 +621,10 @@ def _usage(last: AttemptOutcome | None) -> Usage | None:
     reported = (last.output or {}).get("usage")
     if isinstance(reported, dict):
         with contextlib.suppress(ValueError):
-            return Usage.model_validate(reported)
+            usage = Usage.model_validate(reported)
+            # Whence the cost is the orchestrator's to say: an agent's own figure is reported.
+            source = "reported" if usage.cost_usd is not None else None
+            return usage.model_copy(update={"cost_source": source})
     return None
 
 

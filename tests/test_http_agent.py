@@ -235,6 +235,18 @@ def _huge(h: Handler, n: int) -> None:
         h.wfile.write(chunk)
 
 
+def _gzip_bomb(h: Handler, n: int) -> None:
+    import gzip
+
+    body = gzip.compress(b" " * (64 << 20))  # 64 KiB on the wire, 64 MiB decoded
+    h.send_response(200)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Encoding", "gzip")
+    h.send_header("Content-Length", str(len(body)))
+    h.end_headers()
+    h.wfile.write(body)
+
+
 def _secret(h: Handler, n: int) -> None:
     seen = h.headers.get("Authorization", "")
     if seen == f"Bearer {h.server.secret}":
@@ -267,6 +279,7 @@ ROUTES: dict[str, Callable[[Handler, int], None]] = {
     "/patch": _patch,
     "/list": _list,
     "/huge": _huge,
+    "/gzip-bomb": _gzip_bomb,
     "/secret": _secret,
     "/no-location": _no_location,
     "/elsewhere": _elsewhere,
@@ -361,13 +374,16 @@ def test_a_202_without_a_location_fails_the_attempt(
     assert "202 without a Location" in result.error.message
 
 
-def test_the_plans_headers_are_not_sent_to_another_origin(
+def test_a_location_on_another_origin_is_not_polled(
     make_repo: MakeRepo, server: AgentServer
 ) -> None:
+    """Polling another origin would fetch, from where the orchestrator runs, what the endpoint
+    chose (a cloud metadata address, say) into the task's output: refused, headers unsent."""
     headers = {"Authorization": "Bearer for-this-origin-only"}
     [result] = run(make_repo(), f"{server.url}/elsewhere", headers=headers).results
-    assert result.status == "succeeded", result.error
-    assert result.output == {"authorization": None}
+    assert result.status == "failed" and result.error is not None
+    assert result.error.kind == "agent_error"
+    assert "to poll another origin" in result.error.message and "refused" in result.error.message
     [posted] = server.requests_to("/elsewhere")
     assert posted.headers["authorization"] == "Bearer for-this-origin-only"
 
@@ -728,3 +744,12 @@ def test_info_and_fingerprint_hold_no_header_value(tmp_path: Path) -> None:
         HttpAgent(url=agent.url, headers=dict(agent.headers), env={"A": "1"}),
     ]
     assert len({agent.fingerprint(tmp_path), *(o.fingerprint(tmp_path) for o in others)}) == 4
+
+
+def test_a_compressed_answer_is_refused_before_it_is_decoded(
+    make_repo: MakeRepo, server: AgentServer
+) -> None:
+    [result] = run(make_repo(), f"{server.url}/gzip-bomb").results
+    assert result.status == "failed" and result.error is not None
+    assert result.error.kind == "invalid_output"
+    assert "gzip-encoded" in result.error.message

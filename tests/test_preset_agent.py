@@ -31,6 +31,9 @@ with record.open("a") as f:
     f.write(json.dumps({{"argv": sys.argv, "prompt": prompt}}) + "\\n")
 pathlib.Path("made-by-agent.txt").write_text("hello from the agent\\n")
 sys.stdout.write(pathlib.Path(os.environ["FAKE_FIXTURE"]).read_text())
+sys.stdout.flush()
+if os.environ.get("FAKE_KILL"):
+    os.kill(os.getpid(), 9)
 sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 """
 
@@ -142,3 +145,40 @@ def test_plans_name_known_presets_and_their_programs_are_looked_for(tmp_path: Pa
         {**data, "agents": {"x": {"preset": "codex", "program": str(tmp_path / "no-codex")}}}
     )
     assert missing_programs(loaded) == [f"agent x: program {tmp_path / 'no-codex'} does not exist"]
+
+
+def test_an_agent_killed_after_its_report_did_not_succeed(
+    make_repo: MakeRepo, fake_claude: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report printed, then the process killed (a limit, an OOM): the kill decides."""
+    monkeypatch.setenv("FAKE_FIXTURE", str(FIXTURES / "claude-code" / "success.jsonl"))
+    monkeypatch.setenv("FAKE_KILL", "1")
+    report = run(make_repo(), plan())
+    [result] = report.results
+    assert result.status == "failed" and result.error is not None
+    assert result.error.message == "killed by SIGKILL"
+
+
+def test_pricing_applies_to_an_agent_that_names_no_model_by_the_plans_model(
+    make_repo: MakeRepo, fake_claude: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The agent reports tokens but no cost and no model: the plan's model: prices it."""
+    fixture = tmp_path / "no-cost.jsonl"
+    result_line = {
+        "type": "result",
+        "subtype": "success",
+        "is_error": False,
+        "result": "done",
+        "session_id": "s",
+        "num_turns": 1,
+        "usage": {"input_tokens": 1_000_000, "output_tokens": 0},
+    }
+    fixture.write_text(json.dumps(result_line) + "\n")
+    monkeypatch.setenv("FAKE_FIXTURE", str(fixture))
+    from envelopes import Rates
+
+    p = plan().model_copy(update={"pricing": {"sonnet": Rates(input=2.0, output=8.0)}})
+    report = run(make_repo(), p)
+    usage = report.results[0].usage
+    assert usage is not None and usage.model == "sonnet"
+    assert (usage.cost_usd, usage.cost_source) == (2.0, "estimated")

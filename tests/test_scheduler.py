@@ -251,3 +251,35 @@ def test_a_budget_needs_a_limit() -> None:
             {"budget": {"on_exceed": "stop"}, "tasks": [{"agent": "a", "task": "x"}]},
             callable_agents=["a"],
         )
+
+
+def test_a_spent_budget_with_fail_fast_and_a_group_ends_every_task_once(tmp_path: Path) -> None:
+    """Skipping one task can decide a group, whose failure under fail_fast cancels others:
+    each task still ends exactly once."""
+    from envelopes import Plan
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        if envelope.group == "g" and envelope.priority == 10:
+            raise RuntimeError("one member fails")  # runs first; its group waits for g[0]
+        return {"usage": {"cost_usd": 10.0}}
+
+    plan = Plan.model_validate(
+        {
+            "concurrency": 1,
+            "fail_fast": True,
+            "budget": {"max_cost_usd": 5},
+            "defaults": {"worktree": False, "venv": False},
+            "tasks": [
+                {"id": "g", "agent": "a", "task": "x", "matrix": {"priority": [10, 0]}},
+                {"id": "spend", "agent": "a", "task": "x", "priority": 9},
+                {"id": "later", "agent": "a", "task": "x"},
+            ],
+        }
+    )
+    report = anyio.run(
+        lambda: orchestrate_parallel(plan, agents={"a": agent}, state_dir=tmp_path / "s")
+    )
+    statuses = {r.task_id: (r.status, r.error.kind if r.error else None) for r in report.results}
+    assert statuses["g[10]"][0] == "failed" and statuses["spend"] == ("succeeded", None)
+    assert statuses["g[0]"] == ("skipped", "budget")
+    assert statuses["later"][0] in ("skipped", "cancelled")

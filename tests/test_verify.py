@@ -798,3 +798,20 @@ def test_report_printed_by_run_json_verifies(
     saved.write_text(capsys.readouterr().out, encoding="utf-8")
     code, lines = verify_cli(capsys, saved)
     assert code == 0, lines
+
+
+def test_a_report_written_before_usage_existed_still_verifies(tmp_path: Path) -> None:
+    """A run directory made by the orchestrator before usage, prompt digests and usage totals
+    were added (commit 2af9da6): its report reads back in its written form and verifies."""
+    import shutil
+
+    from envelopes import audit_report, load_report_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "reports" / "before-usage", run_dir)
+    raw, report, source = load_report_file(run_dir / "report.json")
+    assert "usage_by_model" not in raw and "usage" not in raw["summary"]
+    assert report.results[0].usage is None
+    assert audit_report(raw, run_dir=run_dir, source=source) == []
+    outcome = anyio.run(verify_report, run_dir / "report.json")
+    assert outcome.ok, [str(f) for f in outcome.findings]
