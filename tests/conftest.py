@@ -70,6 +70,32 @@ def git(repo: Path, *args: str) -> str:
 MakeRepo = Callable[..., Path]
 
 
+def plumbing_commit(
+    cwd: Path, env: dict[str, str], parent: str, files: dict[str, str], message: str
+) -> str:
+    """A commit on *parent* with *files* written, made with plumbing: no checkout is touched.
+    The index is ``env["GIT_INDEX_FILE"]``, a scratch file removed afterwards."""
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        return subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    run("read-tree", parent)
+    for name, text in files.items():
+        blob = run("hash-object", "-w", "--stdin", stdin=text)
+        run("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
+    tree = run("write-tree")
+    Path(env["GIT_INDEX_FILE"]).unlink()
+    return run("commit-tree", tree, "-p", parent, "-m", message)
+
+
 def task_worktrees(repo: Path) -> list[str]:
     """The repository's worktrees other than its main one and the pool's idle slots.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from orchestrator.mergeback import (
 from orchestrator.repo import Repository
 from orchestrator.report import aggregate_results, write_report
 
-from .conftest import MakeRepo, git
+from .conftest import MakeRepo, git, plumbing_commit
 
 RUN_ID = "20261122-055431-8c6b7f"
 STARTED = datetime(2026, 11, 22, 5, 54, 31, tzinfo=UTC)
@@ -56,23 +55,7 @@ def commit_files(repo: Path, parent: str, files: dict[str, str], message: str) -
     env |= {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.com"}
     env |= {"GIT_COMMITTER_NAME": "T", "GIT_COMMITTER_EMAIL": "t@example.com"}
 
-    def run(*args: str, stdin: str | None = None) -> str:
-        return subprocess.run(
-            ["git", "-C", str(repo), *args],
-            env=env,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-
-    run("read-tree", parent)
-    for name, text in files.items():
-        blob = run("hash-object", "-w", "--stdin", stdin=text)
-        run("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
-    tree = run("write-tree")
-    (repo / ".git" / "scratch-index").unlink()
-    return run("commit-tree", tree, "-p", parent, "-m", message)
+    return plumbing_commit(repo, env, parent, files, message)
 
 
 def task_result(

@@ -27,7 +27,7 @@ from orchestrator.sandbox_git import (
 )
 from orchestrator.worktree import Worktree, create_worktree
 
-from .conftest import MakeRepo, git
+from .conftest import MakeRepo, git, plumbing_commit
 
 BRANCH = "orchestrator/run1/t1"
 IDENT = {
@@ -71,27 +71,9 @@ def agent_commit(private: PrivateGit, files: dict[str, str], *, parent: str | No
     env = private_env(private)
     index = private.scratch / "agent-index"
     env["GIT_INDEX_FILE"] = str(index)
-    cwd = private.worktree.path
     start = parent or private.start
-
-    def run(*args: str, stdin: str | None = None) -> str:
-        return subprocess.run(
-            ["git", *args],
-            cwd=cwd,
-            env=env,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-
-    run("read-tree", start)
-    for name, text in files.items():
-        blob = run("hash-object", "-w", "--stdin", stdin=text)
-        run("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
-    tree = run("write-tree")
-    commit = run("commit-tree", tree, "-p", start, "-m", f"agent: {', '.join(files)}")
-    index.unlink()
+    message = f"agent: {', '.join(files)}"
+    commit = plumbing_commit(private.worktree.path, env, start, files, message)
     private.ref_file.write_text(commit + "\n")
     return commit
 
