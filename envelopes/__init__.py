@@ -23,6 +23,7 @@ from ._canonical import digest as digest
 from ._canonical import digest_without as digest_without
 from ._canonical import sha256_hex as sha256_hex
 from ._envelope import ENVELOPE_SCHEMA as ENVELOPE_SCHEMA
+from ._envelope import MAX_CHANGED_FILES as MAX_CHANGED_FILES
 from ._envelope import HandoffEnvelope as HandoffEnvelope
 from ._envelope import Upstream as Upstream
 from ._envelope import build_envelope as build_envelope
@@ -31,6 +32,7 @@ from ._events import Event as Event
 from ._events import GroupDecided as GroupDecided
 from ._events import MergeFinished as MergeFinished
 from ._events import MergePredicted as MergePredicted
+from ._events import Notification as Notification
 from ._events import RunFinished as RunFinished
 from ._events import RunStarted as RunStarted
 from ._events import TaskFinished as TaskFinished
@@ -46,10 +48,13 @@ from ._ids import new_task_id as new_task_id
 from ._ids import ref_safe as ref_safe
 from ._ids import run_id_problem as run_id_problem
 from ._ids import task_id_problem as task_id_problem
+from ._plan import DEFAULT_ACP_ALLOW as DEFAULT_ACP_ALLOW
 from ._plan import DEFAULT_TIMEOUT_S as DEFAULT_TIMEOUT_S
 from ._plan import ENV_FORMS as ENV_FORMS
+from ._plan import HEADER_VARIABLE as HEADER_VARIABLE
 from ._plan import MATRIX_FIELDS as MATRIX_FIELDS
 from ._plan import MAX_CONCURRENCY as MAX_CONCURRENCY
+from ._plan import AcpSpec as AcpSpec
 from ._plan import AgentSpec as AgentSpec
 from ._plan import Budget as Budget
 from ._plan import Concurrency as Concurrency
@@ -59,6 +64,8 @@ from ._plan import HttpSpec as HttpSpec
 from ._plan import KeepWorktrees as KeepWorktrees
 from ._plan import Limits as Limits
 from ._plan import MergeSpec as MergeSpec
+from ._plan import NotifyEvent as NotifyEvent
+from ._plan import NotifySpec as NotifySpec
 from ._plan import Plan as Plan
 from ._plan import PlanDefaults as PlanDefaults
 from ._plan import PlanProblem as PlanProblem
@@ -66,6 +73,7 @@ from ._plan import Rates as Rates
 from ._plan import Sandbox as Sandbox
 from ._plan import Select as Select
 from ._plan import TaskSpec as TaskSpec
+from ._plan import ToolKind as ToolKind
 from ._plan import dependency_cycles as dependency_cycles
 from ._plan import env_values as env_values
 from ._plan import expand_tasks as expand_tasks
@@ -96,25 +104,32 @@ from ._result import Summary as Summary
 from ._result import TaskResult as TaskResult
 from ._result import TaskStatus as TaskStatus
 from ._result import Timings as Timings
-from ._result import Usage as Usage
-from ._result import UsageTotals as UsageTotals
 from ._result import seal_report as seal_report
 from ._result import seal_result as seal_result
-from ._result import usage_by_model as usage_by_model
-from ._result import usage_totals as usage_totals
 from ._schema import json_schemas as json_schemas
 from ._secrets import MASK as MASK
 from ._secrets import is_secret_name as is_secret_name
 from ._secrets import masked_env as masked_env
 from ._secrets import masked_plan as masked_plan
+from ._usage import CostSource as CostSource
+from ._usage import Usage as Usage
+from ._usage import UsageTotals as UsageTotals
+from ._usage import add_usage as add_usage
+from ._usage import estimate_cost as estimate_cost
+from ._usage import usage_by_model as usage_by_model
+from ._usage import usage_totals as usage_totals
+from ._usage import with_estimated_cost as with_estimated_cost
 
 __all__ = [
+    "DEFAULT_ACP_ALLOW",
     "DEFAULT_TIMEOUT_S",
     "ENVELOPE_SCHEMA",
     "ENV_FORMS",
+    "HEADER_VARIABLE",
     "MASK",
     "MATRIX_FIELDS",
     "MATRIX_VALUE_PATTERN",
+    "MAX_CHANGED_FILES",
     "MAX_CONCURRENCY",
     "MAX_ENVELOPE_BYTES",
     "MAX_LOG_BYTES",
@@ -123,6 +138,7 @@ __all__ = [
     "REPORT_SCHEMA",
     "SUCCESSFUL",
     "TASK_ID_PATTERN",
+    "AcpSpec",
     "AgentInfo",
     "AgentSpec",
     "AgentSummary",
@@ -131,6 +147,7 @@ __all__ = [
     "Budget",
     "CachedFrom",
     "Concurrency",
+    "CostSource",
     "EnvSpec",
     "Environment",
     "ErrorInfo",
@@ -155,6 +172,9 @@ __all__ = [
     "MergedTask",
     "Metrics",
     "NotAReport",
+    "Notification",
+    "NotifyEvent",
+    "NotifySpec",
     "Plan",
     "PlanDefaults",
     "PlanProblem",
@@ -176,9 +196,11 @@ __all__ = [
     "TaskStarted",
     "TaskStatus",
     "Timings",
+    "ToolKind",
     "Upstream",
     "Usage",
     "UsageTotals",
+    "add_usage",
     "audit_report",
     "build_envelope",
     "canonical_json",
@@ -186,6 +208,7 @@ __all__ = [
     "digest",
     "digest_without",
     "env_values",
+    "estimate_cost",
     "expand_tasks",
     "hash_file",
     "is_object_id",
@@ -212,4 +235,5 @@ __all__ = [
     "usage_by_model",
     "usage_totals",
     "validation_message",
+    "with_estimated_cost",
 ]

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ._bounded import MAX_JSON_DEPTH, hash_file, loads_bounded, read_bounded
 from ._canonical import digest, digest_without
-from ._result import SUCCESSFUL, Report, usage_by_model, usage_totals
+from ._result import SUCCESSFUL, Report
+from ._usage import add_usage, estimate_cost, usage_by_model, usage_totals
 
 __all__ = [
     "MAX_ENVELOPE_BYTES",
@@ -161,6 +162,7 @@ _ATTEMPT_KINDS = frozenset(
         "agent_error",
         "stalled",
         "patch",
+        "prompt",
     }
 )
 
@@ -238,6 +240,48 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
         yield from _check_prompt(
             tid, attempts[-1]["stdout"]["path"], prov["prompt_sha256"], run_dir
         )
+
+
+def _audit_usage(raw: Mapping[str, Any], pricing: Mapping[str, Any]) -> Iterator[Finding]:
+    """The task's usage is its attempts' added up, and each estimated cost is what the
+    report's ``pricing`` makes of its tokens.
+
+    Results written before attempts recorded their usage (only the last attempt counted
+    then) have no attempt's usage to add up: their own estimated cost is recomputed when the
+    report records rates (older reports record none)."""
+    tid = raw["task_id"]
+    attempts = raw["attempt_log"]
+    if any("usage" in a for a in attempts):
+        added = add_usage(a.get("usage") for a in attempts)
+        yield from _check(tid, "usage", added, raw.get("usage"))
+        for attempt in attempts:
+            usage = attempt.get("usage") or {}
+            field = f"attempt_log[{attempt['number']}].usage"
+            if usage.get("cost_source") == "partial":
+                yield Finding(
+                    task_id=tid,
+                    field=f"{field}.cost_source",
+                    message="an attempt's cost is reported or estimated, never partial",
+                )
+            if usage.get("cost_source") == "estimated":
+                yield from _check_estimate(tid, field, usage, pricing)
+    elif (usage := raw.get("usage")) and usage.get("cost_source") == "estimated" and pricing:
+        yield from _check_estimate(tid, "usage", usage, pricing)
+
+
+def _check_estimate(
+    tid: str, field: str, usage: Mapping[str, Any], pricing: Mapping[str, Any]
+) -> Iterator[Finding]:
+    """An estimated cost is what the report's rates for its model make of its tokens."""
+    rates = pricing.get(usage.get("model") or "")
+    if rates is None:
+        yield Finding(
+            task_id=tid,
+            field=f"{field}.cost_usd",
+            message=f"estimated, but the report records no rates for model {usage.get('model')!r}",
+        )
+        return
+    yield from _check(tid, f"{field}.cost_usd", estimate_cost(usage, rates), usage.get("cost_usd"))
 
 
 def _check_prompt(tid: str, stdout_path: str, expected: str, run_dir: Path) -> Iterator[Finding]:
@@ -517,8 +561,10 @@ def audit_report(
             )
     by_id = {r["task_id"]: r for r in results}
     groups = raw.get("groups", {})
+    pricing = raw.get("pricing", {})
     for result in results:
         findings += _audit_result(result, run_dir)
+        findings += _audit_usage(result, pricing)
         findings += _audit_start(result, raw, by_id, groups, run_dir)
     findings += _audit_groups(groups, by_id)
     findings += _audit_merges(raw.get("merge", []), by_id)

@@ -11,22 +11,35 @@ from ._ids import BranchName, ObjectId, new_task_id, task_id_problem
 from ._plan import DEFAULT_TIMEOUT_S, EnvName, Limits, Sandbox, Select, finite_json
 from ._secrets import masked_env
 
-__all__ = ["ENVELOPE_SCHEMA", "HandoffEnvelope", "Upstream", "build_envelope"]
+__all__ = ["ENVELOPE_SCHEMA", "MAX_CHANGED_FILES", "HandoffEnvelope", "Upstream", "build_envelope"]
 
 ENVELOPE_SCHEMA = "worktree-orchestrator/envelope/v1"
 
 #: Fields added after the first envelopes were hashed, left out of the JSON while unset.
 _ADDED = ("prompt", "stall_timeout")
+#: The same, of each ``upstream`` entry.
+_UPSTREAM_ADDED = ("changed_files", "changed_files_omitted")
+
+
+#: Most paths an envelope lists of what one dependency changed (``changed_files``).
+MAX_CHANGED_FILES = 100
 
 
 class Upstream(BaseModel):
-    """What a dependency produced, as its dependent task is told."""
+    """What a dependency produced, as its dependent task is told.
+
+    ``changed_files`` are the paths its result changed (added, modified, deleted) from where
+    it started, sorted, at most :data:`MAX_CHANGED_FILES`; ``changed_files_omitted`` counts
+    those left out.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     output: dict[str, Any] | None = None
     result_commit: ObjectId | None = None
     branch: BranchName | None = None
+    changed_files: list[str] = Field(default_factory=list, max_length=MAX_CHANGED_FILES)
+    changed_files_omitted: int = Field(default=0, ge=0)
 
 
 class HandoffEnvelope(BaseModel):
@@ -109,6 +122,10 @@ class HandoffEnvelope(BaseModel):
         for name in _ADDED:  # unset, newer fields: envelopes from before them hash the same
             if data.get(name) is None:
                 data.pop(name, None)
+        for told in data["upstream"].values():
+            for name in _UPSTREAM_ADDED:
+                if not told.get(name):
+                    told.pop(name, None)
         return data
 
     def sha256(self) -> str:

@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._plan import Select
-from ._result import ErrorInfo, MergeConflict, MergeStatus, TaskStatus, Usage
+from ._result import ErrorInfo, MergeConflict, MergeStatus, TaskStatus
+from ._usage import Usage
 
 __all__ = [
     "AttemptFailed",
@@ -21,6 +22,7 @@ __all__ = [
     "GroupDecided",
     "MergeFinished",
     "MergePredicted",
+    "Notification",
     "RunFinished",
     "RunStarted",
     "TaskFinished",
@@ -152,6 +154,31 @@ class RunFinished(_Event):
     total_tasks: int
 
 
+class Notification(_Event):
+    """What became of the run's events at one webhook (``notify``): one event ``delivered``
+    or ``failed``, or a number of them ``dropped`` (never sent). Never sent to a webhook itself.
+
+    ``url`` is the webhook's without its user, password and query, which may hold tokens.
+    """
+
+    type: Literal["notification"] = "notification"
+    url: str
+    outcome: Literal["delivered", "failed", "dropped"]
+    #: Delivered or failed: the event sent (its type and time, and task if it has one), the
+    #: delivery's id (its ``X-Orchestrator-Delivery`` header), the requests made, the last
+    #: answer's status (None: none came).
+    event: str | None = None
+    event_at: datetime | None = None
+    task_id: str | None = None
+    delivery: str | None = None
+    attempts: int = 0
+    status_code: int | None = None
+    #: Dropped: how many events.
+    dropped: int = 0
+    #: Why it failed or was dropped, on one line; empty when delivered.
+    message: str = ""
+
+
 Event = Annotated[
     RunStarted
     | TaskQueued
@@ -163,6 +190,7 @@ Event = Annotated[
     | GroupDecided
     | MergePredicted
     | MergeFinished
-    | RunFinished,
+    | RunFinished
+    | Notification,
     Field(discriminator="type"),
 ]

@@ -15,6 +15,7 @@ import shlex
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -41,6 +42,8 @@ __all__ = [
     "KeepWorktrees",
     "Limits",
     "MergeSpec",
+    "NotifyEvent",
+    "NotifySpec",
     "Plan",
     "PlanDefaults",
     "PlanProblem",
@@ -111,6 +114,7 @@ _MESSAGES = {
     "dict_type": "must be a mapping",
     "list_type": "must be a list",
     "literal_error": "must be one of {expected}",
+    "too_long": "must have at most {max_length} items, found {actual_length}",
     "finite_number": "must be a finite number",
 }
 
@@ -143,7 +147,9 @@ def validation_message(error: Mapping[str, Any]) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # An error's text does not repeat the value refused: a credential written where a ${NAME}
+    # belongs, say. (Plan errors are worded from the error's parts: see validation_message.)
+    model_config = ConfigDict(extra="forbid", strict=True, hide_input_in_errors=True)
 
 
 class _Additions(_Strict):
@@ -249,17 +255,87 @@ class _Isolation(_Strict):
     allow_secrets_in_commit: bool | None = None
 
 
+#: ``${NAME}`` in an http header's value: the variable ``NAME`` of the agent's environment.
+HEADER_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: Header names whose values are credentials: Authorization, Cookie, ``*-Token``, ``*-Key``
+#: (``X-Api-Key``), ``*-Secret``, ``*-Password``, ``*-Auth``.
+_CREDENTIAL_HEADER = re.compile(
+    r"^(?:proxy-)?authorization$|^cookie$"
+    r"|(?:^|[-_])(?:token|key|apikey|secret|password|passwd|auth|credentials?)$",
+    re.IGNORECASE,
+)
+#: What a credential header's value may hold besides ``${NAME}``: an auth scheme
+#: (``Bearer ``) or cookie names (``session=``), and separators.
+_CREDENTIAL_FRAME = re.compile(r"^(?:[A-Za-z][A-Za-z0-9._-]{0,63}[ =]|[;,\s])*$")
+
+
 class HttpSpec(_Strict):
     """An agent behind an HTTP endpoint (``agents.<name>.http``): the envelope is POSTed to
     ``url`` as JSON; see docs/agents.md, "HTTP agents". Header values may name variables of
     the agent's environment (which inherits the orchestrator's unless the task says otherwise)
     as ``${NAME}``: filled in when the request is sent, never written to a log, an event or
-    the report."""
+    the report. A credential header's (Authorization, Cookie, a name ending in ``-Token``,
+    ``-Key``, ``-Secret``, ``-Password`` or ``-Auth``) must take its secret from there: its
+    value may hold nothing else but an auth scheme (``Bearer ${TOKEN}``) or cookie names
+    (``session=${SESSION}``). Written in the plan, it would be in ``plan.json`` in the run
+    directory."""
 
     url: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2000)]
     headers: dict[str, str] = Field(default_factory=dict)
     #: Seconds between polls of a ``202 Accepted`` task's ``Location``.
     poll_interval: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 2.0
+
+    @field_validator("headers")
+    @classmethod
+    def _credentials_from_the_environment(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, template in value.items():
+            literal = HEADER_VARIABLE.sub("", template)
+            uses_variable = literal != template
+            if _CREDENTIAL_HEADER.search(name) and not (
+                uses_variable and _CREDENTIAL_FRAME.match(literal)
+            ):
+                scheme = "Bearer " if name.lower().endswith("authorization") else ""
+                raise ValueError(
+                    f"{name} holds a credential written in the plan, which plan.json would "
+                    "keep: write it as ${NAME}, a variable of the agent's environment "
+                    f'({name}: "{scheme}${{AGENT_TOKEN}}")'
+                )
+        return value
+
+
+#: The kinds of tool call an Agent Client Protocol agent may ask permission for.
+ToolKind = Literal[
+    "read", "edit", "delete", "move", "search", "execute", "think", "fetch", "switch_mode", "other"
+]
+
+
+#: What an ACP agent is allowed unless its ``allow`` says otherwise: changing files.
+DEFAULT_ACP_ALLOW: tuple[ToolKind, ...] = ("edit", "delete", "move")
+
+
+class AcpSpec(_Strict):
+    """An Agent Client Protocol agent (``agents.<name>.acp``), run over stdio in the task's
+    worktree; see docs/agents.md, "ACP agents". ``command`` starts it (a string is split like
+    a shell would; placeholders as a command's). ``allow`` is the permission policy: the kinds
+    of tool call granted when the agent asks, and then only when every place the call names is
+    inside the worktree; everything else is refused."""
+
+    command: list[str] = Field(min_length=1, max_length=1000)
+    allow: list[ToolKind] = Field(default_factory=lambda: list(DEFAULT_ACP_ALLOW))
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return shlex.split(value)
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _non_empty_program(cls, value: list[str]) -> list[str]:
+        if not value[0].strip():
+            raise ValueError("the program (first element) must not be empty")
+        return value
 
 
 class AgentSpec(_Isolation, _Additions):
@@ -270,14 +346,16 @@ class AgentSpec(_Isolation, _Additions):
     when the task starts. ``preset`` names a coding agent the orchestrator knows how to run
     headless (``claude-code``, ``codex``, ``gemini``, ``aider``): ``program`` (default: the
     preset's, looked up on the task's PATH), ``model`` and ``args`` (appended) go with it.
-    ``http`` is an agent behind an HTTP endpoint (:class:`HttpSpec`). Exactly one of
-    ``command``, ``preset`` and ``http``.
+    ``http`` is an agent behind an HTTP endpoint (:class:`HttpSpec`), ``acp`` one that speaks
+    the Agent Client Protocol (:class:`AcpSpec`). Exactly one of ``command``, ``preset``,
+    ``http`` and ``acp``.
     """
 
-    _ADDED = frozenset({"preset", "program", "model", "args", "http"})
+    _ADDED = frozenset({"preset", "program", "model", "args", "http", "acp"})
 
     command: list[str] | None = Field(default=None, min_length=1)
     http: HttpSpec | None = None
+    acp: AcpSpec | None = None
     preset: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")] | None = None
     program: Annotated[str, Field(min_length=1)] | None = None
     model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
@@ -287,8 +365,9 @@ class AgentSpec(_Isolation, _Additions):
 
     @model_validator(mode="after")
     def _one_way_to_start(self) -> AgentSpec:
-        if sum(way is not None for way in (self.command, self.preset, self.http)) != 1:
-            raise ValueError("an agent needs exactly one of command, preset and http")
+        ways = (self.command, self.preset, self.http, self.acp)
+        if sum(way is not None for way in ways) != 1:
+            raise ValueError("an agent needs exactly one of command, preset, http and acp")
         if self.preset is None and (self.program or self.model or self.args):
             raise ValueError("program, model and args go with a preset")
         return self
@@ -390,6 +469,47 @@ class Rates(_Strict):
     cache_write: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
+#: What a webhook may be sent (``notify[i].events``): the ``type`` of every event but
+#: ``notification``, the record of a delivery (envelopes/_events.py has the models).
+NotifyEvent = Literal[
+    "run_started",
+    "task_queued",
+    "task_started",
+    "attempt_failed",
+    "task_retrying",
+    "task_finished",
+    "task_skipped",
+    "group_decided",
+    "merge_predicted",
+    "merge_finished",
+    "run_finished",
+]
+#: Most webhooks one plan may have.
+MAX_NOTIFY = 16
+
+
+class NotifySpec(_Strict):
+    """A webhook (``notify[i]``): the run's events POSTed to ``url`` as JSON as they happen,
+    signed with HMAC-SHA256 under the secret in the variable ``secret_env``; see
+    docs/agents.md, "Webhooks". A delivery never holds the run up nor fails it."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2000)]
+    #: The events to send, by ``type``; None: every one.
+    events: Annotated[list[NotifyEvent], Field(min_length=1)] | None = None
+    #: The variable of the orchestrator's environment that holds the signing secret; None:
+    #: deliveries are not signed.
+    secret_env: EnvName | None = None
+    #: Seconds one request may take, its answer read; a request past it is retried.
+    timeout: Annotated[float, Field(gt=0, le=300, allow_inf_nan=False)] = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _has_host(cls, value: str) -> str:
+        if not urlsplit(value).hostname:
+            raise ValueError(f"{value!r} names no host")
+        return value
+
+
 class MergeSpec(_Strict):
     """Merge the run's results into a branch when every task succeeded (see docs/plan-format.md)."""
 
@@ -400,7 +520,7 @@ class MergeSpec(_Strict):
 class Plan(_Additions):
     """A whole plan file."""
 
-    _ADDED = frozenset({"budget", "pricing"})
+    _ADDED = frozenset({"budget", "pricing", "notify"})
 
     version: Literal[1] = 1
     name: str = Field(default="plan", min_length=1)
@@ -414,6 +534,8 @@ class Plan(_Additions):
     budget: Budget | None = None
     #: Rates by model, to estimate what an agent that does not report its cost spent.
     pricing: dict[str, Rates] = Field(default_factory=dict)
+    #: Webhooks told of the run's events.
+    notify: Annotated[list[NotifySpec], Field(max_length=MAX_NOTIFY)] = Field(default_factory=list)
     defaults: PlanDefaults = Field(default_factory=PlanDefaults)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
     tasks: list[TaskSpec] = Field(min_length=1)

@@ -7,7 +7,6 @@ report file without trusting these models.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -16,7 +15,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeInt,
     SerializationInfo,
     SerializerFunctionWrapHandler,
     model_serializer,
@@ -25,7 +23,8 @@ from pydantic import (
 from ._bounded import relative_path_problem
 from ._canonical import digest_without
 from ._ids import BranchName, Digest, ObjectId, RunId, Seal, TaskId
-from ._plan import Select
+from ._plan import Rates, Select
+from ._usage import Usage, UsageTotals
 
 __all__ = [
     "NOT_RETRIED",
@@ -53,12 +52,8 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "Timings",
-    "Usage",
-    "UsageTotals",
     "seal_report",
     "seal_result",
-    "usage_by_model",
-    "usage_totals",
 ]
 
 REPORT_SCHEMA = "worktree-orchestrator/report/v1"
@@ -92,10 +87,12 @@ ErrorKind = Literal[
     "stalled",  # no output for stall_timeout seconds: killed
     "budget",  # the run's budget was spent: not started, or cancelled (on_exceed: cancel)
     "patch",  # an HTTP agent's patch does not apply to the worktree
+    "prompt",  # the prompt template could not be rendered, or rendered too much
 ]
 
-#: Error kinds a retry cannot help with.
-NOT_RETRIED: frozenset[str] = frozenset({"auth"})
+#: Error kinds a retry cannot help with: not logged in, and a prompt template that the
+#: same envelope would render the same way again.
+NOT_RETRIED: frozenset[str] = frozenset({"auth", "prompt"})
 
 
 def _run_dir_path(value: str) -> str:
@@ -147,6 +144,8 @@ class LogFile(_Model):
 class Attempt(_Model):
     """One try at running the agent."""
 
+    _ADDED = frozenset({"usage"})
+
     number: int
     status: TaskStatus
     started_at: datetime
@@ -156,6 +155,9 @@ class Attempt(_Model):
     error: ErrorInfo | None = None
     stdout: LogFile | None = None
     stderr: LogFile | None = None
+    #: What the agent spent on this attempt, where it says so (its cost estimated from the
+    #: run's ``pricing`` when it reported none).
+    usage: Usage | None = None
 
 
 class Timings(_Model):
@@ -211,67 +213,6 @@ class CachedFrom(_Model):
     run_id: RunId
     task_id: TaskId
     key: Digest
-
-
-class Usage(_Model):
-    """What an agent spent on a task's last attempt, where it says so (null: not known).
-
-    ``cost_source`` is ``reported`` when the agent reported the cost itself, ``estimated``
-    when it was computed from per-model rates a plan gives; never a built-in price.
-    """
-
-    input_tokens: NonNegativeInt | None = None
-    output_tokens: NonNegativeInt | None = None
-    cache_read_tokens: NonNegativeInt | None = None
-    cache_write_tokens: NonNegativeInt | None = None
-    total_tokens: NonNegativeInt | None = None
-    cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
-    cost_source: Literal["reported", "estimated"] | None = None
-    turns: NonNegativeInt | None = None
-    model: Annotated[str, Field(max_length=200)] | None = None
-    session_id: Annotated[str, Field(max_length=200)] | None = None
-
-
-class UsageTotals(_Model):
-    """What the tasks whose usage is known spent, added up (see :func:`usage_totals`)."""
-
-    tasks: NonNegativeInt
-    input_tokens: NonNegativeInt = 0
-    output_tokens: NonNegativeInt = 0
-    cache_read_tokens: NonNegativeInt = 0
-    cache_write_tokens: NonNegativeInt = 0
-    total_tokens: NonNegativeInt = 0
-    #: The sum of the costs known (reported or estimated).
-    cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    #: How many of those tasks did not say what they cost (Codex and Gemini never do).
-    cost_unknown: NonNegativeInt = 0
-
-
-_TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-
-
-def usage_totals(usages: Iterable[Mapping[str, Any] | None]) -> dict[str, Any] | None:
-    """The totals of *usages* (``Usage`` objects as JSON; None: not known), None when no
-    usage is known. The engine writes them and ``audit_report`` recomputes them with this."""
-    known = [u for u in usages if u]
-    if not known:
-        return None
-    totals: dict[str, Any] = {"tasks": len(known)}
-    for key in (*_TOKENS, "total_tokens"):
-        totals[key] = sum(u.get(key) or 0 for u in known)
-    totals["cost_usd"] = round(sum(u.get("cost_usd") or 0.0 for u in known), 6)
-    totals["cost_unknown"] = sum(1 for u in known if u.get("cost_usd") is None)
-    return totals
-
-
-def usage_by_model(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Usage totals per model (``unknown`` when the agent did not say), of results as JSON."""
-    by_model: dict[str, list[Mapping[str, Any]]] = {}
-    for result in results:
-        usage = result.get("usage")
-        if usage:
-            by_model.setdefault(usage.get("model") or "unknown", []).append(usage)
-    return {model: usage_totals(usages) or {} for model, usages in sorted(by_model.items())}
 
 
 class Provenance(_Model):
@@ -424,7 +365,7 @@ class MergeRecord(_Model):
 class Report(_Model):
     """The results report of one run."""
 
-    _ADDED = frozenset({"usage_by_model"})
+    _ADDED = frozenset({"usage_by_model", "pricing"})
 
     schema_: Literal["worktree-orchestrator/report/v1"] = Field(
         default="worktree-orchestrator/report/v1", alias="schema"
@@ -447,6 +388,9 @@ class Report(_Model):
     merge: list[MergeRecord] = Field(default_factory=list)
     #: Usage totals per model (``unknown``: the agent did not say which).
     usage_by_model: dict[str, UsageTotals] = Field(default_factory=dict)
+    #: The rates by model the run estimated costs with (its ``pricing`` setting): ``verify``
+    #: recomputes every ``estimated`` cost from them.
+    pricing: dict[str, Rates] = Field(default_factory=dict)
     #: What the run noticed that is not one task's result: a ref outside the run's own that
     #: moved while it ran, a task branch no longer holding its result (see docs/security.md).
     warnings: list[str] = Field(default_factory=list)

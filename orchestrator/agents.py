@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from envelopes import AgentInfo, AgentSpec
 
+from .acp_agent import AcpAgent
 from .attempt import AttemptOutcome, AttemptRequest
 from .callable_agent import AgentFunction, CallableAgent, Workspace
 from .command_agent import CommandAgent
@@ -109,6 +110,7 @@ KINDS: dict[str, AgentKind] = {
     "callable": CallableAgent.from_options,
     "preset": PresetAgent.from_options,
     "http": HttpAgent.from_options,
+    "acp": AcpAgent.from_options,
 }
 
 #: What a user may pass as an agent (see :func:`as_agent`).
@@ -127,15 +129,17 @@ def as_agent(value: AgentLike) -> Agent:
     if isinstance(value, Agent):
         return value
     if isinstance(value, AgentSpec):
-        # A plan's entry: a coding agent's preset, an HTTP endpoint, or a command.
+        # A plan's entry: a coding agent's preset, an HTTP endpoint, an ACP agent, or a command.
         if value.preset is not None:
             return PresetAgent.from_spec(value)
         if value.http is not None:
             return HttpAgent.from_spec(value)
+        if value.acp is not None:
+            return AcpAgent.from_spec(value)
         return CommandAgent.from_spec(value)
     if isinstance(value, Mapping):
         options = dict(value)
-        default = "preset" if "preset" in options else "http" if "http" in options else "command"
+        default = next((k for k in ("preset", "http", "acp") if k in options), "command")
         return _kind(str(options.pop("kind", default)))(options)
     if isinstance(value, str):
         return _kind("command")({"command": value})

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from envelopes import (
     MAX_LOG_BYTES,
     MAX_VALUE_DEPTH,
@@ -33,7 +35,10 @@ from envelopes import (
     hash_file,
     loads_bounded,
     read_bounded,
+    sha256_hex,
 )
+
+from ._fs import write_file
 
 if TYPE_CHECKING:
     from .lifeline import Lifeline
@@ -46,6 +51,8 @@ __all__ = [
     "MAX_OUTPUT_BYTES",
     "AttemptOutcome",
     "AttemptRequest",
+    "Prompt",
+    "give_prompt",
     "log_entries",
     "read_output",
     "stalled",
@@ -221,3 +228,33 @@ def log_entries(
             digest_, size = hash_file(relative, MAX_LOG_BYTES, within=run_dir)
         entries.append(LogFile(path=relative, sha256=digest_, size=size))
     return entries[0], entries[1], problem
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """An attempt's rendered prompt: its text, the file it is saved in, and its digest."""
+
+    text: str
+    path: Path
+    sha256: str
+
+
+async def give_prompt(request: AttemptRequest) -> Prompt | AttemptOutcome:
+    """Render the attempt's prompt (orchestrator/prompts.py: the envelope's template, else
+    the default, with the previous attempt's feedback) and save it beside the attempt's logs
+    as ``<task>.attempt-<n>.prompt``; its digest goes into the provenance. A kind that gives
+    its agent a prompt calls this; the ``prompt`` failure when it cannot be rendered."""
+    from .prompts import PromptError, render_prompt
+
+    try:
+        text = await anyio.to_thread.run_sync(
+            lambda: render_prompt(
+                request.envelope, attempt=request.attempt, feedback=request.feedback
+            )
+        )
+    except PromptError as exc:
+        return AttemptOutcome("failed", error=exc.info())
+    data = text.encode("utf-8", "surrogatepass")
+    path = request.stdout_path.with_suffix(".prompt")
+    await anyio.to_thread.run_sync(write_file, path, data)
+    return Prompt(text=text, path=path, sha256=sha256_hex(data))

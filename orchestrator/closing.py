@@ -1,5 +1,6 @@
 """How a run ends: its report aggregated and written, the plan's ``merge`` done and recorded,
-the journal told the run finished, and the run's empty directories removed.
+the webhooks given a few seconds to take the last events, the journal told the run finished,
+and the run's empty directories removed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from envelopes import (
     MergeRecord,
     MergeSpec,
     Report,
+    RunFinished,
     Select,
     TaskResult,
     seal_report,
@@ -27,9 +29,17 @@ from .errors import MergeError
 from .events import emit_run_event
 from .guard import moved_refs, ref_values
 from .mergeback import merge_results
+from .notify import Webhooks
 from .report import aggregate_results, write_report
 
-__all__ = ["ReportPlan", "merge_at_end", "write_final_report"]
+__all__ = [
+    "ReportPlan",
+    "journal_finished",
+    "merge_at_end",
+    "run_finished",
+    "settle_webhooks",
+    "write_final_report",
+]
 
 
 @dataclass
@@ -74,6 +84,7 @@ async def write_final_report(
         finished_at=datetime.now(UTC),
         groups=plan.groups,
         warnings=warnings,
+        pricing=ctx.settings.pricing,
     )
     await write_report(report, plan.file, *plan.copies)
     await _tidy(ctx)
@@ -122,6 +133,47 @@ async def merge_at_end(
     with anyio.CancelScope(shield=True):
         await write_report(report, plan.file, *plan.copies)
     return report
+
+
+def run_finished(ctx: RunContext, report: Report, plan: ReportPlan) -> RunFinished:
+    """The run's last event: where its report is, and how it went."""
+    return RunFinished(
+        run_id=ctx.run_id,
+        report_path=str(plan.copies[0] if plan.copies else plan.file),
+        successful=report.summary.successful,
+        total_tasks=report.summary.total_tasks,
+    )
+
+
+async def settle_webhooks(report: Report, plan: ReportPlan, webhooks: Webhooks) -> Report:
+    """Give the webhooks a few seconds to take the run's last events (``notify.DRAIN_S``);
+    when some endpoint missed events, the report says so in its ``warnings``, written again.
+
+    Cancellation: the wait ends, and the report stays as it was written.
+    """
+    warnings = await webhooks.settle()
+    if not warnings:
+        return report
+    report = seal_report(report.model_copy(update={"warnings": [*report.warnings, *warnings]}))
+    with anyio.CancelScope(shield=True):
+        await write_report(report, plan.file, *plan.copies)
+    return report
+
+
+async def journal_finished(ctx: RunContext, report: Report) -> None:
+    """The journal's last record: the run finished, with *report*'s digest (shielded: a run
+    whose report is written is not left looking interrupted)."""
+    if ctx.journal is None:
+        return
+    with anyio.CancelScope(shield=True):
+        await ctx.journal.write(
+            {
+                "type": "finished",
+                "at": datetime.now(UTC).isoformat(),
+                "report_sha256": report.report_sha256,
+            }
+        )
+        ctx.finished = True
 
 
 def _merge_finished(ctx: RunContext, record: MergeRecord) -> MergeFinished:

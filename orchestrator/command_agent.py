@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ from .process import ProcessOutcome, run_command
 
 if TYPE_CHECKING:
     from .isolation import Spawn
+    from .pipes import Pipes
 
 __all__ = ["CommandAgent", "ended_abnormally", "metrics_of", "refuse_task_settings", "run_program"]
 
@@ -161,12 +162,17 @@ class CommandAgent:
 
 
 async def run_program(
-    request: AttemptRequest, argv: list[str], *, stdin: Path | None = None
+    request: AttemptRequest,
+    argv: list[str],
+    *,
+    stdin: Path | None = None,
+    talk: Callable[[Pipes], Awaitable[None]] | None = None,
 ) -> tuple[Spawn, ProcessOutcome] | AttemptOutcome:
     """Run *argv* for one attempt under the task's isolation (sandbox, limits), its output
     into the attempt's logs, stopped at the timeout or a stall: how the isolation and the
     process ended, or the ``spawn`` failure when it could not start. Every kind that runs a
-    program runs it so. Cancellation: the process group is terminated (shielded), then the
+    program runs it so; one that converses with it on its stdin and stdout gives *talk*
+    (see :func:`~orchestrator.process.run_command`). Cancellation: the process group is terminated (shielded), then the
     cancellation propagates."""
     from .isolation import isolate
 
@@ -186,6 +192,7 @@ async def run_program(
                     lifeline=request.lifeline,
                     stdin=stdin,
                     stall_timeout=request.envelope.stall_timeout,
+                    talk=talk,
                 )
             )
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or variable

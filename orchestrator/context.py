@@ -65,6 +65,9 @@ class RunContext:
     events_log: BinaryIO | None = None
     #: Where a dependent task starts, if not from the run's base: (commit, tree).
     starts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: What each task's commit changed from its start, sorted, where its commit step knew
+    #: it without asking git (see ``Harvest.changed``): what its dependents are told.
+    changed_files: dict[str, list[str]] = field(default_factory=dict)
     #: Why a running task is being cancelled, when it is not the whole run (fail-fast, say).
     cancel_reasons: dict[str, ErrorInfo] = field(default_factory=dict)
     journal: Journal | None = None
@@ -84,6 +87,8 @@ class RunContext:
     base_env: dict[str, str] = field(default_factory=lambda: clean_environment(os.environ))
     #: Kills the run's agents if this process dies (a watcher, started with the first agent).
     lifeline: Lifeline = field(default_factory=Lifeline)
+    #: Queues each event for the plan's webhooks, without waiting (orchestrator/notify.py).
+    notify: Callable[[Event], None] | None = None
 
     def start_of(self, task_id: str) -> tuple[str | None, str | None]:
         """The commit and tree *task_id* starts from."""
@@ -237,7 +242,8 @@ class RunContext:
             self.events_log = None
 
     async def emit(self, event: Event) -> None:
-        """Log *event* to ``events.jsonl`` and deliver it to the handler (awaited if async).
+        """Log *event* to ``events.jsonl``, queue it for the webhooks and deliver it to the
+        handler (awaited if async).
 
         Lines are buffered, and handed to the kernel before every journal write, and on an
         event that comes 50 ms or more after the last flush: a write system call per event
@@ -252,6 +258,8 @@ class RunContext:
                 raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
             if time.monotonic() - self._events_flushed >= EVENTS_FLUSH_INTERVAL:
                 self.flush_events_log()
+        if self.notify is not None:
+            self.notify(event)
         if self.on_event is not None:
             try:
                 outcome = self.on_event(event)

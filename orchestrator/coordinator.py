@@ -9,7 +9,7 @@ The three ways into a run are here: :func:`orchestrate_parallel`, :func:`resume_
 3. its tasks scheduled (``scheduler``), each served from the cache, started from its
    dependencies' merged results, or handed to the executor (``hooks``, ``executor``);
 4. its report written, the plan's merge done (``closing``), its events delivered throughout
-   (``events``).
+   (``events``), to the plan's webhooks too (``notify``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,19 @@ from typing import Any, Unpack
 
 import anyio
 
-from envelopes import Event, Report, RunFinished, RunStarted, Select, TaskResult, canonical_json
+from envelopes import Event, Report, RunStarted, Select, TaskResult, canonical_json
 
 from ._fs import atomic_write
 from .agents import AgentLike
 from .cache import agent_digest
-from .closing import ReportPlan, merge_at_end, write_final_report
+from .closing import (
+    ReportPlan,
+    journal_finished,
+    merge_at_end,
+    run_finished,
+    settle_webhooks,
+    write_final_report,
+)
 from .context import EventHandler, RunContext
 from .errors import OrchestratorError, RunDirError
 from .events import RunEvents, emit_run_event, unwrapped
@@ -38,6 +45,7 @@ from .executor import make_executor
 from .guard import ref_values
 from .hooks import RunHooks
 from .intake import Intake, PlanLike, take_in
+from .notify import Webhooks
 from .pool import VenvPool, WorktreePool
 from .repo import Repository
 from .resume import journal_run, open_run_repository, prepare_resume, recorded_run, take_over
@@ -132,6 +140,8 @@ class _Run:
             [e.task_id for e in self.envelopes], on_move=ctx.journal_move
         )
         self.scheduler: Scheduler | None = None
+        self.webhooks = Webhooks(intake.webhooks, run_id=ctx.run_id, record=ctx.emit)
+        ctx.notify = self.webhooks.offer
 
     @classmethod
     async def start(
@@ -214,16 +224,19 @@ class _Run:
             self.hooks.reusable = await take_over(ctx, reuse)
 
     async def go(self, copies: list[Path]) -> Report:
-        """Run every task; however the run ends, it ends with a report and its lock let go."""
-        ctx = self.ctx
+        """Run every task; however the run ends, it ends with a report and its lock let go.
+        The plan's webhooks are delivered to meanwhile, beside the run."""
         plan = self.intake.plan
         self.report_plan = ReportPlan(
             plan_name=plan.name if plan else "envelopes",
             plan_sha256=self.intake.plan_sha256,
             started=self.started,
-            file=ctx.run_dir / "report.json",
+            file=self.ctx.run_dir / "report.json",
             copies=copies,
         )
+        return await self.webhooks.deliver_during(self._run_to_the_end)
+
+    async def _run_to_the_end(self) -> Report:
         try:
             await self._execute()
         except BaseException as exc:
@@ -232,7 +245,7 @@ class _Run:
         try:
             return await self._end()
         finally:
-            ctx.close_events_log()
+            self.ctx.close_events_log()
 
     async def _execute(self) -> None:
         ctx = self.ctx
@@ -314,29 +327,16 @@ class _Run:
             report = await write_final_report(ctx, self._results(), self.report_plan)
             if plan is not None and plan.merge is not None and ctx.repo is not None:
                 report = await merge_at_end(ctx, report, plan.merge, self.report_plan)
-            if ctx.journal is not None:
-                with anyio.CancelScope(shield=True):
-                    await ctx.journal.write(
-                        {
-                            "type": "finished",
-                            "at": datetime.now(UTC).isoformat(),
-                            "report_sha256": report.report_sha256,
-                        }
-                    )
-                    ctx.finished = True
+            try:
+                # Told before the journal's last record: the webhooks' warnings may change
+                # the report, whose digest that record holds.
+                await emit_run_event(ctx, run_finished(ctx, report, self.report_plan))
+                report = await settle_webhooks(report, self.report_plan, self.webhooks)
+            finally:
+                await journal_finished(ctx, report)
         finally:
             ctx.close()
             self.intake.close()
-        copies = self.report_plan.copies
-        await emit_run_event(
-            ctx,
-            RunFinished(
-                run_id=ctx.run_id,
-                report_path=str(copies[0] if copies else self.report_plan.file),
-                successful=report.summary.successful,
-                total_tasks=report.summary.total_tasks,
-            ),
-        )
         ctx.flush_events_log()  # a full disk now is told, not lost at close
         return report
 

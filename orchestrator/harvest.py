@@ -44,6 +44,8 @@ class Harvest:
     (``committed``: a commit was made for the task's changes). ``refused`` says what was
     found and not taken (kinds ``tamper``, ``secret_leak``, ``too_large``); ``error`` that
     git failed (kind ``commit``). Either makes the task fail, ``refused`` first.
+    ``changed`` is every path the result changed from the base, sorted, when the commit step
+    knows it (the agent committed nothing itself), else None.
     """
 
     result_commit: str | None = None
@@ -51,6 +53,7 @@ class Harvest:
     committed: bool = False
     refused: ErrorInfo | None = None
     error: ErrorInfo | None = None
+    changed: list[str] | None = None
 
 
 async def harvest(
@@ -114,7 +117,9 @@ async def harvest(
         )
     except GitError as exc:
         return Harvest(refused=refused, error=ErrorInfo(kind="commit", message=str(exc)))
-    return Harvest(commit, tree, committed, refused)
+    # On the base, the commit holds exactly the paths it took (none when it made none).
+    changed = (sorted(paths) if committed else []) if tip == worktree.base_commit else None
+    return Harvest(commit, tree, committed, refused, changed=changed)
 
 
 def _message(envelope: HandoffEnvelope, run_id: str, envelope_sha256: str, masker: Masker) -> str:

@@ -17,6 +17,7 @@ from typing import Literal
 import anyio
 
 from envelopes import (
+    MAX_CHANGED_FILES,
     ErrorInfo,
     Event,
     GroupDecided,
@@ -40,7 +41,7 @@ from .cache import store as cache_store
 from .context import RunContext
 from .errors import GitError, RunDirError
 from .executor import Executor, PreparedTask
-from .merge import Combined, combine_commits
+from .merge import Combined, changed_files, combine_commits
 from .scheduler import GroupState
 from .subagent import not_started_result, record_result
 
@@ -55,6 +56,8 @@ class RunHooks:
         self.agents = agents
         self.executor = executor
         self._merges: dict[tuple[str, ...], Combined] = {}
+        #: What each dependency's result changed, by task id (``_changed_files``).
+        self._changed: dict[str, tuple[list[str], int]] = {}
         self._merging = anyio.Lock()
         #: Results of an earlier run to reuse, by cache key (``reuse=``).
         self.reusable: dict[str, tuple[TaskResult, str]] = {}
@@ -157,12 +160,16 @@ class RunHooks:
         """Tell the task what its dependencies produced, and start it from their results."""
         ctx = self.ctx
         results = [ctx.results[task_id] for task_id in upstream]
-        told = {
-            r.task_id: Upstream(
-                output=r.output, result_commit=r.provenance.result_commit, branch=r.branch
+        told = {}
+        for r in results:
+            files, omitted = await self._changed_files(r)
+            told[r.task_id] = Upstream(
+                output=r.output,
+                result_commit=r.provenance.result_commit,
+                branch=r.branch,
+                changed_files=files,
+                changed_files_omitted=omitted,
             )
-            for r in results
-        }
         envelope = envelope.model_copy(update={"upstream": told})
         with_commit = [r for r in results if r.provenance.result_commit]
         if not with_commit or ctx.repo is None or not envelope.worktree:
@@ -185,6 +192,25 @@ class RunHooks:
             )
         ctx.starts[envelope.task_id] = (combined.commit, combined.tree)
         return envelope
+
+    async def _changed_files(self, result: TaskResult) -> tuple[list[str], int]:
+        """What *result* changed from where it started: at most MAX_CHANGED_FILES paths and
+        how many more. As its commit step found it, else (the agent committed itself, a
+        result of an earlier session or from the cache) from git, once per task; nothing
+        when it has no commits or git cannot tell."""
+        ctx, provenance = self.ctx, result.provenance
+        known = ctx.changed_files.get(result.task_id)
+        if known is not None:
+            return known[:MAX_CHANGED_FILES], max(0, len(known) - MAX_CHANGED_FILES)
+        base, commit = provenance.base_commit, provenance.result_commit
+        if ctx.repo is None or base is None or commit is None:
+            return [], 0
+        if result.task_id not in self._changed:
+            found: tuple[list[str], int] = ([], 0)
+            with contextlib.suppress(GitError):
+                found = await changed_files(ctx.repo.git, base, commit, limit=MAX_CHANGED_FILES)
+            self._changed[result.task_id] = found
+        return self._changed[result.task_id]
 
     async def _combined(self, results: list[TaskResult]) -> Combined:
         """The merge of *results*' commits, made once per set of commits."""

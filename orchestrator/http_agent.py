@@ -30,6 +30,7 @@ import anyio
 import httpx
 
 from envelopes import (
+    HEADER_VARIABLE,
     MAX_VALUE_DEPTH,
     AgentInfo,
     AgentSpec,
@@ -53,7 +54,6 @@ MAX_ERROR_BODY_BYTES = 4096
 #: Longest excerpt of an answer (or of git's complaint) in an error message.
 MAX_EXCERPT_CHARS = 200
 
-_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: An HTTP header name (RFC 9110 token).
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 #: Headers that frame the request: httpx sets them, a plan may not.
@@ -212,7 +212,7 @@ class HttpAgent:
         secrets: set[str] = set()
         for name, template in self.headers.items():
             value = template
-            for variable in dict.fromkeys(_VARIABLE.findall(template)):
+            for variable in dict.fromkeys(HEADER_VARIABLE.findall(template)):
                 if variable not in request.env:
                     raise _Failed(
                         "spawn",

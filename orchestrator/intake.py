@@ -8,6 +8,7 @@ anything is made on disk, so that a run refused here leaves nothing behind.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from envelopes import AgentSpec, HandoffEnvelope, Plan, digest, masked_plan, pla
 from .agents import Agent, AgentLike, as_agent
 from .command_agent import refuse_task_settings
 from .errors import OrchestratorError, PlanError, PlanIssue
+from .notify import Webhook, read_webhooks
 from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
 from .repo import Repository
 from .scheduler import graph_problems
@@ -48,6 +50,8 @@ class Intake:
     #: (a resume resolves the settings again over the ones its run started with).
     overrides: SettingsOverrides
     given: RunSettings | None
+    #: The plan's ``notify`` endpoints, their secrets read from the environment.
+    webhooks: tuple[Webhook, ...] = ()
 
     @property
     def plan(self) -> Plan | None:
@@ -80,10 +84,12 @@ async def take_in(
 ) -> Intake:
     """Check *plan*, its agents and the settings; open the repository; resolve the base.
 
-    Raises PlanError (with every problem found), SettingsError, or OrchestratorError.
+    Raises PlanError (with every problem found, or a webhook's secret not set), SettingsError,
+    or OrchestratorError.
     """
     given = dict(agents or {})
     loaded, envelopes = normalise(plan, given)
+    webhooks = read_webhooks(loaded, os.environ)
     settings = resolve_settings(loaded.plan if loaded else None, overrides, recorded=recorded)
     table = agent_table(loaded.plan if loaded else None, given, envelopes)
     repository, commit, tree = await _open_repository(loaded, envelopes, repo, settings)
@@ -104,6 +110,7 @@ async def take_in(
         plan_json=plan_json,
         overrides=overrides,
         given=recorded,
+        webhooks=tuple(webhooks),
     )
 
 

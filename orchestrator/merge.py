@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ._git import Git, check_ids
 from .errors import GitError
 
-__all__ = ["Combined", "combine_commits", "independent_commits", "merge_trees"]
+__all__ = ["Combined", "changed_files", "combine_commits", "independent_commits", "merge_trees"]
 
 
 async def merge_trees(git: Git, ours: str, theirs: str) -> tuple[str, list[str]]:
@@ -43,6 +43,28 @@ async def merge_trees(git: Git, ours: str, theirs: str) -> tuple[str, list[str]]
         )
     conflicts = sorted({line for line in lines[1:] if line}) if result.returncode == 1 else []
     return lines[0], conflicts
+
+
+async def changed_files(git: Git, old: str, new: str, *, limit: int) -> tuple[list[str], int]:
+    """The paths whose content differs between commits *old* and *new* (added, changed,
+    deleted; a rename is a deletion and an addition), sorted: the first *limit* of them, and
+    how many more there are. Compares trees only: no attribute, filter or driver runs."""
+    check_ids(old, new)
+    if old == new:
+        return [], 0
+    out = await git.run(
+        "diff-tree",
+        "-r",
+        "-z",
+        "--name-only",
+        "--no-renames",
+        "--no-commit-id",
+        "--end-of-options",
+        old,
+        new,
+    )
+    paths = sorted({p.decode("utf-8", "replace") for p in out.stdout.split(b"\0") if p})
+    return paths[:limit], max(0, len(paths) - limit)
 
 
 async def independent_commits(git: Git, commits: Sequence[str]) -> list[str]:

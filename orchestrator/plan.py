@@ -791,7 +791,10 @@ def missing_programs(loaded: LoadedPlan) -> list[str]:
     for name, spec in sorted(plan.agents.items()):
         if spec.http is not None:
             continue  # an endpoint, not a program
-        first = spec.command[0] if spec.command else spec.program or preset_program(spec)
+        if spec.acp is not None:
+            first = spec.acp.command[0]
+        else:
+            first = spec.command[0] if spec.command else spec.program or preset_program(spec)
         program = first.replace("{plan_dir}", str(loaded.plan_dir))
         if "{" in program or program in ("python", "python3"):
             continue

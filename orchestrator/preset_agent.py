@@ -11,9 +11,11 @@ kind a user can act on (``auth``, ``rate_limited``, ``turn_limit``, ``agent_erro
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,22 +25,19 @@ import anyio
 from envelopes import (
     AgentInfo,
     AgentSpec,
-    ErrorInfo,
     Metrics,
     TaskStatus,
     digest,
     env_values,
     open_regular,
-    sha256_hex,
 )
 
-from ._fs import last_line, write_file
-from .attempt import AttemptOutcome, AttemptRequest
+from ._fs import last_line
+from .attempt import AttemptOutcome, AttemptRequest, Prompt, give_prompt
 from .command_agent import ended_abnormally, metrics_of, run_program
 from .presets import PRESETS, Preset
-from .prompts import PromptError, render_prompt
 
-__all__ = ["MAX_AGENT_STDOUT_BYTES", "PresetAgent"]
+__all__ = ["MAX_AGENT_STDOUT_BYTES", "PresetAgent", "remove_scratch", "scratch_names"]
 
 #: Most of an agent's stdout its preset's parser reads (the log keeps what the limits allow).
 MAX_AGENT_STDOUT_BYTES = 64 << 20
@@ -122,19 +121,24 @@ class PresetAgent:
         )
 
     async def run_attempt(self, request: AttemptRequest) -> AttemptOutcome:
-        """Render the prompt, run the agent headless, and read what it reported."""
+        """Render the prompt, run the agent headless, and read what it reported; then remove
+        what the CLI left in the working directory for itself (its preset's ``scratch``)."""
+        prompt = await give_prompt(request)
+        if isinstance(prompt, AttemptOutcome):
+            return prompt
+        patterns = self._preset.scratch
+        if not patterns:
+            return await self._run(request, prompt)
+        before = await anyio.to_thread.run_sync(scratch_names, request.cwd, patterns)
         try:
-            prompt = await anyio.to_thread.run_sync(
-                lambda: render_prompt(
-                    request.envelope, attempt=request.attempt, feedback=request.feedback
-                )
-            )
-        except PromptError as exc:
-            return AttemptOutcome("failed", error=ErrorInfo(kind="spawn", message=str(exc)))
-        data = prompt.encode("utf-8", "surrogatepass")
-        prompt_file = request.stdout_path.with_suffix(".prompt")
-        await anyio.to_thread.run_sync(write_file, prompt_file, data)
-        prompt_sha256 = sha256_hex(data)
+            return await self._run(request, prompt)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(remove_scratch, request.cwd, patterns, before)
+
+    async def _run(self, request: AttemptRequest, prompt: Prompt) -> AttemptOutcome:
+        """Run the program on the prompt, and read what it printed."""
+        prompt_file, prompt_sha256 = prompt.path, prompt.sha256
         # As a command's program is: {plan_dir} filled in, a relative path from the plan's
         # directory, a bare name looked up on the task's PATH.
         program = self.program or self._preset.program
@@ -145,7 +149,7 @@ class PresetAgent:
             program = shutil.which(program, path=request.env.get("PATH", "")) or program
         invocation = self._preset.invocation(
             program=program,
-            prompt=prompt,
+            prompt=prompt.text,
             prompt_file=prompt_file,
             model=self.model,
             args=self.args,
@@ -160,15 +164,7 @@ class PresetAgent:
         outcome = await ended_abnormally(request, spawn, proc)
         if outcome is None:
             outcome = await self._read(request, proc.exit_code, metrics_of(proc))
-        return AttemptOutcome(
-            status=outcome.status,
-            exit_code=outcome.exit_code,
-            output=outcome.output,
-            error=outcome.error,
-            metrics=outcome.metrics,
-            usage=outcome.usage,
-            prompt_sha256=prompt_sha256,
-        )
+        return replace(outcome, prompt_sha256=prompt_sha256)
 
     async def _read(
         self, request: AttemptRequest, exit_code: int | None, metrics: Metrics
@@ -218,3 +214,27 @@ def _tail(relative: str, limit: int, within: Path) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def scratch_names(cwd: Path, patterns: Sequence[str]) -> set[str]:
+    """The names in *cwd* that match one of *patterns* (globs). Blocking."""
+    if not patterns:
+        return set()
+    try:
+        names = os.listdir(cwd)
+    except OSError:
+        return set()
+    return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
+def remove_scratch(cwd: Path, patterns: Sequence[str], before: set[str]) -> None:
+    """Remove what matches *patterns* in *cwd* and was not there *before* (a repository that
+    tracks such a file keeps it). A directory is removed without following a link in it
+    (``shutil.rmtree`` works on file descriptors here), a link itself is unlinked. Blocking."""
+    for name in sorted(scratch_names(cwd, patterns) - before):
+        path = cwd / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()

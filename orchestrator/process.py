@@ -8,6 +8,14 @@ the last two the whole process group gets SIGTERM, then SIGKILL after ``kill_gra
 After every end, any process that still carries the attempt's tag in its environment (a child
 that called setsid to escape the group, say) is killed too, so no process of a task survives.
 
+A command that speaks a protocol on its standard streams (an ACP agent) is run with a
+``talk`` function: its stdin and stdout are then pipes (:mod:`orchestrator.pipes`; what it
+writes is still copied to the stdout log) and ``talk(pipes)`` converses with it while it
+runs. When *talk* returns, the command's stdin is closed and it has ``kill_grace`` seconds to
+exit before it is terminated; when the command exits first, *talk* has as long to read what
+it left. The timeout and a cancellation cancel *talk*, which may end its side of the
+conversation (shielded) before the process group is terminated.
+
 Resource limits (``rlimits``) are set before the command's program starts: by util-linux's
 ``prlimit``, which sets them and execs the program (a fraction of a millisecond, outside the
 event loop), or, where it is not installed, by a ``preexec_fn``, which costs a real fork
@@ -27,14 +35,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import anyio
 import psutil
 
 from .lifeline import Lifeline
+from .pipes import Pipes, open_pipes
 
 __all__ = [
     "TAG_VARIABLE",
@@ -66,9 +76,10 @@ class ProcessOutcome:
 
 
 async def _wait_or_stall(
-    pid: int, logs: Sequence[Path], stall_timeout: float | None
+    pid: int, progress: Callable[[], int], stall_timeout: float | None
 ) -> tuple[int, resource.struct_rusage | None] | None:
-    """Wait for *pid* to exit; None if it wrote nothing to *logs* for *stall_timeout* s."""
+    """Wait for *pid* to exit; None if *progress* (bytes it wrote so far) stood still for
+    *stall_timeout* seconds."""
     if stall_timeout is None:
         return await _wait_exit(pid)
     ended: tuple[int, resource.struct_rusage | None] | None = None
@@ -83,7 +94,7 @@ async def _wait_or_stall(
         size, changed = -1, time.monotonic()
         while True:
             await anyio.sleep(min(1.0, stall_timeout / 4))
-            now, grown = time.monotonic(), sum(_size(path) for path in logs)
+            now, grown = time.monotonic(), progress()
             if grown != size:
                 size, changed = grown, now
             elif now - changed >= stall_timeout:
@@ -238,18 +249,22 @@ def _spawn(
     argv: Sequence[str],
     cwd: Path,
     env: Mapping[str, str],
-    stdout: Path,
+    stdout: Path | int,
     stderr: Path,
     rlimits: Sequence[tuple[int, int, int]],
-    stdin: Path | None = None,
+    stdin: Path | int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start *argv* in its own session, its streams into the two log files; OSError if not."""
+    """Start *argv* in its own session, its streams into the two log files (or, for a
+    descriptor, a pipe's end); OSError if not."""
     argv, preexec = _with_limits(argv, cwd, env, rlimits) if rlimits else (list(argv), None)
-    with (
-        stdout.open("wb") as out,
-        stderr.open("wb") as err,
-        stdin.open("rb") if stdin is not None else open(os.devnull, "rb") as source,
-    ):
+    with contextlib.ExitStack() as stack:
+        out = stdout if isinstance(stdout, int) else stack.enter_context(stdout.open("wb"))
+        err = stack.enter_context(stderr.open("wb"))
+        source: int | BinaryIO = (
+            stdin
+            if isinstance(stdin, int)
+            else stack.enter_context(Path(os.devnull if stdin is None else stdin).open("rb"))
+        )
         # Popen forks with vfork: about a millisecond in the loop, less than a thread hop.
         try:
             return subprocess.Popen(
@@ -283,6 +298,7 @@ async def run_command(
     lifeline: Lifeline | None = None,
     stdin: Path | None = None,
     stall_timeout: float | None = None,
+    talk: Callable[[Pipes], Awaitable[None]] | None = None,
 ) -> ProcessOutcome:
     """Run *argv* to its end; see the module docstring for how it ends.
 
@@ -292,9 +308,12 @@ async def run_command(
     one is (``stalled``). Raises OSError when the command cannot be started. On cancellation
     the process group is terminated (under a shielded scope) before the cancellation
     propagates.
+
+    With *talk*, ``talk(pipes)`` converses with the command on its stdin and stdout (see
+    the module docstring).
     """
     full_env = {**env, TAG_VARIABLE: tag}
-    proc = _spawn(argv, cwd, full_env, stdout, stderr, rlimits, stdin)
+    proc, pipes = _start(argv, cwd, full_env, stdout, stderr, rlimits, stdin, talking=bool(talk))
     started = time.monotonic()
     timed_out = cancelled = stalled = False
     status: int | None = None
@@ -304,10 +323,15 @@ async def run_command(
             prefix = tag.split("/", 1)[0] + "/"
             lifeline.watch(proc.pid, tag_variable=TAG_VARIABLE, prefix=prefix)
         with anyio.move_on_after(timeout) as scope:
-            ended = await _wait_or_stall(proc.pid, (stdout, stderr), stall_timeout)
-            if ended is None:
-                stalled = True
+            if pipes is None or talk is None:
+                written = lambda: _size(stdout) + _size(stderr)  # noqa: E731
+                ended = await _wait_or_stall(proc.pid, written, stall_timeout)
+                stalled = ended is None
             else:
+                stalled, ended = await _talk_and_wait(
+                    proc.pid, pipes, talk, stderr, stall_timeout, kill_grace
+                )
+            if ended is not None:
                 status, usage = ended
         if scope.cancelled_caught:
             timed_out = True
@@ -321,16 +345,12 @@ async def run_command(
             # Popen must not reap the pid again later: it is ours and already waited for.
             proc.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else -1
             _signal_group(proc.pid, signal.SIGKILL)
+            if pipes is not None:
+                pipes.close()
             await anyio.to_thread.run_sync(kill_tagged, tag)
             if lifeline is not None:
                 lifeline.unwatch(proc.pid)
-    exit_code: int | None = None
-    sig: int | None = None
-    if status is not None and status >= 0:
-        if os.WIFEXITED(status):
-            exit_code = os.WEXITSTATUS(status)
-        elif os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
+    exit_code, sig = _exit_of(status)
     return ProcessOutcome(
         exit_code=exit_code,
         timed_out=timed_out,
@@ -339,12 +359,93 @@ async def run_command(
         duration_s=time.monotonic() - started,
         cpu_user_s=usage.ru_utime if usage else None,
         cpu_system_s=usage.ru_stime if usage else None,
-        # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
-        max_rss_kb=(usage.ru_maxrss // 1024 if sys.platform == "darwin" else usage.ru_maxrss)
-        if usage
-        else None,
+        max_rss_kb=_max_rss_kb(usage),
         stalled=stalled,
     )
+
+
+def _exit_of(status: int | None) -> tuple[int | None, int | None]:
+    """(exit code, signal) of a wait status: one of them, or neither when it is unknown."""
+    if status is not None and status >= 0:
+        if os.WIFEXITED(status):
+            return os.WEXITSTATUS(status), None
+        if os.WIFSIGNALED(status):
+            return None, os.WTERMSIG(status)
+    return None, None
+
+
+def _max_rss_kb(usage: resource.struct_rusage | None) -> int | None:
+    """The peak memory *usage* says, in kilobytes (ru_maxrss is in bytes on macOS)."""
+    if usage is None:
+        return None
+    return usage.ru_maxrss // 1024 if sys.platform == "darwin" else usage.ru_maxrss
+
+
+def _start(
+    argv: Sequence[str],
+    cwd: Path,
+    env: Mapping[str, str],
+    stdout: Path,
+    stderr: Path,
+    rlimits: Sequence[tuple[int, int, int]],
+    stdin: Path | None,
+    *,
+    talking: bool,
+) -> tuple[subprocess.Popen[bytes], Pipes | None]:
+    """Start the command; when *talking*, with pipes on its stdin and stdout (the stdout log
+    then being the copy of what it writes)."""
+    if not talking:
+        return _spawn(argv, cwd, env, stdout, stderr, rlimits, stdin), None
+    pipes, child_in, child_out = open_pipes(stdout.open("wb"))
+    try:
+        return _spawn(argv, cwd, env, child_out, stderr, rlimits, child_in), pipes
+    except BaseException:
+        pipes.close()
+        raise
+    finally:
+        os.close(child_in)
+        os.close(child_out)
+
+
+async def _talk_and_wait(
+    pid: int,
+    pipes: Pipes,
+    talk: Callable[[Pipes], Awaitable[None]],
+    stderr: Path,
+    stall_timeout: float | None,
+    grace: float,
+) -> tuple[bool, tuple[int, resource.struct_rusage | None] | None]:
+    """Converse with the program while waiting for it: (stalled, its exit status or None).
+
+    Whichever ends first, the conversation or the program, the other gets *grace* seconds to
+    follow; None for the status when the program has not exited by then (it is terminated).
+    """
+    ended: tuple[int, resource.struct_rusage | None] | None = None
+    stalled = False
+    talked, exited = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+
+        async def wait() -> None:
+            nonlocal ended, stalled
+            ended = await _wait_or_stall(pid, lambda: pipes.received + _size(stderr), stall_timeout)
+            exited.set()
+            if ended is None:
+                stalled = True
+            else:
+                with anyio.move_on_after(grace):
+                    await talked.wait()  # what the program left in the pipe is read
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(wait)
+        try:
+            await talk(pipes)
+        finally:
+            talked.set()
+            pipes.close_input()
+        with anyio.move_on_after(grace):
+            await exited.wait()
+        tg.cancel_scope.cancel()
+    return stalled, ended
 
 
 async def _terminate(pid: int, grace: float) -> tuple[int, resource.struct_rusage | None]:

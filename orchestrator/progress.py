@@ -125,7 +125,9 @@ class Progress:
                 tokens = usage.total_tokens or (usage.input_tokens or 0) + (
                     usage.output_tokens or 0
                 )
-                cost = f", {spent(tokens, usage.cost_usd)}" if tokens or usage.cost_usd else ""
+                partial = usage.cost_source == "partial"
+                told = spent(tokens, usage.cost_usd, at_least=partial)
+                cost = f", {told}" if tokens or usage.cost_usd else ""
             return f"task {event.task_id} {event.status} in {event.duration_s:.2f} s, {event.attempts} attempt(s){cost}{' ' + commit if commit else ''}{why}"
         if isinstance(event, TaskSkipped):
             self.rows[event.task_id] = [event.task_id, event.agent, "skipped", "", ""]
@@ -201,10 +203,11 @@ def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
     total = s.usage
     if total is not None:
         tokens = total.total_tokens or total.input_tokens + total.output_tokens
-        # A cost is told when at least one task said what it cost.
-        title += (
-            f"; spent {spent(tokens, total.cost_usd if total.cost_unknown < total.tasks else None)}"
-        )
+        # A cost is told when at least one task said what it cost (or part of it), as a
+        # lower bound when some task's is not known.
+        known = total.cost_unknown < total.tasks or total.cost_usd > 0
+        cost = total.cost_usd if known else None
+        title += f"; spent {spent(tokens, cost, at_least=total.cost_unknown > 0)}"
     table = Table(title=Text(title))
     spending = total is not None
     columns: tuple[str, ...] = ("task", "agent", "status", "tries", "time")
@@ -235,13 +238,14 @@ def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
     return table
 
 
-def spent(tokens: int | None, cost_usd: float | None) -> str:
-    """What a task or a run spent, as the tables show it: ``12.3k tokens, $0.42``."""
+def spent(tokens: int | None, cost_usd: float | None, *, at_least: bool = False) -> str:
+    """What a task or a run spent, as the tables show it: ``12.3k tokens, $0.42``; with
+    *at_least*, the cost is what is known of it (``at least $0.42``)."""
     parts = []
     if tokens:
         parts.append(f"{tokens / 1000:.1f}k tokens" if tokens >= 1000 else f"{tokens} tokens")
     if cost_usd is not None:
-        parts.append(f"${cost_usd:.2f}")
+        parts.append(f"{'at least ' if at_least else ''}${cost_usd:.2f}")
     return ", ".join(parts)
 
 
@@ -250,4 +254,4 @@ def _spent_of(result: TaskResult) -> str:
     if usage is None:
         return ""
     tokens = usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)
-    return spent(tokens, usage.cost_usd)
+    return spent(tokens, usage.cost_usd, at_least=usage.cost_source == "partial")

@@ -9,16 +9,25 @@ environment, with undefined names an error, from these variables:
 ``inputs``, ``acceptance_criteria``
     The task's inputs (a mapping) and acceptance criteria (a list of strings).
 ``upstream``
-    What each dependency produced, by task id: ``output``, ``result_commit``, ``branch``.
+    What each dependency produced, by task id: ``output`` (its output, whole), ``branch``,
+    ``result_commit``, ``changed_files`` (the paths its result changed, at most
+    ``envelopes.MAX_CHANGED_FILES``) and ``changed_files_omitted`` (how many more).
 ``attempt``
     The attempt's number, from 1.
 ``feedback``
     Why the previous attempt failed (its error's kind and message), or None on the first.
 
+Besides Jinja2's own filters: ``tojson`` writes plain JSON (keys sorted, unicode and
+``<>&'`` as they are: Jinja2's escapes them for HTML), and ``excerpt(n)`` cuts a text to at
+most *n* bytes, saying how much it left out (the default template so bounds what each
+dependency's output adds).
+
 A plan's template is checked when the plan is loaded (:func:`template_problem`): a syntax
-error, an unknown variable or an unknown filter is a plan error, located in the file. What
-the template is given comes partly from other agents (a dependency's output): it is data to
-the template, never code, and the rendered prompt is bounded (:data:`MAX_PROMPT_BYTES`).
+error, an unknown variable, filter or test, or a tag that loads another template (there is
+none to load) is a plan error, located in the file. What the template is given comes partly
+from other agents (a dependency's output): it is data to the template, never code, and the
+rendered prompt is bounded (:data:`MAX_PROMPT_BYTES`); a template that cannot be rendered
+fails the attempt with kind ``prompt``.
 """
 
 from __future__ import annotations
@@ -30,13 +39,16 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
-from envelopes import HandoffEnvelope
+from envelopes import ErrorInfo, HandoffEnvelope
 
 __all__ = [
     "DEFAULT_TEMPLATE",
     "MAX_PROMPT_BYTES",
+    "UPSTREAM_OUTPUTS_BYTES",
+    "UPSTREAM_OUTPUT_BYTES",
     "VARIABLES",
     "PromptError",
+    "excerpt",
     "render_prompt",
     "template_problem",
 ]
@@ -48,9 +60,16 @@ VARIABLES = frozenset(
 
 #: Largest rendered prompt, in bytes (UTF-8).
 MAX_PROMPT_BYTES = 1 << 20
+#: Most of one dependency's output (its JSON) the default template includes, in bytes.
+UPSTREAM_OUTPUT_BYTES = 4096
+#: Most the default template includes of all the dependencies' outputs together: with many
+#: dependencies, each output gets its share of it (and each list of changed files a quarter
+#: of that share).
+UPSTREAM_OUTPUTS_BYTES = 256 * 1024
 
 #: What a preset's agent is told when the plan gives no template.
-DEFAULT_TEMPLATE = """\
+DEFAULT_TEMPLATE = (
+    """\
 {{ task }}
 {% if inputs %}
 
@@ -66,12 +85,25 @@ The work is done when:
 - {{ criterion }}
 {% endfor %}
 {% endif %}
+"""
+    # Each dependency's output and changed files get a share of what the prompt may hold.
+    f"{{% set share = [{UPSTREAM_OUTPUT_BYTES}, "
+    f"{UPSTREAM_OUTPUTS_BYTES} // ([1, upstream | length] | max)] | min %}}\n"
+    """\
 {% if upstream %}
 
 It builds on tasks already done (their results are in the repository you start from):
 {% for id, done in upstream | dictsort %}
-- {{ id }} (branch {{ done.branch }}){% if done.output %}: {{ done.output | tojson }}{% endif %}
+- {{ id }}{% if done.branch %} (branch {{ done.branch }}){% endif %}
 
+{% if done.changed_files %}
+  changed: {{ done.changed_files | join(", ") | excerpt(share // 4) }}\
+{% if done.changed_files_omitted %} and {{ done.changed_files_omitted }} more{% endif %}
+
+{% endif %}
+{% if done.output %}
+  output: {{ done.output | tojson | excerpt(share) }}
+{% endif %}
 {% endfor %}
 {% endif %}
 {% if feedback %}
@@ -83,10 +115,40 @@ Fix that first.
 Work in the current directory, which is a git checkout made for this task: change files there
 and leave them; do not commit, push or switch branches (the orchestrator commits your changes).
 """
+)
 
 
 class PromptError(ValueError):
     """A template that cannot be rendered (or renders too much); one line."""
+
+    def info(self) -> ErrorInfo:
+        """The attempt's error: kind ``prompt``."""
+        return ErrorInfo(kind="prompt", message=str(self))
+
+
+def excerpt(text: Any, limit: int = UPSTREAM_OUTPUT_BYTES) -> str:
+    """*text* cut to at most *limit* bytes of UTF-8 (a character cut in two is left out),
+    with a note saying how much of it that is; *text* itself when it is no longer."""
+    whole = str(text)
+    data = whole.encode("utf-8", "surrogatepass")
+    limit = max(0, int(limit))
+    if len(data) <= limit:
+        return whole
+    kept = data[:limit].decode("utf-8", "ignore")
+    shown = len(kept.encode("utf-8"))
+    return f"{kept} [... cut: {shown} of {len(data)} bytes shown]"
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    """JSON as a prompt reads it: keys sorted, unicode and ``<>&'`` as they are (Jinja2's
+    own ``tojson`` escapes those for HTML, which an agent would read as ``\\u003c``)."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined: the error that names what is undefined
+    try:
+        text: str = json.dumps(value, ensure_ascii=False, sort_keys=True, indent=indent)
+    except (TypeError, ValueError) as exc:
+        raise jinja2.TemplateRuntimeError(f"tojson: {exc}") from None
+    return text
 
 
 def _environment() -> SandboxedEnvironment:
@@ -97,19 +159,42 @@ def _environment() -> SandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    # JSON as a prompt reads it: unicode as is, keys in order given (dictsort sorts them).
-    env.policies["json.dumps_kwargs"] = {"ensure_ascii": False, "sort_keys": True}
+    env.filters["tojson"] = _tojson
+    env.filters["excerpt"] = excerpt
     return env
 
 
 _ENV = _environment()
 
+#: Tags that load another template: a prompt template is one string, with none to load.
+_LOADING: dict[type[nodes.Node], str] = {
+    nodes.Extends: "{% extends %}",
+    nodes.Include: "{% include %}",
+    nodes.Import: "{% import %}",
+    nodes.FromImport: "{% from ... import %}",
+}
+
+
+def _parse(template: str) -> nodes.Template:
+    """*template* parsed; PromptError for a syntax error or a tag that loads a template."""
+    try:
+        parsed = _ENV.parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise PromptError(f"prompt template, line {exc.lineno}: {exc.message}") from None
+    for node in parsed.find_all(tuple(_LOADING)):
+        raise PromptError(
+            f"prompt template, line {node.lineno}: {_LOADING[type(node)]} is not supported: "
+            "a prompt template is one self-contained text, with no other template to load"
+        )
+    return parsed
+
 
 def template_problem(template: str) -> str | None:
     """What is wrong with *template*, in one line, or None: a syntax error (with its line),
-    a variable that is not one of :data:`VARIABLES`, an unknown filter or test."""
+    a variable that is not one of :data:`VARIABLES`, an unknown filter or test, a tag that
+    loads another template (``include``, ``import``, ``extends``)."""
     try:
-        parsed = _ENV.parse(template)
+        parsed = _parse(template)
         unknown = sorted(meta.find_undeclared_variables(parsed) - VARIABLES)
         if unknown:
             known = ", ".join(sorted(VARIABLES))
@@ -121,7 +206,9 @@ def template_problem(template: str) -> str | None:
             )
             if node.name not in table:
                 return f"prompt template, line {node.lineno}: no {what} named {node.name!r}"
-        _ENV.from_string(template)
+        _ENV.from_string(parsed)
+    except PromptError as exc:
+        return str(exc)
     except jinja2.TemplateSyntaxError as exc:
         return f"prompt template, line {exc.lineno}: {exc.message}"
     except jinja2.TemplateError as exc:
@@ -147,14 +234,20 @@ def variables(envelope: HandoffEnvelope, *, attempt: int, feedback: str | None) 
 def render_prompt(
     envelope: HandoffEnvelope, *, attempt: int = 1, feedback: str | None = None
 ) -> str:
-    """The envelope's prompt: its template (else the default) rendered; PromptError if not."""
+    """The envelope's prompt: its template (else the default) rendered; PromptError if not,
+    or if it is larger than :data:`MAX_PROMPT_BYTES`."""
     template = envelope.prompt if envelope.prompt is not None else DEFAULT_TEMPLATE
     try:
-        text = _ENV.from_string(template).render(
+        text = _ENV.from_string(_parse(template)).render(
             variables(envelope, attempt=attempt, feedback=feedback)
         )
     except jinja2.TemplateError as exc:
         raise PromptError(f"the prompt template cannot be rendered: {exc}") from None
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_PROMPT_BYTES:
-        raise PromptError(f"the rendered prompt is larger than {MAX_PROMPT_BYTES} bytes")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_PROMPT_BYTES:
+        raise PromptError(
+            f"the rendered prompt is larger than the {MAX_PROMPT_BYTES >> 20} MiB a prompt may "
+            f"be ({size} bytes): make the template include less (`| excerpt(4096)` cuts a "
+            "value, as the default template cuts each dependency's output)"
+        )
     return text

@@ -14,6 +14,7 @@ from envelopes import (
     AgentSummary,
     GroupMember,
     GroupReport,
+    Rates,
     Report,
     ReportError,
     Select,
@@ -55,12 +56,14 @@ def aggregate_results(
     finished_at: datetime,
     groups: Mapping[str, tuple[Select, list[str] | None]] | None = None,
     warnings: Sequence[str] = (),
+    pricing: Mapping[str, Rates] | None = None,
 ) -> Report:
     """The sealed Report of a run: summary, per-agent counts, errors, groups, every result.
 
     *groups* gives each matrix group's ``select`` policy and, where the run decided it, its
     selected members; undecided, a group selects its succeeded members (``all``) or its
-    first succeeded member in plan order (``first_success``).
+    first succeeded member in plan order (``first_success``). *pricing* is the rates the run
+    estimated costs with, recorded so that ``verify`` can recompute them.
     """
     errors = [
         ReportError(task_id=r.task_id, agent=r.agent, kind=r.error.kind, message=r.error.message)
@@ -93,6 +96,7 @@ def aggregate_results(
             ).items()
         },
         warnings=list(warnings),
+        pricing=dict(pricing or {}),
     )
     return seal_report(report)
 

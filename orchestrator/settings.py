@@ -32,7 +32,6 @@ from envelopes import (
     KeepWorktrees,
     Plan,
     Rates,
-    Usage,
     validation_message,
 )
 
@@ -43,7 +42,6 @@ __all__ = [
     "FALLBACK_STATE_DIR",
     "RunSettings",
     "SettingsOverrides",
-    "estimated",
     "plan_settings",
     "resolve_settings",
     "state_root",
@@ -230,27 +228,3 @@ def _validated(values: Mapping[str, Any]) -> RunSettings:
         error = exc.errors()[0]
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         raise SettingsError(name, validation_message(error)) from None
-
-
-def estimated(usage: Usage | None, pricing: Mapping[str, Rates]) -> Usage | None:
-    """*usage* with its cost estimated from *pricing* when the agent did not report one and
-    the plan has rates for its model (``cost_source: estimated``); else *usage* as it is."""
-    if usage is None or usage.cost_usd is not None or usage.model not in pricing:
-        return usage
-    rates = pricing[usage.model or ""]
-    parts = [
-        (usage.input_tokens, rates.input),
-        (usage.output_tokens, rates.output),
-        (
-            usage.cache_read_tokens,
-            rates.cache_read if rates.cache_read is not None else rates.input,
-        ),
-        (
-            usage.cache_write_tokens,
-            rates.cache_write if rates.cache_write is not None else rates.input,
-        ),
-    ]
-    if all(tokens is None for tokens, _ in parts):
-        return usage
-    cost = sum((tokens or 0) * rate for tokens, rate in parts) / 1_000_000
-    return usage.model_copy(update={"cost_usd": round(cost, 6), "cost_source": "estimated"})

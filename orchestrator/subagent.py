@@ -43,11 +43,13 @@ from envelopes import (
     TaskStatus,
     Timings,
     Usage,
+    add_usage,
     canonical_json,
     digest,
     ref_safe,
     seal_result,
     sha256_hex,
+    with_estimated_cost,
 )
 
 from ._fs import write_file
@@ -59,7 +61,6 @@ from .harvest import Harvest, harvest
 from .repo import Repository
 from .retry import retry_attempts
 from .secrets import Masker
-from .settings import estimated
 from .venv import Venv, describe_environment, setup_virtualenv
 from .worktree import (
     Worktree,
@@ -504,6 +505,7 @@ class _Subagent:
                 error=outcome.error,
                 stdout=stdout,
                 stderr=stderr,
+                usage=with_estimated_cost(_usage(outcome), self.ctx.settings.pricing),
             )
         )
         self.history.last = outcome
@@ -516,7 +518,7 @@ class _Subagent:
         if worktree is None or ctx.repo is None or base_tree is None:
             return self.harvest
         with self.clock.timed("commit_s"):
-            return await harvest(
+            harvested = await harvest(
                 ctx.repo,
                 worktree,
                 self.envelope,
@@ -525,6 +527,11 @@ class _Subagent:
                 base_tree=base_tree,
                 masker=self.history.masker,
             )
+        if harvested.changed is not None:
+            ctx.changed_files[self.task_id] = harvested.changed
+        else:
+            ctx.changed_files.pop(self.task_id, None)
+        return harvested
 
     def _masked(self, error: ErrorInfo) -> ErrorInfo:
         masker = self.history.masker
@@ -552,7 +559,7 @@ class _Subagent:
             error=error,
             timings=self.clock.timings(),
             metrics=last.metrics if last else Metrics(),
-            usage=estimated(_usage(last), self.ctx.settings.pricing),
+            usage=_task_usage(self.history.attempts),
             branch=branch,
             worktree=str(place.kept_worktree) if place.kept_worktree else None,
             envelope=self.envelope_entry,
@@ -611,14 +618,12 @@ def _feedback(last: AttemptOutcome | None) -> str | None:
     return f"{last.error.kind}: {last.error.message}"
 
 
-def _usage(last: AttemptOutcome | None) -> Usage | None:
-    """What the last attempt spent: its agent's own account (a preset's), else ``usage`` in
-    its output when that is a valid Usage (any agent may report it so); else unknown."""
-    if last is None:
-        return None
-    if last.usage is not None:
-        return last.usage
-    reported = (last.output or {}).get("usage")
+def _usage(outcome: AttemptOutcome) -> Usage | None:
+    """What an attempt spent: its agent's own account (a preset's), else ``usage`` in its
+    output when that is a valid Usage (any agent may report it so); else unknown."""
+    if outcome.usage is not None:
+        return outcome.usage
+    reported = (outcome.output or {}).get("usage")
     if isinstance(reported, dict):
         with contextlib.suppress(ValueError):
             usage = Usage.model_validate(reported)
@@ -626,6 +631,12 @@ def _usage(last: AttemptOutcome | None) -> Usage | None:
             source = "reported" if usage.cost_usd is not None else None
             return usage.model_copy(update={"cost_source": source})
     return None
+
+
+def _task_usage(attempts: Sequence[Attempt]) -> Usage | None:
+    """What the task spent: its attempts' usage added up (see ``envelopes.add_usage``)."""
+    total = add_usage(a.usage.model_dump(mode="json") if a.usage else None for a in attempts)
+    return Usage.model_validate(total) if total is not None else None
 
 
 async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> TaskResult:

@@ -147,7 +147,7 @@ def test_a_value_no_kind_takes_is_refused() -> None:
 def test_an_unknown_kind_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(
         ValueError,
-        match=r"unknown agent kind 'telepathy' \(known: callable, command, http, preset\)",
+        match=r"unknown agent kind 'telepathy' \(known: acp, callable, command, http, preset\)",
     ):
         as_agent({"kind": "telepathy", "url": "http://localhost"})
 

@@ -7,6 +7,10 @@ Conventions in the Markdown files (an HTML comment on the line right before a fe
 - ``<!-- run: report -->`` before a ```python block: the same, with the path of a fresh report
   as its only argument; it must exit 0 on that report and non-zero once the report is tampered
   with.
+- ``<!-- run: webhook -->`` before a ```python block: the block defines ``signed(body,
+  signature, secret)``, a webhook receiver's check of ``X-Orchestrator-Signature``; it must
+  accept the orchestrator's signature of a body and refuse a changed body or another secret
+  (tests/test_notify.py's server checks real deliveries with it too).
 - Every ```yaml block with a top-level ``tasks:`` key is a full plan and must pass
   ``parse_plan``, unless it is marked ``<!-- invalid-plan: NAME -->``: then it must fail, and
   the problems must be exactly the lines of the next ```text block that starts with
@@ -20,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +80,7 @@ def read_blocks() -> list[Block]:
 BLOCKS = read_blocks()
 RUNNABLE = [b for b in BLOCKS if b.lang == "python" and b.marker == "run"]
 REPORT_SNIPPETS = [b for b in BLOCKS if b.lang == "python" and b.marker == "run: report"]
+WEBHOOK_SNIPPETS = [b for b in BLOCKS if b.lang == "python" and b.marker == "run: webhook"]
 PLANS = [
     b
     for b in BLOCKS
@@ -88,8 +94,9 @@ def test_examples_are_found() -> None:
     assert {"plan-format.md", "report-format.md", "cli.md", "library.md", "architecture.md"} <= docs
     assert len(RUNNABLE) >= 3
     assert len(REPORT_SNIPPETS) == 1
+    assert len(WEBHOOK_SNIPPETS) == 1
     assert PLANS and len(INVALID_PLANS) >= 2
-    unknown = {b.marker for b in BLOCKS if b.marker} - {"run", "run: report"}
+    unknown = {b.marker for b in BLOCKS if b.marker} - {"run", "run: report", "run: webhook"}
     assert all(m.startswith("invalid-plan:") for m in unknown), unknown
 
 
@@ -180,3 +187,26 @@ def test_report_sha256_snippet(make_repo: MakeRepo, tmp_path: Path) -> None:
     bad = run_python(block.text, tmp_path, str(tampered))
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "MISMATCH" in bad.stdout
+
+
+def webhook_check() -> Callable[[bytes, str, str], bool]:
+    """The docs' ``signed(body, signature, secret)``, defined by running its block."""
+    (block,) = WEBHOOK_SNIPPETS
+    namespace: dict[str, Any] = {}
+    exec(compile(block.text, block.id, "exec"), namespace)
+    check: Callable[[bytes, str, str], bool] = namespace["signed"]
+    return check
+
+
+def test_webhook_signature_snippet() -> None:
+    from orchestrator.notify import signature
+
+    (block,) = WEBHOOK_SNIPPETS
+    assert len([line for line in block.text.splitlines() if line.strip()]) <= 5
+    signed = webhook_check()
+    body = b'{"type":"run_finished","run_id":"r","gr\xc3\xbc\xc3\x9f":1}'
+    header = signature(b"s3cret", body)
+    assert signed(body, header, "s3cret")
+    assert not signed(body.replace(b"1", b"2"), header, "s3cret")
+    assert not signed(body, header, "another")
+    assert not signed(body, header.removeprefix("sha256="), "s3cret")

@@ -117,8 +117,18 @@ def test_diamond_d_starts_from_the_merge_of_b_and_c(make_repo: MakeRepo, backend
     # d was told what its dependencies produced.
     envelope = json.loads((Path(report.run_dir) / d.envelope.path).read_text())  # type: ignore[union-attr]
     assert envelope["upstream"] == {
-        "b": {"output": b.output, "result_commit": b.provenance.result_commit, "branch": b.branch},
-        "c": {"output": c.output, "result_commit": c.provenance.result_commit, "branch": c.branch},
+        "b": {
+            "output": b.output,
+            "result_commit": b.provenance.result_commit,
+            "branch": b.branch,
+            "changed_files": ["b.txt"],
+        },
+        "c": {
+            "output": c.output,
+            "result_commit": c.provenance.result_commit,
+            "branch": c.branch,
+            "changed_files": ["c.txt"],
+        },
     }
     assert d.depends_on == ["b", "c"]
     outcome = anyio.run(verify_report, Path(report.run_dir) / "report.json")

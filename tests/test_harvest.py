@@ -68,6 +68,7 @@ def test_changes_become_one_commit_with_the_runs_trailers(
     assert git(root, "rev-parse", f"{commit}^{{tree}}") == harvested.result_tree
     changed = git(root, "diff-tree", "--no-commit-id", "--name-status", "-r", f"{commit}^", commit)
     assert changed.splitlines() == ["A\tnew.txt", "D\tsrc/file0001.txt"]
+    assert harvested.changed == ["new.txt", "src/file0001.txt"]  # what dependents are told
     assert git(root, "log", "-1", "--format=%B", commit) == (
         f"w: Write things [task t1]\n\nOrchestrator-Run: run-1\nEnvelope-SHA256: {'0' * 64}"
     )
@@ -75,7 +76,7 @@ def test_changes_become_one_commit_with_the_runs_trailers(
 
 def test_no_change_is_no_commit(make_repo: MakeRepo, tmp_path: Path) -> None:
     root, worktree, harvested = harvest_after(make_repo, tmp_path, lambda wt: None)
-    assert not harvested.committed
+    assert not harvested.committed and harvested.changed == []
     assert harvested.result_commit == worktree.base_commit == git(root, "rev-parse", "HEAD")
 
 
@@ -94,6 +95,7 @@ def test_the_agents_own_commits_are_kept(make_repo: MakeRepo, tmp_path: Path) ->
     assert harvested.refused is None and harvested.committed
     log = git(root, "log", "--format=%s", "refs/heads/task/t1").splitlines()
     assert log == ["w: Write things [task t1]", "agent's own", "initial"]
+    assert harvested.changed is None  # its own commits changed what only git can tell
 
 
 def test_a_file_holding_a_secret_is_left_out_and_refused(

@@ -3,6 +3,7 @@ told, conflicts as results (tests/test_graph.py runs whole graphs; these look at
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -73,6 +74,52 @@ def test_a_dependent_is_told_each_dependencys_output_commit_and_branch(
     assert told["a"].branch == a.branch
     # One dependency: no merge, the dependent starts from its result commit.
     assert report.result("r").provenance.base_commit == a.provenance.result_commit
+
+
+def test_a_dependent_is_told_what_files_each_dependency_changed(
+    make_repo: MakeRepo, monkeypatch: Any
+) -> None:
+    """The paths each result changed from where it started, bounded: what ``upstream``
+    gives a prompt (with the branch) besides the output."""
+    monkeypatch.setattr("orchestrator.hooks.MAX_CHANGED_FILES", 3)
+    repo = make_repo()
+    told: dict[str, Any] = {}
+
+    async def reader(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        told.update(envelope.upstream)
+        return {}
+
+    async def committer(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        """Commits one file itself and leaves another: its commit step cannot tell alone."""
+        assert workspace.path is not None
+        (workspace.path / "own.txt").write_text("mine")
+        (workspace.path / "left.txt").write_text("left")
+        identity = ["-c", "user.name=A", "-c", "user.email=a@example.com"]
+        for args in (["add", "own.txt"], [*identity, "commit", "-qm", "own"]):
+            await anyio.run_process(["git", *args], cwd=workspace.path)
+        return {}
+
+    many = {f"f{i}.txt": "x" for i in range(5)}
+    envelopes = [
+        build_envelope("w", "a", task_id="a", venv=False, inputs={"files": {"a.txt": "a"}}),
+        build_envelope("w", "m", task_id="m", venv=False, inputs={"files": many}),
+        build_envelope("w", "n", task_id="n", venv=False),
+        build_envelope("c", "c", task_id="c", venv=False),
+        build_envelope("r", "read", task_id="r", venv=False, depends_on=["a", "m", "n", "c"]),
+    ]
+    agents = {"w": writer, "r": reader, "c": committer}
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents=agents))
+    assert report.summary.successful == 5, report.errors
+    assert (told["a"].changed_files, told["a"].changed_files_omitted) == (["a.txt"], 0)
+    assert told["m"].changed_files == ["f0.txt", "f1.txt", "f2.txt"]
+    assert told["m"].changed_files_omitted == 2
+    assert (told["n"].changed_files, told["n"].changed_files_omitted) == ([], 0)
+    assert told["c"].changed_files == ["left.txt", "own.txt"]  # asked of git
+    # Envelopes of dependencies that changed nothing hash as they did before the field.
+    written = report.result("r").envelope
+    assert written is not None
+    data = (Path(report.run_dir) / written.path).read_text()
+    assert '"changed_files":["a.txt"]' in data and '"n":{"branch"' in data
 
 
 def test_conflicting_dependencies_are_an_error_naming_both_tasks_and_the_path(

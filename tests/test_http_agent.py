@@ -379,8 +379,9 @@ def test_a_location_on_another_origin_is_not_polled(
 ) -> None:
     """Polling another origin would fetch, from where the orchestrator runs, what the endpoint
     chose (a cloud metadata address, say) into the task's output: refused, headers unsent."""
-    headers = {"Authorization": "Bearer for-this-origin-only"}
-    [result] = run(make_repo(), f"{server.url}/elsewhere", headers=headers).results
+    headers = {"Authorization": "Bearer ${ORIGIN_TOKEN}"}
+    env = {"ORIGIN_TOKEN": "for-this-origin-only"}
+    [result] = run(make_repo(), f"{server.url}/elsewhere", headers=headers, env=env).results
     assert result.status == "failed" and result.error is not None
     assert result.error.kind == "agent_error"
     assert "to poll another origin" in result.error.message and "refused" in result.error.message
@@ -728,6 +729,62 @@ def test_options_the_kind_refuses(options: dict[str, Any], match: str) -> None:
         as_agent(options)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"Authorization": "Bearer abc123"},
+        {"authorization": "Basic dXNlcjpwYXNz"},
+        {"Proxy-Authorization": "Bearer abc"},
+        {"Cookie": "session=abc123"},
+        {"X-Api-Key": "k-123"},
+        {"Private-Token": "glpat-123"},
+        {"X-Client-Secret": "s3cret"},
+        {"Authorization": "Bearer sk-${SUFFIX}"},  # half of it written in the plan
+    ],
+)
+def test_a_credential_header_written_in_the_plan_is_a_plan_error(
+    header: dict[str, str], tmp_path: Path
+) -> None:
+    """plan.json (in the run directory) keeps what the plan says: a credential must come
+    from the environment. The error names the header and the way, never the value."""
+    from orchestrator import PlanError
+    from orchestrator.plan import load_plan
+
+    [(name, value)] = header.items()
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "agents:\n"
+        "  remote:\n"
+        "    http:\n"
+        "      url: https://agents.example/run\n"
+        f"      headers: {{{name}: '{value}'}}\n"
+        "tasks:\n"
+        "  - {id: t, agent: remote, task: x, venv: false}\n"
+    )
+    with pytest.raises(PlanError) as caught:
+        load_plan(plan)
+    message = str(caught.value)
+    assert "plan.yaml:5:" in message and "agents.remote.http.headers" in message
+    assert f"{name} holds a credential written in the plan" in message
+    assert "write it as ${NAME}, a variable of the agent's environment" in message
+    assert value.split()[-1].split("=")[-1] not in message
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"Authorization": "Bearer ${AGENT_TOKEN}"},
+        {"Authorization": "${AUTHORIZATION}"},
+        {"Cookie": "session=${SESSION}; csrf=${CSRF}"},
+        {"X-Api-Key": "${API_KEY}"},
+        {"X-Request-Source": "orchestrator"},  # not a credential's name
+    ],
+)
+def test_a_credential_header_taken_from_the_environment_is_fine(header: dict[str, str]) -> None:
+    spec = AgentSpec.model_validate({"http": {"url": "https://x/run", "headers": header}})
+    assert spec.http is not None and spec.http.headers == header
+
+
 def test_a_plans_http_entry_takes_no_preset_options() -> None:
     with pytest.raises(ValueError, match="program, model and args go with a preset"):
         AgentSpec.model_validate({"http": {"url": "https://x/run"}, "model": "m"})
@@ -753,3 +810,22 @@ def test_a_compressed_answer_is_refused_before_it_is_decoded(
     assert result.status == "failed" and result.error is not None
     assert result.error.kind == "invalid_output"
     assert "gzip-encoded" in result.error.message
+
+
+def test_a_refused_literal_credential_is_not_repeated_by_the_error_given_in_code() -> None:
+    """Validated in code (not from a plan file), pydantic's own error text would show it."""
+    headers = {"Authorization": "Bearer sekrit-literal-123"}
+    for validate in (
+        lambda: AgentSpec.model_validate(
+            {"http": {"url": "https://a.example", "headers": headers}}
+        ),
+        lambda: Plan.model_validate(
+            {
+                "agents": {"a": {"http": {"url": "https://a.example", "headers": headers}}},
+                "tasks": [],
+            }
+        ),
+    ):
+        with pytest.raises(ValueError, match="Authorization") as caught:
+            validate()
+        assert "sekrit-literal-123" not in str(caught.value)

@@ -647,3 +647,25 @@ def test_a_conflict_met_while_building_moves_nothing(make_repo: MakeRepo) -> Non
     paths = ["src/file0000.txt", "src/file0001.txt"]
     assert record.conflicts == [MergeConflict(left="b", right="main+a", paths=paths)]
     assert git(repo, "rev-parse", "main") == old
+
+
+def test_changed_files_names_what_a_result_changed_sorted_and_bounded(make_repo: MakeRepo) -> None:
+    from orchestrator.errors import GitError
+    from orchestrator.merge import changed_files
+    from orchestrator.repo import Repository
+
+    repo = make_repo()
+    report = run_tasks(repo, {"t": {"b.txt": "1", "a/deep.txt": "2", "c.txt": "3"}})
+    provenance = report.result("t").provenance
+    assert provenance.base_commit is not None and provenance.result_commit is not None
+
+    async def changed(old: str, new: str, limit: int) -> tuple[list[str], int]:
+        repository = await Repository.open(repo)
+        return await changed_files(repository.git, old, new, limit=limit)
+
+    base, result = provenance.base_commit, provenance.result_commit
+    assert anyio.run(changed, base, result, 10) == (["a/deep.txt", "b.txt", "c.txt"], 0)
+    assert anyio.run(changed, base, result, 2) == (["a/deep.txt", "b.txt"], 1)
+    assert anyio.run(changed, result, result, 10) == ([], 0)
+    with pytest.raises(GitError, match="not an object id"):
+        anyio.run(changed, "--output=/tmp/x", result, 10)

@@ -137,7 +137,7 @@ def test_plans_name_known_presets_and_their_programs_are_looked_for(tmp_path: Pa
     }
     with pytest.raises(PlanError, match=r"agents\.x\.preset: unknown preset 'cursor'"):
         validate_plan_data(data)
-    with pytest.raises(PlanError, match="exactly one of command, preset and http"):
+    with pytest.raises(PlanError, match="exactly one of command, preset, http and acp"):
         validate_plan_data({**data, "agents": {"x": {"preset": "codex", "command": ["c"]}}})
     with pytest.raises(PlanError, match="go with a preset"):
         validate_plan_data({**data, "agents": {"x": {"command": ["c"], "model": "m"}}})
@@ -182,3 +182,80 @@ def test_pricing_applies_to_an_agent_that_names_no_model_by_the_plans_model(
     usage = report.results[0].usage
     assert usage is not None and usage.model == "sonnet"
     assert (usage.cost_usd, usage.cost_source) == (2.0, "estimated")
+
+
+def test_a_prompt_that_cannot_be_rendered_fails_with_kind_prompt_and_no_retry(
+    make_repo: MakeRepo, fake_claude: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The template passes the plan's checks (``inputs.nope`` is known only when rendered):
+    the attempt fails before the agent starts, as kind ``prompt``, and is not tried again."""
+    monkeypatch.setenv("FAKE_FIXTURE", str(FIXTURES / "claude-code" / "success.jsonl"))
+    report = run(make_repo(), plan(retries=2, prompt="Use {{ inputs.nope }}"))
+    [result] = report.results
+    assert result.status == "failed" and result.error is not None
+    assert result.error.kind == "prompt"
+    assert "has no attribute 'nope'" in result.error.message
+    assert result.attempts == 1
+    assert not fake_claude.exists()  # the agent never started
+    assert report.errors[0].kind == "prompt"
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+#: A fake ``aider``: reads its --message-file, leaves its repo-map cache as aider 0.86.2
+#: does, edits a file, prints aider's real output.
+FAKE_AIDER = """#!{python}
+import pathlib, sys
+prompt = pathlib.Path(sys.argv[sys.argv.index("--message-file") + 1]).read_text()
+assert prompt.startswith("Write a greeting"), prompt
+cache = pathlib.Path(".aider.tags.cache.v4")
+cache.mkdir()
+for name in ("cache.db", "cache.db-shm", "cache.db-wal"):
+    (cache / name).write_bytes(b"SQLite format 3\\0")
+pathlib.Path("hello.txt").write_text("hello\\n")
+sys.stdout.write(pathlib.Path({fixture!r}).read_text())
+"""
+
+
+def test_aiders_repo_map_cache_is_never_committed(
+    make_repo: MakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No aider flag moves ``.aider.tags.cache.v4/`` out of the worktree: the preset's
+    scratch, removed when the attempt ends, so the task's commit holds only the edit."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    program = bin_dir / "aider"
+    fixture = FIXTURES / "aider" / "success.txt"
+    program.write_text(FAKE_AIDER.format(python=sys.executable, fixture=str(fixture)))
+    program.chmod(program.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    p = Plan.model_validate(
+        {
+            "agents": {"aider": {"preset": "aider", "model": "gpt-4.1"}},
+            "defaults": {"venv": False},
+            "tasks": [{"id": "greet", "agent": "aider", "task": "Write a greeting"}],
+        }
+    )
+    repo = make_repo()
+    report = run(repo, p)
+    [result] = report.results
+    assert result.status == "succeeded", result.error
+    files = git(repo, "ls-tree", "-r", "--name-only", result.branch or "").splitlines()
+    assert "hello.txt" in files
+    assert not [f for f in files if f.startswith(".aider")]
+
+
+def test_scratch_that_was_there_before_the_attempt_stays(tmp_path: Path) -> None:
+    from orchestrator.preset_agent import remove_scratch, scratch_names
+
+    (tmp_path / ".aider.tags.cache.v3").mkdir()  # the repository tracks it, say
+    before = scratch_names(tmp_path, (".aider.tags.cache.v*",))
+    (tmp_path / ".aider.tags.cache.v4").mkdir()
+    (tmp_path / ".aider.tags.cache.v4" / "cache.db").write_text("x")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    (tmp_path / ".aider.tags.cache.v5").symlink_to(outside)  # a link is unlinked, not followed
+    remove_scratch(tmp_path, (".aider.tags.cache.v*",), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".aider.tags.cache.v3", "outside"]
+    assert (outside / "keep.txt").read_text() == "keep"
+    assert scratch_names(tmp_path / "missing", ("*",)) == set()

@@ -406,7 +406,8 @@ EXPECTED_ARGV = {
     "claude-code": (
         [
             *("claude", "-p", "--output-format", "stream-json", "--verbose"),
-            *("--permission-mode", "acceptEdits", "--model", "M", "--x"),
+            *("--permission-mode", "acceptEdits", "--allowedTools", "Bash"),
+            *("--model", "M", "--x"),
         ],
         True,
     ),
@@ -420,7 +421,7 @@ EXPECTED_ARGV = {
     "gemini": (
         [
             *("gemini", "-p", "", "--output-format", "stream-json", "--skip-trust"),
-            *("--approval-mode", "auto_edit", "-m", "M", "--x"),
+            *("--approval-mode", "yolo", "-m", "M", "--x"),
         ],
         True,
     ),
@@ -451,6 +452,39 @@ def test_each_command_line_is_exactly_the_documented_one(name: str) -> None:
         program="p", prompt="", prompt_file=Path("f"), model=None, args=[]
     )
     assert "M" not in without_model.argv and "--x" not in without_model.argv
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "dropped"),
+    [
+        # The user's mode is the whole permission setting: no allowance added to it.
+        ("claude-code", ["--permission-mode", "acceptEdits"], [*claude_code.PERMISSIONS]),
+        ("claude-code", ["--permission-mode=plan"], [*claude_code.PERMISSIONS]),
+        ("claude-code", ["--dangerously-skip-permissions"], [*claude_code.PERMISSIONS]),
+        # The user's allowance replaces the preset's, in the preset's mode.
+        ("claude-code", ["--allowedTools", "Bash(pytest *)"], ["--allowedTools", "Bash"]),
+        ("claude-code", ["--disallowedTools", "Bash"], []),  # narrows, replaces nothing
+        ("codex", ["--sandbox", "read-only"], [*codex.SANDBOX]),
+        ("codex", ["-s", "danger-full-access"], [*codex.SANDBOX]),
+        ("gemini", ["--approval-mode", "auto_edit"], [*gemini.APPROVAL]),
+        ("gemini", ["--approval-mode=plan"], [*gemini.APPROVAL]),
+        ("gemini", ["-y"], [*gemini.APPROVAL]),
+    ],
+)
+def test_the_users_own_permission_setting_replaces_the_presets(
+    name: str, args: list[str], dropped: list[str]
+) -> None:
+    """Headless, the presets let the agent edit and run commands (the sandbox contains it);
+    the cautious setting is the user's, in ``args``, and the CLI then sees only theirs
+    (Gemini CLI 0.61.0 refuses ``--approval-mode`` given twice, Codex 0.171.0 ``--sandbox``)."""
+    preset = PRESETS[name]
+    made = preset.invocation(program="p", prompt="", prompt_file=Path("f"), model=None, args=args)
+    default = preset.invocation(program="p", prompt="", prompt_file=Path("f"), model=None, args=[])
+    assert made.argv[-len(args) :] == args
+    assert made.argv[: -len(args)] == [a for a in default.argv if a not in dropped]
+    assert all(word in default.argv for word in dropped)
+    flags = [a.split("=", 1)[0] for a in made.argv if a.startswith("--")]
+    assert len(flags) == len(set(flags)), made.argv  # no flag given twice
 
 
 def test_the_table_names_each_preset_and_its_program() -> None:

@@ -113,6 +113,29 @@ def test_the_summary_shows_what_each_task_and_the_run_spent(tmp_path: Path) -> N
     assert "2.0k tokens, $0.42" in row
 
 
+def test_a_cost_known_only_in_part_is_shown_as_a_lower_bound(tmp_path: Path) -> None:
+    import anyio
+    from rich.console import Console
+
+    from envelopes import HandoffEnvelope, build_envelope
+    from orchestrator import Workspace, orchestrate_parallel
+    from orchestrator.progress import summary_table
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, object]:
+        if envelope.task_id == "b":
+            return {"usage": {"input_tokens": 100}}  # tokens, but no cost
+        return {"usage": {"input_tokens": 1500, "output_tokens": 500, "cost_usd": 0.42}}
+
+    envelopes = [build_envelope("w", t, task_id=t, worktree=False, venv=False) for t in "ab"]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, agents={"w": agent}, state_dir=tmp_path / "s")
+    )
+    console = Console(width=200, record=True)
+    console.print(summary_table(report))
+    title = " ".join(console.export_text().split("┏")[0].split())
+    assert title.endswith("; spent 2.1k tokens, at least $0.42")
+
+
 def test_a_finished_line_says_what_the_task_spent(tmp_path) -> None:
     from envelopes import Usage
 
@@ -128,8 +151,13 @@ def test_a_finished_line_says_what_the_task_spent(tmp_path) -> None:
         error=None,
         usage=Usage(input_tokens=12_000, output_tokens=345, cost_usd=0.1234),
     )
+    partial = finished.model_copy(
+        update={"usage": Usage(input_tokens=10, cost_usd=0.5, cost_source="partial")}
+    )
     with log.open("w") as stream, Progress(stream) as progress:
         progress(finished)
+        progress(partial)
     assert log.read_text().splitlines() == [
         "task t succeeded in 2.00 s, 1 attempt(s), 12.3k tokens, $0.12 ababababab",
+        "task t succeeded in 2.00 s, 1 attempt(s), 10 tokens, at least $0.50 ababababab",
     ]

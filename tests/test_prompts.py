@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from envelopes import Upstream, build_envelope
+from envelopes import ErrorInfo, Upstream, build_envelope
 from orchestrator.prompts import (
     DEFAULT_TEMPLATE,
     MAX_PROMPT_BYTES,
+    UPSTREAM_OUTPUT_BYTES,
+    UPSTREAM_OUTPUTS_BYTES,
     VARIABLES,
     PromptError,
+    excerpt,
     render_prompt,
     template_problem,
 )
@@ -49,7 +52,8 @@ def test_upstream_and_feedback_reach_the_prompt() -> None:
         }
     )
     text = render_prompt(env, attempt=2, feedback="exit_code: exited with code 1: boom")
-    assert "design (branch orchestrator/r/design)" in text and '"api": "slugify(text)"' in text
+    assert "- design (branch orchestrator/r/design)\n" in text
+    assert '  output: {"api": "slugify(text)"}\n' in text
     assert (
         "This is attempt 2. The previous attempt failed: exit_code: exited with code 1: boom"
         in text
@@ -72,6 +76,10 @@ def test_a_plans_template_sees_every_variable() -> None:
         ("{{ secrets }}", "unknown variable 'secrets' in the prompt template"),
         ("{{ task | shout }}", "line 1: no filter named 'shout'"),
         ("{% if task is shouting %}x{% endif %}", "line 1: no test named 'shouting'"),
+        ("{% include 'other.txt' %}", "line 1: {% include %} is not supported"),
+        ("x\n{% import 'macros' as m %}", "line 2: {% import %} is not supported"),
+        ("{% from 'macros' import m %}", "line 1: {% from ... import %} is not supported"),
+        ("{% extends 'base' %}", "line 1: {% extends %} is not supported"),
     ],
 )
 def test_a_bad_template_is_one_line_naming_what_is_wrong(template: str, problem: str) -> None:
@@ -93,12 +101,82 @@ def test_an_agents_output_is_data_to_the_template_never_code() -> None:
     assert '"note": "{{ task.__class__ }}"' in render_prompt(env)
 
 
-def test_a_prompt_too_large_is_refused() -> None:
+def test_a_prompt_too_large_is_refused_saying_what_to_do() -> None:
     big = envelope().model_copy(  # type: ignore[attr-defined]
         update={"inputs": {"blob": "x" * (MAX_PROMPT_BYTES + 10)}}
     )
-    with pytest.raises(PromptError, match="larger than"):
+    with pytest.raises(PromptError) as caught:
         render_prompt(big)
+    message = str(caught.value)
+    assert "larger than the 1 MiB a prompt may be" in message and "excerpt" in message
+    assert "\n" not in message
+    assert caught.value.info() == ErrorInfo(kind="prompt", message=message)
+
+
+def test_tojson_writes_plain_json_not_html_escaped() -> None:
+    env = envelope(prompt="{{ inputs | tojson }}").model_copy(  # type: ignore[attr-defined]
+        update={"inputs": {"code": "if a < b && c > d: print('x')", "name": "Zoë"}}
+    )
+    assert render_prompt(env) == '{"code": "if a < b && c > d: print(\'x\')", "name": "Zoë"}'
+    with pytest.raises(PromptError, match="has no attribute 'nope'"):
+        render_prompt(envelope(prompt="{{ inputs.nope | tojson }}"))  # type: ignore[arg-type]
+
+
+def test_a_template_that_loads_another_fails_as_a_prompt_error() -> None:
+    """Made in code, the envelope's template was not checked as a plan's is: rendering it
+    is a PromptError, not Jinja2's TypeError for a missing loader."""
+    with pytest.raises(PromptError, match="include %} is not supported"):
+        render_prompt(envelope(prompt="{% include 'x' %}"))  # type: ignore[arg-type]
+
+
+def test_the_default_template_cuts_each_dependencys_output() -> None:
+    huge = {"log": "é" * 50_000}  # two bytes each: cut between characters, never inside one
+    env = envelope().model_copy(  # type: ignore[attr-defined]
+        update={"upstream": {"a": Upstream(output=huge, branch="orchestrator/r/a")}}
+    )
+    line = next(x for x in render_prompt(env).splitlines() if x.startswith("  output: "))
+    shown = line.removeprefix("  output: ")
+    assert shown.startswith('{"log": "ééé')
+    assert shown.endswith(f"[... cut: {UPSTREAM_OUTPUT_BYTES - 1} of 100011 bytes shown]")
+    assert len(shown.encode()) < UPSTREAM_OUTPUT_BYTES + 100
+
+
+def test_many_big_dependencies_share_a_bounded_part_of_the_prompt() -> None:
+    upstream = {
+        f"t{i:03}": Upstream(
+            output={"log": "x" * 20_000},
+            branch=f"orchestrator/r/t{i:03}",
+            changed_files=[f"src/module_{j}.py" for j in range(100)],
+            changed_files_omitted=7,
+        )
+        for i in range(300)
+    }
+    env = envelope().model_copy(update={"upstream": upstream})  # type: ignore[attr-defined]
+    text = render_prompt(env)
+    # The outputs' share, a quarter of it for the files, and two lines and notes each.
+    assert len(text.encode()) < UPSTREAM_OUTPUTS_BYTES * 5 // 4 + 300 * 200
+    assert text.count("[... cut: ") == 600  # each output and each list of files
+    assert "- t299 (branch orchestrator/r/t299)" in text and " and 7 more" in text
+
+
+def test_upstream_gives_each_dependencys_branch_and_changed_files() -> None:
+    told = Upstream(
+        output=None,
+        branch="orchestrator/r/a",
+        changed_files=["a.py", "b.py"],
+        changed_files_omitted=2,
+    )
+    env = envelope().model_copy(update={"upstream": {"a": told}})  # type: ignore[attr-defined]
+    assert "- a (branch orchestrator/r/a)\n  changed: a.py, b.py and 2 more\n" in render_prompt(env)
+    template = "{% for id, u in upstream | dictsort %}{{ id }}: {{ u.changed_files | join(' ') }} +{{ u.changed_files_omitted }}{% endfor %}"
+    assert template_problem(template) is None
+    assert render_prompt(env.model_copy(update={"prompt": template})) == "a: a.py b.py +2"
+
+
+def test_excerpt_leaves_a_short_text_alone() -> None:
+    assert excerpt("short", 10) == "short"
+    assert excerpt("abcdef", 3) == "abc [... cut: 3 of 6 bytes shown]"
+    assert excerpt(12345, 2) == "12 [... cut: 2 of 5 bytes shown]"
 
 
 def test_validate_reports_a_bad_template_at_its_line(

@@ -7,6 +7,7 @@ lifecycle knows about it, which is the point.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ from envelopes import (
     AgentInfo,
     ErrorInfo,
     Event,
+    Rates,
     Report,
     RunStarted,
     TaskRetrying,
+    Usage,
     build_envelope,
     digest,
 )
@@ -64,7 +67,8 @@ def failed(message: str) -> AttemptOutcome:
 
 def run(agent: Scripted, repo: Path | None, *, on_event: Any = None, **fields: Any) -> Report:
     """One task ``t1`` of agent ``s`` (no venv), run by orchestrate_parallel."""
-    options = {key: fields.pop(key) for key in ("keep_worktrees", "state_dir") if key in fields}
+    settings = ("keep_worktrees", "state_dir", "pricing", "budget")
+    options = {key: fields.pop(key) for key in settings if key in fields}
     envelope = build_envelope("s", "Change things\n\nin detail", task_id="t1", venv=False, **fields)
     return anyio.run(
         lambda: orchestrate_parallel(
@@ -250,3 +254,66 @@ def test_a_kind_that_raises_fails_its_task_not_the_run(make_repo: MakeRepo) -> N
     (result,) = run(Scripted(step), None, worktree=False, state_dir=make_repo().parent).results
     assert result.status == "failed"
     assert result.error == ErrorInfo(kind="internal", message="RuntimeError: a bug in the kind")
+
+
+def test_a_retried_tasks_usage_is_its_attempts_added_up(make_repo: MakeRepo) -> None:
+    """Three attempts each spent something: the task, the run's totals and the budget count
+    all three (not the last one only), and the report still verifies."""
+    spent = {
+        1: Usage(
+            input_tokens=100,
+            output_tokens=10,
+            cost_usd=0.5,
+            cost_source="reported",
+            model="m1",
+            session_id="s1",
+        ),
+        2: Usage(input_tokens=1_000_000, output_tokens=20, turns=2, model="m2"),
+        3: Usage(input_tokens=300, output_tokens=30, cost_usd=0.25, cost_source="reported"),
+    }
+
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        outcome = SUCCEEDED if request.attempt == 3 else failed(f"attempt {request.attempt}")
+        return dataclasses.replace(outcome, usage=spent[request.attempt])
+
+    pricing = {"m2": Rates(input=2.0, output=0.0)}
+    report = run(
+        Scripted(step),
+        None,
+        retries=2,
+        worktree=False,
+        state_dir=make_repo().parent,
+        pricing=pricing,
+        budget={"max_cost_usd": 2.6},
+    )
+    (result,) = report.results
+    assert [a.usage.cost_usd if a.usage else None for a in result.attempt_log] == [0.5, 2.0, 0.25]
+    assert result.attempt_log[1].usage is not None
+    assert result.attempt_log[1].usage.cost_source == "estimated"
+    assert result.usage == Usage(
+        input_tokens=1_000_400,
+        output_tokens=60,
+        turns=2,
+        cost_usd=2.75,
+        cost_source="estimated",
+        model="m2",  # the last one named
+        session_id="s1",
+    )
+    assert report.summary.usage is not None and report.summary.usage.cost_usd == 2.75
+    assert report.pricing == pricing
+    assert any("max_cost_usd 2.6 is spent" in w for w in report.warnings)
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+def test_an_attempt_that_said_nothing_makes_the_tasks_cost_partial(make_repo: MakeRepo) -> None:
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        if request.attempt == 1:
+            return failed("killed before it said what it spent")
+        return dataclasses.replace(SUCCEEDED, usage=Usage(output_tokens=5, cost_usd=0.5))
+
+    report = run(Scripted(step), None, retries=1, worktree=False, state_dir=make_repo().parent)
+    (result,) = report.results
+    assert result.usage is not None
+    assert (result.usage.cost_usd, result.usage.cost_source) == (0.5, "partial")
+    assert report.summary.usage is not None and report.summary.usage.cost_unknown == 1
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok

@@ -815,3 +815,85 @@ def test_a_report_written_before_usage_existed_still_verifies(tmp_path: Path) ->
     assert audit_report(raw, run_dir=run_dir, source=source) == []
     outcome = anyio.run(verify_report, run_dir / "report.json")
     assert outcome.ok, [str(f) for f in outcome.findings]
+
+
+def test_a_report_written_before_attempts_recorded_usage_still_verifies(tmp_path: Path) -> None:
+    """A run of the orchestrator when a task's usage was its last attempt's, with an
+    estimated cost (commit d46139c): no attempt carries usage, the report records no rates,
+    and it verifies as it was written."""
+    from envelopes import audit_report, load_report_file
+
+    run_dir = tmp_path / "run"
+    fixture = Path(__file__).parent / "fixtures" / "reports" / "before-attempt-usage"
+    shutil.copytree(fixture, run_dir)
+    raw, report, source = load_report_file(run_dir / "report.json")
+    assert "pricing" not in raw
+    assert all("usage" not in a for r in raw["results"] for a in r["attempt_log"])
+    assert report.result("est").usage is not None
+    assert report.result("est").usage.cost_source == "estimated"
+    assert audit_report(raw, run_dir=run_dir, source=source) == []
+
+
+@pytest.fixture(scope="module")
+def priced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A run whose agents report tokens but no cost, priced by the run's rates."""
+    from envelopes import HandoffEnvelope, Rates, build_envelope
+    from orchestrator import Workspace
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        return {"usage": {"input_tokens": 1000, "output_tokens": 10, "model": "m"}}
+
+    state = tmp_path_factory.mktemp("priced")
+    tasks = [build_envelope("a", "x", task_id=t, worktree=False, venv=False) for t in ("p", "q")]
+    report = anyio.run(
+        lambda: orchestrate_parallel(
+            tasks,
+            agents={"a": agent},
+            state_dir=state,
+            pricing={"m": Rates(input=3.0, output=15.0)},
+        )
+    )
+    raw: dict[str, Any] = json.loads((Path(report.run_dir) / "report.json").read_text())
+    return raw
+
+
+def _reprice(raw: dict[str, Any]) -> None:
+    raw["pricing"]["m"]["input"] = 30.0
+
+
+def _drop_pricing(raw: dict[str, Any]) -> None:
+    del raw["pricing"]
+
+
+def _attempt_cost(raw: dict[str, Any]) -> None:
+    result_of(raw, "p")["attempt_log"][0]["usage"]["cost_usd"] = 0.001
+
+
+def _task_cost(raw: dict[str, Any]) -> None:
+    result_of(raw, "p")["usage"]["cost_usd"] = 0.001
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        (_reprice, "attempt_log[1].usage.cost_usd", "expected 0.03015, found 0.00315"),
+        (_drop_pricing, "attempt_log[1].usage.cost_usd", "records no rates for model 'm'"),
+        (_attempt_cost, "attempt_log[1].usage.cost_usd", "expected 0.00315, found 0.001"),
+        (_task_cost, "usage", "'cost_usd': 0.00315"),
+    ],
+    ids=["rates changed", "rates dropped", "attempt's estimate", "task's sum"],
+)
+def test_an_estimated_cost_is_recomputed_from_the_reports_rates(
+    priced: dict[str, Any], change: Callable[[dict[str, Any]], None], field: str, message: str
+) -> None:
+    from envelopes import audit_report
+
+    raw = copy.deepcopy(priced)
+    assert raw["pricing"] == {
+        "m": {"input": 3.0, "output": 15.0, "cache_read": None, "cache_write": None}
+    }
+    assert audit_report(raw) == []
+    change(raw)
+    reseal(raw)
+    found = [f for f in audit_report(raw) if f.task_id == "p" and f.field == field]
+    assert found and message in found[0].message, audit_report(raw)

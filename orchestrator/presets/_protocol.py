@@ -1,5 +1,6 @@
 """What a preset is: how to start its CLI headless (:class:`Invocation`) and what its output
-said (:class:`Parsed`), behind one small interface (:class:`Preset`)."""
+said (:class:`Parsed`), behind one small interface (:class:`Preset`); and :func:`given`, for
+an invocation that leaves a setting to the user's ``args``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Protocol
 
 from envelopes import ErrorInfo, Usage
 
-__all__ = ["Invocation", "Parsed", "Preset"]
+__all__ = ["Invocation", "Parsed", "Preset", "given"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class Preset(Protocol):
     program: str
     #: The CLI version (and doc or source revision) the command line and parser follow.
     checked_with: str
+    #: What the CLI writes into its working directory for itself (a cache), as glob patterns
+    #: of names there: what an attempt made of them is removed when it ends, before the
+    #: task's commit could take it.
+    scratch: tuple[str, ...]
 
     def invocation(
         self,
@@ -88,6 +93,7 @@ class ModulePreset:
     checked_with: str
     build: Callable[..., Invocation]
     read: Callable[[bytes, str, int | None], Parsed]
+    scratch: tuple[str, ...] = ()
 
     def invocation(
         self,
@@ -106,3 +112,9 @@ class ModulePreset:
     def parse(self, *, stdout: bytes, stderr_tail: str, exit_code: int | None) -> Parsed:
         """The module's reading of the agent's output; never raises."""
         return self.read(stdout, stderr_tail, exit_code)
+
+
+def given(args: Sequence[str], *flags: str) -> bool:
+    """Whether the user's *args* give one of *flags* (``--flag value`` or ``--flag=value``):
+    then the preset leaves that setting to them rather than pass its own."""
+    return any(arg.split("=", 1)[0] in flags for arg in args)

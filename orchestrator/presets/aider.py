@@ -18,8 +18,17 @@ message and exits. ``--yes-always`` answers its questions (it still declines to 
 commands, which need an explicit yes). The orchestrator commits, so aider does not
 (``--no-auto-commits``, ``--no-dirty-commits``; it does ``git add`` the files it creates).
 ``--no-gitignore`` keeps it from adding ``.aider*`` to the repository's .gitignore; the
-chat and input histories go to /dev/null rather than into the worktree; no update check,
-no analytics, no release notes, no model-warning or URL prompts, plain unstreamed output.
+chat and input histories go to /dev/null rather than into the worktree (their defaults are
+``.aider.chat.history.md`` and ``.aider.input.history`` there; the LLM history is written
+only when ``--llm-history-file`` names one); no update check, no analytics, no release
+notes, no model-warning or URL prompts, plain unstreamed output.
+
+Its repo map's cache, ``.aider.tags.cache.v4/`` (a SQLite database), has no flag: 0.86.2's
+``RepoMap`` puts it in the git root whenever the repo map is on (``--map-tokens 0`` would
+turn the map off, and aider with it into a worse editor). It is the preset's ``scratch``:
+what an attempt made of ``.aider.tags.cache.v*`` is removed when the attempt ends, so the
+task's commit never takes it (checked: one headless run against a stand-in API leaves
+``cache.db``, ``cache.db-shm`` and ``cache.db-wal`` there).
 
 Aider has no JSON output. Its ``--analytics-log`` JSONL holds exact counts (the
 ``message_send`` event), but it is a file the parser is not handed, written only with
@@ -71,7 +80,16 @@ from ._reading import (
     stdout_text,
 )
 
-__all__ = ["CHECKED_WITH", "PRESET", "QUIET", "invocation", "parse", "read_output", "tokens"]
+__all__ = [
+    "CHECKED_WITH",
+    "PRESET",
+    "QUIET",
+    "SCRATCH",
+    "invocation",
+    "parse",
+    "read_output",
+    "tokens",
+]
 
 #: What ``checked_with`` says: the CLI version and the source the preset follows.
 CHECKED_WITH = "aider 0.86.2 (--help, real output, base_coder.py); aider.chat/docs/scripting"
@@ -264,6 +282,14 @@ parse = guarded("aider", read_output)
 
 
 #: The ``aider`` preset.
+#: What aider writes into the worktree for itself: its repo map's cache (no flag moves it).
+SCRATCH = (".aider.tags.cache.v*",)
+
 PRESET = ModulePreset(
-    name="aider", program="aider", checked_with=CHECKED_WITH, build=invocation, read=parse
+    name="aider",
+    program="aider",
+    checked_with=CHECKED_WITH,
+    build=invocation,
+    read=parse,
+    scratch=SCRATCH,
 )

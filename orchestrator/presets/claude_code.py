@@ -9,14 +9,25 @@ SDK's ``ResultMessage`` (anthropics/claude-agent-sdk-python @e8bde60, types.py).
 Command line::
 
     claude -p --output-format stream-json --verbose --permission-mode acceptEdits
-           [--model MODEL] [ARGS...]
+           --allowedTools Bash [--model MODEL] [ARGS...]
 
 The prompt goes to stdin (``-p`` with no prompt argument reads it there), so a long prompt
-never meets the argv limit. ``stream-json`` with ``-p`` needs ``--verbose``. In
-``acceptEdits`` mode file edits and common file-system commands run without asking; any
-other tool (Bash running tests, say) is denied in headless mode, and the denials are listed
-in the result: pass ``--allowedTools`` or ``--permission-mode bypassPermissions`` in
-``args`` (the last ``--permission-mode`` given wins) for more, ideally in a sandbox.
+never meets the argv limit. ``stream-json`` with ``-p`` needs ``--verbose``.
+
+Permissions: headless, a tool that would ask is denied (and listed in the result's
+``permission_denials``). ``acceptEdits`` alone lets the agent edit files and run common
+file-system commands (mkdir, touch, mv, cp) but denies every other command: it could not
+run the tests it writes (checked against 2.1.197 with a stand-in API: a ``python3 -c ...``
+Bash call is denied under ``acceptEdits``, ``dontAsk`` and, without its classifier,
+``auto``; runs with ``--allowedTools Bash`` added). So the preset adds ``--allowedTools
+Bash``: edits and shell commands, no other tool that asks (web fetches, say).
+``bypassPermissions`` would allow everything, but Claude Code refuses it as root (exit 1,
+"cannot be used with root/sudo privileges"), as agents in containers often run. What
+contains the agent is the orchestrator's isolation (its own worktree and venv; a
+``sandbox: bwrap`` task), not the CLI. The user's own ``--permission-mode`` (or
+``--dangerously-skip-permissions``) in ``args`` replaces both flags, their own
+``--allowedTools`` the second: ``args: [--permission-mode, acceptEdits]`` is the cautious
+setting (edits only), ``[--disallowedTools, Bash]`` too (a denial beats an allowance).
 
 What is parsed: the last ``result`` message: ``result`` (the final text), ``session_id``,
 ``num_turns``, ``is_error``, ``subtype``, ``total_cost_usd`` (cost source ``reported``),
@@ -46,7 +57,7 @@ from typing import Any
 
 from envelopes import ErrorInfo
 
-from ._protocol import Invocation, ModulePreset, Parsed
+from ._protocol import Invocation, ModulePreset, Parsed, given
 from ._reading import (
     as_object,
     classify,
@@ -61,7 +72,7 @@ from ._reading import (
     text,
 )
 
-__all__ = ["CHECKED_WITH", "PRESET", "invocation", "parse", "read_output"]
+__all__ = ["CHECKED_WITH", "PERMISSIONS", "PRESET", "invocation", "parse", "read_output"]
 
 #: What ``checked_with`` says: the CLI version and the docs the preset follows.
 CHECKED_WITH = "claude 2.1.197 (--help, real output); code.claude.com/docs/en/headless 2026-12"
@@ -71,12 +82,23 @@ _RATE_ERRORS = {"rate_limit", "overloaded", "billing_error"}
 _HINT = "log in with `claude` once, or set ANTHROPIC_API_KEY"
 
 
+#: What the agent may do without asking (the sandbox, not the CLI, contains it): edit files
+#: and run commands. The user's own ``--permission-mode`` replaces both, their own
+#: ``--allowedTools`` the second.
+PERMISSIONS = ("--permission-mode", "acceptEdits", "--allowedTools", "Bash")
+_MODE_FLAGS = ("--permission-mode", "--dangerously-skip-permissions")
+_ALLOW_FLAGS = (*_MODE_FLAGS, "--allowedTools", "--allowed-tools")
+
+
 def invocation(
     *, program: str, prompt: str, prompt_file: Path, model: str | None, args: Sequence[str]
 ) -> Invocation:
-    """``claude -p`` in stream-json, edits accepted, the prompt on stdin."""
+    """``claude -p`` in stream-json, edits and commands allowed, the prompt on stdin."""
     argv = [program, "-p", "--output-format", "stream-json", "--verbose"]
-    argv += ["--permission-mode", "acceptEdits"]
+    if not given(args, *_MODE_FLAGS):
+        argv += PERMISSIONS[:2]
+    if not given(args, *_ALLOW_FLAGS):
+        argv += PERMISSIONS[2:]
     if model is not None:
         argv += ["--model", model]
     return Invocation(argv=[*argv, *args], prompt_on_stdin=True)

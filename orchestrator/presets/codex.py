@@ -14,7 +14,9 @@ instructions there. ``--sandbox workspace-write`` lets it edit the working direc
 task's worktree) and run commands in Codex's own sandbox; ``exec`` never asks for approval
 (its policy is ``never``), and ``--full-auto`` is gone from 0.171.0's help.
 ``--skip-git-repo-check`` lets a task without a repository run too. Codex cannot write
-``.git`` in that sandbox, so it commits nothing itself.
+``.git`` in that sandbox, so it commits nothing itself. The user's own ``--sandbox`` in
+``args`` replaces the preset's (0.171.0 refuses ``--sandbox`` given twice: "cannot be used
+multiple times"): ``args: [--sandbox, read-only]`` is the cautious setting.
 
 What is parsed: ``thread.started`` (``thread_id``, the session id), ``item.completed`` items
 of type ``agent_message`` (the last one's ``text`` is the task's ``result``),
@@ -46,7 +48,7 @@ from typing import Any
 
 from envelopes import ErrorInfo
 
-from ._protocol import Invocation, ModulePreset, Parsed
+from ._protocol import Invocation, ModulePreset, Parsed, given
 from ._reading import (
     classify,
     count,
@@ -60,7 +62,7 @@ from ._reading import (
     uncached,
 )
 
-__all__ = ["CHECKED_WITH", "PRESET", "invocation", "parse", "read_output"]
+__all__ = ["CHECKED_WITH", "PRESET", "SANDBOX", "invocation", "parse", "read_output"]
 
 #: What ``checked_with`` says: the CLI version and the source the preset follows.
 CHECKED_WITH = "codex-cli 0.171.0 (--help, real output); openai/codex exec_events.rs @08a1f30"
@@ -68,13 +70,19 @@ CHECKED_WITH = "codex-cli 0.171.0 (--help, real output); openai/codex exec_event
 #: Most file changes and commands listed in the output.
 MAX_LISTED = 200
 _HINT = "run `codex login`, or set CODEX_API_KEY"
+#: Where Codex may write and run commands: the worktree, in its own sandbox. The user's own
+#: ``--sandbox`` in ``args`` replaces it (0.171.0 refuses ``--sandbox`` given twice).
+SANDBOX = ("--sandbox", "workspace-write")
 
 
 def invocation(
     *, program: str, prompt: str, prompt_file: Path, model: str | None, args: Sequence[str]
 ) -> Invocation:
     """``codex exec --json`` in the workspace-write sandbox, the prompt on stdin."""
-    argv = [program, "exec", "--json", "--sandbox", "workspace-write", "--skip-git-repo-check"]
+    argv = [program, "exec", "--json"]
+    if not given(args, "--sandbox", "-s"):
+        argv += SANDBOX
+    argv += ["--skip-git-repo-check"]
     if model is not None:
         argv += ["-m", model]
     return Invocation(argv=[*argv, "-", *args], prompt_on_stdin=True)

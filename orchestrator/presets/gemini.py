@@ -8,7 +8,7 @@ docs/cli/headless.md (@0e5aa96) and, for what the docs do not say, the 0.61.0 bu
 
 Command line::
 
-    gemini -p "" --output-format stream-json --skip-trust --approval-mode auto_edit
+    gemini -p "" --output-format stream-json --skip-trust --approval-mode yolo
            [-m MODEL] [ARGS...]
 
 The prompt goes to stdin: in headless mode Gemini CLI reads piped stdin (up to 8 MiB) and
@@ -16,9 +16,18 @@ puts the ``-p`` text after it; ``-p ""`` adds nothing and makes the run headless
 rather than ``-o json``: in 0.61.0 the json format writes a failure's JSON to stderr (stdout
 stays empty), while stream-json writes every failure as its ``result`` event on stdout, and
 names the session in its first event. ``--skip-trust`` trusts the task's worktree for this
-run (0.61.0 stops in an untrusted folder with exit code 55); ``--approval-mode auto_edit``
-approves file edits, and headless mode denies other tools that need approval (shell
-commands): pass ``--approval-mode yolo`` in ``args`` (the last one wins) for those.
+run (0.61.0 stops in an untrusted folder with exit code 55).
+
+Approvals: headless, a tool that would ask is denied. Under ``auto_edit`` the shell tool
+is not even registered (checked against 0.61.0 with a stand-in API: a
+``run_shell_command`` call ends "Tool not found"), so the agent could not run the tests it
+writes; ``--approval-mode yolo`` approves every tool, and the shell command runs. (The
+docs say yolo turns Gemini's own sandbox on; 0.61.0's ``loadSandboxConfig`` reads only
+``--sandbox``, ``GEMINI_SANDBOX`` and the settings.) What contains the agent is the
+orchestrator's isolation (its own worktree and venv; a ``sandbox: bwrap`` task), not the
+CLI. The user's own ``--approval-mode`` (or ``--yolo``) in ``args`` replaces the preset's:
+``args: [--approval-mode, auto_edit]`` is the cautious setting (edits only). Given twice,
+0.61.0 fails ("Invalid approval mode: yolo,auto_edit"), hence the replacing.
 
 What is parsed: ``init`` (``session_id``, ``model``), ``assistant`` ``message`` events (their
 ``content``, joined, is the task's ``result``), ``tool_use``/``tool_result`` (counted),
@@ -46,7 +55,7 @@ from typing import Any
 
 from envelopes import ErrorInfo
 
-from ._protocol import Invocation, ModulePreset, Parsed
+from ._protocol import Invocation, ModulePreset, Parsed, given
 from ._reading import (
     MAX_TEXT_CHARS,
     as_object,
@@ -63,7 +72,15 @@ from ._reading import (
     uncached,
 )
 
-__all__ = ["CHECKED_WITH", "EXIT_CODES", "PRESET", "invocation", "parse", "read_output"]
+__all__ = [
+    "APPROVAL",
+    "CHECKED_WITH",
+    "EXIT_CODES",
+    "PRESET",
+    "invocation",
+    "parse",
+    "read_output",
+]
 
 #: What ``checked_with`` says: the CLI version and the docs the preset follows.
 CHECKED_WITH = "gemini-cli 0.61.0 (--help, real output, bundle); docs/cli/headless.md @0e5aa96"
@@ -83,14 +100,18 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     173: ("rate_limited", "HTTP 429"),
 }
 _HINT = "set GEMINI_API_KEY, or sign in once with `gemini`"
+#: What the agent may do without asking (the sandbox, not the CLI, contains it): every tool,
+#: shell commands included. The user's own ``--approval-mode`` in ``args`` replaces it.
+APPROVAL = ("--approval-mode", "yolo")
 
 
 def invocation(
     *, program: str, prompt: str, prompt_file: Path, model: str | None, args: Sequence[str]
 ) -> Invocation:
-    """``gemini -p ""`` in stream-json, edits approved, the prompt on stdin."""
+    """``gemini -p ""`` in stream-json, every tool approved, the prompt on stdin."""
     argv = [program, "-p", "", "--output-format", "stream-json", "--skip-trust"]
-    argv += ["--approval-mode", "auto_edit"]
+    if not given(args, "--approval-mode", "--yolo", "-y"):
+        argv += APPROVAL
     if model is not None:
         argv += ["-m", model]
     return Invocation(argv=[*argv, *args], prompt_on_stdin=True)
