@@ -36,6 +36,7 @@ from ._events import Notification as Notification
 from ._events import RunFinished as RunFinished
 from ._events import RunStarted as RunStarted
 from ._events import TaskFinished as TaskFinished
+from ._events import TaskPhase as TaskPhase
 from ._events import TaskQueued as TaskQueued
 from ._events import TaskRetrying as TaskRetrying
 from ._events import TaskSkipped as TaskSkipped
@@ -49,17 +50,22 @@ from ._ids import ref_safe as ref_safe
 from ._ids import run_id_problem as run_id_problem
 from ._ids import task_id_problem as task_id_problem
 from ._plan import DEFAULT_ACP_ALLOW as DEFAULT_ACP_ALLOW
+from ._plan import DEFAULT_HOOK_TIMEOUT_S as DEFAULT_HOOK_TIMEOUT_S
+from ._plan import DEFAULT_STEP_TIMEOUT_S as DEFAULT_STEP_TIMEOUT_S
 from ._plan import DEFAULT_TIMEOUT_S as DEFAULT_TIMEOUT_S
 from ._plan import ENV_FORMS as ENV_FORMS
 from ._plan import HEADER_VARIABLE as HEADER_VARIABLE
 from ._plan import MATRIX_FIELDS as MATRIX_FIELDS
 from ._plan import MAX_CONCURRENCY as MAX_CONCURRENCY
+from ._plan import PLACEHOLDERS as PLACEHOLDERS
 from ._plan import AcpSpec as AcpSpec
 from ._plan import AgentSpec as AgentSpec
 from ._plan import Budget as Budget
 from ._plan import Concurrency as Concurrency
+from ._plan import CopyPath as CopyPath
 from ._plan import EnvSpec as EnvSpec
 from ._plan import ExpandedTask as ExpandedTask
+from ._plan import Hooks as Hooks
 from ._plan import HttpSpec as HttpSpec
 from ._plan import KeepWorktrees as KeepWorktrees
 from ._plan import Limits as Limits
@@ -69,14 +75,18 @@ from ._plan import NotifySpec as NotifySpec
 from ._plan import Plan as Plan
 from ._plan import PlanDefaults as PlanDefaults
 from ._plan import PlanProblem as PlanProblem
+from ._plan import Ports as Ports
 from ._plan import Rates as Rates
 from ._plan import Sandbox as Sandbox
 from ._plan import Select as Select
+from ._plan import Step as Step
 from ._plan import TaskSpec as TaskSpec
 from ._plan import ToolKind as ToolKind
+from ._plan import VenvOptions as VenvOptions
 from ._plan import dependency_cycles as dependency_cycles
 from ._plan import env_values as env_values
 from ._plan import expand_tasks as expand_tasks
+from ._plan import placeholder_problem as placeholder_problem
 from ._plan import plan_problems as plan_problems
 from ._plan import validation_message as validation_message
 from ._result import NOT_RETRIED as NOT_RETRIED
@@ -86,12 +96,16 @@ from ._result import AgentInfo as AgentInfo
 from ._result import AgentSummary as AgentSummary
 from ._result import Attempt as Attempt
 from ._result import CachedFrom as CachedFrom
+from ._result import CheckResult as CheckResult
+from ._result import CopiedFile as CopiedFile
 from ._result import Environment as Environment
 from ._result import ErrorInfo as ErrorInfo
 from ._result import ErrorKind as ErrorKind
 from ._result import GroupMember as GroupMember
 from ._result import GroupReport as GroupReport
+from ._result import LeftOutTask as LeftOutTask
 from ._result import LogFile as LogFile
+from ._result import MergeCheck as MergeCheck
 from ._result import MergeConflict as MergeConflict
 from ._result import MergedTask as MergedTask
 from ._result import MergeRecord as MergeRecord
@@ -122,6 +136,8 @@ from ._usage import with_estimated_cost as with_estimated_cost
 
 __all__ = [
     "DEFAULT_ACP_ALLOW",
+    "DEFAULT_HOOK_TIMEOUT_S",
+    "DEFAULT_STEP_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "ENVELOPE_SCHEMA",
     "ENV_FORMS",
@@ -135,6 +151,7 @@ __all__ = [
     "MAX_LOG_BYTES",
     "MAX_VALUE_DEPTH",
     "NOT_RETRIED",
+    "PLACEHOLDERS",
     "REPORT_SCHEMA",
     "SUCCESSFUL",
     "TASK_ID_PATTERN",
@@ -146,7 +163,10 @@ __all__ = [
     "AttemptFailed",
     "Budget",
     "CachedFrom",
+    "CheckResult",
     "Concurrency",
+    "CopiedFile",
+    "CopyPath",
     "CostSource",
     "EnvSpec",
     "Environment",
@@ -159,10 +179,13 @@ __all__ = [
     "GroupMember",
     "GroupReport",
     "HandoffEnvelope",
+    "Hooks",
     "HttpSpec",
     "KeepWorktrees",
+    "LeftOutTask",
     "Limits",
     "LogFile",
+    "MergeCheck",
     "MergeConflict",
     "MergeFinished",
     "MergePredicted",
@@ -178,6 +201,7 @@ __all__ = [
     "Plan",
     "PlanDefaults",
     "PlanProblem",
+    "Ports",
     "Provenance",
     "Rates",
     "Report",
@@ -186,8 +210,10 @@ __all__ = [
     "RunStarted",
     "Sandbox",
     "Select",
+    "Step",
     "Summary",
     "TaskFinished",
+    "TaskPhase",
     "TaskQueued",
     "TaskResult",
     "TaskRetrying",
@@ -200,6 +226,7 @@ __all__ = [
     "Upstream",
     "Usage",
     "UsageTotals",
+    "VenvOptions",
     "add_usage",
     "audit_report",
     "build_envelope",
@@ -222,6 +249,7 @@ __all__ = [
     "new_run_id",
     "new_task_id",
     "open_regular",
+    "placeholder_problem",
     "plan_problems",
     "read_bounded",
     "ref_safe",

@@ -242,6 +242,64 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
         )
 
 
+def _audit_checks(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Finding]:
+    """Each setup step and check: ``passed`` is what its exit code says, its logs are what
+    it recorded, and the task's status agrees with its last turn's required steps (a
+    succeeded task passed them all; one failed with kind ``check`` or ``setup`` did not)."""
+    tid, checks = raw["task_id"], raw.get("checks") or []
+    yield from _step_records(tid, "checks", checks, run_dir)
+    if not checks:
+        return
+    last_turn = max(check["turn"] for check in checks)
+    failed = [
+        c["name"] for c in checks if c["turn"] == last_turn and c["required"] and not c["passed"]
+    ]
+    kind = (raw["error"] or {}).get("kind")
+    if raw["status"] == "succeeded" and failed:
+        yield Finding(
+            task_id=tid,
+            field="status",
+            message=f"succeeded, but its required {', '.join(failed)} did not pass",
+        )
+    if kind in ("check", "setup") and not failed:
+        yield Finding(
+            task_id=tid,
+            field="error",
+            message=f"failed with kind {kind}, but every required step of its last turn passed",
+        )
+
+
+def _step_records(
+    tid: str, name: str, records: list[Any], run_dir: Path | None
+) -> Iterator[Finding]:
+    """Each of *records* (``checks`` or ``hooks``): ``passed`` is what its exit code says,
+    and its logs are what it recorded."""
+    for index, record in enumerate(records):
+        field = f"{name}[{index}]"
+        passed = record["exit_code"] == 0 and not record["timed_out"]
+        yield from _check(tid, f"{field}.passed", passed, record["passed"])
+        if run_dir is not None:
+            for stream in ("stdout", "stderr"):
+                yield from _check_file(tid, f"{field}.{stream}", record[stream], run_dir)
+
+
+def _audit_hooks(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Finding]:
+    """Each hook as a step (see :func:`_step_records`), and the task's status against its
+    required hooks (``after_create``, ``before_run``) of the last turn they ran for: a
+    succeeded task passed them; one failed with kind ``hook`` did not."""
+    tid, hooks = raw["task_id"], raw.get("hooks") or []
+    yield from _step_records(tid, "hooks", hooks, run_dir)
+    required = [h for h in hooks if h["required"]]
+    last_turn = max((h["turn"] for h in required), default=0)
+    failed = [h["name"] for h in required if h["turn"] == last_turn and not h["passed"]]
+    if raw["status"] == "succeeded" and failed:
+        message = f"succeeded, but its hook {', '.join(failed)} did not pass"
+        yield Finding(task_id=tid, field="status", message=message)
+    if (raw["error"] or {}).get("kind") == "hook" and not failed:
+        message = "failed with kind hook, but every required hook of its last turn passed"
+        yield Finding(task_id=tid, field="error", message=message)
+
+
 def _audit_usage(raw: Mapping[str, Any], pricing: Mapping[str, Any]) -> Iterator[Finding]:
     """The task's usage is its attempts' added up, and each estimated cost is what the
     report's ``pricing`` makes of its tokens.
@@ -436,10 +494,13 @@ def _audit_groups(
 
 
 def _audit_merges(
-    merges: list[Mapping[str, Any]], by_id: Mapping[str, Mapping[str, Any]]
+    merges: list[Mapping[str, Any]],
+    by_id: Mapping[str, Mapping[str, Any]],
+    run_dir: Path | None,
 ) -> Iterator[Finding]:
     for number, merge in enumerate(merges):
         field = f"merge[{number}]"
+        yield from _audit_merge_checks(field, merge, by_id, run_dir)
         for entry in merge["tasks"]:
             found = by_id.get(entry["task_id"])
             if found is None:
@@ -475,6 +536,79 @@ def _audit_merges(
             made = [e["merge_commit"] for e in merge["tasks"] if e["merge_commit"] is not None]
             expected = made[-1] if made else merge["old_commit"]
             yield from _check(None, f"{field}.new_commit", expected, merge["new_commit"])
+
+
+def _audit_merge_checks(
+    field: str,
+    merge: Mapping[str, Any],
+    by_id: Mapping[str, Mapping[str, Any]],
+    run_dir: Path | None,
+) -> Iterator[Finding]:
+    """A checked merge's record (``mode``, ``checks``, ``left_out``): each step's ``passed``
+    is what its exit code says and its logs are what it recorded; each check's ``passed`` is
+    its required steps'; a result left out is in the report and was not merged."""
+    mode, checks, left_out = merge.get("mode"), merge.get("checks", []), merge.get("left_out", [])
+    if mode is None and (checks or left_out or merge["status"] == "check_failed"):
+        yield Finding(
+            task_id=None, field=f"{field}.mode", message="checks recorded, but no check mode"
+        )
+    for index, check in enumerate(checks):
+        where = f"{field}.checks[{index}]"
+        for step_index, step in enumerate(check["checks"]):
+            step_field = f"{where}.checks[{step_index}]"
+            passed = step["exit_code"] == 0 and not step["timed_out"]
+            yield from _check(check["task_id"], f"{step_field}.passed", passed, step["passed"])
+            if run_dir is not None:
+                for stream in ("stdout", "stderr"):
+                    yield from _check_file(
+                        check["task_id"], f"{step_field}.{stream}", step[stream], run_dir
+                    )
+        passed = all(step["passed"] for step in check["checks"] if step["required"])
+        yield from _check(check["task_id"], f"{where}.passed", passed, check["passed"])
+    merged = {e["task_id"] for e in merge["tasks"]}
+    for entry in left_out:
+        if entry["task_id"] not in by_id:
+            message = f"task {entry['task_id']} is not in the report"
+            yield Finding(task_id=None, field=f"{field}.left_out", message=message)
+        elif entry["task_id"] in merged:
+            message = "left out, but listed among the tasks merged"
+            yield Finding(task_id=entry["task_id"], field=f"{field}.left_out", message=message)
+    if mode is not None:
+        yield from _audit_checked_outcome(field, merge)
+
+
+def _audit_checked_outcome(field: str, merge: Mapping[str, Any]) -> Iterator[Finding]:
+    """What a checked merge's status says agrees with its checks: the target moved only to a
+    tree whose checks passed (for a train, each result kept passed on the tree it made), and
+    a result whose check failed was left out (or, for ``check``, nothing moved)."""
+    checks, status = merge["checks"], merge["status"]
+    left = {e["task_id"] for e in merge.get("left_out", [])}
+
+    def wrong(message: str, task_id: str | None = None) -> Finding:
+        return Finding(task_id=task_id, field=f"{field}.checks", message=message)
+
+    if merge["mode"] == "check":
+        moved = status == "merged" and merge["new_commit"] != merge["old_commit"]
+        if moved and not any(c["passed"] and c["commit"] == merge["new_commit"] for c in checks):
+            yield wrong(f"merged into {merge['new_commit']}, but no passing check of that tree")
+        if status == "check_failed" and all(c["passed"] for c in checks):
+            yield wrong("check_failed, but no check failed")
+        return
+    for entry in merge["tasks"]:
+        made = entry["merge_commit"]
+        if made is not None and not any(
+            c["passed"] and c["commit"] == made and c["task_id"] == entry["task_id"] for c in checks
+        ):
+            yield wrong(f"merged as {made}, but no passing check of that tree", entry["task_id"])
+    for check in checks:
+        if not check["passed"] and check["task_id"] not in left:
+            yield wrong("its check failed, but it is not left out", check["task_id"])
+        if check["passed"] and check["task_id"] in left:
+            yield wrong("its check passed, but it is left out", check["task_id"])
+    if status == "check_failed" and (
+        merge["new_commit"] is not None or any(e["merge_commit"] for e in merge["tasks"])
+    ):
+        yield wrong("check_failed, but a result was merged")
 
 
 def report_layout(raw: Mapping[str, Any]) -> bytes:
@@ -565,9 +699,11 @@ def audit_report(
     for result in results:
         findings += _audit_result(result, run_dir)
         findings += _audit_usage(result, pricing)
+        findings += _audit_checks(result, run_dir)
+        findings += _audit_hooks(result, run_dir)
         findings += _audit_start(result, raw, by_id, groups, run_dir)
     findings += _audit_groups(groups, by_id)
-    findings += _audit_merges(raw.get("merge", []), by_id)
+    findings += _audit_merges(raw.get("merge", []), by_id, run_dir)
     summary = raw["summary"]
     for key, value in _expected_summary(results).items():
         findings += _check(None, f"summary.{key}", value, summary[key])

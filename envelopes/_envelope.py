@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ._canonical import digest
 from ._ids import BranchName, ObjectId, new_task_id, task_id_problem
-from ._plan import DEFAULT_TIMEOUT_S, EnvName, Limits, Sandbox, Select, finite_json
+from ._plan import DEFAULT_TIMEOUT_S, EnvName, Limits, Sandbox, Select, Step, finite_json
 from ._secrets import masked_env
 
 __all__ = ["ENVELOPE_SCHEMA", "MAX_CHANGED_FILES", "HandoffEnvelope", "Upstream", "build_envelope"]
@@ -16,7 +16,15 @@ __all__ = ["ENVELOPE_SCHEMA", "MAX_CHANGED_FILES", "HandoffEnvelope", "Upstream"
 ENVELOPE_SCHEMA = "worktree-orchestrator/envelope/v1"
 
 #: Fields added after the first envelopes were hashed, left out of the JSON while unset.
-_ADDED = ("prompt", "stall_timeout")
+_ADDED = (
+    "prompt",
+    "stall_timeout",
+    "setup",
+    "checks",
+    "repair_attempts",
+    "install_project",
+    "venv_seed",
+)
 #: The same, of each ``upstream`` entry.
 _UPSTREAM_ADDED = ("changed_files", "changed_files_omitted")
 
@@ -92,6 +100,14 @@ class HandoffEnvelope(BaseModel):
     prompt: str | None = None
     #: Seconds without a byte of the agent's output after which it is killed (``stalled``).
     stall_timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    #: Steps run before the agent and checks run after it (docs/plan-format.md, "Setup and
+    #: checks"); more turns the agent gets after a required check failed.
+    setup: list[Step] = Field(default_factory=list)
+    checks: list[Step] = Field(default_factory=list)
+    repair_attempts: int = Field(default=0, ge=0, le=20)
+    #: The task's own worktree installed into its venv (editable); pip in the venv.
+    install_project: bool = False
+    venv_seed: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -120,8 +136,8 @@ class HandoffEnvelope(BaseModel):
         data = self.model_dump(mode="json", by_alias=True)
         data["env"] = masked_env(data["env"], self.secrets)
         for name in _ADDED:  # unset, newer fields: envelopes from before them hash the same
-            if data.get(name) is None:
-                data.pop(name, None)
+            if name in data and data[name] == _ADDED_DEFAULTS[name]:
+                del data[name]
         for told in data["upstream"].values():
             for name in _UPSTREAM_ADDED:
                 if not told.get(name):
@@ -131,6 +147,13 @@ class HandoffEnvelope(BaseModel):
     def sha256(self) -> str:
         """``envelope_sha256``: digest of the canonical JSON of the envelope."""
         return digest(self.to_json_dict())
+
+
+#: What each newer field is when unset (and so left out of the JSON).
+_ADDED_DEFAULTS: dict[str, Any] = {
+    name: HandoffEnvelope.model_fields[name].get_default(call_default_factory=True)
+    for name in _ADDED
+}
 
 
 def build_envelope(
@@ -163,6 +186,11 @@ def build_envelope(
     allow_secrets_in_commit: bool = False,
     prompt: str | None = None,
     stall_timeout: float | None = None,
+    setup: list[Step] | None = None,
+    checks: list[Step] | None = None,
+    repair_attempts: int = 0,
+    install_project: bool = False,
+    venv_seed: bool = False,
 ) -> HandoffEnvelope:
     """Build an envelope in code, generating a task id when none is given.
 
@@ -197,4 +225,9 @@ def build_envelope(
         allow_secrets_in_commit=allow_secrets_in_commit,
         prompt=prompt,
         stall_timeout=stall_timeout,
+        setup=setup or [],
+        checks=checks or [],
+        repair_attempts=repair_attempts,
+        install_project=install_project,
+        venv_seed=venv_seed,
     )

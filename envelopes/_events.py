@@ -26,6 +26,7 @@ __all__ = [
     "RunFinished",
     "RunStarted",
     "TaskFinished",
+    "TaskPhase",
     "TaskQueued",
     "TaskRetrying",
     "TaskSkipped",
@@ -72,6 +73,19 @@ class TaskStarted(_Event):
     type: Literal["task_started"] = "task_started"
     task_id: str
     agent: str
+
+
+class TaskPhase(_Event):
+    """A task with setup steps or checks moved on to its next phase: ``setup`` (before the
+    agent of attempt ``attempt``), ``agent``, ``checks`` (of that attempt), or ``repair`` (the
+    agent again in the same worktree: repair turn ``repair`` of ``repairs``)."""
+
+    type: Literal["task_phase"] = "task_phase"
+    task_id: str
+    phase: Literal["setup", "agent", "checks", "repair"]
+    attempt: int
+    repair: int | None = None
+    repairs: int | None = None
 
 
 class AttemptFailed(_Event):
@@ -183,6 +197,7 @@ Event = Annotated[
     RunStarted
     | TaskQueued
     | TaskStarted
+    | TaskPhase
     | AttemptFailed
     | TaskRetrying
     | TaskFinished

@@ -23,15 +23,18 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainValidator,
     SerializationInfo,
     SerializerFunctionWrapHandler,
     Tag,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from ._bounded import relative_path_problem
 from ._ids import MATRIX_VALUE_PATTERN, task_id_problem
 
 __all__ = [
@@ -157,6 +160,8 @@ class _Additions(_Strict):
     that plans, envelopes and their digests from before those fields existed stay the same."""
 
     _ADDED: ClassVar[frozenset[str]] = frozenset()
+    #: Fields whose name in the file is not a Python name that can be used (``copy``).
+    _WRITTEN_AS: ClassVar[dict[str, str]] = {}
 
     @model_serializer(mode="wrap")
     def _without_unset_additions(
@@ -166,6 +171,9 @@ class _Additions(_Strict):
         for name in self._ADDED:
             if name in data and data[name] in (None, [], {}):
                 del data[name]
+        for name, written in self._WRITTEN_AS.items():
+            if name in data:  # written as it is read: plan.json is read back on resume
+                data[written] = data.pop(name)
         return data
 
 
@@ -387,22 +395,175 @@ class AgentSpec(_Isolation, _Additions):
         return value
 
 
+#: The placeholders a step's or hook's command, and a requirement, may use.
+PLACEHOLDERS = ("worktree", "repo_root", "plan_dir", "task_id")
+_PLACEHOLDER = re.compile(r"(?<![${])\{([^{}]*)\}(?!\})")
+
+
+def placeholder_problem(text: str) -> str | None:
+    """Why *text* uses a placeholder that does not exist (None when it does not).
+
+    ``{worktree}``, ``{repo_root}``, ``{plan_dir}`` and ``{task_id}`` are filled in; a shell's
+    ``${NAME}`` and doubled braces (``{{``, ``}}``) are left as they are.
+    """
+    for match in _PLACEHOLDER.finditer(text):
+        if match.group(1) not in PLACEHOLDERS:
+            known = ", ".join("{" + name + "}" for name in PLACEHOLDERS)
+            return f"unknown placeholder {{{match.group(1)}}} (known: {known})"
+    return None
+
+
+def _placeholders_known(value: str) -> str:
+    if why := placeholder_problem(value):
+        raise ValueError(why)
+    return value
+
+
+def _step_command(value: Any) -> str | list[str]:
+    """A step's ``run``: a shell string, or an argv list of at most 1000 strings; not empty
+    (nor its program blank), and no unknown placeholder."""
+    if isinstance(value, list) and all(isinstance(arg, str) for arg in value):
+        if not value:
+            raise ValueError("must not be empty")
+        if len(value) > 1000:
+            raise ValueError(f"must have at most 1000 arguments, found {len(value)}")
+        texts: list[str] = value
+    elif isinstance(value, str):
+        texts = [value]
+    else:
+        raise ValueError("must be a string (run by /bin/sh -c) or a list of strings (an argv)")
+    if not texts[0].strip():
+        raise ValueError("must not be empty")
+    for text in texts:
+        _placeholders_known(text)
+    return texts if isinstance(value, list) else texts[0]
+
+
+#: A command a step or hook runs: a shell string (run by ``/bin/sh -c``) or an argv list.
+StepCommand = Annotated[
+    str | list[str],
+    PlainValidator(_step_command),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1000},
+            ]
+        }
+    ),
+]
+
+
+def _known_placeholders(value: str) -> str:
+    if why := placeholder_problem(value):
+        raise ValueError(why)
+    return value
+
+
+#: A requirement: an installer's argument, ``{worktree}`` and the other placeholders filled in
+#: when the task's venv is made.
+Requirement = Annotated[str, AfterValidator(_known_placeholders)]
+
+StepName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+#: Default seconds a setup step or a check may take.
+DEFAULT_STEP_TIMEOUT_S = 600.0
+#: Default seconds a hook may take.
+DEFAULT_HOOK_TIMEOUT_S = 60.0
+
+
+class Step(_Strict):
+    """A setup step (before the agent) or a check (after it): see docs/plan-format.md,
+    "Setup and checks". A required one that fails fails the task."""
+
+    name: StepName
+    run: StepCommand
+    timeout: PositiveSeconds = DEFAULT_STEP_TIMEOUT_S
+    required: bool = True
+
+
+def _unique_names(steps: list[Step] | None) -> list[Step] | None:
+    seen: set[str] = set()
+    for step in steps or []:
+        if step.name in seen:
+            raise ValueError(f"two steps are named {step.name!r}")
+        seen.add(step.name)
+    return steps
+
+
+Steps = Annotated[list[Step], Field(max_length=100), AfterValidator(_unique_names)]
+
+
+class VenvOptions(_Strict):
+    """``venv`` in its structured form: ``{seed: true}`` puts pip (and setuptools) in it."""
+
+    seed: bool = False
+
+
+class Hooks(_Strict):
+    """Commands run around each task's worktree (cwd: the worktree), like other workspace
+    managers' hooks: see docs/plan-format.md, "Hooks"."""
+
+    after_create: StepCommand | None = None
+    before_run: StepCommand | None = None
+    after_run: StepCommand | None = None
+    before_remove: StepCommand | None = None
+    timeout: PositiveSeconds = DEFAULT_HOOK_TIMEOUT_S
+
+
+class Ports(_Strict):
+    """A block of ports per running task: ``ORCHESTRATOR_PORT_BASE`` = base + slot x per_task."""
+
+    base: Annotated[int, Field(ge=1024, le=65535)]
+    per_task: Annotated[int, Field(ge=1, le=1000)] = 10
+
+    def overflow(self, concurrency: int) -> str | None:
+        """Why *concurrency* running tasks' blocks do not all fit below port 65536, or None."""
+        end = self.base + concurrency * self.per_task
+        if end <= 65536:
+            return None
+        return (
+            f"base {self.base} + concurrency {concurrency} x per_task {self.per_task} = {end}, "
+            "past the last port (65535): lower base, per_task or concurrency"
+        )
+
+
+def _copyable(value: str) -> str:
+    if why := relative_path_problem(value):
+        raise ValueError(why)
+    return value
+
+
+#: A path of the main checkout copied into each worktree (``copy``).
+CopyPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_copyable)]
+
+
 class PlanDefaults(_Additions):
     """Values every task gets unless it sets its own."""
 
-    _ADDED = frozenset({"prompt", "stall_timeout"})
+    _ADDED = frozenset(
+        {"prompt", "stall_timeout", "setup", "checks", "repair_attempts", "install_project"}
+    )
     #: The prompt template of a preset's tasks (None: the preset's own default).
     prompt: PromptTemplate | None = None
+    #: Steps run before the agent, in the worktree with the venv active.
+    setup: Steps = Field(default_factory=list)
+    #: Steps run after the agent, before the commit; a required one that fails fails the task.
+    checks: Steps = Field(default_factory=list)
+    #: More turns the agent gets, in the same worktree, after a required check failed.
+    repair_attempts: Annotated[int, Field(ge=0, le=20)] | None = None
+    #: Install the task's own worktree into its venv (editable).
+    install_project: bool | None = None
     #: Seconds without a byte of an agent's output after which it is killed (kind
     #: ``stalled``); None: never.
     stall_timeout: PositiveSeconds | None = None
 
     timeout: PositiveSeconds = DEFAULT_TIMEOUT_S
     retries: Annotated[int, Field(ge=0, le=100)] = 0
-    requirements: list[str] = Field(default_factory=list)
+    requirements: list[Requirement] = Field(default_factory=list)
     env: Env = Field(default_factory=dict)
     worktree: bool = True
-    venv: bool = True
+    #: A venv per task (``{seed: true}``: with pip and setuptools in it).
+    venv: bool | VenvOptions = True
     sandbox: Sandbox = "none"
     network: bool = False
     secrets: list[EnvName] = Field(default_factory=list)
@@ -414,15 +575,21 @@ class PlanDefaults(_Additions):
 class TaskSpec(_Isolation, _Additions):
     """One task of a plan, before defaults are applied."""
 
-    _ADDED = frozenset({"prompt", "stall_timeout"})
+    _ADDED = frozenset(
+        {"prompt", "stall_timeout", "setup", "checks", "repair_attempts", "install_project"}
+    )
     prompt: PromptTemplate | None = None
     stall_timeout: PositiveSeconds | None = None
+    setup: Steps | None = None
+    checks: Steps | None = None
+    repair_attempts: Annotated[int, Field(ge=0, le=20)] | None = None
+    install_project: bool | None = None
 
     id: str | None = None
     agent: str | None = None
     task: str
     inputs: dict[str, Any] = Field(default_factory=dict)
-    requirements: list[str] | None = None
+    requirements: list[Requirement] | None = None
     acceptance_criteria: list[str] = Field(default_factory=list)
     timeout: PositiveSeconds | None = None
     retries: Annotated[int, Field(ge=0, le=100)] | None = None
@@ -430,7 +597,7 @@ class TaskSpec(_Isolation, _Additions):
     metadata: dict[str, Any] = Field(default_factory=dict)
     priority: int = 0
     worktree: bool | None = None
-    venv: bool | None = None
+    venv: bool | VenvOptions | None = None
     depends_on: list[str] = Field(default_factory=list)
     cache: bool | None = None
     matrix: (
@@ -475,6 +642,7 @@ NotifyEvent = Literal[
     "run_started",
     "task_queued",
     "task_started",
+    "task_phase",
     "attempt_failed",
     "task_retrying",
     "task_finished",
@@ -491,7 +659,9 @@ MAX_NOTIFY = 16
 class NotifySpec(_Strict):
     """A webhook (``notify[i]``): the run's events POSTed to ``url`` as JSON as they happen,
     signed with HMAC-SHA256 under the secret in the variable ``secret_env``; see
-    docs/agents.md, "Webhooks". A delivery never holds the run up nor fails it."""
+    docs/agents.md, "Webhooks". A delivery never holds the run up nor fails it. ``${NAME}``
+    in ``url`` is the orchestrator's variable ``NAME``, filled in when the run starts (a
+    token in a Slack-style path): written nowhere."""
 
     url: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2000)]
     #: The events to send, by ``type``; None: every one.
@@ -505,22 +675,35 @@ class NotifySpec(_Strict):
     @field_validator("url")
     @classmethod
     def _has_host(cls, value: str) -> str:
-        if not urlsplit(value).hostname:
-            raise ValueError(f"{value!r} names no host")
+        # The value is not repeated: a URL may hold a credential.
+        parts = urlsplit(value)
+        if not parts.hostname:
+            raise ValueError("names no host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "must not hold a user or password, which plan.json would keep: write a secret "
+                "part of a URL as ${NAME}, a variable of the orchestrator's environment"
+            )
         return value
 
 
-class MergeSpec(_Strict):
+class MergeSpec(_Additions):
     """Merge the run's results into a branch when every task succeeded (see docs/plan-format.md)."""
 
+    _ADDED = frozenset({"check", "train"})
     into: str = Field(min_length=1)
     tasks: list[str] | None = None
+    #: Run the plan's required checks on the combined tree; move the branch only if they pass.
+    check: bool | None = None
+    #: Merge one result at a time, keeping each only if the combined tree still passes.
+    train: bool | None = None
 
 
 class Plan(_Additions):
     """A whole plan file."""
 
-    _ADDED = frozenset({"budget", "pricing", "notify"})
+    _ADDED = frozenset({"budget", "pricing", "notify", "hooks", "copy_paths", "ports"})
+    _WRITTEN_AS = {"copy_paths": "copy"}
 
     version: Literal[1] = 1
     name: str = Field(default="plan", min_length=1)
@@ -536,6 +719,14 @@ class Plan(_Additions):
     pricing: dict[str, Rates] = Field(default_factory=dict)
     #: Webhooks told of the run's events.
     notify: Annotated[list[NotifySpec], Field(max_length=MAX_NOTIFY)] = Field(default_factory=list)
+    #: Commands run around each task's worktree.
+    hooks: Hooks | None = None
+    #: Untracked or ignored files of the main checkout copied into each worktree.
+    copy_paths: Annotated[list[CopyPath], Field(max_length=1000)] = Field(
+        default_factory=list, alias="copy"
+    )
+    #: A block of ports for each running task.
+    ports: Ports | None = None
     defaults: PlanDefaults = Field(default_factory=PlanDefaults)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -763,7 +954,45 @@ def plan_problems(
             )
         if matrix is not None and isinstance(task_id, str):
             problems += _matrix_problems(index, task_id, task, matrix)
-    problems += _graph_problems(data, tasks)
+    problems += _graph_problems(data, tasks) + _install_problems(data) + _ports_problems(data)
+    return problems
+
+
+def _ports_problems(data: Mapping[str, Any]) -> list[PlanProblem]:
+    """``ports`` whose blocks, one per running task, go past the last port."""
+    concurrency = data.get("concurrency", Plan.model_fields["concurrency"].default)
+    if not isinstance(data.get("ports"), Mapping) or not isinstance(concurrency, int):
+        return []
+    try:
+        ports = Ports.model_validate(data["ports"])
+    except ValidationError:
+        return []  # told by schema validation
+    why = ports.overflow(concurrency)
+    return [PlanProblem(loc=("ports",), message=why)] if why else []
+
+
+def _install_problems(data: Mapping[str, Any]) -> list[PlanProblem]:
+    """``install_project`` on tasks without a venv, each located where the task says either
+    (the defaults' own told once)."""
+    tasks, defaults = data.get("tasks"), data.get("defaults")
+    tasks = tasks if isinstance(tasks, list) else []
+    defaults = defaults if isinstance(defaults, Mapping) else {}
+    message = "install_project needs the task's venv, and venv is false"
+    problems: list[PlanProblem] = []
+    for index, task in enumerate(tasks):
+        if not isinstance(task, Mapping):
+            continue
+        said = {
+            name: task[name] if task.get(name) is not None else defaults.get(name, default)
+            for name, default in (("install_project", False), ("venv", True))
+        }
+        if said["install_project"] is not True or said["venv"] is not False:
+            continue
+        field = next((f for f in ("install_project", "venv") if task.get(f) is not None), None)
+        loc = ("tasks", index, field) if field else ("defaults", "install_project")
+        problem = PlanProblem(loc=loc, message=message)
+        if problem not in problems:
+            problems.append(problem)
     return problems
 
 

@@ -34,12 +34,15 @@ __all__ = [
     "AgentSummary",
     "Attempt",
     "CachedFrom",
+    "CopiedFile",
     "Environment",
     "ErrorInfo",
     "ErrorKind",
     "GroupMember",
     "GroupReport",
+    "LeftOutTask",
     "LogFile",
+    "MergeCheck",
     "MergeConflict",
     "MergeRecord",
     "MergeStatus",
@@ -88,6 +91,9 @@ ErrorKind = Literal[
     "budget",  # the run's budget was spent: not started, or cancelled (on_exceed: cancel)
     "patch",  # an HTTP agent's patch does not apply to the worktree
     "prompt",  # the prompt template could not be rendered, or rendered too much
+    "setup",  # a required setup step failed: the agent did not run
+    "check",  # a required check failed on what the agent did (after its repair turns)
+    "hook",  # a required hook (after_create, before_run) failed
 ]
 
 #: Error kinds a retry cannot help with: not logged in, and a prompt template that the
@@ -141,10 +147,46 @@ class LogFile(_Model):
     size: int = Field(ge=0)
 
 
-class Attempt(_Model):
-    """One try at running the agent."""
+class CheckResult(_Model):
+    """One setup step, check or hook as it ran (docs/report-format.md, "Setup and checks",
+    "Hooks").
 
-    _ADDED = frozenset({"usage"})
+    ``turn`` is the number of the attempt it belongs to: a setup step runs before that
+    attempt's agent, a check after it; a hook (``phase`` ``hook``, ``name`` the hook's) around
+    it. ``command`` is what ran, placeholders filled in (a shell string as ``["/bin/sh",
+    "-c", ...]``). ``passed``: it exited with 0 in its time.
+    """
+
+    name: str
+    phase: Literal["setup", "check", "hook"]
+    turn: int = Field(ge=1)
+    command: list[str]
+    exit_code: int | None = None
+    passed: bool
+    required: bool
+    timed_out: bool = False
+    duration_s: float = Field(ge=0)
+    stdout: LogFile | None = None
+    stderr: LogFile | None = None
+
+
+class CopiedFile(_Model):
+    """A file of the main checkout copied into the task's worktree (the plan's ``copy``):
+    its path there, and the SHA-256 and size of what was copied. A symbolic link is copied
+    as a link (``symlink``): its digest and size are those of its target's text."""
+
+    _ADDED = frozenset({"symlink"})
+
+    path: str = Field(min_length=1)
+    sha256: Digest
+    size: int = Field(ge=0)
+    symlink: bool | None = None
+
+
+class Attempt(_Model):
+    """One try at running the agent, or a repair turn after a failed check (``repair``)."""
+
+    _ADDED = frozenset({"usage", "repair"})
 
     number: int
     status: TaskStatus
@@ -158,10 +200,15 @@ class Attempt(_Model):
     #: What the agent spent on this attempt, where it says so (its cost estimated from the
     #: run's ``pricing`` when it reported none).
     usage: Usage | None = None
+    #: True for a repair turn: the agent run again in the same worktree after a required
+    #: check failed (unset for an attempt from a clean worktree).
+    repair: bool | None = None
 
 
 class Timings(_Model):
     """Wall-clock times of the task's phases, in seconds."""
+
+    _ADDED = frozenset({"setup_s", "checks_s", "hooks_s"})
 
     started_at: datetime
     finished_at: datetime
@@ -171,6 +218,11 @@ class Timings(_Model):
     agent_s: float = 0.0
     commit_s: float = 0.0
     cleanup_s: float = 0.0
+    #: Setup steps' and checks' time (unset when the task has none).
+    setup_s: float | None = None
+    checks_s: float | None = None
+    #: The plan's hooks' time (unset when none ran).
+    hooks_s: float | None = None
 
 
 class Metrics(_Model):
@@ -218,7 +270,7 @@ class CachedFrom(_Model):
 class Provenance(_Model):
     """Digests that tie a result to what went in and what came out."""
 
-    _ADDED = frozenset({"prompt_sha256"})
+    _ADDED = frozenset({"prompt_sha256", "copied"})
 
     envelope_sha256: Digest
     base_commit: ObjectId | None = None
@@ -235,13 +287,15 @@ class Provenance(_Model):
     #: The digest of the last attempt's rendered prompt (its file: ``logs/<task>.attempt-<n>.prompt``).
     prompt_sha256: Digest | None = None
     cached_from: CachedFrom | None = None
+    #: The files of the plan's ``copy`` put into the worktree (when it was last made ready).
+    copied: list[CopiedFile] = Field(default_factory=list)
     result_sha256: Seal = ""
 
 
 class TaskResult(_Model):
     """The outcome of one task."""
 
-    _ADDED = frozenset({"usage"})
+    _ADDED = frozenset({"usage", "checks", "hooks"})
 
     task_id: TaskId
     agent: str
@@ -257,6 +311,10 @@ class TaskResult(_Model):
     worktree: str | None = None
     envelope: LogFile | None = None
     attempt_log: list[Attempt] = Field(default_factory=list)
+    #: Every setup step and check that ran, in order, each turn's.
+    checks: list[CheckResult] = Field(default_factory=list)
+    #: Every hook of the plan that ran for the task, in order (phase ``hook``).
+    hooks: list[CheckResult] = Field(default_factory=list)
     group: TaskId | None = None
     depends_on: list[TaskId] = Field(default_factory=list)
     resumed: bool = False
@@ -346,11 +404,41 @@ class MergedTask(_Model):
     merge_commit: ObjectId | None
 
 
-MergeStatus = Literal["merged", "conflict", "refused", "skipped"]
+#: ``check_failed``: a checked merge whose combined tree failed a required check (with
+#: ``mode: train``, every result was left out); the target did not move.
+MergeStatus = Literal["merged", "conflict", "refused", "skipped", "check_failed"]
+
+
+class MergeCheck(_Model):
+    """The setup steps and required checks of the tasks run on one combined tree of a merge.
+
+    ``commit`` is the combined commit checked; ``task_id`` the result a train step added to
+    it (None for a ``check`` merge: the tree of every result). ``passed``: every required
+    step passed. Each step's ``turn`` is the check's number in the merge, from 1.
+    """
+
+    task_id: TaskId | None = None
+    commit: ObjectId
+    passed: bool
+    checks: list[CheckResult] = Field(default_factory=list)
+
+
+class LeftOutTask(_Model):
+    """A result a train did not merge, and why (its check failed, it conflicts, it did not
+    succeed, or it contains a result left out)."""
+
+    task_id: TaskId
+    reason: str
 
 
 class MergeRecord(_Model):
-    """One merge of results into a branch: ``old_commit`` moved to ``new_commit`` at ``at``."""
+    """One merge of results into a branch: ``old_commit`` moved to ``new_commit`` at ``at``.
+
+    A checked merge (``mode``: ``check`` or ``train``) records the checks of its combined
+    trees in ``checks`` and, for a train, the results it did not merge in ``left_out``.
+    """
+
+    _ADDED = frozenset({"mode", "checks", "left_out"})
 
     into: BranchName
     status: MergeStatus
@@ -360,6 +448,10 @@ class MergeRecord(_Model):
     conflicts: list[MergeConflict] = Field(default_factory=list)
     message: str = ""
     at: datetime
+    #: How the combined tree was checked before the target moved (unset: it was not).
+    mode: Literal["check", "train"] | None = None
+    checks: list[MergeCheck] = Field(default_factory=list)
+    left_out: list[LeftOutTask] = Field(default_factory=list)
 
 
 class Report(_Model):

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .events import RunEvents as RunEvents
     from .mergeback import merge_results as merge_results
     from .mergeback import record_merge as record_merge
+    from .mergecheck import MergeCheckSettings as MergeCheckSettings
     from .plan import LoadedPlan as LoadedPlan
     from .plan import load_plan as load_plan
     from .repo import Repository as Repository
@@ -74,6 +75,7 @@ _EXPORTS: dict[str, str] = {
     "RunEvents": ".events",
     "merge_results": ".mergeback",
     "record_merge": ".mergeback",
+    "MergeCheckSettings": ".mergecheck",
     "LoadedPlan": ".plan",
     "load_plan": ".plan",
     "Repository": ".repo",
@@ -102,6 +104,7 @@ __all__ = [
     "AttemptRequest",
     "GitError",
     "LoadedPlan",
+    "MergeCheckSettings",
     "MergeError",
     "NotARepository",
     "OrchestratorError",

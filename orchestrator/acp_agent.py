@@ -68,6 +68,11 @@ __all__ = ["MAX_MESSAGE_BYTES", "AcpAgent", "Conversation", "decide"]
 
 #: Longest line (one JSON-RPC message) read from an agent.
 MAX_MESSAGE_BYTES = 16 << 20
+#: Most locations a permission request may name (one naming more is refused).
+MAX_LOCATIONS = 100
+#: Most parts, and bytes, of a location's path (a longer one is refused, not resolved).
+MAX_PATH_PARTS = 256
+MAX_PATH_BYTES = 4096
 #: Most refused permission requests listed in a task's output.
 MAX_REFUSALS_LISTED = 50
 #: JSON-RPC's "method not found", for what the client does not offer (files, terminals).
@@ -106,15 +111,31 @@ def decide(
     ``reject_always``) to refuse; with no such option the request is answered ``cancelled``.
     """
     kind = tool_call.get("kind") or "other"
-    places = [location.get("path") for location in tool_call.get("locations") or []]
+    locations = tool_call.get("locations") or []
+    if not isinstance(kind, str) or not isinstance(locations, list):
+        return False, _refusal(options)
+    places = [_object(location).get("path") for location in locations[: MAX_LOCATIONS + 1]]
     granted = kind in allow and (bool(places) or kind not in _PLACED)
+    granted = granted and len(places) <= MAX_LOCATIONS
     granted = granted and all(_inside(place, cwd) for place in places)
-    wanted = ("allow_once", "allow_always") if granted else ("reject_once", "reject_always")
-    for option_kind in wanted:
+    if not granted:
+        return False, _refusal(options)
+    chosen = _option(options, ("allow_once", "allow_always"))
+    return (True, chosen) if chosen is not None else (False, {"outcome": "cancelled"})
+
+
+def _option(options: Sequence[Mapping[str, Any]], kinds: Sequence[str]) -> dict[str, Any] | None:
+    """The answer selecting the first of *options* of the first of *kinds* it has, if any."""
+    for kind in kinds:
         for option in options:
-            if option.get("kind") == option_kind:
-                return granted, {"outcome": "selected", "optionId": option.get("optionId")}
-    return False, {"outcome": "cancelled"}
+            if option.get("kind") == kind and isinstance(option.get("optionId"), str):
+                return {"outcome": "selected", "optionId": option["optionId"]}
+    return None
+
+
+def _refusal(options: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The answer refusing: the agent's reject option, else ``cancelled``."""
+    return _option(options, ("reject_once", "reject_always")) or {"outcome": "cancelled"}
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -123,8 +144,13 @@ def _object(value: Any) -> dict[str, Any]:
 
 
 def _inside(place: Any, cwd: Path) -> bool:
-    """Whether *place* (a path the agent named, relative to *cwd* or absolute) is in *cwd*."""
+    """Whether *place* (a path the agent named, relative to *cwd* or absolute) is in *cwd*.
+
+    A path of more than MAX_PATH_BYTES, or of more than MAX_PATH_PARTS parts, is not:
+    resolving it (in the event loop) would cost time the agent chooses."""
     if not isinstance(place, str) or not place or "\0" in place:
+        return False
+    if len(place) > MAX_PATH_BYTES or place.count("/") > MAX_PATH_PARTS:
         return False
     root = os.path.realpath(cwd)
     resolved = os.path.realpath(os.path.join(root, place))
@@ -141,6 +167,8 @@ class Conversation:
         self._allow = allow
         self._grace = grace
         self._pipes: Pipes | None = None
+        self._schema: Any = None
+        self._cancelling = False
         self._next_id = 0
         self._message: list[str] = []
         self._message_chars = 0
@@ -176,13 +204,18 @@ class Conversation:
             self.unanswered = str(exc)
         except OSError:  # it closed its stdin: how it exited will tell why
             pass
+        except (ValueError, TypeError, KeyError) as exc:
+            # What the agent sent is valid JSON-RPC but not what a step expects: its fault.
+            self.error = failure("agent_error", f"the agent's answer cannot be used: {exc}")
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._grace):
                 await self._cancel()
             raise
 
     async def _converse(self) -> None:
-        schema = await anyio.to_thread.run_sync(importlib.import_module, "acp.schema")
+        schema = self._schema = await anyio.to_thread.run_sync(
+            importlib.import_module, "acp.schema"
+        )
         hello = schema.InitializeRequest(
             protocol_version=1,
             client_capabilities=schema.ClientCapabilities(
@@ -260,24 +293,36 @@ class Conversation:
             await self._send({"jsonrpc": "2.0", "id": request_id, "error": error})
 
     def _permission(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The outcome of a permission request, by the policy; the decision is counted."""
-        tool_call = _object(params.get("toolCall"))
-        options = [o for o in params.get("options") or [] if isinstance(o, dict)]
-        if self.stop_reason is not None or not isinstance(params.get("options"), list):
+        """The outcome of a permission request, by the policy; the decision is counted. A
+        request its model refuses, or one made while the turn is being cancelled, is
+        answered ``cancelled``."""
+        try:
+            request = self._schema.RequestPermissionRequest.model_validate(params)
+        except ValidationError:
+            request = None
+        if request is None or self._cancelling:
+            self._refused(
+                None, "a permission request that is not valid" if request is None else None
+            )
             return {"outcome": "cancelled"}
+        tool_call = request.tool_call.model_dump(mode="json", by_alias=True)
+        options = [o.model_dump(mode="json", by_alias=True) for o in request.options]
         granted, outcome = decide(tool_call, options, cwd=self._cwd, allow=self._allow)
         if granted:
             self.granted += 1
-        elif len(self.refused) < MAX_REFUSALS_LISTED:
-            kind = tool_call.get("kind")
-            title = text(tool_call.get("title"), 400)
+        else:
+            self._refused(tool_call.get("kind"), text(tool_call.get("title"), 400))
+        return outcome
+
+    def _refused(self, kind: Any, title: str | None) -> None:
+        """Count a refusal, listing it while fewer than MAX_REFUSALS_LISTED are."""
+        if len(self.refused) < MAX_REFUSALS_LISTED:
             self.refused.append(
                 {
                     "kind": kind if isinstance(kind, str) else None,
                     "title": one_line(title) if title else None,
                 }
             )
-        return outcome
 
     def _update(self, update: Any) -> None:
         """A ``session/update``: the agent's message, a tool call, or what it has spent."""
@@ -344,7 +389,7 @@ class Conversation:
         answered ``cancelled`` meanwhile, as the protocol asks)."""
         if self.session_id is None or self._pipes is None or self.stop_reason is not None:
             return
-        self.stop_reason = "cancelled"  # from here on, permission requests are refused
+        self._cancelling = True  # from here on, permission requests are answered cancelled
         try:
             await self._send(
                 {

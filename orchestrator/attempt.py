@@ -42,6 +42,7 @@ from ._fs import write_file
 
 if TYPE_CHECKING:
     from .lifeline import Lifeline
+    from .prompts import Feedback
     from .repo import Repository
     from .secrets import Masker
     from .venv import Venv
@@ -99,8 +100,11 @@ class AttemptRequest:
     kill_grace: float
     lifeline: Lifeline | None
     record_command: Callable[[Sequence[str], str | None], None] = field(default=_not_recorded)
-    #: Why the previous attempt failed (its error's kind and message); None on the first.
-    feedback: str | None = None
+    #: Why the previous turn failed (an attempt's error, or a check's); None on the first.
+    feedback: Feedback | None = None
+    #: Seconds this run may take, when not the envelope's ``timeout`` (a setup step's or a
+    #: check's own); such a run is not watched for stalls.
+    time_limit: float | None = None
 
     @property
     def task_id(self) -> str:
@@ -109,8 +113,15 @@ class AttemptRequest:
 
     @property
     def timeout(self) -> float:
-        """How long the attempt may take, in seconds (the envelope's ``timeout``)."""
-        return self.envelope.timeout
+        """How long the attempt may take, in seconds (the envelope's ``timeout``, or the
+        request's own ``time_limit``)."""
+        return self.envelope.timeout if self.time_limit is None else self.time_limit
+
+    @property
+    def stall_timeout(self) -> float | None:
+        """Seconds without output after which the program is stopped (the envelope's
+        ``stall_timeout``; None for a step, which may rightly be quiet for long)."""
+        return self.envelope.stall_timeout if self.time_limit is None else None
 
     @property
     def attempt_tag(self) -> str:

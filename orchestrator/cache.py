@@ -46,6 +46,7 @@ from envelopes import (
 from ._fs import atomic_write, read_json
 from .agents import Agent
 from .repo import Repository
+from .settings import RunSettings
 
 __all__ = [
     "CacheEntry",
@@ -57,6 +58,7 @@ __all__ = [
     "reusable_results",
     "store",
     "usable",
+    "workspace_of",
 ]
 
 CACHE = "cache"
@@ -68,15 +70,31 @@ def _environment_digest() -> str:
     )
 
 
-def agent_digest(agent: Agent, plan_dir: Path) -> str:
-    """What the cache key says about an agent: its kind's fingerprint (``Agent.fingerprint``).
+def workspace_of(settings: RunSettings) -> dict[str, Any]:
+    """The run's settings that make what an agent starts from, for :func:`agent_digest`:
+    its ``hooks`` and ``copy`` (empty when it has neither)."""
+    found: dict[str, Any] = {}
+    if settings.hooks is not None:
+        found["hooks"] = settings.hooks.model_dump(mode="json")
+    if settings.copy_paths:
+        found["copy"] = list(settings.copy_paths)
+    return found
+
+
+def agent_digest(agent: Agent, plan_dir: Path, workspace: Mapping[str, Any] | None = None) -> str:
+    """What the cache key says about an agent: its kind's fingerprint (``Agent.fingerprint``),
+    and, when the run has any, the *workspace* settings that make what the agent starts from
+    (the plan's ``hooks`` and ``copy`` as written: a copied file's content is not in the key).
 
     A command is its command with ``{plan_dir}`` filled in, its env, and a fingerprint of the
     program and of each file the plan ships with it (an argument written ``{plan_dir}/...``),
     so that an edited agent script is another agent; a callable is its qualified name (its
     code is not fingerprinted). Blocking. Computed when a run starts and journaled, so that a
     later run compares with the agent as it was then."""
-    return agent.fingerprint(plan_dir)
+    fingerprint = agent.fingerprint(plan_dir)
+    if not workspace:
+        return fingerprint  # the key of a run without hooks or copies is as it always was
+    return digest({"agent": fingerprint, "workspace": dict(workspace)})
 
 
 def cache_key(envelope: HandoffEnvelope, base_commit: str | None, agent: str) -> str:

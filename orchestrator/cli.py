@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser(
         "merge",
         help="merge a report's results into a branch, all or nothing",
-        description="Predict conflicts, then merge the report's results into BRANCH in one move.",
+        description="Predict conflicts, then merge the report's results into BRANCH in one move "
+        "(with --check, only if the combined tree passes the tasks' checks).",
     )
     merge.add_argument("report", type=Path)
     merge.add_argument("--into", required=True, metavar="BRANCH", help="branch to merge into")
@@ -209,7 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge only these tasks (a matrix group's name: its selected members)",
     )
     merge.add_argument(
-        "--dry-run", action="store_true", help="predict and report; move nothing, record nothing"
+        "--dry-run",
+        action="store_true",
+        help="predict (and check) and report; move nothing, record nothing",
+    )
+    merge.add_argument(
+        "--check",
+        action="store_true",
+        help="run the tasks' required checks on the combined tree in a scratch worktree; "
+        "move BRANCH only if they pass",
+    )
+    merge.add_argument(
+        "--train",
+        action="store_true",
+        help="merge the results one at a time (dependencies first), keep each only if the "
+        "combined tree still passes the checks, leave the others out (implies --check)",
     )
     merge.add_argument(
         "--repo",
@@ -447,6 +462,8 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
             )
             line = f"merge into {record.into}: {record.status}{moved}"
             out.print(line + (f" ({record.message})" if record.message else ""), markup=False)
+            for entry in record.left_out:
+                out.print(f"  left out {entry.task_id}: {entry.reason}", markup=False)
         for warning in report.warnings:
             out.print(f"warning: {warning}", markup=False, soft_wrap=True)
         out.print(f"report: {report_path}", markup=False, soft_wrap=True)
@@ -595,12 +612,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from .errors import PlanError
     from .plan import check_plan_repository, load_plan, missing_programs
+    from .workspace import missing_copies
 
     async def check() -> str:
         loaded = load_plan(args.plan)
         repo, commit, _ = await check_plan_repository(loaded, repo_override=args.repo)
         where = f"{repo.root} at {commit[:12]}" if repo and commit else "no repository"
-        for warning in missing_programs(loaded):
+        warnings = missing_programs(loaded)
+        if repo is not None:
+            warnings += missing_copies(repo.root, loaded.plan.copy_paths)
+        for warning in warnings:
             print(f"{args.plan}: warning: {warning}", file=sys.stderr)
         expanded = expand_tasks(loaded.plan)
         members = [t.task_id for t in expanded if t.group is not None]
@@ -686,7 +707,7 @@ async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> 
     from rich.text import Text
 
     from .errors import MergeError, OrchestratorError
-    from .mergeback import merge_results, record_merge
+    from .mergeback import record_merge
     from .verify import verify_report
 
     # The report says which commits to merge: one that does not verify is not trusted.
@@ -700,10 +721,9 @@ async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> 
     report = outcome.report
     if report.report_sha256 != first.report_sha256:
         raise MergeError(f"{args.report} changed while it was read; not merged")
-    record = await merge_results(
-        report, into=args.into, tasks=args.tasks, repo=repository, dry_run=args.dry_run
-    )
+    record = await _merge_checked(args, report, repository)
     out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
+    _print_checks(out, record)
     if record.conflicts:
         out.print(f"conflicts merging into {record.into}:", markup=False, soft_wrap=True)
         conflicts = Table()
@@ -728,17 +748,60 @@ async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> 
         out.print(record.message, markup=False, soft_wrap=True)
     else:
         _err(record.message)
-        return EXIT_FAILED
-    if record.status == "merged":
+    # A checked merge that failed its checks is recorded too: its logs are in the run directory.
+    if record.status == "merged" or (record.status == "check_failed" and not args.dry_run):
         try:
             await record_merge(args.report, record, repo=repository)
         except OrchestratorError as exc:
-            _err(f"merged, but the record could not be written into {args.report}: {exc}")
+            _err(f"not recorded in {args.report}: {exc}")
             return EXIT_FAILED
         out.print(f"recorded in {args.report}", markup=False, soft_wrap=True)
     elif args.dry_run:
         out.print(f"dry run: nothing recorded in {args.report}", markup=False, soft_wrap=True)
-    return EXIT_OK
+    return EXIT_OK if record.status in ("merged", "skipped") else EXIT_FAILED
+
+
+async def _merge_checked(args: argparse.Namespace, report: Report, repository: Any) -> Any:
+    """``merge_results`` as the arguments ask: checked (``--check``, ``--train``) with the
+    run's own directory in the repository and a lifeline that ends the checks if this
+    process dies, or not."""
+    from .lifeline import Lifeline
+    from .mergeback import merge_results
+    from .mergecheck import MergeCheckSettings, merge_run_dir
+
+    options = {"into": args.into, "tasks": args.tasks, "repo": repository, "dry_run": args.dry_run}
+    if not (args.check or args.train):
+        return await merge_results(report, **options)
+    lifeline = Lifeline()
+    try:
+        check = MergeCheckSettings(
+            run_dir=merge_run_dir(report, repository),
+            train=args.train,
+            lifeline=lifeline,
+        )
+        return await merge_results(report, **options, check=check)
+    finally:
+        lifeline.close()
+
+
+def _print_checks(out: Any, record: Any) -> None:
+    """What a checked merge checked (one line per combined tree) and left out (one line each)."""
+    from .mergecheck import failed_steps
+
+    kept = [record.into]  # a train's tree: the target and the results kept so far
+    for check in record.checks:
+        tree = " + ".join([*kept, check.task_id]) if check.task_id else "the combined tree"
+        if check.task_id and check.passed:
+            kept.append(check.task_id)
+        outcome = "passed" if check.passed else failed_steps(check) + " failed"
+        steps = len(check.checks)
+        out.print(
+            f"checked {tree} ({check.commit[:12]}, {steps} step(s)): {outcome}",
+            markup=False,
+            soft_wrap=True,
+        )
+    for entry in record.left_out:
+        out.print(f"left out {entry.task_id}: {entry.reason}", markup=False, soft_wrap=True)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

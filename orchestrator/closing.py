@@ -29,8 +29,10 @@ from .errors import MergeError
 from .events import emit_run_event
 from .guard import moved_refs, ref_values
 from .mergeback import merge_results
+from .mergecheck import MergeCheckSettings
 from .notify import Webhooks
 from .report import aggregate_results, write_report
+from .workspace import hook_warnings
 
 __all__ = [
     "ReportPlan",
@@ -65,7 +67,7 @@ async def write_final_report(
     ctx: RunContext, results: Sequence[TaskResult], plan: ReportPlan
 ) -> Report:
     """Aggregate *results* into the sealed report, write it, and tidy the run's directories."""
-    warnings = list(plan.warnings)
+    warnings = [*plan.warnings, *hook_warnings(results)]
     if ctx.repo is not None and plan.refs_before:
         with anyio.CancelScope(shield=True):
             warnings += moved_refs(plan.refs_before, await ref_values(ctx.repo.git), results)
@@ -97,8 +99,11 @@ async def merge_at_end(
     """The plan's ``merge``: when every task succeeded, merge the results; record the outcome.
 
     Members of a ``first_success`` group cancelled because another member won count as
-    done. The report is already on disk without the record, so a failure or cancellation
-    here loses nothing; it is written again with the record.
+    done. With ``check``, the tasks' required checks run on the combined tree first; with
+    ``train``, the results are merged one at a time, each kept only if the combined tree
+    still passes, and the tasks that did not succeed are left out rather than stopping the
+    merge (see orchestrator/mergeback.py). The report is already on disk without the record,
+    so a failure or cancellation here loses nothing; it is written again with the record.
     """
     assert ctx.repo is not None
     unfinished = [
@@ -106,7 +111,18 @@ async def merge_at_end(
         for r in report.results
         if not r.succeeded and not (r.error is not None and r.error.kind == "not_needed")
     ]
-    if unfinished:
+    check = None
+    if spec.check or spec.train:
+        check = MergeCheckSettings(
+            run_dir=ctx.run_dir,
+            train=bool(spec.train),
+            plan_dir=ctx.plan_dir,
+            venv_backend=ctx.venv_backend,
+            base_env=ctx.base_env,
+            kill_grace=ctx.settings.kill_grace,
+            lifeline=ctx.lifeline,
+        )
+    if unfinished and not spec.train:
         total = len(report.results)
         record = MergeRecord(
             into=spec.into,
@@ -123,6 +139,7 @@ async def merge_at_end(
                 tasks=spec.tasks,
                 repo=ctx.repo,
                 on_event=lambda event: emit_run_event(ctx, event),
+                check=check,
             )
         except MergeError as exc:
             record = MergeRecord(

@@ -191,7 +191,7 @@ async def run_program(
                     rlimits=spawn.rlimits,
                     lifeline=request.lifeline,
                     stdin=stdin,
-                    stall_timeout=request.envelope.stall_timeout,
+                    stall_timeout=request.stall_timeout,
                     talk=talk,
                 )
             )
@@ -213,8 +213,8 @@ async def ended_abnormally(
     metrics = metrics_of(proc)
     if proc.timed_out:
         return timed_out(request.timeout, exit_code=proc.exit_code, metrics=metrics)
-    if proc.stalled and request.envelope.stall_timeout is not None:
-        return stalled(request.envelope.stall_timeout, exit_code=proc.exit_code, metrics=metrics)
+    if proc.stalled and request.stall_timeout is not None:
+        return stalled(request.stall_timeout, exit_code=proc.exit_code, metrics=metrics)
     stderr = request.stderr_path
     if (error := await isolate_error(request.envelope, spawn, proc, stderr)) is not None:
         return AttemptOutcome("failed", exit_code=proc.exit_code, metrics=metrics, error=error)

@@ -27,6 +27,7 @@ from .repo import Repository
 from .scheduler import TaskBook, TaskState
 from .settings import RunSettings
 from .venv import VenvBackend, get_backend
+from .workspace import PortSlots
 
 __all__ = ["EventHandler", "RunContext"]
 
@@ -89,10 +90,20 @@ class RunContext:
     lifeline: Lifeline = field(default_factory=Lifeline)
     #: Queues each event for the plan's webhooks, without waiting (orchestrator/notify.py).
     notify: Callable[[Event], None] | None = None
+    #: The running tasks' slots (``ORCHESTRATOR_SLOT``), made when the first task takes one.
+    _slots: PortSlots | None = field(default=None, repr=False)
 
     def start_of(self, task_id: str) -> tuple[str | None, str | None]:
         """The commit and tree *task_id* starts from."""
         return self.starts.get(task_id, (self.base_commit, self.base_tree))
+
+    @property
+    def slots(self) -> PortSlots:
+        """The running tasks' slots: as many as the run's concurrency (made on first use, so
+        that a resume's settings are the ones it has)."""
+        if self._slots is None:
+            self._slots = PortSlots(self.settings.concurrency)
+        return self._slots
 
     def cancelled_error(self, task_id: str) -> ErrorInfo:
         """Why *task_id* was cancelled."""

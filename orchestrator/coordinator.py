@@ -29,7 +29,7 @@ from envelopes import Event, Report, RunStarted, Select, TaskResult, canonical_j
 
 from ._fs import atomic_write
 from .agents import AgentLike
-from .cache import agent_digest
+from .cache import agent_digest, workspace_of
 from .closing import (
     ReportPlan,
     journal_finished,
@@ -81,8 +81,8 @@ async def orchestrate_parallel(
     Settings (see :class:`RunSettings`) come from the plan, then from *settings* (the fields
     it sets), then from keyword arguments: ``concurrency``, ``pool``, ``keep_worktrees``,
     ``fail_fast``, ``base``, ``venv_backend``, ``kill_grace``, ``backoff``, ``agent_limits``,
-    ``state_dir``, ``executor``, ``budget``, ``pricing``. A value out of bounds raises SettingsError
-    naming it.
+    ``state_dir``, ``executor``, ``budget``, ``pricing``, ``hooks``, ``copy_paths``, ``ports``.
+    A value out of bounds raises SettingsError naming it.
 
     At most ``concurrency`` tasks run at once, and at most ``agent_limits[name]`` of one
     agent's. A task with ``depends_on`` starts from its dependencies' results once they all
@@ -197,8 +197,11 @@ class _Run:
         ctx, intake = self.ctx, self.intake
         # The agents as they are now (their scripts fingerprinted): for the result cache,
         # and journaled so that a later run reusing this one compares with them as they were.
+        workspace = workspace_of(ctx.settings)
         self.hooks.agent_digests = await anyio.to_thread.run_sync(
-            lambda: {name: agent_digest(a, ctx.plan_dir) for name, a in intake.agents.items()}
+            lambda: {
+                name: agent_digest(a, ctx.plan_dir, workspace) for name, a in intake.agents.items()
+            }
         )
         if resume:
             self.resumed = True

@@ -126,7 +126,9 @@ class MergeError(OrchestratorError):
     """A merge-back that cannot start (bad input); nothing has moved.
 
     A target branch that does not exist, an unknown or unsuccessful task, a deleted task branch,
-    a missing result commit, a report with no repository, or an altered report.
+    a missing result commit, a report with no repository, or an altered report; for a checked
+    merge, tasks none of which has a required check, or an envelope that cannot be read or
+    does not match the report.
     """
 
 

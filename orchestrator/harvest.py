@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 
-from envelopes import ErrorInfo, HandoffEnvelope, read_bounded
+from envelopes import CheckResult, CopiedFile, ErrorInfo, HandoffEnvelope, read_bounded
 
 from ._git import Git
 from .errors import GitError
 from .repo import Repository
 from .secrets import Masker
+from .workspace import unchanged_copies
 from .worktree import (
     Worktree,
     branch_tip,
@@ -65,8 +67,13 @@ async def harvest(
     envelope_sha256: str,
     base_tree: str,
     masker: Masker,
+    checks: Sequence[CheckResult] = (),
+    copied: Sequence[CopiedFile] = (),
 ) -> Harvest:
     """Commit whatever the agent left in *worktree* on its branch, as far as it may be taken.
+
+    The files of the plan's ``copy`` (*copied*) are left out while they are as they were
+    copied: only a change the agent made to one is committed (orchestrator/workspace.py).
 
     A git failure is the result's ``error``, not an exception. Cancellation: git commands
     that have started run to their end (see ``Git.run``), then the cancellation propagates.
@@ -97,6 +104,11 @@ async def harvest(
             return Harvest(refused=refused)
         # Bounded by the task's timeout: what git reads here, the agent left.
         paths = await changed_paths(repo, worktree, timeout=envelope.timeout)
+        if paths and copied:
+            same = await anyio.to_thread.run_sync(
+                unchanged_copies, worktree.path, copied, frozenset(paths)
+            )
+            paths = [p for p in paths if p not in same]
         if paths and (
             why := await anyio.to_thread.run_sync(
                 _refuse_changes, envelope, masker, worktree.path, paths
@@ -109,7 +121,7 @@ async def harvest(
         commit, tree, committed = await commit_worktree(
             repo,
             worktree,
-            _message(envelope, run_id, envelope_sha256, masker),
+            _message(envelope, run_id, envelope_sha256, masker, checks),
             base_tree=base_tree,
             parent=tip,
             paths=paths,
@@ -122,14 +134,27 @@ async def harvest(
     return Harvest(commit, tree, committed, refused, changed=changed)
 
 
-def _message(envelope: HandoffEnvelope, run_id: str, envelope_sha256: str, masker: Masker) -> str:
-    """``<agent>: <first line of the task> [task <id>]`` and the run's trailers, masked."""
+def _message(
+    envelope: HandoffEnvelope,
+    run_id: str,
+    envelope_sha256: str,
+    masker: Masker,
+    checks: Sequence[CheckResult] = (),
+) -> str:
+    """``<agent>: <first line of the task> [task <id>]`` and the run's trailers, masked; with
+    checks, a ``Checks:`` trailer saying how the last turn's went (``tests passed, lint
+    failed (not required)``), so that a branch tells whether what it holds passed."""
     task = envelope.task.strip()
     subject = task.splitlines()[0] if task else "(no description)"
-    return masker.text(
-        f"{envelope.agent}: {subject} [task {envelope.task_id}]\n\n"
-        f"Orchestrator-Run: {run_id}\nEnvelope-SHA256: {envelope_sha256}\n"
-    )
+    trailers = f"Orchestrator-Run: {run_id}\nEnvelope-SHA256: {envelope_sha256}\n"
+    last = [c for c in checks if c.phase == "check" and c.turn == checks[-1].turn]
+    if last:
+        told = [
+            f"{c.name} {'passed' if c.passed else 'failed'}{'' if c.required else ' (not required)'}"
+            for c in last
+        ]
+        trailers += f"Checks: {', '.join(told)}\n"
+    return masker.text(f"{envelope.agent}: {subject} [task {envelope.task_id}]\n\n{trailers}")
 
 
 async def _branch_back_to_base(git: Git, worktree: Worktree, tip: str) -> str:

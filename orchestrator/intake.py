@@ -14,13 +14,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from envelopes import AgentSpec, HandoffEnvelope, Plan, digest, masked_plan, plan_problems
 
 from .agents import Agent, AgentLike, as_agent
 from .command_agent import refuse_task_settings
 from .errors import OrchestratorError, PlanError, PlanIssue
 from .notify import Webhook, read_webhooks
-from .plan import LoadedPlan, check_plan_repository, envelopes_of, validate_plan_data
+from .plan import LoadedPlan, check_plan_repository, envelopes_of, load_plan, validate_plan_data
 from .repo import Repository
 from .scheduler import graph_problems
 from .settings import RunSettings, SettingsOverrides, resolve_settings
@@ -28,7 +30,9 @@ from .settings import RunSettings, SettingsOverrides, resolve_settings
 __all__ = ["Intake", "PlanLike", "agent_table", "normalise", "take_in"]
 
 #: What may be given as a plan.
-PlanLike = Plan | LoadedPlan | Sequence[HandoffEnvelope] | Mapping[str, Any]
+PlanLike = (
+    Plan | LoadedPlan | Sequence[HandoffEnvelope] | Mapping[str, Any] | str | os.PathLike[str]
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ async def take_in(
     or OrchestratorError.
     """
     given = dict(agents or {})
+    if isinstance(plan, str | os.PathLike):  # a plan file, read as `orchestrator run` reads it
+        path = Path(plan)
+        plan = await anyio.to_thread.run_sync(lambda: load_plan(path, callable_agents=list(given)))
     loaded, envelopes = normalise(plan, given)
     webhooks = read_webhooks(loaded, os.environ)
     settings = resolve_settings(loaded.plan if loaded else None, overrides, recorded=recorded)
@@ -180,6 +187,8 @@ def normalise(
     if isinstance(plan, Mapping):
         loaded = validate_plan_data(dict(plan), callable_agents=list(agents))
         return loaded, envelopes_of(loaded.plan)
+    if isinstance(plan, str | os.PathLike):
+        raise TypeError("a plan file is read by take_in, not here")
     return None, _checked_envelopes(plan)
 
 

@@ -7,6 +7,12 @@ in the object database only. The target ref moves once, at the end, with
 ``git update-ref REF NEW OLD``: a concurrent change of the target makes the move fail instead
 of being lost. A checkout of the target moves along, and is never touched when it has
 uncommitted changes.
+
+A checked merge (``check``, see orchestrator/mergecheck.py) runs the tasks' required checks on
+the combined tree before the move, and moves nothing when one fails. A train merges the
+results one at a time, in dependency order, keeps each only if the combined tree still passes
+its checks, and leaves the others out (a result that conflicts with what was kept, or that
+contains a result left out, too); the target still moves once, at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from envelopes import (
+    LeftOutTask,
+    MergeCheck,
     MergeConflict,
     MergedTask,
     MergeFinished,
@@ -41,6 +49,7 @@ from ._git import Git, check_ids
 from .errors import GitError, MergeError, ReportUnreadable, RunDirError
 from .locks import RepoLock
 from .merge import merge_trees
+from .mergecheck import MergeChecker, MergeCheckSettings, failed_steps
 from .repo import NotARepository, Repository
 from .report import report_bytes
 from .worktree import checkout_of
@@ -74,6 +83,7 @@ async def merge_results(
     repo: Repository | Path | str | None = None,
     dry_run: bool = False,
     on_event: EventHandler | None = None,
+    check: MergeCheckSettings | None = None,
 ) -> MergeRecord:
     """Merge the results of *report* into branch *into*: every one, or none.
 
@@ -91,14 +101,24 @@ async def merge_results(
     built (unreferenced objects only); the status is ``skipped`` when it would merge cleanly,
     else ``conflict`` or ``refused`` as above, and no merge commit is named.
 
-    Raises MergeError on bad input (see its docstring), before anything moves. *on_event*
+    With *check* (see orchestrator/mergecheck.py) the merge is checked: the tasks' required
+    checks run on the combined tree (a dry run's too), and the target moves only if they
+    pass; else the status is ``check_failed``. With ``check.train`` the results are merged
+    one at a time, each kept only if the combined tree still passes; the others are in the
+    record's ``left_out`` with the reason (so is a selected task that did not succeed: a
+    train leaves it out rather than refusing), and the status is ``check_failed`` (or
+    ``conflict``) only when every changed result was left out.
+
+    Raises MergeError on bad input (see its docstring; for *check*, tasks with no required
+    check or an envelope that does not match the report), before anything moves. *on_event*
     (sync or async) gets ``MergePredicted`` and ``MergeFinished``; its exceptions propagate.
-    Cancellation: git commands run to their end; the ref and checkout move together under the
-    repository lock, shielded, so a cancellation leaves the target either unchanged or merged.
+    Cancellation: git commands run to their end, a running check is stopped and its scratch
+    worktree removed; the ref and checkout move together under the repository lock,
+    shielded, so a cancellation leaves the target either unchanged or merged.
     """
     repository = await open_merge_repository(report, repo)
     try:
-        return await _merge_results(report, repository, into, tasks, dry_run, on_event)
+        return await _merge_results(report, repository, into, tasks, dry_run, on_event, check)
     finally:
         if not isinstance(repo, Repository):
             repository.lock.close()
@@ -111,6 +131,7 @@ async def _merge_results(
     tasks: Sequence[str] | None,
     dry_run: bool,
     on_event: EventHandler | None,
+    check: MergeCheckSettings | None,
 ) -> MergeRecord:
     git = repository.git
     into = into.removeprefix("refs/heads/")
@@ -120,8 +141,13 @@ async def _merge_results(
     old = await _tip(git, ref)
     if old is None:
         raise MergeError(f"branch {into!r} does not exist in {repository.root}")
-    picks = _in_dependency_order(report, _select(report, tasks))
+    train = check is not None and check.train
+    chosen, left_out = _select(report, tasks, train=train)
+    picks = _in_dependency_order(report, chosen)
     await _check_picks(git, picks, repository.root)
+    checker = None
+    if check is not None:
+        checker = await MergeChecker.open(repository, report, [p.task_id for p in picks], check)
     changed = [p for p in picks if p.changed]
     conflicts = await predict_conflicts(
         git, [(p.task_id, p.commit) for p in changed], target=(into, old)
@@ -132,7 +158,13 @@ async def _merge_results(
             run_id=report.run_id, into=into, tasks=[p.task_id for p in picks], conflicts=conflicts
         ),
     )
-    record = await _merge(repository, report.run_id, picks, into, old, conflicts, dry_run)
+    if checker is not None and train:
+        state = _Train(repository, report.run_id, into, old, checker, dry_run, left_out)
+        record = await state.run(picks)
+    else:
+        record = await _merge(
+            repository, report.run_id, picks, into, old, conflicts, dry_run, checker
+        )
     await _emit(
         on_event,
         MergeFinished(
@@ -223,9 +255,11 @@ async def _tip(git: Git, ref: str) -> str | None:
     return found.stdout.decode().strip() or None
 
 
-def _select(report: Report, tasks: Sequence[str] | None) -> list[TaskResult]:
-    """The results to merge, in report order; MergeError for a name that cannot be merged."""
-    by_id = {r.task_id: r for r in report.results}
+def _select(
+    report: Report, tasks: Sequence[str] | None, *, train: bool = False
+) -> tuple[list[TaskResult], list[LeftOutTask]]:
+    """The results to merge, in report order, and (for a *train*) the tasks left out because
+    they did not succeed; MergeError for a name that cannot be merged."""
     if tasks is None:
         chosen = [
             r
@@ -234,11 +268,36 @@ def _select(report: Report, tasks: Sequence[str] | None) -> list[TaskResult]:
             and r.provenance.result_commit
             and (r.group not in report.groups or r.task_id in report.groups[r.group].selected)
         ]
-        if not chosen:
-            raise MergeError(
-                f"nothing to merge: no task of run {report.run_id} succeeded with a result commit"
-            )
-        return chosen
+        failed = [r for r in report.results if not r.succeeded and _unmerged(report, r)]
+    else:
+        chosen, failed = _named(report, tasks, train)
+    if not chosen:
+        raise MergeError(
+            f"nothing to merge: no task of run {report.run_id} succeeded with a result commit"
+        )
+    left_out = [
+        LeftOutTask(task_id=r.task_id, reason=f"it did not succeed (status {r.status})")
+        for r in failed
+        if train
+    ]
+    return chosen, left_out
+
+
+def _unmerged(report: Report, result: TaskResult) -> bool:
+    """Whether *result*, which did not succeed, is a result the merge goes without (not a
+    group member that another member's success made unneeded)."""
+    if result.error is not None and result.error.kind == "not_needed":
+        return False
+    group = report.groups.get(result.group) if result.group else None
+    return group is None or not group.selected or group.select == "all"
+
+
+def _named(
+    report: Report, tasks: Sequence[str], train: bool
+) -> tuple[list[TaskResult], list[TaskResult]]:
+    """The results *tasks* name (a group's name: its selected members), and those of them
+    that did not succeed (MergeError for those unless a *train* leaves them out)."""
+    by_id = {r.task_id: r for r in report.results}
     if not tasks:
         raise MergeError("no task named to merge")
     names: list[str] = []
@@ -254,9 +313,12 @@ def _select(report: Report, tasks: Sequence[str] | None) -> list[TaskResult]:
             names.append(name)
         else:
             raise MergeError(f"unknown task id {name!r}: run {report.run_id} has no such task")
-    chosen = []
+    chosen, failed = [], []
     for name in dict.fromkeys(names):
         result = by_id[name]
+        if not result.succeeded and train:
+            failed.append(result)
+            continue
         if not result.succeeded:
             raise MergeError(
                 f"task {name} did not succeed (status {result.status}); only succeeded tasks are merged"
@@ -264,7 +326,7 @@ def _select(report: Report, tasks: Sequence[str] | None) -> list[TaskResult]:
         if not result.provenance.result_commit:
             raise MergeError(f"task {name} has no result commit (it ran without a worktree)")
         chosen.append(result)
-    return chosen
+    return chosen, failed
 
 
 def _in_dependency_order(report: Report, chosen: Sequence[TaskResult]) -> list[_Pick]:
@@ -353,8 +415,11 @@ async def _merge(
     old: str,
     conflicts: list[MergeConflict],
     dry_run: bool,
+    checker: MergeChecker | None = None,
 ) -> MergeRecord:
-    """Build the merge and, unless *dry_run*, move the target: the record of what happened."""
+    """Build the merge, check it (with *checker*) and, unless *dry_run*, move the target: the
+    record of what happened."""
+    checks: list[MergeCheck] = []
 
     def done(
         status: MergeStatus,
@@ -379,6 +444,8 @@ async def _merge(
             conflicts=found,
             message=("dry run: " if dry_run else "") + message,
             at=datetime.now(UTC),
+            mode="check" if checker is not None else None,
+            checks=checks,
         )
 
     if conflicts:
@@ -395,12 +462,20 @@ async def _merge(
     checkout = await checkout_of(repository, f"refs/heads/{into}")
     if checkout is not None and (refusal := await _dirty(repository.git, into, checkout)):
         return done("refused", refusal)
+    if checker is not None:
+        checks.append(await checker.check(new, [p.task_id for p in picks]))
+        if not checks[-1].passed:
+            why = f"{failed_steps(checks[-1])} failed on the combined tree {new[:12]}"
+            return done("check_failed", f"{why}; {into} not changed")
+    passed = ", its checks passed" if checker is not None else ""
     if dry_run:
-        return done("skipped", f"would merge {len(merged)} result(s) into {into}; nothing moved")
+        return done(
+            "skipped", f"would merge {len(merged)} result(s) into {into}{passed}; nothing moved"
+        )
     reflog = f"orchestrator merge: {len(merged)} result(s) of run {run_id}"
     if refusal := await _move(repository, into, old, new, checkout, reflog):
         return done("refused", refusal)
-    message = f"merged {len(merged)} result(s) into {into}: {old[:12]} -> {new[:12]}"
+    message = f"merged {len(merged)} result(s) into {into}: {old[:12]} -> {new[:12]}{passed}"
     return done("merged", message, new=new, merged=merged)
 
 
@@ -420,28 +495,163 @@ async def _build(
             "merge-base", "--is-ancestor", "--end-of-options", pick.commit, new
         ):
             continue
-        tree, paths = await merge_trees(git, new, pick.commit)
-        if paths:
-            return MergeConflict(left=pick.task_id, right="+".join(before), paths=paths)
-        message = (
-            f"Merge task {pick.task_id} of run {run_id} into {into}\n\n"
-            f"Orchestrator-Run: {run_id}\nOrchestrator-Task: {pick.task_id}\n"
-        )
-        new = await git.out(
-            "commit-tree",
-            "-p",
-            new,
-            "-p",
-            pick.commit,
-            "-m",
-            message,
-            "--end-of-options",
-            tree,
-            env=identity,
-        )
-        merged[pick.task_id] = new
+        made = await _merge_one(git, run_id, into, new, pick, identity)
+        if isinstance(made, list):
+            return MergeConflict(left=pick.task_id, right="+".join(before), paths=made)
+        new = merged[pick.task_id] = made
         before.append(pick.task_id)
     return new, merged
+
+
+async def _merge_one(
+    git: Git, run_id: str, into: str, tip: str, pick: _Pick, identity: dict[str, str]
+) -> str | list[str]:
+    """The merge commit of *pick*'s result on *tip* (object database only), or the paths
+    that conflict."""
+    tree, paths = await merge_trees(git, tip, pick.commit)
+    if paths:
+        return paths
+    message = (
+        f"Merge task {pick.task_id} of run {run_id} into {into}\n\n"
+        f"Orchestrator-Run: {run_id}\nOrchestrator-Task: {pick.task_id}\n"
+    )
+    return await git.out(
+        "commit-tree",
+        "-p",
+        tip,
+        "-p",
+        pick.commit,
+        "-m",
+        message,
+        "--end-of-options",
+        tree,
+        env=identity,
+    )
+
+
+class _Train:
+    """A train: the results merged one at a time, each kept only if the combined tree still
+    passes the checks of the tasks in it; the target moves once, at the end."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        run_id: str,
+        into: str,
+        old: str,
+        checker: MergeChecker,
+        dry_run: bool,
+        left_out: Sequence[LeftOutTask],
+    ) -> None:
+        self.repository, self.run_id, self.into, self.old = repository, run_id, into, old
+        self.checker, self.dry_run = checker, dry_run
+        self.tip = old
+        #: The tasks whose results the tip holds (those that changed nothing, from the start).
+        self.in_tree: list[str] = []
+        self.merged: dict[str, str] = {}
+        #: The results left out, by task: their commits (a result holding one is left out too).
+        self.dropped: dict[str, str] = {}
+        self.left_out = list(left_out)
+        self.checks: list[MergeCheck] = []
+        self.conflicts: list[MergeConflict] = []
+
+    async def run(self, picks: Sequence[_Pick]) -> MergeRecord:
+        """Board every result in order, then move the target (unless a dry run)."""
+        git, into, old = self.repository.git, self.into, self.old
+        self.in_tree = [p.task_id for p in picks if not p.changed]
+        checkout = await checkout_of(self.repository, f"refs/heads/{into}")
+        if checkout is not None and (refusal := await _dirty(git, into, checkout)):
+            return self.record(picks, "refused", refusal)
+        identity = await git.identity_env()
+        for pick in picks:
+            if pick.changed:
+                await self.board(pick, identity)
+        kept, left = len(self.merged), self._left_note()
+        if self.tip == old and self.dropped:
+            status: MergeStatus = (
+                "check_failed" if any(not c.passed for c in self.checks) else "conflict"
+            )
+            return self.record(picks, status, f"nothing merged{left}; {into} not changed")
+        if self.tip == old:
+            if self.dry_run:
+                return self.record(
+                    picks,
+                    "skipped",
+                    f"nothing to merge: {into} already contains every result{left}",
+                )
+            return self.record(picks, "merged", f"{into} already contains every result{left}")
+        if self.dry_run:
+            message = f"would merge {kept} result(s) into {into}{left}; nothing moved"
+            return self.record(picks, "skipped", message)
+        checkout = await checkout_of(self.repository, f"refs/heads/{into}")
+        if checkout is not None and (refusal := await _dirty(git, into, checkout)):
+            return self.record(picks, "refused", refusal)
+        reflog = f"orchestrator merge --train: {kept} result(s) of run {self.run_id}"
+        if refusal := await _move(self.repository, into, old, self.tip, checkout, reflog):
+            return self.record(picks, "refused", refusal)
+        message = f"merged {kept} result(s) into {into}: {old[:12]} -> {self.tip[:12]}{left}"
+        return self.record(picks, "merged", message)
+
+    async def board(self, pick: _Pick, identity: dict[str, str]) -> None:
+        """Merge *pick*'s result onto the tip and check it: kept if it passes, else left out
+        (as it is when it conflicts with the tip, or contains a result left out)."""
+        git = self.repository.git
+        for task_id, commit in self.dropped.items():
+            if await git.ok("merge-base", "--is-ancestor", "--end-of-options", commit, pick.commit):
+                self.leave(pick, f"it contains the result of {task_id}, which was left out")
+                return
+        if await git.ok("merge-base", "--is-ancestor", "--end-of-options", pick.commit, self.tip):
+            self.in_tree.append(pick.task_id)  # a dependency of a result kept before it
+            return
+        on = " + ".join([self.into, *self.merged])
+        made = await _merge_one(git, self.run_id, self.into, self.tip, pick, identity)
+        if isinstance(made, list):
+            right = "+".join([self.into, *self.merged])
+            self.conflicts.append(MergeConflict(left=pick.task_id, right=right, paths=made))
+            self.leave(pick, f"it conflicts with {on} in {', '.join(made)}")
+            return
+        checked = await self.checker.check(
+            made, [*self.in_tree, *self.merged, pick.task_id], task_id=pick.task_id
+        )
+        self.checks.append(checked)
+        if not checked.passed:
+            self.leave(pick, f"{failed_steps(checked)} failed on {on} + {pick.task_id}")
+            return
+        self.tip = self.merged[pick.task_id] = made
+
+    def leave(self, pick: _Pick, reason: str) -> None:
+        """Leave *pick*'s result out, for *reason*."""
+        self.dropped[pick.task_id] = pick.commit
+        self.left_out.append(LeftOutTask(task_id=pick.task_id, reason=reason))
+
+    def _left_note(self) -> str:
+        names = [e.task_id for e in self.left_out]
+        return f"; left out {len(names)}: {', '.join(names)}" if names else ""
+
+    def record(self, picks: Sequence[_Pick], status: MergeStatus, message: str) -> MergeRecord:
+        """The train's record: merge commits named only when the target moved to them."""
+        moved = status == "merged"
+        return MergeRecord(
+            into=self.into,
+            status=status,
+            old_commit=self.old,
+            new_commit=self.tip if moved else None,
+            tasks=[
+                MergedTask(
+                    task_id=p.task_id,
+                    result_commit=p.commit,
+                    merge_commit=self.merged.get(p.task_id) if moved else None,
+                )
+                for p in picks
+                if p.task_id not in self.dropped
+            ],
+            conflicts=self.conflicts,
+            message=("dry run: " if self.dry_run else "") + message,
+            at=datetime.now(UTC),
+            mode="train",
+            checks=self.checks,
+            left_out=self.left_out,
+        )
 
 
 async def _move(

@@ -24,11 +24,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 
-from envelopes import Event, Notification, NotifySpec
+from envelopes import HEADER_VARIABLE, Event, Notification, NotifySpec
 
 from ._version import __version__
 from .errors import EventHandlerFailed, PlanError, PlanIssue
@@ -69,15 +70,20 @@ def signature(secret: bytes, body: bytes) -> str:
 
 
 def shown_url(url: str) -> str:
-    """*url* as records and warnings show it: without user, password, query and fragment."""
-    return str(httpx.URL(url).copy_with(userinfo=b"", query=None, fragment=None))
+    """*url* as records and warnings show it: without user, password, query and fragment
+    (``${NAME}`` in it, as written, stays: its value is never shown)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 @dataclass(frozen=True)
 class Webhook:
     """One endpoint of a plan's ``notify``, ready to send to: its secret read already."""
 
-    url: str
+    url: str = field(repr=False)
+    #: How records and warnings name it: the URL as written (``${NAME}`` not filled in),
+    #: without user, password, query and fragment.
+    shown: str = ""
     #: The event types it is sent; None: every one.
     events: frozenset[str] | None = None
     #: Seconds one request may take.
@@ -103,8 +109,14 @@ def read_webhooks(loaded: LoadedPlan | None, environ: Mapping[str, str]) -> list
     hooks: list[Webhook] = []
     issues: list[PlanIssue] = []
     for index, spec in enumerate(loaded.plan.notify):
-        if why := _url_problem(spec.url):
-            issues.append(loaded.issue(("notify", index, "url"), why))
+        url, unset = _filled(spec.url, environ)
+        problem = (
+            f"uses ${{{unset}}}, which the orchestrator's environment does not set (or empty)"
+            if unset
+            else _url_problem(url)
+        )
+        if problem:
+            issues.append(loaded.issue(("notify", index, "url"), problem))
         secret = environ.get(spec.secret_env) if spec.secret_env is not None else None
         if spec.secret_env is not None and not secret:
             issues.append(
@@ -113,23 +125,32 @@ def read_webhooks(loaded: LoadedPlan | None, environ: Mapping[str, str]) -> list
                     f"{spec.secret_env} is not set in the orchestrator's environment (or empty)",
                 )
             )
-        hooks.append(_webhook(spec, secret))
+        hooks.append(_webhook(spec, url, secret))
     if issues:
         raise PlanError(issues)
     return hooks
 
 
+def _filled(url: str, environ: Mapping[str, str]) -> tuple[str, str | None]:
+    """*url* with each ``${NAME}`` filled in from *environ*, and the first name it does not
+    set (or set empty), if any."""
+    unset = [name for name in HEADER_VARIABLE.findall(url) if not environ.get(name)]
+    filled = HEADER_VARIABLE.sub(lambda m: environ.get(m.group(1), ""), url)
+    return filled, unset[0] if unset else None
+
+
 def _url_problem(url: str) -> str | None:
     try:
         httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        return f"not a URL httpx can send to: {exc}"
+    except httpx.InvalidURL:
+        return "not a URL httpx can send to"  # its reason would repeat the URL, filled in
     return None
 
 
-def _webhook(spec: NotifySpec, secret: str | None) -> Webhook:
+def _webhook(spec: NotifySpec, url: str, secret: str | None) -> Webhook:
     return Webhook(
-        url=spec.url,
+        url=url,
+        shown=shown_url(spec.url),
         events=frozenset(spec.events) if spec.events is not None else None,
         timeout=spec.timeout,
         secret=secret.encode() if secret else None,
@@ -167,7 +188,7 @@ class _Endpoint:
 
     def __init__(self, hook: Webhook, size: int) -> None:
         self.hook = hook
-        self.url = shown_url(hook.url)
+        self.url = hook.shown or shown_url(hook.url)
         self.send, self.receive = anyio.create_memory_object_stream[_Queued](size)
         self.size = size
         self.scope = anyio.CancelScope()

@@ -16,6 +16,7 @@ import os
 from typing import BinaryIO
 
 import anyio
+import anyio.lowlevel
 
 __all__ = ["LineTooLong", "Pipes", "open_pipes"]
 
@@ -87,7 +88,12 @@ class Pipes:
             await self._fill()
 
     async def _fill(self) -> None:
-        """Read what the program has written (waiting for it), into the buffer and transcript."""
+        """Read what the program has written (waiting for it), into the buffer and transcript.
+
+        A checkpoint first: a program that writes without pause would otherwise keep the
+        pipe always readable, and its reader would never let the event loop run (nor a
+        timeout or a cancellation reach it)."""
+        await anyio.lowlevel.checkpoint()
         if self._read_fd is None:
             self._eof = True
             return

@@ -31,6 +31,7 @@ from envelopes import (
     Plan,
     PlanProblem,
     TaskSpec,
+    VenvOptions,
     build_envelope,
     canonical_json,
     digest,
@@ -747,7 +748,7 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 metadata=task.metadata,
                 priority=task.priority,
                 worktree=task.worktree if task.worktree is not None else d.worktree,
-                venv=task.venv if task.venv is not None else d.venv,
+                **_venv(task.venv if task.venv is not None else d.venv),
                 depends_on=task.depends_on,
                 cache=task.cache if task.cache is not None else plan.cache,
                 group=expanded.group,
@@ -756,10 +757,26 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 stall_timeout=(
                     task.stall_timeout if task.stall_timeout is not None else d.stall_timeout
                 ),
+                setup=task.setup if task.setup is not None else d.setup,
+                checks=task.checks if task.checks is not None else d.checks,
+                repair_attempts=_first(task.repair_attempts, d.repair_attempts, 0),
+                install_project=_first(task.install_project, d.install_project, False),
                 **_isolation(plan, task),
             )
         )
     return out
+
+
+def _venv(venv: bool | VenvOptions) -> dict[str, Any]:
+    """An envelope's ``venv`` and ``venv_seed`` from a plan's ``venv`` (a bool, or options)."""
+    if isinstance(venv, VenvOptions):
+        return {"venv": True, "venv_seed": venv.seed}
+    return {"venv": venv}
+
+
+def _first(*values: Any) -> Any:
+    """The first of *values* that is not None."""
+    return next(value for value in values if value is not None)
 
 
 def preset_program(spec: AgentSpec) -> str:

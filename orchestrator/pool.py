@@ -499,7 +499,8 @@ def _packages(path: Path, backend: str) -> frozenset[str]:
 
 
 class VenvPool:
-    """Venvs kept between tasks and runs, one set of slots per requirement set.
+    """Venvs kept between tasks and runs, one set of slots per requirement set (and per
+    ``seed``: a venv with pip is never lent to a task that asked for none, nor the reverse).
 
     Within a run, the first task needing a requirement set installs it (the one installer
     run for that set); the exact distributions it came to are then the set's definition.
@@ -520,12 +521,14 @@ class VenvPool:
         self.synced = 0
         self.created = 0
 
-    def _key(self, requirements: Sequence[str]) -> str:
-        identity = {
+    def _key(self, requirements: Sequence[str], seed: bool) -> str:
+        identity: dict[str, object] = {
             "python": base_python(),
             "backend": self.backend.name,
             "requirements": sorted(requirements),
         }
+        if seed:  # only when set: the slots of unseeded sets keep the key they had
+            identity["seed"] = True
         return digest(identity)[:16]
 
     def owns(self, venv: Venv) -> bool:
@@ -533,21 +536,28 @@ class VenvPool:
         slots = self._slots.get(venv.path.parent.name)
         return slots is not None and slots.holds(venv.path)
 
-    async def acquire(self, requirements: Sequence[str], *, cwd: Path, fallback: Path) -> Venv:
-        """A venv with exactly *requirements* installed: from the pool, or made at *fallback*.
+    async def acquire(
+        self, requirements: Sequence[str], *, cwd: Path, fallback: Path, seed: bool = False
+    ) -> Venv:
+        """A venv with exactly *requirements* installed (and pip, with *seed*): from the pool,
+        or made at *fallback*.
 
         Raises VenvError as :func:`setup_virtualenv` does.
         """
         if self.size <= 0 or not _poolable(requirements):
-            return await setup_virtualenv(fallback, requirements, backend=self.backend, cwd=cwd)
-        key = self._key(requirements)
+            return await setup_virtualenv(
+                fallback, requirements, backend=self.backend, cwd=cwd, seed=seed
+            )
+        key = self._key(requirements, seed)
         slots = self._slots.setdefault(key, Slots(self.root / key, self.size))
         packages: frozenset[str] = frozenset()
-        if requirements:
+        # A seeded venv's distributions (pip's version...) are known once one is made: its
+        # set is resolved as a requirement set is, even when empty.
+        if requirements or seed:
             while True:
                 state = self._sets.get(key)
                 if state is None:
-                    return await self._resolve(key, slots, requirements, cwd, fallback)
+                    return await self._resolve(key, slots, requirements, cwd, fallback, seed)
                 await state.done.wait()
                 if state.error is not None:
                     raise VenvError(str(state.error), commands=list(state.error.commands))
@@ -555,7 +565,7 @@ class VenvPool:
                     packages = state.packages
                     break
                 # The task that was installing was cancelled: another one installs.
-        return await self._lend(slots, packages, requirements, cwd, fallback)
+        return await self._lend(slots, packages, requirements, cwd, fallback, seed)
 
     async def _resolve(
         self,
@@ -564,13 +574,14 @@ class VenvPool:
         requirements: Sequence[str],
         cwd: Path,
         fallback: Path,
+        seed: bool,
     ) -> Venv:
         """Install *requirements* once for this run, in a new slot (or at *fallback*)."""
         state = self._sets[key] = _Resolution()
         slot = slots.reserve()
         try:
             venv = await setup_virtualenv(
-                slot or fallback, requirements, backend=self.backend, cwd=cwd
+                slot or fallback, requirements, backend=self.backend, cwd=cwd, seed=seed
             )
             state.packages = await anyio.to_thread.run_sync(_packages, venv.path, self.backend.name)
         except BaseException as exc:
@@ -595,6 +606,7 @@ class VenvPool:
         requirements: Sequence[str],
         cwd: Path,
         fallback: Path,
+        seed: bool,
     ) -> Venv:
         name = self.backend.name
         while (slot := await anyio.to_thread.run_sync(slots.take_free)) is not None:
@@ -616,12 +628,14 @@ class VenvPool:
         path = slot or fallback
         try:
             if isinstance(self.backend, UvBackend):
-                venv = await setup_virtualenv(path, (), backend=self.backend)
+                venv = await setup_virtualenv(path, (), backend=self.backend, seed=seed)
                 if packages:
                     command = await self.backend.sync(path, sorted(packages))
                     venv = Venv(path, name, commands=[*venv.commands, command])
             else:
-                venv = await setup_virtualenv(path, requirements, backend=self.backend, cwd=cwd)
+                venv = await setup_virtualenv(
+                    path, requirements, backend=self.backend, cwd=cwd, seed=seed
+                )
         except BaseException:
             if slot is not None:
                 await anyio.to_thread.run_sync(shutil.rmtree, slot, True)

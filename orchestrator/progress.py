@@ -24,6 +24,7 @@ from envelopes import (
     Report,
     RunStarted,
     TaskFinished,
+    TaskPhase,
     TaskResult,
     TaskRetrying,
     TaskSkipped,
@@ -41,6 +42,10 @@ _STYLE = {
     "running": "cyan",
     "waiting": "dim",
 }
+
+
+#: The statuses of a task that has finished (any other is a running task's phase).
+_FINISHED = frozenset({"succeeded", "failed", "timed_out", "cancelled", "skipped", "cached"})
 
 
 class _Console(Console):
@@ -103,8 +108,13 @@ class Progress:
         if isinstance(event, TaskStarted):
             self.rows[event.task_id] = [event.task_id, event.agent, "running", "", ""]
             return f"task {event.task_id} started ({event.agent})"
+        if isinstance(event, TaskPhase):
+            phase = _phase_text(event)
+            if event.task_id in self.rows:
+                self.rows[event.task_id][2] = phase
+            return f"task {event.task_id}: {phase}"
         if isinstance(event, AttemptFailed):
-            return f"task {event.task_id} attempt {event.attempt} {event.status}: {event.error.message}"
+            return f"task {event.task_id} attempt {event.attempt} {event.status}: {_one_line(event.error.message)}"
         if isinstance(event, TaskRetrying):
             return (
                 f"task {event.task_id} retrying (attempt {event.attempt}) in {event.wait_s:.1f} s"
@@ -118,7 +128,7 @@ class Progress:
                 f"{event.duration_s:.2f}s",
                 commit,
             ]
-            why = f": {event.error.message}" if event.error else ""
+            why = f": {_one_line(event.error.message)}" if event.error else ""
             usage = event.usage
             cost = ""
             if usage is not None:
@@ -148,7 +158,7 @@ class Progress:
         return None
 
     def _table(self) -> Table:
-        done = sum(1 for row in self.rows.values() if row[2] not in ("running",))
+        done = sum(1 for row in self.rows.values() if row[2] in _FINISHED)
         table = Table(title=f"{done}/{self.total} tasks finished", expand=False)
         for name in ("task", "agent", "status", "time", "commit"):
             table.add_column(name)
@@ -158,11 +168,25 @@ class Progress:
             table.add_row(
                 Text(row[0]),
                 Text(row[1]),
-                Text(row[2], style=_STYLE.get(row[2], "")),
+                Text(row[2], style=_STYLE.get(row[2], _STYLE["running"])),
                 Text(row[3]),
                 Text(row[4]),
             )
         return table
+
+
+def _one_line(message: str) -> str:
+    """A message's first line, for a line of progress (a failed check's message goes on with
+    its output's last lines, which the summary table and the report show)."""
+    first, _, rest = message.partition("\n")
+    return f"{first} (+{rest.count(chr(10)) + 1} lines)" if rest else first
+
+
+def _phase_text(event: TaskPhase) -> str:
+    """``setup``, ``agent``, ``checks`` or ``repair 1/2``, as a running task's status shows."""
+    if event.phase == "repair":
+        return f"repair {event.repair}/{event.repairs}"
+    return event.phase
 
 
 def not_needed(result: TaskResult) -> bool:
@@ -210,7 +234,9 @@ def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
         title += f"; spent {spent(tokens, cost, at_least=total.cost_unknown > 0)}"
     table = Table(title=Text(title))
     spending = total is not None
+    checked = any(r.checks for r in report.results)
     columns: tuple[str, ...] = ("task", "agent", "status", "tries", "time")
+    columns += ("checks",) if checked else ()
     columns += ("spent", "commit") if spending else ("commit",)
     for name in columns:
         table.add_column(name, no_wrap=True)
@@ -231,6 +257,7 @@ def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
             Text(status, style=_STYLE.get(r.status, "") if status != "not needed" else "dim"),
             str(r.attempts),
             f"{r.timings.duration_s:.2f}s",
+            *((_checks_of(r),) if checked else ()),
             *((_spent_of(r),) if spending else ()),
             (r.provenance.result_commit or "")[:10],
             Text("\n".join(lines)),
@@ -247,6 +274,19 @@ def spent(tokens: int | None, cost_usd: float | None, *, at_least: bool = False)
     if cost_usd is not None:
         parts.append(f"{'at least ' if at_least else ''}${cost_usd:.2f}")
     return ", ".join(parts)
+
+
+def _checks_of(result: TaskResult) -> str:
+    """``2/3``: of the last turn's required checks, how many passed (a setup step that
+    failed shows as ``setup failed``); empty for a task with none."""
+    if not result.checks:
+        return ""
+    last = max(c.turn for c in result.checks)
+    turn = [c for c in result.checks if c.turn == last]
+    if any(c.phase == "setup" and c.required and not c.passed for c in turn):
+        return "setup failed"
+    required = [c for c in turn if c.phase == "check" and c.required]
+    return f"{sum(c.passed for c in required)}/{len(required)}"
 
 
 def _spent_of(result: TaskResult) -> str:

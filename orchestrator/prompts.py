@@ -97,7 +97,7 @@ It builds on tasks already done (their results are in the repository you start f
 - {{ id }}{% if done.branch %} (branch {{ done.branch }}){% endif %}
 
 {% if done.changed_files %}
-  changed: {{ done.changed_files | join(", ") | excerpt(share // 4) }}\
+  changed: {{ done.changed_files | map("tojson") | join(", ") | excerpt(share // 4) }}\
 {% if done.changed_files_omitted %} and {{ done.changed_files_omitted }} more{% endif %}
 
 {% endif %}
@@ -106,7 +106,16 @@ It builds on tasks already done (their results are in the repository you start f
 {% endif %}
 {% endfor %}
 {% endif %}
-{% if feedback %}
+{% if feedback and feedback.step is defined and feedback.step %}
+
+This is turn {{ attempt }}. Your changes so far are still in the current directory, but the
+check `{{ feedback.step }}` failed on them (exit code {{ feedback.exit_code }}). The end of its
+output:
+
+{{ feedback.output_tail }}
+
+Fix what makes it fail, keeping what was right.
+{% elif feedback %}
 
 This is attempt {{ attempt }}. The previous attempt failed: {{ feedback }}
 Fix that first.
@@ -116,6 +125,61 @@ Work in the current directory, which is a git checkout made for this task: chang
 and leave them; do not commit, push or switch branches (the orchestrator commits your changes).
 """
 )
+
+
+class Feedback(str):
+    """Why the previous turn failed, as the next one's prompt is told (``feedback``).
+
+    It is the text ``<kind>: <message>`` (what a template written for the plain string gets
+    with ``{{ feedback }}``), and its parts are attributes: ``kind``, ``message``, ``attempt``
+    (the turn that failed) and, when a check failed, ``step``, ``exit_code`` and
+    ``output_tail`` (the end of the check's output, masked); else those are None.
+    """
+
+    kind: str
+    message: str
+    attempt: int
+    step: str | None
+    exit_code: int | None
+    output_tail: str | None
+
+    @classmethod
+    def of_error(cls, error: ErrorInfo, *, attempt: int) -> Feedback:
+        """The feedback of a failed attempt: its error."""
+        return cls._made(error.kind, error.message, attempt, None, None, None)
+
+    @classmethod
+    def of_check(
+        cls, error: ErrorInfo, *, attempt: int, step: str, exit_code: int | None, output_tail: str
+    ) -> Feedback:
+        """The feedback of a failed check: its error, the step, its exit code and output."""
+        return cls._made(error.kind, error.message, attempt, step, exit_code, output_tail)
+
+    def parts(self) -> dict[str, str | int | None]:
+        """Its parts, as JSON (``ORCHESTRATOR_FEEDBACK`` for a command agent)."""
+        return {
+            "kind": self.kind,
+            "message": self.message,
+            "attempt": self.attempt,
+            "step": self.step,
+            "exit_code": self.exit_code,
+            "output_tail": self.output_tail,
+        }
+
+    @classmethod
+    def _made(
+        cls,
+        kind: str,
+        message: str,
+        attempt: int,
+        step: str | None,
+        exit_code: int | None,
+        output_tail: str | None,
+    ) -> Feedback:
+        made = cls(f"{kind}: {message}")
+        made.kind, made.message, made.attempt = kind, message, attempt
+        made.step, made.exit_code, made.output_tail = step, exit_code, output_tail
+        return made
 
 
 class PromptError(ValueError):
@@ -216,8 +280,11 @@ def template_problem(template: str) -> str | None:
     return None
 
 
-def variables(envelope: HandoffEnvelope, *, attempt: int, feedback: str | None) -> dict[str, Any]:
-    """The variables a template is rendered with (plain JSON values)."""
+def variables(
+    envelope: HandoffEnvelope, *, attempt: int, feedback: Feedback | None
+) -> dict[str, Any]:
+    """The variables a template is rendered with (plain JSON values, and ``feedback``: a
+    string with its parts as attributes)."""
     return {
         "task": envelope.task,
         "task_id": envelope.task_id,
@@ -232,7 +299,7 @@ def variables(envelope: HandoffEnvelope, *, attempt: int, feedback: str | None) 
 
 
 def render_prompt(
-    envelope: HandoffEnvelope, *, attempt: int = 1, feedback: str | None = None
+    envelope: HandoffEnvelope, *, attempt: int = 1, feedback: Feedback | None = None
 ) -> str:
     """The envelope's prompt: its template (else the default) rendered; PromptError if not,
     or if it is larger than :data:`MAX_PROMPT_BYTES`."""

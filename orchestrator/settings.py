@@ -5,8 +5,8 @@ Where a value comes from, later sources winning:
 1. the built-in defaults (this class's fields; those a plan has too, ``concurrency``,
    ``keep_worktrees``, ``fail_fast`` and ``base``, taken from the plan's model, so that
    each has one default);
-2. the plan's top-level values (``concurrency``, ``keep_worktrees``, ``fail_fast``, ``base``)
-   and each agent's ``max_concurrency`` (into ``agent_limits``); on a resume, the settings the
+2. the plan's top-level values (``concurrency``, ``keep_worktrees``, ``fail_fast``, ``base``,
+   ``budget``, ``pricing``, ``hooks``, ``copy`` as ``copy_paths``, ``ports``) and each agent's ``max_concurrency`` (into ``agent_limits``); on a resume, the settings the
    run started with, as its journal recorded them, take the plan's place;
 3. what the caller passes: CLI options, or keyword arguments of ``orchestrate_parallel``
    (``None`` means "not given").
@@ -20,7 +20,7 @@ resume reads back as one (:meth:`RunSettings.from_journal`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -29,8 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationEr
 from envelopes import (
     Budget,
     Concurrency,
+    CopyPath,
+    Hooks,
     KeepWorktrees,
     Plan,
+    Ports,
     Rates,
     validation_message,
 )
@@ -75,6 +78,9 @@ class SettingsOverrides(TypedDict, total=False):
     executor: str | None
     budget: Budget | Mapping[str, Any] | None
     pricing: Mapping[str, Rates | Mapping[str, float]] | None
+    hooks: Hooks | Mapping[str, Any] | None
+    copy_paths: Sequence[str] | None
+    ports: Ports | Mapping[str, int] | None
 
 
 class RunSettings(BaseModel):
@@ -113,6 +119,12 @@ class RunSettings(BaseModel):
     budget: Budget | None = None
     #: Rates by model, for agents that do not report what they cost (``envelopes.Rates``).
     pricing: dict[str, Rates] = Field(default_factory=dict)
+    #: Commands run around each task's worktree and agent (the plan's ``hooks``).
+    hooks: Hooks | None = None
+    #: Untracked or ignored files of the main checkout copied into each worktree (``copy``).
+    copy_paths: list[CopyPath] = Field(default_factory=list, max_length=1000)
+    #: A block of ports for each running task (``ORCHESTRATOR_PORT_BASE``).
+    ports: Ports | None = None
 
     @field_validator("venv_backend", mode="plain")
     @classmethod
@@ -177,7 +189,10 @@ def plan_settings(plan: Plan | None) -> dict[str, Any]:
     # Only what the plan sets: a default is RunSettings' (which takes the plan's own).
     values: dict[str, Any] = {
         name: getattr(plan, name)
-        for name in ("concurrency", "keep_worktrees", "fail_fast", "base", "budget", "pricing")
+        for name in (
+            *("concurrency", "keep_worktrees", "fail_fast", "base", "budget", "pricing"),
+            *("hooks", "copy_paths", "ports"),
+        )
         if name in plan.model_fields_set
     }
     return values | {
@@ -223,8 +238,13 @@ def resolve_settings(
 
 def _validated(values: Mapping[str, Any]) -> RunSettings:
     try:
-        return RunSettings.model_validate(values)
+        settings = RunSettings.model_validate(values)
     except ValidationError as exc:
         error = exc.errors()[0]
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         raise SettingsError(name, validation_message(error)) from None
+    if settings.ports is not None and (why := settings.ports.overflow(settings.concurrency)):
+        # A plan's own ports and concurrency were checked with the plan: a concurrency given
+        # on top of them is what went too far.
+        raise SettingsError("concurrency", f"ports: {why}")
+    return settings

@@ -3,6 +3,9 @@
 Backends are a small interface and a table (``ALL_BACKENDS``), chosen by :func:`get_backend`:
 ``uv`` when the uv binary is available (the ``uv`` wheel ships it), else ``stdlib``
 (``python -m venv`` and pip).
+
+A venv has no pip unless asked for (``seed``: ``uv venv --seed``, or the standard library's
+ensurepip); a task's own worktree can be installed into it, editable (:func:`install_project`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "VenvBackend",
     "describe_environment",
     "get_backend",
+    "install_project",
     "setup_virtualenv",
 ]
 
@@ -66,7 +70,12 @@ class VenvBackend(Protocol):
     async def create(self, path: Path, *, with_pip: bool) -> list[str]: ...
 
     async def install(
-        self, venv: Path, requirements: Sequence[str], *, cwd: Path | None = None
+        self,
+        venv: Path,
+        requirements: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        what: str | None = None,
     ) -> list[str]: ...
 
 
@@ -162,11 +171,16 @@ class UvBackend:
         return command
 
     async def install(
-        self, venv: Path, requirements: Sequence[str], *, cwd: Path | None = None
+        self,
+        venv: Path,
+        requirements: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        what: str | None = None,
     ) -> list[str]:
         python = str(Venv(venv, self.name).python)
         command = [self.uv, "pip", "install", "--quiet", "--python", python, *requirements]
-        await _run(command, "installing " + " ".join(requirements), venv=venv, cwd=cwd)
+        await _run(command, what or "installing " + " ".join(requirements), venv=venv, cwd=cwd)
         self.installs += 1
         return command
 
@@ -212,7 +226,12 @@ class StdlibBackend:
         return command
 
     async def install(
-        self, venv: Path, requirements: Sequence[str], *, cwd: Path | None = None
+        self,
+        venv: Path,
+        requirements: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        what: str | None = None,
     ) -> list[str]:
         python = str(Venv(venv, self.name).python)
         command = [
@@ -224,7 +243,7 @@ class StdlibBackend:
             "--disable-pip-version-check",
             *requirements,
         ]
-        await _run(command, "installing " + " ".join(requirements), venv=venv, cwd=cwd)
+        await _run(command, what or "installing " + " ".join(requirements), venv=venv, cwd=cwd)
         return command
 
 
@@ -252,11 +271,14 @@ async def setup_virtualenv(
     *,
     backend: VenvBackend | None = None,
     cwd: Path | None = None,
+    seed: bool = False,
 ) -> Venv:
     """Create a venv at *path* and install *requirements* into it.
 
     Requirements are passed to the installer as written, run in *cwd* (the plan's directory,
-    so that relative paths to wheels or projects resolve against the plan file).
+    so that relative paths to wheels or projects resolve against the plan file). With *seed*,
+    the venv has pip (and setuptools) in it; without, it has none unless the installer needs
+    it (the standard library's backend installs with pip).
 
     Raises VenvError with the installer's message on failure, after removing the partial
     venv; ``VenvError.commands`` lists what was run. Cancellation kills the installer's
@@ -265,7 +287,7 @@ async def setup_virtualenv(
     backend = backend or get_backend()
     commands: list[list[str]] = []
     try:
-        with_pip = bool(requirements) and backend.name == "stdlib"
+        with_pip = seed or (bool(requirements) and backend.name == "stdlib")
         commands.append(await backend.create(path, with_pip=with_pip))
         if requirements:
             commands.append(await backend.install(path, list(requirements), cwd=cwd))
@@ -276,6 +298,40 @@ async def setup_virtualenv(
             exc.commands = commands + exc.commands
         raise
     return Venv(path=path, backend=backend.name, commands=commands)
+
+
+async def install_project(
+    venv: Venv, project: Path, *, backend: VenvBackend | None = None
+) -> list[list[str]]:
+    """Install the Python project at *project* into *venv*, editable; the commands run.
+
+    Editable: the venv imports the project's modules from *project* itself, so what an agent
+    changes there is what its venv runs. The standard library's backend installs with pip,
+    which a venv made without requirements does not have: ensurepip puts it in first.
+
+    Raises VenvError (its ``commands`` what ran, the failing one last) with the end of the
+    installer's output on failure; the venv stays. Cancellation kills the installer's
+    processes.
+    """
+    backend = backend or get_backend(venv.backend)
+    commands: list[list[str]] = []
+    try:
+        if backend.name == "stdlib" and not await anyio.to_thread.run_sync(_has_pip, venv):
+            command = [str(venv.python), "-m", "ensurepip"]
+            await _run(command, "python -m ensurepip", venv=venv.path)
+            commands.append(command)
+        what = f"installing {project} (editable)"
+        commands.append(
+            await backend.install(venv.path, ["-e", str(project)], cwd=project, what=what)
+        )
+    except VenvError as exc:
+        exc.commands = commands + exc.commands
+        raise
+    return commands
+
+
+def _has_pip(venv: Venv) -> bool:
+    return any(venv.path.glob("lib/python*/site-packages/pip/__init__.py"))
 
 
 _DIST_INFO = re.compile(r"^(?P<name>.+?)-(?P<version>[^-]+)\.dist-info$")

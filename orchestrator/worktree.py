@@ -39,6 +39,7 @@ __all__ = [
     "remove_worktree",
     "reset_worktree",
     "restore_admin_files",
+    "untracked_paths",
 ]
 
 
@@ -304,6 +305,20 @@ async def changed_paths(
         for e in entries
         if len(e) > 3 and not e.startswith(b"D ")
     ]
+
+
+async def untracked_paths(repo: Repository, worktree: Worktree) -> set[str]:
+    """The worktree's untracked files that a commit would take (not ignored)."""
+    out = await repo.git.run(
+        *worktree.git_args(),
+        "ls-files",
+        "--others",
+        "--exclude-standard",
+        "-z",
+        cwd=worktree.path,
+        env=worktree.git_env(),
+    )
+    return {e.decode("utf-8", "surrogateescape") for e in out.stdout.split(b"\0") if e}
 
 
 async def commit_worktree(

@@ -319,3 +319,41 @@ def test_a_sandboxed_acp_agent_talks_through_the_sandbox(make_repo: MakeRepo) ->
     assert result.status == "succeeded", result.error
     assert result.output["result"].startswith("inside=yes outside=no shell=no")
     assert git(repo, "show", f"{result.provenance.result_commit}:hello.txt") == "hello"
+
+
+def test_an_agent_that_floods_its_output_still_ends_at_its_timeout(make_repo: MakeRepo) -> None:
+    """Its pipe is never empty: the reader lets the event loop run between reads anyway, so
+    that the timeout reaches it (and the other task of the run finishes meanwhile)."""
+    p = Plan.model_validate(
+        {
+            "agents": {
+                "zed": {
+                    "acp": {"command": [sys.executable, str(AGENT)]},
+                    "env": {"FAKE_ACP": "flood"},
+                },
+                "quick": {"command": [sys.executable, "-c", "pass"]},
+            },
+            "defaults": {"venv": False},
+            "tasks": [
+                {"id": "flood", "agent": "zed", "task": "x", "timeout": 3},
+                {"id": "quick", "agent": "quick", "task": "y"},
+            ],
+        }
+    )
+    report = run(make_repo(), p)
+    statuses = {r.task_id: r.status for r in report.results}
+    assert statuses == {"flood": "timed_out", "quick": "succeeded"}
+    assert live_processes_with(str(AGENT)) == []
+
+
+def test_malformed_permission_requests_are_refused_not_fatal(make_repo: MakeRepo) -> None:
+    result = run(make_repo(), plan("malformed+edit")).results[0]
+    assert result.status == "succeeded", result.error
+    refused = result.output["permissions"]["refused"]
+    invalid = [r for r in refused if r["title"] == "a permission request that is not valid"]
+    # The package's model salvages a wrong `kind` to none (then refused as kind `other`);
+    # the other three do not validate at all.
+    assert len(invalid) == 3
+    assert {"kind": None, "title": None} in refused
+    assert {"kind": "edit", "title": None} in refused  # the path of 200 000 parts
+    assert result.output["result"].startswith("inside=yes outside=no shell=no")

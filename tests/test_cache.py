@@ -11,6 +11,7 @@ import pytest
 
 from envelopes import HandoffEnvelope, Plan, Report
 from orchestrator import Workspace, orchestrate_parallel, verify_report
+from orchestrator.agents import as_agent
 
 from .conftest import MakeRepo, cli, git
 
@@ -180,3 +181,19 @@ def test_reusing_a_run_that_does_not_exist_is_refused_leaving_nothing(tmp_path: 
             )
         )
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_hooks_and_copies_are_part_of_the_key(tmp_path: Path) -> None:
+    """What a task's agent starts from is made by the plan's hooks and copies too: a run with
+    other ones is other work. A run with neither keys as it always did."""
+    from orchestrator.cache import agent_digest, workspace_of
+    from orchestrator.settings import resolve_settings
+
+    agent = as_agent(["python", "-c", "pass"])
+    plain = resolve_settings(None, {})
+    hooked = resolve_settings(None, {"hooks": {"after_create": "make"}})
+    copying = resolve_settings(None, {"copy_paths": [".env"]})
+    assert workspace_of(plain) == {}
+    assert agent_digest(agent, tmp_path, workspace_of(plain)) == agent.fingerprint(tmp_path)
+    keys = {agent_digest(agent, tmp_path, workspace_of(s)) for s in (plain, hooked, copying)}
+    assert len(keys) == 3

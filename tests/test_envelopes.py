@@ -263,6 +263,11 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         "allow_secrets_in_commit": False,
         "prompt": None,
         "stall_timeout": None,
+        "setup": [],
+        "checks": [],
+        "repair_attempts": 0,
+        "install_project": False,
+        "venv_seed": False,
     }
 
 
@@ -372,6 +377,11 @@ CHANGED = {
     "allow_secrets_in_commit": True,
     "prompt": "Do {{ task }}",
     "stall_timeout": 30,
+    "setup": [{"name": "deps", "run": "pip install -e ."}],
+    "checks": [{"name": "tests", "run": ["python", "-m", "pytest"], "required": False}],
+    "repair_attempts": 2,
+    "install_project": True,
+    "venv_seed": True,
 }
 
 

@@ -38,7 +38,7 @@ from envelopes import (
 from orchestrator import PlanError, Workspace, orchestrate_parallel, verify_report
 from orchestrator import notify as notify_module
 from orchestrator.notify import Webhook, Webhooks, read_webhooks, shown_url, signature
-from orchestrator.plan import parse_plan
+from orchestrator.plan import parse_plan, validate_plan_data
 
 from .conftest import MakeRepo, cli
 from .test_docs import read_blocks, webhook_check
@@ -546,3 +546,31 @@ def test_the_cli_prints_what_was_not_delivered_and_the_run_still_succeeds(
     assert "t0k" not in outcome.out and hook_secret not in outcome.out + outcome.err
     [delivery] = server.to("/gone?token=t0k")
     assert delivery.signed is True
+
+
+def test_a_secret_part_of_a_url_is_written_as_a_variable_and_never_recorded(
+    tmp_path: Path,
+) -> None:
+    data = {
+        "notify": [{"url": "https://hooks.example/services/${HOOK_PATH_TOKEN}?x=1"}],
+        "agents": {"a": {"command": ["x"]}},
+        "tasks": [{"agent": "a", "task": "t"}],
+    }
+    loaded = validate_plan_data(data, plan_dir=tmp_path)
+    [hook] = read_webhooks(loaded, {"HOOK_PATH_TOKEN": "T0KEN-abc"})
+    assert hook.url == "https://hooks.example/services/T0KEN-abc?x=1"
+    assert hook.shown == "https://hooks.example/services/${HOOK_PATH_TOKEN}"
+    assert "T0KEN" not in repr(hook)
+    with pytest.raises(PlanError, match=r"uses \$\{HOOK_PATH_TOKEN\}, which the orchestrator"):
+        read_webhooks(loaded, {})
+
+
+def test_a_url_with_a_password_is_refused_without_being_repeated(tmp_path: Path) -> None:
+    data = {
+        "notify": [{"url": "https://user:hunter2@hooks.example/x"}],
+        "agents": {"a": {"command": ["x"]}},
+        "tasks": [{"agent": "a", "task": "t"}],
+    }
+    with pytest.raises(PlanError, match="must not hold a user or password") as caught:
+        validate_plan_data(data, plan_dir=tmp_path)
+    assert "hunter2" not in str(caught.value)

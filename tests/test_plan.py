@@ -200,6 +200,49 @@ PLAN_ERRORS = [
         ["plan.yaml:8:1: repo: duplicate key 'repo' (first at line 1)"],
         id="duplicate-yaml-key-top-level",
     ),
+    pytest.param(
+        PREFIX + TASK + '    requirements: [six, "-e {worktree}", "-e {wat}"]\n',
+        [
+            "plan.yaml:8:42: tasks[0].requirements[2]: unknown placeholder {wat} "
+            "(known: {worktree}, {repo_root}, {plan_dir}, {task_id})"
+        ],
+        id="requirement-placeholder",
+    ),
+    pytest.param(
+        PREFIX
+        + TASK
+        + "    matrix:\n      requirements: [[six], ['{plan_dir}/x.whl', '{nope}']]\n",
+        [
+            "plan.yaml:9:29: tasks[0].matrix.requirements[1]: unknown placeholder {nope} "
+            "(known: {worktree}, {repo_root}, {plan_dir}, {task_id})"
+        ],
+        id="matrix-requirement-placeholder",
+    ),
+    pytest.param(
+        PREFIX + TASK + "    install_project: true\n    venv: false\n",
+        [
+            "plan.yaml:8:5: tasks[0].install_project: install_project needs the task's venv, "
+            "and venv is false"
+        ],
+        id="install-project-without-venv",
+    ),
+    pytest.param(
+        "defaults: {install_project: true}\n" + PREFIX + TASK + "    venv: false\n"
+        "  - {id: b, agent: w, task: t, venv: {seed: true}}\n",
+        ["plan.yaml:9:5: tasks[0].venv: install_project needs the task's venv, and venv is false"],
+        id="default-install-project-without-venv",
+    ),
+    pytest.param(
+        "defaults: {install_project: true, venv: false}\n"
+        + PREFIX
+        + TASK
+        + "  - {id: b, agent: w, task: t}\n",
+        [
+            "plan.yaml:1:12: defaults.install_project: install_project needs the task's venv, "
+            "and venv is false"
+        ],
+        id="defaults-install-project-without-venv",
+    ),
 ]
 
 

@@ -30,6 +30,7 @@ from orchestrator.pool import Slots
 from orchestrator.venv import UvBackend
 
 from .conftest import MakeRepo, cli, git, task_worktrees
+from .test_venv import PROJECT_AGENT, project_files
 
 WriteAgent = Callable[[str, str], Path]
 
@@ -816,3 +817,64 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
         os.close(held)
     assert (admins[0] / "HEAD").read_text().strip() == head  # detached at the branch's tip
     assert (admins[1] / "HEAD").read_text().startswith("ref: ")  # left to its holder
+
+
+def test_a_borrowed_venv_gets_the_borrowers_own_worktree_installed(
+    make_repo: MakeRepo, write_agent: WriteAgent
+) -> None:
+    repo = make_repo(extra=project_files())
+    agent = write_agent("project", PROJECT_AGENT)
+    plan = make_plan(agent, [{"id": "t", "install_project": True}], python="python")
+    (first,) = orchestrate(plan, repo, pool=2).results
+    assert first.status == "succeeded", first.error
+    assert first.output is not None
+    slot = Path(first.output["cwd"])
+    # The first run's worktree held (as by another run): the second run's task works in
+    # another worktree, with the venv the first run left, its project still installed from
+    # the first worktree.
+    fd = os.open(slot.with_name(slot.name + ".mutex"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (second,) = orchestrate(plan, repo, pool=2).results
+    finally:
+        os.close(fd)
+    assert second.status == "succeeded", second.error
+    assert second.output is not None
+    worktree = Path(second.output["cwd"])
+    assert worktree != slot and worktree.parent == pool_root(repo)
+    assert second.output["venv"] == first.output["venv"]
+    assert Path(second.output["module"]) == worktree / "src" / "tinypkg" / "__init__.py"
+    # Brought back to an empty venv (the first worktree's project removed), then this one's.
+    commands = second.provenance.commands
+    assert [c[1:3] for c in commands[:2]] == [["pip", "sync"], ["pip", "install"]]
+    assert commands[1][-2:] == ["-e", str(worktree)]
+
+    # A venv that names its task's worktree in a requirement is the task's own, not pooled.
+    plan = make_plan(agent, [{"id": "own", "requirements": ["-e {worktree}"]}], python="python")
+    report = orchestrate(plan, repo, pool=2)
+    (own,) = report.results
+    assert own.status == "succeeded", own.error
+    assert own.output is not None
+    assert Path(own.output["venv"]) == state(repo) / "venvs" / report.run_id / "own"
+    assert Path(own.output["module"]).is_relative_to(own.output["cwd"])
+
+
+def test_a_seeded_venv_is_lent_only_to_tasks_that_asked_for_pip(
+    make_repo: MakeRepo, write_agent: WriteAgent
+) -> None:
+    repo = make_repo(extra=project_files())
+    agent = write_agent("project", PROJECT_AGENT)
+    seeded = {"install_project": True, "venv": {"seed": True}}
+    plain = {"install_project": True}
+    tasks = [{"id": "s1", **seeded}, {"id": "p1", **plain}, {"id": "s2", **seeded}]
+    tasks.append({"id": "p2", **plain})
+    report = orchestrate(make_plan(agent, tasks, python="python", concurrency=1), repo, pool=2)
+    assert report.summary.successful == 4, report.errors
+    outputs = {r.task_id: r.output or {} for r in report.results}
+    for task_id, output in outputs.items():
+        assert output["pip"] is task_id.startswith("s"), task_id
+    venvs = {task_id: Path(o["venv"]) for task_id, o in outputs.items()}
+    # Each second task borrowed its kind's venv; the two kinds' slots are apart.
+    assert venvs["s2"] == venvs["s1"] and venvs["p2"] == venvs["p1"]
+    assert venvs["s1"].parent != venvs["p1"].parent
+    assert {v.parent.parent for v in venvs.values()} == {state(repo) / "pool" / "venvs"}

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 import anyio
 import pytest
 
-from envelopes import Plan, Report, digest
+from envelopes import Plan, Report, TaskResult, build_envelope, digest
 from orchestrator import orchestrate_parallel
 from orchestrator.errors import VenvError
 from orchestrator.venv import (
@@ -30,6 +31,7 @@ from orchestrator.venv import (
     Venv,
     describe_environment,
     get_backend,
+    install_project,
     setup_virtualenv,
 )
 
@@ -109,9 +111,12 @@ def missing_wheel(tmp_path: Path) -> Path:
     return tmp_path / "no-such-dir" / f"{PACKAGE}-{VERSION}-py3-none-any.whl"
 
 
-def setup(path: Path, requirements: list[str], backend: str, *, loop: str = "asyncio") -> Venv:
+def setup(
+    path: Path, requirements: list[str], backend: str, *, loop: str = "asyncio", seed: bool = False
+) -> Venv:
     return anyio.run(
-        lambda: setup_virtualenv(path, requirements, backend=get_backend(backend)), backend=loop
+        lambda: setup_virtualenv(path, requirements, backend=get_backend(backend), seed=seed),
+        backend=loop,
     )
 
 
@@ -370,3 +375,162 @@ def test_each_task_gets_its_own_venv_created_once(
     assert venvs == {str(venv_dir(report, f"t{i}")) for i in range(3)}
     for result in report.results:
         assert [is_venv_creation(c) for c in result.provenance.commands] == [True, False, False]
+
+
+@pytest.mark.parametrize("backend", ["uv", "stdlib"])
+def test_a_seeded_venv_has_pip_and_an_unseeded_one_none(tmp_path: Path, backend: str) -> None:
+    seeded = setup(tmp_path / "seeded", [], backend, seed=True)
+    plain = setup(tmp_path / "plain", [], backend)
+    pip = [str(seeded.python), "-m", "pip", "--version"]
+    assert str(seeded.path) in subprocess.run(pip, capture_output=True, text=True).stdout
+    assert any(p.startswith("pip==") for p in describe_environment(seeded).packages)
+    pip[0] = str(plain.python)
+    assert "No module named pip" in subprocess.run(pip, capture_output=True, text=True).stderr
+    assert describe_environment(plain).packages == []
+
+
+#: The tests' project (tests/fixtures/project): ``tinypkg`` in a src layout, built by an
+#: in-tree backend that needs nothing installed (offline) and that, like setuptools, leaves
+#: ``src/tinypkg.egg-info`` behind in the tree it builds.
+PROJECT = Path(__file__).parent / "fixtures" / "project"
+PROJECT_FILES = ("pyproject.toml", "tinybuild.py", "src/tinypkg/__init__.py")
+
+
+def project_files() -> dict[str, str]:
+    """The tests' project, as ``make_repo(extra=...)`` takes files."""
+    return {name: (PROJECT / name).read_text() for name in PROJECT_FILES}
+
+
+# Imports the project from the task's venv and reports where it came from.
+PROJECT_AGENT = """
+import importlib.util, json, os
+from pathlib import Path
+
+import tinypkg
+
+Path("made-by-agent.txt").write_text("made\\n")
+with open(os.environ["ORCHESTRATOR_OUTPUT"], "w") as f:
+    json.dump(
+        {
+            "module": tinypkg.__file__,
+            "cwd": os.getcwd(),
+            "venv": os.environ["VIRTUAL_ENV"],
+            "pip": importlib.util.find_spec("pip") is not None,
+        },
+        f,
+    )
+"""
+
+
+@pytest.mark.parametrize("backend", ["uv", "stdlib"])
+def test_install_project_installs_the_tree_editable(tmp_path: Path, backend: str) -> None:
+    project = tmp_path / "project"
+    for name, text in project_files().items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    venv = setup(tmp_path / "venv", [], backend)
+
+    commands = anyio.run(lambda: install_project(venv, project, backend=get_backend(backend)))
+    location = venv_python(venv, "import tinypkg; print(tinypkg.__file__)")
+    assert Path(location) == project / "src" / "tinypkg" / "__init__.py"
+    (project / "src" / "tinypkg" / "__init__.py").write_text('VERSION = "changed"\n')
+    assert venv_python(venv, "import tinypkg; print(tinypkg.VERSION)") == "changed"
+    assert "tinypkg==0.1" in describe_environment(venv).packages
+    assert commands[-1][-2:] == ["-e", str(project)]
+    # The standard library's venv has no pip without requirements: ensurepip brings it.
+    ensurepip = [[str(venv.python), "-m", "ensurepip"]] if backend == "stdlib" else []
+    assert commands[:-1] == ensurepip
+
+
+def test_a_broken_project_fails_to_install_with_the_installers_words(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text("[project\nname = \n")
+    venv = setup(tmp_path / "venv", [], "uv")
+    with pytest.raises(VenvError) as caught:
+        anyio.run(lambda: install_project(venv, project))
+    message = str(caught.value)
+    assert message.startswith(f"installing {project} (editable) failed: ")
+    assert "Invalid `pyproject.toml`" in message and "\n" not in message
+    assert [c[-2:] for c in caught.value.commands] == [["-e", str(project)]]
+    assert venv.python.is_file()
+
+
+def project_plan(
+    repo: Path, agent: Path, tasks: list[dict[str, Any]], **options: Any
+) -> dict[str, TaskResult]:
+    """Run *tasks* of PROJECT_AGENT (uv venvs); their results by task id."""
+    plan = Plan.model_validate(
+        {
+            "agents": {"importer": {"command": ["python", str(agent)]}},
+            "tasks": [{"agent": "importer", "task": "import tinypkg", **t} for t in tasks],
+        }
+    )
+    report = anyio.run(lambda: orchestrate_parallel(plan, repo=repo, venv_backend="uv", **options))
+    return {r.task_id: r for r in report.results}
+
+
+def committed(repo: Path, result: TaskResult) -> set[str]:
+    """What *result*'s commit added to the repository's main branch."""
+    commit = result.provenance.result_commit
+    assert commit is not None
+    files = set(git(repo, "ls-tree", "-r", "--name-only", commit).splitlines())
+    return files - set(git(repo, "ls-tree", "-r", "--name-only", "main").splitlines())
+
+
+def test_a_task_imports_its_own_worktree(
+    make_repo: MakeRepo, write_agent: Callable[[str, str], Path]
+) -> None:
+    repo = make_repo(extra=project_files())
+    agent = write_agent("project", PROJECT_AGENT)
+    tasks: list[dict[str, Any]] = [
+        {"id": "installed", "install_project": True},
+        {"id": "required", "requirements": ["-e {worktree}"]},
+        {"id": "seeded", "install_project": True, "venv": {"seed": True}},
+    ]
+    results = project_plan(repo, agent, tasks)
+
+    for task_id, result in results.items():
+        assert result.status == "succeeded", (task_id, result.error)
+        output = result.output
+        assert output is not None
+        worktree = Path(output["cwd"])
+        assert worktree != repo  # the main checkout, which `-e ../repo` would have installed
+        assert Path(output["module"]) == worktree / "src" / "tinypkg" / "__init__.py", task_id
+        assert output["pip"] is (task_id == "seeded"), task_id
+        # The installer's src/tinypkg.egg-info is not the agent's work: not committed.
+        assert committed(repo, result) == {"made-by-agent.txt"}, task_id
+        assert result.provenance.environment is not None
+        assert "tinypkg==0.1" in result.provenance.environment.packages
+        # Recorded as run: the venv made, then the worktree installed into it.
+        commands = result.provenance.commands
+        assert [is_venv_creation(c) for c in commands[:2]] == [True, False], task_id
+        assert commands[1][-1].endswith(str(worktree)), task_id  # "-e {worktree}" filled in
+    assert "--seed" in results["seeded"].provenance.commands[0]
+    assert git(repo, "status", "--porcelain", "--ignored") == ""
+
+
+def test_a_project_that_does_not_build_fails_its_task_as_install(
+    make_repo: MakeRepo, write_agent: Callable[[str, str], Path]
+) -> None:
+    repo = make_repo(extra={"pyproject.toml": "[project\nname = \n"})
+    agent = write_agent("project", PROJECT_AGENT)
+    broken = project_plan(repo, agent, [{"id": "broken", "install_project": True}])["broken"]
+    assert broken.status == "failed" and broken.attempts == 0
+    assert broken.error is not None and broken.error.kind == "install"
+    message = broken.error.message
+    assert re.fullmatch(
+        r"installing \S+ \(editable\) failed: .*Invalid `pyproject\.toml`.*", message
+    )
+    commands = broken.provenance.commands
+    assert [is_venv_creation(c) for c in commands] == [True, False]
+    assert commands[1][-1] in message
+    # In code, an envelope can ask for it without a venv: the task says why it cannot.
+    envelope = build_envelope("importer", "t", task_id="t", venv=False, install_project=True)
+    agents = {"importer": ["python", str(agent)]}
+    report = anyio.run(lambda: orchestrate_parallel([envelope], agents=agents, repo=repo))
+    (result,) = report.results
+    assert result.error is not None and result.error.kind == "install"
+    assert result.error.message == (
+        "install_project needs the task's venv, and this task has venv: false"
+    )
