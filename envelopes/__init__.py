@@ -86,6 +86,7 @@ from ._plan import VenvOptions as VenvOptions
 from ._plan import dependency_cycles as dependency_cycles
 from ._plan import env_values as env_values
 from ._plan import expand_tasks as expand_tasks
+from ._plan import fill_placeholders as fill_placeholders
 from ._plan import placeholder_problem as placeholder_problem
 from ._plan import plan_problems as plan_problems
 from ._plan import validation_message as validation_message
@@ -237,6 +238,7 @@ __all__ = [
     "env_values",
     "estimate_cost",
     "expand_tasks",
+    "fill_placeholders",
     "hash_file",
     "is_object_id",
     "is_secret_name",

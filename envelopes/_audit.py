@@ -231,6 +231,7 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
         yield from _check_file(tid, "envelope", raw["envelope"], run_dir)
         if "sha256" in raw["envelope"]:
             yield from _check_envelope(tid, raw["envelope"], prov["envelope_sha256"], run_dir)
+            yield from _checks_as_told(raw, run_dir)
     for attempt in attempts:
         for stream in ("stdout", "stderr"):
             yield from _check_file(
@@ -377,6 +378,33 @@ def _check_envelope(
     yield from _check(tid, "provenance.envelope_sha256", digest(envelope), expected)
     if isinstance(envelope, dict):
         yield from _check(tid, "envelope.task_id", envelope.get("task_id"), tid)
+
+
+def _checks_as_told(raw: Mapping[str, Any], run_dir: Path) -> Iterator[Finding]:
+    """A succeeded task passed, on its last turn, every required check its envelope file
+    names: the file (hashed into ``envelope_sha256``) is what the run was told to check, so
+    a report whose check records were rewritten or dropped is caught here."""
+    entry = raw["envelope"]
+    if raw["status"] != "succeeded" or entry is None or "sha256" not in entry:
+        return
+    envelope = _read_envelope(entry, run_dir)
+    steps = envelope.get("checks") if isinstance(envelope, dict) else None
+    if digest(envelope) != raw["provenance"]["envelope_sha256"] or not isinstance(steps, list):
+        return  # a mismatch is reported by the envelope's own check; no checks: nothing to do
+    required = [s.get("name") for s in steps if isinstance(s, dict) and s.get("required", True)]
+    checks = raw.get("checks") or []
+    last = max((c["turn"] for c in checks), default=None)
+    passed = {
+        c["name"] for c in checks if c["turn"] == last and c["phase"] == "check" and c["passed"]
+    }
+    missing = [str(name) for name in required if name not in passed]
+    if missing:
+        yield Finding(
+            task_id=raw["task_id"],
+            field="checks",
+            message=f"succeeded without passing its required {', '.join(missing)} "
+            "(as its envelope names them) on its last turn",
+        )
 
 
 def _expected_summary(results: list[Mapping[str, Any]]) -> dict[str, Any]:

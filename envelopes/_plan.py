@@ -12,7 +12,7 @@ import itertools
 import math
 import re
 import shlex
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -397,20 +397,39 @@ class AgentSpec(_Isolation, _Additions):
 
 #: The placeholders a step's or hook's command, and a requirement, may use.
 PLACEHOLDERS = ("worktree", "repo_root", "plan_dir", "task_id")
-_PLACEHOLDER = re.compile(r"(?<![${])\{([^{}]*)\}(?!\})")
+#: ``{name}`` where *name* looks like one (an identifier); ``{{name}}`` is its escape, and a
+#: shell's ``${NAME}`` is not one. Other braces (``{}``, ``{print $1}``) are left alone.
+_PLACEHOLDER = re.compile(r"(?<![${])\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+_ESCAPED = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}")
 
 
 def placeholder_problem(text: str) -> str | None:
     """Why *text* uses a placeholder that does not exist (None when it does not).
 
-    ``{worktree}``, ``{repo_root}``, ``{plan_dir}`` and ``{task_id}`` are filled in; a shell's
-    ``${NAME}`` and doubled braces (``{{``, ``}}``) are left as they are.
+    ``{worktree}``, ``{repo_root}``, ``{plan_dir}`` and ``{task_id}`` are filled in; another
+    ``{name}`` is an error. ``{{name}}`` is the text ``{name}``; a shell's ``${NAME}`` and
+    braces around anything but a name (``{}``, ``{print $1}``) are left as they are.
     """
     for match in _PLACEHOLDER.finditer(text):
         if match.group(1) not in PLACEHOLDERS:
             known = ", ".join("{" + name + "}" for name in PLACEHOLDERS)
             return f"unknown placeholder {{{match.group(1)}}} (known: {known})"
     return None
+
+
+def fill_placeholders(
+    text: str, values: Mapping[str, str], quote: Callable[[str], str] = str
+) -> str:
+    """*text* with each placeholder replaced by its value in *values* (passed through
+    *quote*: ``shlex.quote`` for a shell string), in one pass (a value holding ``{plan_dir}``
+    stays as it is), and ``{{name}}`` made ``{name}``."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return quote(values[name]) if name in values else match.group(0)
+
+    filled = _PLACEHOLDER.sub(value, text)
+    return _ESCAPED.sub(lambda match: "{" + match.group(1) + "}", filled)
 
 
 def _placeholders_known(value: str) -> str:

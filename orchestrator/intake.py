@@ -96,6 +96,8 @@ async def take_in(
         path = Path(plan)
         plan = await anyio.to_thread.run_sync(lambda: load_plan(path, callable_agents=list(given)))
     loaded, envelopes = normalise(plan, given)
+    if unsafe := unsafe_installs(envelopes):
+        raise PlanError(unsafe)
     webhooks = read_webhooks(loaded, os.environ)
     settings = resolve_settings(loaded.plan if loaded else None, overrides, recorded=recorded)
     table = agent_table(loaded.plan if loaded else None, given, envelopes)
@@ -170,6 +172,26 @@ async def _open_repository(
             "(pass repo=, or worktree=False)"
         )
     return None, None, None
+
+
+def unsafe_installs(envelopes: Sequence[HandoffEnvelope]) -> list[PlanIssue]:
+    """A sandboxed task that starts from other tasks' results and installs its own worktree
+    (``install_project``, or a requirement naming ``{worktree}``): the install runs the
+    project's build backend outside the sandbox, on code other agents wrote. Refused."""
+    issues = []
+    for envelope in envelopes:
+        installs = envelope.install_project or any(
+            "{worktree}" in requirement for requirement in envelope.requirements
+        )
+        if envelope.sandbox != "none" and envelope.depends_on and installs:
+            message = (
+                "a sandboxed task that starts from other tasks' work cannot install its "
+                "worktree (install_project or -e {worktree}): the install would run their "
+                "build code outside the sandbox; install in a setup step instead, which runs "
+                "sandboxed"
+            )
+            issues.append(PlanIssue(None, None, None, f"tasks.{envelope.task_id}", message))
+    return issues
 
 
 def normalise(

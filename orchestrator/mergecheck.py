@@ -32,6 +32,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -40,11 +41,15 @@ from envelopes import (
     MAX_ENVELOPE_BYTES,
     CheckResult,
     HandoffEnvelope,
+    Limits,
     MergeCheck,
+    NotAReport,
     Report,
     Step,
     digest,
+    fill_placeholders,
     is_secret_name,
+    load_report_file,
     loads_bounded,
     open_regular,
     read_bounded,
@@ -64,7 +69,7 @@ from .steps import Phase, run_steps, step_argv
 from .venv import Venv, VenvBackend, install_project, setup_virtualenv
 from .worktree import Worktree, create_worktree, remove_worktree
 
-__all__ = ["MergeCheckSettings", "MergeChecker", "failed_steps", "merge_run_dir"]
+__all__ = ["MergeCheckSettings", "MergeChecker", "failed_steps", "merge_run_dir", "strictest"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,23 @@ class MergeCheckSettings:
     lifeline: Lifeline | None = field(default=None, compare=False)
 
 
+def strictest(envelopes: Sequence[HandoffEnvelope]) -> dict[str, Any]:
+    """The isolation that holds every one of *envelopes*: a sandbox if any had one, the
+    network only if all had it, each limit the smallest any set, the orchestrator's
+    environment only if all inherited it."""
+    limits: dict[str, int] = {}
+    for envelope in envelopes:
+        for name, value in envelope.limits.model_dump(exclude_none=True).items():
+            limits[name] = min(value, limits.get(name, value))
+    sandboxed = [e.sandbox for e in envelopes if e.sandbox != "none"]
+    return {
+        "sandbox": sandboxed[0] if sandboxed else "none",
+        "network": all(e.network for e in envelopes),
+        "limits": Limits(**limits),
+        "inherit_env": all(e.inherit_env for e in envelopes),
+    }
+
+
 def merge_run_dir(report: Report, repository: Repository) -> Path:
     """Where a checked merge of *report* reads envelopes and writes logs: the run's own
     directory in *repository*'s state directory. MergeError when it is not there.
@@ -98,12 +120,23 @@ def merge_run_dir(report: Report, repository: Repository) -> Path:
     nor files sent with it.
     """
     own = repository.state_dir / "runs" / report.run_id
-    if not own.is_dir():
-        raise MergeError(
-            f"--check runs the commands the run's envelopes name, so it checks only a run "
-            f"made in this repository: {own} is not there (a report from elsewhere is "
-            "merged without --check, or its run made again here)"
-        )
+    refusal = (
+        "--check runs the commands the run's envelopes name, so it checks only a run made in "
+        "this repository: {why} (a report from elsewhere is merged without --check, or its "
+        "run made again here)"
+    )
+    try:
+        _, local, _ = load_report_file(own / "report.json")
+    except (OSError, NotAReport) as exc:
+        why = f"{own / 'report.json'} cannot be read ({exc})"
+        raise MergeError(refusal.format(why=why)) from None
+    # The results to merge must be the ones this run made: a copy of its report whose result
+    # commits were pointed elsewhere (and resealed) would have the run's checks run on them.
+    made = {result.task_id: result.provenance.result_sha256 for result in local.results}
+    for result in report.results:
+        if made.get(result.task_id) != result.provenance.result_sha256:
+            why = f"the result of task {result.task_id} is not the one {own} recorded"
+            raise MergeError(refusal.format(why=why))
     return own
 
 
@@ -159,6 +192,8 @@ class MergeChecker:
         self.run_id = run_id
         self.tasks = dict(tasks)
         self.settings = settings
+        #: The isolation of the tree being checked (see :func:`strictest`).
+        self._strict: dict[str, Any] = {}
         self.plan_dir = plan_dir
         self.first_number = first_number
         #: Checks run so far; the next one's number is this plus one.
@@ -212,6 +247,16 @@ class MergeChecker:
         steps = self._steps(task_ids, path)
         if not any(s.setup or s.checks for s in steps):
             return MergeCheck(task_id=task_id, commit=commit, passed=True)
+        # The combined tree holds every task's code: each step runs under the strictest
+        # isolation among them, not under its own task's.
+        self._strict = strictest([self.tasks[t].envelope for t in task_ids])
+        if self._strict["sandbox"] != "none" and any(
+            s.task.envelope.install_project for s in steps
+        ):
+            raise MergeError(
+                "--check would install the combined tree (install_project) outside the sandbox "
+                "its tasks ran in: merge it without --check, or run its tasks unsandboxed"
+            )
         log_dir = await self._log_dir()
         branch = f"orchestrator/{self.run_id}/{name}"
         worktree = await create_worktree(self.repository, branch, path, commit)
@@ -296,9 +341,7 @@ class MergeChecker:
         for task in tasks:
             values = self._values(task, worktree.path)
             for requirement in task.envelope.requirements:
-                for name, value in values.items():
-                    requirement = requirement.replace("{" + name + "}", value)
-                requirements[requirement] = None
+                requirements[fill_placeholders(requirement, values)] = None
         backend = self.settings.venv_backend
         start = time.monotonic()
         commands: list[list[str]] = []
@@ -381,7 +424,7 @@ class MergeChecker:
         time limit are set by ``run_steps``)."""
         stem = log_dir / f"{ref_safe(task.task_id)}.{turn}"
         return AttemptRequest(
-            envelope=task.envelope,
+            envelope=task.envelope.model_copy(update=self._strict),
             attempt=turn,
             run_id=self.run_id,
             cwd=worktree.path,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 import anyio
 
-from envelopes import CheckResult, ErrorInfo, Step
+from envelopes import CheckResult, ErrorInfo, Step, fill_placeholders
 
 from .attempt import AttemptOutcome, AttemptRequest, log_entries
 
@@ -56,16 +56,8 @@ def step_argv(step: Step, values: Mapping[str, str]) -> list[str]:
     """The command *step* runs, its placeholders filled in from *values*: an argv list as it
     is, a shell string as ``/bin/sh -c`` with each value quoted for the shell."""
     if isinstance(step.run, str):
-        command = step.run
-        for name, value in values.items():
-            command = command.replace("{" + name + "}", shlex.quote(value))
-        return ["/bin/sh", "-c", command]
-    filled = []
-    for arg in step.run:
-        for name, value in values.items():
-            arg = arg.replace("{" + name + "}", value)
-        filled.append(arg)
-    return filled
+        return ["/bin/sh", "-c", fill_placeholders(step.run, values, shlex.quote)]
+    return [fill_placeholders(arg, values) for arg in step.run]
 
 
 async def run_steps(
@@ -106,12 +98,25 @@ async def _run_step(
 
     name = f"{log_stem.name}.{phase}-{step.name}.{turn}"
     stdout, stderr = log_stem.with_name(name + ".stdout"), log_stem.with_name(name + ".stderr")
+    # A step has no output: what it writes where the agent's would go is thrown away (it
+    # would stay in the run directory unmasked).
+    trash = log_stem.with_name(name + ".output")
+    env = {key: value for key, value in request.env.items() if key != "ORCHESTRATOR_OUTPUT"}
     own = dataclasses.replace(
-        request, stdout_path=stdout, stderr_path=stderr, time_limit=step.timeout
+        request,
+        stdout_path=stdout,
+        stderr_path=stderr,
+        output_path=trash,
+        env=env,
+        time_limit=step.timeout,
     )
     argv = step_argv(step, values)
     start = time.monotonic()
-    ran = await run_program(own, argv)
+    try:
+        ran = await run_program(own, argv)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lambda: trash.unlink(missing_ok=True))
     duration = round(time.monotonic() - start, 6)
     if isinstance(ran, AttemptOutcome):  # it could not start: as a program failing, 127
         await anyio.to_thread.run_sync(_note, stderr, ran.error)

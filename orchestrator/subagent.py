@@ -50,6 +50,7 @@ from envelopes import (
     add_usage,
     canonical_json,
     digest,
+    fill_placeholders,
     ref_safe,
     seal_result,
     sha256_hex,
@@ -396,9 +397,7 @@ async def _no_hook(name: HookName) -> ErrorInfo | None:
 
 def _filled(text: str, values: dict[str, str]) -> str:
     """*text* with each ``{name}`` of *values* replaced by its value."""
-    for name, value in values.items():
-        text = text.replace("{" + name + "}", value)
-    return text
+    return fill_placeholders(text, values)
 
 
 def _remove_files(root: Path, paths: set[str]) -> None:
@@ -577,6 +576,9 @@ class _Subagent:
             if self.place.worktree is not None and ctx.repo is not None:
                 await reset_worktree(ctx.repo, self.place.worktree)
                 await self.place.ready()  # the reset removed what copy and after_create made
+                if self.envelope.install_project:
+                    # ... and what the editable install built in the tree (an extension).
+                    await self.place.install_project()
         request = self._request(number, repair)
         self.history.masker = Masker.for_env(request.env, self.envelope.secrets)
         started_at = _now()
@@ -584,7 +586,7 @@ class _Subagent:
         failed = await self._hook("before_run", number)
         if failed is not None:
             outcome = AttemptOutcome("failed", error=failed)
-            return await self._ended(number, outcome, started_at, start)
+            return await self._ended(number, outcome, started_at, start, repair=bool(repair))
         try:
             return await self._turn(number, request, repair, started_at, start)
         finally:
@@ -644,9 +646,16 @@ class _Subagent:
         )
 
     async def _ended(
-        self, number: int, outcome: AttemptOutcome, started_at: datetime, start: float
+        self,
+        number: int,
+        outcome: AttemptOutcome,
+        started_at: datetime,
+        start: float,
+        *,
+        repair: bool = False,
     ) -> AttemptOutcome:
-        """Record attempt *number*, which ended before its agent ran (its setup failed)."""
+        """Record attempt (or *repair* turn) *number*, which ended before its agent ran (its
+        before_run hook or a setup step failed)."""
         self.history.attempts.append(
             Attempt(
                 number=number,
@@ -655,6 +664,7 @@ class _Subagent:
                 finished_at=_now(),
                 duration_s=round(time.monotonic() - start, 6),
                 error=outcome.error,
+                repair=repair or None,
             )
         )
         self.history.last = outcome

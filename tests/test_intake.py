@@ -131,3 +131,32 @@ def test_secret_values_are_masked_in_the_plan_as_hashed() -> None:
     data = {**PLAN, "defaults": {"env": {"API_TOKEN": "s3cr3t-value"}, "worktree": False}}
     intake = anyio.run(lambda: take_in(data, repo=None, agents=None, overrides={}))
     assert "s3cr3t-value" not in str(intake.plan_json)
+
+
+def test_a_sandboxed_dependent_may_not_install_its_worktree_outside_the_sandbox() -> None:
+    """install_project runs the project's build backend unsandboxed: on a task that starts
+    from other agents' (sandboxed) work, that would run their code outside the sandbox."""
+    from envelopes import build_envelope
+    from orchestrator.intake import unsafe_installs
+
+    first = build_envelope("a", "t", task_id="first", sandbox="bwrap")
+    risky = [
+        build_envelope(
+            "a", "t", task_id="two", sandbox="bwrap", depends_on=["first"], install_project=True
+        ),
+        build_envelope(
+            "a",
+            "t",
+            task_id="three",
+            sandbox="bwrap",
+            depends_on=["first"],
+            requirements=["-e {worktree}"],
+        ),
+    ]
+    fine = [
+        build_envelope("a", "t", task_id="four", sandbox="bwrap", install_project=True),
+        build_envelope("a", "t", task_id="five", depends_on=["first"], install_project=True),
+    ]
+    issues = unsafe_installs([first, *risky, *fine])
+    assert [i.path for i in issues] == ["tasks.two", "tasks.three"]
+    assert "install in a setup step instead" in issues[0].message

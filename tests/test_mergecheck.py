@@ -40,6 +40,7 @@ from orchestrator import Workspace, build_envelope, orchestrate_parallel, verify
 from orchestrator.errors import MergeError
 from orchestrator.mergeback import merge_results
 from orchestrator.mergecheck import MergeCheckSettings, failed_steps
+from orchestrator.report import report_bytes
 from orchestrator.sandbox import SandboxLayout, bwrap_argv, find_bwrap
 
 from .conftest import MakeRepo, cli, git, live_processes_with
@@ -613,3 +614,42 @@ def test_a_report_from_elsewhere_is_never_checked(
     assert "checks only a run made in this repository" in outcome.err
     assert git(repo, "rev-parse", "main") == before
     assert not (sent / "logs" / "merge-1").exists()
+
+
+def test_a_copy_of_the_report_with_its_results_pointed_elsewhere_is_not_checked(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run id and the envelopes' digests are public (branch names, commit trailers): a
+    report naming this run, but results it did not make, runs none of the run's checks."""
+    repo = make_repo()
+    report = run_tasks(repo, {"a": good("a")})
+    raw = json.loads(report_file(report).read_text())
+    other = git(repo, "commit-tree", "-p", "main", "-m", "not the agent's", "main^{tree}")
+    result = raw["results"][0]
+    result["provenance"]["result_commit"] = other
+    result["provenance"]["result_tree"] = git(repo, "rev-parse", "main^{tree}")
+    result["branch"] = None
+    result["provenance"]["result_sha256"] = digest_without(result, "provenance", "result_sha256")
+    forged = seal_report(Report.model_validate(raw))
+    sent = tmp_path / "report.json"
+    sent.write_bytes(report_bytes(forged))
+    with contextlib.chdir(repo):
+        outcome = cli(capsys, "merge", str(sent), "--into", "main", "--check", "--dry-run")
+    assert outcome.code == 2
+    assert "is not the one" in outcome.err
+
+
+def test_a_combined_tree_is_checked_under_the_strictest_isolation_of_its_tasks() -> None:
+    """The tree holds every task's code: a sandboxed task's check must not run unsandboxed
+    because another task, unsandboxed, names the same check."""
+    from envelopes import Limits
+    from orchestrator.mergecheck import strictest
+
+    trusted = build_envelope("w", "t", network=True, limits=Limits(memory_mb=900, cpu_s=60))
+    boxed = build_envelope("w", "u", sandbox="bwrap", limits=Limits(memory_mb=500))
+    strict = strictest([trusted, boxed])
+    assert strict["sandbox"] == "bwrap"
+    assert strict["network"] is False
+    assert strict["limits"] == Limits(memory_mb=500, cpu_s=60)
+    assert strict["inherit_env"] is False
+    assert strictest([trusted])["sandbox"] == "none"

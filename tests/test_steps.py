@@ -232,7 +232,7 @@ def test_placeholders_are_filled_in_quoted_for_the_shell(
         .tasks[0]
         .checks[0],  # type: ignore[index]
         {"worktree": "/w"},
-    ) == ["/bin/sh", "-c", "${HOME} {{x}}"]
+    ) == ["/bin/sh", "-c", "${HOME} {x}"]  # {{x}} is the text {x}
 
 
 def test_verify_catches_a_changed_check_and_a_deleted_check_log(
@@ -336,3 +336,63 @@ def test_each_phase_is_told_and_the_summary_counts_checks(
     console.print(summary_table(report))
     text = console.export_text()
     assert "checks" in text.splitlines()[2] and "1/1" in text
+
+
+@pytest.mark.parametrize(
+    ("run", "filled"),
+    [
+        ("find . -name '*.py' -exec echo {} +", "find . -name '*.py' -exec echo {} +"),
+        ("awk '{print $1}' {worktree}/x", "awk '{print $1}' '/w t'/x"),
+        ("echo {{worktree}} ${HOME}", "echo {worktree} ${HOME}"),
+        ("echo {worktree} {plan_dir}", "echo '/w t/{plan_dir}' /p"),  # one pass
+    ],
+)
+def test_placeholders_leave_other_braces_alone(run: str, filled: str) -> None:
+    step = (
+        Plan.model_validate(
+            {"tasks": [{"agent": "a", "task": "t", "checks": [{"name": "n", "run": run}]}]}
+        )
+        .tasks[0]
+        .checks[0]
+    )  # type: ignore[index]
+    values = {"worktree": "/w t/{plan_dir}", "plan_dir": "/p"}
+    if "{plan_dir}" not in run:
+        values["worktree"] = "/w t"
+    assert step_argv(step, values) == ["/bin/sh", "-c", filled]
+
+
+def test_a_step_gets_no_output_path(make_repo: MakeRepo, tmp_path: Path) -> None:
+    """A step's output is its logs: the agent's output file is not offered to it (a secret
+    written there would stay in the run directory unmasked)."""
+    repo = make_repo(0, extra=PACKAGE)
+    checks = [{"name": "probe", "run": 'test -z "$ORCHESTRATOR_OUTPUT" && echo none'}]
+    report = run(repo, plan(tmp_path, {"id": "p", "inputs": {"mode": "fix"}}, checks=checks))
+    result = report.results[0]
+    assert result.status == "succeeded", result.error
+    logs = Path(report.run_dir) / "logs"
+    assert not list(logs.glob("*.output"))
+
+
+def test_verify_holds_a_succeeded_task_to_the_checks_its_envelope_names(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A failed task made "succeeded" in a resealed report, its check records dropped, is
+    caught: its envelope file (hashed) says which checks it had to pass."""
+    from envelopes import Report, TaskResult, seal_report, seal_result
+    from orchestrator.report import report_bytes
+
+    repo = make_repo(0, extra=PACKAGE)
+    report = run(repo, plan(tmp_path, {"id": "bad", "inputs": {"mode": "break"}}))
+    raw = json.loads((Path(report.run_dir) / "report.json").read_text())
+    result = raw["results"][0]
+    result.update(status="succeeded", error=None, checks=[])
+    forged = Report.model_validate(
+        {**raw, "results": [seal_result(TaskResult.model_validate(result))]}
+    )
+    out = tmp_path / "forged.json"
+    out.write_bytes(report_bytes(seal_report(forged)))
+    outcome = anyio.run(lambda: verify_report(out, run_dir=report.run_dir))
+    assert any(
+        f.field == "checks" and "without passing its required tests" in f.message
+        for f in outcome.findings
+    ), outcome.findings
