@@ -119,6 +119,7 @@ from ._result import Summary as Summary
 from ._result import TaskResult as TaskResult
 from ._result import TaskStatus as TaskStatus
 from ._result import Timings as Timings
+from ._result import checks_trailer as checks_trailer
 from ._result import seal_report as seal_report
 from ._result import seal_result as seal_result
 from ._schema import json_schemas as json_schemas
@@ -232,6 +233,7 @@ __all__ = [
     "audit_report",
     "build_envelope",
     "canonical_json",
+    "checks_trailer",
     "dependency_cycles",
     "digest",
     "digest_without",

@@ -7,6 +7,7 @@ report file without trusting these models.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -181,6 +182,22 @@ class CopiedFile(_Model):
     sha256: Digest
     size: int = Field(ge=0)
     symlink: bool | None = None
+
+
+def checks_trailer(checks: Sequence[Mapping[str, Any]]) -> str | None:
+    """What a result commit's ``Checks:`` trailer says of *checks* (``CheckResult``s as JSON):
+    how the last turn's checks went, ``tests passed, lint failed (not required)``; None when
+    that turn ran none. The commit step writes it; ``verify`` reads it back."""
+    if not checks:
+        return None
+    turn = checks[-1]["turn"]
+    told = [
+        f"{c['name']} {'passed' if c['passed'] else 'failed'}"
+        + ("" if c["required"] else " (not required)")
+        for c in checks
+        if c["phase"] == "check" and c["turn"] == turn
+    ]
+    return ", ".join(told) or None
 
 
 class Attempt(_Model):

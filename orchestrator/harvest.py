@@ -19,7 +19,14 @@ from pathlib import Path
 
 import anyio
 
-from envelopes import CheckResult, CopiedFile, ErrorInfo, HandoffEnvelope, read_bounded
+from envelopes import (
+    CheckResult,
+    CopiedFile,
+    ErrorInfo,
+    HandoffEnvelope,
+    checks_trailer,
+    read_bounded,
+)
 
 from ._git import Git
 from .errors import GitError
@@ -147,13 +154,8 @@ def _message(
     task = envelope.task.strip()
     subject = task.splitlines()[0] if task else "(no description)"
     trailers = f"Orchestrator-Run: {run_id}\nEnvelope-SHA256: {envelope_sha256}\n"
-    last = [c for c in checks if c.phase == "check" and c.turn == checks[-1].turn]
-    if last:
-        told = [
-            f"{c.name} {'passed' if c.passed else 'failed'}{'' if c.required else ' (not required)'}"
-            for c in last
-        ]
-        trailers += f"Checks: {', '.join(told)}\n"
+    if told := checks_trailer([c.model_dump(mode="json") for c in checks]):
+        trailers += f"Checks: {told}\n"
     return masker.text(f"{envelope.agent}: {subject} [task {envelope.task_id}]\n\n{trailers}")
 
 

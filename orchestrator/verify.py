@@ -18,6 +18,7 @@ from envelopes import (
     Report,
     TaskResult,
     audit_report,
+    checks_trailer,
     load_report_file,
     upstream_tasks,
 )
@@ -164,6 +165,7 @@ async def _check_git(
         if r.provenance.result_commit:
             outcome.checked_commits += 1
             findings += await _check_result_commit(git, r, kind, branches)
+    findings += await _check_trailers(git, report)
     if merges:
         findings += await _check_dependency_starts(git, report)
         findings += await _check_merges(git, report, outcome)
@@ -171,6 +173,44 @@ async def _check_git(
 
 
 ObjectKind = Callable[[str], tuple[str | None, str | None]]
+
+
+async def _check_trailers(git: Git, report: Report) -> list[Finding]:
+    """Each result commit the run made for a task with checks says, in its ``Checks:``
+    trailer, what the task's last turn's check records say: the records are the report's
+    claims, the commit (its id in the report) is git's. One batched ``git log``."""
+    told = {
+        r.provenance.result_commit: r
+        for r in report.results
+        if r.provenance.result_commit and any(c.phase == "check" for c in r.checks)
+    }
+    if not told:
+        return []
+    out = await git.run("log", "--no-walk=unsorted", "--format=%H%x01%B%x00", *told, check=False)
+    findings = []
+    for entry in out.stdout.decode("utf-8", "replace").split("\0"):
+        commit, _, message = entry.strip("\n").partition("\x01")
+        r = told.get(commit)
+        if r is None or f"Orchestrator-Run: {report.run_id}\n" not in message:
+            continue  # not a commit this run made (the agent's own, say): nothing to compare
+        expected = checks_trailer([c.model_dump(mode="json") for c in r.checks])
+        found = next(
+            (
+                line[len("Checks: ") :]
+                for line in message.splitlines()
+                if line.startswith("Checks: ")
+            ),
+            None,
+        )
+        if found != expected:
+            findings.append(
+                Finding(
+                    task_id=r.task_id,
+                    field="checks",
+                    message=f"its commit's Checks trailer says {found!r}, its records {expected!r}",
+                )
+            )
+    return findings
 
 
 async def _object_kinds(git: Git, report: Report) -> ObjectKind:

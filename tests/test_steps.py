@@ -396,3 +396,31 @@ def test_verify_holds_a_succeeded_task_to_the_checks_its_envelope_names(
         f.field == "checks" and "without passing its required tests" in f.message
         for f in outcome.findings
     ), outcome.findings
+
+
+def test_verify_holds_check_records_to_the_commit_trailer(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Check records rewritten to passing, in a resealed report, disagree with the result
+    commit's Checks trailer, which is git's, not the report's."""
+    from envelopes import Report, TaskResult, seal_report, seal_result
+    from orchestrator.report import report_bytes
+
+    repo = make_repo(0, extra=PACKAGE)
+    report = run(repo, plan(tmp_path, {"id": "bad", "inputs": {"mode": "break"}}))
+    raw = json.loads((Path(report.run_dir) / "report.json").read_text())
+    result = raw["results"][0]
+    for check in result["checks"]:
+        check.update(exit_code=0, passed=True)
+    result.update(status="succeeded", error=None)
+    forged = Report.model_validate(
+        {**raw, "results": [seal_result(TaskResult.model_validate(result))]}
+    )
+    out = tmp_path / "forged.json"
+    out.write_bytes(report_bytes(seal_report(forged)))
+    outcome = anyio.run(lambda: verify_report(out, run_dir=report.run_dir, repo=repo))
+    assert any(
+        f.field == "checks"
+        and "Checks trailer says 'tests failed, lint failed (not required)'" in f.message
+        for f in outcome.findings
+    ), outcome.findings
