@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -311,6 +312,21 @@ class HttpSpec(_Strict):
         return value
 
 
+def _split_command(value: Any) -> Any:
+    """A command written as a string, split as a shell would (nothing runs through one)."""
+    return shlex.split(value) if isinstance(value, str) else value
+
+
+def _program_given(value: list[str]) -> list[str]:
+    if value and not value[0].strip():
+        raise ValueError("the program (first element) must not be empty")
+    return value
+
+
+#: A program and its arguments (a string is split like a shell would).
+Command = Annotated[list[str], BeforeValidator(_split_command), AfterValidator(_program_given)]
+
+
 #: The kinds of tool call an Agent Client Protocol agent may ask permission for.
 ToolKind = Literal[
     "read", "edit", "delete", "move", "search", "execute", "think", "fetch", "switch_mode", "other"
@@ -328,22 +344,9 @@ class AcpSpec(_Strict):
     of tool call granted when the agent asks, and then only when every place the call names is
     inside the worktree; everything else is refused."""
 
-    command: list[str] = Field(min_length=1, max_length=1000)
+    command: Command = Field(min_length=1, max_length=1000)
     allow: list[ToolKind] = Field(default_factory=lambda: list(DEFAULT_ACP_ALLOW))
 
-    @field_validator("command", mode="before")
-    @classmethod
-    def _split_string(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return shlex.split(value)
-        return value
-
-    @field_validator("command")
-    @classmethod
-    def _non_empty_program(cls, value: list[str]) -> list[str]:
-        if not value[0].strip():
-            raise ValueError("the program (first element) must not be empty")
-        return value
 
 
 class AgentSpec(_Isolation, _Additions):
@@ -361,7 +364,7 @@ class AgentSpec(_Isolation, _Additions):
 
     _ADDED = frozenset({"preset", "program", "model", "args", "http", "acp"})
 
-    command: list[str] | None = Field(default=None, min_length=1)
+    command: Command | None = Field(default=None, min_length=1)
     http: HttpSpec | None = None
     acp: AcpSpec | None = None
     preset: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")] | None = None
@@ -380,19 +383,6 @@ class AgentSpec(_Isolation, _Additions):
             raise ValueError("program, model and args go with a preset")
         return self
 
-    @field_validator("command", mode="before")
-    @classmethod
-    def _split_string(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return shlex.split(value)
-        return value
-
-    @field_validator("command")
-    @classmethod
-    def _non_empty_program(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and not value[0].strip():
-            raise ValueError("the program (first element) must not be empty")
-        return value
 
 
 #: The placeholders a step's or hook's command, and a requirement, may use.

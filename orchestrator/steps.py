@@ -73,8 +73,8 @@ async def run_steps(
     """Run *steps* in order for *turn*: every check; setup steps until a required one fails.
 
     *request* is the turn's attempt request (its environment, cwd and isolation); each step
-    gets its own logs (named from *log_stem*, ``logs/<task>``) and time limit. Cancellation: the running step's process group is
-    ended, and the cancellation propagates.
+    gets its own logs (named from *log_stem*, ``logs/<task>``) and time limit. Cancellation:
+    the running step's process group is ended, and the cancellation propagates.
     """
     runs: list[StepRun] = []
     for step in steps:
