@@ -7,13 +7,16 @@ makes its commits work. Fixture repositories are committed with an explicit ``-c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import pytest
 
@@ -189,3 +192,49 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Outcome:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return Outcome(code, out, err)
+
+
+class LocalServer(ThreadingHTTPServer):
+    """A real HTTP server on 127.0.0.1, on a free port, for tests of what talks HTTP.
+
+    ``lock`` guards what a handler records; ``release`` is set when the test ends, to let a
+    handler that waits (a slow endpoint) give up. A client that hangs up is expected.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a body over a cap, a slow endpoint given up on) is expected."""
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that does not log each request to stderr."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+Server = TypeVar("Server", bound=LocalServer)
+
+
+@contextlib.contextmanager
+def serving(server: Server) -> Iterator[Server]:
+    """*server*, serving in a thread until the block ends; then released and closed."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.release.set()
+        server.shutdown()
+        thread.join()
+        server.server_close()

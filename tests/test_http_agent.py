@@ -19,7 +19,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from orchestrator.agents import KINDS, as_agent
 from orchestrator.attempt import AttemptRequest
 from orchestrator.http_agent import HttpAgent
 
-from .conftest import MakeRepo, git
+from .conftest import LocalServer, MakeRepo, QuietHandler, git, serving
 
 BACKENDS = ["asyncio", "trio"]
 
@@ -112,19 +111,15 @@ class Seen:
     body: bytes
 
 
-class AgentServer(ThreadingHTTPServer):
+class AgentServer(LocalServer):
     """The stand-in agent: answers by path (ROUTES), records what it was sent."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.lock = threading.Lock()
+        super().__init__(Handler)
         self.seen: list[Seen] = []
         self.counts: Counter[str] = Counter()
-        #: Set when the slow endpoint is asked; when the test ends, to let it give up.
+        #: Set when the slow endpoint is asked.
         self.slow_asked = threading.Event()
-        self.release = threading.Event()
         #: What /secret expects after "Bearer ".
         self.secret = ""
         #: What /patch answers with as its ``patch``.
@@ -132,21 +127,15 @@ class AgentServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_port}"
+        return self.origin
 
     def requests_to(self, path: str) -> list[Seen]:
         with self.lock:
             return [s for s in self.seen if s.path == path]
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that hung up (a body over the cap) is expected, not an error."""
 
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(QuietHandler):
     server: AgentServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     def do_POST(self) -> None:
         self._handle("POST")
@@ -289,16 +278,8 @@ ROUTES: dict[str, Callable[[Handler, int], None]] = {
 
 @pytest.fixture
 def server() -> Iterator[AgentServer]:
-    srv = AgentServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with serving(AgentServer()) as srv:
         yield srv
-    finally:
-        srv.release.set()
-        srv.shutdown()
-        thread.join()
-        srv.server_close()
 
 
 def run(

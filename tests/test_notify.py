@@ -12,12 +12,10 @@ import contextlib
 import functools
 import json
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, get_args
 
@@ -40,7 +38,7 @@ from orchestrator import notify as notify_module
 from orchestrator.notify import Webhook, Webhooks, read_webhooks, shown_url, signature
 from orchestrator.plan import parse_plan, validate_plan_data
 
-from .conftest import MakeRepo, cli
+from .conftest import LocalServer, MakeRepo, QuietHandler, cli, serving
 from .test_docs import read_blocks, webhook_check
 
 BACKENDS = ["asyncio", "trio"]
@@ -62,36 +60,25 @@ class Delivery:
         return value
 
 
-class HookServer(ThreadingHTTPServer):
+class HookServer(LocalServer):
     """The stand-in receiver: answers by path (ROUTES), records and checks what it gets."""
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), HookHandler)
-        self.lock = threading.Lock()
+        super().__init__(HookHandler)
         self.seen: list[Delivery] = []
         self.counts: Counter[str] = Counter()
         self.check = webhook_check()
-        #: Set when the test ends, to let the slow endpoint go.
-        self.release = threading.Event()
 
     def url(self, target: str) -> str:
-        return f"http://127.0.0.1:{self.server_port}{target}"
+        return self.origin + target
 
     def to(self, target: str) -> list[Delivery]:
         with self.lock:
             return [d for d in self.seen if d.target == target]
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that gave up (the slow endpoint) is expected, not an error."""
 
-
-class HookHandler(BaseHTTPRequestHandler):
+class HookHandler(QuietHandler):
     server: HookServer
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -132,16 +119,8 @@ ROUTES: dict[str, Callable[[HookHandler, int], int]] = {
 
 @pytest.fixture
 def server() -> Iterator[HookServer]:
-    srv = HookServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with serving(HookServer()) as srv:
         yield srv
-    finally:
-        srv.release.set()
-        srv.shutdown()
-        thread.join()
-        srv.server_close()
 
 
 @pytest.fixture
