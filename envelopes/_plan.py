@@ -348,7 +348,6 @@ class AcpSpec(_Strict):
     allow: list[ToolKind] = Field(default_factory=lambda: list(DEFAULT_ACP_ALLOW))
 
 
-
 class AgentSpec(_Isolation, _Additions):
     """How to start an agent: a command run in the task's worktree, or a coding agent's preset.
 
@@ -382,7 +381,6 @@ class AgentSpec(_Isolation, _Additions):
         if self.preset is None and (self.program or self.model or self.args):
             raise ValueError("program, model and args go with a preset")
         return self
-
 
 
 #: The placeholders a step's or hook's command, and a requirement, may use.
