@@ -12,6 +12,9 @@ pool are issue 5's remaining parts):
 - ``cli``: ``python -m orchestrator --help`` against ``python -c pass``.
 - ``sandbox``: N trivial command tasks (a worktree each, no venv) under ``sandbox: bwrap`` and
   N without, in the same run: the median time per task of each, and their ratio.
+- ``dask``: the dask executor (bench/dask_bench.py): sleeping tasks on an embedded cluster
+  against the ideal, bytes shipped per task against the task's own change, no-op tasks on
+  dask against the local executor.
 
 Prints a table and writes the numbers as JSON.
 """
@@ -460,6 +463,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         target("shared requirements: venv / bare uv venv", results["requirements"]["ratio"], 1.5)
     if "cli" in results:
         target("orchestrator --help / python -c pass", results["cli"]["ratio"], 6)
+    if "dask" in results:
+        d = results["dask"]
+        target("dask: sleeping tasks' wall time / ideal", d["sleep"]["ratio"], 1.3)
+        target(
+            "dask: later tasks' (bytes shipped - 4 KiB) / own change's bundle",
+            d["bytes"]["later_worst_ratio_less_4k"],
+            2.0,
+        )
     return out
 
 
@@ -468,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument(
         "--only",
-        default="worktrees,requirements,scheduler,cli,sandbox",
+        default="worktrees,requirements,scheduler,cli,sandbox,dask",
         help="comma-separated benchmarks (default: all)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
@@ -492,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
-    unknown = only - {"worktrees", "requirements", "scheduler", "cli", "sandbox"}
+    unknown = only - {"worktrees", "requirements", "scheduler", "cli", "sandbox", "dask"}
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     results: dict[str, Any] = {"python": sys.version.split()[0], "quick": args.quick}
@@ -574,6 +585,12 @@ def main(argv: list[str] | None = None) -> int:
             f"cli start: orchestrator --help {c['orchestrator_help_s']} s, "
             f"python -c pass {c['python_pass_s']} s, ratio {c['ratio']}"
         )
+    if "dask" in only:
+        import dask_bench
+
+        results["dask"] = dask_bench.bench_dask(args.quick)
+        for line in dask_bench.describe(results["dask"]):
+            print(line, flush=True)
     results["targets"] = checked = targets(results)
     if checked:
         print("targets (issue 5):")

@@ -18,6 +18,7 @@ from ._bounded import hash_file as hash_file
 from ._bounded import loads_bounded as loads_bounded
 from ._bounded import open_regular as open_regular
 from ._bounded import read_bounded as read_bounded
+from ._bounded import relative_path_problem as relative_path_problem
 from ._canonical import canonical_json as canonical_json
 from ._canonical import digest as digest
 from ._canonical import digest_without as digest_without
@@ -64,6 +65,7 @@ from ._plan import Budget as Budget
 from ._plan import Concurrency as Concurrency
 from ._plan import CopyPath as CopyPath
 from ._plan import EnvSpec as EnvSpec
+from ._plan import ExecutorSpec as ExecutorSpec
 from ._plan import ExpandedTask as ExpandedTask
 from ._plan import Hooks as Hooks
 from ._plan import HttpSpec as HttpSpec
@@ -77,6 +79,7 @@ from ._plan import PlanDefaults as PlanDefaults
 from ._plan import PlanProblem as PlanProblem
 from ._plan import Ports as Ports
 from ._plan import Rates as Rates
+from ._plan import Resources as Resources
 from ._plan import Sandbox as Sandbox
 from ._plan import Select as Select
 from ._plan import Step as Step
@@ -175,6 +178,7 @@ __all__ = [
     "ErrorInfo",
     "ErrorKind",
     "Event",
+    "ExecutorSpec",
     "ExpandedTask",
     "Finding",
     "GroupDecided",
@@ -208,6 +212,7 @@ __all__ = [
     "Rates",
     "Report",
     "ReportError",
+    "Resources",
     "RunFinished",
     "RunStarted",
     "Sandbox",
@@ -257,6 +262,7 @@ __all__ = [
     "plan_problems",
     "read_bounded",
     "ref_safe",
+    "relative_path_problem",
     "report_layout",
     "run_id_problem",
     "seal_report",

@@ -42,6 +42,7 @@ __all__ = [
     "MATRIX_FIELDS",
     "AgentSpec",
     "EnvSpec",
+    "ExecutorSpec",
     "ExpandedTask",
     "KeepWorktrees",
     "Limits",
@@ -51,6 +52,7 @@ __all__ = [
     "Plan",
     "PlanDefaults",
     "PlanProblem",
+    "Resources",
     "Sandbox",
     "Select",
     "TaskSpec",
@@ -348,6 +350,17 @@ class AcpSpec(_Strict):
     allow: list[ToolKind] = Field(default_factory=lambda: list(DEFAULT_ACP_ALLOW))
 
 
+#: A Dask worker resource's name (``gpu``, ``licence.matlab``): an agent's ``resources`` and
+#: an embedded worker's.
+ResourceName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
+#: Amounts of resources by name: what an agent's task holds while it runs on a worker, or
+#: what a worker has.
+Resources = Annotated[
+    dict[ResourceName, Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False)]],
+    Field(max_length=32),
+]
+
+
 class AgentSpec(_Isolation, _Additions):
     """How to start an agent: a command run in the task's worktree, or a coding agent's preset.
 
@@ -361,7 +374,7 @@ class AgentSpec(_Isolation, _Additions):
     ``http`` and ``acp``.
     """
 
-    _ADDED = frozenset({"preset", "program", "model", "args", "http", "acp"})
+    _ADDED = frozenset({"preset", "program", "model", "args", "http", "acp", "resources"})
 
     command: Command | None = Field(default=None, min_length=1)
     http: HttpSpec | None = None
@@ -372,6 +385,9 @@ class AgentSpec(_Isolation, _Additions):
     args: list[str] = Field(default_factory=list)
     env: Env = Field(default_factory=dict)
     max_concurrency: Concurrency | None = None
+    #: What each of its tasks holds on a Dask worker while it runs (``{gpu: 1}``): it runs
+    #: only on a worker that has them free. The local executor has no resources to count.
+    resources: Resources = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_way_to_start(self) -> AgentSpec:
@@ -706,10 +722,68 @@ class MergeSpec(_Additions):
     train: bool | None = None
 
 
+#: A Dask scheduler's address: ``tcp://host:port`` (``tls://`` with security set up).
+SchedulerAddress = Annotated[
+    str, Field(pattern=r"^(tcp|tls|inproc|ws|wss|ucx)://[^\s/]+$", max_length=500)
+]
+
+
+class ExecutorSpec(_Strict):
+    """Where the tasks run (``executor``): ``local`` (this machine, the default) or ``dask``
+    (the workers of a Dask cluster; see docs/distributed.md). A plan may write just the kind
+    (``executor: dask``).
+
+    For ``dask``: ``scheduler`` is an existing cluster's address; without it, the run starts
+    an embedded cluster of ``workers`` worker processes (default 2) on this machine, with
+    ``slots`` tasks at once each (default: the run's concurrency shared out) and
+    ``resources`` each. A task whose agent needs resources that no worker has fails (kind
+    ``placement``) after ``placement_timeout`` seconds; ``connect_timeout`` bounds the wait
+    for the scheduler.
+    """
+
+    kind: Literal["local", "dask"] = "local"
+    scheduler: SchedulerAddress | None = None
+    workers: Annotated[int, Field(ge=1, le=256)] | None = None
+    slots: Annotated[int, Field(ge=1, le=256)] | None = None
+    resources: Resources = Field(default_factory=dict)
+    placement_timeout: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 60.0
+    connect_timeout: Annotated[float, Field(gt=0, le=600, allow_inf_nan=False)] = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_alone(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fits_the_kind(self) -> ExecutorSpec:
+        embedded = ("workers", "slots", "resources")
+        if self.kind == "local":
+            given = sorted(self.model_fields_set - {"kind"})
+            if given:
+                raise ValueError(f"{', '.join(given)} go with kind dask, not local")
+        elif self.scheduler is not None:
+            given = sorted(self.model_fields_set & set(embedded))
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} describe an embedded cluster: not with scheduler "
+                    "(an existing cluster's workers are started with their own)"
+                )
+        return self
+
+    @property
+    def described(self) -> str:
+        """The executor in a few words: ``local``, ``dask tcp://...``, ``dask (4 workers)``."""
+        if self.kind == "local":
+            return "local"
+        if self.scheduler is not None:
+            return f"dask {self.scheduler}"
+        return f"dask (embedded, {self.workers or 2} workers)"
+
+
 class Plan(_Additions):
     """A whole plan file."""
 
-    _ADDED = frozenset({"budget", "pricing", "notify", "hooks", "copy_paths", "ports"})
+    _ADDED = frozenset({"budget", "pricing", "notify", "hooks", "copy_paths", "ports", "executor"})
     _WRITTEN_AS = {"copy_paths": "copy"}
 
     version: Literal[1] = 1
@@ -734,6 +808,8 @@ class Plan(_Additions):
     )
     #: A block of ports for each running task.
     ports: Ports | None = None
+    #: Where the tasks run: this machine (the default) or a Dask cluster.
+    executor: ExecutorSpec | None = None
     defaults: PlanDefaults = Field(default_factory=PlanDefaults)
     agents: dict[str, AgentSpec] = Field(default_factory=dict)
     tasks: list[TaskSpec] = Field(min_length=1)

@@ -95,6 +95,10 @@ ErrorKind = Literal[
     "setup",  # a required setup step failed: the agent did not run
     "check",  # a required check failed on what the agent did (after its repair turns)
     "hook",  # a required hook (after_create, before_run) failed
+    # Where the task runs (the Dask executor, docs/distributed.md):
+    "worker_lost",  # the worker running the task left the cluster: run again elsewhere
+    "placement",  # no worker of the cluster has the resources the task's agent needs
+    "transfer",  # the task's work could not be brought back from its worker intact
 ]
 
 #: Error kinds a retry cannot help with: not logged in, and a prompt template that the
@@ -203,7 +207,7 @@ def checks_trailer(checks: Sequence[Mapping[str, Any]]) -> str | None:
 class Attempt(_Model):
     """One try at running the agent, or a repair turn after a failed check (``repair``)."""
 
-    _ADDED = frozenset({"usage", "repair"})
+    _ADDED = frozenset({"usage", "repair", "worker"})
 
     number: int
     status: TaskStatus
@@ -220,6 +224,8 @@ class Attempt(_Model):
     #: True for a repair turn: the agent run again in the same worktree after a required
     #: check failed (unset for an attempt from a clean worktree).
     repair: bool | None = None
+    #: The Dask worker that ran it (its address), when the run had the ``dask`` executor.
+    worker: Annotated[str, Field(max_length=256)] | None = None
 
 
 class Timings(_Model):

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from .coordinator import orchestrate_parallel as orchestrate_parallel
     from .coordinator import resume_run as resume_run
     from .coordinator import run_events as run_events
+    from .dask_executor import DaskExecutor as DaskExecutor
+    from .errors import ExecutorError as ExecutorError
     from .errors import GitError as GitError
     from .errors import MergeError as MergeError
     from .errors import NotARepository as NotARepository
@@ -61,6 +63,8 @@ _EXPORTS: dict[str, str] = {
     "orchestrate_parallel": ".coordinator",
     "resume_run": ".coordinator",
     "run_events": ".coordinator",
+    "DaskExecutor": ".dask_executor",
+    "ExecutorError": ".errors",
     "GitError": ".errors",
     "MergeError": ".errors",
     "NotARepository": ".errors",
@@ -102,6 +106,8 @@ __all__ = [
     "Agent",
     "AttemptOutcome",
     "AttemptRequest",
+    "DaskExecutor",
+    "ExecutorError",
     "GitError",
     "LoadedPlan",
     "MergeCheckSettings",

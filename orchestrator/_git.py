@@ -177,6 +177,11 @@ class Git:
         """Run git and tell whether it exited 0."""
         return (await self.run(*args, cwd=cwd, check=False)).returncode == 0
 
+    def use_identity(self, env: Mapping[str, str]) -> None:
+        """Make commits as *env* says (``GIT_AUTHOR_NAME``...), whatever the config says: a
+        Dask worker's commits carry the coordinator's identity."""
+        self._identity = dict(env)
+
     async def identity_env(self) -> dict[str, str]:
         """Author/committer variables for commits, falling back when no identity is set.
 

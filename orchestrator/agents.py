@@ -43,6 +43,8 @@ __all__ = [
     "CommandAgent",
     "Workspace",
     "as_agent",
+    "plan_program_of",
+    "program_of",
 ]
 
 
@@ -156,3 +158,28 @@ def _kind(name: str) -> AgentKind:
     except KeyError:
         known = ", ".join(sorted(KINDS))
         raise ValueError(f"unknown agent kind {name!r} (known: {known})") from None
+
+
+def program_of(agent: Agent) -> str | None:
+    """The program *agent* runs, when it is a name looked up on the PATH (``claude``): what a
+    Dask worker must have. None for an agent in this process, a path, a placeholder, or
+    ``python`` (the task's venv's, else the worker's own interpreter)."""
+    if isinstance(agent, PresetAgent):
+        name = agent.program_name
+    elif isinstance(agent, CommandAgent | AcpAgent):
+        name = agent.command[0]
+    else:
+        return None
+    if "{" in name or "/" in name or name in ("python", "python3"):
+        return None
+    return name
+
+
+def plan_program_of(agent: Agent) -> str | None:
+    """*agent*'s program when it is a file of the plan's (``./agent.sh``, ``bin/agent``: a
+    relative path, taken from the plan's directory), relative to that directory."""
+    if isinstance(agent, CommandAgent | AcpAgent):
+        first = agent.command[0]
+        if "/" in first and not first.startswith("/") and "{" not in first:
+            return first.removeprefix("./")
+    return None

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the report JSON on stdout instead of the summary table",
     )
+    _executor_options(run)
     run.add_argument(
         "--resume",
         action="store_true",
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the report JSON on stdout instead of the summary table",
     )
+    _executor_options(resume)
 
     gc = sub.add_parser(
         "gc",
@@ -350,10 +352,42 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
         report_path=args.out,
         venv_backend=args.venv_backend,
         fail_fast=args.fail_fast,
+        executor=_executor(args),
         on_event=on_event,
         resume=resume,
         reuse=reuse,
     )
+
+
+def _executor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--executor",
+        choices=["local", "dask"],
+        help="where tasks run: this machine (local, the default) or a Dask cluster (dask)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_integer,
+        metavar="N",
+        help="with dask: start a cluster of N worker processes on this machine",
+    )
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with dask: the scheduler of an existing cluster (tcp://host:8786)",
+    )
+
+
+def _executor(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The executor the options ask for (over the plan's), or None when they ask nothing."""
+    if args.executor is None and args.workers is None and args.scheduler is None:
+        return None
+    given: dict[str, Any] = {"kind": args.executor or "dask"}
+    if args.workers is not None:
+        given["workers"] = args.workers
+    if args.scheduler is not None:
+        given["scheduler"] = args.scheduler
+    return given
 
 
 async def _warn_if_dirty(loaded: Any, repo: Path | None, base: str | None) -> None:
@@ -396,6 +430,7 @@ async def _resume(args: argparse.Namespace, on_event: Callable[..., Any]) -> Rep
         state_dir=args.state_dir,
         report_path=args.out,
         concurrency=args.concurrency,
+        executor=_executor(args),
         on_event=on_event,
     )
 

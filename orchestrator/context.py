@@ -29,7 +29,7 @@ from .settings import RunSettings
 from .venv import VenvBackend, get_backend
 from .workspace import PortSlots
 
-__all__ = ["EventHandler", "RunContext"]
+__all__ = ["EventHandler", "RunContext", "guard_repository"]
 
 #: Made once per run, so that a task makes no directory of its own: each attempt's files are
 #: ``<dir>/<task>.attempt-<n>.<ext>`` and each envelope ``envelopes/<task>.json``.
@@ -90,8 +90,15 @@ class RunContext:
     lifeline: Lifeline = field(default_factory=Lifeline)
     #: Queues each event for the plan's webhooks, without waiting (orchestrator/notify.py).
     notify: Callable[[Event], None] | None = None
-    #: The running tasks' slots (``ORCHESTRATOR_SLOT``), made when the first task takes one.
-    _slots: PortSlots | None = field(default=None, repr=False)
+    #: The running tasks' slots (``ORCHESTRATOR_SLOT``), made when the first task takes one
+    #: (or given: a task's on a Dask worker, where the coordinator chose it).
+    port_slots: PortSlots | None = field(default=None, repr=False)
+    #: Where worktrees, venvs and pools live, when not beside the run directories (a Dask
+    #: worker's, shared by the tasks it runs; see orchestrator/remote.py).
+    home: Path | None = None
+    #: Where the plan's ``copy`` files are copied from, when not the repository's checkout
+    #: (a Dask worker's copy of them).
+    copy_root: Path | None = None
 
     def start_of(self, task_id: str) -> tuple[str | None, str | None]:
         """The commit and tree *task_id* starts from."""
@@ -101,9 +108,9 @@ class RunContext:
     def slots(self) -> PortSlots:
         """The running tasks' slots: as many as the run's concurrency (made on first use, so
         that a resume's settings are the ones it has)."""
-        if self._slots is None:
-            self._slots = PortSlots(self.settings.concurrency)
-        return self._slots
+        if self.port_slots is None:
+            self.port_slots = PortSlots(self.settings.concurrency)
+        return self.port_slots
 
     def cancelled_error(self, task_id: str) -> ErrorInfo:
         """Why *task_id* was cancelled."""
@@ -163,7 +170,7 @@ class RunContext:
             journal.open()
             guarding = repo is not None and repo.git.guard is None
             if repo is not None and guarding:
-                await _guard(repo)
+                await guard_repository(repo)
         except BaseException:
             journal.close()
             run_lock.release()
@@ -205,7 +212,7 @@ class RunContext:
     @property
     def state_dir(self) -> Path:
         """Where worktrees and venvs of this run live (beside the run directories)."""
-        return self.run_dir.parent.parent
+        return self.home or self.run_dir.parent.parent
 
     def worktree_path(self, task_id: str) -> Path:
         """Where *task_id*'s worktree goes."""
@@ -303,7 +310,7 @@ async def _make_run_dir(run_dir: Path, *, resume: bool) -> None:
         raise RunDirError(f"cannot write {run_dir}: {exc.strerror or exc}") from exc
 
 
-async def _guard(repo: Repository) -> None:
+async def guard_repository(repo: Repository) -> None:
     """Set the repository's guard. One guard per Repository object: a second run sharing it
     shares the first's (and only the run that set it removes it)."""
     repo.git.guard = await anyio.to_thread.run_sync(RepoGuard.snapshot, repo.common_dir)

@@ -165,9 +165,11 @@ class _Run:
             plan_dir=intake.plan_dir,
             on_event=on_event,
         )
-        run = cls(intake, ctx, RunHooks(ctx, intake.agents, make_executor(ctx)))
+        run = cls(intake, ctx, RunHooks(ctx, intake.agents))
         try:
             await run.open_journal(resume, reuse)
+            # Made for the settings as they are now (a resume's are the journal's).
+            run.hooks.executor = make_executor(ctx)
         except BaseException:
             ctx.close()
             if not resume:
@@ -190,6 +192,13 @@ class _Run:
             restored=run.restored,
             budget=settings.budget,
         )
+        try:  # before the run is told to have started: nothing left behind if it fails
+            await run.hooks.executor.start()
+        except BaseException:
+            ctx.close()
+            if not resume:
+                shutil.rmtree(ctx.run_dir, ignore_errors=True)
+            raise
         return run
 
     async def open_journal(self, resume: bool, reuse: str | None) -> None:
@@ -241,7 +250,11 @@ class _Run:
 
     async def _run_to_the_end(self) -> Report:
         try:
-            await self._execute()
+            try:
+                await self._execute()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.hooks.executor.aclose()
         except BaseException as exc:
             await self._end_early(exc)
             raise
@@ -353,11 +366,13 @@ async def resume_run(
     on_event: EventHandler | None = None,
     report_path: Path | str | None = None,
     concurrency: int | None = None,
+    executor: Any = None,
 ) -> Report:
     """Go on with run *run_id*, interrupted (its orchestrator died) or cancelled.
 
     The plan is the run's own (``plan.json`` in its run directory), with the settings it
-    started with (*concurrency* may override its limit). Agents given in code (*agents*) are
+    started with (*concurrency* may override its limit, *executor* where its tasks run: the
+    same cluster, say, which the dead run's remote agents are stopped on first). Agents given in code (*agents*) are
     needed for callable agents, which a plan file cannot hold. The repository is *repo*,
     else the one the run was made in. See ``orchestrate_parallel(..., resume=)``.
     """
@@ -378,6 +393,7 @@ async def resume_run(
             report_path=report_path,
             resume=run_id,
             concurrency=concurrency,
+            executor=executor,
             state_dir=state_dir,
         )
     finally:

@@ -16,6 +16,8 @@ fails is data (a TaskResult with a status and an error), never an exception.
     ├── JournalCorrupt       a journal line other than the last cannot be read
     ├── ReportUnreadable     a report file that cannot be read or is not a report
     ├── MergeError           a merge-back that cannot start: bad target, task or report
+    ├── ExecutorError        tasks cannot run where asked: no scheduler, a worker unfit
+    ├── ShippingError        what a task needs cannot be packed or unpacked to travel
     └── IllegalTransition    a task state change the lifecycle forbids: a bug of the engine
 """
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "EventHandlerFailed",
+    "ExecutorError",
     "GitError",
     "IllegalTransition",
     "JournalCorrupt",
@@ -39,6 +42,7 @@ __all__ = [
     "RunDirError",
     "RunInUse",
     "SettingsError",
+    "ShippingError",
     "VenvError",
 ]
 
@@ -130,6 +134,16 @@ class MergeError(OrchestratorError):
     merge, tasks none of which has a required check, or an envelope that cannot be read or
     does not match the report.
     """
+
+
+class ExecutorError(OrchestratorError):
+    """The run's executor cannot run its tasks: no scheduler at the address, a worker
+    without git or with another version of the orchestrator, Dask not installed."""
+
+
+class ShippingError(OrchestratorError):
+    """What a task needs (or brought back) cannot be packed or unpacked: too many or too
+    big files, a path that is not a plain relative one."""
 
 
 class NotARepository(OrchestratorError):

@@ -7,9 +7,13 @@ journal, the result cache, the report, merges of dependencies' results) stays wi
 coordinator, whichever executor runs the task.
 
 ``local`` runs the task in this process: a worktree and venv on this machine, the agent as a
-local subprocess (or an async function in this event loop). It is the only executor today; a
-remote one (tasks on a cluster of other machines, the repository's state shipped as git
-bundles) is one more entry in :data:`EXECUTORS`.
+local subprocess (or an async function in this event loop). ``dask`` runs it on a worker of
+a Dask cluster, the repository's state shipped both ways as git bundles
+(orchestrator/dask_executor.py; the ``dask`` extra).
+
+An executor is made for one run (:func:`make_executor`), started before the run's first
+task (:meth:`Executor.start`: a cluster connected to, and checked) and closed after its
+last (:meth:`Executor.aclose`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from envelopes import HandoffEnvelope, TaskResult
+from envelopes import ExecutorSpec, HandoffEnvelope, TaskResult
 
 from .agents import Agent
 from .context import RunContext
@@ -44,6 +48,15 @@ class Executor(Protocol):
 
     #: The executor's name, as the ``executor`` setting selects it.
     name: str
+
+    async def start(self) -> None:
+        """Make ready to run tasks (connect to a cluster, say); an OrchestratorError that
+        tells the user what is wrong when it cannot."""
+        ...
+
+    async def aclose(self) -> None:
+        """Let go of what :meth:`start` took (idempotent; called however the run ends)."""
+        ...
 
     async def run(self, task: PreparedTask) -> TaskResult:
         """Run *task* to its end and return its sealed result.
@@ -71,15 +84,32 @@ class LocalExecutor:
     def __init__(self, ctx: RunContext) -> None:
         self._ctx = ctx
 
+    async def start(self) -> None:
+        """Nothing to start: the run's context has everything."""
+
+    async def aclose(self) -> None:
+        """Nothing to close."""
+
     async def run(self, task: PreparedTask) -> TaskResult:
         """Run *task* as a subagent of this process."""
         return await run_subagent(task.envelope, task.agent, self._ctx)
 
 
-#: Executors by name: each makes one for a run from the run's context.
-EXECUTORS: dict[str, Callable[[RunContext], Executor]] = {"local": LocalExecutor}
+def _dask(ctx: RunContext) -> Executor:
+    from .dask_executor import DaskExecutor  # Dask is imported only when it is used
+
+    return DaskExecutor.from_spec(ctx.settings.executor_spec).bind(ctx)
+
+
+#: Executors by kind (``ExecutorSpec.kind``): each makes one for a run from the run's
+#: context, whose settings hold its options.
+EXECUTORS: dict[str, Callable[[RunContext], Executor]] = {"local": LocalExecutor, "dask": _dask}
 
 
 def make_executor(ctx: RunContext) -> Executor:
-    """The executor the run's settings select."""
-    return EXECUTORS[ctx.settings.executor](ctx)
+    """The executor the run's settings select: an executor object's own (``bind``), else
+    the one of the spec's kind."""
+    choice = ctx.settings.executor
+    if not isinstance(choice, ExecutorSpec):
+        return choice.bind(ctx)  # type: ignore[no-any-return]
+    return EXECUTORS[choice.kind](ctx)

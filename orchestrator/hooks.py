@@ -40,7 +40,7 @@ from .cache import lookup as cache_lookup
 from .cache import store as cache_store
 from .context import RunContext
 from .errors import GitError, RunDirError
-from .executor import Executor, PreparedTask
+from .executor import Executor, LocalExecutor, PreparedTask
 from .merge import Combined, changed_files, combine_commits
 from .scheduler import GroupState
 from .subagent import not_started_result, record_result
@@ -51,10 +51,13 @@ __all__ = ["RunHooks"]
 class RunHooks:
     """What the scheduler calls for a run's tasks (a ``SchedulerHooks``)."""
 
-    def __init__(self, ctx: RunContext, agents: Mapping[str, Agent], executor: Executor) -> None:
+    def __init__(
+        self, ctx: RunContext, agents: Mapping[str, Agent], executor: Executor | None = None
+    ) -> None:
         self.ctx = ctx
         self.agents = agents
-        self.executor = executor
+        #: Where tasks run (set once the run's settings are final: a resume's are its own).
+        self.executor: Executor = executor or LocalExecutor(ctx)
         self._merges: dict[tuple[str, ...], Combined] = {}
         #: What each dependency's result changed, by task id (``_changed_files``).
         self._changed: dict[str, tuple[list[str], int]] = {}

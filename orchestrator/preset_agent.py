@@ -87,9 +87,14 @@ class PresetAgent:
     def _preset(self) -> Preset:
         return PRESETS[self.preset]
 
+    @property
+    def program_name(self) -> str:
+        """The program it runs: ``program``, else its preset's (looked up on the PATH)."""
+        return self.program or self._preset.program
+
     def _configured(self) -> list[str]:
         """The agent as configured: what ``info`` and the fingerprint describe."""
-        words = [f"preset={self.preset}", f"program={self.program or self._preset.program}"]
+        words = [f"preset={self.preset}", f"program={self.program_name}"]
         if self.model is not None:
             words.append(f"model={self.model}")
         return [*words, *self.args]
@@ -101,7 +106,7 @@ class PresetAgent:
     def fingerprint(self, plan_dir: Path) -> str:
         """What decides what the agent does: preset (and the version its parser follows),
         program (its file, when found), model, arguments and env. Blocking."""
-        program = self.program or self._preset.program
+        program = self.program_name
         found = program if os.sep in program else shutil.which(program)
         stat: list[int] | None = None
         if found is not None:
@@ -141,7 +146,7 @@ class PresetAgent:
         prompt_file, prompt_sha256 = prompt.path, prompt.sha256
         # As a command's program is: {plan_dir} filled in, a relative path from the plan's
         # directory, a bare name looked up on the task's PATH.
-        program = self.program or self._preset.program
+        program = self.program_name
         program = program.replace("{plan_dir}", str(request.plan_dir))
         if os.sep in program and not os.path.isabs(program):
             program = str((request.plan_dir / program).absolute())

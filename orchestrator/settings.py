@@ -6,7 +6,8 @@ Where a value comes from, later sources winning:
    ``keep_worktrees``, ``fail_fast`` and ``base``, taken from the plan's model, so that
    each has one default);
 2. the plan's top-level values (``concurrency``, ``keep_worktrees``, ``fail_fast``, ``base``,
-   ``budget``, ``pricing``, ``hooks``, ``copy`` as ``copy_paths``, ``ports``) and each agent's ``max_concurrency`` (into ``agent_limits``); on a resume, the settings the
+   ``budget``, ``pricing``, ``hooks``, ``copy`` as ``copy_paths``, ``ports``, ``executor``)
+   and each agent's ``max_concurrency`` (into ``agent_limits``); on a resume, the settings the
    run started with, as its journal recorded them, take the plan's place;
 3. what the caller passes: CLI options, or keyword arguments of ``orchestrate_parallel``
    (``None`` means "not given").
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Protocol, TypedDict, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
 
@@ -30,11 +31,13 @@ from envelopes import (
     Budget,
     Concurrency,
     CopyPath,
+    ExecutorSpec,
     Hooks,
     KeepWorktrees,
     Plan,
     Ports,
     Rates,
+    Resources,
     validation_message,
 )
 
@@ -59,6 +62,26 @@ _PLAN_DEFAULTS: dict[str, Any] = {
     for name in ("concurrency", "keep_worktrees", "fail_fast", "base")
 }
 
+
+class ExecutorChoice(Protocol):
+    """An executor made in code with its own options (``DaskExecutor(scheduler=...)``): what
+    the ``executor`` setting holds when it is not just an ``ExecutorSpec``."""
+
+    @property
+    def spec(self) -> ExecutorSpec:
+        """Its kind and options, as the journal records them."""
+        ...
+
+    def bind(self, ctx: Any) -> Any:
+        """The executor of one run (orchestrator/executor.py's ``Executor``)."""
+        ...
+
+
+def _executor_form(value: Any) -> dict[str, Any]:
+    spec = value if isinstance(value, ExecutorSpec) else value.spec
+    return spec.model_dump(mode="json", exclude_unset=True) or {"kind": "local"}
+
+
 Seconds = Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)]
 
 
@@ -75,7 +98,7 @@ class SettingsOverrides(TypedDict, total=False):
     backoff: tuple[float, float] | None
     agent_limits: Mapping[str, int] | None
     state_dir: Path | str | None
-    executor: str | None
+    executor: str | ExecutorSpec | Mapping[str, Any] | ExecutorChoice | None
     budget: Budget | Mapping[str, Any] | None
     pricing: Mapping[str, Rates | Mapping[str, float]] | None
     hooks: Hooks | Mapping[str, Any] | None
@@ -110,11 +133,16 @@ class RunSettings(BaseModel):
     backoff: tuple[Seconds, Seconds] = (1.0, 30.0)
     #: At most this many tasks of one agent at once, by agent name.
     agent_limits: dict[str, Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=dict)
+    #: What each task of an agent holds on a Dask worker while it runs, by agent name
+    #: (each agent's ``resources``).
+    agent_resources: dict[str, Resources] = Field(default_factory=dict)
     #: Where runs, worktrees and venvs live; None: ``<git-dir>/orchestrator``, or
     #: ``./.orchestrator`` without a repository.
     state_dir: Path | None = None
-    #: Where tasks run: the names of orchestrator/executor.py's ``EXECUTORS``.
-    executor: Literal["local"] = "local"
+    #: Where tasks run: an ``ExecutorSpec`` (its ``kind`` one of orchestrator/executor.py's
+    #: ``EXECUTORS``; a plan's ``executor``, ``--executor``), or in code an executor object
+    #: made with its own options (``DaskExecutor(scheduler=...)``), which has a ``spec``.
+    executor: Annotated[Any, PlainSerializer(_executor_form)] = ExecutorSpec()
     #: The most the run's agents may spend (see ``envelopes.Budget``); None: no limit.
     budget: Budget | None = None
     #: Rates by model, for agents that do not report what they cost (``envelopes.Rates``).
@@ -138,6 +166,31 @@ class RunSettings(BaseModel):
         if not (hasattr(value, "name") and hasattr(value, "create")):
             raise ValueError(f"must be a backend name or a VenvBackend, found {value!r}")
         return value
+
+    @field_validator("executor", mode="plain")
+    @classmethod
+    def _executor(cls, value: Any) -> Any:
+        if isinstance(value, ExecutorSpec):
+            return value
+        if value is None:
+            return ExecutorSpec()
+        if isinstance(value, str):
+            kinds = get_args(ExecutorSpec.model_fields["kind"].annotation)
+            if value not in kinds:
+                choices = " or ".join(", ".join(repr(k) for k in kinds).rsplit(", ", 1))
+                raise ValueError(f"must be one of {choices}, found {value!r}")
+            return ExecutorSpec.model_validate({"kind": value})
+        if isinstance(value, Mapping):
+            return ExecutorSpec.model_validate(value)
+        if not (isinstance(getattr(value, "spec", None), ExecutorSpec) and hasattr(value, "bind")):
+            raise ValueError(f"must be an executor's kind, options or object, found {value!r}")
+        return value
+
+    @property
+    def executor_spec(self) -> ExecutorSpec:
+        """The executor's kind and options (an executor object's own)."""
+        value = self.executor
+        return value if isinstance(value, ExecutorSpec) else value.spec
 
     @field_validator("backoff")
     @classmethod
@@ -191,17 +244,19 @@ def plan_settings(plan: Plan | None) -> dict[str, Any]:
         name: getattr(plan, name)
         for name in (
             *("concurrency", "keep_worktrees", "fail_fast", "base", "budget", "pricing"),
-            *("hooks", "copy_paths", "ports"),
+            *("hooks", "copy_paths", "ports", "executor"),
         )
         if name in plan.model_fields_set
     }
-    return values | {
-        "agent_limits": {
-            name: spec.max_concurrency
-            for name, spec in plan.agents.items()
-            if spec.max_concurrency is not None
-        },
+    values["agent_limits"] = {
+        name: spec.max_concurrency
+        for name, spec in plan.agents.items()
+        if spec.max_concurrency is not None
     }
+    resources = {name: spec.resources for name, spec in plan.agents.items() if spec.resources}
+    if resources:
+        values["agent_resources"] = resources
+    return values
 
 
 def resolve_settings(
@@ -232,8 +287,24 @@ def resolve_settings(
             value = Path(value)
         elif name == "backoff":
             value = tuple(value)
+        elif name == "executor" and isinstance(value, Mapping):
+            value = _over_executor(values.get("executor"), value)
         values[name] = value
     return _validated(values)
+
+
+def _over_executor(earlier: Any, given: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Executor options *given* (``--workers 8``) over the plan's, when of the same kind: an
+    address given drops the embedded cluster's options, and the other way round."""
+    if not isinstance(earlier, ExecutorSpec) or earlier.kind != given.get("kind", earlier.kind):
+        return given
+    merged = earlier.model_dump(exclude_unset=True) | dict(given)
+    if "scheduler" in given:
+        for name in ("workers", "slots", "resources"):
+            merged.pop(name, None)
+    elif {"workers", "slots", "resources"} & set(given):
+        merged.pop("scheduler", None)
+    return merged
 
 
 def _validated(values: Mapping[str, Any]) -> RunSettings:

@@ -206,7 +206,10 @@ class _Place:
             with self.clock.timed("worktree_s"):
                 try:
                     self.copied = await anyio.to_thread.run_sync(
-                        copy_into, ctx.repo.root, worktree.path, ctx.settings.copy_paths
+                        copy_into,
+                        ctx.copy_root or ctx.repo.root,
+                        worktree.path,
+                        ctx.settings.copy_paths,
                     )
                 except OSError as exc:
                     message = f"copying the plan's copy files: {exc}"
@@ -441,7 +444,15 @@ class _History:
 class _Subagent:
     """One task while it runs; :meth:`result` turns it into a TaskResult."""
 
-    def __init__(self, envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> None:
+    def __init__(
+        self,
+        envelope: HandoffEnvelope,
+        agent: Agent,
+        ctx: RunContext,
+        *,
+        earlier: Sequence[Attempt] = (),
+        worker: str | None = None,
+    ) -> None:
         self.envelope = envelope
         self.agent = agent
         self.ctx = ctx
@@ -453,7 +464,12 @@ class _Subagent:
         self.envelope_entry: LogFile | None = None
         self.place = _Place(envelope, ctx, self.clock)
         self.place.run_hook = self.place_hook
-        self.history = _History()
+        self.history = _History(attempts=list(earlier))
+        #: Attempts made before this run of the task (elsewhere: on a worker that was lost),
+        #: which this run's attempts are numbered after.
+        self.earlier = len(earlier)
+        #: The Dask worker running it, named on each of its attempts (None: this machine).
+        self.worker = worker
         self.harvest = Harvest()
         #: The task's slot among the running ones (``ORCHESTRATOR_SLOT``), while it runs.
         self.slot: int | None = None
@@ -466,14 +482,21 @@ class _Subagent:
         self.slot = await ctx.slots.take()
         await self.prepare()
 
+        earlier = self.earlier
+
         async def before_retry(number: int, wait: float) -> None:
             ctx.move(self.task_id, "retrying")
             await ctx.emit(
-                TaskRetrying(run_id=ctx.run_id, task_id=self.task_id, attempt=number, wait_s=wait)
+                TaskRetrying(
+                    run_id=ctx.run_id, task_id=self.task_id, attempt=number + earlier, wait_s=wait
+                )
             )
 
+        async def attempt(number: int) -> AttemptOutcome:
+            return await self.attempt(number + earlier)
+
         outcome = await retry_attempts(
-            self.attempt,
+            attempt,
             retries=envelope.retries,
             should_retry=_worth_retrying,
             before_retry=before_retry,
@@ -571,7 +594,7 @@ class _Subagent:
         steps; or, for a *repair* turn, in the worktree as the last turn left it, told why
         its checks failed."""
         ctx = self.ctx
-        if number > 1 and repair is None:  # a retry, after its wait: from a clean worktree
+        if number > self.earlier + 1 and repair is None:  # a retry: from a clean worktree
             ctx.move(self.task_id, "running")
             if self.place.worktree is not None and ctx.repo is not None:
                 await reset_worktree(ctx.repo, self.place.worktree)
@@ -903,7 +926,7 @@ class _Subagent:
             branch=branch,
             worktree=str(place.kept_worktree) if place.kept_worktree else None,
             envelope=self.envelope_entry,
-            attempt_log=self.history.attempts,
+            attempt_log=self._attempt_log(),
             checks=self.history.checks,
             hooks=self.history.hooks,
             group=self.envelope.group,
@@ -911,6 +934,16 @@ class _Subagent:
             provenance=self._provenance(output, on_branch=branch is not None),
         )
         return seal_result(result)
+
+    def _attempt_log(self) -> list[Attempt]:
+        """The attempts, this run's named with the worker that ran them (if not here)."""
+        attempts = self.history.attempts
+        if self.worker is None:
+            return attempts
+        return [
+            *attempts[: self.earlier],
+            *(a.model_copy(update={"worker": self.worker}) for a in attempts[self.earlier :]),
+        ]
 
     def _provenance(self, output: dict[str, Any] | None, *, on_branch: bool) -> Provenance:
         """The result's provenance; *on_branch*: the task's branch is still there, holding
@@ -982,8 +1015,19 @@ def _task_usage(attempts: Sequence[Attempt]) -> Usage | None:
     return Usage.model_validate(total) if total is not None else None
 
 
-async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext) -> TaskResult:
+async def run_subagent(
+    envelope: HandoffEnvelope,
+    agent: Agent,
+    ctx: RunContext,
+    *,
+    earlier: Sequence[Attempt] = (),
+    worker: str | None = None,
+) -> TaskResult:
     """Run one task to its end and return its sealed TaskResult.
+
+    *earlier* are attempts already made elsewhere (on a Dask worker that was lost): they
+    lead the attempt log, and this run's attempts are numbered after them. *worker* names
+    the Dask worker running this one, on each of its attempts.
 
     Steps: write the envelope, create the worktree and venv, run the agent (retrying failed
     attempts up to ``envelope.retries`` times, each from a clean worktree), commit what it
@@ -993,7 +1037,7 @@ async def run_subagent(envelope: HandoffEnvelope, agent: Agent, ctx: RunContext)
     nothing is lost), the worktree is removed unless the policy is ``always``, a ``cancelled``
     result is stored in ``ctx.results``, and the cancellation propagates.
     """
-    task = _Subagent(envelope, agent, ctx)
+    task = _Subagent(envelope, agent, ctx, earlier=earlier, worker=worker)
     await ctx.emit(TaskStarted(run_id=ctx.run_id, task_id=task.task_id, agent=envelope.agent))
     status: TaskStatus = "failed"
     error: ErrorInfo | None = None

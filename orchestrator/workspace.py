@@ -110,8 +110,9 @@ class PortSlots:
     """The slots of a run's running tasks, 0 to *count* - 1: a task takes the lowest free one
     when it starts and gives it back when it ends."""
 
-    def __init__(self, count: int) -> None:
-        self._free = list(range(count))
+    def __init__(self, count: int, *, only: int | None = None) -> None:
+        #: With *only*: that one slot (a task's on a Dask worker, chosen by the coordinator).
+        self._free = [only] if only is not None else list(range(count))
         self._given_back: anyio.Event | None = None
 
     async def take(self) -> int:

@@ -54,6 +54,12 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
     requirements = results["requirements"]
     assert requirements["installer_runs"] == 1
     assert requirements["per_task_venv_median_s"] > 0 and requirements["ratio"] > 0
+    # The dask executor: each measure against its baseline of the same run.
+    dask = results["dask"]
+    assert dask["sleep"]["ratio"] > 0 and dask["sleep"]["startup_s"] > 0
+    assert len(dask["bytes"]["first_per_worker_bytes"]) == 2
+    assert dask["bytes"]["own_bundle_median_bytes"] > 0
+    assert dask["noop"]["local_ms_per_task"] > 0 and dask["noop"]["dask_ms_per_task"] > 0
 
 
 def test_an_unknown_benchmark_is_refused() -> None:

@@ -9,12 +9,11 @@ from typing import Any, get_args
 import anyio
 import pytest
 
-from envelopes import HandoffEnvelope, TaskResult, build_envelope
+from envelopes import ExecutorSpec, HandoffEnvelope, TaskResult, build_envelope
 from orchestrator import Workspace, orchestrate_parallel, verify_report
 from orchestrator import executor as executor_module
 from orchestrator.context import RunContext
 from orchestrator.executor import EXECUTORS, LocalExecutor, PreparedTask, make_executor
-from orchestrator.settings import RunSettings
 
 from .conftest import MakeRepo, git
 
@@ -34,6 +33,12 @@ class Recording:
     def __init__(self, ctx: RunContext) -> None:
         self.inner = LocalExecutor(ctx)
 
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
     async def run(self, task: PreparedTask) -> TaskResult:
         Recording.seen.append(task)
         return await self.inner.run(task)
@@ -47,7 +52,7 @@ def recording(monkeypatch: pytest.MonkeyPatch) -> list[PreparedTask]:
 
 
 def test_the_setting_names_exactly_the_executors_there_are() -> None:
-    assert set(get_args(RunSettings.model_fields["executor"].annotation)) == set(EXECUTORS)
+    assert set(get_args(ExecutorSpec.model_fields["kind"].annotation)) == set(EXECUTORS)
     assert executor_module.EXECUTORS["local"] is LocalExecutor
 
 

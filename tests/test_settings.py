@@ -115,7 +115,7 @@ def test_a_settings_object_given_in_code_overrides_only_what_it_sets() -> None:
             (5.0, 1.0),
             "the first wait must not be longer than the longest, found (5.0, 1.0)",
         ),
-        ("executor", "mars", "must be one of 'local', found 'mars'"),
+        ("executor", "mars", "must be one of 'local' or 'dask', found 'mars'"),
     ],
 )
 def test_a_bad_value_is_one_error_naming_the_setting(name: str, value: Any, reason: str) -> None:

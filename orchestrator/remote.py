@@ -1,0 +1,422 @@
+"""A task on a Dask worker: the worker's side of the ``dask`` executor.
+
+The coordinator (orchestrator/dask_executor.py) submits :func:`run_job` with a
+:class:`RemoteJob`: everything the task needs, since the worker sees nothing of the
+coordinator's disk. The worker keeps, in its local directory
+(``<local_directory>/worktree-orchestrator``):
+
+- ``mirror.git``: a bare repository that holds what bundles brought (the base once, then the
+  upstream results a dependent needs) and the results made here;
+- ``state/``: worktrees, venvs and their pools, shared by the tasks this worker runs;
+- ``plans/<run_id>/``, ``copies/<run_id>/``: the plan's files the tasks name, the plan's
+  ``copy`` files;
+- ``runs/<run_id>/<key>/``: one task's envelope, logs and outputs while it runs.
+
+The task runs the same lifecycle as on the coordinator (``subagent.run_subagent``: worktree
+from the mirror, venv, agent, checks, commit) in an event loop of its own, in the Dask
+thread that runs it. :func:`run_job` returns a :class:`RemoteOutcome`: the sealed result, a
+bundle of the result commit, the task's files and its events.
+
+Stopping a running task: Dask's ``cancel`` does not interrupt a running function, so the
+runner watches a flag (:func:`cancel_job`, sent with ``Client.run`` by the coordinator); the
+task is then cancelled as on the coordinator (agent killed, partial work committed) and its
+result still returned. :class:`JobWatch`, a worker plugin, sets the flag when the scheduler
+lets go of a running task (the coordinator died: its client is gone): its agents do not run
+on. :func:`sweep_run` kills what is left of a run's agents on the worker (a resume asks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from envelopes import Attempt, Event, HandoffEnvelope, TaskResult, ref_safe
+
+from ._version import __version__
+from .agents import Agent
+from .context import RUN_SUBDIRS, RunContext, guard_repository
+from .errors import GitError
+from .pool import VenvPool, WorktreePool
+from .process import kill_tagged
+from .repo import Repository
+from .settings import RunSettings
+from .shipping import Files, pack_tree, unbundle, unpack_files
+from .subagent import run_subagent
+from .workspace import PortSlots
+
+__all__ = [
+    "JobWatch",
+    "RemoteJob",
+    "RemoteOutcome",
+    "cancel_job",
+    "run_job",
+    "sweep_run",
+    "worker_facts",
+]
+
+#: The worker's directory of its own, in its local directory.
+HOME_NAME = "worktree-orchestrator"
+#: How long a task whose start commit is on its way (another task to this worker brings
+#: it) waits for it before it says it is missing, in seconds.
+MIRROR_WAIT_S = 10.0
+#: Left in a run's copies directory once the plan's copy files are all there.
+COPIES_MARK = ".complete"
+#: How often a running task looks at its cancel flag, in seconds.
+CANCEL_POLL_S = 0.05
+
+#: What the coordinator may find in a task's run directory: its envelope, logs, outputs.
+RETURNED_FILE = re.compile(r"(?:envelopes|logs|outputs)/[A-Za-z0-9@][A-Za-z0-9@._-]{0,200}")
+
+
+@dataclass
+class RemoteJob:
+    """One dispatch of a task to a worker: what it needs, no path of the coordinator's."""
+
+    run_id: str
+    #: The dispatch's Dask key (unique per dispatch), which its cancel flag is keyed by.
+    key: str
+    envelope: HandoffEnvelope
+    agent: Agent
+    #: The run's settings, with nothing of the coordinator's machine (no state_dir).
+    settings: RunSettings
+    start_commit: str | None
+    start_tree: str | None
+    #: A bundle bringing *start_commit* (None: the worker has it, or another task brings it).
+    bundle: bytes | None
+    #: The plan's files the task names, those the worker was not sent yet.
+    plan_files: Files
+    #: Every plan file the task names (the worker must have them all).
+    plan_needs: list[str]
+    #: The plan's ``copy`` files (None: sent before, or the plan has none).
+    copies: Files | None
+    #: Whether the plan has copy files, which the task must wait for when another brings them.
+    copies_needed: bool
+    #: The task's slot on the worker (``ORCHESTRATOR_SLOT``, its ports).
+    slot: int
+    #: Worktrees and venvs the worker keeps for later tasks.
+    pool_size: int
+    #: Attempts made before, on workers that were lost.
+    earlier: list[Attempt]
+    #: The author and committer of the task's commits (the coordinator's identity).
+    identity: dict[str, str]
+    #: The coordinator's version of the orchestrator: the worker must run the same.
+    version: str = __version__
+
+
+@dataclass
+class RemoteOutcome:
+    """What a dispatch brings back."""
+
+    #: What the worker lacked, when it could not run the task: ``commit`` or ``files``.
+    missing: str | None = None
+    result: TaskResult | None = None
+    worker: str = ""
+    #: A bundle of the result commit (less the start commit's history), when it made one.
+    bundle: bytes | None = None
+    #: The task's envelope, logs and outputs, by their paths in the run directory.
+    files: Files = field(default_factory=dict)
+    #: The task's events, in order (the coordinator tells them as its own).
+    events: list[Event] = field(default_factory=list)
+
+
+# -- the cancel flags of the jobs running in this worker process ---------------------------
+
+_lock = threading.Lock()
+_flags: dict[str, threading.Event] = {}
+#: Keys cancelled before their job started (or after it ended): when they were.
+_early: dict[str, float] = {}
+_mirror_lock = threading.Lock()
+
+
+def cancel_job(key: str, dask_worker: Any = None) -> bool:
+    """Stop the job *key* on this worker (run with ``Client.run``); whether it was running.
+
+    A job not started yet is stopped as it starts.
+    """
+    with _lock:
+        flag = _flags.get(key)
+        if flag is None:
+            now = time.monotonic()
+            _early[key] = now
+            for old in [k for k, t in _early.items() if now - t > 3600]:
+                del _early[old]
+            return False
+    flag.set()
+    return True
+
+
+def sweep_run(run_id: str, dask_worker: Any = None) -> int:
+    """Stop every job of *run_id* on this worker and kill its agents' processes (a
+    resumed run asks, before its first task); how many processes were killed."""
+    with _lock:
+        flags = [flag for key, flag in _flags.items() if key.startswith(f"wo-{run_id}-")]
+    for flag in flags:
+        flag.set()
+    return kill_tagged(f"{run_id}/", prefix=True)
+
+
+def worker_facts(programs: list[str], dask_worker: Any = None) -> dict[str, Any]:
+    """What the coordinator checks of a worker before the run: its orchestrator version,
+    whether it has git, and which of *programs* it finds on its PATH."""
+    return {
+        "version": __version__,
+        "git": shutil.which("git"),
+        "missing": [name for name in programs if shutil.which(name) is None],
+    }
+
+
+try:
+    from distributed import WorkerPlugin
+except ImportError:  # pragma: no cover (the dask extra is not installed: nothing runs here)
+    WorkerPlugin = object  # type: ignore[assignment,misc]
+
+
+class JobWatch(WorkerPlugin):
+    """Stops a running job when the scheduler lets go of it (its coordinator is gone)."""
+
+    name = "worktree-orchestrator"
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if start == "executing" and finish not in ("memory", "error"):
+            with _lock:
+                flag = _flags.get(str(key))
+            if flag is not None:
+                flag.set()
+
+
+# -- one job ----------------------------------------------------------------------------
+
+
+def run_job(job: RemoteJob) -> RemoteOutcome:
+    """Run *job* in this Dask worker and say what came of it (the function Dask runs)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    home = Path(worker.local_directory) / HOME_NAME
+    flag = threading.Event()
+    with _lock:
+        if _early.pop(job.key, None) is not None:
+            flag.set()
+        _flags[job.key] = flag
+    try:
+        outcome = anyio.run(_run, job, home, flag, worker.address)
+    finally:
+        with _lock:
+            _flags.pop(job.key, None)
+    return outcome
+
+
+async def _run(job: RemoteJob, home: Path, flag: threading.Event, address: str) -> RemoteOutcome:
+    if job.version != __version__:
+        raise RuntimeError(
+            f"this worker runs worktree-orchestrator {__version__}, the coordinator {job.version}"
+        )
+    mirror = await _mirror(home)
+    if job.start_commit is not None and not await _has_start(mirror, job):
+        return RemoteOutcome(missing="commit", worker=address)
+    plan_dir = home / "plans" / job.run_id
+    copy_root = home / "copies" / job.run_id
+    if not await _has_files(job, plan_dir, copy_root):
+        return RemoteOutcome(missing="files", worker=address)
+    if job.start_commit is not None:
+        # An earlier dispatch of this task here (a run resumed after its coordinator died,
+        # say) left its branch: this dispatch starts it afresh.
+        branch = f"refs/heads/orchestrator/{job.run_id}/{ref_safe(job.envelope.task_id)}"
+        await mirror.git.run("update-ref", "-d", branch, check=False)
+    run_dir = home / "runs" / job.run_id / job.key
+    for name in RUN_SUBDIRS:
+        await anyio.Path(run_dir / name).mkdir(parents=True, exist_ok=True)
+    events: list[Event] = []
+    ctx = await _context(job, mirror, home, run_dir, plan_dir, copy_root, events.append)
+    try:
+        result = await _run_task(job, ctx, flag, address)
+        bundle = await _result_bundle(mirror, job, result, run_dir)
+        files = await anyio.to_thread.run_sync(pack_tree, run_dir)
+    finally:
+        ctx.close()
+        await anyio.to_thread.run_sync(shutil.rmtree, run_dir, True)
+    return RemoteOutcome(result=result, worker=address, bundle=bundle, files=files, events=events)
+
+
+async def _run_task(
+    job: RemoteJob, ctx: RunContext, flag: threading.Event, address: str
+) -> TaskResult:
+    """The task's lifecycle, cancelled when *flag* is set; its result, whatever came of it."""
+    task_id = job.envelope.task_id
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        # A thread's flag (set from the worker's own loop): looked at, not awaited.
+        while not flag.is_set():  # noqa: ASYNC110
+            await anyio.sleep(CANCEL_POLL_S)
+        scope.cancel()
+
+    with anyio.CancelScope() as outer:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, outer)
+            try:
+                await run_subagent(
+                    job.envelope, job.agent, ctx, earlier=job.earlier, worker=address
+                )
+            finally:
+                tg.cancel_scope.cancel()
+    return ctx.results[task_id]
+
+
+async def _context(
+    job: RemoteJob,
+    mirror: Repository,
+    home: Path,
+    run_dir: Path,
+    plan_dir: Path,
+    copy_root: Path,
+    on_event: Any,
+) -> RunContext:
+    settings = job.settings
+    backend = settings.backend()
+    ctx = RunContext(
+        run_id=job.run_id,
+        run_dir=run_dir,
+        repo=mirror if job.start_commit is not None else None,
+        base_ref=None,
+        base_commit=job.start_commit,
+        base_tree=job.start_tree,
+        plan_dir=plan_dir,
+        settings=settings,
+        venv_backend=backend,
+        on_event=on_event,
+        home=home / "state",
+        copy_root=copy_root,
+        port_slots=PortSlots(1, only=job.slot),
+    )
+    if job.pool_size > 0:
+        if ctx.repo is not None:
+            ctx.pool = WorktreePool(mirror, job.pool_size)
+        ctx.venv_pool = VenvPool(home / "state", backend, job.pool_size)
+    if ctx.repo is not None:
+        mirror.git.use_identity(job.identity)
+        await guard_repository(mirror)
+        ctx.guarding = True
+    return ctx
+
+
+async def _mirror(home: Path) -> Repository:
+    """The worker's mirror repository (made on first use)."""
+    path = home / "mirror.git"
+    if not (path / "HEAD").exists():
+        await anyio.to_thread.run_sync(_with_mirror_lock, _init_mirror, path)
+    return await Repository.open(path, state_dir=home / "state")
+
+
+def _with_mirror_lock(fn: Any, *args: Any) -> Any:
+    with _mirror_lock:
+        return fn(*args)
+
+
+def _init_mirror(path: Path) -> None:
+    import subprocess
+
+    if (path / "HEAD").exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="mirror-", dir=path.parent))
+    subprocess.run(
+        ["git", "init", "--quiet", "--bare", str(scratch)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+    )
+    scratch.rename(path)
+
+
+async def _has_start(mirror: Repository, job: RemoteJob) -> bool:
+    """Whether the mirror has the job's start commit, once its bundle (if it brings one) is
+    in; waits a while for what is on its way with another task to this worker (the base,
+    which this job's bundle then builds on)."""
+    commit = job.start_commit
+    assert commit is not None
+    with tempfile.TemporaryDirectory(dir=mirror.root) as scratch:
+        bundle = Path(scratch, "start.bundle")
+        if job.bundle is not None:
+            await anyio.Path(bundle).write_bytes(job.bundle)
+        deadline = time.monotonic() + MIRROR_WAIT_S
+        while True:
+            await anyio.to_thread.run_sync(_mirror_lock.acquire)
+            try:
+                if await _holds(mirror, commit):
+                    return True
+                if job.bundle is not None:
+                    with contextlib.suppress(GitError):  # what it builds on is not here yet
+                        await unbundle(mirror, bundle, commit, f"refs/orchestrator/have/{commit}")
+                        return True
+            finally:
+                _mirror_lock.release()
+            if time.monotonic() > deadline:
+                return False
+            await anyio.sleep(0.2)
+
+
+async def _holds(mirror: Repository, commit: str) -> bool:
+    return await mirror.git.ok("cat-file", "-e", f"{commit}^{{commit}}")
+
+
+async def _has_files(job: RemoteJob, plan_dir: Path, copy_root: Path) -> bool:
+    """Whether the plan's files the job needs, and the plan's copies, are here once what it
+    brings is unpacked; waits a while for those on their way with another task."""
+    await anyio.to_thread.run_sync(_receive_files, job, plan_dir, copy_root)
+    deadline = time.monotonic() + MIRROR_WAIT_S
+    while not await anyio.to_thread.run_sync(
+        _with_mirror_lock, _files_here, job, plan_dir, copy_root
+    ):
+        if time.monotonic() > deadline:
+            return False
+        await anyio.sleep(0.1)
+    return True
+
+
+def _receive_files(job: RemoteJob, plan_dir: Path, copy_root: Path) -> None:
+    with _mirror_lock:
+        if job.plan_files:
+            unpack_files(plan_dir, job.plan_files)
+        plan_dir.mkdir(parents=True, exist_ok=True)
+        if job.copies is not None:
+            unpack_files(copy_root, job.copies)
+            (copy_root / COPIES_MARK).touch()
+        copy_root.mkdir(parents=True, exist_ok=True)
+
+
+def _files_here(job: RemoteJob, plan_dir: Path, copy_root: Path) -> bool:
+    if job.copies_needed and not (copy_root / COPIES_MARK).exists():
+        return False
+    return all((plan_dir / p).exists() for p in job.plan_needs)
+
+
+async def _result_bundle(
+    mirror: Repository, job: RemoteJob, result: TaskResult, run_dir: Path
+) -> bytes | None:
+    """A bundle of the task's branch less the start commit's history, when it has a result
+    commit of its own."""
+    commit = result.provenance.result_commit
+    if commit is None or commit == job.start_commit or result.branch is None:
+        return None
+    path = run_dir / "result.bundle"
+    exclude = [f"^{job.start_commit}"] if job.start_commit else []
+    await mirror.git.run(
+        "bundle", "create", "--quiet", str(path), f"refs/heads/{result.branch}", *exclude
+    )
+    data = await anyio.Path(path).read_bytes()
+    await anyio.Path(path).unlink()
+    return data
+
+
+def task_key(run_id: str, task_id: str, dispatch: int) -> str:
+    """The Dask key of *task_id*'s dispatch number *dispatch* in run *run_id*."""
+    return f"wo-{run_id}-{ref_safe(task_id)}-{dispatch}"
