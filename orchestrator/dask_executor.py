@@ -29,7 +29,8 @@ import contextlib
 import logging
 import math
 import os
-import re
+import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -65,6 +66,7 @@ from .remote import (
     RemoteJob,
     RemoteOutcome,
     cancel_job,
+    decode_outcome,
     run_job,
     sweep_run,
     task_key,
@@ -81,12 +83,18 @@ from .shipping import (
 )
 from .subagent import not_started_result, record_result
 
-__all__ = ["MAX_WORKER_LOSSES", "DaskExecutor"]
+__all__ = ["MAX_WORKER_LOSSES", "DaskExecutor", "unfit"]
 
 #: Most times one task runs again because its worker left the cluster.
 MAX_WORKER_LOSSES = 3
 #: How often a running task's worker is looked for among the cluster's, in seconds.
 WORKER_POLL_S = 1.0
+#: Longest the coordinator waits for a finished task's outcome to come over, in seconds.
+GATHER_TIMEOUT_S = 300.0
+#: How long, past the kill grace, a stopped remote task has to send back what it did.
+STOP_MARGIN_S = 30.0
+#: Dask's ways of saying a task's worker (or the task) is gone.
+_LOST = frozenset({"KilledWorker", "CancelledError", "FutureCancelledError"})
 #: Jobs whose bundle and files weigh more than this go to their worker with ``scatter``
 #: first, not inside the task's arguments (which Dask warns about past 10 MiB).
 SCATTER_ABOVE = 1 << 20
@@ -154,6 +162,8 @@ class _Worker:
     #: The plan's files it has been sent, and whether it has the copies.
     files: set[str] = field(default_factory=set)
     copies: bool = False
+    #: What it said of itself (``remote.worker_facts``), once asked.
+    fact: dict[str, Any] | None = None
     #: Programs checked on its PATH: found or not.
     programs: dict[str, bool] = field(default_factory=dict)
     gone: bool = False
@@ -273,6 +283,15 @@ class _DaskRun:
         self._copies: Files | None = None
         self._identity: dict[str, str] = {}
         self._dispatches: dict[str, int] = {}
+        #: The files each task's outcome wrote to the run directory: path -> task id.
+        self._written: dict[str, str] = {}
+        #: Dispatches that would not stop: their slots stay taken.
+        self._stuck: set[str] = set()
+        #: Part of every Dask key of this session of the run: a resumed run's keys never
+        #: meet the dead session's, on the scheduler or in a worker's cancel flags.
+        self._session = secrets.token_hex(4)
+        #: Names the worker's mirror of this repository (a digest: no path travels).
+        self._repo_key = sha256_hex(f"{socket.gethostname()}\0{ctx.state_dir}".encode())[:32]
         #: Bytes sent to and brought back from workers, per dispatch (for the benchmarks):
         #: (task id, worker, bytes sent, bytes back).
         self.shipped: list[tuple[str, str, int, int]] = []
@@ -370,18 +389,16 @@ class _DaskRun:
                     f"(waited {self.spec.connect_timeout:g} s)"
                 )
             await anyio.sleep(0.2)
-        facts = await self.call(self.client.run, worker_facts, [])
-        for address, fact in sorted(facts.items()):
-            self._refuse(address, fact)
-
-    def _refuse(self, address: str, fact: Mapping[str, Any]) -> None:
-        if fact.get("version") != __version__:
+        try:
+            facts = await self.call(self.client.run, worker_facts, [])
+        except Exception as exc:  # the orchestrator not installed on a worker, say
             raise ExecutorError(
-                f"worker {address} runs worktree-orchestrator {fact.get('version')}, this "
-                f"coordinator {__version__}: install the same version on both"
-            )
-        if not fact.get("git"):
-            raise ExecutorError(f"worker {address} has no git on its PATH")
+                f"the workers cannot run the orchestrator's code ({type(exc).__name__}: {exc}): "
+                "install worktree-orchestrator on every worker"
+            ) from exc
+        for address, fact in sorted(facts.items()):
+            if (why := unfit(address, fact)) is not None:
+                raise ExecutorError(why)
 
     async def _prepare_files(self) -> None:
         """The plan's copy files, packed once for every worker; the run's commit identity."""
@@ -412,7 +429,13 @@ class _DaskRun:
     # -- one task --------------------------------------------------------------------------
 
     async def run(self, task: PreparedTask) -> TaskResult:
-        """Run *task* on a worker; see ``executor.Executor.run`` for the contract."""
+        """Run *task* on a worker; see ``executor.Executor.run`` for the contract.
+
+        What goes wrong with the task here (a worker lost for good, nothing to place it on,
+        what came back refused, the cluster failing under it) is the task's result, never
+        an exception; a cancellation is recorded (what the stopped remote task committed
+        brought back) and propagates.
+        """
         ctx, envelope = self.ctx, task.envelope
         await ctx.emit(
             TaskStarted(run_id=ctx.run_id, task_id=envelope.task_id, agent=envelope.agent)
@@ -420,62 +443,83 @@ class _DaskRun:
         lost: list[Attempt] = []
         while True:
             try:
-                outcome = await self._dispatch(task, lost)
-            except _Unplaceable as exc:
-                result = self._failed(task, ErrorInfo(kind="placement", message=str(exc)), lost)
-                break
+                placed = await self._dispatch(task, lost)
             except _WorkerLost as exc:
                 lost.append(exc.attempt)
                 if len(lost) <= MAX_WORKER_LOSSES:
                     continue
-                result = self._failed(task, exc.attempt.error, lost)  # type: ignore[arg-type]
-                break
+                assert exc.attempt.error is not None
+                result = self._failed(task, exc.attempt.error, lost)
             except _Refused as exc:
                 result = self._failed(task, exc.error, lost)
-                break
-            result = await self._take(task, outcome)
+            except Exception as exc:  # the cluster failing under the task, a bug: its result
+                error = ErrorInfo(kind="internal", message=f"{type(exc).__name__}: {exc}"[:2000])
+                result = self._failed(task, error, lost)
+            else:
+                with anyio.CancelScope(shield=True):  # a finished task's work is not dropped
+                    result = await self._take(task, *placed)
             break
         await record_result(ctx, result)
         return result
 
-    async def _dispatch(self, task: PreparedTask, lost: list[Attempt]) -> RemoteOutcome:
+    async def _dispatch(
+        self, task: PreparedTask, lost: list[Attempt]
+    ) -> tuple[RemoteOutcome, _Worker]:
         """Send *task* to a worker and wait for what comes back (once the worker has all
         it needs: a worker that lost its mirror is sent everything again)."""
         ctx, envelope = self.ctx, task.envelope
         needs = _resources_of(ctx, envelope.agent)
         await self.placement.refresh()
-        worker, slot = await self.placement.take(needs, task.start_commit)
         try:
-            await self._check_program(worker, task.agent)
+            worker, slot = await self.placement.take(needs, task.start_commit)
+        except _Unplaceable as exc:
+            raise _Refused(ErrorInfo(kind="placement", message=str(exc))) from exc
+        job: RemoteJob | None = None
+        try:
+            await self._check_worker(worker, task.agent, len(lost))
             for _ in range(3):
                 job = await self._job(task, worker, slot, lost)
                 outcome = await self._await(task, worker, job)
                 if outcome.missing is None:
-                    return outcome
+                    return outcome, worker
                 # The worker lacks what it was thought to have (restarted, say): all again.
                 worker.have.clear()
                 worker.files.clear()
                 worker.copies = False
-            raise _Refused(
-                ErrorInfo(
-                    kind="transfer",
-                    message=f"worker {worker.address} kept lacking the task's {outcome.missing}",
-                )
-            )
+            message = f"worker {worker.address} kept lacking the task's {outcome.missing}"
+            raise _Refused(ErrorInfo(kind="transfer", message=message))
         finally:
-            self.placement.give_back(worker, slot, needs)
+            # A job that would not stop keeps its slot (and ports): it may still run there.
+            if job is None or job.key not in self._stuck:
+                self.placement.give_back(worker, slot, needs)
 
-    async def _check_program(self, worker: _Worker, agent: Agent) -> None:
+    async def _check_worker(self, worker: _Worker, agent: Agent, earlier: int) -> None:
+        """_Refused unless *worker* (asked once) runs this version of the orchestrator, has
+        git, and has *agent*'s program (asked once per program); _WorkerLost when it left
+        meanwhile (*earlier*: the task's attempts so far)."""
         program = program_of(agent)
-        if program is None:
-            return
-        if program not in worker.programs:
-            facts = await self.call(
-                self.client.run, worker_facts, [program], workers=[worker.address]
-            )
-            missing = facts.get(worker.address, {}).get("missing", [program])
-            worker.programs[program] = program not in missing
-        if not worker.programs[program]:
+        if worker.fact is None or (program is not None and program not in worker.programs):
+            started, clock = datetime.now(UTC), time.monotonic()
+            try:
+                facts = await self.call(
+                    self.client.run,
+                    worker_facts,
+                    [program] if program else [],
+                    workers=[worker.address],
+                )
+                fact = dict(facts[worker.address])
+            except Exception as exc:
+                await self.placement.refresh(force=True)
+                if worker.gone:
+                    raise _WorkerLost(_lost_attempt(earlier, worker, started, clock)) from exc
+                message = f"worker {worker.address} cannot be asked what it has: {exc}"
+                raise _Refused(ErrorInfo(kind="spawn", message=message[:2000])) from exc
+            worker.fact = fact
+            if program is not None:
+                worker.programs[program] = program not in fact.get("missing", [program])
+        if why := unfit(worker.address, worker.fact):
+            raise _Refused(ErrorInfo(kind="spawn", message=why))
+        if program is not None and not worker.programs[program]:
             message = f"worker {worker.address} has no program {program!r} on its PATH"
             raise _Refused(ErrorInfo(kind="spawn", message=message))
 
@@ -487,23 +531,30 @@ class _DaskRun:
         # A task without a worktree needs none of the repository: nothing of it travels.
         start = task.start_commit if envelope.worktree else None
         if start is not None and ctx.repo is not None:
-            with tempfile.TemporaryDirectory(dir=ctx.run_dir) as scratch:
-                path = await make_bundle(ctx.repo, start, worker.have, Path(scratch, "s.bundle"))
-                if path is not None:
-                    bundle = await anyio.Path(path).read_bytes()
-            worker.have.add(start)  # on its way: later tasks there wait for it
+            # Counted as the worker's at once: a task sent there meanwhile waits for it there
+            # rather than carrying it too.
+            have = set(worker.have)
+            worker.have.add(start)
+            try:
+                with tempfile.TemporaryDirectory(dir=ctx.run_dir) as scratch:
+                    path = await make_bundle(ctx.repo, start, have, Path(scratch, "s.bundle"))
+                    if path is not None:
+                        bundle = await anyio.Path(path).read_bytes()
+            except (GitError, OSError) as exc:
+                worker.have.discard(start)
+                message = f"the bundle of the task's start commit: {exc}"[:2000]
+                raise _Refused(ErrorInfo(kind="transfer", message=message)) from exc
         hooks = ctx.settings.hooks.model_dump(mode="json") if ctx.settings.hooks else None
         agent_info = task.agent.info().model_dump(mode="json")
-        needed = sorted(
-            plan_references(
-                envelope, hooks, agent_info, [p for p in [plan_program_of(task.agent)] if p]
-            )
-        )
+        program = plan_program_of(task.agent)
+        needed = sorted(plan_references(envelope, hooks, agent_info, [program] if program else []))
         unsent = [p for p in needed if p not in self._plan_files]
         if unsent:
-            self._plan_files.update(
-                await anyio.to_thread.run_sync(pack_files, ctx.plan_dir, unsent)
-            )
+            try:
+                packed = await anyio.to_thread.run_sync(pack_files, ctx.plan_dir, unsent)
+            except ShippingError as exc:
+                raise _Refused(ErrorInfo(kind="transfer", message=str(exc))) from exc
+            self._plan_files.update(packed)
         needs = [p for p in needed if p in self._plan_files or _packed_under(self._plan_files, p)]
         files = {
             p: e
@@ -517,7 +568,7 @@ class _DaskRun:
         self._dispatches[envelope.task_id] = number = self._dispatches.get(envelope.task_id, 0) + 1
         return RemoteJob(
             run_id=ctx.run_id,
-            key=task_key(ctx.run_id, envelope.task_id, number),
+            key=task_key(ctx.run_id, envelope.task_id, f"{self._session}-{number}"),
             envelope=envelope,
             agent=task.agent,
             settings=ctx.settings.model_copy(
@@ -531,9 +582,11 @@ class _DaskRun:
             copies=copies,
             copies_needed=self._copies is not None,
             slot=slot,
+            resources=_resources_of(ctx, envelope.agent),
             pool_size=worker.slots if ctx.settings.pool_size > 0 else 0,
             earlier=list(lost),
             identity=self._identity,
+            repo_key=self._repo_key,
         )
 
     async def _await(self, task: PreparedTask, worker: _Worker, job: RemoteJob) -> RemoteOutcome:
@@ -557,19 +610,23 @@ class _DaskRun:
                     "attempt": len(job.earlier) + 1,
                 }
             )
-        future = await self.call(self._submit, job, worker.address, sent > SCATTER_ABOVE)
+        future: Any = None
         try:
+            future = await self.call(self._submit, job, worker.address, sent > SCATTER_ABOVE)
             while not await self.call(_wait, future, WORKER_POLL_S):
                 await self.placement.refresh()
                 if worker.gone:
                     with contextlib.suppress(Exception):
                         await self.call(future.cancel)
-                    raise _WorkerLost(_lost_attempt(job, worker, started, clock))
-            outcome = await self._outcome(future, job, worker, started, clock)
+                    raise _WorkerLost(_lost_attempt(len(job.earlier), worker, started, clock))
+            outcome = await self._outcome(task, future, job, worker, started, clock)
         except BaseException as exc:
+            # Perhaps never delivered: sent again to the next task there that needs them.
             if job.bundle is not None and job.start_commit is not None:
-                # Perhaps never delivered: sent again to the next task there that needs it.
                 worker.have.discard(job.start_commit)
+            worker.files.difference_update(job.plan_files)
+            if job.copies is not None:
+                worker.copies = False
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 with anyio.CancelScope(shield=True):
                     await self._cancelled(task, future, job, worker)
@@ -584,9 +641,9 @@ class _DaskRun:
         """Record the result of *task*, cancelled: what the stopped remote task sends back
         (its work committed and fetched), else a cancelled result with nothing."""
         ctx, task_id = self.ctx, task.envelope.task_id
-        stopped = await self._stop(future, job, worker)
+        stopped = await self._stop(task, future, job, worker) if future is not None else None
         if stopped is not None and stopped.result is not None:
-            result = await self._take(task, stopped, cancelled=True)
+            result = await self._take(task, stopped, worker, cancelled=True)
         else:
             error = ctx.cancelled_error(task_id)
             result = not_started_result(task.envelope, task.agent, ctx, "cancelled", error)
@@ -603,6 +660,8 @@ class _DaskRun:
             key=job.key,
             workers=[address],
             allow_other_workers=False,
+            # Held in Dask's books too: another client of the cluster sees them taken.
+            resources=dict(job.resources) or None,
             pure=False,
             retries=0,
         )
@@ -612,24 +671,37 @@ class _DaskRun:
         return future
 
     async def _outcome(
-        self, future: Any, job: RemoteJob, worker: _Worker, started: datetime, clock: float
+        self,
+        task: PreparedTask,
+        future: Any,
+        job: RemoteJob,
+        worker: _Worker,
+        started: datetime,
+        clock: float,
     ) -> RemoteOutcome:
+        """What the finished *future* brought, decoded and checked; _WorkerLost when its
+        worker died first (or before it was fetched), _Refused when it is not an outcome."""
         try:
-            outcome = await self.call(future.result)
+            data = await self.call(future.result, GATHER_TIMEOUT_S)
         except Exception as exc:
-            if type(exc).__name__ in ("KilledWorker", "CancelledError", "FutureCancelledError"):
-                raise _WorkerLost(_lost_attempt(job, worker, started, clock)) from exc
+            await self.placement.refresh(force=True)
+            if worker.gone or type(exc).__name__ in _LOST:
+                lost = _lost_attempt(len(job.earlier), worker, started, clock)
+                raise _WorkerLost(lost) from exc
             message = f"the task raised on worker {worker.address}: {type(exc).__name__}: {exc}"
             raise _Refused(ErrorInfo(kind="internal", message=message[:2000])) from exc
-        if not isinstance(outcome, RemoteOutcome):
-            raise _Refused(
-                ErrorInfo(kind="transfer", message=f"worker {worker.address} sent back no outcome")
-            )
-        return outcome
+        try:
+            return decode_outcome(data, max_bundle=_max_bundle(task))
+        except (ValueError, TypeError) as exc:
+            message = f"worker {worker.address} sent back no valid outcome: {exc}"[:2000]
+            raise _Refused(ErrorInfo(kind="transfer", message=message)) from exc
 
-    async def _stop(self, future: Any, job: RemoteJob, worker: _Worker) -> RemoteOutcome | None:
-        """Stop the remote task and take what it sends back, if it does in time."""
-        grace = self.ctx.settings.kill_grace + 30
+    async def _stop(
+        self, task: PreparedTask, future: Any, job: RemoteJob, worker: _Worker
+    ) -> RemoteOutcome | None:
+        """Stop the remote task and take what it sends back, if it does in time (else the
+        worker's slot is not given back: the job may still be running there)."""
+        grace = self.ctx.settings.kill_grace + STOP_MARGIN_S
         with anyio.move_on_after(grace):
             with contextlib.suppress(Exception):
                 await self.call(self.client.run, cancel_job, job.key, workers=[worker.address])
@@ -638,66 +710,60 @@ class _DaskRun:
                 if worker.gone:
                     return None
             with contextlib.suppress(Exception):
-                outcome = await self.call(future.result)
-                if isinstance(outcome, RemoteOutcome):
-                    return outcome
+                data = await self.call(future.result, GATHER_TIMEOUT_S)
+                return decode_outcome(data, max_bundle=_max_bundle(task))
+            return None
+        self._stuck.add(job.key)
         with contextlib.suppress(Exception):
             await self.call(future.cancel)
         return None
 
     async def _take(
-        self, task: PreparedTask, outcome: RemoteOutcome, *, cancelled: bool = False
+        self,
+        task: PreparedTask,
+        outcome: RemoteOutcome,
+        worker: _Worker,
+        *,
+        cancelled: bool = False,
     ) -> TaskResult:
-        """The result *outcome* brings, made this run's: its files written, its commit
-        fetched and checked, its branch made, its events told."""
+        """The result *outcome* brings, made this run's: its commit fetched and checked
+        (commit, tree, descent from the task's start), the task's branch made, its own files
+        written (the coordinator's own envelope), its events told. What does not check out
+        fails the task (kind ``transfer``), its commit not taken."""
         ctx, envelope = self.ctx, task.envelope
-        result = outcome.result
-        task_id = envelope.task_id
+        result, task_id = outcome.result, envelope.task_id
         assert result is not None
-        expected = sha256_hex(canonical_json(envelope.to_json_dict()))
-        if result.task_id != task_id or result.provenance.envelope_sha256 != expected:
-            return self._failed(
-                task,
-                ErrorInfo(
-                    kind="transfer",
-                    message=f"worker {outcome.worker} sent back the result of another task",
-                ),
-                [],
-            )
-        name = re.escape(ref_safe(task_id))
-        allowed = re.compile(
-            rf"envelopes/{name}\.json|(?:logs|outputs)/{name}\.[A-Za-z0-9@._-]{{1,200}}"
-        )
+        envelope_bytes = canonical_json(envelope.to_json_dict())
+        provenance = result.provenance
+        start = task.start_commit if envelope.worktree else None
+        if result.task_id != task_id or provenance.envelope_sha256 != sha256_hex(envelope_bytes):
+            message = f"worker {worker.address} sent back the result of another task"
+            return self._failed(task, ErrorInfo(kind="transfer", message=message), [])
+        update: dict[str, Any] = {"worktree": None, "branch": None}
+        cleared = provenance.model_copy(update={"result_commit": None, "result_tree": None})
+        commit, tree = provenance.result_commit, provenance.result_tree
+        problem = None
+        if commit is not None:
+            if ctx.repo is None or start is None or tree is None or provenance.base_commit != start:
+                problem = "a result commit for a task that starts from no commit of this run"
+            else:
+                try:
+                    await self._fetch(task, outcome, commit, tree, worker)
+                    update["branch"] = ctx.branch(task_id)
+                except (GitError, OSError) as exc:
+                    problem = f"the result commit from worker {worker.address}: {exc}"
+        if problem is not None:
+            error = ErrorInfo(kind="transfer", message=problem[:2000])
+            update.update(status="failed", error=error, provenance=cleared)
+        elif commit is None:
+            update["provenance"] = cleared
         try:
             await anyio.to_thread.run_sync(
-                lambda: unpack_files(ctx.run_dir, outcome.files, allowed=allowed)
+                _write_files, ctx.run_dir, task_id, result, outcome, envelope_bytes, self._written
             )
         except (ShippingError, OSError) as exc:
-            return self._failed(
-                task,
-                ErrorInfo(
-                    kind="transfer", message=f"the task's files from worker {outcome.worker}: {exc}"
-                ),
-                result.attempt_log,
-            )
-        update: dict[str, Any] = {"worktree": None}
-        commit, tree = result.provenance.result_commit, result.provenance.result_tree
-        if commit is not None and result.branch is not None:
-            try:
-                await self._fetch(task, outcome, commit, tree)
-            except (GitError, OSError) as exc:
-                error = ErrorInfo(
-                    kind="transfer",
-                    message=f"the result commit from worker {outcome.worker}: {exc}"[:2000],
-                )
-                update.update(
-                    status="failed",
-                    error=error,
-                    branch=None,
-                    provenance=result.provenance.model_copy(
-                        update={"result_commit": None, "result_tree": None}
-                    ),
-                )
+            message = f"the task's files from worker {worker.address}: {exc}"[:2000]
+            update.update(status="failed", error=ErrorInfo(kind="transfer", message=message))
         if cancelled:
             update.update(status="cancelled", error=ctx.cancelled_error(task_id))
         for event in outcome.events:
@@ -711,12 +777,17 @@ class _DaskRun:
         return seal_result(result.model_copy(update=update))
 
     async def _fetch(
-        self, task: PreparedTask, outcome: RemoteOutcome, commit: str, tree: str | None
+        self, task: PreparedTask, outcome: RemoteOutcome, commit: str, tree: str, worker: _Worker
     ) -> None:
         ctx = self.ctx
-        assert ctx.repo is not None and tree is not None
+        assert ctx.repo is not None and task.start_commit is not None
         branch = ctx.branch(task.envelope.task_id)
         if commit == task.start_commit:
+            found = await ctx.repo.git.out(
+                "rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}"
+            )
+            if found != tree:
+                raise GitError(["rev-parse"], 1, f"commit {commit} has tree {found}, not {tree}")
             await ctx.repo.git.run("update-ref", f"refs/heads/{branch}", commit)
             return
         if outcome.bundle is None:
@@ -724,25 +795,78 @@ class _DaskRun:
         with tempfile.TemporaryDirectory(dir=ctx.run_dir) as scratch:
             path = Path(scratch, "result.bundle")
             await anyio.Path(path).write_bytes(outcome.bundle)
-            await fetch_bundle(ctx.repo, path, commit, tree, branch)
-        if task.start_commit is not None and not await ctx.repo.git.ok(
-            "merge-base", "--is-ancestor", task.start_commit, commit
-        ):
-            await ctx.repo.git.run("update-ref", "-d", f"refs/heads/{branch}", check=False)
-            raise GitError(
-                ["merge-base"], 1, f"commit {commit} does not descend from {task.start_commit}"
+            await fetch_bundle(
+                ctx.repo, path, commit, tree, branch, descends_from=task.start_commit
             )
-        worker = self.placement.workers.get(outcome.worker)
-        if worker is not None:
-            worker.have.add(commit)
+        worker.have.add(commit)
 
     def _failed(self, task: PreparedTask, error: ErrorInfo, attempts: list[Attempt]) -> TaskResult:
         result = not_started_result(task.envelope, task.agent, self.ctx, "failed", error)
         if not attempts:
             return result
-        return seal_result(
-            result.model_copy(update={"attempts": len(attempts), "attempt_log": attempts})
+        update = {"attempts": len(attempts), "attempt_log": attempts}
+        return seal_result(result.model_copy(update=update))
+
+
+def _write_files(
+    run_dir: Path,
+    task_id: str,
+    result: TaskResult,
+    outcome: RemoteOutcome,
+    envelope: bytes,
+    written: dict[str, str],
+) -> None:
+    """Write the task's files that came back: the logs its result names (its attempts',
+    checks' and hooks'), each only with the digest the result records, and its attempts'
+    outputs; and its envelope as the coordinator has it. Nothing else: no file another task
+    of the run wrote (*written*: path -> task), nothing outside the run directory."""
+    name = ref_safe(task_id)
+    outputs = {f"outputs/{name}.attempt-{a.number}.json" for a in result.attempt_log}
+    named = {entry["path"]: entry["sha256"] for entry in _log_files(result.model_dump(mode="json"))}
+    wanted: Files = {}
+    for path, (mode, data) in outcome.files.items():
+        if written.get(path, task_id) != task_id:
+            continue  # another task's
+        if (
+            path.startswith(f"logs/{name}.") and named.get(path) == sha256_hex(data)
+        ) or path in outputs:
+            wanted[path] = (mode, data)
+    wanted[f"envelopes/{name}.json"] = (0o644, envelope)
+    unpack_files(run_dir, wanted)
+    written.update(dict.fromkeys(wanted, task_id))
+
+
+def _log_files(value: Any) -> list[dict[str, Any]]:
+    """Every ``LogFile`` (a ``path`` with its ``sha256``) in a result as JSON."""
+    found: list[dict[str, Any]] = []
+    if isinstance(value, dict):
+        if isinstance(value.get("path"), str) and isinstance(value.get("sha256"), str):
+            found.append(value)
+        for item in value.values():
+            found += _log_files(item)
+    elif isinstance(value, list):
+        for item in value:
+            found += _log_files(item)
+    return found
+
+
+def _max_bundle(task: PreparedTask) -> int:
+    """The largest result bundle a task may send back: its commit's limit and a margin."""
+    return (task.envelope.max_commit_mb + 64) << 20
+
+
+def unfit(address: str, fact: Mapping[str, Any]) -> str | None:
+    """Why the worker at *address*, as ``remote.worker_facts`` describes it, cannot run this
+    run's tasks (another version of the orchestrator, no git), or None."""
+    version = fact.get("version")
+    if version != __version__:
+        return (
+            f"worker {address} runs worktree-orchestrator {version}, this coordinator "
+            f"{__version__}: install the same version on both"
         )
+    if not fact.get("git"):
+        return f"worker {address} has no git on its PATH"
+    return None
 
 
 class _WorkerLost(Exception):
@@ -757,10 +881,11 @@ class _Refused(Exception):
         self.error = error
 
 
-def _lost_attempt(job: RemoteJob, worker: _Worker, started: datetime, clock: float) -> Attempt:
+def _lost_attempt(earlier: int, worker: _Worker, started: datetime, clock: float) -> Attempt:
+    """The attempt a task made on *worker*, which left the cluster (after *earlier* ones)."""
     message = f"worker {worker.address} left the cluster while it ran this task"
     return Attempt(
-        number=len(job.earlier) + 1,
+        number=earlier + 1,
         status="failed",
         started_at=started,
         finished_at=datetime.now(UTC),

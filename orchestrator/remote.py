@@ -5,17 +5,19 @@ The coordinator (orchestrator/dask_executor.py) submits :func:`run_job` with a
 coordinator's disk. The worker keeps, in its local directory
 (``<local_directory>/worktree-orchestrator``):
 
-- ``mirror.git``: a bare repository that holds what bundles brought (the base once, then the
-  upstream results a dependent needs) and the results made here;
-- ``state/``: worktrees, venvs and their pools, shared by the tasks this worker runs;
-- ``plans/<run_id>/``, ``copies/<run_id>/``: the plan's files the tasks name, the plan's
-  ``copy`` files;
-- ``runs/<run_id>/<key>/``: one task's envelope, logs and outputs while it runs.
+- ``mirrors/<repo>.git``: a bare repository per coordinator repository, holding what bundles
+  brought (the base once, then the upstream results a dependent needs) and the results made
+  here;
+- ``state/``: worktrees, venvs and their pools, shared by the tasks this worker runs, and
+  ``state/plans/<run_id>/``, ``state/copies/<run_id>/`` (the plan's files the tasks name, the
+  plan's ``copy`` files) and ``state/runs/<run_id>/<key>/`` (one task's envelope, logs and
+  outputs while it runs): all of it hidden from sandboxed agents, as a state directory is.
 
 The task runs the same lifecycle as on the coordinator (``subagent.run_subagent``: worktree
 from the mirror, venv, agent, checks, commit) in an event loop of its own, in the Dask
-thread that runs it. :func:`run_job` returns a :class:`RemoteOutcome`: the sealed result, a
-bundle of the result commit, the task's files and its events.
+thread that runs it. :func:`run_job` returns a :class:`RemoteOutcome` encoded as plain bytes
+(:func:`encode_outcome`: JSON, a bundle, file contents), which the coordinator decodes and
+validates (:func:`decode_outcome`) instead of unpickling what a worker sent.
 
 Stopping a running task: Dask's ``cancel`` does not interrupt a running function, so the
 runner watches a flag (:func:`cancel_job`, sent with ``Client.run`` by the coordinator); the
@@ -28,28 +30,35 @@ on. :func:`sweep_run` kills what is left of a run's agents on the worker (a resu
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
+from pydantic import TypeAdapter
 
-from envelopes import Attempt, Event, HandoffEnvelope, TaskResult, ref_safe
+from envelopes import Attempt, Event, HandoffEnvelope, TaskResult, loads_bounded, ref_safe
 
+from ._git import Git
 from ._version import __version__
 from .agents import Agent
-from .context import RUN_SUBDIRS, RunContext, guard_repository
+from .context import RUN_SUBDIRS, RunContext
 from .errors import GitError
+from .guard import RepoGuard
+from .lifeline import Lifeline
+from .locks import RepoLock
 from .pool import VenvPool, WorktreePool
 from .process import kill_tagged
 from .repo import Repository
 from .settings import RunSettings
-from .shipping import Files, pack_tree, unbundle, unpack_files
+from .shipping import MAX_SHIPPED_FILES, Files, pack_tree, unbundle, unpack_files
 from .subagent import run_subagent
 from .workspace import PortSlots
 
@@ -58,6 +67,8 @@ __all__ = [
     "RemoteJob",
     "RemoteOutcome",
     "cancel_job",
+    "decode_outcome",
+    "encode_outcome",
     "run_job",
     "sweep_run",
     "worker_facts",
@@ -67,7 +78,9 @@ __all__ = [
 HOME_NAME = "worktree-orchestrator"
 #: How long a task whose start commit is on its way (another task to this worker brings
 #: it) waits for it before it says it is missing, in seconds.
-MIRROR_WAIT_S = 10.0
+MIRROR_WAIT_S = 30.0
+#: Longest a sweep waits for the jobs it stopped to end, in seconds.
+SWEEP_WAIT_S = 30.0
 #: Left in a run's copies directory once the plan's copy files are all there.
 COPIES_MARK = ".complete"
 #: How often a running task looks at its cancel flag, in seconds.
@@ -102,12 +115,16 @@ class RemoteJob:
     copies_needed: bool
     #: The task's slot on the worker (``ORCHESTRATOR_SLOT``, its ports).
     slot: int
+    #: What it holds on the worker while it runs (its agent's ``resources``).
+    resources: dict[str, float]
     #: Worktrees and venvs the worker keeps for later tasks.
     pool_size: int
     #: Attempts made before, on workers that were lost.
     earlier: list[Attempt]
     #: The author and committer of the task's commits (the coordinator's identity).
     identity: dict[str, str]
+    #: Which mirror on the worker: a digest naming the coordinator's repository (no path).
+    repo_key: str
     #: The coordinator's version of the orchestrator: the worker must run the same.
     version: str = __version__
 
@@ -128,6 +145,90 @@ class RemoteOutcome:
     events: list[Event] = field(default_factory=list)
 
 
+# -- what travels back, as bytes ----------------------------------------------------------
+
+#: Most an outcome's header (its result and events, as JSON) may weigh, inflated.
+MAX_HEADER_BYTES = 64 << 20
+#: Most events one task may send back.
+MAX_EVENTS = 10_000
+_EVENTS: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def encode_outcome(outcome: RemoteOutcome) -> bytes:
+    """*outcome* as bytes: a length, a JSON header (result, events, what follows), the
+    bundle, then each file's content."""
+    files = sorted(outcome.files.items())
+    header = {
+        "missing": outcome.missing,
+        "worker": outcome.worker,
+        "result": outcome.result.model_dump(mode="json") if outcome.result else None,
+        "events": [_EVENTS.dump_python(e, mode="json") for e in outcome.events[:MAX_EVENTS]],
+        "bundle": len(outcome.bundle) if outcome.bundle is not None else None,
+        "files": [[path, mode, len(data)] for path, (mode, data) in files],
+    }
+    head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 6)
+    parts = [len(head).to_bytes(8, "big"), head, outcome.bundle or b""]
+    parts += [data for _, (_, data) in files]
+    return b"".join(parts)
+
+
+def decode_outcome(data: bytes, *, max_bundle: int) -> RemoteOutcome:
+    """What :func:`encode_outcome` made, every part checked: the result and events validated
+    as the models they claim to be, sizes within what the data holds (and the bundle within
+    *max_bundle* bytes). ValueError when anything does not fit."""
+    if not isinstance(data, bytes) or len(data) < 8:
+        raise ValueError("not an outcome")
+    size = int.from_bytes(data[:8], "big")
+    if size > min(len(data) - 8, 64 << 20):
+        raise ValueError("an outcome's header runs past its end")
+    inflate = zlib.decompressobj()
+    try:
+        text = inflate.decompress(data[8 : 8 + size], MAX_HEADER_BYTES)
+    except zlib.error as exc:
+        raise ValueError(f"an outcome's header is not deflated JSON: {exc}") from None
+    if inflate.unconsumed_tail or not inflate.eof:
+        raise ValueError(f"an outcome's header is over {MAX_HEADER_BYTES >> 20} MiB, or cut")
+    header = loads_bounded(text)
+    if not isinstance(header, dict):
+        raise ValueError("an outcome's header is not an object")
+    at = 8 + size
+    bundle = None
+    if (length := header.get("bundle")) is not None:
+        if not isinstance(length, int) or not 0 <= length <= max_bundle:
+            raise ValueError(f"a result bundle of {length} bytes (at most {max_bundle})")
+        bundle, at = data[at : at + length], at + length
+    files: Files = {}
+    entries = header.get("files") or []
+    if not isinstance(entries, list) or len(entries) > MAX_SHIPPED_FILES:
+        raise ValueError("too many files in an outcome")
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise ValueError("a file of an outcome is not [path, mode, size]")
+        path, mode, length = entry
+        if not (isinstance(path, str) and isinstance(mode, int) and isinstance(length, int)):
+            raise ValueError("a file of an outcome is not [path, mode, size]")
+        if length < 0 or at + length > len(data):
+            raise ValueError(f"{path!r}: runs past the outcome's end")
+        files[path], at = (mode & 0o777, data[at : at + length]), at + length
+    if at != len(data):
+        raise ValueError("an outcome has bytes left over")
+    events = header.get("events") or []
+    if not isinstance(events, list) or len(events) > MAX_EVENTS:
+        raise ValueError("too many events in an outcome")
+    missing = header.get("missing")
+    if missing not in (None, "commit", "files"):
+        raise ValueError(f"an outcome says it lacks {missing!r}")
+    result = header.get("result")
+    return RemoteOutcome(
+        missing=missing,
+        result=TaskResult.model_validate(result) if result is not None else None,
+        worker=str(header.get("worker", ""))[:256],
+        bundle=bundle,
+        files=files,
+        events=[_EVENTS.validate_python(e) for e in events],
+    )
+
+
 # -- the cancel flags of the jobs running in this worker process ---------------------------
 
 _lock = threading.Lock()
@@ -135,6 +236,36 @@ _flags: dict[str, threading.Event] = {}
 #: Keys cancelled before their job started (or after it ended): when they were.
 _early: dict[str, float] = {}
 _mirror_lock = threading.Lock()
+#: Commits known to be in a mirror (mirror, commit): not asked of git again.
+_present: set[tuple[Path, str]] = set()
+#: Each mirror's repository guard in this worker process.
+_guards: dict[Path, RepoGuard] = {}
+
+
+class _WorkerLifeline(Lifeline):
+    """One lifeline for every job of this worker process: its agents die with the worker.
+
+    One watcher process for the worker's life, not one per job (each costs an interpreter
+    start); shared by the jobs' threads, so its calls are serialised; never closed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls = threading.Lock()
+
+    def watch(self, group: int, *, tag_variable: str, prefix: str) -> None:
+        with self._calls:
+            super().watch(group, tag_variable=tag_variable, prefix=prefix)
+
+    def unwatch(self, group: int) -> None:
+        with self._calls:
+            super().unwatch(group)
+
+    def close(self) -> None:
+        """Kept open: other jobs, and later ones, use it (it ends with the worker)."""
+
+
+_lifeline = _WorkerLifeline()
 
 
 def cancel_job(key: str, dask_worker: Any = None) -> bool:
@@ -155,13 +286,23 @@ def cancel_job(key: str, dask_worker: Any = None) -> bool:
 
 
 def sweep_run(run_id: str, dask_worker: Any = None) -> int:
-    """Stop every job of *run_id* on this worker and kill its agents' processes (a
-    resumed run asks, before its first task); how many processes were killed."""
+    """Stop every job of *run_id* on this worker, kill its agents' processes, and wait (at
+    most :data:`SWEEP_WAIT_S`) for the jobs to end: a resumed run asks before its first task,
+    so that none of its dispatches meets a dead run's job of the same task. How many
+    processes were killed."""
+    prefix = f"wo-{run_id}-"
     with _lock:
-        flags = [flag for key, flag in _flags.items() if key.startswith(f"wo-{run_id}-")]
+        flags = [flag for key, flag in _flags.items() if key.startswith(prefix)]
     for flag in flags:
         flag.set()
-    return kill_tagged(f"{run_id}/", prefix=True)
+    killed = kill_tagged(f"{run_id}/", prefix=True)
+    deadline = time.monotonic() + SWEEP_WAIT_S
+    while time.monotonic() < deadline:
+        with _lock:
+            if not any(key.startswith(prefix) for key in _flags):
+                break
+        time.sleep(0.05)
+    return killed
 
 
 def worker_facts(programs: list[str], dask_worker: Any = None) -> dict[str, Any]:
@@ -196,8 +337,9 @@ class JobWatch(WorkerPlugin):
 # -- one job ----------------------------------------------------------------------------
 
 
-def run_job(job: RemoteJob) -> RemoteOutcome:
-    """Run *job* in this Dask worker and say what came of it (the function Dask runs)."""
+def run_job(job: RemoteJob) -> bytes:
+    """Run *job* in this Dask worker and say what came of it, encoded (the function Dask
+    runs)."""
     from distributed import get_worker
 
     worker = get_worker()
@@ -212,7 +354,7 @@ def run_job(job: RemoteJob) -> RemoteOutcome:
     finally:
         with _lock:
             _flags.pop(job.key, None)
-    return outcome
+    return encode_outcome(outcome)
 
 
 async def _run(job: RemoteJob, home: Path, flag: threading.Event, address: str) -> RemoteOutcome:
@@ -220,31 +362,51 @@ async def _run(job: RemoteJob, home: Path, flag: threading.Event, address: str) 
         raise RuntimeError(
             f"this worker runs worktree-orchestrator {__version__}, the coordinator {job.version}"
         )
-    mirror = await _mirror(home)
+    state = home / "state"
+    mirror = await _mirror(home, job.repo_key)
+    try:
+        return await _run_in(job, home, state, mirror, flag, address)
+    finally:
+        mirror.lock.close()
+
+
+async def _run_in(
+    job: RemoteJob,
+    home: Path,
+    state: Path,
+    mirror: Repository,
+    flag: threading.Event,
+    address: str,
+) -> RemoteOutcome:
     if job.start_commit is not None and not await _has_start(mirror, job):
         return RemoteOutcome(missing="commit", worker=address)
-    plan_dir = home / "plans" / job.run_id
-    copy_root = home / "copies" / job.run_id
+    plan_dir = state / "plans" / job.run_id
+    copy_root = state / "copies" / job.run_id
     if not await _has_files(job, plan_dir, copy_root):
         return RemoteOutcome(missing="files", worker=address)
     if job.start_commit is not None:
         # An earlier dispatch of this task here (a run resumed after its coordinator died,
-        # say) left its branch: this dispatch starts it afresh.
+        # say, whose jobs were stopped first) left its branch: this dispatch starts afresh.
         branch = f"refs/heads/orchestrator/{job.run_id}/{ref_safe(job.envelope.task_id)}"
         await mirror.git.run("update-ref", "-d", branch, check=False)
-    run_dir = home / "runs" / job.run_id / job.key
+    run_dir = state / "runs" / job.run_id / job.key
     for name in RUN_SUBDIRS:
         await anyio.Path(run_dir / name).mkdir(parents=True, exist_ok=True)
     events: list[Event] = []
-    ctx = await _context(job, mirror, home, run_dir, plan_dir, copy_root, events.append)
+    ctx = await _context(job, mirror, state, run_dir, plan_dir, copy_root, events.append)
     try:
         result = await _run_task(job, ctx, flag, address)
         bundle = await _result_bundle(mirror, job, result, run_dir)
-        files = await anyio.to_thread.run_sync(pack_tree, run_dir)
+        files = await anyio.to_thread.run_sync(_returned_files, run_dir)
     finally:
         ctx.close()
         await anyio.to_thread.run_sync(shutil.rmtree, run_dir, True)
     return RemoteOutcome(result=result, worker=address, bundle=bundle, files=files, events=events)
+
+
+def _returned_files(run_dir: Path) -> Files:
+    """The task's envelope, logs and outputs, as the coordinator may take them."""
+    return {p: e for p, e in pack_tree(run_dir).items() if RETURNED_FILE.fullmatch(p)}
 
 
 async def _run_task(
@@ -274,7 +436,7 @@ async def _run_task(
 async def _context(
     job: RemoteJob,
     mirror: Repository,
-    home: Path,
+    state: Path,
     run_dir: Path,
     plan_dir: Path,
     copy_root: Path,
@@ -293,27 +455,48 @@ async def _context(
         settings=settings,
         venv_backend=backend,
         on_event=on_event,
-        home=home / "state",
+        home=state,
         copy_root=copy_root,
+        lifeline=_lifeline,
         port_slots=PortSlots(1, only=job.slot),
     )
     if job.pool_size > 0:
         if ctx.repo is not None:
             ctx.pool = WorktreePool(mirror, job.pool_size)
-        ctx.venv_pool = VenvPool(home / "state", backend, job.pool_size)
+        ctx.venv_pool = VenvPool(state, backend, job.pool_size)
     if ctx.repo is not None:
         mirror.git.use_identity(job.identity)
-        await guard_repository(mirror)
-        ctx.guarding = True
     return ctx
 
 
-async def _mirror(home: Path) -> Repository:
-    """The worker's mirror repository (made on first use)."""
-    path = home / "mirror.git"
+async def _mirror(home: Path, repo_key: str) -> Repository:
+    """The worker's mirror of the coordinator's repository *repo_key* (made on first use),
+    guarded from the first time this process opens it."""
+    if not re.fullmatch(r"[0-9a-f]{16,64}", repo_key):
+        raise ValueError(f"not a repository key: {repo_key!r}")
+    path = home / "mirrors" / f"{repo_key}.git"
     if not (path / "HEAD").exists():
         await anyio.to_thread.run_sync(_with_mirror_lock, _init_mirror, path)
-    return await Repository.open(path, state_dir=home / "state")
+    if path in _guards:  # known to be a bare repository: opened without asking git
+        mirror = Repository(
+            root=path,
+            common_dir=path,
+            bare=True,
+            state_dir=home / "state",
+            git=Git(path),
+            lock=RepoLock(path / "orchestrator" / "metadata.mutex"),
+        )
+    else:
+        mirror = await Repository.open(path, state_dir=home / "state")
+        if not mirror.bare or mirror.common_dir.resolve() != path.resolve():
+            raise RuntimeError(f"{path} is not the bare mirror it should be")
+        guard = await anyio.to_thread.run_sync(RepoGuard.snapshot, mirror.common_dir)
+        _guards.setdefault(path, guard)
+    # One guard per mirror in this process, taken when it was first opened: jobs side by
+    # side would otherwise each take the others' agents' changes for the mirror's own, and
+    # fight over putting them back.
+    mirror.git.guard = _guards[path]
+    return mirror
 
 
 def _with_mirror_lock(fn: Any, *args: Any) -> Any:
@@ -343,25 +526,30 @@ async def _has_start(mirror: Repository, job: RemoteJob) -> bool:
     which this job's bundle then builds on)."""
     commit = job.start_commit
     assert commit is not None
+    if (mirror.common_dir, commit) in _present:
+        return True  # a commit, once here, stays (its ref keeps it)
     with tempfile.TemporaryDirectory(dir=mirror.root) as scratch:
         bundle = Path(scratch, "start.bundle")
         if job.bundle is not None:
             await anyio.Path(bundle).write_bytes(job.bundle)
-        deadline = time.monotonic() + MIRROR_WAIT_S
+        waited = 0.0  # only waiting counts: not the time another job holds the lock
         while True:
             await anyio.to_thread.run_sync(_mirror_lock.acquire)
             try:
                 if await _holds(mirror, commit):
+                    _present.add((mirror.common_dir, commit))
                     return True
                 if job.bundle is not None:
                     with contextlib.suppress(GitError):  # what it builds on is not here yet
                         await unbundle(mirror, bundle, commit, f"refs/orchestrator/have/{commit}")
+                        _present.add((mirror.common_dir, commit))
                         return True
             finally:
                 _mirror_lock.release()
-            if time.monotonic() > deadline:
+            if waited > MIRROR_WAIT_S:
                 return False
             await anyio.sleep(0.2)
+            waited += 0.2
 
 
 async def _holds(mirror: Repository, commit: str) -> bool:
@@ -372,13 +560,14 @@ async def _has_files(job: RemoteJob, plan_dir: Path, copy_root: Path) -> bool:
     """Whether the plan's files the job needs, and the plan's copies, are here once what it
     brings is unpacked; waits a while for those on their way with another task."""
     await anyio.to_thread.run_sync(_receive_files, job, plan_dir, copy_root)
-    deadline = time.monotonic() + MIRROR_WAIT_S
+    waited = 0.0
     while not await anyio.to_thread.run_sync(
         _with_mirror_lock, _files_here, job, plan_dir, copy_root
     ):
-        if time.monotonic() > deadline:
+        if waited > MIRROR_WAIT_S:
             return False
         await anyio.sleep(0.1)
+        waited += 0.1
     return True
 
 
@@ -417,6 +606,6 @@ async def _result_bundle(
     return data
 
 
-def task_key(run_id: str, task_id: str, dispatch: int) -> str:
-    """The Dask key of *task_id*'s dispatch number *dispatch* in run *run_id*."""
+def task_key(run_id: str, task_id: str, dispatch: str) -> str:
+    """The Dask key of *task_id*'s dispatch *dispatch* (session and number) in *run_id*."""
     return f"wo-{run_id}-{ref_safe(task_id)}-{dispatch}"

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from envelopes import HandoffEnvelope, relative_path_problem
 
 from ._git import check_ids
@@ -32,6 +34,7 @@ __all__ = [
     "MAX_SHIPPED_FILES_BYTES",
     "Files",
     "ShippingError",
+    "bundle_heads",
     "fetch_bundle",
     "make_bundle",
     "pack_files",
@@ -65,7 +68,9 @@ def plan_references(envelope: HandoffEnvelope, *more: Any) -> set[str]:
     count; paths that leave the directory are left out (they are not the plan's).
     """
     found: set[str] = set()
-    for text in _strings([envelope.model_dump(mode="json"), *more]):
+    # What the plan wrote, never what an upstream agent produced (its output, its files).
+    written = envelope.model_dump(mode="json", exclude={"upstream"})
+    for text in _strings([written, *more]):
         found.update(match.group(1) for match in _PLAN_FILE.finditer(text))
     for requirement in envelope.requirements:
         if (match := _REQUIREMENT_FILE.match(requirement)) and "{" not in match.group(1):
@@ -187,11 +192,15 @@ def unpack_files(root: Path, files: Files, *, allowed: re.Pattern[str] | None = 
     for path, (mode, data) in files.items():
         target = root / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(target, flags, 0o600)
+        # Written aside, then renamed: a file another task is running or copying right now
+        # is replaced whole, never seen half written.
+        scratch = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(scratch, flags, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(target, (mode & 0o755) | 0o600)
+        os.chmod(scratch, (mode & 0o755) | 0o600)
+        os.replace(scratch, target)
 
 
 async def make_bundle(repo: Repository, tip: str, have: Iterable[str], path: Path) -> Path | None:
@@ -233,40 +242,60 @@ async def unbundle(repo: Repository, path: Path, tip: str, keep_as: str) -> None
     await repo.git.run("update-ref", keep_as, tip)
 
 
-async def fetch_bundle(repo: Repository, path: Path, commit: str, tree: str, branch: str) -> None:
-    """Bring *commit* from the bundle at *path* into *repo*, every object checked
-    (``fsckObjects``), make sure it is a commit whose tree is *tree*, and point the task's
-    *branch* (``orchestrator/...``) at it.
+def bundle_heads(path: Path, limit: int = 1 << 16) -> list[tuple[str, str]]:
+    """The refs a bundle file brings, (object id, ref name), read from its header (at most
+    *limit* bytes of it); GitError when it is not a version 2 bundle."""
+    return _bundle_header(path, limit)[0]
 
-    Nothing else of the bundle is taken (its ref only names the commit). GitError when the
-    bundle is broken, does not bring *commit* alone, or *commit*'s tree is another.
+
+def _bundle_header(path: Path, limit: int = 1 << 16) -> tuple[list[tuple[str, str]], int]:
+    """A bundle's refs and where its pack starts; GitError when it is not a v2 bundle."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        header = f.read(limit)
+    end = header.find(b"\n\n")
+    lines = header[:end].decode("ascii", errors="replace").split("\n") if end > 0 else []
+    if not lines or lines[0] != "# v2 git bundle":
+        raise GitError(["bundle"], 1, "not a git bundle (or its header is too long)")
+    heads = []
+    for line in lines[1:]:
+        if line.startswith("-"):
+            continue  # a prerequisite: a commit the receiving side must have
+        sha, _, ref = line.partition(" ")
+        heads.append((sha, ref))
+    return heads, end + 2
+
+
+async def fetch_bundle(
+    repo: Repository,
+    path: Path,
+    commit: str,
+    tree: str,
+    branch: str,
+    *,
+    descends_from: str,
+) -> None:
+    """Bring *commit* from the bundle at *path* into *repo* as the task's *branch*
+    (``orchestrator/...``), once it is sure that the bundle brings that commit alone, as a
+    task's branch, that every object in it is well formed (``index-pack --strict``: git's
+    ``fetch.fsckObjects`` is not applied to bundles before git 2.46), that the commit's tree
+    is *tree*, and that it descends from *descends_from*.
+
+    Nothing else of the bundle is taken (its objects stay, unreachable, until git collects
+    them). GitError, and no branch, when any of that does not hold.
     """
-    check_ids(commit, tree)
-    listed = await repo.git.out("bundle", "list-heads", str(path))
-    heads = [line.split(" ", 1) for line in listed.splitlines() if " " in line]
+    check_ids(commit, tree, descends_from)
+    heads, start = await anyio.to_thread.run_sync(_bundle_header, path)
     if len(heads) != 1 or heads[0][0] != commit:
         raise GitError(["bundle"], 1, f"the bundle does not bring {commit} alone")
     ref = heads[0][1]
     if not ref.startswith("refs/heads/orchestrator/") or ".." in ref:
         raise GitError(["bundle"], 1, f"the bundle's ref {ref!r} is not a task's branch")
-    incoming = f"refs/orchestrator-incoming/{secrets.token_hex(8)}"
-    try:
-        await repo.git.run(
-            "-c",
-            "fetch.fsckObjects=true",
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            "--no-write-fetch-head",
-            "--no-recurse-submodules",
-            str(path),
-            f"{ref}:{incoming}",
-        )
-        found = await repo.git.out(
-            "rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}"
-        )
-        if found != tree:
-            raise GitError(["bundle"], 1, f"commit {commit} has tree {found}, not {tree}")
-        await repo.git.run("update-ref", f"refs/heads/{branch}", commit)
-    finally:
-        await repo.git.run("update-ref", "-d", incoming, check=False)
+    pack = (await anyio.Path(path).read_bytes())[start:]
+    await repo.git.run("index-pack", "--stdin", "--fix-thin", "--strict", stdin=pack)
+    found = await repo.git.out("rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}")
+    if found != tree:
+        raise GitError(["bundle"], 1, f"commit {commit} has tree {found}, not {tree}")
+    if not await repo.git.ok("merge-base", "--is-ancestor", descends_from, commit):
+        raise GitError(["bundle"], 1, f"commit {commit} does not descend from {descends_from}")
+    await repo.git.run("update-ref", f"refs/heads/{branch}", commit)

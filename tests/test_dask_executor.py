@@ -482,6 +482,8 @@ def test_nothing_of_the_coordinators_disk_travels_to_the_workers(
         record(args, kwargs)
         return scatter(self, *args, **kwargs)
 
+    # A secret of this machine's environment that the plan does not pass to an agent.
+    monkeypatch.setenv("COORDINATOR_ONLY_TOKEN", "tok-5f0c9e1d7a3b")
     monkeypatch.setattr(distributed.Client, "submit", recording_submit)
     monkeypatch.setattr(distributed.Client, "scatter", recording_scatter)
     report = run(plan, executor={"kind": "dask", "workers": 2, "slots": 2})
@@ -492,6 +494,7 @@ def test_nothing_of_the_coordinators_disk_travels_to_the_workers(
         # (The plan's own env holds a path of this machine, $PIDS, which the plan passes.)
         for path in (repo, plan.parent, repo / ".git" / "orchestrator"):
             assert str(path).encode() not in blob
+        assert b"tok-5f0c9e1d7a3b" not in blob
     assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
 
 
@@ -533,3 +536,56 @@ def test_the_plan_and_the_cli_choose_the_executor(make_repo: MakeRepo, tmp_path:
     assert over.executor_spec.scheduler == "tcp://h:1" and over.executor_spec.workers is None
     assert over.journal_form()["executor"] == {"kind": "dask", "scheduler": "tcp://h:1"}
     assert pickle.loads(pickle.dumps(over)).executor_spec == over.executor_spec
+
+
+def test_a_worker_of_another_version_or_without_git_is_refused() -> None:
+    from orchestrator import __version__
+    from orchestrator.dask_executor import unfit
+
+    assert unfit("tcp://w:1", {"version": __version__, "git": "/usr/bin/git"}) is None
+    why = unfit("tcp://w:1", {"version": "0.0.1", "git": "/usr/bin/git"})
+    assert why == (
+        f"worker tcp://w:1 runs worktree-orchestrator 0.0.1, this coordinator {__version__}: "
+        "install the same version on both"
+    )
+    assert unfit("tcp://w:1", {"version": __version__, "git": None}) == (
+        "worker tcp://w:1 has no git on its PATH"
+    )
+
+
+def test_a_timeout_is_enforced_on_the_worker(
+    cluster: Cluster, make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo()
+    plan, pids = write_plan(
+        tmp_path, repo, [{"id": "late", "agent": "a", "task": "sleep 60", "timeout": 1}]
+    )
+    report = run(plan, executor={"kind": "dask", "scheduler": cluster.address}, kill_grace=0.5)
+    (result,) = report.results
+    assert result.status == "timed_out" and result.error is not None
+    assert result.error.kind == "timeout"
+    assert not _alive(int((pids / "late.pid").read_text()))
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+def test_the_base_goes_to_a_worker_once(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo(50)
+    tasks = [{"id": f"t{i}", "agent": "a", "task": "write"} for i in range(4)]
+    plan, _ = write_plan(tmp_path, repo, tasks)
+    bundles: list[int] = []
+
+    class Counting(DaskExecutor):
+        def bind(self, ctx: Any) -> Any:
+            run = super().bind(ctx)
+            submit = run._submit
+
+            def counted(job: Any, address: str, scatter: bool) -> Any:
+                bundles.append(len(job.bundle or b""))
+                return submit(job, address, scatter)
+
+            run._submit = counted
+            return run
+
+    report = run(plan, executor=Counting(workers=1, slots=2))
+    assert report.summary.successful == 4, report.errors
+    assert len(bundles) == 4 and sum(1 for size in bundles if size) == 1

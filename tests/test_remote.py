@@ -4,8 +4,10 @@ worker is in tests/test_dask_executor.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+import zlib
 
 from orchestrator import remote
 
@@ -39,3 +41,44 @@ def test_a_worker_says_what_it_lacks() -> None:
     assert facts["git"] and facts["missing"] == ["no-such-program-7f3a"]
     assert facts["version"]
     assert os.environ.get("PATH")
+
+
+def test_an_outcome_travels_as_bytes_and_is_checked_when_it_comes_back() -> None:
+    import pytest
+
+    from envelopes import TaskPhase
+    from orchestrator.remote import RemoteOutcome, decode_outcome, encode_outcome
+
+    phase = TaskPhase(run_id="r", task_id="t", phase="agent", attempt=1)
+    outcome = RemoteOutcome(
+        worker="tcp://127.0.0.1:1",
+        bundle=b"bundle bytes",
+        files={
+            "logs/t.attempt-1.stdout": (0o644, b"out"),
+            "outputs/t.attempt-1.json": (0o600, b"{}"),
+        },
+        events=[phase],
+    )
+    data = encode_outcome(outcome)
+    back = decode_outcome(data, max_bundle=1 << 20)
+    assert back.bundle == b"bundle bytes" and back.files == outcome.files
+    assert back.events == [phase] and back.result is None and back.missing is None
+    for bad, why in [
+        (b"", "not an outcome"),
+        (data[:-1], "runs past"),
+        (data + b"x", "left over"),
+        ((10**9).to_bytes(8, "big") + data[8:], "header runs past"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            decode_outcome(bad, max_bundle=1 << 20)
+    with pytest.raises(ValueError, match="at most 4"):
+        decode_outcome(data, max_bundle=4)
+    head = zlib.compress(json.dumps({"missing": "rm -rf", "worker": "w"}).encode())
+    with pytest.raises(ValueError, match="lacks"):
+        decode_outcome(len(head).to_bytes(8, "big") + head, max_bundle=1)
+    bomb = zlib.compress(b" " * (65 << 20))  # a header that inflates past its bound
+    with pytest.raises(ValueError, match="over 64 MiB"):
+        decode_outcome(len(bomb).to_bytes(8, "big") + bomb, max_bundle=1)
+    plain = b'{"missing": null}'  # not deflated
+    with pytest.raises(ValueError, match="not deflated"):
+        decode_outcome(len(plain).to_bytes(8, "big") + plain, max_bundle=1)

@@ -4,6 +4,7 @@ and files come back only where they belong."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -87,15 +88,62 @@ def _worker_bundle(path: Path, tmp_path: Path, ref: str) -> tuple[Path, str, str
     return bundle, start, commit, tree
 
 
+def fetch(repo: Repository, bundle: Path, commit: str, tree: str, start: str) -> None:
+    anyio.run(
+        lambda: fetch_bundle(repo, bundle, commit, tree, "orchestrator/r/t", descends_from=start)
+    )
+
+
 def test_fetching_a_result_checks_its_commit_and_tree_and_makes_the_branch(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
     path = make_repo()
-    bundle, _, commit, tree = _worker_bundle(path, tmp_path, "refs/heads/orchestrator/r/t")
+    bundle, start, commit, tree = _worker_bundle(path, tmp_path, "refs/heads/orchestrator/r/t")
     repo = open_repo(path)
-    anyio.run(fetch_bundle, repo, bundle, commit, tree, "orchestrator/r/t")
+    fetch(repo, bundle, commit, tree, start)
     assert git(path, "rev-parse", "orchestrator/r/t") == commit
-    assert "orchestrator-incoming" not in git(path, "for-each-ref")
+    assert git(path, "for-each-ref", "--format=%(refname)").splitlines() == [
+        "refs/heads/main",
+        "refs/heads/orchestrator/r/t",
+    ]
+
+
+def test_a_result_that_does_not_descend_from_the_start_is_refused(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    path = make_repo()
+    bundle, _, commit, tree = _worker_bundle(path, tmp_path, "refs/heads/orchestrator/r/t")
+    elsewhere = commit_file(path, "other.txt", "x\n", "elsewhere")
+    with pytest.raises(GitError, match="does not descend"):
+        fetch(open_repo(path), bundle, commit, tree, elsewhere)
+    assert git(path, "branch", "--list", "orchestrator/r/t") == ""
+
+
+def test_a_bundle_with_a_malformed_object_is_refused(make_repo: MakeRepo, tmp_path: Path) -> None:
+    """A commit without an author: git's fetch from a bundle lets it in before git 2.46."""
+    path = make_repo()
+    start = git(path, "rev-parse", "HEAD")
+    tree = git(path, "rev-parse", "HEAD^{tree}")
+    raw = f"tree {tree}\nparent {start}\ncommitter A <a@b> 0 +0000\n\nno author\n"
+    bad = (
+        subprocess.run(
+            ["git", "-C", str(path), "hash-object", "-t", "commit", "-w", "--literally", "--stdin"],
+            input=raw.encode(),
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .strip()
+    )
+    git(path, "update-ref", "refs/heads/orchestrator/r/t", bad)
+    bundle = tmp_path / "bad.bundle"
+    git(path, "bundle", "create", "-q", str(bundle), "refs/heads/orchestrator/r/t", f"^{start}")
+    git(path, "update-ref", "-d", "refs/heads/orchestrator/r/t")
+    git(path, "reflog", "expire", "--expire=now", "--all")
+    git(path, "gc", "-q", "--prune=now")
+    with pytest.raises(GitError):
+        fetch(open_repo(path), bundle, bad, tree, start)
+    assert git(path, "branch", "--list", "orchestrator/r/t") == ""
 
 
 def test_a_result_whose_tree_is_another_is_refused_and_makes_no_branch(
@@ -106,17 +154,17 @@ def test_a_result_whose_tree_is_another_is_refused_and_makes_no_branch(
     repo = open_repo(path)
     wrong = git(path, "rev-parse", f"{start}^{{tree}}")
     with pytest.raises(GitError, match="has tree"):
-        anyio.run(fetch_bundle, repo, bundle, commit, wrong, "orchestrator/r/t")
+        fetch(repo, bundle, commit, wrong, start)
     assert git(path, "branch", "--list", "orchestrator/r/t") == ""
     with pytest.raises(GitError, match="does not bring"):
-        anyio.run(fetch_bundle, repo, bundle, start, wrong, "orchestrator/r/t")
+        fetch(repo, bundle, start, wrong, start)
 
 
 def test_a_bundle_of_another_ref_is_refused(make_repo: MakeRepo, tmp_path: Path) -> None:
     path = make_repo()
-    bundle, _, commit, tree = _worker_bundle(path, tmp_path, "refs/heads/main2")
+    bundle, start, commit, tree = _worker_bundle(path, tmp_path, "refs/heads/main2")
     with pytest.raises(GitError, match="not a task's branch"):
-        anyio.run(fetch_bundle, open_repo(path), bundle, commit, tree, "orchestrator/r/t")
+        fetch(open_repo(path), bundle, commit, tree, start)
 
 
 @pytest.mark.parametrize(
@@ -192,3 +240,26 @@ def test_the_plans_files_a_task_names_are_found() -> None:
         "hooks/make.sh",
         "agent.py",
     }
+
+
+def test_a_bundle_header_is_read_without_git_and_bounded(tmp_path: Path) -> None:
+    from orchestrator.shipping import bundle_heads
+
+    good = tmp_path / "good.bundle"
+    good.write_bytes(
+        b"# v2 git bundle\n-" + b"a" * 40 + b" base\n" + b"b" * 40 + b" refs/heads/x\n\nPACK"
+    )
+    assert bundle_heads(good) == [("b" * 40, "refs/heads/x")]
+    for name, data in [
+        ("not", b"PK\x03\x04 a zip file"),
+        ("endless", b"# v2 git bundle\n" + b"c" * 200_000),
+        ("empty", b""),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(GitError, match="not a git bundle"):
+            bundle_heads(path)
+    link = tmp_path / "link.bundle"
+    link.symlink_to(good)
+    with pytest.raises(OSError):
+        bundle_heads(link)
