@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -46,10 +47,12 @@ from envelopes import (
     Attempt,
     ErrorInfo,
     ExecutorSpec,
+    LogFile,
     Resources,
     TaskFinished,
     TaskResult,
     TaskStarted,
+    TaskStatus,
     canonical_json,
     ref_safe,
     seal_result,
@@ -61,6 +64,7 @@ from .agents import Agent, plan_program_of, program_of
 from .context import RunContext
 from .errors import ExecutorError, GitError, ShippingError
 from .executor import PreparedTask
+from .journal import JOURNAL
 from .remote import (
     JobWatch,
     RemoteJob,
@@ -89,6 +93,9 @@ __all__ = ["MAX_WORKER_LOSSES", "DaskExecutor", "unfit"]
 MAX_WORKER_LOSSES = 3
 #: How often a running task's worker is looked for among the cluster's, in seconds.
 WORKER_POLL_S = 1.0
+#: Longest the cluster may take to be checked when the run starts (past the connect
+#: timeout), in seconds.
+START_TIMEOUT_S = 60.0
 #: Longest the coordinator waits for a finished task's outcome to come over, in seconds.
 GATHER_TIMEOUT_S = 300.0
 #: How long, past the kill grace, a stopped remote task has to send back what it did.
@@ -162,6 +169,9 @@ class _Worker:
     #: The plan's files it has been sent, and whether it has the copies.
     files: set[str] = field(default_factory=set)
     copies: bool = False
+    #: Slots held by jobs that would not stop (slot -> (future, resources)), given back
+    #: once their future ends.
+    stuck: dict[int, tuple[Any, dict[str, float]]] = field(default_factory=dict)
     #: What it said of itself (``remote.worker_facts``), once asked.
     fact: dict[str, Any] | None = None
     #: Programs checked on its PATH: found or not.
@@ -169,6 +179,8 @@ class _Worker:
     gone: bool = False
 
     def fits(self, needs: Mapping[str, float]) -> bool:
+        if len(self.stuck) >= self.slots:
+            return False  # every slot held by a job that would not stop
         return all(self.resources.get(name, 0) >= amount for name, amount in needs.items())
 
     def can_take(self, needs: Mapping[str, float]) -> bool:
@@ -226,6 +238,7 @@ class _Placement:
         """
         since = time.monotonic()
         while True:
+            self._free_stuck()
             live = [w for w in self.workers.values() if not w.gone]
             ready = [w for w in live if w.can_take(needs)]
             if ready:
@@ -248,6 +261,14 @@ class _Placement:
             with anyio.move_on_after(WORKER_POLL_S):
                 await changed.wait()
             await self.refresh()
+
+    def _free_stuck(self) -> None:
+        """Give back the slots of stuck jobs that have ended since."""
+        for worker in self.workers.values():
+            for slot, (future, needs) in list(worker.stuck.items()):
+                if worker.gone or future.done():
+                    del worker.stuck[slot]
+                    self.give_back(worker, slot, needs)
 
     def give_back(self, worker: _Worker, slot: int, needs: Mapping[str, float]) -> None:
         worker.free.append(slot)
@@ -285,8 +306,10 @@ class _DaskRun:
         self._dispatches: dict[str, int] = {}
         #: The files each task's outcome wrote to the run directory: path -> task id.
         self._written: dict[str, str] = {}
-        #: Dispatches that would not stop: their slots stay taken.
-        self._stuck: set[str] = set()
+        #: Whether an earlier session of this run sent tasks to workers (a resume).
+        self._resumed = False
+        #: Dispatches that would not stop, by key: their futures (their slots stay taken).
+        self._stuck: dict[str, Any] = {}
         #: Part of every Dask key of this session of the run: a resumed run's keys never
         #: meet the dead session's, on the scheduler or in a worker's cancel flags.
         self._session = secrets.token_hex(4)
@@ -314,12 +337,21 @@ class _DaskRun:
             ) from exc
         self.client, self.cluster = await self.call(self._connect)
         try:
-            await self._check_workers()
-            await self.call(self.client.register_plugin, JobWatch(), name=JobWatch.name)
-            # A resumed run's dead coordinator may have left agents running: stopped now,
-            # before any task of this run starts (a new run's id matches nothing).
-            await self.call(self.client.run, sweep_run, self.ctx.run_id)
+            with anyio.fail_after(START_TIMEOUT_S + self.spec.connect_timeout):
+                await self._check_workers()
+                await self.call(self.client.register_plugin, JobWatch(), name=JobWatch.name)
+                # A resumed run's dead coordinator may have left agents running: stopped
+                # now, before any task of this run starts (a new run's id matches nothing).
+                await self.call(self.client.run, sweep_run, self.ctx.run_id)
+            self._resumed = await anyio.to_thread.run_sync(_dispatched_before, self.ctx.run_dir)
             await self._prepare_files()
+        except TimeoutError as exc:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+            raise ExecutorError(
+                f"the Dask cluster did not answer within {START_TIMEOUT_S:g} s while the run "
+                "started (its workers checked, its plugin registered)"
+            ) from exc
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
@@ -352,6 +384,16 @@ class _DaskRun:
                 # not the scheduler's to rerun behind its back.
                 "distributed.scheduler.allowed-failures": 0,
                 "distributed.worker.daemon": False,
+                # Its statistical profiler samples every thread's stack 100 times a second:
+                # CPU the agents' tasks need more, on a machine this cluster shares with them.
+                "distributed.worker.profile.enabled": False,
+                # Likewise its event loop's watchdog and its system monitor, every 20 and
+                # 500 ms: once a second and every 5 s are plenty for tasks of minutes.
+                "distributed.admin.tick.interval": "1s",
+                "distributed.admin.system-monitor.interval": "5s",
+                "distributed.worker.memory.monitor-interval": "1s",
+                # Every task is placed on its worker by this executor: nothing to steal.
+                "distributed.scheduler.work-stealing": False,
                 "distributed.admin.large-graph-warning-threshold": "1GiB",
             }
         ):
@@ -457,7 +499,12 @@ class _DaskRun:
                 result = self._failed(task, error, lost)
             else:
                 with anyio.CancelScope(shield=True):  # a finished task's work is not dropped
-                    result = await self._take(task, *placed)
+                    try:
+                        result = await self._take(task, *placed)
+                    except Exception as exc:
+                        message = f"what came back could not be taken: {type(exc).__name__}: {exc}"
+                        error = ErrorInfo(kind="transfer", message=message[:2000])
+                        result = self._failed(task, error, lost)
             break
         await record_result(ctx, result)
         return result
@@ -480,6 +527,9 @@ class _DaskRun:
             for _ in range(3):
                 job = await self._job(task, worker, slot, lost)
                 outcome = await self._await(task, worker, job)
+                if outcome.stopped:
+                    message = f"stopped on worker {worker.address} before it started"
+                    raise _Refused(ErrorInfo(kind="cancelled", message=message))
                 if outcome.missing is None:
                     return outcome, worker
                 # The worker lacks what it was thought to have (restarted, say): all again.
@@ -489,8 +539,10 @@ class _DaskRun:
             message = f"worker {worker.address} kept lacking the task's {outcome.missing}"
             raise _Refused(ErrorInfo(kind="transfer", message=message))
         finally:
-            # A job that would not stop keeps its slot (and ports): it may still run there.
-            if job is None or job.key not in self._stuck:
+            # A job that would not stop keeps its slot (and ports) until it ends there.
+            if job is not None and job.key in self._stuck:
+                worker.stuck[slot] = (self._stuck.pop(job.key), dict(needs))
+            else:
                 self.placement.give_back(worker, slot, needs)
 
     async def _check_worker(self, worker: _Worker, agent: Agent, earlier: int) -> None:
@@ -530,20 +582,41 @@ class _DaskRun:
         bundle = None
         # A task without a worktree needs none of the repository: nothing of it travels.
         start = task.start_commit if envelope.worktree else None
+        reserved = start is not None and ctx.repo is not None and start not in worker.have
         if start is not None and ctx.repo is not None:
             # Counted as the worker's at once: a task sent there meanwhile waits for it there
-            # rather than carrying it too.
+            # rather than carrying it too (taken back if this job never goes).
             have = set(worker.have)
             worker.have.add(start)
-            try:
-                with tempfile.TemporaryDirectory(dir=ctx.run_dir) as scratch:
-                    path = await make_bundle(ctx.repo, start, have, Path(scratch, "s.bundle"))
-                    if path is not None:
-                        bundle = await anyio.Path(path).read_bytes()
-            except (GitError, OSError) as exc:
+        try:
+            if start is not None and ctx.repo is not None:
+                bundle = await self._start_bundle(ctx.repo, start, have)
+            return await self._job_with(task, worker, slot, lost, start, bundle)
+        except BaseException:
+            if reserved and start is not None:
                 worker.have.discard(start)
-                message = f"the bundle of the task's start commit: {exc}"[:2000]
-                raise _Refused(ErrorInfo(kind="transfer", message=message)) from exc
+            raise
+
+    async def _start_bundle(self, repo: Any, start: str, have: set[str]) -> bytes | None:
+        """A bundle of *start* less what *have* reaches; _Refused when git cannot make it."""
+        try:
+            with tempfile.TemporaryDirectory(dir=self.ctx.run_dir) as scratch:
+                path = await make_bundle(repo, start, have, Path(scratch, "s.bundle"))
+                return await anyio.Path(path).read_bytes() if path is not None else None
+        except (GitError, OSError) as exc:
+            message = f"the bundle of the task's start commit: {exc}"[:2000]
+            raise _Refused(ErrorInfo(kind="transfer", message=message)) from exc
+
+    async def _job_with(
+        self,
+        task: PreparedTask,
+        worker: _Worker,
+        slot: int,
+        lost: list[Attempt],
+        start: str | None,
+        bundle: bytes | None,
+    ) -> RemoteJob:
+        ctx, envelope = self.ctx, task.envelope
         hooks = ctx.settings.hooks.model_dump(mode="json") if ctx.settings.hooks else None
         agent_info = task.agent.info().model_dump(mode="json")
         program = plan_program_of(task.agent)
@@ -561,6 +634,7 @@ class _DaskRun:
             for p, e in self._plan_files.items()
             if p not in worker.files and _wanted(p, needed)
         }
+        # Counted as sent from here on (no await follows): taken back if the job fails.
         worker.files.update(files)
         copies = None
         if self._copies is not None and not worker.copies:
@@ -585,6 +659,8 @@ class _DaskRun:
             resources=_resources_of(ctx, envelope.agent),
             pool_size=worker.slots if ctx.settings.pool_size > 0 else 0,
             earlier=list(lost),
+            # A branch of the task may be on the worker from an earlier dispatch.
+            clear_branch=self._resumed or number > 1,
             identity=self._identity,
             repo_key=self._repo_key,
         )
@@ -600,19 +676,24 @@ class _DaskRun:
             + sum(len(d) for _, d in job.plan_files.values())
             + sum(len(d) for _, d in (job.copies or {}).values())
         )
-        if ctx.journal is not None:
-            await ctx.journal.write(
-                {
-                    "type": "dispatch",
-                    "task": task.envelope.task_id,
-                    "worker": worker.address,
-                    "key": job.key,
-                    "attempt": len(job.earlier) + 1,
-                }
-            )
         future: Any = None
         try:
-            future = await self.call(self._submit, job, worker.address, sent > SCATTER_ABOVE)
+            if ctx.journal is not None:
+                # On disk before the job is: a resume then knows the task's branch may be on
+                # a worker (see _dispatched_before).
+                await ctx.journal.write(
+                    {
+                        "type": "dispatch",
+                        "task": task.envelope.task_id,
+                        "worker": worker.address,
+                        "key": job.key,
+                        "attempt": len(job.earlier) + 1,
+                    }
+                )
+            with anyio.CancelScope(shield=True):  # never a job submitted that nobody follows
+                future = await anyio.to_thread.run_sync(
+                    self._submit, job, worker.address, sent > SCATTER_ABOVE, limiter=self._threads
+                )
             while not await self.call(_wait, future, WORKER_POLL_S):
                 await self.placement.refresh()
                 if worker.gone:
@@ -646,7 +727,7 @@ class _DaskRun:
             result = await self._take(task, stopped, worker, cancelled=True)
         else:
             error = ctx.cancelled_error(task_id)
-            result = not_started_result(task.envelope, task.agent, ctx, "cancelled", error)
+            result = self._failed(task, error, job.earlier, status="cancelled")
         await record_result(ctx, result, leaving=True)
 
     def _submit(self, job: RemoteJob, address: str, scatter: bool) -> Any:
@@ -713,7 +794,7 @@ class _DaskRun:
                 data = await self.call(future.result, GATHER_TIMEOUT_S)
                 return decode_outcome(data, max_bundle=_max_bundle(task))
             return None
-        self._stuck.add(job.key)
+        self._stuck[job.key] = future
         with contextlib.suppress(Exception):
             await self.call(future.cancel)
         return None
@@ -739,7 +820,21 @@ class _DaskRun:
         if result.task_id != task_id or provenance.envelope_sha256 != sha256_hex(envelope_bytes):
             message = f"worker {worker.address} sent back the result of another task"
             return self._failed(task, ErrorInfo(kind="transfer", message=message), [])
-        update: dict[str, Any] = {"worktree": None, "branch": None}
+        # What the coordinator knows itself is its own: the envelope file, the agent's name,
+        # the group and dependencies (only what the task did is the worker's to say).
+        entry = LogFile(
+            path=f"envelopes/{ref_safe(task_id)}.json",
+            sha256=sha256_hex(envelope_bytes),
+            size=len(envelope_bytes),
+        )
+        update: dict[str, Any] = {
+            "worktree": None,
+            "branch": None,
+            "envelope": entry,
+            "agent": envelope.agent,
+            "group": envelope.group,
+            "depends_on": envelope.depends_on,
+        }
         cleared = provenance.model_copy(update={"result_commit": None, "result_tree": None})
         commit, tree = provenance.result_commit, provenance.result_tree
         problem = None
@@ -783,25 +878,27 @@ class _DaskRun:
         assert ctx.repo is not None and task.start_commit is not None
         branch = ctx.branch(task.envelope.task_id)
         if commit == task.start_commit:
-            found = await ctx.repo.git.out(
-                "rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}"
-            )
-            if found != tree:
-                raise GitError(["rev-parse"], 1, f"commit {commit} has tree {found}, not {tree}")
+            # Nothing committed: the start commit, whose tree this run knows already.
+            if tree != task.start_tree:
+                raise GitError(["rev-parse"], 1, f"commit {commit} has another tree than {tree}")
             await ctx.repo.git.run("update-ref", f"refs/heads/{branch}", commit)
             return
         if outcome.bundle is None:
             raise GitError(["bundle"], 1, "no bundle of the result commit came back")
-        with tempfile.TemporaryDirectory(dir=ctx.run_dir) as scratch:
-            path = Path(scratch, "result.bundle")
-            await anyio.Path(path).write_bytes(outcome.bundle)
-            await fetch_bundle(
-                ctx.repo, path, commit, tree, branch, descends_from=task.start_commit
-            )
+        await fetch_bundle(
+            ctx.repo, outcome.bundle, commit, tree, branch, descends_from=task.start_commit
+        )
         worker.have.add(commit)
 
-    def _failed(self, task: PreparedTask, error: ErrorInfo, attempts: list[Attempt]) -> TaskResult:
-        result = not_started_result(task.envelope, task.agent, self.ctx, "failed", error)
+    def _failed(
+        self,
+        task: PreparedTask,
+        error: ErrorInfo,
+        attempts: list[Attempt],
+        status: TaskStatus = "failed",
+    ) -> TaskResult:
+        """The result of *task*, ended here with *error* after *attempts* (lost ones)."""
+        result = not_started_result(task.envelope, task.agent, self.ctx, status, error)
         if not attempts:
             return result
         update = {"attempts": len(attempts), "attempt_log": attempts}
@@ -821,15 +918,29 @@ def _write_files(
     outputs; and its envelope as the coordinator has it. Nothing else: no file another task
     of the run wrote (*written*: path -> task), nothing outside the run directory."""
     name = ref_safe(task_id)
-    outputs = {f"outputs/{name}.attempt-{a.number}.json" for a in result.attempt_log}
+    numbers = sorted(a.number for a in result.attempt_log)
+    outputs = {f"outputs/{name}.attempt-{n}.json" for n in numbers}
+    prompts = {f"logs/{name}.attempt-{n}.prompt" for n in numbers}
+    last_prompt = f"logs/{name}.attempt-{numbers[-1]}.prompt" if numbers else None
+    # This task's own log names: an attempt's streams, a step's or hook's (never another
+    # task's, whose id may start with this one's: ``a`` and ``a.b``).
+    own = re.compile(
+        rf"logs/{re.escape(name)}\.(?:attempt-\d+\.(?:stdout|stderr)"
+        rf"|(?:setup|check|hook)-[A-Za-z0-9_.-]+\.\d+\.(?:stdout|stderr))"
+    )
     named = {entry["path"]: entry["sha256"] for entry in _log_files(result.model_dump(mode="json"))}
+    prompt = result.provenance.prompt_sha256
     wanted: Files = {}
     for path, (mode, data) in outcome.files.items():
         if written.get(path, task_id) != task_id:
             continue  # another task's
-        if (
-            path.startswith(f"logs/{name}.") and named.get(path) == sha256_hex(data)
-        ) or path in outputs:
+        if own.fullmatch(path):
+            keep = named.get(path) == sha256_hex(data)
+        elif path in prompts:  # the last one's digest is the provenance's
+            keep = path != last_prompt or prompt is None or sha256_hex(data) == prompt
+        else:
+            keep = path in outputs
+        if keep:
             wanted[path] = (mode, data)
     wanted[f"envelopes/{name}.json"] = (0o644, envelope)
     unpack_files(run_dir, wanted)
@@ -848,6 +959,21 @@ def _log_files(value: Any) -> list[dict[str, Any]]:
         for item in value:
             found += _log_files(item)
     return found
+
+
+def _dispatched_before(run_dir: Path) -> bool:
+    """Whether the run's journal records a dispatch (an earlier session of the run sent
+    tasks to workers). Blocking; reads the journal in pieces."""
+    try:
+        with open(run_dir / JOURNAL, "rb") as f:
+            tail = b""
+            while chunk := f.read(1 << 20):
+                if b'"type":"dispatch"' in tail + chunk:
+                    return True
+                tail = chunk[-32:]
+    except OSError:
+        return False
+    return False
 
 
 def _max_bundle(task: PreparedTask) -> int:

@@ -58,7 +58,7 @@ from .pool import VenvPool, WorktreePool
 from .process import kill_tagged
 from .repo import Repository
 from .settings import RunSettings
-from .shipping import MAX_SHIPPED_FILES, Files, pack_tree, unbundle, unpack_files
+from .shipping import MAX_SHIPPED_FILES, Files, pack_files, unbundle, unpack_files
 from .subagent import run_subagent
 from .workspace import PortSlots
 
@@ -87,7 +87,9 @@ COPIES_MARK = ".complete"
 CANCEL_POLL_S = 0.05
 
 #: What the coordinator may find in a task's run directory: its envelope, logs, outputs.
-RETURNED_FILE = re.compile(r"(?:envelopes|logs|outputs)/[A-Za-z0-9@][A-Za-z0-9@._-]{0,200}")
+RETURNED_FILE = re.compile(r"(?:envelopes|logs|outputs)/[A-Za-z0-9@][A-Za-z0-9@._-]{0,250}")
+#: Most a task's returned files may weigh together.
+RETURNED_BYTES = 256 << 20
 
 
 @dataclass
@@ -121,6 +123,8 @@ class RemoteJob:
     pool_size: int
     #: Attempts made before, on workers that were lost.
     earlier: list[Attempt]
+    #: Whether the task's branch may be in the mirror from an earlier dispatch (to remove).
+    clear_branch: bool
     #: The author and committer of the task's commits (the coordinator's identity).
     identity: dict[str, str]
     #: Which mirror on the worker: a digest naming the coordinator's repository (no path).
@@ -135,6 +139,8 @@ class RemoteOutcome:
 
     #: What the worker lacked, when it could not run the task: ``commit`` or ``files``.
     missing: str | None = None
+    #: Stopped before the task started (a cancel while it waited for what it needs).
+    stopped: bool = False
     result: TaskResult | None = None
     worker: str = ""
     #: A bundle of the result commit (less the start commit's history), when it made one.
@@ -160,6 +166,7 @@ def encode_outcome(outcome: RemoteOutcome) -> bytes:
     files = sorted(outcome.files.items())
     header = {
         "missing": outcome.missing,
+        "stopped": outcome.stopped,
         "worker": outcome.worker,
         "result": outcome.result.model_dump(mode="json") if outcome.result else None,
         "events": [_EVENTS.dump_python(e, mode="json") for e in outcome.events[:MAX_EVENTS]],
@@ -170,6 +177,11 @@ def encode_outcome(outcome: RemoteOutcome) -> bytes:
     parts = [len(head).to_bytes(8, "big"), head, outcome.bundle or b""]
     parts += [data for _, (_, data) in files]
     return b"".join(parts)
+
+
+def _count(value: Any) -> bool:
+    """Whether *value* is a count (an int >= 0, not a bool)."""
+    return type(value) is int and value >= 0
 
 
 def decode_outcome(data: bytes, *, max_bundle: int) -> RemoteOutcome:
@@ -186,16 +198,20 @@ def decode_outcome(data: bytes, *, max_bundle: int) -> RemoteOutcome:
         text = inflate.decompress(data[8 : 8 + size], MAX_HEADER_BYTES)
     except zlib.error as exc:
         raise ValueError(f"an outcome's header is not deflated JSON: {exc}") from None
-    if inflate.unconsumed_tail or not inflate.eof:
-        raise ValueError(f"an outcome's header is over {MAX_HEADER_BYTES >> 20} MiB, or cut")
+    if inflate.unconsumed_tail or not inflate.eof or inflate.unused_data:
+        raise ValueError(
+            f"an outcome's header is over {MAX_HEADER_BYTES >> 20} MiB, cut, or followed by more"
+        )
     header = loads_bounded(text)
     if not isinstance(header, dict):
         raise ValueError("an outcome's header is not an object")
     at = 8 + size
     bundle = None
     if (length := header.get("bundle")) is not None:
-        if not isinstance(length, int) or not 0 <= length <= max_bundle:
+        if not _count(length) or length > max_bundle:
             raise ValueError(f"a result bundle of {length} bytes (at most {max_bundle})")
+        if at + length > len(data):
+            raise ValueError("an outcome's bundle runs past its end")
         bundle, at = data[at : at + length], at + length
     files: Files = {}
     entries = header.get("files") or []
@@ -205,9 +221,11 @@ def decode_outcome(data: bytes, *, max_bundle: int) -> RemoteOutcome:
         if not (isinstance(entry, list) and len(entry) == 3):
             raise ValueError("a file of an outcome is not [path, mode, size]")
         path, mode, length = entry
-        if not (isinstance(path, str) and isinstance(mode, int) and isinstance(length, int)):
+        if not (isinstance(path, str) and _count(mode) and _count(length)):
             raise ValueError("a file of an outcome is not [path, mode, size]")
-        if length < 0 or at + length > len(data):
+        if path in files:
+            raise ValueError(f"{path!r}: twice in an outcome")
+        if at + length > len(data):
             raise ValueError(f"{path!r}: runs past the outcome's end")
         files[path], at = (mode & 0o777, data[at : at + length]), at + length
     if at != len(data):
@@ -215,12 +233,18 @@ def decode_outcome(data: bytes, *, max_bundle: int) -> RemoteOutcome:
     events = header.get("events") or []
     if not isinstance(events, list) or len(events) > MAX_EVENTS:
         raise ValueError("too many events in an outcome")
-    missing = header.get("missing")
+    missing, stopped, result = (
+        header.get("missing"),
+        header.get("stopped", False),
+        header.get("result"),
+    )
     if missing not in (None, "commit", "files"):
         raise ValueError(f"an outcome says it lacks {missing!r}")
-    result = header.get("result")
+    if stopped not in (True, False) or (missing is not None) + stopped + (result is not None) != 1:
+        raise ValueError("an outcome must have exactly one of a result, a lack, or a stop")
     return RemoteOutcome(
         missing=missing,
+        stopped=stopped,
         result=TaskResult.model_validate(result) if result is not None else None,
         worker=str(header.get("worker", ""))[:256],
         bundle=bundle,
@@ -232,10 +256,13 @@ def decode_outcome(data: bytes, *, max_bundle: int) -> RemoteOutcome:
 # -- the cancel flags of the jobs running in this worker process ---------------------------
 
 _lock = threading.Lock()
-_flags: dict[str, threading.Event] = {}
+#: Each running job's key -> (its run's id, its cancel flag).
+_flags: dict[str, tuple[str, threading.Event]] = {}
 #: Keys cancelled before their job started (or after it ended): when they were.
 _early: dict[str, float] = {}
 _mirror_lock = threading.Lock()
+#: How many jobs of each mirror run now.
+_running: dict[Path, int] = {}
 #: Commits known to be in a mirror (mirror, commit): not asked of git again.
 _present: set[tuple[Path, str]] = set()
 #: Each mirror's repository guard in this worker process.
@@ -265,7 +292,14 @@ class _WorkerLifeline(Lifeline):
         """Kept open: other jobs, and later ones, use it (it ends with the worker)."""
 
 
-_lifeline = _WorkerLifeline()
+#: The lifeline of each run's jobs in this worker process (by run id): its watcher knows the
+#: run's tag, to find the agents that left their process group.
+_lifelines: dict[str, _WorkerLifeline] = {}
+
+
+def _lifeline_of(run_id: str) -> _WorkerLifeline:
+    with _lock:
+        return _lifelines.setdefault(run_id, _WorkerLifeline())
 
 
 def cancel_job(key: str, dask_worker: Any = None) -> bool:
@@ -274,14 +308,14 @@ def cancel_job(key: str, dask_worker: Any = None) -> bool:
     A job not started yet is stopped as it starts.
     """
     with _lock:
-        flag = _flags.get(key)
-        if flag is None:
+        entry = _flags.get(key)
+        if entry is None:
             now = time.monotonic()
             _early[key] = now
             for old in [k for k, t in _early.items() if now - t > 3600]:
                 del _early[old]
             return False
-    flag.set()
+    entry[1].set()
     return True
 
 
@@ -290,16 +324,15 @@ def sweep_run(run_id: str, dask_worker: Any = None) -> int:
     most :data:`SWEEP_WAIT_S`) for the jobs to end: a resumed run asks before its first task,
     so that none of its dispatches meets a dead run's job of the same task. How many
     processes were killed."""
-    prefix = f"wo-{run_id}-"
     with _lock:
-        flags = [flag for key, flag in _flags.items() if key.startswith(prefix)]
+        flags = [flag for run, flag in _flags.values() if run == run_id]
     for flag in flags:
         flag.set()
     killed = kill_tagged(f"{run_id}/", prefix=True)
     deadline = time.monotonic() + SWEEP_WAIT_S
     while time.monotonic() < deadline:
         with _lock:
-            if not any(key.startswith(prefix) for key in _flags):
+            if not any(run == run_id for run, _ in _flags.values()):
                 break
         time.sleep(0.05)
     return killed
@@ -329,9 +362,9 @@ class JobWatch(WorkerPlugin):
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         if start == "executing" and finish not in ("memory", "error"):
             with _lock:
-                flag = _flags.get(str(key))
-            if flag is not None:
-                flag.set()
+                entry = _flags.get(str(key))
+            if entry is not None:
+                entry[1].set()
 
 
 # -- one job ----------------------------------------------------------------------------
@@ -348,7 +381,7 @@ def run_job(job: RemoteJob) -> bytes:
     with _lock:
         if _early.pop(job.key, None) is not None:
             flag.set()
-        _flags[job.key] = flag
+        _flags[job.key] = (job.run_id, flag)
     try:
         outcome = anyio.run(_run, job, home, flag, worker.address)
     finally:
@@ -368,6 +401,7 @@ async def _run(job: RemoteJob, home: Path, flag: threading.Event, address: str) 
         return await _run_in(job, home, state, mirror, flag, address)
     finally:
         mirror.lock.close()
+        _let_go(mirror)
 
 
 async def _run_in(
@@ -378,13 +412,13 @@ async def _run_in(
     flag: threading.Event,
     address: str,
 ) -> RemoteOutcome:
-    if job.start_commit is not None and not await _has_start(mirror, job):
-        return RemoteOutcome(missing="commit", worker=address)
+    if job.start_commit is not None and not await _has_start(mirror, job, flag):
+        return _stopped_or_missing("commit", flag, address)
     plan_dir = state / "plans" / job.run_id
     copy_root = state / "copies" / job.run_id
-    if not await _has_files(job, plan_dir, copy_root):
-        return RemoteOutcome(missing="files", worker=address)
-    if job.start_commit is not None:
+    if not await _has_files(job, plan_dir, copy_root, flag):
+        return _stopped_or_missing("files", flag, address)
+    if job.start_commit is not None and job.clear_branch:
         # An earlier dispatch of this task here (a run resumed after its coordinator died,
         # say, whose jobs were stopped first) left its branch: this dispatch starts afresh.
         branch = f"refs/heads/orchestrator/{job.run_id}/{ref_safe(job.envelope.task_id)}"
@@ -404,9 +438,30 @@ async def _run_in(
     return RemoteOutcome(result=result, worker=address, bundle=bundle, files=files, events=events)
 
 
+def _stopped_or_missing(what: str, flag: threading.Event, address: str) -> RemoteOutcome:
+    """A job that ended before its task started: stopped (nothing ran), or lacking *what*."""
+    if flag.is_set():
+        return RemoteOutcome(stopped=True, worker=address)
+    return RemoteOutcome(missing=what, worker=address)
+
+
 def _returned_files(run_dir: Path) -> Files:
-    """The task's envelope, logs and outputs, as the coordinator may take them."""
-    return {p: e for p, e in pack_tree(run_dir).items() if RETURNED_FILE.fullmatch(p)}
+    """The task's envelope, logs and outputs, as the coordinator may take them: small files
+    first, up to :data:`RETURNED_BYTES` in all (past it, the largest logs stay behind and
+    ``verify`` names them; the result and its commit still go back)."""
+    sizes = []
+    for path in sorted(run_dir.rglob("*")):
+        relative = path.relative_to(run_dir).as_posix()
+        if RETURNED_FILE.fullmatch(relative) and path.is_file() and not path.is_symlink():
+            sizes.append((path.stat().st_size, relative))
+    chosen: list[str] = []
+    total = 0
+    for size, relative in sorted(sizes):
+        if total + size > RETURNED_BYTES or len(chosen) >= MAX_SHIPPED_FILES:
+            break
+        chosen.append(relative)
+        total += size
+    return pack_files(run_dir, chosen)
 
 
 async def _run_task(
@@ -457,7 +512,7 @@ async def _context(
         on_event=on_event,
         home=state,
         copy_root=copy_root,
-        lifeline=_lifeline,
+        lifeline=_lifeline_of(job.run_id),
         port_slots=PortSlots(1, only=job.slot),
     )
     if job.pool_size > 0:
@@ -477,26 +532,39 @@ async def _mirror(home: Path, repo_key: str) -> Repository:
     path = home / "mirrors" / f"{repo_key}.git"
     if not (path / "HEAD").exists():
         await anyio.to_thread.run_sync(_with_mirror_lock, _init_mirror, path)
-    if path in _guards:  # known to be a bare repository: opened without asking git
-        mirror = Repository(
-            root=path,
-            common_dir=path,
-            bare=True,
-            state_dir=home / "state",
-            git=Git(path),
-            lock=RepoLock(path / "orchestrator" / "metadata.mutex"),
-        )
-    else:
-        mirror = await Repository.open(path, state_dir=home / "state")
-        if not mirror.bare or mirror.common_dir.resolve() != path.resolve():
+    if path not in _guards:  # first use in this process: is it the bare mirror it should be?
+        opened = await Repository.open(path, state_dir=home / "state")
+        opened.lock.close()
+        if not opened.bare or opened.common_dir.resolve() != path.resolve():
             raise RuntimeError(f"{path} is not the bare mirror it should be")
-        guard = await anyio.to_thread.run_sync(RepoGuard.snapshot, mirror.common_dir)
+        guard = await anyio.to_thread.run_sync(RepoGuard.snapshot, opened.common_dir)
         _guards.setdefault(path, guard)
-    # One guard per mirror in this process, taken when it was first opened: jobs side by
-    # side would otherwise each take the others' agents' changes for the mirror's own, and
-    # fight over putting them back.
-    mirror.git.guard = _guards[path]
+    mirror = Repository(  # known to be a bare repository: opened without asking git
+        root=path,
+        common_dir=path,
+        bare=True,
+        state_dir=home / "state",
+        git=Git(path),
+        lock=RepoLock(path / "orchestrator" / "metadata.mutex"),
+    )
+    # One guard per mirror in this process: jobs side by side would otherwise each take the
+    # others' agents' changes for the mirror's own, and fight over putting them back. Taken
+    # again whenever no job of the mirror runs, so that the worker's own later changes to
+    # its git config stand.
+    guard = _guards[path]
+    with _lock:
+        first = _running.get(path, 0) == 0
+        _running[path] = _running.get(path, 0) + 1
+    if first:
+        await anyio.to_thread.run_sync(guard.record)
+    mirror.git.guard = guard
     return mirror
+
+
+def _let_go(mirror: Repository) -> None:
+    """A job of *mirror* ended (see :func:`_mirror`)."""
+    with _lock:
+        _running[mirror.common_dir] = max(0, _running.get(mirror.common_dir, 1) - 1)
 
 
 def _with_mirror_lock(fn: Any, *args: Any) -> Any:
@@ -509,6 +577,10 @@ def _init_mirror(path: Path) -> None:
 
     if (path / "HEAD").exists():
         return
+    # A mirror made again (its directory was removed): nothing known of the old one holds.
+    _guards.pop(path, None)
+    for known in [k for k in _present if k[0] == path]:
+        _present.discard(known)
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="mirror-", dir=path.parent))
     subprocess.run(
@@ -520,7 +592,7 @@ def _init_mirror(path: Path) -> None:
     scratch.rename(path)
 
 
-async def _has_start(mirror: Repository, job: RemoteJob) -> bool:
+async def _has_start(mirror: Repository, job: RemoteJob, flag: threading.Event) -> bool:
     """Whether the mirror has the job's start commit, once its bundle (if it brings one) is
     in; waits a while for what is on its way with another task to this worker (the base,
     which this job's bundle then builds on)."""
@@ -546,7 +618,7 @@ async def _has_start(mirror: Repository, job: RemoteJob) -> bool:
                         return True
             finally:
                 _mirror_lock.release()
-            if waited > MIRROR_WAIT_S:
+            if waited > MIRROR_WAIT_S or flag.is_set():
                 return False
             await anyio.sleep(0.2)
             waited += 0.2
@@ -556,7 +628,9 @@ async def _holds(mirror: Repository, commit: str) -> bool:
     return await mirror.git.ok("cat-file", "-e", f"{commit}^{{commit}}")
 
 
-async def _has_files(job: RemoteJob, plan_dir: Path, copy_root: Path) -> bool:
+async def _has_files(
+    job: RemoteJob, plan_dir: Path, copy_root: Path, flag: threading.Event
+) -> bool:
     """Whether the plan's files the job needs, and the plan's copies, are here once what it
     brings is unpacked; waits a while for those on their way with another task."""
     await anyio.to_thread.run_sync(_receive_files, job, plan_dir, copy_root)
@@ -564,7 +638,7 @@ async def _has_files(job: RemoteJob, plan_dir: Path, copy_root: Path) -> bool:
     while not await anyio.to_thread.run_sync(
         _with_mirror_lock, _files_here, job, plan_dir, copy_root
     ):
-        if waited > MIRROR_WAIT_S:
+        if waited > MIRROR_WAIT_S or flag.is_set():
             return False
         await anyio.sleep(0.1)
         waited += 0.1

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def pack_files(root: Path, paths: Iterable[str]) -> Files:
     would here); so are symbolic links, FIFOs and anything that resolves outside *root*.
     ShippingError past :data:`MAX_SHIPPED_FILES_BYTES` or :data:`MAX_SHIPPED_FILES`.
     """
-    packed: Files = {}
+    packing = _Packing(root)
     real_root = root.resolve()
     for path in sorted(set(paths)):
         target = root / path
@@ -106,54 +107,62 @@ def pack_files(root: Path, paths: Iterable[str]) -> Files:
         except OSError:
             continue
         if stat.S_ISDIR(info.st_mode):
-            _pack_dir(root, target, packed)
+            packing.add_dir(target)
         elif stat.S_ISREG(info.st_mode):
-            _pack_one(root, target, packed)
-    return packed
+            packing.add(target)
+    return packing.files
 
 
 def pack_tree(root: Path) -> Files:
     """Every regular file below *root*, packed (blocking; the limits of :func:`pack_files`)."""
-    packed: Files = {}
+    packing = _Packing(root)
     if root.is_dir():
-        _pack_dir(root, root, packed)
-    return packed
+        packing.add_dir(root)
+    return packing.files
 
 
-def _pack_dir(root: Path, directory: Path, packed: Files) -> None:
-    for dirpath, dirnames, filenames in os.walk(directory):  # never follows links
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath, name)
-            if path.is_file() and not path.is_symlink():
-                _pack_one(root, path, packed)
+class _Packing:
+    """Files being packed below *root*, and their total size so far."""
 
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: Files = {}
+        self.total = 0
 
-def _pack_one(root: Path, path: Path, packed: Files) -> None:
-    relative = path.relative_to(root).as_posix()
-    if relative in packed:
-        return
-    if len(packed) >= MAX_SHIPPED_FILES:
-        raise ShippingError(f"more than {MAX_SHIPPED_FILES} files to send to the workers")
-    size = sum(len(data) for _, data in packed.values())
-    try:
-        info = path.lstat()
-        if size + info.st_size > MAX_SHIPPED_FILES_BYTES:
+    def add_dir(self, directory: Path) -> None:
+        for dirpath, dirnames, filenames in os.walk(directory):  # never follows links
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath, name)
+                if path.is_file() and not path.is_symlink():
+                    self.add(path)
+
+    def add(self, path: Path) -> None:
+        relative = path.relative_to(self.root).as_posix()
+        if relative in self.files:
+            return
+        if len(self.files) >= MAX_SHIPPED_FILES:
+            raise ShippingError(f"more than {MAX_SHIPPED_FILES} files to send to the workers")
+        room = MAX_SHIPPED_FILES_BYTES - self.total
+        try:
+            info = path.lstat()
+            if info.st_size > room:
+                raise ShippingError(
+                    f"{relative}: the files to send to the workers would come to more than "
+                    f"{MAX_SHIPPED_FILES_BYTES >> 20} MiB"
+                )
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(room + 1)
+        except OSError:
+            return  # gone meanwhile, or not readable: left out, as a missing one is
+        if len(data) > room:
             raise ShippingError(
-                f"{relative}: the files to send to the workers would come to more than "
+                f"{relative}: the files to send would come to more than "
                 f"{MAX_SHIPPED_FILES_BYTES >> 20} MiB"
             )
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_SHIPPED_FILES_BYTES - size + 1)
-    except OSError:
-        return  # gone meanwhile, or not readable: left out, as a missing one is
-    if size + len(data) > MAX_SHIPPED_FILES_BYTES:
-        raise ShippingError(
-            f"{relative}: the files to send would come to more than "
-            f"{MAX_SHIPPED_FILES_BYTES >> 20} MiB"
-        )
-    packed[relative] = (stat.S_IMODE(info.st_mode) & 0o755, data)
+        self.files[relative] = (stat.S_IMODE(info.st_mode) & 0o755, data)
+        self.total += len(data)
 
 
 def unpack_files(root: Path, files: Files, *, allowed: re.Pattern[str] | None = None) -> None:
@@ -245,16 +254,15 @@ async def unbundle(repo: Repository, path: Path, tip: str, keep_as: str) -> None
 def bundle_heads(path: Path, limit: int = 1 << 16) -> list[tuple[str, str]]:
     """The refs a bundle file brings, (object id, ref name), read from its header (at most
     *limit* bytes of it); GitError when it is not a version 2 bundle."""
-    return _bundle_header(path, limit)[0]
-
-
-def _bundle_header(path: Path, limit: int = 1 << 16) -> tuple[list[tuple[str, str]], int]:
-    """A bundle's refs and where its pack starts; GitError when it is not a v2 bundle."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
-        header = f.read(limit)
-    end = header.find(b"\n\n")
-    lines = header[:end].decode("ascii", errors="replace").split("\n") if end > 0 else []
+        return _bundle_header(f.read(limit))[0]
+
+
+def _bundle_header(data: bytes, limit: int = 1 << 16) -> tuple[list[tuple[str, str]], int]:
+    """A bundle's refs and where its pack starts; GitError when it is not a v2 bundle."""
+    end = data.find(b"\n\n", 0, limit)
+    lines = data[:end].decode("ascii", errors="replace").split("\n") if end > 0 else []
     if not lines or lines[0] != "# v2 git bundle":
         raise GitError(["bundle"], 1, "not a git bundle (or its header is too long)")
     heads = []
@@ -268,34 +276,60 @@ def _bundle_header(path: Path, limit: int = 1 << 16) -> tuple[list[tuple[str, st
 
 async def fetch_bundle(
     repo: Repository,
-    path: Path,
+    bundle: bytes,
     commit: str,
     tree: str,
     branch: str,
     *,
     descends_from: str,
 ) -> None:
-    """Bring *commit* from the bundle at *path* into *repo* as the task's *branch*
-    (``orchestrator/...``), once it is sure that the bundle brings that commit alone, as a
-    task's branch, that every object in it is well formed (``index-pack --strict``: git's
-    ``fetch.fsckObjects`` is not applied to bundles before git 2.46), that the commit's tree
-    is *tree*, and that it descends from *descends_from*.
+    """Bring *commit* from *bundle* (a bundle file's bytes) into *repo* as the task's
+    *branch* (``orchestrator/...``), once it is sure that the bundle brings that commit
+    alone, as a task's branch, that every object in it is well formed (``index-pack
+    --strict``: git's ``fetch.fsckObjects`` is not applied to bundles before git 2.46), that
+    the commit's tree is *tree*, and that it descends from *descends_from*.
 
-    Nothing else of the bundle is taken (its objects stay, unreachable, until git collects
-    them). GitError, and no branch, when any of that does not hold.
+    The bundle's objects are indexed into a quarantine directory (the repository's objects
+    as its alternate) and moved in only once every check passed: a bundle refused leaves
+    nothing behind. GitError, and no branch, when any check fails.
     """
     check_ids(commit, tree, descends_from)
-    heads, start = await anyio.to_thread.run_sync(_bundle_header, path)
+    heads, start = _bundle_header(bundle)
     if len(heads) != 1 or heads[0][0] != commit:
         raise GitError(["bundle"], 1, f"the bundle does not bring {commit} alone")
     ref = heads[0][1]
     if not ref.startswith("refs/heads/orchestrator/") or ".." in ref:
         raise GitError(["bundle"], 1, f"the bundle's ref {ref!r} is not a task's branch")
-    pack = (await anyio.Path(path).read_bytes())[start:]
-    await repo.git.run("index-pack", "--stdin", "--fix-thin", "--strict", stdin=pack)
-    found = await repo.git.out("rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}")
-    if found != tree:
-        raise GitError(["bundle"], 1, f"commit {commit} has tree {found}, not {tree}")
-    if not await repo.git.ok("merge-base", "--is-ancestor", descends_from, commit):
-        raise GitError(["bundle"], 1, f"commit {commit} does not descend from {descends_from}")
+    objects = repo.common_dir / "objects"
+    with tempfile.TemporaryDirectory(prefix="incoming-", dir=objects) as scratch:
+        quarantine = Path(scratch)
+        (quarantine / "pack").mkdir()
+        env = {
+            "GIT_OBJECT_DIRECTORY": str(quarantine),
+            "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects),
+        }
+        git = repo.git
+        await git.run(
+            "index-pack", "--stdin", "--fix-thin", "--strict", stdin=bundle[start:], env=env
+        )
+        found = await git.out(
+            "rev-parse", "--verify", "--end-of-options", f"{commit}^{{tree}}", env=env
+        )
+        if found != tree:
+            raise GitError(["bundle"], 1, f"commit {commit} has tree {found}, not {tree}")
+        ancestry = await git.run(
+            "merge-base", "--is-ancestor", descends_from, commit, env=env, check=False
+        )
+        if ancestry.returncode != 0:
+            raise GitError(["bundle"], 1, f"commit {commit} does not descend from {descends_from}")
+        await anyio.to_thread.run_sync(_move_packs, quarantine / "pack", objects / "pack")
     await repo.git.run("update-ref", f"refs/heads/{branch}", commit)
+
+
+def _move_packs(source: Path, target: Path) -> None:
+    """Move the packs of *source* into *target*: each pack's index last (git finds a pack by
+    its index, so it never sees half of one)."""
+    target.mkdir(exist_ok=True)
+    files = sorted(source.glob("pack-*"), key=lambda p: (p.suffix == ".idx", p.name))
+    for path in files:
+        os.replace(path, target / path.name)

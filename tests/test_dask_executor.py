@@ -58,10 +58,19 @@ print("done", task)
 """
 
 
+#: An agent whose tasks each hold one ``gpu`` on their worker.
+GPU_AGENT = {"gpu": {"command": ["python", "{plan_dir}/agent.py"], "resources": {"gpu": 1}}}
+
+
 def write_plan(
-    root: Path, repo: Path, tasks: list[dict[str, Any]], **top: Any
+    root: Path,
+    repo: Path,
+    tasks: list[dict[str, Any]],
+    agents: dict[str, Any] | None = None,
+    **top: Any,
 ) -> tuple[Path, Path]:
-    """A plan directory with the agent script and a plan of *tasks*; (plan file, pids dir)."""
+    """A plan directory with the agent script and a plan of *tasks* (agent ``a`` runs the
+    script; *agents* adds others); (plan file, pids dir)."""
     plan_dir = root / "plan"
     plan_dir.mkdir(exist_ok=True)
     (plan_dir / "agent.py").write_text(AGENT)
@@ -72,7 +81,7 @@ def write_plan(
         "repo": str(repo),
         "concurrency": 4,
         "defaults": {"venv": False, "env": {"PIDS": str(pids)}},
-        "agents": {"a": {"command": ["python", "{plan_dir}/agent.py"]}},
+        "agents": {"a": {"command": ["python", "{plan_dir}/agent.py"]}, **(agents or {})},
         "tasks": tasks,
         **top,
     }
@@ -286,10 +295,9 @@ def test_a_task_needing_a_resource_no_worker_has_fails_after_the_wait(
     cluster: Cluster, make_repo: MakeRepo, tmp_path: Path
 ) -> None:
     repo = make_repo()
-    plan, _ = write_plan(tmp_path, repo, [{"id": "g", "agent": "gpu", "task": "write"}])
-    data = json.loads(plan.read_text())
-    data["agents"]["gpu"] = {"command": ["python", "{plan_dir}/agent.py"], "resources": {"gpu": 1}}
-    plan.write_text(json.dumps(data))
+    plan, _ = write_plan(
+        tmp_path, repo, [{"id": "g", "agent": "gpu", "task": "write"}], agents=GPU_AGENT
+    )
     report = run(
         plan,
         executor={"kind": "dask", "scheduler": cluster.address, "placement_timeout": 0.5},
@@ -304,10 +312,10 @@ def test_a_worker_without_the_agents_program_fails_the_task_saying_so(
     cluster: Cluster, make_repo: MakeRepo, tmp_path: Path
 ) -> None:
     repo = make_repo()
-    plan, _ = write_plan(tmp_path, repo, [{"id": "x", "agent": "missing", "task": "write"}])
-    data = json.loads(plan.read_text())
-    data["agents"]["missing"] = {"command": ["no-such-agent-program-7f3a"]}
-    plan.write_text(json.dumps(data))
+    missing = {"missing": {"command": ["no-such-agent-program-7f3a"]}}
+    plan, _ = write_plan(
+        tmp_path, repo, [{"id": "x", "agent": "missing", "task": "write"}], agents=missing
+    )
     report = run(plan, executor={"kind": "dask", "scheduler": cluster.address})
     (result,) = report.results
     assert result.error is not None and result.error.kind == "spawn"
@@ -501,10 +509,7 @@ def test_nothing_of_the_coordinators_disk_travels_to_the_workers(
 def test_resources_bound_how_many_run_on_each_worker(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     tasks = [{"id": f"g{i}", "agent": "gpu", "task": "sleep 0.5"} for i in range(4)]
-    plan, _ = write_plan(tmp_path, repo, tasks)
-    data = json.loads(plan.read_text())
-    data["agents"]["gpu"] = {"command": ["python", "{plan_dir}/agent.py"], "resources": {"gpu": 1}}
-    plan.write_text(json.dumps(data))
+    plan, _ = write_plan(tmp_path, repo, tasks, agents=GPU_AGENT)
     report = run(
         plan,
         executor={"kind": "dask", "workers": 2, "slots": 2, "resources": {"gpu": 1}},

@@ -17,13 +17,13 @@ def test_a_cancel_reaches_a_job_before_and_while_it_runs() -> None:
     flag = threading.Event()
     with remote._lock:
         assert "wo-run-early-1" in remote._early
-        remote._flags["wo-run-late-1"] = flag
+        remote._flags["wo-run-late-1"] = ("run", flag)
     try:
         assert remote.cancel_job("wo-run-late-1") is True
         assert flag.is_set()
         # The worker plugin stops a job the scheduler lets go of, not one that finished.
         other = threading.Event()
-        remote._flags["wo-run-late-2"] = other
+        remote._flags["wo-run-late-2"] = ("run", other)
         watch = remote.JobWatch()
         watch.transition("wo-run-late-2", "executing", "memory")
         assert not other.is_set()
@@ -34,6 +34,24 @@ def test_a_cancel_reaches_a_job_before_and_while_it_runs() -> None:
             remote._flags.pop("wo-run-late-1", None)
             remote._flags.pop("wo-run-late-2", None)
             remote._early.pop("wo-run-early-1", None)
+
+
+def test_a_sweep_stops_its_own_runs_jobs_only() -> None:
+    mine, other = threading.Event(), threading.Event()
+    with remote._lock:
+        remote._flags["wo-abc-t-s1-1"] = ("abc", mine)
+        remote._flags["wo-abc-2-t-s1-1"] = ("abc-2", other)
+    done = threading.Timer(0.2, lambda: remote._flags.pop("wo-abc-t-s1-1", None))
+    done.start()  # the stopped job ends a moment later: the sweep waits for it
+    try:
+        remote.sweep_run("abc")
+        assert mine.is_set() and not other.is_set()
+        assert "wo-abc-t-s1-1" not in remote._flags
+    finally:
+        done.cancel()
+        with remote._lock:
+            remote._flags.pop("wo-abc-t-s1-1", None)
+            remote._flags.pop("wo-abc-2-t-s1-1", None)
 
 
 def test_a_worker_says_what_it_lacks() -> None:
@@ -51,6 +69,7 @@ def test_an_outcome_travels_as_bytes_and_is_checked_when_it_comes_back() -> None
 
     phase = TaskPhase(run_id="r", task_id="t", phase="agent", attempt=1)
     outcome = RemoteOutcome(
+        missing="files",
         worker="tcp://127.0.0.1:1",
         bundle=b"bundle bytes",
         files={
@@ -62,7 +81,7 @@ def test_an_outcome_travels_as_bytes_and_is_checked_when_it_comes_back() -> None
     data = encode_outcome(outcome)
     back = decode_outcome(data, max_bundle=1 << 20)
     assert back.bundle == b"bundle bytes" and back.files == outcome.files
-    assert back.events == [phase] and back.result is None and back.missing is None
+    assert back.events == [phase] and back.result is None and back.missing == "files"
     for bad, why in [
         (b"", "not an outcome"),
         (data[:-1], "runs past"),
@@ -73,9 +92,16 @@ def test_an_outcome_travels_as_bytes_and_is_checked_when_it_comes_back() -> None
             decode_outcome(bad, max_bundle=1 << 20)
     with pytest.raises(ValueError, match="at most 4"):
         decode_outcome(data, max_bundle=4)
-    head = zlib.compress(json.dumps({"missing": "rm -rf", "worker": "w"}).encode())
-    with pytest.raises(ValueError, match="lacks"):
-        decode_outcome(len(head).to_bytes(8, "big") + head, max_bundle=1)
+    for header, why in [
+        ({"missing": "rm -rf", "worker": "w"}, "lacks"),
+        ({"missing": None, "result": None}, "exactly one"),
+        ({"missing": "commit", "stopped": True}, "exactly one"),
+        ({"missing": "commit", "bundle": True}, "bundle of True bytes"),
+        ({"missing": "commit", "files": [["a", 0, 1], ["a", 0, 0]]}, "runs past|twice"),
+    ]:
+        head = zlib.compress(json.dumps(header).encode())
+        with pytest.raises(ValueError, match=why):
+            decode_outcome(len(head).to_bytes(8, "big") + head, max_bundle=1)
     bomb = zlib.compress(b" " * (65 << 20))  # a header that inflates past its bound
     with pytest.raises(ValueError, match="over 64 MiB"):
         decode_outcome(len(bomb).to_bytes(8, "big") + bomb, max_bundle=1)

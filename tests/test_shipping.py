@@ -89,8 +89,9 @@ def _worker_bundle(path: Path, tmp_path: Path, ref: str) -> tuple[Path, str, str
 
 
 def fetch(repo: Repository, bundle: Path, commit: str, tree: str, start: str) -> None:
+    data = bundle.read_bytes()
     anyio.run(
-        lambda: fetch_bundle(repo, bundle, commit, tree, "orchestrator/r/t", descends_from=start)
+        lambda: fetch_bundle(repo, data, commit, tree, "orchestrator/r/t", descends_from=start)
     )
 
 
@@ -141,9 +142,13 @@ def test_a_bundle_with_a_malformed_object_is_refused(make_repo: MakeRepo, tmp_pa
     git(path, "update-ref", "-d", "refs/heads/orchestrator/r/t")
     git(path, "reflog", "expire", "--expire=now", "--all")
     git(path, "gc", "-q", "--prune=now")
+    packs = sorted((path / ".git" / "objects" / "pack").iterdir())
     with pytest.raises(GitError):
         fetch(open_repo(path), bundle, bad, tree, start)
     assert git(path, "branch", "--list", "orchestrator/r/t") == ""
+    # Nothing of it stays: no pack, no temporary file, no quarantine.
+    assert sorted((path / ".git" / "objects" / "pack").iterdir()) == packs
+    assert not list((path / ".git" / "objects").glob("incoming-*"))
 
 
 def test_a_result_whose_tree_is_another_is_refused_and_makes_no_branch(
