@@ -3,8 +3,9 @@ the same run:
 
 - ``sleep``: tasks whose agent sleeps (I/O bound) on an embedded cluster of W workers with
   S slots each, at concurrency W x S: wall time from the run's start (``run_started``, the
-  cluster up) to its report, against the ideal (tasks x sleep / slots); the start-up (the
-  cluster started and checked) apart.
+  cluster up) to its last task's end, against the ideal (tasks x sleep / slots); the
+  start-up (the cluster started and checked) and the closing (the cluster stopped, the
+  report written) apart. The local executor's time for the same tasks is the baseline.
 - ``bytes``: what travels per task on a repository of F files: the pickled job sent and the
   outcome brought back, for the first task on each worker (which pays for the base) and for
   the others, each against its own change's bundle (``git bundle create`` of its result
@@ -40,11 +41,13 @@ def _plan(repo: Path, tasks: list[dict[str, Any]], command: list[str]) -> dict[s
 
 def _run(
     plan: dict[str, Any], executor: Any, state_dir: Path, concurrency: int
-) -> tuple[Any, float, float, list[Any]]:
-    """Run *plan*: (report, start-up seconds, run seconds after start-up, bound executors)."""
+) -> tuple[Any, float, float, list[Any], float]:
+    """Run *plan*: (report, start-up seconds, run seconds from the run's start to its last
+    task's end, bound executors, seconds from then to the report: the executor's closing
+    and the report's writing)."""
     import anyio
 
-    from envelopes import Event, RunStarted
+    from envelopes import Event, RunStarted, TaskFinished
     from orchestrator import orchestrate_parallel
 
     marks: dict[str, float] = {}
@@ -52,6 +55,8 @@ def _run(
     def watch(event: Event) -> None:
         if isinstance(event, RunStarted):
             marks["started"] = time.perf_counter()
+        elif isinstance(event, TaskFinished):
+            marks["last"] = time.perf_counter()
 
     begin = time.perf_counter()
     report = anyio.run(
@@ -61,8 +66,9 @@ def _run(
     )
     end = time.perf_counter()
     started = marks.get("started", begin)
+    last = marks.get("last", end)
     bound = getattr(executor, "bound", [])
-    return report, started - begin, end - started, bound
+    return report, started - begin, last - started, bound, end - last
 
 
 def _recording_executor(**options: Any) -> Any:
@@ -115,10 +121,10 @@ def bench_sleep(tasks: int, seconds: float, workers: int, slots: int, work: Path
     sleep = [sys.executable, "-c", f"import time; time.sleep({seconds})"]
     plan = _plan(repo, [{"id": f"s{i}"} for i in range(tasks)], sleep)
     executor = DaskExecutor(workers=workers, slots=slots)
-    report, startup, run_s, _ = _run(plan, executor, work / "sleep-state", workers * slots)
+    report, startup, run_s, _, closing = _run(plan, executor, work / "sleep-state", workers * slots)
     assert report.summary.successful == tasks, report.errors
     # The same tasks on this machine, as many at once: what the machine itself allows.
-    local, _, local_s, _ = _run(plan, "local", work / "sleep-local", workers * slots)
+    local, _, local_s, _, _ = _run(plan, "local", work / "sleep-local", workers * slots)
     assert local.summary.successful == tasks, local.errors
     ideal = tasks * seconds / (workers * slots)
     return {
@@ -129,6 +135,7 @@ def bench_sleep(tasks: int, seconds: float, workers: int, slots: int, work: Path
         "workers": workers,
         "slots": slots,
         "startup_s": round(startup, 3),
+        "closing_s": round(closing, 3),
         "run_s": round(run_s, 3),
         "ideal_s": round(ideal, 3),
         "ratio": round(run_s / ideal, 3),
@@ -145,7 +152,7 @@ def bench_bytes(files: int, tasks: int, work: Path) -> dict[str, Any]:
     )
     plan = _plan(repo, [{"id": f"e{i}"} for i in range(tasks)], [sys.executable, str(script)])
     executor = _recording_executor(workers=2, slots=2)
-    report, _, _, bound = _run(plan, executor, work / "bytes-state", 4)
+    report, _, _, bound, _ = _run(plan, executor, work / "bytes-state", 4)
     assert report.summary.successful == tasks, report.errors
     (run,) = bound
     own: dict[str, int] = {}
@@ -192,8 +199,8 @@ def bench_noop(tasks: int, work: Path) -> dict[str, Any]:
     repo = workloads.make_repo(work / "noop-repo", 20)
     noop = [sys.executable, "-c", "pass"]
     plan = _plan(repo, [{"id": f"n{i}", "worktree": False} for i in range(tasks)], noop)
-    _, _, local_s, _ = _run(plan, "local", work / "noop-local", 4)
-    _, startup, dask_s, _ = _run(plan, DaskExecutor(workers=2, slots=2), work / "noop-dask", 4)
+    _, _, local_s, _, _ = _run(plan, "local", work / "noop-local", 4)
+    _, startup, dask_s, _, _ = _run(plan, DaskExecutor(workers=2, slots=2), work / "noop-dask", 4)
     return {
         "tasks": tasks,
         "local_ms_per_task": round(local_s / tasks * 1000, 2),
@@ -222,7 +229,8 @@ def describe(result: dict[str, Any]) -> list[str]:
     s, b, n = result["sleep"], result["bytes"], result["noop"]
     return [
         f"dask sleep: {s['tasks']} tasks x {s['sleep_s']} s on {s['workers']} workers x "
-        f"{s['slots']} slots: {s['run_s']} s after a {s['startup_s']} s start-up, ideal "
+        f"{s['slots']} slots: {s['run_s']} s after a {s['startup_s']} s start-up (and "
+        f"{s['closing_s']} s closing), ideal "
         f"{s['ideal_s']} s: {s['ratio']}x (the local executor, same tasks and slots: "
         f"{s['local_run_s']} s, {s['local_ratio']}x)",
         f"dask bytes ({b['files']} files, {b['tasks']} tasks): first task per worker "

@@ -306,6 +306,8 @@ class _DaskRun:
         self._dispatches: dict[str, int] = {}
         #: The files each task's outcome wrote to the run directory: path -> task id.
         self._written: dict[str, str] = {}
+        #: Tasks whose cancellation was recorded with what their stopped job sent back.
+        self._cancelled_here: set[str] = set()
         #: Whether an earlier session of this run sent tasks to workers (a resume).
         self._resumed = False
         #: Dispatches that would not stop, by key: their futures (their slots stay taken).
@@ -486,6 +488,14 @@ class _DaskRun:
         while True:
             try:
                 placed = await self._dispatch(task, lost)
+            except anyio.get_cancelled_exc_class():
+                if envelope.task_id not in self._cancelled_here:
+                    # Cancelled before any job went (placing it, preparing it): recorded so.
+                    with anyio.CancelScope(shield=True):
+                        error = ctx.cancelled_error(envelope.task_id)
+                        failed = self._failed(task, error, lost, status="cancelled")
+                        await record_result(ctx, failed, leaving=True)
+                raise
             except _WorkerLost as exc:
                 lost.append(exc.attempt)
                 if len(lost) <= MAX_WORKER_LOSSES:
@@ -728,6 +738,7 @@ class _DaskRun:
         else:
             error = ctx.cancelled_error(task_id)
             result = self._failed(task, error, job.earlier, status="cancelled")
+        self._cancelled_here.add(task_id)
         await record_result(ctx, result, leaving=True)
 
     def _submit(self, job: RemoteJob, address: str, scatter: bool) -> Any:
