@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import socket
@@ -42,14 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from pydantic import TypeAdapter
 
 from envelopes import (
     Attempt,
     ErrorInfo,
+    Event,
     ExecutorSpec,
     LogFile,
     Resources,
-    TaskFinished,
     TaskResult,
     TaskStarted,
     TaskStatus,
@@ -71,6 +73,7 @@ from .remote import (
     RemoteOutcome,
     cancel_job,
     decode_outcome,
+    live,
     run_job,
     sweep_run,
     task_key,
@@ -88,6 +91,8 @@ from .shipping import (
 from .subagent import not_started_result, record_result
 
 __all__ = ["MAX_WORKER_LOSSES", "DaskExecutor", "unfit"]
+
+_EVENTS: TypeAdapter[Event] = TypeAdapter(Event)
 
 #: Most times one task runs again because its worker left the cluster.
 MAX_WORKER_LOSSES = 3
@@ -306,6 +311,14 @@ class _DaskRun:
         self._dispatches: dict[str, int] = {}
         #: The files each task's outcome wrote to the run directory: path -> task id.
         self._written: dict[str, str] = {}
+        #: Where workers tell the run's events as they happen (``Worker.log_event``), and
+        #: what came in there, not told yet.
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._telling = anyio.Lock()
+        #: The running dispatches whose events are told live: key -> [task id, events told].
+        self._live: dict[str, list[Any]] = {}
+        #: How many events of each task's last dispatch were told live.
+        self._told: dict[str, int] = {}
         #: Tasks whose cancellation was recorded with what their stopped job sent back.
         self._cancelled_here: set[str] = set()
         #: Whether an earlier session of this run sent tasks to workers (a resume).
@@ -315,6 +328,7 @@ class _DaskRun:
         #: Part of every Dask key of this session of the run: a resumed run's keys never
         #: meet the dead session's, on the scheduler or in a worker's cancel flags.
         self._session = secrets.token_hex(4)
+        self._topic = f"wo-events-{ctx.run_id}-{self._session}"
         #: Names the worker's mirror of this repository (a digest: no path travels).
         self._repo_key = sha256_hex(f"{socket.gethostname()}\0{ctx.state_dir}".encode())[:32]
         #: Bytes sent to and brought back from workers, per dispatch (for the benchmarks):
@@ -345,6 +359,7 @@ class _DaskRun:
                 # A resumed run's dead coordinator may have left agents running: stopped
                 # now, before any task of this run starts (a new run's id matches nothing).
                 await self.call(self.client.run, sweep_run, self.ctx.run_id)
+                await self.call(self.client.subscribe_topic, self._topic, self._inbox.put)
             self._resumed = await anyio.to_thread.run_sync(_dispatched_before, self.ctx.run_dir)
             await self._prepare_files()
         except TimeoutError as exc:
@@ -456,6 +471,9 @@ class _DaskRun:
 
     async def aclose(self) -> None:
         client, cluster = self.client, self.cluster
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await self.call(client.unsubscribe_topic, self._topic)
         self.client = self.cluster = None
         if client is None and cluster is None:
             return
@@ -667,6 +685,7 @@ class _DaskRun:
             copies_needed=self._copies is not None,
             slot=slot,
             resources=_resources_of(ctx, envelope.agent),
+            events_topic=self._topic,
             pool_size=worker.slots if ctx.settings.pool_size > 0 else 0,
             earlier=list(lost),
             # A branch of the task may be on the worker from an earlier dispatch.
@@ -687,6 +706,7 @@ class _DaskRun:
             + sum(len(d) for _, d in (job.copies or {}).values())
         )
         future: Any = None
+        self._live[job.key] = [task.envelope.task_id, 0]
         try:
             if ctx.journal is not None:
                 # On disk before the job is: a resume then knows the task's branch may be on
@@ -705,11 +725,13 @@ class _DaskRun:
                     self._submit, job, worker.address, sent > SCATTER_ABOVE, limiter=self._threads
                 )
             while not await self.call(_wait, future, WORKER_POLL_S):
+                await self._tell_live()
                 await self.placement.refresh()
                 if worker.gone:
                     with contextlib.suppress(Exception):
                         await self.call(future.cancel)
                     raise _WorkerLost(_lost_attempt(len(job.earlier), worker, started, clock))
+            await self._tell_live()
             outcome = await self._outcome(task, future, job, worker, started, clock)
         except BaseException as exc:
             # Perhaps never delivered: sent again to the next task there that needs them.
@@ -722,9 +744,42 @@ class _DaskRun:
                 with anyio.CancelScope(shield=True):
                     await self._cancelled(task, future, job, worker)
             raise
+        finally:
+            # What was told live is not told again when the outcome comes (see _take).
+            self._told[task.envelope.task_id] = self._live.pop(job.key, [None, 0])[1]
         back = len(outcome.bundle or b"") + sum(len(d) for _, d in outcome.files.values())
         self.shipped.append((task.envelope.task_id, worker.address, sent, back))
         return outcome
+
+    async def _tell_live(self) -> None:
+        """Tell the events workers told of running tasks since last time, in order (one
+        arriving out of order waits for the task's outcome, which has them all)."""
+        async with self._telling:
+            while True:
+                try:
+                    _, payload = self._inbox.get_nowait()
+                except queue.Empty:
+                    return
+                except (TypeError, ValueError):
+                    continue
+                await self._tell_one(payload)
+
+    async def _tell_one(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            return
+        entry = self._live.get(str(payload.get("key")))
+        if entry is None or payload.get("n") != entry[1]:
+            return
+        try:
+            event = _EVENTS.validate_python(payload.get("event"))
+        except ValueError:
+            return
+        if getattr(event, "task_id", None) != entry[0] or event.run_id != self.ctx.run_id:
+            return
+        if not live(event):
+            return
+        entry[1] += 1
+        await self.ctx.emit(event)
 
     async def _cancelled(
         self, task: PreparedTask, future: Any, job: RemoteJob, worker: _Worker
@@ -872,9 +927,8 @@ class _DaskRun:
             update.update(status="failed", error=ErrorInfo(kind="transfer", message=message))
         if cancelled:
             update.update(status="cancelled", error=ctx.cancelled_error(task_id))
-        for event in outcome.events:
-            if isinstance(event, TaskStarted | TaskFinished):
-                continue
+        skip = self._told.pop(task_id, 0)  # told already, as they happened
+        for event in [e for e in outcome.events if live(e)][skip:]:
             if (
                 getattr(event, "task_id", None) == task_id
                 and getattr(event, "run_id", None) == ctx.run_id

@@ -44,7 +44,16 @@ from typing import Any
 import anyio
 from pydantic import TypeAdapter
 
-from envelopes import Attempt, Event, HandoffEnvelope, TaskResult, loads_bounded, ref_safe
+from envelopes import (
+    Attempt,
+    Event,
+    HandoffEnvelope,
+    TaskFinished,
+    TaskResult,
+    TaskStarted,
+    loads_bounded,
+    ref_safe,
+)
 
 from ._git import Git
 from ._version import __version__
@@ -129,6 +138,8 @@ class RemoteJob:
     identity: dict[str, str]
     #: Which mirror on the worker: a digest naming the coordinator's repository (no path).
     repo_key: str
+    #: The Dask topic the task's events are told on as they happen (None: only at the end).
+    events_topic: str | None = None
     #: The coordinator's version of the orchestrator: the worker must run the same.
     version: str = __version__
 
@@ -270,10 +281,12 @@ _guards: dict[Path, RepoGuard] = {}
 
 
 class _WorkerLifeline(Lifeline):
-    """One lifeline for every job of this worker process: its agents die with the worker.
+    """The lifeline of every job of one run in this worker process: their agents' process
+    groups die with the worker.
 
-    One watcher process for the worker's life, not one per job (each costs an interpreter
-    start); shared by the jobs' threads, so its calls are serialised; never closed.
+    One watcher process per run for the worker's life, not one per job (each costs an
+    interpreter start); shared by the jobs' threads, so its calls are serialised; never
+    closed.
     """
 
     def __init__(self) -> None:
@@ -281,8 +294,11 @@ class _WorkerLifeline(Lifeline):
         self._calls = threading.Lock()
 
     def watch(self, group: int, *, tag_variable: str, prefix: str) -> None:
+        # The process groups only: a tag sweep would also kill the same run's agents of the
+        # other workers on this machine (a LocalCluster's), which live on. An agent that
+        # left its group is stopped by the resumed run's sweep instead.
         with self._calls:
-            super().watch(group, tag_variable=tag_variable, prefix=prefix)
+            super().watch(group, tag_variable=tag_variable, prefix=NO_TAG)
 
     def unwatch(self, group: int) -> None:
         with self._calls:
@@ -292,8 +308,9 @@ class _WorkerLifeline(Lifeline):
         """Kept open: other jobs, and later ones, use it (it ends with the worker)."""
 
 
-#: The lifeline of each run's jobs in this worker process (by run id): its watcher knows the
-#: run's tag, to find the agents that left their process group.
+#: A tag prefix no agent's tag has (tags start with a run id).
+NO_TAG = "//"
+#: The lifeline of each run's jobs in this worker process (by run id).
 _lifelines: dict[str, _WorkerLifeline] = {}
 
 
@@ -382,15 +399,28 @@ def run_job(job: RemoteJob) -> bytes:
         if _early.pop(job.key, None) is not None:
             flag.set()
         _flags[job.key] = (job.run_id, flag)
+
+    def tell(number: int, event: Event) -> None:
+        if job.events_topic is not None:
+            payload = {
+                "key": job.key,
+                "n": number,
+                "event": _EVENTS.dump_python(event, mode="json"),
+            }
+            with contextlib.suppress(Exception):  # a live event is a nicety: the end has all
+                worker.log_event(job.events_topic, payload)
+
     try:
-        outcome = anyio.run(_run, job, home, flag, worker.address)
+        outcome = anyio.run(_run, job, home, flag, worker.address, tell)
     finally:
         with _lock:
             _flags.pop(job.key, None)
     return encode_outcome(outcome)
 
 
-async def _run(job: RemoteJob, home: Path, flag: threading.Event, address: str) -> RemoteOutcome:
+async def _run(
+    job: RemoteJob, home: Path, flag: threading.Event, address: str, tell: Any = None
+) -> RemoteOutcome:
     if job.version != __version__:
         raise RuntimeError(
             f"this worker runs worktree-orchestrator {__version__}, the coordinator {job.version}"
@@ -398,7 +428,7 @@ async def _run(job: RemoteJob, home: Path, flag: threading.Event, address: str) 
     state = home / "state"
     mirror = await _mirror(home, job.repo_key)
     try:
-        return await _run_in(job, home, state, mirror, flag, address)
+        return await _run_in(job, home, state, mirror, flag, address, tell)
     finally:
         mirror.lock.close()
         _let_go(mirror)
@@ -411,6 +441,7 @@ async def _run_in(
     mirror: Repository,
     flag: threading.Event,
     address: str,
+    tell: Any = None,
 ) -> RemoteOutcome:
     if job.start_commit is not None and not await _has_start(mirror, job, flag):
         return _stopped_or_missing("commit", flag, address)
@@ -427,7 +458,16 @@ async def _run_in(
     for name in RUN_SUBDIRS:
         await anyio.Path(run_dir / name).mkdir(parents=True, exist_ok=True)
     events: list[Event] = []
-    ctx = await _context(job, mirror, state, run_dir, plan_dir, copy_root, events.append)
+    told = 0
+
+    def on_event(event: Event) -> None:
+        nonlocal told
+        events.append(event)
+        if tell is not None and live(event):
+            tell(told, event)
+            told += 1
+
+    ctx = await _context(job, mirror, state, run_dir, plan_dir, copy_root, on_event)
     try:
         result = await _run_task(job, ctx, flag, address)
         bundle = await _result_bundle(mirror, job, result, run_dir)
@@ -436,6 +476,12 @@ async def _run_in(
         ctx.close()
         await anyio.to_thread.run_sync(shutil.rmtree, run_dir, True)
     return RemoteOutcome(result=result, worker=address, bundle=bundle, files=files, events=events)
+
+
+def live(event: Event) -> bool:
+    """Whether *event* is told as it happens (the coordinator tells a task's start and end
+    itself)."""
+    return not isinstance(event, TaskStarted | TaskFinished)
 
 
 def _stopped_or_missing(what: str, flag: threading.Event, address: str) -> RemoteOutcome:

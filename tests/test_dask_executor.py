@@ -358,11 +358,18 @@ def test_a_worker_killed_mid_task_is_an_attempt_and_the_task_finishes_elsewhere(
             pid_file.unlink()
             worker = _worker_of(agent, own_cluster)
             os.kill(worker.pid, signal.SIGKILL)
+            killed.append(agent)
         return report[0]
 
+    killed: list[int] = []
     report = anyio.run(go)
     (result,) = report.results
     assert result.status == "succeeded", report.errors
+    # The lost worker's agent died with it (its lifeline killed its process group).
+    deadline = time.monotonic() + 10
+    while _alive(killed[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(killed[0])
     first, second = result.attempt_log
     assert first.status == "failed" and first.error is not None
     assert first.error.kind == "worker_lost"
@@ -594,3 +601,31 @@ def test_the_base_goes_to_a_worker_once(make_repo: MakeRepo, tmp_path: Path) -> 
     report = run(plan, executor=Counting(workers=1, slots=2))
     assert report.summary.successful == 4, report.errors
     assert len(bundles) == 4 and sum(1 for size in bundles if size) == 1
+
+
+def test_a_remote_tasks_phases_are_told_as_they_happen_once(
+    cluster: Cluster, make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    from envelopes import Event, TaskFinished, TaskPhase
+
+    repo = make_repo()
+    task = {
+        "id": "slow",
+        "agent": "a",
+        "task": "sleep 3",
+        "setup": [{"name": "prep", "run": "true"}],
+        "checks": [{"name": "ok", "run": "true"}],
+    }
+    plan, _ = write_plan(tmp_path, repo, [task])
+    seen: list[tuple[float, Event]] = []
+    report = run(
+        plan,
+        executor={"kind": "dask", "scheduler": cluster.address},
+        on_event=lambda e: seen.append((time.monotonic(), e)),
+    )
+    assert report.summary.successful == 1, report.errors
+    phases = [(t, e.phase) for t, e in seen if isinstance(e, TaskPhase)]
+    assert [p for _, p in phases] == ["setup", "agent", "checks"]  # each once, in order
+    finished = next(t for t, e in seen if isinstance(e, TaskFinished))
+    agent_told = next(t for t, p in phases if p == "agent")
+    assert finished - agent_told > 1.5  # told while the agent ran, not when it came back
