@@ -196,6 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of the run's logs and envelopes (default: the report's)",
     )
 
+    report = sub.add_parser(
+        "report",
+        help="show a report for people: a Markdown summary",
+        description="Render a report for people to read. The report is verified first, and "
+        "the summary says what verify found.",
+    )
+    report.add_argument("report", type=Path)
+    report.add_argument(
+        "--markdown",
+        action="store_true",
+        required=True,
+        help="print a Markdown summary (for a pull request comment or a CI step summary)",
+    )
+    report.add_argument(
+        "--repo", type=Path, help="the report's repository (default: the one it names)"
+    )
+
     merge = sub.add_parser(
         "merge",
         help="merge a report's results into a branch, all or nothing",
@@ -701,6 +718,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``orchestrator report``: exit 0 with the summary printed (what verify found is in
+    it), 2 when the file is not a report."""
+    import anyio
+
+    from .errors import ReportUnreadable
+    from .markdown import inert, render_markdown
+    from .verify import verify_report
+
+    try:
+        outcome = anyio.run(lambda: verify_report(args.report, repo=args.repo))
+    except ReportUnreadable as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if outcome.ok:
+        verified = f"OK, {outcome.checked_commits} commit(s) checked, every digest recomputed"
+    else:
+        first = inert(str(outcome.findings[0]), 500)
+        verified = f"**{len(outcome.findings)} finding(s)**, the first: {first}"
+    sys.stdout.write(render_markdown(outcome.report, verified=verified))
+    return EXIT_OK
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     """``orchestrator merge``: exit 0 merged (or a clean dry run), 1 not merged, 2 bad input."""
     import anyio
@@ -856,6 +896,7 @@ COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
     "verify": cmd_verify,
+    "report": cmd_report,
     "merge": cmd_merge,
     "schema": cmd_schema,
 }
