@@ -25,7 +25,7 @@ from envelopes import (
 )
 
 from .context import RunContext
-from .errors import MergeError
+from .errors import GitError, MergeError
 from .events import emit_run_event
 from .guard import moved_refs, ref_values
 from .mergeback import merge_results
@@ -141,9 +141,11 @@ async def merge_at_end(
                 on_event=lambda event: emit_run_event(ctx, event),
                 check=check,
             )
-        except MergeError as exc:
+        except (MergeError, GitError) as exc:
+            # A git failure on the way (not one of the merge's own outcomes, which it records
+            # itself) refuses the merge: the run's results stand, and the report says why.
             record = MergeRecord(
-                into=spec.into, status="refused", message=str(exc), at=datetime.now(UTC)
+                into=spec.into, status="refused", message=str(exc)[:2000], at=datetime.now(UTC)
             )
             await emit_run_event(ctx, _merge_finished(ctx, record))
     report = seal_report(report.model_copy(update={"merge": [*report.merge, record]}))

@@ -89,3 +89,26 @@ def test_the_plans_merge_is_recorded_skipped_when_a_task_failed(make_repo: MakeR
     assert git(repo, "rev-parse", "main") == before
     _, on_disk, _ = load_report_file(Path(report.run_dir) / "report.json")
     assert on_disk.merge == report.merge
+
+
+def test_a_git_failure_during_the_plans_merge_refuses_it_and_keeps_the_run(
+    make_repo: MakeRepo, monkeypatch: Any
+) -> None:
+    from orchestrator import closing
+    from orchestrator.errors import GitError
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise GitError(["merge-tree"], 128, "fatal: the object store is not readable")
+
+    monkeypatch.setattr(closing, "merge_results", broken)
+    repo = make_repo()
+    git(repo, "branch", "-M", "main")
+    before = git(repo, "rev-parse", "main")
+    report = anyio.run(
+        lambda: orchestrate_parallel(_plan({"id": "one"}), repo=repo, agents={"a": agent})
+    )
+    assert report.summary.successful == 1
+    [record] = report.merge
+    assert record.status == "refused" and "object store is not readable" in (record.message or "")
+    assert git(repo, "rev-parse", "main") == before
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
