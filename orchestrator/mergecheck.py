@@ -65,7 +65,7 @@ from .lifeline import Lifeline
 from .repo import Repository
 from .secrets import Masker
 from .settings import RunSettings
-from .steps import Phase, run_steps, step_argv
+from .steps import Phase, how_it_ended, run_steps, step_argv
 from .venv import Venv, VenvBackend, install_project, setup_virtualenv
 from .worktree import Worktree, create_worktree, remove_worktree
 
@@ -147,14 +147,8 @@ def failed_steps(check: MergeCheck) -> str:
     for record in check.checks:
         if not record.required or record.passed:
             continue
-        if record.timed_out:
-            how = "timed out"
-        elif record.exit_code is None:
-            how = "could not start"
-        else:
-            how = f"exit code {record.exit_code}"
         kind = "check" if record.phase == "check" else "setup step"
-        parts.append(f"{kind} {record.name} ({how})")
+        parts.append(f"{kind} {record.name} ({how_it_ended(record)})")
     return "required " + ", ".join(parts) if parts else "no required step"
 
 

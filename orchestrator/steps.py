@@ -33,7 +33,16 @@ from .attempt import AttemptOutcome, AttemptRequest, log_entries
 if TYPE_CHECKING:
     from .secrets import Masker
 
-__all__ = ["MAX_TAIL_BYTES", "Phase", "StepRun", "failure_of", "run_steps", "step_argv", "tail_of"]
+__all__ = [
+    "MAX_TAIL_BYTES",
+    "Phase",
+    "StepRun",
+    "failure_of",
+    "how_it_ended",
+    "run_steps",
+    "step_argv",
+    "tail_of",
+]
 
 #: Most bytes of a failed step's output given to the next turn's prompt (its end).
 MAX_TAIL_BYTES = 4096
@@ -166,16 +175,23 @@ def tail_of(stdout: Path, stderr: Path, limit: int = MAX_TAIL_BYTES) -> str:
     return ""
 
 
+def how_it_ended(record: CheckResult) -> str:
+    """How a step that did not pass ended, in words: ``timed out``, ``could not start`` or
+    ``exit code N``."""
+    if record.timed_out:
+        return "timed out"
+    if record.exit_code is None:
+        return "could not start"
+    return f"exit code {record.exit_code}"
+
+
 def failure_of(run: StepRun) -> ErrorInfo:
     """The task's error when *run*, a required step, failed: kind ``setup``, ``check`` or
     ``hook``, naming the step, its exit code (or its timeout) and the last lines of its output."""
     record = run.record
-    if record.timed_out:
-        how = "timed out"
-    elif record.exit_code is None:
-        how = "could not start"
-    else:
-        how = f"failed with exit code {record.exit_code}"
+    how = how_it_ended(record)
+    if record.exit_code is not None and not record.timed_out:
+        how = f"failed with {how}"
     lines = [line for line in run.tail.splitlines() if line.strip()][-MESSAGE_LINES:]
     what = f"hook {record.name}" if record.phase == "hook" else f"{record.phase} step {record.name}"
     message = f"{what} {how}"

@@ -25,7 +25,6 @@ import anyio
 import pytest
 
 from envelopes import (
-    HandoffEnvelope,
     MergeRecord,
     Plan,
     Report,
@@ -36,7 +35,7 @@ from envelopes import (
     report_layout,
     seal_report,
 )
-from orchestrator import Workspace, build_envelope, orchestrate_parallel, verify_report
+from orchestrator import build_envelope, orchestrate_parallel, verify_report
 from orchestrator.errors import MergeError
 from orchestrator.mergeback import merge_results
 from orchestrator.mergecheck import MergeCheckSettings, failed_steps
@@ -44,24 +43,13 @@ from orchestrator.report import report_bytes
 from orchestrator.sandbox import SandboxLayout, bwrap_argv, find_bwrap
 
 from .conftest import MakeRepo, cli, git, live_processes_with
+from .test_merge import write_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Fails when the tree holds more than one file under ``conflict/``: each task that writes one
 #: passes alone, two of them together do not.
 AT_MOST_ONE = Step(name="at-most-one", run='test "$(ls conflict 2>/dev/null | wc -l)" -le 1')
-
-
-async def write_files(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
-    """A callable agent: writes ``inputs.files`` ({path: text}) into its worktree, or fails."""
-    assert workspace.path is not None
-    if envelope.inputs.get("fail"):
-        raise RuntimeError("asked to fail")
-    for rel, text in envelope.inputs["files"].items():
-        path = anyio.Path(workspace.path) / rel
-        await path.parent.mkdir(parents=True, exist_ok=True)
-        await path.write_text(text)
-    return {"wrote": sorted(envelope.inputs["files"])}
 
 
 def run_tasks(
