@@ -107,6 +107,7 @@ from ._result import ErrorInfo as ErrorInfo
 from ._result import ErrorKind as ErrorKind
 from ._result import GroupMember as GroupMember
 from ._result import GroupReport as GroupReport
+from ._result import InputFile as InputFile
 from ._result import LeftOutTask as LeftOutTask
 from ._result import LogFile as LogFile
 from ._result import MergeCheck as MergeCheck
@@ -115,6 +116,7 @@ from ._result import MergedTask as MergedTask
 from ._result import MergeRecord as MergeRecord
 from ._result import MergeStatus as MergeStatus
 from ._result import Metrics as Metrics
+from ._result import PhaseSpan as PhaseSpan
 from ._result import Provenance as Provenance
 from ._result import Report as Report
 from ._result import ReportError as ReportError
@@ -187,6 +189,7 @@ __all__ = [
     "HandoffEnvelope",
     "Hooks",
     "HttpSpec",
+    "InputFile",
     "KeepWorktrees",
     "LeftOutTask",
     "Limits",
@@ -204,6 +207,7 @@ __all__ = [
     "Notification",
     "NotifyEvent",
     "NotifySpec",
+    "PhaseSpan",
     "Plan",
     "PlanDefaults",
     "PlanProblem",

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ._bounded import MAX_JSON_DEPTH, hash_file, loads_bounded, read_bounded
 from ._canonical import digest, digest_without
 from ._result import SUCCESSFUL, Report
+from ._timeline import audit_timings
 from ._usage import add_usage, estimate_cost, usage_by_model, usage_totals
 
 __all__ = [
@@ -207,6 +208,8 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
         yield from _check(
             tid, "provenance.env_sha256", digest(prov["environment"]), prov["env_sha256"]
         )
+    for field, message in audit_timings(raw):
+        yield Finding(task_id=tid, field=field, message=message)
     attempts = raw["attempt_log"]
     yield from _check(tid, "attempts", len(attempts), raw["attempts"])
     if attempts:

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -188,6 +189,17 @@ class CopiedFile(_Model):
     symlink: bool | None = None
 
 
+class InputFile(_Model):
+    """A file the task ran from, hashed when the run first used it: one of the plan's own files
+    that the task's commands name (``kind`` ``plan``: its path relative to the plan's
+    directory), or the program its agent ran (``program``: the executable's path)."""
+
+    kind: Literal["plan", "program"]
+    path: str = Field(min_length=1, max_length=4096)
+    sha256: Digest
+    size: int = Field(ge=0)
+
+
 def checks_trailer(checks: Sequence[Mapping[str, Any]]) -> str | None:
     """What a result commit's ``Checks:`` trailer says of *checks* (``CheckResult``s as JSON):
     how the last turn's checks went, ``tests passed, lint failed (not required)``; None when
@@ -228,13 +240,30 @@ class Attempt(_Model):
     worker: Annotated[str, Field(max_length=256)] | None = None
 
 
+#: The phases of a task, as ``Timings`` names their totals (``<phase>_s``).
+PhaseName = Literal["worktree", "venv", "setup", "agent", "checks", "hooks", "commit", "cleanup"]
+
+
+class PhaseSpan(_Model):
+    """One stretch of one phase of a task, in seconds from the task's ``started_at``.
+
+    A phase may come more than once (an agent phase per attempt, a worktree phase for the
+    worktree and again for its copy files); the lengths of a phase's stretches add up to its
+    ``<phase>_s`` total.
+    """
+
+    name: PhaseName
+    start_s: float = Field(ge=0)
+    end_s: float = Field(ge=0)
+
+
 class Timings(_Model):
     """Wall-clock times of the task's phases, in seconds."""
 
-    _ADDED = frozenset({"setup_s", "checks_s", "hooks_s"})
+    _ADDED = frozenset({"setup_s", "checks_s", "hooks_s", "queued_at", "slot", "phases"})
 
-    started_at: datetime
-    finished_at: datetime
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
     duration_s: float
     worktree_s: float = 0.0
     venv_s: float = 0.0
@@ -246,6 +275,13 @@ class Timings(_Model):
     checks_s: float | None = None
     #: The plan's hooks' time (unset when none ran).
     hooks_s: float | None = None
+    #: When the task was queued: its dependencies done, it waited for a slot from then (unset
+    #: in reports from before it was recorded, and for a task served from the cache).
+    queued_at: AwareDatetime | None = None
+    #: The slot it ran in (``ORCHESTRATOR_SLOT``; on a Dask worker, a slot of that worker).
+    slot: int | None = Field(default=None, ge=0)
+    #: Each phase as it happened, in order (see PhaseSpan).
+    phases: list[PhaseSpan] = Field(default_factory=list)
 
 
 class Metrics(_Model):
@@ -293,7 +329,7 @@ class CachedFrom(_Model):
 class Provenance(_Model):
     """Digests that tie a result to what went in and what came out."""
 
-    _ADDED = frozenset({"prompt_sha256", "copied"})
+    _ADDED = frozenset({"prompt_sha256", "copied", "inputs"})
 
     envelope_sha256: Digest
     base_commit: ObjectId | None = None
@@ -312,6 +348,8 @@ class Provenance(_Model):
     cached_from: CachedFrom | None = None
     #: The files of the plan's ``copy`` put into the worktree (when it was last made ready).
     copied: list[CopiedFile] = Field(default_factory=list)
+    #: The plan's files the task's commands name and the program its agent ran, hashed.
+    inputs: list[InputFile] = Field(default_factory=list)
     result_sha256: Seal = ""
 
 
@@ -493,8 +531,8 @@ class Report(_Model):
     base_ref: str | None
     base_commit: ObjectId | None
     run_dir: str
-    started_at: datetime
-    finished_at: datetime
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
     summary: Summary
     results: list[TaskResult]
     results_by_agent: dict[str, AgentSummary]

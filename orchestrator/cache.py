@@ -176,6 +176,7 @@ def cached_result(
     run_id: str,
     started: datetime,
     clock: float,
+    queued_at: datetime | None = None,
 ) -> TaskResult:
     """This run's ``cached`` result, from *earlier* (produced by run *run_id*)."""
     provenance = earlier.provenance.model_copy(
@@ -200,6 +201,7 @@ def cached_result(
                 started_at=started,
                 finished_at=datetime.now(UTC),
                 duration_s=round(time.monotonic() - clock, 6),
+                queued_at=queued_at,
             ),
             "metrics": Metrics(),
             "worktree": None,

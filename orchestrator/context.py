@@ -9,12 +9,21 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import anyio
 
-from envelopes import ErrorInfo, Event, TaskResult, new_run_id, ref_safe, run_id_problem
+from envelopes import (
+    ErrorInfo,
+    Event,
+    InputFile,
+    TaskResult,
+    new_run_id,
+    ref_safe,
+    run_id_problem,
+)
 
 from ._git import clean_environment
 from .errors import EventHandlerFailed, OrchestratorError, RunDirError
@@ -69,6 +78,10 @@ class RunContext:
     #: What each task's commit changed from its start, sorted, where its commit step knew
     #: it without asking git (see ``Harvest.changed``): what its dependents are told.
     changed_files: dict[str, list[str]] = field(default_factory=dict)
+    #: The files tasks ran from, hashed once per run (orchestrator/inputs.py).
+    input_files: dict[tuple[str, str], list[InputFile]] = field(default_factory=dict)
+    #: When each task was queued (its dependencies done, waiting for a slot).
+    queued_at: dict[str, datetime] = field(default_factory=dict)
     #: Why a running task is being cancelled, when it is not the whole run (fail-fast, say).
     cancel_reasons: dict[str, ErrorInfo] = field(default_factory=dict)
     journal: Journal | None = None

@@ -692,6 +692,7 @@ class _DaskRun:
             clear_branch=self._resumed or number > 1,
             identity=self._identity,
             repo_key=self._repo_key,
+            queued_at=ctx.queued_at.get(envelope.task_id),
         )
 
     async def _await(self, task: PreparedTask, worker: _Worker, job: RemoteJob) -> RemoteOutcome:

@@ -68,6 +68,7 @@ class RunHooks:
         self.agent_digests: dict[str, str] = {}
 
     async def queued(self, envelope: HandoffEnvelope) -> None:
+        self.ctx.queued_at[envelope.task_id] = datetime.now(UTC)
         await self.ctx.emit(
             TaskQueued(
                 run_id=self.ctx.run_id,
@@ -120,6 +121,7 @@ class RunHooks:
                 run_id=run_id,
                 started=started,
                 clock=clock,
+                queued_at=ctx.queued_at.get(envelope.task_id),
             )
         await record_result(ctx, result)
         return True

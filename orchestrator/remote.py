@@ -38,6 +38,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,8 @@ class RemoteJob:
     repo_key: str
     #: The Dask topic the task's events are told on as they happen (None: only at the end).
     events_topic: str | None = None
+    #: When the task was queued on the coordinator (its timings start from then).
+    queued_at: datetime | None = None
     #: The coordinator's version of the orchestrator: the worker must run the same.
     version: str = __version__
 
@@ -561,6 +564,8 @@ async def _context(
         lifeline=_lifeline_of(job.run_id),
         port_slots=PortSlots(1, only=job.slot),
     )
+    if job.queued_at is not None:
+        ctx.queued_at[job.envelope.task_id] = job.queued_at
     if job.pool_size > 0:
         if ctx.repo is not None:
             ctx.pool = WorktreePool(mirror, job.pool_size)

@@ -36,8 +36,10 @@ from envelopes import (
     Environment,
     ErrorInfo,
     HandoffEnvelope,
+    InputFile,
     LogFile,
     Metrics,
+    PhaseSpan,
     Provenance,
     TaskFinished,
     TaskPhase,
@@ -63,6 +65,7 @@ from .attempt import MAX_OUTPUT_BYTES, AttemptOutcome, AttemptRequest, log_entri
 from .context import RunContext
 from .errors import EventHandlerFailed, GitError, RunDirError, VenvError
 from .harvest import Harvest, harvest
+from .inputs import plan_inputs, program_input
 from .prompts import Feedback
 from .repo import Repository
 from .retry import retry_attempts
@@ -126,15 +129,26 @@ class _Files:
 
 
 class _Clock:
-    """When the task started, and how long each of its phases took (``<phase>_s``)."""
+    """When the task was queued and started, and each stretch of each of its phases."""
 
-    def __init__(self) -> None:
+    def __init__(self, queued_at: datetime | None = None) -> None:
+        self.queued_at = queued_at
         self.started_at = _now()
         self.start = time.monotonic()
-        self.phases: dict[str, float] = {}
+        self.spans: list[PhaseSpan] = []
+        #: The slot the task ran in (set when it takes one).
+        self.slot: int | None = None
 
     def add(self, phase: str, start: float) -> None:
-        self.phases[phase] = self.phases.get(phase, 0.0) + time.monotonic() - start
+        """*phase* (a ``Timings`` field: ``agent_s``) ran from *start* (monotonic) to now."""
+        end = time.monotonic()
+        self.spans.append(
+            PhaseSpan(
+                name=phase.removesuffix("_s"),  # type: ignore[arg-type]
+                start_s=round(max(start - self.start, 0.0), 6),
+                end_s=round(max(end - self.start, 0.0), 6),
+            )
+        )
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -145,11 +159,19 @@ class _Clock:
             self.add(phase, start)
 
     def timings(self) -> Timings:
+        # Each total is the sum of its rounded stretches, so that the report adds up exactly.
+        totals: dict[str, float] = {}
+        for span in self.spans:
+            name = f"{span.name}_s"
+            totals[name] = totals.get(name, 0.0) + span.end_s - span.start_s
         return Timings(
             started_at=self.started_at,
             finished_at=_now(),
             duration_s=round(time.monotonic() - self.start, 6),
-            **{k: round(v, 6) for k, v in self.phases.items()},
+            queued_at=self.queued_at,
+            slot=self.slot,
+            phases=list(self.spans),
+            **{k: round(v, 6) for k, v in totals.items()},
         )
 
 
@@ -457,7 +479,7 @@ class _Subagent:
         self.agent = agent
         self.ctx = ctx
         self.task_id = envelope.task_id
-        self.clock = _Clock()
+        self.clock = _Clock(ctx.queued_at.get(envelope.task_id))
         self.files = _Files(ctx.run_dir, self.task_id)
         self.envelope_bytes = canonical_json(envelope.to_json_dict())  # secrets masked
         self.envelope_sha256 = sha256_hex(self.envelope_bytes)
@@ -473,14 +495,17 @@ class _Subagent:
         self.harvest = Harvest()
         #: The task's slot among the running ones (``ORCHESTRATOR_SLOT``), while it runs.
         self.slot: int | None = None
+        #: What it ran from: the plan's files its commands name, its agent's program.
+        self.inputs: list[InputFile] = []
 
     async def run(self) -> tuple[TaskStatus, ErrorInfo | None]:
         """Prepare, run the attempts (with retries), commit: the status and error they give."""
         ctx, envelope = self.ctx, self.envelope
         if ctx.journal is not None and (envelope.worktree or envelope.venv):
             await ctx.journal.sync()  # "running" is on disk before anything is made for it
-        self.slot = await ctx.slots.take()
+        self.slot = self.clock.slot = await ctx.slots.take()
         await self.prepare()
+        self.inputs = await plan_inputs(ctx, envelope, self.agent)
 
         earlier = self.earlier
 
@@ -935,6 +960,11 @@ class _Subagent:
         )
         return seal_result(result)
 
+    async def hash_inputs(self) -> None:
+        """Add the program the agent ran to what the task ran from (``provenance.inputs``;
+        the plan's files were hashed before it ran: see orchestrator/inputs.py)."""
+        self.inputs += await program_input(self.ctx, self.history.program)
+
     def _attempt_log(self) -> list[Attempt]:
         """The attempts, this run's named with the worker that ran them (if not here)."""
         attempts = self.history.attempts
@@ -976,6 +1006,7 @@ class _Subagent:
             commands=[[masker.text(a) for a in c] for c in [*place.commands, *history.commands]],
             prompt_sha256=history.last.prompt_sha256 if history.last else None,
             copied=place.copied,
+            inputs=self.inputs,
         )
 
 
@@ -1099,6 +1130,7 @@ async def _finish(
                     if harvested.error is None:
                         task.harvest = harvested
             keep = await task.place.describe(status)
+            await task.hash_inputs()
             if task.place.worktree is not None or task.place.venv is not None:
                 # On disk before the worktree goes: a crash from here on loses nothing.
                 await journal_result(ctx, task.result(status, error), final=False)

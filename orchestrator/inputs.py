@@ -1,0 +1,109 @@
+"""What a task ran from, hashed: the plan's own files its commands name, and its agent's program.
+
+A result's ``provenance.inputs`` lists them (``InputFile``), so that the report, and the
+attestations made from it, say which script and which executable produced the work, not only
+the command line that named them. Each file is hashed once per run: a plan's file before the
+first task that names it runs its agent (a plan's files are not expected to change while it
+runs; one that does, even by an agent, is recorded as it was first seen), a program when the
+task ends (the executable as found then). Each is read only as a regular file up to
+:data:`MAX_INPUT_BYTES`; the plan's files inside the plan's directory, through no link.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+
+from envelopes import HandoffEnvelope, InputFile
+from envelopes._bounded import hash_file
+
+from .agents import Agent, plan_program_of
+from .context import RunContext
+from .shipping import plan_references
+
+__all__ = ["MAX_INPUT_BYTES", "MAX_INPUT_FILES", "plan_inputs", "program_input"]
+
+#: Largest file hashed (a bigger one is left out of the inputs).
+MAX_INPUT_BYTES = 512 << 20
+#: Most files recorded for one directory the plan names.
+MAX_INPUT_FILES = 256
+
+
+async def plan_inputs(ctx: RunContext, envelope: HandoffEnvelope, agent: Agent) -> list[InputFile]:
+    """The plan's files *envelope*'s task names (its commands, checks, hooks, its agent's
+    program when that is one of the plan's), sorted; hashed before its agent runs."""
+    hooks = ctx.settings.hooks.model_dump(mode="json") if ctx.settings.hooks else None
+    plan_program = plan_program_of(agent)
+    info = agent.info().model_dump(mode="json")
+    named = plan_references(envelope, hooks, info, [plan_program] if plan_program else [])
+    return await _inputs(ctx, [("plan", p) for p in sorted(named)])
+
+
+async def program_input(ctx: RunContext, program: str | None) -> list[InputFile]:
+    """The program an agent ran (an absolute path, as resolved when it started), hashed."""
+    if program is None or not os.path.isabs(program):
+        return []
+    return await _inputs(ctx, [("program", program)])
+
+
+async def _inputs(ctx: RunContext, wanted: list[tuple[str, str]]) -> list[InputFile]:
+    missing = [w for w in wanted if w not in ctx.input_files]
+    if missing:
+        found = await anyio.to_thread.run_sync(_hash_all, ctx.plan_dir, missing)
+        ctx.input_files.update(found)
+    out: list[InputFile] = []
+    for key in wanted:
+        out += ctx.input_files.get(key, [])
+    return out
+
+
+def _hash_all(
+    plan_dir: Path, wanted: list[tuple[str, str]]
+) -> dict[tuple[str, str], list[InputFile]]:
+    found: dict[tuple[str, str], list[InputFile]] = {}
+    for kind, path in wanted:
+        try:
+            found[(kind, path)] = list(_hash_one(plan_dir, kind, path))
+        except OSError:  # a name too long, a directory that cannot be listed: left out
+            found[(kind, path)] = []
+    return found
+
+
+def _hash_one(plan_dir: Path, kind: str, path: str) -> Iterator[InputFile]:
+    if kind == "program":
+        if (found := _digest(Path(path), None)) is not None:
+            yield InputFile(kind="program", path=path, sha256=found[0], size=found[1])
+        return
+    names = [path]
+    target = plan_dir / path
+    if target.is_dir():
+        # Only a directory really inside the plan's, reached through no link.
+        if target.resolve() != plan_dir.resolve() / path:
+            return
+        names = list(itertools.islice(_files_under(plan_dir, target), MAX_INPUT_FILES))
+    for name in names:
+        if (found := _digest(Path(name), plan_dir)) is not None:
+            yield InputFile(kind="plan", path=name, sha256=found[0], size=found[1])
+
+
+def _files_under(plan_dir: Path, directory: Path) -> Iterator[str]:
+    """The files below *directory*, relative to *plan_dir*, in sorted order (links to
+    directories not followed)."""
+    for current, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not (Path(current) / d).is_symlink())
+        for name in sorted(files):
+            yield (Path(current) / name).relative_to(plan_dir).as_posix()
+
+
+def _digest(path: Path, within: Path | None) -> tuple[str, int] | None:
+    """SHA-256 and size of *path* (relative to *within* when given); None when it cannot be
+    read as a regular file or is larger than MAX_INPUT_BYTES."""
+    try:
+        found = hash_file(path, MAX_INPUT_BYTES, within=within)
+    except OSError:
+        return None
+    return found if found[1] <= MAX_INPUT_BYTES else None
