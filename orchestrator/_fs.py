@@ -52,6 +52,23 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write *data* under a new name beside *path*, then rename it over *path*: whatever was
+    at *path* (a file, a link, a FIFO) is replaced, never followed or opened, and a reader
+    sees the old file or the new one. No fsync: for files that can be made again (a page,
+    attestations). Raises OSError."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_file(path: Path, data: bytes) -> None:
     """Write *data* to *path*, replacing it, without fsync: for files the journal can re-make.
 

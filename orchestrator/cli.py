@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", type=Path, help="also write the report here")
     run.add_argument(
+        "--html", action="store_true", help="also write report.html beside report.json"
+    )
+    run.add_argument(
         "--fail-fast",
         action="store_true",
         default=None,
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=_integer, help="at most this many tasks at once (1 to 1024)"
     )
     resume.add_argument("--out", type=Path, help="also write the report here")
+    resume.add_argument(
+        "--html", action="store_true", help="also write report.html beside report.json"
+    )
     resume.add_argument(
         "--json",
         action="store_true",
@@ -195,21 +201,61 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="directory of the run's logs and envelopes (default: the report's)",
     )
+    verify.add_argument(
+        "--attestations",
+        type=Path,
+        metavar="DIR",
+        help="also check the attestations `attest` wrote there (with --key)",
+    )
+    verify.add_argument(
+        "--key", type=Path, metavar="PUB", help="the public key the attestations are signed with"
+    )
 
     report = sub.add_parser(
         "report",
-        help="show a report for people: a Markdown summary",
+        help="show a report for people: a Markdown summary, an HTML page",
         description="Render a report for people to read. The report is verified first, and "
-        "the summary says what verify found.",
+        "the summary and the page say what verify found.",
     )
     report.add_argument("report", type=Path)
     report.add_argument(
         "--markdown",
         action="store_true",
-        required=True,
         help="print a Markdown summary (for a pull request comment or a CI step summary)",
     )
     report.add_argument(
+        "--html",
+        type=Path,
+        metavar="FILE",
+        help="write one self-contained page: timeline, tasks, matrix groups, merges",
+    )
+    report.add_argument(
+        "--repo", type=Path, help="the report's repository (default: the one it names)"
+    )
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing attestations",
+        description="Write STEM.pem (the private key, mode 0600) and STEM.pub.pem. An existing "
+        "file is never overwritten.",
+    )
+    keygen.add_argument("--out", type=Path, required=True, metavar="STEM", help="e.g. key")
+
+    attest = sub.add_parser(
+        "attest",
+        help="sign a report's provenance as in-toto attestations (SLSA provenance, test results)",
+        description="Verify the report, then write one signed DSSE envelope per statement and "
+        "the run's bundle <run_id>.intoto.jsonl into DIR.",
+    )
+    attest.add_argument("report", type=Path)
+    attest.add_argument(
+        "--key",
+        required=True,
+        metavar="KEY",
+        help="the private key: a PEM file, or env:NAME for one in environment variable NAME",
+    )
+    attest.add_argument("--out", type=Path, required=True, metavar="DIR")
+    attest.add_argument(
         "--repo", type=Path, help="the report's repository (default: the one it names)"
     )
 
@@ -498,6 +544,7 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
         )
         return 128 + (stopped_by[0] if stopped_by else signal.SIGTERM)
     report_path = args.out or Path(report.run_dir) / "report.json"
+    page = await _html_page(report, report_path) if args.html else None
     if args.json:
         from .report import report_bytes
 
@@ -519,6 +566,8 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
         for warning in report.warnings:
             out.print(f"warning: {warning}", markup=False, soft_wrap=True)
         out.print(f"report: {report_path}", markup=False, soft_wrap=True)
+        if page is not None:
+            out.print(f"page: {page}", markup=False, soft_wrap=True)
         out.print(f"verify: orchestrator verify {report_path}", markup=False, soft_wrap=True)
     # A first_success group's members that were not needed are not failures.
     merged = all(record.status == "merged" for record in report.merge)
@@ -693,52 +742,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """``orchestrator verify``."""
+    """``orchestrator verify``: exit 0 all held, 1 a finding, 2 bad input."""
     import anyio
 
-    from .errors import ReportUnreadable
+    from .audit.cli import attestation_lines
+    from .errors import AttestationError, ReportUnreadable
     from .verify import verify_report
 
+    if (args.attestations is None) != (args.key is None):
+        _err("--attestations and --key go together")
+        return EXIT_USAGE
     try:
         outcome = anyio.run(
             lambda: verify_report(args.report, repo=args.repo, run_dir=args.run_dir)
         )
-    except ReportUnreadable as exc:
+        attested = attestation_lines(outcome, args.report, args.attestations, args.key)
+    except (ReportUnreadable, AttestationError) as exc:
         _err(str(exc))
         return EXIT_USAGE
-    if outcome.ok:
+    lines = [str(finding) for finding in outcome.findings] + (attested or [])
+    if not lines:
         n = len(outcome.report.results)
+        also = f", attestations checked in {args.attestations}" if attested is not None else ""
         print(
-            f"{args.report}: OK ({n} results, {outcome.checked_commits} commits checked, every digest recomputed)"
+            f"{args.report}: OK ({n} results, {outcome.checked_commits} commits checked, every digest recomputed{also})"
         )
         return EXIT_OK
-    for finding in outcome.findings:
-        print(f"{args.report}: {finding}")
-    print(f"{len(outcome.findings)} finding(s)", file=sys.stderr)
+    for line in lines:
+        print(f"{args.report}: {line}")
+    print(f"{len(lines)} finding(s)", file=sys.stderr)
     return EXIT_FAILED
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """``orchestrator report``: exit 0 with the summary printed (what verify found is in
-    it), 2 when the file is not a report."""
-    import anyio
-
-    from .errors import ReportUnreadable
-    from .markdown import inert, render_markdown
-    from .verify import verify_report
-
-    try:
-        outcome = anyio.run(lambda: verify_report(args.report, repo=args.repo))
-    except ReportUnreadable as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    if outcome.ok:
-        verified = f"OK, {outcome.checked_commits} commit(s) checked, every digest recomputed"
-    else:
-        first = inert(str(outcome.findings[0]), 500)
-        verified = f"**{len(outcome.findings)} finding(s)**, the first: {first}"
-    sys.stdout.write(render_markdown(outcome.report, verified=verified))
-    return EXIT_OK
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -888,6 +921,41 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _html_page(report: Report, report_path: Path) -> Path | None:
+    """``run --html``: the page beside the report (None, said on stderr, when it cannot be
+    written: the run and its report stand)."""
+    from .audit.cli import write_html_page
+
+    page = report_path.with_name("report.html")
+    try:
+        await write_html_page(report_path, page, repo=Path(report.repo) if report.repo else None)
+    except (OrchestratorError, OSError) as exc:
+        _err(f"--html: cannot write {page}: {getattr(exc, 'strerror', None) or exc}")
+        return None
+    return page
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``orchestrator report`` (see orchestrator/audit/cli.py)."""
+    from .audit.cli import cmd_report as command
+
+    return command(args)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """``orchestrator keygen`` (see orchestrator/audit/cli.py)."""
+    from .audit.cli import cmd_keygen as command
+
+    return command(args)
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    """``orchestrator attest`` (see orchestrator/audit/cli.py)."""
+    from .audit.cli import cmd_attest as command
+
+    return command(args)
+
+
 COMMANDS = {
     "resume": cmd_resume,
     "gc": cmd_gc,
@@ -897,6 +965,8 @@ COMMANDS = {
     "validate": cmd_validate,
     "verify": cmd_verify,
     "report": cmd_report,
+    "keygen": cmd_keygen,
+    "attest": cmd_attest,
     "merge": cmd_merge,
     "schema": cmd_schema,
 }

@@ -18,6 +18,7 @@ fails is data (a TaskResult with a status and an error), never an exception.
     ├── MergeError           a merge-back that cannot start: bad target, task or report
     ├── ExecutorError        tasks cannot run where asked: no scheduler, a worker unfit
     ├── ShippingError        what a task needs cannot be packed or unpacked to travel
+    ├── AttestationError     a key or an attestation that cannot be read, made or checked
     └── IllegalTransition    a task state change the lifecycle forbids: a bug of the engine
 """
 
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "AttestationError",
     "EventHandlerFailed",
     "ExecutorError",
     "GitError",
@@ -144,6 +146,11 @@ class ExecutorError(OrchestratorError):
 class ShippingError(OrchestratorError):
     """What a task needs (or brought back) cannot be packed or unpacked: too many or too
     big files, a path that is not a plain relative one."""
+
+
+class AttestationError(OrchestratorError):
+    """A signing key that cannot be read or made, or an attestation that cannot be checked:
+    one line saying which and why."""
 
 
 class NotARepository(OrchestratorError):

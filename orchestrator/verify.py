@@ -75,7 +75,7 @@ async def verify_report(
     except NotAReport as exc:
         raise ReportUnreadable(str(exc)) from exc
     outcome = VerifyOutcome(report=report)
-    directory = Path(run_dir) if run_dir else _find_run_dir(report, path)
+    directory = Path(run_dir) if run_dir else find_run_dir(report, path)
     # Hashing every log file can take a while: off the event loop.
     outcome.findings += await anyio.to_thread.run_sync(
         lambda: audit_report(raw, run_dir=directory if files else None, source=source)
@@ -135,7 +135,7 @@ async def _configured_programs(git: Git) -> list[str]:
     return sorted({line.split(" ", 1)[0] for line in found.stdout.decode().splitlines() if line})
 
 
-def _find_run_dir(report: Report, path: Path) -> Path:
+def find_run_dir(report: Report, path: Path) -> Path:
     named = Path(report.run_dir)
     if named.is_dir():
         return named

@@ -81,6 +81,7 @@ BLOCKS = read_blocks()
 RUNNABLE = [b for b in BLOCKS if b.lang == "python" and b.marker == "run"]
 REPORT_SNIPPETS = [b for b in BLOCKS if b.lang == "python" and b.marker == "run: report"]
 WEBHOOK_SNIPPETS = [b for b in BLOCKS if b.lang == "python" and b.marker == "run: webhook"]
+ATTESTATION_SNIPPETS = [b for b in BLOCKS if b.lang == "python" and b.marker == "run: attestations"]
 PLANS = [
     b
     for b in BLOCKS
@@ -95,8 +96,14 @@ def test_examples_are_found() -> None:
     assert len(RUNNABLE) >= 3
     assert len(REPORT_SNIPPETS) == 1
     assert len(WEBHOOK_SNIPPETS) == 1
+    assert len(ATTESTATION_SNIPPETS) == 1
     assert PLANS and len(INVALID_PLANS) >= 2
-    unknown = {b.marker for b in BLOCKS if b.marker} - {"run", "run: report", "run: webhook"}
+    unknown = {b.marker for b in BLOCKS if b.marker} - {
+        "run",
+        "run: report",
+        "run: webhook",
+        "run: attestations",
+    }
     assert all(m.startswith("invalid-plan:") for m in unknown), unknown
 
 
@@ -210,3 +217,29 @@ def test_webhook_signature_snippet() -> None:
     assert not signed(body.replace(b"1", b"2"), header, "s3cret")
     assert not signed(body, header, "another")
     assert not signed(body, header.removeprefix("sha256="), "s3cret")
+
+
+def test_attestation_check_snippet(make_repo: MakeRepo, tmp_path: Path) -> None:
+    """docs/audit.md's check of a bundle with other in-toto tooling: it accepts what
+    ``attest`` wrote and refuses a bundle with a changed byte."""
+    from orchestrator.cli import main
+
+    (block,) = ATTESTATION_SNIPPETS
+    path = fresh_report(make_repo())
+    assert main(["keygen", "--out", str(tmp_path / "key")]) == 0
+    out = tmp_path / "attestations"
+    assert main(["attest", str(path), "--key", str(tmp_path / "key.pem"), "--out", str(out)]) == 0
+    (bundle,) = out.glob("*.intoto.jsonl")
+    ok = run_python(block.text, tmp_path, str(bundle), str(tmp_path / "key.pub.pem"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.count("https://slsa.dev/provenance/v1") == 2
+    lines = bundle.read_text().splitlines()
+    envelope = json.loads(lines[0])
+    payload = envelope["payload"]
+    middle = len(payload) // 2  # one base64 character of the statement, changed
+    changed = "A" if payload[middle] != "A" else "B"
+    envelope["payload"] = payload[:middle] + changed + payload[middle + 1 :]
+    bundle.write_text("\n".join([json.dumps(envelope), *lines[1:]]) + "\n")
+    bad = run_python(block.text, tmp_path, str(bundle), str(tmp_path / "key.pub.pem"))
+    assert bad.returncode != 0
+    assert "VerificationError" in bad.stderr

@@ -11,7 +11,7 @@ import anyio
 
 from envelopes import HandoffEnvelope, Report, build_envelope
 from orchestrator import Workspace, orchestrate_parallel
-from orchestrator.markdown import inert, render_markdown
+from orchestrator.audit.markdown import inert, render_markdown
 
 from .conftest import MakeRepo, cli
 
