@@ -149,14 +149,19 @@ class Git:
         # cancellation is delivered right after.
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(timeout if timeout is not None else math.inf) as limit:
-                result = await anyio.run_process(
-                    command,
-                    # Given input (even none at all) or nothing: never this process's stdin.
-                    input=stdin or None,
-                    stdin=subprocess.DEVNULL if not stdin else None,
-                    check=False,
-                    env={**self._env, **env} if env else self._env,
-                )
+                try:
+                    result = await anyio.run_process(
+                        command,
+                        # Given input (even none at all) or nothing: never this process's stdin.
+                        input=stdin or None,
+                        stdin=subprocess.DEVNULL if not stdin else None,
+                        check=False,
+                        env={**self._env, **env} if env else self._env,
+                    )
+                except* (anyio.BrokenResourceError, BrokenPipeError, ConnectionResetError):
+                    # git ended before it read all its input (a broken repository, a bad
+                    # argument): its output is lost with the writer, so it is a failure.
+                    raise GitError(args, -1, "fatal: git ended before it read its input") from None
         if limit.cancelled_caught:
             raise GitError(
                 args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"

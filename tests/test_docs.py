@@ -232,7 +232,7 @@ def test_attestation_check_snippet(make_repo: MakeRepo, tmp_path: Path) -> None:
     (bundle,) = out.glob("*.intoto.jsonl")
     ok = run_python(block.text, tmp_path, str(bundle), str(tmp_path / "key.pub.pem"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert ok.stdout.count("https://slsa.dev/provenance/v1") == 2
+    assert ok.stdout.count("https://slsa.dev/provenance/v1") == 3  # two tasks and the run
     lines = bundle.read_text().splitlines()
     envelope = json.loads(lines[0])
     payload = envelope["payload"]

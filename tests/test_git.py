@@ -362,3 +362,12 @@ def test_the_users_identity_wins_and_only_what_is_missing_is_filled(
     monkeypatch.setenv("GIT_COMMITTER_EMAIL", "committer@example.com")
     env = anyio.run(Git(repo).identity_env)
     assert env == {"GIT_AUTHOR_EMAIL": FALLBACK_IDENTITY[1]}
+
+
+def test_git_ending_before_it_reads_its_input_is_a_git_error(make_repo: MakeRepo) -> None:
+    """More input than a pipe holds, to a git that stops at a bad option: a GitError, not
+    the writer's broken pipe (an exception group) escaping to the caller."""
+    repo = make_repo()
+    big = b"x" * (4 << 20)
+    with pytest.raises(GitError, match="ended before it read its input"):
+        anyio.run(lambda: Git(repo).run("hash-object", "--no-such-option", "--stdin", stdin=big))

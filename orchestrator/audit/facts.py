@@ -142,13 +142,7 @@ async def _diffstats(repo: Repository, results: Sequence[TaskResult]) -> dict[st
     args = ["diff-tree", "--stdin", "--always", "--format=%H %P", "-r", "--numstat", "-z"]
     args += ["--no-renames", "--no-textconv", "--no-ext-diff"]
     stdin = "".join(f"{result} {base}\n" for result, base in pairs).encode()
-    out = None
-    try:
-        out = await repo.git.run(*args, stdin=stdin, check=False, timeout=GIT_TIMEOUT_S)
-    except* (anyio.BrokenResourceError, OSError):
-        pass  # git ended before it read its input: its output is lost with it
-    if out is None:
-        raise GitError(args, -1, "git ended before it read the commits to compare")
+    out = await repo.git.run(*args, stdin=stdin, check=False, timeout=GIT_TIMEOUT_S)
     sections = _numstat_sections(out.stdout)
     if out.returncode != 0:
         if not sections:
