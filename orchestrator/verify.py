@@ -19,11 +19,13 @@ from envelopes import (
     TaskResult,
     audit_report,
     checks_trailer,
+    is_object_id,
     load_report_file,
     upstream_tasks,
 )
 
 from ._git import Git
+from .ancestry import Ancestry, load_ancestry
 from .errors import GitError, ReportUnreadable
 from .merge import combine_commits, independent_commits, merge_trees
 from .repo import NotARepository, Repository
@@ -161,10 +163,22 @@ async def _check_git(
         f"refs/heads/orchestrator/{report.run_id}/",
     )
     branches = dict(line.split(" ", 1) for line in refs_out.splitlines() if " " in line)
+    # Every ancestry question of the results (base below result, result below its branch's
+    # tip) answered from one walk above the run's base (orchestrator/ancestry.py).
+    tips = [
+        c for r in report.results if (c := r.provenance.result_commit) and kind(c)[1] == "commit"
+    ]
+    tips += [c for c in branches.values() if is_object_id(c)]
+    root = (
+        report.base_commit
+        if report.base_commit and kind(report.base_commit)[1] == "commit"
+        else None
+    )
+    ancestry = await load_ancestry(git, root, tips)
     for r in report.results:
         if r.provenance.result_commit:
             outcome.checked_commits += 1
-            findings += await _check_result_commit(git, r, kind, branches)
+            findings += await _check_result_commit(git, r, kind, branches, ancestry)
     findings += await _check_trailers(git, report)
     if merges:
         findings += await _check_dependency_starts(git, report)
@@ -237,7 +251,7 @@ async def _object_kinds(git: Git, report: Report) -> ObjectKind:
 
 
 async def _check_result_commit(
-    git: Git, r: TaskResult, kind: ObjectKind, branches: Mapping[str, str]
+    git: Git, r: TaskResult, kind: ObjectKind, branches: Mapping[str, str], ancestry: Ancestry
 ) -> list[Finding]:
     """A result commit exists, holds its tree, descends from its base, and is on its branch."""
     p = r.provenance
@@ -255,13 +269,7 @@ async def _check_result_commit(
                 message=f"expected {p.result_tree!r}, found {tree!r} (the tree of {p.result_commit})",
             )
         )
-    if (
-        p.base_commit
-        and p.base_commit != p.result_commit
-        and not await git.ok(
-            "merge-base", "--is-ancestor", "--end-of-options", p.base_commit, p.result_commit
-        )
-    ):
+    if p.base_commit and not await ancestry.is_ancestor(p.base_commit, p.result_commit):
         findings.append(
             Finding(
                 task_id=r.task_id,
@@ -270,11 +278,13 @@ async def _check_result_commit(
             )
         )
     if r.branch:
-        findings += await _check_branch(git, r, branches.get(r.branch))
+        findings += await _check_branch(git, r, branches.get(r.branch), ancestry)
     return findings
 
 
-async def _check_branch(git: Git, r: TaskResult, found: str | None) -> list[Finding]:
+async def _check_branch(
+    git: Git, r: TaskResult, found: str | None, ancestry: Ancestry
+) -> list[Finding]:
     """The result's branch exists and still contains its result commit."""
     assert r.branch is not None and r.provenance.result_commit is not None
     commit = r.provenance.result_commit
@@ -292,9 +302,7 @@ async def _check_branch(git: Git, r: TaskResult, found: str | None) -> list[Find
     if found is None:
         message = f"branch {r.branch} does not exist"
         return [Finding(task_id=r.task_id, field="branch", message=message)]
-    if found != commit and not await git.ok(
-        "merge-base", "--is-ancestor", "--end-of-options", commit, found
-    ):
+    if not is_object_id(found) or not await ancestry.is_ancestor(commit, found):
         # Work added on top of a result is fine; a result no longer on its branch is not.
         message = f"branch {r.branch} points at {found}, which does not contain {commit}"
         return [Finding(task_id=r.task_id, field="branch", message=message)]

@@ -1,0 +1,133 @@
+"""Ancestry of many commit pairs from one ``git rev-list``: the same answers as ``git
+merge-base --is-ancestor`` for every pair of a real history, and ``verify`` running a fixed
+number of git processes for its commit checks, however many results a report has."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from envelopes import HandoffEnvelope, build_envelope, seal_report, seal_result
+from orchestrator import Repository, Workspace, orchestrate_parallel, verify_report
+from orchestrator.ancestry import load_ancestry
+from orchestrator.report import report_bytes
+
+from .conftest import MakeRepo, git
+
+
+def _history(repo: Path) -> dict[str, str]:
+    """root - a - b - m (merge of b and c) - d; root - c; x: unrelated to root."""
+    commits: dict[str, str] = {"root": git(repo, "rev-parse", "HEAD").strip()}
+    tree = git(repo, "rev-parse", "HEAD^{tree}").strip()
+    for name, parents in [
+        ("a", ["root"]),
+        ("b", ["a"]),
+        ("c", ["root"]),
+        ("m", ["b", "c"]),
+        ("d", ["m"]),
+        ("x", []),
+    ]:
+        parent_args = [arg for p in parents for arg in ("-p", commits[p])]
+        commits[name] = git(repo, "commit-tree", tree, *parent_args, "-m", name).strip()
+    return commits
+
+
+def test_every_pair_is_answered_as_git_answers_it(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    git(repo, "commit", "--allow-empty", "-q", "-m", "second")
+    commits = _history(repo)
+    commits["parent-of-root"] = git(repo, "rev-parse", "HEAD~1").strip()
+
+    async def main() -> None:
+        repository = await Repository.open(repo)
+        tips = [commits[n] for n in ("d", "c", "x")]
+        before = repository.git.calls
+        ancestry = await load_ancestry(repository.git, commits["root"], tips)
+        assert repository.git.calls == before + 1
+        for (_, a), (_, d) in itertools.product(commits.items(), repeat=2):
+            expected = a == d or await repository.git.ok("merge-base", "--is-ancestor", a, d)
+            assert await ancestry.is_ancestor(a, d) == expected, (a, d)
+
+    anyio.run(main)
+
+
+def test_pairs_above_the_root_need_no_git(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    commits = _history(repo)
+
+    async def main() -> None:
+        repository = await Repository.open(repo)
+        ancestry = await load_ancestry(repository.git, commits["root"], [commits["d"]])
+        calls = repository.git.calls
+        assert await ancestry.is_ancestor(commits["root"], commits["d"])
+        assert await ancestry.is_ancestor(commits["c"], commits["d"])
+        assert await ancestry.is_ancestor(commits["a"], commits["m"])
+        assert not await ancestry.is_ancestor(commits["d"], commits["a"])
+        assert repository.git.calls == calls and ancestry.asked == 0
+        # An id that is not one never reaches git.
+        with pytest.raises(Exception, match="not an object id"):
+            await ancestry.is_ancestor("--output=/tmp/x", commits["x"])
+
+    anyio.run(main)
+
+
+async def _writer(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+    assert workspace.path is not None
+    (workspace.path / f"{envelope.task_id}.txt").write_text("x\n")
+    return {}
+
+
+def _report(repo: Path, n: int) -> Path:
+    envelopes = [build_envelope("w", "write", task_id=f"t{i}", venv=False) for i in range(n)]
+    envelopes.append(build_envelope("w", "write", task_id="after", venv=False, depends_on=["t0"]))
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _writer}, concurrency=4)
+    )
+    return Path(report.run_dir) / "report.json"
+
+
+@pytest.mark.parametrize("n", [4, 24])
+def test_verify_runs_a_fixed_number_of_git_processes(make_repo: MakeRepo, n: int) -> None:
+    repo = make_repo()
+    path = _report(repo, n)
+
+    async def count() -> int:
+        repository = await Repository.open(repo)
+        before = repository.git.calls
+        outcome = await verify_report(path, repo=repository)
+        assert outcome.ok, outcome.findings
+        assert outcome.checked_commits == n + 1
+        return repository.git.calls - before
+
+    # cat-file, for-each-ref, rev-list, log (trailers): the same for 5 results and for 25.
+    assert anyio.run(count) <= 5
+
+
+def test_a_result_that_does_not_descend_from_its_base_is_named(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo()
+    path = _report(repo, 2)
+    raw = json.loads(path.read_text())
+    from envelopes import Report
+
+    report = Report.model_validate(raw)
+    sibling = report.result("t1").provenance.result_commit
+    t0 = report.result("t0")
+    moved = t0.model_copy(
+        update={"provenance": t0.provenance.model_copy(update={"base_commit": sibling})}
+    )
+    results = [seal_result(moved) if r.task_id == "t0" else r for r in report.results]
+    tampered = tmp_path / "report.json"
+    tampered.write_bytes(report_bytes(seal_report(report.model_copy(update={"results": results}))))
+    outcome = anyio.run(lambda: verify_report(tampered, repo=repo, run_dir=Path(report.run_dir)))
+    said = [str(f) for f in outcome.findings]
+    assert (
+        f"task t0: provenance.base_commit: {sibling} is not an ancestor of "
+        f"{t0.provenance.result_commit}" in said
+    )
