@@ -8,6 +8,7 @@ see ``orchestrator.verify_report``.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -119,7 +120,19 @@ def load_report_file(
         raise NotAReport(
             f"{path} is not a complete report: {missing} is missing or not in its written form"
         )
+    if _SURROGATE_ESCAPE.search(source):
+        # A \ud800 escape alone is no character: nothing could write it back as UTF-8.
+        try:
+            report_layout(raw)
+        except UnicodeEncodeError as exc:
+            raise NotAReport(
+                f"{path} holds a lone surrogate escape, which is no character"
+            ) from exc
     return raw, report, source
+
+
+#: A JSON escape of a UTF-16 surrogate (the orchestrator never writes one: it writes UTF-8).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 #: Report fields added after version 0.1.0: a report without them means their default.

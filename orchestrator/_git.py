@@ -6,6 +6,7 @@ regression guard (see docs/architecture.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -170,6 +171,68 @@ class Git:
         if check and result.returncode != 0:
             raise GitError(args, result.returncode, result.stderr.decode(errors="replace"))
         return result
+
+    async def read(
+        self,
+        *args: str,
+        stdin: bytes,
+        limit: int,
+        timeout: float,  # noqa: ASYNC109 (a bound on one git command)
+        env: Mapping[str, str] | None = None,
+    ) -> tuple[bytes, bool]:
+        """Run a git command that only reads (``diff-tree``, ``log``) and return at most *limit*
+        bytes of its stdout, and whether it was cut short there. Past *limit* or *timeout* it
+        is killed (a command that only reads leaves no lock behind). GitError when it fails or
+        runs out of time."""
+        self.calls += 1
+        if self.guard is not None:
+            self.guard.check()
+        command = ["git", "-C", str(self.repo), *HARDENING, *args]
+        out: list[bytes] = []
+        err = bytearray()
+        size, cut = 0, False
+        async with await anyio.open_process(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**self._env, **env} if env else self._env,
+        ) as process:
+            stdin_stream, stdout, stderr = process.stdin, process.stdout, process.stderr
+            assert stdin_stream is not None and stdout is not None and stderr is not None
+
+            async def feed() -> None:
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    await stdin_stream.send(stdin)
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    await stdin_stream.aclose()
+
+            async def drain_errors() -> None:
+                async for chunk in stderr:
+                    if len(err) < 4096:
+                        err.extend(chunk[: 4096 - len(err)])
+
+            with anyio.move_on_after(timeout) as limited:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(feed)
+                    tg.start_soon(drain_errors)
+                    async for chunk in stdout:
+                        out.append(chunk)
+                        size += len(chunk)
+                        if size > limit:
+                            cut = True
+                            tg.cancel_scope.cancel()
+                            break
+            if cut or limited.cancelled_caught:
+                process.kill()
+            returncode = await process.wait()
+        if limited.cancelled_caught:
+            raise GitError(
+                args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"
+            )
+        if not cut and returncode != 0:
+            raise GitError(args, returncode, err.decode(errors="replace"))
+        return b"".join(out)[:limit], cut
 
     async def out(
         self, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None

@@ -123,9 +123,12 @@ async def verify_report(
     return outcome
 
 
-#: Config keys that make git run a program while it merges (verify recomputes merges).
+#: Config keys that make git run a program while it merges (verify recomputes merges): merge
+#: drivers, filters, diff programs, and a partial clone's promisor remote, from which git
+#: fetches missing objects on demand (running its upload-pack or transport).
 _PROGRAM_KEYS = (
-    r"^(merge\..*\.driver|filter\..*\.(clean|smudge|process)|diff\..*\.(textconv|command))$"
+    r"^(merge\..*\.driver|filter\..*\.(clean|smudge|process)|diff\..*\.(textconv|command)"
+    r"|extensions\.partialclone|remote\..*\.(promisor|partialclonefilter|uploadpack))$"
 )
 
 

@@ -180,20 +180,25 @@ def task(data: dict[str, Any], task_id: str) -> dict[str, Any]:
     return found
 
 
-def test_facts_come_from_one_git_process_and_the_logs_tails(
+def test_facts_come_from_two_git_processes_and_the_logs_tails(
     make_repo: MakeRepo,
     write_agent: Callable[[str, str], Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     audited = audited_run(make_repo, write_agent)
     spawned: list[list[str]] = []
-    run_process = anyio.run_process
+    run_process, open_process = anyio.run_process, anyio.open_process
 
     async def counting(command: Any, **options: Any) -> Any:
         spawned.append(list(command))
         return await run_process(command, **options)
 
+    async def opening(command: Any, **options: Any) -> Any:
+        spawned.append(list(command))
+        return await open_process(command, **options)
+
     monkeypatch.setattr(anyio, "run_process", counting)
+    monkeypatch.setattr(anyio, "open_process", opening)
 
     async def gather() -> tuple[Any, int]:
         repository = await Repository.open(audited.repo)
@@ -204,7 +209,9 @@ def test_facts_come_from_one_git_process_and_the_logs_tails(
         return facts, repository.git.calls - before
 
     facts, calls = anyio.run(gather)
-    assert calls == 1 and len(spawned) == 1 and "diff-tree" in spawned[0], spawned
+    # One lookup of which ids are commits, one diff-tree for every task: whatever their number.
+    assert calls == 2 and len(spawned) == 2, spawned
+    assert "cat-file" in spawned[0] and "diff-tree" in spawned[1], spawned
     good = facts.diffstats["good"]
     assert [(f.path, f.added, f.deleted) for f in good.files] == [("good.txt", 3, 0)]
     assert (good.count, good.added, good.deleted, good.binary) == (1, 3, 0, 0)
@@ -576,6 +583,43 @@ def test_the_checkout_command_is_quoted_for_a_shell() -> None:
         branch,
     ]
     assert task(data, "task-0005")["checkout"] is None  # skipped: no branch
+
+
+def test_a_pasted_checkout_command_cannot_do_other_than_it_shows() -> None:
+    """Ctrl-U and a newline in the report's repository path would erase the command in a
+    shell and run another: no command is offered for such a path, or for one the auditor did
+    not name that holds bidirectional overrides; the auditor's own path is used when given."""
+    for repo in ["/home/me/project\x15touch PWNED\n", "/srv/\u202erepo", "/a\x1b[201~b"]:
+        data = embedded(render_html(synthetic_report(3, repo=repo), verified=None))
+        assert task(data, "task-0000")["checkout"] is None, repo
+    mine = embedded(
+        render_html(synthetic_report(3, repo="/x\x15y"), verified=None, repo="/home/me/repo")
+    )
+    assert shlex.split(task(mine, "task-0000")["checkout"])[:3] == ["git", "-C", "/home/me/repo"]
+
+
+def test_text_that_would_reorder_the_page_is_shown_as_code_points() -> None:
+    report = synthetic_report(3, repo="/srv/\u202egpj.exe")
+    page = render_html(report, verified="OK \u2066hidden\u2069")
+    for char in ("\u202e", "\u2066", "\u2069"):
+        assert char not in page
+    assert "&lt;U+202E&gt;gpj.exe" in page  # the header, escaped after being made visible
+    assert "OK &lt;U+2066&gt;hidden&lt;U+2069&gt;" in page
+
+
+def test_dates_at_the_ends_of_the_calendar_render() -> None:
+    from datetime import timezone
+
+    report = synthetic_report(2)
+    early = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))
+    first = report.results[0]
+    odd = first.model_copy(
+        update={"timings": first.timings.model_copy(update={"queued_at": early})}
+    )
+    page = render_html(
+        report.model_copy(update={"results": [odd, *report.results[1:]]}), verified=None
+    )
+    assert "<!DOCTYPE html>" in page
 
 
 def test_spending_and_warnings_are_shown_as_text() -> None:

@@ -392,3 +392,40 @@ def test_verify_runs_no_merge_driver_of_a_repository_the_report_names(
     assert cli(capsys, "verify", str(path), "--repo", str(repo)).code == 0
     with contextlib.chdir(repo):
         assert cli(capsys, "verify", str(path)).code == 0
+
+
+def test_a_partial_clone_the_report_names_is_not_trusted_to_merge_or_diff(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A partial clone's promisor remote makes git fetch what it lacks on demand, running the
+    remote's upload-pack: neither verify's merges nor the page's diffstats run in one that
+    only the report names."""
+    repo = make_repo()
+    envelopes = [build_envelope("w", "a", task_id="a", venv=False)]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    path = Path(report.run_dir) / "report.json"
+    git(repo, "config", "extensions.partialClone", "origin")
+    git(repo, "config", "remote.origin.promisor", "true")
+    git(repo, "config", "remote.origin.uploadpack", f"touch {tmp_path / 'ran'}; false")
+    outcome = cli(capsys, "verify", str(path))
+    assert "configures programs git would run" in outcome.out
+    assert "extensions.partialclone" in outcome.out
+    page = tmp_path / "page.html"
+    made = cli(capsys, "report", str(path), "--html", str(page))
+    assert made.code == 0, made.err
+    assert "pass --repo to show them" in page.read_text()
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_lone_surrogate_escape_is_no_report(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = run_report(make_repo(), ("a",))
+    text = path.read_text().replace('"plan_name": "', '"plan_name": "\\ud800', 1)
+    bad = tmp_path / "report.json"
+    bad.write_text(text)
+    for argv in (["verify", str(bad)], ["report", str(bad), "--markdown"]):
+        outcome = cli(capsys, *argv)
+        assert outcome.code == 2
+        assert "lone surrogate" in outcome.err
+        no_traceback(outcome)

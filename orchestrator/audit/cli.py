@@ -8,6 +8,7 @@ a report that does not verify before it is signed), 2 bad input (not a report, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -47,7 +48,13 @@ async def write_html_page(
 ) -> None:
     """Verify the report at *report_path* (unless *outcome* is given) and write its page to
     *out* (replaced whole). ReportUnreadable for a file that is not a report; OSError when the
-    page cannot be written."""
+    page cannot be written.
+
+    The files each result changed are asked of a repository the user trusts: *repo*, or the
+    one the current directory is in. One the report merely names may be anyone's (a partial
+    clone's config can make git run a program to fetch what it lacks): the page then says to
+    pass ``--repo``.
+    """
     from ..repo import NotARepository, Repository
     from .facts import page_facts
     from .html import render_html
@@ -62,8 +69,18 @@ async def write_html_page(
             repository = await Repository.open(where)
         except (NotARepository, OSError):
             repository = None  # the page says what it could not find
-    facts = await page_facts(report, repo=repository, run_dir=find_run_dir(report, report_path))
-    page = render_html(report, verified=verified_line(outcome), facts=facts)
+    trusted = repository is not None and (
+        repo is not None or Path.cwd().resolve().is_relative_to(repository.root.resolve())
+    )
+    run_dir = find_run_dir(report, report_path)
+    facts = await page_facts(report, repo=repository if trusted else None, run_dir=run_dir)
+    if repository is not None and not trusted:
+        note = (
+            f"not asked of {repository.root}, which only the report names: pass --repo to show them"
+        )
+        facts = dataclasses.replace(facts, diffstats_note=note)
+    checkout = str(repository.root) if trusted and repository is not None else None
+    page = render_html(report, verified=verified_line(outcome), facts=facts, repo=checkout)
     await anyio.to_thread.run_sync(replace_file, out, page.encode())
 
 

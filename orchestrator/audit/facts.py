@@ -11,6 +11,7 @@ shown, as its author cannot know the key's digest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -46,6 +47,8 @@ LOG_LINES = 40
 LOG_BYTES = 16 * 1024
 #: Most bytes of logs read for one page; tasks that did not succeed are read first.
 PAGE_LOG_BYTES = 2 * 1024 * 1024
+#: Most bytes of git's diffstat output read for one page (then the rest is left out).
+MAX_GIT_OUTPUT = 64 << 20
 #: Most bytes of logs hashed for one page, to check that each shown is the one recorded.
 PAGE_HASH_BYTES = 1 << 30
 #: Longest the one git command of :func:`page_facts` may run.
@@ -139,58 +142,86 @@ async def _diffstats(repo: Repository, results: Sequence[TaskResult]) -> dict[st
             pairs.setdefault((str(result), str(base)), []).append(r.task_id)
     if not pairs:
         return {}
+    # Only pairs of two commits: a tree or a missing object would make git stop for all.
+    ids = sorted({i for pair in pairs for i in pair})
+    kinds = await repo.git.run(
+        "cat-file", "--batch-check=%(objecttype)", stdin=("\n".join(ids) + "\n").encode()
+    )
+    commits = {
+        i
+        for i, kind in zip(ids, kinds.stdout.decode().splitlines(), strict=False)
+        if kind == "commit"
+    }
+    pairs = {pair: tasks for pair, tasks in pairs.items() if set(pair) <= commits}
+    if not pairs:
+        return {}
     args = ["diff-tree", "--stdin", "--always", "--format=%H %P", "-r", "--numstat", "-z"]
     args += ["--no-renames", "--no-textconv", "--no-ext-diff"]
     stdin = "".join(f"{result} {base}\n" for result, base in pairs).encode()
-    out = await repo.git.run(*args, stdin=stdin, check=False, timeout=GIT_TIMEOUT_S)
-    sections = _numstat_sections(out.stdout)
-    if out.returncode != 0:
-        if not sections:
-            raise GitError(["diff-tree"], out.returncode, out.stderr.decode(errors="replace"))
-        sections.popitem()  # the one it was writing may be cut short
+    # A repository a partial clone made would fetch missing blobs on demand (running its
+    # remote's programs); git 2.44 and later are told not to.
+    out, cut = await repo.git.read(
+        *args,
+        stdin=stdin,
+        limit=MAX_GIT_OUTPUT,
+        timeout=GIT_TIMEOUT_S,
+        env={"GIT_NO_LAZY_FETCH": "1"},
+    )
+    sections = _numstat_sections(out, MAX_FILES)
+    if cut and sections:
+        sections.popitem()  # the one it was writing when cut short
     found: dict[str, Diffstat] = {}
     room = MAX_PAGE_FILES
-    for key, entries in sections.items():
-        listed = entries[: max(0, min(MAX_FILES, room))]
-        room -= len(listed)
-        text = [e for e in entries if e.added is not None]
-        stat = Diffstat(
-            files=tuple(listed),
-            more=len(entries) - len(listed),
-            added=sum(e.added or 0 for e in text),
-            deleted=sum(e.deleted or 0 for e in text),
-            binary=len(entries) - len(text),
-        )
+    for key, stat in sections.items():
+        if len(stat.files) > room:  # the page names at most MAX_PAGE_FILES in all
+            dropped = len(stat.files) - max(room, 0)
+            stat = dataclasses.replace(
+                stat, files=stat.files[: max(room, 0)], more=stat.more + dropped
+            )
+        room -= len(stat.files)
         for task_id in pairs.get(key, ()):
             found[task_id] = stat
     return found
 
 
-def _numstat_sections(data: bytes) -> dict[tuple[str, str], list[FileChange]]:
-    """``--numstat -z`` output by its ``commit parent`` header lines. An entry is
-    ``added TAB deleted TAB path`` (``-`` for a binary file's counts); a header has no tab."""
-    sections: dict[tuple[str, str], list[FileChange]] = {}
-    current: list[FileChange] | None = None
+def _numstat_sections(data: bytes, named: int) -> dict[tuple[str, str], Diffstat]:
+    """``--numstat -z`` output by its ``commit parent`` header lines, each section's first
+    *named* files kept and every file counted. An entry is ``added TAB deleted TAB path``
+    (``-`` for a binary file's counts); a header has no tab."""
+    sections: dict[tuple[str, str], Diffstat] = {}
+    key: tuple[str, str] | None = None
+    files: list[FileChange] = []
+    more = added = deleted = binary = 0
+
+    def close() -> None:
+        if key is not None:
+            sections[key] = Diffstat(tuple(files), more, added, deleted, binary)
+
     for token in data.split(b"\0"):
         token = token.lstrip(b"\n")
         if not token:
             continue
         if b"\t" not in token:
+            close()
             ids = token.decode("ascii", "replace").split()
             ok = len(ids) == 2 and all(is_object_id(i) for i in ids)
-            current = sections.setdefault((ids[0], ids[1]), []) if ok else None
+            key = (ids[0], ids[1]) if ok else None
+            files, more, added, deleted, binary = [], 0, 0, 0, 0
             continue
         fields = token.split(b"\t", 2)
-        if current is not None and len(fields) == 3:
-            added, deleted = _count(fields[0]), _count(fields[1])
-            binary = added is None or deleted is None
-            current.append(
-                FileChange(
-                    fields[2].decode("utf-8", "replace"),
-                    None if binary else added,
-                    None if binary else deleted,
-                )
-            )
+        if key is None or len(fields) != 3:
+            continue
+        plus, minus = _count(fields[0]), _count(fields[1])
+        if plus is None or minus is None:
+            binary += 1
+            plus = minus = None
+        else:
+            added, deleted = added + plus, deleted + minus
+        if len(files) < named:
+            files.append(FileChange(fields[2].decode("utf-8", "replace"), plus, minus))
+        else:
+            more += 1
+    close()
     return sections
 
 

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import shlex
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -50,6 +51,7 @@ from .facts import (
 )
 
 __all__ = [
+    "HIDDEN",
     "LOG_BYTES",
     "LOG_LINES",
     "MAX_FILES",
@@ -59,6 +61,7 @@ __all__ = [
     "PageFacts",
     "page_facts",
     "render_html",
+    "visible",
 ]
 
 #: Most characters of an error message or an output shown (then ``…``).
@@ -67,10 +70,19 @@ PHASES: tuple[str, ...] = get_args(PhaseSpan.model_fields["name"].annotation)
 STATUSES = ("succeeded", "cached", "failed", "timed_out", "cancelled", "skipped")
 
 
-def render_html(report: Report, *, verified: str | None, facts: PageFacts | None = None) -> str:
+def render_html(
+    report: Report,
+    *,
+    verified: str | None,
+    facts: PageFacts | None = None,
+    repo: str | None = None,
+) -> str:
     """The page for *report*: *verified* (plain text, one line) says what ``verify`` found
     when it was made (None: not verified); *facts* (see :func:`page_facts`) adds the files
-    changed and the logs (None: not available)."""
+    changed and the logs (None: not available); *repo* is the repository the auditor named,
+    for the commands that check a branch out (None: the report's own, when its path is plain
+    text: no control, format or bidirectional character that could change what a pasted
+    command does)."""
     facts = facts or PageFacts()
     css, js = _asset("report.css"), _asset("report.js")
     said = None if verified is None else _cut(" ".join(verified.split()), 1000)
@@ -82,7 +94,7 @@ def render_html(report: Report, *, verified: str | None, facts: PageFacts | None
             csp=_policy(css, js),
             css=css,
             js=js,
-            data=_script_json(_page_data(report, facts)),
+            data=_script_json(visible(_page_data(report, facts, repo or report.repo))),
             report=report,
             verified=said,
             wall=_duration((_utc(report.finished_at) - _utc(report.started_at)).total_seconds()),
@@ -133,13 +145,16 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        # What the template prints of the report is made visible too (then escaped).
+        finalize=lambda value: visible(value) if isinstance(value, str) else value,
     )
     env.filters.update(when=_when, cut=_cut, spent=_spent, steps=_steps_said)
     return env
 
 
-def _page_data(report: Report, facts: PageFacts) -> dict[str, Any]:
-    """What the script draws: every task, times in seconds from the earliest one."""
+def _page_data(report: Report, facts: PageFacts, checkout_repo: str | None) -> dict[str, Any]:
+    """What the script draws: every task, times in seconds from the earliest one; every
+    string in it made visible (:func:`visible`)."""
     times = [_utc(report.started_at), _utc(report.finished_at)]
     for r in report.results:
         times += [_utc(r.timings.started_at), _utc(r.timings.finished_at)]
@@ -151,7 +166,7 @@ def _page_data(report: Report, facts: PageFacts) -> dict[str, Any]:
         "end": _seconds(max(times), t0),
         "phases": PHASES,
         "notes": {"files": facts.diffstats_note, "logs": facts.logs_note},
-        "tasks": [_task_data(r, t0, facts, report.repo) for r in report.results],
+        "tasks": [_task_data(r, t0, facts, checkout_repo) for r in report.results],
     }
 
 
@@ -242,8 +257,10 @@ def _task_data(r: TaskResult, t0: datetime, facts: PageFacts, repo: str | None) 
 
 
 def _checkout(repo: str | None, branch: str | None) -> str | None:
-    """A command that checks *branch* out into a new worktree beside the repository."""
-    if branch is None:
+    """A command that checks *branch* out into a new worktree beside the repository; None
+    when either holds a character that is not plain text (see :data:`HIDDEN`): pasted, a
+    Ctrl-U or a newline would run something else than what the page shows."""
+    if branch is None or HIDDEN.search(branch) or (repo is not None and HIDDEN.search(repo)):
         return None
     name = branch.rsplit("/", 1)[-1]
     if repo is None:
@@ -304,7 +321,36 @@ def _cut(text: str, limit: int = MAX_TEXT) -> str:
 
 
 def _utc(when: datetime) -> datetime:
-    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    except OverflowError:  # within hours of year 1 or 9999, with an offset: as written
+        return when.replace(tzinfo=UTC)
+
+
+#: Characters that are not plain text: controls (but tab and newline), C1 controls, format
+#: characters (bidirectional overrides and isolates, zero-width ones, the BOM), line and
+#: paragraph separators, surrogates, tags. In what a report says, they could reorder or hide
+#: the page's own text; :func:`visible` shows each as ``<U+202E>``.
+HIDDEN = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+    "\u2060-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
+)
+
+
+def visible(value: Any) -> Any:
+    """*value* (JSON-like) with every :data:`HIDDEN` character of its strings (and keys)
+    written as ``<U+XXXX>``."""
+    if isinstance(value, str):
+        return (
+            HIDDEN.sub(lambda m: f"<U+{ord(m.group()):04X}>", value)
+            if HIDDEN.search(value)
+            else value
+        )
+    if isinstance(value, dict):
+        return {visible(k): visible(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [visible(v) for v in value]
+    return value
 
 
 def _when(when: datetime) -> str:
