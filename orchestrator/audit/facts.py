@@ -271,7 +271,10 @@ def _tail(run_dir: Path, log: LogFile, limit: int) -> LogTail | None:
     if cut and (newline := data.find(b"\n")) >= 0:
         data = data[newline + 1 :]  # the line it starts inside of
     text = _ESCAPES.sub("", data.decode("utf-8", "replace"))
-    lines = [_CONTROLS.sub("", line) for line in text.splitlines()]
+    # Lines end at a newline only (str.splitlines would also break at U+2028, form feeds...).
+    lines = (
+        [_CONTROLS.sub("", line) for line in text.removesuffix("\n").split("\n")] if text else []
+    )
     if len(lines) > LOG_LINES:
         lines, cut = lines[-LOG_LINES:], True
     return LogTail(path=log.path, size=size, lines=tuple(lines), cut=cut)
