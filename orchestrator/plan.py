@@ -8,6 +8,7 @@ that need the repository (is it a git repository? does the base resolve?) are ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -43,6 +44,7 @@ from envelopes import (
 from envelopes import validation_message as _message
 
 from .errors import GitError, PlanError, PlanIssue
+from .plan_events import plain_data
 from .repo import NotARepository, Repository
 from .sandbox import sandbox_problem
 
@@ -66,7 +68,8 @@ Loc = tuple[str | int, ...]
 
 # The limits below keep a hostile plan (an alias bomb, /dev/zero, a FIFO, deep nesting) from
 # costing more than the largest plan a user could mean: a 100,000-task plan written out long-hand
-# is 16.6 MB and 1.6 million values, and takes about a minute and 1.3 GB to load.
+# is 16.6 MB and 1.6 million values, and takes about a minute and 1.3 GB to load the careful way
+# (a plain one, read from the parser's events: about 10 s; see orchestrator/plan_events.py).
 MAX_PLAN_BYTES = 32 << 20
 """The largest plan file read, in bytes (a plan given as text: in characters)."""
 MAX_PLAN_NODES = 2_000_000
@@ -92,6 +95,9 @@ class LoadedPlan:
     file: str | None
     plan_dir: Path
     positions: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    #: The plan's text, when it was read the fast way (orchestrator/plan_events.py): the
+    #: positions are found from it when a problem needs one.
+    source: str | None = field(default=None, repr=False)
 
     @property
     def sha256(self) -> str:
@@ -100,6 +106,9 @@ class LoadedPlan:
 
     def issue(self, loc: Loc, message: str) -> PlanIssue:
         """A PlanIssue at *loc*, placed at the nearest position known in the file."""
+        if not self.positions and self.source is not None:
+            self.positions = _careful(self.source, self.file)[1]
+            self.source = None
         return _issue(self.file, self.positions, PlanProblem(loc=loc, message=message))
 
 
@@ -383,6 +392,35 @@ def parse_plan(
     if len(text) > MAX_PLAN_BYTES:
         too_large = _too_large(len(text), "characters")
         raise PlanError([PlanIssue(file, None, None, "<plan>", too_large)])
+    # A plain plan, read the fast way; one with any problem, read again to place them.
+    data = plain_data(text, max_nodes=MAX_PLAN_NODES, max_depth=MAX_PLAN_DEPTH)
+    if isinstance(data, dict):
+        with contextlib.suppress(PlanError):
+            return _validate(
+                data,
+                file=file,
+                plan_dir=plan_dir,
+                positions={},
+                problems=[],
+                callable_agents=callable_agents,
+                source=text,
+            )
+    data, positions, problems = _careful(text, file)
+    return _validate(
+        data,
+        file=file,
+        plan_dir=plan_dir,
+        positions=positions,
+        problems=problems,
+        callable_agents=callable_agents,
+    )
+
+
+def _careful(
+    text: str, file: str | None
+) -> tuple[Any, dict[Loc, tuple[int, int]], list[tuple[Loc, str]]]:
+    """Plan *text* composed into nodes and read with every value's position: its data, the
+    positions, and the problems found on the way. PlanError for what stops the reading."""
     positions: dict[Loc, tuple[int, int]] = {}
     problems: list[tuple[Loc, str]] = []
     loader = _Loader(text)
@@ -414,14 +452,7 @@ def parse_plan(
             raise PlanError([_yaml_issue(file, exc)]) from None
     finally:
         loader.dispose()
-    return _validate(
-        data,
-        file=file,
-        plan_dir=plan_dir,
-        positions=positions,
-        problems=problems,
-        callable_agents=callable_agents,
-    )
+    return data, positions, problems
 
 
 def validate_plan_data(
@@ -476,6 +507,7 @@ def _validate(
     positions: dict[Loc, tuple[int, int]],
     problems: list[tuple[Loc, str]],
     callable_agents: Sequence[str],
+    source: str | None = None,
 ) -> LoadedPlan:
     if not isinstance(data, dict):
         found = type(data).__name__
@@ -521,7 +553,9 @@ def _validate(
         raise PlanError(
             [PlanIssue(file, None, None, "<plan>", f"not representable as JSON: {exc}")]
         ) from None
-    return LoadedPlan(plan=plan, file=file, plan_dir=plan_dir or Path.cwd(), positions=positions)
+    return LoadedPlan(
+        plan=plan, file=file, plan_dir=plan_dir or Path.cwd(), positions=positions, source=source
+    )
 
 
 def engine_problems(plan: Plan) -> list[PlanProblem]:
