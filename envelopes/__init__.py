@@ -6,6 +6,7 @@ envelope or re-check a report's digests without the engine.
 
 from ._audit import MAX_ENVELOPE_BYTES as MAX_ENVELOPE_BYTES
 from ._audit import MAX_LOG_BYTES as MAX_LOG_BYTES
+from ._audit import MAX_REPORT_BYTES as MAX_REPORT_BYTES
 from ._audit import Finding as Finding
 from ._audit import NotAReport as NotAReport
 from ._audit import audit_report as audit_report
@@ -156,6 +157,7 @@ __all__ = [
     "MAX_CONCURRENCY",
     "MAX_ENVELOPE_BYTES",
     "MAX_LOG_BYTES",
+    "MAX_REPORT_BYTES",
     "MAX_VALUE_DEPTH",
     "NOT_RETRIED",
     "PLACEHOLDERS",

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import anyio
 
-from envelopes import HandoffEnvelope, InputFile
-from envelopes._bounded import hash_file
+from envelopes import HandoffEnvelope, InputFile, hash_file
 
 from .agents import Agent, plan_program_of
 from .context import RunContext

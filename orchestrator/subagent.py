@@ -170,7 +170,9 @@ class _Clock:
             duration_s=round(time.monotonic() - self.start, 6),
             queued_at=self.queued_at,
             slot=self.slot,
-            phases=list(self.spans),
+            # In the order they started (a span is recorded when it ends, and a hook's may end
+            # inside the phase it runs in).
+            phases=sorted(self.spans, key=lambda span: span.start_s),
             **{k: round(v, 6) for k, v in totals.items()},
         )
 

@@ -29,9 +29,18 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from envelopes import Report, TaskResult, ref_safe
-from envelopes._audit import MAX_REPORT_BYTES, Finding, upstream_tasks
-from envelopes._bounded import hash_file, loads_bounded, open_regular, read_bounded
+from envelopes import (
+    MAX_REPORT_BYTES,
+    Finding,
+    Report,
+    TaskResult,
+    hash_file,
+    loads_bounded,
+    open_regular,
+    read_bounded,
+    ref_safe,
+    upstream_tasks,
+)
 
 from .._fs import replace_file
 from .._version import __version__
