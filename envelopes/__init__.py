@@ -133,6 +133,7 @@ from ._secrets import MASK as MASK
 from ._secrets import is_secret_name as is_secret_name
 from ._secrets import masked_env as masked_env
 from ._secrets import masked_plan as masked_plan
+from ._secrets import masked_task as masked_task
 from ._usage import CostSource as CostSource
 from ._usage import Usage as Usage
 from ._usage import UsageTotals as UsageTotals
@@ -261,6 +262,7 @@ __all__ = [
     "loads_bounded",
     "masked_env",
     "masked_plan",
+    "masked_task",
     "new_run_id",
     "new_task_id",
     "open_regular",

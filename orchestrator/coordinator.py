@@ -25,7 +25,7 @@ from typing import Any, Unpack
 
 import anyio
 
-from envelopes import Event, Report, RunStarted, Select, TaskResult, canonical_json
+from envelopes import Event, Report, RunStarted, Select, TaskResult
 
 from ._fs import atomic_write
 from .agents import AgentLike
@@ -271,7 +271,7 @@ class _Run:
             self.report_plan.refs_before.update(await ref_values(ctx.repo.git))
         if not self.resumed:
             with anyio.CancelScope(shield=True):
-                data = canonical_json(self.intake.plan_json)
+                data = self.intake.plan_bytes
                 await anyio.to_thread.run_sync(atomic_write, ctx.run_dir / "plan.json", data)
         await emit_run_event(
             ctx,

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from envelopes import AgentSpec, HandoffEnvelope, Plan, digest, masked_plan, plan_problems
+from envelopes import AgentSpec, HandoffEnvelope, Plan, canonical_json, plan_problems, sha256_hex
 
 from .agents import Agent, AgentLike, as_agent
 from .command_agent import refuse_task_settings
@@ -48,8 +48,8 @@ class Intake:
     owns_repository: bool
     base_commit: str | None
     base_tree: str | None
-    #: The plan as written to ``plan.json`` and hashed: secret values masked.
-    plan_json: dict[str, Any]
+    #: The plan as written to ``plan.json`` and hashed: canonical JSON, secret values masked.
+    plan_bytes: bytes
     #: What the caller passed: settings given as keywords, and a RunSettings object, if any
     #: (a resume resolves the settings again over the ones its run started with).
     overrides: SettingsOverrides
@@ -65,7 +65,7 @@ class Intake:
     @property
     def plan_sha256(self) -> str:
         """``plan_sha256`` of the report."""
-        return digest(self.plan_json)
+        return sha256_hex(self.plan_bytes)
 
     @property
     def plan_dir(self) -> Path:
@@ -102,10 +102,10 @@ async def take_in(
     settings = resolve_settings(loaded.plan if loaded else None, overrides, recorded=recorded)
     table = agent_table(loaded.plan if loaded else None, given, envelopes)
     repository, commit, tree = await _open_repository(loaded, envelopes, repo, settings)
-    plan_json = (
-        masked_plan(loaded.plan.model_dump(mode="json"))
+    plan_bytes = (
+        loaded.json_bytes
         if loaded is not None
-        else {"envelopes": [e.to_json_dict() for e in envelopes]}
+        else canonical_json({"envelopes": [e.to_json_dict() for e in envelopes]})
     )
     return Intake(
         loaded=loaded,
@@ -116,7 +116,7 @@ async def take_in(
         owns_repository=not isinstance(repo, Repository),
         base_commit=commit,
         base_tree=tree,
-        plan_json=plan_json,
+        plan_bytes=plan_bytes,
         overrides=overrides,
         given=recorded,
         webhooks=tuple(webhooks),

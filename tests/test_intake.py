@@ -130,7 +130,7 @@ def test_a_bad_setting_is_refused_before_the_repository_is_opened(tmp_path: Path
 def test_secret_values_are_masked_in_the_plan_as_hashed() -> None:
     data = {**PLAN, "defaults": {"env": {"API_TOKEN": "s3cr3t-value"}, "worktree": False}}
     intake = anyio.run(lambda: take_in(data, repo=None, agents=None, overrides={}))
-    assert "s3cr3t-value" not in str(intake.plan_json)
+    assert b"s3cr3t-value" not in intake.plan_bytes
 
 
 def test_a_sandboxed_dependent_may_not_install_its_worktree_outside_the_sandbox() -> None:

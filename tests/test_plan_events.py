@@ -120,3 +120,35 @@ def test_problems_found_later_are_placed_too() -> None:
     assert loaded.positions == {} and loaded.source is not None
     issue = loaded.issue(("tasks", 1, "agent"), "not here")
     assert (issue.line, issue.column) == (5, 15)  # where its key is
+
+
+SECRET_PLAN = """\
+secrets: [TOP_VALUE]
+defaults: {secrets: [DEFAULT_VALUE], env: {TOP_VALUE: a, DEFAULT_VALUE: b, PLAIN: c}}
+agents:
+  a: {command: [echo], secrets: [AGENT_VALUE], env: {AGENT_VALUE: d, API_KEY: e}}
+  b: {command: [echo], env: {set: {AGENT_VALUE: f}}}
+tasks:
+  - {id: one, agent: a, task: go, env: {AGENT_VALUE: g, MINE: h}, secrets: [MINE]}
+  - {id: two, agent: b, task: go, env: {AGENT_VALUE: i}}
+  - {id: three, agent: a, task: go, matrix: {model: [x, y]}}
+copy: [".env"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "text"), [*_plans(), ("secrets", SECRET_PLAN)], ids=[*[n for n, _ in _plans()], "s"]
+)
+def test_plan_json_is_made_a_task_at_a_time_with_the_same_bytes(name: str, text: str) -> None:
+    from envelopes import canonical_json, masked_plan
+    from orchestrator.plan import plan_json
+
+    try:
+        loaded = parse_plan(text, file=name)
+    except PlanError:
+        return  # a plan the docs show as invalid
+    whole = canonical_json(masked_plan(loaded.plan.model_dump(mode="json")))
+    assert plan_json(loaded.plan) == whole
+    if name == "secrets":
+        assert b'"API_KEY":"***"' in whole and b'"MINE":"***"' in whole
+        assert b'"PLAIN":"c"' in whole
