@@ -15,6 +15,8 @@ pool are issue 5's remaining parts):
 - ``dask``: the dask executor (bench/dask_bench.py): sleeping tasks on an embedded cluster
   against the ideal, bytes shipped per task against the task's own change, no-op tasks on
   dask against the local executor.
+- ``scale``: verify of reports of 1,000 and 10,000 results, validate of plans of 10,000 and
+  100,000 tasks (bench/scale_bench.py): time per result or task, git processes, peak RSS.
 
 Prints a table and writes the numbers as JSON.
 """
@@ -409,7 +411,8 @@ def bench_requirements(n: int, packages: list[str], work: Path) -> dict[str, Any
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issues 5 and 14's targets, each as a ratio (or a number) from this run, where measured."""
+    """Issues 5, 14 and 16's targets, each as a ratio (or a number) from this run, where
+    measured."""
     out: list[dict[str, Any]] = []
 
     def target(name: str, value: float, limit: float, *, at_least: bool = False) -> None:
@@ -459,6 +462,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 round(sched[100_000]["wall_s"] / row["wall_s"], 2),
                 12,
             )
+    if "scale" in results:
+        v, p = results["scale"]["verify"], results["scale"]["validate"]
+        target("verify: git processes", max(r["git_processes"] for r in v["rows"]), 5)
+        if [r["n"] for r in v["rows"]] == [1_000, 10_000]:
+            target("verify: time per result, 10,000 / 1,000", v["per_result_ratio"], 1.2)
+        for r in p["rows"]:
+            if r["n"] == 100_000:
+                target("validate: 100,000 tasks, seconds", r["validate_s"], 10)
+                target("validate: 100,000 tasks, peak RSS MB", r["max_rss_mb"], 600)
     if "requirements" in results:
         target("shared requirements: venv / bare uv venv", results["requirements"]["ratio"], 1.5)
     if "cli" in results:
@@ -479,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument(
         "--only",
-        default="worktrees,requirements,scheduler,cli,sandbox,dask",
+        default="worktrees,requirements,scheduler,cli,sandbox,dask,scale",
         help="comma-separated benchmarks (default: all)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
@@ -503,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
-    unknown = only - {"worktrees", "requirements", "scheduler", "cli", "sandbox", "dask"}
+    unknown = only - {"worktrees", "requirements", "scheduler", "cli", "sandbox", "dask", "scale"}
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     results: dict[str, Any] = {"python": sys.version.split()[0], "quick": args.quick}
@@ -585,6 +597,30 @@ def main(argv: list[str] | None = None) -> int:
             f"cli start: orchestrator --help {c['orchestrator_help_s']} s, "
             f"python -c pass {c['python_pass_s']} s, ratio {c['ratio']}"
         )
+    if "scale" in only:
+        import scale_bench
+
+        scale_work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-scale-"))
+        try:
+            verify_sizes = [200, 2_000] if args.quick else [1_000, 10_000]
+            v = scale_bench.bench_verify(verify_sizes, scale_work)
+            validate_sizes = [1_000, 10_000] if args.quick else [10_000, 100_000]
+            p = scale_bench.bench_validate(validate_sizes, scale_work)
+        finally:
+            import shutil
+
+            shutil.rmtree(scale_work, ignore_errors=True)
+        results["scale"] = {"verify": v, "validate": p}
+        print("scale:")
+        for r in v["rows"]:
+            print(
+                f"  verify {r['n']:>6} results: {r['verify_s']} s, {r['git_processes']} git "
+                f"processes, ok {r['ok']}"
+            )
+        print(f"  verify time per result, larger / smaller: {v['per_result_ratio']}x")
+        for r in p["rows"]:
+            print(f"  validate {r['n']:>6} tasks: {r['validate_s']} s, {r['max_rss_mb']} MB")
+        print(f"  validate time per task, larger / smaller: {p['per_task_ratio']}x")
     if "dask" in only:
         import dask_bench
 
@@ -593,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
     results["targets"] = checked = targets(results)
     if checked:
-        print("targets (issues 5 and 14):")
+        print("targets (issues 5, 14 and 16):")
         for t in checked:
             verdict = "met" if t["met"] else "MISSED"
             bound = ">=" if t["at_least"] else "<="

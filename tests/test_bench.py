@@ -60,6 +60,12 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
     assert len(dask["bytes"]["first_per_worker_bytes"]) == 2
     assert dask["bytes"]["own_bundle_median_bytes"] > 0
     assert dask["noop"]["local_ms_per_task"] > 0 and dask["noop"]["dask_ms_per_task"] > 0
+    # Scale: verify's git processes do not grow with the results; validate's sizes both ran.
+    scale = results["scale"]
+    assert [r["n"] for r in scale["verify"]["rows"]] == [200, 2_000]
+    assert all(r["ok"] and r["git_processes"] <= 5 for r in scale["verify"]["rows"])
+    assert [r["n"] for r in scale["validate"]["rows"]] == [1_000, 10_000]
+    assert all(r["max_rss_mb"] > 0 for r in scale["validate"]["rows"])
 
 
 def test_an_unknown_benchmark_is_refused() -> None:
