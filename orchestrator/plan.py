@@ -114,8 +114,11 @@ class LoadedPlan:
     def issue(self, loc: Loc, message: str) -> PlanIssue:
         """A PlanIssue at *loc*, placed at the nearest position known in the file."""
         if not self.positions and self.source is not None:
-            self.positions = _careful(self.source, self.file)[1]
-            self.source = None
+            source, self.source = self.source, None
+            # Both ways read the same events, so the careful way reads what the fast way
+            # read; should it not, the problem is told without its line.
+            with contextlib.suppress(PlanError):
+                self.positions = _careful(source, self.file)[1]
         return _issue(self.file, self.positions, PlanProblem(loc=loc, message=message))
 
 
@@ -133,19 +136,39 @@ class _Limit(Exception):
         return PlanIssue(file, self.mark.line + 1, self.mark.column + 1, "<plan>", self.reason)
 
 
-class _Loader(yaml.SafeLoader):
-    """A SafeLoader that counts the nodes it composes and stops at the limits as it goes."""
+#: libyaml's scanner and parser when PyYAML has them (both ways into a plan read the same
+#: events: orchestrator/plan_events.py), PyYAML's own otherwise.
+_CParser: Any = getattr(getattr(yaml, "_yaml", None), "CParser", None)
+
+
+class _Loader(
+    yaml.composer.Composer,
+    _CParser or yaml.parser.Parser,  # type: ignore[misc]
+    yaml.constructor.SafeConstructor,
+    yaml.resolver.Resolver,
+):
+    """A safe loader that counts the nodes it composes and stops at the limits as it goes:
+    PyYAML's composer over libyaml's events (PyYAML's own reader, scanner and parser when it
+    was built without libyaml)."""
 
     def __init__(self, stream: str) -> None:
-        super().__init__(stream)
+        if _CParser is not None:
+            _CParser.__init__(self, stream)
+        else:
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
         self.nodes = 0  # the file's own nodes: an alias adds none
         self._depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             return super().compose_node(parent, index)
-        # types-PyYAML leaves peek_event untyped.
-        mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+        # The event stream is typed loosely (a C or a Python parser).
+        mark = self.peek_event().start_mark
         self.nodes += 1
         if self.nodes > MAX_PLAN_NODES:
             raise _Limit(mark, f"more than {MAX_PLAN_NODES:,} values: too big for a plan")
@@ -223,7 +246,23 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
+#: YAML 1.1 reads ``1:20:30`` as a number in base 60, a multiplication per part: quadratic in
+#: its length. Longer ones than this are refused.
+MAX_BASE60_CHARS = 100
+
+
 def _construct(loader: _Loader, node: yaml.Node) -> Any:
+    if (
+        isinstance(node, yaml.ScalarNode)
+        and node.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+        and ":" in node.value
+        and len(node.value) > MAX_BASE60_CHARS
+    ):
+        raise _BadValue(
+            node,
+            f"cannot read value {node.value[:40]!r}... ({len(node.value):,} chars): a base-60 "
+            f"number longer than {MAX_BASE60_CHARS} characters (quote it to keep it a string)",
+        )
     try:
         value = loader.construct_object(node, deep=True)
         if isinstance(value, str) and any("\ud800" <= c <= "\udfff" for c in value):
@@ -434,6 +473,11 @@ def _careful(
     try:
         node = loader.get_single_node()
     except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        if "maximum nesting depth" in str(exc) and mark is not None:
+            # libyaml's own limit (1,000 levels), met as it scans ahead of the composer.
+            line, col = mark.line + 1, mark.column + 1
+            raise PlanError([PlanIssue(file, line, col, "<plan>", _TOO_DEEP)]) from None
         # JSON is YAML, except for a few things YAML refuses (tabs as indentation): such a
         # file is read as JSON, without line numbers.
         try:

@@ -3,11 +3,13 @@
 Composing a plan into YAML nodes, each keeping its position, is what lets every problem be
 told at its line and column (orchestrator/plan.py); it is also most of the time and memory a
 large plan costs (about 45 s and 1.2 GB for 100,000 tasks). Most plans are plain: no anchors,
-aliases, merge keys or explicit tags, no duplicate keys, nothing nested too deep. Such a plan
-means the same whichever way it is read, so :func:`plain_data` builds its data from the
-parser's events directly (C libyaml, when PyYAML has it), without nodes or positions. Anything
-else, and any plan that turns out to have a problem, is read again the careful way, which
-finds and places every problem: the fast way never decides what a plan means on its own.
+aliases, merge keys or tags, no duplicate keys, no long numbers, nothing nested too deep. Such
+a plan means the same whichever way it is read, so :func:`plain_data` builds its data from the
+parser's events directly, without nodes or positions. Both ways read the same events (C
+libyaml's, when PyYAML has it: the careful way composes them with PyYAML's own composer), so
+they agree on what is YAML. Anything else, and any plan that turns out to have a problem, is
+read again the careful way, which finds and places every problem: the fast way never decides
+what a plan means on its own.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ __all__ = ["plain_data"]
 
 _Parser: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-#: The tags the resolver gives plain scalars, and what builds each (a stand-in constructor).
-_CONSTRUCTOR = yaml.SafeLoader("")
 _RESOLVER = yaml.resolver.Resolver()
 _STR = "tag:yaml.org,2002:str"
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -35,18 +35,25 @@ class _NotPlain(Exception):
 
 def plain_data(text: str, *, max_nodes: int, max_depth: int) -> Any:
     """The data of plan *text* when it is plain (see the module's docstring) and within
-    *max_nodes* values and *max_depth* levels; None otherwise, or when it is not YAML."""
+    *max_nodes* values and *max_depth* levels (counted as the careful way counts them: a
+    scalar is a level too); None otherwise, or when it is not YAML."""
+    constructor = yaml.constructor.SafeConstructor()  # its caches die with this call
     try:
-        return _build(yaml.parse(text, Loader=_Parser), max_nodes, max_depth)
+        return _build(yaml.parse(text, Loader=_Parser), constructor, max_nodes, max_depth)
     except (_NotPlain, yaml.YAMLError, ValueError, TypeError, OverflowError):
         return None
 
 
-def _scalar(event: Any) -> Any:
+#: A number written in base 60 (``1:20``) is built by a multiplication per part: long ones are
+#: left to the careful way, which refuses them.
+MAX_NUMBER_CHARS = 100
+
+
+def _scalar(event: Any, constructor: yaml.constructor.SafeConstructor) -> Any:
     """A scalar event's value, as SafeLoader would read it; _NotPlain for anything that is
     not a plain string, number, boolean, null or date, or holds a surrogate."""
-    if event.anchor is not None or (event.tag is not None and event.tag != "!"):
-        raise _NotPlain
+    if event.anchor is not None or event.tag is not None:
+        raise _NotPlain  # any tag, even "!", is read the careful way
     value = event.value
     if _SURROGATE.search(value):
         raise _NotPlain  # surrogate pairs are joined the careful way
@@ -55,13 +62,15 @@ def _scalar(event: Any) -> Any:
     tag = _RESOLVER.resolve(yaml.ScalarNode, value, event.implicit)  # type: ignore[no-untyped-call]
     if tag == _STR:
         return value
-    if tag == _MERGE:
+    if tag == _MERGE or len(value) > MAX_NUMBER_CHARS:
         raise _NotPlain
     node = yaml.ScalarNode(tag, value, event.start_mark, event.end_mark, event.style)
-    return _CONSTRUCTOR.construct_object(node, deep=True)
+    return constructor.construct_object(node, deep=True)
 
 
-def _build(events: Any, max_nodes: int, max_depth: int) -> Any:
+def _build(
+    events: Any, constructor: yaml.constructor.SafeConstructor, max_nodes: int, max_depth: int
+) -> Any:
     """The document's data from its events, iteratively."""
     stack: list[Any] = []  # open collections: a list, or a _Mapping
     nodes = 0
@@ -69,9 +78,11 @@ def _build(events: Any, max_nodes: int, max_depth: int) -> Any:
     for event in events:
         kind = type(event)
         if kind is yaml.ScalarEvent:
-            value = _scalar(event)
+            if len(stack) >= max_depth:
+                raise _NotPlain
+            value = _scalar(event, constructor)
         elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
-            if event.anchor is not None or (event.tag is not None and event.tag != "!"):
+            if event.anchor is not None or event.tag is not None:
                 raise _NotPlain
             if len(stack) >= max_depth:
                 raise _NotPlain

@@ -333,10 +333,11 @@ def test_too_many_values(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("text", "where"),
     [
-        pytest.param("[" * 100_000 + "]" * 100_000, f":1:{MAX_PLAN_DEPTH + 1}", id="json"),
+        # libyaml's scanner stops it at its own limit of 1,000 levels, ahead of ours.
+        pytest.param("[" * 100_000 + "]" * 100_000, ":1:1001", id="json"),
         pytest.param(
             json.dumps({"x-deep": 1}, indent="\t").replace("1", "[" * 100_000 + "]" * 100_000),
-            "",  # YAML refuses the tabs: read as JSON, without positions
+            ":2:1011",  # libyaml reads JSON's tabs, and stops at its 1,000 levels
             id="json-with-tabs",
         ),
         pytest.param(

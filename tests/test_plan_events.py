@@ -152,3 +152,41 @@ def test_plan_json_is_made_a_task_at_a_time_with_the_same_bytes(name: str, text:
     if name == "secrets":
         assert b'"API_KEY":"***"' in whole and b'"MINE":"***"' in whole
         assert b'"PLAIN":"c"' in whole
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: !\nb: ! x\n",  # empty and non-specific tags
+        "x-deep: " + "[" * (MAX_PLAN_DEPTH - 1) + "1" + "]" * (MAX_PLAN_DEPTH - 1) + "\n",
+        "n: " + ":".join(["1"] + ["0"] * 60) + "\n",  # a long base-60 number
+    ],
+)
+def test_edge_cases_a_review_found_are_left_to_the_careful_way(text: str) -> None:
+    assert fast(text) is None
+
+
+def test_a_long_base_60_number_is_refused_not_computed() -> None:
+    text = PLAN.replace("go}", "go, inputs: {n: " + ":".join(["1"] + ["0"] * 50_000) + "}}")
+    with pytest.raises(PlanError, match="base-60 number longer than 100"):
+        parse_plan(text, file="plan.yaml")
+
+
+def test_the_fast_way_keeps_nothing_between_plans() -> None:
+    import gc
+
+    text = "tasks: [" + ", ".join(str(i) for i in range(5000)) + "]\n"
+    fast(text)
+    gc.collect()
+    before = len(gc.get_objects())
+    for _ in range(3):
+        fast(text)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 1000
+
+
+def test_both_ways_read_the_same_syntax() -> None:
+    """libyaml is more lenient than PyYAML's own scanner (a tab after a colon, say): both ways
+    read libyaml's events, so what one accepts the other does, alike."""
+    for text in ["a:\tb\n", "a: [b? ]\n", '{\n\t"a": 1e+21\n}\n', "\ufeff{a: 1}\n"]:
+        assert fast(text) == _careful(text, None)[0], text
