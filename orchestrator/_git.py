@@ -76,6 +76,9 @@ _BASE_ENV = {
     # A replace ref (refs/replace/<id>) makes git show another object in place of the one
     # named: an agent could make a result commit look like something else to every check.
     "GIT_NO_REPLACE_OBJECTS": "1",
+    # Grafts (.git/info/grafts, deprecated) rewrite commits' parents the same way, even into
+    # a cycle: none is read.
+    "GIT_GRAFT_FILE": os.devnull,
     "LC_ALL": "C",
     "LANGUAGE": "C",
 }

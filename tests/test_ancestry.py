@@ -131,3 +131,48 @@ def test_a_result_that_does_not_descend_from_its_base_is_named(
         f"task t0: provenance.base_commit: {sibling} is not an ancestor of "
         f"{t0.provenance.result_commit}" in said
     )
+
+
+def test_a_forged_report_costs_no_more_than_a_question_per_pair(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the graph's size in output, or past a few walks of the whole graph, each pair is
+    asked of git, as verify did before: a report cannot make the walks quadratic."""
+    from orchestrator import ancestry as module
+
+    repo = make_repo()
+    commits = _history(repo)
+
+    async def main() -> None:
+        repository = await Repository.open(repo)
+        monkeypatch.setattr(module, "MAX_GRAPH_BYTES", 10)
+        cut = await load_ancestry(repository.git, commits["root"], [commits["d"]])
+        assert await cut.is_ancestor(commits["a"], commits["d"]) and cut.asked == 1
+        monkeypatch.undo()
+        spent = await load_ancestry(repository.git, commits["root"], [commits["d"]])
+        spent._budget = 0
+        assert not await spent.is_ancestor(commits["d"], commits["a"]) and spent.asked == 1
+        # The same pair again is not asked twice.
+        assert not await spent.is_ancestor(commits["d"], commits["a"]) and spent.asked == 1
+
+    anyio.run(main)
+
+
+def test_grafts_are_not_read(make_repo: MakeRepo) -> None:
+    """A graft file can rewrite parents, even into a cycle: none is read, by the walk or by
+    git's own answers."""
+    repo = make_repo()
+    commits = _history(repo)
+    (repo / ".git" / "info").mkdir(exist_ok=True)
+    (repo / ".git" / "info" / "grafts").write_text(f"{commits['a']} {commits['d']}\n")
+
+    async def main() -> None:
+        repository = await Repository.open(repo)
+        ancestry = await load_ancestry(repository.git, commits["root"], [commits["d"]])
+        assert await ancestry.is_ancestor(commits["a"], commits["d"])
+        assert not await ancestry.is_ancestor(commits["d"], commits["a"])
+        assert not await repository.git.ok(
+            "merge-base", "--is-ancestor", commits["d"], commits["a"]
+        )
+
+    anyio.run(main)
