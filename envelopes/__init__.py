@@ -20,6 +20,7 @@ from ._bounded import loads_bounded as loads_bounded
 from ._bounded import open_regular as open_regular
 from ._bounded import read_bounded as read_bounded
 from ._bounded import relative_path_problem as relative_path_problem
+from ._bounded import unique_keys as unique_keys
 from ._canonical import canonical_json as canonical_json
 from ._canonical import digest as digest
 from ._canonical import digest_without as digest_without
@@ -277,6 +278,7 @@ __all__ = [
     "seal_result",
     "sha256_hex",
     "task_id_problem",
+    "unique_keys",
     "upstream_tasks",
     "usage_by_model",
     "usage_totals",

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ._bounded import MAX_JSON_DEPTH, hash_file, loads_bounded, read_bounded
+from ._bounded import MAX_JSON_DEPTH, hash_file, loads_bounded, read_bounded, unique_keys
 from ._canonical import digest, digest_without
 from ._result import SUCCESSFUL, Report
 from ._timeline import audit_timings
@@ -61,12 +61,10 @@ class Finding(BaseModel):
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise NotAReport(f"duplicate key {key!r} in a JSON object")
-        out[key] = value
-    return out
+    try:
+        return unique_keys(pairs)
+    except ValueError as exc:
+        raise NotAReport(str(exc)) from None
 
 
 def load_report_json(

@@ -247,3 +247,14 @@ def loads_bounded(
     if why := depth_problem(value, max_depth):
         raise _TooDeep(why)
     return value
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` ``object_pairs_hook`` that refuses an object with a key twice (two
+    readers could take different values from it): ValueError naming the key."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:100]!r} in a JSON object")
+        out[key] = value
+    return out

@@ -39,6 +39,7 @@ from envelopes import (
     open_regular,
     read_bounded,
     ref_safe,
+    unique_keys,
     upstream_tasks,
 )
 
@@ -468,9 +469,9 @@ def _check_one(
     """The (task, kind) of the envelope *data* when its signature verifies and its statement
     is the report's; else a finding is added and None returned."""
     try:
-        envelope = loads_bounded(data, object_pairs_hook=_no_duplicate_keys)
+        envelope = loads_bounded(data, object_pairs_hook=unique_keys)
         payload = verified_payload(envelope, PAYLOAD_TYPE, public)
-        statement = loads_bounded(payload, object_pairs_hook=_no_duplicate_keys)
+        statement = loads_bounded(payload, object_pairs_hook=unique_keys)
     except (AttestationError, ValueError) as exc:
         findings.append(Finding(task_id=None, field=where, message=_short(exc)))
         return None
@@ -543,12 +544,3 @@ def _lines(path: Path, limit: int) -> Iterator[tuple[int, bytes | None]]:
             if counted > limit:
                 raise AttestationError(f"more than {limit} statements for a run of this size")
             yield number, line
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key[:100]!r} in a JSON object")
-        out[key] = value
-    return out
