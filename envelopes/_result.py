@@ -120,9 +120,13 @@ RunDirPath = Annotated[str, AfterValidator(_run_dir_path)]
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    #: Fields added after reports were first written: left out of the JSON while unset (None
-    #: or empty), so that a report written before them reads back in its written form, and
-    #: results without them hash as they did.
+
+class _Additions(_Model):
+    """A model with fields added after reports were first written: left out of the JSON while
+    unset (None or empty), so that a report written before them reads back in its written
+    form, and results without them hash as they did. (Only such models pay for the Python
+    serializer that does it: the others serialize in pydantic's own code.)"""
+
     _ADDED: ClassVar[frozenset[str]] = frozenset()
 
     @model_serializer(mode="wrap")
@@ -130,7 +134,7 @@ class _Model(BaseModel):
         self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
     ) -> Any:
         data = handler(self)
-        if self._ADDED and isinstance(data, dict):
+        if isinstance(data, dict):
             for name in self._ADDED:
                 if name in data and data[name] in (None, {}, []):
                     del data[name]
@@ -176,7 +180,7 @@ class CheckResult(_Model):
     stderr: LogFile | None = None
 
 
-class CopiedFile(_Model):
+class CopiedFile(_Additions):
     """A file of the main checkout copied into the task's worktree (the plan's ``copy``):
     its path there, and the SHA-256 and size of what was copied. A symbolic link is copied
     as a link (``symlink``): its digest and size are those of its target's text."""
@@ -216,7 +220,7 @@ def checks_trailer(checks: Sequence[Mapping[str, Any]]) -> str | None:
     return ", ".join(told) or None
 
 
-class Attempt(_Model):
+class Attempt(_Additions):
     """One try at running the agent, or a repair turn after a failed check (``repair``)."""
 
     _ADDED = frozenset({"usage", "repair", "worker"})
@@ -257,7 +261,7 @@ class PhaseSpan(_Model):
     end_s: float = Field(ge=0)
 
 
-class Timings(_Model):
+class Timings(_Additions):
     """Wall-clock times of the task's phases, in seconds."""
 
     _ADDED = frozenset({"setup_s", "checks_s", "hooks_s", "queued_at", "slot", "phases"})
@@ -326,7 +330,7 @@ class CachedFrom(_Model):
     key: Digest
 
 
-class Provenance(_Model):
+class Provenance(_Additions):
     """Digests that tie a result to what went in and what came out."""
 
     _ADDED = frozenset({"prompt_sha256", "copied", "inputs"})
@@ -353,7 +357,7 @@ class Provenance(_Model):
     result_sha256: Seal = ""
 
 
-class TaskResult(_Model):
+class TaskResult(_Additions):
     """The outcome of one task."""
 
     _ADDED = frozenset({"usage", "checks", "hooks"})
@@ -387,7 +391,7 @@ class TaskResult(_Model):
         return self.status in SUCCESSFUL
 
 
-class Summary(_Model):
+class Summary(_Additions):
     """Counts over the run, under the keys users of the seed orchestrator know."""
 
     _ADDED = frozenset({"usage"})
@@ -405,7 +409,7 @@ class Summary(_Model):
     usage: UsageTotals | None = None
 
 
-class AgentSummary(_Model):
+class AgentSummary(_Additions):
     """Counts per agent."""
 
     _ADDED = frozenset({"usage"})
@@ -492,7 +496,7 @@ class LeftOutTask(_Model):
     reason: str
 
 
-class MergeRecord(_Model):
+class MergeRecord(_Additions):
     """One merge of results into a branch: ``old_commit`` moved to ``new_commit`` at ``at``.
 
     A checked merge (``mode``: ``check`` or ``train``) records the checks of its combined
@@ -515,7 +519,7 @@ class MergeRecord(_Model):
     left_out: list[LeftOutTask] = Field(default_factory=list)
 
 
-class Report(_Model):
+class Report(_Additions):
     """The results report of one run."""
 
     _ADDED = frozenset({"usage_by_model", "pricing"})

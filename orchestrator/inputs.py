@@ -12,6 +12,7 @@ task ends (the executable as found then). Each is read only as a regular file up
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from .shipping import plan_references
 
 __all__ = ["MAX_INPUT_BYTES", "MAX_INPUT_FILES", "plan_inputs", "program_input"]
 
+_PLAN_DIR = "{plan_dir}"
+
 #: Largest file hashed (a bigger one is left out of the inputs).
 MAX_INPUT_BYTES = 512 << 20
 #: Most files recorded for one directory the plan names.
@@ -38,6 +41,14 @@ async def plan_inputs(ctx: RunContext, envelope: HandoffEnvelope, agent: Agent) 
     hooks = ctx.settings.hooks.model_dump(mode="json") if ctx.settings.hooks else None
     plan_program = plan_program_of(agent)
     info = agent.info().model_dump(mode="json")
+    if (
+        hooks is None
+        and plan_program is None
+        and not envelope.requirements
+        and _PLAN_DIR not in envelope.model_dump_json(exclude={"upstream"})
+        and _PLAN_DIR not in json.dumps(info)
+    ):
+        return []  # names nothing of the plan's: no walk through its values (most tasks)
     named = plan_references(envelope, hooks, info, [plan_program] if plan_program else [])
     return await _inputs(ctx, [("plan", p) for p in sorted(named)])
 
