@@ -12,10 +12,7 @@ or rewrites its worktree's ``.git`` file cannot make them act on another reposit
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import anyio
 from envelopes import is_object_id, read_bounded
 
 from ._faults import crash_point
+from ._fs import replace_file
 from .errors import GitError
 from .repo import Repository
 
@@ -167,7 +165,7 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
     except OSError:
         intact = False  # gone, a link, a FIFO, too long: replaced
     if not intact:
-        _replace(dot_git, expected)
+        replace_file(dot_git, expected.encode())
     # The admin dir's HEAD decides what ``reset --hard`` restores, ``gitdir`` where git
     # thinks the worktree is, ``commondir`` which repository's objects and refs it uses: an
     # agent that pointed them elsewhere gets them put back (HEAD may move in the agent's own
@@ -197,21 +195,8 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
             pass
         if name != "HEAD":
             tampered.append(str(path))
-        _replace(path, content)
+        replace_file(path, content.encode())  # never through a link planted there
     return tampered
-
-
-def _replace(path: Path, content: str) -> None:
-    """Write *path* anew through a fresh temporary file: never through a link planted there."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 restore_admin_files = restore_dot_git
