@@ -204,6 +204,11 @@ def _forget_runs(repo: Path, state_dir: Path) -> None:
 
 def _orchestrator_cli(plan: Path, state_dir: Path) -> float:
     """``orchestrator run PLAN`` as a user runs it; its wall seconds (all tasks must succeed)."""
+    return _orchestrator_cli_report(plan, state_dir)[0]
+
+
+def _orchestrator_cli_report(plan: Path, state_dir: Path) -> tuple[float, dict[str, Any]]:
+    """``orchestrator run PLAN --json``: its wall seconds and the report it printed."""
     start = time.perf_counter()
     done = subprocess.run(
         [
@@ -223,10 +228,63 @@ def _orchestrator_cli(plan: Path, state_dir: Path) -> float:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"orchestrator run failed: {done.stderr.strip()[-2000:]}")
-    summary = json.loads(done.stdout)["summary"]
+    report = json.loads(done.stdout)
+    summary = report["summary"]
     if summary["successful"] != summary["total_tasks"]:
         raise RuntimeError(f"orchestrator run: not all tasks succeeded: {summary}")
-    return wall
+    return wall, report
+
+
+def bench_large_repo(files: int, n: int, c: int, work: Path) -> dict[str, Any]:
+    """Issue 16's large repository: N one-file tasks at concurrency C on a repository of
+    *files* files, first run (fresh pool) against the shell floor, and the second run's
+    per-task cost (a task's time less its agent's, median over tasks) against one ``git
+    status --porcelain`` of the repository, alone and C at once; and the same per-task cost
+    of the tasks run one at a time."""
+    repo = workloads.make_repo(work / f"large-{files}", files)
+    status = ["git", "-C", str(repo), "status", "--porcelain"]
+    alone, _ = _median_seconds(status, 5)
+    together = []
+    for _ in range(3):
+        start = time.perf_counter()
+        running = [subprocess.Popen(status, stdout=subprocess.DEVNULL) for _ in range(c)]
+        for process in running:
+            process.wait()
+        together.append(time.perf_counter() - start)
+    floor = workloads.shell_floor(repo, n, c, work)
+    plan = work / f"plan-large-{files}.json"
+    plan.write_text(json.dumps(_plan(repo, n, c)))
+    state = work / f"state-large-{files}"
+    first, _ = _orchestrator_cli_report(plan, state)
+    second, report = _orchestrator_cli_report(plan, state)
+    # The same tasks one at a time: the cost without the other tasks' competing for the CPU.
+    alone_plan = work / f"plan-large-{files}-1.json"
+    alone_plan.write_text(json.dumps(_plan(repo, n, 1)))
+    _, alone_report = _orchestrator_cli_report(alone_plan, state)
+    _forget_runs(repo, state)
+    timings = [r["timings"] for r in report["results"]]
+    own = statistics.median(t["duration_s"] - t["agent_s"] for t in timings)
+    own_alone = statistics.median(
+        r["timings"]["duration_s"] - r["timings"]["agent_s"] for r in alone_report["results"]
+    )
+    return {
+        "files": files,
+        "n": n,
+        "c": c,
+        "git_status_s": round(alone, 4),
+        "git_status_concurrent_s": round(statistics.median(together), 4),
+        "floor_s": round(floor, 3),
+        "first_run_s": round(first, 3),
+        "second_run_s": round(second, 3),
+        "per_task_own_s": round(own, 4),
+        "per_task_worktree_s": round(statistics.median(t["worktree_s"] for t in timings), 4),
+        "per_task_commit_s": round(statistics.median(t["commit_s"] for t in timings), 4),
+        "ratio_per_task_to_status": round(own / alone, 2),
+        "ratio_per_task_to_concurrent_status": round(own / statistics.median(together), 2),
+        "per_task_own_c1_s": round(own_alone, 4),
+        "ratio_per_task_c1_to_status": round(own_alone / alone, 2),
+        "ratio_first_run_to_floor": round(first / floor, 2),
+    }
 
 
 def _orchestrator_library(plan: dict[str, Any], state_dir: Path) -> tuple[float, Any]:
@@ -471,6 +529,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             if r["n"] == 100_000:
                 target("validate: 100,000 tasks, seconds", r["validate_s"], 10)
                 target("validate: 100,000 tasks, peak RSS MB", r["max_rss_mb"], 600)
+    if "large" in results:
+        r = results["large"]
+        files = f"{r['files']:,} files"
+        target(f"large: per-task cost / git status, {files}", r["ratio_per_task_to_status"], 3.0)
+        target(f"large: first run / shell floor, {files}", r["ratio_first_run_to_floor"], 0.5)
     if "requirements" in results:
         target("shared requirements: venv / bare uv venv", results["requirements"]["ratio"], 1.5)
     if "cli" in results:
@@ -491,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument(
         "--only",
-        default="worktrees,requirements,scheduler,cli,sandbox,dask,scale",
+        default="worktrees,large,requirements,scheduler,cli,sandbox,dask,scale",
         help="comma-separated benchmarks (default: all)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
@@ -506,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
         "--worktree-repeats", type=int, default=3, help="worktrees: repetitions (default 3)"
     )
     parser.add_argument("--files", help="worktrees: repository sizes, comma-separated")
+    parser.add_argument(
+        "--large-files", type=int, help="large: the repository's files (default 50000; quick 5000)"
+    )
     parser.add_argument("--tasks", help="worktrees: task counts N, comma-separated")
     parser.add_argument(
         "--requirement-tasks", type=int, default=32, help="requirements: tasks (default 32)"
@@ -515,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
-    unknown = only - {"worktrees", "requirements", "scheduler", "cli", "sandbox", "dask", "scale"}
+    known = {"worktrees", "large", "requirements", "scheduler", "cli", "sandbox", "dask", "scale"}
+    unknown = only - known
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     results: dict[str, Any] = {"python": sys.version.split()[0], "quick": args.quick}
@@ -542,6 +609,21 @@ def main(argv: list[str] | None = None) -> int:
                 cs, repeats = [8], 1
                 naive = {min(grid)}
             results["worktrees"] = bench_worktrees(grid, cs, repeats, naive, work)
+        if "large" in only:
+            files = args.large_files or (5_000 if args.quick else 50_000)
+            r = results["large"] = bench_large_repo(files, 8 if args.quick else 16, 4, work)
+            print(
+                f"large repository ({r['files']} files, {r['n']} tasks, C={r['c']}): first run "
+                f"{r['first_run_s']} s against the shell floor {r['floor_s']} s "
+                f"({r['ratio_first_run_to_floor']}x); second run {r['second_run_s']} s, per task "
+                f"{r['per_task_own_s']} s besides the agent (worktree {r['per_task_worktree_s']}"
+                f" s, commit {r['per_task_commit_s']} s) against git status "
+                f"{r['git_status_s']} s alone ({r['ratio_per_task_to_status']}x) and "
+                f"{r['git_status_concurrent_s']} s {r['c']} at once "
+                f"({r['ratio_per_task_to_concurrent_status']}x); one at a time "
+                f"{r['per_task_own_c1_s']} s ({r['ratio_per_task_c1_to_status']}x git status)",
+                flush=True,
+            )
         if "requirements" in only:
             r = results["requirements"] = bench_requirements(
                 args.requirement_tasks, ["six", "idna", "packaging"], work

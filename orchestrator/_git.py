@@ -182,6 +182,7 @@ class Git:
         limit: int,
         timeout: float,  # noqa: ASYNC109 (a bound on one git command)
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> tuple[bytes, bool]:
         """Run a git command that only reads (``diff-tree``, ``log``) and return at most *limit*
         bytes of its stdout, and whether it was cut short there. Past *limit* or *timeout* it
@@ -190,7 +191,7 @@ class Git:
         self.calls += 1
         if self.guard is not None:
             self.guard.check()
-        command = ["git", "-C", str(self.repo), *HARDENING, *args]
+        command = ["git", "-C", str(cwd or self.repo), *HARDENING, *args]
         out: list[bytes] = []
         err = bytearray()
         size, cut = 0, False
@@ -227,7 +228,8 @@ class Git:
                             tg.cancel_scope.cancel()
                             break
             if cut or limited.cancelled_caught:
-                process.kill()
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    process.kill()
             returncode = await process.wait()
         if limited.cancelled_caught:
             raise GitError(

@@ -1,21 +1,23 @@
 """The worktree pool: checked-out worktrees that tasks borrow and give back.
 
 A fresh worktree costs a checkout: writing every file of the repository (about 350 ms for
-2,000 files). A worktree that another task used is brought back to any commit by
-``git reset --hard`` and ``git clean -ffdx``, which rewrite only what differs (a few
-milliseconds). The pool keeps such worktrees between tasks and between runs, in
-``<state>/pool/worktrees/<slot>``, each with a lock file ``<slot>.mutex`` (not ``.lock``: that
-is what git's own lock files are called):
+2,000 files). A worktree that another task used is brought to any commit by writing only
+what differs from it (orchestrator/recycle.py: one walk of the tree against the slot's
+private index, which no agent can write). The pool keeps such worktrees between tasks and
+between runs, in ``<state>/pool/worktrees/<slot>``, each with a lock file ``<slot>.mutex``
+(not ``.lock``: that is what git's own lock files are called) and its private index
+``<slot>.index``:
 
 - **borrow**: take a slot whose lock nobody holds (``flock``, so two orchestrators on one
   repository never share a slot, and a dead one's slots come free), create the task's branch
-  at its start commit (create-only), point the slot's HEAD at it, and make the files exactly
-  that commit's: ``reset --hard``, ``clean -ffdx`` (untracked and ignored files, nested
-  repositories), and the slot's admin directory stripped of everything a fresh ``worktree
-  add`` would not have (a merge or rebase in progress, ``config.worktree``, sparse-checkout
-  settings). A slot that cannot be made pristine is removed and the task gets a fresh
-  worktree instead. The task's result is the same as with a fresh worktree: the same files,
-  the same branch, the same commits.
+  at its start commit (create-only), point the slot's HEAD at it, strip the slot's admin
+  directory of everything a fresh ``worktree add`` would not have (a merge or rebase in
+  progress, ``config.worktree``, sparse-checkout settings), and make the files exactly that
+  commit's (:func:`~orchestrator.recycle.catch_up`: untracked and ignored files, nested
+  repositories and empty directories removed, changed files written again; or, without a
+  usable private index, every file written anew). A slot that cannot be made pristine is
+  removed and the task gets a fresh worktree instead. The task's result is the same as with
+  a fresh worktree: the same files, the same branch, the same commits.
 - **give back**: detach the slot's HEAD (so the task's branch is checked out nowhere) and let
   go of the lock. A worktree kept for inspection (``keep_worktrees``) is not given back: it is
   moved out of the pool to where a fresh one would have been.
@@ -44,6 +46,7 @@ from ._faults import crash_point
 from .errors import GitError, VenvError
 from .locks import try_lock
 from .process import kill_processes
+from .recycle import catch_up, forget_private_index, private_index, record, reset_whole
 from .repo import Repository
 from .venv import UvBackend, Venv, VenvBackend, base_python, describe_environment, setup_virtualenv
 from .worktree import (
@@ -53,6 +56,7 @@ from .worktree import (
     create_worktree,
     drop_admin_dir,
     restore_dot_git,
+    rewind_branch,
 )
 
 __all__ = [
@@ -191,6 +195,7 @@ class Slots:
         fd = self._held.pop(slot, None)
         lock = _lock_of(slot)
         if forget:
+            forget_private_index(slot)
             lock.unlink(missing_ok=True)
         elif fd is not None:
             with contextlib.suppress(OSError):
@@ -248,6 +253,7 @@ async def _collect_slots(
             if not lock.with_suffix("").is_dir() and not dry_run:
                 fd = _try_lock(lock)
                 if fd is not None:
+                    forget_private_index(lock.with_suffix(""))
                     lock.unlink(missing_ok=True)
                     os.close(fd)
     return done
@@ -268,8 +274,11 @@ class WorktreePool:
         """Whether *worktree* is a slot this pool lent."""
         return self.slots.holds(worktree.path)
 
-    async def borrow(self, branch: str, base_commit: str) -> Worktree | None:
-        """A pristine worktree on a new branch *branch* at *base_commit*, or None (none free).
+    async def borrow(
+        self, branch: str, base_commit: str, base_tree: str | None = None
+    ) -> Worktree | None:
+        """A pristine worktree on a new branch *branch* at *base_commit* (whose tree is
+        *base_tree*, when known), or None (none free).
 
         GitError when the branch cannot be created (it exists): the slot is given back.
         """
@@ -297,14 +306,9 @@ class WorktreePool:
             await anyio.to_thread.run_sync(_strip_admin_dir, admin, branch)
             crash_point("worktree")  # the branch made, the files not yet the base's
             await restore_dot_git(worktree)
-            git, args, env = self.repo.git, worktree.git_args(), worktree.git_env()
-            await git.run(*args, "reset", "--hard", "--quiet", cwd=slot, env=env)
-            await git.run(*args, "clean", "-ffdxq", cwd=slot, env=env)
-            # reset keeps the index's per-entry flags: a skip-worktree (sparse checkout) or
-            # assume-unchanged bit a task set would hide files or changes from the next.
-            flags = await git.out(*args, "ls-files", "-v", cwd=slot, env=env)
-            if any(not line.startswith("H ") for line in flags.splitlines()):
-                raise GitError(["ls-files", "-v"], 1, "index entries with flags")
+            index = private_index(slot)
+            if not await catch_up(self.repo, worktree, index, base_tree):
+                await reset_whole(self.repo, worktree, index, base_tree)
         except BaseException as exc:
             # Not made pristine (a file the agent made undeletable, say), or cancelled: the
             # slot goes, and so does the branch, so that the task can start in a fresh
@@ -322,13 +326,29 @@ class WorktreePool:
         self.recycled += 1
         return worktree
 
-    async def create(self, branch: str, base_commit: str) -> Worktree | None:
-        """A fresh worktree made in a new slot, or None when the pool is full."""
+    async def reset(self, worktree: Worktree, base_tree: str | None = None) -> None:
+        """Bring a lent slot back to its start commit (whose tree is *base_tree*, when known)
+        for a retry: its branch rewound, its files caught up from its private index (see
+        orchestrator/recycle.py). GitError when it cannot be made pristine."""
+        await rewind_branch(self.repo, worktree)
+        index = private_index(worktree.path)
+        try:
+            if not await catch_up(self.repo, worktree, index, base_tree):
+                await reset_whole(self.repo, worktree, index, base_tree)
+        except OSError as exc:
+            raise GitError(["worktree"], 1, f"fatal: cannot reset {worktree.path}: {exc}") from exc
+
+    async def create(
+        self, branch: str, base_commit: str, base_tree: str | None = None
+    ) -> Worktree | None:
+        """A fresh worktree made in a new slot (at *base_commit*, whose tree is *base_tree*
+        when known), or None when the pool is full."""
         slot = self.slots.reserve()
         if slot is None:
             return None
         try:
             worktree = await create_worktree(self.repo, branch, slot, base_commit)
+            await record(worktree, private_index(slot), base_tree)
         except BaseException:
             self.slots.release(slot, forget=True)
             raise

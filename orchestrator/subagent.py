@@ -206,9 +206,9 @@ class _Place:
         _TaskFailed (kinds ``worktree``, ``install``) when either cannot be made.
         """
         ctx = self.ctx
-        base_commit, _ = ctx.start_of(self.task_id)
+        base_commit, base_tree = ctx.start_of(self.task_id)
         if self.envelope.worktree and ctx.repo is not None and base_commit is not None:
-            await self._make_worktree(ctx.repo, base_commit)
+            await self._make_worktree(ctx.repo, base_commit, base_tree)
             await self.ready()
         if self.envelope.venv:
             await self._make_venv()
@@ -241,15 +241,17 @@ class _Place:
         if (error := await self.run_hook("after_create")) is not None:
             raise _TaskFailed(error)
 
-    async def _make_worktree(self, repo: Repository, base_commit: str) -> None:
+    async def _make_worktree(
+        self, repo: Repository, base_commit: str, base_tree: str | None
+    ) -> None:
         ctx = self.ctx
         branch = ctx.branch(self.task_id)
         with self.clock.timed("worktree_s"):
             try:
                 if ctx.pool is not None:
                     self.worktree = await ctx.pool.borrow(
-                        branch, base_commit
-                    ) or await ctx.pool.create(branch, base_commit)
+                        branch, base_commit, base_tree
+                    ) or await ctx.pool.create(branch, base_commit, base_tree)
                 if self.worktree is None:
                     self.worktree = await create_worktree(
                         repo, branch, ctx.worktree_path(self.task_id), base_commit
@@ -623,8 +625,12 @@ class _Subagent:
         ctx = self.ctx
         if number > self.earlier + 1 and repair is None:  # a retry: from a clean worktree
             ctx.move(self.task_id, "running")
-            if self.place.worktree is not None and ctx.repo is not None:
-                await reset_worktree(ctx.repo, self.place.worktree)
+            worktree = self.place.worktree
+            if worktree is not None and ctx.repo is not None:
+                if ctx.pool is not None and ctx.pool.owns(worktree):
+                    await ctx.pool.reset(worktree, ctx.start_of(self.task_id)[1])
+                else:
+                    await reset_worktree(ctx.repo, worktree)
                 await self.place.ready()  # the reset removed what copy and after_create made
                 if self.envelope.install_project:
                     # ... and what the editable install built in the tree (an extension).

@@ -37,6 +37,7 @@ __all__ = [
     "remove_worktree",
     "reset_worktree",
     "restore_admin_files",
+    "rewind_branch",
     "untracked_paths",
 ]
 
@@ -202,21 +203,37 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
 restore_admin_files = restore_dot_git
 
 
-async def reset_worktree(repo: Repository, worktree: Worktree) -> None:
-    """Bring the worktree back to its base commit: no change, no untracked or ignored file."""
+async def rewind_branch(repo: Repository, worktree: Worktree) -> None:
+    """Put back the worktree's ``.git`` file and admin files, and its branch at its base."""
     await restore_dot_git(worktree)
-    git, args, cwd, env = repo.git, worktree.git_args(), worktree.path, worktree.git_env()
-    await git.run(
-        *args,
+    await repo.git.run(
+        *worktree.git_args(),
         "update-ref",
         "--end-of-options",
         f"refs/heads/{worktree.branch}",
         worktree.base_commit,
-        cwd=cwd,
-        env=env,
+        cwd=worktree.path,
+        env=worktree.git_env(),
     )
+
+
+async def reset_worktree(repo: Repository, worktree: Worktree) -> None:
+    """Bring the worktree back to its base commit: no change, no untracked or ignored file.
+
+    The worktree's index is removed first: the agent could write it, and an entry given the
+    stat data of a file it changed would hide that change from ``reset --hard``. So every
+    file is written anew, as in a new worktree. (A pool slot is reset from its private index
+    instead, writing only what differs: ``WorktreePool.reset``.)
+    """
+    await rewind_branch(repo, worktree)
+    git, args, cwd, env = repo.git, worktree.git_args(), worktree.path, worktree.git_env()
+    await anyio.to_thread.run_sync(_remove_index, worktree)
     await git.run(*args, "reset", "--hard", "--quiet", cwd=cwd, env=env)
     await git.run(*args, "clean", "-ffdxq", cwd=cwd, env=env)
+
+
+def _remove_index(worktree: Worktree) -> None:
+    (worktree.admin_dir / "index").unlink(missing_ok=True)
 
 
 async def branch_tip(repo: Repository, worktree: Worktree) -> str:

@@ -27,6 +27,8 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
             "2,4",
             "--requirement-tasks",
             "3",
+            "--large-files",
+            "100",
             "--out",
             str(out),
         ],
@@ -50,6 +52,12 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
             assert row[kind]["median_s"] > 0 and row[kind]["runs"] == 1
         assert row["ratio_orchestrator_to_floor"] > 0
     assert rows[0]["ratio_naive_to_orchestrator"] > 0 and "naive" not in rows[1]
+    # The large repository (here small): first run against the floor, per-task costs
+    # against git status, with the pool warm and one at a time.
+    large = results["large"]
+    assert (large["files"], large["n"], large["c"]) == (100, 8, 4)
+    for key in ("ratio_first_run_to_floor", "ratio_per_task_to_status", "per_task_own_c1_s"):
+        assert large[key] > 0, key
     # Shared requirements: the set is installed once; the other venvs are lent or synced.
     requirements = results["requirements"]
     assert requirements["installer_runs"] == 1

@@ -1,0 +1,389 @@
+"""Catching a used pool slot up to a commit (orchestrator/recycle.py), on real repositories.
+
+Each test lends a slot, leaves a mess in it the way an agent could, lends it again, and
+compares every file, directory, link and mode the borrower finds with a fresh ``git worktree
+add`` of the same commit. The attacks: an index forged to hide a change, links out of the
+worktree where untracked and tracked files were, and a listing too large to hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from orchestrator import Repository, recycle
+from orchestrator.pool import WorktreePool
+from orchestrator.recycle import private_index, remove_entries
+from orchestrator.worktree import Worktree
+
+from .conftest import MakeRepo, git
+
+Mess = Callable[[Path], None]
+
+
+def snapshot(root: Path) -> dict[str, Any]:
+    """Everything under *root* but ``.git``: each path's kind, exec bits and content."""
+    seen: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = [d for d in dirnames if not (rel == Path(".") and d == ".git")]
+        for name in dirnames + filenames:
+            if rel == Path(".") and name == ".git":
+                continue
+            path = Path(dirpath, name)
+            info = path.lstat()
+            key = (rel / name).as_posix()
+            if stat.S_ISLNK(info.st_mode):
+                seen[key] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(info.st_mode):
+                seen[key] = ("dir",)
+            else:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                seen[key] = ("file", info.st_mode & 0o111, digest)
+    return seen
+
+
+def fresh_checkout(repo: Path, commit: str, where: Path) -> dict[str, Any]:
+    git(repo, "worktree", "add", "--quiet", "--detach", str(where), commit)
+    try:
+        return snapshot(where)
+    finally:
+        git(repo, "worktree", "remove", "--force", str(where))
+
+
+def lend(repo_path: Path, mess: Mess | None, commits: list[str]) -> list[dict[str, Any]]:
+    """Lend one pool slot once per commit of *commits*; *mess* runs in it after each task.
+
+    Returns what each borrower found in the slot (its snapshot, its index's view, whether
+    the private index was used).
+    """
+    found: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        pool = WorktreePool(repo, size=1)
+        try:
+            for i, commit in enumerate(commits):
+                branch = f"orchestrator/test/t{i}"
+                worktree = await pool.borrow(branch, commit) or await pool.create(branch, commit)
+                assert worktree is not None
+                status = git(worktree.path, "status", "--porcelain", "--ignored", "-uall")
+                found.append({"files": snapshot(worktree.path), "status": status})
+                if mess is not None:
+                    mess(worktree.path)
+                await pool.give_back(worktree)
+        finally:
+            pool.close()
+            repo.lock.close()
+
+    anyio.run(main)
+    return found
+
+
+def test_every_kind_of_leftover_is_gone_for_the_next_borrower(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo(
+        files=6,
+        extra={".gitignore": "*.log\nbuild/\n", "docs/a.md": "a\n", "docs/b.md": "b\n"},
+    )
+    (repo / "link").symlink_to("src/file0000.txt")
+    (repo / "tool.sh").write_text("#!/bin/sh\n")
+    (repo / "tool.sh").chmod(0o755)
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "-m", "link and tool")
+    base = git(repo, "rev-parse", "HEAD")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("not the worktree's\n")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0000.txt").write_text("changed\n")
+        (root / "src/file0001.txt").write_text("line 9\n")  # same size, other content
+        (root / "src/file0002.txt").chmod(0o755)
+        (root / "src/file0003.txt").unlink()
+        (root / "tool.sh").chmod(0o644)
+        (root / "link").unlink()
+        (root / "link").write_text("a file where a link was\n")
+        (root / "src/file0004.txt").unlink()
+        (root / "src/file0004.txt").symlink_to(outside / "precious.txt")  # a link out
+        os.rename(root / "docs", root / "docs.moved")
+        (root / "docs").symlink_to(outside)  # a tracked directory become a link out
+        (root / "src/file0005.txt").unlink()
+        (root / "src/file0005.txt").mkdir()  # a file become a directory
+        (root / "src/file0005.txt/inner").write_text("x\n")
+        (root / "untracked.txt").write_text("u\n")
+        (root / "debug.log").write_text("ignored\n")
+        (root / "build/deep").mkdir(parents=True)
+        (root / "build/deep/out.bin").write_bytes(b"\0" * 10)
+        (root / "emptydir/deeper").mkdir(parents=True)
+        (root / "escape").symlink_to(outside)  # an untracked link out
+        git(root, "init", "--quiet", "nested")
+        (root / "nested/inner.txt").write_text("in a nested repository\n")
+
+    borrowed = lend(repo, mess, [base, base, base])
+    expected = fresh_checkout(repo, base, tmp_path / "fresh")
+    for seen in borrowed:
+        assert seen["files"] == expected
+        assert seen["status"] == ""
+    # Nothing outside the worktree was touched through the links.
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+    assert (outside / "precious.txt").read_text() == "not the worktree's\n"
+
+
+def forge_index_entry(index: Path, name: str, worktree: Path) -> None:
+    """Give *name*'s entry in the (version 2) *index* the stat data of the file now there,
+    keeping its blob: what an agent that wants a change hidden from git would write."""
+    data = bytearray(index.read_bytes())
+    signature, version, count = struct.unpack(">4sLL", data[:12])
+    assert signature == b"DIRC" and version == 2
+    offset = 12
+    for _ in range(count):
+        flags = struct.unpack(">H", data[offset + 60 : offset + 62])[0]
+        length = flags & 0xFFF
+        path = bytes(data[offset + 62 : offset + 62 + length])
+        if path == name.encode():
+            info = os.lstat(worktree / name)
+            fields = (
+                int(info.st_ctime),
+                info.st_ctime_ns % 10**9,
+                int(info.st_mtime),
+                info.st_mtime_ns % 10**9,
+                info.st_dev & 0xFFFFFFFF,
+                info.st_ino & 0xFFFFFFFF,
+            )
+            struct.pack_into(">6L", data, offset, *fields)
+            struct.pack_into(">L", data, offset + 36, info.st_size)
+        offset += (62 + length + 8) & ~7
+    body = bytes(data[:-20])
+    index.write_bytes(body + hashlib.sha1(body).digest())
+
+
+def test_an_index_forged_to_hide_a_change_does_not_hide_it(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo(files=3)
+    base = git(repo, "rev-parse", "HEAD")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("line 9\n")  # the same size
+        admin = Path((root / ".git").read_text().strip().removeprefix("gitdir: "))
+        # Seconds later than the index was written: not racily clean for git.
+        os.utime(admin / "index", (2**31 - 10, 2**31 - 10))
+        forge_index_entry(admin / "index", "src/file0001.txt", root)
+        os.utime(admin / "index", (2**31 - 10, 2**31 - 10))
+        assert git(root, "status", "--porcelain") == ""  # hidden from the worktree's index
+
+    first, second = lend(repo, mess, [base, base])
+    assert second["files"] == first["files"] == fresh_checkout(repo, base, tmp_path / "f")
+
+
+def test_a_slot_moves_to_another_commit_writing_only_what_differs(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo(files=4, extra={"a/b": "b\n", "gone/x": "x\n"})
+    old = git(repo, "rev-parse", "HEAD")
+    git(repo, "rm", "--quiet", "-r", "a", "gone", "src/file0001.txt")
+    (repo / "a").write_text("a file where a directory was\n")
+    (repo / "src/file0000.txt").write_text("new content\n")
+    (repo / "new/deep").mkdir(parents=True)
+    (repo / "new/deep/n.txt").write_text("n\n")
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "-m", "moved on")
+    new = git(repo, "rev-parse", "HEAD")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0002.txt").write_text("dirty\n")
+        (root / "left.txt").write_text("left\n")
+
+    borrowed = lend(repo, mess, [old, new, old, new])
+    fresh_old = fresh_checkout(repo, old, tmp_path / "old")
+    fresh_new = fresh_checkout(repo, new, tmp_path / "new")
+    assert [b["files"] for b in borrowed] == [fresh_old, fresh_new, fresh_old, fresh_new]
+    assert all(b["status"] == "" for b in borrowed)
+
+
+def catch_up_once(
+    repo_path: Path, mess: Mess, steps: Callable[[Repository, Worktree], Awaitable[Any]]
+) -> Any:
+    """Make a slot, mess it up, then run *steps* on it (the slot given back first)."""
+
+    async def main() -> Any:
+        repo = await Repository.open(repo_path)
+        pool = WorktreePool(repo, size=1)
+        base = git(repo_path, "rev-parse", "HEAD")
+        tree = git(repo_path, "rev-parse", "HEAD^{tree}")
+        try:
+            worktree = await pool.create("orchestrator/test/a", base, tree)
+            assert worktree is not None
+            mess(worktree.path)
+            return await steps(repo, worktree)
+        finally:
+            pool.close()
+            repo.lock.close()
+
+    return anyio.run(main)
+
+
+def test_a_catch_up_runs_three_git_commands_however_big_the_mess(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    repo = make_repo(files=200)
+    trace = tmp_path / "trace2"
+    trace.mkdir()
+    monkeypatch.setenv("GIT_TRACE2_EVENT", str(trace))
+
+    def mess(root: Path) -> None:
+        for i in range(0, 200, 3):
+            (root / f"src/file{i:04d}.txt").write_text("changed\n")
+        for i in range(50):
+            (root / f"new{i}.txt").write_text("new\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[int, bool]:
+        tree = git(worktree.path, "rev-parse", "HEAD^{tree}")
+        for old in trace.iterdir():
+            old.unlink()
+        before = repo.git.calls
+        used = await recycle.catch_up(repo, worktree, private_index(worktree.path), tree)
+        return repo.git.calls - before, used
+
+    calls, used = catch_up_once(repo, mess, steps)
+    assert used
+    # The two halves of one walk, and one checkout of what changed. The private index's tree
+    # was noted when it was written; a run passes the start's tree, which it knows.
+    assert calls == 3
+    commands: list[str] = []
+    for path in trace.iterdir():
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("event") == "cmd_name":
+                commands.append(event["name"])
+    assert sorted(commands) == ["checkout-index", "diff-files", "ls-files"]
+    # No status, reset, clean or add: nothing walks the tree a second time.
+
+
+def test_without_a_private_index_the_slot_is_written_whole(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("line 9\n")
+        admin = Path((root / ".git").read_text().strip().removeprefix("gitdir: "))
+        os.utime(admin / "index", (2**31 - 10, 2**31 - 10))
+        forge_index_entry(admin / "index", "src/file0001.txt", root)
+        os.utime(admin / "index", (2**31 - 10, 2**31 - 10))
+        private_index(root).unlink()
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, mess, steps)
+    assert not used
+    base = git(repo, "rev-parse", "HEAD")
+    assert files == fresh_checkout(repo, base, tmp_path / "fresh")
+
+
+def test_a_listing_too_large_to_hold_falls_back(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(files=3)
+    monkeypatch.setattr(recycle, "LISTING_LIMIT", 64)
+
+    def mess(root: Path) -> None:
+        for i in range(20):
+            (root / f"untracked-file-with-a-long-name-{i}.txt").write_text("u\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> bool:
+        return await recycle.catch_up(repo, worktree, private_index(worktree.path))
+
+    assert catch_up_once(repo, mess, steps) is False
+
+
+def test_removal_never_goes_through_a_link(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep\n")
+    (root / "via").symlink_to(outside)
+    with pytest.raises(OSError):
+        remove_entries(root, [b"via/keep.txt"])
+    for bad in (b"../outside/keep.txt", b"a//b", b"./x"):
+        with pytest.raises(OSError, match="refusing"):
+            remove_entries(root, [bad])
+    remove_entries(root, [b"via"])  # the link itself goes
+    assert not (root / "via").exists() and (outside / "keep.txt").is_file()
+    (root / "d/e").mkdir(parents=True)
+    (root / "d/e/f").write_text("f\n")
+    remove_entries(root, [b"d/", b"missing"])
+    assert list(root.iterdir()) == []
+
+
+# The first attempt changes a tracked file, forges the worktree's index to hide the change,
+# and fails; the second reports what it found. The forging is forge_index_entry's, inlined.
+FORGER = """
+import hashlib, os, pathlib, struct, sys
+
+attempt = os.environ["ORCHESTRATOR_ATTEMPT"]
+name = "src/file0001.txt"
+if attempt == "1":
+    pathlib.Path(name).write_text("line 9\\n")
+    admin = pathlib.Path(pathlib.Path(".git").read_text().strip().removeprefix("gitdir: "))
+    index = admin / "index"
+    data = bytearray(index.read_bytes())
+    count = struct.unpack(">L", data[8:12])[0]
+    offset = 12
+    for _ in range(count):
+        length = struct.unpack(">H", data[offset + 60 : offset + 62])[0] & 0xFFF
+        if bytes(data[offset + 62 : offset + 62 + length]) == name.encode():
+            info = os.lstat(name)
+            struct.pack_into(
+                ">6L", data, offset, int(info.st_ctime), info.st_ctime_ns % 10**9,
+                int(info.st_mtime), info.st_mtime_ns % 10**9, info.st_dev & 0xFFFFFFFF,
+                info.st_ino & 0xFFFFFFFF,
+            )
+            struct.pack_into(">L", data, offset + 36, info.st_size)
+        offset += (62 + length + 8) & ~7
+    body = bytes(data[:-20])
+    index.write_bytes(body + hashlib.sha1(body).digest())
+    os.utime(index, (2**31 - 10, 2**31 - 10))
+    sys.exit(1)
+pathlib.Path(os.environ["ORCHESTRATOR_OUTPUT"]).write_text(
+    '{"found": "' + pathlib.Path(name).read_text().strip() + '"}'
+)
+"""
+
+
+@pytest.mark.parametrize("pool", [0, 1])
+def test_a_retry_starts_from_the_base_whatever_the_index_says(
+    make_repo: MakeRepo, tmp_path: Path, pool: int
+) -> None:
+    from envelopes import Plan
+    from orchestrator import orchestrate_parallel
+
+    repo = make_repo(files=3)
+    agent = tmp_path / "forger.py"
+    agent.write_text(FORGER)
+    plan = Plan.model_validate(
+        {
+            "agents": {"f": {"command": [sys.executable, str(agent)]}},
+            "tasks": [{"id": "t", "agent": "f", "task": "t", "venv": False, "retries": 1}],
+        }
+    )
+    report = anyio.run(lambda: orchestrate_parallel(plan, repo=repo, pool=pool))
+    [result] = report.results
+    assert result.status == "succeeded", result.error
+    assert result.output == {"found": "line 1"}  # the base's, not the first attempt's
