@@ -207,8 +207,10 @@ def _orchestrator_cli(plan: Path, state_dir: Path) -> float:
     return _orchestrator_cli_report(plan, state_dir)[0]
 
 
-def _orchestrator_cli_report(plan: Path, state_dir: Path) -> tuple[float, dict[str, Any]]:
-    """``orchestrator run PLAN --json``: its wall seconds and the report it printed."""
+def _orchestrator_cli_report(
+    plan: Path, state_dir: Path, *options: str
+) -> tuple[float, dict[str, Any]]:
+    """``orchestrator run PLAN --json [OPTIONS]``: its wall seconds and the report it printed."""
     start = time.perf_counter()
     done = subprocess.run(
         [
@@ -220,6 +222,7 @@ def _orchestrator_cli_report(plan: Path, state_dir: Path) -> tuple[float, dict[s
             "--state-dir",
             str(state_dir),
             "--json",
+            *options,
         ],
         cwd=ROOT,
         capture_output=True,
@@ -262,6 +265,23 @@ def bench_large_repo(files: int, n: int, c: int, work: Path) -> dict[str, Any]:
     alone_plan.write_text(json.dumps(_plan(repo, n, 1)))
     _, alone_report = _orchestrator_cli_report(alone_plan, state)
     _forget_runs(repo, state)
+    # Fresh worktrees (no pool), C of them at once: the whole repository, then a sparse cone
+    # of 2% of its directories.
+    prepared = {}
+    directories = sorted(p.name for p in repo.iterdir() if p.is_dir() and p.name != ".git")
+    cone = directories[:: max(len(directories) // max(len(directories) // 50, 1), 1)]
+    for kind, sparse in (("full", None), ("sparse", cone)):
+        data = _plan(repo, c, c)
+        data["defaults"]["venv"] = False
+        if sparse is not None:
+            data["defaults"]["sparse"] = sparse
+        fresh = work / f"plan-large-{files}-{kind}.json"
+        fresh.write_text(json.dumps(data))
+        _, fresh_report = _orchestrator_cli_report(fresh, state, "--pool", "0")
+        _forget_runs(repo, state)
+        prepared[kind] = statistics.median(
+            r["timings"]["worktree_s"] for r in fresh_report["results"]
+        )
     timings = [r["timings"] for r in report["results"]]
     own = statistics.median(t["duration_s"] - t["agent_s"] for t in timings)
     own_alone = statistics.median(
@@ -284,6 +304,10 @@ def bench_large_repo(files: int, n: int, c: int, work: Path) -> dict[str, Any]:
         "per_task_own_c1_s": round(own_alone, 4),
         "ratio_per_task_c1_to_status": round(own_alone / alone, 2),
         "ratio_first_run_to_floor": round(first / floor, 2),
+        "sparse_directories": f"{len(cone)} of {len(directories)}",
+        "fresh_worktree_full_s": round(prepared["full"], 3),
+        "fresh_worktree_sparse_s": round(prepared["sparse"], 3),
+        "ratio_full_to_sparse_worktree": round(prepared["full"] / prepared["sparse"], 1),
     }
 
 
@@ -534,6 +558,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         files = f"{r['files']:,} files"
         target(f"large: per-task cost / git status, {files}", r["ratio_per_task_to_status"], 3.0)
         target(f"large: first run / shell floor, {files}", r["ratio_first_run_to_floor"], 0.5)
+        target(
+            f"large: fresh worktree, whole / sparse (2%), {files}",
+            r["ratio_full_to_sparse_worktree"],
+            10,
+            at_least=True,
+        )
     if "requirements" in results:
         target("shared requirements: venv / bare uv venv", results["requirements"]["ratio"], 1.5)
     if "cli" in results:
@@ -621,7 +651,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['git_status_s']} s alone ({r['ratio_per_task_to_status']}x) and "
                 f"{r['git_status_concurrent_s']} s {r['c']} at once "
                 f"({r['ratio_per_task_to_concurrent_status']}x); one at a time "
-                f"{r['per_task_own_c1_s']} s ({r['ratio_per_task_c1_to_status']}x git status)",
+                f"{r['per_task_own_c1_s']} s ({r['ratio_per_task_c1_to_status']}x git status); "
+                f"a fresh worktree, {r['c']} at once: {r['fresh_worktree_full_s']} s whole, "
+                f"{r['fresh_worktree_sparse_s']} s sparse ({r['sparse_directories']} "
+                f"directories): {r['ratio_full_to_sparse_worktree']}x",
                 flush=True,
             )
         if "requirements" in only:

@@ -84,6 +84,8 @@ from ._plan import Rates as Rates
 from ._plan import Resources as Resources
 from ._plan import Sandbox as Sandbox
 from ._plan import Select as Select
+from ._plan import Sparse as Sparse
+from ._plan import SparsePath as SparsePath
 from ._plan import Step as Step
 from ._plan import TaskSpec as TaskSpec
 from ._plan import ToolKind as ToolKind
@@ -225,6 +227,8 @@ __all__ = [
     "RunStarted",
     "Sandbox",
     "Select",
+    "Sparse",
+    "SparsePath",
     "Step",
     "Summary",
     "TaskFinished",

@@ -244,7 +244,7 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
     if raw["envelope"] is not None:
         yield from _check_file(tid, "envelope", raw["envelope"], run_dir)
         if "sha256" in raw["envelope"]:
-            yield from _check_envelope(tid, raw["envelope"], prov["envelope_sha256"], run_dir)
+            yield from _check_envelope(tid, raw["envelope"], prov, run_dir)
             yield from _checks_as_told(raw, run_dir)
     for attempt in attempts:
         for stream in ("stdout", "stderr"):
@@ -384,14 +384,19 @@ def _read_envelope(entry: Mapping[str, Any], run_dir: Path) -> Any:
 
 
 def _check_envelope(
-    tid: str, entry: Mapping[str, Any], expected: str, run_dir: Path
+    tid: str, entry: Mapping[str, Any], prov: Mapping[str, Any], run_dir: Path
 ) -> Iterator[Finding]:
     envelope = _read_envelope(entry, run_dir)
     if envelope is None:
         return  # already reported by the file check
+    expected = prov["envelope_sha256"]
     yield from _check(tid, "provenance.envelope_sha256", digest(envelope), expected)
     if isinstance(envelope, dict):
         yield from _check(tid, "envelope.task_id", envelope.get("task_id"), tid)
+        if prov.get("base_commit") is not None and digest(envelope) == expected:
+            # The worktree held what the envelope asked for: the whole tree, or its cone.
+            told = envelope.get("sparse")
+            yield from _check(tid, "provenance.sparse", told, prov.get("sparse"))
 
 
 def _checks_as_told(raw: Mapping[str, Any], run_dir: Path) -> Iterator[Finding]:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._canonical import digest
 from ._ids import BranchName, ObjectId, new_task_id, task_id_problem
-from ._plan import DEFAULT_TIMEOUT_S, EnvName, Limits, Sandbox, Select, Step, finite_json
+from ._plan import (
+    DEFAULT_TIMEOUT_S,
+    EnvName,
+    Limits,
+    Sandbox,
+    Select,
+    SparsePath,
+    Step,
+    finite_json,
+)
 from ._secrets import masked_env
 
 __all__ = ["ENVELOPE_SCHEMA", "MAX_CHANGED_FILES", "HandoffEnvelope", "Upstream", "build_envelope"]
@@ -24,6 +33,7 @@ _ADDED = (
     "repair_attempts",
     "install_project",
     "venv_seed",
+    "sparse",
 )
 #: The same, of each ``upstream`` entry.
 _UPSTREAM_ADDED = ("changed_files", "changed_files_omitted")
@@ -108,6 +118,9 @@ class HandoffEnvelope(BaseModel):
     #: The task's own worktree installed into its venv (editable); pip in the venv.
     install_project: bool = False
     venv_seed: bool = False
+    #: The directories the worktree holds (git's cone mode, and every top-level file); None:
+    #: the whole repository.
+    sparse: Annotated[list[SparsePath], Field(min_length=1, max_length=1000)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +134,12 @@ class HandoffEnvelope(BaseModel):
     @classmethod
     def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
         return finite_json(value)  # type: ignore[no-any-return]
+
+    @field_validator("sparse")
+    @classmethod
+    def _one_order(cls, value: list[str] | None) -> list[str] | None:
+        # The set, not the order the plan named it in: one set, one envelope digest.
+        return None if value is None else sorted(set(value))
 
     @field_validator("task_id")
     @classmethod
@@ -191,6 +210,7 @@ def build_envelope(
     repair_attempts: int = 0,
     install_project: bool = False,
     venv_seed: bool = False,
+    sparse: list[str] | None = None,
 ) -> HandoffEnvelope:
     """Build an envelope in code, generating a task id when none is given.
 
@@ -230,4 +250,5 @@ def build_envelope(
         repair_attempts=repair_attempts,
         install_project=install_project,
         venv_seed=venv_seed,
+        sparse=sparse,
     )

@@ -55,6 +55,8 @@ __all__ = [
     "Resources",
     "Sandbox",
     "Select",
+    "Sparse",
+    "SparsePath",
     "TaskSpec",
     "env_values",
     "expand_tasks",
@@ -374,9 +376,11 @@ class AgentSpec(_Isolation, _Additions):
     ``http`` and ``acp``.
     """
 
-    _ADDED = frozenset({"preset", "program", "model", "args", "http", "acp", "resources"})
+    _ADDED = frozenset({"preset", "program", "model", "args", "http", "acp", "resources", "sparse"})
 
     command: Command | None = Field(default=None, min_length=1)
+    #: The directories the worktrees of this agent's tasks hold (see PlanDefaults.sparse).
+    sparse: Sparse | None = None
     http: HttpSpec | None = None
     acp: AcpSpec | None = None
     preset: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,63}$")] | None = None
@@ -559,15 +563,70 @@ def _copyable(value: str) -> str:
 #: A path of the main checkout copied into each worktree (``copy``).
 CopyPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_copyable)]
 
+#: Characters a cone-mode pattern would have to escape (and ``#`` starting a comment): not
+#: in a ``sparse`` directory, nor control characters.
+_CONE_SPECIAL = re.compile(r"[*?\[\]\\!#\x00-\x1f\x7f]")
+
+
+def _sparse_directory(value: str) -> str:
+    value = value.removesuffix("/")
+    if why := relative_path_problem(value):
+        raise ValueError(why)
+    if value == ".git" or value.startswith(".git/"):
+        raise ValueError(f"path {value!r} is git's own directory")
+    if found := _CONE_SPECIAL.search(value):
+        raise ValueError(f"path {value!r} holds {found.group()!r}, which a sparse cone cannot name")
+    return value
+
+
+#: A directory of a sparse worktree's cone (``sparse``), relative to the repository's root.
+SparsePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_sparse_directory)]
+
+_MAX_SPARSE = 1000
+
+
+def _sparse(value: Any) -> list[str] | Literal[False]:
+    """``sparse``: a list of directories, or ``false``; one plain message when neither."""
+    if value is False:
+        return False
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of directories, or false (all of them)")
+    if len(value) > _MAX_SPARSE:
+        raise ValueError(f"must name at most {_MAX_SPARSE} directories, found {len(value)}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not 0 < len(item) <= 4096:
+            raise ValueError(f"[{i}] must be a directory's path, found {item!r:.80}")
+        out.append(_sparse_directory(item))
+    return out
+
+
+#: ``sparse``: the directories a task's worktree holds (cone mode, and every file at the top
+#: level); ``false`` (at an agent or a task) undoes a level above: a full worktree.
+Sparse = Annotated[
+    list[str] | Literal[False],
+    PlainValidator(_sparse, json_schema_input_type=list[SparsePath] | Literal[False]),
+]
+
 
 class PlanDefaults(_Additions):
     """Values every task gets unless it sets its own."""
 
     _ADDED = frozenset(
-        {"prompt", "stall_timeout", "setup", "checks", "repair_attempts", "install_project"}
+        {
+            "prompt",
+            "stall_timeout",
+            "setup",
+            "checks",
+            "repair_attempts",
+            "install_project",
+            "sparse",
+        }
     )
     #: The prompt template of a preset's tasks (None: the preset's own default).
     prompt: PromptTemplate | None = None
+    #: The directories every task's worktree holds (None: all of the repository).
+    sparse: Sparse | None = None
     #: Steps run before the agent, in the worktree with the venv active.
     setup: Steps = Field(default_factory=list)
     #: Steps run after the agent, before the commit; a required one that fails fails the task.
@@ -599,9 +658,18 @@ class TaskSpec(_Isolation, _Additions):
     """One task of a plan, before defaults are applied."""
 
     _ADDED = frozenset(
-        {"prompt", "stall_timeout", "setup", "checks", "repair_attempts", "install_project"}
+        {
+            "prompt",
+            "stall_timeout",
+            "setup",
+            "checks",
+            "repair_attempts",
+            "install_project",
+            "sparse",
+        }
     )
     prompt: PromptTemplate | None = None
+    sparse: Sparse | None = None
     stall_timeout: PositiveSeconds | None = None
     setup: Steps | None = None
     checks: Steps | None = None

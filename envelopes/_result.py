@@ -333,7 +333,7 @@ class CachedFrom(_Model):
 class Provenance(_Additions):
     """Digests that tie a result to what went in and what came out."""
 
-    _ADDED = frozenset({"prompt_sha256", "copied", "inputs"})
+    _ADDED = frozenset({"prompt_sha256", "copied", "inputs", "sparse"})
 
     envelope_sha256: Digest
     base_commit: ObjectId | None = None
@@ -354,6 +354,8 @@ class Provenance(_Additions):
     copied: list[CopiedFile] = Field(default_factory=list)
     #: The plan's files the task's commands name and the program its agent ran, hashed.
     inputs: list[InputFile] = Field(default_factory=list)
+    #: The directories the task's worktree held (a sparse worktree; None: all of them).
+    sparse: list[str] | None = None
     result_sha256: Seal = ""
 
 

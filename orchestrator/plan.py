@@ -837,6 +837,7 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
     for expanded in expand_tasks(plan):
         task = expanded.spec
         assert task.agent is not None  # plan_problems makes sure
+        worktree = task.worktree if task.worktree is not None else d.worktree
         out.append(
             build_envelope(
                 task.agent,
@@ -851,7 +852,7 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 env={**env_values(d.env), **env_values(task.env)},
                 metadata=task.metadata,
                 priority=task.priority,
-                worktree=task.worktree if task.worktree is not None else d.worktree,
+                worktree=worktree,
                 **_venv(task.venv if task.venv is not None else d.venv),
                 depends_on=task.depends_on,
                 cache=task.cache if task.cache is not None else plan.cache,
@@ -865,10 +866,22 @@ def envelopes_of(plan: Plan, *, run_id: str | None = None) -> list[HandoffEnvelo
                 checks=task.checks if task.checks is not None else d.checks,
                 repair_attempts=_first(task.repair_attempts, d.repair_attempts, 0),
                 install_project=_first(task.install_project, d.install_project, False),
+                sparse=_sparse(plan, task, worktree),
                 **_isolation(plan, task),
             )
         )
     return out
+
+
+def _sparse(plan: Plan, task: TaskSpec, worktree: bool) -> list[str] | None:
+    """The directories *task*'s worktree holds: its own ``sparse``, else its agent's, else
+    the plan's default; ``false`` at a level means all of them (None), as does no worktree."""
+    agent = plan.agents.get(task.agent or "")
+    for level in (task, agent, plan.defaults):
+        value = getattr(level, "sparse", None) if level is not None else None
+        if value is not None:
+            return list(value) if value is not False and worktree else None
+    return None
 
 
 def _venv(venv: bool | VenvOptions) -> dict[str, Any]:

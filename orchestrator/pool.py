@@ -29,6 +29,7 @@ between runs, in ``<state>/pool/worktrees/<slot>``, each with a lock file ``<slo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -275,10 +276,15 @@ class WorktreePool:
         return self.slots.holds(worktree.path)
 
     async def borrow(
-        self, branch: str, base_commit: str, base_tree: str | None = None
+        self,
+        branch: str,
+        base_commit: str,
+        base_tree: str | None = None,
+        sparse: tuple[str, ...] | None = None,
     ) -> Worktree | None:
         """A pristine worktree on a new branch *branch* at *base_commit* (whose tree is
-        *base_tree*, when known), or None (none free).
+        *base_tree*, when known), holding the directories *sparse* (None: all), or None (none
+        free). A slot last used for another sparse set is written whole for this one.
 
         GitError when the branch cannot be created (it exists): the slot is given back.
         """
@@ -299,7 +305,9 @@ class WorktreePool:
             return None
         ref = f"refs/heads/{branch}"
         made = False
-        worktree = Worktree(path=slot, branch=branch, base_commit=base_commit, admin_dir=admin)
+        worktree = Worktree(
+            path=slot, branch=branch, base_commit=base_commit, admin_dir=admin, sparse=sparse
+        )
         try:
             await self.repo.git.run("update-ref", "--end-of-options", ref, base_commit, "")
             made = True
@@ -339,15 +347,19 @@ class WorktreePool:
             raise GitError(["worktree"], 1, f"fatal: cannot reset {worktree.path}: {exc}") from exc
 
     async def create(
-        self, branch: str, base_commit: str, base_tree: str | None = None
+        self,
+        branch: str,
+        base_commit: str,
+        base_tree: str | None = None,
+        sparse: tuple[str, ...] | None = None,
     ) -> Worktree | None:
         """A fresh worktree made in a new slot (at *base_commit*, whose tree is *base_tree*
-        when known), or None when the pool is full."""
+        when known, holding *sparse*), or None when the pool is full."""
         slot = self.slots.reserve()
         if slot is None:
             return None
         try:
-            worktree = await create_worktree(self.repo, branch, slot, base_commit)
+            worktree = await create_worktree(self.repo, branch, slot, base_commit, sparse)
             await record(worktree, private_index(slot), base_tree)
         except BaseException:
             self.slots.release(slot, forget=True)
@@ -379,9 +391,7 @@ class WorktreePool:
             return worktree
         self.slots.release(worktree.path, forget=True)
         admin = admin_dir_from_file(target) or worktree.admin_dir
-        return Worktree(
-            path=target, branch=worktree.branch, base_commit=worktree.base_commit, admin_dir=admin
-        )
+        return dataclasses.replace(worktree, path=target, admin_dir=admin)
 
     async def discard(self, slot: Path) -> None:
         """Remove a held slot: its files, its admin entry, its lock."""

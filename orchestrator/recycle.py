@@ -42,6 +42,7 @@ from envelopes import is_object_id, read_bounded
 from ._fs import replace_file
 from .errors import GitError
 from .repo import Repository
+from .sparse import remove_outside_cone, sparse_key
 from .worktree import Worktree
 
 __all__ = [
@@ -84,47 +85,32 @@ async def catch_up(
     """Make *worktree*'s files and index exactly its start commit's (whose tree is *tree*,
     when the caller knows it), from the private *index*.
 
-    Returns False when the private index cannot be used (see the module docstring): nothing
-    is then known of the files, and the caller resets them whole. GitError or OSError when a
-    file cannot be removed or written: the slot cannot be made pristine.
+    Returns False when the private index cannot be used (see the module docstring), or was
+    made for another sparse set: the caller then resets the files whole. GitError or OSError
+    when a file cannot be removed or written: the slot cannot be made pristine.
     """
     try:
         info = os.lstat(index)
     except OSError:
         return False
-    if not stat.S_ISREG(info.st_mode):
+    noted = _read_note(index, info)
+    if not stat.S_ISREG(info.st_mode) or noted is None or noted[1] != sparse_key(worktree.sparse):
         return False
     git, args, slot = repo.git, worktree.git_args(), worktree.path
     env = _index_env(worktree, index)
-    previous = _recorded_tree(index, info)
-    # From here until the private index is final, no record says what tree it holds.
+    # From here until the private index is final, no note says what it holds.
     _tree_note(index).unlink(missing_ok=True)
-    listings: dict[str, bytes | None] = {}
-
-    async def list_into(name: str, *command: str) -> None:
-        try:
-            out, cut = await git.read(
-                *args, *command, stdin=b"", limit=LISTING_LIMIT, timeout=_TIMEOUT, env=env, cwd=slot
-            )
-        except GitError:
-            cut = True
-        listings[name] = None if cut else out  # None: too much to hold, or git failed
-
+    previous = noted[0]
     if previous is None:
         try:
             previous = await git.out(*args, "write-tree", cwd=slot, env=env)
         except GitError:
             return False
-    # The two halves of one walk, side by side: the tracked files that differ from the index
-    # (any stat change counts: such a file is written again), and everything git does not
-    # track, ignored or not (empty directories and nested repositories whole).
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(list_into, "changed", "diff-files", "--name-only", "-z")
-        tg.start_soon(list_into, "untracked", "ls-files", "-z", "-o", "--directory")
-    if listings["changed"] is None or listings["untracked"] is None:
+    await anyio.to_thread.run_sync(remove_outside_cone, slot, worktree.sparse)
+    listed = await _list_differences(repo, worktree, env)
+    if listed is None:
         return False
-    untracked = [e for e in listings["untracked"].split(b"\0") if e]
-    changed = [e for e in listings["changed"].split(b"\0") if e]
+    untracked, changed = listed
     if untracked:
         await anyio.to_thread.run_sync(remove_entries, slot, untracked)
     if changed:
@@ -146,7 +132,7 @@ async def catch_up(
         )
     if tree != previous:
         # Two-way read-tree: from the tree the files are now to the start's, writing only
-        # the files that differ between the two.
+        # the files that differ between the two (in a sparse worktree, those in its cone).
         await git.run(
             *args,
             "read-tree",
@@ -159,35 +145,80 @@ async def catch_up(
             env=env,
             timeout=_TIMEOUT,
         )
-    await anyio.to_thread.run_sync(_finish, index, tree, worktree.admin_dir / "index")
+    await anyio.to_thread.run_sync(_finish, index, tree, worktree)
     return True
 
 
+async def _list_differences(
+    repo: Repository, worktree: Worktree, env: dict[str, str]
+) -> tuple[list[bytes], list[bytes]] | None:
+    """One walk of the worktree against the private index, in two halves run side by side:
+    ``(untracked entries, changed tracked paths)``; None when either half failed or listed
+    more than :data:`LISTING_LIMIT` bytes.
+
+    The changed: tracked files that differ from the index (any stat change counts: such a
+    file is written again). The untracked: everything git does not track, ignored or not
+    (empty directories and nested repositories whole).
+    """
+    listings: dict[str, bytes | None] = {}
+
+    async def list_into(name: str, *command: str) -> None:
+        try:
+            out, cut = await repo.git.read(
+                *worktree.git_args(),
+                *command,
+                stdin=b"",
+                limit=LISTING_LIMIT,
+                timeout=_TIMEOUT,
+                env=env,
+                cwd=worktree.path,
+            )
+        except GitError:
+            cut = True
+        listings[name] = None if cut else out
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(list_into, "changed", "diff-files", "--name-only", "-z")
+        tg.start_soon(list_into, "untracked", "ls-files", "-z", "-o", "--directory")
+    changed, untracked = listings["changed"], listings["untracked"]
+    if changed is None or untracked is None:
+        return None
+    return [e for e in untracked.split(b"\0") if e], [e for e in changed.split(b"\0") if e]
+
+
 def _tree_note(index: Path) -> Path:
-    """Where the tree the private *index* holds is noted, with the index's stat data then."""
+    """Where the note on the private *index* is kept: the tree it holds (``-`` when not
+    known), its sparse set's key (orchestrator/sparse.py), and the index's stat data then."""
     return index.with_suffix(".tree")
 
 
-def _recorded_tree(index: Path, info: os.stat_result) -> str | None:
-    """The tree noted for *index*, if the note is there and *index* is as it was then."""
+def _read_note(index: Path, info: os.stat_result) -> tuple[str | None, str] | None:
+    """``(tree or None, sparse key)`` noted for *index*, if it is as it was then; else None."""
     try:
         words = read_bounded(_tree_note(index), 256).decode("ascii").split()
     except (OSError, UnicodeDecodeError):
         return None
-    if len(words) == 4 and words[1:] == _identity(info) and is_object_id(words[0]):
-        return words[0]
-    return None
+    if len(words) != 5 or words[2:] != _identity(info):
+        return None
+    tree, key = words[0], words[1]
+    if tree != "-" and not is_object_id(tree):
+        return None
+    return (None if tree == "-" else tree), key
 
 
 def _identity(info: os.stat_result) -> list[str]:
     return [str(info.st_size), str(info.st_mtime_ns), str(info.st_ino)]
 
 
-def _finish(index: Path, tree: str, admin_index: Path) -> None:
-    """Note that the private *index* holds *tree*, and copy it over the worktree's."""
-    note = " ".join([tree, *_identity(os.lstat(index))]) + "\n"
-    replace_file(_tree_note(index), note.encode("ascii"))
-    _copy_index(index, admin_index)
+def _write_note(index: Path, tree: str | None, sparse: tuple[str, ...] | None) -> None:
+    words = [tree or "-", sparse_key(sparse), *_identity(os.lstat(index))]
+    replace_file(_tree_note(index), (" ".join(words) + "\n").encode("ascii"))
+
+
+def _finish(index: Path, tree: str, worktree: Worktree) -> None:
+    """Note what the private *index* holds, and copy it over the worktree's."""
+    _write_note(index, tree, worktree.sparse)
+    _copy_index(index, worktree.admin_dir / "index")
 
 
 def remove_entries(root: Path, entries: list[bytes]) -> None:
@@ -237,13 +268,15 @@ async def reset_whole(
 ) -> None:
     """Make *worktree* its start commit's without trusting anything in it, then record that in
     the private *index*: the worktree's index is removed first, so that every file is written
-    anew (a fresh checkout's cost), then ``reset --hard`` and ``clean -ffdx``."""
+    anew (a fresh checkout's cost), then ``reset --hard`` and ``clean -ffdx``, and in a sparse
+    worktree every directory outside its cone is removed."""
     git, args, slot, env = repo.git, worktree.git_args(), worktree.path, worktree.git_env()
     _tree_note(index).unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (worktree.admin_dir / "index").unlink()
     await git.run(*args, "reset", "--hard", "--quiet", cwd=slot, env=env)
     await git.run(*args, "clean", "-ffdxq", cwd=slot, env=env)
+    await anyio.to_thread.run_sync(remove_outside_cone, slot, worktree.sparse)
     await record(worktree, index, tree)
 
 
@@ -251,12 +284,10 @@ async def record(worktree: Worktree, index: Path, tree: str | None = None) -> No
     """Keep a copy of the worktree's index, just written by the orchestrator's own git from
     *tree* (when the caller knows it; else git is asked at the next catch-up), as the slot's
     private index."""
-    await anyio.to_thread.run_sync(_record, worktree.admin_dir / "index", index, tree)
+    await anyio.to_thread.run_sync(_record, worktree, index, tree)
 
 
-def _record(admin_index: Path, index: Path, tree: str | None) -> None:
+def _record(worktree: Worktree, index: Path, tree: str | None) -> None:
     _tree_note(index).unlink(missing_ok=True)
-    _copy_index(admin_index, index)
-    if tree is not None:
-        note = " ".join([tree, *_identity(os.lstat(index))]) + "\n"
-        replace_file(_tree_note(index), note.encode("ascii"))
+    _copy_index(worktree.admin_dir / "index", index)
+    _write_note(index, tree, worktree.sparse)

@@ -36,6 +36,7 @@ from envelopes import is_object_id
 
 from .errors import GitError
 from .repo import Repository
+from .sparse import write_patterns
 from .worktree import Worktree
 
 __all__ = ["PrivateGit", "adopt_commits", "import_loose_objects", "prepare_private_git"]
@@ -90,6 +91,8 @@ def prepare_private_git(worktree: Worktree, common_dir: Path, scratch: Path) -> 
     for name in _ADMIN_FILES:
         with contextlib.suppress(FileNotFoundError):
             shutil.copyfile(worktree.admin_dir / name, admin / name)
+    # A sparse worktree's cone: the agent's git needs it to keep the worktree sparse.
+    write_patterns(admin, worktree.sparse)
     start = _read_ref(common_dir / "refs" / "heads" / worktree.branch) or worktree.base_commit
     private = PrivateGit(scratch, worktree, common_dir, start)
     private.ref_file.parent.mkdir()

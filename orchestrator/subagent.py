@@ -70,6 +70,7 @@ from .prompts import Feedback
 from .repo import Repository
 from .retry import retry_attempts
 from .secrets import Masker
+from .sparse import agent_git_config
 from .steps import Phase, StepRun, failure_of, run_steps
 from .venv import Venv, describe_environment, install_project, setup_virtualenv
 from .workspace import HookName, copy_into, run_hook, slot_env
@@ -199,6 +200,12 @@ class _Place:
         #: The plan's ``copy`` files as they were last put into the worktree.
         self.copied: list[CopiedFile] = []
 
+    @property
+    def sparse(self) -> tuple[str, ...] | None:
+        """The directories the task's worktree holds (None: all of them)."""
+        sparse = self.envelope.sparse
+        return tuple(sparse) if sparse is not None else None
+
     async def make(self) -> None:
         """Create the worktree (from the pool when it has one) and the venv the task asks for,
         and install the task's own project into it (``install_project``).
@@ -248,13 +255,14 @@ class _Place:
         branch = ctx.branch(self.task_id)
         with self.clock.timed("worktree_s"):
             try:
+                sparse = self.sparse
                 if ctx.pool is not None:
                     self.worktree = await ctx.pool.borrow(
-                        branch, base_commit, base_tree
-                    ) or await ctx.pool.create(branch, base_commit, base_tree)
+                        branch, base_commit, base_tree, sparse
+                    ) or await ctx.pool.create(branch, base_commit, base_tree, sparse)
                 if self.worktree is None:
                     self.worktree = await create_worktree(
-                        repo, branch, ctx.worktree_path(self.task_id), base_commit
+                        repo, branch, ctx.worktree_path(self.task_id), base_commit, sparse
                     )
             except GitError as exc:
                 raise _TaskFailed(ErrorInfo(kind="worktree", message=str(exc))) from exc
@@ -584,6 +592,9 @@ class _Subagent:
             ORCHESTRATOR_RUN_ID=self.ctx.run_id,
         )
         env.update(slot_env(self.slot, self.ctx.settings.ports))
+        if self.place.worktree is not None:
+            # The agent's own git sees its worktree as sparse, as the orchestrator's does.
+            env.update(agent_git_config(env, self.place.worktree.sparse))
         return env
 
     def _request(self, number: int, feedback: Feedback | None = None) -> AttemptRequest:
@@ -1015,6 +1026,9 @@ class _Subagent:
             prompt_sha256=history.last.prompt_sha256 if history.last else None,
             copied=place.copied,
             inputs=self.inputs,
+            sparse=list(place.worktree.sparse)
+            if place.worktree is not None and place.worktree.sparse is not None
+            else None,
         )
 
 

@@ -24,6 +24,7 @@ from ._faults import crash_point
 from ._fs import replace_file
 from .errors import GitError
 from .repo import Repository
+from .sparse import git_config_args, remove_outside_cone, write_patterns
 
 __all__ = [
     "MergeOutcome",
@@ -50,18 +51,32 @@ class Worktree:
     branch: str
     base_commit: str
     admin_dir: Path
+    #: The directories a sparse worktree holds (orchestrator/sparse.py); None: all of them.
+    sparse: tuple[str, ...] | None = None
 
     def git_args(self) -> tuple[str, ...]:
-        """Options that point git at this worktree and nothing else (with :meth:`git_env`)."""
-        return (f"--git-dir={self.admin_dir}", f"--work-tree={self.path}")
+        """Options that point git at this worktree and nothing else (with :meth:`git_env`),
+        and say whether it is sparse."""
+        return (
+            *git_config_args(self.sparse),
+            f"--git-dir={self.admin_dir}",
+            f"--work-tree={self.path}",
+        )
 
     def git_env(self) -> dict[str, str]:
         """The common git directory, pinned: the admin dir's ``commondir`` file is the agent's."""
         return {"GIT_COMMON_DIR": str(self.admin_dir.parent.parent)}
 
 
-async def create_worktree(repo: Repository, branch: str, path: Path, base_commit: str) -> Worktree:
-    """Create *path* as a worktree on a new branch *branch* at *base_commit*.
+async def create_worktree(
+    repo: Repository,
+    branch: str,
+    path: Path,
+    base_commit: str,
+    sparse: tuple[str, ...] | None = None,
+) -> Worktree:
+    """Create *path* as a worktree on a new branch *branch* at *base_commit*, holding only
+    the directories *sparse* when given (orchestrator/sparse.py).
 
     The branch must not exist. On failure nothing is left behind: no directory, no worktree
     entry, no branch. Cancellation while populating the files removes the half-made worktree.
@@ -85,9 +100,12 @@ async def create_worktree(repo: Repository, branch: str, path: Path, base_commit
         except GitError:
             await _forget(repo, path, branch, base_commit)
             raise
-    worktree = Worktree(path=path, branch=branch, base_commit=base_commit, admin_dir=admin_dir)
+    worktree = Worktree(
+        path=path, branch=branch, base_commit=base_commit, admin_dir=admin_dir, sparse=sparse
+    )
     crash_point("worktree")
     try:
+        await anyio.to_thread.run_sync(write_patterns, admin_dir, sparse)
         await repo.git.run(
             *worktree.git_args(), "reset", "--hard", "--quiet", cwd=path, env=worktree.git_env()
         )
@@ -183,6 +201,9 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
         # A FIFO as the index would block every git command: git makes a new one.
         tampered.append(str(index))
         index.unlink()
+    # The cone's patterns are the orchestrator's: an agent that widened its own (``git
+    # sparse-checkout add``) changed what it sees, not what the orchestrator's git sees.
+    write_patterns(worktree.admin_dir, worktree.sparse)
     for name, content in (
         ("HEAD", f"ref: refs/heads/{worktree.branch}\n"),
         ("gitdir", f"{dot_git}\n"),
@@ -230,6 +251,10 @@ async def reset_worktree(repo: Repository, worktree: Worktree) -> None:
     await anyio.to_thread.run_sync(_remove_index, worktree)
     await git.run(*args, "reset", "--hard", "--quiet", cwd=cwd, env=env)
     await git.run(*args, "clean", "-ffdxq", cwd=cwd, env=env)
+    try:
+        await anyio.to_thread.run_sync(remove_outside_cone, worktree.path, worktree.sparse)
+    except OSError as exc:
+        raise GitError(["worktree"], 1, f"fatal: cannot reset {worktree.path}: {exc}") from exc
 
 
 def _remove_index(worktree: Worktree) -> None:
@@ -361,6 +386,8 @@ async def commit_worktree(
         *args,
         "add",
         "--all",
+        # Paths outside a sparse worktree's cone (a directory the agent made) are taken too.
+        *(["--sparse"] if worktree.sparse is not None else []),
         "--pathspec-from-file=-",
         "--pathspec-file-nul",
         cwd=cwd,

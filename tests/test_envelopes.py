@@ -268,6 +268,7 @@ def test_build_envelope_keeps_what_it_is_given() -> None:
         "repair_attempts": 0,
         "install_project": False,
         "venv_seed": False,
+        "sparse": None,
     }
 
 
@@ -382,6 +383,7 @@ CHANGED = {
     "repair_attempts": 2,
     "install_project": True,
     "venv_seed": True,
+    "sparse": ["src"],
 }
 
 
