@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,11 +16,19 @@ from envelopes import loads_bounded, open_regular, read_bounded
 from ._faults import crash_point
 from .errors import RunDirError
 
-__all__ = ["atomic_write", "last_line", "read_json", "write_file"]
+__all__ = [
+    "UMASK",
+    "atomic_write",
+    "last_line",
+    "read_json",
+    "remove_tree",
+    "remove_tree_at",
+    "write_file",
+]
 
 # Read once at import, while nothing else runs: os.umask can only be read by setting it.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -32,7 +43,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 # mkstemp makes 0600; reports and envelopes are for others to audit.
-                os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+                os.fchmod(f.fileno(), 0o666 & ~UMASK)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -52,6 +63,137 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def _clear_files(fd: int) -> list[str]:
+    """Unlink everything in the directory *fd* but its directories; their names."""
+    directories = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                directories.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return directories
+
+
+def remove_tree(path: Path | str, ignore_errors: bool = False) -> None:
+    """Remove *path* and everything below it, as :func:`remove_tree_at` does; nothing when
+    it is not there. Raises OSError, unless *ignore_errors* (then what can be removed is)."""
+    path = Path(path)
+    try:
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        if ignore_errors:
+            return
+        raise
+    try:
+        remove_tree_at(parent, path.name)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if not ignore_errors:
+            raise
+        shutil.rmtree(path, ignore_errors=True)  # what is left, as far as it goes
+    finally:
+        os.close(parent)
+
+
+def remove_tree_at(parent_fd: int, name: str | bytes) -> None:
+    """Remove *name* in the directory *parent_fd* and everything below it.
+
+    A link is removed, never followed (each directory is opened with ``O_NOFOLLOW`` from the
+    one above it). Iterative, with two descriptors open at a time: a tree an agent made a
+    thousand levels deep is removed like any other (``shutil.rmtree`` recurses and raises
+    RecursionError there). A name that is not a directory is unlinked. Raises OSError.
+    """
+    try:
+        fd = os.open(name, _DIRECTORY, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            os.unlink(name, dir_fd=parent_fd)
+            return
+        raise
+    stack: list[tuple[str | bytes, list[str]]] = []
+    try:
+        stack.append((name, _clear_files(fd)))
+        while stack:
+            pending = stack[-1][1]
+            if pending:
+                child = pending.pop()
+                below = os.open(child, _DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = below
+                stack.append((child, _clear_files(fd)))
+                continue
+            done = stack.pop()[0]
+            if not stack:
+                os.close(fd)
+                fd = -1
+                os.rmdir(done, dir_fd=parent_fd)
+                return
+            above = os.open("..", _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = above
+            os.rmdir(done, dir_fd=fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def sweep_worktree(root: Path) -> list[str]:
+    """Put right in the worktree *root* what git's own walk never reports: a ``.git`` below
+    the top (a repository planted in a tracked directory, whose config the next agent's git
+    would obey: ``core.fsmonitor`` runs a program), FIFOs, sockets and devices (a FIFO where
+    a file was blocks its reader), and directories whose mode is not the one a checkout
+    gives them. The first two are removed, the modes set back; what was done, as relative
+    paths. Walked one directory at a time from the top, never through a link, with two
+    descriptors open at a time. Blocking; OSError when something cannot be put right."""
+    mode = 0o777 & ~UMASK
+    done: list[str] = []
+    fd = os.open(root, _DIRECTORY)
+    path: list[str] = []
+    stack: list[list[str]] = []
+    try:
+        while True:
+            below: list[str] = []
+            with os.scandir(fd) as entries:
+                found = [(e.name, e.is_dir(follow_symlinks=False), e) for e in entries]
+            for name, is_dir, entry in found:
+                rel = "/".join([*path, name])
+                if name == ".git":
+                    if path:
+                        remove_tree_at(fd, name)
+                        done.append(rel)
+                elif is_dir:
+                    below.append(name)
+                elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                    os.unlink(name, dir_fd=fd)
+                    done.append(rel)
+            stack.append(below)
+            while stack and not stack[-1]:
+                stack.pop()
+                if not path:
+                    return done
+                above = os.open("..", _DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = above
+                path.pop()
+            if not stack:
+                return done
+            child = stack[-1].pop()
+            below_fd = os.open(child, _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below_fd
+            path.append(child)
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+                os.fchmod(fd, mode)
+                done.append("/".join(path) + "/")
+    finally:
+        os.close(fd)
+
+
 def replace_file(path: Path, data: bytes) -> None:
     """Write *data* under a new name beside *path*, then rename it over *path*: whatever was
     at *path* (a file, a link, a FIFO) is replaced, never followed or opened, and a reader
@@ -60,7 +202,7 @@ def replace_file(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)
             f.write(data)
         os.replace(tmp, path)
     except BaseException:

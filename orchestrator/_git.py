@@ -183,11 +183,12 @@ class Git:
         timeout: float,  # noqa: ASYNC109 (a bound on one git command)
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        quiet: bool = False,
     ) -> tuple[bytes, bool]:
         """Run a git command that only reads (``diff-tree``, ``log``) and return at most *limit*
         bytes of its stdout, and whether it was cut short there. Past *limit* or *timeout* it
-        is killed (a command that only reads leaves no lock behind). GitError when it fails or
-        runs out of time."""
+        is killed (a command that only reads leaves no lock behind). GitError when it fails,
+        runs out of time, or (with *quiet*) writes anything to stderr."""
         self.calls += 1
         if self.guard is not None:
             self.guard.check()
@@ -235,8 +236,10 @@ class Git:
             raise GitError(
                 args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"
             )
-        if not cut and returncode != 0:
-            raise GitError(args, returncode, err.decode(errors="replace"))
+        if not cut and (returncode != 0 or (quiet and err)):
+            # quiet: a word on stderr is a failure too (``ls-files`` and ``diff-files`` say
+            # there that they could not read a directory, and still exit 0).
+            raise GitError(args, returncode or 1, err.decode(errors="replace"))
         return b"".join(out)[:limit], cut
 
     async def out(

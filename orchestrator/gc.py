@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +29,7 @@ import anyio
 
 from envelopes import ref_safe
 
-from ._fs import read_json
+from ._fs import read_json, remove_tree
 from .errors import OrchestratorError, RunInUse
 from .journal import JOURNAL, read_journal
 from .locks import LOCK, RunLock
@@ -117,7 +116,7 @@ async def collect_garbage(
             if info.run_id in old_runs:
                 outcome.done.append(f"{verb} run directory {info.run_dir}")
                 if not dry_run:
-                    await anyio.to_thread.run_sync(shutil.rmtree, info.run_dir, True)
+                    await anyio.to_thread.run_sync(remove_tree, info.run_dir, True)
             elif stale:
                 outcome.done.append(f"{verb} stale lock {info.run_dir / LOCK}")
                 if not dry_run:
@@ -211,7 +210,7 @@ async def _clear_dirs(repo: Repository, run_id: str, kept: set[Path], dry_run: b
             continue
         async with repo.lock.hold():
             admin = admin_dir_from_file(path) or admin_dir_by_scan(repo, path)
-            await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+            await anyio.to_thread.run_sync(remove_tree, path, True)
             await drop_admin_dir(repo, admin)
     for path in sorted(venvs.iterdir()) if venvs.is_dir() else []:
         if path.name in kept_names:
@@ -219,7 +218,7 @@ async def _clear_dirs(repo: Repository, run_id: str, kept: set[Path], dry_run: b
         if path.is_dir() and not path.is_symlink():
             done.append(f"{verb} venv {path}")
             if not dry_run:
-                await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+                await anyio.to_thread.run_sync(remove_tree, path, True)
         else:  # an installer's log, left by a crash during an install
             done.append(f"{verb} {path}")
             if not dry_run:

@@ -28,7 +28,7 @@ import anyio
 
 from envelopes import ErrorInfo, HandoffEnvelope, ref_safe
 
-from ._fs import last_line
+from ._fs import last_line, remove_tree
 from .attempt import AttemptRequest
 from .errors import GitError
 from .limits import Rlimit, limit_error, rlimits_of
@@ -144,7 +144,7 @@ async def isolate(request: AttemptRequest, argv: Sequence[str]) -> AsyncIterator
     try:
         private, layout = await anyio.to_thread.run_sync(prepare)
     except BaseException:
-        await anyio.to_thread.run_sync(shutil.rmtree, scratch, True)
+        await anyio.to_thread.run_sync(remove_tree, scratch, True)
         raise
     home = _home()
     spawn = Spawn(
@@ -173,7 +173,7 @@ async def isolate(request: AttemptRequest, argv: Sequence[str]) -> AsyncIterator
                     _take_output, scratch / "output.json", request.output_path
                 )
             finally:
-                await anyio.to_thread.run_sync(shutil.rmtree, scratch, True)
+                await anyio.to_thread.run_sync(remove_tree, scratch, True)
 
 
 def _home() -> Path:

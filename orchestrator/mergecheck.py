@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from envelopes import (
     ref_safe,
 )
 
+from ._fs import remove_tree
 from ._git import clean_environment
 from .attempt import AttemptRequest, log_entries
 from .errors import MergeError, VenvError
@@ -267,7 +267,7 @@ class MergeChecker:
                 await self.repository.git.run(
                     "update-ref", "-d", "--end-of-options", f"refs/heads/{branch}", check=False
                 )
-                await anyio.to_thread.run_sync(shutil.rmtree, venv_path, True)
+                await anyio.to_thread.run_sync(remove_tree, venv_path, True)
         passed = all(r.passed for r in records if r.required)
         return MergeCheck(task_id=task_id, commit=commit, passed=passed, checks=records)
 

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,9 +40,10 @@ from pathlib import Path
 import anyio
 import psutil
 
-from envelopes import digest
+from envelopes import digest, hash_file
 
 from ._faults import crash_point
+from ._fs import remove_tree
 from .errors import GitError, VenvError
 from .locks import try_lock
 from .process import kill_processes
@@ -270,6 +270,8 @@ class WorktreePool:
         #: How many worktrees were recycled from the pool, and how many made in it.
         self.recycled = 0
         self.created = 0
+        #: The digest of each slot's private index as this process last left it.
+        self._indexes: dict[Path, str | None] = {}
 
     def owns(self, worktree: Worktree) -> bool:
         """Whether *worktree* is a slot this pool lent."""
@@ -314,9 +316,7 @@ class WorktreePool:
             await anyio.to_thread.run_sync(_strip_admin_dir, admin, branch)
             crash_point("worktree")  # the branch made, the files not yet the base's
             await restore_dot_git(worktree)
-            index = private_index(slot)
-            if not await catch_up(self.repo, worktree, index, base_tree):
-                await reset_whole(self.repo, worktree, index, base_tree)
+            await self._make_pristine(worktree, base_tree)
         except BaseException as exc:
             # Not made pristine (a file the agent made undeletable, say), or cancelled: the
             # slot goes, and so does the branch, so that the task can start in a fresh
@@ -328,21 +328,32 @@ class WorktreePool:
                     self.slots.release(slot)  # the branch exists: the caller's error
                     raise
                 await self.discard(slot)
-            if isinstance(exc, (GitError, OSError)):
-                return None
+            if isinstance(exc, Exception):
+                return None  # not made pristine: a fresh worktree instead
             raise
         self.recycled += 1
         return worktree
+
+    async def _make_pristine(self, worktree: Worktree, base_tree: str | None) -> None:
+        """Catch the slot up from its private index, or write it whole; remember the index.
+
+        Without a sandbox an agent runs as the user and could rewrite the private index
+        beside its slot too: one that is not what this process last left there is not
+        trusted (across processes, only its note's stat data vouch for it)."""
+        slot, index = worktree.path, private_index(worktree.path)
+        remembered = self._indexes.pop(slot, None)
+        intact = remembered is None or remembered == await _digest_of(index)
+        if not intact or not await catch_up(self.repo, worktree, index, base_tree):
+            await reset_whole(self.repo, worktree, index, base_tree)
+        self._indexes[slot] = await _digest_of(index)
 
     async def reset(self, worktree: Worktree, base_tree: str | None = None) -> None:
         """Bring a lent slot back to its start commit (whose tree is *base_tree*, when known)
         for a retry: its branch rewound, its files caught up from its private index (see
         orchestrator/recycle.py). GitError when it cannot be made pristine."""
         await rewind_branch(self.repo, worktree)
-        index = private_index(worktree.path)
         try:
-            if not await catch_up(self.repo, worktree, index, base_tree):
-                await reset_whole(self.repo, worktree, index, base_tree)
+            await self._make_pristine(worktree, base_tree)
         except OSError as exc:
             raise GitError(["worktree"], 1, f"fatal: cannot reset {worktree.path}: {exc}") from exc
 
@@ -361,6 +372,7 @@ class WorktreePool:
         try:
             worktree = await create_worktree(self.repo, branch, slot, base_commit, sparse)
             await record(worktree, private_index(slot), base_tree)
+            self._indexes[slot] = await _digest_of(private_index(slot))
         except BaseException:
             self.slots.release(slot, forget=True)
             raise
@@ -395,6 +407,7 @@ class WorktreePool:
 
     async def discard(self, slot: Path) -> None:
         """Remove a held slot: its files, its admin entry, its lock."""
+        self._indexes.pop(slot, None)
         await _remove_worktree_slot(self.repo, slot)
         self.slots.release(slot, forget=True)
 
@@ -406,6 +419,18 @@ class WorktreePool:
                 with contextlib.suppress(OSError):
                     (admin / "HEAD").write_text(_head_commit(admin), encoding="utf-8")
         self.slots.close()
+
+
+async def _digest_of(path: Path) -> str | None:
+    """The SHA-256 of the file at *path* (never through a link), or None when unreadable."""
+
+    def read() -> str | None:
+        try:
+            return hash_file(path, 1 << 40)[0]
+        except OSError:
+            return None
+
+    return await anyio.to_thread.run_sync(read)
 
 
 def _head_commit(admin: Path) -> str:
@@ -422,7 +447,7 @@ def _head_commit(admin: Path) -> str:
 async def _remove_worktree_slot(repo: Repository, slot: Path) -> None:
     # By the .git file, or, when the agent replaced it, by the entry that points here.
     admin = admin_dir_from_file(slot) or admin_dir_by_scan(repo, slot)
-    await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
+    await anyio.to_thread.run_sync(remove_tree, slot, True)
     async with repo.lock.hold():
         await drop_admin_dir(repo, admin)
 
@@ -441,7 +466,7 @@ def _strip_admin_dir(admin: Path, branch: str) -> None:
         if entry.name in _FRESH_ADMIN:
             continue
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
+            remove_tree(entry)
         else:
             entry.unlink()
     (admin / "HEAD").write_text(f"ref: refs/heads/{branch}\n", encoding="utf-8")
@@ -488,7 +513,7 @@ async def collect_pool(repo: Repository, *, idle_for: float, dry_run: bool = Fal
         await _remove_worktree_slot(repo, slot)
 
     async def remove_venv_slot(slot: Path) -> None:
-        await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
+        await anyio.to_thread.run_sync(remove_tree, slot, True)
 
     done = await _collect_slots(
         pool_dir(repo.state_dir), idle_for, remove_worktree_slot, what="worktree", dry_run=dry_run
@@ -652,7 +677,7 @@ class VenvPool:
                         return Venv(slot, name, commands=[command])
             except (VenvError, OSError):
                 pass
-            await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
+            await anyio.to_thread.run_sync(remove_tree, slot, True)
             slots.release(slot, forget=True)
         slot = slots.reserve()
         path = slot or fallback
@@ -668,7 +693,7 @@ class VenvPool:
                 )
         except BaseException:
             if slot is not None:
-                await anyio.to_thread.run_sync(shutil.rmtree, slot, True)
+                await anyio.to_thread.run_sync(remove_tree, slot, True)
                 slots.release(slot, forget=True)
             raise
         finally:
@@ -691,7 +716,7 @@ class VenvPool:
         A sandboxed agent may write its venv (``bin/python`` included); lent again, that venv
         would run the agent's code outside the sandbox, at the next ``uv pip sync``.
         """
-        await anyio.to_thread.run_sync(shutil.rmtree, venv.path, True)
+        await anyio.to_thread.run_sync(remove_tree, venv.path, True)
         self._slots[venv.path.parent.name].release(venv.path, forget=True)
 
     def close(self) -> None:

@@ -6,7 +6,6 @@ Everything here assumes the run is dead: its caller holds the run's lock, or fou
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import anyio
 
 from envelopes import TaskResult, ref_safe, seal_result
 
+from ._fs import remove_tree
 from .errors import GitError, JournalCorrupt, OrchestratorError
 from .journal import JournalContents
 from .process import kill_tagged
@@ -106,7 +106,7 @@ async def clear_task_leftovers(
     async with repo.lock.hold():
         admin = admin_dir_from_file(path) or admin_dir_by_scan(repo, path)
         if path.exists():
-            await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+            await anyio.to_thread.run_sync(remove_tree, path, True)
             done.append(f"removed worktree {path}")
         if admin is not None and admin.exists():
             await drop_admin_dir(repo, admin)
@@ -139,7 +139,7 @@ async def clear_task_leftovers(
                     ) from exc
                 done.append(f"moved branch {branch} (it holds commits) to {kept}")
     if venv.exists():
-        await anyio.to_thread.run_sync(shutil.rmtree, venv, True)
+        await anyio.to_thread.run_sync(remove_tree, venv, True)
         done.append(f"removed venv {venv}")
     return done
 

@@ -7,24 +7,31 @@ data of the worktree's index, which the previous task's agent could write: an en
 stat data of a file the agent changed hides that change from ``reset``.
 
 So each slot has a **private index** (``<slot>.index`` beside the slot, outside the worktree
-and outside any sandbox's writable places), written only by the orchestrator's git: by the
-checkout that made the slot, and by each catch-up since. It records the tree the files were
-last made to be, with the stat data git saw then. Catching up is then:
+and outside a sandbox's writable places), written by the orchestrator's git: by the checkout
+that made the slot, and by each catch-up since. It records the tree the files were last made
+to be, with the stat data git saw then; a note beside it (``<slot>.tree``) names that tree,
+the sparse set, and the index's own stat data. Catching up is then:
 
-1. ``git write-tree`` on the private index: the tree the files were last made to be;
-2. one walk, ``git ls-files -t -m -d -o --directory``: the tracked files that differ from it
-   (content, mode, type, gone) and everything untracked or ignored (files, empty directories,
-   nested repositories, links);
-3. the untracked entries removed (never through a link), the changed ones checked out again
-   (``checkout-index -f -u``);
-4. when the start commit is another tree, ``git read-tree -m -u`` from that tree to it, which
+1. one walk of the tree in two halves run side by side on the private index: ``git
+   diff-files`` (tracked files that differ from it: content, mode, type, stat data, gone)
+   and ``git ls-files -o --directory`` (everything untracked or ignored: files, links, empty
+   directories, nested repositories), both with the repository's stat settings pinned
+   (``worktree.STAT_CHECKS``); beside them, :func:`~orchestrator._fs.sweep_worktree` for what
+   git's walk never reports (a ``.git`` below the top, FIFOs, directory modes);
+2. the untracked entries removed (never through a link, however deep), the changed ones
+   checked out again (``checkout-index -f -u``);
+3. when the start commit is another tree, ``git read-tree -m -u`` from that tree to it, which
    writes only the files that differ between the two;
-5. the private index copied over the worktree's own, whose stat data is then git's again.
+4. the private index copied over the worktree's own, whose stat data is then git's again.
 
-A listing too large to hold (more than :data:`LISTING_LIMIT` bytes), a private index that is
-missing or unreadable, or any step failing: :func:`catch_up` returns False and the caller
-falls back to :func:`reset_whole`, which does not trust the worktree's index at all (it is
-removed, so every file is written anew), then writes a new private index.
+A private index that is missing, unreadable, made for another sparse set, or not the one this
+process last left (WorktreePool remembers its digest: without a sandbox an agent runs as the
+user and can reach it), a listing too large to hold (more than :data:`LISTING_LIMIT` bytes),
+or a listing that failed or said anything on stderr (a directory git could not read):
+:func:`catch_up` returns False and the caller falls back to :func:`reset_whole`, which does not
+trust the worktree's index at all (it is removed, so every file is written anew), then writes
+a new private index. A file that cannot be removed or written raises (GitError, OSError): the
+caller removes the slot.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import anyio
 
 from envelopes import is_object_id, read_bounded
 
-from ._fs import replace_file
+from ._fs import remove_tree_at, replace_file, sweep_worktree
 from .errors import GitError
 from .repo import Repository
 from .sparse import remove_outside_cone, sparse_key
@@ -172,14 +179,28 @@ async def _list_differences(
                 timeout=_TIMEOUT,
                 env=env,
                 cwd=worktree.path,
+                quiet=True,  # a directory git could not read: its files were not looked at
             )
         except GitError:
             cut = True
         listings[name] = None if cut else out
 
+    failed: list[OSError] = []
+
+    async def sweep() -> None:
+        # What git's walk never reports (_fs.sweep_worktree); nothing of it changes what the
+        # two listings find, so it runs beside them.
+        try:
+            await anyio.to_thread.run_sync(sweep_worktree, worktree.path)
+        except OSError as exc:
+            failed.append(exc)
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(list_into, "changed", "diff-files", "--name-only", "-z")
         tg.start_soon(list_into, "untracked", "ls-files", "-z", "-o", "--directory")
+        tg.start_soon(sweep)
+    if failed:
+        raise failed[0]
     changed, untracked = listings["changed"], listings["untracked"]
     if changed is None or untracked is None:
         return None
@@ -245,7 +266,7 @@ def remove_entries(root: Path, entries: list[bytes]) -> None:
                 except FileNotFoundError:
                     continue
                 if stat.S_ISDIR(info.st_mode):
-                    shutil.rmtree(os.fsdecode(name), dir_fd=fd)
+                    remove_tree_at(fd, name)
                 else:
                     os.unlink(name, dir_fd=fd)
             finally:
@@ -274,9 +295,10 @@ async def reset_whole(
     _tree_note(index).unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (worktree.admin_dir / "index").unlink()
-    await git.run(*args, "reset", "--hard", "--quiet", cwd=slot, env=env)
-    await git.run(*args, "clean", "-ffdxq", cwd=slot, env=env)
+    await git.run(*args, "reset", "--hard", "--quiet", cwd=slot, env=env, timeout=_TIMEOUT)
+    await git.run(*args, "clean", "-ffdxq", cwd=slot, env=env, timeout=_TIMEOUT)
     await anyio.to_thread.run_sync(remove_outside_cone, slot, worktree.sparse)
+    await anyio.to_thread.run_sync(sweep_worktree, slot)
     await record(worktree, index, tree)
 
 

@@ -18,14 +18,14 @@ in an ancestor is removed whole.
 from __future__ import annotations
 
 import os
-import shutil
-import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from envelopes import digest
 
-from ._fs import replace_file
+from ._fs import remove_tree_at, replace_file
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 __all__ = [
     "agent_git_config",
@@ -111,31 +111,36 @@ def remove_outside_cone(root: Path, sparse: Sequence[str] | None) -> list[str]:
     """Remove every directory in *root* and in the cone's ancestors that the cone of *sparse*
     does not have; the paths removed, relative to *root*. Nothing for a full worktree.
 
-    Only real directories are walked: an ancestor replaced by a link or a file is left to git
-    (it reports the tracked files under it gone and the link untracked). Blocking; OSError
-    when a directory cannot be removed.
+    Each directory is opened from the one above it without following a link, and only real
+    directories are walked: an ancestor replaced by a link or a file is left to git (it
+    reports the tracked files under it gone and the link untracked). Blocking; OSError when a
+    directory cannot be removed.
     """
     if sparse is None:
         return []
     recursive, parents = _cone(sparse)
     keep, walk = set(recursive), set(parents)
     removed: list[str] = []
-    pending = [""]
-    while pending:
-        where = pending.pop()
-        try:
-            entries = list(os.scandir(root / where if where else root))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in entries:
-            rel = f"{where}/{entry.name}" if where else entry.name
-            if rel == ".git" or rel in keep:
-                continue
-            if not stat.S_ISDIR(entry.stat(follow_symlinks=False).st_mode):
-                continue  # a file or a link: tracked or not, git reports it
-            if rel in walk:
-                pending.append(rel)
-            else:
-                shutil.rmtree(entry.path)
-                removed.append(rel)
+    top = os.open(root, _DIRECTORY)
+    pending: list[tuple[str, int]] = [("", top)]
+    try:
+        while pending:
+            where, fd = pending.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    found = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+                for name, is_dir in found:
+                    rel = f"{where}/{name}" if where else name
+                    if not is_dir or rel == ".git" or rel in keep:
+                        continue  # a file or a link: tracked or not, git reports it
+                    if rel in walk:
+                        pending.append((rel, os.open(name, _DIRECTORY, dir_fd=fd)))
+                    else:
+                        remove_tree_at(fd, name)
+                        removed.append(rel)
+            finally:
+                os.close(fd)
+    finally:
+        for _, fd in pending:
+            os.close(fd)
     return sorted(removed)

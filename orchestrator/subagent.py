@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from envelopes import (
     with_estimated_cost,
 )
 
-from ._fs import write_file
+from ._fs import remove_tree, write_file
 from .agents import Agent
 from .attempt import MAX_OUTPUT_BYTES, AttemptOutcome, AttemptRequest, log_entries
 from .context import RunContext
@@ -425,7 +424,7 @@ class _Place:
             else:
                 venv_pool.give_back(venv)
         elif not kept:
-            await anyio.to_thread.run_sync(shutil.rmtree, venv.path, True)
+            await anyio.to_thread.run_sync(remove_tree, venv.path, True)
 
 
 async def _no_hook(name: HookName) -> ErrorInfo | None:

@@ -26,6 +26,7 @@ import anyio
 
 from envelopes import Environment, read_bounded
 
+from ._fs import remove_tree
 from ._git import clean_environment
 from .errors import VenvError
 from .process import run_command
@@ -293,7 +294,7 @@ async def setup_virtualenv(
             commands.append(await backend.install(path, list(requirements), cwd=cwd))
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+            await anyio.to_thread.run_sync(remove_tree, path, True)
         if isinstance(exc, VenvError):
             exc.commands = commands + exc.commands
         raise

@@ -12,7 +12,6 @@ or rewrites its worktree's ``.git`` file cannot make them act on another reposit
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import anyio
 from envelopes import is_object_id, read_bounded
 
 from ._faults import crash_point
-from ._fs import replace_file
+from ._fs import remove_tree, replace_file, sweep_worktree
 from .errors import GitError
 from .repo import Repository
 from .sparse import git_config_args, remove_outside_cone, write_patterns
@@ -43,6 +42,24 @@ __all__ = [
 ]
 
 
+#: What decides whether a file changed, pinned for the orchestrator's git in a worktree
+#: whatever the repository's config says: with ``core.ignoreStat`` git marks the entries it
+#: checks out assume-unchanged and never looks at those files again, and with
+#: ``trustctime`` off or ``checkStat=minimal`` a file written again with its old size and
+#: modification time (``os.utime``) passes for unchanged; with ``fileMode`` off an exec bit
+#: an agent set stays.
+STAT_CHECKS = (
+    "-c",
+    "core.ignoreStat=false",
+    "-c",
+    "core.trustctime=true",
+    "-c",
+    "core.checkStat=default",
+    "-c",
+    "core.fileMode=true",
+)
+
+
 @dataclass(frozen=True)
 class Worktree:
     """A checked-out worktree on its own branch; ``admin_dir`` is its entry under .git/worktrees."""
@@ -58,6 +75,7 @@ class Worktree:
         """Options that point git at this worktree and nothing else (with :meth:`git_env`),
         and say whether it is sparse."""
         return (
+            *STAT_CHECKS,
             *git_config_args(self.sparse),
             f"--git-dir={self.admin_dir}",
             f"--work-tree={self.path}",
@@ -142,13 +160,13 @@ async def drop_admin_dir(repo: Repository, admin_dir: Path | None) -> None:
     """Delete one worktree's admin entry (what ``git worktree prune`` does, for that one only)."""
     worktrees = repo.common_dir / "worktrees"
     if admin_dir is not None and admin_dir.parent == worktrees:
-        await anyio.to_thread.run_sync(shutil.rmtree, admin_dir, True)
+        await anyio.to_thread.run_sync(remove_tree, admin_dir, True)
 
 
 async def _forget(repo: Repository, path: Path, branch: str, expected: str) -> None:
     """Undo a partial ``worktree add`` (lock held): its directory, admin entry and branch."""
     admin_dir = admin_dir_from_file(path) or admin_dir_by_scan(repo, path)
-    await anyio.to_thread.run_sync(shutil.rmtree, path, True)
+    await anyio.to_thread.run_sync(remove_tree, path, True)
     await drop_admin_dir(repo, admin_dir)
     await repo.git.run("update-ref", "-d", f"refs/heads/{branch}", expected, check=False)
 
@@ -253,6 +271,8 @@ async def reset_worktree(repo: Repository, worktree: Worktree) -> None:
     await git.run(*args, "clean", "-ffdxq", cwd=cwd, env=env)
     try:
         await anyio.to_thread.run_sync(remove_outside_cone, worktree.path, worktree.sparse)
+        # What git's walk never reports: a planted .git below the top, FIFOs, modes.
+        await anyio.to_thread.run_sync(sweep_worktree, worktree.path)
     except OSError as exc:
         raise GitError(["worktree"], 1, f"fatal: cannot reset {worktree.path}: {exc}") from exc
 
@@ -438,7 +458,7 @@ async def remove_worktree(
     branch is deleted only if it still points at the worktree's base commit, so a branch that
     holds a result (or the agent's own commits) is never lost. Returns whether it was deleted.
     """
-    await anyio.to_thread.run_sync(shutil.rmtree, worktree.path, True)
+    await anyio.to_thread.run_sync(remove_tree, worktree.path, True)
     async with repo.lock.hold():
         await drop_admin_dir(repo, worktree.admin_dir)
         if not delete_branch:

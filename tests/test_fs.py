@@ -172,3 +172,51 @@ def test_read_json_refuses_json_an_agent_could_plant(
     path.write_text(text)
     with pytest.raises(ValueError, match=reason):
         read_json(path)
+
+
+def test_remove_tree_goes_deeper_than_recursion_and_never_through_a_link(
+    tmp_path: Path,
+) -> None:
+    from orchestrator._fs import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        below = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    os.symlink(outside, "link", dir_fd=fd)
+    os.close(fd)
+    (root / "top-link").symlink_to(outside)
+    remove_tree(root)
+    assert not root.exists() and (outside / "keep").read_text() == "keep\n"
+    remove_tree(root)  # gone already: nothing
+    (tmp_path / "file").write_text("x")
+    remove_tree(tmp_path / "file")  # not a directory: unlinked
+    assert not (tmp_path / "file").exists()
+
+
+def test_sweep_puts_right_what_gits_walk_does_not_see(tmp_path: Path) -> None:
+    from orchestrator._fs import UMASK, sweep_worktree
+
+    root = tmp_path / "wt"
+    (root / "src" / ".git").mkdir(parents=True)
+    (root / "src" / ".git" / "config").write_text("[core]\n\tfsmonitor = touch x\n")
+    (root / ".git").write_text("gitdir: somewhere\n")  # the worktree's own: kept
+    (root / "lib").mkdir()
+    os.mkfifo(root / "lib" / "pipe")
+    (root / "lib" / "ok.txt").write_text("ok\n")
+    (root / "open").mkdir(mode=0o777)
+    (root / "open").chmod(0o777)
+    (root / "link").symlink_to(tmp_path)
+    done = sweep_worktree(root)
+    assert sorted(done) == ["lib/pipe", "open/", "src/.git"]
+    assert (root / ".git").is_file() and (root / "lib" / "ok.txt").is_file()
+    assert (root / "open").stat().st_mode & 0o777 == 0o777 & ~UMASK
+    assert (root / "link").is_symlink()
+    assert sweep_worktree(root) == []

@@ -371,3 +371,19 @@ def test_git_ending_before_it_reads_its_input_is_a_git_error(make_repo: MakeRepo
     big = b"x" * (4 << 20)
     with pytest.raises(GitError, match="ended before it read its input"):
         anyio.run(lambda: Git(repo).run("hash-object", "--no-such-option", "--stdin", stdin=big))
+
+
+def test_a_quiet_read_fails_on_a_word_on_stderr(make_repo: MakeRepo) -> None:
+    """ls-files and diff-files say on stderr that they could not read a directory, and exit
+    0: a catch-up that read past that would miss what the directory holds."""
+    repo = make_repo()
+
+    async def read(quiet: bool) -> tuple[bytes, bool]:
+        return await Git(repo).read(
+            "ls-files", stdin=b"", limit=1 << 20, timeout=30, env={"GIT_TRACE": "2"}, quiet=quiet
+        )
+
+    out, cut = anyio.run(read, False)
+    assert b"src/file0000.txt" in out and not cut
+    with pytest.raises(GitError, match="trace"):
+        anyio.run(read, True)

@@ -387,3 +387,78 @@ def test_a_retry_starts_from_the_base_whatever_the_index_says(
     [result] = report.results
     assert result.status == "succeeded", result.error
     assert result.output == {"found": "line 1"}  # the base's, not the first attempt's
+
+
+def test_what_gits_walk_never_reports_is_gone_too(make_repo: MakeRepo, tmp_path: Path) -> None:
+    repo = make_repo(files=3, extra={".env": "A=1\n", "lib/x.py": "x\n"})
+    base = git(repo, "rev-parse", "HEAD")
+    marker = tmp_path / "PWNED"
+
+    def mess(root: Path) -> None:
+        # A repository planted in a tracked directory, whose config the next agent's git
+        # would obey (core.fsmonitor runs a program at every status).
+        git(root, "init", "--quiet", "src")
+        git(root / "src", "config", "core.fsmonitor", f"touch {marker}")
+        (root / ".env").unlink()
+        os.mkfifo(root / ".env")  # a FIFO where a file was: its reader would block
+        os.mkfifo(root / "lib" / "pipe")
+        (root / "lib").chmod(0o777)
+        deep = root / "deep"
+        deep.mkdir()
+        fd = os.open(deep, os.O_RDONLY)
+        for _ in range(1200):  # deeper than Python's recursion limit
+            os.mkdir("d", dir_fd=fd)
+            below = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        os.close(fd)
+
+    borrowed = lend(repo, mess, [base, base, base])
+    expected = fresh_checkout(repo, base, tmp_path / "fresh")
+    for seen in borrowed:
+        assert seen["files"] == expected
+        assert seen["status"] == ""
+    assert not marker.exists()
+
+
+def test_an_index_rewritten_beside_the_slot_is_not_trusted(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Without a sandbox an agent can reach its slot's private index too; the pool notices,
+    within its run, that the index is not the one it left."""
+    repo = make_repo(files=3)
+    base = git(repo, "rev-parse", "HEAD")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("line 9\n")
+        index = private_index(root)
+        forge_index_entry(index, "src/file0001.txt", root)
+        note = index.with_suffix(".tree")
+        tree, key, *_ = note.read_text().split()
+        info = os.lstat(index)
+        note.write_text(f"{tree} {key} {info.st_size} {info.st_mtime_ns} {info.st_ino}\n")
+
+    first, second = lend(repo, mess, [base, base])
+    assert second["files"] == first["files"] == fresh_checkout(repo, base, tmp_path / "f")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [("core.ignoreStat", "true"), ("core.trustctime", "false"), ("core.checkStat", "minimal")],
+)
+def test_the_repositorys_stat_settings_do_not_hide_a_change(
+    make_repo: MakeRepo, tmp_path: Path, config: tuple[str, str]
+) -> None:
+    repo = make_repo(files=3)
+    git(repo, "config", *config)
+    base = git(repo, "rev-parse", "HEAD")
+
+    def mess(root: Path) -> None:
+        path = root / "src/file0001.txt"
+        info = path.stat()
+        path.write_text("line 9\n")  # the same size, its times put back
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+    first, second, third = lend(repo, mess, [base, base, base])
+    expected = fresh_checkout(repo, base, tmp_path / "f")
+    assert first["files"] == second["files"] == third["files"] == expected
