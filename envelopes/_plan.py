@@ -609,20 +609,16 @@ Sparse = Annotated[
 ]
 
 
+#: The fields a task and the plan's defaults both got after plans were first written.
+_TASK_FIELDS_ADDED = frozenset(
+    {"prompt", "stall_timeout", "setup", "checks", "repair_attempts", "install_project", "sparse"}
+)
+
+
 class PlanDefaults(_Additions):
     """Values every task gets unless it sets its own."""
 
-    _ADDED = frozenset(
-        {
-            "prompt",
-            "stall_timeout",
-            "setup",
-            "checks",
-            "repair_attempts",
-            "install_project",
-            "sparse",
-        }
-    )
+    _ADDED = _TASK_FIELDS_ADDED
     #: The prompt template of a preset's tasks (None: the preset's own default).
     prompt: PromptTemplate | None = None
     #: The directories every task's worktree holds (None: all of the repository).
@@ -657,17 +653,7 @@ class PlanDefaults(_Additions):
 class TaskSpec(_Isolation, _Additions):
     """One task of a plan, before defaults are applied."""
 
-    _ADDED = frozenset(
-        {
-            "prompt",
-            "stall_timeout",
-            "setup",
-            "checks",
-            "repair_attempts",
-            "install_project",
-            "sparse",
-        }
-    )
+    _ADDED = _TASK_FIELDS_ADDED
     prompt: PromptTemplate | None = None
     sparse: Sparse | None = None
     stall_timeout: PositiveSeconds | None = None

@@ -371,13 +371,20 @@ class WorktreePool:
             return None
         try:
             worktree = await create_worktree(self.repo, branch, slot, base_commit, sparse)
-            await record(worktree, private_index(slot), base_tree)
-            self._indexes[slot] = await _digest_of(private_index(slot))
         except BaseException:
             self.slots.release(slot, forget=True)
             raise
         finally:
             self.slots.made(slot)
+        # The worktree is made and the task's: a cancellation now must not leave it behind
+        # half-recorded (two file copies, milliseconds).
+        with anyio.CancelScope(shield=True):
+            index = private_index(slot)
+            try:
+                await record(worktree, index, base_tree)
+                self._indexes[slot] = await _digest_of(index)
+            except OSError:
+                forget_private_index(slot)  # its next borrower writes it whole
         self.created += 1
         return worktree
 
