@@ -629,3 +629,24 @@ def test_a_remote_tasks_phases_are_told_as_they_happen_once(
     finished = next(t for t, e in seen if isinstance(e, TaskFinished))
     agent_told = next(t for t, p in phases if p == "agent")
     assert finished - agent_told > 1.5  # told while the agent ran, not when it came back
+
+
+def test_a_sparse_plan_runs_on_the_cluster_as_it_does_here(
+    cluster: Cluster, make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo(extra={"docs/guide.md": "guide\n", "lib/deep/x.py": "x = 1\n"})
+    tasks = [
+        {"id": "top", "agent": "a", "task": "write"},
+        {"id": "bottom", "agent": "a", "task": "write", "depends_on": ["top"]},
+    ]
+    defaults = {"venv": False, "env": {"PIDS": str(tmp_path / "pids")}, "sparse": ["lib"]}
+    plan, _ = write_plan(tmp_path, repo, tasks, defaults=defaults)
+    remote = run(plan, executor={"kind": "dask", "scheduler": cluster.address})
+    assert all(r.status == "succeeded" for r in remote.results), remote.errors
+    assert all(r.provenance.sparse == ["lib"] for r in remote.results)
+    outcome = anyio.run(verify_report, Path(remote.run_dir) / "report.json")
+    assert outcome.ok, outcome.problems
+    # The commits hold the whole tree, as a local run's do.
+    bottom = next(r for r in remote.results if r.task_id == "bottom")
+    assert git(repo, "show", f"{bottom.branch}:docs/guide.md") == "guide"
+    assert trees(run(plan)) == trees(remote)
