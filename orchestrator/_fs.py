@@ -8,6 +8,8 @@ import os
 import shutil
 import stat
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,54 +144,156 @@ def remove_tree_at(parent_fd: int, name: str | bytes) -> None:
             os.close(fd)
 
 
-def sweep_worktree(root: Path) -> list[str]:
+@dataclass
+class DirStamps:
+    """The directories of a worktree as they were just after it was made pristine: each one's
+    inode, modification and change times (nanoseconds), and when they were taken."""
+
+    taken_ns: int
+    dirs: dict[str, tuple[int, int, int]]
+
+
+def stamp_dirs(root: Path, dirs: list[str]) -> DirStamps:
+    """:class:`DirStamps` of *dirs* (relative to *root*; ``""`` is the root) as they are now."""
+    taken = time.time_ns()
+    stamps: dict[str, tuple[int, int, int]] = {}
+    for rel in dirs:
+        try:
+            info = os.lstat(root / rel if rel else root)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            stamps[rel] = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+    return DirStamps(taken, stamps)
+
+
+#: A directory changed this close (ns) before its stamp was taken is looked at again: the
+#: file system's clock is coarser than its nanoseconds (git's "racily clean" entries).
+_RACY_NS = 1_000_000_000
+
+
+def sweep_worktree(root: Path, since: DirStamps | None = None) -> tuple[list[str], list[str]]:
     """Put right in the worktree *root* what git's own walk never reports: a ``.git`` below
     the top (a repository planted in a tracked directory, whose config the next agent's git
     would obey: ``core.fsmonitor`` runs a program), FIFOs, sockets and devices (a FIFO where
     a file was blocks its reader), and directories whose mode is not the one a checkout
-    gives them. The first two are removed, the modes set back; what was done, as relative
-    paths. Walked one directory at a time from the top, never through a link, with two
-    descriptors open at a time. Blocking; OSError when something cannot be put right."""
-    mode = 0o777 & ~UMASK
+    gives them. The first two are removed, the modes set back.
+
+    With *since*, only the directories whose stamps changed (an entry added, removed or
+    renamed changes a directory's modification time, a ``chmod`` its change time, and
+    neither can be set back) are looked at, and whatever is new below them; else every one.
+    Returns (what was done, every directory known to be there). Walked one directory at a
+    time, never through a link, with two descriptors open at a time. Blocking; OSError when
+    something cannot be put right."""
     done: list[str] = []
+    if since is None:
+        return done, _sweep_below(root, "", done)
+    known = list(since.dirs)
+    for rel in sorted(since.dirs):
+        try:
+            info = os.lstat(root / rel if rel else root)
+        except OSError:
+            continue  # gone, or under a link: its parent changed, and is looked at
+        stamp = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
+        racy = max(info.st_mtime_ns, info.st_ctime_ns) >= since.taken_ns - _RACY_NS
+        if stamp != since.dirs[rel] or racy or not stat.S_ISDIR(info.st_mode):
+            known += _sweep_one(root, rel, since.dirs, done)
+    return done, known
+
+
+def _open_below(root: Path, rel: str) -> int:
+    """A descriptor of *rel* in *root*, each component opened without following a link."""
     fd = os.open(root, _DIRECTORY)
-    path: list[str] = []
+    try:
+        for part in rel.split("/") if rel else []:
+            below = os.open(part, _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sweep_one(
+    root: Path, rel: str, known: dict[str, tuple[int, int, int]], done: list[str]
+) -> list[str]:
+    """Look at the directory *rel* alone, and at every directory below it not in *known*;
+    the new directories found."""
+    try:
+        fd = _open_below(root, rel)
+    except (FileNotFoundError, NotADirectoryError, OSError) as exc:
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ELOOP:
+            return []  # gone or a link now: its parent changed, and is looked at
+        raise
+    new: list[str] = []
+    try:
+        _fix_mode(fd, rel, done)
+        for name in _sweep_entries(fd, rel, done):
+            child = f"{rel}/{name}" if rel else name
+            if child not in known:
+                new += _sweep_below(root, child, done)
+    finally:
+        os.close(fd)
+    return new
+
+
+def _fix_mode(fd: int, rel: str, done: list[str]) -> None:
+    """Set the directory *fd* back to the mode a checkout gives (not the worktree's top)."""
+    mode = 0o777 & ~UMASK
+    if rel and stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+        os.fchmod(fd, mode)
+        done.append(rel + "/")
+
+
+def _sweep_entries(fd: int, rel: str, done: list[str]) -> list[str]:
+    """Remove a ``.git`` (below the top) and special files from the directory *fd*; the
+    names of its directories."""
+    below: list[str] = []
+    with os.scandir(fd) as entries:
+        found = [(e.name, e.is_dir(follow_symlinks=False), e) for e in entries]
+    for name, is_dir, entry in found:
+        path = f"{rel}/{name}" if rel else name
+        if name == ".git":
+            if rel:
+                remove_tree_at(fd, name)
+                done.append(path)
+        elif is_dir:
+            below.append(name)
+        elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+            os.unlink(name, dir_fd=fd)
+            done.append(path)
+    return below
+
+
+def _sweep_below(root: Path, top: str, done: list[str]) -> list[str]:
+    """Sweep the directory *top* of *root* and everything below it; every directory seen."""
+    seen = [top]
+    fd = _open_below(root, top)
+    path = top.split("/") if top else []
+    depth = len(path)
     stack: list[list[str]] = []
     try:
+        _fix_mode(fd, top, done)
         while True:
-            below: list[str] = []
-            with os.scandir(fd) as entries:
-                found = [(e.name, e.is_dir(follow_symlinks=False), e) for e in entries]
-            for name, is_dir, entry in found:
-                rel = "/".join([*path, name])
-                if name == ".git":
-                    if path:
-                        remove_tree_at(fd, name)
-                        done.append(rel)
-                elif is_dir:
-                    below.append(name)
-                elif not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
-                    os.unlink(name, dir_fd=fd)
-                    done.append(rel)
-            stack.append(below)
+            stack.append(_sweep_entries(fd, "/".join(path), done))
             while stack and not stack[-1]:
                 stack.pop()
-                if not path:
-                    return done
+                if len(path) == depth:
+                    return seen
                 above = os.open("..", _DIRECTORY, dir_fd=fd)
                 os.close(fd)
                 fd = above
                 path.pop()
             if not stack:
-                return done
+                return seen
             child = stack[-1].pop()
             below_fd = os.open(child, _DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = below_fd
             path.append(child)
-            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
-                os.fchmod(fd, mode)
-                done.append("/".join(path) + "/")
+            seen.append("/".join(path))
+            _fix_mode(fd, "/".join(path), done)
     finally:
         os.close(fd)
 

@@ -46,8 +46,9 @@ __all__ = [
 #: whatever the repository's config says: with ``core.ignoreStat`` git marks the entries it
 #: checks out assume-unchanged and never looks at those files again, and with
 #: ``trustctime`` off or ``checkStat=minimal`` a file written again with its old size and
-#: modification time (``os.utime``) passes for unchanged; with ``fileMode`` off an exec bit
-#: an agent set stays.
+#: modification time (``os.utime``) passes for unchanged. (``core.fileMode`` is left to the
+#: repository: ``git init`` turns it off on a file system without exec bits, where every
+#: file would otherwise look changed.)
 STAT_CHECKS = (
     "-c",
     "core.ignoreStat=false",
@@ -55,8 +56,6 @@ STAT_CHECKS = (
     "core.trustctime=true",
     "-c",
     "core.checkStat=default",
-    "-c",
-    "core.fileMode=true",
 )
 
 
