@@ -79,7 +79,7 @@ def lend(repo_path: Path, mess: Mess | None, commits: list[str]) -> list[dict[st
                 assert worktree is not None
                 status = git(worktree.path, "status", "--porcelain", "--ignored", "-uall")
                 found.append({"files": snapshot(worktree.path), "status": status})
-                if mess is not None:
+                if mess is not None and i < len(commits) - 1:  # none left behind
                     mess(worktree.path)
                 await pool.give_back(worktree)
         finally:
