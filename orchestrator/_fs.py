@@ -5,11 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import stat
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,33 +79,50 @@ def _clear_files(fd: int) -> list[str]:
 
 def remove_tree(path: Path | str, ignore_errors: bool = False) -> None:
     """Remove *path* and everything below it, as :func:`remove_tree_at` does; nothing when
-    it is not there. Raises OSError, unless *ignore_errors* (then what can be removed is)."""
+    it is not there. Raises OSError, unless *ignore_errors* (then what could not be removed
+    stays: never a fall-back to ``shutil.rmtree``, which recurses)."""
     path = Path(path)
     try:
+        os.lstat(path)
         parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
     except OSError:
         if ignore_errors:
             return
         raise
     try:
         remove_tree_at(parent, path.name)
-    except FileNotFoundError:
-        pass
     except OSError:
         if not ignore_errors:
             raise
-        shutil.rmtree(path, ignore_errors=True)  # what is left, as far as it goes
     finally:
         os.close(parent)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _up(fd: int, expected: tuple[int, int]) -> int:
+    """The directory above *fd*, which must be the one it was entered from (*expected*): a
+    directory moved while it is walked must not take the walk elsewhere."""
+    above = os.open("..", _DIRECTORY, dir_fd=fd)
+    if _identity(above) != expected:
+        os.close(above)
+        raise OSError(errno.ESTALE, "a directory was moved while it was walked")
+    return above
 
 
 def remove_tree_at(parent_fd: int, name: str | bytes) -> None:
     """Remove *name* in the directory *parent_fd* and everything below it.
 
     A link is removed, never followed (each directory is opened with ``O_NOFOLLOW`` from the
-    one above it). Iterative, with two descriptors open at a time: a tree an agent made a
-    thousand levels deep is removed like any other (``shutil.rmtree`` recurses and raises
-    RecursionError there). A name that is not a directory is unlinked. Raises OSError.
+    one above it, and climbing back checks that ``..`` is the directory it came from).
+    Iterative, with two descriptors open at a time: a tree an agent made a thousand levels
+    deep is removed like any other (``shutil.rmtree`` recurses and raises RecursionError
+    there). A name that is not a directory is unlinked. Raises OSError.
     """
     try:
         fd = os.open(name, _DIRECTORY, dir_fd=parent_fd)
@@ -117,88 +131,47 @@ def remove_tree_at(parent_fd: int, name: str | bytes) -> None:
             os.unlink(name, dir_fd=parent_fd)
             return
         raise
-    stack: list[tuple[str | bytes, list[str]]] = []
+    # Each level: its name, the directories left in it, the identity of the one above it.
+    stack: list[tuple[str | bytes, list[str], tuple[int, int]]] = []
     try:
-        stack.append((name, _clear_files(fd)))
+        stack.append((name, _clear_files(fd), _identity(parent_fd)))
         while stack:
             pending = stack[-1][1]
             if pending:
                 child = pending.pop()
+                above = _identity(fd)
                 below = os.open(child, _DIRECTORY, dir_fd=fd)
                 os.close(fd)
                 fd = below
-                stack.append((child, _clear_files(fd)))
+                stack.append((child, _clear_files(fd), above))
                 continue
-            done = stack.pop()[0]
+            done, _, above_identity = stack.pop()
             if not stack:
                 os.close(fd)
                 fd = -1
                 os.rmdir(done, dir_fd=parent_fd)
                 return
-            above = os.open("..", _DIRECTORY, dir_fd=fd)
+            above_fd = _up(fd, above_identity)
             os.close(fd)
-            fd = above
+            fd = above_fd
             os.rmdir(done, dir_fd=fd)
     finally:
         if fd >= 0:
             os.close(fd)
 
 
-@dataclass
-class DirStamps:
-    """The directories of a worktree as they were just after it was made pristine: each one's
-    inode, modification and change times (nanoseconds), and when they were taken."""
-
-    taken_ns: int
-    dirs: dict[str, tuple[int, int, int]]
-
-
-def stamp_dirs(root: Path, dirs: list[str]) -> DirStamps:
-    """:class:`DirStamps` of *dirs* (relative to *root*; ``""`` is the root) as they are now."""
-    taken = time.time_ns()
-    stamps: dict[str, tuple[int, int, int]] = {}
-    for rel in dirs:
-        try:
-            info = os.lstat(root / rel if rel else root)
-        except OSError:
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            stamps[rel] = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
-    return DirStamps(taken, stamps)
-
-
-#: A directory changed this close (ns) before its stamp was taken is looked at again: the
-#: file system's clock is coarser than its nanoseconds (git's "racily clean" entries).
-_RACY_NS = 1_000_000_000
-
-
-def sweep_worktree(root: Path, since: DirStamps | None = None) -> tuple[list[str], list[str]]:
+def sweep_worktree(root: Path) -> list[str]:
     """Put right in the worktree *root* what git's own walk never reports: a ``.git`` below
     the top (a repository planted in a tracked directory, whose config the next agent's git
     would obey: ``core.fsmonitor`` runs a program), FIFOs, sockets and devices (a FIFO where
     a file was blocks its reader), and directories whose mode is not the one a checkout
-    gives them. The first two are removed, the modes set back.
-
-    With *since*, only the directories whose stamps changed (an entry added, removed or
-    renamed changes a directory's modification time, a ``chmod`` its change time, and
-    neither can be set back) are looked at, and whatever is new below them; else every one.
-    Returns (what was done, every directory known to be there). Walked one directory at a
-    time, never through a link, with two descriptors open at a time. Blocking; OSError when
-    something cannot be put right."""
+    gives them (the top's included). The first two are removed, the modes set back; what was
+    done, as relative paths. Every directory is looked at, one at a time, never through a
+    link, with two descriptors open at a time. Blocking; OSError when something cannot be
+    put right."""
     done: list[str] = []
-    if since is None:
-        return done, _sweep_below(root, "", done)
-    known = list(since.dirs)
-    for rel in sorted(since.dirs):
-        try:
-            info = os.lstat(root / rel if rel else root)
-        except OSError:
-            continue  # gone, or under a link: its parent changed, and is looked at
-        stamp = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
-        racy = max(info.st_mtime_ns, info.st_ctime_ns) >= since.taken_ns - _RACY_NS
-        if stamp != since.dirs[rel] or racy or not stat.S_ISDIR(info.st_mode):
-            known += _sweep_one(root, rel, since.dirs, done)
-    return done, known
+    _sweep_below(root, "", done)
+    return done
 
 
 def _open_below(root: Path, rel: str) -> int:
@@ -215,33 +188,10 @@ def _open_below(root: Path, rel: str) -> int:
     return fd
 
 
-def _sweep_one(
-    root: Path, rel: str, known: dict[str, tuple[int, int, int]], done: list[str]
-) -> list[str]:
-    """Look at the directory *rel* alone, and at every directory below it not in *known*;
-    the new directories found."""
-    try:
-        fd = _open_below(root, rel)
-    except (FileNotFoundError, NotADirectoryError, OSError) as exc:
-        if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ELOOP:
-            return []  # gone or a link now: its parent changed, and is looked at
-        raise
-    new: list[str] = []
-    try:
-        _fix_mode(fd, rel, done)
-        for name in _sweep_entries(fd, rel, done):
-            child = f"{rel}/{name}" if rel else name
-            if child not in known:
-                new += _sweep_below(root, child, done)
-    finally:
-        os.close(fd)
-    return new
-
-
 def _fix_mode(fd: int, rel: str, done: list[str]) -> None:
-    """Set the directory *fd* back to the mode a checkout gives (not the worktree's top)."""
+    """Set the directory *fd* back to the mode git gives the directories it makes."""
     mode = 0o777 & ~UMASK
-    if rel and stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+    if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
         os.fchmod(fd, mode)
         done.append(rel + "/")
 
@@ -266,13 +216,13 @@ def _sweep_entries(fd: int, rel: str, done: list[str]) -> list[str]:
     return below
 
 
-def _sweep_below(root: Path, top: str, done: list[str]) -> list[str]:
-    """Sweep the directory *top* of *root* and everything below it; every directory seen."""
-    seen = [top]
+def _sweep_below(root: Path, top: str, done: list[str]) -> None:
+    """Sweep the directory *top* of *root* and everything below it."""
     fd = _open_below(root, top)
     path = top.split("/") if top else []
     depth = len(path)
     stack: list[list[str]] = []
+    above: list[tuple[int, int]] = []  # the identity of each directory entered from
     try:
         _fix_mode(fd, top, done)
         while True:
@@ -280,19 +230,19 @@ def _sweep_below(root: Path, top: str, done: list[str]) -> list[str]:
             while stack and not stack[-1]:
                 stack.pop()
                 if len(path) == depth:
-                    return seen
-                above = os.open("..", _DIRECTORY, dir_fd=fd)
+                    return
+                up = _up(fd, above.pop())
                 os.close(fd)
-                fd = above
+                fd = up
                 path.pop()
             if not stack:
-                return seen
+                return
             child = stack[-1].pop()
+            above.append(_identity(fd))
             below_fd = os.open(child, _DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = below_fd
             path.append(child)
-            seen.append("/".join(path))
             _fix_mode(fd, "/".join(path), done)
     finally:
         os.close(fd)

@@ -43,18 +43,11 @@ import psutil
 from envelopes import digest, hash_file
 
 from ._faults import crash_point
-from ._fs import remove_tree, stamp_dirs, sweep_worktree
+from ._fs import remove_tree
 from .errors import GitError, VenvError
 from .locks import try_lock
 from .process import kill_processes
-from .recycle import (
-    SlotMemory,
-    catch_up,
-    forget_private_index,
-    private_index,
-    record,
-    reset_whole,
-)
+from .recycle import catch_up, forget_private_index, private_index, record, reset_whole
 from .repo import Repository
 from .venv import UvBackend, Venv, VenvBackend, base_python, describe_environment, setup_virtualenv
 from .worktree import (
@@ -279,8 +272,6 @@ class WorktreePool:
         self.created = 0
         #: The digest of each slot's private index as this process last left it.
         self._indexes: dict[Path, str | None] = {}
-        #: What the catch-ups remember of each slot (its directories' stamps).
-        self._memory: dict[Path, SlotMemory] = {}
 
     def owns(self, worktree: Worktree) -> bool:
         """Whether *worktree* is a slot this pool lent."""
@@ -351,10 +342,9 @@ class WorktreePool:
         trusted (across processes, only its note's stat data vouch for it)."""
         slot, index = worktree.path, private_index(worktree.path)
         remembered = self._indexes.pop(slot, None)
-        memory = self._memory.setdefault(slot, SlotMemory())
         intact = remembered is None or remembered == await _digest_of(index)
-        if not intact or not await catch_up(self.repo, worktree, index, base_tree, memory):
-            await reset_whole(self.repo, worktree, index, base_tree, memory)
+        if not intact or not await catch_up(self.repo, worktree, index, base_tree):
+            await reset_whole(self.repo, worktree, index, base_tree)
         self._indexes[slot] = await _digest_of(index)
 
     async def reset(self, worktree: Worktree, base_tree: str | None = None) -> None:
@@ -393,9 +383,6 @@ class WorktreePool:
             try:
                 await record(worktree, index, base_tree)
                 self._indexes[slot] = await _digest_of(index)
-                _, directories = await anyio.to_thread.run_sync(sweep_worktree, slot)
-                stamps = await anyio.to_thread.run_sync(stamp_dirs, slot, directories)
-                self._memory[slot] = SlotMemory(stamps)
             except OSError:
                 forget_private_index(slot)  # its next borrower writes it whole
         self.created += 1
@@ -428,7 +415,6 @@ class WorktreePool:
     async def discard(self, slot: Path) -> None:
         """Remove a held slot: its files, its admin entry, its lock."""
         self._indexes.pop(slot, None)
-        self._memory.pop(slot, None)
         await _remove_worktree_slot(self.repo, slot)
         self.slots.release(slot, forget=True)
 

@@ -40,14 +40,13 @@ import contextlib
 import os
 import shutil
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 
 from envelopes import is_object_id, read_bounded
 
-from ._fs import DirStamps, remove_tree_at, replace_file, stamp_dirs, sweep_worktree
+from ._fs import remove_tree_at, replace_file, sweep_worktree
 from .errors import GitError
 from .repo import Repository
 from .sparse import remove_outside_cone, sparse_key
@@ -55,7 +54,6 @@ from .worktree import Worktree
 
 __all__ = [
     "LISTING_LIMIT",
-    "SlotMemory",
     "catch_up",
     "forget_private_index",
     "private_index",
@@ -88,24 +86,11 @@ def _index_env(worktree: Worktree, index: Path) -> dict[str, str]:
     return {**worktree.git_env(), "GIT_INDEX_FILE": str(index)}
 
 
-@dataclass
-class SlotMemory:
-    """What a pool remembers of one slot between two catch-ups in its run: its directories'
-    stamps (orchestrator/_fs.py), so that the sweep looks only at those that changed."""
-
-    stamps: DirStamps | None = None
-
-
 async def catch_up(
-    repo: Repository,
-    worktree: Worktree,
-    index: Path,
-    tree: str | None = None,
-    memory: SlotMemory | None = None,
+    repo: Repository, worktree: Worktree, index: Path, tree: str | None = None
 ) -> bool:
     """Make *worktree*'s files and index exactly its start commit's (whose tree is *tree*,
-    when the caller knows it), from the private *index*; *memory*, when given, is read and
-    brought up to date.
+    when the caller knows it), from the private *index*.
 
     Returns False when the private index cannot be used (see the module docstring), or was
     made for another sparse set: the caller then resets the files whole. GitError or OSError
@@ -129,12 +114,10 @@ async def catch_up(
         except GitError:
             return False
     await anyio.to_thread.run_sync(remove_outside_cone, slot, worktree.sparse)
-    memory = memory or SlotMemory()
-    since, memory.stamps = memory.stamps, None
-    listed = await _list_differences(repo, worktree, env, since)
+    listed = await _list_differences(repo, worktree, env)
     if listed is None:
         return False
-    untracked, changed, directories = listed
+    untracked, changed = listed
     if untracked:
         await anyio.to_thread.run_sync(remove_entries, slot, untracked)
     if changed:
@@ -170,17 +153,15 @@ async def catch_up(
             timeout=_TIMEOUT,
         )
     await anyio.to_thread.run_sync(_finish, index, tree, worktree)
-    if tree == previous:  # the same directories: their stamps now, for the next catch-up
-        memory.stamps = await anyio.to_thread.run_sync(stamp_dirs, slot, directories)
     return True
 
 
 async def _list_differences(
-    repo: Repository, worktree: Worktree, env: dict[str, str], since: DirStamps | None
-) -> tuple[list[bytes], list[bytes], list[str]] | None:
+    repo: Repository, worktree: Worktree, env: dict[str, str]
+) -> tuple[list[bytes], list[bytes]] | None:
     """One walk of the worktree against the private index, in two halves run side by side:
-    ``(untracked entries, changed tracked paths, the directories there)``; None when either
-    half failed or listed more than :data:`LISTING_LIMIT` bytes.
+    ``(untracked entries, changed tracked paths)``; None when either half failed or listed
+    more than :data:`LISTING_LIMIT` bytes.
 
     The changed: tracked files that differ from the index (any stat change counts: such a
     file is written again). The untracked: everything git does not track, ignored or not
@@ -205,14 +186,12 @@ async def _list_differences(
         listings[name] = None if cut else out
 
     failed: list[OSError] = []
-    directories: list[str] = []
 
     async def sweep() -> None:
         # What git's walk never reports (_fs.sweep_worktree); nothing of it changes what the
         # two listings find, so it runs beside them.
         try:
-            _, seen = await anyio.to_thread.run_sync(sweep_worktree, worktree.path, since)
-            directories.extend(seen)
+            await anyio.to_thread.run_sync(sweep_worktree, worktree.path)
         except OSError as exc:
             failed.append(exc)
 
@@ -225,11 +204,7 @@ async def _list_differences(
     changed, untracked = listings["changed"], listings["untracked"]
     if changed is None or untracked is None:
         return None
-    return (
-        [e for e in untracked.split(b"\0") if e],
-        [e for e in changed.split(b"\0") if e],
-        directories,
-    )
+    return [e for e in untracked.split(b"\0") if e], [e for e in changed.split(b"\0") if e]
 
 
 def _tree_note(index: Path) -> Path:
@@ -310,11 +285,7 @@ def _copy_index(source: Path, target: Path) -> None:
 
 
 async def reset_whole(
-    repo: Repository,
-    worktree: Worktree,
-    index: Path,
-    tree: str | None = None,
-    memory: SlotMemory | None = None,
+    repo: Repository, worktree: Worktree, index: Path, tree: str | None = None
 ) -> None:
     """Make *worktree* its start commit's without trusting anything in it, then record that in
     the private *index*: the worktree's index is removed first, so that every file is written
@@ -327,10 +298,8 @@ async def reset_whole(
     await git.run(*args, "reset", "--hard", "--quiet", cwd=slot, env=env, timeout=_TIMEOUT)
     await git.run(*args, "clean", "-ffdxq", cwd=slot, env=env, timeout=_TIMEOUT)
     await anyio.to_thread.run_sync(remove_outside_cone, slot, worktree.sparse)
-    _, directories = await anyio.to_thread.run_sync(sweep_worktree, slot)
+    await anyio.to_thread.run_sync(sweep_worktree, slot)
     await record(worktree, index, tree)
-    if memory is not None:
-        memory.stamps = await anyio.to_thread.run_sync(stamp_dirs, slot, directories)
 
 
 async def record(worktree: Worktree, index: Path, tree: str | None = None) -> None:

@@ -214,31 +214,29 @@ def test_sweep_puts_right_what_gits_walk_does_not_see(tmp_path: Path) -> None:
     (root / "open").mkdir(mode=0o777)
     (root / "open").chmod(0o777)
     (root / "link").symlink_to(tmp_path)
-    done, dirs = sweep_worktree(root)
-    assert sorted(done) == ["lib/pipe", "open/", "src/.git"]
-    assert sorted(dirs) == ["", "lib", "open", "src"]
+    root.chmod(0o1777)  # the top too
+    done = sweep_worktree(root)
+    assert sorted(done) == ["/", "lib/pipe", "open/", "src/.git"]
     assert (root / ".git").is_file() and (root / "lib" / "ok.txt").is_file()
     assert (root / "open").stat().st_mode & 0o777 == 0o777 & ~UMASK
     assert (root / "link").is_symlink()
-    assert sweep_worktree(root) == ([], ["", "lib", "open", "src"])
+    assert root.stat().st_mode & 0o7777 == 0o777 & ~UMASK
+    assert sweep_worktree(root) == []
 
 
-def test_a_sweep_since_stamps_finds_what_changed(tmp_path: Path) -> None:
-    from orchestrator._fs import DirStamps, stamp_dirs, sweep_worktree
+def test_climbing_back_checks_it_is_the_directory_it_came_from(tmp_path: Path) -> None:
+    from orchestrator._fs import _identity, _up
 
-    root = tmp_path / "wt"
-    for d in ("a/b/c", "d", "e"):
-        (root / d).mkdir(parents=True)
-    _, dirs = sweep_worktree(root)
-    # Stamped as if long ago, so that nothing counts as racily unchanged.
-    stamps = stamp_dirs(root, dirs)
-    stamps = DirStamps(stamps.taken_ns + 10**10, stamps.dirs)
-    assert sweep_worktree(root, stamps) == ([], dirs)  # nothing changed: nothing looked at
-    os.mkfifo(root / "a" / "b" / "c" / "pipe")
-    (root / "d" / ".git").mkdir()
-    (root / "e").chmod(0o777)
-    (root / "new" / "deeper").mkdir(parents=True)
-    os.mkfifo(root / "new" / "deeper" / "pipe")
-    done, seen = sweep_worktree(root, stamps)
-    assert sorted(done) == ["a/b/c/pipe", "d/.git", "e/", "new/deeper/pipe"]
-    assert {"new", "new/deeper"} <= set(seen)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    a = os.open(tmp_path / "a", os.O_RDONLY)
+    b = os.open(tmp_path / "a" / "b", os.O_RDONLY)
+    try:
+        os.close(_up(b, _identity(a)))
+        # b moved under another directory while it was walked: its ".." is not a any more.
+        os.rename(tmp_path / "a" / "b", tmp_path / "elsewhere" / "b")
+        with pytest.raises(OSError, match="moved while it was walked"):
+            _up(b, _identity(a))
+    finally:
+        os.close(a)
+        os.close(b)
