@@ -3,7 +3,7 @@
 A fresh worktree costs a checkout: writing every file of the repository (about 350 ms for
 2,000 files). A worktree that another task used is brought to any commit by writing only
 what differs from it (orchestrator/recycle.py: one walk of the tree against the slot's
-private index, which no agent can write). The pool keeps such worktrees between tasks and
+private index, which no sandboxed agent can write). The pool keeps such worktrees between tasks and
 between runs, in ``<state>/pool/worktrees/<slot>``, each with a lock file ``<slot>.mutex``
 (not ``.lock``: that is what git's own lock files are called) and its private index
 ``<slot>.index``:
