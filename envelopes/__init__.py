@@ -12,6 +12,7 @@ from ._audit import NotAReport as NotAReport
 from ._audit import audit_report as audit_report
 from ._audit import load_report_file as load_report_file
 from ._audit import load_report_json as load_report_json
+from ._audit import report_chunks as report_chunks
 from ._audit import report_layout as report_layout
 from ._audit import upstream_tasks as upstream_tasks
 from ._bounded import MAX_VALUE_DEPTH as MAX_VALUE_DEPTH
@@ -19,11 +20,13 @@ from ._bounded import hash_file as hash_file
 from ._bounded import loads_bounded as loads_bounded
 from ._bounded import open_regular as open_regular
 from ._bounded import read_bounded as read_bounded
+from ._bounded import read_span as read_span
 from ._bounded import relative_path_problem as relative_path_problem
 from ._bounded import unique_keys as unique_keys
 from ._canonical import canonical_json as canonical_json
 from ._canonical import digest as digest
 from ._canonical import digest_without as digest_without
+from ._canonical import json_line as json_line
 from ._canonical import sha256_hex as sha256_hex
 from ._envelope import ENVELOPE_SCHEMA as ENVELOPE_SCHEMA
 from ._envelope import MAX_CHANGED_FILES as MAX_CHANGED_FILES
@@ -99,6 +102,8 @@ from ._plan import plan_problems as plan_problems
 from ._plan import validation_message as validation_message
 from ._result import NOT_RETRIED as NOT_RETRIED
 from ._result import REPORT_SCHEMA as REPORT_SCHEMA
+from ._result import REPORT_SCHEMA_V1 as REPORT_SCHEMA_V1
+from ._result import REPORT_SCHEMAS as REPORT_SCHEMAS
 from ._result import SUCCESSFUL as SUCCESSFUL
 from ._result import AgentInfo as AgentInfo
 from ._result import AgentSummary as AgentSummary
@@ -129,8 +134,10 @@ from ._result import TaskResult as TaskResult
 from ._result import TaskStatus as TaskStatus
 from ._result import Timings as Timings
 from ._result import checks_trailer as checks_trailer
+from ._result import report_digest as report_digest
 from ._result import seal_report as seal_report
 from ._result import seal_result as seal_result
+from ._result import sealed_result_line as sealed_result_line
 from ._schema import json_schemas as json_schemas
 from ._secrets import MASK as MASK
 from ._secrets import is_secret_name as is_secret_name
@@ -166,6 +173,8 @@ __all__ = [
     "NOT_RETRIED",
     "PLACEHOLDERS",
     "REPORT_SCHEMA",
+    "REPORT_SCHEMAS",
+    "REPORT_SCHEMA_V1",
     "SUCCESSFUL",
     "TASK_ID_PATTERN",
     "AcpSpec",
@@ -261,6 +270,7 @@ __all__ = [
     "hash_file",
     "is_object_id",
     "is_secret_name",
+    "json_line",
     "json_schemas",
     "load_report_file",
     "load_report_json",
@@ -274,12 +284,16 @@ __all__ = [
     "placeholder_problem",
     "plan_problems",
     "read_bounded",
+    "read_span",
     "ref_safe",
     "relative_path_problem",
+    "report_chunks",
+    "report_digest",
     "report_layout",
     "run_id_problem",
     "seal_report",
     "seal_result",
+    "sealed_result_line",
     "sha256_hex",
     "task_id_problem",
     "unique_keys",

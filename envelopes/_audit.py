@@ -10,15 +10,22 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ._bounded import MAX_JSON_DEPTH, hash_file, loads_bounded, read_bounded, unique_keys
-from ._canonical import digest, digest_without
-from ._result import SUCCESSFUL, Report
+from ._bounded import (
+    MAX_JSON_DEPTH,
+    hash_file,
+    loads_bounded,
+    read_bounded,
+    read_span,
+    unique_keys,
+)
+from ._canonical import digest, digest_without, json_line, sha256_hex
+from ._result import REPORT_SCHEMA_V1, REPORT_SCHEMAS, SUCCESSFUL, Report, report_digest
 from ._timeline import audit_timings
 from ._usage import add_usage, estimate_cost, usage_by_model, usage_totals
 
@@ -31,6 +38,7 @@ __all__ = [
     "audit_report",
     "load_report_file",
     "load_report_json",
+    "report_chunks",
     "report_layout",
 ]
 
@@ -98,7 +106,7 @@ def load_report_file(
         raise
     except ValueError as exc:
         raise NotAReport(f"{path} is not JSON: {_one_line(exc)}") from exc
-    if not isinstance(raw, dict) or raw.get("schema") != Report.model_fields["schema_"].default:
+    if not isinstance(raw, dict) or raw.get("schema") not in REPORT_SCHEMAS:
         raise NotAReport(f"{path} is not a worktree-orchestrator report (no report schema tag)")
     try:
         report = Report.model_validate(raw)
@@ -192,7 +200,12 @@ def _check_file(
     if entry is None:
         return
     try:
-        found, size = hash_file(entry["path"], min(entry["size"], MAX_LOG_BYTES), within=run_dir)
+        if entry.get("offset") is None:
+            limit = min(entry["size"], MAX_LOG_BYTES)
+            found, size = hash_file(entry["path"], limit, within=run_dir)
+        else:
+            data = _read_record(entry, MAX_LOG_BYTES, run_dir)
+            found, size = sha256_hex(data), len(data)
     except OSError as exc:
         yield Finding(
             task_id=task_id,
@@ -202,6 +215,11 @@ def _check_file(
         return
     yield from _check(task_id, f"{field}.sha256", entry["sha256"], found)
     yield from _check(task_id, f"{field}.size", entry["size"], size)
+
+
+def _read_record(entry: Mapping[str, Any], limit: int, run_dir: Path) -> bytes:
+    """The bytes a LogFile *entry* with an ``offset`` names (at most *limit* of them)."""
+    return read_span(entry["path"], entry["offset"], min(entry["size"], limit), within=run_dir)
 
 
 def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Finding]:
@@ -373,12 +391,14 @@ def _check_prompt(tid: str, stdout_path: str, expected: str, run_dir: Path) -> I
 
 
 def _read_envelope(entry: Mapping[str, Any], run_dir: Path) -> Any:
-    """The envelope file's JSON, or None when it cannot be read safely (the file check says why)."""
+    """The envelope's JSON (a file, or a record of the run's envelopes.jsonl), or None when
+    it cannot be read safely (the file check says why)."""
     try:
-        return loads_bounded(
-            read_bounded(entry["path"], MAX_ENVELOPE_BYTES, within=run_dir),
-            max_depth=MAX_JSON_DEPTH,
-        )
+        if entry.get("offset") is None:
+            data = read_bounded(entry["path"], MAX_ENVELOPE_BYTES, within=run_dir)
+        else:
+            data = _read_record(entry, MAX_ENVELOPE_BYTES, run_dir)
+        return loads_bounded(data, max_depth=MAX_JSON_DEPTH)
     except (OSError, ValueError):
         return None
 
@@ -659,8 +679,42 @@ def _audit_checked_outcome(field: str, merge: Mapping[str, Any]) -> Iterator[Fin
 
 
 def report_layout(raw: Mapping[str, Any]) -> bytes:
-    """The bytes of a report file as the orchestrator writes it: 2-space indented JSON, UTF-8."""
-    return (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    """The bytes of a report file as the orchestrator writes it, UTF-8: version 1 all
+    2-space indented JSON; version 2 the same but for ``results``, a result a line (see
+    :func:`report_chunks`)."""
+    if raw.get("schema") == REPORT_SCHEMA_V1:
+        return (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    results = raw.get("results")
+    lines = [json_line(r) for r in results] if isinstance(results, list) else None
+    return b"".join(report_chunks(raw, lines))
+
+
+def report_chunks(raw: Mapping[str, Any], lines: Sequence[str] | None) -> Iterator[bytes]:
+    """A version 2 report file, in pieces to write one after the other: *raw* 2-space
+    indented, except its ``results``, given as *lines* (each its ``json_line``; the
+    value of ``results`` in *raw* is then not read), which are written one a line. A writer
+    never holds the whole file, nor every result's JSON object, at once."""
+    if not raw:
+        yield b"{}\n"
+        return
+    last = len(raw) - 1
+    yield b"{\n"
+    for i, (key, value) in enumerate(raw.items()):
+        end = ",\n" if i < last else "\n"
+        head = f"  {json.dumps(key, ensure_ascii=False)}: "
+        if key == "results" and lines is not None:
+            if not lines:
+                yield f"{head}[]{end}".encode()
+                continue
+            yield f"{head}[\n".encode()
+            final = len(lines) - 1
+            for j, line in enumerate(lines):
+                yield f"    {line}{',' if j < final else ''}\n".encode()
+            yield f"  ]{end}".encode()
+        else:
+            text = json.dumps(value, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+            yield f"{head}{text}{end}".encode()
+    yield b"}\n"
 
 
 def _expected_by_agent(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -730,9 +784,7 @@ def audit_report(
                 message="the file's bytes differ from the layout the orchestrator writes (re-formatted or edited)",
             )
         )
-    findings += _check(
-        None, "report_sha256", digest_without(raw, "report_sha256"), raw["report_sha256"]
-    )
+    findings += _check(None, "report_sha256", report_digest(raw), raw["report_sha256"])
     results = list(raw["results"])
     ids = [r["task_id"] for r in results]
     for task_id, count in Counter(ids).items():

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["canonical_json", "digest", "digest_without", "sha256_hex"]
+__all__ = ["canonical_json", "digest", "digest_without", "json_line", "sha256_hex"]
 
 
 def canonical_json(value: Any) -> bytes:
@@ -23,6 +23,12 @@ def canonical_json(value: Any) -> bytes:
         ensure_ascii=False,
         allow_nan=False,
     ).encode("utf-8")
+
+
+def json_line(value: Any) -> str:
+    """*value* as one line of JSON in its own key order, no spaces, UTF-8 characters as they
+    are: how the journal and a report (version 2) write a result."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def sha256_hex(data: bytes) -> str:

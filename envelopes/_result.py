@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from ._bounded import relative_path_problem
-from ._canonical import digest_without
+from ._canonical import digest_without, json_line
 from ._ids import BranchName, Digest, ObjectId, RunId, Seal, TaskId
 from ._plan import Rates, Select
 from ._usage import Usage, UsageTotals
@@ -31,6 +31,8 @@ from ._usage import Usage, UsageTotals
 __all__ = [
     "NOT_RETRIED",
     "REPORT_SCHEMA",
+    "REPORT_SCHEMAS",
+    "REPORT_SCHEMA_V1",
     "SUCCESSFUL",
     "AgentInfo",
     "AgentSummary",
@@ -57,11 +59,22 @@ __all__ = [
     "TaskResult",
     "TaskStatus",
     "Timings",
+    "report_digest",
     "seal_report",
     "seal_result",
+    "sealed_result_line",
 ]
 
-REPORT_SCHEMA = "worktree-orchestrator/report/v1"
+#: The first report format: every result indented, ``report_sha256`` over the whole report.
+REPORT_SCHEMA_V1 = "worktree-orchestrator/report/v1"
+#: The format written now (docs/report-format.md, "Versions"): a result a line, and
+#: ``report_sha256`` over the report with each result replaced by its ``result_sha256``.
+REPORT_SCHEMA = "worktree-orchestrator/report/v2"
+#: The formats ``verify`` reads.
+REPORT_SCHEMAS: tuple[str, ...] = (REPORT_SCHEMA_V1, REPORT_SCHEMA)
+
+#: Largest offset a LogFile may name (beyond any file a run writes).
+MAX_OFFSET = 1 << 62
 
 TaskStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "skipped", "cached"]
 #: The statuses that count as success: ``cached`` is an earlier success, reused.
@@ -149,12 +162,17 @@ class ErrorInfo(_Model):
     paths: list[str] = Field(default_factory=list)
 
 
-class LogFile(_Model):
-    """A file in the run directory, named by its path relative to it, with its digest."""
+class LogFile(_Additions):
+    """A file in the run directory, named by its path relative to it, with its digest; or,
+    with an ``offset``, the *size* bytes from there of a file that holds many records (the
+    run's ``envelopes.jsonl``)."""
+
+    _ADDED = frozenset({"offset"})
 
     path: RunDirPath
     sha256: Digest
     size: int = Field(ge=0)
+    offset: int | None = Field(default=None, ge=0, le=MAX_OFFSET)
 
 
 class CheckResult(_Model):
@@ -526,8 +544,8 @@ class Report(_Additions):
 
     _ADDED = frozenset({"usage_by_model", "pricing"})
 
-    schema_: Literal["worktree-orchestrator/report/v1"] = Field(
-        default="worktree-orchestrator/report/v1", alias="schema"
+    schema_: Literal["worktree-orchestrator/report/v1", "worktree-orchestrator/report/v2"] = Field(
+        default="worktree-orchestrator/report/v2", alias="schema"
     )
     tool: dict[str, str] = Field(default_factory=dict)
     run_id: RunId
@@ -578,14 +596,51 @@ class Report(_Additions):
 
 def seal_result(result: TaskResult) -> TaskResult:
     """Return *result* with ``provenance.result_sha256`` computed."""
+    return sealed_result_line(result)[0]
+
+
+def sealed_result_line(result: TaskResult) -> tuple[TaskResult, str]:
+    """*result* sealed (see :func:`seal_result`), and its JSON as a line (``json_line``): one model dump
+    serves both, so a run need not dump a result again to journal it or write its report."""
     data = result.model_dump(mode="json")
     sealed = digest_without(data, "provenance", "result_sha256")
     provenance = result.provenance.model_copy(update={"result_sha256": sealed})
-    return result.model_copy(update={"provenance": provenance})
+    data["provenance"]["result_sha256"] = sealed
+    return result.model_copy(update={"provenance": provenance}), json_line(data)
+
+
+def report_digest(raw: Mapping[str, Any]) -> str:
+    """What ``report_sha256`` should be for the report *raw* (its JSON object).
+
+    Version 1: the digest of everything but ``report_sha256``. Version 2: the same, with each
+    result replaced by its ``result_sha256`` (which covers the rest of the result), so a run
+    seals its report without serialising every result again.
+    """
+    if raw.get("schema") == REPORT_SCHEMA_V1:
+        return digest_without(raw, "report_sha256")
+    results = raw.get("results")
+    if isinstance(results, list):
+        seals = [_seal_of(r) for r in results]
+        raw = {**raw, "results": seals}
+    return digest_without(raw, "report_sha256")
+
+
+def _seal_of(result: Any) -> Any:
+    """A result's ``result_sha256``; the result itself when it has none (which then fails
+    its own check, and the report's)."""
+    if isinstance(result, Mapping):
+        provenance = result.get("provenance")
+        if isinstance(provenance, Mapping) and isinstance(provenance.get("result_sha256"), str):
+            return provenance["result_sha256"]
+    return result
 
 
 def seal_report(report: Report) -> Report:
     """Return *report* with ``report_sha256`` computed over everything else."""
-    return report.model_copy(
-        update={"report_sha256": digest_without(report.to_json_dict(), "report_sha256")}
-    )
+    if report.schema_ == REPORT_SCHEMA_V1:
+        return report.model_copy(
+            update={"report_sha256": digest_without(report.to_json_dict(), "report_sha256")}
+        )
+    raw = report.model_dump(mode="json", by_alias=True, exclude={"results"})
+    raw["results"] = [r.provenance.result_sha256 for r in report.results]
+    return report.model_copy(update={"report_sha256": digest_without(raw, "report_sha256")})

@@ -8,6 +8,7 @@ agent still gets the real value, in its environment.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -29,7 +30,14 @@ _SECRET_NAME = re.compile(SECRET_NAME_PATTERN)
 
 def is_secret_name(name: str, declared: Iterable[str] = ()) -> bool:
     """Whether variable *name* holds a secret: its name looks so, or the plan says so."""
-    return name in set(declared) or _SECRET_NAME.search(name.upper()) is not None
+    names = declared if isinstance(declared, (set, frozenset)) else set(declared)
+    return name in names or _looks_secret(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _looks_secret(name: str) -> bool:
+    # Asked for every variable of every task's environment: the same few dozen names.
+    return _SECRET_NAME.search(name.upper()) is not None
 
 
 def masked_env(env: Mapping[str, str], declared: Iterable[str] = ()) -> dict[str, str]:

@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ UMASK = os.umask(0o022)
 os.umask(UMASK)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write *data* to *path* so that readers see the old file or the new one, never a part.
+def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write *data* (bytes, or pieces of them written one after the other) to *path* so that
+    readers see the old file or the new one, never a part.
 
     Temp file in the same directory, fsync, rename over, fsync of the directory. Raises
     RunDirError naming the path when the disk is full or the directory is not writable.
@@ -43,7 +45,10 @@ def atomic_write(path: Path, data: bytes) -> None:
             with os.fdopen(fd, "wb") as f:
                 # mkstemp makes 0600; reports and envelopes are for others to audit.
                 os.fchmod(f.fileno(), 0o666 & ~UMASK)
-                f.write(data)
+                if isinstance(data, bytes):
+                    f.write(data)
+                else:
+                    f.writelines(data)
                 f.flush()
                 os.fsync(f.fileno())
             if path.name == "report.json":

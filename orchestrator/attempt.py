@@ -105,6 +105,10 @@ class AttemptRequest:
     #: Seconds this run may take, when not the envelope's ``timeout`` (a setup step's or a
     #: check's own); such a run is not watched for stalls.
     time_limit: float | None = None
+    #: Writes the file at ``envelope_path`` when the envelope is only a record of the run's
+    #: ``envelopes.jsonl`` so far (None: the file is there). Only an agent in this process
+    #: is given such a request: one that starts a program calls it first.
+    write_envelope: Callable[[], None] | None = None
 
     @property
     def task_id(self) -> str:

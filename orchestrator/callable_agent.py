@@ -28,17 +28,70 @@ from .attempt import AttemptOutcome, AttemptRequest, read_output, timed_out
 __all__ = ["AgentFunction", "CallableAgent", "Workspace"]
 
 
-@dataclass(frozen=True)
 class Workspace:
-    """Where a callable agent works: its worktree, venv and files of the run directory."""
+    """Where a callable agent works: its worktree, venv and files of the run directory.
 
-    task_id: str
-    run_id: str
-    path: Path | None
-    venv: Path | None
-    output_path: Path
-    envelope_path: Path
-    env: Mapping[str, str]
+    A task with nothing made for it (no worktree, no venv, no setup steps or checks) keeps
+    its envelope as a record of the run's ``envelopes.jsonl`` rather than a file of its own:
+    the file at ``envelope_path`` is written the first time ``envelope_path`` or ``env``
+    (whose ``ORCHESTRATOR_ENVELOPE`` names it) is read, by *write_envelope*.
+    """
+
+    __slots__ = (
+        "_env",
+        "_envelope_path",
+        "_write",
+        "output_path",
+        "path",
+        "run_id",
+        "task_id",
+        "venv",
+    )
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        run_id: str,
+        path: Path | None,
+        venv: Path | None,
+        output_path: Path,
+        envelope_path: Path,
+        env: Mapping[str, str],
+        write_envelope: Callable[[], None] | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.run_id = run_id
+        self.path = path
+        self.venv = venv
+        self.output_path = output_path
+        self._envelope_path = envelope_path
+        self._env = env
+        self._write = write_envelope
+
+    @property
+    def envelope_path(self) -> Path:
+        """The task's envelope file (written now if it was not yet)."""
+        self._written()
+        return self._envelope_path
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        """The environment a command of the agent's would get (its envelope file written)."""
+        self._written()
+        return self._env
+
+    def _written(self) -> None:
+        if self._write is not None:
+            self._write()  # RunDirError: the agent's exception, so its attempt's failure
+            self._write = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Workspace(task_id={self.task_id!r}, run_id={self.run_id!r}, path={self.path!r}, "
+            f"venv={self.venv!r}, output_path={self.output_path!r}, "
+            f"envelope_path={self._envelope_path!r})"
+        )
 
 
 AgentFunction = Callable[[HandoffEnvelope, Workspace], Awaitable[Mapping[str, Any] | None]]
@@ -107,6 +160,7 @@ class CallableAgent:
             output_path=request.output_path,
             envelope_path=request.envelope_path,
             env=request.env,
+            write_envelope=request.write_envelope,
         )
         value: Any = None
         with anyio.move_on_after(request.timeout) as scope:

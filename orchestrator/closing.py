@@ -88,7 +88,7 @@ async def write_final_report(
         warnings=warnings,
         pricing=ctx.settings.pricing,
     )
-    await write_report(report, plan.file, *plan.copies)
+    await write_report(report, plan.file, *plan.copies, lines=ctx.result_lines)
     await _tidy(ctx)
     return report
 
@@ -150,7 +150,7 @@ async def merge_at_end(
             await emit_run_event(ctx, _merge_finished(ctx, record))
     report = seal_report(report.model_copy(update={"merge": [*report.merge, record]}))
     with anyio.CancelScope(shield=True):
-        await write_report(report, plan.file, *plan.copies)
+        await write_report(report, plan.file, *plan.copies, lines=ctx.result_lines)
     return report
 
 
@@ -164,7 +164,9 @@ def run_finished(ctx: RunContext, report: Report, plan: ReportPlan) -> RunFinish
     )
 
 
-async def settle_webhooks(report: Report, plan: ReportPlan, webhooks: Webhooks) -> Report:
+async def settle_webhooks(
+    ctx: RunContext, report: Report, plan: ReportPlan, webhooks: Webhooks
+) -> Report:
     """Give the webhooks a few seconds to take the run's last events (``notify.DRAIN_S``);
     when some endpoint missed events, the report says so in its ``warnings``, written again.
 
@@ -175,7 +177,7 @@ async def settle_webhooks(report: Report, plan: ReportPlan, webhooks: Webhooks) 
         return report
     report = seal_report(report.model_copy(update={"warnings": [*report.warnings, *warnings]}))
     with anyio.CancelScope(shield=True):
-        await write_report(report, plan.file, *plan.copies)
+        await write_report(report, plan.file, *plan.copies, lines=ctx.result_lines)
     return report
 
 

@@ -20,6 +20,7 @@ from envelopes import (
     Event,
     InputFile,
     TaskResult,
+    json_line,
     new_run_id,
     ref_safe,
     run_id_problem,
@@ -28,7 +29,7 @@ from envelopes import (
 from ._git import clean_environment
 from .errors import EventHandlerFailed, OrchestratorError, RunDirError
 from .guard import RepoGuard
-from .journal import JOURNAL, Journal
+from .journal import ENVELOPES, JOURNAL, Journal, RecordFile
 from .lifeline import Lifeline
 from .locks import RunLock
 from .pool import VenvPool, WorktreePool
@@ -71,6 +72,9 @@ class RunContext:
     venv_backend: VenvBackend = field(default_factory=get_backend)
     on_event: EventHandler | None = None
     results: dict[str, TaskResult] = field(default_factory=dict)
+    #: Each sealed result's JSON line, with the result (see report.ResultLines): the journal
+    #: and the report write it without serialising the result again.
+    result_lines: dict[str, tuple[TaskResult, str]] = field(default_factory=dict)
     book: TaskBook | None = None
     events_log: BinaryIO | None = None
     #: Where a dependent task starts, if not from the run's base: (commit, tree).
@@ -85,6 +89,9 @@ class RunContext:
     #: Why a running task is being cancelled, when it is not the whole run (fail-fast, say).
     cancel_reasons: dict[str, ErrorInfo] = field(default_factory=dict)
     journal: Journal | None = None
+    #: The run's envelopes.jsonl, for the envelopes of tasks that need no file (None: every
+    #: task writes its own, as on a Dask worker).
+    envelope_records: RecordFile | None = None
     run_lock: RunLock | None = None
     #: The repository's worktree pool and the state directory's venv pool, when used.
     pool: WorktreePool | None = None
@@ -112,6 +119,13 @@ class RunContext:
     #: Where the plan's ``copy`` files are copied from, when not the repository's checkout
     #: (a Dask worker's copy of them).
     copy_root: Path | None = None
+
+    def result_line(self, result: TaskResult) -> str:
+        """*result*'s JSON line: the one made when it was sealed, if it is that result."""
+        known = self.result_lines.get(result.task_id)
+        if known is not None and known[0] is result:
+            return known[1]
+        return json_line(result.model_dump(mode="json"))
 
     def start_of(self, task_id: str) -> tuple[str | None, str | None]:
         """The commit and tree *task_id* starts from."""
@@ -200,6 +214,7 @@ class RunContext:
             venv_backend=backend,
             on_event=on_event,
             journal=journal,
+            envelope_records=RecordFile(run_dir / ENVELOPES),
             run_lock=run_lock,
             guarding=guarding,
         )
@@ -216,6 +231,8 @@ class RunContext:
             self.venv_pool.close()
         if self.journal is not None:
             self.journal.close()
+        if self.envelope_records is not None:
+            self.envelope_records.close()
         if self.run_lock is not None:
             if self.finished:
                 self.run_lock.remove()  # a finished run leaves no lock file behind

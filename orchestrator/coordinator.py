@@ -347,7 +347,7 @@ class _Run:
                 # Told before the journal's last record: the webhooks' warnings may change
                 # the report, whose digest that record holds.
                 await emit_run_event(ctx, run_finished(ctx, report, self.report_plan))
-                report = await settle_webhooks(report, self.report_plan, self.webhooks)
+                report = await settle_webhooks(ctx, report, self.report_plan, self.webhooks)
             finally:
                 await journal_finished(ctx, report)
         finally:

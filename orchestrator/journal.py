@@ -14,8 +14,10 @@ The run directory's lock, held while an orchestrator works on the run, is
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +31,17 @@ from ._faults import armed, crash_point
 from .errors import JournalCorrupt, RunDirError
 
 __all__ = [
+    "ENVELOPES",
     "Journal",
     "JournalContents",
     "JournalCorrupt",
+    "RecordFile",
     "read_journal",
 ]
 
 JOURNAL = "journal.jsonl"
+#: The envelopes of a run's tasks that need no file of their own (see RecordFile).
+ENVELOPES = "envelopes.jsonl"
 
 
 @dataclass
@@ -132,6 +138,13 @@ class Journal:
         self.append(record)
         await self.sync()
 
+    async def write_line(self, line: str) -> None:
+        """Append a record already serialised (one line of JSON, as :meth:`append` makes
+        it, without its newline) and wait until it is on disk."""
+        self._pending.append(line.encode() + b"\n")
+        self._queued += 1
+        await self.sync()
+
     async def sync(self) -> None:
         """Wait until every record queued so far is on disk.
 
@@ -191,6 +204,51 @@ class Journal:
             self._durable = self._queued
         os.close(self._fd)
         self._fd = None
+
+
+class RecordFile:
+    """Appends records to one file of the run (``envelopes.jsonl``), each its bytes and a
+    newline, to be found again by offset and size (a result's ``envelope`` entry).
+
+    For what a task would otherwise write as a file of its own when nothing outside this
+    process reads it: one ``write`` in the event loop instead of a file made per task. No
+    fsync, as for those files: a crash of the process loses nothing written (it is in the
+    page cache), and a result naming a record is journaled after the record is written.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self.records = 0
+
+    def append(self, data: bytes) -> int:
+        """Write *data* and a newline at the end of the file; the offset it starts at.
+        RunDirError when the file cannot be written."""
+        try:
+            if self._fd is None:
+                # Not through a link, nor into a FIFO (which would block) an agent put there.
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise OSError(errno.EINVAL, "not a regular file")
+                self._fd = fd
+            # Where the end is now (one writer: the run's lock is held), not where this
+            # process last wrote: a write cut short by a full disk leaves its part behind.
+            offset = os.lseek(self._fd, 0, os.SEEK_END)
+            view = memoryview(data + b"\n")
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            raise RunDirError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        self.records += 1
+        return offset
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _fsync_dir(path: Path) -> None:

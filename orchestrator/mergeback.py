@@ -40,6 +40,7 @@ from envelopes import (
     TaskResult,
     digest_without,
     load_report_json,
+    report_digest,
     seal_report,
     upstream_tasks,
 )
@@ -771,9 +772,13 @@ async def _read_sealed(path: Path) -> Report:
         raw, report = await anyio.to_thread.run_sync(load_report_json, path)
     except NotAReport as exc:
         raise ReportUnreadable(str(exc)) from exc
-    if digest_without(raw, "report_sha256") != raw["report_sha256"]:
+    if report_digest(raw) != raw["report_sha256"] or any(
+        digest_without(r, "provenance", "result_sha256") != r["provenance"]["result_sha256"]
+        for r in raw["results"]
+    ):
         raise MergeError(
-            f"{path} does not match its report_sha256 (edited?); not re-sealing it, "
+            f"{path} does not match its report_sha256 or a result its result_sha256 "
+            "(edited?); not re-sealing it, "
             f"see orchestrator verify {path}"
         )
     return report

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any, overload
 
 import anyio
 
 from envelopes import (
+    REPORT_SCHEMA,
     SUCCESSFUL,
     AgentSummary,
     GroupMember,
@@ -21,6 +23,8 @@ from envelopes import (
     Summary,
     TaskResult,
     UsageTotals,
+    json_line,
+    report_chunks,
     report_layout,
     seal_report,
     usage_by_model,
@@ -30,7 +34,7 @@ from envelopes import (
 from ._fs import atomic_write
 from ._version import __version__
 
-__all__ = ["aggregate_results", "write_report"]
+__all__ = ["ResultLines", "aggregate_results", "report_bytes", "report_pieces", "write_report"]
 
 _STATUS_KEY = {
     "succeeded": "successful",
@@ -170,18 +174,66 @@ def _groups(
     return reports
 
 
-def report_bytes(report: Report) -> bytes:
-    """The report file's content: indented JSON (digests are over the canonical form)."""
-    return report_layout(report.to_json_dict())
+#: A result's JSON line, by task id, with the result it is the line of (see
+#: :func:`envelopes.sealed_result_line`): what a run already serialised, not done again.
+ResultLines = Mapping[str, tuple[TaskResult, str]]
 
 
-async def write_report(report: Report, path: Path, *copies: Path) -> Path:
+def report_bytes(report: Report, lines: ResultLines | None = None) -> bytes:
+    """The report file's content (see :func:`report_pieces`)."""
+    return b"".join(report_pieces(report, lines))
+
+
+def report_pieces(report: Report, lines: ResultLines | None = None) -> Iterator[bytes]:
+    """The report file's content in pieces, a result each, in its schema's layout (see
+    :func:`envelopes.report_layout`). A result whose line is in *lines* (for that very
+    result object) is not serialised again."""
+    if report.schema_ != REPORT_SCHEMA:
+        yield report_layout(report.to_json_dict())
+        return
+    head = report.model_dump(mode="json", by_alias=True, exclude={"results"})
+    raw: dict[str, Any] = {}
+    for name, field in Report.model_fields.items():
+        key = field.alias or name
+        if name == "results":
+            raw[key] = None
+        elif key in head:
+            raw[key] = head[key]
+    yield from report_chunks(raw, _LinesOf(report.results, lines or {}))
+
+
+class _LinesOf(Sequence[str]):
+    """The JSON lines of *results*, made as they are read."""
+
+    def __init__(self, results: Sequence[TaskResult], lines: ResultLines) -> None:
+        self._results = results
+        self._lines = lines
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        result = self._results[index]
+        known = self._lines.get(result.task_id)
+        if known is not None and known[0] is result:
+            return known[1]
+        return json_line(result.model_dump(mode="json"))
+
+
+async def write_report(
+    report: Report, path: Path, *copies: Path, lines: ResultLines | None = None
+) -> Path:
     """Write *report* to *path* (and each of *copies*) atomically; return *path*.
 
-    Atomic: temp file, fsync, rename, fsync of the directory. The report is serialised once
-    (sealing it already refused NaN and the like).
+    Atomic: temp file, fsync, rename, fsync of the directory. Written a result at a time,
+    never whole in memory; each result's line is taken from *lines* where it is there.
     """
-    data = report_bytes(report)
     for target in (path, *copies):
-        await anyio.to_thread.run_sync(atomic_write, target, data)
+        await anyio.to_thread.run_sync(atomic_write, target, report_pieces(report, lines))
     return path

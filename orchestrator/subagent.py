@@ -53,7 +53,7 @@ from envelopes import (
     digest,
     fill_placeholders,
     ref_safe,
-    seal_result,
+    sealed_result_line,
     sha256_hex,
     with_estimated_cost,
 )
@@ -65,6 +65,7 @@ from .context import RunContext
 from .errors import EventHandlerFailed, GitError, RunDirError, VenvError
 from .harvest import Harvest, harvest
 from .inputs import plan_inputs, program_input
+from .journal import ENVELOPES
 from .prompts import Feedback
 from .repo import Repository
 from .retry import retry_attempts
@@ -556,8 +557,16 @@ class _Subagent:
         await self.place.make()
 
     async def _write_envelope(self) -> None:
-        data, path = self.envelope_bytes, self.files.envelope
-        if self.envelope.worktree or self.envelope.venv or not self.agent.in_process:
+        data, path, envelope = self.envelope_bytes, self.files.envelope, self.envelope
+        records = self.ctx.envelope_records
+        if self.record_only:
+            assert records is not None
+            offset = records.append(data)
+            self.envelope_entry = LogFile(
+                path=ENVELOPES, sha256=self.envelope_sha256, size=len(data), offset=offset
+            )
+            return
+        if envelope.worktree or envelope.venv or not self.agent.in_process:
             await anyio.to_thread.run_sync(write_file, path, data)
         else:
             # A task with nothing else to make writes its envelope (a few hundred bytes) in
@@ -569,6 +578,24 @@ class _Subagent:
             sha256=self.envelope_sha256,
             size=len(data),
         )
+
+    @property
+    def record_only(self) -> bool:
+        """The task needs no envelope file of its own: nothing is made for it, and only this
+        process reads its envelope (an in-process agent, no setup steps or checks). Its
+        envelope is a record of the run's envelopes.jsonl; the file is written only if the
+        agent asks for it (see Workspace)."""
+        envelope = self.envelope
+        return (
+            self.ctx.envelope_records is not None
+            and self.agent.in_process
+            and not (envelope.worktree or envelope.venv or envelope.setup or envelope.checks)
+        )
+
+    def _envelope_file(self) -> None:
+        """Write the envelope's own file, for an agent that asked for it (in the event loop:
+        a few hundred bytes, asked for from a property)."""
+        write_file(self.files.envelope, self.envelope_bytes)
 
     def _env(self, output_path: Path) -> dict[str, str]:
         from .isolation import agent_environment
@@ -626,6 +653,7 @@ class _Subagent:
             lifeline=ctx.lifeline,
             record_command=self.history.record_command,
             feedback=feedback,
+            write_envelope=self._envelope_file if self.record_only else None,
         )
 
     async def attempt(self, number: int, *, repair: Feedback | None = None) -> AttemptOutcome:
@@ -976,7 +1004,9 @@ class _Subagent:
             depends_on=self.envelope.depends_on,
             provenance=self._provenance(output, on_branch=branch is not None),
         )
-        return seal_result(result)
+        sealed, line = sealed_result_line(result)
+        self.ctx.result_lines[self.task_id] = (sealed, line)
+        return sealed
 
     async def hash_inputs(self) -> None:
         """Add the program the agent ran to what the task ran from (``provenance.inputs``;
@@ -1192,9 +1222,10 @@ async def journal_result(ctx: RunContext, result: TaskResult, *, final: bool) ->
     if ctx.journal is None:
         return
     with contextlib.suppress(RunDirError):
-        await ctx.journal.write(
-            {"type": "result", "final": final, "result": result.model_dump(mode="json")}
-        )
+        # The record {"type": "result", "final": ..., "result": {...}}, with the result's
+        # line as it was made when it was sealed.
+        head = '{"type":"result","final":' + ("true" if final else "false") + ',"result":'
+        await ctx.journal.write_line(head + ctx.result_line(result) + "}")
 
 
 def not_started_result(

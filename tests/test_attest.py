@@ -21,7 +21,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from envelopes import load_report_json
+from envelopes import load_report_json, report_layout
 from orchestrator.audit.attest import (
     PAYLOAD_TYPE,
     SLSA_PROVENANCE,
@@ -667,7 +667,7 @@ def test_attestations_of_a_report_that_does_not_verify_are_not_checked(
     raw = json.loads(attested.report.read_text())
     raw["results"][1]["depends_on"] = ["no-such-task"]
     tampered = tmp_path / "report.json"
-    tampered.write_text(json.dumps(raw, indent=2) + "\n")
+    tampered.write_bytes(report_layout(raw))
     outcome = cli(
         capsys,
         "verify",

@@ -44,17 +44,16 @@ def test_it_works_in_the_workspace_the_request_describes(tmp_path: Path) -> None
     request = request_for(tmp_path, envelope_of())
     outcome = anyio.run(CallableAgent(function=agent).run_attempt, request)
     assert (outcome.status, outcome.output) == ("succeeded", None)
-    assert seen == [
-        Workspace(
-            task_id="t1",
-            run_id=request.run_id,
-            path=None,
-            venv=None,
-            output_path=request.output_path,
-            envelope_path=request.envelope_path,
-            env=request.env,
-        )
-    ]
+    [workspace] = seen
+    assert (
+        workspace.task_id,
+        workspace.run_id,
+        workspace.path,
+        workspace.venv,
+        workspace.output_path,
+        workspace.envelope_path,
+        workspace.env,
+    ) == ("t1", request.run_id, None, None, request.output_path, request.envelope_path, request.env)
     assert not request.stdout_path.exists()  # no log files of its own
 
 

@@ -32,7 +32,14 @@ from typing import Any
 import anyio
 import pytest
 
-from envelopes import HandoffEnvelope, Report, build_envelope
+from envelopes import (
+    REPORT_SCHEMA_V1,
+    HandoffEnvelope,
+    Report,
+    build_envelope,
+    digest_without,
+    report_layout,
+)
 from orchestrator import PlanError, Workspace, orchestrate_parallel
 from orchestrator.plan import parse_plan
 
@@ -181,7 +188,7 @@ def fresh_report(repo: Path) -> Path:
 
 def test_report_sha256_snippet(make_repo: MakeRepo, tmp_path: Path) -> None:
     (block,) = REPORT_SNIPPETS
-    assert len(block.text.splitlines()) <= 10
+    assert len(block.text.splitlines()) <= 11
     path = fresh_report(make_repo())
     ok = run_python(block.text, tmp_path, str(path))
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -190,10 +197,17 @@ def test_report_sha256_snippet(make_repo: MakeRepo, tmp_path: Path) -> None:
     raw = json.loads(path.read_text(encoding="utf-8"))
     raw["results"][0]["output"]["text"] = "grüß euch"
     tampered = tmp_path / "tampered.json"
-    tampered.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tampered.write_bytes(report_layout(raw))
     bad = run_python(block.text, tmp_path, str(tampered))
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "MISMATCH" in bad.stdout
+    # A version 1 report, sealed over every byte, checks out too.
+    old = json.loads(path.read_text(encoding="utf-8"))
+    old["schema"] = REPORT_SCHEMA_V1
+    old["report_sha256"] = digest_without(old, "report_sha256")
+    (tmp_path / "v1.json").write_bytes(report_layout(old))
+    ok = run_python(block.text, tmp_path, str(tmp_path / "v1.json"))
+    assert (ok.returncode, ok.stdout.strip()) == (0, "report_sha256 OK"), ok.stderr
 
 
 def webhook_check() -> Callable[[bytes, str, str], bool]:

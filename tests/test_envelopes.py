@@ -39,6 +39,8 @@ from envelopes import (
     load_report_json,
     new_run_id,
     new_task_id,
+    report_digest,
+    report_layout,
     seal_report,
     seal_result,
     sha256_hex,
@@ -596,8 +598,8 @@ def test_seal_result_digest_covers_everything_but_itself() -> None:
 def test_seal_report_digest_covers_everything_but_itself() -> None:
     report = _sealed_report()
     data = report.to_json_dict()
-    assert data["schema"] == "worktree-orchestrator/report/v1"
-    assert report.report_sha256 == digest_without(data, "report_sha256")
+    assert data["schema"] == "worktree-orchestrator/report/v2"
+    assert report.report_sha256 == report_digest(data)
     assert seal_report(report) == report
     renamed = report.model_copy(update={"plan_name": "other"})
     assert seal_report(renamed).report_sha256 != report.report_sha256
@@ -619,7 +621,7 @@ def test_audit_accepts_the_files_of_a_sealed_report(tmp_path: Path) -> None:
 def test_load_report_json_reads_back_a_sealed_report(tmp_path: Path) -> None:
     report = _sealed_report()
     path = tmp_path / "report.json"
-    path.write_text(json.dumps(report.to_json_dict(), indent=2, ensure_ascii=False) + "\n")
+    path.write_bytes(report_layout(report.to_json_dict()))
     raw, loaded = load_report_json(path)
     assert loaded == report
     assert raw == json.loads(json.dumps(report.to_json_dict()))
@@ -644,7 +646,7 @@ def test_audit_after_reseal_still_checks_inner_digests() -> None:
     raw["results"][0]["output"]["answer"] = 41
     prov = raw["results"][0]["provenance"]
     prov["result_sha256"] = digest_without(raw["results"][0], "provenance", "result_sha256")
-    raw["report_sha256"] = digest_without(raw, "report_sha256")
+    raw["report_sha256"] = report_digest(raw)
     assert [(f.task_id, f.field) for f in audit_report(raw)] == [
         ("t-ok", "provenance.output_sha256")
     ]

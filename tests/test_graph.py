@@ -22,6 +22,7 @@ from envelopes import (
     TaskSkipped,
     TaskStarted,
     build_envelope,
+    report_digest,
 )
 from orchestrator import PlanError, Workspace, orchestrate_parallel, verify_report
 
@@ -682,7 +683,7 @@ def _forged(report: Report, task_id: str, base: str) -> Path:
             result["provenance"]["result_sha256"] = digest_without(
                 result, "provenance", "result_sha256"
             )
-    raw["report_sha256"] = digest_without(raw, "report_sha256")
+    raw["report_sha256"] = report_digest(raw)
     forged = path.with_name("forged.json")
     forged.write_bytes(report_layout(raw))
     return forged

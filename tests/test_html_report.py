@@ -42,6 +42,7 @@ from envelopes import (
     Timings,
     Usage,
     UsageTotals,
+    report_layout,
 )
 from orchestrator import Repository, Workspace, orchestrate_parallel
 from orchestrator.audit.html import LOG_BYTES, LOG_LINES, page_facts, render_html
@@ -667,7 +668,7 @@ def test_a_report_naming_someone_elses_file_as_a_log_shows_nothing_of_it(
     last = raw["results"][0]["attempt_log"][-1]
     last["stdout"] = {"path": ".ssh/id_ed25519", "sha256": "0" * 64, "size": 44}
     hostile = tmp_path / "hostile.json"
-    hostile.write_text(json.dumps(raw, indent=2) + "\n")
+    hostile.write_bytes(report_layout(raw))
     page = tmp_path / "page.html"
     assert main(["report", str(hostile), "--html", str(page)]) == 0
     capsys.readouterr()

@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from orchestrator.errors import JournalCorrupt, RunDirError
-from orchestrator.journal import Journal, read_journal
+from orchestrator.journal import Journal, RecordFile, read_journal
 
 
 def opened(path: Path) -> Journal:
@@ -122,3 +122,57 @@ def test_close_writes_what_was_queued(tmp_path: Path) -> None:
     journal.close()
     journal.close()  # idempotent
     assert read_journal(path).records == [{"type": "finished"}]
+
+
+def test_a_record_file_appends_records_found_again_by_offset(tmp_path: Path) -> None:
+    path = tmp_path / "envelopes.jsonl"
+    records = RecordFile(path)
+    first, second = b'{"task_id":"a"}', '{"task_id":"b","t":"\u00e9"}'.encode()
+    assert records.append(first) == 0
+    assert records.append(second) == len(first) + 1
+    records.close()
+    # Opened again (a resumed run): it goes on at the end, after whatever is there.
+    with path.open("ab") as f:
+        f.write(b'{"torn')  # what a write cut short would leave
+    again = RecordFile(path)
+    offset = again.append(b"{}")
+    again.close()
+    again.close()  # idempotent
+    data = path.read_bytes()
+    assert data[offset : offset + 2] == b"{}"
+    assert data[len(first) + 1 : len(first) + 1 + len(second)] == second
+    assert again.records == 1
+
+
+def test_a_record_file_is_never_a_link_or_a_fifo(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    with pytest.raises(RunDirError, match=f"^cannot write {link}: "):
+        RecordFile(link).append(b"{}")
+    assert target.read_bytes() == b""
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(RunDirError, match=f"^cannot write {fifo}: "):
+        RecordFile(fifo).append(b"{}")  # refused at once, not blocked on a reader
+
+
+def test_a_record_file_on_a_full_disk_is_a_run_dir_error(tmp_path: Path) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    records = RecordFile(tmp_path / "envelopes.jsonl")
+    records._fd = os.open("/dev/full", os.O_WRONLY)
+    with pytest.raises(RunDirError, match=r"cannot write .*envelopes\.jsonl: "):
+        records.append(b"{}")
+    records.close()
+
+
+def test_a_line_written_as_it_was_serialised_reads_back(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = opened(path)
+    anyio.run(journal.write_line, '{"type":"result","final":true,"result":{"a":"\u2028"}}')
+    journal.close()
+    assert read_journal(path).records == [
+        {"type": "result", "final": True, "result": {"a": "\u2028"}}
+    ]

@@ -26,7 +26,8 @@ from envelopes import (
     MergePredicted,
     MergeRecord,
     Report,
-    digest_without,
+    report_digest,
+    report_layout,
     seal_report,
     seal_result,
 )
@@ -522,8 +523,8 @@ def test_verify_checks_the_merge_commits_and_the_target(
 
     def findings_of(edited: dict[str, Any]) -> list[str]:
         copy = path.with_name("edited.json")
-        edited["report_sha256"] = digest_without(edited, "report_sha256")
-        copy.write_text(json.dumps(edited, indent=2, ensure_ascii=False) + "\n")
+        edited["report_sha256"] = report_digest(edited)
+        copy.write_bytes(report_layout(edited))
         return [str(f) for f in anyio.run(verify_report, copy).findings]
 
     # A merge commit replaced by another commit (the first result itself).
@@ -609,12 +610,15 @@ def test_an_altered_report_is_neither_merged_nor_resealed(
     path = report_file(report)
     raw = json.loads(path.read_text())
     raw["results"][0]["output"] = {"wrote": ["something else"]}
-    path.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+    path.write_bytes(report_layout(raw))
     old = git(repo, "rev-parse", "main")
 
     done = merge_cli(capsys, str(path), "--into", "main")
     assert done.code == 2
-    assert done.err.startswith(f"orchestrator: {path}: report_sha256: expected ")
+    # The result's own seal gives the change away (a version 2 report's seal covers it
+    # through that one).
+    assert done.err.startswith(f"orchestrator: {path}: task ")
+    assert ": provenance.result_sha256: expected " in done.err
     assert done.err.endswith(
         f"a report that does not verify is not merged (see orchestrator verify {path})\n"
     )
@@ -622,6 +626,13 @@ def test_an_altered_report_is_neither_merged_nor_resealed(
     record = MergeRecord(into="main", status="skipped", at=report.finished_at)
     with pytest.raises(MergeError, match="does not match its report_sha256"):
         anyio.run(record_merge, path, record)
+    # The report re-sealed over the changed result's old seal: that seal still gives it away,
+    # and the report is not re-sealed over it.
+    raw["report_sha256"] = report_digest(raw)
+    path.write_bytes(report_layout(raw))
+    with pytest.raises(MergeError, match="or a result its result_sha256"):
+        anyio.run(record_merge, path, record)
+    assert json.loads(path.read_bytes()) == raw
     unreadable = merge_cli(capsys, str(path.with_name("nofile.json")), "--into", "main")
     assert unreadable.code == 2 and unreadable.err.startswith("orchestrator: cannot read ")
 

@@ -4,6 +4,7 @@ finds nothing wrong with it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from datetime import UTC, datetime, timedelta
@@ -14,8 +15,11 @@ import anyio
 import pytest
 
 from envelopes import (
+    REPORT_SCHEMA,
+    REPORT_SCHEMA_V1,
     AgentInfo,
     ErrorInfo,
+    NotAReport,
     Provenance,
     Report,
     TaskResult,
@@ -23,11 +27,18 @@ from envelopes import (
     audit_report,
     digest,
     digest_without,
+    json_line,
+    load_report_json,
+    report_chunks,
+    report_digest,
+    report_layout,
+    seal_report,
     seal_result,
+    sealed_result_line,
 )
 from orchestrator._version import __version__
 from orchestrator.errors import RunDirError
-from orchestrator.report import aggregate_results, write_report
+from orchestrator.report import aggregate_results, report_bytes, write_report
 
 STARTED = datetime(2026, 11, 22, 5, 54, 31, tzinfo=UTC)
 FINISHED = STARTED + timedelta(seconds=12.5)
@@ -194,7 +205,7 @@ def test_the_report_carries_the_run_and_is_sealed() -> None:
     assert report.run_dir == "/srv/repo/.git/orchestrator/runs/20261122-055431-8c6b7f"
     assert report.warnings == ["the pool was turned off: no room"]
     raw = report.to_json_dict()
-    assert report.report_sha256 == digest_without(raw, "report_sha256")
+    assert report.report_sha256 == report_digest(raw)
 
 
 def test_a_non_finite_number_never_reaches_the_file_as_nan(tmp_path: Path) -> None:
@@ -208,7 +219,7 @@ def test_a_non_finite_number_never_reaches_the_file_as_nan(tmp_path: Path) -> No
 
     raw = json.loads(path.read_bytes(), parse_constant=refuse)
     assert raw["results"][0]["output"] == {"score": None, "big": None}
-    assert raw["report_sha256"] == digest_without(raw, "report_sha256")
+    assert raw["report_sha256"] == report_digest(raw)
 
 
 def written(path: Path) -> dict[str, Any]:
@@ -301,3 +312,84 @@ def test_usage_is_added_up_per_run_agent_and_model_and_verifies(tmp_path: Path) 
     raw["summary"]["usage"]["cost_usd"] = 0.0
     fields = {f.field for f in audit_report(raw, run_dir=Path(report.run_dir))}
     assert "summary.usage" in fields
+
+
+def test_a_version_2_report_holds_a_result_a_line_and_seals_their_seals(tmp_path: Path) -> None:
+    results = [task_result(t, s) for t, s in ONE_OF_EACH]
+    report = aggregate(results)
+    assert report.schema_ == REPORT_SCHEMA == "worktree-orchestrator/report/v2"
+    data = anyio.run(write_report, report, tmp_path / "report.json").read_bytes()
+    lines = data.decode().splitlines()
+    # Each result on a line of its own, as json_line writes it, between the indented rest.
+    start = lines.index('  "results": [')
+    for i, result in enumerate(results):
+        line = lines[start + 1 + i]
+        assert line == "    " + json_line(result.model_dump(mode="json")) + ("," if i < 5 else "")
+    assert lines[start + 1 + len(results)] in ("  ],", "  ]")
+    raw = json.loads(data)
+    assert report_layout(raw) == data
+    assert audit_report(raw, source=data) == []
+    # report_sha256 covers each result through its result_sha256 ...
+    seals = [r["provenance"]["result_sha256"] for r in raw["results"]]
+    assert raw["report_sha256"] == digest_without({**raw, "results": seals}, "report_sha256")
+    # ... which covers the rest of it: a result changed and the report re-sealed is still
+    # caught, by that result's own seal.
+    raw["results"][1]["exit_code"] = 0
+    raw["report_sha256"] = report_digest(raw)
+    edited = report_layout(raw)
+    assert [(f.task_id, f.field) for f in audit_report(raw, source=edited)] == [
+        (results[1].task_id, "provenance.result_sha256")
+    ]
+
+
+def test_a_version_1_report_is_still_read_and_verified(tmp_path: Path) -> None:
+    """Reports written before version 2: indented throughout, sealed over every byte."""
+    report = aggregate([task_result(t, s) for t, s in ONE_OF_EACH])
+    old = report.model_copy(update={"schema_": REPORT_SCHEMA_V1, "report_sha256": ""})
+    old = seal_report(old)
+    assert old.report_sha256 == digest_without(old.to_json_dict(), "report_sha256")
+    path = anyio.run(write_report, old, tmp_path / "report.json")
+    data = path.read_bytes()
+    raw = json.loads(data)
+    assert data == (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode()
+    assert load_report_json(path)[1] == old
+    assert audit_report(raw, source=data) == []
+    # Written in the other version's layout, it is a finding.
+    other = b"".join(report_chunks(raw, [json_line(r) for r in raw["results"]]))
+    assert [f.field for f in audit_report(raw, source=other)] == ["<file>"]
+    # A report of a schema nobody wrote is not a report.
+    (tmp_path / "v9.json").write_text(
+        json.dumps({**raw, "schema": "worktree-orchestrator/report/v9"})
+    )
+    with pytest.raises(NotAReport, match="not a worktree-orchestrator report"):
+        load_report_json(tmp_path / "v9.json")
+
+
+def test_writing_a_report_serialises_no_result_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lines a run made when it sealed each result are the ones written."""
+    made = [sealed_result_line(task_result(f"t{i}", "succeeded")) for i in range(5)]
+    results = [result for result, _ in made]
+    lines = {result.task_id: (result, line) for result, line in made}
+    report = aggregate(results)
+    dumps = 0
+    dump = TaskResult.model_dump
+
+    def counting(self: TaskResult, **kwargs: Any) -> dict[str, Any]:
+        nonlocal dumps
+        dumps += 1
+        return dump(self, **kwargs)
+
+    monkeypatch.setattr(TaskResult, "model_dump", counting)
+    data = anyio.run(
+        functools.partial(write_report, report, tmp_path / "report.json", lines=lines)
+    ).read_bytes()
+    assert dumps == 0
+    # A line is used only for the very result it was made from.
+    changed = results[0].model_copy(update={"exit_code": 3})
+    report_bytes(report.model_copy(update={"results": [changed, *results[1:]]}), lines)
+    assert dumps == 1
+    monkeypatch.undo()
+    assert data == report_bytes(report)
+    assert all(line == json_line(r.model_dump(mode="json")) for r, line in made)

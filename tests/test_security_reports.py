@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 
-from envelopes import build_envelope, digest_without
+from envelopes import build_envelope, digest_without, report_digest, report_layout
 from orchestrator import orchestrate_parallel
 
 from .conftest import MakeRepo, cli, git
@@ -44,8 +44,8 @@ def reseal(raw: dict[str, Any]) -> bytes:
         result["provenance"]["result_sha256"] = digest_without(
             result, "provenance", "result_sha256"
         )
-    raw["report_sha256"] = digest_without(raw, "report_sha256")
-    return (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    raw["report_sha256"] = report_digest(raw)
+    return report_layout(raw)
 
 
 def forge(path: Path, target: Path, edit: Any) -> Path:
@@ -343,11 +343,11 @@ def test_a_report_of_an_earlier_version_without_warnings_still_verifies(
     # A warning removed from a report that had one is caught: the seal covers it.
     raw = json.loads(path.read_text())
     raw["warnings"] = ["refs/heads/main moved during the run"]
-    raw["report_sha256"] = digest_without(raw, "report_sha256")
+    raw["report_sha256"] = report_digest(raw)
     tampered = tmp_path / "tampered.json"
-    tampered.write_bytes((json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode())
+    tampered.write_bytes(report_layout(raw))
     raw.pop("warnings")
-    tampered.write_bytes((json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode())
+    tampered.write_bytes(report_layout(raw))
     assert cli(capsys, "verify", str(tampered), "--run-dir", str(path.parent)).code == 1
 
 

@@ -24,13 +24,15 @@ from envelopes import (
     Rates,
     Report,
     RunStarted,
+    TaskResult,
     TaskRetrying,
     Usage,
     build_envelope,
     digest,
 )
 from orchestrator import orchestrate_parallel, verify_report
-from orchestrator.agents import AttemptOutcome, AttemptRequest
+from orchestrator.agents import AttemptOutcome, AttemptRequest, Workspace
+from orchestrator.errors import ReportUnreadable
 
 from .conftest import MakeRepo, git, task_worktrees
 
@@ -317,3 +319,115 @@ def test_an_attempt_that_said_nothing_makes_the_tasks_cost_partial(make_repo: Ma
     assert (result.usage.cost_usd, result.usage.cost_source) == (0.5, "partial")
     assert report.summary.usage is not None and report.summary.usage.cost_unknown == 1
     assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+def callable_run(tmp_path: Path, agent: Any, n: int = 3, **fields: Any) -> tuple[Report, Path]:
+    """*n* tasks of the callable *agent* with nothing made for them, in a state directory
+    of their own; the report and its path."""
+    envelopes = [
+        build_envelope("c", "do", task_id=f"t{i}", worktree=False, venv=False, **fields)
+        for i in range(n)
+    ]
+    state = tmp_path / "state"
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, agents={"c": agent}, state_dir=state)
+    )
+    return report, Path(report.run_dir) / "report.json"
+
+
+def test_a_task_that_needs_no_envelope_file_is_a_record_of_the_runs(tmp_path: Path) -> None:
+    async def agent(envelope: Any, workspace: Any) -> dict[str, str]:
+        return {"id": envelope.task_id}
+
+    report, path = callable_run(tmp_path, agent)
+    run_dir = path.parent
+    records = (run_dir / "envelopes.jsonl").read_bytes()
+    assert records.count(b"\n") == 3
+    assert not list((run_dir / "envelopes").iterdir())  # no file per task
+    for result in report.results:
+        entry = result.envelope
+        assert entry is not None and (entry.path, entry.offset is not None) == (
+            "envelopes.jsonl",
+            True,
+        )
+        assert entry.offset is not None
+        data = records[entry.offset : entry.offset + entry.size]
+        assert json.loads(data)["task_id"] == result.task_id
+        assert digest(json.loads(data)) == result.provenance.envelope_sha256
+    assert anyio.run(lambda: verify_report(path)).ok
+
+
+def test_a_changed_or_missing_record_is_a_finding_not_a_crash(tmp_path: Path) -> None:
+    async def agent(envelope: Any, workspace: Any) -> dict[str, str]:
+        return {}
+
+    report, path = callable_run(tmp_path, agent)
+    records = path.parent / "envelopes.jsonl"
+    data = records.read_bytes()
+    entry = report.results[1].envelope
+    assert entry is not None and entry.offset is not None
+    at = data.index(b'"task"', entry.offset)
+    records.write_bytes(data[:at] + b'"tusk"' + data[at + 6 :])
+    found = anyio.run(lambda: verify_report(path)).findings
+    assert {(f.task_id, f.field) for f in found} == {
+        ("t1", "envelope.sha256"),
+        ("t1", "provenance.envelope_sha256"),
+    }
+    records.write_bytes(data[: entry.offset])  # cut short: t1's and t2's records are gone
+    found = anyio.run(lambda: verify_report(path)).findings
+    assert {f.task_id for f in found} == {"t1", "t2"}
+    assert all(f.field in ("envelope.sha256", "envelope.size") for f in found)
+
+
+def test_a_record_entry_reaching_past_any_file_is_refused_as_a_report(tmp_path: Path) -> None:
+    async def agent(envelope: Any, workspace: Any) -> dict[str, str]:
+        return {}
+
+    _, path = callable_run(tmp_path, agent, n=1)
+    raw = json.loads(path.read_bytes())
+    raw["results"][0]["envelope"]["offset"] = 1 << 63
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ReportUnreadable, match=r"envelope\.offset"):
+        anyio.run(lambda: verify_report(path))
+
+
+def test_an_agent_that_asks_for_its_envelope_file_gets_it(tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    async def agent(envelope: Any, workspace: Workspace) -> dict[str, str]:
+        if envelope.task_id == "t0":
+            seen["path"] = workspace.envelope_path
+            seen["bytes"] = workspace.envelope_path.read_bytes()
+        if envelope.task_id == "t1":
+            seen["env"] = Path(workspace.env["ORCHESTRATOR_ENVELOPE"]).read_bytes()
+        return {}
+
+    report, path = callable_run(tmp_path, agent, n=3)
+    envelopes = path.parent / "envelopes"
+    assert sorted(p.name for p in envelopes.iterdir()) == ["t0.json", "t1.json"]
+    records = (path.parent / "envelopes.jsonl").read_bytes()
+    for result, file in zip(report.results, ("bytes", "env"), strict=False):
+        entry = result.envelope
+        assert entry is not None and entry.offset is not None
+        assert seen[file] == records[entry.offset : entry.offset + entry.size]
+    assert seen["path"] == envelopes / "t0.json"
+    assert anyio.run(lambda: verify_report(path)).ok
+
+
+def test_a_run_serialises_each_result_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sealed, journaled, written in the report: one model dump each (the lean path)."""
+    dumps = 0
+    dump = TaskResult.model_dump
+
+    def counting(self: TaskResult, **kwargs: Any) -> dict[str, Any]:
+        nonlocal dumps
+        dumps += 1
+        return dump(self, **kwargs)
+
+    monkeypatch.setattr(TaskResult, "model_dump", counting)
+
+    async def agent(envelope: Any, workspace: Any) -> dict[str, str]:
+        return {}
+
+    callable_run(tmp_path, agent, n=20)
+    assert dumps == 20

@@ -171,8 +171,10 @@ def _dependencies(
 def _byproducts(result: TaskResult) -> list[dict[str, Any]]:
     prov = result.provenance
     out: list[dict[str, Any]] = [{"name": "output", "digest": {"sha256": prov.output_sha256}}]
-    if result.envelope is not None:
-        out.append({"name": result.envelope.path, "digest": {"sha256": result.envelope.sha256}})
+    if (entry := result.envelope) is not None:
+        # A record of the run's envelopes.jsonl is named by where it starts in that file.
+        name = entry.path if entry.offset is None else f"{entry.path}#{entry.offset}"
+        out.append({"name": name, "digest": {"sha256": entry.sha256}})
     for attempt in result.attempt_log:
         for log in (attempt.stdout, attempt.stderr):
             if log is not None:
