@@ -24,10 +24,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 
 from envelopes import (
     HEADER_VARIABLE,
@@ -46,6 +45,11 @@ from ._version import __version__
 from .attempt import MAX_OUTPUT_BYTES, AttemptOutcome, AttemptRequest, timed_out
 from .errors import GitError
 from .secrets import MIN_DECLARED_LENGTH, Masker
+
+if TYPE_CHECKING:
+    # Imported where a request is made (0.1 s with the command-line module it pulls in):
+    # a run without HTTP agents or webhooks never pays for it.
+    import httpx
 
 __all__ = ["HttpAgent"]
 
@@ -106,6 +110,8 @@ class HttpAgent:
         (``Content-Length``, ``Transfer-Encoding``, ``Connection``, ``Host``), or a header
         value with a line break or NUL.
         """
+        import httpx
+
         http = spec.http
         if http is None:
             raise ValueError("an http agent needs http: {url: ...}")
@@ -197,6 +203,8 @@ class HttpAgent:
     def _headers(self, request: AttemptRequest) -> tuple[httpx.Headers, Masker]:
         """The request's headers, ``${NAME}`` filled in from the agent's environment, and a
         masker of the values filled in."""
+        import httpx
+
         headers = httpx.Headers(
             {
                 "Accept": "application/json",
@@ -237,6 +245,8 @@ class HttpAgent:
     async def _exchange(self, client: httpx.AsyncClient, body: bytes) -> dict[str, Any]:
         """POST the envelope and, while the answer is ``202``, poll its ``Location``: the
         output of the ``200`` answer at the end."""
+        import httpx
+
         url = origin = httpx.URL(self.url)
         method = "POST"
         status, location, data = await _send(client, method, url, content=body)
@@ -264,6 +274,8 @@ def _client(headers: httpx.Headers) -> httpx.AsyncClient:
     """A client for one attempt: no timeouts of its own (the attempt's bounds it all), no
     redirects followed, nothing from the orchestrator's environment (neither proxies nor a
     ~/.netrc password, which would be sent to a host the plan names). Blocking."""
+    import httpx
+
     return httpx.AsyncClient(
         headers=headers, timeout=httpx.Timeout(None), follow_redirects=False, trust_env=False
     )
@@ -278,6 +290,8 @@ async def _send(
 ) -> tuple[int, str | None, bytes]:
     """One request: its answer's status, ``Location`` and body (a ``200`` body up to
     MAX_OUTPUT_BYTES, else ``invalid_output``; another's first MAX_ERROR_BODY_BYTES)."""
+    import httpx
+
     request = client.build_request(method, url, content=content)
     try:
         response = await client.send(request, stream=True)
@@ -345,6 +359,8 @@ def _output(data: bytes) -> dict[str, Any]:
 
 def _status_error(method: str, url: httpx.URL, status: int, data: bytes) -> _Failed:
     """The failure an answer other than 200 or 202 is."""
+    import httpx
+
     kind: ErrorKind
     if status in (401, 403):
         kind = "auth"
@@ -425,6 +441,8 @@ def _patch_error(stderr: str) -> _Failed:
 
 def _resolve(base: httpx.URL, location: str) -> httpx.URL:
     """*location* (absolute, or relative to *base*) as an http(s) URL to poll."""
+    import httpx
+
     try:
         url = base.join(location)
     except httpx.InvalidURL:

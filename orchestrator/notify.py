@@ -23,11 +23,10 @@ import hmac
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
-import httpx
 
 from envelopes import HEADER_VARIABLE, Event, Notification, NotifySpec
 
@@ -35,6 +34,11 @@ from ._version import __version__
 from .errors import EventHandlerFailed, PlanError, PlanIssue
 from .plan import LoadedPlan
 from .retry import retry_attempts
+
+if TYPE_CHECKING:
+    # Imported where a request is made (0.1 s with the command-line module it pulls in):
+    # a run without HTTP agents or webhooks never pays for it.
+    import httpx
 
 __all__ = [
     "ATTEMPTS",
@@ -140,6 +144,8 @@ def _filled(url: str, environ: Mapping[str, str]) -> tuple[str, str | None]:
 
 
 def _url_problem(url: str) -> str | None:
+    import httpx
+
     try:
         httpx.URL(url)
     except httpx.InvalidURL:
@@ -389,6 +395,8 @@ def _client() -> httpx.AsyncClient:
     """A client for one endpoint: no timeouts of its own (each request's is a cancel scope),
     no redirects followed, nothing from the orchestrator's environment (neither proxies nor
     a ~/.netrc password, which would be sent to the host a plan names)."""
+    import httpx
+
     return httpx.AsyncClient(timeout=httpx.Timeout(None), follow_redirects=False, trust_env=False)
 
 
@@ -400,6 +408,8 @@ async def _post(
     client: httpx.AsyncClient, hook: Webhook, queued: _Queued, *, delivery: str, attempt: int
 ) -> _Answer:
     """One request for *queued*, bounded by the hook's timeout; its answer's body discarded."""
+    import httpx
+
     headers = {
         "Content-Type": "application/json",
         "Accept-Encoding": "identity",
