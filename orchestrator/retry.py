@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_result,
-    stop_after_attempt,
-    wait_none,
-)
+
+if TYPE_CHECKING:
+    # Imported when a task is retried (40 ms where tornado is installed, which tenacity
+    # then imports too): most tasks are not, and a small plan's run is mostly start-up.
+    from tenacity import RetryCallState
 
 __all__ = ["retry_attempts", "set_testing"]
 
@@ -60,6 +58,7 @@ async def retry_attempts(
 
     if retries == 0:
         return await attempt(1)  # the common case, without tenacity's machinery
+    from tenacity import AsyncRetrying, retry_if_result, stop_after_attempt, wait_none
 
     async def notify(state: RetryCallState) -> None:
         if before_retry is not None:
