@@ -4,6 +4,7 @@ Importable alone (it depends on pydantic only), so that anyone can read a plan, 
 envelope or re-check a report's digests without the engine.
 """
 
+from ._audit import ENVELOPE_RECORDS as ENVELOPE_RECORDS
 from ._audit import MAX_ENVELOPE_BYTES as MAX_ENVELOPE_BYTES
 from ._audit import MAX_LOG_BYTES as MAX_LOG_BYTES
 from ._audit import MAX_REPORT_BYTES as MAX_REPORT_BYTES
@@ -12,6 +13,7 @@ from ._audit import NotAReport as NotAReport
 from ._audit import audit_report as audit_report
 from ._audit import load_report_file as load_report_file
 from ._audit import load_report_json as load_report_json
+from ._audit import read_logged as read_logged
 from ._audit import report_chunks as report_chunks
 from ._audit import report_layout as report_layout
 from ._audit import upstream_tasks as upstream_tasks
@@ -158,6 +160,7 @@ __all__ = [
     "DEFAULT_HOOK_TIMEOUT_S",
     "DEFAULT_STEP_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
+    "ENVELOPE_RECORDS",
     "ENVELOPE_SCHEMA",
     "ENV_FORMS",
     "HEADER_VARIABLE",
@@ -284,6 +287,7 @@ __all__ = [
     "placeholder_problem",
     "plan_problems",
     "read_bounded",
+    "read_logged",
     "read_span",
     "ref_safe",
     "relative_path_problem",

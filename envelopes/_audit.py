@@ -19,17 +19,19 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ._bounded import (
     MAX_JSON_DEPTH,
     hash_file,
+    hash_span,
     loads_bounded,
     read_bounded,
     read_span,
     unique_keys,
 )
-from ._canonical import digest, digest_without, json_line, sha256_hex
+from ._canonical import digest, digest_without, json_line
 from ._result import REPORT_SCHEMA_V1, REPORT_SCHEMAS, SUCCESSFUL, Report, report_digest
 from ._timeline import audit_timings
 from ._usage import add_usage, estimate_cost, usage_by_model, usage_totals
 
 __all__ = [
+    "ENVELOPE_RECORDS",
     "MAX_ENVELOPE_BYTES",
     "MAX_LOG_BYTES",
     "MAX_REPORT_BYTES",
@@ -38,10 +40,13 @@ __all__ = [
     "audit_report",
     "load_report_file",
     "load_report_json",
+    "read_logged",
     "report_chunks",
     "report_layout",
 ]
 
+#: The file of the envelopes that are records (see LogFile.offset), in the run directory.
+ENVELOPE_RECORDS = "envelopes.jsonl"
 #: Largest report file read (a 100,000-task report is about 250 MB).
 MAX_REPORT_BYTES = 1 << 30
 #: Largest envelope file read back (it holds the outputs of the task's dependencies).
@@ -195,17 +200,28 @@ def _check(task_id: str | None, field: str, expected: Any, found: Any) -> Iterat
 
 
 def _check_file(
-    task_id: str | None, field: str, entry: Mapping[str, Any] | None, run_dir: Path
+    task_id: str | None,
+    field: str,
+    entry: Mapping[str, Any] | None,
+    run_dir: Path,
+    *,
+    record: bool = False,
 ) -> Iterator[Finding]:
+    """The file (or, where *record*, the record of envelopes.jsonl) an entry names is there,
+    with its digest and size; hashed as it is read, at most MAX_LOG_BYTES of it."""
     if entry is None:
         return
+    offset = entry.get("offset")
+    if offset is not None and not (record and entry["path"] == ENVELOPE_RECORDS):
+        message = f"only an envelope is a record (of {ENVELOPE_RECORDS}), not {entry['path']!r}"
+        yield Finding(task_id=task_id, field=f"{field}.offset", message=message)
+        return
     try:
-        if entry.get("offset") is None:
-            limit = min(entry["size"], MAX_LOG_BYTES)
+        limit = min(entry["size"], MAX_LOG_BYTES)
+        if offset is None:
             found, size = hash_file(entry["path"], limit, within=run_dir)
         else:
-            data = _read_record(entry, MAX_LOG_BYTES, run_dir)
-            found, size = sha256_hex(data), len(data)
+            found, size = hash_span(entry["path"], offset, limit, within=run_dir)
     except OSError as exc:
         yield Finding(
             task_id=task_id,
@@ -215,11 +231,6 @@ def _check_file(
         return
     yield from _check(task_id, f"{field}.sha256", entry["sha256"], found)
     yield from _check(task_id, f"{field}.size", entry["size"], size)
-
-
-def _read_record(entry: Mapping[str, Any], limit: int, run_dir: Path) -> bytes:
-    """The bytes a LogFile *entry* with an ``offset`` names (at most *limit* of them)."""
-    return read_span(entry["path"], entry["offset"], min(entry["size"], limit), within=run_dir)
 
 
 def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Finding]:
@@ -260,7 +271,7 @@ def _audit_result(raw: Mapping[str, Any], run_dir: Path | None) -> Iterator[Find
     if run_dir is None:
         return
     if raw["envelope"] is not None:
-        yield from _check_file(tid, "envelope", raw["envelope"], run_dir)
+        yield from _check_file(tid, "envelope", raw["envelope"], run_dir, record=True)
         if "sha256" in raw["envelope"]:
             yield from _check_envelope(tid, raw["envelope"], prov, run_dir)
             yield from _checks_as_told(raw, run_dir)
@@ -394,13 +405,25 @@ def _read_envelope(entry: Mapping[str, Any], run_dir: Path) -> Any:
     """The envelope's JSON (a file, or a record of the run's envelopes.jsonl), or None when
     it cannot be read safely (the file check says why)."""
     try:
-        if entry.get("offset") is None:
-            data = read_bounded(entry["path"], MAX_ENVELOPE_BYTES, within=run_dir)
-        else:
-            data = _read_record(entry, MAX_ENVELOPE_BYTES, run_dir)
+        data = read_logged(
+            entry["path"],
+            size=entry["size"],
+            offset=entry.get("offset"),
+            limit=MAX_ENVELOPE_BYTES,
+            within=run_dir,
+        )
         return loads_bounded(data, max_depth=MAX_JSON_DEPTH)
     except (OSError, ValueError):
         return None
+
+
+def read_logged(path: str, *, size: int, offset: int | None, limit: int, within: Path) -> bytes:
+    """The bytes a LogFile names in the run directory *within*: the whole file (at most
+    *limit* bytes: UnsafeFile beyond), or its record of *size* bytes from *offset* (at most
+    *limit* of them). OSError when it cannot be read safely."""
+    if offset is None:
+        return read_bounded(path, limit, within=within)
+    return read_span(path, offset, min(size, limit), within=within)
 
 
 def _check_envelope(

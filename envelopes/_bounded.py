@@ -27,6 +27,7 @@ __all__ = [
     "UnsafeFile",
     "depth_problem",
     "hash_file",
+    "hash_span",
     "loads_bounded",
     "open_regular",
     "read_bounded",
@@ -163,6 +164,25 @@ def read_span(path: Path | str, offset: int, size: int, *, within: Path | None =
     finally:
         os.close(fd)
     return b"".join(chunks)
+
+
+def hash_span(
+    path: Path | str, offset: int, size: int, *, within: Path | None = None
+) -> tuple[str, int]:
+    """SHA-256 and length of at most *size* bytes of a regular file from *offset* (see
+    :func:`read_span`), hashed as they are read: never more than a chunk in memory."""
+    fd = open_regular(path, within=within)
+    try:
+        hasher, count = hashlib.sha256(), 0
+        while count < size:
+            chunk = os.pread(fd, min(size - count, 1 << 20), offset + count)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            count += len(chunk)
+    finally:
+        os.close(fd)
+    return hasher.hexdigest(), count
 
 
 class _Capped(io.RawIOBase):

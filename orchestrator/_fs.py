@@ -273,8 +273,10 @@ def replace_file(path: Path, data: bytes) -> None:
 def write_file(path: Path, data: bytes) -> None:
     """Write *data* to *path*, replacing it, without fsync: for files the journal can re-make.
 
-    An envelope is such a file: its digest is in the journal, and a resume writes it again,
-    so it need not survive a crash; what it must not cost is two fsyncs per task. Raises
+    An envelope is such a file: a crash of the process loses nothing written (it is in the
+    page cache); what it must not cost is two fsyncs per task. A power cut can lose it (its
+    result, journaled, then names a file that is gone: ``verify`` says so), as it can the
+    records of envelopes.jsonl. Raises
     RunDirError naming the path when the disk is full or the directory is not writable.
     """
     try:

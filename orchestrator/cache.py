@@ -39,8 +39,7 @@ from envelopes import (
     Timings,
     digest,
     loads_bounded,
-    read_bounded,
-    read_span,
+    read_logged,
     seal_result,
 )
 
@@ -265,7 +264,14 @@ def reusable_results(
         if not result.succeeded or result.envelope is None:
             continue
         try:
-            data = _envelope_bytes(result.envelope, run_dir)
+            entry = result.envelope
+            data = read_logged(
+                entry.path,
+                size=entry.size,
+                offset=entry.offset,
+                limit=MAX_ENVELOPE_BYTES,
+                within=run_dir,
+            )
             envelope = HandoffEnvelope.model_validate(loads_bounded(data))
         except (OSError, ValueError):
             continue
@@ -274,11 +280,3 @@ def reusable_results(
             key = cache_key(envelope, result.provenance.base_commit, agent)
             out[key] = (result, run_dir.name)
     return out
-
-
-def _envelope_bytes(entry: LogFile, run_dir: Path) -> bytes:
-    """The envelope a result names: its file, or its record in the run's envelopes.jsonl."""
-    if entry.offset is None:
-        return read_bounded(entry.path, MAX_ENVELOPE_BYTES, within=run_dir)
-    size = min(entry.size, MAX_ENVELOPE_BYTES)
-    return read_span(entry.path, entry.offset, size, within=run_dir)

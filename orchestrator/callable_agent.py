@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class Workspace:
     __slots__ = (
         "_env",
         "_envelope_path",
+        "_lock",
         "_write",
         "output_path",
         "path",
@@ -68,6 +70,7 @@ class Workspace:
         self._envelope_path = envelope_path
         self._env = env
         self._write = write_envelope
+        self._lock = threading.Lock()  # an agent may ask from several threads at once
 
     @property
     def envelope_path(self) -> Path:
@@ -82,9 +85,10 @@ class Workspace:
         return self._env
 
     def _written(self) -> None:
-        if self._write is not None:
-            self._write()  # RunDirError: the agent's exception, so its attempt's failure
-            self._write = None
+        with self._lock:
+            if self._write is not None:
+                self._write()  # RunDirError: the agent's exception, so its attempt's failure
+                self._write = None
 
     def __repr__(self) -> str:
         return (
@@ -107,6 +111,9 @@ class CallableAgent:
 
     #: In this process: it cannot be sandboxed.
     in_process = True
+    #: It reads no envelope file but through its Workspace, which writes one when asked: a
+    #: task with nothing made for it may keep its envelope as a record of envelopes.jsonl.
+    envelope_record = True
     #: It has no stdout or stderr of its own: its attempts have no log files.
     writes_logs = False
 

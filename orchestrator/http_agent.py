@@ -98,6 +98,9 @@ class HttpAgent:
 
     #: A client in this process: it cannot be sandboxed.
     in_process = True
+    #: The envelope goes in the request's body: no file of it is read, so a task with nothing
+    #: made for it keeps its envelope as a record of envelopes.jsonl.
+    envelope_record = True
     #: No program, no stdout or stderr: its attempts have no log files.
     writes_logs = False
 

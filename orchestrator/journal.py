@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from envelopes import loads_bounded, read_bounded
+from envelopes import ENVELOPE_RECORDS, loads_bounded, read_bounded
 
 from ._faults import armed, crash_point
 from .errors import JournalCorrupt, RunDirError
@@ -41,7 +41,7 @@ __all__ = [
 
 JOURNAL = "journal.jsonl"
 #: The envelopes of a run's tasks that need no file of their own (see RecordFile).
-ENVELOPES = "envelopes.jsonl"
+ENVELOPES = ENVELOPE_RECORDS
 
 
 @dataclass

@@ -51,7 +51,7 @@ from envelopes import (
     load_report_file,
     loads_bounded,
     open_regular,
-    read_bounded,
+    read_logged,
     ref_safe,
 )
 
@@ -472,7 +472,13 @@ async def _read_task(report: Report, task_id: str, run_dir: Path) -> _Task:
         raise MergeError(f"task {task_id}: the report names no envelope file, so no checks")
     try:
         data = await anyio.to_thread.run_sync(
-            lambda: read_bounded(entry.path, MAX_ENVELOPE_BYTES, within=run_dir)
+            lambda: read_logged(
+                entry.path,
+                size=entry.size,
+                offset=entry.offset,
+                limit=MAX_ENVELOPE_BYTES,
+                within=run_dir,
+            )
         )
         raw = loads_bounded(data)
     except (OSError, ValueError) as exc:

@@ -58,7 +58,7 @@ from envelopes import (
     with_estimated_cost,
 )
 
-from ._fs import remove_tree, write_file
+from ._fs import remove_tree, replace_file, write_file
 from .agents import Agent
 from .attempt import MAX_OUTPUT_BYTES, AttemptOutcome, AttemptRequest, log_entries
 from .context import RunContext
@@ -581,21 +581,25 @@ class _Subagent:
 
     @property
     def record_only(self) -> bool:
-        """The task needs no envelope file of its own: nothing is made for it, and only this
-        process reads its envelope (an in-process agent, no setup steps or checks). Its
+        """The task needs no envelope file of its own: nothing is made for it, and its kind
+        of agent says it reads no envelope file (``envelope_record``: the callable and http
+        kinds; a kind that does not say so gets its file), nor do setup steps or checks. Its
         envelope is a record of the run's envelopes.jsonl; the file is written only if the
         agent asks for it (see Workspace)."""
         envelope = self.envelope
         return (
             self.ctx.envelope_records is not None
-            and self.agent.in_process
+            and getattr(self.agent, "envelope_record", False) is True
             and not (envelope.worktree or envelope.venv or envelope.setup or envelope.checks)
         )
 
     def _envelope_file(self) -> None:
-        """Write the envelope's own file, for an agent that asked for it (in the event loop:
-        a few hundred bytes, asked for from a property)."""
-        write_file(self.files.envelope, self.envelope_bytes)
+        """Write the envelope's own file, for an agent that asked for it: whole or not at all
+        (a new file renamed into place), a few hundred bytes."""
+        try:
+            replace_file(self.files.envelope, self.envelope_bytes)
+        except OSError as exc:
+            raise RunDirError(f"cannot write {self.files.envelope}: {exc.strerror or exc}") from exc
 
     def _env(self, output_path: Path) -> dict[str, str]:
         from .isolation import agent_environment
@@ -1252,6 +1256,8 @@ def finished_event(ctx: RunContext, result: TaskResult) -> TaskFinished:
         attempts=result.attempts,
         duration_s=result.timings.duration_s,
         result_commit=result.provenance.result_commit,
-        error=result.error,
-        usage=result.usage,
+        # Copies: a handler that changes what it is told must not change the sealed result
+        # (whose line, made when it was sealed, is what the report holds).
+        error=result.error.model_copy(deep=True) if result.error is not None else None,
+        usage=result.usage.model_copy(deep=True) if result.usage is not None else None,
     )

@@ -24,11 +24,14 @@ from envelopes import (
     Rates,
     Report,
     RunStarted,
+    TaskFinished,
     TaskResult,
     TaskRetrying,
     Usage,
     build_envelope,
     digest,
+    report_digest,
+    report_layout,
 )
 from orchestrator import orchestrate_parallel, verify_report
 from orchestrator.agents import AttemptOutcome, AttemptRequest, Workspace
@@ -431,3 +434,83 @@ def test_a_run_serialises_each_result_once(tmp_path: Path, monkeypatch: pytest.M
 
     callable_run(tmp_path, agent, n=20)
     assert dumps == 20
+
+
+def test_a_kind_that_does_not_say_it_reads_no_envelope_file_gets_one(tmp_path: Path) -> None:
+    """An in-process kind of someone else's may hand ORCHESTRATOR_ENVELOPE to a program: only
+    a kind with ``envelope_record`` has its envelopes kept as records."""
+    seen: list[bytes] = []
+
+    async def step(request: AttemptRequest) -> AttemptOutcome:
+        assert request.write_envelope is None
+        seen.append(Path(request.env["ORCHESTRATOR_ENVELOPE"]).read_bytes())
+        return SUCCEEDED
+
+    report = run(Scripted(step), None, worktree=False, state_dir=tmp_path / "state")
+    entry = report.results[0].envelope
+    assert entry is not None and entry.offset is None
+    assert entry.path == "envelopes/t1.json" and len(seen[0]) == entry.size
+
+
+def test_threads_that_ask_for_the_envelope_file_at_once_all_read_it_whole(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    reads: list[bytes] = []
+
+    async def agent(envelope: Any, workspace: Workspace) -> dict[str, str]:
+        def read() -> None:
+            reads.append(workspace.envelope_path.read_bytes())
+
+        threads = [threading.Thread(target=read) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return {}
+
+    report, path = callable_run(tmp_path, agent, n=20)
+    sizes = {r.envelope.size for r in report.results if r.envelope is not None}
+    assert len(reads) == 160 and {len(data) for data in reads} <= sizes
+    assert all(json.loads(data)["task"] == "do" for data in reads)
+    assert anyio.run(lambda: verify_report(path)).ok
+
+
+def test_a_handler_that_changes_what_it_is_told_changes_no_result(tmp_path: Path) -> None:
+    """Events carry copies: the report holds what the result was sealed with."""
+
+    def redact(event: Event) -> None:
+        if isinstance(event, TaskFinished) and event.error is not None:
+            event.error.message = "redacted"
+
+    async def agent(envelope: Any, workspace: Any) -> dict[str, str]:
+        raise RuntimeError("the real reason")
+
+    envelopes = [build_envelope("c", "do", task_id="t0", worktree=False, venv=False)]
+    report = anyio.run(
+        lambda: orchestrate_parallel(
+            envelopes, agents={"c": agent}, state_dir=tmp_path / "state", on_event=redact
+        )
+    )
+    assert report.results[0].error is not None
+    assert report.results[0].error.message == "RuntimeError: the real reason"
+    assert anyio.run(lambda: verify_report(Path(report.run_dir) / "report.json")).ok
+
+
+def test_an_offset_is_for_an_envelope_record_only(tmp_path: Path) -> None:
+    async def agent(envelope: Any, workspace: Any) -> dict[str, str]:
+        return {}
+
+    _, path = callable_run(tmp_path, agent, n=1)
+    raw = json.loads(path.read_bytes())
+    entry = raw["results"][0]["envelope"]
+    # The same bytes, named as a record of another file of the run directory.
+    (path.parent / "other.jsonl").write_bytes((path.parent / "envelopes.jsonl").read_bytes())
+    raw["results"][0]["envelope"] = {**entry, "path": "other.jsonl"}
+    raw["results"][0]["provenance"].pop("result_sha256")
+    raw["results"][0]["provenance"]["result_sha256"] = digest(raw["results"][0])
+    raw["report_sha256"] = report_digest(raw)
+    path.write_bytes(report_layout(raw))
+    found = anyio.run(lambda: verify_report(path)).findings
+    assert [(f.task_id, f.field) for f in found] == [("t0", "envelope.offset")]
