@@ -147,6 +147,69 @@ def bench_verify(sizes: list[int], work: Path) -> dict[str, Any]:
     return {"rows": rows, "per_result_ratio": round(per[1] / per[0], 2) if per[0] else None}
 
 
+def _child_merge(n: int, work: str) -> dict[str, Any]:
+    """``merge_results(..., dry_run=True)`` of a synthetic report of *n* disjoint results
+    into ``main`` (their base), in this (fresh) process: the time, the git processes, and
+    how many of them were ``merge-tree`` (predicting and building)."""
+    import anyio
+
+    import orchestrator.merge as merge_module
+    from envelopes import load_report_json
+    from orchestrator import Repository
+    from orchestrator.mergeback import merge_results
+
+    repo = Path(work) / f"merge-{n}"
+    repo.mkdir(parents=True)
+    path = _synthetic_report(repo, n)
+    workloads._git(repo, "reset", "-q", "--hard")  # main's checkout as it should be
+    _, report = load_report_json(path)
+    merges = 0
+    real = merge_module.merge_trees
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal merges
+        merges += 1
+        return await real(*args, **kwargs)
+
+    import orchestrator.mergeback as mergeback_module
+
+    mergeback_module.merge_trees = counted  # type: ignore[assignment]
+
+    async def measure() -> tuple[float, int, str]:
+        repository = await Repository.open(repo)
+        calls = repository.git.calls
+        start = time.perf_counter()
+        record = await merge_results(report, into="main", repo=repository, dry_run=True)
+        took = time.perf_counter() - start
+        repository.lock.close()
+        return took, repository.git.calls - calls, record.status
+
+    anyio.run(measure)  # once to warm up
+    merges = 0
+    took, calls, status = anyio.run(measure)
+    return {
+        "n": n,
+        "merge_s": round(took, 3),
+        "git_processes": calls,
+        "merge_trees": merges,
+        "status": status,
+    }
+
+
+def bench_merge(sizes: list[int], work: Path) -> dict[str, Any]:
+    rows = []
+    for n in sizes:
+        out = subprocess.run(
+            [sys.executable, __file__, "_merge", str(n), str(work)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows.append(json.loads(out.stdout))
+    per = [r["merge_s"] / r["n"] for r in (rows[0], rows[-1])]
+    return {"rows": rows, "per_result_ratio": round(per[1] / per[0], 2) if per[0] else None}
+
+
 def bench_validate(sizes: list[int], work: Path) -> dict[str, Any]:
     import yaml
 
@@ -190,5 +253,7 @@ def _child_validate(path: str) -> dict[str, Any]:
 if __name__ == "__main__":
     if sys.argv[1] == "_verify":
         print(json.dumps(_child_verify(int(sys.argv[2]), sys.argv[3])))
+    elif sys.argv[1] == "_merge":
+        print(json.dumps(_child_merge(int(sys.argv[2]), sys.argv[3])))
     elif sys.argv[1] == "_validate":
         print(json.dumps(_child_validate(sys.argv[2])))

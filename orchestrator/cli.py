@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="go on with the latest interrupted run of this plan instead of starting a new one",
     )
     run.add_argument(
+        "--rerun",
+        action="store_true",
+        help="with --resume, when the plan's latest run finished: start a new run (without "
+        "it, that run's report is shown and nothing runs)",
+    )
+    run.add_argument(
         "--force",
         action="store_true",
         help="with --resume, when the plan changed since that run started: start a new run "
@@ -376,9 +382,11 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
     resume = reuse = None
     if args.force and not args.resume:
         raise OrchestratorError("--force goes with --resume")
+    if args.rerun and not args.resume:
+        raise OrchestratorError("--rerun goes with --resume (without --resume, a run is new)")
     if args.resume:
         from .plan import check_plan_repository
-        from .runs import PlanChanged, find_resumable
+        from .runs import PlanChanged, RunAlreadyFinished, find_resumable
         from .settings import state_root
 
         repository, _, _ = await check_plan_repository(
@@ -389,7 +397,9 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
             repository.lock.close()
         plan_file = str(Path(loaded.file).absolute()) if loaded.file else None
         try:
-            resume = find_resumable(state, loaded.sha256, plan_file)
+            resume = find_resumable(state, loaded.sha256, plan_file, rerun=args.rerun)
+        except RunAlreadyFinished as exc:
+            return await _finished_run(exc, args)
         except PlanChanged as exc:
             if not args.force:
                 raise
@@ -420,6 +430,33 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
         resume=resume,
         reuse=reuse,
     )
+
+
+async def _finished_run(finished: Any, args: argparse.Namespace) -> Report:
+    """``run --resume`` when the plan's latest run finished: nothing runs; that run's report
+    is the outcome (copied to ``--out`` if given), and its status the exit status."""
+    import anyio
+
+    from envelopes import NotAReport, load_report_file
+
+    from ._fs import atomic_write
+
+    path = finished.run_dir / "report.json"
+    try:
+        _, report, data = await anyio.to_thread.run_sync(load_report_file, path)
+    except NotAReport as exc:
+        raise OrchestratorError(
+            f"run {finished.run_id} of this plan finished, but its report cannot be read "
+            f"({exc}); --rerun starts a new run"
+        ) from None
+    print(
+        f"run {finished.run_id} of this plan already finished; nothing to resume "
+        "(--rerun starts a new run)",
+        file=sys.stderr,
+    )
+    if args.out is not None:
+        await anyio.to_thread.run_sync(atomic_write, args.out.absolute(), data)
+    return report
 
 
 def _executor_options(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "AttestationError",
@@ -41,6 +42,7 @@ __all__ = [
     "PlanError",
     "PlanIssue",
     "ReportUnreadable",
+    "RunAlreadyFinished",
     "RunDirError",
     "RunInUse",
     "SettingsError",
@@ -167,6 +169,18 @@ class PlanChanged(OrchestratorError):
             "a new run that reuses what still matches"
         )
         self.run_id = run_id
+
+
+class RunAlreadyFinished(OrchestratorError):
+    """``run --resume``: the plan's latest run finished; there is nothing to resume."""
+
+    def __init__(self, run_id: str, run_dir: Path) -> None:
+        super().__init__(
+            f"run {run_id} of this plan already finished: nothing to resume "
+            "(--rerun starts a new run)"
+        )
+        self.run_id = run_id
+        self.run_dir = run_dir
 
 
 class JournalCorrupt(OrchestratorError):

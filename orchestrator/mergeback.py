@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +51,7 @@ from .errors import GitError, MergeError, ReportUnreadable, RunDirError
 from .locks import RepoLock
 from .merge import merge_trees
 from .mergecheck import MergeChecker, MergeCheckSettings, failed_steps
+from .overlap import Touched, candidate_pairs, touched
 from .repo import NotARepository, Repository
 from .report import report_bytes
 from .worktree import checkout_of
@@ -150,9 +151,13 @@ async def _merge_results(
     if check is not None:
         checker = await MergeChecker.open(repository, report, [p.task_id for p in picks], check)
     changed = [p for p in picks if p.changed]
-    conflicts = await predict_conflicts(
-        git, [(p.task_id, p.commit) for p in changed], target=(into, old)
-    )
+    logs = _Logs()
+    if report.base_commit is not None:
+        # Each result's changes since the base, read once: for the prediction, and for
+        # knowing which results the target (and the merges built) already hold.
+        logs = await _Logs.read(git, report.base_commit, [p.commit for p in changed], old)
+    items = logs.items or None
+    conflicts = await _predict(git, [(p.task_id, p.commit) for p in changed], (into, old), items)
     await _emit(
         on_event,
         MergePredicted(
@@ -164,7 +169,7 @@ async def _merge_results(
         record = await state.run(picks)
     else:
         record = await _merge(
-            repository, report.run_id, picks, into, old, conflicts, dry_run, checker
+            repository, report.run_id, picks, into, old, conflicts, dry_run, checker, logs
         )
     await _emit(
         on_event,
@@ -180,16 +185,42 @@ async def _merge_results(
 
 
 async def predict_conflicts(
-    git: Git, commits: Sequence[tuple[str, str]], *, target: tuple[str, str]
+    git: Git,
+    commits: Sequence[tuple[str, str]],
+    *,
+    target: tuple[str, str],
+    base: str | None = None,
 ) -> list[MergeConflict]:
     """Conflicts between every pair of *commits* (``(name, commit)``), then of each with *target*.
 
     Computed with ``git merge-tree --write-tree``: nothing is checked out and no ref moves.
-    Against the target, ``right`` is the target's name.
+    Against the target, ``right`` is the target's name. With *base* (the commit the results
+    started from), each commit's changes since it are read once and only the pairs whose
+    changes touch are merged (see orchestrator/overlap.py): the same answer, in git
+    processes linear in the number of commits rather than quadratic.
     """
-    pairs = [(left, right) for i, left in enumerate(commits) for right in commits[i + 1 :]] + [
-        (item, target) for item in commits
-    ]
+    items = None
+    if base is not None:
+        items = await _touched_all(git, base, [*(c for _, c in commits), target[1]])
+    return await _predict(git, commits, target, items)
+
+
+async def _predict(
+    git: Git,
+    commits: Sequence[tuple[str, str]],
+    target: tuple[str, str],
+    items: Sequence[Touched | None] | None,
+) -> list[MergeConflict]:
+    """predict_conflicts, with each commit's changes (and the target's, last) already read
+    (*items*), or None to merge every pair."""
+    everything = [*commits, target]
+    if items is None:
+        wanted = [(i, j) for i in range(len(everything)) for j in range(i + 1, len(everything))]
+    else:
+        wanted = candidate_pairs(items)
+    last = len(commits)
+    # The pairs of results first, then each against the target, as before.
+    pairs = sorted(wanted, key=lambda p: (p[1] == last, p[0], p[1]))
     found: list[list[str]] = [[] for _ in pairs]
     failures: list[GitError] = []
     limiter = anyio.CapacityLimiter(_PREDICT_LIMIT)
@@ -203,15 +234,57 @@ async def predict_conflicts(
                 failures.append(exc)
 
     async with anyio.create_task_group() as tg:
-        for slot, ((_, left), (_, right)) in enumerate(pairs):
-            tg.start_soon(predict, slot, left, right)
+        for slot, (i, j) in enumerate(pairs):
+            tg.start_soon(predict, slot, everything[i][1], everything[j][1])
     if failures:
         raise failures[0]
     return [
-        MergeConflict(left=left, right=right, paths=paths)
-        for ((left, _), (right, _)), paths in zip(pairs, found, strict=True)
+        MergeConflict(left=everything[i][0], right=everything[j][0], paths=paths)
+        for (i, j), paths in zip(pairs, found, strict=True)
         if paths
     ]
+
+
+@dataclass
+class _Logs:
+    """Each result's changes since the base as the prediction read them, by result commit,
+    and the target's: what says, without asking git, whether the target and the results
+    merged so far already hold a result. (A commit of ``base..X`` is an ancestor of X; a
+    result that descends from the base is an ancestor of X only if it is one of them.)"""
+
+    items: list[Touched | None] = field(default_factory=list)
+    by_commit: dict[str, Touched | None] = field(default_factory=dict)
+    target: Touched | None = None
+
+    @classmethod
+    async def read(cls, git: Git, base: str, commits: Sequence[str], target: str) -> _Logs:
+        items = await _touched_all(git, base, [*commits, target])
+        return cls(items, dict(zip(commits, items[:-1], strict=True)), items[-1])
+
+    def holds(self, held: set[str] | None, commit: str) -> bool | None:
+        """Whether *commit* is among *held* (the commits since the base that the target and
+        the merges so far hold): None when the logs cannot say (a log missing)."""
+        if held is None or self.by_commit.get(commit) is None:
+            return None
+        return commit in held
+
+
+async def _touched_all(git: Git, base: str, commits: Sequence[str]) -> list[Touched | None]:
+    """:func:`overlap.touched` of each of *commits*, a few at a time."""
+    out: list[Touched | None] = [None] * len(commits)
+    limiter = anyio.CapacityLimiter(_PREDICT_LIMIT)
+
+    async def one(slot: int, commit: str) -> None:
+        async with limiter:
+            try:
+                out[slot] = await touched(git, base, commit)
+            except GitError:
+                out[slot] = None  # checked against every other, whose merge-tree says why
+
+    async with anyio.create_task_group() as tg:
+        for slot, commit in enumerate(commits):
+            tg.start_soon(one, slot, commit)
+    return out
 
 
 async def open_merge_repository(report: Report, repo: Repository | Path | str | None) -> Repository:
@@ -417,6 +490,7 @@ async def _merge(
     conflicts: list[MergeConflict],
     dry_run: bool,
     checker: MergeChecker | None = None,
+    logs: _Logs | None = None,
 ) -> MergeRecord:
     """Build the merge, check it (with *checker*) and, unless *dry_run*, move the target: the
     record of what happened."""
@@ -451,7 +525,7 @@ async def _merge(
 
     if conflicts:
         return done("conflict", f"{len(conflicts)} conflict(s) predicted; {into} not changed")
-    built = await _build(repository.git, run_id, picks, into, old)
+    built = await _build(repository.git, run_id, picks, into, old, logs or _Logs())
     if isinstance(built, MergeConflict):
         why = f"merging {built.left} conflicts with {built.right.replace('+', ' + ')}"
         return done("conflict", f"{why}; {into} not changed", found=[built])
@@ -481,26 +555,40 @@ async def _merge(
 
 
 async def _build(
-    git: Git, run_id: str, picks: Sequence[_Pick], into: str, old: str
+    git: Git, run_id: str, picks: Sequence[_Pick], into: str, old: str, logs: _Logs
 ) -> tuple[str, dict[str, str]] | MergeConflict:
     """The merge commits, in the object database only (nothing refers to them yet).
 
     Returns the last commit and each merged task's merge commit, or the first conflict, with
-    ``right`` the target plus the tasks merged before it (``main+a+b``).
+    ``right`` the target plus the tasks merged before it (``main+a+b``). Whether the target
+    already holds a result comes from *logs* where they can say (asking git would walk the
+    growing chain of merges once per result), else from git.
     """
     identity = await git.identity_env()
     new, before = old, [into]
     merged: dict[str, str] = {}
+    # The commits since the base that the target and the merges so far hold (None: not known).
+    held = set(logs.target.commits) if logs.target is not None else None
     for pick in picks:
-        if not pick.changed or await git.ok(
-            "merge-base", "--is-ancestor", "--end-of-options", pick.commit, new
-        ):
+        if not pick.changed:
+            continue
+        inside = logs.holds(held, pick.commit)
+        if inside is None:
+            inside = await git.ok(
+                "merge-base", "--is-ancestor", "--end-of-options", pick.commit, new
+            )
+            held = None  # from here on the logs no longer know everything the merges hold
+        if inside:
             continue
         made = await _merge_one(git, run_id, into, new, pick, identity)
         if isinstance(made, list):
             return MergeConflict(left=pick.task_id, right="+".join(before), paths=made)
         new = merged[pick.task_id] = made
         before.append(pick.task_id)
+        if held is not None and (log := logs.by_commit.get(pick.commit)) is not None:
+            held |= log.commits
+        else:
+            held = None
     return new, merged
 
 

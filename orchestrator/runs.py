@@ -12,12 +12,12 @@ from typing import Any, Literal
 from envelopes import Plan
 
 from ._fs import read_json
-from .errors import OrchestratorError, PlanChanged
+from .errors import OrchestratorError, PlanChanged, RunAlreadyFinished
 from .journal import JOURNAL, JournalCorrupt, read_journal
 from .locks import RunLock
 from .recovery import replay
 
-__all__ = ["PlanChanged", "RunInfo", "find_resumable", "list_runs"]
+__all__ = ["PlanChanged", "RunAlreadyFinished", "RunInfo", "find_resumable", "list_runs"]
 
 RunState = Literal["live", "finished", "interrupted", "superseded", "unknown"]
 
@@ -121,14 +121,20 @@ def list_runs(state_dir: Path) -> list[RunInfo]:
     return infos
 
 
-def find_resumable(state_dir: Path, plan_sha256: str, plan_file: str | None) -> str | None:
-    """The latest interrupted run of the plan with digest *plan_sha256*, or None.
+def find_resumable(
+    state_dir: Path, plan_sha256: str, plan_file: str | None, *, rerun: bool = False
+) -> str | None:
+    """The interrupted run of the plan with digest *plan_sha256* to go on with, or None
+    (start a new run).
 
-    OrchestratorError when one cannot be resumed: it is still running, or the plan file
-    changed since an interrupted run of it started.
+    When the plan's latest run finished, there is nothing to do (RunAlreadyFinished, naming
+    it), unless *rerun*. Otherwise the latest interrupted run is resumed, if there is one. OrchestratorError when one cannot be resumed: it is
+    still running, or the plan file changed since an interrupted run of it started.
     """
     runs = list_runs(state_dir)
-    same = [r for r in runs if r.plan_sha256 == plan_sha256]
+    same = [r for r in runs if r.plan_sha256 == plan_sha256 and r.state != "superseded"]
+    if same and same[-1].state == "finished" and not rerun:
+        raise RunAlreadyFinished(same[-1].run_id, same[-1].run_dir)
     interrupted = [r for r in same if r.state == "interrupted"]
     if interrupted:
         return interrupted[-1].run_id

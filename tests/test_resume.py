@@ -587,3 +587,51 @@ def test_recorded_run_reads_the_settings_as_one_object_and_older_options(tmp_pat
     (run_dir / "plan.json").symlink_to("/etc/passwd")
     with pytest.raises(OrchestratorError, match="cannot read run r1"):
         recorded_run(run_dir, "r1")
+
+
+def test_resume_of_a_finished_run_runs_nothing_and_exits_with_its_status(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """``run --resume`` after a run that finished (succeeded, or failed) runs no agent: it
+    shows that run's report and exits as that run did; after an interrupted run it resumes;
+    ``--rerun`` starts a new run."""
+    repo = make_repo()
+    plan, counts = write_plan(tmp_path, repo, seconds=0.0)
+    first = orchestrator("run", str(plan), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = run_dirs(repo)
+    ran = counts.read_text()
+    out = tmp_path / "copy.json"
+    again = orchestrator("run", str(plan), "--resume", "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"run {run_dir.name} of this plan already finished; nothing to resume" in again.stderr
+    assert "12 tasks: 12 succeeded" in again.stdout
+    assert f"report: {out}" in again.stdout
+    assert out.read_bytes() == (run_dir / "report.json").read_bytes()
+    assert counts.read_text() == ran and run_dirs(repo) == [run_dir]  # nothing ran
+    # A finished run with a failure: the same, exiting 1 as it did.
+    agent = tmp_path / "agent.py"
+    agent.write_text(
+        agent.read_text().replace("time.sleep", "sys.exit(task == 't03') or time.sleep")
+    )
+    failed = orchestrator("run", str(plan), cwd=tmp_path)
+    assert failed.returncode == 1
+    latest = run_dirs(repo)[-1]
+    ran = counts.read_text()
+    again = orchestrator("run", str(plan), "--resume", cwd=tmp_path)
+    assert (
+        again.returncode == 1 and f"run {latest.name} of this plan already finished" in again.stderr
+    )
+    assert "1 failed" in again.stdout and counts.read_text() == ran
+    # --rerun: a new run, every task again; without --resume it is refused as meaningless.
+    assert orchestrator("run", str(plan), "--rerun", cwd=tmp_path).returncode == 1
+    rerun = orchestrator("run", str(plan), "--resume", "--rerun", cwd=tmp_path)
+    assert rerun.returncode == 1 and len(run_dirs(repo)) == 3
+    assert "no interrupted run of this plan: starting a new one" in rerun.stderr
+    # An interrupted run is resumed, as before.
+    agent.write_text(AGENT)
+    crash_at(plan, "commit:6", cwd=tmp_path)
+    interrupted = run_dirs(repo)[-1]
+    resumed = orchestrator("run", str(plan), "--resume", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["run_id"] == interrupted.name

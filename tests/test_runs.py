@@ -21,7 +21,7 @@ import pytest
 
 from envelopes import HandoffEnvelope
 from orchestrator import OrchestratorError, Workspace, orchestrate_parallel
-from orchestrator.errors import PlanChanged
+from orchestrator.errors import PlanChanged, RunAlreadyFinished
 from orchestrator.locks import RunLock
 from orchestrator.plan import load_plan
 from orchestrator.runs import describe_run, find_resumable, list_runs
@@ -277,7 +277,6 @@ def test_resume_picks_the_latest_interrupted_run_of_the_same_plan(
     other = plan_file(tmp_path, "other", PLAN.replace("task: last", "task: other"))
     run(plan, state, RUN1, cancel_at="c")
     run(plan, state, RUN2, cancel_at="b")
-    run(plan, state, RUN3)  # finished: nothing to resume
     run(other, state, RUN4, cancel_at="c")  # newer, but another plan's
     digest = sha(plan)
     assert find_resumable(state, digest, str(plan)) == RUN2
@@ -285,13 +284,22 @@ def test_resume_picks_the_latest_interrupted_run_of_the_same_plan(
     assert find_resumable(tmp_path / "no-state", digest, str(plan)) is None
 
 
-def test_resume_finds_nothing_when_every_run_of_the_plan_finished(
+def test_when_the_plans_latest_run_finished_there_is_nothing_to_resume(
     tmp_path: Path, state: Path
 ) -> None:
     plan = plan_file(tmp_path)
-    run(plan, state, RUN1)
-    run(plan, state, RUN2, fail=["c"])  # finished, with a failure: still not resumable
-    assert find_resumable(state, sha(plan), str(plan)) is None
+    run(plan, state, RUN1, cancel_at="c")
+    run(plan, state, RUN2, fail=["c"])  # finished, with a failure: finished all the same
+    with pytest.raises(RunAlreadyFinished) as finished:
+        find_resumable(state, sha(plan), str(plan))
+    assert (finished.value.run_id, finished.value.run_dir) == (RUN2, state / "runs" / RUN2)
+    assert str(finished.value) == (
+        f"run {RUN2} of this plan already finished: nothing to resume (--rerun starts a new run)"
+    )
+    # Asked to run again: the interrupted run before it is what there is to go on with.
+    assert find_resumable(state, sha(plan), str(plan), rerun=True) == RUN1
+    run(plan, state, RUN3, cancel_at="c")  # interrupted after it: resumed
+    assert find_resumable(state, sha(plan), str(plan)) == RUN3
 
 
 def test_a_changed_plan_file_is_refused_with_the_run_it_would_resume(
@@ -321,7 +329,9 @@ def test_a_superseded_run_is_neither_resumed_nor_a_changed_plan(
     # What `run --resume --force` does: a new run that takes over from the old one.
     run(plan, state, RUN2, reuse=RUN1)
     assert describe_run(state / "runs" / RUN1).state == "superseded"
-    assert find_resumable(state, sha(plan), str(plan)) is None
+    with pytest.raises(RunAlreadyFinished):
+        find_resumable(state, sha(plan), str(plan))
+    assert find_resumable(state, sha(plan), str(plan), rerun=True) is None
     assert find_resumable(state, old_sha, str(plan)) is None
 
 

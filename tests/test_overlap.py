@@ -1,0 +1,202 @@
+"""orchestrator/overlap.py: which results may conflict, from each one's changes read once.
+
+Every prediction here is compared with the old way (``git merge-tree`` on every pair) on
+real commits: the new one must give the same conflicts, running fewer merges.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import anyio
+import pytest
+
+from envelopes import MergeConflict
+from orchestrator._git import Git
+from orchestrator.mergeback import predict_conflicts
+from orchestrator.overlap import Touched, candidate_pairs, may_conflict, touched
+
+from .conftest import MakeRepo, git
+
+ENV = {
+    "GIT_AUTHOR_NAME": "T",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "T",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+}
+
+
+def change(
+    repo: Path,
+    parent: str,
+    write: dict[str, str] | None = None,
+    remove: tuple[str, ...] = (),
+    *,
+    parents: tuple[str, ...] = (),
+) -> str:
+    """A commit on *parent* (and *parents*, for a merge) with *write* written and *remove*
+    removed, made with plumbing (no checkout touched)."""
+    env = {**os.environ, **ENV, "GIT_INDEX_FILE": str(repo / ".git" / "overlap-index")}
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=repo, env=env, input=stdin, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    run("read-tree", parent)
+    for name in remove:
+        run("update-index", "--force-remove", name)
+    for name, text in (write or {}).items():
+        blob = run("hash-object", "-w", "--stdin", stdin=text)
+        run("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
+    tree = run("write-tree")
+    Path(env["GIT_INDEX_FILE"]).unlink()
+    flags = [f for p in (parent, *parents) for f in ("-p", p)]
+    return run("commit-tree", tree, *flags, "-m", "change")
+
+
+@pytest.fixture
+def repo(make_repo: MakeRepo) -> Path:
+    path = make_repo()
+    base = git(path, "rev-parse", "HEAD")
+    lines = "".join(f"line {i}\n" for i in range(1, 21))
+    files = {"shared.txt": lines, "d/one.txt": "one\n", "d/two.txt": "two\n", "old.txt": lines}
+    git(path, "update-ref", "refs/heads/base", change(path, base, files))
+    return path
+
+
+def predict(
+    repo: Path, commits: list[tuple[str, str]], target: str, base: str | None
+) -> tuple[list[MergeConflict], int]:
+    """The prediction, and the git processes it ran."""
+
+    async def main() -> tuple[list[MergeConflict], int]:
+        runner = Git(repo)
+        found = await predict_conflicts(runner, commits, target=("main", target), base=base)
+        return found, runner.calls
+
+    return anyio.run(main)
+
+
+def both_ways(
+    repo: Path, commits: list[tuple[str, str]], target: str | None = None
+) -> list[MergeConflict]:
+    """The prediction with the base (linear) and without (every pair): the same."""
+    base = git(repo, "rev-parse", "base")
+    fast, _ = predict(repo, commits, target or base, base)
+    slow, _ = predict(repo, commits, target or base, None)
+    assert fast == slow
+    return fast
+
+
+def test_compatible_edits_of_one_file_merge_and_the_same_lines_conflict(repo: Path) -> None:
+    base = git(repo, "rev-parse", "base")
+    text = git(repo, "show", "base:shared.txt") + "\n"
+    top = change(repo, base, {"shared.txt": text.replace("line 1\n", "line one\n")})
+    bottom = change(repo, base, {"shared.txt": text.replace("line 20\n", "line twenty\n")})
+    again = change(repo, base, {"shared.txt": text.replace("line 1\n", "line ONE\n")})
+    found = both_ways(repo, [("top", top), ("bottom", bottom), ("again", again)])
+    assert found == [MergeConflict(left="top", right="again", paths=["shared.txt"])]
+
+
+def test_a_rename_against_an_edit_is_merged_as_git_merges_it(repo: Path) -> None:
+    base = git(repo, "rev-parse", "base")
+    text = git(repo, "show", "base:old.txt") + "\n"
+    renamed = change(repo, base, {"new.txt": text}, ("old.txt",))
+    edited = change(repo, base, {"old.txt": text.replace("line 5\n", "line five\n")})
+    removed = change(repo, base, remove=("old.txt",))
+    found = both_ways(repo, [("renamed", renamed), ("edited", edited), ("removed", removed)])
+    # git follows the rename with the edit (no conflict there); an edit against a removal,
+    # and a rename against a removal, conflict: found by the linear way as by the old one.
+    assert {(c.left, c.right) for c in found} == {("edited", "removed"), ("renamed", "removed")}
+
+
+def test_a_file_against_a_directory_and_a_directory_renamed_are_caught(repo: Path) -> None:
+    base = git(repo, "rev-parse", "base")
+    as_file = change(repo, base, {"e": "a file\n"})
+    as_directory = change(repo, base, {"e/inner.txt": "inside\n"})
+    moved = change(
+        repo, base, {"moved/one.txt": "one\n", "moved/two.txt": "two\n"}, ("d/one.txt", "d/two.txt")
+    )
+    added = change(repo, base, {"d/three/new.txt": "new\n"})
+    found = both_ways(
+        repo,
+        [("as_file", as_file), ("as_directory", as_directory), ("moved", moved), ("added", added)],
+    )
+    assert {(c.left, c.right) for c in found} >= {("as_file", "as_directory")}
+    # git may move the addition along with the directory it renamed: what that gives is
+    # git's to say, so the pair is merged (the answer is the old way's, above).
+    moves, adds = (anyio.run(touched, Git(repo), base, c) for c in (moved, added))
+    assert moves is not None and adds is not None and may_conflict(moves, adds)
+
+
+def test_results_that_share_a_commit_or_leave_the_base_are_checked_the_old_way(
+    repo: Path,
+) -> None:
+    base = git(repo, "rev-parse", "base")
+    text = git(repo, "show", "base:shared.txt") + "\n"
+    first = change(repo, base, {"shared.txt": text.replace("line 3\n", "three\n")})
+    # An agent that merged another task's branch, then changed the line back: its changes
+    # since the base name no path of the first's, but the merge base of the two is not the
+    # base, so they are merged to be sure.
+    merged = change(repo, first, {"shared.txt": text}, parents=(base,))
+    elsewhere = change(repo, git(repo, "rev-parse", "main"), {"other.txt": "x\n"})
+    both_ways(repo, [("first", first), ("merged", merged), ("elsewhere", elsewhere)])
+    items = [anyio.run(touched, Git(repo), base, commit) for commit in (first, merged, elsewhere)]
+    assert items[2] is None  # does not descend from the base
+    assert items[0] is not None and items[1] is not None
+    assert may_conflict(items[0], items[1])  # they share a commit
+
+
+def test_against_a_target_that_moved_only_overlapping_results_are_merged(repo: Path) -> None:
+    base = git(repo, "rev-parse", "base")
+    target = change(repo, base, {"d/one.txt": "main's one\n"})
+    hits = change(repo, base, {"d/one.txt": "task's one\n"})
+    misses = change(repo, base, {"elsewhere.txt": "x\n"})
+    found = both_ways(repo, [("hits", hits), ("misses", misses)], target)
+    assert found == [MergeConflict(left="hits", right="main", paths=["d/one.txt"])]
+
+
+def test_200_disjoint_results_take_a_git_process_each_and_no_merge(repo: Path) -> None:
+    base = git(repo, "rev-parse", "base")
+    commits = [(f"t{i}", change(repo, base, {f"out/t{i}.txt": f"{i}\n"})) for i in range(200)]
+    found, calls = predict(repo, commits, base, base)
+    assert found == []
+    assert calls <= 200 + 1  # one log per result and one for the target: no merge-tree
+    # Eight of them also touching one file: the 28 pairs among them, and no other, merged.
+    text = git(repo, "show", "base:shared.txt") + "\n"
+    for i in range(8):
+        commits[i] = (f"t{i}", change(repo, commits[i][1], {"shared.txt": text + f"{i}\n"}))
+    found, calls = predict(repo, commits, base, base)
+    assert calls <= 200 + 1 + 28
+    assert len(found) == 28 and all(c.paths == ["shared.txt"] for c in found)
+
+
+def test_candidate_pairs_are_the_pairs_that_may_conflict() -> None:
+    def t(*changes: tuple[str, str], commits: tuple[str, ...] = ("c",)) -> Touched:
+        return Touched.of(commits, changes)
+
+    items: list[Touched | None] = [
+        t(("A", "a/x.txt"), commits=("1",)),
+        t(("M", "a/x.txt"), commits=("2",)),
+        t(("A", "a"), commits=("3",)),  # a file where the others have a directory
+        t(("D", "b/old.txt"), commits=("4",)),
+        t(("A", "b/c/new.txt"), commits=("5",)),  # an addition where 3 removed
+        t(("A", "z.txt"), commits=("6", "7")),
+        t(("A", "y.txt"), commits=("7",)),  # shares commit 7 with the one before
+        None,  # unknown: every pair
+        t(("A", "lonely.txt"), commits=("8",)),
+    ]
+    expected = {
+        (i, j)
+        for i in range(len(items))
+        for j in range(i + 1, len(items))
+        if items[i] is None or items[j] is None or may_conflict(items[i], items[j])  # type: ignore[arg-type]
+    }
+    assert set(candidate_pairs(items)) == expected
+    assert {(0, 1), (0, 2), (1, 2), (3, 4), (5, 6)} <= expected
+    assert (0, 8) not in expected and (3, 8) not in expected
