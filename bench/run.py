@@ -497,7 +497,7 @@ def bench_requirements(n: int, packages: list[str], work: Path) -> dict[str, Any
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issues 5, 14 and 16's targets, each as a ratio (or a number) from this run, where
+    """Issues 5, 14, 16 and 17's targets, each as a ratio (or a number) from this run, where
     measured."""
     out: list[dict[str, Any]] = []
 
@@ -556,6 +556,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         target("verify: git processes", max(r["git_processes"] for r in v["rows"]), 5)
         if [r["n"] for r in v["rows"]] == [1_000, 10_000]:
             target("verify: time per result, 10,000 / 1,000", v["per_result_ratio"], 1.2)
+        merge = results["scale"].get("merge")
+        if merge is not None:
+            target(
+                "merge: time per result, 512 or 128 / 32 disjoint", merge["per_result_ratio"], 1.3
+            )
+            worst = max(r["git_processes"] - r["n"] for r in merge["rows"])
+            target("merge: git processes beyond one per result", worst, 16)
         for r in p["rows"]:
             if r["n"] == 100_000:
                 target("validate: 100,000 tasks, seconds", r["validate_s"], 10)
@@ -735,12 +742,19 @@ def main(argv: list[str] | None = None) -> int:
             v = scale_bench.bench_verify(verify_sizes, scale_work)
             validate_sizes = [1_000, 10_000] if args.quick else [10_000, 100_000]
             p = scale_bench.bench_validate(validate_sizes, scale_work)
+            m = scale_bench.bench_merge([32, 128] if args.quick else [32, 512], scale_work)
         finally:
             import shutil
 
             shutil.rmtree(scale_work, ignore_errors=True)
-        results["scale"] = {"verify": v, "validate": p}
+        results["scale"] = {"verify": v, "validate": p, "merge": m}
         print("scale:")
+        for r in m["rows"]:
+            print(
+                f"  merge --dry-run of {r['n']:>4} disjoint results: {r['merge_s']} s, "
+                f"{r['git_processes']} git processes, {r['merge_trees']} merge-tree"
+            )
+        print(f"  merge time per result, larger / smaller: {m['per_result_ratio']}x")
         for r in v["rows"]:
             print(
                 f"  verify {r['n']:>6} results: {r['verify_s']} s, {r['git_processes']} git "
@@ -758,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
     results["targets"] = checked = targets(results)
     if checked:
-        print("targets (issues 5, 14 and 16):")
+        print("targets (issues 5, 14, 16 and 17):")
         for t in checked:
             verdict = "met" if t["met"] else "MISSED"
             bound = ">=" if t["at_least"] else "<="

@@ -380,6 +380,7 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
         plan_path = args.plan
     loaded = load_plan(plan_path)
     resume = reuse = None
+    told = False
     if args.force and not args.resume:
         raise OrchestratorError("--force goes with --resume")
     if args.rerun and not args.resume:
@@ -399,7 +400,9 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
         try:
             resume = find_resumable(state, loaded.sha256, plan_file, rerun=args.rerun)
         except RunAlreadyFinished as exc:
-            return await _finished_run(exc, args)
+            if (done := await _finished_run(exc, args)) is not None:
+                return done
+            told = True  # _finished_run said why a new run starts
         except PlanChanged as exc:
             if not args.force:
                 raise
@@ -411,7 +414,7 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
             )
         if resume is not None:
             print(f"resuming run {resume}", file=sys.stderr)
-        elif reuse is None:
+        elif reuse is None and not told:
             print("no interrupted run of this plan: starting a new one", file=sys.stderr)
     await _warn_if_dirty(loaded, repo, args.base)
     return await orchestrate_parallel(
@@ -432,9 +435,10 @@ async def _run(args: argparse.Namespace, on_event: Callable[..., Any]) -> Report
     )
 
 
-async def _finished_run(finished: Any, args: argparse.Namespace) -> Report:
+async def _finished_run(finished: Any, args: argparse.Namespace) -> Report | None:
     """``run --resume`` when the plan's latest run finished: nothing runs; that run's report
-    is the outcome (copied to ``--out`` if given), and its status the exit status."""
+    is the outcome (copied to ``--out`` if given), and its status the exit status. None when
+    ``--base`` asks for another base than that run had: a new run is started."""
     import anyio
 
     from envelopes import NotAReport, load_report_file
@@ -449,6 +453,20 @@ async def _finished_run(finished: Any, args: argparse.Namespace) -> Report:
             f"run {finished.run_id} of this plan finished, but its report cannot be read "
             f"({exc}); --rerun starts a new run"
         ) from None
+    if report.run_id != finished.run_id:
+        raise OrchestratorError(
+            f"run {finished.run_id} of this plan finished, but {path} is the report of run "
+            f"{report.run_id}; --rerun starts a new run"
+        )
+    if args.base is not None and args.base != report.base_ref:
+        # Asked for another base than that run had: not the run that finished.
+        print(
+            f"run {finished.run_id} of this plan started from {report.base_ref}, not "
+            f"{args.base}: starting a new run",
+            file=sys.stderr,
+        )
+        return None
+    args.report_file = path  # where it is now, whatever its run_dir says (a moved repository)
     print(
         f"run {finished.run_id} of this plan already finished; nothing to resume "
         "(--rerun starts a new run)",
@@ -580,7 +598,8 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
             f"stopped by {name}; running tasks were stopped and cleaned up (partial report in the run directory)"
         )
         return 128 + (stopped_by[0] if stopped_by else signal.SIGTERM)
-    report_path = args.out or Path(report.run_dir) / "report.json"
+    report_path = args.out or getattr(args, "report_file", None)
+    report_path = report_path or Path(report.run_dir) / "report.json"
     page = await _html_page(report, report_path) if args.html else None
     if args.json:
         from .report import report_bytes

@@ -7,6 +7,7 @@ fails is data (a TaskResult with a status and an error), never an exception.
     ├── PlanError            a plan that cannot run; one line per problem
     ├── SettingsError        a run setting out of its bounds (names the setting)
     ├── PlanChanged          --resume: the plan changed since its interrupted run started
+    ├── RunAlreadyFinished   --resume: the plan's latest run finished; nothing to resume
     ├── NotARepository       a path that is not inside a git repository
     ├── EventHandlerFailed   the on_event handler raised (internal; its exception propagates)
     ├── GitError             a git command failed

@@ -49,7 +49,7 @@ from ._fs import atomic_write
 from ._git import Git, check_ids
 from .errors import GitError, MergeError, ReportUnreadable, RunDirError
 from .locks import RepoLock
-from .merge import merge_trees
+from .merge import Changes, chain_disjoint, merge_trees
 from .mergecheck import MergeChecker, MergeCheckSettings, failed_steps
 from .overlap import Touched, candidate_pairs, touched
 from .repo import NotARepository, Repository
@@ -255,17 +255,30 @@ class _Logs:
     items: list[Touched | None] = field(default_factory=list)
     by_commit: dict[str, Touched | None] = field(default_factory=dict)
     target: Touched | None = None
+    base: str = ""
 
     @classmethod
     async def read(cls, git: Git, base: str, commits: Sequence[str], target: str) -> _Logs:
         items = await _touched_all(git, base, [*commits, target])
-        return cls(items, dict(zip(commits, items[:-1], strict=True)), items[-1])
+        return cls(items, dict(zip(commits, items[:-1], strict=True)), items[-1], base)
+
+    @property
+    def disjoint(self) -> bool:
+        """Every result's and the target's changes are known, and no two of them touch: the
+        merge is each result's changes applied in turn (see merge.chain_disjoint)."""
+        return (
+            bool(self.items)
+            and all(item is not None for item in self.items)
+            and not candidate_pairs(self.items)
+        )
 
     def holds(self, held: set[str] | None, commit: str) -> bool | None:
         """Whether *commit* is among *held* (the commits since the base that the target and
         the merges so far hold): None when the logs cannot say (a log missing)."""
         if held is None or self.by_commit.get(commit) is None:
             return None
+        if commit == self.base:
+            return True  # the target descends from the base (its log says so): it holds it
         return commit in held
 
 
@@ -565,6 +578,17 @@ async def _build(
     growing chain of merges once per result), else from git.
     """
     identity = await git.identity_env()
+    if logs.disjoint:
+        # Nothing touches: a result the target holds can only be the base itself.
+        target = set(logs.target.commits) if logs.target is not None else set()
+        todo = [p for p in picks if p.changed and not logs.holds(target, p.commit)]
+        merges = [
+            (p.commit, _message(run_id, into, p), _final(logs.by_commit.get(p.commit)))
+            for p in todo
+        ]
+        chain = await chain_disjoint(git, old, merges, base=logs.base, env=identity)
+        merged_at = {p.task_id: c for p, c in zip(todo, chain, strict=True)}
+        return (chain[-1] if chain else old), merged_at
     new, before = old, [into]
     merged: dict[str, str] = {}
     # The commits since the base that the target and the merges so far hold (None: not known).
@@ -592,6 +616,17 @@ async def _build(
     return new, merged
 
 
+def _final(log: Touched | None) -> Changes | None:
+    return log.final if log is not None else None
+
+
+def _message(run_id: str, into: str, pick: _Pick) -> str:
+    return (
+        f"Merge task {pick.task_id} of run {run_id} into {into}\n\n"
+        f"Orchestrator-Run: {run_id}\nOrchestrator-Task: {pick.task_id}\n"
+    )
+
+
 async def _merge_one(
     git: Git, run_id: str, into: str, tip: str, pick: _Pick, identity: dict[str, str]
 ) -> str | list[str]:
@@ -600,10 +635,7 @@ async def _merge_one(
     tree, paths = await merge_trees(git, tip, pick.commit)
     if paths:
         return paths
-    message = (
-        f"Merge task {pick.task_id} of run {run_id} into {into}\n\n"
-        f"Orchestrator-Run: {run_id}\nOrchestrator-Task: {pick.task_id}\n"
-    )
+    message = _message(run_id, into, pick)
     return await git.out(
         "commit-tree",
         "-p",

@@ -26,9 +26,10 @@ every other (the old way), and so is any pair that shares a commit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._git import Git, check_ids
 
@@ -50,6 +51,10 @@ class Touched:
     #: Every directory above a path some commit removed, and above one some commit added.
     removed_from: frozenset[str]
     added_to: frozenset[str]
+    #: Each changed path's state at the commit, ``(mode, blob)`` or None where it was
+    #: removed, as raw bytes; None when the history has a merge (what it holds is then
+    #: asked of git: see merge.chain_disjoint).
+    final: dict[bytes, tuple[bytes, bytes] | None] | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, commits: Iterable[str], changes: Iterable[tuple[str, str]]) -> Touched:
@@ -95,43 +100,80 @@ def may_conflict(a: Touched, b: Touched) -> bool:
 
 async def touched(git: Git, base: str, commit: str) -> Touched | None:
     """What *commit* changed since *base* (one ``git log``); None when it does not descend
-    from *base* or its log is too long to hold."""
+    from *base*, or its log is too long to hold or cannot be read. The base itself changed
+    nothing."""
     check_ids(base, commit)
     if commit == base:
         return Touched.of((), ())
     out = await git.run(
         "log",
         "--boundary",
+        "--topo-order",  # a child before its parents: a path's first entry is its last change
         "--no-renames",
-        "--name-status",
+        "--ignore-submodules=none",  # whatever .gitmodules or the config say: merges see them
+        "--raw",
+        "--no-abbrev",
         "-z",
         "--diff-merges=separate",
-        "--format=%x01%m%H",
+        "--format=%x01%m%H %P",
         "--end-of-options",
         f"{base}..{commit}",
         check=False,
     )
     if out.returncode != 0 or len(out.stdout) > MAX_LOG_BYTES:
         return None
+    parsed = _parse_log(out.stdout, base)
+    if parsed is None:
+        return None
+    commits, changes, final = parsed
+    return dataclasses.replace(Touched.of(commits, changes), final=final)
+
+
+def _parse_log(
+    data: bytes, base: str
+) -> tuple[list[str], list[tuple[str, str]], dict[bytes, tuple[bytes, bytes] | None] | None] | None:
+    """The commits, changes and final states in *data* (see :func:`touched`'s format), or
+    None when the range does not join *base* or the output is not what was asked for.
+
+    Read token by token (``-z``: every field ends with a NUL): a path is only ever the
+    token after a change's header, so no byte a path holds (a ``\\x01``, a ``-``) can
+    pass for a commit's header."""
     commits: list[str] = []
     changes: list[tuple[str, str]] = []
-    descends = False
-    for entry in out.stdout.split(b"\x01")[1:]:
-        header, _, rest = entry.partition(b"\0")
-        mark, name = header[:1], header[1:].decode("ascii", "replace")
-        if mark == b"-":
-            # A boundary commit: the base, when the range joins it (a parent of one of its
-            # commits); its own changes are not the result's.
-            descends = descends or name == base
+    final: dict[bytes, tuple[bytes, bytes] | None] | None = {}
+    descends = boundary = False
+    tokens = iter(data.split(b"\0"))
+    for token in tokens:
+        token = token.lstrip(b"\n")
+        if not token:
             continue
-        commits.append(name)
-        fields = rest.lstrip(b"\n").split(b"\0")
-        for status, path in zip(fields[0::2], fields[1::2], strict=False):
-            if status and path:
-                changes.append(
-                    (status[:1].decode("ascii", "replace"), path.decode("utf-8", "surrogateescape"))
-                )
-    return Touched.of(commits, changes) if descends else None
+        if token.startswith(b"\x01"):
+            mark, names = token[1:2], token[2:].decode("ascii", "replace").split()
+            if mark not in (b">", b"-") or not names or len(names[0]) != 40:
+                return None
+            boundary = mark == b"-"
+            if boundary:
+                # The base, when the range joins it (a parent of one of its commits); a
+                # boundary commit's own changes are not the result's.
+                descends = descends or names[0] == base
+                continue
+            commits.append(names[0])
+            if len(names) > 2:
+                final = None  # a merge: a path's first entry is not simply its last change
+            continue
+        if not token.startswith(b":"):
+            return None
+        path = next(tokens, b"")
+        parts = token[1:].split(b" ")
+        if len(parts) != 5 or not path:
+            return None
+        if boundary:
+            continue
+        status = parts[4][:1]
+        changes.append((status.decode("ascii", "replace"), path.decode("utf-8", "surrogateescape")))
+        if final is not None and path not in final:
+            final[path] = None if status == b"D" else (parts[1], parts[3])
+    return (commits, changes, final) if descends else None
 
 
 def candidate_pairs(items: Sequence[Touched | None]) -> list[tuple[int, int]]:

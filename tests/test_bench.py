@@ -74,6 +74,11 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
     assert all(r["ok"] and r["git_processes"] <= 5 for r in scale["verify"]["rows"])
     assert [r["n"] for r in scale["validate"]["rows"]] == [1_000, 10_000]
     assert all(r["max_rss_mb"] > 0 for r in scale["validate"]["rows"])
+    # Merge of disjoint results: no merge-tree, a git process per result and a constant.
+    merge = scale["merge"]["rows"]
+    assert [r["n"] for r in merge] == [32, 128]
+    assert all(r["merge_trees"] == 0 and r["git_processes"] <= r["n"] + 16 for r in merge)
+    assert all(r["status"] == "skipped" for r in merge)  # a dry run that would merge
 
 
 def test_an_unknown_benchmark_is_refused() -> None:

@@ -680,3 +680,86 @@ def test_changed_files_names_what_a_result_changed_sorted_and_bounded(make_repo:
     assert anyio.run(changed, result, result, 10) == ([], 0)
     with pytest.raises(GitError, match="not an object id"):
         anyio.run(changed, "--output=/tmp/x", result, 10)
+
+
+def _raw_commit(
+    repo: Path, parent: str, entries: list[tuple[str, str, bytes]], remove: list[bytes]
+) -> str:
+    """A commit on *parent* with *entries* ``(mode, content, path)`` written (a symlink's
+    content is its target) and *remove* removed, paths as bytes: plumbing only."""
+    import os
+
+    env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "raw-index")}
+    env |= {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@e"}
+
+    def run(*args: str | bytes, stdin: bytes | None = None) -> bytes:
+        done = subprocess.run(["git", *args], cwd=repo, env=env, input=stdin, capture_output=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    run("read-tree", parent)
+    info = b""
+    for mode, content, path in entries:
+        blob = run("hash-object", "-w", "--stdin", stdin=content.encode())
+        info += mode.encode() + b" " + blob + b"\t" + path + b"\0"
+    for path in remove:
+        info += b"0 " + b"0" * 40 + b"\t" + path + b"\0"
+    run("update-index", "-z", "--index-info", stdin=info)
+    tree = run("write-tree").decode()
+    Path(env["GIT_INDEX_FILE"]).unlink()
+    return run("commit-tree", tree, "-p", parent, "-m", "raw").decode()
+
+
+def test_disjoint_results_are_merged_in_one_fast_import_to_the_same_trees(
+    make_repo: MakeRepo,
+) -> None:
+    """The linear build (merge.chain_disjoint) gives, merge by merge, the trees git
+    merge-tree gives: removals, modes, symlinks, deep and strange paths included."""
+    from orchestrator._git import Git
+    from orchestrator.merge import chain_disjoint, merge_trees
+    from orchestrator.overlap import touched
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    base = _raw_commit(
+        repo,
+        start,
+        [("100644", "gone\n", b"old/gone.txt"), ("100644", "kept\n", b"keep.txt")],
+        [],
+    )
+    results = [
+        _raw_commit(repo, base, [("100755", "#!/bin/sh\n", b"bin/run")], []),
+        _raw_commit(repo, base, [("120000", "keep.txt", b"link")], [b"old/gone.txt"]),
+        _raw_commit(repo, base, [("100644", "odd\n", b'we"ird\\dir/new\nline \xff.txt')], []),
+        _raw_commit(repo, base, [("100644", "deep\n", b"a/b/c/d/e.txt")], []),
+    ]
+    target = _raw_commit(repo, base, [("100644", "main\n", b"main.txt")], [])
+
+    async def main() -> tuple[list[str], list[str]]:
+        runner = Git(repo)
+        identity = await runner.identity_env()
+        # Each commit's changes as its log gave them (for the first two), else read by
+        # chain_disjoint itself: the same either way.
+        logs = [await touched(runner, base, commit) for commit in results]
+        assert all(log is not None and log.final is not None for log in logs)
+        merges = [
+            (commit, f"merge {i}\n", logs[i].final if i < 2 else None)  # type: ignore[union-attr]
+            for i, commit in enumerate(results)
+        ]
+        chain = await chain_disjoint(runner, target, merges, base=base, env=identity)
+        trees, tip = [], target
+        for commit in results:
+            tree, conflicts = await merge_trees(runner, tip, commit)
+            assert conflicts == []
+            trees.append(tree)
+            tip = git(repo, "commit-tree", tree, "-p", tip, "-p", commit, "-m", "m")
+        return chain, trees
+
+    chain, trees = anyio.run(main)
+    assert [git(repo, "rev-parse", f"{c}^{{tree}}") for c in chain] == trees
+    for i, commit in enumerate(chain):
+        parents = git(repo, "log", "-1", "--format=%P", commit).split()
+        assert parents == [chain[i - 1] if i else target, results[i]]
+        assert git(repo, "log", "-1", "--format=%B", commit) == f"merge {i}"
+    assert git(repo, "for-each-ref", "refs/orchestrator/") == ""  # no ref left behind

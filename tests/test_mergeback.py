@@ -472,3 +472,32 @@ def test_a_fifo_in_place_of_the_report_does_not_block(tmp_path: Path) -> None:
     os.mkfifo(path)
     with pytest.raises(ReportUnreadable, match="not a regular file"):
         anyio.run(record_merge, path, record("main"))
+
+
+def test_a_merge_of_n_disjoint_results_runs_git_a_bounded_number_of_times(repo: Path) -> None:
+    """Predicting and building the merge of N results that touch different files: one log
+    per result and a constant (the build is one fast-import, fed from those logs), no
+    merge-tree, whatever N; merged for real, the same, and every result is in the target."""
+    results = [task_result(repo, f"t{i}", {f"out/t{i}.txt": f"{i}\n"}) for i in range(60)]
+    report = report_of(repo, results)
+
+    async def main(dry_run: bool) -> tuple[int, MergeRecord]:
+        repository = await Repository.open(repo)
+        before = repository.git.calls
+        record = await merge_results(report, into="main", repo=repository, dry_run=dry_run)
+        repository.lock.close()
+        return repository.git.calls - before, record
+
+    calls, record = anyio.run(main, True)
+    assert record.status == "skipped" and "would merge 60 result(s)" in record.message
+    assert calls <= 60 + 12, calls
+    calls, record = anyio.run(main, False)
+    assert record.status == "merged" and calls <= 60 + 16, calls
+    listed = git(repo, "ls-tree", "-r", "--name-only", "main", "out/").split()
+    assert sorted(listed) == sorted(f"out/t{i}.txt" for i in range(60))
+    chain = [t.merge_commit for t in record.tasks]
+    assert chain[-1] == record.new_commit == git(repo, "rev-parse", "main")
+    # Each merge commit on the one before, with the task's result as its second parent.
+    for i, task in enumerate(record.tasks):
+        parents = git(repo, "log", "-1", "--format=%P", str(task.merge_commit)).split()
+        assert parents == [chain[i - 1] if i else record.old_commit, task.result_commit]

@@ -13,9 +13,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from envelopes import MergeConflict
+from envelopes import MergeConflict, Report
 from orchestrator._git import Git
-from orchestrator.mergeback import predict_conflicts
+from orchestrator.mergeback import merge_results, predict_conflicts
 from orchestrator.overlap import Touched, candidate_pairs, may_conflict, touched
 
 from .conftest import MakeRepo, git
@@ -200,3 +200,111 @@ def test_candidate_pairs_are_the_pairs_that_may_conflict() -> None:
     assert set(candidate_pairs(items)) == expected
     assert {(0, 1), (0, 2), (1, 2), (3, 4), (5, 6)} <= expected
     assert (0, 8) not in expected and (3, 8) not in expected
+
+
+def test_no_byte_of_a_path_passes_for_a_commit_in_the_log(repo: Path) -> None:
+    """An agent names a file with a \\x01 and another result's commit after it: it must not
+    make that result look merged already, nor hide its own changes, nor fake descent."""
+    base = git(repo, "rev-parse", "base")
+    text = git(repo, "show", "base:shared.txt") + "\n"
+    b = change(repo, base, {"b.txt": "b\n", "shared.txt": text.replace("line 9\n", "nine\n")})
+    a = change(repo, base, {f"note\x01>{b} {base}": "x\n", "a\x01-": "y\n"})
+    a2 = change(repo, a, {"shared.txt": text.replace("line 9\n", "NINE\n")})
+    elsewhere = change(repo, git(repo, "rev-parse", "main"), {f"\x01-{base}": "z\n"})
+    found = both_ways(repo, [("a", a2), ("b", b), ("elsewhere", elsewhere)])
+    assert {(c.left, c.right) for c in found} >= {("a", "b")}
+    logs = [anyio.run(touched, Git(repo), base, c) for c in (a2, b, elsewhere)]
+    assert logs[0] is not None and b not in logs[0].commits
+    assert {f"note\x01>{b} {base}", "a\x01-", "shared.txt"} <= logs[0].paths
+    assert logs[2] is None  # does not descend from the base, whatever its paths say
+
+
+def test_submodule_settings_hide_no_change_from_the_prediction(repo: Path) -> None:
+    """A .gitmodules with ignore = all (the repository's own content) hides gitlink changes
+    from git log by default; merge-tree still sees them, so the prediction must too."""
+    base = git(repo, "rev-parse", "base")
+    modules = '[submodule "lib"]\n\tpath = lib\n\turl = ./lib\n\tignore = all\n'
+    start = change(repo, base, {".gitmodules": modules})
+    git(repo, "update-ref", "refs/heads/base", start)
+
+    def gitlink(parent: str, target: str) -> str:
+        env = {**os.environ, **ENV, "GIT_INDEX_FILE": str(repo / ".git" / "link-index")}
+        run = lambda *a: subprocess.run(  # noqa: E731
+            ["git", *a], cwd=repo, env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        run("read-tree", parent)
+        run("update-index", "--add", "--cacheinfo", f"160000,{target},lib")
+        tree = run("write-tree")
+        Path(env["GIT_INDEX_FILE"]).unlink()
+        return run("commit-tree", tree, "-p", parent, "-m", "link")
+
+    first, other = base, git(repo, "rev-parse", "main")
+    a, b = gitlink(start, first), gitlink(start, other)
+    found = both_ways(repo, [("a", a), ("b", b)])
+    assert [(c.left, c.right, c.paths) for c in found] == [("a", "b", ["lib"])]
+
+
+def test_a_result_that_is_the_base_is_held_by_the_target_and_gets_no_merge(repo: Path) -> None:
+    """A dependent task that reset its work to the base: its result is the base, which the
+    target holds; no merge commit is made for it (as git's own ancestry check says)."""
+    base = git(repo, "rev-parse", "base")
+    assert anyio.run(touched, Git(repo), base, base) == Touched.of((), ())
+    other = change(repo, base, {"other.txt": "x\n"})
+    git(repo, "update-ref", "refs/heads/target", base)  # checked out nowhere
+    elsewhere = change(repo, base, {"tried.txt": "t\n"})  # where the task started
+    report = merge_report(repo, base, {"reset": base, "other": other}, {"reset": elsewhere})
+    record = anyio.run(lambda: merge_results(report, into="target", repo=repo))
+    assert record.status == "merged", record.message
+    made = {t.task_id: t.merge_commit for t in record.tasks}
+    assert made["reset"] is None and made["other"] is not None
+
+
+def merge_report(
+    repo: Path, base: str, results: dict[str, str], starts: dict[str, str] | None = None
+) -> Report:
+    """A sealed report whose tasks' results are *results* (task id to commit), each on its
+    branch, started from *starts* (else the base)."""
+    from datetime import UTC, datetime
+
+    from envelopes import AgentInfo, Provenance, TaskResult, Timings, digest, seal_result
+    from orchestrator.report import aggregate_results
+
+    run_id = "20261206-000000-abcdef"
+    stamp = datetime.now(UTC)
+    info = AgentInfo(kind="callable", qualname="agent")
+    made = []
+    for task_id, commit in results.items():
+        git(repo, "update-ref", f"refs/heads/orchestrator/{run_id}/{task_id}", commit)
+        made.append(
+            seal_result(
+                TaskResult(
+                    task_id=task_id,
+                    agent="a",
+                    status="succeeded",
+                    attempts=1,
+                    output={},
+                    timings=Timings(started_at=stamp, finished_at=stamp, duration_s=0.0),
+                    branch=f"orchestrator/{run_id}/{task_id}",
+                    provenance=Provenance(
+                        envelope_sha256="e" * 64,
+                        base_commit=(starts or {}).get(task_id, base),
+                        result_commit=commit,
+                        agent=info,
+                        agent_sha256=digest(info.model_dump(mode="json")),
+                        output_sha256=digest({}),
+                    ),
+                )
+            )
+        )
+    return aggregate_results(
+        made,
+        run_id=run_id,
+        plan_name="p",
+        plan_sha256="a" * 64,
+        repo=str(repo),
+        base_ref="main",
+        base_commit=base,
+        run_dir=repo / ".git" / "orchestrator" / "runs" / run_id,
+        started_at=stamp,
+        finished_at=stamp,
+    )

@@ -635,3 +635,9 @@ def test_resume_of_a_finished_run_runs_nothing_and_exits_with_its_status(
     resumed = orchestrator("run", str(plan), "--resume", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["run_id"] == interrupted.name
+    # Asked for another base than the finished run had: not that run; a new one starts.
+    other = orchestrator("run", str(plan), "--resume", "--base", "main", "--json", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    assert "started from HEAD, not main: starting a new run" in other.stderr
+    assert "no interrupted run" not in other.stderr
+    assert json.loads(other.stdout)["run_id"] not in {d.name for d in run_dirs(repo)[:-1]}
