@@ -50,6 +50,24 @@ def no_retry_waits() -> Iterator[None]:
     set_testing(False)
 
 
+@pytest.fixture
+def result_dumps(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How many times a TaskResult has been dumped (``model_dump``) since the fixture was
+    made; ``monkeypatch.undo()`` stops the counting."""
+    from envelopes import TaskResult
+
+    count = 0
+    dump = TaskResult.model_dump
+
+    def counting(self: TaskResult, **kwargs: Any) -> dict[str, Any]:
+        nonlocal count
+        count += 1
+        return dump(self, **kwargs)
+
+    monkeypatch.setattr(TaskResult, "model_dump", counting)
+    return lambda: count
+
+
 def git(repo: Path, *args: str) -> str:
     """Run git in *repo* with a fixture identity; return stdout."""
     result = subprocess.run(

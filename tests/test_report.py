@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -366,30 +367,22 @@ def test_a_version_1_report_is_still_read_and_verified(tmp_path: Path) -> None:
 
 
 def test_writing_a_report_serialises_no_result_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, result_dumps: Callable[[], int]
 ) -> None:
     """The lines a run made when it sealed each result are the ones written."""
     made = [sealed_result_line(task_result(f"t{i}", "succeeded")) for i in range(5)]
     results = [result for result, _ in made]
     lines = {result.task_id: (result, line) for result, line in made}
     report = aggregate(results)
-    dumps = 0
-    dump = TaskResult.model_dump
-
-    def counting(self: TaskResult, **kwargs: Any) -> dict[str, Any]:
-        nonlocal dumps
-        dumps += 1
-        return dump(self, **kwargs)
-
-    monkeypatch.setattr(TaskResult, "model_dump", counting)
+    before = result_dumps()
     data = anyio.run(
         functools.partial(write_report, report, tmp_path / "report.json", lines=lines)
     ).read_bytes()
-    assert dumps == 0
+    assert result_dumps() == before
     # A line is used only for the very result it was made from.
     changed = results[0].model_copy(update={"exit_code": 3})
     report_bytes(report.model_copy(update={"results": [changed, *results[1:]]}), lines)
-    assert dumps == 1
+    assert result_dumps() == before + 1
     monkeypatch.undo()
     assert data == report_bytes(report)
     assert all(line == json_line(r.model_dump(mode="json")) for r, line in made)

@@ -25,7 +25,6 @@ from envelopes import (
     Report,
     RunStarted,
     TaskFinished,
-    TaskResult,
     TaskRetrying,
     Usage,
     build_envelope,
@@ -417,23 +416,14 @@ def test_an_agent_that_asks_for_its_envelope_file_gets_it(tmp_path: Path) -> Non
     assert anyio.run(lambda: verify_report(path)).ok
 
 
-def test_a_run_serialises_each_result_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_serialises_each_result_once(tmp_path: Path, result_dumps: Callable[[], int]) -> None:
     """Sealed, journaled, written in the report: one model dump each (the lean path)."""
-    dumps = 0
-    dump = TaskResult.model_dump
-
-    def counting(self: TaskResult, **kwargs: Any) -> dict[str, Any]:
-        nonlocal dumps
-        dumps += 1
-        return dump(self, **kwargs)
-
-    monkeypatch.setattr(TaskResult, "model_dump", counting)
 
     async def agent(envelope: Any, workspace: Any) -> dict[str, str]:
         return {}
 
     callable_run(tmp_path, agent, n=20)
-    assert dumps == 20
+    assert result_dumps() == 20
 
 
 def test_a_kind_that_does_not_say_it_reads_no_envelope_file_gets_one(tmp_path: Path) -> None:
