@@ -9,6 +9,9 @@ merge machinery, ``ort``), without writing a single file.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ __all__ = [
     "Changes",
     "Combined",
     "chain_disjoint",
+    "chain_safe",
     "changed_files",
     "combine_commits",
     "independent_commits",
@@ -181,7 +185,9 @@ async def chain_disjoint(
     none shares a commit with another since *base* (see orchestrator/overlap.py). Then the
     merge ``git merge-tree`` would make is *start*'s tree with each commit's changes since
     *base* applied, which is what is written. *env* carries the identity (see
-    ``Git.identity_env``).
+    ``Git.identity_env``). ValueError when a commit holds a path fast-import would not
+    write as merge-tree does (see :func:`chain_safe`), GitError when fast-import fails (its
+    crash report, which holds the stream, is removed): the caller merges the other way.
     """
     check_ids(start, base, *(c for c, _, _ in merges))
     if not merges:
@@ -202,6 +208,8 @@ async def chain_disjoint(
             b"merge " + commit.encode() + b"\n",
         ]
         changes = known if known is not None else await _changes(git, base, commit)
+        if not chain_safe(changes):
+            raise ValueError(f"{commit} holds a path fast-import does not take as it is")
         # Removals first: a file that became a directory (or the other way round) must be
         # gone before what replaces it is written, or the removal would take that too.
         for path, state in changes.items():
@@ -215,11 +223,51 @@ async def chain_disjoint(
     # ref behind: the commits are objects only.
     stream += [b"get-mark :%d\n" % number for number in range(1, len(merges) + 1)]
     stream += [b"reset " + ref + b"\n\n", b"done\n"]
-    out = await git.run("fast-import", "--quiet", "--done", stdin=b"".join(stream))
+    started = time.time()
+    # ignorecase off: fast-import would otherwise match paths as the file system of a
+    # Windows or macOS checkout does, which merge-tree and the prediction do not.
+    out = await git.run(
+        "-c",
+        "core.ignorecase=false",
+        "fast-import",
+        "--quiet",
+        "--done",
+        stdin=b"".join(stream),
+        check=False,
+    )
+    if out.returncode != 0:
+        _forget_crash_reports(git, started)
+        stderr = out.stderr.decode(errors="replace")
+        cause = next((line for line in stderr.splitlines() if line.startswith("fatal:")), stderr)
+        raise GitError(["fast-import"], out.returncode, cause)
     made = out.stdout.decode("ascii", "replace").split()
     if len(made) != len(merges):
         raise GitError(["fast-import"], 0, f"named {len(made)} commits, not {len(merges)}")
     return made
+
+
+def _forget_crash_reports(git: Git, since: float) -> None:
+    """Remove the crash report a failed fast-import leaves in the repository
+    (``fast_import_crash_<pid>``: the whole stream, paths, identity and messages)."""
+    for directory in {git.repo / ".git", git.repo}:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(directory):
+                if entry.name.startswith("fast_import_crash_") and entry.is_file(
+                    follow_symlinks=False
+                ):
+                    with contextlib.suppress(OSError):
+                        if entry.stat(follow_symlinks=False).st_mtime >= since - 1:
+                            os.unlink(entry.path)
+
+
+def chain_safe(changes: Changes) -> bool:
+    """Whether every path of *changes* is one fast-import writes as merge-tree would: no
+    empty, ``.`` or ``..`` component, no leading or trailing slash (a tree a result made
+    by hand can hold such names; merge-tree carries them over, fast-import refuses them)."""
+    return all(
+        path and all(part not in (b"", b".", b"..") for part in path.split(b"/"))
+        for path in changes
+    )
 
 
 async def _changes(git: Git, base: str, commit: str) -> Changes:

@@ -586,9 +586,15 @@ async def _build(
             (p.commit, _message(run_id, into, p), _final(logs.by_commit.get(p.commit)))
             for p in todo
         ]
-        chain = await chain_disjoint(git, old, merges, base=logs.base, env=identity)
-        merged_at = {p.task_id: c for p, c in zip(todo, chain, strict=True)}
-        return (chain[-1] if chain else old), merged_at
+        try:
+            chain = await chain_disjoint(git, old, merges, base=logs.base, env=identity)
+        except (GitError, ValueError):
+            # A path fast-import will not take as merge-tree does (a tree a result made by
+            # hand): merged one at a time below, as merge-tree merges it.
+            pass
+        else:
+            merged_at = {p.task_id: c for p, c in zip(todo, chain, strict=True)}
+            return (chain[-1] if chain else old), merged_at
     new, before = old, [into]
     merged: dict[str, str] = {}
     # The commits since the base that the target and the merges so far hold (None: not known).

@@ -308,3 +308,62 @@ def merge_report(
         started_at=stamp,
         finished_at=stamp,
     )
+
+
+def test_a_case_insensitive_config_changes_no_merged_tree(repo: Path) -> None:
+    """core.ignorecase (git init sets it on macOS and Windows) must not make the one-process
+    build match paths by case: the target's LICENSE and a result's License both stay."""
+    git(repo, "config", "core.ignorecase", "true")
+    base = git(repo, "rev-parse", "base")
+    target = change(repo, base, {"LICENSE": "the target's\n"})
+    result = change(repo, base, {"License": "the result's\n"})
+    git(repo, "update-ref", "refs/heads/target", target)
+    report = merge_report(repo, base, {"r": result})
+    record = anyio.run(lambda: merge_results(report, into="target", repo=repo))
+    assert record.status == "merged", record.message
+    assert git(repo, "show", "target:LICENSE") == "the target's"
+    assert git(repo, "show", "target:License") == "the result's"
+
+
+def test_a_hand_made_tree_fast_import_refuses_is_merged_the_other_way(repo: Path) -> None:
+    """A result whose tree holds a name git would never write ("..") is merged as
+    merge-tree merges it, and fast-import's crash report (the stream) is not left behind."""
+    base = git(repo, "rev-parse", "base")
+    blob = git(repo, "rev-parse", "base:d/one.txt")
+    entry = b"100644 ..\0" + bytes.fromhex(blob)
+    inner = (
+        subprocess.run(
+            ["git", "hash-object", "-w", "--literally", "-t", "tree", "--stdin"],
+            cwd=repo,
+            input=entry,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .strip()
+    )
+    listing = git(repo, "ls-tree", "base").splitlines()
+    top = "\n".join([*listing, f"040000 tree {inner}\tweird"]) + "\n"
+    tree = (
+        subprocess.run(
+            ["git", "mktree"], cwd=repo, input=top.encode(), capture_output=True, check=True
+        )
+        .stdout.decode()
+        .strip()
+    )
+    env = {**os.environ, **ENV}
+    odd = subprocess.run(
+        ["git", "commit-tree", tree, "-p", base, "-m", "odd"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    other = change(repo, base, {"other.txt": "x\n"})
+    git(repo, "update-ref", "refs/heads/target", base)
+    report = merge_report(repo, base, {"odd": odd, "other": other})
+    record = anyio.run(lambda: merge_results(report, into="target", repo=repo))
+    assert record.status == "merged", record.message
+    assert git(repo, "rev-parse", "target:weird") == inner
+    assert not list((repo / ".git").glob("fast_import_crash_*"))
