@@ -580,6 +580,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     if "requirements" in results:
         target("shared requirements: venv / bare uv venv", results["requirements"]["ratio"], 1.5)
+    if results.get("peer", {}).get("ratio") is not None:
+        target("16 tasks merged into main / parallel-orchestra", results["peer"]["ratio"], 1.0)
     if "cli" in results:
         target("orchestrator --help / python -c pass", results["cli"]["ratio"], 6)
     if "dask" in results:
@@ -598,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument(
         "--only",
-        default="worktrees,large,requirements,scheduler,cli,sandbox,dask,scale",
+        default="worktrees,large,requirements,scheduler,cli,sandbox,dask,scale,peer",
         help="comma-separated benchmarks (default: all)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
@@ -632,7 +634,17 @@ def main(argv: list[str] | None = None) -> int:
     for package in ("orchestrator", "envelopes"):
         compileall.compile_dir(ROOT / package, quiet=1)
     only = set(args.only.split(","))
-    known = {"worktrees", "large", "requirements", "scheduler", "cli", "sandbox", "dask", "scale"}
+    known = {
+        "worktrees",
+        "large",
+        "requirements",
+        "scheduler",
+        "cli",
+        "sandbox",
+        "dask",
+        "scale",
+        "peer",
+    }
     unknown = only - known
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
@@ -764,6 +776,25 @@ def main(argv: list[str] | None = None) -> int:
         for r in p["rows"]:
             print(f"  validate {r['n']:>6} tasks: {r['validate_s']} s, {r['max_rss_mb']} MB")
         print(f"  validate time per task, larger / smaller: {p['per_task_ratio']}x")
+    if "peer" in only:
+        import peer_bench
+
+        peer_work = Path(tempfile.mkdtemp(prefix="orchestrator-bench-peer-"))
+        try:
+            r = results["peer"] = peer_bench.bench_peer(peer_work, 1 if args.quick else 3)
+        finally:
+            import shutil
+
+            shutil.rmtree(peer_work, ignore_errors=True)
+        if "skipped" in r:
+            print(f"peer (parallel-orchestra): skipped ({r['skipped']})", flush=True)
+        else:
+            print(
+                f"peer ({r['tasks']} tasks writing a file, C={r['concurrency']}, merged into "
+                f"main, a stand-in claude): orchestrator {r['orchestrator_s']} s, "
+                f"parallel-orchestra {r['peer_s']} s: {r['ratio']}x",
+                flush=True,
+            )
     if "dask" in only:
         import dask_bench
 

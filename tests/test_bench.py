@@ -74,6 +74,10 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
     assert all(r["ok"] and r["git_processes"] <= 5 for r in scale["verify"]["rows"])
     assert [r["n"] for r in scale["validate"]["rows"]] == [1_000, 10_000]
     assert all(r["max_rss_mb"] > 0 for r in scale["validate"]["rows"])
+    # The peer: parallel-orchestra from PyPI against the orchestrator, both merging into
+    # main (skipped, saying why, where it cannot be installed).
+    peer = results["peer"]
+    assert "skipped" in peer or (peer["orchestrator_s"] > 0 and peer["peer_s"] > 0), peer
     # Merge of disjoint results: no merge-tree, a git process per result and a constant.
     merge = scale["merge"]["rows"]
     assert [r["n"] for r in merge] == [32, 128]
