@@ -104,7 +104,10 @@ def _ours(repo: Path, env: dict[str, str]) -> float:
     return took
 
 
-def _peer(repo: Path, site: Path, stand_in: Path, env: dict[str, str]) -> float:
+def _peer(repo: Path, site: Path, stand_in: Path, env: dict[str, str]) -> float | str:
+    """The peer's wall time on *repo*; or, when it fails, its last line of error (its own
+    failures are not the benchmark's: on CI machines it has lost a race with itself writing
+    its run state, and git worktree add has failed under it)."""
     tasks = "".join(
         f"  - id: t{i:02d}\n    agent: w\n    read_only: false\n    prompt: 'write t{i:02d}'\n"
         for i in range(TASKS)
@@ -136,8 +139,9 @@ def _peer(repo: Path, site: Path, stand_in: Path, env: dict[str, str]) -> float:
         text=True,
     )
     took = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"parallel-orchestra failed: {(done.stderr or done.stdout)[-2000:]}")
+    if done.returncode != 0 or _merged(repo) != TASKS:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return lines[-1][:300] if lines else f"exit {done.returncode}, not every file merged"
     return took
 
 
@@ -162,20 +166,28 @@ def bench_peer(work: Path, repeats: int = 3) -> dict[str, Any]:
     for role in ("AUTHOR", "COMMITTER"):
         env.setdefault(f"GIT_{role}_NAME", "bench")
         env.setdefault(f"GIT_{role}_EMAIL", "bench@localhost")
-    ours, theirs = [], []
+    ours: list[float] = []
+    theirs: list[float] = []
+    failures: list[str] = []
     for n in range(repeats):
         repo = _repo(work / f"peer-ours-{n}")
         ours.append(_ours(repo, env))
         if _merged(repo) != TASKS:
             raise RuntimeError("orchestrator run: not every task's file reached main")
-        repo = _repo(work / f"peer-theirs-{n}")
-        theirs.append(_peer(repo, site, stand_in, env))
-        if _merged(repo) != TASKS:
-            raise RuntimeError("parallel-orchestra: not every task's file reached main")
+        for attempt in range(3):  # the peer's own failures are retried, then reported
+            repo = _repo(work / f"peer-theirs-{n}-{attempt}")
+            took = _peer(repo, site, stand_in, env)
+            shutil.rmtree(repo, ignore_errors=True)
+            if isinstance(took, float):
+                theirs.append(took)
+                break
+            failures.append(took)
         shutil.rmtree(work / f"peer-ours-{n}", ignore_errors=True)
-        shutil.rmtree(work / f"peer-theirs-{n}", ignore_errors=True)
+    if not theirs:
+        return {"skipped": f"parallel-orchestra failed every time: {failures[-1]}"}
     a, b = statistics.median(ours), statistics.median(theirs)
     return {
+        "peer_failures": failures,
         "tasks": TASKS,
         "concurrency": CONCURRENCY,
         "orchestrator_s": round(a, 3),
