@@ -133,17 +133,22 @@ def _child_verify(n: int, work: str) -> dict[str, Any]:
 
 
 def bench_verify(sizes: list[int], work: Path) -> dict[str, Any]:
+    return _per_result("_verify", "verify_s", sizes, work)
+
+
+def _per_result(child: str, seconds: str, sizes: list[int], work: Path) -> dict[str, Any]:
+    """Each size measured by *child* in a fresh process; the time per result (its
+    *seconds* over its ``n``) at the largest size against the smallest."""
     rows = []
     for n in sizes:
         out = subprocess.run(
-            [sys.executable, __file__, "_verify", str(n), str(work)],
+            [sys.executable, __file__, child, str(n), str(work)],
             capture_output=True,
             text=True,
             check=True,
         )
         rows.append(json.loads(out.stdout))
-    small, large = rows[0], rows[-1]
-    per = [r["verify_s"] / r["n"] for r in (small, large)]
+    per = [r[seconds] / r["n"] for r in (rows[0], rows[-1])]
     return {"rows": rows, "per_result_ratio": round(per[1] / per[0], 2) if per[0] else None}
 
 
@@ -197,17 +202,7 @@ def _child_merge(n: int, work: str) -> dict[str, Any]:
 
 
 def bench_merge(sizes: list[int], work: Path) -> dict[str, Any]:
-    rows = []
-    for n in sizes:
-        out = subprocess.run(
-            [sys.executable, __file__, "_merge", str(n), str(work)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        rows.append(json.loads(out.stdout))
-    per = [r["merge_s"] / r["n"] for r in (rows[0], rows[-1])]
-    return {"rows": rows, "per_result_ratio": round(per[1] / per[0], 2) if per[0] else None}
+    return _per_result("_merge", "merge_s", sizes, work)
 
 
 def bench_validate(sizes: list[int], work: Path) -> dict[str, Any]:
