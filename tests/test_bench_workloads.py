@@ -118,7 +118,9 @@ def test_a_failing_workload_says_why_and_cleans_up(
     """The venv tool it needs fails: the workload raises with its message and leaves nothing."""
     repo = workloads.make_repo(tmp_path / "repo", 5)
     work = tmp_path / "work"
-    monkeypatch.setattr(workloads, broken, lambda: failing_command(tmp_path))
+    # Written once: rewritten per task, one task's shell could read it truncated and exit 0.
+    command = failing_command(tmp_path)
+    monkeypatch.setattr(workloads, broken, lambda: command)
     with pytest.raises(RuntimeError, match="no venv today"):
         run(repo, work)
     assert branches(repo, prefix) == []

@@ -267,8 +267,9 @@ def test_what_cannot_be_read_is_left_out_never_raised(
     with (run_dir / noisy.stderr.path).open("w") as f:
         for i in range(200_000):
             f.write(f"{i} {'x' * 40}\n")
-    # Another repository: none of the run's commits are in it.
-    elsewhere = make_repo()
+    # Another repository: none of the run's commits are in it. (Made with the same files
+    # in the same second, its first commit would be the run's base: the content differs.)
+    elsewhere = make_repo(extra={"elsewhere.txt": "another history\n"})
     facts = facts_of(Audited(elsewhere, audited.report))
     assert facts.diffstats == {} and facts.diffstats_note is None
     # Neither the link nor the changed log is the file the report recorded: neither is shown.
