@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ._canonical import digest
 from ._ids import BranchName, ObjectId, new_task_id, task_id_problem
+from ._lean import SharedFieldNames
 from ._plan import (
     DEFAULT_TIMEOUT_S,
     EnvName,
@@ -43,7 +44,7 @@ _UPSTREAM_ADDED = ("changed_files", "changed_files_omitted")
 MAX_CHANGED_FILES = 100
 
 
-class Upstream(BaseModel):
+class Upstream(SharedFieldNames):
     """What a dependency produced, as its dependent task is told.
 
     ``changed_files`` are the paths its result changed (added, modified, deleted) from where
@@ -60,7 +61,7 @@ class Upstream(BaseModel):
     changed_files_omitted: int = Field(default=0, ge=0)
 
 
-class HandoffEnvelope(BaseModel):
+class HandoffEnvelope(SharedFieldNames):
     """A task handed to one agent.
 
     It is written as JSON to the path in ``ORCHESTRATOR_ENVELOPE`` before a command agent

@@ -37,6 +37,7 @@ from pydantic import (
 
 from ._bounded import relative_path_problem
 from ._ids import MATRIX_VALUE_PATTERN, task_id_problem
+from ._lean import SharedFieldNames
 
 __all__ = [
     "MATRIX_FIELDS",
@@ -186,7 +187,7 @@ class _Additions(_Strict):
 PromptTemplate = Annotated[str, Field(min_length=1, max_length=1_000_000)]
 
 
-class Limits(_Strict):
+class Limits(_Strict, SharedFieldNames):
     """Resource limits of an agent's processes, set with setrlimit before the agent starts.
 
     Each is per process (the kernel's rule), except ``processes``, which counts every process

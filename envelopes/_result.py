@@ -14,7 +14,6 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (
     AfterValidator,
     AwareDatetime,
-    BaseModel,
     ConfigDict,
     Field,
     SerializationInfo,
@@ -25,6 +24,7 @@ from pydantic import (
 from ._bounded import relative_path_problem
 from ._canonical import digest_without, json_line
 from ._ids import BranchName, Digest, ObjectId, RunId, Seal, TaskId
+from ._lean import SharedFieldNames
 from ._plan import Rates, Select
 from ._usage import Usage, UsageTotals
 
@@ -130,7 +130,7 @@ def _run_dir_path(value: str) -> str:
 RunDirPath = Annotated[str, AfterValidator(_run_dir_path)]
 
 
-class _Model(BaseModel):
+class _Model(SharedFieldNames):
     model_config = ConfigDict(extra="forbid")
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
+from ._lean import SharedFieldNames
 from ._plan import Rates
 
 __all__ = [
@@ -38,7 +39,7 @@ _TOKENS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_to
 _SUMMED = (*_TOKENS, "total_tokens", "turns")
 
 
-class Usage(BaseModel):
+class Usage(SharedFieldNames):
     """What an agent spent, where it says so (null: not known): on one attempt
     (``Attempt.usage``), or on a task, its attempts' added up (``TaskResult.usage``).
 
