@@ -271,7 +271,8 @@ class _Run:
             self.report_plan.refs_before.update(await ref_values(ctx.repo.git))
         if not self.resumed:
             with anyio.CancelScope(shield=True):
-                data = self.intake.plan_bytes
+                data, self.intake.plan_bytes = self.intake.plan_bytes, None
+                assert data is not None
                 await anyio.to_thread.run_sync(atomic_write, ctx.run_dir / "plan.json", data)
         await emit_run_event(
             ctx,

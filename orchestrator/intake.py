@@ -35,7 +35,7 @@ PlanLike = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Intake:
     """A run's inputs, checked: everything :func:`orchestrate_parallel` needs to start it."""
 
@@ -49,7 +49,10 @@ class Intake:
     base_commit: str | None
     base_tree: str | None
     #: The plan as written to ``plan.json`` and hashed: canonical JSON, secret values masked.
-    plan_bytes: bytes
+    #: None once written (given envelopes, it is some 550 bytes a task: not kept for the run).
+    plan_bytes: bytes | None
+    #: ``plan_sha256`` of the report: the digest of ``plan_bytes``.
+    plan_sha256: str
     #: What the caller passed: settings given as keywords, and a RunSettings object, if any
     #: (a resume resolves the settings again over the ones its run started with).
     overrides: SettingsOverrides
@@ -61,11 +64,6 @@ class Intake:
     def plan(self) -> Plan | None:
         """The plan, when the run was given one (not a list of envelopes)."""
         return self.loaded.plan if self.loaded is not None else None
-
-    @property
-    def plan_sha256(self) -> str:
-        """``plan_sha256`` of the report."""
-        return sha256_hex(self.plan_bytes)
 
     @property
     def plan_dir(self) -> Path:
@@ -117,6 +115,7 @@ async def take_in(
         base_commit=commit,
         base_tree=tree,
         plan_bytes=plan_bytes,
+        plan_sha256=sha256_hex(plan_bytes),
         overrides=overrides,
         given=recorded,
         webhooks=tuple(webhooks),

@@ -1012,6 +1012,11 @@ class _Subagent:
         self.ctx.result_lines[self.task_id] = (sealed, line)
         return sealed
 
+    def release(self) -> None:
+        """Break the task's one reference cycle (its place runs its hooks through it), so
+        that it is freed when it ends rather than by the cyclic collector, with all it holds."""
+        self.place.run_hook = _no_hook
+
     async def hash_inputs(self) -> None:
         """Add the program the agent ran to what the task ran from (``provenance.inputs``;
         the plan's files were hashed before it ran: see orchestrator/inputs.py)."""
@@ -1193,7 +1198,10 @@ async def _finish(
         task.give_back_slot()
         # Recorded even if the clean-up above ran out of time.
         result = task.result(status, error)
-        await record_result(ctx, result, leaving=leaving)
+        try:
+            await record_result(ctx, result, leaving=leaving)
+        finally:
+            task.release()
     return result
 
 
@@ -1243,7 +1251,11 @@ def not_started_result(
     error = error or ErrorInfo(
         kind="cancelled", message="the run was cancelled before this task started"
     )
-    return _Subagent(envelope, agent, ctx).result(status, error)
+    task = _Subagent(envelope, agent, ctx)
+    try:
+        return task.result(status, error)
+    finally:
+        task.release()
 
 
 def finished_event(ctx: RunContext, result: TaskResult) -> TaskFinished:

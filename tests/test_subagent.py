@@ -504,3 +504,44 @@ def test_an_offset_is_for_an_envelope_record_only(tmp_path: Path) -> None:
     path.write_bytes(report_layout(raw))
     found = anyio.run(lambda: verify_report(path)).findings
     assert [(f.task_id, f.field) for f in found] == [("t0", "envelope.offset")]
+
+
+def test_a_finished_task_is_freed_at_once_not_by_the_cyclic_collector(tmp_path: Path) -> None:
+    """A task's state (its place, history, clock, the envelope's bytes) goes when it ends:
+    left to the cyclic collector, 100,000 tasks' worth would wait for it (docs/benchmarks.md,
+    "Shared field names")."""
+    import gc
+
+    from orchestrator.subagent import _Subagent
+
+    async def noop(envelope: Any, workspace: Workspace) -> dict[str, Any]:
+        if envelope.task_id == "bad":
+            raise RuntimeError("no")
+        return {}
+
+    envelopes = [
+        build_envelope("n", "t", task_id=task_id, worktree=False, venv=False)
+        for task_id in ("bad", *(f"t{i}" for i in range(20)))
+    ]
+    # One task is never started (its dependency failed): its result is made all the same.
+    envelopes.append(
+        build_envelope("n", "t", task_id="late", worktree=False, venv=False, depends_on=["bad"])
+    )
+    gc.collect()
+    gc.disable()
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        report = anyio.run(
+            lambda: orchestrate_parallel(
+                envelopes, agents={"n": noop}, state_dir=tmp_path, concurrency=4
+            )
+        )
+        assert report.summary.successful == 20
+        assert report.result("late").status == "skipped"
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, _Subagent)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
