@@ -23,6 +23,14 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.retry import set_testing
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fast tests first: the tests marked ``slow`` (end-to-end runs that kill and resume,
+    clusters, real venvs in numbers) run after all the others, in their order, so that a
+    broken core fails in seconds rather than after minutes of end-to-end runs."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
 PYTHON = sys.executable
 
 

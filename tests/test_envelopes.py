@@ -35,6 +35,7 @@ from envelopes import (
     canonical_json,
     digest,
     digest_without,
+    json_line,
     json_schemas,
     load_report_json,
     new_run_id,
@@ -84,6 +85,22 @@ def test_canonical_json_refuses_nan_and_infinity(bad: float) -> None:
         canonical_json({"x": [1, bad]})
     with pytest.raises(ValueError):
         digest(bad)
+
+
+def test_a_result_line_is_compact_in_its_own_key_order_with_characters_as_they_are() -> None:
+    """How the journal and a version 2 report write a result (docs/report-format.md):
+    ``json.dumps(result, separators=(",", ":"), ensure_ascii=False)``, one line."""
+    value = {"z": "café ✓ 日本", "a": [1, 1.0, {"y": None, "b": True}], "m": "a\nb"}
+    line = json_line(value)
+    assert line == '{"z":"café ✓ 日本","a":[1,1.0,{"y":null,"b":true}],"m":"a\\nb"}'
+    assert "\n" not in line and json.loads(line) == value
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_a_result_line_refuses_nan_and_infinity(bad: float) -> None:
+    """What no other JSON reader would read back (``NaN`` is not JSON)."""
+    with pytest.raises(ValueError):
+        json_line({"x": [1, bad]})
 
 
 def test_canonical_json_keeps_int_and_float_apart() -> None:

@@ -100,3 +100,25 @@ def test_aiofiles_is_not_a_dependency() -> None:
     assert "aiofiles" not in text
     engine = "".join(p.read_text(encoding="utf-8") for p in ENGINE + CONTRACT)
     assert "import aiofiles" not in engine and "from aiofiles" not in engine
+
+
+def test_fast_tests_run_before_the_slow_ones() -> None:
+    """A broken core fails in seconds: the tests marked ``slow`` (kill and resume, clusters)
+    are collected after every other test, whatever their file (tests/conftest.py)."""
+    import subprocess
+    import sys
+
+    listed = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"),
+            *("tests/test_resume.py", "tests/test_scheduler.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    ids = [line for line in listed if "::" in line]
+    slow = [i for i, line in enumerate(ids) if "test_a_killed_run_resumes" in line]
+    assert slow and slow == list(range(len(ids) - len(slow), len(ids)))
+    assert any("test_scheduler.py" in line for line in ids[: slow[0]])

@@ -124,6 +124,7 @@ def assert_nothing_left(repo: Path) -> None:
     assert not list((repo / ".git").rglob("*.lock"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "when"), MOMENTS, ids=[f"{k}-{w}" for k, w in MOMENTS])
 def test_a_killed_run_resumes_without_losing_or_redoing_work(
     make_repo: MakeRepo, tmp_path: Path, kind: str, when: Any

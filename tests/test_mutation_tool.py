@@ -1,0 +1,145 @@
+"""tools/mutation.py: mutation testing of the core, run for real (mutmut) on a small
+project made here, whose tests catch some mutants and let others through."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tools import mutation
+from tools.mutation import Accepted, MutationError, main, mutate_module, read_accepted
+
+from .conftest import git
+
+CALC = """\
+def clamp(value, low, high):
+    if value < low:
+        return low
+    if value > high:
+        return high
+    return value
+
+
+def label(n):
+    return "many" if n > 1 else "one"
+"""
+
+TESTS = """\
+from pkg.calc import clamp, label
+
+
+def test_clamp():
+    assert clamp(5, 1, 10) == 5
+    assert clamp(0, 1, 10) == 1
+    assert clamp(1, 1, 10) == 1
+    assert clamp(10, 1, 10) == 10
+    assert clamp(11, 1, 10) == 10
+
+
+def test_label():
+    assert label(5) == "many"  # never at the boundary: `n >= 1` goes unnoticed
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A git repository with a package, its tests, and a file left uncommitted."""
+    root = tmp_path / "project"
+    for name, text in {
+        "pyproject.toml": '[project]\nname = "pkg"\nversion = "0"\n',
+        "pkg/__init__.py": "",
+        "pkg/calc.py": CALC,
+        "tests/__init__.py": "",
+        "tests/test_calc.py": TESTS,
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    git(root.parent, "init", "-q", str(root))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+    return root
+
+
+def status(root: Path) -> str:
+    return git(root, "status", "--porcelain", "--ignored")
+
+
+def test_a_module_is_scored_by_the_mutants_its_tests_catch(project: Path) -> None:
+    score = mutate_module(project, "pkg/calc.py", ["tests/test_calc.py"], max_children=1)
+    assert score.caught > 0 and score.counts["killed"] == score.caught
+    # The boundary of `label` is never tested: its mutant survives, and is shown as a line.
+    assert ('return "many" if n > 1 else "one"', 'return "many" if n >= 1 else "one"') in [
+        (s.before, s.after) for s in score.survivors
+    ]
+    assert all(s.status in mutation.MISSED for s in score.survivors)
+    assert score.score == score.caught / (score.caught + len(score.survivors))
+    # Nothing of it is left in the tree it was run on.
+    assert status(project) == ""
+
+
+def test_accepted_equivalents_are_left_out_of_the_score(project: Path) -> None:
+    first = mutate_module(project, "pkg/calc.py", ["tests/test_calc.py"], max_children=1)
+    one = first.survivors[0]
+    accepted = [Accepted("pkg/calc.py", one.before, one.after, "for the test")]
+    # Another module's entry with the same lines is not this module's.
+    accepted.append(Accepted("pkg/other.py", first.survivors[1].before, "x", "elsewhere"))
+    again = mutate_module(project, "pkg/calc.py", ["tests/test_calc.py"], accepted, max_children=1)
+    assert [s.name for s in again.accepted] == [
+        s.name for s in first.survivors if (s.before, s.after) == (one.before, one.after)
+    ]
+    assert again.caught == first.caught
+    assert len(again.survivors) == len(first.survivors) - len(again.accepted)
+
+
+def test_the_working_tree_is_mutated_as_it_is_not_as_committed(project: Path) -> None:
+    """Uncommitted changes and new files are what is tested: a test added but not yet
+    committed kills the mutant it was written for."""
+    tests = project / "tests" / "test_calc.py"
+    tests.write_text(TESTS + '\n\ndef test_label_boundary():\n    assert label(1) == "one"\n')
+    score = mutate_module(project, "pkg/calc.py", ["tests/test_calc.py"], max_children=1)
+    assert 'return "many" if n >= 1 else "one"' not in [s.after for s in score.survivors]
+
+
+def test_tests_that_fail_on_the_real_code_stop_it_with_one_line(project: Path) -> None:
+    (project / "tests" / "test_calc.py").write_text(TESTS + "\n\ndef test_broken():\n    1 / 0\n")
+    with pytest.raises(MutationError, match=r"^mutmut run on pkg/calc.py failed"):
+        mutate_module(project, "pkg/calc.py", ["tests/test_calc.py"], max_children=1)
+    with pytest.raises(MutationError, match="no such file"):
+        mutate_module(project, "pkg/missing.py", ["tests/test_calc.py"])
+
+
+def test_the_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert "envelopes/_canonical.py: tests/test_envelopes.py tests/test_report.py" in listed
+    assert len(listed) == len(mutation.MODULES)
+    with pytest.raises(SystemExit) as exited:
+        main(["envelopes/nowhere.py"])
+    assert exited.value.code == 2
+    assert "not a module of MODULES: envelopes/nowhere.py" in capsys.readouterr().err
+    # Not a git working tree: one line, exit 1.
+    assert main(["envelopes/_canonical.py"], root=tmp_path) == 1
+    assert capsys.readouterr().err.startswith("mutation: ")
+
+
+def test_every_module_and_test_named_exists_and_accepted_entries_name_modules() -> None:
+    for module, tests in mutation.MODULES.items():
+        assert (mutation.ROOT / module).is_file(), module
+        assert tests and all((mutation.ROOT / t).is_file() for t in tests), module
+    accepted = read_accepted(mutation.ROOT / mutation.ACCEPTED_FILE)
+    assert accepted and all(a.module in mutation.MODULES and a.reason for a in accepted)
+
+
+def test_a_bad_accepted_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "accepted.toml"
+    bad.write_text(
+        textwrap.dedent("""\
+        [[accepted]]
+        module = "x"
+        """)
+    )
+    with pytest.raises(MutationError, match=r"accepted.toml: "):
+        read_accepted(bad)
+    assert read_accepted(tmp_path / "none.toml") == []

@@ -1,0 +1,333 @@
+"""Mutation testing of the core: how many plausible one-line bugs the tests catch.
+
+    python -m tools.mutation                     # every module of MODULES
+    python -m tools.mutation envelopes/_canonical.py orchestrator/journal.py
+    python -m tools.mutation --list              # the modules and the tests each one runs
+
+Each module is mutated by mutmut (3.x: an operator swapped, a constant changed, an
+argument dropped, a return value replaced), one mutant at a time, and the module's tests
+(:data:`MODULES`) run against each. A mutant the tests fail on is *caught*; one they pass
+on *survived*: a bug they would not notice, unless it is *equivalent* (it changes nothing a
+caller can observe: ``ensure_ascii=None`` for ``ensure_ascii=False``). Equivalent mutants
+are listed, with why, in ``tools/mutation-accepted.toml`` and left out of the score.
+
+The score of a module is caught / (caught + survived + not covered): a mutant in code that
+no selected test reaches counts as a miss. docs/mutation.md holds the table (with the date
+and commit) and how to read a survivor.
+
+It works on a copy of the working tree (tracked and untracked files, not ignored ones), so
+the tree is never changed; mutmut's state stays in that copy's ``mutants/`` directory. The
+tests' own subprocesses (``python -m orchestrator``) import the mutated modules too:
+``PYTHONPATH`` points at them, and mutmut names the mutant under test in the environment.
+It is a habit, not a CI gate: the exit status is 0 whatever the score (1 when the tool
+itself cannot run, 2 for bad arguments), unless ``--min-score`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["MODULES", "Accepted", "ModuleScore", "Survivor", "main", "mutate_module"]
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCEPTED_FILE = Path("tools") / "mutation-accepted.toml"
+
+#: Each core module and the tests that cover it: the quick, focused ones, so that one
+#: module runs in minutes here (issue 18).
+MODULES: dict[str, tuple[str, ...]] = {
+    # The contract: canonical JSON and the audit of a report.
+    "envelopes/_canonical.py": ("tests/test_envelopes.py", "tests/test_report.py"),
+    "envelopes/_audit.py": (
+        "tests/test_verify.py",
+        "tests/test_security_reports.py",
+        "tests/test_report.py",
+    ),
+    # verify: every hash recomputed, every commit checked.
+    "orchestrator/verify.py": ("tests/test_verify.py", "tests/test_security_reports.py"),
+    "orchestrator/ancestry.py": ("tests/test_ancestry.py", "tests/test_verify.py"),
+    # The journal, and what a crash leaves to recover and resume.
+    "orchestrator/journal.py": (
+        "tests/test_journal.py",
+        "tests/test_faults.py",
+        "tests/test_full_disk.py",
+        "tests/test_subagent.py",
+    ),
+    "orchestrator/recovery.py": ("tests/test_recovery.py", "tests/test_resume.py"),
+    "orchestrator/resume.py": ("tests/test_resume.py", "tests/test_recovery.py"),
+    # The scheduler, and the pool of worktrees.
+    "orchestrator/scheduler.py": ("tests/test_scheduler.py", "tests/test_graph.py"),
+    "orchestrator/pool.py": ("tests/test_pool.py", "tests/test_recycle.py"),
+    "orchestrator/recycle.py": ("tests/test_recycle.py", "tests/test_pool.py"),
+    "orchestrator/worktree.py": ("tests/test_worktree.py", "tests/test_pool.py"),
+    # Merge-back.
+    "orchestrator/merge.py": ("tests/test_merge.py", "tests/test_mergeback.py"),
+    "orchestrator/overlap.py": ("tests/test_overlap.py", "tests/test_mergeback.py"),
+    # The security checks.
+    "orchestrator/sandbox.py": ("tests/test_sandbox.py", "tests/test_security_agents.py"),
+    "orchestrator/guard.py": ("tests/test_guard.py",),
+    "orchestrator/secrets.py": ("tests/test_secrets.py", "tests/test_security_secrets.py"),
+}
+
+#: Imported by every Python process the tests start (``PYTHONPATH`` names the mutants):
+#: such a process runs the mutant under test, but not mutmut's bookkeeping of which tests
+#: reach which function ("stats"), which only mutmut's own process can keep.
+SITECUSTOMIZE = """\
+import os
+
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    os.environ["MUTANT_UNDER_TEST"] = ""
+"""
+
+#: mutmut's words for what became of a mutant, by what they count as here.
+CAUGHT = frozenset({"killed", "timeout", "caught by type check", "segfault"})
+MISSED = frozenset({"survived", "no tests"})
+#: Line of ``mutmut results --all true``: ``    <mutant name>: <status>``.
+_RESULT_LINE = re.compile(r"^\s*(?P<name>[\w.]+__mutmut_\d+): (?P<status>[a-z ]+)$")
+
+
+class MutationError(Exception):
+    """The tool cannot run: mutmut missing or failing, a module not in the tree."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A survivor accepted as equivalent: in *module*, the line *before* becoming *after*
+    (each stripped) changes nothing observable, for *reason*."""
+
+    module: str
+    before: str
+    after: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Survivor:
+    """A mutant the tests did not catch: its mutmut name, status and the changed line."""
+
+    name: str
+    status: str
+    before: str
+    after: str
+
+
+@dataclass
+class ModuleScore:
+    module: str
+    tests: tuple[str, ...]
+    counts: dict[str, int] = field(default_factory=dict)
+    survivors: list[Survivor] = field(default_factory=list)
+    accepted: list[Survivor] = field(default_factory=list)
+
+    @property
+    def caught(self) -> int:
+        return sum(n for status, n in self.counts.items() if status in CAUGHT)
+
+    @property
+    def missed(self) -> int:
+        return len(self.survivors)
+
+    @property
+    def score(self) -> float | None:
+        """Caught / (caught + missed), accepted equivalents left out; None with no mutant."""
+        judged = self.caught + self.missed
+        return self.caught / judged if judged else None
+
+
+def read_accepted(path: Path) -> list[Accepted]:
+    """The accepted equivalent mutants of *path* (a TOML file of ``[[accepted]]`` tables)."""
+    if not path.exists():
+        return []
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return [Accepted(**entry) for entry in data.get("accepted", [])]
+    except (tomllib.TOMLDecodeError, TypeError) as exc:
+        raise MutationError(f"{path}: {exc}") from None
+
+
+def copy_tree(root: Path, into: Path) -> None:
+    """Copy the working tree of the git repository *root* (tracked and untracked files that
+    are not ignored, as they are now) into *into*."""
+    listed = subprocess.run(
+        ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=False,
+    )
+    if listed.returncode != 0:
+        raise MutationError(f"{root}: not a git working tree: {listed.stderr.decode().strip()}")
+    for name in sorted(set(listed.stdout.decode().split("\0")) - {""}):
+        source = root / name
+        if not source.is_file() or source.is_symlink():
+            continue  # deleted in the tree, or a link: nothing mutmut needs
+        target = into / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def configure(copy: Path, module: str, tests: Sequence[str]) -> None:
+    """Point mutmut at *module* and *tests* in the copy's pyproject.toml."""
+    # The packages (all of them, so that the tests import every module from one place).
+    packages = sorted(
+        f"{p.parent.name}/"
+        for p in copy.glob("*/__init__.py")
+        if p.parent.name not in ("tests", "tools")
+    )
+    also = [p for p in ("tools/", "bench/", "plans/", "docs/", "README.md") if (copy / p).exists()]
+    section = {
+        "source_paths": packages,
+        "only_mutate": [module],
+        "also_copy": also,
+        "pytest_add_cli_args_test_selection": list(tests),
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-x", "-q"],
+    }
+    lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in section.items()]
+    pyproject = copy / "pyproject.toml"
+    text = pyproject.read_text(encoding="utf-8") if pyproject.exists() else ""
+    if "[tool.mutmut]" in text:
+        raise MutationError(f"{pyproject}: has a [tool.mutmut] section of its own")
+    pyproject.write_text(text + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _mutmut(copy: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(copy / "mutants")}
+    env.pop("MUTANT_UNDER_TEST", None)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "mutmut", *args],
+            cwd=copy,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as exc:
+        raise MutationError(f"cannot run mutmut: {exc}") from None
+
+
+def changed_line(diff: str) -> tuple[str, str]:
+    """The first removed and added lines of a mutant's diff (``mutmut show``), stripped."""
+    before = after = ""
+    for line in diff.splitlines():
+        if line.startswith("-") and not line.startswith("---") and not before:
+            before = line[1:].strip()
+        elif line.startswith("+") and not line.startswith("+++") and not after:
+            after = line[1:].strip()
+    return before, after
+
+
+def mutate_module(
+    root: Path,
+    module: str,
+    tests: Sequence[str],
+    accepted: Sequence[Accepted] = (),
+    *,
+    max_children: int | None = None,
+) -> ModuleScore:
+    """Mutate *module* of the working tree *root*, run *tests* against each mutant; the score.
+
+    MutationError when mutmut is not installed, the module is not in the tree, or mutmut
+    fails (its tests fail on the unmutated code, say).
+    """
+    if not (root / module).is_file():
+        raise MutationError(f"{module}: no such file in {root}")
+    with tempfile.TemporaryDirectory(prefix="mutation-") as scratch:
+        copy = Path(scratch) / "tree"
+        copy_tree(root, copy)
+        configure(copy, module, tests)
+        # Made now: a PYTHONPATH entry that did not exist when Python started is never
+        # looked in again (its importer is cached as None).
+        (copy / "mutants").mkdir()
+        (copy / "mutants" / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+        args = ["run"] + (["--max-children", str(max_children)] if max_children else [])
+        ran = _mutmut(copy, *args)
+        if ran.returncode != 0:
+            why = (ran.stderr or ran.stdout).strip().splitlines()
+            raise MutationError(f"mutmut run on {module} failed: {why[-1] if why else ''}")
+        listed = _mutmut(copy, "results", "--all", "true")
+        score = ModuleScore(module=module, tests=tuple(tests))
+        for line in listed.stdout.splitlines():
+            if match := _RESULT_LINE.match(line):
+                _count(copy, score, match["name"], match["status"], accepted)
+    return score
+
+
+def _count(
+    copy: Path, score: ModuleScore, name: str, status: str, accepted: Sequence[Accepted]
+) -> None:
+    score.counts[status] = score.counts.get(status, 0) + 1
+    if status not in MISSED:
+        return
+    before, after = changed_line(_mutmut(copy, "show", name).stdout)
+    survivor = Survivor(name=name, status=status, before=before, after=after)
+    if any(a.module == score.module and a.before == before and a.after == after for a in accepted):
+        score.accepted.append(survivor)
+    else:
+        score.survivors.append(survivor)
+
+
+def _report(score: ModuleScore) -> str:
+    pct = "-" if score.score is None else f"{100 * score.score:.1f}%"
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(score.counts.items()))
+    lines = [
+        f"{score.module}: {pct} ({score.caught} caught, {score.missed} missed, "
+        f"{len(score.accepted)} accepted as equivalent; {counts})"
+    ]
+    for s in score.survivors:
+        lines.append(f"  {s.status}: {s.name}\n    - {s.before}\n    + {s.after}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.mutation", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("modules", nargs="*", help="modules to mutate (default: all of MODULES)")
+    parser.add_argument("--list", action="store_true", help="list the modules and their tests")
+    parser.add_argument("--max-children", type=int, help="mutants run at once (default: cores)")
+    parser.add_argument("--json", type=Path, help="also write the scores to this JSON file")
+    parser.add_argument("--min-score", type=float, help="exit 3 if a module scores below (0-1)")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"not a module of MODULES: {', '.join(unknown)} (see --list)")
+    if args.list:
+        for module, tests in MODULES.items():
+            print(f"{module}: {' '.join(tests)}")
+        return 0
+    try:
+        scores = _run_all(root, args.modules or list(MODULES), args.max_children)
+    except MutationError as exc:
+        print(f"mutation: {exc}", file=sys.stderr)
+        return 1
+    if args.json is not None:
+        args.json.write_text(json.dumps([_as_json(s) for s in scores], indent=2) + "\n")
+    low = [s for s in scores if args.min_score is not None and (s.score or 0) < args.min_score]
+    return 3 if low else 0
+
+
+def _run_all(root: Path, modules: Sequence[str], max_children: int | None) -> list[ModuleScore]:
+    accepted = read_accepted(root / ACCEPTED_FILE)
+    scores = []
+    for module in modules:
+        score = mutate_module(root, module, MODULES[module], accepted, max_children=max_children)
+        print(_report(score), flush=True)
+        scores.append(score)
+    return scores
+
+
+def _as_json(score: ModuleScore) -> Mapping[str, object]:
+    return {**asdict(score), "caught": score.caught, "missed": score.missed, "score": score.score}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
