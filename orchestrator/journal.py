@@ -114,12 +114,10 @@ class Journal:
             existed = self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             data_end = os.lseek(fd, 0, os.SEEK_END)
-            if data_end:
-                # Drop a torn tail so that the next record starts on a line of its own.
-                tail = os.pread(fd, min(data_end, 1 << 20), max(0, data_end - (1 << 20)))
-                cut = tail.rfind(b"\n") + 1
-                if cut < len(tail):
-                    os.ftruncate(fd, data_end - (len(tail) - cut))
+            # Drop a torn tail so that the next record starts on a line of its own.
+            whole = _whole_lines_end(fd, data_end)
+            if whole < data_end:
+                os.ftruncate(fd, whole)
             if not existed:
                 _fsync_dir(self.path.parent)
             self._size = os.lseek(fd, 0, os.SEEK_END)
@@ -249,6 +247,19 @@ class RecordFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _whole_lines_end(fd: int, end: int) -> int:
+    """Where the whole lines of the first *end* bytes of *fd* end: after the last newline,
+    or 0. Read back from the end a MiB at a time: a torn line can be longer than that (a
+    result with a large output)."""
+    while end > 0:
+        start = max(0, end - (1 << 20))
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -176,3 +178,213 @@ def test_a_line_written_as_it_was_serialised_reads_back(tmp_path: Path) -> None:
     assert read_journal(path).records == [
         {"type": "result", "final": True, "result": {"a": "\u2028"}}
     ]
+
+
+def test_a_torn_line_longer_than_a_read_is_cut_off_whole(tmp_path: Path) -> None:
+    """A result with a large output makes a long line: torn, all of it goes, however long,
+    and the lines before it stay."""
+    path = tmp_path / "journal.jsonl"
+    whole = b'{"type":"run"}\n{"type":"state","n":2}\n'
+    for torn in (b'{"type":"result","out":"' + b"x" * (3 << 20), b'{"t', b"\x00"):
+        path.write_bytes(whole + torn)
+        journal = opened(path)
+        anyio.run(journal.write, {"type": "resumed"})
+        journal.close()
+        assert path.read_bytes() == whole + b'{"type":"resumed"}\n'
+    # A journal that is nothing but a torn line is emptied, not left with a byte of it.
+    path.write_bytes(b'{"type":"ru')
+    opened(path).close()
+    assert path.read_bytes() == b""
+
+
+def test_a_line_that_is_not_an_object_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b'{"type": "run"}\n[1, 2]\n{"type": "finished"}\n')
+    with pytest.raises(JournalCorrupt) as caught:
+        read_journal(path)
+    assert str(caught.value) == f"{path}: line 2 cannot be read (not an object)"
+
+
+def test_what_cannot_be_opened_or_read_is_one_line_naming_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reason as the system gives it (``Is a directory``), not a repr of the error."""
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b"{}\n")
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "read", lambda fd, n: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+        with pytest.raises(RunDirError) as read:
+            read_journal(path)
+    assert str(read.value) == f"cannot read {path}: I/O"
+    a_dir = tmp_path / "run"
+    a_dir.mkdir()
+    missing = tmp_path / "gone" / "journal.jsonl"
+    with pytest.raises(RunDirError) as opening:
+        Journal(missing).open()
+    assert str(opening.value) == f"cannot open {missing}: No such file or directory"
+    with pytest.raises(RunDirError) as record:
+        RecordFile(a_dir).append(b"{}")
+    assert str(record.value) == f"cannot write {a_dir}: Is a directory"
+
+
+def test_a_failed_write_says_why_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = opened(path)
+    assert journal._fd is not None
+    os.close(journal._fd)
+    journal._fd = os.open(path, os.O_RDONLY)
+    with pytest.raises(RunDirError) as caught:
+        anyio.run(journal.write, {"type": "state"})
+    assert str(caught.value) == f"cannot write {path}: Bad file descriptor"
+    journal.close()
+
+
+def test_a_failed_write_keeps_every_batch_written_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part of a batch on disk when the disk fills is cut off back to the end of the last
+    whole batch, not to the start of the journal, nor left behind."""
+    path = tmp_path / "journal.jsonl"
+    journal = opened(path)
+    for n in range(3):
+        anyio.run(journal.write, {"type": "state", "n": n})
+    before = path.read_bytes()
+    write = os.write
+
+    def half_then_full(fd: int, data: Any) -> int:
+        if fd == journal._fd:
+            write(fd, bytes(data[:5]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(RunDirError, match="No space left on device"):
+        anyio.run(journal.write, {"type": "state", "n": 3})
+    monkeypatch.undo()
+    journal.close()
+    assert path.read_bytes() == before
+    assert [r["n"] for r in read_journal(path).records] == [0, 1, 2]
+
+
+def test_each_batch_is_fsynced_once_and_nothing_new_is_not_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Durable means fsynced: one fsync a batch (counted at the system call, not by the
+    journal), and a sync with nothing new queued does not touch the disk."""
+    path = tmp_path / "journal.jsonl"
+    journal = opened(path)
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    anyio.run(journal.sync)
+    assert synced == [] and journal.fsyncs == 0
+    anyio.run(journal.write, {"type": "run"})
+    anyio.run(journal.write_line, '{"type":"state"}')
+    assert synced == [journal._fd, journal._fd] and journal.fsyncs == 2
+    anyio.run(journal.sync)
+    assert len(synced) == 2
+    journal.close()
+
+
+def test_every_line_written_is_on_disk_when_its_write_returns(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = opened(path)
+    for n in range(4):
+        anyio.run(journal.write_line, json.dumps({"type": "state", "n": n}))
+        assert [r["n"] for r in read_journal(path).records] == list(range(n + 1))
+    anyio.run(journal.write, {"type": "finished"})
+    assert read_journal(path).records[-1] == {"type": "finished"}
+    journal.close()
+
+
+def test_records_queued_before_the_journal_opens_are_written_once_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    anyio.run(journal.write, {"type": "early"})  # not open yet: queued, no error
+    assert not path.exists()
+    journal.open()
+    anyio.run(journal.write, {"type": "run"})
+    journal.close()
+    assert read_journal(path).records == [{"type": "early"}, {"type": "run"}]
+
+
+def test_close_writes_every_queued_record_and_later_ones_are_dropped_quietly(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = opened(path)
+    journal.append({"type": "state", "n": 1})
+    journal.append({"type": "state", "n": 2})
+    journal.close()
+    assert [r["n"] for r in read_journal(path).records] == [1, 2]
+    # A late event after the run closed its journal: nothing written, nothing raised.
+    journal.append({"type": "late"})
+    anyio.run(journal.sync)
+    anyio.run(journal.write, {"type": "later"})
+    assert [r["n"] for r in read_journal(path).records] == [1, 2]
+
+
+def test_a_record_is_written_with_its_characters_as_they_are(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = opened(path)
+    anyio.run(journal.write, {"type": "state", "who": "Zoë ✓"})
+    journal.close()
+    assert path.read_bytes() == '{"type":"state","who":"Zoë ✓"}\n'.encode()
+
+
+def test_the_files_are_private_to_the_process_and_appended_to(tmp_path: Path) -> None:
+    """Mode 0644 (less the umask), opened for appending, and closed in every process the
+    orchestrator starts (an agent must not inherit a descriptor of the journal)."""
+    import fcntl
+    import stat
+
+    journal = opened(tmp_path / "journal.jsonl")
+    records = RecordFile(tmp_path / "envelopes.jsonl")
+    records.append(b"{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    for fd, path in ((journal._fd, journal.path), (records._fd, records.path)):
+        assert fd is not None
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~umask
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+    journal.close()
+    records.close()
+
+
+def test_a_new_journal_is_made_durable_in_its_directory_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orchestrator.journal as module
+
+    synced: list[Path] = []
+    monkeypatch.setattr(module, "_fsync_dir", synced.append)
+    opened(tmp_path / "journal.jsonl").close()
+    assert synced == [tmp_path]
+    opened(tmp_path / "journal.jsonl").close()  # it exists now: its name is already durable
+    assert synced == [tmp_path]
+
+
+def test_a_record_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    """A FIFO with a reader at the other end opens at once: it is still refused, and its
+    descriptor closed."""
+    fifo = tmp_path / "envelopes.jsonl"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        records = RecordFile(fifo)
+        with pytest.raises(RunDirError) as caught:
+            records.append(b"{}")
+        assert str(caught.value) == f"cannot write {fifo}: not a regular file"
+        assert records._fd is None
+        assert os.read(reader, 10) == b""
+    finally:
+        os.close(reader)
+
+
+def test_a_record_file_counts_its_records(tmp_path: Path) -> None:
+    records = RecordFile(tmp_path / "envelopes.jsonl")
+    for _ in range(3):
+        records.append(b"{}")
+    assert records.records == 3
+    records.close()

@@ -102,6 +102,25 @@ def test_the_working_tree_is_mutated_as_it_is_not_as_committed(project: Path) ->
     assert 'return "many" if n >= 1 else "one"' not in [s.after for s in score.survivors]
 
 
+def test_mutants_are_caught_by_the_tests_own_subprocesses(project: Path) -> None:
+    """The core is tested through ``python -m orchestrator`` as much as in process: a
+    function reached only by a test's subprocess has its mutants run, and caught there."""
+    (project / "tests" / "test_calc.py").write_text(TESTS.split("\n\n\ndef test_label")[0])
+    (project / "tests" / "test_label_cli.py").write_text(
+        textwrap.dedent("""\
+            import subprocess, sys
+
+            def test_label_in_a_subprocess():
+                code = "from pkg.calc import label; assert (label(1), label(2)) == ('one', 'many')"
+                subprocess.run([sys.executable, "-c", code], check=True)
+            """)
+    )
+    tests = ["tests/test_calc.py", "tests/test_label_cli.py"]
+    score = mutate_module(project, "pkg/calc.py", tests, max_children=1)
+    assert [s for s in score.survivors if "label" in s.name or "many" in s.before] == []
+    assert score.counts.get("no tests", 0) == 0
+
+
 def test_tests_that_fail_on_the_real_code_stop_it_with_one_line(project: Path) -> None:
     (project / "tests" / "test_calc.py").write_text(TESTS + "\n\ndef test_broken():\n    1 / 0\n")
     with pytest.raises(MutationError, match=r"^mutmut run on pkg/calc.py failed"):

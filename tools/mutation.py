@@ -42,6 +42,8 @@ __all__ = ["MODULES", "Accepted", "ModuleScore", "Survivor", "main", "mutate_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCEPTED_FILE = Path("tools") / "mutation-accepted.toml"
+#: tools/mutation_hits.py, as the copy's tests load it (``-p _mutation_hits``).
+PLUGIN = "_mutation_hits.py"
 
 #: Each core module and the tests that cover it: the quick, focused ones, so that one
 #: module runs in minutes here (issue 18).
@@ -79,14 +81,27 @@ MODULES: dict[str, tuple[str, ...]] = {
     "orchestrator/secrets.py": ("tests/test_secrets.py", "tests/test_security_secrets.py"),
 }
 
-#: Imported by every Python process the tests start (``PYTHONPATH`` names the mutants):
-#: such a process runs the mutant under test, but not mutmut's bookkeeping of which tests
-#: reach which function ("stats"), which only mutmut's own process can keep.
+#: Imported by every Python process the tests start (``PYTHONPATH`` names the mutants).
+#: Such a process runs the mutant under test. While mutmut learns which tests reach which
+#: function ("stats"), it writes the functions it reached to a file of its own instead
+#: (mutmut keeps them in its own process; tools/mutation_hits.py brings them there), one
+#: line as each is first reached, so a process killed mid-test has told what it reached.
 SITECUSTOMIZE = """\
 import os
 
-if os.environ.get("MUTANT_UNDER_TEST") == "stats":
-    os.environ["MUTANT_UNDER_TEST"] = ""
+if os.environ.get("MUTANT_UNDER_TEST") == "stats" and os.environ.get("MUTATION_TOOL_HITS"):
+    import mutmut.mutation.trampoline as _trampoline
+
+    _seen = set()
+    _path = os.path.join(os.environ["MUTATION_TOOL_HITS"], f"{os.getpid()}.txt")
+
+    def _record(name, caller=None):
+        if name not in _seen:
+            _seen.add(name)
+            with open(_path, "a", encoding="utf-8") as f:
+                f.write(name + "\\n")
+
+    _trampoline.record_trampoline_hit = _record
 """
 
 #: mutmut's words for what became of a mutant, by what they count as here.
@@ -188,7 +203,7 @@ def configure(copy: Path, module: str, tests: Sequence[str]) -> None:
         "only_mutate": [module],
         "also_copy": also,
         "pytest_add_cli_args_test_selection": list(tests),
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-x", "-q"],
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-p", "_mutation_hits", "-x", "-q"],
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in section.items()]
     pyproject = copy / "pyproject.toml"
@@ -199,7 +214,9 @@ def configure(copy: Path, module: str, tests: Sequence[str]) -> None:
 
 
 def _mutmut(copy: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(copy / "mutants")}
+    hits = copy / "hits"
+    hits.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(copy / "mutants"), "MUTATION_TOOL_HITS": str(hits)}
     env.pop("MUTANT_UNDER_TEST", None)
     try:
         return subprocess.run(
@@ -248,6 +265,7 @@ def mutate_module(
         # looked in again (its importer is cached as None).
         (copy / "mutants").mkdir()
         (copy / "mutants" / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+        shutil.copy(Path(__file__).with_name("mutation_hits.py"), copy / "mutants" / PLUGIN)
         args = ["run"] + (["--max-children", str(max_children)] if max_children else [])
         ran = _mutmut(copy, *args)
         if ran.returncode != 0:
