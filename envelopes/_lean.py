@@ -6,11 +6,14 @@ envelope's 4,365; a result holds nine such sets), and across a run's tasks it is
 always one of a few sets. A :class:`SharedFieldNames` model holds one shared set per
 class and content instead of a set of its own.
 
-Nothing a caller sees changes: ``model_fields_set`` is still the names of the fields given,
-and ``exclude_unset`` dumps are as before. pydantic adds to the set in two places only, and
-neither reaches a shared set: assigning a field not given first gives the instance a set of
-its own (:meth:`SharedFieldNames.__setattr__`), and ``model_copy`` copies the set before it
-adds the updated names, then shares the copy's.
+``model_fields_set`` is still the names of the fields given, and ``exclude_unset`` dumps
+are as before. pydantic adds to the set on an assignment (a field, or an extra attribute of
+a subclass with ``extra="allow"``) and in ``model_copy``; neither reaches a shared set:
+assigning a name the set lacks first gives the instance a set of its own
+(:meth:`SharedFieldNames.__setattr__`), and ``model_copy`` copies the set before it adds the
+updated names, then shares the copy's. What pydantic never does, a caller must not do
+either: change ``model_fields_set`` in place (copy it first), or every model sharing it
+would see the change.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ class SharedFieldNames(BaseModel):
 
     def __setattr__(self, name: str, value: Any) -> None:
         given = self.__pydantic_fields_set__
-        if name in type(self).model_fields and name not in given:
-            # pydantic adds *name* to the set: to a set of this instance's own.
+        if name not in given:
+            # pydantic may add *name* to the set (a field, an extra attribute): to a set of
+            # this instance's own.
             object.__setattr__(self, "__pydantic_fields_set__", set(given))
         super().__setattr__(name, value)
 

@@ -27,7 +27,6 @@ import anyio
 
 from envelopes import Event, Report, RunStarted, Select, TaskResult
 
-from ._fs import atomic_write
 from .agents import AgentLike
 from .cache import agent_digest, workspace_of
 from .closing import (
@@ -223,7 +222,11 @@ class _Run:
                     intake.plan, intake.overrides, recorded=resumed.settings
                 )
                 ctx.venv_backend = ctx.settings.backend()
+            if not (ctx.run_dir / "plan.json").exists():  # killed before it, by an older version
+                await intake.write_plan(ctx.run_dir)
         else:
+            # Before the journal's first record: a run the journal knows has its plan.
+            await intake.write_plan(ctx.run_dir)
             await journal_run(
                 ctx,
                 plan_sha256=intake.plan_sha256,
@@ -269,11 +272,6 @@ class _Run:
         ctx.open_events_log()
         if ctx.repo is not None:
             self.report_plan.refs_before.update(await ref_values(ctx.repo.git))
-        if not self.resumed:
-            with anyio.CancelScope(shield=True):
-                data, self.intake.plan_bytes = self.intake.plan_bytes, None
-                assert data is not None
-                await anyio.to_thread.run_sync(atomic_write, ctx.run_dir / "plan.json", data)
         await emit_run_event(
             ctx,
             RunStarted(

@@ -18,6 +18,7 @@ import anyio
 
 from envelopes import AgentSpec, HandoffEnvelope, Plan, canonical_json, plan_problems, sha256_hex
 
+from ._fs import atomic_write
 from .agents import Agent, AgentLike, as_agent
 from .command_agent import refuse_task_settings
 from .errors import OrchestratorError, PlanError, PlanIssue
@@ -64,6 +65,14 @@ class Intake:
     def plan(self) -> Plan | None:
         """The plan, when the run was given one (not a list of envelopes)."""
         return self.loaded.plan if self.loaded is not None else None
+
+    async def write_plan(self, run_dir: Path) -> None:
+        """Write ``plan.json`` in *run_dir* (whole or not at all), and let go of its bytes.
+        Its digest is ``plan_sha256``, which a resumed run checked against its journal."""
+        data, self.plan_bytes = self.plan_bytes, None
+        assert data is not None
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(atomic_write, run_dir / "plan.json", data)
 
     @property
     def plan_dir(self) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +389,75 @@ def test_a_record_file_counts_its_records(tmp_path: Path) -> None:
         records.append(b"{}")
     assert records.records == 3
     records.close()
+
+
+def test_a_newline_at_the_start_of_a_read_is_found(tmp_path: Path) -> None:
+    """The torn tail is looked for a MiB at a time: a line ending exactly where such a read
+    starts still ends the whole lines."""
+    path = tmp_path / "journal.jsonl"
+    whole = b'{"type":"run"}\n'
+    path.write_bytes(whole + b"x" * ((1 << 20) - 1))  # the last MiB starts at whole's "\n"
+    opened(path).close()
+    assert path.read_bytes() == whole
+
+
+def test_writers_behind_a_batch_that_wrote_their_lines_write_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: a writer that finds its line written by the batch ahead of it returns
+    without writing or fsyncing an empty batch."""
+    journal = opened(tmp_path / "journal.jsonl")
+    calls: list[str] = []
+    write, fsync = os.write, os.fsync
+    monkeypatch.setattr(os, "write", lambda fd, data: (calls.append("write"), write(fd, data))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), fsync(fd))[1])
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for n in range(50):
+                tg.start_soon(journal.write, {"type": "state", "n": n})
+
+    anyio.run(main)
+    journal.close()
+    fsyncs = [i for i, call in enumerate(calls) if call == "fsync"]
+    assert fsyncs and all(calls[i - 1] == "write" for i in fsyncs), calls
+    assert len(read_journal(tmp_path / "journal.jsonl").records) == 50
+
+
+def test_a_write_cancelled_while_its_batch_is_written_still_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch is written whole even if its writer is cancelled meanwhile (the write is
+    shielded), and counted as written: a sync after it has nothing left to do."""
+    journal = opened(tmp_path / "journal.jsonl")
+    fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.2)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+
+    async def main() -> None:
+        with anyio.move_on_after(0.05):
+            await journal.write({"type": "state"})
+        before = journal.fsyncs
+        await journal.sync()
+        assert journal.fsyncs == before == 1
+
+    anyio.run(main)
+    journal.close()
+    assert read_journal(tmp_path / "journal.jsonl").records == [{"type": "state"}]
+
+
+def test_a_short_write_is_continued_until_the_batch_is_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "journal.jsonl"
+    journal = opened(path)
+    write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, bytes(data[:7])))
+    anyio.run(journal.write, {"type": "state", "n": 1, "text": "a longer record"})
+    monkeypatch.undo()
+    journal.close()
+    assert read_journal(path).records == [{"type": "state", "n": 1, "text": "a longer record"}]

@@ -127,3 +127,17 @@ def test_a_result_read_back_holds_no_set_of_its_own(tmp_path: Path) -> None:
     assert unshared > 40  # the names that would otherwise be held again by every result
     assert each < 8_000, each
     assert isinstance(held[0].timings, Timings)
+
+
+def test_an_extra_attribute_of_a_loose_subclass_changes_only_that_model() -> None:
+    """A caller's subclass with ``extra="allow"``: pydantic adds an extra attribute's name
+    to the set too."""
+    from pydantic import ConfigDict
+
+    class Loose(Metrics):
+        model_config = ConfigDict(extra="allow")
+
+    one, two = Loose(cpu_user_s=1.0), Loose(cpu_user_s=2.0)
+    one.note = "mine"
+    assert one.model_fields_set == {"cpu_user_s", "note"}
+    assert two.model_fields_set == Loose(cpu_user_s=3.0).model_fields_set == {"cpu_user_s"}

@@ -73,7 +73,7 @@ def test_a_module_is_scored_by_the_mutants_its_tests_catch(project: Path) -> Non
     assert ('return "many" if n > 1 else "one"', 'return "many" if n >= 1 else "one"') in [
         (s.before, s.after) for s in score.survivors
     ]
-    assert all(s.status in mutation.MISSED for s in score.survivors)
+    assert all(s.status not in mutation.CAUGHT for s in score.survivors)
     assert score.score == score.caught / (score.caught + len(score.survivors))
     # Nothing of it is left in the tree it was run on.
     assert status(project) == ""
@@ -138,7 +138,7 @@ def test_the_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
         main(["envelopes/nowhere.py"])
     assert exited.value.code == 2
     assert "not a module of MODULES: envelopes/nowhere.py" in capsys.readouterr().err
-    # Not a git working tree: one line, exit 1.
+    # A tree without the module: one line, exit 1.
     assert main(["envelopes/_canonical.py"], root=tmp_path) == 1
     assert capsys.readouterr().err.startswith("mutation: ")
 
@@ -149,6 +149,19 @@ def test_every_module_and_test_named_exists_and_accepted_entries_name_modules() 
         assert tests and all((mutation.ROOT / t).is_file() for t in tests), module
     accepted = read_accepted(mutation.ROOT / mutation.ACCEPTED_FILE)
     assert accepted and all(a.module in mutation.MODULES and a.reason for a in accepted)
+
+
+def test_the_changed_line_is_read_after_the_diff_header() -> None:
+    diff = textwrap.dedent("""\
+        --- envelopes/_x.py
+        +++ envelopes/_x.py
+        @@ -1,3 +1,3 @@
+         def f():
+        --- a rule
+        +XX--- a ruleXX
+        """)
+    assert mutation.changed_line(diff) == ("-- a rule", "XX--- a ruleXX")
+    assert mutation.changed_line("") == ("", "")
 
 
 def test_a_bad_accepted_file_is_one_line(tmp_path: Path) -> None:

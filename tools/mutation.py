@@ -90,23 +90,29 @@ SITECUSTOMIZE = """\
 import os
 
 if os.environ.get("MUTANT_UNDER_TEST") == "stats" and os.environ.get("MUTATION_TOOL_HITS"):
-    import mutmut.mutation.trampoline as _trampoline
-
+    try:  # not in a Python without mutmut (a task's venv), which runs no mutant either
+        import mutmut.mutation.trampoline as _trampoline
+    except ImportError:
+        _trampoline = None
     _seen = set()
     _path = os.path.join(os.environ["MUTATION_TOOL_HITS"], f"{os.getpid()}.txt")
 
     def _record(name, caller=None):
         if name not in _seen:
             _seen.add(name)
-            with open(_path, "a", encoding="utf-8") as f:
-                f.write(name + "\\n")
+            try:  # never a failure of the code under test
+                with open(_path, "a", encoding="utf-8") as f:
+                    f.write(name + "\\n")
+            except OSError:
+                pass
 
-    _trampoline.record_trampoline_hit = _record
+    if _trampoline is not None:
+        _trampoline.record_trampoline_hit = _record
 """
 
-#: mutmut's words for what became of a mutant, by what they count as here.
+#: mutmut's words for what became of a mutant that count as caught here; every other
+#: ("survived", "no tests", "suspicious", "not checked", ...) counts as missed.
 CAUGHT = frozenset({"killed", "timeout", "caught by type check", "segfault"})
-MISSED = frozenset({"survived", "no tests"})
 #: Line of ``mutmut results --all true``: ``    <mutant name>: <status>``.
 _RESULT_LINE = re.compile(r"^\s*(?P<name>[\w.]+__mutmut_\d+): (?P<status>[a-z ]+)$")
 
@@ -232,12 +238,15 @@ def _mutmut(copy: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def changed_line(diff: str) -> tuple[str, str]:
-    """The first removed and added lines of a mutant's diff (``mutmut show``), stripped."""
+    """The first removed and added lines of a mutant's diff (``mutmut show``), stripped:
+    the lines after its first hunk header (a removed line may itself start with ``--``)."""
     before = after = ""
-    for line in diff.splitlines():
-        if line.startswith("-") and not line.startswith("---") and not before:
+    lines = diff.splitlines()
+    hunk = next((i for i, line in enumerate(lines) if line.startswith("@@")), -1)
+    for line in lines[hunk + 1 :]:
+        if line.startswith("-") and not before:
             before = line[1:].strip()
-        elif line.startswith("+") and not line.startswith("+++") and not after:
+        elif line.startswith("+") and not after:
             after = line[1:].strip()
     return before, after
 
@@ -272,6 +281,8 @@ def mutate_module(
             why = (ran.stderr or ran.stdout).strip().splitlines()
             raise MutationError(f"mutmut run on {module} failed: {why[-1] if why else ''}")
         listed = _mutmut(copy, "results", "--all", "true")
+        if listed.returncode != 0:
+            raise MutationError(f"mutmut results for {module} failed: {listed.stderr.strip()}")
         score = ModuleScore(module=module, tests=tuple(tests))
         for line in listed.stdout.splitlines():
             if match := _RESULT_LINE.match(line):
@@ -283,7 +294,7 @@ def _count(
     copy: Path, score: ModuleScore, name: str, status: str, accepted: Sequence[Accepted]
 ) -> None:
     score.counts[status] = score.counts.get(status, 0) + 1
-    if status not in MISSED:
+    if status in CAUGHT:
         return
     before, after = changed_line(_mutmut(copy, "show", name).stdout)
     survivor = Survivor(name=name, status=status, before=before, after=after)
@@ -329,7 +340,12 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
         return 1
     if args.json is not None:
         args.json.write_text(json.dumps([_as_json(s) for s in scores], indent=2) + "\n")
-    low = [s for s in scores if args.min_score is not None and (s.score or 0) < args.min_score]
+    # A module with no mutant has nothing to fall short of.
+    low = [
+        s
+        for s in scores
+        if args.min_score is not None and s.score is not None and s.score < args.min_score
+    ]
     return 3 if low else 0
 
 
