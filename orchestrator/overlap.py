@@ -32,12 +32,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ._git import Git, check_ids
+from .errors import GitError
 
 __all__ = ["Touched", "candidate_pairs", "may_conflict", "touched"]
 
 #: Most bytes of ``git log`` read for one result; a result that changed more is checked
 #: against every other rather than held in memory.
 MAX_LOG_BYTES = 64 << 20
+#: Longest one such log may take (a bound on a git command, as every read of git's has).
+LOG_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -105,24 +108,30 @@ async def touched(git: Git, base: str, commit: str) -> Touched | None:
     check_ids(base, commit)
     if commit == base:
         return Touched.of((), ())
-    out = await git.run(
-        "log",
-        "--boundary",
-        "--topo-order",  # a child before its parents: a path's first entry is its last change
-        "--no-renames",
-        "--ignore-submodules=none",  # whatever .gitmodules or the config say: merges see them
-        "--raw",
-        "--no-abbrev",
-        "-z",
-        "--diff-merges=separate",
-        "--format=%x01%m%H %P",
-        "--end-of-options",
-        f"{base}..{commit}",
-        check=False,
-    )
-    if out.returncode != 0 or len(out.stdout) > MAX_LOG_BYTES:
+    try:
+        # Read at most MAX_LOG_BYTES of it: a longer log is not held, whatever its length.
+        log, cut = await git.read(
+            "log",
+            "--boundary",
+            "--topo-order",  # a child before its parents: a path's first entry is its last change
+            "--no-renames",
+            "--ignore-submodules=none",  # whatever .gitmodules or the config say: merges see them
+            "--raw",
+            "--no-abbrev",
+            "-z",
+            "--diff-merges=separate",
+            "--format=%x01%m%H %P",
+            "--end-of-options",
+            f"{base}..{commit}",
+            stdin=b"",
+            limit=MAX_LOG_BYTES,
+            timeout=LOG_TIMEOUT_S,
+        )
+    except GitError:
         return None
-    parsed = _parse_log(out.stdout, base)
+    if cut:
+        return None
+    parsed = _parse_log(log, base)
     if parsed is None:
         return None
     commits, changes, final = parsed

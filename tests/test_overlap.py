@@ -367,3 +367,30 @@ def test_a_hand_made_tree_fast_import_refuses_is_merged_the_other_way(repo: Path
     assert record.status == "merged", record.message
     assert git(repo, "rev-parse", "target:weird") == inner
     assert not list((repo / ".git").glob("fast_import_crash_*"))
+
+
+def test_a_log_longer_than_the_bound_is_not_held_and_falls_back_the_old_way(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent's result with a log too long to hold (many paths, many commits) is read only
+    up to the bound; it is then checked the old way (merge-tree), the prediction the same."""
+    import orchestrator.overlap as overlap
+
+    base = git(repo, "rev-parse", "base")
+    long = change(repo, base, {f"many/{i:04d}.txt": f"{i}\n" for i in range(200)})
+    short = change(repo, base, {"b.txt": "b\n"})
+    assert anyio.run(touched, Git(repo), base, long) is not None
+    monkeypatch.setattr(overlap, "MAX_LOG_BYTES", 4096)
+    held: list[int] = []
+    read = Git.read
+
+    async def reading(self: Git, *args: str, **kwargs: object) -> tuple[bytes, bool]:
+        out, cut = await read(self, *args, **kwargs)  # type: ignore[arg-type]
+        held.append(len(out))
+        return out, cut
+
+    monkeypatch.setattr(Git, "read", reading)
+    assert anyio.run(touched, Git(repo), base, long) is None
+    assert held == [4096]
+    assert anyio.run(touched, Git(repo), base, short) is not None
+    assert both_ways(repo, [("long", long), ("short", short)]) == []
