@@ -25,6 +25,17 @@ def opened(path: Path) -> Journal:
     return journal
 
 
+def write_together(journal: Journal, n: int) -> None:
+    """*n* writers of one record each, all at once."""
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(journal.write, {"type": "state", "n": i})
+
+    anyio.run(main)
+
+
 def test_records_are_on_disk_once_written(tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
     journal = opened(path)
@@ -44,12 +55,7 @@ def test_writers_that_wait_together_share_one_fsync(tmp_path: Path) -> None:
     flushes: list[int] = []
     journal.before_write = lambda: flushes.append(1)
 
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            for n in range(50):
-                tg.start_soon(journal.write, {"type": "state", "n": n})
-
-    anyio.run(main)
+    write_together(journal, 50)
     journal.close()
     contents = read_journal(tmp_path / "journal.jsonl")
     assert sorted(r["n"] for r in contents.records) == list(range(50))
@@ -412,12 +418,7 @@ def test_writers_behind_a_batch_that_wrote_their_lines_write_nothing(
     monkeypatch.setattr(os, "write", lambda fd, data: (calls.append("write"), write(fd, data))[1])
     monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), fsync(fd))[1])
 
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            for n in range(50):
-                tg.start_soon(journal.write, {"type": "state", "n": n})
-
-    anyio.run(main)
+    write_together(journal, 50)
     journal.close()
     fsyncs = [i for i, call in enumerate(calls) if call == "fsync"]
     assert fsyncs and all(calls[i - 1] == "write" for i in fsyncs), calls

@@ -51,6 +51,24 @@ def journaled_statuses(run_dir: Path, task_id: str) -> list[str]:
     ]
 
 
+def run_until(stop_at: str, plan: Any, **options: Any) -> None:
+    """One orchestrator's life, cancelled from inside when task *stop_at* starts (its
+    agent ``a`` does nothing for the others)."""
+
+    async def main() -> None:
+        with anyio.CancelScope() as scope:
+
+            async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+                if envelope.task_id == stop_at:
+                    scope.cancel()
+                    await anyio.sleep_forever()
+                return {}
+
+            await orchestrate_parallel(plan, agents={"a": agent}, **options)
+
+    anyio.run(main)
+
+
 # -- a run stopped by SIGINT or SIGTERM, then resumed ----------------------------------------
 
 STOPPABLE = """
@@ -209,19 +227,7 @@ def test_a_resumed_run_without_its_plan_writes_it_again_and_verifies(tmp_path: P
     """A run an older version left with a journal and no plan.json (killed between the
     two) is resumed to a report that verifies."""
     state = tmp_path / "state"
-
-    async def first() -> None:
-        with anyio.CancelScope() as scope:
-
-            async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
-                if envelope.task_id == "b":
-                    scope.cancel()
-                    await anyio.sleep_forever()
-                return {}
-
-            await orchestrate_parallel(CHAIN, agents={"a": agent}, state_dir=state, run_id=RUN)
-
-    anyio.run(first)
+    run_until("b", CHAIN, state_dir=state, run_id=RUN)
     run_dir = state / "runs" / RUN
     (run_dir / "plan.json").unlink()
     report = anyio.run(
@@ -249,19 +255,7 @@ def test_resume_removes_a_stale_lock_of_a_task_branch_and_runs_the_task(
         build_envelope("a", "t", task_id="done", venv=False),
         build_envelope("a", "t", task_id="stopped", venv=False, depends_on=["done"]),
     ]
-
-    async def interrupted() -> None:
-        with anyio.CancelScope() as scope:
-
-            async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
-                if envelope.task_id == "stopped":
-                    scope.cancel()
-                    await anyio.sleep_forever()
-                return {}
-
-            await orchestrate_parallel(envelopes, repo=repo, agents={"a": agent}, run_id=RUN)
-
-    anyio.run(interrupted)
+    run_until("stopped", envelopes, repo=repo, run_id=RUN)
     lock = repo / ".git" / "refs" / "heads" / "orchestrator" / RUN / "stopped.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.write_text("0" * 40 + "\n")  # what git writes there before it renames it
