@@ -15,6 +15,7 @@ import pytest
 from envelopes import HandoffEnvelope, build_envelope, seal_report, seal_result
 from orchestrator import Repository, Workspace, orchestrate_parallel, verify_report
 from orchestrator.ancestry import load_ancestry
+from orchestrator.errors import GitError
 from orchestrator.report import report_bytes
 
 from .conftest import MakeRepo, git
@@ -176,3 +177,75 @@ def test_grafts_are_not_read(make_repo: MakeRepo) -> None:
         )
 
     anyio.run(main)
+
+
+def answers(repo: Path, root: str | None, tips: list[str], pairs: list[tuple[str, str]]) -> Any:
+    """The answers to *pairs*, the git processes loading took, and the pairs asked of git."""
+
+    async def main() -> tuple[list[bool], int, int]:
+        repository = await Repository.open(repo)
+        before = repository.git.calls
+        ancestry = await load_ancestry(repository.git, root, tips)
+        loading = repository.git.calls - before
+        found = [await ancestry.is_ancestor(a, d) for a, d in pairs]
+        return found, loading, ancestry.asked
+
+    return anyio.run(main)
+
+
+@pytest.mark.parametrize("why", ["no root", "no tip above it", "too large", "unreadable"])
+def test_a_graph_that_cannot_be_loaded_still_answers_every_pair(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    """Without a graph (no root given, nothing above it to load, more than the bound, or
+    git cannot list it), every pair is asked of git, one process each, with the same
+    answers."""
+    import orchestrator.ancestry as module
+
+    repo = make_repo()
+    c = _history(repo)
+    root, tips = c["root"], [c["d"], c["x"]]
+    if why == "no root":
+        root = None
+    elif why == "no tip above it":
+        tips = [c["root"]]
+    elif why == "too large":
+        monkeypatch.setattr(module, "MAX_GRAPH_BYTES", 10)
+    else:
+        tips = [git(repo, "rev-parse", "HEAD^{tree}").strip()]  # a tree: rev-list fails
+    pairs = [(c["root"], c["d"]), (c["a"], c["d"]), (c["d"], c["a"]), (c["x"], c["d"])]
+    found, loading, asked = answers(repo, root, tips, pairs)
+    assert found == [True, True, False, False]
+    assert asked == 4
+    # Nothing to load is no process; a graph not read is one.
+    assert loading == (0 if why in ("no root", "no tip above it") else 1)
+
+
+def test_ids_are_checked_before_git_sees_them(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    c = _history(repo)
+    for root, tips in [("--output=x", [c["d"]]), (c["root"], [c["d"], "-p"])]:
+        with pytest.raises(GitError, match="not an object id"):
+            answers(repo, root, tips, [])
+    for pair in [("--output=x", c["d"]), (c["root"], "HEAD")]:
+        with pytest.raises(GitError, match="not an object id"):
+            answers(repo, None, [], [pair])
+    assert not (repo / "x").exists()
+
+
+def test_merges_in_a_row_are_walked_once_each(make_repo: MakeRepo) -> None:
+    """Forty diamonds (a commit, two children, their merge) in a row: 2^40 paths through
+    them, 161 commits; every answer comes from the graph, none asked of git."""
+    repo = make_repo()
+    tree = git(repo, "rev-parse", "HEAD^{tree}").strip()
+    root = top = git(repo, "rev-parse", "HEAD").strip()
+    for i in range(40):
+        left = git(repo, "commit-tree", tree, "-p", top, "-m", f"l{i}").strip()
+        right = git(repo, "commit-tree", tree, "-p", top, "-m", f"r{i}").strip()
+        top = git(repo, "commit-tree", tree, "-p", left, "-p", right, "-m", f"m{i}").strip()
+    outside = git(repo, "commit-tree", tree, "-m", "unrelated").strip()
+    found, loading, asked = answers(
+        repo, root, [top, outside], [(root, top), (outside, top), (top, root)]
+    )
+    assert found == [True, False, False] and loading == 1
+    assert asked == 1  # only the pair whose descendant is below the graph: (top, root)
