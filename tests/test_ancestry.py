@@ -212,7 +212,7 @@ def test_a_graph_that_cannot_be_loaded_still_answers_every_pair(
     elif why == "too large":
         monkeypatch.setattr(module, "MAX_GRAPH_BYTES", 10)
     else:
-        tips = [git(repo, "rev-parse", "HEAD^{tree}").strip()]  # a tree: rev-list fails
+        tips = [c["d"], "1" * 40]  # no such object: rev-list fails
     pairs = [(c["root"], c["d"]), (c["a"], c["d"]), (c["d"], c["a"]), (c["x"], c["d"])]
     found, loading, asked = answers(repo, root, tips, pairs)
     assert found == [True, True, False, False]
