@@ -49,7 +49,15 @@ _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 class UnsafeFile(OSError):
-    """A file that cannot be read safely: not a regular file, a link, outside its place, too big."""
+    """A file that cannot be read safely: not a regular file, a link, outside its place, too big.
+
+    ``str()`` names the file and says why; ``strerror`` says only why, as for the system's
+    errors, so that ``f"cannot read {path}: {exc.strerror or exc}"`` names the file once.
+    """
+
+    def __init__(self, shown: object, why: str) -> None:
+        super().__init__(f"{shown} is {why}" if shown is not None else why)
+        self.strerror = why
 
 
 def relative_path_problem(path: str) -> str | None:
@@ -81,7 +89,7 @@ def open_regular(path: Path | str, *, within: Path | None = None) -> int:
     else:
         relative = str(PurePosixPath(path)) if isinstance(path, PurePosixPath) else str(path)
         if why := relative_path_problem(relative):
-            raise UnsafeFile(why)
+            raise UnsafeFile(None, why)
         parts = relative.split("/")
         dir_fd = os.open(within, os.O_RDONLY | _DIRECTORY | os.O_CLOEXEC)
         try:
@@ -104,7 +112,7 @@ def open_regular(path: Path | str, *, within: Path | None = None) -> int:
         raise
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise UnsafeFile(f"{path} is not a regular file")
+        raise UnsafeFile(path, "not a regular file")
     return fd
 
 
@@ -119,7 +127,7 @@ def _explain(exc: OSError, shown: str) -> OSError:
     import errno
 
     if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-        return UnsafeFile(f"{shown} is or passes through a symbolic link, or is not a file")
+        return UnsafeFile(shown, "a symbolic link or passes through one, or is not a file")
     return exc
 
 
@@ -143,7 +151,7 @@ def read_bounded(path: Path | str, limit: int, *, within: Path | None = None) ->
         os.close(fd)
     data = b"".join(chunks)
     if len(data) > limit:
-        raise UnsafeFile(f"{path} is larger than {limit} bytes")
+        raise UnsafeFile(path, f"larger than {limit} bytes")
     return data
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from envelopes import read_bounded
 from envelopes._bounded import UnsafeFile
 from orchestrator._fs import atomic_write, last_line, read_json, write_file
 from orchestrator.errors import RunDirError
@@ -153,6 +154,20 @@ def test_read_json_refuses_a_fifo_a_link_and_a_file_over_its_limit(tmp_path: Pat
     with pytest.raises(UnsafeFile, match="is larger than 64 bytes"):
         read_json(big, limit=64)
     assert issubclass(UnsafeFile, OSError)
+
+
+def test_an_unsafe_file_says_why_without_the_path_in_strerror(tmp_path: Path) -> None:
+    """As the system's errors do: ``cannot read {path}: {exc.strerror}`` names it once."""
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(UnsafeFile) as caught:
+        read_json(fifo)
+    assert str(caught.value) == f"{fifo} is not a regular file"
+    assert caught.value.strerror == "not a regular file"
+    with pytest.raises(UnsafeFile) as caught:
+        read_bounded("../x", 10, within=tmp_path)
+    assert "leaves its directory" in str(caught.value)
+    assert caught.value.strerror == str(caught.value)
 
 
 @pytest.mark.parametrize(
