@@ -4,7 +4,9 @@ Each endpoint gets a queue of at most :data:`QUEUE_SIZE` events and one worker, 
 task group, that POSTs them in order with httpx (under asyncio and trio alike). Queueing never
 waits: when an endpoint's queue is full, the event is dropped for that endpoint and counted.
 A request that gets no answer, a ``429`` or a ``5xx`` is retried with exponential backoff, up
-to :data:`ATTEMPTS` requests; any other answer but a ``2xx`` fails the delivery at once.
+to :data:`ATTEMPTS` requests, waiting at least what the answer's ``Retry-After`` asks (at
+most :data:`MAX_RETRY_AFTER_S`: asked for longer, the delivery fails at once); any other
+answer but a ``2xx`` fails the delivery at once.
 
 What became of each event is a ``notification`` event of the run (``envelopes.Notification``):
 in ``events.jsonl`` and told to ``on_event`` like any other, and never sent to a webhook. When
@@ -23,6 +25,8 @@ import hmac
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
@@ -45,10 +49,12 @@ __all__ = [
     "BACKOFF",
     "DRAIN_S",
     "MAX_ANSWER_BYTES",
+    "MAX_RETRY_AFTER_S",
     "QUEUE_SIZE",
     "Webhook",
     "Webhooks",
     "read_webhooks",
+    "retry_after",
     "shown_url",
     "signature",
 ]
@@ -63,6 +69,9 @@ ATTEMPTS = 5
 BACKOFF = (0.5, 8.0)
 #: Most of an answer's body read (and thrown away) before its connection is closed instead.
 MAX_ANSWER_BYTES = 64 * 1024
+#: Longest ``Retry-After`` waited for; an endpoint asking for longer is not retried (its
+#: events queue behind the wait, and the end of a run waits only DRAIN_S for them).
+MAX_RETRY_AFTER_S = 60.0
 
 T = TypeVar("T")
 Record = Callable[[Event], Awaitable[None]]
@@ -177,6 +186,8 @@ class _Answer:
 
     status: int | None
     message: str = ""
+    #: Seconds the answer's ``Retry-After`` asked to wait before the next request.
+    retry_after: float | None = None
 
     @property
     def delivered(self) -> bool:
@@ -184,6 +195,8 @@ class _Answer:
 
     @property
     def worth_retrying(self) -> bool:
+        if self.retry_after is not None and self.retry_after > MAX_RETRY_AFTER_S:
+            return False
         return not self.delivered and (
             self.status is None or self.status == 429 or self.status >= 500
         )
@@ -350,6 +363,7 @@ class Webhooks:
             should_retry=lambda answer: answer.worth_retrying,
             initial=BACKOFF[0],
             maximum=BACKOFF[1],
+            wait_at_least=lambda answer: answer.retry_after,
         )
         endpoint.done += 1
         if not answer.delivered:
@@ -450,7 +464,28 @@ def _answer(response: httpx.Response) -> _Answer:
     message = f"HTTP {status} {response.reason_phrase}".rstrip()
     if 300 <= status < 400:
         message += " (redirects are not followed)"
-    return _Answer(status, message)
+    asked = retry_after(response.headers.get("retry-after"), datetime.now(UTC))
+    if asked is not None and asked > MAX_RETRY_AFTER_S:
+        message += f" (Retry-After {asked:.0f} s: longer than the {MAX_RETRY_AFTER_S:g} s waited)"
+    return _Answer(status, message, asked)
+
+
+def retry_after(value: str | None, now: datetime) -> float | None:
+    """The seconds a ``Retry-After`` header's *value* asks to wait (RFC 9110: a number of
+    seconds or an HTTP date), from *now*; None when absent or unreadable. A date in the past
+    is 0."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(int(value[:12]))  # 12 digits: already past any bound a caller keeps
+    try:
+        when = parsedate_to_datetime(value[:64])
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # RFC 5322's "-0000": UTC, origin unknown
+    return max(0.0, (when - now).total_seconds())
 
 
 def _reason(exc: httpx.HTTPError) -> str:

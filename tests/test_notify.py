@@ -15,7 +15,8 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, get_args
 
@@ -35,8 +36,17 @@ from envelopes import (
 )
 from orchestrator import PlanError, Workspace, orchestrate_parallel, verify_report
 from orchestrator import notify as notify_module
-from orchestrator.notify import Webhook, Webhooks, read_webhooks, shown_url, signature
+from orchestrator.notify import (
+    MAX_RETRY_AFTER_S,
+    Webhook,
+    Webhooks,
+    read_webhooks,
+    retry_after,
+    shown_url,
+    signature,
+)
 from orchestrator.plan import parse_plan, validate_plan_data
+from orchestrator.retry import set_testing
 
 from .conftest import LocalServer, MakeRepo, QuietHandler, cli, serving
 from .test_docs import read_blocks, webhook_check
@@ -53,6 +63,7 @@ class Delivery:
     headers: dict[str, str]
     body: bytes
     signed: bool | None
+    at: float = field(default_factory=time.monotonic)
 
     @property
     def event(self) -> dict[str, Any]:
@@ -96,6 +107,8 @@ class HookHandler(QuietHandler):
             self.send_response(status)
             if status == 302:
                 self.send_header("Location", "/ok")
+            if status >= 400 and self.path in RETRY_AFTER:
+                self.send_header("Retry-After", RETRY_AFTER[self.path])
             self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
             self.wfile.write(answer)
@@ -114,7 +127,11 @@ ROUTES: dict[str, Callable[[HookHandler, int], int]] = {
     "/gone": lambda h, n: 404,
     "/moved": lambda h, n: 302,
     "/slow": _slow,
+    "/later": lambda h, n: 429 if n == 1 else 200,
+    "/tomorrow": lambda h, n: 503,
 }
+#: The ``Retry-After`` of a route's failures.
+RETRY_AFTER = {"/later": "1", "/tomorrow": "Fri, 31 Dec 9999 23:59:59 GMT"}
 
 
 @pytest.fixture
@@ -370,6 +387,53 @@ def test_a_4xx_or_a_redirect_fails_the_delivery_without_a_retry(
     on_disk = json.loads((Path(report.run_dir) / "report.json").read_text())
     assert on_disk["warnings"] == report.warnings
     verified(report)
+
+
+def test_a_retry_waits_what_retry_after_asks_and_a_wait_too_long_is_not_made(
+    make_repo: MakeRepo, server: HookServer
+) -> None:
+    set_testing(False)  # the waits as in production (the conftest puts testing back after)
+    plan = plan_with(
+        {"url": server.url("/later"), "events": ["run_finished"]},
+        {"url": server.url("/tomorrow"), "events": ["run_finished"]},
+        tasks=1,
+    )
+    report = run(make_repo(), plan)
+    records = {r.url: r for r in notifications(report)}
+    later, tomorrow = records[server.url("/later")], records[server.url("/tomorrow")]
+    assert (later.outcome, later.attempts) == ("delivered", 2)
+    first, second = server.to("/later")
+    # Asked for 1 s; the backoff alone would have waited 0.5 to 1 s.
+    assert second.at - first.at >= 1.0
+    # Asked for a wait of years: one request, failed at once, and the message says why.
+    assert (tomorrow.outcome, tomorrow.attempts, tomorrow.status_code) == ("failed", 1, 503)
+    assert len(server.to("/tomorrow")) == 1
+    assert tomorrow.message.startswith("HTTP 503 Service Unavailable (Retry-After ")
+    assert tomorrow.message.endswith(f" s: longer than the {MAX_RETRY_AFTER_S:g} s waited)")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, None),
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("0", 0.0),
+        ("-3", None),
+        ("1.5", None),
+        ("\u0663", None),  # a digit, but not an ASCII one
+        ("Sun, 06 Dec 2026 12:01:00 GMT", 60.0),
+        ("Sun, 06 Dec 2026 11:00:00 GMT", 0.0),  # in the past: now
+        ("Sun, 06 Dec 2026 12:01:00 -0000", 60.0),
+        ("Sun, 06 Dec 99999 12:01:00 GMT", None),
+        ("soon", None),
+        ("", None),
+        ("9" * 400, 999999999999.0),
+    ],
+)
+def test_retry_after_is_seconds_or_an_http_date(value: str | None, seconds: float | None) -> None:
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    assert retry_after(value, now) == seconds
 
 
 def test_an_endpoint_that_never_answers_is_retried_then_failed(make_repo: MakeRepo) -> None:

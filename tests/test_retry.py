@@ -150,6 +150,28 @@ def test_should_retry_sees_each_attempts_value() -> None:
     assert seen == [10, 20, 30]
 
 
+def test_a_wait_asked_for_by_the_last_value_is_kept_even_past_the_maximum(
+    real_waits: None,
+) -> None:
+    recorder = Recorder("failed", "busy", "ok")
+    asked = {"failed": None, "busy": 0.02}
+
+    async def main() -> str:
+        return await retry_attempts(
+            recorder.attempt,
+            retries=3,
+            should_retry=lambda outcome: outcome != "ok",
+            before_retry=recorder.before_retry,
+            initial=0.0,
+            maximum=0.0,
+            wait_at_least=asked.get,
+        )
+
+    assert anyio.run(main) == "ok"
+    # After "failed" the backoff (0 here); after "busy" what it asked, past the maximum.
+    assert recorder.retries == [(2, 0.0), (3, 0.02)]
+
+
 def test_testing_mode_removes_even_long_waits() -> None:
     recorder = Recorder("failed", "failed", "ok")
     assert run(recorder, retries=2, initial=3600.0, maximum=7200.0) == "ok"
