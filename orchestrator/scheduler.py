@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
@@ -33,6 +33,7 @@ from envelopes import (
     HandoffEnvelope,
     Select,
     TaskResult,
+    Usage,
     dependency_cycles,
 )
 
@@ -160,20 +161,17 @@ class SchedulerHooks(Protocol):
         """The selection of group *name* is known."""
 
 
-def over_budget(budget: Budget, results: Iterable[TaskResult]) -> str | None:
-    """Which limit of *budget* the spend in *results* has reached, in words, or None.
+def spend(usage: Usage | None) -> tuple[float, float]:
+    """What *usage* spent toward a budget: its cost in USD (reported or estimated) and its
+    tokens (the total, or input and output where an agent gave no total)."""
+    if usage is None:
+        return 0.0, 0.0
+    tokens = usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)
+    return usage.cost_usd or 0.0, float(tokens)
 
-    Spend is what the results' usage says: costs reported or estimated, tokens in all (or
-    input and output where an agent gave no total). What a task that is still running has
-    spent is not known until it ends.
-    """
-    cost = tokens = 0.0
-    for result in results:
-        usage = result.usage
-        if usage is None:
-            continue
-        cost += usage.cost_usd or 0.0
-        tokens += usage.total_tokens or (usage.input_tokens or 0) + (usage.output_tokens or 0)
+
+def budget_reached(budget: Budget, cost: float, tokens: float) -> str | None:
+    """Which limit of *budget* a spend of *cost* USD and *tokens* has reached, or None."""
     if budget.max_cost_usd is not None and cost >= budget.max_cost_usd:
         return f"the run's budget max_cost_usd {budget.max_cost_usd:g} is spent ({cost:.4g} USD)"
     if budget.max_tokens is not None and tokens >= budget.max_tokens:
@@ -230,6 +228,9 @@ class Scheduler:
         #: Why no further task starts, once the budget is spent (and when it was).
         self.budget_spent: ErrorInfo | None = None
         self.budget_spent_at: datetime | None = None
+        #: The spend of the tasks ended so far (USD, tokens): added to as each ends, so that
+        #: a task's end costs the same with 10 results before it as with 100,000.
+        self.spent = (0.0, 0.0)
         self.limit = limit
         self.agent_limits = agent_limits
         self.book = book
@@ -383,12 +384,14 @@ class Scheduler:
             await self._member_final(envelope.group, task_id, status)
         elif self.fail_fast and status in ("failed", "timed_out"):
             await self._stop(f"{task_id} {_WORDS[status]}")
-        if (
-            self.budget is not None
-            and self.budget_spent is None
-            and (why := over_budget(self.budget, self.results.values())) is not None
-        ):
-            await self._out_of_budget(why)
+        if self.budget is not None:
+            cost, tokens = spend(self.results[task_id].usage)
+            self.spent = (self.spent[0] + cost, self.spent[1] + tokens)
+            if (
+                self.budget_spent is None
+                and (why := budget_reached(self.budget, *self.spent)) is not None
+            ):
+                await self._out_of_budget(why)
 
     async def _member_final(self, name: str, task_id: str, status: str) -> None:
         group = self.groups[name]

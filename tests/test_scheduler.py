@@ -10,11 +10,13 @@ import anyio
 import pytest
 
 from envelopes import (
+    Budget,
     HandoffEnvelope,
     Plan,
     Report,
     TaskFinished,
     TaskQueued,
+    TaskResult,
     TaskStarted,
     build_envelope,
 )
@@ -25,7 +27,7 @@ from orchestrator import (
     orchestrate_parallel,
     verify_report,
 )
-from orchestrator.scheduler import IllegalTransition, TaskBook
+from orchestrator.scheduler import IllegalTransition, Scheduler, TaskBook
 
 from .conftest import MakeRepo, cli
 
@@ -283,3 +285,89 @@ def test_a_spent_budget_with_fail_fast_and_a_group_ends_every_task_once(tmp_path
     assert statuses["g[10]"][0] == "failed" and statuses["spend"] == ("succeeded", None)
     assert statuses["g[0]"] == ("skipped", "budget")
     assert statuses["later"][0] in ("skipped", "cancelled")
+
+
+class _CountingResults(dict[str, TaskResult]):
+    """The run's results, counting every result read, by key or by walking them."""
+
+    reads = 0
+
+    def __getitem__(self, key: str) -> TaskResult:
+        self.reads += 1
+        return super().__getitem__(key)
+
+    def values(self) -> Any:
+        for value in super().values():
+            self.reads += 1
+            yield value
+
+
+class _Spending:
+    """The run's side of the scheduler (its ``SchedulerHooks``): each task ends at once
+    with *template*'s result, and so its spend."""
+
+    def __init__(self, results: dict[str, TaskResult], book: TaskBook, template: TaskResult):
+        self.results, self.book, self.template = results, book, template
+
+    async def queued(self, envelope: HandoffEnvelope) -> None:
+        pass
+
+    async def resolve(self, envelope: HandoffEnvelope, upstream: list[str]) -> HandoffEnvelope:
+        return envelope
+
+    async def run(self, envelope: HandoffEnvelope) -> None:
+        task_id = envelope.task_id
+        self.results[task_id] = self.template.model_copy(update={"task_id": task_id})
+        self.book.move(task_id, "succeeded")
+
+    async def never_started(self, envelope: HandoffEnvelope, status: Any, error: Any) -> None:
+        update = {"task_id": envelope.task_id, "status": status, "error": error, "usage": None}
+        self.results[envelope.task_id] = self.template.model_copy(update=update)
+
+    def cancelling(self, task_id: str, error: Any) -> None:
+        pass
+
+    async def group_decided(self, name: str, group: Any) -> None:
+        pass
+
+
+def test_a_budget_costs_each_task_the_same_however_many_ended_before(tmp_path: Path) -> None:
+    """The spend is added up as tasks end, not walked again at each end (which made a run
+    with a budget quadratic: minutes for 100,000 tasks)."""
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        return {"usage": {"cost_usd": 1.0, "input_tokens": 10}}
+
+    template = anyio.run(
+        lambda: orchestrate_parallel(
+            _spending_plan(1, max_cost_usd=5), agents={"a": agent}, state_dir=tmp_path / "s"
+        )
+    ).results[0]
+    assert template.usage is not None and template.usage.cost_usd == 1.0
+
+    def schedule(n: int, max_cost_usd: float) -> tuple[TaskBook, _CountingResults]:
+        envelopes = [
+            build_envelope("a", "t", task_id=f"t{i}", worktree=False, venv=False) for i in range(n)
+        ]
+        results = _CountingResults()
+        book = TaskBook([e.task_id for e in envelopes])
+        scheduler = Scheduler(
+            envelopes,
+            _Spending(results, book, template),
+            limit=4,
+            agent_limits={},
+            book=book,
+            results=results,
+            budget=Budget(max_cost_usd=max_cost_usd),
+        )
+        anyio.run(scheduler.run)
+        return book, results
+
+    book, results = schedule(300, max_cost_usd=10**6)
+    assert set(book.states.values()) == {"succeeded"}
+    assert results.reads <= 3 * 300  # a few reads of its own result per task, not all before it
+    # And the spend still stops the run: 1 USD a task, at most 4 running when 10 are spent.
+    book, _ = schedule(50, max_cost_usd=10)
+    succeeded = sum(state == "succeeded" for state in book.states.values())
+    assert 10 <= succeeded <= 10 + 4
+    assert set(book.states.values()) == {"succeeded", "skipped"}
