@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
@@ -476,6 +475,8 @@ def retry_after(value: str | None, now: datetime) -> float | None:
     is 0."""
     if value is None:
         return None
+    from email.utils import parsedate_to_datetime  # 10 ms at start-up, for a rare header
+
     value = value.strip()
     if value.isascii() and value.isdigit():
         return float(int(value[:12]))  # 12 digits: already past any bound a caller keeps
