@@ -79,3 +79,17 @@ def test_blame_takes_the_ctime_an_agent_cannot_set_back(common: Path) -> None:
     now = time.time()
     assert [c.path.name for c in guard.blame(now - 5, now + 5)] == ["config"]
     assert guard.unblamed() == []
+
+
+def test_a_change_that_cannot_be_put_back_is_reported_and_leaves_nothing_behind(
+    common: Path,
+) -> None:
+    guard = RepoGuard.snapshot(common)
+    (common / "config").unlink()
+    (common / "config").mkdir()  # no file can be renamed over a directory, even by root
+    [change] = guard.check()
+    assert change.what == "changed (and could not be put back: Is a directory)"
+    assert sorted(os.listdir(common)) == ["config", "hooks"]
+    # Reported again at the next check, as long as it is there, and still nothing left.
+    assert [c.what for c in guard.check()] == [change.what]
+    assert sorted(os.listdir(common)) == ["config", "hooks"]
