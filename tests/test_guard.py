@@ -173,6 +173,12 @@ def test_a_file_too_big_to_keep_is_removed_when_changed_not_emptied(common: Path
     exclude.write_text("*\n")
     assert [c.what for c in guard.check()] == ["changed"]
     assert not exclude.exists()
+    exclude.write_bytes(b"#" * ((4 << 20) + 1))
+    guard = RepoGuard.snapshot(common)
+    exclude.unlink()  # deleted: nothing to put back, nothing to remove
+    assert [c.what for c in guard.check()] == ["deleted"]
+    assert not exclude.exists()
+    assert guard.check() == []
 
 
 def test_a_change_that_cannot_be_put_back_is_reported_and_leaves_nothing_behind(
