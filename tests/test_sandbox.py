@@ -857,7 +857,7 @@ def test_a_path_listed_twice_is_mounted_once() -> None:
 def test_the_users_home_is_hidden_unless_it_is_the_root_or_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    home = tmp_path / "home"
+    home = (tmp_path / "home").resolve()
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     assert home in system_hidden() and Path("/run") in system_hidden()
@@ -936,6 +936,9 @@ def test_the_resolver_file_is_shown_again_only_when_it_is_a_file_in_run(
     conf = tmp_path / "resolv.conf"
     conf.write_text("nameserver 127.0.0.53\n")
     etc = ["--tmpfs", "/etc", "--ro-bind", str(conf), "/etc/real-resolv.conf"]
+    for kept in ("alternatives", "ld.so.cache", "passwd", "group"):  # what python may need
+        if os.path.exists(f"/etc/{kept}"):
+            etc += ["--ro-bind", f"/etc/{kept}", f"/etc/{kept}"]
     if arrangement == ["--file-in-run"]:
         arrangement = ["--symlink", shown[0], "/etc/resolv.conf"]
         etc += ["--tmpfs", "/run", "--ro-bind", str(conf), shown[0]]
@@ -984,7 +987,7 @@ def test_a_bwrap_that_cannot_make_a_sandbox_is_told_once_with_its_last_line(
 def test_the_probe_hides_what_a_task_hides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bwrap that can make a sandbox but not hide HOME (an automounted home, say) is found
     when the plan is checked, not in every task."""
-    home = tmp_path / "home"
+    home = (tmp_path / "home").resolve()
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     bin_dir = fake_bwrap(
