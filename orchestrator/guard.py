@@ -189,7 +189,11 @@ class RepoGuard:
             os.unlink(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)  # fails onto a directory: the copy must not stay behind
+        except BaseException:
+            os.unlink(tmp)
+            raise
         return (info.st_mode, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
     def blame(self, started: float, finished: float) -> list[Change]:

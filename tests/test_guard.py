@@ -3,13 +3,23 @@ back, through nothing the agent planted, and reported."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import stat
+import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import pytest
 
-from orchestrator.guard import RepoGuard
+from envelopes import AgentInfo, Provenance, TaskResult, Timings, digest
+from orchestrator._git import Git
+from orchestrator.guard import RepoGuard, moved_refs, ref_values
+
+from .conftest import MakeRepo, git
 
 
 @pytest.fixture
@@ -71,6 +81,18 @@ def test_the_users_own_linked_config_is_watched_and_its_link_kept(common: Path) 
     assert os.readlink(home / ".gitconfig") == str(home / "dotfiles" / "gitconfig")
 
 
+def test_the_users_linked_config_replaced_again_is_put_back_as_the_link_again(
+    common: Path,
+) -> None:
+    home = Path(os.environ["HOME"])
+    guard = RepoGuard.snapshot(common)
+    for _ in range(2):
+        (home / ".gitconfig").unlink()
+        (home / ".gitconfig").write_text("[core]\n\tfsmonitor = evil\n")
+        assert [c.path.name for c in guard.check()] == [".gitconfig"]
+        assert os.readlink(home / ".gitconfig") == str(home / "dotfiles" / "gitconfig")
+
+
 def test_blame_takes_the_ctime_an_agent_cannot_set_back(common: Path) -> None:
     guard = RepoGuard.snapshot(common)
     with (common / "config").open("a") as f:
@@ -79,3 +101,264 @@ def test_blame_takes_the_ctime_an_agent_cannot_set_back(common: Path) -> None:
     now = time.time()
     assert [c.path.name for c in guard.blame(now - 5, now + 5)] == ["config"]
     assert guard.unblamed() == []
+
+
+def test_a_hook_put_back_keeps_its_mode_however_often_it_is_rewritten(common: Path) -> None:
+    hook = common / "hooks" / "pre-commit"
+    hook.chmod(0o755)
+    guard = RepoGuard.snapshot(common)
+    for _ in range(2):
+        hook.write_text("#!/bin/sh\nevil\n")
+        assert [c.what for c in guard.check()] == ["changed"]
+        assert hook.read_text() == "#!/bin/sh\nexit 0\n"
+        assert stat.S_IMODE(hook.stat().st_mode) == 0o755
+
+
+def test_a_file_only_touched_is_not_a_change_and_a_later_change_is_still_put_back(
+    common: Path,
+) -> None:
+    hook = common / "hooks" / "pre-commit"
+    hook.chmod(0o755)
+    guard = RepoGuard.snapshot(common)
+    for path in (common / "config", hook):
+        os.utime(path, (946684800, 946684800))  # same bytes, another status
+    (common / "hooks" / "post-merge").write_text("#!/bin/sh\nevil\n")
+    # The touched files are not reported; what follows them in the same check still is.
+    assert [(c.path.name, c.what) for c in guard.check()] == [("post-merge", "added")]
+    assert not (common / "hooks" / "post-merge").exists()
+    (common / "config").write_text('[filter "x"]\n\tclean = evil\n')
+    hook.write_text("#!/bin/sh\nevil\n")
+    assert sorted(c.path.name for c in guard.check()) == ["config", "pre-commit"]
+    assert (common / "config").read_text() == "[core]\n\tbare = false\n"
+    assert hook.read_text() == "#!/bin/sh\nexit 0\n"
+    assert stat.S_IMODE(hook.stat().st_mode) == 0o755
+
+
+def test_a_config_replaced_by_a_link_to_the_same_bytes_is_put_back(
+    common: Path, tmp_path: Path
+) -> None:
+    """A link is not the file: git would follow it to wherever the agent points it later."""
+    guard = RepoGuard.snapshot(common)
+    copy = tmp_path / "agent-owned-config"
+    copy.write_bytes((common / "config").read_bytes())
+    (common / "config").unlink()
+    (common / "config").symlink_to(copy)
+    assert [c.what for c in guard.check()] == ["changed"]
+    assert not (common / "config").is_symlink()
+    assert (common / "config").read_text() == "[core]\n\tbare = false\n"
+
+
+def test_a_directory_planted_where_a_file_was_absent_is_removed_a_linked_one_only_unlinked(
+    common: Path, tmp_path: Path
+) -> None:
+    guard = RepoGuard.snapshot(common)
+    (common / "info" / "attributes").mkdir(parents=True)
+    (common / "info" / "attributes" / "inner").write_text("x")
+    elsewhere = tmp_path / "users-directory"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep me\n")
+    (common / "hooks" / "post-checkout").symlink_to(elsewhere)
+    found = {c.path.name: c.what for c in guard.check()}
+    assert found == {"attributes": "added", "post-checkout": "added"}
+    assert not (common / "info" / "attributes").exists()
+    assert not os.path.lexists(common / "hooks" / "post-checkout")
+    assert (elsewhere / "keep.txt").read_text() == "keep me\n"
+
+
+def test_a_file_too_big_to_keep_is_removed_when_changed_not_emptied(common: Path) -> None:
+    exclude = common / "info" / "exclude"
+    exclude.parent.mkdir()
+    exclude.write_bytes(b"#" * ((4 << 20) + 1))  # over what the guard keeps to put back
+    guard = RepoGuard.snapshot(common)
+    exclude.write_text("*\n")
+    assert [c.what for c in guard.check()] == ["changed"]
+    assert not exclude.exists()
+    exclude.write_bytes(b"#" * ((4 << 20) + 1))
+    guard = RepoGuard.snapshot(common)
+    exclude.unlink()  # deleted: nothing to put back, nothing to remove
+    assert [c.what for c in guard.check()] == ["deleted"]
+    assert not exclude.exists()
+    assert guard.check() == []
+
+
+def test_a_change_that_cannot_be_put_back_is_reported_and_leaves_nothing_behind(
+    common: Path,
+) -> None:
+    guard = RepoGuard.snapshot(common)
+    (common / "config").unlink()
+    (common / "config").mkdir()  # no file can be renamed over a directory, even by root
+    [change] = guard.check()
+    assert change.what == "changed (and could not be put back: Is a directory)"
+    assert sorted(os.listdir(common)) == ["config", "hooks"]
+    # Reported again at the next check, as long as it is there, and still nothing left.
+    assert [c.what for c in guard.check()] == [change.what]
+    assert sorted(os.listdir(common)) == ["config", "hooks"]
+
+
+def test_a_put_back_that_fails_to_write_leaves_no_temporary_file(
+    common: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guard = RepoGuard.snapshot(common)
+    (common / "config").write_text("[core]\n\tfsmonitor = evil\n")
+
+    def disk_full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", disk_full)
+    [change] = guard.check()
+    monkeypatch.undo()
+    assert change.what == "changed (and could not be put back: No space left on device)"
+    assert sorted(os.listdir(common)) == ["config", "hooks"]
+    assert [c.what for c in guard.check()] == ["changed"]  # the next check puts it back
+    assert (common / "config").read_text() == "[core]\n\tbare = false\n"
+
+
+def test_put_back_beside_the_file_not_through_tmpdir(
+    common: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmpdir"))
+    guard = RepoGuard.snapshot(common)
+    (common / "config").write_text("[core]\n\tfsmonitor = evil\n")
+    assert [c.what for c in guard.check()] == ["changed"]
+    assert (common / "config").read_text() == "[core]\n\tbare = false\n"
+
+
+def test_a_repository_without_hooks_gets_none_planted(common: Path) -> None:
+    shutil.rmtree(common / "hooks")
+    guard = RepoGuard.snapshot(common)
+    (common / "hooks").mkdir()
+    (common / "hooks" / "post-checkout").write_text("#!/bin/sh\nevil\n")
+    assert [(c.path.name, c.what) for c in guard.check()] == [("post-checkout", "added")]
+    assert os.listdir(common / "hooks") == []
+
+
+@pytest.mark.parametrize(
+    ("xdg", "name"),
+    [
+        (None, ".config/git/config"),
+        (None, ".config/git/attributes"),
+        ("xdg", "xdg/git/config"),
+        ("xdg", "xdg/git/attributes"),
+        (None, "global.gitconfig"),
+    ],
+)
+def test_each_of_the_users_own_git_files_is_watched(
+    common: Path, monkeypatch: pytest.MonkeyPatch, xdg: str | None, name: str
+) -> None:
+    home = Path(os.environ["HOME"])
+    if xdg is not None:
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(home / xdg))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / "global.gitconfig"))
+    watched = home / name
+    watched.parent.mkdir(parents=True, exist_ok=True)
+    watched.write_text("[user]\n\tname = me\n")
+    guard = RepoGuard.snapshot(common)
+    watched.write_text('[filter "x"]\n\tclean = evil\n')
+    assert [c.path for c in guard.check()] == [watched]
+    assert watched.read_text() == "[user]\n\tname = me\n"
+
+
+def test_a_looping_link_for_the_users_config_is_watched_as_a_link(common: Path) -> None:
+    home = Path(os.environ["HOME"])
+    (home / ".gitconfig").unlink()
+    (home / ".gitconfig").symlink_to(home / ".gitconfig")  # ELOOP: no file it leads to
+    guard = RepoGuard.snapshot(common)
+    (home / ".gitconfig").unlink()
+    (home / ".gitconfig").write_text("[core]\n\tfsmonitor = evil\n")
+    assert [c.path.name for c in guard.check()] == [".gitconfig"]
+    assert os.readlink(home / ".gitconfig") == str(home / ".gitconfig")
+
+
+def test_a_change_is_blamed_on_an_attempt_within_a_second_of_it_and_no_further(
+    common: Path,
+) -> None:
+    """The file's ctime and the attempt's clock may differ by up to a second."""
+    guard = RepoGuard.snapshot(common)
+    with (common / "config").open("a") as f:
+        f.write("# changed\n")
+    [change] = guard.check()
+    at = change.changed_at
+    assert guard.blame(at + 1.5, at + 3.0) == []  # started later
+    assert guard.blame(at - 3.0, at - 1.5) == []  # finished earlier
+    assert guard.unblamed() != []
+    assert guard.blame(at + 1.0, at + 3.0) == [change]  # started a second after
+    assert guard.blame(at - 3.0, at - 1.0) == [change]  # finished a second before
+    assert guard.blame(at, at) == [change]
+    assert guard.unblamed() == []
+
+
+def test_the_digest_of_a_snapshot_follows_its_files_and_its_repository(
+    common: Path, tmp_path: Path
+) -> None:
+    first = RepoGuard.snapshot(common)
+    assert RepoGuard.snapshot(common).digest() == first.digest()
+    other = tmp_path / "other" / ".git"
+    shutil.copytree(common, other, symlinks=True)
+    assert RepoGuard.snapshot(other).digest() != first.digest()
+    (common / "config").write_text("[core]\n\tbare = true\n")
+    assert RepoGuard.snapshot(common).digest() != first.digest()
+
+
+def _result(task_id: str, branch: str | None, commit: str | None) -> TaskResult:
+    stamp = datetime.now(UTC)
+    info = AgentInfo(kind="callable", qualname="agent")
+    return TaskResult(
+        task_id=task_id,
+        agent="a",
+        status="succeeded" if commit else "failed",
+        attempts=1,
+        output={},
+        timings=Timings(started_at=stamp, finished_at=stamp, duration_s=0.0),
+        branch=branch,
+        provenance=Provenance(
+            envelope_sha256="e" * 64,
+            base_commit="b" * 40,
+            result_commit=commit,
+            agent=info,
+            agent_sha256=digest(info.model_dump(mode="json")),
+            output_sha256=digest({}),
+        ),
+    )
+
+
+def test_refs_moved_during_a_run_by_no_task_of_it_are_reported(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    base = git(repo, "rev-parse", "main")
+    for ref in ("refs/heads/a-stable", "refs/heads/gone", "refs/heads/orchestrator/r/mine"):
+        git(repo, "update-ref", ref, base)
+    git(repo, "commit", "--allow-empty", "-q", "-m", "second")
+    second = git(repo, "rev-parse", "main")
+    git(repo, "update-ref", "refs/heads/main", base)
+    before = anyio.run(ref_values, Git(repo))
+    assert before == {
+        "refs/heads/a-stable": base,
+        "refs/heads/gone": base,
+        "refs/heads/main": base,
+        "refs/heads/orchestrator/r/mine": base,
+    }
+    git(repo, "update-ref", "refs/heads/main", second)  # moved
+    git(repo, "update-ref", "-d", "refs/heads/gone")  # deleted
+    git(repo, "update-ref", "refs/heads/new", second)  # created
+    git(repo, "update-ref", "refs/heads/orchestrator/r/mine", second)  # the run's own
+    git(repo, "update-ref", "refs/orchestrator/r/x", second)  # the orchestrator's
+    git(repo, "update-ref", "refs/heads/orchestrator/r/kept", second)
+    git(repo, "update-ref", "refs/heads/orchestrator/r/moved", base)
+    after = anyio.run(ref_values, Git(repo))
+    results = [
+        _result("failed", None, None),  # no branch, no result: nothing to compare
+        _result("nobranch", None, second),
+        _result("noresult", "orchestrator/r/none", None),
+        _result("kept", "orchestrator/r/kept", second),
+        _result("moved", "orchestrator/r/moved", second),
+        _result("deleted", "orchestrator/r/deleted", second),
+    ]
+    assert moved_refs(before, after, results) == [
+        f"refs/heads/gone was deleted during the run (was {base})",
+        f"refs/heads/main moved during the run from {base} to {second}; no task of it moved it",
+        f"refs/heads/new was created during the run (at {second}); no task of it made it",
+        f"branch orchestrator/r/moved of task moved points at {base}, "
+        f"not at its result {second}: moved by another process",
+        f"branch orchestrator/r/deleted of task deleted points at None, "
+        f"not at its result {second}: moved by another process",
+    ]
+    assert moved_refs(after, after, results[:4]) == []

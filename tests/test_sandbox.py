@@ -25,7 +25,13 @@ from envelopes import EnvSpec, Limits, Plan, Report, expand_tasks, json_schemas
 from orchestrator import PlanError, Workspace, orchestrate_parallel, process
 from orchestrator.plan import envelopes_of, parse_plan
 from orchestrator.process import TAG_VARIABLE
-from orchestrator.sandbox import SandboxLayout, bwrap_argv, find_bwrap
+from orchestrator.sandbox import (
+    SandboxLayout,
+    bwrap_argv,
+    find_bwrap,
+    sandbox_problem,
+    system_hidden,
+)
 from orchestrator.sandbox_git import import_loose_objects
 
 from .conftest import MakeRepo, cli, git, live_processes_with
@@ -774,3 +780,223 @@ def test_a_run_leaves_no_watcher_behind(make_repo: MakeRepo, write_agent: WriteA
     report = run_plan(agent_plan(script, [{"id": "t"}], defaults={"venv": False}), repo)
     assert report.results[0].status == "succeeded"
     assert live_processes_with(f"{report.run_id}/") == []
+
+
+# --- The sandbox's own parts: mounts, what is hidden of the system, the probe ---------------
+
+BWRAP_PROGRAM = find_bwrap() or "bwrap"
+
+
+def run_in_sandbox(layout: SandboxLayout, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        bwrap_argv(layout, ["sh", "-c", script], bwrap=BWRAP_PROGRAM),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+
+
+@needs_bwrap
+def test_a_read_only_mount_cannot_be_written_and_a_writable_one_can(tmp_path: Path) -> None:
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "rw").mkdir()
+    inside = tmp_path / "inside"  # hidden: only what is shown there is seen
+    layout = SandboxLayout(
+        cwd=Path("/"),
+        hide=[inside],
+        mounts=[
+            (tmp_path / "ro", inside / "shown-ro", False),
+            (tmp_path / "rw", inside / "shown-rw", True),
+        ],
+    )
+    done = run_in_sandbox(
+        layout, f"echo pwned > {inside}/shown-ro/f; echo ok > {inside}/shown-rw/f; ls {inside}"
+    )
+    assert "Read-only file system" in done.stderr, done.stderr
+    assert not (tmp_path / "ro" / "f").exists()
+    assert (tmp_path / "rw" / "f").read_text() == "ok\n"
+    assert done.stdout.split() == ["shown-ro", "shown-rw"]
+
+
+@needs_bwrap
+def test_a_path_hidden_and_shown_again_is_shown(tmp_path: Path) -> None:
+    """For one path the later entry wins: shown (writable) after hidden, whatever the names."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "before.txt").write_text("there\n")
+    layout = SandboxLayout(cwd=Path("/"), hide=[shared], writable=[shared])
+    done = run_in_sandbox(layout, f"cat {shared}/before.txt && echo made > {shared}/made.txt")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "there\n"
+    assert (shared / "made.txt").read_text() == "made\n"
+
+
+def test_a_path_listed_twice_is_mounted_once() -> None:
+    layout = SandboxLayout(
+        cwd=Path("/w"),
+        hide=[Path("/h"), Path("/h"), Path("/tmp")],
+        read_only=[Path("/h/r"), Path("/h/r")],
+        writable=[Path("/w"), Path("/w")],
+        mounts=[(Path("/w"), Path("/w"), True)],
+    )
+    argv = bwrap_argv(layout, ["agent"])
+    ops = [tuple(argv[i : i + 2]) for i, a in enumerate(argv) if a in ("--tmpfs", "--ro-bind")]
+    ops += [tuple(argv[i : i + 2]) for i, a in enumerate(argv) if a == "--bind"]
+    assert sorted(ops) == sorted(
+        [
+            ("--ro-bind", "/"),
+            ("--tmpfs", "/tmp"),
+            ("--tmpfs", "/h"),
+            ("--ro-bind", "/h/r"),
+            ("--bind", "/w"),
+        ]
+    )
+
+
+def test_the_users_home_is_hidden_unless_it_is_the_root_or_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = (tmp_path / "home").resolve()
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    assert home in system_hidden() and Path("/run") in system_hidden()
+    monkeypatch.setenv("HOME", "/")
+    assert Path("/") not in system_hidden()  # never the whole machine under a tmpfs
+    monkeypatch.setenv("HOME", str(tmp_path / "missing"))
+    assert tmp_path / "missing" not in system_hidden()
+
+
+@needs_bwrap
+def test_a_sandboxed_command_sees_nothing_of_the_users_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("PRIVATE KEY\n")
+    monkeypatch.setenv("HOME", str(home))
+    layout = SandboxLayout(cwd=Path("/"), hide=system_hidden())
+    done = run_in_sandbox(layout, f"ls -A {home}; cat {home}/.ssh/id_ed25519; ls -A /run")
+    assert "PRIVATE KEY" not in done.stdout
+    assert done.stdout == ""
+
+
+SYSTEM_SEEN = """
+import json
+from orchestrator.sandbox import system_hidden, system_shown
+print(json.dumps([[str(p) for p in system_hidden()], [str(p) for p in system_shown()]]))
+"""
+
+
+def system_seen(*arrangement: str) -> tuple[list[str], list[str]]:
+    """What system_hidden and system_shown say on a machine arranged by bwrap *arrangement*
+    (another /var/run, another /etc/resolv.conf), run in a sandbox of its own: not a
+    read-only one, it only fakes a machine (and a test's subprocess may write where it ran)."""
+    done = subprocess.run(
+        [
+            BWRAP_PROGRAM,
+            *("--bind", "/", "/", "--dev", "/dev", "--proc", "/proc"),
+            *arrangement,
+            "--",
+            sys.executable,
+            "-c",
+            SYSTEM_SEEN,
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    hidden, shown = json.loads(done.stdout)
+    return hidden, shown
+
+
+@needs_bwrap
+def test_a_var_run_of_its_own_is_hidden_too() -> None:
+    hidden, _ = system_seen("--tmpfs", "/var", "--dir", "/var/run")
+    assert {"/run", "/var/run"} <= set(hidden)
+    hidden, _ = system_seen("--tmpfs", "/var", "--symlink", "/run", "/var/run")
+    assert "/run" in hidden and "/var/run" not in hidden
+
+
+@needs_bwrap
+@pytest.mark.parametrize(
+    ("arrangement", "shown"),
+    [
+        (["--file-in-run"], ["/run/systemd/resolve/stub-resolv.conf"]),
+        (["--symlink", "/run/systemd/resolve/none.conf", "/etc/resolv.conf"], []),
+        (["--symlink", "/etc/real-resolv.conf", "/etc/resolv.conf"], []),
+        ([], []),
+    ],
+    ids=["link-into-run", "dangling-link-into-run", "link-elsewhere", "plain-file"],
+)
+def test_the_resolver_file_is_shown_again_only_when_it_is_a_file_in_run(
+    tmp_path: Path, arrangement: list[str], shown: list[str]
+) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.53\n")
+    etc = ["--tmpfs", "/etc", "--ro-bind", str(conf), "/etc/real-resolv.conf"]
+    for kept in ("alternatives", "ld.so.cache", "passwd", "group"):  # what python may need
+        if os.path.exists(f"/etc/{kept}"):
+            etc += ["--ro-bind", f"/etc/{kept}", f"/etc/{kept}"]
+    if arrangement == ["--file-in-run"]:
+        arrangement = ["--symlink", shown[0], "/etc/resolv.conf"]
+        etc += ["--tmpfs", "/run", "--ro-bind", str(conf), shown[0]]
+    elif not arrangement:
+        etc += ["--ro-bind", str(conf), "/etc/resolv.conf"]
+    assert system_seen(*etc, *arrangement)[1] == shown
+
+
+def fake_bwrap(tmp_path: Path, script: str) -> Path:
+    """A bin directory whose only program is a `bwrap` running *script* (sh), counting runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    bwrap = bin_dir / "bwrap"
+    bwrap.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/runs\n{script}\n')
+    bwrap.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize(
+    ("script", "says"),
+    [
+        (
+            "echo 'bwrap: first' >&2; echo 'bwrap: No permissions to create new namespace' >&2; "
+            "exit 1",
+            "bwrap: No permissions to create new namespace",
+        ),
+        ("exit 7", "7"),
+        (
+            r"printf 'bwrap: cannot mount on /home/\377\n' >&2; exit 1",
+            "bwrap: cannot mount on /home/\ufffd",
+        ),
+    ],
+    ids=["last-line", "silent", "undecodable"],
+)
+def test_a_bwrap_that_cannot_make_a_sandbox_is_told_once_with_its_last_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, says: str
+) -> None:
+    bin_dir = fake_bwrap(tmp_path, script)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    expected = f"{bin_dir / 'bwrap'} cannot make a sandbox here: {says}"
+    assert anyio.run(sandbox_problem) == expected
+    assert anyio.run(sandbox_problem) == expected  # probed once per bwrap program
+    assert len((tmp_path / "runs").read_text().splitlines()) == 1
+
+
+def test_the_probe_hides_what_a_task_hides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bwrap that can make a sandbox but not hide HOME (an automounted home, say) is found
+    when the plan is checked, not in every task."""
+    home = (tmp_path / "home").resolve()
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    bin_dir = fake_bwrap(
+        tmp_path,
+        f'case "$*" in *"--tmpfs {home} "*) echo "bwrap: cannot mount tmpfs on {home}" >&2; '
+        "exit 1;; esac\nexec /bin/true",
+    )
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert anyio.run(sandbox_problem) == (
+        f"{bin_dir / 'bwrap'} cannot make a sandbox here: bwrap: cannot mount tmpfs on {home}"
+    )

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import tempfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -77,3 +81,151 @@ def test_a_log_replaced_by_a_link_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(UnsafeFile):
         masker.mask_file(log)
     assert target.read_text() == "sk-0123456789abcdef"
+
+
+def test_values_at_the_shortest_length_are_masked_and_one_shorter_are_not() -> None:
+    masker = Masker.for_env(
+        {
+            "API_TOKEN": "12345678",  # MIN_SECRET_LENGTH
+            "OTHER_TOKEN": "abcdefg",  # one shorter
+            "PLAIN": "xyz",  # declared: MIN_DECLARED_LENGTH
+            "ALSO_PLAIN": "pq",  # declared, one shorter
+            "NOT_DECLARED": "uvwxy",
+        },
+        ["PLAIN", "ALSO_PLAIN"],
+    )
+    assert masker.values == ("12345678", "xyz")
+    assert masker.text("12345678 abcdefg xyz pq uvwxy") == "*** abcdefg *** pq uvwxy"
+
+
+def test_a_declared_value_shorter_than_a_secret_looking_ones_minimum_is_masked() -> None:
+    masker = Masker.for_env({"DB_NAME": "prod-db", "DEPLOY_KEY": "k-1234"}, ["DB_NAME"])
+    assert masker.values == ("prod-db",)
+    assert masker.text("connecting to prod-db with k-1234") == "connecting to *** with k-1234"
+
+
+def test_values_of_one_length_are_masked_in_one_order_whatever_the_environment() -> None:
+    """Two values can overlap in a text ("abcdefgh" and "cdefghij" in "abcdefghij"): which
+    is masked first decides what is left, so the order must not depend on a set's."""
+    values = [f"{c}-secret-{c}" for c in "fbdaec"]
+    masker = Masker.for_env({f"K{i}_TOKEN": v for i, v in enumerate(values)}, [])
+    assert masker.values == tuple(sorted(values))
+    overlapping = Masker.for_env({"A_TOKEN": "abcdefgh", "B_TOKEN": "cdefghij"}, [])
+    assert overlapping.text("abcdefghij") == "***ij"
+
+
+def test_found_in_finds_any_one_of_the_values() -> None:
+    masker = Masker.for_env({"A_TOKEN": "first-secret", "B_TOKEN": "second-secret"}, [])
+    assert masker.found_in(b"a line with second-secret in it")
+    assert masker.found_in(b"first-secret")
+    assert not masker.found_in(b"first-secre second-secre")
+    assert not Masker().found_in(b"anything")
+
+
+def test_a_masker_without_values_leaves_a_log_alone(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.write_text("API_TOKEN=whatever\n")
+    inode = log.stat().st_ino
+    assert not Masker().mask_file(log)
+    assert log.stat().st_ino == inode
+    assert Masker().value({"k": ["v"]}) == {"k": ["v"]}
+
+
+CHUNK = 1 << 20  # what the masker reads at a time
+
+
+@pytest.mark.parametrize(
+    "start",
+    [CHUNK - 18, CHUNK - 1, CHUNK],
+    ids=["all-but-last-byte-before", "first-byte-before", "at-the-chunk"],
+)
+def test_a_secret_cut_anywhere_by_a_chunk_is_masked(tmp_path: Path, start: int) -> None:
+    secret = b"sk-0123456789abcdef"  # 19 bytes: at CHUNK - 18 only its last byte is after
+    masker = Masker.for_env({"API_TOKEN": secret.decode()}, [])
+    log = tmp_path / "log"
+    log.write_bytes(b"x" * start + secret + b"y" * 10)
+    assert masker.mask_file(log)
+    assert log.read_bytes() == b"x" * start + b"***" + b"y" * 10
+    # Found first elsewhere, the one across the chunk is masked when the file is rewritten.
+    log.write_bytes(secret + b"x" * (start - len(secret)) + secret + b"y" * 10)
+    assert masker.mask_file(log)
+    assert log.read_bytes() == b"***" + b"x" * (start - len(secret)) + b"***" + b"y" * 10
+
+
+def test_a_log_holding_only_part_of_a_secret_is_not_rewritten(tmp_path: Path) -> None:
+    masker = Masker.for_env({"API_TOKEN": "XXXXXXXXXXXX"}, [])  # a placeholder-like value
+    log = tmp_path / "log"
+    log.write_text("XXXXXXXX and XXXXXXXXXXX\n")
+    inode = log.stat().st_ino
+    assert not masker.mask_file(log)
+    assert log.stat().st_ino == inode
+    assert log.read_text() == "XXXXXXXX and XXXXXXXXXXX\n"
+
+
+@pytest.mark.parametrize("secret", ["X", "sk-0123456789abcdef"], ids=["one-byte", "long"])
+def test_masking_streams_a_large_log_in_bounded_memory(tmp_path: Path, secret: str) -> None:
+    masker = Masker((secret,))  # a one-byte value is for the API only: for_env needs three
+    log = tmp_path / "log"
+    log.write_bytes(b"." * (16 * CHUNK))
+    tracemalloc.start()
+    try:
+        assert not masker.mask_file(log)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * CHUNK  # half the file: other threads' allocations leave room
+    with log.open("ab") as f:
+        f.write(secret.encode())
+    tracemalloc.start()
+    try:
+        assert masker.mask_file(log)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * CHUNK
+    assert log.stat().st_size == 16 * CHUNK + 3
+
+
+def test_a_masked_log_is_rewritten_beside_itself_readable_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not through TMPDIR: it may be another file system (no rename across) or not exist."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmpdir"))
+    masker = Masker.for_env({"API_TOKEN": "sk-0123456789abcdef"}, [])
+    log = tmp_path / "logs" / "t.attempt-1.stdout"
+    log.parent.mkdir()
+    log.write_text("token sk-0123456789abcdef\n")
+    log.chmod(0o644)
+    assert masker.mask_file(log)
+    assert log.read_text() == "token ***\n"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o644
+    assert os.listdir(log.parent) == [log.name]
+
+
+@pytest.mark.parametrize("temp_removed", [False, True], ids=["temp-left", "temp-removed"])
+def test_a_masking_that_fails_leaves_the_log_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, temp_removed: bool
+) -> None:
+    """The disk fills while the masked copy is written: the error is the disk's, the log
+    is as it was (it is not half masked) and nothing is left beside it, even when something
+    else already removed the copy."""
+    masker = Masker.for_env({"API_TOKEN": "sk-0123456789abcdef"}, [])
+    log = tmp_path / "logs" / "t.attempt-1.stdout"
+    log.parent.mkdir()
+    log.write_text("token sk-0123456789abcdef\n")
+    real_write = os.write
+
+    def disk_full(fd: int, data: bytes) -> int:
+        if temp_removed:
+            for name in os.listdir(log.parent):
+                if name != log.name:
+                    os.unlink(log.parent / name)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError) as raised:
+        masker.mask_file(log)
+    monkeypatch.setattr(os, "write", real_write)
+    assert raised.value.errno == errno.ENOSPC
+    assert log.read_text() == "token sk-0123456789abcdef\n"
+    assert os.listdir(log.parent) == [log.name]
