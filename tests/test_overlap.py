@@ -394,3 +394,49 @@ def test_a_log_longer_than_the_bound_is_not_held_and_falls_back_the_old_way(
     assert held == [4096]
     assert anyio.run(touched, Git(repo), base, short) is not None
     assert both_ways(repo, [("long", long), ("short", short)]) == []
+
+
+def test_in_a_sha256_repository_only_overlapping_results_are_merged(tmp_path: Path) -> None:
+    """Object ids of 64 digits are read as those of 40: the prediction stays linear."""
+    repo = tmp_path / "sha256"
+    made = subprocess.run(
+        ["git", "init", "--quiet", "--object-format=sha256", str(repo)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip("this git cannot make a SHA-256 repository")
+    git(repo, "commit", "--quiet", "--allow-empty", "-m", "initial")
+    base = change(repo, git(repo, "rev-parse", "HEAD"), {"shared.txt": "one\ntwo\n"})
+    assert len(base) == 64
+    commits = [(f"t{i}", change(repo, base, {f"out/{i}.txt": f"{i}\n"})) for i in range(6)]
+    commits += [(f"s{i}", change(repo, base, {"shared.txt": f"{i}\ntwo\n"})) for i in range(2)]
+    log = anyio.run(touched, Git(repo), base, commits[0][1])
+    assert log is not None and log.paths == {"out/0.txt"}
+    found, calls = predict(repo, commits, base, base)
+    assert [(c.left, c.right, c.paths) for c in found] == [("s0", "s1", ["shared.txt"])]
+    assert calls <= len(commits) + 1 + 1  # a log each, the target's, and one merge-tree
+    assert predict(repo, commits, base, None)[0] == found
+
+
+def test_a_log_that_is_not_what_was_asked_for_is_not_trusted() -> None:
+    """Another git, or a setting, that prints the log otherwise makes the result be checked
+    the old way (None), never misread: a mark, an id or a change header out of format, or a
+    change with no path."""
+    from orchestrator.overlap import _parse_log
+
+    base, result, blob = "b" * 40, "c" * 40, "d" * 40
+    head = f"\x01>{result} {base}\0".encode()
+    entry = f"\n:000000 100644 {'0' * 40} {blob} A\0a.txt\0".encode()
+    tail = f"\x01-{base}\0".encode()
+    assert _parse_log(head + entry + tail, base) == (
+        [result],
+        [("A", "a.txt")],
+        {b"a.txt": (b"100644", blob.encode())},
+    )
+    broken = [
+        head.replace(b">", b"<") + entry + tail,  # a mark not asked for
+        head.replace(result.encode(), result[:12].encode()) + entry + tail,  # an id cut short
+        b"\x01>\0" + entry + tail,  # no id at all
+        head + entry.replace(b" A\0", b"\0") + tail,  # a header of four fields
+        head + tail + entry.split(b"\0")[0],  # a header and no path after it
+    ]
+    assert [_parse_log(data, base) for data in broken] == [None] * len(broken)
