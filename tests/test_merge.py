@@ -734,17 +734,20 @@ def test_disjoint_results_are_merged_in_one_fast_import_to_the_same_trees(
         _raw_commit(repo, base, [("100644", "odd\n", b'we"ird\\dir/new\nline \xff.txt')], []),
         _raw_commit(repo, base, [("100644", "deep\n", b"a/b/c/d/e.txt")], []),
     ]
-    target = _raw_commit(repo, base, [("100644", "main\n", b"main.txt")], [])
+    # The target adds to a directory a result adds to as well: each keeps the other's file.
+    target = _raw_commit(
+        repo, base, [("100644", "main\n", b"main.txt"), ("100644", "t\n", b"bin/target")], []
+    )
 
     async def main() -> tuple[list[str], list[str]]:
         runner = Git(repo)
         identity = await runner.identity_env()
-        # Each commit's changes as its log gave them (for the first two), else read by
-        # chain_disjoint itself: the same either way.
+        # Each commit's changes as its log gave them (for the last two), else read by
+        # chain_disjoint itself (the addition, the removal): the same either way.
         logs = [await touched(runner, base, commit) for commit in results]
         assert all(log is not None and log.final is not None for log in logs)
         merges = [
-            (commit, f"merge {i}\n", logs[i].final if i < 2 else None)  # type: ignore[union-attr]
+            (commit, f"merge {i}\n", logs[i].final if i >= 2 else None)  # type: ignore[union-attr]
             for i, commit in enumerate(results)
         ]
         chain = await chain_disjoint(runner, target, merges, base=base, env=identity)
@@ -763,3 +766,137 @@ def test_disjoint_results_are_merged_in_one_fast_import_to_the_same_trees(
         assert parents == [chain[i - 1] if i else target, results[i]]
         assert git(repo, "log", "-1", "--format=%B", commit) == f"merge {i}"
     assert git(repo, "for-each-ref", "refs/orchestrator/") == ""  # no ref left behind
+
+
+def _dated_commit(repo: Path, parent: str, files: dict[str, str], when: int) -> str:
+    """A commit on *parent* with *files* written, authored and committed at *when*."""
+    import os
+
+    env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "dated-index")}
+    env |= {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@e", "GIT_AUTHOR_DATE": f"@{when} +0000"}
+    env |= {"GIT_COMMITTER_DATE": f"@{when} +0000"}
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=repo, env=env, input=stdin, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    run("read-tree", parent)
+    for name, text in files.items():
+        blob = run("hash-object", "-w", "--stdin", stdin=text)
+        run("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
+    tree = run("write-tree")
+    Path(env["GIT_INDEX_FILE"]).unlink()
+    return run("commit-tree", tree, "-p", parent, "-m", "dated")
+
+
+def test_combine_commits_merges_all_in_order_reproducibly_as_who_is_named(
+    make_repo: MakeRepo,
+) -> None:
+    """A dependent task's start: one merge commit of its dependencies' results (those another
+    contains left out), parents in the order given, all their changes in its tree, made by
+    the identity given and dated like the newest, so the same results give the same commit;
+    a single result is itself; a conflict names the result, as given, that met it."""
+    from orchestrator._git import Git
+    from orchestrator.merge import Combined, combine_commits, independent_commits
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    early = _dated_commit(repo, start, {"early.txt": "e\n"}, 1000)
+    later = _dated_commit(repo, early, {"later.txt": "l\n"}, 1500)  # contains early
+    newest = _dated_commit(repo, start, {"newest.txt": "n\n"}, 3000)
+    middle = _dated_commit(repo, start, {"middle.txt": "m\n"}, 2000)
+    clash = _dated_commit(repo, start, {"newest.txt": "other\n"}, 2500)
+    who = {"GIT_AUTHOR_NAME": "Combiner", "GIT_AUTHOR_EMAIL": "c@example.com"}
+    who |= {"GIT_COMMITTER_NAME": "Combiner", "GIT_COMMITTER_EMAIL": "c@example.com"}
+
+    async def main() -> tuple[list[Combined], int, list[list[str]]]:
+        runner = Git(repo)
+        combined = await combine_commits(
+            runner, [early, later, newest, middle], message="m", env=who
+        )
+        calls = runner.calls
+        again = await combine_commits(runner, [early, later, newest, middle], message="m", env=who)
+        alone = await combine_commits(runner, [early, later], message="m", env=who)
+        clashing = await combine_commits(runner, [early, newest, clash], message="m", env=who)
+        kept = [
+            await independent_commits(runner, commits)
+            for commits in ([later, early], [early, early], [newest, early, newest])
+        ]
+        with pytest.raises(ValueError):
+            await combine_commits(runner, [], message="m", env=who)
+        return [combined, again, alone, clashing], calls, kept
+
+    (combined, again, alone, clashing), calls, kept = anyio.run(main)
+    assert combined.commit is not None and combined == again
+    assert calls <= 6  # --independent, two merge-trees, two commit-trees, the dates
+    show = git(repo, "log", "-1", "--format=%P%n%an %ae %at%n%cn %ce %ct%n%B", combined.commit)
+    assert show.splitlines() == [
+        f"{later} {newest} {middle}",
+        "Combiner c@example.com 3000",
+        "Combiner c@example.com 3000",
+        "m",
+    ]
+    assert git(repo, "rev-parse", f"{combined.commit}^{{tree}}") == combined.tree
+    listed = git(repo, "ls-tree", "--name-only", combined.commit).split()
+    assert {"early.txt", "later.txt", "newest.txt", "middle.txt"} <= set(listed)
+    assert alone == Combined(later, git(repo, "rev-parse", f"{later}^{{tree}}"))
+    assert clashing == Combined(None, None, ["newest.txt"], 2)
+    assert kept == [[later], [early], [newest, early]]
+
+
+def test_changed_files_names_a_file_name_that_is_not_utf8(make_repo: MakeRepo) -> None:
+    """A file name that is not UTF-8 is listed (its bad byte replaced), never a crash."""
+    from orchestrator._git import Git
+    from orchestrator.merge import changed_files
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    odd = _raw_commit(repo, start, [("100644", "x\n", b"caf\xe9.txt")], [])
+    found = anyio.run(lambda: changed_files(Git(repo), start, odd, limit=10))
+    assert found == (["caf\ufffd.txt"], 0)
+
+
+def test_a_failed_one_process_build_is_a_git_error_and_leaves_no_crash_report(
+    make_repo: MakeRepo,
+) -> None:
+    """fast-import failing (a result it cannot merge) raises GitError with git's reason, and
+    removes the crash report it wrote (the whole stream); an older one, or a link, is not its
+    to remove.
+    A path fast-import would write otherwise than merge-tree is refused before it runs."""
+    import os
+
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import chain_disjoint, chain_safe
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    older = repo / ".git" / "fast_import_crash_1"
+    older.write_text("someone else's\n")
+    os.utime(older, (1_000_000_000, 1_000_000_000))
+    (repo / ".git" / "fast_import_crash_link").symlink_to(repo / "src" / "file0000.txt")
+    missing = "0" * 40  # a well-formed id of no commit
+    runner = Git(repo)
+
+    async def build(changes: dict[bytes, tuple[bytes, bytes] | None]) -> list[str]:
+        identity = await runner.identity_env()
+        merges = [(missing, "m", changes)]
+        return await chain_disjoint(runner, start, merges, base=start, env=identity)
+
+    with pytest.raises(GitError, match="fatal:"):
+        anyio.run(build, {})
+    crashes = sorted(p.name for p in (repo / ".git").iterdir() if "crash" in p.name)
+    assert crashes == ["fast_import_crash_1", "fast_import_crash_link"]  # not a file it wrote
+    assert anyio.run(lambda: chain_disjoint(runner, start, [], base=start, env={})) == []
+    blob = git(repo, "rev-parse", "HEAD:src/file0000.txt").encode()
+    calls = runner.calls
+    for bad in (b"a/../b", b"./a", b"a//b", b"/a", b"a/", b""):
+        assert not chain_safe({bad: (b"100644", blob)})
+        with pytest.raises(ValueError):
+            anyio.run(build, {bad: (b"100644", blob)})
+    assert runner.calls == calls + 2 * 6  # the two idents read, and fast-import never ran
+    assert chain_safe({b"a/.b/..c": (b"100644", blob), b"gone": None})
