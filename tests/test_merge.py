@@ -900,3 +900,23 @@ def test_a_failed_one_process_build_is_a_git_error_and_leaves_no_crash_report(
             anyio.run(build, {bad: (b"100644", blob)})
     assert runner.calls == calls + 2 * 6  # the two idents read, and fast-import never ran
     assert chain_safe({b"a/.b/..c": (b"100644", blob), b"gone": None})
+
+
+def test_merge_trees_names_conflicting_paths_as_they_are(make_repo: MakeRepo) -> None:
+    """A conflict on "café.txt" or 'say "hi"' names that file, not git's quoted form of it (a
+    name that is not UTF-8 has its bad byte replaced); a commit git cannot find is a GitError
+    naming the merge."""
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import merge_trees
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    names = ["café.txt".encode(), b'say "hi"', b"bad\xe9.txt", b"plain.txt"]
+    ours = _raw_commit(repo, start, [("100644", "ours\n", name) for name in names], [])
+    theirs = _raw_commit(repo, start, [("100644", "theirs\n", name) for name in names], [])
+    tree, conflicts = anyio.run(merge_trees, Git(repo), ours, theirs)
+    assert conflicts == ["bad\ufffd.txt", "café.txt", "plain.txt", 'say "hi"']
+    assert git(repo, "cat-file", "-t", tree) == "tree"
+    with pytest.raises(GitError, match=r"^git merge-tree --write-tree 0{40} "):
+        anyio.run(merge_trees, Git(repo), "0" * 40, theirs)
