@@ -902,6 +902,47 @@ def test_a_failed_one_process_build_is_a_git_error_and_leaves_no_crash_report(
     assert chain_safe({b"a/.b/..c": (b"100644", blob), b"gone": None})
 
 
+def test_a_submodule_a_checkout_says_to_ignore_is_still_a_change(make_repo: MakeRepo) -> None:
+    """A .gitmodules with ignore = all in the checkout hides gitlink changes from git diff
+    by default; merge-tree merges them, so what a result changed and the one-process build
+    must see them too."""
+    import os
+
+    from orchestrator._git import Git
+    from orchestrator.merge import chain_disjoint, changed_files, merge_trees
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    (repo / ".gitmodules").write_text('[submodule "lib"]\n\tpath = lib\n\tignore = all\n')
+    env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "link-index")}
+    env |= {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@e"}
+
+    def run(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    run("read-tree", start)
+    run("update-index", "--add", "--cacheinfo", f"160000,{start},lib")
+    linked = run("commit-tree", run("write-tree"), "-p", start, "-m", "link")
+    target = _raw_commit(repo, start, [("100644", "main\n", b"main.txt")], [])
+
+    async def main() -> tuple[tuple[list[str], int], str, str]:
+        runner = Git(repo)
+        found = await changed_files(runner, start, linked, limit=10)
+        identity = await runner.identity_env()
+        merges = [(linked, "m", None)]
+        chain = await chain_disjoint(runner, target, merges, base=start, env=identity)
+        tree, conflicts = await merge_trees(runner, target, linked)
+        assert conflicts == []
+        return found, await runner.out("rev-parse", f"{chain[0]}^{{tree}}"), tree
+
+    found, built, merged = anyio.run(main)
+    assert found == (["lib"], 0)
+    assert built == merged
+
+
 def test_merge_trees_names_conflicting_paths_as_they_are(make_repo: MakeRepo) -> None:
     """A conflict on "café.txt" or 'say "hi"' names that file, not git's quoted form of it (a
     name that is not UTF-8 has its bad byte replaced); a commit git cannot find is a GitError
