@@ -961,3 +961,55 @@ def test_merge_trees_names_conflicting_paths_as_they_are(make_repo: MakeRepo) ->
     assert git(repo, "cat-file", "-t", tree) == "tree"
     with pytest.raises(GitError, match=r"^git merge-tree --write-tree 0{40} "):
         anyio.run(merge_trees, Git(repo), "0" * 40, theirs)
+
+
+def test_a_revision_that_is_no_object_id_never_reaches_git(make_repo: MakeRepo) -> None:
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import chain_disjoint, changed_files, independent_commits, merge_trees
+
+    repo = make_repo()
+    good, bad = git(repo, "rev-parse", "HEAD"), "--output=/tmp/x"
+    runner = Git(repo)
+    attempts = [
+        lambda: merge_trees(runner, bad, good),
+        lambda: merge_trees(runner, good, bad),
+        lambda: changed_files(runner, good, bad, limit=1),
+        lambda: changed_files(runner, bad, good, limit=1),
+        lambda: independent_commits(runner, [good, bad]),
+        lambda: chain_disjoint(runner, bad, [(good, "m", {})], base=good, env={}),
+        lambda: chain_disjoint(runner, good, [(good, "m", {})], base=bad, env={}),
+        lambda: chain_disjoint(runner, good, [(bad, "m", {})], base=good, env={}),
+    ]
+    for attempt in attempts:
+        with pytest.raises(GitError, match="not an object id"):
+            anyio.run(attempt)
+    assert runner.calls == 0
+
+
+def test_a_case_insensitive_config_changes_no_tree_the_one_process_build_makes(
+    make_repo: MakeRepo,
+) -> None:
+    """core.ignorecase (set by git init on macOS and Windows) must not make fast-import match
+    paths by case: the target's LICENSE and a result's License both stay, as merge-tree
+    keeps them."""
+    from orchestrator._git import Git
+    from orchestrator.merge import chain_disjoint, merge_trees
+
+    repo = make_repo()
+    git(repo, "config", "core.ignorecase", "true")
+    start = git(repo, "rev-parse", "HEAD")
+    target = _raw_commit(repo, start, [("100644", "target's\n", b"LICENSE")], [])
+    result = _raw_commit(repo, start, [("100644", "result's\n", b"License")], [])
+
+    async def main() -> tuple[str, str]:
+        runner = Git(repo)
+        identity = await runner.identity_env()
+        merges = [(result, "m", None)]
+        chain = await chain_disjoint(runner, target, merges, base=start, env=identity)
+        tree, _ = await merge_trees(runner, target, result)
+        return await runner.out("rev-parse", f"{chain[0]}^{{tree}}"), tree
+
+    built, merged = anyio.run(main)
+    assert built == merged
+    assert {"LICENSE", "License"} <= set(git(repo, "ls-tree", "--name-only", built).split())
