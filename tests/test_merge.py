@@ -826,8 +826,13 @@ def test_combine_commits_merges_all_in_order_reproducibly_as_who_is_named(
             await independent_commits(runner, commits)
             for commits in ([later, early], [early, early], [newest, early, newest])
         ]
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="at least one commit"):
             await combine_commits(runner, [], message="m", env=who)
+        # No identity given, none configured (a fresh machine): the fallback's.
+        fallback = await combine_commits(runner, [newest, middle], message="m")
+        assert fallback.commit is not None
+        shown = await runner.out("log", "-1", "--format=%an|%cn", fallback.commit)
+        assert shown == "worktree-orchestrator|worktree-orchestrator"
         return [combined, again, alone, clashing], calls, kept
 
     (combined, again, alone, clashing), calls, kept = anyio.run(main)
@@ -858,6 +863,9 @@ def test_changed_files_names_a_file_name_that_is_not_utf8(make_repo: MakeRepo) -
     odd = _raw_commit(repo, start, [("100644", "x\n", b"caf\xe9.txt")], [])
     found = anyio.run(lambda: changed_files(Git(repo), start, odd, limit=10))
     assert found == (["caf\ufffd.txt"], 0)
+    after = _raw_commit(repo, odd, [("100644", "y\n", b"after.txt")], [])  # since start
+    found = anyio.run(lambda: changed_files(Git(repo), start, after, limit=10))
+    assert found == (["after.txt", "caf\ufffd.txt"], 0)
 
 
 def test_a_failed_one_process_build_is_a_git_error_and_leaves_no_crash_report(
@@ -959,8 +967,9 @@ def test_merge_trees_names_conflicting_paths_as_they_are(make_repo: MakeRepo) ->
     tree, conflicts = anyio.run(merge_trees, Git(repo), ours, theirs)
     assert conflicts == ["bad\ufffd.txt", "café.txt", "plain.txt", 'say "hi"']
     assert git(repo, "cat-file", "-t", tree) == "tree"
-    with pytest.raises(GitError, match=r"^git merge-tree --write-tree 0{40} "):
+    with pytest.raises(GitError, match=r"^git merge-tree --write-tree 0{40} ") as failed:
         anyio.run(merge_trees, Git(repo), "0" * 40, theirs)
+    assert failed.value.returncode not in (0, None)  # git's own exit status
 
 
 def test_a_revision_that_is_no_object_id_never_reaches_git(make_repo: MakeRepo) -> None:
@@ -1000,7 +1009,8 @@ def test_a_case_insensitive_config_changes_no_tree_the_one_process_build_makes(
     git(repo, "config", "core.ignorecase", "true")
     start = git(repo, "rev-parse", "HEAD")
     target = _raw_commit(repo, start, [("100644", "target's\n", b"LICENSE")], [])
-    result = _raw_commit(repo, start, [("100644", "result's\n", b"License")], [])
+    first = _raw_commit(repo, start, [("100644", "result's\n", b"License")], [])
+    result = _raw_commit(repo, first, [("100644", "more\n", b"more.txt")], [])  # two commits
 
     async def main() -> tuple[str, str]:
         runner = Git(repo)
