@@ -1023,3 +1023,28 @@ def test_a_case_insensitive_config_changes_no_tree_the_one_process_build_makes(
     built, merged = anyio.run(main)
     assert built == merged
     assert {"LICENSE", "License"} <= set(git(repo, "ls-tree", "--name-only", built).split())
+
+
+def test_a_failed_one_process_build_in_a_bare_repository_leaves_no_crash_report(
+    tmp_path: Path,
+) -> None:
+    """In a bare repository (no .git inside) the crash report is in the repository itself."""
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import chain_disjoint
+
+    repo = tmp_path / "bare.git"
+    git(tmp_path, "init", "--quiet", "--bare", str(repo))
+    made = subprocess.run(["git", "mktree"], cwd=repo, input=b"", capture_output=True, check=True)
+    tree = made.stdout.decode().strip()  # the empty tree
+    start = git(repo, "commit-tree", tree, "-m", "start")
+    runner = Git(repo)
+
+    async def build() -> list[str]:
+        identity = await runner.identity_env()
+        merges = [("0" * 40, "m", {})]  # a commit that is not there
+        return await chain_disjoint(runner, start, merges, base=start, env=identity)
+
+    with pytest.raises(GitError, match="fatal:"):
+        anyio.run(build)
+    assert not [p for p in repo.iterdir() if p.name.startswith("fast_import_crash_")]
