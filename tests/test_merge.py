@@ -904,7 +904,7 @@ def test_a_failed_one_process_build_is_a_git_error_and_leaves_no_crash_report(
     calls = runner.calls
     for bad in (b"a/../b", b"./a", b"a//b", b"/a", b"a/", b""):
         assert not chain_safe({bad: (b"100644", blob)})
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"^{missing} holds a path"):
             anyio.run(build, {bad: (b"100644", blob)})
     assert runner.calls == calls + 2 * 6  # the two idents read, and fast-import never ran
     assert chain_safe({b"a/.b/..c": (b"100644", blob), b"gone": None})
