@@ -42,13 +42,14 @@ async def merge_trees(git: Git, ours: str, theirs: str) -> tuple[str, list[str]]
         "--write-tree",
         "--name-only",
         "--no-messages",
+        "-z",  # names as they are: without it, git quotes a name that is not plain ASCII
         "--end-of-options",
         ours,
         theirs,
         check=False,
     )
-    lines = result.stdout.decode(errors="replace").splitlines()
-    if result.returncode not in (0, 1) or not lines:
+    lines = result.stdout.decode(errors="replace").split("\0")
+    if result.returncode not in (0, 1) or not lines[0]:
         raise GitError(
             ["merge-tree", "--write-tree", ours, theirs],
             result.returncode,

@@ -31,6 +31,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from envelopes import is_object_id
+
 from ._git import Git, check_ids
 from .errors import GitError
 
@@ -158,7 +160,7 @@ def _parse_log(
             continue
         if token.startswith(b"\x01"):
             mark, names = token[1:2], token[2:].decode("ascii", "replace").split()
-            if mark not in (b">", b"-") or not names or len(names[0]) != 40:
+            if mark not in (b">", b"-") or not names or not is_object_id(names[0]):
                 return None
             boundary = mark == b"-"
             if boundary:

@@ -734,17 +734,20 @@ def test_disjoint_results_are_merged_in_one_fast_import_to_the_same_trees(
         _raw_commit(repo, base, [("100644", "odd\n", b'we"ird\\dir/new\nline \xff.txt')], []),
         _raw_commit(repo, base, [("100644", "deep\n", b"a/b/c/d/e.txt")], []),
     ]
-    target = _raw_commit(repo, base, [("100644", "main\n", b"main.txt")], [])
+    # The target adds to a directory a result adds to as well: each keeps the other's file.
+    target = _raw_commit(
+        repo, base, [("100644", "main\n", b"main.txt"), ("100644", "t\n", b"bin/target")], []
+    )
 
     async def main() -> tuple[list[str], list[str]]:
         runner = Git(repo)
         identity = await runner.identity_env()
-        # Each commit's changes as its log gave them (for the first two), else read by
-        # chain_disjoint itself: the same either way.
+        # Each commit's changes as its log gave them (for the last two), else read by
+        # chain_disjoint itself (the addition, the removal): the same either way.
         logs = [await touched(runner, base, commit) for commit in results]
         assert all(log is not None and log.final is not None for log in logs)
         merges = [
-            (commit, f"merge {i}\n", logs[i].final if i < 2 else None)  # type: ignore[union-attr]
+            (commit, f"merge {i}\n", logs[i].final if i >= 2 else None)  # type: ignore[union-attr]
             for i, commit in enumerate(results)
         ]
         chain = await chain_disjoint(runner, target, merges, base=base, env=identity)
@@ -763,3 +766,285 @@ def test_disjoint_results_are_merged_in_one_fast_import_to_the_same_trees(
         assert parents == [chain[i - 1] if i else target, results[i]]
         assert git(repo, "log", "-1", "--format=%B", commit) == f"merge {i}"
     assert git(repo, "for-each-ref", "refs/orchestrator/") == ""  # no ref left behind
+
+
+def _dated_commit(repo: Path, parent: str, files: dict[str, str], when: int) -> str:
+    """A commit on *parent* with *files* written, authored and committed at *when*."""
+    import os
+
+    env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "dated-index")}
+    env |= {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@e", "GIT_AUTHOR_DATE": f"@{when} +0000"}
+    env |= {"GIT_COMMITTER_DATE": f"@{when} +0000"}
+
+    def run(*args: str, stdin: str | None = None) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=repo, env=env, input=stdin, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    run("read-tree", parent)
+    for name, text in files.items():
+        blob = run("hash-object", "-w", "--stdin", stdin=text)
+        run("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
+    tree = run("write-tree")
+    Path(env["GIT_INDEX_FILE"]).unlink()
+    return run("commit-tree", tree, "-p", parent, "-m", "dated")
+
+
+def test_combine_commits_merges_all_in_order_reproducibly_as_who_is_named(
+    make_repo: MakeRepo,
+) -> None:
+    """A dependent task's start: one merge commit of its dependencies' results (those another
+    contains left out), parents in the order given, all their changes in its tree, made by
+    the identity given and dated like the newest, so the same results give the same commit;
+    a single result is itself; a conflict names the result, as given, that met it."""
+    from orchestrator._git import Git
+    from orchestrator.merge import Combined, combine_commits, independent_commits
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    early = _dated_commit(repo, start, {"early.txt": "e\n"}, 1000)
+    later = _dated_commit(repo, early, {"later.txt": "l\n"}, 1500)  # contains early
+    newest = _dated_commit(repo, start, {"newest.txt": "n\n"}, 3000)
+    middle = _dated_commit(repo, start, {"middle.txt": "m\n"}, 2000)
+    clash = _dated_commit(repo, start, {"newest.txt": "other\n"}, 2500)
+    who = {"GIT_AUTHOR_NAME": "Combiner", "GIT_AUTHOR_EMAIL": "c@example.com"}
+    who |= {"GIT_COMMITTER_NAME": "Combiner", "GIT_COMMITTER_EMAIL": "c@example.com"}
+
+    async def main() -> tuple[list[Combined], int, list[list[str]]]:
+        runner = Git(repo)
+        combined = await combine_commits(
+            runner, [early, later, newest, middle], message="m", env=who
+        )
+        calls = runner.calls
+        again = await combine_commits(runner, [early, later, newest, middle], message="m", env=who)
+        alone = await combine_commits(runner, [early, later], message="m", env=who)
+        clashing = await combine_commits(runner, [early, newest, clash], message="m", env=who)
+        kept = [
+            await independent_commits(runner, commits)
+            for commits in ([later, early], [early, early], [newest, early, newest])
+        ]
+        with pytest.raises(ValueError, match="at least one commit"):
+            await combine_commits(runner, [], message="m", env=who)
+        # No identity given, none configured (a fresh machine): the fallback's.
+        fallback = await combine_commits(runner, [newest, middle], message="m")
+        assert fallback.commit is not None
+        shown = await runner.out("log", "-1", "--format=%an|%cn", fallback.commit)
+        assert shown == "worktree-orchestrator|worktree-orchestrator"
+        return [combined, again, alone, clashing], calls, kept
+
+    (combined, again, alone, clashing), calls, kept = anyio.run(main)
+    assert combined.commit is not None and combined == again
+    assert calls <= 6  # --independent, two merge-trees, two commit-trees, the dates
+    show = git(repo, "log", "-1", "--format=%P%n%an %ae %at%n%cn %ce %ct%n%B", combined.commit)
+    assert show.splitlines() == [
+        f"{later} {newest} {middle}",
+        "Combiner c@example.com 3000",
+        "Combiner c@example.com 3000",
+        "m",
+    ]
+    assert git(repo, "rev-parse", f"{combined.commit}^{{tree}}") == combined.tree
+    listed = git(repo, "ls-tree", "--name-only", combined.commit).split()
+    assert {"early.txt", "later.txt", "newest.txt", "middle.txt"} <= set(listed)
+    assert alone == Combined(later, git(repo, "rev-parse", f"{later}^{{tree}}"))
+    assert clashing == Combined(None, None, ["newest.txt"], 2)
+    assert kept == [[later], [early], [newest, early]]
+
+
+def test_changed_files_names_a_file_name_that_is_not_utf8(make_repo: MakeRepo) -> None:
+    """A file name that is not UTF-8 is listed (its bad byte replaced), never a crash."""
+    from orchestrator._git import Git
+    from orchestrator.merge import changed_files
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    odd = _raw_commit(repo, start, [("100644", "x\n", b"caf\xe9.txt")], [])
+    found = anyio.run(lambda: changed_files(Git(repo), start, odd, limit=10))
+    assert found == (["caf\ufffd.txt"], 0)
+    after = _raw_commit(repo, odd, [("100644", "y\n", b"after.txt")], [])  # since start
+    found = anyio.run(lambda: changed_files(Git(repo), start, after, limit=10))
+    assert found == (["after.txt", "caf\ufffd.txt"], 0)
+
+
+def test_a_failed_one_process_build_is_a_git_error_and_leaves_no_crash_report(
+    make_repo: MakeRepo,
+) -> None:
+    """fast-import failing (a result it cannot merge) raises GitError with git's reason, and
+    removes the crash report it wrote (the whole stream); an older one, or a link, is not its
+    to remove.
+    A path fast-import would write otherwise than merge-tree is refused before it runs."""
+    import os
+
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import chain_disjoint, chain_safe
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    older = repo / ".git" / "fast_import_crash_1"
+    older.write_text("someone else's\n")
+    os.utime(older, (1_000_000_000, 1_000_000_000))
+    (repo / ".git" / "fast_import_crash_link").symlink_to(repo / "src" / "file0000.txt")
+    missing = "0" * 40  # a well-formed id of no commit
+    runner = Git(repo)
+
+    async def build(changes: dict[bytes, tuple[bytes, bytes] | None]) -> list[str]:
+        identity = await runner.identity_env()
+        merges = [(missing, "m", changes)]
+        return await chain_disjoint(runner, start, merges, base=start, env=identity)
+
+    with pytest.raises(GitError, match="fatal:"):
+        anyio.run(build, {})
+    crashes = sorted(p.name for p in (repo / ".git").iterdir() if "crash" in p.name)
+    assert crashes == ["fast_import_crash_1", "fast_import_crash_link"]  # not a file it wrote
+    assert anyio.run(lambda: chain_disjoint(runner, start, [], base=start, env={})) == []
+    blob = git(repo, "rev-parse", "HEAD:src/file0000.txt").encode()
+    calls = runner.calls
+    for bad in (b"a/../b", b"./a", b"a//b", b"/a", b"a/", b""):
+        assert not chain_safe({bad: (b"100644", blob)})
+        with pytest.raises(ValueError, match=f"^{missing} holds a path"):
+            anyio.run(build, {bad: (b"100644", blob)})
+    assert runner.calls == calls + 2 * 6  # the two idents read, and fast-import never ran
+    assert chain_safe({b"a/.b/..c": (b"100644", blob), b"gone": None})
+
+
+def test_a_submodule_a_checkout_says_to_ignore_is_still_a_change(make_repo: MakeRepo) -> None:
+    """A .gitmodules with ignore = all in the checkout hides gitlink changes from git diff
+    by default; merge-tree merges them, so what a result changed and the one-process build
+    must see them too."""
+    import os
+
+    from orchestrator._git import Git
+    from orchestrator.merge import chain_disjoint, changed_files, merge_trees
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    (repo / ".gitmodules").write_text('[submodule "lib"]\n\tpath = lib\n\tignore = all\n')
+    env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "link-index")}
+    env |= {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@e"}
+
+    def run(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    run("read-tree", start)
+    run("update-index", "--add", "--cacheinfo", f"160000,{start},lib")
+    linked = run("commit-tree", run("write-tree"), "-p", start, "-m", "link")
+    target = _raw_commit(repo, start, [("100644", "main\n", b"main.txt")], [])
+
+    async def main() -> tuple[tuple[list[str], int], str, str]:
+        runner = Git(repo)
+        found = await changed_files(runner, start, linked, limit=10)
+        identity = await runner.identity_env()
+        merges = [(linked, "m", None)]
+        chain = await chain_disjoint(runner, target, merges, base=start, env=identity)
+        tree, conflicts = await merge_trees(runner, target, linked)
+        assert conflicts == []
+        return found, await runner.out("rev-parse", f"{chain[0]}^{{tree}}"), tree
+
+    found, built, merged = anyio.run(main)
+    assert found == (["lib"], 0)
+    assert built == merged
+
+
+def test_merge_trees_names_conflicting_paths_as_they_are(make_repo: MakeRepo) -> None:
+    """A conflict on "café.txt" or 'say "hi"' names that file, not git's quoted form of it (a
+    name that is not UTF-8 has its bad byte replaced); a commit git cannot find is a GitError
+    naming the merge."""
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import merge_trees
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    names = ["café.txt".encode(), b'say "hi"', b"bad\xe9.txt", b"plain.txt"]
+    ours = _raw_commit(repo, start, [("100644", "ours\n", name) for name in names], [])
+    theirs = _raw_commit(repo, start, [("100644", "theirs\n", name) for name in names], [])
+    tree, conflicts = anyio.run(merge_trees, Git(repo), ours, theirs)
+    assert conflicts == ["bad\ufffd.txt", "café.txt", "plain.txt", 'say "hi"']
+    assert git(repo, "cat-file", "-t", tree) == "tree"
+    with pytest.raises(GitError, match=r"^git merge-tree --write-tree 0{40} ") as failed:
+        anyio.run(merge_trees, Git(repo), "0" * 40, theirs)
+    assert failed.value.returncode not in (0, None)  # git's own exit status
+
+
+def test_a_revision_that_is_no_object_id_never_reaches_git(make_repo: MakeRepo) -> None:
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import chain_disjoint, changed_files, independent_commits, merge_trees
+
+    repo = make_repo()
+    good, bad = git(repo, "rev-parse", "HEAD"), "--output=/tmp/x"
+    runner = Git(repo)
+    attempts = [
+        lambda: merge_trees(runner, bad, good),
+        lambda: merge_trees(runner, good, bad),
+        lambda: changed_files(runner, good, bad, limit=1),
+        lambda: changed_files(runner, bad, good, limit=1),
+        lambda: independent_commits(runner, [good, bad]),
+        lambda: chain_disjoint(runner, bad, [(good, "m", {})], base=good, env={}),
+        lambda: chain_disjoint(runner, good, [(good, "m", {})], base=bad, env={}),
+        lambda: chain_disjoint(runner, good, [(bad, "m", {})], base=good, env={}),
+    ]
+    for attempt in attempts:
+        with pytest.raises(GitError, match="not an object id"):
+            anyio.run(attempt)
+    assert runner.calls == 0
+
+
+def test_a_case_insensitive_config_changes_no_tree_the_one_process_build_makes(
+    make_repo: MakeRepo,
+) -> None:
+    """core.ignorecase (set by git init on macOS and Windows) must not make fast-import match
+    paths by case: the target's LICENSE and a result's License both stay, as merge-tree
+    keeps them."""
+    from orchestrator._git import Git
+    from orchestrator.merge import chain_disjoint, merge_trees
+
+    repo = make_repo()
+    git(repo, "config", "core.ignorecase", "true")
+    start = git(repo, "rev-parse", "HEAD")
+    target = _raw_commit(repo, start, [("100644", "target's\n", b"LICENSE")], [])
+    first = _raw_commit(repo, start, [("100644", "result's\n", b"License")], [])
+    result = _raw_commit(repo, first, [("100644", "more\n", b"more.txt")], [])  # two commits
+
+    async def main() -> tuple[str, str]:
+        runner = Git(repo)
+        identity = await runner.identity_env()
+        merges = [(result, "m", None)]
+        chain = await chain_disjoint(runner, target, merges, base=start, env=identity)
+        tree, _ = await merge_trees(runner, target, result)
+        return await runner.out("rev-parse", f"{chain[0]}^{{tree}}"), tree
+
+    built, merged = anyio.run(main)
+    assert built == merged
+    assert {"LICENSE", "License"} <= set(git(repo, "ls-tree", "--name-only", built).split())
+
+
+def test_a_failed_one_process_build_in_a_bare_repository_leaves_no_crash_report(
+    tmp_path: Path,
+) -> None:
+    """In a bare repository (no .git inside) the crash report is in the repository itself."""
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import chain_disjoint
+
+    repo = tmp_path / "bare.git"
+    git(tmp_path, "init", "--quiet", "--bare", str(repo))
+    made = subprocess.run(["git", "mktree"], cwd=repo, input=b"", capture_output=True, check=True)
+    tree = made.stdout.decode().strip()  # the empty tree
+    start = git(repo, "commit-tree", tree, "-m", "start")
+    runner = Git(repo)
+
+    async def build() -> list[str]:
+        identity = await runner.identity_env()
+        merges = [("0" * 40, "m", {})]  # a commit that is not there
+        return await chain_disjoint(runner, start, merges, base=start, env=identity)
+
+    with pytest.raises(GitError, match="fatal:"):
+        anyio.run(build)
+    assert not [p for p in repo.iterdir() if p.name.startswith("fast_import_crash_")]

@@ -15,6 +15,7 @@ import pytest
 
 from envelopes import MergeConflict, Report
 from orchestrator._git import Git
+from orchestrator.errors import GitError
 from orchestrator.mergeback import merge_results, predict_conflicts
 from orchestrator.overlap import Touched, candidate_pairs, may_conflict, touched
 
@@ -190,6 +191,11 @@ def test_candidate_pairs_are_the_pairs_that_may_conflict() -> None:
         t(("A", "y.txt"), commits=("7",)),  # shares commit 7 with the one before
         None,  # unknown: every pair
         t(("A", "lonely.txt"), commits=("8",)),
+        # After the unknown one, indexed as well: a file where 0 and 1 have a directory, a
+        # removal from where 4 added, a removal from where nobody added.
+        t(("A", "b/c"), commits=("9",)),
+        t(("D", "a/gone.txt"), commits=("10",)),
+        t(("D", "nobody/adds/here.txt"), commits=("11",)),
     ]
     expected = {
         (i, j)
@@ -198,7 +204,7 @@ def test_candidate_pairs_are_the_pairs_that_may_conflict() -> None:
         if items[i] is None or items[j] is None or may_conflict(items[i], items[j])  # type: ignore[arg-type]
     }
     assert set(candidate_pairs(items)) == expected
-    assert {(0, 1), (0, 2), (1, 2), (3, 4), (5, 6)} <= expected
+    assert {(0, 1), (0, 2), (1, 2), (3, 4), (5, 6), (4, 9), (0, 10), (2, 10)} <= expected
     assert (0, 8) not in expected and (3, 8) not in expected
 
 
@@ -219,13 +225,19 @@ def test_no_byte_of_a_path_passes_for_a_commit_in_the_log(repo: Path) -> None:
     assert logs[2] is None  # does not descend from the base, whatever its paths say
 
 
-def test_submodule_settings_hide_no_change_from_the_prediction(repo: Path) -> None:
-    """A .gitmodules with ignore = all (the repository's own content) hides gitlink changes
-    from git log by default; merge-tree still sees them, so the prediction must too."""
+@pytest.mark.parametrize("where", ["gitmodules", "config"])
+def test_submodule_settings_hide_no_change_from_the_prediction(repo: Path, where: str) -> None:
+    """A .gitmodules with ignore = all (the repository's own content, checked out) or
+    diff.ignoreSubmodules = all in the config hides gitlink changes from git log by default;
+    merge-tree still sees them, so the prediction must too."""
     base = git(repo, "rev-parse", "base")
     modules = '[submodule "lib"]\n\tpath = lib\n\turl = ./lib\n\tignore = all\n'
     start = change(repo, base, {".gitmodules": modules})
     git(repo, "update-ref", "refs/heads/base", start)
+    if where == "gitmodules":
+        (repo / ".gitmodules").write_text(modules)  # git log reads the checkout's
+    else:
+        git(repo, "config", "diff.ignoreSubmodules", "all")
 
     def gitlink(parent: str, target: str) -> str:
         env = {**os.environ, **ENV, "GIT_INDEX_FILE": str(repo / ".git" / "link-index")}
@@ -394,3 +406,115 @@ def test_a_log_longer_than_the_bound_is_not_held_and_falls_back_the_old_way(
     assert held == [4096]
     assert anyio.run(touched, Git(repo), base, short) is not None
     assert both_ways(repo, [("long", long), ("short", short)]) == []
+
+
+def test_a_revision_that_is_no_object_id_never_reaches_git(repo: Path) -> None:
+    base = git(repo, "rev-parse", "base")
+    runner = Git(repo)
+    for args in (("--output=/tmp/x", base), (base, "HEAD")):
+        with pytest.raises(GitError, match="not an object id"):
+            anyio.run(touched, runner, *args)
+    assert runner.calls == 0
+
+
+def test_a_change_made_by_a_merge_commit_itself_is_seen(repo: Path) -> None:
+    """A result whose merge commit adds a file of its own (a conflict resolved by hand, an
+    "evil" merge): that file is among its changes, and a result adding it too conflicts."""
+    base = git(repo, "rev-parse", "base")
+    side = change(repo, base, {"side.txt": "side\n"})
+    merged = change(repo, side, {"resolved.txt": "the merge's own\n"}, parents=(base,))
+    other = change(repo, base, {"resolved.txt": "another\n"})
+    log = anyio.run(touched, Git(repo), base, merged)
+    assert log is not None and {"side.txt", "resolved.txt"} <= log.paths
+    found = both_ways(repo, [("merged", merged), ("other", other)])
+    assert [(c.left, c.right, c.paths) for c in found] == [("merged", "other", ["resolved.txt"])]
+
+
+def test_a_file_name_that_is_not_utf8_is_compared_as_its_bytes(repo: Path) -> None:
+    """File names are bytes to git: one that is not UTF-8 is read, compared and merged as
+    any other."""
+    base = git(repo, "rev-parse", "base")
+    name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+    first = change(repo, base, {name: "first\n"})
+    second = change(repo, base, {name: "second\n"})
+    log = anyio.run(touched, Git(repo), base, first)
+    assert log is not None and log.paths == {name}
+    found = both_ways(repo, [("first", first), ("second", second)])
+    assert [(c.left, c.right) for c in found] == [("first", "second")]
+
+
+def test_disjoint_results_that_remove_files_are_merged_in_a_bounded_number_of_processes(
+    repo: Path,
+) -> None:
+    """Results that remove files (in a directory no other adds to) and add others, none
+    touching another's: merged in one build from their logs, the removals applied."""
+    from orchestrator import Repository
+
+    base = git(repo, "rev-parse", "base")
+    results = {
+        "drop": change(repo, base, remove=("old.txt",)),
+        "inner": change(repo, base, remove=("d/one.txt",)),
+        **{f"add{i}": change(repo, base, {f"new/{i}.txt": f"{i}\n"}) for i in range(6)},
+    }
+    git(repo, "update-ref", "refs/heads/target", base)
+    report = merge_report(repo, base, results)
+
+    async def main() -> tuple[int, str]:
+        repository = await Repository.open(repo)
+        before = repository.git.calls
+        record = await merge_results(report, into="target", repo=repository)
+        repository.lock.close()
+        return repository.git.calls - before, record.status
+
+    calls, status = anyio.run(main)
+    assert status == "merged"
+    listed = git(repo, "ls-tree", "-r", "--name-only", "target").split()
+    assert "old.txt" not in listed and "d/one.txt" not in listed and "d/two.txt" in listed
+    assert {f"new/{i}.txt" for i in range(6)} <= set(listed)
+    assert calls <= len(results) + 10, calls
+
+
+def test_in_a_sha256_repository_only_overlapping_results_are_merged(tmp_path: Path) -> None:
+    """Object ids of 64 digits are read as those of 40: the prediction stays linear."""
+    repo = tmp_path / "sha256"
+    made = subprocess.run(
+        ["git", "init", "--quiet", "--object-format=sha256", str(repo)], capture_output=True
+    )
+    if made.returncode != 0:
+        pytest.skip("this git cannot make a SHA-256 repository")
+    git(repo, "commit", "--quiet", "--allow-empty", "-m", "initial")
+    base = change(repo, git(repo, "rev-parse", "HEAD"), {"shared.txt": "one\ntwo\n"})
+    assert len(base) == 64
+    commits = [(f"t{i}", change(repo, base, {f"out/{i}.txt": f"{i}\n"})) for i in range(6)]
+    commits += [(f"s{i}", change(repo, base, {"shared.txt": f"{i}\ntwo\n"})) for i in range(2)]
+    log = anyio.run(touched, Git(repo), base, commits[0][1])
+    assert log is not None and log.paths == {"out/0.txt"}
+    found, calls = predict(repo, commits, base, base)
+    assert [(c.left, c.right, c.paths) for c in found] == [("s0", "s1", ["shared.txt"])]
+    assert calls <= len(commits) + 1 + 1  # a log each, the target's, and one merge-tree
+    assert predict(repo, commits, base, None)[0] == found
+
+
+def test_a_log_that_is_not_what_was_asked_for_is_not_trusted() -> None:
+    """Another git, or a setting, that prints the log otherwise makes the result be checked
+    the old way (None), never misread: a mark, an id or a change header out of format, or a
+    change with no path."""
+    from orchestrator.overlap import _parse_log
+
+    base, result, blob = "b" * 40, "c" * 40, "d" * 40
+    head = f"\x01>{result} {base}\0".encode()
+    entry = f"\n:000000 100644 {'0' * 40} {blob} A\0a.txt\0".encode()
+    tail = f"\x01-{base}\0".encode()
+    assert _parse_log(head + entry + tail, base) == (
+        [result],
+        [("A", "a.txt")],
+        {b"a.txt": (b"100644", blob.encode())},
+    )
+    broken = [
+        head.replace(b">", b"<") + entry + tail,  # a mark not asked for
+        head.replace(result.encode(), result[:12].encode()) + entry + tail,  # an id cut short
+        b"\x01>\0" + entry + tail,  # no id at all
+        head + entry.replace(b" A\0", b"\0") + tail,  # a header of four fields
+        head + tail + entry.split(b"\0")[0],  # a header and no path after it
+    ]
+    assert [_parse_log(data, base) for data in broken] == [None] * len(broken)
