@@ -919,3 +919,677 @@ def test_an_estimated_cost_is_recomputed_from_the_reports_rates(
     reseal(raw)
     found = [f for f in audit_report(raw) if f.task_id == "p" and f.field == field]
     assert found and message in found[0].message, audit_report(raw)
+
+
+# crafted reports: the audit alone (envelopes), on reports no run made
+#
+# Each report is sealed as a forger would seal it and has the shape of a real one (it
+# validates), so that what flags it is the audit's own cross-check, named in one line.
+
+CRAFT_BASE = "b" * 40
+
+
+def _oid(n: int) -> str:
+    return f"{n:040x}"
+
+
+def crafted_result(
+    task_id: str,
+    status: str = "succeeded",
+    *,
+    commit: str | None = None,
+    base: str | None = CRAFT_BASE,
+    group: str | None = None,
+    depends_on: tuple[str, ...] = (),
+    error_kind: str | None = None,
+    checks: tuple[dict[str, Any], ...] = (),
+    hooks: tuple[dict[str, Any], ...] = (),
+) -> Any:
+    """A sealed TaskResult as the orchestrator makes one, without a run."""
+    from datetime import UTC, datetime
+
+    from envelopes import AgentInfo, ErrorInfo, Provenance, TaskResult, Timings, seal_result
+
+    if error_kind is None and status not in ("succeeded", "cached"):
+        error_kind = "exit_code"
+    error = ErrorInfo(kind=error_kind, message="no luck") if error_kind else None  # type: ignore[arg-type]
+    output = {"task": task_id} if error is None else None
+    info = AgentInfo(kind="command", command=["python", "agent.py"])
+    at = datetime(2026, 11, 22, 5, 54, 31, tzinfo=UTC)
+    result = TaskResult.model_validate(
+        {
+            "task_id": task_id,
+            "agent": "coder",
+            "status": status,
+            "attempts": 0,
+            "output": output,
+            "error": error,
+            "timings": Timings(started_at=at, finished_at=at, duration_s=0.0),
+            "group": group,
+            "depends_on": list(depends_on),
+            "checks": list(checks),
+            "hooks": list(hooks),
+            "provenance": Provenance(
+                envelope_sha256="e" * 64,
+                base_commit=base,
+                result_commit=commit,
+                result_tree=_oid(0xEE) if commit else None,
+                agent=info,
+                agent_sha256=digest(info.model_dump(mode="json")),
+                output_sha256=digest(output),
+            ),
+        }
+    )
+    return seal_result(result)
+
+
+def crafted_report(results: list[Any], **options: Any) -> dict[str, Any]:
+    """The JSON object of a sealed report of *results* (see orchestrator.report)."""
+    from datetime import UTC, datetime
+
+    from orchestrator.report import aggregate_results
+
+    at = datetime(2026, 11, 22, 5, 54, 31, tzinfo=UTC)
+    settings: dict[str, Any] = {
+        "run_id": "20261122-055431-8c6b7f",
+        "plan_name": "crafted",
+        "plan_sha256": "a" * 64,
+        "repo": None,
+        "base_ref": "HEAD",
+        "base_commit": CRAFT_BASE,
+        "run_dir": Path("/nonexistent/run"),
+        "started_at": at,
+        "finished_at": at,
+    }
+    raw: dict[str, Any] = aggregate_results(results, **(settings | options)).to_json_dict()
+    return raw
+
+
+def audited(raw: dict[str, Any], *, run_dir: Path | None = None) -> list[str]:
+    """The findings of the audit of *raw* once re-sealed (as ``verify`` prints them)."""
+    from envelopes import audit_report
+
+    reseal(raw)
+    Report.model_validate(raw)  # the shape of a real report: only the audit can object
+    return [str(f) for f in audit_report(raw, run_dir=run_dir)]
+
+
+def step(
+    name: str,
+    *,
+    exit_code: int | None = 0,
+    passed: bool | None = None,
+    required: bool = True,
+    turn: int = 1,
+    phase: str = "check",
+    timed_out: bool = False,
+    stdout: dict[str, Any] | None = None,
+    stderr: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A check (or setup step, or hook) record; ``passed`` as its exit code says unless given."""
+    return {
+        "name": name,
+        "phase": phase,
+        "turn": turn,
+        "command": ["make", name],
+        "exit_code": exit_code,
+        "passed": (exit_code == 0 and not timed_out) if passed is None else passed,
+        "required": required,
+        "timed_out": timed_out,
+        "duration_s": 0.5,
+        "stdout": stdout,
+        "stderr": stderr,
+    }
+
+
+def merged_report(*, failed: str | None = None) -> dict[str, Any]:
+    """Results a, b and c (one failed if named), and a record of a and b merged into main:
+    old commit, then a merge commit for each."""
+    results = [
+        crafted_result(t, "failed" if t == failed else "succeeded", commit=_oid(i))
+        for i, t in enumerate(("a", "b", "c"), start=1)
+    ]
+    raw = crafted_report(results)
+    raw["merge"] = [
+        {
+            "into": "main",
+            "status": "merged",
+            "old_commit": CRAFT_BASE,
+            "new_commit": _oid(0xB2),
+            "tasks": [
+                {"task_id": "a", "result_commit": _oid(1), "merge_commit": _oid(0xA1)},
+                {"task_id": "b", "result_commit": _oid(2), "merge_commit": _oid(0xB2)},
+            ],
+            "conflicts": [],
+            "message": "",
+            "at": raw["finished_at"],
+        }
+    ]
+    return raw
+
+
+def test_a_crafted_report_with_a_consistent_merge_record_audits_clean() -> None:
+    assert audited(merged_report()) == []
+    raw = merged_report()
+    # A result the target already held has no merge commit: the chain skips it.
+    raw["merge"][0]["tasks"][1]["merge_commit"] = None
+    raw["merge"][0]["new_commit"] = _oid(0xA1)
+    assert audited(raw) == []
+
+
+def _merge_of(raw: dict[str, Any]) -> dict[str, Any]:
+    merge: dict[str, Any] = raw["merge"][0]
+    return merge
+
+
+MERGE_TAMPERS: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
+    "other result commit": (
+        lambda m: m["tasks"][1].update(result_commit=_oid(3)),
+        [f"task b: merge[0].result_commit: expected '{_oid(2)}', found '{_oid(3)}'"],
+    ),
+    "task not in the report": (
+        lambda m: m["tasks"][1].update(task_id="ghost"),
+        ["merge[0]: task ghost is not in the report"],
+    ),
+    "listed twice": (
+        lambda m: m["tasks"].insert(1, dict(m["tasks"][0], merge_commit=None)),
+        ["task a: merge[0]: listed 2 times"],
+    ),
+    "no new commit": (
+        lambda m: m.update(new_commit=None),
+        ["merge[0]: a merged record without its old and new commit"],
+    ),
+    "no old commit": (
+        lambda m: m.update(old_commit=None),
+        ["merge[0]: a merged record without its old and new commit"],
+    ),
+    "new commit not the end of the chain": (
+        lambda m: m.update(new_commit=_oid(0xA1)),
+        [f"merge[0].new_commit: expected '{_oid(0xB2)}', found '{_oid(0xA1)}'"],
+    ),
+    "no merge commit but moved": (
+        lambda m: [e.update(merge_commit=None) for e in m["tasks"]],
+        [f"merge[0].new_commit: expected '{CRAFT_BASE}', found '{_oid(0xB2)}'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MERGE_TAMPERS))
+def test_a_merge_record_that_disagrees_with_the_results_is_flagged(name: str) -> None:
+    change, expected = MERGE_TAMPERS[name]
+    raw = merged_report()
+    change(_merge_of(raw))
+    assert audited(raw) == expected
+
+
+def test_a_merged_record_of_a_failed_task_is_flagged_but_not_a_conflict() -> None:
+    raw = merged_report(failed="b")
+    assert audited(raw) == ["task b: merge[0]: merged, but the task's status is failed"]
+    # A task the report does not hold, listed first, hides none of those after it.
+    ghost = {"task_id": "ghost", "result_commit": _oid(7), "merge_commit": None}
+    _merge_of(raw)["tasks"].insert(0, ghost)
+    assert audited(raw) == [
+        "merge[0]: task ghost is not in the report",
+        "task b: merge[0]: merged, but the task's status is failed",
+    ]
+    # A record that did not merge (a conflict) may name any task, and has no commits to chain.
+    raw = merged_report(failed="b")
+    _merge_of(raw).update(status="conflict", new_commit=None)
+    assert audited(raw) == []
+
+
+def checked_merge(mode: str) -> dict[str, Any]:
+    """A checked merge of a and b: each tree checked and passed (``check``: one check of the
+    tree of both; ``train``: one for each result added)."""
+    raw = merged_report()
+    merge = _merge_of(raw)
+    merge["mode"] = mode
+    if mode == "check":
+        merge["checks"] = [
+            {"task_id": None, "commit": _oid(0xB2), "passed": True, "checks": [step("test")]}
+        ]
+    else:
+        merge["checks"] = [
+            {"task_id": t, "commit": c, "passed": True, "checks": [step("test")]}
+            for t, c in (("a", _oid(0xA1)), ("b", _oid(0xB2)))
+        ]
+    merge["left_out"] = []
+    return raw
+
+
+def _fail_check(number: int) -> Callable[[dict[str, Any]], None]:
+    def change(merge: dict[str, Any]) -> None:
+        merge["checks"][number].update(passed=False, checks=[step("test", exit_code=1)])
+
+    return change
+
+
+def _train_left_out_b(merge: dict[str, Any]) -> None:
+    # b's check failed and b was left out: the target moved to a's merge only.
+    _fail_check(1)(merge)
+    merge["tasks"].pop()
+    merge["new_commit"] = _oid(0xA1)
+    merge["left_out"] = [{"task_id": "b", "reason": "its check failed"}]
+
+
+CHECKED_TAMPERS: dict[str, tuple[str, Callable[[dict[str, Any]], None], list[str]]] = {
+    "consistent check": ("check", lambda m: None, []),
+    "consistent train": ("train", lambda m: None, []),
+    "train leaving out a failed check": ("train", _train_left_out_b, []),
+    "no mode, checks": (
+        "check",
+        lambda m: m.update(mode=None),
+        ["merge[0].mode: checks recorded, but no check mode"],
+    ),
+    "no mode, left out only": (
+        "train",
+        lambda m: m.update(mode=None, checks=[], left_out=[{"task_id": "c", "reason": "x"}]),
+        ["merge[0].mode: checks recorded, but no check mode"],
+    ),
+    "no mode, check_failed": (
+        "check",
+        lambda m: m.update(mode=None, checks=[], status="check_failed", new_commit=None, tasks=[]),
+        ["merge[0].mode: checks recorded, but no check mode"],
+    ),
+    "step passed with exit code 1": (
+        "check",
+        lambda m: m["checks"][0]["checks"].append(step("lint", exit_code=1, passed=True)),
+        ["merge[0].checks[0].checks[1].passed: expected False, found True"],
+    ),
+    "step passed though timed out": (
+        "train",
+        lambda m: m["checks"][1]["checks"].append(step("lint", timed_out=True, passed=True)),
+        ["task b: merge[0].checks[1].checks[1].passed: expected False, found True"],
+    ),
+    "step failed with exit code 0": (
+        "train",
+        lambda m: m["checks"][0]["checks"].append(step("lint", passed=False, required=False)),
+        ["task a: merge[0].checks[0].checks[1].passed: expected True, found False"],
+    ),
+    "check passed though a required step failed": (
+        "train",
+        lambda m: m["checks"][0]["checks"].append(step("lint", exit_code=2)),
+        ["task a: merge[0].checks[0].passed: expected False, found True"],
+    ),
+    "an optional step failed": (
+        "train",
+        lambda m: m["checks"][0]["checks"].append(step("lint", exit_code=2, required=False)),
+        [],
+    ),
+    "check failed though its steps passed": (
+        "check",
+        lambda m: m["checks"][0].update(passed=False),
+        [
+            "merge[0].checks[0].passed: expected True, found False",
+            f"merge[0].checks: merged into {_oid(0xB2)}, but no passing check of that tree",
+        ],
+    ),
+    "left out, not in the report": (
+        "train",
+        lambda m: m["left_out"].append({"task_id": "ghost", "reason": "x"}),
+        ["merge[0].left_out: task ghost is not in the report"],
+    ),
+    "left out and merged": (
+        "train",
+        lambda m: (
+            m["left_out"].append({"task_id": "c", "reason": "x"})
+            or m["left_out"].append({"task_id": "a", "reason": "x"})
+        ),
+        [
+            "task a: merge[0].left_out: left out, but listed among the tasks merged",
+            "task a: merge[0].checks: its check passed, but it is left out",
+        ],
+    ),
+    "check mode, moved to an unchecked tree": (
+        "check",
+        lambda m: m["checks"][0].update(commit=_oid(0xA1)),
+        [f"merge[0].checks: merged into {_oid(0xB2)}, but no passing check of that tree"],
+    ),
+    "check mode, nothing moved": (
+        "check",
+        lambda m: m.update(tasks=[], new_commit=CRAFT_BASE, checks=[]),
+        [],
+    ),
+    "check mode, check_failed with no failed check": (
+        "check",
+        lambda m: m.update(status="check_failed"),
+        ["merge[0].checks: check_failed, but no check failed"],
+    ),
+    "check mode, check_failed as recorded": (
+        "check",
+        lambda m: _fail_check(0)(m) or m.update(status="check_failed"),
+        [],
+    ),
+    "train, merged as an unchecked tree": (
+        "train",
+        lambda m: m["checks"][1].update(commit=_oid(0xA1)),
+        [f"task b: merge[0].checks: merged as {_oid(0xB2)}, but no passing check of that tree"],
+    ),
+    "train, checked as another task": (
+        "train",
+        lambda m: m["checks"][1].update(task_id="c"),
+        [
+            f"task b: merge[0].checks: merged as {_oid(0xB2)}, but no passing check of that tree",
+        ],
+    ),
+    "train, failed check not left out": (
+        "train",
+        lambda m: (
+            _fail_check(1)(m)
+            or m["tasks"][1].update(merge_commit=None)
+            or m.update(new_commit=_oid(0xA1))
+        ),
+        ["task b: merge[0].checks: its check failed, but it is not left out"],
+    ),
+    "train, check_failed with a result merged": (
+        "train",
+        lambda m: (
+            _train_left_out_b(m)
+            or m.update(status="check_failed", new_commit=None, old_commit=CRAFT_BASE)
+        ),
+        ["merge[0].checks: check_failed, but a result was merged"],
+    ),
+    "train, check_failed with a new commit": (
+        "train",
+        lambda m: (
+            [_fail_check(i)(m) for i in (0, 1)]
+            and m.update(
+                status="check_failed",
+                tasks=[],
+                left_out=[{"task_id": t, "reason": "x"} for t in ("a", "b")],
+            )
+        ),
+        ["merge[0].checks: check_failed, but a result was merged"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKED_TAMPERS))
+def test_a_checked_merge_agrees_with_its_checks(name: str) -> None:
+    """What a checked merge did (moved, left out, failed) is what its recorded checks say."""
+    mode, change, expected = CHECKED_TAMPERS[name]
+    raw = checked_merge(mode)
+    change(_merge_of(raw))
+    assert audited(raw) == expected
+
+
+def grouped_report(select: str) -> dict[str, Any]:
+    """Members g[a] (failed), g[b] and g[c] (succeeded) of group g, and a task outside it."""
+    results = [
+        crafted_result("g[a]", "failed", group="g"),
+        crafted_result("g[b]", group="g"),
+        crafted_result("g[c]", group="g"),
+        crafted_result("solo"),
+    ]
+    return crafted_report(results, groups={"g": (select, None)})
+
+
+def _group(raw: dict[str, Any]) -> dict[str, Any]:
+    group: dict[str, Any] = raw["groups"]["g"]
+    return group
+
+
+GROUP_TAMPERS: dict[str, tuple[str, Callable[[dict[str, Any]], None], list[str]]] = {
+    "all, as made": ("all", lambda raw: None, []),
+    "first_success, as made": ("first_success", lambda raw: None, []),
+    "member not in the report": (
+        "all",
+        lambda raw: _group(raw)["members"].append({"task_id": "ghost", "status": "failed"}),
+        [
+            "groups.g: member ghost is not in the report",
+            "groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], "
+            "found ['g[a]', 'g[b]', 'g[c]', 'ghost']",
+        ],
+    ),
+    "member status": (
+        "all",
+        lambda raw: _group(raw)["members"][0].update(status="succeeded"),
+        [
+            "task g[a]: groups.g.status: expected 'failed', found 'succeeded'",
+            "groups.g.selected: expected ['g[a]', 'g[b]', 'g[c]'], found ['g[b]', 'g[c]']",
+        ],
+    ),
+    "member of another group": (
+        "all",
+        lambda raw: _group(raw)["members"].append({"task_id": "solo", "status": "succeeded"}),
+        [
+            "task solo: group: listed in group g but its result says None",
+            "groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], "
+            "found ['g[a]', 'g[b]', 'g[c]', 'solo']",
+            "groups.g.selected: expected ['g[b]', 'g[c]', 'solo'], found ['g[b]', 'g[c]']",
+        ],
+    ),
+    "member left out": (
+        "all",
+        lambda raw: _group(raw)["members"].pop(0),
+        ["groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], found ['g[b]', 'g[c]']"],
+    ),
+    "all, one selected": (
+        "all",
+        lambda raw: _group(raw).update(selected=["g[b]"]),
+        ["groups.g.selected: expected ['g[b]', 'g[c]'], found ['g[b]']"],
+    ),
+    "first_success, two selected": (
+        "first_success",
+        lambda raw: _group(raw).update(selected=["g[b]", "g[c]"]),
+        ["groups.g.selected: first_success selects one succeeded member, found ['g[b]', 'g[c]']"],
+    ),
+    "first_success, a failed member selected": (
+        "first_success",
+        lambda raw: _group(raw).update(selected=["g[a]"]),
+        ["groups.g.selected: first_success selects one succeeded member, found ['g[a]']"],
+    ),
+    "first_success, the other succeeded member": (
+        "first_success",
+        lambda raw: _group(raw).update(selected=["g[c]"]),
+        [],
+    ),
+    "first_success, none selected": (
+        "first_success",
+        lambda raw: _group(raw).update(selected=[]),
+        ["groups.g.selected: a member succeeded but none is selected"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUP_TAMPERS))
+def test_a_group_agrees_with_its_members_results(name: str) -> None:
+    select, change, expected = GROUP_TAMPERS[name]
+    raw = grouped_report(select)
+    change(raw)
+    assert audited(raw) == expected
+
+
+def test_a_first_success_group_with_no_success_selects_nothing() -> None:
+    results = [crafted_result(f"g[{x}]", "failed", group="g") for x in "ab"]
+    raw = crafted_report(results, groups={"g": ("first_success", None)})
+    assert audited(raw) == []
+
+
+def with_checks(
+    *checks: dict[str, Any], status: str = "succeeded", kind: str | None = None
+) -> dict[str, Any]:
+    return crafted_report([crafted_result("t", status, error_kind=kind, checks=checks)])
+
+
+def with_hooks(
+    *hooks: dict[str, Any], status: str = "succeeded", kind: str | None = None
+) -> dict[str, Any]:
+    return crafted_report([crafted_result("t", status, error_kind=kind, hooks=hooks)])
+
+
+STEP_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "checks passed": (with_checks(step("lint"), step("test", phase="setup")), []),
+    "a check passed with exit code 1": (
+        with_checks(step("lint", exit_code=1, passed=True)),
+        ["task t: checks[0].passed: expected False, found True"],
+    ),
+    "a check passed though it timed out": (
+        with_checks(step("lint"), step("test", timed_out=True, passed=True)),
+        ["task t: checks[1].passed: expected False, found True"],
+    ),
+    "a check failed with exit code 0": (
+        with_checks(step("lint", passed=False, required=False)),
+        ["task t: checks[0].passed: expected True, found False"],
+    ),
+    "succeeded past a failed required check": (
+        with_checks(step("lint", exit_code=1), step("test", exit_code=1)),
+        ["task t: status: succeeded, but its required lint, test did not pass"],
+    ),
+    "succeeded past a failed optional check": (
+        with_checks(step("lint", exit_code=1, required=False)),
+        [],
+    ),
+    "a check failed on an earlier turn only": (
+        with_checks(step("test", exit_code=1), step("test", turn=2)),
+        [],
+    ),
+    "failed with kind check, the last turn's check passed": (
+        with_checks(step("test", exit_code=1), step("test", turn=2), status="failed", kind="check"),
+        ["task t: error: failed with kind check, but every required step of its last turn passed"],
+    ),
+    "failed with kind setup, every step passed": (
+        with_checks(step("deps", phase="setup"), status="failed", kind="setup"),
+        ["task t: error: failed with kind setup, but every required step of its last turn passed"],
+    ),
+    "failed with kind check, as recorded": (
+        with_checks(step("test", exit_code=1), status="failed", kind="check"),
+        [],
+    ),
+    "failed with another kind, every check passed": (
+        with_checks(step("test"), status="failed", kind="exit_code"),
+        [],
+    ),
+    "hooks passed": (with_hooks(step("after_create", phase="hook")), []),
+    "a hook passed with exit code 1": (
+        with_hooks(step("after_create", phase="hook", exit_code=1, passed=True, required=False)),
+        ["task t: hooks[0].passed: expected False, found True"],
+    ),
+    "succeeded past a failed required hook": (
+        with_hooks(step("before_run", phase="hook", exit_code=1)),
+        ["task t: status: succeeded, but its hook before_run did not pass"],
+    ),
+    "succeeded past a failed optional hook": (
+        with_hooks(step("after_run", phase="hook", exit_code=1, required=False)),
+        [],
+    ),
+    "a required hook failed on an earlier turn only": (
+        with_hooks(
+            step("before_run", phase="hook", exit_code=1),
+            step("before_run", phase="hook", turn=2),
+            step("after_run", phase="hook", turn=3, exit_code=1, required=False),
+        ),
+        [],
+    ),
+    "failed with kind hook, every required hook passed": (
+        with_hooks(
+            step("before_run", phase="hook"),
+            step("after_run", phase="hook", exit_code=1, required=False),
+            status="failed",
+            kind="hook",
+        ),
+        ["task t: error: failed with kind hook, but every required hook of its last turn passed"],
+    ),
+    "failed with kind hook, as recorded": (
+        with_hooks(step("before_run", phase="hook", exit_code=1), status="failed", kind="hook"),
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_a_tasks_status_agrees_with_its_checks_and_hooks(name: str) -> None:
+    """Each step's ``passed`` is what its exit code says; a succeeded task passed its required
+    checks and hooks of its last turn; one failed for them did not."""
+    raw, expected = STEP_CASES[name]
+    assert audited(copy.deepcopy(raw)) == expected
+
+
+def started_report(*, base: str | None, depends_on: tuple[str, ...]) -> dict[str, Any]:
+    """a and b done (b from a's result), members g[x] and g[y] of group g, and c, which
+    started from *base* after *depends_on*."""
+    results = [
+        crafted_result("a", commit=_oid(1)),
+        crafted_result("b", commit=_oid(2), base=_oid(1), depends_on=("a",)),
+        crafted_result("g[x]", "failed", group="g"),
+        crafted_result("g[y]", commit=_oid(3), group="g"),
+        crafted_result("n", commit=None),
+        crafted_result("c", commit=_oid(4), base=base, depends_on=depends_on),
+    ]
+    return crafted_report(results, groups={"g": ("all", None)})
+
+
+START_CASES: dict[str, tuple[str | None, tuple[str, ...], list[str]]] = {
+    "from the run's base": (CRAFT_BASE, (), []),
+    "from elsewhere, no dependency": (
+        _oid(9),
+        (),
+        [f"task c: provenance.base_commit: expected '{CRAFT_BASE}', found '{_oid(9)}'"],
+    ),
+    "from its dependency's result": (_oid(2), ("b",), []),
+    "from the run's base, after a dependency": (
+        CRAFT_BASE,
+        ("b",),
+        [f"task c: provenance.base_commit: expected '{_oid(2)}', found '{CRAFT_BASE}'"],
+    ),
+    "from a group's selected member": (_oid(3), ("g",), []),
+    "from the run's base, after a group": (
+        CRAFT_BASE,
+        ("g",),
+        [f"task c: provenance.base_commit: expected '{_oid(3)}', found '{CRAFT_BASE}'"],
+    ),
+    "after a dependency with no commit": (CRAFT_BASE, ("n",), []),
+    "after one result named twice": (_oid(2), ("b", "b"), []),
+    "after several: a merge, checked in git": (_oid(9), ("a", "b"), []),
+    "after a task not in the report": (
+        _oid(2),
+        ("b", "ghost"),
+        ["task c: depends_on: names tasks not in the report: ['ghost']"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(START_CASES))
+def test_a_task_started_from_the_base_or_its_dependencies_results(name: str) -> None:
+    base, depends_on, expected = START_CASES[name]
+    assert audited(started_report(base=base, depends_on=depends_on)) == expected
+
+
+def _logged(run_dir: Path, name: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / name).write_bytes(data)
+    return {"path": name, "sha256": sha256_hex(data), "size": len(data), **extra}
+
+
+def test_the_logs_of_steps_and_merge_checks_are_hashed_in_the_run_directory(
+    tmp_path: Path,
+) -> None:
+    """With the run directory, every step's logs (checks, hooks, a merge's checks) are what
+    they recorded, and only an envelope may be a record of envelopes.jsonl."""
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    records = _logged(run_dir, "envelopes.jsonl", b'{"task_id":"t"}\n')
+    lint = step("lint", stdout=_logged(run_dir, "logs/t.lint.stdout", b"lint ok\n"))
+    lint["stderr"] = {**records, "offset": 0}  # a log that claims to be an envelope's record
+    hook = step("before_run", phase="hook", stdout=_logged(run_dir, "logs/t.hook.stdout", b"h"))
+    hook["stderr"] = {"path": "logs/t.hook.stderr", "sha256": "0" * 64, "size": 0}
+    results = [crafted_result(t, commit=_oid(i)) for i, t in enumerate("abc", start=1)]
+    results.append(crafted_result("t", checks=(lint,), hooks=(hook,)))
+    raw = crafted_report(results, plan_sha256=plan["sha256"])
+    result_of(raw, "t")["envelope"] = {**records, "path": "envelopes/t.json", "offset": 0}
+    raw["merge"] = checked_merge("train")["merge"]
+    merge_step = raw["merge"][0]["checks"][1]["checks"][0]
+    merge_step["stdout"] = _logged(run_dir, "merge/1.stdout", b"tested\n")
+    merge_step["stderr"] = _logged(run_dir, "merge/1.stderr", b"")
+    (run_dir / "merge" / "1.stdout").write_bytes(b"Tested\n")
+    recorded, found = sha256_hex(b"tested\n"), sha256_hex(b"Tested\n")
+    assert audited(raw, run_dir=run_dir) == [
+        "task t: envelope.offset: only an envelope is a record (of envelopes.jsonl), "
+        "not 'envelopes/t.json'",
+        "task t: checks[0].stderr.offset: only an envelope is a record (of envelopes.jsonl), "
+        "not 'envelopes.jsonl'",
+        f"task t: hooks[0].stderr: cannot read 'logs/t.hook.stderr' in {run_dir}: "
+        "No such file or directory",
+        f"task b: merge[0].checks[1].checks[0].stdout.sha256: expected '{recorded}', "
+        f"found '{found}'",
+    ]
