@@ -1593,3 +1593,115 @@ def test_the_logs_of_steps_and_merge_checks_are_hashed_in_the_run_directory(
         f"task b: merge[0].checks[1].checks[0].stdout.sha256: expected '{recorded}', "
         f"found '{found}'",
     ]
+
+
+def _envelope_records(run_dir: Path, *envelopes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write *envelopes* as the records of envelopes.jsonl, one a line; their LogFile entries."""
+    entries, data = [], b""
+    for envelope in envelopes:
+        record = canonical_json(envelope)
+        entries.append(
+            {
+                "path": "envelopes.jsonl",
+                "sha256": sha256_hex(record),
+                "size": len(record),
+                "offset": len(data),
+            }
+        )
+        data += record + b"\n"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "envelopes.jsonl").write_bytes(data)
+    return entries
+
+
+def _with_envelope(
+    raw: dict[str, Any], task_id: str, entry: dict[str, Any], envelope: dict[str, Any]
+) -> None:
+    result = result_of(raw, task_id)
+    result["envelope"] = entry
+    result["provenance"]["envelope_sha256"] = digest(envelope)
+
+
+def test_an_envelope_record_of_another_task_is_flagged(tmp_path: Path) -> None:
+    """Each record of envelopes.jsonl is read at its offset: a result pointing at another
+    task's record, sealed and hashed as that record, still names the wrong task."""
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    envelopes = [{"task_id": "t", "task": "do t"}, {"task_id": "u", "task": "do u"}]
+    for_t, for_u = _envelope_records(run_dir, *envelopes)
+    raw = crafted_report([crafted_result("t"), crafted_result("u")], plan_sha256=plan["sha256"])
+    _with_envelope(raw, "t", for_t, envelopes[0])
+    _with_envelope(raw, "u", for_u, envelopes[1])
+    assert audited(raw, run_dir=run_dir) == []
+    _with_envelope(raw, "t", for_u, envelopes[1])
+    assert audited(raw, run_dir=run_dir) == ["task t: envelope.task_id: expected 'u', found 't'"]
+
+
+def told(*checks: Any) -> dict[str, Any]:
+    return {"task_id": "t", "task": "do t", "checks": list(checks)}
+
+
+AS_TOLD_CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]], str, list[str]]] = {
+    "every required check passed": (
+        told(
+            {"name": "lint"}, {"name": "test", "required": True}, {"name": "x", "required": False}
+        ),
+        [step("lint"), step("test")],
+        "succeeded",
+        [],
+    ),
+    "a required check not recorded": (
+        told({"name": "lint"}, {"name": "test"}),
+        [step("lint")],
+        "succeeded",
+        ["test"],
+    ),
+    "no check recorded": (
+        told({"name": "lint"}, {"name": "test"}),
+        [],
+        "succeeded",
+        ["lint, test"],
+    ),
+    "passed on an earlier turn only": (
+        told({"name": "lint"}, {"name": "test"}),
+        [step("lint"), step("test"), step("lint", turn=2)],
+        "succeeded",
+        ["test"],
+    ),
+    "passed only as a setup step": (
+        told({"name": "test"}),
+        [step("test", phase="setup")],
+        "succeeded",
+        ["test"],
+    ),
+    "recorded, but not passed": (
+        told({"name": "test"}),
+        [step("test", exit_code=1, required=False)],
+        "succeeded",
+        ["test"],
+    ),
+    "a failed task is not held to them": (told({"name": "test"}), [], "failed", []),
+    "checks that are not a list": ({"task_id": "t", "checks": "test"}, [], "succeeded", []),
+    "a check that is not an object": (told("test", {"name": "lint"}), [], "succeeded", ["lint"]),
+}
+
+
+@pytest.mark.parametrize("name", list(AS_TOLD_CASES))
+def test_a_succeeded_task_passed_the_checks_its_envelope_names(name: str, tmp_path: Path) -> None:
+    """The envelope file says what the run was told to check: check records rewritten or
+    dropped from the report do not hide a required check that did not pass."""
+    envelope, checks, status, missing = AS_TOLD_CASES[name]
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    entry = _logged(run_dir, "envelopes/t.json", canonical_json(envelope))
+    raw = crafted_report([crafted_result("t", status, checks=tuple(checks))])
+    raw["plan_sha256"] = plan["sha256"]
+    _with_envelope(raw, "t", entry, envelope)
+    expected = [
+        f"task t: checks: succeeded without passing its required {names} "
+        "(as its envelope names them) on its last turn"
+        for names in missing
+    ]
+    assert audited(raw, run_dir=run_dir) == expected
+    # Without the run directory, nothing says what the run was told.
+    assert audited(raw) == []
