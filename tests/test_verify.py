@@ -895,15 +895,35 @@ def _task_cost(raw: dict[str, Any]) -> None:
     result_of(raw, "p")["usage"]["cost_usd"] = 0.001
 
 
+def _partial_attempt(raw: dict[str, Any]) -> None:
+    result_of(raw, "p")["attempt_log"][0]["usage"]["cost_source"] = "partial"
+
+
+def _before_attempt_usage(raw: dict[str, Any]) -> None:
+    # As a result written before attempts recorded usage: its own estimate, recomputed.
+    result = result_of(raw, "p")
+    del result["attempt_log"][0]["usage"]
+    result["usage"]["cost_usd"] = 0.001
+
+
 @pytest.mark.parametrize(
     ("change", "field", "message"),
     [
+        (_partial_attempt, "attempt_log[1].usage.cost_source", "reported or estimated, never"),
+        (_before_attempt_usage, "usage.cost_usd", "expected 0.00315, found 0.001"),
         (_reprice, "attempt_log[1].usage.cost_usd", "expected 0.03015, found 0.00315"),
         (_drop_pricing, "attempt_log[1].usage.cost_usd", "records no rates for model 'm'"),
         (_attempt_cost, "attempt_log[1].usage.cost_usd", "expected 0.00315, found 0.001"),
         (_task_cost, "usage", "'cost_usd': 0.00315"),
     ],
-    ids=["rates changed", "rates dropped", "attempt's estimate", "task's sum"],
+    ids=[
+        "partial attempt",
+        "before attempt usage",
+        "rates changed",
+        "rates dropped",
+        "attempt's estimate",
+        "task's sum",
+    ],
 )
 def test_an_estimated_cost_is_recomputed_from_the_reports_rates(
     priced: dict[str, Any], change: Callable[[dict[str, Any]], None], field: str, message: str
@@ -1705,3 +1725,16 @@ def test_a_succeeded_task_passed_the_checks_its_envelope_names(name: str, tmp_pa
     assert audited(raw, run_dir=run_dir) == expected
     # Without the run directory, nothing says what the run was told.
     assert audited(raw) == []
+
+
+def test_a_result_from_before_attempt_usage_is_not_held_to_rates_it_has_none_of(
+    priced: dict[str, Any],
+) -> None:
+    from envelopes import audit_report
+
+    raw = copy.deepcopy(priced)
+    for result in raw["results"]:
+        del result["attempt_log"][0]["usage"]
+    del raw["pricing"]
+    reseal(raw)
+    assert [str(f) for f in audit_report(raw)] == []
