@@ -1738,3 +1738,85 @@ def test_a_result_from_before_attempt_usage_is_not_held_to_rates_it_has_none_of(
     del raw["pricing"]
     reseal(raw)
     assert [str(f) for f in audit_report(raw)] == []
+
+
+def _without(*path: str | int) -> Callable[[dict[str, Any]], None]:
+    def change(raw: dict[str, Any]) -> None:
+        node: Any = raw
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+
+    return change
+
+
+def _attempts_as_float(raw: dict[str, Any]) -> None:
+    raw["results"][0]["attempts"] = 0.0  # pydantic takes it as 0; the orchestrator writes 0
+
+
+def _exploded(raw: dict[str, Any]) -> None:
+    raw["results"][0]["status"] = "exploded"
+
+
+NOT_A_REPORT: dict[str, tuple[bytes | Callable[[dict[str, Any]], None] | None, str]] = {
+    "missing": (None, "cannot read {path}: No such file or directory"),
+    "not JSON": (b"not JSON\n", "{path} is not JSON: Expecting value: line 1 column 1 (char 0)"),
+    "number out of range": (b'{"x": 1e999}', "{path} is not JSON: number 1e999 is out of range"),
+    "no schema": (b"[]", "{path} is not a worktree-orchestrator report (no report schema tag)"),
+    "duplicate key": (b'{"schema": 1, "schema": 2}', "duplicate key 'schema' in a JSON object"),
+    "bad status": (_exploded, "{path} is not a valid report: results.0.status: Input should be"),
+    "a result's error left out": (
+        _without("results", 0, "error"),
+        "{path} is not a complete report: results[0].error is missing or not in its written form",
+    ),
+    "a count left out": (
+        _without("summary", "skipped"),
+        "{path} is not a complete report: summary.skipped is missing or not in its written form",
+    ),
+    "groups left out": (
+        _without("groups"),
+        "{path} is not a complete report: groups is missing or not in its written form",
+    ),
+    "a nested default left out": (
+        _without("results", 0, "provenance", "agent", "program"),
+        "{path} is not a complete report: results[0].provenance.agent.program is missing or "
+        "not in its written form",
+    ),
+    "a number coerced": (
+        _attempts_as_float,
+        "{path} is not a complete report: results[0].attempts is missing or not in its "
+        "written form",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_A_REPORT))
+def test_what_is_not_a_report_as_written_says_why_in_one_line(tmp_path: Path, name: str) -> None:
+    from envelopes import NotAReport, load_report_json
+
+    content, message = NOT_A_REPORT[name]
+    path = tmp_path / "report.json"
+    if callable(content):
+        raw = crafted_report([crafted_result("t")])
+        content(raw)
+        reseal(raw, results=False)
+        content = layout(raw)
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(NotAReport) as caught:
+        load_report_json(path)
+    assert str(caught.value).startswith(message.format(path=path)), caught.value
+
+
+def test_a_report_larger_than_the_cap_is_not_read(tmp_path: Path) -> None:
+    from envelopes import NotAReport, load_report_json
+
+    path = tmp_path / "report.json"
+    path.write_bytes(layout(crafted_report([crafted_result("t")])))
+    assert load_report_json(path)[1].results[0].task_id == "t"
+    with pytest.raises(NotAReport, match=f"^cannot read {path}: {path} is larger than 100 bytes"):
+        load_report_json(path, max_bytes=100)
+
+
+def test_an_empty_report_audits_clean() -> None:
+    assert audited(crafted_report([])) == []
