@@ -1820,3 +1820,92 @@ def test_a_report_larger_than_the_cap_is_not_read(tmp_path: Path) -> None:
 
 def test_an_empty_report_audits_clean() -> None:
     assert audited(crafted_report([])) == []
+
+
+def _attempted(
+    raw: dict[str, Any],
+    status: str,
+    *,
+    stdout: dict[str, Any] | None = None,
+    error_kind: str | None = None,
+) -> dict[str, Any]:
+    """Give the one result of *raw* one attempt that ended *status* (its logs: *stdout*)."""
+    result: dict[str, Any] = raw["results"][0]
+    at = result["timings"]["started_at"]
+    error = {"kind": error_kind, "message": "no luck", "paths": []} if error_kind else None
+    result["attempt_log"] = [
+        {
+            "number": 1,
+            "status": status,
+            "started_at": at,
+            "finished_at": at,
+            "duration_s": 0.0,
+            "exit_code": None,
+            "error": error,
+            "stdout": stdout,
+            "stderr": None,
+        }
+    ]
+    result["attempts"] = 1
+    result["provenance"]["stdout_sha256"] = stdout["sha256"] if stdout else None
+    return result
+
+
+ATTEMPT_CASES: dict[str, tuple[str, str | None, str, list[str]]] = {
+    "as its last attempt": ("succeeded", None, "succeeded", []),
+    "succeeded after its attempt failed": (
+        "succeeded",
+        None,
+        "failed",
+        ["task t: status: expected 'failed', found 'succeeded'"],
+    ),
+    "failed by its attempt's kind, though the attempt succeeded": (
+        "failed",
+        "exit_code",
+        "succeeded",
+        ["task t: status: expected 'succeeded', found 'failed'"],
+    ),
+    "cancelled after its attempt": ("cancelled", "cancelled", "succeeded", []),
+    "failed its checks after its attempt": ("failed", "check", "succeeded", []),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTEMPT_CASES))
+def test_a_tasks_status_is_its_last_attempts_unless_decided_after(name: str) -> None:
+    status, kind, attempt, expected = ATTEMPT_CASES[name]
+    raw = crafted_report([crafted_result("t", status, error_kind=kind)])
+    _attempted(raw, attempt)
+    assert audited(raw) == expected
+
+
+def test_a_failed_task_without_an_error_is_flagged() -> None:
+    raw = crafted_report([crafted_result("t", "failed")])
+    raw["results"][0]["error"] = None
+    raw["errors"] = []
+    assert audited(raw) == ["task t: error: a failed task carries no error"]
+
+
+def test_the_prompt_beside_the_last_attempts_log_hashes_to_prompt_sha256(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    prompt = _logged(run_dir, "logs/t.1.prompt", b"write t\n")
+    raw = crafted_report([crafted_result("t")], plan_sha256=plan["sha256"])
+    stdout = _logged(run_dir, "logs/t.1.stdout", b"done\n")
+    result = _attempted(raw, "succeeded", stdout=stdout)
+    result["provenance"]["prompt_sha256"] = prompt["sha256"]
+    assert audited(raw, run_dir=run_dir) == []
+    (run_dir / "logs" / "t.1.prompt").write_bytes(b"write u\n")
+    found = sha256_hex(b"write u\n")
+    assert audited(raw, run_dir=run_dir) == [
+        f"task t: provenance.prompt_sha256: expected '{found}', found '{prompt['sha256']}'"
+    ]
+    (run_dir / "logs" / "t.1.prompt").unlink()
+    assert audited(raw, run_dir=run_dir) == [
+        "task t: provenance.prompt_sha256: cannot read logs/t.1.prompt: No such file or directory"
+    ]
+    # No prompt digest, or no log to find it beside: nothing to check.
+    del result["provenance"]["prompt_sha256"]
+    assert audited(raw, run_dir=run_dir) == []
+    result["provenance"]["prompt_sha256"] = prompt["sha256"]
+    _attempted(raw, "succeeded")
+    assert audited(raw, run_dir=run_dir) == []
