@@ -1818,8 +1818,28 @@ def test_a_report_larger_than_the_cap_is_not_read(tmp_path: Path) -> None:
         load_report_json(path, max_bytes=100)
 
 
-def test_an_empty_report_audits_clean() -> None:
-    assert audited(crafted_report([])) == []
+def test_an_empty_report_audits_clean_in_its_written_layout() -> None:
+    from envelopes import audit_report, report_layout
+
+    raw = crafted_report([])
+    assert audited(raw) == []
+    assert report_layout(raw) == layout(raw)
+    assert '  "results": [],' in report_layout(raw).decode()
+    assert audit_report(raw, source=layout(raw)) == []
+
+
+def test_every_status_twice_is_counted_twice() -> None:
+    statuses = ["succeeded", "cached", "failed", "timed_out", "cancelled", "skipped"]
+    kinds = {"timed_out": "timeout", "cancelled": "cancelled", "skipped": "dependency"}
+    results = [
+        crafted_result(f"{status}-{i}", status, error_kind=kinds.get(status))
+        for status in statuses
+        for i in (1, 2)
+    ]
+    raw = crafted_report(results)
+    assert raw["results_by_agent"]["coder"]["cached"] == 2
+    assert raw["summary"]["timeout"] == 2
+    assert audited(raw) == []
 
 
 def _attempted(
@@ -1909,3 +1929,29 @@ def test_the_prompt_beside_the_last_attempts_log_hashes_to_prompt_sha256(tmp_pat
     result["provenance"]["prompt_sha256"] = prompt["sha256"]
     _attempted(raw, "succeeded")
     assert audited(raw, run_dir=run_dir) == []
+
+
+def test_the_worktree_held_the_sparse_cone_its_envelope_asked_for(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    envelope = {"task_id": "t", "task": "do t", "sparse": ["src"]}
+    entry = _logged(run_dir, "envelopes/t.json", canonical_json(envelope))
+    raw = crafted_report([crafted_result("t")], plan_sha256=plan["sha256"])
+    _with_envelope(raw, "t", entry, envelope)
+    result_of(raw, "t")["provenance"]["sparse"] = ["src"]
+    assert audited(raw, run_dir=run_dir) == []
+    result_of(raw, "t")["provenance"]["sparse"] = ["src", "docs"]
+    assert audited(raw, run_dir=run_dir) == [
+        "task t: provenance.sparse: expected ['src'], found ['src', 'docs']"
+    ]
+    # A task with no worktree (no base commit) had no cone to hold.
+    result_of(raw, "t")["provenance"]["base_commit"] = None
+    assert audited(raw, run_dir=run_dir) == []
+
+
+def test_a_run_directory_without_its_plan_is_flagged(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert audited(crafted_report([crafted_result("t")]), run_dir=run_dir) == [
+        f"plan_sha256: cannot read {run_dir / 'plan.json'}: No such file or directory"
+    ]
