@@ -1955,3 +1955,41 @@ def test_a_run_directory_without_its_plan_is_flagged(tmp_path: Path) -> None:
     assert audited(crafted_report([crafted_result("t")]), run_dir=run_dir) == [
         f"plan_sha256: cannot read {run_dir / 'plan.json'}: No such file or directory"
     ]
+
+
+def test_an_environment_digest_without_an_environment_is_flagged() -> None:
+    raw = crafted_report([crafted_result("t")])
+    assert raw["results"][0]["provenance"]["environment"] is None
+    raw["results"][0]["provenance"]["env_sha256"] = digest("forged")
+    assert audited(raw) == [
+        f"task t: provenance.env_sha256: expected '{digest(None)}', found '{digest('forged')}'"
+    ]
+
+
+def test_the_upstream_results_an_envelope_names_are_the_dependencies(tmp_path: Path) -> None:
+    """The envelope file says which results a task was handed: its dependencies' (a group's
+    selected members), as the report has them."""
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    raw = started_report(base=_oid(2), depends_on=("b",))
+    raw["plan_sha256"] = plan["sha256"]
+
+    def hand(upstream: Any) -> None:
+        envelope = {"task_id": "c", "task": "do c", "upstream": upstream}
+        entry = _logged(run_dir, "envelopes/c.json", canonical_json(envelope))
+        _with_envelope(raw, "c", entry, envelope)
+
+    hand({"b": {"result_commit": _oid(2), "output": {}}})
+    assert audited(raw, run_dir=run_dir) == []
+    hand({"b": {"result_commit": _oid(1)}})
+    assert audited(raw, run_dir=run_dir) == [
+        f"task c: envelope.upstream: expected {{'b': '{_oid(2)}'}}, found {{'b': '{_oid(1)}'}}"
+    ]
+    hand({"b": {"result_commit": _oid(2)}, "a": {"result_commit": _oid(1)}})
+    assert audited(raw, run_dir=run_dir) == [
+        f"task c: envelope.upstream: expected {{'b': '{_oid(2)}'}}, "
+        f"found {{'a': '{_oid(1)}', 'b': '{_oid(2)}'}}"
+    ]
+    # An envelope that names no upstream at all is the envelope check's to report.
+    hand(None)
+    assert audited(raw, run_dir=run_dir) == []
