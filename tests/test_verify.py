@@ -1026,12 +1026,13 @@ def crafted_report(results: list[Any], **options: Any) -> dict[str, Any]:
 
 
 def audited(raw: dict[str, Any], *, run_dir: Path | None = None) -> list[str]:
-    """The findings of the audit of *raw* once re-sealed (as ``verify`` prints them)."""
+    """The findings of the audit of *raw* in its written form (what a valid report reads
+    back as: empty additions left out), re-sealed; as ``verify`` prints them."""
     from envelopes import audit_report
 
-    reseal(raw)
-    Report.model_validate(raw)  # the shape of a real report: only the audit can object
-    return [str(f) for f in audit_report(raw, run_dir=run_dir)]
+    written = Report.model_validate(raw).to_json_dict()  # the shape of a real report
+    reseal(written)
+    return [str(f) for f in audit_report(written, run_dir=run_dir)]
 
 
 def step(
@@ -1267,6 +1268,16 @@ CHECKED_TAMPERS: dict[str, tuple[str, Callable[[dict[str, Any]], None], list[str
     ),
     "check mode, nothing moved": (
         "check",
+        lambda m: m.update(tasks=[], new_commit=CRAFT_BASE, checks=[]),
+        [],
+    ),
+    "check mode, a conflict before any check": (
+        "check",
+        lambda m: m.update(status="conflict", new_commit=None, checks=[]),
+        [],
+    ),
+    "train, nothing to check": (
+        "train",
         lambda m: m.update(tasks=[], new_commit=CRAFT_BASE, checks=[]),
         [],
     ),
