@@ -2004,3 +2004,18 @@ def test_the_upstream_results_an_envelope_names_are_the_dependencies(tmp_path: P
     # An envelope that names no upstream at all is the envelope check's to report.
     hand(None)
     assert audited(raw, run_dir=run_dir) == []
+
+
+def test_an_estimate_for_a_model_with_an_empty_name_uses_that_names_rates() -> None:
+    """The run estimates a cost from the rates of the model its usage names, ``""`` too (see
+    envelopes.with_estimated_cost); the audit recomputes it from the same rates."""
+    from envelopes import Rates, Usage, seal_result, with_estimated_cost
+
+    pricing = {"": Rates(input=3.0, output=15.0)}
+    usage = with_estimated_cost(Usage(input_tokens=1000, output_tokens=10, model=""), pricing)
+    assert usage is not None and usage.cost_source == "estimated"
+    result = seal_result(crafted_result("t").model_copy(update={"usage": usage}))
+    raw = crafted_report([result], pricing=pricing)
+    assert audited(raw) == []
+    raw["results"][0]["usage"]["cost_usd"] = 1.0
+    assert audited(raw)[0] == "task t: usage.cost_usd: expected 0.00315, found 1.0"
