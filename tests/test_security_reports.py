@@ -429,3 +429,85 @@ def test_a_lone_surrogate_escape_is_no_report(
         assert outcome.code == 2
         assert "lone surrogate" in outcome.err
         no_traceback(outcome)
+
+
+@pytest.mark.slow
+def test_a_forged_merge_record_is_checked_against_the_repository(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A merge record names commits: each merge commit is the merge of the one before it and
+    its task's result (parents and tree), the chain ends at new_commit, and the target still
+    contains it. A record re-sealed with other commits, or a target moved back, is caught."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a", "b"))
+    with contextlib.chdir(repo):
+        assert cli(capsys, "merge", str(path), "--into", "main").code == 0
+    outcome = anyio.run(verify_report, path)
+    assert outcome.ok, [str(f) for f in outcome.findings]
+    assert outcome.checked_commits == 4  # two results, two merge commits
+    record = json.loads(path.read_text())["merge"][0]
+    old, new = record["old_commit"], record["new_commit"]
+    first, second = (t["merge_commit"] for t in record["tasks"])
+    results = [t["result_commit"] for t in record["tasks"]]
+    assert new == second != first
+
+    def findings(edit: Any) -> list[str]:
+        forged = forge(path, tmp_path / "forged.json", edit)
+        return [str(f) for f in anyio.run(verify_report, forged).findings]
+
+    def swapped(raw: dict[str, Any]) -> None:
+        tasks = raw["merge"][0]["tasks"]
+        tasks[0]["merge_commit"], tasks[1]["merge_commit"] = second, first
+        raw["merge"][0]["new_commit"] = first
+
+    assert findings(swapped) == [
+        f"task a: merge[0].merge_commit: the parents of {second} are [{first!r}, "
+        f"{results[1]!r}], expected [{old!r}, {results[0]!r}]"
+    ]
+
+    def unknown_old(raw: dict[str, Any]) -> None:
+        raw["merge"][0]["old_commit"] = "1" * 40
+
+    assert findings(unknown_old) == [
+        f"merge[0].old_commit: commit {'1' * 40} not found in the repository"
+    ]
+
+    # A commit with the right parents but another tree (the base's) is not their merge.
+    base_tree = git(repo, "rev-parse", f"{old}^{{tree}}")
+    other = git(repo, "commit-tree", base_tree, "-p", old, "-p", results[0], "-m", "forged")
+
+    def other_tree(raw: dict[str, Any]) -> None:
+        raw["merge"][0]["tasks"][0]["merge_commit"] = other
+
+    merged_tree = git(repo, "rev-parse", f"{first}^{{tree}}")
+    assert findings(other_tree) == [
+        f"task a: merge[0].merge_commit: the tree of {other} ({base_tree}) is not the merge of "
+        f"its parents ({merged_tree})"
+    ]
+
+    def ends_early(raw: dict[str, Any]) -> None:
+        raw["merge"][0]["tasks"][1]["merge_commit"] = None
+
+    assert findings(ends_early) == [
+        f"merge[0].new_commit: expected {first!r}, found {new!r}",
+        f"merge[0].new_commit: expected {first} (the end of the chain of merge commits), "
+        f"found {new}",
+    ]
+
+    # The target moved on: fine. Moved back, or gone: not.
+    (repo / "more.txt").write_text("more\n")
+    git(repo, "add", "more.txt")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "more")
+    assert anyio.run(verify_report, path).ok
+    git(repo, "branch", "--force", "elsewhere", old)
+    git(repo, "checkout", "--quiet", "elsewhere")
+    git(repo, "branch", "--force", "main", old)
+    assert [str(f) for f in anyio.run(verify_report, path).findings] == [
+        f"merge[0].into: branch main points at {old}, which does not contain {new}"
+    ]
+    git(repo, "branch", "--quiet", "-D", "main")
+    assert [str(f) for f in anyio.run(verify_report, path).findings] == [
+        "merge[0].into: branch main does not exist"
+    ]
