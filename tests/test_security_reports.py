@@ -511,3 +511,60 @@ def test_a_forged_merge_record_is_checked_against_the_repository(
     assert [str(f) for f in anyio.run(verify_report, path).findings] == [
         "merge[0].into: branch main does not exist"
     ]
+
+
+@pytest.mark.slow
+def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A task after two dependencies started from the merge of their results: a base commit
+    re-sealed as one of them, or as a commit of the right parents and another tree, is
+    caught; after a dependency that contains the other, the base is that one's result."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    envelopes = [
+        build_envelope("w", "a", task_id="a", venv=False),
+        build_envelope("w", "b", task_id="b", venv=False),
+        build_envelope("w", "c", task_id="c", venv=False, depends_on=["a", "b"]),
+        build_envelope("w", "d", task_id="d", venv=False, depends_on=["a"]),
+        build_envelope("w", "e", task_id="e", venv=False, depends_on=["a", "d"]),
+    ]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    path = Path(report.run_dir) / "report.json"
+    outcome = anyio.run(lambda: verify_report(path, repo=repo))
+    assert outcome.ok, [str(f) for f in outcome.findings]
+    commit = {r.task_id: r.provenance.result_commit for r in report.results}
+    base = report.result("c").provenance.base_commit
+    assert base is not None and git(repo, "rev-list", "--parents", "-n", "1", base).split()[1:] == [
+        commit["a"],
+        commit["b"],
+    ]
+    assert report.result("e").provenance.base_commit == commit["d"]
+
+    def findings(task_id: str, start: str) -> list[str]:
+        def edit(raw: dict[str, Any]) -> None:
+            next(r for r in raw["results"] if r["task_id"] == task_id)["provenance"][
+                "base_commit"
+            ] = start
+
+        forged = forge(path, tmp_path / "forged.json", edit)
+        found = anyio.run(lambda: verify_report(forged, repo=repo)).findings
+        return [str(f) for f in found]
+
+    assert findings("c", str(commit["a"])) == [
+        f"task c: provenance.base_commit: {commit['a']} is not the merge of its dependencies' "
+        f"results {[commit['a'], commit['b']]} (its parents: {[report.base_commit]})"
+    ]
+    base_tree = git(repo, "rev-parse", f"{report.base_commit}^{{tree}}")
+    other = git(repo, "commit-tree", base_tree, "-p", commit["a"], "-p", commit["b"], "-m", "x")
+    merged_tree = git(repo, "rev-parse", f"{base}^{{tree}}")
+    assert findings("c", other) == [
+        f"task c: provenance.base_commit: {other} is not an ancestor of {commit['c']}",
+        f"task c: provenance.base_commit: the tree of {other} is {base_tree}, not the merge "
+        f"of its parents ({merged_tree})",
+    ]
+    assert findings("e", str(commit["a"])) == [
+        f"task e: provenance.base_commit: expected {commit['d']} (it contains the other "
+        f"dependencies' results), found {commit['a']}"
+    ]
