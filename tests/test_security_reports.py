@@ -568,3 +568,58 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
         f"task e: provenance.base_commit: expected {commit['d']} (it contains the other "
         f"dependencies' results), found {commit['a']}"
     ]
+
+
+def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_repository(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    raw = json.loads(path.read_text())
+    result = raw["results"][0]["provenance"]["result_commit"]
+
+    def findings(edit: Any) -> list[str]:
+        forged = forge(path, tmp_path / "forged.json", edit)
+        return [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
+
+    def unknown_base(raw: dict[str, Any]) -> None:
+        raw["base_commit"] = "1" * 40
+        raw["results"][0]["provenance"]["base_commit"] = "1" * 40
+
+    assert findings(unknown_base) == [
+        f"base_commit: commit {'1' * 40} not found in the repository",
+        f"task a: provenance.base_commit: {'1' * 40} is not an ancestor of {result}",
+    ]
+
+    def on_main(raw: dict[str, Any]) -> None:
+        raw["results"][0]["branch"] = "main"
+
+    main = git(repo, "rev-parse", "main")
+    assert findings(on_main) == [
+        f"task a: branch: branch main points at {main}, which does not contain {result}"
+    ]
+
+    def on_nothing(raw: dict[str, Any]) -> None:
+        raw["results"][0]["branch"] = "no/such/branch"
+
+    assert findings(on_nothing) == ["task a: branch: branch no/such/branch does not exist"]
+
+
+def test_a_report_of_work_without_git_verifies_without_a_repository(tmp_path: Path) -> None:
+    """No commit, no base: nothing to look up, and no repository needed."""
+    from orchestrator import verify_report
+
+    envelopes = [build_envelope("w", "x", task_id="x", worktree=False, venv=False)]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, agents={"w": _write_nothing}, state_dir=tmp_path)
+    )
+    assert report.repo is None and report.base_commit is None
+    outcome = anyio.run(verify_report, Path(report.run_dir) / "report.json")
+    assert outcome.ok, [str(f) for f in outcome.findings]
+    assert outcome.checked_commits == 0
+
+
+async def _write_nothing(envelope: Any, workspace: Any) -> dict[str, Any]:
+    return {"ok": True}
