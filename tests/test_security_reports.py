@@ -623,3 +623,42 @@ def test_a_report_of_work_without_git_verifies_without_a_repository(tmp_path: Pa
 
 async def _write_nothing(envelope: Any, workspace: Any) -> dict[str, Any]:
     return {"ok": True}
+
+
+@pytest.mark.slow
+def test_check_records_forged_to_passing_disagree_with_the_commits_checks_trailer(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """The result commit's Checks trailer is git's record of the checks: records rewritten
+    to passing in a re-sealed report are caught."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    fail = Step(name="tests", run=[sys.executable, "-c", "raise SystemExit(1)"])
+    lint = Step(name="lint", run=[sys.executable, "-c", "pass"], required=False)
+    envelopes = [
+        build_envelope("w", "a", task_id="a", venv=False, checks=[fail, lint]),
+        build_envelope("w", "b", task_id="b", venv=False, checks=[lint]),
+    ]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    assert report.result("a").provenance.result_commit is not None
+    path = Path(report.run_dir) / "report.json"
+    assert anyio.run(lambda: verify_report(path, repo=repo)).ok
+
+    def passing(raw: dict[str, Any]) -> None:
+        result = raw["results"][0]
+        for check in result["checks"]:
+            check.update(exit_code=0, passed=True)
+        result.update(status="succeeded", error=None)
+        raw["errors"] = []
+        raw["summary"].update(successful=2, failed=0, success_rate=100.0)
+        agent = raw["results_by_agent"]["w"]
+        agent.update(successful=2, failed=0)
+
+    forged = forge(path, tmp_path / "forged.json", passing)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert [str(f) for f in findings] == [
+        "task a: checks: its commit's Checks trailer says 'tests failed, lint passed (not "
+        "required)', its records 'tests passed, lint passed (not required)'"
+    ]
