@@ -467,6 +467,13 @@ def test_a_forged_merge_record_is_checked_against_the_repository(
         f"{results[1]!r}], expected [{old!r}, {results[0]!r}]"
     ]
 
+    def unknown_merge_commit(raw: dict[str, Any]) -> None:
+        raw["merge"][0]["tasks"][0]["merge_commit"] = "2" * 40
+
+    assert findings(unknown_merge_commit) == [
+        f"task a: merge[0].merge_commit: commit {'2' * 40} not found in the repository"
+    ]
+
     def unknown_old(raw: dict[str, Any]) -> None:
         raw["merge"][0]["old_commit"] = "1" * 40
 
@@ -564,6 +571,10 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
         f"task c: provenance.base_commit: the tree of {other} is {base_tree}, not the merge "
         f"of its parents ({merged_tree})",
     ]
+    assert findings("c", "3" * 40) == [
+        f"task c: provenance.base_commit: {'3' * 40} is not an ancestor of {commit['c']}",
+        f"task c: provenance.base_commit: commit {'3' * 40} not found in the repository",
+    ]
     assert findings("e", str(commit["a"])) == [
         f"task e: provenance.base_commit: expected {commit['d']} (it contains the other "
         f"dependencies' results), found {commit['a']}"
@@ -599,6 +610,14 @@ def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_reposi
     main = git(repo, "rev-parse", "main")
     assert findings(on_main) == [
         f"task a: branch: branch main points at {main}, which does not contain {result}"
+    ]
+
+    def nowhere(raw: dict[str, Any]) -> None:
+        raw["repo"] = None
+
+    forged = forge(path, tmp_path / "nowhere.json", nowhere)
+    assert [str(f) for f in anyio.run(verify_report, forged).findings] == [
+        "repo: the report names no repository; pass --repo"
     ]
 
     def on_nothing(raw: dict[str, Any]) -> None:
