@@ -1537,14 +1537,15 @@ def test_a_tasks_status_agrees_with_its_checks_and_hooks(name: str) -> None:
 
 
 def started_report(*, base: str | None, depends_on: tuple[str, ...]) -> dict[str, Any]:
-    """a and b done (b from a's result), members g[x] and g[y] of group g, and c, which
-    started from *base* after *depends_on*."""
+    """a and b done (b, and b2 with the same result, from a's result), members g[x] and
+    g[y] of group g, and c, which started from *base* after *depends_on*."""
     results = [
         crafted_result("a", commit=_oid(1)),
         crafted_result("b", commit=_oid(2), base=_oid(1), depends_on=("a",)),
         crafted_result("g[x]", "failed", group="g"),
         crafted_result("g[y]", commit=_oid(3), group="g"),
         crafted_result("n", commit=None),
+        crafted_result("b2", commit=_oid(2), base=_oid(1), depends_on=("a",)),
         crafted_result("c", commit=_oid(4), base=base, depends_on=depends_on),
     ]
     return crafted_report(results, groups={"g": ("all", None)})
@@ -1572,6 +1573,11 @@ START_CASES: dict[str, tuple[str | None, tuple[str, ...], list[str]]] = {
     "after a dependency with no commit": (CRAFT_BASE, ("n",), []),
     "after one result named twice": (_oid(2), ("b", "b"), []),
     "after several: a merge, checked in git": (_oid(9), ("a", "b"), []),
+    "after two results of one commit": (
+        CRAFT_BASE,
+        ("b", "b2"),
+        [f"task c: provenance.base_commit: expected '{_oid(2)}', found '{CRAFT_BASE}'"],
+    ),
     "after a task not in the report": (
         _oid(2),
         ("b", "ghost"),
