@@ -671,7 +671,9 @@ def _audit_checked_outcome(field: str, merge: Mapping[str, Any]) -> Iterator[Fin
     """What a checked merge's status says agrees with its checks: the target moved only to a
     tree whose checks passed (for a train, each result kept passed on the tree it made), and
     a result whose check failed was left out (or, for ``check``, nothing moved)."""
-    checks, status = merge["checks"], merge["status"]
+    # A checked merge that checked nothing (the target held every result already, or the
+    # results conflicted) is written without ``checks``, as without ``left_out``.
+    checks, status = merge.get("checks", []), merge["status"]
     left = {e["task_id"] for e in merge.get("left_out", [])}
 
     def wrong(message: str, task_id: str | None = None) -> Finding:

@@ -429,3 +429,255 @@ def test_a_lone_surrogate_escape_is_no_report(
         assert outcome.code == 2
         assert "lone surrogate" in outcome.err
         no_traceback(outcome)
+
+
+@pytest.mark.slow
+def test_a_forged_merge_record_is_checked_against_the_repository(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A merge record names commits: each merge commit is the merge of the one before it and
+    its task's result (parents and tree), the chain ends at new_commit, and the target still
+    contains it. A record re-sealed with other commits, or a target moved back, is caught."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a", "b"))
+    with contextlib.chdir(repo):
+        assert cli(capsys, "merge", str(path), "--into", "main").code == 0
+    outcome = anyio.run(verify_report, path)
+    assert outcome.ok, [str(f) for f in outcome.findings]
+    assert outcome.checked_commits == 4  # two results, two merge commits
+    record = json.loads(path.read_text())["merge"][0]
+    old, new = record["old_commit"], record["new_commit"]
+    first, second = (t["merge_commit"] for t in record["tasks"])
+    results = [t["result_commit"] for t in record["tasks"]]
+    assert new == second != first
+
+    def findings(edit: Any) -> list[str]:
+        forged = forge(path, tmp_path / "forged.json", edit)
+        return [str(f) for f in anyio.run(verify_report, forged).findings]
+
+    def swapped(raw: dict[str, Any]) -> None:
+        tasks = raw["merge"][0]["tasks"]
+        tasks[0]["merge_commit"], tasks[1]["merge_commit"] = second, first
+        raw["merge"][0]["new_commit"] = first
+
+    assert findings(swapped) == [
+        f"task a: merge[0].merge_commit: the parents of {second} are [{first!r}, "
+        f"{results[1]!r}], expected [{old!r}, {results[0]!r}]"
+    ]
+
+    def unknown_merge_commit(raw: dict[str, Any]) -> None:
+        raw["merge"][0]["tasks"][0]["merge_commit"] = "2" * 40
+
+    assert findings(unknown_merge_commit) == [
+        f"task a: merge[0].merge_commit: commit {'2' * 40} not found in the repository"
+    ]
+
+    def unknown_old(raw: dict[str, Any]) -> None:
+        raw["merge"][0]["old_commit"] = "1" * 40
+
+    assert findings(unknown_old) == [
+        f"merge[0].old_commit: commit {'1' * 40} not found in the repository"
+    ]
+
+    # A commit with the right parents but another tree (the base's) is not their merge.
+    base_tree = git(repo, "rev-parse", f"{old}^{{tree}}")
+    other = git(repo, "commit-tree", base_tree, "-p", old, "-p", results[0], "-m", "forged")
+
+    def other_tree(raw: dict[str, Any]) -> None:
+        raw["merge"][0]["tasks"][0]["merge_commit"] = other
+
+    merged_tree = git(repo, "rev-parse", f"{first}^{{tree}}")
+    assert findings(other_tree) == [
+        f"task a: merge[0].merge_commit: the tree of {other} ({base_tree}) is not the merge of "
+        f"its parents ({merged_tree})"
+    ]
+
+    def ends_early(raw: dict[str, Any]) -> None:
+        raw["merge"][0]["tasks"][1]["merge_commit"] = None
+
+    assert findings(ends_early) == [
+        f"merge[0].new_commit: expected {first!r}, found {new!r}",
+        f"merge[0].new_commit: expected {first} (the end of the chain of merge commits), "
+        f"found {new}",
+    ]
+
+    # The target moved on: fine. Moved back, or gone: not.
+    (repo / "more.txt").write_text("more\n")
+    git(repo, "add", "more.txt")
+    git(repo, "commit", "--quiet", "-m", "more")
+    assert anyio.run(verify_report, path).ok
+    git(repo, "branch", "--force", "elsewhere", old)
+    git(repo, "checkout", "--quiet", "elsewhere")
+    git(repo, "branch", "--force", "main", old)
+    assert [str(f) for f in anyio.run(verify_report, path).findings] == [
+        f"merge[0].into: branch main points at {old}, which does not contain {new}"
+    ]
+    git(repo, "branch", "--quiet", "-D", "main")
+    assert [str(f) for f in anyio.run(verify_report, path).findings] == [
+        "merge[0].into: branch main does not exist"
+    ]
+
+
+@pytest.mark.slow
+def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A task after two dependencies started from the merge of their results: a base commit
+    re-sealed as one of them, or as a commit of the right parents and another tree, is
+    caught; after a dependency that contains the other, the base is that one's result."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    envelopes = [
+        build_envelope("w", "a", task_id="a", venv=False),
+        build_envelope("w", "b", task_id="b", venv=False),
+        build_envelope("w", "c", task_id="c", venv=False, depends_on=["a", "b"]),
+        build_envelope("w", "d", task_id="d", venv=False, depends_on=["a"]),
+        build_envelope("w", "e", task_id="e", venv=False, depends_on=["a", "d"]),
+    ]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    path = Path(report.run_dir) / "report.json"
+    outcome = anyio.run(lambda: verify_report(path, repo=repo))
+    assert outcome.ok, [str(f) for f in outcome.findings]
+    commit = {r.task_id: r.provenance.result_commit for r in report.results}
+    base = report.result("c").provenance.base_commit
+    assert base is not None and git(repo, "rev-list", "--parents", "-n", "1", base).split()[1:] == [
+        commit["a"],
+        commit["b"],
+    ]
+    assert report.result("e").provenance.base_commit == commit["d"]
+
+    def findings(task_id: str, start: str) -> list[str]:
+        def edit(raw: dict[str, Any]) -> None:
+            next(r for r in raw["results"] if r["task_id"] == task_id)["provenance"][
+                "base_commit"
+            ] = start
+
+        forged = forge(path, tmp_path / "forged.json", edit)
+        found = anyio.run(lambda: verify_report(forged, repo=repo)).findings
+        return [str(f) for f in found]
+
+    assert findings("c", str(commit["a"])) == [
+        f"task c: provenance.base_commit: {commit['a']} is not the merge of its dependencies' "
+        f"results {[commit['a'], commit['b']]} (its parents: {[report.base_commit]})"
+    ]
+    base_tree = git(repo, "rev-parse", f"{report.base_commit}^{{tree}}")
+    other = git(repo, "commit-tree", base_tree, "-p", commit["a"], "-p", commit["b"], "-m", "x")
+    merged_tree = git(repo, "rev-parse", f"{base}^{{tree}}")
+    assert findings("c", other) == [
+        f"task c: provenance.base_commit: {other} is not an ancestor of {commit['c']}",
+        f"task c: provenance.base_commit: the tree of {other} is {base_tree}, not the merge "
+        f"of its parents ({merged_tree})",
+    ]
+    assert findings("c", "3" * 40) == [
+        f"task c: provenance.base_commit: {'3' * 40} is not an ancestor of {commit['c']}",
+        f"task c: provenance.base_commit: commit {'3' * 40} not found in the repository",
+    ]
+    assert findings("e", str(commit["a"])) == [
+        f"task e: provenance.base_commit: expected {commit['d']} (it contains the other "
+        f"dependencies' results), found {commit['a']}"
+    ]
+
+
+def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_repository(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    raw = json.loads(path.read_text())
+    result = raw["results"][0]["provenance"]["result_commit"]
+
+    def findings(edit: Any) -> list[str]:
+        forged = forge(path, tmp_path / "forged.json", edit)
+        return [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
+
+    def unknown_base(raw: dict[str, Any]) -> None:
+        raw["base_commit"] = "1" * 40
+        raw["results"][0]["provenance"]["base_commit"] = "1" * 40
+
+    assert findings(unknown_base) == [
+        f"base_commit: commit {'1' * 40} not found in the repository",
+        f"task a: provenance.base_commit: {'1' * 40} is not an ancestor of {result}",
+    ]
+
+    def on_main(raw: dict[str, Any]) -> None:
+        raw["results"][0]["branch"] = "main"
+
+    main = git(repo, "rev-parse", "main")
+    assert findings(on_main) == [
+        f"task a: branch: branch main points at {main}, which does not contain {result}"
+    ]
+
+    def nowhere(raw: dict[str, Any]) -> None:
+        raw["repo"] = None
+
+    forged = forge(path, tmp_path / "nowhere.json", nowhere)
+    assert [str(f) for f in anyio.run(verify_report, forged).findings] == [
+        "repo: the report names no repository; pass --repo"
+    ]
+
+    def on_nothing(raw: dict[str, Any]) -> None:
+        raw["results"][0]["branch"] = "no/such/branch"
+
+    assert findings(on_nothing) == ["task a: branch: branch no/such/branch does not exist"]
+
+
+def test_a_report_of_work_without_git_verifies_without_a_repository(tmp_path: Path) -> None:
+    """No commit, no base: nothing to look up, and no repository needed."""
+    from orchestrator import verify_report
+
+    envelopes = [build_envelope("w", "x", task_id="x", worktree=False, venv=False)]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, agents={"w": _write_nothing}, state_dir=tmp_path)
+    )
+    assert report.repo is None and report.base_commit is None
+    outcome = anyio.run(verify_report, Path(report.run_dir) / "report.json")
+    assert outcome.ok, [str(f) for f in outcome.findings]
+    assert outcome.checked_commits == 0
+
+
+async def _write_nothing(envelope: Any, workspace: Any) -> dict[str, Any]:
+    return {"ok": True}
+
+
+@pytest.mark.slow
+def test_check_records_forged_to_passing_disagree_with_the_commits_checks_trailer(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """The result commit's Checks trailer is git's record of the checks: records rewritten
+    to passing in a re-sealed report are caught."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    fail = Step(name="tests", run=[sys.executable, "-c", "raise SystemExit(1)"])
+    lint = Step(name="lint", run=[sys.executable, "-c", "pass"], required=False)
+    envelopes = [
+        build_envelope("w", "a", task_id="a", venv=False, checks=[fail, lint]),
+        build_envelope("w", "b", task_id="b", venv=False, checks=[lint]),
+    ]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    assert report.result("a").provenance.result_commit is not None
+    path = Path(report.run_dir) / "report.json"
+    assert anyio.run(lambda: verify_report(path, repo=repo)).ok
+
+    def passing(raw: dict[str, Any]) -> None:
+        result = raw["results"][0]
+        for check in result["checks"]:
+            check.update(exit_code=0, passed=True)
+        result.update(status="succeeded", error=None)
+        raw["errors"] = []
+        raw["summary"].update(successful=2, failed=0, success_rate=100.0)
+        agent = raw["results_by_agent"]["w"]
+        agent.update(successful=2, failed=0)
+
+    forged = forge(path, tmp_path / "forged.json", passing)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert [str(f) for f in findings] == [
+        "task a: checks: its commit's Checks trailer says 'tests failed, lint passed (not "
+        "required)', its records 'tests passed, lint passed (not required)'"
+    ]

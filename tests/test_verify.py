@@ -895,15 +895,35 @@ def _task_cost(raw: dict[str, Any]) -> None:
     result_of(raw, "p")["usage"]["cost_usd"] = 0.001
 
 
+def _partial_attempt(raw: dict[str, Any]) -> None:
+    result_of(raw, "p")["attempt_log"][0]["usage"]["cost_source"] = "partial"
+
+
+def _before_attempt_usage(raw: dict[str, Any]) -> None:
+    # As a result written before attempts recorded usage: its own estimate, recomputed.
+    result = result_of(raw, "p")
+    del result["attempt_log"][0]["usage"]
+    result["usage"]["cost_usd"] = 0.001
+
+
 @pytest.mark.parametrize(
     ("change", "field", "message"),
     [
+        (_partial_attempt, "attempt_log[1].usage.cost_source", "reported or estimated, never"),
+        (_before_attempt_usage, "usage.cost_usd", "expected 0.00315, found 0.001"),
         (_reprice, "attempt_log[1].usage.cost_usd", "expected 0.03015, found 0.00315"),
         (_drop_pricing, "attempt_log[1].usage.cost_usd", "records no rates for model 'm'"),
         (_attempt_cost, "attempt_log[1].usage.cost_usd", "expected 0.00315, found 0.001"),
         (_task_cost, "usage", "'cost_usd': 0.00315"),
     ],
-    ids=["rates changed", "rates dropped", "attempt's estimate", "task's sum"],
+    ids=[
+        "partial attempt",
+        "before attempt usage",
+        "rates changed",
+        "rates dropped",
+        "attempt's estimate",
+        "task's sum",
+    ],
 )
 def test_an_estimated_cost_is_recomputed_from_the_reports_rates(
     priced: dict[str, Any], change: Callable[[dict[str, Any]], None], field: str, message: str
@@ -919,3 +939,1089 @@ def test_an_estimated_cost_is_recomputed_from_the_reports_rates(
     reseal(raw)
     found = [f for f in audit_report(raw) if f.task_id == "p" and f.field == field]
     assert found and message in found[0].message, audit_report(raw)
+
+
+# crafted reports: the audit alone (envelopes), on reports no run made
+#
+# Each report is sealed as a forger would seal it and has the shape of a real one (it
+# validates), so that what flags it is the audit's own cross-check, named in one line.
+
+CRAFT_BASE = "b" * 40
+
+
+def _oid(n: int) -> str:
+    return f"{n:040x}"
+
+
+def crafted_result(
+    task_id: str,
+    status: str = "succeeded",
+    *,
+    commit: str | None = None,
+    base: str | None = CRAFT_BASE,
+    group: str | None = None,
+    depends_on: tuple[str, ...] = (),
+    error_kind: str | None = None,
+    checks: tuple[dict[str, Any], ...] = (),
+    hooks: tuple[dict[str, Any], ...] = (),
+) -> Any:
+    """A sealed TaskResult as the orchestrator makes one, without a run."""
+    from datetime import UTC, datetime
+
+    from envelopes import AgentInfo, ErrorInfo, Provenance, TaskResult, Timings, seal_result
+
+    if error_kind is None and status not in ("succeeded", "cached"):
+        error_kind = "exit_code"
+    error = ErrorInfo(kind=error_kind, message="no luck") if error_kind else None  # type: ignore[arg-type]
+    output = {"task": task_id} if error is None else None
+    info = AgentInfo(kind="command", command=["python", "agent.py"])
+    at = datetime(2026, 11, 22, 5, 54, 31, tzinfo=UTC)
+    result = TaskResult.model_validate(
+        {
+            "task_id": task_id,
+            "agent": "coder",
+            "status": status,
+            "attempts": 0,
+            "output": output,
+            "error": error,
+            "timings": Timings(started_at=at, finished_at=at, duration_s=0.0),
+            "group": group,
+            "depends_on": list(depends_on),
+            "checks": list(checks),
+            "hooks": list(hooks),
+            "provenance": Provenance(
+                envelope_sha256="e" * 64,
+                base_commit=base,
+                result_commit=commit,
+                result_tree=_oid(0xEE) if commit else None,
+                agent=info,
+                agent_sha256=digest(info.model_dump(mode="json")),
+                output_sha256=digest(output),
+            ),
+        }
+    )
+    return seal_result(result)
+
+
+def crafted_report(results: list[Any], **options: Any) -> dict[str, Any]:
+    """The JSON object of a sealed report of *results* (see orchestrator.report)."""
+    from datetime import UTC, datetime
+
+    from orchestrator.report import aggregate_results
+
+    at = datetime(2026, 11, 22, 5, 54, 31, tzinfo=UTC)
+    settings: dict[str, Any] = {
+        "run_id": "20261122-055431-8c6b7f",
+        "plan_name": "crafted",
+        "plan_sha256": "a" * 64,
+        "repo": None,
+        "base_ref": "HEAD",
+        "base_commit": CRAFT_BASE,
+        "run_dir": Path("/nonexistent/run"),
+        "started_at": at,
+        "finished_at": at,
+    }
+    raw: dict[str, Any] = aggregate_results(results, **(settings | options)).to_json_dict()
+    return raw
+
+
+def audited(raw: dict[str, Any], *, run_dir: Path | None = None) -> list[str]:
+    """The findings of the audit of *raw* in its written form (what a valid report reads
+    back as: empty additions left out), re-sealed; as ``verify`` prints them."""
+    from envelopes import audit_report
+
+    written = Report.model_validate(raw).to_json_dict()  # the shape of a real report
+    reseal(written)
+    return [str(f) for f in audit_report(written, run_dir=run_dir)]
+
+
+def step(
+    name: str,
+    *,
+    exit_code: int | None = 0,
+    passed: bool | None = None,
+    required: bool = True,
+    turn: int = 1,
+    phase: str = "check",
+    timed_out: bool = False,
+    stdout: dict[str, Any] | None = None,
+    stderr: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A check (or setup step, or hook) record; ``passed`` as its exit code says unless given."""
+    return {
+        "name": name,
+        "phase": phase,
+        "turn": turn,
+        "command": ["make", name],
+        "exit_code": exit_code,
+        "passed": (exit_code == 0 and not timed_out) if passed is None else passed,
+        "required": required,
+        "timed_out": timed_out,
+        "duration_s": 0.5,
+        "stdout": stdout,
+        "stderr": stderr,
+    }
+
+
+def merged_report(*, failed: str | None = None) -> dict[str, Any]:
+    """Results a, b and c (one failed if named), and a record of a and b merged into main:
+    old commit, then a merge commit for each."""
+    results = [
+        crafted_result(t, "failed" if t == failed else "succeeded", commit=_oid(i))
+        for i, t in enumerate(("a", "b", "c"), start=1)
+    ]
+    raw = crafted_report(results)
+    raw["merge"] = [
+        {
+            "into": "main",
+            "status": "merged",
+            "old_commit": CRAFT_BASE,
+            "new_commit": _oid(0xB2),
+            "tasks": [
+                {"task_id": "a", "result_commit": _oid(1), "merge_commit": _oid(0xA1)},
+                {"task_id": "b", "result_commit": _oid(2), "merge_commit": _oid(0xB2)},
+            ],
+            "conflicts": [],
+            "message": "",
+            "at": raw["finished_at"],
+        }
+    ]
+    return raw
+
+
+def test_a_crafted_report_with_a_consistent_merge_record_audits_clean() -> None:
+    assert audited(merged_report()) == []
+    raw = merged_report()
+    # A result the target already held has no merge commit: the chain skips it.
+    raw["merge"][0]["tasks"][1]["merge_commit"] = None
+    raw["merge"][0]["new_commit"] = _oid(0xA1)
+    assert audited(raw) == []
+
+
+def _merge_of(raw: dict[str, Any]) -> dict[str, Any]:
+    merge: dict[str, Any] = raw["merge"][0]
+    return merge
+
+
+MERGE_TAMPERS: dict[str, tuple[Callable[[dict[str, Any]], None], list[str]]] = {
+    "other result commit": (
+        lambda m: m["tasks"][1].update(result_commit=_oid(3)),
+        [f"task b: merge[0].result_commit: expected '{_oid(2)}', found '{_oid(3)}'"],
+    ),
+    "task not in the report": (
+        lambda m: m["tasks"][1].update(task_id="ghost"),
+        ["merge[0]: task ghost is not in the report"],
+    ),
+    "listed twice": (
+        lambda m: m["tasks"].insert(1, dict(m["tasks"][0], merge_commit=None)),
+        ["task a: merge[0]: listed 2 times"],
+    ),
+    "no new commit": (
+        lambda m: m.update(new_commit=None),
+        ["merge[0]: a merged record without its old and new commit"],
+    ),
+    "no old commit": (
+        lambda m: m.update(old_commit=None),
+        ["merge[0]: a merged record without its old and new commit"],
+    ),
+    "new commit not the end of the chain": (
+        lambda m: m.update(new_commit=_oid(0xA1)),
+        [f"merge[0].new_commit: expected '{_oid(0xB2)}', found '{_oid(0xA1)}'"],
+    ),
+    "no merge commit but moved": (
+        lambda m: [e.update(merge_commit=None) for e in m["tasks"]],
+        [f"merge[0].new_commit: expected '{CRAFT_BASE}', found '{_oid(0xB2)}'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MERGE_TAMPERS))
+def test_a_merge_record_that_disagrees_with_the_results_is_flagged(name: str) -> None:
+    change, expected = MERGE_TAMPERS[name]
+    raw = merged_report()
+    change(_merge_of(raw))
+    assert audited(raw) == expected
+
+
+def test_a_merged_record_of_a_failed_task_is_flagged_but_not_a_conflict() -> None:
+    raw = merged_report(failed="b")
+    assert audited(raw) == ["task b: merge[0]: merged, but the task's status is failed"]
+    # A task the report does not hold, listed first, hides none of those after it.
+    ghost = {"task_id": "ghost", "result_commit": _oid(7), "merge_commit": None}
+    _merge_of(raw)["tasks"].insert(0, ghost)
+    assert audited(raw) == [
+        "merge[0]: task ghost is not in the report",
+        "task b: merge[0]: merged, but the task's status is failed",
+    ]
+    # A record that did not merge (a conflict) may name any task, and has no commits to chain.
+    raw = merged_report(failed="b")
+    _merge_of(raw).update(status="conflict", new_commit=None)
+    assert audited(raw) == []
+
+
+def checked_merge(mode: str) -> dict[str, Any]:
+    """A checked merge of a and b: each tree checked and passed (``check``: one check of the
+    tree of both; ``train``: one for each result added)."""
+    raw = merged_report()
+    merge = _merge_of(raw)
+    merge["mode"] = mode
+    if mode == "check":
+        merge["checks"] = [
+            {"task_id": None, "commit": _oid(0xB2), "passed": True, "checks": [step("test")]}
+        ]
+    else:
+        merge["checks"] = [
+            {"task_id": t, "commit": c, "passed": True, "checks": [step("test")]}
+            for t, c in (("a", _oid(0xA1)), ("b", _oid(0xB2)))
+        ]
+    merge["left_out"] = []
+    return raw
+
+
+def _fail_check(number: int) -> Callable[[dict[str, Any]], None]:
+    def change(merge: dict[str, Any]) -> None:
+        merge["checks"][number].update(passed=False, checks=[step("test", exit_code=1)])
+
+    return change
+
+
+def _train_left_out_b(merge: dict[str, Any]) -> None:
+    # b's check failed and b was left out: the target moved to a's merge only.
+    _fail_check(1)(merge)
+    merge["tasks"].pop()
+    merge["new_commit"] = _oid(0xA1)
+    merge["left_out"] = [{"task_id": "b", "reason": "its check failed"}]
+
+
+CHECKED_TAMPERS: dict[str, tuple[str, Callable[[dict[str, Any]], None], list[str]]] = {
+    "consistent check": ("check", lambda m: None, []),
+    "consistent train": ("train", lambda m: None, []),
+    "train leaving out a failed check": ("train", _train_left_out_b, []),
+    "no mode, checks": (
+        "check",
+        lambda m: m.update(mode=None),
+        ["merge[0].mode: checks recorded, but no check mode"],
+    ),
+    "no mode, left out only": (
+        "train",
+        lambda m: m.update(mode=None, checks=[], left_out=[{"task_id": "c", "reason": "x"}]),
+        ["merge[0].mode: checks recorded, but no check mode"],
+    ),
+    "no mode, check_failed": (
+        "check",
+        lambda m: m.update(mode=None, checks=[], status="check_failed", new_commit=None, tasks=[]),
+        ["merge[0].mode: checks recorded, but no check mode"],
+    ),
+    "step passed with exit code 1": (
+        "check",
+        lambda m: m["checks"][0]["checks"].append(step("lint", exit_code=1, passed=True)),
+        ["merge[0].checks[0].checks[1].passed: expected False, found True"],
+    ),
+    "step passed though timed out": (
+        "train",
+        lambda m: m["checks"][1]["checks"].append(step("lint", timed_out=True, passed=True)),
+        ["task b: merge[0].checks[1].checks[1].passed: expected False, found True"],
+    ),
+    "step failed with exit code 0": (
+        "train",
+        lambda m: m["checks"][0]["checks"].append(step("lint", passed=False, required=False)),
+        ["task a: merge[0].checks[0].checks[1].passed: expected True, found False"],
+    ),
+    "check passed though a required step failed": (
+        "train",
+        lambda m: m["checks"][0]["checks"].append(step("lint", exit_code=2)),
+        ["task a: merge[0].checks[0].passed: expected False, found True"],
+    ),
+    "an optional step failed": (
+        "train",
+        lambda m: m["checks"][0]["checks"].append(step("lint", exit_code=2, required=False)),
+        [],
+    ),
+    "check failed though its steps passed": (
+        "check",
+        lambda m: m["checks"][0].update(passed=False),
+        [
+            "merge[0].checks[0].passed: expected True, found False",
+            f"merge[0].checks: merged into {_oid(0xB2)}, but no passing check of that tree",
+        ],
+    ),
+    "left out, not in the report": (
+        "train",
+        lambda m: m["left_out"].append({"task_id": "ghost", "reason": "x"}),
+        ["merge[0].left_out: task ghost is not in the report"],
+    ),
+    "left out and merged": (
+        "train",
+        lambda m: (
+            m["left_out"].append({"task_id": "c", "reason": "x"})
+            or m["left_out"].append({"task_id": "a", "reason": "x"})
+        ),
+        [
+            "task a: merge[0].left_out: left out, but listed among the tasks merged",
+            "task a: merge[0].checks: its check passed, but it is left out",
+        ],
+    ),
+    "check mode, moved to an unchecked tree": (
+        "check",
+        lambda m: m["checks"][0].update(commit=_oid(0xA1)),
+        [f"merge[0].checks: merged into {_oid(0xB2)}, but no passing check of that tree"],
+    ),
+    "check mode, nothing moved": (
+        "check",
+        lambda m: m.update(tasks=[], new_commit=CRAFT_BASE, checks=[]),
+        [],
+    ),
+    "check mode, a conflict before any check": (
+        "check",
+        lambda m: m.update(status="conflict", new_commit=None, checks=[]),
+        [],
+    ),
+    "train, nothing to check": (
+        "train",
+        lambda m: m.update(tasks=[], new_commit=CRAFT_BASE, checks=[]),
+        [],
+    ),
+    "check mode, check_failed with no failed check": (
+        "check",
+        lambda m: m.update(status="check_failed"),
+        ["merge[0].checks: check_failed, but no check failed"],
+    ),
+    "check mode, check_failed as recorded": (
+        "check",
+        lambda m: _fail_check(0)(m) or m.update(status="check_failed"),
+        [],
+    ),
+    "train, merged as an unchecked tree": (
+        "train",
+        lambda m: m["checks"][1].update(commit=_oid(0xA1)),
+        [f"task b: merge[0].checks: merged as {_oid(0xB2)}, but no passing check of that tree"],
+    ),
+    "train, checked as another task": (
+        "train",
+        lambda m: m["checks"][1].update(task_id="c"),
+        [
+            f"task b: merge[0].checks: merged as {_oid(0xB2)}, but no passing check of that tree",
+        ],
+    ),
+    "train, failed check not left out": (
+        "train",
+        lambda m: (
+            _fail_check(1)(m)
+            or m["tasks"][1].update(merge_commit=None)
+            or m.update(new_commit=_oid(0xA1))
+        ),
+        ["task b: merge[0].checks: its check failed, but it is not left out"],
+    ),
+    "train, check_failed with a result merged": (
+        "train",
+        lambda m: (
+            _train_left_out_b(m)
+            or m.update(status="check_failed", new_commit=None, old_commit=CRAFT_BASE)
+        ),
+        ["merge[0].checks: check_failed, but a result was merged"],
+    ),
+    "train, check_failed with a new commit": (
+        "train",
+        lambda m: (
+            [_fail_check(i)(m) for i in (0, 1)]
+            and m.update(
+                status="check_failed",
+                tasks=[],
+                left_out=[{"task_id": t, "reason": "x"} for t in ("a", "b")],
+            )
+        ),
+        ["merge[0].checks: check_failed, but a result was merged"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKED_TAMPERS))
+def test_a_checked_merge_agrees_with_its_checks(name: str) -> None:
+    """What a checked merge did (moved, left out, failed) is what its recorded checks say."""
+    mode, change, expected = CHECKED_TAMPERS[name]
+    raw = checked_merge(mode)
+    change(_merge_of(raw))
+    assert audited(raw) == expected
+
+
+def grouped_report(select: str) -> dict[str, Any]:
+    """Members g[a] (failed), g[b] and g[c] (succeeded) of group g, and a task outside it."""
+    results = [
+        crafted_result("g[a]", "failed", group="g"),
+        crafted_result("g[b]", group="g"),
+        crafted_result("g[c]", group="g"),
+        crafted_result("solo"),
+    ]
+    return crafted_report(results, groups={"g": (select, None)})
+
+
+def _group(raw: dict[str, Any]) -> dict[str, Any]:
+    group: dict[str, Any] = raw["groups"]["g"]
+    return group
+
+
+GROUP_TAMPERS: dict[str, tuple[str, Callable[[dict[str, Any]], None], list[str]]] = {
+    "all, as made": ("all", lambda raw: None, []),
+    "first_success, as made": ("first_success", lambda raw: None, []),
+    "member not in the report": (
+        "all",
+        lambda raw: _group(raw)["members"].append({"task_id": "ghost", "status": "failed"}),
+        [
+            "groups.g: member ghost is not in the report",
+            "groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], "
+            "found ['g[a]', 'g[b]', 'g[c]', 'ghost']",
+        ],
+    ),
+    "member status": (
+        "all",
+        lambda raw: _group(raw)["members"][0].update(status="succeeded"),
+        [
+            "task g[a]: groups.g.status: expected 'failed', found 'succeeded'",
+            "groups.g.selected: expected ['g[a]', 'g[b]', 'g[c]'], found ['g[b]', 'g[c]']",
+        ],
+    ),
+    "member of another group": (
+        "all",
+        lambda raw: _group(raw)["members"].append({"task_id": "solo", "status": "succeeded"}),
+        [
+            "task solo: group: listed in group g but its result says None",
+            "groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], "
+            "found ['g[a]', 'g[b]', 'g[c]', 'solo']",
+            "groups.g.selected: expected ['g[b]', 'g[c]', 'solo'], found ['g[b]', 'g[c]']",
+        ],
+    ),
+    "member left out": (
+        "all",
+        lambda raw: _group(raw)["members"].pop(0),
+        ["groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], found ['g[b]', 'g[c]']"],
+    ),
+    "all, one selected": (
+        "all",
+        lambda raw: _group(raw).update(selected=["g[b]"]),
+        ["groups.g.selected: expected ['g[b]', 'g[c]'], found ['g[b]']"],
+    ),
+    "first_success, two selected": (
+        "first_success",
+        lambda raw: _group(raw).update(selected=["g[b]", "g[c]"]),
+        ["groups.g.selected: first_success selects one succeeded member, found ['g[b]', 'g[c]']"],
+    ),
+    "first_success, a failed member selected": (
+        "first_success",
+        lambda raw: _group(raw).update(selected=["g[a]"]),
+        ["groups.g.selected: first_success selects one succeeded member, found ['g[a]']"],
+    ),
+    "first_success, the other succeeded member": (
+        "first_success",
+        lambda raw: _group(raw).update(selected=["g[c]"]),
+        [],
+    ),
+    "first_success, none selected": (
+        "first_success",
+        lambda raw: _group(raw).update(selected=[]),
+        ["groups.g.selected: a member succeeded but none is selected"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUP_TAMPERS))
+def test_a_group_agrees_with_its_members_results(name: str) -> None:
+    select, change, expected = GROUP_TAMPERS[name]
+    raw = grouped_report(select)
+    change(raw)
+    assert audited(raw) == expected
+
+
+def test_a_first_success_group_with_no_success_selects_nothing() -> None:
+    results = [crafted_result(f"g[{x}]", "failed", group="g") for x in "ab"]
+    raw = crafted_report(results, groups={"g": ("first_success", None)})
+    assert audited(raw) == []
+
+
+def with_checks(
+    *checks: dict[str, Any], status: str = "succeeded", kind: str | None = None
+) -> dict[str, Any]:
+    return crafted_report([crafted_result("t", status, error_kind=kind, checks=checks)])
+
+
+def with_hooks(
+    *hooks: dict[str, Any], status: str = "succeeded", kind: str | None = None
+) -> dict[str, Any]:
+    return crafted_report([crafted_result("t", status, error_kind=kind, hooks=hooks)])
+
+
+STEP_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "checks passed": (with_checks(step("lint"), step("test", phase="setup")), []),
+    "a check passed with exit code 1": (
+        with_checks(step("lint", exit_code=1, passed=True)),
+        ["task t: checks[0].passed: expected False, found True"],
+    ),
+    "a check passed though it timed out": (
+        with_checks(step("lint"), step("test", timed_out=True, passed=True)),
+        ["task t: checks[1].passed: expected False, found True"],
+    ),
+    "a check failed with exit code 0": (
+        with_checks(step("lint", passed=False, required=False)),
+        ["task t: checks[0].passed: expected True, found False"],
+    ),
+    "succeeded past a failed required check": (
+        with_checks(step("lint", exit_code=1), step("test", exit_code=1)),
+        ["task t: status: succeeded, but its required lint, test did not pass"],
+    ),
+    "succeeded past a failed optional check": (
+        with_checks(step("lint", exit_code=1, required=False)),
+        [],
+    ),
+    "a check failed on an earlier turn only": (
+        with_checks(step("test", exit_code=1), step("test", turn=2)),
+        [],
+    ),
+    "failed with kind check, the last turn's check passed": (
+        with_checks(step("test", exit_code=1), step("test", turn=2), status="failed", kind="check"),
+        ["task t: error: failed with kind check, but every required step of its last turn passed"],
+    ),
+    "failed with kind setup, every step passed": (
+        with_checks(step("deps", phase="setup"), status="failed", kind="setup"),
+        ["task t: error: failed with kind setup, but every required step of its last turn passed"],
+    ),
+    "failed with kind check, as recorded": (
+        with_checks(step("test", exit_code=1), status="failed", kind="check"),
+        [],
+    ),
+    "failed with another kind, every check passed": (
+        with_checks(step("test"), status="failed", kind="exit_code"),
+        [],
+    ),
+    "hooks passed": (with_hooks(step("after_create", phase="hook")), []),
+    "a hook passed with exit code 1": (
+        with_hooks(step("after_create", phase="hook", exit_code=1, passed=True, required=False)),
+        ["task t: hooks[0].passed: expected False, found True"],
+    ),
+    "succeeded past a failed required hook": (
+        with_hooks(step("before_run", phase="hook", exit_code=1)),
+        ["task t: status: succeeded, but its hook before_run did not pass"],
+    ),
+    "succeeded past a failed optional hook": (
+        with_hooks(step("after_run", phase="hook", exit_code=1, required=False)),
+        [],
+    ),
+    "a required hook failed on an earlier turn only": (
+        with_hooks(
+            step("before_run", phase="hook", exit_code=1),
+            step("before_run", phase="hook", turn=2),
+            step("after_run", phase="hook", turn=3, exit_code=1, required=False),
+        ),
+        [],
+    ),
+    "failed with kind hook, every required hook passed": (
+        with_hooks(
+            step("before_run", phase="hook"),
+            step("after_run", phase="hook", exit_code=1, required=False),
+            status="failed",
+            kind="hook",
+        ),
+        ["task t: error: failed with kind hook, but every required hook of its last turn passed"],
+    ),
+    "failed with kind hook, as recorded": (
+        with_hooks(step("before_run", phase="hook", exit_code=1), status="failed", kind="hook"),
+        [],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(STEP_CASES))
+def test_a_tasks_status_agrees_with_its_checks_and_hooks(name: str) -> None:
+    """Each step's ``passed`` is what its exit code says; a succeeded task passed its required
+    checks and hooks of its last turn; one failed for them did not."""
+    raw, expected = STEP_CASES[name]
+    assert audited(copy.deepcopy(raw)) == expected
+
+
+def started_report(*, base: str | None, depends_on: tuple[str, ...]) -> dict[str, Any]:
+    """a and b done (b, and b2 with the same result, from a's result), members g[x] and
+    g[y] of group g, and c, which started from *base* after *depends_on*."""
+    results = [
+        crafted_result("a", commit=_oid(1)),
+        crafted_result("b", commit=_oid(2), base=_oid(1), depends_on=("a",)),
+        crafted_result("g[x]", "failed", group="g"),
+        crafted_result("g[y]", commit=_oid(3), group="g"),
+        crafted_result("n", commit=None),
+        crafted_result("b2", commit=_oid(2), base=_oid(1), depends_on=("a",)),
+        crafted_result("c", commit=_oid(4), base=base, depends_on=depends_on),
+    ]
+    return crafted_report(results, groups={"g": ("all", None)})
+
+
+START_CASES: dict[str, tuple[str | None, tuple[str, ...], list[str]]] = {
+    "from the run's base": (CRAFT_BASE, (), []),
+    "from elsewhere, no dependency": (
+        _oid(9),
+        (),
+        [f"task c: provenance.base_commit: expected '{CRAFT_BASE}', found '{_oid(9)}'"],
+    ),
+    "from its dependency's result": (_oid(2), ("b",), []),
+    "from the run's base, after a dependency": (
+        CRAFT_BASE,
+        ("b",),
+        [f"task c: provenance.base_commit: expected '{_oid(2)}', found '{CRAFT_BASE}'"],
+    ),
+    "from a group's selected member": (_oid(3), ("g",), []),
+    "from the run's base, after a group": (
+        CRAFT_BASE,
+        ("g",),
+        [f"task c: provenance.base_commit: expected '{_oid(3)}', found '{CRAFT_BASE}'"],
+    ),
+    "after a dependency with no commit": (CRAFT_BASE, ("n",), []),
+    "after one result named twice": (_oid(2), ("b", "b"), []),
+    "after several: a merge, checked in git": (_oid(9), ("a", "b"), []),
+    "after two results of one commit": (
+        CRAFT_BASE,
+        ("b", "b2"),
+        [f"task c: provenance.base_commit: expected '{_oid(2)}', found '{CRAFT_BASE}'"],
+    ),
+    "after a task not in the report": (
+        _oid(2),
+        ("b", "ghost"),
+        ["task c: depends_on: names tasks not in the report: ['ghost']"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(START_CASES))
+def test_a_task_started_from_the_base_or_its_dependencies_results(name: str) -> None:
+    base, depends_on, expected = START_CASES[name]
+    assert audited(started_report(base=base, depends_on=depends_on)) == expected
+
+
+def _logged(run_dir: Path, name: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / name).write_bytes(data)
+    return {"path": name, "sha256": sha256_hex(data), "size": len(data), **extra}
+
+
+def test_the_logs_of_steps_and_merge_checks_are_hashed_in_the_run_directory(
+    tmp_path: Path,
+) -> None:
+    """With the run directory, every step's logs (checks, hooks, a merge's checks) are what
+    they recorded, and only an envelope may be a record of envelopes.jsonl."""
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    records = _logged(run_dir, "envelopes.jsonl", b'{"task_id":"t"}\n')
+    lint = step("lint", stdout=_logged(run_dir, "logs/t.lint.stdout", b"lint ok\n"))
+    lint["stderr"] = {**records, "offset": 0}  # a log that claims to be an envelope's record
+    hook = step("before_run", phase="hook", stdout=_logged(run_dir, "logs/t.hook.stdout", b"h"))
+    hook["stderr"] = {"path": "logs/t.hook.stderr", "sha256": "0" * 64, "size": 0}
+    results = [crafted_result(t, commit=_oid(i)) for i, t in enumerate("abc", start=1)]
+    results.append(crafted_result("t", checks=(lint,), hooks=(hook,)))
+    raw = crafted_report(results, plan_sha256=plan["sha256"])
+    result_of(raw, "t")["envelope"] = {**records, "path": "envelopes/t.json", "offset": 0}
+    raw["merge"] = checked_merge("train")["merge"]
+    merge_step = raw["merge"][0]["checks"][1]["checks"][0]
+    merge_step["stdout"] = _logged(run_dir, "merge/1.stdout", b"tested\n")
+    merge_step["stderr"] = _logged(run_dir, "merge/1.stderr", b"")
+    (run_dir / "merge" / "1.stdout").write_bytes(b"Tested\n")
+    recorded, found = sha256_hex(b"tested\n"), sha256_hex(b"Tested\n")
+    assert audited(raw, run_dir=run_dir) == [
+        "task t: envelope.offset: only an envelope is a record (of envelopes.jsonl), "
+        "not 'envelopes/t.json'",
+        "task t: checks[0].stderr.offset: only an envelope is a record (of envelopes.jsonl), "
+        "not 'envelopes.jsonl'",
+        f"task t: hooks[0].stderr: cannot read 'logs/t.hook.stderr' in {run_dir}: "
+        "No such file or directory",
+        f"task b: merge[0].checks[1].checks[0].stdout.sha256: expected '{recorded}', "
+        f"found '{found}'",
+    ]
+
+
+def _envelope_records(run_dir: Path, *envelopes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write *envelopes* as the records of envelopes.jsonl, one a line; their LogFile entries."""
+    entries, data = [], b""
+    for envelope in envelopes:
+        record = canonical_json(envelope)
+        entries.append(
+            {
+                "path": "envelopes.jsonl",
+                "sha256": sha256_hex(record),
+                "size": len(record),
+                "offset": len(data),
+            }
+        )
+        data += record + b"\n"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "envelopes.jsonl").write_bytes(data)
+    return entries
+
+
+def _with_envelope(
+    raw: dict[str, Any], task_id: str, entry: dict[str, Any], envelope: dict[str, Any]
+) -> None:
+    result = result_of(raw, task_id)
+    result["envelope"] = entry
+    result["provenance"]["envelope_sha256"] = digest(envelope)
+
+
+def test_an_envelope_record_of_another_task_is_flagged(tmp_path: Path) -> None:
+    """Each record of envelopes.jsonl is read at its offset: a result pointing at another
+    task's record, sealed and hashed as that record, still names the wrong task."""
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    envelopes = [{"task_id": "t", "task": "do t"}, {"task_id": "u", "task": "do u"}]
+    for_t, for_u = _envelope_records(run_dir, *envelopes)
+    raw = crafted_report([crafted_result("t"), crafted_result("u")], plan_sha256=plan["sha256"])
+    _with_envelope(raw, "t", for_t, envelopes[0])
+    _with_envelope(raw, "u", for_u, envelopes[1])
+    assert audited(raw, run_dir=run_dir) == []
+    _with_envelope(raw, "t", for_u, envelopes[1])
+    assert audited(raw, run_dir=run_dir) == ["task t: envelope.task_id: expected 'u', found 't'"]
+
+
+def told(*checks: Any) -> dict[str, Any]:
+    return {"task_id": "t", "task": "do t", "checks": list(checks)}
+
+
+AS_TOLD_CASES: dict[str, tuple[dict[str, Any], list[dict[str, Any]], str, list[str]]] = {
+    "every required check passed": (
+        told(
+            {"name": "lint"}, {"name": "test", "required": True}, {"name": "x", "required": False}
+        ),
+        [step("lint"), step("test")],
+        "succeeded",
+        [],
+    ),
+    "a required check not recorded": (
+        told({"name": "lint"}, {"name": "test"}),
+        [step("lint")],
+        "succeeded",
+        ["test"],
+    ),
+    "no check recorded": (
+        told({"name": "lint"}, {"name": "test"}),
+        [],
+        "succeeded",
+        ["lint, test"],
+    ),
+    "passed on an earlier turn only": (
+        told({"name": "lint"}, {"name": "test"}),
+        [step("lint"), step("test"), step("lint", turn=2)],
+        "succeeded",
+        ["test"],
+    ),
+    "passed only as a setup step": (
+        told({"name": "test"}),
+        [step("test", phase="setup")],
+        "succeeded",
+        ["test"],
+    ),
+    "recorded, but not passed": (
+        told({"name": "test"}),
+        [step("test", exit_code=1, required=False)],
+        "succeeded",
+        ["test"],
+    ),
+    "a failed task is not held to them": (told({"name": "test"}), [], "failed", []),
+    "checks that are not a list": ({"task_id": "t", "checks": "test"}, [], "succeeded", []),
+    "a check that is not an object": (told("test", {"name": "lint"}), [], "succeeded", ["lint"]),
+}
+
+
+@pytest.mark.parametrize("name", list(AS_TOLD_CASES))
+def test_a_succeeded_task_passed_the_checks_its_envelope_names(name: str, tmp_path: Path) -> None:
+    """The envelope file says what the run was told to check: check records rewritten or
+    dropped from the report do not hide a required check that did not pass."""
+    envelope, checks, status, missing = AS_TOLD_CASES[name]
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    entry = _logged(run_dir, "envelopes/t.json", canonical_json(envelope))
+    raw = crafted_report([crafted_result("t", status, checks=tuple(checks))])
+    raw["plan_sha256"] = plan["sha256"]
+    _with_envelope(raw, "t", entry, envelope)
+    expected = [
+        f"task t: checks: succeeded without passing its required {names} "
+        "(as its envelope names them) on its last turn"
+        for names in missing
+    ]
+    assert audited(raw, run_dir=run_dir) == expected
+    # Without the run directory, nothing says what the run was told.
+    assert audited(raw) == []
+
+
+def test_a_result_from_before_attempt_usage_is_not_held_to_rates_it_has_none_of(
+    priced: dict[str, Any],
+) -> None:
+    from envelopes import audit_report
+
+    raw = copy.deepcopy(priced)
+    for result in raw["results"]:
+        del result["attempt_log"][0]["usage"]
+    del raw["pricing"]
+    reseal(raw)
+    assert [str(f) for f in audit_report(raw)] == []
+
+
+def _without(*path: str | int) -> Callable[[dict[str, Any]], None]:
+    def change(raw: dict[str, Any]) -> None:
+        node: Any = raw
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+
+    return change
+
+
+def _attempts_as_float(raw: dict[str, Any]) -> None:
+    raw["results"][0]["attempts"] = 0.0  # pydantic takes it as 0; the orchestrator writes 0
+
+
+def _exploded(raw: dict[str, Any]) -> None:
+    raw["results"][0]["status"] = "exploded"
+
+
+NOT_A_REPORT: dict[str, tuple[bytes | Callable[[dict[str, Any]], None] | None, str]] = {
+    "missing": (None, "cannot read {path}: No such file or directory"),
+    "not JSON": (b"not JSON\n", "{path} is not JSON: Expecting value: line 1 column 1 (char 0)"),
+    "number out of range": (b'{"x": 1e999}', "{path} is not JSON: number 1e999 is out of range"),
+    "no schema": (b"[]", "{path} is not a worktree-orchestrator report (no report schema tag)"),
+    "duplicate key": (b'{"schema": 1, "schema": 2}', "duplicate key 'schema' in a JSON object"),
+    "bad status": (_exploded, "{path} is not a valid report: results.0.status: Input should be"),
+    "a result's error left out": (
+        _without("results", 0, "error"),
+        "{path} is not a complete report: results[0].error is missing or not in its written form",
+    ),
+    "a count left out": (
+        _without("summary", "skipped"),
+        "{path} is not a complete report: summary.skipped is missing or not in its written form",
+    ),
+    "groups left out": (
+        _without("groups"),
+        "{path} is not a complete report: groups is missing or not in its written form",
+    ),
+    "a nested default left out": (
+        _without("results", 0, "provenance", "agent", "program"),
+        "{path} is not a complete report: results[0].provenance.agent.program is missing or "
+        "not in its written form",
+    ),
+    "a number coerced": (
+        _attempts_as_float,
+        "{path} is not a complete report: results[0].attempts is missing or not in its "
+        "written form",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_A_REPORT))
+def test_what_is_not_a_report_as_written_says_why_in_one_line(tmp_path: Path, name: str) -> None:
+    from envelopes import NotAReport, load_report_json
+
+    content, message = NOT_A_REPORT[name]
+    path = tmp_path / "report.json"
+    if callable(content):
+        raw = crafted_report([crafted_result("t")])
+        content(raw)
+        reseal(raw, results=False)
+        content = layout(raw)
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(NotAReport) as caught:
+        load_report_json(path)
+    assert str(caught.value).startswith(message.format(path=path)), caught.value
+
+
+def test_a_report_larger_than_the_cap_is_not_read(tmp_path: Path) -> None:
+    from envelopes import NotAReport, load_report_json
+
+    path = tmp_path / "report.json"
+    path.write_bytes(layout(crafted_report([crafted_result("t")])))
+    assert load_report_json(path)[1].results[0].task_id == "t"
+    with pytest.raises(NotAReport, match=f"^cannot read {path}: {path} is larger than 100 bytes"):
+        load_report_json(path, max_bytes=100)
+
+
+def test_an_empty_report_audits_clean_in_its_written_layout() -> None:
+    from envelopes import audit_report, report_layout
+
+    raw = crafted_report([])
+    assert audited(raw) == []
+    assert report_layout(raw) == layout(raw)
+    assert '  "results": [],' in report_layout(raw).decode()
+    assert audit_report(raw, source=layout(raw)) == []
+
+
+def test_every_status_twice_is_counted_twice() -> None:
+    statuses = ["succeeded", "cached", "failed", "timed_out", "cancelled", "skipped"]
+    kinds = {"timed_out": "timeout", "cancelled": "cancelled", "skipped": "dependency"}
+    results = [
+        crafted_result(f"{status}-{i}", status, error_kind=kinds.get(status))
+        for status in statuses
+        for i in (1, 2)
+    ]
+    raw = crafted_report(results)
+    assert raw["results_by_agent"]["coder"]["cached"] == 2
+    assert raw["summary"]["timeout"] == 2
+    assert audited(raw) == []
+
+
+def _attempted(
+    raw: dict[str, Any],
+    status: str,
+    *,
+    stdout: dict[str, Any] | None = None,
+    error_kind: str | None = None,
+) -> dict[str, Any]:
+    """Give the one result of *raw* one attempt that ended *status* (its logs: *stdout*)."""
+    result: dict[str, Any] = raw["results"][0]
+    at = result["timings"]["started_at"]
+    error = {"kind": error_kind, "message": "no luck", "paths": []} if error_kind else None
+    result["attempt_log"] = [
+        {
+            "number": 1,
+            "status": status,
+            "started_at": at,
+            "finished_at": at,
+            "duration_s": 0.0,
+            "exit_code": None,
+            "error": error,
+            "stdout": stdout,
+            "stderr": None,
+        }
+    ]
+    result["attempts"] = 1
+    result["provenance"]["stdout_sha256"] = stdout["sha256"] if stdout else None
+    return result
+
+
+ATTEMPT_CASES: dict[str, tuple[str, str | None, str, list[str]]] = {
+    "as its last attempt": ("succeeded", None, "succeeded", []),
+    "succeeded after its attempt failed": (
+        "succeeded",
+        None,
+        "failed",
+        ["task t: status: expected 'failed', found 'succeeded'"],
+    ),
+    "failed by its attempt's kind, though the attempt succeeded": (
+        "failed",
+        "exit_code",
+        "succeeded",
+        ["task t: status: expected 'succeeded', found 'failed'"],
+    ),
+    "cancelled after its attempt": ("cancelled", "cancelled", "succeeded", []),
+    "failed its checks after its attempt": ("failed", "check", "succeeded", []),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTEMPT_CASES))
+def test_a_tasks_status_is_its_last_attempts_unless_decided_after(name: str) -> None:
+    status, kind, attempt, expected = ATTEMPT_CASES[name]
+    raw = crafted_report([crafted_result("t", status, error_kind=kind)])
+    _attempted(raw, attempt)
+    assert audited(raw) == expected
+
+
+def test_a_failed_task_without_an_error_is_flagged() -> None:
+    raw = crafted_report([crafted_result("t", "failed")])
+    raw["results"][0]["error"] = None
+    raw["errors"] = []
+    assert audited(raw) == ["task t: error: a failed task carries no error"]
+
+
+def test_the_prompt_beside_the_last_attempts_log_hashes_to_prompt_sha256(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    prompt = _logged(run_dir, "logs/t.1.prompt", b"write t\n")
+    raw = crafted_report([crafted_result("t")], plan_sha256=plan["sha256"])
+    stdout = _logged(run_dir, "logs/t.1.stdout", b"done\n")
+    result = _attempted(raw, "succeeded", stdout=stdout)
+    result["provenance"]["prompt_sha256"] = prompt["sha256"]
+    assert audited(raw, run_dir=run_dir) == []
+    (run_dir / "logs" / "t.1.prompt").write_bytes(b"write u\n")
+    found = sha256_hex(b"write u\n")
+    assert audited(raw, run_dir=run_dir) == [
+        f"task t: provenance.prompt_sha256: expected '{found}', found '{prompt['sha256']}'"
+    ]
+    (run_dir / "logs" / "t.1.prompt").unlink()
+    assert audited(raw, run_dir=run_dir) == [
+        "task t: provenance.prompt_sha256: cannot read logs/t.1.prompt: No such file or directory"
+    ]
+    # No prompt digest, or no log to find it beside: nothing to check.
+    del result["provenance"]["prompt_sha256"]
+    assert audited(raw, run_dir=run_dir) == []
+    result["provenance"]["prompt_sha256"] = prompt["sha256"]
+    _attempted(raw, "succeeded")
+    assert audited(raw, run_dir=run_dir) == []
+
+
+def test_the_worktree_held_the_sparse_cone_its_envelope_asked_for(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    envelope = {"task_id": "t", "task": "do t", "sparse": ["src"]}
+    entry = _logged(run_dir, "envelopes/t.json", canonical_json(envelope))
+    raw = crafted_report([crafted_result("t")], plan_sha256=plan["sha256"])
+    _with_envelope(raw, "t", entry, envelope)
+    result_of(raw, "t")["provenance"]["sparse"] = ["src"]
+    assert audited(raw, run_dir=run_dir) == []
+    result_of(raw, "t")["provenance"]["sparse"] = ["src", "docs"]
+    assert audited(raw, run_dir=run_dir) == [
+        "task t: provenance.sparse: expected ['src'], found ['src', 'docs']"
+    ]
+    # A task with no worktree (no base commit) had no cone to hold.
+    result_of(raw, "t")["provenance"]["base_commit"] = None
+    assert audited(raw, run_dir=run_dir) == []
+
+
+def test_a_run_directory_without_its_plan_is_flagged(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert audited(crafted_report([crafted_result("t")]), run_dir=run_dir) == [
+        f"plan_sha256: cannot read {run_dir / 'plan.json'}: No such file or directory"
+    ]
+
+
+def test_an_environment_digest_without_an_environment_is_flagged() -> None:
+    raw = crafted_report([crafted_result("t")])
+    assert raw["results"][0]["provenance"]["environment"] is None
+    raw["results"][0]["provenance"]["env_sha256"] = digest("forged")
+    assert audited(raw) == [
+        f"task t: provenance.env_sha256: expected '{digest(None)}', found '{digest('forged')}'"
+    ]
+
+
+def test_the_upstream_results_an_envelope_names_are_the_dependencies(tmp_path: Path) -> None:
+    """The envelope file says which results a task was handed: its dependencies' (a group's
+    selected members), as the report has them."""
+    run_dir = tmp_path / "run"
+    plan = _logged(run_dir, "plan.json", b"{}")
+    raw = started_report(base=_oid(2), depends_on=("b",))
+    raw["plan_sha256"] = plan["sha256"]
+
+    def hand(upstream: Any) -> None:
+        envelope = {"task_id": "c", "task": "do c", "upstream": upstream}
+        entry = _logged(run_dir, "envelopes/c.json", canonical_json(envelope))
+        _with_envelope(raw, "c", entry, envelope)
+
+    hand({"b": {"result_commit": _oid(2), "output": {}}})
+    assert audited(raw, run_dir=run_dir) == []
+    hand({"b": {"result_commit": _oid(1)}})
+    assert audited(raw, run_dir=run_dir) == [
+        f"task c: envelope.upstream: expected {{'b': '{_oid(2)}'}}, found {{'b': '{_oid(1)}'}}"
+    ]
+    hand({"b": {"result_commit": _oid(2)}, "a": {"result_commit": _oid(1)}})
+    assert audited(raw, run_dir=run_dir) == [
+        f"task c: envelope.upstream: expected {{'b': '{_oid(2)}'}}, "
+        f"found {{'a': '{_oid(1)}', 'b': '{_oid(2)}'}}"
+    ]
+    # An envelope that names no upstream at all is the envelope check's to report.
+    hand(None)
+    assert audited(raw, run_dir=run_dir) == []
+
+
+def test_an_estimate_for_a_model_with_an_empty_name_uses_that_names_rates() -> None:
+    """The run estimates a cost from the rates of the model its usage names, ``""`` too (see
+    envelopes.with_estimated_cost); the audit recomputes it from the same rates."""
+    from envelopes import Rates, Usage, seal_result, with_estimated_cost
+
+    pricing = {"": Rates(input=3.0, output=15.0)}
+    usage = with_estimated_cost(Usage(input_tokens=1000, output_tokens=10, model=""), pricing)
+    assert usage is not None and usage.cost_source == "estimated"
+    result = seal_result(crafted_result("t").model_copy(update={"usage": usage}))
+    raw = crafted_report([result], pricing=pricing)
+    assert audited(raw) == []
+    raw["results"][0]["usage"]["cost_usd"] = 1.0
+    assert audited(raw)[0] == "task t: usage.cost_usd: expected 0.00315, found 1.0"
