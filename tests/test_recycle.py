@@ -128,6 +128,8 @@ def test_every_kind_of_leftover_is_gone_for_the_next_borrower(
         (root / "build/deep/out.bin").write_bytes(b"\0" * 10)
         (root / "emptydir/deeper").mkdir(parents=True)
         (root / "escape").symlink_to(outside)  # an untracked link out
+        (root / "dangling").symlink_to("no-such-file")  # a link to nothing
+        (root / "src-again").symlink_to("src")  # a link to a directory of the worktree
         git(root, "init", "--quiet", "nested")
         (root / "nested/inner.txt").write_text("in a nested repository\n")
 
@@ -214,9 +216,14 @@ def test_a_slot_moves_to_another_commit_writing_only_what_differs(
 
 
 def catch_up_once(
-    repo_path: Path, mess: Mess, steps: Callable[[Repository, Worktree], Awaitable[Any]]
+    repo_path: Path,
+    mess: Mess,
+    steps: Callable[[Repository, Worktree], Awaitable[Any]],
+    *,
+    sparse: tuple[str, ...] | None = None,
 ) -> Any:
-    """Make a slot, mess it up, then run *steps* on it (the slot given back first)."""
+    """Make a slot (holding the directories *sparse*, None: all), mess it up, then run
+    *steps* on it (the slot given back first)."""
 
     async def main() -> Any:
         repo = await Repository.open(repo_path)
@@ -224,7 +231,7 @@ def catch_up_once(
         base = git(repo_path, "rev-parse", "HEAD")
         tree = git(repo_path, "rev-parse", "HEAD^{tree}")
         try:
-            worktree = await pool.create("orchestrator/test/a", base, tree)
+            worktree = await pool.create("orchestrator/test/a", base, tree, sparse)
             assert worktree is not None
             mess(worktree.path)
             return await steps(repo, worktree)
@@ -298,7 +305,7 @@ def test_without_a_private_index_the_slot_is_written_whole(
 
 
 def test_a_listing_too_large_to_hold_falls_back(
-    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     repo = make_repo(files=3)
     monkeypatch.setattr(recycle, "LISTING_LIMIT", 64)
@@ -307,10 +314,17 @@ def test_a_listing_too_large_to_hold_falls_back(
         for i in range(20):
             (root / f"untracked-file-with-a-long-name-{i}.txt").write_text("u\n")
 
-    async def steps(repo: Repository, worktree: Worktree) -> bool:
-        return await recycle.catch_up(repo, worktree, private_index(worktree.path))
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any], str]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        # What the pool does then: the slot written whole, its private index made anew.
+        await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path), git(worktree.path, "status", "--porcelain")
 
-    assert catch_up_once(repo, mess, steps) is False
+    used, files, status = catch_up_once(repo, mess, steps)
+    assert used is False
+    base = git(repo, "rev-parse", "HEAD")
+    assert files == fresh_checkout(repo, base, tmp_path / "fresh") and status == ""
 
 
 def test_removal_never_goes_through_a_link(tmp_path: Path) -> None:
@@ -462,3 +476,140 @@ def test_the_repositorys_stat_settings_do_not_hide_a_change(
     first, second, third = lend(repo, mess, [base, base, base])
     expected = fresh_checkout(repo, base, tmp_path / "f")
     assert first["files"] == second["files"] == third["files"] == expected
+
+
+def test_removal_opens_nothing_on_the_way_that_is_not_a_directory(tmp_path: Path) -> None:
+    """A root that is a link or a file, or a directory on an entry's way that is a FIFO, is
+    refused without being opened as what it is not (a FIFO opened to read would block)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("keep\n")
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(OSError):
+        remove_entries(tmp_path / "link", [b"keep.txt"])
+    assert (real / "keep.txt").is_file()
+    (tmp_path / "file").write_text("a file\n")
+    with pytest.raises(NotADirectoryError):
+        remove_entries(tmp_path / "file", [])
+    os.mkfifo(real / "pipe")
+    with pytest.raises(NotADirectoryError):
+        remove_entries(real, [b"pipe/x"])
+    assert sorted(p.name for p in real.iterdir()) == ["keep.txt", "pipe"]
+
+
+def test_an_entry_already_gone_does_not_stop_the_removal_of_the_others(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "z.txt").write_text("z\n")
+    remove_entries(root, [b"a-gone", b"d/gone-too", b"d/", b"z.txt"])
+    assert list(root.iterdir()) == []
+
+
+def test_a_slot_whose_task_removed_both_indexes_is_written_whole(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("changed\n")
+        (root / "new.txt").write_text("new\n")
+        admin = Path((root / ".git").read_text().strip().removeprefix("gitdir: "))
+        (admin / "index").unlink()
+        private_index(root).unlink()
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any], str]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path), git(worktree.path, "status", "--porcelain")
+
+    used, files, status = catch_up_once(repo, mess, steps)
+    assert used is False
+    base = git(repo, "rev-parse", "HEAD")
+    assert files == fresh_checkout(repo, base, tmp_path / "fresh") and status == ""
+
+
+@pytest.mark.parametrize("step", ["catch_up", "reset_whole"])
+def test_a_slot_pointed_at_another_repository_is_made_pristine_from_its_own(
+    make_repo: MakeRepo, tmp_path: Path, step: str
+) -> None:
+    """The slot's ``.git`` file rewritten to name another repository (and, for a catch-up,
+    its ``commondir`` too): the orchestrator's git still works on the slot's own admin
+    directory and repository, and the other repository is not touched.
+
+    (A borrow puts ``commondir`` back before either step: git 2.39 resolves a worktree's
+    HEAD through that file whatever ``GIT_COMMON_DIR`` says, which a catch-up never needs.)"""
+    repo = make_repo(files=3)
+    decoy = make_repo(files=1, name="decoy")  # whose index lacks two of the slot's files
+    (decoy / "src/file0000.txt").write_text("the decoy's\n")
+    git(decoy, "commit", "--quiet", "-am", "decoy")
+    decoy_index = (decoy / ".git/index").read_bytes()
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("changed\n")
+        (root / "new.txt").write_text("new\n")
+        admin = Path((root / ".git").read_text().strip().removeprefix("gitdir: "))
+        (root / ".git").write_text(f"gitdir: {decoy / '.git'}\n")
+        if step == "catch_up":
+            (admin / "commondir").write_text(f"{decoy / '.git'}\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> dict[str, Any]:
+        index = private_index(worktree.path)
+        if step == "catch_up":
+            assert await recycle.catch_up(repo, worktree, index)
+        else:
+            await recycle.reset_whole(repo, worktree, index)
+        return snapshot(worktree.path)
+
+    files = catch_up_once(repo, mess, steps)
+    base = git(repo, "rev-parse", "HEAD")
+    assert files == fresh_checkout(repo, base, tmp_path / "fresh")
+    assert (decoy / ".git/index").read_bytes() == decoy_index
+    assert git(decoy, "status", "--porcelain") == ""
+
+
+def test_a_sparse_slot_is_caught_up_from_its_private_index_again_and_again(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Caught up, written whole, caught up again: each time the cone's files exactly, and
+    each catch-up (the start's tree known) with its three git commands: the private index
+    stays usable for the slot's sparse set, and knows its tree."""
+    repo = make_repo(files=3, extra={"docs/a.md": "a\n", "top.txt": "top\n"})
+    base = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0000.txt").write_text("changed\n")
+        (root / "top.txt").write_text("changed too\n")
+        (root / "new.txt").write_text("new\n")
+        (root / "docs").mkdir(exist_ok=True)
+        (root / "docs/a.md").write_text("written where the cone has nothing\n")
+        (root / "other/deep").mkdir(parents=True, exist_ok=True)
+
+    async def steps(repo: Repository, worktree: Worktree) -> list[tuple[Any, ...]]:
+        index = private_index(worktree.path)
+        seen: list[tuple[Any, ...]] = []
+        for how in ("catch_up", "catch_up", "reset_whole", "catch_up"):
+            if seen:
+                mess(worktree.path)
+            before = repo.git.calls
+            if how == "catch_up":
+                used = await recycle.catch_up(repo, worktree, index, tree)
+                seen.append((how, used, repo.git.calls - before, snapshot(worktree.path)))
+            else:
+                await recycle.reset_whole(repo, worktree, index, tree)
+                seen.append((how, None, None, snapshot(worktree.path)))
+        return seen
+
+    seen = catch_up_once(repo, mess, steps, sparse=("src",))
+    full = fresh_checkout(repo, base, tmp_path / "fresh")
+    cone = {p: v for p, v in full.items() if ("/" not in p and v != ("dir",)) or p == "src"}
+    cone |= {p: v for p, v in full.items() if p.startswith("src/")}
+    assert sorted(cone) == ["src", *(f"src/file000{i}.txt" for i in range(3)), "top.txt"]
+    assert [s[3] for s in seen] == [cone] * 4
+    assert [s[:3] for s in seen] == [
+        ("catch_up", True, 3),
+        ("catch_up", True, 3),
+        ("reset_whole", None, None),
+        ("catch_up", True, 3),
+    ]
