@@ -613,3 +613,81 @@ def test_a_sparse_slot_is_caught_up_from_its_private_index_again_and_again(
         ("reset_whole", None, None),
         ("catch_up", True, 3),
     ]
+
+
+def renote(index: Path) -> None:
+    """Write the note on the private *index* again for the index as it is now: what the
+    orchestrator itself would have noted had it written the index so."""
+    note = index.with_suffix(".tree")
+    tree, key, *_ = note.read_text().split()
+    info = os.lstat(index)
+    note.write_text(f"{tree} {key} {info.st_size} {info.st_mtime_ns} {info.st_ino}\n")
+
+
+def age_entry(index: Path, name: str, seconds: int) -> None:
+    """Move the ctime of *name*'s entry in the (version 2) *index* *seconds* back, and the
+    index's own times as many on: as if the file had been checked out that long before the
+    index was written (git then takes the entry's stat data at its word: not racily clean)."""
+    data = bytearray(index.read_bytes())
+    count = struct.unpack(">L", data[8:12])[0]
+    offset = 12
+    for _ in range(count):
+        length = struct.unpack(">H", data[offset + 60 : offset + 62])[0] & 0xFFF
+        if bytes(data[offset + 62 : offset + 62 + length]) == name.encode():
+            ctime = struct.unpack(">L", data[offset : offset + 4])[0]
+            struct.pack_into(">L", data, offset, ctime - seconds)
+        offset += (62 + length + 8) & ~7
+    body = bytes(data[:-20])
+    index.write_bytes(body + hashlib.sha1(body).digest())
+    later = os.lstat(index).st_mtime_ns + seconds * 10**9
+    os.utime(index, ns=(later, later))
+
+
+@pytest.mark.parametrize("config", [("core.trustctime", "false"), ("core.checkStat", "minimal")])
+def test_the_repositorys_stat_settings_do_not_hide_a_change_git_would_not_read(
+    make_repo: MakeRepo, tmp_path: Path, config: tuple[str, str]
+) -> None:
+    """A file written again with its old size and times, seconds after its checkout (so that
+    only its ctime tells, and git reads no content): still found changed, whatever the
+    repository says about ctime and stat checks."""
+    repo = make_repo(files=3)
+    git(repo, "config", *config)
+
+    def mess(root: Path) -> None:
+        path = root / "src/file0001.txt"
+        info = path.stat()
+        path.write_text("line 9\n")  # the same size, its times put back
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+        index = private_index(root)
+        age_entry(index, "src/file0001.txt", 10)
+        renote(index)
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        used = await recycle.catch_up(repo, worktree, private_index(worktree.path))
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, mess, steps)
+    assert used
+    assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
+
+
+def test_a_private_index_git_cannot_read_makes_the_catch_up_give_up(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("changed\n")
+        index = private_index(root)
+        index.write_bytes(b"DIRC" + b"\xff" * 60)  # noted as it is now, but no index
+        renote(index)
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, mess, steps)
+    assert used is False
+    assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
