@@ -691,3 +691,21 @@ def test_a_private_index_git_cannot_read_makes_the_catch_up_give_up(
     used, files = catch_up_once(repo, mess, steps)
     assert used is False
     assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
+
+
+def test_what_the_sweep_cannot_put_right_fails_the_catch_up_with_its_error(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leftover the sweep cannot remove (as root, only an immutable file is one) raises
+    its OSError, which the pool turns into the slot's removal."""
+    repo = make_repo(files=3)
+
+    def cannot(root: Path) -> list[str]:
+        raise PermissionError(f"cannot put {root} right")
+
+    async def steps(repo: Repository, worktree: Worktree) -> None:
+        monkeypatch.setattr(recycle, "sweep_worktree", cannot)
+        with pytest.raises(PermissionError, match="cannot put"):
+            await recycle.catch_up(repo, worktree, private_index(worktree.path))
+
+    catch_up_once(repo, lambda root: None, steps)
