@@ -709,3 +709,22 @@ def test_what_the_sweep_cannot_put_right_fails_the_catch_up_with_its_error(
             await recycle.catch_up(repo, worktree, private_index(worktree.path))
 
     catch_up_once(repo, lambda root: None, steps)
+
+
+@pytest.mark.parametrize(("size", "used"), [(256, True), (257, False)])
+def test_a_note_is_read_up_to_its_bound_and_no_further(
+    make_repo: MakeRepo, size: int, used: bool
+) -> None:
+    """The note on a private index is a line of a hundred-odd bytes; one longer than 256
+    bytes (whatever its words) is not read, and the slot is written whole instead."""
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        note = private_index(root).with_suffix(".tree")
+        words = note.read_text().split()
+        note.write_text(" ".join(words).ljust(size - 1) + "\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> bool:
+        return await recycle.catch_up(repo, worktree, private_index(worktree.path))
+
+    assert catch_up_once(repo, mess, steps) is used
