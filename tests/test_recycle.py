@@ -529,16 +529,17 @@ def test_a_slot_whose_task_removed_both_indexes_is_written_whole(
     assert files == fresh_checkout(repo, base, tmp_path / "fresh") and status == ""
 
 
-@pytest.mark.parametrize("step", ["catch_up", "reset_whole"])
+@pytest.mark.parametrize("step", ["catch_up", "reset_whole", "reset_whole_detached"])
 def test_a_slot_pointed_at_another_repository_is_made_pristine_from_its_own(
     make_repo: MakeRepo, tmp_path: Path, step: str
 ) -> None:
-    """The slot's ``.git`` file rewritten to name another repository (and, for a catch-up,
-    its ``commondir`` too): the orchestrator's git still works on the slot's own admin
-    directory and repository, and the other repository is not touched.
+    """The slot's ``.git`` file rewritten to name another repository (and, but for a reset
+    on a branch, its ``commondir`` too): the orchestrator's git still works on the slot's own
+    admin directory and repository, and the other repository is not touched.
 
     (A borrow puts ``commondir`` back before either step: git 2.39 resolves a worktree's
-    HEAD through that file whatever ``GIT_COMMON_DIR`` says, which a catch-up never needs.)"""
+    HEAD branch through that file whatever ``GIT_COMMON_DIR`` says. A catch-up, and a reset
+    of a detached HEAD, resolve no branch.)"""
     repo = make_repo(files=3)
     decoy = make_repo(files=1, name="decoy")  # whose index lacks two of the slot's files
     (decoy / "src/file0000.txt").write_text("the decoy's\n")
@@ -550,8 +551,10 @@ def test_a_slot_pointed_at_another_repository_is_made_pristine_from_its_own(
         (root / "new.txt").write_text("new\n")
         admin = Path((root / ".git").read_text().strip().removeprefix("gitdir: "))
         (root / ".git").write_text(f"gitdir: {decoy / '.git'}\n")
-        if step == "catch_up":
+        if step != "reset_whole":
             (admin / "commondir").write_text(f"{decoy / '.git'}\n")
+        if step == "reset_whole_detached":
+            (admin / "HEAD").write_text(git(repo, "rev-parse", "HEAD") + "\n")
 
     async def steps(repo: Repository, worktree: Worktree) -> dict[str, Any]:
         index = private_index(worktree.path)
