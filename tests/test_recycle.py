@@ -731,3 +731,26 @@ def test_a_note_is_read_up_to_its_bound_and_no_further(
         return await recycle.catch_up(repo, worktree, private_index(worktree.path))
 
     assert catch_up_once(repo, mess, steps) is used
+
+
+def test_a_private_index_changed_since_its_note_is_not_trusted(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Across processes only the note's stat data vouch for the private index: one rewritten
+    since (to hide a change) makes the catch-up give up, and the change is not hidden."""
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("line 9\n")  # the same size
+        forge_index_entry(private_index(root), "src/file0001.txt", root)
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        if not used:
+            await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, mess, steps)
+    assert used is False
+    assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
