@@ -754,3 +754,47 @@ def test_a_private_index_changed_since_its_note_is_not_trusted(
     used, files = catch_up_once(repo, mess, steps)
     assert used is False
     assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
+
+
+def test_a_private_index_noted_without_its_tree_is_used_and_one_naming_no_tree_is_not(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Recorded without its tree (the caller did not know it), a private index is used all
+    the same (git says which tree it holds); a note naming something that is not an object
+    id is not trusted."""
+    repo = make_repo(files=3)
+    base = git(repo, "rev-parse", "HEAD")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("changed\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> list[tuple[bool, dict[str, Any]]]:
+        index = private_index(worktree.path)
+        seen = []
+        for tree in (None, "not-a-tree"):
+            await recycle.record(worktree, index)
+            note = index.with_suffix(".tree")
+            words = note.read_text().split()
+            assert words[0] == "-"
+            note.write_text(" ".join([tree or "-", *words[1:]]) + "\n")
+            mess(worktree.path)
+            used = await recycle.catch_up(repo, worktree, index)
+            if not used:
+                await recycle.reset_whole(repo, worktree, index)
+            seen.append((used, snapshot(worktree.path)))
+        return seen
+
+    fresh = fresh_checkout(repo, base, tmp_path / "fresh")
+    assert catch_up_once(repo, lambda root: None, steps) == [(True, fresh), (False, fresh)]
+
+
+def test_a_note_that_is_not_text_is_not_trusted(make_repo: MakeRepo) -> None:
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        private_index(root).with_suffix(".tree").write_bytes(b"\xff\xfe not a note\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> bool:
+        return await recycle.catch_up(repo, worktree, private_index(worktree.path))
+
+    assert catch_up_once(repo, mess, steps) is False
