@@ -798,3 +798,32 @@ def test_a_note_that_is_not_text_is_not_trusted(make_repo: MakeRepo) -> None:
         return await recycle.catch_up(repo, worktree, private_index(worktree.path))
 
     assert catch_up_once(repo, mess, steps) is False
+
+
+def test_after_a_catch_up_both_indexes_know_the_files_written(make_repo: MakeRepo) -> None:
+    """The files checked out again are recorded with their new stat data: the worktree's
+    index sees no change without refreshing, and a second catch-up with nothing changed
+    since only walks the tree (two git commands, nothing checked out)."""
+    repo = make_repo(files=20)
+
+    def mess(root: Path) -> None:
+        for i in range(0, 20, 2):
+            (root / f"src/file{i:04d}.txt").write_text("changed\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[list[int], str]:
+        tree = git(worktree.path, "rev-parse", "HEAD^{tree}")
+        index = private_index(worktree.path)
+        calls = []
+        for _ in range(2):
+            before = repo.git.calls
+            assert await recycle.catch_up(repo, worktree, index, tree)
+            calls.append(repo.git.calls - before)
+        # Seconds later: git takes the index's stat data at its word (not racily clean).
+        admin_index = worktree.admin_dir / "index"
+        later = os.lstat(admin_index).st_mtime_ns + 10 * 10**9
+        os.utime(admin_index, ns=(later, later))
+        return calls, git(worktree.path, "diff-files", "--name-only")
+
+    calls, changed = catch_up_once(repo, mess, steps)
+    assert changed == ""
+    assert calls == [3, 2]
