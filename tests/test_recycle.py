@@ -8,6 +8,7 @@ worktree where untracked and tracked files were, and a listing too large to hold
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -827,3 +828,27 @@ def test_after_a_catch_up_both_indexes_know_the_files_written(make_repo: MakeRep
     calls, changed = catch_up_once(repo, mess, steps)
     assert changed == ""
     assert calls == [3, 2]
+
+
+def test_a_private_index_that_is_a_link_or_for_another_sparse_set_is_not_used(
+    make_repo: MakeRepo,
+) -> None:
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        index = private_index(root)
+        elsewhere = index.with_name("elsewhere.index")
+        os.rename(index, elsewhere)
+        index.symlink_to(elsewhere)
+        renote(index)  # noted as the link is now
+
+    async def steps(repo: Repository, worktree: Worktree) -> list[bool]:
+        index = private_index(worktree.path)
+        linked = await recycle.catch_up(repo, worktree, index)
+        index.unlink()
+        os.rename(index.with_name("elsewhere.index"), index)
+        renote(index)
+        sparse = dataclasses.replace(worktree, sparse=("src",))
+        return [linked, await recycle.catch_up(repo, sparse, index)]
+
+    assert catch_up_once(repo, mess, steps) == [False, False]
