@@ -14,6 +14,7 @@ import json
 import os
 import stat
 import struct
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -852,3 +853,34 @@ def test_a_private_index_that_is_a_link_or_for_another_sparse_set_is_not_used(
         return [linked, await recycle.catch_up(repo, sparse, index)]
 
     assert catch_up_once(repo, mess, steps) == [False, False]
+
+
+def test_a_private_index_git_cannot_make_a_tree_of_makes_the_catch_up_give_up(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Noted without its tree, an index naming an object the repository does not have (git
+    cannot say which tree it holds) is not used: the slot is written whole."""
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        index = private_index(root)
+        missing = "0123456789abcdef0123456789abcdef01234567"
+        env = {**os.environ, "GIT_INDEX_FILE": str(index)}
+        subprocess.run(
+            ["git", "-C", str(root), "update-index", "--add", "--cacheinfo", f"100644,{missing},x"],
+            check=True,
+            env=env,
+        )
+        note = index.with_suffix(".tree")
+        note.write_text(" ".join(["-", *note.read_text().split()[1:]]) + "\n")
+        renote(index)
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, mess, steps)
+    assert used is False
+    assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
