@@ -884,3 +884,31 @@ def test_a_private_index_git_cannot_make_a_tree_of_makes_the_catch_up_give_up(
     used, files = catch_up_once(repo, mess, steps)
     assert used is False
     assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
+
+
+def test_a_slot_noted_without_its_tree_moves_from_what_its_private_index_holds(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """The tree a catch-up starts from is the private index's, not the one the task staged in
+    the worktree's own index (``git add``): the slot moves to another commit all the same."""
+    repo = make_repo(files=3)
+    (repo / "src/file0000.txt").write_text("the next commit's\n")
+    git(repo, "commit", "--quiet", "-am", "next")
+    new = git(repo, "rev-parse", "HEAD")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0000.txt").write_text("staged by the task\n")
+        git(root, "add", "src/file0000.txt")
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        index = private_index(worktree.path)
+        note = index.with_suffix(".tree")
+        note.write_text(" ".join(["-", *note.read_text().split()[1:]]) + "\n")
+        renote(index)
+        moved = dataclasses.replace(worktree, base_commit=new)
+        return await recycle.catch_up(repo, moved, index), snapshot(worktree.path)
+
+    git(repo, "checkout", "--quiet", "--detach", "HEAD~1")  # the slot is made there
+    used, files = catch_up_once(repo, mess, steps)
+    assert used
+    assert files == fresh_checkout(repo, new, tmp_path / "fresh")
