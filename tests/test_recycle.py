@@ -8,11 +8,13 @@ worktree where untracked and tracked files were, and a listing too large to hold
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import stat
 import struct
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -128,6 +130,8 @@ def test_every_kind_of_leftover_is_gone_for_the_next_borrower(
         (root / "build/deep/out.bin").write_bytes(b"\0" * 10)
         (root / "emptydir/deeper").mkdir(parents=True)
         (root / "escape").symlink_to(outside)  # an untracked link out
+        (root / "dangling").symlink_to("no-such-file")  # a link to nothing
+        (root / "src-again").symlink_to("src")  # a link to a directory of the worktree
         git(root, "init", "--quiet", "nested")
         (root / "nested/inner.txt").write_text("in a nested repository\n")
 
@@ -214,9 +218,14 @@ def test_a_slot_moves_to_another_commit_writing_only_what_differs(
 
 
 def catch_up_once(
-    repo_path: Path, mess: Mess, steps: Callable[[Repository, Worktree], Awaitable[Any]]
+    repo_path: Path,
+    mess: Mess,
+    steps: Callable[[Repository, Worktree], Awaitable[Any]],
+    *,
+    sparse: tuple[str, ...] | None = None,
 ) -> Any:
-    """Make a slot, mess it up, then run *steps* on it (the slot given back first)."""
+    """Make a slot (holding the directories *sparse*, None: all), mess it up, then run
+    *steps* on it (the slot given back first)."""
 
     async def main() -> Any:
         repo = await Repository.open(repo_path)
@@ -224,7 +233,7 @@ def catch_up_once(
         base = git(repo_path, "rev-parse", "HEAD")
         tree = git(repo_path, "rev-parse", "HEAD^{tree}")
         try:
-            worktree = await pool.create("orchestrator/test/a", base, tree)
+            worktree = await pool.create("orchestrator/test/a", base, tree, sparse)
             assert worktree is not None
             mess(worktree.path)
             return await steps(repo, worktree)
@@ -298,7 +307,7 @@ def test_without_a_private_index_the_slot_is_written_whole(
 
 
 def test_a_listing_too_large_to_hold_falls_back(
-    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     repo = make_repo(files=3)
     monkeypatch.setattr(recycle, "LISTING_LIMIT", 64)
@@ -307,10 +316,17 @@ def test_a_listing_too_large_to_hold_falls_back(
         for i in range(20):
             (root / f"untracked-file-with-a-long-name-{i}.txt").write_text("u\n")
 
-    async def steps(repo: Repository, worktree: Worktree) -> bool:
-        return await recycle.catch_up(repo, worktree, private_index(worktree.path))
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any], str]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        # What the pool does then: the slot written whole, its private index made anew.
+        await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path), git(worktree.path, "status", "--porcelain")
 
-    assert catch_up_once(repo, mess, steps) is False
+    used, files, status = catch_up_once(repo, mess, steps)
+    assert used is False
+    base = git(repo, "rev-parse", "HEAD")
+    assert files == fresh_checkout(repo, base, tmp_path / "fresh") and status == ""
 
 
 def test_removal_never_goes_through_a_link(tmp_path: Path) -> None:
@@ -462,3 +478,437 @@ def test_the_repositorys_stat_settings_do_not_hide_a_change(
     first, second, third = lend(repo, mess, [base, base, base])
     expected = fresh_checkout(repo, base, tmp_path / "f")
     assert first["files"] == second["files"] == third["files"] == expected
+
+
+def test_removal_opens_nothing_on_the_way_that_is_not_a_directory(tmp_path: Path) -> None:
+    """A root that is a link or a file, or a directory on an entry's way that is a FIFO, is
+    refused without being opened as what it is not (a FIFO opened to read would block)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("keep\n")
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(OSError):
+        remove_entries(tmp_path / "link", [b"keep.txt"])
+    assert (real / "keep.txt").is_file()
+    (tmp_path / "file").write_text("a file\n")
+    with pytest.raises(NotADirectoryError):
+        remove_entries(tmp_path / "file", [])
+    os.mkfifo(real / "pipe")
+    with pytest.raises(NotADirectoryError):
+        remove_entries(real, [b"pipe/x"])
+    assert sorted(p.name for p in real.iterdir()) == ["keep.txt", "pipe"]
+
+
+def test_an_entry_already_gone_does_not_stop_the_removal_of_the_others(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "z.txt").write_text("z\n")
+    remove_entries(root, [b"a-gone", b"d/gone-too", b"d/", b"z.txt"])
+    assert list(root.iterdir()) == []
+
+
+def test_a_slot_whose_task_removed_both_indexes_is_written_whole(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("changed\n")
+        (root / "new.txt").write_text("new\n")
+        admin = Path((root / ".git").read_text().strip().removeprefix("gitdir: "))
+        (admin / "index").unlink()
+        private_index(root).unlink()
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any], str]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path), git(worktree.path, "status", "--porcelain")
+
+    used, files, status = catch_up_once(repo, mess, steps)
+    assert used is False
+    base = git(repo, "rev-parse", "HEAD")
+    assert files == fresh_checkout(repo, base, tmp_path / "fresh") and status == ""
+
+
+@pytest.mark.parametrize("step", ["catch_up", "reset_whole", "reset_whole_detached"])
+def test_a_slot_pointed_at_another_repository_is_made_pristine_from_its_own(
+    make_repo: MakeRepo, tmp_path: Path, step: str
+) -> None:
+    """The slot's ``.git`` file rewritten to name another repository (and, but for a reset
+    on a branch, its ``commondir`` too): the orchestrator's git still works on the slot's own
+    admin directory and repository, and the other repository is not touched.
+
+    (A borrow puts ``commondir`` back before either step: git 2.39 resolves a worktree's
+    HEAD branch through that file whatever ``GIT_COMMON_DIR`` says. A catch-up, and a reset
+    of a detached HEAD, resolve no branch.)"""
+    repo = make_repo(files=3)
+    decoy = make_repo(files=1, name="decoy")  # whose index lacks two of the slot's files
+    (decoy / "src/file0000.txt").write_text("the decoy's\n")
+    git(decoy, "commit", "--quiet", "-am", "decoy")
+    decoy_index = (decoy / ".git/index").read_bytes()
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("changed\n")
+        (root / "new.txt").write_text("new\n")
+        admin = Path((root / ".git").read_text().strip().removeprefix("gitdir: "))
+        (root / ".git").write_text(f"gitdir: {decoy / '.git'}\n")
+        if step != "reset_whole":
+            (admin / "commondir").write_text(f"{decoy / '.git'}\n")
+        if step == "reset_whole_detached":
+            (admin / "HEAD").write_text(git(repo, "rev-parse", "HEAD") + "\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> dict[str, Any]:
+        index = private_index(worktree.path)
+        if step == "catch_up":
+            assert await recycle.catch_up(repo, worktree, index)
+        else:
+            await recycle.reset_whole(repo, worktree, index)
+        return snapshot(worktree.path)
+
+    files = catch_up_once(repo, mess, steps)
+    base = git(repo, "rev-parse", "HEAD")
+    assert files == fresh_checkout(repo, base, tmp_path / "fresh")
+    assert (decoy / ".git/index").read_bytes() == decoy_index
+    assert git(decoy, "status", "--porcelain") == ""
+
+
+def test_a_sparse_slot_is_caught_up_from_its_private_index_again_and_again(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Caught up, written whole, caught up again: each time the cone's files exactly, and
+    each catch-up (the start's tree known) with its three git commands: the private index
+    stays usable for the slot's sparse set, and knows its tree."""
+    repo = make_repo(files=3, extra={"docs/a.md": "a\n", "top.txt": "top\n"})
+    base = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0000.txt").write_text("changed\n")
+        (root / "top.txt").write_text("changed too\n")
+        (root / "new.txt").write_text("new\n")
+        (root / "docs").mkdir(exist_ok=True)
+        (root / "docs/a.md").write_text("written where the cone has nothing\n")
+        (root / "other/deep").mkdir(parents=True, exist_ok=True)
+
+    async def steps(repo: Repository, worktree: Worktree) -> list[tuple[Any, ...]]:
+        index = private_index(worktree.path)
+        seen: list[tuple[Any, ...]] = []
+        for how in ("catch_up", "catch_up", "reset_whole", "catch_up"):
+            if seen:
+                mess(worktree.path)
+            before = repo.git.calls
+            if how == "catch_up":
+                used = await recycle.catch_up(repo, worktree, index, tree)
+                seen.append((how, used, repo.git.calls - before, snapshot(worktree.path)))
+            else:
+                await recycle.reset_whole(repo, worktree, index, tree)
+                seen.append((how, None, None, snapshot(worktree.path)))
+        return seen
+
+    seen = catch_up_once(repo, mess, steps, sparse=("src",))
+    full = fresh_checkout(repo, base, tmp_path / "fresh")
+    cone = {p: v for p, v in full.items() if ("/" not in p and v != ("dir",)) or p == "src"}
+    cone |= {p: v for p, v in full.items() if p.startswith("src/")}
+    assert sorted(cone) == ["src", *(f"src/file000{i}.txt" for i in range(3)), "top.txt"]
+    assert [s[3] for s in seen] == [cone] * 4
+    assert [s[:3] for s in seen] == [
+        ("catch_up", True, 3),
+        ("catch_up", True, 3),
+        ("reset_whole", None, None),
+        ("catch_up", True, 3),
+    ]
+
+
+def renote(index: Path) -> None:
+    """Write the note on the private *index* again for the index as it is now: what the
+    orchestrator itself would have noted had it written the index so."""
+    note = index.with_suffix(".tree")
+    tree, key, *_ = note.read_text().split()
+    info = os.lstat(index)
+    note.write_text(f"{tree} {key} {info.st_size} {info.st_mtime_ns} {info.st_ino}\n")
+
+
+def age_entry(index: Path, name: str, seconds: int) -> None:
+    """Move the ctime of *name*'s entry in the (version 2) *index* *seconds* back, and the
+    index's own times as many on: as if the file had been checked out that long before the
+    index was written (git then takes the entry's stat data at its word: not racily clean)."""
+    data = bytearray(index.read_bytes())
+    count = struct.unpack(">L", data[8:12])[0]
+    offset = 12
+    for _ in range(count):
+        length = struct.unpack(">H", data[offset + 60 : offset + 62])[0] & 0xFFF
+        if bytes(data[offset + 62 : offset + 62 + length]) == name.encode():
+            ctime = struct.unpack(">L", data[offset : offset + 4])[0]
+            struct.pack_into(">L", data, offset, ctime - seconds)
+        offset += (62 + length + 8) & ~7
+    body = bytes(data[:-20])
+    index.write_bytes(body + hashlib.sha1(body).digest())
+    later = os.lstat(index).st_mtime_ns + seconds * 10**9
+    os.utime(index, ns=(later, later))
+
+
+@pytest.mark.parametrize("config", [("core.trustctime", "false"), ("core.checkStat", "minimal")])
+def test_the_repositorys_stat_settings_do_not_hide_a_change_git_would_not_read(
+    make_repo: MakeRepo, tmp_path: Path, config: tuple[str, str]
+) -> None:
+    """A file written again with its old size and times, seconds after its checkout (so that
+    only its ctime tells, and git reads no content): still found changed, whatever the
+    repository says about ctime and stat checks."""
+    repo = make_repo(files=3)
+    git(repo, "config", *config)
+
+    def mess(root: Path) -> None:
+        path = root / "src/file0001.txt"
+        info = path.stat()
+        path.write_text("line 9\n")  # the same size, its times put back
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+        index = private_index(root)
+        age_entry(index, "src/file0001.txt", 10)
+        renote(index)
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        used = await recycle.catch_up(repo, worktree, private_index(worktree.path))
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, mess, steps)
+    assert used
+    assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
+
+
+def test_a_private_index_git_cannot_read_makes_the_catch_up_give_up(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("changed\n")
+        index = private_index(root)
+        index.write_bytes(b"DIRC" + b"\xff" * 60)  # noted as it is now, but no index
+        renote(index)
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, mess, steps)
+    assert used is False
+    assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
+
+
+def test_what_the_sweep_cannot_put_right_fails_the_catch_up_with_its_error(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leftover the sweep cannot remove (as root, only an immutable file is one) raises
+    its OSError, which the pool turns into the slot's removal."""
+    repo = make_repo(files=3)
+
+    def cannot(root: Path) -> list[str]:
+        raise PermissionError(f"cannot put {root} right")
+
+    async def steps(repo: Repository, worktree: Worktree) -> None:
+        monkeypatch.setattr(recycle, "sweep_worktree", cannot)
+        with pytest.raises(PermissionError, match="cannot put"):
+            await recycle.catch_up(repo, worktree, private_index(worktree.path))
+
+    catch_up_once(repo, lambda root: None, steps)
+
+
+@pytest.mark.parametrize(("size", "used"), [(256, True), (257, False)])
+def test_a_note_is_read_up_to_its_bound_and_no_further(
+    make_repo: MakeRepo, size: int, used: bool
+) -> None:
+    """The note on a private index is a line of a hundred-odd bytes; one longer than 256
+    bytes (whatever its words) is not read, and the slot is written whole instead."""
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        note = private_index(root).with_suffix(".tree")
+        words = note.read_text().split()
+        note.write_text(" ".join(words).ljust(size - 1) + "\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> bool:
+        return await recycle.catch_up(repo, worktree, private_index(worktree.path))
+
+    assert catch_up_once(repo, mess, steps) is used
+
+
+def test_a_private_index_changed_since_its_note_is_not_trusted(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Across processes only the note's stat data vouch for the private index: one rewritten
+    since (to hide a change) makes the catch-up give up, and the change is not hidden."""
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("line 9\n")  # the same size
+        forge_index_entry(private_index(root), "src/file0001.txt", root)
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        if not used:
+            await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, mess, steps)
+    assert used is False
+    assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
+
+
+def test_a_private_index_noted_without_its_tree_is_used_and_one_naming_no_tree_is_not(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Recorded without its tree (the caller did not know it), a private index is used all
+    the same (git says which tree it holds); a note naming something that is not an object
+    id is not trusted."""
+    repo = make_repo(files=3)
+    base = git(repo, "rev-parse", "HEAD")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0001.txt").write_text("changed\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> list[tuple[bool, dict[str, Any]]]:
+        index = private_index(worktree.path)
+        seen = []
+        for tree in (None, "not-a-tree"):
+            await recycle.record(worktree, index)
+            note = index.with_suffix(".tree")
+            words = note.read_text().split()
+            assert words[0] == "-"
+            note.write_text(" ".join([tree or "-", *words[1:]]) + "\n")
+            mess(worktree.path)
+            used = await recycle.catch_up(repo, worktree, index)
+            if not used:
+                await recycle.reset_whole(repo, worktree, index)
+            seen.append((used, snapshot(worktree.path)))
+        return seen
+
+    fresh = fresh_checkout(repo, base, tmp_path / "fresh")
+    assert catch_up_once(repo, lambda root: None, steps) == [(True, fresh), (False, fresh)]
+
+
+def test_a_note_that_is_not_text_is_not_trusted(make_repo: MakeRepo) -> None:
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        private_index(root).with_suffix(".tree").write_bytes(b"\xff\xfe not a note\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> bool:
+        return await recycle.catch_up(repo, worktree, private_index(worktree.path))
+
+    assert catch_up_once(repo, mess, steps) is False
+
+
+def test_after_a_catch_up_both_indexes_know_the_files_written(make_repo: MakeRepo) -> None:
+    """The files checked out again are recorded with their new stat data: the worktree's
+    index sees no change without refreshing, and a second catch-up with nothing changed
+    since only walks the tree (two git commands, nothing checked out)."""
+    repo = make_repo(files=20)
+
+    def mess(root: Path) -> None:
+        for i in range(0, 20, 2):
+            (root / f"src/file{i:04d}.txt").write_text("changed\n")
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[list[int], str]:
+        tree = git(worktree.path, "rev-parse", "HEAD^{tree}")
+        index = private_index(worktree.path)
+        calls = []
+        for _ in range(2):
+            before = repo.git.calls
+            assert await recycle.catch_up(repo, worktree, index, tree)
+            calls.append(repo.git.calls - before)
+        # Seconds later: git takes the index's stat data at its word (not racily clean).
+        admin_index = worktree.admin_dir / "index"
+        later = os.lstat(admin_index).st_mtime_ns + 10 * 10**9
+        os.utime(admin_index, ns=(later, later))
+        return calls, git(worktree.path, "diff-files", "--name-only")
+
+    calls, changed = catch_up_once(repo, mess, steps)
+    assert changed == ""
+    assert calls == [3, 2]
+
+
+def test_a_private_index_that_is_a_link_or_for_another_sparse_set_is_not_used(
+    make_repo: MakeRepo,
+) -> None:
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        index = private_index(root)
+        elsewhere = index.with_name("elsewhere.index")
+        os.rename(index, elsewhere)
+        index.symlink_to(elsewhere)
+        renote(index)  # noted as the link is now
+
+    async def steps(repo: Repository, worktree: Worktree) -> list[bool]:
+        index = private_index(worktree.path)
+        linked = await recycle.catch_up(repo, worktree, index)
+        index.unlink()
+        os.rename(index.with_name("elsewhere.index"), index)
+        renote(index)
+        sparse = dataclasses.replace(worktree, sparse=("src",))
+        return [linked, await recycle.catch_up(repo, sparse, index)]
+
+    assert catch_up_once(repo, mess, steps) == [False, False]
+
+
+def test_a_private_index_git_cannot_make_a_tree_of_makes_the_catch_up_give_up(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Noted without its tree, an index naming an object the repository does not have (git
+    cannot say which tree it holds) is not used: the slot is written whole."""
+    repo = make_repo(files=3)
+
+    def mess(root: Path) -> None:
+        index = private_index(root)
+        missing = "0123456789abcdef0123456789abcdef01234567"
+        env = {**os.environ, "GIT_INDEX_FILE": str(index)}
+        subprocess.run(
+            ["git", "-C", str(root), "update-index", "--add", "--cacheinfo", f"100644,{missing},x"],
+            check=True,
+            env=env,
+        )
+        note = index.with_suffix(".tree")
+        note.write_text(" ".join(["-", *note.read_text().split()[1:]]) + "\n")
+        renote(index)
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        index = private_index(worktree.path)
+        used = await recycle.catch_up(repo, worktree, index)
+        await recycle.reset_whole(repo, worktree, index)
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, mess, steps)
+    assert used is False
+    assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
+
+
+def test_a_slot_noted_without_its_tree_moves_from_what_its_private_index_holds(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """The tree a catch-up starts from is the private index's, not the one the task staged in
+    the worktree's own index (``git add``): the slot moves to another commit all the same."""
+    repo = make_repo(files=3)
+    (repo / "src/file0000.txt").write_text("the next commit's\n")
+    git(repo, "commit", "--quiet", "-am", "next")
+    new = git(repo, "rev-parse", "HEAD")
+
+    def mess(root: Path) -> None:
+        (root / "src/file0000.txt").write_text("staged by the task\n")
+        git(root, "add", "src/file0000.txt")
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        index = private_index(worktree.path)
+        note = index.with_suffix(".tree")
+        note.write_text(" ".join(["-", *note.read_text().split()[1:]]) + "\n")
+        renote(index)
+        moved = dataclasses.replace(worktree, base_commit=new)
+        return await recycle.catch_up(repo, moved, index), snapshot(worktree.path)
+
+    git(repo, "checkout", "--quiet", "--detach", "HEAD~1")  # the slot is made there
+    used, files = catch_up_once(repo, mess, steps)
+    assert used
+    assert files == fresh_checkout(repo, new, tmp_path / "fresh")
