@@ -170,11 +170,10 @@ def test_a_killed_run_resumes_without_losing_or_redoing_work(
 
 def test_a_torn_last_journal_line_is_ignored(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
-    plan, _ = write_plan(tmp_path, repo)
-    first = start_run(plan, cwd=tmp_path)
-    time.sleep(1.5)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    plan, _ = write_plan(tmp_path, repo, seconds=0.2)
+    # Killed at a named point, not after a sleep: on a loaded machine a run killed after a
+    # fixed time may not have written its run directory yet.
+    crash_at(plan, "commit:5", cwd=tmp_path)
     (run_dir,) = run_dirs(repo)
     journal = run_dir / "journal.jsonl"
     data = journal.read_bytes()
@@ -263,7 +262,17 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
     assert snapshot() == before
 
     (tmp_path / "slow").mkdir()
-    slow_plan, _ = write_plan(tmp_path / "slow", repo, seconds=3)
+    slow_plan, _ = write_plan(tmp_path / "slow", repo)
+    # The live run's agents wait for the test, not for a time: on a loaded machine a task
+    # that ends while gc works would take its worktree away with it.
+    gate = tmp_path / "slow" / "gate"
+    slow_agent = tmp_path / "slow" / "agent.py"
+    slow_agent.write_text(
+        slow_agent.read_text().replace(
+            "time.sleep(float(sys.argv[2]))",
+            f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)",
+        )
+    )
     live = start_run(slow_plan, "--pool", "0", cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
@@ -282,6 +291,7 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
         assert live_run.is_dir() and all(w.is_dir() for w in worktrees)
         assert run_dirs(repo) == [live_run]  # the crashed run, older than 0, is gone
     finally:
+        gate.touch()
         live.wait(timeout=120)
     assert live.returncode == 0
     report = json.loads((live_run / "report.json").read_text())
