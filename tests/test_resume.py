@@ -79,6 +79,17 @@ def write_plan(tmp_path: Path, repo: Path, *, seconds: float = 1.0) -> tuple[Pat
     return plan, counts
 
 
+def held_agents(plan_dir: Path) -> Path:
+    """Have the agent write_plan wrote in *plan_dir* wait for a file rather than sleep: a run
+    the test needs alive stays alive however loaded the machine is. The file's path."""
+    gate = plan_dir / "gate"
+    agent = plan_dir / "agent.py"
+    waiting = f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)"
+    agent.write_text(agent.read_text().replace("time.sleep(float(sys.argv[2]))", waiting))
+    assert waiting in agent.read_text()
+    return gate
+
+
 def start_run(
     plan: Path, *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -210,7 +221,8 @@ def test_a_journal_damaged_in_the_middle_is_refused(make_repo: MakeRepo, tmp_pat
 
 def test_a_second_orchestrator_on_a_live_run_refuses(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
-    plan, _ = write_plan(tmp_path, repo, seconds=3)
+    plan, _ = write_plan(tmp_path, repo)
+    gate = held_agents(tmp_path)
     first = start_run(plan, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
@@ -232,6 +244,7 @@ def test_a_second_orchestrator_on_a_live_run_refuses(make_repo: MakeRepo, tmp_pa
         listed = orchestrator("runs", "--repo", str(repo), "--json", cwd=tmp_path)
         assert json.loads(listed.stdout)["state"] == "live"
     finally:
+        gate.touch()
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
 
@@ -264,16 +277,8 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
 
     (tmp_path / "slow").mkdir()
     slow_plan, _ = write_plan(tmp_path / "slow", repo)
-    # The live run's agents wait for the test, not for a time: on a loaded machine a task
-    # that ends while gc works would take its worktree away with it.
-    gate = tmp_path / "slow" / "gate"
-    slow_agent = tmp_path / "slow" / "agent.py"
-    slow_agent.write_text(
-        slow_agent.read_text().replace(
-            "time.sleep(float(sys.argv[2]))",
-            f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)",
-        )
-    )
+    # A task that ended while gc works would take its worktree away with it.
+    gate = held_agents(tmp_path / "slow")
     live = start_run(slow_plan, "--pool", "0", cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
