@@ -7,6 +7,7 @@ merely starts like this one's, a process with no tag.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -235,9 +236,12 @@ def clear(repo: Path, worktree: dict[str, str] | None, *, keep_branch: bool = Fa
     async def go() -> list[str]:
         opened = await Repository.open(repo)
         try:
-            return await clear_task_leftovers(
-                opened, opened.state_dir, RUN, TASK, worktree, keep_branch=keep_branch
-            )
+            if keep_branch:
+                return await clear_task_leftovers(
+                    opened, opened.state_dir, RUN, TASK, worktree, keep_branch=True
+                )
+            # By default the branch goes (or is moved aside).
+            return await clear_task_leftovers(opened, opened.state_dir, RUN, TASK, worktree)
         finally:
             opened.lock.close()
 
@@ -333,3 +337,41 @@ def test_a_finished_tasks_leftovers_go_but_its_branch_stays(make_repo: MakeRepo)
     assert not any("branch" in line for line in done), done
     assert not path.exists()
     assert refs(repo) == [f"refs/heads/main {base}", f"refs/heads/{BRANCH} {tip}"]
+
+
+@contextlib.contextmanager
+def unremovable(*files: Path) -> Iterator[None]:
+    """*files* cannot be deleted while the block runs: immutable (``chattr +i``) for root,
+    in a directory without write permission otherwise; skips the test where neither works."""
+    if os.geteuid() == 0:
+        made = subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make a file immutable here: {made.stderr.decode().strip()}")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+        return
+    for file in files:
+        file.parent.chmod(0o500)
+    try:
+        yield
+    finally:
+        for file in files:
+            file.parent.chmod(0o700)
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_the_rest(make_repo: MakeRepo) -> None:
+    """What stays (a file nobody may delete) is left where it is; the branch, the worktree
+    entry and the lock are still cleared."""
+    repo = make_repo()
+    path, base = leftovers(repo)
+    stuck = [path / "src" / "stuck.txt", repo / ".git/orchestrator/venvs" / RUN / NAME / "bin/x"]
+    for file in stuck:
+        file.write_text("stuck\n")
+    with unremovable(*stuck):
+        done = clear(repo, {"task": TASK, "base_commit": base})
+        assert all(file.exists() for file in stuck)
+    assert f"deleted branch {BRANCH} (no work on it)" in done
+    assert refs(repo) == [f"refs/heads/main {base}"]
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
