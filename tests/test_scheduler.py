@@ -778,11 +778,12 @@ def test_graph_problems_name_unknown_tasks_own_groups_and_cycles_through_groups(
             _task("a", depends_on=["b"]),
             _task("b", depends_on=["a", "nope"]),
             _task("h[0]", group="h", select="all", depends_on=["c"]),
+            _task("h[1]", group="h", select="all"),
             _task("c", depends_on=["h"]),
         ]
     ) == [
         "task g[0]: depends on its own group 'g'",
         "task b: depends on unknown task 'nope'",
         "cycle a -> b -> a",
-        "cycle h[0] -> c -> h[0]",
+        "cycle h[0] -> c -> h[0]",  # c needs all of group h, and h[0] needs c
     ]
