@@ -787,3 +787,36 @@ def test_graph_problems_name_unknown_tasks_own_groups_and_cycles_through_groups(
         "cycle a -> b -> a",
         "cycle h[0] -> c -> h[0]",  # c needs all of group h, and h[0] needs c
     ]
+
+
+def test_a_task_being_cancelled_is_told_why_once() -> None:
+    """A member cancelled as not needed, and caught by fail-fast while it still ends (an
+    agent takes a while to stop): the first reason stands, and the run is told of it once."""
+
+    def prepare(hooks: _Hooks) -> None:
+        real_run = hooks.run
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            if envelope.task_id != "g[1]":
+                return await real_run(envelope)
+            hooks.log.append(("run", "g[1]"))
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for _ in range(20):  # stopping takes a while: x's failure comes meanwhile
+                        await anyio.lowlevel.checkpoint()
+                    hooks.book.move("g[1]", "cancelled")
+                    hooks.results["g[1]"] = _result("g[1]", "cancelled")
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    members = [
+        _task(f"g[{i}]", group="g", select="first_success", priority=3 - i) for i in range(2)
+    ]
+    hooks = _schedule(
+        [*members, _task("x")], outcomes={"x": "failed"}, prepare=prepare, limit=3, fail_fast=True
+    )
+    assert [entry for entry in hooks.log if entry[0] == "cancelling"] == [
+        ("cancelling", "g[1]", "not_needed", "not needed: g[0] succeeded first in group g")
+    ]
