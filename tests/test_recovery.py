@@ -7,7 +7,9 @@ merely starts like this one's, a process with no tag.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +21,13 @@ import anyio
 import psutil
 import pytest
 
-from orchestrator.journal import Journal, read_journal
+from orchestrator.errors import JournalCorrupt, OrchestratorError
+from orchestrator.journal import Journal, JournalContents, read_journal
 from orchestrator.process import TAG_VARIABLE, find_tagged, kill_tagged
-from orchestrator.recovery import kill_orphans, replay
+from orchestrator.recovery import clear_task_leftovers, kill_orphans, replay
+from orchestrator.repo import Repository
+
+from .conftest import MakeRepo, git
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -170,3 +176,202 @@ def test_replay_reads_what_the_journal_says(tmp_path: Path) -> None:
     assert record.worktrees["a"]["base_commit"] == "0" * 40
     assert record.sessions == 2
     assert record.finished
+
+
+def test_replay_refuses_a_journal_without_its_run_record() -> None:
+    """A run killed before its first record (or made by an older orchestrator) has nothing
+    to resume from; a worktree record that names no task is damage, not data."""
+    with pytest.raises(OrchestratorError, match=r"^run r1 has no journal to resume from"):
+        replay(JournalContents(records=[{"type": "worktree", "task": "a"}]), "r1")
+    damaged = JournalContents(records=[{"type": "run"}, {"type": "worktree", "base_commit": "0"}])
+    with pytest.raises(JournalCorrupt, match=r"^run r1's journal has a worktree record without"):
+        replay(damaged, "r1")
+
+
+def test_replay_keeps_the_last_word_on_each_task_and_who_took_the_run_over() -> None:
+    first = {"type": "worktree", "task": "a", "base_commit": "1" * 40}
+    again = {"type": "worktree", "task": "a", "base_commit": "2" * 40}
+    contents = JournalContents(
+        records=[
+            {"type": "run", "plan_name": "first"},
+            first,
+            {"type": "run", "plan_name": "not the settings"},
+            {"type": "state", "task": "a", "state": "running"},  # not replayed
+            again,
+            {"type": "superseded", "by": "r2"},
+        ]
+    )
+    record = replay(contents, "r1")
+    assert record.settings == {"type": "run", "plan_name": "first"}
+    assert record.worktrees == {"a": again}
+    assert record.superseded_by == "r2"
+    assert not record.finished and record.sessions == 1 and record.results == {}
+
+
+# -- what an unfinished task of a dead run left behind --------------------------------------
+
+RUN = "20260101-000000-dddd"
+TASK = "impl[a,b]"  # its branch and directories are named ``impl@a@b``
+NAME = "impl@a@b"
+BRANCH = f"orchestrator/{RUN}/{NAME}"
+
+
+def leftovers(repo: Path, *, commits: int = 0) -> tuple[Path, str]:
+    """What a dead run left of TASK in *repo*: its worktree on its branch (with *commits*
+    of the agent's on it), its venv and a stale lock of the branch; (worktree, base)."""
+    base = git(repo, "rev-parse", "HEAD")
+    state = repo / ".git" / "orchestrator"
+    path = state / "worktrees" / RUN / NAME
+    git(repo, "worktree", "add", "--quiet", "-b", BRANCH, str(path), base)
+    for i in range(commits):
+        (path / f"work{i}.txt").write_text(f"work {i}\n")
+        git(path, "add", "--all")
+        git(path, "commit", "--quiet", "-m", f"work {i}")
+    (state / "venvs" / RUN / NAME / "bin").mkdir(parents=True)
+    (repo / ".git" / "refs" / "heads" / f"{BRANCH}.lock").write_text("")
+    return path, base
+
+
+def clear(repo: Path, worktree: dict[str, str] | None, *, keep_branch: bool = False) -> list[str]:
+    async def go() -> list[str]:
+        opened = await Repository.open(repo)
+        try:
+            if keep_branch:
+                return await clear_task_leftovers(
+                    opened, opened.state_dir, RUN, TASK, worktree, keep_branch=True
+                )
+            # By default the branch goes (or is moved aside).
+            return await clear_task_leftovers(opened, opened.state_dir, RUN, TASK, worktree)
+        finally:
+            opened.lock.close()
+
+    return anyio.run(go)
+
+
+def refs(repo: Path) -> list[str]:
+    return git(repo, "for-each-ref", "--format=%(refname) %(objectname)").splitlines()
+
+
+def test_leftovers_of_a_task_that_did_no_work_are_removed_with_its_branch(
+    make_repo: MakeRepo,
+) -> None:
+    repo = make_repo()
+    path, base = leftovers(repo)
+    admin = Path(git(path, "rev-parse", "--path-format=absolute", "--git-dir"))
+    state = repo / ".git" / "orchestrator"
+    lock = repo / ".git" / "refs" / "heads" / f"{BRANCH}.lock"
+    done = clear(repo, {"task": TASK, "base_commit": base})
+    assert done == [
+        f"removed worktree {path}",
+        f"removed worktree entry {admin}",
+        f"removed stale lock {lock}",
+        f"deleted branch {BRANCH} (no work on it)",
+        f"removed venv {state / 'venvs' / RUN / NAME}",
+    ]
+    assert not path.exists() and not admin.exists() and not lock.exists()
+    assert not (state / "venvs" / RUN / NAME).exists()
+    assert refs(repo) == [f"refs/heads/main {base}"]
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert clear(repo, {"task": TASK, "base_commit": base}) == []  # nothing left to do
+
+
+def test_a_worktree_whose_directory_is_gone_still_loses_its_entry(make_repo: MakeRepo) -> None:
+    """The crash came after the directory went but before git's admin entry did: the entry
+    is found by what it points at."""
+    repo = make_repo()
+    path, base = leftovers(repo)
+    admin = Path(git(path, "rev-parse", "--path-format=absolute", "--git-dir"))
+    git(repo, "worktree", "add", "--quiet", "--detach", str(repo.parent / "bystander"), base)
+    shutil.rmtree(path)
+    done = clear(repo, {"task": TASK, "base_commit": base})
+    assert done[0] == f"removed worktree entry {admin}"
+    assert not admin.exists()
+    assert str(repo.parent / "bystander") in git(repo, "worktree", "list")
+
+
+def test_a_branch_holding_commits_is_moved_aside_each_time_under_a_new_number(
+    make_repo: MakeRepo,
+) -> None:
+    repo = make_repo()
+    kept = f"refs/orchestrator/interrupted/{RUN}/{NAME}"
+    tips = []
+    for attempt in (1, 2):
+        path, base = leftovers(repo, commits=attempt)
+        tips.append(git(path, "rev-parse", "HEAD"))
+        done = clear(repo, {"task": TASK, "base_commit": base})
+        assert f"moved branch {BRANCH} (it holds commits) to {kept}/{attempt}" in done
+        assert not path.exists()
+    assert refs(repo) == [
+        f"refs/heads/main {base}",
+        f"{kept}/1 {tips[0]}",
+        f"{kept}/2 {tips[1]}",
+    ]
+
+
+def test_a_branch_that_cannot_be_moved_aside_is_left_where_it_is(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    path, base = leftovers(repo, commits=1)
+    tip = git(path, "rev-parse", "HEAD")
+    kept = f"refs/orchestrator/interrupted/{RUN}/{NAME}"
+    git(repo, "update-ref", f"{kept}/2", base)  # the number the next one would take
+    with pytest.raises(OrchestratorError, match=f"^cannot move the interrupted branch {BRANCH} "):
+        clear(repo, {"task": TASK, "base_commit": base})
+    assert f"refs/heads/{BRANCH} {tip}" in refs(repo)
+    assert f"{kept}/2 {base}" in refs(repo)
+
+
+def test_a_task_with_no_worktree_recorded_loses_its_branch(make_repo: MakeRepo) -> None:
+    """The crash came before the agent could run: whatever the branch holds is not its work."""
+    repo = make_repo()
+    _, base = leftovers(repo, commits=1)
+    done = clear(repo, None)
+    assert f"deleted branch {BRANCH} (no work on it)" in done
+    assert refs(repo) == [f"refs/heads/main {base}"]
+
+
+def test_a_finished_tasks_leftovers_go_but_its_branch_stays(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    path, base = leftovers(repo, commits=1)
+    tip = git(path, "rev-parse", "HEAD")
+    done = clear(repo, {"task": TASK, "base_commit": base}, keep_branch=True)
+    assert not any("branch" in line for line in done), done
+    assert not path.exists()
+    assert refs(repo) == [f"refs/heads/main {base}", f"refs/heads/{BRANCH} {tip}"]
+
+
+@contextlib.contextmanager
+def unremovable(*files: Path) -> Iterator[None]:
+    """*files* cannot be deleted while the block runs: immutable (``chattr +i``) for root,
+    in a directory without write permission otherwise; skips the test where neither works."""
+    if os.geteuid() == 0:
+        made = subprocess.run(["chattr", "+i", *map(str, files)], capture_output=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make a file immutable here: {made.stderr.decode().strip()}")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+        return
+    for file in files:
+        file.parent.chmod(0o500)
+    try:
+        yield
+    finally:
+        for file in files:
+            file.parent.chmod(0o700)
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_the_rest(make_repo: MakeRepo) -> None:
+    """What stays (a file nobody may delete) is left where it is; the branch, the worktree
+    entry and the lock are still cleared."""
+    repo = make_repo()
+    path, base = leftovers(repo)
+    stuck = [path / "src" / "stuck.txt", repo / ".git/orchestrator/venvs" / RUN / NAME / "bin/x"]
+    for file in stuck:
+        file.write_text("stuck\n")
+    with unremovable(*stuck):
+        done = clear(repo, {"task": TASK, "base_commit": base})
+        assert all(file.exists() for file in stuck)
+    assert f"deleted branch {BRANCH} (no work on it)" in done
+    assert refs(repo) == [f"refs/heads/main {base}"]
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,17 @@ def write_plan(tmp_path: Path, repo: Path, *, seconds: float = 1.0) -> tuple[Pat
         f"tasks:\n{tasks}"
     )
     return plan, counts
+
+
+def held_agents(plan_dir: Path) -> Path:
+    """Have the agent write_plan wrote in *plan_dir* wait for a file rather than sleep: a run
+    the test needs alive stays alive however loaded the machine is. The file's path."""
+    gate = plan_dir / "gate"
+    agent = plan_dir / "agent.py"
+    waiting = f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)"
+    agent.write_text(agent.read_text().replace("time.sleep(float(sys.argv[2]))", waiting))
+    assert waiting in agent.read_text()
+    return gate
 
 
 def start_run(
@@ -170,11 +182,10 @@ def test_a_killed_run_resumes_without_losing_or_redoing_work(
 
 def test_a_torn_last_journal_line_is_ignored(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
-    plan, _ = write_plan(tmp_path, repo)
-    first = start_run(plan, cwd=tmp_path)
-    time.sleep(1.5)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    plan, _ = write_plan(tmp_path, repo, seconds=0.2)
+    # Killed at a named point, not after a sleep: on a loaded machine a run killed after a
+    # fixed time may not have written its run directory yet.
+    crash_at(plan, "commit:5", cwd=tmp_path)
     (run_dir,) = run_dirs(repo)
     journal = run_dir / "journal.jsonl"
     data = journal.read_bytes()
@@ -210,7 +221,8 @@ def test_a_journal_damaged_in_the_middle_is_refused(make_repo: MakeRepo, tmp_pat
 
 def test_a_second_orchestrator_on_a_live_run_refuses(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
-    plan, _ = write_plan(tmp_path, repo, seconds=3)
+    plan, _ = write_plan(tmp_path, repo)
+    gate = held_agents(tmp_path)
     first = start_run(plan, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
@@ -232,6 +244,7 @@ def test_a_second_orchestrator_on_a_live_run_refuses(make_repo: MakeRepo, tmp_pa
         listed = orchestrator("runs", "--repo", str(repo), "--json", cwd=tmp_path)
         assert json.loads(listed.stdout)["state"] == "live"
     finally:
+        gate.touch()
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
 
@@ -263,7 +276,9 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
     assert snapshot() == before
 
     (tmp_path / "slow").mkdir()
-    slow_plan, _ = write_plan(tmp_path / "slow", repo, seconds=3)
+    slow_plan, _ = write_plan(tmp_path / "slow", repo)
+    # A task that ended while gc works would take its worktree away with it.
+    gate = held_agents(tmp_path / "slow")
     live = start_run(slow_plan, "--pool", "0", cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
@@ -282,6 +297,7 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
         assert live_run.is_dir() and all(w.is_dir() for w in worktrees)
         assert run_dirs(repo) == [live_run]  # the crashed run, older than 0, is gone
     finally:
+        gate.touch()
         live.wait(timeout=120)
     assert live.returncode == 0
     report = json.loads((live_run / "report.json").read_text())
@@ -642,3 +658,374 @@ def test_resume_of_a_finished_run_runs_nothing_and_exits_with_its_status(
     assert "started from HEAD, not main: starting a new run" in other.stderr
     assert "no interrupted run" not in other.stderr
     assert json.loads(other.stdout)["run_id"] not in {d.name for d in run_dirs(repo)[:-1]}
+
+
+# -- resume in one process: a run cancelled from inside, then taken up again --------------
+
+RUN = "20260101-000000-eeeeee"
+
+
+async def _nothing(envelope: Any, workspace: Any) -> dict[str, Any]:
+    return {}
+
+
+def cancelled_at(
+    stop_at: str, plan: Any, *, agents: dict[str, Any] | None = None, **options: Any
+) -> None:
+    """One orchestrator's life (run RUN), cancelled from inside when task *stop_at* starts;
+    its agent ``a`` does nothing for the other tasks (*agents* adds others)."""
+    import anyio
+
+    from orchestrator import orchestrate_parallel
+
+    async def main() -> None:
+        with anyio.CancelScope() as scope:
+
+            async def agent(envelope: Any, workspace: Any) -> dict[str, Any]:
+                if envelope.task_id == stop_at:
+                    scope.cancel()
+                    await anyio.sleep_forever()
+                return {}
+
+            everyone = {"a": agent, **(agents or {})}
+            await orchestrate_parallel(plan, agents=everyone, run_id=RUN, **options)
+
+    anyio.run(main)
+
+
+def resumed(plan: Any, **options: Any) -> Any:
+    """Run RUN taken up again, with the agent ``a`` doing nothing; its report."""
+    import anyio
+
+    from orchestrator import orchestrate_parallel
+
+    options.setdefault("agents", {"a": _nothing})
+    return anyio.run(lambda: orchestrate_parallel(plan, resume=RUN, **options))
+
+
+def two_tasks(**defaults: Any) -> list[Any]:
+    from envelopes import build_envelope
+
+    return [
+        build_envelope("a", "first", task_id="first", venv=False, **defaults),
+        build_envelope("a", "second", task_id="second", venv=False, **defaults),
+    ]
+
+
+def test_a_resumed_run_goes_on_from_the_base_it_started_from(make_repo: MakeRepo) -> None:
+    """The base branch moved while the run was down: the tasks run again still start where
+    the run started, and the report says so."""
+    repo = make_repo()
+    base = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    envelopes = two_tasks()
+    cancelled_at("second", envelopes, repo=repo, concurrency=1)
+    (repo / "later.txt").write_text("later\n")
+    git(repo, "add", "later.txt")
+    git(repo, "commit", "--quiet", "-m", "later")
+    report = resumed(envelopes, repo=repo)
+    assert (report.base_ref, report.base_commit) == ("HEAD", base)
+    assert [(r.task_id, r.status, r.resumed) for r in report.results] == [
+        ("first", "succeeded", True),
+        ("second", "succeeded", False),
+    ]
+    second = report.result("second")
+    assert second.provenance.base_commit == base
+    assert git(repo, "rev-parse", f"{second.provenance.result_commit}^{{tree}}") == tree
+
+
+def test_the_journal_records_the_run_and_each_session_that_took_it_up(
+    make_repo: MakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``run`` record holds what a resume needs (plan, repository, base, agents,
+    settings); each resume adds a ``resumed`` record: when, which process, what it kept."""
+    from orchestrator.plan import load_plan
+
+    repo = make_repo()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "p.yaml").write_text(
+        "name: two\nconcurrency: 1\ndefaults: {venv: false}\nagents: {a: {command: ['true']}}\n"
+        "tasks:\n  - {id: first, agent: a, task: t}\n  - {id: second, agent: a, task: t}\n"
+    )
+    plan = load_plan("plans/p.yaml")
+    cancelled_at("second", plan, repo=repo)
+    journal = read_journal(repo / ".git" / "orchestrator" / "runs" / RUN / "journal.jsonl")
+    (run,) = journal.of_type("run")
+    assert {k: v for k, v in run.items() if k not in ("at", "settings", "agent_digests")} == {
+        "type": "run",
+        "run_id": RUN,
+        "pid": os.getpid(),
+        "plan_sha256": plan.sha256,
+        "plan_name": "two",
+        "plan_file": str(tmp_path / "plans" / "p.yaml"),
+        "plan_dir": str(tmp_path / "plans"),
+        "repo": str(repo),
+        "base_ref": "HEAD",
+        "base_commit": git(repo, "rev-parse", "HEAD"),
+        "base_tree": git(repo, "rev-parse", "HEAD^{tree}"),
+    }
+    assert set(run["agent_digests"]) == {"a"}
+    assert run["settings"]["concurrency"] == 1
+    report = resumed(plan, repo=repo)
+    assert report.started_at.isoformat() == run["at"]  # the run's start, not the resume's
+    journal = read_journal(Path(report.run_dir) / "journal.jsonl")
+    (session,) = journal.of_type("resumed")
+    assert session["pid"] == os.getpid() and session["kept"] == ["first"]
+    assert report.started_at < datetime.fromisoformat(session["at"]) <= report.finished_at
+
+
+async def _broken(envelope: Any, workspace: Any) -> dict[str, Any]:
+    raise RuntimeError("the agent's own bug")
+
+
+def test_a_resume_runs_again_what_the_orchestrator_failed_but_keeps_what_an_agent_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task failed by the orchestrator itself (a bug of its own, a full disk) says nothing
+    about the task: it runs again. A task its agent failed keeps its result, like a success."""
+    from envelopes import build_envelope
+    from orchestrator import subagent
+
+    envelopes = [
+        build_envelope("b", "t", task_id="broken", worktree=False, venv=False),
+        build_envelope("a", "t", task_id="done", worktree=False, venv=False),
+        build_envelope("a", "t", task_id="hit", worktree=False, venv=False),
+        build_envelope("a", "t", task_id="stopped", worktree=False, venv=False),
+    ]
+    real_run = subagent._Subagent.run
+
+    async def run(self: Any) -> Any:
+        if self.task_id == "hit":
+            raise RuntimeError("the orchestrator's own bug")
+        return await real_run(self)
+
+    monkeypatch.setattr(subagent._Subagent, "run", run)
+    cancelled_at("stopped", envelopes, agents={"b": _broken}, state_dir=tmp_path, concurrency=1)
+    monkeypatch.undo()
+    journal = read_journal(tmp_path / "runs" / RUN / "journal.jsonl")
+    errors = {r["result"]["task_id"]: r["result"]["error"] for r in journal.of_type("result")}
+    assert errors["hit"]["kind"] == "internal" and errors["broken"]["kind"] == "agent_exception"
+    report = resumed(envelopes, agents={"a": _nothing, "b": _broken}, state_dir=tmp_path)
+    assert [(r.task_id, r.status, r.resumed) for r in report.results] == [
+        ("broken", "failed", True),
+        ("done", "succeeded", True),
+        ("hit", "succeeded", False),
+        ("stopped", "succeeded", False),
+    ]
+
+
+def test_a_resume_kills_the_dead_runs_agents_and_says_how_many(tmp_path: Path) -> None:
+    from envelopes import RunStarted
+    from orchestrator.process import TAG_VARIABLE
+
+    envelopes = two_tasks(worktree=False)
+    cancelled_at("second", envelopes, state_dir=tmp_path)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        env={**os.environ, TAG_VARIABLE: f"{RUN}/second/1"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not find_tagged(f"{RUN}/"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        events: list[Any] = []
+        report = resumed(envelopes, state_dir=tmp_path, on_event=events.append)
+        assert orphan.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        orphan.kill()
+        orphan.wait()
+    (started,) = [e for e in events if isinstance(e, RunStarted)]
+    assert (started.orphans_killed, started.resumed_tasks) == (1, 1)
+    assert report.summary.successful == 2
+
+
+def test_a_finished_tasks_worktree_left_by_the_crash_goes_and_its_branch_stays(
+    make_repo: MakeRepo,
+) -> None:
+    """The crash came after a task's result was on disk, before its worktree went: the
+    resume removes the worktree and keeps the task, whose branch holds its result."""
+    import anyio
+
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    envelopes = two_tasks()
+    cancelled_at("second", envelopes, repo=repo, concurrency=1, pool=0)
+    branch = f"orchestrator/{RUN}/first"
+    result_commit = git(repo, "rev-parse", branch)
+    left = repo / ".git" / "orchestrator" / "worktrees" / RUN / "first"
+    git(repo, "worktree", "add", "--quiet", str(left), branch)
+    report = resumed(envelopes, repo=repo, pool=0)
+    assert [(r.task_id, r.resumed) for r in report.results] == [("first", True), ("second", False)]
+    assert not left.exists()
+    assert git(repo, "rev-parse", branch) == result_commit
+    assert task_worktrees(repo) == []
+    assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
+
+
+def test_a_resume_refuses_a_finished_run_a_changed_plan_and_a_run_taken_over(
+    tmp_path: Path,
+) -> None:
+    import anyio
+
+    from orchestrator import orchestrate_parallel
+    from orchestrator.errors import OrchestratorError
+
+    envelopes = two_tasks(worktree=False)
+    cancelled_at("second", envelopes, state_dir=tmp_path)
+    run_dir = tmp_path / "runs" / RUN
+    (first,) = read_journal(run_dir / "journal.jsonl").of_type("run")
+    changed = [envelopes[0], envelopes[1].model_copy(update={"task": "second, said otherwise"})]
+    message = (
+        f"^the plan changed since run {RUN} started \\(its digest was "
+        f"{first['plan_sha256'][:12]}, it is [0-9a-f]{{12}} now\\); "
+        "resume it with the plan it started with$"
+    )
+    with pytest.raises(OrchestratorError, match=message):
+        resumed(changed, state_dir=tmp_path)
+
+    async def take_over() -> Any:
+        return await orchestrate_parallel(
+            envelopes, agents={"a": _nothing}, state_dir=tmp_path, reuse=RUN
+        )
+
+    newer = anyio.run(take_over)
+    with pytest.raises(OrchestratorError) as taken:
+        resumed(envelopes, state_dir=tmp_path)
+    assert str(taken.value) == (
+        f"run {RUN} was taken over by run {newer.run_id} (run --resume --force); resume that one"
+    )
+    with pytest.raises(OrchestratorError) as finished:
+        anyio.run(
+            lambda: orchestrate_parallel(
+                envelopes, agents={"a": _nothing}, state_dir=tmp_path, resume=newer.run_id
+            )
+        )
+    assert str(finished.value) == (
+        f"run {newer.run_id} has finished; its report is {Path(newer.run_dir) / 'report.json'}"
+    )
+
+
+def test_a_run_reusing_another_takes_its_successes_and_marks_it_taken_over(
+    tmp_path: Path,
+) -> None:
+    import anyio
+
+    from orchestrator import orchestrate_parallel
+    from orchestrator.errors import OrchestratorError, RunInUse
+    from orchestrator.locks import RunLock
+    from orchestrator.recovery import replay
+
+    envelopes = two_tasks(worktree=False)
+    anyio.run(
+        lambda: orchestrate_parallel(
+            envelopes, agents={"a": _nothing}, state_dir=tmp_path, run_id=RUN
+        )
+    )
+    old = tmp_path / "runs" / RUN
+    # The new plan changes one task's work: the other's success is reused.
+    changed = [envelopes[0], envelopes[1].model_copy(update={"task": "second, said otherwise"})]
+
+    def reusing(run_id: str) -> Any:
+        return anyio.run(
+            lambda: orchestrate_parallel(
+                changed, agents={"a": _nothing}, state_dir=tmp_path, reuse=run_id
+            )
+        )
+
+    with pytest.raises(OrchestratorError) as missing:
+        reusing("20260101-000000-ffffff")
+    assert str(missing.value) == (f"no run 20260101-000000-ffffff in {tmp_path / 'runs'} to reuse")
+    holder = RunLock(old)
+    holder.acquire()  # the old run came alive meanwhile
+    try:
+        with pytest.raises(RunInUse):
+            reusing(RUN)
+    finally:
+        holder.release()
+    assert replay(read_journal(old / "journal.jsonl"), RUN).superseded_by is None
+    report = reusing(RUN)
+    assert [(r.task_id, r.status) for r in report.results] == [
+        ("first", "cached"),
+        ("second", "succeeded"),
+    ]
+    assert replay(read_journal(old / "journal.jsonl"), RUN).superseded_by == report.run_id
+
+
+def test_the_repository_of_a_resumed_run_is_the_one_given_else_the_cwds(
+    make_repo: MakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Repository is used as it is; a path is opened (with the state directory given); with
+    neither, the cwd's repository, unless a state directory says where the run lives."""
+    import anyio
+
+    from orchestrator.repo import Repository
+    from orchestrator.resume import open_run_repository
+
+    repo = make_repo()
+    state = tmp_path / "state"
+
+    async def check() -> None:
+        given = await Repository.open(repo)
+        assert await open_run_repository(given, state) is given
+        opened = await open_run_repository(str(repo / "src"), state)
+        assert opened is not None and (opened.root, opened.state_dir) == (repo, state)
+        assert await open_run_repository(None, state) is None
+        monkeypatch.chdir(repo / "src")
+        here = await open_run_repository(None, None)
+        assert here is not None and here.root == repo
+        assert here.state_dir == repo / ".git" / "orchestrator"
+
+    anyio.run(check)
+
+
+def test_a_run_of_envelopes_is_resumed_from_its_own_record(tmp_path: Path) -> None:
+    """``resume_run`` takes the plan from the run directory: a run given envelopes in code
+    goes on with those envelopes and the settings it started with."""
+    import anyio
+
+    from orchestrator import resume_run
+
+    envelopes = two_tasks(worktree=False)
+    cancelled_at("second", envelopes, state_dir=tmp_path, concurrency=1)
+    report = anyio.run(lambda: resume_run(RUN, state_dir=tmp_path, agents={"a": _nothing}))
+    assert [(r.task_id, r.status, r.resumed) for r in report.results] == [
+        ("first", "succeeded", True),
+        ("second", "succeeded", False),
+    ]
+    assert report.repo is None
+
+
+def test_recorded_run_reads_where_the_plan_came_from_and_names_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.plan import LoadedPlan
+    from orchestrator.resume import recorded_run
+
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    record = {"type": "run", "at": "2026-01-01T00:00:00+00:00", "repo": "/somewhere"}
+    line = {**record, "plan_file": "/plans/p.yaml", "plan_dir": "/plans"}
+    (run_dir / "journal.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(OrchestratorError) as missing:  # no plan.json
+        recorded_run(run_dir, "r1")
+    assert str(missing.value) == f"no run r1 in {tmp_path / 'runs'}"
+    plan = {
+        "agents": {"a": {"command": ["true"]}},
+        "tasks": [{"id": "t", "agent": "a", "task": "x"}],
+    }
+    (run_dir / "plan.json").write_text(json.dumps(plan))
+    recorded = recorded_run(run_dir, "r1")
+    assert isinstance(recorded.plan, LoadedPlan)
+    assert (recorded.plan.file, recorded.plan.plan_dir) == ("/plans/p.yaml", Path("/plans"))
+    assert recorded.repo == "/somewhere"
+    assert recorded.settings.model_fields_set == set()  # nothing recorded: the defaults
+    # A journal of an older version, without the plan's directory: the cwd, as then.
+    monkeypatch.chdir(tmp_path)
+    (run_dir / "journal.jsonl").write_text(json.dumps(record) + "\n")
+    recorded = recorded_run(run_dir, "r1")
+    assert isinstance(recorded.plan, LoadedPlan)
+    assert (recorded.plan.file, recorded.plan.plan_dir) == (None, tmp_path)

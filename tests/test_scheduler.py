@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from envelopes import (
@@ -371,3 +372,539 @@ def test_a_budget_costs_each_task_the_same_however_many_ended_before(tmp_path: P
     succeeded = sum(state == "succeeded" for state in book.states.values())
     assert 10 <= succeeded <= 10 + 4
     assert set(book.states.values()) == {"succeeded", "skipped"}
+
+
+# -- the scheduler alone, with hooks that play the run ----------------------------------------
+
+
+def _result(task_id: str, status: str, error: Any = None, usage: Any = None) -> Any:
+    from envelopes import TaskResult
+
+    # The scheduler reads a result's status and usage only.
+    return TaskResult.model_construct(task_id=task_id, status=status, error=error, usage=usage)
+
+
+class _Hooks:
+    """SchedulerHooks that run each task at once to the status *outcomes* gives it
+    (``succeeded`` by default), or until the test sets its gate; everything is logged."""
+
+    def __init__(self, book: TaskBook, outcomes: dict[str, str] | None = None) -> None:
+        self.book = book
+        self.outcomes = outcomes or {}
+        self.results: dict[str, Any] = {}
+        self.log: list[tuple[Any, ...]] = []
+        self.gates: dict[str, anyio.Event] = {}
+        self.resolutions: dict[str, Any] = {}
+        self.usage: dict[str, Any] = {}
+        self.running = self.peak = 0
+
+    async def queued(self, envelope: HandoffEnvelope) -> None:
+        self.log.append(("queued", envelope.task_id))
+
+    async def resolve(self, envelope: HandoffEnvelope, upstream: list[str]) -> Any:
+        self.log.append(("resolve", envelope.task_id, upstream))
+        return self.resolutions.get(envelope.task_id, envelope)
+
+    async def run(self, envelope: HandoffEnvelope) -> None:
+        task_id = envelope.task_id
+        self.log.append(("run", task_id))
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            if task_id in self.gates:
+                await self.gates[task_id].wait()
+            else:
+                await anyio.lowlevel.checkpoint()
+        except anyio.get_cancelled_exc_class():
+            self.book.move(task_id, "cancelled")
+            self.results[task_id] = _result(task_id, "cancelled")
+            raise
+        finally:
+            self.running -= 1
+        status = self.outcomes.get(task_id, "succeeded")
+        self.book.move(task_id, status)  # type: ignore[arg-type]
+        self.results[task_id] = _result(task_id, status, usage=self.usage.get(task_id))
+
+    async def never_started(self, envelope: HandoffEnvelope, status: str, error: Any) -> None:
+        self.log.append((status, envelope.task_id, error.kind, error.message))
+        self.results[envelope.task_id] = _result(envelope.task_id, status, error)
+
+    def cancelling(self, task_id: str, error: Any) -> None:
+        self.log.append(("cancelling", task_id, error.kind, error.message))
+
+    async def group_decided(self, name: str, group: Any) -> None:
+        self.log.append(("decided", name, list(group.selected)))
+
+
+def _task(task_id: str, agent: str = "a", **fields: Any) -> HandoffEnvelope:
+    return build_envelope(agent, "t", task_id=task_id, worktree=False, venv=False, **fields)
+
+
+def _schedule(
+    envelopes: list[HandoffEnvelope],
+    *,
+    outcomes: dict[str, str] | None = None,
+    prepare: Any = None,
+    limit: int = 10,
+    agent_limits: dict[str, int] | None = None,
+    **options: Any,
+) -> _Hooks:
+    """Run *envelopes* through a Scheduler with _Hooks (*prepare* sees the hooks first);
+    the hooks, with their log and results."""
+    from orchestrator.scheduler import Scheduler
+
+    book = TaskBook([e.task_id for e in envelopes])
+    hooks = _Hooks(book, outcomes)
+    if prepare is not None:
+        prepare(hooks)
+    scheduler = Scheduler(
+        envelopes,
+        hooks,
+        limit=limit,
+        agent_limits=agent_limits or {},
+        book=book,
+        results=hooks.results,
+        **options,
+    )
+    anyio.run(scheduler.run)
+    assert all(book.states[t] == hooks.results[t].status for t in book.states)
+    return hooks
+
+
+def _ran(hooks: _Hooks) -> list[str]:
+    return [entry[1] for entry in hooks.log if entry[0] == "run"]
+
+
+def test_a_task_that_did_not_succeed_skips_its_dependents_and_theirs() -> None:
+    hooks = _schedule(
+        [
+            _task("a"),
+            _task("b", depends_on=["a"]),
+            _task("c", depends_on=["b"]),
+            _task("slow"),
+            _task("d", depends_on=["slow"]),
+            _task("free"),
+        ],
+        outcomes={"a": "failed", "slow": "timed_out"},
+    )
+    skipped = [entry for entry in hooks.log if entry[0] == "skipped"]
+    assert skipped == [
+        ("skipped", "b", "dependency", "dependency a failed"),
+        ("skipped", "c", "dependency", "dependency b was skipped"),
+        ("skipped", "d", "dependency", "dependency slow timed out"),
+    ]
+    assert _ran(hooks) == ["a", "slow", "free"]
+
+
+def test_a_dependent_starts_once_from_its_dependencies_in_the_order_it_names_them() -> None:
+    hooks = _schedule(
+        [
+            _task("a"),
+            _task("b"),
+            _task("c", depends_on=["b", "a", "b"]),  # named twice: resolved once
+            _task("d", depends_on=["c"]),
+        ]
+    )
+    resolved = [entry for entry in hooks.log if entry[0] == "resolve"]
+    assert resolved == [("resolve", "c", ["b", "a"]), ("resolve", "d", ["c"])]
+    assert _ran(hooks) == ["a", "b", "c", "d"]
+
+
+def test_a_start_that_cannot_be_prepared_skips_the_task_and_its_dependents() -> None:
+    from envelopes import ErrorInfo
+
+    conflict = ErrorInfo(kind="dependency_conflict", message="a and b both change f")
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.resolutions["c"] = conflict
+
+    hooks = _schedule(
+        [_task("a"), _task("c", depends_on=["a"]), _task("d", depends_on=["c"])],
+        prepare=prepare,
+    )
+    assert [entry for entry in hooks.log if entry[0] == "skipped"] == [
+        ("skipped", "c", "dependency_conflict", "a and b both change f"),
+        ("skipped", "d", "dependency", "dependency c was skipped"),
+    ]
+
+
+def test_the_envelope_a_start_was_prepared_with_is_the_one_that_runs() -> None:
+    ran: list[HandoffEnvelope] = []
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.resolutions["b"] = _task("b", depends_on=["a"]).model_copy(
+            update={"task": "b, from a's result"}
+        )
+        real_run = hooks.run
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            ran.append(envelope)
+            await real_run(envelope)
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    _schedule([_task("a"), _task("b", depends_on=["a"])], prepare=prepare)
+    assert [e.task for e in ran] == ["t", "b, from a's result"]
+
+
+def test_a_task_whose_dependency_is_being_prepared_keeps_its_place_in_the_queue() -> None:
+    """While a high-priority dependent's start is prepared, a lower-priority task that is
+    ready does not take the free slot; another agent's task at its limit does not block."""
+    hooks = _schedule(
+        [
+            _task("dep", priority=5),
+            _task("high", priority=9, depends_on=["dep"]),
+            _task("low", priority=1),
+        ],
+        limit=1,
+    )
+    assert _ran(hooks) == ["dep", "high", "low"]
+
+
+def test_an_agent_at_its_limit_lets_the_next_task_start() -> None:
+    def prepare(hooks: _Hooks) -> None:
+        hooks.gates["x1"] = anyio.Event()
+        real_run = hooks.run
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            if envelope.task_id == "y1":
+                hooks.gates["x1"].set()
+            await real_run(envelope)
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    hooks = _schedule(
+        [_task("x1", "x", priority=3), _task("x2", "x", priority=2), _task("y1", "y")],
+        limit=2,
+        agent_limits={"x": 1},
+    )
+    assert _ran(hooks) == ["x1", "y1", "x2"]
+
+
+def _gated(*task_ids: str) -> Any:
+    """A *prepare* that holds *task_ids* running until they are cancelled."""
+
+    def prepare(hooks: _Hooks) -> None:
+        for task_id in task_ids:
+            hooks.gates[task_id] = anyio.Event()
+
+    return prepare
+
+
+STOP = "cancelled: {}, and the run stops at the first failure"
+
+
+@pytest.mark.parametrize("status", ["failed", "timed_out"])
+def test_fail_fast_cancels_the_running_and_never_starts_the_rest(status: str) -> None:
+    hooks = _schedule(
+        [_task("a", priority=2), _task("b", priority=1), _task("c"), _task("d", depends_on=["c"])],
+        outcomes={"a": status},
+        prepare=_gated("b"),
+        limit=2,
+        fail_fast=True,
+    )
+    why = STOP.format("a failed" if status == "failed" else "a timed out")
+    assert [entry for entry in hooks.log if entry[0] in ("cancelling", "cancelled")] == [
+        ("cancelling", "b", "cancelled", why),
+        ("cancelled", "c", "cancelled", why),
+        ("cancelled", "d", "cancelled", why),
+    ]
+    assert _ran(hooks) == ["a", "b"]
+    assert hooks.results["b"].status == "cancelled"
+
+
+def test_without_fail_fast_a_failure_stops_nothing() -> None:
+    hooks = _schedule(
+        [_task("a", priority=2), _task("b", priority=1), _task("c")],
+        outcomes={"a": "failed", "b": "cancelled"},
+        limit=2,
+    )
+    assert _ran(hooks) == ["a", "b", "c"]
+    assert not any(entry[0] == "cancelling" for entry in hooks.log)
+
+
+def test_a_task_cancelled_before_it_recorded_anything_never_started() -> None:
+    """Cancelled while its start was still being told (no result yet): ``cancelled``, with
+    why the run cancelled it, or that it never started."""
+
+    def prepare(hooks: _Hooks) -> None:
+        async def run(envelope: HandoffEnvelope) -> None:
+            hooks.log.append(("run", envelope.task_id))
+            if envelope.task_id == "a":
+                hooks.book.move("a", "failed")
+                hooks.results["a"] = _result("a", "failed")
+            else:
+                await anyio.sleep_forever()  # cancelled; records nothing
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    hooks = _schedule([_task("a"), _task("b")], prepare=prepare, fail_fast=True)
+    assert hooks.log[-1] == ("cancelled", "b", "cancelled", STOP.format("a failed"))
+
+
+def test_a_group_with_select_first_success_takes_the_first_and_cancels_the_others() -> None:
+    members = [
+        _task(f"g[{i}]", group="g", select="first_success", priority=3 - i) for i in range(4)
+    ]
+    hooks = _schedule(
+        [*members, _task("after", depends_on=["g"])],
+        outcomes={"g[0]": "failed"},
+        prepare=_gated("g[2]"),
+        limit=2,
+        fail_fast=True,  # a member's failure is the group's business, not the run's
+    )
+    why = "not needed: g[1] succeeded first in group g"
+    assert [entry for entry in hooks.log if entry[0] in ("decided", "cancelling", "cancelled")] == [
+        ("decided", "g", ["g[1]"]),
+        ("cancelling", "g[2]", "not_needed", why),
+        ("cancelled", "g[3]", "not_needed", why),
+    ]
+    assert ("resolve", "after", ["g[1]"]) in hooks.log
+    assert _ran(hooks) == ["g[0]", "g[1]", "g[2]", "after"]
+
+
+@pytest.mark.parametrize(
+    ("select", "outcomes", "skipped"),
+    [
+        ("all", {"g[1]": "failed"}, "dependency g: 1 of 2 members did not succeed"),
+        (
+            "all",
+            {"g[0]": "failed", "g[1]": "failed"},
+            "dependency g: 2 of 2 members did not succeed",
+        ),
+        (
+            "first_success",
+            {"g[0]": "failed", "g[1]": "timed_out"},
+            "dependency g: no member succeeded",
+        ),
+    ],
+)
+def test_a_group_that_did_not_succeed_skips_its_dependents(
+    select: str, outcomes: dict[str, str], skipped: str
+) -> None:
+    members = [_task(f"g[{i}]", group="g", select=select) for i in range(2)]
+    hooks = _schedule([*members, _task("after", depends_on=["g"])], outcomes=outcomes)
+    selected = (
+        [] if select == "first_success" else [m for m in ("g[0]", "g[1]") if m not in outcomes]
+    )
+    assert ("decided", "g", selected) in hooks.log
+    assert hooks.log[-1] == ("skipped", "after", "dependency", skipped)
+
+
+def test_a_group_with_select_all_starts_its_dependents_from_every_member() -> None:
+    members = [_task(f"g[{i}]", group="g", select="all") for i in range(3)]
+    hooks = _schedule([_task("a"), *members, _task("after", depends_on=["a", "g", "g[1]"])])
+    assert ("decided", "g", ["g[0]", "g[1]", "g[2]"]) in hooks.log
+    assert ("resolve", "after", ["a", "g[0]", "g[1]", "g[2]"]) in hooks.log
+
+
+def test_a_failed_group_stops_a_fail_fast_run_but_a_cancelled_one_does_not() -> None:
+    members = [_task(f"g[{i}]", group="g", select="all", priority=5) for i in range(2)]
+    hooks = _schedule(
+        [*members, _task("other", priority=1)],
+        outcomes={"g[1]": "failed"},
+        prepare=_gated("other"),
+        limit=3,
+        fail_fast=True,
+    )
+    why = STOP.format("group g: 1 of 2 members did not succeed")
+    assert ("cancelling", "other", "cancelled", why) in hooks.log
+    quiet = _schedule(
+        [*members, _task("other", priority=1)],
+        outcomes={"g[1]": "cancelled"},
+        limit=3,
+        fail_fast=True,
+    )
+    assert not any(entry[0] == "cancelling" for entry in quiet.log)
+    assert _ran(quiet) == ["g[0]", "g[1]", "other"]
+
+
+def test_tasks_restored_from_an_earlier_session_are_final_from_the_start() -> None:
+    """A resumed run's kept results: never run again; their dependents go on from them,
+    their failures still skip, and their groups count them."""
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.results["a"] = _result("a", "succeeded")
+        hooks.results["bad"] = _result("bad", "failed")
+        hooks.results["g[0]"] = _result("g[0]", "succeeded")
+
+    members = [_task(f"g[{i}]", group="g", select="all") for i in range(2)]
+    hooks = _schedule(
+        [
+            _task("a"),
+            _task("bad"),
+            *members,
+            _task("b", depends_on=["a"]),
+            _task("c", depends_on=["bad"]),
+            _task("d", depends_on=["g"]),
+        ],
+        prepare=prepare,
+        restored=["a", "bad", "g[0]"],
+    )
+    assert _ran(hooks) == ["g[1]", "b", "d"]
+    assert ("skipped", "c", "dependency", "dependency bad failed") in hooks.log
+    assert ("resolve", "d", ["g[0]", "g[1]"]) in hooks.log
+    assert not any(entry[:2] == ("queued", "a") for entry in hooks.log)
+
+
+def test_restore_puts_a_pending_task_in_a_final_state_only() -> None:
+    moves: list[tuple[str, str]] = []
+    book = TaskBook(["a", "b", "c"], on_move=lambda task, state: moves.append((task, state)))
+    book.restore("a", "succeeded")
+    book.move("b", "ready")
+    with pytest.raises(IllegalTransition, match=r"^task b: cannot restore ready -> failed$"):
+        book.restore("b", "failed")
+    with pytest.raises(IllegalTransition, match=r"^task c: cannot restore pending -> running$"):
+        book.restore("c", "running")
+    with pytest.raises(IllegalTransition, match=r"^task a: succeeded -> ready is not a valid"):
+        book.move("a", "ready")
+    assert book.states == {"a": "succeeded", "b": "ready", "c": "pending"}
+    assert moves == [("b", "ready")]  # a restore is no move: the journal has it already
+    assert (book.count("pending"), book.count("ready"), book.count("failed")) == (1, 1, 0)
+
+
+def test_a_task_left_running_by_its_hook_is_a_bug_that_raises() -> None:
+    def prepare(hooks: _Hooks) -> None:
+        async def run(envelope: HandoffEnvelope) -> None:
+            hooks.results[envelope.task_id] = _result(envelope.task_id, "succeeded")
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    with pytest.raises(IllegalTransition, match=r"^tasks never reached a final state: a, b, c$"):
+        _schedule([_task("a"), _task("b"), _task("c", depends_on=["a"])], prepare=prepare)
+
+
+def _usage(**fields: Any) -> Any:
+    from envelopes import Usage
+
+    return Usage(**fields)
+
+
+def test_over_budget_adds_up_what_the_results_say_they_spent() -> None:
+    from envelopes import Budget
+    from orchestrator.scheduler import over_budget
+
+    results = [
+        _result("a", "succeeded", usage=_usage(cost_usd=1.5, total_tokens=100)),
+        _result("b", "failed", usage=_usage(input_tokens=30, output_tokens=20)),
+        _result("c", "succeeded", usage=_usage(input_tokens=7)),
+        _result("d", "succeeded", usage=_usage(output_tokens=3)),
+        _result("e", "succeeded"),  # spent what nobody knows
+    ]
+    # 1.5 USD and 160 tokens in all.
+    assert over_budget(Budget(max_cost_usd=1.6, max_tokens=161), results) is None
+    assert over_budget(Budget(max_cost_usd=1.5), results) == (
+        "the run's budget max_cost_usd 1.5 is spent (1.5 USD)"
+    )
+    assert over_budget(Budget(max_cost_usd=1.25), results) == (
+        "the run's budget max_cost_usd 1.25 is spent (1.5 USD)"
+    )
+    assert over_budget(Budget(max_tokens=160), results) == (
+        "the run's budget max_tokens 160 is spent (160 tokens)"
+    )
+    assert over_budget(Budget(max_cost_usd=100, max_tokens=150), results) == (
+        "the run's budget max_tokens 150 is spent (160 tokens)"
+    )
+    assert over_budget(Budget(max_cost_usd=1 / 3), [results[0]]) == (
+        "the run's budget max_cost_usd 0.333333 is spent (1.5 USD)"
+    )
+    assert over_budget(
+        Budget(max_cost_usd=1.0), [_result("x", "succeeded", usage=_usage(cost_usd=1.23456))]
+    ) == ("the run's budget max_cost_usd 1 is spent (1.235 USD)")
+
+
+def test_a_spent_budget_skips_what_waits_and_cancels_what_runs_only_if_asked() -> None:
+    from envelopes import Budget
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.usage["spender"] = _usage(cost_usd=2.0)
+        hooks.gates["busy"] = anyio.Event()
+
+    envelopes = [
+        _task("spender", priority=3),
+        _task("busy", priority=2),
+        _task("waiting", priority=1),
+        _task("after", depends_on=["waiting"]),
+    ]
+    stop = Budget(max_cost_usd=1)
+    spent = "the run's budget max_cost_usd 1 is spent (2 USD)"
+
+    def release_busy(hooks: _Hooks) -> None:
+        prepare(hooks)
+        real_run = hooks.run
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            await real_run(envelope)
+            if envelope.task_id == "spender":
+                hooks.gates["busy"].set()  # lets busy end, once the spend is known
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    hooks = _schedule(envelopes, prepare=release_busy, limit=2, budget=stop)
+    assert hooks.results["busy"].status == "succeeded"
+    assert [entry for entry in hooks.log if entry[0] == "skipped"] == [
+        ("skipped", "waiting", "budget", f"not started: {spent}"),
+        ("skipped", "after", "budget", f"not started: {spent}"),
+    ]
+    cancel = Budget(max_cost_usd=1, on_exceed="cancel")
+    hooks = _schedule(envelopes, prepare=prepare, limit=2, budget=cancel)
+    assert [entry for entry in hooks.log if entry[0] in ("cancelling", "skipped")] == [
+        ("cancelling", "busy", "budget", f"cancelled: {spent}"),
+        ("skipped", "waiting", "budget", f"not started: {spent}"),
+        ("skipped", "after", "budget", f"not started: {spent}"),
+    ]
+
+
+def test_graph_problems_name_unknown_tasks_own_groups_and_cycles_through_groups() -> None:
+    from orchestrator.scheduler import graph_problems
+
+    members = [_task(f"g[{i}]", group="g", select="all", depends_on=["x"]) for i in range(2)]
+    assert graph_problems([*members, _task("x"), _task("y", depends_on=["g", "g[1]"])]) == []
+    assert graph_problems(
+        [
+            _task("g[0]", group="g", select="all", depends_on=["g"]),
+            _task("a", depends_on=["b"]),
+            _task("b", depends_on=["a", "nope"]),
+            _task("h[0]", group="h", select="all", depends_on=["c"]),
+            _task("h[1]", group="h", select="all"),
+            _task("c", depends_on=["h"]),
+        ]
+    ) == [
+        "task g[0]: depends on its own group 'g'",
+        "task b: depends on unknown task 'nope'",
+        "cycle a -> b -> a",
+        "cycle h[0] -> c -> h[0]",  # c needs all of group h, and h[0] needs c
+    ]
+
+
+def test_a_task_being_cancelled_is_told_why_once() -> None:
+    """A member cancelled as not needed, and caught by fail-fast while it still ends (an
+    agent takes a while to stop): the first reason stands, and the run is told of it once."""
+
+    def prepare(hooks: _Hooks) -> None:
+        real_run = hooks.run
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            if envelope.task_id != "g[1]":
+                return await real_run(envelope)
+            hooks.log.append(("run", "g[1]"))
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    for _ in range(20):  # stopping takes a while: x's failure comes meanwhile
+                        await anyio.lowlevel.checkpoint()
+                    hooks.book.move("g[1]", "cancelled")
+                    hooks.results["g[1]"] = _result("g[1]", "cancelled")
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    members = [
+        _task(f"g[{i}]", group="g", select="first_success", priority=3 - i) for i in range(2)
+    ]
+    hooks = _schedule(
+        [*members, _task("x")], outcomes={"x": "failed"}, prepare=prepare, limit=3, fail_fast=True
+    )
+    assert [entry for entry in hooks.log if entry[0] == "cancelling"] == [
+        ("cancelling", "g[1]", "not_needed", "not needed: g[0] succeeded first in group g")
+    ]
