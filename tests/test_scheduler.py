@@ -782,7 +782,12 @@ def _usage(**fields: Any) -> Any:
 
 def test_over_budget_adds_up_what_the_results_say_they_spent() -> None:
     from envelopes import Budget
-    from orchestrator.scheduler import over_budget
+    from orchestrator.scheduler import budget_reached, spend
+
+    def over_budget(budget: Budget, results: list[Any]) -> str | None:
+        """What the scheduler adds up as tasks end, here all at once."""
+        spent = [spend(r.usage) for r in results]
+        return budget_reached(budget, sum(c for c, _ in spent), sum(t for _, t in spent))
 
     results = [
         _result("a", "succeeded", usage=_usage(cost_usd=1.5, total_tokens=100)),
