@@ -162,6 +162,7 @@ def test_against_a_target_that_moved_only_overlapping_results_are_merged(repo: P
     assert found == [MergeConflict(left="hits", right="main", paths=["d/one.txt"])]
 
 
+@pytest.mark.slow  # about 13 s: 200 results
 def test_200_disjoint_results_take_a_git_process_each_and_no_merge(repo: Path) -> None:
     base = git(repo, "rev-parse", "base")
     commits = [(f"t{i}", change(repo, base, {f"out/t{i}.txt": f"{i}\n"})) for i in range(200)]
