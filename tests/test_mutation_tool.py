@@ -175,3 +175,14 @@ def test_a_bad_accepted_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(MutationError, match=r"accepted.toml: "):
         read_accepted(bad)
     assert read_accepted(tmp_path / "none.toml") == []
+
+
+def test_fast_leaves_the_slow_tests_out_of_the_run(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "pkg"\n')
+    mutation.configure(tmp_path, "pkg/calc.py", ["tests/test_calc.py"], fast=True)
+    fast = (tmp_path / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "pkg"\n')
+    mutation.configure(tmp_path, "pkg/calc.py", ["tests/test_calc.py"])
+    full = (tmp_path / "pyproject.toml").read_text()
+    assert '"-m", "not slow"' in fast
+    assert "not slow" not in full

@@ -195,8 +195,10 @@ def copy_tree(root: Path, into: Path) -> None:
         shutil.copy2(source, target)
 
 
-def configure(copy: Path, module: str, tests: Sequence[str]) -> None:
-    """Point mutmut at *module* and *tests* in the copy's pyproject.toml."""
+def configure(copy: Path, module: str, tests: Sequence[str], *, fast: bool = False) -> None:
+    """Point mutmut at *module* and *tests* in the copy's pyproject.toml; with *fast*, only
+    the tests not marked ``slow`` (a module whose tests kill and resume runs takes hours
+    with them on a 2-core machine, minutes without)."""
     # The packages (all of them, so that the tests import every module from one place).
     packages = sorted(
         f"{p.parent.name}/"
@@ -209,7 +211,8 @@ def configure(copy: Path, module: str, tests: Sequence[str]) -> None:
         "only_mutate": [module],
         "also_copy": also,
         "pytest_add_cli_args_test_selection": list(tests),
-        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-p", "_mutation_hits", "-x", "-q"],
+        "pytest_add_cli_args": ["-p", "no:cacheprovider", "-p", "_mutation_hits", "-x", "-q"]
+        + (["-m", "not slow"] if fast else []),
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in section.items()]
     pyproject = copy / "pyproject.toml"
@@ -258,6 +261,7 @@ def mutate_module(
     accepted: Sequence[Accepted] = (),
     *,
     max_children: int | None = None,
+    fast: bool = False,
 ) -> ModuleScore:
     """Mutate *module* of the working tree *root*, run *tests* against each mutant; the score.
 
@@ -269,7 +273,7 @@ def mutate_module(
     with tempfile.TemporaryDirectory(prefix="mutation-") as scratch:
         copy = Path(scratch) / "tree"
         copy_tree(root, copy)
-        configure(copy, module, tests)
+        configure(copy, module, tests, fast=fast)
         # Made now: a PYTHONPATH entry that did not exist when Python started is never
         # looked in again (its importer is cached as None).
         (copy / "mutants").mkdir()
@@ -325,6 +329,7 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
     parser.add_argument("--max-children", type=int, help="mutants run at once (default: cores)")
     parser.add_argument("--json", type=Path, help="also write the scores to this JSON file")
     parser.add_argument("--min-score", type=float, help="exit 3 if a module scores below (0-1)")
+    parser.add_argument("--fast", action="store_true", help="leave out the tests marked slow")
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
@@ -334,7 +339,7 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
             print(f"{module}: {' '.join(tests)}")
         return 0
     try:
-        scores = _run_all(root, args.modules or list(MODULES), args.max_children)
+        scores = _run_all(root, args.modules or list(MODULES), args.max_children, args.fast)
     except MutationError as exc:
         print(f"mutation: {exc}", file=sys.stderr)
         return 1
@@ -349,11 +354,14 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
     return 3 if low else 0
 
 
-def _run_all(root: Path, modules: Sequence[str], max_children: int | None) -> list[ModuleScore]:
+def _run_all(
+    root: Path, modules: Sequence[str], max_children: int | None, fast: bool = False
+) -> list[ModuleScore]:
     accepted = read_accepted(root / ACCEPTED_FILE)
     scores = []
     for module in modules:
-        score = mutate_module(root, module, MODULES[module], accepted, max_children=max_children)
+        tests = MODULES[module]
+        score = mutate_module(root, module, tests, accepted, max_children=max_children, fast=fast)
         print(_report(score), flush=True)
         scores.append(score)
     return scores
