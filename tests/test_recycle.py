@@ -217,6 +217,15 @@ def test_a_slot_moves_to_another_commit_writing_only_what_differs(
     assert all(b["status"] == "" for b in borrowed)
 
 
+async def catch_up_then_reset(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+    """Catch the slot up (whether its private index was used), write it whole, and what
+    it then holds."""
+    index = private_index(worktree.path)
+    used = await recycle.catch_up(repo, worktree, index)
+    await recycle.reset_whole(repo, worktree, index)
+    return used, snapshot(worktree.path)
+
+
 def catch_up_once(
     repo_path: Path,
     mess: Mess,
@@ -294,13 +303,7 @@ def test_without_a_private_index_the_slot_is_written_whole(
         os.utime(admin / "index", (2**31 - 10, 2**31 - 10))
         private_index(root).unlink()
 
-    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
-        index = private_index(worktree.path)
-        used = await recycle.catch_up(repo, worktree, index)
-        await recycle.reset_whole(repo, worktree, index)
-        return used, snapshot(worktree.path)
-
-    used, files = catch_up_once(repo, mess, steps)
+    used, files = catch_up_once(repo, mess, catch_up_then_reset)
     assert not used
     base = git(repo, "rev-parse", "HEAD")
     assert files == fresh_checkout(repo, base, tmp_path / "fresh")
@@ -687,13 +690,7 @@ def test_a_private_index_git_cannot_read_makes_the_catch_up_give_up(
         index.write_bytes(b"DIRC" + b"\xff" * 60)  # noted as it is now, but no index
         renote(index)
 
-    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
-        index = private_index(worktree.path)
-        used = await recycle.catch_up(repo, worktree, index)
-        await recycle.reset_whole(repo, worktree, index)
-        return used, snapshot(worktree.path)
-
-    used, files = catch_up_once(repo, mess, steps)
+    used, files = catch_up_once(repo, mess, catch_up_then_reset)
     assert used is False
     assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
 
@@ -875,13 +872,7 @@ def test_a_private_index_git_cannot_make_a_tree_of_makes_the_catch_up_give_up(
         note.write_text(" ".join(["-", *note.read_text().split()[1:]]) + "\n")
         renote(index)
 
-    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
-        index = private_index(worktree.path)
-        used = await recycle.catch_up(repo, worktree, index)
-        await recycle.reset_whole(repo, worktree, index)
-        return used, snapshot(worktree.path)
-
-    used, files = catch_up_once(repo, mess, steps)
+    used, files = catch_up_once(repo, mess, catch_up_then_reset)
     assert used is False
     assert files == fresh_checkout(repo, git(repo, "rev-parse", "HEAD"), tmp_path / "fresh")
 
