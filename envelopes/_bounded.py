@@ -58,6 +58,12 @@ class UnsafeFile(OSError):
     def __init__(self, shown: object, why: str) -> None:
         super().__init__(f"{shown} is {why}" if shown is not None else why)
         self.strerror = why
+        self._shown = shown
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # OSError's would rebuild it from str() alone: copies and pickles (a Dask worker's
+        # error sent back) need both parts.
+        return (type(self), (self._shown, self.strerror), self.__dict__ or None)
 
 
 def relative_path_problem(path: str) -> str | None:

@@ -463,6 +463,8 @@ def _answer(response: httpx.Response) -> _Answer:
     message = f"HTTP {status} {response.reason_phrase}".rstrip()
     if 300 <= status < 400:
         message += " (redirects are not followed)"
+    if status != 429 and status < 500:
+        return _Answer(status, message)  # not retried, whatever it asks
     asked = retry_after(response.headers.get("retry-after"), datetime.now(UTC))
     if asked is not None and asked > MAX_RETRY_AFTER_S:
         message += f" (Retry-After {asked:.0f} s: longer than the {MAX_RETRY_AFTER_S:g} s waited)"
@@ -479,7 +481,9 @@ def retry_after(value: str | None, now: datetime) -> float | None:
 
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(int(value[:12]))  # 12 digits: already past any bound a caller keeps
+        digits = value.lstrip("0") or "0"
+        # Past 12 digits, already past any bound a caller keeps: never converted whole.
+        return float(int(digits)) if len(digits) <= 12 else 1e12
     try:
         when = parsedate_to_datetime(value[:64])
     except (TypeError, ValueError, IndexError, OverflowError):

@@ -170,6 +170,17 @@ def test_an_unsafe_file_says_why_without_the_path_in_strerror(tmp_path: Path) ->
     assert caught.value.strerror == str(caught.value)
 
 
+def test_an_unsafe_file_survives_a_copy_and_a_pickle(tmp_path: Path) -> None:
+    """As a Dask worker's error is sent back: with its message and its reason."""
+    import copy
+    import pickle
+
+    for error in (UnsafeFile(tmp_path / "fifo", "not a regular file"), UnsafeFile(None, "why")):
+        for again in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+            assert type(again) is UnsafeFile
+            assert (str(again), again.strerror) == (str(error), error.strerror)
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [

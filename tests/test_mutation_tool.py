@@ -186,3 +186,9 @@ def test_fast_leaves_the_slow_tests_out_of_the_run(tmp_path: Path) -> None:
     full = (tmp_path / "pyproject.toml").read_text()
     assert '"-m", "not slow"' in fast
     assert "not slow" not in full
+
+
+def test_a_fast_score_says_so() -> None:
+    line = mutation._report(mutation.ModuleScore(module="m.py", tests=(), fast=True))
+    assert line.endswith("[--fast: the tests marked slow left out]")
+    assert "--fast" not in mutation._report(mutation.ModuleScore(module="m.py", tests=()))

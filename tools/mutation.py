@@ -146,6 +146,8 @@ class Survivor:
 class ModuleScore:
     module: str
     tests: tuple[str, ...]
+    #: Whether the tests marked slow were left out (``--fast``).
+    fast: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     survivors: list[Survivor] = field(default_factory=list)
     accepted: list[Survivor] = field(default_factory=list)
@@ -287,7 +289,7 @@ def mutate_module(
         listed = _mutmut(copy, "results", "--all", "true")
         if listed.returncode != 0:
             raise MutationError(f"mutmut results for {module} failed: {listed.stderr.strip()}")
-        score = ModuleScore(module=module, tests=tuple(tests))
+        score = ModuleScore(module=module, tests=tuple(tests), fast=fast)
         for line in listed.stdout.splitlines():
             if match := _RESULT_LINE.match(line):
                 _count(copy, score, match["name"], match["status"], accepted)
@@ -314,6 +316,7 @@ def _report(score: ModuleScore) -> str:
     lines = [
         f"{score.module}: {pct} ({score.caught} caught, {score.missed} missed, "
         f"{len(score.accepted)} accepted as equivalent; {counts})"
+        + (" [--fast: the tests marked slow left out]" if score.fast else "")
     ]
     for s in score.survivors:
         lines.append(f"  {s.status}: {s.name}\n    - {s.before}\n    + {s.after}")
