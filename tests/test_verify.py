@@ -1831,7 +1831,7 @@ def test_a_report_larger_than_the_cap_is_not_read(tmp_path: Path) -> None:
     path = tmp_path / "report.json"
     path.write_bytes(layout(crafted_report([crafted_result("t")])))
     assert load_report_json(path)[1].results[0].task_id == "t"
-    with pytest.raises(NotAReport, match=f"^cannot read {path}: {path} is larger than 100 bytes"):
+    with pytest.raises(NotAReport, match=f"^cannot read {path}: larger than 100 bytes$"):
         load_report_json(path, max_bytes=100)
 
 
