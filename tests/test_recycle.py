@@ -226,6 +226,15 @@ async def catch_up_then_reset(repo: Repository, worktree: Worktree) -> tuple[boo
     return used, snapshot(worktree.path)
 
 
+async def caught_up_and_reset(
+    repo: Repository, worktree: Worktree
+) -> tuple[bool, dict[str, Any], str]:
+    """:func:`catch_up_then_reset` (what the pool does: catch up, then the slot written
+    whole and its private index made anew), and what ``git status`` then says."""
+    used, files = await catch_up_then_reset(repo, worktree)
+    return used, files, git(worktree.path, "status", "--porcelain")
+
+
 def catch_up_once(
     repo_path: Path,
     mess: Mess,
@@ -319,14 +328,7 @@ def test_a_listing_too_large_to_hold_falls_back(
         for i in range(20):
             (root / f"untracked-file-with-a-long-name-{i}.txt").write_text("u\n")
 
-    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any], str]:
-        index = private_index(worktree.path)
-        used = await recycle.catch_up(repo, worktree, index)
-        # What the pool does then: the slot written whole, its private index made anew.
-        await recycle.reset_whole(repo, worktree, index)
-        return used, snapshot(worktree.path), git(worktree.path, "status", "--porcelain")
-
-    used, files, status = catch_up_once(repo, mess, steps)
+    used, files, status = catch_up_once(repo, mess, caught_up_and_reset)
     assert used is False
     base = git(repo, "rev-parse", "HEAD")
     assert files == fresh_checkout(repo, base, tmp_path / "fresh") and status == ""
@@ -522,13 +524,7 @@ def test_a_slot_whose_task_removed_both_indexes_is_written_whole(
         (admin / "index").unlink()
         private_index(root).unlink()
 
-    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any], str]:
-        index = private_index(worktree.path)
-        used = await recycle.catch_up(repo, worktree, index)
-        await recycle.reset_whole(repo, worktree, index)
-        return used, snapshot(worktree.path), git(worktree.path, "status", "--porcelain")
-
-    used, files, status = catch_up_once(repo, mess, steps)
+    used, files, status = catch_up_once(repo, mess, caught_up_and_reset)
     assert used is False
     base = git(repo, "rev-parse", "HEAD")
     assert files == fresh_checkout(repo, base, tmp_path / "fresh") and status == ""
