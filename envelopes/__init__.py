@@ -131,6 +131,7 @@ from ._result import PhaseSpan as PhaseSpan
 from ._result import Provenance as Provenance
 from ._result import Report as Report
 from ._result import ReportError as ReportError
+from ._result import SealedResults as SealedResults
 from ._result import Summary as Summary
 from ._result import TaskResult as TaskResult
 from ._result import TaskStatus as TaskStatus
@@ -238,6 +239,7 @@ __all__ = [
     "RunFinished",
     "RunStarted",
     "Sandbox",
+    "SealedResults",
     "Select",
     "Sparse",
     "SparsePath",

@@ -7,19 +7,22 @@ report file without trusting these models.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, overload
 
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     SerializationInfo,
     SerializerFunctionWrapHandler,
     model_serializer,
 )
+from pydantic_core import core_schema
 
 from ._bounded import relative_path_problem
 from ._canonical import digest_without, json_line
@@ -55,6 +58,7 @@ __all__ = [
     "Provenance",
     "Report",
     "ReportError",
+    "SealedResults",
     "Summary",
     "TaskResult",
     "TaskStatus",
@@ -411,6 +415,119 @@ class TaskResult(_Additions):
         return self.status in SUCCESSFUL
 
 
+class SealedResults(Sequence[TaskResult]):
+    """A run's results held as their sealed JSON lines, each made a :class:`TaskResult` when
+    it is read: what ``Report.results`` is for a report a run made.
+
+    A run of 100,000 tasks would hold some 5 KB of models a result to the end; a line is a
+    third of that, and the models are made only for the results a caller reads. Read-only:
+    each result is the one the report's line and ``result_sha256`` say, and a model read from
+    it and changed changes neither. A model is made again when none made before is still in
+    use (``results[i] is results[i]`` while one is held); ``==`` compares the results.
+    """
+
+    __slots__ = ("_cache", "_index", "_lines", "_seals", "_task_ids")
+
+    def __init__(
+        self, lines: Sequence[str], *, task_ids: Sequence[str], seals: Sequence[str]
+    ) -> None:
+        if not len(lines) == len(task_ids) == len(seals):
+            raise ValueError("SealedResults needs a task id and a seal for each line")
+        self._lines = list(lines)
+        self._task_ids = list(task_ids)
+        self._seals = list(seals)
+        self._cache: weakref.WeakValueDictionary[int, TaskResult] = weakref.WeakValueDictionary()
+        self._index: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    @overload
+    def __getitem__(self, index: int) -> TaskResult: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[TaskResult]: ...
+    def __getitem__(self, index: int | slice) -> TaskResult | list[TaskResult]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = range(len(self._lines))[index]  # IndexError, negative indices, like a list's
+        result = self._cache.get(i)
+        if result is None:
+            result = TaskResult.model_validate_json(self._lines[i])
+            self._cache[i] = result
+        return result
+
+    def __iter__(self) -> Iterator[TaskResult]:
+        for i in range(len(self._lines)):
+            yield self[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SealedResults) and self._lines == other.lines:
+            return True
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # like a list's
+
+    def __repr__(self) -> str:
+        return f"SealedResults(<{len(self)} results>)"
+
+    def __copy__(self) -> SealedResults:
+        return self  # nothing in it changes
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SealedResults:
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_sealed_results, (self._lines, self._task_ids, self._seals))
+
+    @property
+    def lines(self) -> Sequence[str]:
+        """Each result's JSON line (``json_line`` of its JSON form), in order."""
+        return self._lines
+
+    @property
+    def seals(self) -> Sequence[str]:
+        """Each result's ``provenance.result_sha256``, in order, without reading the result."""
+        return self._seals
+
+    @property
+    def task_ids(self) -> Sequence[str]:
+        """Each result's task id, in order, without reading the result."""
+        return self._task_ids
+
+    def position(self, task_id: str) -> int:
+        """Where *task_id*'s result is; KeyError when there is none."""
+        if self._index is None:
+            self._index = {t: i for i, t in enumerate(self._task_ids)}
+        return self._index[task_id]
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        # As a field: a list of TaskResult read and written as such (the JSON Schema is that
+        # list's), where a SealedResults is taken as it is and written as the list it reads.
+        listed = handler.generate_schema(list[TaskResult])
+        return core_schema.no_info_wrap_validator_function(
+            _as_given,
+            listed,
+            serialization=core_schema.wrap_serializer_function_ser_schema(_listed, schema=listed),
+        )
+
+
+def _as_given(value: Any, handler: core_schema.ValidatorFunctionWrapHandler) -> Any:
+    return value if isinstance(value, SealedResults) else handler(value)
+
+
+def _listed(value: Any, handler: SerializerFunctionWrapHandler) -> Any:
+    return handler(list(value) if isinstance(value, SealedResults) else value)
+
+
+def _sealed_results(lines: list[str], task_ids: list[str], seals: list[str]) -> SealedResults:
+    return SealedResults(lines, task_ids=task_ids, seals=seals)
+
+
 class Summary(_Additions):
     """Counts over the run, under the keys users of the seed orchestrator know."""
 
@@ -558,7 +675,9 @@ class Report(_Additions):
     started_at: AwareDatetime
     finished_at: AwareDatetime
     summary: Summary
-    results: list[TaskResult]
+    #: Every task's result, in plan order. A list when read from a file or given; for a
+    #: report a run made, a :class:`SealedResults` (made from each result's line when read).
+    results: Annotated[Sequence[TaskResult], SealedResults]
     results_by_agent: dict[str, AgentSummary]
     errors: list[ReportError]
     groups: dict[str, GroupReport] = Field(default_factory=dict)
@@ -588,6 +707,8 @@ class Report(_Additions):
 
     def result(self, task_id: str) -> TaskResult:
         """The result of *task_id*; KeyError when the run had no such task."""
+        if isinstance(self.results, SealedResults):
+            return self.results[self.results.position(task_id)]
         for result in self.results:
             if result.task_id == task_id:
                 return result
@@ -642,5 +763,9 @@ def seal_report(report: Report) -> Report:
             update={"report_sha256": digest_without(report.to_json_dict(), "report_sha256")}
         )
     raw = report.model_dump(mode="json", by_alias=True, exclude={"results"})
-    raw["results"] = [r.provenance.result_sha256 for r in report.results]
+    results = report.results
+    if isinstance(results, SealedResults):
+        raw["results"] = list(results.seals)
+    else:
+        raw["results"] = [r.provenance.result_sha256 for r in results]
     return report.model_copy(update={"report_sha256": digest_without(raw, "report_sha256")})

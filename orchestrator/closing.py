@@ -20,7 +20,6 @@ from envelopes import (
     Report,
     RunFinished,
     Select,
-    TaskResult,
     seal_report,
 )
 
@@ -63,18 +62,26 @@ class ReportPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-async def write_final_report(
-    ctx: RunContext, results: Sequence[TaskResult], plan: ReportPlan
-) -> Report:
-    """Aggregate *results* into the sealed report, write it, and tidy the run's directories."""
-    warnings = [*plan.warnings, *hook_warnings(results)]
+async def write_final_report(ctx: RunContext, task_ids: Sequence[str], plan: ReportPlan) -> Report:
+    """Aggregate the results of *task_ids* (in ``ctx.results``, in report order) into the
+    sealed report, write it, and tidy the run's directories.
+
+    Made from what the run kept of each result (its line and its brief, see
+    orchestrator/results.py): no result's model is made, except those whose ignored hooks
+    the warnings name.
+    """
+    results = ctx.results.sealed(task_ids)
+    briefs = ctx.results.briefs(task_ids)
+    hooked = (results[i] for i, brief in enumerate(briefs) if brief.ignored_hooks)
+    warnings = [*plan.warnings, *hook_warnings(hooked)]
     if ctx.repo is not None and plan.refs_before:
         with anyio.CancelScope(shield=True):
-            warnings += moved_refs(plan.refs_before, await ref_values(ctx.repo.git), results)
+            warnings += moved_refs(plan.refs_before, await ref_values(ctx.repo.git), briefs)
     if ctx.repo is not None and ctx.guarding and ctx.repo.git.guard is not None:
         warnings += await anyio.to_thread.run_sync(ctx.repo.git.guard.unblamed)
     report = aggregate_results(
-        list(results),
+        results,
+        briefs=briefs,
         run_id=ctx.run_id,
         plan_name=plan.plan_name,
         plan_sha256=plan.plan_sha256,
@@ -88,7 +95,7 @@ async def write_final_report(
         warnings=warnings,
         pricing=ctx.settings.pricing,
     )
-    await write_report(report, plan.file, *plan.copies, lines=ctx.result_lines)
+    await write_report(report, plan.file, *plan.copies)
     await _tidy(ctx)
     return report
 
@@ -150,7 +157,7 @@ async def merge_at_end(
             await emit_run_event(ctx, _merge_finished(ctx, record))
     report = seal_report(report.model_copy(update={"merge": [*report.merge, record]}))
     with anyio.CancelScope(shield=True):
-        await write_report(report, plan.file, *plan.copies, lines=ctx.result_lines)
+        await write_report(report, plan.file, *plan.copies)
     return report
 
 
@@ -177,7 +184,7 @@ async def settle_webhooks(
         return report
     report = seal_report(report.model_copy(update={"warnings": [*report.warnings, *warnings]}))
     with anyio.CancelScope(shield=True):
-        await write_report(report, plan.file, *plan.copies, lines=ctx.result_lines)
+        await write_report(report, plan.file, *plan.copies)
     return report
 
 

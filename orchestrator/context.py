@@ -20,7 +20,6 @@ from envelopes import (
     Event,
     InputFile,
     TaskResult,
-    json_line,
     new_run_id,
     ref_safe,
     run_id_problem,
@@ -34,6 +33,7 @@ from .lifeline import Lifeline
 from .locks import RunLock
 from .pool import VenvPool, WorktreePool
 from .repo import Repository
+from .results import ResultStore
 from .scheduler import TaskBook, TaskState
 from .settings import RunSettings
 from .venv import VenvBackend, get_backend
@@ -71,10 +71,9 @@ class RunContext:
     #: The settings' venv backend, made once for the run.
     venv_backend: VenvBackend = field(default_factory=get_backend)
     on_event: EventHandler | None = None
-    results: dict[str, TaskResult] = field(default_factory=dict)
-    #: Each sealed result's JSON line, with the result (see report.ResultLines): the journal
-    #: and the report write it without serialising the result again.
-    result_lines: dict[str, tuple[TaskResult, str]] = field(default_factory=dict)
+    #: Held as their sealed JSON lines, which the journal and the report write as they are
+    #: (see orchestrator/results.py).
+    results: ResultStore = field(default_factory=ResultStore)
     book: TaskBook | None = None
     events_log: BinaryIO | None = None
     #: Where a dependent task starts, if not from the run's base: (commit, tree).
@@ -122,10 +121,7 @@ class RunContext:
 
     def result_line(self, result: TaskResult) -> str:
         """*result*'s JSON line: the one made when it was sealed, if it is that result."""
-        known = self.result_lines.get(result.task_id)
-        if known is not None and known[0] is result:
-            return known[1]
-        return json_line(result.model_dump(mode="json"))
+        return self.results.line_of(result)
 
     def start_of(self, task_id: str) -> tuple[str | None, str | None]:
         """The commit and tree *task_id* starts from."""

@@ -25,7 +25,7 @@ from typing import Any, Unpack
 
 import anyio
 
-from envelopes import Event, Report, RunStarted, Select, TaskResult
+from envelopes import Event, HandoffEnvelope, Report, RunStarted, Select
 
 from .agents import AgentLike
 from .cache import agent_digest, workspace_of
@@ -131,13 +131,14 @@ class _Run:
         self.intake = intake
         self.ctx = ctx
         self.hooks = hooks
-        self.envelopes = [e.model_copy(update={"run_id": ctx.run_id}) for e in intake.envelopes]
+        #: The intake's, with the run's id, until the scheduler takes them (and drops each
+        #: as its task ends: a run does not hold them all).
+        self.envelopes = [self._stamped(e) for e in intake.envelopes]
+        self.task_ids = [e.task_id for e in self.envelopes]
         self.started = datetime.now(UTC)
         self.restored: list[str] = []
         self.resumed = False
-        self.book = ctx.book = TaskBook(
-            [e.task_id for e in self.envelopes], on_move=ctx.journal_move
-        )
+        self.book = ctx.book = TaskBook(self.task_ids, on_move=ctx.journal_move)
         self.scheduler: Scheduler | None = None
         self.webhooks = Webhooks(intake.webhooks, run_id=ctx.run_id, record=ctx.emit)
         ctx.notify = self.webhooks.offer
@@ -191,6 +192,7 @@ class _Run:
             restored=run.restored,
             budget=settings.budget,
         )
+        run.envelopes = []  # the scheduler's now
         try:  # before the run is told to have started: nothing left behind if it fails
             await run.hooks.executor.start()
         except BaseException:
@@ -276,7 +278,7 @@ class _Run:
             ctx,
             RunStarted(
                 run_id=ctx.run_id,
-                total_tasks=len(self.envelopes),
+                total_tasks=len(self.task_ids),
                 base_commit=ctx.base_commit,
                 run_dir=str(ctx.run_dir),
                 resumed_tasks=len(self.restored),
@@ -285,17 +287,15 @@ class _Run:
         )
         await self.scheduler.run()
 
-    def _results(self) -> list[TaskResult]:
-        return [self.ctx.results[e.task_id] for e in self.envelopes]
+    def _stamped(self, envelope: HandoffEnvelope) -> HandoffEnvelope:
+        return envelope.model_copy(update={"run_id": self.ctx.run_id})
 
     def _budget_warning(self) -> list[str]:
         scheduler = self.scheduler
         if scheduler is None or scheduler.budget_spent is None:
             return []
         at = scheduler.budget_spent_at.isoformat() if scheduler.budget_spent_at else "?"
-        skipped = sum(
-            1 for r in self.ctx.results.values() if r.error is not None and r.error.kind == "budget"
-        )
+        skipped = sum(1 for b in self.ctx.results.briefs() if b.error and b.error.kind == "budget")
         why = scheduler.budget_spent.message.removeprefix("not started: ")
         return [f"{why} at {at}: {skipped} task(s) not run or cancelled (kind budget)"]
 
@@ -311,8 +311,9 @@ class _Run:
         exception to raise is made what callers want to catch (``unwrapped``)."""
         ctx = self.ctx
         with anyio.CancelScope(shield=True):
-            for e in self.envelopes:
-                if e.task_id not in ctx.results:
+            for given in self.intake.envelopes:
+                if given.task_id not in ctx.results:
+                    e = self._stamped(given)  # as the scheduler had it before it started
                     agent = self.intake.agents[e.agent]
                     ctx.results[e.task_id] = not_started_result(e, agent, ctx)
                     if self.book.states[e.task_id] in ("pending", "ready"):
@@ -320,7 +321,7 @@ class _Run:
             self.report_plan.groups = self._groups()
             self.report_plan.warnings = self._budget_warning()
             try:
-                await write_final_report(ctx, self._results(), self.report_plan)
+                await write_final_report(ctx, self.task_ids, self.report_plan)
             except RunDirError:
                 # The report cannot be written either (a full disk): the first error is
                 # the one to tell, unless it was a cancellation.
@@ -339,7 +340,7 @@ class _Run:
         try:
             self.report_plan.groups = self._groups()
             self.report_plan.warnings = self._budget_warning()
-            report = await write_final_report(ctx, self._results(), self.report_plan)
+            report = await write_final_report(ctx, self.task_ids, self.report_plan)
             if plan is not None and plan.merge is not None and ctx.repo is not None:
                 report = await merge_at_end(ctx, report, plan.merge, self.report_plan)
             try:

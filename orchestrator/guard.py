@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 from envelopes import TaskResult, read_bounded
 
+from .results import Brief
+
 if TYPE_CHECKING:
     from ._git import Git
 
@@ -263,12 +265,13 @@ _OWN_REFS = ("refs/heads/orchestrator/", "refs/orchestrator/")
 def moved_refs(
     before: Mapping[str, str],
     after: Mapping[str, str],
-    results: Iterable[TaskResult],
+    results: Iterable[TaskResult | Brief],
 ) -> list[str]:
     """What moved while a run ran that no task of it moved: one line each, for the report.
 
     Refs outside the orchestrator's own that changed, appeared or went; and task branches of
-    this run that no longer point at their task's result.
+    this run that no longer point at their task's result (*results*: the results, or what
+    the run kept of them).
     """
     found: list[str] = []
     for ref in sorted(before.keys() | after.keys()):
@@ -282,7 +285,10 @@ def moved_refs(
         else:
             found.append(f"{ref} moved during the run from {was} to {now}; no task of it moved it")
     for result in results:
-        commit = result.provenance.result_commit
+        if isinstance(result, Brief):
+            commit = result.result_commit
+        else:
+            commit = result.provenance.result_commit
         if result.branch is None or commit is None:
             continue
         now = after.get(f"refs/heads/{result.branch}")

@@ -19,6 +19,7 @@ from envelopes import (
     Rates,
     Report,
     ReportError,
+    SealedResults,
     Select,
     Summary,
     TaskResult,
@@ -33,6 +34,7 @@ from envelopes import (
 
 from ._fs import atomic_write
 from ._version import __version__
+from .results import Brief
 
 __all__ = ["ResultLines", "aggregate_results", "report_bytes", "report_pieces", "write_report"]
 
@@ -61,6 +63,7 @@ def aggregate_results(
     groups: Mapping[str, tuple[Select, list[str] | None]] | None = None,
     warnings: Sequence[str] = (),
     pricing: Mapping[str, Rates] | None = None,
+    briefs: Sequence[Brief] | None = None,
 ) -> Report:
     """The sealed Report of a run: summary, per-agent counts, errors, groups, every result.
 
@@ -68,15 +71,20 @@ def aggregate_results(
     selected members; undecided, a group selects its succeeded members (``all``) or its
     first succeeded member in plan order (``first_success``). *pricing* is the rates the run
     estimated costs with, recorded so that ``verify`` can recompute them.
+
+    *results* may be a :class:`~envelopes.SealedResults`, which the report then holds as it
+    is; *briefs* (one per result, in order) are what the counts are made from, so that no
+    result's model is made for them.
     """
+    if briefs is None:
+        briefs = [Brief.of(r) for r in results]
+    elif len(briefs) != len(results):
+        raise ValueError("aggregate_results needs a brief for each result")
     errors = [
-        ReportError(task_id=r.task_id, agent=r.agent, kind=r.error.kind, message=r.error.message)
-        for r in results
-        if not r.succeeded and r.error is not None
+        ReportError(task_id=b.task_id, agent=b.agent, kind=b.error.kind, message=b.error.message)
+        for b in briefs
+        if b.status not in SUCCESSFUL and b.error is not None
     ]
-    summary = _summary(results, started_at, finished_at)
-    by_agent = _by_agent(results)
-    group_reports = _groups(results, groups or {})
     report = Report(
         tool={"name": "worktree-orchestrator", "version": __version__},
         run_id=run_id,
@@ -88,15 +96,15 @@ def aggregate_results(
         run_dir=str(run_dir),
         started_at=started_at,
         finished_at=finished_at,
-        summary=summary,
-        results=list(results),
-        results_by_agent=by_agent,
+        summary=_summary(briefs, started_at, finished_at),
+        results=results if isinstance(results, SealedResults) else list(results),
+        results_by_agent=_by_agent(briefs),
         errors=errors,
-        groups=group_reports,
+        groups=_groups(briefs, groups or {}),
         usage_by_model={
             model: UsageTotals.model_validate(totals)
             for model, totals in usage_by_model(
-                {"usage": r.usage.model_dump(mode="json") if r.usage else None} for r in results
+                {"usage": b.usage.model_dump(mode="json") if b.usage else None} for b in briefs
             ).items()
         },
         warnings=list(warnings),
@@ -105,9 +113,9 @@ def aggregate_results(
     return seal_report(report)
 
 
-def _summary(results: Sequence[TaskResult], started_at: datetime, finished_at: datetime) -> Summary:
-    counts = Counter(r.status for r in results)
-    total = len(results)
+def _summary(briefs: Sequence[Brief], started_at: datetime, finished_at: datetime) -> Summary:
+    counts = Counter(b.status for b in briefs)
+    total = len(briefs)
     successful = counts["succeeded"] + counts["cached"]
     return Summary(
         total_tasks=total,
@@ -119,15 +127,16 @@ def _summary(results: Sequence[TaskResult], started_at: datetime, finished_at: d
         cached=counts["cached"],
         success_rate=round(100.0 * successful / total, 2) if total else 0.0,
         total_execution_time=round((finished_at - started_at).total_seconds(), 6),
-        usage=_totals(results),
+        usage=_totals(briefs),
     )
 
 
-def _by_agent(results: Sequence[TaskResult]) -> dict[str, AgentSummary]:
+def _by_agent(briefs: Sequence[Brief]) -> dict[str, AgentSummary]:
     by_agent: dict[str, AgentSummary] = {}
-    for result in results:
+    theirs: dict[str, list[Brief]] = {}
+    for brief in briefs:
         entry = by_agent.setdefault(
-            result.agent,
+            brief.agent,
             AgentSummary(
                 total=0,
                 successful=0,
@@ -140,29 +149,30 @@ def _by_agent(results: Sequence[TaskResult]) -> dict[str, AgentSummary]:
             ),
         )
         entry.total += 1
-        key = _STATUS_KEY[result.status]
+        key = _STATUS_KEY[brief.status]
         setattr(entry, key, getattr(entry, key) + 1)
-        if result.status == "cached":
+        if brief.status == "cached":
             entry.cached += 1
-        entry.task_ids.append(result.task_id)
+        entry.task_ids.append(brief.task_id)
+        theirs.setdefault(brief.agent, []).append(brief)
     for name, entry in by_agent.items():
-        entry.usage = _totals([r for r in results if r.agent == name])
+        entry.usage = _totals(theirs[name])
     return by_agent
 
 
-def _totals(results: Sequence[TaskResult]) -> UsageTotals | None:
-    totals = usage_totals(r.usage.model_dump(mode="json") if r.usage else None for r in results)
+def _totals(briefs: Sequence[Brief]) -> UsageTotals | None:
+    totals = usage_totals(b.usage.model_dump(mode="json") if b.usage else None for b in briefs)
     return UsageTotals.model_validate(totals) if totals is not None else None
 
 
 def _groups(
-    results: Sequence[TaskResult], groups: Mapping[str, tuple[Select, list[str] | None]]
+    briefs: Sequence[Brief], groups: Mapping[str, tuple[Select, list[str] | None]]
 ) -> dict[str, GroupReport]:
     members: dict[str, list[GroupMember]] = {}
-    for result in results:
-        if result.group is not None:
-            members.setdefault(result.group, []).append(
-                GroupMember(task_id=result.task_id, status=result.status)
+    for brief in briefs:
+        if brief.group is not None:
+            members.setdefault(brief.group, []).append(
+                GroupMember(task_id=brief.task_id, status=brief.status)
             )
     reports: dict[str, GroupReport] = {}
     for name, group in members.items():
@@ -199,7 +209,10 @@ def report_pieces(report: Report, lines: ResultLines | None = None) -> Iterator[
             raw[key] = None
         elif key in head:
             raw[key] = head[key]
-    yield from report_chunks(raw, _LinesOf(report.results, lines or {}))
+    if isinstance(report.results, SealedResults):
+        yield from report_chunks(raw, report.results.lines)
+    else:
+        yield from report_chunks(raw, _LinesOf(report.results, lines or {}))
 
 
 class _LinesOf(Sequence[str]):

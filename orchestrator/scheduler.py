@@ -111,6 +111,9 @@ class TaskBook:
         return sum(1 for s in self.states.values() if s == state)
 
 
+#: The dependencies a task without any waits for.
+_NONE: frozenset[str] = frozenset()
+
 _WORDS = {
     "failed": "failed",
     "timed_out": "timed out",
@@ -244,7 +247,11 @@ class Scheduler:
             if e.group is not None:
                 group = self.groups.setdefault(e.group, GroupState(e.select or "all", []))
                 group.members.append(e.task_id)
-        self.waiting = {e.task_id: set(e.depends_on) for e in envelopes}
+        # A task without dependencies shares one empty set (never changed: only a task's
+        # dependencies are discarded from its set).
+        self.waiting: dict[str, set[str] | frozenset[str]] = {
+            e.task_id: set(e.depends_on) if e.depends_on else _NONE for e in envelopes
+        }
         self.dependents: dict[str, list[str]] = {}
         for e in envelopes:
             for name in dict.fromkeys(e.depends_on):
@@ -392,6 +399,9 @@ class Scheduler:
                 and (why := budget_reached(self.budget, *self.spent)) is not None
             ):
                 await self._out_of_budget(why)
+        # Not needed any more (its dependents and group go by its id): a run of 100,000
+        # tasks does not hold 100,000 envelopes to its end.
+        del self.envelopes[task_id]
 
     async def _member_final(self, name: str, task_id: str, status: str) -> None:
         group = self.groups[name]
@@ -482,8 +492,10 @@ class Scheduler:
                     error = ErrorInfo(kind="dependency", message=f"dependency {why}")
                     await self._never_started(task_id, "skipped", error)
                     continue
-                self.waiting[task_id].discard(name)
-                if not self.waiting[task_id]:
+                waiting = self.waiting[task_id]
+                assert isinstance(waiting, set)  # it depends on *name*
+                waiting.discard(name)
+                if not waiting:
                     upstream = self._upstream(self.envelopes[task_id])
                     self.resolving.add(task_id)
                     self._tg.start_soon(self._resolver, self.envelopes[task_id], upstream)

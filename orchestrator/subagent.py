@@ -1009,7 +1009,7 @@ class _Subagent:
             provenance=self._provenance(output, on_branch=branch is not None),
         )
         sealed, line = sealed_result_line(result)
-        self.ctx.result_lines[self.task_id] = (sealed, line)
+        self.ctx.results.seal(sealed, line)
         return sealed
 
     def release(self) -> None:

@@ -18,6 +18,7 @@ import pytest
 from envelopes import AgentInfo, Provenance, TaskResult, Timings, digest
 from orchestrator._git import Git
 from orchestrator.guard import RepoGuard, moved_refs, ref_values
+from orchestrator.results import Brief
 
 from .conftest import MakeRepo, git
 
@@ -362,3 +363,6 @@ def test_refs_moved_during_a_run_by_no_task_of_it_are_reported(make_repo: MakeRe
         f"not at its result {second}: moved by another process",
     ]
     assert moved_refs(after, after, results[:4]) == []
+    # What a run keeps of its results (orchestrator/results.py) says the same.
+    briefs = [Brief.of(r) for r in results]
+    assert moved_refs(before, after, briefs) == moved_refs(before, after, results)

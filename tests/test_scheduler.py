@@ -468,6 +468,8 @@ def _schedule(
     )
     anyio.run(scheduler.run)
     assert all(book.states[t] == hooks.results[t].status for t in book.states)
+    # Every task's envelope is let go when it ends, whatever ended it.
+    assert scheduler.envelopes == {}
     return hooks
 
 
