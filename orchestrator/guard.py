@@ -183,14 +183,16 @@ class RepoGuard:
         # A fresh name (O_EXCL, so never through a link an agent planted), then a rename over.
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".restore", dir=path.parent)
         try:
-            os.fchmod(fd, kept.mode)
-            os.write(fd, kept.content)
-            info = os.fstat(fd)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(fd, kept.mode)
+                # Buffered: a write the disk takes only in part is finished or fails, never
+                # put in place cut short (a config cut in two is a config git misreads).
+                f.write(kept.content)
+                f.flush()
+                info = os.fstat(fd)
         except BaseException:
-            os.close(fd)
             os.unlink(tmp)
             raise
-        os.close(fd)
         try:
             os.replace(tmp, path)  # fails onto a directory: the copy must not stay behind
         except BaseException:

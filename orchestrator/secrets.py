@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -99,29 +100,32 @@ class Masker:
             out, name = tempfile.mkstemp(
                 prefix=f".{path.name}.", suffix=".masking", dir=path.parent
             )
-            os.fchmod(out, 0o644)
             tmp = Path(name)
             try:
-                pending = b""
-                while True:
-                    chunk = os.read(fd, _CHUNK)
-                    window = pending + chunk
-                    for needle in needles:
-                        window = window.replace(needle, MASK.encode())
-                    if not chunk:
-                        os.write(out, window)
-                        break
-                    # Keep back what could be the start of a secret cut by the chunk's end.
-                    cut = max(0, len(window) - overlap)
-                    os.write(out, window[:cut])
-                    pending = window[cut:]
+                # A buffered file: a write the disk takes only in part is finished or fails
+                # (os.write would leave the masked log cut short, in the log's place).
+                with os.fdopen(out, "wb") as f:
+                    os.fchmod(out, stat.S_IMODE(os.fstat(fd).st_mode))  # the log's own mode
+                    pending = b""
+                    while True:
+                        chunk = os.read(fd, _CHUNK)
+                        window = pending + chunk
+                        for needle in needles:
+                            window = window.replace(needle, MASK.encode())
+                        if not chunk:
+                            f.write(window)
+                            break
+                        # Keep back what could be the start of a secret cut by the chunk's end.
+                        cut = max(0, len(window) - overlap)
+                        f.write(window[:cut])
+                        pending = window[cut:]
+                    f.flush()
+                    os.fsync(out)  # the masked log whole on disk before it replaces the log
+                os.replace(tmp, path)
             except BaseException:
-                os.close(out)
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-            os.close(out)
-            os.replace(tmp, path)
             return True
         finally:
             os.close(fd)

@@ -3,10 +3,12 @@ back, through nothing the agent planted, and reported."""
 
 from __future__ import annotations
 
-import errno
+import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -196,22 +198,45 @@ def test_a_change_that_cannot_be_put_back_is_reported_and_leaves_nothing_behind(
     assert sorted(os.listdir(common)) == ["config", "hooks"]
 
 
-def test_a_put_back_that_fails_to_write_leaves_no_temporary_file(
-    common: Path, monkeypatch: pytest.MonkeyPatch
+#: Run in a child: snapshot the guard, change the config, then check with the size of files
+#: this process may write limited (RLIMIT_FSIZE: a write past it is cut short, the next
+#: fails with EFBIG, as on a disk that fills up mid-write), and again without the limit.
+_FULL_DISK_CHECK = """
+import json, resource, signal, sys
+from pathlib import Path
+from orchestrator.guard import RepoGuard
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+common = Path(sys.argv[1])
+guard = RepoGuard.snapshot(common)
+(common / "config").write_text("[core]\\n\\tfsmonitor = evil\\n")
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+limited = [c.what for c in guard.check()]
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+print(json.dumps([limited, [c.what for c in guard.check()]]))
+"""
+
+
+def test_a_put_back_the_disk_takes_only_in_part_is_not_put_in_place_cut_short(
+    common: Path,
 ) -> None:
-    guard = RepoGuard.snapshot(common)
-    (common / "config").write_text("[core]\n\tfsmonitor = evil\n")
-
-    def disk_full(fd: int, data: bytes) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "write", disk_full)
-    [change] = guard.check()
-    monkeypatch.undo()
-    assert change.what == "changed (and could not be put back: No space left on device)"
+    """The config to put back is larger than what may be written: the write is cut short.
+    Nothing cut short takes the config's place, no temporary file stays, it is reported,
+    and the next check puts it back whole."""
+    config = "[core]\n\tbare = false\n" + "".join(f"# line {i:05}\n" for i in range(1000))
+    (common / "config").write_text(config)
+    child = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHECK, str(common)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    limited, unlimited = json.loads(child.stdout)
+    assert limited == ["changed (and could not be put back: File too large)"]
+    assert unlimited == ["changed"]
+    assert (common / "config").read_text() == config
     assert sorted(os.listdir(common)) == ["config", "hooks"]
-    assert [c.what for c in guard.check()] == ["changed"]  # the next check puts it back
-    assert (common / "config").read_text() == "[core]\n\tbare = false\n"
 
 
 def test_put_back_beside_the_file_not_through_tmpdir(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 import tracemalloc
 from pathlib import Path
@@ -70,6 +72,53 @@ def test_a_log_file_is_masked_across_chunk_boundaries(tmp_path: Path) -> None:
     assert masker.mask_file(log)
     assert log.read_bytes() == b"x" * ((1 << 20) - 7) + b"***" + b"y" * 10
     assert not masker.mask_file(log)  # nothing left: not rewritten
+
+
+#: Run in a child: mask a log with the size of files this process may write limited
+#: (RLIMIT_FSIZE: the write past it is cut short, as on a disk that fills up mid-write).
+_MASK_WITH_A_FULL_DISK = """
+import resource, signal, sys
+from pathlib import Path
+from orchestrator.secrets import Masker
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+masker = Masker.for_env({"API_TOKEN": "sk-0123456789abcdef"}, [])
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    print(masker.mask_file(Path(sys.argv[1])))
+except OSError as exc:
+    print(exc.strerror)
+"""
+
+
+def test_a_masked_log_the_disk_takes_only_in_part_does_not_replace_the_log(
+    tmp_path: Path,
+) -> None:
+    """Masking fails rather than put a log cut short in the log's place: the masked copy
+    (10,004 bytes) may grow to 9,999, so its last write is the one cut short."""
+    log = tmp_path / "log"
+    content = b"sk-0123456789abcdef\n" + b"x" * 10_000
+    log.write_bytes(content)
+    child = subprocess.run(
+        [sys.executable, "-c", _MASK_WITH_A_FULL_DISK, str(log), "9999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert child.stdout.strip() == "File too large"
+    assert log.read_bytes() == content
+    assert os.listdir(tmp_path) == ["log"]
+
+
+def test_a_masked_log_keeps_its_mode(tmp_path: Path) -> None:
+    masker = Masker.for_env({"API_TOKEN": "sk-0123456789abcdef"}, [])
+    log = tmp_path / "log"
+    log.write_text("token sk-0123456789abcdef")
+    log.chmod(0o600)
+    assert masker.mask_file(log)
+    assert log.read_text() == "token ***"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
 
 
 def test_a_log_replaced_by_a_link_is_not_followed(tmp_path: Path) -> None:
@@ -206,26 +255,27 @@ def test_a_masked_log_is_rewritten_beside_itself_readable_as_before(
 def test_a_masking_that_fails_leaves_the_log_and_no_temporary_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, temp_removed: bool
 ) -> None:
-    """The disk fills while the masked copy is written: the error is the disk's, the log
-    is as it was (it is not half masked) and nothing is left beside it, even when something
-    else already removed the copy."""
+    """The disk fills as the masked copy is made durable (fsync, where a delayed write
+    fails): the error is the disk's, the log is as it was (it is not half masked) and
+    nothing is left beside it, even when something else already removed the copy. (A write
+    cut short: test_a_masked_log_the_disk_takes_only_in_part_does_not_replace_the_log.)"""
     masker = Masker.for_env({"API_TOKEN": "sk-0123456789abcdef"}, [])
     log = tmp_path / "logs" / "t.attempt-1.stdout"
     log.parent.mkdir()
     log.write_text("token sk-0123456789abcdef\n")
-    real_write = os.write
+    real_fsync = os.fsync
 
-    def disk_full(fd: int, data: bytes) -> int:
+    def disk_full(fd: int) -> None:
         if temp_removed:
             for name in os.listdir(log.parent):
                 if name != log.name:
                     os.unlink(log.parent / name)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "write", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError) as raised:
         masker.mask_file(log)
-    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     assert raised.value.errno == errno.ENOSPC
     assert log.read_text() == "token sk-0123456789abcdef\n"
     assert os.listdir(log.parent) == [log.name]
