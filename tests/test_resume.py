@@ -180,6 +180,7 @@ def test_a_killed_run_resumes_without_losing_or_redoing_work(
     assert_nothing_left(repo)
 
 
+@pytest.mark.slow  # a real run killed or resumed: 5 to 11 s here (loaded)
 def test_a_torn_last_journal_line_is_ignored(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.2)
@@ -202,6 +203,7 @@ def test_a_torn_last_journal_line_is_ignored(make_repo: MakeRepo, tmp_path: Path
     assert not read_journal(journal).torn
 
 
+@pytest.mark.slow  # a real run killed or resumed: 5 to 11 s here (loaded)
 def test_a_journal_damaged_in_the_middle_is_refused(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.2)
@@ -219,6 +221,7 @@ def test_a_journal_damaged_in_the_middle_is_refused(make_repo: MakeRepo, tmp_pat
     )
 
 
+@pytest.mark.slow  # orchestrator processes run, killed or resumed: 12 to 31 s here (loaded)
 def test_a_second_orchestrator_on_a_live_run_refuses(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo)
@@ -249,6 +252,7 @@ def test_a_second_orchestrator_on_a_live_run_refuses(make_repo: MakeRepo, tmp_pa
         first.wait(timeout=60)
 
 
+@pytest.mark.slow  # orchestrator processes run, killed or resumed: 12 to 31 s here (loaded)
 def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
@@ -304,6 +308,7 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
     assert {r["status"] for r in report["results"]} == {"succeeded"}
 
 
+@pytest.mark.slow  # a real run killed or resumed: 5 to 11 s here (loaded)
 def test_an_interrupted_branch_holding_commits_is_kept_aside(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
@@ -351,6 +356,7 @@ def test_an_interrupted_branch_holding_commits_is_kept_aside(
     assert git(repo, "for-each-ref", "refs/orchestrator/", "refs/heads/orchestrator/") == ""
 
 
+@pytest.mark.slow  # orchestrator processes run, killed or resumed: 12 to 31 s here (loaded)
 def test_runs_lists_states_and_bad_input_is_one_line(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.05)
@@ -396,6 +402,7 @@ def test_runs_lists_states_and_bad_input_is_one_line(make_repo: MakeRepo, tmp_pa
     )
 
 
+@pytest.mark.slow  # orchestrator processes run, killed or resumed: 12 to 31 s here (loaded)
 def test_force_starts_a_new_run_that_reuses_what_still_matches(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
@@ -507,6 +514,7 @@ def test_the_run_lock_is_the_file_at_its_path(tmp_path: Path) -> None:
     assert not RunLock(tmp_path).is_held()
 
 
+@pytest.mark.slow  # a real run killed or resumed: 5 to 11 s here (loaded)
 def test_gc_keeps_the_branches_a_kept_report_names(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.01)
@@ -529,6 +537,7 @@ def test_gc_keeps_the_branches_a_kept_report_names(make_repo: MakeRepo, tmp_path
     assert verified.returncode == 0, verified.stdout
 
 
+@pytest.mark.slow  # orchestrator processes run, killed or resumed: 12 to 31 s here (loaded)
 def test_resume_reruns_tasks_whose_branch_gc_deleted(make_repo: MakeRepo, tmp_path: Path) -> None:
     repo = make_repo()
     plan, _ = write_plan(tmp_path, repo, seconds=0.01)
@@ -553,6 +562,7 @@ def test_resume_reruns_tasks_whose_branch_gc_deleted(make_repo: MakeRepo, tmp_pa
     )
 
 
+@pytest.mark.slow  # a real run killed or resumed: 5 to 11 s here (loaded)
 def test_gc_skips_a_run_that_comes_alive(make_repo: MakeRepo, tmp_path: Path) -> None:
     """gc takes each run's lock before cleaning it: a run held by anyone is left alone."""
     from orchestrator.locks import RunLock
@@ -606,6 +616,7 @@ def test_recorded_run_reads_the_settings_as_one_object_and_older_options(tmp_pat
         recorded_run(run_dir, "r1")
 
 
+@pytest.mark.slow  # orchestrator processes run, killed or resumed: 12 to 31 s here (loaded)
 def test_resume_of_a_finished_run_runs_nothing_and_exits_with_its_status(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
