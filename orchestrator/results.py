@@ -99,9 +99,7 @@ class ResultStore(MutableMapping[str, TaskResult]):
         if task_id != result.task_id:
             raise ValueError(f"result of {result.task_id!r} stored as {task_id!r}")
         line = self.line_of(result)
-        known = self._sealed.get(task_id)
-        if known is not None and known[0] is result:
-            del self._sealed[task_id]
+        self._sealed.pop(task_id, None)  # used, or of another result of the task: not kept
         self._entries.pop(task_id, None)  # a replaced result goes to the end, as in a dict
         seal = result.provenance.result_sha256
         self._entries[task_id] = _Entry(line, seal, Brief.of(result), result)

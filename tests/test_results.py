@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from envelopes import (
+    CheckResult,
     Report,
     SealedResults,
     TaskResult,
@@ -33,6 +34,19 @@ def stored(*results: TaskResult) -> ResultStore:
     for result in results:
         store[result.task_id] = result
     return store
+
+
+def count_models_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that grows by one each time a TaskResult is made from JSON."""
+    made: list[str] = []
+    real = TaskResult.model_validate_json.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[TaskResult], data: Any, **kwargs: Any) -> TaskResult:
+        made.append("x")
+        return real(cls, data, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(TaskResult, "model_validate_json", classmethod(counted))
+    return made
 
 
 def forget(store: ResultStore) -> None:
@@ -96,15 +110,72 @@ def test_a_brief_holds_what_the_end_of_a_run_reads() -> None:
     assert (brief.task_id, brief.agent, brief.status, brief.group) == ("a", "beta", "failed", "g")
     assert brief.error == result.error
     assert (brief.branch, brief.result_commit, brief.ignored_hooks) == (None, None, False)
+    committed = task_result("b", "succeeded").model_copy(update={"branch": "orchestrator/r/b"})
+    committed.provenance.result_commit = "c" * 40
+    brief = Brief.of(committed)
+    assert (brief.branch, brief.result_commit) == ("orchestrator/r/b", "c" * 40)
 
 
-def test_the_store_keeps_only_its_recent_models() -> None:
+@pytest.mark.parametrize(
+    ("hooks", "ignored"),
+    [
+        ([], False),
+        ([(True, False)], False),  # a required hook that failed failed the task instead
+        ([(False, True)], False),  # an optional hook that passed
+        ([(True, True), (False, False)], True),  # an optional hook that failed: ignored
+    ],
+)
+def test_a_brief_says_whether_a_hook_failed_and_was_ignored(
+    hooks: list[tuple[bool, bool]], ignored: bool
+) -> None:
+    made = [
+        CheckResult(
+            name=f"h{i}",
+            phase="hook",
+            turn=1,
+            command=["true"],
+            required=required,
+            passed=passed,
+            exit_code=0 if passed else 1,
+            duration_s=0.0,
+        )
+        for i, (required, passed) in enumerate(hooks)
+    ]
+    result = task_result("a", "succeeded").model_copy(update={"hooks": made})
+    assert Brief.of(result).ignored_hooks is ignored
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["stored", "sealed-then-stored"])
+def test_the_store_keeps_only_its_recent_models(sealed: bool) -> None:
+    """Neither the stored results nor the lines they were sealed with keep every model."""
     store = ResultStore()
     for i in range(RECENT + 50):
-        store[f"t{i}"] = task_result(f"t{i}", "succeeded")
+        result, line = sealed_result_line(task_result(f"t{i}", "succeeded"))
+        if sealed:
+            store.seal(result, line)
+            store.seal(task_result(f"t{i}", "failed"), "{}")  # an earlier one, never stored
+        store[f"t{i}"] = result
     gc.collect()
     alive = [o for o in gc.get_objects() if isinstance(o, TaskResult)]
     assert RECENT <= len(alive) < RECENT + 10
+
+
+def test_a_result_read_back_is_made_once_while_it_is_recent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = stored(*(task_result(f"t{i}", "succeeded") for i in range(3)))
+    forget(store)
+    made = count_models_made(monkeypatch)
+    assert store["t1"].status == "succeeded"
+    assert store["t1"].status == "succeeded"  # the model above is no longer held
+    assert len(made) == 1
+
+
+def test_briefs_come_in_the_order_asked() -> None:
+    store = stored(task_result("a", "succeeded"), task_result("b", "failed"))
+    assert [b.task_id for b in store.briefs()] == ["a", "b"]
+    assert [b.task_id for b in store.briefs(["b", "a"])] == ["b", "a"]
+    assert [b.task_id for b in store.briefs(["b"])] == ["b"]
 
 
 # -- SealedResults ----------------------------------------------------------------------
@@ -188,14 +259,7 @@ def test_a_run_keeps_its_results_as_lines_and_makes_no_model_for_its_report(
     """600 no-op tasks: the report is made from the lines and briefs (no result is read
     back into a model), the run ends holding no more models than the store's recent ones,
     and the report on disk is the report returned."""
-    made: list[str] = []
-    real = TaskResult.model_validate_json.__func__  # type: ignore[attr-defined]
-
-    def counted(cls: type[TaskResult], data: Any, **kwargs: Any) -> TaskResult:
-        made.append("x")
-        return real(cls, data, **kwargs)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(TaskResult, "model_validate_json", classmethod(counted))
+    made = count_models_made(monkeypatch)
 
     async def noop(envelope: Any, workspace: Workspace) -> dict[str, Any]:
         return {"n": envelope.task_id}

@@ -69,6 +69,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "orchestrator/resume.py": ("tests/test_resume.py", "tests/test_recovery.py"),
     # The scheduler, and the pool of worktrees.
     "orchestrator/scheduler.py": ("tests/test_scheduler.py", "tests/test_graph.py"),
+    # The run's results, held as their lines.
+    "orchestrator/results.py": ("tests/test_results.py", "tests/test_report.py"),
     "orchestrator/pool.py": ("tests/test_pool.py", "tests/test_recycle.py"),
     "orchestrator/recycle.py": ("tests/test_recycle.py", "tests/test_pool.py"),
     "orchestrator/worktree.py": ("tests/test_worktree.py", "tests/test_pool.py"),
