@@ -22,7 +22,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     model_serializer,
 )
-from pydantic_core import core_schema
+from pydantic_core import SchemaSerializer, core_schema
 
 from ._bounded import relative_path_problem
 from ._canonical import digest_without, json_line
@@ -508,10 +508,12 @@ class SealedResults(Sequence[TaskResult]):
     ) -> core_schema.CoreSchema:
         # As a field: a list of TaskResult read and written as such (the JSON Schema is that
         # list's), where a SealedResults is taken as it is and written as the list it reads.
+        # JSON is read as the list it is (never a SealedResults): through a Python function,
+        # ``strict`` would refuse the JSON's datetimes.
         listed = handler.generate_schema(list[TaskResult])
-        return core_schema.no_info_wrap_validator_function(
-            _as_given,
-            listed,
+        return core_schema.json_or_python_schema(
+            json_schema=listed,
+            python_schema=core_schema.no_info_wrap_validator_function(_as_given, listed),
             serialization=core_schema.wrap_serializer_function_ser_schema(_listed, schema=listed),
         )
 
@@ -526,6 +528,17 @@ def _listed(value: Any, handler: SerializerFunctionWrapHandler) -> Any:
 
 def _sealed_results(lines: list[str], task_ids: list[str], seals: list[str]) -> SealedResults:
     return SealedResults(lines, task_ids=task_ids, seals=seals)
+
+
+# ``serialize_as_any`` writes a field by what its value is, not by the field's schema: a
+# SealedResults as the list it reads.
+SealedResults.__pydantic_serializer__ = SchemaSerializer(  # type: ignore[attr-defined]
+    core_schema.any_schema(
+        serialization=core_schema.wrap_serializer_function_ser_schema(
+            _listed, schema=core_schema.list_schema(core_schema.any_schema())
+        )
+    )
+)
 
 
 class Summary(_Additions):

@@ -285,3 +285,28 @@ def test_a_run_keeps_its_results_as_lines_and_makes_no_model_for_its_report(
     assert report.results[7].output == {"n": "t7"}
     assert report.result("t9").output == {"n": "t9"}
     assert made == ["x", "x"]
+
+
+def test_a_report_reads_strictly_from_its_json_and_dumps_as_any(tmp_path: Path) -> None:
+    """SealedResults took the field's JSON validation through Python (so ``strict`` refused
+    every datetime a result holds), and ``serialize_as_any`` could not write one."""
+
+    async def noop(envelope: Any, workspace: Workspace) -> dict[str, Any]:
+        return {"n": envelope.task_id}
+
+    envelopes = [
+        build_envelope("n", "t", task_id=f"t{i}", worktree=False, venv=False) for i in range(2)
+    ]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, agents={"n": noop}, state_dir=tmp_path)
+    )
+    assert isinstance(report.results, SealedResults)
+    text = (Path(report.run_dir) / "report.json").read_text()
+    strict = Report.model_validate_json(text, strict=True)
+    assert strict == report
+    assert Report.model_validate_json(report.model_dump_json(by_alias=True), strict=True) == report
+    as_any = report.model_dump_json(by_alias=True, serialize_as_any=True)
+    assert Report.model_validate_json(as_any) == report
+    assert report.model_dump(mode="json", by_alias=True, serialize_as_any=True) == (
+        report.to_json_dict()
+    )
