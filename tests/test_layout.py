@@ -120,5 +120,6 @@ def test_fast_tests_run_before_the_slow_ones() -> None:
     ).stdout.splitlines()
     ids = [line for line in listed if "::" in line]
     slow = [i for i, line in enumerate(ids) if "test_a_killed_run_resumes" in line]
-    assert slow and slow == list(range(len(ids) - len(slow), len(ids)))
-    assert any("test_scheduler.py" in line for line in ids[: slow[0]])
+    fast = [i for i, line in enumerate(ids) if "test_scheduler.py" in line]
+    assert slow and fast
+    assert max(fast) < min(slow)  # test_resume.py is collected first, its slow tests last
