@@ -736,7 +736,9 @@ def test_a_slot_whose_holder_died_is_emptied_of_its_processes(tmp_path: Path) ->
     assert slot is not None
     slot.mkdir(parents=True)
     holder.made(slot)
+    (slot / "deep" / "er").mkdir(parents=True)
     leftover = subprocess.Popen(["sleep", "60"], cwd=slot / ".")
+    below = subprocess.Popen(["sleep", "60"], cwd=slot / "deep" / "er")
     elsewhere = subprocess.Popen(["sleep", "60"], cwd=tmp_path)
     try:
         os.close(holder._held.pop(slot))  # the holder dies: no give-back
@@ -744,6 +746,7 @@ def test_a_slot_whose_holder_died_is_emptied_of_its_processes(tmp_path: Path) ->
         borrower = Slots(tmp_path / "slots", size=1)
         assert borrower.take_free() == slot
         assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert below.wait(timeout=10) == -signal.SIGKILL
         assert elsewhere.poll() is None  # only what works in the slot
         borrower.release(slot)
 
@@ -756,7 +759,7 @@ def test_a_slot_whose_holder_died_is_emptied_of_its_processes(tmp_path: Path) ->
             again.kill()
             again.wait()
     finally:
-        for proc in (leftover, elsewhere):
+        for proc in (leftover, below, elsewhere):
             proc.kill()
             proc.wait()
 
