@@ -243,6 +243,10 @@ async def _collect_slots(
         if fd is None:
             continue  # in use
         if dry_run:
+            if idle == float("inf"):
+                # The lock was made by this look: left behind, it would make the slot look
+                # just used, and the gc that follows would not remove it.
+                lock.unlink(missing_ok=True)
             os.close(fd)
             done.append(f"would remove pool {what} {slot}")
             continue

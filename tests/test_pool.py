@@ -27,7 +27,7 @@ from envelopes import Plan, Report, TaskResult
 from orchestrator import Repository, orchestrate_parallel
 from orchestrator.errors import OrchestratorError
 from orchestrator.pool import Slots
-from orchestrator.venv import UvBackend
+from orchestrator.venv import UvBackend, Venv
 
 from .conftest import MakeRepo, cli, git, task_worktrees
 from .test_venv import PROJECT_AGENT, project_files
@@ -643,6 +643,7 @@ def test_a_discarded_slot_leaves_no_worktree_entry(
     assert report.summary.successful == 1, report.errors
     [slot] = dirs_in(pool_root(repo))
     assert slot != hijacked and not hijacked.exists()
+    assert not list(pool_root(repo).glob(hijacked.name + ".*"))  # its lock and private index
     entries = worktree_entries(repo)
     assert not [e for e in entries if "prunable" in e], entries
     assert [e["worktree"] for e in entries] == [str(repo), str(slot)]
@@ -813,15 +814,29 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
         admin = Path((slot / ".git").read_text().removeprefix("gitdir:").strip())
         (admin / "HEAD").write_text(f"ref: refs/heads/orchestrator/{dead}/{name}\n")
         admins.append(admin)
-    held = try_lock(slots[1].with_name(slots[1].name + ".mutex"))  # a live holder's slot
+    held = try_lock(slots[0].with_name(slots[0].name + ".mutex"))  # a live holder's slot
     assert held is not None
     try:
         assert detach_dead_slots(state(repo), "20260101-000000-other1") == []
-        assert detach_dead_slots(state(repo), dead) == [slots[0]]
+        assert detach_dead_slots(state(repo), dead) == [slots[1]]
     finally:
         os.close(held)
-    assert (admins[0] / "HEAD").read_text().strip() == head  # detached at the branch's tip
-    assert (admins[1] / "HEAD").read_text().startswith("ref: ")  # left to its holder
+    assert (admins[1] / "HEAD").read_text().strip() == head  # detached at the branch's tip
+    assert (admins[0] / "HEAD").read_text().startswith("ref: ")  # left to its holder
+
+    # Whatever comes first in the pool (a slot on another branch, one whose HEAD cannot be
+    # read), every slot is looked at; one whose admin entry is broken is passed over.
+    on_t2 = f"ref: refs/heads/orchestrator/{dead}/t2\n"
+    (admins[0] / "HEAD").write_text("ref: refs/heads/main\n")
+    (admins[1] / "HEAD").write_text(on_t2)
+    assert detach_dead_slots(state(repo), dead) == [slots[1]]
+    (admins[0] / "HEAD").rename(admins[0] / "HEAD.away")
+    (admins[1] / "HEAD").write_text(on_t2)
+    assert detach_dead_slots(state(repo), dead) == [slots[1]]
+    (admins[1] / "HEAD").write_text(on_t2)
+    (admins[1] / "commondir").rename(admins[1] / "commondir.away")
+    assert detach_dead_slots(state(repo), dead) == []
+    assert (admins[1] / "HEAD").read_text() == on_t2
 
 
 def test_a_borrowed_venv_gets_the_borrowers_own_worktree_installed(
@@ -883,3 +898,97 @@ def test_a_seeded_venv_is_lent_only_to_tasks_that_asked_for_pip(
     assert venvs["s2"] == venvs["s1"] and venvs["p2"] == venvs["p1"]
     assert venvs["s1"].parent != venvs["p1"].parent
     assert {v.parent.parent for v in venvs.values()} == {state(repo) / "pool" / "venvs"}
+
+
+def test_gc_goes_by_each_slots_last_give_back_and_removes_what_no_slot_owns(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot idle for the limit or longer goes (its lock's time is its last give-back; no
+    lock: idle forever), a younger or a held one stays, whatever order they come in; a lock
+    and private index left without their slot go unless held, and so does an emptied set's
+    directory. A dry run names the same slots and changes nothing. No lock is left open."""
+    import time
+    from types import SimpleNamespace
+
+    from orchestrator import pool as pool_module
+    from orchestrator.pool import collect_pool
+
+    repo = make_repo()
+    now = float(int(time.time()))
+    monkeypatch.setattr(pool_module, "time", SimpleNamespace(time=lambda: now))
+    venvs = state(repo) / "pool" / "venvs"
+    young, edge, held, old = (venvs / "k1" / name for name in "abcd")
+    unlocked = venvs / "k2" / "e"
+    for slot, idle in ((young, 10), (edge, 50), (held, 1000), (old, 100), (unlocked, None)):
+        (slot / "bin").mkdir(parents=True)
+        if idle is not None:
+            lock = slot.with_name(slot.name + ".mutex")
+            lock.touch()
+            os.utime(lock, (now - idle, now - idle))
+    old.with_name("d.kept").touch()
+    (venvs / "k3").mkdir()  # a set whose slots are all gone
+    worktrees = pool_root(repo)
+    worktrees.mkdir(parents=True)
+    orphans = [worktrees / name for name in ("gone.mutex", "gone.index", "gone.tree")]
+    for path in [*orphans, worktrees / "busy.mutex"]:
+        path.touch()
+    fds = [os.open(p, os.O_RDWR) for p in (held.with_name("c.mutex"), worktrees / "busy.mutex")]
+    for fd in fds:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    everything = sorted(p.relative_to(state(repo)) for p in state(repo).rglob("*"))
+    open_fds = len(os.listdir("/proc/self/fd"))
+
+    async def collect(**options: Any) -> list[str]:
+        return await collect_pool(await Repository.open(repo), idle_for=50, **options)
+
+    try:
+        planned = run(lambda: collect(dry_run=True))
+        assert sorted(p.relative_to(state(repo)) for p in state(repo).rglob("*")) == everything
+        done = run(collect)
+        assert len(os.listdir("/proc/self/fd")) == open_fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert planned == [f"would remove pool venv {s}" for s in (edge, old, unlocked)]
+    assert done == [f"removed pool venv {s}" for s in (edge, old, unlocked)]
+    left = sorted(p.relative_to(venvs).as_posix() for p in venvs.rglob("*"))
+    assert left == ["k1", "k1/a", "k1/a.mutex", "k1/a/bin", "k1/c", "k1/c.mutex", "k1/c/bin"]
+    assert sorted(p.name for p in worktrees.iterdir()) == ["busy.mutex"]
+
+
+def test_a_discarded_venv_goes_with_its_lock_and_a_kept_one_is_never_lent_again(
+    tmp_path: Path,
+) -> None:
+    """A discarded venv (one a task may have written) is deleted with its lock; a kept one
+    stays where it is, let go of but never lent again; one given back is lent again."""
+    from orchestrator.locks import try_lock
+    from orchestrator.pool import VenvPool
+
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=3)
+
+    def lock_of(path: Path) -> Path:
+        return path.with_name(path.name + ".mutex")
+
+    async def acquire() -> Path:
+        venv = await pool.acquire((), cwd=tmp_path, fallback=tmp_path / "outside")
+        assert pool.owns(venv)
+        return venv.path
+
+    async def main() -> None:
+        discarded = await acquire()
+        await pool.discard(Venv(discarded, "uv"))
+        assert not discarded.exists() and not lock_of(discarded).exists()
+        kept = await acquire()
+        pool.keep(Venv(kept, "uv"))
+        assert (kept / "pyvenv.cfg").is_file() and lock_of(kept).with_suffix(".kept").exists()
+        fd = try_lock(lock_of(kept))  # let go of
+        assert fd is not None
+        os.close(fd)
+        other = await acquire()
+        assert other not in (discarded, kept)
+        pool.give_back(Venv(other, "uv"))
+        assert await acquire() == other
+        pool.close()
+
+    run(main)
+    assert (pool.created, pool.recycled) == (3, 1)
