@@ -447,13 +447,20 @@ async def _digest_of(path: Path) -> str | None:
 
 
 def _head_commit(admin: Path) -> str:
-    """HEAD detached where it is now (resolved from the loose ref), or unchanged."""
+    """HEAD detached where it is now (resolved from the loose or packed ref), or unchanged."""
     head = (admin / "HEAD").read_text(encoding="utf-8")
     if head.startswith("ref: "):
         common = Path((admin / "commondir").read_text(encoding="utf-8").strip())
         common = common if common.is_absolute() else (admin / common).resolve()
-        ref = common / head.removeprefix("ref: ").strip()
-        return ref.read_text(encoding="utf-8") if ref.is_file() else head
+        name = head.removeprefix("ref: ").strip()
+        if (common / name).is_file():
+            return (common / name).read_text(encoding="utf-8")
+        # Packed since (a gc): "<id> <name>" lines, among a header and "^<id>" lines.
+        with contextlib.suppress(OSError):
+            for line in (common / "packed-refs").read_text(encoding="utf-8").splitlines():
+                commit, _, packed = line.partition(" ")
+                if packed == name:
+                    return commit + "\n"
     return head
 
 

@@ -833,6 +833,15 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
     (admins[0] / "HEAD").rename(admins[0] / "HEAD.away")
     (admins[1] / "HEAD").write_text(on_t2)
     assert detach_dead_slots(state(repo), dead) == [slots[1]]
+    gone = f"ref: refs/heads/orchestrator/{dead}/t9\n"  # a branch no longer there
+    (admins[1] / "HEAD").write_text(gone)
+    assert not (repo / ".git" / "packed-refs").exists()
+    detach_dead_slots(state(repo), dead)
+    assert (admins[1] / "HEAD").read_text() == gone  # nowhere to detach it to
+    (admins[1] / "HEAD").write_text(on_t2)
+    git(repo, "pack-refs", "--all")  # the branch packed (a gc since the crash)
+    assert detach_dead_slots(state(repo), dead) == [slots[1]]
+    assert (admins[1] / "HEAD").read_text().strip() == head
     (admins[1] / "HEAD").write_text(on_t2)
     (admins[1] / "commondir").rename(admins[1] / "commondir.away")
     assert detach_dead_slots(state(repo), dead) == []
@@ -992,3 +1001,41 @@ def test_a_discarded_venv_goes_with_its_lock_and_a_kept_one_is_never_lent_again(
 
     run(main)
     assert (pool.created, pool.recycled) == (3, 1)
+
+
+def test_a_kept_slot_moves_out_with_its_entry_or_stays_never_lent_again(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """keep moves a lent slot (its files, admin entry and branch) to its target, beside what
+    is kept there already; a slot that cannot be moved (the target taken) stays where it is,
+    let go of and never lent again."""
+    from orchestrator.locks import try_lock
+    from orchestrator.pool import WorktreePool
+    from orchestrator.worktree import Worktree
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    kept = tmp_path / "kept"
+    kept.mkdir()  # other worktrees of the run kept there already
+    (kept / "two").write_text("taken\n")
+
+    async def main() -> tuple[list[Worktree], Worktree | None]:
+        pool = WorktreePool(await Repository.open(repo_path), 2)
+        first, second = await pool.create("k/one", head), await pool.create("k/two", head)
+        assert first is not None and second is not None
+        moved = await pool.keep(first, kept / "one")
+        stayed = await pool.keep(second, kept / "two")
+        third = await pool.borrow("k/three", head)
+        pool.close()
+        return [first, moved, second, stayed], third
+
+    (first, moved, second, stayed), third = run(main)
+    assert moved == Worktree(kept / "one", "k/one", head, first.admin_dir)
+    assert (moved.path / ".git").read_text().strip() == f"gitdir: {first.admin_dir}"
+    assert git(moved.path, "symbolic-ref", "HEAD") == "refs/heads/k/one"
+    assert stayed == second and (second.path / "src").is_dir()
+    assert second.path.with_name(second.path.name + ".kept").exists()
+    fd = try_lock(second.path.with_name(second.path.name + ".mutex"))
+    assert fd is not None  # let go of
+    os.close(fd)
+    assert third is None  # no slot to lend: one moved out, the other kept
