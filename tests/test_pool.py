@@ -27,7 +27,7 @@ from envelopes import Plan, Report, TaskResult
 from orchestrator import Repository, orchestrate_parallel
 from orchestrator.errors import OrchestratorError
 from orchestrator.pool import Slots
-from orchestrator.venv import UvBackend, Venv
+from orchestrator.venv import UvBackend, Venv, describe_environment
 
 from .conftest import MakeRepo, cli, git, task_worktrees
 from .test_venv import PROJECT_AGENT, project_files
@@ -1039,3 +1039,67 @@ def test_a_kept_slot_moves_out_with_its_entry_or_stays_never_lent_again(
     assert fd is not None  # let go of
     os.close(fd)
     assert third is None  # no slot to lend: one moved out, the other kept
+
+
+def test_which_sets_are_pooled_under_which_key(tmp_path: Path) -> None:
+    """Only requirements named by name and version are pooled (not a path, URL or option);
+    a set's slots are keyed as before (interpreter, backend, sorted requirements, and seed
+    only when set), so that slots made by earlier runs are found again."""
+    from envelopes import digest
+    from orchestrator.pool import VenvPool, _poolable
+    from orchestrator.venv import base_python
+
+    assert _poolable(["six==1.16.0", "Foo>=1", "bar[extra]; python_version > '3'"])
+    for odd in ("-rreq.txt", ".pkg", "~pkg", "/abs", "a/b", "name@1", "C:\\pkg"):
+        assert not _poolable(["six", odd]), odd
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=1)
+    identity: dict[str, object] = {"python": base_python(), "backend": "uv"}
+    identity["requirements"] = ["a", "b"]
+    assert pool._key(["b", "a"], False) == digest(identity)[:16]
+    assert pool._key(["b", "a"], True) == digest({**identity, "seed": True})[:16]
+
+
+def test_a_failed_install_leaves_no_slot_and_fails_its_set_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A set that cannot be installed: its slot and lock go, and every task of that set gets
+    the error without installing again. A slot gone from a pool of one makes room for the
+    next; without a pool, the venv is made at the task's own place."""
+    from orchestrator.errors import VenvError
+    from orchestrator.pool import VenvPool
+
+    class Attempts(UvBackend):
+        tried = 0
+
+        async def install(self, *args: Any, **kwargs: Any) -> list[str]:
+            self.tried += 1
+            return await super().install(*args, **kwargs)
+
+    backend = Attempts()
+    pool = VenvPool(tmp_path / "state", backend, size=1)
+    outside = tmp_path / "outside"
+
+    async def main() -> None:
+        with monkeypatch.context() as offline:
+            offline.setenv("UV_OFFLINE", "1")
+            for _ in range(2):
+                with pytest.raises(VenvError):
+                    await pool.acquire(
+                        ["no-such-distribution-here"], cwd=tmp_path, fallback=outside
+                    )
+        assert backend.tried == 1 and pool.created == 0
+        assert not [p for p in pool.root.rglob("*") if not p.is_dir()]  # no slot, no lock
+        venv = await pool.acquire(["six"], cwd=tmp_path, fallback=outside)
+        assert pool.owns(venv) and pool.created == 1
+        assert not (venv.path / "bin" / "pip").exists()  # no seed unless asked
+        await pool.discard(venv)
+        again = await pool.acquire(["six"], cwd=tmp_path, fallback=outside)
+        assert pool.owns(again) and again.path != venv.path
+        pool.close()
+        alone = await VenvPool(tmp_path / "state", backend, size=0).acquire(
+            ["six"], cwd=tmp_path, fallback=outside
+        )
+        assert alone.path == outside
+        assert any(p.startswith("six==") for p in describe_environment(alone).packages)
+
+    run(main)
