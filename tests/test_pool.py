@@ -1103,3 +1103,36 @@ def test_a_failed_install_leaves_no_slot_and_fails_its_set_once(
         assert any(p.startswith("six==") for p in describe_environment(alone).packages)
 
     run(main)
+
+
+def test_a_retry_in_a_slot_that_cannot_be_made_pristine_is_a_git_error(
+    make_repo: MakeRepo,
+) -> None:
+    """A slot whose private index cannot be written again (a directory in its place, which an
+    agent running as the user can make beside its slot) fails its retry's reset with a
+    GitError naming the slot and why, as a failed git command would."""
+    from orchestrator.errors import GitError
+    from orchestrator.pool import WorktreePool
+    from orchestrator.recycle import private_index
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def main() -> tuple[Path, GitError]:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        worktree = await pool.create("k/one", head)
+        assert worktree is not None
+        index = private_index(worktree.path)
+        index.unlink()
+        index.mkdir()
+        (index / "taken").write_text("x\n")
+        try:
+            with pytest.raises(GitError) as failed:
+                await pool.reset(worktree)
+        finally:
+            pool.close()
+        return worktree.path, failed.value
+
+    slot, error = run(main)
+    assert (error.command, error.returncode) == (["worktree"], 1)
+    assert str(error).startswith(f"git worktree: fatal: cannot reset {slot}: [Errno 21] ")
