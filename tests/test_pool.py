@@ -1101,6 +1101,7 @@ def test_a_failed_install_leaves_no_slot_and_fails_its_set_once(
         )
         assert alone.path == outside and (outside / "bin" / "pip").exists()
         assert any(p.startswith("six==") for p in describe_environment(alone).packages)
+        assert backend.tried == 3  # the failed one, six in the pool, six without: one backend
 
     run(main)
 
