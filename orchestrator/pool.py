@@ -122,7 +122,9 @@ def _kill_processes_in(path: Path) -> None:
 
     def works_there(process: psutil.Process) -> bool:
         cwd = process.cwd()
-        return cwd == inside or cwd.startswith(inside + "/")
+        # Not mutated by tools/mutation.py: `cwd != inside` would SIGKILL every other process
+        # this user may signal, the mutation run's and everyone else's on the machine.
+        return cwd == inside or cwd.startswith(inside + "/")  # pragma: no mutate
 
     kill_processes(works_there)
 
@@ -241,6 +243,10 @@ async def _collect_slots(
         if fd is None:
             continue  # in use
         if dry_run:
+            if idle == float("inf"):
+                # The lock was made by this look: left behind, it would make the slot look
+                # just used, and the gc that follows would not remove it.
+                lock.unlink(missing_ok=True)
             os.close(fd)
             done.append(f"would remove pool {what} {slot}")
             continue
@@ -441,13 +447,20 @@ async def _digest_of(path: Path) -> str | None:
 
 
 def _head_commit(admin: Path) -> str:
-    """HEAD detached where it is now (resolved from the loose ref), or unchanged."""
+    """HEAD detached where it is now (resolved from the loose or packed ref), or unchanged."""
     head = (admin / "HEAD").read_text(encoding="utf-8")
     if head.startswith("ref: "):
         common = Path((admin / "commondir").read_text(encoding="utf-8").strip())
         common = common if common.is_absolute() else (admin / common).resolve()
-        ref = common / head.removeprefix("ref: ").strip()
-        return ref.read_text(encoding="utf-8") if ref.is_file() else head
+        name = head.removeprefix("ref: ").strip()
+        if (common / name).is_file():
+            return (common / name).read_text(encoding="utf-8")
+        # Packed since (a gc): "<id> <name>" lines, among a header and "^<id>" lines.
+        with contextlib.suppress(OSError):
+            for line in (common / "packed-refs").read_text(encoding="utf-8").splitlines():
+                commit, _, packed = line.partition(" ")
+                if packed == name:
+                    return commit + "\n"
     return head
 
 

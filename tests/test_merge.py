@@ -826,7 +826,7 @@ def test_combine_commits_merges_all_in_order_reproducibly_as_who_is_named(
             await independent_commits(runner, commits)
             for commits in ([later, early], [early, early], [newest, early, newest])
         ]
-        with pytest.raises(ValueError, match="at least one commit"):
+        with pytest.raises(ValueError, match=r"^combine_commits needs at least one commit$"):
             await combine_commits(runner, [], message="m", env=who)
         # No identity given, none configured (a fresh machine): the fallback's.
         fallback = await combine_commits(runner, [newest, middle], message="m")
@@ -1049,3 +1049,130 @@ def test_a_failed_one_process_build_in_a_bare_repository_leaves_no_crash_report(
     with pytest.raises(GitError, match="fatal:"):
         anyio.run(build)
     assert not [p for p in repo.iterdir() if p.name.startswith("fast_import_crash_")]
+
+
+def test_crash_reports_of_the_builds_second_go_and_older_ones_stay(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash report dated no earlier than a second before the build started is the build's
+    (a file system may keep whole seconds): removed, and one another failed build removed
+    first is no error; one dated earlier is someone else's and stays."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from orchestrator import merge as merge_module
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import chain_disjoint
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    started = float(int(time.time()))  # when the build starts, by its clock: a whole second
+    monkeypatch.setattr(merge_module, "time", SimpleNamespace(time=lambda: started))
+    edge, older, raced = (repo / ".git" / f"fast_import_crash_{n}" for n in (10, 11, 12))
+    for path, when in ((edge, started - 1), (older, started - 1.5), (raced, started)):
+        path.write_text("a report\n")
+        os.utime(path, ns=(int(when * 1e9), int(when * 1e9)))
+    unlink = os.unlink
+
+    def removed_first(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fspath(path) == str(raced) and os.path.lexists(path):
+            unlink(path)  # as if another failed build had removed it between look and unlink
+        unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", removed_first)
+    runner = Git(repo)
+
+    async def build() -> list[str]:
+        identity = await runner.identity_env()
+        return await chain_disjoint(runner, start, [("0" * 40, "m", {})], base=start, env=identity)
+
+    with pytest.raises(GitError, match=r"^git fast-import: fatal:"):
+        anyio.run(build)
+    assert sorted(p.name for p in (repo / ".git").iterdir() if "crash" in p.name) == [older.name]
+
+
+def test_a_failed_build_whose_stderr_is_not_utf8_is_a_git_error(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fast-import's stderr may hold bytes that are not UTF-8 (here a trace the user's
+    environment asks for, naming the repository's path): GitError with git's reason all the
+    same, never a crash (the caller merges the other way on GitError)."""
+    import os
+
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import chain_disjoint
+
+    repo = make_repo(name=os.fsdecode(b"caf\xe9"))
+    start = git(repo, "rev-parse", "HEAD")
+    monkeypatch.setenv("GIT_TRACE_SETUP", "2")  # git's setup, the worktree's path, on stderr
+    runner = Git(repo)
+
+    async def build() -> list[str]:
+        identity = await runner.identity_env()
+        merges = [("0" * 40, "m", {})]  # a commit that is not there
+        return await chain_disjoint(runner, start, merges, base=start, env=identity)
+
+    with pytest.raises(GitError, match=r"^git fast-import: fatal: [^\n]*0{40}$") as failed:
+        anyio.run(build)
+    assert failed.value.returncode not in (0, None)
+
+
+def test_a_build_killed_without_a_word_is_a_git_error_naming_its_status(
+    make_repo: MakeRepo,
+) -> None:
+    """fast-import killed by a signal (here: past the file size limit, as the out-of-memory
+    killer would) says nothing on stderr: GitError with its exit status all the same."""
+    import resource
+    import signal
+
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import Changes, chain_disjoint
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    result = _raw_commit(repo, start, [("100644", "new\n", b"new.txt")], [])
+    runner = Git(repo)
+
+    async def build() -> list[str]:
+        identity = await runner.identity_env()
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # inherited by git
+        try:
+            merges: list[tuple[str, str, Changes | None]] = [(result, "m", None)]
+            return await chain_disjoint(runner, start, merges, base=start, env=identity)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    with pytest.raises(GitError) as failed:
+        anyio.run(build)
+    assert failed.value.returncode == -signal.SIGXFSZ
+    assert str(failed.value) == f"git fast-import: exit code {-signal.SIGXFSZ}"
+
+
+def test_a_build_whose_output_holds_more_than_its_commits_is_a_git_error(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace the user's environment sends to standard output (GIT_TRACE_PACK_ACCESS) mixes
+    with the commits fast-import names: GitError, never commits named wrongly."""
+    from orchestrator._git import Git
+    from orchestrator.errors import GitError
+    from orchestrator.merge import chain_disjoint
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    result = _raw_commit(repo, start, [("100644", "new\n", b"new.txt")], [])
+    git(repo, "repack", "-a", "-d", "-q")  # fast-import reads the start from a pack: traced
+    monkeypatch.setenv("GIT_TRACE_PACK_ACCESS", "/dev/stdout")
+    runner = Git(repo)
+
+    async def build() -> list[str]:
+        identity = await runner.identity_env()
+        return await chain_disjoint(runner, start, [(result, "m", None)], base=start, env=identity)
+
+    with pytest.raises(GitError, match=r"^git fast-import: named \d+ commits, not 1$") as failed:
+        anyio.run(build)
+    assert (failed.value.command, failed.value.returncode) == (["fast-import"], 0)

@@ -27,7 +27,7 @@ from envelopes import Plan, Report, TaskResult
 from orchestrator import Repository, orchestrate_parallel
 from orchestrator.errors import OrchestratorError
 from orchestrator.pool import Slots
-from orchestrator.venv import UvBackend
+from orchestrator.venv import UvBackend, Venv, describe_environment
 
 from .conftest import MakeRepo, cli, git, task_worktrees
 from .test_venv import PROJECT_AGENT, project_files
@@ -643,6 +643,7 @@ def test_a_discarded_slot_leaves_no_worktree_entry(
     assert report.summary.successful == 1, report.errors
     [slot] = dirs_in(pool_root(repo))
     assert slot != hijacked and not hijacked.exists()
+    assert not list(pool_root(repo).glob(hijacked.name + ".*"))  # its lock and private index
     entries = worktree_entries(repo)
     assert not [e for e in entries if "prunable" in e], entries
     assert [e["worktree"] for e in entries] == [str(repo), str(slot)]
@@ -736,7 +737,9 @@ def test_a_slot_whose_holder_died_is_emptied_of_its_processes(tmp_path: Path) ->
     assert slot is not None
     slot.mkdir(parents=True)
     holder.made(slot)
+    (slot / "deep" / "er").mkdir(parents=True)
     leftover = subprocess.Popen(["sleep", "60"], cwd=slot / ".")
+    below = subprocess.Popen(["sleep", "60"], cwd=slot / "deep" / "er")
     elsewhere = subprocess.Popen(["sleep", "60"], cwd=tmp_path)
     try:
         os.close(holder._held.pop(slot))  # the holder dies: no give-back
@@ -744,6 +747,7 @@ def test_a_slot_whose_holder_died_is_emptied_of_its_processes(tmp_path: Path) ->
         borrower = Slots(tmp_path / "slots", size=1)
         assert borrower.take_free() == slot
         assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert below.wait(timeout=10) == -signal.SIGKILL
         assert elsewhere.poll() is None  # only what works in the slot
         borrower.release(slot)
 
@@ -756,7 +760,7 @@ def test_a_slot_whose_holder_died_is_emptied_of_its_processes(tmp_path: Path) ->
             again.kill()
             again.wait()
     finally:
-        for proc in (leftover, elsewhere):
+        for proc in (leftover, below, elsewhere):
             proc.kill()
             proc.wait()
 
@@ -810,15 +814,38 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
         admin = Path((slot / ".git").read_text().removeprefix("gitdir:").strip())
         (admin / "HEAD").write_text(f"ref: refs/heads/orchestrator/{dead}/{name}\n")
         admins.append(admin)
-    held = try_lock(slots[1].with_name(slots[1].name + ".mutex"))  # a live holder's slot
+    held = try_lock(slots[0].with_name(slots[0].name + ".mutex"))  # a live holder's slot
     assert held is not None
     try:
         assert detach_dead_slots(state(repo), "20260101-000000-other1") == []
-        assert detach_dead_slots(state(repo), dead) == [slots[0]]
+        assert detach_dead_slots(state(repo), dead) == [slots[1]]
     finally:
         os.close(held)
-    assert (admins[0] / "HEAD").read_text().strip() == head  # detached at the branch's tip
-    assert (admins[1] / "HEAD").read_text().startswith("ref: ")  # left to its holder
+    assert (admins[1] / "HEAD").read_text().strip() == head  # detached at the branch's tip
+    assert (admins[0] / "HEAD").read_text().startswith("ref: ")  # left to its holder
+
+    # Whatever comes first in the pool (a slot on another branch, one whose HEAD cannot be
+    # read), every slot is looked at; one whose admin entry is broken is passed over.
+    on_t2 = f"ref: refs/heads/orchestrator/{dead}/t2\n"
+    (admins[0] / "HEAD").write_text("ref: refs/heads/main\n")
+    (admins[1] / "HEAD").write_text(on_t2)
+    assert detach_dead_slots(state(repo), dead) == [slots[1]]
+    (admins[0] / "HEAD").rename(admins[0] / "HEAD.away")
+    (admins[1] / "HEAD").write_text(on_t2)
+    assert detach_dead_slots(state(repo), dead) == [slots[1]]
+    gone = f"ref: refs/heads/orchestrator/{dead}/t9\n"  # a branch no longer there
+    (admins[1] / "HEAD").write_text(gone)
+    assert not (repo / ".git" / "packed-refs").exists()
+    detach_dead_slots(state(repo), dead)
+    assert (admins[1] / "HEAD").read_text() == gone  # nowhere to detach it to
+    (admins[1] / "HEAD").write_text(on_t2)
+    git(repo, "pack-refs", "--all")  # the branch packed (a gc since the crash)
+    assert detach_dead_slots(state(repo), dead) == [slots[1]]
+    assert (admins[1] / "HEAD").read_text().strip() == head
+    (admins[1] / "HEAD").write_text(on_t2)
+    (admins[1] / "commondir").rename(admins[1] / "commondir.away")
+    assert detach_dead_slots(state(repo), dead) == []
+    assert (admins[1] / "HEAD").read_text() == on_t2
 
 
 def test_a_borrowed_venv_gets_the_borrowers_own_worktree_installed(
@@ -880,3 +907,233 @@ def test_a_seeded_venv_is_lent_only_to_tasks_that_asked_for_pip(
     assert venvs["s2"] == venvs["s1"] and venvs["p2"] == venvs["p1"]
     assert venvs["s1"].parent != venvs["p1"].parent
     assert {v.parent.parent for v in venvs.values()} == {state(repo) / "pool" / "venvs"}
+
+
+def test_gc_goes_by_each_slots_last_give_back_and_removes_what_no_slot_owns(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot idle for the limit or longer goes (its lock's time is its last give-back; no
+    lock: idle forever), a younger or a held one stays, whatever order they come in; a lock
+    and private index left without their slot go unless held, and so does an emptied set's
+    directory. A dry run names the same slots and changes nothing. No lock is left open."""
+    import time
+    from types import SimpleNamespace
+
+    from orchestrator import pool as pool_module
+    from orchestrator.pool import collect_pool
+
+    repo = make_repo()
+    now = float(int(time.time()))
+    monkeypatch.setattr(pool_module, "time", SimpleNamespace(time=lambda: now))
+    venvs = state(repo) / "pool" / "venvs"
+    young, edge, held, old = (venvs / "k1" / name for name in "abcd")
+    unlocked = venvs / "k2" / "e"
+    for slot, idle in ((young, 10), (edge, 50), (held, 1000), (old, 100), (unlocked, None)):
+        (slot / "bin").mkdir(parents=True)
+        if idle is not None:
+            lock = slot.with_name(slot.name + ".mutex")
+            lock.touch()
+            os.utime(lock, (now - idle, now - idle))
+    old.with_name("d.kept").touch()
+    (venvs / "k3").mkdir()  # a set whose slots are all gone
+    worktrees = pool_root(repo)
+    worktrees.mkdir(parents=True)
+    orphans = [worktrees / name for name in ("gone.mutex", "gone.index", "gone.tree")]
+    for path in [*orphans, worktrees / "busy.mutex"]:
+        path.touch()
+    fds = [os.open(p, os.O_RDWR) for p in (held.with_name("c.mutex"), worktrees / "busy.mutex")]
+    for fd in fds:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    everything = sorted(p.relative_to(state(repo)) for p in state(repo).rglob("*"))
+    open_fds = len(os.listdir("/proc/self/fd"))
+
+    async def collect(**options: Any) -> list[str]:
+        return await collect_pool(await Repository.open(repo), idle_for=50, **options)
+
+    try:
+        planned = run(lambda: collect(dry_run=True))
+        assert sorted(p.relative_to(state(repo)) for p in state(repo).rglob("*")) == everything
+        done = run(collect)
+        assert len(os.listdir("/proc/self/fd")) == open_fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert planned == [f"would remove pool venv {s}" for s in (edge, old, unlocked)]
+    assert done == [f"removed pool venv {s}" for s in (edge, old, unlocked)]
+    left = sorted(p.relative_to(venvs).as_posix() for p in venvs.rglob("*"))
+    assert left == ["k1", "k1/a", "k1/a.mutex", "k1/a/bin", "k1/c", "k1/c.mutex", "k1/c/bin"]
+    assert sorted(p.name for p in worktrees.iterdir()) == ["busy.mutex"]
+
+
+def test_a_discarded_venv_goes_with_its_lock_and_a_kept_one_is_never_lent_again(
+    tmp_path: Path,
+) -> None:
+    """A discarded venv (one a task may have written) is deleted with its lock; a kept one
+    stays where it is, let go of but never lent again; one given back is lent again."""
+    from orchestrator.locks import try_lock
+    from orchestrator.pool import VenvPool
+
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=3)
+
+    def lock_of(path: Path) -> Path:
+        return path.with_name(path.name + ".mutex")
+
+    async def acquire() -> Path:
+        venv = await pool.acquire((), cwd=tmp_path, fallback=tmp_path / "outside")
+        assert pool.owns(venv)
+        return venv.path
+
+    async def main() -> None:
+        discarded = await acquire()
+        await pool.discard(Venv(discarded, "uv"))
+        assert not discarded.exists() and not lock_of(discarded).exists()
+        kept = await acquire()
+        pool.keep(Venv(kept, "uv"))
+        assert (kept / "pyvenv.cfg").is_file() and lock_of(kept).with_suffix(".kept").exists()
+        fd = try_lock(lock_of(kept))  # let go of
+        assert fd is not None
+        os.close(fd)
+        other = await acquire()
+        assert other not in (discarded, kept)
+        pool.give_back(Venv(other, "uv"))
+        assert await acquire() == other
+        pool.close()
+
+    run(main)
+    assert (pool.created, pool.recycled) == (3, 1)
+
+
+def test_a_kept_slot_moves_out_with_its_entry_or_stays_never_lent_again(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """keep moves a lent slot (its files, admin entry and branch) to its target, beside what
+    is kept there already; a slot that cannot be moved (the target taken) stays where it is,
+    let go of and never lent again."""
+    from orchestrator.locks import try_lock
+    from orchestrator.pool import WorktreePool
+    from orchestrator.worktree import Worktree
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    kept = tmp_path / "kept"
+    kept.mkdir()  # other worktrees of the run kept there already
+    (kept / "two").write_text("taken\n")
+
+    async def main() -> tuple[list[Worktree], Worktree | None]:
+        pool = WorktreePool(await Repository.open(repo_path), 2)
+        first, second = await pool.create("k/one", head), await pool.create("k/two", head)
+        assert first is not None and second is not None
+        moved = await pool.keep(first, kept / "one")
+        stayed = await pool.keep(second, kept / "two")
+        third = await pool.borrow("k/three", head)
+        pool.close()
+        return [first, moved, second, stayed], third
+
+    (first, moved, second, stayed), third = run(main)
+    assert moved == Worktree(kept / "one", "k/one", head, first.admin_dir)
+    assert (moved.path / ".git").read_text().strip() == f"gitdir: {first.admin_dir}"
+    assert git(moved.path, "symbolic-ref", "HEAD") == "refs/heads/k/one"
+    assert stayed == second and (second.path / "src").is_dir()
+    assert second.path.with_name(second.path.name + ".kept").exists()
+    fd = try_lock(second.path.with_name(second.path.name + ".mutex"))
+    assert fd is not None  # let go of
+    os.close(fd)
+    assert third is None  # no slot to lend: one moved out, the other kept
+
+
+def test_which_sets_are_pooled_under_which_key(tmp_path: Path) -> None:
+    """Only requirements named by name and version are pooled (not a path, URL or option);
+    a set's slots are keyed as before (interpreter, backend, sorted requirements, and seed
+    only when set), so that slots made by earlier runs are found again."""
+    from envelopes import digest
+    from orchestrator.pool import VenvPool, _poolable
+    from orchestrator.venv import base_python
+
+    assert _poolable(["six==1.16.0", "Foo>=1", "bar[extra]; python_version > '3'"])
+    for odd in ("-rreq.txt", ".pkg", "~pkg", "/abs", "a/b", "name@1", "C:\\pkg"):
+        assert not _poolable(["six", odd]), odd
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=1)
+    identity: dict[str, object] = {"python": base_python(), "backend": "uv"}
+    identity["requirements"] = ["a", "b"]
+    assert pool._key(["b", "a"], False) == digest(identity)[:16]
+    assert pool._key(["b", "a"], True) == digest({**identity, "seed": True})[:16]
+
+
+def test_a_failed_install_leaves_no_slot_and_fails_its_set_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A set that cannot be installed: its slot and lock go, and every task of that set gets
+    the error without installing again. A slot gone from a pool of one makes room for the
+    next; without a pool, the venv is made at the task's own place."""
+    from orchestrator.errors import VenvError
+    from orchestrator.pool import VenvPool
+
+    class Attempts(UvBackend):
+        tried = 0
+
+        async def install(self, *args: Any, **kwargs: Any) -> list[str]:
+            self.tried += 1
+            return await super().install(*args, **kwargs)
+
+    backend = Attempts()
+    pool = VenvPool(tmp_path / "state", backend, size=1)
+    outside = tmp_path / "outside"
+
+    async def main() -> None:
+        with monkeypatch.context() as offline:
+            offline.setenv("UV_OFFLINE", "1")
+            for _ in range(2):
+                with pytest.raises(VenvError):
+                    await pool.acquire(
+                        ["no-such-distribution-here"], cwd=tmp_path, fallback=outside
+                    )
+        assert backend.tried == 1 and pool.created == 0
+        assert not [p for p in pool.root.rglob("*") if not p.is_dir()]  # no slot, no lock
+        venv = await pool.acquire(["six"], cwd=tmp_path, fallback=outside)
+        assert pool.owns(venv) and pool.created == 1
+        assert not (venv.path / "bin" / "pip").exists()  # no seed unless asked
+        await pool.discard(venv)
+        again = await pool.acquire(["six"], cwd=tmp_path, fallback=outside)
+        assert pool.owns(again) and again.path != venv.path
+        pool.close()
+        alone = await VenvPool(tmp_path / "state", backend, size=0).acquire(
+            ["six"], cwd=tmp_path, fallback=outside, seed=True
+        )
+        assert alone.path == outside and (outside / "bin" / "pip").exists()
+        assert any(p.startswith("six==") for p in describe_environment(alone).packages)
+        assert backend.tried == 3  # the failed one, six in the pool, six without: one backend
+
+    run(main)
+
+
+def test_a_retry_in_a_slot_that_cannot_be_made_pristine_is_a_git_error(
+    make_repo: MakeRepo,
+) -> None:
+    """A slot whose private index cannot be written again (a directory in its place, which an
+    agent running as the user can make beside its slot) fails its retry's reset with a
+    GitError naming the slot and why, as a failed git command would."""
+    from orchestrator.errors import GitError
+    from orchestrator.pool import WorktreePool
+    from orchestrator.recycle import private_index
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def main() -> tuple[Path, GitError]:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        worktree = await pool.create("k/one", head)
+        assert worktree is not None
+        index = private_index(worktree.path)
+        index.unlink()
+        index.mkdir()
+        (index / "taken").write_text("x\n")
+        try:
+            with pytest.raises(GitError) as failed:
+                await pool.reset(worktree)
+        finally:
+            pool.close()
+        return worktree.path, failed.value
+
+    slot, error = run(main)
+    assert (error.command, error.returncode) == (["worktree"], 1)
+    assert str(error).startswith(f"git worktree: fatal: cannot reset {slot}: [Errno 21] ")
