@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,7 +41,7 @@ from pathlib import Path
 import anyio
 import psutil
 
-from envelopes import digest, hash_file
+from envelopes import digest, hash_file, is_object_id, read_bounded
 
 from ._faults import crash_point
 from ._fs import remove_tree
@@ -429,8 +430,9 @@ class WorktreePool:
         for slot in self.slots.held():
             admin = admin_dir_from_file(slot)
             if admin is not None and admin.parent == self.repo.common_dir / "worktrees":
-                with contextlib.suppress(OSError):
-                    (admin / "HEAD").write_text(_head_commit(admin), encoding="utf-8")
+                with contextlib.suppress(OSError, ValueError):
+                    if (head := _head_commit(admin)) is not None:
+                        (admin / "HEAD").write_text(head, encoding="utf-8")
         self.slots.close()
 
 
@@ -446,21 +448,43 @@ async def _digest_of(path: Path) -> str | None:
     return await anyio.to_thread.run_sync(read)
 
 
-def _head_commit(admin: Path) -> str:
-    """HEAD detached where it is now (resolved from the loose or packed ref), or unchanged."""
-    head = (admin / "HEAD").read_text(encoding="utf-8")
-    if head.startswith("ref: "):
-        common = Path((admin / "commondir").read_text(encoding="utf-8").strip())
-        common = common if common.is_absolute() else (admin / common).resolve()
-        name = head.removeprefix("ref: ").strip()
-        if (common / name).is_file():
-            return (common / name).read_text(encoding="utf-8")
-        # Packed since (a gc): "<id> <name>" lines, among a header and "^<id>" lines.
-        with contextlib.suppress(OSError):
-            for line in (common / "packed-refs").read_text(encoding="utf-8").splitlines():
-                commit, _, packed = line.partition(" ")
-                if packed == name:
-                    return commit + "\n"
+#: Longest HEAD or loose ref, and longest ``packed-refs``, a slot's detaching reads: files an
+#: agent working in the slot could have replaced (a FIFO, a huge file, bytes not UTF-8).
+_MAX_REF_BYTES = 4096
+_MAX_PACKED_REFS_BYTES = 64 << 20
+
+#: A branch name a slot's HEAD may name: ``refs/heads/`` and components of git's usual
+#: characters, none of them ``.`` or ``..`` (so that it names no file outside the refs).
+_BRANCH_REF = re.compile(r"refs/heads(/(?!\.\.?(/|$))[A-Za-z0-9._@+-]+)+")
+
+
+def _ref_text(path: Path, limit: int = _MAX_REF_BYTES) -> str:
+    """A ref file's text: a regular file (never followed, never a FIFO) of at most *limit*
+    bytes, UTF-8. Raises OSError (UnsafeFile included) or ValueError (not UTF-8)."""
+    return read_bounded(path, limit).decode("utf-8")
+
+
+def _head_commit(admin: Path) -> str | None:
+    """HEAD detached where it is now (resolved from the loose or packed ref), unchanged when
+    its branch is gone, or None when HEAD names no branch a slot's could be (see
+    _BRANCH_REF) or what it names is not a commit id."""
+    head = _ref_text(admin / "HEAD")
+    if not head.startswith("ref: "):
+        return head
+    name = head.removeprefix("ref: ").strip()
+    if _BRANCH_REF.fullmatch(name) is None:
+        return None
+    common = Path(_ref_text(admin / "commondir").strip())
+    common = common if common.is_absolute() else (admin / common).resolve()
+    with contextlib.suppress(FileNotFoundError):
+        commit = _ref_text(common / name).strip()
+        return f"{commit}\n" if is_object_id(commit) else None
+    # Packed since (a gc): "<id> <name>" lines, among a header and "^<id>" lines.
+    with contextlib.suppress(OSError, ValueError):
+        for line in _ref_text(common / "packed-refs", _MAX_PACKED_REFS_BYTES).splitlines():
+            commit, _, packed = line.partition(" ")
+            if packed == name:
+                return f"{commit}\n" if is_object_id(commit) else None
     return head
 
 
@@ -510,17 +534,19 @@ def detach_dead_slots(state_dir: Path, run_id: str) -> list[Path]:
     for slot in Slots(pool_dir(state_dir), 0).all():
         admin = admin_dir_from_file(slot)
         try:
-            if admin is None or not (admin / "HEAD").read_text("utf-8").startswith(prefix):
+            if admin is None or not _ref_text(admin / "HEAD").startswith(prefix):
                 continue
-        except OSError:
+        except (OSError, ValueError):  # gone, or made unreadable by the agent: not touched
             continue
         fd = _try_lock(_lock_of(slot))
         if fd is None:
             continue  # held by a live process: not the dead run's
         try:
-            with contextlib.suppress(OSError):
-                (admin / "HEAD").write_text(_head_commit(admin), encoding="utf-8")
-                detached.append(slot)
+            with contextlib.suppress(OSError, ValueError):
+                head = _head_commit(admin)
+                if head is not None:
+                    (admin / "HEAD").write_text(head, encoding="utf-8")
+                    detached.append(slot)
         finally:
             os.close(fd)  # the mark stays: the next borrower still kills what works there
     return detached

@@ -846,6 +846,29 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
     (admins[1] / "commondir").rename(admins[1] / "commondir.away")
     assert detach_dead_slots(state(repo), dead) == []
     assert (admins[1] / "HEAD").read_text() == on_t2
+    (admins[1] / "commondir.away").rename(admins[1] / "commondir")
+
+    # What an agent working in the slot could have left there: a HEAD that is not UTF-8, a
+    # FIFO (a read would block the resume), a branch name reaching out of the refs to a
+    # file (its content would become the HEAD), a ref that holds no commit id. The resume
+    # goes on; such a slot is not detached, and nothing outside the refs is read.
+    outside = repo / "outside"
+    outside.write_text(head + "\n")  # would pass for a commit
+    hostile = [
+        b"ref: refs/heads/orchestrator/" + dead.encode() + b"/t2\xff\n",
+        f"ref: refs/heads/orchestrator/{dead}/../../../../../outside\n".encode(),
+        f"ref: refs/heads/orchestrator/{dead}/junk\n".encode(),
+    ]
+    git(repo, "update-ref", "-d", f"refs/heads/orchestrator/{dead}/t2")
+    (repo / ".git" / f"refs/heads/orchestrator/{dead}").mkdir(parents=True, exist_ok=True)
+    (repo / ".git" / f"refs/heads/orchestrator/{dead}/junk").write_text("not a commit\n")
+    for content in hostile:
+        (admins[1] / "HEAD").write_bytes(content)
+        assert detach_dead_slots(state(repo), dead) == []
+        assert (admins[1] / "HEAD").read_bytes() == content
+    (admins[1] / "HEAD").unlink()
+    os.mkfifo(admins[1] / "HEAD")
+    assert detach_dead_slots(state(repo), dead) == []  # returns: the FIFO is never opened
 
 
 def test_a_borrowed_venv_gets_the_borrowers_own_worktree_installed(
