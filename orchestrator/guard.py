@@ -15,7 +15,6 @@ with kind ``tamper`` naming the file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import stat
@@ -217,13 +216,6 @@ class RepoGuard:
                 for c in self.changes
                 if id(c) not in self.blamed
             ]
-
-    def digest(self) -> str:
-        """One digest of the snapshot (for tests and for the record)."""
-        h = hashlib.sha256()
-        for path, kept in sorted(self.kept.items()):
-            h.update(str(path).encode() + b"\0" + (kept.content or b"") + b"\0")
-        return h.hexdigest()
 
 
 def _global_files() -> list[Path]:
