@@ -2,33 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
 import pytest
 
 from envelopes import Plan, Report
-from orchestrator import GitError, Repository, orchestrate_parallel
+from orchestrator import GitError, Repository, _fs, orchestrate_parallel, worktree
 from orchestrator.worktree import (
+    MergeOutcome,
+    Worktree,
+    changed_paths,
     commit_worktree,
     create_worktree,
+    delete_if_unused,
     merge_worktree,
     remove_worktree,
     reset_worktree,
+    untracked_paths,
 )
 
-from .conftest import MakeRepo, git
+from .conftest import MakeRepo, git, plumbing_commit
 
 #: Documented in docs/architecture.md: git subprocesses per task with a worktree and a change.
 GIT_CALLS_PER_TASK = 8
 GIT_CALLS_PER_RUN = 7
 
 
+#: A file name that is not UTF-8 (Latin-1 "café.txt"), as Python names it.
+LATIN1_NAME = os.fsdecode(b"caf\xe9.txt")
+
+
 def worktrees(repo: Path) -> int:
     return git(repo, "worktree", "list", "--porcelain").count("worktree ")
+
+
+def branch_with(repo: Path, branch: str, files: dict[str, str], parent: str = "main") -> str:
+    """Branch *branch*: a commit on *parent* with *files* written (no checkout touched)."""
+    env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "scratch-index")}
+    for role in ("AUTHOR", "COMMITTER"):
+        env |= {f"GIT_{role}_NAME": "T", f"GIT_{role}_EMAIL": "t@example.com"}
+    commit = plumbing_commit(repo, env, git(repo, "rev-parse", parent), files, "change")
+    git(repo, "branch", branch, commit)
+    return commit
 
 
 def test_many_concurrent_creates_and_removes_never_fail(make_repo: MakeRepo) -> None:
@@ -107,6 +128,207 @@ def test_commit_reset_and_no_change(make_repo: MakeRepo) -> None:
     anyio.run(main)
 
 
+def test_a_failed_create_removes_what_a_dead_run_left_at_its_path(make_repo: MakeRepo) -> None:
+    """`worktree add` refuses a path that holds files. What a dead run left there goes, with
+    its entry (found by its .git file, or, that file gone, by the entry that points there),
+    and so does the branch the create had made."""
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        entries = repo.common_dir / "worktrees"
+        for name, dot_git in (("kept", True), ("lost", False)):
+            left = repo.state_dir / "wt" / name
+            git(repo_path, "worktree", "add", "--quiet", "--detach", str(left))
+            if not dot_git:
+                (left / ".git").unlink()
+                # Other entries, being removed meanwhile: their gitdir cannot be read.
+                for i in range(8):
+                    (entries / f"going{i}" / "gitdir").mkdir(parents=True)
+            with pytest.raises(GitError, match="already exists"):
+                await create_worktree(repo, f"t/{name}", left, base)
+            assert not left.exists()
+            assert not (entries / name).exists()
+        assert sorted(p.name for p in entries.iterdir()) == [f"going{i}" for i in range(8)]
+
+    anyio.run(main)
+    assert git(repo_path, "branch", "--list", "t/*") == ""
+
+
+def test_a_branch_is_deleted_only_where_it_started(make_repo: MakeRepo) -> None:
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, base_tree = await repo.resolve_commit("HEAD")
+
+        async def made(name: str) -> Worktree:
+            return await create_worktree(repo, f"t/{name}", repo.state_dir / "wt" / name, base)
+
+        assert await remove_worktree(repo, await made("kept")) is False  # by default
+        moved = await made("moved")
+        (moved.path / "new.txt").write_text("new\n")
+        await commit_worktree(repo, moved, "result", base_tree=base_tree)
+        assert await remove_worktree(repo, moved, delete_branch=True) is False
+        assert await remove_worktree(repo, await made("unused"), delete_branch=True) is True
+        # A task's clean-up once its worktree is gone (or kept): delete_if_unused.
+        assert await delete_if_unused(repo, moved) is False
+        assert await delete_if_unused(repo, await made("later")) is True
+        assert repo.lock.acquisitions == 4 + 3 + 2
+
+    anyio.run(main)
+    assert git(repo_path, "branch", "--list", "--format=%(refname:short)", "t/*") == "t/kept\nt/moved"
+
+
+def test_a_worktree_that_cannot_be_deleted_is_still_unregistered(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worktree the agent made undeletable (as root, an immutable file; here every removal
+    fails) loses its entry and its branch all the same: what cannot be deleted stays."""
+    repo_path = make_repo()
+
+    def cannot(parent_fd: int, name: str | bytes) -> None:
+        raise PermissionError(f"cannot remove {name!r}")
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/x", repo.state_dir / "wt" / "x", base)
+        monkeypatch.setattr(_fs, "remove_tree_at", cannot)
+        assert await remove_worktree(repo, wt, delete_branch=True) is True
+        assert (wt.path / "src").is_dir() and wt.admin_dir.is_dir()
+
+    anyio.run(main)
+    assert git(repo_path, "branch", "--list", "t/*") == ""
+
+
+def test_remove_never_deletes_an_admin_dir_outside_the_repository(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A Worktree read back from a record an agent could edit may name any directory."""
+    repo_path = make_repo()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "worktrees").mkdir(parents=True)
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/x", repo.state_dir / "wt" / "x", base)
+        forged = Worktree(wt.path, wt.branch, base, admin_dir=elsewhere / "worktrees" / "x")
+        forged.admin_dir.mkdir()
+        assert await remove_worktree(repo, forged, delete_branch=True) is True
+        assert forged.admin_dir.is_dir() and wt.admin_dir.is_dir()
+
+    anyio.run(main)
+
+
+def test_commit_of_a_worktree_whose_agent_committed_everything(make_repo: MakeRepo) -> None:
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, base_tree = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/c", repo.state_dir / "wt" / "c", base)
+        (wt.path / "new.txt").write_text("new\n")
+        git(wt.path, "add", "--all")
+        git(wt.path, "commit", "--quiet", "-m", "the agent's own")
+        own = git(wt.path, "rev-parse", "HEAD")
+        tree = git(wt.path, "rev-parse", "HEAD^{tree}")
+        assert await commit_worktree(repo, wt, "nothing left", base_tree=base_tree) == (
+            own,
+            tree,
+            True,
+        )
+
+    anyio.run(main)
+
+
+def test_reset_undoes_what_the_agent_hid_from_git(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index entry marked skip-worktree hides its file's change from `reset --hard`; an
+    index deleted is made again; a leftover the sweep cannot remove is a GitError."""
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/r", repo.state_dir / "wt" / "r", base)
+        changed = wt.path / "src" / "file0000.txt"
+        git(wt.path, "update-index", "--skip-worktree", "src/file0000.txt")
+        changed.write_text("hidden change\n")
+        await reset_worktree(repo, wt)
+        assert changed.read_text() == "line 0\n"
+        (wt.admin_dir / "index").unlink()
+        changed.write_text("changed again\n")
+        await reset_worktree(repo, wt)
+        assert changed.read_text() == "line 0\n"
+        assert await changed_paths(repo, wt) == []
+
+        def cannot(root: Path) -> list[str]:
+            raise PermissionError(f"cannot put {root} right")
+
+        monkeypatch.setattr(worktree, "sweep_worktree", cannot)
+        with pytest.raises(GitError) as caught:
+            await reset_worktree(repo, wt)
+        error = caught.value
+        assert (error.command, error.returncode, error.stderr) == (
+            ["worktree"],
+            1,
+            f"fatal: cannot reset {wt.path}: cannot put {wt.path} right",
+        )
+
+    anyio.run(main)
+
+
+def test_reset_of_a_sparse_worktree_keeps_it_sparse(make_repo: MakeRepo) -> None:
+    repo_path = make_repo(extra={"a/x.txt": "x\n", "b/y.txt": "y\n"})
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/s", repo.state_dir / "wt" / "s", base, ("a",))
+        assert not (wt.path / "b").exists()
+        (wt.path / "a" / "x.txt").write_text("changed\n")
+        (wt.path / "b").mkdir()
+        (wt.path / "b" / "new.txt").write_text("outside the cone\n")
+        await reset_worktree(repo, wt)
+        assert (wt.path / "a" / "x.txt").read_text() == "x\n"
+        assert not (wt.path / "b").exists()
+        assert await changed_paths(repo, wt) == []
+
+    anyio.run(main)
+
+
+def test_untracked_paths_are_the_new_files_a_commit_would_take(make_repo: MakeRepo) -> None:
+    """Whatever the agent did to its .git file and admin files: another repository, where
+    the same names are tracked or ignored, is never asked."""
+    repo_path = make_repo(extra={".gitignore": "*.log\n"})
+    other = make_repo(extra={"new.txt": "tracked there\n"})
+    (other / ".git" / "info").mkdir(exist_ok=True)
+    (other / ".git" / "info" / "exclude").write_text("*\n")
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/u", repo.state_dir / "wt" / "u", base)
+        for name in ("new.txt", "deep/er/new.txt", LATIN1_NAME, "two\nlines.txt", "x.log"):
+            (wt.path / name).parent.mkdir(parents=True, exist_ok=True)
+            (wt.path / name).write_text("new\n")
+        (wt.path / "src" / "file0000.txt").write_text("changed, tracked\n")
+        (wt.path / ".git").write_text(f"gitdir: {other / '.git'}\n")
+        (wt.admin_dir / "commondir").write_text(f"{other / '.git'}\n")
+        assert await untracked_paths(repo, wt) == {
+            "new.txt",
+            "deep/er/new.txt",
+            LATIN1_NAME,
+            "two\nlines.txt",
+        }
+
+    anyio.run(main)
+
+
 def test_merge_worktree(make_repo: MakeRepo) -> None:
     repo_path = make_repo()
     git(repo_path, "checkout", "--quiet", "--detach")  # main is not checked out anywhere
@@ -167,6 +389,139 @@ def test_merge_into_checked_out_branch(make_repo: MakeRepo) -> None:
     # The checkout of main moved along with its ref: clean, and the merged file is there.
     assert (repo_path / "feature.txt").read_text() == "feature\n"
     assert git(repo_path, "status", "--porcelain") == ""
+
+
+def test_merge_outcomes_say_what_happened(make_repo: MakeRepo) -> None:
+    repo_path = make_repo()
+    git(repo_path, "checkout", "--quiet", "--detach")  # main is not checked out anywhere
+    base = git(repo_path, "rev-parse", "main")
+    ours = branch_with(repo_path, "ours", {"café.txt": "ours\n", LATIN1_NAME: "ours\n"})
+    branch_with(repo_path, "theirs", {"café.txt": "theirs\n", LATIN1_NAME: "theirs\n"})
+    a = branch_with(repo_path, "a", {"a.txt": "a\n"})
+    b = branch_with(repo_path, "b", {"b.txt": "b\n"})
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        # Conflicting names as they are, not as git quotes them ("caf\303\251.txt").
+        assert await merge_worktree(repo, "theirs", "ours") == MergeOutcome(
+            False, None, ["café.txt", "caf\ufffd.txt"], "merging theirs into ours conflicts"
+        )
+        gone = "branch 'nope' does not exist"
+        assert await merge_worktree(repo, "a", "nope") == MergeOutcome(False, None, [], gone)
+        assert await merge_worktree(repo, "nope", "main") == MergeOutcome(False, None, [], gone)
+        # A range names two revisions, no branch.
+        gone = "branch 'main..a' does not exist"
+        assert await merge_worktree(repo, "a", "main..a") == MergeOutcome(False, None, [], gone)
+        assert await merge_worktree(repo, "main..a", "main") == MergeOutcome(False, None, [], gone)
+        first = await merge_worktree(repo, "a", "main", message="take a")
+        assert first == MergeOutcome(True, first.commit, [], "merged a into main")
+        second = await merge_worktree(repo, "b", "main")
+        assert second == MergeOutcome(True, second.commit, [], "merged b into main")
+        assert second.commit == git(repo_path, "rev-parse", "main")
+        assert git(repo_path, "rev-parse", f"{second.commit}^1") == first.commit
+
+    anyio.run(main)
+    assert git(repo_path, "rev-parse", "ours") == ours
+    assert git(repo_path, "log", "--first-parent", "--format=%s %P", "main~2..main").splitlines() == [
+        f"Merge branch 'b' into main {git(repo_path, 'rev-parse', 'main^1')} {b}",
+        f"take a {base} {a}",
+    ]
+
+
+def test_merge_into_a_branch_checked_out_in_a_linked_worktree(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo_path = make_repo()
+    git(repo_path, "checkout", "--quiet", "--detach")  # the main checkout is clean, at main
+    checkout = tmp_path / "main-checkout"
+    git(repo_path, "worktree", "add", "--quiet", str(checkout), "main")
+    base = git(repo_path, "rev-parse", "main")
+    branch_with(repo_path, "a", {"a.txt": "a\n"})
+    branch_with(repo_path, "latin1", {LATIN1_NAME: "theirs\n"})
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        (checkout / "src" / "file0001.txt").write_text("uncommitted\n")
+        assert await merge_worktree(repo, "a", "main") == MergeOutcome(
+            False,
+            None,
+            [],
+            f"branch 'main' is checked out in {checkout} with uncommitted changes;"
+            " commit or stash them first",
+        )
+        git(checkout, "checkout", "--quiet", "--", ".")
+        # An untracked file where the merge writes one: nothing changes, and git says why.
+        (checkout / LATIN1_NAME).write_text("mine\n")
+        assert await merge_worktree(repo, "latin1", "main") == MergeOutcome(
+            False,
+            None,
+            [],
+            f"cannot update the checkout of main in {checkout}: error: Untracked working tree"
+            " file 'caf\ufffd.txt' would be overwritten by merge.",
+        )
+        assert git(repo_path, "rev-parse", "main") == base
+        # An untracked file out of the merge's way does not stop it; the checkout moves along.
+        merged = await merge_worktree(repo, "a", "main")
+        assert merged.merged and merged.commit == git(checkout, "rev-parse", "HEAD")
+
+    anyio.run(main)
+    assert (checkout / LATIN1_NAME).read_text() == "mine\n"
+    assert (checkout / "a.txt").read_text() == "a\n"
+    assert git(checkout, "status", "--porcelain", "--untracked-files=no") == ""
+    assert git(repo_path, "status", "--porcelain") == ""  # the main checkout not touched
+
+
+def test_a_target_moved_during_a_merge_is_left_where_it_was_moved(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo_path = make_repo()
+    git(repo_path, "checkout", "--quiet", "--detach")
+    checkout = tmp_path / "main-checkout"
+    git(repo_path, "worktree", "add", "--quiet", str(checkout), "main")
+    branch_with(repo_path, "a", {"a.txt": "a\n"})
+    # Another process's commit on main (the same files), made as the merge takes the lock.
+    other = git(repo_path, "commit-tree", "-p", "main", "-m", "other", "main^{tree}")
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        hold = repo.lock.hold
+
+        @contextlib.asynccontextmanager
+        async def moved_meanwhile() -> AsyncIterator[None]:
+            git(repo_path, "update-ref", "refs/heads/main", other)
+            async with hold():
+                yield
+
+        repo.lock.hold = moved_meanwhile  # type: ignore[method-assign]
+        with pytest.raises(GitError, match="update-ref refs/heads/main"):
+            await merge_worktree(repo, "a", "main")
+
+    anyio.run(main)
+    assert git(repo_path, "rev-parse", "main") == other
+    # The checkout, moved along before the ref, is put back.
+    assert not (checkout / "a.txt").exists()
+    assert git(checkout, "status", "--porcelain") == ""
+
+
+def test_merging_unrelated_histories_is_an_error(make_repo: MakeRepo) -> None:
+    repo_path = make_repo()
+    main = git(repo_path, "rev-parse", "main")
+    lone = git(repo_path, "commit-tree", "-m", "lone", "main^{tree}")
+    git(repo_path, "branch", "lone", lone)
+
+    async def main_() -> None:
+        repo = await Repository.open(repo_path)
+        with pytest.raises(GitError) as caught:
+            await merge_worktree(repo, "lone", "main")
+        error = caught.value
+        assert (error.command, error.returncode, error.stderr.splitlines()[-1]) == (
+            ["merge-tree", main, lone],
+            128,
+            "fatal: refusing to merge unrelated histories",
+        )
+
+    anyio.run(main_)
+    assert git(repo_path, "rev-parse", "main") == main
 
 
 def test_git_calls_per_task_stay_bounded(
