@@ -14,16 +14,20 @@ import pytest
 
 from envelopes import Plan, Report
 from orchestrator import GitError, Repository, _fs, orchestrate_parallel, worktree
+from orchestrator._fs import remove_tree
 from orchestrator.worktree import (
     MergeOutcome,
     Worktree,
+    branch_tip,
     changed_paths,
+    check_branch,
     commit_worktree,
     create_worktree,
     delete_if_unused,
     merge_worktree,
     remove_worktree,
     reset_worktree,
+    restore_dot_git,
     untracked_paths,
 )
 
@@ -327,6 +331,250 @@ def test_untracked_paths_are_the_new_files_a_commit_would_take(make_repo: MakeRe
         }
 
     anyio.run(main)
+
+
+def test_check_branch_tells_the_agents_commits_from_another_process_moves(
+    make_repo: MakeRepo,
+) -> None:
+    repo_path = make_repo()
+    lone = git(repo_path, "commit-tree", "-m", "lone", "main^{tree}")  # not on the base
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/b", repo.state_dir / "wt" / "b", base)
+        assert await check_branch(repo, wt, base) is None
+        for i in range(2):  # the agent's own commits, in its worktree
+            (wt.path / f"new{i}.txt").write_text("new\n")
+            git(wt.path, "add", "--all")
+            git(wt.path, "commit", "--quiet", "-m", f"agent {i}")
+        own = await branch_tip(repo, wt)
+        assert own == git(wt.path, "rev-parse", "HEAD")
+        assert await check_branch(repo, wt, own) is None
+        moved = f"branch t/b was moved to {lone} by another process"
+        git(repo_path, "update-ref", "refs/heads/t/b", lone)
+        assert await check_branch(repo, wt, lone) == moved
+        # The agent's own reset to a commit without the base: its reflog has it.
+        git(wt.path, "reset", "--quiet", "--hard", lone)
+        assert await check_branch(repo, wt, lone) == (
+            f"branch t/b was moved to {lone}, which does not contain its base"
+        )
+        # A reflog the agent wrote itself, or removed: not the agent's doing.
+        log = wt.admin_dir / "logs" / "HEAD"
+        for text in (b"garbage\n", b"0 caf\xe9 x\n", b""):
+            log.write_bytes(text)
+            assert await check_branch(repo, wt, lone) == moved
+        log.unlink()
+        assert await check_branch(repo, wt, lone) == moved
+
+    anyio.run(main)
+
+
+def test_branch_tip_reads_a_loose_ref_or_asks_git(make_repo: MakeRepo) -> None:
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/tip", repo.state_dir / "wt" / "tip", base)
+        assert await branch_tip(repo, wt) == base
+        calls = repo.git.calls
+        (wt.path / "new.txt").write_text("new\n")
+        git(wt.path, "add", "--all")
+        git(wt.path, "commit", "--quiet", "-m", "agent")
+        tip = git(repo_path, "rev-parse", "t/tip")
+        assert await branch_tip(repo, wt) == tip
+        assert repo.git.calls == calls  # the loose ref, read
+        git(repo_path, "pack-refs", "--all", "--prune")
+        assert not (repo.common_dir / "refs" / "heads" / "t" / "tip").exists()
+        assert await branch_tip(repo, wt) == tip
+        assert repo.git.calls == calls + 1
+
+    anyio.run(main)
+
+
+def test_changed_paths_are_what_git_add_all_would_stage(make_repo: MakeRepo) -> None:
+    repo_path = make_repo(files=4, extra={".gitignore": "*.log\n"})
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/ch", repo.state_dir / "wt" / "ch", base)
+        (wt.path / "src" / "file0000.txt").write_text("changed\n")
+        (wt.path / "src" / "file0001.txt").unlink()
+        git(wt.path, "rm", "--quiet", "src/file0002.txt")  # staged already: not listed
+        git(wt.path, "mv", "src/file0003.txt", "moved.txt")
+        for name in ("a", "new/dir/deep.txt", LATIN1_NAME, "two\nlines.txt", "x.log"):
+            (wt.path / name).parent.mkdir(parents=True, exist_ok=True)
+            (wt.path / name).write_text("new\n")
+        assert sorted(await changed_paths(repo, wt)) == sorted(
+            [
+                "a",
+                LATIN1_NAME,
+                "moved.txt",
+                "new/dir/deep.txt",
+                "src/file0000.txt",
+                "src/file0001.txt",
+                "two\nlines.txt",
+            ]
+        )
+
+    anyio.run(main)
+
+
+def test_commit_takes_the_paths_given_literally_on_the_tip_given(make_repo: MakeRepo) -> None:
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, base_tree = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/lit", repo.state_dir / "wt" / "lit", base)
+        # A change undone is no change.
+        (wt.path / "src" / "file0000.txt").write_text("changed\n")
+        (wt.path / "src" / "file0000.txt").write_text("line 0\n")
+        assert await commit_worktree(
+            repo, wt, "m", base_tree=base_tree, paths=["src/file0000.txt"]
+        ) == (base, base_tree, False)
+        for name in ("*.txt", "other.txt", ":(glob)x"):
+            (wt.path / name).write_text(f"{name}\n")
+        commit, tree, changed = await commit_worktree(
+            repo, wt, "only the star", base_tree=base_tree, paths=["*.txt", ":(glob)x"]
+        )
+        assert changed and git(repo_path, "rev-parse", "t/lit") == commit
+        assert git(repo_path, "ls-tree", "--name-only", tree).splitlines() == [
+            "*.txt",
+            ":(glob)x",
+            "src",
+        ]
+        assert git(repo_path, "log", "-1", "--format=%P %an %s", commit) == (
+            f"{base} worktree-orchestrator only the star"
+        )
+        # A tip read before someone else moved the branch: the commit fails, the branch
+        # stays where it was moved.
+        (wt.path / "later.txt").write_text("later\n")
+        git(repo_path, "update-ref", "refs/heads/t/lit", base)
+        with pytest.raises(GitError, match="update-ref"):
+            await commit_worktree(repo, wt, "late", base_tree=base_tree, parent=commit)
+        assert git(repo_path, "rev-parse", "t/lit") == base
+
+    anyio.run(main)
+
+
+def test_commit_of_a_sparse_worktree_takes_what_the_agent_made_outside_its_cone(
+    make_repo: MakeRepo,
+) -> None:
+    repo_path = make_repo(extra={"a/x.txt": "x\n", "b/y.txt": "y\n"})
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, base_tree = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/sp", repo.state_dir / "wt" / "sp", base, ("a",))
+        (wt.path / "a" / "x.txt").write_text("changed\n")
+        (wt.path / "c").mkdir()
+        (wt.path / "c" / "new.txt").write_text("new\n")
+        _, tree, changed = await commit_worktree(repo, wt, "sparse", base_tree=base_tree)
+        assert changed
+        assert git(repo_path, "ls-tree", "-r", "--name-only", tree).splitlines() == [
+            "a/x.txt",
+            "b/y.txt",
+            "c/new.txt",
+            *(f"src/file000{i}.txt" for i in range(3)),
+        ]
+
+    anyio.run(main)
+
+
+def test_restore_puts_back_what_the_agent_pointed_elsewhere(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo_path = make_repo()
+    other = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/rd", repo.state_dir / "wt" / "rd", base)
+        admin = wt.admin_dir
+        pristine = {n: (admin / n).read_bytes() for n in ("HEAD", "gitdir", "commondir")}
+        assert await restore_dot_git(wt) == []
+        # HEAD may move in the agent's own right: put back, not reported.
+        git(wt.path, "checkout", "--quiet", "-b", "agent-branch")
+        (admin / "config.worktree").symlink_to(tmp_path / "nowhere")
+        os.mkfifo(tmp_path / "fifo")
+        (admin / "index").unlink()
+        (admin / "index").symlink_to(tmp_path / "fifo")
+        (admin / "gitdir").write_text(f"{other / '.git'}\n")
+        (admin / "commondir").unlink()
+        (admin / "commondir").symlink_to(other / ".git")
+        (wt.path / ".git").write_text(f"gitdir: {other / '.git'}\n")
+        assert await restore_dot_git(wt) == [
+            str(admin / "index"),
+            str(admin / "gitdir"),
+            str(admin / "commondir"),
+        ]
+        assert {n: (admin / n).read_bytes() for n in pristine} == pristine
+        assert (wt.path / ".git").read_text() == f"gitdir: {admin}\n"
+        assert not os.path.lexists(admin / "config.worktree")
+        assert not os.path.lexists(admin / "index")
+        # An index that is a FIFO goes too; a .git that is a link is replaced.
+        os.mkfifo(admin / "index")
+        (wt.path / ".git").unlink()
+        (wt.path / ".git").symlink_to(admin)
+        assert await restore_dot_git(wt) == [str(admin / "index")]
+        assert (wt.path / ".git").read_text() == f"gitdir: {admin}\n"
+        # A repository of the agent's own in place of the .git file is refused.
+        (wt.path / ".git").unlink()
+        git(wt.path, "init", "--quiet")
+        with pytest.raises(GitError, match="with a repository of its own"):
+            await restore_dot_git(wt)
+        # An admin directory gone: nothing can be put back.
+        remove_tree(wt.path / ".git")
+        remove_tree(admin)
+        with pytest.raises(GitError) as caught:
+            await restore_dot_git(wt)
+        assert caught.value.command == ["worktree"] and caught.value.returncode == 1
+        assert caught.value.stderr.startswith(f"fatal: cannot restore {wt.path / '.git'}: ")
+
+    anyio.run(main)
+
+
+def test_create_takes_a_branch_a_dead_slot_still_names(make_repo: MakeRepo) -> None:
+    """A pool slot left by a dead run of the same task still has the branch checked out
+    (its HEAD names it) after the branch itself was deleted."""
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        dead = await create_worktree(repo, "t/again", repo.state_dir / "a" / "b" / "dead", base)
+        git(repo_path, "update-ref", "-d", "refs/heads/t/again")
+        wt = await create_worktree(repo, "t/again", repo.state_dir / "c" / "d" / "new", base)
+        assert (wt.path / "src" / "file0000.txt").read_text() == "line 0\n"
+        assert git(wt.path, "status", "--porcelain") == ""
+        assert dead.path.is_dir()
+
+    anyio.run(main)
+
+
+def test_a_create_that_fails_while_writing_the_files_leaves_nothing(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo_path = make_repo()
+
+    def cannot(admin_dir: Path, sparse: tuple[str, ...] | None) -> None:
+        raise OSError(f"cannot write the patterns in {admin_dir}")
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        monkeypatch.setattr(worktree, "write_patterns", cannot)
+        with pytest.raises(OSError, match="cannot write the patterns"):
+            await create_worktree(repo, "t/w", repo.state_dir / "wt" / "w", base)
+        assert not (repo.state_dir / "wt" / "w").exists()
+
+    anyio.run(main)
+    assert worktrees(repo_path) == 1
+    assert git(repo_path, "branch", "--list", "t/*") == ""
 
 
 def test_merge_worktree(make_repo: MakeRepo) -> None:
