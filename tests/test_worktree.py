@@ -182,7 +182,8 @@ def test_a_branch_is_deleted_only_where_it_started(make_repo: MakeRepo) -> None:
         assert repo.lock.acquisitions == 4 + 3 + 2
 
     anyio.run(main)
-    assert git(repo_path, "branch", "--list", "--format=%(refname:short)", "t/*") == "t/kept\nt/moved"
+    branches = git(repo_path, "branch", "--list", "--format=%(refname:short)", "t/*")
+    assert branches.splitlines() == ["t/kept", "t/moved"]
 
 
 def test_a_worktree_that_cannot_be_deleted_is_still_unregistered(
@@ -670,7 +671,8 @@ def test_merge_outcomes_say_what_happened(make_repo: MakeRepo) -> None:
 
     anyio.run(main)
     assert git(repo_path, "rev-parse", "ours") == ours
-    assert git(repo_path, "log", "--first-parent", "--format=%s %P", "main~2..main").splitlines() == [
+    log = git(repo_path, "log", "--first-parent", "--format=%s %P", "main~2..main")
+    assert log.splitlines() == [
         f"Merge branch 'b' into main {git(repo_path, 'rev-parse', 'main^1')} {b}",
         f"take a {base} {a}",
     ]
