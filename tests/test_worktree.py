@@ -395,7 +395,10 @@ def test_branch_tip_reads_a_loose_ref_or_asks_git(make_repo: MakeRepo) -> None:
 
 
 def test_changed_paths_are_what_git_add_all_would_stage(make_repo: MakeRepo) -> None:
+    """Whatever the agent wrote in its .git file. (Its commondir is put back before: git
+    reads refs where that file says, whatever GIT_COMMON_DIR says.)"""
     repo_path = make_repo(files=4, extra={".gitignore": "*.log\n"})
+    other = make_repo(extra={"a": "tracked there\n"})
 
     async def main() -> None:
         repo = await Repository.open(repo_path)
@@ -408,6 +411,7 @@ def test_changed_paths_are_what_git_add_all_would_stage(make_repo: MakeRepo) -> 
         for name in ("a", "new/dir/deep.txt", LATIN1_NAME, "two\nlines.txt", "x.log"):
             (wt.path / name).parent.mkdir(parents=True, exist_ok=True)
             (wt.path / name).write_text("new\n")
+        (wt.path / ".git").write_text(f"gitdir: {other / '.git'}\n")
         assert sorted(await changed_paths(repo, wt)) == sorted(
             [
                 "a",
