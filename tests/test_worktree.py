@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -203,6 +205,9 @@ def test_a_worktree_that_cannot_be_deleted_is_still_unregistered(
         monkeypatch.setattr(_fs, "remove_tree_at", cannot)
         assert await remove_worktree(repo, wt, delete_branch=True) is True
         assert (wt.path / "src").is_dir() and wt.admin_dir.is_dir()
+        # A create at that path fails as git says, and takes its branch back.
+        with pytest.raises(GitError, match="already exists"):
+            await create_worktree(repo, "t/y", wt.path, base)
 
     anyio.run(main)
     assert git(repo_path, "branch", "--list", "t/*") == ""
@@ -338,6 +343,8 @@ def test_check_branch_tells_the_agents_commits_from_another_process_moves(
     make_repo: MakeRepo,
 ) -> None:
     repo_path = make_repo()
+    older = git(repo_path, "rev-parse", "HEAD")
+    git(repo_path, "commit", "--quiet", "--allow-empty", "-m", "the base")
     lone = git(repo_path, "commit-tree", "-m", "lone", "main^{tree}")  # not on the base
 
     async def main() -> None:
@@ -355,14 +362,21 @@ def test_check_branch_tells_the_agents_commits_from_another_process_moves(
         moved = f"branch t/b was moved to {lone} by another process"
         git(repo_path, "update-ref", "refs/heads/t/b", lone)
         assert await check_branch(repo, wt, lone) == moved
-        # The agent's own reset to a commit without the base: its reflog has it.
-        git(wt.path, "reset", "--quiet", "--hard", lone)
-        assert await check_branch(repo, wt, lone) == (
-            f"branch t/b was moved to {lone}, which does not contain its base"
+        # The agent's own reset to a commit without the base (unrelated, or older): its
+        # reflog has it.
+        for commit in (lone, older):
+            git(wt.path, "reset", "--quiet", "--hard", commit)
+            assert await check_branch(repo, wt, commit) == (
+                f"branch t/b was moved to {commit}, which does not contain its base"
+            )
+        # A reflog too large to read (16 MiB) is not trusted.
+        log = wt.admin_dir / "logs" / "HEAD"
+        log.write_bytes(b"x" * (16 << 20) + b"\n" + log.read_bytes())
+        assert await check_branch(repo, wt, older) == (
+            f"branch t/b was moved to {older} by another process"
         )
         # A reflog the agent wrote itself, or removed: not the agent's doing.
-        log = wt.admin_dir / "logs" / "HEAD"
-        for text in (b"garbage\n", b"0 caf\xe9 x\n", b""):
+        for text in (b"garbage\n", b"0 caf\xe9 x\n", f"0\t{lone} x\n".encode(), b""):
             log.write_bytes(text)
             assert await check_branch(repo, wt, lone) == moved
         log.unlink()
@@ -387,9 +401,15 @@ def test_branch_tip_reads_a_loose_ref_or_asks_git(make_repo: MakeRepo) -> None:
         assert await branch_tip(repo, wt) == tip
         assert repo.git.calls == calls  # the loose ref, read
         git(repo_path, "pack-refs", "--all", "--prune")
-        assert not (repo.common_dir / "refs" / "heads" / "t" / "tip").exists()
+        loose = repo.common_dir / "refs" / "heads" / "t" / "tip"
+        assert not loose.exists()
         assert await branch_tip(repo, wt) == tip
         assert repo.git.calls == calls + 1
+        # A loose ref that is not an id (an agent wrote it): git is asked, and refuses it.
+        loose.parent.mkdir(exist_ok=True)
+        loose.write_bytes(b"\xff" * 40 + b"\n")
+        with pytest.raises(GitError, match="refs/heads/t/tip"):
+            await branch_tip(repo, wt)
 
     anyio.run(main)
 
@@ -440,15 +460,16 @@ def test_commit_takes_the_paths_given_literally_on_the_tip_given(make_repo: Make
         assert await commit_worktree(
             repo, wt, "m", base_tree=base_tree, paths=["src/file0000.txt"]
         ) == (base, base_tree, False)
-        for name in ("*.txt", "other.txt", ":(glob)x"):
-            (wt.path / name).write_text(f"{name}\n")
+        for name in ("*.txt", "other.txt", ":(glob)x", LATIN1_NAME):
+            (wt.path / name).write_text("new\n")
         commit, tree, changed = await commit_worktree(
-            repo, wt, "only the star", base_tree=base_tree, paths=["*.txt", ":(glob)x"]
+            repo, wt, "only the star", base_tree=base_tree, paths=["*.txt", ":(glob)x", LATIN1_NAME]
         )
         assert changed and git(repo_path, "rev-parse", "t/lit") == commit
         assert git(repo_path, "ls-tree", "--name-only", tree).splitlines() == [
             "*.txt",
             ":(glob)x",
+            '"caf\\351.txt"',
             "src",
         ]
         assert git(repo_path, "log", "-1", "--format=%P %an %s", commit) == (
@@ -463,6 +484,63 @@ def test_commit_takes_the_paths_given_literally_on_the_tip_given(make_repo: Make
         assert git(repo_path, "rev-parse", "t/lit") == base
 
     anyio.run(main)
+
+
+def test_a_file_replaced_keeping_size_and_mtime_is_committed(make_repo: MakeRepo) -> None:
+    """Whatever the repository's config says of stat data (core.trustctime, core.checkStat),
+    a file put in another's place with its size and modification time is a change."""
+    repo_path = make_repo()
+    git(repo_path, "config", "core.trustctime", "false")
+    git(repo_path, "config", "core.checkStat", "minimal")
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, base_tree = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/stat", repo.state_dir / "wt" / "stat", base)
+        changed = wt.path / "src" / "file0000.txt"
+        # An old modification time, recorded in the index (so that git has no reason to
+        # look at the file again), and given to the file put in its place.
+        old = (1 << 30, 1 << 30)
+        os.utime(changed, old)
+        git(wt.path, "update-index", "--refresh")
+        (wt.path / "new").write_text("line X\n")
+        os.utime(wt.path / "new", old)
+        (wt.path / "new").replace(changed)
+        commit, _, made = await commit_worktree(repo, wt, "same size", base_tree=base_tree)
+        assert made and git(repo_path, "show", f"{commit}:src/file0000.txt") == "line X"
+
+    anyio.run(main)
+
+
+def test_a_crash_between_the_commit_and_its_ref_leaves_the_branch_at_its_base(
+    make_repo: MakeRepo,
+) -> None:
+    """ORCHESTRATOR_CRASH_AT=commit, the power cut tests/test_resume.py recovers from."""
+    repo_path = make_repo()
+    script = textwrap.dedent(
+        """
+        import sys, anyio
+        from orchestrator import Repository
+        from orchestrator.worktree import commit_worktree, create_worktree
+
+        async def main():
+            repo = await Repository.open(sys.argv[1])
+            base, tree = await repo.resolve_commit("HEAD")
+            wt = await create_worktree(repo, "t/crash", repo.state_dir / "wt" / "c", base)
+            (wt.path / "new.txt").write_text("new")
+            await commit_worktree(repo, wt, "never on the branch", base_tree=tree)
+
+        anyio.run(main)
+        """
+    )
+    crashed = subprocess.run(
+        [sys.executable, "-c", script, str(repo_path)],
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit"},
+        capture_output=True,
+        check=False,
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert git(repo_path, "rev-parse", "t/crash") == git(repo_path, "rev-parse", "main")
 
 
 def test_commit_of_a_sparse_worktree_takes_what_the_agent_made_outside_its_cone(
@@ -502,6 +580,8 @@ def test_restore_puts_back_what_the_agent_pointed_elsewhere(
         admin = wt.admin_dir
         pristine = {n: (admin / n).read_bytes() for n in ("HEAD", "gitdir", "commondir")}
         assert await restore_dot_git(wt) == []
+        (admin / "commondir").write_text(f"{other / '.git'}\n")
+        assert await restore_dot_git(wt) == [str(admin / "commondir")]
         # HEAD may move in the agent's own right: put back, not reported.
         git(wt.path, "checkout", "--quiet", "-b", "agent-branch")
         (admin / "config.worktree").symlink_to(tmp_path / "nowhere")
@@ -530,8 +610,13 @@ def test_restore_puts_back_what_the_agent_pointed_elsewhere(
         # A repository of the agent's own in place of the .git file is refused.
         (wt.path / ".git").unlink()
         git(wt.path, "init", "--quiet")
-        with pytest.raises(GitError, match="with a repository of its own"):
+        with pytest.raises(GitError) as refused:
             await restore_dot_git(wt)
+        assert (refused.value.command, refused.value.returncode, refused.value.stderr) == (
+            ["worktree"],
+            1,
+            f"fatal: the agent replaced {wt.path / '.git'} with a repository of its own",
+        )
         # An admin directory gone: nothing can be put back.
         remove_tree(wt.path / ".git")
         remove_tree(admin)
