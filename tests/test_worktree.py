@@ -447,6 +447,25 @@ def test_changed_paths_are_what_git_add_all_would_stage(make_repo: MakeRepo) -> 
     anyio.run(main)
 
 
+def test_changed_paths_leave_out_a_submodule_the_agent_moved(make_repo: MakeRepo) -> None:
+    """A submodule's commit is not the agent's to change: its worktree never checks one out."""
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    git(repo_path, "update-index", "--add", "--cacheinfo", f"160000,{head},sub")
+    git(repo_path, "commit", "--quiet", "-m", "a submodule")
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/sub", repo.state_dir / "wt" / "sub", base)
+        git(wt.path / "sub", "init", "--quiet")
+        git(wt.path / "sub", "commit", "--quiet", "--allow-empty", "-m", "moved")
+        (wt.path / "new.txt").write_text("new\n")
+        assert await changed_paths(repo, wt) == ["new.txt"]
+
+    anyio.run(main)
+
+
 def test_commit_takes_the_paths_given_literally_on_the_tip_given(make_repo: MakeRepo) -> None:
     repo_path = make_repo()
 
@@ -644,6 +663,33 @@ def test_create_takes_a_branch_a_dead_slot_still_names(make_repo: MakeRepo) -> N
         assert dead.path.is_dir()
 
     anyio.run(main)
+
+
+def test_a_create_whose_git_file_names_no_admin_dir_leaves_nothing(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when something rewrote the new .git file before it was read: the entry that
+    points at the path is found and removed, with the directory and the branch."""
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        path = repo.state_dir / "wt" / "n"
+        monkeypatch.setattr(worktree, "admin_dir_from_file", lambda path: None)
+        with pytest.raises(GitError) as caught:
+            await create_worktree(repo, "t/n", path, base)
+        error = caught.value
+        assert (error.command, error.returncode, error.stderr) == (
+            ["worktree", "add"],
+            0,
+            f"fatal: {path}/.git names no admin directory",
+        )
+        assert not path.exists()
+
+    anyio.run(main)
+    assert worktrees(repo_path) == 1
+    assert git(repo_path, "branch", "--list", "t/*") == ""
 
 
 def test_a_create_that_fails_while_writing_the_files_leaves_nothing(
