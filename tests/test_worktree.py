@@ -531,10 +531,10 @@ def test_a_file_replaced_keeping_size_and_mtime_is_committed(make_repo: MakeRepo
     anyio.run(main)
 
 
-def test_a_crash_between_the_commit_and_its_ref_leaves_the_branch_at_its_base(
-    make_repo: MakeRepo,
-) -> None:
-    """ORCHESTRATOR_CRASH_AT=commit, the power cut tests/test_resume.py recovers from."""
+def test_the_crash_points_of_create_and_commit(make_repo: MakeRepo) -> None:
+    """ORCHESTRATOR_CRASH_AT, the power cuts tests/test_resume.py recovers from: after the
+    worktree's entry is made and before its files are written; after the commit is made and
+    before the branch is moved to it."""
     repo_path = make_repo()
     script = textwrap.dedent(
         """
@@ -552,14 +552,24 @@ def test_a_crash_between_the_commit_and_its_ref_leaves_the_branch_at_its_base(
         anyio.run(main)
         """
     )
-    crashed = subprocess.run(
-        [sys.executable, "-c", script, str(repo_path)],
-        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "commit"},
-        capture_output=True,
-        check=False,
-    )
-    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+
+    def crash_at(point: str) -> None:
+        crashed = subprocess.run(
+            [sys.executable, "-c", script, str(repo_path)],
+            env={**os.environ, "ORCHESTRATOR_CRASH_AT": point},
+            capture_output=True,
+            check=False,
+        )
+        assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+
+    slot = repo_path / ".git" / "orchestrator" / "wt" / "c"
+    crash_at("worktree")
+    assert worktrees(repo_path) == 2 and os.listdir(slot) == [".git"]
+    git(repo_path, "worktree", "remove", "--force", str(slot))
+    git(repo_path, "branch", "--delete", "--force", "t/crash")
+    crash_at("commit")
     assert git(repo_path, "rev-parse", "t/crash") == git(repo_path, "rev-parse", "main")
+    assert (slot / "new.txt").is_file()
 
 
 def test_commit_of_a_sparse_worktree_takes_what_the_agent_made_outside_its_cone(
