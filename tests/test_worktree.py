@@ -675,6 +675,31 @@ def test_create_takes_a_branch_a_dead_slot_still_names(make_repo: MakeRepo) -> N
     anyio.run(main)
 
 
+def test_a_create_cancelled_while_writing_the_files_leaves_nothing(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo_path = make_repo()
+    write_patterns = worktree.write_patterns
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        with anyio.CancelScope() as scope:
+
+            def cancelled(admin_dir: Path, sparse: tuple[str, ...] | None) -> None:
+                write_patterns(admin_dir, sparse)
+                anyio.from_thread.run_sync(scope.cancel)
+
+            monkeypatch.setattr(worktree, "write_patterns", cancelled)
+            await create_worktree(repo, "t/c", repo.state_dir / "wt" / "c", base)
+        assert scope.cancelled_caught
+        assert not (repo.state_dir / "wt" / "c").exists()
+
+    anyio.run(main)
+    assert worktrees(repo_path) == 1
+    assert git(repo_path, "branch", "--list", "t/*") == ""
+
+
 def test_a_create_whose_git_file_names_no_admin_dir_leaves_nothing(
     make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
