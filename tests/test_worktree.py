@@ -17,6 +17,7 @@ import pytest
 from envelopes import Plan, Report
 from orchestrator import GitError, Repository, _fs, orchestrate_parallel, worktree
 from orchestrator._fs import remove_tree
+from orchestrator.sparse import write_patterns
 from orchestrator.worktree import (
     MergeOutcome,
     Worktree,
@@ -679,7 +680,6 @@ def test_a_create_cancelled_while_writing_the_files_leaves_nothing(
     make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo_path = make_repo()
-    write_patterns = worktree.write_patterns
 
     async def main() -> None:
         repo = await Repository.open(repo_path)
