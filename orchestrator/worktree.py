@@ -521,9 +521,16 @@ async def merge_worktree(
     except GitError:
         return MergeOutcome(False, None, [], f"branch {branch!r} does not exist")
     result = await git.run(
-        "merge-tree", "--write-tree", "--name-only", "--no-messages", old, theirs, check=False
+        "merge-tree",
+        "--write-tree",
+        "--name-only",
+        "--no-messages",
+        "-z",  # names as they are: without it, git quotes a name that is not plain ASCII
+        old,
+        theirs,
+        check=False,
     )
-    lines = result.stdout.decode(errors="replace").splitlines()
+    lines = result.stdout.decode(errors="replace").split("\0")
     if result.returncode == 1:
         return MergeOutcome(
             False, None, sorted(set(lines[1:]) - {""}), f"merging {branch} into {into} conflicts"
@@ -550,7 +557,13 @@ async def merge_worktree(
             # both the ref and the checkout where they were.
             moved = await git.run("read-tree", "-m", "-u", old, commit, cwd=checkout, check=False)
             if moved.returncode != 0:
-                why = moved.stderr.decode(errors="replace").strip().splitlines()
+                # git's reason, after any advice it gives first (``hint:`` lines: the
+                # deprecation of the graft file that _git.py points at /dev/null, say).
+                why = [
+                    line
+                    for line in moved.stderr.decode(errors="replace").splitlines()
+                    if line.strip() and not line.startswith("hint:")
+                ]
                 detail = why[0] if why else "git read-tree failed"
                 return MergeOutcome(
                     False, None, [], f"cannot update the checkout of {into} in {checkout}: {detail}"
