@@ -487,6 +487,14 @@ class MergeOutcome:
     message: str
 
 
+def _reason(stderr: bytes, default: str) -> str:
+    """git's reason, after any advice it gives first (``hint:`` lines: the deprecation of
+    the graft file that _git.py points at /dev/null, say)."""
+    lines = stderr.decode(errors="replace").splitlines()
+    why = [line for line in lines if line.strip() and not line.startswith("hint:")]
+    return why[0] if why else default
+
+
 async def merge_worktree(
     repo: Repository, branch: str, into: str, *, message: str | None = None
 ) -> MergeOutcome:
@@ -520,16 +528,9 @@ async def merge_worktree(
         )
     except GitError:
         return MergeOutcome(False, None, [], f"branch {branch!r} does not exist")
-    result = await git.run(
-        "merge-tree",
-        "--write-tree",
-        "--name-only",
-        "--no-messages",
-        "-z",  # names as they are: without it, git quotes a name that is not plain ASCII
-        old,
-        theirs,
-        check=False,
-    )
+    # -z: names as they are (without it, git quotes a name that is not plain ASCII).
+    merge_tree = ("merge-tree", "--write-tree", "--name-only", "--no-messages", "-z")
+    result = await git.run(*merge_tree, old, theirs, check=False)
     lines = result.stdout.decode(errors="replace").split("\0")
     if result.returncode == 1:
         return MergeOutcome(
@@ -557,14 +558,7 @@ async def merge_worktree(
             # both the ref and the checkout where they were.
             moved = await git.run("read-tree", "-m", "-u", old, commit, cwd=checkout, check=False)
             if moved.returncode != 0:
-                # git's reason, after any advice it gives first (``hint:`` lines: the
-                # deprecation of the graft file that _git.py points at /dev/null, say).
-                why = [
-                    line
-                    for line in moved.stderr.decode(errors="replace").splitlines()
-                    if line.strip() and not line.startswith("hint:")
-                ]
-                detail = why[0] if why else "git read-tree failed"
+                detail = _reason(moved.stderr, "git read-tree failed")
                 return MergeOutcome(
                     False, None, [], f"cannot update the checkout of {into} in {checkout}: {detail}"
                 )
