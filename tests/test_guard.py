@@ -313,18 +313,6 @@ def test_a_change_is_blamed_on_an_attempt_within_a_second_of_it_and_no_further(
     assert guard.unblamed() == []
 
 
-def test_the_digest_of_a_snapshot_follows_its_files_and_its_repository(
-    common: Path, tmp_path: Path
-) -> None:
-    first = RepoGuard.snapshot(common)
-    assert RepoGuard.snapshot(common).digest() == first.digest()
-    other = tmp_path / "other" / ".git"
-    shutil.copytree(common, other, symlinks=True)
-    assert RepoGuard.snapshot(other).digest() != first.digest()
-    (common / "config").write_text("[core]\n\tbare = true\n")
-    assert RepoGuard.snapshot(common).digest() != first.digest()
-
-
 def _result(task_id: str, branch: str | None, commit: str | None) -> TaskResult:
     stamp = datetime.now(UTC)
     info = AgentInfo(kind="callable", qualname="agent")
