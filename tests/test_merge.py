@@ -41,7 +41,7 @@ from orchestrator import (
     verify_report,
 )
 
-from .conftest import MakeRepo, Outcome, cli, git
+from .conftest import MakeRepo, Outcome, cli, git, plumbing_commit
 
 Files = dict[str, str]
 
@@ -776,21 +776,7 @@ def _dated_commit(repo: Path, parent: str, files: dict[str, str], when: int) -> 
     env |= {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T"}
     env |= {"GIT_COMMITTER_EMAIL": "t@e", "GIT_AUTHOR_DATE": f"@{when} +0000"}
     env |= {"GIT_COMMITTER_DATE": f"@{when} +0000"}
-
-    def run(*args: str, stdin: str | None = None) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=repo, env=env, input=stdin, capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
-
-    run("read-tree", parent)
-    for name, text in files.items():
-        blob = run("hash-object", "-w", "--stdin", stdin=text)
-        run("update-index", "--add", "--cacheinfo", f"100644,{blob},{name}")
-    tree = run("write-tree")
-    Path(env["GIT_INDEX_FILE"]).unlink()
-    return run("commit-tree", tree, "-p", parent, "-m", "dated")
+    return plumbing_commit(repo, env, parent, files, "dated")
 
 
 def test_combine_commits_merges_all_in_order_reproducibly_as_who_is_named(
