@@ -192,3 +192,41 @@ def test_a_fast_score_says_so() -> None:
     line = mutation._report(mutation.ModuleScore(module="m.py", tests=(), fast=True))
     assert line.endswith("[--fast: the tests marked slow left out]")
     assert "--fast" not in mutation._report(mutation.ModuleScore(module="m.py", tests=()))
+
+
+COUNTDOWN = """\
+def countdown(n):
+    steps = 0
+    while n > 0:
+        n -= 1
+        steps += 1
+    return steps
+"""
+
+
+def test_a_mutant_that_hangs_fails_its_test_at_the_test_timeout(project: Path) -> None:
+    """``n -= 1`` made ``n += 1`` or ``n = 1`` never ends: with a test timeout the test
+    fails there (killed by the tests), instead of running until mutmut's own limit."""
+    (project / "pkg" / "count.py").write_text(COUNTDOWN)
+    (project / "tests" / "test_count.py").write_text(
+        "from pkg.count import countdown\n\n\ndef test_countdown():\n"
+        "    assert countdown(3) == 3\n    assert countdown(0) == 0\n"
+    )
+    score = mutate_module(
+        project, "pkg/count.py", ["tests/test_count.py"], max_children=1, test_timeout=1
+    )
+    assert score.survivors == [] and score.counts.get("timeout", 0) == 0
+    assert score.caught == score.counts["killed"] > 0
+
+
+def test_the_test_timeout_reaches_pytest(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "pkg"\n')
+    mutation.configure(tmp_path, "pkg/calc.py", ["tests/test_calc.py"], test_timeout=2.5)
+    assert '"--timeout", "2.5"' in (tmp_path / "pyproject.toml").read_text()
+    for bad in ("0", "-1", "inf", "nan", "soon"):
+        with pytest.raises(SystemExit) as exited:
+            main(["--test-timeout", bad, "orchestrator/merge.py"])
+        assert exited.value.code == 2
+        assert "not a positive number of seconds" in capsys.readouterr().err

@@ -199,10 +199,19 @@ def copy_tree(root: Path, into: Path) -> None:
         shutil.copy2(source, target)
 
 
-def configure(copy: Path, module: str, tests: Sequence[str], *, fast: bool = False) -> None:
+def configure(
+    copy: Path,
+    module: str,
+    tests: Sequence[str],
+    *,
+    fast: bool = False,
+    test_timeout: float | None = None,
+) -> None:
     """Point mutmut at *module* and *tests* in the copy's pyproject.toml; with *fast*, only
     the tests not marked ``slow`` (a module whose tests kill and resume runs takes hours
-    with them on a 2-core machine, minutes without)."""
+    with them on a 2-core machine, minutes without). With *test_timeout*, a test still
+    running after that many seconds fails (pytest-timeout), so a mutant that makes the code
+    hang costs that long, not the project's 300 s: such a mutant counts as caught."""
     # The packages (all of them, so that the tests import every module from one place).
     packages = sorted(
         f"{p.parent.name}/"
@@ -216,7 +225,8 @@ def configure(copy: Path, module: str, tests: Sequence[str], *, fast: bool = Fal
         "also_copy": also,
         "pytest_add_cli_args_test_selection": list(tests),
         "pytest_add_cli_args": ["-p", "no:cacheprovider", "-p", "_mutation_hits", "-x", "-q"]
-        + (["-m", "not slow"] if fast else []),
+        + (["-m", "not slow"] if fast else [])
+        + (["--timeout", f"{test_timeout:g}"] if test_timeout else []),
     }
     lines = ["", "[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in section.items()]
     pyproject = copy / "pyproject.toml"
@@ -266,6 +276,7 @@ def mutate_module(
     *,
     max_children: int | None = None,
     fast: bool = False,
+    test_timeout: float | None = None,
 ) -> ModuleScore:
     """Mutate *module* of the working tree *root*, run *tests* against each mutant; the score.
 
@@ -277,7 +288,7 @@ def mutate_module(
     with tempfile.TemporaryDirectory(prefix="mutation-") as scratch:
         copy = Path(scratch) / "tree"
         copy_tree(root, copy)
-        configure(copy, module, tests, fast=fast)
+        configure(copy, module, tests, fast=fast, test_timeout=test_timeout)
         # Made now: a PYTHONPATH entry that did not exist when Python started is never
         # looked in again (its importer is cached as None).
         (copy / "mutants").mkdir()
@@ -335,6 +346,12 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
     parser.add_argument("--json", type=Path, help="also write the scores to this JSON file")
     parser.add_argument("--min-score", type=float, help="exit 3 if a module scores below (0-1)")
     parser.add_argument("--fast", action="store_true", help="leave out the tests marked slow")
+    parser.add_argument(
+        "--test-timeout",
+        type=_positive,
+        metavar="SECONDS",
+        help="fail a test still running after this long (default: the project's 300 s)",
+    )
     args = parser.parse_args(argv)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
@@ -344,7 +361,13 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
             print(f"{module}: {' '.join(tests)}")
         return 0
     try:
-        scores = _run_all(root, args.modules or list(MODULES), args.max_children, args.fast)
+        scores = _run_all(
+            root,
+            args.modules or list(MODULES),
+            max_children=args.max_children,
+            fast=args.fast,
+            test_timeout=args.test_timeout,
+        )
     except MutationError as exc:
         print(f"mutation: {exc}", file=sys.stderr)
         return 1
@@ -359,14 +382,37 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
     return 3 if low else 0
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
 def _run_all(
-    root: Path, modules: Sequence[str], max_children: int | None, fast: bool = False
+    root: Path,
+    modules: Sequence[str],
+    *,
+    max_children: int | None = None,
+    fast: bool = False,
+    test_timeout: float | None = None,
 ) -> list[ModuleScore]:
     accepted = read_accepted(root / ACCEPTED_FILE)
     scores = []
     for module in modules:
         tests = MODULES[module]
-        score = mutate_module(root, module, tests, accepted, max_children=max_children, fast=fast)
+        score = mutate_module(
+            root,
+            module,
+            tests,
+            accepted,
+            max_children=max_children,
+            fast=fast,
+            test_timeout=test_timeout,
+        )
         print(_report(score), flush=True)
         scores.append(score)
     return scores
