@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._version import __version__
 from .errors import OrchestratorError
@@ -27,9 +27,22 @@ __all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+T = TypeVar("T")
+
 
 def _err(message: str) -> None:
     print(f"orchestrator: {message}", file=sys.stderr)
+
+
+def _run_async(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``anyio.run(func, *args)``, each git and agent process it starts reaped without a
+    thread of its own (:func:`orchestrator.process.reaping_by_pidfd`)."""
+    import anyio
+
+    from .process import reaping_by_pidfd
+
+    with reaping_by_pidfd():
+        return anyio.run(func, *args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,7 +345,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _drive(args: argparse.Namespace, start: Callable[..., Awaitable[Report]]) -> int:
     """Run *start* with progress, signals and the closing summary; map errors to exit codes."""
-    import anyio
 
     from .errors import OrchestratorError, PlanError, SettingsError
     from .repo import NotARepository
@@ -342,7 +354,7 @@ def _drive(args: argparse.Namespace, start: Callable[..., Awaitable[Report]]) ->
         _err(f"--out: {args.out.absolute().parent} is not a directory")
         return EXIT_USAGE
     try:
-        return anyio.run(_watch, args, start)
+        return _run_async(_watch, args, start)
     except PlanError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -673,7 +685,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """``orchestrator gc``."""
-    import anyio
 
     from .errors import OrchestratorError
     from .gc import collect_garbage, parse_age
@@ -695,7 +706,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             repo.lock.close()
 
     try:
-        outcome = anyio.run(gc)
+        outcome = _run_async(gc)
     except NotARepository as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -746,7 +757,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def _state_dir(args: argparse.Namespace) -> Path:
     """The state directory named by --state-dir, else the repository's (--repo or the cwd's)."""
-    import anyio
 
     from .repo import Repository
 
@@ -758,12 +768,11 @@ def _state_dir(args: argparse.Namespace) -> Path:
         repo.lock.close()
         return repo.state_dir
 
-    return anyio.run(find)
+    return _run_async(find)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``orchestrator validate``: the plan checks of ``run``, without running anything."""
-    import anyio
 
     from envelopes import expand_tasks
 
@@ -789,7 +798,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
 
     try:
-        print(anyio.run(check))
+        print(_run_async(check))
     except PlanError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -799,7 +808,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``orchestrator verify``: exit 0 all held, 1 a finding, 2 bad input."""
-    import anyio
 
     from .audit.cli import attestation_lines
     from .errors import AttestationError, ReportUnreadable
@@ -809,7 +817,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _err("--attestations and --key go together")
         return EXIT_USAGE
     try:
-        outcome = anyio.run(
+        outcome = _run_async(
             lambda: verify_report(args.report, repo=args.repo, run_dir=args.run_dir)
         )
         attested = attestation_lines(outcome, args.report, args.attestations, args.key)
@@ -832,12 +840,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """``orchestrator merge``: exit 0 merged (or a clean dry run), 1 not merged, 2 bad input."""
-    import anyio
 
     from .errors import MergeError, OrchestratorError, ReportUnreadable
 
     try:
-        return anyio.run(_merge, args)
+        return _run_async(_merge, args)
     except (ReportUnreadable, MergeError) as exc:
         _err(str(exc))
         return EXIT_USAGE

@@ -422,3 +422,49 @@ def test_output_keeps_a_chatty_agent_alive_past_its_stall_timeout(tmp_path: Path
         )
     )
     assert report.results[0].status == "succeeded", report.errors
+
+
+def test_the_command_lines_loop_reaps_its_children_without_a_thread_each() -> None:
+    """On Python 3.11, asyncio's default watcher starts (and joins) a thread per child
+    process; inside ``reaping_by_pidfd`` the children of a loop are reaped through pidfds,
+    their exit statuses are the same, and the watcher before is put back after."""
+    import asyncio
+    import threading
+    import warnings
+
+    from orchestrator.process import reaping_by_pidfd
+
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def counting_start(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        real_start(thread)
+
+    async def children() -> list[int]:
+        codes = []
+        for code in (0, 3, 0, 7):
+            done = await anyio.run_process(
+                [sys.executable, "-c", f"raise SystemExit({code})"], check=False
+            )
+            codes.append(done.returncode)
+        return codes
+
+    def watcher() -> object:
+        with warnings.catch_warnings():  # 3.12 deprecates the child watchers
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return asyncio.get_event_loop_policy().get_child_watcher()
+
+    pidfds = sys.version_info < (3, 12) and hasattr(os, "pidfd_open")
+    before = watcher() if sys.version_info < (3, 12) else None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(threading.Thread, "start", counting_start)
+        with reaping_by_pidfd() as used:
+            assert used is pidfds
+            assert anyio.run(children) == [0, 3, 0, 7]
+        without = anyio.run(children)
+    assert without == [0, 3, 0, 7]
+    if pidfds:
+        # Four children inside, none of them a thread; four outside, a thread each.
+        assert len([n for n in started if "waitpid" in n]) == 4
+        assert watcher() is before
