@@ -31,7 +31,15 @@ from envelopes import (
     TaskStarted,
 )
 
-__all__ = ["Progress", "not_needed", "outcome_line", "run_succeeded", "summary_table"]
+__all__ = [
+    "LISTED",
+    "Progress",
+    "listed_results",
+    "not_needed",
+    "outcome_line",
+    "run_succeeded",
+    "summary_table",
+]
 
 _STYLE = {
     "succeeded": "green",
@@ -189,30 +197,65 @@ def _phase_text(event: TaskPhase) -> str:
     return event.phase
 
 
+#: A run of at most this many tasks has a row for each in the closing table; a larger one has
+#: rows for the first this many of its tasks that did not succeed (each task is in the report):
+#: a table of 100,000 rows takes minutes to print and says less than its title.
+LISTED = 50
+
+
 def not_needed(result: TaskResult) -> bool:
     """A ``first_success`` group's member cancelled because another member succeeded."""
     return result.error is not None and result.error.kind == "not_needed"
 
 
+def _not_needed_ids(report: Report) -> list[str]:
+    # The report's errors are its results that did not succeed and have an error: the tasks
+    # not needed are those of kind not_needed, found without reading every result.
+    return [e.task_id for e in report.errors if e.kind == "not_needed"]
+
+
 def run_succeeded(report: Report) -> bool:
     """Every task succeeded, or was not needed (its group's winner succeeded)."""
-    return all(r.succeeded or not_needed(r) for r in report.results)
+    s = report.summary
+    return s.successful + len(_not_needed_ids(report)) == s.total_tasks
 
 
 def outcome_line(report: Report) -> str:
-    """``3 tasks: 2 succeeded, 1 not needed, 1 failed``: every status that occurred."""
-    counts: dict[str, int] = {}
-    for r in report.results:
-        key = "not needed" if not_needed(r) else r.status.replace("_", " ")
-        counts[key] = counts.get(key, 0) + 1
+    """``3 tasks: 2 succeeded, 1 not needed, 1 failed``: every status that occurred.
+
+    Made from the report's counts, and from the results of the tasks not needed only (a run
+    of 100,000 tasks reads no other result for it)."""
+    s = report.summary
+    counts = {
+        "succeeded": s.successful - s.cached,
+        "cached": s.cached,
+        "failed": s.failed,
+        "timed out": s.timeout,
+        "cancelled": s.cancelled,
+        "skipped": s.skipped,
+    }
+    for task_id in _not_needed_ids(report):
+        counts[report.result(task_id).status.replace("_", " ")] -= 1
+        counts["not needed"] = counts.get("not needed", 0) + 1
     order = ["succeeded", "cached", "not needed", "failed", "timed out", "cancelled", "skipped"]
-    parts = [f"{counts[k]} {k}" for k in order if k in counts]
-    total = len(report.results)
+    parts = [f"{counts[k]} {k}" for k in order if counts.get(k)]
+    total = s.total_tasks
     return f"{total} task{'s' if total != 1 else ''}: " + (", ".join(parts) or "none")
 
 
+def listed_results(report: Report, limit: int = LISTED) -> list[TaskResult]:
+    """The results the closing table has a row for: every one of a run of at most *limit*
+    tasks; else the first *limit* that did not succeed (and were needed), in run order."""
+    if report.summary.total_tasks <= limit:
+        return list(report.results)
+    failed = [e.task_id for e in report.errors if e.kind != "not_needed"]
+    return [report.result(task_id) for task_id in failed[:limit]]
+
+
 def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
-    """The closing table: one row per task, then the totals.
+    """The closing table: the title says what became of the tasks, then a row for each task
+    (a run of more than :data:`LISTED` tasks: each task that did not succeed, up to that many;
+    its caption says how many are not listed).
 
     *wall_s* is how long this invocation took: a resumed run's report counts from the run's
     first start, downtime included, and the title then says both. A task that did not
@@ -232,9 +275,17 @@ def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
         known = total.cost_unknown < total.tasks or total.cost_usd > 0
         cost = total.cost_usd if known else None
         title += f"; spent {spent(tokens, cost, at_least=total.cost_unknown > 0)}"
-    table = Table(title=Text(title))
+    listed = listed_results(report)
+    unlisted = s.total_tasks - len(listed)
+    caption = None
+    if unlisted:
+        caption = (
+            f"{unlisted} of {s.total_tasks} tasks not listed (a run of more than {LISTED} "
+            f"lists only the tasks that did not succeed, at most {LISTED}); the report has each"
+        )
+    table = Table(title=Text(title), caption=Text(caption) if caption else None)
     spending = total is not None
-    checked = any(r.checks for r in report.results)
+    checked = any(r.checks for r in listed)
     columns: tuple[str, ...] = ("task", "agent", "status", "tries", "time")
     columns += ("checks",) if checked else ()
     columns += ("spent", "commit") if spending else ("commit",)
@@ -242,27 +293,31 @@ def summary_table(report: Report, *, wall_s: float | None = None) -> Table:
         table.add_column(name, no_wrap=True)
     table.add_column("error", overflow="fold")
     run_dir = Path(report.run_dir)
-    for r in report.results:
-        status = "not needed" if not_needed(r) else r.status
-        lines = [r.error.message] if r.error else []
-        if not r.succeeded and not not_needed(r):
-            if r.worktree:
-                lines.append(f"worktree: {r.worktree}")
-            last = r.attempt_log[-1] if r.attempt_log else None
-            if last is not None and last.stderr is not None and last.stderr.size:
-                lines.append(f"stderr: {run_dir / last.stderr.path}")
-        table.add_row(
-            Text(r.task_id),
-            Text(r.agent),
-            Text(status, style=_STYLE.get(r.status, "") if status != "not needed" else "dim"),
-            str(r.attempts),
-            f"{r.timings.duration_s:.2f}s",
-            *((_checks_of(r),) if checked else ()),
-            *((_spent_of(r),) if spending else ()),
-            (r.provenance.result_commit or "")[:10],
-            Text("\n".join(lines)),
-        )
+    for r in listed:
+        table.add_row(*_row(r, run_dir, checked=checked, spending=spending))
     return table
+
+
+def _row(r: TaskResult, run_dir: Path, *, checked: bool, spending: bool) -> list[str | Text]:
+    status = "not needed" if not_needed(r) else r.status
+    lines = [r.error.message] if r.error else []
+    if not r.succeeded and not not_needed(r):
+        if r.worktree:
+            lines.append(f"worktree: {r.worktree}")
+        last = r.attempt_log[-1] if r.attempt_log else None
+        if last is not None and last.stderr is not None and last.stderr.size:
+            lines.append(f"stderr: {run_dir / last.stderr.path}")
+    return [
+        Text(r.task_id),
+        Text(r.agent),
+        Text(status, style=_STYLE.get(r.status, "") if status != "not needed" else "dim"),
+        str(r.attempts),
+        f"{r.timings.duration_s:.2f}s",
+        *((_checks_of(r),) if checked else ()),
+        *((_spent_of(r),) if spending else ()),
+        (r.provenance.result_commit or "")[:10],
+        Text("\n".join(lines)),
+    ]
 
 
 def spent(tokens: int | None, cost_usd: float | None, *, at_least: bool = False) -> str:

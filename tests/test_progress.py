@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from envelopes import ErrorInfo, RunStarted, TaskFinished, TaskStarted
 from orchestrator.progress import Progress
@@ -161,3 +164,87 @@ def test_a_finished_line_says_what_the_task_spent(tmp_path) -> None:
         "task t succeeded in 2.00 s, 1 attempt(s), 12.3k tokens, $0.12 ababababab",
         "task t succeeded in 2.00 s, 1 attempt(s), 10 tokens, at least $0.50 ababababab",
     ]
+
+
+def _run_of(tmp_path: Path, n: int, failing: set[str]) -> Any:
+    import anyio
+
+    from envelopes import HandoffEnvelope, build_envelope
+    from orchestrator import Workspace, orchestrate_parallel
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, object]:
+        if envelope.task_id in failing:
+            raise RuntimeError(f"{envelope.task_id} broke")
+        return {}
+
+    envelopes = [
+        build_envelope("w", "t", task_id=f"n{i:03d}", worktree=False, venv=False) for i in range(n)
+    ]
+    return anyio.run(
+        lambda: orchestrate_parallel(
+            envelopes, agents={"w": agent}, state_dir=tmp_path / "s", concurrency=1
+        )
+    )
+
+
+def test_a_large_runs_table_lists_only_what_did_not_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 tasks, 5 failed: the closing table has their 5 rows (not 300), its caption says
+    how many are not listed, and it reads no other task's result to say so."""
+    from rich.console import Console
+
+    from orchestrator.progress import LISTED, outcome_line, run_succeeded, summary_table
+
+    from .test_results import count_models_made
+
+    failing = {f"n{i:03d}" for i in (0, 1, 2, 3, 4)}
+    report = _run_of(tmp_path, 300, failing)
+    made = count_models_made(monkeypatch)
+    console = Console(width=300, record=True)
+    console.print(summary_table(report))
+    assert not run_succeeded(report)
+    text = console.export_text()
+    rows = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    assert sorted(rows) == sorted(failing)
+    assert f"295 of 300 tasks not listed (a run of more than {LISTED}" in " ".join(text.split())
+    assert outcome_line(report) == "300 tasks: 295 succeeded, 5 failed"
+    # The five failed results were read (they finished first: no longer kept as models),
+    # and no other.
+    assert len(made) == len(failing)
+
+
+def test_a_large_run_that_succeeded_is_told_without_reading_a_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from orchestrator.progress import outcome_line, run_succeeded, summary_table
+
+    from .test_results import count_models_made
+
+    report = _run_of(tmp_path, 300, set())
+    made = count_models_made(monkeypatch)
+    console = Console(width=300, record=True)
+    console.print(summary_table(report))
+    assert run_succeeded(report)
+    assert outcome_line(report) == "300 tasks: 300 succeeded"
+    assert "300 of 300 tasks not listed" in " ".join(console.export_text().split())
+    assert made == []
+
+
+def test_a_large_runs_table_lists_at_most_its_limit(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from orchestrator.progress import LISTED, listed_results, summary_table
+
+    failing = {f"n{i:03d}" for i in range(LISTED + 8)}
+    report = _run_of(tmp_path, LISTED + 10, failing)
+    listed = listed_results(report)
+    assert [r.task_id for r in listed] == sorted(failing)[:LISTED]
+    console = Console(width=300, record=True)
+    console.print(summary_table(report))
+    assert f"10 of {LISTED + 10} tasks not listed" in " ".join(console.export_text().split())
+    # A run of at most LISTED tasks lists every one, those that succeeded too.
+    small = _run_of(tmp_path / "small", 3, {"n001"})
+    assert [r.task_id for r in listed_results(small)] == ["n000", "n001", "n002"]
