@@ -7,6 +7,8 @@ and this module only when a run starts, so ``orchestrator --help`` stays fast.
 from __future__ import annotations
 
 import sys
+from collections import deque
+from itertools import islice
 from pathlib import Path
 from typing import TextIO
 
@@ -33,6 +35,7 @@ from envelopes import (
 
 __all__ = [
     "LISTED",
+    "LIVE_ROWS",
     "Progress",
     "listed_results",
     "not_needed",
@@ -55,6 +58,10 @@ _STYLE = {
 #: The statuses of a task that has finished (any other is a running task's phase).
 _FINISHED = frozenset({"succeeded", "failed", "timed_out", "cancelled", "skipped", "cached"})
 
+#: Most rows of the live table: the tasks that finished last, then the running ones. A table
+#: of every task was rebuilt at each event: 1,000 tasks took 30 s of the event loop's time.
+LIVE_ROWS = 30
+
 
 class _Console(Console):
     """A console that goes quiet when its reader goes away, instead of exiting the process."""
@@ -64,21 +71,34 @@ class _Console(Console):
 
 
 class Progress:
-    """Receives events; draws a live table on a terminal, else writes a line per event."""
+    """Receives events; draws a live table on a terminal, else writes a line per event.
+
+    An event costs the same whatever the number of tasks: it updates the task's row and the
+    counts. The live table is drawn by rich's own thread, eight times a second, from at most
+    :data:`LIVE_ROWS` rows (its title counts them all).
+    """
 
     def __init__(self, stream: TextIO | None = None, *, live: bool | None = None) -> None:
         self.stream = stream or sys.stderr
         self.console = _Console(file=self.stream, highlight=False)
         self.live_mode = self.console.is_terminal if live is None else live
+        #: Each task's row (task, agent, status, time, commit), by task id.
         self.rows: dict[str, list[str]] = {}
         self.total = 0
+        #: How many tasks have finished.
+        self.done = 0
+        self._running: dict[str, None] = {}  # in the order they started
+        self._latest: deque[str] = deque(maxlen=LIVE_ROWS)  # the last to finish
         self._live: Live | None = None
         self.closed = False
 
     def __enter__(self) -> Progress:
         if self.live_mode:
             self._live = Live(
-                self._table(), console=self.console, refresh_per_second=8, transient=True
+                console=self.console,
+                refresh_per_second=8,
+                transient=True,
+                get_renderable=self._table,
             )
             self._live.__enter__()
         return self
@@ -90,12 +110,10 @@ class Progress:
 
     def __call__(self, event: Event) -> None:
         line = self._record(event)
-        if self.closed:
-            return
+        if self.closed or self._live is not None:
+            return  # the live table is drawn by its thread
         try:
-            if self._live is not None:
-                self._live.update(self._table())
-            elif line:
+            if line:
                 self.console.print(line, markup=False, soft_wrap=True)
         except OSError:
             # The reader went away (`| head`, a closed terminal): progress is a courtesy, so
@@ -114,7 +132,7 @@ class Progress:
                 )
             return line
         if isinstance(event, TaskStarted):
-            self.rows[event.task_id] = [event.task_id, event.agent, "running", "", ""]
+            self._set(event.task_id, [event.task_id, event.agent, "running", "", ""])
             return f"task {event.task_id} started ({event.agent})"
         if isinstance(event, TaskPhase):
             phase = _phase_text(event)
@@ -129,13 +147,10 @@ class Progress:
             )
         if isinstance(event, TaskFinished):
             commit = (event.result_commit or "")[:10]
-            self.rows[event.task_id] = [
+            self._set(
                 event.task_id,
-                event.agent,
-                event.status,
-                f"{event.duration_s:.2f}s",
-                commit,
-            ]
+                [event.task_id, event.agent, event.status, f"{event.duration_s:.2f}s", commit],
+            )
             why = f": {_one_line(event.error.message)}" if event.error else ""
             usage = event.usage
             cost = ""
@@ -148,7 +163,7 @@ class Progress:
                 cost = f", {told}" if tokens or usage.cost_usd else ""
             return f"task {event.task_id} {event.status} in {event.duration_s:.2f} s, {event.attempts} attempt(s){cost}{' ' + commit if commit else ''}{why}"
         if isinstance(event, TaskSkipped):
-            self.rows[event.task_id] = [event.task_id, event.agent, "skipped", "", ""]
+            self._set(event.task_id, [event.task_id, event.agent, "skipped", "", ""])
             return f"task {event.task_id} skipped: {event.error.message}"
         if isinstance(event, GroupDecided):
             chosen = ", ".join(event.selected) or "none"
@@ -165,12 +180,34 @@ class Progress:
             return f"merge into {event.into} {event.status}{moved}: {event.message}"
         return None
 
+    def _set(self, task_id: str, row: list[str]) -> None:
+        before = self.rows.get(task_id)
+        was_done = before is not None and before[2] in _FINISHED
+        self.rows[task_id] = row
+        if row[2] in _FINISHED:
+            self.done += not was_done
+            self._running.pop(task_id, None)
+            self._latest.append(task_id)
+        else:
+            self.done -= was_done
+            self._running[task_id] = None
+
     def _table(self) -> Table:
-        done = sum(1 for row in self.rows.values() if row[2] in _FINISHED)
-        table = Table(title=f"{done}/{self.total} tasks finished", expand=False)
+        """The live table. Called by rich's thread: it reads copies (each made in one step,
+        under the GIL) of what the event loop's thread changes."""
+        running = list(islice(list(self._running), LIVE_ROWS))
+        room = LIVE_ROWS - len(running)
+        finished = [t for t in dict.fromkeys(reversed(list(self._latest))) if t not in running]
+        shown = finished[:room][::-1] + running
+        rows = [row for t in shown if (row := self.rows.get(t)) is not None]
+        hidden = len(self.rows) - len(rows)
+        title = f"{self.done}/{self.total} tasks finished"
+        if hidden > 0:
+            title += f" ({len(self._running)} running; {hidden} not shown)"
+        table = Table(title=title, expand=False)
         for name in ("task", "agent", "status", "time", "commit"):
             table.add_column(name)
-        for row in self.rows.values():
+        for row in rows:
             # Text, never markup: ids, agents and messages are user and agent text
             # ("impl[claude]", "[/tmp/build]").
             table.add_row(

@@ -248,3 +248,73 @@ def test_a_large_runs_table_lists_at_most_its_limit(tmp_path: Path) -> None:
     # A run of at most LISTED tasks lists every one, those that succeeded too.
     small = _run_of(tmp_path / "small", 3, {"n001"})
     assert [r.task_id for r in listed_results(small)] == ["n000", "n001", "n002"]
+
+
+def _started(task_id: str) -> TaskStarted:
+    return TaskStarted(run_id="r", task_id=task_id, agent="a")
+
+
+def _finished(task_id: str, status: str = "succeeded") -> TaskFinished:
+    return TaskFinished(
+        run_id="r",
+        task_id=task_id,
+        agent="a",
+        status=status,
+        attempts=1,
+        duration_s=0.5,
+        result_commit=None,
+        error=None,
+    )
+
+
+def test_the_live_table_shows_the_latest_and_the_running_tasks_and_counts_them_all(
+    tmp_path: Path,
+) -> None:
+    """1,000 tasks, 990 finished, 10 running: 30 rows (the last 20 to finish, then the 10
+    running), and a title that counts every task."""
+    import io
+
+    from orchestrator.progress import LIVE_ROWS
+
+    progress = Progress(io.StringIO(), live=False)
+    progress(RunStarted(run_id="r", total_tasks=1000, base_commit=None, run_dir="/x"))
+    for i in range(1000):
+        progress(_started(f"t{i:04d}"))
+        if i < 990:
+            progress(_finished(f"t{i:04d}", "failed" if i == 989 else "succeeded"))
+    assert progress.done == 990
+    table = progress._table()
+    shown = list(table.columns[0].cells)
+    assert len(shown) == LIVE_ROWS
+    assert [str(t) for t in shown] == [f"t{i:04d}" for i in range(970, 1000)]
+    assert [str(s) for s in table.columns[2].cells][-11:] == ["failed"] + ["running"] * 10
+    assert table.title == "990/1000 tasks finished (10 running; 970 not shown)"
+    # A task seen finished again (a resumed run's event) is not counted twice.
+    progress(_finished("t0000"))
+    assert progress.done == 990
+
+
+def test_an_event_does_not_draw_the_live_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live table is drawn by rich's thread: the event loop's thread never builds it,
+    so an event costs the same at the 10th task and the 100,000th."""
+    import io
+    import threading
+
+    built_here: list[str] = []
+    real = Progress._table
+
+    def counted(self: Progress) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            built_here.append("x")
+        return real(self)
+
+    monkeypatch.setattr(Progress, "_table", counted)
+    with Progress(io.StringIO(), live=True) as progress:
+        built_here.clear()  # the first drawing, when the table appears
+        progress(RunStarted(run_id="r", total_tasks=3000, base_commit=None, run_dir="/x"))
+        for i in range(3000):
+            progress(_started(f"t{i}"))
+            progress(_finished(f"t{i}"))
+        before_exit = list(built_here)
+    assert before_exit == []
+    assert progress.done == 3000
