@@ -455,7 +455,9 @@ def test_the_command_lines_loop_reaps_its_children_without_a_thread_each() -> No
             warnings.simplefilter("ignore", DeprecationWarning)
             return asyncio.get_event_loop_policy().get_child_watcher()
 
-    pidfds = sys.version_info < (3, 12) and hasattr(os, "pidfd_open")
+    from orchestrator import process
+
+    pidfds = sys.version_info < (3, 12) and process._pidfd_works()
     before = watcher() if sys.version_info < (3, 12) else None
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(threading.Thread, "start", counting_start)
@@ -468,3 +470,57 @@ def test_the_command_lines_loop_reaps_its_children_without_a_thread_each() -> No
         # Four children inside, none of them a thread; four outside, a thread each.
         assert len([n for n in started if "waitpid" in n]) == 4
         assert watcher() is before
+
+
+def test_reaping_by_pidfd_changes_nothing_where_its_watcher_would_not_work() -> None:
+    """3.11's PidfdChildWatcher serves only a main-thread loop made by asyncio.run: in a
+    thread of its own, inside a running loop, or under another policy, the block yields False
+    and child processes are awaited as before."""
+    import asyncio
+    import threading
+
+    from orchestrator.process import reaping_by_pidfd
+
+    async def child() -> int:
+        done = await anyio.run_process([sys.executable, "-c", "raise SystemExit(5)"], check=False)
+        return done.returncode
+
+    seen: list[object] = []
+
+    def in_a_thread() -> None:
+        with reaping_by_pidfd() as used:
+            seen.append((used, anyio.run(child)))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [(False, 5)]
+
+    async def inside_a_loop() -> tuple[bool, int]:
+        with reaping_by_pidfd() as used:
+            return used, await child()
+
+    assert anyio.run(inside_a_loop) == (False, 5)
+
+    class OtherPolicy(asyncio.AbstractEventLoopPolicy):
+        """Not asyncio's default (as uvloop's is not): it has no child watchers."""
+
+        def __init__(self) -> None:
+            self.default = asyncio.DefaultEventLoopPolicy()
+
+        def get_event_loop(self) -> asyncio.AbstractEventLoop:
+            return self.default.get_event_loop()
+
+        def set_event_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+            self.default.set_event_loop(loop)
+
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            return self.default.new_event_loop()
+
+    before = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(OtherPolicy())
+    try:
+        with reaping_by_pidfd() as used:
+            assert used is False
+    finally:
+        asyncio.set_event_loop_policy(before)

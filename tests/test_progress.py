@@ -301,11 +301,14 @@ def test_an_event_does_not_draw_the_live_table(monkeypatch: pytest.MonkeyPatch) 
     import threading
 
     built_here: list[str] = []
+    built_there = threading.Event()
     real = Progress._table
 
     def counted(self: Progress) -> Any:
         if threading.current_thread() is threading.main_thread():
             built_here.append("x")
+        else:
+            built_there.set()
         return real(self)
 
     monkeypatch.setattr(Progress, "_table", counted)
@@ -316,5 +319,27 @@ def test_an_event_does_not_draw_the_live_table(monkeypatch: pytest.MonkeyPatch) 
             progress(_started(f"t{i}"))
             progress(_finished(f"t{i}"))
         before_exit = list(built_here)
+        # And it is drawn: rich's thread makes it (eight times a second).
+        assert built_there.wait(timeout=30)
     assert before_exit == []
     assert progress.done == 3000
+
+
+def test_a_large_runs_table_leaves_out_the_tasks_not_needed() -> None:
+    """Members of a first_success group cancelled because another won are not failures: a
+    large run's table lists the failed task, not them."""
+    from types import SimpleNamespace
+
+    from envelopes import ReportError
+    from orchestrator.progress import listed_results
+
+    def error(task_id: str, kind: str) -> ReportError:
+        return ReportError(task_id=task_id, agent="a", kind=kind, message="m")
+
+    results = {t: SimpleNamespace(task_id=t) for t in ("g[a]", "g[b]", "x")}
+    report = SimpleNamespace(
+        summary=SimpleNamespace(total_tasks=60),
+        errors=[error("g[a]", "not_needed"), error("x", "exit_code"), error("g[b]", "not_needed")],
+        result=results.__getitem__,
+    )
+    assert [r.task_id for r in listed_results(report)] == ["x"]  # type: ignore[arg-type]
