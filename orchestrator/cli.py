@@ -31,7 +31,17 @@ T = TypeVar("T")
 
 
 def _err(message: str) -> None:
-    print(f"orchestrator: {message}", file=sys.stderr)
+    from .progress import printable
+
+    print(f"orchestrator: {printable(message)}", file=sys.stderr)
+
+
+def _issues(issues: Sequence[object]) -> None:
+    """A plan's problems, one per line on stderr (shown, never obeyed: :func:`_err`)."""
+    from .progress import printable
+
+    for issue in issues:
+        print(printable(str(issue)), file=sys.stderr)
 
 
 def _run_async(func: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -356,8 +366,7 @@ def _drive(args: argparse.Namespace, start: Callable[..., Awaitable[Report]]) ->
     try:
         return _run_async(_watch, args, start)
     except PlanError as exc:
-        for issue in exc.issues:
-            print(issue, file=sys.stderr)
+        _issues(exc.issues)
         return EXIT_USAGE
     except NotARepository as exc:
         _err(str(exc))
@@ -569,12 +578,11 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
     import signal
 
     import anyio
-    from rich.console import Console
 
     from .errors import OrchestratorError
-    from .progress import Progress, run_succeeded, summary_table
+    from .progress import Progress, SafeConsole, run_succeeded, summary_table
 
-    out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
+    out = SafeConsole(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
     report: Report | None = None
     error: OrchestratorError | None = None
     began = time.monotonic()
@@ -660,8 +668,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not infos:
         print(f"no runs in {where / 'runs'}")
         return EXIT_OK
-    from rich.console import Console
     from rich.table import Table
+
+    from .progress import SafeConsole
 
     table = Table(title=f"runs in {where / 'runs'}")
     for column in ("run", "state", "plan", "tasks", "started", "last activity"):
@@ -677,7 +686,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             info.started_at.strftime("%Y-%m-%d %H:%M:%S") if info.started_at else "",
             info.last_activity.strftime("%Y-%m-%d %H:%M:%S") if info.last_activity else "",
         )
-    Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160).print(
+    SafeConsole(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160).print(
         table
     )
     return EXIT_OK
@@ -800,8 +809,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         print(_run_async(check))
     except PlanError as exc:
-        for issue in exc.issues:
-            print(issue, file=sys.stderr)
+        _issues(exc.issues)
         return EXIT_USAGE
     return EXIT_OK
 
@@ -832,8 +840,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"{args.report}: OK ({n} results, {outcome.checked_commits} commits checked, every digest recomputed{also})"
         )
         return EXIT_OK
+    from .progress import printable
+
     for line in lines:
-        print(f"{args.report}: {line}")
+        print(printable(f"{args.report}: {line}"))  # a report's text is someone else's
     print(f"{len(lines)} finding(s)", file=sys.stderr)
     return EXIT_FAILED
 
@@ -873,12 +883,12 @@ async def _merge(args: argparse.Namespace) -> int:
 
 
 async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> int:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     from .errors import MergeError, OrchestratorError
     from .mergeback import record_merge
+    from .progress import SafeConsole
     from .verify import verify_report
 
     # The report says which commits to merge: one that does not verify is not trusted.
@@ -893,7 +903,7 @@ async def _merge_into(args: argparse.Namespace, first: Any, repository: Any) -> 
     if report.report_sha256 != first.report_sha256:
         raise MergeError(f"{args.report} changed while it was read; not merged")
     record = await _merge_checked(args, report, repository)
-    out = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
+    out = SafeConsole(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 120)
     _print_checks(out, record)
     if record.conflicts:
         out.print(f"conflicts merging into {record.into}:", markup=False, soft_wrap=True)

@@ -6,14 +6,17 @@ and this module only when a run starts, so ``orchestrator --help`` stays fast.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import deque
+from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType
 from rich.live import Live
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -37,9 +40,11 @@ __all__ = [
     "LISTED",
     "LIVE_ROWS",
     "Progress",
+    "SafeConsole",
     "listed_results",
     "not_needed",
     "outcome_line",
+    "printable",
     "run_succeeded",
     "summary_table",
 ]
@@ -63,7 +68,50 @@ _FINISHED = frozenset({"succeeded", "failed", "timed_out", "cancelled", "skipped
 LIVE_ROWS = 30
 
 
-class _Console(Console):
+#: What a terminal obeys rather than shows: C0 control characters but newline and tab, DEL,
+#: C1 control characters, and the bidirectional overrides and isolates (which reorder what
+#: is shown). An escape sequence from an agent (its error message, a path it made) could
+#: otherwise recolour, move the cursor, retitle the window or, in some terminals, write the
+#: clipboard of whoever reads the output.
+_SHOWN_ESCAPED = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in (
+        *range(0x00, 0x09),
+        *range(0x0B, 0x20),
+        *range(0x7F, 0xA0),
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    )
+}
+_CONTROL = re.compile("[" + "".join(re.escape(chr(c)) for c in _SHOWN_ESCAPED) + "]")
+
+
+def printable(text: str) -> str:
+    """*text* with each character a terminal would obey rather than show (an escape, a
+    carriage return, a bidirectional override) written as ``\\xNN`` or ``\\uNNNN``."""
+    return text.translate(_SHOWN_ESCAPED) if _CONTROL.search(text) else text
+
+
+class SafeConsole(Console):
+    """A rich console for text from agents and reports: what it prints of them is shown, never
+    obeyed (:func:`printable`; rich's own colours and cursor moves are not text, and pass),
+    and ``:name:`` stays text instead of becoming an emoji."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("emoji", False)
+        super().__init__(*args, **kwargs)
+
+    def render(
+        self, renderable: RenderableType, options: ConsoleOptions | None = None
+    ) -> Iterable[Segment]:
+        for segment in super().render(renderable, options):
+            if segment.control is None and _CONTROL.search(segment.text):
+                yield Segment(printable(segment.text), segment.style)
+            else:
+                yield segment
+
+
+class _Console(SafeConsole):
     """A console that goes quiet when its reader goes away, instead of exiting the process."""
 
     def on_broken_pipe(self) -> None:

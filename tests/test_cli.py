@@ -492,3 +492,16 @@ def test_out_in_a_missing_directory_is_refused_before_anything_runs(
     assert outcome == Outcome(
         2, "", f"orchestrator: --out: {tmp_path / 'missing'} is not a directory\n"
     )
+
+
+def test_an_error_line_shows_escape_sequences_instead_of_obeying_them(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A path (or a report's text) in an error line may hold an escape sequence: it is shown
+    as ``\\x1b``, never written to the terminal."""
+    from .conftest import cli
+
+    outcome = cli(capsys, "verify", str(tmp_path / "r\x1b]0;pwned\x07.json"))
+    assert outcome.code == 2
+    assert "\x1b" not in outcome.err and "\x07" not in outcome.err
+    assert "r\\x1b]0;pwned\\x07.json" in outcome.err

@@ -343,3 +343,61 @@ def test_a_large_runs_table_leaves_out_the_tasks_not_needed() -> None:
         result=results.__getitem__,
     )
     assert [r.task_id for r in listed_results(report)] == ["x"]  # type: ignore[arg-type]
+
+
+HOSTILE = "boom :smile: \x1b[31mred\x1b]0;title\x07 \x1b]52;c;cHduZWQ=\x1b\\ \x9b2J \u202eevil\x7f"
+
+
+def test_printable_shows_what_a_terminal_would_obey() -> None:
+    from orchestrator.progress import printable
+
+    assert printable("a\x1b[2Jb\tc\nd") == "a\\x1b[2Jb\tc\nd"
+    assert printable("\x9b\x7f\x00\u202e\u2066") == "\\x9b\\x7f\\x00\\u202e\\u2066"
+    plain = "plain text, é, 日本, [b]x[/b] :smile:"
+    assert printable(plain) is plain
+
+
+def test_an_agents_escape_sequences_are_shown_not_obeyed(tmp_path: Path) -> None:
+    """An error message is the agent's text: neither the progress lines nor the closing table
+    pass its escape sequences (colour, window title, clipboard write) or its bidirectional
+    override to the terminal, and ``:smile:`` stays text. rich's own colours still pass."""
+    import io
+
+    import anyio
+
+    from envelopes import ErrorInfo, HandoffEnvelope, build_envelope
+    from orchestrator import Workspace, orchestrate_parallel
+    from orchestrator.progress import SafeConsole, summary_table
+
+    lines = io.StringIO()
+    Progress(lines, live=False)(
+        TaskFinished(
+            run_id="r",
+            task_id="t",
+            agent="a",
+            status="failed",
+            attempts=1,
+            duration_s=0.1,
+            result_commit=None,
+            error=ErrorInfo(kind="exit_code", message=HOSTILE),
+        )
+    )
+    line = lines.getvalue()
+    assert "\x1b" not in line and "\x9b" not in line and "\u202e" not in line
+    assert "\\x1b]52;c;cHduZWQ=" in line and ":smile:" in line and "\\u202eevil" in line
+
+    async def agent(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, object]:
+        raise RuntimeError(HOSTILE)
+
+    envelopes = [build_envelope("w", "t", task_id="t", worktree=False, venv=False)]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, agents={"w": agent}, state_dir=tmp_path / "s")
+    )
+    screen = io.StringIO()
+    SafeConsole(file=screen, force_terminal=True, color_system="truecolor", width=400).print(
+        summary_table(report)
+    )
+    shown = screen.getvalue()
+    assert "\\x1b]0;title" in shown and "\x1b]0;" not in shown and "\x1b]52" not in shown
+    assert "\x9b" not in shown and "\u202e" not in shown and ":smile:" in shown
+    assert "\x1b[" in shown  # rich's own styling (the red "failed") is still there

@@ -32,7 +32,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _err(message: str) -> None:
-    print(f"orchestrator: {message}", file=sys.stderr)
+    from ..progress import printable
+
+    print(f"orchestrator: {printable(message)}", file=sys.stderr)
 
 
 def verified_line(outcome: VerifyOutcome) -> str:
@@ -159,8 +161,10 @@ def cmd_attest(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     if not outcome.ok:
+        from ..progress import printable
+
         for finding in outcome.findings:
-            print(f"{args.report}: {finding}")
+            print(printable(f"{args.report}: {finding}"))  # a report's text is someone else's
         _err(f"{args.report} does not verify ({len(outcome.findings)} finding(s)): nothing signed")
         return EXIT_FAILED
     try:
