@@ -34,6 +34,7 @@ from .repo import Repository
 from .secrets import Masker
 from .workspace import unchanged_copies
 from .worktree import (
+    TOO_MANY_CHANGES,
     Worktree,
     branch_tip,
     changed_paths,
@@ -111,6 +112,9 @@ async def harvest(
             return Harvest(refused=refused)
         # Bounded by the task's timeout: what git reads here, the agent left.
         paths = await changed_paths(repo, worktree, timeout=envelope.timeout)
+        if paths is None:
+            why = ErrorInfo(kind="too_large", message=TOO_MANY_CHANGES)
+            return Harvest(refused=refused or why)  # nothing of it enters the repository
         if paths and copied:
             same = await anyio.to_thread.run_sync(
                 unchanged_copies, worktree.path, copied, frozenset(paths)

@@ -12,6 +12,7 @@ or rewrites its worktree's ``.git`` file cannot make them act on another reposit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,14 @@ __all__ = [
 #: modification time (``os.utime``) passes for unchanged. (``core.fileMode`` is left to the
 #: repository: ``git init`` turns it off on a file system without exec bits, where every
 #: file would otherwise look changed.)
+#: Most bytes of ``git status`` read to list what a task changed: about a million paths. An
+#: agent that leaves more fails its task (``too_large``), and nothing of it is committed.
+MAX_STATUS_BYTES = 64 << 20
+TOO_MANY_CHANGES = (
+    f"the worktree has more changed paths than {MAX_STATUS_BYTES >> 20} MiB of "
+    "`git status` lists; nothing was committed"
+)
+
 STAT_CHECKS = (
     "-c",
     "core.ignoreStat=false",
@@ -324,26 +333,35 @@ async def changed_paths(
     worktree: Worktree,
     *,
     timeout: float | None = None,  # noqa: ASYNC109 (passed to git)
-) -> list[str]:
-    """Every path a commit of the worktree would take: changed, deleted, new (not ignored).
+) -> list[str] | None:
+    """Every path a commit of the worktree would take: changed, deleted, new (not ignored);
+    None when they are too many to list (more than :data:`MAX_STATUS_BYTES` of them).
 
     What ``git add --all`` would stage, listed without staging anything, so that what an
     agent wrote can be checked (its size, secrets in it) before any of it enters the object
-    database.
+    database. The listing is bounded: an agent that leaves millions of files does not make
+    the orchestrator hold millions of paths. ``git status`` takes no lock
+    (``--no-optional-locks``: it does not write the index back), so that stopping it there,
+    or at *timeout*, leaves nothing behind.
     """
-    out = await repo.git.run(
+    out, cut = await repo.git.read(
         *worktree.git_args(),
+        "--no-optional-locks",
         "status",
         "--porcelain=v1",
         "-z",
         "--no-renames",
         "--untracked-files=all",
         "--ignore-submodules=all",
+        stdin=b"",
+        limit=MAX_STATUS_BYTES,
+        timeout=math.inf if timeout is None else timeout,
         cwd=worktree.path,
         env=worktree.git_env(),
-        timeout=timeout,
     )
-    entries = out.stdout.split(b"\0")
+    if cut:
+        return None
+    entries = out.split(b"\0")
     # A path deleted in the index ("D "; a `git rm`, or the old side of a `git mv`) is staged
     # already: `git add` of a path in neither the index nor the worktree would fail.
     return [
@@ -393,6 +411,8 @@ async def commit_worktree(
         parent = await branch_tip(repo, worktree)
     if paths is None:
         paths = await changed_paths(repo, worktree, timeout=timeout)
+        if paths is None:
+            raise GitError(["status"], 1, f"fatal: {TOO_MANY_CHANGES}")
     git, args, cwd, env = repo.git, worktree.git_args(), worktree.path, worktree.git_env()
     if not paths:
         if parent == worktree.base_commit:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from envelopes import HandoffEnvelope, build_envelope
 from orchestrator.harvest import Harvest, harvest
@@ -166,6 +167,42 @@ def test_changes_over_the_size_limit_take_nothing(make_repo: MakeRepo, tmp_path:
     assert harvested.result_commit is None
     assert git(root, "rev-parse", "refs/heads/task/t1") == worktree.base_commit
     assert (worktree.path / "big.bin").exists()  # the worktree keeps it
+
+
+def test_more_changes_than_can_be_listed_take_nothing_and_leave_no_lock(
+    make_repo: MakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent that leaves more files than the bounded listing holds (millions, for the real
+    bound; 2,000 under a bound of 4 KiB here) fails its task with too_large: nothing is
+    committed, the orchestrator never holds the whole listing, and the stopped `git status`
+    leaves no index.lock behind for the next borrower."""
+    from orchestrator import worktree as worktrees
+
+    monkeypatch.setattr(worktrees, "MAX_STATUS_BYTES", 4096)
+
+    def agent(worktree: Worktree) -> None:
+        many = worktree.path / "many"
+        many.mkdir()
+        for i in range(2000):
+            (many / f"file-{i:05d}.txt").write_text("x")
+
+    root, worktree, harvested = harvest_after(make_repo, tmp_path, agent)
+    assert harvested.refused is not None and harvested.refused.kind == "too_large"
+    assert "more changed paths than" in harvested.refused.message
+    assert harvested.result_commit is None and not harvested.committed
+    assert git(root, "rev-parse", "refs/heads/task/t1") == worktree.base_commit
+    assert not (worktree.admin_dir / "index.lock").exists()
+    # The same worktree, with fewer files, is listed and committed as usual.
+    for extra in sorted((worktree.path / "many").iterdir())[10:]:
+        extra.unlink()
+
+    async def again() -> list[str] | None:
+        from orchestrator.worktree import changed_paths
+
+        repo = await Repository.open(root)
+        return await changed_paths(repo, worktree)
+
+    assert len(anyio.run(again) or []) == 10
 
 
 def test_a_branch_moved_by_someone_else_is_put_back_and_refused(
