@@ -12,6 +12,7 @@ is refused this way makes the task fail, whatever its agent's outcome
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,8 +106,9 @@ async def harvest(
             and not envelope.allow_secrets_in_commit
             and (why := await _secrets_in_git(repo, worktree, tip, envelope, masker))
         ):
-            # The agent's own commits or staged files hold a secret: none of it is taken
-            # (its objects stay unreferenced until git gc prunes them).
+            # The agent's own commits or staged files hold a secret (or are too large to be
+            # checked): none of it is taken (its objects stay unreferenced until git gc
+            # prunes them).
             refused = refused or why
             await _branch_back_to_base(git, worktree, tip)
             return Harvest(refused=refused)
@@ -180,33 +182,42 @@ async def _secrets_in_git(
     repo: Repository, worktree: Worktree, tip: str, envelope: HandoffEnvelope, masker: Masker
 ) -> ErrorInfo | None:
     """A secret_leak error when the agent's own commits (content, paths, messages) or
-    what it staged hold a secret's value, else None."""
+    what it staged hold a secret's value, else None.
+
+    What git prints of them is read up to twice ``max_commit_mb`` (and a MiB) each: larger
+    than that, they cannot be checked without holding them whole, and the task fails with
+    kind ``too_large``, as changes over ``max_commit_mb`` do."""
     git, args, env = repo.git, worktree.git_args(), worktree.git_env()
     text = ["--no-ext-diff", "--no-textconv", "--text", "--no-color"]
-    outputs = [
-        await git.run(
-            *args,
-            "diff",
-            "--cached",
-            *text,
-            "--end-of-options",
-            tip,
-            cwd=worktree.path,
-            env=env,
-            timeout=envelope.timeout,
-        )
+    # What it staged (in the worktree's index), then its commits (in the repository).
+    commands: list[tuple[list[str], Path | None]] = [
+        ([*args, "diff", "--cached", *text, "--end-of-options", tip], worktree.path)
     ]
     if tip != worktree.base_commit:
         span = f"{worktree.base_commit}..{tip}"
-        outputs.append(await git.run("log", "--format=%B", "--end-of-options", span, env=env))
-        outputs.append(await git.run("diff", *text, "--end-of-options", worktree.base_commit, tip))
-    if not any(masker.found_in(out.stdout) for out in outputs):
-        return None
-    return ErrorInfo(
-        kind="secret_leak",
-        message="the value of a secret variable is in the agent's own commits or in what "
-        "it staged: nothing was committed (set allow_secrets_in_commit to commit it anyway)",
-    )
+        commands.append((["log", "--format=%B", "--end-of-options", span], None))
+        commands.append((["diff", *text, "--end-of-options", worktree.base_commit, tip], None))
+    limit = 2 * (envelope.max_commit_mb << 20) + (1 << 20)
+    timeout = math.inf if envelope.timeout is None else envelope.timeout
+    for command, cwd in commands:
+        out, cut = await git.read(
+            *command, stdin=b"", limit=limit, timeout=timeout, cwd=cwd, env=env
+        )
+        if cut:
+            return ErrorInfo(
+                kind="too_large",
+                message=f"the agent's own commits or what it staged are larger than "
+                f"{limit >> 20} MiB of diff (twice max_commit_mb, {envelope.max_commit_mb}): "
+                "they cannot be checked for secrets, and nothing was committed",
+            )
+        if masker.found_in(out):
+            return ErrorInfo(
+                kind="secret_leak",
+                message="the value of a secret variable is in the agent's own commits or in "
+                "what it staged: nothing was committed (set allow_secrets_in_commit to commit "
+                "it anyway)",
+            )
+    return None
 
 
 def _refuse_changes(

@@ -156,6 +156,31 @@ def test_a_secret_in_the_agents_own_commit_takes_nothing(
     assert git(root, "rev-parse", "refs/heads/task/t1") == worktree.base_commit
 
 
+@pytest.mark.parametrize("how", ["staged", "committed"])
+def test_the_agents_own_changes_too_large_to_check_for_secrets_take_nothing(
+    make_repo: MakeRepo, tmp_path: Path, how: str
+) -> None:
+    """With secrets to look for, what the agent staged or committed itself is read to check
+    it, up to twice max_commit_mb: 4 MiB of it, with max_commit_mb 1, fails the task with
+    too_large (nothing taken) instead of being read whole into memory."""
+
+    def agent(worktree: Worktree) -> None:
+        (worktree.path / "big.txt").write_text("line\n" * (4 << 18))  # 5 MiB of lines
+        run = ["git", "-C", str(worktree.path), "-c", "user.name=A", "-c", "user.email=a@a"]
+        subprocess.run([*run, "add", "big.txt"], check=True)
+        if how == "committed":
+            subprocess.run([*run, "commit", "-qm", "big"], check=True)
+
+    masker = Masker.for_env({"API_TOKEN": SECRET})
+    root, worktree, harvested = harvest_after(
+        make_repo, tmp_path, agent, masker=masker, max_commit_mb=1
+    )
+    assert harvested.refused is not None and harvested.refused.kind == "too_large"
+    assert "cannot be checked for secrets" in harvested.refused.message
+    assert harvested.result_commit is None and not harvested.committed
+    assert git(root, "rev-parse", "refs/heads/task/t1") == worktree.base_commit
+
+
 def test_changes_over_the_size_limit_take_nothing(make_repo: MakeRepo, tmp_path: Path) -> None:
     def agent(worktree: Worktree) -> None:
         (worktree.path / "big.bin").write_bytes(b"\0" * (1024 * 1024 + 1))
