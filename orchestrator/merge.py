@@ -10,6 +10,7 @@ merge machinery, ``ort``), without writing a single file.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import uuid
@@ -29,6 +30,11 @@ __all__ = [
     "independent_commits",
     "merge_trees",
 ]
+
+
+#: Most bytes of ``diff-tree`` read to tell a dependent task which paths its dependency
+#: changed (of which it is told at most 100).
+MAX_LISTING_BYTES = 16 << 20
 
 
 async def merge_trees(git: Git, ours: str, theirs: str) -> tuple[str, list[str]]:
@@ -62,11 +68,15 @@ async def merge_trees(git: Git, ours: str, theirs: str) -> tuple[str, list[str]]
 async def changed_files(git: Git, old: str, new: str, *, limit: int) -> tuple[list[str], int]:
     """The paths whose content differs between commits *old* and *new* (added, changed,
     deleted; a rename is a deletion and an addition), sorted: the first *limit* of them, and
-    how many more there are. Compares trees only: no attribute, filter or driver runs."""
+    how many more there are. Compares trees only: no attribute, filter or driver runs.
+
+    The listing is read up to :data:`MAX_LISTING_BYTES` (hundreds of thousands of paths): an
+    agent's commit of millions of files is not held whole for a list of *limit*. Past that,
+    the count of the rest is a lower bound (what was read, and one more)."""
     check_ids(old, new)
     if old == new:
         return [], 0
-    out = await git.run(
+    out, cut = await git.read(
         "diff-tree",
         "-r",
         "-z",
@@ -77,9 +87,15 @@ async def changed_files(git: Git, old: str, new: str, *, limit: int) -> tuple[li
         "--end-of-options",
         old,
         new,
+        stdin=b"",
+        limit=MAX_LISTING_BYTES,
+        timeout=math.inf,  # trees only: nothing an agent left in a worktree can block it
     )
-    paths = sorted({p.decode("utf-8", "replace") for p in out.stdout.split(b"\0") if p})
-    return paths[:limit], max(0, len(paths) - limit)
+    names = out.split(b"\0")
+    if cut:
+        names.pop()  # cut short in the middle of a name
+    paths = sorted({p.decode("utf-8", "replace") for p in names if p})
+    return paths[:limit], max(0, len(paths) - limit) + (1 if cut else 0)
 
 
 async def independent_commits(git: Git, commits: Sequence[str]) -> list[str]:

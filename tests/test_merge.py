@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -687,7 +688,6 @@ def _raw_commit(
 ) -> str:
     """A commit on *parent* with *entries* ``(mode, content, path)`` written (a symlink's
     content is its target) and *remove* removed, paths as bytes: plumbing only."""
-    import os
 
     env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "raw-index")}
     env |= {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T"}
@@ -700,9 +700,11 @@ def _raw_commit(
 
     run("read-tree", parent)
     info = b""
+    blobs: dict[str, bytes] = {}
     for mode, content, path in entries:
-        blob = run("hash-object", "-w", "--stdin", stdin=content.encode())
-        info += mode.encode() + b" " + blob + b"\t" + path + b"\0"
+        if content not in blobs:
+            blobs[content] = run("hash-object", "-w", "--stdin", stdin=content.encode())
+        info += mode.encode() + b" " + blobs[content] + b"\t" + path + b"\0"
     for path in remove:
         info += b"0 " + b"0" * 40 + b"\t" + path + b"\0"
     run("update-index", "-z", "--index-info", stdin=info)
@@ -770,7 +772,6 @@ def test_disjoint_results_are_merged_in_one_fast_import_to_the_same_trees(
 
 def _dated_commit(repo: Path, parent: str, files: dict[str, str], when: int) -> str:
     """A commit on *parent* with *files* written, authored and committed at *when*."""
-    import os
 
     env = {**os.environ, "GIT_INDEX_FILE": str(repo / ".git" / "dated-index")}
     env |= {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "T"}
@@ -854,6 +855,29 @@ def test_changed_files_names_a_file_name_that_is_not_utf8(make_repo: MakeRepo) -
     assert found == (["after.txt", "caf\ufffd.txt"], 0)
 
 
+def test_changed_files_reads_a_huge_listing_only_up_to_its_bound(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dependency's commit of very many files (3,000 here, under a bound of 8 KiB) is not
+    read whole to tell its dependents 10 of them: the first 10 (sorted) of what was read,
+    and a count of the rest that is a lower bound; under the bound, the exact count."""
+    from orchestrator import merge as merging
+    from orchestrator._git import Git
+    from orchestrator.merge import changed_files
+
+    repo = make_repo()
+    start = git(repo, "rev-parse", "HEAD")
+    files = [("100644", "x\n", f"d/f{i:05d}.txt".encode()) for i in range(3000)]
+    many = _raw_commit(repo, start, files, [])
+    exact = anyio.run(lambda: changed_files(Git(repo), start, many, limit=10))
+    assert exact == ([f"d/f{i:05d}.txt" for i in range(10)], 2990)
+    monkeypatch.setattr(merging, "MAX_LISTING_BYTES", 8192)
+    bounded = anyio.run(lambda: changed_files(Git(repo), start, many, limit=10))
+    assert bounded[0] == exact[0]
+    # 8 KiB holds about 500 names of 16 bytes: the rest is counted as what was read, plus one.
+    assert 1 <= bounded[1] < 2990
+
+
 def test_a_failed_one_process_build_is_a_git_error_and_leaves_no_crash_report(
     make_repo: MakeRepo,
 ) -> None:
@@ -861,7 +885,6 @@ def test_a_failed_one_process_build_is_a_git_error_and_leaves_no_crash_report(
     removes the crash report it wrote (the whole stream); an older one, or a link, is not its
     to remove.
     A path fast-import would write otherwise than merge-tree is refused before it runs."""
-    import os
 
     from orchestrator._git import Git
     from orchestrator.errors import GitError
@@ -901,7 +924,6 @@ def test_a_submodule_a_checkout_says_to_ignore_is_still_a_change(make_repo: Make
     """A .gitmodules with ignore = all in the checkout hides gitlink changes from git diff
     by default; merge-tree merges them, so what a result changed and the one-process build
     must see them too."""
-    import os
 
     from orchestrator._git import Git
     from orchestrator.merge import chain_disjoint, changed_files, merge_trees
@@ -1043,7 +1065,6 @@ def test_crash_reports_of_the_builds_second_go_and_older_ones_stay(
     """A crash report dated no earlier than a second before the build started is the build's
     (a file system may keep whole seconds): removed, and one another failed build removed
     first is no error; one dated earlier is someone else's and stays."""
-    import os
     import time
     from types import SimpleNamespace
 
@@ -1085,7 +1106,6 @@ def test_a_failed_build_whose_stderr_is_not_utf8_is_a_git_error(
     """fast-import's stderr may hold bytes that are not UTF-8 (here a trace the user's
     environment asks for, naming the repository's path): GitError with git's reason all the
     same, never a crash (the caller merges the other way on GitError)."""
-    import os
 
     from orchestrator._git import Git
     from orchestrator.errors import GitError
