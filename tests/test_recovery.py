@@ -16,11 +16,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psutil
 import pytest
 
+from orchestrator._git import Git
 from orchestrator.errors import JournalCorrupt, OrchestratorError
 from orchestrator.journal import Journal, JournalContents, read_journal
 from orchestrator.process import TAG_VARIABLE, find_tagged, kill_tagged
@@ -181,7 +183,8 @@ def test_replay_reads_what_the_journal_says(tmp_path: Path) -> None:
 def test_replay_refuses_a_journal_without_its_run_record() -> None:
     """A run killed before its first record (or made by an older orchestrator) has nothing
     to resume from; a worktree record that names no task is damage, not data."""
-    with pytest.raises(OrchestratorError, match=r"^run r1 has no journal to resume from"):
+    why = r"\(it never got going, or an older orchestrator made it\)$"
+    with pytest.raises(OrchestratorError, match=rf"^run r1 has no journal to resume from {why}"):
         replay(JournalContents(records=[{"type": "worktree", "task": "a"}]), "r1")
     damaged = JournalContents(records=[{"type": "run"}, {"type": "worktree", "base_commit": "0"}])
     with pytest.raises(JournalCorrupt, match=r"^run r1's journal has a worktree record without"):
@@ -337,6 +340,58 @@ def test_a_finished_tasks_leftovers_go_but_its_branch_stays(make_repo: MakeRepo)
     assert not any("branch" in line for line in done), done
     assert not path.exists()
     assert refs(repo) == [f"refs/heads/main {base}", f"refs/heads/{BRANCH} {tip}"]
+
+
+def test_a_stale_lock_that_goes_while_it_is_looked_at_is_no_error(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A git of the user's ends and removes its lock of the branch just after recovery saw it:
+    recovery goes on as if it had removed it itself."""
+    repo = make_repo()
+    _, base = leftovers(repo)
+    lock = repo / ".git" / "refs" / "heads" / f"{BRANCH}.lock"
+    real_exists = Path.exists
+
+    def exists(self: Path, **kwargs: bool) -> bool:
+        seen = real_exists(self, **kwargs)
+        if self == lock:
+            lock.unlink()  # the other git's, in the instant after the look
+        return seen
+
+    monkeypatch.setattr(Path, "exists", exists)
+    done = clear(repo, {"task": TASK, "base_commit": base})
+    assert f"deleted branch {BRANCH} (no work on it)" in done
+    assert refs(repo) == [f"refs/heads/main {base}"]
+
+
+def move_branch_after_its_read(repo: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Have another git commit on BRANCH just after recovery read its tip: the new tip."""
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    newer = git(repo, "commit-tree", "-p", "HEAD", "-m", "the user's, meanwhile", tree)
+    real_run = Git.run
+
+    async def run(self: Git, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        result = await real_run(self, *args, **kwargs)
+        if args[0] == "rev-parse" and f"refs/heads/{BRANCH}" in args:
+            git(repo, "update-ref", f"refs/heads/{BRANCH}", newer)
+        return result
+
+    monkeypatch.setattr(Git, "run", run)
+    return newer
+
+
+@pytest.mark.parametrize("commits", [0, 1], ids=["no-work", "holding-commits"])
+def test_a_branch_that_moves_while_it_is_cleared_is_not_deleted(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch, commits: int
+) -> None:
+    """Recovery deletes the tip it read, never one another git put there since: the newer
+    commit stays on the branch (and recovery says it could not clear it)."""
+    repo = make_repo()
+    _, base = leftovers(repo, commits=commits)
+    newer = move_branch_after_its_read(repo, monkeypatch)
+    with pytest.raises(OrchestratorError):
+        clear(repo, {"task": TASK, "base_commit": base})
+    assert f"refs/heads/{BRANCH} {newer}" in refs(repo)
 
 
 @contextlib.contextmanager

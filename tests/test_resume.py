@@ -681,10 +681,16 @@ async def _nothing(envelope: Any, workspace: Any) -> dict[str, Any]:
 
 
 def cancelled_at(
-    stop_at: str, plan: Any, *, agents: dict[str, Any] | None = None, **options: Any
+    stop_at: str,
+    plan: Any,
+    *,
+    agents: dict[str, Any] | None = None,
+    leave: str | None = None,
+    **options: Any,
 ) -> None:
-    """One orchestrator's life (run RUN), cancelled from inside when task *stop_at* starts;
-    its agent ``a`` does nothing for the other tasks (*agents* adds others)."""
+    """One orchestrator's life (run RUN), cancelled from inside when task *stop_at* starts
+    (after writing the file *leave* in its worktree, if given); its agent ``a`` does nothing
+    for the other tasks (*agents* adds others)."""
     import anyio
 
     from orchestrator import orchestrate_parallel
@@ -694,6 +700,8 @@ def cancelled_at(
 
             async def agent(envelope: Any, workspace: Any) -> dict[str, Any]:
                 if envelope.task_id == stop_at:
+                    if leave is not None:
+                        (workspace.path / leave).write_text("work of its own\n")
                     scope.cancel()
                     await anyio.sleep_forever()
                 return {}
@@ -963,6 +971,8 @@ def test_a_run_reusing_another_takes_its_successes_and_marks_it_taken_over(
         ("second", "succeeded"),
     ]
     assert replay(read_journal(old / "journal.jsonl"), RUN).superseded_by == report.run_id
+    (taken,) = read_journal(old / "journal.jsonl").of_type("superseded")
+    assert report.started_at <= datetime.fromisoformat(taken["at"]) <= report.finished_at
 
 
 def test_the_repository_of_a_resumed_run_is_the_one_given_else_the_cwds(
@@ -1040,3 +1050,110 @@ def test_recorded_run_reads_where_the_plan_came_from_and_names_what_is_missing(
     recorded = recorded_run(run_dir, "r1")
     assert isinstance(recorded.plan, LoadedPlan)
     assert (recorded.plan.file, recorded.plan.plan_dir) == (None, tmp_path)
+
+
+def test_a_resume_moves_aside_the_commits_of_a_task_it_runs_again(make_repo: MakeRepo) -> None:
+    """The cancelled task's work was committed on its branch: the resume keeps it under
+    refs/orchestrator/interrupted/ (the journal says where the task started), then runs the
+    task again from the base."""
+    repo = make_repo()
+    base = git(repo, "rev-parse", "HEAD")
+    envelopes = two_tasks()
+    cancelled_at("second", envelopes, repo=repo, concurrency=1, leave="mine.txt")
+    work = git(repo, "rev-parse", f"orchestrator/{RUN}/second")
+    assert work != base
+    report = resumed(envelopes, repo=repo)
+    assert [(r.task_id, r.status) for r in report.results] == [
+        ("first", "succeeded"),
+        ("second", "succeeded"),
+    ]
+    kept = git(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/orchestrator/")
+    assert kept == f"refs/orchestrator/interrupted/{RUN}/second/1 {work}"
+    assert report.result("second").provenance.base_commit == base
+
+
+def test_a_resume_goes_on_with_the_settings_the_run_started_with(make_repo: MakeRepo) -> None:
+    """Started with ``keep_worktrees="always"``, resumed without it: the task run again keeps
+    its worktree, as the run said it would."""
+    repo = make_repo()
+    envelopes = two_tasks()
+    cancelled_at("second", envelopes, repo=repo, concurrency=1, keep_worktrees="always")
+    report = resumed(envelopes, repo=repo)
+    again = report.result("second")
+    assert (again.status, again.resumed) == ("succeeded", False)
+    assert again.worktree is not None and Path(again.worktree).is_dir()
+
+
+def test_a_resume_detaches_a_pool_slot_the_dead_run_left_on_a_branch(
+    make_repo: MakeRepo,
+) -> None:
+    """The crash came after a slot was checked out on a task's branch, before it was given
+    back: after the resume no slot has a branch of the run checked out."""
+    from orchestrator.pool import pool_dir
+
+    repo = make_repo()
+    envelopes = two_tasks()
+    cancelled_at("second", envelopes, repo=repo, concurrency=1, pool=1)
+    (slot,) = (p for p in pool_dir(repo / ".git" / "orchestrator").iterdir() if p.is_dir())
+    admin = Path((slot / ".git").read_text().removeprefix("gitdir:").strip())
+    first = git(repo, "rev-parse", f"orchestrator/{RUN}/first")
+    (admin / "HEAD").write_text(f"ref: refs/heads/orchestrator/{RUN}/first\n")
+    report = resumed(envelopes, repo=repo, pool=0)  # the slot is not borrowed again
+    assert report.summary.successful == 2
+    assert (admin / "HEAD").read_text().strip() == first
+    assert task_worktrees(repo) == []
+
+
+def test_a_run_whose_journal_lost_its_run_record_is_named_when_resumed_or_reused(
+    tmp_path: Path,
+) -> None:
+    import anyio
+
+    from orchestrator import orchestrate_parallel
+    from orchestrator.errors import OrchestratorError
+
+    envelopes = two_tasks(worktree=False)
+    cancelled_at("second", envelopes, state_dir=tmp_path)
+    journal = tmp_path / "runs" / RUN / "journal.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(line for line in lines if '"type":"run"' not in line))
+    assert len(journal.read_text().splitlines()) == len(lines) - 1
+    with pytest.raises(OrchestratorError, match=f"^run {RUN} has no journal to resume from "):
+        resumed(envelopes, state_dir=tmp_path)
+    with pytest.raises(OrchestratorError, match=f"^run {RUN} has no journal to resume from "):
+        anyio.run(
+            lambda: orchestrate_parallel(
+                envelopes, agents={"a": _nothing}, state_dir=tmp_path, reuse=RUN
+            )
+        )
+
+
+def test_recorded_run_refuses_a_plan_past_its_size_and_a_journal_without_its_run_record(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.plan import MAX_PLAN_BYTES, LoadedPlan
+    from orchestrator.resume import recorded_run
+
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    record = {"type": "run", "at": "2026-01-01T00:00:00+00:00"}
+    (run_dir / "journal.jsonl").write_text(json.dumps(record) + "\n")
+    plan = {
+        "agents": {"a": {"command": ["true"]}},
+        "tasks": [{"id": "t", "agent": "a", "task": "x"}],
+    }
+    text = json.dumps(plan)
+    (run_dir / "plan.json").write_text(text.ljust(MAX_PLAN_BYTES))  # the most a plan may be
+    recorded = recorded_run(run_dir, "r1")
+    assert isinstance(recorded.plan, LoadedPlan)
+    assert [(t.id, t.agent, t.task) for t in recorded.plan.plan.tasks] == [("t", "a", "x")]
+    (run_dir / "plan.json").write_text(text.ljust(MAX_PLAN_BYTES + 1))  # valid JSON, too long
+    with pytest.raises(
+        OrchestratorError, match=f"^cannot read run r1: .*larger than {MAX_PLAN_BYTES} bytes"
+    ):
+        recorded_run(run_dir, "r1")
+    (run_dir / "plan.json").write_text(text)
+    (run_dir / "journal.jsonl").write_text(json.dumps({"type": "state"}) + "\n")
+    with pytest.raises(OrchestratorError, match=r"^run r1 has no journal to resume from "):
+        recorded_run(run_dir, "r1")
