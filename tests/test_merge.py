@@ -876,6 +876,10 @@ def test_changed_files_reads_a_huge_listing_only_up_to_its_bound(
     assert bounded[0] == exact[0]
     # 8 KiB holds about 500 names of 16 bytes: the rest is counted as what was read, plus one.
     assert 1 <= bounded[1] < 2990
+    # Asked for all: only whole names (the one cut short is dropped), and "at least one more".
+    read, more = anyio.run(lambda: changed_files(Git(repo), start, many, limit=10_000))
+    assert len(read) == 8192 // len(b"d/f00000.txt\0") and more == 1
+    assert set(read) <= {path.decode() for _, _, path in files}
 
 
 def test_a_failed_one_process_build_is_a_git_error_and_leaves_no_crash_report(
