@@ -467,6 +467,28 @@ def test_changed_paths_leave_out_a_submodule_the_agent_moved(make_repo: MakeRepo
     anyio.run(main)
 
 
+def test_a_commit_of_more_changes_than_can_be_listed_is_a_git_error(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """commit_worktree left to list the changes itself refuses when they are more than the
+    bounded listing holds (the bound made 1 KiB here): nothing is committed."""
+    monkeypatch.setattr(worktree, "MAX_STATUS_BYTES", 1024)
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, tree = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/many", repo.state_dir / "wt" / "many", base)
+        for i in range(200):
+            (wt.path / f"file-{i:03d}.txt").write_text("x")
+        assert await changed_paths(repo, wt) is None
+        with pytest.raises(GitError, match="more changed paths than"):
+            await commit_worktree(repo, wt, "many", base_tree=tree)
+        assert git(repo_path, "rev-parse", "refs/heads/t/many") == base
+
+    anyio.run(main)
+
+
 def test_commit_takes_the_paths_given_literally_on_the_tip_given(make_repo: MakeRepo) -> None:
     repo_path = make_repo()
 
