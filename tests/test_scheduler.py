@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +210,13 @@ def test_a_spent_budget_starts_no_further_task(tmp_path: Path) -> None:
         await anyio.sleep(0.01)
         return {"usage": {"cost_usd": 1.0, "input_tokens": 10}}
 
+    before = datetime.now(UTC)
     report = anyio.run(
         lambda: orchestrate_parallel(
             _spending_plan(20, max_cost_usd=5), agents={"a": agent}, state_dir=tmp_path / "s"
         )
     )
+    after = datetime.now(UTC)
     assert 5 <= len(ran) <= 5 + 2
     skipped = [r for r in report.results if r.status == "skipped"]
     assert len(skipped) == 20 - len(ran)
@@ -221,7 +224,10 @@ def test_a_spent_budget_starts_no_further_task(tmp_path: Path) -> None:
     assert skipped[0].error is not None
     assert "max_cost_usd 5 is spent" in skipped[0].error.message
     assert report.summary.usage is not None and report.summary.usage.cost_usd == len(ran)
-    assert any("max_cost_usd 5 is spent" in w for w in report.warnings)
+    [warning] = [w for w in report.warnings if "max_cost_usd 5 is spent" in w]
+    # When it was spent, as a time in UTC the reader can place in the run.
+    spent_at = datetime.fromisoformat(warning.split(" at ")[1].split(": ")[0])
+    assert spent_at.utcoffset() == timedelta(0) and before <= spent_at <= after
     assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
 
 
