@@ -921,3 +921,80 @@ def test_a_task_being_cancelled_is_told_why_once() -> None:
     assert [entry for entry in hooks.log if entry[0] == "cancelling"] == [
         ("cancelling", "g[1]", "not_needed", "not needed: g[0] succeeded first in group g")
     ]
+
+
+def test_a_spent_budget_cancels_a_task_between_two_tries_if_asked() -> None:
+    """``on_exceed: cancel`` cancels a task waiting to try again as it does a running one."""
+    from envelopes import Budget
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.usage["spender"] = _usage(cost_usd=2.0)
+        hooks.gates["busy"] = anyio.Event()
+        real_run, real_never_started = hooks.run, hooks.never_started
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            if envelope.task_id == "busy":
+                hooks.book.move("busy", "retrying")  # its first try failed
+            await real_run(envelope)
+
+        async def never_started(envelope: HandoffEnvelope, status: str, error: Any) -> None:
+            await real_never_started(envelope, status, error)
+            hooks.gates["busy"].set()  # the budget is spent: busy would try again now
+
+        hooks.run = run  # type: ignore[method-assign]
+        hooks.never_started = never_started  # type: ignore[method-assign]
+
+    hooks = _schedule(
+        [_task("spender", priority=3), _task("busy", priority=2), _task("waiting")],
+        outcomes={"busy": "failed"},  # were it let go on to its end
+        prepare=prepare,
+        limit=2,
+        budget=Budget(max_cost_usd=1, on_exceed="cancel"),
+    )
+    spent = "the run's budget max_cost_usd 1 is spent (2 USD)"
+    assert [entry for entry in hooks.log if entry[0] in ("cancelling", "skipped")] == [
+        ("cancelling", "busy", "budget", f"cancelled: {spent}"),
+        ("skipped", "waiting", "budget", f"not started: {spent}"),
+    ]
+    assert hooks.results["busy"].status == "cancelled"
+
+
+def test_a_task_whose_start_is_being_prepared_when_the_budget_is_spent_is_skipped() -> None:
+    """Like every task not started when the budget is spent: ``skipped``, kind ``budget``."""
+    from envelopes import Budget
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.usage["spender"] = _usage(cost_usd=2.0)
+        hooks.gates["spender"] = anyio.Event()
+        spent = anyio.Event()
+        real_resolve, real_never_started = hooks.resolve, hooks.never_started
+
+        async def resolve(envelope: HandoffEnvelope, upstream: list[str]) -> Any:
+            hooks.gates["spender"].set()  # spender ends while this start is prepared
+            await spent.wait()
+            return await real_resolve(envelope, upstream)
+
+        async def never_started(envelope: HandoffEnvelope, status: str, error: Any) -> None:
+            await real_never_started(envelope, status, error)
+            spent.set()
+
+        hooks.resolve = resolve  # type: ignore[method-assign]
+        hooks.never_started = never_started  # type: ignore[method-assign]
+
+    hooks = _schedule(
+        [
+            _task("first", priority=3),
+            _task("spender", priority=2),
+            _task("after", depends_on=["first"]),
+            _task("waiting"),  # held in the queue behind after, then skipped
+        ],
+        prepare=prepare,
+        limit=2,
+        budget=Budget(max_cost_usd=1),
+    )
+    not_started = "not started: the run's budget max_cost_usd 1 is spent (2 USD)"
+    assert [entry for entry in hooks.log if entry[0] in ("cancelled", "skipped")] == [
+        ("skipped", "waiting", "budget", not_started),
+        ("skipped", "after", "budget", not_started),  # once its start is prepared
+    ]
+    assert _ran(hooks) == ["first", "spender"]
