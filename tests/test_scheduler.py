@@ -998,3 +998,28 @@ def test_a_task_whose_start_is_being_prepared_when_the_budget_is_spent_is_skippe
         ("skipped", "after", "budget", not_started),  # once its start is prepared
     ]
     assert _ran(hooks) == ["first", "spender"]
+
+
+def test_a_group_whose_members_all_timed_out_stops_a_fail_fast_run() -> None:
+    def prepare(hooks: _Hooks) -> None:
+        hooks.gates["other"] = anyio.Event()
+        real_group_decided = hooks.group_decided
+
+        async def group_decided(name: str, group: Any) -> None:
+            await real_group_decided(name, group)
+            hooks.gates["other"].set()  # other may end now: the run is to stop it all the same
+
+        hooks.group_decided = group_decided  # type: ignore[method-assign]
+
+    members = [_task(f"g[{i}]", group="g", select="first_success", priority=5) for i in range(2)]
+    hooks = _schedule(
+        [*members, _task("other", priority=1)],
+        outcomes={"g[0]": "timed_out", "g[1]": "timed_out"},
+        prepare=prepare,
+        limit=3,
+        fail_fast=True,
+    )
+    why = STOP.format("group g: no member succeeded")
+    assert [entry for entry in hooks.log if entry[0] == "cancelling"] == [
+        ("cancelling", "other", "cancelled", why)
+    ]
