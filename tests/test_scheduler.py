@@ -1023,3 +1023,41 @@ def test_a_group_whose_members_all_timed_out_stops_a_fail_fast_run() -> None:
     assert [entry for entry in hooks.log if entry[0] == "cancelling"] == [
         ("cancelling", "other", "cancelled", why)
     ]
+
+
+def test_fail_fast_never_starts_a_task_whose_start_is_being_prepared() -> None:
+    def prepare(hooks: _Hooks) -> None:
+        hooks.gates["bad"] = anyio.Event()
+        stopped = anyio.Event()
+        real_resolve, real_never_started = hooks.resolve, hooks.never_started
+
+        async def resolve(envelope: HandoffEnvelope, upstream: list[str]) -> Any:
+            hooks.gates["bad"].set()  # bad fails while this start is prepared
+            await stopped.wait()
+            return await real_resolve(envelope, upstream)
+
+        async def never_started(envelope: HandoffEnvelope, status: str, error: Any) -> None:
+            await real_never_started(envelope, status, error)
+            stopped.set()
+
+        hooks.resolve = resolve  # type: ignore[method-assign]
+        hooks.never_started = never_started  # type: ignore[method-assign]
+
+    hooks = _schedule(
+        [
+            _task("first", priority=3),
+            _task("bad", priority=2),
+            _task("after", depends_on=["first"]),
+            _task("waiting"),  # held in the queue behind after, then cancelled
+        ],
+        outcomes={"bad": "failed"},
+        prepare=prepare,
+        limit=2,
+        fail_fast=True,
+    )
+    why = STOP.format("bad failed")
+    assert [entry for entry in hooks.log if entry[0] in ("cancelled", "skipped")] == [
+        ("cancelled", "waiting", "cancelled", why),
+        ("cancelled", "after", "cancelled", why),  # once its start is prepared
+    ]
+    assert _ran(hooks) == ["first", "bad"]
