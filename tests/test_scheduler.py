@@ -1061,3 +1061,34 @@ def test_fail_fast_never_starts_a_task_whose_start_is_being_prepared() -> None:
         ("cancelled", "after", "cancelled", why),  # once its start is prepared
     ]
     assert _ran(hooks) == ["first", "bad"]
+
+
+def test_a_budget_counts_tokens_from_none_spent() -> None:
+    """99 tokens of max_tokens 100 leave room for one more task; the 100th token ends it."""
+    from envelopes import Budget
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.usage["a"] = _usage(total_tokens=99)
+        hooks.usage["b"] = _usage(total_tokens=1)
+
+    hooks = _schedule(
+        [_task("a", priority=2), _task("b", priority=1), _task("c")],
+        prepare=prepare,
+        limit=1,
+        budget=Budget(max_tokens=100),
+    )
+    assert _ran(hooks) == ["a", "b"]
+    assert hooks.log[-1] == (
+        "skipped",
+        "c",
+        "budget",
+        "not started: the run's budget max_tokens 100 is spent (100 tokens)",
+    )
+
+
+def test_a_group_without_select_waits_for_all_its_members() -> None:
+    members = [_task(f"g[{i}]", group="g") for i in range(2)]
+    hooks = _schedule([*members, _task("after", depends_on=["g"])])
+    assert ("decided", "g", ["g[0]", "g[1]"]) in hooks.log
+    assert ("resolve", "after", ["g[0]", "g[1]"]) in hooks.log
+    assert _ran(hooks) == ["g[0]", "g[1]", "after"]
