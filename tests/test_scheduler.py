@@ -1092,3 +1092,26 @@ def test_a_group_without_select_waits_for_all_its_members() -> None:
     assert ("decided", "g", ["g[0]", "g[1]"]) in hooks.log
     assert ("resolve", "after", ["g[0]", "g[1]"]) in hooks.log
     assert _ran(hooks) == ["g[0]", "g[1]", "after"]
+
+
+def test_a_task_whose_dependency_is_being_prepared_keeps_its_place_below_zero_too() -> None:
+    hooks = _schedule(
+        [
+            _task("dep"),
+            _task("high", priority=-5, depends_on=["dep"]),
+            _task("low", priority=-10),
+        ],
+        limit=1,
+    )
+    assert _ran(hooks) == ["dep", "high", "low"]
+
+
+def test_a_task_cancelled_while_it_waited_for_a_slot_lets_the_next_one_start() -> None:
+    members = [
+        _task(f"g[{i}]", group="g", select="first_success", priority=2 - i) for i in range(2)
+    ]
+    hooks = _schedule([*members, _task("other")], limit=1)
+    assert ("cancelled", "g[1]", "not_needed", "not needed: g[0] succeeded first in group g") in (
+        hooks.log
+    )
+    assert _ran(hooks) == ["g[0]", "other"]
