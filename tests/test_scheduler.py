@@ -1115,3 +1115,55 @@ def test_a_task_cancelled_while_it_waited_for_a_slot_lets_the_next_one_start() -
         hooks.log
     )
     assert _ran(hooks) == ["g[0]", "other"]
+
+
+def test_a_task_whose_run_ended_without_a_result_never_started() -> None:
+    """Its run stopped before it recorded anything, and the run did not cancel it."""
+
+    def prepare(hooks: _Hooks) -> None:
+        async def run(envelope: HandoffEnvelope) -> None:
+            hooks.log.append(("run", envelope.task_id))
+            with anyio.CancelScope() as scope:  # stopped from inside, not by the run
+                scope.cancel()
+                await anyio.sleep_forever()
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    hooks = _schedule([_task("a")], prepare=prepare)
+    assert hooks.log[-1] == ("cancelled", "a", "cancelled", "cancelled before this task started")
+
+
+def test_a_task_skipped_or_ended_before_its_last_dependency_leaves_the_others_to_go_on() -> None:
+    hooks = _schedule(
+        [
+            _task("a", priority=2),
+            _task("b", priority=1),
+            _task("x", depends_on=["a", "b"]),
+            _task("y", depends_on=["a"]),
+            _task("z", depends_on=["b"]),
+        ],
+        outcomes={"a": "failed"},
+        limit=1,
+    )
+    assert [entry for entry in hooks.log if entry[0] == "skipped"] == [
+        ("skipped", "x", "dependency", "dependency a failed"),
+        ("skipped", "y", "dependency", "dependency a failed"),
+    ]
+    assert _ran(hooks) == ["a", "b", "z"]
+
+
+def test_a_task_runs_as_an_async_task_named_after_it() -> None:
+    """What a debugger or a dump of the run's async tasks shows."""
+    names: list[str] = []
+
+    def prepare(hooks: _Hooks) -> None:
+        real_run = hooks.run
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            names.append(anyio.get_current_task().name)
+            await real_run(envelope)
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    _schedule([_task("a"), _task("b", depends_on=["a"])], prepare=prepare)
+    assert names == ["task a", "task b"]
