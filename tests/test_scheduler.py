@@ -967,7 +967,7 @@ def test_a_task_whose_start_is_being_prepared_when_the_budget_is_spent_is_skippe
         hooks.usage["spender"] = _usage(cost_usd=2.0)
         hooks.gates["spender"] = anyio.Event()
         spent = anyio.Event()
-        real_resolve, real_never_started = hooks.resolve, hooks.never_started
+        real_resolve, real_never_started, real_run = hooks.resolve, hooks.never_started, hooks.run
 
         async def resolve(envelope: HandoffEnvelope, upstream: list[str]) -> Any:
             hooks.gates["spender"].set()  # spender ends while this start is prepared
@@ -978,8 +978,14 @@ def test_a_task_whose_start_is_being_prepared_when_the_budget_is_spent_is_skippe
             await real_never_started(envelope, status, error)
             spent.set()
 
+        async def run(envelope: HandoffEnvelope) -> None:
+            if envelope.task_id == "waiting":
+                spent.set()  # started after all: the budget stopped nothing
+            await real_run(envelope)
+
         hooks.resolve = resolve  # type: ignore[method-assign]
         hooks.never_started = never_started  # type: ignore[method-assign]
+        hooks.run = run  # type: ignore[method-assign]
 
     hooks = _schedule(
         [
