@@ -476,7 +476,7 @@ class Scheduler:
                 if cancel:
                     await self._cancel(task_id, cancelled)
             elif task_id in self.resolving:
-                self.abandoned.setdefault(task_id, self.budget_spent)
+                pass  # skipped by _ready once its start is resolved, like the others
             elif state in ("pending", "ready"):
                 await self._never_started(task_id, "skipped", self.budget_spent)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +210,13 @@ def test_a_spent_budget_starts_no_further_task(tmp_path: Path) -> None:
         await anyio.sleep(0.01)
         return {"usage": {"cost_usd": 1.0, "input_tokens": 10}}
 
+    before = datetime.now(UTC)
     report = anyio.run(
         lambda: orchestrate_parallel(
             _spending_plan(20, max_cost_usd=5), agents={"a": agent}, state_dir=tmp_path / "s"
         )
     )
+    after = datetime.now(UTC)
     assert 5 <= len(ran) <= 5 + 2
     skipped = [r for r in report.results if r.status == "skipped"]
     assert len(skipped) == 20 - len(ran)
@@ -221,7 +224,10 @@ def test_a_spent_budget_starts_no_further_task(tmp_path: Path) -> None:
     assert skipped[0].error is not None
     assert "max_cost_usd 5 is spent" in skipped[0].error.message
     assert report.summary.usage is not None and report.summary.usage.cost_usd == len(ran)
-    assert any("max_cost_usd 5 is spent" in w for w in report.warnings)
+    [warning] = [w for w in report.warnings if "max_cost_usd 5 is spent" in w]
+    # When it was spent, as a time in UTC the reader can place in the run.
+    spent_at = datetime.fromisoformat(warning.split(" at ")[1].split(": ")[0])
+    assert spent_at.utcoffset() == timedelta(0) and before <= spent_at <= after
     assert anyio.run(verify_report, Path(report.run_dir) / "report.json").ok
 
 
@@ -915,3 +921,255 @@ def test_a_task_being_cancelled_is_told_why_once() -> None:
     assert [entry for entry in hooks.log if entry[0] == "cancelling"] == [
         ("cancelling", "g[1]", "not_needed", "not needed: g[0] succeeded first in group g")
     ]
+
+
+def test_a_spent_budget_cancels_a_task_between_two_tries_if_asked() -> None:
+    """``on_exceed: cancel`` cancels a task waiting to try again as it does a running one."""
+    from envelopes import Budget
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.usage["spender"] = _usage(cost_usd=2.0)
+        hooks.gates["busy"] = anyio.Event()
+        real_run, real_never_started = hooks.run, hooks.never_started
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            if envelope.task_id == "busy":
+                hooks.book.move("busy", "retrying")  # its first try failed
+            await real_run(envelope)
+
+        async def never_started(envelope: HandoffEnvelope, status: str, error: Any) -> None:
+            await real_never_started(envelope, status, error)
+            hooks.gates["busy"].set()  # the budget is spent: busy would try again now
+
+        hooks.run = run  # type: ignore[method-assign]
+        hooks.never_started = never_started  # type: ignore[method-assign]
+
+    hooks = _schedule(
+        [_task("spender", priority=3), _task("busy", priority=2), _task("waiting")],
+        outcomes={"busy": "failed"},  # were it let go on to its end
+        prepare=prepare,
+        limit=2,
+        budget=Budget(max_cost_usd=1, on_exceed="cancel"),
+    )
+    spent = "the run's budget max_cost_usd 1 is spent (2 USD)"
+    assert [entry for entry in hooks.log if entry[0] in ("cancelling", "skipped")] == [
+        ("cancelling", "busy", "budget", f"cancelled: {spent}"),
+        ("skipped", "waiting", "budget", f"not started: {spent}"),
+    ]
+    assert hooks.results["busy"].status == "cancelled"
+
+
+def test_a_task_whose_start_is_being_prepared_when_the_budget_is_spent_is_skipped() -> None:
+    """Like every task not started when the budget is spent: ``skipped``, kind ``budget``."""
+    from envelopes import Budget
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.usage["spender"] = _usage(cost_usd=2.0)
+        hooks.gates["spender"] = anyio.Event()
+        spent = anyio.Event()
+        real_resolve, real_never_started, real_run = hooks.resolve, hooks.never_started, hooks.run
+
+        async def resolve(envelope: HandoffEnvelope, upstream: list[str]) -> Any:
+            hooks.gates["spender"].set()  # spender ends while this start is prepared
+            await spent.wait()
+            return await real_resolve(envelope, upstream)
+
+        async def never_started(envelope: HandoffEnvelope, status: str, error: Any) -> None:
+            await real_never_started(envelope, status, error)
+            spent.set()
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            if envelope.task_id == "waiting":
+                spent.set()  # started after all: the budget stopped nothing
+            await real_run(envelope)
+
+        hooks.resolve = resolve  # type: ignore[method-assign]
+        hooks.never_started = never_started  # type: ignore[method-assign]
+        hooks.run = run  # type: ignore[method-assign]
+
+    hooks = _schedule(
+        [
+            _task("first", priority=3),
+            _task("spender", priority=2),
+            _task("after", depends_on=["first"]),
+            _task("waiting"),  # held in the queue behind after, then skipped
+        ],
+        prepare=prepare,
+        limit=2,
+        budget=Budget(max_cost_usd=1),
+    )
+    not_started = "not started: the run's budget max_cost_usd 1 is spent (2 USD)"
+    assert [entry for entry in hooks.log if entry[0] in ("cancelled", "skipped")] == [
+        ("skipped", "waiting", "budget", not_started),
+        ("skipped", "after", "budget", not_started),  # once its start is prepared
+    ]
+    assert _ran(hooks) == ["first", "spender"]
+
+
+def test_a_group_whose_members_all_timed_out_stops_a_fail_fast_run() -> None:
+    def prepare(hooks: _Hooks) -> None:
+        hooks.gates["other"] = anyio.Event()
+        real_group_decided = hooks.group_decided
+
+        async def group_decided(name: str, group: Any) -> None:
+            await real_group_decided(name, group)
+            hooks.gates["other"].set()  # other may end now: the run is to stop it all the same
+
+        hooks.group_decided = group_decided  # type: ignore[method-assign]
+
+    members = [_task(f"g[{i}]", group="g", select="first_success", priority=5) for i in range(2)]
+    hooks = _schedule(
+        [*members, _task("other", priority=1)],
+        outcomes={"g[0]": "timed_out", "g[1]": "timed_out"},
+        prepare=prepare,
+        limit=3,
+        fail_fast=True,
+    )
+    why = STOP.format("group g: no member succeeded")
+    assert [entry for entry in hooks.log if entry[0] == "cancelling"] == [
+        ("cancelling", "other", "cancelled", why)
+    ]
+
+
+def test_fail_fast_never_starts_a_task_whose_start_is_being_prepared() -> None:
+    def prepare(hooks: _Hooks) -> None:
+        hooks.gates["bad"] = anyio.Event()
+        stopped = anyio.Event()
+        real_resolve, real_never_started = hooks.resolve, hooks.never_started
+
+        async def resolve(envelope: HandoffEnvelope, upstream: list[str]) -> Any:
+            hooks.gates["bad"].set()  # bad fails while this start is prepared
+            await stopped.wait()
+            return await real_resolve(envelope, upstream)
+
+        async def never_started(envelope: HandoffEnvelope, status: str, error: Any) -> None:
+            await real_never_started(envelope, status, error)
+            stopped.set()
+
+        hooks.resolve = resolve  # type: ignore[method-assign]
+        hooks.never_started = never_started  # type: ignore[method-assign]
+
+    hooks = _schedule(
+        [
+            _task("first", priority=3),
+            _task("bad", priority=2),
+            _task("after", depends_on=["first"]),
+            _task("waiting"),  # held in the queue behind after, then cancelled
+        ],
+        outcomes={"bad": "failed"},
+        prepare=prepare,
+        limit=2,
+        fail_fast=True,
+    )
+    why = STOP.format("bad failed")
+    assert [entry for entry in hooks.log if entry[0] in ("cancelled", "skipped")] == [
+        ("cancelled", "waiting", "cancelled", why),
+        ("cancelled", "after", "cancelled", why),  # once its start is prepared
+    ]
+    assert _ran(hooks) == ["first", "bad"]
+
+
+def test_a_budget_counts_tokens_from_none_spent() -> None:
+    """99 tokens of max_tokens 100 leave room for one more task; the 100th token ends it."""
+    from envelopes import Budget
+
+    def prepare(hooks: _Hooks) -> None:
+        hooks.usage["a"] = _usage(total_tokens=99)
+        hooks.usage["b"] = _usage(total_tokens=1)
+
+    hooks = _schedule(
+        [_task("a", priority=2), _task("b", priority=1), _task("c")],
+        prepare=prepare,
+        limit=1,
+        budget=Budget(max_tokens=100),
+    )
+    assert _ran(hooks) == ["a", "b"]
+    assert hooks.log[-1] == (
+        "skipped",
+        "c",
+        "budget",
+        "not started: the run's budget max_tokens 100 is spent (100 tokens)",
+    )
+
+
+def test_a_group_without_select_waits_for_all_its_members() -> None:
+    members = [_task(f"g[{i}]", group="g") for i in range(2)]
+    hooks = _schedule([*members, _task("after", depends_on=["g"])])
+    assert ("decided", "g", ["g[0]", "g[1]"]) in hooks.log
+    assert ("resolve", "after", ["g[0]", "g[1]"]) in hooks.log
+    assert _ran(hooks) == ["g[0]", "g[1]", "after"]
+
+
+def test_a_task_whose_dependency_is_being_prepared_keeps_its_place_below_zero_too() -> None:
+    hooks = _schedule(
+        [
+            _task("dep"),
+            _task("high", priority=-5, depends_on=["dep"]),
+            _task("low", priority=-10),
+        ],
+        limit=1,
+    )
+    assert _ran(hooks) == ["dep", "high", "low"]
+
+
+def test_a_task_cancelled_while_it_waited_for_a_slot_lets_the_next_one_start() -> None:
+    members = [
+        _task(f"g[{i}]", group="g", select="first_success", priority=2 - i) for i in range(2)
+    ]
+    hooks = _schedule([*members, _task("other")], limit=1)
+    assert ("cancelled", "g[1]", "not_needed", "not needed: g[0] succeeded first in group g") in (
+        hooks.log
+    )
+    assert _ran(hooks) == ["g[0]", "other"]
+
+
+def test_a_task_whose_run_ended_without_a_result_never_started() -> None:
+    """Its run stopped before it recorded anything, and the run did not cancel it."""
+
+    def prepare(hooks: _Hooks) -> None:
+        async def run(envelope: HandoffEnvelope) -> None:
+            hooks.log.append(("run", envelope.task_id))
+            with anyio.CancelScope() as scope:  # stopped from inside, not by the run
+                scope.cancel()
+                await anyio.sleep_forever()
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    hooks = _schedule([_task("a")], prepare=prepare)
+    assert hooks.log[-1] == ("cancelled", "a", "cancelled", "cancelled before this task started")
+
+
+def test_a_task_skipped_or_ended_before_its_last_dependency_leaves_the_others_to_go_on() -> None:
+    hooks = _schedule(
+        [
+            _task("a", priority=2),
+            _task("b", priority=1),
+            _task("x", depends_on=["a", "b"]),
+            _task("y", depends_on=["a"]),
+            _task("z", depends_on=["b"]),
+        ],
+        outcomes={"a": "failed"},
+        limit=1,
+    )
+    assert [entry for entry in hooks.log if entry[0] == "skipped"] == [
+        ("skipped", "x", "dependency", "dependency a failed"),
+        ("skipped", "y", "dependency", "dependency a failed"),
+    ]
+    assert _ran(hooks) == ["a", "b", "z"]
+
+
+def test_a_task_runs_as_an_async_task_named_after_it() -> None:
+    """What a debugger or a dump of the run's async tasks shows."""
+    names: list[str] = []
+
+    def prepare(hooks: _Hooks) -> None:
+        real_run = hooks.run
+
+        async def run(envelope: HandoffEnvelope) -> None:
+            names.append(anyio.get_current_task().name)
+            await real_run(envelope)
+
+        hooks.run = run  # type: ignore[method-assign]
+
+    _schedule([_task("a"), _task("b", depends_on=["a"])], prepare=prepare)
+    assert names == ["task a", "task b"]
