@@ -787,6 +787,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from .errors import PlanError
     from .plan import check_plan_repository, load_plan, missing_programs
+    from .progress import printable
     from .workspace import missing_copies
 
     async def check() -> str:
@@ -797,7 +798,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if repo is not None:
             warnings += missing_copies(repo.root, loaded.plan.copy_paths)
         for warning in warnings:
-            print(f"{args.plan}: warning: {warning}", file=sys.stderr)
+            print(printable(f"{args.plan}: warning: {warning}"), file=sys.stderr)
         expanded = expand_tasks(loaded.plan)
         members = [t.task_id for t in expanded if t.group is not None]
         listed = f" ({len(members)} matrix members: {', '.join(members)})" if members else ""
