@@ -722,10 +722,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     except OrchestratorError as exc:
         _err(str(exc))
         return EXIT_FAILED
+    from .progress import printable
+
+    # Process tags, branch names and paths: an agent may have chosen them.
     for line in outcome.kept:
-        print(f"kept: {line}")
+        print(printable(f"kept: {line}"))
     for line in outcome.done:
-        print(line)
+        print(printable(line))
     return EXIT_OK
 
 

@@ -85,7 +85,9 @@ async def harvest(
     copied: only a change the agent made to one is committed (orchestrator/workspace.py).
 
     A git failure is the result's ``error``, not an exception. Cancellation: git commands
-    that have started run to their end (see ``Git.run``), then the cancellation propagates.
+    that change something run to their end (see ``Git.run``); those that only read (the
+    listing of the changes, the secret check's diffs) are killed, which leaves no lock
+    (``GIT_OPTIONAL_LOCKS=0``); then the cancellation propagates.
     """
     refused: ErrorInfo | None = None
     try:

@@ -93,22 +93,45 @@ def printable(text: str) -> str:
 
 
 class SafeConsole(Console):
-    """A rich console for text from agents and reports: what it prints of them is shown, never
-    obeyed (:func:`printable`; rich's own colours and cursor moves are not text, and pass),
-    and ``:name:`` stays text instead of becoming an emoji."""
+    """A rich console for text from agents, plans and reports: what it prints of them is
+    shown, never obeyed (:func:`printable`, before rich lays the text out, so that nothing of
+    it is cropped), markup in it is text (``[link=...]`` makes no hyperlink), nothing in it
+    is highlighted, and ``:name:`` stays text instead of becoming an emoji. rich's own colours and cursor moves are not
+    text, and pass."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("emoji", False)
+        kwargs.setdefault("markup", False)
+        kwargs.setdefault("highlight", False)
         super().__init__(*args, **kwargs)
 
     def render(
         self, renderable: RenderableType, options: ConsoleOptions | None = None
     ) -> Iterable[Segment]:
+        # Text and cells are escaped before they are measured and wrapped: "\x1b" is four
+        # cells wide where the escape it stands for is none.
+        if isinstance(renderable, str):
+            renderable = printable(renderable)
+        elif isinstance(renderable, Text) and _CONTROL.search(renderable.plain):
+            renderable = _escaped(renderable)
         for segment in super().render(renderable, options):
+            # What was not text before (a renderable of another kind), escaped as it is
+            # written: rich's own control segments (cursor moves) are not text.
             if segment.control is None and _CONTROL.search(segment.text):
                 yield Segment(printable(segment.text), segment.style)
             else:
                 yield segment
+
+
+def _escaped(text: Text) -> Text:
+    """*text* with its characters escaped (:func:`printable`), each piece keeping its style."""
+    escaped = text.blank_copy()
+    for piece in text.divide(
+        sorted({offset for span in text.spans for offset in (span.start, span.end)})
+    ):
+        styles = [span.style for span in piece.spans if span.start == 0 and span.end == len(piece)]
+        escaped.append(printable(piece.plain), style=styles[-1] if styles else None)
+    return escaped
 
 
 class _Console(SafeConsole):
@@ -147,6 +170,10 @@ class Progress:
                 refresh_per_second=8,
                 transient=True,
                 get_renderable=self._table,
+                # What else the process prints meanwhile (a warning, a log line) is left
+                # alone: rich's proxy would turn escape sequences in it into styles.
+                redirect_stdout=False,
+                redirect_stderr=False,
             )
             self._live.__enter__()
         return self

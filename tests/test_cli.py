@@ -505,3 +505,25 @@ def test_an_error_line_shows_escape_sequences_instead_of_obeying_them(
     assert outcome.code == 2
     assert "\x1b" not in outcome.err and "\x07" not in outcome.err
     assert "r\\x1b]0;pwned\\x07.json" in outcome.err
+
+
+def test_gc_shows_what_an_agent_named_instead_of_obeying_it(
+    capsys: pytest.CaptureFixture[str], make_repo: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc's lines name process tags and branches, which an agent may have chosen."""
+    from orchestrator import gc
+    from orchestrator.gc import GcOutcome
+
+    from .conftest import cli
+
+    async def collected(*args: object, **kwargs: object) -> GcOutcome:
+        return GcOutcome(
+            done=["killed 4242 (run/t\x1b]52;c;cHduZWQ=\x07)"], kept=["branch \u202eevil"]
+        )
+
+    monkeypatch.setattr(gc, "collect_garbage", collected)
+    outcome = cli(capsys, "gc", "--repo", str(make_repo()))
+    assert outcome.code == 0
+    assert "\x1b" not in outcome.out and "\u202e" not in outcome.out
+    assert "killed 4242 (run/t\\x1b]52;c;cHduZWQ=\\x07)" in outcome.out
+    assert "kept: branch \\u202eevil" in outcome.out

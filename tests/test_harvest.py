@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from envelopes import HandoffEnvelope, build_envelope
+from orchestrator import GitError
 from orchestrator.harvest import Harvest, harvest
 from orchestrator.repo import Repository
 from orchestrator.secrets import Masker
@@ -228,6 +229,31 @@ def test_more_changes_than_can_be_listed_take_nothing_and_leave_no_lock(
         return await changed_paths(repo, worktree)
 
     assert len(anyio.run(again) or []) == 10
+
+
+def test_a_listing_stopped_at_the_timeout_leaves_no_index_lock(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A FIFO as .gitignore blocks `git status` forever while it holds the index: stopped at
+    the task's timeout, it leaves no index.lock for the slot's next task (git takes no
+    optional lock: the orchestrator's git runs with GIT_OPTIONAL_LOCKS=0)."""
+    import os
+
+    from orchestrator.worktree import changed_paths
+
+    def agent(worktree: Worktree) -> None:
+        (worktree.path / "new.txt").write_text("new\n")
+        os.mkfifo(worktree.path / ".gitignore")
+
+    root, worktree, _ = harvest_after(make_repo, tmp_path, agent, timeout=1)
+    assert not (worktree.admin_dir / "index.lock").exists()
+
+    async def listed() -> object:
+        return await changed_paths(await Repository.open(root), worktree, timeout=0.5)
+
+    with pytest.raises(GitError, match="did not finish within"):
+        anyio.run(listed)
+    assert not (worktree.admin_dir / "index.lock").exists()
 
 
 def test_a_branch_moved_by_someone_else_is_put_back_and_refused(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +422,48 @@ def test_lines_are_written_plain_not_rendered_by_rich(monkeypatch: pytest.Monkey
         "task t1 started (a)",
         "task t1 failed in 0.50 s, 1 attempt(s)",
     ]
+
+
+def test_escaped_text_is_laid_out_whole_and_markup_in_it_is_text() -> None:
+    """Escaping comes before rich measures and wraps: at 50 columns an error message holding
+    colour codes loses none of its words (escaped after layout, "\\x1b" took four cells the
+    layout had not counted and the line's end was cropped). Markup in a plain cell ("a plan
+    named fix [/api]", a link) is shown, neither obeyed nor an error."""
+    import io
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from orchestrator.progress import SafeConsole
+
+    message = "check failed \x1b[31mFAILED\x1b[0m tests/test_math.py::test_add line 12 end"
+    table = Table()
+    table.add_column("error", overflow="fold")
+    table.add_row(Text(message, style="red"))
+    table.add_row("[link=https://evil.example]click[/link] fix [/api]")
+    screen = io.StringIO()
+    SafeConsole(file=screen, force_terminal=True, color_system="truecolor", width=50).print(table)
+    SafeConsole(file=screen, width=30).print(f"merge into main: conflict ({message})")
+    shown = screen.getvalue()
+    assert "\x1b]8;" not in shown and "\x1b[31mFAILED" not in shown
+    # rich's own styling (real escapes, not text) out, then the table's frame and spaces.
+    text = re.sub("\x1b\\[[0-9;]*m", "", shown)
+    flat = "".join(
+        "".join(c for c in line if c not in "│┃┏┓┗┛┡┩└┘━─ ") for line in text.splitlines()
+    )
+    assert flat.count("\\x1b[31mFAILED\\x1b[0mtests/test_math.py::test_addline12end") == 2
+    assert "[link=https://evil.example]click[/link]fix[/api]" in flat
+
+
+def test_the_live_table_leaves_what_else_is_printed_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich's Live proxies stdout and stderr by default, turning escape sequences in what the
+    process prints meanwhile into styles; the progress table does not."""
+    import io
+    import sys
+
+    from orchestrator import progress as progresses
+
+    monkeypatch.setattr(progresses._Console, "is_terminal", property(lambda self: True))
+    before = (sys.stdout, sys.stderr)
+    with Progress(io.StringIO(), live=True):
+        assert (sys.stdout, sys.stderr) == before

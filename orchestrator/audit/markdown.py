@@ -31,12 +31,18 @@ MAX_CELL = 200
 _SPECIAL = re.compile(r"[\\`*_{}\[\]()<>#+.!|~&\"'=:@$^]")
 
 
+#: The bidirectional overrides and isolates, which reorder what is shown around them.
+_BIDI = frozenset(map(chr, (*range(0x202A, 0x202F), *range(0x2066, 0x206A))))
+
+
 def inert(text: object, limit: int = MAX_CELL) -> str:
-    """*text* as Markdown that shows it and does nothing else: one line (line breaks and
-    other control characters as spaces), at most *limit* characters (then ``…``), and every
+    """*text* as Markdown that shows it and does nothing else: one line (line breaks, other
+    control characters and bidirectional overrides as spaces), at most *limit* characters (then ``…``), and every
     character that could start markup, a link, HTML or a table cell written as a numeric
     character reference (``&#124;`` for ``|``)."""
-    value = "".join(" " if ord(c) < 32 or 0x7F <= ord(c) < 0xA0 else c for c in str(text))
+    value = "".join(
+        " " if ord(c) < 32 or 0x7F <= ord(c) < 0xA0 or c in _BIDI else c for c in str(text)
+    )
     value = value.strip()
     if len(value) > limit:
         value = value[: limit - 1] + "…"
