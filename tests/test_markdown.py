@@ -112,3 +112,10 @@ def test_the_command_prints_it_verified(make_repo: MakeRepo, capsys: Any) -> Non
     (Path(report.run_dir) / "bad.json").write_text("{not json")
     out = cli(capsys, "report", str(Path(report.run_dir) / "bad.json"), "--markdown")
     assert out.code == 2 and len(out.err.strip().splitlines()) == 1
+
+
+def test_a_cell_shows_no_bidirectional_override() -> None:
+    """U+202E and its kin reorder what is shown after them (a file name that reads as
+    something else): in a cell they are spaces, as control characters are."""
+    assert inert("run\u202egpj-exe") == "run gpj-exe"
+    assert inert("a\u2066b\u2069c\x1b[31m") == "a b c &#91;31m"
