@@ -18,16 +18,7 @@ def events() -> list:
     return [
         RunStarted(run_id="r", total_tasks=1, base_commit="abc", run_dir="/tmp/r"),
         TaskStarted(run_id="r", task_id="t", agent="a"),
-        TaskFinished(
-            run_id="r",
-            task_id="t",
-            agent="a",
-            status="failed",
-            attempts=1,
-            duration_s=0.5,
-            result_commit=None,
-            error=ErrorInfo(kind="exit_code", message="exited with code 1"),
-        ),
+        _finished("t", "failed", ErrorInfo(kind="exit_code", message="exited with code 1")),
     ]
 
 
@@ -255,7 +246,9 @@ def _started(task_id: str) -> TaskStarted:
     return TaskStarted(run_id="r", task_id=task_id, agent="a")
 
 
-def _finished(task_id: str, status: str = "succeeded") -> TaskFinished:
+def _finished(
+    task_id: str, status: str = "succeeded", error: ErrorInfo | None = None
+) -> TaskFinished:
     return TaskFinished(
         run_id="r",
         task_id=task_id,
@@ -264,7 +257,7 @@ def _finished(task_id: str, status: str = "succeeded") -> TaskFinished:
         attempts=1,
         duration_s=0.5,
         result_commit=None,
-        error=None,
+        error=error,
     )
 
 
@@ -372,16 +365,7 @@ def test_an_agents_escape_sequences_are_shown_not_obeyed(tmp_path: Path) -> None
 
     lines = io.StringIO()
     Progress(lines, live=False)(
-        TaskFinished(
-            run_id="r",
-            task_id="t",
-            agent="a",
-            status="failed",
-            attempts=1,
-            duration_s=0.1,
-            result_commit=None,
-            error=ErrorInfo(kind="exit_code", message=HOSTILE),
-        )
+        _finished("t", "failed", ErrorInfo(kind="exit_code", message=HOSTILE))
     )
     line = lines.getvalue()
     assert "\x1b" not in line and "\x9b" not in line and "\u202e" not in line
