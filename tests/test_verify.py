@@ -2025,3 +2025,10 @@ def test_an_estimate_for_a_model_with_an_empty_name_uses_that_names_rates() -> N
     assert audited(raw) == []
     raw["results"][0]["usage"]["cost_usd"] = 1.0
     assert audited(raw)[0] == "task t: usage.cost_usd: expected 0.00315, found 1.0"
+
+
+def test_a_timing_that_does_not_hold_names_its_task() -> None:
+    raw = crafted_report([crafted_result("s"), crafted_result("t")])
+    timings = result_of(raw, "t")["timings"]
+    timings["finished_at"] = "2026-11-22T05:54:30Z"
+    assert audited(raw) == ["task t: timings.finished_at: before the task started"]
