@@ -2032,3 +2032,9 @@ def test_a_timing_that_does_not_hold_names_its_task() -> None:
     timings = result_of(raw, "t")["timings"]
     timings["finished_at"] = "2026-11-22T05:54:30Z"
     assert audited(raw) == ["task t: timings.finished_at: before the task started"]
+
+
+def test_a_succeeded_task_with_an_error_is_flagged() -> None:
+    raw = crafted_report([crafted_result("t")])
+    raw["results"][0]["error"] = {"kind": "exit_code", "message": "no luck", "paths": []}
+    assert audited(raw) == ["task t: error: a succeeded task carries an error"]
