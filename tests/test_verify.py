@@ -941,6 +941,18 @@ def test_an_estimated_cost_is_recomputed_from_the_reports_rates(
     assert found and message in found[0].message, audit_report(raw)
 
 
+def test_an_attempts_partial_cost_is_flagged_in_one_sentence(priced: dict[str, Any]) -> None:
+    from envelopes import audit_report
+
+    raw = copy.deepcopy(priced)
+    _partial_attempt(raw)
+    reseal(raw)
+    assert [str(f) for f in audit_report(raw) if f.field.endswith(".cost_source")] == [
+        "task p: attempt_log[1].usage.cost_source: "
+        "an attempt's cost is reported or estimated, never partial"
+    ]
+
+
 # crafted reports: the audit alone (envelopes), on reports no run made
 #
 # Each report is sealed as a forger would seal it and has the shape of a real one (it
@@ -1500,6 +1512,13 @@ STEP_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
         with_hooks(step("before_run", phase="hook", exit_code=1)),
         ["task t: status: succeeded, but its hook before_run did not pass"],
     ),
+    "succeeded past two failed required hooks": (
+        with_hooks(
+            step("after_create", phase="hook", exit_code=1),
+            step("before_run", phase="hook", exit_code=1),
+        ),
+        ["task t: status: succeeded, but its hook after_create, before_run did not pass"],
+    ),
     "succeeded past a failed optional hook": (
         with_hooks(step("after_run", phase="hook", exit_code=1, required=False)),
         [],
@@ -2038,3 +2057,12 @@ def test_a_succeeded_task_with_an_error_is_flagged() -> None:
     raw = crafted_report([crafted_result("t")])
     raw["results"][0]["error"] = {"kind": "exit_code", "message": "no luck", "paths": []}
     assert audited(raw) == ["task t: error: a succeeded task carries an error"]
+
+
+def test_a_result_without_dependencies_started_from_no_upstream_task() -> None:
+    """``upstream_tasks``: a result's dependencies in order, a group as its selected members."""
+    from envelopes import upstream_tasks
+
+    assert upstream_tasks({"task_id": "t"}, {}) == []
+    groups = {"g": {"selected": ["b", "c"]}}
+    assert upstream_tasks({"depends_on": ["g", "a", "b"]}, groups) == ["b", "c", "a"]
