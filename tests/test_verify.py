@@ -2002,7 +2002,9 @@ def test_an_environment_digest_without_an_environment_is_flagged() -> None:
     ]
 
 
-def test_the_upstream_results_an_envelope_names_are_the_dependencies(tmp_path: Path) -> None:
+def test_the_upstream_results_an_envelope_names_are_the_dependencies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The envelope file says which results a task was handed: its dependencies' (a group's
     selected members), as the report has them."""
     run_dir = tmp_path / "run"
@@ -2029,6 +2031,10 @@ def test_the_upstream_results_an_envelope_names_are_the_dependencies(tmp_path: P
     # An envelope that names no upstream at all is the envelope check's to report.
     hand(None)
     assert audited(raw, run_dir=run_dir) == []
+    # Without a run directory no file is read, not even one the working directory holds.
+    hand({"b": {"result_commit": _oid(1)}})
+    monkeypatch.chdir(run_dir)
+    assert audited(raw) == []
 
 
 def test_an_estimate_for_a_model_with_an_empty_name_uses_that_names_rates() -> None:
