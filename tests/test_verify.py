@@ -1402,6 +1402,33 @@ GROUP_TAMPERS: dict[str, tuple[str, Callable[[dict[str, Any]], None], list[str]]
             "groups.g.selected: expected ['g[b]', 'g[c]', 'solo'], found ['g[b]', 'g[c]']",
         ],
     ),
+    "member whose result names another group": (
+        "all",
+        lambda raw: (
+            result_of(raw, "solo").update(group="h"),
+            _group(raw)["members"].append({"task_id": "solo", "status": "succeeded"}),
+        ),
+        [
+            "task solo: group: listed in group g but its result says 'h'",
+            "groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], "
+            "found ['g[a]', 'g[b]', 'g[c]', 'solo']",
+            "groups.g.selected: expected ['g[b]', 'g[c]', 'solo'], found ['g[b]', 'g[c]']",
+        ],
+    ),
+    "member not in the report listed first": (
+        "all",
+        lambda raw: (
+            _group(raw)["members"].insert(0, {"task_id": "ghost", "status": "failed"}),
+            _group(raw)["members"][1].update(status="succeeded"),
+        ),
+        [
+            "groups.g: member ghost is not in the report",
+            "task g[a]: groups.g.status: expected 'failed', found 'succeeded'",
+            "groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], "
+            "found ['g[a]', 'g[b]', 'g[c]', 'ghost']",
+            "groups.g.selected: expected ['g[a]', 'g[b]', 'g[c]'], found ['g[b]', 'g[c]']",
+        ],
+    ),
     "member left out": (
         "all",
         lambda raw: _group(raw)["members"].pop(0),
