@@ -2099,3 +2099,15 @@ def test_a_result_without_dependencies_started_from_no_upstream_task() -> None:
     assert upstream_tasks({"task_id": "t"}, {}) == []
     groups = {"g": {"selected": ["b", "c"]}}
     assert upstream_tasks({"depends_on": ["g", "a", "b"]}, groups) == ["b", "c", "a"]
+
+
+def test_a_re_formatted_report_file_is_flagged_in_one_line() -> None:
+    from envelopes import audit_report, report_layout
+
+    raw = Report.model_validate(crafted_report([crafted_result("t")])).to_json_dict()
+    reseal(raw)
+    assert audit_report(raw, source=report_layout(raw)) == []
+    assert [str(f) for f in audit_report(raw, source=json.dumps(raw).encode())] == [
+        "<file>: the file's bytes differ from the layout the orchestrator writes "
+        "(re-formatted or edited)"
+    ]
