@@ -2111,3 +2111,18 @@ def test_a_re_formatted_report_file_is_flagged_in_one_line() -> None:
         "<file>: the file's bytes differ from the layout the orchestrator writes "
         "(re-formatted or edited)"
     ]
+
+
+def test_usage_by_model_is_the_results_usage_added_up(priced: dict[str, Any]) -> None:
+    from envelopes import audit_report
+
+    raw = copy.deepcopy(priced)
+    raw["usage_by_model"]["m"]["input_tokens"] += 1
+    reseal(raw)
+    assert [f.field for f in audit_report(raw)] == ["usage_by_model"]
+
+
+def test_an_agent_left_out_of_results_by_agent_is_a_finding() -> None:
+    raw = crafted_report([crafted_result("t")])
+    del raw["results_by_agent"]["coder"]
+    assert [line.split(": expected")[0] for line in audited(raw)] == ["results_by_agent"]
