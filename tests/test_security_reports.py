@@ -520,6 +520,31 @@ def test_a_forged_merge_record_is_checked_against_the_repository(
     ]
 
 
+def test_a_merge_commit_whose_parents_cannot_be_merged_again_says_so(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A merge record's commit whose second parent shares no history with the first: git
+    refuses to merge them again, and the finding names them in order."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a", "b"))
+    with contextlib.chdir(repo):
+        assert cli(capsys, "merge", str(path), "--into", "main").code == 0
+    old = json.loads(path.read_text())["merge"][0]["old_commit"]
+    tree = git(repo, "rev-parse", f"{old}^{{tree}}")
+    unrelated = git(repo, "commit-tree", tree, "-m", "a root of its own")
+    made = git(repo, "commit-tree", tree, "-p", old, "-p", unrelated, "-m", "forged")
+
+    def forged(raw: dict[str, Any]) -> None:
+        entry = raw["merge"][0]["tasks"][0]
+        entry["result_commit"], entry["merge_commit"] = unrelated, made
+
+    findings = anyio.run(verify_report, forge(path, tmp_path / "forged.json", forged)).findings
+    message = f"cannot merge {old} and {unrelated} again to check {made}"
+    assert f"task a: merge[0].merge_commit: {message}" in [str(f) for f in findings]
+
+
 @pytest.mark.slow
 def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
     make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
