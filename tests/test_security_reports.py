@@ -394,6 +394,23 @@ def test_verify_runs_no_merge_driver_of_a_repository_the_report_names(
         assert cli(capsys, "verify", str(path)).code == 0
 
 
+def test_the_users_own_git_config_is_not_held_against_the_reports_repository(
+    make_repo: MakeRepo,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the repository's own config counts: a filter the user configures for every
+    repository (git-lfs, say) does not make the one the report names untrusted."""
+    repo = make_repo()
+    path = run_report(repo)
+    own = tmp_path / "gitconfig"
+    own.write_text('[filter "lfs"]\n\tclean = git-lfs clean -- %f\n')
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(own))
+    outcome = cli(capsys, "verify", str(path))
+    assert outcome.code == 0, outcome.out
+
+
 def test_a_partial_clone_the_report_names_is_not_trusted_to_merge_or_diff(
     make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
