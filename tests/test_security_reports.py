@@ -411,6 +411,21 @@ def test_the_users_own_git_config_is_not_held_against_the_reports_repository(
     assert outcome.code == 0, outcome.out
 
 
+def test_programs_a_repositorys_config_includes_are_found_and_named_in_full(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A driver set in a file the repository's config includes counts as its own; a key is
+    named whole, spaces in its subsection and all."""
+    repo = make_repo()
+    path = run_report(repo)
+    included = tmp_path / "included.config"
+    included.write_text(f'[merge "my driver"]\n\tdriver = touch {tmp_path / "ran"}\n')
+    git(repo, "config", "include.path", str(included))
+    outcome = cli(capsys, "verify", str(path))
+    assert outcome.code == 1
+    assert "configures programs git would run (merge.my driver.driver)" in outcome.out
+
+
 def test_a_partial_clone_the_report_names_is_not_trusted_to_merge_or_diff(
     make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
