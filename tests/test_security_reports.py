@@ -632,10 +632,19 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
         f"task c: provenance.base_commit: {'3' * 40} is not an ancestor of {commit['c']}",
         f"task c: provenance.base_commit: commit {'3' * 40} not found in the repository",
     ]
-    assert findings("e", str(commit["a"])) == [
+    wrong_e = (
         f"task e: provenance.base_commit: expected {commit['d']} (it contains the other "
         f"dependencies' results), found {commit['a']}"
-    ]
+    )
+    assert findings("e", str(commit["a"])) == [wrong_e]
+
+    def lost_b_and_wrong_e(raw: dict[str, Any]) -> None:
+        by_id = {r["task_id"]: r for r in raw["results"]}
+        by_id["b"]["provenance"]["result_commit"] = "4" * 40  # c's start cannot be checked
+        by_id["e"]["provenance"]["base_commit"] = str(commit["a"])
+
+    forged = forge(path, tmp_path / "forged.json", lost_b_and_wrong_e)
+    assert wrong_e in [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
 
 
 def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_repository(
