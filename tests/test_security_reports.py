@@ -646,6 +646,18 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
     forged = forge(path, tmp_path / "forged.json", lost_b_and_wrong_e)
     assert wrong_e in [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
 
+    def c_after_a_and_d_then_e_after_a_and_b(raw: dict[str, Any]) -> None:
+        by_id = {r["task_id"]: r for r in raw["results"]}
+        by_id["c"]["depends_on"] = ["a", "d"]  # d contains a: c's start is d's result
+        by_id["c"]["provenance"]["base_commit"] = str(commit["d"])
+        by_id["e"]["depends_on"] = ["a", "b"]
+
+    forged = forge(path, tmp_path / "forged.json", c_after_a_and_d_then_e_after_a_and_b)
+    assert (
+        f"task e: provenance.base_commit: {commit['d']} is not the merge of its dependencies' "
+        f"results {[commit['a'], commit['b']]} (its parents: {[commit['a']]})"
+    ) in [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
+
 
 def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_repository(
     make_repo: MakeRepo, tmp_path: Path
