@@ -135,9 +135,16 @@ _PROGRAM_KEYS = (
 async def _configured_programs(git: Git) -> list[str]:
     """The keys of the repository's own config (includes followed) that name programs."""
     found = await git.run(
-        "config", "--local", "--includes", "--get-regexp", _PROGRAM_KEYS, check=False
+        "config",
+        "--local",
+        "--includes",
+        "--name-only",
+        "--get-regexp",
+        _PROGRAM_KEYS,
+        check=False,
     )
-    return sorted({line.split(" ", 1)[0] for line in found.stdout.decode().splitlines() if line})
+    # Names only: a subsection may hold spaces (``merge."my driver".driver``).
+    return sorted({line for line in found.stdout.decode().splitlines() if line})
 
 
 def find_run_dir(report: Report, path: Path) -> Path:

@@ -343,16 +343,26 @@ def test_a_version_2_report_holds_a_result_a_line_and_seals_their_seals(tmp_path
     ]
 
 
+def test_report_chunks_lay_out_any_object_as_indented_json() -> None:
+    """Outside ``results``, a version 2 file is 2-space indented JSON: an empty object too."""
+    assert b"".join(report_chunks({}, None)) == b"{}\n"
+    raw = {"a": {"b": [1, "\u00e9"]}, "\u00e9": 2, "results": []}
+    expected = json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
+    assert b"".join(report_chunks(raw, None)) == expected.encode()
+
+
 def test_a_version_1_report_is_still_read_and_verified(tmp_path: Path) -> None:
     """Reports written before version 2: indented throughout, sealed over every byte."""
     report = aggregate([task_result(t, s) for t, s in ONE_OF_EACH])
-    old = report.model_copy(update={"schema_": REPORT_SCHEMA_V1, "report_sha256": ""})
-    old = seal_report(old)
+    # A name beyond ASCII: version 1 is UTF-8 too, not \u escapes.
+    update = {"schema_": REPORT_SCHEMA_V1, "report_sha256": "", "plan_name": "caf\u00e9 \u2713"}
+    old = seal_report(report.model_copy(update=update))
     assert old.report_sha256 == digest_without(old.to_json_dict(), "report_sha256")
     path = anyio.run(write_report, old, tmp_path / "report.json")
     data = path.read_bytes()
     raw = json.loads(data)
     assert data == (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode()
+    assert '"plan_name": "caf\u00e9 \u2713"'.encode() in data
     assert load_report_json(path)[1] == old
     assert audit_report(raw, source=data) == []
     # Written in the other version's layout, it is a finding.

@@ -394,6 +394,38 @@ def test_verify_runs_no_merge_driver_of_a_repository_the_report_names(
         assert cli(capsys, "verify", str(path)).code == 0
 
 
+def test_the_users_own_git_config_is_not_held_against_the_reports_repository(
+    make_repo: MakeRepo,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the repository's own config counts: a filter the user configures for every
+    repository (git-lfs, say) does not make the one the report names untrusted."""
+    repo = make_repo()
+    path = run_report(repo)
+    own = tmp_path / "gitconfig"
+    own.write_text('[filter "lfs"]\n\tclean = git-lfs clean -- %f\n')
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(own))
+    outcome = cli(capsys, "verify", str(path))
+    assert outcome.code == 0, outcome.out
+
+
+def test_programs_a_repositorys_config_includes_are_found_and_named_in_full(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A driver set in a file the repository's config includes counts as its own; a key is
+    named whole, spaces in its subsection and all."""
+    repo = make_repo()
+    path = run_report(repo)
+    included = tmp_path / "included.config"
+    included.write_text(f'[merge "my driver"]\n\tdriver = touch {tmp_path / "ran"}\n')
+    git(repo, "config", "include.path", str(included))
+    outcome = cli(capsys, "verify", str(path))
+    assert outcome.code == 1
+    assert "configures programs git would run (merge.my driver.driver)" in outcome.out
+
+
 def test_a_partial_clone_the_report_names_is_not_trusted_to_merge_or_diff(
     make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -520,6 +552,31 @@ def test_a_forged_merge_record_is_checked_against_the_repository(
     ]
 
 
+def test_a_merge_commit_whose_parents_cannot_be_merged_again_says_so(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A merge record's commit whose second parent shares no history with the first: git
+    refuses to merge them again, and the finding names them in order."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a", "b"))
+    with contextlib.chdir(repo):
+        assert cli(capsys, "merge", str(path), "--into", "main").code == 0
+    old = json.loads(path.read_text())["merge"][0]["old_commit"]
+    tree = git(repo, "rev-parse", f"{old}^{{tree}}")
+    unrelated = git(repo, "commit-tree", tree, "-m", "a root of its own")
+    made = git(repo, "commit-tree", tree, "-p", old, "-p", unrelated, "-m", "forged")
+
+    def forged(raw: dict[str, Any]) -> None:
+        entry = raw["merge"][0]["tasks"][0]
+        entry["result_commit"], entry["merge_commit"] = unrelated, made
+
+    findings = anyio.run(verify_report, forge(path, tmp_path / "forged.json", forged)).findings
+    message = f"cannot merge {old} and {unrelated} again to check {made}"
+    assert f"task a: merge[0].merge_commit: {message}" in [str(f) for f in findings]
+
+
 @pytest.mark.slow
 def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
     make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -575,10 +632,31 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
         f"task c: provenance.base_commit: {'3' * 40} is not an ancestor of {commit['c']}",
         f"task c: provenance.base_commit: commit {'3' * 40} not found in the repository",
     ]
-    assert findings("e", str(commit["a"])) == [
+    wrong_e = (
         f"task e: provenance.base_commit: expected {commit['d']} (it contains the other "
         f"dependencies' results), found {commit['a']}"
-    ]
+    )
+    assert findings("e", str(commit["a"])) == [wrong_e]
+
+    def lost_b_and_wrong_e(raw: dict[str, Any]) -> None:
+        by_id = {r["task_id"]: r for r in raw["results"]}
+        by_id["b"]["provenance"]["result_commit"] = "4" * 40  # c's start cannot be checked
+        by_id["e"]["provenance"]["base_commit"] = str(commit["a"])
+
+    forged = forge(path, tmp_path / "forged.json", lost_b_and_wrong_e)
+    assert wrong_e in [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
+
+    def c_after_a_and_d_then_e_after_a_and_b(raw: dict[str, Any]) -> None:
+        by_id = {r["task_id"]: r for r in raw["results"]}
+        by_id["c"]["depends_on"] = ["a", "d"]  # d contains a: c's start is d's result
+        by_id["c"]["provenance"]["base_commit"] = str(commit["d"])
+        by_id["e"]["depends_on"] = ["a", "b"]
+
+    forged = forge(path, tmp_path / "forged.json", c_after_a_and_d_then_e_after_a_and_b)
+    assert (
+        f"task e: provenance.base_commit: {commit['d']} is not the merge of its dependencies' "
+        f"results {[commit['a'], commit['b']]} (its parents: {[commit['a']]})"
+    ) in [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
 
 
 def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_repository(

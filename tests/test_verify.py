@@ -941,6 +941,18 @@ def test_an_estimated_cost_is_recomputed_from_the_reports_rates(
     assert found and message in found[0].message, audit_report(raw)
 
 
+def test_an_attempts_partial_cost_is_flagged_in_one_sentence(priced: dict[str, Any]) -> None:
+    from envelopes import audit_report
+
+    raw = copy.deepcopy(priced)
+    _partial_attempt(raw)
+    reseal(raw)
+    assert [str(f) for f in audit_report(raw) if f.field.endswith(".cost_source")] == [
+        "task p: attempt_log[1].usage.cost_source: "
+        "an attempt's cost is reported or estimated, never partial"
+    ]
+
+
 # crafted reports: the audit alone (envelopes), on reports no run made
 #
 # Each report is sealed as a forger would seal it and has the shape of a real one (it
@@ -1390,6 +1402,33 @@ GROUP_TAMPERS: dict[str, tuple[str, Callable[[dict[str, Any]], None], list[str]]
             "groups.g.selected: expected ['g[b]', 'g[c]', 'solo'], found ['g[b]', 'g[c]']",
         ],
     ),
+    "member whose result names another group": (
+        "all",
+        lambda raw: (
+            result_of(raw, "solo").update(group="h"),
+            _group(raw)["members"].append({"task_id": "solo", "status": "succeeded"}),
+        ),
+        [
+            "task solo: group: listed in group g but its result says 'h'",
+            "groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], "
+            "found ['g[a]', 'g[b]', 'g[c]', 'solo']",
+            "groups.g.selected: expected ['g[b]', 'g[c]', 'solo'], found ['g[b]', 'g[c]']",
+        ],
+    ),
+    "member not in the report listed first": (
+        "all",
+        lambda raw: (
+            _group(raw)["members"].insert(0, {"task_id": "ghost", "status": "failed"}),
+            _group(raw)["members"][1].update(status="succeeded"),
+        ),
+        [
+            "groups.g: member ghost is not in the report",
+            "task g[a]: groups.g.status: expected 'failed', found 'succeeded'",
+            "groups.g.members: expected ['g[a]', 'g[b]', 'g[c]'], "
+            "found ['g[a]', 'g[b]', 'g[c]', 'ghost']",
+            "groups.g.selected: expected ['g[a]', 'g[b]', 'g[c]'], found ['g[b]', 'g[c]']",
+        ],
+    ),
     "member left out": (
         "all",
         lambda raw: _group(raw)["members"].pop(0),
@@ -1499,6 +1538,13 @@ STEP_CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
     "succeeded past a failed required hook": (
         with_hooks(step("before_run", phase="hook", exit_code=1)),
         ["task t: status: succeeded, but its hook before_run did not pass"],
+    ),
+    "succeeded past two failed required hooks": (
+        with_hooks(
+            step("after_create", phase="hook", exit_code=1),
+            step("before_run", phase="hook", exit_code=1),
+        ),
+        ["task t: status: succeeded, but its hook after_create, before_run did not pass"],
     ),
     "succeeded past a failed optional hook": (
         with_hooks(step("after_run", phase="hook", exit_code=1, required=False)),
@@ -1983,7 +2029,9 @@ def test_an_environment_digest_without_an_environment_is_flagged() -> None:
     ]
 
 
-def test_the_upstream_results_an_envelope_names_are_the_dependencies(tmp_path: Path) -> None:
+def test_the_upstream_results_an_envelope_names_are_the_dependencies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The envelope file says which results a task was handed: its dependencies' (a group's
     selected members), as the report has them."""
     run_dir = tmp_path / "run"
@@ -2010,6 +2058,10 @@ def test_the_upstream_results_an_envelope_names_are_the_dependencies(tmp_path: P
     # An envelope that names no upstream at all is the envelope check's to report.
     hand(None)
     assert audited(raw, run_dir=run_dir) == []
+    # Without a run directory no file is read, not even one the working directory holds.
+    hand({"b": {"result_commit": _oid(1)}})
+    monkeypatch.chdir(run_dir)
+    assert audited(raw) == []
 
 
 def test_an_estimate_for_a_model_with_an_empty_name_uses_that_names_rates() -> None:
@@ -2025,3 +2077,52 @@ def test_an_estimate_for_a_model_with_an_empty_name_uses_that_names_rates() -> N
     assert audited(raw) == []
     raw["results"][0]["usage"]["cost_usd"] = 1.0
     assert audited(raw)[0] == "task t: usage.cost_usd: expected 0.00315, found 1.0"
+
+
+def test_a_timing_that_does_not_hold_names_its_task() -> None:
+    raw = crafted_report([crafted_result("s"), crafted_result("t")])
+    timings = result_of(raw, "t")["timings"]
+    timings["finished_at"] = "2026-11-22T05:54:30Z"
+    assert audited(raw) == ["task t: timings.finished_at: before the task started"]
+
+
+def test_a_succeeded_task_with_an_error_is_flagged() -> None:
+    raw = crafted_report([crafted_result("t")])
+    raw["results"][0]["error"] = {"kind": "exit_code", "message": "no luck", "paths": []}
+    assert audited(raw) == ["task t: error: a succeeded task carries an error"]
+
+
+def test_a_result_without_dependencies_started_from_no_upstream_task() -> None:
+    """``upstream_tasks``: a result's dependencies in order, a group as its selected members."""
+    from envelopes import upstream_tasks
+
+    assert upstream_tasks({"task_id": "t"}, {}) == []
+    groups = {"g": {"selected": ["b", "c"]}}
+    assert upstream_tasks({"depends_on": ["g", "a", "b"]}, groups) == ["b", "c", "a"]
+
+
+def test_a_re_formatted_report_file_is_flagged_in_one_line() -> None:
+    from envelopes import audit_report, report_layout
+
+    raw = Report.model_validate(crafted_report([crafted_result("t")])).to_json_dict()
+    reseal(raw)
+    assert audit_report(raw, source=report_layout(raw)) == []
+    assert [str(f) for f in audit_report(raw, source=json.dumps(raw).encode())] == [
+        "<file>: the file's bytes differ from the layout the orchestrator writes "
+        "(re-formatted or edited)"
+    ]
+
+
+def test_usage_by_model_is_the_results_usage_added_up(priced: dict[str, Any]) -> None:
+    from envelopes import audit_report
+
+    raw = copy.deepcopy(priced)
+    raw["usage_by_model"]["m"]["input_tokens"] += 1
+    reseal(raw)
+    assert [f.field for f in audit_report(raw)] == ["usage_by_model"]
+
+
+def test_an_agent_left_out_of_results_by_agent_is_a_finding() -> None:
+    raw = crafted_report([crafted_result("t")])
+    del raw["results_by_agent"]["coder"]
+    assert [line.split(": expected")[0] for line in audited(raw)] == ["results_by_agent"]
