@@ -1160,3 +1160,47 @@ def test_a_retry_in_a_slot_that_cannot_be_made_pristine_is_a_git_error(
     slot, error = run(main)
     assert (error.command, error.returncode) == (["worktree"], 1)
     assert str(error).startswith(f"git worktree: fatal: cannot reset {slot}: [Errno 21] ")
+
+
+def test_gc_and_a_discard_go_on_past_what_cannot_be_deleted(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A file an agent made undeletable stays, with the directories above it; the rest goes.
+    gc reports such a slot removed and goes on with the next ones, and leaves neither its
+    lock nor its private index (kept, the lock would make the slot look just used to the
+    next gc); an emptied set's directory that cannot be removed stays. A discarded venv
+    holding such a file goes the same way, its lock with it."""
+    from orchestrator.pool import VenvPool, WorktreePool, collect_pool
+
+    from .test_recovery import unremovable
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    venvs = state(repo_path) / "pool" / "venvs"
+    stuck_venv, emptied_set = venvs / "k1" / "a", venvs / "k2"
+    (stuck_venv / "bin").mkdir(parents=True)
+    emptied_set.mkdir()
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=1)
+
+    async def main() -> tuple[Path, Path, list[str]]:
+        repo = await Repository.open(repo_path)
+        worktrees = WorktreePool(repo, 1)
+        worktree = await worktrees.create("u/one", head)
+        assert worktree is not None
+        await worktrees.give_back(worktree)
+        venv = await pool.acquire((), cwd=tmp_path, fallback=tmp_path / "outside")
+        stuck = [worktree.path / "stuck", stuck_venv / "bin" / "stuck", venv.path / "stuck"]
+        for file in stuck:
+            file.write_text("x\n")
+        with unremovable(*stuck, emptied_set):
+            done = await collect_pool(repo, idle_for=0)
+            await pool.discard(venv)
+        return worktree.path, venv.path, done
+
+    slot, venv, done = run(main)
+    assert done == [f"removed pool worktree {slot}", f"removed pool venv {stuck_venv}"]
+    assert sorted(p.name for p in slot.parent.iterdir()) == [slot.name]
+    assert sorted(p.name for p in stuck_venv.parent.iterdir()) == ["a"]
+    assert (slot / "stuck").is_file() and (stuck_venv / "bin" / "stuck").is_file()
+    assert emptied_set.is_dir()
+    assert (venv / "stuck").is_file() and not venv.with_name(venv.name + ".mutex").exists()
