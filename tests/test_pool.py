@@ -861,11 +861,15 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
     ]
     git(repo, "update-ref", "-d", f"refs/heads/orchestrator/{dead}/t2")
     (repo / ".git" / f"refs/heads/orchestrator/{dead}").mkdir(parents=True, exist_ok=True)
-    (repo / ".git" / f"refs/heads/orchestrator/{dead}/junk").write_text("not a commit\n")
+    junk = repo / ".git" / f"refs/heads/orchestrator/{dead}/junk"
+    junk.write_text("not a commit\n")
     for content in hostile:
         (admins[1] / "HEAD").write_bytes(content)
         assert detach_dead_slots(state(repo), dead) == []
         assert (admins[1] / "HEAD").read_bytes() == content
+    junk.write_bytes(b"\xff" * 40 + b"\n")  # nor even UTF-8
+    assert detach_dead_slots(state(repo), dead) == []
+    assert (admins[1] / "HEAD").read_bytes() == hostile[-1]
     (admins[1] / "HEAD").unlink()
     os.mkfifo(admins[1] / "HEAD")
     assert detach_dead_slots(state(repo), dead) == []  # returns: the FIFO is never opened
@@ -1204,3 +1208,18 @@ def test_gc_and_a_discard_go_on_past_what_cannot_be_deleted(
     assert (slot / "stuck").is_file() and (stuck_venv / "bin" / "stuck").is_file()
     assert emptied_set.is_dir()
     assert (venv / "stuck").is_file() and not venv.with_name(venv.name + ".mutex").exists()
+
+
+def test_a_slot_kept_after_its_pool_was_deleted_is_let_go_of(tmp_path: Path) -> None:
+    """The pool's directory deleted under a run (by hand, say): a slot it keeps cannot be
+    marked, and is let go of all the same, without an error."""
+    import shutil
+
+    slots = Slots(tmp_path / "slots", size=1)
+    slot = slots.reserve()
+    assert slot is not None
+    slot.mkdir()
+    slots.made(slot)
+    shutil.rmtree(tmp_path / "slots")
+    slots.mark_kept(slot)
+    assert slots.held() == [] and not (tmp_path / "slots").exists()
