@@ -466,8 +466,8 @@ def _ref_text(path: Path, limit: int = _MAX_REF_BYTES) -> str:
 
 def _head_commit(admin: Path) -> str | None:
     """HEAD detached where it is now (resolved from the loose or packed ref), unchanged when
-    its branch is gone, or None when HEAD names no branch a slot's could be (see
-    _BRANCH_REF) or what it names is not a commit id."""
+    already detached, or None (nowhere to detach it to) when HEAD names no branch a slot's
+    could be (see _BRANCH_REF), its branch is gone, or what it names is not a commit id."""
     head = _ref_text(admin / "HEAD")
     if not head.startswith("ref: "):
         return head
@@ -485,7 +485,7 @@ def _head_commit(admin: Path) -> str | None:
             commit, _, packed = line.partition(" ")
             if packed == name:
                 return f"{commit}\n" if is_object_id(commit) else None
-    return head
+    return None
 
 
 async def _remove_worktree_slot(repo: Repository, slot: Path) -> None:
@@ -527,7 +527,8 @@ def detach_dead_slots(state_dir: Path, run_id: str) -> list[Path]:
     A run killed while a task held a slot leaves the slot's HEAD on the task's branch, and
     the crash may have come before the journal recorded where the task worked. A resume
     calls this (after the dead run's agents are killed) so that the branch is checked out
-    nowhere before it is cleared, and no slot names it afterwards. Blocking.
+    nowhere before it is cleared, and no slot names it afterwards. Returns the slots it
+    detached. Blocking.
     """
     prefix = f"ref: refs/heads/orchestrator/{run_id}/"
     detached: list[Path] = []

@@ -836,10 +836,13 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
     gone = f"ref: refs/heads/orchestrator/{dead}/t9\n"  # a branch no longer there
     (admins[1] / "HEAD").write_text(gone)
     assert not (repo / ".git" / "packed-refs").exists()
-    detach_dead_slots(state(repo), dead)
+    assert detach_dead_slots(state(repo), dead) == []
     assert (admins[1] / "HEAD").read_text() == gone  # nowhere to detach it to
     (admins[1] / "HEAD").write_text(on_t2)
-    git(repo, "pack-refs", "--all")  # the branch packed (a gc since the crash)
+    many = "".join(f"create refs/heads/many/{i:03} {head}\n" for i in range(100))
+    subprocess.run(["git", "-C", str(repo), "update-ref", "--stdin"], input=many, text=True)
+    git(repo, "pack-refs", "--all")  # the branch packed (a gc since the crash), among many
+    assert (repo / ".git" / "packed-refs").stat().st_size > 4096  # longer than any ref
     assert detach_dead_slots(state(repo), dead) == [slots[1]]
     assert (admins[1] / "HEAD").read_text().strip() == head
     (admins[1] / "HEAD").write_text(on_t2)
@@ -870,6 +873,11 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
     junk.write_bytes(b"\xff" * 40 + b"\n")  # nor even UTF-8
     assert detach_dead_slots(state(repo), dead) == []
     assert (admins[1] / "HEAD").read_bytes() == hostile[-1]
+    with (repo / ".git" / "packed-refs").open("a") as packed:  # nor a packed one
+        packed.write(f"not-a-commit refs/heads/orchestrator/{dead}/packed\n")
+    (admins[1] / "HEAD").write_text(f"ref: refs/heads/orchestrator/{dead}/packed\n")
+    assert detach_dead_slots(state(repo), dead) == []
+    assert (admins[1] / "HEAD").read_text().endswith("/packed\n")
     (admins[1] / "HEAD").unlink()
     os.mkfifo(admins[1] / "HEAD")
     assert detach_dead_slots(state(repo), dead) == []  # returns: the FIFO is never opened
