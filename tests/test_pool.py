@@ -1117,12 +1117,17 @@ def test_a_failed_install_leaves_no_slot_and_fails_its_set_once(
     async def main() -> None:
         with monkeypatch.context() as offline:
             offline.setenv("UV_OFFLINE", "1")
+            errors = []
             for _ in range(2):
-                with pytest.raises(VenvError):
+                with pytest.raises(VenvError) as failed:
                     await pool.acquire(
                         ["no-such-distribution-here"], cwd=tmp_path, fallback=outside
                     )
+                errors.append(failed.value)
         assert backend.tried == 1 and pool.created == 0
+        first, second = errors  # the same error: what failed, and the commands that ran
+        assert str(second) == str(first) and "no-such-distribution-here" in str(first)
+        assert second.commands == first.commands and first.commands[-1][1:3] == ["pip", "install"]
         assert not [p for p in pool.root.rglob("*") if not p.is_dir()]  # no slot, no lock
         venv = await pool.acquire(["six"], cwd=tmp_path, fallback=outside)
         assert pool.owns(venv) and pool.created == 1
@@ -1231,3 +1236,26 @@ def test_a_slot_kept_after_its_pool_was_deleted_is_let_go_of(tmp_path: Path) -> 
     shutil.rmtree(tmp_path / "slots")
     slots.mark_kept(slot)
     assert slots.held() == [] and not (tmp_path / "slots").exists()
+
+
+def test_a_pooled_install_runs_in_the_plans_directory(tmp_path: Path) -> None:
+    """uv reads its settings (``uv.toml``) where it runs: an install runs in the plan's
+    directory, in the pool as without it, so the plan's settings hold for both (here: no
+    index, so nothing can be installed)."""
+    from orchestrator.errors import VenvError
+    from orchestrator.pool import VenvPool
+
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    (plan_dir / "uv.toml").write_text("[pip]\nno-index = true\n")
+
+    async def acquire(size: int) -> None:
+        pool = VenvPool(tmp_path / "state", UvBackend(), size=size)
+        try:
+            await pool.acquire(["six"], cwd=plan_dir, fallback=tmp_path / "outside")
+        finally:
+            pool.close()
+
+    for size in (1, 0):
+        with pytest.raises(VenvError, match="six"):
+            anyio.run(acquire, size, backend="asyncio")
