@@ -1259,3 +1259,50 @@ def test_a_pooled_install_runs_in_the_plans_directory(tmp_path: Path) -> None:
     for size in (1, 0):
         with pytest.raises(VenvError, match="six"):
             anyio.run(acquire, size, backend="asyncio")
+
+
+def test_a_task_that_finds_the_pool_full_gets_its_venv_made_at_its_own_place(
+    tmp_path: Path,
+) -> None:
+    """Every slot of its set held and the pool full: the venv is made at the task's own place,
+    not lent, and installed as without a pool: with uv, synced to what the set came to; with
+    pip (which cannot sync), from the task's requirements in the plan's directory."""
+    from orchestrator.pool import VenvPool
+    from orchestrator.venv import StdlibBackend
+
+    class RecordedPip(StdlibBackend):
+        """python -m venv (without pip: seconds saved), and pip's installs recorded, not run."""
+
+        installs: list[tuple[list[str], Path | None]] = []
+
+        async def create(self, path: Path, *, with_pip: bool) -> list[str]:
+            return await super().create(path, with_pip=False)
+
+        async def install(
+            self, venv: Path, requirements: Any, *, cwd: Path | None = None, what: Any = None
+        ) -> list[str]:
+            self.installs.append((list(requirements), cwd))
+            return ["pip", "install", *requirements]
+
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+
+    async def main(backend: Any, name: str) -> tuple[Venv, Venv]:
+        pool = VenvPool(tmp_path / name, backend, size=1)
+        try:
+            first = await pool.acquire(["six"], cwd=plan_dir, fallback=tmp_path / "a" / name)
+            second = await pool.acquire(["six"], cwd=plan_dir, fallback=tmp_path / "b" / name)
+            assert pool.owns(first) and not pool.owns(second)
+        finally:
+            pool.close()
+        return first, second
+
+    first, second = anyio.run(main, UvBackend(), "uv", backend="asyncio")
+    assert second.path == tmp_path / "b" / "uv"
+    assert describe_environment(second).packages == describe_environment(first).packages
+    assert any(p.startswith("six==") for p in describe_environment(second).packages)
+
+    pip = RecordedPip()
+    first, second = anyio.run(main, pip, "pip", backend="asyncio")
+    assert second.path == tmp_path / "b" / "pip" and (second.path / "pyvenv.cfg").is_file()
+    assert pip.installs == [(["six"], plan_dir), (["six"], plan_dir)]
