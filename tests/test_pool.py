@@ -1015,7 +1015,7 @@ def test_a_discarded_venv_goes_with_its_lock_and_a_kept_one_is_never_lent_again(
 
     async def acquire() -> Path:
         venv = await pool.acquire((), cwd=tmp_path, fallback=tmp_path / "outside")
-        assert pool.owns(venv)
+        assert pool.owns(venv) and venv.backend == "uv"  # the installer its provenance names
         return venv.path
 
     async def main() -> None:
@@ -1266,16 +1266,21 @@ def test_a_task_that_finds_the_pool_full_gets_its_venv_made_at_its_own_place(
 ) -> None:
     """Every slot of its set held and the pool full: the venv is made at the task's own place,
     not lent, and installed as without a pool: with uv, synced to what the set came to; with
-    pip (which cannot sync), from the task's requirements in the plan's directory."""
+    pip (which cannot sync), from the task's requirements in the plan's directory, with pip
+    in it when the task asked for it."""
     from orchestrator.pool import VenvPool
     from orchestrator.venv import StdlibBackend
 
     class RecordedPip(StdlibBackend):
-        """python -m venv (without pip: seconds saved), and pip's installs recorded, not run."""
+        """python -m venv (without pip: seconds saved), its creations and pip's installs
+        recorded (the installs not run)."""
 
-        installs: list[tuple[list[str], Path | None]] = []
+        def __init__(self) -> None:
+            self.creations: list[bool] = []
+            self.installs: list[tuple[list[str], Path | None]] = []
 
         async def create(self, path: Path, *, with_pip: bool) -> list[str]:
+            self.creations.append(with_pip)
             return await super().create(path, with_pip=False)
 
         async def install(
@@ -1287,22 +1292,27 @@ def test_a_task_that_finds_the_pool_full_gets_its_venv_made_at_its_own_place(
     plan_dir = tmp_path / "plan"
     plan_dir.mkdir()
 
-    async def main(backend: Any, name: str) -> tuple[Venv, Venv]:
+    async def main(backend: Any, name: str, wanted: list[str], seed: bool) -> tuple[Venv, Venv]:
         pool = VenvPool(tmp_path / name, backend, size=1)
         try:
-            first = await pool.acquire(["six"], cwd=plan_dir, fallback=tmp_path / "a" / name)
-            second = await pool.acquire(["six"], cwd=plan_dir, fallback=tmp_path / "b" / name)
+            first, second = [
+                await pool.acquire(wanted, cwd=plan_dir, fallback=tmp_path / at / name, seed=seed)
+                for at in ("a", "b")
+            ]
             assert pool.owns(first) and not pool.owns(second)
         finally:
             pool.close()
         return first, second
 
-    first, second = anyio.run(main, UvBackend(), "uv", backend="asyncio")
-    assert second.path == tmp_path / "b" / "uv"
+    first, second = anyio.run(main, UvBackend(), "uv", ["six"], False, backend="asyncio")
+    assert second.path == tmp_path / "b" / "uv" and (first.backend, second.backend) == ("uv",) * 2
     assert describe_environment(second).packages == describe_environment(first).packages
     assert any(p.startswith("six==") for p in describe_environment(second).packages)
 
     pip = RecordedPip()
-    first, second = anyio.run(main, pip, "pip", backend="asyncio")
+    first, second = anyio.run(main, pip, "pip", ["six"], False, backend="asyncio")
     assert second.path == tmp_path / "b" / "pip" and (second.path / "pyvenv.cfg").is_file()
     assert pip.installs == [(["six"], plan_dir), (["six"], plan_dir)]
+    seeded = RecordedPip()
+    anyio.run(main, seeded, "seeded", [], True, backend="asyncio")
+    assert seeded.creations == [True, True] and seeded.installs == []
