@@ -1030,12 +1030,13 @@ def test_a_discarded_venv_goes_with_its_lock_and_a_kept_one_is_never_lent_again(
         os.close(fd)
         other = await acquire()
         assert other not in (discarded, kept)
-        pool.give_back(Venv(other, "uv"))
-        assert await acquire() == other
+        for _ in range(2):  # lent again, and again
+            pool.give_back(Venv(other, "uv"))
+            assert await acquire() == other
         pool.close()
 
     run(main)
-    assert (pool.created, pool.recycled) == (3, 1)
+    assert (pool.created, pool.recycled) == (3, 2)
 
 
 def test_a_kept_slot_moves_out_with_its_entry_or_stays_never_lent_again(
