@@ -1317,3 +1317,41 @@ def test_a_task_that_finds_the_pool_full_gets_its_venv_made_at_its_own_place(
     seeded = RecordedPip()
     anyio.run(main, seeded, "seeded", [], True, backend="asyncio")
     assert seeded.creations == [True, True] and seeded.installs == []
+
+
+def test_a_venv_a_task_added_to_is_synced_back_before_it_is_lent_again(tmp_path: Path) -> None:
+    """A venv given back with a distribution more than its set's (a task's ``pip install``)
+    is synced back to the set's, and counted so, each time; then it is lent as it is."""
+    from orchestrator.pool import VenvPool
+
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=1)
+
+    def add_a_distribution(venv: Venv) -> None:
+        [site] = venv.path.glob("lib/python*/site-packages")
+        info = site / "extra_thing-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: extra-thing\nVersion: 1.0\n")
+        (info / "INSTALLER").write_text("pip\n")
+        (info / "RECORD").write_text(
+            "".join(
+                f"extra_thing-1.0.dist-info/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD")
+            )
+        )
+
+    async def main() -> list[Venv]:
+        lent = [await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside")]
+        for _ in range(2):
+            add_a_distribution(lent[-1])
+            pool.give_back(lent[-1])
+            lent.append(await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside"))
+        pool.give_back(lent[-1])
+        lent.append(await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside"))
+        pool.close()
+        return lent
+
+    first, *again = run(main)
+    assert (pool.created, pool.synced, pool.recycled) == (1, 2, 1)
+    assert all(venv.path == first.path and venv.backend == "uv" for venv in again)
+    assert [venv.commands[0][1:3] for venv in again[:2]] == [["pip", "sync"]] * 2
+    assert again[2].commands == []  # lent as it was
+    assert "extra-thing==1.0" not in describe_environment(first).packages
