@@ -253,7 +253,11 @@ async def _collect_slots(
             continue
         slots.adopt(slot, fd)
         await remove(slot)
-        _kept_mark(slot).unlink(missing_ok=True)
+        if slot.exists():  # a file that cannot be deleted: never lent (the next gc tries again)
+            with contextlib.suppress(OSError):
+                _kept_mark(slot).touch()
+        else:
+            _kept_mark(slot).unlink(missing_ok=True)
         slots.release(slot, forget=True)
         done.append(f"removed pool {what} {slot}")
     with contextlib.suppress(FileNotFoundError):
@@ -600,6 +604,18 @@ def _packages(path: Path, backend: str) -> frozenset[str]:
     return frozenset(describe_environment(Venv(path, backend)).packages)
 
 
+async def _remove_venv_slot(slots: Slots, slot: Path) -> None:
+    """Delete the held *slot* and let go of it. One that cannot be deleted whole (a file an
+    agent made undeletable) is marked never to be lent again: lent, it would be an agent's
+    venv trusted by the next borrower, or (no longer a venv) taken and removed again and
+    again by a borrower that never gets past it. gc removes it when it can."""
+    await anyio.to_thread.run_sync(remove_tree, slot, True)
+    if slot.exists():
+        slots.mark_kept(slot)
+    else:
+        slots.release(slot, forget=True)
+
+
 class VenvPool:
     """Venvs kept between tasks and runs, one set of slots per requirement set (and per
     ``seed``: a venv with pip is never lent to a task that asked for none, nor the reverse).
@@ -724,8 +740,7 @@ class VenvPool:
                         return Venv(slot, name, commands=[command])
             except (VenvError, OSError):
                 pass
-            await anyio.to_thread.run_sync(remove_tree, slot, True)
-            slots.release(slot, forget=True)
+            await _remove_venv_slot(slots, slot)
         slot = slots.reserve()
         path = slot or fallback
         try:
@@ -740,8 +755,7 @@ class VenvPool:
                 )
         except BaseException:
             if slot is not None:
-                await anyio.to_thread.run_sync(remove_tree, slot, True)
-                slots.release(slot, forget=True)
+                await _remove_venv_slot(slots, slot)
             raise
         finally:
             if slot is not None:
@@ -763,8 +777,7 @@ class VenvPool:
         A sandboxed agent may write its venv (``bin/python`` included); lent again, that venv
         would run the agent's code outside the sandbox, at the next ``uv pip sync``.
         """
-        await anyio.to_thread.run_sync(remove_tree, venv.path, True)
-        self._slots[venv.path.parent.name].release(venv.path, forget=True)
+        await _remove_venv_slot(self._slots[venv.path.parent.name], venv.path)
 
     def close(self) -> None:
         """Let go of every slot still held."""

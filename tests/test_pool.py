@@ -1184,10 +1184,10 @@ def test_gc_and_a_discard_go_on_past_what_cannot_be_deleted(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
     """A file an agent made undeletable stays, with the directories above it; the rest goes.
-    gc reports such a slot removed and goes on with the next ones, and leaves neither its
-    lock nor its private index (kept, the lock would make the slot look just used to the
-    next gc); an emptied set's directory that cannot be removed stays. A discarded venv
-    holding such a file goes the same way, its lock with it."""
+    gc reports such a slot removed and goes on with the next ones, marks it never to be lent
+    again, and leaves neither its lock nor its private index (kept, the lock would make the
+    slot look just used to the next gc); an emptied set's directory that cannot be removed
+    stays. A discarded venv holding such a file stays too, never lent again."""
     from orchestrator.pool import VenvPool, WorktreePool, collect_pool
 
     from .test_recovery import unremovable
@@ -1217,11 +1217,11 @@ def test_gc_and_a_discard_go_on_past_what_cannot_be_deleted(
 
     slot, venv, done = run(main)
     assert done == [f"removed pool worktree {slot}", f"removed pool venv {stuck_venv}"]
-    assert sorted(p.name for p in slot.parent.iterdir()) == [slot.name]
-    assert sorted(p.name for p in stuck_venv.parent.iterdir()) == ["a"]
+    assert sorted(p.name for p in slot.parent.iterdir()) == [slot.name, f"{slot.name}.kept"]
+    assert sorted(p.name for p in stuck_venv.parent.iterdir()) == ["a", "a.kept"]
     assert (slot / "stuck").is_file() and (stuck_venv / "bin" / "stuck").is_file()
     assert emptied_set.is_dir()
-    assert (venv / "stuck").is_file() and not venv.with_name(venv.name + ".mutex").exists()
+    assert (venv / "stuck").is_file() and venv.with_name(venv.name + ".kept").exists()
 
 
 def test_a_slot_kept_after_its_pool_was_deleted_is_let_go_of(tmp_path: Path) -> None:
@@ -1355,3 +1355,40 @@ def test_a_venv_a_task_added_to_is_synced_back_before_it_is_lent_again(tmp_path:
     assert [venv.commands[0][1:3] for venv in again[:2]] == [["pip", "sync"]] * 2
     assert again[2].commands == []  # lent as it was
     assert "extra-thing==1.0" not in describe_environment(first).packages
+
+
+def test_a_venv_that_cannot_be_brought_back_nor_removed_is_never_lent_again(
+    tmp_path: Path,
+) -> None:
+    """A venv given back broken (its ``pyvenv.cfg`` gone: nothing can say what is in it) is
+    removed and a new one made; one holding a file that cannot be deleted stays, never lent
+    again (no borrower loops over it), and gc's to remove."""
+    from orchestrator.pool import VenvPool
+
+    from .test_recovery import unremovable
+
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=3)
+
+    async def acquire() -> Venv:
+        with anyio.fail_after(120):  # a guard: a borrower that loops over a slot never returns
+            return await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside")
+
+    async def main() -> list[Venv]:
+        first = await acquire()
+        pool.give_back(first)
+        (first.path / "pyvenv.cfg").unlink()
+        second = await acquire()  # first removed, second made
+        pool.give_back(second)
+        (second.path / "pyvenv.cfg").unlink()
+        (second.path / "stuck").write_text("x\n")
+        with unremovable(second.path / "stuck"):
+            third = await acquire()
+            pool.close()
+        return [first, second, third]
+
+    first, second, third = run(main)
+    assert not first.path.exists() and not first.path.with_name(first.path.name + ".mutex").exists()
+    assert (second.path / "stuck").is_file() and second.path.with_name(
+        second.path.name + ".kept"
+    ).exists()
+    assert len({first.path, second.path, third.path}) == 3 and pool.created == 3
