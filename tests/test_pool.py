@@ -1309,6 +1309,10 @@ def test_a_task_that_finds_the_pool_full_gets_its_venv_made_at_its_own_place(
     assert second.path == tmp_path / "b" / "uv" and (first.backend, second.backend) == ("uv",) * 2
     assert describe_environment(second).packages == describe_environment(first).packages
     assert any(p.startswith("six==") for p in describe_environment(second).packages)
+    assert [c[1:3] for c in second.commands] == [["venv", "--quiet"], ["pip", "sync"]]
+    first, second = anyio.run(main, UvBackend(), "uv-seeded", [], True, backend="asyncio")
+    assert second.commands[0][1:4] == ["venv", "--quiet", "--seed"]  # made as the first was
+    assert describe_environment(second).packages == describe_environment(first).packages
 
     pip = RecordedPip()
     first, second = anyio.run(main, pip, "pip", ["six"], False, backend="asyncio")
