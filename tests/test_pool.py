@@ -1350,11 +1350,14 @@ def test_a_venv_a_task_added_to_is_synced_back_before_it_is_lent_again(tmp_path:
             lent.append(await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside"))
         pool.give_back(lent[-1])
         lent.append(await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside"))
+        # Another set (six with pip): installed in a slot of its own, counted as made.
+        seeded = await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "out", seed=True)
+        assert pool.owns(seeded)
         pool.close()
         return lent
 
     first, *again = run(main)
-    assert (pool.created, pool.synced, pool.recycled) == (1, 2, 1)
+    assert (pool.created, pool.synced, pool.recycled) == (2, 2, 1)
     assert all(venv.path == first.path and venv.backend == "uv" for venv in again)
     assert [venv.commands[0][1:3] for venv in again[:2]] == [["pip", "sync"]] * 2
     assert again[2].commands == []  # lent as it was
@@ -1396,3 +1399,23 @@ def test_a_venv_that_cannot_be_brought_back_nor_removed_is_never_lent_again(
         second.path.name + ".kept"
     ).exists()
     assert len({first.path, second.path, third.path}) == 3 and pool.created == 3
+
+
+def test_without_a_pool_every_task_installs_its_own_venv(tmp_path: Path) -> None:
+    """A pool of size 0: every task's venv is made at its own place and installed from its
+    requirements, as the first one's was (nothing synced to what another task's came to)."""
+    from orchestrator.pool import VenvPool
+
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=0)
+
+    async def main() -> list[Venv]:
+        return [
+            await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / name)
+            for name in ("a", "b")
+        ]
+
+    venvs = run(main)
+    assert [venv.path for venv in venvs] == [tmp_path / "a", tmp_path / "b"]
+    made = [[command[1:3] for command in venv.commands] for venv in venvs]
+    assert made == [[["venv", "--quiet"], ["pip", "install"]]] * 2
+    assert (pool.created, pool.synced, pool.recycled) == (0, 0, 0)
