@@ -1419,3 +1419,45 @@ def test_without_a_pool_every_task_installs_its_own_venv(tmp_path: Path) -> None
     made = [[command[1:3] for command in venv.commands] for venv in venvs]
     assert made == [[["venv", "--quiet"], ["pip", "install"]]] * 2
     assert (pool.created, pool.synced, pool.recycled) == (0, 0, 0)
+
+
+def test_a_venv_that_cannot_be_made_in_a_new_slot_leaves_room_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """A task that finds its set's slot held makes a new one; when that install fails, the
+    task gets the error, and the new slot goes with its lock: the next task makes its own."""
+    from orchestrator.errors import VenvError
+    from orchestrator.pool import VenvPool
+    from orchestrator.venv import StdlibBackend
+
+    class SecondInstallFails(StdlibBackend):
+        """python -m venv without pip; installs not run, the second one failing."""
+
+        installs = 0
+
+        async def create(self, path: Path, *, with_pip: bool) -> list[str]:
+            return await super().create(path, with_pip=False)
+
+        async def install(self, venv: Path, requirements: Any, **_: Any) -> list[str]:
+            self.installs += 1
+            if self.installs == 2:
+                raise VenvError("the index is down", commands=[["pip", "install"]])
+            return ["pip", "install", *requirements]
+
+    pool = VenvPool(tmp_path / "state", SecondInstallFails(), size=2)
+
+    async def main() -> tuple[Venv, Venv]:
+        first = await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "a")
+        with pytest.raises(VenvError, match="the index is down"):
+            await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "b")
+        third = await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "c")
+        pool.close()
+        return first, third
+
+    first, third = run(main)
+    assert third.path.parent == first.path.parent and third.path != first.path
+    names = sorted(p.name for p in first.path.parent.iterdir())
+    assert names == sorted(
+        f"{p.name}{end}" for p in (first.path, third.path) for end in ("", ".mutex")
+    )
+    assert pool.created == 2
