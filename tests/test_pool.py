@@ -1461,3 +1461,39 @@ def test_a_venv_that_cannot_be_made_in_a_new_slot_leaves_room_for_the_next(
         f"{p.name}{end}" for p in (first.path, third.path) for end in ("", ".mutex")
     )
     assert pool.created == 2
+
+
+def test_a_slot_lent_again_has_only_what_differs_written(make_repo: MakeRepo) -> None:
+    """What the pool is for: a slot lent again is caught up from its private index, writing
+    only what differs from the commit (the file the task changed); every other file is the
+    same file on disk, not written anew, whether the start's tree is known or not."""
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo(files=3)
+    head = git(repo_path, "rev-parse", "HEAD")
+    tree = git(repo_path, "rev-parse", "HEAD^{tree}")
+
+    def inodes(root: Path) -> dict[str, int]:
+        return {p.name: p.stat().st_ino for p in (root / "src").iterdir()}
+
+    async def main() -> list[tuple[dict[str, int], dict[str, int], str]]:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        worktree = await pool.create("t/made", head)
+        seen = []
+        for name, base_tree in (("t/again", None), ("t/known", tree)):
+            assert worktree is not None
+            before = inodes(worktree.path)
+            (worktree.path / "src" / "file0001.txt").write_text("changed\n")
+            await pool.give_back(worktree)
+            worktree = await pool.borrow(name, head, base_tree)
+            assert worktree is not None
+            content = (worktree.path / "src" / "file0001.txt").read_text()
+            seen.append((before, inodes(worktree.path), content))
+        pool.close()
+        assert pool.recycled == 2
+        return seen
+
+    for before, after, content in run(main):
+        assert content == git(repo_path, "show", "HEAD:src/file0001.txt") + "\n"
+        assert {n for n in before if before[n] != after[n]} <= {"file0001.txt"}
+        assert after.keys() == before.keys()
