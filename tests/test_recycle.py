@@ -464,8 +464,10 @@ def test_an_index_rewritten_beside_the_slot_is_not_trusted(
         info = os.lstat(index)
         note.write_text(f"{tree} {key} {info.st_size} {info.st_mtime_ns} {info.st_ino}\n")
 
-    first, second = lend(repo, mess, [base, base])
-    assert second["files"] == first["files"] == fresh_checkout(repo, base, tmp_path / "f")
+    # Rewritten after a fresh slot's task, and after a recycled one's.
+    first, second, third = lend(repo, mess, [base, base, base])
+    fresh = fresh_checkout(repo, base, tmp_path / "f")
+    assert third["files"] == second["files"] == first["files"] == fresh
 
 
 @pytest.mark.parametrize(
