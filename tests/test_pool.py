@@ -28,6 +28,7 @@ from orchestrator import Repository, orchestrate_parallel
 from orchestrator.errors import OrchestratorError
 from orchestrator.pool import Slots
 from orchestrator.venv import UvBackend, Venv, describe_environment
+from orchestrator.worktree import Worktree
 
 from .conftest import MakeRepo, cli, git, task_worktrees
 from .test_venv import PROJECT_AGENT, project_files
@@ -1497,3 +1498,32 @@ def test_a_slot_lent_again_has_only_what_differs_written(make_repo: MakeRepo) ->
         assert content == git(repo_path, "show", "HEAD:src/file0001.txt") + "\n"
         assert {n for n in before if before[n] != after[n]} <= {"file0001.txt"}
         assert after.keys() == before.keys()
+
+
+def test_a_slot_that_cannot_be_detached_is_removed_and_no_pool_lends_nothing(
+    make_repo: MakeRepo,
+) -> None:
+    """A slot whose HEAD cannot be written back (a directory in its place, which an agent
+    running as the user can make) is removed when given back, lock and all, rather than
+    left on its task's branch. A pool of size 0 lends no slot, even one left by a run with a
+    pool."""
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def main() -> tuple[Path, Worktree | None]:
+        repo = await Repository.open(repo_path)
+        pool = WorktreePool(repo, 2)
+        broken, kept = await pool.create("d/broken", head), await pool.create("d/kept", head)
+        assert broken is not None and kept is not None
+        (broken.admin_dir / "HEAD").unlink()
+        (broken.admin_dir / "HEAD").mkdir()
+        await pool.give_back(broken)
+        await pool.give_back(kept)
+        pool.close()
+        return broken.path, await WorktreePool(repo, 0).borrow("d/none", head)
+
+    broken, lent = run(main)
+    assert not broken.exists() and not broken.with_name(broken.name + ".mutex").exists()
+    assert lent is None and len(dirs_in(pool_root(repo_path))) == 1
