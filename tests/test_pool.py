@@ -1527,3 +1527,42 @@ def test_a_slot_that_cannot_be_detached_is_removed_and_no_pool_lends_nothing(
     broken, lent = run(main)
     assert not broken.exists() and not broken.with_name(broken.name + ".mutex").exists()
     assert lent is None and len(dirs_in(pool_root(repo_path))) == 1
+
+
+def test_a_borrow_refuses_a_slot_pointed_at_another_and_an_existing_branch(
+    make_repo: MakeRepo,
+) -> None:
+    """A slot whose ``.git`` names another slot's admin entry is let go of, not lent (the
+    other slot untouched); a branch that exists already is the caller's error, with the
+    branch left as it was and the slot lent next time; a sparse borrower gets its set."""
+    from orchestrator.errors import GitError
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo(extra={"docs/a.md": "a\n"})
+    head = git(repo_path, "rev-parse", "HEAD")
+    git(repo_path, "branch", "b/taken", head)
+
+    async def main() -> None:
+        pool = WorktreePool(await Repository.open(repo_path), 2)
+        one, two = await pool.create("b/one", head), await pool.create("b/two", head)
+        assert one is not None and two is not None
+        first = min(one, two, key=lambda w: w.path)  # the one a borrower looks at first
+        other = two if first is one else one
+        await pool.give_back(first)
+        (first.path / ".git").write_text(f"gitdir: {other.admin_dir}\n")
+        other_head = (other.admin_dir / "HEAD").read_text()
+        assert await pool.borrow("b/three", head) is None
+        assert (other.admin_dir / "HEAD").read_text() == other_head
+        probe = Slots(pool_root(repo_path), 2)
+        assert probe.take_free() == first.path  # let go of
+        probe.release(first.path)
+        (first.path / ".git").write_text(f"gitdir: {first.admin_dir}\n")
+        with pytest.raises(GitError):
+            await pool.borrow("b/taken", head)
+        assert git(repo_path, "rev-parse", "b/taken") == head
+        sparse = await pool.borrow("b/sparse", head, sparse=("docs",))
+        assert sparse is not None and sparse.path == first.path and sparse.sparse == ("docs",)
+        assert (sparse.path / "docs" / "a.md").is_file() and not (sparse.path / "src").exists()
+        pool.close()
+
+    run(main)
