@@ -1537,6 +1537,7 @@ def test_a_borrow_refuses_a_slot_pointed_at_another_and_an_existing_branch(
     branch left as it was and the slot lent next time; a sparse borrower gets its set."""
     from orchestrator.errors import GitError
     from orchestrator.pool import WorktreePool
+    from orchestrator.recycle import private_index
 
     repo_path = make_repo(extra={"docs/a.md": "a\n"})
     head = git(repo_path, "rev-parse", "HEAD")
@@ -1563,6 +1564,15 @@ def test_a_borrow_refuses_a_slot_pointed_at_another_and_an_existing_branch(
         sparse = await pool.borrow("b/sparse", head, sparse=("docs",))
         assert sparse is not None and sparse.path == first.path and sparse.sparse == ("docs",)
         assert (sparse.path / "docs" / "a.md").is_file() and not (sparse.path / "src").exists()
+        assert git(sparse.path, "symbolic-ref", "HEAD") == "refs/heads/b/sparse"
+        await pool.give_back(sparse)
+        # A slot that cannot be made pristine (its private index a directory): it goes, and
+        # so does the branch made for it, so that the task can start in a fresh worktree.
+        private_index(sparse.path).unlink()
+        private_index(sparse.path).mkdir()
+        assert await pool.borrow("b/unmade", head) is None
+        assert git(repo_path, "branch", "--list", "b/unmade") == ""
+        assert not sparse.path.exists()
         pool.close()
 
     run(main)
