@@ -253,7 +253,11 @@ async def _collect_slots(
             continue
         slots.adopt(slot, fd)
         await remove(slot)
-        _kept_mark(slot).unlink(missing_ok=True)
+        if slot.exists():  # a file that cannot be deleted: never lent (the next gc tries again)
+            with contextlib.suppress(OSError):
+                _kept_mark(slot).touch()
+        else:
+            _kept_mark(slot).unlink(missing_ok=True)
         slots.release(slot, forget=True)
         done.append(f"removed pool {what} {slot}")
     with contextlib.suppress(FileNotFoundError):
@@ -466,8 +470,8 @@ def _ref_text(path: Path, limit: int = _MAX_REF_BYTES) -> str:
 
 def _head_commit(admin: Path) -> str | None:
     """HEAD detached where it is now (resolved from the loose or packed ref), unchanged when
-    its branch is gone, or None when HEAD names no branch a slot's could be (see
-    _BRANCH_REF) or what it names is not a commit id."""
+    already detached, or None (nowhere to detach it to) when HEAD names no branch a slot's
+    could be (see _BRANCH_REF), its branch is gone, or what it names is not a commit id."""
     head = _ref_text(admin / "HEAD")
     if not head.startswith("ref: "):
         return head
@@ -485,7 +489,7 @@ def _head_commit(admin: Path) -> str | None:
             commit, _, packed = line.partition(" ")
             if packed == name:
                 return f"{commit}\n" if is_object_id(commit) else None
-    return head
+    return None
 
 
 async def _remove_worktree_slot(repo: Repository, slot: Path) -> None:
@@ -527,7 +531,8 @@ def detach_dead_slots(state_dir: Path, run_id: str) -> list[Path]:
     A run killed while a task held a slot leaves the slot's HEAD on the task's branch, and
     the crash may have come before the journal recorded where the task worked. A resume
     calls this (after the dead run's agents are killed) so that the branch is checked out
-    nowhere before it is cleared, and no slot names it afterwards. Blocking.
+    nowhere before it is cleared, and no slot names it afterwards. Returns the slots it
+    detached. Blocking.
     """
     prefix = f"ref: refs/heads/orchestrator/{run_id}/"
     detached: list[Path] = []
@@ -597,6 +602,18 @@ def _poolable(requirements: Sequence[str]) -> bool:
 
 def _packages(path: Path, backend: str) -> frozenset[str]:
     return frozenset(describe_environment(Venv(path, backend)).packages)
+
+
+async def _remove_venv_slot(slots: Slots, slot: Path) -> None:
+    """Delete the held *slot* and let go of it. One that cannot be deleted whole (a file an
+    agent made undeletable) is marked never to be lent again: lent, it would be an agent's
+    venv trusted by the next borrower, or (no longer a venv) taken and removed again and
+    again by a borrower that never gets past it. gc removes it when it can."""
+    await anyio.to_thread.run_sync(remove_tree, slot, True)
+    if slot.exists():
+        slots.mark_kept(slot)
+    else:
+        slots.release(slot, forget=True)
 
 
 class VenvPool:
@@ -723,8 +740,7 @@ class VenvPool:
                         return Venv(slot, name, commands=[command])
             except (VenvError, OSError):
                 pass
-            await anyio.to_thread.run_sync(remove_tree, slot, True)
-            slots.release(slot, forget=True)
+            await _remove_venv_slot(slots, slot)
         slot = slots.reserve()
         path = slot or fallback
         try:
@@ -739,8 +755,7 @@ class VenvPool:
                 )
         except BaseException:
             if slot is not None:
-                await anyio.to_thread.run_sync(remove_tree, slot, True)
-                slots.release(slot, forget=True)
+                await _remove_venv_slot(slots, slot)
             raise
         finally:
             if slot is not None:
@@ -762,8 +777,7 @@ class VenvPool:
         A sandboxed agent may write its venv (``bin/python`` included); lent again, that venv
         would run the agent's code outside the sandbox, at the next ``uv pip sync``.
         """
-        await anyio.to_thread.run_sync(remove_tree, venv.path, True)
-        self._slots[venv.path.parent.name].release(venv.path, forget=True)
+        await _remove_venv_slot(self._slots[venv.path.parent.name], venv.path)
 
     def close(self) -> None:
         """Let go of every slot still held."""

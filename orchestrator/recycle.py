@@ -46,7 +46,7 @@ import anyio
 
 from envelopes import is_object_id, read_bounded
 
-from ._fs import remove_tree_at, replace_file, sweep_worktree
+from ._fs import remove_tree, remove_tree_at, replace_file, sweep_worktree
 from .errors import GitError
 from .repo import Repository
 from .sparse import remove_outside_cone, sparse_key
@@ -76,10 +76,11 @@ def private_index(slot: Path) -> Path:
 
 
 def forget_private_index(slot: Path) -> None:
-    """Remove the private index of *slot* and its note (the slot is gone, or leaves the pool)."""
+    """Remove the private index of *slot* and its note (the slot is gone, or leaves the pool),
+    or whatever an agent put in their place (a directory, say): as much of it as can go."""
     index = private_index(slot)
-    index.unlink(missing_ok=True)
-    _tree_note(index).unlink(missing_ok=True)
+    remove_tree(index, ignore_errors=True)
+    remove_tree(_tree_note(index), ignore_errors=True)
 
 
 def _index_env(worktree: Worktree, index: Path) -> dict[str, str]:

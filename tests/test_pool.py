@@ -28,6 +28,7 @@ from orchestrator import Repository, orchestrate_parallel
 from orchestrator.errors import OrchestratorError
 from orchestrator.pool import Slots
 from orchestrator.venv import UvBackend, Venv, describe_environment
+from orchestrator.worktree import Worktree
 
 from .conftest import MakeRepo, cli, git, task_worktrees
 from .test_venv import PROJECT_AGENT, project_files
@@ -836,10 +837,13 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
     gone = f"ref: refs/heads/orchestrator/{dead}/t9\n"  # a branch no longer there
     (admins[1] / "HEAD").write_text(gone)
     assert not (repo / ".git" / "packed-refs").exists()
-    detach_dead_slots(state(repo), dead)
+    assert detach_dead_slots(state(repo), dead) == []
     assert (admins[1] / "HEAD").read_text() == gone  # nowhere to detach it to
     (admins[1] / "HEAD").write_text(on_t2)
-    git(repo, "pack-refs", "--all")  # the branch packed (a gc since the crash)
+    many = "".join(f"create refs/heads/many/{i:03} {head}\n" for i in range(100))
+    subprocess.run(["git", "-C", str(repo), "update-ref", "--stdin"], input=many, text=True)
+    git(repo, "pack-refs", "--all")  # the branch packed (a gc since the crash), among many
+    assert (repo / ".git" / "packed-refs").stat().st_size > 4096  # longer than any ref
     assert detach_dead_slots(state(repo), dead) == [slots[1]]
     assert (admins[1] / "HEAD").read_text().strip() == head
     (admins[1] / "HEAD").write_text(on_t2)
@@ -861,11 +865,20 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
     ]
     git(repo, "update-ref", "-d", f"refs/heads/orchestrator/{dead}/t2")
     (repo / ".git" / f"refs/heads/orchestrator/{dead}").mkdir(parents=True, exist_ok=True)
-    (repo / ".git" / f"refs/heads/orchestrator/{dead}/junk").write_text("not a commit\n")
+    junk = repo / ".git" / f"refs/heads/orchestrator/{dead}/junk"
+    junk.write_text("not a commit\n")
     for content in hostile:
         (admins[1] / "HEAD").write_bytes(content)
         assert detach_dead_slots(state(repo), dead) == []
         assert (admins[1] / "HEAD").read_bytes() == content
+    junk.write_bytes(b"\xff" * 40 + b"\n")  # nor even UTF-8
+    assert detach_dead_slots(state(repo), dead) == []
+    assert (admins[1] / "HEAD").read_bytes() == hostile[-1]
+    with (repo / ".git" / "packed-refs").open("a") as packed:  # nor a packed one
+        packed.write(f"not-a-commit refs/heads/orchestrator/{dead}/packed\n")
+    (admins[1] / "HEAD").write_text(f"ref: refs/heads/orchestrator/{dead}/packed\n")
+    assert detach_dead_slots(state(repo), dead) == []
+    assert (admins[1] / "HEAD").read_text().endswith("/packed\n")
     (admins[1] / "HEAD").unlink()
     os.mkfifo(admins[1] / "HEAD")
     assert detach_dead_slots(state(repo), dead) == []  # returns: the FIFO is never opened
@@ -1003,7 +1016,7 @@ def test_a_discarded_venv_goes_with_its_lock_and_a_kept_one_is_never_lent_again(
 
     async def acquire() -> Path:
         venv = await pool.acquire((), cwd=tmp_path, fallback=tmp_path / "outside")
-        assert pool.owns(venv)
+        assert pool.owns(venv) and venv.backend == "uv"  # the installer its provenance names
         return venv.path
 
     async def main() -> None:
@@ -1018,12 +1031,13 @@ def test_a_discarded_venv_goes_with_its_lock_and_a_kept_one_is_never_lent_again(
         os.close(fd)
         other = await acquire()
         assert other not in (discarded, kept)
-        pool.give_back(Venv(other, "uv"))
-        assert await acquire() == other
+        for _ in range(2):  # lent again, and again
+            pool.give_back(Venv(other, "uv"))
+            assert await acquire() == other
         pool.close()
 
     run(main)
-    assert (pool.created, pool.recycled) == (3, 1)
+    assert (pool.created, pool.recycled) == (3, 2)
 
 
 def test_a_kept_slot_moves_out_with_its_entry_or_stays_never_lent_again(
@@ -1105,12 +1119,17 @@ def test_a_failed_install_leaves_no_slot_and_fails_its_set_once(
     async def main() -> None:
         with monkeypatch.context() as offline:
             offline.setenv("UV_OFFLINE", "1")
+            errors = []
             for _ in range(2):
-                with pytest.raises(VenvError):
+                with pytest.raises(VenvError) as failed:
                     await pool.acquire(
                         ["no-such-distribution-here"], cwd=tmp_path, fallback=outside
                     )
+                errors.append(failed.value)
         assert backend.tried == 1 and pool.created == 0
+        first, second = errors  # the same error: what failed, and the commands that ran
+        assert str(second) == str(first) and "no-such-distribution-here" in str(first)
+        assert second.commands == first.commands and first.commands[-1][1:3] == ["pip", "install"]
         assert not [p for p in pool.root.rglob("*") if not p.is_dir()]  # no slot, no lock
         venv = await pool.acquire(["six"], cwd=tmp_path, fallback=outside)
         assert pool.owns(venv) and pool.created == 1
@@ -1160,3 +1179,400 @@ def test_a_retry_in_a_slot_that_cannot_be_made_pristine_is_a_git_error(
     slot, error = run(main)
     assert (error.command, error.returncode) == (["worktree"], 1)
     assert str(error).startswith(f"git worktree: fatal: cannot reset {slot}: [Errno 21] ")
+
+
+def test_gc_and_a_discard_go_on_past_what_cannot_be_deleted(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A file an agent made undeletable stays, with the directories above it; the rest goes.
+    gc reports such a slot removed and goes on with the next ones, marks it never to be lent
+    again, and leaves neither its lock nor its private index (kept, the lock would make the
+    slot look just used to the next gc); an emptied set's directory that cannot be removed
+    stays. A discarded venv holding such a file stays too, never lent again."""
+    from orchestrator.pool import VenvPool, WorktreePool, collect_pool
+
+    from .test_recovery import unremovable
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    venvs = state(repo_path) / "pool" / "venvs"
+    stuck_venv, emptied_set = venvs / "k1" / "a", venvs / "k2"
+    (stuck_venv / "bin").mkdir(parents=True)
+    emptied_set.mkdir()
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=1)
+
+    async def main() -> tuple[Path, Path, list[str]]:
+        repo = await Repository.open(repo_path)
+        worktrees = WorktreePool(repo, 1)
+        worktree = await worktrees.create("u/one", head)
+        assert worktree is not None
+        await worktrees.give_back(worktree)
+        venv = await pool.acquire((), cwd=tmp_path, fallback=tmp_path / "outside")
+        stuck = [worktree.path / "stuck", stuck_venv / "bin" / "stuck", venv.path / "stuck"]
+        for file in stuck:
+            file.write_text("x\n")
+        with unremovable(*stuck, emptied_set):
+            done = await collect_pool(repo, idle_for=0)
+            await pool.discard(venv)
+        return worktree.path, venv.path, done
+
+    slot, venv, done = run(main)
+    assert done == [f"removed pool worktree {slot}", f"removed pool venv {stuck_venv}"]
+    assert sorted(p.name for p in slot.parent.iterdir()) == [slot.name, f"{slot.name}.kept"]
+    assert sorted(p.name for p in stuck_venv.parent.iterdir()) == ["a", "a.kept"]
+    assert (slot / "stuck").is_file() and (stuck_venv / "bin" / "stuck").is_file()
+    assert emptied_set.is_dir()
+    assert (venv / "stuck").is_file() and venv.with_name(venv.name + ".kept").exists()
+
+
+def test_a_slot_kept_after_its_pool_was_deleted_is_let_go_of(tmp_path: Path) -> None:
+    """The pool's directory deleted under a run (by hand, say): a slot it keeps cannot be
+    marked, and is let go of all the same, without an error."""
+    import shutil
+
+    slots = Slots(tmp_path / "slots", size=1)
+    slot = slots.reserve()
+    assert slot is not None
+    slot.mkdir()
+    slots.made(slot)
+    shutil.rmtree(tmp_path / "slots")
+    slots.mark_kept(slot)
+    assert slots.held() == [] and not (tmp_path / "slots").exists()
+
+
+def test_a_pooled_install_runs_in_the_plans_directory(tmp_path: Path) -> None:
+    """uv reads its settings (``uv.toml``) where it runs: an install runs in the plan's
+    directory, in the pool as without it, so the plan's settings hold for both (here: no
+    index, so nothing can be installed)."""
+    from orchestrator.errors import VenvError
+    from orchestrator.pool import VenvPool
+
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    (plan_dir / "uv.toml").write_text("[pip]\nno-index = true\n")
+
+    async def acquire(size: int) -> None:
+        pool = VenvPool(tmp_path / "state", UvBackend(), size=size)
+        try:
+            await pool.acquire(["six"], cwd=plan_dir, fallback=tmp_path / "outside")
+        finally:
+            pool.close()
+
+    for size in (1, 0):
+        with pytest.raises(VenvError, match="six"):
+            anyio.run(acquire, size, backend="asyncio")
+
+
+def test_a_task_that_finds_the_pool_full_gets_its_venv_made_at_its_own_place(
+    tmp_path: Path,
+) -> None:
+    """Every slot of its set held and the pool full: the venv is made at the task's own place,
+    not lent, and installed as without a pool: with uv, synced to what the set came to; with
+    pip (which cannot sync), from the task's requirements in the plan's directory, with pip
+    in it when the task asked for it."""
+    from orchestrator.pool import VenvPool
+    from orchestrator.venv import StdlibBackend
+
+    class RecordedPip(StdlibBackend):
+        """python -m venv (without pip: seconds saved), its creations and pip's installs
+        recorded (the installs not run)."""
+
+        def __init__(self) -> None:
+            self.creations: list[bool] = []
+            self.installs: list[tuple[list[str], Path | None]] = []
+
+        async def create(self, path: Path, *, with_pip: bool) -> list[str]:
+            self.creations.append(with_pip)
+            return await super().create(path, with_pip=False)
+
+        async def install(
+            self, venv: Path, requirements: Any, *, cwd: Path | None = None, what: Any = None
+        ) -> list[str]:
+            self.installs.append((list(requirements), cwd))
+            return ["pip", "install", *requirements]
+
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+
+    async def main(backend: Any, name: str, wanted: list[str], seed: bool) -> tuple[Venv, Venv]:
+        pool = VenvPool(tmp_path / name, backend, size=1)
+        try:
+            first, second = [
+                await pool.acquire(wanted, cwd=plan_dir, fallback=tmp_path / at / name, seed=seed)
+                for at in ("a", "b")
+            ]
+            assert pool.owns(first) and not pool.owns(second)
+        finally:
+            pool.close()
+        return first, second
+
+    first, second = anyio.run(main, UvBackend(), "uv", ["six"], False, backend="asyncio")
+    assert second.path == tmp_path / "b" / "uv" and (first.backend, second.backend) == ("uv",) * 2
+    assert describe_environment(second).packages == describe_environment(first).packages
+    assert any(p.startswith("six==") for p in describe_environment(second).packages)
+    assert [c[1:3] for c in second.commands] == [["venv", "--quiet"], ["pip", "sync"]]
+    first, second = anyio.run(main, UvBackend(), "uv-seeded", [], True, backend="asyncio")
+    assert second.commands[0][1:4] == ["venv", "--quiet", "--seed"]  # made as the first was
+    assert describe_environment(second).packages == describe_environment(first).packages
+
+    pip = RecordedPip()
+    first, second = anyio.run(main, pip, "pip", ["six"], False, backend="asyncio")
+    assert second.path == tmp_path / "b" / "pip" and (second.path / "pyvenv.cfg").is_file()
+    assert pip.installs == [(["six"], plan_dir), (["six"], plan_dir)]
+    seeded = RecordedPip()
+    anyio.run(main, seeded, "seeded", [], True, backend="asyncio")
+    assert seeded.creations == [True, True] and seeded.installs == []
+
+
+def test_a_venv_a_task_added_to_is_synced_back_before_it_is_lent_again(tmp_path: Path) -> None:
+    """A venv given back with a distribution more than its set's (a task's ``pip install``)
+    is synced back to the set's, and counted so, each time; then it is lent as it is."""
+    from orchestrator.pool import VenvPool
+
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=1)
+
+    def add_a_distribution(venv: Venv) -> None:
+        [site] = venv.path.glob("lib/python*/site-packages")
+        info = site / "extra_thing-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: extra-thing\nVersion: 1.0\n")
+        (info / "INSTALLER").write_text("pip\n")
+        (info / "RECORD").write_text(
+            "".join(
+                f"extra_thing-1.0.dist-info/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD")
+            )
+        )
+
+    async def main() -> list[Venv]:
+        lent = [await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside")]
+        for _ in range(2):
+            add_a_distribution(lent[-1])
+            pool.give_back(lent[-1])
+            lent.append(await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside"))
+        pool.give_back(lent[-1])
+        lent.append(await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside"))
+        # Another set (six with pip): installed in a slot of its own, counted as made.
+        seeded = await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "out", seed=True)
+        assert pool.owns(seeded)
+        pool.close()
+        return lent
+
+    first, *again = run(main)
+    assert (pool.created, pool.synced, pool.recycled) == (2, 2, 1)
+    assert all(venv.path == first.path and venv.backend == "uv" for venv in again)
+    assert [venv.commands[0][1:3] for venv in again[:2]] == [["pip", "sync"]] * 2
+    assert again[2].commands == []  # lent as it was
+    assert "extra-thing==1.0" not in describe_environment(first).packages
+
+
+def test_a_venv_that_cannot_be_brought_back_nor_removed_is_never_lent_again(
+    tmp_path: Path,
+) -> None:
+    """A venv given back broken (its ``pyvenv.cfg`` gone: nothing can say what is in it) is
+    removed and a new one made; one holding a file that cannot be deleted stays, never lent
+    again (no borrower loops over it), and gc's to remove."""
+    from orchestrator.pool import VenvPool
+
+    from .test_recovery import unremovable
+
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=3)
+
+    async def acquire() -> Venv:
+        with anyio.fail_after(120):  # a guard: a borrower that loops over a slot never returns
+            return await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "outside")
+
+    async def main() -> list[Venv]:
+        first = await acquire()
+        pool.give_back(first)
+        (first.path / "pyvenv.cfg").unlink()
+        second = await acquire()  # first removed, second made
+        pool.give_back(second)
+        (second.path / "pyvenv.cfg").unlink()
+        (second.path / "stuck").write_text("x\n")
+        with unremovable(second.path / "stuck"):
+            third = await acquire()
+            pool.close()
+        return [first, second, third]
+
+    first, second, third = run(main)
+    assert not first.path.exists() and not first.path.with_name(first.path.name + ".mutex").exists()
+    assert (second.path / "stuck").is_file() and second.path.with_name(
+        second.path.name + ".kept"
+    ).exists()
+    assert len({first.path, second.path, third.path}) == 3 and pool.created == 3
+
+
+def test_without_a_pool_every_task_installs_its_own_venv(tmp_path: Path) -> None:
+    """A pool of size 0: every task's venv is made at its own place and installed from its
+    requirements, as the first one's was (nothing synced to what another task's came to)."""
+    from orchestrator.pool import VenvPool
+
+    pool = VenvPool(tmp_path / "state", UvBackend(), size=0)
+
+    async def main() -> list[Venv]:
+        return [
+            await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / name)
+            for name in ("a", "b")
+        ]
+
+    venvs = run(main)
+    assert [venv.path for venv in venvs] == [tmp_path / "a", tmp_path / "b"]
+    made = [[command[1:3] for command in venv.commands] for venv in venvs]
+    assert made == [[["venv", "--quiet"], ["pip", "install"]]] * 2
+    assert (pool.created, pool.synced, pool.recycled) == (0, 0, 0)
+
+
+def test_a_venv_that_cannot_be_made_in_a_new_slot_leaves_room_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """A task that finds its set's slot held makes a new one; when that install fails, the
+    task gets the error, and the new slot goes with its lock: the next task makes its own."""
+    from orchestrator.errors import VenvError
+    from orchestrator.pool import VenvPool
+    from orchestrator.venv import StdlibBackend
+
+    class SecondInstallFails(StdlibBackend):
+        """python -m venv without pip; installs not run, the second one failing."""
+
+        installs = 0
+
+        async def create(self, path: Path, *, with_pip: bool) -> list[str]:
+            return await super().create(path, with_pip=False)
+
+        async def install(self, venv: Path, requirements: Any, **_: Any) -> list[str]:
+            self.installs += 1
+            if self.installs == 2:
+                raise VenvError("the index is down", commands=[["pip", "install"]])
+            return ["pip", "install", *requirements]
+
+    pool = VenvPool(tmp_path / "state", SecondInstallFails(), size=2)
+
+    async def main() -> tuple[Venv, Venv]:
+        first = await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "a")
+        with pytest.raises(VenvError, match="the index is down"):
+            await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "b")
+        third = await pool.acquire(["six"], cwd=tmp_path, fallback=tmp_path / "c")
+        pool.close()
+        return first, third
+
+    first, third = run(main)
+    assert third.path.parent == first.path.parent and third.path != first.path
+    names = sorted(p.name for p in first.path.parent.iterdir())
+    assert names == sorted(
+        f"{p.name}{end}" for p in (first.path, third.path) for end in ("", ".mutex")
+    )
+    assert pool.created == 2
+
+
+def test_a_slot_lent_again_has_only_what_differs_written(make_repo: MakeRepo) -> None:
+    """What the pool is for: a slot lent again is caught up from its private index, writing
+    only what differs from the commit (the file the task changed); every other file is the
+    same file on disk, not written anew, whether the start's tree is known or not."""
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo(files=3)
+    head = git(repo_path, "rev-parse", "HEAD")
+    tree = git(repo_path, "rev-parse", "HEAD^{tree}")
+
+    def inodes(root: Path) -> dict[str, int]:
+        return {p.name: p.stat().st_ino for p in (root / "src").iterdir()}
+
+    async def main() -> list[tuple[dict[str, int], dict[str, int], str]]:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        worktree = await pool.create("t/made", head)
+        seen = []
+        for name, base_tree in (("t/again", None), ("t/known", tree)):
+            assert worktree is not None
+            before = inodes(worktree.path)
+            (worktree.path / "src" / "file0001.txt").write_text("changed\n")
+            await pool.give_back(worktree)
+            worktree = await pool.borrow(name, head, base_tree)
+            assert worktree is not None
+            content = (worktree.path / "src" / "file0001.txt").read_text()
+            seen.append((before, inodes(worktree.path), content))
+        pool.close()
+        assert pool.recycled == 2
+        return seen
+
+    for before, after, content in run(main):
+        assert content == git(repo_path, "show", "HEAD:src/file0001.txt") + "\n"
+        assert {n for n in before if before[n] != after[n]} <= {"file0001.txt"}
+        assert after.keys() == before.keys()
+
+
+def test_a_slot_that_cannot_be_detached_is_removed_and_no_pool_lends_nothing(
+    make_repo: MakeRepo,
+) -> None:
+    """A slot whose HEAD cannot be written back (a directory in its place, which an agent
+    running as the user can make) is removed when given back, lock and all, rather than
+    left on its task's branch. A pool of size 0 lends no slot, even one left by a run with a
+    pool."""
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def main() -> tuple[Path, Worktree | None]:
+        repo = await Repository.open(repo_path)
+        pool = WorktreePool(repo, 2)
+        broken, kept = await pool.create("d/broken", head), await pool.create("d/kept", head)
+        assert broken is not None and kept is not None
+        (broken.admin_dir / "HEAD").unlink()
+        (broken.admin_dir / "HEAD").mkdir()
+        await pool.give_back(broken)
+        await pool.give_back(kept)
+        pool.close()
+        return broken.path, await WorktreePool(repo, 0).borrow("d/none", head)
+
+    broken, lent = run(main)
+    assert not broken.exists() and not broken.with_name(broken.name + ".mutex").exists()
+    assert lent is None and len(dirs_in(pool_root(repo_path))) == 1
+
+
+def test_a_borrow_refuses_a_slot_pointed_at_another_and_an_existing_branch(
+    make_repo: MakeRepo,
+) -> None:
+    """A slot whose ``.git`` names another slot's admin entry is let go of, not lent (the
+    other slot untouched); a branch that exists already is the caller's error, with the
+    branch left as it was and the slot lent next time; a sparse borrower gets its set."""
+    from orchestrator.errors import GitError
+    from orchestrator.pool import WorktreePool
+    from orchestrator.recycle import private_index
+
+    repo_path = make_repo(extra={"docs/a.md": "a\n"})
+    head = git(repo_path, "rev-parse", "HEAD")
+    git(repo_path, "branch", "b/taken", head)
+
+    async def main() -> None:
+        pool = WorktreePool(await Repository.open(repo_path), 2)
+        one, two = await pool.create("b/one", head), await pool.create("b/two", head)
+        assert one is not None and two is not None
+        first = min(one, two, key=lambda w: w.path)  # the one a borrower looks at first
+        other = two if first is one else one
+        await pool.give_back(first)
+        (first.path / ".git").write_text(f"gitdir: {other.admin_dir}\n")
+        other_head = (other.admin_dir / "HEAD").read_text()
+        assert await pool.borrow("b/three", head) is None
+        assert (other.admin_dir / "HEAD").read_text() == other_head
+        probe = Slots(pool_root(repo_path), 2)
+        assert probe.take_free() == first.path  # let go of
+        probe.release(first.path)
+        (first.path / ".git").write_text(f"gitdir: {first.admin_dir}\n")
+        with pytest.raises(GitError):
+            await pool.borrow("b/taken", head)
+        assert git(repo_path, "rev-parse", "b/taken") == head
+        sparse = await pool.borrow("b/sparse", head, sparse=("docs",))
+        assert sparse is not None and sparse.path == first.path and sparse.sparse == ("docs",)
+        assert (sparse.path / "docs" / "a.md").is_file() and not (sparse.path / "src").exists()
+        assert git(sparse.path, "symbolic-ref", "HEAD") == "refs/heads/b/sparse"
+        await pool.give_back(sparse)
+        # A slot that cannot be made pristine (its private index a directory): it goes, and
+        # so does the branch made for it, so that the task can start in a fresh worktree.
+        private_index(sparse.path).unlink()
+        private_index(sparse.path).mkdir()
+        assert await pool.borrow("b/unmade", head) is None
+        assert git(repo_path, "branch", "--list", "b/unmade") == ""
+        assert not sparse.path.exists()
+        pool.close()
+
+    run(main)

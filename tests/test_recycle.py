@@ -451,7 +451,12 @@ def test_an_index_rewritten_beside_the_slot_is_not_trusted(
     base = git(repo, "rev-parse", "HEAD")
 
     def mess(root: Path) -> None:
-        (root / "src/file0001.txt").write_text("line 9\n")
+        path = root / "src/file0001.txt"
+        path.write_text("line 9\n")
+        # Dated an hour back: older than the index, the entry is not "racily clean", and
+        # git takes its stat data at their word.
+        hour_ago = path.stat().st_mtime_ns - 3600 * 10**9
+        os.utime(path, ns=(hour_ago, hour_ago))
         index = private_index(root)
         forge_index_entry(index, "src/file0001.txt", root)
         note = index.with_suffix(".tree")
@@ -459,8 +464,10 @@ def test_an_index_rewritten_beside_the_slot_is_not_trusted(
         info = os.lstat(index)
         note.write_text(f"{tree} {key} {info.st_size} {info.st_mtime_ns} {info.st_ino}\n")
 
-    first, second = lend(repo, mess, [base, base])
-    assert second["files"] == first["files"] == fresh_checkout(repo, base, tmp_path / "f")
+    # Rewritten after a fresh slot's task, and after a recycled one's.
+    first, second, third = lend(repo, mess, [base, base, base])
+    fresh = fresh_checkout(repo, base, tmp_path / "f")
+    assert third["files"] == second["files"] == first["files"] == fresh
 
 
 @pytest.mark.parametrize(
