@@ -96,8 +96,8 @@ class SafeConsole(Console):
     """A rich console for text from agents, plans and reports: what it prints of them is
     shown, never obeyed (:func:`printable`, before rich lays the text out, so that nothing of
     it is cropped), markup in it is text (``[link=...]`` makes no hyperlink), nothing in it
-    is highlighted, and ``:name:`` stays text instead of becoming an emoji. rich's own colours and cursor moves are not
-    text, and pass."""
+    is highlighted, and ``:name:`` stays text instead of becoming an emoji. rich's own
+    colours and cursor moves are not text, and pass."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("emoji", False)
@@ -126,11 +126,15 @@ class SafeConsole(Console):
 def _escaped(text: Text) -> Text:
     """*text* with its characters escaped (:func:`printable`), each piece keeping its style."""
     escaped = text.blank_copy()
+    # Cut at every span's ends, each piece is covered whole by each of its spans.
     for piece in text.divide(
         sorted({offset for span in text.spans for offset in (span.start, span.end)})
     ):
-        styles = [span.style for span in piece.spans if span.start == 0 and span.end == len(piece)]
-        escaped.append(printable(piece.plain), style=styles[-1] if styles else None)
+        start = len(escaped)
+        escaped.append(printable(piece.plain))
+        for span in piece.spans:
+            if span.end > span.start:
+                escaped.stylize(span.style, start, len(escaped))
     return escaped
 
 

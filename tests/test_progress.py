@@ -451,3 +451,17 @@ def test_the_live_table_leaves_what_else_is_printed_alone(monkeypatch: pytest.Mo
     before = (sys.stdout, sys.stderr)
     with Progress(io.StringIO(), live=True):
         assert (sys.stdout, sys.stderr) == before
+
+
+def test_an_escaped_texts_styles_stay_on_their_characters() -> None:
+    from rich.text import Text
+
+    from orchestrator.progress import _escaped
+
+    text = Text("ab\x1bcd ef", style="dim")
+    text.stylize("bold", 0, 4)
+    text.stylize("red", 2, 7)
+    escaped = _escaped(text)
+    assert escaped.plain == "ab\\x1bcd ef" and escaped.style == "dim"
+    spans = [(s.start, s.end, str(s.style)) for s in escaped.spans]
+    assert spans == [(0, 2, "bold"), (2, 7, "bold"), (2, 7, "red"), (7, 10, "red")]
