@@ -205,7 +205,8 @@ async def _secrets_in_git(
         out, cut = await git.read(
             *command, stdin=b"", limit=limit, timeout=timeout, cwd=cwd, env=env
         )
-        if cut:
+        # A secret in what was read is told as such, even when the rest was not read.
+        if cut and not masker.found_in(out):
             return ErrorInfo(
                 kind="too_large",
                 message=f"the agent's own commits or what it staged are larger than "

@@ -182,6 +182,23 @@ def test_the_agents_own_changes_too_large_to_check_for_secrets_take_nothing(
     assert git(root, "rev-parse", "refs/heads/task/t1") == worktree.base_commit
 
 
+def test_a_secret_in_a_diff_too_large_to_read_whole_is_told_as_a_secret(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """What was read of a diff too large to check is still looked at: a secret at its start
+    fails the task as secret_leak, not as too_large."""
+
+    def agent(worktree: Worktree) -> None:
+        (worktree.path / "big.txt").write_text(SECRET + "\n" + "line\n" * (4 << 18))
+        run = ["git", "-C", str(worktree.path), "-c", "user.name=A", "-c", "user.email=a@a"]
+        subprocess.run([*run, "add", "big.txt"], check=True)
+
+    masker = Masker.for_env({"API_TOKEN": SECRET})
+    _, _, harvested = harvest_after(make_repo, tmp_path, agent, masker=masker, max_commit_mb=1)
+    assert harvested.refused is not None and harvested.refused.kind == "secret_leak"
+    assert harvested.result_commit is None and not harvested.committed
+
+
 def test_changes_over_the_size_limit_take_nothing(make_repo: MakeRepo, tmp_path: Path) -> None:
     def agent(worktree: Worktree) -> None:
         (worktree.path / "big.bin").write_bytes(b"\0" * (1024 * 1024 + 1))

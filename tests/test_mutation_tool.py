@@ -213,7 +213,7 @@ def test_a_mutant_that_hangs_fails_its_test_at_the_test_timeout(project: Path) -
         "    assert countdown(3) == 3\n    assert countdown(0) == 0\n"
     )
     score = mutate_module(
-        project, "pkg/count.py", ["tests/test_count.py"], max_children=1, test_timeout=1
+        project, "pkg/count.py", ["tests/test_count.py"], max_children=1, test_timeout=3
     )
     assert score.survivors == [] and score.counts.get("timeout", 0) == 0
     assert score.caught == score.counts["killed"] > 0
