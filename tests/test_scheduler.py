@@ -959,32 +959,41 @@ def test_a_spent_budget_cancels_a_task_between_two_tries_if_asked() -> None:
     assert hooks.results["busy"].status == "cancelled"
 
 
+def _hold_a_start(hooks: _Hooks, ends: str) -> anyio.Event:
+    """Let task *ends* end while a dependent's start is being prepared, and hold that start
+    until some task is told it never started; the event returned is set then."""
+    hooks.gates[ends] = anyio.Event()
+    stopped = anyio.Event()
+    real_resolve, real_never_started = hooks.resolve, hooks.never_started
+
+    async def resolve(envelope: HandoffEnvelope, upstream: list[str]) -> Any:
+        hooks.gates[ends].set()
+        await stopped.wait()
+        return await real_resolve(envelope, upstream)
+
+    async def never_started(envelope: HandoffEnvelope, status: str, error: Any) -> None:
+        await real_never_started(envelope, status, error)
+        stopped.set()
+
+    hooks.resolve = resolve  # type: ignore[method-assign]
+    hooks.never_started = never_started  # type: ignore[method-assign]
+    return stopped
+
+
 def test_a_task_whose_start_is_being_prepared_when_the_budget_is_spent_is_skipped() -> None:
     """Like every task not started when the budget is spent: ``skipped``, kind ``budget``."""
     from envelopes import Budget
 
     def prepare(hooks: _Hooks) -> None:
         hooks.usage["spender"] = _usage(cost_usd=2.0)
-        hooks.gates["spender"] = anyio.Event()
-        spent = anyio.Event()
-        real_resolve, real_never_started, real_run = hooks.resolve, hooks.never_started, hooks.run
-
-        async def resolve(envelope: HandoffEnvelope, upstream: list[str]) -> Any:
-            hooks.gates["spender"].set()  # spender ends while this start is prepared
-            await spent.wait()
-            return await real_resolve(envelope, upstream)
-
-        async def never_started(envelope: HandoffEnvelope, status: str, error: Any) -> None:
-            await real_never_started(envelope, status, error)
-            spent.set()
+        spent = _hold_a_start(hooks, "spender")
+        real_run = hooks.run
 
         async def run(envelope: HandoffEnvelope) -> None:
             if envelope.task_id == "waiting":
                 spent.set()  # started after all: the budget stopped nothing
             await real_run(envelope)
 
-        hooks.resolve = resolve  # type: ignore[method-assign]
-        hooks.never_started = never_started  # type: ignore[method-assign]
         hooks.run = run  # type: ignore[method-assign]
 
     hooks = _schedule(
@@ -1033,21 +1042,7 @@ def test_a_group_whose_members_all_timed_out_stops_a_fail_fast_run() -> None:
 
 def test_fail_fast_never_starts_a_task_whose_start_is_being_prepared() -> None:
     def prepare(hooks: _Hooks) -> None:
-        hooks.gates["bad"] = anyio.Event()
-        stopped = anyio.Event()
-        real_resolve, real_never_started = hooks.resolve, hooks.never_started
-
-        async def resolve(envelope: HandoffEnvelope, upstream: list[str]) -> Any:
-            hooks.gates["bad"].set()  # bad fails while this start is prepared
-            await stopped.wait()
-            return await real_resolve(envelope, upstream)
-
-        async def never_started(envelope: HandoffEnvelope, status: str, error: Any) -> None:
-            await real_never_started(envelope, status, error)
-            stopped.set()
-
-        hooks.resolve = resolve  # type: ignore[method-assign]
-        hooks.never_started = never_started  # type: ignore[method-assign]
+        _hold_a_start(hooks, "bad")
 
     hooks = _schedule(
         [
