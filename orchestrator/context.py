@@ -83,6 +83,9 @@ class RunContext:
     changed_files: dict[str, list[str]] = field(default_factory=dict)
     #: The files tasks ran from, hashed once per run (orchestrator/inputs.py).
     input_files: dict[tuple[str, str], list[InputFile]] = field(default_factory=dict)
+    #: The files being hashed now, each with the event set when that is done: a task asking
+    #: for one waits for it rather than hashing it a second time.
+    inputs_hashing: dict[tuple[str, str], anyio.Event] = field(default_factory=dict)
     #: When each task was queued (its dependencies done, waiting for a slot).
     queued_at: dict[str, datetime] = field(default_factory=dict)
     #: Why a running task is being cancelled, when it is not the whole run (fail-fast, say).

@@ -61,10 +61,20 @@ async def program_input(ctx: RunContext, program: str | None) -> list[InputFile]
 
 
 async def _inputs(ctx: RunContext, wanted: list[tuple[str, str]]) -> list[InputFile]:
+    # Tasks start side by side: one that asks for a file another is hashing waits for it.
+    while pending := [ctx.inputs_hashing[w] for w in wanted if w in ctx.inputs_hashing]:
+        await pending[0].wait()
     missing = [w for w in wanted if w not in ctx.input_files]
     if missing:
-        found = await anyio.to_thread.run_sync(_hash_all, ctx.plan_dir, missing)
-        ctx.input_files.update(found)
+        done = anyio.Event()
+        ctx.inputs_hashing.update(dict.fromkeys(missing, done))
+        try:
+            found = await anyio.to_thread.run_sync(_hash_all, ctx.plan_dir, missing)
+            ctx.input_files.update(found)
+        finally:
+            for key in missing:
+                ctx.inputs_hashing.pop(key, None)
+            done.set()
     out: list[InputFile] = []
     for key in wanted:
         out += ctx.input_files.get(key, [])

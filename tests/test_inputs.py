@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import pytest
 
 from orchestrator import inputs, orchestrate_parallel, verify_report
@@ -168,3 +169,47 @@ def test_a_directory_reached_through_a_link_is_not_walked(
     path = _plan(plan_dir, [{"id": "t", "inputs": {"d": "{plan_dir}/link/deep"}}])
     report = _run(make_repo(), path, plan_dir)
     assert [i.path for i in report.results[0].provenance.inputs if i.kind == "plan"] == ["agent.py"]
+
+
+def test_a_file_asked_for_while_it_is_being_hashed_is_hashed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two tasks starting side by side ask for the same program: the second waits for the
+    first one's digest instead of hashing the file again (a race the per-run test lost at
+    times on a loaded machine)."""
+    import threading
+    from types import SimpleNamespace
+
+    release = threading.Event()
+    hashed: list[str] = []
+    real = inputs.hash_file
+
+    def slow(path: Any, limit: int, *, within: Path | None = None) -> tuple[str, int]:
+        hashed.append(str(path))
+        anyio.from_thread.run_sync(started.set)
+        release.wait(30)
+        return real(path, limit, within=within)
+
+    monkeypatch.setattr(inputs, "hash_file", slow)
+    program = os.path.realpath(sys.executable)
+    ctx = SimpleNamespace(input_files={}, inputs_hashing={}, plan_dir=tmp_path)
+    got: list[Any] = []
+    started: Any = None
+
+    async def ask() -> None:
+        got.append(await inputs.program_input(ctx, program))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        nonlocal started
+        started = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await started.wait()  # the first is hashing
+            tg.start_soon(ask)
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+
+    anyio.run(main)
+    assert hashed == [program]
+    assert len(got) == 2 and got[0] == got[1] and got[0][0].path == program
+    assert ctx.inputs_hashing == {}
