@@ -32,6 +32,7 @@ fails the attempt with kind ``prompt``.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -253,10 +254,19 @@ def _parse(template: str) -> nodes.Template:
     return parsed
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(template: str) -> jinja2.Template:
+    """*template* parsed and compiled, once: compiling the default template takes
+    milliseconds, and every attempt of a preset's agent renders it."""
+    return _ENV.from_string(_parse(template))
+
+
+@functools.lru_cache(maxsize=256)
 def template_problem(template: str) -> str | None:
     """What is wrong with *template*, in one line, or None: a syntax error (with its line),
     a variable that is not one of :data:`VARIABLES`, an unknown filter or test, a tag that
-    loads another template (``include``, ``import``, ``extends``)."""
+    loads another template (``include``, ``import``, ``extends``). Each distinct template is
+    checked once (a plan of many tasks often gives each the same)."""
     try:
         parsed = _parse(template)
         unknown = sorted(meta.find_undeclared_variables(parsed) - VARIABLES)
@@ -270,7 +280,7 @@ def template_problem(template: str) -> str | None:
             )
             if node.name not in table:
                 return f"prompt template, line {node.lineno}: no {what} named {node.name!r}"
-        _ENV.from_string(parsed)
+        _compiled(template)
     except PromptError as exc:
         return str(exc)
     except jinja2.TemplateSyntaxError as exc:
@@ -305,9 +315,7 @@ def render_prompt(
     or if it is larger than :data:`MAX_PROMPT_BYTES`."""
     template = envelope.prompt if envelope.prompt is not None else DEFAULT_TEMPLATE
     try:
-        text = _ENV.from_string(_parse(template)).render(
-            variables(envelope, attempt=attempt, feedback=feedback)
-        )
+        text = _compiled(template).render(variables(envelope, attempt=attempt, feedback=feedback))
     except jinja2.TemplateError as exc:
         raise PromptError(f"the prompt template cannot be rendered: {exc}") from None
     size = len(text.encode("utf-8", "surrogatepass"))
