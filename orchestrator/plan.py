@@ -63,6 +63,7 @@ __all__ = [
     "load_plan",
     "missing_programs",
     "parse_plan",
+    "plan_repository_path",
     "validate_plan_data",
 ]
 
@@ -710,6 +711,16 @@ def _too_large(size: int | None, unit: str = "bytes") -> str:
     return f"is more than {most}" if size is None else f"is {size:,} {unit}, more than {most}"
 
 
+def plan_repository_path(loaded: LoadedPlan, repo_override: Path | str | None = None) -> Path:
+    """Where the plan's repository is looked for: ``repo_override``, else the plan's
+    ``repo`` (relative to the plan file), else the current directory."""
+    if repo_override is not None:
+        return Path(repo_override)
+    if loaded.plan.repo is not None:
+        return loaded.plan_dir / Path(loaded.plan.repo).expanduser()
+    return Path.cwd()
+
+
 async def check_plan_repository(
     loaded: LoadedPlan,
     *,
@@ -729,12 +740,7 @@ async def check_plan_repository(
     needs_repo = plan.merge is not None or any(
         (t.worktree if t.worktree is not None else plan.defaults.worktree) for t in plan.tasks
     )
-    if repo_override is not None:
-        where = Path(repo_override)
-    elif plan.repo is not None:
-        where = loaded.plan_dir / Path(plan.repo).expanduser()
-    else:
-        where = Path.cwd()
+    where = plan_repository_path(loaded, repo_override)
     try:
         repo = await Repository.open(where, state_dir=state_dir)
     except NotARepository as exc:

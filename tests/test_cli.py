@@ -527,3 +527,47 @@ def test_gc_shows_what_an_agent_named_instead_of_obeying_it(
     assert "\x1b" not in outcome.out and "\u202e" not in outcome.out
     assert "killed 4242 (run/t\\x1b]52;c;cHduZWQ=\\x07)" in outcome.out
     assert "kept: branch \\u202eevil" in outcome.out
+
+
+def _entry_in_a_process(tmp_path: Path, prelude: str, argv: list[str]) -> subprocess.Popen[str]:
+    script = tmp_path / "entry.py"
+    script.write_text(f"{prelude}\nfrom orchestrator.cli import entry\nentry({argv!r})\n")
+    return subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_the_process_exit_runs_atexit_handlers_and_keeps_the_commands_status_and_output(
+    tmp_path: Path,
+) -> None:
+    """The entry ends the process without the interpreter's teardown (0.1 to 0.2 s): what a
+    command printed, its status and the atexit handlers are all still there."""
+    marker = tmp_path / "atexit-ran"
+    prelude = (
+        f"import atexit, pathlib\natexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')"
+    )
+    process = _entry_in_a_process(tmp_path, prelude, ["--version"])
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out.strip(), err) == (0, f"worktree-orchestrator {__version__}", "")
+    assert marker.read_text() == "yes"
+    # A failing command's status is the process's; its one line of error is all there.
+    process = _entry_in_a_process(tmp_path, "", ["verify", str(tmp_path / "none.json")])
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and err.startswith("orchestrator: ") and err.endswith("\n")
+
+
+def test_the_process_exit_waits_for_a_thread_still_working(tmp_path: Path) -> None:
+    """A thread of the embedding program still running when the command returns is not cut
+    short: the usual exit, which waits for it, is taken."""
+    done = tmp_path / "thread-done"
+    prelude = (
+        "import pathlib, threading, time\n"
+        "def work():\n"
+        "    time.sleep(0.5)\n"
+        f"    pathlib.Path({str(done)!r}).write_text('done')\n"
+        "threading.Thread(target=work).start()"
+    )
+    process = _entry_in_a_process(tmp_path, prelude, ["--version"])
+    process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert done.read_text() == "done"

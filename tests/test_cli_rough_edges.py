@@ -9,6 +9,7 @@ repeated `--tasks` flags, a dry run saying it recorded.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -206,3 +207,38 @@ def test_a_resume_says_what_it_kept_killed_and_ran_again_and_its_own_time(
     title = " ".join(resumed.stdout.split("┏")[0].split())  # the table's title, unwrapped
     assert "12 tasks: 12 succeeded in " in title
     assert "(resumed; " in title and " since it first started)" in title
+
+
+def test_a_run_asks_git_about_its_repository_once(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small run's start is mostly fixed costs: the dirty-checkout warning and the run's own
+    check of the repository each opened it and resolved its base (eleven git processes for a
+    task that runs none). Counted with a `git` on PATH that writes down its arguments."""
+    import shutil
+
+    real = shutil.which("git")
+    log = tmp_path / "git.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "git"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    plan = plan_file(tmp_path, {"ok": "pass\n"}, [{"id": "a", "agent": "ok", "task": "t"}])
+    (repo / "src" / "file0000.txt").write_text("work in progress\n")
+    outcome = cli(capsys, "run", str(plan))
+    assert outcome.code == 0
+    assert any(line.startswith("warning:") for line in outcome.err.splitlines())
+    commands = [line.split("core.sshCommand=false ")[-1] for line in log.read_text().splitlines()]
+    # Before the task's own (its worktree): for the warning, the top directory and the base
+    # (one rev-parse) and the status; for the run, the repository (one rev-parse), its base
+    # and tree (one cat-file), and every ref at the start (the guard's record).
+    assert [c.split()[0] for c in commands[:6]] == [
+        "rev-parse",
+        "status",
+        "rev-parse",
+        "cat-file",
+        "for-each-ref",
+        "update-ref",
+    ], commands

@@ -31,7 +31,7 @@ def test_opened_from_a_subdirectory_it_is_the_whole_repository(make_repo: MakeRe
     assert repository.state_dir == repo / ".git" / "orchestrator"
     assert repository.git.repo == repo  # later commands run at the top, not in deep/er
     assert repository.lock.path == repo / ".git" / "orchestrator" / "metadata.mutex"
-    assert repository.git.calls == 2  # rev-parse twice, and nothing else
+    assert repository.git.calls == 1  # one rev-parse, and nothing else
     assert not repository.state_dir.exists()  # opening makes nothing
 
 
@@ -150,8 +150,7 @@ def test_resolve_commit_of_what_names_no_commit_is_a_git_error(
     repository = open_repo(make_repo())
     with pytest.raises(GitError) as caught:
         anyio.run(repository.resolve_commit, ref)
-    assert caught.value.command[:4] == ["rev-parse", "--verify", "--quiet", "--end-of-options"]
-    assert caught.value.command[-1] == f"{ref}^{{commit}}"
+    assert repr(ref) in str(caught.value)  # named, whatever git said of it
 
 
 @pytest.mark.parametrize("ref", ["-h", "--output=/tmp/x", "--all", "-"])
@@ -163,4 +162,29 @@ def test_resolve_commit_refuses_an_option_without_running_git(
     with pytest.raises(GitError) as caught:
         anyio.run(repository.resolve_commit, ref)
     assert str(caught.value) == f"git rev-parse {ref}: fatal: not a revision: {ref!r}"
+    assert repository.git.calls == before
+
+
+def test_resolve_commit_is_one_git_process_even_for_a_commit_with_a_huge_message(
+    make_repo: MakeRepo,
+) -> None:
+    repo = make_repo()
+    # A message far larger than what is read of the commit: only its first line is needed.
+    (repo.parent / "message").write_text("x" * (1 << 20))
+    git(repo, "commit", "-q", "--allow-empty", "-F", str(repo.parent / "message"))
+    head, tree = git(repo, "rev-parse", "HEAD"), git(repo, "rev-parse", "HEAD^{tree}")
+    repository = open_repo(repo)
+    before = repository.git.calls
+    assert anyio.run(repository.resolve_commit, "main") == (head, tree)
+    assert repository.git.calls == before + 1
+
+
+@pytest.mark.parametrize("ref", ["main\nHEAD~1", "main\rx", "main\0x"])
+def test_resolve_commit_refuses_a_name_that_would_be_two_lines_to_git(
+    make_repo: MakeRepo, ref: str
+) -> None:
+    repository = open_repo(make_repo())
+    before = repository.git.calls
+    with pytest.raises(GitError):
+        anyio.run(repository.resolve_commit, ref)
     assert repository.git.calls == before

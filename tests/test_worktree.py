@@ -38,7 +38,7 @@ from .conftest import MakeRepo, git, plumbing_commit
 
 #: Documented in docs/architecture.md: git subprocesses per task with a worktree and a change.
 GIT_CALLS_PER_TASK = 8
-GIT_CALLS_PER_RUN = 7
+GIT_CALLS_PER_RUN = 5
 
 
 #: A file name that is not UTF-8 (Latin-1 "café.txt"), as Python names it.
