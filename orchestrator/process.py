@@ -227,6 +227,79 @@ def _tag_of(process: psutil.Process) -> str | None:
     return process.environ().get(TAG_VARIABLE)
 
 
+_TAG_ENTRY = f"{TAG_VARIABLE}=".encode()
+
+
+@functools.cache
+def _proc_scan() -> bool:
+    """Whether processes can be found by reading ``/proc`` and signalled through pidfds
+    (Linux 5.3 and later): a pass over a machine's processes then costs a read of each one's
+    ``environ`` (1 to 2 ms for a hundred), not psutil's 12 ms, after every attempt."""
+    if not hasattr(os, "pidfd_open") or not os.path.isdir("/proc"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
+def _proc_tags(pid: int) -> list[str]:
+    """The values of ``TAG_VARIABLE`` in the environment of *pid* (``/proc/<pid>/environ``,
+    bounded by the kernel); none when it cannot be read (gone, a zombie, another user's)."""
+    try:
+        fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    chunks = []
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    values, at = [], data.find(_TAG_ENTRY)
+    while at >= 0:
+        if at == 0 or data[at - 1] == 0:  # an entry of its own, not inside another's value
+            end = data.find(b"\0", at)
+            value = data[at + len(_TAG_ENTRY) : end if end >= 0 else len(data)]
+            values.append(value.decode("utf-8", "surrogateescape"))
+        at = data.find(_TAG_ENTRY, at + 1)
+    return values
+
+
+def _scan_tagged(wanted: Callable[[str], bool]) -> list[tuple[int, str]]:
+    """(pid, tag) of every process but this one with a tag that is *wanted*, from ``/proc``."""
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != me:
+            tag = next((t for t in _proc_tags(int(name)) if wanted(t)), None)
+            if tag is not None:
+                found.append((int(name), tag))
+    return found
+
+
+def _kill_if_tagged(pid: int, wanted: Callable[[str], bool]) -> bool:
+    """SIGKILL *pid* if it carries a wanted tag, read again through a pidfd taken first: a
+    pid reused since the scan names another process, which is signalled only if it carries
+    the tag too (the pidfd stays with the process it was opened on)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not any(wanted(t) for t in _proc_tags(pid)):
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
 def kill_tagged(tag: str, *, prefix: bool = False) -> int:
     """SIGKILL every process whose environment carries ``TAG_VARIABLE=tag``.
 
@@ -235,15 +308,24 @@ def kill_tagged(tag: str, *, prefix: bool = False) -> int:
     many were signalled. Processes of other users are skipped.
     """
 
-    def tagged(process: psutil.Process) -> bool:
-        found = _tag_of(process)
-        return found is not None and (found.startswith(tag) if prefix else found == tag)
+    def wanted(found: str) -> bool:
+        return found.startswith(tag) if prefix else found == tag
 
-    return kill_processes(tagged)
+    if not _proc_scan():
+        return kill_processes(lambda process: (t := _tag_of(process)) is not None and wanted(t))
+    killed: set[int] = set()
+    for _ in range(5):
+        matched = _scan_tagged(wanted)
+        killed.update(pid for pid, _ in matched if _kill_if_tagged(pid, wanted))
+        if not matched:
+            break
+    return len(killed)
 
 
 def find_tagged(prefix: str) -> list[tuple[int, str]]:
     """Processes whose ``TAG_VARIABLE`` starts with *prefix*: (pid, tag) pairs."""
+    if _proc_scan():
+        return _scan_tagged(lambda tag: tag.startswith(prefix))
     me = os.getpid()
     found: list[tuple[int, str]] = []
     for process in psutil.process_iter():

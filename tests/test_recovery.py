@@ -22,6 +22,7 @@ import anyio
 import psutil
 import pytest
 
+from orchestrator import process as process_module
 from orchestrator._git import Git
 from orchestrator.errors import JournalCorrupt, OrchestratorError
 from orchestrator.journal import Journal, JournalContents, read_journal
@@ -106,7 +107,9 @@ def test_an_exact_tag_kills_one_attempt_only(spawn: Spawn) -> None:
 def test_processes_that_vanish_or_cannot_be_read_are_passed_over(
     spawn: Spawn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A process that ends mid-scan, or whose environment may not be read, is skipped."""
+    """A process that ends mid-scan, or whose environment may not be read, is skipped (the
+    psutil path, taken where /proc and pidfds are not)."""
+    monkeypatch.setattr(process_module, "_proc_scan", lambda: False)
     run = "20260101-000000-cccc"
     vanishing, unreadable, agent = (spawn(f"{run}/t{i}/1") for i in range(3))
     wait_for_tags(f"{run}/", 3)
@@ -144,6 +147,7 @@ def test_a_refused_kill_is_tried_again_in_the_next_pass(
 ) -> None:
     """psutil refuses to signal a pid that no longer names the process it first saw there (a
     reused pid): the next pass looks at the pid afresh."""
+    monkeypatch.setattr(process_module, "_proc_scan", lambda: False)
     agent = spawn("r/reused/1")
     wait_for_tags("r/reused/", 1)
     real_kill = psutil.Process.kill
@@ -159,6 +163,60 @@ def test_a_refused_kill_is_tried_again_in_the_next_pass(
     assert kill_tagged("r/reused/", prefix=True) == 1
     assert refused == [agent.pid]
     assert ended(agent)
+
+
+needs_pidfds = pytest.mark.skipif(
+    not process_module._proc_scan(), reason="no /proc or pidfds: the psutil path is taken"
+)
+
+
+@needs_pidfds
+def test_through_proc_a_process_unreadable_or_gone_is_passed_over_and_a_failed_signal_retried(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read from /proc and signalled through a pidfd: a process whose environment cannot be
+    read is not killed; a signal that fails (the process gone between the read and the
+    signal) is sent again in the next pass."""
+    run = "20260101-000000-dddd"
+    unreadable, agent = spawn(f"{run}/t0/1"), spawn(f"{run}/t1/1")
+    wait_for_tags(f"{run}/", 2)
+    real_tags, real_signal = process_module._proc_tags, signal.pidfd_send_signal
+    refused: list[int] = []
+
+    def tags(pid: int) -> list[str]:
+        return [] if pid == unreadable.pid else real_tags(pid)
+
+    def send(pidfd: int, sig: int, *args: Any) -> None:
+        if not refused:
+            refused.append(pidfd)
+            raise ProcessLookupError("gone")
+        real_signal(pidfd, sig, *args)
+
+    monkeypatch.setattr(process_module, "_proc_tags", tags)
+    monkeypatch.setattr(signal, "pidfd_send_signal", send)
+    assert find_tagged(f"{run}/") == [(agent.pid, f"{run}/t1/1")]
+    assert kill_orphans(run) == 1
+    assert len(refused) == 1 and ended(agent)
+    assert unreadable.poll() is None
+
+
+@needs_pidfds
+def test_through_proc_only_an_entry_of_its_own_is_a_tag(spawn: Spawn) -> None:
+    """The tag is the variable's own entry in the environment: the same text inside another
+    variable's value is not a tag, and each entry of the variable is read."""
+    env = {k: v for k, v in os.environ.items() if k != TAG_VARIABLE}
+    env["OTHER"] = f"{TAG_VARIABLE}=r/inside/1"
+    disguised = subprocess.Popen(SLEEPER, env=env)
+    try:
+        agent = spawn("r/own/1")
+        wait_for_tags("r/own/", 1)
+        assert process_module._proc_tags(disguised.pid) == []
+        assert process_module._proc_tags(agent.pid) == ["r/own/1"]
+        assert kill_tagged("r/inside/1") == 0 and kill_tagged("r/", prefix=True) == 1
+        assert ended(agent) and disguised.poll() is None
+    finally:
+        disguised.kill()
+        disguised.wait()
 
 
 def test_replay_reads_what_the_journal_says(tmp_path: Path) -> None:
