@@ -571,3 +571,32 @@ def test_the_process_exit_waits_for_a_thread_still_working(tmp_path: Path) -> No
     process.communicate(timeout=60)
     assert process.returncode == 0
     assert done.read_text() == "done"
+
+
+def test_a_run_of_command_agents_imports_no_library_it_does_not_use(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Jinja2 (a preset's prompt), httpx (HTTP agents, webhooks) and tenacity (a retry) are
+    imported when a run first needs them: a run of command agents that succeed, none."""
+    repo = make_repo()
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "repo": str(repo),
+                "agents": {"ok": {"command": ["sh", "-c", "echo x > out.txt"]}},
+                "defaults": {"venv": False},
+                "tasks": [{"id": "a", "agent": "ok", "task": "t"}],
+            }
+        )
+    )
+    code = (
+        "import sys\nfrom orchestrator.cli import main\ncode = main(['run', sys.argv[1]])\n"
+        "print(sorted(m for m in ('jinja2', 'httpx', 'tenacity') if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(plan)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"

@@ -222,13 +222,13 @@ def test_a_template_is_compiled_once_for_every_attempt_and_task_that_uses_it(
     from orchestrator import prompts
 
     compiled: list[str] = []
-    from_string = prompts._ENV.from_string
+    from_string = prompts._env().from_string
 
     def counting(source: Any) -> Any:
         compiled.append("x")
         return from_string(source)
 
-    monkeypatch.setattr(prompts._ENV, "from_string", counting)
+    monkeypatch.setattr(prompts._env(), "from_string", counting)
     prompts._compiled.cache_clear()
     template_problem.cache_clear()
     template = "{{ task_id }} turn {{ attempt }}: {{ feedback }}"
