@@ -396,3 +396,36 @@ def test_writing_a_report_serialises_no_result_again(
     monkeypatch.undo()
     assert data == report_bytes(report)
     assert all(line == json_line(r.model_dump(mode="json")) for r, line in made)
+
+
+def test_every_field_added_since_the_first_reports_is_left_out_while_unset() -> None:
+    """Each model's ``_ADDED`` fields carry ``exclude_if``: a field added later without it
+    would change every older result's digest once set to its empty default."""
+    import envelopes._plan as plan_module
+    import envelopes._result as result_module
+    from envelopes._added import unset_addition
+
+    classes = [
+        c
+        for module in (result_module, plan_module)
+        for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, module._Additions)
+    ]
+    assert len(classes) >= 15
+    for cls in classes:
+        for name in cls._ADDED:
+            assert cls.model_fields[name].exclude_if is unset_addition, (cls, name)
+    unset = result_module.Timings(
+        started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        finished_at=datetime(2026, 1, 1, tzinfo=UTC),
+        duration_s=0,
+        worktree_s=0,
+        venv_s=0,
+        agent_s=0,
+        commit_s=0,
+        cleanup_s=0,
+    )
+    assert not result_module.Timings._ADDED & unset.model_dump().keys()
+    assert not result_module.Timings._ADDED & json.loads(unset.model_dump_json()).keys()
+    told = unset.model_copy(update={"slot": 0, "setup_s": 0.0})
+    assert {"slot": 0, "setup_s": 0.0}.items() <= told.model_dump().items()
