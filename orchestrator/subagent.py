@@ -1128,8 +1128,10 @@ async def run_subagent(
     nothing is lost), the worktree is removed unless the policy is ``always``, a ``cancelled``
     result is stored in ``ctx.results``, and the cancellation propagates.
     """
+    # Told first: what follows (the envelope's JSON and digest, its environment) is the task's
+    # own setting up, not the wait for its start.
+    await ctx.emit(TaskStarted(run_id=ctx.run_id, task_id=envelope.task_id, agent=envelope.agent))
     task = _Subagent(envelope, agent, ctx, earlier=earlier, worker=worker)
-    await ctx.emit(TaskStarted(run_id=ctx.run_id, task_id=task.task_id, agent=envelope.agent))
     status: TaskStatus = "failed"
     error: ErrorInfo | None = None
     cancelled = leaving = False
