@@ -556,6 +556,17 @@ def _copyable(value: str) -> str:
     return value
 
 
+def _revision(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(
+            "holds a control character (a newline, a NUL...), which no git revision has"
+        )
+    return value
+
+
+#: A git revision the plan names (``base``).
+Revision = Annotated[str, Field(min_length=1), AfterValidator(_revision)]
+
 #: A path of the main checkout copied into each worktree (``copy``).
 CopyPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_copyable)]
 
@@ -852,7 +863,7 @@ class Plan(_Additions):
     version: Literal[1] = 1
     name: str = Field(default="plan", min_length=1)
     repo: str | None = None
-    base: str = Field(default="HEAD", min_length=1)
+    base: Revision = "HEAD"
     concurrency: Concurrency = 4
     keep_worktrees: KeepWorktrees = "failed"
     fail_fast: bool = False

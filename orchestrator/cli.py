@@ -541,8 +541,8 @@ async def _warn_if_dirty(loaded: Any, repo: Path | None, base: str | None) -> No
 
     ref = base or loaded.plan.base
     where = plan_repository_path(loaded, repo).expanduser().absolute()
-    if ref.startswith("-") or not where.is_dir():
-        return
+    if ref.startswith("-") or any(ord(c) < 32 for c in ref) or not where.is_dir():
+        return  # the run refuses that base itself, in words
     git = Git(where)
     # (Not an option: refused above. rev-parse takes --end-of-options only with --verify.)
     found = await git.run("rev-parse", "--show-toplevel", f"{ref}^{{commit}}", check=False)
@@ -1067,22 +1067,39 @@ def entry(argv: Sequence[str] | None = None) -> NoReturn:
     The interpreter's own exit tears down every module and object, 0.1 to 0.2 s here after
     a run (a tenth of a small plan's whole time) that no finished command needs. So once the
     command has returned and no other thread is left, the atexit handlers run, stdout and
-    stderr are flushed, and the process ends at once with the command's status.
+    stderr are flushed, and the process ends at once with the command's status. Threads
+    still finishing (anyio's workers, told to stop when the run ended) get a moment; a
+    thread still at work then takes the usual exit, which waits for it.
     """
     import atexit
     import os
     import threading
 
     code = main(argv)
-    if threading.active_count() > 1:
-        sys.exit(code)  # another thread's work is not cut short: the usual exit waits for it
+    if not _threads_done(threading.main_thread(), within=0.1):
+        sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: the descriptor was closed before Python started
+                stream.flush()
         except (OSError, ValueError):  # a reader gone (a closed pipe), a stream closed
             code = code or EXIT_FAILED
     os._exit(code)
+
+
+def _threads_done(main_thread: Any, *, within: float) -> bool:
+    """Whether every thread but *main_thread* that the usual exit would wait for (not a
+    daemon) has ended, waiting for them *within* seconds in all."""
+    import threading
+
+    deadline = time.monotonic() + within
+    for thread in threading.enumerate():
+        if thread is not main_thread and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                return False
+    return True
 
 
 if __name__ == "__main__":

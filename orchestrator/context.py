@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
 
@@ -40,6 +41,9 @@ from .venv import VenvBackend, get_backend
 from .workspace import PortSlots
 
 __all__ = ["EventHandler", "RunContext", "guard_repository"]
+
+#: A task id JSON writes as it is (no quote, backslash, control or non-ASCII character).
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._\-\[\]=,:+@ ]*")
 
 #: Made once per run, so that a task makes no directory of its own: each attempt's files are
 #: ``<dir>/<task>.attempt-<n>.<ext>`` and each envelope ``envelopes/<task>.json``.
@@ -86,6 +90,9 @@ class RunContext:
     #: The files being hashed now, each with the event set when that is done: a task asking
     #: for one waits for it rather than hashing it a second time.
     inputs_hashing: dict[tuple[str, str], anyio.Event] = field(default_factory=dict)
+    #: Each agent's info as JSON and whether it names ``{plan_dir}``, by ``id`` (with the
+    #: agent, so that an id is never another's): orchestrator/inputs.py.
+    agent_infos: dict[int, tuple[Any, dict[str, Any], bool]] = field(default_factory=dict)
     #: When each task was queued (its dependencies done, waiting for a slot).
     queued_at: dict[str, datetime] = field(default_factory=dict)
     #: Why a running task is being cancelled, when it is not the whole run (fail-fast, say).
@@ -156,7 +163,12 @@ class RunContext:
     def journal_move(self, task_id: str, state: TaskState) -> None:
         """Queue a task's state change for the journal (the run's TaskBook calls this)."""
         if self.journal is not None:
-            self.journal.append({"type": "state", "task": task_id, "state": state})
+            if _PLAIN_ID.fullmatch(task_id):
+                # The line json.dumps would make, without it: three per task.
+                line = f'{{"type":"state","task":"{task_id}","state":"{state}"}}'
+                self.journal.append_line(line)
+            else:
+                self.journal.append({"type": "state", "task": task_id, "state": state})
 
     @classmethod
     async def open(

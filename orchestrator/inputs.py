@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -40,17 +41,29 @@ async def plan_inputs(ctx: RunContext, envelope: HandoffEnvelope, agent: Agent) 
     program when that is one of the plan's), sorted; hashed before its agent runs."""
     hooks = ctx.settings.hooks.model_dump(mode="json") if ctx.settings.hooks else None
     plan_program = plan_program_of(agent)
-    info = agent.info().model_dump(mode="json")
+    info, names_plan_dir = _agent_info(ctx, agent)
     if (
         hooks is None
         and plan_program is None
         and not envelope.requirements
         and _PLAN_DIR not in envelope.model_dump_json(exclude={"upstream"})
-        and _PLAN_DIR not in json.dumps(info)
+        and not names_plan_dir
     ):
         return []  # names nothing of the plan's: no walk through its values (most tasks)
     named = plan_references(envelope, hooks, info, [plan_program] if plan_program else [])
     return await _inputs(ctx, [("plan", p) for p in sorted(named)])
+
+
+def _agent_info(ctx: RunContext, agent: Agent) -> tuple[dict[str, Any], bool]:
+    """*agent*'s info as JSON, and whether it names ``{plan_dir}``: made once per agent and
+    run (what the plan configured does not change while it runs), not once per task."""
+    known = ctx.agent_infos.get(id(agent))
+    if known is not None and known[0] is agent:
+        return known[1], known[2]
+    info = agent.info().model_dump(mode="json")
+    names_plan_dir = _PLAN_DIR in json.dumps(info)
+    ctx.agent_infos[id(agent)] = (agent, info, names_plan_dir)
+    return info, names_plan_dir
 
 
 async def program_input(ctx: RunContext, program: str | None) -> list[InputFile]:

@@ -131,6 +131,12 @@ class Journal:
         self._pending.append(line.encode())
         self._queued += 1
 
+    def append_line(self, line: str) -> None:
+        """Queue a record already serialised (one line of JSON, as :meth:`append` makes it,
+        without its newline); it is on disk once :meth:`sync` returns."""
+        self._pending.append(line.encode() + b"\n")
+        self._queued += 1
+
     async def write(self, record: dict[str, Any]) -> None:
         """Append *record* and wait until it is on disk."""
         self.append(record)
@@ -139,8 +145,7 @@ class Journal:
     async def write_line(self, line: str) -> None:
         """Append a record already serialised (one line of JSON, as :meth:`append` makes
         it, without its newline) and wait until it is on disk."""
-        self._pending.append(line.encode() + b"\n")
-        self._queued += 1
+        self.append_line(line)
         await self.sync()
 
     async def sync(self) -> None:

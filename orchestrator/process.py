@@ -238,23 +238,37 @@ def _proc_scan() -> bool:
     if not hasattr(os, "pidfd_open") or not os.path.isdir("/proc"):
         return False
     try:
-        os.close(os.pidfd_open(os.getpid()))
+        pidfd = os.pidfd_open(os.getpid())
     except OSError:
         return False
+    try:
+        signal.pidfd_send_signal(pidfd, 0)  # allowed too (a seccomp profile may not)
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
     return True
+
+
+#: Most of a process's environment read for its tag. An environment is at most a few MiB
+#: as exec makes it, but a process can point the kernel at a larger region of its own
+#: memory (prctl PR_SET_MM_MAP): past this, the rest is not read.
+MAX_ENVIRON_BYTES = 16 << 20
 
 
 def _proc_tags(pid: int) -> list[str]:
     """The values of ``TAG_VARIABLE`` in the environment of *pid* (``/proc/<pid>/environ``,
-    bounded by the kernel); none when it cannot be read (gone, a zombie, another user's)."""
+    its first :data:`MAX_ENVIRON_BYTES`); none when it cannot be read (gone, a zombie,
+    another user's)."""
     try:
         fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return []
-    chunks = []
+    chunks, size = [], 0
     try:
-        while chunk := os.read(fd, 1 << 16):
+        while size < MAX_ENVIRON_BYTES and (chunk := os.read(fd, 1 << 16)):
             chunks.append(chunk)
+            size += len(chunk)
     except OSError:
         return []
     finally:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from typing import TYPE_CHECKING, Any
 
 from envelopes import ErrorInfo, HandoffEnvelope
@@ -219,11 +220,24 @@ def _tojson(value: Any, indent: int | None = None) -> str:
     return text
 
 
-@functools.cache
+_ENV_LOCK = threading.Lock()
+_ENV: SandboxedEnvironment | None = None
+
+
 def _env() -> SandboxedEnvironment:
     """The sandboxed environment every template is checked and rendered in, made once, when
-    first needed: a run whose agents are given no prompt (commands, callables) never imports
-    Jinja2 (20 to 40 ms of its start)."""
+    first needed (attempts render in worker threads: the first ones wait for it): a run
+    whose agents are given no prompt (commands, callables) never imports Jinja2 (20 to 40
+    ms of its start)."""
+    global _ENV
+    if _ENV is None:
+        with _ENV_LOCK:
+            if _ENV is None:
+                _ENV = _made_env()
+    return _ENV
+
+
+def _made_env() -> SandboxedEnvironment:
     import jinja2
     from jinja2.sandbox import SandboxedEnvironment
 
@@ -268,14 +282,14 @@ def _parse(template: str) -> nodes.Template:
     return parsed
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _compiled(template: str) -> jinja2.Template:
     """*template* parsed and compiled, once: compiling the default template takes
     milliseconds, and every attempt of a preset's agent renders it."""
     return _env().from_string(_parse(template))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=32)
 def template_problem(template: str) -> str | None:
     """What is wrong with *template*, in one line, or None: a syntax error (with its line),
     a variable that is not one of :data:`VARIABLES`, an unknown filter or test, a tag that

@@ -25,7 +25,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Protocol, TypedDict, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+)
 
 from envelopes import (
     Budget,
@@ -106,6 +114,16 @@ class SettingsOverrides(TypedDict, total=False):
     ports: Ports | Mapping[str, int] | None
 
 
+def _revision(value: str) -> str:
+    """A base (``--base``, ``base=``) that git could never resolve, refused before it
+    reaches git: a newline or a NUL would split or cut its command."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(
+            "holds a control character (a newline, a NUL...), which no git revision has"
+        )
+    return value
+
+
 class RunSettings(BaseModel):
     """How one run runs. Frozen: a run's settings never change while it runs."""
 
@@ -122,7 +140,7 @@ class RunSettings(BaseModel):
     #: Cancel everything at the first failed task.
     fail_fast: bool = _PLAN_DEFAULTS["fail_fast"]
     #: The commit or ref every task starts from (dependents start from their dependencies').
-    base: Annotated[str, Field(min_length=1)] = _PLAN_DEFAULTS["base"]
+    base: Annotated[str, Field(min_length=1), AfterValidator(_revision)] = _PLAN_DEFAULTS["base"]
     #: How venvs are made: ``auto``, ``uv``, ``stdlib``, or a VenvBackend object (in code).
     venv_backend: Annotated[Any, PlainSerializer(lambda b: b if isinstance(b, str) else b.name)] = (
         "auto"

@@ -546,9 +546,10 @@ def test_the_process_exit_runs_atexit_handlers_and_keeps_the_commands_status_and
     prelude = (
         f"import atexit, pathlib\natexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')"
     )
-    process = _entry_in_a_process(tmp_path, prelude, ["--version"])
+    process = _entry_in_a_process(tmp_path, prelude, ["schema", "plan"])
     out, err = process.communicate(timeout=60)
-    assert (process.returncode, out.strip(), err) == (0, f"worktree-orchestrator {__version__}", "")
+    assert (process.returncode, err) == (0, "")
+    assert json.loads(out)["title"] == "Plan"  # all of it, flushed
     assert marker.read_text() == "yes"
     # A failing command's status is the process's; its one line of error is all there.
     process = _entry_in_a_process(tmp_path, "", ["verify", str(tmp_path / "none.json")])
@@ -600,3 +601,34 @@ def test_a_run_of_command_agents_imports_no_library_it_does_not_use(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_process_exit_skips_the_interpreters_teardown(tmp_path: Path) -> None:
+    """What the fast exit saves: an object's finaliser, which the interpreter's teardown
+    would run, is not run (the atexit handlers still are)."""
+    marker = tmp_path / "finalised"
+    prelude = (
+        "import pathlib\n"
+        "class Finalised:\n"
+        "    def __del__(self):\n"
+        f"        pathlib.Path({str(marker)!r}).write_text('torn down')\n"
+        "kept = Finalised()"
+    )
+    # (Not --version: argparse ends that one with SystemExit, the usual exit.)
+    process = _entry_in_a_process(tmp_path, prelude, ["schema", "plan"])
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and json.loads(out)  # the whole output, flushed
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("closed", ["1", "2"])
+def test_a_command_with_its_output_closed_exits_without_a_traceback(closed: str) -> None:
+    """stdout or stderr closed before Python started is None in sys: nothing to flush."""
+    done = subprocess.run(
+        ["sh", "-c", f'exec "$0" -m orchestrator schema plan {closed}>&-', sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert "Traceback" not in done.stdout + done.stderr

@@ -213,8 +213,8 @@ def test_a_run_asks_git_about_its_repository_once(
     repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A small run's start is mostly fixed costs: the dirty-checkout warning and the run's own
-    check of the repository each opened it and resolved its base (eleven git processes for a
-    task that runs none). Counted with a `git` on PATH that writes down its arguments."""
+    check of the repository each opened it and resolved its base (ten git processes before
+    the first task's own). Counted with a `git` on PATH that writes down its arguments."""
     import shutil
 
     real = shutil.which("git")
@@ -242,3 +242,37 @@ def test_a_run_asks_git_about_its_repository_once(
         "for-each-ref",
         "update-ref",
     ], commands
+
+
+@pytest.mark.parametrize("base", ["HEAD~1..HEAD", "^HEAD", "HEAD^@"])
+def test_a_base_that_is_not_one_commit_gets_no_dirty_warning_and_a_one_line_refusal(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], base: str
+) -> None:
+    """The warning asks git about the base without --verify: a range or an exclusion gives
+    it more than a commit to say, and no warning is made of it; the run refuses the base."""
+    git(repo, "commit", "-q", "--allow-empty", "-m", "second")
+    plan = plan_file(tmp_path, {"ok": "pass\n"}, [{"id": "a", "agent": "ok", "task": "t"}])
+    (repo / "src" / "file0000.txt").write_text("work in progress\n")
+    outcome = cli(capsys, "run", str(plan), "--base", base)
+    assert outcome.code == 2
+    assert not any(line.startswith("warning:") for line in outcome.err.splitlines())
+    assert "Traceback" not in outcome.err
+    assert repr(base) in outcome.err
+
+
+@pytest.mark.parametrize("base", ["main\nHEAD", "main\x00x", "main\x7f"])
+def test_a_base_with_a_control_character_is_refused_before_git_sees_it(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], base: str
+) -> None:
+    plan = plan_file(tmp_path, {"ok": "pass\n"}, [{"id": "a", "agent": "ok", "task": "t"}])
+    data = yaml.safe_load(plan.read_text())
+    plan.write_text(json.dumps({**data, "base": base}))
+    outcome = cli(capsys, "run", str(plan))
+    assert outcome.code == 2
+    assert outcome.err.splitlines() == [
+        f"{plan}:1:{outcome.err.split(':')[2]}: base: holds a control character (a newline, "
+        "a NUL...), which no git revision has"
+    ]
+    if "\x00" not in base:  # (no command line holds a NUL)
+        given = cli(capsys, "run", str(plan_file(tmp_path, {"ok": "pass\n"}, [])), "--base", base)
+        assert given.code == 2

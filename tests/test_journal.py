@@ -464,3 +464,25 @@ def test_a_short_write_is_continued_until_the_batch_is_whole(
     monkeypatch.undo()
     journal.close()
     assert read_journal(path).records == [{"type": "state", "n": 1, "text": "a longer record"}]
+
+
+@pytest.mark.parametrize(
+    "task_id", ["t1", "build.web-2", "m[py=3.12,os=linux]", 'q"uote', "back\\slash", "é", "a\nb"]
+)
+def test_a_state_line_is_the_json_of_its_record_whatever_the_task_id(
+    tmp_path: Path, task_id: str
+) -> None:
+    """The journal's state lines (three a task) are written without json.dumps where the id
+    needs no escaping: they read back as the same records either way."""
+    from types import SimpleNamespace
+
+    from orchestrator.context import RunContext
+
+    journal = Journal(tmp_path / "journal.jsonl")
+    journal.open()
+    RunContext.journal_move(SimpleNamespace(journal=journal), task_id, "running")  # type: ignore[arg-type]
+    anyio.run(journal.sync)
+    journal.close()
+    line = (tmp_path / "journal.jsonl").read_bytes()
+    record = {"type": "state", "task": task_id, "state": "running"}
+    assert line == (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()

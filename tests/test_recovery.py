@@ -219,6 +219,42 @@ def test_through_proc_only_an_entry_of_its_own_is_a_tag(spawn: Spawn) -> None:
         disguised.wait()
 
 
+@needs_pidfds
+def test_through_proc_a_pid_is_signalled_only_if_its_process_carries_the_tag_now(
+    spawn: Spawn,
+) -> None:
+    """The scan and the kill are two moments: a pid found tagged, then reused by another
+    process, is read again through the pidfd before the signal. Here the pid names a process
+    without the tag: it is not signalled."""
+    bystander = spawn()
+    assert not process_module._kill_if_tagged(bystander.pid, lambda tag: True)
+    assert bystander.poll() is None
+    tagged = spawn("r/now/1")
+    wait_for_tags("r/now/", 1)
+    assert process_module._kill_if_tagged(tagged.pid, lambda tag: tag == "r/now/1")
+    assert ended(tagged)
+
+
+@needs_pidfds
+def test_through_proc_an_environment_is_read_up_to_a_bound(
+    spawn: Spawn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process can make its environment as large as it likes (prctl): what is read of it
+    is bounded; a tag past the bound is not found."""
+    env = {k: v for k, v in os.environ.items() if k != TAG_VARIABLE}
+    env["PADDING"] = "x" * 100_000
+    env[TAG_VARIABLE] = "r/far/1"  # after the padding: environments keep insertion order
+    far = subprocess.Popen(SLEEPER, env=env)
+    try:
+        wait_for_tags("r/far/", 1)
+        monkeypatch.setattr(process_module, "MAX_ENVIRON_BYTES", 64 << 10)
+        assert process_module._proc_tags(far.pid) == []
+        assert kill_tagged("r/far/1") == 0 and far.poll() is None
+    finally:
+        far.kill()
+        far.wait()
+
+
 def test_replay_reads_what_the_journal_says(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.jsonl")
     journal.open()
