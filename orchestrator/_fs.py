@@ -21,6 +21,7 @@ __all__ = [
     "atomic_write",
     "last_line",
     "read_json",
+    "remove_entry",
     "remove_tree",
     "remove_tree_at",
     "write_file",
@@ -103,6 +104,24 @@ def remove_tree(path: Path | str, ignore_errors: bool = False) -> None:
             raise
     finally:
         os.close(parent)
+
+
+def remove_entry(path: Path) -> None:
+    """Remove whatever is at *path*: a file, a link (not what it leads to), a FIFO, or a
+    directory and everything below it (:func:`remove_tree`); nothing when it is not there.
+    For the files an agent may replace by something else (a directory where git keeps its
+    worktree's index). OSError when it cannot be removed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        remove_tree(path)
+    except PermissionError:
+        # Linux's unlink says EISDIR for a directory; POSIX allows EPERM.
+        if not (path.is_dir() and not path.is_symlink()):
+            raise
+        remove_tree(path)
 
 
 def _identity(fd: int) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from envelopes import digest
 
-from ._fs import remove_tree_at, replace_file
+from ._fs import remove_entry, remove_tree_at, replace_file
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
@@ -99,11 +99,13 @@ def write_patterns(admin_dir: Path, sparse: Sequence[str] | None) -> None:
     target = info / "sparse-checkout"
     if sparse is None:
         if target.is_symlink() or target.exists():
-            target.unlink()
+            remove_entry(target)
         return
     if info.is_symlink() or (info.exists() and not info.is_dir()):
         info.unlink()
     info.mkdir(exist_ok=True)
+    if target.is_dir() and not target.is_symlink():
+        remove_entry(target)  # a file cannot be renamed over a directory
     replace_file(target, cone_patterns(sparse).encode())
 
 

@@ -21,7 +21,7 @@ import anyio
 from envelopes import is_object_id, read_bounded
 
 from ._faults import crash_point
-from ._fs import remove_tree, replace_file, sweep_worktree
+from ._fs import remove_entry, remove_tree, replace_file, sweep_worktree
 from .errors import GitError
 from .repo import Repository
 from .sparse import git_config_args, remove_outside_cone, write_patterns
@@ -221,12 +221,13 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
         # Never made by the orchestrator: per-worktree config the agent wrote (`git
         # sparse-checkout` does, and so could a filter), which the orchestrator's git must
         # not read. Removed; a change to the shared config that enables it is the guard's.
-        config.unlink()
+        remove_entry(config)
     index = worktree.admin_dir / "index"
     if index.is_symlink() or (index.exists() and not index.is_file()):
-        # A FIFO as the index would block every git command: git makes a new one.
+        # A FIFO as the index would block every git command, a directory fail it: git
+        # makes a new one.
         tampered.append(str(index))
-        index.unlink()
+        remove_entry(index)
     # The cone's patterns are the orchestrator's: an agent that widened its own (``git
     # sparse-checkout add``) changed what it sees, not what the orchestrator's git sees.
     write_patterns(worktree.admin_dir, worktree.sparse)
@@ -243,6 +244,8 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
             pass
         if name != "HEAD":
             tampered.append(str(path))
+        if path.is_dir() and not path.is_symlink():
+            remove_tree(path)  # a file cannot be renamed over a directory
         replace_file(path, content.encode())  # never through a link planted there
     return tampered
 

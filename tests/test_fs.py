@@ -10,7 +10,7 @@ import pytest
 
 from envelopes import read_bounded
 from envelopes._bounded import UnsafeFile
-from orchestrator._fs import atomic_write, last_line, read_json, write_file
+from orchestrator._fs import atomic_write, last_line, read_json, remove_entry, write_file
 from orchestrator.errors import RunDirError
 
 
@@ -266,3 +266,22 @@ def test_climbing_back_checks_it_is_the_directory_it_came_from(tmp_path: Path) -
     finally:
         os.close(a)
         os.close(b)
+
+
+def test_remove_entry_removes_whatever_is_there_and_never_what_a_link_leads_to(
+    tmp_path: Path,
+) -> None:
+    kept = tmp_path / "kept"
+    (kept / "inside").mkdir(parents=True)
+    entries = tmp_path / "entries"
+    entries.mkdir()
+    (entries / "file").write_text("x")
+    (entries / "link").symlink_to(kept)
+    os.mkfifo(entries / "fifo")
+    (entries / "tree" / "deep").mkdir(parents=True)
+    (entries / "tree" / "deep" / "file").write_text("x")
+    (entries / "tree" / "out").symlink_to(kept)
+    for name in ("file", "link", "fifo", "tree", "absent"):
+        remove_entry(entries / name)
+        assert not os.path.lexists(entries / name)
+    assert (kept / "inside").is_dir()

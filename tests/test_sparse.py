@@ -22,7 +22,7 @@ from envelopes import Plan, Report
 from orchestrator import orchestrate_parallel
 from orchestrator.errors import PlanError
 from orchestrator.plan import envelopes_of, validate_plan_data
-from orchestrator.sparse import agent_git_config, cone_patterns, remove_outside_cone
+from orchestrator.sparse import agent_git_config, cone_patterns, remove_outside_cone, write_patterns
 
 from .conftest import MakeRepo, cli, git
 from .test_sandbox import needs_bwrap
@@ -338,3 +338,19 @@ def test_a_sparse_retry_starts_from_its_cone_again(make_repo: MakeRepo, tmp_path
         assert result.output is not None
         assert "d" not in result.output["seen"] and "d/four.txt" not in result.output["seen"]
         assert result.output["one"] == "one\n"
+
+
+@pytest.mark.parametrize("sparse", [["src"], None])
+def test_cone_patterns_an_agent_made_a_directory_are_put_back(
+    tmp_path: Path, sparse: list[str] | None
+) -> None:
+    """A directory where the worktree's cone patterns go (info/sparse-checkout) is removed:
+    the orchestrator's patterns are written (or, for a full worktree, none is left)."""
+    target = tmp_path / "info" / "sparse-checkout"
+    (target / "deep").mkdir(parents=True)
+    (target / "deep" / "file").write_text("/*\n")
+    write_patterns(tmp_path, sparse)
+    if sparse is None:
+        assert not os.path.lexists(target)
+    else:
+        assert target.read_text() == cone_patterns(sparse)

@@ -16,7 +16,7 @@ import pytest
 
 from envelopes import Plan, Report
 from orchestrator import GitError, Repository, _fs, orchestrate_parallel, worktree
-from orchestrator._fs import remove_tree
+from orchestrator._fs import remove_entry, remove_tree
 from orchestrator.sparse import write_patterns
 from orchestrator.worktree import (
     MergeOutcome,
@@ -676,6 +676,39 @@ def test_restore_puts_back_what_the_agent_pointed_elsewhere(
             await restore_dot_git(wt)
         assert caught.value.command == ["worktree"] and caught.value.returncode == 1
         assert caught.value.stderr.startswith(f"fatal: cannot restore {wt.path / '.git'}: ")
+
+    anyio.run(main)
+
+
+def test_admin_files_an_agent_made_directories_are_put_back_and_its_work_committed(
+    make_repo: MakeRepo,
+) -> None:
+    """An agent that put a directory where git keeps its worktree's index, HEAD, gitdir,
+    commondir or per-worktree config does not make the task fail: each is put back (the
+    index made anew by git), and what it changed in the worktree is committed."""
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, tree = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/dirs", repo.state_dir / "wt" / "dirs", base)
+        admin = wt.admin_dir
+        pristine = {n: (admin / n).read_bytes() for n in ("HEAD", "gitdir", "commondir")}
+        (wt.path / "work.txt").write_text("the agent's work\n")
+        for name in ("index", "HEAD", "gitdir", "commondir", "config.worktree"):
+            remove_entry(admin / name)
+            (admin / name / "deep").mkdir(parents=True)
+            (admin / name / "deep" / "file").write_text("x")
+        assert await restore_dot_git(wt) == [
+            str(admin / "index"),
+            str(admin / "gitdir"),
+            str(admin / "commondir"),
+        ]
+        assert {n: (admin / n).read_bytes() for n in pristine} == pristine
+        assert not os.path.lexists(admin / "index")
+        assert not os.path.lexists(admin / "config.worktree")
+        commit, _, changed = await commit_worktree(repo, wt, "m", base_tree=tree)
+        assert changed and git(repo_path, "show", f"{commit}:work.txt") == "the agent's work"
 
     anyio.run(main)
 
