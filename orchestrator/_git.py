@@ -85,7 +85,9 @@ _BASE_ENV = {
 
 #: Options every git command of the orchestrator runs with: whatever the repository's config
 #: says (an agent may have written it), no hook runs, no fsmonitor program, no signing
-#: program, no automatic gc or maintenance. Command-line ``-c`` wins over every config file.
+#: program, no automatic gc or maintenance; commit messages written and read as UTF-8 (a
+#: repository configured for Latin-1 would label the orchestrator's UTF-8 messages Latin-1,
+#: and give its logs back re-encoded). Command-line ``-c`` wins over every config file.
 #: (Filters and merge drivers named by attributes cannot be switched off this way; the
 #: repository guard, orchestrator/guard.py, refuses to run git once the config has changed.)
 HARDENING = (
@@ -103,6 +105,10 @@ HARDENING = (
     "maintenance.auto=false",
     "-c",
     "core.sshCommand=false",
+    "-c",
+    "i18n.commitEncoding=UTF-8",
+    "-c",
+    "i18n.logOutputEncoding=UTF-8",
 )
 
 

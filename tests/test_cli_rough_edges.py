@@ -230,11 +230,11 @@ def test_a_run_asks_git_about_its_repository_once(
     outcome = cli(capsys, "run", str(plan))
     assert outcome.code == 0
     assert any(line.startswith("warning:") for line in outcome.err.splitlines())
-    commands = [line.split("core.sshCommand=false ")[-1] for line in log.read_text().splitlines()]
+    commands = [_subcommand(line.split()) for line in log.read_text().splitlines()]
     # Before the task's own (its worktree): for the warning, the top directory and the base
     # (one rev-parse) and the status; for the run, the repository (one rev-parse), its base
     # and tree (one cat-file), and every ref at the start (the guard's record).
-    assert [c.split()[0] for c in commands[:6]] == [
+    assert commands[:6] == [
         "rev-parse",
         "status",
         "rev-parse",
@@ -276,3 +276,11 @@ def test_a_base_with_a_control_character_is_refused_before_git_sees_it(
     if "\x00" not in base:  # (no command line holds a NUL)
         given = cli(capsys, "run", str(plan_file(tmp_path, {"ok": "pass\n"}, [])), "--base", base)
         assert given.code == 2
+
+
+def _subcommand(args: list[str]) -> str:
+    """The git subcommand of a command line, past git's own options (``-C dir``, ``-c x=y``,
+    ``--git-dir=...``)."""
+    while args and args[0].startswith("-"):
+        args = args[2:] if args[0] in ("-C", "-c") else args[1:]
+    return args[0] if args else ""

@@ -713,6 +713,36 @@ def test_admin_files_an_agent_made_directories_are_put_back_and_its_work_committ
     anyio.run(main)
 
 
+def test_a_commit_message_is_utf8_whatever_encoding_the_repository_is_configured_for(
+    make_repo: MakeRepo,
+) -> None:
+    """A repository configured for Latin-1 commit messages (i18n.commitEncoding) would have
+    the orchestrator's UTF-8 messages labelled Latin-1, and shown as mojibake by any tool
+    that honours the label."""
+    repo_path = make_repo()
+    git(repo_path, "config", "i18n.commitEncoding", "ISO-8859-1")
+    git(repo_path, "config", "i18n.logOutputEncoding", "ISO-8859-1")
+
+    async def main() -> str:
+        repo = await Repository.open(repo_path)
+        base, tree = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/enc", repo.state_dir / "wt" / "enc", base)
+        (wt.path / "new.txt").write_text("x\n")
+        commit, _, _ = await commit_worktree(repo, wt, "café: naïve résumé", base_tree=tree)
+        # And the orchestrator reads logs as UTF-8 whatever the output encoding set.
+        assert await repo.git.out("log", "-1", "--format=%s", commit) == "café: naïve résumé"
+        return commit
+
+    commit = anyio.run(main)
+    raw = subprocess.run(
+        ["git", "-C", str(repo_path), "cat-file", "commit", commit],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert b"\nencoding " not in raw.split(b"\n\n", 1)[0]
+    assert raw.endswith("café: naïve résumé\n".encode())
+
+
 def test_create_takes_a_branch_a_dead_slot_still_names(make_repo: MakeRepo) -> None:
     """A pool slot left by a dead run of the same task still has the branch checked out
     (its HEAD names it) after the branch itself was deleted."""
