@@ -40,6 +40,7 @@ import contextlib
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import anyio
@@ -115,7 +116,10 @@ async def catch_up(
         except GitError:
             return False
     await anyio.to_thread.run_sync(remove_outside_cone, slot, worktree.sparse)
-    listed = await _list_differences(repo, worktree, env)
+    # A mode the agent changed is a change, whatever core.fileMode says (a fresh checkout
+    # has the index's modes), where the file system keeps exec bits: found, and written.
+    modes = ("-c", "core.fileMode=true") if exec_bits_kept(slot) else ()
+    listed = await _list_differences(repo, worktree, env, modes)
     if listed is None:
         return False
     untracked, changed = listed
@@ -123,6 +127,7 @@ async def catch_up(
         await anyio.to_thread.run_sync(remove_entries, slot, untracked)
     if changed:
         await git.run(
+            *modes,
             *args,
             "checkout-index",
             "-f",
@@ -158,7 +163,7 @@ async def catch_up(
 
 
 async def _list_differences(
-    repo: Repository, worktree: Worktree, env: dict[str, str]
+    repo: Repository, worktree: Worktree, env: dict[str, str], modes: tuple[str, ...] = ()
 ) -> tuple[list[bytes], list[bytes]] | None:
     """One walk of the worktree against the private index, in two halves run side by side:
     ``(untracked entries, changed tracked paths)``; None when either half failed or listed
@@ -170,7 +175,7 @@ async def _list_differences(
     """
     listings: dict[str, bytes | None] = {}
 
-    async def list_into(name: str, *command: str) -> None:
+    async def list_into(name: str, command: tuple[str, ...]) -> None:
         try:
             out, cut = await repo.git.read(
                 *worktree.git_args(),
@@ -197,8 +202,8 @@ async def _list_differences(
             failed.append(exc)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(list_into, "changed", "diff-files", "--name-only", "-z")
-        tg.start_soon(list_into, "untracked", "ls-files", "-z", "-o", "--directory")
+        tg.start_soon(list_into, "changed", (*modes, "diff-files", "--name-only", "-z"))
+        tg.start_soon(list_into, "untracked", ("ls-files", "-z", "-o", "--directory"))
         tg.start_soon(sweep)
     if failed:
         raise failed[0]
@@ -206,6 +211,36 @@ async def _list_differences(
     if changed is None or untracked is None:
         return None
     return [e for e in untracked.split(b"\0") if e], [e for e in changed.split(b"\0") if e]
+
+
+#: Whether each file system (by device) keeps exec bits, as found once.
+_EXEC_BITS: dict[int, bool] = {}
+
+
+def exec_bits_kept(directory: Path) -> bool:
+    """Whether the file system of *directory* keeps a file's exec bits (a FAT or SMB mount
+    may not: ``git init`` then sets ``core.fileMode`` off, and every tracked executable would
+    look changed to a git told to trust them). Found once per file system, by trying."""
+    try:
+        device = os.stat(directory).st_dev
+    except OSError:
+        return False
+    known = _EXEC_BITS.get(device)
+    if known is None:
+        try:
+            fd, name = tempfile.mkstemp(dir=directory.parent, prefix=".exec-bits-")
+            try:
+                os.fchmod(fd, 0o755)
+                known = bool(os.fstat(fd).st_mode & stat.S_IXUSR)
+                os.fchmod(fd, 0o644)
+                known = known and not os.fstat(fd).st_mode & stat.S_IXUSR
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError:
+            return False
+        _EXEC_BITS[device] = known
+    return known
 
 
 def _tree_note(index: Path) -> Path:

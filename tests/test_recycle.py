@@ -92,13 +92,19 @@ def lend(repo_path: Path, mess: Mess | None, commits: list[str]) -> list[dict[st
     return found
 
 
+@pytest.mark.parametrize("file_mode", [None, "false"])
 def test_every_kind_of_leftover_is_gone_for_the_next_borrower(
-    make_repo: MakeRepo, tmp_path: Path
+    make_repo: MakeRepo, tmp_path: Path, file_mode: str | None
 ) -> None:
+    """Whatever the repository says of exec bits: with ``core.fileMode`` off (set by hand,
+    or by a clone onto a file system without them) git does not see a mode changed, and a
+    borrowed slot must still have the modes of a fresh checkout."""
     repo = make_repo(
         files=6,
         extra={".gitignore": "*.log\nbuild/\n", "docs/a.md": "a\n", "docs/b.md": "b\n"},
     )
+    if file_mode is not None:
+        git(repo, "config", "core.fileMode", file_mode)
     (repo / "link").symlink_to("src/file0000.txt")
     (repo / "tool.sh").write_text("#!/bin/sh\n")
     (repo / "tool.sh").chmod(0o755)
