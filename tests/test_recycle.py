@@ -912,3 +912,15 @@ def test_a_slot_noted_without_its_tree_moves_from_what_its_private_index_holds(
     used, files = catch_up_once(repo, mess, steps)
     assert used
     assert files == fresh_checkout(repo, new, tmp_path / "fresh")
+
+
+def test_exec_bits_are_found_kept_here_once_per_file_system(tmp_path: Path) -> None:
+    from orchestrator import recycle
+
+    slot = tmp_path / "slot"
+    slot.mkdir()
+    recycle._EXEC_BITS.pop(os.stat(slot).st_dev, None)
+    assert recycle.exec_bits_kept(slot)  # this machine's file systems keep them
+    assert os.stat(slot).st_dev in recycle._EXEC_BITS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slot"]  # its probe removed
+    assert not recycle.exec_bits_kept(tmp_path / "gone")
