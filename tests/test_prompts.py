@@ -229,7 +229,7 @@ def test_a_template_is_compiled_once_for_every_attempt_and_task_that_uses_it(
         return from_string(source)
 
     monkeypatch.setattr(prompts._env(), "from_string", counting)
-    prompts._compiled.cache_clear()
+    prompts._compiled_once.cache_clear()
     template_problem.cache_clear()
     template = "{{ task_id }} turn {{ attempt }}: {{ feedback }}"
     texts = [
@@ -246,3 +246,39 @@ def test_a_template_is_compiled_once_for_every_attempt_and_task_that_uses_it(
     # Another template is its own: nothing of the first is reused for it.
     assert render_prompt(envelope(prompt="{{ task }}!")) == "Add a slugify helper!"  # type: ignore[arg-type]
     assert len(compiled) == 2
+
+
+def test_attempts_rendering_a_new_template_at_once_compile_it_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run's first attempts render side by side, each in a worker thread."""
+    import threading
+    import time
+
+    from orchestrator import prompts
+
+    env = prompts._env()
+    from_string = env.from_string
+    compiled: list[str] = []
+    go = threading.Barrier(6)
+
+    def counting(source: Any) -> Any:
+        compiled.append("x")
+        time.sleep(0.05)  # a compile that takes a while: the other threads reach it meanwhile
+        return from_string(source)
+
+    monkeypatch.setattr(env, "from_string", counting)
+    template = "{{ task_id }}: side by side {{ attempt }}"
+    texts: list[str] = []
+
+    def render(i: int) -> None:
+        go.wait()
+        texts.append(render_prompt(build_envelope("a", "x", task_id=f"t{i}", prompt=template)))
+
+    threads = [threading.Thread(target=render, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(texts) == sorted(f"t{i}: side by side 1" for i in range(6))
+    assert len(compiled) == 1
