@@ -689,8 +689,9 @@ class _Subagent:
             return await self._turn(number, request, repair, started_at, start)
         finally:
             # Whatever the turn came to (cancelled too): what before_run started is stopped.
-            with anyio.CancelScope(shield=True):
-                await self._hook("after_run", number)
+            if self._has_hook("after_run"):
+                with anyio.CancelScope(shield=True):
+                    await self._hook("after_run", number)
 
     async def _turn(
         self,
@@ -790,12 +791,22 @@ class _Subagent:
             )
         )
 
+    def _has_hook(self, name: HookName) -> bool:
+        """Whether the plan has a hook *name* that this task runs (it has a worktree)."""
+        hooks = self.ctx.settings.hooks
+        return (
+            hooks is not None
+            and getattr(hooks, name) is not None
+            and self.place.worktree is not None
+        )
+
     async def _hook(self, name: HookName, turn: int) -> ErrorInfo | None:
         """Run the plan's hook *name* for *turn*, when it has one and the task a worktree; the
         task's error (kind ``hook``) when it is required and failed, else None."""
-        hooks = self.ctx.settings.hooks
-        if hooks is None or getattr(hooks, name) is None or self.place.worktree is None:
+        if not self._has_hook(name):
             return None
+        hooks = self.ctx.settings.hooks
+        assert hooks is not None
         request = self._request(turn)
         masker = Masker.for_env(request.env, self.envelope.secrets)
         if not self.history.masker:
