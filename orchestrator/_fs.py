@@ -108,20 +108,26 @@ def remove_tree(path: Path | str, ignore_errors: bool = False) -> None:
 
 def remove_entry(path: Path) -> None:
     """Remove whatever is at *path*: a file, a link (not what it leads to), a FIFO, or a
-    directory and everything below it (:func:`remove_tree`); nothing when it is not there.
+    directory and everything below it (:func:`remove_tree_at`); nothing when it is not there.
     For the files an agent may replace by something else (a directory where git keeps its
-    worktree's index). OSError when it cannot be removed."""
+    worktree's index). The directory *path* is in is opened without following a link: one
+    planted there (the admin directory's ``info`` made a link) is refused, OSError, so that
+    nothing is removed outside. OSError too when it cannot be removed."""
     try:
-        os.unlink(path)
+        parent = os.open(path.parent, _DIRECTORY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return
-    except IsADirectoryError:
-        remove_tree(path)
-    except PermissionError:
-        # Linux's unlink says EISDIR for a directory; POSIX allows EPERM.
-        if not (path.is_dir() and not path.is_symlink()):
-            raise
-        remove_tree(path)
+    try:
+        try:
+            info = os.lstat(path.name, dir_fd=parent)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            remove_tree_at(parent, path.name)
+        else:
+            os.unlink(path.name, dir_fd=parent)
+    finally:
+        os.close(parent)
 
 
 def _identity(fd: int) -> tuple[int, int]:

@@ -183,8 +183,8 @@ async def _branch_back_to_base(git: Git, worktree: Worktree, tip: str) -> str:
 async def _secrets_in_git(
     repo: Repository, worktree: Worktree, tip: str, envelope: HandoffEnvelope, masker: Masker
 ) -> ErrorInfo | None:
-    """A secret_leak error when the agent's own commits (content, paths, messages) or
-    what it staged hold a secret's value, else None.
+    """A secret_leak error when the agent's own commits (content, paths, messages, the
+    objects as stored) or what it staged hold a secret's value, else None.
 
     What git prints of them is read up to twice ``max_commit_mb`` (and a MiB) each: larger
     than that, they cannot be checked without holding them whole, and the task fails with
@@ -195,8 +195,8 @@ async def _secrets_in_git(
     commands: list[tuple[list[str], Path | None]] = [
         ([*args, "diff", "--cached", *text, "--end-of-options", tip], worktree.path)
     ]
+    span = f"{worktree.base_commit}..{tip}"
     if tip != worktree.base_commit:
-        span = f"{worktree.base_commit}..{tip}"
         commands.append((["log", "--format=%B", "--end-of-options", span], None))
         commands.append((["diff", *text, "--end-of-options", worktree.base_commit, tip], None))
     limit = 2 * (envelope.max_commit_mb << 20) + (1 << 20)
@@ -205,21 +205,43 @@ async def _secrets_in_git(
         out, cut = await git.read(
             *command, stdin=b"", limit=limit, timeout=timeout, cwd=cwd, env=env
         )
-        # A secret in what was read is told as such, even when the rest was not read.
-        if cut and not masker.found_in(out):
-            return ErrorInfo(
-                kind="too_large",
-                message=f"the agent's own commits or what it staged are larger than "
-                f"{limit >> 20} MiB of diff (twice max_commit_mb, {envelope.max_commit_mb}): "
-                "they cannot be checked for secrets, and nothing was committed",
-            )
-        if masker.found_in(out):
-            return ErrorInfo(
-                kind="secret_leak",
-                message="the value of a secret variable is in the agent's own commits or in "
-                "what it staged: nothing was committed (set allow_secrets_in_commit to commit "
-                "it anyway)",
-            )
+        if why := _secret_or_too_large(out, cut, masker, limit, envelope):
+            return why
+    if tip != worktree.base_commit:
+        # The commits as stored: log gives a message labelled in another encoding (an
+        # ``encoding`` header the agent chose) converted, and a secret written in its bytes
+        # as they are would not be seen there.
+        ids, cut = await git.read(
+            "rev-list", "--end-of-options", span, stdin=b"", limit=limit, timeout=timeout, env=env
+        )
+        if cut:
+            return _secret_or_too_large(b"", cut, masker, limit, envelope)
+        raw, cut = await git.read(
+            "cat-file", "--batch", stdin=ids, limit=limit, timeout=timeout, env=env
+        )
+        return _secret_or_too_large(raw, cut, masker, limit, envelope)
+    return None
+
+
+def _secret_or_too_large(
+    out: bytes, cut: bool, masker: Masker, limit: int, envelope: HandoffEnvelope
+) -> ErrorInfo | None:
+    """What git printed of the agent's commits (*out*, *cut* short at *limit*) says about
+    committing them: a secret in it, a part too large to check, or None."""
+    if masker.found_in(out):  # told as such, even when the rest was not read
+        return ErrorInfo(
+            kind="secret_leak",
+            message="the value of a secret variable is in the agent's own commits or in "
+            "what it staged: nothing was committed (set allow_secrets_in_commit to commit "
+            "it anyway)",
+        )
+    if cut:
+        return ErrorInfo(
+            kind="too_large",
+            message=f"the agent's own commits or what it staged are larger than "
+            f"{limit >> 20} MiB of diff (twice max_commit_mb, {envelope.max_commit_mb}): "
+            "they cannot be checked for secrets, and nothing was committed",
+        )
     return None
 
 

@@ -33,6 +33,7 @@ fails the attempt with kind ``prompt``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import threading
 from typing import TYPE_CHECKING, Any
@@ -293,8 +294,16 @@ def _compiled(template: str) -> jinja2.Template:
     milliseconds, and every attempt of a preset's agent renders it. The first attempts of a
     run render at once, each in a worker thread: one compiles, the others wait for it (four
     compiling side by side took four times as long)."""
+    key = hashlib.sha256(template.encode("utf-8", "surrogatepass")).hexdigest()
     with _ENV_LOCK:
+        # A lock per template: a big one compiling (seconds, for a megabyte) holds up no other.
+        lock = _COMPILING.setdefault(key, threading.Lock())
+    with lock:
         return _compiled_once(template)
+
+
+#: The lock of each template compiled (by digest), while this process lives.
+_COMPILING: dict[str, threading.Lock] = {}
 
 
 @functools.lru_cache(maxsize=8)

@@ -220,15 +220,17 @@ _EXEC_BITS: dict[int, bool] = {}
 def exec_bits_kept(directory: Path) -> bool:
     """Whether the file system of *directory* keeps a file's exec bits (a FAT or SMB mount
     may not: ``git init`` then sets ``core.fileMode`` off, and every tracked executable would
-    look changed to a git told to trust them). Found once per file system, by trying."""
+    look changed to a git told to trust them). Found once per file system, by trying in the
+    directory above (the pool's, not the worktree: a file made there is the agent's)."""
+    above = directory.parent
     try:
-        device = os.stat(directory).st_dev
+        device = os.stat(above).st_dev
     except OSError:
         return False
     known = _EXEC_BITS.get(device)
     if known is None:
         try:
-            fd, name = tempfile.mkstemp(dir=directory.parent, prefix=".exec-bits-")
+            fd, name = tempfile.mkstemp(dir=above, prefix=".exec-bits-")
             try:
                 os.fchmod(fd, 0o755)
                 known = bool(os.fstat(fd).st_mode & stat.S_IXUSR)
@@ -238,7 +240,7 @@ def exec_bits_kept(directory: Path) -> bool:
                 os.close(fd)
                 os.unlink(name)
         except OSError:
-            return False
+            known = False  # cannot tell: the repository's own setting, as before
         _EXEC_BITS[device] = known
     return known
 

@@ -97,12 +97,11 @@ def write_patterns(admin_dir: Path, sparse: Sequence[str] | None) -> None:
     never written through a link. Blocking."""
     info = admin_dir / "info"
     target = info / "sparse-checkout"
-    if sparse is None:
-        if target.is_symlink() or target.exists():
-            remove_entry(target)
-        return
     if info.is_symlink() or (info.exists() and not info.is_dir()):
-        info.unlink()
+        info.unlink()  # the agent's: never what it leads to
+    if sparse is None:
+        remove_entry(target)
+        return
     info.mkdir(exist_ok=True)
     if target.is_dir() and not target.is_symlink():
         remove_entry(target)  # a file cannot be renamed over a directory

@@ -201,6 +201,11 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
     """
     dot_git = worktree.path / ".git"
     expected = f"gitdir: {worktree.admin_dir}\n"
+    for directory in (worktree.admin_dir.parent, worktree.admin_dir):
+        # Made a link (an agent without a sandbox can reach them): what is put back below
+        # would be written, and removed, wherever it leads.
+        if directory.is_symlink():
+            raise GitError(["worktree"], 1, f"fatal: {directory} was made a link")
     if dot_git.is_dir() and not dot_git.is_symlink():
         raise GitError(
             ["worktree"], 1, f"fatal: the agent replaced {dot_git} with a repository of its own"
@@ -245,7 +250,7 @@ def _put_back_dot_git(worktree: Worktree) -> list[str]:
         if name != "HEAD":
             tampered.append(str(path))
         if path.is_dir() and not path.is_symlink():
-            remove_tree(path)  # a file cannot be renamed over a directory
+            remove_entry(path)  # a file cannot be renamed over a directory
         replace_file(path, content.encode())  # never through a link planted there
     return tampered
 

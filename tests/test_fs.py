@@ -285,3 +285,12 @@ def test_remove_entry_removes_whatever_is_there_and_never_what_a_link_leads_to(
         remove_entry(entries / name)
         assert not os.path.lexists(entries / name)
     assert (kept / "inside").is_dir()
+
+
+def test_remove_entry_refuses_a_directory_reached_through_a_link(tmp_path: Path) -> None:
+    kept = tmp_path / "kept"
+    (kept / "tree" / "deep").mkdir(parents=True)
+    (tmp_path / "via").symlink_to(kept)
+    with pytest.raises(OSError):
+        remove_entry(tmp_path / "via" / "tree")
+    assert (kept / "tree" / "deep").is_dir()

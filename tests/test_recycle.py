@@ -923,4 +923,4 @@ def test_exec_bits_are_found_kept_here_once_per_file_system(tmp_path: Path) -> N
     assert recycle.exec_bits_kept(slot)  # this machine's file systems keep them
     assert os.stat(slot).st_dev in recycle._EXEC_BITS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slot"]  # its probe removed
-    assert not recycle.exec_bits_kept(tmp_path / "gone")
+    assert not recycle.exec_bits_kept(tmp_path / "gone" / "slot")

@@ -208,6 +208,11 @@ if os.environ["ORCHESTRATOR_TASK_ID"] == "commits":
     pathlib.Path("in-commit.txt").write_text(secret)
     git("add", "in-commit.txt")
     git("commit", "-q", "-m", "message holds " + secret)
+elif os.environ["ORCHESTRATOR_TASK_ID"] == "labelled":
+    # Only the message holds it, labelled as EBCDIC: git log converts it to nonsense.
+    pathlib.Path("plain.txt").write_text("nothing to see\\n")
+    git("add", "plain.txt")
+    git("-c", "i18n.commitEncoding=IBM037", "commit", "-q", "-m", "message holds " + secret)
 elif os.environ["ORCHESTRATOR_TASK_ID"] == "staged":
     pathlib.Path("README.md").write_text(secret)
     git("add", "README.md")
@@ -229,7 +234,10 @@ def test_secrets_in_the_agents_own_commits_staged_files_and_names_are_caught(
         {
             "agents": {"s": {"command": [sys.executable, str(agent)]}},
             "defaults": {"venv": False},
-            "tasks": [{"id": t, "agent": "s", "task": "t"} for t in ("commits", "staged", "names")],
+            "tasks": [
+                {"id": t, "agent": "s", "task": "t"}
+                for t in ("commits", "labelled", "staged", "names")
+            ],
         }
     )
     report = anyio.run(lambda: orchestrate_parallel(plan, repo=repo))

@@ -354,3 +354,22 @@ def test_cone_patterns_an_agent_made_a_directory_are_put_back(
         assert not os.path.lexists(target)
     else:
         assert target.read_text() == cone_patterns(sparse)
+
+
+@pytest.mark.parametrize("sparse", [["src"], None])
+def test_cone_patterns_through_a_planted_link_touch_nothing_it_leads_to(
+    tmp_path: Path, sparse: list[str] | None
+) -> None:
+    """The admin directory's ``info`` made a link to elsewhere: the link goes, never what
+    it leads to (its ``sparse-checkout`` directory and files stay)."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sparse-checkout" / "deep").mkdir(parents=True)
+    (elsewhere / "sparse-checkout" / "deep" / "file").write_text("precious\n")
+    admin = tmp_path / "admin"
+    admin.mkdir()
+    (admin / "info").symlink_to(elsewhere)
+    write_patterns(admin, sparse)
+    assert (elsewhere / "sparse-checkout" / "deep" / "file").read_text() == "precious\n"
+    assert not (admin / "info").is_symlink()
+    if sparse is not None:
+        assert (admin / "info" / "sparse-checkout").read_text() == cone_patterns(sparse)

@@ -713,6 +713,31 @@ def test_admin_files_an_agent_made_directories_are_put_back_and_its_work_committ
     anyio.run(main)
 
 
+def test_an_admin_directory_made_a_link_is_refused_and_nothing_it_leads_to_touched(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    repo_path = make_repo()
+
+    async def main() -> None:
+        repo = await Repository.open(repo_path)
+        base, _ = await repo.resolve_commit("HEAD")
+        wt = await create_worktree(repo, "t/ln", repo.state_dir / "wt" / "ln", base)
+        elsewhere = tmp_path / "elsewhere"
+        (elsewhere / "index" / "deep").mkdir(parents=True)
+        (elsewhere / "HEAD").write_text("precious\n")
+        moved = wt.admin_dir.with_name("moved")
+        wt.admin_dir.rename(moved)
+        wt.admin_dir.symlink_to(elsewhere)
+        with pytest.raises(GitError) as refused:
+            await restore_dot_git(wt)
+        assert refused.value.stderr == f"fatal: {wt.admin_dir} was made a link"
+        assert (elsewhere / "index" / "deep").is_dir()
+        assert (elsewhere / "HEAD").read_text() == "precious\n"
+        assert sorted(p.name for p in elsewhere.iterdir()) == ["HEAD", "index"]
+
+    anyio.run(main)
+
+
 def test_a_commit_message_is_utf8_whatever_encoding_the_repository_is_configured_for(
     make_repo: MakeRepo,
 ) -> None:
