@@ -1225,6 +1225,34 @@ def test_gc_and_a_discard_go_on_past_what_cannot_be_deleted(
     assert (venv / "stuck").is_file() and venv.with_name(venv.name + ".kept").exists()
 
 
+def test_gc_goes_on_past_a_slot_it_can_neither_remove_nor_mark(make_repo: MakeRepo) -> None:
+    """A slot gc cannot remove whose never-lend mark cannot be written either (an agent
+    running as the user put a link to nowhere in its place): gc reports it and goes on,
+    without an error, and leaves no lock behind."""
+    from orchestrator.pool import WorktreePool, collect_pool
+
+    from .test_recovery import unremovable
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def main() -> tuple[Path, list[str]]:
+        repo = await Repository.open(repo_path)
+        pool = WorktreePool(repo, 1)
+        worktree = await pool.create("u/one", head)
+        assert worktree is not None
+        await pool.give_back(worktree)
+        (worktree.path / "stuck").write_text("x\n")
+        mark = worktree.path.with_name(worktree.path.name + ".kept")
+        mark.symlink_to(repo_path / "gone" / "mark")
+        with unremovable(worktree.path / "stuck"):
+            return worktree.path, await collect_pool(repo, idle_for=0)
+
+    slot, done = run(main)
+    assert done == [f"removed pool worktree {slot}"]
+    assert (slot / "stuck").is_file() and not slot.with_name(slot.name + ".mutex").exists()
+
+
 def test_a_slot_kept_after_its_pool_was_deleted_is_let_go_of(tmp_path: Path) -> None:
     """The pool's directory deleted under a run (by hand, say): a slot it keeps cannot be
     marked, and is let go of all the same, without an error."""
