@@ -884,6 +884,64 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
     assert detach_dead_slots(state(repo), dead) == []  # returns: the FIFO is never opened
 
 
+#: Borrows a slot of the pool of the repository argv[1] for branch argv[2] at argv[3].
+BORROW = """
+import sys, anyio
+from orchestrator import Repository
+from orchestrator.pool import WorktreePool
+
+async def main():
+    pool = WorktreePool(await Repository.open(sys.argv[1]), 1)
+    print(await pool.borrow(sys.argv[2], sys.argv[3]) is not None)
+
+anyio.run(main)
+"""
+
+
+def test_a_borrower_killed_between_its_branch_and_its_files_leaves_the_slot_lendable(
+    make_repo: MakeRepo,
+) -> None:
+    """An orchestrator killed in a borrow after it made the task's branch and before the
+    slot's files are the start commit's (the crash point ``worktree``, which the resume
+    tests kill at): the slot's HEAD names the dead run's branch, a resume detaches it, and
+    the next borrower finds the slot exactly its start commit's, the last task's mess gone."""
+    from orchestrator.pool import WorktreePool, detach_dead_slots
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def give_back_messy() -> Path:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        worktree = await pool.create("u/first", head)
+        assert worktree is not None
+        (worktree.path / "src" / "file0000.txt").write_text("changed\n")
+        (worktree.path / "left.txt").write_text("untracked\n")
+        await pool.give_back(worktree)
+        return worktree.admin_dir
+
+    admin = run(give_back_messy)
+    branch = "orchestrator/20260101-000000-deadbe/t"
+    killed = subprocess.run(
+        [sys.executable, "-c", BORROW, str(repo_path), branch, head],
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "worktree:1"},
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert (admin / "HEAD").read_text() == f"ref: refs/heads/{branch}\n"
+    [slot] = detach_dead_slots(state(repo_path), "20260101-000000-deadbe")
+    assert (admin / "HEAD").read_text() == f"{head}\n"
+
+    async def borrow_again() -> Worktree | None:
+        return await WorktreePool(await Repository.open(repo_path), 1).borrow("u/next", head)
+
+    again = run(borrow_again)
+    assert again is not None and again.path == slot
+    assert not (slot / "left.txt").exists()
+    assert (slot / "src" / "file0000.txt").read_text() == "line 0\n"
+    assert git(slot, "status", "--porcelain", "--ignored") == ""
+
+
 def test_a_borrowed_venv_gets_the_borrowers_own_worktree_installed(
     make_repo: MakeRepo, write_agent: WriteAgent
 ) -> None:
