@@ -1311,6 +1311,61 @@ def test_gc_goes_on_past_a_slot_it_can_neither_remove_nor_mark(make_repo: MakeRe
     assert (slot / "stuck").is_file() and not slot.with_name(slot.name + ".mutex").exists()
 
 
+def test_a_cancelled_borrow_or_create_leaves_nothing_half_done(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation (a run's deadline) that comes while a borrow makes a slot pristine:
+    the slot is removed and the branch made for it deleted all the same, so no branch is
+    left that the task's retry could not make again; one that comes just as a slot with
+    no ``.git`` is found: it is removed all the same. One that comes while a new slot's
+    private index is recorded: the worktree, made and the task's, is returned, recorded."""
+    import orchestrator.pool as pool_module
+    from orchestrator.pool import WorktreePool
+    from orchestrator.recycle import private_index
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    def cancelling(real: Callable[..., Any], scope: anyio.CancelScope) -> Callable[..., Any]:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            scope.cancel()
+            return await real(*args, **kwargs)
+
+        return call
+
+    async def main() -> None:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        with anyio.CancelScope() as scope:
+            monkeypatch.setattr(pool_module, "record", cancelling(pool_module.record, scope))
+            made = await pool.create("c/made", head)
+        monkeypatch.undo()
+        assert made is not None and pool.created == 1 and private_index(made.path).is_file()
+        await pool.give_back(made)
+        with anyio.CancelScope() as scope:
+            monkeypatch.setattr(pool_module, "catch_up", cancelling(pool_module.catch_up, scope))
+            await pool.borrow("c/cancelled", head)
+        monkeypatch.undo()
+        assert scope.cancelled_caught and not made.path.exists()
+        assert git(repo_path, "branch", "--list", "c/*") == "c/made"
+        again = await pool.create("c/again", head)
+        assert again is not None
+        await pool.give_back(again)
+        (again.path / ".git").unlink()
+        take_free = pool.slots.take_free
+
+        def take_free_then_cancel() -> Path | None:
+            anyio.from_thread.run_sync(scope.cancel)
+            return take_free()
+
+        with anyio.CancelScope() as scope:
+            monkeypatch.setattr(pool.slots, "take_free", take_free_then_cancel)
+            assert await pool.borrow("c/none", head) is None
+        assert scope.cancel_called and not again.path.exists()
+        pool.close()
+
+    run(main)
+
+
 def test_a_slot_kept_after_its_pool_was_deleted_is_let_go_of(tmp_path: Path) -> None:
     """The pool's directory deleted under a run (by hand, say): a slot it keeps cannot be
     marked, and is let go of all the same, without an error."""
