@@ -1366,6 +1366,30 @@ def test_a_cancelled_borrow_or_create_leaves_nothing_half_done(
     run(main)
 
 
+def test_a_new_slot_git_refuses_leaves_nothing_and_its_room(make_repo: MakeRepo) -> None:
+    """A new slot whose worktree git refuses to add (its branch exists): the error is the
+    caller's, nothing of the slot stays in the pool (no directory, no lock, not held), and
+    its room goes to the next worktree."""
+    from orchestrator.errors import GitError
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    git(repo_path, "branch", "n/taken", head)
+
+    async def main() -> None:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        with pytest.raises(GitError):
+            await pool.create("n/taken", head)
+        assert list(pool_root(repo_path).iterdir()) == [] and pool.slots.held() == []
+        made = await pool.create("n/next", head)
+        assert made is not None and pool.created == 1
+        await pool.give_back(made)
+        pool.close()
+
+    run(main)
+
+
 def test_a_slot_kept_after_its_pool_was_deleted_is_let_go_of(tmp_path: Path) -> None:
     """The pool's directory deleted under a run (by hand, say): a slot it keeps cannot be
     marked, and is let go of all the same, without an error."""
