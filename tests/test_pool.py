@@ -1366,6 +1366,41 @@ def test_a_cancelled_borrow_or_create_leaves_nothing_half_done(
     run(main)
 
 
+def test_a_borrow_whose_catch_up_fails_removes_the_slot_and_only_its_own_branch(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A git command of the catch-up failing (a GitError once the task's branch is made)
+    is no error of the caller's: the slot is removed and the borrow gives no worktree, so
+    that the task starts in a fresh one. The branch made for it is deleted only if it is
+    still where the borrow made it: one moved meanwhile (by another git) is left alone."""
+    import orchestrator.pool as pool_module
+    from orchestrator.errors import GitError
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    git(repo_path, "commit", "--allow-empty", "-q", "-m", "elsewhere")
+    elsewhere = git(repo_path, "rev-parse", "HEAD")
+
+    async def moved_then_failed(*args: Any, **kwargs: Any) -> bool:
+        git(repo_path, "update-ref", "refs/heads/f/moved", elsewhere)
+        raise GitError(["checkout-index"], 128, "fatal: cannot write src/file0000.txt")
+
+    async def main() -> Path:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        made = await pool.create("f/made", head)
+        assert made is not None
+        await pool.give_back(made)
+        monkeypatch.setattr(pool_module, "catch_up", moved_then_failed)
+        assert await pool.borrow("f/moved", head) is None
+        pool.close()
+        return made.path
+
+    slot = run(main)
+    assert not slot.exists() and pool_root(repo_path).is_dir()
+    assert git(repo_path, "rev-parse", "f/moved") == elsewhere
+
+
 def test_a_new_slot_git_refuses_leaves_nothing_and_its_room(make_repo: MakeRepo) -> None:
     """A new slot whose worktree git refuses to add (its branch exists): the error is the
     caller's, nothing of the slot stays in the pool (no directory, no lock, not held), and
