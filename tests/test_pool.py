@@ -1401,6 +1401,48 @@ def test_a_borrow_whose_catch_up_fails_removes_the_slot_and_only_its_own_branch(
     assert git(repo_path, "rev-parse", "f/moved") == elsewhere
 
 
+def test_closing_a_pool_detaches_what_it_still_holds_and_nothing_else(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A run whose clean-up ran out of time closes its pool: every slot it still holds is
+    let go of with its HEAD detached at its branch's commit (the branch checked out
+    nowhere). A slot whose ``.git`` points at an admin entry outside this repository's is
+    not touched there; one without a ``.git`` or whose HEAD is gone is let go of as it is."""
+    import shutil
+
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    common = repo_path / ".git"
+
+    async def main() -> list[Worktree]:
+        pool = WorktreePool(await Repository.open(repo_path), 4)
+        held = [await pool.create(f"x/{name}", head) for name in ("a", "b", "c", "d")]
+        assert all(w is not None for w in held)
+        worktrees = [w for w in held if w is not None]
+        on_branch, foreign, no_git, no_head = worktrees
+        other = tmp_path / "other" / "worktrees" / foreign.admin_dir.name
+        shutil.copytree(foreign.admin_dir, other)
+        (other / "commondir").write_text(f"{common}\n")  # its refs are this repository's
+        (foreign.path / ".git").write_text(f"gitdir: {other}\n")
+        (no_git.path / ".git").unlink()
+        (no_head.admin_dir / "HEAD").unlink()
+        pool.close()
+        return worktrees
+
+    on_branch, foreign, no_git, no_head = run(main)
+    assert (on_branch.admin_dir / "HEAD").read_text() == f"{head}\n"
+    other = tmp_path / "other" / "worktrees" / foreign.admin_dir.name
+    assert (other / "HEAD").read_text() == "ref: refs/heads/x/b\n"
+    assert (no_git.admin_dir / "HEAD").read_text() == "ref: refs/heads/x/c\n"
+    assert not (no_head.admin_dir / "HEAD").exists()
+    slots = Slots(pool_root(repo_path), 4)  # every one let go of
+    taken = {slots.take_free() for _ in range(4)}
+    assert taken == {w.path for w in (on_branch, foreign, no_git, no_head)}
+    slots.close()
+
+
 def test_a_new_slot_git_refuses_leaves_nothing_and_its_room(make_repo: MakeRepo) -> None:
     """A new slot whose worktree git refuses to add (its branch exists): the error is the
     caller's, nothing of the slot stays in the pool (no directory, no lock, not held), and
