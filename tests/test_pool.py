@@ -1443,6 +1443,40 @@ def test_closing_a_pool_detaches_what_it_still_holds_and_nothing_else(
     slots.close()
 
 
+def test_a_slot_marked_kept_or_removed_as_it_is_locked_is_not_lent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process marks a slot kept (its task's worktree kept for inspection), or gc
+    removes it, between a borrower's look at it and its lock: the borrower lets go of it
+    and lends nothing."""
+    import orchestrator.pool as pool_module
+    from orchestrator.locks import try_lock
+
+    slots = Slots(tmp_path / "slots", size=2)
+    slot = slots.reserve()
+    assert slot is not None
+    slot.mkdir()
+    slots.made(slot)
+    slots.release(slot)
+    lock_slot = pool_module._try_lock
+
+    def meanwhile(change: Callable[[], object]) -> Callable[[Path], int | None]:
+        def lock(path: Path) -> int | None:
+            change()
+            return lock_slot(path)
+
+        return lock
+
+    mark = slot.with_name(slot.name + ".kept")
+    for change in (mark.touch, lambda: (mark.unlink(), slot.rmdir())):
+        with monkeypatch.context() as patched:
+            patched.setattr(pool_module, "_try_lock", meanwhile(change))
+            assert slots.take_free() is None and slots.held() == []
+        fd = try_lock(slot.with_name(slot.name + ".mutex"))  # let go of
+        assert fd is not None
+        os.close(fd)
+
+
 def test_a_new_slot_git_refuses_leaves_nothing_and_its_room(make_repo: MakeRepo) -> None:
     """A new slot whose worktree git refuses to add (its branch exists): the error is the
     caller's, nothing of the slot stays in the pool (no directory, no lock, not held), and
