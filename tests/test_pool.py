@@ -1283,6 +1283,33 @@ def test_gc_and_a_discard_go_on_past_what_cannot_be_deleted(
     assert (venv / "stuck").is_file() and venv.with_name(venv.name + ".kept").exists()
 
 
+def test_a_private_index_that_cannot_be_deleted_does_not_stop_gc(make_repo: MakeRepo) -> None:
+    """A slot's private index and its note that cannot be deleted (made immutable): gc
+    removes the slot, its lock and its admin entry all the same, and reports it."""
+    from orchestrator.pool import WorktreePool, collect_pool
+    from orchestrator.recycle import private_index
+
+    from .test_recovery import unremovable
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def main() -> tuple[Path, list[str]]:
+        repo = await Repository.open(repo_path)
+        pool = WorktreePool(repo, 1)
+        worktree = await pool.create("u/one", head)
+        assert worktree is not None
+        await pool.give_back(worktree)
+        index = private_index(worktree.path)
+        with unremovable(index, index.with_suffix(".tree")):
+            return worktree.path, await collect_pool(repo, idle_for=0)
+
+    slot, done = run(main)
+    assert done == [f"removed pool worktree {slot}"]
+    assert not slot.exists() and not slot.with_name(slot.name + ".mutex").exists()
+    assert [e["worktree"] for e in worktree_entries(repo_path)] == [str(repo_path)]
+
+
 def test_gc_goes_on_past_a_slot_it_can_neither_remove_nor_mark(make_repo: MakeRepo) -> None:
     """A slot gc cannot remove whose never-lend mark cannot be written either (an agent
     running as the user put a link to nowhere in its place): gc reports it and goes on,
