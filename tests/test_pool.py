@@ -1455,6 +1455,7 @@ def test_closing_a_pool_detaches_what_it_still_holds_and_nothing_else(
         (foreign.path / ".git").write_text(f"gitdir: {other}\n")
         (no_git.path / ".git").unlink()
         (no_head.admin_dir / "HEAD").unlink()
+        assert pool.created == 4 and pool.recycled == 0
         pool.close()
         return worktrees
 
@@ -1502,6 +1503,43 @@ def test_a_slot_marked_kept_or_removed_as_it_is_locked_is_not_lent(
         fd = try_lock(slot.with_name(slot.name + ".mutex"))  # let go of
         assert fd is not None
         os.close(fd)
+
+
+def test_a_new_slot_whose_private_index_cannot_be_recorded_is_still_the_tasks(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new slot's worktree is made but its private index cannot be recorded (a full
+    disk): the worktree is the task's all the same, what was written of the index goes,
+    and the slot's next borrower writes its files whole."""
+    import errno
+
+    import orchestrator.pool as pool_module
+    from orchestrator.pool import WorktreePool
+    from orchestrator.recycle import private_index
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def disk_full(worktree: Worktree, index: Path, tree: str | None = None) -> None:
+        index.write_bytes(b"DIRC")  # a first part written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def main() -> None:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        with monkeypatch.context() as patched:
+            patched.setattr(pool_module, "record", disk_full)
+            made = await pool.create("r/made", head)
+        assert made is not None and pool.created == 1
+        assert not private_index(made.path).exists()
+        (made.path / "left.txt").write_text("untracked\n")
+        await pool.give_back(made)
+        again = await pool.borrow("r/again", head)
+        assert again is not None and again.path == made.path and pool.recycled == 1
+        assert not (again.path / "left.txt").exists() and private_index(again.path).is_file()
+        await pool.give_back(again)
+        pool.close()
+
+    run(main)
 
 
 def test_a_new_slot_git_refuses_leaves_nothing_and_its_room(make_repo: MakeRepo) -> None:
