@@ -1448,7 +1448,7 @@ def test_closing_a_pool_detaches_what_it_still_holds_and_nothing_else(
         held = [await pool.create(f"x/{name}", head) for name in ("a", "b", "c", "d")]
         assert all(w is not None for w in held)
         worktrees = [w for w in held if w is not None]
-        on_branch, foreign, no_git, no_head = worktrees
+        _, foreign, no_git, no_head = worktrees
         other = tmp_path / "other" / "worktrees" / foreign.admin_dir.name
         shutil.copytree(foreign.admin_dir, other)
         (other / "commondir").write_text(f"{common}\n")  # its refs are this repository's
