@@ -884,6 +884,64 @@ def test_a_resume_detaches_the_slots_its_dead_run_left_on_its_branches(
     assert detach_dead_slots(state(repo), dead) == []  # returns: the FIFO is never opened
 
 
+#: Borrows a slot of the pool of the repository argv[1] for branch argv[2] at argv[3].
+BORROW = """
+import sys, anyio
+from orchestrator import Repository
+from orchestrator.pool import WorktreePool
+
+async def main():
+    pool = WorktreePool(await Repository.open(sys.argv[1]), 1)
+    print(await pool.borrow(sys.argv[2], sys.argv[3]) is not None)
+
+anyio.run(main)
+"""
+
+
+def test_a_borrower_killed_between_its_branch_and_its_files_leaves_the_slot_lendable(
+    make_repo: MakeRepo,
+) -> None:
+    """An orchestrator killed in a borrow after it made the task's branch and before the
+    slot's files are the start commit's (the crash point ``worktree``, which the resume
+    tests kill at): the slot's HEAD names the dead run's branch, a resume detaches it, and
+    the next borrower finds the slot exactly its start commit's, the last task's mess gone."""
+    from orchestrator.pool import WorktreePool, detach_dead_slots
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def give_back_messy() -> Path:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        worktree = await pool.create("u/first", head)
+        assert worktree is not None
+        (worktree.path / "src" / "file0000.txt").write_text("changed\n")
+        (worktree.path / "left.txt").write_text("untracked\n")
+        await pool.give_back(worktree)
+        return worktree.admin_dir
+
+    admin = run(give_back_messy)
+    branch = "orchestrator/20260101-000000-deadbe/t"
+    killed = subprocess.run(
+        [sys.executable, "-c", BORROW, str(repo_path), branch, head],
+        env={**os.environ, "ORCHESTRATOR_CRASH_AT": "worktree:1"},
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed
+    assert (admin / "HEAD").read_text() == f"ref: refs/heads/{branch}\n"
+    [slot] = detach_dead_slots(state(repo_path), "20260101-000000-deadbe")
+    assert (admin / "HEAD").read_text() == f"{head}\n"
+
+    async def borrow_again() -> Worktree | None:
+        return await WorktreePool(await Repository.open(repo_path), 1).borrow("u/next", head)
+
+    again = run(borrow_again)
+    assert again is not None and again.path == slot
+    assert not (slot / "left.txt").exists()
+    assert (slot / "src" / "file0000.txt").read_text() == "line 0\n"
+    assert git(slot, "status", "--porcelain", "--ignored") == ""
+
+
 def test_a_borrowed_venv_gets_the_borrowers_own_worktree_installed(
     make_repo: MakeRepo, write_agent: WriteAgent
 ) -> None:
@@ -1223,6 +1281,289 @@ def test_gc_and_a_discard_go_on_past_what_cannot_be_deleted(
     assert (slot / "stuck").is_file() and (stuck_venv / "bin" / "stuck").is_file()
     assert emptied_set.is_dir()
     assert (venv / "stuck").is_file() and venv.with_name(venv.name + ".kept").exists()
+
+
+def test_a_private_index_that_cannot_be_deleted_does_not_stop_gc(make_repo: MakeRepo) -> None:
+    """A slot's private index and its note that cannot be deleted (made immutable): gc
+    removes the slot, its lock and its admin entry all the same, and reports it."""
+    from orchestrator.pool import WorktreePool, collect_pool
+    from orchestrator.recycle import private_index
+
+    from .test_recovery import unremovable
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def main() -> tuple[Path, list[str]]:
+        repo = await Repository.open(repo_path)
+        pool = WorktreePool(repo, 1)
+        worktree = await pool.create("u/one", head)
+        assert worktree is not None
+        await pool.give_back(worktree)
+        index = private_index(worktree.path)
+        with unremovable(index, index.with_suffix(".tree")):
+            return worktree.path, await collect_pool(repo, idle_for=0)
+
+    slot, done = run(main)
+    assert done == [f"removed pool worktree {slot}"]
+    assert not slot.exists() and not slot.with_name(slot.name + ".mutex").exists()
+    assert [e["worktree"] for e in worktree_entries(repo_path)] == [str(repo_path)]
+
+
+def test_gc_goes_on_past_a_slot_it_can_neither_remove_nor_mark(make_repo: MakeRepo) -> None:
+    """A slot gc cannot remove whose never-lend mark cannot be written either (an agent
+    running as the user put a link to nowhere in its place): gc reports it and goes on,
+    without an error, and leaves no lock behind."""
+    from orchestrator.pool import WorktreePool, collect_pool
+
+    from .test_recovery import unremovable
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def main() -> tuple[Path, list[str]]:
+        repo = await Repository.open(repo_path)
+        pool = WorktreePool(repo, 1)
+        worktree = await pool.create("u/one", head)
+        assert worktree is not None
+        await pool.give_back(worktree)
+        (worktree.path / "stuck").write_text("x\n")
+        mark = worktree.path.with_name(worktree.path.name + ".kept")
+        mark.symlink_to(repo_path / "gone" / "mark")
+        with unremovable(worktree.path / "stuck"):
+            return worktree.path, await collect_pool(repo, idle_for=0)
+
+    slot, done = run(main)
+    assert done == [f"removed pool worktree {slot}"]
+    assert (slot / "stuck").is_file() and not slot.with_name(slot.name + ".mutex").exists()
+
+
+def test_a_cancelled_borrow_or_create_leaves_nothing_half_done(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation (a run's deadline) that comes while a borrow makes a slot pristine:
+    the slot is removed and the branch made for it deleted all the same, so no branch is
+    left that the task's retry could not make again; one that comes just as a slot with
+    no ``.git`` is found: it is removed all the same. One that comes while a new slot's
+    private index is recorded: the worktree, made and the task's, is returned, recorded."""
+    import orchestrator.pool as pool_module
+    from orchestrator.pool import WorktreePool
+    from orchestrator.recycle import private_index
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    def cancelling(real: Callable[..., Any], scope: anyio.CancelScope) -> Callable[..., Any]:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            scope.cancel()
+            return await real(*args, **kwargs)
+
+        return call
+
+    async def main() -> None:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        with anyio.CancelScope() as scope:
+            monkeypatch.setattr(pool_module, "record", cancelling(pool_module.record, scope))
+            made = await pool.create("c/made", head)
+        monkeypatch.undo()
+        assert made is not None and pool.created == 1 and private_index(made.path).is_file()
+        await pool.give_back(made)
+        with anyio.CancelScope() as scope:
+            monkeypatch.setattr(pool_module, "catch_up", cancelling(pool_module.catch_up, scope))
+            await pool.borrow("c/cancelled", head)
+        monkeypatch.undo()
+        assert scope.cancelled_caught and not made.path.exists()
+        assert git(repo_path, "branch", "--list", "c/*") == "c/made"
+        again = await pool.create("c/again", head)
+        assert again is not None
+        await pool.give_back(again)
+        (again.path / ".git").unlink()
+        take_free = pool.slots.take_free
+
+        def take_free_then_cancel() -> Path | None:
+            anyio.from_thread.run_sync(scope.cancel)
+            return take_free()
+
+        with anyio.CancelScope() as scope:
+            monkeypatch.setattr(pool.slots, "take_free", take_free_then_cancel)
+            assert await pool.borrow("c/none", head) is None
+        assert scope.cancel_called and not again.path.exists()
+        pool.close()
+
+    run(main)
+
+
+def test_a_borrow_whose_catch_up_fails_removes_the_slot_and_only_its_own_branch(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A git command of the catch-up failing (a GitError once the task's branch is made)
+    is no error of the caller's: the slot is removed and the borrow gives no worktree, so
+    that the task starts in a fresh one. The branch made for it is deleted only if it is
+    still where the borrow made it: one moved meanwhile (by another git) is left alone."""
+    import orchestrator.pool as pool_module
+    from orchestrator.errors import GitError
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    git(repo_path, "commit", "--allow-empty", "-q", "-m", "elsewhere")
+    elsewhere = git(repo_path, "rev-parse", "HEAD")
+
+    async def moved_then_failed(*args: Any, **kwargs: Any) -> bool:
+        git(repo_path, "update-ref", "refs/heads/f/moved", elsewhere)
+        raise GitError(["checkout-index"], 128, "fatal: cannot write src/file0000.txt")
+
+    async def main() -> Path:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        made = await pool.create("f/made", head)
+        assert made is not None
+        await pool.give_back(made)
+        monkeypatch.setattr(pool_module, "catch_up", moved_then_failed)
+        assert await pool.borrow("f/moved", head) is None
+        pool.close()
+        return made.path
+
+    slot = run(main)
+    assert not slot.exists() and pool_root(repo_path).is_dir()
+    assert git(repo_path, "rev-parse", "f/moved") == elsewhere
+
+
+def test_closing_a_pool_detaches_what_it_still_holds_and_nothing_else(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A run whose clean-up ran out of time closes its pool: every slot it still holds is
+    let go of with its HEAD detached at its branch's commit (the branch checked out
+    nowhere). A slot whose ``.git`` points at an admin entry outside this repository's is
+    not touched there; one without a ``.git`` or whose HEAD is gone is let go of as it is."""
+    import shutil
+
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    common = repo_path / ".git"
+
+    async def main() -> list[Worktree]:
+        pool = WorktreePool(await Repository.open(repo_path), 4)
+        held = [await pool.create(f"x/{name}", head) for name in ("a", "b", "c", "d")]
+        assert all(w is not None for w in held)
+        worktrees = [w for w in held if w is not None]
+        _, foreign, no_git, no_head = worktrees
+        other = tmp_path / "other" / "worktrees" / foreign.admin_dir.name
+        shutil.copytree(foreign.admin_dir, other)
+        (other / "commondir").write_text(f"{common}\n")  # its refs are this repository's
+        (foreign.path / ".git").write_text(f"gitdir: {other}\n")
+        (no_git.path / ".git").unlink()
+        (no_head.admin_dir / "HEAD").unlink()
+        assert pool.created == 4 and pool.recycled == 0
+        pool.close()
+        return worktrees
+
+    on_branch, foreign, no_git, no_head = run(main)
+    assert (on_branch.admin_dir / "HEAD").read_text() == f"{head}\n"
+    other = tmp_path / "other" / "worktrees" / foreign.admin_dir.name
+    assert (other / "HEAD").read_text() == "ref: refs/heads/x/b\n"
+    assert (no_git.admin_dir / "HEAD").read_text() == "ref: refs/heads/x/c\n"
+    assert not (no_head.admin_dir / "HEAD").exists()
+    slots = Slots(pool_root(repo_path), 4)  # every one let go of
+    taken = {slots.take_free() for _ in range(4)}
+    assert taken == {w.path for w in (on_branch, foreign, no_git, no_head)}
+    slots.close()
+
+
+def test_a_slot_marked_kept_or_removed_as_it_is_locked_is_not_lent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process marks a slot kept (its task's worktree kept for inspection), or gc
+    removes it, between a borrower's look at it and its lock: the borrower lets go of it
+    and lends nothing."""
+    import orchestrator.pool as pool_module
+    from orchestrator.locks import try_lock
+
+    slots = Slots(tmp_path / "slots", size=2)
+    slot = slots.reserve()
+    assert slot is not None
+    slot.mkdir()
+    slots.made(slot)
+    slots.release(slot)
+    lock_slot = pool_module._try_lock
+
+    def meanwhile(change: Callable[[], object]) -> Callable[[Path], int | None]:
+        def lock(path: Path) -> int | None:
+            change()
+            return lock_slot(path)
+
+        return lock
+
+    mark = slot.with_name(slot.name + ".kept")
+    for change in (mark.touch, lambda: (mark.unlink(), slot.rmdir())):
+        with monkeypatch.context() as patched:
+            patched.setattr(pool_module, "_try_lock", meanwhile(change))
+            assert slots.take_free() is None and slots.held() == []
+        fd = try_lock(slot.with_name(slot.name + ".mutex"))  # let go of
+        assert fd is not None
+        os.close(fd)
+
+
+def test_a_new_slot_whose_private_index_cannot_be_recorded_is_still_the_tasks(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new slot's worktree is made but its private index cannot be recorded (a full
+    disk): the worktree is the task's all the same, what was written of the index goes,
+    and the slot's next borrower writes its files whole."""
+    import errno
+
+    import orchestrator.pool as pool_module
+    from orchestrator.pool import WorktreePool
+    from orchestrator.recycle import private_index
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+
+    async def disk_full(worktree: Worktree, index: Path, tree: str | None = None) -> None:
+        index.write_bytes(b"DIRC")  # a first part written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def main() -> None:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        with monkeypatch.context() as patched:
+            patched.setattr(pool_module, "record", disk_full)
+            made = await pool.create("r/made", head)
+        assert made is not None and pool.created == 1
+        assert not private_index(made.path).exists()
+        (made.path / "left.txt").write_text("untracked\n")
+        await pool.give_back(made)
+        again = await pool.borrow("r/again", head)
+        assert again is not None and again.path == made.path and pool.recycled == 1
+        assert not (again.path / "left.txt").exists() and private_index(again.path).is_file()
+        await pool.give_back(again)
+        pool.close()
+
+    run(main)
+
+
+def test_a_new_slot_git_refuses_leaves_nothing_and_its_room(make_repo: MakeRepo) -> None:
+    """A new slot whose worktree git refuses to add (its branch exists): the error is the
+    caller's, nothing of the slot stays in the pool (no directory, no lock, not held), and
+    its room goes to the next worktree."""
+    from orchestrator.errors import GitError
+    from orchestrator.pool import WorktreePool
+
+    repo_path = make_repo()
+    head = git(repo_path, "rev-parse", "HEAD")
+    git(repo_path, "branch", "n/taken", head)
+
+    async def main() -> None:
+        pool = WorktreePool(await Repository.open(repo_path), 1)
+        with pytest.raises(GitError):
+            await pool.create("n/taken", head)
+        assert list(pool_root(repo_path).iterdir()) == [] and pool.slots.held() == []
+        made = await pool.create("n/next", head)
+        assert made is not None and pool.created == 1
+        await pool.give_back(made)
+        pool.close()
+
+    run(main)
 
 
 def test_a_slot_kept_after_its_pool_was_deleted_is_let_go_of(tmp_path: Path) -> None:

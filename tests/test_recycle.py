@@ -525,6 +525,17 @@ def test_an_entry_already_gone_does_not_stop_the_removal_of_the_others(tmp_path:
     assert list(root.iterdir()) == []
 
 
+def test_only_the_trailing_slash_of_a_directory_entry_is_taken_off(tmp_path: Path) -> None:
+    """The entries named are removed, whatever their names end with, and nothing else: a
+    file beside them whose name is theirs cut short stays."""
+    root = tmp_path / "root"
+    (root / "dirX" / "in").mkdir(parents=True)
+    for name in ("fileX", "file", "dir", "name.", "name.X"):
+        (root / name).write_text(name + "\n")
+    remove_entries(root, [b"fileX", b"dirX/", b"name.X"])
+    assert sorted(p.name for p in root.iterdir()) == ["dir", "file", "name."]
+
+
 def test_a_slot_whose_task_removed_both_indexes_is_written_whole(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
