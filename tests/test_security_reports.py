@@ -587,12 +587,9 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
     from orchestrator import verify_report
 
     repo = make_repo()
+    after = {"a": None, "b": None, "c": ["a", "b"], "d": ["a"], "e": ["a", "d"]}
     envelopes = [
-        build_envelope("w", "a", task_id="a", venv=False),
-        build_envelope("w", "b", task_id="b", venv=False),
-        build_envelope("w", "c", task_id="c", venv=False, depends_on=["a", "b"]),
-        build_envelope("w", "d", task_id="d", venv=False, depends_on=["a"]),
-        build_envelope("w", "e", task_id="e", venv=False, depends_on=["a", "d"]),
+        build_envelope("w", t, task_id=t, venv=False, depends_on=d) for t, d in after.items()
     ]
     report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
     path = Path(report.run_dir) / "report.json"
@@ -616,9 +613,16 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
         found = anyio.run(lambda: verify_report(forged, repo=repo)).findings
         return [str(f) for f in found]
 
-    assert findings(c=str(commit["a"])) == [
+    wrong_e = (
+        f"task e: provenance.base_commit: expected {commit['d']} (it contains the other "
+        f"dependencies' results), found {commit['a']}"
+    )
+    assert findings(e=str(commit["a"])) == [wrong_e]
+    # A start that is not the merge, or not found: the tasks after it are still checked.
+    assert findings(c=str(commit["a"]), e=str(commit["a"])) == [
         f"task c: provenance.base_commit: {commit['a']} is not the merge of its dependencies' "
-        f"results {[commit['a'], commit['b']]} (its parents: {[report.base_commit]})"
+        f"results {[commit['a'], commit['b']]} (its parents: {[report.base_commit]})",
+        wrong_e,
     ]
     base_tree = git(repo, "rev-parse", f"{report.base_commit}^{{tree}}")
     other = git(repo, "commit-tree", base_tree, "-p", commit["a"], "-p", commit["b"], "-m", "x")
@@ -628,12 +632,6 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
         f"task c: provenance.base_commit: the tree of {other} is {base_tree}, not the merge "
         f"of its parents ({merged_tree})",
     ]
-    wrong_e = (
-        f"task e: provenance.base_commit: expected {commit['d']} (it contains the other "
-        f"dependencies' results), found {commit['a']}"
-    )
-    assert findings(e=str(commit["a"])) == [wrong_e]
-    # A start not found in the repository: the tasks after it are still checked.
     assert findings(c="3" * 40, e=str(commit["a"])) == [
         f"task c: provenance.base_commit: {'3' * 40} is not an ancestor of {commit['c']}",
         f"task c: provenance.base_commit: commit {'3' * 40} not found in the repository",
