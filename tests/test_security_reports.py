@@ -659,6 +659,39 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
     ) in [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
 
 
+async def _write_shared(envelope: Any, workspace: Any) -> dict[str, Any]:
+    (workspace.path / "shared.txt").write_text(f"{envelope.task_id}\n")
+    return {"ok": True}
+
+
+def test_a_start_forged_as_the_merge_of_results_that_conflict_says_they_conflict(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Two results that cannot be merged have no merge to start from: a start re-sealed as
+    a commit of those two parents is caught, and the finding says why."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    envelopes = [build_envelope("w", t, task_id=t, venv=False) for t in ("a", "b", "c")]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write_shared})
+    )
+    commit = {r.task_id: str(r.provenance.result_commit) for r in report.results}
+    tree = git(repo, "rev-parse", f"{commit['a']}^{{tree}}")
+    start = git(repo, "commit-tree", tree, "-p", commit["a"], "-p", commit["b"], "-m", "x")
+
+    def c_after_a_and_b(raw: dict[str, Any]) -> None:
+        c = next(r for r in raw["results"] if r["task_id"] == "c")
+        c["depends_on"] = ["a", "b"]
+        c["provenance"]["base_commit"] = start
+
+    forged = forge(Path(report.run_dir) / "report.json", tmp_path / "forged.json", c_after_a_and_b)
+    assert (
+        f"task c: provenance.base_commit: the tree of {start} is {tree}, not the merge of its "
+        "parents (they conflict)"
+    ) in [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
+
+
 def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_repository(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
