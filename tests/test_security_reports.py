@@ -552,6 +552,32 @@ def test_a_forged_merge_record_is_checked_against_the_repository(
     ]
 
 
+def test_a_merge_record_not_checked_in_the_repository_leaves_the_next_ones_checked(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only a ``merged`` record with both its commits is checked in the repository (a
+    ``skipped`` one, or one without its new commit, is audit_report's to flag), and one left
+    unchecked does not stop the check of the records after it."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    with contextlib.chdir(repo):
+        assert cli(capsys, "merge", str(path), "--into", "main").code == 0
+
+    def records(raw: dict[str, Any]) -> None:
+        record = raw["merge"][0]
+        skipped = {**record, "status": "skipped", "into": "gone"}
+        unfinished = {**record, "new_commit": None, "into": "gone"}
+        raw["merge"] = [skipped, unfinished, {**record, "old_commit": "1" * 40}]
+
+    forged = forge(path, tmp_path / "forged.json", records)
+    assert [str(f) for f in anyio.run(verify_report, forged).findings] == [
+        "merge[1]: a merged record without its old and new commit",
+        f"merge[2].old_commit: commit {'1' * 40} not found in the repository",
+    ]
+
+
 def test_a_merge_commit_whose_parents_cannot_be_merged_again_says_so(
     make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
