@@ -557,24 +557,32 @@ def test_a_merge_record_not_checked_in_the_repository_leaves_the_next_ones_check
 ) -> None:
     """Only a ``merged`` record with both its commits is checked in the repository (a
     ``skipped`` one, or one without its new commit, is audit_report's to flag), and one left
-    unchecked does not stop the check of the records after it."""
+    unchecked does not stop the check of the records after it; nor does a task without a
+    merge commit stop the check of the tasks after it in its record."""
     from orchestrator import verify_report
 
     repo = make_repo()
-    path = run_report(repo, ("a",))
+    path = run_report(repo, ("a", "b"))
     with contextlib.chdir(repo):
         assert cli(capsys, "merge", str(path), "--into", "main").code == 0
 
+    record = json.loads(path.read_text())["merge"][0]
+    old, (first, second) = record["old_commit"], (t["merge_commit"] for t in record["tasks"])
+    result_b = record["tasks"][1]["result_commit"]
+
     def records(raw: dict[str, Any]) -> None:
-        record = raw["merge"][0]
         skipped = {**record, "status": "skipped", "into": "gone"}
         unfinished = {**record, "new_commit": None, "into": "gone"}
-        raw["merge"] = [skipped, unfinished, {**record, "old_commit": "1" * 40}]
+        passed_over = json.loads(json.dumps(record))
+        passed_over["tasks"][0]["merge_commit"] = None
+        raw["merge"] = [skipped, unfinished, {**record, "old_commit": "1" * 40}, passed_over]
 
     forged = forge(path, tmp_path / "forged.json", records)
     assert [str(f) for f in anyio.run(verify_report, forged).findings] == [
         "merge[1]: a merged record without its old and new commit",
         f"merge[2].old_commit: commit {'1' * 40} not found in the repository",
+        f"task b: merge[3].merge_commit: the parents of {second} are [{first!r}, {result_b!r}], "
+        f"expected [{old!r}, {result_b!r}]",
     ]
 
 
