@@ -702,8 +702,9 @@ def test_a_start_forged_as_the_merge_of_results_that_conflict_says_they_conflict
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
     """Two results that cannot be merged have no merge to start from: a start re-sealed as
-    a commit of those two parents is caught, and the finding says why."""
-    from orchestrator import verify_report
+    a commit of those two parents is caught, and the finding says why; also when verify is
+    given the repository opened (as ``orchestrator merge`` gives it)."""
+    from orchestrator import Repository, verify_report
 
     repo = make_repo()
     envelopes = [build_envelope("w", t, task_id=t, venv=False) for t in ("a", "b", "c")]
@@ -720,10 +721,19 @@ def test_a_start_forged_as_the_merge_of_results_that_conflict_says_they_conflict
         c["provenance"]["base_commit"] = start
 
     forged = forge(Path(report.run_dir) / "report.json", tmp_path / "forged.json", c_after_a_and_b)
-    assert (
+    conflict = (
         f"task c: provenance.base_commit: the tree of {start} is {tree}, not the merge of its "
         "parents (they conflict)"
-    ) in [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
+    )
+    assert conflict in [
+        str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings
+    ]
+
+    async def opened() -> list[str]:
+        outcome = await verify_report(forged, repo=await Repository.open(repo), files=False)
+        return [str(f) for f in outcome.findings]
+
+    assert conflict in anyio.run(opened)
 
 
 def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_repository(
