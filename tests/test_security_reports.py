@@ -780,6 +780,14 @@ def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_reposi
 
     assert findings(on_nothing) == ["task a: branch: branch no/such/branch does not exist"]
 
+    # A tag is not a branch, even one at the result commit.
+    git(repo, "tag", "tagged", result)
+
+    def on_a_tag(raw: dict[str, Any]) -> None:
+        raw["results"][0]["branch"] = "tagged"
+
+    assert findings(on_a_tag) == ["task a: branch: branch tagged does not exist"]
+
 
 def test_a_report_of_work_without_git_verifies_without_a_repository(tmp_path: Path) -> None:
     """No commit, no base: nothing to look up, and no repository needed."""
