@@ -423,7 +423,7 @@ async def _check_merges(git: Git, report: Report, outcome: VerifyOutcome) -> lis
                     Finding(task_id=entry.task_id, field=f"{field}.merge_commit", message=problem)
                 )
                 previous = None
-                continue
+                continue  # the rest of the chain is not checked: it has lost its start
             previous = entry.merge_commit
         if previous is not None and previous != record.new_commit:
             findings.append(

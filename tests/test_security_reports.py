@@ -552,6 +552,40 @@ def test_a_forged_merge_record_is_checked_against_the_repository(
     ]
 
 
+def test_a_merge_record_not_checked_in_the_repository_leaves_the_next_ones_checked(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only a ``merged`` record with both its commits is checked in the repository (a
+    ``skipped`` one, or one without its new commit, is audit_report's to flag), and one left
+    unchecked does not stop the check of the records after it; nor does a task without a
+    merge commit stop the check of the tasks after it in its record."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a", "b"))
+    with contextlib.chdir(repo):
+        assert cli(capsys, "merge", str(path), "--into", "main").code == 0
+
+    record = json.loads(path.read_text())["merge"][0]
+    old, (first, second) = record["old_commit"], (t["merge_commit"] for t in record["tasks"])
+    result_b = record["tasks"][1]["result_commit"]
+
+    def records(raw: dict[str, Any]) -> None:
+        skipped = {**record, "status": "skipped", "into": "gone"}
+        unfinished = {**record, "new_commit": None, "into": "gone"}
+        passed_over = json.loads(json.dumps(record))
+        passed_over["tasks"][0]["merge_commit"] = None
+        raw["merge"] = [skipped, unfinished, {**record, "old_commit": "1" * 40}, passed_over]
+
+    forged = forge(path, tmp_path / "forged.json", records)
+    assert [str(f) for f in anyio.run(verify_report, forged).findings] == [
+        "merge[1]: a merged record without its old and new commit",
+        f"merge[2].old_commit: commit {'1' * 40} not found in the repository",
+        f"task b: merge[3].merge_commit: the parents of {second} are [{first!r}, {result_b!r}], "
+        f"expected [{old!r}, {result_b!r}]",
+    ]
+
+
 def test_a_merge_commit_whose_parents_cannot_be_merged_again_says_so(
     make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -587,12 +621,9 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
     from orchestrator import verify_report
 
     repo = make_repo()
+    after = {"a": None, "b": None, "c": ["a", "b"], "d": ["a"], "e": ["a", "d"]}
     envelopes = [
-        build_envelope("w", "a", task_id="a", venv=False),
-        build_envelope("w", "b", task_id="b", venv=False),
-        build_envelope("w", "c", task_id="c", venv=False, depends_on=["a", "b"]),
-        build_envelope("w", "d", task_id="d", venv=False, depends_on=["a"]),
-        build_envelope("w", "e", task_id="e", venv=False, depends_on=["a", "d"]),
+        build_envelope("w", t, task_id=t, venv=False, depends_on=d) for t, d in after.items()
     ]
     report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
     path = Path(report.run_dir) / "report.json"
@@ -606,37 +637,40 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
     ]
     assert report.result("e").provenance.base_commit == commit["d"]
 
-    def findings(task_id: str, start: str) -> list[str]:
+    def findings(**starts: str) -> list[str]:
         def edit(raw: dict[str, Any]) -> None:
-            next(r for r in raw["results"] if r["task_id"] == task_id)["provenance"][
-                "base_commit"
-            ] = start
+            for r in raw["results"]:
+                if r["task_id"] in starts:
+                    r["provenance"]["base_commit"] = starts[r["task_id"]]
 
         forged = forge(path, tmp_path / "forged.json", edit)
         found = anyio.run(lambda: verify_report(forged, repo=repo)).findings
         return [str(f) for f in found]
 
-    assert findings("c", str(commit["a"])) == [
-        f"task c: provenance.base_commit: {commit['a']} is not the merge of its dependencies' "
-        f"results {[commit['a'], commit['b']]} (its parents: {[report.base_commit]})"
-    ]
-    base_tree = git(repo, "rev-parse", f"{report.base_commit}^{{tree}}")
-    other = git(repo, "commit-tree", base_tree, "-p", commit["a"], "-p", commit["b"], "-m", "x")
-    merged_tree = git(repo, "rev-parse", f"{base}^{{tree}}")
-    assert findings("c", other) == [
-        f"task c: provenance.base_commit: {other} is not an ancestor of {commit['c']}",
-        f"task c: provenance.base_commit: the tree of {other} is {base_tree}, not the merge "
-        f"of its parents ({merged_tree})",
-    ]
-    assert findings("c", "3" * 40) == [
-        f"task c: provenance.base_commit: {'3' * 40} is not an ancestor of {commit['c']}",
-        f"task c: provenance.base_commit: commit {'3' * 40} not found in the repository",
-    ]
     wrong_e = (
         f"task e: provenance.base_commit: expected {commit['d']} (it contains the other "
         f"dependencies' results), found {commit['a']}"
     )
-    assert findings("e", str(commit["a"])) == [wrong_e]
+    assert findings(e=str(commit["a"])) == [wrong_e]
+    # A start that is not the merge, or not found: the tasks after it are still checked.
+    assert findings(c=str(commit["a"]), e=str(commit["a"])) == [
+        f"task c: provenance.base_commit: {commit['a']} is not the merge of its dependencies' "
+        f"results {[commit['a'], commit['b']]} (its parents: {[report.base_commit]})",
+        wrong_e,
+    ]
+    base_tree = git(repo, "rev-parse", f"{report.base_commit}^{{tree}}")
+    other = git(repo, "commit-tree", base_tree, "-p", commit["a"], "-p", commit["b"], "-m", "x")
+    merged_tree = git(repo, "rev-parse", f"{base}^{{tree}}")
+    assert findings(c=other) == [
+        f"task c: provenance.base_commit: {other} is not an ancestor of {commit['c']}",
+        f"task c: provenance.base_commit: the tree of {other} is {base_tree}, not the merge "
+        f"of its parents ({merged_tree})",
+    ]
+    assert findings(c="3" * 40, e=str(commit["a"])) == [
+        f"task c: provenance.base_commit: {'3' * 40} is not an ancestor of {commit['c']}",
+        f"task c: provenance.base_commit: commit {'3' * 40} not found in the repository",
+        wrong_e,
+    ]
 
     def lost_b_and_wrong_e(raw: dict[str, Any]) -> None:
         by_id = {r["task_id"]: r for r in raw["results"]}
@@ -657,6 +691,49 @@ def test_a_forged_start_from_several_dependencies_is_checked_in_the_repository(
         f"task e: provenance.base_commit: {commit['d']} is not the merge of its dependencies' "
         f"results {[commit['a'], commit['b']]} (its parents: {[commit['a']]})"
     ) in [str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings]
+
+
+async def _write_shared(envelope: Any, workspace: Any) -> dict[str, Any]:
+    (workspace.path / "shared.txt").write_text(f"{envelope.task_id}\n")
+    return {"ok": True}
+
+
+def test_a_start_forged_as_the_merge_of_results_that_conflict_says_they_conflict(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """Two results that cannot be merged have no merge to start from: a start re-sealed as
+    a commit of those two parents is caught, and the finding says why; also when verify is
+    given the repository opened (as ``orchestrator merge`` gives it)."""
+    from orchestrator import Repository, verify_report
+
+    repo = make_repo()
+    envelopes = [build_envelope("w", t, task_id=t, venv=False) for t in ("a", "b", "c")]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write_shared})
+    )
+    commit = {r.task_id: str(r.provenance.result_commit) for r in report.results}
+    tree = git(repo, "rev-parse", f"{commit['a']}^{{tree}}")
+    start = git(repo, "commit-tree", tree, "-p", commit["a"], "-p", commit["b"], "-m", "x")
+
+    def c_after_a_and_b(raw: dict[str, Any]) -> None:
+        c = next(r for r in raw["results"] if r["task_id"] == "c")
+        c["depends_on"] = ["a", "b"]
+        c["provenance"]["base_commit"] = start
+
+    forged = forge(Path(report.run_dir) / "report.json", tmp_path / "forged.json", c_after_a_and_b)
+    conflict = (
+        f"task c: provenance.base_commit: the tree of {start} is {tree}, not the merge of its "
+        "parents (they conflict)"
+    )
+    assert conflict in [
+        str(f) for f in anyio.run(lambda: verify_report(forged, repo=repo)).findings
+    ]
+
+    async def opened() -> list[str]:
+        outcome = await verify_report(forged, repo=await Repository.open(repo), files=False)
+        return [str(f) for f in outcome.findings]
+
+    assert conflict in anyio.run(opened)
 
 
 def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_repository(
@@ -702,6 +779,14 @@ def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_reposi
         raw["results"][0]["branch"] = "no/such/branch"
 
     assert findings(on_nothing) == ["task a: branch: branch no/such/branch does not exist"]
+
+    # A tag is not a branch, even one at the result commit.
+    git(repo, "tag", "tagged", result)
+
+    def on_a_tag(raw: dict[str, Any]) -> None:
+        raw["results"][0]["branch"] = "tagged"
+
+    assert findings(on_a_tag) == ["task a: branch: branch tagged does not exist"]
 
 
 def test_a_report_of_work_without_git_verifies_without_a_repository(tmp_path: Path) -> None:

@@ -56,7 +56,12 @@ MODULES: dict[str, tuple[str, ...]] = {
         "tests/test_report.py",
     ),
     # verify: every hash recomputed, every commit checked.
-    "orchestrator/verify.py": ("tests/test_verify.py", "tests/test_security_reports.py"),
+    # test_ancestry: verify's fixed number of git processes (its batched branch lookup).
+    "orchestrator/verify.py": (
+        "tests/test_verify.py",
+        "tests/test_security_reports.py",
+        "tests/test_ancestry.py",
+    ),
     "orchestrator/ancestry.py": ("tests/test_ancestry.py", "tests/test_verify.py"),
     # The journal, and what a crash leaves to recover and resume.
     "orchestrator/journal.py": (
