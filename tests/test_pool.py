@@ -1283,23 +1283,30 @@ def test_gc_and_a_discard_go_on_past_what_cannot_be_deleted(
     assert (venv / "stuck").is_file() and venv.with_name(venv.name + ".kept").exists()
 
 
+async def _one_slot_given_back(repo_path: Path) -> tuple[Repository, Worktree]:
+    """The repository opened, and a pool slot made at its HEAD and given back."""
+    from orchestrator.pool import WorktreePool
+
+    repo = await Repository.open(repo_path)
+    pool = WorktreePool(repo, 1)
+    worktree = await pool.create("u/one", git(repo_path, "rev-parse", "HEAD"))
+    assert worktree is not None
+    await pool.give_back(worktree)
+    return repo, worktree
+
+
 def test_a_private_index_that_cannot_be_deleted_does_not_stop_gc(make_repo: MakeRepo) -> None:
     """A slot's private index and its note that cannot be deleted (made immutable): gc
     removes the slot, its lock and its admin entry all the same, and reports it."""
-    from orchestrator.pool import WorktreePool, collect_pool
+    from orchestrator.pool import collect_pool
     from orchestrator.recycle import private_index
 
     from .test_recovery import unremovable
 
     repo_path = make_repo()
-    head = git(repo_path, "rev-parse", "HEAD")
 
     async def main() -> tuple[Path, list[str]]:
-        repo = await Repository.open(repo_path)
-        pool = WorktreePool(repo, 1)
-        worktree = await pool.create("u/one", head)
-        assert worktree is not None
-        await pool.give_back(worktree)
+        repo, worktree = await _one_slot_given_back(repo_path)
         index = private_index(worktree.path)
         with unremovable(index, index.with_suffix(".tree")):
             return worktree.path, await collect_pool(repo, idle_for=0)
@@ -1314,19 +1321,14 @@ def test_gc_goes_on_past_a_slot_it_can_neither_remove_nor_mark(make_repo: MakeRe
     """A slot gc cannot remove whose never-lend mark cannot be written either (an agent
     running as the user put a link to nowhere in its place): gc reports it and goes on,
     without an error, and leaves no lock behind."""
-    from orchestrator.pool import WorktreePool, collect_pool
+    from orchestrator.pool import collect_pool
 
     from .test_recovery import unremovable
 
     repo_path = make_repo()
-    head = git(repo_path, "rev-parse", "HEAD")
 
     async def main() -> tuple[Path, list[str]]:
-        repo = await Repository.open(repo_path)
-        pool = WorktreePool(repo, 1)
-        worktree = await pool.create("u/one", head)
-        assert worktree is not None
-        await pool.give_back(worktree)
+        repo, worktree = await _one_slot_given_back(repo_path)
         (worktree.path / "stuck").write_text("x\n")
         mark = worktree.path.with_name(worktree.path.name + ".kept")
         mark.symlink_to(repo_path / "gone" / "mark")
