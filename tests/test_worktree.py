@@ -619,6 +619,11 @@ def test_commit_of_a_sparse_worktree_takes_what_the_agent_made_outside_its_cone(
     anyio.run(main)
 
 
+def _admin_files(admin: Path) -> dict[str, bytes]:
+    """What a worktree's admin directory says of it: its HEAD, gitdir and commondir."""
+    return {name: (admin / name).read_bytes() for name in ("HEAD", "gitdir", "commondir")}
+
+
 def test_restore_puts_back_what_the_agent_pointed_elsewhere(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:
@@ -630,7 +635,7 @@ def test_restore_puts_back_what_the_agent_pointed_elsewhere(
         base, _ = await repo.resolve_commit("HEAD")
         wt = await create_worktree(repo, "t/rd", repo.state_dir / "wt" / "rd", base)
         admin = wt.admin_dir
-        pristine = {n: (admin / n).read_bytes() for n in ("HEAD", "gitdir", "commondir")}
+        pristine = _admin_files(admin)
         assert await restore_dot_git(wt) == []
         (admin / "commondir").write_text(f"{other / '.git'}\n")
         assert await restore_dot_git(wt) == [str(admin / "commondir")]
@@ -649,7 +654,7 @@ def test_restore_puts_back_what_the_agent_pointed_elsewhere(
             str(admin / "gitdir"),
             str(admin / "commondir"),
         ]
-        assert {n: (admin / n).read_bytes() for n in pristine} == pristine
+        assert _admin_files(admin) == pristine
         assert (wt.path / ".git").read_text() == f"gitdir: {admin}\n"
         assert not os.path.lexists(admin / "config.worktree")
         assert not os.path.lexists(admin / "index")
@@ -693,7 +698,7 @@ def test_admin_files_an_agent_made_directories_are_put_back_and_its_work_committ
         base, tree = await repo.resolve_commit("HEAD")
         wt = await create_worktree(repo, "t/dirs", repo.state_dir / "wt" / "dirs", base)
         admin = wt.admin_dir
-        pristine = {n: (admin / n).read_bytes() for n in ("HEAD", "gitdir", "commondir")}
+        pristine = _admin_files(admin)
         (wt.path / "work.txt").write_text("the agent's work\n")
         for name in ("index", "HEAD", "gitdir", "commondir", "config.worktree"):
             remove_entry(admin / name)
@@ -704,7 +709,7 @@ def test_admin_files_an_agent_made_directories_are_put_back_and_its_work_committ
             str(admin / "gitdir"),
             str(admin / "commondir"),
         ]
-        assert {n: (admin / n).read_bytes() for n in pristine} == pristine
+        assert _admin_files(admin) == pristine
         assert not os.path.lexists(admin / "index")
         assert not os.path.lexists(admin / "config.worktree")
         commit, _, changed = await commit_worktree(repo, wt, "m", base_tree=tree)
