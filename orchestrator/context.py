@@ -202,9 +202,9 @@ class RunContext:
         run_dir = root / "runs" / run_id
         await _make_run_dir(run_dir, resume=resume)
         run_lock = RunLock(run_dir)
-        run_lock.acquire()
         journal = Journal(run_dir / JOURNAL)
         try:
+            run_lock.acquire()
             journal.open()
             guarding = repo is not None and repo.git.guard is None
             if repo is not None and guarding:
@@ -212,6 +212,11 @@ class RunContext:
         except BaseException:
             journal.close()
             run_lock.release()
+            if not resume:
+                # Refused or cancelled before any task (the guard's snapshot is read in a
+                # thread): a new run leaves no run directory behind, as a run directory
+                # always ends with a report.
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise
         return cls(
             run_id=run_id,
@@ -336,15 +341,17 @@ async def _make_run_dir(run_dir: Path, *, resume: bool) -> None:
         if not run_dir.is_dir():
             raise OrchestratorError(f"no run {run_dir.name} in {run_dir.parent}")
     else:
+        # In the event loop (a few mkdir calls): a cancellation cannot fall between making
+        # the directory and knowing it was made, which would leave it without a report.
         try:
-            await anyio.Path(run_dir).mkdir(parents=True, exist_ok=False)
+            run_dir.mkdir(parents=True, exist_ok=False)
         except OSError as exc:
             raise RunDirError(
                 f"cannot create the run directory {run_dir}: {exc.strerror or exc}"
             ) from exc
     try:
         for name in RUN_SUBDIRS:
-            await anyio.Path(run_dir / name).mkdir(exist_ok=True)
+            (run_dir / name).mkdir(exist_ok=True)
     except OSError as exc:
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -817,3 +817,37 @@ def test_an_agent_without_dot_git_cannot_make_the_orchestrator_touch_the_users_i
     commit = by_id["succeeds"].provenance.result_commit
     assert git(repo, "show", f"{commit}:after-dot-git.txt") == "written without a .git"
     assert verified(report)
+
+
+def test_a_run_cancelled_while_it_opens_leaves_no_run_directory(
+    make_repo: MakeRepo, write_agent: WriteAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the repository guard's snapshot is taken (in a thread, after the run
+    directory was made): the run directory goes, since a run directory always ends with a
+    report (test_cancelling_at_random_moments found one without, now and then)."""
+    from orchestrator import context
+
+    repo = make_repo()
+    agent = write_agent("sleeper", SLEEPER)
+    plan = Plan.model_validate(
+        {
+            "agents": {"s": {"command": [sys.executable, str(agent), "x"]}},
+            "tasks": [{"id": "t", "agent": "s", "task": "t"}],
+        }
+    )
+    reached = []
+
+    async def slow_guard(repository: Repository) -> None:
+        reached.append(repository)
+        await anyio.sleep(60)
+
+    monkeypatch.setattr(context, "guard_repository", slow_guard)
+
+    async def main() -> None:
+        with anyio.move_on_after(0.5):
+            await orchestrate_parallel(plan, repo=repo)
+
+    run(main)
+    assert reached
+    runs = repo / ".git" / "orchestrator" / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []
