@@ -283,15 +283,17 @@ def test_gc_dry_run_removes_nothing_and_gc_leaves_a_live_run_alone(
     slow_plan, _ = write_plan(tmp_path / "slow", repo)
     # A task that ended while gc works would take its worktree away with it.
     gate = held_agents(tmp_path / "slow")
+    earlier = set(run_dirs(repo))
     live = start_run(slow_plan, "--pool", "0", cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
-        while len(run_dirs(repo)) < 2 or not list(
-            (repo / ".git/orchestrator/worktrees").glob(f"{run_dirs(repo)[-1].name}/*")
+        # The new run, not the last by name (ids of one second differ in their random part).
+        while not (new := sorted(set(run_dirs(repo)) - earlier)) or not list(
+            (repo / ".git/orchestrator/worktrees").glob(f"{new[0].name}/*")
         ):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        live_run = run_dirs(repo)[-1]
+        live_run = new[0]
         worktrees = sorted((repo / ".git/orchestrator/worktrees" / live_run.name).iterdir())
         cleaned = orchestrator(
             "gc", "--repo", str(repo), "--older-than", "0", "--branches", cwd=tmp_path
@@ -642,9 +644,10 @@ def test_resume_of_a_finished_run_runs_nothing_and_exits_with_its_status(
     agent.write_text(
         agent.read_text().replace("time.sleep", "sys.exit(task == 't03') or time.sleep")
     )
+    before = set(run_dirs(repo))
     failed = orchestrator("run", str(plan), cwd=tmp_path)
     assert failed.returncode == 1
-    latest = run_dirs(repo)[-1]
+    (latest,) = set(run_dirs(repo)) - before
     ran = counts.read_text()
     again = orchestrator("run", str(plan), "--resume", cwd=tmp_path)
     assert (
@@ -658,8 +661,11 @@ def test_resume_of_a_finished_run_runs_nothing_and_exits_with_its_status(
     assert "no interrupted run of this plan: starting a new one" in rerun.stderr
     # An interrupted run is resumed, as before.
     agent.write_text(AGENT)
+    before = set(run_dirs(repo))
     crash_at(plan, "commit:6", cwd=tmp_path)
-    interrupted = run_dirs(repo)[-1]
+    # The new one, not the last by name: two runs started in the same second have ids
+    # that differ only by their random part.
+    (interrupted,) = set(run_dirs(repo)) - before
     resumed = orchestrator("run", str(plan), "--resume", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["run_id"] == interrupted.name
