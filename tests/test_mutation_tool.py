@@ -3,6 +3,7 @@ project made here, whose tests catch some mutants and let others through."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -230,3 +231,41 @@ def test_the_test_timeout_reaches_pytest(
             main(["--test-timeout", bad, "orchestrator/merge.py"])
         assert exited.value.code == 2
         assert "not a positive number of seconds" in capsys.readouterr().err
+
+
+def test_only_the_named_functions_are_mutated_and_scored(project: Path) -> None:
+    """A module changed in one function is measured again in that function alone: the
+    mutants of the others are neither run nor counted."""
+    whole = mutate_module(project, "pkg/calc.py", ["tests/test_calc.py"], max_children=1)
+    only = mutate_module(
+        project, "pkg/calc.py", ["tests/test_calc.py"], max_children=1, functions=["label"]
+    )
+    assert only.functions == ("label",)
+    assert 0 < sum(only.counts.values()) < sum(whole.counts.values())
+    assert only.survivors and all(".x_label__mutmut_" in s.name for s in only.survivors)
+    assert only.survivors == [s for s in whole.survivors if ".x_label__" in s.name]
+
+
+def test_a_function_the_module_does_not_define_is_refused_before_any_test_runs(
+    project: Path,
+) -> None:
+    for bad, why in (
+        ("lable", "defines no function lable"),
+        ("Calc.clamp", "defines no function Calc.clamp"),
+        ("label()", "not a function or Class.method name"),
+        ("a.b.c", "not a function or Class.method name"),
+    ):
+        with pytest.raises(MutationError, match=re.escape(why)):
+            mutate_module(project, "pkg/calc.py", ["tests/test_calc.py"], functions=[bad])
+    assert mutation.mutant_patterns("orchestrator/verify.py", ["Audit.run", "verify_report"]) == [
+        "orchestrator.verify.xǁAuditǁrun__mutmut_*",
+        "orchestrator.verify.x_verify_report__mutmut_*",
+    ]
+
+
+def test_function_needs_exactly_one_module(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--function", "f"], ["--function", "f", "a.py", "b.py"]):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+    assert "--function needs exactly one module" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     python -m tools.mutation                     # every module of MODULES
     python -m tools.mutation envelopes/_canonical.py orchestrator/journal.py
     python -m tools.mutation --list              # the modules and the tests each one runs
+    python -m tools.mutation orchestrator/verify.py --function verify_report --function Audit.run
 
 Each module is mutated by mutmut (3.x: an operator swapped, a constant changed, an
 argument dropped, a return value replaced), one mutant at a time, and the module's tests
@@ -26,6 +27,7 @@ itself cannot run, 2 for bad arguments), unless ``--min-score`` is given.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
@@ -155,6 +157,8 @@ class ModuleScore:
     tests: tuple[str, ...]
     #: Whether the tests marked slow were left out (``--fast``).
     fast: bool = False
+    #: The functions mutated (``--function``); empty: the whole module.
+    functions: tuple[str, ...] = ()
     counts: dict[str, int] = field(default_factory=dict)
     survivors: list[Survivor] = field(default_factory=list)
     accepted: list[Survivor] = field(default_factory=list)
@@ -273,6 +277,22 @@ def changed_line(diff: str) -> tuple[str, str]:
     return before, after
 
 
+def mutant_patterns(module: str, functions: Sequence[str]) -> list[str]:
+    """mutmut's names (fnmatch patterns) of the mutants of *functions* of *module*: a
+    function ``name`` or a method ``Class.name`` (``orchestrator/verify.py``, ``Audit.run``:
+    ``orchestrator.verify.xǁAuditǁrun__mutmut_*``). MutationError for a name that is not
+    an identifier or a ``Class.name`` pair."""
+    dotted = module.removesuffix(".py").replace("/", ".")
+    patterns = []
+    for function in functions:
+        parts = function.split(".")
+        if len(parts) > 2 or not all(part.isidentifier() for part in parts):
+            raise MutationError(f"not a function or Class.method name: {function!r}")
+        mangled = f"x_{parts[0]}" if len(parts) == 1 else f"xǁ{parts[0]}ǁ{parts[1]}"
+        patterns.append(f"{dotted}.{mangled}__mutmut_*")
+    return patterns
+
+
 def mutate_module(
     root: Path,
     module: str,
@@ -282,14 +302,19 @@ def mutate_module(
     max_children: int | None = None,
     fast: bool = False,
     test_timeout: float | None = None,
+    functions: Sequence[str] = (),
 ) -> ModuleScore:
     """Mutate *module* of the working tree *root*, run *tests* against each mutant; the score.
+    With *functions*, only those functions' mutants are run and counted (a module changed in
+    a few functions since its last measure).
 
-    MutationError when mutmut is not installed, the module is not in the tree, or mutmut
-    fails (its tests fail on the unmutated code, say).
+    MutationError when mutmut is not installed, the module is not in the tree, a function
+    has no mutant, or mutmut fails (its tests fail on the unmutated code, say).
     """
     if not (root / module).is_file():
         raise MutationError(f"{module}: no such file in {root}")
+    patterns = mutant_patterns(module, functions)
+    _check_functions(root / module, functions)
     with tempfile.TemporaryDirectory(prefix="mutation-") as scratch:
         copy = Path(scratch) / "tree"
         copy_tree(root, copy)
@@ -300,18 +325,44 @@ def mutate_module(
         (copy / "mutants" / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
         shutil.copy(Path(__file__).with_name("mutation_hits.py"), copy / "mutants" / PLUGIN)
         args = ["run"] + (["--max-children", str(max_children)] if max_children else [])
-        ran = _mutmut(copy, *args)
+        ran = _mutmut(copy, *args, *patterns)
         if ran.returncode != 0:
             why = (ran.stderr or ran.stdout).strip().splitlines()
             raise MutationError(f"mutmut run on {module} failed: {why[-1] if why else ''}")
         listed = _mutmut(copy, "results", "--all", "true")
         if listed.returncode != 0:
             raise MutationError(f"mutmut results for {module} failed: {listed.stderr.strip()}")
-        score = ModuleScore(module=module, tests=tuple(tests), fast=fast)
+        score = ModuleScore(
+            module=module, tests=tuple(tests), fast=fast, functions=tuple(functions)
+        )
         for line in listed.stdout.splitlines():
-            if match := _RESULT_LINE.match(line):
+            match = _RESULT_LINE.match(line)
+            if match and (
+                not patterns or any(fnmatch.fnmatchcase(match["name"], p) for p in patterns)
+            ):
                 _count(copy, score, match["name"], match["status"], accepted)
     return score
+
+
+def _check_functions(source: Path, functions: Sequence[str]) -> None:
+    """MutationError naming each of *functions* (``name`` or ``Class.name``) that *source*
+    does not define at its top level, before anything runs (a typo costs no test run)."""
+    import ast
+
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            defined.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            defined.update(
+                f"{node.name}.{item.name}"
+                for item in node.body
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+            )
+    missing = [f for f in functions if f not in defined]
+    if missing:
+        raise MutationError(f"{source.name}: defines no function {', '.join(missing)}")
 
 
 def _count(
@@ -335,6 +386,7 @@ def _report(score: ModuleScore) -> str:
         f"{score.module}: {pct} ({score.caught} caught, {score.missed} missed, "
         f"{len(score.accepted)} accepted as equivalent; {counts})"
         + (" [--fast: the tests marked slow left out]" if score.fast else "")
+        + (f" [only {', '.join(score.functions)}]" if score.functions else "")
     ]
     for s in score.survivors:
         lines.append(f"  {s.status}: {s.name}\n    - {s.before}\n    + {s.after}")
@@ -352,6 +404,13 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
     parser.add_argument("--min-score", type=float, help="exit 3 if a module scores below (0-1)")
     parser.add_argument("--fast", action="store_true", help="leave out the tests marked slow")
     parser.add_argument(
+        "--function",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="mutate only this function or Class.method (repeatable; one module only)",
+    )
+    parser.add_argument(
         "--test-timeout",
         type=_positive,
         metavar="SECONDS",
@@ -361,6 +420,8 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         parser.error(f"not a module of MODULES: {', '.join(unknown)} (see --list)")
+    if args.function and len(args.modules) != 1:
+        parser.error("--function needs exactly one module")
     if args.list:
         for module, tests in MODULES.items():
             print(f"{module}: {' '.join(tests)}")
@@ -372,6 +433,7 @@ def main(argv: Sequence[str] | None = None, *, root: Path = ROOT) -> int:
             max_children=args.max_children,
             fast=args.fast,
             test_timeout=args.test_timeout,
+            functions=args.function,
         )
     except MutationError as exc:
         print(f"mutation: {exc}", file=sys.stderr)
@@ -404,6 +466,7 @@ def _run_all(
     max_children: int | None = None,
     fast: bool = False,
     test_timeout: float | None = None,
+    functions: Sequence[str] = (),
 ) -> list[ModuleScore]:
     accepted = read_accepted(root / ACCEPTED_FILE)
     scores = []
@@ -417,6 +480,7 @@ def _run_all(
             max_children=max_children,
             fast=fast,
             test_timeout=test_timeout,
+            functions=functions,
         )
         print(_report(score), flush=True)
         scores.append(score)
