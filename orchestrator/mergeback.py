@@ -51,7 +51,7 @@ from .errors import GitError, MergeError, ReportUnreadable, RunDirError
 from .locks import RepoLock
 from .merge import Changes, chain_disjoint, merge_trees
 from .mergecheck import MergeChecker, MergeCheckSettings, failed_steps
-from .overlap import Touched, candidate_pairs, touched
+from .overlap import Touched, candidate_pairs, touched, touched_together
 from .repo import NotARepository, Repository
 from .report import report_bytes
 from .worktree import checkout_of
@@ -283,7 +283,14 @@ class _Logs:
 
 
 async def _touched_all(git: Git, base: str, commits: Sequence[str]) -> list[Touched | None]:
-    """:func:`overlap.touched` of each of *commits*, a few at a time."""
+    """:func:`overlap.touched` of each of *commits*: from one log of them all, or where that
+    cannot serve (too long to hold, an id that is none), from one log each, a few at a time."""
+    try:
+        together = await touched_together(git, base, commits)
+    except GitError:
+        together = None  # a name that is no object id: each is judged on its own below
+    if together is not None:
+        return together
     out: list[Touched | None] = [None] * len(commits)
     limiter = anyio.CapacityLimiter(_PREDICT_LIMIT)
 

@@ -36,7 +36,7 @@ from envelopes import is_object_id
 from ._git import Git, check_ids
 from .errors import GitError
 
-__all__ = ["Touched", "candidate_pairs", "may_conflict", "touched"]
+__all__ = ["Touched", "candidate_pairs", "may_conflict", "touched", "touched_together"]
 
 #: Most bytes of ``git log`` read for one result; a result that changed more is checked
 #: against every other rather than held in memory.
@@ -103,15 +103,10 @@ def may_conflict(a: Touched, b: Touched) -> bool:
     )
 
 
-async def touched(git: Git, base: str, commit: str) -> Touched | None:
-    """What *commit* changed since *base* (one ``git log``); None when it does not descend
-    from *base*, or its log is too long to hold or cannot be read. The base itself changed
-    nothing."""
-    check_ids(base, commit)
-    if commit == base:
-        return Touched.of((), ())
+async def _log(git: Git, base: str, tips: Sequence[str]) -> bytes | None:
+    """``git log`` of what *tips* hold that *base* does not, in the format the parsers read;
+    None when it is longer than MAX_LOG_BYTES (not held, whatever its length) or git fails."""
     try:
-        # Read at most MAX_LOG_BYTES of it: a longer log is not held, whatever its length.
         log, cut = await git.read(
             "log",
             "--boundary",
@@ -124,14 +119,26 @@ async def touched(git: Git, base: str, commit: str) -> Touched | None:
             "--diff-merges=separate",
             "--format=%x01%m%H %P",
             "--end-of-options",
-            f"{base}..{commit}",
+            f"^{base}",
+            *tips,
             stdin=b"",
             limit=MAX_LOG_BYTES,
             timeout=LOG_TIMEOUT_S,
         )
     except GitError:
         return None
-    if cut:
+    return None if cut else log
+
+
+async def touched(git: Git, base: str, commit: str) -> Touched | None:
+    """What *commit* changed since *base* (one ``git log``); None when it does not descend
+    from *base*, or its log is too long to hold or cannot be read. The base itself changed
+    nothing."""
+    check_ids(base, commit)
+    if commit == base:
+        return Touched.of((), ())
+    log = await _log(git, base, [commit])
+    if log is None:
         return None
     parsed = _parse_log(log, base)
     if parsed is None:
@@ -185,6 +192,104 @@ def _parse_log(
         if final is not None and path not in final:
             final[path] = None if status == b"D" else (parts[1], parts[3])
     return (commits, changes, final) if descends else None
+
+
+async def touched_together(
+    git: Git, base: str, commits: Sequence[str]
+) -> list[Touched | None] | None:
+    """:func:`touched` of each of *commits*, from one ``git log`` of them all: each commit
+    git lists once, and each of *commits* gets the commits its parents lead to (the same
+    answer as a log of each, in one git process instead of one each). None when that log
+    cannot serve (too long to hold, unreadable, not what was asked for): the caller then
+    reads each on its own, where only the ones too long go unknown."""
+    check_ids(base, *commits)
+    tips = sorted(set(commits) - {base})
+    if not tips:
+        return [Touched.of((), ()) for _ in commits]
+    log = await _log(git, base, tips)
+    graph = None if log is None else _parse_union(log)
+    if graph is None:
+        return None
+    return [
+        Touched.of((), ()) if commit == base else _walk(graph, base, commit) for commit in commits
+    ]
+
+
+@dataclass
+class _Listed:
+    """A commit of a log of several results: its parents, and its changes in log order."""
+
+    order: int
+    parents: list[str]
+    changes: list[tuple[bytes, bytes, bytes, bytes]] = field(default_factory=list)
+
+
+def _parse_union(data: bytes) -> dict[str, _Listed] | None:
+    """The commits a log of several tips lists (boundary commits left out), or None when the
+    output is not what was asked for. Tokenised as :func:`_parse_log` does."""
+    listed: dict[str, _Listed] = {}
+    current: _Listed | None = None
+    tokens = iter(data.split(b"\0"))
+    for token in tokens:
+        token = token.lstrip(b"\n")
+        if not token:
+            continue
+        if token.startswith(b"\x01"):
+            mark, names = token[1:2], token[2:].decode("ascii", "replace").split()
+            if mark not in (b">", b"-") or not names or not all(map(is_object_id, names)):
+                return None
+            if mark == b"-":
+                current = None  # a boundary commit: the base's side, its changes not listed
+                continue
+            # A merge's header comes once for each parent (--diff-merges=separate).
+            current = listed.setdefault(names[0], _Listed(len(listed), names[1:]))
+            continue
+        if not token.startswith(b":"):
+            return None
+        path = next(tokens, b"")
+        parts = token[1:].split(b" ")
+        if len(parts) != 5 or not path:
+            return None
+        if current is not None:
+            current.changes.append((parts[4][:1], path, parts[1], parts[3]))
+    return listed
+
+
+def _walk(graph: dict[str, _Listed], base: str, tip: str) -> Touched | None:
+    """What *tip* changed since *base*, from the commits of *graph* its parents lead to:
+    None when it does not descend from *base* (no listed commit of it has *base* as a
+    parent), as :func:`touched` says."""
+    if tip not in graph:
+        return None  # listed by no log: the base holds it, yet it is not the base
+    mine: list[str] = []
+    descends = False
+    seen = {tip}
+    stack = [tip]
+    while stack:
+        commit = stack.pop()
+        mine.append(commit)
+        for parent in graph[commit].parents:
+            if parent in graph:
+                if parent not in seen:
+                    seen.add(parent)
+                    stack.append(parent)
+            elif parent == base:
+                descends = True  # a parent the log left out is the base's side
+    if not descends:
+        return None
+    mine.sort(key=lambda c: graph[c].order)  # the log's order: a child before its parents
+    final: dict[bytes, tuple[bytes, bytes] | None] | None = {}
+    changes: list[tuple[str, str]] = []
+    for commit in mine:
+        if len(graph[commit].parents) > 1:
+            final = None
+        for status, path, mode, blob in graph[commit].changes:
+            changes.append(
+                (status.decode("ascii", "replace"), path.decode("utf-8", "surrogateescape"))
+            )
+            if final is not None and path not in final:
+                final[path] = None if status == b"D" else (mode, blob)
+    return dataclasses.replace(Touched.of(mine, changes), final=final)
 
 
 def candidate_pairs(items: Sequence[Touched | None]) -> list[tuple[int, int]]:

@@ -17,7 +17,13 @@ from envelopes import MergeConflict, Report
 from orchestrator._git import Git
 from orchestrator.errors import GitError
 from orchestrator.mergeback import merge_results, predict_conflicts
-from orchestrator.overlap import Touched, candidate_pairs, may_conflict, touched
+from orchestrator.overlap import (
+    Touched,
+    candidate_pairs,
+    may_conflict,
+    touched,
+    touched_together,
+)
 
 from .conftest import MakeRepo, git
 
@@ -163,18 +169,18 @@ def test_against_a_target_that_moved_only_overlapping_results_are_merged(repo: P
 
 
 @pytest.mark.slow  # about 13 s: 200 results
-def test_200_disjoint_results_take_a_git_process_each_and_no_merge(repo: Path) -> None:
+def test_200_disjoint_results_are_read_in_one_git_process_and_merge_none(repo: Path) -> None:
     base = git(repo, "rev-parse", "base")
     commits = [(f"t{i}", change(repo, base, {f"out/t{i}.txt": f"{i}\n"})) for i in range(200)]
     found, calls = predict(repo, commits, base, base)
     assert found == []
-    assert calls <= 200 + 1  # one log per result and one for the target: no merge-tree
+    assert calls == 1  # one log of them all (the target is the base): no merge-tree
     # Eight of them also touching one file: the 28 pairs among them, and no other, merged.
     text = git(repo, "show", "base:shared.txt") + "\n"
     for i in range(8):
         commits[i] = (f"t{i}", change(repo, commits[i][1], {"shared.txt": text + f"{i}\n"}))
     found, calls = predict(repo, commits, base, base)
-    assert calls <= 200 + 1 + 28
+    assert calls == 1 + 28
     assert len(found) == 28 and all(c.paths == ["shared.txt"] for c in found)
 
 
@@ -492,7 +498,7 @@ def test_in_a_sha256_repository_only_overlapping_results_are_merged(tmp_path: Pa
     assert log is not None and log.paths == {"out/0.txt"}
     found, calls = predict(repo, commits, base, base)
     assert [(c.left, c.right, c.paths) for c in found] == [("s0", "s1", ["shared.txt"])]
-    assert calls <= len(commits) + 1 + 1  # a log each, the target's, and one merge-tree
+    assert calls == 1 + 1  # one log of them all, and one merge-tree
     assert predict(repo, commits, base, None)[0] == found
 
 
@@ -519,3 +525,84 @@ def test_a_log_that_is_not_what_was_asked_for_is_not_trusted() -> None:
         head + tail + entry.split(b"\0")[0],  # a header and no path after it
     ]
     assert [_parse_log(data, base) for data in broken] == [None] * len(broken)
+
+
+def each_and_together(repo: Path, base: str, commits: list[str]) -> list[Touched | None]:
+    """touched_together of *commits*, checked against touched of each: the same, final
+    states included (which Touched's equality leaves out); and one git process."""
+    runner = Git(repo)
+    together = anyio.run(touched_together, runner, base, commits)
+    assert runner.calls == (1 if set(commits) - {base} else 0)
+    each = [anyio.run(touched, Git(repo), base, commit) for commit in commits]
+    assert together == each
+    assert [t and t.final for t in together] == [t and t.final for t in each]
+    return together
+
+
+def test_one_log_of_all_results_says_what_a_log_of_each_says(repo: Path) -> None:
+    """Results that share commits (one built on another, one that merged another), a merge
+    that makes a change of its own, a file removed, results that do not descend from the
+    base (another line of history, one of the base's ancestors, a root commit), the base
+    itself, and a result named twice: each gets from the one log what its own log says."""
+    base = git(repo, "rev-parse", "base")
+    text = git(repo, "show", "base:shared.txt")
+    first = change(repo, base, {"a.txt": "a\n", "shared.txt": text + "first\n"})
+    on_first = change(repo, first, {"b.txt": "b\n", "a.txt": "a again\n"}, remove=("old.txt",))
+    side = change(repo, base, {"side.txt": "side\n"})
+    merged = change(repo, on_first, {"own.txt": "the merge's own\n"}, parents=(side,))
+    elsewhere = change(repo, git(repo, "rev-parse", "main"), {"other.txt": "x\n"})
+    ancestor = git(repo, "rev-parse", "base~1")
+    tree = git(repo, "rev-parse", "base^{tree}")
+    root = subprocess.run(
+        ["git", "commit-tree", tree, "-m", "root"],
+        cwd=repo,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    commits = [first, on_first, merged, side, elsewhere, ancestor, root, base, first]
+    together = each_and_together(repo, base, commits)
+    assert [t is None for t in together] == [False] * 4 + [True] * 3 + [False] * 2
+    assert together[1] is not None and together[1].commits == {first, on_first}
+    assert together[1].final is not None and together[1].final[b"old.txt"] is None
+    assert together[2] is not None and together[2].final is None  # a merge among them
+    assert together[7] == Touched.of((), ())
+    # Only what is not the base, or named, costs nothing.
+    assert each_and_together(repo, base, [base, base]) == [Touched.of((), ())] * 2
+    assert each_and_together(repo, base, [side]) == [anyio.run(touched, Git(repo), base, side)]
+
+
+def test_a_log_of_all_too_long_to_hold_reads_each_on_its_own(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the one log of every result is longer than the bound, none of it is trusted:
+    each result's own log is read, so only a result whose own log is too long goes unknown
+    (checked the old way); the prediction is the same."""
+    import orchestrator.overlap as overlap
+
+    base = git(repo, "rev-parse", "base")
+    small = [change(repo, base, {f"s{i}.txt": f"{i}\n"}) for i in range(3)]
+    big = change(repo, base, {f"many/{i:04d}.txt": f"{i}\n" for i in range(60)})
+    single = anyio.run(touched, Git(repo), base, big)
+    monkeypatch.setattr(overlap, "MAX_LOG_BYTES", 4096)
+    runner = Git(repo)
+    assert anyio.run(touched_together, runner, base, [*small, big]) is None
+    assert runner.calls == 1
+    assert anyio.run(touched_together, Git(repo), base, small) is not None  # within the bound
+    found, calls = predict(
+        repo, [(f"s{i}", c) for i, c in enumerate(small)] + [("big", big)], base, base
+    )
+    assert found == [] and single is not None
+    # The log of all, one of each, and merge-tree of the big one against each other result
+    # and the target.
+    assert calls == 1 + 4 + 4
+
+
+def test_one_log_of_all_refuses_a_name_that_is_no_object_id(repo: Path) -> None:
+    base = git(repo, "rev-parse", "base")
+    runner = Git(repo)
+    for names in (["--output=/tmp/x"], [base, "HEAD"], [base, "^" + base]):
+        with pytest.raises(GitError, match="not an object id"):
+            anyio.run(touched_together, runner, base, names)
+    assert runner.calls == 0
