@@ -18,7 +18,7 @@ import inspect
 import math
 import shutil
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Unpack
@@ -285,7 +285,8 @@ class _Run:
                 orphans_killed=ctx.orphans_killed,
             ),
         )
-        await self.scheduler.run()
+        async with ctx.repo.git.ref_updates() if ctx.repo else nullcontext():  # one git for refs
+            await self.scheduler.run()
 
     def _stamped(self, envelope: HandoffEnvelope) -> HandoffEnvelope:
         return envelope.model_copy(update={"run_id": self.ctx.run_id})

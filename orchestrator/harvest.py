@@ -170,13 +170,7 @@ def _message(
 async def _branch_back_to_base(git: Git, worktree: Worktree, tip: str) -> str:
     """Move the task's branch back to its base, by compare-and-swap from *tip*; the base."""
     if tip != worktree.base_commit:
-        await git.run(
-            "update-ref",
-            "--end-of-options",
-            f"refs/heads/{worktree.branch}",
-            worktree.base_commit,
-            tip,
-        )
+        await git.update_ref(f"refs/heads/{worktree.branch}", worktree.base_commit, tip)
     return worktree.base_commit
 
 

@@ -322,7 +322,7 @@ class WorktreePool:
             path=slot, branch=branch, base_commit=base_commit, admin_dir=admin, sparse=sparse
         )
         try:
-            await self.repo.git.run("update-ref", "--end-of-options", ref, base_commit, "")
+            await self.repo.git.update_ref(ref, base_commit, "")
             made = True
             await anyio.to_thread.run_sync(_strip_admin_dir, admin, branch)
             crash_point("worktree")  # the branch made, the files not yet the base's
@@ -334,7 +334,7 @@ class WorktreePool:
             # worktree instead.
             with anyio.CancelScope(shield=True):
                 if made:
-                    await self.repo.git.run("update-ref", "-d", ref, base_commit, check=False)
+                    await self.repo.git.update_ref(ref, None, base_commit, check=False)
                 if isinstance(exc, GitError) and not made:
                     self.slots.release(slot)  # the branch exists: the caller's error
                     raise

@@ -112,7 +112,7 @@ async def create_worktree(
     async with repo.lock.hold():
         # Create the branch first, create-only (the old value must be "none"): a branch that
         # already exists is refused here and is never touched by the clean-up below.
-        await repo.git.run("update-ref", "--end-of-options", ref, base_commit, "")
+        await repo.git.update_ref(ref, base_commit, "")
         try:
             # --force: the branch was just made, create-only, so the only worktree that can
             # have it checked out is a pool slot left by a dead run of the same task (its
@@ -176,7 +176,7 @@ async def _forget(repo: Repository, path: Path, branch: str, expected: str) -> N
     admin_dir = admin_dir_from_file(path) or admin_dir_by_scan(repo, path)
     await anyio.to_thread.run_sync(remove_tree, path, True)
     await drop_admin_dir(repo, admin_dir)
-    await repo.git.run("update-ref", "-d", f"refs/heads/{branch}", expected, check=False)
+    await repo.git.update_ref(f"refs/heads/{branch}", None, expected, check=False)
 
 
 async def restore_dot_git(worktree: Worktree) -> list[str]:
@@ -261,15 +261,7 @@ restore_admin_files = restore_dot_git
 async def rewind_branch(repo: Repository, worktree: Worktree) -> None:
     """Put back the worktree's ``.git`` file and admin files, and its branch at its base."""
     await restore_dot_git(worktree)
-    await repo.git.run(
-        *worktree.git_args(),
-        "update-ref",
-        "--end-of-options",
-        f"refs/heads/{worktree.branch}",
-        worktree.base_commit,
-        cwd=worktree.path,
-        env=worktree.git_env(),
-    )
+    await repo.git.update_ref(f"refs/heads/{worktree.branch}", worktree.base_commit)
 
 
 async def reset_worktree(repo: Repository, worktree: Worktree) -> None:
@@ -459,16 +451,7 @@ async def commit_worktree(
         env={**env, **identity},
     )
     crash_point("commit")
-    await git.run(
-        *args,
-        "update-ref",
-        "--end-of-options",
-        f"refs/heads/{worktree.branch}",
-        commit,
-        parent,
-        cwd=cwd,
-        env=env,
-    )
+    await git.update_ref(f"refs/heads/{worktree.branch}", commit, parent)
     return commit, tree, True
 
 
@@ -501,8 +484,7 @@ async def delete_if_unused(repo: Repository, worktree: Worktree) -> bool:
 
 async def _delete_unused_branch(repo: Repository, worktree: Worktree) -> bool:
     ref = f"refs/heads/{worktree.branch}"
-    deleted = await repo.git.run("update-ref", "-d", ref, worktree.base_commit, check=False)
-    return deleted.returncode == 0
+    return await repo.git.update_ref(ref, None, worktree.base_commit, check=False)
 
 
 @dataclass(frozen=True)

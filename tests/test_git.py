@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from orchestrator._git import (
@@ -387,3 +388,178 @@ def test_a_quiet_read_fails_on_a_word_on_stderr(make_repo: MakeRepo) -> None:
     assert b"src/file0000.txt" in out and not cut
     with pytest.raises(GitError, match="trace"):
         anyio.run(read, True)
+
+
+def ref(repo: Path, name: str) -> str | None:
+    done = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", name],
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip() or None
+
+
+def test_ref_updates_go_through_one_git_process_and_do_what_update_ref_does(
+    make_repo: MakeRepo,
+) -> None:
+    """While ref_updates is open, branches are made, moved and deleted (each only from the
+    value given) by one git process; outside it, each takes a git process of its own."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    git(repo, "commit", "--allow-empty", "-qm", "second")
+    second = git(repo, "rev-parse", "HEAD")
+
+    async def main() -> int:
+        runner = Git(repo)
+        async with runner.ref_updates():
+            assert live_processes_with("update-ref") == []  # started when first needed
+            await runner.update_ref("refs/heads/made", head, "")  # only if it does not exist
+            await runner.update_ref("refs/heads/made", second, head)  # only from head
+            await runner.update_ref("refs/heads/any", second)  # from whatever it was
+            await runner.update_ref("refs/heads/any", head)
+            await runner.update_ref("refs/heads/gone", head, "")
+            await runner.update_ref("refs/heads/gone", None, head)  # deleted, only from head
+            await runner.update_ref("refs/heads/gone2", head, "")
+            await runner.update_ref("refs/heads/gone2", None)  # deleted, whatever it was at
+            assert len(live_processes_with("update-ref")) == 1
+        assert live_processes_with("update-ref") == []  # closed, it ends
+        inside = runner.calls
+        await runner.update_ref("refs/heads/outside", head, "")
+        await runner.update_ref("refs/heads/outside", second, head)
+        assert runner.calls == inside + 2
+        return inside
+
+    assert anyio.run(main) == 1
+    assert ref(repo, "refs/heads/made") == second
+    assert ref(repo, "refs/heads/any") == head
+    assert ref(repo, "refs/heads/gone") is None and ref(repo, "refs/heads/gone2") is None
+    assert ref(repo, "refs/heads/outside") == second
+    assert not list((repo / ".git").rglob("*.lock"))
+
+
+def test_a_ref_update_git_refuses_fails_with_its_reason_and_the_next_one_works(
+    make_repo: MakeRepo,
+) -> None:
+    """A branch that exists, or is not at the value given, is refused as ``git update-ref``
+    refuses it (git ends, saying why); the update after it starts a new process."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    git(repo, "commit", "--allow-empty", "-qm", "second")
+    second = git(repo, "rev-parse", "HEAD")
+
+    async def main() -> int:
+        runner = Git(repo)
+        async with runner.ref_updates():
+            await runner.update_ref("refs/heads/b", head, "")
+            with pytest.raises(GitError, match="already exists"):
+                await runner.update_ref("refs/heads/b", second, "")
+            with pytest.raises(GitError, match="but expected"):
+                await runner.update_ref("refs/heads/b", second, second)
+            assert not await runner.update_ref("refs/heads/b", None, second, check=False)
+            assert await runner.update_ref("refs/heads/b", second, head, check=False)
+        return runner.calls
+
+    assert anyio.run(main) == 4  # one process, and one after each of the three refusals
+    assert ref(repo, "refs/heads/b") == second
+    assert not list((repo / ".git").rglob("*.lock"))
+
+
+def test_many_ref_updates_at_once_are_each_one_transaction(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+
+    async def main() -> int:
+        runner = Git(repo)
+        async with runner.ref_updates(), anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(runner.update_ref, f"refs/heads/t{i}", head, "")
+        return runner.calls
+
+    assert anyio.run(main) == 1
+    assert git(repo, "for-each-ref", "--count=100", "--format=%(refname)", "refs/heads/t*")
+    assert len(git(repo, "for-each-ref", "--format=x", "refs/heads/").split()) == 41
+
+
+def test_a_ref_update_cancelled_is_done_or_not_started_never_half_done(
+    make_repo: MakeRepo,
+) -> None:
+    """A caller cancelled while its transaction runs gets the cancellation after it (git
+    is never cut short: a killed git can leave a ref locked); a transaction git was given
+    only in part when its input closed is aborted by git, nothing of it applied."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    done: list[str] = []
+
+    async def main() -> None:
+        runner = Git(repo)
+        async with runner.ref_updates():
+            await runner.update_ref("refs/heads/first", head, "")  # the process started
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(runner.update_ref, "refs/heads/second", head, "")
+                    await anyio.lowlevel.checkpoint()  # it holds the lock and has written its lines
+                    scope.cancel()
+                done.append("not reached")
+            assert scope.cancelled_caught
+
+    anyio.run(main)
+    assert done == []
+    assert ref(repo, "refs/heads/second") == head
+    half = subprocess.run(
+        ["git", "-C", str(repo), "update-ref", "--stdin"],
+        input=f"start\nupdate refs/heads/half {head}\n".encode(),
+        capture_output=True,
+    )
+    assert half.returncode == 0 and ref(repo, "refs/heads/half") is None
+    assert not list((repo / ".git").rglob("*.lock"))
+
+
+def test_a_kept_update_ref_that_died_fails_one_update_and_is_started_again(
+    make_repo: MakeRepo,
+) -> None:
+    import signal
+
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+
+    async def main() -> int:
+        runner = Git(repo)
+        async with runner.ref_updates():
+            await runner.update_ref("refs/heads/a", head, "")
+            (pid,) = live_processes_with("update-ref")
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(GitError):
+                await runner.update_ref("refs/heads/b", head, "")
+            await runner.update_ref("refs/heads/c", head, "")
+        return runner.calls
+
+    assert anyio.run(main) == 2
+    assert ref(repo, "refs/heads/b") is None and ref(repo, "refs/heads/c") == head
+
+
+def test_what_the_kept_update_ref_cannot_take_as_a_word_never_reaches_its_input(
+    make_repo: MakeRepo,
+) -> None:
+    """Values that are not object ids are refused before git; a ref name with a space or
+    a control character (never one the orchestrator makes) goes to a git process of its
+    own as an argument, where git refuses it, instead of being read as two words."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+
+    async def main() -> int:
+        runner = Git(repo)
+        async with runner.ref_updates():
+            for bad in ("HEAD", "--stdin", f"{head} {head}", f"{head}\ncommit"):
+                with pytest.raises(GitError, match="not an object id"):
+                    await runner.update_ref("refs/heads/x", bad, "")
+            assert runner.calls == 0
+            for name in (f"refs/heads/a {head}", "refs/heads/a\ncommit"):
+                with pytest.raises(GitError):
+                    await runner.update_ref(name, head, "")
+            await runner.update_ref("refs/heads/é", head, "")  # a name git takes, as an argument
+        return runner.calls
+
+    assert anyio.run(main) == 3
+    assert git(repo, "for-each-ref", "--format=%(refname)", "refs/heads/") == (
+        "refs/heads/main\nrefs/heads/é"
+    )
