@@ -144,6 +144,7 @@ class Git:
         self.guard: RepoGuard | None = None
         self._env = {**clean_environment(os.environ), **_BASE_ENV}
         self._identity: dict[str, str] | None = None
+        self._identity_lock: anyio.Lock | None = None
         self._kept: _KeptUpdateRef | None = None
 
     async def run(
@@ -282,7 +283,13 @@ class Git:
         missing name or email is filled with :data:`FALLBACK_IDENTITY`, so commits work on a
         fresh machine.
         """
-        if self._identity is None:
+        if self._identity is not None:
+            return self._identity
+        # Asked once, however many tasks commit at the same moment.
+        self._identity_lock = self._identity_lock or anyio.Lock()
+        async with self._identity_lock:
+            if self._identity is not None:
+                return self._identity
             result = await self.run("config", "--get-regexp", r"^user\.(name|email)$", check=False)
             configured = dict(
                 line.split(" ", 1)
@@ -336,9 +343,12 @@ class Git:
         try:
             await self._kept.transaction(line)
         except GitError:
+            await anyio.lowlevel.checkpoint_if_cancelled()  # a cancel first, as Git.run
             if check:
                 raise
             return False
+        # A cancel that came while git ran is delivered now that it is done (as Git.run).
+        await anyio.lowlevel.checkpoint_if_cancelled()
         return True
 
 

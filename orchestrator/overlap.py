@@ -3,8 +3,9 @@
 Predicting a merge's conflicts by running ``git merge-tree`` on every pair of N results is
 N(N-1)/2 processes: 15 s for 128 results here, minutes for 500. Two results can only conflict
 where both changed something, so each result's changes since the report's base are read
-once (one ``git log`` per result) and ``merge-tree`` runs only for the pairs whose changes
-touch (:func:`may_conflict`); what it says of those is the prediction, as before.
+once (one ``git log`` of them all, :func:`touched_together`; one each where that is too long
+to hold) and ``merge-tree`` runs only for the pairs whose changes touch
+(:func:`may_conflict`); what it says of those is the prediction, as before.
 
 Exact, not a heuristic: two results are left unchecked only when neither can reach the
 other's changes. The argument, for commits A and B that both descend from the base R:

@@ -355,6 +355,25 @@ def test_identity_falls_back_on_a_fresh_machine_and_is_asked_once(make_repo: Mak
     assert runner.calls == 1
 
 
+def test_identity_is_asked_once_by_tasks_committing_at_the_same_moment(
+    make_repo: MakeRepo,
+) -> None:
+    runner = Git(make_repo())
+    got: list[dict[str, str]] = []
+
+    async def many() -> None:
+        async def one() -> None:
+            got.append(await runner.identity_env())
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(one)
+
+    anyio.run(many)
+    assert len(got) == 8 and all(g is got[0] for g in got)
+    assert runner.calls == 1
+
+
 def test_the_users_identity_wins_and_only_what_is_missing_is_filled(
     make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -492,11 +511,16 @@ def test_a_ref_update_cancelled_is_done_or_not_started_never_half_done(
 
     async def main() -> None:
         runner = Git(repo)
+
+        async def caller() -> None:
+            await runner.update_ref("refs/heads/second", head, "")
+            done.append("after")  # not reached: the cancel is delivered once git is done
+
         async with runner.ref_updates():
             await runner.update_ref("refs/heads/first", head, "")  # the process started
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(runner.update_ref, "refs/heads/second", head, "")
+                    tg.start_soon(caller)
                     await anyio.lowlevel.checkpoint()  # it holds the lock and has written its lines
                     scope.cancel()
                 done.append("not reached")

@@ -37,7 +37,7 @@ from orchestrator.worktree import (
 from .conftest import MakeRepo, git, plumbing_commit
 
 #: Documented in docs/architecture.md: git subprocesses per task with a worktree and a change.
-GIT_CALLS_PER_TASK = 8
+GIT_CALLS_PER_TASK = 6
 GIT_CALLS_PER_RUN = 5
 
 
