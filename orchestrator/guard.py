@@ -93,6 +93,10 @@ class RepoGuard:
     #: The user's own git files watched too, as they were when the run started.
     user_files: list[Path] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Every hook ever seen (listed by a check, or recorded), by name: a check runs before
+    #: every git command, and making these paths again each time cost most of it.
+    _hooks: dict[str, Path] = field(default_factory=dict, repr=False)
+    _files: list[Path] = field(default_factory=list, repr=False)
 
     @classmethod
     def snapshot(cls, common_dir: Path) -> RepoGuard:
@@ -112,11 +116,16 @@ class RepoGuard:
             self.kept[path] = self._read(path)
 
     def _paths(self) -> list[Path]:
-        paths = [self.common_dir / name for name in GUARDED_FILES] + self.user_files
+        """The guarded files, the user's, and every hook there is now or ever was (one
+        deleted is put back), each once."""
+        if not self._files:
+            self._files = [self.common_dir / name for name in GUARDED_FILES]
         hooks = self.common_dir / "hooks"
         with contextlib.suppress(OSError):
-            paths += sorted(hooks / name for name in os.listdir(hooks))
-        return paths
+            for name in os.listdir(hooks):
+                if name not in self._hooks:
+                    self._hooks[name] = hooks / name
+        return self._files + self.user_files + [self._hooks[name] for name in sorted(self._hooks)]
 
     def _read(self, path: Path) -> _Kept:
         key = _key(path)
@@ -138,7 +147,7 @@ class RepoGuard:
         """
         found: list[Change] = []
         with self._lock:
-            for path in self._paths() + [p for p in self.kept if p.parent.name == "hooks"]:
+            for path in self._paths():
                 kept = self.kept.get(path) or _Kept(None, None)
                 key = _key(path)
                 if key == kept.key:

@@ -249,6 +249,31 @@ def test_put_back_beside_the_file_not_through_tmpdir(
     assert (common / "config").read_text() == "[core]\n\tbare = false\n"
 
 
+def test_a_check_looks_at_each_file_once_and_a_hook_gone_and_back_is_still_watched(
+    common: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check runs before every git command: it stats each watched file once (a hook is
+    not looked at twice, as the snapshot's and as the directory's), and a hook planted
+    after the snapshot, removed by a check and planted again, is removed again."""
+    guard = RepoGuard.snapshot(common)
+    seen: list[str] = []
+    real = os.lstat
+
+    def counting(path: str | os.PathLike[str], *args: object, **kwargs: object) -> os.stat_result:
+        seen.append(os.fspath(path))
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", counting)
+    assert guard.check() == []
+    assert len(seen) == len(set(seen)) and str(common / "hooks" / "pre-commit") in seen
+    monkeypatch.setattr(os, "lstat", real)
+    for _ in range(2):
+        (common / "hooks" / "post-merge").write_text("#!/bin/sh\nevil\n")
+        assert [(c.path.name, c.what) for c in guard.check()] == [("post-merge", "added")]
+        assert not (common / "hooks" / "post-merge").exists()
+    assert guard.check() == []
+
+
 def test_a_repository_without_hooks_gets_none_planted(common: Path) -> None:
     shutil.rmtree(common / "hooks")
     guard = RepoGuard.snapshot(common)
