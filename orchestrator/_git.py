@@ -7,12 +7,15 @@ regression guard (see docs/architecture.md).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import re
+import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -145,7 +148,14 @@ class Git:
         self._env = {**clean_environment(os.environ), **_BASE_ENV}
         self._identity: dict[str, str] | None = None
         self._identity_lock: anyio.Lock | None = None
-        self._kept: _KeptUpdateRef | None = None
+        self._refs: _Kept | None = None
+        self._objects: _Kept | None = None
+        self._ident_cache: dict[tuple[tuple[str, str], ...], tuple[bytes, bytes]] = {}
+
+    @property
+    def environment(self) -> Mapping[str, str]:
+        """The environment every git command of this runner gets (before its own *env*)."""
+        return self._env
 
     async def run(
         self,
@@ -306,29 +316,38 @@ class Git:
         return self._identity
 
     @contextlib.asynccontextmanager
-    async def ref_updates(self) -> AsyncIterator[None]:
-        """While open, :meth:`update_ref` goes through one ``git update-ref --stdin`` kept
-        running (see :class:`_KeptUpdateRef`) instead of a git process each; closed (its
-        standard input), it ends. Opened again inside, it is the same one."""
-        if self._kept is not None:
+    async def kept(self) -> AsyncIterator[None]:
+        """While open, :meth:`update_ref` and :meth:`commit_tree` go through git processes
+        kept running (``update-ref --stdin``, ``hash-object --stdin-paths``: see
+        :class:`_Kept`) instead of one each; closed (their standard input), they end.
+        Opened again inside, they are the same ones."""
+        if self._refs is not None:
             yield
             return
-        kept = self._kept = _KeptUpdateRef(self, self._env)
+        refs = self._refs = _Kept(self, ["update-ref", "--stdin"])
+        objects = self._objects = _Kept(
+            self, ["hash-object", "-w", "-t", "commit", "--stdin-paths"]
+        )
         try:
             yield
         finally:
-            self._kept = None
+            self._refs = self._objects = None
             with anyio.CancelScope(shield=True):
-                await kept.aclose()
+                await refs.aclose()
+                await objects.aclose()
 
     async def update_ref(
         self, ref: str, new: str | None, old: str | None = None, *, check: bool = True
     ) -> bool:
         """Point *ref* at *new* (None: delete it) if it is at *old* ("": only if it does not
         exist; None: whatever it is at), as ``git update-ref`` does; whether it did. GitError
-        with git's reason when it did not and *check*."""
+        with git's reason when it did not and *check*.
+
+        In :meth:`kept`, a transaction of its own (``start``, the update, ``commit``) on
+        the kept ``update-ref --stdin``. git refuses one by ending with the reason: the
+        update fails with it, and the next update starts another process."""
         check_ids(*(v for v in (new, old) if v))
-        if self._kept is None or not _PLAIN_REF.fullmatch(ref):
+        if self._refs is None or not _PLAIN_REF.fullmatch(ref):
             if new is None:
                 args = ["update-ref", "-d", "--end-of-options", ref, *([old] if old else [])]
             else:
@@ -341,7 +360,9 @@ class Git:
         else:
             line = f"update {ref} {new}" + (f" {old}" if old else "")
         try:
-            await self._kept.transaction(line)
+            await self._refs.ask(
+                f"start\n{line}\ncommit\n".encode(), 2, [b"start: ok", b"commit: ok"]
+            )
         except GitError:
             await anyio.lowlevel.checkpoint_if_cancelled()  # a cancel first, as Git.run
             if check:
@@ -351,66 +372,162 @@ class Git:
         await anyio.lowlevel.checkpoint_if_cancelled()
         return True
 
+    async def commit_tree(self, tree: str, parents: Sequence[str], message: str) -> str:
+        """The commit of *tree* on *parents* with *message*, made as ``git commit-tree -p
+        PARENT... -m MESSAGE TREE`` makes it with the run's identity (:meth:`identity_env`):
+        its id.
 
-class _KeptUpdateRef:
-    """One ``git update-ref --stdin`` kept running through a run: each update is a
-    transaction of its own (``start``, the update, ``commit``), answered on its standard
-    output. A task's branch is made, moved and deleted without a git process started each
-    time (about 4 ms each here; a transaction takes well under 1 ms).
+        In :meth:`kept`, the commit's bytes are made here (the author and committer as
+        ``git var`` gives them, once; the time now) and written by the kept ``hash-object``
+        from a file of this process's own; the id git gives is checked against the bytes'
+        own, so nothing that changed the file meanwhile can change the commit. With a date
+        set in the environment (``GIT_AUTHOR_DATE``), which only git parses, or outside
+        :meth:`kept`, ``git commit-tree`` makes it."""
+        check_ids(tree, *parents)
+        identity = await self.identity_env()
+        env = {**self._env, **identity}
+        if self._objects is None or "GIT_AUTHOR_DATE" in env or "GIT_COMMITTER_DATE" in env:
+            flags = [flag for parent in parents for flag in ("-p", parent)]
+            return await self.out(
+                "commit-tree", *flags, "-m", message, "--end-of-options", tree, env=identity
+            )
+        author, committer = await self._idents(identity)
+        now = int(time.time())
+        offset = time.localtime(now).tm_gmtoff // 60
+        when = f"{now} {'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
+        text = os.fsencode(message)
+        if text and not text.endswith(b"\n"):
+            text += b"\n"  # as commit-tree ends a -m message
+        data = (
+            f"tree {tree}\n".encode()
+            + b"".join(f"parent {parent}\n".encode() for parent in parents)
+            + author
+            + f" {when}\n".encode()
+            + committer
+            + f" {when}\n".encode()
+            + b"\n"
+            + text
+        )
+        header = b"commit %d\0" % len(data)
+        expected = (hashlib.sha1 if len(tree) == 40 else hashlib.sha256)(header + data).hexdigest()
+        made = await self._objects.ask_with_file(data)
+        if made != expected:
+            raise GitError(
+                ["hash-object", "-t", "commit"], 1, f"fatal: wrote {made!r}, not {expected}"
+            )
+        return made
 
-    git refuses a transaction (a ref not at the old value, a lock held) by ending, with the
-    reason on its standard error: the update fails with that reason, and the next update
-    starts another process. A transaction git has started is never cut short (as
-    :meth:`Git.run` never kills a started command: a killed git can leave a ref locked);
-    closing its standard input ends it, and git aborts whatever transaction was open then,
-    never applying half of one."""
+    async def _idents(self, identity: Mapping[str, str]) -> tuple[bytes, bytes]:
+        """The author and committer ``git var`` gives (``Name <email>``, without its time),
+        asked once per identity."""
+        key = tuple(sorted(identity.items()))
+        if (known := self._ident_cache.get(key)) is not None:
+            return known
+        lines = []
+        for name in ("GIT_AUTHOR_IDENT", "GIT_COMMITTER_IDENT"):
+            out = (await self.run("var", name, env=identity)).stdout.rstrip(b"\n")
+            parts = out.rsplit(b" ", 2)
+            if len(parts) != 3 or not parts[0] or b"\n" in parts[0]:
+                raise GitError(["var", name], 1, f"fatal: git var gave {out!r}")
+            who = parts[0]
+            lines.append(b"author " + who if name == "GIT_AUTHOR_IDENT" else b"committer " + who)
+        known = self._ident_cache[key] = (lines[0], lines[1])
+        return known
 
-    def __init__(self, git: Git, env: Mapping[str, str]) -> None:
+
+class _Kept:
+    """One git process kept running through a run, asked a line at a time on its standard
+    input and answering on its standard output: ``update-ref --stdin`` (each update a
+    transaction of its own) and ``hash-object --stdin-paths`` (each a commit). A task's
+    branch made, moved and deleted, and its commit written, without a git process started
+    each time (about 4 ms each here; a question takes well under 1 ms).
+
+    git refuses what it is asked (a ref not at the old value, a lock held, an object it
+    cannot read) by ending, with the reason on its standard error: that question fails
+    with the reason, and the next starts another process. A question git has been given is
+    never cut short (as :meth:`Git.run` never kills a started command: a killed git can
+    leave a ref locked); closing its standard input ends it, and ``update-ref`` aborts a
+    transaction given only in part then, never applying half of one."""
+
+    def __init__(self, git: Git, args: list[str]) -> None:
         self.git = git
-        self.env = env
+        self.args = args
         self._lock = anyio.Lock()
         self._process: Process | None = None
         self._stdout: BufferedByteReceiveStream | None = None
         #: Its standard error, read only once it has ended: a file, so that nothing it
         #: writes meanwhile can fill a pipe and stop it.
         self._stderr: IO[bytes] | None = None
+        #: Where the commits' bytes are written for hash-object to read (this process's own).
+        self._scratch: Path | None = None
+        self._written = 0
 
-    async def transaction(self, line: str) -> None:
-        args = ["update-ref", "--stdin", line]
+    async def ask(
+        self, question: bytes, lines: int, expect: list[bytes] | None = None
+    ) -> list[bytes]:
+        """Send *question*, return the *lines* of the answer (without their newlines);
+        GitError with git's reason when it ended instead, or answered otherwise than
+        *expect* says."""
         async with self._lock:
-            if self.git.guard is not None:
-                self.git.guard.check()
-            with anyio.CancelScope(shield=True):
-                if self._process is None:
-                    await self._start()
-                process, stdout = self._process, self._stdout
-                assert process is not None and process.stdin is not None and stdout is not None
-                try:
-                    await process.stdin.send(f"start\n{line}\ncommit\n".encode())
-                    said = [await stdout.receive_until(b"\n", 4096) for _ in range(2)]
-                except (
-                    anyio.EndOfStream,
-                    anyio.IncompleteRead,
-                    anyio.DelimiterNotFound,
-                    anyio.BrokenResourceError,
-                    OSError,
-                ):
-                    said = []
-                if said == [b"start: ok", b"commit: ok"]:
-                    return
-                code, why = await self._end(kill=bool(said))
-                raise GitError(args, code or 1, why or f"fatal: update-ref said {said!r}")
+            return await self._ask(question, lines, expect)
+
+    async def ask_with_file(self, data: bytes) -> str:
+        """``hash-object --stdin-paths`` of *data*, written to a file of its own: the id."""
+        async with self._lock:
+            if self._scratch is None:
+                self._scratch = Path(tempfile.mkdtemp(prefix="orchestrator-objects-"))
+            self._written += 1
+            path = self._scratch / f"{self._written}"
+            await anyio.to_thread.run_sync(path.write_bytes, data)
+            try:
+                [answer] = await self._ask(os.fsencode(path) + b"\n", 1)
+            finally:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            return answer.decode("ascii", "replace")
+
+    async def _ask(
+        self, question: bytes, lines: int, expect: list[bytes] | None = None
+    ) -> list[bytes]:
+        if self.git.guard is not None:
+            self.git.guard.check()
+        with anyio.CancelScope(shield=True):
+            if self._process is None:
+                await self._start()
+            process, stdout = self._process, self._stdout
+            assert process is not None and process.stdin is not None and stdout is not None
+            said: list[bytes] = []
+            try:
+                await process.stdin.send(question)
+                for _ in range(lines):
+                    said.append(await stdout.receive_until(b"\n", 4096))
+            except (
+                anyio.EndOfStream,
+                anyio.IncompleteRead,
+                anyio.DelimiterNotFound,
+                anyio.BrokenResourceError,
+                OSError,
+            ):
+                said = []
+            if said and (expect is None or said == expect):
+                return said
+            # Ended, or said what was not asked for: it goes (its input closed, a transaction
+            # left open is aborted) and the next question starts another.
+            code, why = await self._end()
+        raise GitError(
+            self.args, code or 1, why.strip() or f"fatal: git {self.args[0]} said {said!r}"
+        )
 
     async def _start(self) -> None:
         self.git.calls += 1
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _end, or below)
         try:
             self._process = await anyio.open_process(
-                ["git", "-C", str(self.git.repo), *HARDENING, "update-ref", "--stdin"],
+                ["git", "-C", str(self.git.repo), *HARDENING, *self.args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
-                env=self.env,
+                env=self.git.environment,
             )
         except BaseException:
             stderr.close()
@@ -419,16 +536,13 @@ class _KeptUpdateRef:
         assert self._process.stdout is not None
         self._stdout = BufferedByteReceiveStream(self._process.stdout)
 
-    async def _end(self, *, kill: bool = False) -> tuple[int, str]:
-        """End the process (its input closed, or killed when it said what was not asked);
-        its exit status and the end of what it wrote on its standard error."""
+    async def _end(self) -> tuple[int, str]:
+        """End the process (its input closed); its exit status and the end of what it wrote
+        on its standard error."""
         process, stderr = self._process, self._stderr
         self._process = self._stdout = self._stderr = None
         if process is None or stderr is None:
             return 0, ""
-        if kill:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
         if process.stdin is not None:
             with contextlib.suppress(anyio.BrokenResourceError, OSError):
                 await process.stdin.aclose()
@@ -442,3 +556,7 @@ class _KeptUpdateRef:
     async def aclose(self) -> None:
         async with self._lock:
             await self._end()
+            if self._scratch is not None:
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(self._scratch)
+                self._scratch = None

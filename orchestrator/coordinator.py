@@ -285,7 +285,7 @@ class _Run:
                 orphans_killed=ctx.orphans_killed,
             ),
         )
-        async with ctx.repo.git.ref_updates() if ctx.repo else nullcontext():  # one git for refs
+        async with ctx.repo.git.kept() if ctx.repo else nullcontext():  # git kept running
             await self.scheduler.run()
 
     def _stamped(self, envelope: HandoffEnvelope) -> HandoffEnvelope:

@@ -437,19 +437,7 @@ async def commit_worktree(
     tree = await git.out(*args, "write-tree", cwd=cwd, env=env)
     if tree == base_tree and parent == worktree.base_commit:
         return worktree.base_commit, tree, False
-    identity = await git.identity_env()
-    commit = await git.out(
-        *args,
-        "commit-tree",
-        "-p",
-        parent,
-        "-m",
-        message,
-        "--end-of-options",
-        tree,
-        cwd=cwd,
-        env={**env, **identity},
-    )
+    commit = await git.commit_tree(tree, [parent], message)
     crash_point("commit")
     await git.update_ref(f"refs/heads/{worktree.branch}", commit, parent)
     return commit, tree, True

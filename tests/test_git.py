@@ -430,7 +430,7 @@ def test_ref_updates_go_through_one_git_process_and_do_what_update_ref_does(
 
     async def main() -> int:
         runner = Git(repo)
-        async with runner.ref_updates():
+        async with runner.kept():
             assert live_processes_with("update-ref") == []  # started when first needed
             await runner.update_ref("refs/heads/made", head, "")  # only if it does not exist
             await runner.update_ref("refs/heads/made", second, head)  # only from head
@@ -468,7 +468,7 @@ def test_a_ref_update_git_refuses_fails_with_its_reason_and_the_next_one_works(
 
     async def main() -> int:
         runner = Git(repo)
-        async with runner.ref_updates():
+        async with runner.kept():
             await runner.update_ref("refs/heads/b", head, "")
             with pytest.raises(GitError, match="already exists"):
                 await runner.update_ref("refs/heads/b", second, "")
@@ -489,7 +489,7 @@ def test_many_ref_updates_at_once_are_each_one_transaction(make_repo: MakeRepo) 
 
     async def main() -> int:
         runner = Git(repo)
-        async with runner.ref_updates(), anyio.create_task_group() as tg:
+        async with runner.kept(), anyio.create_task_group() as tg:
             for i in range(40):
                 tg.start_soon(runner.update_ref, f"refs/heads/t{i}", head, "")
         return runner.calls
@@ -516,7 +516,7 @@ def test_a_ref_update_cancelled_is_done_or_not_started_never_half_done(
             await runner.update_ref("refs/heads/second", head, "")
             done.append("after")  # not reached: the cancel is delivered once git is done
 
-        async with runner.ref_updates():
+        async with runner.kept():
             await runner.update_ref("refs/heads/first", head, "")  # the process started
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
@@ -548,7 +548,7 @@ def test_a_kept_update_ref_that_died_fails_one_update_and_is_started_again(
 
     async def main() -> int:
         runner = Git(repo)
-        async with runner.ref_updates():
+        async with runner.kept():
             await runner.update_ref("refs/heads/a", head, "")
             (pid,) = live_processes_with("update-ref")
             os.kill(pid, signal.SIGKILL)
@@ -572,7 +572,7 @@ def test_what_the_kept_update_ref_cannot_take_as_a_word_never_reaches_its_input(
 
     async def main() -> int:
         runner = Git(repo)
-        async with runner.ref_updates():
+        async with runner.kept():
             for bad in ("HEAD", "--stdin", f"{head} {head}", f"{head}\ncommit"):
                 with pytest.raises(GitError, match="not an object id"):
                     await runner.update_ref("refs/heads/x", bad, "")
@@ -587,3 +587,119 @@ def test_what_the_kept_update_ref_cannot_take_as_a_word_never_reaches_its_input(
     assert git(repo, "for-each-ref", "--format=%(refname)", "refs/heads/") == (
         "refs/heads/main\nrefs/heads/é"
     )
+
+
+def commit_tree_by_git(
+    repo: Path, tree: str, parents: list[str], message: str, env: dict[str, str], when: str
+) -> str:
+    """``git commit-tree`` itself, dated *when* (``<seconds> <zone>``)."""
+    flags = [f for p in parents for f in ("-p", p)]
+    return (
+        subprocess.run(
+            ["git", "-C", str(repo), "commit-tree", *flags, "-m", message, tree],
+            env={
+                **os.environ,
+                **env,
+                "GIT_AUTHOR_DATE": f"@{when}",
+                "GIT_COMMITTER_DATE": f"@{when}",
+            },
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .strip()
+    )
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "agent: subject [task t1]\n\nTask-Id: t1\n",
+        "no newline at the end",
+        "café ✓ and a \x7f",
+        "two\n\nparagraphs\n\n\n",
+    ],
+    ids=["trailers", "no-newline", "non-ascii", "blank-lines"],
+)
+def test_a_commit_written_by_the_kept_hash_object_is_the_one_commit_tree_makes(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch, message: str
+) -> None:
+    """The same bytes, so the same id, as ``git commit-tree`` with the same identity at the
+    same second: one parent or two, the identity from the fallback or from git config."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    git(repo, "commit", "--allow-empty", "-qm", "second")
+    second = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    for key in ("AUTHOR", "COMMITTER"):
+        monkeypatch.delenv(f"GIT_{key}_NAME", raising=False)
+        monkeypatch.delenv(f"GIT_{key}_EMAIL", raising=False)
+        monkeypatch.delenv(f"GIT_{key}_DATE", raising=False)
+
+    async def made(parents: list[str]) -> tuple[str, int, dict[str, str]]:
+        runner = Git(repo)
+        async with runner.kept():
+            commit = await runner.commit_tree(tree, parents, message)
+            calls = runner.calls
+            await runner.commit_tree(tree, parents, message + "again")
+            assert runner.calls == calls  # the second: no git process more
+        return commit, calls, await runner.identity_env()
+
+    for parents in ([head], [second, head]):
+        for config in (None, ("Dana Q. Example, Jr.", "dana@example.com")):
+            if config:
+                git(repo, "config", "user.name", config[0])
+                git(repo, "config", "user.email", config[1])
+            commit, calls, identity = anyio.run(made, parents)
+            assert calls == 4  # hash-object, git config, and git var twice: once per run
+            when = git(repo, "show", "-s", "--format=%ad", "--date=raw", commit)
+            assert commit == commit_tree_by_git(repo, tree, parents, message, identity, when)
+            assert git(repo, "cat-file", "-t", commit) == "commit"
+
+
+def test_a_commit_with_a_date_set_in_the_environment_is_made_by_commit_tree(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """git parses dates in many forms: with GIT_AUTHOR_DATE or GIT_COMMITTER_DATE set, git
+    commit-tree makes the commit, as outside a run."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    monkeypatch.setenv("GIT_AUTHOR_DATE", "2001-02-03 04:05:06 +0100")
+
+    async def made() -> str:
+        runner = Git(repo)
+        async with runner.kept():
+            return await runner.commit_tree(tree, [head], "dated")
+
+    commit = anyio.run(made)
+    assert git(repo, "show", "-s", "--format=%ad", "--date=raw", commit) == "981169506 +0100"
+
+
+def test_a_commit_file_changed_under_the_kept_hash_object_is_refused(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit's bytes go to git through a file: whatever git wrote is checked against
+    the id of the bytes this process made, so a file swapped meanwhile (another tree, say)
+    makes no commit the task takes for its own."""
+    from orchestrator import _git
+
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    write = Path.write_bytes
+
+    def swapped(path: Path, data: bytes) -> int:
+        return write(path, data.replace(b"dated", b"other"))
+
+    async def made() -> str:
+        runner = Git(repo)
+        async with runner.kept():
+            monkeypatch.setattr(_git.Path, "write_bytes", swapped)
+            with pytest.raises(GitError, match="not"):
+                await runner.commit_tree(tree, [head], "dated")
+            monkeypatch.setattr(_git.Path, "write_bytes", write)
+            return await runner.commit_tree(tree, [head], "dated")
+
+    commit = anyio.run(made)
+    assert git(repo, "log", "-1", "--format=%s", commit) == "dated"

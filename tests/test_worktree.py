@@ -37,8 +37,8 @@ from orchestrator.worktree import (
 from .conftest import MakeRepo, git, plumbing_commit
 
 #: Documented in docs/architecture.md: git subprocesses per task with a worktree and a change.
-GIT_CALLS_PER_TASK = 6
-GIT_CALLS_PER_RUN = 5
+GIT_CALLS_PER_TASK = 5
+GIT_CALLS_PER_RUN = 8
 
 
 #: A file name that is not UTF-8 (Latin-1 "café.txt"), as Python names it.
