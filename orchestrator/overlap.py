@@ -211,9 +211,14 @@ async def touched_together(
     graph = None if log is None else _parse_union(log)
     if graph is None:
         return None
-    return [
-        Touched.of((), ()) if commit == base else _walk(graph, base, commit) for commit in commits
-    ]
+    found = {commit: _walk(graph, base, commit) for commit in tips if commit in graph}
+    for commit in tips:
+        if commit not in graph:
+            # Listed by no log of them all: an ancestor of the base (None), or an id git
+            # peels to a commit the log lists under the commit's own id (an annotated tag):
+            # its own log says which.
+            found[commit] = await touched(git, base, commit)
+    return [Touched.of((), ()) if commit == base else found[commit] for commit in commits]
 
 
 @dataclass
