@@ -119,10 +119,10 @@ async def _log(git: Git, base: str, tips: Sequence[str]) -> bytes | None:
             "-z",
             "--diff-merges=separate",
             "--format=%x01%m%H %P",
-            "--end-of-options",
-            f"^{base}",
-            *tips,
-            stdin=b"",
+            # The revisions on its input, not as arguments: one per result, tens of
+            # thousands of them would pass the kernel's bound on arguments (E2BIG).
+            "--stdin",
+            stdin="".join(f"{rev}\n" for rev in (f"^{base}", *tips)).encode(),
             limit=MAX_LOG_BYTES,
             timeout=LOG_TIMEOUT_S,
         )

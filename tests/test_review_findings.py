@@ -15,10 +15,11 @@ from orchestrator._git import Git
 from orchestrator.overlap import touched, touched_together
 
 from .conftest import MakeRepo, git
-from .test_overlap import change, repo  # noqa: F401 (the fixture)
+from .test_overlap import change
+from .test_overlap import repo as repo
 
 
-def test_one_log_of_all_says_what_each_says_of_an_annotated_tag(repo: Path) -> None:  # noqa: F811
+def test_one_log_of_all_says_what_each_says_of_an_annotated_tag(repo: Path) -> None:
     """A result named by an annotated tag's id (an object id, so check_ids lets it by, and
     git log peels it): its own log reads its commits; the one log lists the commit, not
     the tag, so the walk finds no such commit and says None (unknown)."""
@@ -141,3 +142,32 @@ def test_ctrl_c_keeps_a_cancelled_tasks_work_on_its_branch(
     branches = git(repo, "for-each-ref", "--format=%(refname)", "refs/heads/orchestrator/")
     assert branches, "the cancelled task's branch is gone"
     assert git(repo, "show", f"{branches.splitlines()[0]}:slow.txt") == "slow"
+
+
+def test_identity_asked_under_another_event_loop_after_a_cancel(make_repo: MakeRepo) -> None:
+    """A Git outlives the event loop it was used in (a test, a library caller running
+    anyio.run twice): the identity lock made under asyncio, left by a cancelled first
+    ask, broke the next ask under trio (RuntimeError: no running event loop)."""
+    runner = Git(make_repo())
+
+    async def cancelled() -> None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await runner.identity_env()
+
+    async def again() -> dict[str, str]:
+        return await runner.identity_env()
+
+    anyio.run(cancelled, backend="asyncio")
+    assert isinstance(anyio.run(again, backend="trio"), dict)
+
+
+def test_one_log_of_tens_of_thousands_of_results_is_no_oserror(repo: Path) -> None:
+    """Every result an argument of one git: 60,000 ids (41 bytes each) pass Linux's 2 MiB
+    bound on a command's arguments, and open_process raised OSError (E2BIG), which
+    _touched_all does not catch: the merge failed where a log each had worked."""
+    import secrets
+
+    base = git(repo, "rev-parse", "base")
+    ids = [secrets.token_hex(20) for _ in range(60_000)]  # none in the repository: git says so
+    assert anyio.run(touched_together, Git(repo), base, ids) is None
