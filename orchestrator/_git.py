@@ -147,7 +147,7 @@ class Git:
         self.guard: RepoGuard | None = None
         self._env = {**clean_environment(os.environ), **_BASE_ENV}
         self._identity: dict[str, str] | None = None
-        self._identity_lock: anyio.Lock | None = None
+        self._asking = _LoopLock()
         self._refs: _Kept | None = None
         self._objects: _Kept | None = None
         self._ident_cache: dict[tuple[tuple[str, str], ...], tuple[bytes, bytes]] = {}
@@ -296,8 +296,7 @@ class Git:
         if self._identity is not None:
             return self._identity
         # Asked once, however many tasks commit at the same moment.
-        self._identity_lock = self._identity_lock or anyio.Lock()
-        async with self._identity_lock:
+        async with self._asking.hold():
             if self._identity is not None:
                 return self._identity
             result = await self.run("config", "--get-regexp", r"^user\.(name|email)$", check=False)
@@ -363,6 +362,8 @@ class Git:
             await self._refs.ask(
                 f"start\n{line}\ncommit\n".encode(), 2, [b"start: ok", b"commit: ok"]
             )
+        except _Closed:  # the run's kept processes ended meanwhile: a git of its own
+            return await self.update_ref(ref, new, old, check=check)
         except GitError:
             await anyio.lowlevel.checkpoint_if_cancelled()  # a cancel first, as Git.run
             if check:
@@ -386,11 +387,10 @@ class Git:
         check_ids(tree, *parents)
         identity = await self.identity_env()
         env = {**self._env, **identity}
+        flags = [flag for parent in parents for flag in ("-p", parent)]
+        by_git = ("commit-tree", *flags, "-m", message, "--end-of-options", tree)
         if self._objects is None or "GIT_AUTHOR_DATE" in env or "GIT_COMMITTER_DATE" in env:
-            flags = [flag for parent in parents for flag in ("-p", parent)]
-            return await self.out(
-                "commit-tree", *flags, "-m", message, "--end-of-options", tree, env=identity
-            )
+            return await self.out(*by_git, env=identity)
         author, committer = await self._idents(identity)
         now = int(time.time())
         offset = time.localtime(now).tm_gmtoff // 60
@@ -410,7 +410,12 @@ class Git:
         )
         header = b"commit %d\0" % len(data)
         expected = (hashlib.sha1 if len(tree) == 40 else hashlib.sha256)(header + data).hexdigest()
-        made = await self._objects.ask_with_file(data)
+        try:
+            if self._objects is None:
+                raise _Closed
+            made = await self._objects.ask_with_file(data)
+        except _Closed:  # the run's kept processes ended meanwhile
+            return await self.out(*by_git, env=identity)
         if made != expected:
             raise GitError(
                 ["hash-object", "-t", "commit"], 1, f"fatal: wrote {made!r}, not {expected}"
@@ -423,6 +428,14 @@ class Git:
         key = tuple(sorted(identity.items()))
         if (known := self._ident_cache.get(key)) is not None:
             return known
+        async with self._asking.hold():  # asked once, however many commit at once
+            if (known := self._ident_cache.get(key)) is not None:
+                return known
+            return await self._ask_idents(key, identity)
+
+    async def _ask_idents(
+        self, key: tuple[tuple[str, str], ...], identity: Mapping[str, str]
+    ) -> tuple[bytes, bytes]:
         lines = []
         for name in ("GIT_AUTHOR_IDENT", "GIT_COMMITTER_IDENT"):
             out = (await self.run("var", name, env=identity)).stdout.rstrip(b"\n")
@@ -433,6 +446,10 @@ class Git:
             lines.append(b"author " + who if name == "GIT_AUTHOR_IDENT" else b"committer " + who)
         known = self._ident_cache[key] = (lines[0], lines[1])
         return known
+
+
+class _Closed(Exception):
+    """A kept git process asked after its run's scope closed: the caller runs git itself."""
 
 
 class _Kept:
@@ -461,6 +478,8 @@ class _Kept:
         #: Where the commits' bytes are written for hash-object to read (this process's own).
         self._scratch: Path | None = None
         self._written = 0
+        #: Ended for good (its run's kept scope closed): asked now, it raises _Closed.
+        self.closed = False
 
     async def ask(
         self, question: bytes, lines: int, expect: list[bytes] | None = None
@@ -474,8 +493,14 @@ class _Kept:
     async def ask_with_file(self, data: bytes) -> str:
         """``hash-object --stdin-paths`` of *data*, written to a file of its own: the id."""
         async with self._lock:
+            if self.closed:
+                raise _Closed
             if self._scratch is None:
-                self._scratch = Path(tempfile.mkdtemp(prefix="orchestrator-objects-"))
+                scratch = Path(tempfile.mkdtemp(prefix="orchestrator-objects-"))
+                if "\n" in str(scratch):  # a TMPDIR git would read as two paths
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    raise _Closed
+                self._scratch = scratch
             self._written += 1
             path = self._scratch / f"{self._written}"
             await anyio.to_thread.run_sync(path.write_bytes, data)
@@ -489,31 +514,39 @@ class _Kept:
     async def _ask(
         self, question: bytes, lines: int, expect: list[bytes] | None = None
     ) -> list[bytes]:
+        if self.closed:
+            raise _Closed
         if self.git.guard is not None:
             self.git.guard.check()
         with anyio.CancelScope(shield=True):
-            if self._process is None:
-                await self._start()
-            process, stdout = self._process, self._stdout
-            assert process is not None and process.stdin is not None and stdout is not None
-            said: list[bytes] = []
-            try:
-                await process.stdin.send(question)
-                for _ in range(lines):
-                    said.append(await stdout.receive_until(b"\n", 4096))
-            except (
-                anyio.EndOfStream,
-                anyio.IncompleteRead,
-                anyio.DelimiterNotFound,
-                anyio.BrokenResourceError,
-                OSError,
-            ):
-                said = []
-            if said and (expect is None or said == expect):
-                return said
-            # Ended, or said what was not asked for: it goes (its input closed, a transaction
-            # left open is aborted) and the next question starts another.
-            code, why = await self._end()
+            for again in (True, False):
+                if self._process is None:
+                    await self._start()
+                process, stdout = self._process, self._stdout
+                assert process is not None and process.stdin is not None and stdout is not None
+                said: list[bytes] = []
+                try:
+                    await process.stdin.send(question)
+                    for _ in range(lines):
+                        said.append(await stdout.receive_until(b"\n", 4096))
+                except (
+                    anyio.EndOfStream,
+                    anyio.IncompleteRead,
+                    anyio.DelimiterNotFound,
+                    anyio.BrokenResourceError,
+                    OSError,
+                ):
+                    pass
+                if len(said) == lines and (expect is None or said == expect):
+                    return said
+                # Ended, or said what was not asked for: it goes (its input closed, a
+                # transaction left open is aborted) and the next question starts another.
+                code, why = await self._end()
+                if said or not again:
+                    break
+                # Not a word of this question: git had ended before it read it (killed by
+                # a signal, say), so nothing of it was done; a new process takes it, as a
+                # git process of its own per question would have.
         raise GitError(
             self.args, code or 1, why.strip() or f"fatal: git {self.args[0]} said {said!r}"
         )
@@ -528,6 +561,10 @@ class _Kept:
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 env=self.git.environment,
+                # Not in the orchestrator's process group: a terminal's Ctrl-C (SIGINT to
+                # the whole group), which the orchestrator takes as "stop and clean up",
+                # would kill it and fail the clean-up's own ref updates and commits.
+                start_new_session=True,
             )
         except BaseException:
             stderr.close()
@@ -555,8 +592,29 @@ class _Kept:
 
     async def aclose(self) -> None:
         async with self._lock:
+            self.closed = True
             await self._end()
             if self._scratch is not None:
                 with contextlib.suppress(OSError):
                     shutil.rmtree(self._scratch)
                 self._scratch = None
+
+
+class _LoopLock:
+    """An anyio.Lock made when first needed and let go once nobody holds or waits on it: a
+    lock belongs to its event loop, and a Git can outlive the loop it was first used in (a
+    library caller's second ``anyio.run``, under trio, after a cancel left it made)."""
+
+    def __init__(self) -> None:
+        self._lock: anyio.Lock | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        lock = self._lock = self._lock or anyio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            held = lock.statistics()
+            if self._lock is lock and not held.locked and not held.tasks_waiting:
+                self._lock = None

@@ -5,6 +5,7 @@ is a GitError that says what failed."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -431,7 +432,7 @@ def test_ref_updates_go_through_one_git_process_and_do_what_update_ref_does(
     async def main() -> int:
         runner = Git(repo)
         async with runner.kept():
-            assert live_processes_with("update-ref") == []  # started when first needed
+            assert kept_children() == []  # started when first needed
             await runner.update_ref("refs/heads/made", head, "")  # only if it does not exist
             await runner.update_ref("refs/heads/made", second, head)  # only from head
             await runner.update_ref("refs/heads/any", second)  # from whatever it was
@@ -440,8 +441,8 @@ def test_ref_updates_go_through_one_git_process_and_do_what_update_ref_does(
             await runner.update_ref("refs/heads/gone", None, head)  # deleted, only from head
             await runner.update_ref("refs/heads/gone2", head, "")
             await runner.update_ref("refs/heads/gone2", None)  # deleted, whatever it was at
-            assert len(live_processes_with("update-ref")) == 1
-        assert live_processes_with("update-ref") == []  # closed, it ends
+            assert len(kept_children()) == 1
+        assert kept_children() == []  # closed, it ends
         inside = runner.calls
         await runner.update_ref("refs/heads/outside", head, "")
         await runner.update_ref("refs/heads/outside", second, head)
@@ -538,27 +539,31 @@ def test_a_ref_update_cancelled_is_done_or_not_started_never_half_done(
     assert not list((repo / ".git").rglob("*.lock"))
 
 
-def test_a_kept_update_ref_that_died_fails_one_update_and_is_started_again(
+def test_a_kept_git_that_died_is_started_again_and_what_it_never_read_is_done(
     make_repo: MakeRepo,
 ) -> None:
-    import signal
-
+    """Killed between two questions (by anyone), a kept git has read nothing of the next:
+    a new process takes it, so neither the update nor the commit fails for it."""
     repo = make_repo()
     head = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
 
     async def main() -> int:
         runner = Git(repo)
         async with runner.kept():
             await runner.update_ref("refs/heads/a", head, "")
-            (pid,) = live_processes_with("update-ref")
-            os.kill(pid, signal.SIGKILL)
-            with pytest.raises(GitError):
-                await runner.update_ref("refs/heads/b", head, "")
-            await runner.update_ref("refs/heads/c", head, "")
-        return runner.calls
+            await runner.commit_tree(tree, [head], "first")
+            calls = runner.calls
+            os.kill(kept_child(), signal.SIGKILL)
+            os.kill(kept_child(b"hash-object"), signal.SIGKILL)
+            await anyio.sleep(0.1)
+            await runner.update_ref("refs/heads/b", head, "")
+            commit = await runner.commit_tree(tree, [head], "second")
+            assert git(repo, "log", "-1", "--format=%s", commit) == "second"
+        return runner.calls - calls
 
-    assert anyio.run(main) == 2
-    assert ref(repo, "refs/heads/b") is None and ref(repo, "refs/heads/c") == head
+    assert anyio.run(main) == 2  # each started again, once
+    assert git(repo, "rev-parse", "refs/heads/b") == head
 
 
 def test_what_the_kept_update_ref_cannot_take_as_a_word_never_reaches_its_input(
@@ -703,3 +708,81 @@ def test_a_commit_file_changed_under_the_kept_hash_object_is_refused(
 
     commit = anyio.run(made)
     assert git(repo, "log", "-1", "--format=%s", commit) == "dated"
+
+
+def kept_children(command: bytes = b"update-ref\0--stdin") -> list[int]:
+    """The pids of this process's kept gits running *command* (children of this process
+    only: other sessions on the machine run tests of their own)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != b"Z" and command in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def kept_child(command: bytes = b"update-ref\0--stdin") -> int:
+    (pid,) = kept_children(command)
+    return pid
+
+
+def test_ctrl_c_at_the_terminal_does_not_reach_the_kept_update_ref(make_repo: MakeRepo) -> None:
+    """Ctrl-C sends SIGINT to the terminal's foreground process group: the orchestrator
+    takes it as 'stop the run and clean up' (cli.py), but a kept git in the same group
+    dies of it, and the clean-up's first ref update (a cancelled task's work committed to
+    its branch) then fails. A ``git update-ref`` started per update after the signal did not."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+
+    async def main() -> None:
+        runner = Git(repo)
+        async with runner.kept():
+            await runner.update_ref("refs/heads/a", head, "")
+            pid = kept_child()
+            assert os.getpgid(pid) != os.getpgrp(), "in our process group: Ctrl-C kills it"
+
+    anyio.run(main)
+
+
+def test_a_kept_update_ref_killed_by_a_signal_does_not_fail_the_next_update(
+    make_repo: MakeRepo,
+) -> None:
+    """git said nothing of the transaction (not even 'start: ok'): nothing of it was applied,
+    so it is safe to give it to a new process rather than fail an update the CLI would do."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+
+    async def main() -> None:
+        runner = Git(repo)
+        async with runner.kept():
+            await runner.update_ref("refs/heads/a", head, "")
+            os.kill(kept_child(), signal.SIGINT)
+            await anyio.sleep(0.2)
+            await runner.update_ref("refs/heads/b", head, "")
+
+    anyio.run(main)
+    assert git(repo, "rev-parse", "refs/heads/b") == head
+
+
+def test_identity_asked_under_another_event_loop_after_a_cancel(make_repo: MakeRepo) -> None:
+    """A Git outlives the event loop it was used in (a test, a library caller running
+    anyio.run twice): the identity lock made under asyncio, left by a cancelled first
+    ask, broke the next ask under trio (RuntimeError: no running event loop)."""
+    runner = Git(make_repo())
+
+    async def cancelled() -> None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await runner.identity_env()
+
+    async def again() -> dict[str, str]:
+        return await runner.identity_env()
+
+    anyio.run(cancelled, backend="asyncio")
+    assert isinstance(anyio.run(again, backend="trio"), dict)

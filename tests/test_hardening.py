@@ -851,3 +851,57 @@ def test_a_run_cancelled_while_it_opens_leaves_no_run_directory(
     assert reached
     runs = repo / ".git" / "orchestrator" / "runs"
     assert not runs.exists() or list(runs.iterdir()) == []
+
+
+CTRL_C_AGENT = """
+import os, pathlib, sys, time
+task = os.environ["ORCHESTRATOR_TASK_ID"]
+pathlib.Path(task + ".txt").write_text(task + "\\n")
+pathlib.Path(sys.argv[1]).touch()
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow  # about 3 s: a real run, interrupted
+def test_ctrl_c_keeps_a_cancelled_tasks_work_on_its_branch(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A run interrupted as a terminal's Ctrl-C does it (SIGINT to the whole process group):
+    the running task's work is committed to its branch, as before the kept update-ref
+    (at f9f820c the branch holds slow.txt; at ff557c8 the commit's branch move fails and
+    the work is gone)."""
+    import json
+
+    repo = make_repo()
+    agent, running = tmp_path / "agent.py", tmp_path / "running"
+    agent.write_text(CTRL_C_AGENT)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"repo: {json.dumps(str(repo))}\nconcurrency: 1\ndefaults: {{venv: false}}\n"
+        f"agents: {{w: {{command: [{json.dumps(sys.executable)}, {json.dumps(str(agent))}, "
+        f"{json.dumps(str(running))}]}}}}\n"
+        "tasks:\n  - {id: slow, agent: w, task: t}\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(plan)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a terminal of its own: its process group is its own
+    )
+    try:
+        for _ in range(600):
+            if running.exists():
+                break
+            assert run.poll() is None
+            anyio.run(anyio.sleep, 0.05)
+        anyio.run(anyio.sleep, 0.5)
+        os.killpg(run.pid, signal.SIGINT)
+        assert run.wait(timeout=60) == 130
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    branches = git(repo, "for-each-ref", "--format=%(refname)", "refs/heads/orchestrator/")
+    assert branches, "the cancelled task's branch is gone"
+    assert git(repo, "show", f"{branches.splitlines()[0]}:slow.txt") == "slow"

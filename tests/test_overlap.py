@@ -613,3 +613,29 @@ def test_one_log_of_all_refuses_a_name_that_is_no_object_id(repo: Path) -> None:
         with pytest.raises(GitError, match="not an object id"):
             anyio.run(touched_together, runner, base, names)
     assert runner.calls == 0
+
+
+def test_one_log_of_all_says_what_each_says_of_an_annotated_tag(repo: Path) -> None:
+    """A result named by an annotated tag's id (an object id, so check_ids lets it by, and
+    git log peels it): its own log reads its commits; the one log lists the commit, not
+    the tag, so the walk finds no such commit and says None (unknown)."""
+    base = git(repo, "rev-parse", "base")
+    first = change(repo, base, {"a.txt": "a\n"})
+    git(repo, "tag", "-a", "-m", "t", "result-tag", first)
+    tag = git(repo, "rev-parse", "result-tag")
+    assert tag != first and git(repo, "cat-file", "-t", tag) == "tag"
+    each = [anyio.run(touched, Git(repo), base, c) for c in (first, tag)]
+    together = anyio.run(touched_together, Git(repo), base, [first, tag])
+    assert each[1] is not None and each[1].paths == {"a.txt"}
+    assert together == each
+
+
+def test_one_log_of_tens_of_thousands_of_results_is_no_oserror(repo: Path) -> None:
+    """Every result an argument of one git: 60,000 ids (41 bytes each) pass Linux's 2 MiB
+    bound on a command's arguments, and open_process raised OSError (E2BIG), which
+    _touched_all does not catch: the merge failed where a log each had worked."""
+    import secrets
+
+    base = git(repo, "rev-parse", "base")
+    ids = [secrets.token_hex(20) for _ in range(60_000)]  # none in the repository: git says so
+    assert anyio.run(touched_together, Git(repo), base, ids) is None
