@@ -242,10 +242,14 @@ async def chain_disjoint(
     stream += [b"reset " + ref + b"\n\n", b"done\n"]
     started = time.time()
     # ignorecase off: fast-import would otherwise match paths as the file system of a
-    # Windows or macOS checkout does, which merge-tree and the prediction do not.
+    # Windows or macOS checkout does, which merge-tree and the prediction do not. Its pack
+    # kept as it is, however small: loosening one under 100 objects is another git process
+    # (unpack-objects), a tenth of a small merge's time; the user's gc packs them all.
     out = await git.run(
         "-c",
         "core.ignorecase=false",
+        "-c",
+        "fastimport.unpackLimit=0",
         "fast-import",
         "--quiet",
         "--done",
