@@ -391,20 +391,19 @@ class Git:
         by_git = ("commit-tree", *flags, "-m", message, "--end-of-options", tree)
         if self._objects is None or "GIT_AUTHOR_DATE" in env or "GIT_COMMITTER_DATE" in env:
             return await self.out(*by_git, env=identity)
-        author, committer = await self._idents(identity)
-        now = int(time.time())
-        offset = time.localtime(now).tm_gmtoff // 60
-        when = f"{now} {'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
+        author, committer = await self.ident_lines(identity)
         text = os.fsencode(message)
         if text and not text.endswith(b"\n"):
             text += b"\n"  # as commit-tree ends a -m message
         data = (
             f"tree {tree}\n".encode()
             + b"".join(f"parent {parent}\n".encode() for parent in parents)
+            + b"author "
             + author
-            + f" {when}\n".encode()
+            + b"\n"
+            + b"committer "
             + committer
-            + f" {when}\n".encode()
+            + b"\n"
             + b"\n"
             + text
         )
@@ -421,6 +420,25 @@ class Git:
                 ["hash-object", "-t", "commit"], 1, f"fatal: wrote {made!r}, not {expected}"
             )
         return made
+
+    async def ident_lines(self, env: Mapping[str, str]) -> tuple[bytes, bytes]:
+        """The author and committer a commit made now with *env* (the identity) gets, as
+        ``git var GIT_AUTHOR_IDENT`` and ``GIT_COMMITTER_IDENT`` give them (``Name <email>
+        <seconds> <zone>``): the names asked of git once per identity, the time now; with
+        a date set in the environment (only git parses dates), asked of git each time."""
+        if "GIT_AUTHOR_DATE" in {**self._env, **env} or "GIT_COMMITTER_DATE" in {
+            **self._env,
+            **env,
+        }:
+            return (
+                (await self.out("var", "GIT_AUTHOR_IDENT", env=env)).encode(),
+                (await self.out("var", "GIT_COMMITTER_IDENT", env=env)).encode(),
+            )
+        author, committer = await self._idents(env)
+        now = int(time.time())
+        offset = time.localtime(now).tm_gmtoff // 60
+        when = f" {now} {'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
+        return author + when.encode(), committer + when.encode()
 
     async def _idents(self, identity: Mapping[str, str]) -> tuple[bytes, bytes]:
         """The author and committer ``git var`` gives (``Name <email>``, without its time),
@@ -442,8 +460,7 @@ class Git:
             parts = out.rsplit(b" ", 2)
             if len(parts) != 3 or not parts[0] or b"\n" in parts[0]:
                 raise GitError(["var", name], 1, f"fatal: git var gave {out!r}")
-            who = parts[0]
-            lines.append(b"author " + who if name == "GIT_AUTHOR_IDENT" else b"committer " + who)
+            lines.append(parts[0])
         known = self._ident_cache[key] = (lines[0], lines[1])
         return known
 

@@ -209,8 +209,7 @@ async def chain_disjoint(
     check_ids(start, base, *(c for c, _, _ in merges))
     if not merges:
         return []
-    author = (await git.out("var", "GIT_AUTHOR_IDENT", env=env)).encode()
-    committer = (await git.out("var", "GIT_COMMITTER_IDENT", env=env)).encode()
+    author, committer = await git.ident_lines(env)
     ref = f"refs/orchestrator/building/{uuid.uuid4().hex}".encode()
     stream = [b"feature done\n"]
     for number, (commit, message, known) in enumerate(merges, start=1):

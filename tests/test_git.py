@@ -786,3 +786,43 @@ def test_identity_asked_under_another_event_loop_after_a_cancel(make_repo: MakeR
 
     anyio.run(cancelled, backend="asyncio")
     assert isinstance(anyio.run(again, backend="trio"), dict)
+
+
+def test_ident_lines_are_what_git_var_gives_and_a_set_date_is_gits_own(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit's author and committer lines: the names git var gives (asked once), the time
+    and zone now; with a date set in the environment, git var's own answer each time."""
+    import time
+
+    repo = make_repo()
+    for key in ("AUTHOR_DATE", "COMMITTER_DATE"):
+        monkeypatch.delenv(f"GIT_{key}", raising=False)
+    runner = Git(repo)
+
+    def by_git(name: str, env: dict[str, str]) -> bytes:
+        return subprocess.run(
+            ["git", "-C", str(repo), "var", name],
+            env={**os.environ, **env},
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+
+    async def lines() -> tuple[dict[str, str], tuple[bytes, bytes], tuple[bytes, bytes], int]:
+        identity = await runner.identity_env()
+        first = await runner.ident_lines(identity)
+        calls = runner.calls
+        second = await runner.ident_lines(identity)
+        return identity, first, second, runner.calls - calls
+
+    identity, (author, committer), again, asked = anyio.run(lines)
+    assert asked == 0 and again[0].rsplit(b" ", 2)[0] == author.rsplit(b" ", 2)[0]
+    for line, name in ((author, "GIT_AUTHOR_IDENT"), (committer, "GIT_COMMITTER_IDENT")):
+        gits = by_git(name, identity).rsplit(b" ", 2)
+        ours = line.rsplit(b" ", 2)
+        assert ours[0] == gits[0] and ours[2] == gits[2]  # the names, and the zone
+        assert abs(int(ours[1]) - time.time()) < 60
+    monkeypatch.setenv("GIT_AUTHOR_DATE", "@1000000000 +0200")
+    dated = anyio.run(Git(repo).ident_lines, identity)
+    assert dated[0] == by_git("GIT_AUTHOR_IDENT", identity)
+    assert dated[0].endswith(b" 1000000000 +0200")
