@@ -325,7 +325,7 @@ class Git:
             return
         refs = self._refs = _Kept(self, ["update-ref", "--stdin"])
         objects = self._objects = _Kept(
-            self, ["hash-object", "-w", "-t", "commit", "--stdin-paths"]
+            self, ["hash-object", "-w", "-t", "commit", "--stdin-paths"], timeout=OBJECT_TIMEOUT_S
         )
         try:
             yield
@@ -465,6 +465,10 @@ class Git:
         return known
 
 
+#: Longest the kept hash-object may take to write one commit (milliseconds, as a rule).
+OBJECT_TIMEOUT_S = 60.0
+
+
 class _Closed(Exception):
     """A kept git process asked after its run's scope closed: the caller runs git itself."""
 
@@ -483,9 +487,13 @@ class _Kept:
     leave a ref locked); closing its standard input ends it, and ``update-ref`` aborts a
     transaction given only in part then, never applying half of one."""
 
-    def __init__(self, git: Git, args: list[str]) -> None:
+    def __init__(self, git: Git, args: list[str], *, timeout: float | None = None) -> None:
         self.git = git
         self.args = args
+        #: Longest an answer may take, for a git that holds no lock (hash-object): past it,
+        #: the process is killed and the question fails. None: waited for (update-ref,
+        #: which a kill could leave holding a ref's lock).
+        self.timeout = timeout
         self._lock = anyio.Lock()
         self._process: Process | None = None
         self._stdout: BufferedByteReceiveStream | None = None
@@ -542,18 +550,31 @@ class _Kept:
                 process, stdout = self._process, self._stdout
                 assert process is not None and process.stdin is not None and stdout is not None
                 said: list[bytes] = []
-                try:
-                    await process.stdin.send(question)
-                    for _ in range(lines):
-                        said.append(await stdout.receive_until(b"\n", 4096))
-                except (
-                    anyio.EndOfStream,
-                    anyio.IncompleteRead,
-                    anyio.DelimiterNotFound,
-                    anyio.BrokenResourceError,
-                    OSError,
-                ):
-                    pass
+                with anyio.move_on_after(
+                    math.inf if self.timeout is None else self.timeout
+                ) as late:
+                    try:
+                        await process.stdin.send(question)
+                        for _ in range(lines):
+                            said.append(await stdout.receive_until(b"\n", 4096))
+                    except (
+                        anyio.EndOfStream,
+                        anyio.IncompleteRead,
+                        anyio.DelimiterNotFound,
+                        anyio.BrokenResourceError,
+                        OSError,
+                    ):
+                        pass
+                if late.cancelled_caught:
+                    # Blocked (a FIFO put where it reads the commit's bytes): killed.
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    await self._end()
+                    raise GitError(
+                        self.args,
+                        -9,
+                        f"fatal: git did not answer within {self.timeout:g} s and was killed",
+                    )
                 if len(said) == lines and (expect is None or said == expect):
                     return said
                 # Ended, or said what was not asked for: it goes (its input closed, a

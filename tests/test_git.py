@@ -826,3 +826,36 @@ def test_ident_lines_are_what_git_var_gives_and_a_set_date_is_gits_own(
     dated = anyio.run(Git(repo).ident_lines, identity)
     assert dated[0] == by_git("GIT_AUTHOR_IDENT", identity)
     assert dated[0].endswith(b" 1000000000 +0200")
+
+
+def test_a_fifo_put_where_the_kept_hash_object_reads_fails_the_commit_not_the_run(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit's bytes reach the kept hash-object through a file: one replaced by a FIFO
+    (an agent running as the user could) would block git's read forever. Past its time the
+    process is killed and that commit fails; the next is written by a new one."""
+    from orchestrator import _git
+
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    write = Path.write_bytes
+
+    def fifo(path: Path, data: bytes) -> int:
+        os.mkfifo(path)
+        return len(data)
+
+    monkeypatch.setattr(_git, "OBJECT_TIMEOUT_S", 1.0)
+
+    async def made() -> str:
+        runner = Git(repo)
+        async with runner.kept():
+            monkeypatch.setattr(_git.Path, "write_bytes", fifo)
+            with pytest.raises(GitError, match="did not answer within 1 s"):
+                await runner.commit_tree(tree, [head], "blocked")
+            monkeypatch.setattr(_git.Path, "write_bytes", write)
+            return await runner.commit_tree(tree, [head], "after")
+
+    commit = anyio.run(made)
+    assert git(repo, "log", "-1", "--format=%s", commit) == "after"
+    assert kept_children(b"hash-object") == []
