@@ -150,7 +150,7 @@ class Git:
         self._asking = _LoopLock()
         self._refs: _Kept | None = None
         self._objects: _Kept | None = None
-        self._ident_cache: dict[tuple[tuple[str, str], ...], tuple[bytes, bytes]] = {}
+        self._ident_cache: dict[tuple[tuple[str, str], ...], tuple[bytes, bytes, bool]] = {}
 
     @property
     def environment(self) -> Mapping[str, str]:
@@ -373,7 +373,9 @@ class Git:
         await anyio.lowlevel.checkpoint_if_cancelled()
         return True
 
-    async def commit_tree(self, tree: str, parents: Sequence[str], message: str) -> str:
+    async def commit_tree(
+        self, tree: str, parents: Sequence[str], message: str, *, known: bool = False
+    ) -> str:
         """The commit of *tree* on *parents* with *message*, made as ``git commit-tree -p
         PARENT... -m MESSAGE TREE`` makes it with the run's identity (:meth:`identity_env`):
         its id.
@@ -382,14 +384,22 @@ class Git:
         ``git var`` gives them, once; the time now) and written by the kept ``hash-object``
         from a file of this process's own; the id git gives is checked against the bytes'
         own, so nothing that changed the file meanwhile can change the commit. With a date
-        set in the environment (``GIT_AUTHOR_DATE``), which only git parses, or outside
-        :meth:`kept`, ``git commit-tree`` makes it."""
+        set in the environment (``GIT_AUTHOR_DATE``), which only git parses, a zone git does
+        not share with this process, bytes git would rewrite (not UTF-8, noncharacters), or
+        outside :meth:`kept`, ``git commit-tree`` makes it; and unless *known* says that
+        *tree* is a tree and *parents* are commits (write-tree's tree, a task's base):
+        hash-object checks neither, and would write a commit on a tag or a blob an agent
+        pointed its branch at, which commit-tree refuses. A NUL in *message* is a GitError,
+        as git says."""
         check_ids(tree, *parents)
+        if "\0" in message:  # as git refuses it (and no argument can hold it)
+            raise GitError(
+                ["commit-tree"], 128, "error: a NUL byte in commit log message not allowed."
+            )
         identity = await self.identity_env()
-        env = {**self._env, **identity}
         flags = [flag for parent in parents for flag in ("-p", parent)]
         by_git = ("commit-tree", *flags, "-m", message, "--end-of-options", tree)
-        if self._objects is None or "GIT_AUTHOR_DATE" in env or "GIT_COMMITTER_DATE" in env:
+        if not known or self._objects is None or await self._dated_by_git(identity):
             return await self.out(*by_git, env=identity)
         author, committer = await self.ident_lines(identity)
         text = os.fsencode(message)
@@ -407,6 +417,10 @@ class Git:
             + b"\n"
             + text
         )
+        if not _kept_by_git(data):
+            # git commit-tree rewrites what is not UTF-8 to its eyes (bytes that are not,
+            # noncharacters) as Latin-1: its commit, not these bytes.
+            return await self.out(*by_git, env=identity)
         header = b"commit %d\0" % len(data)
         expected = (hashlib.sha1 if len(tree) == 40 else hashlib.sha256)(header + data).hexdigest()
         try:
@@ -426,23 +440,28 @@ class Git:
         ``git var GIT_AUTHOR_IDENT`` and ``GIT_COMMITTER_IDENT`` give them (``Name <email>
         <seconds> <zone>``): the names asked of git once per identity, the time now; with
         a date set in the environment (only git parses dates), asked of git each time."""
-        if "GIT_AUTHOR_DATE" in {**self._env, **env} or "GIT_COMMITTER_DATE" in {
-            **self._env,
-            **env,
-        }:
+        if await self._dated_by_git(env):
             return (
-                (await self.out("var", "GIT_AUTHOR_IDENT", env=env)).encode(),
-                (await self.out("var", "GIT_COMMITTER_IDENT", env=env)).encode(),
+                (await self.run("var", "GIT_AUTHOR_IDENT", env=env)).stdout.rstrip(b"\n"),
+                (await self.run("var", "GIT_COMMITTER_IDENT", env=env)).stdout.rstrip(b"\n"),
             )
-        author, committer = await self._idents(env)
-        now = int(time.time())
-        offset = time.localtime(now).tm_gmtoff // 60
-        when = f" {now} {'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
-        return author + when.encode(), committer + when.encode()
+        author, committer, _ = await self._idents(env)
+        when = b" %d %s" % _now_and_zone()
+        return author + when, committer + when
 
-    async def _idents(self, identity: Mapping[str, str]) -> tuple[bytes, bytes]:
+    async def _dated_by_git(self, env: Mapping[str, str]) -> bool:
+        """Whether a commit made now with *env* must be dated by git itself: a date set in
+        the environment (only git parses dates), or a time zone this process does not
+        share with git (``TZ`` set in ``os.environ`` after Python read it, without
+        ``time.tzset()``: git var's zone, asked with the names, is not this process's)."""
+        full = {**self._env, **env}
+        if "GIT_AUTHOR_DATE" in full or "GIT_COMMITTER_DATE" in full:
+            return True
+        return not (await self._idents(env))[2]
+
+    async def _idents(self, identity: Mapping[str, str]) -> tuple[bytes, bytes, bool]:
         """The author and committer ``git var`` gives (``Name <email>``, without its time),
-        asked once per identity."""
+        asked once per identity, and whether git's zone was this process's then."""
         key = tuple(sorted(identity.items()))
         if (known := self._ident_cache.get(key)) is not None:
             return known
@@ -453,16 +472,46 @@ class Git:
 
     async def _ask_idents(
         self, key: tuple[tuple[str, str], ...], identity: Mapping[str, str]
-    ) -> tuple[bytes, bytes]:
+    ) -> tuple[bytes, bytes, bool]:
         lines = []
+        same_zone = True
         for name in ("GIT_AUTHOR_IDENT", "GIT_COMMITTER_IDENT"):
+            before = _now_and_zone()[1]
             out = (await self.run("var", name, env=identity)).stdout.rstrip(b"\n")
             parts = out.rsplit(b" ", 2)
             if len(parts) != 3 or not parts[0] or b"\n" in parts[0]:
                 raise GitError(["var", name], 1, f"fatal: git var gave {out!r}")
             lines.append(parts[0])
-        known = self._ident_cache[key] = (lines[0], lines[1])
+            # A change of offset (DST) between the two reads says nothing: git dates them.
+            same_zone = same_zone and parts[2] == before == _now_and_zone()[1]
+        known = self._ident_cache[key] = (lines[0], lines[1], same_zone)
         return known
+
+
+def _now_and_zone() -> tuple[int, bytes]:
+    """The time now and this process's zone then, as git writes them (``+0200``)."""
+    now = int(time.time())
+    offset = time.localtime(now).tm_gmtoff // 60
+    sign = "-" if offset < 0 else "+"
+    return now, f"{sign}{abs(offset) // 60:02d}{abs(offset) % 60:02d}".encode()
+
+
+#: The noncharacters (U+FDD0..U+FDEF, U+xxFFFE, U+xxFFFF): valid UTF-8 that git's check of a
+#: commit's encoding (commit.c, verify_utf8) takes for Latin-1 all the same.
+_NONCHARACTERS = re.compile(
+    "[\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]"
+)
+
+
+def _kept_by_git(data: bytes) -> bool:
+    """Whether ``git commit-tree`` (i18n.commitEncoding UTF-8) writes *data* as it is."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return _NONCHARACTERS.search(text) is None
 
 
 #: Longest the kept hash-object may take to write one commit (milliseconds, as a rule).
@@ -502,7 +551,6 @@ class _Kept:
         self._stderr: IO[bytes] | None = None
         #: Where the commits' bytes are written for hash-object to read (this process's own).
         self._scratch: Path | None = None
-        self._written = 0
         #: Ended for good (its run's kept scope closed): asked now, it raises _Closed.
         self.closed = False
 
@@ -526,9 +574,9 @@ class _Kept:
                     shutil.rmtree(scratch, ignore_errors=True)
                     raise _Closed
                 self._scratch = scratch
-            self._written += 1
-            path = self._scratch / f"{self._written}"
-            await anyio.to_thread.run_sync(path.write_bytes, data)
+            # Shielded: a cancel meanwhile would leave the file (its name not known yet).
+            with anyio.CancelScope(shield=True):
+                path = await anyio.to_thread.run_sync(_write_new, self._scratch, data)
             try:
                 [answer] = await self._ask(os.fsencode(path) + b"\n", 1)
             finally:
@@ -636,6 +684,20 @@ class _Kept:
                 with contextlib.suppress(OSError):
                     shutil.rmtree(self._scratch)
                 self._scratch = None
+
+
+def _write_new(directory: Path, data: bytes) -> Path:
+    """*data* in a file of *directory* this process makes (``O_EXCL``, ``O_NOFOLLOW``, a
+    random name): never written through a link or into a file someone put there first."""
+    fd, name = tempfile.mkstemp(dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+    return Path(name)
 
 
 class _LoopLock:

@@ -437,7 +437,10 @@ async def commit_worktree(
     tree = await git.out(*args, "write-tree", cwd=cwd, env=env)
     if tree == base_tree and parent == worktree.base_commit:
         return worktree.base_commit, tree, False
-    commit = await git.commit_tree(tree, [parent], message)
+    # A parent other than the base is the agent's: checked by commit-tree (a tag of its
+    # own that the branch was pointed at is no commit), not written as it is.
+    known = parent == worktree.base_commit
+    commit = await git.commit_tree(tree, [parent], message, known=known)
     crash_point("commit")
     await git.update_ref(f"refs/heads/{worktree.branch}", commit, parent)
     return commit, tree, True

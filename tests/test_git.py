@@ -552,13 +552,13 @@ def test_a_kept_git_that_died_is_started_again_and_what_it_never_read_is_done(
         runner = Git(repo)
         async with runner.kept():
             await runner.update_ref("refs/heads/a", head, "")
-            await runner.commit_tree(tree, [head], "first")
+            await runner.commit_tree(tree, [head], "first", known=True)
             calls = runner.calls
             os.kill(kept_child(), signal.SIGKILL)
             os.kill(kept_child(b"hash-object"), signal.SIGKILL)
             await anyio.sleep(0.1)
             await runner.update_ref("refs/heads/b", head, "")
-            commit = await runner.commit_tree(tree, [head], "second")
+            commit = await runner.commit_tree(tree, [head], "second", known=True)
             assert git(repo, "log", "-1", "--format=%s", commit) == "second"
         return runner.calls - calls
 
@@ -644,9 +644,9 @@ def test_a_commit_written_by_the_kept_hash_object_is_the_one_commit_tree_makes(
     async def made(parents: list[str]) -> tuple[str, int, dict[str, str]]:
         runner = Git(repo)
         async with runner.kept():
-            commit = await runner.commit_tree(tree, parents, message)
+            commit = await runner.commit_tree(tree, parents, message, known=True)
             calls = runner.calls
-            await runner.commit_tree(tree, parents, message + "again")
+            await runner.commit_tree(tree, parents, message + "again", known=True)
             assert runner.calls == calls  # the second: no git process more
         return commit, calls, await runner.identity_env()
 
@@ -675,7 +675,7 @@ def test_a_commit_with_a_date_set_in_the_environment_is_made_by_commit_tree(
     async def made() -> str:
         runner = Git(repo)
         async with runner.kept():
-            return await runner.commit_tree(tree, [head], "dated")
+            return await runner.commit_tree(tree, [head], "dated", known=True)
 
     commit = anyio.run(made)
     assert git(repo, "show", "-s", "--format=%ad", "--date=raw", commit) == "981169506 +0100"
@@ -692,19 +692,19 @@ def test_a_commit_file_changed_under_the_kept_hash_object_is_refused(
     repo = make_repo()
     head = git(repo, "rev-parse", "HEAD")
     tree = git(repo, "rev-parse", "HEAD^{tree}")
-    write = Path.write_bytes
+    write = _git._write_new
 
-    def swapped(path: Path, data: bytes) -> int:
-        return write(path, data.replace(b"dated", b"other"))
+    def swapped(directory: Path, data: bytes) -> Path:
+        return write(directory, data.replace(b"dated", b"other"))
 
     async def made() -> str:
         runner = Git(repo)
         async with runner.kept():
-            monkeypatch.setattr(_git.Path, "write_bytes", swapped)
-            with pytest.raises(GitError, match="not"):
-                await runner.commit_tree(tree, [head], "dated")
-            monkeypatch.setattr(_git.Path, "write_bytes", write)
-            return await runner.commit_tree(tree, [head], "dated")
+            monkeypatch.setattr(_git, "_write_new", swapped)
+            with pytest.raises(GitError, match=r"fatal: wrote '[0-9a-f]{40}', not [0-9a-f]{40}"):
+                await runner.commit_tree(tree, [head], "dated", known=True)
+            monkeypatch.setattr(_git, "_write_new", write)
+            return await runner.commit_tree(tree, [head], "dated", known=True)
 
     commit = anyio.run(made)
     assert git(repo, "log", "-1", "--format=%s", commit) == "dated"
@@ -839,22 +839,23 @@ def test_a_fifo_put_where_the_kept_hash_object_reads_fails_the_commit_not_the_ru
     repo = make_repo()
     head = git(repo, "rev-parse", "HEAD")
     tree = git(repo, "rev-parse", "HEAD^{tree}")
-    write = Path.write_bytes
+    write = _git._write_new
 
-    def fifo(path: Path, data: bytes) -> int:
+    def fifo(directory: Path, data: bytes) -> Path:
+        path = directory / "fifo"
         os.mkfifo(path)
-        return len(data)
+        return path
 
     monkeypatch.setattr(_git, "OBJECT_TIMEOUT_S", 1.0)
 
     async def made() -> str:
         runner = Git(repo)
         async with runner.kept():
-            monkeypatch.setattr(_git.Path, "write_bytes", fifo)
+            monkeypatch.setattr(_git, "_write_new", fifo)
             with pytest.raises(GitError, match="did not answer within 1 s"):
-                await runner.commit_tree(tree, [head], "blocked")
-            monkeypatch.setattr(_git.Path, "write_bytes", write)
-            return await runner.commit_tree(tree, [head], "after")
+                await runner.commit_tree(tree, [head], "blocked", known=True)
+            monkeypatch.setattr(_git, "_write_new", write)
+            return await runner.commit_tree(tree, [head], "after", known=True)
 
     commit = anyio.run(made)
     assert git(repo, "log", "-1", "--format=%s", commit) == "after"
