@@ -299,7 +299,9 @@ class Git:
         async with self._asking.hold():
             if self._identity is not None:
                 return self._identity
-            result = await self.run("config", "--get-regexp", r"^user\.(name|email)$", check=False)
+            result = await self.run(
+                "config", "--get-regexp", r"^(user|author|committer)\.(name|email)$", check=False
+            )
             configured = dict(
                 line.split(" ", 1)
                 for line in result.stdout.decode(errors="replace").splitlines()
@@ -307,9 +309,20 @@ class Git:
             )
             env: dict[str, str] = {}
             for role in ("AUTHOR", "COMMITTER"):
-                if not (os.environ.get(f"GIT_{role}_NAME") or configured.get("user.name")):
+                # As git reads them: GIT_<ROLE>_*, then <role>.*, then user.* (and EMAIL).
+                own = role.lower()
+                if not (
+                    os.environ.get(f"GIT_{role}_NAME")
+                    or configured.get(f"{own}.name")
+                    or configured.get("user.name")
+                ):
                     env[f"GIT_{role}_NAME"] = FALLBACK_IDENTITY[0]
-                if not (os.environ.get(f"GIT_{role}_EMAIL") or configured.get("user.email")):
+                if not (
+                    os.environ.get(f"GIT_{role}_EMAIL")
+                    or configured.get(f"{own}.email")
+                    or configured.get("user.email")
+                    or os.environ.get("EMAIL")
+                ):
                     env[f"GIT_{role}_EMAIL"] = FALLBACK_IDENTITY[1]
             self._identity = env
         return self._identity

@@ -1116,7 +1116,9 @@ def _pack_copies(root: Path, paths: list[str]) -> Files:
 
 async def _identity(repo: Any) -> dict[str, str]:
     """The author and committer of this repository's commits, as variables."""
-    result = await repo.git.run("config", "--get-regexp", r"^user\.(name|email)$", check=False)
+    result = await repo.git.run(
+        "config", "--get-regexp", r"^(user|author|committer)\.(name|email)$", check=False
+    )
     configured = dict(
         line.split(" ", 1)
         for line in result.stdout.decode(errors="replace").splitlines()
@@ -1125,9 +1127,15 @@ async def _identity(repo: Any) -> dict[str, str]:
     identity: dict[str, str] = {}
     fallback = await repo.git.identity_env()
     for role in ("AUTHOR", "COMMITTER"):
-        for part, key in (("NAME", "user.name"), ("EMAIL", "user.email")):
+        for part in ("NAME", "EMAIL"):
             name = f"GIT_{role}_{part}"
-            value = os.environ.get(name) or configured.get(key) or fallback.get(name)
+            value = (
+                os.environ.get(name)
+                or configured.get(f"{role.lower()}.{part.lower()}")
+                or configured.get(f"user.{part.lower()}")
+                or (os.environ.get("EMAIL") if part == "EMAIL" else None)
+                or fallback.get(name)
+            )
             if value:
                 identity[name] = value
     return identity
