@@ -240,10 +240,9 @@ async def chain_disjoint(
     stream += [b"get-mark :%d\n" % number for number in range(1, len(merges) + 1)]
     stream += [b"reset " + ref + b"\n\n", b"done\n"]
     started = time.time()
-    # ignorecase off: fast-import would otherwise match paths as the file system of a
-    # Windows or macOS checkout does, which merge-tree and the prediction do not. Its pack
-    # kept as it is, however small: loosening one under 100 objects is another git process
-    # (unpack-objects), a tenth of a small merge's time; the user's gc packs them all.
+    # ignorecase off: fast-import would otherwise match paths as a Windows or macOS
+    # checkout does, which merge-tree and the prediction do not. Its pack kept however
+    # small: loosening it is a git process more (unpack-objects); the user's gc packs it.
     out = await git.run(
         "-c",
         "core.ignorecase=false",

@@ -1,4 +1,7 @@
-"""Review 2: where the kept hash-object's commit is not the one git commit-tree makes."""
+"""A run's task commits, written by the kept hash-object (orchestrator/_git.py): the commit
+``git commit-tree`` makes, byte for byte, or commit-tree makes it (bytes git would rewrite,
+a zone git does not share, a parent an agent pointed at a tag); never a commit git would
+refuse, never written through a planted link; and the user's own identity as git reads it."""
 
 from __future__ import annotations
 
