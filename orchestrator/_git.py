@@ -345,8 +345,10 @@ class Git:
         finally:
             self._refs = self._objects = None
             with anyio.CancelScope(shield=True):
-                await refs.aclose()
-                await objects.aclose()
+                try:
+                    await refs.aclose()
+                finally:
+                    await objects.aclose()
 
     async def update_ref(
         self, ref: str, new: str | None, old: str | None = None, *, check: bool = True
