@@ -235,6 +235,7 @@ def _parse_union(data: bytes) -> dict[str, _Listed] | None:
     output is not what was asked for. Tokenised as :func:`_parse_log` does."""
     listed: dict[str, _Listed] = {}
     current: _Listed | None = None
+    boundary = False  # a boundary commit seen
     tokens = iter(data.split(b"\0"))
     for token in tokens:
         token = token.lstrip(b"\n")
@@ -245,13 +246,13 @@ def _parse_union(data: bytes) -> dict[str, _Listed] | None:
             if mark not in (b">", b"-") or not names or not all(map(is_object_id, names)):
                 return None
             if mark == b"-":
-                current = None  # a boundary commit: the base's side, its changes not listed
+                current, boundary = None, True  # the base's side: its changes not listed
                 continue
             # A merge's header comes once for each parent (--diff-merges=separate).
             current = listed.setdefault(names[0], _Listed(len(listed), names[1:]))
             continue
-        if not token.startswith(b":"):
-            return None
+        if not token.startswith(b":") or not (listed or boundary):
+            return None  # not a change, or a change before any commit
         path = next(tokens, b"")
         parts = token[1:].split(b" ")
         if len(parts) != 5 or not path:

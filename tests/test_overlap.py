@@ -639,3 +639,59 @@ def test_one_log_of_tens_of_thousands_of_results_is_no_oserror(repo: Path) -> No
     base = git(repo, "rev-parse", "base")
     ids = [secrets.token_hex(20) for _ in range(60_000)]  # none in the repository: git says so
     assert anyio.run(touched_together, Git(repo), base, ids) is None
+
+
+def test_one_log_of_all_that_is_not_what_was_asked_for_is_not_trusted() -> None:
+    """As for one result's log: a mark, an id or a change header out of format, a change
+    with no path, or a change before any commit makes the one log of them all unused
+    (None: each result's own log is read instead), never misread."""
+    from orchestrator.overlap import _parse_union
+
+    base, result, blob = "b" * 40, "c" * 40, "d" * 40
+    head = f"\x01>{result} {base}\0".encode()
+    entry = f"\n:000000 100644 {'0' * 40} {blob} A\0a.txt\0".encode()
+    tail = f"\x01-{base}\0".encode()
+    graph = _parse_union(head + entry + tail)
+    assert graph is not None and list(graph) == [result]
+    assert graph[result].parents == [base]
+    assert graph[result].changes == [(b"A", b"a.txt", b"100644", blob.encode())]
+    broken = [
+        head.replace(b">", b"<") + entry + tail,  # a mark not asked for
+        head.replace(result.encode(), result[:12].encode()) + entry + tail,  # an id cut short
+        head.replace(f" {base}".encode(), b" HEAD") + entry + tail,  # a parent that is no id
+        b"\x01>\0" + entry + tail,  # no id at all
+        head + entry.replace(b" A\0", b"\0") + tail,  # a header of four fields
+        head + tail + entry.split(b"\0")[0],  # a header and no path after it
+        entry + head + tail,  # a change before any commit
+    ]
+    assert [_parse_union(data) for data in broken] == [None] * len(broken)
+
+
+def test_one_log_of_all_gives_a_path_changed_by_many_commits_its_last_state(repo: Path) -> None:
+    """A result of many commits that each rewrote one file: its final state is the last
+    commit's (the log's order, a child before its parents), whatever order their ids sort
+    in; and a base that is no object id never reaches git."""
+    base = git(repo, "rev-parse", "base")
+    tip = base
+    for i in range(12):
+        tip = change(repo, tip, {"same.txt": f"{i}\n"})
+    [found] = each_and_together(repo, base, [tip])
+    assert found is not None and found.final is not None
+    last = git(repo, "rev-parse", f"{tip}:same.txt")
+    assert found.final[b"same.txt"] == (b"100644", last.encode())
+    runner = Git(repo)
+    with pytest.raises(GitError, match="not an object id"):
+        anyio.run(touched_together, runner, "HEAD", [tip])
+    assert runner.calls == 0
+
+
+def test_a_log_longer_than_its_bound_is_not_returned_in_part(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orchestrator.overlap as overlap
+
+    base = git(repo, "rev-parse", "base")
+    tip = change(repo, base, {f"many/{i:03d}.txt": f"{i}\n" for i in range(20)})
+    assert anyio.run(overlap._log, Git(repo), base, [tip]) is not None
+    monkeypatch.setattr(overlap, "MAX_LOG_BYTES", 64)
+    assert anyio.run(overlap._log, Git(repo), base, [tip]) is None
