@@ -807,6 +807,31 @@ async def _write_nothing(envelope: Any, workspace: Any) -> dict[str, Any]:
     return {"ok": True}
 
 
+def test_checks_of_a_task_without_a_worktree_need_no_commit_to_agree_with(
+    make_repo: MakeRepo,
+) -> None:
+    """A task run without a worktree made no commit, so its check records have no Checks
+    trailer to be compared with; beside a task that made one, in the same run, the report
+    verifies."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    passing = Step(name="tests", run=[sys.executable, "-c", "pass"])
+    envelopes = [
+        build_envelope("w", "x", task_id="x", worktree=False, venv=False, checks=[passing]),
+        build_envelope("w", "y", task_id="y", venv=False, checks=[passing]),
+    ]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write_nothing})
+    )
+    assert report.result("x").provenance.result_commit is None
+    assert report.result("y").provenance.result_commit is not None
+    outcome = anyio.run(verify_report, Path(report.run_dir) / "report.json")
+    assert outcome.ok, [str(f) for f in outcome.findings]
+    assert outcome.checked_commits == 1
+
+
 @pytest.mark.slow
 def test_check_records_forged_to_passing_disagree_with_the_commits_checks_trailer(
     make_repo: MakeRepo, tmp_path: Path
