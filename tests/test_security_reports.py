@@ -789,6 +789,23 @@ def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_reposi
     assert findings(on_a_tag) == ["task a: branch: branch tagged does not exist"]
 
 
+def test_a_branch_beside_a_tasks_named_with_a_non_ascii_space_is_not_taken_for_it(
+    make_repo: MakeRepo,
+) -> None:
+    """Git takes a no-break space in a branch name (it refuses only ASCII spaces and control
+    characters): a branch made beside a task's, under the run's prefix, named with one after
+    the task's name, is another branch, and the task's branch still holds its result."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    raw = json.loads(path.read_text())
+    branch = raw["results"][0]["branch"]
+    git(repo, "branch", f"{branch}\u00a0copy", "main")
+    outcome = anyio.run(lambda: verify_report(path, repo=repo))
+    assert outcome.ok, [str(f) for f in outcome.findings]
+
+
 def test_a_report_of_work_without_git_verifies_without_a_repository(tmp_path: Path) -> None:
     """No commit, no base: nothing to look up, and no repository needed."""
     from orchestrator import verify_report
