@@ -759,6 +759,17 @@ def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_reposi
         f"task a: provenance.base_commit: {'1' * 40} is not an ancestor of {result}",
     ]
 
+    # An annotated tag of the base is not a commit: named once, and git (which peels it)
+    # still finds the base below the result.
+    git(repo, "tag", "-a", "-m", "the base", "base-tag", raw["base_commit"])
+    tag = git(repo, "rev-parse", "base-tag")
+
+    def base_as_a_tag(raw: dict[str, Any]) -> None:
+        raw["base_commit"] = tag
+        raw["results"][0]["provenance"]["base_commit"] = tag
+
+    assert findings(base_as_a_tag) == [f"base_commit: commit {tag} not found in the repository"]
+
     def on_main(raw: dict[str, Any]) -> None:
         raw["results"][0]["branch"] = "main"
 
