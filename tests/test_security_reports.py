@@ -897,3 +897,37 @@ def test_check_records_forged_to_passing_disagree_with_the_commits_checks_traile
         "task a: checks: its commit's Checks trailer says 'tests failed, lint passed (not "
         "required)', its records 'tests passed, lint passed (not required)'"
     ]
+
+
+def test_a_result_commit_not_in_the_repository_leaves_the_other_trailers_checked(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A report naming a result commit the repository does not have gets that finding, and
+    the other results' check records are still compared with their commits' trailers: one
+    missing commit hides no forged check record."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    fail = Step(name="tests", run=[sys.executable, "-c", "raise SystemExit(1)"])
+    envelopes = [build_envelope("w", t, task_id=t, venv=False, checks=[fail]) for t in ("a", "b")]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    path = Path(report.run_dir) / "report.json"
+
+    def lost_a_and_b_passing(raw: dict[str, Any]) -> None:
+        a, b = raw["results"]
+        a["provenance"]["result_commit"] = "1" * 40
+        for check in b["checks"]:
+            check.update(exit_code=0, passed=True)
+        b.update(status="succeeded", error=None)
+        raw["errors"] = [e for e in raw["errors"] if e["task_id"] != "b"]
+        raw["summary"].update(successful=1, failed=1, success_rate=50.0)
+        raw["results_by_agent"]["w"].update(successful=1, failed=1)
+
+    forged = forge(path, tmp_path / "forged.json", lost_a_and_b_passing)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert [str(f) for f in findings] == [
+        f"task a: provenance.result_commit: commit {'1' * 40} not found in the repository",
+        "task b: checks: its commit's Checks trailer says 'tests failed', its records "
+        "'tests passed'",
+    ]
