@@ -931,3 +931,44 @@ def test_a_result_commit_not_in_the_repository_leaves_the_other_trailers_checked
         "task b: checks: its commit's Checks trailer says 'tests failed', its records "
         "'tests passed'",
     ]
+
+
+async def _commit_in_a_bogus_encoding(envelope: Any, workspace: Any) -> dict[str, Any]:
+    (workspace.path / "own.txt").write_text("mine\n")
+    message = workspace.path.parent / f"{envelope.task_id}.message"
+    message.write_bytes(b"caf\xe9\n")
+    for args in (
+        ["add", "own.txt"],
+        ["-c", "i18n.commitEncoding=no-such-encoding", "commit", "-q", "-F", str(message)],
+    ):
+        git(workspace.path, *args)
+    return {"ok": True}
+
+
+def test_an_agents_own_commit_with_a_message_git_cannot_convert_verifies(
+    make_repo: MakeRepo,
+) -> None:
+    """An agent may commit its work itself, with a message in an encoding git cannot convert
+    (so ``git log`` prints its bytes as they are): that commit is no commit the run made,
+    and its message is read without failing."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    passing = Step(name="tests", run=[sys.executable, "-c", "pass"])
+    envelopes = [build_envelope("w", "a", task_id="a", venv=False, checks=[passing])]
+    report = anyio.run(
+        lambda: orchestrate_parallel(
+            envelopes, repo=repo, agents={"w": _commit_in_a_bogus_encoding}
+        )
+    )
+    commit = report.result("a").provenance.result_commit
+    assert commit is not None
+    logged = subprocess.run(
+        ["git", "-C", str(repo), "log", "--no-walk", "--format=%B", commit],
+        capture_output=True,
+        check=True,
+    )
+    assert logged.stdout.startswith(b"caf\xe9\n")  # not UTF-8
+    outcome = anyio.run(lambda: verify_report(Path(report.run_dir) / "report.json", repo=repo))
+    assert outcome.ok, [str(f) for f in outcome.findings]
