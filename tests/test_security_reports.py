@@ -899,12 +899,25 @@ def test_check_records_forged_to_passing_disagree_with_the_commits_checks_traile
     ]
 
 
-def test_a_result_commit_not_in_the_repository_leaves_the_other_trailers_checked(
-    make_repo: MakeRepo, tmp_path: Path
+def _b_forged_to_passing(raw: dict[str, Any]) -> None:
+    """Task b's failed check rewritten to passing, and everything that follows from it."""
+    b = raw["results"][1]
+    for check in b["checks"]:
+        check.update(exit_code=0, passed=True)
+    b.update(status="succeeded", error=None)
+    raw["errors"] = [e for e in raw["errors"] if e["task_id"] != "b"]
+    raw["summary"].update(successful=1, failed=1, success_rate=50.0)
+    raw["results_by_agent"]["w"].update(successful=1, failed=1)
+
+
+@pytest.mark.parametrize("a_lost", [False, True])
+def test_every_results_checks_trailer_is_compared_even_with_a_commit_lost(
+    make_repo: MakeRepo, tmp_path: Path, a_lost: bool
 ) -> None:
-    """A report naming a result commit the repository does not have gets that finding, and
-    the other results' check records are still compared with their commits' trailers: one
-    missing commit hides no forged check record."""
+    """Each result's check records are compared with its own commit's trailer, not only the
+    first one's; and a report naming a result commit the repository does not have gets that
+    finding while the other results are still compared: one missing commit hides no forged
+    check record."""
     from envelopes import Step
     from orchestrator import verify_report
 
@@ -914,20 +927,15 @@ def test_a_result_commit_not_in_the_repository_leaves_the_other_trailers_checked
     report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
     path = Path(report.run_dir) / "report.json"
 
-    def lost_a_and_b_passing(raw: dict[str, Any]) -> None:
-        a, b = raw["results"]
-        a["provenance"]["result_commit"] = "1" * 40
-        for check in b["checks"]:
-            check.update(exit_code=0, passed=True)
-        b.update(status="succeeded", error=None)
-        raw["errors"] = [e for e in raw["errors"] if e["task_id"] != "b"]
-        raw["summary"].update(successful=1, failed=1, success_rate=50.0)
-        raw["results_by_agent"]["w"].update(successful=1, failed=1)
+    def forged(raw: dict[str, Any]) -> None:
+        _b_forged_to_passing(raw)
+        if a_lost:
+            raw["results"][0]["provenance"]["result_commit"] = "1" * 40
 
-    forged = forge(path, tmp_path / "forged.json", lost_a_and_b_passing)
-    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
-    assert [str(f) for f in findings] == [
-        f"task a: provenance.result_commit: commit {'1' * 40} not found in the repository",
+    at = forge(path, tmp_path / "forged.json", forged)
+    findings = anyio.run(lambda: verify_report(at, repo=repo, files=False)).findings
+    lost = f"task a: provenance.result_commit: commit {'1' * 40} not found in the repository"
+    assert [str(f) for f in findings] == [lost] * a_lost + [
         "task b: checks: its commit's Checks trailer says 'tests failed', its records "
         "'tests passed'",
     ]
