@@ -910,22 +910,26 @@ def _b_forged_to_passing(raw: dict[str, Any]) -> None:
     raw["results_by_agent"]["w"].update(successful=1, failed=1)
 
 
-@pytest.mark.parametrize("a_lost", [False, True])
+@pytest.mark.parametrize("case", ["b forged", "a lost", "a control character in b's task"])
 def test_every_results_checks_trailer_is_compared_even_with_a_commit_lost(
-    make_repo: MakeRepo, tmp_path: Path, a_lost: bool
+    make_repo: MakeRepo, tmp_path: Path, case: str
 ) -> None:
     """Each result's check records are compared with its own commit's trailer, not only the
-    first one's; and a report naming a result commit the repository does not have gets that
-    finding while the other results are still compared: one missing commit hides no forged
-    check record."""
+    first one's, whatever its task's text holds (its first line is the commit's subject); and
+    a report naming a result commit the repository does not have gets that finding while the
+    other results are still compared: one missing commit hides no forged check record."""
     from envelopes import Step
     from orchestrator import verify_report
 
     repo = make_repo()
     fail = Step(name="tests", run=[sys.executable, "-c", "raise SystemExit(1)"])
-    envelopes = [build_envelope("w", t, task_id=t, venv=False, checks=[fail]) for t in ("a", "b")]
+    tasks = {"a": "a", "b": "b \x01 b" if case.startswith("a control") else "b"}
+    envelopes = [
+        build_envelope("w", text, task_id=t, venv=False, checks=[fail]) for t, text in tasks.items()
+    ]
     report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
     path = Path(report.run_dir) / "report.json"
+    a_lost = case == "a lost"
 
     def forged(raw: dict[str, Any]) -> None:
         _b_forged_to_passing(raw)
