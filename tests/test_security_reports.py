@@ -817,6 +817,42 @@ def test_a_branch_beside_a_tasks_named_with_a_non_ascii_space_is_not_taken_for_i
     assert outcome.ok, [str(f) for f in outcome.findings]
 
 
+def test_a_result_commit_whose_tree_the_repository_lacks_is_named(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A result commit git has but whose tree it does not (an object written alone, as a
+    damaged or forged repository holds): its tree is named as not found."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    raw = json.loads(path.read_text())
+    result = raw["results"][0]
+    base, tree = result["provenance"]["base_commit"], result["provenance"]["result_tree"]
+    missing = "1" * 40
+    body = (
+        f"tree {missing}\nparent {base}\nauthor A <a@localhost> 0 +0000\n"
+        f"committer A <a@localhost> 0 +0000\n\nno tree\n"
+    )
+    made = subprocess.run(
+        ["git", "-C", str(repo), "hash-object", "-t", "commit", "-w", "--literally", "--stdin"],
+        input=body.encode(),
+        capture_output=True,
+        check=True,
+    )
+    commit = made.stdout.decode().strip()
+    git(repo, "update-ref", f"refs/heads/{result['branch']}", commit)
+
+    def treeless(raw: dict[str, Any]) -> None:
+        raw["results"][0]["provenance"]["result_commit"] = commit
+
+    forged = forge(path, tmp_path / "forged.json", treeless)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert [str(f) for f in findings] == [
+        f"task a: provenance.result_tree: expected {tree!r}, found None (the tree of {commit})"
+    ]
+
+
 def test_a_report_of_work_without_git_verifies_without_a_repository(tmp_path: Path) -> None:
     """No commit, no base: nothing to look up, and no repository needed."""
     from orchestrator import verify_report
