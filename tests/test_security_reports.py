@@ -981,33 +981,34 @@ def test_every_results_checks_trailer_is_compared_even_with_a_commit_lost(
     ]
 
 
-async def _commit_in_a_bogus_encoding(envelope: Any, workspace: Any) -> dict[str, Any]:
-    (workspace.path / "own.txt").write_text("mine\n")
-    message = workspace.path.parent / f"{envelope.task_id}.message"
-    message.write_bytes(b"caf\xe9\n")
-    for args in (
-        ["add", "own.txt"],
-        ["-c", "i18n.commitEncoding=no-such-encoding", "commit", "-q", "-F", str(message)],
-    ):
-        git(workspace.path, *args)
+async def _a_commits_in_a_bogus_encoding(envelope: Any, workspace: Any) -> dict[str, Any]:
+    """Task a's agent commits its work itself, its message in an encoding git cannot
+    convert; the others' leave theirs to the run."""
+    (workspace.path / f"{envelope.task_id}.txt").write_text("mine\n")
+    if envelope.task_id == "a":
+        message = workspace.path.parent / "a.message"
+        message.write_bytes(b"caf\xe9\n")
+        git(workspace.path, "add", "a.txt")
+        git(workspace.path, "-c", "i18n.commitEncoding=nowhere", "commit", "-q", "-F", str(message))
     return {"ok": True}
 
 
-def test_an_agents_own_commit_with_a_message_git_cannot_convert_verifies(
-    make_repo: MakeRepo,
+def test_an_agents_own_commit_is_passed_over_and_the_next_results_are_compared(
+    make_repo: MakeRepo, tmp_path: Path
 ) -> None:
     """An agent may commit its work itself, with a message in an encoding git cannot convert
-    (so ``git log`` prints its bytes as they are): that commit is no commit the run made,
-    and its message is read without failing."""
+    (so ``git log`` prints its bytes as they are): that commit is no commit the run made, its
+    message is read without failing, and the results after it are still compared with their
+    commits' trailers."""
     from envelopes import Step
     from orchestrator import verify_report
 
     repo = make_repo()
-    passing = Step(name="tests", run=[sys.executable, "-c", "pass"])
-    envelopes = [build_envelope("w", "a", task_id="a", venv=False, checks=[passing])]
+    fail = Step(name="tests", run=[sys.executable, "-c", "raise SystemExit(1)"])
+    envelopes = [build_envelope("w", t, task_id=t, venv=False, checks=[fail]) for t in ("a", "b")]
     report = anyio.run(
         lambda: orchestrate_parallel(
-            envelopes, repo=repo, agents={"w": _commit_in_a_bogus_encoding}
+            envelopes, repo=repo, agents={"w": _a_commits_in_a_bogus_encoding}
         )
     )
     commit = report.result("a").provenance.result_commit
@@ -1018,5 +1019,13 @@ def test_an_agents_own_commit_with_a_message_git_cannot_convert_verifies(
         check=True,
     )
     assert logged.stdout.startswith(b"caf\xe9\n")  # not UTF-8
-    outcome = anyio.run(lambda: verify_report(Path(report.run_dir) / "report.json", repo=repo))
+    path = Path(report.run_dir) / "report.json"
+    outcome = anyio.run(lambda: verify_report(path, repo=repo))
     assert outcome.ok, [str(f) for f in outcome.findings]
+
+    forged = forge(path, tmp_path / "forged.json", _b_forged_to_passing)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert [str(f) for f in findings] == [
+        "task b: checks: its commit's Checks trailer says 'tests failed', its records "
+        "'tests passed'"
+    ]
