@@ -1029,3 +1029,31 @@ def test_an_agents_own_commit_is_passed_over_and_the_next_results_are_compared(
         "task b: checks: its commit's Checks trailer says 'tests failed', its records "
         "'tests passed'"
     ]
+
+
+def test_check_records_forged_onto_a_task_that_ran_none_disagree_with_its_commit(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A result commit made without checks has no Checks trailer: check records added to its
+    task in a re-sealed report are named as disagreeing with it."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    passing = Step(name="tests", run=[sys.executable, "-c", "pass"])
+    envelopes = [
+        build_envelope("w", "a", task_id="a", venv=False),
+        build_envelope("w", "b", task_id="b", venv=False, checks=[passing]),
+    ]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    path = Path(report.run_dir) / "report.json"
+
+    def checked(raw: dict[str, Any]) -> None:
+        a, b = raw["results"]
+        a["checks"] = b["checks"]
+
+    forged = forge(path, tmp_path / "forged.json", checked)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert "task a: checks: its commit's Checks trailer says None, its records 'tests passed'" in [
+        str(f) for f in findings
+    ]
