@@ -871,6 +871,54 @@ async def _write_nothing(envelope: Any, workspace: Any) -> dict[str, Any]:
     return {"ok": True}
 
 
+def test_the_base_of_a_run_without_worktrees_is_looked_up_in_the_repository(
+    make_repo: MakeRepo,
+) -> None:
+    """Tasks run without worktrees make no commit, but their run started from a commit of
+    the repository: verified against another repository (one without it), that is named."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    envelopes = [build_envelope("w", "x", task_id="x", worktree=False, venv=False)]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write_nothing})
+    )
+    assert report.base_commit is not None
+    assert report.result("x").provenance.result_commit is None
+    path = Path(report.run_dir) / "report.json"
+    assert anyio.run(lambda: verify_report(path, repo=repo)).ok
+    other = make_repo(extra={"other.txt": "another history\n"})
+    findings = anyio.run(lambda: verify_report(path, repo=other)).findings
+    assert [str(f) for f in findings] == [
+        f"base_commit: commit {report.base_commit} not found in the repository"
+    ]
+
+
+def test_a_merged_record_is_checked_in_the_repository_when_nothing_else_names_a_commit(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A report re-sealed without its base and result commits but with its ``merged``
+    record: the record's commits are still looked up in the repository."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    with contextlib.chdir(repo):
+        assert cli(capsys, "merge", str(path), "--into", "main").code == 0
+
+    def only_the_merge(raw: dict[str, Any]) -> None:
+        raw["base_commit"] = None
+        for r in raw["results"]:
+            r["provenance"].update(base_commit=None, result_commit=None, result_tree=None)
+        raw["merge"][0]["old_commit"] = "1" * 40
+
+    forged = forge(path, tmp_path / "forged.json", only_the_merge)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert f"merge[0].old_commit: commit {'1' * 40} not found in the repository" in [
+        str(f) for f in findings
+    ]
+
+
 def test_checks_of_a_task_without_a_worktree_need_no_commit_to_agree_with(
     make_repo: MakeRepo,
 ) -> None:
