@@ -1105,3 +1105,30 @@ def test_check_records_forged_onto_a_task_that_ran_none_disagree_with_its_commit
     assert "task a: checks: its commit's Checks trailer says None, its records 'tests passed'" in [
         str(f) for f in findings
     ]
+
+
+def test_given_the_repository_opened_verify_keeps_what_the_audit_found(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """``orchestrator merge`` gives verify the repository it opened: the report's own
+    findings (a summary that does not add up) are kept beside the repository's."""
+    from orchestrator import Repository, verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+
+    def miscounted(raw: dict[str, Any]) -> None:
+        raw["summary"]["total_tasks"] = 2
+        raw["results"][0]["provenance"]["result_commit"] = "1" * 40
+
+    forged = forge(path, tmp_path / "forged.json", miscounted)
+
+    async def opened() -> list[str]:
+        outcome = await verify_report(forged, repo=await Repository.open(repo), files=False)
+        return [str(f) for f in outcome.findings]
+
+    said = anyio.run(opened)
+    assert (
+        f"task a: provenance.result_commit: commit {'1' * 40} not found in the repository" in said
+    )
+    assert any(line.startswith("summary.total_tasks: ") for line in said), said
