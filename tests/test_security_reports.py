@@ -1132,3 +1132,19 @@ def test_given_the_repository_opened_verify_keeps_what_the_audit_found(
         f"task a: provenance.result_commit: commit {'1' * 40} not found in the repository" in said
     )
     assert any(line.startswith("summary.total_tasks: ") for line in said), said
+
+
+def test_a_repository_the_report_names_that_is_gone_is_named(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """The report travelled without its repository (moved away since): the finding says
+    which path is no repository, and why."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    travelled = tmp_path / "report.json"
+    travelled.write_bytes(path.read_bytes())
+    repo.rename(tmp_path / "moved")
+    findings = anyio.run(lambda: verify_report(travelled, files=False)).findings
+    assert [str(f) for f in findings] == [f"repo: not a git repository: {repo} (no such directory)"]
