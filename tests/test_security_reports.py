@@ -368,30 +368,52 @@ def test_runs_and_gc_do_not_block_on_what_an_agent_left_in_the_state_directory(
     no_traceback(listed)
 
 
+async def _edit_own_line(envelope: Any, workspace: Any) -> dict[str, Any]:
+    """Tasks a and b each change their own line of one file: merging them merges its text."""
+    shared = workspace.path / "shared.txt"
+    lines = shared.read_text().splitlines(keepends=True)
+    at = {"a": 0, "b": len(lines) - 1}.get(envelope.task_id)
+    if at is not None:
+        lines[at] = f"{envelope.task_id}\n"
+    shared.write_text("".join(lines))
+    return {"ok": True}
+
+
 def test_verify_runs_no_merge_driver_of_a_repository_the_report_names(
     make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Recomputing a dependency merge in the report's repository would run its drivers."""
-    repo = make_repo()
+    """Recomputing a dependency merge in the report's repository would run its drivers (a
+    and b changed one file: merging them runs the file's merge driver)."""
+    repo = make_repo(extra={"shared.txt": "".join(f"{n}\n" for n in range(8))})
     ran = tmp_path / "ran"
     envelopes = [
         build_envelope("w", "a", task_id="a", venv=False),
         build_envelope("w", "b", task_id="b", venv=False),
         build_envelope("w", "c", task_id="c", venv=False, depends_on=["a", "b"]),
     ]
-    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _edit_own_line})
+    )
     path = Path(report.run_dir) / "report.json"
-    git(repo, "config", "merge.evil.driver", f"touch {ran}; false")
+    # A driver that merges as git would, and leaves a trace.
+    git(repo, "config", "merge.evil.driver", f"touch {ran} && git merge-file %A %O %B")
     (repo / ".git" / "info").mkdir(exist_ok=True)
     (repo / ".git" / "info" / "attributes").write_text("* merge=evil\n")
     outcome = cli(capsys, "verify", str(path))
     assert outcome.code == 1
-    assert "configures programs git would run (merge.evil.driver)" in outcome.out
+    assert (
+        f"repo: the repository the report names, {repo}, configures programs git would run "
+        "(merge.evil.driver)"
+    ) in outcome.out
     assert not ran.exists()
-    # Named by the user, or the one they work in, the repository is trusted.
+    # Named by the user, or the one they work in, the repository is trusted: the merge is
+    # recomputed there, with its driver.
     assert cli(capsys, "verify", str(path), "--repo", str(repo)).code == 0
+    assert ran.exists()
+    ran.unlink()
     with contextlib.chdir(repo):
         assert cli(capsys, "verify", str(path)).code == 0
+    assert ran.exists()
 
 
 def test_the_users_own_git_config_is_not_held_against_the_reports_repository(
@@ -440,8 +462,10 @@ def test_a_partial_clone_the_report_names_is_not_trusted_to_merge_or_diff(
     git(repo, "config", "remote.origin.promisor", "true")
     git(repo, "config", "remote.origin.uploadpack", f"touch {tmp_path / 'ran'}; false")
     outcome = cli(capsys, "verify", str(path))
-    assert "configures programs git would run" in outcome.out
-    assert "extensions.partialclone" in outcome.out
+    assert (
+        "configures programs git would run (extensions.partialclone, remote.origin.promisor, "
+        "remote.origin.uploadpack)"
+    ) in outcome.out
     page = tmp_path / "page.html"
     made = cli(capsys, "report", str(path), "--html", str(page))
     assert made.code == 0, made.err
