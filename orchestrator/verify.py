@@ -189,7 +189,7 @@ async def _check_git(
         if r.provenance.result_commit:
             outcome.checked_commits += 1
             findings += await _check_result_commit(git, r, kind, branches, ancestry)
-    findings += await _check_trailers(git, report)
+    findings += await _check_trailers(git, report, kind)
     if merges:
         findings += await _check_dependency_starts(git, report)
         findings += await _check_merges(git, report, outcome)
@@ -199,14 +199,18 @@ async def _check_git(
 ObjectKind = Callable[[str], tuple[str | None, str | None]]
 
 
-async def _check_trailers(git: Git, report: Report) -> list[Finding]:
+async def _check_trailers(git: Git, report: Report, kind: ObjectKind) -> list[Finding]:
     """Each result commit the run made for a task with checks says, in its ``Checks:``
     trailer, what the task's last turn's check records say: the records are the report's
-    claims, the commit (its id in the report) is git's. One batched ``git log``."""
+    claims, the commit (its id in the report) is git's. One batched ``git log``, of the
+    commits the repository has (one it lacks would fail the whole log: it is reported with
+    its task)."""
     told = {
-        r.provenance.result_commit: r
+        commit: r
         for r in report.results
-        if r.provenance.result_commit and any(c.phase == "check" for c in r.checks)
+        if (commit := r.provenance.result_commit)
+        and kind(commit)[1] == "commit"
+        and any(c.phase == "check" for c in r.checks)
     }
     if not told:
         return []

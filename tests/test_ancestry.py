@@ -109,6 +109,62 @@ def test_verify_runs_a_fixed_number_of_git_processes(make_repo: MakeRepo, n: int
     assert anyio.run(count) <= 5
 
 
+def _moved_branches(repo: Path, path: Path, tmp_path: Path, how: str) -> tuple[Path, list[str]]:
+    """The run's report after its task branches moved (*how*), and the fields of the
+    findings expected."""
+    from envelopes import Report
+
+    report = Report.model_validate(json.loads(path.read_text()))
+    if how == "a result unknown":
+        # Forged: t1's result commit is no object of the repository.
+        t1 = report.result("t1")
+        provenance = t1.provenance.model_copy(update={"result_commit": "1" * 40})
+        results = [
+            seal_result(t1.model_copy(update={"provenance": provenance}))
+            if r.task_id == "t1"
+            else r
+            for r in report.results
+        ]
+        forged = tmp_path / "report.json"
+        forged.write_bytes(
+            report_bytes(seal_report(report.model_copy(update={"results": results})))
+        )
+        return forged, ["provenance.result_commit"]
+    tree = git(repo, "rev-parse", "HEAD^{tree}").strip()
+    for r in report.results:
+        commit = r.provenance.result_commit
+        assert r.branch is not None and commit is not None
+        # On top of the result (work added after the run), or elsewhere above the base (the
+        # branch rebased): no longer containing it.
+        parent = commit if how == "work on top" else str(report.base_commit)
+        moved = git(repo, "commit-tree", tree, "-p", parent, "-m", how).strip()
+        git(repo, "update-ref", f"refs/heads/{r.branch}", moved, commit)
+    return path, [] if how == "work on top" else ["branch"] * len(report.results)
+
+
+@pytest.mark.parametrize("how", ["work on top", "rebased", "a result unknown"])
+def test_verify_runs_a_fixed_number_of_git_processes_after_the_branches_moved(
+    make_repo: MakeRepo, tmp_path: Path, how: str
+) -> None:
+    """Work added on each task branch after the run, every branch rebased elsewhere, or one
+    result commit the repository does not have: the findings say so, and the commit checks
+    still cost a few git processes, not one or two per result."""
+    repo = make_repo()
+    path = _report(repo, 12)
+    run_dir = path.parent
+    path, expected = _moved_branches(repo, path, tmp_path, how)
+
+    async def count() -> tuple[list[str], int]:
+        repository = await Repository.open(repo)
+        before = repository.git.calls
+        outcome = await verify_report(path, repo=repository, run_dir=run_dir)
+        return [f.field for f in outcome.findings], repository.git.calls - before
+
+    findings, calls = anyio.run(count)
+    assert findings == expected
+    assert calls <= 5
+
+
 def test_a_result_that_does_not_descend_from_its_base_is_named(
     make_repo: MakeRepo, tmp_path: Path
 ) -> None:

@@ -935,3 +935,26 @@ def test_exec_bits_are_found_kept_here_once_per_file_system(tmp_path: Path) -> N
     assert os.stat(slot).st_dev in recycle._EXEC_BITS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slot"]  # its probe removed
     assert not recycle.exec_bits_kept(tmp_path / "gone" / "slot")
+
+
+def test_exec_bits_are_probed_beside_the_slot_and_only_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe file is made in the directory above the slot (its file system, not the
+    temporary directory's), and a second slot on that file system is not probed again."""
+    import tempfile
+
+    probed: list[Any] = []
+    make = tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kwargs: Any) -> Any:
+        probed.append(kwargs.get("dir"))
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(recycle, "_EXEC_BITS", {})
+    pool = tmp_path / "pool"
+    for name in ("one", "two"):
+        (pool / name).mkdir(parents=True)
+        assert recycle.exec_bits_kept(pool / name)
+    assert probed == [pool]

@@ -368,30 +368,52 @@ def test_runs_and_gc_do_not_block_on_what_an_agent_left_in_the_state_directory(
     no_traceback(listed)
 
 
+async def _edit_own_line(envelope: Any, workspace: Any) -> dict[str, Any]:
+    """Tasks a and b each change their own line of one file: merging them merges its text."""
+    shared = workspace.path / "shared.txt"
+    lines = shared.read_text().splitlines(keepends=True)
+    at = {"a": 0, "b": len(lines) - 1}.get(envelope.task_id)
+    if at is not None:
+        lines[at] = f"{envelope.task_id}\n"
+    shared.write_text("".join(lines))
+    return {"ok": True}
+
+
 def test_verify_runs_no_merge_driver_of_a_repository_the_report_names(
     make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Recomputing a dependency merge in the report's repository would run its drivers."""
-    repo = make_repo()
+    """Recomputing a dependency merge in the report's repository would run its drivers (a
+    and b changed one file: merging them runs the file's merge driver)."""
+    repo = make_repo(extra={"shared.txt": "".join(f"{n}\n" for n in range(8))})
     ran = tmp_path / "ran"
     envelopes = [
         build_envelope("w", "a", task_id="a", venv=False),
         build_envelope("w", "b", task_id="b", venv=False),
         build_envelope("w", "c", task_id="c", venv=False, depends_on=["a", "b"]),
     ]
-    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _edit_own_line})
+    )
     path = Path(report.run_dir) / "report.json"
-    git(repo, "config", "merge.evil.driver", f"touch {ran}; false")
+    # A driver that merges as git would, and leaves a trace.
+    git(repo, "config", "merge.evil.driver", f"touch {ran} && git merge-file %A %O %B")
     (repo / ".git" / "info").mkdir(exist_ok=True)
     (repo / ".git" / "info" / "attributes").write_text("* merge=evil\n")
     outcome = cli(capsys, "verify", str(path))
     assert outcome.code == 1
-    assert "configures programs git would run (merge.evil.driver)" in outcome.out
+    assert (
+        f"repo: the repository the report names, {repo}, configures programs git would run "
+        "(merge.evil.driver)"
+    ) in outcome.out
     assert not ran.exists()
-    # Named by the user, or the one they work in, the repository is trusted.
+    # Named by the user, or the one they work in, the repository is trusted: the merge is
+    # recomputed there, with its driver.
     assert cli(capsys, "verify", str(path), "--repo", str(repo)).code == 0
+    assert ran.exists()
+    ran.unlink()
     with contextlib.chdir(repo):
         assert cli(capsys, "verify", str(path)).code == 0
+    assert ran.exists()
 
 
 def test_the_users_own_git_config_is_not_held_against_the_reports_repository(
@@ -440,8 +462,10 @@ def test_a_partial_clone_the_report_names_is_not_trusted_to_merge_or_diff(
     git(repo, "config", "remote.origin.promisor", "true")
     git(repo, "config", "remote.origin.uploadpack", f"touch {tmp_path / 'ran'}; false")
     outcome = cli(capsys, "verify", str(path))
-    assert "configures programs git would run" in outcome.out
-    assert "extensions.partialclone" in outcome.out
+    assert (
+        "configures programs git would run (extensions.partialclone, remote.origin.promisor, "
+        "remote.origin.uploadpack)"
+    ) in outcome.out
     page = tmp_path / "page.html"
     made = cli(capsys, "report", str(path), "--html", str(page))
     assert made.code == 0, made.err
@@ -759,6 +783,17 @@ def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_reposi
         f"task a: provenance.base_commit: {'1' * 40} is not an ancestor of {result}",
     ]
 
+    # An annotated tag of the base is not a commit: named once, and git (which peels it)
+    # still finds the base below the result.
+    git(repo, "tag", "-a", "-m", "the base", "base-tag", raw["base_commit"])
+    tag = git(repo, "rev-parse", "base-tag")
+
+    def base_as_a_tag(raw: dict[str, Any]) -> None:
+        raw["base_commit"] = tag
+        raw["results"][0]["provenance"]["base_commit"] = tag
+
+    assert findings(base_as_a_tag) == [f"base_commit: commit {tag} not found in the repository"]
+
     def on_main(raw: dict[str, Any]) -> None:
         raw["results"][0]["branch"] = "main"
 
@@ -789,6 +824,59 @@ def test_a_forged_base_commit_or_branch_outside_the_run_is_checked_in_the_reposi
     assert findings(on_a_tag) == ["task a: branch: branch tagged does not exist"]
 
 
+def test_a_branch_beside_a_tasks_named_with_a_non_ascii_space_is_not_taken_for_it(
+    make_repo: MakeRepo,
+) -> None:
+    """Git takes a no-break space in a branch name (it refuses only ASCII spaces and control
+    characters): a branch made beside a task's, under the run's prefix, named with one after
+    the task's name, is another branch, and the task's branch still holds its result."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    raw = json.loads(path.read_text())
+    branch = raw["results"][0]["branch"]
+    git(repo, "branch", f"{branch}\u00a0copy", "main")
+    outcome = anyio.run(lambda: verify_report(path, repo=repo))
+    assert outcome.ok, [str(f) for f in outcome.findings]
+
+
+def test_a_result_commit_whose_tree_the_repository_lacks_is_named(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A result commit git has but whose tree it does not (an object written alone, as a
+    damaged or forged repository holds): its tree is named as not found."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    raw = json.loads(path.read_text())
+    result = raw["results"][0]
+    base, tree = result["provenance"]["base_commit"], result["provenance"]["result_tree"]
+    missing = "1" * 40
+    body = (
+        f"tree {missing}\nparent {base}\nauthor A <a@localhost> 0 +0000\n"
+        f"committer A <a@localhost> 0 +0000\n\nno tree\n"
+    )
+    made = subprocess.run(
+        ["git", "-C", str(repo), "hash-object", "-t", "commit", "-w", "--literally", "--stdin"],
+        input=body.encode(),
+        capture_output=True,
+        check=True,
+    )
+    commit = made.stdout.decode().strip()
+    git(repo, "update-ref", f"refs/heads/{result['branch']}", commit)
+
+    def treeless(raw: dict[str, Any]) -> None:
+        raw["results"][0]["provenance"]["result_commit"] = commit
+
+    forged = forge(path, tmp_path / "forged.json", treeless)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert [str(f) for f in findings] == [
+        f"task a: provenance.result_tree: expected {tree!r}, found None (the tree of {commit})"
+    ]
+
+
 def test_a_report_of_work_without_git_verifies_without_a_repository(tmp_path: Path) -> None:
     """No commit, no base: nothing to look up, and no repository needed."""
     from orchestrator import verify_report
@@ -805,6 +893,79 @@ def test_a_report_of_work_without_git_verifies_without_a_repository(tmp_path: Pa
 
 async def _write_nothing(envelope: Any, workspace: Any) -> dict[str, Any]:
     return {"ok": True}
+
+
+def test_the_base_of_a_run_without_worktrees_is_looked_up_in_the_repository(
+    make_repo: MakeRepo,
+) -> None:
+    """Tasks run without worktrees make no commit, but their run started from a commit of
+    the repository: verified against another repository (one without it), that is named."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    envelopes = [build_envelope("w", "x", task_id="x", worktree=False, venv=False)]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write_nothing})
+    )
+    assert report.base_commit is not None
+    assert report.result("x").provenance.result_commit is None
+    path = Path(report.run_dir) / "report.json"
+    assert anyio.run(lambda: verify_report(path, repo=repo)).ok
+    other = make_repo(extra={"other.txt": "another history\n"})
+    findings = anyio.run(lambda: verify_report(path, repo=other)).findings
+    assert [str(f) for f in findings] == [
+        f"base_commit: commit {report.base_commit} not found in the repository"
+    ]
+
+
+def test_a_merged_record_is_checked_in_the_repository_when_nothing_else_names_a_commit(
+    make_repo: MakeRepo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A report re-sealed without its base and result commits but with its ``merged``
+    record: the record's commits are still looked up in the repository."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    with contextlib.chdir(repo):
+        assert cli(capsys, "merge", str(path), "--into", "main").code == 0
+
+    def only_the_merge(raw: dict[str, Any]) -> None:
+        raw["base_commit"] = None
+        for r in raw["results"]:
+            r["provenance"].update(base_commit=None, result_commit=None, result_tree=None)
+        raw["merge"][0]["old_commit"] = "1" * 40
+
+    forged = forge(path, tmp_path / "forged.json", only_the_merge)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert f"merge[0].old_commit: commit {'1' * 40} not found in the repository" in [
+        str(f) for f in findings
+    ]
+
+
+def test_checks_of_a_task_without_a_worktree_need_no_commit_to_agree_with(
+    make_repo: MakeRepo,
+) -> None:
+    """A task run without a worktree made no commit, so its check records have no Checks
+    trailer to be compared with; beside a task that made one, in the same run, the report
+    verifies."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    passing = Step(name="tests", run=[sys.executable, "-c", "pass"])
+    envelopes = [
+        build_envelope("w", "x", task_id="x", worktree=False, venv=False, checks=[passing]),
+        build_envelope("w", "y", task_id="y", venv=False, checks=[passing]),
+    ]
+    report = anyio.run(
+        lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write_nothing})
+    )
+    assert report.result("x").provenance.result_commit is None
+    assert report.result("y").provenance.result_commit is not None
+    outcome = anyio.run(verify_report, Path(report.run_dir) / "report.json")
+    assert outcome.ok, [str(f) for f in outcome.findings]
+    assert outcome.checked_commits == 1
 
 
 @pytest.mark.slow
@@ -844,3 +1005,170 @@ def test_check_records_forged_to_passing_disagree_with_the_commits_checks_traile
         "task a: checks: its commit's Checks trailer says 'tests failed, lint passed (not "
         "required)', its records 'tests passed, lint passed (not required)'"
     ]
+
+
+def _b_forged_to_passing(raw: dict[str, Any]) -> None:
+    """Task b's failed check rewritten to passing, and everything that follows from it."""
+    b = raw["results"][1]
+    for check in b["checks"]:
+        check.update(exit_code=0, passed=True)
+    b.update(status="succeeded", error=None)
+    raw["errors"] = [e for e in raw["errors"] if e["task_id"] != "b"]
+    raw["summary"].update(successful=1, failed=1, success_rate=50.0)
+    raw["results_by_agent"]["w"].update(successful=1, failed=1)
+
+
+@pytest.mark.parametrize("case", ["b forged", "a lost", "a control character in b's task"])
+def test_every_results_checks_trailer_is_compared_even_with_a_commit_lost(
+    make_repo: MakeRepo, tmp_path: Path, case: str
+) -> None:
+    """Each result's check records are compared with its own commit's trailer, not only the
+    first one's, whatever its task's text holds (its first line is the commit's subject); and
+    a report naming a result commit the repository does not have gets that finding while the
+    other results are still compared: one missing commit hides no forged check record."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    fail = Step(name="tests", run=[sys.executable, "-c", "raise SystemExit(1)"])
+    tasks = {"a": "a", "b": "b \x01 b" if case.startswith("a control") else "b"}
+    envelopes = [
+        build_envelope("w", text, task_id=t, venv=False, checks=[fail]) for t, text in tasks.items()
+    ]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    path = Path(report.run_dir) / "report.json"
+    a_lost = case == "a lost"
+
+    def forged(raw: dict[str, Any]) -> None:
+        _b_forged_to_passing(raw)
+        if a_lost:
+            raw["results"][0]["provenance"]["result_commit"] = "1" * 40
+
+    at = forge(path, tmp_path / "forged.json", forged)
+    findings = anyio.run(lambda: verify_report(at, repo=repo, files=False)).findings
+    lost = f"task a: provenance.result_commit: commit {'1' * 40} not found in the repository"
+    assert [str(f) for f in findings] == [lost] * a_lost + [
+        "task b: checks: its commit's Checks trailer says 'tests failed', its records "
+        "'tests passed'",
+    ]
+
+
+async def _a_commits_in_a_bogus_encoding(envelope: Any, workspace: Any) -> dict[str, Any]:
+    """Task a's agent commits its work itself, its message in an encoding git cannot
+    convert; the others' leave theirs to the run."""
+    (workspace.path / f"{envelope.task_id}.txt").write_text("mine\n")
+    if envelope.task_id == "a":
+        message = workspace.path.parent / "a.message"
+        message.write_bytes(b"caf\xe9\n")
+        git(workspace.path, "add", "a.txt")
+        git(workspace.path, "-c", "i18n.commitEncoding=nowhere", "commit", "-q", "-F", str(message))
+    return {"ok": True}
+
+
+def test_an_agents_own_commit_is_passed_over_and_the_next_results_are_compared(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """An agent may commit its work itself, with a message in an encoding git cannot convert
+    (so ``git log`` prints its bytes as they are): that commit is no commit the run made, its
+    message is read without failing, and the results after it are still compared with their
+    commits' trailers."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    fail = Step(name="tests", run=[sys.executable, "-c", "raise SystemExit(1)"])
+    envelopes = [build_envelope("w", t, task_id=t, venv=False, checks=[fail]) for t in ("a", "b")]
+    report = anyio.run(
+        lambda: orchestrate_parallel(
+            envelopes, repo=repo, agents={"w": _a_commits_in_a_bogus_encoding}
+        )
+    )
+    commit = report.result("a").provenance.result_commit
+    assert commit is not None
+    logged = subprocess.run(
+        ["git", "-C", str(repo), "log", "--no-walk", "--format=%B", commit],
+        capture_output=True,
+        check=True,
+    )
+    assert logged.stdout.startswith(b"caf\xe9\n")  # not UTF-8
+    path = Path(report.run_dir) / "report.json"
+    outcome = anyio.run(lambda: verify_report(path, repo=repo))
+    assert outcome.ok, [str(f) for f in outcome.findings]
+
+    forged = forge(path, tmp_path / "forged.json", _b_forged_to_passing)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert [str(f) for f in findings] == [
+        "task b: checks: its commit's Checks trailer says 'tests failed', its records "
+        "'tests passed'"
+    ]
+
+
+def test_check_records_forged_onto_a_task_that_ran_none_disagree_with_its_commit(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A result commit made without checks has no Checks trailer: check records added to its
+    task in a re-sealed report are named as disagreeing with it."""
+    from envelopes import Step
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    passing = Step(name="tests", run=[sys.executable, "-c", "pass"])
+    envelopes = [
+        build_envelope("w", "a", task_id="a", venv=False),
+        build_envelope("w", "b", task_id="b", venv=False, checks=[passing]),
+    ]
+    report = anyio.run(lambda: orchestrate_parallel(envelopes, repo=repo, agents={"w": _write}))
+    path = Path(report.run_dir) / "report.json"
+
+    def checked(raw: dict[str, Any]) -> None:
+        a, b = raw["results"]
+        a["checks"] = b["checks"]
+
+    forged = forge(path, tmp_path / "forged.json", checked)
+    findings = anyio.run(lambda: verify_report(forged, repo=repo, files=False)).findings
+    assert "task a: checks: its commit's Checks trailer says None, its records 'tests passed'" in [
+        str(f) for f in findings
+    ]
+
+
+def test_given_the_repository_opened_verify_keeps_what_the_audit_found(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """``orchestrator merge`` gives verify the repository it opened: the report's own
+    findings (a summary that does not add up) are kept beside the repository's."""
+    from orchestrator import Repository, verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+
+    def miscounted(raw: dict[str, Any]) -> None:
+        raw["summary"]["total_tasks"] = 2
+        raw["results"][0]["provenance"]["result_commit"] = "1" * 40
+
+    forged = forge(path, tmp_path / "forged.json", miscounted)
+
+    async def opened() -> list[str]:
+        outcome = await verify_report(forged, repo=await Repository.open(repo), files=False)
+        return [str(f) for f in outcome.findings]
+
+    said = anyio.run(opened)
+    assert (
+        f"task a: provenance.result_commit: commit {'1' * 40} not found in the repository" in said
+    )
+    assert any(line.startswith("summary.total_tasks: ") for line in said), said
+
+
+def test_a_repository_the_report_names_that_is_gone_is_named(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """The report travelled without its repository (moved away since): the finding says
+    which path is no repository, and why."""
+    from orchestrator import verify_report
+
+    repo = make_repo()
+    path = run_report(repo, ("a",))
+    travelled = tmp_path / "report.json"
+    travelled.write_bytes(path.read_bytes())
+    repo.rename(tmp_path / "moved")
+    findings = anyio.run(lambda: verify_report(travelled, files=False)).findings
+    assert [str(f) for f in findings] == [f"repo: not a git repository: {repo} (no such directory)"]
