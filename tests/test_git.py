@@ -25,6 +25,7 @@ from orchestrator._git import (
 from orchestrator.errors import GitError, OrchestratorError
 
 from .conftest import MakeRepo, git, live_processes_with
+from .test_kept_commits import by_commit_tree
 
 EMPTY_BLOB = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
 
@@ -410,6 +411,13 @@ def test_a_quiet_read_fails_on_a_word_on_stderr(make_repo: MakeRepo) -> None:
         anyio.run(read, True)
 
 
+def two_commits(repo: Path) -> tuple[str, str]:
+    """The repository's HEAD, and a second commit made on it (HEAD now)."""
+    head = git(repo, "rev-parse", "HEAD")
+    git(repo, "commit", "--allow-empty", "-qm", "second")
+    return head, git(repo, "rev-parse", "HEAD")
+
+
 def ref(repo: Path, name: str) -> str | None:
     done = subprocess.run(
         ["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", name],
@@ -425,9 +433,7 @@ def test_ref_updates_go_through_one_git_process_and_do_what_update_ref_does(
     """While ref_updates is open, branches are made, moved and deleted (each only from the
     value given) by one git process; outside it, each takes a git process of its own."""
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    git(repo, "commit", "--allow-empty", "-qm", "second")
-    second = git(repo, "rev-parse", "HEAD")
+    head, second = two_commits(repo)
 
     async def main() -> int:
         runner = Git(repo)
@@ -463,9 +469,7 @@ def test_a_ref_update_git_refuses_fails_with_its_reason_and_the_next_one_works(
     """A branch that exists, or is not at the value given, is refused as ``git update-ref``
     refuses it (git ends, saying why); the update after it starts a new process."""
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    git(repo, "commit", "--allow-empty", "-qm", "second")
-    second = git(repo, "rev-parse", "HEAD")
+    head, second = two_commits(repo)
 
     async def main() -> int:
         runner = Git(repo)
@@ -594,28 +598,6 @@ def test_what_the_kept_update_ref_cannot_take_as_a_word_never_reaches_its_input(
     )
 
 
-def commit_tree_by_git(
-    repo: Path, tree: str, parents: list[str], message: str, env: dict[str, str], when: str
-) -> str:
-    """``git commit-tree`` itself, dated *when* (``<seconds> <zone>``)."""
-    flags = [f for p in parents for f in ("-p", p)]
-    return (
-        subprocess.run(
-            ["git", "-C", str(repo), "commit-tree", *flags, "-m", message, tree],
-            env={
-                **os.environ,
-                **env,
-                "GIT_AUTHOR_DATE": f"@{when}",
-                "GIT_COMMITTER_DATE": f"@{when}",
-            },
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .strip()
-    )
-
-
 @pytest.mark.parametrize(
     "message",
     [
@@ -632,9 +614,7 @@ def test_a_commit_written_by_the_kept_hash_object_is_the_one_commit_tree_makes(
     """The same bytes, so the same id, as ``git commit-tree`` with the same identity at the
     same second: one parent or two, the identity from the fallback or from git config."""
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    git(repo, "commit", "--allow-empty", "-qm", "second")
-    second = git(repo, "rev-parse", "HEAD")
+    head, second = two_commits(repo)
     tree = git(repo, "rev-parse", "HEAD^{tree}")
     for key in ("AUTHOR", "COMMITTER"):
         monkeypatch.delenv(f"GIT_{key}_NAME", raising=False)
@@ -658,7 +638,7 @@ def test_a_commit_written_by_the_kept_hash_object_is_the_one_commit_tree_makes(
             commit, calls, identity = anyio.run(made, parents)
             assert calls == 4  # hash-object, git config, and git var twice: once per run
             when = git(repo, "show", "-s", "--format=%ad", "--date=raw", commit)
-            assert commit == commit_tree_by_git(repo, tree, parents, message, identity, when)
+            assert commit == by_commit_tree(repo, tree, parents, message, identity, when)
             assert git(repo, "cat-file", "-t", commit) == "commit"
 
 
