@@ -730,26 +730,6 @@ def test_ctrl_c_at_the_terminal_does_not_reach_the_kept_update_ref(make_repo: Ma
     anyio.run(main)
 
 
-def test_a_kept_update_ref_killed_by_a_signal_does_not_fail_the_next_update(
-    make_repo: MakeRepo,
-) -> None:
-    """git said nothing of the transaction (not even 'start: ok'): nothing of it was applied,
-    so it is safe to give it to a new process rather than fail an update the CLI would do."""
-    repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-
-    async def main() -> None:
-        runner = Git(repo)
-        async with runner.kept():
-            await runner.update_ref("refs/heads/a", head, "")
-            os.kill(kept_child(), signal.SIGINT)
-            await anyio.sleep(0.2)
-            await runner.update_ref("refs/heads/b", head, "")
-
-    anyio.run(main)
-    assert git(repo, "rev-parse", "refs/heads/b") == head
-
-
 def test_identity_asked_under_another_event_loop_after_a_cancel(make_repo: MakeRepo) -> None:
     """A Git outlives the event loop it was used in (a test, a library caller running
     anyio.run twice): the identity lock made under asyncio, left by a cancelled first
