@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,13 @@ from orchestrator.prompts import (
     UPSTREAM_OUTPUT_BYTES,
     UPSTREAM_OUTPUTS_BYTES,
     VARIABLES,
+    Feedback,
     PromptError,
+    default_prompt,
     excerpt,
     render_prompt,
     template_problem,
+    variables,
 )
 
 from .conftest import cli
@@ -282,3 +286,93 @@ def test_attempts_rendering_a_new_template_at_once_compile_it_once(
         thread.join()
     assert sorted(texts) == sorted(f"t{i}: side by side 1" for i in range(6))
     assert len(compiled) == 1
+
+
+def _by_jinja(values: dict[str, Any]) -> str:
+    """The default template rendered by Jinja2, as any other template is."""
+    import jinja2
+
+    from orchestrator.prompts import _compiled
+
+    template: jinja2.Template = _compiled(DEFAULT_TEMPLATE)
+    return template.render(values)
+
+
+def _generated_values(rng: random.Random) -> dict[str, Any]:
+    """Variables as :func:`variables` makes them, with what the default template treats
+    specially: keys equal but for case (dictsort), falsy outputs and branches, outputs long
+    enough to be cut, many dependencies (each gets a smaller share), text with braces,
+    newlines and non-ASCII, feedback of each kind."""
+    words = ["a", "A", "b", "B", "zoë", "Zoë", "{{ task }}", "x\ny", "é", "_", " ", "<&>", ""]
+
+    def text() -> str:
+        return "".join(rng.choice(words) for _ in range(rng.randint(0, 4)))
+
+    def value(depth: int = 0) -> Any:
+        kinds = [None, True, False, 0, 1.5, -3, "", text(), "x" * rng.choice([10, 5000, 70000])]
+        if depth < 2:
+            kinds += [[value(depth + 1) for _ in range(rng.randint(0, 3))]]
+            kinds += [{text(): value(depth + 1) for _ in range(rng.randint(0, 3))}]
+        return rng.choice(kinds)
+
+    upstream = {}
+    for _ in range(rng.choice([0, 0, 1, 2, 5, 70])):
+        output = rng.choice([None, {}, {"k": value()}, {text(): value(), "big": "y" * 9000}])
+        upstream[text() or "t"] = {
+            "output": output,
+            "result_commit": rng.choice([None, "a" * 40]),
+            "branch": rng.choice([None, "", "orchestrator/run/t"]),
+            "changed_files": [text() or "f" for _ in range(rng.choice([0, 1, 3, 400]))],
+            "changed_files_omitted": rng.choice([0, 0, 7]),
+        }
+    error = ErrorInfo(kind="exit_code", message=text() or "boom")
+    feedback = rng.choice(
+        [
+            None,
+            "",
+            "exit_code: plain text",
+            Feedback.of_error(error, attempt=1),
+            Feedback.of_check(error, attempt=2, step="test", exit_code=1, output_tail=text()),
+            Feedback.of_check(error, attempt=2, step="", exit_code=None, output_tail=""),
+            Feedback.of_check(error, attempt=3, step="lint", exit_code=None, output_tail="\n"),
+        ]
+    )
+    return {
+        "task": text(),
+        "task_id": "t",
+        "inputs": {text(): value() for _ in range(rng.randint(0, 5))},
+        "acceptance_criteria": [text() for _ in range(rng.randint(0, 3))],
+        "upstream": upstream,
+        "attempt": rng.randint(1, 4),
+        "feedback": feedback,
+    }
+
+
+def test_the_default_prompt_without_jinja_is_the_templates_text_exactly() -> None:
+    """A plan with no template gets the default one rendered without Jinja2 (its import and
+    compile cost a run 30 ms): the text must be Jinja2's, character for character."""
+    rng = random.Random(20261207)
+    for case in range(600):
+        values = _generated_values(rng)
+        assert default_prompt(values) == _by_jinja(values), (case, values)
+
+
+def test_render_prompt_uses_the_default_text_for_no_template_and_jinja_for_any_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = envelope().model_copy(  # type: ignore[attr-defined]
+        update={"upstream": {"dep": Upstream(output={"done": True}, branch="b")}}
+    )
+    feedback = Feedback.of_error(ErrorInfo(kind="exit_code", message="boom"), attempt=1)
+    text = render_prompt(env, attempt=2, feedback=feedback)
+    values = variables(env, attempt=2, feedback=feedback)
+    assert "- dep (branch b)\n" in text and "previous attempt failed: exit_code: boom" in text
+    assert text == _by_jinja(values) == default_prompt(values)
+    # The default template given as the plan's own is the same text, by the same path; a
+    # template that differs by a character is Jinja2's to render.
+    assert render_prompt(envelope(prompt=DEFAULT_TEMPLATE)) == render_prompt(envelope())  # type: ignore[arg-type]
+    import orchestrator.prompts as prompts
+
+    monkeypatch.setattr(prompts, "default_prompt", lambda values: "not used")
+    assert render_prompt(envelope(prompt=DEFAULT_TEMPLATE + " ")).endswith("changes).\n ")  # type: ignore[arg-type]
+    assert render_prompt(envelope()) == "not used"  # type: ignore[arg-type]
