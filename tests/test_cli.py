@@ -6,6 +6,7 @@ Most commands run in-process through ``orchestrator.cli.main``; the demo and Ctr
 
 from __future__ import annotations
 
+import ast
 import json
 import signal
 import subprocess
@@ -555,6 +556,45 @@ def test_the_process_exit_runs_atexit_handlers_and_keeps_the_commands_status_and
     process = _entry_in_a_process(tmp_path, "", ["verify", str(tmp_path / "none.json")])
     out, err = process.communicate(timeout=60)
     assert process.returncode == 2 and err.startswith("orchestrator: ") and err.endswith("\n")
+
+
+def test_the_process_freezes_what_its_command_imported_and_collects_the_rest(
+    tmp_path: Path, repo: Path, writer: Path
+) -> None:
+    """The console script imports a run's modules before it starts and freezes them (no
+    collection walks them again), the collector on again for what the run makes; the run
+    is as before."""
+    plan = one_task_plan(tmp_path, writer)
+    seen = tmp_path / "gc-state"
+    prelude = (
+        "import atexit, gc, pathlib, sys\n"
+        f"atexit.register(lambda: pathlib.Path({str(seen)!r}).write_text(repr(("
+        "gc.get_freeze_count(), gc.isenabled(), 'orchestrator.coordinator' in sys.modules))))"
+    )
+    process = _entry_in_a_process(tmp_path, prelude, ["run", str(plan)])
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "1 succeeded" in out
+    frozen, enabled, imported = ast.literal_eval(seen.read_text())
+    assert frozen > 10_000 and enabled and imported
+
+
+def test_main_in_a_caller_s_process_leaves_its_collector_alone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Freezing is the console script's: a program that calls ``main`` keeps its collector
+    as it was (nothing of its own frozen, the collector still off if it turned it off)."""
+    import gc
+
+    before = gc.get_freeze_count()
+    gc.disable()
+    try:
+        outcome = cli(capsys, "schema", "plan")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert outcome.code == 0
+    assert gc.get_freeze_count() == before
 
 
 def test_the_process_exit_waits_for_a_thread_still_working(tmp_path: Path) -> None:
