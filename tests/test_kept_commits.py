@@ -63,6 +63,16 @@ def kept_commit(
     return anyio.run(made)
 
 
+def assert_kept_commit_is_commit_trees(repo: Path, message: str = "m") -> None:
+    """A commit of HEAD's tree on HEAD made by the kept git is the very commit
+    ``git commit-tree`` makes of it at the same second, with the same identity."""
+    head = git(repo, "rev-parse", "HEAD")
+    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    commit, identity = kept_commit(repo, tree, [head], message)
+    when = git(repo, "show", "-s", "--format=%ad", "--date=raw", commit)
+    assert commit == by_commit_tree(repo, tree, [head], message, identity, when)
+
+
 @pytest.mark.parametrize(
     "message",
     [
@@ -74,23 +84,14 @@ def kept_commit(
     ids=["invalid-utf8", "u+fffe", "max", "cr"],
 )
 def test_kept_commit_equals_commit_tree_for_odd_messages(make_repo: MakeRepo, message: str) -> None:
-    repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
-    commit, identity = kept_commit(repo, tree, [head], message)
-    when = git(repo, "show", "-s", "--format=%ad", "--date=raw", commit)
-    assert commit == by_commit_tree(repo, tree, [head], message, identity, when)
+    assert_kept_commit_is_commit_trees(make_repo(), message)
 
 
 def test_kept_commit_equals_commit_tree_for_a_latin1_name_in_config(make_repo: MakeRepo) -> None:
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
     with open(repo / ".git" / "config", "ab") as f:
         f.write(b"[user]\n\tname = Ren\xe9\n\temail = r@example.com\n")
-    commit, identity = kept_commit(repo, tree, [head], "m")
-    when = git(repo, "show", "-s", "--format=%ad", "--date=raw", commit)
-    assert commit == by_commit_tree(repo, tree, [head], "m", identity, when)
+    assert_kept_commit_is_commit_trees(repo)
 
 
 def test_a_nul_in_the_message_makes_no_commit(make_repo: MakeRepo) -> None:
@@ -131,11 +132,7 @@ def test_sha256_repository(tmp_path: Path) -> None:
     (repo / "a").write_text("a\n")
     git(repo, "add", "a")
     git(repo, "commit", "-qm", "one")
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
-    commit, identity = kept_commit(repo, tree, [head], "m")
-    when = git(repo, "show", "-s", "--format=%ad", "--date=raw", commit)
-    assert commit == by_commit_tree(repo, tree, [head], "m", identity, when)
+    assert_kept_commit_is_commit_trees(repo)
 
 
 def test_a_blob_as_tree_is_refused_as_commit_tree_refuses_it(make_repo: MakeRepo) -> None:
