@@ -100,6 +100,37 @@ def test_a_preset_agent_is_told_its_prompt_and_its_report_is_read(
     assert "provenance.prompt_sha256" in {f.field for f in outcome.findings}
 
 
+def test_a_preset_agent_given_no_template_is_told_its_prompt_without_jinja2(
+    make_repo: MakeRepo, fake_claude: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Most plans give no template: the default prompt is written without importing Jinja2
+    (its import and compile were 30 ms of a run's start); a plan's own template still is
+    Jinja2's, rendered in its sandbox."""
+    import subprocess
+
+    monkeypatch.setenv("FAKE_FIXTURE", str(FIXTURES / "claude-code" / "success.jsonl"))
+    code = (
+        "import json, sys\nfrom envelopes import Plan\n"
+        "from orchestrator import orchestrate_parallel\nimport anyio\n"
+        "p = Plan.model_validate(json.loads(sys.argv[1]))\n"
+        "report = anyio.run(lambda: orchestrate_parallel(p, repo=sys.argv[2]))\n"
+        "print(report.results[0].status, 'jinja2' in sys.modules)\n"
+    )
+    for defaults, imported in (({}, "False"), ({"prompt": "Do: {{ task | upper }}"}, "True")):
+        data = plan(**defaults).model_dump(mode="json", exclude_unset=True, by_alias=True)
+        done = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(data), str(make_repo())],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["succeeded", imported]
+    first, second = [json.loads(line)["prompt"] for line in fake_claude.read_text().splitlines()]
+    assert first.startswith('Write a greeting\n\nInputs:\n- name: "Ada"\n')
+    assert second == "Do: WRITE A GREETING"
+
+
 def test_an_auth_failure_is_not_retried(
     make_repo: MakeRepo, fake_claude: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
