@@ -432,7 +432,10 @@ def render_prompt(
     template = envelope.prompt if envelope.prompt is not None else DEFAULT_TEMPLATE
     values = variables(envelope, attempt=attempt, feedback=feedback)
     if template == DEFAULT_TEMPLATE:
-        text = default_prompt(values)
+        try:
+            text = default_prompt(values)
+        except AttributeError as exc:  # a feedback without the parts it says it has
+            raise PromptError(f"the prompt template cannot be rendered: {exc}") from None
     else:
         import jinja2
 

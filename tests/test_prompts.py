@@ -304,6 +304,21 @@ def _generated_values(rng: random.Random) -> dict[str, Any]:
     enough to be cut, many dependencies (each gets a smaller share), text with braces,
     newlines and non-ASCII, feedback of each kind."""
     words = ["a", "A", "b", "B", "zoë", "Zoë", "{{ task }}", "x\ny", "é", "_", " ", "<&>", ""]
+    # Keys whose lower() and casefold() differ, or that lower() makes equal: dictsort
+    # lower-cases them, no more.
+    words += [
+        "\u00df",
+        "SS",
+        "ss",
+        "\u1e9e",
+        "\u0130",
+        "i",
+        "\u212a",
+        "k",
+        "\u03a3",
+        "\u03c2",
+        "\u03c3",
+    ]
 
     def text() -> str:
         return "".join(rng.choice(words) for _ in range(rng.randint(0, 4)))
@@ -316,9 +331,10 @@ def _generated_values(rng: random.Random) -> dict[str, Any]:
         return rng.choice(kinds)
 
     upstream = {}
-    for _ in range(rng.choice([0, 0, 1, 2, 5, 70])):
+    # Past 64 dependencies each one's share of the prompt is under 4 KiB.
+    for _ in range(rng.choice([0, 0, 1, 2, 5, 64, 65, 70, 200])):
         output = rng.choice([None, {}, {"k": value()}, {text(): value(), "big": "y" * 9000}])
-        upstream[text() or "t"] = {
+        upstream[f"{text()}{len(upstream)}"] = {
             "output": output,
             "result_commit": rng.choice([None, "a" * 40]),
             "branch": rng.choice([None, "", "orchestrator/run/t"]),
@@ -373,6 +389,17 @@ def test_render_prompt_uses_the_default_text_for_no_template_and_jinja_for_any_o
     assert render_prompt(envelope(prompt=DEFAULT_TEMPLATE)) == render_prompt(envelope())  # type: ignore[arg-type]
     import orchestrator.prompts as prompts
 
-    monkeypatch.setattr(prompts, "default_prompt", lambda values: "not used")
+    monkeypatch.setattr(prompts, "default_prompt", lambda values: "not Jinja2's")
     assert render_prompt(envelope(prompt=DEFAULT_TEMPLATE + " ")).endswith("changes).\n ")  # type: ignore[arg-type]
-    assert render_prompt(envelope()) == "not used"  # type: ignore[arg-type]
+    assert render_prompt(envelope()) == "not Jinja2's"  # type: ignore[arg-type]
+    assert render_prompt(envelope(prompt=DEFAULT_TEMPLATE)) == "not Jinja2's"  # type: ignore[arg-type]
+
+
+def test_a_feedback_without_the_parts_it_names_fails_the_prompt_as_jinja2_would() -> None:
+    """The default prompt, like any template, fails as a PromptError (kind ``prompt``, the
+    attempt's error) when what it is given lacks what it reads: a feedback naming a failed
+    step but not its exit code."""
+    feedback = Feedback("check: failed")
+    feedback.step = "test"  # type: ignore[attr-defined]
+    with pytest.raises(PromptError, match=r"cannot be rendered: .*exit_code"):
+        render_prompt(envelope(), attempt=2, feedback=feedback)  # type: ignore[arg-type]
