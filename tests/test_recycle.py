@@ -643,6 +643,37 @@ def test_a_sparse_slot_is_caught_up_from_its_private_index_again_and_again(
     ]
 
 
+def test_a_sparse_slot_moved_to_another_commit_gets_that_commits_cone_and_nothing_else(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A sparse slot caught up to a commit that changes files in its cone and out of it (a
+    dependent task starts from its dependencies' merge): the new commit's cone exactly; what
+    changed outside the cone is not written."""
+    repo = make_repo(files=3, extra={"docs/a.md": "a\n", "top.txt": "top\n"})
+    git(repo, "checkout", "--quiet", "-b", "next")
+    (repo / "src/file0000.txt").write_text("changed in the cone\n")
+    (repo / "src/added.txt").write_text("added in the cone\n")
+    (repo / "docs/a.md").write_text("changed outside it\n")
+    (repo / "docs/b.md").write_text("added outside it\n")
+    (repo / "top.txt").write_text("a top-level file changed\n")
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "-m", "next")
+    new, new_tree = git(repo, "rev-parse", "HEAD"), git(repo, "rev-parse", "HEAD^{tree}")
+    git(repo, "checkout", "--quiet", "main")
+
+    async def steps(repo: Repository, worktree: Worktree) -> tuple[bool, dict[str, Any]]:
+        moved = dataclasses.replace(worktree, base_commit=new)
+        used = await recycle.catch_up(repo, moved, private_index(worktree.path), new_tree)
+        return used, snapshot(worktree.path)
+
+    used, files = catch_up_once(repo, lambda root: None, steps, sparse=("src",))
+    full = fresh_checkout(repo, new, tmp_path / "fresh")
+    cone = {p: v for p, v in full.items() if ("/" not in p and v != ("dir",)) or p == "src"}
+    cone |= {p: v for p, v in full.items() if p.startswith("src/")}
+    assert used
+    assert files == cone
+
+
 def renote(index: Path) -> None:
     """Write the note on the private *index* again for the index as it is now: what the
     orchestrator itself would have noted had it written the index so."""
