@@ -736,6 +736,9 @@ def test_an_admin_directory_made_a_link_is_refused_and_nothing_it_leads_to_touch
         with pytest.raises(GitError) as refused:
             await restore_dot_git(wt)
         assert refused.value.stderr == f"fatal: {wt.admin_dir} was made a link"
+        # What the task's error says, and the exit status a git refusing it would give.
+        assert str(refused.value) == f"git worktree: fatal: {wt.admin_dir} was made a link"
+        assert refused.value.returncode == 1
         assert (elsewhere / "index" / "deep").is_dir()
         assert (elsewhere / "HEAD").read_text() == "precious\n"
         assert sorted(p.name for p in elsewhere.iterdir()) == ["HEAD", "index"]
