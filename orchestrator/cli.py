@@ -1102,8 +1102,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def entry(argv: Sequence[str] | None = None) -> NoReturn:
-    """The process's entry (the console script, ``python -m orchestrator``): :func:`main`,
-    then the exit.
+    """The process's entry (the console script, ``python -m orchestrator``): the command,
+    as :func:`main` runs it, then the exit.
 
     Before the command, the modules it needs are imported and frozen (:func:`_imported_for`).
     The interpreter's own exit tears down every module and object, 0.1 to 0.2 s here after

@@ -2,7 +2,8 @@
 
 A template is the plan's (``defaults.prompt`` or a task's ``prompt``), or, when none is
 given, :data:`DEFAULT_TEMPLATE`. It is rendered once per attempt in Jinja2's sandboxed
-environment, with undefined names an error, from these variables:
+environment, with undefined names an error, from these variables (the default template is
+written by :func:`default_prompt` instead, the same text without importing Jinja2):
 
 ``task``, ``task_id``
     The task's description and id.
