@@ -99,6 +99,26 @@ def git(repo: Path, *args: str) -> str:
 MakeRepo = Callable[..., Path]
 
 
+def head_and_tree(repo: Path) -> tuple[str, str]:
+    """The commit *repo*'s HEAD names, and its tree."""
+    return git(repo, "rev-parse", "HEAD"), git(repo, "rev-parse", "HEAD^{tree}")
+
+
+def with_kept_gits(repo: Path, steps: Callable[[Any], Any], *, backend: str = "asyncio") -> Any:
+    """What ``await steps(runner)`` returns, *runner* being *repo*'s git runner with its
+    kept processes running (``Git.kept``), under *backend*."""
+    from orchestrator._git import Git
+
+    async def main() -> Any:
+        runner = Git(repo)
+        async with runner.kept():
+            return await steps(runner)
+
+    import anyio
+
+    return anyio.run(main, backend=backend)
+
+
 def plumbing_commit(
     cwd: Path, env: dict[str, str], parent: str, files: dict[str, str], message: str
 ) -> str:

@@ -24,7 +24,7 @@ from orchestrator._git import (
 )
 from orchestrator.errors import GitError, OrchestratorError
 
-from .conftest import MakeRepo, git, live_processes_with
+from .conftest import MakeRepo, git, head_and_tree, live_processes_with, with_kept_gits
 from .test_kept_commits import by_commit_tree
 
 EMPTY_BLOB = "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
@@ -549,24 +549,21 @@ def test_a_kept_git_that_died_is_started_again_and_what_it_never_read_is_done(
     """Killed between two questions (by anyone), a kept git has read nothing of the next:
     a new process takes it, so neither the update nor the commit fails for it."""
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    head, tree = head_and_tree(repo)
 
-    async def main() -> int:
-        runner = Git(repo)
-        async with runner.kept():
-            await runner.update_ref("refs/heads/a", head, "")
-            await runner.commit_tree(tree, [head], "first", known=True)
-            calls = runner.calls
-            os.kill(kept_child(), signal.SIGKILL)
-            os.kill(kept_child(b"hash-object"), signal.SIGKILL)
-            await anyio.sleep(0.1)
-            await runner.update_ref("refs/heads/b", head, "")
-            commit = await runner.commit_tree(tree, [head], "second", known=True)
-            assert git(repo, "log", "-1", "--format=%s", commit) == "second"
+    async def main(runner: Git) -> int:
+        await runner.update_ref("refs/heads/a", head, "")
+        await runner.commit_tree(tree, [head], "first", known=True)
+        calls = runner.calls
+        os.kill(kept_child(), signal.SIGKILL)
+        os.kill(kept_child(b"hash-object"), signal.SIGKILL)
+        await anyio.sleep(0.1)
+        await runner.update_ref("refs/heads/b", head, "")
+        commit = await runner.commit_tree(tree, [head], "second", known=True)
+        assert git(repo, "log", "-1", "--format=%s", commit) == "second"
         return runner.calls - calls
 
-    assert anyio.run(main) == 2  # each started again, once
+    assert with_kept_gits(repo, main) == 2  # each started again, once
     assert git(repo, "rev-parse", "refs/heads/b") == head
 
 
@@ -648,8 +645,7 @@ def test_a_commit_with_a_date_set_in_the_environment_is_made_by_commit_tree(
     """git parses dates in many forms: with GIT_AUTHOR_DATE or GIT_COMMITTER_DATE set, git
     commit-tree makes the commit, as outside a run."""
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    head, tree = head_and_tree(repo)
     monkeypatch.setenv("GIT_AUTHOR_DATE", "2001-02-03 04:05:06 +0100")
 
     async def made() -> str:
@@ -670,8 +666,7 @@ def test_a_commit_file_changed_under_the_kept_hash_object_is_refused(
     from orchestrator import _git
 
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    head, tree = head_and_tree(repo)
     write = _git._write_new
 
     def swapped(directory: Path, data: bytes) -> Path:
@@ -797,8 +792,7 @@ def test_a_fifo_put_where_the_kept_hash_object_reads_fails_the_commit_not_the_ru
     from orchestrator import _git
 
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    head, tree = head_and_tree(repo)
     write = _git._write_new
 
     def fifo(directory: Path, data: bytes) -> Path:

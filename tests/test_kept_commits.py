@@ -15,7 +15,7 @@ import pytest
 from orchestrator._git import Git
 from orchestrator.errors import GitError
 
-from .conftest import MakeRepo, git
+from .conftest import MakeRepo, git, head_and_tree, with_kept_gits
 
 
 def by_commit_tree(
@@ -53,21 +53,18 @@ def by_commit_tree(
 def kept_commit(
     repo: Path, tree: str, parents: list[str], message: str
 ) -> tuple[str, dict[str, str]]:
-    async def made() -> tuple[str, dict[str, str]]:
-        runner = Git(repo)
-        async with runner.kept():
-            return await runner.commit_tree(
-                tree, parents, message, known=True
-            ), await runner.identity_env()
+    async def made(runner: Git) -> tuple[str, dict[str, str]]:
+        commit = await runner.commit_tree(tree, parents, message, known=True)
+        return commit, await runner.identity_env()
 
-    return anyio.run(made)
+    result: tuple[str, dict[str, str]] = with_kept_gits(repo, made)
+    return result
 
 
 def assert_kept_commit_is_commit_trees(repo: Path, message: str = "m") -> None:
     """A commit of HEAD's tree on HEAD made by the kept git is the very commit
     ``git commit-tree`` makes of it at the same second, with the same identity."""
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    head, tree = head_and_tree(repo)
     commit, identity = kept_commit(repo, tree, [head], message)
     when = git(repo, "show", "-s", "--format=%ad", "--date=raw", commit)
     assert commit == by_commit_tree(repo, tree, [head], message, identity, when)
@@ -97,8 +94,7 @@ def test_kept_commit_equals_commit_tree_for_a_latin1_name_in_config(make_repo: M
 def test_a_nul_in_the_message_makes_no_commit(make_repo: MakeRepo) -> None:
     """git commit-tree refuses it ('a NUL byte in commit log message not allowed')."""
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    head, tree = head_and_tree(repo)
     with pytest.raises((GitError, ValueError)):
         commit, _ = kept_commit(repo, tree, [head], "task\0\n\nOrchestrator-Run: r\n")
         print(repr(git(repo, "log", "-1", "--format=%B", commit)))
@@ -140,27 +136,19 @@ def test_a_blob_as_tree_is_refused_as_commit_tree_refuses_it(make_repo: MakeRepo
     head = git(repo, "rev-parse", "HEAD")
     blob = git(repo, "rev-parse", "HEAD:src/file0000.txt")
 
-    async def made() -> str:
-        runner = Git(repo)
-        async with runner.kept():
-            return await runner.commit_tree(blob, [head], "m")  # known: False
-
     with pytest.raises(GitError, match="not a valid 'tree' object"):
-        anyio.run(made)
+        with_kept_gits(repo, lambda runner: runner.commit_tree(blob, [head], "m"))  # known: False
 
 
 def test_kept_commit_under_trio(make_repo: MakeRepo) -> None:
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    head, tree = head_and_tree(repo)
 
-    async def made() -> str:
-        runner = Git(repo)
-        async with runner.kept():
-            await runner.update_ref("refs/heads/t", head, "")
-            return await runner.commit_tree(tree, [head], "trio", known=True)
+    async def made(runner: Git) -> str:
+        await runner.update_ref("refs/heads/t", head, "")
+        return await runner.commit_tree(tree, [head], "trio", known=True)
 
-    commit = anyio.run(made, backend="trio")
+    commit = with_kept_gits(repo, made, backend="trio")
     assert git(repo, "log", "-1", "--format=%s", commit) == "trio"
 
 
@@ -170,21 +158,18 @@ def test_a_symlink_planted_in_the_scratch_dir_is_not_written_through(
     """An agent running as the user plants scratch/<next> -> a file of the user's: the
     orchestrator's write_bytes follows it and overwrites that file with the commit."""
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    head, tree = head_and_tree(repo)
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
 
-    async def made() -> str:
-        runner = Git(repo)
-        async with runner.kept():
-            await runner.commit_tree(tree, [head], "first", known=True)
-            scratch = runner._objects._scratch
-            for name in ["2", *(f"tmp{i}" for i in range(3))]:
-                (scratch / name).symlink_to(victim)
-            return await runner.commit_tree(tree, [head], "second", known=True)
+    async def made(runner: Git) -> str:
+        await runner.commit_tree(tree, [head], "first", known=True)
+        scratch = runner._objects._scratch
+        for name in ["2", *(f"tmp{i}" for i in range(3))]:
+            (scratch / name).symlink_to(victim)
+        return await runner.commit_tree(tree, [head], "second", known=True)
 
-    anyio.run(made)
+    with_kept_gits(repo, made)
     assert victim.read_text() == "precious\n"
 
 
@@ -235,20 +220,14 @@ def test_an_annotated_tag_as_parent_is_refused_as_commit_tree_refuses_it(
     commit of its own gets commit_tree(tree, [tag]). commit-tree says 'is a tag, not a
     commit'; the kept hash-object writes a commit whose parent is a tag."""
     repo = make_repo()
-    head = git(repo, "rev-parse", "HEAD")
-    tree = git(repo, "rev-parse", "HEAD^{tree}")
+    head, tree = head_and_tree(repo)
     git(repo, "tag", "-a", "-m", "t", "t", head)
     tag = git(repo, "rev-parse", "refs/tags/t")
     with pytest.raises(GitError, match="not a valid 'commit' object"):
         anyio.run(Git(repo).commit_tree, tree, [tag], "outside")
 
-    async def made() -> str:
-        runner = Git(repo)
-        async with runner.kept():
-            return await runner.commit_tree(tree, [tag], "kept")  # known: False
-
     with pytest.raises(GitError, match="not a valid 'commit' object"):
-        anyio.run(made)
+        with_kept_gits(repo, lambda runner: runner.commit_tree(tree, [tag], "kept"))  # known: False
 
 
 @pytest.mark.parametrize(
