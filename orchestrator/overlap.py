@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from envelopes import is_object_id
 
@@ -148,50 +149,85 @@ async def touched(git: Git, base: str, commit: str) -> Touched | None:
     return dataclasses.replace(Touched.of(commits, changes), final=final)
 
 
-def _parse_log(
-    data: bytes, base: str
-) -> tuple[list[str], list[tuple[str, str]], dict[bytes, tuple[bytes, bytes] | None] | None] | None:
-    """The commits, changes and final states in *data* (see :func:`touched`'s format), or
-    None when the range does not join *base* or the output is not what was asked for.
+class _NotALog(ValueError):
+    """A log's output is not what was asked for."""
+
+
+class _Header(NamedTuple):
+    """A commit's header in a log: ``>`` for a commit the range lists, ``-`` for a boundary
+    one (the base's side), and the commit's id followed by its parents'."""
+
+    mark: bytes
+    ids: list[str]
+
+
+class _Change(NamedTuple):
+    """A change in a log: its raw fields (``:<old mode> <new mode> <old blob> <new blob>
+    <status>``, the colon left out) and its path."""
+
+    fields: list[bytes]
+    path: bytes
+
+
+def _log_entries(data: bytes) -> Iterator[_Header | _Change]:
+    """The headers and changes of a log in *data* (see :func:`touched`'s format), in order;
+    _NotALog on anything else.
 
     Read token by token (``-z``: every field ends with a NUL): a path is only ever the
     token after a change's header, so no byte a path holds (a ``\\x01``, a ``-``) can
     pass for a commit's header."""
-    commits: list[str] = []
-    changes: list[tuple[str, str]] = []
-    final: dict[bytes, tuple[bytes, bytes] | None] | None = {}
-    descends = boundary = False
     tokens = iter(data.split(b"\0"))
     for token in tokens:
         token = token.lstrip(b"\n")
         if not token:
             continue
         if token.startswith(b"\x01"):
-            mark, names = token[1:2], token[2:].decode("ascii", "replace").split()
-            if mark not in (b">", b"-") or not names or not is_object_id(names[0]):
-                return None
-            boundary = mark == b"-"
-            if boundary:
-                # The base, when the range joins it (a parent of one of its commits); a
-                # boundary commit's own changes are not the result's.
-                descends = descends or names[0] == base
+            mark, ids = token[1:2], token[2:].decode("ascii", "replace").split()
+            if mark not in (b">", b"-") or not ids or not all(map(is_object_id, ids)):
+                raise _NotALog
+            yield _Header(mark, ids)
+        elif token.startswith(b":"):
+            path = next(tokens, b"")
+            fields = token[1:].split(b" ")
+            if len(fields) != 5 or not path:
+                raise _NotALog
+            yield _Change(fields, path)
+        else:
+            raise _NotALog
+
+
+def _parse_log(
+    data: bytes, base: str
+) -> tuple[list[str], list[tuple[str, str]], dict[bytes, tuple[bytes, bytes] | None] | None] | None:
+    """The commits, changes and final states in *data* (see :func:`touched`'s format), or
+    None when the range does not join *base* or the output is not what was asked for."""
+    commits: list[str] = []
+    changes: list[tuple[str, str]] = []
+    final: dict[bytes, tuple[bytes, bytes] | None] | None = {}
+    descends = boundary = False
+    try:
+        for entry in _log_entries(data):
+            if isinstance(entry, _Header):
+                boundary = entry.mark == b"-"
+                if boundary:
+                    # The base, when the range joins it (a parent of one of its commits);
+                    # a boundary commit's own changes are not the result's.
+                    descends = descends or entry.ids[0] == base
+                    continue
+                commits.append(entry.ids[0])
+                if len(entry.ids) > 2:
+                    final = None  # a merge: a path's first entry is not simply its last change
                 continue
-            commits.append(names[0])
-            if len(names) > 2:
-                final = None  # a merge: a path's first entry is not simply its last change
-            continue
-        if not token.startswith(b":"):
-            return None
-        path = next(tokens, b"")
-        parts = token[1:].split(b" ")
-        if len(parts) != 5 or not path:
-            return None
-        if boundary:
-            continue
-        status = parts[4][:1]
-        changes.append((status.decode("ascii", "replace"), path.decode("utf-8", "surrogateescape")))
-        if final is not None and path not in final:
-            final[path] = None if status == b"D" else (parts[1], parts[3])
+            if boundary:
+                continue
+            status = entry.fields[4][:1]
+            changes.append(
+                (status.decode("ascii", "replace"), entry.path.decode("utf-8", "surrogateescape"))
+            )
+            if final is not None and entry.path not in final:
+                final[entry.path] = None if status == b"D" else (entry.fields[1], entry.fields[3])
+    except _NotALog:
+        return None
     return (commits, changes, final) if descends else None
 
 
@@ -232,33 +268,25 @@ class _Listed:
 
 def _parse_union(data: bytes) -> dict[str, _Listed] | None:
     """The commits a log of several tips lists (boundary commits left out), or None when the
-    output is not what was asked for. Tokenised as :func:`_parse_log` does."""
+    output is not what was asked for (:func:`_log_entries`)."""
     listed: dict[str, _Listed] = {}
     current: _Listed | None = None
     boundary = False  # a boundary commit seen
-    tokens = iter(data.split(b"\0"))
-    for token in tokens:
-        token = token.lstrip(b"\n")
-        if not token:
-            continue
-        if token.startswith(b"\x01"):
-            mark, names = token[1:2], token[2:].decode("ascii", "replace").split()
-            if mark not in (b">", b"-") or not names or not all(map(is_object_id, names)):
-                return None
-            if mark == b"-":
+    try:
+        for entry in _log_entries(data):
+            if isinstance(entry, _Change):
+                if not (listed or boundary):
+                    return None  # a change before any commit
+                if current is not None:
+                    fields = entry.fields
+                    current.changes.append((fields[4][:1], entry.path, fields[1], fields[3]))
+            elif entry.mark == b"-":
                 current, boundary = None, True  # the base's side: its changes not listed
-                continue
-            # A merge's header comes once for each parent (--diff-merges=separate).
-            current = listed.setdefault(names[0], _Listed(len(listed), names[1:]))
-            continue
-        if not token.startswith(b":") or not (listed or boundary):
-            return None  # not a change, or a change before any commit
-        path = next(tokens, b"")
-        parts = token[1:].split(b" ")
-        if len(parts) != 5 or not path:
-            return None
-        if current is not None:
-            current.changes.append((parts[4][:1], path, parts[1], parts[3]))
+            else:
+                # A merge's header comes once for each parent (--diff-merges=separate).
+                current = listed.setdefault(entry.ids[0], _Listed(len(listed), entry.ids[1:]))
+    except _NotALog:
+        return None
     return listed
 
 
