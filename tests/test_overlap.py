@@ -665,6 +665,12 @@ def test_one_log_of_all_that_is_not_what_was_asked_for_is_not_trusted() -> None:
         entry + head + tail,  # a change before any commit
     ]
     assert [_parse_union(data) for data in broken] == [None] * len(broken)
+    # A boundary commit's changes are the base's side, not a result's: skipped, even when
+    # the boundary comes before any commit listed, and never taken for a malformed log.
+    assert _parse_union(tail + entry + head + entry) == {
+        result: _parse_union(head + entry)[result]  # type: ignore[index]
+    }
+    assert _parse_union(tail + entry) == {}
 
 
 def test_one_log_of_all_gives_a_path_changed_by_many_commits_its_last_state(repo: Path) -> None:
