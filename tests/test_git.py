@@ -387,12 +387,14 @@ def test_the_users_identity_wins_and_only_what_is_missing_is_filled(
 
 
 def test_git_ending_before_it_reads_its_input_is_a_git_error(make_repo: MakeRepo) -> None:
-    """More input than a pipe holds, to a git that stops at a bad option: a GitError, not
-    the writer's broken pipe (an exception group) escaping to the caller."""
+    """More input than a pipe holds, to a git that stops at a bad option: a GitError that
+    says what git said, not the writer's broken pipe escaping to the caller."""
     repo = make_repo()
     big = b"x" * (4 << 20)
-    with pytest.raises(GitError, match="ended before it read its input"):
+    with pytest.raises(GitError) as raised:
         anyio.run(lambda: Git(repo).run("hash-object", "--no-such-option", "--stdin", stdin=big))
+    assert "unknown option" in raised.value.stderr
+    assert raised.value.returncode not in (0, -1)
 
 
 def test_a_quiet_read_fails_on_a_word_on_stderr(make_repo: MakeRepo) -> None:
@@ -409,6 +411,102 @@ def test_a_quiet_read_fails_on_a_word_on_stderr(make_repo: MakeRepo) -> None:
     assert b"src/file0000.txt" in out and not cut
     with pytest.raises(GitError, match="trace"):
         anyio.run(read, True)
+
+
+def test_a_cancelled_read_leaves_at_once_and_its_git_is_killed(make_repo: MakeRepo) -> None:
+    """A read runs in a worker thread: cancelled while git hangs, the caller does not wait
+    for the timeout, and the thread kills git (a read leaves no lock behind)."""
+    repo = make_repo()
+    fifo = repo / "read-fifo"
+    os.mkfifo(fifo)  # git blocks opening it: no writer ever comes
+    runner = Git(repo)
+
+    async def main() -> None:
+        with anyio.move_on_after(0.5) as scope:
+            await runner.read("hash-object", str(fifo), stdin=b"", limit=1 << 10, timeout=600)
+        assert scope.cancelled_caught
+        for _ in range(100):  # the thread sees the stop within 50 ms
+            if not live_processes_with(str(fifo)):
+                break
+            await anyio.sleep(0.05)
+
+    anyio.run(main)
+    assert live_processes_with(str(fifo)) == []
+    assert runner.calls == 1
+
+
+def test_a_read_gives_more_input_than_a_pipe_holds_while_git_writes_more_than_one(
+    make_repo: MakeRepo,
+) -> None:
+    """Input and output each far past a pipe's 64 KiB, written and read at once (a writer
+    that waited for git to read all its input before reading any output would deadlock)."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    lines = (head + "\n").encode() * 20_000  # 820 KB in; about 1.1 MB out
+
+    async def main() -> tuple[bytes, bool]:
+        return await Git(repo).read(
+            "cat-file", "--batch-check", stdin=lines, limit=4 << 20, timeout=60
+        )
+
+    out, cut = anyio.run(main)
+    assert not cut
+    assert out.count(b"\n") == 20_000
+    assert out.splitlines()[-1].startswith(head.encode() + b" commit ")
+
+
+def test_a_read_past_its_limit_is_cut_there_and_its_git_killed(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    lines = (head + "\n").encode() * 20_000
+
+    async def main() -> tuple[bytes, bool]:
+        return await Git(repo).read(
+            "cat-file", "--batch-check", stdin=lines, limit=1000, timeout=60
+        )
+
+    out, cut = anyio.run(main)
+    assert cut and len(out) == 1000
+    assert out.startswith(head.encode() + b" commit ")
+    assert live_processes_with("--batch-check") == []
+
+
+def test_a_read_that_hangs_is_killed_at_its_timeout(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    fifo = repo / "timeout-fifo"
+    os.mkfifo(fifo)
+
+    async def main() -> None:
+        await Git(repo).read("hash-object", str(fifo), stdin=b"", limit=1 << 10, timeout=0.3)
+
+    with pytest.raises(GitError, match=r"did not finish within 0\.3 s") as caught:
+        anyio.run(main)
+    assert caught.value.returncode == -9
+    assert live_processes_with(str(fifo)) == []
+
+
+def test_git_commands_run_in_threads_of_their_own(make_repo: MakeRepo) -> None:
+    """Every default worker thread taken (by file work, say) holds up no git command: git's
+    threads are counted apart."""
+    repo = make_repo()
+    runner = Git(repo)
+
+    async def main() -> str:
+        default = anyio.to_thread.current_default_thread_limiter()
+        borrowers = [object() for _ in range(int(default.total_tokens))]
+        for borrower in borrowers:
+            await default.acquire_on_behalf_of(borrower)
+        try:
+            with anyio.fail_after(30):
+                out, _ = await runner.read("rev-parse", "HEAD", stdin=b"", limit=100, timeout=30)
+                done = await runner.run("rev-parse", "HEAD")
+        finally:
+            for borrower in borrowers:
+                default.release_on_behalf_of(borrower)
+        assert done.stdout == out
+        return out.decode().strip()
+
+    assert anyio.run(main) == git(repo, "rev-parse", "HEAD")
 
 
 def two_commits(repo: Path) -> tuple[str, str]:

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -188,18 +189,15 @@ def test_facts_come_from_two_git_processes_and_the_logs_tails(
 ) -> None:
     audited = audited_run(make_repo, write_agent)
     spawned: list[list[str]] = []
-    run_process, open_process = anyio.run_process, anyio.open_process
 
-    async def counting(command: Any, **options: Any) -> Any:
-        spawned.append(list(command))
-        return await run_process(command, **options)
+    class Counting(subprocess.Popen):  # type: ignore[type-arg]
+        """Every process started, however (asyncio's and the git runner's threads alike)."""
 
-    async def opening(command: Any, **options: Any) -> Any:
-        spawned.append(list(command))
-        return await open_process(command, **options)
+        def __init__(self, args: Any, *more: Any, **options: Any) -> None:
+            spawned.append(list(args))
+            super().__init__(args, *more, **options)
 
-    monkeypatch.setattr(anyio, "run_process", counting)
-    monkeypatch.setattr(anyio, "open_process", opening)
+    monkeypatch.setattr(subprocess, "Popen", Counting)
 
     async def gather() -> tuple[Any, int]:
         repository = await Repository.open(audited.repo)
