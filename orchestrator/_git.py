@@ -11,12 +11,9 @@ import hashlib
 import math
 import os
 import re
-import select
-import selectors
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -79,134 +76,6 @@ def clean_environment(env: Mapping[str, str]) -> dict[str, str]:
         and not k.startswith("GIT_CONFIG_KEY_")
         and not k.startswith("GIT_CONFIG_VALUE_")
     }
-
-
-#: The threads git commands run in (their own, apart from anyio's default ones for file
-#: work, so that slow git commands never hold up a journal write). A git command is started
-#: in a thread rather than in the event loop because starting a process (``vfork`` and
-#: ``exec``) blocks its caller until the child runs: about 1.5 ms a command on a busy
-#: machine, during which a loop in that thread could do nothing else.
-_GIT_THREADS: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar("git_threads")
-
-
-def _git_threads() -> anyio.CapacityLimiter:
-    """This event loop's limiter of the threads git commands run in."""
-    try:
-        return _GIT_THREADS.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(64)
-        _GIT_THREADS.set(limiter)
-        return limiter
-
-
-def _run_to_the_end(
-    command: list[str],
-    stdin: bytes | None,
-    env: Mapping[str, str],
-    timeout: float | None,
-    guard: RepoGuard | None,
-) -> subprocess.CompletedProcess[bytes]:
-    """*command* run to its end (in a worker thread) once *guard* has checked the repository,
-    its output captured: given input (even none at all) or nothing, never this process's
-    stdin. TimeoutExpired, after it is killed, when it runs past *timeout* seconds."""
-    if guard is not None:
-        guard.check()
-    return subprocess.run(
-        command,
-        input=stdin or None,
-        stdin=subprocess.DEVNULL if not stdin else None,
-        capture_output=True,
-        check=False,
-        env=env,
-        timeout=timeout,
-    )
-
-
-def _read_bounded(
-    command: list[str],
-    stdin: bytes,
-    env: Mapping[str, str],
-    limit: int,
-    timeout: float,
-    guard: RepoGuard | None,
-    stop: threading.Event,
-) -> tuple[int, bytes, bytes, bool, bool]:
-    """*command* run (in a worker thread) once *guard* has checked the repository, given
-    *stdin*: its exit status, at most *limit* bytes of its stdout, the first 4 KiB of its
-    stderr, whether it wrote more than *limit* (then it is killed) and whether it was killed
-    at *timeout* seconds (or when *stop* was set) before it ended."""
-    if guard is not None:
-        guard.check()
-    out: list[bytes] = []
-    err = bytearray()
-    deadline = time.monotonic() + timeout
-    with subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    ) as process:
-        try:
-            cut, late = _drain(process, stdin, out, err, limit, deadline, stop)
-            if cut or late:
-                process.kill()
-            try:
-                returncode = process.wait(timeout=max(deadline - time.monotonic(), 0.0))
-            except subprocess.TimeoutExpired:  # its output closed, and still running
-                late = True
-        finally:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
-                    process.kill()
-                returncode = process.wait()
-    return returncode, b"".join(out)[:limit], bytes(err), cut, late
-
-
-def _drain(
-    process: subprocess.Popen[bytes],
-    stdin: bytes,
-    out: list[bytes],
-    err: bytearray,
-    limit: int,
-    deadline: float,
-    stop: threading.Event,
-) -> tuple[bool, bool]:
-    """Give *process* its *stdin* and read its stdout into *out* and the first 4 KiB of its
-    stderr into *err*, until both end, stdout passes *limit* bytes (cut), or *deadline* or
-    *stop* comes first (late): (cut, late)."""
-    assert process.stdin is not None and process.stdout is not None
-    assert process.stderr is not None
-    view, offset, size = memoryview(stdin), 0, 0
-    with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
-        selector.register(process.stderr, selectors.EVENT_READ)
-        if view:
-            selector.register(process.stdin, selectors.EVENT_WRITE)
-        else:
-            process.stdin.close()
-        while selector.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0 or stop.is_set():
-                return False, True
-            # Awake at least every 50 ms to see whether the caller still waits.
-            for key, _ in selector.select(min(left, 0.05)):
-                if key.fileobj is process.stdin:
-                    try:
-                        offset += os.write(key.fd, view[offset : offset + select.PIPE_BUF])
-                    except BrokenPipeError:
-                        offset = len(view)  # git ended without reading it all
-                    if offset >= len(view):
-                        selector.unregister(key.fileobj)
-                        process.stdin.close()
-                    continue
-                chunk = os.read(key.fd, 1 << 16)
-                if not chunk:
-                    selector.unregister(key.fileobj)
-                elif key.fileobj is process.stdout:
-                    out.append(chunk)
-                    size += len(chunk)
-                    if size > limit:
-                        return True, False
-                elif len(err) < 4096:
-                    err.extend(chunk[: 4096 - len(err)])
-    return False, False
 
 
 _BASE_ENV = {
@@ -304,26 +173,31 @@ class Git:
         ``git status`` forever).
         """
         self.calls += 1
+        if self.guard is not None:
+            self.guard.check()
         command = ["git", "-C", str(cwd or self.repo), *HARDENING, *args]
         # A started git command is never killed: killed, it can leave ref and index locks
-        # behind. It runs to its end (milliseconds, for what the engine runs) in a worker
-        # thread, after the guard's check there, and a pending cancellation is delivered
-        # right after.
-        try:
-            with anyio.CancelScope(shield=True):
-                result = await anyio.to_thread.run_sync(
-                    _run_to_the_end,
-                    command,
-                    stdin,
-                    {**self._env, **env} if env else self._env,
-                    timeout,
-                    self.guard,
-                    limiter=_git_threads(),
-                )
-        except subprocess.TimeoutExpired:
+        # behind. It runs to its end (milliseconds, for what the engine runs) and a pending
+        # cancellation is delivered right after.
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(timeout if timeout is not None else math.inf) as limit:
+                try:
+                    result = await anyio.run_process(
+                        command,
+                        # Given input (even none at all) or nothing: never this process's stdin.
+                        input=stdin or None,
+                        stdin=subprocess.DEVNULL if not stdin else None,
+                        check=False,
+                        env={**self._env, **env} if env else self._env,
+                    )
+                except* (anyio.BrokenResourceError, BrokenPipeError, ConnectionResetError):
+                    # git ended before it read all its input (a broken repository, a bad
+                    # argument): its output is lost with the writer, so it is a failure.
+                    raise GitError(args, -1, "fatal: git ended before it read its input") from None
+        if limit.cancelled_caught:
             raise GitError(
                 args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"
-            ) from None
+            )
         await anyio.lowlevel.checkpoint_if_cancelled()
         if check and result.returncode != 0:
             raise GitError(args, result.returncode, result.stderr.decode(errors="replace"))
@@ -344,28 +218,49 @@ class Git:
         is killed (a command that only reads leaves no lock behind). GitError when it fails,
         runs out of time, or (with *quiet*) writes anything to stderr."""
         self.calls += 1
+        if self.guard is not None:
+            self.guard.check()
         command = ["git", "-C", str(cwd or self.repo), *HARDENING, *args]
-        stop = threading.Event()
-        try:
-            # In a worker thread, as run's commands are. Cancelled, the caller leaves at
-            # once; the thread, told to stop, kills git (it only reads, so it leaves no lock
-            # behind) and ends.
-            read = await anyio.to_thread.run_sync(
-                _read_bounded,
-                command,
-                stdin,
-                {**self._env, **env} if env else self._env,
-                limit,
-                timeout,
-                self.guard,
-                stop,
-                abandon_on_cancel=True,
-                limiter=_git_threads(),
-            )
-        finally:
-            stop.set()
-        returncode, output, err, cut, late = read
-        if late:
+        out: list[bytes] = []
+        err = bytearray()
+        size, cut = 0, False
+        async with await anyio.open_process(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**self._env, **env} if env else self._env,
+        ) as process:
+            stdin_stream, stdout, stderr = process.stdin, process.stdout, process.stderr
+            assert stdin_stream is not None and stdout is not None and stderr is not None
+
+            async def feed() -> None:
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    await stdin_stream.send(stdin)
+                with contextlib.suppress(anyio.BrokenResourceError, OSError):
+                    await stdin_stream.aclose()
+
+            async def drain_errors() -> None:
+                async for chunk in stderr:
+                    if len(err) < 4096:
+                        err.extend(chunk[: 4096 - len(err)])
+
+            with anyio.move_on_after(timeout) as limited:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(feed)
+                    tg.start_soon(drain_errors)
+                    async for chunk in stdout:
+                        out.append(chunk)
+                        size += len(chunk)
+                        if size > limit:
+                            cut = True
+                            tg.cancel_scope.cancel()
+                            break
+            if cut or limited.cancelled_caught:
+                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                    process.kill()
+            returncode = await process.wait()
+        if limited.cancelled_caught:
             raise GitError(
                 args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"
             )
@@ -373,7 +268,7 @@ class Git:
             # quiet: a word on stderr is a failure too (``ls-files`` and ``diff-files`` say
             # there that they could not read a directory, and still exit 0).
             raise GitError(args, returncode or 1, err.decode(errors="replace"))
-        return output, cut
+        return b"".join(out)[:limit], cut
 
     async def out(
         self, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None

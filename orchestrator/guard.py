@@ -82,8 +82,8 @@ class _Kept:
 class RepoGuard:
     """A snapshot of one repository's guarded files, checked and restored on demand.
 
-    Thread-safe: :meth:`check` runs before each git command (in the worker thread that starts
-    it, or in the event loop) and in worker threads after attempts.
+    Thread-safe: :meth:`check` runs in the event loop before each git command and in worker
+    threads after attempts.
     """
 
     common_dir: Path
