@@ -271,10 +271,14 @@ class Git:
         return b"".join(out)[:limit], cut
 
     async def out(
-        self, *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a bound on one git command)
     ) -> str:
-        """Run git and return its stdout, stripped."""
-        result = await self.run(*args, cwd=cwd, env=env)
+        """Run git and return its stdout, stripped (*timeout* as :meth:`run` takes it)."""
+        result = await self.run(*args, cwd=cwd, env=env, timeout=timeout)
         return result.stdout.decode(errors="replace").strip()
 
     async def ok(self, *args: str, cwd: Path | None = None) -> bool:
@@ -336,7 +340,7 @@ class Git:
         if self._refs is not None:
             yield
             return
-        refs = self._refs = _Kept(self, ["update-ref", "--stdin"])
+        refs = self._refs = _Kept(self, ["update-ref", "--stdin"], timeout=REF_TIMEOUT_S)
         objects = self._objects = _Kept(
             self, ["hash-object", "-w", "-t", "commit", "--stdin-paths"], timeout=OBJECT_TIMEOUT_S
         )
@@ -531,6 +535,17 @@ def _kept_by_git(data: bytes) -> bool:
 
 #: Longest the kept hash-object may take to write one commit (milliseconds, as a rule).
 OBJECT_TIMEOUT_S = 60.0
+#: Longest the kept update-ref may take to apply one transaction (milliseconds, as a rule).
+#: It waits on nothing but a FIFO someone put where a ref is read (an agent, in the
+#: repository's refs/): past this, the transaction fails rather than the whole run hanging.
+REF_TIMEOUT_S = 60.0
+#: Longest a listing of refs (``for-each-ref``) may take: it opens every loose ref it lists,
+#: and a FIFO put among them (by an agent, in the shared refs/) would block it for ever.
+#: Past this, git is killed (a listing holds no lock) and the listing fails (GitError).
+LIST_REFS_TIMEOUT_S = 60.0
+#: How long a kept git that was told to end (its input closed, or SIGTERM) has to end before
+#: it is killed; git removes its lock files on SIGTERM, not on SIGKILL.
+END_GRACE_S = 5.0
 
 
 class _Closed(Exception):
@@ -547,16 +562,19 @@ class _Kept:
     git refuses what it is asked (a ref not at the old value, a lock held, an object it
     cannot read) by ending, with the reason on its standard error: that question fails
     with the reason, and the next starts another process. A question git has been given is
-    never cut short (as :meth:`Git.run` never kills a started command: a killed git can
-    leave a ref locked); closing its standard input ends it, and ``update-ref`` aborts a
-    transaction given only in part then, never applying half of one."""
+    not cut short (as :meth:`Git.run` never kills a started command: a killed git can leave
+    a ref locked) unless it is not answered within the process's timeout (git waits on
+    nothing but a FIFO put where it reads a ref or the commit's bytes): then git is told to
+    end with SIGTERM, on which it removes its lock files. Closing its standard input ends
+    it, and ``update-ref`` aborts a transaction given only in part then, never applying half
+    of one."""
 
     def __init__(self, git: Git, args: list[str], *, timeout: float | None = None) -> None:
         self.git = git
         self.args = args
-        #: Longest an answer may take, for a git that holds no lock (hash-object): past it,
-        #: the process is killed and the question fails. None: waited for (update-ref,
-        #: which a kill could leave holding a ref's lock).
+        #: Longest an answer may take: past it, the process is told to end (SIGTERM, on
+        #: which git removes its lock files; then SIGKILL) and the question fails. None:
+        #: waited for.
         self.timeout = timeout
         self._lock = anyio.Lock()
         self._process: Process | None = None
@@ -629,9 +647,10 @@ class _Kept:
                     ):
                         pass
                 if late.cancelled_caught:
-                    # Blocked (a FIFO put where it reads the commit's bytes): killed.
+                    # Blocked (a FIFO put where it reads the commit's bytes, or a ref): told
+                    # to end (git removes its lock files then), killed if it does not.
                     with contextlib.suppress(ProcessLookupError):
-                        process.kill()
+                        process.terminate()
                     await self._end()
                     raise GitError(
                         self.args,
@@ -684,7 +703,13 @@ class _Kept:
         if process.stdin is not None:
             with contextlib.suppress(anyio.BrokenResourceError, OSError):
                 await process.stdin.aclose()
-        code = await process.wait()
+        # A git blocked on a FIFO does not see its input close: it is killed, after a grace.
+        with anyio.move_on_after(END_GRACE_S):
+            code = await process.wait()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            code = await process.wait()
         with stderr:
             size = stderr.seek(0, os.SEEK_END)
             stderr.seek(max(0, size - 4096))

@@ -76,7 +76,11 @@ async def write_final_report(ctx: RunContext, task_ids: Sequence[str], plan: Rep
     warnings = [*plan.warnings, *hook_warnings(hooked)]
     if ctx.repo is not None and plan.refs_before:
         with anyio.CancelScope(shield=True):
-            warnings += moved_refs(plan.refs_before, await ref_values(ctx.repo.git), briefs)
+            try:
+                warnings += moved_refs(plan.refs_before, await ref_values(ctx.repo.git), briefs)
+            except GitError as exc:
+                # The report is written whatever: without this check, saying why.
+                warnings.append(f"the refs that moved during the run could not be listed: {exc}")
     if ctx.repo is not None and ctx.guarding and ctx.repo.git.guard is not None:
         warnings += await anyio.to_thread.run_sync(ctx.repo.git.guard.unblamed)
     report = aggregate_results(

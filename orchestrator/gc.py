@@ -30,6 +30,7 @@ import anyio
 from envelopes import ref_safe
 
 from ._fs import read_json, remove_tree
+from ._git import LIST_REFS_TIMEOUT_S
 from .errors import OrchestratorError, RunInUse
 from .journal import JOURNAL, read_journal
 from .locks import LOCK, RunLock
@@ -238,7 +239,11 @@ async def _clear_dirs(repo: Repository, run_id: str, kept: set[Path], dry_run: b
 
 async def _branch_runs(repo: Repository) -> set[str]:
     out = await repo.git.out(
-        "for-each-ref", "--format=%(refname)", "refs/heads/orchestrator/", f"{INTERRUPTED_REFS}/"
+        "for-each-ref",
+        "--format=%(refname)",
+        "refs/heads/orchestrator/",
+        f"{INTERRUPTED_REFS}/",
+        timeout=LIST_REFS_TIMEOUT_S,
     )
     runs: set[str] = set()
     for ref in out.split():
@@ -258,6 +263,7 @@ async def _delete_branches(
         "--format=%(refname) %(objectname)",
         f"refs/heads/orchestrator/{run_id}/",
         f"{INTERRUPTED_REFS}/{run_id}/",
+        timeout=LIST_REFS_TIMEOUT_S,
     )
     done: list[str] = []
     lines = [

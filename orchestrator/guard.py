@@ -256,8 +256,13 @@ def _describe(kept: _Kept, key: _Key) -> str:
 
 
 async def ref_values(git: Git) -> dict[str, str]:
-    """Every ref of the repository and the object it names (one git command)."""
-    out = await git.out("for-each-ref", "--format=%(refname) %(objectname)")
+    """Every ref of the repository and the object it names (one git command); GitError when
+    git fails or takes longer than ``LIST_REFS_TIMEOUT_S`` (orchestrator/_git.py)."""
+    from ._git import LIST_REFS_TIMEOUT_S  # (which imports this module)
+
+    out = await git.out(
+        "for-each-ref", "--format=%(refname) %(objectname)", timeout=LIST_REFS_TIMEOUT_S
+    )
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 

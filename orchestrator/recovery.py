@@ -16,6 +16,7 @@ import anyio
 from envelopes import TaskResult, ref_safe, seal_result
 
 from ._fs import remove_tree
+from ._git import LIST_REFS_TIMEOUT_S
 from .errors import GitError, JournalCorrupt, OrchestratorError
 from .journal import JournalContents
 from .process import kill_tagged
@@ -146,6 +147,9 @@ async def clear_task_leftovers(
 
 async def _free_interrupted_ref(repo: Repository, run_id: str, name: str) -> str:
     out = await repo.git.out(
-        "for-each-ref", "--format=%(refname)", f"{INTERRUPTED_REFS}/{run_id}/{name}/"
+        "for-each-ref",
+        "--format=%(refname)",
+        f"{INTERRUPTED_REFS}/{run_id}/{name}/",
+        timeout=LIST_REFS_TIMEOUT_S,
     )
     return f"{INTERRUPTED_REFS}/{run_id}/{name}/{len(out.split()) + 1}"

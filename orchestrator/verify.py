@@ -24,7 +24,7 @@ from envelopes import (
     upstream_tasks,
 )
 
-from ._git import Git
+from ._git import LIST_REFS_TIMEOUT_S, Git
 from .ancestry import Ancestry, load_ancestry
 from .errors import GitError, ReportUnreadable
 from .merge import combine_commits, independent_commits, merge_trees
@@ -171,6 +171,7 @@ async def _check_git(
         "for-each-ref",
         "--format=%(refname:lstrip=2) %(objectname)",
         f"refs/heads/orchestrator/{report.run_id}/",
+        timeout=LIST_REFS_TIMEOUT_S,
     )
     branches = dict(line.split(" ", 1) for line in refs_out.splitlines() if " " in line)
     # Every ancestry question of the results (base below result, result below its branch's

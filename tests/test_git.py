@@ -15,6 +15,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from orchestrator import _git as git_module
 from orchestrator._git import (
     FALLBACK_IDENTITY,
     REPOSITORY_VARIABLES,
@@ -520,6 +521,36 @@ def ref(repo: Path, name: str) -> str | None:
         text=True,
     )
     return done.stdout.strip() or None
+
+
+def test_a_ref_made_a_fifo_fails_its_own_update_and_holds_up_no_other(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kept update-ref reads a ref's value to check it: a FIFO put in the ref's place
+    (by an agent, in the shared refs/) would block it, and every ref update of the run
+    after it, for ever. Past its timeout that update fails, git having removed its lock
+    (SIGTERM), and the next update goes to another process."""
+    monkeypatch.setattr(git_module, "REF_TIMEOUT_S", 0.5)
+    repo = make_repo()
+    head, second = two_commits(repo)
+    git(repo, "branch", "victim", head)
+    fifo = repo / ".git" / "refs" / "heads" / "victim"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    runner = Git(repo)
+
+    async def main() -> None:
+        with anyio.fail_after(30):
+            async with runner.kept():
+                with pytest.raises(GitError, match=r"did not answer within 0\.5 s"):
+                    await runner.update_ref("refs/heads/victim", second, head)
+                assert await runner.update_ref("refs/heads/other", second, "")
+
+    anyio.run(main)
+    assert not (repo / ".git" / "refs" / "heads" / "victim.lock").exists()
+    assert ref(repo, "refs/heads/other") == second
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # left as it is: not the orchestrator's
+    assert live_processes_with("update-ref") == []
 
 
 def test_ref_updates_go_through_one_git_process_and_do_what_update_ref_does(

@@ -18,11 +18,13 @@ import anyio
 import pytest
 
 from envelopes import AgentInfo, Provenance, TaskResult, Timings, digest
+from orchestrator import _git as git_module
 from orchestrator._git import Git
+from orchestrator.errors import GitError
 from orchestrator.guard import RepoGuard, moved_refs, ref_values
 from orchestrator.results import Brief
 
-from .conftest import MakeRepo, git
+from .conftest import MakeRepo, git, live_processes_with
 
 
 @pytest.fixture
@@ -404,3 +406,18 @@ def test_refs_moved_during_a_run_by_no_task_of_it_are_reported(make_repo: MakeRe
     # What a run keeps of its results (orchestrator/results.py) says the same.
     briefs = [Brief.of(r) for r in results]
     assert moved_refs(before, after, briefs) == moved_refs(before, after, results)
+
+
+def test_a_fifo_among_the_refs_fails_their_listing_at_its_timeout(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """for-each-ref opens every loose ref: one made a FIFO (by an agent, in the shared
+    refs/) would block it for ever."""
+    monkeypatch.setattr(git_module, "LIST_REFS_TIMEOUT_S", 0.5)
+    repo = make_repo()
+    fifo = repo / ".git" / "refs" / "heads" / "planted"
+    os.mkfifo(fifo)
+    with pytest.raises(GitError, match=r"did not finish within 0\.5 s") as caught:
+        anyio.run(ref_values, Git(repo))
+    assert caught.value.command[0] == "for-each-ref"
+    assert live_processes_with("for-each-ref") == []

@@ -330,3 +330,47 @@ def test_an_index_replaced_by_a_fifo_is_put_right(make_repo: MakeRepo) -> None:
     assert result.status == "failed"
     assert result.error is not None and result.error.kind == "tamper"
     assert git(repo, "show", f"{result.provenance.result_commit}:work.txt") == "work"
+
+
+FIFO_REFS = """
+import os, subprocess
+common = subprocess.run(
+    ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+    capture_output=True, text=True, check=True,
+).stdout.strip()
+heads = os.path.join(common, "refs", "heads")
+os.mkfifo(os.path.join(heads, "planted"))
+# Where the next task's branch is about to be made.
+run = os.path.join(heads, "orchestrator", os.environ["ORCHESTRATOR_RUN_ID"])
+os.makedirs(run, exist_ok=True)
+os.mkfifo(os.path.join(run, "victim"))
+"""
+
+
+def test_fifos_an_agent_puts_among_the_refs_hang_no_run(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """git opens a loose ref to read it: a FIFO in its place blocks git for ever. The task
+    whose branch it is fails; the run ends, its report written, saying what it could not
+    check."""
+    from orchestrator import _git
+
+    monkeypatch.setattr(_git, "REF_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(_git, "LIST_REFS_TIMEOUT_S", 1.0)
+    repo = make_repo()
+
+    report = run_plan(
+        repo,
+        {"planter": FIFO_REFS, "honest": VICTIM},
+        [
+            {"id": "planter", "agent": "planter", "task": "t", "priority": 1},
+            {"id": "victim", "agent": "honest", "task": "t"},
+        ],
+        concurrency=1,
+    )
+    assert report.result("planter").status == "succeeded"
+    victim = report.result("victim")
+    assert victim.status == "failed"
+    assert victim.error is not None and "did not answer within 1 s" in victim.error.message
+    assert [w for w in report.warnings if "could not be listed" in w], report.warnings
+    assert (Path(report.run_dir) / "report.json").is_file()
