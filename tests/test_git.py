@@ -467,7 +467,7 @@ def test_a_read_past_its_limit_is_cut_there_and_its_git_killed(make_repo: MakeRe
     out, cut = anyio.run(main)
     assert cut and len(out) == 1000
     assert out.startswith(head.encode() + b" commit ")
-    assert live_processes_with("--batch-check") == []
+    assert live_processes_with(str(repo)) == []
 
 
 def test_a_read_that_hangs_is_killed_at_its_timeout(make_repo: MakeRepo) -> None:
@@ -550,7 +550,7 @@ def test_a_ref_made_a_fifo_fails_its_own_update_and_holds_up_no_other(
     assert not (repo / ".git" / "refs" / "heads" / "victim.lock").exists()
     assert ref(repo, "refs/heads/other") == second
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # left as it is: not the orchestrator's
-    assert live_processes_with("update-ref") == []
+    assert live_processes_with(str(repo)) == []
 
 
 def test_ref_updates_go_through_one_git_process_and_do_what_update_ref_does(

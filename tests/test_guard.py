@@ -420,4 +420,4 @@ def test_a_fifo_among_the_refs_fails_their_listing_at_its_timeout(
     with pytest.raises(GitError, match=r"did not finish within 0\.5 s") as caught:
         anyio.run(ref_values, Git(repo))
     assert caught.value.command[0] == "for-each-ref"
-    assert live_processes_with("for-each-ref") == []
+    assert live_processes_with(str(repo)) == []
