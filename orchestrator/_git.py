@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -145,6 +146,9 @@ class Git:
         #: While a run is on, its repository guard: checked (and what changed put back)
         #: before every command, so that git never runs what an agent planted.
         self.guard: RepoGuard | None = None
+        #: The repository's git directory shared by its worktrees (set once it is known):
+        #: where a ref's own files are checked before git is asked about the ref.
+        self.common_dir: Path | None = None
         self._env = {**clean_environment(os.environ), **_BASE_ENV}
         self._identity: dict[str, str] | None = None
         self._asking = _LoopLock()
@@ -354,6 +358,40 @@ class Git:
                 finally:
                     await objects.aclose()
 
+    def unblock_ref(self, ref: str) -> None:
+        """Make sure no git command about *ref* (``refs/heads/x``) can block on its files.
+
+        git opens a ref's loose file to read it and its reflog to write it: either made a
+        FIFO, or a link to one (an agent can write the shared refs/ and logs/), would block
+        that command for ever. Such a file is removed when it is the git directory's own (a
+        FIFO holds nothing; a link is removed, never what it points at), and GitError says
+        so: the operation on *ref* fails at once rather than hanging, and the next one finds
+        the ref's place free.
+        """
+        if self.common_dir is None or not _PLAIN_REF.fullmatch(ref) or ".." in ref:
+            return  # not a name git takes as a loose ref: git refuses it itself
+        root = os.path.realpath(self.common_dir)
+        for path in (self.common_dir / ref, self.common_dir / "logs" / ref):
+            try:
+                mode = os.lstat(path).st_mode
+                if stat.S_ISLNK(mode):
+                    mode = os.stat(path).st_mode  # what git would open
+            except OSError:
+                continue  # absent, or a dangling link: git finds no file either
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                continue
+            parent = os.path.realpath(path.parent)
+            removed = ""
+            if parent == root or parent.startswith(root + os.sep):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    removed = ", and was removed"
+            raise GitError(
+                ["update-ref", ref],
+                128,
+                f"fatal: {path} was not a regular file (a FIFO, or a link to one){removed}",
+            )
+
     async def update_ref(
         self, ref: str, new: str | None, old: str | None = None, *, check: bool = True
     ) -> bool:
@@ -365,6 +403,12 @@ class Git:
         the kept ``update-ref --stdin``. git refuses one by ending with the reason: the
         update fails with it, and the next update starts another process."""
         check_ids(*(v for v in (new, old) if v))
+        try:
+            self.unblock_ref(ref)
+        except GitError:
+            if check:
+                raise
+            return False
         if self._refs is None or not _PLAIN_REF.fullmatch(ref):
             if new is None:
                 args = ["update-ref", "-d", "--end-of-options", ref, *([old] if old else [])]
@@ -705,11 +749,11 @@ class _Kept:
                 await process.stdin.aclose()
         # A git blocked on a FIFO does not see its input close: it is killed, after a grace.
         with anyio.move_on_after(END_GRACE_S):
-            code = await process.wait()
+            await process.wait()
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            code = await process.wait()
+        code = await process.wait()
         with stderr:
             size = stderr.seek(0, os.SEEK_END)
             stderr.seek(max(0, size - 4096))

@@ -48,6 +48,14 @@ GUARDED_FILES = (
 )
 #: Largest guarded file kept for putting back (a config file is a few KiB).
 _MAX_KEPT = 4 << 20
+#: Files every git command reads, which change during a run for good reasons (the
+#: orchestrator's own ref deletions rewrite packed-refs; the user may check out another
+#: branch): what they hold is not put back, but each must stay a regular file. Made
+#: anything else (a FIFO would block every git command for ever), it is put back as it last
+#: was; a missing HEAD too (without it the directory is no repository).
+SHARED_FILES = ("HEAD", "packed-refs")
+#: Largest shared file kept for putting back (packed-refs holds a line per ref).
+_MAX_SHARED = 64 << 20
 
 _Key = tuple[int, int, int, int, int] | None
 
@@ -97,6 +105,8 @@ class RepoGuard:
     #: every git command, and making these paths again each time cost most of it.
     _hooks: dict[str, Path] = field(default_factory=dict, repr=False)
     _files: list[Path] = field(default_factory=list, repr=False)
+    #: Each shared file (SHARED_FILES) as it last was a regular file: its key and content.
+    _shared: dict[Path, _Kept] = field(default_factory=dict, repr=False)
 
     @classmethod
     def snapshot(cls, common_dir: Path) -> RepoGuard:
@@ -114,6 +124,8 @@ class RepoGuard:
         """Keep every guarded file as it is now (what a later change is put back to)."""
         for path in self._paths():
             self.kept[path] = self._read(path)
+        with self._lock:
+            self._check_shared([])
 
     def _paths(self) -> list[Path]:
         """The guarded files, the user's, and every hook there is now or ever was (one
@@ -147,6 +159,7 @@ class RepoGuard:
         """
         found: list[Change] = []
         with self._lock:
+            self._check_shared(found)
             for path in self._paths():
                 kept = self.kept.get(path) or _Kept(None, None)
                 key = _key(path)
@@ -171,6 +184,42 @@ class RepoGuard:
                 found.append(change)
                 self.changes.append(change)
         return found
+
+    def _check_shared(self, found: list[Change]) -> None:
+        """Keep each shared file as it is while it is a regular file; put back one made
+        anything else, or a HEAD gone (see SHARED_FILES). Under the lock."""
+        for name in SHARED_FILES:
+            path = self.common_dir / name
+            last = self._shared.get(path)
+            key = _key(path)
+            if key is not None and stat.S_ISREG(key[0]):
+                if last is None or last.key != key:
+                    with contextlib.suppress(OSError):  # swapped meanwhile: the next check
+                        content = read_bounded(path, _MAX_SHARED)
+                        self._shared[path] = _Kept(key, content, stat.S_IMODE(key[0]))
+                continue
+            if key is None and (name != "HEAD" or last is None):
+                # No packed-refs is a repository without packed refs: nothing to put back
+                # later (what it last held may have been deleted since).
+                self._shared.pop(path, None)
+                continue
+            if key is not None and stat.S_ISLNK(key[0]) and name == "HEAD":
+                continue  # a symbolic-link HEAD (core.preferSymlinkRefs): git reads the link
+            what = "deleted" if key is None else "made something other than a regular file"
+            when = _ctime(path)
+            put_back = last if last is not None else _Kept(key, None)
+            try:
+                if key is not None:
+                    self._put_back(path, _Kept(None, None))  # what is there goes
+                if put_back.content is not None:
+                    self._shared[path] = _Kept(
+                        self._put_back(path, put_back), put_back.content, put_back.mode
+                    )
+            except OSError as exc:
+                what = f"{what} (and could not be put back: {exc.strerror or exc})"
+            change = Change(path=path, what=what, changed_at=when)
+            found.append(change)
+            self.changes.append(change)
 
     def _put_back(self, path: Path, kept: _Kept) -> _Key:
         """Make *path* what the snapshot holds (absent, its content, or its link); its key."""

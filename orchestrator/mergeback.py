@@ -341,6 +341,9 @@ def _same_place(named: str, repository: Repository) -> bool:
 
 
 async def _tip(git: Git, ref: str) -> str | None:
+    """Where *ref* points (None: nowhere); GitError, at once, when its file or reflog is a
+    FIFO (see ``Git.unblock_ref``), which would block git for ever."""
+    git.unblock_ref(ref)
     found = await git.run(
         "rev-parse", "--verify", "--quiet", "--end-of-options", f"{ref}^{{commit}}", check=False
     )

@@ -120,6 +120,7 @@ async def clear_task_leftovers(
             done.append(f"removed stale lock {lock}")
         tip = ""
         if not keep_branch:
+            repo.git.unblock_ref(ref)  # a FIFO left there would block git for ever
             found = await repo.git.run(
                 "rev-parse", "--verify", "--quiet", "--end-of-options", ref, check=False
             )

@@ -58,6 +58,7 @@ class Repository:
                 ) from exc
         state = Path(state_dir).absolute() if state_dir else common_dir / "orchestrator"
         git.repo = root
+        git.common_dir = common_dir
         return cls(
             root=root,
             common_dir=common_dir,

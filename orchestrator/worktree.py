@@ -298,6 +298,7 @@ async def branch_tip(repo: Repository, worktree: Worktree) -> str:
         value = ""
     if is_object_id(value):
         return value
+    repo.git.unblock_ref(f"refs/heads/{worktree.branch}")  # git would open a FIFO there
     return await repo.git.out(
         "rev-parse", "--verify", "--end-of-options", f"refs/heads/{worktree.branch}^{{commit}}"
     )

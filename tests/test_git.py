@@ -553,6 +553,48 @@ def test_a_ref_made_a_fifo_fails_its_own_update_and_holds_up_no_other(
     assert live_processes_with(str(repo)) == []
 
 
+def test_a_refs_file_made_a_fifo_is_found_before_git_is_asked_and_removed(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
+    """A FIFO, or a link to one, at a ref's loose file or its reflog: the update fails at
+    once (no git waits on it) and the git directory's own file goes; nothing outside the
+    git directory is removed, whatever a link in refs/ leads to."""
+    repo = make_repo()
+    head, second = two_commits(repo)
+    common = repo / ".git"
+    runner = Git(repo)
+    runner.common_dir = common
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(outside / "fifo")
+    os.mkfifo(common / "refs" / "heads" / "fifo-ref")
+    (common / "logs" / "refs" / "heads").mkdir(parents=True, exist_ok=True)
+    os.mkfifo(common / "logs" / "refs" / "heads" / "fifo-log")
+    (common / "refs" / "heads" / "linked").symlink_to(outside / "fifo")
+    (common / "refs" / "heads" / "elsewhere").symlink_to(outside, target_is_directory=True)
+
+    async def main() -> list[str]:
+        said = []
+        with anyio.fail_after(20):
+            async with runner.kept():
+                for ref in ("fifo-ref", "fifo-log", "linked", "elsewhere/fifo"):
+                    with pytest.raises(GitError, match="was not a regular file") as caught:
+                        await runner.update_ref(f"refs/heads/{ref}", second, "")
+                    said.append(str(caught.value))
+                # The places freed: the same updates now simply work.
+                assert await runner.update_ref("refs/heads/fifo-ref", second, "")
+                assert await runner.update_ref("refs/heads/fifo-log", second, "")
+                assert not await runner.update_ref("refs/heads/x", second, head, check=False)
+        return said
+
+    said = anyio.run(main)
+    assert [s.endswith("and was removed") for s in said] == [True, True, True, False]
+    assert ref(repo, "refs/heads/fifo-ref") == second and ref(repo, "refs/heads/fifo-log") == second
+    assert not os.path.lexists(common / "refs" / "heads" / "linked")
+    assert stat.S_ISFIFO(os.lstat(outside / "fifo").st_mode)  # not the git directory's
+    assert runner.calls == 1  # the kept update-ref; the four refused cost no git at all
+
+
 def test_ref_updates_go_through_one_git_process_and_do_what_update_ref_does(
     make_repo: MakeRepo,
 ) -> None:

@@ -421,3 +421,40 @@ def test_a_fifo_among_the_refs_fails_their_listing_at_its_timeout(
         anyio.run(ref_values, Git(repo))
     assert caught.value.command[0] == "for-each-ref"
     assert live_processes_with(str(repo)) == []
+
+
+def test_a_shared_file_made_a_fifo_is_put_back_as_it_last_was(make_repo: MakeRepo) -> None:
+    """packed-refs and HEAD are read by every git command: one made a FIFO would block each
+    for ever. They change for good reasons (not put back then), but one made anything other
+    than a regular file is put back as it last was, and the change told."""
+    repo = make_repo()
+    git(repo, "branch", "packed")
+    git(repo, "pack-refs", "--all")
+    common = repo / ".git"
+    guard = RepoGuard.snapshot(common)
+    packed = (common / "packed-refs").read_bytes()
+    head = (common / "HEAD").read_bytes()
+    assert b"refs/heads/packed" in packed
+    # A change for a good reason is kept, not put back: the later content is what counts.
+    git(repo, "branch", "-D", "packed")
+    assert guard.check() == []
+    packed = (common / "packed-refs").read_bytes()
+    assert b"refs/heads/packed" not in packed
+    (common / "packed-refs").unlink()
+    os.mkfifo(common / "packed-refs")
+    (common / "HEAD").unlink()
+    changes = guard.check()
+    assert sorted((c.path.name, c.what) for c in changes) == [
+        ("HEAD", "deleted"),
+        ("packed-refs", "made something other than a regular file"),
+    ]
+    assert stat.S_ISREG(os.lstat(common / "packed-refs").st_mode)
+    assert (common / "packed-refs").read_bytes() == packed
+    assert (common / "HEAD").read_bytes() == head
+    assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+    # A directory in packed-refs' place goes too; no packed-refs at all is no change.
+    (common / "packed-refs").unlink()
+    assert guard.check() == []
+    (common / "packed-refs").mkdir()
+    assert [c.path.name for c in guard.check()] == ["packed-refs"]
+    assert not (common / "packed-refs").exists()  # never seen again as a file: removed

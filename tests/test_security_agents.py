@@ -371,6 +371,50 @@ def test_fifos_an_agent_puts_among_the_refs_hang_no_run(
     assert report.result("planter").status == "succeeded"
     victim = report.result("victim")
     assert victim.status == "failed"
-    assert victim.error is not None and "did not answer within 1 s" in victim.error.message
+    # Found before git was asked (no wait at all), and removed.
+    assert victim.error is not None and "was not a regular file" in victim.error.message
+    run_dir = Path(report.run_dir)
+    assert not (
+        repo / ".git" / "refs" / "heads" / "orchestrator" / run_dir.name / "victim"
+    ).exists()
     assert [w for w in report.warnings if "could not be listed" in w], report.warnings
     assert (Path(report.run_dir) / "report.json").is_file()
+
+
+FIFO_PACKED_REFS = """
+import os, subprocess, time
+common = subprocess.run(
+    ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+    capture_output=True, text=True, check=True,
+).stdout.strip()
+path = os.path.join(common, "packed-refs")
+if os.path.exists(path):
+    os.unlink(path)
+os.mkfifo(path)
+open("work.txt", "w").write("done")
+time.sleep(1.5)  # the next task starts more than the guard's 1 s of slack later
+"""
+
+
+def test_packed_refs_made_a_fifo_is_put_back_and_the_agent_blamed(make_repo: MakeRepo) -> None:
+    """Every git command reads packed-refs: a FIFO there would block them all for ever."""
+    repo = make_repo()
+    git(repo, "branch", "packed-before")
+    git(repo, "pack-refs", "--all")
+    report = run_plan(
+        repo,
+        {"fifo": FIFO_PACKED_REFS, "honest": "open('honest.txt', 'w').write('ok')\n"},
+        [
+            {"id": "fifo", "agent": "fifo", "task": "t", "priority": 1},
+            {"id": "honest", "agent": "honest", "task": "t"},
+        ],
+        concurrency=1,
+    )
+    result = report.result("fifo")
+    assert result.status == "failed"
+    assert result.error is not None and result.error.kind == "tamper"
+    assert "packed-refs made something other than a regular file" in result.error.message
+    assert report.result("honest").status == "succeeded"
+    packed = repo / ".git" / "packed-refs"
+    assert packed.is_file() and b"refs/heads/packed-before" in packed.read_bytes()
+    assert git(repo, "rev-parse", "packed-before") == git(repo, "rev-parse", "main")
