@@ -207,14 +207,11 @@ class RepoGuard:
                 continue  # a symbolic-link HEAD (core.preferSymlinkRefs): git reads the link
             what = "deleted" if key is None else "made something other than a regular file"
             when = _ctime(path)
-            put_back = last if last is not None else _Kept(key, None)
             try:
                 if key is not None:
                     self._put_back(path, _Kept(None, None))  # what is there goes
-                if put_back.content is not None:
-                    self._shared[path] = _Kept(
-                        self._put_back(path, put_back), put_back.content, put_back.mode
-                    )
+                if last is not None and last.content is not None:
+                    self._shared[path] = _Kept(self._put_back(path, last), last.content, last.mode)
             except OSError as exc:
                 what = f"{what} (and could not be put back: {exc.strerror or exc})"
             change = Change(path=path, what=what, changed_at=when)

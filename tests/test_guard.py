@@ -19,6 +19,7 @@ import pytest
 
 from envelopes import AgentInfo, Provenance, TaskResult, Timings, digest
 from orchestrator import _git as git_module
+from orchestrator import guard as guards
 from orchestrator._git import Git
 from orchestrator.errors import GitError
 from orchestrator.guard import RepoGuard, moved_refs, ref_values
@@ -431,12 +432,14 @@ def test_a_shared_file_made_a_fifo_is_put_back_as_it_last_was(make_repo: MakeRep
     git(repo, "branch", "packed")
     git(repo, "pack-refs", "--all")
     common = repo / ".git"
+    started = time.time()
     guard = RepoGuard.snapshot(common)
     packed = (common / "packed-refs").read_bytes()
     head = (common / "HEAD").read_bytes()
     assert b"refs/heads/packed" in packed
     # A change for a good reason is kept, not put back: the later content is what counts.
     git(repo, "branch", "-D", "packed")
+    (common / "packed-refs").chmod(0o640)  # kept as it last was: its mode too
     assert guard.check() == []
     packed = (common / "packed-refs").read_bytes()
     assert b"refs/heads/packed" not in packed
@@ -452,9 +455,41 @@ def test_a_shared_file_made_a_fifo_is_put_back_as_it_last_was(make_repo: MakeRep
     assert (common / "packed-refs").read_bytes() == packed
     assert (common / "HEAD").read_bytes() == head
     assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+    # Again, alone (HEAD as it should be), and through a link: put back each time.
+    for bad in ("fifo", "link"):
+        (common / "packed-refs").unlink()
+        if bad == "fifo":
+            os.mkfifo(common / "packed-refs")
+        else:
+            (common / "packed-refs").symlink_to(common / "HEAD")
+        assert [(c.path.name, c.what) for c in guard.check()] == [
+            ("packed-refs", "made something other than a regular file")
+        ]
+        assert not (common / "packed-refs").is_symlink()
+        assert (common / "packed-refs").read_bytes() == packed
+        assert stat.S_IMODE(os.lstat(common / "packed-refs").st_mode) == 0o640
     # A directory in packed-refs' place goes too; no packed-refs at all is no change.
     (common / "packed-refs").unlink()
     assert guard.check() == []
     (common / "packed-refs").mkdir()
     assert [c.path.name for c in guard.check()] == ["packed-refs"]
     assert not (common / "packed-refs").exists()  # never seen again as a file: removed
+    # Each change is the agent's that ran when it was made, or told as no one's.
+    changes = guard.blame(started, time.time())
+    assert [c.path.name for c in changes] == ["HEAD", "packed-refs"] * 1 + ["packed-refs"] * 3
+    assert guard.unblamed() == []
+
+
+def test_a_symbolic_link_head_is_left_and_an_unreadable_shared_file_is_no_error(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo()
+    common = repo / ".git"
+    (common / "HEAD").unlink()
+    (common / "HEAD").symlink_to("refs/heads/main")  # as core.preferSymlinkRefs makes it
+    git(repo, "pack-refs", "--all")
+    monkeypatch.setattr(guards, "_MAX_SHARED", 10)  # packed-refs now too big to keep
+    guard = RepoGuard.snapshot(common)
+    assert guard.check() == []
+    assert (common / "HEAD").is_symlink()
+    assert git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"
