@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anyio
+
 from envelopes import TaskResult, read_bounded
 
+from .errors import GitError
 from .results import Brief
 
 if TYPE_CHECKING:
@@ -303,13 +306,52 @@ def _describe(kept: _Kept, key: _Key) -> str:
 
 async def ref_values(git: Git) -> dict[str, str]:
     """Every ref of the repository and the object it names (one git command); GitError when
-    git fails or takes longer than ``LIST_REFS_TIMEOUT_S`` (orchestrator/_git.py)."""
+    git fails or takes longer than ``LIST_REFS_TIMEOUT_S`` (orchestrator/_git.py), then
+    naming what among the refs is not a regular file (a FIFO someone left there), if any."""
     from ._git import LIST_REFS_TIMEOUT_S  # (which imports this module)
 
-    out = await git.out(
-        "for-each-ref", "--format=%(refname) %(objectname)", timeout=LIST_REFS_TIMEOUT_S
-    )
+    try:
+        out = await git.out(
+            "for-each-ref", "--format=%(refname) %(objectname)", timeout=LIST_REFS_TIMEOUT_S
+        )
+    except GitError as exc:
+        if git.common_dir is None or exc.returncode != -9:
+            raise
+        blocking = await anyio.to_thread.run_sync(_not_regular, git.common_dir)
+        if not blocking:
+            raise
+        named = ", ".join(str(p) for p in blocking[:5]) + (" ..." if len(blocking) > 5 else "")
+        raise GitError(
+            exc.command,
+            exc.returncode,
+            f"{exc.stderr}\nfatal: not regular files, which git blocks on: {named}; "
+            "remove them (nothing is stored in a FIFO)",
+        ) from None
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def _not_regular(common_dir: Path, limit: int = 100_000) -> list[Path]:
+    """What in *common_dir*'s ``packed-refs``, ``refs/`` and ``logs/refs/`` is neither a
+    regular file, a directory nor a link (a FIFO blocks git for ever); at most *limit*
+    entries are looked at."""
+    found: list[Path] = []
+    seen = 0
+    packed = common_dir / "packed-refs"
+    with contextlib.suppress(OSError):
+        if not stat.S_ISREG(os.lstat(packed).st_mode):
+            found.append(packed)
+    for top in (common_dir / "refs", common_dir / "logs" / "refs"):
+        for directory, _, files in os.walk(top):  # links to directories are not followed
+            for name in files:
+                seen += 1
+                if seen > limit:
+                    return found
+                path = Path(directory, name)
+                with contextlib.suppress(OSError):
+                    mode = os.lstat(path).st_mode
+                    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                        found.append(path)
+    return found
 
 
 #: Refs that the orchestrator moves itself, or that other runs move: not reported.

@@ -422,6 +422,20 @@ def test_a_fifo_among_the_refs_fails_their_listing_at_its_timeout(
         anyio.run(ref_values, Git(repo))
     assert caught.value.command[0] == "for-each-ref"
     assert live_processes_with(str(repo)) == []
+    # Knowing the git directory, the error names what blocked git, and says what to do.
+    runner = Git(repo)
+    runner.common_dir = repo / ".git"
+    (repo / ".git" / "logs" / "refs" / "heads").mkdir(parents=True, exist_ok=True)
+    os.mkfifo(repo / ".git" / "logs" / "refs" / "heads" / "planted-log")
+    with pytest.raises(GitError) as caught:
+        anyio.run(ref_values, runner)
+    assert str(caught.value).endswith(
+        f"fatal: not regular files, which git blocks on: {fifo}, "
+        f"{repo / '.git' / 'logs' / 'refs' / 'heads' / 'planted-log'}; "
+        "remove them (nothing is stored in a FIFO)"
+    )
+    assert "did not finish within 0.5 s" in caught.value.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # named, not removed: the user's to see
 
 
 def test_a_shared_file_made_a_fifo_is_put_back_as_it_last_was(make_repo: MakeRepo) -> None:
