@@ -370,7 +370,6 @@ class Git:
         """
         if self.common_dir is None or not _PLAIN_REF.fullmatch(ref) or ".." in ref:
             return  # not a name git takes as a loose ref: git refuses it itself
-        root = os.path.realpath(self.common_dir)
         for path in (self.common_dir / ref, self.common_dir / "logs" / ref):
             try:
                 mode = os.lstat(path).st_mode
@@ -380,7 +379,7 @@ class Git:
                 continue  # absent, or a dangling link: git finds no file either
             if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                 continue
-            parent = os.path.realpath(path.parent)
+            root, parent = os.path.realpath(self.common_dir), os.path.realpath(path.parent)
             removed = ""
             if parent == root or parent.startswith(root + os.sep):
                 with contextlib.suppress(OSError):

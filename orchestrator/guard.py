@@ -331,9 +331,9 @@ async def ref_values(git: Git) -> dict[str, str]:
 
 
 def _not_regular(common_dir: Path, limit: int = 100_000) -> list[Path]:
-    """What in *common_dir*'s ``packed-refs``, ``refs/`` and ``logs/refs/`` is neither a
-    regular file, a directory nor a link (a FIFO blocks git for ever); at most *limit*
-    entries are looked at."""
+    """What in *common_dir*'s ``packed-refs``, ``refs/`` and ``logs/refs/`` git would open
+    as something other than a regular file (a FIFO, or a link to one, blocks git for ever);
+    at most *limit* entries are looked at."""
     found: list[Path] = []
     seen = 0
     packed = common_dir / "packed-refs"
@@ -347,9 +347,8 @@ def _not_regular(common_dir: Path, limit: int = 100_000) -> list[Path]:
                 if seen > limit:
                     return found
                 path = Path(directory, name)
-                with contextlib.suppress(OSError):
-                    mode = os.lstat(path).st_mode
-                    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                with contextlib.suppress(OSError):  # gone, or a dangling link: opens nothing
+                    if not stat.S_ISREG(os.stat(path).st_mode):  # a link: what it leads to
                         found.append(path)
     return found
 
