@@ -519,3 +519,48 @@ def test_a_symbolic_link_head_is_left_and_an_unreadable_shared_file_is_no_error(
     os.mkfifo(common / "packed-refs")
     assert [c.path.name for c in guard.check()] == ["packed-refs"]
     assert not (common / "packed-refs").exists()
+
+
+def test_what_blocks_a_listing_of_refs_is_named_five_at_most_packed_refs_too(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(git_module, "LIST_REFS_TIMEOUT_S", 0.5)
+    repo = make_repo()
+    common = repo / ".git"
+    runner = Git(repo)
+    runner.common_dir = common
+    git(repo, "pack-refs", "--all")
+    (common / "packed-refs").unlink()
+    os.mkfifo(common / "packed-refs")  # read by every ref listing
+    for n in range(5):
+        os.mkfifo(common / "refs" / "heads" / f"fifo{n}")
+
+    def named() -> tuple[list[str], str]:
+        with pytest.raises(GitError) as caught:
+            anyio.run(ref_values, runner)
+        assert caught.value.returncode == -9  # still the timeout git was killed at
+        listed = str(caught.value).split("which git blocks on: ")[1].split("; ")[0]
+        return listed.removesuffix(" ...").split(", "), listed
+
+    six, listed = named()
+    assert len(six) == 5 and listed.endswith(" ...")  # six found: the first five named
+    assert six[0] == str(common / "packed-refs")
+    (common / "refs" / "heads" / "fifo0").unlink()
+    five, listed = named()
+    assert len(five) == 5 and not listed.endswith(" ...")
+
+
+def test_at_most_so_many_entries_are_looked_at_for_what_blocks_git(make_repo: MakeRepo) -> None:
+    from orchestrator.guard import _not_regular
+
+    repo = make_repo()
+    common = repo / ".git"
+    for ref in common.joinpath("refs").rglob("*"):
+        if ref.is_file():
+            ref.unlink()  # no loose ref left: the FIFO is the only entry
+    os.mkfifo(common / "refs" / "heads" / "only")
+    assert _not_regular(common, limit=1) == [common / "refs" / "heads" / "only"]
+    assert _not_regular(common, limit=0) == []
+    (common / "refs" / "heads" / "regular").write_text("x\n")
+    assert len(_not_regular(common, limit=2)) == 1
+    assert _not_regular(common) == [common / "refs" / "heads" / "only"]
