@@ -6,6 +6,7 @@ is SIGKILLed, as a crashed orchestrator would be).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -92,6 +93,7 @@ Holder = Callable[[str, Path], Held]
 def holder() -> Iterator[Holder]:
     """Factory: a child process holding the lock of *kind* at *where*, once it says so."""
     started: list[subprocess.Popen[str]] = []
+    agents: list[int] = []
 
     def start(kind: str, where: Path) -> Held:
         proc = subprocess.Popen(
@@ -104,12 +106,20 @@ def holder() -> Iterator[Holder]:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(2 if kind == "slot" else 1)]
         assert lines[-1] == "held\n", lines
-        return Held(proc, int(lines[0]) if kind == "slot" else None)
+        held = Held(proc, int(lines[0]) if kind == "slot" else None)
+        if held.agent is not None:
+            agents.append(held.agent)
+        return held
 
     yield start
     for proc in started:
         with proc:  # closes its pipes, and waits
             proc.kill()
+    for pid in agents:  # a slot holder's agent, in a session of its own: not left behind
+        with contextlib.suppress(psutil.Error):
+            agent = psutil.Process(pid)
+            if "time.sleep(600)" in " ".join(agent.cmdline()):  # still it, not a pid reused
+                agent.kill()
 
 
 def let_go(held: Held) -> None:
