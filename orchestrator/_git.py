@@ -21,14 +21,17 @@ from pathlib import Path
 from typing import IO
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from envelopes import is_object_id
 
+from . import stall
 from .errors import GitError
-from .guard import RepoGuard
+from .guard import RepoGuard, user_git_files
+from .stall import END_GRACE_S
 
 __all__ = [
     "FALLBACK_IDENTITY",
@@ -183,16 +186,13 @@ class Git:
         # A started git command is never killed: killed, it can leave ref and index locks
         # behind. It runs to its end (milliseconds, for what the engine runs) and a pending
         # cancellation is delivered right after.
+        # (Unless it would wait for ever on what an agent planted: see orchestrator/stall.py.)
+        blocking: list[Path] = []
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(timeout if timeout is not None else math.inf) as limit:
                 try:
-                    result = await anyio.run_process(
-                        command,
-                        # Given input (even none at all) or nothing: never this process's stdin.
-                        input=stdin or None,
-                        stdin=subprocess.DEVNULL if not stdin else None,
-                        check=False,
-                        env={**self._env, **env} if env else self._env,
+                    result = await self._run_watched(
+                        command, stdin, {**self._env, **env} if env else self._env, cwd, blocking
                     )
                 except* (anyio.BrokenResourceError, BrokenPipeError, ConnectionResetError):
                     # git ended before it read all its input (a broken repository, a bad
@@ -202,6 +202,8 @@ class Git:
             raise GitError(
                 args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"
             )
+        if blocking:
+            raise _blocked(args, blocking)
         await anyio.lowlevel.checkpoint_if_cancelled()
         if check and result.returncode != 0:
             raise GitError(args, result.returncode, result.stderr.decode(errors="replace"))
@@ -228,6 +230,7 @@ class Git:
         out: list[bytes] = []
         err = bytearray()
         size, cut = 0, False
+        blocking: list[Path] = []
         async with await anyio.open_process(
             command,
             stdin=subprocess.PIPE,
@@ -249,10 +252,12 @@ class Git:
                     if len(err) < 4096:
                         err.extend(chunk[: 4096 - len(err)])
 
+            watching = anyio.CancelScope()
             with anyio.move_on_after(timeout) as limited:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(feed)
                     tg.start_soon(drain_errors)
+                    tg.start_soon(self._watch, process, cwd, blocking, watching)
                     async for chunk in stdout:
                         out.append(chunk)
                         size += len(chunk)
@@ -260,10 +265,13 @@ class Git:
                             cut = True
                             tg.cancel_scope.cancel()
                             break
+                    watching.cancel()
             if cut or limited.cancelled_caught:
                 with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                     process.kill()
             returncode = await process.wait()
+        if blocking:
+            raise _blocked(args, blocking)
         if limited.cancelled_caught:
             raise GitError(
                 args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"
@@ -273,6 +281,54 @@ class Git:
             # there that they could not read a directory, and still exit 0).
             raise GitError(args, returncode or 1, err.decode(errors="replace"))
         return b"".join(out)[:limit], cut
+
+    async def _run_watched(
+        self,
+        command: list[str],
+        stdin: bytes | None,
+        env: Mapping[str, str],
+        cwd: Path | None,
+        blocking: list[Path],
+    ) -> subprocess.CompletedProcess[bytes]:
+        """*command* run to its end (as ``anyio.run_process``), its output collected; unless
+        it is found waiting on something that never ends (see :meth:`_stop_when_blocked`)."""
+        output = [b"", b""]
+
+        async def collect(stream: anyio.abc.ByteReceiveStream, index: int) -> None:
+            chunks = [chunk async for chunk in stream]
+            output[index] = b"".join(chunks)
+
+        async with await anyio.open_process(
+            command,
+            # Given input (even none at all) or nothing: never this process's stdin.
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        ) as process:
+            assert process.stdout is not None and process.stderr is not None
+            watching = anyio.CancelScope()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(collect, process.stdout, 0)
+                tg.start_soon(collect, process.stderr, 1)
+                tg.start_soon(self._watch, process, cwd, blocking, watching)
+                if process.stdin is not None and stdin:
+                    await process.stdin.send(stdin)
+                    await process.stdin.aclose()
+                await process.wait()
+                watching.cancel()
+        assert process.returncode is not None
+        return subprocess.CompletedProcess(command, process.returncode, *output)
+
+    async def _watch(
+        self, process: Process, cwd: Path | None, found: list[Path], scope: anyio.CancelScope
+    ) -> None:
+        """*process* watched for what would keep it waiting for ever (orchestrator/stall.py)
+        until *scope* is cancelled; what stopped it, in *found*."""
+        common = self.common_dir or self.repo / ".git"
+        also = [(cwd or self.repo) / ".git", *user_git_files()]
+        removed = self.guard.removed if self.guard is not None else None
+        await stall.watch(process, scope, found, common, also, removed)
 
     async def out(
         self,
@@ -586,9 +642,17 @@ REF_TIMEOUT_S = 60.0
 #: and a FIFO put among them (by an agent, in the shared refs/) would block it for ever.
 #: Past this, git is killed (a listing holds no lock) and the listing fails (GitError).
 LIST_REFS_TIMEOUT_S = 60.0
-#: How long a kept git that was told to end (its input closed, or SIGTERM) has to end before
-#: it is killed; git removes its lock files on SIGTERM, not on SIGKILL.
-END_GRACE_S = 5.0
+
+
+def _blocked(args: Sequence[str], found: list[Path]) -> GitError:
+    named = ", ".join(str(p) for p in found[:5]) + (" ..." if len(found) > 5 else "")
+    return GitError(
+        args,
+        -15,
+        f"fatal: git was stopped: it would have waited for ever on {named} (a FIFO or a "
+        "device where git reads a file, or a link to one); those in the git directory "
+        "were removed",
+    )
 
 
 class _Closed(Exception):

@@ -32,14 +32,23 @@ from envelopes import TaskResult, read_bounded
 
 from .errors import GitError
 from .results import Brief
+from .stall import Sweep, release
 
 if TYPE_CHECKING:
     from ._git import Git
 
-__all__ = ["GUARDED_FILES", "Change", "RepoGuard", "moved_refs", "ref_values"]
+__all__ = [
+    "GUARDED_FILES",
+    "Change",
+    "RepoGuard",
+    "moved_refs",
+    "ref_values",
+    "user_git_files",
+]
 
 #: Files of the common git directory that decide what git runs or which objects it sees
-#: (the user's global config and attributes files are watched too: see _global_files).
+#: (the user's global config, attributes and ignore files are watched too: see
+#: user_git_files).
 GUARDED_FILES = (
     "config",
     "config.worktree",
@@ -61,6 +70,8 @@ SHARED_FILES = ("HEAD", "packed-refs")
 _MAX_SHARED = 64 << 20
 
 _Key = tuple[int, int, int, int, int] | None
+
+_BLOCKING = "made a FIFO or a device (git would wait on it for ever)"
 
 
 def _key(path: Path) -> _Key:
@@ -110,17 +121,20 @@ class RepoGuard:
     _files: list[Path] = field(default_factory=list, repr=False)
     #: Each shared file (SHARED_FILES) as it last was a regular file: its key and content.
     _shared: dict[Path, _Kept] = field(default_factory=dict, repr=False)
+    #: What in the git directory git would wait on for ever, looked for after each attempt.
+    _sweep: Sweep | None = field(default=None, repr=False)
 
     @classmethod
     def snapshot(cls, common_dir: Path) -> RepoGuard:
         """Record the guarded files (and every hook) of *common_dir* as they are now."""
         guard = cls(common_dir)
-        for path in _global_files():
+        for path in user_git_files():
             guard.user_files.append(path)
             if path.is_symlink():  # the file it leads to (now: never where a link points later)
                 with contextlib.suppress(OSError, RuntimeError):
                     guard.user_files.append(path.resolve())
         guard.record()
+        guard.sweep()  # the whole directory, once: later sweeps list only what changed
         return guard
 
     def record(self) -> None:
@@ -258,12 +272,34 @@ class RepoGuard:
         return (info.st_mode, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
     def blame(self, started: float, finished: float) -> list[Change]:
-        """The changes whose file changed between *started* and *finished* (``time.time()``)."""
+        """The changes whose file changed between *started* and *finished* (``time.time()``):
+        to the guarded files, and anything made in the git directory that git would wait on
+        for ever (a FIFO, a device: removed, see orchestrator/stall.py)."""
         self.check()
+        self.sweep()
         with self._lock:
             found = [c for c in self.changes if started - 1.0 <= c.changed_at <= finished + 1.0]
             self.blamed.update(id(c) for c in found)
             return found
+
+    def sweep(self) -> None:
+        """Remove what in the git directory git would wait on for ever (a FIFO, a device,
+        a link to one: only an agent makes one there), and keep each as a change. Only the
+        directories changed since the last sweep are listed again (a few ``stat`` calls)."""
+        with self._lock:
+            if self._sweep is None:
+                self._sweep = Sweep(self.common_dir)
+            found = self._sweep()
+        if found:
+            self.removed(release(found, self.common_dir))
+
+    def removed(self, gone: Mapping[Path, float]) -> None:
+        """Keep as changes the files *gone*, removed from the git directory because git
+        would have waited on them for ever, with when each was made."""
+        with self._lock:
+            for path, made in gone.items():
+                change = Change(path=path, what=_BLOCKING, changed_at=made)
+                self.changes.append(change)
 
     def unblamed(self) -> list[str]:
         """One line per change no task was blamed for, for the report's ``warnings``."""
@@ -276,12 +312,12 @@ class RepoGuard:
             ]
 
 
-def _global_files() -> list[Path]:
-    """The user's own git config and attributes files: an agent with the user's HOME can
-    write them as well as the repository's."""
+def user_git_files() -> list[Path]:
+    """The user's own git config, attributes and ignore files, which every git command
+    reads: an agent with the user's HOME can write them as well as the repository's."""
     home = Path.home()
     xdg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "git"
-    files = [home / ".gitconfig", xdg / "config", xdg / "attributes"]
+    files = [home / ".gitconfig", xdg / "config", xdg / "attributes", xdg / "ignore"]
     if os.environ.get("GIT_CONFIG_GLOBAL"):
         files.append(Path(os.environ["GIT_CONFIG_GLOBAL"]))
     return files

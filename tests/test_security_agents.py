@@ -9,6 +9,7 @@ planted never ran and is put back, and the victim's result is not silently trust
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -333,7 +334,7 @@ def test_an_index_replaced_by_a_fifo_is_put_right(make_repo: MakeRepo) -> None:
 
 
 FIFO_REFS = """
-import os, subprocess
+import os, subprocess, time
 common = subprocess.run(
     ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
     capture_output=True, text=True, check=True,
@@ -344,15 +345,18 @@ os.mkfifo(os.path.join(heads, "planted"))
 run = os.path.join(heads, "orchestrator", os.environ["ORCHESTRATOR_RUN_ID"])
 os.makedirs(run, exist_ok=True)
 os.mkfifo(os.path.join(run, "victim"))
+time.sleep(1.5)  # the next task starts more than the guard's 1 s of slack later
 """
 
 
-def test_fifos_an_agent_puts_among_the_refs_hang_no_run(
+def test_fifos_an_agent_puts_among_the_refs_are_removed_and_it_is_blamed(
     make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """git opens a loose ref to read it: a FIFO in its place blocks git for ever. The task
-    whose branch it is fails; the run ends, its report written, saying what it could not
-    check."""
+    """git opens a loose ref to read it: a FIFO in its place blocks git for ever. The
+    guard's sweep after the attempt finds them, removes them and fails the agent's task;
+    the task whose branch was to be made there runs as if nothing had happened. (Without
+    the sweep: tests/test_git.py and tests/test_guard.py, a ref's files checked before git
+    is asked, and every listing of refs bounded.)"""
     from orchestrator import _git
 
     monkeypatch.setattr(_git, "REF_TIMEOUT_S", 1.0)
@@ -368,16 +372,16 @@ def test_fifos_an_agent_puts_among_the_refs_hang_no_run(
         ],
         concurrency=1,
     )
-    assert report.result("planter").status == "succeeded"
-    victim = report.result("victim")
-    assert victim.status == "failed"
-    # Found before git was asked (no wait at all), and removed.
-    assert victim.error is not None and "was not a regular file" in victim.error.message
-    run_dir = Path(report.run_dir)
-    assert not (
-        repo / ".git" / "refs" / "heads" / "orchestrator" / run_dir.name / "victim"
-    ).exists()
-    assert [w for w in report.warnings if "could not be listed" in w], report.warnings
+    planter = report.result("planter")
+    heads = repo / ".git" / "refs" / "heads"
+    planted = [heads / "orchestrator" / Path(report.run_dir).name / "victim", heads / "planted"]
+    assert planter.status == "failed" and planter.error is not None
+    assert planter.error.kind == "tamper"
+    assert planter.error.paths == sorted(str(p) for p in planted)
+    assert report.result("victim").status == "succeeded"
+    # The FIFOs went: the victim's branch was made where one of them was.
+    assert not os.path.lexists(planted[1]) and planted[0].is_file()
+    assert report.warnings == []
     assert (Path(report.run_dir) / "report.json").is_file()
 
 

@@ -1,0 +1,391 @@
+"""orchestrator/stall.py: a git command kept waiting for ever by what an agent planted in the
+git directory (a FIFO, a link to a device) is found while it runs, stopped, and the planted
+file removed; a slow command with nothing planted is left to finish."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from envelopes import Plan, Report
+from orchestrator import orchestrate_parallel, stall
+from orchestrator._git import Git
+from orchestrator.errors import GitError
+from orchestrator.guard import RepoGuard
+
+from .conftest import MakeRepo, git, live_processes_with
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
+    """Looks every 0.05 s (then 0.1, 0.2...); yields the git directories searched, one
+    entry per search."""
+    monkeypatch.setattr(stall, "STALL_CHECK_S", 0.05)
+    monkeypatch.setattr(stall, "STALL_MAX_S", 0.2)
+    monkeypatch.setattr(stall, "END_GRACE_S", 0.3)
+    searched: list[Path] = []
+    real = stall.blocking_files
+
+    def counting(common_dir: Path, *args: object, **kwargs: object) -> list[Path]:
+        searched.append(common_dir)
+        return real(common_dir, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stall, "blocking_files", counting)
+    yield searched
+
+
+def _object_path(repo: Path, revision: str) -> Path:
+    oid = git(repo, "rev-parse", revision)
+    return repo / ".git" / "objects" / oid[:2] / oid[2:]
+
+
+def _runner(repo: Path) -> Git:
+    runner = Git(repo)
+    runner.common_dir = repo / ".git"
+    return runner
+
+
+# blocking_files
+
+
+def test_what_would_block_git_is_found_and_nothing_else(tmp_path: Path) -> None:
+    common = tmp_path / "git"
+    (common / "objects" / "ab").mkdir(parents=True)
+    (common / "refs" / "heads").mkdir(parents=True)
+    (common / "orchestrator" / "runs").mkdir(parents=True)
+    (common / "modules" / "sub" / "orchestrator").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(outside / "fifo")
+    (outside / "file").write_text("x")
+    (outside / "dir").mkdir()
+    os.mkfifo(common / "objects" / "ab" / "cdef")  # a FIFO
+    (common / "refs" / "heads" / "linked").symlink_to(outside / "fifo")  # a link to one
+    (common / "logs").symlink_to("/dev/zero")  # a link to a device
+    os.mknod(common / "device", stat.S_IFCHR | 0o600, os.makedev(1, 5))  # a device (root)
+    os.mkfifo(common / "modules" / "sub" / "orchestrator" / "deep")  # not the engine's own
+    # Not blocking: what git makes, a socket (cannot be opened), links to a file or a
+    # directory, a dangling link; the engine's own directory is not git's to read.
+    (common / "HEAD").write_text("ref: refs/heads/main\n")
+    (common / "refs" / "heads" / "file-link").symlink_to(outside / "file")
+    (common / "refs" / "dir-link").symlink_to(outside / "dir")
+    (common / "refs" / "dangling").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(common / "orchestrator" / "runs" / "own-fifo")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(common / "fsmonitor--daemon.ipc"))
+        found = stall.blocking_files(common)
+    assert sorted(found) == sorted(
+        [
+            common / "objects" / "ab" / "cdef",
+            common / "refs" / "heads" / "linked",
+            common / "logs",
+            common / "device",
+            common / "modules" / "sub" / "orchestrator" / "deep",
+        ]
+    )
+    # Paths named besides the directory are looked at themselves.
+    also = [outside / "fifo", outside / "file", tmp_path / "absent"]
+    assert stall.blocking_files(tmp_path / "no-such-dir", also) == [outside / "fifo"]
+
+
+def test_at_most_so_many_entries_are_looked_at(tmp_path: Path) -> None:
+    common = tmp_path / "git"
+    common.mkdir()
+    for i in range(10):
+        os.mkfifo(common / f"f{i}")
+    assert len(stall.blocking_files(common)) == 10
+    assert len(stall.blocking_files(common, limit=4)) == 4
+    assert stall.blocking_files(common, limit=0) == []
+
+
+def test_a_sweep_lists_again_only_the_directories_changed_since_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = tmp_path / "git"
+    for name in ("objects/ab", "objects/cd", "refs/heads", "orchestrator/runs"):
+        (common / name).mkdir(parents=True)
+    listed: list[str] = []
+    real = os.scandir
+
+    def counting(path: str) -> object:
+        listed.append(os.path.relpath(path, common))
+        return real(path)
+
+    monkeypatch.setattr(stall.os, "scandir", counting)
+    sweep = stall.Sweep(common)
+    assert sweep() == []
+    assert sorted(listed) == [".", "objects", "objects/ab", "objects/cd", "refs", "refs/heads"]
+    listed.clear()
+    assert sweep() == [] and listed == []  # nothing changed: nothing listed
+    # A FIFO made, in a directory whose modification time is then set back.
+    info = os.stat(common / "objects" / "ab")
+    os.mkfifo(common / "objects" / "ab" / "planted")
+    os.utime(common / "objects" / "ab", ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert sweep() == [common / "objects" / "ab" / "planted"] and listed == ["objects/ab"]
+    # Found again while it is there; a new directory is listed through its parent.
+    listed.clear()
+    (common / "refs" / "heads" / "new").mkdir()
+    os.mkfifo(common / "refs" / "heads" / "new" / "fifo")
+    (common / "orchestrator" / "runs" / "fifo").parent.mkdir(exist_ok=True)
+    os.mkfifo(common / "orchestrator" / "runs" / "fifo")  # the engine's own: never looked at
+    assert sorted(sweep()) == [common / "refs" / "heads" / "new" / "fifo"]
+    assert sorted(listed) == ["refs/heads", "refs/heads/new"]
+    # A directory gone is forgotten; one made again in its place is listed.
+    (common / "refs" / "heads" / "new" / "fifo").unlink()
+    (common / "refs" / "heads" / "new").rmdir()
+    assert sweep() == []
+    (common / "refs" / "heads" / "new").mkdir()
+    os.mkfifo(common / "refs" / "heads" / "new" / "again")
+    assert sweep() == [common / "refs" / "heads" / "new" / "again"]
+    assert len(stall.Sweep(common, limit=1)()) <= 1  # bounded, as blocking_files is
+
+
+def test_the_guard_removes_a_fifo_left_before_the_run_and_says_so(make_repo: MakeRepo) -> None:
+    repo = make_repo()
+    left = repo / ".git" / "objects" / "info" / "commit-graph"
+    left.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(left)
+    guard = RepoGuard.snapshot(repo / ".git")
+    assert not left.exists()
+    [change] = guard.changes
+    assert change.path == left
+    assert len(guard.unblamed()) == 1
+    # One made later is found by the sweep after an attempt, and blamed on it.
+    os.mkfifo(left)
+    now = time.time()
+    blamed = guard.blame(now - 5, now)
+    assert len(guard.changes) == 2 and guard.changes[1] in blamed
+    assert guard.changes[1].path == left and not left.exists()
+
+
+# held_blocking
+
+
+def test_open_named_fifos_and_devices_are_found_pipes_and_dev_null_are_not(
+    tmp_path: Path,
+) -> None:
+    fifo = tmp_path / "held"
+    os.mkfifo(fifo)
+    keep = os.open(fifo, os.O_RDWR)  # so that the child's open does not block
+    script = (
+        "import os, sys, time\n"
+        "a = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "b = os.open('/dev/zero', os.O_RDONLY)\n"
+        "c = os.open(os.devnull, os.O_RDONLY)\n"
+        "print(a, b, c, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(fifo)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as child:
+        try:
+            assert child.stdout is not None
+            a, b, _ = (int(n) for n in child.stdout.readline().split())
+            held = stall.held_blocking([child.pid, 999_999_999])
+            assert held == {(child.pid, a, str(fifo)), (child.pid, b, "/dev/zero")}
+        finally:
+            child.kill()
+            child.wait()
+            os.close(keep)
+    assert stall.held_blocking([child.pid]) == set()  # gone: nothing, no error
+
+
+# release
+
+
+def test_release_lets_blocked_processes_go_and_removes_only_what_is_inside(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "git"
+    root.mkdir()
+    inside, read, outside = root / "fifo", root / "read", tmp_path / "outside-fifo"
+    for fifo in (inside, read, outside):
+        os.mkfifo(fifo)
+    link = root / "link"
+    link.symlink_to(outside)
+    # One process blocked opening a FIFO to read it, one to write it, one through the link.
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    reader = subprocess.Popen(["cat", str(read)], **quiet)
+    writer = subprocess.Popen(["sh", "-c", f"echo x > {inside}"], **quiet)
+    through = subprocess.Popen(["cat", str(link)], **quiet)
+    try:
+        time.sleep(0.2)  # (their opens are under way: none can finish without a partner)
+        assert reader.poll() is None and writer.poll() is None and through.poll() is None
+        stall.release([inside, read, link], root)
+        for process in (reader, writer, through):
+            process.wait(timeout=30)
+    finally:
+        for process in (reader, writer, through):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert not inside.exists() and not read.exists() and not link.is_symlink()
+    assert stat.S_ISFIFO(os.lstat(outside).st_mode)  # what a link points at stays
+    stall.release([outside], root)  # outside the root: let go of, never removed
+    assert stat.S_ISFIFO(os.lstat(outside).st_mode)
+    stall.release([tmp_path / "absent", tmp_path], root)  # nothing to do: no error
+
+
+# watching a git command
+
+
+def test_a_command_blocked_on_a_planted_object_is_let_go_and_the_fifo_removed(
+    make_repo: MakeRepo, quick: list[Path]
+) -> None:
+    """git, let go of, reads the FIFO's end: an empty object, which it reports itself."""
+    repo = make_repo()
+    planted = _object_path(repo, "HEAD:src/file0000.txt")
+    oid = git(repo, "rev-parse", "HEAD:src/file0000.txt")
+    planted.unlink()
+    os.mkfifo(planted)
+    runner = _runner(repo)
+    with pytest.raises(GitError, match=f"Not a valid object name {oid}") as caught:
+        anyio.run(lambda: runner.run("cat-file", "-p", oid))
+    assert caught.value.command == ["cat-file", "-p", oid]
+    assert not planted.exists()  # removed: the next command does not block on it
+    assert live_processes_with(str(repo)) == []
+    assert quick and set(quick) == {repo / ".git"}
+    # The same through read(), whose own timeout is far off.
+    os.mkfifo(planted)
+    with pytest.raises(GitError, match="Not a valid object name"):
+        anyio.run(lambda: runner.read("cat-file", "-p", oid, stdin=b"", limit=1 << 10, timeout=600))
+    assert not planted.exists()
+    assert live_processes_with(str(repo)) == []
+
+
+def test_a_blocked_write_let_go_of_leaves_no_lock_and_the_guard_keeps_the_change(
+    make_repo: MakeRepo, quick: list[Path]
+) -> None:
+    """git opens a reflog to append to it while it holds the ref's lock: let go of, its
+    write is refused, and it removes the lock as it ends."""
+    repo = make_repo()
+    logs = repo / ".git" / "logs" / "refs" / "heads"
+    logs.mkdir(parents=True, exist_ok=True)
+    runner = _runner(repo)
+    runner.guard = RepoGuard.snapshot(repo / ".git")
+    os.mkfifo(logs / "victim")
+    made = os.lstat(logs / "victim").st_ctime
+    try:  # its write went to the FIFO's reader (ours), or was refused: either is git's
+        anyio.run(
+            lambda: runner.run(
+                "-c", "core.logAllRefUpdates=always", "update-ref", "refs/heads/victim", "HEAD"
+            )
+        )
+    except GitError as exc:
+        assert exc.command[-3:] == ["update-ref", "refs/heads/victim", "HEAD"]
+    assert not (logs / "victim").exists()
+    assert list((repo / ".git").rglob("*.lock")) == []
+    assert live_processes_with(str(repo)) == []
+    [change] = runner.guard.changes
+    assert change.path == logs / "victim" and change.changed_at == made
+    assert change.what == "made a FIFO or a device (git would wait on it for ever)"
+    assert runner.guard.unblamed() == [
+        f"{logs / 'victim'} made a FIFO or a device (git would wait on it for ever) during "
+        "the run, when no agent of it was running, and was put back"
+    ]
+
+
+def test_a_link_to_a_device_is_stopped_too(make_repo: MakeRepo, quick: list[Path]) -> None:
+    repo = make_repo()
+    packs = repo / ".git" / "objects" / "info"
+    packs.mkdir(parents=True, exist_ok=True)
+    (packs / "commit-graph").symlink_to("/dev/zero")
+    runner = _runner(repo)
+    started = threading.Event()
+
+    async def go() -> None:
+        started.set()
+        await runner.run("-c", "alias.wait=!sleep 30", "wait")
+
+    with pytest.raises(GitError, match="commit-graph"):
+        anyio.run(go)
+    assert not (packs / "commit-graph").is_symlink()  # the link went, /dev/zero did not
+    assert os.path.exists("/dev/zero")
+    assert live_processes_with(str(repo)) == [] and live_processes_with("sleep 30") == []
+
+
+def test_a_command_holding_a_fifo_outside_is_stopped_and_the_fifo_left(
+    make_repo: MakeRepo, quick: list[Path], tmp_path: Path
+) -> None:
+    """Nothing in the git directory: git's own processes are found holding a FIFO open
+    at two looks in a row (one planted, then removed by another command's watch)."""
+    repo = make_repo()
+    fifo = tmp_path / "outside"
+    os.mkfifo(fifo)
+    keep = os.open(fifo, os.O_RDWR)  # a writer stays: the reader waits for ever
+    runner = _runner(repo)
+    try:
+        with pytest.raises(GitError, match=f"waited for ever on {fifo}"):
+            anyio.run(lambda: runner.run("-c", f"alias.hold=!cat {fifo}", "hold"))
+    finally:
+        os.close(keep)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # not the git directory's: left
+    assert live_processes_with(str(fifo)) == []
+
+
+def test_a_slow_command_with_nothing_planted_is_left_to_finish(
+    make_repo: MakeRepo, quick: list[Path]
+) -> None:
+    repo = make_repo()
+    runner = _runner(repo)
+    result = anyio.run(lambda: runner.run("-c", "alias.slow=!sleep 0.6 && echo done", "slow"))
+    assert result.returncode == 0 and result.stdout == b"done\n"
+    assert len(quick) >= 3  # looked at 0.05, 0.15, 0.35 s...: found nothing each time
+    # A quick command is never looked at.
+    quick.clear()
+    anyio.run(lambda: runner.run("rev-parse", "HEAD"))
+    assert quick == []
+
+
+def test_an_agent_planting_a_fifo_fails_its_task_and_the_run_goes_on(
+    make_repo: MakeRepo, quick: list[Path]
+) -> None:
+    """An unsandboxed agent makes a FIFO where every git command reads (the commit graph):
+    the guard's sweep after its attempt finds it, removes it, and fails the task (kind
+    tamper); the run goes on and no git command ever blocks on it."""
+    repo = make_repo()
+    plant = (
+        'd=$(git rev-parse --git-common-dir) && mkfifo "$d/objects/info/commit-graph" '
+        "&& echo x > planted.txt && sleep 1.5"
+    )
+    plan = Plan.model_validate(
+        {
+            "agents": {
+                "evil": {"command": ["sh", "-c", plant]},
+                "good": {"command": ["sh", "-c", "sleep 0.3 && echo y > good.txt"]},
+            },
+            "defaults": {"venv": False},
+            # One at a time, the next starting over a second after the FIFO was made: the
+            # guard blames the agents that ran when a file changed, give or take a second.
+            "concurrency": 1,
+            "tasks": [
+                {"id": "evil", "agent": "evil", "task": "t"},
+                {"id": "good", "agent": "good", "task": "t"},
+                {"id": "after", "agent": "good", "task": "t", "depends_on": ["good"]},
+            ],
+        }
+    )
+    report: Report = anyio.run(lambda: orchestrate_parallel(plan, repo=repo))
+    by_id = {r.task_id: r for r in report.results}
+    error = by_id["evil"].error
+    assert by_id["evil"].status == "failed" and error is not None
+    assert error.kind == "tamper"
+    graph = repo / ".git" / "objects" / "info" / "commit-graph"
+    assert error.paths == [str(graph)]
+    assert error.message == (
+        f"{graph} made a FIFO or a device (git would wait on it for ever) while this task's "
+        "agent ran, and was put back"
+    )
+    assert by_id["good"].status == by_id["after"].status == "succeeded"
+    assert not graph.exists() and report.warnings == []
+    assert live_processes_with(str(repo)) == []
