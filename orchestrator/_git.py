@@ -257,7 +257,7 @@ class Git:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(feed)
                     tg.start_soon(drain_errors)
-                    tg.start_soon(self._watch, process, cwd, blocking, watching)
+                    tg.start_soon(self.watch, process, cwd, blocking, watching)
                     async for chunk in stdout:
                         out.append(chunk)
                         size += len(chunk)
@@ -311,7 +311,7 @@ class Git:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(collect, process.stdout, 0)
                 tg.start_soon(collect, process.stderr, 1)
-                tg.start_soon(self._watch, process, cwd, blocking, watching)
+                tg.start_soon(self.watch, process, cwd, blocking, watching)
                 if process.stdin is not None and stdin:
                     await process.stdin.send(stdin)
                     await process.stdin.aclose()
@@ -320,7 +320,7 @@ class Git:
         assert process.returncode is not None
         return subprocess.CompletedProcess(command, process.returncode, *output)
 
-    async def _watch(
+    async def watch(
         self, process: Process, cwd: Path | None, found: list[Path], scope: anyio.CancelScope
     ) -> None:
         """*process* watched for what would keep it waiting for ever (orchestrator/stall.py)
@@ -738,21 +738,29 @@ class _Kept:
                 process, stdout = self._process, self._stdout
                 assert process is not None and process.stdin is not None and stdout is not None
                 said: list[bytes] = []
+                blocking: list[Path] = []
                 with anyio.move_on_after(
                     math.inf if self.timeout is None else self.timeout
                 ) as late:
-                    try:
-                        await process.stdin.send(question)
-                        for _ in range(lines):
-                            said.append(await stdout.receive_until(b"\n", 4096))
-                    except (
-                        anyio.EndOfStream,
-                        anyio.IncompleteRead,
-                        anyio.DelimiterNotFound,
-                        anyio.BrokenResourceError,
-                        OSError,
-                    ):
-                        pass
+                    async with anyio.create_task_group() as tg:
+                        watching = anyio.CancelScope()
+                        tg.start_soon(self.git.watch, process, None, blocking, watching)
+                        try:
+                            await process.stdin.send(question)
+                            for _ in range(lines):
+                                said.append(await stdout.receive_until(b"\n", 4096))
+                        except (
+                            anyio.EndOfStream,
+                            anyio.IncompleteRead,
+                            anyio.DelimiterNotFound,
+                            anyio.BrokenResourceError,
+                            OSError,
+                        ):
+                            pass
+                        watching.cancel()
+                if blocking:  # stopped by the watch: still blocked once let go of
+                    await self._end()
+                    raise _blocked(self.args, blocking)
                 if late.cancelled_caught:
                     # Blocked (a FIFO put where it reads the commit's bytes, or a ref): told
                     # to end (git removes its lock files then), killed if it does not.

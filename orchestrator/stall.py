@@ -1,19 +1,26 @@
-"""What keeps a git command waiting for ever, found while it runs, and ended.
+"""What keeps a git command waiting for ever, found, let go of, and ended.
 
-git opens the files of its git directory (loose objects, refs, reflogs, a worktree's index
-and HEAD) as plain files. Without a sandbox an agent can write that directory, and a FIFO
-put where git opens a file blocks git in ``open`` for ever; a link to a device (``/dev/zero``)
-makes it read without end. git itself never makes either there, so one found is an agent's.
+git opens the files of its git directory (loose objects, the commit graph, refs, reflogs, a
+worktree's index and HEAD) as plain files. Without a sandbox an agent can write that
+directory, and a FIFO put where git opens a file blocks git in ``open`` for ever; a link to
+a device (``/dev/zero``) makes it read without end. git itself never makes either there, so
+one found is an agent's.
 
-The engine's git commands run without a time limit (a checkout of a large repository takes
-minutes), so each is watched instead (:func:`watch`): once it has run ``STALL_CHECK_S``,
-and then at twice the interval each time, up to ``STALL_MAX_S``, the git directory is
-searched (:func:`blocking_files`, a few milliseconds for most) and the command's processes'
-open files are looked at (:func:`held_blocking`). When something is found, the command is
-stopped: SIGTERM (on which git removes its lock files), then SIGKILL after ``END_GRACE_S``.
-Every FIFO found is opened both ways and closed (a git process blocked opening it, of this
-command or another, goes on and reads its end) and those in the git directory are removed,
-so that the next command does not block on them. A link goes, never what it points at.
+Two defences, both ending in :func:`release`: every FIFO found is opened both ways and
+closed (each git process blocked opening it, of any command, goes on and reads its end),
+and what is in the git directory is removed, so that no later command blocks on it (a link
+goes, never what it points at).
+
+- After each agent attempt, the repository guard runs a :class:`Sweep` of the git directory
+  (only the directories changed since the last sweep are listed) and blames the agent for
+  what it finds (orchestrator/guard.py).
+- Every git command of the engine is watched (:func:`watch`): they run without a time limit
+  (a checkout of a large repository takes minutes), so once one has run ``STALL_CHECK_S``,
+  and then at twice the interval each time, up to ``STALL_MAX_S``, the git directory is
+  searched (:func:`blocking_files`) and the command's processes' open files are looked at
+  (:func:`held_blocking`). What is found is released; a command that has not ended
+  ``END_GRACE_S`` later, or that holds a FIFO or a device open at two looks in a row, is
+  stopped: SIGTERM (on which git removes its lock files), its children too, then SIGKILL.
 """
 
 from __future__ import annotations

@@ -389,3 +389,37 @@ def test_an_agent_planting_a_fifo_fails_its_task_and_the_run_goes_on(
     assert by_id["good"].status == by_id["after"].status == "succeeded"
     assert not graph.exists() and report.warnings == []
     assert live_processes_with(str(repo)) == []
+
+
+def test_a_kept_update_blocked_on_a_fifo_is_let_go_long_before_its_timeout(
+    make_repo: MakeRepo, quick: list[Path]
+) -> None:
+    """The run's kept update-ref, blocked reading a ref made a FIFO after the ref's files
+    were checked, would hold every ref update of the run until its 60 s timeout."""
+    repo = make_repo()
+    head = git(repo, "rev-parse", "HEAD")
+    git(repo, "branch", "victim", head)
+    fifo = repo / ".git" / "refs" / "heads" / "victim"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    runner = Git(repo)  # no common_dir: the ref's files are not checked before git is asked
+    outcome: list[GitError | bool] = []
+
+    async def main() -> None:
+        with anyio.fail_after(30):
+            async with runner.kept():
+                try:
+                    outcome.append(await runner.update_ref("refs/heads/victim", head, head))
+                except GitError as exc:
+                    outcome.append(exc)
+                assert await runner.update_ref("refs/heads/other", head, "")
+
+    anyio.run(main)
+    # Let go of, git read the ref's end (an empty ref) and refused the update at once.
+    [first] = outcome
+    assert isinstance(first, GitError) and "reference broken" in str(first)
+    assert not fifo.exists() or stat.S_ISREG(os.lstat(fifo).st_mode)
+    assert git(repo, "rev-parse", "refs/heads/other") == head
+    assert list((repo / ".git").rglob("*.lock")) == []
+    assert live_processes_with(str(repo)) == []
+    assert quick  # found by a look, not by the timeout
