@@ -31,6 +31,7 @@ from envelopes import is_object_id
 from . import stall
 from .errors import GitError
 from .guard import RepoGuard, user_git_files
+from .locks import try_flock
 from .stall import END_GRACE_S
 
 __all__ = [
@@ -691,6 +692,7 @@ class _Kept:
         self._stderr: IO[bytes] | None = None
         #: Where the commits' bytes are written for hash-object to read (this process's own).
         self._scratch: Path | None = None
+        self._scratch_lock: int | None = None
         #: Ended for good (its run's kept scope closed): asked now, it raises _Closed.
         self.closed = False
 
@@ -709,11 +711,12 @@ class _Kept:
             if self.closed:
                 raise _Closed
             if self._scratch is None:
-                scratch = Path(tempfile.mkdtemp(prefix="orchestrator-objects-"))
+                scratch, lock = await anyio.to_thread.run_sync(_new_scratch)
                 if "\n" in str(scratch):  # a TMPDIR git would read as two paths
                     shutil.rmtree(scratch, ignore_errors=True)
+                    os.close(lock)
                     raise _Closed
-                self._scratch = scratch
+                self._scratch, self._scratch_lock = scratch, lock
             # Shielded: a cancel meanwhile would leave the file (its name not known yet).
             with anyio.CancelScope(shield=True):
                 path = await anyio.to_thread.run_sync(_write_new, self._scratch, data)
@@ -839,6 +842,56 @@ class _Kept:
                 with contextlib.suppress(OSError):
                     shutil.rmtree(self._scratch)
                 self._scratch = None
+            if self._scratch_lock is not None:
+                os.close(self._scratch_lock)
+                self._scratch_lock = None
+
+
+#: The kept hash-object's scratch directories, one per process writing commits, each locked
+#: (``flock`` on the directory) while its process lives: one a killed process left is known
+#: by its lock being free, and removed by the next process that makes one.
+_SCRATCH = "orchestrator-objects-"
+_left_scratches_removed = False
+
+
+def _new_scratch() -> tuple[Path, int]:
+    """A directory of this process's own for the commits' bytes, and the descriptor that
+    holds its lock. First (once per process) the scratch directories of dead processes
+    are removed: those whose lock nobody holds (a process of an earlier version took none)."""
+    global _left_scratches_removed
+    top = tempfile.gettempdir()
+    if not _left_scratches_removed:
+        _left_scratches_removed = True
+        _remove_left_scratches(top)
+    # Made under a name the removal passes over, and renamed once locked.
+    made = Path(tempfile.mkdtemp(prefix="." + _SCRATCH, dir=top))
+    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try_flock(fd)
+        scratch = made.with_name(made.name[1:])
+        os.rename(made, scratch)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(made, ignore_errors=True)
+        raise
+    return scratch, fd
+
+
+def _remove_left_scratches(top: str) -> None:
+    """Remove the scratch directories in *top* that no live process holds: this user's."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(top):
+            if not entry.name.startswith(_SCRATCH):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+                fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    if try_flock(fd):
+                        shutil.rmtree(entry.path)
+                finally:
+                    os.close(fd)
 
 
 def _write_new(directory: Path, data: bytes) -> Path:

@@ -982,3 +982,48 @@ def test_a_fifo_put_where_the_kept_hash_object_reads_fails_the_commit_not_the_ru
     commit = anyio.run(made)
     assert git(repo, "log", "-1", "--format=%s", commit) == "after"
     assert kept_children(b"hash-object") == []
+
+
+def test_scratch_directories_killed_runs_left_are_removed_and_live_ones_kept(
+    make_repo: MakeRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kept hash-object reads each commit's bytes from a directory of the process's own
+    in TMPDIR, removed at the end; a process killed leaves it. The next process to make one
+    removes those whose lock nobody holds (a killed process's, or an older version's)."""
+    import fcntl
+    import tempfile
+
+    top = tmp_path / "tmp"
+    top.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(top))
+    monkeypatch.setattr(git_module, "_left_scratches_removed", False)
+    dead = top / "orchestrator-objects-dead"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "leftover").write_text("x")
+    live = top / "orchestrator-objects-live"
+    live.mkdir()
+    holder = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as a live process holds its own
+    other = top / "orchestrator-objects-file"
+    other.write_text("not a directory: not ours to judge")
+    (top / "unrelated").mkdir()
+    repo = make_repo()
+    head, tree = head_and_tree(repo)
+    seen: list[list[str]] = []
+
+    async def main(runner: Git) -> None:
+        await runner.commit_tree(tree, [head], "first", known=True)
+        seen.append(sorted(p.name for p in top.iterdir()))
+
+    try:
+        with_kept_gits(repo, main)
+    finally:
+        os.close(holder)
+    [during] = seen
+    ours = [n for n in during if n not in {live.name, other.name, "unrelated"}]
+    assert len(ours) == 1 and ours[0].startswith("orchestrator-objects-")  # its own, locked
+    assert sorted(p.name for p in top.iterdir()) == sorted([live.name, other.name, "unrelated"])
+    # Removed once per process: a later run does not look again.
+    dead.mkdir()
+    with_kept_gits(repo, main)
+    assert dead.is_dir()

@@ -86,7 +86,8 @@ MODULES: dict[str, tuple[str, ...]] = {
     "orchestrator/overlap.py": ("tests/test_overlap.py", "tests/test_mergeback.py"),
     # The security checks.
     "orchestrator/sandbox.py": ("tests/test_sandbox.py", "tests/test_security_agents.py"),
-    "orchestrator/guard.py": ("tests/test_guard.py",),
+    "orchestrator/guard.py": ("tests/test_guard.py", "tests/test_stall.py"),
+    "orchestrator/stall.py": ("tests/test_stall.py", "tests/test_security_agents.py"),
     "orchestrator/secrets.py": ("tests/test_secrets.py", "tests/test_security_secrets.py"),
 }
 
