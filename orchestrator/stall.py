@@ -145,9 +145,13 @@ class Sweep:
 
 def held_blocking(pids: Iterable[int]) -> set[tuple[int, int, str]]:
     """The open files of processes *pids* that a git command never opens itself: a named
-    FIFO, or a device other than ``/dev/null``; as (pid, descriptor, path). Their own pipes
-    (stdin, stdout, stderr) are anonymous and left out. Empty where ``/proc`` is not."""
-    null = os.stat(os.devnull).st_rdev
+    FIFO, or a device other than ``/dev/null`` and the random ones (a filter process git
+    runs may read those); as (pid, descriptor, path). Their own pipes (stdin, stdout,
+    stderr) are anonymous and left out. Empty where ``/proc`` is not."""
+    harmless = set()
+    for device in (os.devnull, "/dev/urandom", "/dev/random"):
+        with contextlib.suppress(OSError):
+            harmless.add(os.stat(device).st_rdev)
     held: set[tuple[int, int, str]] = set()
     for pid in pids:
         try:
@@ -163,7 +167,7 @@ def held_blocking(pids: Iterable[int]) -> set[tuple[int, int, str]]:
                 info = os.stat(where)
                 if stat.S_ISFIFO(info.st_mode) or (
                     (stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode))
-                    and info.st_rdev != null
+                    and info.st_rdev not in harmless
                 ):
                     held.add((pid, int(name), target))
     return held

@@ -171,7 +171,7 @@ def test_the_guard_removes_a_fifo_left_before_the_run_and_says_so(make_repo: Mak
 # held_blocking
 
 
-def test_open_named_fifos_and_devices_are_found_pipes_and_dev_null_are_not(
+def test_open_named_fifos_and_devices_are_found_pipes_null_and_random_are_not(
     tmp_path: Path,
 ) -> None:
     fifo = tmp_path / "held"
@@ -182,6 +182,7 @@ def test_open_named_fifos_and_devices_are_found_pipes_and_dev_null_are_not(
         "a = os.open(sys.argv[1], os.O_RDONLY)\n"
         "b = os.open('/dev/zero', os.O_RDONLY)\n"
         "c = os.open(os.devnull, os.O_RDONLY)\n"
+        "d = os.open('/dev/urandom', os.O_RDONLY)\n"
         "print(a, b, c, flush=True)\n"
         "time.sleep(60)\n"
     )
