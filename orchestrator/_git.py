@@ -7,6 +7,7 @@ regression guard (see docs/architecture.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -16,7 +17,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -253,20 +254,22 @@ class Git:
                     if len(err) < 4096:
                         err.extend(chunk[: 4096 - len(err)])
 
-            watching = anyio.CancelScope()
+            async def drain() -> None:
+                nonlocal size, cut
+                async for chunk in stdout:
+                    out.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        cut = True
+                        tg.cancel_scope.cancel()
+                        return
+
             with anyio.move_on_after(timeout) as limited:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(feed)
                     tg.start_soon(drain_errors)
-                    tg.start_soon(self.watch, process, cwd, blocking, watching)
-                    async for chunk in stdout:
-                        out.append(chunk)
-                        size += len(chunk)
-                        if size > limit:
-                            cut = True
-                            tg.cancel_scope.cancel()
-                            break
-                    watching.cancel()
+                    tg.start_soon(drain)
+                    await self.wait(process, cwd, blocking)
             if cut or limited.cancelled_caught:
                 with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                     process.kill()
@@ -292,7 +295,7 @@ class Git:
         blocking: list[Path],
     ) -> subprocess.CompletedProcess[bytes]:
         """*command* run to its end (as ``anyio.run_process``), its output collected; unless
-        it is found waiting on something that never ends (see :meth:`_stop_when_blocked`)."""
+        it is found waiting on something that never ends (see :meth:`wait`)."""
         output = [b"", b""]
 
         async def collect(stream: anyio.abc.ByteReceiveStream, index: int) -> None:
@@ -308,28 +311,34 @@ class Git:
             env=env,
         ) as process:
             assert process.stdout is not None and process.stderr is not None
-            watching = anyio.CancelScope()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(collect, process.stdout, 0)
                 tg.start_soon(collect, process.stderr, 1)
-                tg.start_soon(self.watch, process, cwd, blocking, watching)
                 if process.stdin is not None and stdin:
                     await process.stdin.send(stdin)
                     await process.stdin.aclose()
-                await process.wait()
-                watching.cancel()
+                await self.wait(process, cwd, blocking)
         assert process.returncode is not None
         return subprocess.CompletedProcess(command, process.returncode, *output)
 
-    async def watch(
-        self, process: Process, cwd: Path | None, found: list[Path], scope: anyio.CancelScope
+    async def wait(
+        self,
+        process: Process,
+        cwd: Path | None,
+        found: list[Path],
+        until: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
-        """*process* watched for what would keep it waiting for ever (orchestrator/stall.py)
-        until *scope* is cancelled; what stopped it, in *found*."""
+        """Wait for git *process* (run in *cwd*) to end, or *until* to return, unless it
+        would wait for ever on what an agent planted (orchestrator/stall.py): then it is
+        stopped, and what it waited on is in *found*."""
+        await stall.wait(process, found, *self._watched(cwd), until=until)
+
+    def _watched(
+        self, cwd: Path | None
+    ) -> tuple[Path, list[Path], Callable[[dict[Path, float]], None] | None]:
         common = self.common_dir or self.repo / ".git"
         also = [(cwd or self.repo) / ".git", *user_git_files()]
-        removed = self.guard.removed if self.guard is not None else None
-        await stall.watch(process, scope, found, common, also, removed)
+        return common, also, self.guard.removed if self.guard is not None else None
 
     async def out(
         self,
@@ -745,22 +754,18 @@ class _Kept:
                 with anyio.move_on_after(
                     math.inf if self.timeout is None else self.timeout
                 ) as late:
-                    async with anyio.create_task_group() as tg:
-                        watching = anyio.CancelScope()
-                        tg.start_soon(self.git.watch, process, None, blocking, watching)
-                        try:
-                            await process.stdin.send(question)
-                            for _ in range(lines):
-                                said.append(await stdout.receive_until(b"\n", 4096))
-                        except (
-                            anyio.EndOfStream,
-                            anyio.IncompleteRead,
-                            anyio.DelimiterNotFound,
-                            anyio.BrokenResourceError,
-                            OSError,
-                        ):
-                            pass
-                        watching.cancel()
+                    try:
+                        await process.stdin.send(question)
+                        answer = functools.partial(_read_lines, stdout, said, lines)
+                        await self.git.wait(process, None, blocking, until=answer)
+                    except (
+                        anyio.EndOfStream,
+                        anyio.IncompleteRead,
+                        anyio.DelimiterNotFound,
+                        anyio.BrokenResourceError,
+                        OSError,
+                    ):
+                        pass
                 if blocking:  # stopped by the watch: still blocked once let go of
                     await self._end()
                     raise _blocked(self.args, blocking)
@@ -845,6 +850,13 @@ class _Kept:
             if self._scratch_lock is not None:
                 os.close(self._scratch_lock)
                 self._scratch_lock = None
+
+
+async def _read_lines(stdout: BufferedByteReceiveStream, said: list[bytes], lines: int) -> None:
+    """Read lines (without their newlines) into *said* until it holds *lines*. Cancelled,
+    it may be called again and goes on where it was: the stream keeps what it read."""
+    while len(said) < lines:
+        said.append(await stdout.receive_until(b"\n", 4096))
 
 
 #: The kept hash-object's scratch directories, one per process writing commits, each locked

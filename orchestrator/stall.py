@@ -14,7 +14,7 @@ goes, never what it points at).
 - After each agent attempt, the repository guard runs a :class:`Sweep` of the git directory
   (only the directories changed since the last sweep are listed) and blames the agent for
   what it finds (orchestrator/guard.py).
-- Every git command of the engine is watched (:func:`watch`): they run without a time limit
+- Every git command of the engine is watched (:func:`wait`): they run without a time limit
   (a checkout of a large repository takes minutes), so once one has run ``STALL_CHECK_S``,
   and then at twice the interval each time, up to ``STALL_MAX_S``, the git directory is
   searched (:func:`blocking_files`) and the command's processes' open files are looked at
@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import anyio
@@ -44,7 +44,7 @@ __all__ = [
     "blocking_files",
     "held_blocking",
     "release",
-    "watch",
+    "wait",
 ]
 
 #: How long a git command may run before what it may be waiting on is looked for.
@@ -206,49 +206,53 @@ def _open_and_close(path: Path) -> None:
         os.close(reader)
 
 
-async def watch(
+async def wait(
     process: Process,
-    scope: anyio.CancelScope,
     found: list[Path],
     common_dir: Path,
     also: Iterable[Path] = (),
     removed: Callable[[dict[Path, float]], None] | None = None,
+    *,
+    until: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Until *scope* is cancelled (its command ended): once *process* has run STALL_CHECK_S,
-    and then at twice the interval each time, look for what in the git directory
-    *common_dir* (or at *also*) would block it (:func:`blocking_files`), and at the open
-    files of *process* and of the processes it started (:func:`held_blocking`).
+    """Wait for *process* to end, or for *until* to return (a kept git's answer: called
+    again after each look, it must go on where it stopped), looking for what would keep it
+    waiting for ever: once it has waited STALL_CHECK_S, and then at twice the interval each
+    time, in the git directory *common_dir* (or at *also*: :func:`blocking_files`) and among
+    the open files of *process* and of the processes it started (:func:`held_blocking`).
 
     What is found is let go of, and removed from the git directory (:func:`release`; what
-    was removed is told to *removed*): git may then end by itself (an empty commit graph is
-    no error to it, an empty object is one it reports).
-    If it has not ended END_GRACE_S later, or if it holds a blocking file open at two looks
-    in a row, what was found is named in *found* and it is stopped."""
+    was removed is told to *removed*): git may then go on by itself (an empty commit graph
+    is no error to it, an empty object is one it reports). If it has not END_GRACE_S later,
+    or if it holds a blocking file open at two looks in a row, what was found is named in
+    *found* and it is stopped. What ends within STALL_CHECK_S costs one deadline."""
+    step = process.wait if until is None else until
     held: set[tuple[int, int, str]] = set()
-    with scope:
-        delay = STALL_CHECK_S
-        while True:
-            await anyio.sleep(delay)
-            family = _family(process.pid)
-            paths = await anyio.to_thread.run_sync(blocking_files, common_dir, also)
-            now = await anyio.to_thread.run_sync(held_blocking, [p.pid for p in family])
-            if paths or now & held:
-                blocking = paths + sorted({Path(t) for _, _, t in now & held})
-                gone = await anyio.to_thread.run_sync(release, blocking, common_dir)
-                if removed is not None and gone:
-                    removed(gone)
-                if paths and not now & held:
-                    with anyio.move_on_after(END_GRACE_S):
-                        await process.wait()
-                    if process.returncode is not None:
-                        return  # it went on and ended: its own outcome stands
-                found += blocking
-                break
-            held = now
-            delay = min(2 * delay, STALL_MAX_S)
-    if found:
-        with anyio.CancelScope(shield=True):
-            await _stop(process, _family(process.pid))
+    delay = STALL_CHECK_S
+    while True:
+        with anyio.move_on_after(delay) as waiting:
+            await step()
+        if not waiting.cancelled_caught:
+            return
+        family = _family(process.pid)
+        paths = await anyio.to_thread.run_sync(blocking_files, common_dir, also)
+        now = await anyio.to_thread.run_sync(held_blocking, [p.pid for p in family])
+        if paths or now & held:
+            blocking = paths + sorted({Path(t) for _, _, t in now & held})
+            gone = await anyio.to_thread.run_sync(release, blocking, common_dir)
+            if removed is not None and gone:
+                removed(gone)
+            if paths and not now & held:
+                with anyio.move_on_after(END_GRACE_S) as grace:
+                    await step()
+                if not grace.cancelled_caught:
+                    return  # it went on: its own outcome stands
+            found += blocking
+            with anyio.CancelScope(shield=True):
+                await _stop(process, _family(process.pid))
+            return
+        held = now
+        delay = min(2 * delay, STALL_MAX_S)
 
 
 async def _stop(process: Process, family: list[psutil.Process]) -> None:
