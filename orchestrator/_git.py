@@ -189,12 +189,11 @@ class Git:
         # behind. It runs to its end (milliseconds, for what the engine runs) and a pending
         # cancellation is delivered right after.
         # (Unless it would wait for ever on what an agent planted: see orchestrator/stall.py.)
-        blocking: list[Path] = []
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(timeout if timeout is not None else math.inf) as limit:
                 try:
-                    result = await self._run_watched(
-                        command, stdin, {**self._env, **env} if env else self._env, cwd, blocking
+                    result, stopped = await self._run_watched(
+                        command, stdin, {**self._env, **env} if env else self._env, cwd
                     )
                 except* (anyio.BrokenResourceError, BrokenPipeError, ConnectionResetError):
                     # git ended before it read all its input (a broken repository, a bad
@@ -204,8 +203,8 @@ class Git:
             raise GitError(
                 args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"
             )
-        if blocking:
-            raise _blocked(args, blocking)
+        if stopped is not None:
+            raise _blocked(args, stopped)
         await anyio.lowlevel.checkpoint_if_cancelled()
         if check and result.returncode != 0:
             raise GitError(args, result.returncode, result.stderr.decode(errors="replace"))
@@ -232,7 +231,7 @@ class Git:
         out: list[bytes] = []
         err = bytearray()
         size, cut = 0, False
-        blocking: list[Path] = []
+        stopped: list[Path] | None = None
         async with await anyio.open_process(
             command,
             stdin=subprocess.PIPE,
@@ -269,13 +268,13 @@ class Git:
                     tg.start_soon(feed)
                     tg.start_soon(drain_errors)
                     tg.start_soon(drain)
-                    await self.wait(process, cwd, blocking)
+                    stopped = await self.wait(process, cwd)
             if cut or limited.cancelled_caught:
                 with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                     process.kill()
             returncode = await process.wait()
-        if blocking:
-            raise _blocked(args, blocking)
+        if stopped is not None:
+            raise _blocked(args, stopped)
         if limited.cancelled_caught:
             raise GitError(
                 args, -9, f"fatal: git did not finish within {timeout:g} s and was killed"
@@ -292,15 +291,25 @@ class Git:
         stdin: bytes | None,
         env: Mapping[str, str],
         cwd: Path | None,
-        blocking: list[Path],
-    ) -> subprocess.CompletedProcess[bytes]:
-        """*command* run to its end (as ``anyio.run_process``), its output collected; unless
-        it is found waiting on something that never ends (see :meth:`wait`)."""
+    ) -> tuple[subprocess.CompletedProcess[bytes], list[Path] | None]:
+        """*command* run to its end (as ``anyio.run_process``), its output collected; and,
+        if it was stopped waiting for ever on what an agent planted, on what (:meth:`wait`).
+        Its input is written beside the wait: git blocked before it read it all is still
+        looked at."""
         output = [b"", b""]
 
         async def collect(stream: anyio.abc.ByteReceiveStream, index: int) -> None:
             chunks = [chunk async for chunk in stream]
             output[index] = b"".join(chunks)
+
+        broken: list[BaseException] = []
+
+        async def feed(stream: anyio.abc.ByteSendStream, data: bytes) -> None:
+            try:
+                await stream.send(data)
+                await stream.aclose()
+            except (anyio.BrokenResourceError, BrokenPipeError, ConnectionResetError) as exc:
+                broken.append(exc)  # git ended first: said after the wait (if not stopped)
 
         async with await anyio.open_process(
             command,
@@ -315,23 +324,23 @@ class Git:
                 tg.start_soon(collect, process.stdout, 0)
                 tg.start_soon(collect, process.stderr, 1)
                 if process.stdin is not None and stdin:
-                    await process.stdin.send(stdin)
-                    await process.stdin.aclose()
-                await self.wait(process, cwd, blocking)
+                    tg.start_soon(feed, process.stdin, stdin)
+                stopped = await self.wait(process, cwd)
+        if broken and stopped is None:
+            raise broken[0]
         assert process.returncode is not None
-        return subprocess.CompletedProcess(command, process.returncode, *output)
+        return subprocess.CompletedProcess(command, process.returncode, *output), stopped
 
     async def wait(
         self,
         process: Process,
         cwd: Path | None,
-        found: list[Path],
         until: Callable[[], Awaitable[object]] | None = None,
-    ) -> None:
+    ) -> list[Path] | None:
         """Wait for git *process* (run in *cwd*) to end, or *until* to return, unless it
         would wait for ever on what an agent planted (orchestrator/stall.py): then it is
-        stopped, and what it waited on is in *found*."""
-        await stall.wait(process, found, *self._watched(cwd), until=until)
+        stopped, and what it was stuck on returned (empty: not known)."""
+        return await stall.wait(process, *self._watched(cwd), until=until)
 
     def _watched(
         self, cwd: Path | None
@@ -655,6 +664,13 @@ LIST_REFS_TIMEOUT_S = 60.0
 
 
 def _blocked(args: Sequence[str], found: list[Path]) -> GitError:
+    if not found:
+        return GitError(
+            args,
+            -15,
+            "fatal: git was stopped: it was waiting for ever to open a FIFO, not one found in "
+            "the git directory (behind a link to a directory, say)",
+        )
     named = ", ".join(str(p) for p in found[:5]) + (" ..." if len(found) > 5 else "")
     return GitError(
         args,
@@ -750,14 +766,14 @@ class _Kept:
                 process, stdout = self._process, self._stdout
                 assert process is not None and process.stdin is not None and stdout is not None
                 said: list[bytes] = []
-                blocking: list[Path] = []
+                stopped: list[Path] | None = None
                 with anyio.move_on_after(
                     math.inf if self.timeout is None else self.timeout
                 ) as late:
                     try:
                         await process.stdin.send(question)
                         answer = functools.partial(_read_lines, stdout, said, lines)
-                        await self.git.wait(process, None, blocking, until=answer)
+                        stopped = await self.git.wait(process, None, until=answer)
                     except (
                         anyio.EndOfStream,
                         anyio.IncompleteRead,
@@ -766,9 +782,9 @@ class _Kept:
                         OSError,
                     ):
                         pass
-                if blocking:  # stopped by the watch: still blocked once let go of
+                if stopped is not None:  # still stuck once what blocked it was let go of
                     await self._end()
-                    raise _blocked(self.args, blocking)
+                    raise _blocked(self.args, stopped)
                 if late.cancelled_caught:
                     # Blocked (a FIFO put where it reads the commit's bytes, or a ref): told
                     # to end (git removes its lock files then), killed if it does not.
@@ -900,7 +916,8 @@ def _remove_left_scratches(top: str) -> None:
                     continue
                 fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
                 try:
-                    if try_flock(fd):
+                    # Unlocked, and still what is at that name (never a directory swapped in).
+                    if try_flock(fd) and os.path.samestat(os.fstat(fd), os.lstat(entry.path)):
                         shutil.rmtree(entry.path)
                 finally:
                     os.close(fd)

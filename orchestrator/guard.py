@@ -123,6 +123,7 @@ class RepoGuard:
     _shared: dict[Path, _Kept] = field(default_factory=dict, repr=False)
     #: What in the git directory git would wait on for ever, looked for after each attempt.
     _sweep: Sweep | None = field(default=None, repr=False)
+    _sweeping: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def snapshot(cls, common_dir: Path) -> RepoGuard:
@@ -286,7 +287,9 @@ class RepoGuard:
         """Remove what in the git directory git would wait on for ever (a FIFO, a device,
         a link to one: only an agent makes one there), and keep each as a change. Only the
         directories changed since the last sweep are listed again (a few ``stat`` calls)."""
-        with self._lock:
+        # Not under the guard's lock, which every git command's check takes: a sweep of a
+        # large directory never holds those up.
+        with self._sweeping:
             if self._sweep is None:
                 self._sweep = Sweep(self.common_dir)
             found = self._sweep()

@@ -17,10 +17,11 @@ goes, never what it points at).
 - Every git command of the engine is watched (:func:`wait`): they run without a time limit
   (a checkout of a large repository takes minutes), so once one has run ``STALL_CHECK_S``,
   and then at twice the interval each time, up to ``STALL_MAX_S``, the git directory is
-  searched (:func:`blocking_files`) and the command's processes' open files are looked at
-  (:func:`held_blocking`). What is found is released; a command that has not ended
-  ``END_GRACE_S`` later, or that holds a FIFO or a device open at two looks in a row, is
-  stopped: SIGTERM (on which git removes its lock files), its children too, then SIGKILL.
+  searched (:func:`blocking_files`) and what is found released; git, let go of, goes on. A
+  command is stopped only when one of its processes is stuck at two looks in a row:
+  blocked opening a FIFO (:func:`waiting_on_fifo`: one the search did not find) or holding
+  a FIFO or a device open (:func:`held_blocking`). SIGTERM (on which git removes its lock
+  files), its children too, then SIGKILL after ``END_GRACE_S``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -45,6 +48,7 @@ __all__ = [
     "held_blocking",
     "release",
     "wait",
+    "waiting_on_fifo",
 ]
 
 #: How long a git command may run before what it may be waiting on is looked for.
@@ -97,19 +101,26 @@ def _blocks(mode: int) -> bool:
 class Sweep:
     """:func:`blocking_files` of one git directory, again and again, cheaply: a directory
     whose status is as it was at the last sweep (its entries unchanged: adding, removing or
-    renaming one changes its ctime, which no process can set back) is not listed again.
-    Each call returns what blocks git now in the directories listed."""
+    renaming one changes its ctime, which no process can set back) is not listed again;
+    only its links are looked at again (what one leads to may have changed). A directory
+    changed within the last second is listed again at the next sweep whatever its status
+    says (a change in the same tick of the file system's clock leaves it as it was: see
+    *racy_s*). Each
+    call returns what blocks git now in the directories listed, at most *limit* entries."""
 
-    def __init__(self, common_dir: Path, limit: int = 500_000) -> None:
+    def __init__(self, common_dir: Path, limit: int = 500_000, racy_s: float = 1.0) -> None:
         self.common_dir = common_dir
         self.limit = limit
-        self._known: dict[str, tuple[tuple[int, int, int], list[str]]] = {}
+        #: A directory changed less than this long before a sweep is listed at the next.
+        self.racy_s = racy_s
+        self._known: dict[str, _Listed] = {}
 
     def __call__(self) -> list[Path]:
         found: list[Path] = []
         seen = 0
-        known: dict[str, tuple[tuple[int, int, int], list[str]]] = {}
+        known: dict[str, _Listed] = {}
         stack = [str(self.common_dir)]
+        now = time.time()
         while stack and seen <= self.limit:
             directory = stack.pop()
             try:
@@ -118,29 +129,56 @@ class Sweep:
                 continue
             key = (info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
             last = self._known.get(directory)
-            if last is not None and last[0] == key:
+            if last is not None and last.key == key:
                 known[directory] = last
-                stack += last[1]
+                stack += last.directories
+                found += [Path(link) for link in last.links if _leads_to_blocking(link)]
                 continue
-            subdirectories: list[str] = []
+            listed = _Listed(key if now - info.st_ctime >= self.racy_s else None)
             try:
-                entries = list(os.scandir(directory))
+                entries = os.scandir(directory)
             except OSError:
                 continue
-            for entry in entries:
-                seen += 1
-                with contextlib.suppress(OSError):  # gone meanwhile, or a dangling link
-                    if entry.is_dir(follow_symlinks=False):
-                        if directory != str(self.common_dir) or entry.name != "orchestrator":
-                            subdirectories.append(entry.path)
-                    elif not entry.is_file(follow_symlinks=False) and _blocks(
-                        os.stat(entry.path).st_mode
-                    ):
-                        found.append(Path(entry.path))
-            known[directory] = (key, subdirectories)
-            stack += subdirectories
+            with entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > self.limit:
+                        break
+                    _sort(entry, listed, found, top=directory == str(self.common_dir))
+            known[directory] = listed
+            stack += listed.directories
         self._known = known
         return found
+
+
+@dataclass
+class _Listed:
+    """A directory as a sweep listed it: its status then (None: list it again), its
+    directories and its links."""
+
+    key: tuple[int, int, int] | None
+    directories: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+
+
+def _sort(entry: os.DirEntry[str], listed: _Listed, found: list[Path], *, top: bool) -> None:
+    with contextlib.suppress(OSError):  # gone meanwhile
+        if entry.is_dir(follow_symlinks=False):
+            if not top or entry.name != "orchestrator":
+                listed.directories.append(entry.path)
+        elif entry.is_symlink():
+            listed.links.append(entry.path)
+            if _leads_to_blocking(entry.path):
+                found.append(Path(entry.path))
+        elif not entry.is_file(follow_symlinks=False) and _blocks(entry.stat().st_mode):
+            found.append(Path(entry.path))
+
+
+def _leads_to_blocking(link: str) -> bool:
+    try:
+        return _blocks(os.stat(link).st_mode)
+    except OSError:  # dangling: opens nothing
+        return False
 
 
 def held_blocking(pids: Iterable[int]) -> set[tuple[int, int, str]]:
@@ -173,86 +211,119 @@ def held_blocking(pids: Iterable[int]) -> set[tuple[int, int, str]]:
     return held
 
 
+def waiting_on_fifo(pids: Iterable[int]) -> set[int]:
+    """Those of processes *pids* blocked opening a FIFO that nobody has open at its other
+    end (the kernel's ``wait_for_partner``, as ``/proc/<pid>/wchan`` names it): where that
+    FIFO is needs no finding. Empty where ``/proc`` does not say."""
+    waiting: set[int] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fd = os.open(f"/proc/{pid}/wchan", os.O_RDONLY)
+            try:
+                if os.read(fd, 64) == b"wait_for_partner":
+                    waiting.add(pid)
+            finally:
+                os.close(fd)
+    return waiting
+
+
 def release(found: Iterable[Path], root: Path) -> dict[Path, float]:
     """Let go of every process blocked on a FIFO of *found* (opened both ways, closed: one
     blocked opening it goes on, and reads its end or has its write refused), and remove
-    what of *found* is in the directory *root*: a FIFO holds nothing, and a link goes,
-    never what it points at. What is outside *root* (the user's own files) stays. Returns
-    what was removed, with when it was made (its ctime)."""
+    what of *found* is in the directory *root* and still a FIFO, a device or a link to one
+    (a file git wrote there since stays): a FIFO holds nothing, and a link goes, never what
+    it points at. What is outside *root* (the user's own files) stays. Returns what was
+    removed, with when it was made (its ctime)."""
     top = os.path.realpath(root)
     removed: dict[Path, float] = {}
     for path in found:
         _open_and_close(path)
         parent = os.path.realpath(path.parent)
-        if parent == top or parent.startswith(top + os.sep):
-            with contextlib.suppress(OSError):
-                made = os.lstat(path).st_ctime
+        if parent != top and not parent.startswith(top + os.sep):
+            continue
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            if _blocks(info.st_mode) or (
+                stat.S_ISLNK(info.st_mode) and _leads_to_blocking(str(path))
+            ):
                 os.unlink(path)
-                removed[path] = made
+                removed[path] = info.st_ctime
     return removed
 
 
 def _open_and_close(path: Path) -> None:
+    """Open the FIFO at *path* (or where a link there leads) for reading and for writing,
+    and close both. Through an ``O_PATH`` descriptor, whose file is known before it is
+    opened: a device put there meanwhile is never opened."""
     try:
-        if not stat.S_ISFIFO(os.stat(path).st_mode):
-            return
-        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks
+        handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
         return
     try:
-        with contextlib.suppress(OSError):
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # a reader is there: ours
+        if not stat.S_ISFIFO(os.fstat(handle).st_mode):
+            return
+        same = f"/proc/self/fd/{handle}"
+        reader = os.open(same, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never blocks
+        try:
+            with contextlib.suppress(OSError):  # a reader is there (ours): it opens
+                os.close(os.open(same, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        finally:
+            os.close(reader)
+    except OSError:
+        return
     finally:
-        os.close(reader)
+        os.close(handle)
 
 
 async def wait(
     process: Process,
-    found: list[Path],
     common_dir: Path,
     also: Iterable[Path] = (),
     removed: Callable[[dict[Path, float]], None] | None = None,
     *,
     until: Callable[[], Awaitable[object]] | None = None,
-) -> None:
+) -> list[Path] | None:
     """Wait for *process* to end, or for *until* to return (a kept git's answer: called
     again after each look, it must go on where it stopped), looking for what would keep it
-    waiting for ever: once it has waited STALL_CHECK_S, and then at twice the interval each
-    time, in the git directory *common_dir* (or at *also*: :func:`blocking_files`) and among
-    the open files of *process* and of the processes it started (:func:`held_blocking`).
+    waiting for ever once it has waited STALL_CHECK_S, and then at twice the interval each
+    time. What costs a command that ends within STALL_CHECK_S: one deadline.
 
-    What is found is let go of, and removed from the git directory (:func:`release`; what
-    was removed is told to *removed*): git may then go on by itself (an empty commit graph
-    is no error to it, an empty object is one it reports). If it has not END_GRACE_S later,
-    or if it holds a blocking file open at two looks in a row, what was found is named in
-    *found* and it is stopped. What ends within STALL_CHECK_S costs one deadline."""
+    Each look releases (:func:`release`) what blocks git in the git directory *common_dir*
+    or at *also* (:func:`blocking_files`; what was removed is told to *removed*): git,
+    let go of, goes on by itself (an empty commit graph is no error to it; an empty object
+    is one it reports). The command is stopped only when one of its processes is stuck at
+    two looks in a row: blocked opening a FIFO (:func:`waiting_on_fifo`: one not found, say
+    behind a link to a directory) or holding a FIFO or a device open (:func:`held_blocking`).
+    Returns None, or, when it was stopped, what it was stuck on (empty when not known)."""
     step = process.wait if until is None else until
-    held: set[tuple[int, int, str]] = set()
+    stuck: set[tuple[int, int, str]] = set()
     delay = STALL_CHECK_S
     while True:
         with anyio.move_on_after(delay) as waiting:
             await step()
         if not waiting.cancelled_caught:
-            return
-        family = _family(process.pid)
+            return None
         paths = await anyio.to_thread.run_sync(blocking_files, common_dir, also)
-        now = await anyio.to_thread.run_sync(held_blocking, [p.pid for p in family])
-        if paths or now & held:
-            blocking = paths + sorted({Path(t) for _, _, t in now & held})
-            gone = await anyio.to_thread.run_sync(release, blocking, common_dir)
+        if paths:
+            gone = await anyio.to_thread.run_sync(release, paths, common_dir)
             if removed is not None and gone:
                 removed(gone)
-            if paths and not now & held:
-                with anyio.move_on_after(END_GRACE_S) as grace:
-                    await step()
-                if not grace.cancelled_caught:
-                    return  # it went on: its own outcome stands
-            found += blocking
+        now = await anyio.to_thread.run_sync(_stuck, _family(process.pid))
+        if now & stuck:
+            held = sorted({Path(target) for _, _, target in now & stuck if target})
+            await anyio.to_thread.run_sync(release, held, common_dir)
             with anyio.CancelScope(shield=True):
                 await _stop(process, _family(process.pid))
-            return
-        held = now
+            return held or paths
+        stuck = now
         delay = min(2 * delay, STALL_MAX_S)
+
+
+def _stuck(family: list[psutil.Process]) -> set[tuple[int, int, str]]:
+    """What of *family* is stuck now: (pid, descriptor, path) of a blocking file held open,
+    (pid, -1, "") for one blocked opening a FIFO."""
+    pids = [member.pid for member in family]
+    return held_blocking(pids) | {(pid, -1, "") for pid in waiting_on_fifo(pids)}
 
 
 async def _stop(process: Process, family: list[psutil.Process]) -> None:

@@ -9,7 +9,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +113,8 @@ def test_a_sweep_lists_again_only_the_directories_changed_since_the_last(
     common = tmp_path / "git"
     for name in ("objects/ab", "objects/cd", "refs/heads", "orchestrator/runs"):
         (common / name).mkdir(parents=True)
+    (tmp_path / "target").write_text("a ref\n")
+    (common / "refs" / "heads" / "link").symlink_to(tmp_path / "target")
     listed: list[str] = []
     real = os.scandir
 
@@ -122,7 +123,7 @@ def test_a_sweep_lists_again_only_the_directories_changed_since_the_last(
         return real(path)
 
     monkeypatch.setattr(stall.os, "scandir", counting)
-    sweep = stall.Sweep(common)
+    sweep = stall.Sweep(common, racy_s=0.0)  # (the clock's tick is the next test's)
     assert sweep() == []
     assert sorted(listed) == [".", "objects", "objects/ab", "objects/cd", "refs", "refs/heads"]
     listed.clear()
@@ -136,10 +137,15 @@ def test_a_sweep_lists_again_only_the_directories_changed_since_the_last(
     listed.clear()
     (common / "refs" / "heads" / "new").mkdir()
     os.mkfifo(common / "refs" / "heads" / "new" / "fifo")
-    (common / "orchestrator" / "runs" / "fifo").parent.mkdir(exist_ok=True)
     os.mkfifo(common / "orchestrator" / "runs" / "fifo")  # the engine's own: never looked at
     assert sorted(sweep()) == [common / "refs" / "heads" / "new" / "fifo"]
     assert sorted(listed) == ["refs/heads", "refs/heads/new"]
+    # What a link leads to is looked at again, its directory unchanged.
+    listed.clear()
+    (tmp_path / "target").unlink()
+    os.mkfifo(tmp_path / "target")
+    assert common / "refs" / "heads" / "link" in sweep() and listed == []
+    (common / "refs" / "heads" / "link").unlink()
     # A directory gone is forgotten; one made again in its place is listed.
     (common / "refs" / "heads" / "new" / "fifo").unlink()
     (common / "refs" / "heads" / "new").rmdir()
@@ -147,7 +153,37 @@ def test_a_sweep_lists_again_only_the_directories_changed_since_the_last(
     (common / "refs" / "heads" / "new").mkdir()
     os.mkfifo(common / "refs" / "heads" / "new" / "again")
     assert sweep() == [common / "refs" / "heads" / "new" / "again"]
-    assert len(stall.Sweep(common, limit=1)()) <= 1  # bounded, as blocking_files is
+
+
+def test_a_sweep_is_bounded_within_a_directory_too(tmp_path: Path) -> None:
+    common = tmp_path / "git"
+    (common / "objects").mkdir(parents=True)
+    for i in range(10):
+        os.mkfifo(common / "objects" / f"f{i}")
+    assert len(stall.Sweep(common)()) == 10
+    assert len(stall.Sweep(common, limit=4)()) == 3  # objects/ is the first of the 4
+
+
+def test_a_directory_changed_within_the_clock_s_tick_is_listed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system whose clock ticks coarsely, a FIFO made in the tick of the last
+    listing leaves the directory's times as they were: one changed within racy_s of a
+    sweep is listed at the next whatever its times say."""
+    common = tmp_path / "git"
+    common.mkdir()
+    listed: list[str] = []
+    real = os.scandir
+
+    def counting(path: str) -> object:
+        listed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(stall.os, "scandir", counting)
+    sweep = stall.Sweep(common, racy_s=3600.0)  # every change is "just now"
+    sweep()
+    sweep()
+    assert listed == [str(common), str(common)]
 
 
 def test_the_guard_removes_a_fifo_left_before_the_run_and_says_so(make_repo: MakeRepo) -> None:
@@ -220,8 +256,10 @@ def test_release_lets_blocked_processes_go_and_removes_only_what_is_inside(
     writer = subprocess.Popen(["sh", "-c", f"echo x > {inside}"], **quiet)
     through = subprocess.Popen(["cat", str(link)], **quiet)
     try:
-        time.sleep(0.2)  # (their opens are under way: none can finish without a partner)
-        assert reader.poll() is None and writer.poll() is None and through.poll() is None
+        for process in (reader, writer, through):  # each blocked opening its FIFO
+            while stall.waiting_on_fifo([process.pid]) != {process.pid}:
+                assert process.poll() is None
+                time.sleep(0.01)
         stall.release([inside, read, link], root)
         for process in (reader, writer, through):
             process.wait(timeout=30)
@@ -296,23 +334,102 @@ def test_a_blocked_write_let_go_of_leaves_no_lock_and_the_guard_keeps_the_change
     ]
 
 
-def test_a_link_to_a_device_is_stopped_too(make_repo: MakeRepo, quick: list[Path]) -> None:
+def test_git_reading_a_device_without_end_is_stopped(
+    make_repo: MakeRepo, quick: list[Path]
+) -> None:
+    """A link to /dev/zero where git reads a file: the link is removed at the first look,
+    but what already opened it reads on; holding the device at two looks, it is stopped."""
     repo = make_repo()
-    packs = repo / ".git" / "objects" / "info"
-    packs.mkdir(parents=True, exist_ok=True)
-    (packs / "commit-graph").symlink_to("/dev/zero")
+    link = repo / ".git" / "objects" / "info" / "commit-graph"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to("/dev/zero")
     runner = _runner(repo)
-    started = threading.Event()
+    with pytest.raises(GitError, match="waited for ever on /dev/zero") as caught:
+        anyio.run(lambda: runner.run("-c", f"alias.graph=!cat {link} > /dev/null", "graph"))
+    assert caught.value.returncode == -15
+    assert not link.is_symlink() and os.path.exists("/dev/zero")  # the link, not the device
+    assert live_processes_with(str(link)) == []
 
-    async def go() -> None:
-        started.set()
-        await runner.run("-c", "alias.wait=!sleep 30", "wait")
 
-    with pytest.raises(GitError, match="commit-graph"):
-        anyio.run(go)
-    assert not (packs / "commit-graph").is_symlink()  # the link went, /dev/zero did not
-    assert os.path.exists("/dev/zero")
-    assert live_processes_with(str(repo)) == [] and live_processes_with("sleep 30") == []
+def test_a_fifo_behind_a_link_to_a_directory_stops_git_without_being_found(
+    make_repo: MakeRepo, quick: list[Path], tmp_path: Path
+) -> None:
+    """git follows a link to a directory where the search does not: the process is seen
+    blocked opening a FIFO (its wait channel) at two looks, and stopped."""
+    repo = make_repo()
+    oid = git(repo, "rev-parse", "HEAD:src/file0000.txt")
+    objects = repo / ".git" / "objects" / oid[:2]
+    elsewhere = tmp_path / "elsewhere"
+    objects.rename(elsewhere)
+    objects.symlink_to(elsewhere)
+    (elsewhere / oid[2:]).unlink()
+    os.mkfifo(elsewhere / oid[2:])
+    runner = _runner(repo)
+    with pytest.raises(GitError, match="not one found in the git directory") as caught:
+        anyio.run(lambda: runner.run("cat-file", "-p", oid))
+    assert caught.value.returncode == -15
+    assert stat.S_ISFIFO(os.lstat(elsewhere / oid[2:]).st_mode)  # not found: left
+    assert live_processes_with(str(repo)) == []
+
+
+def test_a_long_command_is_not_stopped_for_a_fifo_it_does_not_open(
+    make_repo: MakeRepo, quick: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO planted while a long checkout runs is let go of and removed; the checkout,
+    not blocked on it, runs to its end."""
+    repo = make_repo()
+    planted = repo / ".git" / "planted"
+    done = repo / "done"
+    counting = stall.blocking_files
+
+    def looking(*args: object, **kwargs: object) -> list[Path]:
+        if len(quick) == 1:
+            os.mkfifo(planted)
+        if len(quick) == 4:
+            done.touch()  # the command ends after the fourth look
+        return counting(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stall, "blocking_files", looking)
+    runner = _runner(repo)
+    runner.guard = RepoGuard.snapshot(repo / ".git")
+    wait = f"!while [ ! -e {done} ]; do sleep 0.01; done; echo done"
+    result = anyio.run(lambda: runner.run("-c", f"alias.long={wait}", "long"))
+    assert result.returncode == 0 and result.stdout == b"done\n"
+    assert len(quick) >= 4
+    assert not planted.exists()
+    assert [c.path for c in runner.guard.changes] == [planted]
+
+
+def test_input_larger_than_a_pipe_does_not_keep_git_from_being_looked_at(
+    make_repo: MakeRepo, quick: list[Path]
+) -> None:
+    """git blocked before it read its input all (more than a pipe holds): the input is
+    written beside the wait, which still looks, and lets git go."""
+    repo = make_repo()
+    oid = git(repo, "rev-parse", "HEAD:src/file0000.txt")
+    planted = _object_path(repo, "HEAD:src/file0000.txt")
+    planted.unlink()
+    os.mkfifo(planted)
+    runner = _runner(repo)
+    many = (oid + "\n").encode() * 5000  # 205 KB
+    result = anyio.run(lambda: runner.run("cat-file", "--batch", stdin=many, check=False))
+    assert quick and not planted.exists()
+    # Let go of, git read an empty object, and said so; then went on with its input.
+    assert b"is empty" in result.stderr and result.stdout.count(b" missing\n") >= 1
+    assert live_processes_with(str(repo)) == []
+
+
+def test_release_removes_only_what_still_blocks(tmp_path: Path) -> None:
+    """Found a FIFO, then (another look having removed it) a ref git wrote there: kept;
+    so is a link that now leads to a file."""
+    root = tmp_path / "git"
+    root.mkdir()
+    ref = root / "ref"
+    ref.write_text("0" * 40 + "\n")
+    link = root / "link"
+    link.symlink_to(ref)
+    assert stall.release([ref, link], root) == {}
+    assert ref.read_text() == "0" * 40 + "\n" and link.is_symlink()
 
 
 def test_a_command_holding_a_fifo_outside_is_stopped_and_the_fifo_left(
@@ -335,15 +452,26 @@ def test_a_command_holding_a_fifo_outside_is_stopped_and_the_fifo_left(
 
 
 def test_a_slow_command_with_nothing_planted_is_left_to_finish(
-    make_repo: MakeRepo, quick: list[Path]
+    make_repo: MakeRepo, quick: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = make_repo()
+    done = repo / "done"
+    counting = stall.blocking_files
+
+    def looking(*args: object, **kwargs: object) -> list[Path]:
+        if len(quick) == 3:
+            done.touch()  # the command ends after the third look
+        return counting(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stall, "blocking_files", looking)
     runner = _runner(repo)
-    result = anyio.run(lambda: runner.run("-c", "alias.slow=!sleep 0.6 && echo done", "slow"))
+    wait = f"!while [ ! -e {done} ]; do sleep 0.01; done; echo done"
+    result = anyio.run(lambda: runner.run("-c", f"alias.slow={wait}", "slow"))
     assert result.returncode == 0 and result.stdout == b"done\n"
-    assert len(quick) >= 3  # looked at 0.05, 0.15, 0.35 s...: found nothing each time
-    # A quick command is never looked at.
+    assert len(quick) >= 3  # looked three times: found nothing each time
+    # A command that ends before the first look is never looked at.
     quick.clear()
+    monkeypatch.setattr(stall, "STALL_CHECK_S", 600.0)
     anyio.run(lambda: runner.run("rev-parse", "HEAD"))
     assert quick == []
 
