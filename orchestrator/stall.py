@@ -197,7 +197,7 @@ def held_blocking(pids: Iterable[int]) -> set[tuple[int, int, str]]:
         except OSError:
             continue
         for name in descriptors:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError):  # closed meanwhile
                 where = f"/proc/{pid}/fd/{name}"
                 target = os.readlink(where)
                 if not target.startswith("/"):

@@ -5,6 +5,7 @@ file removed; a slow command with nothing planted is left to finish."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -155,6 +156,49 @@ def test_a_sweep_lists_again_only_the_directories_changed_since_the_last(
     assert sweep() == [common / "refs" / "heads" / "new" / "again"]
 
 
+def test_a_first_sweep_finds_links_to_fifos_and_follows_no_link_to_a_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = tmp_path / "git"
+    (common / "refs").mkdir(parents=True)
+    (common / "objects").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(outside / "fifo")
+    (common / "refs" / "to-fifo").symlink_to(outside / "fifo")
+    (common / "refs" / "dangling").symlink_to(tmp_path / "nowhere")
+    (common / "refs" / "to-dir").symlink_to(outside)  # git may follow it; the sweep does not
+    os.mkfifo(common / "objects" / "planted")
+    assert sorted(stall.Sweep(common)()) == [
+        common / "objects" / "planted",
+        common / "refs" / "to-fifo",
+    ]
+    # A directory that cannot be listed (gone meanwhile) is passed over, the rest is not.
+    real = os.scandir
+
+    def failing(path: str) -> object:
+        if str(path).endswith("refs"):
+            raise FileNotFoundError(path)
+        return real(path)
+
+    monkeypatch.setattr(stall.os, "scandir", failing)
+    assert stall.Sweep(common)() == [common / "objects" / "planted"]
+    assert stall.blocking_files(common) == [common / "objects" / "planted"]
+
+
+def test_an_entry_gone_while_it_is_sorted_is_passed_over() -> None:
+    class Gone:
+        name = path = "gone"
+
+        def is_dir(self, follow_symlinks: bool = True) -> bool:
+            raise FileNotFoundError(self.path)
+
+    listed = stall._Listed(None)
+    found: list[Path] = []
+    stall._sort(Gone(), listed, found, top=False)  # type: ignore[arg-type]
+    assert found == [] and listed.directories == listed.links == []
+
+
 def test_a_sweep_is_bounded_within_a_directory_too(tmp_path: Path) -> None:
     common = tmp_path / "git"
     (common / "objects").mkdir(parents=True)
@@ -208,7 +252,7 @@ def test_the_guard_removes_a_fifo_left_before_the_run_and_says_so(make_repo: Mak
 
 
 def test_open_named_fifos_and_devices_are_found_pipes_null_and_random_are_not(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fifo = tmp_path / "held"
     os.mkfifo(fifo)
@@ -219,6 +263,7 @@ def test_open_named_fifos_and_devices_are_found_pipes_null_and_random_are_not(
         "b = os.open('/dev/zero', os.O_RDONLY)\n"
         "c = os.open(os.devnull, os.O_RDONLY)\n"
         "d = os.open('/dev/urandom', os.O_RDONLY)\n"
+        "e = os.open('/dev/random', os.O_RDONLY)\n"
         "print(a, b, c, flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -228,8 +273,18 @@ def test_open_named_fifos_and_devices_are_found_pipes_null_and_random_are_not(
         try:
             assert child.stdout is not None
             a, b, _ = (int(n) for n in child.stdout.readline().split())
-            held = stall.held_blocking([child.pid, 999_999_999])
+            held = stall.held_blocking([999_999_999, child.pid])  # one gone: no matter
             assert held == {(child.pid, a, str(fifo)), (child.pid, b, "/dev/zero")}
+            # A descriptor closed while they are looked at is passed over.
+            real = os.readlink
+
+            def closing(path: str) -> str:
+                if path == f"/proc/{child.pid}/fd/{a}":
+                    raise FileNotFoundError(path)
+                return real(path)
+
+            monkeypatch.setattr(stall.os, "readlink", closing)
+            assert stall.held_blocking([child.pid]) == {(child.pid, b, "/dev/zero")}
         finally:
             child.kill()
             child.wait()
@@ -270,8 +325,10 @@ def test_release_lets_blocked_processes_go_and_removes_only_what_is_inside(
                 process.wait()
     assert not inside.exists() and not read.exists() and not link.is_symlink()
     assert stat.S_ISFIFO(os.lstat(outside).st_mode)  # what a link points at stays
-    stall.release([outside], root)  # outside the root: let go of, never removed
-    assert stat.S_ISFIFO(os.lstat(outside).st_mode)
+    os.mkfifo(inside)
+    # Outside the root: let go of, never removed; what follows it in the list still is.
+    assert list(stall.release([outside, inside], root)) == [inside]
+    assert stat.S_ISFIFO(os.lstat(outside).st_mode) and not inside.exists()
     stall.release([tmp_path / "absent", tmp_path], root)  # nothing to do: no error
 
 
@@ -552,3 +609,25 @@ def test_a_kept_update_blocked_on_a_fifo_is_let_go_long_before_its_timeout(
     assert list((repo / ".git").rglob("*.lock")) == []
     assert live_processes_with(str(repo)) == []
     assert quick  # found by a look, not by the timeout
+
+
+def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """git removes its lock files on SIGTERM and ends; what does not end is killed."""
+    monkeypatch.setattr(stall, "END_GRACE_S", 0.2)
+    marker = str(tmp_path / "ignores-term")
+
+    async def main() -> int | None:
+        script = f"trap '' TERM; : {marker}; sleep 60 & wait; sleep 60"
+        async with await anyio.open_process(["sh", "-c", script]) as process:
+            with anyio.fail_after(30):
+                for _ in range(3000):  # until its sleep has started
+                    if len(stall._family(process.pid)) == 2:
+                        break
+                    await anyio.sleep(0.01)
+                await stall._stop(process, stall._family(process.pid))
+                return await process.wait()
+
+    assert anyio.run(main) == -signal.SIGKILL
+    assert live_processes_with(marker) == []
