@@ -188,7 +188,7 @@ def held_blocking(pids: Iterable[int]) -> set[tuple[int, int, str]]:
     stderr) are anonymous and left out. Empty where ``/proc`` is not."""
     harmless = set()
     for device in (os.devnull, "/dev/urandom", "/dev/random"):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # not on this machine: none of it is harmless
             harmless.add(os.stat(device).st_rdev)
     held: set[tuple[int, int, str]] = set()
     for pid in pids:

@@ -521,11 +521,24 @@ def test_a_slow_command_with_nothing_planted_is_left_to_finish(
         return counting(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(stall, "blocking_files", looking)
+    waits: list[float] = []  # each wait's deadline, as the watch sets it
+
+    class Recording:
+        def __getattr__(self, name: str) -> object:
+            return getattr(anyio, name)
+
+        def move_on_after(self, delay: float) -> anyio.CancelScope:
+            waits.append(delay)
+            return anyio.move_on_after(delay)
+
+    monkeypatch.setattr(stall, "anyio", Recording())
     runner = _runner(repo)
     wait = f"!while [ ! -e {done} ]; do sleep 0.01; done; echo done"
     result = anyio.run(lambda: runner.run("-c", f"alias.slow={wait}", "slow"))
     assert result.returncode == 0 and result.stdout == b"done\n"
     assert len(quick) >= 3  # looked three times: found nothing each time
+    # Twice as long each time, up to the longest (0.2 s here).
+    assert waits[:4] == [0.05, 0.1, 0.2, 0.2]
     # A command that ends before the first look is never looked at.
     quick.clear()
     monkeypatch.setattr(stall, "STALL_CHECK_S", 600.0)
