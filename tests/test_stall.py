@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import psutil
 import pytest
 
 from envelopes import Plan, Report
@@ -173,17 +174,32 @@ def test_a_first_sweep_finds_links_to_fifos_and_follows_no_link_to_a_directory(
         common / "objects" / "planted",
         common / "refs" / "to-fifo",
     ]
-    # A directory that cannot be listed (gone meanwhile) is passed over, the rest is not.
-    real = os.scandir
+    with socket.socket(socket.AF_UNIX) as listener:  # a socket cannot be opened: not found
+        listener.bind(str(common / "objects" / "fsmonitor--daemon.ipc"))
+        assert len(stall.Sweep(common)()) == 2
+    # A directory that cannot be listed or looked at (gone meanwhile) is passed over, the
+    # rest is not, whichever comes first.
+    real_scandir, real_lstat = os.scandir, os.lstat
+    everything = {"refs": common / "refs" / "to-fifo", "objects": common / "objects" / "planted"}
+    for gone, kept in (("refs", "objects"), ("objects", "refs")):
 
-    def failing(path: str) -> object:
-        if str(path).endswith("refs"):
-            raise FileNotFoundError(path)
-        return real(path)
+        def failing(path: str, gone: str = gone) -> object:
+            if str(path).endswith(gone):
+                raise FileNotFoundError(path)
+            return real_scandir(path)
 
-    monkeypatch.setattr(stall.os, "scandir", failing)
-    assert stall.Sweep(common)() == [common / "objects" / "planted"]
-    assert stall.blocking_files(common) == [common / "objects" / "planted"]
+        def vanished(path: str, gone: str = gone) -> os.stat_result:
+            if str(path).endswith(gone):
+                raise FileNotFoundError(path)
+            return real_lstat(path)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(stall.os, "scandir", failing)
+            assert stall.Sweep(common)() == [everything[kept]]
+            assert stall.blocking_files(common) == [everything[kept]]
+        with monkeypatch.context() as patched:
+            patched.setattr(stall.os, "lstat", vanished)
+            assert stall.Sweep(common)() == [everything[kept]]
 
 
 def test_an_entry_gone_while_it_is_sorted_is_passed_over() -> None:
@@ -329,7 +345,7 @@ def test_release_lets_blocked_processes_go_and_removes_only_what_is_inside(
     # Outside the root: let go of, never removed; what follows it in the list still is.
     assert list(stall.release([outside, inside], root)) == [inside]
     assert stat.S_ISFIFO(os.lstat(outside).st_mode) and not inside.exists()
-    stall.release([tmp_path / "absent", tmp_path], root)  # nothing to do: no error
+    stall.release([tmp_path / "absent", root / "absent", tmp_path], root)  # no error
 
 
 # watching a git command
@@ -644,3 +660,30 @@ def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(
 
     assert anyio.run(main) == -signal.SIGKILL
     assert live_processes_with(marker) == []
+
+
+def test_a_member_gone_before_it_is_stopped_is_no_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(stall, "END_GRACE_S", 0.2)
+    marker = str(tmp_path / "stopped")
+
+    async def main() -> int | None:
+        gone = await anyio.run_process(["true"])
+        assert gone.returncode == 0
+        env = {**os.environ, "STALL_TEST_MARK": marker}
+        async with await anyio.open_process(["sleep", "60"], env=env) as process:
+            with anyio.fail_after(30):
+                [member] = stall._family(process.pid)
+                dead = psutil.Process(os.getpid())
+                monkeypatch.setattr(dead, "terminate", _gone)
+                monkeypatch.setattr(dead, "kill", _gone)
+                await stall._stop(process, [dead, member])
+                return await process.wait()
+
+    assert anyio.run(main) == -signal.SIGTERM
+    assert live_processes_with(marker) == []
+
+
+def _gone() -> None:
+    raise psutil.NoSuchProcess(0)
