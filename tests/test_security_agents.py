@@ -172,8 +172,9 @@ run = os.environ["ORCHESTRATOR_RUN_ID"]
 victim = f"refs/heads/orchestrator/{run}/victim"
 def git(*args):
     return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-# Wait for the victim's worktree, then write into it and move its branch and main.
-for _ in range(200):
+# Wait for the victim's worktree (up to 30 s: a loaded machine makes it late), then write
+# into it and move its branch and main.
+for _ in range(1500):
     blocks = git("worktree", "list", "--porcelain").split(chr(10) * 2)
     found = [b.splitlines()[0][9:] for b in blocks if f"branch {victim}" in b]
     if found:
