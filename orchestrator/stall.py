@@ -301,8 +301,8 @@ async def wait(
     while True:
         with anyio.move_on_after(delay) as waiting:
             await step()
-        if not waiting.cancelled_caught:
-            return None
+        if not waiting.cancelled_caught or process.returncode is not None:
+            return None  # (ended as the deadline came: its pid may be another's by now)
         paths = await anyio.to_thread.run_sync(blocking_files, common_dir, also)
         if paths:
             gone = await anyio.to_thread.run_sync(release, paths, common_dir)
