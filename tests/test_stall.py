@@ -640,50 +640,36 @@ def test_a_kept_update_blocked_on_a_fifo_is_let_go_long_before_its_timeout(
     assert quick  # found by a look, not by the timeout
 
 
-def test_a_process_that_ignores_sigterm_is_killed_after_the_grace(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize(
+    ("case", "ended_by"), [("ignores-term", -signal.SIGKILL), ("one-gone", -signal.SIGTERM)]
+)
+def test_a_stop_terminates_then_kills_and_a_member_gone_is_no_error(
+    case: str, ended_by: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """git removes its lock files on SIGTERM and ends; what does not end is killed."""
+    """git removes its lock files on SIGTERM and ends; what does not end is killed after
+    the grace; a member of the family gone before it is stopped is passed over."""
     monkeypatch.setattr(stall, "END_GRACE_S", 0.2)
-    marker = str(tmp_path / "ignores-term")
+    marker = str(tmp_path / case)
+    env = {**os.environ, "STALL_TEST_MARK": marker}  # (its children inherit it)
+    if case == "ignores-term":
+        argv, size = ["sh", "-c", "trap '' TERM; sleep 60 & wait; sleep 60"], 2
+    else:
+        argv, size = ["sleep", "60"], 1
 
     async def main() -> int | None:
-        script = f"trap '' TERM; : {marker}; sleep 60 & wait; sleep 60"
-        async with await anyio.open_process(["sh", "-c", script]) as process:
+        async with await anyio.open_process(["sleep", "60"], env=env) as ended:
+            gone = psutil.Process(ended.pid)
+            ended.kill()
+            await ended.wait()  # reaped: its psutil.Process now stands for no process
+        async with await anyio.open_process(argv, env=env) as process:
             with anyio.fail_after(30):
-                for _ in range(3000):  # until its sleep has started
-                    if len(stall._family(process.pid)) == 2:
+                for _ in range(3000):  # until all of it has started
+                    family = stall._family(process.pid)
+                    if len(family) == size:
                         break
                     await anyio.sleep(0.01)
-                await stall._stop(process, stall._family(process.pid))
+                await stall._stop(process, [gone, *family] if case == "one-gone" else family)
                 return await process.wait()
 
-    assert anyio.run(main) == -signal.SIGKILL
+    assert anyio.run(main) == ended_by
     assert live_processes_with(marker) == []
-
-
-def test_a_member_gone_before_it_is_stopped_is_no_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setattr(stall, "END_GRACE_S", 0.2)
-    marker = str(tmp_path / "stopped")
-
-    async def main() -> int | None:
-        gone = await anyio.run_process(["true"])
-        assert gone.returncode == 0
-        env = {**os.environ, "STALL_TEST_MARK": marker}
-        async with await anyio.open_process(["sleep", "60"], env=env) as process:
-            with anyio.fail_after(30):
-                [member] = stall._family(process.pid)
-                dead = psutil.Process(os.getpid())
-                monkeypatch.setattr(dead, "terminate", _gone)
-                monkeypatch.setattr(dead, "kill", _gone)
-                await stall._stop(process, [dead, member])
-                return await process.wait()
-
-    assert anyio.run(main) == -signal.SIGTERM
-    assert live_processes_with(marker) == []
-
-
-def _gone() -> None:
-    raise psutil.NoSuchProcess(0)
