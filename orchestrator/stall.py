@@ -228,51 +228,64 @@ def waiting_on_fifo(pids: Iterable[int]) -> set[int]:
 
 
 def release(found: Iterable[Path], root: Path) -> dict[Path, float]:
-    """Let go of every process blocked on a FIFO of *found* (opened both ways, closed: one
-    blocked opening it goes on, and reads its end or has its write refused), and remove
-    what of *found* is in the directory *root* and still a FIFO, a device or a link to one
-    (a file git wrote there since stays): a FIFO holds nothing, and a link goes, never what
-    it points at. What is outside *root* (the user's own files) stays. Returns what was
-    removed, with when it was made (its ctime)."""
+    """Remove what of *found* is in the directory *root* and still a FIFO, a device or a
+    link to one (a file git wrote there since stays): a FIFO holds nothing, and a link
+    goes, never what it points at; what is outside *root* (the user's own files) stays.
+    Then let go of every process blocked on a FIFO of *found* (opened both ways, closed:
+    one blocked opening it goes on, and reads its end or has its write refused). Removed
+    first, so that no git opens it again between the two (a FIFO at an object it reads
+    once per line of its input, say). Returns what was removed, with its ctime."""
     top = os.path.realpath(root)
     removed: dict[Path, float] = {}
     for path in found:
-        _open_and_close(path)
-        parent = os.path.realpath(path.parent)
-        if parent != top and not parent.startswith(top + os.sep):
-            continue
-        with contextlib.suppress(OSError):
-            info = os.lstat(path)
-            if _blocks(info.st_mode) or (
-                stat.S_ISLNK(info.st_mode) and _leads_to_blocking(str(path))
-            ):
-                os.unlink(path)
-                removed[path] = info.st_ctime
+        handle = _fifo(path)
+        try:
+            parent = os.path.realpath(path.parent)
+            if parent == top or parent.startswith(top + os.sep):
+                with contextlib.suppress(OSError):
+                    info = os.lstat(path)
+                    if _blocks(info.st_mode) or (
+                        stat.S_ISLNK(info.st_mode) and _leads_to_blocking(str(path))
+                    ):
+                        os.unlink(path)
+                        removed[path] = info.st_ctime
+            if handle is not None:
+                _open_and_close(handle)
+        finally:
+            if handle is not None:
+                os.close(handle)
     return removed
 
 
-def _open_and_close(path: Path) -> None:
-    """Open the FIFO at *path* (or where a link there leads) for reading and for writing,
-    and close both. Through an ``O_PATH`` descriptor, whose file is known before it is
-    opened: a device put there meanwhile is never opened."""
+def _fifo(path: Path) -> int | None:
+    """An ``O_PATH`` descriptor of the FIFO at *path* (or where a link there leads), which
+    names it before it is opened and after it is removed; None if it is no FIFO."""
     try:
         handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
-        return
+        return None
     try:
-        if not stat.S_ISFIFO(os.fstat(handle).st_mode):
-            return
-        same = f"/proc/self/fd/{handle}"
+        if stat.S_ISFIFO(os.fstat(handle).st_mode):
+            return handle
+    except OSError:
+        pass
+    os.close(handle)
+    return None
+
+
+def _open_and_close(handle: int) -> None:
+    """Open the FIFO *handle* names for reading and for writing, and close both: through
+    the descriptor, a device put at its path meanwhile is never opened."""
+    same = f"/proc/self/fd/{handle}"
+    try:
         reader = os.open(same, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never blocks
-        try:
-            with contextlib.suppress(OSError):  # a reader is there (ours): it opens
-                os.close(os.open(same, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-        finally:
-            os.close(reader)
     except OSError:
         return
+    try:
+        with contextlib.suppress(OSError):  # a reader is there (ours): it opens
+            os.close(os.open(same, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
     finally:
-        os.close(handle)
+        os.close(reader)
 
 
 async def wait(
