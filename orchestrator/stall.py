@@ -340,6 +340,9 @@ def _stuck(family: list[psutil.Process]) -> set[tuple[int, int, str]]:
 
 
 async def _stop(process: Process, family: list[psutil.Process]) -> None:
+    """SIGTERM to *family* (*process* first: then it starts no more), SIGKILL after the
+    grace; returns once *process* is reaped and the rest of *family* is gone (a SIGKILL is
+    delivered, not waited for: a process dying is still there for a moment)."""
     for member in family:
         with contextlib.suppress(psutil.Error):
             member.terminate()
@@ -348,6 +351,25 @@ async def _stop(process: Process, family: list[psutil.Process]) -> None:
     for member in family:
         with contextlib.suppress(psutil.Error):
             member.kill()
+    await process.wait()
+    others = [member for member in family if member.pid != process.pid]
+    await anyio.to_thread.run_sync(_until_gone, others, END_GRACE_S)
+
+
+def _until_gone(members: list[psutil.Process], timeout: float) -> None:
+    """Wait up to *timeout* for each of *members* to be gone or a zombie (one whose parent
+    died is reaped by init, not by us)."""
+    for _ in range(max(1, int(timeout / 0.005))):
+        if not any(_alive(member) for member in members):
+            return
+        time.sleep(0.005)
+
+
+def _alive(member: psutil.Process) -> bool:
+    try:
+        return member.is_running() and member.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _family(pid: int) -> list[psutil.Process]:
