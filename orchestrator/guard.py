@@ -15,6 +15,7 @@ with kind ``tamper`` naming the file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import stat
@@ -318,12 +319,21 @@ class RepoGuard:
 def user_git_files() -> list[Path]:
     """The user's own git config, attributes and ignore files, which every git command
     reads: an agent with the user's HOME can write them as well as the repository's."""
-    home = Path.home()
-    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "git"
-    files = [home / ".gitconfig", xdg / "config", xdg / "attributes", xdg / "ignore"]
-    if os.environ.get("GIT_CONFIG_GLOBAL"):
-        files.append(Path(os.environ["GIT_CONFIG_GLOBAL"]))
-    return files
+    environ = os.environ
+    return list(
+        _user_git_files(
+            environ.get("HOME"), environ.get("XDG_CONFIG_HOME"), environ.get("GIT_CONFIG_GLOBAL")
+        )
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _user_git_files(home: str | None, xdg: str | None, config: str | None) -> tuple[Path, ...]:
+    # Asked for at each git command (orchestrator/_git.py): made once per environment.
+    where = Path(home) if home else Path.home()
+    conf = Path(xdg or where / ".config") / "git"
+    files = [where / ".gitconfig", conf / "config", conf / "attributes", conf / "ignore"]
+    return (*files, Path(config)) if config else tuple(files)
 
 
 def _ctime(path: Path) -> float:

@@ -1168,3 +1168,24 @@ def test_a_task_runs_as_an_async_task_named_after_it() -> None:
 
     _schedule([_task("a"), _task("b", depends_on=["a"])], prepare=prepare)
     assert names == ["task a", "task b"]
+
+
+def test_tasks_that_end_together_are_taken_in_one_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler takes the ends already queued without waiting on its stream for each:
+    waiting yields to every running task first, and each successor would start a full turn
+    of the event loop later (the latency from a slot freed to the next start)."""
+    from anyio.streams.memory import MemoryObjectReceiveStream
+
+    waits = 0
+    receive = MemoryObjectReceiveStream.receive
+
+    async def counted(self: MemoryObjectReceiveStream[Any]) -> Any:
+        nonlocal waits
+        waits += 1
+        return await receive(self)
+
+    monkeypatch.setattr(MemoryObjectReceiveStream, "receive", counted)
+    # Four slots: the four tasks running end in the same turn (one checkpoint each).
+    hooks = _schedule([_task(f"t{i:02d}") for i in range(40)], limit=4)
+    assert len(_ran(hooks)) == 40
+    assert waits <= 40 // 4 + 2
