@@ -157,11 +157,15 @@ class Progress:
         self.stream = stream or sys.stderr
         self.console = _Console(file=self.stream, highlight=False)
         self.live_mode = self.console.is_terminal if live is None else live
-        #: Each task's row (task, agent, status, time, commit), by task id.
+        #: The row (task, agent, status, time, commit) of each task the live table may show
+        #: (running, or among the last LIVE_ROWS to finish), by task id: not every task's,
+        #: which a run of 100,000 tasks would hold to its end.
         self.rows: dict[str, list[str]] = {}
         self.total = 0
-        #: How many tasks have finished.
+        #: How many tasks have finished, and how many were told of.
         self.done = 0
+        self._seen = 0
+        self._finished: set[str] = set()
         self._running: dict[str, None] = {}  # in the order they started
         self._latest: deque[str] = deque(maxlen=LIVE_ROWS)  # the last to finish
         self._live: Live | None = None
@@ -263,15 +267,22 @@ class Progress:
         return None
 
     def _set(self, task_id: str, row: list[str]) -> None:
-        before = self.rows.get(task_id)
-        was_done = before is not None and before[2] in _FINISHED
+        was_done = task_id in self._finished
+        self._seen += not was_done and task_id not in self.rows
         self.rows[task_id] = row
         if row[2] in _FINISHED:
-            self.done += not was_done
+            if not was_done:
+                self.done += 1
+                self._finished.add(task_id)
             self._running.pop(task_id, None)
+            gone = self._latest[0] if len(self._latest) == self._latest.maxlen else None
             self._latest.append(task_id)
+            if gone is not None and gone not in self._running and gone not in self._latest:
+                del self.rows[gone]  # (no longer shown: only counted)
         else:
-            self.done -= was_done
+            if was_done:
+                self.done -= 1
+                self._finished.discard(task_id)
             self._running[task_id] = None
 
     def _table(self) -> Table:
@@ -282,7 +293,7 @@ class Progress:
         finished = [t for t in dict.fromkeys(reversed(list(self._latest))) if t not in running]
         shown = finished[:room][::-1] + running
         rows = [row for t in shown if (row := self.rows.get(t)) is not None]
-        hidden = len(self.rows) - len(rows)
+        hidden = self._seen - len(rows)
         title = f"{self.done}/{self.total} tasks finished"
         if hidden > 0:
             title += f" ({len(self._running)} running; {hidden} not shown)"

@@ -283,9 +283,17 @@ def test_the_live_table_shows_the_latest_and_the_running_tasks_and_counts_them_a
     assert [str(t) for t in shown] == [f"t{i:04d}" for i in range(970, 1000)]
     assert [str(s) for s in table.columns[2].cells][-11:] == ["failed"] + ["running"] * 10
     assert table.title == "990/1000 tasks finished (10 running; 970 not shown)"
-    # A task seen finished again (a resumed run's event) is not counted twice.
+    # Only the rows it may show are kept (the last LIVE_ROWS to finish, and the running
+    # ones): not one per task of the run.
+    assert len(progress.rows) == LIVE_ROWS + 10
+    # A task seen finished again (a resumed run's event) is not counted twice, nor is a
+    # task started again; one that started again is running again.
     progress(_finished("t0000"))
     assert progress.done == 990
+    progress(_started("t0001"))
+    assert progress.done == 989
+    assert progress._table().title == "989/1000 tasks finished (11 running; 970 not shown)"
+    assert len(progress.rows) == LIVE_ROWS + 11
 
 
 def test_an_event_does_not_draw_the_live_table(monkeypatch: pytest.MonkeyPatch) -> None:
