@@ -512,7 +512,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     rows = results.get("worktrees", [])
     for r in rows:
-        if r["n"] in (32, 128):
+        # N = 8 at C = 8: issue 16's small plans, where a first run's fixed costs dominate.
+        if r["n"] in (32, 128) or (r["n"] == 8 and r["c"] == 8):
             target(
                 f"orchestrator / floor, {r['files']} files, N={r['n']}, C={r['c']}",
                 r["ratio_orchestrator_to_floor"],

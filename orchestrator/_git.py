@@ -196,8 +196,11 @@ class Git:
                         command, stdin, {**self._env, **env} if env else self._env, cwd
                     )
                 except* (anyio.BrokenResourceError, BrokenPipeError, ConnectionResetError):
-                    # git ended before it read all its input (a broken repository, a bad
-                    # argument): its output is lost with the writer, so it is a failure.
+                    # git ended with success before it read all its input: what it made of
+                    # part of it is no answer, so it is a failure. (Seen when the writer
+                    # saw the pipe close: a git that exits before the first write is not
+                    # told apart, as asyncio reports that write's EPIPE only later. No git
+                    # command the engine feeds exits 0 before it read all of its input.)
                     raise GitError(args, -1, "fatal: git ended before it read its input") from None
         if limit.cancelled_caught:
             raise GitError(
@@ -326,7 +329,9 @@ class Git:
                 if process.stdin is not None and stdin:
                     tg.start_soon(feed, process.stdin, stdin)
                 stopped = await self.wait(process, cwd)
-        if broken and stopped is None:
+        if broken and stopped is None and process.returncode == 0:
+            # (A git that failed says why on stderr, which is what is told then: whether
+            # the writer saw the pipe close before the exit was noticed is a race.)
             raise broken[0]
         assert process.returncode is not None
         return subprocess.CompletedProcess(command, process.returncode, *output), stopped
