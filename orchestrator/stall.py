@@ -351,6 +351,8 @@ async def _stop(process: Process, family: list[psutil.Process]) -> None:
     for member in family:
         with contextlib.suppress(psutil.Error):
             member.kill()
+    with contextlib.suppress(ProcessLookupError):  # (not in *family*: psutil could not see it)
+        process.kill()
     await process.wait()
     others = [member for member in family if member.pid != process.pid]
     await anyio.to_thread.run_sync(_until_gone, others, END_GRACE_S)
