@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -273,8 +274,7 @@ class Git:
                     tg.start_soon(drain)
                     stopped = await self.wait(process, cwd)
             if cut or limited.cancelled_caught:
-                with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
-                    process.kill()
+                stall.signal_child(process, signal.SIGKILL)  # (unless it ended meanwhile)
             returncode = await process.wait()
         if stopped is not None:
             raise _blocked(args, stopped)
@@ -793,8 +793,7 @@ class _Kept:
                 if late.cancelled_caught:
                     # Blocked (a FIFO put where it reads the commit's bytes, or a ref): told
                     # to end (git removes its lock files then), killed if it does not.
-                    with contextlib.suppress(ProcessLookupError):
-                        process.terminate()
+                    stall.signal_child(process, signal.SIGTERM)
                     await self._end()
                     raise GitError(
                         self.args,
@@ -850,9 +849,7 @@ class _Kept:
         # A git blocked on a FIFO does not see its input close: it is killed, after a grace.
         with anyio.move_on_after(END_GRACE_S):
             await process.wait()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+        stall.signal_child(process, signal.SIGKILL)
         code = await process.wait()
         with stderr:
             size = stderr.seek(0, os.SEEK_END)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -47,6 +48,7 @@ __all__ = [
     "blocking_files",
     "held_blocking",
     "release",
+    "signal_child",
     "wait",
     "waiting_on_fifo",
 ]
@@ -351,11 +353,21 @@ async def _stop(process: Process, family: list[psutil.Process]) -> None:
     for member in family:
         with contextlib.suppress(psutil.Error):
             member.kill()
-    with contextlib.suppress(ProcessLookupError):  # (not in *family*: psutil could not see it)
-        process.kill()
+    signal_child(process, signal.SIGKILL)  # (not in *family* if psutil could not see it)
     await process.wait()
     others = [member for member in family if member.pid != process.pid]
     await anyio.to_thread.run_sync(_until_gone, others, END_GRACE_S)
+
+
+def signal_child(process: Process, signum: int) -> None:
+    """Send *signum* to *process* (a child of this process, run by anyio) unless it was
+    reaped. Not ``process.kill()``: Popen's ``send_signal`` reaps a child that has exited
+    first, behind asyncio's back, which then gives its exit status as 255 and logs a
+    warning. A child not reaped keeps its pid, and only the event loop's thread (this one)
+    reaps it."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
 
 
 def _until_gone(members: list[psutil.Process], timeout: float) -> None:

@@ -673,3 +673,40 @@ def test_a_stop_terminates_then_kills_and_a_member_gone_is_no_error(
 
     assert anyio.run(main) == ended_by
     assert live_processes_with(marker) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_signalling_a_child_that_has_exited_leaves_its_status_to_anyio(signum: int) -> None:
+    """A child that exited but was not reaped yet (a zombie) is not reaped by the signal
+    sent to it: its exit status stays its own (Popen's send_signal would reap it, and
+    asyncio would then say 255). With the command line's watcher (a pidfd read in the
+    event loop's thread, as on Python 3.12): 3.11's default reaps in a thread of its own."""
+    from orchestrator.process import reaping_by_pidfd
+
+    async def main() -> int:
+        # The child exits when its input closes: not while open_process lets the loop run
+        # (which would reap it then).
+        read, write = os.pipe()
+        try:
+            process = await anyio.open_process(["sh", "-c", "read line; exit 3"], stdin=read)
+        finally:
+            os.close(read)
+        async with process:
+            # The event loop held (no await) until the child is a zombie: nothing reaps it.
+            os.close(write)
+            _until_zombie(process.pid)
+            stall.signal_child(process, signum)
+            return await process.wait()
+
+    with reaping_by_pidfd() as by_pidfd:
+        if not by_pidfd and sys.version_info < (3, 12):
+            pytest.skip("no pidfd here: a thread reaps each child")
+        assert anyio.run(main) == 3
+
+
+def _until_zombie(pid: int) -> None:
+    for _ in range(100_000):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return
+    pytest.fail("the child never exited")
