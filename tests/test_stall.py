@@ -698,10 +698,73 @@ def test_signalling_a_child_that_has_exited_leaves_its_status_to_anyio(signum: i
             stall.signal_child(process, signum)
             return await process.wait()
 
+    async def live() -> int:
+        async with await anyio.open_process(["sleep", "60"]) as process:
+            stall.signal_child(process, signum)
+            return await process.wait()
+
     with reaping_by_pidfd() as by_pidfd:
         if not by_pidfd and sys.version_info < (3, 12):
             pytest.skip("no pidfd here: a thread reaps each child")
         assert anyio.run(main) == 3
+        assert anyio.run(live) == -signum  # a child that runs gets it
+
+
+class _Dying:
+    """A stand-in for a member of a family being stopped: alive for *looks* looks, then a
+    zombie; counts the looks."""
+
+    def __init__(self, looks: int, pid: int = 2**22 + 1, *, gone: bool = False) -> None:
+        self.pid, self.left, self.looks, self.gone = pid, looks, 0, gone
+
+    def terminate(self) -> None:
+        pass
+
+    kill = terminate
+
+    def is_running(self) -> bool:
+        if self.gone:
+            raise psutil.NoSuchProcess(self.pid)
+        self.looks += 1
+        self.left -= 1
+        return True
+
+    def status(self) -> str:
+        return psutil.STATUS_RUNNING if self.left >= 0 else psutil.STATUS_ZOMBIE
+
+
+def test_a_stop_waits_for_the_rest_of_the_family_to_be_gone() -> None:
+    """A SIGKILL is delivered, not waited for: a stop returns once every member it killed
+    is gone or a zombie (looked at until then), the process itself once reaped."""
+    dying = _Dying(looks=5)
+
+    async def main() -> int | None:
+        async with await anyio.open_process(["sleep", "60"]) as process:
+            family = stall._family(process.pid)
+            await stall._stop(process, [*family, dying])  # type: ignore[list-item]
+            return process.returncode
+
+    assert anyio.run(main) == -signal.SIGTERM
+    assert dying.looks == 6  # alive at five looks, a zombie at the sixth
+
+
+def test_what_is_alive_is_running_and_no_zombie() -> None:
+    """A process that runs is alive; a zombie, one gone, or one psutil cannot look at is
+    not (nothing more to wait for)."""
+    running = subprocess.Popen(["sleep", "60"])
+    ended = subprocess.Popen(["true"])
+    try:
+        _until_zombie(ended.pid)
+        assert stall._alive(psutil.Process(running.pid))
+        zombie = psutil.Process(ended.pid)
+        assert not stall._alive(zombie)
+        ended.wait()
+        assert not stall._alive(zombie)  # now gone
+        assert not stall._alive(_Dying(looks=1, gone=True))  # type: ignore[arg-type]
+    finally:
+        running.kill()
+        running.wait()
+        ended.wait()
 
 
 def _until_zombie(pid: int) -> None:
