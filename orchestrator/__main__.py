@@ -1,5 +1,5 @@
 """``python -m orchestrator``."""
 
-from .cli import entry
+from .resident import entry
 
 entry()

@@ -12,10 +12,21 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["armed", "crash_point"]
+__all__ = ["armed", "crash_point", "load"]
 
-_POINT, _, _NTH = os.environ.get("ORCHESTRATOR_CRASH_AT", "").partition(":")
+_POINT = _NTH = ""
 _seen = 0
+
+
+def load() -> None:
+    """Read ``ORCHESTRATOR_CRASH_AT`` (at import, and again in a resident process's worker,
+    whose environment is its client's)."""
+    global _POINT, _NTH, _seen
+    _POINT, _, _NTH = os.environ.get("ORCHESTRATOR_CRASH_AT", "").partition(":")
+    _seen = 0
+
+
+load()
 
 
 def armed(name: str) -> bool:

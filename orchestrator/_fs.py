@@ -24,12 +24,21 @@ __all__ = [
     "remove_entry",
     "remove_tree",
     "remove_tree_at",
+    "reread_umask",
     "write_file",
 ]
 
 # Read once at import, while nothing else runs: os.umask can only be read by setting it.
 UMASK = os.umask(0o022)
 os.umask(UMASK)
+
+
+def reread_umask() -> None:
+    """Read the umask into UMASK again: a resident process's worker, forked from a process
+    that read its own, has taken its client's (orchestrator/server.py)."""
+    global UMASK
+    UMASK = os.umask(0o022)
+    os.umask(UMASK)
 
 
 def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:

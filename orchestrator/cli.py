@@ -22,7 +22,7 @@ from .errors import OrchestratorError
 if TYPE_CHECKING:
     from envelopes import Report
 
-__all__ = ["build_parser", "entry", "main"]
+__all__ = ["build_parser", "dispatch", "entry", "main", "preload"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -327,6 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schemas of plan, envelope and report")
     schema.add_argument("document", nargs="?", choices=["plan", "envelope", "report"])
+
+    serve = sub.add_parser(
+        "serve",
+        help="keep a resident process that runs later commands without their start-up",
+        description="Import the engine once and run each later run, resume, validate, verify "
+        "and merge command of this user and this install in a process forked from it "
+        "(docs/cli.md#orchestrator-serve).",
+    )
+    what = serve.add_mutually_exclusive_group()
+    what.add_argument("--detach", action="store_true", help="start it in the background")
+    what.add_argument("--stop", action="store_true", help="stop the one listening")
+    what.add_argument("--status", action="store_true", help="say whether one is listening")
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="exit after this long without a command (default 1800; 0: never)",
+    )
     return parser
 
 
@@ -1000,6 +1018,33 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``orchestrator serve`` (orchestrator/resident.py, orchestrator/server.py)."""
+    from .errors import ServerError
+    from .resident import find_server, stop_server
+    from .server import serve, serve_detached
+
+    if args.idle_timeout is not None and not 0 <= args.idle_timeout < 1e9:
+        _err("--idle-timeout: must be 0 or more seconds")
+        return EXIT_USAGE
+    try:
+        if args.stop:
+            pid = stop_server()
+            print(f"stopped the resident process {pid}" if pid else "no resident process")
+            return EXIT_OK
+        if args.status:
+            pid = find_server()
+            print(f"a resident process is listening (pid {pid})" if pid else "no resident process")
+            return EXIT_OK if pid else EXIT_FAILED
+        if args.detach:
+            print(f"a resident process is listening (pid {serve_detached(args.idle_timeout)})")
+            return EXIT_OK
+        return serve(idle_timeout=args.idle_timeout)
+    except ServerError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+
+
 async def _html_page(report: Report, report_path: Path) -> Path | None:
     """``run --html``: the page beside the report (None, said on stderr, when it cannot be
     written: the run and its report stand)."""
@@ -1048,11 +1093,12 @@ COMMANDS = {
     "attest": cmd_attest,
     "merge": cmd_merge,
     "schema": cmd_schema,
+    "serve": cmd_serve,
 }
 
 
 #: The modules each command spends its start importing (run: the engine, pydantic's models,
-#: the progress display), imported up front by :func:`entry` (:func:`_imported_for`).
+#: the progress display), imported up front by :func:`entry` (:func:`preload`).
 PRELOADED = {
     "run": (".coordinator", ".plan", ".progress"),
     "resume": (".coordinator", ".plan", ".progress"),
@@ -1062,7 +1108,7 @@ PRELOADED = {
 }
 
 
-def _imported_for(command: str) -> None:
+def preload(command: str) -> None:
     """Import the modules *command* needs with the garbage collector off, then freeze what
     they made (``gc.freeze``): the process's own, not a library's caller's, policy.
 
@@ -1090,10 +1136,10 @@ def _imported_for(command: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``orchestrator`` console script."""
-    return _dispatch(build_parser().parse_args(argv))
+    return dispatch(build_parser().parse_args(argv))
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def dispatch(args: argparse.Namespace) -> int:
     """The command *args* names, run: its exit status."""
     try:
         return COMMANDS[args.command](args)
@@ -1105,7 +1151,7 @@ def entry(argv: Sequence[str] | None = None) -> NoReturn:
     """The process's entry (the console script, ``python -m orchestrator``): the command,
     as :func:`main` runs it, then the exit.
 
-    Before the command, the modules it needs are imported and frozen (:func:`_imported_for`).
+    Before the command, the modules it needs are imported and frozen (:func:`preload`).
     The interpreter's own exit tears down every module and object, 0.1 to 0.2 s here after
     a run (a tenth of a small plan's whole time) that no finished command needs. So once the
     command has returned and no other thread is left, the atexit handlers run, stdout and
@@ -1119,11 +1165,11 @@ def entry(argv: Sequence[str] | None = None) -> NoReturn:
 
     args = build_parser().parse_args(argv)
     try:
-        _imported_for(args.command)
+        preload(args.command)
     except KeyboardInterrupt:  # Ctrl-C before anything started: nothing to clean up
         _err("interrupted")
         sys.exit(EXIT_INTERRUPTED)
-    code = _dispatch(args)
+    code = dispatch(args)
     if not _threads_done(threading.main_thread(), within=0.1):
         sys.exit(code)
     atexit._run_exitfuncs()

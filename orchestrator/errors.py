@@ -20,6 +20,7 @@ fails is data (a TaskResult with a status and an error), never an exception.
     ├── ExecutorError        tasks cannot run where asked: no scheduler, a worker unfit
     ├── ShippingError        what a task needs cannot be packed or unpacked to travel
     ├── AttestationError     a key or an attestation that cannot be read, made or checked
+    ├── ServerError          a resident process that cannot be started, found or stopped
     └── IllegalTransition    a task state change the lifecycle forbids: a bug of the engine
 """
 
@@ -46,6 +47,7 @@ __all__ = [
     "RunAlreadyFinished",
     "RunDirError",
     "RunInUse",
+    "ServerError",
     "SettingsError",
     "ShippingError",
     "VenvError",
@@ -81,6 +83,11 @@ class PlanError(OrchestratorError):
     def __init__(self, issues: Sequence[PlanIssue]) -> None:
         self.issues = list(issues)
         super().__init__("\n".join(str(issue) for issue in self.issues))
+
+
+class ServerError(OrchestratorError):
+    """A resident process (``orchestrator serve``) that cannot be started, found or stopped;
+    the reason is the message (orchestrator/resident.py)."""
 
 
 class SettingsError(OrchestratorError):

@@ -1,0 +1,456 @@
+"""The resident process: the engine imported once, a worker forked for each command.
+
+A command's start is mostly importing: pydantic, anyio, rich and the engine's 70 models take
+0.25 to 0.35 s of a small plan's 0.7 s here (docs/benchmarks.md). ``orchestrator serve``
+starts a process that imports all that once and listens on a Unix socket. The
+``orchestrator`` command (:func:`entry`) first looks for one; when it finds one it sends its
+command line, environment, working directory, umask, limits and its standard streams (as
+descriptors), and the resident process forks a worker that becomes the command as if it had
+been started there: the same streams, directory, environment, umask, limits, CPU set and
+niceness. The client waits, forwards SIGINT, SIGTERM and SIGHUP to the worker, and exits
+with the worker's status. Without a resident process, or when it cannot serve this client,
+the command runs in the client's own process as always.
+
+Who may use it, and what it trusts:
+
+- The socket lives in a directory only its user may enter: ``$ORCHESTRATOR_SERVER_DIR``, else
+  ``$XDG_RUNTIME_DIR/worktree-orchestrator``, else ``/tmp/worktree-orchestrator-<uid>``; both
+  sides refuse a directory that is a link, belongs to someone else or that others may open.
+- The resident process accepts a connection only from its own user (``SO_PEERCRED``); the
+  client talks only to a process of its own user.
+- A worker serves only a client that sees the system as it does: the same namespaces, control
+  groups, capabilities, ``no_new_privs``, seccomp mode, groups and security label (otherwise a
+  client in a sandbox or under a memory limit would run its command outside it). It tells the
+  client why it will not, and the client runs the command itself.
+- The socket's name is a digest of everything the imported code depends on: the interpreter,
+  ``sys.path``, the interpreter's flags, the ``PYTHON*``, ``PYDANTIC*`` and locale variables,
+  the size, time and inode of every file of ``orchestrator`` and ``envelopes``, and the times
+  of the ``site-packages`` directories on ``sys.path`` (an install or upgrade changes them). A client of other
+  code finds no socket; a resident process whose code changed stops listening.
+- A worker reads at most 8 MiB of request, waits at most 5 s for it, and checks its shape
+  before anything else; a client that says nothing or something else costs the resident
+  process nothing (the worker exits).
+- When the client goes away before its command has ended (killed, say), the worker gets a
+  SIGHUP, as a command whose terminal closed does, and cleans up as it would.
+
+What is not the client's: the worker's parent is the resident process, its session is its
+own and it has no controlling terminal (it writes to the client's terminal through the
+descriptors it was given). Ctrl-Z stops the client, not the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+__all__ = [
+    "DIR_VARIABLE",
+    "DISABLE_VARIABLE",
+    "HANDSHAKE_TIMEOUT",
+    "LIMITS",
+    "NAMESPACES",
+    "REPLY_LIMIT",
+    "REQUEST_LIMIT",
+    "SERVED_COMMANDS",
+    "STATUS_FIELDS",
+    "at",
+    "entry",
+    "find_server",
+    "message",
+    "open_private",
+    "peer_credentials",
+    "read_exactly",
+    "serve",
+    "server_dir",
+    "signature",
+    "socket_name",
+    "stop_server",
+]
+
+#: The commands a resident process runs: those whose start is importing the engine.
+SERVED_COMMANDS = frozenset({"run", "resume", "validate", "verify", "merge"})
+
+#: Set (to anything but the empty string) to run every command in its own process.
+DISABLE_VARIABLE = "ORCHESTRATOR_NO_SERVER"
+#: Where the sockets live (the default: see the module's docstring).
+DIR_VARIABLE = "ORCHESTRATOR_SERVER_DIR"
+
+REQUEST_LIMIT = 8 * 1024 * 1024
+REPLY_LIMIT = 4096
+HANDSHAKE_TIMEOUT = 5.0
+
+#: The limits a worker takes over from its client.
+LIMITS = (
+    "RLIMIT_AS",
+    "RLIMIT_CORE",
+    "RLIMIT_CPU",
+    "RLIMIT_DATA",
+    "RLIMIT_FSIZE",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_NOFILE",
+    "RLIMIT_NPROC",
+    "RLIMIT_STACK",
+)
+
+#: What a worker and its client must share (``/proc/<pid>/ns/<name>``).
+NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
+#: Lines of ``/proc/<pid>/status`` that must be the same.
+STATUS_FIELDS = (
+    b"CapInh:",
+    b"CapPrm:",
+    b"CapEff:",
+    b"CapBnd:",
+    b"CapAmb:",
+    b"NoNewPrivs:",
+    b"Seccomp:",
+)
+
+
+# --- where, and for which code ------------------------------------------------------------
+
+
+def server_dir(environ: Mapping[str, str] | None = None) -> str:
+    """The directory of this user's sockets (see the module's docstring)."""
+    env = os.environ if environ is None else environ
+    if env.get(DIR_VARIABLE):
+        return env[DIR_VARIABLE]
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        return os.path.join(runtime, "worktree-orchestrator")
+    return f"/tmp/worktree-orchestrator-{os.getuid()}"
+
+
+def open_private(directory: str) -> int:
+    """A descriptor (``O_PATH``) of *directory*, after checking that it may hold this user's
+    sockets; :class:`~orchestrator.errors.ServerError` saying why not. Sockets are then
+    reached through ``/proc/self/fd/<fd>/<name>``: no check-then-use race on the directory,
+    and no limit of 108 bytes on its path (a socket's address may be no longer)."""
+    fd, why = _open_private(directory)
+    if fd is None:
+        from .errors import ServerError  # here: the client's start imports no more than it must
+
+        raise ServerError(why)
+    return fd
+
+
+def _open_private(directory: str) -> tuple[int | None, str]:
+    try:
+        info = os.lstat(directory)
+    except OSError as exc:
+        return None, f"{directory}: {exc.strerror}"
+    if not stat.S_ISDIR(info.st_mode):
+        return None, f"{directory} is not a directory"
+    try:
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return None, f"{directory}: {exc.strerror}"
+    info = os.fstat(fd)
+    why = ""
+    if info.st_uid != os.getuid():
+        why = f"{directory} belongs to another user"
+    elif info.st_mode & 0o077:
+        why = f"{directory} may be opened by others (mode {stat.S_IMODE(info.st_mode):o})"
+    if why:
+        os.close(fd)
+        return None, why
+    return fd, ""
+
+
+def at(directory_fd: int, name: str) -> str:
+    """The address of *name* in the directory *directory_fd* (see :func:`open_private`)."""
+    return f"/proc/self/fd/{directory_fd}/{name}"
+
+
+def _code_dirs() -> list[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [here, os.path.join(os.path.dirname(here), "envelopes")]
+
+
+def signature() -> str | None:
+    """A digest of what the imported code depends on (see the module's docstring); None when
+    the ``envelopes`` package is not beside ``orchestrator`` (an unusual install: no server)."""
+    digest = hashlib.sha256()
+    variables = sorted(
+        (k, v)
+        for k, v in os.environ.items()
+        if k.startswith(("PYTHON", "PYDANTIC", "LC_")) or k in ("LANG", "LANGUAGE")
+    )
+    head = (sys.executable, sys.version, sys.path, tuple(sys.flags), sys.warnoptions)
+    digest.update(repr((head, sorted(sys._xoptions.items()), os.getuid(), variables)).encode())
+    dirs = _code_dirs()
+    if not os.path.isdir(dirs[1]):
+        return None
+    while dirs:
+        directory = dirs.pop()
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if entry.name == "__pycache__":
+                    continue
+                info = entry.stat(follow_symlinks=False)
+                digest.update(
+                    f"{entry.path}\0{info.st_mtime_ns}\0{info.st_size}\0{info.st_ino}\n".encode()
+                )
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(entry.path)
+    for place in sys.path:
+        if not place.endswith(("site-packages", "dist-packages")):
+            continue  # where installs happen; the rest moves with the interpreter (or is cwd)
+        try:
+            digest.update(f"{place}\0{os.stat(place or '.').st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{place}\0-\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def socket_name() -> str | None:
+    """The name of the socket of a resident process of this code (None: no such socket may
+    exist, a code layout without ``envelopes``)."""
+    sig = signature()
+    return None if sig is None else f"{sig}.sock"
+
+
+# --- the client ----------------------------------------------------------------------------
+
+
+def entry(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``orchestrator`` command: served by a resident process when there is one that may
+    serve it, run here otherwise (:func:`orchestrator.cli.entry`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _served(args) if args and args[0] in SERVED_COMMANDS else None
+    except KeyboardInterrupt:  # before the worker started: nothing ran
+        print("orchestrator: interrupted", file=sys.stderr)
+        sys.exit(130)
+    if code is None:
+        from .cli import entry as run_here
+
+        run_here(args)
+    sys.exit(code)
+
+
+def _served(argv: list[str]) -> int | None:
+    """*argv* run by a resident process: its exit status, or None when there is none that
+    may run it (nothing has run then)."""
+    if os.environ.get(DISABLE_VARIABLE):
+        return None
+    sock = _connect()
+    if sock is None:
+        return None
+    with sock:
+        try:
+            pidfd = _handshake(sock, argv)
+        except (OSError, ValueError):
+            return None
+        if pidfd is None:
+            return None
+        return _wait(sock, pidfd)
+
+
+def _connect() -> socket.socket | None:
+    """A connection to this user's resident process of this code, if one listens."""
+    name = socket_name()
+    if name is None:
+        return None
+    directory, _ = _open_private(server_dir())
+    if directory is None:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(at(directory, name))
+        _, uid, _ = peer_credentials(sock)
+    except OSError:
+        sock.close()
+        return None
+    finally:
+        os.close(directory)
+    if uid != os.getuid():
+        sock.close()
+        return None
+    return sock
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """The (pid, uid, gid) of the process at the other end of *sock*, as the kernel says."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _request(argv: list[str]) -> dict[str, Any]:
+    import resource
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return {
+        "argv": argv,
+        "env": dict(os.environ),
+        "umask": umask,
+        "limits": {name: list(resource.getrlimit(getattr(resource, name))) for name in LIMITS},
+        "cpus": sorted(os.sched_getaffinity(0)),
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        "groups": sorted(os.getgroups()),
+        "gid": os.getgid(),
+    }
+
+
+def _handshake(sock: socket.socket, argv: list[str]) -> int | None:
+    """Send the request; a pidfd of the worker once it is ready, None if it will not serve
+    (nothing has run then)."""
+    body = json.dumps(_request(argv)).encode()
+    streams = [fd if _is_open(fd) else -1 for fd in (0, 1, 2)]
+    if -1 in streams:
+        return None  # a closed standard stream: run here, where it stays closed
+    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        message = struct.pack(">I", len(body)) + body
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        first = socket.send_fds(sock, [message[:65536]], [*streams, cwd])
+        sock.sendall(message[first:])
+    finally:
+        os.close(cwd)
+    kind, payload = _read_message(sock)
+    if kind == b"F":
+        why = "".join(c if c.isprintable() else "?" for c in payload.decode("utf-8", "replace"))
+        print(
+            f"orchestrator: the resident process will not run this ({why}); running it here",
+            file=sys.stderr,
+        )
+        return None
+    if kind != b"P":
+        return None
+    pidfd = os.pidfd_open(int(payload))
+    _forward_signals(pidfd)  # before the worker starts: a Ctrl-C from then on is its
+    try:
+        sock.sendall(b"A")  # the worker waits for this: it was alive when pidfd_open found it
+    except OSError:
+        _forward_signals(None)
+        os.close(pidfd)
+        raise
+    sock.settimeout(None)
+    return pidfd
+
+
+def _forward_signals(pidfd: int | None) -> None:
+    """SIGINT, SIGTERM and SIGHUP sent on to the worker *pidfd* (None: ignored, the worker
+    has ended)."""
+    import signal
+
+    def forward(signum: int, frame: object) -> None:
+        if pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN if pidfd is None else forward)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _wait(sock: socket.socket, pidfd: int) -> int:
+    """Wait for the worker *pidfd* to end (the stopping signals sent on to it meanwhile:
+    :func:`_forward_signals`); its exit status."""
+    try:
+        kind, payload = _read_message(sock)
+        if kind in (b"X", b"K"):
+            number = int(payload)
+            if 0 <= number <= 255:
+                return number if kind == b"X" else 128 + number
+    except (OSError, ValueError):
+        pass
+    finally:
+        _forward_signals(None)
+        os.close(pidfd)
+    print("orchestrator: the resident process ended before the command did", file=sys.stderr)
+    return 1
+
+
+def _read_message(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One message (a kind byte, a 4-byte length, at most REPLY_LIMIT bytes)."""
+    head = read_exactly(sock, 5)
+    (size,) = struct.unpack(">I", head[1:])
+    if size > REPLY_LIMIT:
+        raise ValueError("reply too long")
+    return head[:1], read_exactly(sock, size)
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            raise ValueError("the other end closed")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def message(kind: bytes, payload: bytes) -> bytes:
+    return kind + struct.pack(">I", len(payload)) + payload
+
+
+# --- finding and stopping ------------------------------------------------------------------
+
+
+def find_server() -> int | None:
+    """The pid of the resident process of this code for this user, if one is listening."""
+    sock = _connect()
+    if sock is None:
+        return None
+    with sock:
+        pid, _, _ = peer_credentials(sock)
+    return pid
+
+
+def stop_server(timeout: float = 10.0) -> int | None:
+    """Stop the resident process (it stops listening at once; commands it is running go on
+    to their end): its pid, or None when there was none."""
+    import signal
+    import time
+
+    pid = find_server()
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    name = socket_name()
+    directory = open_private(server_dir())
+    try:
+        deadline = time.monotonic() + timeout
+        while name is not None and _exists(name, directory):
+            if time.monotonic() > deadline:
+                from .errors import ServerError
+
+                raise ServerError(f"the resident process {pid} did not stop listening")
+            time.sleep(0.01)
+    finally:
+        os.close(directory)
+    return pid
+
+
+def _exists(name: str, directory: int) -> bool:
+    try:
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def serve(*, idle_timeout: float | None = None, ready_fd: int | None = None) -> int:
+    """Be the resident process (:func:`orchestrator.server.serve`, imported only here: the
+    client's half stays small)."""
+    from .server import serve as serve_here
+
+    return serve_here(idle_timeout=idle_timeout, ready_fd=ready_fd)

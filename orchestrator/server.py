@@ -1,0 +1,557 @@
+"""The resident process's side (:mod:`orchestrator.resident` says what it is and whom it
+trusts): import the engine once, listen, fork a worker for each client, and tell each client
+how its worker ended.
+
+The resident process stays single-threaded (a fork copies only the thread that called it),
+never reads what a client sends (its worker does, after the fork), and watches its workers
+through pidfds. It stops listening when told to (SIGTERM, SIGINT), when its socket is no
+longer its own, when the code it imported has changed on disk, or when it has been idle
+(no worker, no client) for its idle time; it exits once its last worker has ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from .errors import ServerError
+from .resident import (
+    HANDSHAKE_TIMEOUT,
+    LIMITS,
+    NAMESPACES,
+    REQUEST_LIMIT,
+    SERVED_COMMANDS,
+    STATUS_FIELDS,
+    at,
+    find_server,
+    message,
+    open_private,
+    peer_credentials,
+    read_exactly,
+    server_dir,
+    signature,
+    socket_name,
+)
+
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "serve", "serve_detached"]
+
+#: Seconds without a client or a worker after which the resident process exits.
+DEFAULT_IDLE_TIMEOUT = 1800.0
+#: How often the resident process checks that its socket and its code are still current.
+CHECK_INTERVAL = 1.0
+
+#: The standard streams a worker's previous objects held, kept from the collector: their
+#: finalizers would close descriptors 0 to 2, which are the client's once the worker adopts.
+_kept_streams: list[object] = []
+
+#: The command line's parser, built once by the resident process.
+_parser: Any = None
+
+
+class _Refused(Exception):
+    """A worker will not serve its client (the reason is sent to it)."""
+
+
+def serve(*, idle_timeout: float | None = None, ready_fd: int | None = None) -> int:
+    """Be this user's resident process for this code until stopped (see the module's
+    docstring); 0 once stopped. *ready_fd*: a pipe told ``ready <pid>`` once the socket
+    listens, or ``error <reason>``. Raises ServerError when it cannot listen."""
+    try:
+        directory, name = _place()
+        _import_engine()
+        listener = _bind(directory, name)
+    except ServerError as exc:
+        _tell(ready_fd, f"error {exc}")
+        raise
+    _tell(ready_fd, f"ready {os.getpid()}")
+    if ready_fd is not None:
+        os.close(ready_fd)
+    idle = DEFAULT_IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+    _Residence(listener, directory, name, idle).loop()
+    return 0
+
+
+def serve_detached(idle_timeout: float | None = None) -> int:
+    """Start the resident process in the background (its own session, its streams on
+    ``/dev/null``) and return its pid once it listens; ServerError with its reason if it
+    cannot."""
+    ready_read, ready_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - measured in the process it becomes (tests/test_server.py)
+        os.close(ready_read)
+        code = 1
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+            code = serve(idle_timeout=idle_timeout, ready_fd=ready_write)
+        except BaseException:
+            pass
+        os._exit(code)
+    os.close(ready_write)
+    os.waitpid(child, 0)
+    with os.fdopen(ready_read, "rb") as ready:
+        line = ready.readline(4096).decode("utf-8", "replace").strip()
+    word, _, rest = line.partition(" ")
+    if word == "ready" and rest.isdigit():
+        return int(rest)
+    raise ServerError(rest if word == "error" else "the resident process did not start")
+
+
+def _tell(fd: int | None, line: str) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(fd, (line + "\n").encode())
+
+
+def _place() -> tuple[int, str]:
+    """Where to listen: the sockets' directory (a descriptor) and the socket's name there."""
+    if not (
+        hasattr(os, "pidfd_open") and hasattr(socket, "SO_PEERCRED") and os.path.isdir("/proc")
+    ):
+        raise ServerError(
+            "a resident process needs Linux 5.3 or later (pidfds, SO_PEERCRED, /proc)"
+        )
+    name = socket_name()
+    if name is None:
+        raise ServerError("the envelopes package is not beside orchestrator: no resident process")
+    where = server_dir()
+    try:
+        os.mkdir(where, 0o700)
+    except FileExistsError:
+        pass  # checked below, as one made now is
+    except OSError as exc:
+        raise ServerError(f"cannot make {where}: {exc.strerror}") from exc
+    pid = find_server()
+    if pid is not None:
+        raise ServerError(f"a resident process is already listening (pid {pid})")
+    return open_private(where), name
+
+
+def _bind(directory: int, name: str) -> socket.socket:
+    """A socket listening at *name*: bound under a name of its own, then renamed over it
+    (a client never finds a socket that does not listen yet)."""
+    temporary = f"{name}.{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(at(directory, temporary))
+        os.chmod(temporary, 0o600, dir_fd=directory)
+        listener.listen(64)
+        os.rename(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+    except OSError as exc:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=directory)
+        raise ServerError(f"cannot listen in {server_dir()}: {exc.strerror or exc}") from exc
+    listener.setblocking(False)
+    return listener
+
+
+#: What a run imports only once it starts (the event loop, anyio's backend for it, uv's
+#: finder), imported by the resident process too: 40 ms of each worker's start otherwise.
+_ALSO_IMPORTED = ("asyncio", "anyio._backends._asyncio", "concurrent.futures", "uv._find_uv")
+
+
+def _import_engine() -> None:
+    import importlib
+
+    from . import cli
+
+    for command in sorted(SERVED_COMMANDS):
+        cli.preload(command)
+    for name in _ALSO_IMPORTED:
+        with contextlib.suppress(ImportError):  # uv's finder: a venv backend is found otherwise
+            importlib.import_module(name)
+    global _parser
+    _parser = cli.build_parser()  # 10 ms; reused by every worker (parse_args keeps nothing)
+    if threading.active_count() != 1:
+        raise ServerError("importing the engine started a thread: a fork would not be safe")
+
+
+class _Residence:
+    """The listening loop: clients accepted and forked, workers reaped and reported."""
+
+    def __init__(
+        self, listener: socket.socket, directory: int, name: str, idle_timeout: float
+    ) -> None:
+        self.listener: socket.socket | None = listener
+        self.directory = directory
+        self.name = name
+        self.inode = self._inode()
+        self.signature = signature()
+        self.idle_timeout = idle_timeout
+        self.selector = selectors.DefaultSelector()
+        self.workers: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> pid, connection
+        self.last_busy = time.monotonic()
+        self.stop_requested = False
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake = wake_read
+        signal.set_wakeup_fd(wake_write)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_stop)
+        self.selector.register(listener, selectors.EVENT_READ, "listener")
+        self.selector.register(wake_read, selectors.EVENT_READ, "wake")
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True
+
+    def loop(self) -> None:
+        next_check = time.monotonic() + CHECK_INTERVAL
+        while self.listener is not None or self.workers:
+            for key, _ in self.selector.select(CHECK_INTERVAL):
+                if key.data == "listener":
+                    self._accept()
+                elif key.data == "wake":
+                    _drain(self.wake)
+                else:
+                    self._reap(key.fd)
+            now = time.monotonic()
+            if self.workers:
+                self.last_busy = now
+            if self.listener is None:
+                continue
+            if self.stop_requested or (
+                self.idle_timeout > 0 and now - self.last_busy > self.idle_timeout
+            ):
+                self._stop_listening()
+            elif now >= next_check:
+                next_check = now + CHECK_INTERVAL
+                if not self._current():
+                    self._stop_listening()
+
+    def _inode(self) -> int | None:
+        try:
+            return os.stat(self.name, dir_fd=self.directory, follow_symlinks=False).st_ino
+        except OSError:
+            return None
+
+    def _current(self) -> bool:
+        """Whether the socket is still this process's and its code unchanged."""
+        return self._inode() == self.inode and signature() == self.signature
+
+    def _stop_listening(self) -> None:
+        assert self.listener is not None
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        self.listener = None
+        if self._inode() == self.inode:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name, dir_fd=self.directory)
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        self.last_busy = time.monotonic()
+        try:
+            _, uid, _ = peer_credentials(conn)
+        except OSError:
+            uid = -1
+        if uid != os.getuid():
+            conn.close()
+            return
+        conn.setblocking(True)
+        pid = os.fork()
+        if pid == 0:
+            _worker(conn)
+        pidfd = os.pidfd_open(pid)
+        self.workers[pidfd] = (pid, conn)
+        self.selector.register(pidfd, selectors.EVENT_READ, "worker")
+
+    def _reap(self, pidfd: int) -> None:
+        pid, conn = self.workers.pop(pidfd)
+        self.selector.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        reply = (
+            message(b"X", str(code).encode()) if code >= 0 else message(b"K", str(-code).encode())
+        )
+        try:
+            conn.setblocking(False)
+            conn.send(reply)
+        except OSError:
+            pass
+        conn.close()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+# --- the worker ----------------------------------------------------------------------------
+
+
+def _worker(conn: socket.socket) -> NoReturn:
+    """Become the client's command and end with its status (never returns)."""
+    code = 1
+    try:
+        _reset(conn)
+        request, fds = _receive(conn)
+        try:
+            _check_peer(conn)
+            _adopt(request, fds)
+        finally:
+            for fd in fds:
+                if fd > 2:
+                    os.close(fd)
+        conn.sendall(message(b"P", str(os.getpid()).encode()))
+        if conn.recv(1) != b"A":
+            os._exit(0)
+        conn.settimeout(None)
+        _watch_client(conn)
+        code = _command(request["argv"])
+        with contextlib.suppress(OSError):
+            conn.sendall(message(b"X", str(code).encode()))
+    except _Refused as exc:
+        with contextlib.suppress(OSError):
+            conn.sendall(message(b"F", str(exc).encode()[:1000]))
+        code = 0
+    except BaseException:  # the client is told nothing ran (no "P"): it runs the command itself
+        code = 1
+    os._exit(code)
+
+
+def _reset(conn: socket.socket) -> None:
+    """The worker as a process of its own: default signal handling, its own session, and no
+    descriptor of the resident process's but its connection."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.setsid()
+    keep = conn.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 20)
+
+
+def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """The client's request and its four descriptors (stdin, stdout, stderr, working
+    directory); ValueError or OSError when it is not one."""
+    conn.settimeout(HANDSHAKE_TIMEOUT)
+    data, fds, flags, _ = socket.recv_fds(conn, 65536 + 4, 4)
+    try:
+        if flags & socket.MSG_CTRUNC or len(fds) != 4 or len(data) < 4:
+            raise ValueError("a request comes with four descriptors")
+        size = int.from_bytes(data[:4], "big")
+        if size > REQUEST_LIMIT or len(data) - 4 > size:
+            raise ValueError("request too long")
+        body = data[4:] + read_exactly(conn, size - (len(data) - 4))
+        request = _checked(json.loads(body))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return request, fds
+
+
+def _checked(request: Any) -> dict[str, Any]:
+    """*request* if it has the request's shape (ValueError otherwise)."""
+    ok = (
+        isinstance(request, dict)
+        and _strings(request.get("argv"), list)
+        and isinstance(request.get("env"), dict)
+        and _strings(list(request["env"]), list)
+        and _strings(list(request["env"].values()), list)
+        and _is_int(request.get("umask"))
+        and 0 <= request["umask"] <= 0o777
+        and isinstance(request.get("limits"), dict)
+        and set(request["limits"]) <= set(LIMITS)
+        and all(
+            isinstance(v, list) and len(v) == 2 and all(map(_is_int, v))
+            for v in request["limits"].values()
+        )
+        and isinstance(request.get("cpus"), list)
+        and bool(request["cpus"])
+        and all(map(_is_int, request["cpus"]))
+        and _is_int(request.get("nice"))
+    )
+    if not ok or not request["argv"] or request["argv"][0] not in SERVED_COMMANDS:
+        raise ValueError("not a request")
+    checked: dict[str, Any] = request
+    return checked
+
+
+def _strings(value: Any, kind: type[Any]) -> bool:
+    return isinstance(value, kind) and all(isinstance(v, str) and "\0" not in v for v in value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_peer(conn: socket.socket) -> None:
+    """Refuse a client that does not see the system as the worker does (see
+    :mod:`orchestrator.resident`): what the kernel says of it, not what it says."""
+    pid, uid, _ = peer_credentials(conn)
+    if uid != os.getuid():
+        raise _Refused("another user")
+    for name in NAMESPACES:
+        if _link(f"/proc/{pid}/ns/{name}") != _link(f"/proc/self/ns/{name}"):
+            raise _Refused(f"a different {name} namespace")
+    if _read(f"/proc/{pid}/cgroup") != _read("/proc/self/cgroup"):
+        raise _Refused("a different control group")
+    if _read(f"/proc/{pid}/attr/current") != _read("/proc/self/attr/current"):
+        raise _Refused("a different security label")
+    theirs, ours = _status(pid), _status("self")
+    for field in (*STATUS_FIELDS, b"Uid:", b"Gid:", b"Groups:"):
+        if theirs.get(field) != ours.get(field):
+            raise _Refused(f"a different {field.decode().rstrip(':')}")
+
+
+def _link(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError as exc:
+        return f"unreadable {exc.errno}"
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(65536)
+    except OSError:
+        return None
+
+
+def _status(pid: int | str) -> dict[bytes, bytes]:
+    lines = (_read(f"/proc/{pid}/status") or b"").splitlines()
+    return {line.split(None, 1)[0]: line for line in lines if line}
+
+
+def _adopt(request: Mapping[str, Any], fds: list[int]) -> None:
+    """Take on the client's limits, CPUs, niceness, streams, directory, umask and
+    environment, in that order (what may refuse comes first)."""
+    import resource
+
+    for name, wanted in request["limits"].items():
+        which = getattr(resource, name)
+        if list(resource.getrlimit(which)) != wanted:
+            try:
+                resource.setrlimit(which, tuple(wanted))
+            except (ValueError, OSError) as exc:
+                raise _Refused(f"cannot take its {name}: {exc}") from exc
+    try:
+        if sorted(os.sched_getaffinity(0)) != request["cpus"]:
+            os.sched_setaffinity(0, request["cpus"])
+        if os.getpriority(os.PRIO_PROCESS, 0) != request["nice"]:
+            os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
+    except (ValueError, OSError) as exc:
+        raise _Refused(f"cannot take its CPUs or niceness: {exc}") from exc
+    for target, fd in enumerate(fds[:3]):
+        os.dup2(fd, target)
+    os.fchdir(fds[3])
+    os.umask(request["umask"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    time.tzset()
+    sys.argv = ["orchestrator", *request["argv"]]
+    _new_streams()
+    _refresh_modules()
+
+
+def _new_streams() -> None:
+    """sys.stdin, stdout and stderr on the client's descriptors, buffered as Python buffers
+    them at its start (stdout by line on a terminal, stderr always)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    _kept_streams.extend(
+        (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
+    )
+    errors = getattr(sys.stdout, "errors", None) or "strict"
+    sys.stdin = open(0, encoding=encoding, errors=errors, closefd=False)  # noqa: SIM115
+    sys.stdout = io.TextIOWrapper(
+        open(1, "wb", closefd=False),  # noqa: SIM115
+        encoding=encoding,
+        errors=errors,
+        line_buffering=os.isatty(1),
+    )
+    sys.stderr = io.TextIOWrapper(
+        open(2, "wb", closefd=False),  # noqa: SIM115
+        encoding=encoding,
+        errors="backslashreplace",
+        line_buffering=True,
+    )
+
+
+def _refresh_modules() -> None:
+    """What imported modules read from the process at import, read again for the client."""
+    import importlib
+    import tempfile
+
+    from ._faults import load as load_faults
+    from ._fs import reread_umask
+
+    reread_umask()
+    load_faults()
+    for name, module in list(sys.modules.items()):
+        if module is not None and name.partition(".")[0] in ("orchestrator", "envelopes"):
+            for value in list(vars(module).values()):
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()  # a program found on PATH, say: found again
+    tempfile.tempdir = None  # TMPDIR
+    importlib.invalidate_caches()
+
+
+def _watch_client(conn: socket.socket) -> None:
+    """A SIGHUP to the worker when the client goes away, as when a terminal closes."""
+
+    def watch() -> None:
+        try:
+            while conn.recv(64):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    threading.Thread(target=watch, name="resident-client", daemon=True).start()
+
+
+def _command(argv: list[str]) -> int:
+    """The command *argv*, as ``orchestrator`` runs it: its exit status, output flushed."""
+    import atexit
+    import traceback
+
+    from . import cli
+
+    try:
+        code = cli.dispatch((_parser or cli.build_parser()).parse_args(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        print("orchestrator: interrupted", file=sys.stderr)
+        code = cli.EXIT_INTERRUPTED
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or cli.EXIT_FAILED
+    return code
