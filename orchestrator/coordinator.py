@@ -341,7 +341,11 @@ class _Run:
         try:
             self.report_plan.groups = self._groups()
             self.report_plan.warnings = self._budget_warning()
-            report = await write_final_report(ctx, self.task_ids, self.report_plan)
+            # Shielded: every task has ended, and a run directory always ends with a report,
+            # even when the run is cancelled right now (a cancellation is then delivered
+            # at the next step: the merge, the webhooks).
+            with anyio.CancelScope(shield=True):
+                report = await write_final_report(ctx, self.task_ids, self.report_plan)
             if plan is not None and plan.merge is not None and ctx.repo is not None:
                 report = await merge_at_end(ctx, report, plan.merge, self.report_plan)
             try:

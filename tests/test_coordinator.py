@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from envelopes import HandoffEnvelope, Plan, Report, TaskFinished, TaskStarted, build_envelope
@@ -477,3 +478,40 @@ def test_every_event_is_in_events_jsonl(
     assert logged == told  # the audit log holds exactly what the caller was told, in order
     assert [e.type for e in logged][:1] == ["run_started"] and logged[-1].type == "run_finished"
     assert sum(e.type == "task_finished" for e in logged) == 3
+
+
+def test_a_run_cancelled_as_its_report_is_written_still_ends_with_its_report(
+    make_repo: MakeRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every task has ended when the final report is written: a cancellation arriving right
+    then (found by the random cancellations of tests/test_hardening.py on a loaded machine)
+    waits for the report, and is delivered after it."""
+    from orchestrator import coordinator
+
+    async def noop(envelope: HandoffEnvelope, workspace: Workspace) -> dict[str, Any]:
+        return {}
+
+    write = coordinator.write_final_report
+    scopes: list[anyio.CancelScope] = []
+
+    async def cancelled_while_writing(*args: Any, **kwargs: Any) -> Report:
+        scopes[0].cancel()
+        await anyio.lowlevel.checkpoint()  # as the report's own writes have
+        return await write(*args, **kwargs)
+
+    monkeypatch.setattr(coordinator, "write_final_report", cancelled_while_writing)
+    envelopes = [build_envelope("noop", "t", task_id="a", venv=False, worktree=False)]
+    repo = make_repo()
+
+    async def main() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await orchestrate_parallel(envelopes, repo=repo, agents={"noop": noop})
+
+    run(main)
+    assert scopes[0].cancel_called
+    [run_dir] = (repo / ".git" / "orchestrator" / "runs").iterdir()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [r["status"] for r in report["results"]] == ["succeeded"]
+    journal = (run_dir / "journal.jsonl").read_text().splitlines()
+    assert json.loads(journal[-1])["type"] == "finished"  # not left looking interrupted
