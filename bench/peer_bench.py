@@ -94,7 +94,7 @@ def _ours(repo: Path, env: dict[str, str]) -> float:
     done = subprocess.run(
         [sys.executable, "-m", "orchestrator", "run", str(plan)],
         cwd=repo.parent,
-        env=env,
+        env=env,  # cold (workloads.cold) or finding a resident process (workloads.resident)
         capture_output=True,
         text=True,
     )
@@ -167,34 +167,58 @@ def bench_peer(work: Path, repeats: int = 3) -> dict[str, Any]:
         env.setdefault(f"GIT_{role}_NAME", "bench")
         env.setdefault(f"GIT_{role}_EMAIL", "bench@localhost")
     ours: list[float] = []
+    served: list[float] = []
     theirs: list[float] = []
     failures: list[str] = []
-    for n in range(repeats):
-        repo = _repo(work / f"peer-ours-{n}")
-        ours.append(_ours(repo, env))
-        if _merged(repo) != TASKS:
-            raise RuntimeError("orchestrator run: not every task's file reached main")
-        for attempt in range(3):  # the peer's own failures are retried, then reported
-            repo = _repo(work / f"peer-theirs-{n}-{attempt}")
-            took = _peer(repo, site, stand_in, env)
-            shutil.rmtree(repo, ignore_errors=True)
-            if isinstance(took, float):
-                theirs.append(took)
-                break
-            failures.append(took)
-        shutil.rmtree(work / f"peer-ours-{n}", ignore_errors=True)
+    with workloads.resident(work, work, env) as served_env:
+        for n in range(repeats):
+            _round(work, n, env, served_env, site, stand_in, ours, served, theirs, failures)
     if not theirs:
         return {"skipped": f"parallel-orchestra failed every time: {failures[-1]}"}
-    a, b = statistics.median(ours), statistics.median(theirs)
+    a, s, b = statistics.median(ours), statistics.median(served), statistics.median(theirs)
     return {
         "peer_failures": failures,
         "tasks": TASKS,
         "concurrency": CONCURRENCY,
         "orchestrator_s": round(a, 3),
+        "served_s": round(s, 3),
         "peer_s": round(b, 3),
         "ratio": round(a / b, 2) if b else None,
+        "ratio_served": round(s / b, 2) if b else None,
         "repeats": repeats,
     }
+
+
+def _round(
+    work: Path,
+    n: int,
+    env: dict[str, str],
+    served_env: dict[str, str],
+    site: Path,
+    stand_in: Path,
+    ours: list[float],
+    served: list[float],
+    theirs: list[float],
+    failures: list[str],
+) -> None:
+    """One repetition: ours in a process of its own, ours served by ``orchestrator serve``,
+    then the peer (retried on its own failures), each on a fresh repository."""
+    contenders = (("ours", ours, workloads.cold(env)), ("served", served, served_env))
+    for kind, times, run_env in contenders:
+        repo = _repo(work / f"peer-{kind}-{n}")
+        times.append(_ours(repo, run_env))
+        if _merged(repo) != TASKS:
+            raise RuntimeError("orchestrator run: not every task's file reached main")
+    for attempt in range(3):  # the peer's own failures are retried, then reported
+        repo = _repo(work / f"peer-theirs-{n}-{attempt}")
+        took = _peer(repo, site, stand_in, env)
+        shutil.rmtree(repo, ignore_errors=True)
+        if isinstance(took, float):
+            theirs.append(took)
+            break
+        failures.append(took)
+    for kind in ("ours", "served"):
+        shutil.rmtree(work / f"peer-{kind}-{n}", ignore_errors=True)
 
 
 if __name__ == "__main__":

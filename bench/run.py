@@ -206,15 +206,16 @@ def _forget_runs(repo: Path, state_dir: Path) -> None:
         )
 
 
-def _orchestrator_cli(plan: Path, state_dir: Path) -> float:
+def _orchestrator_cli(plan: Path, state_dir: Path, env: dict[str, str] | None = None) -> float:
     """``orchestrator run PLAN`` as a user runs it; its wall seconds (all tasks must succeed)."""
-    return _orchestrator_cli_report(plan, state_dir)[0]
+    return _orchestrator_cli_report(plan, state_dir, env=env)[0]
 
 
 def _orchestrator_cli_report(
-    plan: Path, state_dir: Path, *options: str
+    plan: Path, state_dir: Path, *options: str, env: dict[str, str] | None = None
 ) -> tuple[float, dict[str, Any]]:
-    """``orchestrator run PLAN --json [OPTIONS]``: its wall seconds and the report it printed."""
+    """``orchestrator run PLAN --json [OPTIONS]``: its wall seconds and the report it printed
+    (in a process of its own, unless *env* finds a resident process)."""
     start = time.perf_counter()
     done = subprocess.run(
         [
@@ -229,6 +230,7 @@ def _orchestrator_cli_report(
             *options,
         ],
         cwd=ROOT,
+        env=workloads.cold() if env is None else env,
         capture_output=True,
         text=True,
     )
@@ -381,12 +383,16 @@ def bench_worktrees(
     repeats: int,
     naive: set[tuple[int, int]],
     work: Path,
+    resident_env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Shell floor, naive seed and orchestrator (CLI first and second run, library) on the
     same repositories, for each (files, N) of *grid* and each C of *cs*; the seed for the
-    (files, N) in *naive*, at the largest C. Medians, spreads and ratios."""
+    (files, N) in *naive*, at the largest C; at the smallest N, a first run served by the
+    resident process of *resident_env* too (``orchestrator serve``). Medians, spreads and
+    ratios."""
     rows = []
     repos: dict[int, Path] = {}
+    smallest = min(n for _, n in grid)
     for count, n in grid:
         if count not in repos:
             repos[count] = workloads.make_repo(work / f"repo-{count}", count)
@@ -395,7 +401,7 @@ def bench_worktrees(
             plan_data = _plan(repo, n, c)
             plan = work / f"plan-{count}-{n}-{c}.json"
             plan.write_text(json.dumps(plan_data))
-            floor, first, second, library = [], [], [], []
+            floor, first, second, library, served = [], [], [], [], []
             for rep in range(repeats):
                 floor.append(workloads.shell_floor(repo, n, c, work))
                 state = work / f"state-{count}-{n}-{c}-{rep}"
@@ -404,6 +410,10 @@ def bench_worktrees(
                 _forget_runs(repo, state)
                 library.append(_orchestrator_library(plan_data, state)[0])
                 _forget_runs(repo, state)
+                if n == smallest and resident_env is not None:  # a small plan's first run, served
+                    state = work / f"state-served-{count}-{n}-{c}-{rep}"
+                    served.append(_orchestrator_cli(plan, state, resident_env))
+                    _forget_runs(repo, state)
             row: dict[str, Any] = {
                 "files": count,
                 "n": n,
@@ -413,6 +423,11 @@ def bench_worktrees(
                 "orchestrator_second_run": _stat(second),
                 "library": _stat(library),
             }
+            if served:
+                row["served"] = _stat(served)
+                row["ratio_served_to_floor"] = round(
+                    row["served"]["median_s"] / row["floor"]["median_s"], 2
+                )
             row["ratio_orchestrator_to_floor"] = round(
                 row["orchestrator"]["median_s"] / row["floor"]["median_s"], 2
             )
@@ -433,17 +448,19 @@ def bench_worktrees(
 def _worktree_line(r: dict[str, Any]) -> str:
     naive = f"{r['naive']['median_s']:>7}" if "naive" in r else f"{'-':>7}"
     ratio = f"{r['ratio_naive_to_orchestrator']:>6}" if "naive" in r else f"{'-':>6}"
+    served = f"{r['served']['median_s']:>7}" if "served" in r else f"{'-':>7}"
+    served_ratio = f"{r['ratio_served_to_floor']:>6}" if "served" in r else f"{'-':>6}"
     return (
         f"  {r['files']:>5} {r['n']:>4} {r['c']:>2} {r['floor']['median_s']:>7} "
         f"{r['orchestrator']['median_s']:>7} {r['orchestrator_second_run']['median_s']:>7} "
-        f"{r['library']['median_s']:>7} {naive} {r['ratio_orchestrator_to_floor']:>6} "
-        f"{r['ratio_second_run_to_floor']:>6} {ratio}"
+        f"{r['library']['median_s']:>7} {served} {naive} {r['ratio_orchestrator_to_floor']:>6} "
+        f"{r['ratio_second_run_to_floor']:>6} {served_ratio} {ratio}"
     )
 
 
 WORKTREE_HEADER = (
     f"  {'files':>5} {'N':>4} {'C':>2} {'floor':>7} {'orch':>7} {'orch 2':>7} {'lib':>7} "
-    f"{'naive':>7} {'o/f':>6} {'o2/f':>6} {'n/o':>6}"
+    f"{'served':>7} {'naive':>7} {'o/f':>6} {'o2/f':>6} {'s/f':>6} {'n/o':>6}"
 )
 
 
@@ -519,6 +536,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 r["ratio_orchestrator_to_floor"],
                 1.0,
             )
+        if "ratio_served_to_floor" in r and (r["n"], r["c"]) == (8, 8):
+            target(
+                f"served by orchestrator serve / floor, {r['files']} files, N=8, C=8",
+                r["ratio_served_to_floor"],
+                1.0,
+            )
         if r["n"] == 128 and r["files"] == 5000:
             target(
                 f"second run / floor, {r['files']} files, N=128, C={r['c']}",
@@ -586,6 +609,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         target("shared requirements: venv / bare uv venv", results["requirements"]["ratio"], 1.5)
     if results.get("peer", {}).get("ratio") is not None:
         target("16 tasks merged into main / parallel-orchestra", results["peer"]["ratio"], 1.0)
+    if results.get("peer", {}).get("ratio_served") is not None:
+        target(
+            "16 tasks merged into main, served by orchestrator serve / parallel-orchestra",
+            results["peer"]["ratio_served"],
+            1.0,
+        )
     if "cli" in results:
         target("orchestrator --help / python -c pass", results["cli"]["ratio"], 6)
     if "dask" in results:
@@ -658,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
         if "worktrees" in only:
             print(
                 "worktree tasks (seconds, medians; o = orchestrator run, o2 = its second run,"
-                " lib = orchestrate_parallel, f = shell floor, n = naive seed):",
+                " lib = orchestrate_parallel, f = shell floor, n = naive seed; s = a first run"
+                " served by orchestrator serve, at the smallest N):",
                 flush=True,
             )
             print(WORKTREE_HEADER, flush=True)
@@ -675,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
                 grid = [(f, n) for f, n in grid if n <= 32 and (f == min(files) or n == min(ns))]
                 cs, repeats = [8], 1
                 naive = {min(grid)}
-            results["worktrees"] = bench_worktrees(grid, cs, repeats, naive, work)
+            with workloads.resident(work, ROOT) as resident_env:
+                results["worktrees"] = bench_worktrees(grid, cs, repeats, naive, work, resident_env)
         if "large" in only:
             files = args.large_files or (5_000 if args.quick else 50_000)
             r = results["large"] = bench_large_repo(files, 8 if args.quick else 16, 4, work)
@@ -796,7 +827,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"peer ({r['tasks']} tasks writing a file, C={r['concurrency']}, merged into "
                 f"main, a stand-in claude): orchestrator {r['orchestrator_s']} s, "
-                f"parallel-orchestra {r['peer_s']} s: {r['ratio']}x",
+                f"parallel-orchestra {r['peer_s']} s: {r['ratio']}x; served by orchestrator "
+                f"serve {r['served_s']} s: {r['ratio_served']}x",
                 flush=True,
             )
     if "dask" in only:

@@ -25,10 +25,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["make_repo", "median_spread", "naive_seed", "shell_floor"]
+__all__ = ["cold", "make_repo", "median_spread", "naive_seed", "resident", "shell_floor"]
 
 IDENTITY = {
     "GIT_AUTHOR_NAME": "bench",
@@ -49,6 +49,41 @@ FILES_PER_DIRECTORY = 50
 def _environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _REPOSITORY_VARIABLES}
     return {**env, **IDENTITY}
+
+
+def cold(env: dict[str, str] | None = None) -> dict[str, str]:
+    """*env* (default: this process's) for an ``orchestrator`` command that starts in its own
+    process, whatever resident process the user may have running."""
+    return {**(os.environ if env is None else env), "ORCHESTRATOR_NO_SERVER": "1"}
+
+
+@contextlib.contextmanager
+def resident(work: Path, cwd: Path, env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """An ``orchestrator serve`` process for the benchmark's commands, and the environment
+    that finds it. Start the commands as it is started (``python -m orchestrator``) and from
+    *cwd*: ``-m`` puts the working directory on ``sys.path``, which the socket's name
+    depends on. Its start is outside every timing, as a user starts it once."""
+    sockets = work / f"sockets-{uuid.uuid4().hex[:8]}"
+    served = {**(os.environ if env is None else env), "ORCHESTRATOR_SERVER_DIR": str(sockets)}
+    served.pop("ORCHESTRATOR_NO_SERVER", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "serve", "--idle-timeout", "3600"],
+        cwd=cwd,
+        env=served,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(sockets.glob("*.sock")):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"orchestrator serve did not start: {process.stderr.read()!r}")
+            time.sleep(0.02)
+        yield served
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def base_python() -> str:

@@ -267,7 +267,11 @@ class _Residence:
             conn.close()
             return
         conn.setblocking(True)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # out of processes or memory: the client runs its command itself
+            conn.close()
+            return
         if pid == 0:
             _worker(conn)
         pidfd = os.pidfd_open(pid)

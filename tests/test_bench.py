@@ -52,6 +52,9 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
             assert row[kind]["median_s"] > 0 and row[kind]["runs"] == 1
         assert row["ratio_orchestrator_to_floor"] > 0
     assert rows[0]["ratio_naive_to_orchestrator"] > 0 and "naive" not in rows[1]
+    # The smallest N once more, served by a resident process (orchestrator serve).
+    assert rows[0]["served"]["runs"] == 1 and rows[0]["ratio_served_to_floor"] > 0
+    assert "served" not in rows[1]
     # The large repository (here small): first run against the floor, per-task costs
     # against git status, with the pool warm and one at a time.
     large = results["large"]
@@ -77,7 +80,9 @@ def test_the_benchmark_runs_small_and_writes_its_numbers(tmp_path: Path) -> None
     # The peer: parallel-orchestra from PyPI against the orchestrator, both merging into
     # main (skipped, saying why, where it cannot be installed).
     peer = results["peer"]
-    assert "skipped" in peer or (peer["orchestrator_s"] > 0 and peer["peer_s"] > 0), peer
+    assert "skipped" in peer or (
+        peer["orchestrator_s"] > 0 and peer["peer_s"] > 0 and peer["served_s"] > 0
+    ), peer
     # Merge of disjoint results: no merge-tree, a git process per result and a constant.
     merge = scale["merge"]["rows"]
     assert [r["n"] for r in merge] == [32, 128]

@@ -52,7 +52,11 @@ class Fake:
         name = resident.socket_name()
         assert name is not None
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(directory / name))
+        where = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+        try:  # however long tmp_path is (a socket's address holds 108 bytes)
+            self.listener.bind(resident.at(where, name))
+        finally:
+            os.close(where)
         self.listener.listen(1)
         self.script = script
         self.request: dict[str, Any] = {}
@@ -208,9 +212,10 @@ def test_no_listener_no_directory_or_asked_not_to(
 ) -> None:
     name = resident.socket_name()
     assert name is not None
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(str(sockets / name))
-    stale.close()  # a socket file nobody listens on
+    where = os.open(sockets, os.O_PATH | os.O_DIRECTORY)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(resident.at(where, name))  # a socket file nobody listens on
+    os.close(where)
     assert resident._served(["run", "plan.yaml"]) is None
     assert resident.find_server() is None
     monkeypatch.setenv(resident.DIR_VARIABLE, str(sockets / "missing"))
