@@ -314,6 +314,8 @@ def _handshake(sock: socket.socket, argv: list[str]) -> int | None:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         first = socket.send_fds(sock, [message[:65536]], [*streams, cwd])
         sock.sendall(message[first:])
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # a worker that refused before it read everything: its reason may be waiting
     finally:
         os.close(cwd)
     kind, payload = _read_message(sock)
