@@ -4,8 +4,7 @@ The three ways into a run are here: :func:`orchestrate_parallel`, :func:`resume_
 :func:`run_events`. A run's life, and the module each step lives in:
 
 1. its inputs checked and its settings resolved (``intake``, ``settings``);
-2. its directory, lock and journal opened (``context``), or a dead run's taken up
-   (``resume``);
+2. its directory, lock and journal opened (``context``), or a dead run's taken up (``resume``);
 3. its tasks scheduled (``scheduler``), each served from the cache, started from its
    dependencies' merged results, or handed to the executor (``hooks``, ``executor``);
 4. its report written, the plan's merge done (``closing``), its events delivered throughout
@@ -341,10 +340,7 @@ class _Run:
         try:
             self.report_plan.groups = self._groups()
             self.report_plan.warnings = self._budget_warning()
-            # Shielded: every task has ended, and a run directory always ends with a report,
-            # even when the run is cancelled right now (a cancellation is then delivered
-            # at the next step: the merge, the webhooks).
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):  # all tasks ended: a cancellation waits for it
                 report = await write_final_report(ctx, self.task_ids, self.report_plan)
             if plan is not None and plan.merge is not None and ctx.repo is not None:
                 report = await merge_at_end(ctx, report, plan.merge, self.report_plan)
