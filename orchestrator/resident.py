@@ -4,12 +4,13 @@ A command's start is mostly importing: pydantic, anyio, rich and the engine's 70
 0.25 to 0.35 s of a small plan's 0.7 s here (docs/benchmarks.md). ``orchestrator serve``
 starts a process that imports all that once and listens on a Unix socket. The
 ``orchestrator`` command (:func:`entry`) first looks for one; when it finds one it sends its
-command line, environment, working directory, umask, limits and its standard streams (as
+command line, environment, working directory, umask and its standard streams (as
 descriptors), and the resident process forks a worker that becomes the command as if it had
-been started there: the same streams, directory, environment, umask, limits, CPU set and
-niceness. The client waits, forwards SIGINT, SIGTERM and SIGHUP to the worker, and exits
-with the worker's status. Without a resident process, or when it cannot serve this client,
-the command runs in the client's own process as always.
+been started there: the same streams, directory, environment, umask, and (read in /proc)
+limits, CPU set, niceness and signal handling. The client waits, forwards the stopping
+signals it does not ignore to the worker, and exits with the worker's status (or dies by its
+signal). Without a resident process, or when it cannot serve this client, the command runs
+in the client's own process as always.
 
 Who may use it, and what it trusts:
 
@@ -18,18 +19,22 @@ Who may use it, and what it trusts:
   sides refuse a directory that is a link, belongs to someone else or that others may open.
 - The resident process accepts a connection only from its own user (``SO_PEERCRED``); the
   client talks only to a process of its own user.
-- A worker serves only a client that sees the system as it does: the same namespaces, control
-  groups, capabilities, ``no_new_privs``, seccomp mode, groups and security label (otherwise a
-  client in a sandbox or under a memory limit would run its command outside it). It tells the
-  client why it will not, and the client runs the command itself.
+- Each side serves or talks to only a process that sees the system as it does
+  (:func:`peer_difference`: the same namespaces, control groups, capabilities, groups,
+  security label, OOM score and scheduling; neither under seccomp or ``no_new_privs``),
+  checked in ``/proc`` before anything is sent or read: a client in a sandbox or under a
+  memory limit would otherwise run its command outside it, and a confined impostor
+  listening at the socket's name would otherwise be sent a client's environment. The client
+  then runs the command itself.
 - The socket's name is a digest of everything the imported code depends on: the interpreter,
   ``sys.path``, the interpreter's flags, the ``PYTHON*``, ``PYDANTIC*`` and locale variables,
   the size, time and inode of every file of ``orchestrator`` and ``envelopes``, and the times
-  of the ``site-packages`` directories on ``sys.path`` (an install or upgrade changes them). A client of other
-  code finds no socket; a resident process whose code changed stops listening.
-- A worker reads at most 8 MiB of request, waits at most 5 s for it, and checks its shape
+  of the ``site-packages`` directories on ``sys.path`` (an install or upgrade changes them).
+  A client of other code finds no socket; a resident process whose code changed stops
+  listening.
+- A worker reads at most 8 MiB of request, all of it within 5 s, and checks its shape
   before anything else; a client that says nothing or something else costs the resident
-  process nothing (the worker exits).
+  process nothing (the worker exits). A client waits at most 2 s for a worker to be ready.
 - When the client goes away before its command has ended (killed, say), the worker gets a
   SIGHUP, as a command whose terminal closed does, and cleans up as it would.
 
@@ -52,8 +57,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 __all__ = [
+    "CLIENT_TIMEOUT",
     "DIR_VARIABLE",
     "DISABLE_VARIABLE",
+    "FORWARDED",
     "HANDSHAKE_TIMEOUT",
     "LIMITS",
     "NAMESPACES",
@@ -61,12 +68,14 @@ __all__ = [
     "REQUEST_LIMIT",
     "SERVED_COMMANDS",
     "STATUS_FIELDS",
+    "UNCONFINED_FIELDS",
     "at",
     "entry",
     "find_server",
     "message",
     "open_private",
     "peer_credentials",
+    "peer_difference",
     "read_exactly",
     "serve",
     "server_dir",
@@ -85,23 +94,33 @@ DIR_VARIABLE = "ORCHESTRATOR_SERVER_DIR"
 
 REQUEST_LIMIT = 8 * 1024 * 1024
 REPLY_LIMIT = 4096
+#: Seconds a worker waits for its whole request, and a client for the worker's "ready".
 HANDSHAKE_TIMEOUT = 5.0
+CLIENT_TIMEOUT = 2.0
 
-#: The limits a worker takes over from its client.
-LIMITS = (
-    "RLIMIT_AS",
-    "RLIMIT_CORE",
-    "RLIMIT_CPU",
-    "RLIMIT_DATA",
-    "RLIMIT_FSIZE",
-    "RLIMIT_MEMLOCK",
-    "RLIMIT_NOFILE",
-    "RLIMIT_NPROC",
-    "RLIMIT_STACK",
-)
+#: ``/proc/<pid>/limits`` rows, as the kernel names them: the limits a worker takes over
+#: from its client (read there, not from what the client says).
+LIMITS = {
+    "Max cpu time": "RLIMIT_CPU",
+    "Max file size": "RLIMIT_FSIZE",
+    "Max data size": "RLIMIT_DATA",
+    "Max stack size": "RLIMIT_STACK",
+    "Max core file size": "RLIMIT_CORE",
+    "Max resident set": "RLIMIT_RSS",
+    "Max processes": "RLIMIT_NPROC",
+    "Max open files": "RLIMIT_NOFILE",
+    "Max locked memory": "RLIMIT_MEMLOCK",
+    "Max address space": "RLIMIT_AS",
+    "Max file locks": "RLIMIT_LOCKS",
+    "Max pending signals": "RLIMIT_SIGPENDING",
+    "Max msgqueue size": "RLIMIT_MSGQUEUE",
+    "Max nice priority": "RLIMIT_NICE",
+    "Max realtime priority": "RLIMIT_RTPRIO",
+    "Max realtime timeout": "RLIMIT_RTTIME",
+}
 
 #: What a worker and its client must share (``/proc/<pid>/ns/<name>``).
-NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
+NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
 #: Lines of ``/proc/<pid>/status`` that must be the same.
 STATUS_FIELDS = (
     b"CapInh:",
@@ -109,9 +128,70 @@ STATUS_FIELDS = (
     b"CapEff:",
     b"CapBnd:",
     b"CapAmb:",
-    b"NoNewPrivs:",
-    b"Seccomp:",
+    b"Uid:",
+    b"Gid:",
+    b"Groups:",
 )
+#: Lines of ``/proc/<pid>/status`` that must say 0 on both sides: a process under a seccomp
+#: filter or ``no_new_privs`` (where Landlock is possible too) is confined in ways /proc
+#: does not show whole, so it is never served, nor served by such a process.
+UNCONFINED_FIELDS = (b"NoNewPrivs:", b"Seccomp:")
+
+
+def peer_difference(pid: int) -> str | None:
+    """How process *pid* does not see the system as this one does (None: it does): its
+    namespaces, control groups, security label, capabilities, user and groups, confinement,
+    OOM score adjustment and scheduling policy, as the kernel shows them in ``/proc``.
+    Used by both sides: a worker serves only a client like itself, and a client talks only
+    to a resident process like itself."""
+    if pid <= 0:
+        return "a process this one cannot see"
+    for name in NAMESPACES:
+        if _link(f"/proc/{pid}/ns/{name}") != _link(f"/proc/self/ns/{name}"):
+            return f"a different {name} namespace"
+    for what, name in (("control group", "cgroup"), ("security label", "attr/current")):
+        if _read(f"/proc/{pid}/{name}") != _read(f"/proc/self/{name}"):
+            return f"a different {what}"
+    theirs, ours = _status(pid), _status("self")
+    if not theirs:
+        return "a process whose status cannot be read"
+    for field in STATUS_FIELDS:
+        if theirs.get(field) != ours.get(field):
+            return f"a different {field.decode().rstrip(':')}"
+    for field in UNCONFINED_FIELDS:
+        for status in (theirs, ours):
+            if status.get(field, b"").split()[-1:] != [b"0"]:
+                return f"{field.decode().rstrip(':')} set"
+    if _read(f"/proc/{pid}/oom_score_adj") != _read("/proc/self/oom_score_adj"):
+        return "a different OOM score adjustment"
+    if _stat_fields(pid)[37:39] != _stat_fields("self")[37:39]:
+        return "a different scheduling policy"
+    return None
+
+
+def _link(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError as exc:
+        return f"unreadable {exc.errno}"
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(65536)
+    except OSError:
+        return None
+
+
+def _status(pid: int | str) -> dict[bytes, bytes]:
+    lines = (_read(f"/proc/{pid}/status") or b"").splitlines()
+    return {line.split(None, 1)[0]: line for line in lines if line.strip()}
+
+
+def _stat_fields(pid: int | str) -> list[bytes]:
+    """``/proc/<pid>/stat`` after the command's name: index 0 is field 3 (the state)."""
+    return (_read(f"/proc/{pid}/stat") or b")").rsplit(b")", 1)[1].split()
 
 
 # --- where, and for which code ------------------------------------------------------------
@@ -239,7 +319,7 @@ def entry(argv: Sequence[str] | None = None) -> NoReturn:
 def _served(argv: list[str]) -> int | None:
     """*argv* run by a resident process: its exit status, or None when there is none that
     may run it (nothing has run then)."""
-    if os.environ.get(DISABLE_VARIABLE):
+    if os.environ.get(DISABLE_VARIABLE) or _other_descriptors():
         return None
     sock = _connect()
     if sock is None:
@@ -254,8 +334,21 @@ def _served(argv: list[str]) -> int | None:
         return _wait(sock, pidfd)
 
 
+def _other_descriptors() -> bool:
+    """Whether this process inherited descriptors besides 0 to 2: a command given
+    ``/dev/fd/3`` (say) must run where descriptor 3 is, so it is not served."""
+    try:
+        listed = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except (OSError, ValueError):
+        return True
+    # Those it inherited are inheritable (the listing's own is closed, and what Python
+    # opens is not inheritable).
+    return any(fd > 2 and _is_open(fd) and os.get_inheritable(fd) for fd in listed)
+
+
 def _connect() -> socket.socket | None:
-    """A connection to this user's resident process of this code, if one listens."""
+    """A connection to this user's resident process of this code, if one listens and sees
+    the system as this process does (:func:`peer_difference`)."""
     name = socket_name()
     if name is None:
         return None
@@ -264,17 +357,28 @@ def _connect() -> socket.socket | None:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        sock.settimeout(CLIENT_TIMEOUT)  # a stopped resident process's full backlog
         sock.connect(at(directory, name))
-        _, uid, _ = peer_credentials(sock)
+        pid, uid, _ = peer_credentials(sock)
     except OSError:
         sock.close()
         return None
     finally:
         os.close(directory)
-    if uid != os.getuid():
+    why = "another user" if uid != os.getuid() else peer_difference(pid)
+    if why is not None:
         sock.close()
+        _say_not_served(why)
         return None
     return sock
+
+
+def _say_not_served(why: str) -> None:
+    shown = "".join(c if c.isprintable() else "?" for c in why)
+    print(
+        f"orchestrator: the resident process will not run this ({shown}); running it here",
+        file=sys.stderr,
+    )
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -285,20 +389,11 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def _request(argv: list[str]) -> dict[str, Any]:
-    import resource
-
+    # What the worker cannot read of this process from /proc (its limits, CPUs, niceness
+    # and signal dispositions it reads there: a client does not say what it may do).
     umask = os.umask(0o022)
     os.umask(umask)
-    return {
-        "argv": argv,
-        "env": dict(os.environ),
-        "umask": umask,
-        "limits": {name: list(resource.getrlimit(getattr(resource, name))) for name in LIMITS},
-        "cpus": sorted(os.sched_getaffinity(0)),
-        "nice": os.getpriority(os.PRIO_PROCESS, 0),
-        "groups": sorted(os.getgroups()),
-        "gid": os.getgid(),
-    }
+    return {"argv": argv, "env": dict(os.environ), "umask": umask}
 
 
 def _handshake(sock: socket.socket, argv: list[str]) -> int | None:
@@ -311,7 +406,7 @@ def _handshake(sock: socket.socket, argv: list[str]) -> int | None:
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
     try:
         message = struct.pack(">I", len(body)) + body
-        sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.settimeout(CLIENT_TIMEOUT)
         first = socket.send_fds(sock, [message[:65536]], [*streams, cwd])
         sock.sendall(message[first:])
     except (BrokenPipeError, ConnectionResetError):
@@ -320,38 +415,50 @@ def _handshake(sock: socket.socket, argv: list[str]) -> int | None:
         os.close(cwd)
     kind, payload = _read_message(sock)
     if kind == b"F":
-        why = "".join(c if c.isprintable() else "?" for c in payload.decode("utf-8", "replace"))
-        print(
-            f"orchestrator: the resident process will not run this ({why}); running it here",
-            file=sys.stderr,
-        )
+        _say_not_served(payload.decode("utf-8", "replace"))
         return None
     if kind != b"P":
         return None
     pidfd = os.pidfd_open(int(payload))
-    _forward_signals(pidfd)  # before the worker starts: a Ctrl-C from then on is its
+    previous = _forward_signals(pidfd)  # before the worker starts: a Ctrl-C from then on is its
     try:
         sock.sendall(b"A")  # the worker waits for this: it was alive when pidfd_open found it
     except OSError:
-        _forward_signals(None)
+        _restore(previous)  # the command runs here after all, as it would have
         os.close(pidfd)
         raise
     sock.settimeout(None)
     return pidfd
 
 
-def _forward_signals(pidfd: int | None) -> None:
-    """SIGINT, SIGTERM and SIGHUP sent on to the worker *pidfd* (None: ignored, the worker
-    has ended)."""
+#: The signals a client passes on to its worker, unless it ignores them (``nohup``, a
+#: background job's SIGINT): the worker ignores those too.
+FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+
+
+def _forward_signals(pidfd: int) -> dict[int, Any]:
+    """The signals of FORWARDED this process does not ignore sent on to the worker *pidfd*;
+    the handlers they had."""
     import signal
 
     def forward(signum: int, frame: object) -> None:
-        if pidfd is not None:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(pidfd, signum)
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(pidfd, signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN if pidfd is None else forward)
+    previous = {}
+    for name in FORWARDED:
+        signum = getattr(signal, name)
+        handler = signal.getsignal(signum)
+        if handler is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, forward)
+    return previous
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    import signal
+
+    for signum, handler in previous.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _is_open(fd: int) -> bool:
@@ -364,18 +471,26 @@ def _is_open(fd: int) -> bool:
 
 def _wait(sock: socket.socket, pidfd: int) -> int:
     """Wait for the worker *pidfd* to end (the stopping signals sent on to it meanwhile:
-    :func:`_forward_signals`); its exit status."""
+    :func:`_forward_signals`); its exit status. A worker killed by a signal kills this
+    process with the same signal, as a command run here would have died."""
+    import signal
+
     try:
         kind, payload = _read_message(sock)
-        if kind in (b"X", b"K"):
-            number = int(payload)
-            if 0 <= number <= 255:
-                return number if kind == b"X" else 128 + number
+        number = int(payload) if kind in (b"X", b"K") else -1
     except (OSError, ValueError):
-        pass
+        kind, number = b"", -1
     finally:
-        _forward_signals(None)
+        for name in FORWARDED:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)  # nothing to forward to
         os.close(pidfd)
+    if kind == b"X" and 0 <= number <= 255:
+        return number
+    if kind == b"K" and 0 < number < signal.NSIG:
+        sys.stdout.flush()
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        return 128 + number  # a signal that does not end a process (SIGCHLD, say)
     print("orchestrator: the resident process ended before the command did", file=sys.stderr)
     return 1
 
@@ -414,7 +529,7 @@ def find_server() -> int | None:
         return None
     with sock:
         pid, _, _ = peer_credentials(sock)
-    return pid
+    return pid if pid > 0 else None  # 0: listening in a pid namespace this one cannot see
 
 
 def stop_server(timeout: float = 10.0) -> int | None:

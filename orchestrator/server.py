@@ -28,16 +28,14 @@ from .errors import ServerError
 from .resident import (
     HANDSHAKE_TIMEOUT,
     LIMITS,
-    NAMESPACES,
     REQUEST_LIMIT,
     SERVED_COMMANDS,
-    STATUS_FIELDS,
     at,
     find_server,
     message,
     open_private,
     peer_credentials,
-    read_exactly,
+    peer_difference,
     server_dir,
     signature,
     socket_name,
@@ -258,6 +256,9 @@ class _Residence:
             conn, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
+        except OSError:  # out of descriptors, say: the client waits in the backlog, or gives
+            time.sleep(0.05)  # up and runs its command itself
+            return
         self.last_busy = time.monotonic()
         try:
             _, uid, _ = peer_credentials(conn)
@@ -274,7 +275,13 @@ class _Residence:
             return
         if pid == 0:
             _worker(conn)
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # cannot watch it: it is not let run (its client runs the command)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            conn.close()
+            return
         self.workers[pidfd] = (pid, conn)
         self.selector.register(pidfd, selectors.EVENT_READ, "worker")
 
@@ -311,10 +318,10 @@ def _worker(conn: socket.socket) -> NoReturn:
     code = 1
     try:
         _reset(conn)
+        client = _check_peer(conn)  # before anything it sends is read
         request, fds = _receive(conn)
         try:
-            _check_peer(conn)
-            _adopt(request, fds)
+            _adopt(client, request, fds)
         finally:
             for fd in fds:
                 if fd > 2:
@@ -337,12 +344,12 @@ def _worker(conn: socket.socket) -> NoReturn:
 
 
 def _reset(conn: socket.socket) -> None:
-    """The worker as a process of its own: default signal handling, its own session, and no
-    descriptor of the resident process's but its connection."""
+    """The worker as a process of its own: its own session, and no descriptor of the
+    resident process's but its connection (its signal handling is its client's:
+    :func:`_take_signals`)."""
     signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.setsid()
     keep = conn.fileno()
     os.closerange(3, keep)
@@ -351,7 +358,8 @@ def _reset(conn: socket.socket) -> None:
 
 def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """The client's request and its four descriptors (stdin, stdout, stderr, working
-    directory); ValueError or OSError when it is not one."""
+    directory), all within HANDSHAKE_TIMEOUT; ValueError or OSError when it is not one."""
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     conn.settimeout(HANDSHAKE_TIMEOUT)
     data, fds, flags, _ = socket.recv_fds(conn, 65536 + 4, 4)
     try:
@@ -360,8 +368,15 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
         size = int.from_bytes(data[:4], "big")
         if size > REQUEST_LIMIT or len(data) - 4 > size:
             raise ValueError("request too long")
-        body = data[4:] + read_exactly(conn, size - (len(data) - 4))
-        request = _checked(json.loads(body))
+        chunks, left = [data[4:]], size - (len(data) - 4)
+        while left:
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = conn.recv(min(left, 1 << 20))
+            if not chunk or time.monotonic() > deadline:
+                raise ValueError("the request did not come whole in time")
+            chunks.append(chunk)
+            left -= len(chunk)
+        request = _checked(json.loads(b"".join(chunks)))
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -379,16 +394,6 @@ def _checked(request: Any) -> dict[str, Any]:
         and _strings(list(request["env"].values()), list)
         and _is_int(request.get("umask"))
         and 0 <= request["umask"] <= 0o777
-        and isinstance(request.get("limits"), dict)
-        and set(request["limits"]) <= set(LIMITS)
-        and all(
-            isinstance(v, list) and len(v) == 2 and all(map(_is_int, v))
-            for v in request["limits"].values()
-        )
-        and isinstance(request.get("cpus"), list)
-        and bool(request["cpus"])
-        and all(map(_is_int, request["cpus"]))
-        and _is_int(request.get("nice"))
     )
     if not ok or not request["argv"] or request["argv"][0] not in SERVED_COMMANDS:
         raise ValueError("not a request")
@@ -404,64 +409,82 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_peer(conn: socket.socket) -> None:
-    """Refuse a client that does not see the system as the worker does (see
-    :mod:`orchestrator.resident`): what the kernel says of it, not what it says."""
+def _check_peer(conn: socket.socket) -> int:
+    """The client's pid, if it sees the system as the worker does (see
+    :func:`orchestrator.resident.peer_difference`: what the kernel says of it, not what it
+    says); _Refused otherwise."""
     pid, uid, _ = peer_credentials(conn)
-    if uid != os.getuid():
-        raise _Refused("another user")
-    for name in NAMESPACES:
-        if _link(f"/proc/{pid}/ns/{name}") != _link(f"/proc/self/ns/{name}"):
-            raise _Refused(f"a different {name} namespace")
-    if _read(f"/proc/{pid}/cgroup") != _read("/proc/self/cgroup"):
-        raise _Refused("a different control group")
-    if _read(f"/proc/{pid}/attr/current") != _read("/proc/self/attr/current"):
-        raise _Refused("a different security label")
-    theirs, ours = _status(pid), _status("self")
-    for field in (*STATUS_FIELDS, b"Uid:", b"Gid:", b"Groups:"):
-        if theirs.get(field) != ours.get(field):
-            raise _Refused(f"a different {field.decode().rstrip(':')}")
+    why = "another user" if uid != os.getuid() else peer_difference(pid)
+    if why is None and _ioprio(pid) != _ioprio(0):
+        why = "a different I/O priority"
+    if why is not None:
+        raise _Refused(why)
+    return pid
 
 
-def _link(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError as exc:
-        return f"unreadable {exc.errno}"
+#: ``ioprio_get``'s number where it is known (no Python binding exists); elsewhere the I/O
+#: priority is not compared.
+_IOPRIO_GET = {"x86_64": 252, "aarch64": 31, "i686": 290, "armv7l": 315}
 
 
-def _read(path: str) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read(65536)
-    except OSError:
+def _ioprio(pid: int) -> int | None:
+    """The I/O priority of *pid* (0: this process), None where it cannot be read."""
+    import ctypes
+    import platform
+
+    number = _IOPRIO_GET.get(platform.machine())
+    if number is None:
         return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    value: int = libc.syscall(number, 1, pid)  # IOPRIO_WHO_PROCESS
+    return None if value < 0 else value
 
 
-def _status(pid: int | str) -> dict[bytes, bytes]:
-    lines = (_read(f"/proc/{pid}/status") or b"").splitlines()
-    return {line.split(None, 1)[0]: line for line in lines if line}
-
-
-def _adopt(request: Mapping[str, Any], fds: list[int]) -> None:
-    """Take on the client's limits, CPUs, niceness, streams, directory, umask and
-    environment, in that order (what may refuse comes first)."""
+def _limits(pid: int) -> dict[int, tuple[int, int]]:
+    """*pid*'s resource limits, from ``/proc/<pid>/limits``."""
     import resource
 
-    for name, wanted in request["limits"].items():
-        which = getattr(resource, name)
-        if list(resource.getrlimit(which)) != wanted:
-            try:
-                resource.setrlimit(which, tuple(wanted))
-            except (ValueError, OSError) as exc:
-                raise _Refused(f"cannot take its {name}: {exc}") from exc
     try:
-        if sorted(os.sched_getaffinity(0)) != request["cpus"]:
-            os.sched_setaffinity(0, request["cpus"])
-        if os.getpriority(os.PRIO_PROCESS, 0) != request["nice"]:
-            os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
-    except (ValueError, OSError) as exc:
-        raise _Refused(f"cannot take its CPUs or niceness: {exc}") from exc
+        with open(f"/proc/{pid}/limits") as f:
+            rows = f.read(65536).splitlines()[1:]
+    except OSError as exc:
+        raise _Refused(f"its limits cannot be read ({exc.strerror})") from None
+    found = {}
+    for row in rows:
+        name = row[:26].strip()
+        values = row[26:].split()
+        which = getattr(resource, LIMITS.get(name, "-"), None)
+        if which is None or len(values) < 2:
+            continue
+        found[which] = tuple(
+            resource.RLIM_INFINITY if v == "unlimited" else int(v) for v in values[:2]
+        )
+    return found  # type: ignore[return-value]
+
+
+def _adopt(client: int, request: Mapping[str, Any], fds: list[int]) -> None:
+    """Take on the client's limits, CPUs, niceness and signal handling (as the kernel shows
+    them), then its streams, directory, umask and environment (what may refuse comes
+    first)."""
+    import resource
+
+    for which, wanted in _limits(client).items():
+        if resource.getrlimit(which) != wanted:
+            try:
+                resource.setrlimit(which, wanted)
+            except (ValueError, OSError) as exc:
+                raise _Refused(f"cannot take its resource limits: {exc}") from exc
+    status = {k: v.split() for k, v in _status_lines(client).items()}
+    try:
+        cpus = _cpu_list(status[b"Cpus_allowed_list:"][1].decode())
+        nice = int(_stat_of(client)[16])
+        if os.sched_getaffinity(0) != cpus:
+            os.sched_setaffinity(0, cpus)
+        if os.getpriority(os.PRIO_PROCESS, 0) != nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        _take_signals(int(status[b"SigIgn:"][1], 16), int(status[b"SigBlk:"][1], 16))
+    except (KeyError, IndexError, ValueError, OSError) as exc:
+        raise _Refused(f"cannot take its CPUs, niceness or signal handling: {exc}") from exc
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
     os.fchdir(fds[3])
@@ -474,27 +497,69 @@ def _adopt(request: Mapping[str, Any], fds: list[int]) -> None:
     _refresh_modules()
 
 
+def _status_lines(pid: int) -> dict[bytes, bytes]:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            lines = f.read(65536).splitlines()
+    except OSError:
+        return {}
+    return {line.split(None, 1)[0]: line for line in lines if line.strip()}
+
+
+def _stat_of(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read(65536).rsplit(b")", 1)[1].split()
+
+
+def _cpu_list(text: str) -> set[int]:
+    """``0-3,6`` as {0, 1, 2, 3, 6}."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def _take_signals(ignored: int, blocked: int) -> None:
+    """The client's signal dispositions as Python started them (each signal it ignores
+    ignored, SIGINT otherwise Python's KeyboardInterrupt, the rest their default) and its
+    blocked signals."""
+    for signum in range(1, signal.NSIG):
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if ignored >> (signum - 1) & 1:
+            handler: Any = signal.SIG_IGN
+        elif signum == signal.SIGINT:
+            handler = signal.default_int_handler
+        else:
+            handler = signal.SIG_DFL
+        with contextlib.suppress(OSError, ValueError):  # (signals the C library keeps)
+            signal.signal(signum, handler)
+    signal.pthread_sigmask(
+        signal.SIG_SETMASK, {n for n in range(1, signal.NSIG) if blocked >> (n - 1) & 1}
+    )
+
+
 def _new_streams() -> None:
     """sys.stdin, stdout and stderr on the client's descriptors, buffered as Python buffers
-    them at its start (stdout by line on a terminal, stderr always)."""
+    them at its start (stdout by line on a terminal, stderr always; neither with ``-u`` or
+    ``PYTHONUNBUFFERED``, which the resident process shares with its clients)."""
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     _kept_streams.extend(
         (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__)
     )
     errors = getattr(sys.stdout, "errors", None) or "strict"
-    sys.stdin = open(0, encoding=encoding, errors=errors, closefd=False)  # noqa: SIM115
-    sys.stdout = io.TextIOWrapper(
-        open(1, "wb", closefd=False),  # noqa: SIM115
-        encoding=encoding,
-        errors=errors,
-        line_buffering=os.isatty(1),
-    )
-    sys.stderr = io.TextIOWrapper(
-        open(2, "wb", closefd=False),  # noqa: SIM115
-        encoding=encoding,
-        errors="backslashreplace",
-        line_buffering=True,
-    )
+    unbuffered = bool(getattr(sys.__stdout__, "write_through", False))  # as Python made it
+    sys.stdin = open(0, encoding=encoding, errors=errors, newline="\n", closefd=False)  # noqa: SIM115
+    for fd, name, how in ((1, "stdout", errors), (2, "stderr", "backslashreplace")):
+        stream = io.TextIOWrapper(
+            open(fd, "wb", buffering=0 if unbuffered else -1, closefd=False),  # noqa: SIM115
+            encoding=encoding,
+            errors=how,
+            line_buffering=not unbuffered and (fd == 2 or os.isatty(fd)),
+            write_through=unbuffered,
+        )
+        setattr(sys, name, stream)
 
 
 def _refresh_modules() -> None:
@@ -517,7 +582,8 @@ def _refresh_modules() -> None:
 
 
 def _watch_client(conn: socket.socket) -> None:
-    """A SIGHUP to the worker when the client goes away, as when a terminal closes."""
+    """The worker told when its client goes away (killed, say): a SIGHUP, as when a
+    terminal closes; a SIGTERM where the client ignored that (``nohup``); else a SIGKILL."""
 
     def watch() -> None:
         try:
@@ -525,37 +591,52 @@ def _watch_client(conn: socket.socket) -> None:
                 pass
         except OSError:
             pass
-        os.kill(os.getpid(), signal.SIGHUP)
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGKILL):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                os.kill(os.getpid(), signum)
+                return
 
     threading.Thread(target=watch, name="resident-client", daemon=True).start()
 
 
 def _command(argv: list[str]) -> int:
-    """The command *argv*, as ``orchestrator`` runs it: its exit status, output flushed."""
+    """The command *argv*, as ``orchestrator`` runs it: its exit status (0 to 255, as the
+    process's would be), output flushed. Interrupted by a KeyboardInterrupt it did not
+    handle, the worker dies by SIGINT after its clean-up, as Python does."""
     import atexit
     import traceback
 
     from . import cli
 
+    interrupted = False
     try:
         code = cli.dispatch((_parser or cli.build_parser()).parse_args(argv))
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
+        code = _exit_code(exc.code)
     except KeyboardInterrupt:
-        print("orchestrator: interrupted", file=sys.stderr)
-        code = cli.EXIT_INTERRUPTED
+        traceback.print_exc()
+        code, interrupted = 1, True
     except BaseException:
         traceback.print_exc()
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # type: ignore[attr-defined]  # as the interpreter's exit: its hooks, then the threads joined
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             code = code or cli.EXIT_FAILED
-    return code
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return code & 0xFF
+
+
+def _exit_code(code: object) -> int:
+    """What ``sys.exit(code)`` makes a process's status."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return int(code)
+    print(code, file=sys.stderr)
+    return 1

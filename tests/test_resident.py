@@ -5,11 +5,13 @@ is in tests/test_server.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +32,8 @@ def sockets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory.mkdir(mode=0o700)
     monkeypatch.setenv(resident.DIR_VARIABLE, str(directory))
     monkeypatch.delenv(resident.DISABLE_VARIABLE, raising=False)
+    # pytest's own inheritable descriptors would keep every command here
+    monkeypatch.setattr(resident, "_other_descriptors", lambda: False)
     return directory
 
 
@@ -75,13 +79,13 @@ class Fake:
             self.request = json.loads(data[4:])
             if len(self.fds) == 4:
                 self.cwd = os.readlink(f"/proc/self/fd/{self.fds[3]}")
+            for fd in self.fds:  # the client's stdout among them: its reader waits for EOF
+                os.close(fd)
             self.script(conn, self.request, self.fds)
 
     def close(self) -> None:
         self.thread.join(30)
         self.listener.close()
-        for fd in self.fds:
-            os.close(fd)
 
 
 def say(kind: bytes, payload: bytes) -> bytes:
@@ -116,8 +120,7 @@ def test_the_request_carries_what_the_command_is_run_with(
     mask = os.umask(0)
     os.umask(mask)
     assert request["umask"] == mask
-    assert request["cpus"] == sorted(os.sched_getaffinity(0))
-    assert set(request["limits"]) == set(resident.LIMITS)
+    assert set(request) == {"argv", "env", "umask"}  # the rest the worker reads in /proc
     assert len(fake.fds) == 4
     assert fake.cwd == str(tmp_path)  # the client's working directory, as a descriptor
 
@@ -126,7 +129,6 @@ def test_the_request_carries_what_the_command_is_run_with(
     ("replies", "code", "said"),
     [
         ((say(b"X", b"0"),), 0, ""),
-        ((say(b"K", b"15"),), 143, ""),
         ((say(b"X", b"999"),), 1, "ended before the command did"),
         ((say(b"X", b"one"),), 1, "ended before the command did"),
         ((b"X\xff\xff\xff\xff",), 1, "ended before the command did"),  # a length past the limit
@@ -185,26 +187,96 @@ def test_a_refusal_is_said_and_shown_safely(
     assert "will not run this (a different net namespace ?[31m); running it here" in err
 
 
+CLIENT = """
+import sys
+from orchestrator import resident
+resident.socket_name = lambda: sys.argv[1]
+code = resident._served(["run", "plan.yaml"])
+print("none" if code is None else code, flush=True)
+"""
+
+
+def client_process(**popen: Any) -> subprocess.Popen[str]:
+    """A client in a process of its own (it may kill itself), looking for the socket name
+    the fakes of this process use."""
+    name = resident.socket_name()
+    assert name is not None
+    return subprocess.Popen(
+        [sys.executable, "-c", CLIENT, name], stdout=subprocess.PIPE, text=True, **popen
+    )
+
+
+def test_a_worker_killed_by_a_signal_kills_its_client_with_it(sockets: Path) -> None:
+    fake = Fake(sockets, ready_then(say(b"K", b"15")))
+    try:
+        client = client_process()
+        out, _ = client.communicate(timeout=60)
+    finally:
+        fake.close()
+    assert (client.returncode, out) == (-signal.SIGTERM, "")  # died as the command did
+
+
 def test_a_stopping_signal_goes_to_the_worker(sockets: Path) -> None:
     """SIGINT at the client reaches the process the worker said it was (here, a child)."""
-    import subprocess
-
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
     def script(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+        client_pid, _, _ = resident.peer_credentials(conn)
         conn.sendall(say(b"P", str(child.pid).encode()))
         assert conn.recv(1) == b"A"
-        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C at the client would
+        os.kill(client_pid, signal.SIGINT)  # as Ctrl-C at the client would
         child.wait(30)
         conn.sendall(say(b"K", str(-child.returncode).encode()))
 
     fake = Fake(sockets, script)
     try:
-        assert resident._served(["run", "plan.yaml"]) == 128 + signal.SIGINT
+        client = client_process()
+        client.communicate(timeout=60)
     finally:
         fake.close()
         child.kill()
         child.wait()
+    assert child.returncode == -signal.SIGINT
+    assert client.returncode == -signal.SIGINT
+
+
+def test_an_ignored_signal_is_not_passed_on(sockets: Path) -> None:
+    """A client started with SIGHUP ignored (nohup) keeps ignoring it: not its worker's."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    def script(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+        client_pid, _, _ = resident.peer_credentials(conn)
+        conn.sendall(say(b"P", str(child.pid).encode()))
+        assert conn.recv(1) == b"A"
+        os.kill(client_pid, signal.SIGHUP)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(0.5)
+        conn.sendall(say(b"X", b"0"))
+
+    fake = Fake(sockets, script)
+    try:
+        client = client_process(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        out, _ = client.communicate(timeout=60)
+    finally:
+        fake.close()
+        alive = child.poll() is None
+        child.kill()
+        child.wait()
+    assert (client.returncode, out.strip(), alive) == (0, "0", True)
+
+
+def test_a_descriptor_it_inherited_keeps_the_command_here(tmp_path: Path) -> None:
+    probe = "from orchestrator import resident; print(resident._other_descriptors())"
+    alone = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert alone.stdout.strip() == "False", alone.stderr
+    with open(tmp_path / "given", "w") as given:  # as a shell's 3>given
+        handed = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            pass_fds=(given.fileno(),),
+        )
+    assert handed.stdout.strip() == "True", handed.stderr
 
 
 def test_no_listener_no_directory_or_asked_not_to(
