@@ -229,8 +229,8 @@ def test_a_stopping_signal_goes_to_the_worker(sockets: Path) -> None:
         conn.sendall(say(b"K", str(-child.returncode).encode()))
 
     fake = Fake(sockets, script)
-    try:
-        client = client_process()
+    try:  # (SIGINT as a foreground command has it, whatever this process's harness does)
+        client = client_process(preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         client.communicate(timeout=60)
     finally:
         fake.close()
