@@ -63,6 +63,7 @@ __all__ = [
     "FORWARDED",
     "HANDSHAKE_TIMEOUT",
     "LIMITS",
+    "MAX_INHERITED",
     "NAMESPACES",
     "REPLY_LIMIT",
     "REQUEST_LIMIT",
@@ -70,8 +71,10 @@ __all__ = [
     "STATUS_FIELDS",
     "UNCONFINED_FIELDS",
     "at",
+    "confinement",
     "entry",
     "find_server",
+    "inherited_descriptors",
     "message",
     "open_private",
     "peer_credentials",
@@ -158,14 +161,27 @@ def peer_difference(pid: int) -> str | None:
     for field in STATUS_FIELDS:
         if theirs.get(field) != ours.get(field):
             return f"a different {field.decode().rstrip(':')}"
+    confined = confinement()
+    if confined is not None:
+        return confined
     for field in UNCONFINED_FIELDS:
-        for status in (theirs, ours):
-            if status.get(field, b"").split()[-1:] != [b"0"]:
-                return f"{field.decode().rstrip(':')} set"
+        if theirs.get(field, field + b" 0").split()[-1:] != [b"0"]:  # (absent: no such thing)
+            return f"{field.decode().rstrip(':')} set"
     if _read(f"/proc/{pid}/oom_score_adj") != _read("/proc/self/oom_score_adj"):
         return "a different OOM score adjustment"
     if _stat_fields(pid)[37:39] != _stat_fields("self")[37:39]:
         return "a different scheduling policy"
+    return None
+
+
+def confinement() -> str | None:
+    """How this process is confined in ways a resident process cannot carry over (seccomp,
+    ``no_new_privs``); None when it is not. A confined process is neither served nor serves
+    (``serve`` says so), and does not look for a resident process at all."""
+    ours = _status("self")
+    for field in UNCONFINED_FIELDS:
+        if ours.get(field, field + b" 0").split()[-1:] != [b"0"]:
+            return f"{field.decode().rstrip(':')} set"
     return None
 
 
@@ -319,7 +335,7 @@ def entry(argv: Sequence[str] | None = None) -> NoReturn:
 def _served(argv: list[str]) -> int | None:
     """*argv* run by a resident process: its exit status, or None when there is none that
     may run it (nothing has run then)."""
-    if os.environ.get(DISABLE_VARIABLE) or _other_descriptors():
+    if os.environ.get(DISABLE_VARIABLE) or confinement() is not None:
         return None
     sock = _connect()
     if sock is None:
@@ -334,21 +350,28 @@ def _served(argv: list[str]) -> int | None:
         return _wait(sock, pidfd)
 
 
-def _other_descriptors() -> bool:
-    """Whether this process inherited descriptors besides 0 to 2: a command given
-    ``/dev/fd/3`` (say) must run where descriptor 3 is, so it is not served."""
+#: At most this many inherited descriptors are passed on (SCM_RIGHTS takes 253 a message).
+MAX_INHERITED = 200
+
+
+def inherited_descriptors() -> list[int] | None:
+    """The descriptors besides 0 to 2 this process inherited (those a command can name as
+    ``/dev/fd/3``, a jobserver's, a lock's): passed on, to be the worker's at the same
+    numbers. None when they cannot be listed or are too many (the command runs here)."""
     try:
         listed = [int(fd) for fd in os.listdir("/proc/self/fd")]
     except (OSError, ValueError):
-        return True
-    # Those it inherited are inheritable (the listing's own is closed, and what Python
-    # opens is not inheritable).
-    return any(fd > 2 and _is_open(fd) and os.get_inheritable(fd) for fd in listed)
+        return None
+    # Inheritable, as what a process inherits is (the listing's own is closed by now, and
+    # what Python opens is not inheritable).
+    found = sorted(fd for fd in listed if fd > 2 and _is_open(fd) and os.get_inheritable(fd))
+    return found if len(found) <= MAX_INHERITED else None
 
 
-def _connect() -> socket.socket | None:
-    """A connection to this user's resident process of this code, if one listens and sees
-    the system as this process does (:func:`peer_difference`)."""
+def _connect(*, to_send: bool = True) -> socket.socket | None:
+    """A connection to this user's resident process of this code, if one listens; *to_send*:
+    only if it sees the system as this process does (:func:`peer_difference`), since the
+    request carries this process's environment."""
     name = socket_name()
     if name is None:
         return None
@@ -365,10 +388,11 @@ def _connect() -> socket.socket | None:
         return None
     finally:
         os.close(directory)
-    why = "another user" if uid != os.getuid() else peer_difference(pid)
+    why = "another user" if uid != os.getuid() else peer_difference(pid) if to_send else None
     if why is not None:
         sock.close()
-        _say_not_served(why)
+        if to_send and uid == os.getuid():
+            _say_not_served(why)
         return None
     return sock
 
@@ -399,15 +423,16 @@ def _request(argv: list[str]) -> dict[str, Any]:
 def _handshake(sock: socket.socket, argv: list[str]) -> int | None:
     """Send the request; a pidfd of the worker once it is ready, None if it will not serve
     (nothing has run then)."""
-    body = json.dumps(_request(argv)).encode()
     streams = [fd if _is_open(fd) else -1 for fd in (0, 1, 2)]
-    if -1 in streams:
+    extra = inherited_descriptors()
+    if -1 in streams or extra is None:
         return None  # a closed standard stream: run here, where it stays closed
+    body = json.dumps({**_request(argv), "fds": extra}).encode()
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY)
     try:
         message = struct.pack(">I", len(body)) + body
         sock.settimeout(CLIENT_TIMEOUT)
-        first = socket.send_fds(sock, [message[:65536]], [*streams, cwd])
+        first = socket.send_fds(sock, [message[:65536]], [*streams, cwd, *extra])
         sock.sendall(message[first:])
     except (BrokenPipeError, ConnectionResetError):
         pass  # a worker that refused before it read everything: its reason may be waiting
@@ -487,8 +512,9 @@ def _wait(sock: socket.socket, pidfd: int) -> int:
     if kind == b"X" and 0 <= number <= 255:
         return number
     if kind == b"K" and 0 < number < signal.NSIG:
-        sys.stdout.flush()
-        signal.signal(number, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler; a closed pipe
+            sys.stdout.flush()
+            signal.signal(number, signal.SIG_DFL)
         os.kill(os.getpid(), number)
         return 128 + number  # a signal that does not end a process (SIGCHLD, say)
     print("orchestrator: the resident process ended before the command did", file=sys.stderr)
@@ -524,7 +550,7 @@ def message(kind: bytes, payload: bytes) -> bytes:
 
 def find_server() -> int | None:
     """The pid of the resident process of this code for this user, if one is listening."""
-    sock = _connect()
+    sock = _connect(to_send=False)
     if sock is None:
         return None
     with sock:

@@ -28,9 +28,11 @@ from .errors import ServerError
 from .resident import (
     HANDSHAKE_TIMEOUT,
     LIMITS,
+    MAX_INHERITED,
     REQUEST_LIMIT,
     SERVED_COMMANDS,
     at,
+    confinement,
     find_server,
     message,
     open_private,
@@ -64,6 +66,11 @@ def serve(*, idle_timeout: float | None = None, ready_fd: int | None = None) -> 
     """Be this user's resident process for this code until stopped (see the module's
     docstring); 0 once stopped. *ready_fd*: a pipe told ``ready <pid>`` once the socket
     listens, or ``error <reason>``. Raises ServerError when it cannot listen."""
+    for fd in (0, 1, 2):  # so that no descriptor a worker receives lands on 0 to 2
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.dup2(os.open(os.devnull, os.O_RDWR), fd)
     try:
         directory, name = _place()
         _import_engine()
@@ -118,6 +125,12 @@ def _tell(fd: int | None, line: str) -> None:
 
 def _place() -> tuple[int, str]:
     """Where to listen: the sockets' directory (a descriptor) and the socket's name there."""
+    confined = confinement()
+    if confined is not None:
+        raise ServerError(
+            f"this process is confined ({confined}): a resident process could not carry that "
+            "over to its clients, and would serve none"
+        )
     if not (
         hasattr(os, "pidfd_open") and hasattr(socket, "SO_PEERCRED") and os.path.isdir("/proc")
     ):
@@ -321,14 +334,20 @@ def _worker(conn: socket.socket) -> NoReturn:
         client = _check_peer(conn)  # before anything it sends is read
         request, fds = _receive(conn)
         try:
+            conn = _clear_way(conn, fds, request["fds"])
             _adopt(client, request, fds)
         finally:
             for fd in fds:
                 if fd > 2:
                     os.close(fd)
+        conn.settimeout(HANDSHAKE_TIMEOUT)  # (what _receive left of it may be nothing)
         conn.sendall(message(b"P", str(os.getpid()).encode()))
-        if conn.recv(1) != b"A":
-            os._exit(0)
+        try:
+            if conn.recv(1) != b"A":
+                os._exit(0)
+        except KeyboardInterrupt:  # Ctrl-C at the client before anything ran
+            print("orchestrator: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)
         conn.settimeout(None)
         _watch_client(conn)
         code = _command(request["argv"])
@@ -361,10 +380,10 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
     directory), all within HANDSHAKE_TIMEOUT; ValueError or OSError when it is not one."""
     deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     conn.settimeout(HANDSHAKE_TIMEOUT)
-    data, fds, flags, _ = socket.recv_fds(conn, 65536 + 4, 4)
+    data, fds, flags, _ = socket.recv_fds(conn, 65536 + 4, 4 + MAX_INHERITED)
     try:
-        if flags & socket.MSG_CTRUNC or len(fds) != 4 or len(data) < 4:
-            raise ValueError("a request comes with four descriptors")
+        if flags & socket.MSG_CTRUNC or len(fds) < 4 or len(data) < 4:
+            raise ValueError("a request comes with at least four descriptors")
         size = int.from_bytes(data[:4], "big")
         if size > REQUEST_LIMIT or len(data) - 4 > size:
             raise ValueError("request too long")
@@ -377,6 +396,8 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
             chunks.append(chunk)
             left -= len(chunk)
         request = _checked(json.loads(b"".join(chunks)))
+        if len(fds) != 4 + len(request["fds"]):
+            raise ValueError("not the descriptors the request names")
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -394,6 +415,9 @@ def _checked(request: Any) -> dict[str, Any]:
         and _strings(list(request["env"].values()), list)
         and _is_int(request.get("umask"))
         and 0 <= request["umask"] <= 0o777
+        and isinstance(request.get("fds"), list)
+        and all(_is_int(fd) and 2 < fd < 1 << 20 for fd in request["fds"])
+        and len(set(request["fds"])) == len(request["fds"])
     )
     if not ok or not request["argv"] or request["argv"][0] not in SERVED_COMMANDS:
         raise ValueError("not a request")
@@ -407,6 +431,21 @@ def _strings(value: Any, kind: type[Any]) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _clear_way(conn: socket.socket, fds: list[int], targets: list[int]) -> socket.socket:
+    """The connection and the received descriptors (*fds*, changed in place) moved above
+    every number the client's inherited descriptors are to take (*targets*), so that
+    putting them there overwrites nothing of the worker's; the connection as moved."""
+    import fcntl
+
+    floor = max([conn.fileno(), *fds, *targets]) + 1
+    for i, fd in enumerate(fds):
+        fds[i] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+        os.close(fd)
+    moved = socket.socket(fileno=fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, floor))
+    conn.close()
+    return moved
 
 
 def _check_peer(conn: socket.socket) -> int:
@@ -488,6 +527,8 @@ def _adopt(client: int, request: Mapping[str, Any], fds: list[int]) -> None:
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
     os.fchdir(fds[3])
+    for target, fd in zip(request["fds"], fds[4:], strict=True):
+        os.dup2(fd, target)  # inheritable, as the client's were
     os.umask(request["umask"])
     os.environ.clear()
     os.environ.update(request["env"])

@@ -32,8 +32,6 @@ def sockets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     directory.mkdir(mode=0o700)
     monkeypatch.setenv(resident.DIR_VARIABLE, str(directory))
     monkeypatch.delenv(resident.DISABLE_VARIABLE, raising=False)
-    # pytest's own inheritable descriptors would keep every command here
-    monkeypatch.setattr(resident, "_other_descriptors", lambda: False)
     return directory
 
 
@@ -72,12 +70,12 @@ class Fake:
     def _serve(self) -> None:
         conn, _ = self.listener.accept()
         with conn:
-            data, self.fds, _, _ = socket.recv_fds(conn, 1 << 20, 8)
+            data, self.fds, _, _ = socket.recv_fds(conn, 1 << 20, 4 + resident.MAX_INHERITED)
             (size,) = struct.unpack(">I", data[:4])
             while len(data) < 4 + size:
                 data += conn.recv(1 << 20)
             self.request = json.loads(data[4:])
-            if len(self.fds) == 4:
+            if len(self.fds) >= 4:
                 self.cwd = os.readlink(f"/proc/self/fd/{self.fds[3]}")
             for fd in self.fds:  # the client's stdout among them: its reader waits for EOF
                 os.close(fd)
@@ -120,8 +118,8 @@ def test_the_request_carries_what_the_command_is_run_with(
     mask = os.umask(0)
     os.umask(mask)
     assert request["umask"] == mask
-    assert set(request) == {"argv", "env", "umask"}  # the rest the worker reads in /proc
-    assert len(fake.fds) == 4
+    assert set(request) == {"argv", "env", "umask", "fds"}  # the rest the worker reads in /proc
+    assert len(fake.fds) == 4 + len(request["fds"])  # the inherited ones, at their numbers
     assert fake.cwd == str(tmp_path)  # the client's working directory, as a descriptor
 
 
@@ -265,18 +263,16 @@ def test_an_ignored_signal_is_not_passed_on(sockets: Path) -> None:
     assert (client.returncode, out.strip(), alive) == (0, "0", True)
 
 
-def test_a_descriptor_it_inherited_keeps_the_command_here(tmp_path: Path) -> None:
-    probe = "from orchestrator import resident; print(resident._other_descriptors())"
+def test_the_descriptors_it_inherited_are_found(tmp_path: Path) -> None:
+    probe = "from orchestrator import resident; print(resident.inherited_descriptors())"
     alone = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert alone.stdout.strip() == "False", alone.stderr
+    assert alone.stdout.strip() == "[]", alone.stderr
     with open(tmp_path / "given", "w") as given:  # as a shell's 3>given
+        number = given.fileno()
         handed = subprocess.run(
-            [sys.executable, "-c", probe],
-            capture_output=True,
-            text=True,
-            pass_fds=(given.fileno(),),
+            [sys.executable, "-c", probe], capture_output=True, text=True, pass_fds=(number,)
         )
-    assert handed.stdout.strip() == "True", handed.stderr
+    assert handed.stdout.strip() == f"[{number}]", handed.stderr
 
 
 def test_no_listener_no_directory_or_asked_not_to(

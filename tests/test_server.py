@@ -250,7 +250,7 @@ def test_signals_the_client_ignores_are_ignored_by_its_agents_and_no_others(
     assert not record(tmp_path)["sigign"] & usr1
 
 
-def test_a_command_given_another_descriptor_runs_in_its_own_process(
+def test_a_command_given_another_descriptor_is_served_with_it(
     served: Resident, project: Path
 ) -> None:
     modules = served.home / "modules-fd3"
@@ -263,16 +263,19 @@ def test_a_command_given_another_descriptor_runs_in_its_own_process(
         timeout=120,
     )
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr
-    assert modules.read_text() != ""  # run in its own process, where descriptor 3 is
+    assert modules.read_text() == ""  # served, descriptor 3 the worker's at the same number
 
 
-def test_a_confined_client_is_not_served(served: Resident, project: Path) -> None:
+def test_confined_processes_neither_serve_nor_are_served(
+    served: Resident, project: Path, tmp_path: Path
+) -> None:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("needs setpriv(1)")
+    confined = [setpriv, "--no-new-privs", sys.executable, "-c", LAUNCH]
     modules = served.home / "modules-confined"
     done = subprocess.run(
-        [setpriv, "--no-new-privs", sys.executable, "-c", LAUNCH, "validate", "plan.yaml"],
+        [*confined, "validate", "plan.yaml"],
         cwd=project,
         env={**served.env, "MODULES_FILE": str(modules)},
         capture_output=True,
@@ -280,8 +283,18 @@ def test_a_confined_client_is_not_served(served: Resident, project: Path) -> Non
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "will not run this (NoNewPrivs set); running it here" in done.stderr
+    assert "resident" not in done.stderr  # it does not even look
     assert modules.read_text() != ""
+    refused = subprocess.run(
+        [*confined, "serve"],
+        cwd=tmp_path,
+        env={**served.env, resident.DIR_VARIABLE: str(tmp_path / "other-sockets")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 1
+    assert "this process is confined (NoNewPrivs set)" in refused.stderr
 
 
 def test_ctrl_c_at_the_client_stops_the_run_it_started(
@@ -357,7 +370,7 @@ def _raw_request(path: Path, body: bytes, fds: list[int], *, declared: int | Non
 
 
 def _valid(argv: list[str], cwd: Path) -> dict[str, Any]:
-    return {"argv": argv, "env": dict(os.environ), "umask": 0o022}
+    return {"argv": argv, "env": dict(os.environ), "umask": 0o022, "fds": []}
 
 
 @pytest.mark.parametrize(
@@ -371,6 +384,7 @@ def _valid(argv: list[str], cwd: Path) -> dict[str, Any]:
         "env not strings",
         "null in argv",
         "bad umask",
+        "descriptors it does not send",
     ],
 )
 def test_a_request_that_is_not_one_runs_nothing(
@@ -394,6 +408,8 @@ def test_a_request_that_is_not_one_runs_nothing(
             body = json.dumps({**good, "env": {"A": 1}}).encode()
         elif case == "null in argv":
             body = json.dumps({**good, "argv": ["run", "plan\0.yaml"]}).encode()
+        elif case == "descriptors it does not send":
+            body = json.dumps({**good, "fds": [7]}).encode()
         elif case == "bad umask":
             body = json.dumps({**good, "umask": 0o7777}).encode()
         reply = _raw_request(path, body, [] if case == "no descriptors" else fds, declared=declared)
