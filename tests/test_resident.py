@@ -214,53 +214,47 @@ def test_a_worker_killed_by_a_signal_kills_its_client_with_it(sockets: Path) -> 
     assert (client.returncode, out) == (-signal.SIGTERM, "")  # died as the command did
 
 
-def test_a_stopping_signal_goes_to_the_worker(sockets: Path) -> None:
-    """SIGINT at the client reaches the process the worker said it was (here, a child)."""
+def _signal_a_client(sockets: Path, signum: int, disposition: Any) -> tuple[int, int | None]:
+    """A client started with *signum* at *disposition*, whose worker (a sleeping child
+    here) reports its own end once the client got *signum*: the client's exit status and
+    the child's (None: still alive half a second later)."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
     def script(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
         client_pid, _, _ = resident.peer_credentials(conn)
         conn.sendall(say(b"P", str(child.pid).encode()))
         assert conn.recv(1) == b"A"
-        os.kill(client_pid, signal.SIGINT)  # as Ctrl-C at the client would
-        child.wait(30)
-        conn.sendall(say(b"K", str(-child.returncode).encode()))
+        os.kill(client_pid, signum)  # as Ctrl-C at the client would
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(0.5 if disposition is signal.SIG_IGN else 30)
+        if child.returncode is None:
+            conn.sendall(say(b"X", b"0"))
+        else:
+            conn.sendall(say(b"K", str(-child.returncode).encode()))
 
     fake = Fake(sockets, script)
-    try:  # (SIGINT as a foreground command has it, whatever this process's harness does)
-        client = client_process(preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:  # (the disposition set, whatever this process's harness has)
+        client = client_process(preexec_fn=lambda: signal.signal(signum, disposition))
         client.communicate(timeout=60)
     finally:
         fake.close()
+        ended = child.poll()
         child.kill()
         child.wait()
-    assert child.returncode == -signal.SIGINT
-    assert client.returncode == -signal.SIGINT
+    return client.returncode, ended
+
+
+def test_a_stopping_signal_goes_to_the_worker(sockets: Path) -> None:
+    """SIGINT at the client reaches the process the worker said it was, and the client dies
+    by it as the worker did."""
+    client, child = _signal_a_client(sockets, signal.SIGINT, signal.SIG_DFL)
+    assert (client, child) == (-signal.SIGINT, -signal.SIGINT)
 
 
 def test_an_ignored_signal_is_not_passed_on(sockets: Path) -> None:
     """A client started with SIGHUP ignored (nohup) keeps ignoring it: not its worker's."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-
-    def script(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
-        client_pid, _, _ = resident.peer_credentials(conn)
-        conn.sendall(say(b"P", str(child.pid).encode()))
-        assert conn.recv(1) == b"A"
-        os.kill(client_pid, signal.SIGHUP)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(0.5)
-        conn.sendall(say(b"X", b"0"))
-
-    fake = Fake(sockets, script)
-    try:
-        client = client_process(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-        out, _ = client.communicate(timeout=60)
-    finally:
-        fake.close()
-        alive = child.poll() is None
-        child.kill()
-        child.wait()
-    assert (client.returncode, out.strip(), alive) == (0, "0", True)
+    client, child = _signal_a_client(sockets, signal.SIGHUP, signal.SIG_IGN)
+    assert (client, child) == (0, None)
 
 
 def test_the_descriptors_it_inherited_are_found(tmp_path: Path) -> None:

@@ -95,6 +95,22 @@ class Resident:
             **popen,
         )
 
+    def behind(
+        self, *wrapper: str, argv: tuple[str, ...], cwd: Path
+    ) -> tuple[subprocess.CompletedProcess[str], str]:
+        """A client started by *wrapper* (``setpriv ...``, ``unshare ...``), the rest as
+        :meth:`run`: what it did, and the engine modules it imported itself."""
+        modules = self.home / f"modules-{time.monotonic_ns()}"
+        done = subprocess.run(
+            [*wrapper, sys.executable, "-c", LAUNCH, *argv],
+            cwd=cwd,
+            env={**self.env, "MODULES_FILE": str(modules)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return done, modules.read_text() if modules.exists() else "?"
+
     def run(
         self, *argv: str, cwd: Path, env: dict[str, str] | None = None, **popen: Any
     ) -> tuple[int, str, str, str]:
@@ -226,28 +242,19 @@ def test_signals_the_client_ignores_are_ignored_by_its_agents_and_no_others(
 ) -> None:
     env = {"RECORD_DIR": str(tmp_path / "records")}
     usr1 = 1 << (signal.SIGUSR1 - 1)
-    code, _, err, modules = served.run(
-        "run",
-        "plan.yaml",
-        "--state-dir",
-        str(tmp_path / "one"),
-        cwd=project,
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN),
-    )
-    assert (code, modules) == (0, ""), err
-    assert record(tmp_path)["sigign"] & usr1
-    code, _, err, modules = served.run(  # (a machine's harness may ignore it in pytest)
-        "run",
-        "plan.yaml",
-        "--state-dir",
-        str(tmp_path / "two"),
-        cwd=project,
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_DFL),
-    )
-    assert (code, modules) == (0, ""), err
-    assert not record(tmp_path)["sigign"] & usr1
+    # (set either way: a machine's harness may ignore SIGUSR1 in pytest itself)
+    for disposition, ignored in ((signal.SIG_IGN, True), (signal.SIG_DFL, False)):
+        code, _, err, modules = served.run(
+            "run",
+            "plan.yaml",
+            "--state-dir",
+            str(tmp_path / str(ignored)),
+            cwd=project,
+            env=env,
+            preexec_fn=lambda d=disposition: signal.signal(signal.SIGUSR1, d),
+        )
+        assert (code, modules) == (0, ""), err
+        assert bool(record(tmp_path)["sigign"] & usr1) is ignored
 
 
 def test_a_command_given_another_descriptor_is_served_with_it(
@@ -272,21 +279,14 @@ def test_confined_processes_neither_serve_nor_are_served(
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("needs setpriv(1)")
-    confined = [setpriv, "--no-new-privs", sys.executable, "-c", LAUNCH]
-    modules = served.home / "modules-confined"
-    done = subprocess.run(
-        [*confined, "validate", "plan.yaml"],
-        cwd=project,
-        env={**served.env, "MODULES_FILE": str(modules)},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    done, modules = served.behind(
+        setpriv, "--no-new-privs", argv=("validate", "plan.yaml"), cwd=project
     )
     assert done.returncode == 0, done.stderr
     assert "resident" not in done.stderr  # it does not even look
-    assert modules.read_text() != ""
+    assert modules != ""
     refused = subprocess.run(
-        [*confined, "serve"],
+        [setpriv, "--no-new-privs", sys.executable, "-c", LAUNCH, "serve"],
         cwd=tmp_path,
         env={**served.env, resident.DIR_VARIABLE: str(tmp_path / "other-sockets")},
         capture_output=True,
@@ -486,18 +486,10 @@ def test_a_client_in_another_namespace_runs_its_command_itself(
     unshare = "/usr/bin/unshare"
     if not os.path.exists(unshare) or os.getuid() != 0:
         pytest.skip("needs unshare(1) as root")
-    modules = served.home / "modules-unshared"
-    done = subprocess.run(
-        [unshare, "--net", sys.executable, "-c", LAUNCH, "validate", "plan.yaml"],
-        cwd=project,
-        env={**served.env, "MODULES_FILE": str(modules)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done, modules = served.behind(unshare, "--net", argv=("validate", "plan.yaml"), cwd=project)
     assert done.returncode == 0, done.stderr
     assert "will not run this (a different net namespace); running it here" in done.stderr
-    assert modules.read_text() != ""
+    assert modules != ""
 
 
 def test_changed_code_makes_the_resident_process_stop_listening(
