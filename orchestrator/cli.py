@@ -614,14 +614,8 @@ async def _watch(args: argparse.Namespace, start: Callable[..., Awaitable[Report
             # a terminated orchestrator. Ctrl-C is received here too rather than left to
             # KeyboardInterrupt, which asyncio turns into a cancellation of the main task that
             # a shielded step (a git command, a journal write) could absorb.
-            # A signal the command was started ignoring (nohup's SIGHUP, a background job's
-            # SIGINT) stays ignored.
             async def stop_on_signal() -> None:
-                stops = tuple(
-                    s
-                    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-                    if signal.getsignal(s) is not signal.SIG_IGN
-                )
+                stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
                 with anyio.open_signal_receiver(*stops) as signals:
                     async for signum in signals:
                         stopped_by.append(signum)

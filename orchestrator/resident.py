@@ -456,27 +456,22 @@ def _handshake(sock: socket.socket, argv: list[str]) -> int | None:
     return pidfd
 
 
-#: The signals a client passes on to its worker, unless it ignores them (``nohup``, a
-#: background job's SIGINT): the worker ignores those too.
+#: The signals a client passes on to its worker, which handles them as the command would
+#: have: it ignores those the client was started ignoring (``nohup``'s SIGHUP), unless the
+#: command itself handles them (``run`` stops on SIGINT, SIGTERM and SIGHUP whatever it
+#: inherited, served or not).
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 
 def _forward_signals(pidfd: int) -> dict[int, Any]:
-    """The signals of FORWARDED this process does not ignore sent on to the worker *pidfd*;
-    the handlers they had."""
+    """The signals of FORWARDED sent on to the worker *pidfd*; the handlers they had."""
     import signal
 
     def forward(signum: int, frame: object) -> None:
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(pidfd, signum)
 
-    previous = {}
-    for name in FORWARDED:
-        signum = getattr(signal, name)
-        handler = signal.getsignal(signum)
-        if handler is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, forward)
-    return previous
+    return {getattr(signal, n): signal.signal(getattr(signal, n), forward) for n in FORWARDED}
 
 
 def _restore(previous: dict[int, Any]) -> None:

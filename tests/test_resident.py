@@ -218,7 +218,11 @@ def _signal_a_client(sockets: Path, signum: int, disposition: Any) -> tuple[int,
     """A client started with *signum* at *disposition*, whose worker (a sleeping child
     here) reports its own end once the client got *signum*: the client's exit status and
     the child's (None: still alive half a second later)."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # The worker: a sleeping child with the client's dispositions, as a real worker takes them.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        preexec_fn=lambda: signal.signal(signum, disposition),
+    )
 
     def script(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
         client_pid, _, _ = resident.peer_credentials(conn)
@@ -251,8 +255,8 @@ def test_a_stopping_signal_goes_to_the_worker(sockets: Path) -> None:
     assert (client, child) == (-signal.SIGINT, -signal.SIGINT)
 
 
-def test_an_ignored_signal_is_not_passed_on(sockets: Path) -> None:
-    """A client started with SIGHUP ignored (nohup) keeps ignoring it: not its worker's."""
+def test_a_signal_the_client_ignores_is_ignored_by_its_worker(sockets: Path) -> None:
+    """A client started with SIGHUP ignored (nohup): passed on, and ignored there too."""
     client, child = _signal_a_client(sockets, signal.SIGHUP, signal.SIG_IGN)
     assert (client, child) == (0, None)
 
